@@ -1,0 +1,1 @@
+"""The kdcache command-line interface."""

@@ -1,0 +1,195 @@
+"""The ``kdcache`` command: thin typer commands that parse options and call the library."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from kdcache.errors import KDCacheError
+from kdcache.progress import console
+
+app = typer.Typer(
+    name="kdcache",
+    help="Offline teacher caches and fused KD losses for semantic segmentation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def parse_size(text: str | None, option: str) -> tuple[int, int] | None:
+    """'96x128' -> (96, 128) (H x W); '256' -> (256, 256)."""
+    if text is None:
+        return None
+    try:
+        parts = [int(p) for p in text.lower().replace(",", "x").split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise KDCacheError(f"{option} takes HxW (e.g. 96x128) or one number, got '{text}'")
+    return parts[0], parts[1]
+
+
+def parse_pair(text: str | None, option: str) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(p) for p in text.split(","))
+    except ValueError:
+        raise KDCacheError(f"{option} takes 'lo,hi' (e.g. 0.5,2.0), got '{text}'") from None
+    return lo, hi
+
+
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if "x" in text and all(p.isdigit() for p in text.split("x")):
+        return [int(p) for p in text.split("x")]
+    return text
+
+
+def parse_dataset_options(items: list[str] | None, resolution: str | None) -> dict:
+    opts = {}
+    for item in items or []:
+        if "=" not in item:
+            raise KDCacheError(f"--dataset-option takes KEY=VALUE, got '{item}'")
+        k, v = item.split("=", 1)
+        opts[k.strip().replace("-", "_")] = _value(v.strip())
+    if resolution is not None:
+        opts["resolution"] = list(parse_size(resolution, "--resolution"))
+    return opts
+
+
+# Shared option types -------------------------------------------------------------------
+Dataset = Annotated[str, typer.Option(help="synthetic (built in), voc, camvid, cityscapes or folder.")]
+DataRoot = Annotated[Optional[str], typer.Option(help="Root folder of the data set (not for synthetic).")]
+Limit = Annotated[Optional[int], typer.Option(help="Use only the first N samples of each split (quick runs).")]
+DatasetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--dataset-option", "-o", help="KEY=VALUE passed to the data set, e.g. size=200 (synthetic split size)."),
+]
+Resolution = Annotated[Optional[str], typer.Option(help="Synthetic data: image size HxW, e.g. 96x128.")]
+Device = Annotated[str, typer.Option(help="auto (CUDA if available), cpu, cuda, cuda:1 ...")]
+Workers = Annotated[int, typer.Option(help="DataLoader worker processes.")]
+
+
+@app.command("train-teacher")
+def train_teacher(
+    model: Annotated[str, typer.Option(help="Registry name (demo_teacher, demo_student, deeplabv3_resnet50, ...) or package.module:callable.")] = "demo_teacher",
+    dataset: Dataset = "synthetic",
+    data_root: DataRoot = None,
+    out: Annotated[Optional[str], typer.Option(help="Run folder (default runs/<model>).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per step.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="sgd (momentum 0.9) or adamw.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay.")] = None,
+    schedule: Annotated[Optional[str], typer.Option(help="poly (power 0.9), cosine or constant, per iteration.")] = None,
+    warmup_iters: Annotated[Optional[int], typer.Option(help="Linear warm-up iterations.")] = None,
+    class_weights: Annotated[bool, typer.Option("--class-weights/--no-class-weights", help="Median-frequency class weights from the training labels.")] = False,
+    resize: Annotated[Optional[str], typer.Option(help="Resize every image/mask to HxW first (e.g. 256x256).")] = None,
+    crop_size: Annotated[Optional[str], typer.Option(help="Training crop HxW (default: the first training image's size).")] = None,
+    scale: Annotated[Optional[str], typer.Option(help="Random scale range 'lo,hi'.")] = None,
+    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips.")] = True,
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="fp16 mixed precision (CUDA only).")] = True,
+    device: Device = "auto",
+    workers: Workers = 1,
+    seed: Annotated[int, typer.Option(help="Seed for weights, shuffling and augmentation.")] = 0,
+    folds: Annotated[Optional[int], typer.Option(help="K-fold cross-validation over the training split.")] = None,
+    fold: Annotated[int, typer.Option(help="Which fold (0-based) is held out for validation.")] = 0,
+    limit: Limit = None,
+    weights: Annotated[Optional[str], typer.Option(help="Initial weights: a kdcache checkpoint or a state dict.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Validate every N epochs.")] = None,
+    resolution: Resolution = None,
+    dataset_option: DatasetOption = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last.pt.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start the run in --out again from scratch.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+):
+    """Supervised (cross-entropy) training: a teacher, or the no-KD student baseline."""
+    from kdcache.training import TrainConfig, train
+
+    given = {
+        "epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
+        "weight_decay": weight_decay, "schedule": schedule, "warmup_iters": warmup_iters,
+        "resize": parse_size(resize, "--resize"), "crop": parse_size(crop_size, "--crop-size"),
+        "scale": parse_pair(scale, "--scale"), "folds": folds, "limit": limit, "weights": weights,
+        "eval_every": eval_every,
+    }
+    config = TrainConfig(
+        model=model, dataset=dataset, data_root=data_root, out=out or f"runs/{model.replace(':', '_')}",
+        class_weights=class_weights, hflip=flip, amp=amp, device=device, workers=workers, seed=seed,
+        fold=fold, dataset_options=parse_dataset_options(dataset_option, resolution),
+        **{k: v for k, v in given.items() if v is not None},
+    )
+    result = train(config, resume=resume, overwrite=overwrite, show_progress=not quiet)
+    console.print(f"[green]done[/green]: best val mIoU {100 * result['best_miou']:.2f} — run folder {result['run']}")
+
+
+@app.command()
+def evaluate(
+    target: Annotated[str, typer.Argument(help="A run folder (uses best.pt) or a checkpoint file.")],
+    dataset: Annotated[Optional[str], typer.Option(help="Data set (default: the run's own).")] = None,
+    data_root: DataRoot = None,
+    split: Annotated[Optional[str], typer.Option(help="Split (default: the run's validation split or fold).")] = None,
+    limit: Limit = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
+    workers: Workers = 0,
+    device: Device = "auto",
+    qualitative: Annotated[int, typer.Option(help="Write the N best and N worst images as 4-panel PNGs (0: none).")] = 8,
+    out: Annotated[Optional[str], typer.Option(help="Output folder (default RUN/eval).")] = None,
+    latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure ms/image at batch 1.")] = True,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+):
+    """Metrics (mIoU, mAcc, aAcc, per class), #params, latency, and best/worst figures."""
+    from kdcache.evaluation import evaluate_run
+    from kdcache.report import per_class_table, summary_table
+
+    report = evaluate_run(
+        target, dataset=dataset, data_root=data_root, split=split, limit_n=limit,
+        batch_size=batch_size, workers=workers, device=device, qualitative=qualitative, out=out,
+        latency=latency, show_progress=not quiet,
+    )
+    console.print(per_class_table(report))
+    console.print(summary_table(report))
+    console.print(f"wrote {report['out_dir']}/eval.json" + (" and figures" if qualitative else ""))
+
+
+@app.command("list-models")
+def list_models():
+    """The registered model names (any package.module:callable works too)."""
+    from kdcache.models import MODELS
+
+    for name in MODELS.names():
+        typer.echo(name)
+
+
+@app.command("list-datasets")
+def list_datasets():
+    """The registered data set names."""
+    from kdcache.data import DATASETS
+
+    for name in DATASETS.names():
+        typer.echo(name)
+
+
+def main() -> None:
+    try:
+        app()
+    except KDCacheError as exc:
+        console.print(f"[bold red]error:[/bold red] {exc}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]: checkpoints written so far are kept; rerun with --resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Checkpoints: kdcache's own format, and plain state dicts from anywhere else.
+
+A kdcache checkpoint is a ``torch.save`` dict with ``format = "kdcache-checkpoint"``; it holds
+the model's name and class count (so ``evaluate`` can rebuild it without options), the data
+set's class names and palette, the network's state dict (the wrapped ``net``'s keys, so
+torchvision's own state dicts are interchangeable), and — for ``--resume`` — the optimizer,
+scheduler, scaler and RNG states. It is read with ``weights_only=True``: only tensors and
+plain containers, never arbitrary pickled code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdcache import __version__
+from kdcache.errors import CheckpointError
+
+FORMAT = "kdcache-checkpoint"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, **extra: Any) -> Path:
+    """Write ``model``'s weights plus ``extra`` entries atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    net = getattr(model, "net", model)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kdcache_version": __version__,
+        "model": getattr(model, "name", type(net).__name__),
+        "num_classes": getattr(model, "num_classes", None),
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+    }
+    payload.update(extra)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file; a plain state dict comes back as ``{"state_dict": sd}``."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; give a checkpoint file (e.g. {path}/best.pt)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors come in many types
+        raise CheckpointError(
+            f"cannot read {path} as a PyTorch checkpoint ({type(exc).__name__}: {exc}). Is the "
+            "file truncated, or not a torch.save file?"
+        ) from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint or a state dict")
+    if obj.get("format") == FORMAT:
+        return obj
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj.get(key), dict):
+            return {"state_dict": obj[key]}
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {"state_dict": obj}
+    raise CheckpointError(
+        f"{path} is neither a kdcache checkpoint nor a state dict (its keys: {sorted(obj)[:8]})"
+    )
+
+
+def _strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    if sd and all(k.startswith(prefix) for k in sd):
+        return {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> dict[str, Any]:
+    """Load weights from ``path`` into ``model`` (a SegModel or a plain module).
+
+    Accepts a kdcache checkpoint or a plain state dict (``module.``/``net.`` prefixes from
+    DataParallel or the wrapper are stripped). A missing or unexpected key, or a tensor of
+    another shape (e.g. a head for another class count), is a :class:`CheckpointError` that
+    says which. Returns the checkpoint dict.
+    """
+    ckpt = read_checkpoint(path)
+    net = getattr(model, "net", model)
+    sd = _strip_prefix(_strip_prefix(ckpt["state_dict"], "module."), "net.")
+    own = net.state_dict()
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in sd.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    problems = []
+    if mismatched:
+        problems.append("shape mismatch in " + "; ".join(mismatched[:4]) + (" ..." if len(mismatched) > 4 else ""))
+        n_ck = ckpt.get("num_classes")
+        n_model = getattr(model, "num_classes", None)
+        if n_ck is not None and n_model is not None and n_ck != n_model:
+            problems.append(f"the checkpoint was trained for {n_ck} classes, the model has {n_model}")
+    if strict and missing:
+        problems.append(f"{len(missing)} keys missing from the checkpoint (e.g. {missing[:3]})")
+    if strict and unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys in the checkpoint (e.g. {unexpected[:3]})")
+    if problems:
+        arch = ckpt.get("model")
+        what = f" (saved from model '{arch}')" if arch else ""
+        raise CheckpointError(
+            f"weights in {path}{what} do not fit model '{getattr(model, 'name', type(net).__name__)}': "
+            + "; ".join(problems)
+        )
+    net.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=strict)
+    return ckpt
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

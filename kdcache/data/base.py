@@ -1,0 +1,192 @@
+"""The common shape of every segmentation data set kdcache reads.
+
+A data set is an ordered list of samples of one split. Each sample has a stable string id (its
+file stem, or the synthetic index), an RGB image and a mask of class ids with 255 as the ignore
+label. Loaders only say where the files are and how to decode them; validation (mask values,
+image/mask size) lives here once, so every loader reports bad files the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from kdcache.errors import DatasetError
+
+IGNORE_INDEX = 255
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """Where one sample comes from: its id and the files behind it (None for generated data)."""
+
+    id: str
+    image: Path | None = None
+    mask: Path | None = None
+
+
+def default_palette(num_classes: int) -> np.ndarray:
+    """The Pascal VOC colour map (bit-interleaved), good for any class count up to 256."""
+    palette = np.zeros((num_classes, 3), dtype=np.uint8)
+    for c in range(num_classes):
+        r = g = b = 0
+        cid = c
+        for j in range(8):
+            r |= ((cid >> 0) & 1) << (7 - j)
+            g |= ((cid >> 1) & 1) << (7 - j)
+            b |= ((cid >> 2) & 1) << (7 - j)
+            cid >>= 3
+        palette[c] = (r, g, b)
+    return palette
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """Decode an image file to uint8 RGB [H, W, 3]; grayscale and RGBA are converted."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode != "RGB":
+                im = im.convert("RGB")
+            return np.asarray(im, dtype=np.uint8).copy()
+    except FileNotFoundError:
+        raise DatasetError(f"image file {path} does not exist") from None
+    except (OSError, ValueError) as exc:  # PIL.UnidentifiedImageError is an OSError
+        raise DatasetError(f"cannot read image {path}: {exc}") from None
+
+
+def read_index_mask(path: Path) -> np.ndarray:
+    """Decode a mask file to its raw integer values [H, W] (palette indices, not colours)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("P", "L"):
+                arr = np.asarray(im)
+            elif im.mode in ("I", "I;16", "I;16B", "I;16L"):
+                arr = np.asarray(im).astype(np.int64)
+            elif im.mode in ("RGB", "RGBA"):
+                raise DatasetError(
+                    f"mask {path} is an {im.mode} colour image; kdcache expects one class id per "
+                    "pixel (a palette 'P' or grayscale 'L' PNG). Convert colour masks to class ids first."
+                )
+            else:
+                arr = np.asarray(im.convert("L"))
+            return np.array(arr, copy=True)
+    except FileNotFoundError:
+        raise DatasetError(f"mask file {path} does not exist") from None
+    except DatasetError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"cannot read mask {path}: {exc}") from None
+
+
+class SegmentationDataset:
+    """Base class: one split of a segmentation data set.
+
+    Subclasses fill ``self.refs`` (a list of :class:`SampleRef`), set ``name``,
+    ``class_names`` and optionally ``palette``, and may override :meth:`read_image` and
+    :meth:`read_mask` (the defaults decode the files in the ref). ``read_mask`` returns raw
+    values; :meth:`map_mask` turns them into class ids (e.g. Cityscapes labelIds -> train ids).
+    """
+
+    name: str = "dataset"
+    class_names: tuple[str, ...] = ()
+    ignore_index: int = IGNORE_INDEX
+
+    def __init__(self, refs: Sequence[SampleRef], split: str, root: Path | None = None):
+        self.refs = list(refs)
+        self.split = split
+        self.root = Path(root) if root is not None else None
+        ids = [r.id for r in self.refs]
+        if len(set(ids)) != len(ids):
+            dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+            raise DatasetError(f"{self.name} split '{split}' has duplicate sample ids: {dup}")
+
+    # -- what subclasses may override -------------------------------------------------------
+    @property
+    def palette(self) -> np.ndarray:
+        return default_palette(max(len(self.class_names), 1))
+
+    def read_image(self, ref: SampleRef) -> np.ndarray:
+        assert ref.image is not None
+        return read_rgb(ref.image)
+
+    def read_mask(self, ref: SampleRef) -> np.ndarray:
+        assert ref.mask is not None
+        return read_index_mask(ref.mask)
+
+    def map_mask(self, raw: np.ndarray) -> np.ndarray:
+        """Raw mask values -> class ids (uint8, 255 = ignore). Identity by default."""
+        return raw
+
+    def describe(self, ref: SampleRef) -> str:
+        """How to name this sample in an error message."""
+        return str(ref.mask) if ref.mask is not None else f"{self.name}:{ref.id}"
+
+    # -- the common API ----------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def ids(self) -> list[str]:
+        return [r.id for r in self.refs]
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Image uint8 [H, W, 3] and mask uint8 [H, W] of sample ``index``, validated."""
+        ref = self.refs[index]
+        image = self.read_image(ref)
+        raw = self.read_mask(ref)
+        mask = self.map_mask(raw)
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise DatasetError(f"image of {self.describe(ref)} has shape {image.shape}, expected H x W x 3")
+        if mask.ndim != 2:
+            raise DatasetError(f"mask {self.describe(ref)} has shape {mask.shape}, expected H x W")
+        if image.shape[:2] != mask.shape:
+            where = ref.image if ref.image is not None else self.describe(ref)
+            raise DatasetError(
+                f"image {where} is {image.shape[1]}x{image.shape[0]} (WxH) but its mask "
+                f"{self.describe(ref)} is {mask.shape[1]}x{mask.shape[0]}; image and mask must "
+                "have the same size"
+            )
+        mask = np.asarray(mask)
+        bad = (mask != self.ignore_index) & ((mask < 0) | (mask >= self.num_classes))
+        if bad.any():
+            values = sorted(int(v) for v in np.unique(mask[bad]))
+            shown = ", ".join(map(str, values[:10])) + (" ..." if len(values) > 10 else "")
+            raise DatasetError(
+                f"mask {self.describe(ref)} has values {{{shown}}} outside the {self.num_classes} "
+                f"classes 0..{self.num_classes - 1} of {self.name} (255 = ignore); check --dataset "
+                "and that masks hold class ids, not colours"
+            )
+        return image, mask.astype(np.uint8, copy=False)
+
+    def content_hash(self, index: int) -> str:
+        """SHA-256 over the sample's image and mask bytes (files as stored, or generated arrays)."""
+        ref = self.refs[index]
+        h = hashlib.sha256(ref.id.encode())
+        if ref.image is not None and ref.mask is not None:
+            h.update(Path(ref.image).read_bytes())
+            h.update(Path(ref.mask).read_bytes())
+        else:
+            image, mask = self.load(index)
+            h.update(np.ascontiguousarray(image).tobytes())
+            h.update(np.ascontiguousarray(mask).tobytes())
+        return h.hexdigest()
+
+    def select(self, indices: Sequence[int]) -> SegmentationDataset:
+        """A view of this data set holding only ``indices`` (in that order)."""
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view.refs = [self.refs[i] for i in indices]
+        return view
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(split={self.split!r}, n={len(self)}, classes={self.num_classes})"

@@ -1,0 +1,251 @@
+"""A plain folder of images and masks matched by file stem (``--dataset folder``).
+
+Also holds the small file-listing helpers the other loaders share (pairing images with masks by
+stem, reading split lists).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from kdcache.data import DATASETS
+from kdcache.data.base import SampleRef, SegmentationDataset
+from kdcache.errors import DatasetError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+MASK_SUFFIXES = (".png",)
+
+
+def _shown(names: Iterable[str], limit: int = 10) -> str:
+    names = sorted(names)
+    more = f" ... ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def files_by_stem(directory: Path, suffixes: tuple[str, ...], what: str) -> dict[str, Path]:
+    """``{stem: path}`` of the files in ``directory`` whose suffix (any case) is in ``suffixes``.
+
+    Two files with the same stem (``a.jpg`` and ``a.png``) are an error: the pairing by stem
+    would be ambiguous.
+    """
+    found: dict[str, Path] = {}
+    clashes: set[str] = set()
+    try:
+        entries = list(os.scandir(directory))
+    except OSError as exc:
+        raise DatasetError(f"cannot list {what} folder {directory}: {exc}") from None
+    for entry in entries:
+        if entry.name.startswith(".") or not entry.is_file():
+            continue
+        path = Path(entry.path)
+        if path.suffix.lower() not in suffixes:
+            continue
+        if path.stem in found:
+            clashes.add(path.stem)
+        found[path.stem] = path
+    if clashes:
+        raise DatasetError(
+            f"{what} folder {directory} has several files with the same stem: {_shown(clashes)}; "
+            "keep one file per sample"
+        )
+    return found
+
+
+def pair_by_stem(
+    images: dict[str, Path], masks: dict[str, Path], image_dir: Path, mask_dir: Path
+) -> list[SampleRef]:
+    """Sample refs for the stems present in both, sorted by stem; any unpaired stem is an error."""
+    no_mask = images.keys() - masks.keys()
+    no_image = masks.keys() - images.keys()
+    problems = []
+    if no_mask:
+        problems.append(f"images in {image_dir} without a mask in {mask_dir}: {_shown(no_mask)}")
+    if no_image:
+        problems.append(f"masks in {mask_dir} without an image in {image_dir}: {_shown(no_image)}")
+    if problems:
+        raise DatasetError("; ".join(problems) + " (images and masks are matched by file stem)")
+    return [SampleRef(id=s, image=images[s], mask=masks[s]) for s in sorted(images)]
+
+
+def read_id_list(path: Path) -> list[str]:
+    """Sample ids of a split list: one per line; blank lines and ``#`` comments are skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DatasetError(f"cannot read split list {path}: {exc}") from None
+    ids = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            ids.append(line.split()[0])
+    return ids
+
+
+def unknown_split(name: str, split: str, valid: Iterable[str], where: Path) -> DatasetError:
+    valid = sorted(set(valid))
+    known = ", ".join(valid) if valid else "none found"
+    return DatasetError(f"{name} has no split '{split}' under {where}; valid splits: {known}")
+
+
+def empty_split(name: str, split: str, where: Path | str) -> DatasetError:
+    return DatasetError(f"{name} split '{split}' is empty: no samples found in {where}")
+
+
+@DATASETS.register("folder")
+class FolderDataset(SegmentationDataset):
+    """Images and masks in plain folders, matched by file stem.
+
+    Layout::
+
+        ROOT/classes.txt              one class name per line (line i = class id i)
+        ROOT/images/<stem>.{jpg,jpeg,png,bmp,tif,tiff}
+        ROOT/masks/<stem>.png         palette or grayscale PNG of class ids, 255 = ignore
+
+    ``class_names_file`` (``--class-names FILE``) replaces ``ROOT/classes.txt``.
+
+    Which files make split ``S``, the first rule that applies:
+
+    1. ``ROOT/splits/S.txt`` exists: the stems it lists (one per line; blank lines and ``#``
+       comments skipped; a listed name may carry its image suffix), from ``ROOT/images`` and
+       ``ROOT/masks``. Every listed stem must have both an image and a mask.
+    2. ``ROOT/S/images`` exists: every image in it, paired with ``ROOT/S/masks``.
+    3. ``S`` is ``all`` and ``ROOT/images`` exists: every image in it. ``S`` is ``train`` and the root defines
+       no splits at all (no ``splits/*.txt``, no ``*/images`` sub-folders): likewise every
+       image, so an unsplit folder can be used as the training set. Once splits are defined,
+       ``train`` must be one of them, so no validation image leaks into training by default.
+
+    In rules 2 and 3 every image needs a mask and every mask an image; a stray one is an error
+    naming its stem. Sample ids are file stems, in sorted order.
+    """
+
+    name = "folder"
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        class_names_file: str | Path | None = None,
+    ):
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise DatasetError(f"folder data set root {root} does not exist or is not a directory")
+        self.class_names = self._read_class_names(root, class_names_file)
+        refs = self._refs(root, split)
+        super().__init__(refs, split, root)
+
+    # -- class names ---------------------------------------------------------------------------
+    @staticmethod
+    def _read_class_names(root: Path, class_names_file: str | Path | None) -> tuple[str, ...]:
+        if class_names_file is not None:
+            path = Path(class_names_file).expanduser()
+            if not path.is_file():
+                raise DatasetError(f"class names file {path} does not exist")
+        else:
+            path = root / "classes.txt"
+            if not path.is_file():
+                raise DatasetError(
+                    f"folder data set needs {path} (one class name per line, line i = class id "
+                    "i) or --class-names FILE; expected layout: ROOT/classes.txt, ROOT/images/*, "
+                    "ROOT/masks/*.png"
+                )
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DatasetError(f"cannot read class names file {path}: {exc}") from None
+        names = tuple(line.strip() for line in lines if line.strip())
+        if not names:
+            raise DatasetError(f"class names file {path} lists no classes")
+        if len(names) > 255:
+            raise DatasetError(
+                f"class names file {path} lists {len(names)} classes; at most 255 fit in a uint8 "
+                "mask next to the ignore label 255"
+            )
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise DatasetError(f"class names file {path} repeats {', '.join(dup)}")
+        return names
+
+    # -- splits --------------------------------------------------------------------------------
+    @staticmethod
+    def _defined_splits(root: Path) -> tuple[list[str], list[str]]:
+        listed = (
+            sorted(p.stem for p in (root / "splits").glob("*.txt"))
+            if (root / "splits").is_dir()
+            else []
+        )
+        subdirs = sorted(
+            p.name
+            for p in root.iterdir()
+            if p.is_dir() and p.name != "splits" and (p / "images").is_dir()
+        )
+        return listed, subdirs
+
+    def _refs(self, root: Path, split: str) -> list[SampleRef]:
+        list_file = root / "splits" / f"{split}.txt"
+        if list_file.is_file():
+            return self._listed_refs(root, split, list_file)
+        sub = root / split
+        if (sub / "images").is_dir():
+            return self._folder_refs(sub, split)
+        listed, subdirs = self._defined_splits(root)
+        has_flat = (root / "images").is_dir()
+        if not has_flat and not listed and not subdirs:
+            raise DatasetError(
+                f"folder data set expected {root / 'images'} and {root / 'masks'} (or "
+                f"{root}/<split>/images and masks, or ROOT/splits/<split>.txt lists); "
+                f"none exists under {root}"
+            )
+        if has_flat and (split == "all" or (split == "train" and not listed and not subdirs)):
+            return self._folder_refs(root, split)
+        valid = set(listed) | set(subdirs)
+        if has_flat:
+            valid.add("all")
+            if not listed and not subdirs:
+                valid.add("train")
+        raise unknown_split("folder data set", split, valid, root)
+
+    def _listed_refs(self, root: Path, split: str, list_file: Path) -> list[SampleRef]:
+        image_dir, mask_dir = root / "images", root / "masks"
+        for d in (image_dir, mask_dir):
+            if not d.is_dir():
+                raise DatasetError(
+                    f"split list {list_file} needs the folder {d}, which does not exist (expected "
+                    "ROOT/images/* and ROOT/masks/*.png next to ROOT/splits/)"
+                )
+        images = files_by_stem(image_dir, IMAGE_SUFFIXES, "image")
+        masks = files_by_stem(mask_dir, MASK_SUFFIXES, "mask")
+        refs = []
+        for entry in read_id_list(list_file):
+            stem = entry
+            if Path(entry).suffix.lower() in IMAGE_SUFFIXES:
+                stem = Path(entry).stem
+            if stem not in images:
+                raise DatasetError(
+                    f"split list {list_file} names '{entry}' but there is no image "
+                    f"{image_dir / stem}.{{{','.join(s[1:] for s in IMAGE_SUFFIXES)}}}"
+                )
+            if stem not in masks:
+                raise DatasetError(
+                    f"split list {list_file} names '{entry}' but its mask {mask_dir / stem}.png "
+                    "does not exist"
+                )
+            refs.append(SampleRef(id=stem, image=images[stem], mask=masks[stem]))
+        if not refs:
+            raise empty_split("folder data set", split, list_file)
+        return sorted(refs, key=lambda r: r.id)
+
+    def _folder_refs(self, base: Path, split: str) -> list[SampleRef]:
+        image_dir, mask_dir = base / "images", base / "masks"
+        if not mask_dir.is_dir():
+            raise DatasetError(
+                f"folder data set has {image_dir} but no {mask_dir}; expected masks as "
+                "<stem>.png next to the images folder"
+            )
+        images = files_by_stem(image_dir, IMAGE_SUFFIXES, "image")
+        masks = files_by_stem(mask_dir, MASK_SUFFIXES, "mask")
+        refs = pair_by_stem(images, masks, image_dir, mask_dir)
+        if not refs:
+            raise empty_split("folder data set", split, image_dir)
+        return refs

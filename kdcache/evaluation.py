@@ -1,0 +1,257 @@
+"""Evaluation: metrics over a split, inference latency, and qualitative figures.
+
+Predictions are made from logits bilinearly upsampled to the label's size (the preprocessed
+size: native, or ``resize`` when the run used one); metrics follow mmsegmentation
+(see :mod:`kdcache.metrics`).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdcache.checkpoint import read_checkpoint
+from kdcache.data import build_dataset
+from kdcache.data.base import SegmentationDataset
+from kdcache.data.splits import fold_split, limit
+from kdcache.errors import KDCacheError
+from kdcache.metrics import ConfusionMatrix, per_image_iou
+from kdcache.models import SegModel, build_model, count_parameters
+from kdcache.progress import progress_bar
+from kdcache.runs import BEST, LAST, RunDir, device_name, resolve_device, write_json
+from kdcache.transforms import Preprocess, SegPipeline, collate
+
+
+@dataclass
+class EvalResult:
+    metrics: dict
+    per_image: list[tuple[str, int, float]] = field(default_factory=list)  # (id, index, IoU)
+
+
+def _autocast(device: torch.device, amp: bool):
+    return torch.autocast(device.type, dtype=torch.float16, enabled=amp and device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: SegModel,
+    loader: torch.utils.data.DataLoader,
+    num_classes: int,
+    device: torch.device,
+    *,
+    amp: bool = False,
+    per_image: bool = False,
+    description: str = "evaluate",
+    show_progress: bool = True,
+) -> EvalResult:
+    """Confusion-matrix metrics of ``model`` over ``loader`` (and per-image IoUs if asked)."""
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix(num_classes)
+    ranked: list[tuple[str, int, float]] = []
+    with progress_bar(description, total=len(loader.dataset), enabled=show_progress) as bar:
+        for batch in loader:
+            images, labels = batch["image"], batch["label"]
+            if isinstance(images, torch.Tensor):
+                groups = [(images, labels, batch["id"], batch["index"].tolist())]
+            else:  # images of different sizes: one by one
+                groups = [(im[None], lb[None], [i], [j]) for im, lb, i, j in
+                          zip(images, labels, batch["id"], batch["index"].tolist())]
+            for x, y, ids, idxs in groups:
+                x = x.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True)
+                with _autocast(device, amp):
+                    pred = model.predict(x, size=tuple(y.shape[-2:]))
+                cm.update(pred, y)
+                if per_image:
+                    for k in range(len(ids)):
+                        ranked.append((ids[k], idxs[k], per_image_iou(pred[k], y[k], num_classes)))
+                bar.advance(len(ids))
+    cm.all_reduce()
+    model.train(was_training)
+    return EvalResult(cm.compute(), ranked)
+
+
+@torch.no_grad()
+def measure_latency(
+    model: torch.nn.Module, input_size: tuple[int, int], device: torch.device,
+    *, warmup: int = 5, repeats: int = 30, amp: bool = False,
+) -> dict:
+    """Median wall time of one forward pass at batch 1 (warm-up first; CUDA synchronised)."""
+    model.eval()
+    x = torch.randn(1, 3, *input_size, device=device)
+    times = []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with _autocast(device, amp):
+            model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1000.0)
+    ms = statistics.median(times)
+    q = statistics.quantiles(times, n=4) if len(times) >= 4 else [ms, ms, ms]
+    return {
+        "ms_per_image": ms,
+        "ms_iqr": [q[0], q[2]],
+        "fps": 1000.0 / ms,
+        "batch_size": 1,
+        "input_size": list(input_size),
+        "repeats": repeats,
+        "device": device_name(device),
+    }
+
+
+def make_loader(pipeline: SegPipeline, batch_size: int, workers: int, *, shuffle: bool = False,
+                generator: torch.Generator | None = None, drop_last: bool = False,
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        pipeline, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate,
+        generator=generator, drop_last=drop_last, pin_memory=pin_memory,
+        persistent_workers=False,
+    )
+
+
+def open_split(config: dict, split: str) -> SegmentationDataset:
+    """Open ``split`` of the data set a run was trained on, honouring its folds and limit."""
+    ds = build_dataset(config["dataset"], split, config.get("data_root"), **config.get("dataset_options", {}))
+    return ds
+
+
+def resolve_run(path: str | Path) -> tuple[Path, dict | None, Path | None]:
+    """(checkpoint, run config or None, run folder or None) for a run folder or checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise KDCacheError(f"{path} does not exist; give a run folder (from train-teacher) or a checkpoint file")
+    if path.is_dir():
+        run = RunDir(path)
+        config = run.read_config()
+        for name in (BEST, LAST):
+            if (path / name).exists():
+                return path / name, config, path
+        raise KDCacheError(f"run folder {path} has no checkpoint yet ({BEST} or {LAST})")
+    run_dir = path.parent if (path.parent / "config.json").exists() else None
+    config = RunDir(run_dir).read_config() if run_dir else None
+    return path, config, run_dir
+
+
+def evaluate_run(
+    target: str | Path,
+    *,
+    dataset: str | None = None,
+    data_root: str | None = None,
+    split: str | None = None,
+    limit_n: int | None = None,
+    batch_size: int = 8,
+    workers: int = 0,
+    device: str = "auto",
+    qualitative: int = 8,
+    out: str | Path | None = None,
+    latency: bool = True,
+    show_progress: bool = True,
+) -> dict:
+    """Evaluate a run folder or checkpoint; write ``eval.json`` and figures into ``out``.
+
+    The data set, split, folds and preprocessing default to the run's own (its validation
+    part); a bare checkpoint without a run folder needs ``dataset`` (synthetic by default).
+    """
+    from kdcache import visualize
+
+    ckpt_path, config, run_dir = resolve_run(target)
+    ckpt = read_checkpoint(ckpt_path)
+    config = dict(config or ckpt.get("config") or {})
+    model_name = ckpt.get("model") or config.get("model")
+    if not model_name:
+        raise KDCacheError(f"{ckpt_path} is a plain state dict: evaluate a run folder or a kdcache checkpoint")
+    num_classes = ckpt.get("num_classes") or config.get("num_classes")
+
+    if dataset is not None and dataset != config.get("dataset"):
+        config = {"dataset": dataset, "data_root": data_root, "dataset_options": {}}
+    config.setdefault("dataset", "synthetic")
+    if data_root is not None:
+        config["data_root"] = data_root
+    folds = config.get("folds")
+    if split is None and folds:
+        ds = open_split(config, config.get("train_split", "train"))
+        _, ds = fold_split(ds, folds, config.get("fold", 0), config.get("seed", 0))
+        split_name = f"{config.get('train_split', 'train')} fold {config.get('fold', 0)}/{folds}"
+    else:
+        split_name = split or config.get("val_split", "val")
+        ds = open_split(config, split_name)
+    ds = limit(ds, limit_n if limit_n is not None else config.get("limit"))
+    if len(ds) == 0:
+        raise KDCacheError(f"split '{split_name}' of {config['dataset']} is empty")
+    if num_classes != ds.num_classes:
+        raise KDCacheError(
+            f"the model predicts {num_classes} classes but data set {config['dataset']} has "
+            f"{ds.num_classes}; evaluate on the data set it was trained for"
+        )
+
+    dev = resolve_device(device)
+    model = build_model(model_name, num_classes, **config.get("model_options", {}))
+    from kdcache.checkpoint import load_weights
+
+    load_weights(model, ckpt_path)
+    model.to(dev)
+    preprocess = Preprocess.from_dict(config.get("preprocess", {}))
+    pipeline = SegPipeline(ds, preprocess)
+    loader = make_loader(pipeline, batch_size, workers, pin_memory=dev.type == "cuda")
+    amp = bool(config.get("amp_enabled", False))
+    result = evaluate_model(model, loader, ds.num_classes, dev, amp=amp, per_image=qualitative > 0,
+                            description=f"evaluate {split_name}", show_progress=show_progress)
+    m = result.metrics
+    report = {
+        "checkpoint": str(ckpt_path),
+        "model": model_name,
+        "dataset": config["dataset"],
+        "split": split_name,
+        "num_samples": len(ds),
+        "class_names": list(ds.class_names),
+        "params": count_parameters(model),
+        **m,
+    }
+    if latency:
+        first = pipeline[0]["image"]
+        report["latency"] = measure_latency(model, tuple(first.shape[-2:]), dev, amp=amp)
+
+    out_dir = Path(out) if out is not None else (run_dir / "eval" if run_dir else ckpt_path.parent / f"{ckpt_path.stem}-eval")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if qualitative > 0 and result.per_image:
+        ranked = sorted((r for r in result.per_image if not math.isnan(r[2])), key=lambda r: -r[2])
+        report["per_image_iou"] = {r[0]: r[2] for r in result.per_image}
+        n = min(qualitative, len(ranked) // 2 if len(ranked) > 1 else 1)
+        picks = [("best", k + 1, r) for k, r in enumerate(ranked[:n])]
+        picks += [("worst", k + 1, r) for k, r in enumerate(ranked[::-1][:n])]
+        for sub in ("best", "worst"):
+            (out_dir / sub).mkdir(exist_ok=True)
+            for old in (out_dir / sub).glob("*.png"):
+                old.unlink()
+        model.eval()
+        for kind, rank, (sid, idx, iou) in picks:
+            item = pipeline[idx]
+            with torch.no_grad(), _autocast(dev, amp):
+                pred = model.predict(item["image"][None].to(dev), size=tuple(item["label"].shape))[0]
+            visualize.save_sample_panel(
+                out_dir / kind / f"{kind}{rank:02d}_{sid}_iou{iou:.3f}.png",
+                preprocess.denormalize(item["image"]),
+                item["label"].numpy().astype(np.uint8),
+                pred.cpu().numpy().astype(np.uint8),
+                ds.palette, list(ds.class_names),
+                title=f"{sid} ({kind} #{rank}) — image IoU {iou:.3f}",
+            )
+        visualize.save_iou_histogram(out_dir / "iou_histogram.png", [r[2] for r in result.per_image],
+                                     title=f"{model_name} on {config['dataset']} {split_name}")
+    write_json(out_dir / "eval.json", report)
+    report["out_dir"] = str(out_dir)
+    if run_dir is not None:
+        RunDir(run_dir).log({"event": "evaluate", "split": split_name, "miou": m["miou"],
+                             "macc": m["macc"], "aacc": m["aacc"], "checkpoint": ckpt_path.name})
+    return report

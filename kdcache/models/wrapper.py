@@ -1,0 +1,128 @@
+"""One uniform view of any segmentation network: native-stride logits plus tapped features."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdcache.errors import ModelError
+
+
+@dataclass
+class ModelOutput:
+    """``logits``: [N, C, h, w] at the head's native stride (not upsampled).
+    ``features``: tapped module outputs by module name, in the order requested."""
+
+    logits: torch.Tensor
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _first_tensor(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        if "out" in out:
+            return out["out"]
+        return next(v for v in out.values() if isinstance(v, torch.Tensor))
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise ModelError(f"cannot find a tensor in a model/module output of type {type(out).__name__}")
+
+
+class SegModel(nn.Module):
+    """Wraps ``net`` so that ``forward(x)`` returns a :class:`ModelOutput`.
+
+    torchvision's ``_SimpleSegmentationModel`` (FCN, DeepLabV3) and ``LRASPP`` are run as
+    backbone + classifier, skipping the final upsampling, so the logits stay at the head's
+    native stride (8 for the dilated ResNets and the MobileNetV3 models). Any other network
+    is called as is; a dict output uses its ``"out"`` entry.
+
+    Feature taps are forward hooks on ``net``'s modules by their ``named_modules()`` name
+    (e.g. ``backbone.layer4``). The state dict of the wrapped network is ``self.net``'s, so
+    plain torchvision state dicts load into it.
+    """
+
+    def __init__(self, net: nn.Module, name: str, num_classes: int, taps: Sequence[str] = ()):
+        super().__init__()
+        self.net = net
+        self.name = name
+        self.num_classes = num_classes
+        self._captured: dict[str, torch.Tensor] = {}
+        self._hooks = []
+        self.taps: tuple[str, ...] = ()
+        self.set_taps(taps)
+
+    # -- feature taps ---------------------------------------------------------------------
+    def set_taps(self, taps: Sequence[str]) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        modules = dict(self.net.named_modules())
+        for tap in taps:
+            if tap not in modules or tap == "":
+                close = difflib.get_close_matches(tap, [m for m in modules if m], n=5, cutoff=0.5)
+                hint = f" Close matches: {', '.join(close)}." if close else ""
+                raise ModelError(
+                    f"model '{self.name}' has no module '{tap}' to tap.{hint} "
+                    "List them with `python -c \"from kdcache.models import build_model; "
+                    f"print([n for n, _ in build_model('{self.name}', 2).net.named_modules()])\"`"
+                )
+            self._hooks.append(modules[tap].register_forward_hook(self._make_hook(tap)))
+        self.taps = tuple(taps)
+
+    def _make_hook(self, tap: str):
+        def hook(_module, _inputs, output):
+            self._captured[tap] = _first_tensor(output)
+
+        return hook
+
+    # -- forward ---------------------------------------------------------------------------
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.models.segmentation.lraspp import LRASPP
+        from torchvision.models.segmentation._utils import _SimpleSegmentationModel
+
+        net = self.net
+        if isinstance(net, _SimpleSegmentationModel):
+            return net.classifier(net.backbone(x)["out"])
+        if isinstance(net, LRASPP):
+            return net.classifier(net.backbone(x))
+        return _first_tensor(net(x))
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        self._captured = {}
+        logits = self._logits(x)
+        if logits.dim() != 4 or logits.shape[1] != self.num_classes:
+            raise ModelError(
+                f"model '{self.name}' returned logits of shape {tuple(logits.shape)}; expected "
+                f"[N, {self.num_classes}, h, w]"
+            )
+        features = {t: self._captured[t] for t in self.taps if t in self._captured}
+        missing = [t for t in self.taps if t not in features]
+        if missing:
+            raise ModelError(f"taps {missing} of model '{self.name}' did not run in forward")
+        self._captured = {}
+        return ModelOutput(logits=logits, features=features)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Class ids [N, H, W] at ``size`` (default: the input's), from bilinearly upsampled logits."""
+        logits = self(x).logits
+        size = size or tuple(x.shape[-2:])
+        if tuple(logits.shape[-2:]) != tuple(size):
+            logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+        return logits.argmax(1)
+
+    def stride(self, input_size: tuple[int, int] = (128, 128)) -> tuple[float, float]:
+        """The head's output stride, measured with one dummy forward at ``input_size``."""
+        p = next(self.parameters())
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            out = self(torch.zeros(1, 3, *input_size, device=p.device, dtype=p.dtype)).logits
+        self.train(was_training)
+        return input_size[0] / out.shape[-2], input_size[1] / out.shape[-1]

@@ -1,0 +1,125 @@
+"""The run folder: ``config.json``, ``metrics.jsonl`` and checkpoints, one folder per run."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdcache.errors import KDCacheError
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+BEST = "best.pt"
+LAST = "last.pt"
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
+    tmp.replace(path)
+
+
+class RunDir:
+    """A run folder. ``config.json`` is the resolved configuration; ``metrics.jsonl`` one JSON
+    object per line (one per epoch and evaluation); ``best.pt`` / ``last.pt`` the checkpoints."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def best(self) -> Path:
+        return self.path / BEST
+
+    @property
+    def last(self) -> Path:
+        return self.path / LAST
+
+    def exists(self) -> bool:
+        return self.config_path.exists()
+
+    def create(self, config: dict, *, overwrite: bool = False) -> None:
+        if self.path.exists() and any(self.path.iterdir()):
+            if self.exists() and not overwrite:
+                raise KDCacheError(
+                    f"run folder {self.path} already holds a run; use --resume to continue it, "
+                    "--overwrite to start it again, or another --out"
+                )
+            if not self.exists() and not overwrite:
+                raise KDCacheError(
+                    f"--out {self.path} exists and is not a kdcache run folder; choose another --out"
+                )
+        self.path.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for name in (METRICS, BEST, LAST):
+                (self.path / name).unlink(missing_ok=True)
+        write_json(self.config_path, config)
+
+    def read_config(self) -> dict:
+        if not self.exists():
+            raise KDCacheError(f"{self.path} is not a kdcache run folder (no {CONFIG})")
+        return json.loads(self.config_path.read_text())
+
+    def log(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(_jsonable(record)) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, after_epoch: int) -> None:
+        """Drop epoch records past ``after_epoch`` (a resumed run redoes those epochs)."""
+        kept = [r for r in self.read_metrics() if r.get("epoch") is None or r["epoch"] <= after_epoch]
+        with open(self.metrics_path, "w") as f:
+            for r in kept:
+                f.write(json.dumps(r) + "\n")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise KDCacheError(f"--device {device} asked for, but no CUDA device is available; use --device cpu")
+    return dev
+
+
+def device_name(device: torch.device) -> str:
+    """A human name for ``device``, e.g. 'NVIDIA H100 80GB HBM3' or 'cpu: <model> (2 threads)'."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {cpu} ({torch.get_num_threads()} threads)"

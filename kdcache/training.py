@@ -1,0 +1,370 @@
+"""Supervised training (cross-entropy): teachers, and the no-KD student baseline.
+
+:class:`Trainer` owns the loop — data, optimiser, schedule, mixed precision, validation,
+checkpoints, resume, the run folder. The loss is one method, :meth:`Trainer.compute_loss`, so
+that distillation trainers subclass it and change only that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kdcache import __version__
+from kdcache.checkpoint import load_weights, read_checkpoint, save_checkpoint
+from kdcache.data import build_dataset
+from kdcache.data.base import IGNORE_INDEX, SegmentationDataset
+from kdcache.data.splits import fold_split, limit
+from kdcache.errors import KDCacheError
+from kdcache.evaluation import evaluate_model, make_loader
+from kdcache.models import SegModel, build_model, count_parameters
+from kdcache.progress import console, progress_bar
+from kdcache.runs import RunDir, device_name, resolve_device
+from kdcache.transforms import Augment, Preprocess, SegPipeline
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; written to ``config.json``.
+
+    The defaults are tuned for the built-in models on the built-in synthetic data set on a
+    2-core CPU; for torchvision models on real data, pass your own (e.g. SGD, lr 0.01).
+    """
+
+    model: str = "demo_teacher"
+    dataset: str = "synthetic"
+    data_root: str | None = None
+    dataset_options: dict = field(default_factory=dict)
+    model_options: dict = field(default_factory=dict)
+    train_split: str = "train"
+    val_split: str = "val"
+    folds: int | None = None
+    fold: int = 0
+    limit: int | None = None
+    epochs: int = 12
+    batch_size: int = 8
+    optimizer: str = "adamw"
+    lr: float = 2e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "poly"
+    poly_power: float = 0.9
+    warmup_iters: int = 0
+    class_weights: bool = False
+    resize: tuple[int, int] | None = None
+    crop: tuple[int, int] | None = None
+    scale: tuple[float, float] = (0.75, 1.25)
+    hflip: bool = True
+    amp: bool = True
+    device: str = "auto"
+    workers: int = 1
+    seed: int = 0
+    eval_every: int = 1
+    weights: str | None = None
+    out: str = "runs/teacher"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k in ("resize", "crop", "scale"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        for k in ("resize", "crop", "scale"):
+            if kw.get(k) is not None:
+                kw[k] = tuple(kw[k])
+        return cls(**kw)
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise KDCacheError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise KDCacheError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise KDCacheError(f"--lr must be positive, got {self.lr}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise KDCacheError(f"--optimizer must be sgd or adamw, got {self.optimizer}")
+        if self.schedule not in ("poly", "cosine", "constant"):
+            raise KDCacheError(f"--schedule must be poly, cosine or constant, got {self.schedule}")
+        lo, hi = self.scale
+        if not 0 < lo <= hi:
+            raise KDCacheError(f"--scale must be 'lo,hi' with 0 < lo <= hi, got {self.scale}")
+
+
+# Options that may change when a run is resumed; anything else must match the stored config.
+RESUMABLE_CHANGES = {"epochs", "workers", "device", "eval_every", "out"}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def median_frequency_weights(dataset: SegmentationDataset, preprocess: Preprocess) -> torch.Tensor:
+    """Median-frequency class weights (Eigen & Fergus 2015) from the training labels:
+    w_c = median(f) / f_c with f_c = pixels of c / pixels of the images where c appears.
+    Classes that never appear get weight 1."""
+    C = dataset.num_classes
+    pixels = np.zeros(C, dtype=np.float64)
+    present_total = np.zeros(C, dtype=np.float64)
+    with progress_bar("class weights", total=len(dataset)) as bar:
+        for i in range(len(dataset)):
+            _, mask = dataset.load(i)
+            y = preprocess.mask_to_tensor(mask).numpy()
+            counts = np.bincount(y[y != IGNORE_INDEX].ravel(), minlength=C)[:C]
+            pixels += counts
+            present_total += (counts > 0) * (y != IGNORE_INDEX).sum()
+            bar.advance()
+    seen = pixels > 0
+    w = np.ones(C, dtype=np.float64)
+    if seen.any():
+        freq = pixels[seen] / present_total[seen]
+        w[seen] = np.median(freq) / freq
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def lr_lambda(schedule: str, total_iters: int, power: float, warmup: int):
+    def f(it: int) -> float:
+        if warmup and it < warmup:
+            return (it + 1) / warmup
+        t = min(it, total_iters) / max(total_iters, 1)
+        if schedule == "poly":
+            return (1 - t) ** power
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * t))
+        return 1.0
+
+    return f
+
+
+class Trainer:
+    """Cross-entropy training of one model; see :class:`TrainConfig`."""
+
+    kind = "supervised"
+
+    def __init__(self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+                 show_progress: bool = True):
+        config.validate()
+        self.show_progress = show_progress
+        self.run = RunDir(config.out)
+        if resume:
+            config = self._merge_resume_config(config)
+        self.config = config
+        self.resume = resume
+        self.overwrite = overwrite
+        self.device = resolve_device(config.device)
+        self.amp = bool(config.amp and self.device.type == "cuda")
+        self.preprocess = Preprocess(resize=config.resize)
+
+    # -- set-up -----------------------------------------------------------------------------
+    def _merge_resume_config(self, config: TrainConfig) -> TrainConfig:
+        if not self.run.exists() or not self.run.last.exists():
+            raise KDCacheError(f"--resume: {self.run.path} holds no run with a last.pt checkpoint to resume")
+        stored = self.run.read_config()
+        given = config.to_dict()
+        stored_cfg = {k: v for k, v in stored.items() if k in given}
+        diffs = [
+            f"{k}: run has {stored_cfg[k]!r}, now {given[k]!r}"
+            for k in given
+            if k not in RESUMABLE_CHANGES and k in stored_cfg and stored_cfg[k] != given[k]
+        ]
+        if diffs:
+            raise KDCacheError(
+                "--resume with options that differ from the run's config.json: " + "; ".join(diffs)
+                + ". Resume with the same options (only --epochs, --workers, --device may change), "
+                "or start a new run with another --out"
+            )
+        for k in RESUMABLE_CHANGES:
+            stored_cfg[k] = given[k]
+        return TrainConfig.from_dict(stored_cfg)
+
+    def build_datasets(self) -> tuple[SegmentationDataset, SegmentationDataset]:
+        c = self.config
+        train = build_dataset(c.dataset, c.train_split, c.data_root, **c.dataset_options)
+        if c.folds:
+            train, val = fold_split(train, c.folds, c.fold, c.seed)
+        else:
+            val = build_dataset(c.dataset, c.val_split, c.data_root, **c.dataset_options)
+        train, val = limit(train, c.limit), limit(val, c.limit)
+        if len(train) == 0 or len(val) == 0:
+            raise KDCacheError(f"empty training ({len(train)}) or validation ({len(val)}) set")
+        return train, val
+
+    def build_model(self, num_classes: int) -> SegModel:
+        return build_model(self.config.model, num_classes, **self.config.model_options)
+
+    def compute_loss(self, model: SegModel, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """Cross-entropy (ignore 255) on logits bilinearly upsampled to the label size."""
+        out = model(batch["image"])
+        logits = F.interpolate(out.logits, size=batch["label"].shape[-2:], mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(logits.float(), batch["label"], weight=self.class_weight, ignore_index=IGNORE_INDEX)
+        return loss, {"ce": loss.item()}
+
+    # -- the loop ---------------------------------------------------------------------------
+    def fit(self) -> dict:
+        c = self.config
+        seed_everything(c.seed)
+        train_ds, val_ds = self.build_datasets()
+        num_classes = train_ds.num_classes
+        crop = c.crop
+        if crop is None:
+            first = self.preprocess.image_to_tensor(train_ds.load(0)[0])
+            crop = tuple(first.shape[-2:])
+        augment = Augment(scale=c.scale, crop=crop, hflip=c.hflip)
+        train_pipe = SegPipeline(train_ds, self.preprocess, augment, seed=c.seed)
+        val_pipe = SegPipeline(val_ds, self.preprocess)
+
+        model = self.build_model(num_classes).to(self.device)
+        if c.weights and not self.resume:
+            load_weights(model, c.weights)
+        self.class_weight = None
+        if c.class_weights:
+            self.class_weight = median_frequency_weights(train_ds, self.preprocess).to(self.device)
+
+        params = [p for p in model.parameters() if p.requires_grad] + self.extra_parameters()
+        if c.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        steps_per_epoch = len(train_pipe) // c.batch_size
+        if steps_per_epoch == 0:
+            raise KDCacheError(f"--batch-size {c.batch_size} is larger than the {len(train_pipe)} training samples")
+        total = steps_per_epoch * c.epochs
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(c.schedule, total, c.poly_power, c.warmup_iters))
+        scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+
+        start_epoch, best = 0, -1.0
+        full_config = {
+            **c.to_dict(),
+            "kind": self.kind,
+            "num_classes": num_classes,
+            "class_names": list(train_ds.class_names),
+            "preprocess": self.preprocess.to_dict(),
+            "augment": augment.to_dict(),
+            "amp_enabled": self.amp,
+            "params": count_parameters(model),
+            "train_samples": len(train_ds),
+            "val_samples": len(val_ds),
+            "device_name": device_name(self.device),
+            "kdcache_version": __version__,
+        }
+        if self.resume:
+            ckpt = read_checkpoint(self.run.last)
+            load_weights(model, self.run.last)
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            self.load_extra_state(ckpt)
+            torch.set_rng_state(ckpt["rng_cpu"])
+            start_epoch, best = ckpt["epoch"] + 1, ckpt["best_miou"]
+            self.run.truncate_metrics(ckpt["epoch"])
+            full_config["resumed_from_epoch"] = ckpt["epoch"]
+            from kdcache.runs import write_json
+
+            write_json(self.run.config_path, full_config)
+            console.print(f"resuming {self.run.path} after epoch {ckpt['epoch'] + 1}/{c.epochs}")
+        else:
+            self.run.create(full_config, overwrite=self.overwrite)
+
+        val_loader = make_loader(val_pipe, c.batch_size, c.workers, pin_memory=self.device.type == "cuda")
+        last_metrics: dict[str, Any] = {}
+        for epoch in range(start_epoch, c.epochs):
+            train_pipe.set_epoch(epoch)
+            gen = torch.Generator().manual_seed(c.seed * 100_003 + epoch)
+            loader = make_loader(train_pipe, c.batch_size, c.workers, shuffle=True, generator=gen,
+                                 drop_last=True, pin_memory=self.device.type == "cuda")
+            model.train()
+            sums: dict[str, float] = {}
+            n_steps = 0
+            t0 = time.perf_counter()
+            with progress_bar(f"epoch {epoch + 1}/{c.epochs}", total=steps_per_epoch * c.batch_size,
+                              enabled=self.show_progress) as bar:
+                for batch in loader:
+                    batch = {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                             for k, v in batch.items()}
+                    with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                        loss, terms = self.compute_loss(model, batch)
+                    if not torch.isfinite(loss):
+                        raise KDCacheError(
+                            f"loss became {loss.item()} at epoch {epoch + 1}, step {n_steps + 1}; "
+                            "lower --lr, or check the data for corrupt labels"
+                        )
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                    sched.step()
+                    n_steps += 1
+                    terms["loss"] = loss.item()
+                    for k, v in terms.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    bar.advance(len(batch["id"]), loss=sums["loss"] / n_steps, lr=sched.get_last_lr()[0])
+            train_time = time.perf_counter() - t0
+            record: dict[str, Any] = {
+                "epoch": epoch,
+                **{f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()},
+                "lr": sched.get_last_lr()[0],
+                "train_time_s": train_time,
+                "train_images_per_s": n_steps * c.batch_size / max(train_time, 1e-9),
+            }
+            if (epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs:
+                res = evaluate_model(model, val_loader, num_classes, self.device, amp=self.amp,
+                                     description="validate", show_progress=self.show_progress)
+                m = res.metrics
+                record.update({"val_miou": m["miou"], "val_macc": m["macc"], "val_aacc": m["aacc"],
+                               "val_iou": m["iou"]})
+                miou = m["miou"] if not math.isnan(m["miou"]) else -1.0
+                if miou > best:
+                    best = miou
+                    save_checkpoint(self.run.best, model, config=full_config, epoch=epoch, best_miou=best,
+                                    class_names=list(train_ds.class_names),
+                                    palette=torch.from_numpy(np.asarray(train_ds.palette)))
+                    record["best"] = True
+                console.print(
+                    f"epoch {epoch + 1}/{c.epochs}: loss {record['train_loss']:.4f}  "
+                    f"val mIoU {100 * m['miou']:.2f}  mAcc {100 * m['macc']:.2f}  aAcc {100 * m['aacc']:.2f}"
+                    f"  ({record['train_images_per_s']:.1f} img/s)"
+                )
+            self.run.log(record)
+            save_checkpoint(
+                self.run.last, model, config=full_config, epoch=epoch, best_miou=best,
+                optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(),
+                rng_cpu=torch.get_rng_state(), class_names=list(train_ds.class_names),
+                palette=torch.from_numpy(np.asarray(train_ds.palette)), **self.extra_state(),
+            )
+            last_metrics = record
+        return {"run": str(self.run.path), "best_miou": best, "last": last_metrics}
+
+    # -- hooks for subclasses (distillation adds adapters and their state) -------------------
+    def extra_parameters(self) -> list[torch.nn.Parameter]:
+        return []
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, ckpt: dict) -> None:
+        pass
+
+
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, show_progress: bool = True) -> dict:
+    """Run supervised training; returns ``{"run", "best_miou", "last"}``."""
+    return Trainer(config, resume=resume, overwrite=overwrite, show_progress=show_progress).fit()
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    return TrainConfig.from_dict(json.loads(Path(path).read_text()))

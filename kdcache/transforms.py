@@ -1,0 +1,196 @@
+"""Preprocessing and the joint geometric transform of image and label.
+
+A geometric augmentation is *sampled once* as a :class:`Geometry` (scale, crop window, flip)
+and then applied to the image, the label and — in student training — every cached teacher map,
+each at its own stride. Class ids are only ever resampled with nearest neighbour; images and
+logit maps bilinearly. Regions of the crop outside the scaled image are padded (image with 0
+after normalisation, i.e. the mean colour; labels with 255, so they are ignored).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kdcache.data.base import IGNORE_INDEX, SegmentationDataset
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Deterministic preprocessing, recorded with every run and cache.
+
+    ``resize``: (H, W) every image and mask is resized to first (bilinear / nearest), or None to
+    keep the native size. ``mean``/``std``: per-channel normalisation of [0, 1] RGB.
+    """
+
+    resize: tuple[int, int] | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def to_dict(self) -> dict:
+        return {"resize": list(self.resize) if self.resize else None, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        return cls(
+            resize=tuple(d["resize"]) if d.get("resize") else None,
+            mean=tuple(d.get("mean", IMAGENET_MEAN)),
+            std=tuple(d.get("std", IMAGENET_STD)),
+        )
+
+    def image_to_tensor(self, image: np.ndarray) -> torch.Tensor:
+        """uint8 [H, W, 3] -> normalised float32 [3, H', W'] (resized if ``resize``)."""
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+        if self.resize and tuple(x.shape[-2:]) != tuple(self.resize):
+            x = F.interpolate(x[None], size=self.resize, mode="bilinear", align_corners=False, antialias=True)[0]
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (x - mean) / std
+
+    def mask_to_tensor(self, mask: np.ndarray) -> torch.Tensor:
+        """uint8 [H, W] -> int64 [H', W'] (nearest-neighbour resize if ``resize``)."""
+        y = torch.from_numpy(np.ascontiguousarray(mask)).long()
+        if self.resize and tuple(y.shape) != tuple(self.resize):
+            y = resize_labels(y, self.resize)
+        return y
+
+    def denormalize(self, x: torch.Tensor) -> np.ndarray:
+        """Normalised [3, H, W] -> uint8 [H, W, 3] for figures."""
+        mean = torch.tensor(self.mean, device=x.device).view(3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(3, 1, 1)
+        img = (x.float() * std + mean).clamp(0, 1).mul(255).round().byte()
+        return img.permute(1, 2, 0).cpu().numpy()
+
+
+def resize_labels(y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize of an integer map [..., H, W] (ids are never interpolated)."""
+    shape = y.shape
+    z = y.reshape(-1, 1, *shape[-2:]).float()
+    z = F.interpolate(z, size=size, mode="nearest-exact")
+    return z.reshape(*shape[:-2], *size).to(y.dtype)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Random scale in ``scale`` (relative to the preprocessed size), a ``crop`` (H, W) window
+    (None = the scaled image's own size, i.e. no crop), and a horizontal flip with p = 0.5."""
+
+    scale: tuple[float, float] = (0.5, 2.0)
+    crop: tuple[int, int] | None = None
+    hflip: bool = True
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["crop"] = list(self.crop) if self.crop else None
+        d["scale"] = list(self.scale)
+        return d
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """One sampled transform of an image of ``in_size`` (H, W), in input-pixel units:
+    scale by ``scale``, take the ``out_size`` window whose top-left corner is ``(top, left)``
+    in the scaled image (it may stick out: padded), then mirror if ``flip``."""
+
+    in_size: tuple[int, int]
+    scale: float
+    top: int
+    left: int
+    out_size: tuple[int, int]
+    flip: bool
+
+    @property
+    def scaled_size(self) -> tuple[int, int]:
+        return (max(1, round(self.in_size[0] * self.scale)), max(1, round(self.in_size[1] * self.scale)))
+
+
+def sample_geometry(rng: np.random.Generator, in_size: tuple[int, int], aug: Augment) -> Geometry:
+    lo, hi = aug.scale
+    scale = float(math.exp(rng.uniform(math.log(lo), math.log(hi)))) if hi > lo else float(lo)
+    sh, sw = max(1, round(in_size[0] * scale)), max(1, round(in_size[1] * scale))
+    ch, cw = aug.crop if aug.crop else (sh, sw)
+    top = int(rng.integers(0, sh - ch + 1)) if sh > ch else 0
+    left = int(rng.integers(0, sw - cw + 1)) if sw > cw else 0
+    flip = bool(aug.hflip and rng.random() < 0.5)
+    return Geometry(tuple(in_size), scale, top, left, (ch, cw), flip)
+
+
+def apply_geometry(x: torch.Tensor, g: Geometry, *, kind: str, fill: float = 0.0) -> torch.Tensor:
+    """Apply ``g`` to ``x`` [C, H, W] (or [H, W] for labels) given at the input resolution.
+
+    ``kind``: ``"image"`` (bilinear, antialiased when shrinking) or ``"label"`` (nearest;
+    padding with ``fill``, use 255).
+    """
+    squeeze = x.dim() == 2
+    if squeeze:
+        x = x[None]
+    sh, sw = g.scaled_size
+    if (sh, sw) != tuple(x.shape[-2:]):
+        if kind == "label":
+            x = resize_labels(x, (sh, sw))
+        else:
+            x = F.interpolate(x[None].float(), size=(sh, sw), mode="bilinear", align_corners=False,
+                              antialias=g.scale < 1)[0].to(x.dtype)
+    oh, ow = g.out_size
+    out = torch.full((x.shape[0], oh, ow), fill, dtype=x.dtype, device=x.device)
+    h = min(oh, sh - g.top)
+    w = min(ow, sw - g.left)
+    out[:, :h, :w] = x[:, g.top:g.top + h, g.left:g.left + w]
+    if g.flip:
+        out = out.flip(-1)
+    return out[0] if squeeze else out
+
+
+class SegPipeline(torch.utils.data.Dataset):
+    """A :class:`SegmentationDataset` as training/evaluation tensors.
+
+    Each item is a dict: ``image`` float [3, H, W] (normalised), ``label`` int64 [H, W]
+    (255 = ignore), ``id`` (str), ``index`` (int). With ``augment``, a fresh :class:`Geometry`
+    is drawn per item from an RNG seeded by (seed, epoch, index): runs are reproducible
+    whatever the number of DataLoader workers. Call :meth:`set_epoch` before each epoch.
+    """
+
+    def __init__(self, dataset: SegmentationDataset, preprocess: Preprocess, augment: Augment | None = None, seed: int = 0):
+        self.dataset = dataset
+        self.preprocess = preprocess
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        image, mask = self.dataset.load(index)
+        x = self.preprocess.image_to_tensor(image)
+        y = self.preprocess.mask_to_tensor(mask)
+        if self.augment is not None:
+            rng = np.random.default_rng((self.seed, self.epoch, index))
+            g = sample_geometry(rng, tuple(x.shape[-2:]), self.augment)
+            x = apply_geometry(x, g, kind="image", fill=0.0)
+            y = apply_geometry(y, g, kind="label", fill=IGNORE_INDEX)
+        return {"image": x, "label": y, "id": self.dataset.refs[index].id, "index": index}
+
+
+def collate(batch: list[dict]) -> dict:
+    """Stack items of equal size; items of different sizes (e.g. VOC at native size) are kept
+    as lists, which the evaluator runs one by one."""
+    same = len({tuple(b["image"].shape) for b in batch}) == 1
+    out = {"id": [b["id"] for b in batch], "index": torch.tensor([b["index"] for b in batch])}
+    if same:
+        out["image"] = torch.stack([b["image"] for b in batch])
+        out["label"] = torch.stack([b["label"] for b in batch])
+    else:
+        out["image"] = [b["image"] for b in batch]
+        out["label"] = [b["label"] for b in batch]
+    return out

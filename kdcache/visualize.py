@@ -1,0 +1,365 @@
+"""Qualitative figures: colourised masks, overlays, sample panels, comparison grids and plots.
+
+Figures are built with ``matplotlib.figure.Figure`` directly (never through ``pyplot``), so
+no display or GUI backend is needed, the global backend is left alone and no figure stays open
+after saving. Masks are ``[H, W]`` integer class ids; images are ``[H, W, 3]`` uint8 RGB;
+palettes are ``[C, 3]`` uint8.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from kdcache.metrics import per_image_iou
+
+__all__ = [
+    "colorize",
+    "overlay",
+    "save_sample_panel",
+    "save_comparison_grid",
+    "save_iou_histogram",
+    "save_per_class_bars",
+]
+
+_PANEL_INCHES = 4.0  # height of one image panel
+_LEGEND_COLS = 6
+
+
+def _check_palette(palette: Any) -> np.ndarray:
+    pal = np.asarray(palette)
+    if pal.ndim != 2 or pal.shape[1] != 3 or pal.shape[0] < 1:
+        raise ValueError(f"palette must have shape [C, 3], got {pal.shape}")
+    if pal.dtype != np.uint8:
+        if pal.min() < 0 or pal.max() > 255:
+            raise ValueError("palette values must lie in [0, 255]")
+        pal = pal.astype(np.uint8)
+    return pal
+
+
+def _check_mask(mask: Any, name: str = "mask") -> np.ndarray:
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise ValueError(f"{name} must have shape [H, W], got {m.shape}")
+    if not np.issubdtype(m.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer class ids, got dtype {m.dtype}")
+    return m
+
+
+def _check_image(image: Any, shape: tuple[int, int] | None = None) -> np.ndarray:
+    img = np.asarray(image)
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 [H, W, 3], got {img.dtype} {img.shape}")
+    if shape is not None and img.shape[:2] != shape:
+        raise ValueError(f"image is {img.shape[:2]} but the masks are {shape}")
+    return img
+
+
+def colorize(
+    mask: np.ndarray,
+    palette: np.ndarray,
+    ignore_index: int = 255,
+    ignore_color: tuple[int, int, int] = (0, 0, 0),
+) -> np.ndarray:
+    """Map class ids ``[H, W]`` to palette colours ``[H, W, 3]`` uint8.
+
+    Pixels equal to ``ignore_index`` get ``ignore_color``; any other id outside
+    ``[0, len(palette))`` raises ``ValueError``.
+    """
+    m = _check_mask(mask)
+    pal = _check_palette(palette)
+    ignore = m == ignore_index
+    bad = ~ignore & ((m < 0) | (m >= len(pal)))
+    if bad.any():
+        vals = np.unique(m[bad])[:10].tolist()
+        raise ValueError(
+            f"mask has class ids outside [0, {len(pal)}) that are not ignore_index "
+            f"({ignore_index}): {vals}"
+        )
+    out = pal[np.where(ignore, 0, m).astype(np.intp)]
+    out[ignore] = np.asarray(ignore_color, dtype=np.uint8)
+    return out
+
+
+def overlay(
+    image: np.ndarray,
+    mask: np.ndarray,
+    palette: np.ndarray,
+    alpha: float = 0.5,
+    ignore_index: int = 255,
+) -> np.ndarray:
+    """Blend the colourised mask over the image: ``(1 - alpha) * image + alpha * colour``.
+
+    Ignored pixels keep the image. Returns uint8 ``[H, W, 3]``.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    m = _check_mask(mask)
+    img = _check_image(image, m.shape)
+    colors = colorize(m, palette, ignore_index=ignore_index).astype(np.float64)
+    blended = (1.0 - alpha) * img.astype(np.float64) + alpha * colors
+    out = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    ignore = m == ignore_index
+    out[ignore] = img[ignore]
+    return out
+
+
+def _class_name(class_names: Sequence[str] | None, c: int) -> str:
+    if class_names is not None and c < len(class_names):
+        return str(class_names[c])
+    return f"class {c}"
+
+
+def _legend_handles(
+    masks: Sequence[np.ndarray],
+    palette: np.ndarray,
+    class_names: Sequence[str] | None,
+    ignore_index: int,
+) -> list[Patch]:
+    present: set[int] = set()
+    for m in masks:
+        present.update(int(v) for v in np.unique(m))
+    present.discard(ignore_index)
+    return [
+        Patch(
+            facecolor=palette[c] / 255.0,
+            edgecolor="black",
+            linewidth=0.5,
+            label=_class_name(class_names, c),
+        )
+        for c in sorted(present)
+        if 0 <= c < len(palette)
+    ]
+
+
+def _prepare_path(path: str | Path) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _image_row(
+    path: str | Path,
+    panels: Sequence[tuple[str, np.ndarray]],
+    handles: list[Patch],
+    title: str,
+    dpi: int,
+) -> Path:
+    """Save images in one row with panel titles, a suptitle and a legend below."""
+    h, w = panels[0][1].shape[:2]
+    n = len(panels)
+    legend_rows = math.ceil(len(handles) / _LEGEND_COLS) if handles else 0
+    scale = _PANEL_INCHES / max(h, w, 1)  # the longer image side gets _PANEL_INCHES
+    panel_w, panel_h = w * scale, h * scale
+    extra_h = 0.6 + 0.25 * legend_rows + (0.4 if title else 0.0)
+    fig_h = panel_h + extra_h
+    fig = Figure(figsize=(max(panel_w * n * 1.03, 4.0), fig_h), dpi=dpi)
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    for ax, (name, arr) in zip(axes, panels, strict=True):
+        ax.imshow(arr, interpolation="nearest")
+        ax.set_title(name, fontsize=10)
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=12)
+    if handles:
+        fig.legend(
+            handles=handles,
+            loc="lower center",
+            ncol=min(len(handles), _LEGEND_COLS),
+            fontsize=9,
+            frameon=False,
+            handlelength=1.2,
+            columnspacing=1.0,
+        )
+    top = 1.0 - (0.4 + (0.4 if title else 0.0)) / fig_h
+    bottom = (0.2 + 0.25 * legend_rows) / fig_h
+    fig.subplots_adjust(left=0.01, right=0.99, top=top, bottom=bottom, wspace=0.03)
+    out = _prepare_path(path)
+    fig.savefig(out, dpi=dpi)
+    return out
+
+
+def save_sample_panel(
+    path: str | Path,
+    image: np.ndarray,
+    gt: np.ndarray,
+    pred: np.ndarray,
+    palette: np.ndarray,
+    class_names: Sequence[str] | None,
+    title: str = "",
+    ignore_index: int = 255,
+    alpha: float = 0.5,
+    dpi: int = 100,
+) -> Path:
+    """Save a one-row PNG: image, ground truth, prediction, prediction over image.
+
+    ``title`` becomes the suptitle (e.g. ``"sample train_000012 — IoU 0.812"``); the legend
+    lists the classes present in ``gt`` or ``pred``. Returns the written path.
+    """
+    g = _check_mask(gt, "gt")
+    p = _check_mask(pred, "pred")
+    if g.shape != p.shape:
+        raise ValueError(f"gt and pred shapes differ: {g.shape} vs {p.shape}")
+    img = _check_image(image, g.shape)
+    pal = _check_palette(palette)
+    panels = [
+        ("Image", img),
+        ("Ground truth", colorize(g, pal, ignore_index)),
+        ("Prediction", colorize(p, pal, ignore_index)),
+        ("Overlay (prediction)", overlay(img, p, pal, alpha, ignore_index)),
+    ]
+    handles = _legend_handles([g, p], pal, class_names, ignore_index)
+    return _image_row(path, panels, handles, title, dpi)
+
+
+def save_comparison_grid(
+    path: str | Path,
+    image: np.ndarray,
+    gt: np.ndarray,
+    preds: Mapping[str, np.ndarray],
+    palette: np.ndarray,
+    class_names: Sequence[str] | None,
+    title: str = "",
+    ignore_index: int = 255,
+    show_iou: bool = True,
+    dpi: int = 100,
+) -> Path:
+    """Save a one-row PNG: image, ground truth, then each run's prediction (titled by name).
+
+    With ``show_iou`` each prediction title adds its per-image mIoU (classes = palette rows).
+    The legend lists the classes present in ``gt`` or any prediction. Returns the written path.
+    """
+    if not preds:
+        raise ValueError("preds is empty: give at least one run's prediction")
+    g = _check_mask(gt, "gt")
+    img = _check_image(image, g.shape)
+    pal = _check_palette(palette)
+    panels: list[tuple[str, np.ndarray]] = [
+        ("Image", img),
+        ("Ground truth", colorize(g, pal, ignore_index)),
+    ]
+    masks = [g]
+    for name, pred in preds.items():
+        p = _check_mask(pred, f"preds[{name!r}]")
+        if p.shape != g.shape:
+            raise ValueError(f"preds[{name!r}] is {p.shape} but gt is {g.shape}")
+        label = str(name)
+        if show_iou:
+            iou = per_image_iou(p, g, len(pal), ignore_index)
+            label = f"{label} — IoU {iou:.3f}" if not math.isnan(iou) else f"{label} — IoU n/a"
+        panels.append((label, colorize(p, pal, ignore_index)))
+        masks.append(p)
+    handles = _legend_handles(masks, pal, class_names, ignore_index)
+    return _image_row(path, panels, handles, title, dpi)
+
+
+def save_iou_histogram(
+    path: str | Path,
+    ious: Sequence[float],
+    title: str = "",
+    bins: int = 20,
+    dpi: int = 100,
+) -> Path:
+    """Save a histogram of per-image IoU (fractions in [0, 1]; NaN dropped) with mean/median.
+
+    An empty list (after dropping NaN) gives a figure saying so. Returns the written path.
+    """
+    vals = np.asarray(list(ious), dtype=np.float64)
+    vals = vals[~np.isnan(vals)]
+    fig = Figure(figsize=(6.0, 4.0), dpi=dpi)
+    ax = fig.subplots()
+    if vals.size:
+        ax.hist(vals, bins=np.linspace(0.0, 1.0, bins + 1), color="#4c72b0", edgecolor="white")
+        mean, median = float(vals.mean()), float(np.median(vals))
+        ax.axvline(mean, color="#c44e52", linestyle="-", linewidth=1.5, label=f"mean {mean:.3f}")
+        ax.axvline(
+            median, color="#55a868", linestyle="--", linewidth=1.5, label=f"median {median:.3f}"
+        )
+        ax.legend(loc="upper left", fontsize=9)
+    else:
+        ax.text(0.5, 0.5, "no valid IoU values", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("per-image mIoU")
+    ax.set_ylabel("images")
+    ax.set_title(f"{title} (n={vals.size})" if title else f"n={vals.size}", fontsize=11)
+    fig.tight_layout()
+    out = _prepare_path(path)
+    fig.savefig(out, dpi=dpi)
+    return out
+
+
+def save_per_class_bars(
+    path: str | Path,
+    class_names: Sequence[str],
+    series: Mapping[str, Sequence[float]],
+    title: str = "",
+    dpi: int = 100,
+) -> Path:
+    """Save a grouped bar chart of per-class IoU in percent, one bar group per class.
+
+    ``series`` maps a run name to its per-class IoU as fractions in [0, 1] (one per class).
+    NaN (class undefined) is drawn as a zero-height bar with an ``x`` marker at 0.
+    Returns the written path.
+    """
+    if not series:
+        raise ValueError("series is empty: give at least one run's per-class IoU")
+    n_cls = len(class_names)
+    data: dict[str, np.ndarray] = {}
+    for name, values in series.items():
+        arr = np.asarray(list(values), dtype=np.float64)
+        if arr.shape != (n_cls,):
+            raise ValueError(
+                f"series {name!r} has {arr.size} values but there are {n_cls} class names"
+            )
+        data[str(name)] = arr * 100.0
+    n_runs = len(data)
+    width = 0.8 / n_runs
+    x = np.arange(n_cls)
+    fig_w = min(max(6.0, 0.25 * n_cls * max(1.0, 0.6 * n_runs) + 1.5), 60.0)
+    fig = Figure(figsize=(fig_w, 4.5), dpi=dpi)
+    ax = fig.subplots()
+    for i, (name, vals) in enumerate(data.items()):
+        pos = x - 0.4 + width * (i + 0.5)
+        nan = np.isnan(vals)
+        bars = ax.bar(pos, np.where(nan, 0.0, vals), width=width, label=name)
+        if nan.any():
+            ax.plot(
+                pos[nan],
+                np.zeros(int(nan.sum())),
+                linestyle="none",
+                marker="x",
+                color=bars.patches[0].get_facecolor(),
+                markersize=6,
+                clip_on=False,
+                zorder=3,
+            )
+    if any(np.isnan(v).any() for v in data.values()):
+        ax.plot([], [], linestyle="none", marker="x", color="black", label="undefined (NaN)")
+    ax.set_xticks(x)
+    ax.set_xticklabels([str(c) for c in class_names], rotation=90, fontsize=8)
+    ax.set_xlim(-0.6, n_cls - 0.4)
+    ax.set_ylim(0.0, 100.0)
+    ax.set_ylabel("IoU (%)")
+    ax.grid(axis="y", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: labels[i] == "undefined (NaN)")
+    ax.legend(
+        [handles[i] for i in order],
+        [labels[i] for i in order],
+        fontsize=8,
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+        frameon=False,
+    )
+    if title:
+        ax.set_title(title, fontsize=11)
+    fig.tight_layout()
+    out = _prepare_path(path)
+    fig.savefig(out, dpi=dpi)
+    return out

@@ -1,0 +1,1 @@
+"""The fused top-k softmax-KL kernels (issue 4)."""

@@ -1,0 +1,120 @@
+"""Model registry, native-stride logits, feature taps and checkpoint round trips."""
+
+import pytest
+import torch
+
+from kdcache.checkpoint import load_weights, read_checkpoint, save_checkpoint
+from kdcache.errors import CheckpointError, ModelError
+from kdcache.models import MODELS, build_model, count_parameters
+
+
+def test_registry_lists_torchvision_and_builtin_models():
+    names = MODELS.names()
+    for n in ("fcn_resnet50", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large",
+              "lraspp_mobilenet_v3_large", "demo_teacher", "demo_student"):
+        assert n in names
+
+
+def test_unknown_model_suggests_close_names():
+    with pytest.raises(ModelError, match="Did you mean demo_teacher"):
+        build_model("demo_teacherr", 11)
+
+
+@pytest.mark.parametrize("name,stride", [("lraspp_mobilenet_v3_large", 8), ("deeplabv3_mobilenet_v3_large", 8)])
+def test_torchvision_models_give_native_stride_logits_and_taps(name, stride):
+    torch.manual_seed(0)
+    model = build_model(name, 5, taps=["backbone"]).eval()
+    x = torch.randn(1, 3, 64, 96)
+    out = model(x)
+    assert out.logits.shape == (1, 5, 64 // stride, 96 // stride)
+    assert "backbone" in out.features
+    # the wrapper's logits are the net's own output before its final upsampling
+    with torch.no_grad():
+        full = model.net(x)["out"]
+    up = torch.nn.functional.interpolate(out.logits, size=(64, 96), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(up, full)
+    assert model.predict(x).shape == (1, 64, 96)
+
+
+def test_feature_tap_by_module_name_captures_that_module_output():
+    model = build_model("tiny_models:TinyNet", 3, taps=["body.0", "body"])
+    x = torch.randn(2, 3, 16, 16)
+    out = model(x)
+    torch.testing.assert_close(out.features["body.0"], model.net.body[0](x))
+    assert out.features["body"].shape == (2, 8, 8, 8)
+    assert out.logits.shape == (2, 3, 8, 8)
+
+
+def test_unknown_tap_names_close_matches():
+    with pytest.raises(ModelError, match="no module 'body.9'.*body.0"):
+        build_model("tiny_models:TinyNet", 3, taps=["body.9"])
+
+
+def test_import_path_errors():
+    with pytest.raises(ModelError, match="cannot import module 'no_such_mod'"):
+        build_model("no_such_mod:Net", 3)
+    with pytest.raises(ModelError, match="has no attribute 'Missing'"):
+        build_model("tiny_models:Missing", 3)
+    with pytest.raises(ModelError, match="not a torch.nn.Module"):
+        build_model("tiny_models:not_a_module", 3)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    a = build_model("tiny_models:TinyNet", 4)
+    path = save_checkpoint(tmp_path / "m.pt", a, epoch=3, config={"lr": 0.1})
+    b = build_model("tiny_models:TinyNet", 4)
+    ck = load_weights(b, path)
+    assert ck["epoch"] == 3 and ck["config"] == {"lr": 0.1} and ck["num_classes"] == 4
+    for k, v in a.net.state_dict().items():
+        assert torch.equal(v, b.net.state_dict()[k])
+    x = torch.randn(1, 3, 16, 16)
+    torch.testing.assert_close(a(x).logits, b(x).logits)
+
+
+def test_plain_state_dict_loads_with_or_without_prefixes(tmp_path):
+    a = build_model("tiny_models:TinyNet", 4)
+    torch.save(a.net.state_dict(), tmp_path / "plain.pt")
+    torch.save({f"module.{k}": v for k, v in a.net.state_dict().items()}, tmp_path / "ddp.pt")
+    torch.save({"state_dict": a.net.state_dict()}, tmp_path / "wrapped.pt")
+    for f in ("plain.pt", "ddp.pt", "wrapped.pt"):
+        b = build_model("tiny_models:TinyNet", 4)
+        load_weights(b, tmp_path / f)
+        assert torch.equal(b.net.head.weight, a.net.head.weight)
+
+
+def test_class_count_mismatch_is_a_clear_error(tmp_path):
+    a = build_model("tiny_models:TinyNet", 21)
+    save_checkpoint(tmp_path / "voc.pt", a)
+    b = build_model("tiny_models:TinyNet", 11)
+    with pytest.raises(CheckpointError, match=r"head.weight: checkpoint \(21, 8, 1, 1\) vs model \(11, 8, 1, 1\).*trained for 21 classes, the model has 11"):
+        load_weights(b, tmp_path / "voc.pt")
+
+
+def test_key_mismatch_names_keys(tmp_path):
+    a = build_model("tiny_models:TinyNet", 3)
+    sd = a.net.state_dict()
+    sd.pop("head.bias")
+    sd["extra.weight"] = torch.zeros(1)
+    torch.save(sd, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match=r"missing.*head.bias.*unexpected.*extra.weight"):
+        load_weights(build_model("tiny_models:TinyNet", 3), tmp_path / "odd.pt")
+
+
+def test_unreadable_or_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_checkpoint(tmp_path / "nope.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        read_checkpoint(tmp_path / "junk.pt")
+    a = build_model("tiny_models:TinyNet", 3)
+    save_checkpoint(tmp_path / "ok.pt", a)
+    data = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_checkpoint(tmp_path / "cut.pt")
+
+
+def test_count_parameters():
+    m = build_model("tiny_models:TinyNet", 3)
+    assert count_parameters(m) == (3 * 8 * 9 + 8) + (8 * 3 + 3)
