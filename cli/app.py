@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import sys
-from typing import Annotated, Optional
+from collections.abc import Callable
+from typing import Annotated
 
 import typer
 
@@ -17,6 +19,23 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def command(name: str | None = None) -> Callable:
+    """``app.command`` that turns a :class:`KDCacheError` into one red line and exit status 2."""
+
+    def deco(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except KDCacheError as exc:
+                console.print(f"[bold red]error:[/bold red] {exc}")
+                raise typer.Exit(2) from None
+
+        return app.command(name)(wrapper)
+
+    return deco
 
 
 def parse_size(text: str | None, option: str) -> tuple[int, int] | None:
@@ -69,44 +88,44 @@ def parse_dataset_options(items: list[str] | None, resolution: str | None) -> di
 
 # Shared option types -------------------------------------------------------------------
 Dataset = Annotated[str, typer.Option(help="synthetic (built in), voc, camvid, cityscapes or folder.")]
-DataRoot = Annotated[Optional[str], typer.Option(help="Root folder of the data set (not for synthetic).")]
-Limit = Annotated[Optional[int], typer.Option(help="Use only the first N samples of each split (quick runs).")]
+DataRoot = Annotated[str | None, typer.Option(help="Root folder of the data set (not for synthetic).")]
+Limit = Annotated[int | None, typer.Option(help="Use only the first N samples of each split (quick runs).")]
 DatasetOption = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--dataset-option", "-o", help="KEY=VALUE passed to the data set, e.g. size=200 (synthetic split size)."),
 ]
-Resolution = Annotated[Optional[str], typer.Option(help="Synthetic data: image size HxW, e.g. 96x128.")]
+Resolution = Annotated[str | None, typer.Option(help="Synthetic data: image size HxW, e.g. 96x128.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA if available), cpu, cuda, cuda:1 ...")]
 Workers = Annotated[int, typer.Option(help="DataLoader worker processes.")]
 
 
-@app.command("train-teacher")
+@command("train-teacher")
 def train_teacher(
     model: Annotated[str, typer.Option(help="Registry name (demo_teacher, demo_student, deeplabv3_resnet50, ...) or package.module:callable.")] = "demo_teacher",
     dataset: Dataset = "synthetic",
     data_root: DataRoot = None,
-    out: Annotated[Optional[str], typer.Option(help="Run folder (default runs/<model>).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Training epochs.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per step.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="sgd (momentum 0.9) or adamw.")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay.")] = None,
-    schedule: Annotated[Optional[str], typer.Option(help="poly (power 0.9), cosine or constant, per iteration.")] = None,
-    warmup_iters: Annotated[Optional[int], typer.Option(help="Linear warm-up iterations.")] = None,
+    out: Annotated[str | None, typer.Option(help="Run folder (default runs/<model>).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per step.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="sgd (momentum 0.9) or adamw.")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Weight decay.")] = None,
+    schedule: Annotated[str | None, typer.Option(help="poly (power 0.9), cosine or constant, per iteration.")] = None,
+    warmup_iters: Annotated[int | None, typer.Option(help="Linear warm-up iterations.")] = None,
     class_weights: Annotated[bool, typer.Option("--class-weights/--no-class-weights", help="Median-frequency class weights from the training labels.")] = False,
-    resize: Annotated[Optional[str], typer.Option(help="Resize every image/mask to HxW first (e.g. 256x256).")] = None,
-    crop_size: Annotated[Optional[str], typer.Option(help="Training crop HxW (default: the first training image's size).")] = None,
-    scale: Annotated[Optional[str], typer.Option(help="Random scale range 'lo,hi'.")] = None,
+    resize: Annotated[str | None, typer.Option(help="Resize every image/mask to HxW first (e.g. 256x256).")] = None,
+    crop_size: Annotated[str | None, typer.Option(help="Training crop HxW (default: the first training image's size).")] = None,
+    scale: Annotated[str | None, typer.Option(help="Random scale range 'lo,hi'.")] = None,
     flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips.")] = True,
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="fp16 mixed precision (CUDA only).")] = True,
     device: Device = "auto",
     workers: Workers = 1,
     seed: Annotated[int, typer.Option(help="Seed for weights, shuffling and augmentation.")] = 0,
-    folds: Annotated[Optional[int], typer.Option(help="K-fold cross-validation over the training split.")] = None,
+    folds: Annotated[int | None, typer.Option(help="K-fold cross-validation over the training split.")] = None,
     fold: Annotated[int, typer.Option(help="Which fold (0-based) is held out for validation.")] = 0,
     limit: Limit = None,
-    weights: Annotated[Optional[str], typer.Option(help="Initial weights: a kdcache checkpoint or a state dict.")] = None,
-    eval_every: Annotated[Optional[int], typer.Option(help="Validate every N epochs.")] = None,
+    weights: Annotated[str | None, typer.Option(help="Initial weights: a kdcache checkpoint or a state dict.")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Validate every N epochs.")] = None,
     resolution: Resolution = None,
     dataset_option: DatasetOption = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last.pt.")] = False,
@@ -133,18 +152,18 @@ def train_teacher(
     console.print(f"[green]done[/green]: best val mIoU {100 * result['best_miou']:.2f} — run folder {result['run']}")
 
 
-@app.command()
+@command()
 def evaluate(
     target: Annotated[str, typer.Argument(help="A run folder (uses best.pt) or a checkpoint file.")],
-    dataset: Annotated[Optional[str], typer.Option(help="Data set (default: the run's own).")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Data set (default: the run's own).")] = None,
     data_root: DataRoot = None,
-    split: Annotated[Optional[str], typer.Option(help="Split (default: the run's validation split or fold).")] = None,
+    split: Annotated[str | None, typer.Option(help="Split (default: the run's validation split or fold).")] = None,
     limit: Limit = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
     workers: Workers = 0,
     device: Device = "auto",
     qualitative: Annotated[int, typer.Option(help="Write the N best and N worst images as 4-panel PNGs (0: none).")] = 8,
-    out: Annotated[Optional[str], typer.Option(help="Output folder (default RUN/eval).")] = None,
+    out: Annotated[str | None, typer.Option(help="Output folder (default RUN/eval).")] = None,
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure ms/image at batch 1.")] = True,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ):
@@ -162,7 +181,7 @@ def evaluate(
     console.print(f"wrote {report['out_dir']}/eval.json" + (" and figures" if qualitative else ""))
 
 
-@app.command("list-models")
+@command("list-models")
 def list_models():
     """The registered model names (any package.module:callable works too)."""
     from kdcache.models import MODELS
@@ -171,7 +190,7 @@ def list_models():
         typer.echo(name)
 
 
-@app.command("list-datasets")
+@command("list-datasets")
 def list_datasets():
     """The registered data set names."""
     from kdcache.data import DATASETS
@@ -183,9 +202,6 @@ def list_datasets():
 def main() -> None:
     try:
         app()
-    except KDCacheError as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}")
-        sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: checkpoints written so far are kept; rerun with --resume")
         sys.exit(130)

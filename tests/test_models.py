@@ -20,7 +20,7 @@ def test_unknown_model_suggests_close_names():
         build_model("demo_teacherr", 11)
 
 
-@pytest.mark.parametrize("name,stride", [("lraspp_mobilenet_v3_large", 8), ("deeplabv3_mobilenet_v3_large", 8)])
+@pytest.mark.parametrize("name,stride", [("lraspp_mobilenet_v3_large", 8), ("deeplabv3_mobilenet_v3_large", 16)])
 def test_torchvision_models_give_native_stride_logits_and_taps(name, stride):
     torch.manual_seed(0)
     model = build_model(name, 5, taps=["backbone"]).eval()

@@ -19,14 +19,25 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from kdcache.errors import ModelError
-from kdcache.models import builtin
 from kdcache.models.wrapper import ModelOutput, SegModel
 from kdcache.registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model", ModelError)
 
-MODELS.add("demo_teacher", builtin.demo_teacher)
-MODELS.add("demo_student", builtin.demo_student)
+
+
+def _builtin(fn_name: str) -> Callable[..., nn.Module]:
+    def build(num_classes: int, **kwargs) -> nn.Module:
+        from kdcache.models import builtin
+
+        return getattr(builtin, fn_name)(num_classes=num_classes, **kwargs)
+
+    build.__name__ = fn_name
+    return build
+
+
+MODELS.add("demo_teacher", _builtin("demo_teacher"))
+MODELS.add("demo_student", _builtin("demo_student"))
 
 _TORCHVISION_SEGMENTATION = (
     "fcn_resnet50",

@@ -39,8 +39,8 @@ class SegModel(nn.Module):
 
     torchvision's ``_SimpleSegmentationModel`` (FCN, DeepLabV3) and ``LRASPP`` are run as
     backbone + classifier, skipping the final upsampling, so the logits stay at the head's
-    native stride (8 for the dilated ResNets and the MobileNetV3 models). Any other network
-    is called as is; a dict output uses its ``"out"`` entry.
+    native stride (8 for FCN/DeepLabV3-ResNet and LRASPP, 16 for DeepLabV3-MobileNetV3).
+    Any other network is called as is; a dict output uses its ``"out"`` entry.
 
     Feature taps are forward hooks on ``net``'s modules by their ``named_modules()`` name
     (e.g. ``backbone.layer4``). The state dict of the wrapped network is ``self.net``'s, so
@@ -83,8 +83,8 @@ class SegModel(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        from torchvision.models.segmentation.lraspp import LRASPP
         from torchvision.models.segmentation._utils import _SimpleSegmentationModel
+        from torchvision.models.segmentation.lraspp import LRASPP
 
         net = self.net
         if isinstance(net, _SimpleSegmentationModel):

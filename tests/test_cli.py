@@ -1,0 +1,168 @@
+"""The kdcache command line, run as a user runs it (typer's CliRunner and real subprocesses)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+runner = CliRunner()
+
+TINY = ["--model", "tiny_models:TinyNet", "--dataset", "synthetic", "--resolution", "32x48",
+        "--limit", "8", "--batch-size", "4", "--workers", "0", "--quiet"]
+
+
+def kd(*args):
+    from kdcache.cli.app import app
+
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_installed_package_layout():
+    import kdcache.cli
+    import kdcache.kernels
+
+    assert kdcache.cli.__file__.endswith("cli/__init__.py")
+    assert kdcache.kernels.__name__ == "kdcache.kernels"
+
+
+def test_python_m_kdcache_and_console_script():
+    r = subprocess.run([sys.executable, "-m", "kdcache", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "train-teacher" in r.stdout and "evaluate" in r.stdout
+    exe = __import__("shutil").which("kdcache") or str(__import__("pathlib").Path(sys.executable).with_name("kdcache"))
+    r = subprocess.run([exe, "list-models"], capture_output=True, text=True)
+    assert r.returncode == 0 and "deeplabv3_resnet50" in r.stdout and "demo_teacher" in r.stdout
+
+
+def test_train_then_evaluate(tmp_path):
+    run = tmp_path / "run"
+    r = kd("train-teacher", *TINY, "--epochs", 2, "--out", run)
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"] == "tiny_models:TinyNet" and cfg["num_classes"] == 11 and cfg["epochs"] == 2
+    assert cfg["class_names"][0] == "sky" and cfg["train_samples"] == 8
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [0, 1]
+    assert all(0 <= x["val_miou"] <= 1 and x["train_loss"] > 0 for x in lines)
+    assert (run / "best.pt").exists() and (run / "last.pt").exists()
+
+    r = kd("evaluate", run, "--qualitative", 2, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "mIoU" in r.output and "sky" in r.output
+    ev = json.loads((run / "eval" / "eval.json").read_text())
+    assert ev["params"] > 0 and ev["latency"]["ms_per_image"] > 0 and ev["latency"]["fps"] > 0
+    assert "cpu" in ev["latency"]["device"] and len(ev["iou"]) == 11
+    assert ev["num_samples"] == 8 and 0 <= ev["miou"] <= 1
+    best = sorted((run / "eval" / "best").glob("*.png"))
+    worst = sorted((run / "eval" / "worst").glob("*.png"))
+    assert len(best) == 2 and len(worst) == 2 and (run / "eval" / "iou_histogram.png").exists()
+    with Image.open(best[0]) as im:
+        assert im.size[0] > 3 * im.size[1]  # four panels side by side
+    # the best-ranked image really has the highest per-image IoU
+    ious = ev["per_image_iou"]
+    assert best[0].name.split("_iou")[0].split("_", 1)[1] == max(ious, key=ious.get)
+
+
+def test_evaluate_a_bare_checkpoint_and_the_metrics_agree(tmp_path):
+    run = tmp_path / "run"
+    assert kd("train-teacher", *TINY, "--epochs", 1, "--out", run).exit_code == 0
+    r = kd("evaluate", run / "last.pt", "--qualitative", 0, "--no-latency", "--quiet", "--out", tmp_path / "ev")
+    assert r.exit_code == 0, r.output
+    ev = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert ev["miou"] == pytest.approx(logged["val_miou"], abs=1e-9)
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert kd("train-teacher", *TINY, "--epochs", 3, "--out", a).exit_code == 0
+    assert kd("train-teacher", *TINY, "--epochs", 2, "--out", b).exit_code == 0
+    r = kd("train-teacher", *TINY, "--epochs", 3, "--out", b, "--resume")
+    assert r.exit_code == 0, r.output
+    sa = torch.load(a / "last.pt", weights_only=True)["state_dict"]
+    sb = torch.load(b / "last.pt", weights_only=True)["state_dict"]
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
+    ma = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in mb] == [0, 1, 2]
+    assert ma[-1]["val_miou"] == mb[-1]["val_miou"]
+
+
+def test_resume_with_other_options_is_refused(tmp_path):
+    run = tmp_path / "run"
+    assert kd("train-teacher", *TINY, "--epochs", 1, "--out", run).exit_code == 0
+    r = kd("train-teacher", *TINY, "--epochs", 2, "--lr", 0.5, "--out", run, "--resume")
+    assert r.exit_code == 2 and "lr: run has" in r.output
+    r = kd("train-teacher", *TINY, "--epochs", 1, "--out", run)
+    assert r.exit_code == 2 and "already holds a run" in r.output
+    r = kd("train-teacher", *TINY, "--epochs", 1, "--out", tmp_path / "none", "--resume")
+    assert r.exit_code == 2 and "no run" in r.output
+
+
+def test_folds_hold_out_part_of_the_training_split(tmp_path):
+    run = tmp_path / "fold"
+    r = kd("train-teacher", *TINY, "--epochs", 1, "--folds", 2, "--fold", 1, "--out", run)
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["folds"] == 2 and cfg["train_samples"] + cfg["val_samples"] == 8
+    r = kd("evaluate", run, "--qualitative", 0, "--no-latency", "--quiet")
+    assert r.exit_code == 0 and "fold 1/2" in r.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dataset", "voc", "--data-root", "/nonexistent/voc"], "does not exist"),
+    (["--dataset", "voc"], "needs --data-root"),
+    (["--dataset", "nope"], "unknown data set 'nope'"),
+    (["--model", "no_such_model"], "unknown model 'no_such_model'"),
+    (["--resize", "12x"], "--resize takes HxW"),
+    (["--optimizer", "adam"], "--optimizer must be sgd or adamw"),
+    (["--dataset-option", "colour=red"], "does not take option"),
+])
+def test_bad_training_options_give_clear_errors(tmp_path, args, message):
+    r = kd("train-teacher", "--out", tmp_path / "x", "--epochs", 1, "--quiet", *args)
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+    assert "Traceback" not in r.output
+
+
+def test_evaluate_errors(tmp_path):
+    r = kd("evaluate", tmp_path / "missing")
+    assert r.exit_code == 2 and "does not exist" in r.output
+    run = tmp_path / "run"
+    assert kd("train-teacher", *TINY, "--epochs", 1, "--out", run).exit_code == 0
+    # a model trained on 11 classes evaluated on a 3-class folder data set
+    root = tmp_path / "folder"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("a\nb\nc\n")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images" / "x.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "masks" / "x.png")
+    r = kd("evaluate", run, "--dataset", "folder", "--data-root", root, "--split", "all", "--quiet")
+    assert r.exit_code == 2 and "predicts 11 classes" in r.output and "has 3" in r.output
+
+
+def test_class_weights_follow_median_frequency(tmp_path):
+    from kdcache.data import build_dataset
+    from kdcache.training import median_frequency_weights
+    from kdcache.transforms import Preprocess
+
+    root = tmp_path / "f"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("a\nb\nc\n")
+    m1 = np.zeros((2, 4), np.uint8)
+    m1[0, :2] = 1          # image 1: a 6 px, b 2 px
+    m2 = np.full((2, 4), 2, np.uint8)
+    m2[1, 3] = 255         # image 2: c 7 px (1 ignored)
+    for i, m in enumerate((m1, m2)):
+        Image.fromarray(np.zeros((2, 4, 3), np.uint8)).save(root / "images" / f"{i}.png")
+        Image.fromarray(m).save(root / "masks" / f"{i}.png")
+    ds = build_dataset("folder", "all", root)
+    w = median_frequency_weights(ds, Preprocess()).numpy()
+    f = np.array([6 / 8, 2 / 8, 7 / 7])  # pixels of c / pixels of images containing c
+    np.testing.assert_allclose(w, np.median(f) / f, rtol=1e-6)
