@@ -30,7 +30,7 @@ def command(name: str | None = None) -> Callable:
             try:
                 return fn(*args, **kwargs)
             except KDCacheError as exc:
-                console.print(f"[bold red]error:[/bold red] {exc}")
+                console.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True, highlight=False)
                 raise typer.Exit(2) from None
 
         return app.command(name)(wrapper)

@@ -18,8 +18,7 @@ import torch
 
 from kdcache.checkpoint import read_checkpoint
 from kdcache.data import build_dataset
-from kdcache.data.base import SegmentationDataset
-from kdcache.data.splits import fold_split, limit
+from kdcache.data.splits import limit, train_val_sets
 from kdcache.errors import KDCacheError
 from kdcache.metrics import ConfusionMatrix, per_image_iou
 from kdcache.models import SegModel, build_model, count_parameters
@@ -120,12 +119,6 @@ def make_loader(pipeline: SegPipeline, batch_size: int, workers: int, *, shuffle
     )
 
 
-def open_split(config: dict, split: str) -> SegmentationDataset:
-    """Open ``split`` of the data set a run was trained on, honouring its folds and limit."""
-    ds = build_dataset(config["dataset"], split, config.get("data_root"), **config.get("dataset_options", {}))
-    return ds
-
-
 def resolve_run(path: str | Path) -> tuple[Path, dict | None, Path | None]:
     """(checkpoint, run config or None, run folder or None) for a run folder or checkpoint."""
     path = Path(path)
@@ -178,15 +171,18 @@ def evaluate_run(
     config.setdefault("dataset", "synthetic")
     if data_root is not None:
         config["data_root"] = data_root
-    folds = config.get("folds")
-    if split is None and folds:
-        ds = open_split(config, config.get("train_split", "train"))
-        _, ds = fold_split(ds, folds, config.get("fold", 0), config.get("seed", 0))
-        split_name = f"{config.get('train_split', 'train')} fold {config.get('fold', 0)}/{folds}"
+    limit_n = limit_n if limit_n is not None else config.get("limit")
+    if split is None:
+        _, ds, split_name = train_val_sets(
+            config["dataset"], data_root=config.get("data_root"),
+            dataset_options=config.get("dataset_options"), train_split=config.get("train_split", "train"),
+            val_split=config.get("val_split", "val"), folds=config.get("folds"), fold=config.get("fold", 0),
+            seed=config.get("seed", 0), limit_n=limit_n,
+        )
     else:
-        split_name = split or config.get("val_split", "val")
-        ds = open_split(config, split_name)
-    ds = limit(ds, limit_n if limit_n is not None else config.get("limit"))
+        split_name = split
+        ds = limit(build_dataset(config["dataset"], split, config.get("data_root"),
+                                 **config.get("dataset_options", {})), limit_n)
     if len(ds) == 0:
         raise KDCacheError(f"split '{split_name}' of {config['dataset']} is empty")
     if num_classes != ds.num_classes:

@@ -22,9 +22,8 @@ import torch.nn.functional as F
 
 from kdcache import __version__
 from kdcache.checkpoint import load_weights, read_checkpoint, save_checkpoint
-from kdcache.data import build_dataset
 from kdcache.data.base import IGNORE_INDEX, SegmentationDataset
-from kdcache.data.splits import fold_split, limit
+from kdcache.data.splits import train_val_sets
 from kdcache.errors import KDCacheError
 from kdcache.evaluation import evaluate_model, make_loader
 from kdcache.models import SegModel, build_model, count_parameters
@@ -195,12 +194,11 @@ class Trainer:
 
     def build_datasets(self) -> tuple[SegmentationDataset, SegmentationDataset]:
         c = self.config
-        train = build_dataset(c.dataset, c.train_split, c.data_root, **c.dataset_options)
-        if c.folds:
-            train, val = fold_split(train, c.folds, c.fold, c.seed)
-        else:
-            val = build_dataset(c.dataset, c.val_split, c.data_root, **c.dataset_options)
-        train, val = limit(train, c.limit), limit(val, c.limit)
+        train, val, _ = train_val_sets(
+            c.dataset, data_root=c.data_root, dataset_options=c.dataset_options,
+            train_split=c.train_split, val_split=c.val_split, folds=c.folds, fold=c.fold,
+            seed=c.seed, limit_n=c.limit,
+        )
         if len(train) == 0 or len(val) == 0:
             raise KDCacheError(f"empty training ({len(train)}) or validation ({len(val)}) set")
         return train, val

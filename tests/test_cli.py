@@ -77,10 +77,26 @@ def test_evaluate_a_bare_checkpoint_and_the_metrics_agree(tmp_path):
     assert ev["miou"] == pytest.approx(logged["val_miou"], abs=1e-9)
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path):
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    from kdcache.runs import RunDir
+
     a, b = tmp_path / "a", tmp_path / "b"
     assert kd("train-teacher", *TINY, "--epochs", 3, "--out", a).exit_code == 0
-    assert kd("train-teacher", *TINY, "--epochs", 2, "--out", b).exit_code == 0
+
+    # interrupt the second run while it logs epoch 2 (its last.pt is then epoch 1's)
+    real_log = RunDir.log
+
+    def crashing_log(self, record):
+        if record.get("epoch") == 1:
+            raise KeyboardInterrupt
+        real_log(self, record)
+
+    monkeypatch.setattr(RunDir, "log", crashing_log)
+    r = kd("train-teacher", *TINY, "--epochs", 3, "--out", b)
+    assert r.exit_code != 0
+    monkeypatch.setattr(RunDir, "log", real_log)
+    assert torch.load(b / "last.pt", weights_only=True)["epoch"] == 0
+
     r = kd("train-teacher", *TINY, "--epochs", 3, "--out", b, "--resume")
     assert r.exit_code == 0, r.output
     sa = torch.load(a / "last.pt", weights_only=True)["state_dict"]

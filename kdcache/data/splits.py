@@ -42,3 +42,32 @@ def fold_split(
     """Split one data set into (train, validation) parts for fold ``fold`` of ``folds``."""
     train_idx, val_idx = kfold_indices(len(dataset), folds, fold, seed)
     return dataset.select(train_idx), dataset.select(val_idx)
+
+
+def train_val_sets(
+    dataset: str,
+    *,
+    data_root: str | None = None,
+    dataset_options: dict | None = None,
+    train_split: str = "train",
+    val_split: str = "val",
+    folds: int | None = None,
+    fold: int = 0,
+    seed: int = 0,
+    limit_n: int | None = None,
+) -> tuple[SegmentationDataset, SegmentationDataset, str]:
+    """The (train, validation, validation's name) sets of a run.
+
+    Without folds: ``train_split`` and ``val_split``, each cut to its first ``limit_n``
+    samples. With ``folds``: the first ``limit_n`` samples of ``train_split`` are divided, and
+    fold ``fold`` is the validation part.
+    """
+    from kdcache.data import build_dataset
+
+    options = dataset_options or {}
+    train = limit(build_dataset(dataset, train_split, data_root, **options), limit_n)
+    if folds:
+        train, val = fold_split(train, folds, fold, seed)
+        return train, val, f"{train_split} fold {fold}/{folds}"
+    val = limit(build_dataset(dataset, val_split, data_root, **options), limit_n)
+    return train, val, val_split
