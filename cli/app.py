@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable
 from typing import Annotated
 
@@ -30,12 +29,37 @@ def command(name: str | None = None) -> Callable:
             try:
                 return fn(*args, **kwargs)
             except KDCacheError as exc:
-                console.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True, highlight=False)
+                console.print(f"[bold red]error:[/bold red] {error_text(exc)}", soft_wrap=True, highlight=False)
                 raise typer.Exit(2) from None
 
         return app.command(name)(wrapper)
 
     return deco
+
+
+def error_text(exc: KDCacheError) -> str:
+    """The message alone: an error re-raised from a DataLoader worker carries the worker's
+    traceback in its text; keep only its last line, without the exception's type name."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
+    return text
+
+
+# CLI parameter -> TrainConfig field, where the names differ
+_CLI_TO_CONFIG = {"crop_size": "crop", "flip": "hflip", "dataset_option": "dataset_options",
+                  "resolution": "dataset_options"}
+
+
+def given_options(ctx: typer.Context) -> set[str]:
+    """TrainConfig fields the user set on the command line (not left at their defaults)."""
+    given = set()
+    for name in ctx.params:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            given.add(_CLI_TO_CONFIG.get(name, name))
+    return given
 
 
 def parse_size(text: str | None, option: str) -> tuple[int, int] | None:
@@ -101,10 +125,13 @@ Workers = Annotated[int, typer.Option(help="DataLoader worker processes.")]
 
 @command("train-teacher")
 def train_teacher(
+    ctx: typer.Context,
     model: Annotated[str, typer.Option(help="Registry name (demo_teacher, demo_student, deeplabv3_resnet50, ...) or package.module:callable.")] = "demo_teacher",
     dataset: Dataset = "synthetic",
     data_root: DataRoot = None,
     out: Annotated[str | None, typer.Option(help="Run folder (default runs/<model>).")] = None,
+    train_split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
+    val_split: Annotated[str, typer.Option(help="Split to validate on (ignored with --folds).")] = "val",
     epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per step.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
@@ -121,6 +148,7 @@ def train_teacher(
     device: Device = "auto",
     workers: Workers = 1,
     seed: Annotated[int, typer.Option(help="Seed for weights, shuffling and augmentation.")] = 0,
+    split_seed: Annotated[int, typer.Option(help="Seed of the K-fold assignment (keep it fixed across runs).")] = 0,
     folds: Annotated[int | None, typer.Option(help="K-fold cross-validation over the training split.")] = None,
     fold: Annotated[int, typer.Option(help="Which fold (0-based) is held out for validation.")] = 0,
     limit: Limit = None,
@@ -143,12 +171,18 @@ def train_teacher(
         "eval_every": eval_every,
     }
     config = TrainConfig(
-        model=model, dataset=dataset, data_root=data_root, out=out or f"runs/{model.replace(':', '_')}",
+        model=model, dataset=dataset, data_root=data_root, train_split=train_split, val_split=val_split, out=out or f"runs/{model.replace(':', '_')}",
         class_weights=class_weights, hflip=flip, amp=amp, device=device, workers=workers, seed=seed,
-        fold=fold, dataset_options=parse_dataset_options(dataset_option, resolution),
+        split_seed=split_seed, fold=fold, dataset_options=parse_dataset_options(dataset_option, resolution),
         **{k: v for k, v in given.items() if v is not None},
     )
-    result = train(config, resume=resume, overwrite=overwrite, show_progress=not quiet)
+    try:
+        result = train(config, resume=resume, overwrite=overwrite, show_progress=not quiet,
+                       explicit=given_options(ctx))
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/yellow]: the last finished epoch is in {config.out}/last.pt; "
+                      "continue with --resume")
+        raise typer.Exit(130) from None
     console.print(f"[green]done[/green]: best val mIoU {100 * result['best_miou']:.2f} — run folder {result['run']}")
 
 
@@ -200,11 +234,7 @@ def list_datasets():
 
 
 def main() -> None:
-    try:
-        app()
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]: checkpoints written so far are kept; rerun with --resume")
-        sys.exit(130)
+    app()
 
 
 if __name__ == "__main__":

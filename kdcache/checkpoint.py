@@ -29,6 +29,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, **extra: Any) -> Path:
     """Write ``model``'s weights plus ``extra`` entries atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "module", model)  # DistributedDataParallel / DataParallel
     net = getattr(model, "net", model)
     payload = {
         "format": FORMAT,

@@ -82,7 +82,10 @@ def measure_latency(
     model: torch.nn.Module, input_size: tuple[int, int], device: torch.device,
     *, warmup: int = 5, repeats: int = 30, amp: bool = False,
 ) -> dict:
-    """Median wall time of one forward pass at batch 1 (warm-up first; CUDA synchronised)."""
+    """Median wall time of one forward pass at batch 1 (warm-up first; CUDA synchronised).
+
+    The model's forward only (to native-stride logits), as papers report it; the upsampling
+    and argmax of a full prediction are not included."""
     model.eval()
     x = torch.randn(1, 3, *input_size, device=device)
     times = []
@@ -167,22 +170,25 @@ def evaluate_run(
     num_classes = ckpt.get("num_classes") or config.get("num_classes")
 
     if dataset is not None and dataset != config.get("dataset"):
-        config = {"dataset": dataset, "data_root": data_root, "dataset_options": {}}
+        # another data set: keep the run's model and preprocessing, drop its splits
+        config = {**config, "dataset": dataset, "data_root": data_root, "dataset_options": {},
+                  "folds": None, "limit": None, "train_split": "train", "val_split": "val"}
     config.setdefault("dataset", "synthetic")
     if data_root is not None:
         config["data_root"] = data_root
-    limit_n = limit_n if limit_n is not None else config.get("limit")
     if split is None:
+        # the run's own validation part (its folds are rebuilt with the run's own limit)
         _, ds, split_name = train_val_sets(
             config["dataset"], data_root=config.get("data_root"),
             dataset_options=config.get("dataset_options"), train_split=config.get("train_split", "train"),
             val_split=config.get("val_split", "val"), folds=config.get("folds"), fold=config.get("fold", 0),
-            seed=config.get("seed", 0), limit_n=limit_n,
+            seed=config.get("split_seed", 0), limit_n=config.get("limit"),
         )
+        ds = limit(ds, limit_n)
     else:
         split_name = split
-        ds = limit(build_dataset(config["dataset"], split, config.get("data_root"),
-                                 **config.get("dataset_options", {})), limit_n)
+        ds = build_dataset(config["dataset"], split, config.get("data_root"), **config.get("dataset_options", {}))
+        ds = limit(ds, limit_n if limit_n is not None else config.get("limit"))
     if len(ds) == 0:
         raise KDCacheError(f"split '{split_name}' of {config['dataset']} is empty")
     if num_classes != ds.num_classes:
@@ -218,8 +224,16 @@ def evaluate_run(
         first = pipeline[0]["image"]
         report["latency"] = measure_latency(model, tuple(first.shape[-2:]), dev, amp=amp)
 
-    out_dir = Path(out) if out is not None else (run_dir / "eval" if run_dir else ckpt_path.parent / f"{ckpt_path.stem}-eval")
+    if out is not None:
+        out_dir = Path(out)
+    elif run_dir is not None:
+        out_dir = run_dir / ("eval" if ckpt_path.name == BEST else f"eval-{ckpt_path.stem}")
+    else:
+        out_dir = ckpt_path.parent / f"{ckpt_path.stem}-eval"
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*(out_dir / "best").glob("*.png"), *(out_dir / "worst").glob("*.png"),
+                  out_dir / "iou_histogram.png"]:
+        stale.unlink(missing_ok=True)  # figures of an earlier evaluation into the same folder
     if qualitative > 0 and result.per_image:
         ranked = sorted((r for r in result.per_image if not math.isnan(r[2])), key=lambda r: -r[2])
         report["per_image_iou"] = {r[0]: r[2] for r in result.per_image}
@@ -228,8 +242,6 @@ def evaluate_run(
         picks += [("worst", k + 1, r) for k, r in enumerate(ranked[::-1][:n])]
         for sub in ("best", "worst"):
             (out_dir / sub).mkdir(exist_ok=True)
-            for old in (out_dir / sub).glob("*.png"):
-                old.unlink()
         model.eval()
         for kind, rank, (sid, idx, iou) in picks:
             item = pipeline[idx]

@@ -63,8 +63,11 @@ class RunDir:
         return self.config_path.exists()
 
     def create(self, config: dict, *, overwrite: bool = False) -> None:
+        """Start a run here. A folder with a run in it is refused unless ``overwrite``; a run
+        that stopped before its first checkpoint has nothing to keep and is started again."""
         if self.path.exists() and any(self.path.iterdir()):
-            if self.exists() and not overwrite:
+            started = self.exists() and self.last.exists()
+            if started and not overwrite:
                 raise KDCacheError(
                     f"run folder {self.path} already holds a run; use --resume to continue it, "
                     "--overwrite to start it again, or another --out"
@@ -74,9 +77,8 @@ class RunDir:
                     f"--out {self.path} exists and is not a kdcache run folder; choose another --out"
                 )
         self.path.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            for name in (METRICS, BEST, LAST):
-                (self.path / name).unlink(missing_ok=True)
+        for name in (METRICS, BEST, LAST):
+            (self.path / name).unlink(missing_ok=True)
         write_json(self.config_path, config)
 
     def read_config(self) -> dict:
@@ -89,24 +91,38 @@ class RunDir:
             f.write(json.dumps(_jsonable(record)) + "\n")
 
     def read_metrics(self) -> list[dict]:
+        """The records; a last line cut short by a crash mid-write is dropped."""
         if not self.metrics_path.exists():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        records = []
+        lines = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        for k, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if k != len(lines) - 1:
+                    raise KDCacheError(f"{self.metrics_path} line {k + 1} is not JSON") from None
+        return records
 
     def truncate_metrics(self, after_epoch: int) -> None:
         """Drop epoch records past ``after_epoch`` (a resumed run redoes those epochs)."""
         kept = [r for r in self.read_metrics() if r.get("epoch") is None or r["epoch"] <= after_epoch]
-        with open(self.metrics_path, "w") as f:
-            for r in kept:
-                f.write(json.dumps(r) + "\n")
+        tmp = self.metrics_path.with_name(METRICS + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.metrics_path)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise KDCacheError(f"--device '{device}' is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise KDCacheError(f"--device {device} asked for, but no CUDA device is available; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise KDCacheError(f"--device {device}: kdcache runs on cpu or cuda")
     return dev
 
 

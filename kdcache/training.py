@@ -68,6 +68,7 @@ class TrainConfig:
     device: str = "auto"
     workers: int = 1
     seed: int = 0
+    split_seed: int = 0
     eval_every: int = 1
     weights: str | None = None
     out: str = "runs/teacher"
@@ -102,10 +103,17 @@ class TrainConfig:
         lo, hi = self.scale
         if not 0 < lo <= hi:
             raise KDCacheError(f"--scale must be 'lo,hi' with 0 < lo <= hi, got {self.scale}")
+        if self.eval_every < 1:
+            raise KDCacheError(f"--eval-every must be at least 1, got {self.eval_every}")
+        if self.workers < 0:
+            raise KDCacheError(f"--workers must be 0 or more, got {self.workers}")
+        if self.fold and not self.folds:
+            raise KDCacheError(f"--fold {self.fold} needs --folds K (the number of folds)")
 
 
 # Options that may change when a run is resumed; anything else must match the stored config.
-RESUMABLE_CHANGES = {"epochs", "workers", "device", "eval_every", "out"}
+# A longer --epochs stretches the rest of the poly/cosine schedule over the new total.
+RESUMABLE_CHANGES = {"epochs", "workers", "device", "eval_every", "out", "weights"}
 
 
 def seed_everything(seed: int) -> None:
@@ -157,12 +165,14 @@ class Trainer:
     kind = "supervised"
 
     def __init__(self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
-                 show_progress: bool = True):
+                 show_progress: bool = True, explicit: set[str] | None = None):
+        """``explicit``: the option names the user gave; on ``resume`` only those are compared
+        with (and may override) the run's stored configuration. None means all of them."""
         config.validate()
         self.show_progress = show_progress
         self.run = RunDir(config.out)
         if resume:
-            config = self._merge_resume_config(config)
+            config = self._merge_resume_config(config, explicit)
         self.config = config
         self.resume = resume
         self.overwrite = overwrite
@@ -171,37 +181,55 @@ class Trainer:
         self.preprocess = Preprocess(resize=config.resize)
 
     # -- set-up -----------------------------------------------------------------------------
-    def _merge_resume_config(self, config: TrainConfig) -> TrainConfig:
+    def _merge_resume_config(self, config: TrainConfig, explicit: set[str] | None) -> TrainConfig:
         if not self.run.exists() or not self.run.last.exists():
-            raise KDCacheError(f"--resume: {self.run.path} holds no run with a last.pt checkpoint to resume")
+            raise KDCacheError(
+                f"--resume: {self.run.path} holds no run with a last.pt checkpoint to resume; "
+                "start it without --resume (or with --overwrite)"
+            )
         stored = self.run.read_config()
         given = config.to_dict()
-        stored_cfg = {k: v for k, v in stored.items() if k in given}
+        keys = [k for k in given if k in stored and (explicit is None or k in explicit)]
         diffs = [
-            f"{k}: run has {stored_cfg[k]!r}, now {given[k]!r}"
-            for k in given
-            if k not in RESUMABLE_CHANGES and k in stored_cfg and stored_cfg[k] != given[k]
+            f"{k}: run has {stored[k]!r}, now {given[k]!r}"
+            for k in keys
+            if k not in RESUMABLE_CHANGES and stored[k] != given[k]
         ]
         if diffs:
             raise KDCacheError(
                 "--resume with options that differ from the run's config.json: " + "; ".join(diffs)
-                + ". Resume with the same options (only --epochs, --workers, --device may change), "
-                "or start a new run with another --out"
+                + ". Resume with the run's own options (only "
+                + ", ".join(f"--{k.replace('_', '-')}" for k in sorted(RESUMABLE_CHANGES - {"out"}))
+                + " may change), or start a new run with another --out"
             )
+        merged = {k: stored[k] for k in given if k in stored}
         for k in RESUMABLE_CHANGES:
-            stored_cfg[k] = given[k]
-        return TrainConfig.from_dict(stored_cfg)
+            if explicit is None or k in explicit or k == "out":
+                merged[k] = given[k]
+        return TrainConfig.from_dict(merged)
 
     def build_datasets(self) -> tuple[SegmentationDataset, SegmentationDataset]:
         c = self.config
         train, val, _ = train_val_sets(
             c.dataset, data_root=c.data_root, dataset_options=c.dataset_options,
             train_split=c.train_split, val_split=c.val_split, folds=c.folds, fold=c.fold,
-            seed=c.seed, limit_n=c.limit,
+            seed=c.split_seed, limit_n=c.limit,
         )
         if len(train) == 0 or len(val) == 0:
             raise KDCacheError(f"empty training ({len(train)}) or validation ({len(val)}) set")
         return train, val
+
+    def build_pipelines(self, train_ds: SegmentationDataset, val_ds: SegmentationDataset
+                        ) -> tuple[SegPipeline, SegPipeline]:
+        """Training items get one sampled scale/crop/flip each; validation items none. The
+        crop defaults to the first training image's (preprocessed) size."""
+        c = self.config
+        crop = c.crop
+        if crop is None:
+            crop = tuple(self.preprocess.image_to_tensor(train_ds.load(0)[0]).shape[-2:])
+        augment = Augment(scale=c.scale, crop=crop, hflip=c.hflip)
+        return (SegPipeline(train_ds, self.preprocess, augment, seed=c.seed),
+                SegPipeline(val_ds, self.preprocess))
 
     def build_model(self, num_classes: int) -> SegModel:
         return build_model(self.config.model, num_classes, **self.config.model_options)
@@ -219,13 +247,8 @@ class Trainer:
         seed_everything(c.seed)
         train_ds, val_ds = self.build_datasets()
         num_classes = train_ds.num_classes
-        crop = c.crop
-        if crop is None:
-            first = self.preprocess.image_to_tensor(train_ds.load(0)[0])
-            crop = tuple(first.shape[-2:])
-        augment = Augment(scale=c.scale, crop=crop, hflip=c.hflip)
-        train_pipe = SegPipeline(train_ds, self.preprocess, augment, seed=c.seed)
-        val_pipe = SegPipeline(val_ds, self.preprocess)
+        train_pipe, val_pipe = self.build_pipelines(train_ds, val_ds)
+        augment = train_pipe.augment
 
         model = self.build_model(num_classes).to(self.device)
         if c.weights and not self.resume:
@@ -266,7 +289,8 @@ class Trainer:
             load_weights(model, self.run.last)
             opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
+            if ckpt.get("scaler") and self.amp:  # empty when the run began without CUDA AMP
+                scaler.load_state_dict(ckpt["scaler"])
             self.load_extra_state(ckpt)
             torch.set_rng_state(ckpt["rng_cpu"])
             start_epoch, best = ckpt["epoch"] + 1, ckpt["best_miou"]
@@ -359,9 +383,11 @@ class Trainer:
         pass
 
 
-def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, show_progress: bool = True) -> dict:
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+          show_progress: bool = True, explicit: set[str] | None = None) -> dict:
     """Run supervised training; returns ``{"run", "best_miou", "last"}``."""
-    return Trainer(config, resume=resume, overwrite=overwrite, show_progress=show_progress).fit()
+    return Trainer(config, resume=resume, overwrite=overwrite, show_progress=show_progress,
+                   explicit=explicit).fit()
 
 
 def load_config(path: str | Path) -> TrainConfig:

@@ -174,23 +174,36 @@ class SegPipeline(torch.utils.data.Dataset):
         image, mask = self.dataset.load(index)
         x = self.preprocess.image_to_tensor(image)
         y = self.preprocess.mask_to_tensor(mask)
+        item = {"id": self.dataset.refs[index].id, "index": index}
         if self.augment is not None:
-            rng = np.random.default_rng((self.seed, self.epoch, index))
-            g = sample_geometry(rng, tuple(x.shape[-2:]), self.augment)
+            g = self.geometry(index, tuple(x.shape[-2:]))
             x = apply_geometry(x, g, kind="image", fill=0.0)
             y = apply_geometry(y, g, kind="label", fill=IGNORE_INDEX)
-        return {"image": x, "label": y, "id": self.dataset.refs[index].id, "index": index}
+            item["geometry"] = g
+        item["image"], item["label"] = x, y
+        return item
+
+    def geometry(self, index: int, in_size: tuple[int, int]) -> Geometry:
+        """The transform item ``index`` gets this epoch (the same one for every map of it)."""
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        return sample_geometry(rng, in_size, self.augment)
 
 
 def collate(batch: list[dict]) -> dict:
-    """Stack items of equal size; items of different sizes (e.g. VOC at native size) are kept
-    as lists, which the evaluator runs one by one."""
-    same = len({tuple(b["image"].shape) for b in batch}) == 1
-    out = {"id": [b["id"] for b in batch], "index": torch.tensor([b["index"] for b in batch])}
-    if same:
-        out["image"] = torch.stack([b["image"] for b in batch])
-        out["label"] = torch.stack([b["label"] for b in batch])
-    else:
-        out["image"] = [b["image"] for b in batch]
-        out["label"] = [b["label"] for b in batch]
+    """Stack tensors of equal shape; keep lists otherwise.
+
+    Items of different sizes (e.g. VOC at native size) keep ``image``/``label`` as lists, which
+    the evaluator runs one by one. Keys beyond the standard ones (e.g. a :class:`Geometry`, or
+    cached teacher maps added by a subclass) are stacked when they are tensors of one shape and
+    passed through as lists otherwise.
+    """
+    out: dict = {"id": [b["id"] for b in batch], "index": torch.tensor([b["index"] for b in batch])}
+    for key in batch[0]:
+        if key in out:
+            continue
+        values = [b[key] for b in batch]
+        if all(isinstance(v, torch.Tensor) for v in values) and len({tuple(v.shape) for v in values}) == 1:
+            out[key] = torch.stack(values)
+        else:
+            out[key] = values
     return out

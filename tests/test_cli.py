@@ -23,11 +23,14 @@ def kd(*args):
 
 
 def test_installed_package_layout():
+    from pathlib import Path
+
     import kdcache.cli
     import kdcache.kernels
 
-    assert kdcache.cli.__file__.endswith("cli/__init__.py")
-    assert kdcache.kernels.__name__ == "kdcache.kernels"
+    repo = Path(__file__).resolve().parents[1]
+    assert Path(kdcache.cli.__file__).resolve() == repo / "cli" / "__init__.py"
+    assert Path(kdcache.kernels.__file__).resolve() == repo / "kernels" / "__init__.py"
 
 
 def test_python_m_kdcache_and_console_script():
@@ -70,18 +73,29 @@ def test_train_then_evaluate(tmp_path):
 def test_evaluate_a_bare_checkpoint_and_the_metrics_agree(tmp_path):
     run = tmp_path / "run"
     assert kd("train-teacher", *TINY, "--epochs", 1, "--out", run).exit_code == 0
-    r = kd("evaluate", run / "last.pt", "--qualitative", 0, "--no-latency", "--quiet", "--out", tmp_path / "ev")
+    bare = tmp_path / "elsewhere" / "model.pt"  # no run folder beside it: the checkpoint's own config
+    bare.parent.mkdir()
+    bare.write_bytes((run / "last.pt").read_bytes())
+    r = kd("evaluate", bare, "--qualitative", 0, "--no-latency", "--quiet", "--out", tmp_path / "ev")
     assert r.exit_code == 0, r.output
     ev = json.loads((tmp_path / "ev" / "eval.json").read_text())
     logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert ev["miou"] == pytest.approx(logged["val_miou"], abs=1e-9)
 
 
+def _records(run):
+    timing = {"train_time_s", "train_images_per_s"}
+    return [{k: v for k, v in json.loads(x).items() if k not in timing}
+            for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     from kdcache.runs import RunDir
 
+    args = [a if a != "0" else "1" for a in TINY]  # one DataLoader worker, the CLI default
+    assert args[args.index("--workers") + 1] == "1"
     a, b = tmp_path / "a", tmp_path / "b"
-    assert kd("train-teacher", *TINY, "--epochs", 3, "--out", a).exit_code == 0
+    assert kd("train-teacher", *args, "--epochs", 3, "--out", a).exit_code == 0
 
     # interrupt the second run while it logs epoch 2 (its last.pt is then epoch 1's)
     real_log = RunDir.log
@@ -92,21 +106,20 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
         real_log(self, record)
 
     monkeypatch.setattr(RunDir, "log", crashing_log)
-    r = kd("train-teacher", *TINY, "--epochs", 3, "--out", b)
-    assert r.exit_code != 0
+    r = kd("train-teacher", *args, "--epochs", 3, "--out", b)
+    assert r.exit_code == 130 and "--resume" in r.output
     monkeypatch.setattr(RunDir, "log", real_log)
     assert torch.load(b / "last.pt", weights_only=True)["epoch"] == 0
 
-    r = kd("train-teacher", *TINY, "--epochs", 3, "--out", b, "--resume")
+    # resuming needs only the run folder: the options come from its config.json
+    r = kd("train-teacher", "--out", b, "--resume", "--quiet")
     assert r.exit_code == 0, r.output
     sa = torch.load(a / "last.pt", weights_only=True)["state_dict"]
     sb = torch.load(b / "last.pt", weights_only=True)["state_dict"]
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
-    ma = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
-    mb = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
-    assert [x["epoch"] for x in mb] == [0, 1, 2]
-    assert ma[-1]["val_miou"] == mb[-1]["val_miou"]
+    assert _records(a) == _records(b)
+    assert [x["epoch"] for x in _records(b)] == [0, 1, 2]
 
 
 def test_resume_with_other_options_is_refused(tmp_path):
@@ -128,6 +141,16 @@ def test_folds_hold_out_part_of_the_training_split(tmp_path):
     assert cfg["folds"] == 2 and cfg["train_samples"] + cfg["val_samples"] == 8
     r = kd("evaluate", run, "--qualitative", 0, "--no-latency", "--quiet")
     assert r.exit_code == 0 and "fold 1/2" in r.output
+    # --limit on a fold run takes the first images of the same held-out fold
+    from kdcache.data import build_dataset
+    from kdcache.data.splits import kfold_indices
+
+    held = kfold_indices(8, 2, 1, seed=0)[1]
+    ids = [build_dataset("synthetic", "train", resolution=(32, 48)).ids[i] for i in held]
+    r = kd("evaluate", run, "--limit", 2, "--qualitative", 1, "--no-latency", "--quiet")
+    assert r.exit_code == 0, r.output
+    ev = json.loads((run / "eval" / "eval.json").read_text())
+    assert ev["num_samples"] == 2 and sorted(ev["per_image_iou"]) == sorted(ids[:2])
 
 
 @pytest.mark.parametrize("args,message", [
@@ -138,6 +161,10 @@ def test_folds_hold_out_part_of_the_training_split(tmp_path):
     (["--resize", "12x"], "--resize takes HxW"),
     (["--optimizer", "adam"], "--optimizer must be sgd or adamw"),
     (["--dataset-option", "colour=red"], "does not take option"),
+    (["--eval-every", "0"], "--eval-every must be at least 1"),
+    (["--device", "gpu"], "'gpu' is not a device"),
+    (["--fold", "1"], "--fold 1 needs --folds"),
+    (["--workers", "-1"], "--workers must be 0 or more"),
 ])
 def test_bad_training_options_give_clear_errors(tmp_path, args, message):
     r = kd("train-teacher", "--out", tmp_path / "x", "--epochs", 1, "--quiet", *args)
@@ -182,3 +209,19 @@ def test_class_weights_follow_median_frequency(tmp_path):
     w = median_frequency_weights(ds, Preprocess()).numpy()
     f = np.array([6 / 8, 2 / 8, 7 / 7])  # pixels of c / pixels of images containing c
     np.testing.assert_allclose(w, np.median(f) / f, rtol=1e-6)
+
+
+def test_bad_mask_in_a_worker_is_one_clear_line(tmp_path):
+    root = tmp_path / "f"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("a\nb\n")
+    for i in range(4):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images" / f"im{i}.png")
+        Image.fromarray(np.full((8, 8), 7 if i == 2 else 1, np.uint8)).save(root / "masks" / f"im{i}.png")
+    r = kd("train-teacher", "--model", "tiny_models:TinyNet", "--dataset", "folder", "--data-root", root,
+           "--train-split", "all", "--val-split", "all", "--crop-size", "8x8", "--workers", "1",
+           "--batch-size", "2", "--epochs", "1", "--out", tmp_path / "r", "--quiet")
+    assert r.exit_code == 2, r.output
+    assert "im2.png has values {7} outside the 2 classes" in r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1

@@ -42,18 +42,27 @@ def test_labels_are_never_interpolated():
 
 
 def test_geometry_is_the_same_on_image_and_label():
-    # an image whose red channel encodes the label: after any sampled geometry the
-    # label must still sit where its colour is
+    # an image made of constant 4x4 blocks whose red channel is the block's label: after any
+    # sampled scale/crop/flip, the bilinearly resampled image must still carry, away from block
+    # edges, the colour of the label that nearest-neighbour resampling puts at the same pixel
     rng = np.random.default_rng(0)
-    y = torch.from_numpy(rng.integers(0, 3, size=(12, 16))).long()
-    x = torch.stack([y.float(), torch.zeros_like(y).float(), torch.zeros_like(y).float()])
+    blocks = torch.from_numpy(rng.integers(0, 3, size=(4, 5))).long()
+    y = blocks.repeat_interleave(4, 0).repeat_interleave(4, 1)  # 16 x 20
+    x = torch.stack([y.float(), torch.zeros(16, 20), torch.zeros(16, 20)])
+    checked = 0
     for s in range(20):
-        g = sample_geometry(np.random.default_rng(s), (12, 16), Augment(scale=(1.0, 2.0), crop=(10, 14)))
-        xi = apply_geometry(x, g, kind="label", fill=255)  # nearest on both for an exact check
+        g = sample_geometry(np.random.default_rng(s), (16, 20), Augment(scale=(1.0, 2.0), crop=(14, 18)))
+        xi = apply_geometry(x, g, kind="image", fill=-1.0)
         yi = apply_geometry(y, g, kind="label", fill=255)
-        assert yi.shape == (10, 14)
-        valid = yi != 255
-        assert torch.equal(xi[0][valid].long(), yi[valid])
+        assert yi.shape == (14, 18) and xi.shape == (3, 14, 18)
+        # pixels whose 3x3 neighbourhood has one label are far from block edges
+        pad = torch.nn.functional.pad(yi[None, None].float(), (1, 1, 1, 1), value=255)
+        nb = pad.unfold(2, 3, 1).unfold(3, 3, 1).reshape(14, 18, 9)
+        interior = (nb == yi[..., None]).all(-1) & (yi != 255)
+        assert torch.allclose(xi[0][interior], yi[interior].float(), atol=1e-4)
+        assert (yi[xi[0] == -1.0] == 255).all()  # padding is padding in both
+        checked += int(interior.sum())
+    assert checked > 1000
 
 
 def test_crop_beyond_image_is_padded_with_ignore():

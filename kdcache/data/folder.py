@@ -103,7 +103,7 @@ class FolderDataset(SegmentationDataset):
         ROOT/images/<stem>.{jpg,jpeg,png,bmp,tif,tiff}
         ROOT/masks/<stem>.png         palette or grayscale PNG of class ids, 255 = ignore
 
-    ``class_names_file`` (``--class-names FILE``) replaces ``ROOT/classes.txt``.
+    ``class_names_file`` (``-o class_names_file=FILE``) replaces ``ROOT/classes.txt``.
 
     Which files make split ``S``, the first rule that applies:
 
@@ -147,7 +147,7 @@ class FolderDataset(SegmentationDataset):
             if not path.is_file():
                 raise DatasetError(
                     f"folder data set needs {path} (one class name per line, line i = class id "
-                    "i) or --class-names FILE; expected layout: ROOT/classes.txt, ROOT/images/*, "
+                    "i) or -o class_names_file=FILE; expected layout: ROOT/classes.txt, ROOT/images/*, "
                     "ROOT/masks/*.png"
                 )
         try:

@@ -39,14 +39,11 @@ def _builtin(fn_name: str) -> Callable[..., nn.Module]:
 MODELS.add("demo_teacher", _builtin("demo_teacher"))
 MODELS.add("demo_student", _builtin("demo_student"))
 
-_TORCHVISION_SEGMENTATION = (
-    "fcn_resnet50",
-    "fcn_resnet101",
-    "deeplabv3_resnet50",
-    "deeplabv3_resnet101",
-    "deeplabv3_mobilenet_v3_large",
-    "lraspp_mobilenet_v3_large",
-)
+def _torchvision_segmentation_names() -> list[str]:
+    from torchvision import models
+    from torchvision.models import segmentation
+
+    return sorted(models.list_models(module=segmentation))
 
 
 def _torchvision_builder(fn_name: str) -> Callable[..., nn.Module]:
@@ -64,7 +61,7 @@ def _torchvision_builder(fn_name: str) -> Callable[..., nn.Module]:
     return build
 
 
-for _name in _TORCHVISION_SEGMENTATION:
+for _name in _torchvision_segmentation_names():
     MODELS.add(_name, _torchvision_builder(_name))
 
 
