@@ -50,7 +50,7 @@ class TrainConfig:
     folds: int | None = None
     fold: int = 0
     limit: int | None = None
-    epochs: int = 12
+    epochs: int = 24
     batch_size: int = 8
     optimizer: str = "adamw"
     lr: float = 2e-3
