@@ -146,7 +146,7 @@ def train_teacher(
     flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips.")] = True,
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="fp16 mixed precision (CUDA only).")] = True,
     device: Device = "auto",
-    workers: Workers = 1,
+    workers: Annotated[int | None, typer.Option(help="DataLoader worker processes (default: 0 on CPU, up to 8 on CUDA).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for weights, shuffling and augmentation.")] = 0,
     split_seed: Annotated[int, typer.Option(help="Seed of the K-fold assignment (keep it fixed across runs).")] = 0,
     folds: Annotated[int | None, typer.Option(help="K-fold cross-validation over the training split.")] = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -66,7 +67,7 @@ class TrainConfig:
     hflip: bool = True
     amp: bool = True
     device: str = "auto"
-    workers: int = 1
+    workers: int | None = None
     seed: int = 0
     split_seed: int = 0
     eval_every: int = 1
@@ -105,7 +106,7 @@ class TrainConfig:
             raise KDCacheError(f"--scale must be 'lo,hi' with 0 < lo <= hi, got {self.scale}")
         if self.eval_every < 1:
             raise KDCacheError(f"--eval-every must be at least 1, got {self.eval_every}")
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise KDCacheError(f"--workers must be 0 or more, got {self.workers}")
         if self.fold and not self.folds:
             raise KDCacheError(f"--fold {self.fold} needs --folds K (the number of folds)")
@@ -114,6 +115,14 @@ class TrainConfig:
 # Options that may change when a run is resumed; anything else must match the stored config.
 # A longer --epochs stretches the rest of the poly/cosine schedule over the new total.
 RESUMABLE_CHANGES = {"epochs", "workers", "device", "eval_every", "out", "weights"}
+
+
+def default_workers(device: torch.device) -> int:
+    """DataLoader workers when --workers is not given: none on CPU, where the model needs every
+    core (measured on a 2-core machine: 1 worker made an epoch 1.4x slower), and up to 8 on CUDA."""
+    if device.type == "cpu":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 def seed_everything(seed: int) -> None:
@@ -178,6 +187,7 @@ class Trainer:
         self.overwrite = overwrite
         self.device = resolve_device(config.device)
         self.amp = bool(config.amp and self.device.type == "cuda")
+        self.workers = default_workers(self.device) if config.workers is None else config.workers
         self.preprocess = Preprocess(resize=config.resize)
 
     # -- set-up -----------------------------------------------------------------------------
@@ -303,12 +313,12 @@ class Trainer:
         else:
             self.run.create(full_config, overwrite=self.overwrite)
 
-        val_loader = make_loader(val_pipe, c.batch_size, c.workers, pin_memory=self.device.type == "cuda")
+        val_loader = make_loader(val_pipe, c.batch_size, self.workers, pin_memory=self.device.type == "cuda")
         last_metrics: dict[str, Any] = {}
         for epoch in range(start_epoch, c.epochs):
             train_pipe.set_epoch(epoch)
             gen = torch.Generator().manual_seed(c.seed * 100_003 + epoch)
-            loader = make_loader(train_pipe, c.batch_size, c.workers, shuffle=True, generator=gen,
+            loader = make_loader(train_pipe, c.batch_size, self.workers, shuffle=True, generator=gen,
                                  drop_last=True, pin_memory=self.device.type == "cuda")
             model.train()
             sums: dict[str, float] = {}

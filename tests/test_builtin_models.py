@@ -31,6 +31,13 @@ def test_num_classes_and_backward():
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("factory", [demo_teacher, demo_student])
+def test_trains_on_a_batch_of_one(factory):
+    model = factory(11).train()
+    out = model(torch.randn(1, 3, 48, 64))
+    assert out.shape == (1, 11, 12, 16)
+
+
 def test_teacher_much_larger_than_student():
     t, s = _params(demo_teacher(11)), _params(demo_student(11))
     assert 500_000 < t < 3_000_000

@@ -405,7 +405,7 @@ def test_folder_train_needs_defined_split_once_splits_exist(tmp_path):
 def test_folder_class_names_file(tmp_path):
     make_folder(tmp_path)
     (tmp_path / "classes.txt").unlink()
-    with pytest.raises(DatasetError, match=r"needs .*classes\.txt .*or --class-names FILE"):
+    with pytest.raises(DatasetError, match=r"needs .*classes\.txt .*or -o class_names_file=FILE"):
         FolderDataset(tmp_path, "train")
     names = tmp_path / "names.txt"
     names.write_text("a\nb\nc\nd\n")

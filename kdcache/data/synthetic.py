@@ -935,14 +935,15 @@ class SyntheticDataset(SegmentationDataset):
     name = "synthetic"
     needs_root = False
     #: Rendered samples are kept in memory up to this many bytes per data set object (the
-    #: default split at the default resolution takes about 20 MB), so later epochs do not
-    #: render again; beyond it only the most recent sample is kept.
+    #: default train split at the default resolution takes about 20 MB), so later epochs do
+    #: not render again; a full cache is emptied and starts over (the latest sample is always
+    #: kept, so ``read_image`` + ``read_mask`` of one sample render it once).
     cache_bytes = 256 * 2**20
     class_names = ("sky", "building", "pole", "road", "pavement", "tree", "sign", "fence", "car",
                    "pedestrian", "bicyclist")
 
     def __init__(self, root=None, split: str = "train", size: int | None = None,
-                 resolution: tuple[int, int] = DEFAULT_RESOLUTION, seed: int = 0):
+                 resolution: tuple[int, int] | str = DEFAULT_RESOLUTION, seed: int = 0):
         if split not in DEFAULT_SIZES:
             raise DatasetError(
                 f"synthetic data set has no split '{split}'; valid splits: {', '.join(DEFAULT_SIZES)}"
@@ -961,7 +962,7 @@ class SyntheticDataset(SegmentationDataset):
         if h < 16 or w < 16:
             raise DatasetError(f"synthetic resolution must be at least 16x16, got {h}x{w}")
         self.resolution = (h, w)
-        self.seed = int(seed)
+        self.seed = 0 if seed is None else int(seed)
         self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._cache_bytes = 0
         refs = [SampleRef(id=f"{split}_{i:06d}") for i in range(n)]
@@ -979,7 +980,7 @@ class SyntheticDataset(SegmentationDataset):
         image, mask = render_scene(self.seed, split, int(idx), self.resolution)
         size = image.nbytes + mask.nbytes
         if self._cache_bytes + size > self.cache_bytes:
-            # over budget: keep only the newest sample, so read_image + read_mask render once
+            # over budget: start over (the newest sample stays, for the read_mask that follows)
             self._cache.clear()
             self._cache_bytes = 0
         self._cache[ref.id] = (image, mask)
