@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcache.checkpoint import read_checkpoint
+from kdcache import visualize
+from kdcache.checkpoint import load_weights, read_checkpoint
 from kdcache.data import build_dataset
 from kdcache.data.splits import limit, train_val_sets
 from kdcache.errors import KDCacheError
@@ -159,8 +160,6 @@ def evaluate_run(
     The data set, split, folds and preprocessing default to the run's own (its validation
     part); a bare checkpoint without a run folder needs ``dataset`` (synthetic by default).
     """
-    from kdcache import visualize
-
     ckpt_path, config, run_dir = resolve_run(target)
     ckpt = read_checkpoint(ckpt_path)
     config = dict(config or ckpt.get("config") or {})
@@ -199,8 +198,6 @@ def evaluate_run(
 
     dev = resolve_device(device)
     model = build_model(model_name, num_classes, **config.get("model_options", {}))
-    from kdcache.checkpoint import load_weights
-
     load_weights(model, ckpt_path)
     model.to(dev)
     preprocess = Preprocess.from_dict(config.get("preprocess", {}))

@@ -29,7 +29,7 @@ from kdcache.errors import KDCacheError
 from kdcache.evaluation import evaluate_model, make_loader
 from kdcache.models import SegModel, build_model, count_parameters
 from kdcache.progress import console, progress_bar
-from kdcache.runs import RunDir, device_name, resolve_device
+from kdcache.runs import RunDir, device_name, resolve_device, write_json
 from kdcache.transforms import Augment, Preprocess, SegPipeline
 
 
@@ -306,8 +306,6 @@ class Trainer:
             start_epoch, best = ckpt["epoch"] + 1, ckpt["best_miou"]
             self.run.truncate_metrics(ckpt["epoch"])
             full_config["resumed_from_epoch"] = ckpt["epoch"]
-            from kdcache.runs import write_json
-
             write_json(self.run.config_path, full_config)
             console.print(f"resuming {self.run.path} after epoch {ckpt['epoch'] + 1}/{c.epochs}")
         else:
