@@ -225,3 +225,32 @@ def test_bad_mask_in_a_worker_is_one_clear_line(tmp_path):
     assert r.exit_code == 2, r.output
     assert "im2.png has values {7} outside the 2 classes" in r.output
     assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_train_and_evaluate_on_voc_images_of_different_sizes(tmp_path):
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    sets = voc / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True)
+    (voc / "JPEGImages").mkdir()
+    (voc / "SegmentationClass").mkdir()
+    rng = np.random.default_rng(0)
+    ids = {"train": ["t0", "t1", "t2", "t3"], "val": ["v0", "v1", "v2"]}
+    for k, sid in enumerate(ids["train"] + ids["val"]):
+        h, w = 20 + 4 * k, 28 - 2 * k  # every image its own size
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(voc / "JPEGImages" / f"{sid}.jpg")
+        mask = rng.integers(0, 21, (h, w), dtype=np.uint8)
+        mask[0] = 255  # VOC's ignore border
+        im = Image.fromarray(mask, mode="P")
+        im.putpalette(list(range(256)) * 3)
+        im.save(voc / "SegmentationClass" / f"{sid}.png")
+    for split, names in ids.items():
+        (sets / f"{split}.txt").write_text("\n".join(names) + "\n")
+    run = tmp_path / "run"
+    r = kd("train-teacher", "--model", "tiny_models:TinyNet", "--dataset", "voc", "--data-root", tmp_path,
+           "--crop-size", "16x16", "--batch-size", "2", "--epochs", "1", "--out", run, "--quiet")
+    assert r.exit_code == 0, r.output
+    r = kd("evaluate", run, "--batch-size", "3", "--qualitative", "1", "--quiet")
+    assert r.exit_code == 0, r.output
+    ev = json.loads((run / "eval" / "eval.json").read_text())
+    assert ev["num_samples"] == 3 and len(ev["iou"]) == 21 and ev["class_names"][0] == "background"
+    assert ev["latency"]["input_size"] == [20 + 4 * 4, 28 - 2 * 4]  # the first val image's size
