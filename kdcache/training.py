@@ -244,12 +244,15 @@ class Trainer:
     def build_model(self, num_classes: int) -> SegModel:
         return build_model(self.config.model, num_classes, **self.config.model_options)
 
-    def compute_loss(self, model: SegModel, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        """Cross-entropy (ignore 255) on logits bilinearly upsampled to the label size."""
+    def compute_loss(self, model: SegModel, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Cross-entropy (ignore 255) on logits bilinearly upsampled to the label size.
+
+        Returns the total loss and its named terms as detached 0-d tensors (the loop reads them
+        back with one host synchronisation per step)."""
         out = model(batch["image"])
         logits = F.interpolate(out.logits, size=batch["label"].shape[-2:], mode="bilinear", align_corners=False)
         loss = F.cross_entropy(logits.float(), batch["label"], weight=self.class_weight, ignore_index=IGNORE_INDEX)
-        return loss, {"ce": loss.item()}
+        return loss, {"ce": loss.detach()}
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -329,9 +332,12 @@ class Trainer:
                              for k, v in batch.items()}
                     with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                         loss, terms = self.compute_loss(model, batch)
-                    if not torch.isfinite(loss):
+                    # one host sync per step reads the loss and every term
+                    values = dict(zip(["loss", *terms], torch.stack(
+                        [loss.detach().float(), *(t.float() for t in terms.values())]).tolist()))
+                    if not math.isfinite(values["loss"]):
                         raise KDCacheError(
-                            f"loss became {loss.item()} at epoch {epoch + 1}, step {n_steps + 1}; "
+                            f"loss became {values['loss']} at epoch {epoch + 1}, step {n_steps + 1}; "
                             "lower --lr, or check the data for corrupt labels"
                         )
                     opt.zero_grad(set_to_none=True)
@@ -340,8 +346,7 @@ class Trainer:
                     scaler.update()
                     sched.step()
                     n_steps += 1
-                    terms["loss"] = loss.item()
-                    for k, v in terms.items():
+                    for k, v in values.items():
                         sums[k] = sums.get(k, 0.0) + v
                     bar.advance(len(batch["id"]), loss=sums["loss"] / n_steps, lr=sched.get_last_lr()[0])
             train_time = time.perf_counter() - t0
