@@ -215,6 +215,106 @@ def evaluate(
     console.print(f"wrote {report['out_dir']}/eval.json" + (" and figures" if qualitative else ""))
 
 
+@command("build-teacher-cache")
+def build_teacher_cache(
+    weights: Annotated[str, typer.Option(help="Teacher weights: a run folder (uses best.pt), a kdcache checkpoint or a state dict.")],
+    out: Annotated[str, typer.Option(help="The store to write, e.g. caches/teacher-train.zarr.")],
+    teacher: Annotated[str | None, typer.Option(help="Teacher architecture (default: the one named in the checkpoint).")] = None,
+    dataset: Dataset = "synthetic",
+    data_root: DataRoot = None,
+    split: Annotated[str, typer.Option(help="Split to run the teacher over.")] = "train",
+    topk: Annotated[int, typer.Option(help="Logits kept per position (k = number of classes: a dense cache).")] = 4,
+    features: Annotated[str | None, typer.Option(help="Teacher modules whose outputs to store, NAME[,NAME] (e.g. stage3).")] = None,
+    attention: Annotated[bool, typer.Option(help="Also store attention-transfer maps of the --features taps.")] = False,
+    attention_only: Annotated[bool, typer.Option(help="Store the attention maps of the --features taps instead of the features.")] = False,
+    flip_average: Annotated[bool, typer.Option(help="Store the mean of the teacher on the image and on its mirror (flips become exact).")] = False,
+    views: Annotated[int, typer.Option(help="Also store N random scale/crop views per image with their parameters (FKD-style).")] = 0,
+    view_scale: Annotated[str, typer.Option(help="Scale range 'lo,hi' of the stored views.")] = "0.5,2.0",
+    view_crop: Annotated[str | None, typer.Option(help="Crop HxW of the stored views (default: the image size).")] = None,
+    view_seed: Annotated[int, typer.Option(help="Seed of the stored views.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per teacher forward.")] = 8,
+    device: Device = "auto",
+    workers: Annotated[int | None, typer.Option(help="DataLoader worker processes (default: 0 on CPU, up to 8 on CUDA).")] = None,
+    limit: Limit = None,
+    samples_per_shard: Annotated[int | None, typer.Option(help="Samples per shard, the unit of writing (default: about 32 MB shards).")] = None,
+    codec: Annotated[str, typer.Option(help="Chunk compression: blosc-lz4, blosc-zstd, zstd or none.")] = "blosc-lz4",
+    amp: Annotated[bool, typer.Option(help="Run the teacher under fp16 autocast (CUDA only).")] = False,
+    resolution: Resolution = None,
+    dataset_option: DatasetOption = None,
+    overwrite: Annotated[bool, typer.Option(help="Delete an existing store at --out and build it again.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+):
+    """One teacher pass over a split into a Zarr v3 store (rerun the same command to resume)."""
+    from kdcache.cache_build import CacheBuildConfig
+    from kdcache.cache_build import build_teacher_cache as build
+
+    config = CacheBuildConfig(
+        weights=weights, out=out, teacher=teacher, dataset=dataset, data_root=data_root,
+        dataset_options=parse_dataset_options(dataset_option, resolution), split=split, topk=topk,
+        features=tuple(f.strip() for f in features.split(",") if f.strip()) if features else (),
+        attention=attention, attention_only=attention_only, flip_average=flip_average, views=views,
+        view_scale=parse_pair(view_scale, "--view-scale"), view_crop=parse_size(view_crop, "--view-crop"),
+        view_seed=view_seed, batch_size=batch_size, device=device, workers=workers, limit=limit,
+        samples_per_shard=samples_per_shard, codec=codec, amp=amp,
+    )
+    try:
+        summary = build(config, overwrite=overwrite, show_progress=not quiet)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/yellow]: finished shards of {out} are kept; rerun the same command to resume")
+        raise typer.Exit(130) from None
+    if summary["rank"] == 0:
+        done, n = summary["done"], summary["num_samples"]
+        how = f"resumed ({summary['already_done']} were done)" if summary["resumed"] else "built"
+        console.print(f"[green]{how}[/green]: {done}/{n} samples in {out}")
+
+
+@command("inspect-cache")
+def inspect_cache(
+    store: Annotated[str, typer.Argument(help="A teacher cache (.zarr).")],
+    samples: Annotated[int, typer.Option(help="Samples read to measure the top-k mass coverage.")] = 64,
+    json_out: Annotated[str | None, typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
+):
+    """Schema, counts, size on disk, bytes/pixel, provenance and top-k mass coverage."""
+    from kdcache.report import cache_report
+    from kdcache.runs import write_json
+    from kdcache.store.check import inspect_store
+
+    report = inspect_store(store, samples=samples)
+    for renderable in cache_report(report):
+        console.print(renderable)
+    if json_out:
+        from pathlib import Path
+
+        write_json(Path(json_out), report)
+
+
+@command("verify-cache")
+def verify_cache(
+    store: Annotated[str, typer.Argument(help="A teacher cache (.zarr).")],
+    reset_bad: Annotated[bool, typer.Option(help="Mark the shards of bad samples not done, so rerunning the build rewrites them.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+):
+    """Read every chunk; check done flags, finiteness, class-id range and sort order."""
+    from kdcache.store.check import verify_store
+
+    result = verify_store(store, show_progress=not quiet, reset_bad=reset_bad)
+    if result.not_done:
+        console.print(f"[yellow]{len(result.not_done)} of {result.num_samples} samples are not done[/yellow] "
+                      f"(e.g. {', '.join(result.not_done[:5])}): rerun build-teacher-cache to finish the store")
+    for sid, problems in list(result.bad.items())[:50]:
+        console.print(f"[red]bad[/red] {sid}: {'; '.join(problems)}", highlight=False, soft_wrap=True)
+    if len(result.bad) > 50:
+        console.print(f"… and {len(result.bad) - 50} more bad samples")
+    if result.bad:
+        hint = ("their shards are marked not done: rerun build-teacher-cache to rewrite them" if reset_bad
+                else "rerun with --reset-bad, then rerun build-teacher-cache to rewrite them")
+        console.print(f"[bold red]{len(result.bad)} bad samples[/bold red]; {hint}")
+    if result.ok:
+        console.print(f"[green]ok[/green]: all {result.num_samples} samples are complete and valid")
+    else:
+        raise typer.Exit(1)
+
+
 @command("list-models")
 def list_models():
     """The registered model names (any package.module:callable works too)."""

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from fake_data import make_voc_sizes
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -228,23 +229,7 @@ def test_bad_mask_in_a_worker_is_one_clear_line(tmp_path):
 
 
 def test_train_and_evaluate_on_voc_images_of_different_sizes(tmp_path):
-    voc = tmp_path / "VOCdevkit" / "VOC2012"
-    sets = voc / "ImageSets" / "Segmentation"
-    sets.mkdir(parents=True)
-    (voc / "JPEGImages").mkdir()
-    (voc / "SegmentationClass").mkdir()
-    rng = np.random.default_rng(0)
-    ids = {"train": ["t0", "t1", "t2", "t3"], "val": ["v0", "v1", "v2"]}
-    for k, sid in enumerate(ids["train"] + ids["val"]):
-        h, w = 20 + 4 * k, 28 - 2 * k  # every image its own size
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(voc / "JPEGImages" / f"{sid}.jpg")
-        mask = rng.integers(0, 21, (h, w), dtype=np.uint8)
-        mask[0] = 255  # VOC's ignore border
-        im = Image.fromarray(mask, mode="P")
-        im.putpalette(list(range(256)) * 3)
-        im.save(voc / "SegmentationClass" / f"{sid}.png")
-    for split, names in ids.items():
-        (sets / f"{split}.txt").write_text("\n".join(names) + "\n")
+    make_voc_sizes(tmp_path)
     run = tmp_path / "run"
     r = kd("train-teacher", "--model", "tiny_models:TinyNet", "--dataset", "voc", "--data-root", tmp_path,
            "--crop-size", "16x16", "--batch-size", "2", "--epochs", "1", "--out", run, "--quiet")

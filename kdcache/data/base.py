@@ -168,6 +168,19 @@ class SegmentationDataset:
             )
         return image, mask.astype(np.uint8, copy=False)
 
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(H, W) of sample ``index``'s image, from the file header when there is a file."""
+        ref = self.refs[index]
+        if ref.image is not None:
+            try:
+                with Image.open(ref.image) as im:
+                    return im.size[1], im.size[0]
+            except FileNotFoundError:
+                raise DatasetError(f"image file {ref.image} does not exist") from None
+            except (OSError, ValueError) as exc:
+                raise DatasetError(f"cannot read image {ref.image}: {exc}") from None
+        return tuple(self.read_image(ref).shape[:2])
+
     def content_hash(self, index: int) -> str:
         """SHA-256 over the sample's image and mask bytes (files as stored, or generated arrays)."""
         ref = self.refs[index]

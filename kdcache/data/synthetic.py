@@ -993,5 +993,8 @@ class SyntheticDataset(SegmentationDataset):
     def read_mask(self, ref: SampleRef) -> np.ndarray:
         return self._render(ref)[1].copy()
 
+    def image_size(self, index: int) -> tuple[int, int]:
+        return self.resolution
+
     def describe(self, ref: SampleRef) -> str:
         return f"synthetic:{ref.id} (seed {self.seed})"

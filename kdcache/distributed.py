@@ -1,0 +1,72 @@
+"""Process-group helpers for runs started with ``torchrun`` (or as one plain process).
+
+``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; :func:`init_from_env` joins the
+process group they describe (gloo on CPU, NCCL on CUDA) and is a no-op in a plain process, so
+every command runs the same code with one process or many.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def env_dist() -> Dist:
+    """Rank, world size and local rank as ``torchrun`` describes them (0, 1, 0 otherwise)."""
+    return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_from_env(device: torch.device | None = None) -> Dist:
+    """Join the process group ``torchrun`` set up (once); returns this process's place in it."""
+    d = env_dist()
+    if d.enabled and not dist.is_initialized():
+        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+    return d
+
+
+def local_device(device: torch.device, d: Dist) -> torch.device:
+    """One GPU per process under torchrun: ``cuda`` becomes ``cuda:LOCAL_RANK``."""
+    if device.type == "cuda" and d.enabled and device.index is None:
+        return torch.device("cuda", d.local_rank)
+    return device
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_ok(ok: bool) -> bool:
+    """True on every rank only if ``ok`` is true on every rank (a failed rank stops the others)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    t = torch.tensor([0 if ok else 1], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return int(t.item()) == 0
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,201 @@
+"""``inspect-cache`` (what a store is and how good its top k is) and ``verify-cache`` (read
+every chunk and check it)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdcache.store.layout import map_specs
+from kdcache.store.reader import CacheStore
+
+
+def disk_usage(path: str | Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
+
+
+def tail_bin_mass(values: np.ndarray, tail: np.ndarray | None, num_classes: int, temperature: float) -> np.ndarray:
+    """Probability mass the top k hold at ``temperature`` under the ``bin`` tail policy, per
+    position: 1 − p_tail with a_tail = log(C−k) + (τ − log(C−k))/T (exact at T = 1)."""
+    v = torch.from_numpy(np.asarray(values, dtype=np.float64)) / temperature  # [k, ...]
+    if tail is None:
+        return np.ones(v.shape[1:])
+    k = v.shape[0]
+    log_rest = np.log(num_classes - k)
+    a_tail = log_rest + (torch.from_numpy(np.asarray(tail, dtype=np.float64)) - log_rest) / temperature
+    logp = torch.log_softmax(torch.cat([v, a_tail[None]]), dim=0)
+    return (1.0 - logp[k].exp()).numpy()
+
+
+def inspect_store(path: str | Path, *, samples: int = 64, temperatures=(1.0, 2.0, 4.0)) -> dict:
+    """Schema, counts, size on disk, bytes per pixel and top-k mass coverage of a store."""
+    store = CacheStore(path)
+    meta = store.meta
+    done = store.done()
+    n_done = int(done.sum())
+    size = disk_usage(path)
+    arrays = []
+    for spec in map_specs(meta):
+        a = store.array(spec.path)
+        arrays.append({"path": spec.path, "shape": list(a.shape), "dtype": str(a.dtype),
+                       "chunks": list(a.chunks), "shards": list(a.shards or ()),
+                       "bytes": disk_usage(Path(path) / spec.path)})
+    rows = np.flatnonzero(done)
+    # valid teacher-map pixels of the finished samples
+    hw = np.asarray(store.array("logits/hw")[:])
+    pixels = int((hw[rows, 0].astype(np.int64) * hw[rows, 1]).sum()) if n_done else 0
+    logit_bytes = sum(a["bytes"] for a in arrays if a["path"].startswith("logits/"))
+    C, k = store.num_classes, store.k
+    idx_size = np.dtype(meta["dtypes"]["indices"]).itemsize
+    report = {
+        "path": str(path),
+        "meta": meta,
+        "num_samples": store.num_samples,
+        "done": n_done,
+        "shards": store.num_shards,
+        "bytes_on_disk": size,
+        "arrays": arrays,
+        "logit_pixels": pixels,
+        "bytes_per_pixel": logit_bytes / pixels if pixels else None,
+        "bytes_per_pixel_uncompressed": k * (2 + idx_size) + (2 if meta["tail"] else 0),
+        "dense_fp32_bytes_per_pixel": 4 * C,
+    }
+    # top-k mass coverage on a spread sample of the finished samples
+    coverage = {}
+    if n_done:
+        pick = rows[np.linspace(0, len(rows) - 1, min(samples, len(rows))).round().astype(int)]
+        pick = np.unique(pick)
+        masses = {t: [] for t in temperatures}
+        for item in _read_rows(store, pick):
+            tail = item.get("logits/tail")
+            for t in temperatures:
+                masses[t].append(tail_bin_mass(item["logits/values"], tail, C, t).ravel())
+        for t in temperatures:
+            m = np.concatenate(masses[t])
+            coverage[f"T={t:g}"] = {"mean": float(m.mean()), "p5": float(np.percentile(m, 5))}
+        report["coverage_samples"] = len(pick)
+    report["coverage"] = coverage
+    return report
+
+
+def _read_rows(store: CacheStore, rows: np.ndarray):
+    """Read ``rows`` shard by shard (one block read per shard)."""
+    s = store.samples_per_shard
+    by_shard: dict[int, list[int]] = {}
+    for r in rows:
+        by_shard.setdefault(int(r) // s, []).append(int(r))
+    for _shard, rs in sorted(by_shard.items()):
+        yield from store.read_block(min(rs), max(rs) + 1, rows=rs)
+
+
+@dataclass
+class VerifyResult:
+    num_samples: int
+    done: int
+    bad: dict[str, list[str]] = field(default_factory=dict)  # sample id -> problems
+    bad_rows: list[int] = field(default_factory=list)
+    not_done: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad and not self.not_done
+
+
+def verify_store(path: str | Path, *, show_progress: bool = True, reset_bad: bool = False) -> VerifyResult:
+    """Read every chunk of every array and check each sample marked done: decodable, finite,
+    class ids in range and distinct, values sorted descending, extents within the map. With
+    ``reset_bad``, the bad samples' shards are marked not done, so rerunning the build rewrites
+    them."""
+    from kdcache.progress import progress_bar
+
+    store = CacheStore(path)
+    meta = store.meta
+    n, s, C = store.num_samples, store.samples_per_shard, store.num_classes
+    done = store.done()
+    ids = store.ids
+    result = VerifyResult(n, int(done.sum()))
+    result.not_done = [ids[r] for r in np.flatnonzero(~done)]
+    problems: dict[int, list[str]] = {}
+
+    def flag(row: int, what: str) -> None:
+        problems.setdefault(row, []).append(what)
+
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        for r, i in enumerate(ids):
+            if i in dup:
+                flag(r, "duplicate sample id")
+    for r, i in enumerate(ids):
+        if not i:
+            flag(r, "empty sample id")
+    map_h, map_w = meta["map_size"]
+    with progress_bar("verify cache", total=n, enabled=show_progress, unit="sample") as bar:
+        for start in range(0, n, s):
+            stop = min(n, start + s)
+            rows = [r for r in range(start, stop) if done[r]]
+            if not rows:
+                bar.advance(stop - start)
+                continue
+            try:
+                items = store.read_block(start, stop, rows=rows)
+            except Exception as exc:  # a damaged shard: every sample in it is bad
+                msg = str(exc).split(";")[0]
+                for r in rows:
+                    flag(r, f"unreadable: {msg}")
+                bar.advance(stop - start)
+                continue
+            for item in items:
+                _check_sample(item, meta, C, (map_h, map_w), lambda what, r=item["row"]: flag(r, what))
+            bar.advance(stop - start)
+    result.bad_rows = sorted(problems)
+    result.bad = {ids[r]: problems[r] for r in result.bad_rows}
+    if reset_bad and result.bad_rows:
+        import zarr
+
+        group = zarr.open_group(str(path), mode="r+")
+        shards = sorted({r // s for r in result.bad_rows})
+        for j in shards:
+            group["done"][j * s:min(n, (j + 1) * s)] = False
+    return result
+
+
+def _check_sample(item: dict, meta: dict, C: int, map_size, flag) -> None:
+    for key, a in item.items():
+        if not isinstance(a, np.ndarray) or key in ("views/params",):
+            continue
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            flag(f"{key}: {int((~np.isfinite(a)).sum())} non-finite values (missing or damaged chunk)")
+    for prefix, axis in (("", 0), ("views/", 1)):
+        v = item.get(f"{prefix}logits/values")
+        i = item.get(f"{prefix}logits/indices")
+        if v is None or i is None:
+            continue
+        if v.size == 0:
+            flag(f"{prefix}logits: empty map (extent 0)")
+            continue
+        if (i.astype(np.int64) >= C).any() or (i.astype(np.int64) < 0).any():
+            flag(f"{prefix}logits/indices: class ids outside 0..{C - 1}")
+        if v.shape[axis] > 1:
+            vf = v.astype(np.float32)
+            if (np.diff(vf, axis=axis) > 0).any():
+                flag(f"{prefix}logits/values: not sorted descending")
+            srt = np.sort(i, axis=axis)
+            if (np.diff(srt.astype(np.int64), axis=axis) == 0).any():
+                flag(f"{prefix}logits/indices: repeated class ids at one position")
+    hw = item["logits/values"].shape[-2:]
+    if hw[0] > map_size[0] or hw[1] > map_size[1]:
+        flag(f"extent {hw} larger than the map {tuple(map_size)}")
+    params = item.get("views/params")
+    if params is not None and not np.isfinite(params).all():
+        flag("views/params: missing")

@@ -1,0 +1,342 @@
+"""The read side of a teacher cache.
+
+:class:`CacheStore` opens a store once per process (a DataLoader worker reopens it after
+unpickling), keeps its array handles, and reads whole chunks: one sample (random access) or a
+block of consecutive samples (streaming). :meth:`CacheStore.join` ties a store to a data set by
+sample id and refuses one built from other data. :class:`CacheStream` streams samples in
+shuffled shard order with a shuffle buffer, so each read is a whole shard; :class:`CachedTargets`
+is the random-access equivalent.
+
+A sample reads as a flat dict of numpy arrays, cropped to the sample's valid extent:
+``logits/values`` [k, h, w] float16, ``logits/indices`` [k, h, w] (uint8, or int32/int64 for
+the wider id types), ``logits/tail`` [h, w] float16 (absent when k = C), ``features/<tap>``
+[c, h, w], ``attention/<tap>`` [h, w], and with stored views ``views/params`` [V, 6] plus
+``views/logits/values`` [V, k, h', w'] and so on; ``row`` and ``id`` say which sample it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from kdcache.errors import KDCacheError
+from kdcache.store.layout import ATTR, FORMAT, SCHEMA_VERSION, decode_ids, extent_groups, map_specs
+
+
+class StoreError(KDCacheError):
+    """A teacher cache that is missing, damaged or does not match what it is used with."""
+
+
+def split_fingerprint(ids: Sequence[str], hashes: Sequence[str]) -> str:
+    """SHA-256 over a split's sample ids and content hashes, in order."""
+    h = hashlib.sha256()
+    for i, c in zip(ids, hashes):
+        h.update(i.encode("utf-8"))
+        h.update(b"\0")
+        h.update(c.encode("ascii"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _key(path: str) -> str:
+    """Array path -> sample dict key: ``features/x/values`` -> ``features/x``."""
+    if path.startswith(("features/", "attention/", "views/features/", "views/attention/")):
+        return path[: -len("/values")]
+    return path
+
+
+def _widen(a: np.ndarray) -> np.ndarray:
+    if a.dtype == np.uint16:
+        return a.astype(np.int32)
+    if a.dtype == np.uint32:
+        return a.astype(np.int64)
+    return a
+
+
+def read_meta(path: str | Path, storage_options: dict | None = None, mode: str = "r") -> tuple[zarr.Group, dict]:
+    """Open ``path`` (read-only by default) and return (group, kdcache attributes); clear errors otherwise."""
+    p = str(path)
+    if "://" not in p and not Path(p).exists():
+        raise StoreError(f"teacher cache {p} does not exist; build it with `kdcache build-teacher-cache --out {p}`")
+    try:
+        group = zarr.open_group(p, mode=mode, storage_options=storage_options)
+    except Exception as exc:  # zarr raises several types for "not a group"
+        raise StoreError(f"{p} is not a Zarr v3 group ({type(exc).__name__}: {exc}); is it a kdcache teacher cache?") from None
+    meta = dict(group.attrs).get(ATTR)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise StoreError(f"{p} is a Zarr group but not a kdcache teacher cache (no '{ATTR}' attributes)")
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise StoreError(f"{p} has cache schema version {meta.get('schema_version')}; this kdcache reads "
+                         f"version {SCHEMA_VERSION}. Rebuild the cache with this version.")
+    return group, meta
+
+
+class CacheStore:
+    """A teacher cache opened for reading. Picklable: workers reopen it lazily."""
+
+    def __init__(self, path: str | Path, storage_options: dict | None = None):
+        self.path = str(path)
+        self.storage_options = storage_options
+        self._group, self.meta = read_meta(self.path, storage_options)
+        self._arrays: dict[str, zarr.Array] = {}
+        self._ids: list[str] | None = None
+        self._specs = map_specs(self.meta)
+        self._extent_groups = extent_groups(self.meta)
+
+    # -- pickling: open once per process -----------------------------------------------------
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_group"] = None
+        state["_arrays"] = {}
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    @property
+    def group(self) -> zarr.Group:
+        if self._group is None:
+            self._group = zarr.open_group(self.path, mode="r", storage_options=self.storage_options)
+        return self._group
+
+    def array(self, path: str) -> zarr.Array:
+        a = self._arrays.get(path)
+        if a is None:
+            try:
+                a = self.group[path]
+            except KeyError:
+                raise StoreError(f"teacher cache {self.path} has no array '{path}': the store is incomplete "
+                                 "or damaged; run `kdcache verify-cache` on it") from None
+            self._arrays[path] = a
+        return a
+
+    # -- what the store is ---------------------------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        return int(self.meta["dataset"]["num_samples"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["class_names"])
+
+    @property
+    def k(self) -> int:
+        return int(self.meta["k"])
+
+    @property
+    def samples_per_shard(self) -> int:
+        return int(self.meta["samples_per_shard"])
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_samples // self.samples_per_shard)
+
+    @property
+    def ids(self) -> list[str]:
+        if self._ids is None:
+            self._ids = decode_ids(self.array("sample_id")[:])
+        return self._ids
+
+    def done(self) -> np.ndarray:
+        return np.asarray(self.array("done")[:], dtype=bool)
+
+    def content_hashes(self) -> list[str]:
+        return [bytes(r).hex() for r in np.asarray(self.array("content_hash")[:], dtype=np.uint8)]
+
+    @property
+    def map_paths(self) -> list[str]:
+        return [s.path for s in self._specs]
+
+    # -- reading -----------------------------------------------------------------------------
+    def read(self, row: int) -> dict:
+        """One sample (every map cropped to its valid extent)."""
+        if not 0 <= row < self.num_samples:
+            raise IndexError(f"row {row} is outside the store's {self.num_samples} samples")
+        return self.read_block(row, row + 1)[0]
+
+    def read_block(self, start: int, stop: int, rows: Sequence[int] | None = None) -> list[dict]:
+        """Samples ``start..stop-1`` (or the ``rows`` among them), each array read in one call.
+
+        Reading a whole shard's block is the fast path: zarr fetches and decodes its chunks in
+        one request per array instead of one per sample."""
+        rows = list(range(start, stop)) if rows is None else list(rows)
+        extents = {g: np.asarray(self.array(f"{g}/hw")[start:stop]) for g in self._extent_groups}
+        data = {}
+        for spec in self._specs:
+            try:
+                data[spec.path] = np.asarray(self.array(spec.path)[start:stop])
+            except Exception as exc:
+                raise StoreError(
+                    f"cannot decode '{spec.path}' for samples {start}..{stop - 1} of {self.path} "
+                    f"({type(exc).__name__}: {exc}); the chunk is damaged or truncated. "
+                    f"`kdcache verify-cache {self.path} --reset-bad` marks them for rebuilding."
+                ) from None
+        if self.meta.get("views"):
+            data["views/params"] = np.asarray(self.array("views/params")[start:stop])
+        ids = self.ids
+        out = []
+        for r in rows:
+            j = r - start
+            item = {"row": r, "id": ids[r]}
+            for spec in self._specs:
+                a = data[spec.path][j]
+                if spec.spatial:
+                    h, w = extents[spec.group][j]
+                    a = a[..., :h, :w]
+                item[_key(spec.path)] = _widen(a)
+            if "views/params" in data:
+                item["views/params"] = data["views/params"][j]
+            out.append(item)
+        return out
+
+    # -- joining with a data set -----------------------------------------------------------------
+    def join(self, dataset, *, check_content: bool = True, require_done: bool = True) -> np.ndarray:
+        """Store row of each sample of ``dataset`` (same order), refusing a store built from
+        other data: class count or names, missing ids, unfinished samples and (unless
+        ``check_content`` is False) samples whose image or label bytes changed."""
+        name = getattr(dataset, "name", "the data set")
+        if dataset.num_classes != self.num_classes:
+            raise StoreError(
+                f"teacher cache {self.path} holds {self.num_classes} classes but {name} has "
+                f"{dataset.num_classes}; use a cache built from this data set's teacher"
+            )
+        if list(dataset.class_names) != self.class_names:
+            raise StoreError(f"teacher cache {self.path} was built for classes {self.class_names[:5]}… "
+                             f"but {name} has {list(dataset.class_names)[:5]}…; they must be the same, in order")
+        where = {sid: r for r, sid in enumerate(self.ids)}
+        missing = [i for i in dataset.ids if i not in where]
+        if missing:
+            built = self.meta["dataset"]
+            raise StoreError(
+                f"{len(missing)} of {len(dataset)} samples of {name} (e.g. {', '.join(missing[:3])}) are "
+                f"not in teacher cache {self.path}, which was built from {built['name']} split "
+                f"'{built['split']}'; build a cache for this data set and split"
+            )
+        rows = np.array([where[i] for i in dataset.ids], dtype=np.int64)
+        if require_done:
+            done = self.done()
+            todo = [dataset.ids[j] for j, r in enumerate(rows) if not done[r]]
+            if todo:
+                raise StoreError(
+                    f"{len(todo)} samples needed from teacher cache {self.path} are not written yet "
+                    f"(e.g. {', '.join(todo[:3])}): the build did not finish; rerun the same "
+                    "build-teacher-cache command to complete it"
+                )
+        if check_content:
+            stored = self.content_hashes()
+            changed = [dataset.ids[j] for j, r in enumerate(rows)
+                       if dataset.content_hash(j) != stored[r]]
+            if changed:
+                raise StoreError(
+                    f"{len(changed)} samples of {name} (e.g. {', '.join(changed[:3])}) differ from the "
+                    f"images/labels teacher cache {self.path} was built from; rebuild the cache "
+                    "(build-teacher-cache --overwrite) for the data as it is now"
+                )
+        return rows
+
+
+def to_tensors(item: dict) -> dict:
+    """numpy arrays of a sample -> torch tensors (sharing memory); other values unchanged."""
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+            for k, v in item.items()}
+
+
+class CachedTargets(torch.utils.data.Dataset):
+    """Random access: item ``i`` is store row ``rows[i]``'s targets (as tensors), merged with
+    ``item_fn(i)`` (e.g. the image and label of the joined data set) when given."""
+
+    def __init__(self, store: CacheStore, rows: Sequence[int] | None = None,
+                 item_fn: Callable[[int], dict] | None = None):
+        self.store = store
+        self.rows = np.arange(store.num_samples) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.item_fn = item_fn
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        item = to_tensors(self.store.read(int(self.rows[i])))
+        item["index"] = i
+        if self.item_fn is not None:
+            item.update(self.item_fn(i))
+        return item
+
+
+class CacheStream(torch.utils.data.IterableDataset):
+    """Streaming order for training: the shards holding ``rows`` in a shuffled order (new each
+    :meth:`set_epoch`), each read whole, and its samples passed through a shuffle buffer of
+    ``buffer_size``. Shards are split between DataLoader workers and, with ``world_size`` > 1,
+    between processes, so each is read once per epoch. Items are like :class:`CachedTargets`'s
+    (``index`` is the position in ``rows``)."""
+
+    def __init__(self, store: CacheStore, rows: Sequence[int] | None = None, *,
+                 item_fn: Callable[[int], dict] | None = None, shuffle: bool = True,
+                 buffer_size: int = 256, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.store = store
+        self.rows = np.arange(store.num_samples) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.item_fn = item_fn
+        self.shuffle = shuffle
+        self.buffer_size = max(1, buffer_size)
+        self.seed = seed
+        self.epoch = 0
+        self.rank = rank
+        self.world_size = world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.shards_of_this_rank()[1])
+
+    def shards_of_this_rank(self) -> tuple[list[tuple[int, list[int]]], list[int]]:
+        """(shard order for this process: (shard, positions in rows), the positions it covers)."""
+        s = self.store.samples_per_shard
+        by_shard: dict[int, list[int]] = {}
+        for pos, r in enumerate(self.rows):
+            by_shard.setdefault(int(r) // s, []).append(pos)
+        order = sorted(by_shard)
+        if self.shuffle:
+            rng = np.random.default_rng((self.seed, self.epoch))
+            order = [order[i] for i in rng.permutation(len(order))]
+        mine = order[self.rank::self.world_size]
+        shards = [(sh, by_shard[sh]) for sh in mine]
+        return shards, [p for _, ps in shards for p in ps]
+
+    def __iter__(self):
+        shards, _ = self.shards_of_this_rank()
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        shards = shards[worker::workers]
+        rng = np.random.default_rng((self.seed, self.epoch, self.rank, worker, 1))
+        buffer: list[dict] = []
+        s = self.store.samples_per_shard
+        for shard, positions in shards:
+            wanted = [int(self.rows[p]) for p in positions]
+            lo, hi = min(wanted), max(wanted) + 1
+            lo, hi = max(lo, shard * s), min(hi, (shard + 1) * s)
+            block = self.store.read_block(lo, hi, rows=wanted)
+            for pos, item in zip(positions, block):
+                item["index"] = pos
+                buffer.append(item)
+                if self.shuffle and len(buffer) >= self.buffer_size:
+                    yield self._finish(buffer.pop(int(rng.integers(len(buffer)))))
+                elif not self.shuffle:
+                    yield self._finish(buffer.pop())
+        if self.shuffle:
+            for j in rng.permutation(len(buffer)):
+                yield self._finish(buffer[j])
+
+    def _finish(self, item: dict) -> dict:
+        out = to_tensors(item)
+        if self.item_fn is not None:
+            out.update(self.item_fn(item["index"]))
+        return out

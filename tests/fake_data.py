@@ -1,0 +1,47 @@
+"""Small data sets and teachers that tests write themselves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kdcache.checkpoint import save_checkpoint
+from kdcache.models import build_model
+from kdcache.transforms import Preprocess
+
+
+def make_voc_sizes(base: Path, ids: dict[str, list[str]] | None = None) -> Path:
+    """A VOC layout under ``base`` where every image has its own size; returns ``base``."""
+    ids = ids or {"train": ["t0", "t1", "t2", "t3"], "val": ["v0", "v1", "v2"]}
+    voc = base / "VOCdevkit" / "VOC2012"
+    sets = voc / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True)
+    (voc / "JPEGImages").mkdir()
+    (voc / "SegmentationClass").mkdir()
+    rng = np.random.default_rng(0)
+    for k, sid in enumerate(ids["train"] + ids["val"]):
+        h, w = 20 + 4 * k, 28 - 2 * k  # every image its own size
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(voc / "JPEGImages" / f"{sid}.jpg")
+        mask = rng.integers(0, 21, (h, w), dtype=np.uint8)
+        mask[0] = 255  # VOC's ignore border
+        im = Image.fromarray(mask, mode="P")
+        im.putpalette(list(range(256)) * 3)
+        im.save(voc / "SegmentationClass" / f"{sid}.png")
+    for split, names in ids.items():
+        (sets / f"{split}.txt").write_text("\n".join(names) + "\n")
+    return base
+
+
+def make_teacher(path: Path, num_classes: int = 11, name: str = "demo_teacher", seed: int = 0,
+                 preprocess: Preprocess | None = None, poison: bool = False) -> Path:
+    """A randomly initialised teacher saved as a kdcache checkpoint (``poison``: NaN weights)."""
+    torch.manual_seed(seed)
+    model = build_model(name, num_classes)
+    if poison:
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
+    config = {"model": name, "num_classes": num_classes, "preprocess": (preprocess or Preprocess()).to_dict()}
+    return save_checkpoint(path, model, config=config)

@@ -1,0 +1,464 @@
+"""build-teacher-cache, the store it writes, and the read side: round trips through real
+files, interrupted and multi-process builds, bad input."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from fake_data import make_teacher, make_voc_sizes
+from typer.testing import CliRunner
+
+from kdcache.cache_build import CacheBuildConfig, ShardWriter, build_teacher_cache
+from kdcache.checkpoint import load_weights
+from kdcache.data import build_dataset
+from kdcache.data.splits import limit
+from kdcache.models import build_model
+from kdcache.store import CachedTargets, CacheStore, CacheStream, StoreError
+from kdcache.targets import attention_map
+from kdcache.transforms import Augment, Preprocess, apply_geometry, sample_geometry
+
+runner = CliRunner()
+RES = {"resolution": [32, 48]}
+N = 10  # samples; 4 per shard -> shards of 4, 4, 2
+
+
+def kd(*args):
+    from kdcache.cli.app import app
+
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    return make_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt")
+
+
+def config(teacher, out, **kw) -> CacheBuildConfig:
+    base = dict(weights=str(teacher), out=str(out), dataset_options=dict(RES), limit=N, topk=4,
+                samples_per_shard=4, batch_size=3, device="cpu", workers=0)
+    base.update(kw)
+    return CacheBuildConfig(**base)
+
+
+def arrays_of(path) -> dict[str, np.ndarray]:
+    """Every array of a store, read with zarr's public API alone."""
+    g = zarr.open_group(str(path), mode="r")
+    return {name: a[:] for name, a in g.arrays()} | {
+        f"{gname}/{name}": a[:] for gname, sub in g.groups() for name, a in _walk(sub)}
+
+
+def _walk(group, prefix=""):
+    for name, a in group.arrays():
+        yield prefix + name, a
+    for name, sub in group.groups():
+        yield from _walk(sub, f"{prefix}{name}/")
+
+
+def assert_same_store(a, b):
+    A, B = arrays_of(a), arrays_of(b)
+    assert sorted(A) == sorted(B)
+    for name in A:
+        np.testing.assert_array_equal(A[name], B[name], err_msg=name)
+
+
+def teacher_forward(teacher_path, x, taps=()):
+    model = build_model("demo_teacher", 11, taps=taps)
+    load_weights(model, teacher_path)
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+# -- round trip --------------------------------------------------------------------------------
+
+
+def test_round_trip_equals_a_teacher_forward(tmp_path, teacher):
+    out = tmp_path / "c.zarr"
+    s = build_teacher_cache(config(teacher, out, features=("stage3",), attention=True), show_progress=False)
+    assert s["done"] == N and not s["resumed"]
+    ds = limit(build_dataset("synthetic", "train", **RES), N)
+    x = torch.stack([Preprocess().image_to_tensor(ds.load(i)[0]) for i in range(N)])
+    ref = teacher_forward(teacher, x, taps=("stage3",))
+    logits = ref.logits.double()
+    top_v, top_i = logits.topk(4, dim=1)
+    rest = logits.scatter(1, top_i, float("-inf")).logsumexp(1)
+
+    # through zarr's public API alone
+    g = zarr.open_group(str(out), mode="r")
+    assert g.attrs["kdcache"]["k"] == 4 and g.attrs["kdcache"]["stride"] == [4.0, 4.0]
+    assert g["logits/values"].dtype == np.float16 and g["logits/indices"].dtype == np.uint8
+    assert g["logits/values"].shape == (N, 4, 8, 12) and g["logits/values"].shards == (4, 4, 8, 12)
+    v = torch.from_numpy(g["logits/values"][:].astype(np.float64))
+    idx = torch.from_numpy(g["logits/indices"][:].astype(np.int64))
+    tail = torch.from_numpy(g["logits/tail"][:].astype(np.float64))
+    np.testing.assert_allclose(v, top_v, rtol=2e-3, atol=2e-3)
+    agree = (idx == top_i).float().mean().item()
+    assert agree > 0.999  # ids can only differ where two logits tie within fp32 noise
+    np.testing.assert_allclose(tail, rest, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(g["features/stage3/values"][:].astype(np.float32), ref.features["stage3"].numpy(),
+                               rtol=2e-3, atol=2e-3)
+    att = attention_map(ref.features["stage3"]).numpy()
+    np.testing.assert_allclose(g["attention/stage3/values"][:].astype(np.float32), att, atol=1e-3)
+    assert np.all(g["done"][:]) and [bytes(r).rstrip(b"\0").decode() for r in g["sample_id"][:]] == ds.ids
+    assert (np.diff(g["logits/values"][:].astype(np.float32), axis=1) <= 0).all()
+
+    # the reader gives the same arrays
+    store = CacheStore(out)
+    item = store.read(3)
+    assert item["id"] == ds.ids[3]
+    np.testing.assert_array_equal(item["logits/values"], g["logits/values"][3])
+    np.testing.assert_array_equal(item["attention/stage3"], g["attention/stage3/values"][3])
+    rows = store.join(ds)
+    np.testing.assert_array_equal(rows, np.arange(N))
+
+
+def test_dense_cache_has_no_tail_and_keeps_every_logit(tmp_path, teacher):
+    out = tmp_path / "dense.zarr"
+    build_teacher_cache(config(teacher, out, topk=11, limit=3), show_progress=False)
+    g = zarr.open_group(str(out), mode="r")
+    assert "tail" not in g["logits"] and g.attrs["kdcache"]["tail"] is None
+    ds = limit(build_dataset("synthetic", "train", **RES), 3)
+    x = torch.stack([Preprocess().image_to_tensor(ds.load(i)[0]) for i in range(3)])
+    logits = teacher_forward(teacher, x).logits
+    dense = np.zeros(logits.shape, dtype=np.float32)
+    np.put_along_axis(dense, g["logits/indices"][:].astype(np.int64), g["logits/values"][:].astype(np.float32), axis=1)
+    np.testing.assert_allclose(dense, logits.numpy(), rtol=2e-3, atol=2e-3)
+    assert CacheStore(out).read(0).get("logits/tail") is None
+
+
+def test_images_of_different_sizes_record_their_extent(tmp_path):
+    root = make_voc_sizes(tmp_path / "voc")
+    teacher = make_teacher(tmp_path / "t.pt", num_classes=21)
+    out = tmp_path / "voc.zarr"
+    build_teacher_cache(config(teacher, out, dataset="voc", data_root=str(root), dataset_options={}, limit=None,
+                               samples_per_shard=2), show_progress=False)
+    store = CacheStore(out)
+    ds = build_dataset("voc", "train", root)
+    assert store.meta["map_size"] == [8, 7]  # the largest image is 32 high, 28 wide; stride 4
+    for i in range(len(ds)):
+        x = Preprocess().image_to_tensor(ds.load(i)[0])[None]
+        logits = teacher_forward_voc(teacher, x)
+        item = store.read(i)
+        assert item["logits/values"].shape == (4, *logits.shape[-2:])
+        np.testing.assert_allclose(item["logits/values"].astype(np.float32), logits.topk(4, 1).values[0].numpy(),
+                                   rtol=2e-3, atol=2e-3)
+        assert tuple(zarr.open_group(str(out))["image_hw"][i]) == tuple(x.shape[-2:])
+
+
+def teacher_forward_voc(path, x):
+    model = build_model("demo_teacher", 21)
+    load_weights(model, path)
+    model.eval()
+    with torch.no_grad():
+        return model(x).logits
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+CLI = ["--dataset", "synthetic", "--resolution", "32x48", "--limit", N, "--samples-per-shard", 4,
+       "--batch-size", 3, "--device", "cpu", "--workers", 0, "--quiet"]
+
+
+def test_cli_build_inspect_verify(tmp_path, teacher):
+    out = tmp_path / "c.zarr"
+    r = kd("build-teacher-cache", "--weights", teacher, "--out", out, "--topk", 2, *CLI)
+    assert r.exit_code == 0, r.output
+    assert f"built: {N}/{N} samples" in r.output
+    r = kd("inspect-cache", out, "--json", tmp_path / "i.json")
+    assert r.exit_code == 0, r.output
+    assert "done / 10" in r.output and "demo_teacher" in r.output and "5th percentile" in r.output
+    import json
+
+    rep = json.loads((tmp_path / "i.json").read_text())
+    assert rep["done"] == N and rep["dense_fp32_bytes_per_pixel"] == 44
+    assert rep["bytes_per_pixel_uncompressed"] == 2 * (2 + 1) + 2
+    cov = rep["coverage"]
+    assert 0 < cov["T=4"]["mean"] < cov["T=2"]["mean"] < cov["T=1"]["mean"] <= 1
+    r = kd("verify-cache", out, "--quiet")
+    assert r.exit_code == 0 and "ok: all 10 samples" in r.output
+    # rerunning the finished build does nothing and says so
+    r = kd("build-teacher-cache", "--weights", teacher, "--out", out, "--topk", 2, *CLI)
+    assert r.exit_code == 0 and "resumed (10 were done)" in r.output
+
+
+def test_coverage_at_t1_is_the_exact_top_k_mass(tmp_path, teacher):
+    from kdcache.store.check import tail_bin_mass
+
+    out = tmp_path / "c.zarr"
+    build_teacher_cache(config(teacher, out, limit=2, topk=3), show_progress=False)
+    item = CacheStore(out).read(0)
+    ds = build_dataset("synthetic", "train", **RES)
+    logits = teacher_forward(teacher, Preprocess().image_to_tensor(ds.load(0)[0])[None]).logits.double()
+    exact = logits.softmax(1).topk(3, 1).values.sum(1)[0].numpy()
+    got = tail_bin_mass(item["logits/values"], item["logits/tail"], 11, 1.0)
+    np.testing.assert_allclose(got, exact, atol=2e-3)
+
+
+def test_verify_finds_a_truncated_shard_and_reset_bad_lets_the_build_repair_it(tmp_path, teacher):
+    out = tmp_path / "c.zarr"
+    ref = tmp_path / "ref.zarr"
+    build_teacher_cache(config(teacher, ref), show_progress=False)
+    build_teacher_cache(config(teacher, out), show_progress=False)
+    shard = out / "logits" / "values" / "c" / "1" / "0" / "0" / "0"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])  # a truncated shard: samples 4..7
+    r = kd("verify-cache", out, "--quiet")
+    assert r.exit_code == 1, r.output
+    for sid in ("train_000004", "train_000007"):
+        assert f"bad train_{sid[-6:]}" in r.output
+    assert "train_000003" not in r.output and "4 bad samples" in r.output
+    with pytest.raises(StoreError, match="damaged or truncated"):
+        CacheStore(out).read(5)
+    r = kd("verify-cache", out, "--reset-bad", "--quiet")
+    assert r.exit_code == 1 and "marked not done" in r.output
+    assert list(zarr.open_group(str(out))["done"][:]) == [True] * 4 + [False] * 4 + [True] * 2
+    s = build_teacher_cache(config(teacher, out), show_progress=False)
+    assert s["resumed"] and s["samples_written"] == 4
+    assert kd("verify-cache", out, "--quiet").exit_code == 0
+    assert_same_store(out, ref)
+
+
+# -- interrupted, failing and multi-process builds ------------------------------------------------
+
+
+def _cli_args(teacher, out, n=N):
+    return ["build-teacher-cache", "--weights", str(teacher), "--out", str(out), "--dataset", "synthetic",
+            "--resolution", "32x48", "--limit", str(n), "--samples-per-shard", "4", "--batch-size", "3",
+            "--device", "cpu", "--workers", "0", "--quiet"]
+
+
+def test_killed_build_resumes_to_the_same_store(tmp_path, teacher):
+    n = 64
+    ref, out = tmp_path / "ref.zarr", tmp_path / "out.zarr"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "kdcache", *_cli_args(teacher, ref, n)], check=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "kdcache", *_cli_args(teacher, out, n)], env=env)
+    deadline = time.time() + 120
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            done = zarr.open_group(str(out), mode="r")["done"][:]
+        except Exception:
+            done = np.zeros(0, bool)
+        if done.sum() >= 4:
+            proc.send_signal(signal.SIGKILL)  # no clean-up at all
+            killed_at = int(done.sum())
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed_at is not None and killed_at < n, "the build finished before it could be killed"
+    r = subprocess.run([sys.executable, "-m", "kdcache", *_cli_args(teacher, out, n)], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "resumed" in r.stderr
+    assert_same_store(out, ref)
+
+
+def test_write_failure_stops_cleanly_and_a_rerun_completes(tmp_path, teacher, monkeypatch):
+    ref, out = tmp_path / "ref.zarr", tmp_path / "out.zarr"
+    build_teacher_cache(config(teacher, ref), show_progress=False)
+    real = ShardWriter.write_shard
+    calls = []
+
+    def failing(self, shard, start, stop, samples):
+        calls.append(shard)
+        if len(calls) == 2:
+            # half the arrays of this shard reach the disk, then the disk is full
+            self.arrays["logits/values"][start:stop] = np.zeros((stop - start, 4, 8, 12), np.float16)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, shard, start, stop, samples)
+
+    monkeypatch.setattr(ShardWriter, "write_shard", failing)
+    r = kd("build-teacher-cache", "--weights", teacher, "--out", out, *CLI)
+    assert r.exit_code == 2
+    assert "the disk is full" in r.output and "rerun the same command to resume" in r.output
+    done = zarr.open_group(str(out))["done"][:]
+    assert list(done) == [True] * 4 + [False] * 6  # nothing of the failed shard is marked done
+    monkeypatch.setattr(ShardWriter, "write_shard", real)
+    r = kd("build-teacher-cache", "--weights", teacher, "--out", out, *CLI)
+    assert r.exit_code == 0 and "resumed (4 were done)" in r.output
+    assert_same_store(out, ref)
+
+
+def test_two_process_torchrun_build_equals_one_process(tmp_path, teacher):
+    one, two = tmp_path / "one.zarr", tmp_path / "two.zarr"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "kdcache", *_cli_args(teacher, one)], check=True, env=env)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "kdcache", *_cli_args(teacher, two)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_store(one, two)
+    assert r.stderr.count("built: 10/10") == 1  # rank 0 alone reports
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+def test_bad_inputs_give_clear_errors_and_destroy_nothing(tmp_path, teacher):
+    t5 = make_teacher(tmp_path / "t5.pt", num_classes=5)
+    r = kd("build-teacher-cache", "--weights", t5, "--out", tmp_path / "a.zarr", *CLI)
+    assert r.exit_code == 2 and "predicts 5 classes but the data set has 11" in r.output
+
+    r = kd("build-teacher-cache", "--weights", teacher, "--out", tmp_path / "b.zarr", "--topk", 12, *CLI)
+    assert r.exit_code == 2 and "--topk 12 is more than the 11 classes" in r.output
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    r = kd("build-teacher-cache", "--weights", teacher, "--out", mine, *CLI)
+    assert r.exit_code == 2 and "is not a kdcache teacher cache" in r.output
+    r = kd("build-teacher-cache", "--weights", teacher, "--out", mine, "--overwrite", *CLI)
+    assert r.exit_code == 2 and (mine / "thesis.tex").read_text() == "precious"
+
+    nan = make_teacher(tmp_path / "nan.pt", poison=True)
+    r = kd("build-teacher-cache", "--weights", nan, "--out", tmp_path / "n.zarr", *CLI)
+    assert r.exit_code == 2 and "non-finite logits" in r.output and "train_000000" in r.output
+    assert not zarr.open_group(str(tmp_path / "n.zarr"), mode="r")["done"][:].any()
+
+    r = kd("build-teacher-cache", "--weights", tmp_path / "missing.pt", "--out", tmp_path / "m.zarr", *CLI)
+    assert r.exit_code == 2 and "does not exist" in r.output
+    r = kd("build-teacher-cache", "--weights", teacher, "--out", tmp_path / "f.zarr", "--features", "stage9", *CLI)
+    assert r.exit_code == 2 and "no module 'stage9'" in r.output
+    r = kd("build-teacher-cache", "--weights", teacher, "--out", tmp_path / "f.zarr", "--attention", *CLI)
+    assert r.exit_code == 2 and "--attention needs --features" in r.output
+    for cmd in ("inspect-cache", "verify-cache"):
+        r = kd(cmd, tmp_path / "nowhere.zarr")
+        assert r.exit_code == 2 and "does not exist" in r.output
+        r = kd(cmd, mine)
+        assert r.exit_code == 2 and ("not a kdcache teacher cache" in r.output or "not a Zarr" in r.output)
+
+
+def test_resume_with_other_options_is_refused_and_overwrite_rebuilds(tmp_path, teacher):
+    out = tmp_path / "c.zarr"
+    assert kd("build-teacher-cache", "--weights", teacher, "--out", out, *CLI).exit_code == 0
+    r = kd("build-teacher-cache", "--weights", teacher, "--out", out, "--topk", 2, *CLI)
+    assert r.exit_code == 2 and "k: store has 4, this build wants 2" in r.output and "--overwrite" in r.output
+    other = make_teacher(tmp_path / "other.pt", seed=1)
+    r = kd("build-teacher-cache", "--weights", other, "--out", out, *CLI)
+    assert r.exit_code == 2 and "teacher.weights_sha256" in r.output
+    r = kd("build-teacher-cache", "--weights", teacher, "--out", out, *CLI[:3], "40x48", *CLI[4:])
+    assert r.exit_code == 2 and "dataset.fingerprint" in r.output
+    assert zarr.open_group(str(out), mode="r")["done"][:].all()  # still intact
+    r = kd("build-teacher-cache", "--weights", teacher, "--out", out, "--topk", 2, "--overwrite", *CLI)
+    assert r.exit_code == 0 and CacheStore(out).k == 2
+
+
+# -- the read side ---------------------------------------------------------------------------------
+
+
+def test_join_refuses_a_store_from_other_data(tmp_path, teacher):
+    out = tmp_path / "c.zarr"
+    build_teacher_cache(config(teacher, out), show_progress=False)
+    store = CacheStore(out)
+    with pytest.raises(StoreError, match="not in teacher cache .* split 'train'"):
+        store.join(limit(build_dataset("synthetic", "val", **RES), 3))
+    with pytest.raises(StoreError, match="differ from the images/labels"):
+        store.join(limit(build_dataset("synthetic", "train", resolution=[32, 48], seed=7), 3))
+    root = make_voc_sizes(tmp_path / "voc")
+    with pytest.raises(StoreError, match="holds 11 classes but voc has 21"):
+        store.join(build_dataset("voc", "train", root))
+    subset = build_dataset("synthetic", "train", **RES).select([7, 2, 5])  # a fold, in any order
+    np.testing.assert_array_equal(store.join(subset), [7, 2, 5])
+    zarr.open_group(str(out), mode="r+")["done"][4:8] = False
+    with pytest.raises(StoreError, match="not written yet .* rerun the same build-teacher-cache"):
+        CacheStore(out).join(subset)
+
+
+def test_changed_image_file_is_detected(tmp_path):
+    root = make_voc_sizes(tmp_path / "voc")
+    teacher = make_teacher(tmp_path / "t.pt", num_classes=21)
+    out = tmp_path / "voc.zarr"
+    build_teacher_cache(config(teacher, out, dataset="voc", data_root=str(root), dataset_options={}, limit=None),
+                        show_progress=False)
+    ds = build_dataset("voc", "train", root)
+    CacheStore(out).join(ds)
+    mask = root / "VOCdevkit" / "VOC2012" / "SegmentationClass" / "t2.png"
+    mask.write_bytes(mask.read_bytes() + b"\0")
+    with pytest.raises(StoreError, match=r"1 samples of voc \(e.g. t2\) differ"):
+        CacheStore(out).join(ds)
+
+
+def test_stream_reads_each_sample_once_in_shuffled_shard_order(tmp_path, teacher):
+    out = tmp_path / "c.zarr"
+    build_teacher_cache(config(teacher, out, limit=12), show_progress=False)
+    store = CacheStore(out)
+    rows = np.arange(12)
+    stream = CacheStream(store, rows, buffer_size=3, seed=1)
+    orders = []
+    for epoch in range(2):
+        stream.set_epoch(epoch)
+        order = [item["row"] for item in stream]
+        assert sorted(order) == list(range(12))
+        orders.append(order)
+    assert orders[0] != orders[1]
+    # two DataLoader workers each take whole shards: together every sample exactly once
+    loader = torch.utils.data.DataLoader(stream, batch_size=4, num_workers=2)
+    seen = torch.cat([b["row"] for b in loader]).tolist()
+    assert sorted(seen) == list(range(12))
+    batch = next(iter(torch.utils.data.DataLoader(stream, batch_size=4)))
+    assert batch["logits/values"].dtype == torch.float16 and batch["logits/values"].shape == (4, 4, 8, 12)
+    assert batch["logits/indices"].dtype == torch.uint8
+    # two processes split the shards between them
+    parts = [set(CacheStream(store, rows, rank=r, world_size=2).shards_of_this_rank()[1]) for r in (0, 1)]
+    assert parts[0].isdisjoint(parts[1]) and parts[0] | parts[1] == set(range(12))
+    # random access, joined with the data set's images and labels
+    ds = limit(build_dataset("synthetic", "train", **RES), 12)
+    from kdcache.transforms import SegPipeline
+
+    pipe = SegPipeline(ds, Preprocess())
+    targets = CachedTargets(store, store.join(ds), item_fn=pipe.__getitem__)
+    item = targets[5]
+    assert item["id"] == ds.ids[5] and item["image"].shape == (3, 32, 48) and item["label"].shape == (32, 48)
+    assert torch.equal(item["logits/values"], torch.from_numpy(store.read(5)["logits/values"]))
+
+
+# -- flip average and stored views -------------------------------------------------------------------
+
+
+def test_flip_average_is_exactly_flip_equivariant(tmp_path, teacher):
+    out = tmp_path / "f.zarr"
+    build_teacher_cache(config(teacher, out, limit=2, topk=11, flip_average=True, features=("stage1",)),
+                        show_progress=False)
+    ds = build_dataset("synthetic", "train", **RES)
+    x = Preprocess().image_to_tensor(ds.load(1)[0])[None]
+    a = teacher_forward(teacher, x, taps=("stage1",))
+    b = teacher_forward(teacher, x.flip(-1), taps=("stage1",))
+    want = (a.logits + b.logits.flip(-1)) / 2
+    item = CacheStore(out).read(1)
+    dense = np.zeros(want.shape[1:], dtype=np.float32)
+    np.put_along_axis(dense, item["logits/indices"].astype(np.int64), item["logits/values"].astype(np.float32), axis=0)
+    np.testing.assert_allclose(dense, want[0].numpy(), rtol=2e-3, atol=2e-3)
+    feat = (a.features["stage1"] + b.features["stage1"].flip(-1)) / 2
+    np.testing.assert_allclose(item["features/stage1"].astype(np.float32), feat[0].numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_stored_views_are_the_teacher_on_those_crops(tmp_path, teacher):
+    out = tmp_path / "v.zarr"
+    build_teacher_cache(config(teacher, out, limit=3, views=2, view_crop=(16, 24), view_scale=(0.5, 1.5)),
+                        show_progress=False)
+    store = CacheStore(out)
+    assert store.meta["views"]["map_size"] == [4, 6]
+    ds = build_dataset("synthetic", "train", **RES)
+    x = Preprocess().image_to_tensor(ds.load(2)[0])
+    item = store.read(2)
+    assert item["views/logits/values"].shape == (2, 4, 4, 6) and item["views/params"].shape == (2, 6)
+    rng = np.random.default_rng((0, 2))
+    aug = Augment(scale=(0.5, 1.5), crop=(16, 24), hflip=True)
+    for v in range(2):
+        g = sample_geometry(rng, (32, 48), aug)
+        np.testing.assert_allclose(item["views/params"][v], [g.scale, g.top, g.left, 16, 24, float(g.flip)], rtol=1e-6)
+        logits = teacher_forward(teacher, apply_geometry(x, g, kind="image")[None]).logits
+        np.testing.assert_allclose(item["views/logits/values"][v].astype(np.float32),
+                                   logits.topk(4, 1).values[0].numpy(), rtol=2e-3, atol=2e-3)
+    assert kd("verify-cache", out, "--quiet").exit_code == 0
