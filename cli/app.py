@@ -237,7 +237,7 @@ def build_teacher_cache(
     workers: Annotated[int | None, typer.Option(help="DataLoader worker processes (default: 0 on CPU, up to 8 on CUDA).")] = None,
     limit: Limit = None,
     samples_per_shard: Annotated[int | None, typer.Option(help="Samples per shard, the unit of writing (default: about 32 MB shards).")] = None,
-    codec: Annotated[str, typer.Option(help="Chunk compression: blosc-lz4, blosc-zstd, zstd or none.")] = "blosc-lz4",
+    codec: Annotated[str, typer.Option(help="Chunk compression: blosc-zstd (default), blosc-lz4 (decodes 2x faster, 25% larger), zstd or none.")] = "blosc-zstd",
     amp: Annotated[bool, typer.Option(help="Run the teacher under fp16 autocast (CUDA only).")] = False,
     resolution: Resolution = None,
     dataset_option: DatasetOption = None,

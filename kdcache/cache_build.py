@@ -49,6 +49,7 @@ from kdcache.store.layout import (
     samples_per_shard,
 )
 from kdcache.store.reader import StoreError, read_meta, split_fingerprint
+from kdcache.store.shards import fast_reader
 from kdcache.targets import FP16_MAX, attention_map, index_dtype, topk_targets
 from kdcache.training import default_workers
 from kdcache.transforms import Augment, Geometry, Preprocess, apply_geometry, sample_geometry
@@ -237,6 +238,7 @@ class ShardWriter:
         self.pending: dict[int, dict[int, dict]] = {}
         self.specs = map_specs(meta)
         self.arrays = {s.path: group[s.path] for s in self.specs}
+        self.fast = {s.path: fast_reader(path, s.path, self.arrays[s.path].metadata.to_dict()) for s in self.specs}
         for g in extent_groups(meta):
             self.arrays[f"{g}/hw"] = group[f"{g}/hw"]
         for name in ("done", "image_hw") + (("views/params",) if meta.get("views") else ()):
@@ -288,15 +290,18 @@ class ShardWriter:
         n = stop - start
         rows = [samples[r] for r in range(start, stop)]
         written = 0
-        for spec in self.specs:  # a shard left by an interrupted run is replaced, never merged
-            self._delete(self._shard_key(spec.path, shard, 1 + len(spec.shape)))
         for spec in self.specs:
             block = np.zeros((n, *spec.shape), dtype=spec.dtype)
             for j, s in enumerate(rows):
                 a = s[spec.path]
                 block[(j, *(slice(0, d) for d in a.shape))] = a
-            self.arrays[spec.path][start:stop] = block
-            written += self._shard_bytes(spec.path, shard, 1 + len(spec.shape))
+            fast = self.fast.get(spec.path)
+            if fast is not None:  # the shard file replaced whole, atomically
+                written += fast.write(start, block)
+            else:  # through zarr: a shard left by an interrupted run is replaced, never merged
+                self._delete(self._shard_key(spec.path, shard, 1 + len(spec.shape)))
+                self.arrays[spec.path][start:stop] = block
+                written += self._shard_bytes(spec.path, shard, 1 + len(spec.shape))
         for g in extent_groups(self.meta):
             self.arrays[f"{g}/hw"][start:stop] = np.array([s[f"{g}/hw"] for s in rows], dtype=np.int32)
         self.arrays["image_hw"][start:stop] = np.array([s["image_hw"] for s in rows], dtype=np.int32)

@@ -83,7 +83,7 @@ def cache_report(report: dict) -> list:
         t.add_row(k, str(v))
     arrays = Table(title="arrays")
     for col in ("array", "shape", "dtype", "chunk", "shard", "on disk"):
-        arrays.add_column(col, justify="left" if col == "array" else "right")
+        arrays.add_column(col, justify="left" if col == "array" else "right", no_wrap=col == "array")
     for a in report["arrays"]:
         arrays.add_row(a["path"], "x".join(map(str, a["shape"])), a["dtype"], "x".join(map(str, a["chunks"])),
                        "x".join(map(str, a["shards"])), human_bytes(a["bytes"]))

@@ -462,3 +462,25 @@ def test_stored_views_are_the_teacher_on_those_crops(tmp_path, teacher):
         np.testing.assert_allclose(item["views/logits/values"][v].astype(np.float32),
                                    logits.topk(4, 1).values[0].numpy(), rtol=2e-3, atol=2e-3)
     assert kd("verify-cache", out, "--quiet").exit_code == 0
+
+
+@pytest.mark.parametrize("codec", ["blosc-zstd", "blosc-lz4", "zstd", "none"])
+def test_fast_shard_files_and_zarr_agree_both_ways(tmp_path, teacher, monkeypatch, codec):
+    """kdcache writes and reads local shards itself (numcodecs + crc32c); zarr must read what it
+    writes, and its own reader must give what zarr gives."""
+    fast, slow = tmp_path / "fast.zarr", tmp_path / "slow.zarr"
+    build_teacher_cache(config(teacher, fast, limit=6, codec=codec, features=("stage2",)), show_progress=False)
+    import kdcache.cache_build as cb
+
+    monkeypatch.setattr(cb, "fast_reader", lambda *a: None)
+    build_teacher_cache(config(teacher, slow, limit=6, codec=codec, features=("stage2",)), show_progress=False)
+    assert_same_store(fast, slow)  # both decoded by zarr
+    a, b = CacheStore(fast), CacheStore(fast)
+    b._fast = dict.fromkeys(b.map_paths)  # force zarr's read path
+    for rows in ([0, 1, 2, 3], [5], [4, 5]):
+        for x, y in zip(a.read_block(min(rows), max(rows) + 1, rows), b.read_block(min(rows), max(rows) + 1, rows)):
+            for key, value in x.items():
+                if isinstance(value, np.ndarray):
+                    assert value.dtype == y[key].dtype
+                    np.testing.assert_array_equal(value, y[key], err_msg=key)
+    assert all(a._fast[p] is not None for p in a.map_paths)

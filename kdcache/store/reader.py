@@ -26,6 +26,7 @@ import zarr
 
 from kdcache.errors import KDCacheError
 from kdcache.store.layout import ATTR, FORMAT, SCHEMA_VERSION, decode_ids, extent_groups, map_specs
+from kdcache.store.shards import ShardFile, fast_reader
 
 
 class StoreError(KDCacheError):
@@ -84,6 +85,7 @@ class CacheStore:
         self.storage_options = storage_options
         self._group, self.meta = read_meta(self.path, storage_options)
         self._arrays: dict[str, zarr.Array] = {}
+        self._fast: dict[str, ShardFile | None] = {}
         self._ids: list[str] | None = None
         self._specs = map_specs(self.meta)
         self._extent_groups = extent_groups(self.meta)
@@ -93,6 +95,7 @@ class CacheStore:
         state = self.__dict__.copy()
         state["_group"] = None
         state["_arrays"] = {}
+        state["_fast"] = {}
         return state
 
     def __setstate__(self, state):
@@ -173,7 +176,7 @@ class CacheStore:
         data = {}
         for spec in self._specs:
             try:
-                data[spec.path] = np.asarray(self.array(spec.path)[start:stop])
+                data[spec.path] = self._read_map(spec.path, start, stop, rows)
             except Exception as exc:
                 raise StoreError(
                     f"cannot decode '{spec.path}' for samples {start}..{stop - 1} of {self.path} "
@@ -196,6 +199,22 @@ class CacheStore:
             if "views/params" in data:
                 item["views/params"] = data["views/params"][j]
             out.append(item)
+        return out
+
+    def _read_map(self, path: str, start: int, stop: int, rows: list[int]) -> np.ndarray:
+        """Rows of a map array as a [stop - start, ...] block (only ``rows`` filled in)."""
+        if path not in self._fast:
+            self._fast[path] = fast_reader(self.path, path, self.array(path).metadata.to_dict())
+        fast = self._fast[path]
+        if fast is None:
+            return np.asarray(self.array(path)[start:stop])
+        a = self.array(path)
+        out = np.empty((stop - start, *a.shape[1:]), dtype=fast.dtype)
+        by_shard: dict[int, list[int]] = {}
+        for r in rows:
+            by_shard.setdefault(r // fast.per_shard, []).append(r)
+        for rs in by_shard.values():
+            out[np.asarray(rs) - start] = fast.read(rs)
         return out
 
     # -- joining with a data set -----------------------------------------------------------------
