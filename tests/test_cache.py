@@ -484,3 +484,62 @@ def test_fast_shard_files_and_zarr_agree_both_ways(tmp_path, teacher, monkeypatc
                     assert value.dtype == y[key].dtype
                     np.testing.assert_array_equal(value, y[key], err_msg=key)
     assert all(a._fast[p] is not None for p in a.map_paths)
+
+
+def test_non_finite_logits_name_exactly_the_bad_samples(tmp_path):
+    from kdcache.checkpoint import save_checkpoint
+
+    ds = limit(build_dataset("synthetic", "train", **RES), N)
+    means = [Preprocess().image_to_tensor(ds.load(j)[0]).mean().item() for j in range(3)]
+    lo, mid, hi = sorted(means)
+    threshold = (mid + hi) / 2  # the first batch (3 images) gets one bright image
+    torch.manual_seed(0)
+    model = build_model("tiny_models:NaNForBrightImages", 11, threshold=threshold)
+    ckpt = save_checkpoint(tmp_path / "nan.pt", model, config={"preprocess": Preprocess().to_dict(),
+                                                               "model_options": {"threshold": threshold}})
+    bright = [ds.ids[j] for j in range(3) if means[j] > threshold]
+    dark = [ds.ids[j] for j in range(3) if ds.ids[j] not in bright]
+    assert bright and dark  # the first batch (3 images) has both kinds
+    r = kd("build-teacher-cache", "--weights", ckpt, "--out", tmp_path / "n.zarr", *CLI)
+    assert r.exit_code == 2 and f"non-finite logits (NaN/inf) for {len(bright)} samples" in r.output
+    assert all(b in r.output for b in bright) and not any(d in r.output for d in dark)
+
+
+def test_plain_state_dict_needs_the_architecture(tmp_path, teacher):
+    from kdcache.checkpoint import read_checkpoint
+
+    sd = tmp_path / "plain.pth"
+    torch.save(read_checkpoint(teacher)["state_dict"], sd)
+    r = kd("build-teacher-cache", "--weights", sd, "--out", tmp_path / "p.zarr", *CLI)
+    assert r.exit_code == 2 and "say which architecture it is with --teacher" in r.output
+    r = kd("build-teacher-cache", "--weights", sd, "--teacher", "demo_teacher", "--out", tmp_path / "p.zarr", *CLI)
+    assert r.exit_code == 0, r.output
+    ref = tmp_path / "ref.zarr"
+    build_teacher_cache(config(teacher, ref), show_progress=False)
+    A, B = arrays_of(ref), arrays_of(tmp_path / "p.zarr")
+    np.testing.assert_array_equal(A["logits/values"], B["logits/values"])
+    r = kd("build-teacher-cache", "--weights", teacher, "--teacher", "demo_student", "--out", tmp_path / "q.zarr", *CLI)
+    assert r.exit_code == 2 and "holds a 'demo_teacher'" in r.output
+
+
+def test_features_of_images_of_different_sizes_keep_their_own_extent(tmp_path):
+    root = make_voc_sizes(tmp_path / "voc")
+    teacher = make_teacher(tmp_path / "t.pt", num_classes=21)
+    out = tmp_path / "voc.zarr"
+    build_teacher_cache(config(teacher, out, dataset="voc", data_root=str(root), dataset_options={}, limit=None,
+                               features=("stage3",), attention=True), show_progress=False)
+    store = CacheStore(out)
+    ds = build_dataset("voc", "train", root)
+    model = build_model("demo_teacher", 21, taps=("stage3",))
+    load_weights(model, teacher)
+    model.eval()
+    for i in range(len(ds)):
+        with torch.no_grad():
+            f = model(Preprocess().image_to_tensor(ds.load(i)[0])[None]).features["stage3"]
+        item = store.read(i)
+        assert item["features/stage3"].shape == f.shape[1:] and item["attention/stage3"].shape == f.shape[2:]
+        np.testing.assert_allclose(item["features/stage3"].astype(np.float32), f[0].numpy(), rtol=2e-3, atol=2e-3)
+    assert kd("verify-cache", out, "--quiet").exit_code == 0
+    r = kd("build-teacher-cache", "--weights", teacher, "--out", tmp_path / "v.zarr", "--dataset", "voc",
+           "--data-root", root, "--views", 2, "--quiet")
+    assert r.exit_code == 2 and "give --view-crop HxW" in r.output
