@@ -39,8 +39,10 @@ def init_from_env(device: torch.device | None = None) -> Dist:
     """Join the process group ``torchrun`` set up (once); returns this process's place in it."""
     d = env_dist()
     if d.enabled and not dist.is_initialized():
-        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        cuda = device is not None and device.type == "cuda"
+        if cuda:
+            torch.cuda.set_device(d.local_rank)  # before NCCL touches a device
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
     return d
 
 
