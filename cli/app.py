@@ -315,6 +315,50 @@ def verify_cache(
         raise typer.Exit(1)
 
 
+@command("bench-kernels")
+def bench_kernels(
+    device: Device = "auto",
+    quick: Annotated[bool, typer.Option(help="One segmentation and one row case at k = 4 only.")] = False,
+    topk: Annotated[str, typer.Option(help="Comma-separated k values.")] = "4,8",
+    dtype: Annotated[str | None, typer.Option(help="Student dtype: float32, float16, bfloat16 (default: bf16 on CUDA, fp32 on CPU).")] = None,
+    repeats: Annotated[int | None, typer.Option(help="Timed repeats per backend (median reported).")] = None,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="Also time torch.compile of the eager code (slow to compile).")] = True,
+    json_out: Annotated[str | None, typer.Option("--json", help="Write the numbers to this JSON file.")] = None,
+    markdown_out: Annotated[str | None, typer.Option("--markdown", help="Write the table to this Markdown file.")] = None,
+):
+    """The fused top-k KL kernel vs eager PyTorch and torch.compile: times, GB/s, % of copy bandwidth."""
+    import torch
+
+    from kdcache.kernels.bench import markdown, run
+    from kdcache.runs import resolve_device, write_json
+
+    dev = resolve_device(device)
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype is not None and dtype not in dtypes:
+        raise KDCacheError(f"--dtype must be float32, float16 or bfloat16, got {dtype}")
+    try:
+        ks = tuple(int(x) for x in topk.split(","))
+    except ValueError:
+        raise KDCacheError(f"--topk takes comma-separated integers, got '{topk}'") from None
+
+    def show(r):
+        times = "  ".join(f"{b} {ms:.2f} ms" for b, ms in r.ms.items())
+        console.print(f"{r.kind} {'x'.join(map(str, r.shape))} k={r.k}: {times}", highlight=False)
+
+    result = run(dev, quick=quick, ks=ks, dtype=dtypes.get(dtype) if dtype else None, repeats=repeats,
+                 compile_backend=compile, progress=show)
+    table = markdown(result)
+    typer.echo(table)
+    if json_out:
+        from pathlib import Path
+
+        write_json(Path(json_out), result)
+    if markdown_out:
+        from pathlib import Path
+
+        Path(markdown_out).write_text(f"# bench-kernels\n\n{table}")
+
+
 @command("list-models")
 def list_models():
     """The registered model names (any package.module:callable works too)."""

@@ -14,7 +14,9 @@ temperature T.
 * ``renormalize``: the teacher over K alone, p̂ = softmax(v / T); KL = Σ_K p̂ (log p̂ − log q).
 
 The loss is T² × KL, averaged over non-ignored positions (``mean``), summed (``sum``) or
-returned per position (``none``).
+returned per position (``none``). With ``labels``, ``ce_weight`` × the hard-label cross-entropy
+at T = 1 is added (positions whose label is ``ignore_index`` left out; ``mean`` averages it over
+its own valid positions).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import torch
 def topk_kl_reference(student_logits: torch.Tensor, teacher_values: torch.Tensor,
                       teacher_indices: torch.Tensor, teacher_tail: torch.Tensor | None = None, *,
                       temperature: float = 1.0, ignore_mask: torch.Tensor | None = None,
-                      reduction: str = "mean", tail: str = "bin") -> torch.Tensor:
+                      reduction: str = "mean", tail: str = "bin", labels: torch.Tensor | None = None,
+                      ignore_index: int = 255, ce_weight: float = 1.0) -> torch.Tensor:
     s = student_logits
     C = s.shape[1]
     k = teacher_values.shape[1]
@@ -55,11 +58,20 @@ def topk_kl_reference(student_logits: torch.Tensor, teacher_values: torch.Tensor
     loss = (T * T) * kl
     if ignore_mask is not None:
         loss = loss.masked_fill(ignore_mask, 0.0)
+    ce = None
+    if labels is not None:
+        valid = labels.long() != ignore_index
+        y = torch.where(valid, labels.long(), torch.zeros_like(labels, dtype=torch.long))
+        ce = -torch.log_softmax(s, dim=1).gather(1, y.unsqueeze(1)).squeeze(1)
+        ce = ce.masked_fill(~valid, 0.0)
     if reduction == "none":
-        return loss
+        return loss if ce is None else loss + ce_weight * ce
     if reduction == "sum":
-        return loss.sum()
+        return loss.sum() if ce is None else loss.sum() + ce_weight * ce.sum()
     if reduction == "mean":
         count = loss.numel() if ignore_mask is None else int((~ignore_mask).sum())
-        return loss.sum() / max(count, 1)
+        out = loss.sum() / max(count, 1)
+        if ce is not None:
+            out = out + ce_weight * ce.sum() / max(int(valid.sum()), 1)
+        return out
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")

@@ -1,0 +1,210 @@
+"""``topk_kl``: the one entry point to the fused top-k softmax-KL loss (DESIGN.md's loss contract).
+
+The forward pass computes the loss *and* its gradient with respect to the student logits; the
+backward pass only multiplies that stored gradient by the incoming one. ``backend="auto"``
+picks Triton for CUDA tensors and Numba for CPU tensors; ``"torch"`` is the readable reference
+(any dtype, float64 included, differentiated by autograd), the oracle of the tests.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+
+from kdcache.kernels.reference import topk_kl_reference
+
+REDUCTIONS = ("mean", "sum", "none")
+TAILS = ("bin", "renormalize")
+BACKENDS = ("auto", "triton", "numba", "torch")
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_IDS = (torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+class KernelInputError(ValueError):
+    """Inputs that do not satisfy the loss contract (shapes, dtypes, ids, temperature)."""
+
+
+def _check(student, values, indices, tail, temperature, ignore_mask, reduction, tail_policy, labels,
+           backend, check_values: bool) -> None:
+    if reduction not in REDUCTIONS:
+        raise KernelInputError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if tail_policy not in TAILS:
+        raise KernelInputError(f"tail must be one of {TAILS}, got {tail_policy!r}")
+    if backend not in BACKENDS:
+        raise KernelInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise KernelInputError(f"temperature must be a positive number, got {temperature!r}")
+    if student.dim() < 2:
+        raise KernelInputError(f"student logits must be [N, C] or [N, C, *spatial], got shape {tuple(student.shape)}")
+    if student.dtype not in _FLOATS:
+        raise KernelInputError(f"student logits must be float32, float16 or bfloat16 (float64 for the torch backend), got {student.dtype}")
+    N, C, *spatial = student.shape
+    if values.dim() != student.dim() or values.shape[0] != N or list(values.shape[2:]) != spatial:
+        raise KernelInputError(
+            f"teacher_values must be [N, k, *spatial] = [{N}, k, {', '.join(map(str, spatial))}] to match the "
+            f"student's {tuple(student.shape)}, got {tuple(values.shape)}")
+    k = values.shape[1]
+    if not 1 <= k <= C:
+        raise KernelInputError(f"k = {k} teacher values per position, but the student has C = {C} classes (need 1 <= k <= C)")
+    if values.dtype not in (torch.float16, torch.float32, torch.bfloat16, torch.float64):
+        raise KernelInputError(f"teacher_values must be float16 or float32, got {values.dtype}")
+    if indices.shape != values.shape:
+        raise KernelInputError(f"teacher_indices must have the shape of teacher_values {tuple(values.shape)}, got {tuple(indices.shape)}")
+    if indices.dtype not in _IDS:
+        raise KernelInputError(f"teacher_indices must be uint8, int16, int32 or int64, got {indices.dtype}")
+    if tail is not None and (tail.dim() != student.dim() - 1 or tail.shape[0] != N or list(tail.shape[1:]) != spatial):
+        raise KernelInputError(f"teacher_tail must be [N, *spatial] = {(N, *spatial)}, got {tuple(tail.shape)}")
+    if tail_policy == "bin" and k < C and tail is None:
+        raise KernelInputError("tail='bin' with k < C needs teacher_tail (the log-sum-exp of the teacher logits "
+                               "outside the top k); pass it, or use tail='renormalize'")
+    if ignore_mask is not None and (ignore_mask.shape != (N, *spatial) or ignore_mask.dtype != torch.bool):
+        raise KernelInputError(f"ignore_mask must be bool [N, *spatial] = {(N, *spatial)}, got {ignore_mask.dtype} {tuple(ignore_mask.shape)}")
+    if labels is not None and (labels.shape != (N, *spatial) or labels.dtype.is_floating_point):
+        raise KernelInputError(f"labels must be integer [N, *spatial] = {(N, *spatial)}, got {labels.dtype} {tuple(labels.shape)}")
+    for name, t in (("teacher_values", values), ("teacher_indices", indices), ("teacher_tail", tail),
+                    ("ignore_mask", ignore_mask), ("labels", labels)):
+        if t is not None and t.device != student.device:
+            raise KernelInputError(f"{name} is on {t.device} but the student logits are on {student.device}")
+    if check_values:
+        # one host synchronisation; pass check_inputs=False in a training loop once inputs are trusted
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= C:
+            raise KernelInputError(f"teacher_indices hold class ids in [{lo}, {hi}], outside [0, {C})")
+
+
+def _views(student, values, indices, tail, ignore_mask, labels):
+    """[N, C, P] views (P = prod(spatial), 1 for rows) with contiguous positions."""
+    N, C = student.shape[:2]
+    k = values.shape[1]
+    P = int(np.prod(student.shape[2:])) if student.dim() > 2 else 1
+    s = student.reshape(N, C, P)
+    if P > 1 and s.stride(2) != 1:
+        s = s.contiguous()
+    v = values.reshape(N, k, P).contiguous()
+    i = indices.reshape(N, k, P).contiguous()
+    t = tail.reshape(N, P).contiguous() if tail is not None else None
+    ign = ignore_mask.reshape(N, P).contiguous() if ignore_mask is not None else None
+    lab = labels.reshape(N, P).contiguous() if labels is not None else None
+    return s, v, i, t, ign, lab
+
+
+def _scales(ignore_mask, labels, ignore_index, ce_weight, reduction, N, P, device):
+    """[kd_scale, ce_scale] on the device, without a host sync (1/count for 'mean')."""
+    if reduction != "mean":
+        return torch.tensor([1.0, float(ce_weight)], dtype=torch.float32, device=device)
+    kd_count = (torch.full((), N * P, device=device, dtype=torch.float32) if ignore_mask is None
+                else (~ignore_mask).sum().float())
+    parts = [1.0 / kd_count.clamp_min(1.0)]
+    if labels is not None:
+        parts.append(float(ce_weight) / (labels != ignore_index).sum().float().clamp_min(1.0))
+    else:
+        parts.append(torch.zeros((), device=device))
+    return torch.stack(parts).float()
+
+
+class _TopKKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, values, indices, tail, ignore_mask, labels, T, tail_policy, reduction,
+                ignore_index, ce_weight, backend):
+        N, C = student.shape[:2]
+        spatial = student.shape[2:]
+        s, v, i, t, ign, lab = _views(student, values, indices, tail, ignore_mask, labels)
+        P = s.shape[2]
+        k = v.shape[1]
+        with_tail = tail_policy == "bin" and k < C
+        scales = _scales(ign, lab, ignore_index, ce_weight, reduction, N, P, student.device)
+        if backend == "numba":
+            grad, loss_map = _run_numba(s, v, i, t if with_tail else None, ign, lab, T, with_tail,
+                                        ignore_index, scales)
+            grad = grad.to(student.dtype)
+            loss = loss_map.view(N, *spatial) if reduction == "none" else loss_map.double().sum().float()
+        else:
+            from kdcache.kernels.triton_kl import launch, programs_per_sample
+
+            grad = torch.empty((N, C, P), dtype=student.dtype, device=student.device)
+            if reduction == "none":
+                out = torch.empty(N * P, dtype=torch.float32, device=student.device)
+            else:
+                out = torch.empty(N * programs_per_sample(C, P), dtype=torch.float32, device=student.device)
+            launch(s, v, i, t if with_tail else None, ign.to(torch.uint8) if ign is not None else None, lab,
+                   grad, scales, T=T, with_tail=with_tail, ignore_index=ignore_index,
+                   per_position=reduction == "none", loss_out=out)
+            loss = out.view(N, *spatial) if reduction == "none" else out.sum()
+        ctx.reduction = reduction
+        ctx.shape = student.shape
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        N, C = ctx.shape[:2]
+        if ctx.reduction == "none":
+            g = grad * grad_out.reshape(N, 1, -1).to(grad.dtype)
+        else:
+            g = grad * grad_out.to(grad.dtype)
+        return g.view(ctx.shape), None, None, None, None, None, None, None, None, None, None, None
+
+
+def _run_numba(s, v, i, t, ign, lab, T, with_tail, ignore_index, scales):
+    from kdcache.kernels.numba_kl import topk_kl_numba
+
+    N, C, P = s.shape
+    # one compiled specialisation: fp32 student/teacher, int32 ids (the narrow types are widened
+    # here, a copy of k values per position; the student is read in place when it is fp32)
+    s32 = s.detach().float().contiguous().numpy()
+    v32 = v.float().contiguous().numpy()
+    idx = i.to(torch.int32).contiguous().numpy()
+    tail = t.float().contiguous().numpy() if t is not None else np.zeros((1, 1), dtype=np.float32)
+    ign_np = ign.contiguous().numpy() if ign is not None else np.zeros((1, 1), dtype=np.bool_)
+    lab_np = lab.long().contiguous().numpy() if lab is not None else np.zeros((1, 1), dtype=np.int64)
+    grad = np.empty((N, C, P), dtype=np.float32)
+    loss = np.empty((N, P), dtype=np.float32)
+    sc = scales.numpy()
+    topk_kl_numba(s32, v32, idx, tail, ign_np, lab_np, float(T), True, with_tail, ign is not None,
+                  lab is not None, int(ignore_index), float(sc[0]), float(sc[1]), grad, loss)
+    return torch.from_numpy(grad), torch.from_numpy(loss)
+
+
+def triton_usable(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def topk_kl(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor,
+            teacher_tail: torch.Tensor | None = None, *, temperature: float = 1.0,
+            ignore_mask: torch.Tensor | None = None, reduction: str = "mean", tail: str = "bin",
+            backend: str = "auto", labels: torch.Tensor | None = None, ignore_index: int = 255,
+            ce_weight: float = 1.0, check_inputs: bool = True) -> torch.Tensor:
+    """T² × KL(teacher ‖ student) from a top-k teacher, fused with its gradient.
+
+    ``student_logits`` [N, C] or [N, C, *spatial] (fp32/fp16/bf16, differentiable);
+    ``teacher_values`` [N, k, *spatial] raw teacher logits sorted descending (fp16/fp32);
+    ``teacher_indices`` their class ids (uint8/int16/int32/int64); ``teacher_tail`` [N, *spatial]
+    the log-sum-exp of the teacher logits outside the top k (needed by ``tail="bin"`` when k < C);
+    ``ignore_mask`` bool [N, *spatial], True = ignored. ``reduction``: ``mean`` over non-ignored
+    positions (all ignored gives 0 and a zero gradient), ``sum`` or ``none`` (a map).
+    ``labels`` (+ ``ignore_index``) adds ``ce_weight`` × the cross-entropy at T = 1 in the same
+    pass. ``check_inputs`` validates class ids against C (one host synchronisation); shapes,
+    dtypes, k and the temperature are always checked.
+    """
+    _check(student_logits, teacher_values, teacher_indices, teacher_tail, temperature, ignore_mask,
+           reduction, tail, labels, backend, check_inputs)
+    if backend == "auto":
+        backend = "triton" if student_logits.device.type == "cuda" else "numba"
+    if backend == "torch":
+        return topk_kl_reference(student_logits, teacher_values, teacher_indices, teacher_tail,
+                                 temperature=temperature, ignore_mask=ignore_mask, reduction=reduction,
+                                 tail=tail, labels=labels, ignore_index=ignore_index, ce_weight=ce_weight)
+    if student_logits.dtype == torch.float64:
+        raise KernelInputError("float64 student logits run on the torch backend only (backend='torch')")
+    if backend == "numba" and student_logits.device.type != "cpu":
+        raise KernelInputError("the numba backend runs on CPU tensors; use backend='triton' (or 'auto') for CUDA")
+    if backend == "triton" and not triton_usable(student_logits.device):
+        raise KernelInputError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)")
+    return _TopKKL.apply(student_logits, teacher_values, teacher_indices, teacher_tail, ignore_mask, labels,
+                         float(temperature), tail, reduction, int(ignore_index), float(ce_weight), backend)

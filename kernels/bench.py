@@ -1,0 +1,184 @@
+"""``kdcache bench-kernels``: the fused top-k KL kernel against eager PyTorch and torch.compile.
+
+Every backend computes forward + backward of a top-k KD loss on the same inputs:
+
+* ``fused``: :func:`kdcache.kernels.topk_kl` (Triton on CUDA, Numba on CPU);
+* ``eager``: what one writes in PyTorch — densify the top k (the tail's mass spread over the other
+  classes), ``log_softmax`` of the student, ``kl_div``, ``backward``;
+* ``compile``: ``torch.compile`` of that eager function.
+
+Per case it reports the median time of forward + backward, the bytes moved at the floor (student
+read, teacher values + ids + tail read, gradient write), the GB/s that gives, the device's copy
+bandwidth measured in the same run and the % of it reached, and the fused kernel's speed-up over
+each other backend. Times are medians over repeats after warm-up; CUDA is synchronised.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from kdcache.kernels.api import topk_kl
+from kdcache.targets import topk_targets
+
+GPU_SEG = [(8, C, (512, 1024)) for C in (11, 19, 21, 150)]
+GPU_ROWS = [(4096, C, ()) for C in (1000, 32000, 128000)]
+# on a CPU the GPU shapes take minutes per case; these keep the same structure (said in the output)
+CPU_SEG = [(2, 19, (256, 512))] + [(2, C, (128, 256)) for C in (11, 21, 150)]
+CPU_ROWS = [(256, 1000, ()), (32, 32000, ()), (8, 128000, ())]
+
+
+@dataclass
+class CaseResult:
+    kind: str
+    shape: list[int]
+    k: int
+    dtype: str
+    floor_bytes: int
+    ms: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def gbps(self, backend: str) -> float:
+        return self.floor_bytes / (self.ms[backend] * 1e-3) / 1e9
+
+
+def eager_loss(s: torch.Tensor, v: torch.Tensor, i: torch.Tensor, tail: torch.Tensor, T: float) -> torch.Tensor:
+    """Densify the cached top k into full teacher log-probabilities (tail mass spread equally over
+    the other classes), then the usual log_softmax + kl_div, T² × mean over positions."""
+    C, k = s.shape[1], v.shape[1]
+    log_rest = math.log(C - k)
+    a = torch.cat([v.float() / T, (log_rest + (tail.float() - log_rest) / T).unsqueeze(1)], 1)
+    logp = torch.log_softmax(a, 1)
+    dense = (logp[:, k:k + 1] - log_rest).expand(-1, C, *s.shape[2:]).clone()
+    dense = dense.scatter(1, i.long(), logp[:, :k])
+    log_q = F.log_softmax(s.float() / T, 1)
+    kl = F.kl_div(log_q, dense, log_target=True, reduction="sum")
+    positions = s.numel() // C
+    return kl * (T * T) / positions
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device: torch.device, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20, repeats: int = 10) -> float:
+    """GB/s of ``dst.copy_(src)`` (bytes read + written) on ``device``."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, repeats, 3)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def make_inputs(N: int, C: int, spatial: tuple, k: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    s = (torch.randn(N, C, *spatial, generator=g) * 3).to(dtype=dtype, device=device)
+    t = torch.randn(N, C, *spatial, generator=g) * 3
+    v, i, tail = topk_targets(t, k)
+    idx_dtype = torch.uint8 if C <= 256 else torch.int32
+    return s, v.half().to(device), i.to(idx_dtype).to(device), tail.half().to(device)
+
+
+def bench_case(N: int, C: int, spatial: tuple, k: int, *, device: torch.device, dtype: torch.dtype,
+               T: float = 2.0, repeats: int = 10, warmup: int = 2, compile_backend: bool = True) -> CaseResult:
+    s, v, i, tail = make_inputs(N, C, spatial, k, dtype, device)
+    P = s.numel() // (N * C)
+    floor = 2 * s.numel() * s.element_size() + N * P * (k * (v.element_size() + i.element_size()) + tail.element_size())
+    res = CaseResult("rows" if not spatial else "segmentation", [N, C, *spatial], k, str(dtype).replace("torch.", ""), floor)
+
+    def fused():
+        x = s.detach().requires_grad_(True)
+        topk_kl(x, v, i, tail, temperature=T, check_inputs=False).backward()
+
+    def eager():
+        x = s.detach().requires_grad_(True)
+        eager_loss(x, v, i, tail, T).backward()
+
+    backends = {"fused": fused, "eager": eager}
+    if compile_backend:
+        compiled = torch.compile(eager_loss, dynamic=False)
+
+        def comp():
+            x = s.detach().requires_grad_(True)
+            compiled(x, v, i, tail, T).backward()
+
+        backends["compile"] = comp
+    for name, fn in backends.items():
+        try:
+            res.ms[name] = time_ms(fn, device, repeats, warmup)
+        except Exception as exc:  # e.g. out of memory for eager at the largest shapes
+            res.errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return res
+
+
+def run(device: torch.device, *, quick: bool = False, ks=(4, 8), dtype: torch.dtype | None = None,
+        repeats: int | None = None, compile_backend: bool = True, progress=None) -> dict:
+    cuda = device.type == "cuda"
+    dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
+    seg, rows = (GPU_SEG, GPU_ROWS) if cuda else (CPU_SEG, CPU_ROWS)
+    if quick:
+        seg, rows, ks = seg[:1], rows[:1], ks[:1]
+    repeats = repeats or (30 if cuda else 5)
+    from kdcache.runs import device_name
+
+    out = {"device": device_name(device), "dtype": str(dtype).replace("torch.", ""), "scaled_down": not cuda,
+           "copy_gbps": copy_bandwidth(device, (256 << 20) if cuda else (64 << 20)), "cases": []}
+    cases = [(N, C, sp, k) for (N, C, sp) in seg + rows for k in ks]
+    for N, C, sp, k in cases:
+        r = bench_case(N, C, sp, k, device=device, dtype=dtype, repeats=repeats, compile_backend=compile_backend)
+        out["cases"].append(asdict(r) | {"gbps": {b: r.gbps(b) for b in r.ms}})
+        if progress:
+            progress(r)
+    return out
+
+
+def markdown(result: dict) -> str:
+    cp = result["copy_gbps"]
+    lines = [
+        f"Device: {result['device']}; student {result['dtype']}, teacher fp16 values + uint8/int32 ids + fp16 tail; "
+        f"copy bandwidth measured in the same run: {cp:.1f} GB/s."
+        + (" Shapes scaled down for the CPU (the GPU cases are N=8×512×1024 and 4096 rows)." if result["scaled_down"] else ""),
+        "",
+        "| case | k | floor MB | fused ms | eager ms | compile ms | fused GB/s | % of copy | × eager | × compile |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in result["cases"]:
+        ms, gb = c["ms"], c["gbps"]
+        shape = "×".join(map(str, c["shape"]))
+
+        def cell(b):
+            return f"{ms[b]:.2f}" if b in ms else "—"
+
+        def ratio(b):
+            return f"{ms[b] / ms['fused']:.1f}" if b in ms and "fused" in ms else "—"
+
+        lines.append(
+            f"| {c['kind']} {shape} | {c['k']} | {c['floor_bytes'] / 1e6:.1f} | {cell('fused')} | {cell('eager')} | "
+            f"{cell('compile')} | {gb.get('fused', float('nan')):.1f} | "
+            f"{100 * gb.get('fused', float('nan')) / cp:.0f}% | {ratio('eager')} | {ratio('compile')} |"
+        )
+    errors = [(c, b, e) for c in result["cases"] for b, e in c["errors"].items()]
+    if errors:
+        lines += ["", "Not measured: " + "; ".join(f"{'×'.join(map(str, c['shape']))} k={c['k']} {b}: {e}" for c, b, e in errors)]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,230 @@
+"""The fused top-k KL kernels against the float64 PyTorch reference.
+
+Tolerances (loss: relative; gradient: |g - g_ref| <= atol * max|g_ref| + rtol * |g_ref|):
+fp32 student 1e-4 / (1e-5, 1e-4); fp16 student 1e-3 / (2e-3, 2e-3); bf16 student 1e-2 / (1e-2, 1e-2).
+The reference runs in float64 on the inputs as the kernel sees them (already rounded to the
+student's and teacher's dtypes), so the tolerances measure the kernels' own arithmetic: fp32
+accumulation and the rounding of the gradient to the student's dtype.
+
+The Triton kernel runs on the CPU under TRITON_INTERPRET=1 (set in conftest.py when there is no
+GPU) on tiny shapes; the Numba kernel takes the full matrix.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kdcache.kernels import KernelInputError, topk_kl, topk_kl_reference
+from kdcache.targets import topk_targets
+
+TOL = {torch.float32: (1e-4, 1e-5, 1e-4), torch.float16: (1e-3, 2e-3, 2e-3), torch.bfloat16: (1e-2, 1e-2, 1e-2)}
+TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def make_case(N, C, k, spatial, *, seed=0, scale=3.0, student_dtype=torch.float32, value_dtype=torch.float16,
+              index_dtype=torch.uint8, ignored=0.3, labels=False):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(N, C, *spatial, generator=g) * scale).to(student_dtype)
+    t = torch.randn(N, C, *spatial, generator=g) * scale
+    v, i, tail = topk_targets(t, k)
+    v = v.to(value_dtype)
+    tail = tail.to(value_dtype) if tail is not None else None
+    i = i.to(index_dtype)
+    ign = torch.rand(N, *spatial, generator=g) < ignored
+    lab = None
+    if labels:
+        lab = torch.randint(0, C, (N, *spatial), generator=g)
+        lab[torch.rand(N, *spatial, generator=g) < 0.2] = 255
+    return s, v, i, tail, ign, lab
+
+
+def check(backend, s, v, i, tail, ign, lab=None, *, T=2.0, tail_policy="bin", reduction="mean", ce_weight=0.7):
+    s64 = s.double().requires_grad_(True)
+    ref = topk_kl_reference(s64, v.double(), i, tail.double() if tail is not None else None, temperature=T,
+                            ignore_mask=ign, reduction=reduction, tail=tail_policy, labels=lab, ce_weight=ce_weight)
+    upstream = torch.randn_like(ref) if reduction == "none" else torch.tensor(1.7, dtype=torch.float64)
+    (g_ref,) = torch.autograd.grad(ref, s64, upstream)
+    x = s.clone().requires_grad_(True)
+    out = topk_kl(x, v, i, tail, temperature=T, ignore_mask=ign, reduction=reduction, tail=tail_policy,
+                  labels=lab, ce_weight=ce_weight, backend=backend)
+    (g,) = torch.autograd.grad(out, x, upstream.float())
+    assert g.dtype == s.dtype and g.shape == s.shape
+    assert torch.isfinite(out).all() and torch.isfinite(g).all()
+    loss_rtol, g_atol, g_rtol = TOL[s.dtype]
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    assert (out.double() - ref.detach()).abs().max().item() <= loss_rtol * max(scale, 1e-3) + 1e-6, (out, ref)
+    err = (g.double() - g_ref).abs()
+    bound = g_atol * g_ref.abs().max() + g_rtol * g_ref.abs() + 1e-7
+    assert (err <= bound).all(), f"max gradient error {err.max().item():.3g}"
+    return out, g
+
+
+# -- Numba: the full matrix --------------------------------------------------------------------------
+
+CASES = [(C, k) for C in (2, 11, 19, 21, 150, 1000) for k in sorted({1, 2, 4, 8, C}) if k <= C]
+
+
+@pytest.mark.parametrize("C,k", CASES)
+@pytest.mark.parametrize("tail_policy", ["bin", "renormalize"])
+def test_numba_matches_reference_spatial_and_rows(C, k, tail_policy):
+    N = 1 + (C + k) % 3
+    spatial = (3, 5) if C >= 150 else (5, 7)
+    s, v, i, tail, ign, _ = make_case(N, C, k, spatial, seed=C * 10 + k, index_dtype=torch.int16)
+    check("numba", s, v, i, tail, ign, tail_policy=tail_policy, reduction="mean")
+    check("numba", s, v, i, tail, ign, tail_policy=tail_policy, reduction="none")
+    s, v, i, tail, ign, _ = make_case(N + 3, C, k, (), seed=C + k)  # rows [N, C]
+    check("numba", s, v, i, tail, ign, tail_policy=tail_policy, reduction="sum")
+
+
+@pytest.mark.parametrize("student_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("value_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("index_dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+def test_numba_every_dtype_combination(student_dtype, value_dtype, index_dtype):
+    s, v, i, tail, ign, lab = make_case(2, 21, 4, (7, 9), student_dtype=student_dtype, value_dtype=value_dtype,
+                                        index_dtype=index_dtype, labels=True)
+    check("numba", s, v, i, tail, ign, lab)
+
+
+def test_numba_large_logits_and_temperatures():
+    s, v, i, tail, ign, lab = make_case(2, 19, 4, (5, 7), scale=1e4, value_dtype=torch.float32, labels=True)
+    for T in (1.0, 4.0):
+        check("numba", s, v, i, tail, ign, lab, T=T)
+    # near fp16's maximum
+    s, v, i, tail, ign, _ = make_case(1, 11, 2, (3, 5), scale=1.0, student_dtype=torch.float16)
+    s = (s.float() * 6e4 / s.float().abs().max()).half()
+    v = (v.float() * 6e4 / v.float().abs().max()).half()
+    tail = torch.minimum(tail.float() * 6e4 / 3, v[:, -1].float()).half()
+    check("numba", s, v, i, tail, ign)
+
+
+def test_numba_all_ignored_is_zero_not_nan():
+    s, v, i, tail, _, _ = make_case(2, 19, 4, (3, 5))
+    x = s.clone().requires_grad_(True)
+    out = topk_kl(x, v, i, tail, ignore_mask=torch.ones(2, 3, 5, dtype=torch.bool), backend="numba")
+    out.backward()
+    assert out.item() == 0.0 and torch.count_nonzero(x.grad) == 0
+
+
+def test_backward_only_scales_the_stored_gradient(monkeypatch):
+    import kdcache.kernels.api as api
+
+    calls = []
+    real = api._run_numba
+    monkeypatch.setattr(api, "_run_numba", lambda *a: calls.append(1) or real(*a))
+    s, v, i, tail, ign, _ = make_case(2, 11, 4, (5, 5))
+    x = s.clone().requires_grad_(True)
+    out = topk_kl(x, v, i, tail, ignore_mask=ign, backend="numba")
+    assert len(calls) == 1
+    (3.0 * out).backward()
+    assert len(calls) == 1  # no recomputation in backward
+    y = s.clone().requires_grad_(True)
+    topk_kl(y, v, i, tail, ignore_mask=ign, backend="numba").backward()
+    assert torch.allclose(x.grad, 3.0 * y.grad)
+
+
+def test_auto_picks_numba_on_cpu(monkeypatch):
+    import kdcache.kernels.api as api
+
+    used = []
+    real = api._run_numba
+    monkeypatch.setattr(api, "_run_numba", lambda *a: used.append(1) or real(*a))
+    s, v, i, tail, ign, _ = make_case(1, 11, 2, (3, 3))
+    topk_kl(s, v, i, tail)
+    assert used
+
+
+# -- the reference itself ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tail_policy", ["bin", "renormalize"])
+def test_reference_gradient_agrees_with_finite_differences(tail_policy):
+    s, v, i, tail, ign, lab = make_case(2, 7, 3, (2, 3), value_dtype=torch.float64, labels=True)
+    s = s.double().requires_grad_(True)
+
+    def f(x):
+        return topk_kl_reference(x, v, i, tail, temperature=2.5, ignore_mask=ign, tail=tail_policy, labels=lab,
+                                 ce_weight=0.3, reduction="mean")
+
+    assert torch.autograd.gradcheck(f, (s,), eps=1e-6, atol=1e-6)
+
+
+def test_reference_dense_and_k_equals_c_agree_with_kl_div():
+    s, _, _, _, _, _ = make_case(2, 9, 9, (4, 4))
+    t = torch.randn(2, 9, 4, 4, dtype=torch.float64)
+    v, i, _ = topk_targets(t, 9)
+    T = 3.0
+    got = topk_kl_reference(s.double(), v, i, None, temperature=T, reduction="mean")
+    want = torch.nn.functional.kl_div(torch.log_softmax(s.double() / T, 1), torch.log_softmax(t / T, 1),
+                                      log_target=True, reduction="none").sum(1).mean() * T * T
+    assert torch.allclose(got, want)
+
+
+# -- Triton (interpreter on CPU, tiny shapes) -------------------------------------------------------------
+
+triton_only = pytest.mark.skipif(not TRITON, reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+@triton_only
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("C,k", [(2, 1), (19, 4), (19, 19), (150, 8), (300, 4)])
+@pytest.mark.parametrize("tail_policy", ["bin", "renormalize"])
+def test_triton_matches_reference(C, k, tail_policy):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    s, v, i, tail, ign, lab = make_case(2, C, k, (3, 5), seed=C + k, labels=C != 300)
+    to = (lambda x: x.to(dev) if x is not None else None)
+    check("triton", *(to(x) for x in (s, v, i, tail, ign, lab)), tail_policy=tail_policy)
+    check("triton", *(to(x) for x in (s, v, i, tail, ign, lab)), tail_policy=tail_policy, reduction="none")
+    s, v, i, tail, ign, _ = make_case(3, C, k, (), seed=C * k)  # rows
+    check("triton", *(to(x) for x in (s, v, i, tail, ign)), tail_policy=tail_policy, reduction="sum")
+
+
+@triton_only
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("student_dtype,index_dtype", [(torch.float16, torch.uint8), (torch.bfloat16, torch.int64),
+                                                        (torch.float32, torch.int32)])
+def test_triton_dtypes_rows_with_several_class_tiles_and_all_ignored(student_dtype, index_dtype):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    s, v, i, tail, ign, _ = make_case(2, 5000, 8, (), student_dtype=student_dtype, index_dtype=index_dtype
+                                      if index_dtype != torch.uint8 else torch.int16)
+    check("triton", s.to(dev), v.to(dev), i.to(dev), tail.to(dev), ign.to(dev))
+    s, v, i, tail, ign, lab = make_case(1, 21, 4, (5, 3), student_dtype=student_dtype, index_dtype=index_dtype, labels=True)
+    check("triton", s.to(dev), v.to(dev), i.to(dev), tail.to(dev), ign.to(dev), lab.to(dev))
+    x = s.to(dev).requires_grad_(True)
+    out = topk_kl(x, v.to(dev), i.to(dev), tail.to(dev), ignore_mask=torch.ones_like(ign).to(dev), backend="triton")
+    out.backward()
+    assert out.item() == 0.0 and torch.count_nonzero(x.grad) == 0
+
+
+# -- bad input -------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_are_clear_errors():
+    s, v, i, tail, ign, _ = make_case(2, 11, 4, (3, 5))
+    with pytest.raises(KernelInputError, match="temperature must be a positive"):
+        topk_kl(s, v, i, tail, temperature=0.0)
+    with pytest.raises(KernelInputError, match="teacher_values must be"):
+        topk_kl(s, v[:, :, :2], i, tail)
+    with pytest.raises(KernelInputError, match="shape of teacher_values"):
+        topk_kl(s, v, i[:, :3], tail)
+    with pytest.raises(KernelInputError, match="k = 12 .* C = 11"):
+        topk_kl(s, torch.zeros(2, 12, 3, 5), torch.zeros(2, 12, 3, 5, dtype=torch.int64), tail)
+    bad = i.clone()
+    bad[0, 0, 0, 0] = 11
+    with pytest.raises(KernelInputError, match=r"class ids in \[0, 11\], outside \[0, 11\)"):
+        topk_kl(s, v, bad, tail)
+    with pytest.raises(KernelInputError, match="uint8, int16, int32 or int64"):
+        topk_kl(s, v, i.float(), tail)
+    with pytest.raises(KernelInputError, match="needs teacher_tail"):
+        topk_kl(s, v, i, None)
+    with pytest.raises(KernelInputError, match="ignore_mask must be bool"):
+        topk_kl(s, v, i, tail, ignore_mask=ign.float())
+    with pytest.raises(KernelInputError, match="reduction must be"):
+        topk_kl(s, v, i, tail, reduction="batchmean")
+    with pytest.raises(KernelInputError, match="student logits must be float32"):
+        topk_kl(s.long(), v, i, tail)
+    with pytest.raises(KernelInputError, match="float64 student logits run on the torch backend"):
+        topk_kl(s.double(), v, i, tail)
+    assert torch.isfinite(topk_kl(s.double(), v, i, tail, backend="torch"))
