@@ -167,10 +167,10 @@ def markdown(result: dict) -> str:
         ms, gb = c["ms"], c["gbps"]
         shape = "×".join(map(str, c["shape"]))
 
-        def cell(b):
+        def cell(b, ms=ms):
             return f"{ms[b]:.2f}" if b in ms else "—"
 
-        def ratio(b):
+        def ratio(b, ms=ms):
             return f"{ms[b] / ms['fused']:.1f}" if b in ms and "fused" in ms else "—"
 
         lines.append(

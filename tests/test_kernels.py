@@ -174,7 +174,10 @@ triton_only = pytest.mark.skipif(not TRITON, reason="needs CUDA or TRITON_INTERP
 def test_triton_matches_reference(C, k, tail_policy):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     s, v, i, tail, ign, lab = make_case(2, C, k, (3, 5), seed=C + k, labels=C != 300)
-    to = (lambda x: x.to(dev) if x is not None else None)
+
+    def to(x):
+        return x.to(dev) if x is not None else None
+
     check("triton", *(to(x) for x in (s, v, i, tail, ign, lab)), tail_policy=tail_policy)
     check("triton", *(to(x) for x in (s, v, i, tail, ign, lab)), tail_policy=tail_policy, reduction="none")
     s, v, i, tail, ign, _ = make_case(3, C, k, (), seed=C * k)  # rows
