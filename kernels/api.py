@@ -150,7 +150,7 @@ class _TopKKL(torch.autograd.Function):
 
 
 def _run_numba(s, v, i, t, ign, lab, T, with_tail, ignore_index, scales):
-    from kdcache.kernels.numba_kl import topk_kl_numba
+    from kdcache.kernels.numba_kl import kl_rows, kl_spatial
 
     N, C, P = s.shape
     # one compiled specialisation: fp32 student/teacher, int32 ids (the narrow types are widened
@@ -164,8 +164,9 @@ def _run_numba(s, v, i, t, ign, lab, T, with_tail, ignore_index, scales):
     grad = np.empty((N, C, P), dtype=np.float32)
     loss = np.empty((N, P), dtype=np.float32)
     sc = scales.numpy()
-    topk_kl_numba(s32, v32, idx, tail, ign_np, lab_np, float(T), True, with_tail, ign is not None,
-                  lab is not None, int(ignore_index), float(sc[0]), float(sc[1]), grad, loss)
+    kernel = kl_spatial if P >= 64 else kl_rows  # pixels innermost, or classes innermost
+    kernel(s32, v32, idx, tail, ign_np, lab_np, float(T), with_tail, ign is not None, lab is not None,
+           int(ignore_index), float(sc[0]), float(sc[1]), grad, loss)
     return torch.from_numpy(grad), torch.from_numpy(loss)
 
 
