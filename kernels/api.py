@@ -144,6 +144,8 @@ class _TopKKL(torch.autograd.Function):
         N, C = ctx.shape[:2]
         if ctx.reduction == "none":
             g = grad * grad_out.reshape(N, 1, -1).to(grad.dtype)
+        elif grad_out.device.type == "cpu" and float(grad_out) == 1.0:
+            g = grad  # loss.backward() on the CPU: reading the scalar costs nothing, skip a pass
         else:
             g = grad * grad_out.to(grad.dtype)
         return g.view(ctx.shape), None, None, None, None, None, None, None, None, None, None, None

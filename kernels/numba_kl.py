@@ -229,15 +229,17 @@ def kl_spatial(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ignore
             for c in range(C):
                 for j in range(L):
                     st[j] += max(g[c, j], 0.0)
-            for j in range(L):
-                if not kd[j]:
-                    continue  # ignored: its teacher entries may be anything (NaN padding)
+            for j in range(L):  # vectorised: assumes the tail sum did not underflow ...
                 lp_tail = a_tail[j] - log_z[j]
-                p_tail[j] = fast_exp(lp_tail)
-                if st[j] > 1e-290:
-                    l_tail[j] = m[j] + fast_log(st[j])
-                    tail_coef[j] = p_tail[j] / st[j]
-                else:  # every tail term underflowed: an exact log-sum-exp over the tail classes
+                pt = fast_exp(lp_tail) if kd[j] else 0.0  # ignored pixels may hold NaN teacher values
+                ok = st[j] > 1e-290
+                p_tail[j] = pt
+                l_tail[j] = m[j] + fast_log(st[j] if ok else 1.0)
+                tail_coef[j] = pt / st[j] if ok else 0.0
+                exact[j] = kd[j] and not ok
+                kl[j] += pt * (lp_tail - (l_tail[j] - lse[j])) if ok else 0.0
+            for j in range(L):  # ... and fixes the rare pixels where it did
+                if exact[j]:
                     mt = -np.inf
                     for c in range(C):
                         if g[c, j] >= 0.0:
@@ -247,8 +249,7 @@ def kl_spatial(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ignore
                         if g[c, j] >= 0.0:
                             sm += math.exp(x[c, j] * inv_t - mt)
                     l_tail[j] = mt + math.log(sm)
-                    exact[j] = True
-                kl[j] += p_tail[j] * (lp_tail - (l_tail[j] - lse[j]))
+                    kl[j] += p_tail[j] * ((a_tail[j] - log_z[j]) - (l_tail[j] - lse[j]))
         # the gradient
         for c in range(C):
             for j in range(L):
@@ -269,7 +270,7 @@ def kl_spatial(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ignore
                 if kd[j]:
                     g[ids[jj, j], j] -= kdw[j] * pk[jj, j]
         for j in range(L):
-            if exact[j] and kd[j]:
+            if exact[j]:
                 for c in range(C):
                     in_k = False
                     for jj in range(k):
@@ -277,11 +278,17 @@ def kl_spatial(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ignore
                             in_k = True
                     if not in_k:
                         g[c, j] -= kdw[j] * p_tail[j] * math.exp(x[c, j] * inv_t - l_tail[j])
-            total = kd_scale * T * T * kl[j] if kd[j] else 0.0
-            if ce_w[j] != 0.0:
-                g[ys[j], j] -= ce_w[j]
-                total += ce_w[j] * (lse1[j] - x[ys[j], j])
-            loss[n, p0 + j] = total  # once per pixel
+        tot = np.empty(L)
+        for j in range(L):
+            tot[j] = kd_scale * T * T * kl[j] if kd[j] else 0.0
+        if use_lab:
+            for j in range(L):
+                if ce_w[j] != 0.0:
+                    g[ys[j], j] -= ce_w[j]
+                    tot[j] += ce_w[j] * (lse1[j] - x[ys[j], j])
+        ls = loss.ravel()[n * P + p0:n * P + p0 + L]
+        for j in range(L):
+            ls[j] = tot[j]
         for c in range(C):
             dst = g1[(n * C + c) * P + p0:(n * C + c) * P + p0 + L]
             for j in range(L):
@@ -291,94 +298,119 @@ def kl_spatial(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ignore
 @njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "nsz", "contract"})
 def kl_rows(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ignore_index, kd_scale, ce_scale,
             grad, loss):  # pragma: no cover - compiled
-    """Any [N, C, P], one position per iteration, classes innermost (rows: contiguous)."""
+    """Any [N, C, P], one position per iteration: its C logits copied into a local contiguous
+    buffer (rows [N, C] read in place), classes innermost."""
     N, C, P = s.shape
     k = v.shape[1]
     inv_t = 1.0 / T
     log_rest = math.log(C - k) if C > k else 0.0
+    sep_ce = use_lab and T != 1.0
+    s1, g1 = s.ravel(), grad.ravel()
     for q in prange(N * P):
         n = q // P
         p = q - n * P
+        base = n * C * P + p
+        x = np.empty(C)
+        if P == 1:
+            row = s1[base:base + C]
+            for c in range(C):
+                x[c] = row[c]
+        else:
+            for c in range(C):
+                x[c] = s1[base + c * P]
         m = -np.inf
         for c in range(C):
-            m = max(m, s[n, c, p] * inv_t)
+            m = max(m, x[c])
+        m = m * inv_t
+        g = np.empty(C)
         acc = 0.0
         for c in range(C):
-            e = fast_exp(s[n, c, p] * inv_t - m)
-            grad[n, c, p] = e
+            e = fast_exp(x[c] * inv_t - m)
+            g[c] = e
             acc += e
-        lse = m + math.log(acc)
+        lse = m + fast_log(acc)
+        inv_acc = 1.0 / acc
         kd_on = not (use_ign and ign[n, p])
         total = 0.0
-        log_z = 0.0
-        g_kd = 0.0
+        g_kd = kd_scale * T if kd_on else 0.0
         tail_coef = 0.0
-        exact_tail = False
+        exact = False
         l_tail = 0.0
         p_tail = 0.0
+        log_z = 0.0
         if kd_on:
             log_z, a_tail, kl = _teacher(v, idx, tail, s, n, p, k, inv_t, log_rest, with_tail, lse)
-            g_kd = kd_scale * T
             total = kd_scale * T * T * kl
             if with_tail:
                 for jj in range(k):
                     c = idx[n, jj, p]
-                    grad[n, c, p] = -grad[n, c, p] - 1.0
+                    g[c] = -g[c] - 1.0
                 st = 0.0
                 for c in range(C):
-                    st += max(grad[n, c, p], 0.0)
+                    st += max(g[c], 0.0)
                 lp_tail = a_tail - log_z
                 p_tail = math.exp(lp_tail)
-                if st > 0.0:
+                if st > 1e-290:
                     l_tail = m + math.log(st)
                     tail_coef = p_tail / st
                 else:
                     mt = -np.inf
                     for c in range(C):
-                        if grad[n, c, p] >= 0.0:
-                            mt = max(mt, s[n, c, p] * inv_t)
+                        if g[c] >= 0.0:
+                            mt = max(mt, x[c] * inv_t)
                     sm = 0.0
                     for c in range(C):
-                        if grad[n, c, p] >= 0.0:
-                            sm += math.exp(s[n, c, p] * inv_t - mt)
+                        if g[c] >= 0.0:
+                            sm += math.exp(x[c] * inv_t - mt)
                     l_tail = mt + math.log(sm)
-                    exact_tail = True
+                    exact = True
                 total += kd_scale * T * T * p_tail * (lp_tail - (l_tail - lse))
-        sep_ce = use_lab and T != 1.0
         y = -1
         if use_lab:
             y = np.int64(lab[n, p])
             if y == ignore_index:
                 y = -1
-        m1 = m
-        acc1 = acc
+        ce_w = ce_scale if y >= 0 else 0.0
+        lse1 = lse
+        inv_acc1 = inv_acc
+        m1 = 0.0
         if y >= 0 and sep_ce:
             m1 = -np.inf
             for c in range(C):
-                m1 = max(m1, s[n, c, p])
+                m1 = max(m1, x[c])
             acc1 = 0.0
             for c in range(C):
-                acc1 += fast_exp(s[n, c, p] - m1)
-        ce_w = ce_scale if y >= 0 else 0.0
+                acc1 += fast_exp(x[c] - m1)
+            lse1 = m1 + fast_log(acc1)
+            inv_acc1 = 1.0 / acc1
         for c in range(C):
-            e = grad[n, c, p]
-            if e >= 0.0:
-                qc = e / acc
-                if exact_tail:
-                    g = g_kd * (qc - p_tail * math.exp(s[n, c, p] * inv_t - l_tail))
-                else:
-                    g = g_kd * (qc - tail_coef * e)
-            else:
-                qc = (-e - 1.0) / acc
-                g = g_kd * qc
-            if ce_w != 0.0:
-                q1 = qc if not sep_ce else fast_exp(s[n, c, p] - m1) / acc1
-                g += ce_w * q1
-            grad[n, c, p] = g
+            e = g[c]
+            marked = e < 0.0
+            et = -e - 1.0 if marked else e
+            qc = et * inv_acc
+            g[c] = g_kd * (qc - (0.0 if marked else tail_coef * et)) + (0.0 if sep_ce else ce_w * qc)
+        if ce_w != 0.0 and sep_ce:
+            for c in range(C):
+                g[c] += ce_w * fast_exp(x[c] - m1) * inv_acc1
+        if exact:
+            for c in range(C):
+                in_k = False
+                for jj in range(k):
+                    if idx[n, jj, p] == c:
+                        in_k = True
+                if not in_k:
+                    g[c] -= g_kd * p_tail * math.exp(x[c] * inv_t - l_tail)
         if kd_on:
             for jj in range(k):
-                grad[n, idx[n, jj, p], p] -= g_kd * math.exp(v[n, jj, p] * inv_t - log_z)
+                g[idx[n, jj, p]] -= g_kd * math.exp(v[n, jj, p] * inv_t - log_z)
         if y >= 0:
-            grad[n, y, p] -= ce_scale
-            total += ce_scale * ((m1 + math.log(acc1)) - s[n, y, p])
+            g[y] -= ce_scale
+            total += ce_scale * (lse1 - x[y])
+        if P == 1:
+            out = g1[base:base + C]
+            for c in range(C):
+                out[c] = g[c]
+        else:
+            for c in range(C):
+                g1[base + c * P] = g[c]
         loss[n, p] = total
