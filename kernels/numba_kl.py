@@ -195,7 +195,7 @@ def kl_spatial(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ignore
         a_tail = np.zeros(L)
         if with_tail:
             for j in range(L):
-                a_tail[j] = log_rest + (tail[n, p0 + j] - log_rest) * inv_t  # noqa: once per pixel
+                a_tail[j] = log_rest + (tail[n, p0 + j] - log_rest) * inv_t
                 amax[j] = max(amax[j], a_tail[j])
         zt = np.zeros(L)
         for jj in range(k):

@@ -231,3 +231,25 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(KernelInputError, match="float64 student logits run on the torch backend"):
         topk_kl(s.double(), v, i, tail)
     assert torch.isfinite(topk_kl(s.double(), v, i, tail, backend="torch"))
+
+
+def test_bench_kernels_command_prints_the_table_and_writes_json(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from kdcache.cli.app import app
+
+    out = tmp_path / "k.json"
+    md = tmp_path / "k.md"
+    r = CliRunner().invoke(app, ["bench-kernels", "--device", "cpu", "--quick", "--no-compile", "--repeats", "1",
+                                 "--json", str(out), "--markdown", str(md)])
+    assert r.exit_code == 0, r.output
+    assert "| segmentation 2×19×256×512 | 4 |" in r.output and "× eager" in r.output and "copy bandwidth" in r.output
+    data = json.loads(out.read_text())
+    assert data["scaled_down"] and data["copy_gbps"] > 0
+    case = data["cases"][0]
+    assert set(case["ms"]) == {"fused", "eager"} and case["floor_bytes"] == 2 * 2 * 19 * 256 * 512 * 4 + 2 * 256 * 512 * (4 * 3 + 2)
+    assert md.read_text().startswith("# bench-kernels")
+    r = CliRunner().invoke(app, ["bench-kernels", "--device", "cpu", "--dtype", "float8"])
+    assert r.exit_code == 2 and "--dtype must be" in r.output
