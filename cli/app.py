@@ -49,7 +49,9 @@ def error_text(exc: KDCacheError) -> str:
 
 # CLI parameter -> TrainConfig field, where the names differ
 _CLI_TO_CONFIG = {"crop_size": "crop", "flip": "hflip", "dataset_option": "dataset_options",
-                  "resolution": "dataset_options"}
+                  "resolution": "dataset_options", "method": "methods", "kd_weight": "methods",
+                  "temperature": "methods", "student_tap": "methods", "teacher_tap": "methods",
+                  "confidence_threshold": "methods"}
 
 
 def given_options(ctx: typer.Context) -> set[str]:
@@ -123,6 +125,48 @@ Device = Annotated[str, typer.Option(help="auto (CUDA if available), cpu, cuda, 
 Workers = Annotated[int, typer.Option(help="DataLoader worker processes.")]
 
 
+Epochs = Annotated[int | None, typer.Option(help="Training epochs.")]
+BatchSize = Annotated[int | None, typer.Option(help="Images per step.")]
+Lr = Annotated[float | None, typer.Option(help="Peak learning rate.")]
+Optimizer = Annotated[str | None, typer.Option(help="sgd (momentum 0.9) or adamw.")]
+WeightDecay = Annotated[float | None, typer.Option(help="Weight decay.")]
+Schedule = Annotated[str | None, typer.Option(help="poly (power 0.9), cosine or constant, per iteration.")]
+WarmupIters = Annotated[int | None, typer.Option(help="Linear warm-up iterations.")]
+ClassWeights = Annotated[bool, typer.Option("--class-weights/--no-class-weights", help="Median-frequency class weights from the training labels.")]
+CropSize = Annotated[str | None, typer.Option(help="Training crop HxW (default: the first training image's size).")]
+Scale = Annotated[str | None, typer.Option(help="Random scale range 'lo,hi'.")]
+Flip = Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips.")]
+Amp = Annotated[bool, typer.Option("--amp/--no-amp", help="fp16 mixed precision (CUDA only).")]
+TrainWorkers = Annotated[int | None, typer.Option(help="DataLoader worker processes (default: 0 on CPU, up to 8 on CUDA).")]
+Seed = Annotated[int, typer.Option(help="Seed for weights, shuffling and augmentation.")]
+SplitSeed = Annotated[int, typer.Option(help="Seed of the K-fold assignment (keep it fixed across runs).")]
+Folds = Annotated[int | None, typer.Option(help="K-fold cross-validation over the training split.")]
+Fold = Annotated[int, typer.Option(help="Which fold (0-based) is held out for validation.")]
+InitWeights = Annotated[str | None, typer.Option(help="Initial weights: a kdcache checkpoint or a state dict.")]
+EvalEvery = Annotated[int | None, typer.Option(help="Validate every N epochs.")]
+Resume = Annotated[bool, typer.Option(help="Continue the run in --out from its last.pt.")]
+Overwrite = Annotated[bool, typer.Option(help="Start the run in --out again from scratch.")]
+Quiet = Annotated[bool, typer.Option(help="No progress bars.")]
+
+
+def optional_train_options(**values) -> dict:
+    """The optional training options the user gave, parsed, as config fields."""
+    out = dict(values)
+    out["resize"] = parse_size(out.pop("resize", None), "--resize")
+    out["crop"] = parse_size(out.pop("crop_size", None), "--crop-size")
+    out["scale"] = parse_pair(out.get("scale"), "--scale")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def run_training(fn, config, *, resume: bool, overwrite: bool, quiet: bool, ctx: typer.Context) -> dict:
+    try:
+        return fn(config, resume=resume, overwrite=overwrite, show_progress=not quiet, explicit=given_options(ctx))
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/yellow]: the last finished epoch is in {config.out}/last.pt; "
+                      "continue with --resume")
+        raise typer.Exit(130) from None
+
+
 @command("train-teacher")
 def train_teacher(
     ctx: typer.Context,
@@ -132,58 +176,115 @@ def train_teacher(
     out: Annotated[str | None, typer.Option(help="Run folder (default runs/<model>).")] = None,
     train_split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
     val_split: Annotated[str, typer.Option(help="Split to validate on (ignored with --folds).")] = "val",
-    epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per step.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="sgd (momentum 0.9) or adamw.")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="Weight decay.")] = None,
-    schedule: Annotated[str | None, typer.Option(help="poly (power 0.9), cosine or constant, per iteration.")] = None,
-    warmup_iters: Annotated[int | None, typer.Option(help="Linear warm-up iterations.")] = None,
-    class_weights: Annotated[bool, typer.Option("--class-weights/--no-class-weights", help="Median-frequency class weights from the training labels.")] = False,
+    epochs: Epochs = None, batch_size: BatchSize = None, lr: Lr = None, optimizer: Optimizer = None,
+    weight_decay: WeightDecay = None, schedule: Schedule = None, warmup_iters: WarmupIters = None,
+    class_weights: ClassWeights = False,
     resize: Annotated[str | None, typer.Option(help="Resize every image/mask to HxW first (e.g. 256x256).")] = None,
-    crop_size: Annotated[str | None, typer.Option(help="Training crop HxW (default: the first training image's size).")] = None,
-    scale: Annotated[str | None, typer.Option(help="Random scale range 'lo,hi'.")] = None,
-    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips.")] = True,
-    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="fp16 mixed precision (CUDA only).")] = True,
-    device: Device = "auto",
-    workers: Annotated[int | None, typer.Option(help="DataLoader worker processes (default: 0 on CPU, up to 8 on CUDA).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for weights, shuffling and augmentation.")] = 0,
-    split_seed: Annotated[int, typer.Option(help="Seed of the K-fold assignment (keep it fixed across runs).")] = 0,
-    folds: Annotated[int | None, typer.Option(help="K-fold cross-validation over the training split.")] = None,
-    fold: Annotated[int, typer.Option(help="Which fold (0-based) is held out for validation.")] = 0,
-    limit: Limit = None,
-    weights: Annotated[str | None, typer.Option(help="Initial weights: a kdcache checkpoint or a state dict.")] = None,
-    eval_every: Annotated[int | None, typer.Option(help="Validate every N epochs.")] = None,
-    resolution: Resolution = None,
-    dataset_option: DatasetOption = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last.pt.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Start the run in --out again from scratch.")] = False,
-    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    crop_size: CropSize = None, scale: Scale = None, flip: Flip = True, amp: Amp = True, device: Device = "auto",
+    workers: TrainWorkers = None, seed: Seed = 0, split_seed: SplitSeed = 0, folds: Folds = None, fold: Fold = 0,
+    limit: Limit = None, weights: InitWeights = None, eval_every: EvalEvery = None,
+    resolution: Resolution = None, dataset_option: DatasetOption = None,
+    resume: Resume = False, overwrite: Overwrite = False, quiet: Quiet = False,
 ):
     """Supervised (cross-entropy) training: a teacher, or the no-KD student baseline."""
     from kdcache.training import TrainConfig, train
 
-    given = {
-        "epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
-        "weight_decay": weight_decay, "schedule": schedule, "warmup_iters": warmup_iters,
-        "resize": parse_size(resize, "--resize"), "crop": parse_size(crop_size, "--crop-size"),
-        "scale": parse_pair(scale, "--scale"), "folds": folds, "limit": limit, "weights": weights,
-        "eval_every": eval_every,
-    }
     config = TrainConfig(
-        model=model, dataset=dataset, data_root=data_root, train_split=train_split, val_split=val_split, out=out or f"runs/{model.replace(':', '_')}",
-        class_weights=class_weights, hflip=flip, amp=amp, device=device, workers=workers, seed=seed,
-        split_seed=split_seed, fold=fold, dataset_options=parse_dataset_options(dataset_option, resolution),
-        **{k: v for k, v in given.items() if v is not None},
+        model=model, dataset=dataset, data_root=data_root, train_split=train_split, val_split=val_split,
+        out=out or f"runs/{model.replace(':', '_')}", class_weights=class_weights, hflip=flip, amp=amp,
+        device=device, workers=workers, seed=seed, split_seed=split_seed, fold=fold,
+        dataset_options=parse_dataset_options(dataset_option, resolution),
+        **optional_train_options(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                                 weight_decay=weight_decay, schedule=schedule, warmup_iters=warmup_iters,
+                                 resize=resize, crop_size=crop_size, scale=scale, folds=folds, limit=limit,
+                                 weights=weights, eval_every=eval_every),
     )
-    try:
-        result = train(config, resume=resume, overwrite=overwrite, show_progress=not quiet,
-                       explicit=given_options(ctx))
-    except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/yellow]: the last finished epoch is in {config.out}/last.pt; "
-                      "continue with --resume")
-        raise typer.Exit(130) from None
+    result = run_training(train, config, resume=resume, overwrite=overwrite, quiet=quiet, ctx=ctx)
     console.print(f"[green]done[/green]: best val mIoU {100 * result['best_miou']:.2f} — run folder {result['run']}")
+
+
+def parse_method(spec: str) -> dict:
+    """'kl' or 'kl:weight=0.5,temperature=2' -> {"name": "kl", "weight": 0.5, "temperature": 2}."""
+    name, _, rest = spec.partition(":")
+    out: dict = {"name": name.strip()}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        if "=" not in item:
+            raise KDCacheError(f"--method takes NAME or NAME:key=value,..., got '{spec}'")
+        k, v = item.split("=", 1)
+        out[k.strip().replace("-", "_")] = _value(v.strip())
+    return out
+
+
+# shorthand options -> the method options they fill in where a method takes them
+_SHORTHANDS = {"kd_weight": ("weight", None), "temperature": ("temperature", {"kl", "cwd"}),
+               "student_tap": ("student_tap", {"at", "sp", "fitnet"}),
+               "teacher_tap": ("teacher_tap", {"at", "sp", "fitnet"}),
+               "confidence_threshold": ("confidence_threshold", {"pseudo"})}
+
+
+@command("train-student")
+def train_student(
+    ctx: typer.Context,
+    cache: Annotated[str | None, typer.Option(help="The teacher cache (from build-teacher-cache).")] = None,
+    model: Annotated[str, typer.Option("--student", "--model", help="Student architecture.")] = "demo_student",
+    method: Annotated[list[str] | None, typer.Option(help="KD method, repeatable: none, kl, at, sp, fitnet, cwd, pseudo; options as NAME:key=value,... (e.g. kl:weight=0.5,temperature=2).")] = None,
+    kd_weight: Annotated[float | None, typer.Option(help="Weight of every method that has none of its own.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Temperature of kl and cwd (default 4).")] = None,
+    student_tap: Annotated[str | None, typer.Option(help="Student module for at/sp/fitnet (e.g. stage3).")] = None,
+    teacher_tap: Annotated[str | None, typer.Option(help="Cached teacher tap for at/sp/fitnet.")] = None,
+    confidence_threshold: Annotated[float | None, typer.Option(help="pseudo: keep teacher labels at least this confident (default 0.7).")] = None,
+    use_views: Annotated[bool, typer.Option(help="Train on the cache's stored views (one drawn per item and epoch).")] = False,
+    check_content: Annotated[bool, typer.Option("--check-content/--no-check-content", help="Re-hash the data set's files against the cache's fingerprints.")] = True,
+    online_teacher: Annotated[str | None, typer.Option(help="Run this teacher every step instead of reading the cache (parity checks only).")] = None,
+    teacher_weights: Annotated[str | None, typer.Option(help="Weights of --online-teacher.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Data set (default: the cache's).")] = None,
+    data_root: DataRoot = None,
+    out: Annotated[str | None, typer.Option(help="Run folder (default runs/student-<methods>).")] = None,
+    val_split: Annotated[str, typer.Option(help="Split to validate on (ignored with --folds).")] = "val",
+    epochs: Epochs = None, batch_size: BatchSize = None, lr: Lr = None, optimizer: Optimizer = None,
+    weight_decay: WeightDecay = None, schedule: Schedule = None, warmup_iters: WarmupIters = None,
+    class_weights: ClassWeights = False, crop_size: CropSize = None, scale: Scale = None, flip: Flip = True,
+    amp: Amp = True, device: Device = "auto", workers: TrainWorkers = None, seed: Seed = 0,
+    split_seed: SplitSeed = 0, folds: Folds = None, fold: Fold = 0, limit: Limit = None,
+    weights: InitWeights = None, eval_every: EvalEvery = None,
+    resume: Resume = False, overwrite: Overwrite = False, quiet: Quiet = False,
+):
+    """Student training from the teacher cache: L_seg + Σ w·L_KD with any of the methods."""
+    from kdcache.distill import StudentConfig, config_from_store
+    from kdcache.distill import train_student as run
+
+    methods = [parse_method(m) for m in (method or ["kl"])]
+    shorthands = {"kd_weight": kd_weight, "temperature": temperature, "student_tap": student_tap,
+                  "teacher_tap": teacher_tap, "confidence_threshold": confidence_threshold}
+    for opt, value in shorthands.items():
+        key, applies = _SHORTHANDS[opt]
+        for m in methods:
+            if value is not None and key not in m and (applies is None or m["name"] in applies):
+                if not (opt == "kd_weight" and m["name"] == "none"):
+                    m[key] = value
+    label = "+".join(m["name"] for m in methods)
+    fields = dict(
+        model=model, methods=methods, use_views=use_views, check_content=check_content,
+        online_teacher=online_teacher, teacher_weights=teacher_weights, val_split=val_split,
+        out=out or f"runs/student-{label}", class_weights=class_weights, hflip=flip, amp=amp, device=device,
+        workers=workers, seed=seed, split_seed=split_seed, fold=fold, dataset=dataset, data_root=data_root,
+        **optional_train_options(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                                 weight_decay=weight_decay, schedule=schedule, warmup_iters=warmup_iters,
+                                 crop_size=crop_size, scale=scale, folds=folds, limit=limit, weights=weights,
+                                 eval_every=eval_every),
+    )
+    if cache is None and resume and out:
+        from kdcache.runs import RunDir
+
+        cache = RunDir(out).read_config().get("cache") if RunDir(out).exists() else None
+    if cache is not None:
+        config = config_from_store(cache, **fields)
+    elif online_teacher is not None:
+        config = StudentConfig(**{k: v for k, v in fields.items() if v is not None})
+    else:
+        raise KDCacheError("--cache STORE is required (build one with build-teacher-cache)")
+    result = run_training(run, config, resume=resume, overwrite=overwrite, quiet=quiet, ctx=ctx)
+    console.print(f"[green]done[/green]: {label}: best val mIoU {100 * result['best_miou']:.2f} — run folder {result['run']}")
 
 
 @command()

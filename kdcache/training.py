@@ -216,7 +216,7 @@ class Trainer:
         for k in RESUMABLE_CHANGES:
             if explicit is None or k in explicit or k == "out":
                 merged[k] = given[k]
-        return TrainConfig.from_dict(merged)
+        return type(config).from_dict(merged)
 
     def build_datasets(self) -> tuple[SegmentationDataset, SegmentationDataset]:
         c = self.config

@@ -1,0 +1,61 @@
+"""``at``: attention transfer (Zagoruyko & Komodakis, "Paying more attention to attention", ICLR 2017).
+
+Q = Σ_c F_c² per position, flattened per sample and L2-normalised; the loss is
+mean((Q_s − Q_t)²) (RepDistiller's form), the larger map average-pooled to the smaller. The
+teacher side comes from the cache: its attention maps (``--attention``) or its features
+(``--features``). Cells in the crop's padding are zeroed on both sides before normalising, so
+a crop is compared on what both networks saw.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kdcache.methods import METHODS
+from kdcache.methods.base import KDMethod, MethodError, pool_to
+
+
+def _mask_like(ignore: torch.Tensor, size) -> torch.Tensor:
+    m = (~ignore).float()[:, None]
+    return F.interpolate(m, size=size, mode="nearest")[:, 0] if tuple(m.shape[-2:]) != tuple(size) else m[:, 0]
+
+
+@METHODS.register("at")
+class AttentionTransfer(KDMethod):
+    name = "at"
+    default_weight = 1000.0  # RepDistiller's beta for AT
+
+    def __init__(self, weight: float | None = None, student_tap: str | None = None, teacher_tap: str | None = None):
+        super().__init__(weight)
+        if not student_tap or not teacher_tap:
+            raise ValueError("at needs student_tap=<student module> and teacher_tap=<cached teacher tap>")
+        self.student_tap, self.teacher_tap = student_tap, teacher_tap
+        self.source = None
+
+    def student_taps(self) -> list[str]:
+        return [self.student_tap]
+
+    def setup(self, student_channels, store_meta) -> None:
+        if self.teacher_tap in store_meta.get("attention", {}):
+            self.source = "attention"
+        elif self.teacher_tap in store_meta.get("features", {}):
+            self.source = "features"
+        else:
+            raise MethodError(f"method 'at' needs the teacher's '{self.teacher_tap}' attention maps or features "
+                              f"in the cache; build it with --features {self.teacher_tap} --attention")
+
+    def required(self) -> list[str]:
+        return [f"{self.source or 'attention'}/{self.teacher_tap}"]
+
+    def forward(self, out, batch) -> torch.Tensor:
+        key = f"kd/{self.source}/{self.teacher_tap}"
+        t, ignore = batch[key].float(), batch[f"{key}/ignore"]
+        q_t = t if self.source == "attention" else t.pow(2).sum(1)
+        q_s = out.features[self.student_tap].float().pow(2).sum(1)
+        size = min(q_t.shape[-2:], q_s.shape[-2:], key=lambda s: s[0] * s[1])
+        q_t = pool_to(q_t[:, None], size)[:, 0] * _mask_like(ignore, size)
+        q_s = pool_to(q_s[:, None], size)[:, 0] * _mask_like(ignore, size)
+        q_t = F.normalize(q_t.flatten(1), dim=1)
+        q_s = F.normalize(q_s.flatten(1), dim=1)
+        return self.weight * (q_s - q_t).pow(2).mean()

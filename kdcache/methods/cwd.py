@@ -1,0 +1,57 @@
+"""``cwd``: channel-wise distillation (Shu et al., "Channel-wise knowledge distillation for dense
+prediction", ICCV 2021; TorchDistiller's ``CriterionCWD``).
+
+For each class channel, a softmax over the spatial positions at temperature T; the loss is
+T² × KL(teacher ‖ student) summed over positions, averaged over channels and images.
+
+The teacher's full logit maps are rebuilt from the cache: the top-k classes get their stored raw
+logits and every class outside the top k gets τ − log(C − k), the log of an equal share of
+the tail's mass (exact in total, not per class; a dense cache, k = C, is exact). Cells in the
+crop's padding are left out of the spatial softmax.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kdcache.methods import METHODS
+from kdcache.methods.base import KDMethod, student_logits_at
+
+
+def dense_teacher_logits(values, indices, tail, num_classes: int) -> torch.Tensor:
+    k = values.shape[1]
+    shape = (values.shape[0], num_classes, *values.shape[2:])
+    if k == num_classes or tail is None:
+        base = torch.full(shape, -1e4, dtype=torch.float32, device=values.device)
+    else:
+        base = (tail.float() - math.log(num_classes - k)).unsqueeze(1).expand(shape).clone()
+    return base.scatter(1, indices.long(), values.float())
+
+
+@METHODS.register("cwd")
+class ChannelWise(KDMethod):
+    name = "cwd"
+    default_weight = 3.0
+
+    def __init__(self, weight: float | None = None, temperature: float = 4.0):
+        super().__init__(weight)
+        self.temperature = float(temperature)
+
+    def required(self) -> list[str]:
+        return ["logits"]
+
+    def forward(self, out, batch) -> torch.Tensor:
+        values = batch["kd/values"]
+        C = out.logits.shape[1]
+        s = student_logits_at(out.logits, tuple(values.shape[-2:]))
+        t = dense_teacher_logits(values, batch["kd/indices"], batch.get("kd/tail"), C)
+        T = self.temperature
+        ignore = batch["kd/ignore"][:, None].expand_as(s)
+        s = (s / T).masked_fill(ignore, float("-inf")).flatten(2)
+        t = (t / T).masked_fill(ignore, float("-inf")).flatten(2)
+        log_ps, log_pt = F.log_softmax(s, -1), F.log_softmax(t, -1)
+        kl = torch.where(torch.isfinite(log_pt), log_pt.exp() * (log_pt - log_ps), torch.zeros_like(log_pt)).sum(-1)
+        return self.weight * (T * T) * kl.mean()

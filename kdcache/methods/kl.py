@@ -1,0 +1,41 @@
+"""``kl``: pixel-wise KL divergence to the cached top-k teacher, through the fused kernel.
+
+Hinton et al., "Distilling the knowledge in a neural network" (2015); for segmentation as in
+Liu et al., "Structured knowledge distillation for semantic segmentation" (CVPR 2019) and CIRKD
+(``losses/kd.py``): T² × the mean over pixels of KL(p_t ‖ p_s), on logits at the teacher map's
+resolution. The teacher is the cache's top k plus its tail bin (DESIGN.md's ``bin`` policy).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kdcache.kernels import topk_kl
+from kdcache.methods import METHODS
+from kdcache.methods.base import KDMethod, student_logits_at
+
+
+@METHODS.register("kl")
+class PixelKL(KDMethod):
+    name = "kl"
+    default_weight = 1.0
+
+    def __init__(self, weight: float | None = None, temperature: float = 4.0, tail: str = "bin"):
+        super().__init__(weight)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.temperature = float(temperature)
+        self.tail = tail
+
+    def required(self) -> list[str]:
+        return ["logits"]
+
+    def forward(self, out, batch) -> torch.Tensor:
+        values = batch["kd/values"]
+        s = student_logits_at(out.logits, tuple(values.shape[-2:]))
+        loss = topk_kl(s, values, batch["kd/indices"], batch.get("kd/tail"), temperature=self.temperature,
+                       ignore_mask=batch["kd/ignore"], tail=self.tail, check_inputs=False)
+        return self.weight * loss
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}, temperature={self.temperature}, tail={self.tail}"

@@ -1,0 +1,296 @@
+"""train-student: targets through the geometry, each method's loss against a direct formula,
+the no-teacher guarantee, the online-teacher parity mode, resume and the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from fake_data import make_teacher
+from typer.testing import CliRunner
+
+from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.checkpoint import load_weights
+from kdcache.data import build_dataset
+from kdcache.data.splits import limit
+from kdcache.distill import StudentTrainer, config_from_store, strides_of, train_student
+from kdcache.kernels import topk_kl_reference
+from kdcache.methods import build_method
+from kdcache.models import ModelOutput, build_model
+from kdcache.store import CacheStore, to_tensors
+from kdcache.target_geometry import warp_targets
+from kdcache.targets import attention_map, topk_targets
+from kdcache.transforms import Geometry, Preprocess, apply_geometry
+
+RES = {"resolution": [32, 48]}
+runner = CliRunner()
+
+
+def kd(*args):
+    from kdcache.cli.app import app
+
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return make_teacher(tmp_path_factory.mktemp("t") / "teacher.pt")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, teacher):
+    out = tmp_path_factory.mktemp("c") / "c.zarr"
+    build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(out), dataset_options=dict(RES), limit=16,
+                                         topk=4, features=("stage3",), attention=True, flip_average=True,
+                                         samples_per_shard=8, device="cpu", workers=0), show_progress=False)
+    return out
+
+
+def flip_averaged(teacher_path, x):
+    m = build_model("demo_teacher", 11, taps=("stage3",))
+    load_weights(m, teacher_path)
+    m.eval()
+    with torch.no_grad():
+        a, b = m(x), m(x.flip(-1))
+    return (a.logits + b.logits.flip(-1)) / 2
+
+
+# -- geometry ----------------------------------------------------------------------------------------
+
+
+def test_cached_targets_follow_the_geometry(store, teacher):
+    """Flips: exactly the (flip-averaged) teacher on the flipped image, up to fp16 rounding.
+    Scale 1 crops on the stride grid: the teacher on the crop agrees on the top-1 class at >= 90%
+    of the cells (it sees less context near the crop's border); a 1.25x scaled crop at >= 50%
+    (nearest resampling of a map is not the teacher on a resampled image)."""
+    s = CacheStore(store)
+    strides = strides_of(s.meta)
+    ds = limit(build_dataset("synthetic", "train", **RES), 16)
+    agree_crop, agree_scaled = [], []
+    for i in range(6):
+        cached = to_tensors(s.read(i))
+        x = Preprocess().image_to_tensor(ds.load(i)[0])
+        H, W = x.shape[-2:]
+        g = Geometry((H, W), 1.0, 0, 0, (H, W), True)
+        w = warp_targets(cached, g, strides)
+        ref = flip_averaged(teacher, apply_geometry(x, g, kind="image")[None])[0]
+        np.testing.assert_allclose(w["kd/values"].float(), ref.topk(4, 0).values, atol=2e-2, rtol=2e-3)
+        assert not w["kd/ignore"].any()
+        for g, bucket in ((Geometry((H, W), 1.0, 8, 12, (16, 24), i % 2 == 0), agree_crop),
+                          (Geometry((H, W), 1.25, 4, 8, (24, 32), False), agree_scaled)):
+            w = warp_targets(cached, g, strides)
+            ref = flip_averaged(teacher, apply_geometry(x, g, kind="image")[None])[0]
+            assert w["kd/values"].shape == (4, *ref.shape[-2:])
+            bucket.append((w["kd/indices"][0].long() == ref.argmax(0)).float().mean().item())
+    assert np.mean(agree_crop) >= 0.9, agree_crop
+    assert np.mean(agree_scaled) >= 0.5, agree_scaled
+
+
+def test_padding_is_ignored_and_ids_are_never_interpolated(store):
+    s = CacheStore(store)
+    cached = to_tensors(s.read(0))
+    g = Geometry((32, 48), 0.5, 0, 0, (32, 48), False)  # the scaled image covers a quarter of the crop
+    w = warp_targets(cached, g, strides_of(s.meta))
+    assert w["kd/ignore"].float().mean().item() == pytest.approx(0.75)
+    assert set(w["kd/indices"].unique().tolist()) <= set(cached["logits/indices"].unique().tolist())
+    assert w["kd/attention/stage3/ignore"].float().mean().item() == pytest.approx(0.75)
+
+
+# -- each method against a direct formula -------------------------------------------------------------------
+
+
+def _batch(seed=0, N=3, C=11, k=4, h=6, w=8):
+    g = torch.Generator().manual_seed(seed)
+    t_logits = torch.randn(N, C, h, w, generator=g) * 3
+    v, i, tail = topk_targets(t_logits, k)
+    ignore = torch.rand(N, h, w, generator=g) < 0.2
+    feat_t = torch.randn(N, 16, h // 2, w // 2, generator=g)
+    batch = {"kd/values": v, "kd/indices": i, "kd/tail": tail, "kd/ignore": ignore,
+             "kd/features/t": feat_t, "kd/features/t/ignore": torch.zeros(N, h // 2, w // 2, dtype=torch.bool),
+             "kd/attention/t": attention_map(feat_t), "kd/attention/t/ignore": torch.zeros(N, h // 2, w // 2, dtype=torch.bool)}
+    out = ModelOutput(torch.randn(N, C, h * 2, w * 2, generator=g, requires_grad=True),
+                      {"s": torch.randn(N, 8, h, w, generator=g, requires_grad=True)})
+    return t_logits, batch, out
+
+
+META = {"features": {"t": {"channels": 16}}, "attention": {"t": {}}}
+
+
+def test_kl_is_the_reference_on_downsampled_logits():
+    _, batch, out = _batch()
+    m = build_method("kl", weight=0.5, temperature=2.0)
+    s = F.interpolate(out.logits, size=(6, 8), mode="bilinear", align_corners=False)
+    want = 0.5 * topk_kl_reference(s.double(), batch["kd/values"].double(), batch["kd/indices"],
+                                   batch["kd/tail"].double(), temperature=2.0, ignore_mask=batch["kd/ignore"])
+    assert torch.allclose(m(out, batch).double(), want, rtol=1e-4)
+
+
+def test_at_and_sp_and_fitnet_against_their_formulas():
+    _, batch, out = _batch()
+    at = build_method("at", weight=10.0, student_tap="s", teacher_tap="t")
+    at.setup({"s": 8}, META)
+    q_s = F.adaptive_avg_pool2d(out.features["s"].pow(2).sum(1, keepdim=True), (3, 4))[:, 0]
+    q_t = batch["kd/features/t"].pow(2).sum(1)
+    want = 10.0 * (F.normalize(q_s.flatten(1), dim=1) - F.normalize(q_t.flatten(1), dim=1)).pow(2).mean()
+    assert torch.allclose(at(out, batch), want, rtol=1e-5)
+
+    sp = build_method("sp", weight=2.0, student_tap="s", teacher_tap="t")
+    fs, ft = out.features["s"].flatten(1), batch["kd/features/t"].flatten(1)
+    gs, gt = F.normalize(fs @ fs.t(), dim=1), F.normalize(ft @ ft.t(), dim=1)
+    assert torch.allclose(sp(out, batch), 2.0 * (gs - gt).pow(2).sum() / 9, rtol=1e-5)
+
+    fit = build_method("fitnet", student_tap="s", teacher_tap="t")
+    fit.setup({"s": 8}, META)
+    adapted = F.interpolate(fit.adapter(out.features["s"]), size=(3, 4), mode="bilinear", align_corners=False)
+    assert torch.allclose(fit(out, batch), (adapted - batch["kd/features/t"]).pow(2).mean(), rtol=1e-5)
+    assert fit(out, batch).requires_grad and any(p.requires_grad for p in fit.parameters())
+
+
+def test_cwd_with_a_dense_cache_is_the_channel_wise_kl():
+    t_logits, batch, out = _batch(k=11)
+    batch["kd/ignore"][:] = False
+    v, i, _ = topk_targets(t_logits, 11)
+    batch.update({"kd/values": v, "kd/indices": i})
+    batch.pop("kd/tail")
+    cwd = build_method("cwd", weight=3.0, temperature=4.0)
+    s = F.interpolate(out.logits, size=(6, 8), mode="bilinear", align_corners=False)
+    ps = F.log_softmax(s.flatten(2) / 4, -1)
+    pt = F.log_softmax(t_logits.flatten(2) / 4, -1)
+    want = 3.0 * 16 * (pt.exp() * (pt - ps)).sum(-1).mean()
+    assert torch.allclose(cwd(out, batch), want, rtol=1e-4)
+
+
+def test_pseudo_labels_keep_confident_teacher_argmax_only():
+    t_logits, batch, out = _batch()
+    pseudo = build_method("pseudo", confidence_threshold=0.6)
+    p = t_logits.softmax(1)
+    conf, arg = p.max(1)
+    labels = arg.masked_fill((conf < 0.6) | batch["kd/ignore"], 255)
+    s = F.interpolate(out.logits, size=(6, 8), mode="bilinear", align_corners=False)
+    assert torch.allclose(pseudo(out, batch), F.cross_entropy(s, labels, ignore_index=255), rtol=1e-5)
+    strict = build_method("pseudo", confidence_threshold=1.0)
+    assert strict(out, batch).item() == 0.0  # nothing kept: zero, not NaN
+
+
+def test_unknown_method_and_missing_cached_maps_are_clear_errors(tmp_path, store):
+    r = kd("train-student", "--cache", store, "--method", "kld", "--epochs", 1, "--limit", 8, "--out", tmp_path / "r")
+    assert r.exit_code == 2 and "unknown KD method 'kld'" in r.output and "kl" in r.output
+    r = kd("train-student", "--cache", store, "--method", "sp", "--student-tap", "stage3", "--teacher-tap", "stage2",
+           "--epochs", 1, "--limit", 8, "--out", tmp_path / "r", "--quiet")
+    assert r.exit_code == 2 and "--features stage2" in r.output
+    r = kd("train-student", "--cache", store, "--method", "at", "--epochs", 1, "--out", tmp_path / "r")
+    assert r.exit_code == 2 and "at needs student_tap" in r.output
+
+
+# -- training --------------------------------------------------------------------------------------------
+
+
+def _config(store, out, **kw):
+    base = dict(methods=[{"name": "kl"}], epochs=1, limit=16, batch_size=4, workers=0, device="cpu", out=str(out),
+                scale=(0.75, 1.25), crop=(32, 48))
+    base.update(kw)
+    return config_from_store(str(store), **base)
+
+
+def test_cached_training_never_builds_the_teacher(tmp_path, store, monkeypatch):
+    import kdcache.cache_build as cb
+    import kdcache.models as models
+
+    def refuse(*a, **k):
+        raise AssertionError("the teacher was built in cached mode")
+
+    real = models.MODELS.get("demo_teacher")
+    monkeypatch.setattr(cb, "load_teacher", refuse)
+    monkeypatch.setitem(models.MODELS._items, "demo_teacher", refuse)
+    methods = [{"name": "kl"}, {"name": "at", "student_tap": "stage2", "teacher_tap": "stage3"},
+               {"name": "fitnet", "student_tap": "stage3", "teacher_tap": "stage3"}]
+    r = train_student(_config(store, tmp_path / "run", methods=methods), show_progress=False)
+    assert r["last"]["train_kl"] > 0 and r["last"]["train_at"] > 0 and r["last"]["train_fitnet"] > 0
+    assert real is not None
+
+
+def test_online_teacher_feeds_the_same_loss_code(tmp_path, store, teacher):
+    """Same batch (no augmentation): the online teacher's targets and loss equal the cached ones
+    within fp16 rounding."""
+    cfg = _config(store, tmp_path / "a", scale=(1.0, 1.0), hflip=False, crop=(32, 48))
+    cached = StudentTrainer(cfg)
+    online_cfg = _config(store, tmp_path / "b", scale=(1.0, 1.0), hflip=False, crop=(32, 48),
+                         online_teacher="demo_teacher", teacher_weights=str(teacher), online_topk=4)
+    online_cfg.cache = None
+    online = StudentTrainer(online_cfg)
+    train_ds, val_ds = cached.build_datasets()
+    pipe, _ = cached.build_pipelines(train_ds, val_ds)
+    torch.manual_seed(0)
+    student = cached.build_model(11)
+    online.build_model(11)
+    online.class_weight = cached.class_weight = None
+    from kdcache.transforms import collate
+
+    batch = collate([pipe[j] for j in range(4)])
+    loss_c, terms_c = cached.compute_loss(student, batch)
+    # the cache was built flip-averaged; the online teacher is not, so compare on a plain cache
+    plain = tmp_path / "plain.zarr"
+    build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(plain), dataset_options=dict(RES), limit=16,
+                                         topk=4, device="cpu", workers=0), show_progress=False)
+    cached = StudentTrainer(_config(plain, tmp_path / "c", scale=(1.0, 1.0), hflip=False, crop=(32, 48)))
+    pipe, _ = cached.build_pipelines(*cached.build_datasets())
+    cached.build_model(11)
+    cached.class_weight = None
+    batch = collate([pipe[j] for j in range(4)])
+    loss_c, terms_c = cached.compute_loss(student, batch)
+    loss_o, terms_o = online.compute_loss(student, {k: v for k, v in batch.items() if not k.startswith("kd/")})
+    assert math.isclose(terms_c["kl"].item(), terms_o["kl"].item(), rel_tol=1e-3)
+    assert online.teacher is not None and cached.teacher is None
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, store, monkeypatch):
+    from kdcache.runs import RunDir
+
+    methods = [{"name": "kl"}, {"name": "fitnet", "student_tap": "stage3", "teacher_tap": "stage3"}]
+    a = train_student(_config(store, tmp_path / "a", epochs=2, methods=methods), show_progress=False)
+    real_log = RunDir.log
+
+    def crashing_log(self, record):  # interrupted while logging epoch 2: last.pt is epoch 1's
+        if record.get("epoch") == 1:
+            raise KeyboardInterrupt
+        real_log(self, record)
+
+    monkeypatch.setattr(RunDir, "log", crashing_log)
+    with pytest.raises(KeyboardInterrupt):
+        train_student(_config(store, tmp_path / "b", epochs=2, methods=methods), show_progress=False)
+    monkeypatch.setattr(RunDir, "log", real_log)
+    r = kd("train-student", "--out", tmp_path / "b", "--resume", "--quiet")  # options from config.json
+    assert r.exit_code == 0, r.output
+    sa = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    sb = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    for k in sa["state_dict"]:
+        torch.testing.assert_close(sa["state_dict"][k], sb["state_dict"][k], rtol=0, atol=0)
+    for k in sa["methods"][1]:  # the FitNet adapter resumed too
+        torch.testing.assert_close(sa["methods"][1][k], sb["methods"][1][k], rtol=0, atol=0)
+    ra = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in rb] == [0, 1]
+    for x, y in zip(ra, rb):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-6)
+        assert x["val_miou"] == pytest.approx(y["val_miou"], rel=1e-6)
+    assert a["best_miou"] == pytest.approx(max(y["val_miou"] for y in rb), rel=1e-6)
+
+
+def test_cli_every_method_trains(tmp_path, store):
+    for spec in ("none", "kl:weight=0.5,temperature=2", "at", "sp", "fitnet", "cwd", "pseudo:confidence_threshold=0.5"):
+        out = tmp_path / spec.split(":")[0]
+        r = kd("train-student", "--cache", store, "--method", spec, "--student-tap", "stage3", "--teacher-tap", "stage3",
+               "--epochs", 1, "--limit", 8, "--batch-size", 4, "--device", "cpu", "--out", out, "--quiet")
+        assert r.exit_code == 0, (spec, r.output)
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["kind"] == "distill" and cfg["methods"][0]["name"] == spec.split(":")[0]
+        rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+        name = spec.split(":")[0]
+        if name != "none":
+            assert f"train_{name}" in rec and math.isfinite(rec[f"train_{name}"])
+    ev = kd("evaluate", tmp_path / "kl", "--quiet", "--qualitative", "0", "--no-latency")
+    assert ev.exit_code == 0, ev.output
