@@ -316,6 +316,47 @@ def evaluate(
     console.print(f"wrote {report['out_dir']}/eval.json" + (" and figures" if qualitative else ""))
 
 
+@command()
+def compare(
+    runs: Annotated[list[str], typer.Argument(help="Run folders (teacher, baseline and students).")],
+    baseline: Annotated[str | None, typer.Option(help="The run Δ mIoU is measured against (default: the CE-only student run, if any).")] = None,
+    out: Annotated[str, typer.Option(help="Folder for compare.md/.csv/.json and the figures.")] = "runs/compare",
+    examples: Annotated[int, typer.Option(help="Validation images shown side by side: the N best and N worst.")] = 3,
+    latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure ms/image at batch 1.")] = True,
+    device: Device = "auto",
+    per_class: Annotated[bool, typer.Option("--per-class/--no-per-class", help="Per-class IoU columns in the printed table.")] = True,
+    quiet: Quiet = False,
+):
+    """One table for many runs (mIoU, mAcc, aAcc, per class, #params, ms, FPS, Δ mIoU) plus figures."""
+    from kdcache.compare import compare_runs
+    from kdcache.report import compare_table
+
+    result = compare_runs(runs, baseline=baseline, out=out, examples=examples, latency=latency, device=device,
+                          show_progress=not quiet)
+    console.print(compare_table(result, per_class=per_class))
+    console.print(f"wrote {out}/compare.md, compare.csv, compare.json, per_class_iou.png and {len(result['figures'])} example figures")
+
+
+@command()
+def demo(
+    out: Annotated[str, typer.Option(help="Folder for every step's output.")] = "runs/demo",
+    teacher_epochs: Annotated[int, typer.Option(help="Teacher training epochs.")] = 20,
+    student_epochs: Annotated[int, typer.Option(help="Epochs of each student.")] = 20,
+    device: Device = "auto",
+    seed: Seed = 0,
+    limit: Limit = None,
+    quiet: Quiet = False,
+):
+    """The whole workflow on the built-in data: teacher → cache → students (none, kl, at, sp) → compare."""
+    from kdcache.demo import run_demo
+    from kdcache.report import compare_table
+
+    result = run_demo(out, teacher_epochs=teacher_epochs, student_epochs=student_epochs, device=device, seed=seed,
+                      limit=limit, show_progress=not quiet)
+    console.print(compare_table(result, per_class=False))
+    console.print(f"figures and tables in {result['out_dir']}")
+
+
 @command("build-teacher-cache")
 def build_teacher_cache(
     weights: Annotated[str, typer.Option(help="Teacher weights: a run folder (uses best.pt), a kdcache checkpoint or a state dict.")],

@@ -140,6 +140,50 @@ def resolve_run(path: str | Path) -> tuple[Path, dict | None, Path | None]:
     return path, config, run_dir
 
 
+def eval_dataset(config: dict, *, dataset: str | None = None, data_root: str | None = None,
+                 split: str | None = None, limit_n: int | None = None):
+    """(config, data set, split name) to evaluate a run on: its own validation part (split or
+    held-out fold) by default, or ``dataset``/``split``."""
+    config = dict(config)
+    if dataset is not None and dataset != config.get("dataset"):
+        # another data set: keep the run's model and preprocessing, drop its splits
+        config = {**config, "dataset": dataset, "data_root": data_root, "dataset_options": {},
+                  "folds": None, "limit": None, "train_split": "train", "val_split": "val"}
+    config.setdefault("dataset", "synthetic")
+    if data_root is not None:
+        config["data_root"] = data_root
+    if split is None:
+        # the run's own validation part (its folds are rebuilt with the run's own limit)
+        _, ds, split_name = train_val_sets(
+            config["dataset"], data_root=config.get("data_root"),
+            dataset_options=config.get("dataset_options"), train_split=config.get("train_split", "train"),
+            val_split=config.get("val_split", "val"), folds=config.get("folds"), fold=config.get("fold", 0),
+            seed=config.get("split_seed", 0), limit_n=config.get("limit"),
+        )
+        ds = limit(ds, limit_n)
+    else:
+        split_name = split
+        ds = build_dataset(config["dataset"], split, config.get("data_root"), **config.get("dataset_options", {}))
+        ds = limit(ds, limit_n if limit_n is not None else config.get("limit"))
+    if len(ds) == 0:
+        raise KDCacheError(f"split '{split_name}' of {config['dataset']} is empty")
+    return config, ds, split_name
+
+
+def load_run_model(target: str | Path, device: torch.device) -> tuple[SegModel, dict, Path, Path | None]:
+    """(model with the run's best weights on ``device``, run config, checkpoint, run folder)."""
+    ckpt_path, config, run_dir = resolve_run(target)
+    ckpt = read_checkpoint(ckpt_path)
+    config = dict(config or ckpt.get("config") or {})
+    model_name = ckpt.get("model") or config.get("model")
+    if not model_name:
+        raise KDCacheError(f"{ckpt_path} is a plain state dict: evaluate a run folder or a kdcache checkpoint")
+    num_classes = ckpt.get("num_classes") or config.get("num_classes")
+    model = build_model(model_name, num_classes, **config.get("model_options", {}))
+    load_weights(model, ckpt_path)
+    return model.to(device).eval(), config, ckpt_path, run_dir
+
+
 def evaluate_run(
     target: str | Path,
     *,
@@ -168,28 +212,7 @@ def evaluate_run(
         raise KDCacheError(f"{ckpt_path} is a plain state dict: evaluate a run folder or a kdcache checkpoint")
     num_classes = ckpt.get("num_classes") or config.get("num_classes")
 
-    if dataset is not None and dataset != config.get("dataset"):
-        # another data set: keep the run's model and preprocessing, drop its splits
-        config = {**config, "dataset": dataset, "data_root": data_root, "dataset_options": {},
-                  "folds": None, "limit": None, "train_split": "train", "val_split": "val"}
-    config.setdefault("dataset", "synthetic")
-    if data_root is not None:
-        config["data_root"] = data_root
-    if split is None:
-        # the run's own validation part (its folds are rebuilt with the run's own limit)
-        _, ds, split_name = train_val_sets(
-            config["dataset"], data_root=config.get("data_root"),
-            dataset_options=config.get("dataset_options"), train_split=config.get("train_split", "train"),
-            val_split=config.get("val_split", "val"), folds=config.get("folds"), fold=config.get("fold", 0),
-            seed=config.get("split_seed", 0), limit_n=config.get("limit"),
-        )
-        ds = limit(ds, limit_n)
-    else:
-        split_name = split
-        ds = build_dataset(config["dataset"], split, config.get("data_root"), **config.get("dataset_options", {}))
-        ds = limit(ds, limit_n if limit_n is not None else config.get("limit"))
-    if len(ds) == 0:
-        raise KDCacheError(f"split '{split_name}' of {config['dataset']} is empty")
+    config, ds, split_name = eval_dataset(config, dataset=dataset, data_root=data_root, split=split, limit_n=limit_n)
     if num_classes != ds.num_classes:
         raise KDCacheError(
             f"the model predicts {num_classes} classes but data set {config['dataset']} has "

@@ -98,3 +98,19 @@ def cache_report(report: dict) -> list:
         cov.caption = "exact at T = 1; at T > 1 the tail's classes are taken as equal (the 'bin' policy)"
         out.append(cov)
     return out
+
+
+def compare_table(result: dict, per_class: bool = True) -> Table:
+    """``compare``'s table: one row per run."""
+    t = Table(title=f"{result['dataset']} / {result['split']} ({result['num_samples']} images), %")
+    for col in ("run", "method", "mIoU", "Δ mIoU", "mAcc", "aAcc", "#params", "ms/img", "FPS"):
+        t.add_column(col, justify="left" if col in ("run", "method") else "right")
+    names = result["class_names"] if per_class else []
+    for c in names:
+        t.add_column(c[:8], justify="right")
+    for r in result["rows"]:
+        delta = "—" if r["delta_miou"] is None else ("base" if r["baseline"] else f"{100 * r['delta_miou']:+.2f}")
+        t.add_row(r["name"], r["method"], pct(r["miou"]), delta, pct(r["macc"]), pct(r["aacc"]),
+                  f"{r['params'] / 1e6:.3f}M", "—" if r["ms_per_image"] is None else f"{r['ms_per_image']:.2f}",
+                  "—" if r["fps"] is None else f"{r['fps']:.0f}", *[pct(x, 1) for x in r["iou"][:len(names)]])
+    return t

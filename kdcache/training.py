@@ -383,7 +383,16 @@ class Trainer:
                 palette=torch.from_numpy(np.asarray(train_ds.palette)), **self.extra_state(),
             )
             last_metrics = record
+        self._save_curves()
         return {"run": str(self.run.path), "best_miou": best, "last": last_metrics}
+
+    def _save_curves(self) -> None:
+        from kdcache.visualize import save_training_curves
+
+        records = self.run.read_metrics()
+        if records:
+            save_training_curves(self.run.path / "curves.png", records,
+                                 title=f"{self.config.model} ({self.kind}) — {self.run.path.name}")
 
     # -- hooks for subclasses (distillation adds adapters and their state) -------------------
     def extra_parameters(self) -> list[torch.nn.Parameter]:

@@ -26,6 +26,7 @@ __all__ = [
     "save_comparison_grid",
     "save_iou_histogram",
     "save_per_class_bars",
+    "save_training_curves",
 ]
 
 _PANEL_INCHES = 4.0  # height of one image panel
@@ -359,6 +360,41 @@ def save_per_class_bars(
     )
     if title:
         ax.set_title(title, fontsize=11)
+    fig.tight_layout()
+    out = _prepare_path(path)
+    fig.savefig(out, dpi=dpi)
+    return out
+
+
+def save_training_curves(path: str | Path, records: Sequence[Mapping[str, Any]], title: str = "",
+                         dpi: int = 100) -> Path:
+    """Save the loss terms (``train_*`` of each epoch record) and the validation mIoU per epoch
+    side by side. Records without an ``epoch`` (e.g. evaluations) are skipped."""
+    epochs = [r for r in records if "epoch" in r]
+    if not epochs:
+        raise ValueError("no epoch records to plot")
+    x = [r["epoch"] + 1 for r in epochs]
+    skip = {"train_time_s", "train_images_per_s"}
+    terms = sorted({k for r in epochs for k in r if k.startswith("train_") and k not in skip})
+    fig = Figure(figsize=(10, 4), dpi=dpi)
+    ax_l, ax_m = fig.subplots(1, 2)
+    for k in terms:
+        ys = [r.get(k, float("nan")) for r in epochs]
+        ax_l.plot(x, ys, marker="o", markersize=3, label=k[len("train_"):])
+    ax_l.set_xlabel("epoch")
+    ax_l.set_ylabel("loss")
+    ax_l.set_title("training loss terms")
+    ax_l.grid(alpha=0.3)
+    ax_l.legend(fontsize=8)
+    val = [(r["epoch"] + 1, 100 * r["val_miou"]) for r in epochs if r.get("val_miou") is not None]
+    if val:
+        ax_m.plot([v[0] for v in val], [v[1] for v in val], marker="o", markersize=3, color="tab:green")
+    ax_m.set_xlabel("epoch")
+    ax_m.set_ylabel("val mIoU (%)")
+    ax_m.set_title("validation mIoU")
+    ax_m.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     out = _prepare_path(path)
     fig.savefig(out, dpi=dpi)

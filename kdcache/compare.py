@@ -1,0 +1,171 @@
+"""``compare``: several runs side by side — the seeds' table in one command, plus figures.
+
+Every run is evaluated on the same validation images (each run's own validation part; they
+must agree), and the result is one table (method, mIoU, mAcc, aAcc, per-class IoU, #params,
+ms/image, FPS, Δ mIoU against the baseline) printed with rich and written as Markdown, CSV and
+JSON, a per-class IoU bar chart, and side-by-side figures (image, ground truth, each run's
+prediction) of the validation images where the runs do best and worst on average.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdcache import visualize
+from kdcache.errors import KDCacheError
+from kdcache.evaluation import eval_dataset, evaluate_run, load_run_model
+from kdcache.runs import resolve_device, write_json
+from kdcache.transforms import Preprocess, SegPipeline
+
+
+def run_label(config: dict, path: Path) -> str:
+    """What a run is, for the table: its KD methods, or 'CE' for supervised training."""
+    if config.get("kind") == "distill":
+        names = [m["name"] for m in config.get("methods", [])]
+        methods = "+".join(names) if names else "?"
+        if methods == "none":
+            methods = "CE (baseline)"
+        elif config.get("online_teacher"):
+            methods += " (online teacher)"
+        return methods
+    return "CE"
+
+
+def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None, out: str | Path = "runs/compare",
+                 examples: int = 3, latency: bool = True, device: str = "auto", batch_size: int = 8,
+                 show_progress: bool = True) -> dict:
+    if not runs:
+        raise KDCacheError("give at least one run folder to compare")
+    paths = [Path(r) for r in runs]
+    for p in paths:
+        if not (p / "config.json").exists():
+            raise KDCacheError(f"{p} is not a run folder (no config.json); compare takes run folders")
+    reports = []
+    for p in paths:
+        rep = evaluate_run(p, qualitative=1, latency=latency, device=device, batch_size=batch_size,
+                           show_progress=show_progress)
+        reports.append(rep)
+    first = reports[0]
+    for p, rep in zip(paths, reports):
+        if (rep["dataset"], rep["split"], rep["num_samples"], rep["class_names"]) != (
+                first["dataset"], first["split"], first["num_samples"], first["class_names"]):
+            raise KDCacheError(f"{p} was validated on {rep['dataset']} '{rep['split']}' ({rep['num_samples']} "
+                               f"images) but {paths[0]} on {first['dataset']} '{first['split']}' "
+                               f"({first['num_samples']}); compare runs on the same validation data")
+    configs = [load_run_model(p, torch.device("cpu"))[1] for p in paths]
+    labels = [run_label(c, p) for c, p in zip(configs, paths)]
+    base_i = _baseline_index(paths, configs, baseline)
+    rows = []
+    for i, (p, rep) in enumerate(zip(paths, reports)):
+        lat = rep.get("latency") or {}
+        rows.append({
+            "run": str(p), "name": p.name, "method": labels[i], "model": rep["model"],
+            "miou": rep["miou"], "macc": rep["macc"], "aacc": rep["aacc"],
+            "delta_miou": None if base_i is None else rep["miou"] - reports[base_i]["miou"],
+            "params": rep["params"], "ms_per_image": lat.get("ms_per_image"), "fps": lat.get("fps"),
+            "iou": rep["iou"], "baseline": i == base_i,
+        })
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    class_names = first["class_names"]
+    result = {"rows": rows, "class_names": class_names, "dataset": first["dataset"], "split": first["split"],
+              "num_samples": first["num_samples"], "baseline": None if base_i is None else str(paths[base_i]),
+              "latency_device": (reports[0].get("latency") or {}).get("device")}
+    write_json(out_dir / "compare.json", result)
+    (out_dir / "compare.md").write_text(markdown_table(result))
+    _write_csv(out_dir / "compare.csv", result)
+    visualize.save_per_class_bars(out_dir / "per_class_iou.png", class_names,
+                                  {f"{r['name']} ({r['method']})": r["iou"] for r in rows},
+                                  title=f"per-class IoU on {first['dataset']} {first['split']}")
+    result["figures"] = _example_figures(paths, labels, reports, out_dir, examples, resolve_device(device))
+    result["out_dir"] = str(out_dir)
+    return result
+
+
+def _baseline_index(paths, configs, baseline) -> int | None:
+    if baseline is not None:
+        b = Path(baseline).resolve()
+        for i, p in enumerate(paths):
+            if p.resolve() == b:
+                return i
+        raise KDCacheError(f"--baseline {baseline} is not one of the compared runs")
+    for i, c in enumerate(configs):
+        if c.get("kind") == "distill" and [m["name"] for m in c.get("methods", [])] == ["none"]:
+            return i
+    return None
+
+
+def _pct(x) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
+
+
+def markdown_table(result: dict) -> str:
+    cls = result["class_names"]
+    head = ["run", "method", "model", "mIoU", "Δ mIoU", "mAcc", "aAcc", "#params", "ms/image", "FPS"] + list(cls)
+    lines = [f"Validation: {result['dataset']} '{result['split']}' ({result['num_samples']} images); "
+             f"percentages; Δ against {result['baseline'] or '— (no baseline run)'}; latency at batch 1 on "
+             f"{result.get('latency_device') or '—'}.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["rows"]:
+        delta = "—" if r["delta_miou"] is None else ("±0.00" if r["baseline"] else f"{100 * r['delta_miou']:+.2f}")
+        ms = "—" if r["ms_per_image"] is None else f"{r['ms_per_image']:.2f}"
+        fps = "—" if r["fps"] is None else f"{r['fps']:.1f}"
+        cells = [r["name"], r["method"], r["model"], _pct(r["miou"]), delta, _pct(r["macc"]), _pct(r["aacc"]),
+                 f"{r['params'] / 1e6:.3f}M", ms, fps] + [_pct(x) for x in r["iou"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(path: Path, result: dict) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "method", "model", "miou", "delta_miou", "macc", "aacc", "params", "ms_per_image", "fps"]
+                   + [f"iou_{c}" for c in result["class_names"]])
+        for r in result["rows"]:
+            w.writerow([r["run"], r["method"], r["model"], r["miou"], r["delta_miou"], r["macc"], r["aacc"],
+                        r["params"], r["ms_per_image"], r["fps"]] + list(r["iou"]))
+
+
+@torch.no_grad()
+def _example_figures(paths, labels, reports, out_dir: Path, n: int, device) -> list[str]:
+    if n <= 0:
+        return []
+    per_image = [rep.get("per_image_iou", {}) for rep in reports]
+    ids = [i for i in per_image[0] if all(i in p and not math.isnan(p[i]) for p in per_image)]
+    if not ids:
+        return []
+    mean = {i: float(np.mean([p[i] for p in per_image])) for i in ids}
+    ranked = sorted(ids, key=lambda i: -mean[i])
+    n = min(n, max(1, len(ranked) // 2))
+    picks = [("best", k, sid) for k, sid in enumerate(ranked[:n])] + \
+            [("worst", k, sid) for k, sid in enumerate(ranked[::-1][:n])]
+    models = []
+    for p in paths:
+        model, config, _, _ = load_run_model(p, device)
+        models.append((model, config))
+    config0, ds, _ = eval_dataset(models[0][1])
+    pre = Preprocess.from_dict(config0.get("preprocess", {}))
+    pipe = SegPipeline(ds, pre)
+    index = {sid: j for j, sid in enumerate(ds.ids)}
+    written = []
+    (out_dir / "examples").mkdir(exist_ok=True)
+    for stale in (out_dir / "examples").glob("*.png"):
+        stale.unlink()
+    for kind, k, sid in picks:
+        item = pipe[index[sid]]
+        x = item["image"][None].to(device)
+        preds = {}
+        for (model, _), label, p in zip(models, labels, paths):
+            pred = model.predict(x, size=tuple(item["label"].shape))[0]
+            preds[f"{p.name} ({label})"] = pred.cpu().numpy().astype(np.uint8)
+        path = out_dir / "examples" / f"{kind}{k + 1:02d}_{sid}.png"
+        visualize.save_comparison_grid(path, pre.denormalize(item["image"]), item["label"].numpy().astype(np.uint8),
+                                       preds, ds.palette, list(ds.class_names),
+                                       title=f"{sid}: {kind} #{k + 1} by the runs' mean image IoU ({mean[sid]:.3f})")
+        written.append(str(path))
+    return written
