@@ -22,7 +22,7 @@ from kdcache.training import TrainConfig, train
 
 STUDENTS = {
     "none": [{"name": "none"}],
-    "kl": [{"name": "kl", "temperature": 4.0, "weight": 1.0}],
+    "kl": [{"name": "kl"}],
     "at": [{"name": "at", "student_tap": "stage3", "teacher_tap": "stage3"}],
     "sp": [{"name": "sp", "student_tap": "stage3", "teacher_tap": "stage3"}],
 }

@@ -294,3 +294,29 @@ def test_cli_every_method_trains(tmp_path, store):
             assert f"train_{name}" in rec and math.isfinite(rec[f"train_{name}"])
     ev = kd("evaluate", tmp_path / "kl", "--quiet", "--qualitative", "0", "--no-latency")
     assert ev.exit_code == 0, ev.output
+
+
+def test_stored_views_are_drawn_per_epoch_with_their_own_targets(tmp_path, teacher):
+    from kdcache.distill import KDPipeline
+
+    out = tmp_path / "v.zarr"
+    build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(out), dataset_options=dict(RES), limit=4,
+                                         topk=4, views=3, view_crop=(16, 24), device="cpu", workers=0),
+                        show_progress=False)
+    s = CacheStore(out)
+    ds = limit(build_dataset("synthetic", "train", **RES), 4)
+    pipe = KDPipeline(ds, Preprocess(), None, 0, s, np.arange(4), use_views=True)
+    cached = s.read(1)
+    seen = set()
+    for epoch in range(6):
+        pipe.set_epoch(epoch)
+        item = pipe[1]
+        assert item["image"].shape == (3, 16, 24) and item["label"].shape == (16, 24)
+        v = [j for j in range(3) if np.array_equal(item["kd/values"].numpy(), cached["views/logits/values"][j])]
+        assert len(v) == 1
+        scale, top, left, oh, ow, flip = cached["views/params"][v[0]].tolist()
+        x = Preprocess().image_to_tensor(ds.load(1)[0])
+        g = Geometry((32, 48), scale, int(top), int(left), (16, 24), bool(flip))
+        assert torch.equal(item["image"], apply_geometry(x, g, kind="image"))
+        seen.add(v[0])
+    assert len(seen) >= 2  # a new view is drawn across epochs

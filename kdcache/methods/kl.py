@@ -4,6 +4,8 @@ Hinton et al., "Distilling the knowledge in a neural network" (2015); for segmen
 Liu et al., "Structured knowledge distillation for semantic segmentation" (CVPR 2019) and CIRKD
 (``losses/kd.py``): T² × the mean over pixels of KL(p_t ‖ p_s), on logits at the teacher map's
 resolution. The teacher is the cache's top k plus its tail bin (DESIGN.md's ``bin`` policy).
+Default T = 1 as in CIRKD (the SegFormer seed used T = 4: pass ``temperature=4``; on the
+built-in demo pair T = 4 cost 3 mIoU points against T = 1, benchmarks/results/kd-methods-cpu.md).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ class PixelKL(KDMethod):
     name = "kl"
     default_weight = 1.0
 
-    def __init__(self, weight: float | None = None, temperature: float = 4.0, tail: str = "bin"):
+    def __init__(self, weight: float | None = None, temperature: float = 1.0, tail: str = "bin"):
         super().__init__(weight)
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
