@@ -230,7 +230,11 @@ class StudentTrainer(Trainer):
     # -- the loss -------------------------------------------------------------------------------------
     def compute_loss(self, model: SegModel, batch: dict):
         if self.teacher is not None:
-            batch = {**batch, **self._online_targets(batch)}
+            online = self._online_targets(batch)
+            cached_ignore = batch.get("kd/ignore")  # the crop's padding, from the cache pipeline
+            if cached_ignore is not None and cached_ignore.shape == online["kd/ignore"].shape:
+                online["kd/ignore"] = cached_ignore
+            batch = {**batch, **online}
         out = model(batch["image"])
         logits = F.interpolate(out.logits, size=batch["label"].shape[-2:], mode="bilinear", align_corners=False)
         ce = F.cross_entropy(logits.float(), batch["label"], weight=self.class_weight, ignore_index=IGNORE_INDEX)
