@@ -235,6 +235,7 @@ def train_student(
     confidence_threshold: Annotated[float | None, typer.Option(help="pseudo: keep teacher labels at least this confident (default 0.7).")] = None,
     use_views: Annotated[bool, typer.Option(help="Train on the cache's stored views (one drawn per item and epoch).")] = False,
     check_content: Annotated[bool, typer.Option("--check-content/--no-check-content", help="Re-hash the data set's files against the cache's fingerprints.")] = True,
+    skip_bad: Annotated[bool, typer.Option(help="Train on without the targets of samples whose cached chunks cannot be read (counted and reported).")] = False,
     online_teacher: Annotated[str | None, typer.Option(help="Run this teacher every step instead of reading the cache (parity checks only).")] = None,
     teacher_weights: Annotated[str | None, typer.Option(help="Weights of --online-teacher.")] = None,
     dataset: Annotated[str | None, typer.Option(help="Data set (default: the cache's).")] = None,
@@ -264,7 +265,7 @@ def train_student(
                     m[key] = value
     label = "+".join(m["name"] for m in methods)
     fields = dict(
-        model=model, methods=methods, use_views=use_views, check_content=check_content,
+        model=model, methods=methods, use_views=use_views, check_content=check_content, skip_bad=skip_bad,
         online_teacher=online_teacher, teacher_weights=teacher_weights, val_split=val_split,
         out=out or f"runs/student-{label}", class_weights=class_weights, hflip=flip, amp=amp, device=device,
         workers=workers, seed=seed, split_seed=split_seed, fold=fold, dataset=dataset, data_root=data_root,
@@ -284,6 +285,11 @@ def train_student(
     else:
         raise KDCacheError("--cache STORE is required (build one with build-teacher-cache)")
     result = run_training(run, config, resume=resume, overwrite=overwrite, quiet=quiet, ctx=ctx)
+    skipped = result["last"].get("train_kd_skipped", 0.0)
+    if skipped:
+        console.print(f"[yellow]--skip-bad[/yellow]: {100 * skipped:.1f}% of the last epoch's samples had unreadable "
+                      "targets and trained on cross-entropy alone; see train_kd_skipped in metrics.jsonl and run "
+                      "verify-cache")
     console.print(f"[green]done[/green]: {label}: best val mIoU {100 * result['best_miou']:.2f} — run folder {result['run']}")
 
 

@@ -27,6 +27,7 @@ from kdcache.errors import KDCacheError
 from kdcache.methods import KDMethod, build_method
 from kdcache.models import SegModel, build_model
 from kdcache.store import CacheStore, to_tensors
+from kdcache.store.reader import BadSampleError
 from kdcache.target_geometry import out_map_size, sample_grid, warp_targets
 from kdcache.targets import attention_map, topk_targets
 from kdcache.training import TrainConfig, Trainer
@@ -45,6 +46,7 @@ class StudentConfig(TrainConfig):
     online_teacher: str | None = None
     teacher_weights: str | None = None
     online_topk: int | None = None  # k of the online targets (default: the cache's, else C)
+    skip_bad: bool = False  # train on without the targets of samples whose chunks cannot be read
 
     def validate(self) -> None:
         super().validate()
@@ -56,6 +58,34 @@ class StudentConfig(TrainConfig):
             raise KDCacheError("--online-teacher needs --teacher-weights")
 
 
+def placeholder_targets(meta: dict) -> dict:
+    """Zero targets shaped like one sample's (1 x 1 maps; views at their size) for a sample whose
+    chunks cannot be read: the geometry gives them the right size and every cell is ignored."""
+    k = meta["k"]
+    idx = getattr(torch, {"uint8": "uint8", "uint16": "int32", "uint32": "int64"}[meta["dtypes"]["indices"]])
+    out = {"logits/values": torch.zeros(k, 1, 1, dtype=torch.float16), "logits/indices": torch.zeros(k, 1, 1, dtype=idx)}
+    if meta["tail"]:
+        out["logits/tail"] = torch.zeros(1, 1, dtype=torch.float16)
+    for tap, f in meta.get("features", {}).items():
+        out[f"features/{tap}"] = torch.zeros(f["channels"], 1, 1, dtype=torch.float16)
+    for tap in meta.get("attention", {}):
+        out[f"attention/{tap}"] = torch.zeros(1, 1, dtype=torch.float16)
+    views = meta.get("views")
+    if views:
+        V, (vh, vw) = views["count"], views["map_size"]
+        crop = views["crop"]
+        out["views/params"] = torch.tensor([[1.0, 0.0, 0.0, crop[0], crop[1], 0.0]] * V)
+        out["views/logits/values"] = torch.zeros(V, k, vh, vw, dtype=torch.float16)
+        out["views/logits/indices"] = torch.zeros(V, k, vh, vw, dtype=idx)
+        if meta["tail"]:
+            out["views/logits/tail"] = torch.zeros(V, vh, vw, dtype=torch.float16)
+        for tap, f in views.get("features", {}).items():
+            out[f"views/features/{tap}"] = torch.zeros(V, f["channels"], *f["map_size"], dtype=torch.float16)
+        for tap, a in views.get("attention", {}).items():
+            out[f"views/attention/{tap}"] = torch.zeros(V, *a["map_size"], dtype=torch.float16)
+    return out
+
+
 def strides_of(meta: dict) -> dict[str, tuple[float, float]]:
     out = {"logits": tuple(meta["stride"])}
     for tap, f in meta.get("features", {}).items():
@@ -63,6 +93,25 @@ def strides_of(meta: dict) -> dict[str, tuple[float, float]]:
     for tap, a in meta.get("attention", {}).items():
         out[f"attention/{tap}"] = tuple(a["stride"])
     return out
+
+
+def check_teacher_unchanged(store: CacheStore) -> None:
+    """Refuse a stale cache: the teacher checkpoint it was built from has changed since (its
+    file is still where the build read it, with other bytes)."""
+    from pathlib import Path
+
+    from kdcache.checkpoint import file_sha256
+
+    teacher = store.meta["teacher"]
+    path = Path(teacher.get("weights") or "")
+    if teacher.get("weights") and path.is_file():
+        now = file_sha256(path)
+        if now != teacher["weights_sha256"]:
+            raise KDCacheError(
+                f"teacher cache {store.path} is stale: it was built from {path} with SHA-256 "
+                f"{teacher['weights_sha256'][:16]}…, but that file now has {now[:16]}… (the teacher was retrained "
+                "or replaced). Rebuild the cache: build-teacher-cache --overwrite"
+            )
 
 
 class KDPipeline(SegPipeline):
@@ -73,18 +122,32 @@ class KDPipeline(SegPipeline):
     targets are the teacher's outputs on exactly that view."""
 
     def __init__(self, dataset: SegmentationDataset, preprocess: Preprocess, augment: Augment | None,
-                 seed: int, store: CacheStore, rows: np.ndarray, use_views: bool = False):
+                 seed: int, store: CacheStore, rows: np.ndarray, use_views: bool = False, skip_bad: bool = False):
         super().__init__(dataset, preprocess, augment, seed)
         self.store = store
         self.rows = np.asarray(rows)
         self.strides = strides_of(store.meta)
         self.use_views = bool(use_views and store.meta.get("views"))
+        self.skip_bad = skip_bad
 
     def __getitem__(self, index: int) -> dict:
-        cached = to_tensors(self.store.read(int(self.rows[index])))
-        if self.use_views:
-            return self._view_item(index, cached)
-        item = super().__getitem__(index)
+        skipped = False
+        try:
+            cached = to_tensors(self.store.read(int(self.rows[index])))
+        except BadSampleError:
+            if not self.skip_bad:
+                raise
+            cached, skipped = placeholder_targets(self.store.meta), True
+        item = self._view_item(index, cached) if self.use_views else self._item(index, cached)
+        if skipped:  # no teacher targets for this sample: every KD cell ignored
+            for key in list(item):
+                if key.startswith("kd/") and key.endswith("ignore"):
+                    item[key] = torch.ones_like(item[key])
+        item["kd/skipped"] = torch.tensor(skipped)
+        return item
+
+    def _item(self, index: int, cached: dict) -> dict:
+        item = SegPipeline.__getitem__(self, index)
         g = item.get("geometry")
         if g is None:
             size = tuple(item["image"].shape[-2:])
@@ -128,6 +191,7 @@ class StudentTrainer(Trainer):
         self.store = CacheStore(c.cache) if c.cache else None
         self.teacher = None
         if self.store is not None:
+            check_teacher_unchanged(self.store)
             pre = Preprocess.from_dict(self.store.meta["preprocess"])
             if c.resize is not None and tuple(c.resize) != tuple(pre.resize or ()):
                 raise KDCacheError(f"--resize {c.resize} differs from the cache's preprocessing (resize "
@@ -144,7 +208,7 @@ class StudentTrainer(Trainer):
                                f"{train_ds.num_classes}")
         rows = self.store.join(train_ds, check_content=self.config.check_content)
         return (KDPipeline(train_ds, self.preprocess, train_pipe.augment, self.config.seed, self.store, rows,
-                           self.config.use_views), val_pipe)
+                           self.config.use_views, self.config.skip_bad), val_pipe)
 
     # -- model ----------------------------------------------------------------------------------
     def build_model(self, num_classes: int) -> SegModel:
@@ -240,6 +304,8 @@ class StudentTrainer(Trainer):
         ce = F.cross_entropy(logits.float(), batch["label"], weight=self.class_weight, ignore_index=IGNORE_INDEX)
         total = ce
         terms = {"ce": ce.detach()}
+        if self.config.skip_bad and "kd/skipped" in batch:  # the share of samples trained without targets
+            terms["kd_skipped"] = batch["kd/skipped"].float().mean()
         for m in self.methods:
             if m.weight == 0.0 and m.name == "none":
                 continue

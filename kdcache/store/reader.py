@@ -33,6 +33,17 @@ class StoreError(KDCacheError):
     """A teacher cache that is missing, damaged or does not match what it is used with."""
 
 
+class BadSampleError(StoreError):
+    """A sample whose stored chunks cannot be read (damaged, truncated)."""
+
+    def __init__(self, message: str, rows=()):
+        super().__init__(message)
+        self.rows = list(rows)
+
+    def __reduce__(self):  # survives the trip back from a DataLoader worker
+        return (type(self), (str(self), self.rows))
+
+
 def split_fingerprint(ids: Sequence[str], hashes: Sequence[str]) -> str:
     """SHA-256 over a split's sample ids and content hashes, in order."""
     h = hashlib.sha256()
@@ -178,10 +189,12 @@ class CacheStore:
             try:
                 data[spec.path] = self._read_map(spec.path, start, stop, rows)
             except Exception as exc:
-                raise StoreError(
-                    f"cannot decode '{spec.path}' for samples {start}..{stop - 1} of {self.path} "
-                    f"({type(exc).__name__}: {exc}); the chunk is damaged or truncated. "
-                    f"`kdcache verify-cache {self.path} --reset-bad` marks them for rebuilding."
+                names = [self.ids[r] for r in rows[:3]] + (["…"] if len(rows) > 3 else [])
+                raise BadSampleError(
+                    f"cannot decode '{spec.path}' of sample{'s' if len(rows) > 1 else ''} {', '.join(names)} "
+                    f"(rows {start}..{stop - 1}) in {self.path} ({type(exc).__name__}: {exc}); the chunk is "
+                    f"damaged or truncated. `kdcache verify-cache {self.path} --reset-bad` marks it for "
+                    "rebuilding; train-student --skip-bad trains on without its targets.", rows
                 ) from None
         if self.meta.get("views"):
             data["views/params"] = np.asarray(self.array("views/params")[start:stop])

@@ -1,0 +1,131 @@
+"""Faults a user meets: damaged chunks during training, a stale cache, a killed training run,
+odd image files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from fake_data import make_teacher
+from PIL import Image
+from typer.testing import CliRunner
+
+from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
+
+runner = CliRunner()
+RES = {"resolution": [32, 48]}
+
+
+def kd(*args):
+    from kdcache.cli.app import app
+
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _cache(tmp_path, teacher, name="c.zarr", n=16):
+    out = tmp_path / name
+    build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(out), dataset_options=dict(RES), limit=n,
+                                         topk=4, samples_per_shard=8, device="cpu", workers=0), show_progress=False)
+    return out
+
+
+STUDENT = ["--epochs", 1, "--limit", 16, "--batch-size", 4, "--device", "cpu", "--workers", 0, "--quiet"]
+
+
+def test_damaged_chunk_stops_training_naming_the_sample_or_is_skipped(tmp_path):
+    teacher = make_teacher(tmp_path / "t.pt")
+    cache = _cache(tmp_path, teacher)
+    shard = cache / "logits" / "values" / "c" / "1" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[40:60] = b"\xff" * 20  # corrupt the first chunk of shard 1 (sample train_000008)
+    shard.write_bytes(bytes(data))
+    r = kd("verify-cache", cache, "--quiet")
+    assert r.exit_code == 1 and "train_000008" in r.output
+    r = kd("train-student", "--cache", cache, "--out", tmp_path / "a", *STUDENT)
+    assert r.exit_code == 2 and "train_000008" in r.output and "--skip-bad" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    r = kd("train-student", "--cache", cache, "--out", tmp_path / "b", "--skip-bad", *STUDENT)
+    assert r.exit_code == 0, r.output
+    rec = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert rec["train_kd_skipped"] == pytest.approx(1 / 16)  # one sample of 16, every step averaged
+    assert "had unreadable targets" in r.output
+
+
+def test_stale_cache_is_refused_with_what_changed(tmp_path):
+    teacher = make_teacher(tmp_path / "t.pt")
+    cache = _cache(tmp_path, teacher)
+    make_teacher(tmp_path / "t.pt", seed=5)  # the teacher is retrained into the same file
+    r = kd("train-student", "--cache", cache, "--out", tmp_path / "a", *STUDENT)
+    assert r.exit_code == 2 and "is stale" in r.output and "build-teacher-cache --overwrite" in r.output
+    r = kd("build-teacher-cache", "--weights", tmp_path / "t.pt", "--out", cache, "--dataset", "synthetic",
+           "--resolution", "32x48", "--limit", 16, "--samples-per-shard", 8, "--device", "cpu", "--quiet")
+    assert r.exit_code == 2 and "teacher.weights_sha256" in r.output
+
+
+def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path):
+    teacher = make_teacher(tmp_path / "t.pt")
+    cache = _cache(tmp_path, teacher, n=24)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["train-student", "--cache", str(cache), "--epochs", "4", "--limit", "24", "--batch-size", "4",
+            "--device", "cpu", "--workers", "0", "--quiet", "--method", "kl"]
+    subprocess.run([sys.executable, "-m", "kdcache", *args, "--out", str(tmp_path / "a")], check=True, env=env,
+                   capture_output=True)
+    proc = subprocess.Popen([sys.executable, "-m", "kdcache", *args, "--out", str(tmp_path / "b")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2 and (tmp_path / "b" / "last.pt").exists():
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    done = [json.loads(x)["epoch"] for x in metrics.read_text().splitlines() if x.strip().endswith("}")]
+    assert max(done) < 3, "the run finished before it could be killed"
+    r = subprocess.run([sys.executable, "-m", "kdcache", "train-student", "--out", str(tmp_path / "b"), "--resume",
+                        "--quiet"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ra = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in rb] == [0, 1, 2, 3]
+    for x, y in zip(ra, rb):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-6)
+        assert x["val_miou"] == pytest.approx(y["val_miou"], rel=1e-6)
+    sa = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["state_dict"]
+    sb = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["state_dict"]
+    for k in sa:  # another process may pick other CPU kernels: equal up to float rounding
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_odd_image_files(tmp_path):
+    from kdcache.data import build_dataset
+    from kdcache.errors import DatasetError
+
+    root = tmp_path / "f"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("a\nb\n")
+    rng = np.random.default_rng(0)
+    mask = rng.integers(0, 2, (8, 10), dtype=np.uint8)
+    Image.fromarray(rng.integers(0, 255, (8, 10), dtype=np.uint8), mode="L").save(root / "images" / "gray.png")
+    Image.fromarray(rng.integers(0, 255, (8, 10, 4), dtype=np.uint8), mode="RGBA").save(root / "images" / "rgba.png")
+    (root / "images" / "empty.png").write_bytes(b"")
+    for stem in ("gray", "rgba", "empty"):
+        Image.fromarray(mask, mode="L").save(root / "masks" / f"{stem}.png")
+    ds = build_dataset("folder", "all", root)
+    by_id = {sid: j for j, sid in enumerate(ds.ids)}
+    for stem in ("gray", "rgba"):  # documented conversion: to RGB
+        image, m = ds.load(by_id[stem])
+        assert image.shape == (8, 10, 3) and image.dtype == np.uint8 and m.shape == (8, 10)
+    with pytest.raises(DatasetError, match="empty.png"):
+        ds.load(by_id["empty"])
+    Image.fromarray(rng.integers(0, 255, (8, 10, 3), dtype=np.uint8)).save(root / "masks" / "gray.png")
+    with pytest.raises(DatasetError, match="colour image"):
+        ds.load(by_id["gray"])
