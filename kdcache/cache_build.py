@@ -362,7 +362,7 @@ def build_teacher_cache(config: CacheBuildConfig, *, overwrite: bool = False, sh
 
 def _build(config: CacheBuildConfig, d: distributed.Dist, device: torch.device, *, overwrite: bool,
            show_progress: bool) -> dict:
-    out = Path(config.out)
+    out = config.out if is_url(config.out) else Path(config.out)
     ds = build_dataset(config.dataset, config.split, config.data_root, **config.dataset_options)
     ds = limit(ds, config.limit)
     if len(ds) == 0:
@@ -475,23 +475,74 @@ def _build(config: CacheBuildConfig, d: distributed.Dist, device: torch.device, 
     return summary
 
 
-def _prepare_store(out: Path, meta: dict, ids, hashes, sizes, *, overwrite: bool) -> bool:
+def is_url(path) -> bool:
+    return "://" in str(path)
+
+
+PARTIAL = "kdcache-creating"  # attribute of a remote store whose creation has not finished
+
+
+def _write_layout(group, meta: dict, ids, hashes) -> None:
+    id_bytes, width = encode_ids(ids)
+    create_layout(group, meta, len(ids), width)
+    group["sample_id"][:] = id_bytes
+    group["content_hash"][:] = np.array([np.frombuffer(bytes.fromhex(h), dtype=np.uint8) for h in hashes])
+
+
+def _check_resumable(out, stored: dict, meta: dict) -> None:
+    diff = differences(identity(stored), identity(meta))
+    if diff:
+        raise KDCacheError(
+            f"{out} holds a teacher cache built differently, so it cannot be resumed: "
+            + "; ".join(diff) + ". Use --overwrite to rebuild it, or another --out"
+        )
+
+
+def _not_a_store(out) -> KDCacheError:
+    return KDCacheError(f"--out {out} exists and is not a kdcache teacher cache; kdcache never overwrites "
+                        "other data. Choose another --out (or remove it yourself)")
+
+
+def _prepare_remote_store(url: str, meta: dict, ids, hashes, *, overwrite: bool) -> bool:
+    """The same as for a local store, at an fsspec URL (no atomic rename there: a store whose
+    creation was interrupted carries the ``kdcache-creating`` attribute and is created again)."""
+    import fsspec
+    import zarr
+
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.exists(path) and fs.ls(path):
+        try:
+            _, stored = read_meta(url)
+        except StoreError:
+            try:
+                partial = dict(zarr.open_group(url, mode="r").attrs).get(PARTIAL)
+            except Exception:
+                partial = None
+            if not partial:
+                raise _not_a_store(url) from None
+            stored = None
+        if stored is not None and not overwrite:
+            _check_resumable(url, stored, meta)
+            return True
+        fs.rm(path, recursive=True)
+    group = zarr.open_group(url, mode="w")
+    group.attrs[PARTIAL] = True
+    _write_layout(group, meta, ids, hashes)
+    group.attrs.put({ATTR: meta})  # replaces the partial marker: the store is complete
+    return False
+
+
+def _prepare_store(out, meta: dict, ids, hashes, sizes, *, overwrite: bool) -> bool:
     """Create the store (returns False), or check an existing one can be resumed (True)."""
+    if is_url(out):
+        return _prepare_remote_store(str(out), meta, ids, hashes, overwrite=overwrite)
     if out.exists() and not _is_empty_dir(out):
         try:
             _, stored = read_meta(out)
         except StoreError:
-            raise KDCacheError(
-                f"--out {out} exists and is not a kdcache teacher cache; kdcache never overwrites "
-                "other data. Choose another --out (or remove it yourself)"
-            ) from None
+            raise _not_a_store(out) from None
         if not overwrite:
-            diff = differences(identity(stored), identity(meta))
-            if diff:
-                raise KDCacheError(
-                    f"{out} holds a teacher cache built differently, so it cannot be resumed: "
-                    + "; ".join(diff) + ". Use --overwrite to rebuild it, or another --out"
-                )
+            _check_resumable(out, stored, meta)
             return True
         shutil.rmtree(out)
     if _is_empty_dir(out):
@@ -503,10 +554,7 @@ def _prepare_store(out: Path, meta: dict, ids, hashes, sizes, *, overwrite: bool
     import zarr
 
     group = zarr.open_group(str(tmp), mode="w-")
-    id_bytes, width = encode_ids(ids)
-    create_layout(group, meta, len(ids), width)
-    group["sample_id"][:] = id_bytes
-    group["content_hash"][:] = np.array([np.frombuffer(bytes.fromhex(h), dtype=np.uint8) for h in hashes])
+    _write_layout(group, meta, ids, hashes)
     group.attrs[ATTR] = meta
     os.replace(tmp, out)  # the store appears complete with its metadata, or not at all
     return False

@@ -231,6 +231,14 @@ class StudentTrainer(Trainer):
             m.to(self.device)
         return model
 
+    def loader_context(self) -> str | None:
+        """Object stores (s3://, gs://, …) go through async fsspec file systems that are not
+        fork-safe: their workers are spawned. memory:// lives in this process, so it is forked."""
+        path = self.store.path if self.store is not None else ""
+        if "://" in path and not path.startswith("memory://"):
+            return "spawn"
+        return None
+
     def extra_parameters(self) -> list[torch.nn.Parameter]:
         return [p for m in self.methods for p in m.parameters()]
 

@@ -320,7 +320,8 @@ class Trainer:
             train_pipe.set_epoch(epoch)
             gen = torch.Generator().manual_seed(c.seed * 100_003 + epoch)
             loader = make_loader(train_pipe, c.batch_size, self.workers, shuffle=True, generator=gen,
-                                 drop_last=True, pin_memory=self.device.type == "cuda")
+                                 drop_last=True, pin_memory=self.device.type == "cuda",
+                                 context=self.loader_context())
             model.train()
             sums: dict[str, float] = {}
             n_steps = 0
@@ -395,6 +396,10 @@ class Trainer:
                                  title=f"{self.config.model} ({self.kind}) — {self.run.path.name}")
 
     # -- hooks for subclasses (distillation adds adapters and their state) -------------------
+    def loader_context(self) -> str | None:
+        """Start method of the training DataLoader's workers (None: the platform default)."""
+        return None
+
     def extra_parameters(self) -> list[torch.nn.Parameter]:
         return []
 

@@ -15,6 +15,12 @@ from kdcache.store.reader import CacheStore
 
 
 def disk_usage(path: str | Path) -> int:
+    """Bytes under ``path``: a local folder, or an fsspec URL."""
+    if "://" in str(path):
+        import fsspec
+
+        fs, p = fsspec.core.url_to_fs(str(path))
+        return int(fs.du(p)) if fs.exists(p) else 0
     total = 0
     for root, _dirs, files in os.walk(path):
         for f in files:
@@ -50,7 +56,7 @@ def inspect_store(path: str | Path, *, samples: int = 64, temperatures=(1.0, 2.0
         a = store.array(spec.path)
         arrays.append({"path": spec.path, "shape": list(a.shape), "dtype": str(a.dtype),
                        "chunks": list(a.chunks), "shards": list(a.shards or ()),
-                       "bytes": disk_usage(Path(path) / spec.path)})
+                       "bytes": disk_usage(f"{str(path).rstrip('/')}/{spec.path}")})
     rows = np.flatnonzero(done)
     # valid teacher-map pixels of the finished samples
     hw = np.asarray(store.array("logits/hw")[:])

@@ -1,0 +1,85 @@
+"""Caches at fsspec URLs, tested on fsspec's in-memory file system."""
+
+from __future__ import annotations
+
+import uuid
+
+import fsspec
+import numpy as np
+import zarr
+from fake_data import make_teacher
+from typer.testing import CliRunner
+
+from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.store import CacheStore
+
+runner = CliRunner()
+
+
+def kd(*args):
+    from kdcache.cli.app import app
+
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _cfg(teacher, out, **kw):
+    base = dict(weights=str(teacher), out=str(out), dataset_options={"resolution": [32, 48]}, limit=10,
+                samples_per_shard=4, device="cpu", workers=0, features=("stage3",))
+    base.update(kw)
+    return CacheBuildConfig(**base)
+
+
+def test_build_and_read_a_store_in_memory(tmp_path):
+    teacher = make_teacher(tmp_path / "t.pt")
+    url = f"memory://{uuid.uuid4().hex}/c.zarr"
+    build_teacher_cache(_cfg(teacher, url), show_progress=False)
+    build_teacher_cache(_cfg(teacher, tmp_path / "local.zarr"), show_progress=False)
+    remote, local = zarr.open_group(url, mode="r"), zarr.open_group(str(tmp_path / "local.zarr"), mode="r")
+    for name in ("logits/values", "logits/indices", "logits/tail", "features/stage3/values", "done", "sample_id"):
+        np.testing.assert_array_equal(remote[name][:], local[name][:], err_msg=name)
+    store = CacheStore(url)
+    assert store._fast == {} and store.read(3)["id"] == "train_000003"
+    assert store.read(3)["logits/values"].shape == (4, 8, 12)
+    # rerun: resumes; another k: refused with the difference
+    assert build_teacher_cache(_cfg(teacher, url), show_progress=False)["resumed"]
+    r = kd("build-teacher-cache", "--weights", teacher, "--out", url, "--topk", 2, "--dataset", "synthetic",
+           "--resolution", "32x48", "--limit", 10, "--samples-per-shard", 4, "--features", "stage3", "--quiet")
+    assert r.exit_code == 2 and "k: store has 4, this build wants 2" in r.output
+    r = kd("verify-cache", url, "--quiet")
+    assert r.exit_code == 0 and "ok: all 10 samples" in r.output
+    from kdcache.store.check import inspect_store
+
+    rep = inspect_store(url)
+    assert rep["done"] == 10 and rep["bytes_on_disk"] > 0 and rep["bytes_per_pixel"] > 0
+    # and a student trains from it, with a forked DataLoader worker
+    r = kd("train-student", "--cache", url, "--epochs", 1, "--limit", 8, "--batch-size", 4, "--workers", 1,
+           "--device", "cpu", "--out", tmp_path / "s", "--quiet")
+    assert r.exit_code == 0, r.output
+
+
+def test_remote_out_that_is_not_a_store_is_refused_and_a_partial_one_is_redone(tmp_path):
+    teacher = make_teacher(tmp_path / "t.pt")
+    base = f"memory://{uuid.uuid4().hex}"
+    fs = fsspec.filesystem("memory")
+    fs.pipe(f"{base[len('memory://'):]}/other/notes.txt", b"precious")
+    r = kd("build-teacher-cache", "--weights", teacher, "--out", f"{base}/other", "--dataset", "synthetic",
+           "--resolution", "32x48", "--limit", 4, "--quiet")
+    assert r.exit_code == 2 and "is not a kdcache teacher cache" in r.output
+    assert fs.cat(f"{base[len('memory://'):]}/other/notes.txt") == b"precious"
+    g = zarr.open_group(f"{base}/partial.zarr", mode="w")  # a creation that was interrupted
+    g.attrs["kdcache-creating"] = True
+    s = build_teacher_cache(_cfg(teacher, f"{base}/partial.zarr", limit=4), show_progress=False)
+    assert s["done"] == 4 and not s["resumed"]
+
+
+def test_object_stores_spawn_their_workers():
+    from kdcache.distill import StudentTrainer
+
+    class Stub:
+        def __init__(self, path):
+            self.store = type("S", (), {"path": path})()
+
+    assert StudentTrainer.loader_context(Stub("s3://bucket/c.zarr")) == "spawn"
+    assert StudentTrainer.loader_context(Stub("gs://bucket/c.zarr")) == "spawn"
+    assert StudentTrainer.loader_context(Stub("memory://c.zarr")) is None
+    assert StudentTrainer.loader_context(Stub("/data/c.zarr")) is None
