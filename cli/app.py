@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Annotated
 
@@ -200,6 +201,8 @@ def train_teacher(
                                  weights=weights, eval_every=eval_every),
     )
     result = run_training(train, config, resume=resume, overwrite=overwrite, quiet=quiet, ctx=ctx)
+    if os.environ.get("RANK", "0") != "0":
+        return
     console.print(f"[green]done[/green]: best val mIoU {100 * result['best_miou']:.2f} — run folder {result['run']}")
 
 
@@ -285,6 +288,8 @@ def train_student(
     else:
         raise KDCacheError("--cache STORE is required (build one with build-teacher-cache)")
     result = run_training(run, config, resume=resume, overwrite=overwrite, quiet=quiet, ctx=ctx)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return
     skipped = result["last"].get("train_kd_skipped", 0.0)
     if skipped:
         console.print(f"[yellow]--skip-bad[/yellow]: {100 * skipped:.1f}% of the last epoch's samples had unreadable "

@@ -231,6 +231,12 @@ class StudentTrainer(Trainer):
             m.to(self.device)
         return model
 
+    def sample_groups(self, pipeline) -> np.ndarray | None:
+        """Under torchrun, ranks take whole store shards: each reads its own shard files."""
+        if isinstance(pipeline, KDPipeline):
+            return pipeline.rows // self.store.samples_per_shard
+        return None
+
     def loader_context(self) -> str | None:
         """Object stores (s3://, gs://, …) go through async fsspec file systems that are not
         fork-safe: their workers are spawned. memory:// lives in this process, so it is forked."""

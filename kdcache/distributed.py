@@ -72,3 +72,27 @@ def all_ok(ok: bool) -> bool:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def average_gradients(params) -> None:
+    """All-reduce and average the gradients of ``params`` (those DDP does not manage)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Per-rank sums of training terms -> their mean over ranks (same keys on every rank)."""
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.cpu().tolist()))

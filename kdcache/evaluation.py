@@ -115,11 +115,13 @@ def measure_latency(
 
 def make_loader(pipeline: SegPipeline, batch_size: int, workers: int, *, shuffle: bool = False,
                 generator: torch.Generator | None = None, drop_last: bool = False,
-                pin_memory: bool = False, context: str | None = None) -> torch.utils.data.DataLoader:
+                pin_memory: bool = False, context: str | None = None,
+                sampler=None) -> torch.utils.data.DataLoader:
     """``context``: the workers' start method (``spawn`` for fsspec file systems that are not
     fork-safe; None: the platform default)."""
     return torch.utils.data.DataLoader(
-        pipeline, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate,
+        pipeline, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
+        num_workers=workers, collate_fn=collate,
         generator=generator, drop_last=drop_last, pin_memory=pin_memory,
         persistent_workers=False, multiprocessing_context=context if workers > 0 else None,
     )

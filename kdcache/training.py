@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdcache import __version__
+from kdcache import __version__, distributed
 from kdcache.checkpoint import load_weights, read_checkpoint, save_checkpoint
 from kdcache.data.base import IGNORE_INDEX, SegmentationDataset
 from kdcache.data.splits import train_val_sets
@@ -186,6 +186,12 @@ class Trainer:
         self.resume = resume
         self.overwrite = overwrite
         self.device = resolve_device(config.device)
+        # under torchrun: one process per device, DistributedDataParallel, rank 0 writes the run
+        self.dist = distributed.init_from_env(self.device)
+        self.device = distributed.local_device(self.device, self.dist)
+        self.is_main = self.dist.is_main
+        if not self.is_main:
+            self.show_progress = False
         self.amp = bool(config.amp and self.device.type == "cuda")
         self.workers = default_workers(self.device) if config.workers is None else config.workers
         self.preprocess = Preprocess(resize=config.resize)
@@ -275,7 +281,8 @@ class Trainer:
             opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
         else:
             opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-        steps_per_epoch = len(train_pipe) // c.batch_size
+        world = self.dist.world_size
+        steps_per_epoch = len(train_pipe) // world // c.batch_size
         if steps_per_epoch == 0:
             raise KDCacheError(f"--batch-size {c.batch_size} is larger than the {len(train_pipe)} training samples")
         total = steps_per_epoch * c.epochs
@@ -296,6 +303,7 @@ class Trainer:
             "val_samples": len(val_ds),
             "device_name": device_name(self.device),
             "kdcache_version": __version__,
+            "world_size": world,
         }
         if self.resume:
             ckpt = read_checkpoint(self.run.last)
@@ -307,21 +315,37 @@ class Trainer:
             self.load_extra_state(ckpt)
             torch.set_rng_state(ckpt["rng_cpu"])
             start_epoch, best = ckpt["epoch"] + 1, ckpt["best_miou"]
-            self.run.truncate_metrics(ckpt["epoch"])
             full_config["resumed_from_epoch"] = ckpt["epoch"]
-            write_json(self.run.config_path, full_config)
-            console.print(f"resuming {self.run.path} after epoch {ckpt['epoch'] + 1}/{c.epochs}")
-        else:
+            if self.is_main:
+                self.run.truncate_metrics(ckpt["epoch"])
+                write_json(self.run.config_path, full_config)
+                console.print(f"resuming {self.run.path} after epoch {ckpt['epoch'] + 1}/{c.epochs}")
+        elif self.is_main:
             self.run.create(full_config, overwrite=self.overwrite)
+        if not distributed.all_ok(True):  # every rank past set-up (rank 0's run folder exists)
+            raise KDCacheError("a rank failed during set-up")
 
-        val_loader = make_loader(val_pipe, c.batch_size, self.workers, pin_memory=self.device.type == "cuda")
+        train_model = model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            train_model = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        val_sampler = list(range(self.dist.rank, len(val_pipe), world)) if world > 1 else None
+        val_loader = make_loader(val_pipe, c.batch_size, self.workers, pin_memory=self.device.type == "cuda",
+                                 sampler=val_sampler)
         last_metrics: dict[str, Any] = {}
         for epoch in range(start_epoch, c.epochs):
             train_pipe.set_epoch(epoch)
             gen = torch.Generator().manual_seed(c.seed * 100_003 + epoch)
-            loader = make_loader(train_pipe, c.batch_size, self.workers, shuffle=True, generator=gen,
+            sampler = None
+            if world > 1:  # this rank's share: whole store shards where possible, equal counts
+                sampler = rank_indices(len(train_pipe), (c.seed, epoch), self.dist.rank, world,
+                                       self.sample_groups(train_pipe), min_size=c.batch_size)
+                sampler = sampler[:steps_per_epoch * c.batch_size]
+            loader = make_loader(train_pipe, c.batch_size, self.workers, shuffle=sampler is None, generator=gen,
                                  drop_last=True, pin_memory=self.device.type == "cuda",
-                                 context=self.loader_context())
+                                 context=self.loader_context(), sampler=sampler)
             model.train()
             sums: dict[str, float] = {}
             n_steps = 0
@@ -332,7 +356,7 @@ class Trainer:
                     batch = {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
                              for k, v in batch.items()}
                     with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                        loss, terms = self.compute_loss(model, batch)
+                        loss, terms = self.compute_loss(train_model, batch)
                     # one host sync per step reads the loss and every term
                     values = dict(zip(["loss", *terms], torch.stack(
                         [loss.detach().float(), *(t.float() for t in terms.values())]).tolist()))
@@ -343,6 +367,8 @@ class Trainer:
                         )
                     opt.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
+                    if world > 1:  # parameters outside the DDP module (KD adapters): average by hand
+                        distributed.average_gradients(self.extra_parameters())
                     scaler.step(opt)
                     scaler.update()
                     sched.step()
@@ -351,12 +377,14 @@ class Trainer:
                         sums[k] = sums.get(k, 0.0) + v
                     bar.advance(len(batch["id"]), loss=sums["loss"] / n_steps, lr=sched.get_last_lr()[0])
             train_time = time.perf_counter() - t0
+            sums = distributed.mean_over_ranks(sums)
             record: dict[str, Any] = {
                 "epoch": epoch,
                 **{f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()},
                 "lr": sched.get_last_lr()[0],
                 "train_time_s": train_time,
-                "train_images_per_s": n_steps * c.batch_size / max(train_time, 1e-9),
+                "train_images_per_s": n_steps * c.batch_size * world / max(train_time, 1e-9),
+                "train_samples_seen": n_steps * c.batch_size * world,
             }
             if (epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs:
                 res = evaluate_model(model, val_loader, num_classes, self.device, amp=self.amp,
@@ -367,24 +395,29 @@ class Trainer:
                 miou = m["miou"] if not math.isnan(m["miou"]) else -1.0
                 if miou > best:
                     best = miou
-                    save_checkpoint(self.run.best, model, config=full_config, epoch=epoch, best_miou=best,
-                                    class_names=list(train_ds.class_names),
-                                    palette=torch.from_numpy(np.asarray(train_ds.palette)))
+                    if self.is_main:
+                        save_checkpoint(self.run.best, model, config=full_config, epoch=epoch, best_miou=best,
+                                        class_names=list(train_ds.class_names),
+                                        palette=torch.from_numpy(np.asarray(train_ds.palette)))
                     record["best"] = True
-                console.print(
-                    f"epoch {epoch + 1}/{c.epochs}: loss {record['train_loss']:.4f}  "
-                    f"val mIoU {100 * m['miou']:.2f}  mAcc {100 * m['macc']:.2f}  aAcc {100 * m['aacc']:.2f}"
-                    f"  ({record['train_images_per_s']:.1f} img/s)"
+                if self.is_main:
+                    console.print(
+                        f"epoch {epoch + 1}/{c.epochs}: loss {record['train_loss']:.4f}  "
+                        f"val mIoU {100 * m['miou']:.2f}  mAcc {100 * m['macc']:.2f}  aAcc {100 * m['aacc']:.2f}"
+                        f"  ({record['train_images_per_s']:.1f} img/s)"
+                    )
+            if self.is_main:
+                self.run.log(record)
+                save_checkpoint(
+                    self.run.last, model, config=full_config, epoch=epoch, best_miou=best,
+                    optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(),
+                    rng_cpu=torch.get_rng_state(), class_names=list(train_ds.class_names),
+                    palette=torch.from_numpy(np.asarray(train_ds.palette)), **self.extra_state(),
                 )
-            self.run.log(record)
-            save_checkpoint(
-                self.run.last, model, config=full_config, epoch=epoch, best_miou=best,
-                optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(),
-                rng_cpu=torch.get_rng_state(), class_names=list(train_ds.class_names),
-                palette=torch.from_numpy(np.asarray(train_ds.palette)), **self.extra_state(),
-            )
             last_metrics = record
-        self._save_curves()
+        if self.is_main:
+            self._save_curves()
+        distributed.barrier()
         return {"run": str(self.run.path), "best_miou": best, "last": last_metrics}
 
     def _save_curves(self) -> None:
@@ -396,6 +429,10 @@ class Trainer:
                                  title=f"{self.config.model} ({self.kind}) — {self.run.path.name}")
 
     # -- hooks for subclasses (distillation adds adapters and their state) -------------------
+    def sample_groups(self, pipeline) -> np.ndarray | None:
+        """Group id per training sample that ranks should not split (store shards); None: any."""
+        return None
+
     def loader_context(self) -> str | None:
         """Start method of the training DataLoader's workers (None: the platform default)."""
         return None
@@ -408,6 +445,32 @@ class Trainer:
 
     def load_extra_state(self, ckpt: dict) -> None:
         pass
+
+
+def rank_indices(n: int, seed, rank: int, world: int, groups: np.ndarray | None = None,
+                 min_size: int = 1) -> list[int]:
+    """This rank's training samples for one epoch (``seed`` fixes the epoch's draw).
+
+    With ``groups`` (e.g. the store shard of each sample) whole groups are dealt to the ranks in
+    a shuffled order, so each rank reads its own shards; otherwise samples are dealt one by one.
+    Every rank gets as many samples as the smallest share (ranks must take the same number of
+    steps); no sample goes to two ranks."""
+    rng = np.random.default_rng(seed)
+    parts = None
+    if groups is not None:
+        uniq = np.unique(groups)
+        order = uniq[rng.permutation(len(uniq))]
+        parts = []
+        for r in range(world):
+            mine = np.isin(groups, order[r::world])
+            parts.append(np.random.default_rng((*np.atleast_1d(seed), r)).permutation(np.flatnonzero(mine)))
+        if min(len(p) for p in parts) < min_size:  # too few groups for this many ranks
+            parts = None
+    if parts is None:
+        perm = rng.permutation(n)
+        parts = [perm[r::world] for r in range(world)]
+    m = min(len(p) for p in parts)
+    return [int(i) for i in parts[rank][:m]]
 
 
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
