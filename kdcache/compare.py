@@ -19,7 +19,7 @@ import torch
 from kdcache import visualize
 from kdcache.errors import KDCacheError
 from kdcache.evaluation import eval_dataset, evaluate_run, load_run_model
-from kdcache.runs import resolve_device, write_json
+from kdcache.runs import RunDir, resolve_device, write_json
 from kdcache.transforms import Preprocess, SegPipeline
 
 
@@ -57,7 +57,7 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None, 
             raise KDCacheError(f"{p} was validated on {rep['dataset']} '{rep['split']}' ({rep['num_samples']} "
                                f"images) but {paths[0]} on {first['dataset']} '{first['split']}' "
                                f"({first['num_samples']}); compare runs on the same validation data")
-    configs = [load_run_model(p, torch.device("cpu"))[1] for p in paths]
+    configs = [RunDir(p).read_config() for p in paths]
     labels = [run_label(c, p) for c, p in zip(configs, paths)]
     base_i = _baseline_index(paths, configs, baseline)
     rows = []

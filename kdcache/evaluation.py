@@ -208,25 +208,15 @@ def evaluate_run(
     The data set, split, folds and preprocessing default to the run's own (its validation
     part); a bare checkpoint without a run folder needs ``dataset`` (synthetic by default).
     """
-    ckpt_path, config, run_dir = resolve_run(target)
-    ckpt = read_checkpoint(ckpt_path)
-    config = dict(config or ckpt.get("config") or {})
-    model_name = ckpt.get("model") or config.get("model")
-    if not model_name:
-        raise KDCacheError(f"{ckpt_path} is a plain state dict: evaluate a run folder or a kdcache checkpoint")
-    num_classes = ckpt.get("num_classes") or config.get("num_classes")
-
+    dev = resolve_device(device)
+    model, config, ckpt_path, run_dir = load_run_model(target, dev)
+    model_name, num_classes = model.name, model.num_classes
     config, ds, split_name = eval_dataset(config, dataset=dataset, data_root=data_root, split=split, limit_n=limit_n)
     if num_classes != ds.num_classes:
         raise KDCacheError(
             f"the model predicts {num_classes} classes but data set {config['dataset']} has "
             f"{ds.num_classes}; evaluate on the data set it was trained for"
         )
-
-    dev = resolve_device(device)
-    model = build_model(model_name, num_classes, **config.get("model_options", {}))
-    load_weights(model, ckpt_path)
-    model.to(dev)
     preprocess = Preprocess.from_dict(config.get("preprocess", {}))
     pipeline = SegPipeline(ds, preprocess)
     loader = make_loader(pipeline, batch_size, workers, pin_memory=dev.type == "cuda")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.methods import METHODS
-from kdcache.methods.base import KDMethod, MethodError, pool_to
+from kdcache.methods.base import FeatureMethod, MethodError, pool_to
 
 
 def _mask_like(ignore: torch.Tensor, size) -> torch.Tensor:
@@ -22,19 +22,13 @@ def _mask_like(ignore: torch.Tensor, size) -> torch.Tensor:
 
 
 @METHODS.register("at")
-class AttentionTransfer(KDMethod):
+class AttentionTransfer(FeatureMethod):
     name = "at"
     default_weight = 100.0  # RepDistiller uses 1000; on the demo pair 1000 cost 6 mIoU points, 100 about 2
 
     def __init__(self, weight: float | None = None, student_tap: str | None = None, teacher_tap: str | None = None):
-        super().__init__(weight)
-        if not student_tap or not teacher_tap:
-            raise ValueError("at needs student_tap=<student module> and teacher_tap=<cached teacher tap>")
-        self.student_tap, self.teacher_tap = student_tap, teacher_tap
+        super().__init__(weight, student_tap, teacher_tap)
         self.source = None
-
-    def student_taps(self) -> list[str]:
-        return [self.student_tap]
 
     def setup(self, student_channels, store_meta) -> None:
         if self.teacher_tap in store_meta.get("attention", {}):

@@ -43,6 +43,31 @@ class KDMethod(nn.Module):
         return f"weight={self.weight}"
 
 
+class FeatureMethod(KDMethod):
+    """A method that compares one student module's output with one cached teacher tap."""
+
+    def __init__(self, weight: float | None = None, student_tap: str | None = None,
+                 teacher_tap: str | None = None):
+        super().__init__(weight)
+        if not student_tap or not teacher_tap:
+            raise ValueError(f"{self.name} needs student_tap=<student module> and teacher_tap=<cached teacher tap>")
+        self.student_tap, self.teacher_tap = student_tap, teacher_tap
+
+    def student_taps(self) -> list[str]:
+        return [self.student_tap]
+
+    def required(self) -> list[str]:
+        return [f"features/{self.teacher_tap}"]
+
+    def check_features(self, store_meta: dict) -> dict:
+        """The cache's description of the teacher tap's features; a clear error if it has none."""
+        feats = store_meta.get("features", {})
+        if self.teacher_tap not in feats:
+            raise MethodError(f"method '{self.name}' needs the teacher's '{self.teacher_tap}' features in the "
+                              f"cache; build it with --features {self.teacher_tap}")
+        return feats[self.teacher_tap]
+
+
 def student_logits_at(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Student logits brought to the cache's resolution (bilinear), fp32."""
     logits = logits.float()

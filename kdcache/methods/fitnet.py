@@ -13,36 +13,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcache.methods import METHODS
-from kdcache.methods.base import KDMethod, MethodError, teacher_feature
+from kdcache.methods.base import FeatureMethod, teacher_feature
 
 
 @METHODS.register("fitnet")
-class FitNet(KDMethod):
+class FitNet(FeatureMethod):
     name = "fitnet"
     default_weight = 1.0
 
     def __init__(self, weight: float | None = None, student_tap: str | None = None, teacher_tap: str | None = None,
                  loss: str = "mse"):
-        super().__init__(weight)
-        if not student_tap or not teacher_tap:
-            raise ValueError("fitnet needs student_tap=<student module> and teacher_tap=<cached teacher tap>")
+        super().__init__(weight, student_tap, teacher_tap)
         if loss not in ("mse", "cosine"):
             raise ValueError(f"fitnet loss must be mse or cosine, got {loss}")
-        self.student_tap, self.teacher_tap, self.loss = student_tap, teacher_tap, loss
+        self.loss = loss
         self.adapter: nn.Module | None = None
 
-    def student_taps(self) -> list[str]:
-        return [self.student_tap]
-
-    def required(self) -> list[str]:
-        return [f"features/{self.teacher_tap}"]
-
     def setup(self, student_channels, store_meta) -> None:
-        feats = store_meta.get("features", {})
-        if self.teacher_tap not in feats:
-            raise MethodError(f"method 'fitnet' needs the teacher's '{self.teacher_tap}' features in the cache; "
-                              f"build it with --features {self.teacher_tap}")
-        self.adapter = nn.Conv2d(student_channels[self.student_tap], feats[self.teacher_tap]["channels"], 1)
+        channels = self.check_features(store_meta)["channels"]
+        self.adapter = nn.Conv2d(student_channels[self.student_tap], channels, 1)
 
     def forward(self, out, batch) -> torch.Tensor:
         t, ignore = teacher_feature(batch, self.teacher_tap, self.name)
