@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from kdcache.cache_build import CacheBuildConfig, TeacherInputs, build_teacher_cache, load_teacher
+from kdcache.cache_build import CacheBuildConfig, TeacherInputs, build_teacher_cache
 from kdcache.data import build_dataset
+from kdcache.loaders import default_workers, make_loader
+from kdcache.model_loading import open_weights
 from kdcache.runs import device_name, resolve_device
-from kdcache.training import default_workers
-from kdcache.transforms import Preprocess
 
 
 @torch.inference_mode()
@@ -35,12 +35,11 @@ def pure_inference(cfg: CacheBuildConfig) -> float:
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
     ds = build_dataset(cfg.dataset, cfg.split, cfg.data_root, **cfg.dataset_options)
-    model, config, _ = load_teacher(cfg.weights, None, ds.num_classes, cfg.features)
-    model.to(device).eval()
-    inputs = TeacherInputs(ds, Preprocess.from_dict(config.get("preprocess", {})))
+    weights = open_weights(cfg.weights)
+    model = weights.build(num_classes=ds.num_classes, taps=cfg.features, device=device)
+    inputs = TeacherInputs(ds, weights.preprocess)
     workers = default_workers(device) if cfg.workers is None else cfg.workers
-    loader = torch.utils.data.DataLoader(inputs, batch_size=cfg.batch_size, num_workers=workers,
-                                         collate_fn=lambda b: b, pin_memory=device.type == "cuda")
+    loader = make_loader(inputs, cfg.batch_size, workers, collate_fn=list, pin_memory=device.type == "cuda")
     for items in loader:
         x = torch.stack([it["image"] for it in items]).to(device, non_blocking=True)
         out = model(x)

@@ -22,28 +22,27 @@ from pathlib import Path
 import zarr
 
 from kdcache.runs import device_name, resolve_device
-from kdcache.store import CacheStore
-from kdcache.store.check import disk_usage
-from kdcache.store.layout import ATTR, CODECS, create_layout, extent_groups, map_specs
+from kdcache.store import CacheSchema, CacheStore
+from kdcache.store.location import size_of
+from kdcache.store.schema import ATTR, CODECS
 
 
 def recompress(src: Path, dst: Path, codec: str) -> float:
     """Copy ``src`` into a new store ``dst`` with ``codec``; returns the encode+write seconds."""
     g = zarr.open_group(str(src), mode="r")
-    meta = dict(g.attrs[ATTR])
-    meta["codec"] = codec
+    schema = CacheSchema({**g.attrs[ATTR], "codec": codec})
     out = zarr.open_group(str(dst), mode="w-")
-    n = meta["dataset"]["num_samples"]
-    create_layout(out, meta, n, g["sample_id"].shape[1])
+    n = schema.num_samples
+    schema.create_arrays(out, g["sample_id"].shape[1])
     for name in ("done", "sample_id", "content_hash", "image_hw"):
         out[name][:] = g[name][:]
-    for group in extent_groups(meta):
+    for group in schema.extent_groups:
         out[f"{group}/hw"][:] = g[f"{group}/hw"][:]
-    if meta.get("views"):
+    if schema.views:
         out["views/params"][:] = g["views/params"][:]
-    out.attrs[ATTR] = meta
-    data = {s.path: g[s.path][:] for s in map_specs(meta)}
-    S = meta["samples_per_shard"]
+    out.attrs[ATTR] = schema.meta
+    data = {s.path: g[s.path][:] for s in schema.map_specs}
+    S = schema.samples_per_shard
     t0 = time.perf_counter()
     for start in range(0, n, S):
         for path, a in data.items():
@@ -70,7 +69,7 @@ def main() -> None:
     args = ap.parse_args()
     src = Path(args.source)
     store = CacheStore(src)
-    specs = map_specs(store.meta)
+    specs = store.schema.map_specs
     raw = {s.path: store.array(s.path).nbytes for s in specs}
     raw_total = sum(raw.values())
     tmp = Path(tempfile.mkdtemp(prefix="kdcache-codecs-"))
@@ -80,7 +79,7 @@ def main() -> None:
             dst = tmp / f"{codec}.zarr"
             enc = recompress(src, dst, codec)
             dec = decode_seconds(dst)
-            per_kind = {s.path: disk_usage(dst / s.path) for s in specs}
+            per_kind = {s.path: size_of(dst, s.path) for s in specs}
             total = sum(per_kind.values())
             rows.append((codec, total, raw_total / total, raw_total / enc / 1e6, raw_total / dec / 1e6, per_kind))
             print(f"{codec:>10}: {total / 1e6:8.2f} MB  ratio {raw_total / total:5.2f}  encode {raw_total / enc / 1e6:7.0f} MB/s"

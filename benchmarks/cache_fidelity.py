@@ -26,20 +26,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdcache.checkpoint import load_weights
 from kdcache.data import build_dataset
-from kdcache.evaluation import resolve_run
 from kdcache.kernels.reference import topk_kl_reference
-from kdcache.models import build_model
+from kdcache.model_loading import open_weights
 from kdcache.targets import implied_log_probs, topk_targets
 from kdcache.transforms import Preprocess
 
 
 def load(run: str, num_classes: int):
-    ckpt, config, _ = resolve_run(run)
-    model = build_model(config["model"], num_classes)
-    load_weights(model, ckpt)
-    return model.eval()
+    return open_weights(run).build(num_classes=num_classes)
 
 
 def kd_grad(student: torch.Tensor, values, indices, tail, T: float, policy: str) -> torch.Tensor:

@@ -25,41 +25,26 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-import zarr
 
-from kdcache.checkpoint import load_weights
 from kdcache.data import build_dataset
-from kdcache.evaluation import resolve_run
+from kdcache.model_loading import open_weights
 from kdcache.models import build_model
 from kdcache.runs import device_name, resolve_device
-from kdcache.store import CachedTargets, CacheStore, CacheStream
-from kdcache.store.check import disk_usage
-from kdcache.store.layout import (
-    ATTR,
-    FORMAT,
-    SCHEMA_VERSION,
-    create_layout,
-    encode_ids,
-    samples_per_shard,
-)
-from kdcache.targets import topk_targets
+from kdcache.store import CachedTargets, CacheSchema, CacheStore, CacheStream
+from kdcache.store.location import size_of
+from kdcache.store.writer import ShardWriter, encode_batch, open_for_writing, prepare_store
+from kdcache.transforms import Preprocess
 
 
 def teacher_logits(run: str | None, n_images: int, size: int) -> torch.Tensor:
     ds = build_dataset("synthetic", "val")
     if run:
-        ckpt, config, _ = resolve_run(run)
-        model = build_model(config["model"], ds.num_classes)
-        load_weights(model, ckpt)
+        model = open_weights(run).build(num_classes=ds.num_classes)
     else:
         torch.manual_seed(0)
-        model = build_model("demo_teacher", ds.num_classes)
-    model.eval()
-    from kdcache.transforms import Preprocess
-
+        model = build_model("demo_teacher", ds.num_classes).eval()
     pre = Preprocess()
     x = torch.stack([pre.image_to_tensor(ds.load(i)[0]) for i in range(n_images)])
     with torch.no_grad():
@@ -68,34 +53,23 @@ def teacher_logits(run: str | None, n_images: int, size: int) -> torch.Tensor:
 
 
 def write_store(path: Path, logits: torch.Tensor, n: int, k: int, codec: str) -> None:
-    C = logits.shape[1]
-    size = logits.shape[-1]
-    meta = {
-        "format": FORMAT, "schema_version": SCHEMA_VERSION, "kdcache_version": "bench", "created": "",
-        "teacher": {"model": "demo_teacher", "weights": "", "weights_sha256": "", "model_options": {}, "params": 0},
-        "num_classes": C, "class_names": [f"c{i}" for i in range(C)], "k": k, "tail": "logsumexp",
-        "dtypes": {"values": "float16", "indices": "uint8", "tail": "float16", "features": "float16"},
-        "stride": [4.0, 4.0], "map_size": [size, size], "preprocess": {}, "flip_average": False, "views": None,
-        "dataset": {"name": "bench", "split": "train", "options": {}, "num_samples": n, "fingerprint": ""},
-        "features": {}, "attention": {}, "codec": codec, "amp": False,
-    }
-    meta["samples_per_shard"] = samples_per_shard(meta, None)
-    g = zarr.open_group(str(path), mode="w-")
-    ids, width = encode_ids([f"s{i:06d}" for i in range(n)])
-    create_layout(g, meta, n, width)
-    g["sample_id"][:] = ids
-    g["done"][:] = True
-    g["logits/hw"][:] = np.array([[size, size]] * n, dtype=np.int32)
-    v, i, t = topk_targets(logits, k)
-    v, i, t = v.half().numpy(), i.numpy().astype(np.uint8), t.half().numpy()
-    m = len(v)
-    S = meta["samples_per_shard"]
-    for start in range(0, n, S):
-        rows = np.arange(start, min(n, start + S)) % m
-        g["logits/values"][start:start + len(rows)] = v[rows]
-        g["logits/indices"][start:start + len(rows)] = i[rows]
-        g["logits/tail"][start:start + len(rows)] = t[rows]
-    g.attrs[ATTR] = meta
+    """A store of ``n`` samples (the ``logits`` repeated) written through kdcache's own writer."""
+    C, size = logits.shape[1], logits.shape[-1]
+    ids = [f"s{i:06d}" for i in range(n)]
+    hashes = ["0" * 64] * n
+    schema = CacheSchema.new(
+        class_names=[f"c{i}" for i in range(C)], k=k, input_size=(4 * size, 4 * size), map_size=(size, size),
+        teacher={"model": "demo_teacher", "weights": "", "weights_sha256": "", "model_options": {}, "params": 0},
+        dataset={"name": "bench", "split": "train", "options": {}}, ids=ids, hashes=hashes, codec=codec)
+    prepare_store(path, schema, ids, hashes, overwrite=False)
+    group, schema = open_for_writing(path, schema)
+    writer = ShardWriter(group, schema, path, queue_size=256)
+    for start in range(0, n, 64):
+        rows = list(range(start, min(n, start + 64)))
+        batch = logits[[r % len(logits) for r in rows]]
+        for r, sample in zip(rows, encode_batch(schema, batch, {}, [ids[r] for r in rows], (4 * size, 4 * size))):
+            writer.put(r, sample)
+    writer.close()
 
 
 def epoch_rates(loader, epochs: int, set_epoch=None) -> list[tuple[float, float]]:
@@ -148,7 +122,7 @@ def main() -> None:
             steady_s = statistics.median(x[0] for x in s[1:])
             steady_r = statistics.median(x[0] for x in r[1:])
             mbs = statistics.median(x[1] for x in s[1:])
-            rows.append((codec, disk_usage(path) / 1e6, s[0][0], steady_s, mbs, steady_r, steady_s / steady_r))
+            rows.append((codec, size_of(path) / 1e6, s[0][0], steady_s, mbs, steady_r, steady_s / steady_r))
             print(f"{codec}: stream {steady_s:.0f} samples/s ({mbs:.0f} MB/s; first epoch {s[0][0]:.0f}), "
                   f"random access {steady_r:.0f} samples/s, stream/random {steady_s / steady_r:.2f}x", flush=True)
             shutil.rmtree(path)

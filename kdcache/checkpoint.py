@@ -88,7 +88,11 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
     another shape (e.g. a head for another class count), is a :class:`CheckpointError` that
     says which. Returns the checkpoint dict.
     """
-    ckpt = read_checkpoint(path)
+    return load_state(model, read_checkpoint(path), path, strict=strict)
+
+
+def load_state(model: nn.Module, ckpt: dict[str, Any], path: str | Path, *, strict: bool = True) -> dict[str, Any]:
+    """:func:`load_weights` for a checkpoint already read (``path`` names it in errors)."""
     net = getattr(model, "net", model)
     sd = _strip_prefix(_strip_prefix(ckpt["state_dict"], "module."), "net.")
     own = net.state_dict()

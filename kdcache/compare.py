@@ -18,9 +18,10 @@ import torch
 
 from kdcache import visualize
 from kdcache.errors import KDCacheError
-from kdcache.evaluation import eval_dataset, evaluate_run, load_run_model
+from kdcache.evaluation import eval_dataset, evaluate_run
+from kdcache.model_loading import open_weights
 from kdcache.runs import RunDir, resolve_device, write_json
-from kdcache.transforms import Preprocess, SegPipeline
+from kdcache.transforms import SegPipeline
 
 
 def run_label(config: dict, path: Path) -> str:
@@ -144,12 +145,10 @@ def _example_figures(paths, labels, reports, out_dir: Path, n: int, device) -> l
     n = min(n, max(1, len(ranked) // 2))
     picks = [("best", k, sid) for k, sid in enumerate(ranked[:n])] + \
             [("worst", k, sid) for k, sid in enumerate(ranked[::-1][:n])]
-    models = []
-    for p in paths:
-        model, config, _, _ = load_run_model(p, device)
-        models.append((model, config))
-    config0, ds, _ = eval_dataset(models[0][1])
-    pre = Preprocess.from_dict(config0.get("preprocess", {}))
+    weights = [open_weights(p) for p in paths]
+    models = [w.build(device=device) for w in weights]
+    _, ds, _ = eval_dataset(weights[0].config)
+    pre = weights[0].preprocess
     pipe = SegPipeline(ds, pre)
     index = {sid: j for j, sid in enumerate(ds.ids)}
     written = []
@@ -160,7 +159,7 @@ def _example_figures(paths, labels, reports, out_dir: Path, n: int, device) -> l
         item = pipe[index[sid]]
         x = item["image"][None].to(device)
         preds = {}
-        for (model, _), label, p in zip(models, labels, paths):
+        for model, label, p in zip(models, labels, paths):
             pred = model.predict(x, size=tuple(item["label"].shape))[0]
             preds[f"{p.name} ({label})"] = pred.cpu().numpy().astype(np.uint8)
         path = out_dir / "examples" / f"{kind}{k + 1:02d}_{sid}.png"

@@ -16,8 +16,7 @@ from kdcache.compare import compare_runs
 from kdcache.distill import config_from_store, train_student
 from kdcache.progress import console
 from kdcache.runs import RunDir
-from kdcache.store import CacheStore
-from kdcache.store.reader import StoreError
+from kdcache.store import CacheStore, StoreError
 from kdcache.training import TrainConfig, train
 
 STUDENTS = {

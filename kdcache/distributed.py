@@ -7,6 +7,7 @@ every command runs the same code with one process or many.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -96,3 +97,24 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     dist.all_reduce(t)
     t /= dist.get_world_size()
     return dict(zip(keys, t.cpu().tolist()))
+
+
+def gather_objects(obj) -> list:
+    """``obj`` of every rank, in rank order (``[obj]`` in a plain process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def replicas_equal(model: torch.nn.Module) -> bool:
+    """True when every rank holds bit-identical parameters (what DDP promises after each
+    optimizer step); compares a SHA-256 of each rank's parameters. Buffers are left out:
+    BatchNorm's running statistics are updated by each rank's own last forward."""
+    h = hashlib.sha256()
+    for t in model.parameters():
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digests = gather_objects(h.hexdigest())
+    return len(set(digests)) == 1
+

@@ -17,15 +17,16 @@ import numpy as np
 import torch
 
 from kdcache import visualize
-from kdcache.checkpoint import load_weights, read_checkpoint
 from kdcache.data import build_dataset
 from kdcache.data.splits import limit, train_val_sets
 from kdcache.errors import KDCacheError
+from kdcache.loaders import make_loader
 from kdcache.metrics import ConfusionMatrix, per_image_iou
-from kdcache.models import SegModel, build_model, count_parameters
+from kdcache.model_loading import open_weights
+from kdcache.models import SegModel, count_parameters
 from kdcache.progress import progress_bar
-from kdcache.runs import BEST, LAST, RunDir, device_name, resolve_device, write_json
-from kdcache.transforms import Preprocess, SegPipeline, collate
+from kdcache.runs import BEST, RunDir, device_name, resolve_device, write_json
+from kdcache.transforms import SegPipeline
 
 
 @dataclass
@@ -113,37 +114,6 @@ def measure_latency(
     }
 
 
-def make_loader(pipeline: SegPipeline, batch_size: int, workers: int, *, shuffle: bool = False,
-                generator: torch.Generator | None = None, drop_last: bool = False,
-                pin_memory: bool = False, context: str | None = None,
-                sampler=None) -> torch.utils.data.DataLoader:
-    """``context``: the workers' start method (``spawn`` for fsspec file systems that are not
-    fork-safe; None: the platform default)."""
-    return torch.utils.data.DataLoader(
-        pipeline, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
-        num_workers=workers, collate_fn=collate,
-        generator=generator, drop_last=drop_last, pin_memory=pin_memory,
-        persistent_workers=False, multiprocessing_context=context if workers > 0 else None,
-    )
-
-
-def resolve_run(path: str | Path) -> tuple[Path, dict | None, Path | None]:
-    """(checkpoint, run config or None, run folder or None) for a run folder or checkpoint."""
-    path = Path(path)
-    if not path.exists():
-        raise KDCacheError(f"{path} does not exist; give a run folder (from train-teacher) or a checkpoint file")
-    if path.is_dir():
-        run = RunDir(path)
-        config = run.read_config()
-        for name in (BEST, LAST):
-            if (path / name).exists():
-                return path / name, config, path
-        raise KDCacheError(f"run folder {path} has no checkpoint yet ({BEST} or {LAST})")
-    run_dir = path.parent if (path.parent / "config.json").exists() else None
-    config = RunDir(run_dir).read_config() if run_dir else None
-    return path, config, run_dir
-
-
 def eval_dataset(config: dict, *, dataset: str | None = None, data_root: str | None = None,
                  split: str | None = None, limit_n: int | None = None):
     """(config, data set, split name) to evaluate a run on: its own validation part (split or
@@ -174,20 +144,6 @@ def eval_dataset(config: dict, *, dataset: str | None = None, data_root: str | N
     return config, ds, split_name
 
 
-def load_run_model(target: str | Path, device: torch.device) -> tuple[SegModel, dict, Path, Path | None]:
-    """(model with the run's best weights on ``device``, run config, checkpoint, run folder)."""
-    ckpt_path, config, run_dir = resolve_run(target)
-    ckpt = read_checkpoint(ckpt_path)
-    config = dict(config or ckpt.get("config") or {})
-    model_name = ckpt.get("model") or config.get("model")
-    if not model_name:
-        raise KDCacheError(f"{ckpt_path} is a plain state dict: evaluate a run folder or a kdcache checkpoint")
-    num_classes = ckpt.get("num_classes") or config.get("num_classes")
-    model = build_model(model_name, num_classes, **config.get("model_options", {}))
-    load_weights(model, ckpt_path)
-    return model.to(device).eval(), config, ckpt_path, run_dir
-
-
 def evaluate_run(
     target: str | Path,
     *,
@@ -209,15 +165,13 @@ def evaluate_run(
     part); a bare checkpoint without a run folder needs ``dataset`` (synthetic by default).
     """
     dev = resolve_device(device)
-    model, config, ckpt_path, run_dir = load_run_model(target, dev)
-    model_name, num_classes = model.name, model.num_classes
-    config, ds, split_name = eval_dataset(config, dataset=dataset, data_root=data_root, split=split, limit_n=limit_n)
-    if num_classes != ds.num_classes:
-        raise KDCacheError(
-            f"the model predicts {num_classes} classes but data set {config['dataset']} has "
-            f"{ds.num_classes}; evaluate on the data set it was trained for"
-        )
-    preprocess = Preprocess.from_dict(config.get("preprocess", {}))
+    weights = open_weights(target)
+    ckpt_path, run_dir = weights.checkpoint, weights.run_dir
+    config, ds, split_name = eval_dataset(weights.config, dataset=dataset, data_root=data_root, split=split,
+                                          limit_n=limit_n)
+    model = weights.build(num_classes=ds.num_classes, device=dev)
+    model_name = model.name
+    preprocess = weights.preprocess
     pipeline = SegPipeline(ds, preprocess)
     loader = make_loader(pipeline, batch_size, workers, pin_memory=dev.type == "cuda")
     amp = bool(config.get("amp_enabled", False))

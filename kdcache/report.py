@@ -49,35 +49,20 @@ def human_bytes(n: float) -> str:
 
 def cache_report(report: dict) -> list:
     """``inspect-cache``'s tables: store, provenance, arrays and top-k coverage."""
-    meta = report["meta"]
     t = Table(title=f"teacher cache {report['path']}", show_header=False)
     t.add_column("", style="bold")
     t.add_column("")
-    teacher = meta["teacher"]
-    ds = meta["dataset"]
     bpp = report["bytes_per_pixel"]
     dense = report["dense_fp32_bytes_per_pixel"]
+    about = dict(report["about"])
     rows = [
-        ("schema", f"{meta['format']} v{meta['schema_version']} (Zarr v3), kdcache {meta['kdcache_version']}, created {meta['created']}"),
-        ("samples", f"{report['done']} done / {report['num_samples']} ({report['shards']} shards of {meta['samples_per_shard']})"),
+        ("schema", about.pop("schema")),
+        ("samples", f"{report['done']} done / {report['num_samples']} ({report['shards']} shards of "
+                    f"{report['samples_per_shard']})"),
         ("size on disk", human_bytes(report["bytes_on_disk"])),
         ("bytes / pixel", (f"{bpp:.2f} on disk ({report['bytes_per_pixel_uncompressed']} raw) vs "
                            f"{dense} for a dense fp32 map: {dense / bpp:.1f}x smaller") if bpp else "—"),
-        ("teacher", f"{teacher['model']} ({teacher['params'] / 1e6:.2f}M params), weights sha256 {teacher['weights_sha256'][:16]}…"),
-        ("weights file", teacher["weights"]),
-        ("data", f"{ds['name']} split '{ds['split']}' ({ds['num_samples']} samples), fingerprint {ds['fingerprint'][:16]}…"
-                 + (f", options {ds['options']}" if ds.get("options") else "")),
-        ("classes", f"{meta['num_classes']}: {', '.join(meta['class_names'][:8])}{' …' if meta['num_classes'] > 8 else ''}"),
-        ("top-k", f"k = {meta['k']}{' (dense)' if meta['k'] == meta['num_classes'] else ''}, values {meta['dtypes']['values']}, "
-                  f"ids {meta['dtypes']['indices']}, tail {'stored' if meta['tail'] else 'none (dense)'}"),
-        ("maps", f"{meta['map_size'][0]}x{meta['map_size'][1]} at stride {meta['stride'][0]:g}x{meta['stride'][1]:g}"),
-        ("preprocess", f"resize {meta['preprocess']['resize'] or 'none (native size)'}, mean {meta['preprocess']['mean']}, std {meta['preprocess']['std']}"),
-        ("flip-average", "yes" if meta["flip_average"] else "no"),
-        ("views", (f"{meta['views']['count']} per image, crop {meta['views']['crop']}, scale {meta['views']['scale']}"
-                   if meta.get("views") else "none")),
-        ("features", ", ".join(f"{k} ({v['channels']}x{v['map_size'][0]}x{v['map_size'][1]})" for k, v in meta["features"].items()) or "none"),
-        ("attention", ", ".join(f"{k} ({v['map_size'][0]}x{v['map_size'][1]})" for k, v in meta["attention"].items()) or "none"),
-        ("codec", f"{meta['codec']} + crc32c, sharded"),
+        *about.items(),
     ]
     for k, v in rows:
         t.add_row(k, str(v))
@@ -89,7 +74,7 @@ def cache_report(report: dict) -> list:
                        "x".join(map(str, a["shards"])), human_bytes(a["bytes"]))
     out = [t, arrays]
     if report.get("coverage"):
-        cov = Table(title=f"teacher probability mass in the top {meta['k']} ({report['coverage_samples']} samples)")
+        cov = Table(title=f"teacher probability mass in the top {report['k']} ({report['coverage_samples']} samples)")
         cov.add_column("T", justify="right")
         cov.add_column("mean", justify="right")
         cov.add_column("5th percentile", justify="right")

@@ -139,3 +139,24 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"cpu: {cpu} ({torch.get_num_threads()} threads)"
+
+
+def resolve_run(path: str | Path) -> tuple[Path, dict | None, Path | None]:
+    """(checkpoint, run config or None, run folder or None) for a run folder or checkpoint.
+
+    A run folder gives its ``best.pt`` (else ``last.pt``) and its ``config.json``; a checkpoint
+    file inside a run folder gives that folder's config too."""
+    path = Path(path)
+    if not path.exists():
+        raise KDCacheError(f"{path} does not exist; give a run folder (from train-teacher) or a checkpoint file")
+    if path.is_dir():
+        run = RunDir(path)
+        config = run.read_config()
+        for name in (BEST, LAST):
+            if (path / name).exists():
+                return path / name, config, path
+        raise KDCacheError(f"run folder {path} has no checkpoint yet ({BEST} or {LAST})")
+    run_dir = path.parent if (path.parent / CONFIG).exists() else None
+    config = RunDir(run_dir).read_config() if run_dir else None
+    return path, config, run_dir
+

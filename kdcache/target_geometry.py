@@ -79,3 +79,23 @@ def warp_targets(item: dict, g: Geometry, strides: dict[str, tuple[float, float]
             out[f"kd/{key}"] = warp(a, fy, fx)
             out[f"kd/{key}/ignore"] = finv
     return out
+
+
+def view_targets(item: dict, v: int) -> dict:
+    """The teacher's outputs on stored view ``v`` of one sample (``views/logits/*``,
+    ``views/features/<tap>``, ``views/attention/<tap>``) as the ``kd/…`` targets of an item
+    transformed by that view's geometry: they were computed on exactly that crop, so nothing
+    is resampled and no cell is ignored."""
+    out: dict = {}
+    for key, a in item.items():
+        if not key.startswith("views/") or key == "views/params":
+            continue
+        name = key[len("views/"):]
+        if name.startswith("logits/"):
+            out[f"kd/{name[len('logits/'):]}"] = a[v]
+        else:
+            out[f"kd/{name}"] = a[v]
+            out[f"kd/{name}/ignore"] = torch.zeros(a.shape[-2:], dtype=torch.bool)
+    out["kd/ignore"] = torch.zeros(out["kd/values"].shape[-2:], dtype=torch.bool)
+    return out
+

@@ -1,30 +1,20 @@
-"""What a teacher cache stores, computed from teacher outputs, and what a cache implies.
+"""Top-k targets computed from teacher logits, and the distribution a top-k cache implies.
 
 * :func:`topk_targets`: top-k raw logits (sorted descending), their class ids, and the tail term
   τ = logsumexp of the logits *outside* the top k, so the missing probability mass is known.
 * :func:`attention_map`: attention-transfer maps Σ_c F_c², L2-normalised per sample.
 * :func:`implied_log_probs`: the dense distribution over all C classes a cache implies at a
-  temperature, under DESIGN.md's tail policies (``bin``: the tail's classes share the tail
-  bin equally; ``renormalize``: the top k alone).
+  temperature, under the tail policies of the loss contract (docs/design.md; ``bin``: the
+  tail's classes share the tail bin equally; ``renormalize``: the top k alone).
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 FP16_MAX = 65504.0
-
-
-def index_dtype(num_classes: int) -> np.dtype:
-    """The smallest unsigned integer type that holds class ids 0..C-1."""
-    if num_classes <= 1 << 8:
-        return np.dtype(np.uint8)
-    if num_classes <= 1 << 16:
-        return np.dtype(np.uint16)
-    return np.dtype(np.uint32)
 
 
 def topk_targets(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -8,29 +8,29 @@ that distillation trainers subclass it and change only that.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from kdcache import __version__, distributed
 from kdcache.checkpoint import load_weights, read_checkpoint, save_checkpoint
 from kdcache.data.base import IGNORE_INDEX, SegmentationDataset
 from kdcache.data.splits import train_val_sets
 from kdcache.errors import KDCacheError
-from kdcache.evaluation import evaluate_model, make_loader
+from kdcache.evaluation import evaluate_model
+from kdcache.loaders import default_workers, make_loader
 from kdcache.models import SegModel, build_model, count_parameters
 from kdcache.progress import console, progress_bar
 from kdcache.runs import RunDir, device_name, resolve_device, write_json
 from kdcache.transforms import Augment, Preprocess, SegPipeline
+from kdcache.visualize import save_training_curves
 
 
 @dataclass
@@ -117,14 +117,6 @@ class TrainConfig:
 RESUMABLE_CHANGES = {"epochs", "workers", "device", "eval_every", "out", "weights"}
 
 
-def default_workers(device: torch.device) -> int:
-    """DataLoader workers when --workers is not given: none on CPU, where the model needs every
-    core (measured on a 2-core machine: 1 worker made an epoch 1.4x slower), and up to 8 on CUDA."""
-    if device.type == "cpu":
-        return 0
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -168,8 +160,25 @@ def lr_lambda(schedule: str, total_iters: int, power: float, warmup: int):
     return f
 
 
+@dataclass
+class TrainState:
+    """What changes as a run trains, and what ``last.pt`` saves for ``--resume``."""
+
+    model: SegModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    epoch: int = 0  # the next epoch to run
+    best_miou: float = -1.0
+
+
 class Trainer:
-    """Cross-entropy training of one model; see :class:`TrainConfig`."""
+    """Cross-entropy training of one model; see :class:`TrainConfig`.
+
+    :meth:`fit` reads top to bottom as the steps of a run: data, model, optimizer and schedule,
+    the run folder (new or resumed), then per epoch :meth:`train_one_epoch` and
+    :meth:`validate_and_checkpoint`. Subclasses change the pipelines, the model and the loss
+    (:meth:`compute_loss`), and may add parameters and state (the hooks at the end)."""
 
     kind = "supervised"
 
@@ -195,8 +204,39 @@ class Trainer:
         self.amp = bool(config.amp and self.device.type == "cuda")
         self.workers = default_workers(self.device) if config.workers is None else config.workers
         self.preprocess = Preprocess(resize=config.resize)
+        self.class_weight: torch.Tensor | None = None
 
-    # -- set-up -----------------------------------------------------------------------------
+    # -- the run, step by step ------------------------------------------------------------------
+    def fit(self) -> dict:
+        c = self.config
+        seed_everything(c.seed)
+        train_ds, val_ds = self.build_datasets()
+        train_pipe, val_pipe = self.build_pipelines(train_ds, val_ds)
+        self.labels = {"class_names": list(train_ds.class_names),
+                       "palette": torch.from_numpy(np.asarray(train_ds.palette))}
+        steps_per_epoch = self.steps_per_epoch(len(train_pipe))
+
+        model = self.build_model(train_ds.num_classes).to(self.device)
+        if c.weights and not self.resume:
+            load_weights(model, c.weights)
+        if c.class_weights:
+            self.class_weight = median_frequency_weights(train_ds, self.preprocess).to(self.device)
+        state = self.build_state(model, steps_per_epoch)
+        self.run_config = self.describe_run(model, train_ds, val_ds, train_pipe.augment)
+        self.start_or_resume(state)
+
+        train_model = self.parallel(model)
+        val_loader = self.validation_loader(val_pipe)
+        last: dict[str, Any] = {}
+        for epoch in range(state.epoch, c.epochs):
+            record = self.train_one_epoch(train_model, state, train_pipe, epoch, steps_per_epoch)
+            last = self.validate_and_checkpoint(state, val_loader, record)
+        if self.is_main:
+            self._save_curves()
+        distributed.barrier()
+        return {"run": str(self.run.path), "best_miou": state.best_miou, "last": last}
+
+    # -- set-up ---------------------------------------------------------------------------------
     def _merge_resume_config(self, config: TrainConfig, explicit: set[str] | None) -> TrainConfig:
         if not self.run.exists() or not self.run.last.exists():
             raise KDCacheError(
@@ -250,183 +290,207 @@ class Trainer:
     def build_model(self, num_classes: int) -> SegModel:
         return build_model(self.config.model, num_classes, **self.config.model_options)
 
-    def compute_loss(self, model: SegModel, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Cross-entropy (ignore 255) on logits bilinearly upsampled to the label size.
+    def steps_per_epoch(self, num_samples: int) -> int:
+        """Optimizer steps per epoch (per process under torchrun): whole batches only."""
+        steps = num_samples // self.dist.world_size // self.config.batch_size
+        if steps == 0:
+            raise KDCacheError(f"--batch-size {self.config.batch_size} is larger than the {num_samples} "
+                               "training samples")
+        return steps
 
-        Returns the total loss and its named terms as detached 0-d tensors (the loop reads them
-        back with one host synchronisation per step)."""
-        out = model(batch["image"])
-        logits = F.interpolate(out.logits, size=batch["label"].shape[-2:], mode="bilinear", align_corners=False)
-        loss = F.cross_entropy(logits.float(), batch["label"], weight=self.class_weight, ignore_index=IGNORE_INDEX)
-        return loss, {"ce": loss.detach()}
-
-    # -- the loop ---------------------------------------------------------------------------
-    def fit(self) -> dict:
+    def build_state(self, model: SegModel, steps_per_epoch: int) -> TrainState:
+        """The optimizer over the model's and the hooks' parameters, the per-iteration schedule
+        over the whole run, and the gradient scaler (active with CUDA AMP)."""
         c = self.config
-        seed_everything(c.seed)
-        train_ds, val_ds = self.build_datasets()
-        num_classes = train_ds.num_classes
-        train_pipe, val_pipe = self.build_pipelines(train_ds, val_ds)
-        augment = train_pipe.augment
-
-        model = self.build_model(num_classes).to(self.device)
-        if c.weights and not self.resume:
-            load_weights(model, c.weights)
-        self.class_weight = None
-        if c.class_weights:
-            self.class_weight = median_frequency_weights(train_ds, self.preprocess).to(self.device)
-
         params = [p for p in model.parameters() if p.requires_grad] + self.extra_parameters()
         if c.optimizer == "sgd":
             opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
         else:
             opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-        world = self.dist.world_size
-        steps_per_epoch = len(train_pipe) // world // c.batch_size
-        if steps_per_epoch == 0:
-            raise KDCacheError(f"--batch-size {c.batch_size} is larger than the {len(train_pipe)} training samples")
-        total = steps_per_epoch * c.epochs
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(c.schedule, total, c.poly_power, c.warmup_iters))
-        scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        schedule = lr_lambda(c.schedule, steps_per_epoch * c.epochs, c.poly_power, c.warmup_iters)
+        return TrainState(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+                          torch.amp.GradScaler("cuda", enabled=self.amp))
 
-        start_epoch, best = 0, -1.0
-        full_config = {
-            **c.to_dict(),
+    def describe_run(self, model: SegModel, train_ds, val_ds, augment: Augment | None) -> dict:
+        """The run's ``config.json``: the options plus what they resolved to."""
+        return {
+            **self.config.to_dict(),
             "kind": self.kind,
-            "num_classes": num_classes,
+            "num_classes": train_ds.num_classes,
             "class_names": list(train_ds.class_names),
             "preprocess": self.preprocess.to_dict(),
-            "augment": augment.to_dict(),
+            "augment": augment.to_dict() if augment is not None else None,
             "amp_enabled": self.amp,
             "params": count_parameters(model),
             "train_samples": len(train_ds),
             "val_samples": len(val_ds),
             "device_name": device_name(self.device),
             "kdcache_version": __version__,
-            "world_size": world,
+            "world_size": self.dist.world_size,
         }
+
+    def start_or_resume(self, state: TrainState) -> None:
+        """A new run folder, or (``--resume``) every state of ``last.pt`` restored: weights,
+        optimizer, schedule, scaler, the hooks' state and the RNG, and the metrics past it dropped."""
         if self.resume:
             ckpt = read_checkpoint(self.run.last)
-            load_weights(model, self.run.last)
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
+            load_weights(state.model, self.run.last)
+            state.optimizer.load_state_dict(ckpt["optimizer"])
+            state.scheduler.load_state_dict(ckpt["scheduler"])
             if ckpt.get("scaler") and self.amp:  # empty when the run began without CUDA AMP
-                scaler.load_state_dict(ckpt["scaler"])
+                state.scaler.load_state_dict(ckpt["scaler"])
             self.load_extra_state(ckpt)
             torch.set_rng_state(ckpt["rng_cpu"])
-            start_epoch, best = ckpt["epoch"] + 1, ckpt["best_miou"]
-            full_config["resumed_from_epoch"] = ckpt["epoch"]
+            state.epoch, state.best_miou = ckpt["epoch"] + 1, ckpt["best_miou"]
+            self.run_config["resumed_from_epoch"] = ckpt["epoch"]
             if self.is_main:
                 self.run.truncate_metrics(ckpt["epoch"])
-                write_json(self.run.config_path, full_config)
-                console.print(f"resuming {self.run.path} after epoch {ckpt['epoch'] + 1}/{c.epochs}")
+                write_json(self.run.config_path, self.run_config)
+                console.print(f"resuming {self.run.path} after epoch {ckpt['epoch'] + 1}/{self.config.epochs}")
         elif self.is_main:
-            self.run.create(full_config, overwrite=self.overwrite)
+            self.run.create(self.run_config, overwrite=self.overwrite)
         if not distributed.all_ok(True):  # every rank past set-up (rank 0's run folder exists)
             raise KDCacheError("a rank failed during set-up")
 
-        train_model = model
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel
+    def parallel(self, model: SegModel) -> torch.nn.Module:
+        """The module the training step calls: DistributedDataParallel under torchrun."""
+        if self.dist.world_size == 1:
+            return model
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
-            train_model = DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        val_sampler = list(range(self.dist.rank, len(val_pipe), world)) if world > 1 else None
-        val_loader = make_loader(val_pipe, c.batch_size, self.workers, pin_memory=self.device.type == "cuda",
-                                 sampler=val_sampler)
-        last_metrics: dict[str, Any] = {}
-        for epoch in range(start_epoch, c.epochs):
-            train_pipe.set_epoch(epoch)
-            gen = torch.Generator().manual_seed(c.seed * 100_003 + epoch)
-            sampler = None
-            if world > 1:  # this rank's share: whole store shards where possible, equal counts
-                sampler = rank_indices(len(train_pipe), (c.seed, epoch), self.dist.rank, world,
-                                       self.sample_groups(train_pipe), min_size=c.batch_size)
-                sampler = sampler[:steps_per_epoch * c.batch_size]
-            loader = make_loader(train_pipe, c.batch_size, self.workers, shuffle=sampler is None, generator=gen,
-                                 drop_last=True, pin_memory=self.device.type == "cuda",
-                                 context=self.loader_context(), sampler=sampler)
-            model.train()
-            sums: dict[str, float] = {}
-            n_steps = 0
-            t0 = time.perf_counter()
-            with progress_bar(f"epoch {epoch + 1}/{c.epochs}", total=steps_per_epoch * c.batch_size,
-                              enabled=self.show_progress) as bar:
-                for batch in loader:
-                    batch = {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-                             for k, v in batch.items()}
-                    with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                        loss, terms = self.compute_loss(train_model, batch)
-                    # one host sync per step reads the loss and every term
-                    values = dict(zip(["loss", *terms], torch.stack(
-                        [loss.detach().float(), *(t.float() for t in terms.values())]).tolist()))
-                    if not math.isfinite(values["loss"]):
-                        raise KDCacheError(
-                            f"loss became {values['loss']} at epoch {epoch + 1}, step {n_steps + 1}; "
-                            "lower --lr, or check the data for corrupt labels"
-                        )
-                    opt.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    if world > 1:  # parameters outside the DDP module (KD adapters): average by hand
-                        distributed.average_gradients(self.extra_parameters())
-                    scaler.step(opt)
-                    scaler.update()
-                    sched.step()
-                    n_steps += 1
-                    for k, v in values.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    bar.advance(len(batch["id"]), loss=sums["loss"] / n_steps, lr=sched.get_last_lr()[0])
-            train_time = time.perf_counter() - t0
-            sums = distributed.mean_over_ranks(sums)
-            record: dict[str, Any] = {
-                "epoch": epoch,
-                **{f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()},
-                "lr": sched.get_last_lr()[0],
-                "train_time_s": train_time,
-                "train_images_per_s": n_steps * c.batch_size * world / max(train_time, 1e-9),
-                "train_samples_seen": n_steps * c.batch_size * world,
-            }
-            if (epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs:
-                res = evaluate_model(model, val_loader, num_classes, self.device, amp=self.amp,
-                                     description="validate", show_progress=self.show_progress)
-                m = res.metrics
-                record.update({"val_miou": m["miou"], "val_macc": m["macc"], "val_aacc": m["aacc"],
-                               "val_iou": m["iou"]})
-                miou = m["miou"] if not math.isnan(m["miou"]) else -1.0
-                if miou > best:
-                    best = miou
-                    if self.is_main:
-                        save_checkpoint(self.run.best, model, config=full_config, epoch=epoch, best_miou=best,
-                                        class_names=list(train_ds.class_names),
-                                        palette=torch.from_numpy(np.asarray(train_ds.palette)))
-                    record["best"] = True
+    def validation_loader(self, val_pipe: SegPipeline) -> torch.utils.data.DataLoader:
+        """Each rank validates its slice; the confusion matrices are summed across ranks."""
+        world = self.dist.world_size
+        sampler = list(range(self.dist.rank, len(val_pipe), world)) if world > 1 else None
+        return make_loader(val_pipe, self.config.batch_size, self.workers, pin_memory=self.device.type == "cuda",
+                           sampler=sampler)
+
+    def training_loader(self, train_pipe, epoch: int, steps_per_epoch: int) -> torch.utils.data.DataLoader:
+        """This epoch's shuffled batches (this rank's share under torchrun: whole store shards
+        where possible, equal counts on every rank)."""
+        c, world = self.config, self.dist.world_size
+        gen = torch.Generator().manual_seed(c.seed * 100_003 + epoch)
+        sampler = None
+        if world > 1:
+            sampler = rank_indices(len(train_pipe), (c.seed, epoch), self.dist.rank, world,
+                                   self.sample_groups(train_pipe), min_size=c.batch_size)
+            sampler = sampler[:steps_per_epoch * c.batch_size]
+        return make_loader(train_pipe, c.batch_size, self.workers, shuffle=sampler is None, generator=gen,
+                           drop_last=True, pin_memory=self.device.type == "cuda", context=self.loader_context(),
+                           sampler=sampler)
+
+    # -- one epoch ------------------------------------------------------------------------------
+    def train_one_epoch(self, train_model: torch.nn.Module, state: TrainState, train_pipe, epoch: int,
+                        steps_per_epoch: int) -> dict[str, Any]:
+        """One pass over this epoch's batches; returns the epoch's record (mean loss terms,
+        learning rate, speed, and the samples seen, counted by id)."""
+        c = self.config
+        train_pipe.set_epoch(epoch)
+        loader = self.training_loader(train_pipe, epoch, steps_per_epoch)
+        state.model.train()
+        sums: dict[str, float] = {}
+        seen: set[int] = set()
+        n_steps = 0
+        t0 = time.perf_counter()
+        with progress_bar(f"epoch {epoch + 1}/{c.epochs}", total=steps_per_epoch * c.batch_size,
+                          enabled=self.show_progress) as bar:
+            for batch in loader:
+                batch = {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                         for k, v in batch.items()}
+                values = self.train_step(train_model, state, batch, epoch, n_steps)
+                n_steps += 1
+                seen.update(batch["index"].tolist())
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                bar.advance(len(batch["id"]), loss=sums["loss"] / n_steps, lr=state.scheduler.get_last_lr()[0])
+        train_time = time.perf_counter() - t0
+        sums = distributed.mean_over_ranks(sums)
+        per_rank = distributed.gather_objects(sorted(seen))
+        return {
+            "epoch": epoch,
+            **{f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()},
+            "lr": state.scheduler.get_last_lr()[0],
+            "train_time_s": train_time,
+            "train_images_per_s": n_steps * c.batch_size * self.dist.world_size / max(train_time, 1e-9),
+            "train_samples_seen": sum(len(s) for s in per_rank),
+            "train_samples_distinct": len(set().union(*map(set, per_rank))),
+            "train_samples_per_rank": [len(s) for s in per_rank],
+            **({"train_replicas_equal": distributed.replicas_equal(state.model)} if self.dist.enabled else {}),
+        }
+
+    def train_step(self, train_model: torch.nn.Module, state: TrainState, batch: dict, epoch: int,
+                   step: int) -> dict[str, float]:
+        """Forward, loss, backward and optimizer step on one batch; the loss and its terms as floats."""
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            loss, terms = self.compute_loss(train_model, batch)
+        # one host sync per step reads the loss and every term
+        values = dict(zip(["loss", *terms], torch.stack(
+            [loss.detach().float(), *(t.float() for t in terms.values())]).tolist()))
+        if not math.isfinite(values["loss"]):
+            raise KDCacheError(
+                f"loss became {values['loss']} at epoch {epoch + 1}, step {step + 1}; "
+                "lower --lr, or check the data for corrupt labels"
+            )
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(loss).backward()
+        if self.dist.enabled:  # parameters outside the DDP module (KD adapters): average by hand
+            distributed.average_gradients(self.extra_parameters())
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        state.scheduler.step()
+        return values
+
+    def validate_and_checkpoint(self, state: TrainState, val_loader, record: dict[str, Any]) -> dict[str, Any]:
+        """Validate (every ``--eval-every`` epochs and after the last), keep ``best.pt`` at the
+        best val mIoU, log the epoch and write ``last.pt``; returns the completed record."""
+        c, epoch = self.config, record["epoch"]
+        if (epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs:
+            m = evaluate_model(state.model, val_loader, len(self.labels["class_names"]), self.device, amp=self.amp,
+                               description="validate", show_progress=self.show_progress).metrics
+            record.update({"val_miou": m["miou"], "val_macc": m["macc"], "val_aacc": m["aacc"], "val_iou": m["iou"]})
+            miou = m["miou"] if not math.isnan(m["miou"]) else -1.0
+            if miou > state.best_miou:
+                state.best_miou = miou
+                record["best"] = True
                 if self.is_main:
-                    console.print(
-                        f"epoch {epoch + 1}/{c.epochs}: loss {record['train_loss']:.4f}  "
-                        f"val mIoU {100 * m['miou']:.2f}  mAcc {100 * m['macc']:.2f}  aAcc {100 * m['aacc']:.2f}"
-                        f"  ({record['train_images_per_s']:.1f} img/s)"
-                    )
+                    save_checkpoint(self.run.best, state.model, config=self.run_config, epoch=epoch,
+                                    best_miou=miou, **self.labels)
             if self.is_main:
-                self.run.log(record)
-                save_checkpoint(
-                    self.run.last, model, config=full_config, epoch=epoch, best_miou=best,
-                    optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(),
-                    rng_cpu=torch.get_rng_state(), class_names=list(train_ds.class_names),
-                    palette=torch.from_numpy(np.asarray(train_ds.palette)), **self.extra_state(),
+                console.print(
+                    f"epoch {epoch + 1}/{c.epochs}: loss {record['train_loss']:.4f}  val mIoU {100 * m['miou']:.2f}  "
+                    f"mAcc {100 * m['macc']:.2f}  aAcc {100 * m['aacc']:.2f}  ({record['train_images_per_s']:.1f} img/s)"
                 )
-            last_metrics = record
+        state.epoch = epoch + 1
         if self.is_main:
-            self._save_curves()
-        distributed.barrier()
-        return {"run": str(self.run.path), "best_miou": best, "last": last_metrics}
+            self.run.log(record)
+            save_checkpoint(
+                self.run.last, state.model, config=self.run_config, epoch=epoch, best_miou=state.best_miou,
+                optimizer=state.optimizer.state_dict(), scheduler=state.scheduler.state_dict(),
+                scaler=state.scaler.state_dict(), rng_cpu=torch.get_rng_state(), **self.labels,
+                **self.extra_state(),
+            )
+        return record
 
     def _save_curves(self) -> None:
-        from kdcache.visualize import save_training_curves
-
         records = self.run.read_metrics()
         if records:
             save_training_curves(self.run.path / "curves.png", records,
                                  title=f"{self.config.model} ({self.kind}) — {self.run.path.name}")
+
+    # -- the loss -------------------------------------------------------------------------------
+    def compute_loss(self, model: SegModel, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Cross-entropy (ignore 255) on logits bilinearly upsampled to the label size.
+
+        Returns the total loss and its named terms as detached 0-d tensors (the loop reads them
+        back with one host synchronisation per step)."""
+        out = model(batch["image"])
+        loss = self.segmentation_loss(out.logits, batch["label"])
+        return loss, {"ce": loss.detach()}
+
+    def segmentation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """L_seg: cross-entropy of the logits upsampled to the labels (class weights if asked)."""
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        return F.cross_entropy(logits.float(), labels, weight=self.class_weight, ignore_index=IGNORE_INDEX)
 
     # -- hooks for subclasses (distillation adds adapters and their state) -------------------
     def sample_groups(self, pipeline) -> np.ndarray | None:
@@ -445,7 +509,6 @@ class Trainer:
 
     def load_extra_state(self, ckpt: dict) -> None:
         pass
-
 
 def rank_indices(n: int, seed, rank: int, world: int, groups: np.ndarray | None = None,
                  min_size: int = 1) -> list[int]:
@@ -478,7 +541,3 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     """Run supervised training; returns ``{"run", "best_miou", "last"}``."""
     return Trainer(config, resume=resume, overwrite=overwrite, show_progress=show_progress,
                    explicit=explicit).fit()
-
-
-def load_config(path: str | Path) -> TrainConfig:
-    return TrainConfig.from_dict(json.loads(Path(path).read_text()))

@@ -10,6 +10,7 @@ after normalisation, i.e. the mean colour; labels with 255, so they are ignored)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -106,9 +107,27 @@ class Geometry:
     out_size: tuple[int, int]
     flip: bool
 
+    #: the fields :meth:`pack` writes, in order (the input size is the image's, known on unpacking)
+    PACKED = ("scale", "top", "left", "out_h", "out_w", "flip")
+
     @property
     def scaled_size(self) -> tuple[int, int]:
         return (max(1, round(self.in_size[0] * self.scale)), max(1, round(self.in_size[1] * self.scale)))
+
+    def pack(self) -> list[float]:
+        """The transform as the numbers of :attr:`PACKED` (how a cache stores its views)."""
+        return [self.scale, self.top, self.left, self.out_size[0], self.out_size[1], float(self.flip)]
+
+    @classmethod
+    def identity(cls, in_size: tuple[int, int]) -> Geometry:
+        """No transform: scale 1, the whole image, no flip."""
+        return cls(tuple(in_size), 1.0, 0, 0, tuple(in_size), False)
+
+    @classmethod
+    def unpack(cls, in_size: tuple[int, int], row) -> Geometry:
+        """The inverse of :meth:`pack` for an image of ``in_size``."""
+        scale, top, left, oh, ow, flip = (float(v) for v in row)
+        return cls(tuple(in_size), scale, int(top), int(left), (int(oh), int(ow)), bool(flip))
 
 
 def sample_geometry(rng: np.random.Generator, in_size: tuple[int, int], aug: Augment) -> Geometry:
@@ -171,12 +190,17 @@ class SegPipeline(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
+        return self.transformed(index, self.geometry if self.augment is not None else None)
+
+    def transformed(self, index: int, geometry: Callable[[int, tuple[int, int]], Geometry] | None) -> dict:
+        """Item ``index`` with the transform ``geometry(index, image size)`` applied to the
+        image and the label (recorded as ``item["geometry"]``); None: untransformed."""
         image, mask = self.dataset.load(index)
         x = self.preprocess.image_to_tensor(image)
         y = self.preprocess.mask_to_tensor(mask)
         item = {"id": self.dataset.refs[index].id, "index": index}
-        if self.augment is not None:
-            g = self.geometry(index, tuple(x.shape[-2:]))
+        if geometry is not None:
+            g = geometry(index, tuple(x.shape[-2:]))
             x = apply_geometry(x, g, kind="image", fill=0.0)
             y = apply_geometry(y, g, kind="label", fill=IGNORE_INDEX)
             item["geometry"] = g

@@ -23,7 +23,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from kdcache.errors import KDCacheError
 from kdcache.kernels.api import topk_kl
+from kdcache.runs import device_name
 from kdcache.targets import topk_targets
 
 GPU_SEG = [(8, C, (512, 1024)) for C in (11, 19, 21, 150)]
@@ -132,16 +134,26 @@ def bench_case(N: int, C: int, spatial: tuple, k: int, *, device: torch.device, 
     return res
 
 
-def run(device: torch.device, *, quick: bool = False, ks=(4, 8), dtype: torch.dtype | None = None,
+#: student dtypes bench-kernels takes, by name
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def run(device: torch.device, *, quick: bool = False, ks=(4, 8), dtype: str | torch.dtype | None = None,
         repeats: int | None = None, compile_backend: bool = True, progress=None) -> dict:
+    """Time every case on ``device`` (``dtype``: the student's, by name or torch dtype; default
+    bfloat16 on CUDA, float32 on CPU); ``progress(result)`` is called after each case."""
     cuda = device.type == "cuda"
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise KDCacheError(f"--dtype must be {', '.join(DTYPES)}, got {dtype}")
+        dtype = DTYPES[dtype]
     dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
+    if not ks or min(ks) < 1:
+        raise KDCacheError(f"--topk needs positive k values, got {list(ks)}")
     seg, rows = (GPU_SEG, GPU_ROWS) if cuda else (CPU_SEG, CPU_ROWS)
     if quick:
         seg, rows, ks = seg[:1], rows[:1], ks[:1]
     repeats = repeats or (30 if cuda else 5)
-    from kdcache.runs import device_name
-
     out = {"device": device_name(device), "dtype": str(dtype).replace("torch.", ""), "scaled_down": not cuda,
            "copy_gbps": copy_bandwidth(device, (256 << 20) if cuda else (64 << 20)), "cases": []}
     cases = [(N, C, sp, k) for (N, C, sp) in seg + rows for k in ks]

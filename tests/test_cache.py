@@ -18,12 +18,13 @@ import zarr
 from fake_data import make_teacher, make_voc_sizes
 from typer.testing import CliRunner
 
-from kdcache.cache_build import CacheBuildConfig, ShardWriter, build_teacher_cache
+from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.checkpoint import load_weights
 from kdcache.data import build_dataset
 from kdcache.data.splits import limit
 from kdcache.models import build_model
 from kdcache.store import CachedTargets, CacheStore, CacheStream, StoreError
+from kdcache.store.writer import ShardWriter
 from kdcache.targets import attention_map
 from kdcache.transforms import Augment, Preprocess, apply_geometry, sample_geometry
 
@@ -470,9 +471,9 @@ def test_fast_shard_files_and_zarr_agree_both_ways(tmp_path, teacher, monkeypatc
     writes, and its own reader must give what zarr gives."""
     fast, slow = tmp_path / "fast.zarr", tmp_path / "slow.zarr"
     build_teacher_cache(config(teacher, fast, limit=6, codec=codec, features=("stage2",)), show_progress=False)
-    import kdcache.cache_build as cb
+    import kdcache.store.writer as writer
 
-    monkeypatch.setattr(cb, "fast_reader", lambda *a: None)
+    monkeypatch.setattr(writer, "fast_reader", lambda *a: None)
     build_teacher_cache(config(teacher, slow, limit=6, codec=codec, features=("stage2",)), show_progress=False)
     assert_same_store(fast, slow)  # both decoded by zarr
     a, b = CacheStore(fast), CacheStore(fast)

@@ -17,11 +17,11 @@ from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.checkpoint import load_weights
 from kdcache.data import build_dataset
 from kdcache.data.splits import limit
-from kdcache.distill import StudentTrainer, config_from_store, strides_of, train_student
+from kdcache.distill import StudentTrainer, config_from_store, train_student
 from kdcache.kernels import topk_kl_reference
 from kdcache.methods import build_method
 from kdcache.models import ModelOutput, build_model
-from kdcache.store import CacheStore, to_tensors
+from kdcache.store import CacheSchema, CacheStore, to_tensors
 from kdcache.target_geometry import warp_targets
 from kdcache.targets import attention_map, topk_targets
 from kdcache.transforms import Geometry, Preprocess, apply_geometry
@@ -68,7 +68,7 @@ def test_cached_targets_follow_the_geometry(store, teacher):
     of the cells (it sees less context near the crop's border); a 1.25x scaled crop at >= 50%
     (nearest resampling of a map is not the teacher on a resampled image)."""
     s = CacheStore(store)
-    strides = strides_of(s.meta)
+    strides = s.schema.strides
     ds = limit(build_dataset("synthetic", "train", **RES), 16)
     agree_crop, agree_scaled = [], []
     for i in range(6):
@@ -94,7 +94,7 @@ def test_padding_is_ignored_and_ids_are_never_interpolated(store):
     s = CacheStore(store)
     cached = to_tensors(s.read(0))
     g = Geometry((32, 48), 0.5, 0, 0, (32, 48), False)  # the scaled image covers a quarter of the crop
-    w = warp_targets(cached, g, strides_of(s.meta))
+    w = warp_targets(cached, g, s.schema.strides)
     assert w["kd/ignore"].float().mean().item() == pytest.approx(0.75)
     assert set(w["kd/indices"].unique().tolist()) <= set(cached["logits/indices"].unique().tolist())
     assert w["kd/attention/stage3/ignore"].float().mean().item() == pytest.approx(0.75)
@@ -117,7 +117,8 @@ def _batch(seed=0, N=3, C=11, k=4, h=6, w=8):
     return t_logits, batch, out
 
 
-META = {"features": {"t": {"channels": 16}}, "attention": {"t": {}}}
+META = CacheSchema.new(class_names=[f"c{i}" for i in range(11)], k=4, input_size=(12, 16), map_size=(6, 8),
+                      feature_shapes={"t": (16, 3, 4)}, features=("t",), attention=("t",))
 
 
 def test_kl_is_the_reference_on_downsampled_logits():
@@ -197,14 +198,14 @@ def _config(store, out, **kw):
 
 
 def test_cached_training_never_builds_the_teacher(tmp_path, store, monkeypatch):
-    import kdcache.cache_build as cb
+    import kdcache.model_loading as loading
     import kdcache.models as models
 
     def refuse(*a, **k):
         raise AssertionError("the teacher was built in cached mode")
 
     real = models.MODELS.get("demo_teacher")
-    monkeypatch.setattr(cb, "load_teacher", refuse)
+    monkeypatch.setattr(loading.Weights, "build", refuse)
     monkeypatch.setitem(models.MODELS._items, "demo_teacher", refuse)
     methods = [{"name": "kl"}, {"name": "at", "student_tap": "stage2", "teacher_tap": "stage3"},
                {"name": "fitnet", "student_tap": "stage3", "teacher_tap": "stage3"}]

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from kdcache.kernels.reference import topk_kl_reference
-from kdcache.targets import attention_map, implied_log_probs, index_dtype, topk_targets
+from kdcache.store.schema import index_dtype
+from kdcache.targets import attention_map, implied_log_probs, topk_targets
 
 
 def test_index_dtype_is_the_smallest_that_holds_the_ids():

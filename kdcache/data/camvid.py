@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcache.data import DATASETS
 from kdcache.data.base import IGNORE_INDEX, SegmentationDataset
 from kdcache.data.folder import empty_split, files_by_stem, pair_by_stem, unknown_split
+from kdcache.data.registry import DATASETS
 from kdcache.errors import DatasetError
 
 CAMVID_CLASSES = (
@@ -50,7 +50,6 @@ class CamVidDataset(SegmentationDataset):
     name. Splits: train, val, test.
     """
 
-    name = "camvid"
     class_names = CAMVID_CLASSES
 
     def __init__(self, root: str | Path, split: str = "train"):

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcache.data import DATASETS
 from kdcache.data.base import IGNORE_INDEX, SampleRef, SegmentationDataset
 from kdcache.data.folder import empty_split, unknown_split
+from kdcache.data.registry import DATASETS
 from kdcache.errors import DatasetError
 
 CITYSCAPES_CLASSES = (
@@ -66,7 +66,6 @@ class CityscapesDataset(SegmentationDataset):
     made by cityscapesScripts' ``createTrainIdLabelImgs`` instead, unmapped.
     """
 
-    name = "cityscapes"
     class_names = CITYSCAPES_CLASSES
 
     def __init__(self, root: str | Path, split: str = "train", label_type: str = "labelIds"):

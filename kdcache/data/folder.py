@@ -10,8 +10,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from kdcache.data import DATASETS
 from kdcache.data.base import SampleRef, SegmentationDataset
+from kdcache.data.registry import DATASETS
 from kdcache.errors import DatasetError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -120,7 +120,6 @@ class FolderDataset(SegmentationDataset):
     naming its stem. Sample ids are file stems, in sorted order.
     """
 
-    name = "folder"
 
     def __init__(
         self,

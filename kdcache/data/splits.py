@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from kdcache.data.base import SegmentationDataset
+from kdcache.data.registry import build_dataset
 from kdcache.errors import DatasetError
 
 
@@ -62,8 +63,6 @@ def train_val_sets(
     samples. With ``folds``: the first ``limit_n`` samples of ``train_split`` are divided, and
     fold ``fold`` is the validation part.
     """
-    from kdcache.data import build_dataset
-
     options = dataset_options or {}
     train = limit(build_dataset(dataset, train_split, data_root, **options), limit_n)
     if folds:

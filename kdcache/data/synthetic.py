@@ -55,8 +55,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from kdcache.data import DATASETS
 from kdcache.data.base import IGNORE_INDEX, SampleRef, SegmentationDataset
+from kdcache.data.registry import DATASETS
 from kdcache.errors import DatasetError
 
 SKY, BUILDING, POLE, ROAD, PAVEMENT, TREE, SIGN, FENCE, CAR, PEDESTRIAN, BICYCLIST = range(11)
@@ -932,7 +932,6 @@ class SyntheticDataset(SegmentationDataset):
     rendered when first read and kept in memory (see ``cache_bytes``).
     """
 
-    name = "synthetic"
     needs_root = False
     #: Rendered samples are kept in memory up to this many bytes per data set object (the
     #: default train split at the default resolution takes about 20 MB), so later epochs do

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcache.data import DATASETS
 from kdcache.data.base import SampleRef, SegmentationDataset, default_palette
 from kdcache.data.folder import empty_split, files_by_stem, read_id_list, unknown_split
+from kdcache.data.registry import DATASETS
 from kdcache.errors import DatasetError
 
 VOC_CLASSES = (
@@ -48,7 +48,6 @@ class VOCDataset(SegmentationDataset):
     ``SegmentationClass/<id>.png`` (a palette PNG whose indices are the class ids).
     """
 
-    name = "voc"
     class_names = VOC_CLASSES
 
     def __init__(self, root: str | Path, split: str = "train"):

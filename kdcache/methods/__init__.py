@@ -7,30 +7,26 @@ loss. ``batch`` holds the cached targets already taken through the item's geomet
 (``kd/values``, ``kd/indices``, ``kd/tail``, ``kd/ignore``, ``kd/features/<tap>``,
 ``kd/attention/<tap>``; see :mod:`kdcache.target_geometry`).
 
-Add one: write ``kdcache/methods/mine.py`` with a ``KDMethod`` subclass and register it with
-``@METHODS.register("mine")``.
+Add one: write ``kdcache/methods/mine.py`` with a ``KDMethod`` subclass decorated
+``@METHODS.register("mine")`` and a docstring citing its paper. Every module of this package is
+imported, so nothing else needs editing: the command line offers it, and its constructor's
+arguments become its options and shorthands.
 """
 
-from __future__ import annotations
+from kdcache.methods.base import (
+    METHODS,
+    KDMethod,
+    MethodError,
+    build_method,
+    fill_in,
+    method_options,
+    methods_taking,
+    option_default,
+    student_logits_at,
+)
+from kdcache.registry import import_submodules
 
-import importlib
+import_submodules(__name__, __path__)
 
-from kdcache.errors import KDCacheError
-from kdcache.methods.base import KDMethod, MethodError, student_logits_at
-from kdcache.registry import Registry
-
-METHODS = Registry("KD method", MethodError)
-
-for _module in ("none", "kl", "at", "sp", "fitnet", "cwd", "pseudo"):
-    importlib.import_module(f"kdcache.methods.{_module}")
-
-
-def build_method(name: str, **options) -> KDMethod:
-    cls = METHODS.get(name)
-    try:
-        return cls(**options)
-    except (TypeError, ValueError) as exc:
-        raise KDCacheError(f"method '{name}': {exc}") from None
-
-
-__all__ = ["METHODS", "KDMethod", "MethodError", "build_method", "student_logits_at"]
+__all__ = ["METHODS", "KDMethod", "MethodError", "build_method", "fill_in", "method_options", "methods_taking",
+           "option_default", "student_logits_at"]

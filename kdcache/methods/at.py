@@ -12,28 +12,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdcache.methods import METHODS
-from kdcache.methods.base import FeatureMethod, MethodError, pool_to
-
-
-def _mask_like(ignore: torch.Tensor, size) -> torch.Tensor:
-    m = (~ignore).float()[:, None]
-    return F.interpolate(m, size=size, mode="nearest")[:, 0] if tuple(m.shape[-2:]) != tuple(size) else m[:, 0]
+from kdcache.methods.base import METHODS, FeatureMethod, MethodError, pool_to, valid_mask
 
 
 @METHODS.register("at")
 class AttentionTransfer(FeatureMethod):
-    name = "at"
     default_weight = 100.0  # RepDistiller uses 1000; on the demo pair 1000 cost 6 mIoU points, 100 about 2
 
     def __init__(self, weight: float | None = None, student_tap: str | None = None, teacher_tap: str | None = None):
         super().__init__(weight, student_tap, teacher_tap)
         self.source = None
 
-    def setup(self, student_channels, store_meta) -> None:
-        if self.teacher_tap in store_meta.get("attention", {}):
+    def setup(self, student_channels, schema) -> None:
+        if self.teacher_tap in schema.attention:
             self.source = "attention"
-        elif self.teacher_tap in store_meta.get("features", {}):
+        elif self.teacher_tap in schema.features:
             self.source = "features"
         else:
             raise MethodError(f"method 'at' needs the teacher's '{self.teacher_tap}' attention maps or features "
@@ -48,8 +41,8 @@ class AttentionTransfer(FeatureMethod):
         q_t = t if self.source == "attention" else t.pow(2).sum(1)
         q_s = out.features[self.student_tap].float().pow(2).sum(1)
         size = min(q_t.shape[-2:], q_s.shape[-2:], key=lambda s: s[0] * s[1])
-        q_t = pool_to(q_t[:, None], size)[:, 0] * _mask_like(ignore, size)
-        q_s = pool_to(q_s[:, None], size)[:, 0] * _mask_like(ignore, size)
+        q_t = pool_to(q_t[:, None], size)[:, 0] * valid_mask(ignore, size)
+        q_s = pool_to(q_s[:, None], size)[:, 0] * valid_mask(ignore, size)
         q_t = F.normalize(q_t.flatten(1), dim=1)
         q_s = F.normalize(q_s.flatten(1), dim=1)
         return self.weight * (q_s - q_t).pow(2).mean()

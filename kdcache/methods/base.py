@@ -1,6 +1,8 @@
-"""The shape every distillation method has."""
+"""The shape every distillation method has, the method registry, and helpers methods share."""
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -8,16 +10,69 @@ from torch import nn
 
 from kdcache.errors import KDCacheError
 from kdcache.models import ModelOutput
+from kdcache.registry import Registry
+from kdcache.store.schema import CacheSchema
 
 
 class MethodError(KDCacheError):
     """A method asked for something the cache or the student does not have."""
 
 
-class KDMethod(nn.Module):
-    """Base class. ``weight`` multiplies the method's loss in L_total = L_seg + Σ w_m · L_m."""
+#: name -> KDMethod subclass; ``@METHODS.register("name")`` sets the class's ``name``
+METHODS: Registry[type[KDMethod]] = Registry("KD method", MethodError)
 
-    name = "base"
+
+def method_options(name: str) -> dict[str, inspect.Parameter]:
+    """The options of method ``name``: its constructor's keyword arguments."""
+    params = inspect.signature(METHODS.get(name).__init__).parameters
+    return {k: p for k, p in params.items() if k != "self" and p.kind is p.POSITIONAL_OR_KEYWORD}
+
+
+def option_default(name: str, option: str):
+    """The default of ``option`` of method ``name`` (a weight left at None is the method's
+    ``default_weight``)."""
+    default = method_options(name)[option].default
+    if option == "weight" and default is None:
+        return METHODS.get(name).default_weight
+    return default
+
+
+def methods_taking(option: str) -> list[str]:
+    """The methods whose constructor takes ``option``."""
+    return [name for name in METHODS.names() if option in method_options(name)]
+
+
+def fill_in(methods: list[dict], **values) -> list[dict]:
+    """Method specs (``{"name": ..., option: value}``) with each of ``values`` (option -> value,
+    None: not given) filled into every method that takes that option and has none of its own:
+    what the command line's shorthands (``--temperature``, ``--kd-weight`` …) do."""
+    out = [dict(m) for m in methods]
+    for option, value in values.items():
+        if value is None:
+            continue
+        for m in out:
+            if option not in m and option in method_options(m["name"]):
+                m[option] = value
+    return out
+
+
+def build_method(name: str, **options) -> KDMethod:
+    """An instance of method ``name`` with ``options`` (its constructor's keyword arguments)."""
+    cls = METHODS.get(name)
+    try:
+        return cls(**options)
+    except (TypeError, ValueError) as exc:
+        raise KDCacheError(f"method '{name}': {exc}") from None
+
+
+class KDMethod(nn.Module):
+    """Base class. ``weight`` multiplies the method's loss in L_total = L_seg + Σ w_m · L_m.
+
+    The constructor's keyword arguments are the method's options (``--method NAME:key=value``);
+    the command line's shorthands (``--temperature`` …) fill in the methods whose constructor
+    takes that argument. ``name`` is set by :data:`METHODS`'s ``register``."""
+
+    name: str = ""
     default_weight = 1.0
 
     def __init__(self, weight: float | None = None):
@@ -32,9 +87,9 @@ class KDMethod(nn.Module):
         """Cached teacher arrays this method reads: ``logits``, ``features/<tap>``, ``attention/<tap>``."""
         return []
 
-    def setup(self, student_channels: dict[str, int], store_meta: dict) -> None:
-        """Called once with the student taps' channel counts and the store's attributes, before
-        training (e.g. to build an adapter)."""
+    def setup(self, student_channels: dict[str, int], schema: CacheSchema) -> None:
+        """Called once before training with the student taps' channel counts and the schema of
+        the cache (or of the online teacher's outputs), e.g. to build an adapter."""
 
     def forward(self, out: ModelOutput, batch: dict) -> torch.Tensor:
         raise NotImplementedError
@@ -59,9 +114,9 @@ class FeatureMethod(KDMethod):
     def required(self) -> list[str]:
         return [f"features/{self.teacher_tap}"]
 
-    def check_features(self, store_meta: dict) -> dict:
+    def check_features(self, schema: CacheSchema) -> dict:
         """The cache's description of the teacher tap's features; a clear error if it has none."""
-        feats = store_meta.get("features", {})
+        feats = schema.features
         if self.teacher_tap not in feats:
             raise MethodError(f"method '{self.name}' needs the teacher's '{self.teacher_tap}' features in the "
                               f"cache; build it with --features {self.teacher_tap}")
@@ -74,6 +129,13 @@ def student_logits_at(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     if tuple(logits.shape[-2:]) != tuple(size):
         logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
     return logits
+
+
+def valid_mask(ignore: torch.Tensor, size) -> torch.Tensor:
+    """1 where a cell is used, 0 in the crop's padding: ``ignore`` [N, h, w] -> float [N, *size]
+    (nearest-resized when the sizes differ)."""
+    m = (~ignore).float()[:, None]
+    return F.interpolate(m, size=size, mode="nearest")[:, 0] if tuple(m.shape[-2:]) != tuple(size) else m[:, 0]
 
 
 def pool_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

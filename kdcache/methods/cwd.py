@@ -17,8 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kdcache.methods import METHODS
-from kdcache.methods.base import KDMethod, student_logits_at
+from kdcache.methods.base import METHODS, KDMethod, student_logits_at
 
 
 def dense_teacher_logits(values, indices, tail, num_classes: int) -> torch.Tensor:
@@ -33,7 +32,6 @@ def dense_teacher_logits(values, indices, tail, num_classes: int) -> torch.Tenso
 
 @METHODS.register("cwd")
 class ChannelWise(KDMethod):
-    name = "cwd"
     default_weight = 3.0
 
     def __init__(self, weight: float | None = None, temperature: float = 4.0):

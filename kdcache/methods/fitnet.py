@@ -12,13 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcache.methods import METHODS
-from kdcache.methods.base import FeatureMethod, teacher_feature
+from kdcache.methods.base import METHODS, FeatureMethod, teacher_feature
 
 
 @METHODS.register("fitnet")
 class FitNet(FeatureMethod):
-    name = "fitnet"
     default_weight = 1.0
 
     def __init__(self, weight: float | None = None, student_tap: str | None = None, teacher_tap: str | None = None,
@@ -29,8 +27,8 @@ class FitNet(FeatureMethod):
         self.loss = loss
         self.adapter: nn.Module | None = None
 
-    def setup(self, student_channels, store_meta) -> None:
-        channels = self.check_features(store_meta)["channels"]
+    def setup(self, student_channels, schema) -> None:
+        channels = self.check_features(schema)["channels"]
         self.adapter = nn.Conv2d(student_channels[self.student_tap], channels, 1)
 
     def forward(self, out, batch) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Hinton et al., "Distilling the knowledge in a neural network" (2015); for segmentation as in
 Liu et al., "Structured knowledge distillation for semantic segmentation" (CVPR 2019) and CIRKD
 (``losses/kd.py``): T² × the mean over pixels of KL(p_t ‖ p_s), on logits at the teacher map's
-resolution. The teacher is the cache's top k plus its tail bin (DESIGN.md's ``bin`` policy).
+resolution. The teacher is the cache's top k plus its tail bin (the ``bin`` policy of docs/design.md's loss contract).
 Default T = 1 as in CIRKD (the SegFormer seed used T = 4: pass ``temperature=4``; on the
 built-in demo pair T = 4 cost 3 mIoU points against T = 1, benchmarks/results/kd-methods-cpu.md).
 """
@@ -13,13 +13,11 @@ from __future__ import annotations
 import torch
 
 from kdcache.kernels import topk_kl
-from kdcache.methods import METHODS
-from kdcache.methods.base import KDMethod, student_logits_at
+from kdcache.methods.base import METHODS, KDMethod, student_logits_at
 
 
 @METHODS.register("kl")
 class PixelKL(KDMethod):
-    name = "kl"
     default_weight = 1.0
 
     def __init__(self, weight: float | None = None, temperature: float = 1.0, tail: str = "bin"):

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.data.base import IGNORE_INDEX
-from kdcache.methods import METHODS
-from kdcache.methods.base import KDMethod, student_logits_at
+from kdcache.methods.base import METHODS, KDMethod, student_logits_at
 
 
 def pseudo_labels(values, indices, tail, ignore, threshold: float) -> torch.Tensor:
@@ -28,7 +27,6 @@ def pseudo_labels(values, indices, tail, ignore, threshold: float) -> torch.Tens
 
 @METHODS.register("pseudo")
 class PseudoLabels(KDMethod):
-    name = "pseudo"
     default_weight = 1.0
 
     def __init__(self, weight: float | None = None, confidence_threshold: float = 0.7):

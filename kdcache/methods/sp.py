@@ -10,9 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdcache.methods import METHODS
-from kdcache.methods.at import _mask_like
-from kdcache.methods.base import FeatureMethod, teacher_feature
+from kdcache.methods.base import METHODS, FeatureMethod, teacher_feature, valid_mask
 
 
 def similarity(f: torch.Tensor) -> torch.Tensor:
@@ -22,16 +20,15 @@ def similarity(f: torch.Tensor) -> torch.Tensor:
 
 @METHODS.register("sp")
 class SimilarityPreserving(FeatureMethod):
-    name = "sp"
     default_weight = 100.0  # RepDistiller uses 3000; on the demo pair 3000 cost 16 mIoU points, 100 about 2
 
-    def setup(self, student_channels, store_meta) -> None:
-        self.check_features(store_meta)
+    def setup(self, student_channels, schema) -> None:
+        self.check_features(schema)
 
     def forward(self, out, batch) -> torch.Tensor:
         t, ignore = teacher_feature(batch, self.teacher_tap, self.name)
         s = out.features[self.student_tap].float()
-        t = t * _mask_like(ignore, t.shape[-2:])[:, None]
-        s = s * _mask_like(ignore, s.shape[-2:])[:, None]
+        t = t * valid_mask(ignore, t.shape[-2:])[:, None]
+        s = s * valid_mask(ignore, s.shape[-2:])[:, None]
         b = s.shape[0]
         return self.weight * (similarity(s) - similarity(t)).pow(2).sum() / (b * b)

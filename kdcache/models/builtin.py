@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdcache.models.registry import register_model
+
 __all__ = ["BuiltinSegNet", "demo_student", "demo_teacher"]
 
 
@@ -134,6 +136,7 @@ class FuseHead(nn.Module):
         return self.classifier(self.fuse(torch.cat([self.skip(low), high], 1)))
 
 
+@register_model
 def demo_teacher(num_classes: int, width: int = 64) -> nn.Module:
     """The demo teacher (~1.7M parameters at the default width): see the module docstring."""
     w = width
@@ -149,6 +152,7 @@ def demo_teacher(num_classes: int, width: int = 64) -> nn.Module:
     return BuiltinSegNet(stem, stage1, stage2, stage3, head, num_classes)
 
 
+@register_model
 def demo_student(num_classes: int, width: int = 24) -> nn.Module:
     """The demo student (~39k parameters at the default width): see the module docstring."""
     w = width

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.segmentation._utils import _SimpleSegmentationModel
+from torchvision.models.segmentation.lraspp import LRASPP
 
 from kdcache.errors import ModelError
 
@@ -83,9 +85,6 @@ class SegModel(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        from torchvision.models.segmentation._utils import _SimpleSegmentationModel
-        from torchvision.models.segmentation.lraspp import LRASPP
-
         net = self.net
         if isinstance(net, _SimpleSegmentationModel):
             return net.classifier(net.backbone(x)["out"])

@@ -1,13 +1,20 @@
-"""Teacher caches: the Zarr v3 layout, the read side and the integrity checks.
+"""Teacher caches: the one package that knows how a cache is laid out, on disk and in memory.
 
-``CacheStore(path)`` opens a store; ``store.join(dataset)`` maps a data set's samples to store
-rows (refusing a store built from other data); :class:`CachedTargets` (random access) and
-:class:`CacheStream` (shuffled shard order with a shuffle buffer) feed a DataLoader. The build
-lives in :mod:`kdcache.cache_build`.
+* :mod:`.schema`: the Zarr v3 layout, described by one :class:`CacheSchema` (arrays, strides,
+  id types, extents, shards, placeholders, identity);
+* :mod:`.location`: local folders and fsspec URLs, and what differs between them;
+* :mod:`.writer`: creating or resuming a store, encoding teacher outputs, writing whole shards;
+* :mod:`.reader`: :class:`CacheStore` (``store.join(dataset)`` maps a data set's samples to
+  store rows, refusing a store built from other data), :class:`CachedTargets` (random access)
+  and :class:`CacheStream` (shuffled shard order with a shuffle buffer);
+* :mod:`.shards`: kdcache's fast path for local shard files;
+* :mod:`.check`: ``inspect-cache`` and ``verify-cache``.
+
+The teacher pass that fills a store lives in :mod:`kdcache.cache_build`.
 """
 
-from kdcache.store.layout import FORMAT, SCHEMA_VERSION
 from kdcache.store.reader import (
+    BadSampleError,
     CachedTargets,
     CacheStore,
     CacheStream,
@@ -15,9 +22,10 @@ from kdcache.store.reader import (
     read_meta,
     to_tensors,
 )
+from kdcache.store.schema import DEFAULT_CODEC, FORMAT, SCHEMA_VERSION, CacheSchema
 
-__all__ = ["FORMAT", "SCHEMA_VERSION", "CacheStore", "CacheStream", "CachedTargets", "StoreError",
-           "read_meta", "to_tensors", "open_store"]
+__all__ = ["FORMAT", "SCHEMA_VERSION", "DEFAULT_CODEC", "BadSampleError", "CacheSchema", "CacheStore",
+           "CacheStream", "CachedTargets", "StoreError", "read_meta", "to_tensors", "open_store"]
 
 
 def open_store(path, storage_options=None) -> CacheStore:

@@ -3,32 +3,16 @@ every chunk and check it)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
 
-from kdcache.store.layout import map_specs
+from kdcache.progress import progress_bar
+from kdcache.store.location import size_of
 from kdcache.store.reader import CacheStore
-
-
-def disk_usage(path: str | Path) -> int:
-    """Bytes under ``path``: a local folder, or an fsspec URL."""
-    if "://" in str(path):
-        import fsspec
-
-        fs, p = fsspec.core.url_to_fs(str(path))
-        return int(fs.du(p)) if fs.exists(p) else 0
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.path.getsize(os.path.join(root, f))
-            except OSError:
-                pass
-    return total
 
 
 def tail_bin_mass(values: np.ndarray, tail: np.ndarray | None, num_classes: int, temperature: float) -> np.ndarray:
@@ -47,26 +31,28 @@ def tail_bin_mass(values: np.ndarray, tail: np.ndarray | None, num_classes: int,
 def inspect_store(path: str | Path, *, samples: int = 64, temperatures=(1.0, 2.0, 4.0)) -> dict:
     """Schema, counts, size on disk, bytes per pixel and top-k mass coverage of a store."""
     store = CacheStore(path)
-    meta = store.meta
+    schema = store.schema
     done = store.done()
     n_done = int(done.sum())
-    size = disk_usage(path)
+    size = size_of(path)
     arrays = []
-    for spec in map_specs(meta):
+    for spec in schema.map_specs:
         a = store.array(spec.path)
         arrays.append({"path": spec.path, "shape": list(a.shape), "dtype": str(a.dtype),
                        "chunks": list(a.chunks), "shards": list(a.shards or ()),
-                       "bytes": disk_usage(f"{str(path).rstrip('/')}/{spec.path}")})
+                       "bytes": size_of(path, spec.path)})
     rows = np.flatnonzero(done)
     # valid teacher-map pixels of the finished samples
     hw = np.asarray(store.array("logits/hw")[:])
     pixels = int((hw[rows, 0].astype(np.int64) * hw[rows, 1]).sum()) if n_done else 0
     logit_bytes = sum(a["bytes"] for a in arrays if a["path"].startswith("logits/"))
     C, k = store.num_classes, store.k
-    idx_size = np.dtype(meta["dtypes"]["indices"]).itemsize
     report = {
         "path": str(path),
-        "meta": meta,
+        "meta": store.meta,
+        "about": schema.describe(),
+        "k": k,
+        "samples_per_shard": schema.samples_per_shard,
         "num_samples": store.num_samples,
         "done": n_done,
         "shards": store.num_shards,
@@ -74,7 +60,7 @@ def inspect_store(path: str | Path, *, samples: int = 64, temperatures=(1.0, 2.0
         "arrays": arrays,
         "logit_pixels": pixels,
         "bytes_per_pixel": logit_bytes / pixels if pixels else None,
-        "bytes_per_pixel_uncompressed": k * (2 + idx_size) + (2 if meta["tail"] else 0),
+        "bytes_per_pixel_uncompressed": schema.raw_bytes_per_pixel(),
         "dense_fp32_bytes_per_pixel": 4 * C,
     }
     # top-k mass coverage on a spread sample of the finished samples
@@ -123,10 +109,8 @@ def verify_store(path: str | Path, *, show_progress: bool = True, reset_bad: boo
     class ids in range and distinct, values sorted descending, extents within the map. With
     ``reset_bad``, the bad samples' shards are marked not done, so rerunning the build rewrites
     them."""
-    from kdcache.progress import progress_bar
-
     store = CacheStore(path)
-    meta = store.meta
+    schema = store.schema
     n, s, C = store.num_samples, store.samples_per_shard, store.num_classes
     done = store.done()
     ids = store.ids
@@ -145,7 +129,7 @@ def verify_store(path: str | Path, *, show_progress: bool = True, reset_bad: boo
     for r, i in enumerate(ids):
         if not i:
             flag(r, "empty sample id")
-    map_h, map_w = meta["map_size"]
+    map_h, map_w = schema.map_size
     with progress_bar("verify cache", total=n, enabled=show_progress, unit="sample") as bar:
         for start in range(0, n, s):
             stop = min(n, start + s)
@@ -162,21 +146,19 @@ def verify_store(path: str | Path, *, show_progress: bool = True, reset_bad: boo
                 bar.advance(stop - start)
                 continue
             for item in items:
-                _check_sample(item, meta, C, (map_h, map_w), lambda what, r=item["row"]: flag(r, what))
+                _check_sample(item, C, (map_h, map_w), lambda what, r=item["row"]: flag(r, what))
             bar.advance(stop - start)
     result.bad_rows = sorted(problems)
     result.bad = {ids[r]: problems[r] for r in result.bad_rows}
     if reset_bad and result.bad_rows:
-        import zarr
-
         group = zarr.open_group(str(path), mode="r+")
-        shards = sorted({r // s for r in result.bad_rows})
-        for j in shards:
-            group["done"][j * s:min(n, (j + 1) * s)] = False
+        for j in sorted({int(j) for j in schema.shard_of(result.bad_rows)}):
+            start, stop = schema.shard_rows(j)
+            group["done"][start:stop] = False
     return result
 
 
-def _check_sample(item: dict, meta: dict, C: int, map_size, flag) -> None:
+def _check_sample(item: dict, C: int, map_size, flag) -> None:
     for key, a in item.items():
         if not isinstance(a, np.ndarray) or key in ("views/params",):
             continue

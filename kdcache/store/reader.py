@@ -16,7 +16,6 @@ the wider id types), ``logits/tail`` [h, w] float16 (absent when k = C), ``featu
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,8 +23,10 @@ import numpy as np
 import torch
 import zarr
 
+from kdcache.checkpoint import file_sha256
 from kdcache.errors import KDCacheError
-from kdcache.store.layout import ATTR, FORMAT, SCHEMA_VERSION, decode_ids, extent_groups, map_specs
+from kdcache.store.location import is_url
+from kdcache.store.schema import ATTR, FORMAT, SCHEMA_VERSION, CacheSchema, decode_ids
 from kdcache.store.shards import ShardFile, fast_reader
 
 
@@ -44,36 +45,10 @@ class BadSampleError(StoreError):
         return (type(self), (str(self), self.rows))
 
 
-def split_fingerprint(ids: Sequence[str], hashes: Sequence[str]) -> str:
-    """SHA-256 over a split's sample ids and content hashes, in order."""
-    h = hashlib.sha256()
-    for i, c in zip(ids, hashes):
-        h.update(i.encode("utf-8"))
-        h.update(b"\0")
-        h.update(c.encode("ascii"))
-        h.update(b"\n")
-    return h.hexdigest()
-
-
-def _key(path: str) -> str:
-    """Array path -> sample dict key: ``features/x/values`` -> ``features/x``."""
-    if path.startswith(("features/", "attention/", "views/features/", "views/attention/")):
-        return path[: -len("/values")]
-    return path
-
-
-def _widen(a: np.ndarray) -> np.ndarray:
-    if a.dtype == np.uint16:
-        return a.astype(np.int32)
-    if a.dtype == np.uint32:
-        return a.astype(np.int64)
-    return a
-
-
 def read_meta(path: str | Path, storage_options: dict | None = None, mode: str = "r") -> tuple[zarr.Group, dict]:
     """Open ``path`` (read-only by default) and return (group, kdcache attributes); clear errors otherwise."""
     p = str(path)
-    if "://" not in p and not Path(p).exists():
+    if not is_url(p) and not Path(p).exists():
         raise StoreError(f"teacher cache {p} does not exist; build it with `kdcache build-teacher-cache --out {p}`")
     try:
         group = zarr.open_group(p, mode=mode, storage_options=storage_options)
@@ -95,11 +70,10 @@ class CacheStore:
         self.path = str(path)
         self.storage_options = storage_options
         self._group, self.meta = read_meta(self.path, storage_options)
+        self.schema = CacheSchema(self.meta)
         self._arrays: dict[str, zarr.Array] = {}
         self._fast: dict[str, ShardFile | None] = {}
         self._ids: list[str] | None = None
-        self._specs = map_specs(self.meta)
-        self._extent_groups = extent_groups(self.meta)
 
     # -- pickling: open once per process -----------------------------------------------------
     def __getstate__(self):
@@ -132,27 +106,27 @@ class CacheStore:
     # -- what the store is ---------------------------------------------------------------------
     @property
     def num_samples(self) -> int:
-        return int(self.meta["dataset"]["num_samples"])
+        return self.schema.num_samples
 
     @property
     def num_classes(self) -> int:
-        return int(self.meta["num_classes"])
+        return self.schema.num_classes
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.meta["class_names"])
+        return self.schema.class_names
 
     @property
     def k(self) -> int:
-        return int(self.meta["k"])
+        return self.schema.k
 
     @property
     def samples_per_shard(self) -> int:
-        return int(self.meta["samples_per_shard"])
+        return self.schema.samples_per_shard
 
     @property
     def num_shards(self) -> int:
-        return -(-self.num_samples // self.samples_per_shard)
+        return self.schema.num_shards
 
     @property
     def ids(self) -> list[str]:
@@ -168,7 +142,21 @@ class CacheStore:
 
     @property
     def map_paths(self) -> list[str]:
-        return [s.path for s in self._specs]
+        return [s.path for s in self.schema.map_specs]
+
+    def check_teacher_unchanged(self) -> None:
+        """Refuse a stale cache: the teacher checkpoint it was built from has changed since (its
+        file is still where the build read it, with other bytes)."""
+        teacher = self.schema.teacher
+        path = Path(teacher.get("weights") or "")
+        if teacher.get("weights") and path.is_file():
+            now = file_sha256(path)
+            if now != teacher["weights_sha256"]:
+                raise StoreError(
+                    f"teacher cache {self.path} is stale: it was built from {path} with SHA-256 "
+                    f"{teacher['weights_sha256'][:16]}…, but that file now has {now[:16]}… (the teacher was "
+                    "retrained or replaced). Rebuild the cache: build-teacher-cache --overwrite"
+                )
 
     # -- reading -----------------------------------------------------------------------------
     def read(self, row: int) -> dict:
@@ -183,9 +171,10 @@ class CacheStore:
         Reading a whole shard's block is the fast path: zarr fetches and decodes its chunks in
         one request per array instead of one per sample."""
         rows = list(range(start, stop)) if rows is None else list(rows)
-        extents = {g: np.asarray(self.array(f"{g}/hw")[start:stop]) for g in self._extent_groups}
+        schema = self.schema
+        extents = {g: np.asarray(self.array(f"{g}/hw")[start:stop]) for g in schema.extent_groups}
         data = {}
-        for spec in self._specs:
+        for spec in schema.map_specs:
             try:
                 data[spec.path] = self._read_map(spec.path, start, stop, rows)
             except Exception as exc:
@@ -196,19 +185,22 @@ class CacheStore:
                     f"damaged or truncated. `kdcache verify-cache {self.path} --reset-bad` marks it for "
                     "rebuilding; train-student --skip-bad trains on without its targets.", rows
                 ) from None
-        if self.meta.get("views"):
+        if schema.views:
             data["views/params"] = np.asarray(self.array("views/params")[start:stop])
         ids = self.ids
+        ids_type = schema.read_index_dtype
         out = []
         for r in rows:
             j = r - start
             item = {"row": r, "id": ids[r]}
-            for spec in self._specs:
+            for spec in schema.map_specs:
                 a = data[spec.path][j]
                 if spec.spatial:
                     h, w = extents[spec.group][j]
                     a = a[..., :h, :w]
-                item[_key(spec.path)] = _widen(a)
+                if a.dtype.kind == "u" and a.dtype != ids_type:
+                    a = a.astype(ids_type)
+                item[spec.key] = a
             if "views/params" in data:
                 item["views/params"] = data["views/params"][j]
             out.append(item)
@@ -247,7 +239,7 @@ class CacheStore:
         where = {sid: r for r, sid in enumerate(self.ids)}
         missing = [i for i in dataset.ids if i not in where]
         if missing:
-            built = self.meta["dataset"]
+            built = self.schema.dataset
             raise StoreError(
                 f"{len(missing)} of {len(dataset)} samples of {name} (e.g. {', '.join(missing[:3])}) are "
                 f"not in teacher cache {self.path}, which was built from {built['name']} split "

@@ -25,6 +25,8 @@ import numpy as np
 from numcodecs import blosc
 from numcodecs.zstd import Zstd
 
+from kdcache.store.location import is_url
+
 _MISSING = np.uint64(2**64 - 1)
 
 
@@ -151,7 +153,7 @@ class ShardFile:
 def fast_reader(root: str | Path, path: str, array_meta: dict) -> ShardFile | None:
     """A :class:`ShardFile` if ``array_meta`` (the array's zarr.json) is exactly kdcache's
     sharded layout with one sample per chunk and the store is local; None otherwise."""
-    if "://" in str(root):
+    if is_url(root):
         return None
     try:
         codecs = array_meta["codecs"]

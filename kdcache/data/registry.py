@@ -1,0 +1,31 @@
+"""The data set registry and its one entry point, :func:`build_dataset`."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+from kdcache.data.base import SegmentationDataset
+from kdcache.errors import DatasetError
+from kdcache.registry import Registry
+
+DATASETS: Registry[type[SegmentationDataset]] = Registry("data set", DatasetError)
+
+
+def build_dataset(name: str, split: str, root: str | Path | None = None, **options) -> SegmentationDataset:
+    """Open split ``split`` of data set ``name`` (``synthetic`` needs no root)."""
+    cls = DATASETS.get(name)
+    if getattr(cls, "needs_root", True):
+        if root is None:
+            raise DatasetError(f"data set '{name}' needs --data-root pointing at its files")
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise DatasetError(f"--data-root {root} does not exist or is not a directory")
+    params = inspect.signature(cls.__init__).parameters
+    unknown = sorted(k for k in options if k not in params or k in ("self", "root", "split"))
+    if unknown:
+        accepted = [k for k in params if k not in ("self", "root", "split")]
+        raise DatasetError(
+            f"data set '{name}' does not take option(s) {unknown}; it accepts {accepted or 'none'}"
+        )
+    return cls(root=root, split=split, **options)

@@ -1,0 +1,56 @@
+"""The model registry: ``build_model(name, num_classes)`` for a registered name or any
+``package.module:callable``, always wrapped in :class:`~kdcache.models.wrapper.SegModel`."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from kdcache.errors import ModelError
+from kdcache.models.wrapper import SegModel
+from kdcache.registry import Registry
+
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model", ModelError)
+
+#: ``@register_model`` on a function ``name(num_classes, **options) -> nn.Module`` registers it
+#: under its own name
+register_model = MODELS.register
+
+
+def resolve_builder(name: str) -> Callable[..., nn.Module]:
+    """The factory behind ``name``: a registry entry or a ``package.module:callable`` path."""
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ModelError(f"cannot import module '{module_name}' for model '{name}': {exc}") from None
+        obj = module
+        for part in attr.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                raise ModelError(f"module '{module_name}' has no attribute '{attr}' (model '{name}')")
+        if not callable(obj):
+            raise ModelError(f"'{name}' is not callable; give a function or class that builds the model")
+        return obj
+    return MODELS.get(name)
+
+
+def build_model(name: str, num_classes: int, taps: Sequence[str] = (), **kwargs) -> SegModel:
+    """Build model ``name`` for ``num_classes`` classes, wrapped with feature ``taps``."""
+    if num_classes < 1:
+        raise ModelError(f"num_classes must be positive, got {num_classes}")
+    builder = resolve_builder(name)
+    try:
+        net = builder(num_classes=num_classes, **kwargs)
+    except TypeError as exc:
+        raise ModelError(f"cannot build model '{name}' with num_classes={num_classes}: {exc}") from None
+    if not isinstance(net, nn.Module):
+        raise ModelError(f"model '{name}' built a {type(net).__name__}, not a torch.nn.Module")
+    return SegModel(net, name=name, num_classes=num_classes, taps=taps)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,72 @@
+"""``train-student --online-teacher``: a live teacher run every step instead of the cache,
+feeding the same loss code. For parity checks and benchmarks only: it costs the teacher forward
+per step that the cache exists to avoid.
+
+The teacher's outputs on the student's (already transformed) batch become the same ``kd/…``
+targets the cache pipeline gives: top-k values and ids rounded through fp16 as the cache
+stores them, the tail, features and attention maps, and the crop's padding marked ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kdcache.model_loading import open_weights
+from kdcache.store.schema import CacheSchema
+from kdcache.target_geometry import out_map_size, sample_grid
+from kdcache.targets import attention_map, topk_targets
+
+_PROBE = (64, 64)
+
+
+class OnlineTeacher:
+    """The teacher ``arch`` with ``weights``, tapping ``taps``; ``k`` top logits per position
+    (None: all classes, a dense target)."""
+
+    def __init__(self, weights: str, arch: str, num_classes: int, taps: Sequence[str], device: torch.device,
+                 k: int | None = None):
+        self.model = open_weights(weights).build(arch=arch, num_classes=num_classes, taps=taps, device=device,
+                                                 arch_option="--online-teacher")
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.k = k or num_classes
+        with torch.no_grad():
+            out = self.model(torch.zeros(1, 3, *_PROBE, device=device))
+        shapes = {t: tuple(f.shape[1:]) for t, f in out.features.items()}
+        #: what the teacher gives, described as a cache would be (for the methods' set-up)
+        self.schema = CacheSchema.new(class_names=[f"class {c}" for c in range(num_classes)], k=self.k,
+                                      input_size=_PROBE, map_size=tuple(out.logits.shape[-2:]),
+                                      feature_shapes=shapes, features=tuple(taps), attention=tuple(taps))
+
+    @torch.no_grad()
+    def targets(self, batch: dict) -> dict:
+        """The ``kd/…`` targets for ``batch``; where the batch came through the cache pipeline,
+        its ``kd/ignore`` (the crop's padding at the cache's resolution) is kept."""
+        x = batch["image"]
+        out = self.model(x)
+        values, indices, tail = topk_targets(out.logits.float(), self.k)
+        size = tuple(values.shape[-2:])
+        targets = {"kd/values": values.half().float(), "kd/indices": indices,
+                   "kd/ignore": torch.zeros(x.shape[0], *size, dtype=torch.bool, device=x.device)}
+        if tail is not None:
+            targets["kd/tail"] = tail.half().float()
+        for tap, f in out.features.items():
+            targets[f"kd/features/{tap}"] = f.half().float()
+            targets[f"kd/attention/{tap}"] = attention_map(f).half().float()
+            targets[f"kd/features/{tap}/ignore"] = torch.zeros(x.shape[0], *f.shape[-2:], dtype=torch.bool,
+                                                               device=x.device)
+            targets[f"kd/attention/{tap}/ignore"] = targets[f"kd/features/{tap}/ignore"]
+        cached = batch.get("kd/ignore")
+        if cached is not None and cached.shape == targets["kd/ignore"].shape:
+            targets["kd/ignore"] = cached
+        elif isinstance(batch.get("geometry"), list):  # the crop's padding, as the cache path marks it
+            stride = (x.shape[-2] / size[0], x.shape[-1] / size[1])
+            masks = []
+            for g in batch["geometry"]:
+                map_hw = (max(1, round(g.in_size[0] / stride[0])), max(1, round(g.in_size[1] / stride[1])))
+                masks.append(sample_grid(g, map_hw, out_map_size(g.out_size, stride))[2])
+            if all(tuple(m.shape) == size for m in masks):
+                targets["kd/ignore"] = torch.stack(masks).to(x.device)
+        return targets

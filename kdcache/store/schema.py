@@ -1,0 +1,475 @@
+"""The layout of a teacher cache: a standard Zarr v3 group, described by one :class:`CacheSchema`.
+
+Every array uses only codecs of the Zarr v3 core and its registered extensions (``bytes``,
+``blosc`` or ``zstd``, ``crc32c``, ``sharding_indexed``), so any Zarr v3 reader (zarr-python,
+tensorstore, zarrs) opens it. The group attribute ``kdcache`` holds the schema's attributes
+(``meta``): the format and its version, the provenance (teacher, data set, preprocessing) and
+everything below.
+
+```
+STORE.zarr/
+  done            (n,)            bool     a sample is True only once all its arrays are written
+  sample_id       (n, L)          uint8    UTF-8 ids, zero padded
+  content_hash    (n, 32)         uint8    SHA-256 of each sample's image and label bytes
+  image_hw        (n, 2)          int32    the teacher's input size (after preprocessing)
+  logits/values   (n, k, h, w)    float16  top-k raw teacher logits, sorted descending
+  logits/indices  (n, k, h, w)    uint8|uint16|uint32   their class ids
+  logits/tail     (n, h, w)       float16  logsumexp of the logits outside the top k (absent if k = C)
+  logits/hw       (n, 2)          int32    valid extent (h, w) of each sample's maps
+  features/<tap>/values (n, c, h, w) float16, features/<tap>/hw   (with --features)
+  attention/<tap>/values (n, h, w)   float16, attention/<tap>/hw  (with --attention)
+  views/params    (n, V, 6)       float32  each stored view's Geometry, packed (Geometry.PACKED)
+  views/logits/…, views/features/…, views/attention/…   the same per view: (n, V, …) (with --views)
+```
+
+Maps are stored at the teacher head's native stride, padded to the largest sample's extent
+(images of different sizes); ``hw`` says how much of each is valid. Each sample is one chunk
+of each map array; ``samples_per_shard`` consecutive samples form a shard, the unit of
+writing. The small per-sample arrays are chunked by the same sample blocks (no sharding), so
+the process that owns a shard owns every byte written for its samples. Missing chunks read as
+the fill value: NaN for the float maps, so a lost chunk of a sample marked done is detected.
+
+A sample reads (:mod:`.reader`) as a flat dict keyed by :attr:`MapSpec.key`: ``logits/values``,
+``logits/indices`` (widened to a signed type torch indexes with), ``logits/tail``,
+``features/<tap>``, ``attention/<tap>``, ``views/params``, ``views/logits/values``, ….
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import cached_property
+
+import numpy as np
+import torch
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+from kdcache import __version__
+from kdcache.transforms import Geometry
+
+FORMAT = "kdcache-teacher-cache"
+SCHEMA_VERSION = 1
+ATTR = "kdcache"
+
+#: codec name -> compressor chain for inner chunks (crc32c last, so damaged bytes are detected)
+CODECS = ("blosc-lz4", "blosc-zstd", "zstd", "none")
+#: chosen by measurement (benchmarks/results/cache-compression-cpu.md, cache-reader-cpu.md):
+#: blosc-zstd with byte shuffle stores 1.86x (blosc-lz4 1.44x) and still streams > 2000 samples/s
+DEFAULT_CODEC = "blosc-zstd"
+
+#: aim for shards of about this many uncompressed bytes when samples_per_shard is not given
+TARGET_SHARD_BYTES = 32 << 20
+MAX_SAMPLES_PER_SHARD = 256
+
+#: the attributes that must be equal for a rerun to resume a store (everything that changes
+#: what is stored); the rest (creation time, code version, data root path) may differ
+IDENTITY_KEYS = ("schema_version", "teacher", "num_classes", "class_names", "k", "preprocess",
+                 "dataset", "flip_average", "views", "features", "attention", "samples_per_shard",
+                 "codec", "map_size", "stride", "amp")
+
+#: stored id type -> the type a read sample holds (torch indexes with signed types)
+_READ_IDS = {"uint8": np.uint8, "uint16": np.int32, "uint32": np.int64}
+
+
+def compressors(codec: str) -> list:
+    if codec == "blosc-lz4":
+        return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
+    if codec == "blosc-zstd":
+        return [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), Crc32cCodec()]
+    if codec == "zstd":
+        return [ZstdCodec(level=3), Crc32cCodec()]
+    if codec == "none":
+        return [Crc32cCodec()]
+    raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
+
+
+def index_dtype(num_classes: int) -> np.dtype:
+    """The smallest unsigned integer type that holds class ids 0..C-1."""
+    if num_classes <= 1 << 8:
+        return np.dtype(np.uint8)
+    if num_classes <= 1 << 16:
+        return np.dtype(np.uint16)
+    return np.dtype(np.uint32)
+
+
+def fill_value(dtype: str):
+    if np.dtype(dtype).kind == "f":
+        return float("nan")
+    if np.dtype(dtype).kind == "b":
+        return False
+    return int(np.iinfo(np.dtype(dtype)).max)
+
+
+def split_fingerprint(ids: Sequence[str], hashes: Sequence[str]) -> str:
+    """SHA-256 over a split's sample ids and content hashes, in order."""
+    h = hashlib.sha256()
+    for i, c in zip(ids, hashes):
+        h.update(i.encode("utf-8"))
+        h.update(b"\0")
+        h.update(c.encode("ascii"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def encode_ids(ids: list[str]) -> tuple[np.ndarray, int]:
+    raw = [i.encode("utf-8") for i in ids]
+    width = max([len(r) for r in raw] + [1])
+    out = np.zeros((len(raw), width), dtype=np.uint8)
+    for row, r in enumerate(raw):
+        out[row, :len(r)] = np.frombuffer(r, dtype=np.uint8)
+    return out, width
+
+
+def decode_ids(arr: np.ndarray) -> list[str]:
+    return [bytes(row).rstrip(b"\0").decode("utf-8") for row in np.asarray(arr, dtype=np.uint8)]
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """One per-sample map array: its path, per-sample shape (view axis included) and dtype."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    spatial: bool = True  # has a valid extent recorded in ``<group>/hw``
+
+    @property
+    def group(self) -> str:
+        """``logits``, ``features/<tap>``, ``views/logits``, …: the map group (and its stride)."""
+        return self.path.rsplit("/", 1)[0]
+
+    @property
+    def key(self) -> str:
+        """The key of this array in a read sample: ``features/x/values`` -> ``features/x``."""
+        if self.path.startswith(("features/", "attention/", "views/features/", "views/attention/")):
+            return self.path[: -len("/values")]
+        return self.path
+
+
+def _stride(input_size: Sequence[int], map_size: Sequence[int]) -> list[float]:
+    return [input_size[0] / map_size[0], input_size[1] / map_size[1]]
+
+
+class CacheSchema:
+    """Every question about a store's layout, answered from its attributes ``meta``: which
+    arrays it holds (:attr:`map_specs`), their strides, the id types, the extents, the shards,
+    what a sample with unreadable chunks is replaced by, and whether two builds are the same."""
+
+    def __init__(self, meta: dict):
+        self.meta = meta
+
+    # -- a new store ---------------------------------------------------------------------------
+    @classmethod
+    def new(cls, *, class_names: Sequence[str], k: int, input_size: Sequence[int], map_size: Sequence[int],
+            feature_shapes: dict[str, Sequence[int]] | None = None, features: Sequence[str] = (),
+            attention: Sequence[str] = (), views: dict | None = None, teacher: dict | None = None,
+            dataset: dict | None = None, ids: Sequence[str] = (), hashes: Sequence[str] = (),
+            preprocess: dict | None = None, flip_average: bool = False, codec: str = DEFAULT_CODEC,
+            amp: bool = False, samples_per_shard: int | None = None) -> CacheSchema:
+        """The schema of a store for a teacher whose logits on an ``input_size`` input are
+        ``map_size`` and whose taps have ``feature_shapes`` (tap -> (c, h, w)).
+
+        ``features``/``attention``: the taps stored as features / attention maps. ``views``:
+        ``count``, ``scale``, ``crop``, ``seed``, and the teacher's ``map_size`` and
+        ``feature_shapes`` on a crop (None: no views). ``dataset`` (name, split, options,
+        limit, root) is completed with the sample count and the fingerprint of ``ids`` and
+        ``hashes``."""
+        C, shapes = len(class_names), dict(feature_shapes or {})
+        if not 1 <= k <= C:
+            raise ValueError(f"k must be in 1..{C}, got {k}")
+        views_meta = None
+        if views:
+            vshapes = dict(views.get("feature_shapes") or {})
+            views_meta = {
+                "count": int(views["count"]), "scale": list(views["scale"]), "crop": list(views["crop"]),
+                "seed": int(views.get("seed", 0)), "hflip": True, "map_size": list(views["map_size"]),
+                "features": {t: {"channels": vshapes[t][0], "map_size": list(vshapes[t][1:])} for t in features},
+                "attention": {t: {"map_size": list(vshapes[t][1:])} for t in attention},
+                "params": list(Geometry.PACKED),
+            }
+        data = dict(dataset or {})
+        data.update({"num_samples": len(ids), "fingerprint": split_fingerprint(ids, hashes)})
+        meta = {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "kdcache_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "teacher": dict(teacher or {}),
+            "num_classes": C,
+            "class_names": list(class_names),
+            "k": k,
+            "tail": "logsumexp of the teacher logits outside the top k" if k < C else None,
+            "dtypes": {"values": "float16", "indices": index_dtype(C).name, "tail": "float16", "features": "float16"},
+            "stride": _stride(input_size, map_size),
+            "map_size": list(map_size),
+            "preprocess": dict(preprocess or {}),
+            "dataset": data,
+            "flip_average": bool(flip_average),
+            "views": views_meta,
+            "features": {t: {"channels": shapes[t][0], "map_size": list(shapes[t][1:]),
+                             "stride": _stride(input_size, shapes[t][1:])} for t in features},
+            "attention": {t: {"map_size": list(shapes[t][1:]), "stride": _stride(input_size, shapes[t][1:])}
+                          for t in attention},
+            "codec": codec,
+            "amp": bool(amp),
+        }
+        schema = cls(meta)
+        meta["samples_per_shard"] = schema._shard_size(samples_per_shard)
+        return schema
+
+    def _shard_size(self, requested: int | None) -> int:
+        if requested is not None:
+            if requested < 1:
+                raise ValueError("samples per shard must be at least 1")
+            return requested
+        per_sample = sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in self.map_specs)
+        return int(max(1, min(MAX_SAMPLES_PER_SHARD, TARGET_SHARD_BYTES // max(per_sample, 1))))
+
+    # -- what the store is ---------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["class_names"])
+
+    @property
+    def k(self) -> int:
+        return int(self.meta["k"])
+
+    @property
+    def has_tail(self) -> bool:
+        return bool(self.meta["tail"])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.meta["dataset"]["num_samples"])
+
+    @property
+    def samples_per_shard(self) -> int:
+        return int(self.meta["samples_per_shard"])
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_samples // self.samples_per_shard)
+
+    def shard_rows(self, shard: int) -> tuple[int, int]:
+        """(first row, one past the last row) of ``shard``."""
+        s = self.samples_per_shard
+        return shard * s, min(self.num_samples, (shard + 1) * s)
+
+    def shard_of(self, rows) -> np.ndarray:
+        """The shard of each row."""
+        return np.asarray(rows) // self.samples_per_shard
+
+    @property
+    def map_size(self) -> tuple[int, int]:
+        return tuple(self.meta["map_size"])
+
+    @property
+    def stored_index_dtype(self) -> np.dtype:
+        return np.dtype(self.meta["dtypes"]["indices"])
+
+    @property
+    def read_index_dtype(self) -> np.dtype:
+        """The type of class ids in a read sample (uint8, or int32/int64 for the wider ids)."""
+        return np.dtype(_READ_IDS[self.meta["dtypes"]["indices"]])
+
+    @property
+    def features(self) -> dict[str, dict]:
+        """tap -> {channels, map_size, stride} of the stored features."""
+        return dict(self.meta.get("features") or {})
+
+    @property
+    def attention(self) -> dict[str, dict]:
+        """tap -> {map_size, stride} of the stored attention maps."""
+        return dict(self.meta.get("attention") or {})
+
+    @property
+    def views(self) -> dict | None:
+        return self.meta.get("views") or None
+
+    @property
+    def view_count(self) -> int:
+        return int(self.views["count"]) if self.views else 0
+
+    @property
+    def dataset(self) -> dict:
+        """The data set the store was built from: name, split, options, limit, root, …"""
+        return dict(self.meta["dataset"])
+
+    @property
+    def teacher(self) -> dict:
+        """The teacher: model, weights (path when built), weights_sha256, model_options, params."""
+        return dict(self.meta["teacher"])
+
+    @property
+    def preprocess(self) -> dict:
+        return dict(self.meta["preprocess"])
+
+    @property
+    def amp(self) -> bool:
+        return bool(self.meta.get("amp"))
+
+    # -- the arrays ----------------------------------------------------------------------------
+    @cached_property
+    def map_specs(self) -> list[MapSpec]:
+        """Every map array the store holds (base view first, then views)."""
+        k = self.k
+        h, w = self.map_size
+        idx = self.meta["dtypes"]["indices"]
+        specs = [MapSpec("logits/values", (k, h, w), "float16"), MapSpec("logits/indices", (k, h, w), idx)]
+        if self.has_tail:
+            specs.append(MapSpec("logits/tail", (h, w), "float16"))
+        for tap, f in self.features.items():
+            specs.append(MapSpec(f"features/{tap}/values", (f["channels"], *f["map_size"]), "float16"))
+        for tap, a in self.attention.items():
+            specs.append(MapSpec(f"attention/{tap}/values", tuple(a["map_size"]), "float16"))
+        views = self.views
+        if views:
+            v = views["count"]
+            vh, vw = views["map_size"]
+            specs += [MapSpec("views/logits/values", (v, k, vh, vw), "float16", False),
+                      MapSpec("views/logits/indices", (v, k, vh, vw), idx, False)]
+            if self.has_tail:
+                specs.append(MapSpec("views/logits/tail", (v, vh, vw), "float16", False))
+            for tap, f in views["features"].items():
+                specs.append(MapSpec(f"views/features/{tap}/values", (v, f["channels"], *f["map_size"]),
+                                     "float16", False))
+            for tap, a in views["attention"].items():
+                specs.append(MapSpec(f"views/attention/{tap}/values", (v, *a["map_size"]), "float16", False))
+        return specs
+
+    @cached_property
+    def extent_groups(self) -> list[str]:
+        """Groups of the base view whose maps have a per-sample valid extent (``<group>/hw``)."""
+        return sorted({s.group for s in self.map_specs if s.spatial})
+
+    @property
+    def strides(self) -> dict[str, tuple[float, float]]:
+        """The nominal stride (input pixels per map cell) of each base map group: ``logits``,
+        ``features/<tap>``, ``attention/<tap>``."""
+        out = {"logits": tuple(self.meta["stride"])}
+        for tap, f in self.features.items():
+            out[f"features/{tap}"] = tuple(f["stride"])
+        for tap, a in self.attention.items():
+            out[f"attention/{tap}"] = tuple(a["stride"])
+        return out
+
+    def create_arrays(self, group, id_width: int) -> None:
+        """Create every array of this store in the (empty) zarr ``group``."""
+        n, s = self.num_samples, self.samples_per_shard
+        comp = compressors(self.meta["codec"])
+
+        def small(name, shape, dtype, fill):
+            group.create_array(name, shape=(n, *shape), dtype=dtype, chunks=(s, *shape), fill_value=fill,
+                               compressors=comp)
+
+        small("done", (), "bool", False)
+        small("sample_id", (id_width,), "uint8", 0)
+        small("content_hash", (32,), "uint8", 0)
+        small("image_hw", (2,), "int32", 0)
+        for spec in self.map_specs:
+            group.create_array(spec.path, shape=(n, *spec.shape), dtype=spec.dtype, chunks=(1, *spec.shape),
+                               shards=(s, *spec.shape), fill_value=fill_value(spec.dtype), compressors=comp)
+        for g in self.extent_groups:
+            small(f"{g}/hw", (2,), "int32", 0)
+        if self.views:
+            small("views/params", (self.view_count, len(Geometry.PACKED)), "float32", float("nan"))
+
+    # -- a sample that cannot be read --------------------------------------------------------------
+    def placeholder_targets(self) -> dict[str, torch.Tensor]:
+        """Zero targets shaped like one read sample's (1 x 1 maps; views at their size, each the
+        identity geometry of the view crop), for a sample whose chunks cannot be read: the
+        geometry gives them the right size, and the caller ignores every cell."""
+        idx = torch.from_numpy(np.zeros(0, dtype=self.read_index_dtype)).dtype
+        k = self.k
+        out = {"logits/values": torch.zeros(k, 1, 1, dtype=torch.float16),
+               "logits/indices": torch.zeros(k, 1, 1, dtype=idx)}
+        if self.has_tail:
+            out["logits/tail"] = torch.zeros(1, 1, dtype=torch.float16)
+        for tap, f in self.features.items():
+            out[f"features/{tap}"] = torch.zeros(f["channels"], 1, 1, dtype=torch.float16)
+        for tap in self.attention:
+            out[f"attention/{tap}"] = torch.zeros(1, 1, dtype=torch.float16)
+        views = self.views
+        if views:
+            V, crop = self.view_count, tuple(views["crop"])
+            identity = Geometry(crop, 1.0, 0, 0, crop, False).pack()
+            out["views/params"] = torch.tensor([identity] * V, dtype=torch.float32)
+            for spec in self.map_specs:
+                if spec.path.startswith("views/"):
+                    dtype = idx if spec.path.endswith("indices") else torch.float16
+                    out[spec.key] = torch.zeros(spec.shape, dtype=dtype)
+        return out
+
+    # -- is it the same store? -------------------------------------------------------------------
+    def identity(self) -> dict:
+        """The attributes that must agree for a rerun to resume this store."""
+        out = {k: self.meta.get(k) for k in IDENTITY_KEYS}
+        ds = dict(out["dataset"] or {})
+        ds.pop("root", None)
+        out["dataset"] = ds
+        teacher = dict(out["teacher"] or {})
+        teacher.pop("weights", None)  # the path may move; the hash is what matters
+        out["teacher"] = teacher
+        return out
+
+    def differences(self, wanted: CacheSchema) -> list[str]:
+        """Human-readable differences of identity between this (stored) schema and ``wanted``."""
+        return _differences(self.identity(), wanted.identity())
+
+    # -- inspect-cache's provenance ----------------------------------------------------------------
+    def describe(self) -> list[tuple[str, str]]:
+        """(label, text) rows: what this store is and where it comes from."""
+        m = self.meta
+        teacher, ds = self.teacher, self.dataset
+        views = self.views
+        return [
+            ("schema", f"{m['format']} v{m['schema_version']} (Zarr v3), kdcache {m['kdcache_version']}, "
+                       f"created {m['created']}"),
+            ("teacher", f"{teacher['model']} ({teacher['params'] / 1e6:.2f}M params), weights sha256 "
+                        f"{teacher['weights_sha256'][:16]}…"),
+            ("weights file", str(teacher.get("weights"))),
+            ("data", f"{ds['name']} split '{ds['split']}' ({ds['num_samples']} samples), fingerprint "
+                     f"{ds['fingerprint'][:16]}…" + (f", options {ds['options']}" if ds.get("options") else "")),
+            ("classes", f"{self.num_classes}: {', '.join(self.class_names[:8])}{' …' if self.num_classes > 8 else ''}"),
+            ("top-k", f"k = {self.k}{' (dense)' if self.k == self.num_classes else ''}, values "
+                      f"{m['dtypes']['values']}, ids {m['dtypes']['indices']}, tail "
+                      f"{'stored' if self.has_tail else 'none (dense)'}"),
+            ("maps", f"{self.map_size[0]}x{self.map_size[1]} at stride {m['stride'][0]:g}x{m['stride'][1]:g}"),
+            ("preprocess", f"resize {self.preprocess.get('resize') or 'none (native size)'}, mean "
+                           f"{self.preprocess.get('mean')}, std {self.preprocess.get('std')}"),
+            ("flip-average", "yes" if m["flip_average"] else "no"),
+            ("views", f"{views['count']} per image, crop {views['crop']}, scale {views['scale']}" if views else "none"),
+            ("features", ", ".join(f"{t} ({f['channels']}x{f['map_size'][0]}x{f['map_size'][1]})"
+                                   for t, f in self.features.items()) or "none"),
+            ("attention", ", ".join(f"{t} ({a['map_size'][0]}x{a['map_size'][1]})"
+                                    for t, a in self.attention.items()) or "none"),
+            ("codec", f"{m['codec']} + crc32c, sharded"),
+        ]
+
+    def raw_bytes_per_pixel(self) -> int:
+        """Uncompressed bytes of the top-k logits per map position."""
+        return self.k * (2 + self.stored_index_dtype.itemsize) + (2 if self.has_tail else 0)
+
+
+def _differences(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(stored) | set(wanted)):
+        a, b = stored.get(key), wanted.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, name + ".")
+        elif a != b:
+            out.append(f"{name}: store has {_short(a)}, this build wants {_short(b)}")
+    return out
+
+
+def _short(x) -> str:
+    text = str(x)
+    return text[:60] + "…" if len(text) > 60 else text
+

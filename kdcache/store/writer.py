@@ -1,0 +1,306 @@
+"""The write side of a teacher cache: creating (or resuming) a store, turning teacher outputs
+into its arrays, and writing whole shards from a background thread.
+
+* :func:`prepare_store` creates the store described by a :class:`~.schema.CacheSchema`, or
+  checks that an existing one can be resumed; one process (rank 0) calls it. A local store is
+  created in a temporary folder renamed into place, so it appears complete or not at all; a
+  remote one carries the ``kdcache-creating`` attribute until its creation finished.
+* :func:`open_for_writing` opens it in every process and refuses one built differently;
+  :func:`pending_shards` says which of a process's shards still need writing.
+* :func:`encode_batch` turns a batch of teacher outputs (float32 logits and features) into one
+  dict of arrays per sample: top-k fp16 values, ids in the store's id type, the tail, the
+  features and attention maps, the extents and the stored views.
+* :class:`ShardWriter` gathers those samples per shard and writes each complete shard — every
+  map array, the extents, then ``done`` — so an interruption never leaves a sample marked done
+  that is not complete. Local shards go through :mod:`.shards` (one file, renamed into place).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from kdcache.errors import KDCacheError
+from kdcache.store import location
+from kdcache.store.reader import StoreError, read_meta
+from kdcache.store.schema import ATTR, CacheSchema, encode_ids
+from kdcache.store.shards import fast_reader
+from kdcache.targets import FP16_MAX, attention_map, topk_targets
+
+#: attribute of a remote store whose creation has not finished
+PARTIAL = "kdcache-creating"
+
+
+class NonFiniteTeacher(KDCacheError):
+    """The teacher produced NaN/inf, or values beyond fp16's range."""
+
+
+class WriteFailed(KDCacheError):
+    """Writing a shard failed (full disk, lost connection, …); finished shards are kept."""
+
+
+# -- creating and opening -----------------------------------------------------------------------
+
+
+def _not_a_store(out) -> KDCacheError:
+    return KDCacheError(f"--out {out} exists and is not a kdcache teacher cache; kdcache never overwrites "
+                        "other data. Choose another --out (or remove it yourself)")
+
+
+def _check_resumable(out, stored: CacheSchema, wanted: CacheSchema) -> None:
+    diff = stored.differences(wanted)
+    if diff:
+        raise KDCacheError(
+            f"{out} holds a teacher cache built differently, so it cannot be resumed: "
+            + "; ".join(diff) + ". Use --overwrite to rebuild it, or another --out"
+        )
+
+
+def _initialise(group, schema: CacheSchema, ids, hashes) -> None:
+    id_bytes, width = encode_ids(ids)
+    schema.create_arrays(group, width)
+    group["sample_id"][:] = id_bytes
+    group["content_hash"][:] = np.array([np.frombuffer(bytes.fromhex(h), dtype=np.uint8) for h in hashes])
+
+
+def _existing(out) -> CacheSchema | None:
+    """The schema of the store at ``out``; None for an interrupted remote creation; an error
+    for anything that is not a kdcache store."""
+    try:
+        return CacheSchema(read_meta(out)[1])
+    except StoreError:
+        if location.is_url(out):
+            try:
+                if dict(zarr.open_group(str(out), mode="r").attrs).get(PARTIAL):
+                    return None
+            except Exception:  # zarr raises several types for "not a group"
+                pass
+        raise _not_a_store(out) from None
+
+
+def prepare_store(out, schema: CacheSchema, ids, hashes, *, overwrite: bool) -> bool:
+    """Create the store ``schema`` describes at ``out`` (returns False), or check that the one
+    already there can be resumed (True). ``--overwrite`` replaces a store, never other data."""
+    if not location.is_empty(out):
+        stored = _existing(out)
+        if stored is not None and not overwrite:
+            _check_resumable(out, stored, schema)
+            return True
+        location.remove_tree(out)
+    if location.is_url(out):
+        group = zarr.open_group(str(out), mode="w")
+        group.attrs[PARTIAL] = True
+        _initialise(group, schema, ids, hashes)
+        group.attrs.put({ATTR: schema.meta})  # replaces the partial marker: the store is complete
+        return False
+    out = Path(out)
+    if out.exists():  # an empty folder
+        out.rmdir()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.creating-{os.getpid()}")
+    location.remove_tree(tmp)
+    group = zarr.open_group(str(tmp), mode="w-")
+    _initialise(group, schema, ids, hashes)
+    group.attrs[ATTR] = schema.meta
+    os.replace(tmp, out)  # the store appears complete with its metadata, or not at all
+    return False
+
+
+def open_for_writing(out, wanted: CacheSchema) -> tuple[zarr.Group, CacheSchema]:
+    """The store at ``out`` opened for writing, with its stored schema; refuses a store whose
+    identity differs from ``wanted``."""
+    group, meta = read_meta(out, mode="r+")
+    stored = CacheSchema(meta)
+    diff = stored.differences(wanted)
+    if diff:
+        raise StoreError(f"store {out} does not match this build: {'; '.join(diff)}")
+    return group, stored
+
+
+def done_flags(group) -> np.ndarray:
+    return np.asarray(group["done"][:], dtype=bool)
+
+
+def pending_shards(group, schema: CacheSchema, rank: int = 0, world_size: int = 1) -> list[int]:
+    """This process's shards (``rank``, ``rank + world_size``, …) that hold a sample not done."""
+    done = done_flags(group)
+    mine = range(rank, schema.num_shards, world_size)
+    return [j for j in mine if not done[slice(*schema.shard_rows(j))].all()]
+
+
+# -- teacher outputs -> arrays ----------------------------------------------------------------------
+
+
+def _encode(schema: CacheSchema, logits: torch.Tensor, feats: dict, ids: list[str], views: bool) -> list[dict]:
+    """One dict per image: array path -> numpy array (fp16 maps, ids in the store's type)."""
+    bad = ~torch.isfinite(logits).flatten(1).all(1)
+    if bool(bad.any()):
+        names = [ids[i] for i in torch.nonzero(bad).flatten().tolist()]
+        raise NonFiniteTeacher(
+            f"the teacher produced non-finite logits (NaN/inf) for {len(names)} samples: {', '.join(names[:10])}; "
+            "the cache refuses them. Check the teacher weights and those images (try without --amp)"
+        )
+    big = logits.abs().flatten(1).amax(1) > FP16_MAX
+    if bool(big.any()):
+        names = [ids[i] for i in torch.nonzero(big).flatten().tolist()]
+        raise NonFiniteTeacher(f"teacher logits exceed fp16's range (±{FP16_MAX:g}) for samples {', '.join(names[:10])}")
+    prefix = "views/" if views else ""
+    described = schema.views if views else schema.meta
+    values, indices, tail = topk_targets(logits, schema.k)
+    cols = {f"{prefix}logits/values": values.half(), f"{prefix}logits/indices": indices}
+    if tail is not None:
+        cols[f"{prefix}logits/tail"] = tail.half()
+    for tap in described["features"]:
+        cols[f"{prefix}features/{tap}/values"] = feats[tap].half()
+    for tap in described["attention"]:
+        cols[f"{prefix}attention/{tap}/values"] = attention_map(feats[tap]).half()
+    host = {p: t.cpu().numpy() for p, t in cols.items()}
+    for p, a in host.items():
+        if p.endswith("/values") and not np.isfinite(a).all():
+            raise NonFiniteTeacher(f"'{p}' of the teacher exceeds fp16's range for some of {', '.join(ids[:10])}")
+    idx_dtype = schema.stored_index_dtype
+    return [{p: (a[i].astype(idx_dtype) if p.endswith("logits/indices") else a[i]) for p, a in host.items()}
+            for i in range(len(ids))]
+
+
+def encode_batch(schema: CacheSchema, logits: torch.Tensor, feats: dict, ids: list[str],
+                 image_hw: tuple[int, int], views: tuple[torch.Tensor, dict, np.ndarray] | None = None) -> list[dict]:
+    """The samples of a batch of same-size images, ready for :meth:`ShardWriter.put`.
+
+    ``logits`` [B, C, h, w] and ``feats`` (tap -> [B, c, h', w']) are the teacher's float32
+    outputs on the ``image_hw`` inputs; ``views``: its outputs on the stored views, [B·V, …]
+    each, and their packed geometries [B, V, 6]."""
+    samples = _encode(schema, logits, feats, ids, views=False)
+    h, w = schema.map_size
+    for sid, sample in zip(ids, samples):
+        sample["image_hw"] = tuple(image_hw)
+        for g in schema.extent_groups:
+            sample[f"{g}/hw"] = sample[f"{g}/values"].shape[-2:]
+        eh, ew = sample["logits/hw"]
+        if eh > h or ew > w:
+            raise KDCacheError(f"sample {sid}: teacher map {eh}x{ew} is larger than the store's {h}x{w}")
+    if views is not None:
+        view_logits, view_feats, params = views
+        V = schema.view_count
+        per_view = _encode(schema, view_logits, view_feats, [sid for sid in ids for _ in range(V)], views=True)
+        for j, sample in enumerate(samples):
+            mine = per_view[j * V:(j + 1) * V]
+            for path in mine[0]:
+                sample[path] = np.stack([m[path] for m in mine])
+            sample["views/params"] = np.asarray(params[j], dtype=np.float32)
+    return samples
+
+
+# -- the writer thread -----------------------------------------------------------------------------
+
+
+class ShardWriter:
+    """Gathers finished samples per shard and writes each complete shard in a background thread.
+
+    ``put(row, sample)`` queues one encoded sample (bounded queue: the teacher waits only if
+    the writer falls ``queue_size`` samples behind). A shard is written — every map array, the
+    extents, then ``done`` — once all its samples arrived. ``close()`` writes what is complete
+    and drops an incomplete shard (its samples stay not done); ``abort()`` does the same after
+    an error in the caller."""
+
+    def __init__(self, group, schema: CacheSchema, out, queue_size: int):
+        self.group = group
+        self.schema = schema
+        self.out = out
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
+        self.error: BaseException | None = None
+        self.bytes_written = 0
+        self.samples_written = 0
+        self.shards_written = 0
+        self.pending: dict[int, dict[int, dict]] = {}
+        specs = schema.map_specs
+        self.arrays = {s.path: group[s.path] for s in specs}
+        self.fast = {} if location.is_url(out) else {
+            s.path: fast_reader(out, s.path, self.arrays[s.path].metadata.to_dict()) for s in specs}
+        for g in schema.extent_groups:
+            self.arrays[f"{g}/hw"] = group[f"{g}/hw"]
+        for name in ("done", "image_hw") + (("views/params",) if schema.views else ()):
+            self.arrays[name] = group[name]
+        self.thread = threading.Thread(target=self._run, name="kdcache-shard-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, row: int, sample: dict) -> None:
+        if self.error is not None:
+            raise self._failure()
+        self.queue.put((row, sample))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self._failure()
+
+    def abort(self) -> None:
+        """Write the complete shards and stop (after an error elsewhere); raises nothing."""
+        self.queue.put(None)
+        self.thread.join()
+
+    def _failure(self) -> KDCacheError:
+        exc = self.error
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            why = "the disk is full"
+        else:
+            why = f"{type(exc).__name__}: {exc}"
+        return WriteFailed(
+            f"writing the teacher cache {self.out} failed ({why}). Every sample marked done is "
+            "complete; free space or fix the cause and rerun the same command to resume"
+        )
+
+    def _run(self) -> None:
+        while True:
+            msg = self.queue.get()
+            if msg is None:
+                return
+            if self.error is not None:
+                continue  # keep draining so the teacher never blocks on a dead writer
+            row, sample = msg
+            shard = int(self.schema.shard_of(row))
+            got = self.pending.setdefault(shard, {})
+            got[row] = sample
+            start, stop = self.schema.shard_rows(shard)
+            if len(got) == stop - start:
+                del self.pending[shard]
+                try:
+                    self.write_shard(shard, start, stop, got)
+                except BaseException as exc:  # noqa: BLE001 - reported to the main thread
+                    self.error = exc
+
+    def write_shard(self, shard: int, start: int, stop: int, samples: dict[int, dict]) -> None:
+        n = stop - start
+        rows = [samples[r] for r in range(start, stop)]
+        written = 0
+        for spec in self.schema.map_specs:
+            block = np.zeros((n, *spec.shape), dtype=spec.dtype)
+            for j, s in enumerate(rows):
+                a = s[spec.path]
+                block[(j, *(slice(0, d) for d in a.shape))] = a
+            fast = self.fast.get(spec.path)
+            if fast is not None:  # the shard file replaced whole, atomically
+                written += fast.write(start, block)
+            else:  # through zarr: a shard left by an interrupted run is replaced, never merged
+                key = "/".join([spec.path, "c", str(shard)] + ["0"] * len(spec.shape))
+                location.delete_key(self.out, key)
+                self.arrays[spec.path][start:stop] = block
+                if not location.is_url(self.out):  # no extra requests to an object store
+                    written += location.size_of(self.out, key)
+        for g in self.schema.extent_groups:
+            self.arrays[f"{g}/hw"][start:stop] = np.array([s[f"{g}/hw"] for s in rows], dtype=np.int32)
+        self.arrays["image_hw"][start:stop] = np.array([s["image_hw"] for s in rows], dtype=np.int32)
+        if self.schema.views:
+            self.arrays["views/params"][start:stop] = np.stack([s["views/params"] for s in rows])
+        self.arrays["done"][start:stop] = True  # last: the samples are complete
+        self.bytes_written += written
+        self.samples_written += n
+        self.shards_written += 1
