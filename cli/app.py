@@ -88,7 +88,10 @@ def pair_text(pair) -> str:
 
 def defaults_text(option: str) -> str:
     """'kl 1, cwd 4': each method taking ``option`` with its default."""
-    return ", ".join(f"{m} {option_default(m, option)}" for m in methods_taking(option))
+    def show(v):
+        return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+    return ", ".join(f"{m} {show(option_default(m, option))}" for m in methods_taking(option))
 
 
 # -- parsing -----------------------------------------------------------------------------------
@@ -221,6 +224,26 @@ Overwrite = Annotated[bool, typer.Option(help="Start the run in --out again from
 T = TrainConfig  # the defaults of the training options
 
 
+def _options(**specs) -> list[inspect.Parameter]:
+    return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=value)
+            for name, (kind, value) in specs.items()]
+
+
+#: the options every training command takes (train-teacher and train-student), with the config's defaults
+TRAINING_OPTIONS = _options(
+    data_root=(DataRoot, None), val_split=(ValSplit, T.val_split), epochs=(Epochs, T.epochs),
+    batch_size=(BatchSize, T.batch_size), lr=(Lr, T.lr), optimizer=(Optimizer, T.optimizer),
+    weight_decay=(WeightDecay, T.weight_decay), schedule=(Schedule, T.schedule),
+    warmup_iters=(WarmupIters, T.warmup_iters), class_weights=(ClassWeights, T.class_weights),
+    resize=(Resize, None), crop_size=(CropSize, None), scale=(Scale, pair_text(T.scale)), flip=(Flip, T.hflip),
+    amp=(Amp, T.amp), device=(Device, T.device), workers=(TrainWorkers, None), seed=(Seed, T.seed),
+    split_seed=(SplitSeed, T.split_seed), folds=(Folds, None), fold=(Fold, T.fold), limit=(Limit, None),
+    weights=(InitWeights, None), eval_every=(EvalEvery, T.eval_every), resolution=(Resolution, None),
+    dataset_option=(DatasetOption, None), resume=(Resume, False), overwrite=(Overwrite, False), quiet=(Quiet, False),
+)
+_RUN_CONTROL = ("resume", "overwrite", "quiet")
+
+
 def training_fields(**values) -> dict:
     """The shared training options, parsed, as config fields (None: left to the config)."""
     out = dict(values)
@@ -232,9 +255,26 @@ def training_fields(**values) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def run_training(fn, config, *, resume: bool, overwrite: bool, quiet: bool, ctx: typer.Context) -> dict:
+def with_training_options(fn: Callable) -> Callable:
+    """Give command ``fn`` every option of :data:`TRAINING_OPTIONS`; it receives them parsed, as
+    ``fields`` (config fields) and ``control`` (resume, overwrite, quiet)."""
+    own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name not in ("fields", "control")]
+    names = [p.name for p in TRAINING_OPTIONS]
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        given = {n: kwargs.pop(n) for n in names}
+        control = {n: given.pop(n) for n in _RUN_CONTROL}
+        return fn(*args, fields=training_fields(**given), control=control, **kwargs)
+
+    wrapper.__signature__ = inspect.Signature(own + TRAINING_OPTIONS)
+    return wrapper
+
+
+def run_training(fn, config, control: dict, ctx: typer.Context) -> dict:
     try:
-        return fn(config, resume=resume, overwrite=overwrite, show_progress=not quiet, explicit=given_options(ctx))
+        return fn(config, resume=control["resume"], overwrite=control["overwrite"], show_progress=not control["quiet"],
+                  explicit=given_options(ctx))
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/yellow]: the last finished epoch is in {config.out}/last.pt; "
                       "continue with --resume")
@@ -242,42 +282,30 @@ def run_training(fn, config, *, resume: bool, overwrite: bool, quiet: bool, ctx:
 
 
 @command("train-teacher")
+@with_training_options
 def train_teacher(
     ctx: typer.Context,
+    fields: dict,
+    control: dict,
     model: Annotated[str, typer.Option(help="Registry name (demo_teacher, demo_student, deeplabv3_resnet50, ...; see list-models) or package.module:callable.")] = T.model,
     dataset: Dataset = T.dataset,
-    data_root: DataRoot = None,
     out: Annotated[str | None, typer.Option(help="Run folder (default runs/<model>).")] = None,
     train_split: Annotated[str, typer.Option(help="Split to train on.")] = T.train_split,
-    val_split: ValSplit = T.val_split,
-    epochs: Epochs = T.epochs, batch_size: BatchSize = T.batch_size, lr: Lr = T.lr, optimizer: Optimizer = T.optimizer,
-    weight_decay: WeightDecay = T.weight_decay, schedule: Schedule = T.schedule, warmup_iters: WarmupIters = T.warmup_iters,
-    class_weights: ClassWeights = T.class_weights, resize: Resize = None, crop_size: CropSize = None,
-    scale: Scale = pair_text(T.scale), flip: Flip = T.hflip, amp: Amp = T.amp, device: Device = T.device,
-    workers: TrainWorkers = None, seed: Seed = T.seed, split_seed: SplitSeed = T.split_seed, folds: Folds = None,
-    fold: Fold = T.fold, limit: Limit = None, weights: InitWeights = None, eval_every: EvalEvery = T.eval_every,
-    resolution: Resolution = None, dataset_option: DatasetOption = None,
-    resume: Resume = False, overwrite: Overwrite = False, quiet: Quiet = False,
 ):
     """Supervised (cross-entropy) training: a teacher, or the no-KD student baseline."""
-    config = TrainConfig(
-        model=model, dataset=dataset, data_root=data_root, train_split=train_split,
-        out=out or f"runs/{model.replace(':', '_')}",
-        **training_fields(val_split=val_split, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                          weight_decay=weight_decay, schedule=schedule, warmup_iters=warmup_iters,
-                          class_weights=class_weights, resize=resize, crop_size=crop_size, scale=scale, flip=flip,
-                          amp=amp, device=device, workers=workers, seed=seed, split_seed=split_seed, folds=folds,
-                          fold=fold, limit=limit, weights=weights, eval_every=eval_every, resolution=resolution,
-                          dataset_option=dataset_option),
-    )
-    result = run_training(train, config, resume=resume, overwrite=overwrite, quiet=quiet, ctx=ctx)
+    config = TrainConfig(model=model, dataset=dataset, train_split=train_split,
+                         out=out or f"runs/{model.replace(':', '_')}", **fields)
+    result = run_training(train, config, control, ctx)
     if distributed.env_dist().is_main:  # under torchrun, rank 0 reports
         console.print(f"[green]done[/green]: best val mIoU {100 * result['best_miou']:.2f} — run folder {result['run']}")
 
 
 @command("train-student")
+@with_training_options
 def train_student(
     ctx: typer.Context,
+    fields: dict,
+    control: dict,
     cache: Annotated[str | None, typer.Option(help="The teacher cache (from build-teacher-cache).")] = None,
     student: Annotated[str, typer.Option("--student", "--model", help="Student architecture.")] = default(StudentConfig, "model"),
     method: Annotated[list[str] | None, typer.Option(help=f"KD method, repeatable: {', '.join(METHODS.names())}; options as NAME:key=value,... (e.g. kl:weight=0.5,temperature=2). Default: {default(StudentConfig, 'methods')[0]['name']}.")] = None,
@@ -292,35 +320,20 @@ def train_student(
     online_teacher: Annotated[str | None, typer.Option(help="Run this teacher every step instead of reading the cache (parity checks only).")] = None,
     teacher_weights: Annotated[str | None, typer.Option(help="Weights of --online-teacher.")] = None,
     dataset: Annotated[str | None, typer.Option(help="Data set (default: the cache's).")] = None,
-    data_root: DataRoot = None,
     out: Annotated[str | None, typer.Option(help="Run folder (default runs/student-<methods>).")] = None,
-    val_split: ValSplit = T.val_split,
-    epochs: Epochs = T.epochs, batch_size: BatchSize = T.batch_size, lr: Lr = T.lr, optimizer: Optimizer = T.optimizer,
-    weight_decay: WeightDecay = T.weight_decay, schedule: Schedule = T.schedule, warmup_iters: WarmupIters = T.warmup_iters,
-    class_weights: ClassWeights = T.class_weights, resize: Resize = None, crop_size: CropSize = None,
-    scale: Scale = pair_text(T.scale), flip: Flip = T.hflip, amp: Amp = T.amp, device: Device = T.device,
-    workers: TrainWorkers = None, seed: Seed = T.seed, split_seed: SplitSeed = T.split_seed, folds: Folds = None,
-    fold: Fold = T.fold, limit: Limit = None, weights: InitWeights = None, eval_every: EvalEvery = T.eval_every,
-    resolution: Resolution = None, dataset_option: DatasetOption = None,
-    resume: Resume = False, overwrite: Overwrite = False, quiet: Quiet = False,
 ):
     """Student training from the teacher cache: L_seg + Σ w·L_KD with any of the methods."""
     specs = [parse_method(m) for m in method] if method else default(StudentConfig, "methods")
     methods = fill_in(specs, weight=kd_weight, temperature=temperature, student_tap=student_tap,
                       teacher_tap=teacher_tap, confidence_threshold=confidence_threshold)
     label = "+".join(m["name"] for m in methods)
-    fields = training_fields(
-        model=student, methods=methods, use_views=use_views, check_content=check_content, skip_bad=skip_bad,
-        online_teacher=online_teacher, teacher_weights=teacher_weights, dataset=dataset, data_root=data_root,
-        out=out or f"runs/student-{label}", val_split=val_split, epochs=epochs, batch_size=batch_size, lr=lr,
-        optimizer=optimizer, weight_decay=weight_decay, schedule=schedule, warmup_iters=warmup_iters,
-        class_weights=class_weights, resize=resize, crop_size=crop_size, scale=scale, flip=flip, amp=amp,
-        device=device, workers=workers, seed=seed, split_seed=split_seed, folds=folds, fold=fold, limit=limit,
-        weights=weights, eval_every=eval_every, resolution=resolution, dataset_option=dataset_option)
     if not fields["dataset_options"]:
         fields.pop("dataset_options")  # the cache's
-    config = student_config(cache=cache, resume=resume, **fields)
-    result = run_training(run_student, config, resume=resume, overwrite=overwrite, quiet=quiet, ctx=ctx)
+    config = student_config(cache=cache, resume=control["resume"], model=student, methods=methods, use_views=use_views,
+                            check_content=check_content, skip_bad=skip_bad, online_teacher=online_teacher,
+                            teacher_weights=teacher_weights, dataset=dataset, out=out or f"runs/student-{label}",
+                            **fields)
+    result = run_training(run_student, config, control, ctx)
     if not distributed.env_dist().is_main:  # under torchrun, rank 0 reports
         return
     skipped = result["last"].get("train_kd_skipped", 0.0)

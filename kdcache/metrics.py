@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 __all__ = ["ConfusionMatrix", "per_image_iou"]
 
@@ -116,8 +117,6 @@ class ConfusionMatrix:
 
     def all_reduce(self) -> None:
         """Sum the matrix across ranks if ``torch.distributed`` is initialised; else no-op."""
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(self._matrix, op=dist.ReduceOp.SUM)
 
