@@ -110,7 +110,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     r = kd("train-teacher", *args, "--epochs", 3, "--out", b)
     assert r.exit_code == 130 and "--resume" in r.output
     monkeypatch.setattr(RunDir, "log", real_log)
-    assert torch.load(b / "last.pt", weights_only=True)["epoch"] == 0
+    interrupted = torch.load(b / "last.pt", weights_only=True)
+    assert interrupted["epoch"] == 0
 
     # resuming needs only the run folder: the options come from its config.json
     r = kd("train-teacher", "--out", b, "--resume", "--quiet")
@@ -119,6 +120,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     sb = torch.load(b / "last.pt", weights_only=True)["state_dict"]
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
+    # the resumed epochs trained: the weights moved on from the interrupted checkpoint's
+    assert any(not torch.equal(sb[k], interrupted["state_dict"][k]) for k in sb if sb[k].is_floating_point())
     assert _records(a) == _records(b)
     assert [x["epoch"] for x in _records(b)] == [0, 1, 2]
 
@@ -239,3 +242,58 @@ def test_train_and_evaluate_on_voc_images_of_different_sizes(tmp_path):
     ev = json.loads((run / "eval" / "eval.json").read_text())
     assert ev["num_samples"] == 3 and len(ev["iou"]) == 21 and ev["class_names"][0] == "background"
     assert ev["latency"]["input_size"] == [20 + 4 * 4, 28 - 2 * 4]  # the first val image's size
+
+
+def _commands():
+    import typer.main
+
+    from kdcache.cli.app import app
+
+    return typer.main.get_command(app).commands
+
+
+def test_training_commands_share_their_options():
+    from kdcache.cli.app import TRAINING_OPTIONS
+
+    cmds = _commands()
+    teacher = {p.name for p in cmds["train-teacher"].params}
+    student = {p.name for p in cmds["train-student"].params}
+    shared = {p.name for p in TRAINING_OPTIONS}
+    assert {"dataset_option", "resolution", "resize", "folds", "class_weights"} <= shared
+    assert shared <= teacher and shared <= student
+    # the student trains on its cache's split, and names its architecture --student (alias --model)
+    assert teacher - student == {"model", "train_split"}
+
+
+def test_help_shows_the_defaults_the_code_uses():
+    import dataclasses
+    import inspect
+
+    from kdcache.cache_build import CacheBuildConfig
+    from kdcache.methods import METHODS
+    from kdcache.training import TrainConfig
+
+    cmds = _commands()
+    as_cli = {"scale": lambda v: ",".join(f"{x:g}" for x in v), "view_scale": lambda v: ",".join(f"{x:g}" for x in v)}
+    for command, config in (("train-teacher", TrainConfig), ("train-student", TrainConfig),
+                            ("build-teacher-cache", CacheBuildConfig)):
+        shown = {p.name: p.default for p in cmds[command].params}
+        checked = 0
+        for f in dataclasses.fields(config):
+            if f.name in shown and shown[f.name] is not None and f.default is not dataclasses.MISSING:
+                assert shown[f.name] == as_cli.get(f.name, lambda v: v)(f.default), (command, f.name)
+                checked += 1
+        assert checked >= 8, (command, checked)
+    assert {p.name: p.default for p in cmds["train-teacher"].params}["flip"] is TrainConfig.hflip
+    # the shorthands' help names each method's own default, read from its constructor
+    helps = {p.name: p.help for p in cmds["train-student"].params}
+    for option, help_option in (("temperature", "temperature"), ("confidence_threshold", "confidence_threshold")):
+        takers = [n for n, cls in METHODS.items() if option in inspect.signature(cls.__init__).parameters]
+        assert takers
+        for name in takers:
+            value = inspect.signature(METHODS.get(name).__init__).parameters[option].default
+            assert f"{name} {value:g}" in helps[help_option], (name, helps[help_option])
+    assert "cwd 4" in helps["temperature"] and "kl 1)" in helps["temperature"]  # not the "4" help once claimed for kl
+    for name, cls in METHODS.items():
+        if name != "none":
+            assert f"{name} {cls.default_weight:g}" in helps["kd_weight"]

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +32,25 @@ def test_rank_shares_are_disjoint_equal_and_keep_shards_whole():
     assert [len(p) for p in parts] == [3, 3, 3] and len(set().union(*parts)) == 9
 
 
+def ddp_problems(two: list[dict], one: list[dict], n: int) -> list[str]:
+    """What is wrong with a 2-process run against the 1-process run with the same global batch."""
+    problems = []
+    for x in two:
+        if x["train_samples_per_rank"] != [n // 2, n // 2]:
+            problems.append(f"epoch {x['epoch']}: samples per rank {x['train_samples_per_rank']}")
+        if x["train_samples_distinct"] != n or x["train_samples_seen"] != n:
+            problems.append(f"epoch {x['epoch']}: {x['train_samples_distinct']} distinct of "
+                            f"{x['train_samples_seen']} seen, want {n} of {n}")
+        if not x["train_replicas_equal"]:
+            problems.append(f"epoch {x['epoch']}: the ranks' replicas differ")
+    for a, b in zip(one, two):  # 2 x batch 4 vs 1 x batch 8 (BatchNorm statistics are per rank)
+        if b["train_loss"] != pytest.approx(a["train_loss"], rel=0.03):
+            problems.append(f"epoch {a['epoch']}: train loss {b['train_loss']:.4f} vs {a['train_loss']:.4f}")
+        if abs(b["val_miou"] - a["val_miou"]) >= 0.03:
+            problems.append(f"epoch {a['epoch']}: val mIoU {b['val_miou']:.4f} vs {a['val_miou']:.4f}")
+    return problems
+
+
 def test_two_process_training_matches_one_process(tmp_path):
     teacher = make_teacher(tmp_path / "t.pt")
     cache = tmp_path / "c.zarr"
@@ -41,8 +61,8 @@ def test_two_process_training_matches_one_process(tmp_path):
     args = ["train-student", "--cache", str(cache), "--epochs", "2", "--limit", "32", "--device", "cpu",
             "--workers", "0", "--quiet", "--method", "kl", "--method", "fitnet", "--student-tap", "stage3",
             "--teacher-tap", "stage3"]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        "-m", "kdcache", *args, "--batch-size", "4", "--out", str(tmp_path / "two")],
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    r = subprocess.run([*torchrun, "-m", "kdcache", *args, "--batch-size", "4", "--out", str(tmp_path / "two")],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("done: kl+fitnet") == 1  # rank 0 alone reports
@@ -51,8 +71,15 @@ def test_two_process_training_matches_one_process(tmp_path):
     two = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in two] == [0, 1]  # written once, by rank 0
-    assert [x["train_samples_seen"] for x in two] == [32, 32]  # every sample once per epoch
     assert json.loads((tmp_path / "two" / "config.json").read_text())["world_size"] == 2
-    for a, b in zip(one, two):  # 2 x batch 4 vs 1 x batch 8 (BatchNorm statistics are per rank)
-        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.03)
-        assert abs(b["val_miou"] - a["val_miou"]) < 0.03
+    assert ddp_problems(two, one, 32) == []
+
+    # negative controls: the same run with DDP broken must fail these checks
+    control = Path(__file__).with_name("ddp_control.py")
+    for broken, symptom in (("no-averaging", "replicas differ"), ("duplicate-shards", "16 distinct of 32 seen")):
+        out = tmp_path / broken
+        r = subprocess.run([*torchrun, str(control), *args, "--epochs", "1", "--batch-size", "4", "--out", str(out)],
+                           env={**env, "DDP_CONTROL": broken}, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        found = ddp_problems([json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()], one, 32)
+        assert any(symptom in p for p in found), (broken, found)

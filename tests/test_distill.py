@@ -264,12 +264,15 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, store, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train_student(_config(store, tmp_path / "b", epochs=2, methods=methods), show_progress=False)
     monkeypatch.setattr(RunDir, "log", real_log)
+    interrupted = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["state_dict"]
     r = kd("train-student", "--out", tmp_path / "b", "--resume", "--quiet")  # options from config.json
     assert r.exit_code == 0, r.output
     sa = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
     sb = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     for k in sa["state_dict"]:
         torch.testing.assert_close(sa["state_dict"][k], sb["state_dict"][k], rtol=0, atol=0)
+    assert any(not torch.equal(sb["state_dict"][k], interrupted[k]) for k in interrupted
+               if interrupted[k].is_floating_point())  # the resumed epoch trained
     for k in sa["methods"][1]:  # the FitNet adapter resumed too
         torch.testing.assert_close(sa["methods"][1][k], sb["methods"][1][k], rtol=0, atol=0)
     ra = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]

@@ -89,6 +89,7 @@ def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path):
     proc.wait()
     done = [json.loads(x)["epoch"] for x in metrics.read_text().splitlines() if x.strip().endswith("}")]
     assert max(done) < 3, "the run finished before it could be killed"
+    killed = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["state_dict"]
     r = subprocess.run([sys.executable, "-m", "kdcache", "train-student", "--out", str(tmp_path / "b"), "--resume",
                         "--quiet"], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -102,6 +103,8 @@ def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path):
     sb = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["state_dict"]
     for k in sa:  # another process may pick other CPU kernels: equal up to float rounding
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
+    # and the resumed epochs trained: the weights moved on from the killed run's checkpoint
+    assert max((sb[k] - killed[k]).abs().max().item() for k in sb if sb[k].is_floating_point()) > 1e-3
 
 
 def test_odd_image_files(tmp_path):
