@@ -1,4 +1,4 @@
-"""``topk_kl``: the one entry point to the fused top-k softmax-KL loss (DESIGN.md's loss contract).
+"""``topk_kl``: the one entry point to the fused top-k softmax-KL loss (the loss contract of docs/design.md).
 
 The forward pass computes the loss *and* its gradient with respect to the student logits; the
 backward pass only multiplies that stored gradient by the incoming one. ``backend="auto"``

@@ -1,6 +1,6 @@
 """The CPU production path: Numba kernels that compute the loss and its gradient in one call.
 
-Math per position (DESIGN.md's loss contract), arranged so that each student logit costs one
+Math per position (the loss contract of docs/design.md), arranged so that each student logit costs one
 exponential:
 
 1. m = max_c z_c (z = s / T); e_c = exp(z_c − m) is written into the gradient buffer and summed

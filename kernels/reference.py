@@ -1,4 +1,4 @@
-"""The readable PyTorch definition of the top-k softmax-KL loss (DESIGN.md's loss contract).
+"""The readable PyTorch definition of the top-k softmax-KL loss (the loss contract of docs/design.md).
 
 This is the oracle the fused kernels are tested against; it runs in any dtype (float64 for
 tests) and gets its gradient from autograd.
