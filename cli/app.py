@@ -32,7 +32,7 @@ from kdcache.progress import console
 from kdcache.report import cache_report, compare_table, per_class_table, summary_table
 from kdcache.runs import resolve_device, write_json
 from kdcache.store.check import inspect_store, verify_store
-from kdcache.store.schema import CODECS
+from kdcache.store.schema import CODECS, TARGET_SHARD_BYTES
 from kdcache.training import TrainConfig, train
 
 app = typer.Typer(
@@ -200,9 +200,9 @@ Quiet = Annotated[bool, typer.Option(help="No progress bars.")]
 Epochs = Annotated[int, typer.Option(help="Training epochs.")]
 BatchSize = Annotated[int, typer.Option(help="Images per step.")]
 Lr = Annotated[float, typer.Option(help="Peak learning rate.")]
-Optimizer = Annotated[str, typer.Option(help="sgd (momentum 0.9) or adamw.")]
+Optimizer = Annotated[str, typer.Option(help=f"sgd (momentum {TrainConfig.momentum:g}) or adamw.")]
 WeightDecay = Annotated[float, typer.Option(help="Weight decay.")]
-Schedule = Annotated[str, typer.Option(help="poly (power 0.9), cosine or constant, per iteration.")]
+Schedule = Annotated[str, typer.Option(help=f"poly (power {TrainConfig.poly_power:g}), cosine or constant, per iteration.")]
 WarmupIters = Annotated[int, typer.Option(help="Linear warm-up iterations.")]
 ClassWeights = Annotated[bool, typer.Option("--class-weights/--no-class-weights", help="Median-frequency class weights from the training labels.")]
 CropSize = Annotated[str | None, typer.Option(help="Training crop HxW (default: the first training image's size).")]
@@ -429,7 +429,7 @@ def build_teacher_cache(
     device: Device = B.device,
     workers: TrainWorkers = None,
     limit: Limit = None,
-    samples_per_shard: Annotated[int | None, typer.Option(help="Samples per shard, the unit of writing (default: about 32 MB shards).")] = None,
+    samples_per_shard: Annotated[int | None, typer.Option(help=f"Samples per shard, the unit of writing (default: shards of about {TARGET_SHARD_BYTES >> 20} MB).")] = None,
     codec: Annotated[str, typer.Option(help=f"Chunk compression: {', '.join(CODECS)} (blosc-lz4 decodes 2x faster than blosc-zstd and stores 25% more).")] = B.codec,
     amp: Annotated[bool, typer.Option(help="Run the teacher under fp16 autocast (CUDA only).")] = B.amp,
     resolution: Resolution = None,
@@ -498,7 +498,7 @@ def verify_cache(
 
 @command("bench-kernels")
 def bench_kernels(
-    device: Device = "auto",
+    device: Device = default(resolve_device, "device"),
     quick: Annotated[bool, typer.Option(help="One segmentation and one row case at k = 4 only.")] = default(bench.run, "quick"),
     topk: Annotated[str, typer.Option(help="Comma-separated k values.")] = ",".join(map(str, default(bench.run, "ks"))),
     dtype: Annotated[str | None, typer.Option(help=f"Student dtype: {', '.join(bench.DTYPES)} (default: bfloat16 on CUDA, float32 on CPU).")] = None,
