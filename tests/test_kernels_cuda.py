@@ -66,7 +66,7 @@ DEV = torch.device("cuda" if CUDA else "cpu")
 TOL = {torch.float32: (1e-4, 1e-5, 1e-4), torch.float16: (1e-3, 2e-3, 2e-3), torch.bfloat16: (1e-2, 1e-2, 1e-2)}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 #: (num_warps, num_stages) the same inputs run under; the first is the default (NUM_WARPS, NUM_STAGES)
-SETTINGS = ((4, None), (8, None), (1, 1), (16, 4))
+SETTINGS = ((4, None), (8, None), (2, 1), (16, 4))
 T = 2.0
 CE_WEIGHT = 0.7
 
