@@ -7,14 +7,23 @@
 #   2. kdcache bench-kernels (fused kernel vs eager PyTorch vs torch.compile);
 #   3. benchmarks/kd_step_time.py on the GPU, from a small teacher and cache made first.
 #
+#   bash benchmarks/gpu_check.sh [tests] [bench] [step]     # the stages to run (default: all three)
+#
 # Without a CUDA GPU it says so in one line and exits 0. Python packages the machine lacks (zarr,
 # numcodecs, google-crc32c, donfig on this project's GPU image) are installed from .whl/ at the
 # repository root when it exists (make it with benchmarks/gpu_wheels.sh where pip works); kdcache
 # itself is used from this checkout, installed nowhere. Exit status: 0 when every stage passed.
 #
-# Knobs (environment): PYTHON (python3), GPU_CHECK_BENCH_ARGS (--topk 4), GPU_CHECK_TEST_TIMEOUT (300),
-# GPU_CHECK_BENCH_TIMEOUT (180), GPU_CHECK_STEP_TIMEOUT (120) in seconds.
+# Knobs (environment): PYTHON (python3), GPU_CHECK_BENCH_ARGS (--topk 4), and the stages' time limits
+# in seconds, GPU_CHECK_TEST_TIMEOUT (280), GPU_CHECK_BENCH_TIMEOUT (170), GPU_CHECK_STEP_TIMEOUT (110):
+# all three with the set-up stay under 10 minutes, and each stage's files are copied to $OUT as it ends.
 set -euo pipefail
+
+STAGES=("$@")
+if [ ${#STAGES[@]} -eq 0 ]; then STAGES=(tests bench step); fi
+for s in "${STAGES[@]}"; do
+    case $s in tests | bench | step) ;; *) echo "usage: $0 [tests] [bench] [step]" >&2; exit 2 ;; esac
+done
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -144,22 +153,29 @@ run_stage() {  # run_stage NAME CMD...: records exit status and seconds; never s
 
 stage_tests() {
     set -o pipefail
-    limit "${GPU_CHECK_TEST_TIMEOUT:-300}" "$PY" -m pytest -v -rA -p no:cacheprovider \
+    limit "${GPU_CHECK_TEST_TIMEOUT:-280}" "$PY" -m pytest -v -rA -p no:cacheprovider \
         tests/test_kernels.py tests/test_kernels_cuda.py 2>&1 | tee "$PYTEST_LOG"
 }
 
 stage_bench() {
-    limit "${GPU_CHECK_BENCH_TIMEOUT:-180}" kdcache bench-kernels --device cuda "${BENCH_ARGS[@]}" \
+    limit "${GPU_CHECK_BENCH_TIMEOUT:-170}" kdcache bench-kernels --device cuda "${BENCH_ARGS[@]}" \
         --json "$KJSON" --markdown "$KMD"
 }
 
-stage_step_time() {
-    local t=$WORK/kd
-    local end=$((SECONDS + ${GPU_CHECK_STEP_TIMEOUT:-120}))
-    kdcache train-teacher --epochs 1 --limit 64 --out "$t/teacher" --device cuda --quiet &&
-        kdcache build-teacher-cache --weights "$t/teacher" --out "$t/cache.zarr" -o size=160 --device cuda --quiet &&
-        limit $((end - SECONDS > 10 ? end - SECONDS : 10)) "$PY" benchmarks/kd_step_time.py --cache "$t/cache.zarr" \
-            --teacher "$t/teacher" --device cuda --results "$RES" --tag "$SLUG"
+stage_step_time() {  # a teacher and a 160-sample cache first (1 epoch, seconds on a GPU), then the timing
+    local t=$WORK/kd end=$((SECONDS + ${GPU_CHECK_STEP_TIMEOUT:-110}))
+    left() { echo $((end - SECONDS > 5 ? end - SECONDS : 5)); }
+    limit "$(left)" kdcache train-teacher --epochs 1 --limit 64 --out "$t/teacher" --device cuda --quiet &&
+        limit "$(left)" kdcache build-teacher-cache --weights "$t/teacher" --out "$t/cache.zarr" -o size=160 \
+            --device cuda --quiet &&
+        limit "$(left)" "$PY" benchmarks/kd_step_time.py --cache "$t/cache.zarr" --teacher "$t/teacher" \
+            --device cuda --results "$RES" --tag "$SLUG"
+}
+
+ran() {  # ran STAGE: whether this invocation runs STAGE
+    local s
+    for s in "${STAGES[@]}"; do [ "$s" = "$1" ] && return 0; done
+    return 1
 }
 
 join() {  # join A B C -> "A; B; C"
@@ -188,32 +204,44 @@ write_summary() {
         echo "| stages | $(join "${stage_status[@]}") |"
         echo "| stage times | $(join "${stage_seconds[@]}") |"
         echo
-        echo "## CUDA tests"
-        echo
-        echo "\`python -m pytest -v -rA tests/test_kernels.py tests/test_kernels_cuda.py\`: ${tests_line:-no summary line (see the log)}"
-        echo "Full output: [$(basename "$PYTEST_LOG")]($(basename "$PYTEST_LOG"))."
-        echo
-        echo "## kdcache bench-kernels ${BENCH_ARGS[*]}"
-        echo
-        if [ -f "$KMD" ]; then tail -n +3 "$KMD"; else echo "No table was written (see the log)."; fi
-        echo
-        echo "Files: [$(basename "$KMD")]($(basename "$KMD")), [$(basename "$KJSON")]($(basename "$KJSON"))."
-        echo
-        echo "## KD step time"
-        echo
-        if [ -f "$STEP_MD" ]; then tail -n +3 "$STEP_MD"; else echo "No result was written (see the log)."; fi
-        echo
-        echo "File: [$(basename "$STEP_MD")]($(basename "$STEP_MD")); everything printed: [$(basename "$LOG")]($(basename "$LOG"))."
+        if ran tests; then
+            echo "## CUDA tests"
+            echo
+            echo "\`python -m pytest -v -rA tests/test_kernels.py tests/test_kernels_cuda.py\`: ${tests_line:-no summary line (see the log)}"
+            echo "Full output: [$(basename "$PYTEST_LOG")]($(basename "$PYTEST_LOG"))."
+            echo
+        fi
+        if ran bench; then
+            echo "## kdcache bench-kernels ${BENCH_ARGS[*]}"
+            echo
+            if [ -f "$KMD" ]; then tail -n +3 "$KMD"; else echo "No table was written (see the log)."; fi
+            echo
+            echo "Files: [$(basename "$KMD")]($(basename "$KMD")), [$(basename "$KJSON")]($(basename "$KJSON"))."
+            echo
+        fi
+        if ran step; then
+            echo "## KD step time"
+            echo
+            if [ -f "$STEP_MD" ]; then tail -n +3 "$STEP_MD"; else echo "No result was written (see the log)."; fi
+            echo
+            echo "File: [$(basename "$STEP_MD")]($(basename "$STEP_MD"))."
+            echo
+        fi
+        echo "Everything printed: [$(basename "$LOG")]($(basename "$LOG"))."
     } > "$SUMMARY"
 }
 
 main() {
     echo "gpu_check: $NAME; results in $RES/ as *-$SLUG.*"
-    rm -f "$SUMMARY" "$PYTEST_LOG" "$KJSON" "$KMD" "$STEP_MD"
+    rm -f "$SUMMARY"
     nvidia-smi 2>/dev/null || true
-    run_stage "CUDA tests" stage_tests
-    run_stage "bench-kernels" stage_bench
-    run_stage "KD step time" stage_step_time
+    for s in "${STAGES[@]}"; do
+        case $s in
+            tests) rm -f "$PYTEST_LOG"; run_stage "CUDA tests" stage_tests ;;
+            bench) rm -f "$KJSON" "$KMD"; run_stage "bench-kernels" stage_bench ;;
+            step) rm -f "$STEP_MD"; run_stage "KD step time" stage_step_time ;;
+        esac
+    done
     write_summary
     echo
     cat "$SUMMARY"
