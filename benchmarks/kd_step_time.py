@@ -6,13 +6,16 @@ and online-teacher step / cached-KD step, measured side by side in one run.
 The three trainers (`none`, `kl` from the cache, `kl` with the online teacher) see the same
 batches from the cache pipeline; each step (forward, loss, backward, optimizer step) is timed
 after warm-up, in rounds that alternate the three, and the medians are compared. Data loading
-is excluded (the batches are prepared beforehand), so the ratio is the compute the KD term adds.
-Writes benchmarks/results/kd-step-time-<device>.md.
+is excluded (the batches are prepared beforehand and, on a GPU, copied to it before the timing),
+so the ratio is the compute the KD term adds; CUDA is synchronised after every step.
+Writes benchmarks/results/kd-step-time-<tag>.md: ``cpu`` on a CPU, the GPU's name as a slug on
+CUDA (e.g. ``nvidia-h100-80gb-hbm3``), or ``--tag``.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 from pathlib import Path
@@ -33,6 +36,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--tag", default=None, help="results file suffix (default: cpu, or the GPU's name as a slug)")
     args = ap.parse_args()
 
     variants = {"CE only": dict(methods=[{"name": "none"}]), "KL, cache": dict(methods=[{"name": "kl"}]),
@@ -56,14 +60,17 @@ def main() -> None:
         trainers[name] = tr
         states[name] = (model, opt)
     dev = trainers["CE only"].device
+    # on the device before any timing (a no-op on the CPU): host-to-device copies are data loading
+    batches = [{k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()} for batch in batches]
 
     def step(name, batch):
         tr = trainers[name]
         model, opt = states[name]
-        b = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        b = batch
         if tr.teacher is not None:
             b = {k: v for k, v in b.items() if not k.startswith("kd/")}
-        loss, _ = tr.compute_loss(model, b)
+        with torch.autocast(dev.type, dtype=torch.float16, enabled=tr.amp):  # as training does (CUDA only)
+            loss, _ = tr.compute_loss(model, b)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -87,15 +94,17 @@ def main() -> None:
         "# Training step time: what the KD term costs\n",
         f"`demo_student`, batch {args.batch_size}, batches from `{args.cache}` prepared beforehand (no data loading in "
         f"the timing); median of {args.rounds} alternating rounds × {args.steps} steps. Machine: {device_name(dev)}. "
-        "Made by `python benchmarks/kd_step_time.py`.\n",
+        + ("Forward under fp16 autocast, as `kdcache train-student` runs on CUDA. " if trainers["CE only"].amp else "")
+        + "Made by `python benchmarks/kd_step_time.py`.\n",
         "| step | median ms |", "|---|---|",
         *[f"| {n} | {m:.2f} |" for n, m in med.items()],
         "",
         f"cached-KD step / CE-only step = **{r1:.3f}** (target ≤ 1.05); online-teacher step / cached-KD step = "
         f"**{r2:.2f}**.",
     ]
-    tag = "cpu" if dev.type == "cpu" else "gpu"
+    tag = args.tag or ("cpu" if dev.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", device_name(dev).lower()).strip("-"))
     path = Path(args.results) / f"kd-step-time-{tag}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

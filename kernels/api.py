@@ -122,6 +122,8 @@ class _TopKKL(torch.autograd.Function):
             grad = grad.to(student.dtype)
             loss = loss_map.view(N, *spatial) if reduction == "none" else loss_map.double().sum().float()
         else:
+            # imported on first use, not to dodge a cycle: triton exists only on Linux with a
+            # GPU-capable torch, and importing it costs seconds that a CPU run never needs
             from kdcache.kernels.triton_kl import launch, programs_per_sample
 
             grad = torch.empty((N, C, P), dtype=student.dtype, device=student.device)
@@ -152,6 +154,8 @@ class _TopKKL(torch.autograd.Function):
 
 
 def _run_numba(s, v, i, t, ign, lab, T, with_tail, ignore_index, scales):
+    # imported on first use, not to dodge a cycle: importing numba (and loading its compiled
+    # kernels) costs about a second that a GPU run or a command without a loss should not pay
     from kdcache.kernels.numba_kl import kl_rows, kl_spatial
 
     N, C, P = s.shape

@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 
 from kdcache.errors import KDCacheError
@@ -92,12 +93,15 @@ def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20, repeats: int =
 
 
 def make_inputs(N: int, C: int, spatial: tuple, k: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    s = (torch.randn(N, C, *spatial, generator=g) * 3).to(dtype=dtype, device=device)
-    t = torch.randn(N, C, *spatial, generator=g) * 3
+    # drawn on the device itself: a GPU case's teacher is 0.5-2.5 GB of logits, slow to draw and
+    # sort on the host (on a CPU this is the same generator as before)
+    g = torch.Generator(device=device).manual_seed(seed)
+    s = (torch.randn(N, C, *spatial, generator=g, device=device) * 3).to(dtype=dtype)
+    t = torch.randn(N, C, *spatial, generator=g, device=device) * 3
     v, i, tail = topk_targets(t, k)
+    del t
     idx_dtype = torch.uint8 if C <= 256 else torch.int32
-    return s, v.half().to(device), i.to(idx_dtype).to(device), tail.half().to(device)
+    return s, v.half(), i.to(idx_dtype), tail.half()
 
 
 def bench_case(N: int, C: int, spatial: tuple, k: int, *, device: torch.device, dtype: torch.dtype,
@@ -117,6 +121,9 @@ def bench_case(N: int, C: int, spatial: tuple, k: int, *, device: torch.device, 
 
     backends = {"fused": fused, "eager": eager}
     if compile_backend:
+        # a fresh compilation per case: dynamo's cache of eager_loss holds 8 shapes at most and past
+        # that silently runs it eagerly (the full GPU and CPU lists have 14 cases)
+        torch._dynamo.reset()
         compiled = torch.compile(eager_loss, dynamic=False)
 
         def comp():

@@ -13,6 +13,16 @@ one sample and walks the class axis in ``BLOCK_C`` tiles:
 A single class tile (C ≤ BLOCK_C, e.g. segmentation's 19 or 150 classes) makes pass 2 a reread
 of what pass 1 just loaded. Loss sums are fp32 and written per program, then summed by the
 caller in a fixed order: the result is deterministic (no atomics), with no host synchronisation.
+
+What the CPU interpreter cannot show, and how the kernel guards against it on a GPU:
+
+* every pointer offset is int64 (the program id and the aranges are widened before they meet a
+  stride), so C·P or N·C·P past 2^31 elements does not wrap;
+* every load is widened (fp16/bf16 to fp32, ids to int64) before any arithmetic;
+* the grid is 1-D (N × position blocks), so more than 65535 samples or rows still launch;
+* ``num_warps`` / ``num_stages`` are launch settings (:data:`NUM_WARPS`, :data:`NUM_STAGES`,
+  or :func:`launch`'s arguments) that must not change results; tests/test_kernels_cuda.py runs
+  the same inputs under several, and checks the compiled IR for 32-bit offsets and unwidened loads.
 """
 
 from __future__ import annotations
@@ -31,23 +41,31 @@ def _topk_kl_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, K_PAD: tl.constexpr,
     WITH_TAIL: tl.constexpr, HAS_IGN: tl.constexpr, HAS_LAB: tl.constexpr, PER_POSITION: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    # a 1-D grid of N × cdiv(P, BLOCK_P) programs, sample-major (a grid's axis 1 stops at 65535).
+    # Every offset below is int64: program ids and aranges are widened *before* they meet a stride,
+    # so no product wraps at 2^31 elements (C·P or N·C·P past 2^31 happen on a GPU, never in the
+    # interpreter tests' tiny shapes).
+    pid = tl.program_id(0).to(tl.int64)
+    num_p = (P + BLOCK_P - 1) // BLOCK_P
+    n = pid // num_p
+    pid_p = pid - n * num_p
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
     mask_p = offs_p < P
-    offs_c = tl.arange(0, BLOCK_C)
+    offs_c = tl.arange(0, BLOCK_C).to(tl.int64)
     kd_scale = tl.load(scale_ptr)
     ce_scale = tl.load(scale_ptr + 1)
 
     s_base = s_ptr + n * s_sn + offs_p[None, :]
     g_base = g_ptr + n * g_sn + offs_p[None, :]
+    v_row = v_ptr + n * v_sn + offs_p  # teacher value j of the block's positions: v_row + j * v_sk
+    i_row = i_ptr + n * i_sn + offs_p
 
-    # teacher: k values and ids for the block's positions, [K_PAD, BLOCK_P]
-    offs_k = tl.arange(0, K_PAD)
+    # teacher: k values and ids for the block's positions, [K_PAD, BLOCK_P]; every load is
+    # widened to fp32 (or int64 for ids) before any arithmetic (bf16/fp16 inputs)
+    offs_k = tl.arange(0, K_PAD).to(tl.int64)
     mask_kp = (offs_k[:, None] < K) & mask_p[None, :]
-    a = tl.load(v_ptr + n * v_sn + offs_k[:, None] * v_sk + offs_p[None, :], mask=mask_kp,
-                other=float("-inf")).to(tl.float32) * inv_t
-    ids = tl.load(i_ptr + n * i_sn + offs_k[:, None] * i_sk + offs_p[None, :], mask=mask_kp, other=0).to(tl.int64)
+    a = tl.load(v_row[None, :] + offs_k[:, None] * v_sk, mask=mask_kp, other=float("-inf")).to(tl.float32) * inv_t
+    ids = tl.load(i_row[None, :] + offs_k[:, None] * i_sk, mask=mask_kp, other=0).to(tl.int64)
 
     kd_on = mask_p
     if HAS_IGN:
@@ -82,7 +100,7 @@ def _topk_kl_kernel(
         if WITH_TAIL:
             in_k = tl.zeros([BLOCK_C, BLOCK_P], tl.int1)
             for j in range(0, K):
-                idj = tl.load(i_ptr + n * i_sn + j * i_sk + offs_p, mask=mask_p, other=-1).to(tl.int64)
+                idj = tl.load(i_row + tl.cast(j, tl.int64) * i_sk, mask=mask_p, other=-1).to(tl.int64)
                 in_k = in_k | (cls[:, None] == idj[None, :])
             zt = tl.where(in_k | (~mask), float("-inf"), z)
             mt_new = tl.maximum(mt, tl.max(zt, axis=0))
@@ -135,8 +153,9 @@ def _topk_kl_kernel(
         pc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
         in_k = tl.zeros([BLOCK_C, BLOCK_P], tl.int1)
         for j in range(0, K):
-            idj = tl.load(i_ptr + n * i_sn + j * i_sk + offs_p, mask=mask_p, other=-1).to(tl.int64)
-            vj = tl.load(v_ptr + n * v_sn + j * v_sk + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+            j64 = tl.cast(j, tl.int64)
+            idj = tl.load(i_row + j64 * i_sk, mask=mask_p, other=-1).to(tl.int64)
+            vj = tl.load(v_row + j64 * v_sk, mask=mask_p, other=0.0).to(tl.float32)
             hit = cls[:, None] == idj[None, :]
             pc += tl.where(hit, tl.exp(vj * inv_t - log_z)[None, :], 0.0)
             in_k = in_k | hit
@@ -153,7 +172,7 @@ def _topk_kl_kernel(
     if PER_POSITION:
         tl.store(loss_ptr + n * P + offs_p, total, mask=mask_p)
     else:
-        tl.store(loss_ptr + n * tl.num_programs(0) + pid_p, tl.sum(total, axis=0))
+        tl.store(loss_ptr + pid, tl.sum(total, axis=0))  # = n * num_p + pid_p: sample-major partials
 
 
 def block_sizes(C: int, P: int) -> tuple[int, int]:
@@ -170,16 +189,38 @@ def programs_per_sample(C: int, P: int) -> int:
     return triton.cdiv(P, block_sizes(C, P)[1])
 
 
+#: Launch settings used when :func:`launch` is not given them. ``NUM_WARPS = 4`` is what the kernel
+#: has always run with (Triton's own default); ``NUM_STAGES = None`` leaves software pipelining at
+#: Triton's default for the GPU. They change the compiled code, not the arithmetic: results must
+#: agree across settings, and tests/test_kernels_cuda.py runs the same inputs under several of
+#: them (through ``monkeypatch.setattr`` on these two names).
+NUM_WARPS: int = 4
+NUM_STAGES: int | None = None
+
+_MAX_PROGRAMS = 2**31 - 1  # a CUDA grid's x dimension
+
+
 def launch(s, v, idx, tail, ign, lab, grad, scales, *, T: float, with_tail: bool, ignore_index: int,
-           per_position: bool, loss_out):
-    """Launch over [N, C, P] views; ``grad`` and ``loss_out`` are written."""
+           per_position: bool, loss_out, num_warps: int | None = None, num_stages: int | None = None):
+    """Launch over [N, C, P] views; ``grad`` and ``loss_out`` are written.
+
+    ``loss_out`` holds N·P per-position losses (``per_position``) or N·programs_per_sample(C, P)
+    partial sums in sample-major order. ``num_warps`` / ``num_stages`` default to the module's
+    ``NUM_WARPS`` / ``NUM_STAGES``.
+    """
     N, C, P = s.shape
     k = v.shape[1]
     block_c, block_p = block_sizes(C, P)
-    grid = (triton.cdiv(P, block_p), N)
+    programs = N * triton.cdiv(P, block_p)
+    if programs > _MAX_PROGRAMS:
+        raise ValueError(f"{programs} programs (N = {N} × {triton.cdiv(P, block_p)} position blocks) exceed a "
+                         f"CUDA grid's {_MAX_PROGRAMS}; split the batch")
+    num_warps = NUM_WARPS if num_warps is None else num_warps
+    num_stages = NUM_STAGES if num_stages is None else num_stages
+    options = {"num_warps": num_warps} | ({"num_stages": num_stages} if num_stages is not None else {})
 
     dummy = s
-    _topk_kl_kernel[grid](
+    _topk_kl_kernel[(programs,)](
         s, v, idx, tail if tail is not None else dummy, ign if ign is not None else dummy,
         lab if lab is not None else dummy, grad, loss_out, scales,
         C, P, k, 1.0 / T, T, math.log(C - k) if C > k else 0.0, ignore_index,
@@ -188,4 +229,5 @@ def launch(s, v, idx, tail, ign, lab, grad, scales, *, T: float, with_tail: bool
         lab.stride(0) if lab is not None else 0, grad.stride(0), grad.stride(1),
         BLOCK_C=block_c, BLOCK_P=block_p, K_PAD=triton.next_power_of_2(k),
         WITH_TAIL=with_tail, HAS_IGN=ign is not None, HAS_LAB=lab is not None, PER_POSITION=per_position,
+        **options,
     )

@@ -1,0 +1,257 @@
+#!/usr/bin/env bash
+# benchmarks/gpu_check.sh: what only a CUDA GPU can check, in one go, written to benchmarks/results/
+# with the device named (and copied to $OUT when that is set):
+#
+#   1. the CUDA tests: tests/test_kernels_cuda.py (the Triton kernel against the float64 reference
+#      at real shapes, students past 2^31 elements, several num_warps) and tests/test_kernels.py;
+#   2. kdcache bench-kernels (fused kernel vs eager PyTorch vs torch.compile);
+#   3. benchmarks/kd_step_time.py on the GPU, from a small teacher and cache made first.
+#
+#   bash benchmarks/gpu_check.sh [tests] [bench] [step]     # the stages to run (default: all three)
+#
+# Without a CUDA GPU it says so in one line and exits 0. Python packages the machine lacks (zarr,
+# numcodecs, google-crc32c, donfig on this project's GPU image) are installed from .whl/ at the
+# repository root when it exists (make it with benchmarks/gpu_wheels.sh where pip works); kdcache
+# itself is used from this checkout, installed nowhere. Exit status: 0 when every stage passed.
+#
+# Knobs (environment): PYTHON (python3), GPU_CHECK_BENCH_ARGS (--topk 4), and the stages' time limits
+# in seconds, GPU_CHECK_TEST_TIMEOUT (280), GPU_CHECK_BENCH_TIMEOUT (170), GPU_CHECK_STEP_TIMEOUT (110):
+# all three with the set-up stay under 10 minutes, and each stage's files are copied to $OUT as it ends.
+set -euo pipefail
+
+STAGES=("$@")
+if [ ${#STAGES[@]} -eq 0 ]; then STAGES=(tests bench step); fi
+for s in "${STAGES[@]}"; do
+    case $s in tests | bench | step) ;; *) echo "usage: $0 [tests] [bench] [step]" >&2; exit 2 ;; esac
+done
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-python3}
+
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
+    echo "gpu_check: no CUDA GPU here; nothing to check"
+    exit 0
+fi
+if ! "$PY" -c "import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)"; then
+    echo "gpu_check: needs Python >= 3.11 (tomllib, PYTHONSAFEPATH); $PY is $("$PY" -V 2>&1)" >&2
+    exit 1
+fi
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+SITE=$WORK/site
+mkdir -p "$SITE" "$WORK/bin"
+
+# -- Python environment ---------------------------------------------------------------------------
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl ||
+        { echo "gpu_check: pip could not install .whl/*.whl for $("$PY" -V 2>&1) (gpu_wheels.sh fetches CPython 3.12 x86-64 wheels)" >&2; exit 1; }
+fi
+# kdcache from this checkout, laid out as an installation would be: pyproject.toml maps kdcache.kernels
+# to kernels/ and kdcache.cli to cli/, so the checkout itself is not importable as it stands.
+"$PY" - "$ROOT" "$SITE" <<'EOF'
+import shutil
+import sys
+import tomllib
+from pathlib import Path
+
+root, site = Path(sys.argv[1]), Path(sys.argv[2])
+cfg = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+dirs = cfg.get("package-dir", {})
+
+
+def source(pkg: str) -> Path:
+    if pkg in dirs:
+        return root / dirs[pkg]
+    if "." in pkg:
+        parent, last = pkg.rsplit(".", 1)
+        return source(parent) / last
+    return root / dirs.get("", "") / pkg
+
+
+for pkg in cfg["packages"]:
+    dest = site.joinpath(*pkg.split("."))
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in source(pkg).glob("*.py"):
+        shutil.copy2(f, dest / f.name)
+EOF
+printf '#!/bin/sh\nexec "%s" -m kdcache "$@"\n' "$(command -v "$PY")" > "$WORK/bin/kdcache"
+chmod +x "$WORK/bin/kdcache"
+export PATH="$WORK/bin:$PATH"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONSAFEPATH=1  # no checkout folder first on sys.path: its kdcache/ lacks kernels/ and cli/
+export PYTHONUNBUFFERED=1
+
+missing=$("$PY" - <<'EOF'
+import importlib
+
+modules = ["torch", "torchvision", "triton", "numpy", "numba", "zarr", "numcodecs", "google_crc32c", "donfig",
+           "typer", "rich", "matplotlib", "PIL", "fsspec", "pytest"]
+missing = []
+for name in modules:
+    try:
+        importlib.import_module(name)
+    except Exception:
+        missing.append(name)
+print(" ".join(missing))
+EOF
+)
+if [ -n "$missing" ]; then
+    echo "gpu_check: missing Python modules: $missing (make .whl/ with 'bash benchmarks/gpu_wheels.sh' where pip works, and bring it along)" >&2
+    exit 1
+fi
+"$PY" -c "import sys, kdcache, kdcache.cli.app, kdcache.kernels.triton_kl
+sys.exit(0 if kdcache.__file__.startswith(sys.argv[1]) else f'gpu_check: kdcache imports from {kdcache.__file__}, not {sys.argv[1]}')" "$SITE"
+
+# -- the device ------------------------------------------------------------------------------------
+NAME=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0))")
+SLUG=$(printf '%s' "$NAME" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+//; s/-+$//')
+RES=benchmarks/results
+mkdir -p "$RES"
+SUMMARY=$RES/gpu-check-$SLUG.md
+LOG=$RES/gpu-check-$SLUG.log
+PYTEST_LOG=$RES/gpu-check-$SLUG-pytest.txt
+KJSON=$RES/kernels-$SLUG.json
+KMD=$RES/kernels-$SLUG.md
+STEP_MD=$RES/kd-step-time-$SLUG.md
+read -r -a BENCH_ARGS <<< "${GPU_CHECK_BENCH_ARGS:---topk 4}"
+
+copy_out() {  # the device tool brings back what lies in $OUT (at most 8 files)
+    if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then
+        for f in "$SUMMARY" "$LOG" "$PYTEST_LOG" "$KJSON" "$KMD" "$STEP_MD"; do
+            if [ -f "$f" ]; then cp "$f" "$OUT/"; fi
+        done
+    fi
+}
+
+limit() {  # limit SECONDS CMD...: the command, stopped after SECONDS (when coreutils' timeout exists)
+    local seconds=$1
+    shift
+    if command -v timeout >/dev/null; then
+        timeout --kill-after=20 "$seconds" "$@"
+    else
+        "$@"
+    fi
+}
+
+stage_status=()
+stage_seconds=()
+run_stage() {  # run_stage NAME CMD...: records exit status and seconds; never stops the script
+    local name=$1 t0=$SECONDS rc=0
+    shift
+    echo
+    echo "== gpu_check: $name"
+    "$@" || rc=$?
+    local note=""
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then note=" (timed out)"; fi
+    stage_status+=("$name: exit $rc$note")
+    stage_seconds+=("$name: $((SECONDS - t0)) s")
+    copy_out
+    return 0
+}
+
+stage_tests() {
+    set -o pipefail
+    limit "${GPU_CHECK_TEST_TIMEOUT:-280}" "$PY" -m pytest -v -rA -p no:cacheprovider \
+        tests/test_kernels.py tests/test_kernels_cuda.py 2>&1 | tee "$PYTEST_LOG"
+}
+
+stage_bench() {
+    limit "${GPU_CHECK_BENCH_TIMEOUT:-170}" kdcache bench-kernels --device cuda "${BENCH_ARGS[@]}" \
+        --json "$KJSON" --markdown "$KMD"
+}
+
+stage_step_time() {  # a teacher and a 160-sample cache first (1 epoch, seconds on a GPU), then the timing
+    local t=$WORK/kd end=$((SECONDS + ${GPU_CHECK_STEP_TIMEOUT:-110}))
+    left() { echo $((end - SECONDS > 5 ? end - SECONDS : 5)); }
+    limit "$(left)" kdcache train-teacher --epochs 1 --limit 64 --out "$t/teacher" --device cuda --quiet &&
+        limit "$(left)" kdcache build-teacher-cache --weights "$t/teacher" --out "$t/cache.zarr" -o size=160 \
+            --device cuda --quiet &&
+        limit "$(left)" "$PY" benchmarks/kd_step_time.py --cache "$t/cache.zarr" --teacher "$t/teacher" \
+            --device cuda --results "$RES" --tag "$SLUG"
+}
+
+ran() {  # ran STAGE: whether this invocation runs STAGE
+    local s
+    for s in "${STAGES[@]}"; do [ "$s" = "$1" ] && return 0; done
+    return 1
+}
+
+join() {  # join A B C -> "A; B; C"
+    local out=$1
+    shift
+    for x in "$@"; do out="$out; $x"; done
+    echo "$out"
+}
+
+write_summary() {
+    local smi commit tests_line versions
+    smi=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1 || true)
+    commit=$(git rev-parse --short HEAD 2>/dev/null || echo "not a git checkout")
+    if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null || true)" ]; then commit="$commit + uncommitted changes"; fi
+    tests_line=$(grep -E '^=+ .*[0-9]+ (passed|failed|error|errors|skipped).* in [0-9.]+s' "$PYTEST_LOG" 2>/dev/null | tail -1 || true)
+    versions=$("$PY" -c "import platform, torch, triton; print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, Python {platform.python_version()}')")
+    {
+        echo "# GPU check: $NAME"
+        echo
+        echo "Made by \`bash benchmarks/gpu_check.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC'), commit $commit."
+        echo
+        echo "| | |"
+        echo "|---|---|"
+        echo "| nvidia-smi (name, driver, memory) | ${smi:-nvidia-smi not available} |"
+        echo "| software | $versions |"
+        echo "| stages | $(join "${stage_status[@]}") |"
+        echo "| stage times | $(join "${stage_seconds[@]}") |"
+        echo
+        if ran tests; then
+            echo "## CUDA tests"
+            echo
+            echo "\`python -m pytest -v -rA tests/test_kernels.py tests/test_kernels_cuda.py\`: ${tests_line:-no summary line (see the log)}"
+            echo "Full output: [$(basename "$PYTEST_LOG")]($(basename "$PYTEST_LOG"))."
+            echo
+        fi
+        if ran bench; then
+            echo "## kdcache bench-kernels ${BENCH_ARGS[*]}"
+            echo
+            if [ -f "$KMD" ]; then tail -n +3 "$KMD"; else echo "No table was written (see the log)."; fi
+            echo
+            echo "Files: [$(basename "$KMD")]($(basename "$KMD")), [$(basename "$KJSON")]($(basename "$KJSON"))."
+            echo
+        fi
+        if ran step; then
+            echo "## KD step time"
+            echo
+            if [ -f "$STEP_MD" ]; then tail -n +3 "$STEP_MD"; else echo "No result was written (see the log)."; fi
+            echo
+            echo "File: [$(basename "$STEP_MD")]($(basename "$STEP_MD"))."
+            echo
+        fi
+        echo "Everything printed: [$(basename "$LOG")]($(basename "$LOG"))."
+    } > "$SUMMARY"
+}
+
+main() {
+    echo "gpu_check: $NAME; results in $RES/ as *-$SLUG.*"
+    rm -f "$SUMMARY"
+    nvidia-smi 2>/dev/null || true
+    for s in "${STAGES[@]}"; do
+        case $s in
+            tests) rm -f "$PYTEST_LOG"; run_stage "CUDA tests" stage_tests ;;
+            bench) rm -f "$KJSON" "$KMD"; run_stage "bench-kernels" stage_bench ;;
+            step) rm -f "$STEP_MD"; run_stage "KD step time" stage_step_time ;;
+        esac
+    done
+    write_summary
+    echo
+    cat "$SUMMARY"
+    copy_out
+    for s in "${stage_status[@]}"; do
+        case $s in *": exit 0") ;; *) return 1 ;; esac
+    done
+}
+
+status=0
+main 2>&1 | tee "$LOG" || status=$?
+copy_out
+exit "$status"
