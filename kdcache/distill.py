@@ -115,7 +115,7 @@ class StudentTrainer(Trainer):
             pre = Preprocess.from_dict(self.store.schema.preprocess)
             if c.resize is not None and tuple(c.resize) != tuple(pre.resize or ()):
                 raise KDCacheError(f"--resize {c.resize} differs from the cache's preprocessing (resize "
-                                   f"{pre.resize}); students train on what the teacher saw")
+                                   f"{pre.resize}); drop --resize: students train on what the teacher saw")
             self.preprocess = pre
 
     # -- data -----------------------------------------------------------------------------------

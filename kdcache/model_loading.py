@@ -75,7 +75,8 @@ class Weights:
             )
         classes = num_classes if num_classes is not None else known
         if classes is None:
-            raise CheckpointError(f"{self.checkpoint} does not say how many classes its model predicts")
+            raise CheckpointError(f"{self.checkpoint} does not say how many classes its model predicts; give a "
+                                  "kdcache checkpoint, or add num_classes to its run's config.json")
         model = build_model(name, classes, taps=taps, **self.config.get("model_options", {}))
         load_state(model, self.contents, self.checkpoint)
         if device is not None:

@@ -101,7 +101,8 @@ class RunDir:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
                 if k != len(lines) - 1:
-                    raise KDCacheError(f"{self.metrics_path} line {k + 1} is not JSON") from None
+                    raise KDCacheError(f"{self.metrics_path} line {k + 1} is not JSON; fix or delete that "
+                                       "line") from None
         return records
 
     def truncate_metrics(self, after_epoch: int) -> None:

@@ -32,3 +32,48 @@ class NaNForBrightImages(nn.Module):
         out = self.body(x)
         bright = x.mean((1, 2, 3)) > self.threshold
         return out.masked_fill(bright.view(-1, 1, 1, 1), float("nan"))
+
+
+class NoTensorOutput(TinyNet):
+    """Returns a dict without a tensor in it: kdcache cannot find its logits."""
+
+    def forward(self, x):
+        return {"aux": None}
+
+
+class WrongClassCount(TinyNet):
+    """Predicts one class more than it was asked for."""
+
+    def __init__(self, num_classes: int):
+        super().__init__(num_classes + 1)
+
+
+class SpareModule(TinyNet):
+    """Has a module (``spare``) its forward never calls: tapping it yields nothing."""
+
+    def __init__(self, num_classes: int):
+        super().__init__(num_classes)
+        self.spare = nn.Conv2d(8, 8, 1)
+
+
+class HugeLogits(TinyNet):
+    """Logits far beyond fp16's range (±65504)."""
+
+    def forward(self, x):
+        return {"out": super().forward(x)["out"] * 0 + 1e6}
+
+
+class _Huge(nn.Module):
+    def forward(self, x):
+        return x * 0 + 1e6
+
+
+class HugeFeatures(TinyNet):
+    """Ordinary logits, but the output of its module ``big`` exceeds fp16's range."""
+
+    def __init__(self, num_classes: int):
+        super().__init__(num_classes)
+        self.big = _Huge()
+
+    def forward(self, x):
+        return {"out": self.head(self.big(self.body(x)) * 1e-6)}

@@ -104,7 +104,7 @@ class SegmentationDataset:
         ids = [r.id for r in self.refs]
         if len(set(ids)) != len(ids):
             dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
-            raise DatasetError(f"{self.name} split '{split}' has duplicate sample ids: {dup}")
+            raise DatasetError(f"{self.name} split '{split}' has duplicate sample ids: {dup}; list each sample once")
 
     # -- what subclasses may override -------------------------------------------------------
     @property

@@ -73,7 +73,7 @@ def read_id_list(path: Path) -> list[str]:
     """Sample ids of a split list: one per line; blank lines and ``#`` comments are skipped."""
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise DatasetError(f"cannot read split list {path}: {exc}") from None
     ids = []
     for line in text.splitlines():
@@ -177,7 +177,7 @@ class FolderDataset(SegmentationDataset):
         subdirs = sorted(
             p.name
             for p in root.iterdir()
-            if p.is_dir() and p.name != "splits" and (p / "images").is_dir()
+            if p.is_dir() and p.name != "splits" and os.path.isdir(p / "images")  # unreadable: False, no error
         )
         return listed, subdirs
 

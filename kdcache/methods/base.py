@@ -59,6 +59,10 @@ def fill_in(methods: list[dict], **values) -> list[dict]:
 def build_method(name: str, **options) -> KDMethod:
     """An instance of method ``name`` with ``options`` (its constructor's keyword arguments)."""
     cls = METHODS.get(name)
+    unknown = sorted(set(options) - set(method_options(name)))
+    if unknown:
+        raise MethodError(f"method '{name}' takes no option {', '.join(map(repr, unknown))}; its options: "
+                          f"{', '.join(method_options(name)) or 'none'}")
     try:
         return cls(**options)
     except (TypeError, ValueError) as exc:

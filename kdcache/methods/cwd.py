@@ -36,6 +36,8 @@ class ChannelWise(KDMethod):
 
     def __init__(self, weight: float | None = None, temperature: float = 4.0):
         super().__init__(weight)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = float(temperature)
 
     def required(self) -> list[str]:

@@ -24,6 +24,8 @@ class PixelKL(KDMethod):
         super().__init__(weight)
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
+        if tail not in ("bin", "renormalize"):
+            raise ValueError(f"tail must be bin or renormalize, got {tail}")
         self.temperature = float(temperature)
         self.tail = tail
 

