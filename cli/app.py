@@ -489,7 +489,8 @@ def verify_cache(
     if result.bad:
         hint = ("their shards are marked not done: rerun build-teacher-cache to rewrite them" if reset_bad
                 else "rerun with --reset-bad, then rerun build-teacher-cache to rewrite them")
-        console.print(f"[bold red]{len(result.bad)} bad samples[/bold red]; {hint}")
+        n_bad = len(result.bad)
+        console.print(f"[bold red]{n_bad} bad sample{'s' if n_bad != 1 else ''}[/bold red]; {hint}")
     if result.ok:
         console.print(f"[green]ok[/green]: all {result.num_samples} samples are complete and valid")
     else:

@@ -409,6 +409,7 @@ class Trainer:
         return {
             "epoch": epoch,
             **{f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()},
+            "loss_terms": [f"train_{k}" for k in sums],  # which train_* keys are loss terms
             "lr": state.scheduler.get_last_lr()[0],
             "train_time_s": train_time,
             "train_images_per_s": n_steps * c.batch_size * self.dist.world_size / max(train_time, 1e-9),
@@ -474,7 +475,8 @@ class Trainer:
     def _save_curves(self) -> None:
         records = self.run.read_metrics()
         if records:
-            save_training_curves(self.run.path / "curves.png", records,
+            terms = dict.fromkeys(t for r in records for t in r.get("loss_terms", ()))
+            save_training_curves(self.run.path / "curves.png", records, list(terms),
                                  title=f"{self.config.model} ({self.kind}) — {self.run.path.name}")
 
     # -- the loss -------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Qualitative figures: colourised masks, overlays, sample panels, comparison grids and plots.
 
-Figures are built with ``matplotlib.figure.Figure`` directly (never through ``pyplot``), so
+Each figure has a builder that returns the ``matplotlib.figure.Figure`` (tests read its bars,
+lines and images back) and a ``save_*`` function that writes it as a PNG. Figures are built
+with ``matplotlib.figure.Figure`` directly (never through ``pyplot``), so
 no display or GUI backend is needed, the global backend is left alone and no figure stays open
 after saving. Masks are ``[H, W]`` integer class ids; images are ``[H, W, 3]`` uint8 RGB;
 palettes are ``[C, 3]`` uint8.
@@ -22,6 +24,11 @@ from kdcache.metrics import per_image_iou
 __all__ = [
     "colorize",
     "overlay",
+    "sample_panel_figure",
+    "comparison_grid_figure",
+    "iou_histogram_figure",
+    "per_class_bars_figure",
+    "training_curves_figure",
     "save_sample_panel",
     "save_comparison_grid",
     "save_iou_histogram",
@@ -145,14 +152,19 @@ def _prepare_path(path: str | Path) -> Path:
     return p
 
 
+def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
+    out = _prepare_path(path)
+    fig.savefig(out, dpi=dpi)
+    return out
+
+
 def _image_row(
-    path: str | Path,
     panels: Sequence[tuple[str, np.ndarray]],
     handles: list[Patch],
     title: str,
     dpi: int,
-) -> Path:
-    """Save images in one row with panel titles, a suptitle and a legend below."""
+) -> Figure:
+    """Images in one row with panel titles, a suptitle and a legend below."""
     h, w = panels[0][1].shape[:2]
     n = len(panels)
     legend_rows = math.ceil(len(handles) / _LEGEND_COLS) if handles else 0
@@ -181,13 +193,10 @@ def _image_row(
     top = 1.0 - (0.4 + (0.4 if title else 0.0)) / fig_h
     bottom = (0.2 + 0.25 * legend_rows) / fig_h
     fig.subplots_adjust(left=0.01, right=0.99, top=top, bottom=bottom, wspace=0.03)
-    out = _prepare_path(path)
-    fig.savefig(out, dpi=dpi)
-    return out
+    return fig
 
 
-def save_sample_panel(
-    path: str | Path,
+def sample_panel_figure(
     image: np.ndarray,
     gt: np.ndarray,
     pred: np.ndarray,
@@ -197,11 +206,11 @@ def save_sample_panel(
     ignore_index: int = 255,
     alpha: float = 0.5,
     dpi: int = 100,
-) -> Path:
-    """Save a one-row PNG: image, ground truth, prediction, prediction over image.
+) -> Figure:
+    """One row: image, ground truth, prediction, prediction over image.
 
     ``title`` becomes the suptitle (e.g. ``"sample train_000012 — IoU 0.812"``); the legend
-    lists the classes present in ``gt`` or ``pred``. Returns the written path.
+    lists the classes present in ``gt`` or ``pred``.
     """
     g = _check_mask(gt, "gt")
     p = _check_mask(pred, "pred")
@@ -216,11 +225,18 @@ def save_sample_panel(
         ("Overlay (prediction)", overlay(img, p, pal, alpha, ignore_index)),
     ]
     handles = _legend_handles([g, p], pal, class_names, ignore_index)
-    return _image_row(path, panels, handles, title, dpi)
+    return _image_row(panels, handles, title, dpi)
 
 
-def save_comparison_grid(
-    path: str | Path,
+def save_sample_panel(path: str | Path, image: np.ndarray, gt: np.ndarray, pred: np.ndarray,
+                      palette: np.ndarray, class_names: Sequence[str] | None, title: str = "",
+                      ignore_index: int = 255, alpha: float = 0.5, dpi: int = 100) -> Path:
+    """Save :func:`sample_panel_figure` as a PNG; returns the written path."""
+    fig = sample_panel_figure(image, gt, pred, palette, class_names, title, ignore_index, alpha, dpi)
+    return _save(fig, path, dpi)
+
+
+def comparison_grid_figure(
     image: np.ndarray,
     gt: np.ndarray,
     preds: Mapping[str, np.ndarray],
@@ -230,11 +246,11 @@ def save_comparison_grid(
     ignore_index: int = 255,
     show_iou: bool = True,
     dpi: int = 100,
-) -> Path:
-    """Save a one-row PNG: image, ground truth, then each run's prediction (titled by name).
+) -> Figure:
+    """One row: image, ground truth, then each run's prediction (titled by name).
 
     With ``show_iou`` each prediction title adds its per-image mIoU (classes = palette rows).
-    The legend lists the classes present in ``gt`` or any prediction. Returns the written path.
+    The legend lists the classes present in ``gt`` or any prediction.
     """
     if not preds:
         raise ValueError("preds is empty: give at least one run's prediction")
@@ -257,19 +273,28 @@ def save_comparison_grid(
         panels.append((label, colorize(p, pal, ignore_index)))
         masks.append(p)
     handles = _legend_handles(masks, pal, class_names, ignore_index)
-    return _image_row(path, panels, handles, title, dpi)
+    return _image_row(panels, handles, title, dpi)
 
 
-def save_iou_histogram(
-    path: str | Path,
+def save_comparison_grid(path: str | Path, image: np.ndarray, gt: np.ndarray,
+                         preds: Mapping[str, np.ndarray], palette: np.ndarray,
+                         class_names: Sequence[str] | None, title: str = "", ignore_index: int = 255,
+                         show_iou: bool = True, dpi: int = 100) -> Path:
+    """Save :func:`comparison_grid_figure` as a PNG; returns the written path."""
+    fig = comparison_grid_figure(image, gt, preds, palette, class_names, title, ignore_index,
+                                 show_iou, dpi)
+    return _save(fig, path, dpi)
+
+
+def iou_histogram_figure(
     ious: Sequence[float],
     title: str = "",
     bins: int = 20,
     dpi: int = 100,
-) -> Path:
-    """Save a histogram of per-image IoU (fractions in [0, 1]; NaN dropped) with mean/median.
+) -> Figure:
+    """A histogram of per-image IoU (fractions in [0, 1]; NaN dropped) with mean/median lines.
 
-    An empty list (after dropping NaN) gives a figure saying so. Returns the written path.
+    ``bins`` equal bins over [0, 1]. An empty list (after dropping NaN) gives a figure saying so.
     """
     vals = np.asarray(list(ious), dtype=np.float64)
     vals = vals[~np.isnan(vals)]
@@ -290,23 +315,25 @@ def save_iou_histogram(
     ax.set_ylabel("images")
     ax.set_title(f"{title} (n={vals.size})" if title else f"n={vals.size}", fontsize=11)
     fig.tight_layout()
-    out = _prepare_path(path)
-    fig.savefig(out, dpi=dpi)
-    return out
+    return fig
 
 
-def save_per_class_bars(
-    path: str | Path,
+def save_iou_histogram(path: str | Path, ious: Sequence[float], title: str = "", bins: int = 20,
+                       dpi: int = 100) -> Path:
+    """Save :func:`iou_histogram_figure` as a PNG; returns the written path."""
+    return _save(iou_histogram_figure(ious, title, bins, dpi), path, dpi)
+
+
+def per_class_bars_figure(
     class_names: Sequence[str],
     series: Mapping[str, Sequence[float]],
     title: str = "",
     dpi: int = 100,
-) -> Path:
-    """Save a grouped bar chart of per-class IoU in percent, one bar group per class.
+) -> Figure:
+    """A grouped bar chart of per-class IoU in percent, one bar group per class.
 
     ``series`` maps a run name to its per-class IoU as fractions in [0, 1] (one per class).
     NaN (class undefined) is drawn as a zero-height bar with an ``x`` marker at 0.
-    Returns the written path.
     """
     if not series:
         raise ValueError("series is empty: give at least one run's per-class IoU")
@@ -361,31 +388,35 @@ def save_per_class_bars(
     if title:
         ax.set_title(title, fontsize=11)
     fig.tight_layout()
-    out = _prepare_path(path)
-    fig.savefig(out, dpi=dpi)
-    return out
+    return fig
 
 
-def save_training_curves(path: str | Path, records: Sequence[Mapping[str, Any]], title: str = "",
-                         dpi: int = 100) -> Path:
-    """Save the loss terms (``train_*`` of each epoch record) and the validation mIoU per epoch
-    side by side. Records without an ``epoch`` (e.g. evaluations) are skipped."""
+def save_per_class_bars(path: str | Path, class_names: Sequence[str],
+                        series: Mapping[str, Sequence[float]], title: str = "", dpi: int = 100) -> Path:
+    """Save :func:`per_class_bars_figure` as a PNG; returns the written path."""
+    return _save(per_class_bars_figure(class_names, series, title, dpi), path, dpi)
+
+
+def training_curves_figure(records: Sequence[Mapping[str, Any]], terms: Sequence[str],
+                           title: str = "", dpi: int = 100) -> Figure:
+    """The loss terms of each epoch record (``terms``: record keys such as ``train_loss``) on the
+    left and the validation mIoU in percent on the right, against the epoch counted from 1.
+    Records without an ``epoch`` (e.g. evaluations) are skipped; a missing value is a gap."""
     epochs = [r for r in records if "epoch" in r]
     if not epochs:
         raise ValueError("no epoch records to plot")
     x = [r["epoch"] + 1 for r in epochs]
-    skip = {"train_time_s", "train_images_per_s"}
-    terms = sorted({k for r in epochs for k in r if k.startswith("train_") and k not in skip})
     fig = Figure(figsize=(10, 4), dpi=dpi)
     ax_l, ax_m = fig.subplots(1, 2)
     for k in terms:
         ys = [r.get(k, float("nan")) for r in epochs]
-        ax_l.plot(x, ys, marker="o", markersize=3, label=k[len("train_"):])
+        ax_l.plot(x, ys, marker="o", markersize=3, label=k.removeprefix("train_"))
     ax_l.set_xlabel("epoch")
     ax_l.set_ylabel("loss")
     ax_l.set_title("training loss terms")
     ax_l.grid(alpha=0.3)
-    ax_l.legend(fontsize=8)
+    if terms:
+        ax_l.legend(fontsize=8)
     val = [(r["epoch"] + 1, 100 * r["val_miou"]) for r in epochs if r.get("val_miou") is not None]
     if val:
         ax_m.plot([v[0] for v in val], [v[1] for v in val], marker="o", markersize=3, color="tab:green")
@@ -396,6 +427,10 @@ def save_training_curves(path: str | Path, records: Sequence[Mapping[str, Any]],
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    out = _prepare_path(path)
-    fig.savefig(out, dpi=dpi)
-    return out
+    return fig
+
+
+def save_training_curves(path: str | Path, records: Sequence[Mapping[str, Any]], terms: Sequence[str],
+                         title: str = "", dpi: int = 100) -> Path:
+    """Save :func:`training_curves_figure` as a PNG; returns the written path."""
+    return _save(training_curves_figure(records, terms, title, dpi), path, dpi)

@@ -95,7 +95,7 @@ def _read_rows(store: CacheStore, rows: np.ndarray):
 class VerifyResult:
     num_samples: int
     done: int
-    bad: dict[str, list[str]] = field(default_factory=dict)  # sample id -> problems
+    bad: dict[str, list[str]] = field(default_factory=dict)  # sample id (row if not unique) -> problems
     bad_rows: list[int] = field(default_factory=list)
     not_done: list[str] = field(default_factory=list)
 
@@ -149,7 +149,9 @@ def verify_store(path: str | Path, *, show_progress: bool = True, reset_bad: boo
                 _check_sample(item, C, (map_h, map_w), lambda what, r=item["row"]: flag(r, what))
             bar.advance(stop - start)
     result.bad_rows = sorted(problems)
-    result.bad = {ids[r]: problems[r] for r in result.bad_rows}
+    unique = {i for i in ids if i and ids.count(i) == 1} if problems else set()
+    result.bad = {(ids[r] if ids[r] in unique else f"{ids[r] or '<empty id>'} (row {r})"): problems[r]
+                  for r in result.bad_rows}
     if reset_bad and result.bad_rows:
         group = zarr.open_group(str(path), mode="r+")
         for j in sorted({int(j) for j in schema.shard_of(result.bad_rows)}):
