@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--limit", type=int, default=None, help="the first N training samples (a cache built with --limit)")
     ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--tag", default=None, help="results file suffix (default: cpu, or the GPU's name as a slug)")
     args = ap.parse_args()
@@ -45,7 +46,8 @@ def main() -> None:
     trainers, states = {}, {}
     batches = None
     for name, kw in variants.items():
-        cfg = config_from_store(args.cache, device=args.device, out="/tmp/kd-step", batch_size=args.batch_size, **kw)
+        cfg = config_from_store(args.cache, device=args.device, out="/tmp/kd-step", batch_size=args.batch_size,
+                                limit=args.limit, **kw)
         tr = StudentTrainer(cfg)
         train_ds, val_ds = tr.build_datasets()
         pipe, _ = tr.build_pipelines(train_ds, val_ds)
