@@ -317,6 +317,8 @@ def train_student(
     use_views: Annotated[bool, typer.Option(help="Train on the cache's stored views (one drawn per item and epoch).")] = default(StudentConfig, "use_views"),
     check_content: Annotated[bool, typer.Option("--check-content/--no-check-content", help="Re-hash the data set's files against the cache's fingerprints.")] = default(StudentConfig, "check_content"),
     skip_bad: Annotated[bool, typer.Option(help="Train on without the targets of samples whose cached chunks cannot be read (counted and reported).")] = default(StudentConfig, "skip_bad"),
+    cache_read: Annotated[str, typer.Option(help="How training reads the cache: stream (whole shards in a shuffled order through a shuffle buffer: one read per shard and array) or random (sample by sample).")] = default(StudentConfig, "cache_read"),
+    shuffle_buffer: Annotated[int, typer.Option(help="Samples in each streaming worker's shuffle buffer.")] = default(StudentConfig, "shuffle_buffer"),
     online_teacher: Annotated[str | None, typer.Option(help="Run this teacher every step instead of reading the cache (parity checks only).")] = None,
     teacher_weights: Annotated[str | None, typer.Option(help="Weights of --online-teacher.")] = None,
     dataset: Annotated[str | None, typer.Option(help="Data set (default: the cache's).")] = None,
@@ -330,7 +332,8 @@ def train_student(
     if not fields["dataset_options"]:
         fields.pop("dataset_options")  # the cache's
     config = student_config(cache=cache, resume=control["resume"], model=student, methods=methods, use_views=use_views,
-                            check_content=check_content, skip_bad=skip_bad, online_teacher=online_teacher,
+                            check_content=check_content, skip_bad=skip_bad, cache_read=cache_read,
+                            shuffle_buffer=shuffle_buffer, online_teacher=online_teacher,
                             teacher_weights=teacher_weights, dataset=dataset, out=out or f"runs/student-{label}",
                             **fields)
     result = run_training(run_student, config, control, ctx)

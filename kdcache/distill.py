@@ -23,15 +23,19 @@ import torch
 
 from kdcache.data.base import SegmentationDataset
 from kdcache.errors import KDCacheError
+from kdcache.loaders import make_loader
 from kdcache.methods import KDMethod, build_method
 from kdcache.models import SegModel, build_model
 from kdcache.online_teacher import OnlineTeacher
 from kdcache.runs import RunDir
-from kdcache.store import BadSampleError, CacheStore, to_tensors
+from kdcache.store import BAD, BadSampleError, CacheStore, CacheStream, to_tensors
 from kdcache.store.location import worker_start_method
 from kdcache.target_geometry import view_targets, warp_targets
 from kdcache.training import TrainConfig, Trainer
 from kdcache.transforms import Augment, Geometry, Preprocess, SegPipeline
+
+#: how train-student reads the cache: whole shards in a shuffled order, or sample by sample
+CACHE_READS = ("stream", "random")
 
 
 @dataclass
@@ -47,6 +51,9 @@ class StudentConfig(TrainConfig):
     teacher_weights: str | None = None
     online_topk: int | None = None  # k of the online targets (default: the cache's, else C)
     skip_bad: bool = False  # train on without the targets of samples whose chunks cannot be read
+    #: "stream": whole shards in a shuffled order through a shuffle buffer; "random": per sample
+    cache_read: str = "stream"
+    shuffle_buffer: int = 256  # samples held by each streaming worker's shuffle buffer
 
     def validate(self) -> None:
         super().validate()
@@ -56,32 +63,65 @@ class StudentConfig(TrainConfig):
             raise KDCacheError("--cache STORE is required (or --online-teacher M --teacher-weights CKPT)")
         if self.online_teacher and not self.teacher_weights:
             raise KDCacheError("--online-teacher needs --teacher-weights")
+        if self.cache_read not in CACHE_READS:
+            raise KDCacheError(f"--cache-read must be one of {', '.join(CACHE_READS)}, got {self.cache_read!r}")
+        if self.shuffle_buffer < 1:
+            raise KDCacheError(f"--shuffle-buffer must be 1 or more, got {self.shuffle_buffer}")
 
 
 class KDPipeline(SegPipeline):
     """Training items with their cached targets (see :func:`kdcache.target_geometry.warp_targets`).
 
-    With ``use_views`` and a store holding views, each epoch draws one of the item's stored
-    views (seeded by (seed, epoch, index)): the image and label get that view's geometry and the
-    targets are the teacher's outputs on exactly that view. With ``skip_bad``, a sample whose
-    chunks cannot be read trains without targets (every KD cell ignored, ``kd/skipped`` set)."""
+    Only the map ``groups`` the KD methods read are read and warped (none for the CE-only
+    ``none``). Items come by random access (``pipeline[i]`` reads sample i's chunks) or, for
+    training, from :meth:`stream` (whole shards in a shuffled order, one read per shard and
+    array). With ``use_views`` and a store holding views, each epoch draws one of the item's
+    stored views (seeded by (seed, epoch, index)): the image and label get that view's geometry
+    and the targets are the teacher's outputs on exactly that view. With ``skip_bad``, a sample
+    whose chunks cannot be read trains without targets (every KD cell ignored, ``kd/skipped``
+    set)."""
 
     def __init__(self, dataset: SegmentationDataset, preprocess: Preprocess, augment: Augment | None,
-                 seed: int, store: CacheStore, rows: np.ndarray, use_views: bool = False, skip_bad: bool = False):
+                 seed: int, store: CacheStore, rows: np.ndarray, use_views: bool = False, skip_bad: bool = False,
+                 required: list[str] | None = None):
         super().__init__(dataset, preprocess, augment, seed)
         self.store = store
         self.rows = np.asarray(rows)
         self.use_views = bool(use_views and store.schema.views)
         self.skip_bad = skip_bad
+        if required is None:  # every map group the store holds
+            required = ["logits", *(f"features/{t}" for t in store.schema.features),
+                        *(f"attention/{t}" for t in store.schema.attention)]
+        self.groups = store.schema.groups_for(required, self.use_views)
 
     def __getitem__(self, index: int) -> dict:
-        skipped = False
-        try:
-            cached = to_tensors(self.store.read(int(self.rows[index])))
-        except BadSampleError:
-            if not self.skip_bad:
-                raise
-            cached, skipped = self.store.schema.placeholder_targets(), True
+        """Random access: sample ``index``'s chunks read on their own."""
+        cached: dict = {}
+        if self.groups:
+            try:
+                cached = to_tensors(self.store.read(int(self.rows[index]), groups=self.groups))
+            except BadSampleError:
+                if not self.skip_bad:
+                    raise
+                cached = {**self.store.schema.placeholder_targets(self.groups), BAD: True}
+        return self.item(index, cached)
+
+    def stream(self, positions: list[int] | None = None, *, batch_size: int | None = None, workers: int = 0,
+               buffer_size: int = 256) -> CacheStream:
+        """This epoch's items streamed shard by shard (:class:`~kdcache.store.CacheStream`):
+        ``positions`` (default all) in a shuffled shard order through a shuffle buffer, split
+        between ``workers`` DataLoader workers, each yielding whole batches of ``batch_size``."""
+        placeholder = (lambda: self.store.schema.placeholder_targets(self.groups)) if self.skip_bad else None
+        stream = CacheStream(self.store, self.rows, transform=self.item, groups=self.groups, seed=self.seed,
+                             positions=positions, batch_size=batch_size, num_workers=workers,
+                             buffer_size=buffer_size, placeholder=placeholder)
+        stream.set_epoch(self.epoch)
+        return stream
+
+    def item(self, index: int, cached: dict) -> dict:
+        """The training item of sample ``index`` from its cached targets (tensors, as read;
+        a placeholder marked ``bad`` for a sample whose chunks could not be read)."""
+        skipped = bool(cached.pop(BAD, False))
         if self.use_views:
             params = cached["views/params"]
             v = int(np.random.default_rng((self.seed, self.epoch, index, 7)).integers(len(params)))
@@ -89,8 +129,9 @@ class KDPipeline(SegPipeline):
             item.update(view_targets(cached, v))
         else:
             item = self.transformed(index, self.geometry if self.augment is not None else None)
-            g = item.get("geometry") or Geometry.identity(tuple(item["image"].shape[-2:]))
-            item.update(warp_targets(cached, g, self.store.schema.strides))
+            if cached:
+                g = item.get("geometry") or Geometry.identity(tuple(item["image"].shape[-2:]))
+                item.update(warp_targets(cached, g, self.store.schema.strides))
         item.pop("geometry", None)
         if skipped:  # no teacher targets for this sample: every KD cell ignored
             for key in list(item):
@@ -124,14 +165,43 @@ class StudentTrainer(Trainer):
         if self.store is None:
             return train_pipe, val_pipe
         rows = self.store.join(train_ds, check_content=self.config.check_content)
+        required = [r for m in self.methods for r in m.required()]
         return (KDPipeline(train_ds, self.preprocess, train_pipe.augment, self.config.seed, self.store, rows,
-                           self.config.use_views, self.config.skip_bad), val_pipe)
+                           self.config.use_views, self.config.skip_bad, required), val_pipe)
 
     def sample_groups(self, pipeline) -> np.ndarray | None:
         """Under torchrun, ranks take whole store shards: each reads its own shard files."""
         if isinstance(pipeline, KDPipeline):
             return self.store.schema.shard_of(pipeline.rows)
         return None
+
+    @property
+    def streams(self) -> bool:
+        return self.store is not None and self.config.cache_read == "stream"
+
+    def steps_per_epoch(self, num_samples: int) -> int:
+        """Streaming, each DataLoader worker yields whole batches of its part of the shards:
+        the steps are a multiple of the workers."""
+        steps = super().steps_per_epoch(num_samples)
+        if not self.streams:
+            return steps
+        workers = self.stream_workers(steps)
+        return steps // workers * workers
+
+    def stream_workers(self, steps: int) -> int:
+        """Streaming DataLoader workers (at least one part; no more workers than batches)."""
+        return max(1, min(self.workers, steps))
+
+    def training_loader(self, train_pipe, epoch: int, steps_per_epoch: int) -> torch.utils.data.DataLoader:
+        """Streaming: this rank's samples, shard by shard, each worker its own contiguous part."""
+        if not self.streams:
+            return super().training_loader(train_pipe, epoch, steps_per_epoch)
+        c = self.config
+        parts = self.stream_workers(steps_per_epoch)
+        stream = train_pipe.stream(self.rank_share(train_pipe, epoch, steps_per_epoch), batch_size=c.batch_size,
+                                   workers=parts, buffer_size=c.shuffle_buffer)
+        return make_loader(stream, c.batch_size, parts if self.workers > 0 else 0,
+                           pin_memory=self.device.type == "cuda", context=self.loader_context())
 
     def loader_context(self) -> str | None:
         return worker_start_method(self.store.path) if self.store is not None else None

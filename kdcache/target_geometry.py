@@ -63,16 +63,18 @@ def warp_targets(item: dict, g: Geometry, strides: dict[str, tuple[float, float]
     ``attention/<tap>``), so every sample of a batch gets maps of one size. Returns
     ``kd/values``, ``kd/indices``, ``kd/tail`` (if stored) and ``kd/ignore`` (bool, True in the
     crop's padding) at ceil(crop / stride), and ``kd/features/<tap>``, ``kd/attention/<tap>``
-    (with their own ``…/ignore``) at ceil(crop / their stride)."""
+    (with their own ``…/ignore``) at ceil(crop / their stride). Maps ``item`` lacks (not read
+    because no method needs them) are left out."""
     out: dict = {}
-    values = item["logits/values"]
-    map_hw = tuple(values.shape[-2:])
-    yi, xi, invalid = sample_grid(g, map_hw, out_map_size(g.out_size, strides["logits"]))
-    out["kd/values"] = warp(values, yi, xi)
-    out["kd/indices"] = warp(item["logits/indices"], yi, xi)
-    if item.get("logits/tail") is not None:
-        out["kd/tail"] = warp(item["logits/tail"], yi, xi)
-    out["kd/ignore"] = invalid
+    values = item.get("logits/values")
+    if values is not None:  # absent when no method reads the logits
+        map_hw = tuple(values.shape[-2:])
+        yi, xi, invalid = sample_grid(g, map_hw, out_map_size(g.out_size, strides["logits"]))
+        out["kd/values"] = warp(values, yi, xi)
+        out["kd/indices"] = warp(item["logits/indices"], yi, xi)
+        if item.get("logits/tail") is not None:
+            out["kd/tail"] = warp(item["logits/tail"], yi, xi)
+        out["kd/ignore"] = invalid
     for key, a in item.items():
         if key.startswith(("features/", "attention/")):
             fy, fx, finv = sample_grid(g, tuple(a.shape[-2:]), out_map_size(g.out_size, strides[key]))

@@ -365,16 +365,21 @@ class Trainer:
         return make_loader(val_pipe, self.config.batch_size, self.workers, pin_memory=self.device.type == "cuda",
                            sampler=sampler)
 
-    def training_loader(self, train_pipe, epoch: int, steps_per_epoch: int) -> torch.utils.data.DataLoader:
-        """This epoch's shuffled batches (this rank's share under torchrun: whole store shards
-        where possible, equal counts on every rank)."""
+    def rank_share(self, train_pipe, epoch: int, steps_per_epoch: int) -> list[int] | None:
+        """This rank's training samples this epoch under torchrun (whole store shards where
+        possible, equal counts on every rank); None in a single process (every sample)."""
         c, world = self.config, self.dist.world_size
+        if world == 1:
+            return None
+        share = rank_indices(len(train_pipe), (c.seed, epoch), self.dist.rank, world,
+                             self.sample_groups(train_pipe), min_size=c.batch_size)
+        return share[:steps_per_epoch * c.batch_size]
+
+    def training_loader(self, train_pipe, epoch: int, steps_per_epoch: int) -> torch.utils.data.DataLoader:
+        """This epoch's shuffled batches (this rank's share under torchrun)."""
+        c = self.config
         gen = torch.Generator().manual_seed(c.seed * 100_003 + epoch)
-        sampler = None
-        if world > 1:
-            sampler = rank_indices(len(train_pipe), (c.seed, epoch), self.dist.rank, world,
-                                   self.sample_groups(train_pipe), min_size=c.batch_size)
-            sampler = sampler[:steps_per_epoch * c.batch_size]
+        sampler = self.rank_share(train_pipe, epoch, steps_per_epoch)
         return make_loader(train_pipe, c.batch_size, self.workers, shuffle=sampler is None, generator=gen,
                            drop_last=True, pin_memory=self.device.type == "cuda", context=self.loader_context(),
                            sampler=sampler)

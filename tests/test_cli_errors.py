@@ -427,6 +427,9 @@ CASES = [
                                                     "{tmp}/s", "--quiet"], "--online-teacher needs --teacher-weights"),
     case("student-resize", student("--resize", "16x16"), "differs from the cache's preprocessing",
          "drop --resize"),
+    case("student-cache-read", student("--cache-read", "sequential"),
+         "--cache-read must be one of stream, random, got 'sequential'"),
+    case("student-shuffle-buffer", student("--shuffle-buffer", "0"), "--shuffle-buffer must be 1 or more, got 0"),
     case("method-at-without-maps", student("--method", "at:student_tap=stage3,teacher_tap=stage3"),
          "method 'at' needs the teacher's 'stage3' attention maps or features in the cache",
          "build it with --features stage3 --attention"),
@@ -586,6 +589,8 @@ NOT_FROM_THE_CLI = {
     "--cache STORE is required (or --online-teacher": "student_config refuses a missing --cache first ('build one "
                                                       "with build-teacher-cache'); StudentConfig from Python",
     "unknown student options": "the CLI passes only StudentConfig fields; config_from_store(**options) from Python",
+    "CacheStream was set up for {} DataLoader workers": "the trainer builds the stream and its DataLoader with "
+                                                         "one worker count; CacheStream(batch_size=…) from Python",
     "num_classes must be positive": "data sets have at least one class and checkpoints' class counts are checked "
                                     "against them first; build_model(name, 0) from Python",
 }

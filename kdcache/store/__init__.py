@@ -14,6 +14,7 @@ The teacher pass that fills a store lives in :mod:`kdcache.cache_build`.
 """
 
 from kdcache.store.reader import (
+    BAD,
     BadSampleError,
     CachedTargets,
     CacheStore,
@@ -24,7 +25,7 @@ from kdcache.store.reader import (
 )
 from kdcache.store.schema import DEFAULT_CODEC, FORMAT, SCHEMA_VERSION, CacheSchema
 
-__all__ = ["FORMAT", "SCHEMA_VERSION", "DEFAULT_CODEC", "BadSampleError", "CacheSchema", "CacheStore",
+__all__ = ["FORMAT", "SCHEMA_VERSION", "DEFAULT_CODEC", "BAD", "BadSampleError", "CacheSchema", "CacheStore",
            "CacheStream", "CachedTargets", "StoreError", "read_meta", "to_tensors", "open_store"]
 
 

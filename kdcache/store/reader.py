@@ -16,7 +16,7 @@ the wider id types), ``logits/tail`` [h, w] float16 (absent when k = C), ``featu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ import zarr
 from kdcache.checkpoint import file_sha256
 from kdcache.errors import KDCacheError
 from kdcache.store.location import is_url
-from kdcache.store.schema import ATTR, FORMAT, SCHEMA_VERSION, CacheSchema, decode_ids
+from kdcache.store.schema import ATTR, FORMAT, SCHEMA_VERSION, VIEW_PARAMS, CacheSchema, decode_ids
 from kdcache.store.shards import ShardFile, fast_reader
 
 
@@ -63,6 +63,10 @@ def read_meta(path: str | Path, storage_options: dict | None = None, mode: str =
     return group, meta
 
 
+#: the key that marks a placeholder for a sample whose chunks could not be read
+BAD = "bad"
+
+
 class CacheStore:
     """A teacher cache opened for reading. Picklable: workers reopen it lazily."""
 
@@ -74,6 +78,7 @@ class CacheStore:
         self._arrays: dict[str, zarr.Array] = {}
         self._fast: dict[str, ShardFile | None] = {}
         self._ids: list[str] | None = None
+        self._extents: dict[str, np.ndarray] = {}
 
     # -- pickling: open once per process -----------------------------------------------------
     def __getstate__(self):
@@ -81,6 +86,7 @@ class CacheStore:
         state["_group"] = None
         state["_arrays"] = {}
         state["_fast"] = {}
+        state["_extents"] = {}
         return state
 
     def __setstate__(self, state):
@@ -159,22 +165,36 @@ class CacheStore:
                 )
 
     # -- reading -----------------------------------------------------------------------------
-    def read(self, row: int) -> dict:
-        """One sample (every map cropped to its valid extent)."""
+    def extents(self, group: str) -> np.ndarray:
+        """The valid extent (h, w) of every sample's maps of ``group``, [n, 2]: read once per
+        process (8 bytes a sample), as reading two numbers through zarr per sample cost more than
+        the sample's maps."""
+        e = self._extents.get(group)
+        if e is None:
+            e = self._extents[group] = np.asarray(self.array(f"{group}/hw")[:])
+        return e
+
+    def read(self, row: int, groups: Iterable[str] | None = None) -> dict:
+        """One sample (every map cropped to its valid extent); ``groups`` as for :meth:`read_block`."""
         if not 0 <= row < self.num_samples:
             raise IndexError(f"row {row} is outside the store's {self.num_samples} samples")
-        return self.read_block(row, row + 1)[0]
+        return self.read_block(row, row + 1, groups=groups)[0]
 
-    def read_block(self, start: int, stop: int, rows: Sequence[int] | None = None) -> list[dict]:
+    def read_block(self, start: int, stop: int, rows: Sequence[int] | None = None,
+                   groups: Iterable[str] | None = None) -> list[dict]:
         """Samples ``start..stop-1`` (or the ``rows`` among them), each array read in one call.
+        ``groups``: only these map groups (``logits``, ``features/<tap>``, ``attention/<tap>``,
+        ``views/logits``, …, and ``views/params``; see :meth:`CacheSchema.groups_for`); None:
+        every array.
 
-        Reading a whole shard's block is the fast path: zarr fetches and decodes its chunks in
-        one request per array instead of one per sample."""
+        Reading a whole shard's block is the fast path: its file is fetched in one request per
+        array and its chunks decoded together, instead of one request per sample."""
         rows = list(range(start, stop)) if rows is None else list(rows)
         schema = self.schema
-        extents = {g: np.asarray(self.array(f"{g}/hw")[start:stop]) for g in schema.extent_groups}
+        specs = schema.select(groups)
+        extents = {g: self.extents(g)[start:stop] for g in {s.group for s in specs if s.spatial}}
         data = {}
-        for spec in schema.map_specs:
+        for spec in specs:
             try:
                 data[spec.path] = self._read_map(spec.path, start, stop, rows)
             except Exception as exc:
@@ -185,15 +205,15 @@ class CacheStore:
                     f"damaged or truncated. `kdcache verify-cache {self.path} --reset-bad` marks it for "
                     "rebuilding; train-student --skip-bad trains on without its targets.", rows
                 ) from None
-        if schema.views:
-            data["views/params"] = np.asarray(self.array("views/params")[start:stop])
+        if schema.views and (groups is None or VIEW_PARAMS in groups):
+            data[VIEW_PARAMS] = np.asarray(self.array(VIEW_PARAMS)[start:stop])
         ids = self.ids
         ids_type = schema.read_index_dtype
         out = []
         for r in rows:
             j = r - start
             item = {"row": r, "id": ids[r]}
-            for spec in schema.map_specs:
+            for spec in specs:
                 a = data[spec.path][j]
                 if spec.spatial:
                     h, w = extents[spec.group][j]
@@ -201,8 +221,8 @@ class CacheStore:
                 if a.dtype.kind == "u" and a.dtype != ids_type:
                     a = a.astype(ids_type)
                 item[spec.key] = a
-            if "views/params" in data:
-                item["views/params"] = data["views/params"][j]
+            if VIEW_PARAMS in data:
+                item[VIEW_PARAMS] = data[VIEW_PARAMS][j]
             out.append(item)
         return out
 
@@ -297,70 +317,140 @@ class CachedTargets(torch.utils.data.Dataset):
 
 class CacheStream(torch.utils.data.IterableDataset):
     """Streaming order for training: the shards holding ``rows`` in a shuffled order (new each
-    :meth:`set_epoch`), each read whole, and its samples passed through a shuffle buffer of
-    ``buffer_size``. Shards are split between DataLoader workers and, with ``world_size`` > 1,
-    between processes, so each is read once per epoch. Items are like :class:`CachedTargets`'s
-    (``index`` is the position in ``rows``)."""
+    :meth:`set_epoch`), the samples of each shard shuffled and read in one block, then passed
+    through a shuffle buffer of ``buffer_size``. With ``world_size`` > 1, whole shards are dealt
+    to the processes; ``positions`` instead gives this process's positions in ``rows`` (e.g. the
+    trainer's share for a rank). The DataLoader workers split this process's sequence into
+    contiguous parts, so each shard is read once per epoch (a shard cut between two workers is
+    read by both, each its own samples).
+
+    Items are like :class:`CachedTargets`'s (``index`` is the position in ``rows``); ``groups``
+    restricts the arrays read (:meth:`CacheStore.read_block`). ``transform(index, targets)``
+    turns the targets of a sample into the item (e.g. the training pipeline's), else ``item_fn``'s
+    dict is merged in. With ``batch_size``, every one of ``num_workers`` workers yields the same
+    number of items, a multiple of ``batch_size`` (the remainder of the sequence is left out that
+    epoch, as ``drop_last`` does), so processes and workers take equal numbers of whole batches.
+    With ``placeholder``, a shard that cannot be decoded is read sample by sample and each
+    unreadable sample becomes ``placeholder()`` marked ``bad`` (else the error propagates)."""
 
     def __init__(self, store: CacheStore, rows: Sequence[int] | None = None, *,
-                 item_fn: Callable[[int], dict] | None = None, shuffle: bool = True,
-                 buffer_size: int = 256, seed: int = 0, rank: int = 0, world_size: int = 1):
+                 item_fn: Callable[[int], dict] | None = None,
+                 transform: Callable[[int, dict], dict] | None = None,
+                 groups: Iterable[str] | None = None, shuffle: bool = True, buffer_size: int = 256,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, positions: Sequence[int] | None = None,
+                 batch_size: int | None = None, num_workers: int = 0,
+                 placeholder: Callable[[], dict] | None = None):
         self.store = store
         self.rows = np.arange(store.num_samples) if rows is None else np.asarray(rows, dtype=np.int64)
         self.item_fn = item_fn
+        self.transform = transform
+        self.groups = None if groups is None else sorted(groups)
         self.shuffle = shuffle
         self.buffer_size = max(1, buffer_size)
         self.seed = seed
         self.epoch = 0
         self.rank = rank
         self.world_size = world_size
+        self.positions = None if positions is None else np.asarray(positions, dtype=np.int64)
+        self.batch_size = batch_size
+        self.num_workers = max(1, num_workers)
+        self.placeholder = placeholder
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.shards_of_this_rank()[1])
+        n = len(self.shards_of_this_rank()[1])
+        if self.batch_size is None:
+            return n
+        return self.num_workers * self._quota(n)
+
+    def _quota(self, n: int) -> int:
+        """Items each worker yields with ``batch_size``: whole batches of the shortest part."""
+        return n // self.num_workers // self.batch_size * self.batch_size
 
     def shards_of_this_rank(self) -> tuple[list[tuple[int, list[int]]], list[int]]:
         """(shard order for this process: (shard, positions in rows), the positions it covers)."""
         s = self.store.samples_per_shard
+        mine_pos = np.arange(len(self.rows)) if self.positions is None else self.positions
         by_shard: dict[int, list[int]] = {}
-        for pos, r in enumerate(self.rows):
-            by_shard.setdefault(int(r) // s, []).append(pos)
+        for pos in mine_pos:
+            by_shard.setdefault(int(self.rows[pos]) // s, []).append(int(pos))
         order = sorted(by_shard)
+        rng = np.random.default_rng((self.seed, self.epoch))
         if self.shuffle:
-            rng = np.random.default_rng((self.seed, self.epoch))
             order = [order[i] for i in rng.permutation(len(order))]
-        mine = order[self.rank::self.world_size]
-        shards = [(sh, by_shard[sh]) for sh in mine]
+        if self.positions is None:
+            order = order[self.rank::self.world_size]
+        shards = []
+        for sh in order:
+            ps = sorted(by_shard[sh])
+            if self.shuffle:
+                ps = [ps[i] for i in rng.permutation(len(ps))]
+            shards.append((sh, ps))
         return shards, [p for _, ps in shards for p in ps]
 
     def __iter__(self):
-        shards, _ = self.shards_of_this_rank()
+        shards, sequence = self.shards_of_this_rank()
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        shards = shards[worker::workers]
+        if self.batch_size is not None and workers != self.num_workers:
+            raise KDCacheError(f"CacheStream was set up for {self.num_workers} DataLoader workers but runs "
+                               f"in {workers}; give the DataLoader num_workers={self.num_workers}")
+        # this worker's contiguous part of the sequence, as runs of positions per shard
+        bounds = np.linspace(0, len(sequence), workers + 1).round().astype(int)
+        lo, hi = int(bounds[worker]), int(bounds[worker + 1])
+        quota = self._quota(len(sequence)) if self.batch_size is not None else hi - lo
+        runs, at = [], 0
+        for shard, ps in shards:
+            a, b = max(lo, at), min(hi, at + len(ps))
+            if a < b:
+                runs.append((shard, ps[a - at:b - at]))
+            at += len(ps)
         rng = np.random.default_rng((self.seed, self.epoch, self.rank, worker, 1))
         buffer: list[dict] = []
         s = self.store.samples_per_shard
-        for shard, positions in shards:
+        yielded = 0
+        for shard, positions in runs:
+            if yielded >= quota:
+                return
             wanted = [int(self.rows[p]) for p in positions]
-            lo, hi = min(wanted), max(wanted) + 1
-            lo, hi = max(lo, shard * s), min(hi, (shard + 1) * s)
-            block = self.store.read_block(lo, hi, rows=wanted)
-            for pos, item in zip(positions, block):
-                item["index"] = pos
+            order = np.argsort(wanted, kind="stable")
+            first, last = shard * s, min((shard + 1) * s, self.store.num_samples)
+            block = self._read(first, last, sorted(wanted))
+            for j, item in zip(order, block):
+                item["index"] = positions[j]
                 buffer.append(item)
-                if self.shuffle and len(buffer) >= self.buffer_size:
-                    yield self._finish(buffer.pop(int(rng.integers(len(buffer)))))
-                elif not self.shuffle:
-                    yield self._finish(buffer.pop())
-        if self.shuffle:
-            for j in rng.permutation(len(buffer)):
-                yield self._finish(buffer[j])
+                if len(buffer) >= (self.buffer_size if self.shuffle else 1):
+                    item = buffer.pop(int(rng.integers(len(buffer))) if self.shuffle else 0)
+                    yield self._finish(item)
+                    yielded += 1
+                    if yielded >= quota:
+                        return
+        for j in (rng.permutation(len(buffer)) if self.shuffle else range(len(buffer))):
+            if yielded >= quota:
+                return
+            yield self._finish(buffer[j])
+            yielded += 1
+
+    def _read(self, first: int, last: int, rows: list[int]) -> list[dict]:
+        try:
+            return self.store.read_block(first, last, rows=rows, groups=self.groups)
+        except BadSampleError:
+            if self.placeholder is None:
+                raise
+        out = []
+        for r in rows:
+            try:
+                out.append(self.store.read(r, groups=self.groups))
+            except BadSampleError:
+                out.append({**self.placeholder(), "row": r, "id": self.store.ids[r], BAD: True})
+        return out
 
     def _finish(self, item: dict) -> dict:
         out = to_tensors(item)
+        if self.transform is not None:
+            return self.transform(int(item["index"]), out)
         if self.item_fn is not None:
             out.update(self.item_fn(item["index"]))
         return out

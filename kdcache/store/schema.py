@@ -37,7 +37,7 @@ A sample reads (:mod:`.reader`) as a flat dict keyed by :attr:`MapSpec.key`: ``l
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
@@ -65,6 +65,9 @@ MAX_SAMPLES_PER_SHARD = 256
 
 #: the attributes that must be equal for a rerun to resume a store (everything that changes
 #: what is stored); the rest (creation time, code version, data root path) may differ
+#: the array of each sample's stored view geometries (read with the views' maps)
+VIEW_PARAMS = "views/params"
+
 IDENTITY_KEYS = ("schema_version", "teacher", "num_classes", "class_names", "k", "preprocess",
                  "dataset", "flip_average", "views", "features", "attention", "samples_per_shard",
                  "codec", "map_size", "stride", "amp")
@@ -381,10 +384,31 @@ class CacheSchema:
             small("views/params", (self.view_count, len(Geometry.PACKED)), "float32", float("nan"))
 
     # -- a sample that cannot be read --------------------------------------------------------------
-    def placeholder_targets(self) -> dict[str, torch.Tensor]:
+    def select(self, groups: Iterable[str] | None) -> list[MapSpec]:
+        """The map arrays of ``groups`` (``logits``, ``features/<tap>``, ``views/logits``, …;
+        None: every one)."""
+        if groups is None:
+            return self.map_specs
+        wanted = set(groups)
+        return [s for s in self.map_specs if s.group in wanted]
+
+    def groups_for(self, required: Iterable[str], views: bool = False) -> set[str]:
+        """The map groups a training item reads for KD methods that require ``required``
+        (``logits``, ``features/<tap>``, ``attention/<tap>``): those of the base maps, or with
+        ``views`` those of the stored views plus ``views/params`` (each view's geometry). A
+        group the store lacks is left out (the method that needs it says so when it runs)."""
+        have = {s.group for s in self.map_specs}
+        prefix = "views/" if views else ""
+        out = {prefix + r for r in required if prefix + r in have}
+        if views:
+            out.add(VIEW_PARAMS)
+        return out
+
+    def placeholder_targets(self, groups: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         """Zero targets shaped like one read sample's (1 x 1 maps; views at their size, each the
         identity geometry of the view crop), for a sample whose chunks cannot be read: the
-        geometry gives them the right size, and the caller ignores every cell."""
+        geometry gives them the right size, and the caller ignores every cell. ``groups`` as
+        for :meth:`select` (and ``views/params``)."""
         idx = torch.from_numpy(np.zeros(0, dtype=self.read_index_dtype)).dtype
         k = self.k
         out = {"logits/values": torch.zeros(k, 1, 1, dtype=torch.float16),
@@ -404,6 +428,9 @@ class CacheSchema:
                 if spec.path.startswith("views/"):
                     dtype = idx if spec.path.endswith("indices") else torch.float16
                     out[spec.key] = torch.zeros(spec.shape, dtype=dtype)
+        if groups is not None:
+            keep = {spec.key for spec in self.select(groups)} | ({VIEW_PARAMS} & set(groups))
+            out = {key: v for key, v in out.items() if key in keep}
         return out
 
     # -- is it the same store? -------------------------------------------------------------------

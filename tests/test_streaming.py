@@ -1,0 +1,192 @@
+"""How train-student reads the cache: only the arrays its methods use, whole shards in a
+shuffled order (the same items as random access), split between DataLoader workers and ranks
+with equal whole batches, and on an object store one request per shard and array."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import Counter
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from fake_data import make_teacher
+from typer.testing import CliRunner
+
+from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.cli.app import app
+from kdcache.distill import StudentTrainer, config_from_store
+from kdcache.store import CacheStore, CacheStream
+
+runner = CliRunner()
+RES = {"resolution": [32, 48]}
+
+
+def _build(teacher, out, n=24, per_shard=8):
+    build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(out), dataset_options=dict(RES), limit=n,
+                                         topk=4, features=("stage3",), attention=True, samples_per_shard=per_shard,
+                                         device="cpu", workers=0), show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return make_teacher(tmp_path_factory.mktemp("t") / "teacher.pt")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, teacher):
+    return _build(teacher, tmp_path_factory.mktemp("c") / "c.zarr")
+
+
+def _pipeline(store, methods, tmp_path, **kw):
+    tr = StudentTrainer(config_from_store(str(store), methods=methods, device="cpu", workers=0, limit=24,
+                                          batch_size=4, out=str(tmp_path / "run"), **kw), show_progress=False)
+    train_ds, val_ds = tr.build_datasets()
+    pipe, _ = tr.build_pipelines(train_ds, val_ds)
+    return tr, pipe
+
+
+def _count_reads(monkeypatch) -> Counter:
+    """Map arrays read, by path, through CacheStore's block reader."""
+    reads: Counter = Counter()
+    original = CacheStore._read_map
+
+    def counted(self, path, start, stop, rows):
+        reads[path] += 1
+        return original(self, path, start, stop, rows)
+
+    monkeypatch.setattr(CacheStore, "_read_map", counted)
+    return reads
+
+
+def test_only_the_arrays_the_methods_use_are_read(store, tmp_path, monkeypatch):
+    reads = _count_reads(monkeypatch)
+    _, pipe = _pipeline(store, [{"name": "kl"}], tmp_path)
+    item = pipe[3]
+    assert set(reads) == {"logits/values", "logits/indices", "logits/tail"}
+    assert "kd/values" in item and not any(k.startswith(("kd/features", "kd/attention")) for k in item)
+
+    reads.clear()
+    _, pipe = _pipeline(store, [{"name": "at", "student_tap": "stage3", "teacher_tap": "stage3"}], tmp_path)
+    item = pipe[3]
+    assert set(reads) == {"attention/stage3/values"} and "kd/attention/stage3" in item and "kd/values" not in item
+
+    reads.clear()
+    _, pipe = _pipeline(store, [{"name": "none"}], tmp_path)  # the CE-only baseline reads no cache at all
+    item = pipe[3]
+    assert not reads and not any(k.startswith("kd/") and k != "kd/skipped" for k in item)
+    assert item["image"].shape == (3, 32, 48)
+
+
+def test_streamed_items_equal_random_access_items(store, tmp_path):
+    _, pipe = _pipeline(store, [{"name": "kl"}, {"name": "fitnet", "student_tap": "stage3",
+                                                  "teacher_tap": "stage3"}], tmp_path)
+    pipe.set_epoch(2)
+    streamed = {int(item["index"]): item for item in pipe.stream()}
+    assert sorted(streamed) == list(range(24))
+    for i in (0, 7, 8, 23):
+        direct = pipe[i]
+        assert set(direct) == set(streamed[i])
+        for key, v in direct.items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, streamed[i][key]), key
+
+
+def test_stream_order_is_shuffled_by_shard_and_reads_each_shard_once(store, tmp_path, monkeypatch):
+    blocks: Counter = Counter()
+    original = CacheStore.read_block
+
+    def counted(self, start, stop, rows=None, groups=None):
+        blocks[start // self.samples_per_shard] += 1
+        return original(self, start, stop, rows, groups)
+
+    monkeypatch.setattr(CacheStore, "read_block", counted)
+    _, pipe = _pipeline(store, [{"name": "kl"}], tmp_path)
+    orders = []
+    for epoch in range(3):
+        pipe.set_epoch(epoch)
+        blocks.clear()
+        order = [int(item["index"]) for item in pipe.stream(buffer_size=4)]
+        assert sorted(order) == list(range(24)) and dict(blocks) == {0: 1, 1: 1, 2: 1}
+        orders.append(order)
+    assert len({tuple(o) for o in orders}) == 3
+    # a small buffer keeps most of a shard together: the shard order is what changes per epoch
+    first_shards = [o[0] // 8 for o in orders]
+    assert all(sum(i // 8 == o[0] // 8 for i in o[:8]) >= 5 for o in orders), first_shards
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_workers_take_contiguous_parts_and_equal_whole_batches(store, workers, monkeypatch):
+    s = CacheStore(store)
+    rows = np.arange(24)
+    positions = [p for p in range(24) if p != 5]  # 23 samples: not a multiple of anything
+    stream = CacheStream(s, rows, positions=positions, batch_size=4, num_workers=workers, seed=3)
+    stream.set_epoch(1)
+    blocks: Counter = Counter()
+    original = CacheStore.read_block
+
+    def counted(self, start, stop, rows=None, groups=None):
+        blocks[start // self.samples_per_shard] += 1
+        return original(self, start, stop, rows, groups)
+
+    monkeypatch.setattr(CacheStore, "read_block", counted)
+    parts = []
+    for w in range(workers):
+        info = type("Info", (), {"id": w, "num_workers": workers})
+        monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda info=info: info)
+        parts.append([int(item["index"]) for item in stream])
+    quota = 23 // workers // 4 * 4
+    assert [len(p) for p in parts] == [quota] * workers and len(stream) == workers * quota
+    flat = [i for p in parts for i in p]
+    assert len(set(flat)) == len(flat) and 5 not in flat
+    # each shard is read by at most two workers (a part boundary inside it), once each
+    assert max(blocks.values()) <= 2 and sum(blocks.values()) <= 3 + workers - 1
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: None)
+    with pytest.raises(Exception, match=f"set up for {workers} DataLoader workers but runs in 1"):
+        next(iter(stream))
+
+
+def test_train_student_streams_every_sample_once_per_epoch(store, tmp_path):
+    for read, workers in (("stream", 0), ("stream", 2), ("random", 0)):
+        out = tmp_path / f"{read}-{workers}"
+        r = runner.invoke(app, ["train-student", "--cache", str(store), "--epochs", "2", "--limit", "24",
+                                "--batch-size", "4", "--workers", str(workers), "--cache-read", read,
+                                "--device", "cpu", "--out", str(out), "--quiet"])
+        assert r.exit_code == 0, r.output
+        recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        steps = 24 // 4 // max(1, workers) * max(1, workers)
+        for rec in recs:
+            assert rec["train_samples_seen"] == rec["train_samples_distinct"] == steps * 4, (read, workers, rec)
+        assert json.loads((out / "config.json").read_text())["cache_read"] == read
+
+
+def test_remote_stream_makes_one_request_per_shard_and_array(teacher, tmp_path, monkeypatch):
+    url = f"memory://{uuid.uuid4().hex}/c.zarr"
+    _build(teacher, url)
+    fs = fsspec.filesystem("memory")
+    requests: Counter = Counter()
+    for name in ("cat_file", "_cat_file", "open", "_open", "cat", "cat_ranges"):
+        original = getattr(type(fs), name, None)
+        if original is None:
+            continue
+
+        def counted(self, path, *a, _original=original, **kw):
+            requests[str(path).split(".zarr/", 1)[-1]] += 1
+            return _original(self, path, *a, **kw)
+
+        monkeypatch.setattr(type(fs), name, counted)
+    _, pipe = _pipeline(url, [{"name": "kl"}], tmp_path)
+    pipe.set_epoch(0)
+    requests.clear()
+    assert sorted(int(item["index"]) for item in pipe.stream()) == list(range(24))
+    shard_reads = {k: v for k, v in requests.items() if "/c/" in k and "/hw/" not in k}
+    extents = {k: v for k, v in requests.items() if "/hw/" in k}
+    assert extents and max(extents.values()) == 1  # the valid extents: read once, all of them
+    for array in ("logits/values", "logits/indices", "logits/tail"):
+        for shard in range(3):
+            key = f"{array}/c/{shard}/0/0/0" if array != "logits/tail" else f"{array}/c/{shard}/0/0"
+            assert shard_reads.pop(key, 0) == 1, (key, requests)
+    assert not shard_reads, shard_reads  # nothing else: no features, no attention, no chunk-by-chunk reads
