@@ -190,3 +190,18 @@ def test_remote_stream_makes_one_request_per_shard_and_array(teacher, tmp_path, 
             key = f"{array}/c/{shard}/0/0/0" if array != "logits/tail" else f"{array}/c/{shard}/0/0"
             assert shard_reads.pop(key, 0) == 1, (key, requests)
     assert not shard_reads, shard_reads  # nothing else: no features, no attention, no chunk-by-chunk reads
+
+
+def test_a_remote_shard_read_in_one_request_equals_the_local_read(store, teacher):
+    url = f"memory://{uuid.uuid4().hex}/c.zarr"
+    fsspec.filesystem("memory").put(str(store), url[len("memory://"):], recursive=True)
+    remote, local = CacheStore(url), CacheStore(store)
+    whole = remote.read_block(8, 16)  # whole shard: the one-request path
+    part = remote.read_block(8, 16, rows=[9])  # one sample: zarr's ranged reads
+    assert remote._fast["logits/values"] is not None and remote._fast["logits/values"].fs is not None
+    for got, want in ((whole, local.read_block(8, 16)), (part, local.read_block(8, 16, rows=[9]))):
+        assert [g["id"] for g in got] == [w["id"] for w in want]
+        for g, w in zip(got, want):
+            for key, v in w.items():
+                if isinstance(v, np.ndarray):
+                    assert v.dtype == g[key].dtype and np.array_equal(v, g[key]), key

@@ -229,10 +229,11 @@ class CacheStore:
     def _read_map(self, path: str, start: int, stop: int, rows: list[int]) -> np.ndarray:
         """Rows of a map array as a [stop - start, ...] block (only ``rows`` filled in)."""
         if path not in self._fast:
-            self._fast[path] = fast_reader(self.path, path, self.array(path).metadata.to_dict())
+            self._fast[path] = fast_reader(self.path, path, self.array(path).metadata.to_dict(),
+                                           self.storage_options)
         fast = self._fast[path]
-        if fast is None:
-            return np.asarray(self.array(path)[start:stop])
+        if fast is None or (fast.fs is not None and not fast.reads_whole(rows)):
+            return np.asarray(self.array(path)[start:stop])  # zarr: ranged reads of the chunks
         a = self.array(path)
         out = np.empty((stop - start, *a.shape[1:]), dtype=fast.dtype)
         by_shard: dict[int, list[int]] = {}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import fsspec
 import google_crc32c
 import numpy as np
 from numcodecs import blosc
@@ -41,8 +42,10 @@ def _crc_ok(payload: bytes | memoryview, stored: bytes | memoryview) -> bool:
 class ShardFile:
     """Reads and writes the shards of one sharded array in kdcache's layout."""
 
-    def __init__(self, root: Path, path: str, meta: dict):
-        self.dir = root / path / "c"
+    def __init__(self, root: Path | str, path: str, meta: dict, fs=None):
+        #: an fsspec file system for a store at a URL (a whole shard is one request); None: local
+        self.fs = fs
+        self.dir = f"{str(root).rstrip('/')}/{path}/c" if fs is not None else Path(root) / path / "c"
         self.shape = tuple(meta["shape"])
         sharding = meta["codecs"][0]["configuration"]
         self.chunk_shape = tuple(sharding["chunk_shape"])
@@ -57,14 +60,29 @@ class ShardFile:
         self.ndim = len(self.shape)
         self._zstd = Zstd(level=self.compressor_conf.get("level", 0)) if self.compressor == "zstd" else Zstd()
 
-    def shard_path(self, shard: int) -> Path:
+    def shard_path(self, shard: int) -> Path | str:
+        if self.fs is not None:
+            return "/".join([self.dir, str(shard), *(["0"] * (self.ndim - 1))])
         return self.dir.joinpath(str(shard), *(["0"] * (self.ndim - 1)))
 
+    def reads_whole(self, rows: list[int]) -> bool:
+        """Whether reading ``rows`` of one shard fetches the whole shard file (a quarter or more
+        of its samples): one request; fewer are read chunk by chunk."""
+        return len(rows) * 4 >= self.per_shard
+
     def read(self, rows: list[int]) -> np.ndarray:
-        """Samples ``rows`` (all in one shard), stacked: [len(rows), *chunk_shape[1:]]."""
+        """Samples ``rows`` (all in one shard), stacked: [len(rows), *chunk_shape[1:]]. At a
+        URL only whole-shard reads (:meth:`reads_whole`) take this path."""
         shard = rows[0] // self.per_shard
         out = np.empty((len(rows), *self.chunk_shape[1:]), dtype=self.dtype)
         path = self.shard_path(shard)
+        if self.fs is not None:
+            try:
+                data = memoryview(self.fs.cat_file(path))
+            except FileNotFoundError:
+                out[...] = self.fill
+                return out
+            return self._decode_rows(data, len(data), rows, shard, path, out)
         try:
             f = open(path, "rb")
         except FileNotFoundError:
@@ -72,34 +90,40 @@ class ShardFile:
             return out
         with f:
             size = os.fstat(f.fileno()).st_size
-            whole = len(rows) * 4 >= self.per_shard
-            if whole:
-                data = memoryview(f.read())
-                raw_index = data[size - self.index_bytes:]
-            else:
-                if size < self.index_bytes:
-                    raise DamagedShard(f"shard {path} is truncated ({size} bytes)")
-                f.seek(size - self.index_bytes)
-                raw_index = memoryview(f.read(self.index_bytes))
-            if len(raw_index) != self.index_bytes or not _crc_ok(raw_index[:-4], raw_index[-4:]):
-                raise DamagedShard(f"shard {path} has a damaged index (checksum mismatch or truncated)")
-            index = np.frombuffer(raw_index[:-4], dtype="<u8").reshape(self.per_shard, 2)
-            for j, r in enumerate(rows):
-                off, nbytes = index[r - shard * self.per_shard]
-                if off == _MISSING:
-                    out[j] = self.fill
-                    continue
-                off, nbytes = int(off), int(nbytes)
-                if off + nbytes > size:
-                    raise DamagedShard(f"shard {path}: chunk of row {r} runs past the end of the file")
-                if whole:
-                    raw = data[off:off + nbytes]
-                else:
-                    f.seek(off)
-                    raw = memoryview(f.read(nbytes))
-                if not _crc_ok(raw[:-4], raw[-4:]):
-                    raise DamagedShard(f"shard {path}: chunk of row {r} fails its crc32c checksum")
-                out[j] = self._decode(raw[:-4]).reshape(self.chunk_shape[1:])
+            if self.reads_whole(rows):
+                return self._decode_rows(memoryview(f.read()), size, rows, shard, path, out)
+
+            def fetch(off: int, nbytes: int) -> memoryview:
+                f.seek(off)
+                return memoryview(f.read(nbytes))
+
+            return self._decode_rows(None, size, rows, shard, path, out, fetch)
+
+    def _decode_rows(self, data: memoryview | None, size: int, rows: list[int], shard: int, path, out: np.ndarray,
+                     fetch=None) -> np.ndarray:
+        """Check and decode ``rows`` of a shard of ``size`` bytes: from ``data`` (the whole
+        file) or, chunk by chunk, from ``fetch(offset, nbytes)``."""
+        if data is not None:
+            def fetch(off: int, nbytes: int) -> memoryview:
+                return data[off:off + nbytes]
+        if size < self.index_bytes:
+            raise DamagedShard(f"shard {path} is truncated ({size} bytes)")
+        raw_index = fetch(size - self.index_bytes, self.index_bytes)
+        if len(raw_index) != self.index_bytes or not _crc_ok(raw_index[:-4], raw_index[-4:]):
+            raise DamagedShard(f"shard {path} has a damaged index (checksum mismatch or truncated)")
+        index = np.frombuffer(raw_index[:-4], dtype="<u8").reshape(self.per_shard, 2)
+        for j, r in enumerate(rows):
+            off, nbytes = index[r - shard * self.per_shard]
+            if off == _MISSING:
+                out[j] = self.fill
+                continue
+            off, nbytes = int(off), int(nbytes)
+            if off + nbytes > size:
+                raise DamagedShard(f"shard {path}: chunk of row {r} runs past the end of the file")
+            raw = fetch(off, nbytes)
+            if not _crc_ok(raw[:-4], raw[-4:]):
+                raise DamagedShard(f"shard {path}: chunk of row {r} fails its crc32c checksum")
+            out[j] = self._decode(raw[:-4]).reshape(self.chunk_shape[1:])
         return out
 
     def _decode(self, payload: memoryview) -> np.ndarray:
@@ -150,11 +174,14 @@ class ShardFile:
         return offset + len(parts[-1])
 
 
-def fast_reader(root: str | Path, path: str, array_meta: dict) -> ShardFile | None:
+def fast_reader(root: str | Path, path: str, array_meta: dict, storage_options: dict | None = None
+                ) -> ShardFile | None:
     """A :class:`ShardFile` if ``array_meta`` (the array's zarr.json) is exactly kdcache's
-    sharded layout with one sample per chunk and the store is local; None otherwise."""
+    sharded layout with one sample per chunk; None otherwise. A store at an fsspec URL gets one
+    that reads whole shards in one request each (``storage_options`` as for the store)."""
+    fs = None
     if is_url(root):
-        return None
+        fs, root = fsspec.core.url_to_fs(str(root), **(storage_options or {}))
     try:
         codecs = array_meta["codecs"]
         if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
@@ -176,6 +203,6 @@ def fast_reader(root: str | Path, path: str, array_meta: dict) -> ShardFile | No
             return None
         if array_meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/") != "/":
             return None
-        return ShardFile(Path(root), path, array_meta)
+        return ShardFile(root if fs is not None else Path(root), path, array_meta, fs)
     except (KeyError, IndexError, TypeError, ValueError):
         return None

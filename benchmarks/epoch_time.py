@@ -1,0 +1,106 @@
+"""Whole training epochs, data loading included: a CE-only student against the same student
+through the cache (`--method none`, `--method kl`).
+
+    python benchmarks/epoch_time.py [--cache runs/demo/cache.zarr] [--limit 160] [--epochs 3] [--rounds 2]
+
+Without ``--cache`` (or when it does not exist) it builds one first, as `kdcache demo` does
+(a randomly initialised `demo_teacher`, top-4 + tail, stage3 features and attention) over the
+first ``--limit`` synthetic training images. Each round trains, one after another, `demo_student`
+CE only (`train-teacher --model demo_student`), `train-student --method none` and
+`train-student --method kl` (default `--cache-read stream`, and `kl` once more with
+`--cache-read random`), each for ``--epochs`` epochs with ``--workers`` DataLoader workers. The
+first epoch of each run is warm-up; the others give images/s from the run's own
+`metrics.jsonl`. Reports the median images/s and the epoch time against CE only. Writes
+benchmarks/results/epoch-time-cpu.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.checkpoint import save_checkpoint
+from kdcache.distill import config_from_store, train_student
+from kdcache.models import build_model
+from kdcache.runs import device_name
+from kdcache.store import CacheStore
+from kdcache.training import TrainConfig, train
+from kdcache.transforms import Preprocess
+
+VARIANTS = ("CE only", "none, stream", "kl, stream", "kl, random")
+
+
+def build_cache(out: Path, limit: int) -> Path:
+    torch.manual_seed(0)
+    teacher = save_checkpoint(out.parent / "teacher.pt", build_model("demo_teacher", 11),
+                              config={"model": "demo_teacher", "num_classes": 11, "preprocess": Preprocess().to_dict()})
+    build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(out), limit=limit, topk=4,
+                                         features=("stage3",), attention=True, device="cpu"), show_progress=False)
+    return out
+
+
+def run(variant: str, cache: str, limit: int, epochs: int, workers: int, out: Path) -> list[float]:
+    common = dict(model="demo_student", epochs=epochs, limit=limit, workers=workers, device="cpu", out=str(out),
+                  eval_every=epochs)
+    if variant == "CE only":
+        ds = CacheStore(cache).schema.dataset
+        train(TrainConfig(dataset=ds["name"], data_root=ds.get("root"), dataset_options=ds.get("options") or {},
+                          **common), overwrite=True, show_progress=False)
+    else:
+        method, read = variant.split(", ")
+        train_student(config_from_store(cache, methods=[{"name": method}], cache_read=read, **common),
+                      overwrite=True, show_progress=False)
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["train_images_per_s"] for r in recs if "epoch" in r and r["epoch"] > 0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", default="runs/demo/cache.zarr")
+    ap.add_argument("--limit", type=int, default=160, help="training samples (the cache's first N)")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(args.cache)
+        if not cache.exists():
+            cache = build_cache(Path(tmp) / "cache.zarr", args.limit)
+        for r in range(args.rounds):
+            for v in VARIANTS:
+                got = run(v, str(cache), args.limit, args.epochs, args.workers, Path(tmp) / "run")
+                rates[v] += got
+                print(f"round {r}: {v}: {', '.join(f'{x:.1f}' for x in got)} images/s")
+    med = {v: statistics.median(x) for v, x in rates.items()}
+    base = med["CE only"]
+    lines = [
+        "# Training epochs, data loading included: CE only against the cache\n",
+        f"Machine: {device_name(torch.device('cpu'))}, {os.cpu_count()} cores (noisy: shared, CPU steal seen). "
+        f"`demo_student`, batch 8, {args.limit} synthetic training images, {args.workers} DataLoader workers, "
+        f"cache of a `demo_teacher` with top-4 + tail, stage3 features and attention. {args.rounds} rounds, each "
+        f"training every variant one after another for {args.epochs} epochs; the first epoch of each run is left "
+        "out. Median of the rest. Made by `python benchmarks/epoch_time.py`.\n",
+        "| run | images/s | epoch time / CE only |",
+        "|---|---|---|",
+        *[f"| {v} | {m:.1f} | {base / m:.3f} |" for v, m in med.items()],
+        "",
+        f"Target: a cached `kl` epoch ≤ 1.10× a CE-only epoch; measured **{base / med['kl, stream']:.3f}** "
+        f"(stream) and {base / med['kl, random']:.3f} (random access).",
+    ]
+    path = Path(args.results) / "epoch-time-cpu.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
