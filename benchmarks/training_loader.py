@@ -44,7 +44,7 @@ from kdcache.training import TrainConfig, Trainer
 from kdcache.transforms import Preprocess
 
 SIZES = {"voc": (375, 500), "cityscapes": (1024, 2048)}
-COUNTS = {"synthetic": 128, "voc": 96, "cityscapes": 24}
+COUNTS = {"synthetic": 384, "voc": 96, "cityscapes": 24}
 CROPS = {"synthetic": None, "voc": [320, 320], "cityscapes": [512, 1024]}
 NUM_CLASSES = 11
 
