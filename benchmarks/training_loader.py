@@ -107,6 +107,11 @@ def make_trainer(kind: str, name: str, root: Path, store: str, workers: int, out
 def epoch_rates(trainer, epochs: int) -> tuple[list[float], int]:
     train_ds, val_ds = trainer.build_datasets()
     pipe, _ = trainer.build_pipelines(train_ds, val_ds)
+    for i in range(len(train_ds)):
+        # the synthetic set renders each image once and keeps it in memory; render them here, in
+        # the process the workers are forked from, so no case pays for the rendering (the files
+        # of the folder sets are decoded every time, as in training)
+        train_ds.load(i)
     steps = trainer.steps_per_epoch(len(pipe))
     rates = []
     for epoch in range(epochs):
