@@ -62,6 +62,19 @@ def _count_reads(monkeypatch) -> Counter:
     return reads
 
 
+def _count_blocks(monkeypatch) -> Counter:
+    """Block reads through CacheStore, by shard."""
+    blocks: Counter = Counter()
+    original = CacheStore.read_block
+
+    def counted(self, start, stop, rows=None, groups=None):
+        blocks[start // self.samples_per_shard] += 1
+        return original(self, start, stop, rows, groups)
+
+    monkeypatch.setattr(CacheStore, "read_block", counted)
+    return blocks
+
+
 def test_only_the_arrays_the_methods_use_are_read(store, tmp_path, monkeypatch):
     reads = _count_reads(monkeypatch)
     _, pipe = _pipeline(store, [{"name": "kl"}], tmp_path)
@@ -96,14 +109,7 @@ def test_streamed_items_equal_random_access_items(store, tmp_path):
 
 
 def test_stream_order_is_shuffled_by_shard_and_reads_each_shard_once(store, tmp_path, monkeypatch):
-    blocks: Counter = Counter()
-    original = CacheStore.read_block
-
-    def counted(self, start, stop, rows=None, groups=None):
-        blocks[start // self.samples_per_shard] += 1
-        return original(self, start, stop, rows, groups)
-
-    monkeypatch.setattr(CacheStore, "read_block", counted)
+    blocks = _count_blocks(monkeypatch)
     _, pipe = _pipeline(store, [{"name": "kl"}], tmp_path)
     orders = []
     for epoch in range(3):
@@ -125,14 +131,7 @@ def test_workers_take_contiguous_parts_and_equal_whole_batches(store, workers, m
     positions = [p for p in range(24) if p != 5]  # 23 samples: not a multiple of anything
     stream = CacheStream(s, rows, positions=positions, batch_size=4, num_workers=workers, seed=3)
     stream.set_epoch(1)
-    blocks: Counter = Counter()
-    original = CacheStore.read_block
-
-    def counted(self, start, stop, rows=None, groups=None):
-        blocks[start // self.samples_per_shard] += 1
-        return original(self, start, stop, rows, groups)
-
-    monkeypatch.setattr(CacheStore, "read_block", counted)
+    blocks = _count_blocks(monkeypatch)
     parts = []
     for w in range(workers):
         info = type("Info", (), {"id": w, "num_workers": workers})
