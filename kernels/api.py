@@ -117,10 +117,11 @@ class _TopKKL(torch.autograd.Function):
         with_tail = tail_policy == "bin" and k < C
         scales = _scales(ign, lab, ignore_index, ce_weight, reduction, N, P, student.device)
         if backend == "numba":
-            grad, loss_map = _run_numba(s, v, i, t if with_tail else None, ign, lab, T, with_tail,
-                                        ignore_index, scales)
+            grad, loss = _run_numba(s, v, i, t if with_tail else None, ign, lab, T, with_tail,
+                                    ignore_index, scales, reduction == "none")
             grad = grad.to(student.dtype)
-            loss = loss_map.view(N, *spatial) if reduction == "none" else loss_map.double().sum().float()
+            if reduction == "none":
+                loss = loss.view(N, *spatial)
         else:
             # imported on first use, not to dodge a cycle: triton exists only on Linux with a
             # GPU-capable torch, and importing it costs seconds that a CPU run never needs
@@ -153,27 +154,52 @@ class _TopKKL(torch.autograd.Function):
         return g.view(ctx.shape), None, None, None, None, None, None, None, None, None, None, None
 
 
-def _run_numba(s, v, i, t, ign, lab, T, with_tail, ignore_index, scales):
+def numba_layout(C: int, P: int) -> str:
+    """Which Numba kernel takes [N, C, P]: ``spatial`` (pixels innermost, float32, vectorised along
+    pixels) for maps, ``rows`` (classes innermost, float64) for rows and maps of few positions."""
+    return "spatial" if P >= 64 else "rows"
+
+
+def _run_numba(s, v, i, t, ign, lab, T, with_tail, ignore_index, scales, per_position):
+    """(gradient [N, C, P] float32, loss): the [N, P] map when ``per_position``, else its sum."""
     # imported on first use, not to dodge a cycle: importing numba (and loading its compiled
     # kernels) costs about a second that a GPU run or a command without a loss should not pay
-    from kdcache.kernels.numba_kl import kl_rows, kl_spatial
+    import numba
+
+    from kdcache.kernels.numba_kl import block_pixels, kl_rows, kl_spatial
 
     N, C, P = s.shape
-    # one compiled specialisation: fp32 student/teacher, int32 ids (the narrow types are widened
-    # here, a copy of k values per position; the student is read in place when it is fp32)
-    s32 = s.detach().float().contiguous().numpy()
-    v32 = v.float().contiguous().numpy()
-    idx = i.to(torch.int32).contiguous().numpy()
-    tail = t.float().contiguous().numpy() if t is not None else np.zeros((1, 1), dtype=np.float32)
+    s32 = s.detach().float().contiguous().numpy()  # read in place when it is fp32
     ign_np = ign.contiguous().numpy() if ign is not None else np.zeros((1, 1), dtype=np.bool_)
     lab_np = lab.long().contiguous().numpy() if lab is not None else np.zeros((1, 1), dtype=np.int64)
     grad = np.empty((N, C, P), dtype=np.float32)
-    loss = np.empty((N, P), dtype=np.float32)
     sc = scales.numpy()
-    kernel = kl_spatial if P >= 64 else kl_rows  # pixels innermost, or classes innermost
-    kernel(s32, v32, idx, tail, ign_np, lab_np, float(T), with_tail, ign is not None, lab is not None,
-           int(ignore_index), float(sc[0]), float(sc[1]), grad, loss)
-    return torch.from_numpy(grad), torch.from_numpy(loss)
+    args = (float(T), with_tail, ign is not None, lab is not None, int(ignore_index), float(sc[0]), float(sc[1]))
+    if numba_layout(C, P) == "spatial":
+        # two compiled specialisations (each costs ~25 s to compile once): the cache's own types, fp16
+        # values and tail (passed as their int16 bits, widened in the kernel) with uint8 ids, read in
+        # place; anything else converted to fp32 values and int32 ids
+        if v.dtype == torch.float16 and (t is None or t.dtype == torch.float16) and i.dtype == torch.uint8:
+            vv = v.contiguous().view(torch.int16).numpy()
+            tt = t.contiguous().view(torch.int16).numpy() if t is not None else np.zeros((1, 1), np.int16)
+            idx = i.contiguous().numpy()
+        else:
+            vv = v.float().contiguous().numpy()
+            tt = t.float().contiguous().numpy() if t is not None else np.zeros((1, 1), np.float32)
+            idx = i.to(torch.int32).contiguous().numpy()
+        block = block_pixels(C)
+        loss = np.empty((N, P) if per_position else (N * -(-P // block),), dtype=np.float64)
+        kl_spatial(s32, vv, idx, tt, ign_np, lab_np, *args, grad, loss, per_position, block, numba.get_num_threads())
+        out = torch.from_numpy(loss).float() if per_position else torch.tensor(loss.sum(), dtype=torch.float32)
+        return torch.from_numpy(grad), out
+    # one compiled specialisation: fp32 teacher, int32 ids (a copy of k values per position)
+    v32 = v.float().contiguous().numpy()
+    idx = i.to(torch.int32).contiguous().numpy()
+    tail = t.float().contiguous().numpy() if t is not None else np.zeros((1, 1), dtype=np.float32)
+    loss = np.empty((N, P), dtype=np.float32)
+    kl_rows(s32, v32, idx, tail, ign_np, lab_np, *args, grad, loss)
+    out = torch.from_numpy(loss) if per_position else loss.astype(np.float64).sum()
+    return torch.from_numpy(grad), torch.as_tensor(out, dtype=torch.float32)
 
 
 def triton_usable(device: torch.device) -> bool:

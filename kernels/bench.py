@@ -7,7 +7,8 @@ Every backend computes forward + backward of a top-k KD loss on the same inputs:
   classes), ``log_softmax`` of the student, ``kl_div``, ``backward``;
 * ``compile``: ``torch.compile`` of that eager function.
 
-Per case it reports the median time of forward + backward, the bytes moved at the floor (student
+Per case it reports the median time of forward + backward (the backends take turns, one call each,
+so that each runs after the same neighbours), the bytes moved at the floor (student
 read, teacher values + ids + tail read, gradient write), the GB/s that gives, the device's copy
 bandwidth measured in the same run and the % of it reached, and the fused kernel's speed-up over
 each other backend. Times are medians over repeats after warm-up; CUDA is synchronised.
@@ -131,13 +132,23 @@ def bench_case(N: int, C: int, spatial: tuple, k: int, *, device: torch.device, 
             compiled(x, v, i, tail, T).backward()
 
         backends["compile"] = comp
-    for name, fn in backends.items():
+    for name, fn in list(backends.items()):
         try:
-            res.ms[name] = time_ms(fn, device, repeats, warmup)
+            for _ in range(warmup):
+                fn()
+            _sync(device)
         except Exception as exc:  # e.g. out of memory for eager at the largest shapes
             res.errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            del backends[name]
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    # round robin: every backend runs in the same surroundings (what ran just before it, the
+    # allocator's and the other thread pools' state), which one block per backend would not give
+    times: dict[str, list[float]] = {name: [] for name in backends}
+    for _ in range(repeats):
+        for name, fn in backends.items():
+            times[name].append(time_ms(fn, device, 1, 0))
+    res.ms = {name: statistics.median(t) for name, t in times.items()}
     return res
 
 

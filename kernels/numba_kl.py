@@ -3,21 +3,23 @@
 Math per position (the loss contract of docs/design.md), arranged so that each student logit costs one
 exponential:
 
-1. m = max_c z_c (z = s / T); e_c = exp(z_c − m) is written into the gradient buffer and summed
-   (S); lse = m + log S.
+1. m = max_c s_c; e_c = exp((s_c − m)/T), kept, and S = Σ_c e_c; log Σ exp(s/T) = m/T + log S.
 2. The teacher's k (+1 tail) bins: log_softmax of [v / T, a_tail].
-3. The student's tail mass is the sum of e_c over the classes *outside* the top k (marked in
-   the buffer by a sign flip), never 1 − Σ_K q, which cancels when the student is confident.
-   If every tail term underflows, an exact online log-sum-exp over the tail is used instead.
+3. The student's tail mass is the sum of e_c over the classes *outside* the top k, never
+   1 − Σ_K q, which cancels when the student is confident. If every tail term underflows, an
+   exact float64 log-sum-exp over the tail is used instead.
 4. The gradient: q_c = e_c / S; T·(q_c − p_c) inside the top k, T·(q_c − p_tail·e_c/S_tail)
    outside, times the reduction scale; plus ce_scale·(softmax(s)_c − [c = y]) with labels.
 
-Two layouts of the same math: :func:`kl_spatial` takes blocks of ``BLOCK`` contiguous pixels
-(NCHW read in place; the inner loops run along pixels, so they vectorise), and
-:func:`kl_rows` takes one position at a time with the classes innermost (rows [N, C] and any
-map with few positions). The exponential is a polynomial with exact power-of-two scaling
-(:func:`fast_exp`, relative error < 1e-14 on its domain) because LLVM cannot vectorise calls to
-libm's ``exp``.
+Two kernels of the same math. :func:`kl_spatial` (maps: NCHW read in place) works in float32 on
+blocks of contiguous pixels, with every inner loop running along pixels so that LLVM vectorises
+it (8 lanes on AVX2, 4 on NEON/SSE); its exponential and logarithm are polynomials with the power
+of two put into the exponent bits (:func:`exp2_32`, :func:`log32`), because LLVM cannot vectorise
+calls to libm. The only access by class id is one scalar store per top-k entry (the teacher's
+probability into a class-major block), measured cheaper than C × k vector compares.
+:func:`kl_rows` (rows [N, C] and maps of few positions) takes one position at a time with the
+classes innermost, in float64 (:func:`fast_exp`, relative error < 1e-14). benchmarks/results/
+kernels-cpu.md has the speeds, and benchmarks/numba_vectorised.py shows what LLVM vectorised.
 """
 
 from __future__ import annotations
@@ -27,9 +29,8 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
-BLOCK = 256  # pixels per task in kl_spatial
 _LOG2E = 1.4426950408889634
 _LN2_HI = 0.693145751953125
 _LN2_LO = 1.42860682030941723212e-6
@@ -111,188 +112,505 @@ def _teacher(v, idx, tail, s, n, p, k, inv_t, log_rest, with_tail, lse):  # prag
     return log_z, a_tail, kl
 
 
-@njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "nsz", "contract"})
+# -- the spatial kernel: float32, pixels innermost -----------------------------------------------------
+#
+# Every loop over a block's pixels is written so that LLVM vectorises it: straight-line float32
+# arithmetic, ``llvm.maxnum`` for maxima and ``select`` for choices (a Python ``max`` or a
+# conditional expression that may store the old value becomes a masked store, slow on AMD), 1-D
+# slices, no per-element branches, no division checks (``error_model="numpy"``), and the classes
+# unrolled by four so that the per-pixel sums are loaded and stored once per four classes.
+
+_F = np.float32
+_F0, _F1, _FHALF = _F(0.0), _F(1.0), _F(0.5)
+_F_LOG2E = _F(1.4426950408889634)
+_F_LN2 = _F(0.6931471805599453)
+_F_TAIL_MIN = _F(1e-30)  # a student tail sum below this takes the exact (float64) fallback
+_F_SQRT2 = _F(1.4142135623730951)
+_F_NEG_INF = _F(-np.inf)
+_F_2_112 = _F(2.0 ** 112)
+
+
+@intrinsic
+def _f32_ldexp(typingctx, p, n):  # pragma: no cover - compiled
+    """p · 2**n for float32 p and a whole float32 n whose result is a normal number: n is added to
+    the exponent bits (vectorises, unlike a call)."""
+    sig = types.float32(types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        shifted = builder.shl(builder.fptosi(args[1], i32), ir.Constant(i32, 23))
+        return builder.bitcast(builder.add(builder.bitcast(args[0], i32), shifted), ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _f32_as_int(typingctx, x):  # pragma: no cover - compiled
+    sig = types.int32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@intrinsic
+def _int_as_f32(typingctx, x):  # pragma: no cover - compiled
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _fmax(typingctx, a, b):  # pragma: no cover - compiled
+    """``llvm.maxnum`` (vmaxps), never a branch or a masked store."""
+    sig = a(a, a)
+
+    def codegen(context, builder, signature, args):
+        ty = args[0].type
+        fn = builder.module.declare_intrinsic("llvm.maxnum", [ty], ir.FunctionType(ty, [ty, ty]))
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+@intrinsic
+def _select(typingctx, cond, a, b):  # pragma: no cover - compiled
+    """cond ? a : b as one LLVM select of two values already computed."""
+    sig = a(types.boolean, a, a)
+
+    def codegen(context, builder, signature, args):
+        return builder.select(args[0], args[1], args[2])
+
+    return sig, codegen
+
+
+def _to_f32(x):  # pragma: no cover - replaced by the overload below inside compiled code
+    raise NotImplementedError
+
+
+@overload(_to_f32, inline="always")
+def _to_f32_impl(x):  # pragma: no cover - compiled
+    """A teacher value as float32: float32 as is; int16 holds the bits of a float16 (Numba has no
+    float16 on the CPU), widened exactly with integer operations that vectorise: the magnitude's
+    bits shifted into float32 position and scaled by 2**112 (normal and subnormal halves), inf and
+    NaN rebuilt, the sign put back."""
+    if isinstance(x, types.Integer):
+        def impl(x):
+            h = np.int32(x) & np.int32(0xFFFF)
+            mag = (h & np.int32(0x7FFF)) << np.int32(13)
+            f = _int_as_f32(mag) * _F_2_112
+            fb = _select(mag >= np.int32(0x0F800000), mag | np.int32(0x7F800000), _f32_as_int(f))
+            return _int_as_f32(fb | ((h & np.int32(0x8000)) << np.int32(16)))
+        return impl
+    return lambda x: np.float32(x)
+
+
+@njit(inline="always", cache=True, fastmath={"reassoc", "nsz", "contract"})
+def exp2_32(y):  # pragma: no cover - compiled
+    """2**y in float32 for y <= 0 (clamped at -125: 2.4e-38, still a normal number): n = round(y),
+    2**(y - n) on [-1/2, 1/2] by a degree-5 near-minimax polynomial (relative error 2.3e-7 as
+    evaluated in float32, about 2 ulp; degree 6 halves that and costs 3% more kernel time), 2**n put
+    into the exponent bits. Callers fold log2(e) into their scale factors."""
+    y = _fmax(y, _F(-125.0))
+    n = np.floor(y + _FHALF)
+    f = y - n
+    p = _F(0.001327647129073739)
+    p = p * f + _F(0.009675540961325169)
+    p = p * f + _F(0.05550713092088699)
+    p = p * f + _F(0.24022120237350464)
+    p = p * f + _F(0.6931469440460205)
+    p = p * f + _F(1.0000001192092896)
+    return _f32_ldexp(p, n)
+
+
+@njit(inline="always", cache=True, fastmath={"reassoc", "nsz", "contract"})
+def exp32(x):  # pragma: no cover - compiled
+    """exp(x) in float32 for x <= 0 (2 ulp near 0, plus |x| · 1.4 · 2**-24 from rounding x · log2(e);
+    2.4e-38 below -86.6)."""
+    return exp2_32(x * _F_LOG2E)
+
+
+@njit(inline="always", cache=True, fastmath={"reassoc", "nsz", "contract"})
+def log32(x):  # pragma: no cover - compiled
+    """log(x) in float32 for a normal x > 0: the exponent from the bits, the mantissa folded into
+    [sqrt(1/2), sqrt(2)), log m = 2 atanh((m-1)/(m+1)) by its series to t^9 (error < 1e-9)."""
+    bits = _f32_as_int(x)
+    e = _F((bits >> np.int32(23)) - np.int32(127))
+    m = _int_as_f32((bits & np.int32(0x007FFFFF)) | np.int32(0x3F800000))
+    big = m > _F_SQRT2
+    m = _select(big, m * _FHALF, m)
+    e = _select(big, e + _F1, e)
+    t = (m - _F1) / (m + _F1)
+    t2 = t * t
+    poly = t * (_F(2.0) + t2 * (_F(2.0 / 3) + t2 * (_F(2.0 / 5) + t2 * (_F(2.0 / 7) + t2 * _F(2.0 / 9)))))
+    return e * _F_LN2 + poly
+
+
+def block_pixels(C: int) -> int:
+    """Pixels per task of :func:`kl_spatial`: the block's three class-major float32 buffers (logits,
+    exponentials, teacher probabilities) take about 96 KB, so every pass over the classes runs from
+    L2; a multiple of 16. Between 192 and 512 pixels the time is flat (C = 19, 2-core CPU)."""
+    return int(max(16, min(512, (8192 // max(C, 1)) // 16 * 16)))
+
+
+@njit(parallel=True, cache=True, nogil=True)
 def kl_spatial(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ignore_index, kd_scale, ce_scale,
-               grad, loss):  # pragma: no cover - compiled
-    """[N, C, P] with P contiguous: tasks of BLOCK pixels, copied once into task-local buffers
-    where every inner loop runs along pixels (LLVM vectorises those), then written back once."""
+               grad, loss, per_position, block, threads):  # pragma: no cover - compiled
+    """[N, C, P] float32 with P contiguous, in tasks of ``block`` pixels of one sample.
+
+    Per task: (teacher) its k (+ 1) bins, vectorised along pixels, and its part of the KL,
+    Σ_K p log p; the top-k probabilities scattered, negated, into a class-major block ``pd`` that
+    is zero elsewhere (scalar by id, the only per-id step), so a negative entry marks a top-k
+    class. (A) The student's block copied in contiguously (the map's class rows lie P apart, a
+    stride that puts a block's rows into the same cache sets) and its raw maximum m. (B)
+    e = exp((s − m)/T), Σe, the tail sum Σ_{c∉K} e (a sum, never 1 − Σ_K q) and Σ_K p (s − m), which
+    give the student's part of the KL. (C) The gradient of every class in one vectorised pass,
+    written straight to ``grad``: e (kd + ce)/Σe − kd p, minus kd (p_tail / Σ_tail e) e outside
+    the top k (the cross-entropy's softmax at T = 1 when T ≠ 1); ``pd`` zeroed behind it.
+    Positions whose whole student tail underflows (sum < 1e-30) take an exact float64 fallback.
+    ``loss`` is the [N, P] map when ``per_position``, else one float64 partial sum per task
+    (N × ceil(P / block)). ``threads``: how many Numba threads share the tasks.
+    """
+    N, P = s.shape[0], s.shape[2]
+    ntask = N * ((P + block - 1) // block)
+    nchunk = min(ntask, 4 * threads)  # numba.get_num_threads() in here would stop caching
+    for chunk in prange(nchunk):  # the parallel loop stays small: Numba's parfor passes are slow on big bodies
+        _spatial_tasks(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ignore_index, kd_scale,
+                       ce_scale, grad, loss, per_position, block, chunk * ntask // nchunk,
+                       (chunk + 1) * ntask // nchunk)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "nsz", "contract"})
+def _spatial_tasks(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ignore_index, kd_scale, ce_scale,
+                   grad, loss, per_position, block, first, last):  # pragma: no cover - compiled
+    """Tasks [first, last) of :func:`kl_spatial` (one thread's share), scratch allocated once."""
     N, C, P = s.shape
     k = v.shape[1]
-    inv_t = 1.0 / T
-    log_rest = math.log(C - k) if C > k else 0.0
-    nb = (P + BLOCK - 1) // BLOCK
+    inv_t = _F(1.0 / T)
+    inv_t2 = _F(1.4426950408889634 / T)  # exp(x / T) = 2 ** (x · log2(e) / T)
+    inv_t64 = 1.0 / T
+    log_rest = _F(math.log(C - k) if C > k else 0.0)
     sep_ce = use_lab and T != 1.0
-    s1, v1, i1, g1 = s.ravel(), v.ravel(), idx.ravel(), grad.ravel()  # C-contiguous: views
-    for task in prange(N * nb):
+    nb = (P + block - 1) // block
+    s1, g1, v1, i1 = s.ravel(), grad.ravel(), v.ravel(), idx.ravel()
+    t1, ig1, lb1, out1 = tail.ravel(), ign.ravel(), lab.ravel(), loss.ravel()
+    kd_t = _F(kd_scale * T)
+    kd_tt = _F(kd_scale * T * T)
+    ce_s = _F(ce_scale)
+    # scratch, once per chunk of consecutive tasks
+    xb = np.empty(C * block, _F)  # the block's logits, class-major
+    eb = np.empty(C * block, _F)  # e = exp((x − m) / T)
+    pd = np.zeros(C * block, _F)  # −p at the top-k classes, 0 elsewhere (zeroed again by pass C)
+    m = np.empty(block, _F)
+    acc = np.empty(block, _F)  # Σ e, then 1 / Σ e
+    acc1 = np.empty(block, _F)  # Σ exp(x − m) at T = 1 for a separate cross-entropy, then 1 / it
+    st = np.empty(block, _F)  # Σ_tail e, then kd × the tail coefficient p_tail / Σ_tail e
+    px = np.empty(block, _F)  # −Σ_K p (x − m)
+    ps = np.empty(block, _F)  # Σ_K p
+    lacc = np.empty(block, _F)
+    coef = np.empty(block, _F)
+    kdw = np.empty(block, _F)
+    cew = np.empty(block, _F)
+    lz = np.empty(block, _F)  # the teacher's maximum a*, then log Z
+    zt = np.empty(block, _F)  # Z = Σ exp(a − a*), then 1 / Z
+    ez = np.empty(block, _F)  # Σ_K exp(a − a*) (a − a*)
+    a_t = np.empty(block, _F)  # the tail bin's logit, then its log probability
+    e_t = np.empty(block, _F)
+    kl = np.empty(block, _F)
+    tk = np.empty(k * block, _F)  # the teacher's top-k logits / T, then exp(those − a*)
+    exact = np.empty(block, np.int64)
+    for task in range(first, last):
         n = task // nb
-        p0 = (task - n * nb) * BLOCK
-        L = min(BLOCK, P - p0)
-        # copy in through flat 1-D slices (3-D indexing in the loops costs ~4x here)
-        x = np.empty((C, L))  # the student's logits (raw)
-        for c in range(C):
-            src = s1[(n * C + c) * P + p0:(n * C + c) * P + p0 + L]
+        p0 = (task - n * nb) * block
+        L = min(block, P - p0)
+        sb = n * C * P + p0  # class c of this block starts at s1[sb + c * P]
+        pb = n * P + p0  # its positions are [pb, pb + L) of the [N, P] arrays
+        for j in range(L):
+            m[j] = _F_NEG_INF
+            acc[j] = _F0
+            acc1[j] = _F0
+            st[j] = _F0
+            px[j] = _F0
+            ez[j] = _F0
+            kdw[j] = kd_t
+            cew[j] = _F0
+            zt[j] = _F0
+            lz[j] = _F_NEG_INF
+        if use_ign:
+            gs = ig1[pb:pb + L]
             for j in range(L):
-                x[c, j] = src[j]
-        va = np.empty((k, L))  # teacher logits / T
-        ids = np.empty((k, L), dtype=np.int64)
+                kdw[j] = _select(gs[j], _F0, kd_t)
+        if use_lab:
+            ls = lb1[pb:pb + L]
+            for j in range(L):
+                cew[j] = _select(ls[j] == ignore_index, _F0, ce_s)
+        # the teacher's bins: logits a / T, their maximum a*, Z, log Z and Σ_K p log p
+        if with_tail:
+            ts = t1[pb:pb + L]
+            for j in range(L):
+                a = log_rest + (_to_f32(ts[j]) - log_rest) * inv_t
+                a_t[j] = a
+                lz[j] = a
         for jj in range(k):
             vs = v1[(n * k + jj) * P + p0:(n * k + jj) * P + p0 + L]
-            js = i1[(n * k + jj) * P + p0:(n * k + jj) * P + p0 + L]
+            tj = tk[jj * block:jj * block + L]
             for j in range(L):
-                va[jj, j] = vs[j] * inv_t
-                ids[jj, j] = js[j]
-        kd = np.ones(L, dtype=np.bool_)
-        if use_ign:
-            gs = ign.ravel()[n * P + p0:n * P + p0 + L]
+                a = _to_f32(vs[j]) * inv_t
+                tj[j] = a
+                lz[j] = _fmax(lz[j], a)
+        if with_tail:
             for j in range(L):
-                kd[j] = not gs[j]
-        ce_w = np.zeros(L)
-        ys = np.zeros(L, dtype=np.int64)
-        if use_lab:
-            ls = lab.ravel()[n * P + p0:n * P + p0 + L]
+                a = exp32(a_t[j] - lz[j])
+                e_t[j] = a
+                zt[j] = a
+        for jj in range(k):
+            tj = tk[jj * block:jj * block + L]
             for j in range(L):
-                ys[j] = np.int64(ls[j])
-                ce_w[j] = ce_scale if ys[j] != ignore_index else 0.0
-        # student at T: e = exp(z - m) kept in g, S, lse
-        m = np.full(L, -np.inf)
-        for c in range(C):
-            for j in range(L):
-                m[j] = max(m[j], x[c, j] * inv_t)
-        g = np.empty((C, L))
-        acc = np.zeros(L)
-        for c in range(C):
-            for j in range(L):
-                e = fast_exp(x[c, j] * inv_t - m[j])
-                g[c, j] = e
-                acc[j] += e
-        lse = np.empty(L)
-        inv_acc = np.empty(L)
+                d = tj[j] - lz[j]
+                a = exp32(d)
+                tj[j] = a
+                zt[j] += a
+                ez[j] += a * d
         for j in range(L):
-            lse[j] = m[j] + fast_log(acc[j])
-            inv_acc[j] = 1.0 / acc[j]
-        lse1 = lse
-        m1 = np.zeros(L)
-        inv_acc1 = inv_acc
+            lzp = log32(zt[j])  # log Z − a*
+            iz = _F1 / zt[j]
+            on = kdw[j] != _F0
+            ps[j] = _select(on, _select(with_tail, zt[j] - e_t[j], zt[j]) * iz, _F0)
+            kl[j] = _select(on, ez[j] * iz - lzp * ps[j], _F0)  # Σ_K p log p (0 where ignored:
+            zt[j] = _select(on, iz, _F0)  # ignored positions may hold NaN targets)
+            a_t[j] = a_t[j] - lz[j] - lzp  # the tail bin's log probability
+            lz[j] = lz[j] + lzp
+        # the one per-id step: −p into the class-major block at each top-k id
+        for jj in range(k):
+            ids = i1[(n * k + jj) * P + p0:(n * k + jj) * P + p0 + L]
+            tj = tk[jj * block:jj * block + L]
+            for j in range(L):
+                pd[_slot(ids[j], C, block, j)] = -_select(kdw[j] != _F0, tj[j] * zt[j], _F0)
+        # (A) copy in, the maximum
+        c4 = C - C % 4
+        for c in range(0, c4, 4):
+            r0 = s1[sb + c * P:sb + c * P + L]
+            r1 = s1[sb + (c + 1) * P:sb + (c + 1) * P + L]
+            r2 = s1[sb + (c + 2) * P:sb + (c + 2) * P + L]
+            r3 = s1[sb + (c + 3) * P:sb + (c + 3) * P + L]
+            w0 = xb[c * block:c * block + L]
+            w1 = xb[(c + 1) * block:(c + 1) * block + L]
+            w2 = xb[(c + 2) * block:(c + 2) * block + L]
+            w3 = xb[(c + 3) * block:(c + 3) * block + L]
+            for j in range(L):
+                a0 = r0[j]
+                a1 = r1[j]
+                a2 = r2[j]
+                a3 = r3[j]
+                w0[j] = a0
+                w1[j] = a1
+                w2[j] = a2
+                w3[j] = a3
+                m[j] = _fmax(m[j], _fmax(_fmax(a0, a1), _fmax(a2, a3)))
+        for c in range(c4, C):
+            src = s1[sb + c * P:sb + c * P + L]
+            xc = xb[c * block:c * block + L]
+            for j in range(L):
+                x = src[j]
+                xc[j] = x
+                m[j] = _fmax(m[j], x)
+        # (B) e, Σ e, the tail sum, Σ_K p (x − m) (and Σ exp(x − m) for a separate cross-entropy)
+        for c in range(0, c4, 4):
+            w0 = xb[c * block:c * block + L]
+            w1 = xb[(c + 1) * block:(c + 1) * block + L]
+            w2 = xb[(c + 2) * block:(c + 2) * block + L]
+            w3 = xb[(c + 3) * block:(c + 3) * block + L]
+            f0 = eb[c * block:c * block + L]
+            f1 = eb[(c + 1) * block:(c + 1) * block + L]
+            f2 = eb[(c + 2) * block:(c + 2) * block + L]
+            f3 = eb[(c + 3) * block:(c + 3) * block + L]
+            q0 = pd[c * block:c * block + L]
+            q1 = pd[(c + 1) * block:(c + 1) * block + L]
+            q2 = pd[(c + 2) * block:(c + 2) * block + L]
+            q3 = pd[(c + 3) * block:(c + 3) * block + L]
+            for j in range(L):
+                mj = m[j]
+                d0 = w0[j] - mj
+                d1 = w1[j] - mj
+                d2 = w2[j] - mj
+                d3 = w3[j] - mj
+                e0 = exp2_32(d0 * inv_t2)
+                e1 = exp2_32(d1 * inv_t2)
+                e2 = exp2_32(d2 * inv_t2)
+                e3 = exp2_32(d3 * inv_t2)
+                f0[j] = e0
+                f1[j] = e1
+                f2[j] = e2
+                f3[j] = e3
+                p0_ = q0[j]
+                p1_ = q1[j]
+                p2_ = q2[j]
+                p3_ = q3[j]
+                acc[j] += (e0 + e1) + (e2 + e3)
+                st[j] += ((_select(p0_ < _F0, _F0, e0) + _select(p1_ < _F0, _F0, e1))
+                          + (_select(p2_ < _F0, _F0, e2) + _select(p3_ < _F0, _F0, e3)))
+                px[j] += (p0_ * d0 + p1_ * d1) + (p2_ * d2 + p3_ * d3)
+        for c in range(C):
+            xc = xb[c * block:c * block + L]
+            if c >= c4:
+                ec = eb[c * block:c * block + L]
+                dc = pd[c * block:c * block + L]
+                for j in range(L):
+                    d = xc[j] - m[j]
+                    e = exp2_32(d * inv_t2)
+                    ec[j] = e
+                    acc[j] += e
+                    st[j] += _select(dc[j] < _F0, _F0, e)
+                    px[j] += dc[j] * d
+            if sep_ce:
+                for j in range(L):
+                    acc1[j] += exp32(xc[j] - m[j])
+        # the student's part of the KL, − Σ_K p log q = − Σ_K p (x − m) / T + Σ_K p log Σe; the tail bin,
+        # p_tail (log p_tail − log q_tail) with q_tail = Σ_tail e / Σ e; the gradient's coefficients
+        # (a loop-invariant test inside a loop becomes masked loads and stores: branch outside)
+        for j in range(L):
+            la = log32(acc[j])
+            lacc[j] = la
+            acc[j] = _F1 / acc[j]
+            kl[j] += ps[j] * la + px[j] * inv_t
+        n_bad = _F0
+        if with_tail:
+            for j in range(L):
+                on = kdw[j] != _F0
+                pt = e_t[j] * zt[j]
+                ok = st[j] > _F_TAIL_MIN
+                sts = _select(ok, st[j], _F1)
+                kl[j] += _select(ok, pt * (a_t[j] - (log32(sts) - lacc[j])), _F0)
+                st[j] = _select(ok & on, kdw[j] * pt / sts, _F0)
+                e_t[j] = _select(on & (not ok), _F1, _F0)  # needs the exact fallback
+                n_bad += e_t[j]
+        else:
+            for j in range(L):
+                st[j] = _F0
+        for j in range(L):
+            kl[j] = _select(kdw[j] != _F0, kd_tt * kl[j], _F0)
+        n_exact = 0
+        if n_bad > _F0:
+            for j in range(L):
+                if e_t[j] != _F0:
+                    exact[n_exact] = j
+                    n_exact += 1
+        # (C) the gradient, written out; pd zeroed behind
         if sep_ce:
-            m1[:] = -np.inf
+            for j in range(L):
+                acc1[j] = _F1 / acc1[j]
             for c in range(C):
+                xc = xb[c * block:c * block + L]
+                ec = eb[c * block:c * block + L]
+                dc = pd[c * block:c * block + L]
+                dst = g1[sb + c * P:sb + c * P + L]
                 for j in range(L):
-                    m1[j] = max(m1[j], x[c, j])
-            acc1 = np.zeros(L)
+                    e = ec[j]
+                    d = dc[j]
+                    dst[j] = (kdw[j] * (e * acc[j] + d) - _select(d < _F0, _F0, st[j] * e)
+                              + cew[j] * exp32(xc[j] - m[j]) * acc1[j])
+                    dc[j] = _F0
+        else:
+            for j in range(L):
+                coef[j] = (kdw[j] + cew[j]) * acc[j]
+            for c in range(0, c4, 4):
+                f0 = eb[c * block:c * block + L]
+                f1 = eb[(c + 1) * block:(c + 1) * block + L]
+                f2 = eb[(c + 2) * block:(c + 2) * block + L]
+                f3 = eb[(c + 3) * block:(c + 3) * block + L]
+                q0 = pd[c * block:c * block + L]
+                q1 = pd[(c + 1) * block:(c + 1) * block + L]
+                q2 = pd[(c + 2) * block:(c + 2) * block + L]
+                q3 = pd[(c + 3) * block:(c + 3) * block + L]
+                o0 = g1[sb + c * P:sb + c * P + L]
+                o1 = g1[sb + (c + 1) * P:sb + (c + 1) * P + L]
+                o2 = g1[sb + (c + 2) * P:sb + (c + 2) * P + L]
+                o3 = g1[sb + (c + 3) * P:sb + (c + 3) * P + L]
+                for j in range(L):
+                    cf = coef[j]
+                    tcj = st[j]
+                    kw = kdw[j]
+                    p0_ = q0[j]
+                    p1_ = q1[j]
+                    p2_ = q2[j]
+                    p3_ = q3[j]
+                    o0[j] = (cf - _select(p0_ < _F0, _F0, tcj)) * f0[j] + kw * p0_
+                    o1[j] = (cf - _select(p1_ < _F0, _F0, tcj)) * f1[j] + kw * p1_
+                    o2[j] = (cf - _select(p2_ < _F0, _F0, tcj)) * f2[j] + kw * p2_
+                    o3[j] = (cf - _select(p3_ < _F0, _F0, tcj)) * f3[j] + kw * p3_
+                    q0[j] = _F0
+                    q1[j] = _F0
+                    q2[j] = _F0
+                    q3[j] = _F0
+            for c in range(c4, C):
+                ec = eb[c * block:c * block + L]
+                dc = pd[c * block:c * block + L]
+                dst = g1[sb + c * P:sb + c * P + L]
+                for j in range(L):
+                    e = ec[j]
+                    d = dc[j]
+                    dst[j] = (coef[j] - _select(d < _F0, _F0, st[j])) * e + kdw[j] * d
+                    dc[j] = _F0
+        # positions whose student tail underflowed: log-sum-exp over the tail classes in float64
+        for q_ in range(n_exact):
+            j = exact[q_]
+            mt = -np.inf
             for c in range(C):
-                for j in range(L):
-                    acc1[j] += fast_exp(x[c, j] - m1[j])
-            lse1 = np.empty(L)
-            inv_acc1 = np.empty(L)
-            for j in range(L):
-                lse1[j] = m1[j] + fast_log(acc1[j])
-                inv_acc1[j] = 1.0 / acc1[j]
-        # teacher bins
-        amax = np.full(L, -np.inf)
-        for jj in range(k):
-            for j in range(L):
-                amax[j] = max(amax[j], va[jj, j])
-        a_tail = np.zeros(L)
-        if with_tail:
-            for j in range(L):
-                a_tail[j] = log_rest + (tail[n, p0 + j] - log_rest) * inv_t
-                amax[j] = max(amax[j], a_tail[j])
-        zt = np.zeros(L)
-        for jj in range(k):
-            for j in range(L):
-                zt[j] += fast_exp(va[jj, j] - amax[j])
-        if with_tail:
-            for j in range(L):
-                zt[j] += fast_exp(a_tail[j] - amax[j])
-        log_z = np.empty(L)
-        for j in range(L):
-            log_z[j] = amax[j] + fast_log(zt[j])
-        pk = np.empty((k, L))
-        kl = np.zeros(L)
-        for jj in range(k):
-            for j in range(L):
-                lp = va[jj, j] - log_z[j]
-                pk[jj, j] = fast_exp(lp)
-                kl[j] += pk[jj, j] * (lp - (x[ids[jj, j], j] * inv_t - lse[j]))
-        kdw = np.zeros(L)
-        for j in range(L):
-            kdw[j] = kd_scale * T if kd[j] else 0.0
-        tail_coef = np.zeros(L)
-        p_tail = np.zeros(L)
-        l_tail = np.zeros(L)
-        exact = np.zeros(L, dtype=np.bool_)
-        if with_tail:
-            for jj in range(k):  # mark the top-k classes (sign flip)
-                for j in range(L):
-                    g[ids[jj, j], j] = -g[ids[jj, j], j] - 1.0
-            st = np.zeros(L)
+                if not _in_topk(i1, (n * k) * P + p0 + j, P, k, c):
+                    mt = max(mt, np.float64(xb[c * block + j]) * inv_t64)
+            sm = 0.0
             for c in range(C):
-                for j in range(L):
-                    st[j] += max(g[c, j], 0.0)
-            for j in range(L):  # vectorised: assumes the tail sum did not underflow ...
-                lp_tail = a_tail[j] - log_z[j]
-                pt = fast_exp(lp_tail) if kd[j] else 0.0  # ignored pixels may hold NaN teacher values
-                ok = st[j] > 1e-290
-                p_tail[j] = pt
-                l_tail[j] = m[j] + fast_log(st[j] if ok else 1.0)
-                tail_coef[j] = pt / st[j] if ok else 0.0
-                exact[j] = kd[j] and not ok
-                kl[j] += pt * (lp_tail - (l_tail[j] - lse[j])) if ok else 0.0
-            for j in range(L):  # ... and fixes the rare pixels where it did
-                if exact[j]:
-                    mt = -np.inf
-                    for c in range(C):
-                        if g[c, j] >= 0.0:
-                            mt = max(mt, x[c, j] * inv_t)
-                    sm = 0.0
-                    for c in range(C):
-                        if g[c, j] >= 0.0:
-                            sm += math.exp(x[c, j] * inv_t - mt)
-                    l_tail[j] = mt + math.log(sm)
-                    kl[j] += p_tail[j] * ((a_tail[j] - log_z[j]) - (l_tail[j] - lse[j]))
-        # the gradient
-        for c in range(C):
-            for j in range(L):
-                e = g[c, j]
-                marked = e < 0.0
-                et = -e - 1.0 if marked else e
-                qc = et * inv_acc[j]
-                gg = kdw[j] * (qc - (0.0 if marked else tail_coef[j] * et))
-                g[c, j] = gg + ce_w[j] * qc
-        if sep_ce:  # the cross-entropy's softmax at T = 1 differs: redo its part
+                if not _in_topk(i1, (n * k) * P + p0 + j, P, k, c):
+                    sm += math.exp(np.float64(xb[c * block + j]) * inv_t64 - mt)
+            l_tail = mt + math.log(sm)
+            lse = np.float64(m[j]) * inv_t64 + np.float64(lacc[j])
+            lpt = np.float64(a_t[j])
+            pt = math.exp(lpt)
+            kl[j] += _F(np.float64(kd_tt) * pt * (lpt - (l_tail - lse)))
+            w = np.float64(kdw[j]) * pt
             for c in range(C):
-                for j in range(L):
-                    q1 = fast_exp(x[c, j] - m1[j]) * inv_acc1[j]
-                    qt = fast_exp(x[c, j] * inv_t - m[j]) * inv_acc[j]
-                    g[c, j] += ce_w[j] * (q1 - qt)
-        for jj in range(k):
-            for j in range(L):
-                if kd[j]:
-                    g[ids[jj, j], j] -= kdw[j] * pk[jj, j]
-        for j in range(L):
-            if exact[j]:
-                for c in range(C):
-                    in_k = False
-                    for jj in range(k):
-                        if ids[jj, j] == c:
-                            in_k = True
-                    if not in_k:
-                        g[c, j] -= kdw[j] * p_tail[j] * math.exp(x[c, j] * inv_t - l_tail[j])
-        tot = np.empty(L)
-        for j in range(L):
-            tot[j] = kd_scale * T * T * kl[j] if kd[j] else 0.0
+                if not _in_topk(i1, (n * k) * P + p0 + j, P, k, c):
+                    x = np.float64(xb[c * block + j])
+                    g1[sb + c * P + j] -= _F(w * math.exp(x * inv_t64 - l_tail))
+        # the cross-entropy at T = 1 at labelled positions
         if use_lab:
+            ls = lb1[pb:pb + L]
             for j in range(L):
-                if ce_w[j] != 0.0:
-                    g[ys[j], j] -= ce_w[j]
-                    tot[j] += ce_w[j] * (lse1[j] - x[ys[j], j])
-        ls = loss.ravel()[n * P + p0:n * P + p0 + L]
-        for j in range(L):
-            ls[j] = tot[j]
-        for c in range(C):
-            dst = g1[(n * C + c) * P + p0:(n * C + c) * P + p0 + L]
+                if cew[j] != _F0:
+                    o = _slot(ls[j], C, block, j)
+                    g1[np.uint64(sb) + _slot(ls[j], C, P, j)] -= cew[j]
+                    lse1 = m[j] + (-log32(acc1[j]) if sep_ce else lacc[j])  # acc1 holds 1 / Σ e at T = 1
+                    kl[j] += cew[j] * (lse1 - xb[o])
+        if per_position:
             for j in range(L):
-                dst[j] = g[c, j]
+                out1[pb + j] = kl[j]
+        else:
+            tot = 0.0
+            for j in range(L):
+                tot += np.float64(kl[j])
+            out1[task] = tot
+
+
+@njit(inline="always", cache=True)
+def _slot(c, C, block, j):  # pragma: no cover - compiled
+    """The offset of (class c, pixel j) in a class-major block buffer, as an unsigned integer (no
+    negative-index wraparound code in the scalar loops); c clamped into [0, C) for memory safety
+    only (ids are checked by the caller, ``check_inputs``)."""
+    cc = np.uint64(min(max(np.int64(c), 0), C - 1))
+    return cc * np.uint64(block) + np.uint64(j)
+
+
+@njit(inline="always", cache=True)
+def _in_topk(i1, base, P, k, c):  # pragma: no cover - compiled
+    """Whether class c is among the k ids at i1[base + jj·P]."""
+    for jj in range(k):
+        if np.int64(i1[base + jj * P]) == c:
+            return True
+    return False
 
 
 @njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "nsz", "contract"})

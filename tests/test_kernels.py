@@ -62,33 +62,58 @@ def check(backend, s, v, i, tail, ign, lab=None, *, T=2.0, tail_policy="bin", re
     return out, g
 
 
-# -- Numba: the full matrix --------------------------------------------------------------------------
+# -- Numba: the full matrix, through both kernels ----------------------------------------------------------
+# ``kl_spatial`` (float32, pixels innermost, blocks of pixels) takes maps of 64 positions or more and
+# ``kl_rows`` (float64, classes innermost) the rest; ``layout`` forces one of them on every shape, so
+# both kernels meet every case, including blocks cut short and maps of several blocks.
+
+
+@pytest.fixture(params=["spatial", "rows"])
+def layout(request, monkeypatch):
+    import kdcache.kernels.api as api
+
+    monkeypatch.setattr(api, "numba_layout", lambda C, P: request.param)
+    return request.param
+
 
 CASES = [(C, k) for C in (2, 11, 19, 21, 150, 1000) for k in sorted({1, 2, 4, 8, C}) if k <= C]
 
 
 @pytest.mark.parametrize("C,k", CASES)
 @pytest.mark.parametrize("tail_policy", ["bin", "renormalize"])
-def test_numba_matches_reference_spatial_and_rows(C, k, tail_policy):
+def test_numba_matches_reference_spatial_and_rows(C, k, tail_policy, layout):
     N = 1 + (C + k) % 3
     spatial = (3, 5) if C >= 150 else (5, 7)
     s, v, i, tail, ign, _ = make_case(N, C, k, spatial, seed=C * 10 + k, index_dtype=torch.int16)
     check("numba", s, v, i, tail, ign, tail_policy=tail_policy, reduction="mean")
     check("numba", s, v, i, tail, ign, tail_policy=tail_policy, reduction="none")
-    s, v, i, tail, ign, _ = make_case(N + 3, C, k, (), seed=C + k)  # rows [N, C]
+    s, v, i, tail, ign, _ = make_case(N + 3, C, k, (), seed=C + k, index_dtype=torch.int16)  # rows [N, C]
     check("numba", s, v, i, tail, ign, tail_policy=tail_policy, reduction="sum")
+
+
+@pytest.mark.parametrize("C,k", [(19, 4), (21, 8), (150, 4)])
+def test_numba_maps_of_several_blocks(C, k, layout):
+    """Maps longer than one block of ``kl_spatial`` (and a last block cut short), several samples
+    shared by the threads' chunks, cache-typed targets (fp16 values, uint8 ids) and labels."""
+    from kdcache.kernels.numba_kl import block_pixels
+
+    P = 2 * block_pixels(C) + 37
+    s, v, i, tail, ign, lab = make_case(3, C, k, (1, P), seed=C + 3 * k, labels=True)
+    for T in (1.0, 2.0):
+        check("numba", s, v, i, tail, ign, lab, T=T, reduction="mean")
+        check("numba", s, v, i, tail, ign, lab, T=T, reduction="none")
 
 
 @pytest.mark.parametrize("student_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("value_dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("index_dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
-def test_numba_every_dtype_combination(student_dtype, value_dtype, index_dtype):
+def test_numba_every_dtype_combination(student_dtype, value_dtype, index_dtype, layout):
     s, v, i, tail, ign, lab = make_case(2, 21, 4, (7, 9), student_dtype=student_dtype, value_dtype=value_dtype,
                                         index_dtype=index_dtype, labels=True)
     check("numba", s, v, i, tail, ign, lab)
 
 
-def test_numba_large_logits_and_temperatures():
+def test_numba_large_logits_and_temperatures(layout):
     s, v, i, tail, ign, lab = make_case(2, 19, 4, (5, 7), scale=1e4, value_dtype=torch.float32, labels=True)
     for T in (1.0, 4.0):
         check("numba", s, v, i, tail, ign, lab, T=T)
@@ -100,12 +125,73 @@ def test_numba_large_logits_and_temperatures():
     check("numba", s, v, i, tail, ign)
 
 
-def test_numba_all_ignored_is_zero_not_nan():
+def test_numba_student_tail_underflow_beside_ordinary_positions(layout):
+    """Positions whose student puts all its mass on the top k (the tail sum underflows, so the
+    kernels take their exact log-sum-exp fallback) mixed with ordinary ones in the same block."""
+    s, v, i, tail, ign, lab = make_case(2, 19, 4, (6, 20), labels=True)
+    confident = torch.rand(2, 6, 20, generator=torch.Generator().manual_seed(1)) < 0.4
+    ids = i.long()
+    boost = torch.zeros_like(s).scatter(1, ids, 400.0)  # the top-k classes 400 above the rest
+    s = torch.where(confident.unsqueeze(1), s + boost, s)
+    for T in (1.0, 3.0):
+        check("numba", s, v, i, tail, ign, lab, T=T, reduction="none")
+        check("numba", s, v, i, tail, ign, lab, T=T)
+
+
+def test_numba_all_ignored_is_zero_not_nan(layout):
     s, v, i, tail, _, _ = make_case(2, 19, 4, (3, 5))
+    v[0, :, 0, 0] = float("nan")  # ignored positions may hold anything
     x = s.clone().requires_grad_(True)
     out = topk_kl(x, v, i, tail, ignore_mask=torch.ones(2, 3, 5, dtype=torch.bool), backend="numba")
     out.backward()
     assert out.item() == 0.0 and torch.count_nonzero(x.grad) == 0
+
+
+def test_float16_bits_widen_exactly():
+    """The spatial kernel reads fp16 teacher values as their int16 bits: every one of the 65536
+    bit patterns widens to numpy's float32 (NaNs to NaNs)."""
+    import numpy as np
+    from numba import njit
+
+    from kdcache.kernels.numba_kl import _to_f32
+
+    @njit
+    def widen(bits, out):
+        for j in range(bits.shape[0]):
+            out[j] = _to_f32(bits[j])
+
+    bits = np.arange(65536, dtype=np.uint16).view(np.int16)
+    out = np.empty(65536, np.float32)
+    widen(bits, out)
+    want = bits.view(np.float16).astype(np.float32)
+    nan = np.isnan(want)
+    assert (np.isnan(out) == nan).all()
+    assert (out[~nan].view(np.int32) == want[~nan].view(np.int32)).all()
+
+
+def test_float32_exp_and_log_against_float64():
+    import numpy as np
+    from numba import njit
+
+    from kdcache.kernels.numba_kl import exp2_32, exp32, log32
+
+    @njit
+    def run(x, e, e2, lg):
+        for j in range(x.shape[0]):
+            e[j] = exp32(x[j])
+            e2[j] = exp2_32(x[j])
+            lg[j] = log32(-x[j] + np.float32(1e-30))
+
+    x = -np.concatenate([np.linspace(0, 1, 10001), np.linspace(1, 86, 100001)]).astype(np.float32)
+    e, e2, lg = np.empty_like(x), np.empty_like(x), np.empty_like(x)
+    run(x, e, e2, lg)
+    x64 = x.astype(np.float64)
+    assert np.abs(e2 / np.exp2(x64) - 1).max() < 3e-7  # the polynomial itself: ~2 ulp
+    # exp(x) = 2**(x log2 e): the product's rounding adds |x| × 1.4 × 2**-24 relative
+    assert (np.abs(e / np.exp(x64) - 1) <= 3e-7 + np.abs(x64) * 1.5 * 2.0 ** -24).all()
+    assert np.abs(lg - np.log(-x64 + 1e-30)).max() < 1e-5
+    run(np.array([-1e4, -np.inf], np.float32), e[:2], e2[:2], lg[:2])
+    assert (e[:2] > 0).all() and (e[:2] < 3e-38).all()  # clamped, never 0 or NaN
 
 
 def test_backward_only_scales_the_stored_gradient(monkeypatch):
