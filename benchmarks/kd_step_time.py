@@ -43,8 +43,7 @@ def main() -> None:
     variants = {"CE only": dict(methods=[{"name": "none"}]), "KL, cache": dict(methods=[{"name": "kl"}]),
                 "KL, online teacher": dict(methods=[{"name": "kl"}], online_teacher="demo_teacher",
                                            teacher_weights=args.teacher)}
-    trainers, states = {}, {}
-    batches = None
+    trainers, states, pipes = {}, {}, {}
     for name, kw in variants.items():
         cfg = config_from_store(args.cache, device=args.device, out="/tmp/kd-step", batch_size=args.batch_size,
                                 limit=args.limit, **kw)
@@ -55,12 +54,15 @@ def main() -> None:
         model = tr.build_model(train_ds.num_classes).to(tr.device)
         tr.class_weight = None
         opt = torch.optim.AdamW(list(model.parameters()) + tr.extra_parameters(), lr=1e-3)
-        if batches is None:
-            pipe.set_epoch(0)
-            items = [pipe[i] for i in range(args.batch_size * args.steps)]
-            batches = [collate(items[i:i + args.batch_size]) for i in range(0, len(items), args.batch_size)]
         trainers[name] = tr
         states[name] = (model, opt)
+        pipes[name] = pipe
+    # every trainer sees the same batches, from the pipeline that reads the cached logits (the CE-only
+    # trainer's reads no cache: --method none needs none)
+    pipe = pipes["KL, cache"]
+    pipe.set_epoch(0)
+    items = [pipe[i] for i in range(args.batch_size * args.steps)]
+    batches = [collate(items[i:i + args.batch_size]) for i in range(0, len(items), args.batch_size)]
     dev = trainers["CE only"].device
     # on the device before any timing (a no-op on the CPU): host-to-device copies are data loading
     batches = [{k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()} for batch in batches]

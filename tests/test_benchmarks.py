@@ -1,0 +1,42 @@
+"""The benchmark scripts that other tooling runs unattended (benchmarks/gpu_check.sh runs
+kd_step_time.py on a GPU machine) still run, on a tiny cache, and write their tables."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+from fake_data import make_teacher
+
+from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def teacher_and_store(tmp_path_factory):
+    teacher = make_teacher(tmp_path_factory.mktemp("t") / "teacher.pt")
+    out = tmp_path_factory.mktemp("c") / "c.zarr"
+    build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(out), dataset_options={"resolution": [32, 48]},
+                                         limit=16, topk=4, samples_per_shard=8, device="cpu", workers=0),
+                        show_progress=False)
+    return teacher, out
+
+
+def run_script(name: str, *args, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", [name, *map(str, args)])
+    runpy.run_path(str(BENCH / name), run_name="__main__")
+
+
+def test_kd_step_time_runs_every_variant_on_the_same_batches(teacher_and_store, tmp_path, monkeypatch):
+    """The batches come from the pipeline that reads the cached logits: the CE-only trainer's
+    (`--method none`) reads no cache, and batches from it once broke the KL variants."""
+    teacher, store = teacher_and_store
+    run_script("kd_step_time.py", "--cache", store, "--teacher", teacher, "--limit", 16, "--batch-size", 2,
+               "--steps", 2, "--rounds", 1, "--device", "cpu", "--results", tmp_path, monkeypatch=monkeypatch)
+    table = (tmp_path / "kd-step-time-cpu.md").read_text()
+    for row in ("| CE only |", "| KL, cache |", "| KL, online teacher |"):
+        assert row in table
+    assert "cached-KD step / CE-only step = **" in table
