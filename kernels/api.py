@@ -160,6 +160,11 @@ def numba_layout(C: int, P: int) -> str:
     return "spatial" if P >= 64 else "rows"
 
 
+def _bytes(x: torch.Tensor) -> np.ndarray:
+    """A tensor's memory as a flat uint8 array (a view when it is contiguous)."""
+    return x.contiguous().numpy().reshape(-1).view(np.uint8)
+
+
 def _run_numba(s, v, i, t, ign, lab, T, with_tail, ignore_index, scales, per_position):
     """(gradient [N, C, P] float32, loss): the [N, P] map when ``per_position``, else its sum."""
     # imported on first use, not to dodge a cycle: importing numba (and loading its compiled
@@ -176,20 +181,17 @@ def _run_numba(s, v, i, t, ign, lab, T, with_tail, ignore_index, scales, per_pos
     sc = scales.numpy()
     args = (float(T), with_tail, ign is not None, lab is not None, int(ignore_index), float(sc[0]), float(sc[1]))
     if numba_layout(C, P) == "spatial":
-        # two compiled specialisations (each costs ~25 s to compile once): the cache's own types, fp16
-        # values and tail (passed as their int16 bits, widened in the kernel) with uint8 ids, read in
-        # place; anything else converted to fp32 values and int32 ids
-        if v.dtype == torch.float16 and (t is None or t.dtype == torch.float16) and i.dtype == torch.uint8:
-            vv = v.contiguous().view(torch.int16).numpy()
-            tt = t.contiguous().view(torch.int16).numpy() if t is not None else np.zeros((1, 1), np.int16)
-            idx = i.contiguous().numpy()
-        else:
-            vv = v.float().contiguous().numpy()
-            tt = t.float().contiguous().numpy() if t is not None else np.zeros((1, 1), np.float32)
-            idx = i.to(torch.int32).contiguous().numpy()
+        # one compiled variant for every dtype: the teacher goes in as raw bytes with flags. The cache's
+        # own types (fp16 values and tail, uint8 ids) are read in place, others converted to fp32 / int32
+        half = v.dtype == torch.float16 and (t is None or t.dtype == torch.float16)
+        ids8 = i.dtype == torch.uint8
+        vv = _bytes(v if half else v.float())
+        tt = _bytes(t if half else t.float()) if t is not None else np.zeros(4, np.uint8)
+        idx = _bytes(i if ids8 else i.to(torch.int32))
         block = block_pixels(C)
         loss = np.empty((N, P) if per_position else (N * -(-P // block),), dtype=np.float64)
-        kl_spatial(s32, vv, idx, tt, ign_np, lab_np, *args, grad, loss, per_position, block, numba.get_num_threads())
+        kl_spatial(s32, vv, idx, tt, v.shape[1], half, ids8, ign_np, lab_np, *args, grad, loss, per_position, block,
+                   numba.get_num_threads())
         out = torch.from_numpy(loss).float() if per_position else torch.tensor(loss.sum(), dtype=torch.float32)
         return torch.from_numpy(grad), out
     # one compiled specialisation: fp32 teacher, int32 ids (a copy of k values per position)

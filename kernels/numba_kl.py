@@ -259,9 +259,13 @@ def block_pixels(C: int) -> int:
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def kl_spatial(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ignore_index, kd_scale, ce_scale,
-               grad, loss, per_position, block, threads):  # pragma: no cover - compiled
+def kl_spatial(s, v, idx, tail, k, half, ids8, ign, lab, T, with_tail, use_ign, use_lab, ignore_index, kd_scale,
+               ce_scale, grad, loss, per_position, block, threads):  # pragma: no cover - compiled
     """[N, C, P] float32 with P contiguous, in tasks of ``block`` pixels of one sample.
+
+    The teacher comes as raw bytes so that one compiled variant takes every input: ``v`` (values
+    [N, k, P]) and ``tail`` ([N, P]) are fp16 (``half``) or fp32, ``idx`` ([N, k, P]) uint8
+    (``ids8``) or int32, each a flat uint8 view.
 
     Per task: (teacher) its k (+ 1) bins, vectorised along pixels, and its part of the KL,
     Σ_K p log p; the top-k probabilities scattered, negated, into a class-major block ``pd`` that
@@ -280,25 +284,24 @@ def kl_spatial(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ignore
     ntask = N * ((P + block - 1) // block)
     nchunk = min(ntask, 4 * threads)  # numba.get_num_threads() in here would stop caching
     for chunk in prange(nchunk):  # the parallel loop stays small: Numba's parfor passes are slow on big bodies
-        _spatial_tasks(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ignore_index, kd_scale,
-                       ce_scale, grad, loss, per_position, block, chunk * ntask // nchunk,
+        _spatial_tasks(s, v, idx, tail, k, half, ids8, ign, lab, T, with_tail, use_ign, use_lab, ignore_index,
+                       kd_scale, ce_scale, grad, loss, per_position, block, chunk * ntask // nchunk,
                        (chunk + 1) * ntask // nchunk)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "nsz", "contract"})
-def _spatial_tasks(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ignore_index, kd_scale, ce_scale,
-                   grad, loss, per_position, block, first, last):  # pragma: no cover - compiled
+def _spatial_tasks(s, v, idx, tail, k, half, ids8, ign, lab, T, with_tail, use_ign, use_lab, ignore_index, kd_scale,
+                   ce_scale, grad, loss, per_position, block, first, last):  # pragma: no cover - compiled
     """Tasks [first, last) of :func:`kl_spatial` (one thread's share), scratch allocated once."""
     N, C, P = s.shape
-    k = v.shape[1]
     inv_t = _F(1.0 / T)
     inv_t2 = _F(1.4426950408889634 / T)  # exp(x / T) = 2 ** (x · log2(e) / T)
     inv_t64 = 1.0 / T
     log_rest = _F(math.log(C - k) if C > k else 0.0)
     sep_ce = use_lab and T != 1.0
     nb = (P + block - 1) // block
-    s1, g1, v1, i1 = s.ravel(), grad.ravel(), v.ravel(), idx.ravel()
-    t1, ig1, lb1, out1 = tail.ravel(), ign.ravel(), lab.ravel(), loss.ravel()
+    s1, g1 = s.ravel(), grad.ravel()
+    ig1, lb1, out1 = ign.ravel(), lab.ravel(), loss.ravel()
     kd_t = _F(kd_scale * T)
     kd_tt = _F(kd_scale * T * T)
     ce_s = _F(ce_scale)
@@ -324,6 +327,7 @@ def _spatial_tasks(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ig
     kl = np.empty(block, _F)
     tk = np.empty(k * block, _F)  # the teacher's top-k logits / T, then exp(those − a*)
     exact = np.empty(block, np.int64)
+    topk = np.empty((block, C), np.bool_)  # per fallback position: which classes are its top k
     for task in range(first, last):
         n = task // nb
         p0 = (task - n * nb) * block
@@ -350,19 +354,12 @@ def _spatial_tasks(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ig
             for j in range(L):
                 cew[j] = _select(ls[j] == ignore_index, _F0, ce_s)
         # the teacher's bins: logits a / T, their maximum a*, Z, log Z and Σ_K p log p
-        if with_tail:
-            ts = t1[pb:pb + L]
-            for j in range(L):
-                a = log_rest + (_to_f32(ts[j]) - log_rest) * inv_t
-                a_t[j] = a
-                lz[j] = a
-        for jj in range(k):
-            vs = v1[(n * k + jj) * P + p0:(n * k + jj) * P + p0 + L]
-            tj = tk[jj * block:jj * block + L]
-            for j in range(L):
-                a = _to_f32(vs[j]) * inv_t
-                tj[j] = a
-                lz[j] = _fmax(lz[j], a)
+        if half:  # fp16 values and tail, as their int16 bits
+            _teacher_logits(v.view(np.int16), tail.view(np.int16), tk, a_t, lz, n, k, P, p0, L, block, inv_t,
+                            log_rest, with_tail)
+        else:
+            _teacher_logits(v.view(np.float32), tail.view(np.float32), tk, a_t, lz, n, k, P, p0, L, block, inv_t,
+                            log_rest, with_tail)
         if with_tail:
             for j in range(L):
                 a = exp32(a_t[j] - lz[j])
@@ -386,11 +383,10 @@ def _spatial_tasks(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ig
             a_t[j] = a_t[j] - lz[j] - lzp  # the tail bin's log probability
             lz[j] = lz[j] + lzp
         # the one per-id step: −p into the class-major block at each top-k id
-        for jj in range(k):
-            ids = i1[(n * k + jj) * P + p0:(n * k + jj) * P + p0 + L]
-            tj = tk[jj * block:jj * block + L]
-            for j in range(L):
-                pd[_slot(ids[j], C, block, j)] = -_select(kdw[j] != _F0, tj[j] * zt[j], _F0)
+        if ids8:
+            _scatter_probs(idx, pd, tk, zt, kdw, n, k, C, P, p0, L, block)
+        else:
+            _scatter_probs(idx.view(np.int32), pd, tk, zt, kdw, n, k, C, P, p0, L, block)
         # (A) copy in, the maximum
         c4 = C - C % 4
         for c in range(0, c4, 4):
@@ -495,10 +491,12 @@ def _spatial_tasks(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ig
         for j in range(L):
             kl[j] = _select(kdw[j] != _F0, kd_tt * kl[j], _F0)
         n_exact = 0
-        if n_bad > _F0:
+        if n_bad > _F0:  # (which classes are the top k: pd < 0, read before pass C zeroes it)
             for j in range(L):
                 if e_t[j] != _F0:
                     exact[n_exact] = j
+                    for c in range(C):
+                        topk[n_exact, c] = pd[c * block + j] < _F0
                     n_exact += 1
         # (C) the gradient, written out; pd zeroed behind
         if sep_ce:
@@ -561,11 +559,11 @@ def _spatial_tasks(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ig
             j = exact[q_]
             mt = -np.inf
             for c in range(C):
-                if not _in_topk(i1, (n * k) * P + p0 + j, P, k, c):
+                if not topk[q_, c]:
                     mt = max(mt, np.float64(xb[c * block + j]) * inv_t64)
             sm = 0.0
             for c in range(C):
-                if not _in_topk(i1, (n * k) * P + p0 + j, P, k, c):
+                if not topk[q_, c]:
                     sm += math.exp(np.float64(xb[c * block + j]) * inv_t64 - mt)
             l_tail = mt + math.log(sm)
             lse = np.float64(m[j]) * inv_t64 + np.float64(lacc[j])
@@ -574,7 +572,7 @@ def _spatial_tasks(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ig
             kl[j] += _F(np.float64(kd_tt) * pt * (lpt - (l_tail - lse)))
             w = np.float64(kdw[j]) * pt
             for c in range(C):
-                if not _in_topk(i1, (n * k) * P + p0 + j, P, k, c):
+                if not topk[q_, c]:
                     x = np.float64(xb[c * block + j])
                     g1[sb + c * P + j] -= _F(w * math.exp(x * inv_t64 - l_tail))
         # the cross-entropy at T = 1 at labelled positions
@@ -605,13 +603,34 @@ def _slot(c, C, block, j):  # pragma: no cover - compiled
     return cc * np.uint64(block) + np.uint64(j)
 
 
-@njit(inline="always", cache=True)
-def _in_topk(i1, base, P, k, c):  # pragma: no cover - compiled
-    """Whether class c is among the k ids at i1[base + jj·P]."""
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "nsz", "contract"})
+def _teacher_logits(v1, t1, tk, a_t, lz, n, k, P, p0, L, block, inv_t, log_rest, with_tail):  # pragma: no cover
+    """The teacher's bins of a block, / T, as float32 (``tk`` [k, block], the tail bin's logit ``a_t``)
+    and their maximum (``lz``) from flat values [N, k, P] and tail [N, P] of either dtype."""
+    if with_tail:
+        ts = t1[n * P + p0:n * P + p0 + L]
+        for j in range(L):
+            a = log_rest + (_to_f32(ts[j]) - log_rest) * inv_t
+            a_t[j] = a
+            lz[j] = a
     for jj in range(k):
-        if np.int64(i1[base + jj * P]) == c:
-            return True
-    return False
+        vs = v1[(n * k + jj) * P + p0:(n * k + jj) * P + p0 + L]
+        tj = tk[jj * block:jj * block + L]
+        for j in range(L):
+            a = _to_f32(vs[j]) * inv_t
+            tj[j] = a
+            lz[j] = _fmax(lz[j], a)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "nsz", "contract"})
+def _scatter_probs(i1, pd, tk, zt, kdw, n, k, C, P, p0, L, block):  # pragma: no cover - compiled
+    """The one per-id step: −p (the teacher's probability, ``tk`` × 1/Z) into the class-major block
+    ``pd`` at each top-k id of flat ids [N, k, P] of either integer dtype (0 where ignored)."""
+    for jj in range(k):
+        ids = i1[(n * k + jj) * P + p0:(n * k + jj) * P + p0 + L]
+        tj = tk[jj * block:jj * block + L]
+        for j in range(L):
+            pd[_slot(ids[j], C, block, j)] = -_select(kdw[j] != _F0, tj[j] * zt[j], _F0)
 
 
 @njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "nsz", "contract"})
