@@ -211,6 +211,9 @@ class Trainer:
         c = self.config
         seed_everything(c.seed)
         train_ds, val_ds = self.build_datasets()
+        if self.workers > 0:  # e.g. the synthetic set rendered once, not by each epoch's workers
+            train_ds.prepare_for_workers()
+            val_ds.prepare_for_workers()
         train_pipe, val_pipe = self.build_pipelines(train_ds, val_ds)
         self.labels = {"class_names": list(train_ds.class_names),
                        "palette": torch.from_numpy(np.asarray(train_ds.palette))}

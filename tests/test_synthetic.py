@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from kdcache.data import build_dataset
 from kdcache.data import synthetic as syn
@@ -127,3 +128,51 @@ def test_labels_cover_all_classes_and_void_is_sparse():
     assert present <= set(range(11)) | {255}
     assert set(range(11)) <= present
     assert 0 < counts[255] / counts.sum() < 0.03
+
+
+class _Loads(torch.utils.data.Dataset):
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.ds.load(i)[1])
+
+
+def _render_only_in(pid: int, real):
+    def render(*args):
+        if os.getpid() != pid:
+            raise RuntimeError("rendered in a DataLoader worker")
+        return real(*args)
+    return render
+
+
+def test_prepared_samples_reach_the_workers_without_rendering(monkeypatch):
+    """prepare_for_workers renders every sample in this process; a worker forked afterwards reads
+    them all without rendering one (a worker that rendered would raise). Over the memory budget
+    it renders nothing (each epoch's workers render again, as before)."""
+    monkeypatch.setattr(syn, "render_scene", _render_only_in(os.getpid(), syn.render_scene))
+    ds = build_dataset("synthetic", "test", size=5, resolution=RES)
+    ds.prepare_for_workers()
+    loader = torch.utils.data.DataLoader(_Loads(ds), batch_size=5, num_workers=1,
+                                         multiprocessing_context="fork")
+    (masks,) = list(loader)
+    assert torch.equal(masks, torch.from_numpy(np.stack([ds.load(i)[1] for i in range(5)])))
+    small = build_dataset("synthetic", "test", size=5, resolution=RES)
+    small.cache_bytes = 3 * RES[0] * RES[1] * 4
+    small.prepare_for_workers()
+    assert small._cache == {}
+    with pytest.raises(RuntimeError, match="rendered in a DataLoader worker"):
+        list(torch.utils.data.DataLoader(_Loads(small), batch_size=5, num_workers=1, multiprocessing_context="fork"))
+
+
+def test_training_with_workers_renders_in_the_main_process_only(monkeypatch, tmp_path):
+    from kdcache.training import TrainConfig, train
+
+    monkeypatch.setattr(syn, "render_scene", _render_only_in(os.getpid(), syn.render_scene))
+    r = train(TrainConfig(model="demo_student", dataset="synthetic", dataset_options={"resolution": list(RES)},
+                          limit=8, epochs=2, batch_size=4, device="cpu", workers=1, out=str(tmp_path / "run")),
+              show_progress=False)
+    assert r["best_miou"] >= 0

@@ -194,6 +194,11 @@ class SegmentationDataset:
             h.update(np.ascontiguousarray(mask).tobytes())
         return h.hexdigest()
 
+    def prepare_for_workers(self) -> None:
+        """Work worth doing once in the main process before DataLoader workers start: forked
+        workers inherit what it leaves in memory, while each epoch's new workers would
+        otherwise redo it. Default: nothing (files are read where they are used)."""
+
     def select(self, indices: Sequence[int]) -> SegmentationDataset:
         """A view of this data set holding only ``indices`` (in that order)."""
         view = object.__new__(type(self))

@@ -986,6 +986,14 @@ class SyntheticDataset(SegmentationDataset):
         self._cache_bytes += size
         return image, mask
 
+    def prepare_for_workers(self) -> None:
+        """Render every sample now when they all fit in ``cache_bytes``: workers forked later
+        inherit them instead of rendering them again in every epoch's new workers."""
+        h, w = self.resolution
+        if len(self) * h * w * 4 <= self.cache_bytes:  # RGB image + mask, uint8
+            for ref in self.refs:
+                self._render(ref)
+
     def read_image(self, ref: SampleRef) -> np.ndarray:
         return self._render(ref)[0].copy()
 
