@@ -12,7 +12,7 @@ CE only (`train-teacher --model demo_student`), `train-student --method none` an
 order that rotates from round to round. The first epoch of each run is warm-up; the others give
 images/s from the run's own `metrics.jsonl`. Reports the median images/s and, for the epoch time
 against CE only, the median of each round's own ratio (a noisy machine drifts between rounds).
-Writes benchmarks/results/epoch-time-cpu.md.
+Writes benchmarks/results/epoch-time-cpu.md (``-workers<N>`` before ``.md`` with workers).
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ def main() -> None:
         f"Target: a cached `kl` epoch ≤ 1.10× a CE-only epoch; measured **{rat['kl, stream']:.3f}** "
         f"(stream) and {rat['kl, random']:.3f} (random access).",
     ]
-    path = Path(args.results) / "epoch-time-cpu.md"
+    name = "epoch-time-cpu.md" if args.workers == 0 else f"epoch-time-cpu-workers{args.workers}.md"
+    path = Path(args.results) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -37,14 +37,17 @@ def compile_body():
                 fastmath={"reassoc", "nsz", "contract"})(numba_kl._spatial_tasks.py_func)
     N, C, k, P = 1, 19, 4, 512
     s = np.random.default_rng(0).standard_normal((N, C, P)).astype(np.float32)
-    v = np.zeros((N, k, P), np.int16)
-    idx = np.tile(np.arange(k, dtype=np.uint8)[None, :, None], (N, 1, P))
-    tail = np.zeros((N, P), np.int16)
+    # the teacher as the kernel takes it: flat bytes of fp16 values and tail, uint8 ids
+    v = np.zeros((N, k, P), np.float16).reshape(-1).view(np.uint8)
+    idx = np.tile(np.arange(k, dtype=np.uint8)[None, :, None], (N, 1, P)).reshape(-1)
+    tail = np.zeros((N, P), np.float16).reshape(-1).view(np.uint8)
     grad = np.empty_like(s)
-    loss = np.empty(8)
+    block = numba_kl.block_pixels(C)
+    ntask = N * -(-P // block)  # every task of the map, and one loss slot each
+    loss = np.empty(ntask)
     t0 = time.perf_counter()
-    body(s, v, idx, tail, np.zeros((1, 1), bool), np.zeros((1, 1), np.int64), 2.0, True, False, False, 255,
-         1.0, 0.0, grad, loss, False, numba_kl.block_pixels(C), 0, 2)
+    body(s, v, idx, tail, k, True, True, np.zeros((1, 1), bool), np.zeros((1, 1), np.int64), 2.0, True, False,
+         False, 255, 1.0, 0.0, grad, loss, False, block, 0, ntask)
     return body, time.perf_counter() - t0
 
 
