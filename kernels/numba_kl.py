@@ -36,24 +36,22 @@ _LN2_HI = 0.693145751953125
 _LN2_LO = 1.42860682030941723212e-6
 
 
-@intrinsic
-def _as_int(typingctx, x):  # pragma: no cover - compiled
-    sig = types.int64(types.float64)
+def _bitcast(src, dst, ir_type):
+    """An intrinsic reinterpreting a ``src`` value's bits as ``dst`` (``ir_type`` in LLVM)."""
+    @intrinsic
+    def cast(typingctx, x):  # pragma: no cover - compiled
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir_type)
 
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(64))
+        return dst(src), codegen
 
-    return sig, codegen
+    return cast
 
 
-@intrinsic
-def _as_float(typingctx, x):  # pragma: no cover - compiled
-    sig = types.float64(types.int64)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
-
-    return sig, codegen
+_as_int = _bitcast(types.float64, types.int64, ir.IntType(64))
+_as_float = _bitcast(types.int64, types.float64, ir.DoubleType())
+_f32_as_int = _bitcast(types.float32, types.int32, ir.IntType(32))
+_int_as_f32 = _bitcast(types.int32, types.float32, ir.FloatType())
 
 
 @njit(inline="always", cache=True, fastmath={"reassoc", "nsz", "contract"})
@@ -145,26 +143,6 @@ def _f32_ldexp(typingctx, p, n):  # pragma: no cover - compiled
 
 
 @intrinsic
-def _f32_as_int(typingctx, x):  # pragma: no cover - compiled
-    sig = types.int32(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return sig, codegen
-
-
-@intrinsic
-def _int_as_f32(typingctx, x):  # pragma: no cover - compiled
-    sig = types.float32(types.int32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return sig, codegen
-
-
-@intrinsic
 def _fmax(typingctx, a, b):  # pragma: no cover - compiled
     """``llvm.maxnum`` (vmaxps), never a branch or a masked store."""
     sig = a(a, a)
@@ -207,6 +185,13 @@ def _to_f32_impl(x):  # pragma: no cover - compiled
             return _int_as_f32(fb | ((h & np.int32(0x8000)) << np.int32(16)))
         return impl
     return lambda x: np.float32(x)
+
+
+@njit(inline="always", cache=True)
+def _rows4(a, start, stride, L):  # pragma: no cover - compiled
+    """Four rows of ``L`` values ``stride`` apart from ``start`` of the flat array ``a`` (views)."""
+    return (a[start:start + L], a[start + stride:start + stride + L], a[start + 2 * stride:start + 2 * stride + L],
+            a[start + 3 * stride:start + 3 * stride + L])
 
 
 @njit(inline="always", cache=True, fastmath={"reassoc", "nsz", "contract"})
@@ -390,14 +375,8 @@ def _spatial_tasks(s, v, idx, tail, k, half, ids8, ign, lab, T, with_tail, use_i
         # (A) copy in, the maximum
         c4 = C - C % 4
         for c in range(0, c4, 4):
-            r0 = s1[sb + c * P:sb + c * P + L]
-            r1 = s1[sb + (c + 1) * P:sb + (c + 1) * P + L]
-            r2 = s1[sb + (c + 2) * P:sb + (c + 2) * P + L]
-            r3 = s1[sb + (c + 3) * P:sb + (c + 3) * P + L]
-            w0 = xb[c * block:c * block + L]
-            w1 = xb[(c + 1) * block:(c + 1) * block + L]
-            w2 = xb[(c + 2) * block:(c + 2) * block + L]
-            w3 = xb[(c + 3) * block:(c + 3) * block + L]
+            r0, r1, r2, r3 = _rows4(s1, sb + c * P, P, L)
+            w0, w1, w2, w3 = _rows4(xb, c * block, block, L)
             for j in range(L):
                 a0 = r0[j]
                 a1 = r1[j]
@@ -417,18 +396,9 @@ def _spatial_tasks(s, v, idx, tail, k, half, ids8, ign, lab, T, with_tail, use_i
                 m[j] = _fmax(m[j], x)
         # (B) e, Σ e, the tail sum, Σ_K p (x − m) (and Σ exp(x − m) for a separate cross-entropy)
         for c in range(0, c4, 4):
-            w0 = xb[c * block:c * block + L]
-            w1 = xb[(c + 1) * block:(c + 1) * block + L]
-            w2 = xb[(c + 2) * block:(c + 2) * block + L]
-            w3 = xb[(c + 3) * block:(c + 3) * block + L]
-            f0 = eb[c * block:c * block + L]
-            f1 = eb[(c + 1) * block:(c + 1) * block + L]
-            f2 = eb[(c + 2) * block:(c + 2) * block + L]
-            f3 = eb[(c + 3) * block:(c + 3) * block + L]
-            q0 = pd[c * block:c * block + L]
-            q1 = pd[(c + 1) * block:(c + 1) * block + L]
-            q2 = pd[(c + 2) * block:(c + 2) * block + L]
-            q3 = pd[(c + 3) * block:(c + 3) * block + L]
+            w0, w1, w2, w3 = _rows4(xb, c * block, block, L)
+            f0, f1, f2, f3 = _rows4(eb, c * block, block, L)
+            q0, q1, q2, q3 = _rows4(pd, c * block, block, L)
             for j in range(L):
                 mj = m[j]
                 d0 = w0[j] - mj
@@ -517,18 +487,9 @@ def _spatial_tasks(s, v, idx, tail, k, half, ids8, ign, lab, T, with_tail, use_i
             for j in range(L):
                 coef[j] = (kdw[j] + cew[j]) * acc[j]
             for c in range(0, c4, 4):
-                f0 = eb[c * block:c * block + L]
-                f1 = eb[(c + 1) * block:(c + 1) * block + L]
-                f2 = eb[(c + 2) * block:(c + 2) * block + L]
-                f3 = eb[(c + 3) * block:(c + 3) * block + L]
-                q0 = pd[c * block:c * block + L]
-                q1 = pd[(c + 1) * block:(c + 1) * block + L]
-                q2 = pd[(c + 2) * block:(c + 2) * block + L]
-                q3 = pd[(c + 3) * block:(c + 3) * block + L]
-                o0 = g1[sb + c * P:sb + c * P + L]
-                o1 = g1[sb + (c + 1) * P:sb + (c + 1) * P + L]
-                o2 = g1[sb + (c + 2) * P:sb + (c + 2) * P + L]
-                o3 = g1[sb + (c + 3) * P:sb + (c + 3) * P + L]
+                f0, f1, f2, f3 = _rows4(eb, c * block, block, L)
+                q0, q1, q2, q3 = _rows4(pd, c * block, block, L)
+                o0, o1, o2, o3 = _rows4(g1, sb + c * P, P, L)
                 for j in range(L):
                     cf = coef[j]
                     tcj = st[j]
