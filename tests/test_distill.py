@@ -256,6 +256,72 @@ def test_sparse_cwd_fills_the_tail_evenly_and_leaves_padding_out():
     assert out.logits.grad is not None and torch.isfinite(out.logits.grad).all()
 
 
+def _pearson64(a: np.ndarray, b: np.ndarray) -> float:
+    """The paper's ρ: the cosine of the mean-centred vectors, ε = 1e-8 beside the norms."""
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (np.sqrt((a * a).sum()) * np.sqrt((b * b).sum()) + 1e-8))
+
+
+def _dist64(zs: np.ndarray, zt: np.ndarray, T: float, beta: float, gamma: float) -> float:
+    """DIST (Huang et al. 2022, eq. 5-7) in float64 on logit matrices [cells, classes]."""
+    def soft(z):
+        e = np.exp(z / T - (z / T).max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+    ys, yt = soft(zs), soft(zt)
+    inter = np.mean([1 - _pearson64(ys[i], yt[i]) for i in range(len(ys))])
+    intra = np.mean([1 - _pearson64(ys[:, c], yt[:, c]) for c in range(ys.shape[1])])
+    return T * T * (beta * inter + gamma * intra)
+
+
+def test_dist_with_a_dense_cache_is_the_papers_formula():
+    """k = C: the cache holds the teacher exactly; the loss is eq. 5-7 over every cell of the
+    batch (per-cell correlations over classes, per-class correlations over the batch's cells),
+    and matches numpy's own Pearson correlation up to the paper's ε."""
+    t_logits, batch, out = _batch(seed=5, k=11)
+    batch["kd/ignore"][:] = False
+    batch.pop("kd/tail")
+    m = build_method("dist", weight=1.5, temperature=2.0, beta=0.5, gamma=2.0)
+    got = m(out, batch)
+    s = F.interpolate(out.logits, size=(6, 8), mode="bilinear", align_corners=False).detach().double()
+    zs = s.permute(0, 2, 3, 1).reshape(-1, 11).numpy()
+    zt = t_logits.double().permute(0, 2, 3, 1).reshape(-1, 11).numpy()
+    want = 1.5 * _dist64(zs, zt, 2.0, 0.5, 2.0)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    ys, yt = np.exp(zs / 2) / np.exp(zs / 2).sum(1, keepdims=True), np.exp(zt / 2) / np.exp(zt / 2).sum(1, keepdims=True)
+    rho_inter = np.mean([np.corrcoef(ys[i], yt[i])[0, 1] for i in range(len(ys))])
+    rho_intra = np.mean([np.corrcoef(ys[:, c], yt[:, c])[0, 1] for c in range(11)])
+    assert got.item() == pytest.approx(1.5 * 4 * (0.5 * (1 - rho_inter) + 2.0 * (1 - rho_intra)), rel=1e-4)
+    # a student equal to the teacher has nothing left to match
+    same = ModelOutput(F.interpolate(t_logits, size=(12, 16), mode="nearest"), {})
+    assert m(same, batch).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_sparse_dist_shares_the_tail_evenly_and_leaves_padding_out():
+    """From a top-k cache with ignored cells: the teacher's classes outside its top k each get an
+    equal share of the tail's mass, and only the cells both saw enter either correlation."""
+    t_logits, batch, out = _batch(seed=6, k=4)
+    C, k, T = 11, 4, 1.0
+    m = build_method("dist")
+    got = m(out, batch)
+    s = F.interpolate(out.logits, size=(6, 8), mode="bilinear", align_corners=False).detach().double().numpy()
+    v, idx = batch["kd/values"].double().numpy(), batch["kd/indices"].numpy()
+    tail, ign = batch["kd/tail"].double().numpy(), batch["kd/ignore"].numpy()
+    rows_s, rows_t = [], []
+    for n, y, x in zip(*np.nonzero(~ign)):
+        ids = list(idx[n, :, y, x])
+        rows_t.append([v[n, ids.index(c), y, x] if c in ids else tail[n, y, x] - math.log(C - k) for c in range(C)])
+        rows_s.append(s[n, :, y, x])
+    assert got.item() == pytest.approx(_dist64(np.array(rows_s), np.array(rows_t), T, 1.0, 1.0), rel=1e-5)
+    got.backward()
+    assert out.logits.grad is not None and torch.isfinite(out.logits.grad).all()
+    # every cell in the padding: a zero loss with a zero gradient
+    _, batch, out = _batch(seed=6, k=4)
+    batch["kd/ignore"][:] = True
+    loss = m(out, batch)
+    loss.backward()
+    assert loss.item() == 0.0 and not out.logits.grad.any()
+
+
 @pytest.mark.parametrize("loss", ["mse", "cosine"])
 def test_fitnet_leaves_ignored_cells_out(loss):
     """fitnet's MSE and 1 - cosine per position, averaged over the cells the teacher saw only,
@@ -399,7 +465,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, store, monkeypatch):
 
 
 def test_cli_every_method_trains(tmp_path, store):
-    for spec in ("none", "kl:weight=0.5,temperature=2", "at", "sp", "fitnet", "cwd", "pseudo:confidence_threshold=0.5"):
+    for spec in ("none", "kl:weight=0.5,temperature=2", "at", "sp", "fitnet", "cwd", "dist", "pseudo:confidence_threshold=0.5"):
         out = tmp_path / spec.split(":")[0]
         r = kd("train-student", "--cache", store, "--method", spec, "--student-tap", "stage3", "--teacher-tap", "stage3",
                "--epochs", 1, "--limit", 8, "--batch-size", 4, "--device", "cpu", "--out", out, "--quiet")

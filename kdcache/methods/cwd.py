@@ -30,6 +30,15 @@ def dense_teacher_logits(values, indices, tail, num_classes: int) -> torch.Tenso
     return base.scatter(1, indices.long(), values.float())
 
 
+def student_and_dense_teacher(out, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's logits at the cache's resolution and the teacher's rebuilt dense logits
+    (:func:`dense_teacher_logits`), both [N, C, h, w] fp32."""
+    values = batch["kd/values"]
+    C = out.logits.shape[1]
+    s = student_logits_at(out.logits, tuple(values.shape[-2:]))
+    return s, dense_teacher_logits(values, batch["kd/indices"], batch.get("kd/tail"), C)
+
+
 @METHODS.register("cwd")
 class ChannelWise(KDMethod):
     default_weight = 3.0
@@ -44,10 +53,7 @@ class ChannelWise(KDMethod):
         return ["logits"]
 
     def forward(self, out, batch) -> torch.Tensor:
-        values = batch["kd/values"]
-        C = out.logits.shape[1]
-        s = student_logits_at(out.logits, tuple(values.shape[-2:]))
-        t = dense_teacher_logits(values, batch["kd/indices"], batch.get("kd/tail"), C)
+        s, t = student_and_dense_teacher(out, batch)
         T = self.temperature
         ignore = batch["kd/ignore"][:, None].expand_as(s)
         s = (s / T).masked_fill(ignore, float("-inf")).flatten(2)

@@ -1,0 +1,82 @@
+"""``dist``: DIST, matching the relations between probabilities rather than the probabilities
+(Huang et al., "Knowledge Distillation from A Stronger Teacher", NeurIPS 2022; the segmentation
+loss of the authors' DIST_KD).
+
+Take the softened probabilities p = softmax(z / T) of student and teacher at every used cell of
+the batch: two matrices Y [P, C] (P cells of all images, C classes). With ρ(a, b) the Pearson
+correlation (the cosine of the mean-centred vectors, ε = 1e-8 added to the norms' product as
+in the paper's code):
+
+* inter-class relation, per cell: L_inter = mean_i (1 − ρ(Y_s[i, :], Y_t[i, :]));
+* intra-class relation, per class over the batch's cells: L_intra = mean_c (1 − ρ(Y_s[:, c], Y_t[:, c]));
+* L = T² (β · L_inter + γ · L_intra).
+
+Defaults are the authors' for segmentation (Cityscapes DeepLabV3-R101 → R18, 74.21 → 77.10
+mIoU): T = 1, β = γ = 1, weight 1. Cells in the crop's padding are left out of both terms.
+
+From the cache: the teacher's k stored classes get their exact probabilities and every class
+outside the top k an equal share of the tail's mass (the rebuilt logits of
+:func:`~kdcache.methods.cwd.dense_teacher_logits`), so each row of Y_t still sums to 1. The
+per-cell (inter-class) term then compares the student with a teacher whose small
+probabilities are flattened; the per-class (intra-class) term sees each non-top-k class at its
+cell's equal share. With a dense cache (k = C) both are exact; at T = 1 the non-top-k
+classes carry little mass, which is why the top-k cache serves DIST well (see the README).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kdcache.methods.base import METHODS, KDMethod
+from kdcache.methods.cwd import student_and_dense_teacher
+
+EPS = 1e-8
+
+
+def pearson_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of each row of ``a`` [R, n] with the same row of ``b``: [R]."""
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + EPS)
+
+
+def dist_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, beta: float = 1.0,
+              gamma: float = 1.0) -> torch.Tensor:
+    """T² (β L_inter + γ L_intra) between probability matrices of logits ``student`` and
+    ``teacher``, both [P, C] (one row per cell)."""
+    T = temperature
+    ys = torch.softmax(student / T, dim=1)
+    yt = torch.softmax(teacher / T, dim=1)
+    inter = 1 - pearson_rows(ys, yt).mean()
+    intra = 1 - pearson_rows(ys.t(), yt.t()).mean()
+    return T * T * (beta * inter + gamma * intra)
+
+
+@METHODS.register("dist")
+class DIST(KDMethod):
+    default_weight = 1.0
+
+    def __init__(self, weight: float | None = None, temperature: float = 1.0, beta: float = 1.0,
+                 gamma: float = 1.0):
+        super().__init__(weight)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        if beta < 0 or gamma < 0 or beta + gamma == 0:
+            raise ValueError(f"beta and gamma must be >= 0 and not both 0, got beta={beta}, gamma={gamma}")
+        self.temperature, self.beta, self.gamma = float(temperature), float(beta), float(gamma)
+
+    def required(self) -> list[str]:
+        return ["logits"]
+
+    def forward(self, out, batch) -> torch.Tensor:
+        s, t = student_and_dense_teacher(out, batch)
+        C = s.shape[1]
+        used = ~batch["kd/ignore"].reshape(-1)  # [N·h·w]
+        if not used.any():
+            return s.sum() * 0.0  # nothing to match: zero loss, zero gradient
+        s = s.permute(0, 2, 3, 1).reshape(-1, C)[used]
+        t = t.permute(0, 2, 3, 1).reshape(-1, C)[used]
+        return self.weight * dist_loss(s, t, self.temperature, self.beta, self.gamma)
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}, temperature={self.temperature}, beta={self.beta}, gamma={self.gamma}"
