@@ -29,7 +29,13 @@ from kdcache.kernels import bench
 from kdcache.methods import METHODS, fill_in, methods_taking, option_default
 from kdcache.models import MODELS
 from kdcache.progress import console
-from kdcache.report import cache_report, compare_table, per_class_table, summary_table
+from kdcache.report import (
+    cache_report,
+    compare_per_class_table,
+    compare_table,
+    per_class_table,
+    summary_table,
+)
 from kdcache.runs import resolve_device, write_json
 from kdcache.store.check import inspect_store, verify_store
 from kdcache.store.schema import CODECS, TARGET_SHARD_BYTES
@@ -378,16 +384,19 @@ def compare(
     runs: Annotated[list[str], typer.Argument(help="Run folders (teacher, baseline and students).")],
     baseline: Annotated[str | None, typer.Option(help="The run Δ mIoU is measured against (default: the CE-only student run, if any).")] = None,
     out: Annotated[str, typer.Option(help="Folder for compare.md/.csv/.json and the figures.")] = default(compare_runs, "out"),
-    examples: Annotated[int, typer.Option(help="Validation images shown side by side: the N best and N worst.")] = default(compare_runs, "examples"),
+    split: Annotated[str | None, typer.Option(help="Report on this split (e.g. test), with each run's best-on-validation checkpoint (default: each run's own validation part).")] = default(compare_runs, "split"),
+    examples: Annotated[int, typer.Option(help="Images shown side by side: the N best and N worst.")] = default(compare_runs, "examples"),
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure ms/image at batch 1.")] = default(compare_runs, "latency"),
     device: Device = default(compare_runs, "device"),
-    per_class: Annotated[bool, typer.Option("--per-class/--no-per-class", help="Per-class IoU columns in the printed table.")] = True,
+    per_class: Annotated[bool, typer.Option("--per-class/--no-per-class", help="Also print the per-class IoU table (a row per class).")] = True,
     quiet: Quiet = False,
 ):
     """One table for many runs (mIoU, mAcc, aAcc, per class, #params, ms, FPS, Δ mIoU) plus figures."""
-    result = compare_runs(runs, baseline=baseline, out=out, examples=examples, latency=latency, device=device,
-                          show_progress=not quiet)
-    console.print(compare_table(result, per_class=per_class))
+    result = compare_runs(runs, baseline=baseline, out=out, split=split, examples=examples, latency=latency,
+                          device=device, show_progress=not quiet)
+    console.print(compare_table(result))
+    if per_class:
+        console.print(compare_per_class_table(result))
     console.print(f"wrote {out}/compare.md, compare.csv, compare.json, per_class_iou.png and {len(result['figures'])} example figures")
 
 
@@ -404,7 +413,7 @@ def demo(
     """The whole workflow on the built-in data: teacher → cache → students (none, kl, at, sp) → compare."""
     result = run_demo(out, teacher_epochs=teacher_epochs, student_epochs=student_epochs, device=device, seed=seed,
                       limit=limit, show_progress=not quiet)
-    console.print(compare_table(result, per_class=False))
+    console.print(compare_table(result))
     console.print(f"figures and tables in {result['out_dir']}")
 
 

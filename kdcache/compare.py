@@ -1,10 +1,15 @@
 """``compare``: several runs side by side — the seeds' table in one command, plus figures.
 
-Every run is evaluated on the same validation images (each run's own validation part; they
-must agree), and the result is one table (method, mIoU, mAcc, aAcc, per-class IoU, #params,
-ms/image, FPS, Δ mIoU against the baseline) printed with rich and written as Markdown, CSV and
-JSON, a per-class IoU bar chart, and side-by-side figures (image, ground truth, each run's
-prediction) of the validation images where the runs do best and worst on average.
+Every run is evaluated on the same images: by default each run's own validation part (they
+must agree), or with ``split`` (e.g. ``test``) that split, always with each run's best
+checkpoint, the one chosen on validation. The result is one table (method, mIoU, mAcc, aAcc,
+per-class IoU, #params, ms/image, FPS, Δ mIoU against the baseline) printed with rich and written
+as Markdown, CSV and JSON, a per-class IoU bar chart, and side-by-side figures (image, ground
+truth, each run's prediction) of the images where the runs do best and worst on average.
+
+Latency is measured once per architecture (model, parameter count, input size): runs of the
+same network share one measurement, and the networks are timed interleaved, in rounds, so that
+a noisy machine's slow spells fall on all of them alike.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 
 from kdcache import visualize
 from kdcache.errors import KDCacheError
-from kdcache.evaluation import eval_dataset, evaluate_run
+from kdcache.evaluation import eval_dataset, evaluate_run, measure_latencies
 from kdcache.model_loading import open_weights
 from kdcache.runs import RunDir, resolve_device, write_json
 from kdcache.transforms import SegPipeline
@@ -38,54 +43,72 @@ def run_label(config: dict, path: Path) -> str:
 
 
 def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None, out: str | Path = "runs/compare",
-                 examples: int = 3, latency: bool = True, device: str = "auto", batch_size: int = 8,
-                 show_progress: bool = True) -> dict:
+                 split: str | None = None, examples: int = 3, latency: bool = True, device: str = "auto",
+                 batch_size: int = 8, show_progress: bool = True) -> dict:
     if not runs:
         raise KDCacheError("give at least one run folder to compare")
     paths = [Path(r) for r in runs]
     for p in paths:
         if not (p / "config.json").exists():
             raise KDCacheError(f"{p} is not a run folder (no config.json); compare takes run folders")
-    reports = []
-    for p in paths:
-        rep = evaluate_run(p, qualitative=1, latency=latency, device=device, batch_size=batch_size,
-                           show_progress=show_progress)
-        reports.append(rep)
+    reports = [evaluate_run(p, split=split, qualitative=1, latency=False, device=device, batch_size=batch_size,
+                            show_progress=show_progress) for p in paths]
     first = reports[0]
     for p, rep in zip(paths, reports):
         if (rep["dataset"], rep["split"], rep["num_samples"], rep["class_names"]) != (
                 first["dataset"], first["split"], first["num_samples"], first["class_names"]):
-            raise KDCacheError(f"{p} was validated on {rep['dataset']} '{rep['split']}' ({rep['num_samples']} "
+            raise KDCacheError(f"{p} was evaluated on {rep['dataset']} '{rep['split']}' ({rep['num_samples']} "
                                f"images) but {paths[0]} on {first['dataset']} '{first['split']}' "
-                               f"({first['num_samples']}); compare runs on the same validation data")
+                               f"({first['num_samples']}); compare runs on the same images (data set, split and --limit)")
+    dev = resolve_device(device)
+    weights = [open_weights(p) for p in paths]
+    models = [w.build(num_classes=len(first["class_names"]), device=dev) for w in weights] \
+        if latency or examples > 0 else []
+    lat = _shared_latencies(models, weights, reports, dev) if latency else [{} for _ in paths]
     configs = [RunDir(p).read_config() for p in paths]
     labels = [run_label(c, p) for c, p in zip(configs, paths)]
     base_i = _baseline_index(paths, configs, baseline)
     rows = []
     for i, (p, rep) in enumerate(zip(paths, reports)):
-        lat = rep.get("latency") or {}
         rows.append({
             "run": str(p), "name": p.name, "method": labels[i], "model": rep["model"],
             "miou": rep["miou"], "macc": rep["macc"], "aacc": rep["aacc"],
             "delta_miou": None if base_i is None else rep["miou"] - reports[base_i]["miou"],
-            "params": rep["params"], "ms_per_image": lat.get("ms_per_image"), "fps": lat.get("fps"),
-            "iou": rep["iou"], "baseline": i == base_i,
+            "params": rep["params"], "ms_per_image": lat[i].get("ms_per_image"), "fps": lat[i].get("fps"),
+            "latency_group": lat[i].get("group"), "iou": rep["iou"], "baseline": i == base_i,
         })
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     class_names = first["class_names"]
     result = {"rows": rows, "class_names": class_names, "dataset": first["dataset"], "split": first["split"],
-              "num_samples": first["num_samples"], "baseline": None if base_i is None else str(paths[base_i]),
-              "latency_device": (reports[0].get("latency") or {}).get("device")}
+              "split_given": split is not None, "num_samples": first["num_samples"],
+              "baseline": None if base_i is None else str(paths[base_i]),
+              "latency_device": next((x["device"] for x in lat if x), None),
+              "latency_rounds": next((x["rounds"] for x in lat if x), None)}
     write_json(out_dir / "compare.json", result)
     (out_dir / "compare.md").write_text(markdown_table(result))
     _write_csv(out_dir / "compare.csv", result)
     visualize.save_per_class_bars(out_dir / "per_class_iou.png", class_names,
                                   {f"{r['name']} ({r['method']})": r["iou"] for r in rows},
                                   title=f"per-class IoU on {first['dataset']} {first['split']}")
-    result["figures"] = _example_figures(paths, labels, reports, out_dir, examples, resolve_device(device))
+    result["figures"] = _example_figures(paths, labels, reports, weights, models, split, out_dir, examples, dev)
     result["out_dir"] = str(out_dir)
     return result
+
+
+def _shared_latencies(models, weights, reports, device) -> list[dict]:
+    """One interleaved measurement per architecture (model name, parameter count, input size,
+    AMP), shared by every run of it; each entry names its group (the first run's index)."""
+    groups: dict[tuple, int] = {}
+    of_run = []
+    for i, rep in enumerate(reports):
+        key = (rep["model"], rep["params"], tuple(rep["input_size"]), bool(weights[i].config.get("amp_enabled")))
+        of_run.append(groups.setdefault(key, i))
+    firsts = sorted(groups.values())
+    measured = measure_latencies([models[i] for i in firsts], [tuple(reports[i]["input_size"]) for i in firsts],
+                                 device, amp=[bool(weights[i].config.get("amp_enabled")) for i in firsts])
+    by_first = dict(zip(firsts, measured))
+    return [{**by_first[g], "group": g} for g in of_run]
 
 
 def _baseline_index(paths, configs, baseline) -> int | None:
@@ -105,12 +128,26 @@ def _pct(x) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
 
 
+def split_sentence(result: dict) -> str:
+    """Which images the table reports, and which checkpoints."""
+    where = f"{result['dataset']} '{result['split']}' ({result['num_samples']} images)"
+    if result.get("split_given"):
+        return f"Reported on {where}, each run's best checkpoint on its validation split"
+    return f"Validation: {where}, each run's best checkpoint"
+
+
+def latency_sentence(result: dict) -> str:
+    if not result.get("latency_device"):
+        return "latency not measured"
+    return (f"latency: batch 1 on {result['latency_device']}, one measurement per architecture and input size, "
+            f"architectures interleaved in {result.get('latency_rounds')} rounds")
+
+
 def markdown_table(result: dict) -> str:
     cls = result["class_names"]
     head = ["run", "method", "model", "mIoU", "Δ mIoU", "mAcc", "aAcc", "#params", "ms/image", "FPS"] + list(cls)
-    lines = [f"Validation: {result['dataset']} '{result['split']}' ({result['num_samples']} images); "
-             f"percentages; Δ against {result['baseline'] or '— (no baseline run)'}; latency at batch 1 on "
-             f"{result.get('latency_device') or '—'}.", "",
+    lines = [f"{split_sentence(result)}; percentages; Δ against {result['baseline'] or '— (no baseline run)'}; "
+             f"{latency_sentence(result)}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         delta = "—" if r["delta_miou"] is None else ("±0.00" if r["baseline"] else f"{100 * r['delta_miou']:+.2f}")
@@ -133,7 +170,7 @@ def _write_csv(path: Path, result: dict) -> None:
 
 
 @torch.no_grad()
-def _example_figures(paths, labels, reports, out_dir: Path, n: int, device) -> list[str]:
+def _example_figures(paths, labels, reports, weights, models, split, out_dir: Path, n: int, device) -> list[str]:
     if n <= 0:
         return []
     per_image = [rep.get("per_image_iou", {}) for rep in reports]
@@ -145,9 +182,7 @@ def _example_figures(paths, labels, reports, out_dir: Path, n: int, device) -> l
     n = min(n, max(1, len(ranked) // 2))
     picks = [("best", k, sid) for k, sid in enumerate(ranked[:n])] + \
             [("worst", k, sid) for k, sid in enumerate(ranked[::-1][:n])]
-    weights = [open_weights(p) for p in paths]
-    models = [w.build(device=device) for w in weights]
-    _, ds, _ = eval_dataset(weights[0].config)
+    _, ds, _ = eval_dataset(weights[0].config, split=split)
     pre = weights[0].preprocess
     pipe = SegPipeline(ds, pre)
     index = {sid: j for j, sid in enumerate(ds.ids)}

@@ -1,7 +1,8 @@
 """``kdcache demo``: the whole workflow on the built-in synthetic data set, on a CPU in minutes.
 
 Teacher training → teacher cache (top-4 logits + stage3 features and attention maps) → students
-with ``none`` (the CE baseline), ``kl``, ``at`` and ``sp`` → ``compare``. Every step writes
+with ``none`` (the CE baseline), ``kl``, ``at`` and ``sp`` → ``compare`` on the test split (each
+run's checkpoint chosen on the validation split). Every step writes
 into ``out``; a rerun skips the steps that finished (a run whose last epoch is done, a cache
 whose samples are all done) and resumes one that was interrupted.
 """
@@ -77,6 +78,6 @@ def run_demo(out: str | Path = "runs/demo", *, teacher_epochs: int = 20, student
         train_student(cfg, resume=_started(run), show_progress=show_progress)
     console.print("[bold]4/4 compare[/bold]")
     result = compare_runs(runs, baseline=out / "student-none" if "none" in students else None, out=out / "compare",
-                          device=device, show_progress=show_progress)
+                          split="test", device=device, show_progress=show_progress)
     (out / "demo.json").write_text(json.dumps({"runs": [str(r) for r in runs], "compare": str(out / "compare")}, indent=2))
     return result

@@ -88,30 +88,49 @@ def measure_latency(
 
     The model's forward only (to native-stride logits), as papers report it; the upsampling
     and argmax of a full prediction are not included."""
-    model.eval()
-    x = torch.randn(1, 3, *input_size, device=device)
-    times = []
-    for i in range(warmup + repeats):
+    return measure_latencies([model], [input_size], device, warmup=warmup, rounds=1, repeats=repeats,
+                             amp=[amp])[0]
+
+
+def measure_latencies(
+    models: list[torch.nn.Module], input_sizes: list[tuple[int, int]], device: torch.device,
+    *, warmup: int = 5, rounds: int = 5, repeats: int = 6, amp: list[bool] | None = None,
+) -> list[dict]:
+    """:func:`measure_latency` of several models, interleaved: after each model's warm-up,
+    ``rounds`` rounds in each of which every model (in an order that rotates from round to
+    round) runs ``repeats`` timed forwards. A noisy machine's slow spells then fall on every
+    model alike, so the medians compare."""
+    amp = amp or [False] * len(models)
+    inputs = [torch.randn(1, 3, *size, device=device) for size in input_sizes]
+
+    def once(i: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        with _autocast(device, amp):
-            model(x)
+        with _autocast(device, amp[i]):
+            models[i](inputs[i])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append((time.perf_counter() - t0) * 1000.0)
-    ms = statistics.median(times)
-    q = statistics.quantiles(times, n=4) if len(times) >= 4 else [ms, ms, ms]
-    return {
-        "ms_per_image": ms,
-        "ms_iqr": [q[0], q[2]],
-        "fps": 1000.0 / ms,
-        "batch_size": 1,
-        "input_size": list(input_size),
-        "repeats": repeats,
-        "device": device_name(device),
-    }
+        return (time.perf_counter() - t0) * 1000.0
+
+    times: list[list[float]] = [[] for _ in models]
+    with torch.no_grad():
+        for i, model in enumerate(models):
+            model.eval()
+            for _ in range(warmup):
+                once(i)
+        for r in range(rounds):
+            for j in range(len(models)):
+                i = (j + r) % len(models)
+                times[i] += [once(i) for _ in range(repeats)]
+    out = []
+    for i, t in enumerate(times):
+        ms = statistics.median(t)
+        q = statistics.quantiles(t, n=4) if len(t) >= 4 else [ms, ms, ms]
+        out.append({"ms_per_image": ms, "ms_iqr": [q[0], q[2]], "fps": 1000.0 / ms, "batch_size": 1,
+                    "input_size": list(input_sizes[i]), "repeats": len(t), "rounds": rounds,
+                    "device": device_name(device)})
+    return out
 
 
 def eval_dataset(config: dict, *, dataset: str | None = None, data_root: str | None = None,
@@ -188,9 +207,9 @@ def evaluate_run(
         "params": count_parameters(model),
         **m,
     }
+    report["input_size"] = list(pipeline[0]["image"].shape[-2:])
     if latency:
-        first = pipeline[0]["image"]
-        report["latency"] = measure_latency(model, tuple(first.shape[-2:]), dev, amp=amp)
+        report["latency"] = measure_latency(model, tuple(report["input_size"]), dev, amp=amp)
 
     if out is not None:
         out_dir = Path(out)

@@ -85,17 +85,34 @@ def cache_report(report: dict) -> list:
     return out
 
 
-def compare_table(result: dict, per_class: bool = True) -> Table:
-    """``compare``'s table: one row per run."""
-    t = Table(title=f"{result['dataset']} / {result['split']} ({result['num_samples']} images), %")
-    for col in ("run", "method", "mIoU", "Δ mIoU", "mAcc", "aAcc", "#params", "ms/img", "FPS"):
-        t.add_column(col, justify="left" if col in ("run", "method") else "right")
-    names = result["class_names"] if per_class else []
-    for c in names:
-        t.add_column(c[:8], justify="right")
+def compare_table(result: dict) -> Table:
+    """``compare``'s table: one row per run, each named whole (rich shrinks and wraps the other
+    columns first, down to an 80-column terminal)."""
+    note = "best-on-validation checkpoints" if result.get("split_given") else "best checkpoints"
+    t = Table(title=f"{result['dataset']} / {result['split']} ({result['num_samples']} images, {note}), %")
+    width = max(len(r["name"]) for r in result["rows"])
+    t.add_column("run", no_wrap=True, min_width=width)
+    t.add_column("method", overflow="fold")
+    for col in ("mIoU", "Δ mIoU", "mAcc", "aAcc", "#params", "ms/img", "FPS"):
+        t.add_column(col, justify="right", overflow="fold")
     for r in result["rows"]:
         delta = "—" if r["delta_miou"] is None else ("base" if r["baseline"] else f"{100 * r['delta_miou']:+.2f}")
         t.add_row(r["name"], r["method"], pct(r["miou"]), delta, pct(r["macc"]), pct(r["aacc"]),
                   f"{r['params'] / 1e6:.3f}M", "—" if r["ms_per_image"] is None else f"{r['ms_per_image']:.2f}",
-                  "—" if r["fps"] is None else f"{r['fps']:.0f}", *[pct(x, 1) for x in r["iou"][:len(names)]])
+                  "—" if r["fps"] is None else f"{r['fps']:.0f}")
+    if result.get("latency_device"):
+        t.caption = (f"latency: batch 1, {result['latency_device']}; one measurement per architecture, "
+                     "interleaved in rounds")
+    return t
+
+
+def compare_per_class_table(result: dict) -> Table:
+    """Per-class IoU of every run: a row per class, a column per run (readable however many
+    classes there are)."""
+    t = Table(title="per-class IoU, %")
+    t.add_column("class", no_wrap=True)
+    for r in result["rows"]:
+        t.add_column(r["name"], justify="right", overflow="fold")
+    for c, name in enumerate(result["class_names"]):
+        t.add_row(name, *[pct(r["iou"][c], 1) for r in result["rows"]])
     return t

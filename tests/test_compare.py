@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import json
 
+from rich.console import Console
 from typer.testing import CliRunner
+
+from kdcache.report import compare_per_class_table, compare_table
 
 runner = CliRunner()
 
@@ -30,6 +33,13 @@ def test_demo_then_compare_outputs_and_rerun_reuses_steps(tmp_path):
     assert [r["method"] for r in rows] == ["CE", "CE (baseline)", "kl", "at", "sp"]
     assert len([k for k in rows[0] if k.startswith("iou_")]) == 11
     data = json.loads((cmp / "compare.json").read_text())
+    assert data["split"] == "test" and md.startswith("Reported on synthetic 'test' (8 images), each run's best "
+                                                     "checkpoint on its validation split")
+    # one latency per architecture: the four demo_student runs share the measurement, the teacher has its own
+    students = [r for r in data["rows"] if r["model"] == "demo_student"]
+    assert len(students) == 4 and len({(r["ms_per_image"], r["latency_group"]) for r in students}) == 1
+    assert data["rows"][0]["latency_group"] == 0 and students[0]["latency_group"] == 1
+    assert "interleaved in 5 rounds" in md
     base = next(r for r in data["rows"] if r["baseline"])
     kl = next(r for r in data["rows"] if r["method"] == "kl")
     assert abs(kl["delta_miou"] - (kl["miou"] - base["miou"])) < 1e-12
@@ -48,6 +58,16 @@ def test_demo_then_compare_outputs_and_rerun_reuses_steps(tmp_path):
     assert r.exit_code == 0, r.output
     data = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert data["rows"][1]["baseline"] and data["rows"][0]["ms_per_image"] is None
+    assert data["split"] == "val" and "Validation: synthetic 'val'" in (tmp_path / "cmp" / "compare.md").read_text()
+    # the table a user reads names every run whole, even in an 80-column terminal
+    console = Console(width=80, record=True)
+    renamed = {**data, "rows": [{**r, "name": n} for r, n in zip(data["rows"], ("student-kl-temperature-4",
+                                                                              "student-at-stage3-w100"))]}
+    console.print(compare_table(renamed))
+    console.print(compare_per_class_table(renamed))
+    text = console.export_text()
+    assert "student-kl-temperature-4" in text and "student-at-stage3-w100" in text
+    assert max(len(line) for line in text.splitlines()) <= 80
     assert len(list((tmp_path / "cmp" / "examples").glob("*.png"))) == 2
 
 
@@ -59,6 +79,6 @@ def test_compare_errors(tmp_path):
     assert kd("train-teacher", *TINY, "--limit", 8, "--out", tmp_path / "a").exit_code == 0
     assert kd("train-teacher", *TINY, "--limit", 12, "--out", tmp_path / "b").exit_code == 0
     r = kd("compare", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "c", "--quiet")
-    assert r.exit_code == 2 and "compare runs on the same validation data" in r.output
+    assert r.exit_code == 2 and "compare runs on the same images" in r.output
     r = kd("compare", tmp_path / "a", "--baseline", tmp_path / "b", "--out", tmp_path / "c", "--quiet")
     assert r.exit_code == 2 and "is not one of the compared runs" in r.output
