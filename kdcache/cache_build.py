@@ -155,11 +155,17 @@ def _build(config: CacheBuildConfig, d: distributed.Dist, device: torch.device, 
     ds = limit(build_dataset(config.dataset, config.split, config.data_root, **config.dataset_options), config.limit)
     if len(ds) == 0:
         raise KDCacheError(f"split '{config.split}' of {config.dataset} is empty")
+    weights = open_weights(config.weights)
+    if ds.num_classes == 0:  # a folder of images that lists no classes: the teacher's
+        names = weights.config.get("class_names")
+        if not names:
+            raise KDCacheError(f"{config.dataset} lists no class names and the teacher {weights.checkpoint} records "
+                               "none; give -o class_names_file=FILE (one class name per line)")
+        ds = ds.with_class_names(names)
     C = ds.num_classes
     if config.topk > C:
         raise KDCacheError(f"--topk {config.topk} is more than the {C} classes of {config.dataset}; use --topk {C} for a dense cache")
     taps = tuple(config.features)
-    weights = open_weights(config.weights)
     model = weights.build(arch=config.teacher, num_classes=C, taps=taps, device=device, arch_option="--teacher")
     preprocess = weights.preprocess
 

@@ -143,6 +143,7 @@ class KDPipeline(SegPipeline):
 
 class StudentTrainer(Trainer):
     kind = "distill"
+    command = "train-student"
 
     def __init__(self, config: StudentConfig, **kw):
         super().__init__(config, **kw)

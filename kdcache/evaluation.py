@@ -160,6 +160,7 @@ def eval_dataset(config: dict, *, dataset: str | None = None, data_root: str | N
         ds = limit(ds, limit_n if limit_n is not None else config.get("limit"))
     if len(ds) == 0:
         raise KDCacheError(f"split '{split_name}' of {config['dataset']} is empty")
+    ds.require_labels("evaluation")
     return config, ds, split_name
 
 

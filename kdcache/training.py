@@ -181,6 +181,7 @@ class Trainer:
     (:meth:`compute_loss`), and may add parameters and state (the hooks at the end)."""
 
     kind = "supervised"
+    command = "train-teacher"  # how errors name what the user ran
 
     def __init__(self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                  show_progress: bool = True, explicit: set[str] | None = None):
@@ -276,6 +277,8 @@ class Trainer:
         )
         if len(train) == 0 or len(val) == 0:
             raise KDCacheError(f"empty training ({len(train)}) or validation ({len(val)}) set")
+        train.require_labels(f"{self.command} (its training set)")
+        val.require_labels(f"{self.command} (its validation set)")
         return train, val
 
     def build_pipelines(self, train_ds: SegmentationDataset, val_ds: SegmentationDataset

@@ -16,6 +16,7 @@ import pytest
 import torch
 import zarr
 from fake_data import make_teacher, make_voc_sizes
+from PIL import Image
 from typer.testing import CliRunner
 
 from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
@@ -544,3 +545,38 @@ def test_features_of_images_of_different_sizes_keep_their_own_extent(tmp_path):
     r = kd("build-teacher-cache", "--weights", teacher, "--out", tmp_path / "v.zarr", "--dataset", "voc",
            "--data-root", root, "--views", 2, "--quiet")
     assert r.exit_code == 2 and "give --view-crop HxW" in r.output
+
+
+def test_caches_of_unlabelled_images(tmp_path, teacher):
+    """build-teacher-cache over the synthetic unlabeled split and over a plain image folder (its
+    class names from the teacher run): the teacher's outputs on those images, content hashes
+    over the image bytes, joined back by the same data set."""
+    out = tmp_path / "u.zarr"
+    build_teacher_cache(config(teacher, out, split="unlabeled"), show_progress=False)
+    ds = limit(build_dataset("synthetic", "unlabeled", **RES), N)
+    x = torch.stack([Preprocess().image_to_tensor(ds.load(i)[0]) for i in range(N)])
+    top_v = teacher_forward(teacher, x).logits.topk(4, dim=1).values
+    store = CacheStore(out)
+    assert store.schema.dataset["split"] == "unlabeled" and store.ids == ds.ids
+    np.testing.assert_allclose(np.stack([store.read(i)["logits/values"] for i in range(N)]).astype(np.float32),
+                               top_v, rtol=2e-3, atol=2e-3)
+    np.testing.assert_array_equal(store.join(ds), np.arange(N))
+
+    # a folder of frames that lists no classes: the teacher run's class names
+    frames = tmp_path / "frames"
+    for i in range(3):
+        (frames / f"seq{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(ds.load(i)[0]).save(frames / f"seq{i % 2}" / f"{i:04d}.png")
+    ckpt = torch.load(teacher, weights_only=False)
+    names = [f"class{c}" for c in range(11)]
+    ckpt["config"]["class_names"] = names
+    named = tmp_path / "named.pt"
+    torch.save(ckpt, named)
+    r = kd("build-teacher-cache", "--weights", named, "--out", tmp_path / "f.zarr", "--dataset", "images",
+           "--data-root", frames, "--device", "cpu", "--workers", 0, "--quiet")
+    assert r.exit_code == 0, r.output
+    f = CacheStore(tmp_path / "f.zarr")
+    assert f.class_names == names and f.ids == ["seq0/0000", "seq0/0002", "seq1/0001"]
+    np.testing.assert_allclose(f.read(2)["logits/values"].astype(np.float32), top_v[1], rtol=2e-3, atol=2e-3)
+    folder_ds = build_dataset("images", "all", frames).with_class_names(names)
+    assert f.content_hashes()[0] == folder_ds.content_hash(0)

@@ -259,6 +259,15 @@ def hand_made_run(tmp: Path) -> dict:
     return {}
 
 
+def test_compare_takes_the_class_count_from_the_data(tmp_path):
+    """A hand-made run folder whose config.json lacks num_classes compares: the data set it is
+    evaluated on gives the count (it was an error in the example figures only)."""
+    hand_made_run(tmp_path)
+    r = kd("compare", tmp_path / "hand", "--no-latency", "--examples", 1, "--out", tmp_path / "cmp", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"][0]["model"]
+
+
 def store_copy(change: Callable[[Path], object]):
     def setup(tmp: Path, store: Path) -> dict:
         shutil.copytree(store, tmp / "copy.zarr")
@@ -342,9 +351,6 @@ CASES = [
     case("evaluate-plain-state-dict", ["evaluate", "{tmp}/sd.pt", "--quiet"],
          "is a plain state dict: give a run folder or a kdcache checkpoint",
          setup=saved("sd.pt", lambda: TinyNet(11).state_dict())),
-    case("compare-without-class-count", ["compare", "{tmp}/hand", "--no-latency", "--examples", "1", "--out",
-                                         "{tmp}/cmp", "--quiet"],
-         "does not say how many classes its model predicts", setup=hand_made_run),
     # -- checkpoints (checkpoint.py) ---------------------------------------------------------------------
     case("weights-missing", train("--weights", "{tmp}/missing.pt"), "checkpoint", "missing.pt does not exist"),
     case("weights-directory", train("--weights", "{tmp}"), "is a directory; give a checkpoint file (e.g. "),
@@ -441,6 +447,8 @@ CASES = [
     case("method-kl-tail", student("--method", "kl:tail=none"), "method 'kl': tail must be bin or renormalize"),
     case("method-cwd-temperature", student("--method", "cwd:temperature=0"),
          "method 'cwd': temperature must be positive, got 0"),
+    case("method-dist-weights", student("--method", "dist:beta=0,gamma=0"),
+         "method 'dist': beta and gamma must be >= 0 and not both 0, got beta=0, gamma=0"),
     case("method-pseudo-threshold", student("--method", "pseudo:confidence_threshold=2"),
          "method 'pseudo': confidence_threshold must be in [0, 1], got 2"),
     case("method-fitnet-loss", student("--method", "fitnet:student_tap=stage3,teacher_tap=stage3,loss=l1"),
@@ -504,8 +512,15 @@ CASES = [
          setup=folder(write("classes.txt", b"\xff\xfe\x00a"))),
     case("folder-no-layout", cache(data=on("folder")), "none exists under",
          setup=folder(both(remove("images"), remove("masks")))),
-    case("folder-no-masks", cache(data=on("folder")), "expected masks as <stem>.png next to the images folder",
-         setup=folder(remove("masks"))),
+    case("folder-no-masks", train("--val-split", "train", data=on("folder")), "folder split 'train' holds unlabelled images (no masks); "
+         "train-teacher (its training set) needs labelled images", setup=folder(remove("masks"))),
+    # -- unlabelled images where labels are needed ------------------------------------------------------
+    case("unlabelled-train-teacher", train("--val-split", "unlabeled"), "synthetic split 'unlabeled' holds "
+         "unlabelled images (no masks); train-teacher (its validation set) needs labelled images"),
+    case("unlabelled-evaluate", ["evaluate", "{run}", "--split", "unlabeled", "--quiet"],
+         "synthetic split 'unlabeled' holds unlabelled images (no masks); evaluation needs labelled images"),
+    case("images-no-class-names", cache(data=on("images")), "images lists no class names and the teacher",
+         "records none; give -o class_names_file=FILE", setup=folder(remove("masks"))),
     case("folder-unpaired", cache(data=on("folder")), "without a mask in", "im9",
          "(images and masks are matched by file stem)", setup=folder(lambda r: rgb(r / "images" / "im9.png"))),
     case("folder-unknown-split", cache("--split", "val", data=on("folder")), "folder data set has no split 'val'",
@@ -565,6 +580,10 @@ def test_the_installed_command_prints_one_line_and_exits_2(store, tmp_path):
 #: user errors the command line cannot reach (template substring -> why); each is still a
 #: KDCacheError for the Python API
 NOT_FROM_THE_CLI = {
+    "{} does not say how many classes its model predicts; give a ": "every command builds a model with its data "
+                                                                    "set's class count (compare, since it reports "
+                                                                    "on one data set, too); only a Python caller of "
+                                                                    "Weights.build without num_classes",
     "rank 0 could not prepare the store": "torchrun only: what ranks other than 0 raise when rank 0 failed (rank 0 "
                                           "prints its own error)",
     "a rank failed during set-up": "torchrun only: what the other ranks raise when one rank failed",

@@ -311,8 +311,10 @@ def test_cityscapes_bad_inputs(tmp_path):
         CityscapesDataset(tmp_path, "train")
     make_cityscapes(tmp_path)
     with pytest.raises(
-        DatasetError, match="no split 'train_extra'.*valid splits: test, train, val"
+        DatasetError, match="no split 'extra'.*valid splits: test, train, train_extra, val"
     ):
+        CityscapesDataset(tmp_path, "extra")
+    with pytest.raises(DatasetError, match=r"split 'train_extra' needs .*leftImg8bit/train_extra"):
         CityscapesDataset(tmp_path, "train_extra")
     with pytest.raises(DatasetError, match="Cityscapes split 'test' is empty"):
         CityscapesDataset(tmp_path, "test")
@@ -442,9 +444,9 @@ def test_folder_unpaired_and_layout_errors(tmp_path):
     (tmp_path / "images" / "lonely.jpg").unlink()
     (tmp_path / "images" / "notes.txt").write_text("not an image")  # ignored
     assert FolderDataset(tmp_path, "train").ids == ["a", "b", "c"]
-    (tmp_path / "masks").rename(tmp_path / "labels")
-    with pytest.raises(DatasetError, match=r"has .*images but no .*masks"):
-        FolderDataset(tmp_path, "train")
+    (tmp_path / "masks").rename(tmp_path / "labels")  # no masks folder: an unlabelled split, not an error
+    ds = FolderDataset(tmp_path, "train")
+    assert not ds.labelled and ds.ids == ["a", "b", "c"]
 
 
 def test_folder_empty_split(tmp_path):
@@ -483,3 +485,66 @@ def test_ids_are_stable_and_hashable(tmp_path):
     assert a.ids == b.ids
     assert [a.content_hash(i) for i in range(len(a))] == [b.content_hash(i) for i in range(len(b))]
     assert len({a.content_hash(i) for i in range(len(a))}) == len(a)
+
+
+def _check_unlabelled(ds, ids, images):
+    """Unlabelled: the images as written, masks of 255, a content hash over the image bytes
+    alone, and a one-line error where labels are needed."""
+    assert not ds.labelled and ds.ids == ids
+    for i, path in enumerate(images):
+        image, mask = ds.load(i)
+        np.testing.assert_array_equal(image, np.asarray(Image.open(path).convert("RGB")))
+        assert mask.shape == image.shape[:2] and (mask == 255).all()
+    before = ds.content_hash(0)
+    write_rgb(images[0], seed=99)
+    assert ds.content_hash(0) != before
+    with pytest.raises(DatasetError, match="unlabelled images \\(no masks\\); train-teacher needs labelled"):
+        ds.require_labels("train-teacher")
+
+
+def test_folder_split_without_masks_is_unlabelled(tmp_path):
+    make_folder(tmp_path)
+    for stem in ("u2", "u1"):
+        write_rgb(tmp_path / "pool" / "images" / f"{stem}.jpg", seed=3)
+    ds = FolderDataset(tmp_path, "pool")
+    _check_unlabelled(ds, ["u1", "u2"], [tmp_path / "pool" / "images" / f"{s}.jpg" for s in ("u1", "u2")])
+    assert FolderDataset(tmp_path, "all").labelled  # the labelled images beside it stay labelled
+
+
+def test_image_folder_is_recursive_and_unlabelled(tmp_path):
+    root = tmp_path / "frames"
+    paths = [root / "seq02" / "000001.png", root / "seq01" / "000002.jpg", root / "seq01" / "000001.jpg",
+             root / "top.bmp"]
+    for i, p in enumerate(paths):
+        write_rgb(p, seed=i)
+    (root / "seq01" / "notes.txt").write_text("not an image")
+    (root / ".hidden").mkdir()
+    write_rgb(root / ".hidden" / "x.png")
+    ds = build_dataset("images", "all", root)
+    assert ds.num_classes == 0
+    _check_unlabelled(ds, ["seq01/000001", "seq01/000002", "seq02/000001", "top"],
+                      [paths[2], paths[1], paths[0], paths[3]])
+    (tmp_path / "names.txt").write_text("road\ncar\n")
+    named = build_dataset("images", "all", root, class_names_file=tmp_path / "names.txt")
+    assert named.class_names == ("road", "car")
+    assert ds.with_class_names(["a", "b", "c"]).num_classes == 3 and ds.num_classes == 0
+    with pytest.raises(DatasetError, match="split 'all' is empty"):
+        build_dataset("images", "all", _empty(tmp_path))
+
+
+def _empty(tmp_path):
+    (tmp_path / "empty").mkdir()
+    return tmp_path / "empty"
+
+
+def test_cityscapes_train_extra_is_unlabelled(tmp_path):
+    make_cityscapes(tmp_path)
+    stems = ["augsburg_000000_000001", "bad-honnef_000000_000000"]
+    paths = [tmp_path / "leftImg8bit" / "train_extra" / s.split("_")[0] / f"{s}_leftImg8bit.png" for s in stems]
+    for i, p in enumerate(paths):
+        write_rgb(p, seed=i)
+    _check_unlabelled(CityscapesDataset(tmp_path, "train_extra"), stems, paths)
+    # only leftImg8bit: extra frames need no gtFine folder
+    import shutil
+    shutil.rmtree(tmp_path / "gtFine")
+    assert len(CityscapesDataset(tmp_path, "train_extra")) == 2

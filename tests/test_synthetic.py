@@ -176,3 +176,17 @@ def test_training_with_workers_renders_in_the_main_process_only(monkeypatch, tmp
                           limit=8, epochs=2, batch_size=4, device="cpu", workers=1, out=str(tmp_path / "run")),
               show_progress=False)
     assert r["best_miou"] >= 0
+
+
+def test_unlabeled_split_is_its_own_stream_without_masks():
+    """The unlabeled pool: 1600 images by default, none equal to a labelled one (its own seed
+    stream), masks of 255, and refused where labels are needed."""
+    pool = build_dataset("synthetic", "unlabeled", size=20, resolution=RES)
+    assert len(build_dataset("synthetic", "unlabeled")) == 1600 and not pool.labelled
+    train = build_dataset("synthetic", "train", size=20, resolution=RES)
+    labelled = {train.load(i)[0].tobytes() for i in range(20)}
+    for i in range(20):
+        image, mask = pool.load(i)
+        assert image.tobytes() not in labelled and (mask == 255).all() and image.std() > 10
+    with pytest.raises(DatasetError, match="unlabelled images"):
+        pool.require_labels("evaluation")

@@ -2,7 +2,10 @@
 
 A data set is an ordered list of samples of one split. Each sample has a stable string id (its
 file stem, or the synthetic index), an RGB image and a mask of class ids with 255 as the ignore
-label. Loaders only say where the files are and how to decode them; validation (mask values,
+label. A split of unlabelled images (``labelled`` False: a folder without masks, a plain image
+folder, Cityscapes ``train_extra``, the synthetic ``unlabeled`` split) loads each image with a
+mask of 255 everywhere, so pipelines, caches and KD terms treat it like any other; commands that
+need labels check :attr:`SegmentationDataset.labelled` (:meth:`require_labels`). Loaders only say where the files are and how to decode them; validation (mask values,
 image/mask size) lives here once, so every loader reports bad files the same way.
 """
 
@@ -96,6 +99,8 @@ class SegmentationDataset:
     name: str = "dataset"
     class_names: tuple[str, ...] = ()
     ignore_index: int = IGNORE_INDEX
+    #: False for a split of images without masks (each loads with a mask of ``ignore_index``)
+    labelled: bool = True
 
     def __init__(self, refs: Sequence[SampleRef], split: str, root: Path | None = None):
         self.refs = list(refs)
@@ -139,10 +144,24 @@ class SegmentationDataset:
     def __len__(self) -> int:
         return len(self.refs)
 
+    def require_labels(self, what: str) -> None:
+        """A one-line error if this split has no masks: ``what`` (e.g. "train-teacher") needs them."""
+        if not self.labelled:
+            raise DatasetError(
+                f"{self.name} split '{self.split}' holds unlabelled images (no masks); {what} needs labelled "
+                "images: give a split with masks (unlabelled images go into a teacher cache and "
+                "train-student --unlabeled-cache)"
+            )
+
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Image uint8 [H, W, 3] and mask uint8 [H, W] of sample ``index``, validated."""
+        """Image uint8 [H, W, 3] and mask uint8 [H, W] of sample ``index``, validated (for an
+        unlabelled split, a mask of ``ignore_index`` everywhere)."""
         ref = self.refs[index]
         image = self.read_image(ref)
+        if not self.labelled:
+            if image.ndim != 3 or image.shape[2] != 3:
+                raise DatasetError(f"image of {self.describe(ref)} has shape {image.shape}, expected H x W x 3")
+            return image, np.full(image.shape[:2], self.ignore_index, dtype=np.uint8)
         raw = self.read_mask(ref)
         mask = self.map_mask(raw)
         if image.ndim != 3 or image.shape[2] != 3:
@@ -182,12 +201,14 @@ class SegmentationDataset:
         return tuple(self.read_image(ref).shape[:2])
 
     def content_hash(self, index: int) -> str:
-        """SHA-256 over the sample's image and mask bytes (files as stored, or generated arrays)."""
+        """SHA-256 over the sample's image and mask bytes (files as stored, or generated arrays;
+        the image file alone for an unlabelled split)."""
         ref = self.refs[index]
         h = hashlib.sha256(ref.id.encode())
-        if ref.image is not None and ref.mask is not None:
+        if ref.image is not None and (ref.mask is not None or not self.labelled):
             h.update(Path(ref.image).read_bytes())
-            h.update(Path(ref.mask).read_bytes())
+            if ref.mask is not None:
+                h.update(Path(ref.mask).read_bytes())
         else:
             image, mask = self.load(index)
             h.update(np.ascontiguousarray(image).tobytes())
@@ -198,6 +219,13 @@ class SegmentationDataset:
         """Work worth doing once in the main process before DataLoader workers start: forked
         workers inherit what it leaves in memory, while each epoch's new workers would
         otherwise redo it. Default: nothing (files are read where they are used)."""
+
+    def with_class_names(self, names: Sequence[str]) -> SegmentationDataset:
+        """A view of this data set with ``names`` as its classes (for a folder of images that
+        lists none: the teacher's)."""
+        view = self.select(range(len(self)))
+        view.class_names = tuple(names)
+        return view
 
     def select(self, indices: Sequence[int]) -> SegmentationDataset:
         """A view of this data set holding only ``indices`` (in that order)."""

@@ -17,7 +17,9 @@ CITYSCAPES_CLASSES = (
     "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
     "motorcycle", "bicycle",
 )  # fmt: skip
-CITYSCAPES_SPLITS = ("train", "val", "test")
+CITYSCAPES_SPLITS = ("train", "val", "test", "train_extra")
+#: splits read without masks: the 19 998 extra frames (their coarse labels are not used)
+UNLABELLED_SPLITS = ("train_extra",)
 CITYSCAPES_PALETTE = np.array(
     [
         (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
@@ -46,10 +48,11 @@ _LAYOUT = (
 )
 
 
-def find_cityscapes(root: Path) -> Path:
-    """``root`` itself or ``root/cityscapes``: the first holding ``leftImg8bit/`` and ``gtFine/``."""
+def find_cityscapes(root: Path, masks: bool = True) -> Path:
+    """``root`` itself or ``root/cityscapes``: the first holding ``leftImg8bit/`` and (when
+    ``masks``) ``gtFine/``."""
     for candidate in (root, root / "cityscapes"):
-        if (candidate / "leftImg8bit").is_dir() and (candidate / "gtFine").is_dir():
+        if (candidate / "leftImg8bit").is_dir() and (not masks or (candidate / "gtFine").is_dir()):
             return candidate
     raise DatasetError(f"expected {_LAYOUT} under {root} (or under {root / 'cityscapes'})")
 
@@ -63,7 +66,9 @@ class CityscapesDataset(SegmentationDataset):
     ``leftImg8bit/S/<city>/<stem>_leftImg8bit.png`` with mask
     ``gtFine/S/<city>/<stem>_gtFine_labelIds.png``, whose labelIds are mapped to train ids with
     the official table. ``label_type="trainIds"`` reads the ``*_gtFine_labelTrainIds.png`` files
-    made by cityscapesScripts' ``createTrainIdLabelImgs`` instead, unmapped.
+    made by cityscapesScripts' ``createTrainIdLabelImgs`` instead, unmapped. Split
+    ``train_extra`` is ``leftImg8bit/train_extra/<city>/*`` alone, unlabelled (its coarse masks
+    are not read): images for a teacher to label.
     """
 
     class_names = CITYSCAPES_CLASSES
@@ -75,7 +80,8 @@ class CityscapesDataset(SegmentationDataset):
                 f"unknown Cityscapes label_type '{label_type}'; valid: {', '.join(_MASK_SUFFIXES)}"
             )
         self.label_type = label_type
-        base = find_cityscapes(root)
+        self.labelled = split not in UNLABELLED_SPLITS
+        base = find_cityscapes(root, masks=self.labelled)
         if split not in CITYSCAPES_SPLITS:
             raise unknown_split("Cityscapes", split, CITYSCAPES_SPLITS, base)
         image_root, mask_root = base / "leftImg8bit" / split, base / "gtFine" / split
@@ -83,7 +89,7 @@ class CityscapesDataset(SegmentationDataset):
             raise DatasetError(
                 f"Cityscapes split '{split}' needs {image_root}, which does not exist"
             )
-        if not mask_root.is_dir():
+        if self.labelled and not mask_root.is_dir():
             raise DatasetError(
                 f"Cityscapes split '{split}' needs {mask_root}, which does not exist"
             )
@@ -94,6 +100,9 @@ class CityscapesDataset(SegmentationDataset):
                 if not entry.name.endswith(_IMAGE_SUFFIX) or not entry.is_file():
                     continue
                 stem = entry.name[: -len(_IMAGE_SUFFIX)]
+                if not self.labelled:
+                    refs.append(SampleRef(id=stem, image=Path(entry.path)))
+                    continue
                 mask = mask_root / city / f"{stem}{mask_suffix}"
                 if not mask.is_file():
                     raise DatasetError(

@@ -117,7 +117,9 @@ class FolderDataset(SegmentationDataset):
        ``train`` must be one of them, so no validation image leaks into training by default.
 
     In rules 2 and 3 every image needs a mask and every mask an image; a stray one is an error
-    naming its stem. Sample ids are file stems, in sorted order.
+    naming its stem. Where the ``masks`` folder is missing altogether, the split is unlabelled:
+    its images load with masks of 255, for a teacher cache (an error only where labels are
+    needed). Sample ids are file stems, in sorted order.
     """
 
 
@@ -237,11 +239,12 @@ class FolderDataset(SegmentationDataset):
 
     def _folder_refs(self, base: Path, split: str) -> list[SampleRef]:
         image_dir, mask_dir = base / "images", base / "masks"
-        if not mask_dir.is_dir():
-            raise DatasetError(
-                f"folder data set has {image_dir} but no {mask_dir}; expected masks as "
-                "<stem>.png next to the images folder"
-            )
+        if not mask_dir.is_dir():  # images without masks: an unlabelled split
+            self.labelled = False
+            images = files_by_stem(image_dir, IMAGE_SUFFIXES, "image")
+            if not images:
+                raise empty_split("folder data set", split, image_dir)
+            return [SampleRef(id=s, image=images[s]) for s in sorted(images)]
         images = files_by_stem(image_dir, IMAGE_SUFFIXES, "image")
         masks = files_by_stem(mask_dir, MASK_SUFFIXES, "mask")
         refs = pair_by_stem(images, masks, image_dir, mask_dir)

@@ -6,7 +6,9 @@ order or process, and drawing one takes about 6 ms at the default 96x128. Render
 are kept in memory (``SyntheticDataset.cache_bytes``), so only the first epoch pays for them.
 The classes are CamVid's eleven (sky, building, pole, road, pavement, tree, sign, fence, car,
 pedestrian, bicyclist); 255 marks void pixels. Splits: ``train`` (400), ``val`` (100) and
-``test`` (100) by default; ``size``, ``resolution`` and ``seed`` are options.
+``test`` (100) by default, and ``unlabeled`` (1600 images, no masks: a pool for a teacher to
+label; its own random stream, so no image repeats a labelled one); ``size``, ``resolution`` and
+``seed`` are options.
 
 Reproducibility: the random stream is ``numpy.random.default_rng([seed, crc32(split),
 index])`` and the drawing uses only exactly-rounded arithmetic (no SIMD ``exp``/``pow``), so
@@ -67,7 +69,9 @@ _RIMMED = np.zeros(256, bool)  # background classes that give way to a void rim 
 _RIMMED[[ROAD, PAVEMENT, BUILDING, SKY, TREE]] = True
 
 #: Samples per split when ``size`` is not given.
-DEFAULT_SIZES = {"train": 400, "val": 100, "test": 100}
+DEFAULT_SIZES = {"train": 400, "val": 100, "test": 100, "unlabeled": 1600}
+#: Splits whose samples come without masks (drawn like the others, from their own random stream)
+UNLABELLED_SPLITS = ("unlabeled",)
 #: (height, width) of the generated images when ``resolution`` is not given.
 DEFAULT_RESOLUTION = (96, 128)
 
@@ -964,6 +968,7 @@ class SyntheticDataset(SegmentationDataset):
         self.seed = 0 if seed is None else int(seed)
         self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._cache_bytes = 0
+        self.labelled = split not in UNLABELLED_SPLITS
         refs = [SampleRef(id=f"{split}_{i:06d}") for i in range(n)]
         super().__init__(refs, split=split, root=None)
 
