@@ -325,6 +325,9 @@ def train_student(
     skip_bad: Annotated[bool, typer.Option(help="Train on without the targets of samples whose cached chunks cannot be read (counted and reported).")] = default(StudentConfig, "skip_bad"),
     cache_read: Annotated[str, typer.Option(help="How training reads the cache: stream (whole shards in a shuffled order through a shuffle buffer: one read per shard and array) or random (sample by sample).")] = default(StudentConfig, "cache_read"),
     shuffle_buffer: Annotated[int, typer.Option(help="Samples in each streaming worker's shuffle buffer.")] = default(StudentConfig, "shuffle_buffer"),
+    unlabeled_cache: Annotated[list[str] | None, typer.Option(help="A teacher cache of unlabelled images (same teacher as --cache), repeatable: the KD terms train on them, the cross-entropy on the labelled images only. An epoch is one pass over the labelled images.")] = None,
+    unlabeled_share: Annotated[float, typer.Option(help="Share of each batch drawn from the --unlabeled-cache images, in (0, 1).")] = default(StudentConfig, "unlabeled_share"),
+    unlabeled_limit: Annotated[int | None, typer.Option(help="Only the first N images of each --unlabeled-cache.")] = None,
     online_teacher: Annotated[str | None, typer.Option(help="Run this teacher every step instead of reading the cache (parity checks only).")] = None,
     teacher_weights: Annotated[str | None, typer.Option(help="Weights of --online-teacher.")] = None,
     dataset: Annotated[str | None, typer.Option(help="Data set (default: the cache's).")] = None,
@@ -339,7 +342,9 @@ def train_student(
         fields.pop("dataset_options")  # the cache's
     config = student_config(cache=cache, resume=control["resume"], model=student, methods=methods, use_views=use_views,
                             check_content=check_content, skip_bad=skip_bad, cache_read=cache_read,
-                            shuffle_buffer=shuffle_buffer, online_teacher=online_teacher,
+                            shuffle_buffer=shuffle_buffer, unlabeled_caches=unlabeled_cache or [],
+                            unlabeled_share=unlabeled_share, unlabeled_limit=unlabeled_limit,
+                            online_teacher=online_teacher,
                             teacher_weights=teacher_weights, dataset=dataset, out=out or f"runs/student-{label}",
                             **fields)
     result = run_training(run_student, config, control, ctx)

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kdcache.data import build_dataset
 from kdcache.data.base import SegmentationDataset
+from kdcache.data.splits import limit
 from kdcache.errors import KDCacheError
 from kdcache.loaders import make_loader
 from kdcache.methods import KDMethod, build_method
@@ -54,6 +56,10 @@ class StudentConfig(TrainConfig):
     #: "stream": whole shards in a shuffled order through a shuffle buffer; "random": per sample
     cache_read: str = "stream"
     shuffle_buffer: int = 256  # samples held by each streaming worker's shuffle buffer
+    #: teacher caches of unlabelled images (same teacher and classes as ``cache``): KD terms only
+    unlabeled_caches: list = field(default_factory=list)
+    unlabeled_share: float = 0.5  # the share of each batch drawn from the unlabelled caches
+    unlabeled_limit: int | None = None  # the first N samples of each unlabelled cache
 
     def validate(self) -> None:
         super().validate()
@@ -67,6 +73,16 @@ class StudentConfig(TrainConfig):
             raise KDCacheError(f"--cache-read must be one of {', '.join(CACHE_READS)}, got {self.cache_read!r}")
         if self.shuffle_buffer < 1:
             raise KDCacheError(f"--shuffle-buffer must be 1 or more, got {self.shuffle_buffer}")
+        if self.unlabeled_caches:
+            if not 0 < self.unlabeled_share < 1:
+                raise KDCacheError(f"--unlabeled-share must be between 0 and 1 (exclusive), got "
+                                   f"{self.unlabeled_share}: each batch needs labelled and unlabelled images")
+            if self.online_teacher:
+                raise KDCacheError("--unlabeled-cache trains from cached targets; drop --online-teacher")
+            if self.use_views:
+                raise KDCacheError("--unlabeled-cache does not go with --use-views; drop one of them")
+        if self.unlabeled_limit is not None and self.unlabeled_limit < 1:
+            raise KDCacheError(f"--unlabeled-limit must be positive, got {self.unlabeled_limit}")
 
 
 class KDPipeline(SegPipeline):
@@ -141,6 +157,59 @@ class KDPipeline(SegPipeline):
         return item
 
 
+class MixedPipeline(torch.utils.data.Dataset):
+    """The labelled :class:`KDPipeline` and those of the unlabelled caches under one index:
+    labelled samples are 0 … L − 1, then each unlabelled pool's in turn (an item's ``index`` is
+    this combined one). Unlabelled items have labels of 255 everywhere, so the cross-entropy
+    counts only the labelled pixels of a batch, and they carry their own cache's targets."""
+
+    def __init__(self, labelled: KDPipeline, pools: list[KDPipeline]):
+        self.parts = [labelled, *pools]
+        self.offsets = np.cumsum([0, *(len(p) for p in self.parts)])
+        self.augment = labelled.augment
+
+    @property
+    def num_labelled(self) -> int:
+        return len(self.parts[0])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def set_epoch(self, epoch: int) -> None:
+        for p in self.parts:
+            p.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict:
+        part = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        item = self.parts[part][int(index - self.offsets[part])]
+        item["index"] = int(index)
+        return item
+
+
+def mixed_batches(num_labelled: int, num_unlabelled: int, batch_size: int, share: float, seed: int,
+                  epoch: int) -> list[list[int]]:
+    """This epoch's batches of combined indices (see :class:`MixedPipeline`): every labelled
+    sample once, in a shuffled order, ``batch_size − round(share · batch_size)`` of them per
+    batch, the rest of each batch unlabelled. The unlabelled samples run through one shuffled
+    pass of the pool after another, continuing across epochs (epoch e starts where e − 1
+    stopped), so every unlabelled image is used before any is used again; the order depends on
+    (seed, epoch) and (seed, pass) alone, so a resumed run draws the same batches."""
+    n_u = min(batch_size - 1, max(1, round(share * batch_size)))
+    n_l = batch_size - n_u
+    steps = num_labelled // n_l
+    lab = np.random.default_rng((seed, epoch, 11)).permutation(num_labelled)
+    first = epoch * steps * n_u  # unlabelled draws made before this epoch
+    draws = np.arange(first, first + steps * n_u)
+    passes = draws // num_unlabelled
+    pool = np.empty(len(draws), dtype=np.int64)
+    for p in np.unique(passes):
+        perm = np.random.default_rng((seed, int(p), 13)).permutation(num_unlabelled)
+        sel = passes == p
+        pool[sel] = perm[draws[sel] % num_unlabelled]
+    return [[*lab[b * n_l:(b + 1) * n_l].tolist(), *(num_labelled + pool[b * n_u:(b + 1) * n_u]).tolist()]
+            for b in range(steps)]
+
+
 class StudentTrainer(Trainer):
     kind = "distill"
     command = "train-student"
@@ -165,10 +234,52 @@ class StudentTrainer(Trainer):
         train_pipe, val_pipe = super().build_pipelines(train_ds, val_ds)
         if self.store is None:
             return train_pipe, val_pipe
+        self._num_labelled = len(train_ds)
         rows = self.store.join(train_ds, check_content=self.config.check_content)
         required = [r for m in self.methods for r in m.required()]
-        return (KDPipeline(train_ds, self.preprocess, train_pipe.augment, self.config.seed, self.store, rows,
-                           self.config.use_views, self.config.skip_bad, required), val_pipe)
+        labelled = KDPipeline(train_ds, self.preprocess, train_pipe.augment, self.config.seed, self.store, rows,
+                              self.config.use_views, self.config.skip_bad, required)
+        if not self.config.unlabeled_caches:
+            return labelled, val_pipe
+        pools = [self.unlabelled_pipeline(path, p, train_pipe.augment, required)
+                 for p, path in enumerate(self.config.unlabeled_caches)]
+        return MixedPipeline(labelled, pools), val_pipe
+
+    def unlabelled_pipeline(self, path: str, p: int, augment: Augment | None, required: list[str]) -> KDPipeline:
+        """The training items of unlabelled cache ``path`` (its own data set, as the cache records
+        it), refused in one line when it was built by another teacher or for other classes."""
+        store = CacheStore(path)
+        mine, theirs = self.store.schema, store.schema
+        checks = (("classes", list(mine.class_names), list(theirs.class_names)),
+                  ("teacher weights (sha256)", mine.teacher.get("weights_sha256"), theirs.teacher.get("weights_sha256")),
+                  ("top-k", mine.k, theirs.k), ("preprocessing", mine.preprocess, theirs.preprocess))
+        for what, a, b in checks:
+            if a != b:
+                raise KDCacheError(f"--unlabeled-cache {path} differs from --cache {self.store.path} in its {what}; "
+                                   "build both caches with the same teacher (and preprocessing)")
+        missing = sorted(set(mine.groups_for(required)) - set(theirs.groups_for(required)))
+        if missing:
+            raise KDCacheError(f"--unlabeled-cache {path} lacks {', '.join(missing)}, which the methods read; rebuild it "
+                               "with the same --features/--attention as --cache")
+        spec = theirs.dataset
+        ds = build_dataset(spec["name"], spec["split"], spec.get("root"), **(spec.get("options") or {}))
+        ds = limit(limit(ds, spec.get("limit")), self.config.unlabeled_limit)
+        if ds.num_classes == 0:  # a folder of images: the classes the cache was built for
+            ds = ds.with_class_names(theirs.class_names)
+        rows = store.join(ds, check_content=self.config.check_content)
+        # each pool's augmentation drawn from its own stream (not the labelled sample j's)
+        return KDPipeline(ds, self.preprocess, augment, self.config.seed + 7919 * (p + 1), store, rows,
+                          False, self.config.skip_bad, required)
+
+    def seen_counts(self, per_rank: list[list[int]]) -> dict:
+        """With unlabelled caches, the labelled (combined index < L) and unlabelled samples apart."""
+        if not self.config.unlabeled_caches:
+            return super().seen_counts(per_rank)
+        L = self._num_labelled
+        lab = [[i for i in s if i < L] for s in per_rank]
+        unl = [[i for i in s if i >= L] for s in per_rank]
+        return {**super().seen_counts(lab), "train_unlabeled_seen": sum(map(len, unl)),
+                "train_unlabeled_distinct": len(set().union(*map(set, unl)))}
 
     def sample_groups(self, pipeline) -> np.ndarray | None:
         """Under torchrun, ranks take whole store shards: each reads its own shard files."""
@@ -178,11 +289,29 @@ class StudentTrainer(Trainer):
 
     @property
     def streams(self) -> bool:
-        return self.store is not None and self.config.cache_read == "stream"
+        return self.store is not None and self.config.cache_read == "stream" and not self.config.unlabeled_caches
+
+    def mixed_batches(self, train_pipe: MixedPipeline, epoch: int) -> list[list[int]]:
+        """This rank's batches of labelled and unlabelled samples (every rank the same count)."""
+        c, world = self.config, self.dist.world_size
+        batches = mixed_batches(train_pipe.num_labelled, len(train_pipe) - train_pipe.num_labelled, c.batch_size,
+                                c.unlabeled_share, c.seed, epoch)
+        steps = len(batches) // world
+        return batches[self.dist.rank::world][:steps]
 
     def steps_per_epoch(self, num_samples: int) -> int:
         """Streaming, each DataLoader worker yields whole batches of its part of the shards:
-        the steps are a multiple of the workers."""
+        the steps are a multiple of the workers. With unlabelled caches, an epoch is one pass
+        over the labelled samples (see :func:`mixed_batches`)."""
+        if self.config.unlabeled_caches:
+            c = self.config
+            n_l = c.batch_size - min(c.batch_size - 1, max(1, round(c.unlabeled_share * c.batch_size)))
+            steps = self._num_labelled // n_l // self.dist.world_size
+            if steps == 0:
+                raise KDCacheError(f"--batch-size {c.batch_size} with --unlabeled-share {c.unlabeled_share} takes "
+                                   f"{n_l} labelled samples a batch, more than the {self._num_labelled} there are "
+                                   "(per process)")
+            return steps
         steps = super().steps_per_epoch(num_samples)
         if not self.streams:
             return steps
@@ -195,6 +324,9 @@ class StudentTrainer(Trainer):
 
     def training_loader(self, train_pipe, epoch: int, steps_per_epoch: int) -> torch.utils.data.DataLoader:
         """Streaming: this rank's samples, shard by shard, each worker its own contiguous part."""
+        if isinstance(train_pipe, MixedPipeline):
+            return make_loader(train_pipe, None, self.workers, batch_sampler=self.mixed_batches(train_pipe, epoch),
+                               pin_memory=self.device.type == "cuda", context=self.loader_context())
         if not self.streams:
             return super().training_loader(train_pipe, epoch, steps_per_epoch)
         c = self.config

@@ -424,9 +424,7 @@ class Trainer:
             "lr": state.scheduler.get_last_lr()[0],
             "train_time_s": train_time,
             "train_images_per_s": n_steps * c.batch_size * self.dist.world_size / max(train_time, 1e-9),
-            "train_samples_seen": sum(len(s) for s in per_rank),
-            "train_samples_distinct": len(set().union(*map(set, per_rank))),
-            "train_samples_per_rank": [len(s) for s in per_rank],
+            **self.seen_counts(per_rank),
             **({"train_replicas_equal": distributed.replicas_equal(state.model)} if self.dist.enabled else {}),
         }
 
@@ -451,6 +449,12 @@ class Trainer:
         state.scaler.update()
         state.scheduler.step()
         return values
+
+    def seen_counts(self, per_rank: list[list[int]]) -> dict[str, Any]:
+        """The epoch record's sample counts from each rank's sample indices."""
+        return {"train_samples_seen": sum(len(s) for s in per_rank),
+                "train_samples_distinct": len(set().union(*map(set, per_rank))),
+                "train_samples_per_rank": [len(s) for s in per_rank]}
 
     def validate_and_checkpoint(self, state: TrainState, val_loader, record: dict[str, Any]) -> dict[str, Any]:
         """Validate (every ``--eval-every`` epochs and after the last), keep ``best.pt`` at the

@@ -268,6 +268,24 @@ def test_compare_takes_the_class_count_from_the_data(tmp_path):
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"][0]["model"]
 
 
+def other_teacher_cache(tmp: Path) -> dict:
+    """An unlabelled cache from another teacher (same architecture and classes, other weights)."""
+    other = make_teacher(tmp / "other.pt", seed=1)
+    build_teacher_cache(CacheBuildConfig(weights=str(other), out=str(tmp / "other.zarr"), split="unlabeled", limit=4,
+                                         dataset_options={"resolution": [32, 48]}, topk=4, device="cpu", workers=0),
+                        show_progress=False)
+    return {}
+
+
+def attention_cache(tmp: Path, teacher: Path) -> dict:
+    """A labelled cache with stage3 attention maps (the shared store has none)."""
+    build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(tmp / "att.zarr"), limit=8, topk=4,
+                                         dataset_options={"resolution": [32, 48]}, features=("stage3",),
+                                         attention_only=True, samples_per_shard=4, device="cpu", workers=0),
+                        show_progress=False)
+    return {}
+
+
 def store_copy(change: Callable[[Path], object]):
     def setup(tmp: Path, store: Path) -> dict:
         shutil.copytree(store, tmp / "copy.zarr")
@@ -514,6 +532,27 @@ CASES = [
          setup=folder(both(remove("images"), remove("masks")))),
     case("folder-no-masks", train("--val-split", "train", data=on("folder")), "folder split 'train' holds unlabelled images (no masks); "
          "train-teacher (its training set) needs labelled images", setup=folder(remove("masks"))),
+    # -- train-student --unlabeled-cache ---------------------------------------------------------------
+    case("unlabeled-share", student("--unlabeled-cache", "{store}", "--unlabeled-share", "1"),
+         "--unlabeled-share must be between 0 and 1 (exclusive), got 1.0"),
+    case("unlabeled-online", student("--unlabeled-cache", "{store}", "--online-teacher", "demo_teacher",
+                                     "--teacher-weights", "{teacher}"),
+         "--unlabeled-cache trains from cached targets; drop --online-teacher"),
+    case("unlabeled-views", student("--unlabeled-cache", "{store}", "--use-views"),
+         "--unlabeled-cache does not go with --use-views"),
+    case("unlabeled-limit", student("--unlabeled-cache", "{store}", "--unlabeled-limit", "0"),
+         "--unlabeled-limit must be positive, got 0"),
+    case("unlabeled-too-few-labelled", student("--unlabeled-cache", "{store}", "--limit", "1"),
+         "--batch-size 4 with --unlabeled-share 0.5 takes 2 labelled samples a batch, more than the 1 there are"),
+    case("unlabeled-other-teacher", student("--unlabeled-cache", "{tmp}/other.zarr"), "--unlabeled-cache",
+         "other.zarr differs from --cache", "in its teacher weights (sha256); build both caches with the same teacher",
+         setup=lambda tmp: other_teacher_cache(tmp)),
+    case("unlabeled-lacks-maps", ["train-student", "--cache", "{tmp}/att.zarr", "--unlabeled-cache", "{store}",
+                                  "--method", "at:student_tap=stage3,teacher_tap=stage3", "--limit", "8",
+                                  "--batch-size", "4", "--epochs", "1", "--workers", "0", "--device", "cpu",
+                                  "--quiet", "--out", "{tmp}/student"],
+         "cache.zarr lacks attention/stage3, which the methods read",
+         setup=lambda tmp, teacher: attention_cache(tmp, teacher)),
     # -- unlabelled images where labels are needed ------------------------------------------------------
     case("unlabelled-train-teacher", train("--val-split", "unlabeled"), "synthetic split 'unlabeled' holds "
          "unlabelled images (no masks); train-teacher (its validation set) needs labelled images"),
