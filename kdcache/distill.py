@@ -239,11 +239,10 @@ class StudentTrainer(Trainer):
         required = [r for m in self.methods for r in m.required()]
         labelled = KDPipeline(train_ds, self.preprocess, train_pipe.augment, self.config.seed, self.store, rows,
                               self.config.use_views, self.config.skip_bad, required)
-        if not self.config.unlabeled_caches:
-            return labelled, val_pipe
         pools = [self.unlabelled_pipeline(path, p, train_pipe.augment, required)
                  for p, path in enumerate(self.config.unlabeled_caches)]
-        return MixedPipeline(labelled, pools), val_pipe
+        self.cache_sources = [(pipe.store, pipe.rows) for pipe in (labelled, *pools)]
+        return (MixedPipeline(labelled, pools) if pools else labelled), val_pipe
 
     def unlabelled_pipeline(self, path: str, p: int, augment: Augment | None, required: list[str]) -> KDPipeline:
         """The training items of unlabelled cache ``path`` (its own data set, as the cache records
@@ -361,6 +360,7 @@ class StudentTrainer(Trainer):
             schema = self.store.schema
         for m in self.methods:
             m.setup(channels, schema)
+            m.prepare(getattr(self, "cache_sources", []))
             m.to(self.device)
         return model
 

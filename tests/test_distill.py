@@ -357,6 +357,43 @@ def test_pseudo_labels_keep_confident_teacher_argmax_only():
     assert strict(out, batch).item() == 0.0  # nothing kept: zero, not NaN
 
 
+def test_class_balanced_pseudo_labels_keep_each_class_s_most_confident_share(store):
+    """CBST thresholds from a real cache against exact per-class quantiles of the teacher's
+    confidence (numpy, float64): within one histogram bin; a pixel is kept when its confidence
+    reaches min(t_c, the global threshold), so every class keeps at least its top share."""
+    from kdcache.methods.pseudo import BINS
+
+    s = CacheStore(store)
+    rows = np.arange(8)
+    pseudo = build_method("pseudo", confidence_threshold=0.9, class_balanced=0.3)
+    pseudo.prepare([(s, rows)])
+    confs, cls = [], []
+    for r in rows:
+        it = s.read(int(r), groups={"logits"})
+        v, tail = it["logits/values"].astype(np.float64), it["logits/tail"].astype(np.float64)
+        lse = np.logaddexp(np.logaddexp.reduce(v, axis=0), tail)
+        confs.append(np.exp(v[0] - lse).ravel())
+        cls.append(it["logits/indices"][0].ravel())
+    conf, cl = np.concatenate(confs), np.concatenate(cls)
+    t = pseudo.class_thresholds.numpy()
+    for c in range(11):
+        mine = conf[cl == c]
+        if len(mine) == 0:
+            assert t[c] == 1.0
+            continue
+        exact = np.quantile(mine, 0.7)  # 30% of the class's pixels lie above it
+        assert abs(t[c] - exact) <= 1.0 / BINS + 1e-9, (c, t[c], exact)
+        kept = (mine >= min(t[c], 0.9)).mean()
+        assert kept >= 0.3 - 1e-9 or t[c] >= 0.9  # at least the top share, or the global threshold keeps more
+    # the labels: argmax where conf >= min(t_c, 0.9)
+    t_logits, batch, out = _batch()
+    conf_b, arg = t_logits.softmax(1).max(1)
+    want = arg.masked_fill((conf_b < torch.from_numpy(t).float().clamp(max=0.9)[arg]) | batch["kd/ignore"], 255)
+    labels = F.interpolate(out.logits, size=(6, 8), mode="bilinear", align_corners=False)
+    assert torch.allclose(pseudo(out, batch), F.cross_entropy(labels, want, ignore_index=255), rtol=1e-5)
+    assert build_method("pseudo", class_balanced=0.3).class_thresholds.numel() == 0  # set by prepare only
+
+
 def test_unknown_method_and_missing_cached_maps_are_clear_errors(tmp_path, store):
     r = kd("train-student", "--cache", store, "--method", "kld", "--epochs", 1, "--limit", 8, "--out", tmp_path / "r")
     assert r.exit_code == 2 and "unknown KD method 'kld'" in r.output and "kl" in r.output
@@ -465,8 +502,9 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, store, monkeypatch):
 
 
 def test_cli_every_method_trains(tmp_path, store):
-    for spec in ("none", "kl:weight=0.5,temperature=2", "at", "sp", "fitnet", "cwd", "dist", "pseudo:confidence_threshold=0.5"):
-        out = tmp_path / spec.split(":")[0]
+    for spec in ("none", "kl:weight=0.5,temperature=2", "at", "sp", "fitnet", "cwd", "dist", "pseudo:confidence_threshold=0.5",
+                 "pseudo:class_balanced=0.5"):
+        out = tmp_path / spec.replace(":", "-").replace("=", "-").replace(",", "-")
         r = kd("train-student", "--cache", store, "--method", spec, "--student-tap", "stage3", "--teacher-tap", "stage3",
                "--epochs", 1, "--limit", 8, "--batch-size", 4, "--device", "cpu", "--out", out, "--quiet")
         assert r.exit_code == 0, (spec, r.output)
@@ -476,7 +514,7 @@ def test_cli_every_method_trains(tmp_path, store):
         name = spec.split(":")[0]
         if name != "none":
             assert f"train_{name}" in rec and math.isfinite(rec[f"train_{name}"])
-    ev = kd("evaluate", tmp_path / "kl", "--quiet", "--qualitative", "0", "--no-latency")
+    ev = kd("evaluate", tmp_path / "kl-weight-0.5-temperature-2", "--quiet", "--qualitative", "0", "--no-latency")
     assert ev.exit_code == 0, ev.output
 
 

@@ -95,6 +95,11 @@ class KDMethod(nn.Module):
         """Called once before training with the student taps' channel counts and the schema of
         the cache (or of the online teacher's outputs), e.g. to build an adapter."""
 
+    def prepare(self, sources: list) -> None:
+        """Called once before training with the training images' caches: (store, rows) pairs
+        (the labelled cache's and each unlabelled one's), e.g. to set thresholds from the whole
+        data. Default: nothing."""
+
     def forward(self, out: ModelOutput, batch: dict) -> torch.Tensor:
         raise NotImplementedError
 

@@ -4,44 +4,114 @@ Where the teacher's top-1 probability (T = 1, exact from the cache: softmax over
 logits and the tail) is at least ``confidence_threshold``, its argmax is a hard label; elsewhere
 (and in the crop's padding) the position is ignored. The loss is the cross-entropy of the
 student at the cache's resolution against those labels.
+
+One global threshold starves rare and hard classes, whose pixels the teacher is seldom sure of.
+``class_balanced=p`` adds class-balanced thresholds as in CBST (Zou et al., "Unsupervised Domain
+Adaptation for Semantic Segmentation via Class-Balanced Self-Training", ECCV 2018): before
+training, the confidences of the pixels the teacher gives each class are collected over every
+training image of the caches (labelled and unlabelled), and class c's threshold t_c is the
+confidence above which its most confident fraction p of pixels lie. A pixel labelled c is kept
+when its confidence is at least min(t_c, ``confidence_threshold``): frequent, confident classes
+stay at the global threshold, and every class keeps at least its best p of pixels.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from kdcache.data.base import IGNORE_INDEX
-from kdcache.methods.base import METHODS, KDMethod, student_logits_at
+from kdcache.methods.base import METHODS, KDMethod, MethodError, student_logits_at
+
+#: confidence histogram bins for the class-balanced thresholds (quantiles to 1/BINS)
+BINS = 2000
 
 
-def pseudo_labels(values, indices, tail, ignore, threshold: float) -> torch.Tensor:
+def teacher_confidence(values, indices, tail) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-1 probability at T = 1 and its class, per position."""
     v = values.float()
     lse = torch.logsumexp(v, dim=1)
     if tail is not None:
         lse = torch.logaddexp(lse, tail.float())
-    conf = (v[:, 0] - lse).exp()
-    labels = indices[:, 0].long()
-    return labels.masked_fill((conf < threshold) | ignore, IGNORE_INDEX)
+    return (v[:, 0] - lse).exp(), indices[:, 0].long()
+
+
+def pseudo_labels(values, indices, tail, ignore, threshold, class_thresholds: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    conf, labels = teacher_confidence(values, indices, tail)
+    thr = threshold if class_thresholds is None else class_thresholds.clamp(max=threshold)[labels]
+    return labels.masked_fill((conf < thr) | ignore, IGNORE_INDEX)
+
+
+def class_balanced_thresholds(maps, num_classes: int, keep: float) -> np.ndarray:
+    """t_c for every class: the confidence above which the most confident ``keep`` of the
+    pixels the teacher gives class c lie, from (values, indices, tail) maps (a class never given
+    gets 1: the global threshold rules it)."""
+    hist = np.zeros((num_classes, BINS), dtype=np.int64)
+    for values, indices, tail in maps:
+        conf, labels = teacher_confidence(values[None], indices[None], None if tail is None else tail[None])
+        b = np.minimum((conf.numpy().ravel() * BINS).astype(np.int64), BINS - 1)
+        np.add.at(hist, (labels.numpy().ravel(), b), 1)
+    out = np.ones(num_classes)
+    for c in range(num_classes):
+        n = hist[c].sum()
+        if n == 0:
+            continue
+        above = np.cumsum(hist[c][::-1])  # pixels in the top bins, from the most confident down
+        j = int(np.searchsorted(above, keep * n))  # the first bin (from the top) reaching the share
+        out[c] = (BINS - 1 - min(j, BINS - 1)) / BINS
+    return out
 
 
 @METHODS.register("pseudo")
 class PseudoLabels(KDMethod):
     default_weight = 1.0
 
-    def __init__(self, weight: float | None = None, confidence_threshold: float = 0.7):
+    def __init__(self, weight: float | None = None, confidence_threshold: float = 0.7,
+                 class_balanced: float | None = None):
         super().__init__(weight)
         if not 0.0 <= confidence_threshold <= 1.0:
             raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
+        if class_balanced is not None and not 0.0 < class_balanced <= 1.0:
+            raise ValueError(f"class_balanced must be in (0, 1] (the share of each class's pixels kept), "
+                             f"got {class_balanced}")
         self.threshold = float(confidence_threshold)
+        self.class_balanced = class_balanced
+        self.register_buffer("class_thresholds", torch.empty(0), persistent=True)
 
     def required(self) -> list[str]:
         return ["logits"]
 
+    def prepare(self, sources) -> None:
+        """With ``class_balanced``: the per-class thresholds from every training image's cached
+        maps (``sources``: (store, rows) pairs)."""
+        if self.class_balanced is None:
+            return
+        if not sources:
+            raise MethodError("pseudo:class_balanced sets its thresholds from the teacher cache; give --cache "
+                              "(an online teacher alone has none)")
+        maps, C = [], None
+        for store, rows in sources:
+            C = store.num_classes
+            for r in rows:
+                item = store.read(int(r), groups={"logits"})
+                tail = item.get("logits/tail")
+                maps.append((torch.from_numpy(np.asarray(item["logits/values"])),
+                             torch.from_numpy(np.asarray(item["logits/indices"])),
+                             None if tail is None else torch.from_numpy(np.asarray(tail))))
+        self.class_thresholds = torch.as_tensor(class_balanced_thresholds(maps, C, self.class_balanced),
+                                                dtype=torch.float32)
+
     def forward(self, out, batch) -> torch.Tensor:
         values = batch["kd/values"]
-        labels = pseudo_labels(values, batch["kd/indices"], batch.get("kd/tail"), batch["kd/ignore"], self.threshold)
+        thresholds = self.class_thresholds.to(values.device) if self.class_balanced is not None else None
+        labels = pseudo_labels(values, batch["kd/indices"], batch.get("kd/tail"), batch["kd/ignore"],
+                               self.threshold, thresholds)
         s = student_logits_at(out.logits, tuple(values.shape[-2:]))
         # a sum over the kept positions / their count: 0 (not NaN) when none is confident enough
         ce = F.cross_entropy(s, labels, ignore_index=IGNORE_INDEX, reduction="sum")
         return self.weight * ce / (labels != IGNORE_INDEX).sum().clamp_min(1)
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}, confidence_threshold={self.threshold}, class_balanced={self.class_balanced}"
