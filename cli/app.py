@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
 from kdcache import distributed
 from kdcache.cache_build import CacheBuildConfig
@@ -29,6 +30,8 @@ from kdcache.kernels import bench
 from kdcache.methods import METHODS, fill_in, methods_taking, option_default
 from kdcache.models import MODELS
 from kdcache.progress import console
+from kdcache.pseudo_export import export_pseudo_labels as export_labels
+from kdcache.pseudo_export import kept_table_rows
 from kdcache.report import (
     cache_report,
     compare_per_class_table,
@@ -512,6 +515,32 @@ def verify_cache(
         console.print(f"[green]ok[/green]: all {result.num_samples} samples are complete and valid")
     else:
         raise typer.Exit(1)
+
+
+@command("export-pseudo-labels")
+def export_pseudo_labels(
+    cache: Annotated[str, typer.Argument(help="A finished teacher cache (.zarr or an fsspec URL).")],
+    out: Annotated[str, typer.Option(help="Folder to write: classes.txt, images/, masks/ (and confidence/), pseudo_labels.json; --dataset folder reads it back.")],
+    confidence_threshold: Annotated[float, typer.Option(help="Pixels whose teacher probability is below this get 255.")] = default(export_labels, "threshold"),
+    class_balanced: Annotated[float | None, typer.Option(help="Also CBST class-balanced thresholds: each class keeps at least its most confident share P of pixels (the lower of the two thresholds applies).")] = None,
+    confidence_png: Annotated[bool, typer.Option(help="Also write each pixel's confidence as a 16-bit PNG (round(65535 x p)).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier export in --out.")] = False,
+    quiet: Quiet = False,
+):
+    """The teacher's labels as palette PNGs at each image's own size, from upsampled cached logits.
+
+    Labels come from the teacher's logits rebuilt from the cache and bilinearly upsampled to each image's size, never from interpolated class ids. The top-k limit: a class outside a position's top k enters at an equal share of the tail's probability (exact in total), so the argmax at a cache position is always the teacher's and its confidence exact; between positions the interpolation sees those shares. With a dense cache (--topk C) the labels are exactly the teacher's upsampled prediction."""
+    report = export_labels(cache, out, threshold=confidence_threshold, class_balanced=class_balanced,
+                           confidence_png=confidence_png, overwrite=overwrite, show_progress=not quiet)
+    table = Table(title=f"pixels kept per class (threshold {confidence_threshold}"
+                        + (f", class-balanced {class_balanced}" if class_balanced else "") + ")")
+    for col, justify in (("class", "left"), ("teacher pixels", "right"), ("kept %", "right")):
+        table.add_column(col, justify=justify)
+    for row in kept_table_rows(report):
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"wrote {report['samples']} masks to {out} ({100 * report['pixels_kept']:.1f}% of pixels kept); "
+                  f"train on them with --dataset folder --data-root {out} --train-split all")
 
 
 @command("bench-kernels")

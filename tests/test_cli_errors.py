@@ -560,6 +560,20 @@ CASES = [
                                   "--quiet", "--out", "{tmp}/student"],
          "cache.zarr lacks attention/stage3, which the methods read",
          setup=lambda tmp, teacher: attention_cache(tmp, teacher)),
+    # -- export-pseudo-labels ------------------------------------------------------------------------------
+    case("export-unfinished", ["export-pseudo-labels", "{tmp}/copy.zarr", "--out", "{tmp}/px", "--quiet"],
+         "copy.zarr is not finished (4 of 8 samples written); rerun the same build-teacher-cache command",
+         setup=store_copy(not_done)),
+    case("export-threshold", ["export-pseudo-labels", "{store}", "--out", "{tmp}/px", "--confidence-threshold", "2"],
+         "--confidence-threshold must be in [0, 1], got 2.0"),
+    case("export-class-balanced", ["export-pseudo-labels", "{store}", "--out", "{tmp}/px", "--class-balanced", "0"],
+         "--class-balanced must be in (0, 1] (the share of each class's pixels kept), got 0.0"),
+    case("export-not-empty", ["export-pseudo-labels", "{store}", "--out", "{tmp}/px", "--quiet"],
+         "px is not empty; give an empty or new folder, or --overwrite",
+         setup=lambda tmp: (tmp / "px").mkdir() or (tmp / "px" / "mine.txt").write_text("keep") and {}),
+    case("export-overwrite-other", ["export-pseudo-labels", "{store}", "--out", "{tmp}/px", "--overwrite", "--quiet"],
+         "px holds files that are not an export of pseudo labels; --overwrite replaces only an earlier export",
+         setup=lambda tmp: (tmp / "px").mkdir() or (tmp / "px" / "mine.txt").write_text("keep") and {}),
     # -- unlabelled images where labels are needed ------------------------------------------------------
     case("unlabelled-train-teacher", train("--val-split", "unlabeled"), "synthetic split 'unlabeled' holds "
          "unlabelled images (no masks); train-teacher (its validation set) needs labelled images"),

@@ -44,17 +44,18 @@ def pseudo_labels(values, indices, tail, ignore, threshold, class_thresholds: to
     return labels.masked_fill((conf < thr) | ignore, IGNORE_INDEX)
 
 
-def class_balanced_thresholds(maps, num_classes: int, keep: float) -> np.ndarray:
-    """t_c for every class: the confidence above which the most confident ``keep`` of the
-    pixels the teacher gives class c lie, from (values, indices, tail) maps (a class never given
-    gets 1: the global threshold rules it)."""
-    hist = np.zeros((num_classes, BINS), dtype=np.int64)
-    for values, indices, tail in maps:
-        conf, labels = teacher_confidence(values[None], indices[None], None if tail is None else tail[None])
-        b = np.minimum((conf.numpy().ravel() * BINS).astype(np.int64), BINS - 1)
-        np.add.at(hist, (labels.numpy().ravel(), b), 1)
-    out = np.ones(num_classes)
-    for c in range(num_classes):
+def add_to_histogram(hist: np.ndarray, conf: torch.Tensor, labels: torch.Tensor) -> None:
+    """Count each position's confidence into its class's row of ``hist`` [C, BINS]."""
+    b = np.minimum((conf.numpy().ravel() * BINS).astype(np.int64), BINS - 1)
+    np.add.at(hist, (labels.numpy().ravel(), b), 1)
+
+
+def thresholds_from_histogram(hist: np.ndarray, keep: float) -> np.ndarray:
+    """t_c for every class: the confidence above which the most confident ``keep`` of class c's
+    counted pixels lie (to 1/BINS, rounded down: at least that share is kept); a class never
+    counted gets 1 (the global threshold rules it)."""
+    out = np.ones(hist.shape[0])
+    for c in range(hist.shape[0]):
         n = hist[c].sum()
         if n == 0:
             continue
@@ -62,6 +63,15 @@ def class_balanced_thresholds(maps, num_classes: int, keep: float) -> np.ndarray
         j = int(np.searchsorted(above, keep * n))  # the first bin (from the top) reaching the share
         out[c] = (BINS - 1 - min(j, BINS - 1)) / BINS
     return out
+
+
+def class_balanced_thresholds(maps, num_classes: int, keep: float) -> np.ndarray:
+    """:func:`thresholds_from_histogram` over the positions of (values, indices, tail) maps."""
+    hist = np.zeros((num_classes, BINS), dtype=np.int64)
+    for values, indices, tail in maps:
+        conf, labels = teacher_confidence(values[None], indices[None], None if tail is None else tail[None])
+        add_to_histogram(hist, conf, labels)
+    return thresholds_from_histogram(hist, keep)
 
 
 @METHODS.register("pseudo")
