@@ -190,3 +190,12 @@ def test_unlabeled_split_is_its_own_stream_without_masks():
         assert image.tobytes() not in labelled and (mask == 255).all() and image.std() > 10
     with pytest.raises(DatasetError, match="unlabelled images"):
         pool.require_labels("evaluation")
+
+
+def test_unlabeled_masks_reveal_the_pool_s_true_labels_for_a_ceiling():
+    hidden = build_dataset("synthetic", "unlabeled", size=3, resolution=RES)
+    shown = build_dataset("synthetic", "unlabeled", size=3, resolution=RES, unlabeled_masks=True)
+    assert shown.labelled and not hidden.labelled
+    image, mask = shown.load(1)
+    assert np.array_equal(image, hidden.load(1)[0])
+    assert np.array_equal(mask, syn.render_scene(0, "unlabeled", 1, RES)[1]) and (mask != 255).mean() > 0.5

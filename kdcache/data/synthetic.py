@@ -7,8 +7,9 @@ are kept in memory (``SyntheticDataset.cache_bytes``), so only the first epoch p
 The classes are CamVid's eleven (sky, building, pole, road, pavement, tree, sign, fence, car,
 pedestrian, bicyclist); 255 marks void pixels. Splits: ``train`` (400), ``val`` (100) and
 ``test`` (100) by default, and ``unlabeled`` (1600 images, no masks: a pool for a teacher to
-label; its own random stream, so no image repeats a labelled one); ``size``, ``resolution`` and
-``seed`` are options.
+label; its own random stream, so no image repeats a labelled one; ``unlabeled_masks=True``
+gives it its true masks, for a ceiling run only); ``size``, ``resolution`` and ``seed`` are
+options.
 
 Reproducibility: the random stream is ``numpy.random.default_rng([seed, crc32(split),
 index])`` and the drawing uses only exactly-rounded arithmetic (no SIMD ``exp``/``pow``), so
@@ -946,7 +947,8 @@ class SyntheticDataset(SegmentationDataset):
                    "pedestrian", "bicyclist")
 
     def __init__(self, root=None, split: str = "train", size: int | None = None,
-                 resolution: tuple[int, int] | str = DEFAULT_RESOLUTION, seed: int = 0):
+                 resolution: tuple[int, int] | str = DEFAULT_RESOLUTION, seed: int = 0,
+                 unlabeled_masks: bool = False):
         if split not in DEFAULT_SIZES:
             raise DatasetError(
                 f"synthetic data set has no split '{split}'; valid splits: {', '.join(DEFAULT_SIZES)}"
@@ -968,7 +970,8 @@ class SyntheticDataset(SegmentationDataset):
         self.seed = 0 if seed is None else int(seed)
         self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._cache_bytes = 0
-        self.labelled = split not in UNLABELLED_SPLITS
+        # the unlabeled pool with its true masks: for a ceiling run (what labelling it would be worth)
+        self.labelled = split not in UNLABELLED_SPLITS or bool(unlabeled_masks)
         refs = [SampleRef(id=f"{split}_{i:06d}") for i in range(n)]
         super().__init__(refs, split=split, root=None)
 
