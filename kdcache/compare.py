@@ -34,10 +34,14 @@ def run_label(config: dict, path: Path) -> str:
     if config.get("kind") == "distill":
         names = [m["name"] for m in config.get("methods", [])]
         methods = "+".join(names) if names else "?"
+        pool = config.get("unlabeled_caches")
         if methods == "none":
-            methods = "CE (baseline)"
-        elif config.get("online_teacher"):
-            methods += " (online teacher)"
+            methods = "CE + unlabelled caches" if pool else "CE (baseline)"
+        else:
+            if pool:
+                methods += " + unlabelled"
+            if config.get("online_teacher"):
+                methods += " (online teacher)"
         return methods
     return "CE"
 
@@ -119,7 +123,8 @@ def _baseline_index(paths, configs, baseline) -> int | None:
                 return i
         raise KDCacheError(f"--baseline {baseline} is not one of the compared runs")
     for i, c in enumerate(configs):
-        if c.get("kind") == "distill" and [m["name"] for m in c.get("methods", [])] == ["none"]:
+        if (c.get("kind") == "distill" and [m["name"] for m in c.get("methods", [])] == ["none"]
+                and not c.get("unlabeled_caches")):
             return i
     return None
 

@@ -1,10 +1,14 @@
 """``kdcache demo``: the whole workflow on the built-in synthetic data set, on a CPU in minutes.
 
-Teacher training → teacher cache (top-4 logits + stage3 features and attention maps) → students
-with ``none`` (the CE baseline), ``kl``, ``at`` and ``sp`` → ``compare`` on the test split (each
-run's checkpoint chosen on the validation split). Every step writes
-into ``out``; a rerun skips the steps that finished (a run whose last epoch is done, a cache
-whose samples are all done) and resumes one that was interrupted.
+The seeds' semi-supervised workflow: a teacher trained on the labelled images → teacher caches
+over the labelled images and over a pool of unlabelled ones (the ``unlabeled`` split, 4x the
+labelled count) → students: the CE baseline (``none``), ``kl`` and ``dist`` on the labelled
+images, ``kl`` with the pool, and ``pseudo`` labels with the pool, every one with the same number
+of optimizer steps (a pool run's epoch is a pass over the labelled images at half of each batch,
+so it trains half the epochs) → ``compare`` on the test split (each run's checkpoint chosen on
+the validation split). Every step writes into ``out``; a rerun skips the steps that finished (a
+run whose last epoch is done, a cache whose samples are all done) and resumes one that was
+interrupted.
 """
 
 from __future__ import annotations
@@ -20,12 +24,16 @@ from kdcache.runs import RunDir
 from kdcache.store import CacheStore, StoreError
 from kdcache.training import TrainConfig, train
 
+#: student name -> (methods, trains with the unlabelled pool)
 STUDENTS = {
-    "none": [{"name": "none"}],
-    "kl": [{"name": "kl"}],
-    "at": [{"name": "at", "student_tap": "stage3", "teacher_tap": "stage3"}],
-    "sp": [{"name": "sp", "student_tap": "stage3", "teacher_tap": "stage3"}],
+    "none": ([{"name": "none"}], False),
+    "kl": ([{"name": "kl"}], False),
+    "dist": ([{"name": "dist"}], False),
+    "kl-pool": ([{"name": "kl"}], True),
+    "pseudo-pool": ([{"name": "pseudo"}], True),
 }
+POOL_SHARE = 0.5  # of each batch, for the students with the pool
+POOL_FACTOR = 4  # pool images per labelled image
 
 
 def _finished(run: Path, epochs: int) -> bool:
@@ -40,8 +48,23 @@ def _started(run: Path) -> bool:
     return RunDir(run).last.exists()
 
 
+def _cache(out: Path, teacher: Path, what: str, show_progress: bool, **build) -> Path:
+    done = False
+    try:
+        done = bool(CacheStore(out).done().all())
+    except StoreError:
+        pass
+    if done:
+        console.print(f"[dim]cache: done already ({out})[/dim]")
+    else:
+        console.print(f"[bold]2/4 teacher cache[/bold] ({what})")
+        build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(out), topk=4, **build),
+                            show_progress=show_progress)
+    return out
+
+
 def run_demo(out: str | Path = "runs/demo", *, teacher_epochs: int = 20, student_epochs: int = 20,
-             students=("none", "kl", "at", "sp"), device: str = "auto", seed: int = 0, limit: int | None = None,
+             students=tuple(STUDENTS), device: str = "auto", seed: int = 0, limit: int | None = None,
              show_progress: bool = True) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -50,33 +73,28 @@ def run_demo(out: str | Path = "runs/demo", *, teacher_epochs: int = 20, student
     if _finished(teacher, teacher_epochs):
         console.print(f"[dim]teacher: done already ({teacher})[/dim]")
     else:
-        console.print("[bold]1/4 teacher[/bold] (demo_teacher, cross-entropy)")
+        console.print("[bold]1/4 teacher[/bold] (demo_teacher, cross-entropy on the labelled images)")
         train(TrainConfig(model="demo_teacher", epochs=teacher_epochs, out=str(teacher), **common),
               resume=_started(teacher), show_progress=show_progress)
-    cache = out / "cache.zarr"
-    done = False
-    try:
-        s = CacheStore(cache)
-        done = bool(s.done().all())
-    except StoreError:
-        pass
-    if done:
-        console.print(f"[dim]cache: done already ({cache})[/dim]")
-    else:
-        console.print("[bold]2/4 teacher cache[/bold] (top-4 logits, stage3 features and attention)")
-        build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(cache), topk=4, features=("stage3",),
-                                             attention=True, device=device, limit=limit), show_progress=show_progress)
+    cache = _cache(out / "cache.zarr", teacher, "the labelled images: top-4 logits", show_progress, device=device,
+                   limit=limit)
+    pool_size = POOL_FACTOR * (limit if limit is not None else len(CacheStore(cache).ids))
+    pool = _cache(out / "pool.zarr", teacher, f"a pool of {pool_size} unlabelled images: top-4 logits", show_progress,
+                  device=device, split="unlabeled", limit=pool_size)
     runs = [teacher]
     for name in students:
+        methods, with_pool = STUDENTS[name]
         run = out / f"student-{name}"
         runs.append(run)
-        if _finished(run, student_epochs):
+        epochs = max(1, round(student_epochs * (1 - POOL_SHARE))) if with_pool else student_epochs
+        if _finished(run, epochs):
             console.print(f"[dim]student {name}: done already ({run})[/dim]")
             continue
         console.print(f"[bold]3/4 student[/bold] demo_student with {name}")
-        cfg = config_from_store(str(cache), methods=STUDENTS[name], epochs=student_epochs, out=str(run), **common)
+        extra = {"unlabeled_caches": [str(pool)], "unlabeled_share": POOL_SHARE} if with_pool else {}
+        cfg = config_from_store(str(cache), methods=methods, epochs=epochs, out=str(run), **extra, **common)
         train_student(cfg, resume=_started(run), show_progress=show_progress)
-    console.print("[bold]4/4 compare[/bold]")
+    console.print("[bold]4/4 compare[/bold] (test split; checkpoints chosen on val)")
     result = compare_runs(runs, baseline=out / "student-none" if "none" in students else None, out=out / "compare",
                           split="test", device=device, show_progress=show_progress)
     (out / "demo.json").write_text(json.dumps({"runs": [str(r) for r in runs], "compare": str(out / "compare")}, indent=2))

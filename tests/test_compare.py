@@ -24,36 +24,42 @@ def test_demo_then_compare_outputs_and_rerun_reuses_steps(tmp_path):
     args = ["demo", "--out", out, "--teacher-epochs", 1, "--student-epochs", 1, "--limit", 8, "--device", "cpu", "--quiet"]
     r = kd(*args)
     assert r.exit_code == 0, r.output
-    for name in ("teacher", "student-none", "student-kl", "student-at", "student-sp"):
+    for name in ("teacher", "student-none", "student-kl", "student-dist", "student-kl-pool", "student-pseudo-pool"):
         assert (out / name / "best.pt").exists() and (out / name / "curves.png").exists()
     cmp = out / "compare"
     md = (cmp / "compare.md").read_text()
     assert "| student-kl | kl |" in md and "| student-none | CE (baseline) |" in md and "±0.00" in md
     rows = list(csv.DictReader(open(cmp / "compare.csv")))
-    assert [r["method"] for r in rows] == ["CE", "CE (baseline)", "kl", "at", "sp"]
+    assert [r["method"] for r in rows] == ["CE", "CE (baseline)", "kl", "dist", "kl + unlabelled",
+                                           "pseudo + unlabelled"]
     assert len([k for k in rows[0] if k.startswith("iou_")]) == 11
     data = json.loads((cmp / "compare.json").read_text())
     assert data["split"] == "test" and md.startswith("Reported on synthetic 'test' (8 images), each run's best "
                                                      "checkpoint on its validation split")
-    # one latency per architecture: the four demo_student runs share the measurement, the teacher has its own
+    # one latency per architecture: the five demo_student runs share the measurement, the teacher has its own
     students = [r for r in data["rows"] if r["model"] == "demo_student"]
-    assert len(students) == 4 and len({(r["ms_per_image"], r["latency_group"]) for r in students}) == 1
+    assert len(students) == 5 and len({(r["ms_per_image"], r["latency_group"]) for r in students}) == 1
     assert data["rows"][0]["latency_group"] == 0 and students[0]["latency_group"] == 1
     assert "interleaved in 5 rounds" in md
     base = next(r for r in data["rows"] if r["baseline"])
     kl = next(r for r in data["rows"] if r["method"] == "kl")
     assert abs(kl["delta_miou"] - (kl["miou"] - base["miou"])) < 1e-12
     assert data["rows"][0]["params"] > 10 * kl["params"]  # teacher vs student
+    # the pool: 4x the labelled images, unlabelled; its students trained half the epochs (the same steps)
+    from kdcache.store import CacheStore
+    assert len(CacheStore(out / "pool.zarr").ids) == 32 and CacheStore(out / "pool.zarr").schema.dataset["split"] == "unlabeled"
+    pool_rec = [json.loads(x) for x in (out / "student-kl-pool" / "metrics.jsonl").read_text().splitlines() if '"train_unlabeled_seen"' in x]
+    assert pool_rec and pool_rec[-1]["train_samples_seen"] == 8 and pool_rec[-1]["train_unlabeled_seen"] == 8
     assert (cmp / "per_class_iou.png").stat().st_size > 0
     assert sorted(p.name[:4] for p in (cmp / "examples").glob("*.png")) == ["best"] * 3 + ["wors"] * 3
     # a rerun does not train again
     before = (out / "student-kl" / "last.pt").stat().st_mtime_ns
     r = kd(*args)
-    assert r.exit_code == 0 and r.output.count("done already") == 6
+    assert r.exit_code == 0 and r.output.count("done already") == 8  # teacher, 2 caches, 5 students
     assert (out / "student-kl" / "last.pt").stat().st_mtime_ns == before
 
     # compare by hand, with an explicit baseline and without latency
-    r = kd("compare", out / "student-kl", out / "student-at", "--baseline", out / "student-at", "--out",
+    r = kd("compare", out / "student-kl", out / "student-dist", "--baseline", out / "student-dist", "--out",
            tmp_path / "cmp", "--no-latency", "--examples", 1, "--quiet")
     assert r.exit_code == 0, r.output
     data = json.loads((tmp_path / "cmp" / "compare.json").read_text())
