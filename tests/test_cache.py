@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from cli_runner import kd
 from fake_data import make_teacher, make_voc_sizes
 from PIL import Image
-from typer.testing import CliRunner
 
 from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.checkpoint import load_weights
@@ -29,15 +29,8 @@ from kdcache.store.writer import ShardWriter
 from kdcache.targets import attention_map
 from kdcache.transforms import Augment, Preprocess, apply_geometry, sample_geometry
 
-runner = CliRunner()
 RES = {"resolution": [32, 48]}
 N = 10  # samples; 4 per shard -> shards of 4, 4, 2
-
-
-def kd(*args):
-    from kdcache.cli.app import app
-
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

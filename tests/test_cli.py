@@ -7,20 +7,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from cli_runner import kd
 from fake_data import make_voc_sizes
 from PIL import Image
-from typer.testing import CliRunner
-
-runner = CliRunner()
 
 TINY = ["--model", "tiny_models:TinyNet", "--dataset", "synthetic", "--resolution", "32x48",
         "--limit", "8", "--batch-size", "4", "--workers", "0", "--quiet"]
 
-
-def kd(*args):
-    from kdcache.cli.app import app
-
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def test_installed_package_layout():

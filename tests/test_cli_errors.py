@@ -29,10 +29,10 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from cli_runner import kd
 from fake_data import make_teacher, make_voc_sizes
 from PIL import Image
 from tiny_models import TinyNet
-from typer.testing import CliRunner
 
 from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.data.synthetic import SyntheticDataset
@@ -40,14 +40,7 @@ from kdcache.errors import KDCacheError
 from kdcache.store.schema import ATTR, FORMAT
 
 REPO = Path(__file__).resolve().parents[1]
-runner = CliRunner()
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def kd(*args):
-    from kdcache.cli.app import app
-
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def error_line(result, *fragments: str) -> str:

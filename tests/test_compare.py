@@ -5,18 +5,10 @@ from __future__ import annotations
 import csv
 import json
 
+from cli_runner import kd
 from rich.console import Console
-from typer.testing import CliRunner
 
 from kdcache.report import compare_per_class_table, compare_table
-
-runner = CliRunner()
-
-
-def kd(*args):
-    from kdcache.cli.app import app
-
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def test_demo_then_compare_outputs_and_rerun_reuses_steps(tmp_path):

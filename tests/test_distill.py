@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_runner import kd
 from fake_data import make_teacher
-from typer.testing import CliRunner
 
 from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.checkpoint import load_weights
@@ -28,13 +28,6 @@ from kdcache.targets import attention_map, topk_targets
 from kdcache.transforms import Geometry, Preprocess, apply_geometry
 
 RES = {"resolution": [32, 48]}
-runner = CliRunner()
-
-
-def kd(*args):
-    from kdcache.cli.app import app
-
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

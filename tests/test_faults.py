@@ -13,20 +13,13 @@ import time
 import numpy as np
 import pytest
 import torch
+from cli_runner import kd
 from fake_data import make_teacher
 from PIL import Image
-from typer.testing import CliRunner
 
 from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
 
-runner = CliRunner()
 RES = {"resolution": [32, 48]}
-
-
-def kd(*args):
-    from kdcache.cli.app import app
-
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def _cache(tmp_path, teacher, name="c.zarr", n=16):

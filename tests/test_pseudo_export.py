@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_runner import kd
 from fake_data import make_teacher
 from PIL import Image
-from typer.testing import CliRunner
 
 from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.checkpoint import load_weights
@@ -21,13 +21,6 @@ from kdcache.transforms import Preprocess
 
 RES = {"resolution": [32, 48]}
 N = 6
-runner = CliRunner()
-
-
-def kd(*args):
-    from kdcache.cli.app import app
-
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

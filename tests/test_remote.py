@@ -7,19 +7,11 @@ import uuid
 import fsspec
 import numpy as np
 import zarr
+from cli_runner import kd
 from fake_data import make_teacher
-from typer.testing import CliRunner
 
 from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.store import CacheStore
-
-runner = CliRunner()
-
-
-def kd(*args):
-    from kdcache.cli.app import app
-
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def _cfg(teacher, out, **kw):

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from cli_runner import kd
 from fake_data import make_teacher
-from typer.testing import CliRunner
 
 from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.distill import MixedPipeline, StudentTrainer, config_from_store, mixed_batches
@@ -16,13 +16,6 @@ from kdcache.errors import KDCacheError
 from kdcache.store import CacheStore, to_tensors
 
 RES = {"resolution": [32, 48]}
-runner = CliRunner()
-
-
-def kd(*args):
-    from kdcache.cli.app import app
-
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
