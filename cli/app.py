@@ -402,7 +402,7 @@ def compare(
     """One table for many runs (mIoU, mAcc, aAcc, per class, #params, ms, FPS, Δ mIoU) plus figures."""
     result = compare_runs(runs, baseline=baseline, out=out, split=split, examples=examples, latency=latency,
                           device=device, show_progress=not quiet)
-    console.print(compare_table(result))
+    console.print(compare_table(result, width=console.width))
     if per_class:
         console.print(compare_per_class_table(result))
     console.print(f"wrote {out}/compare.md, compare.csv, compare.json, per_class_iou.png and {len(result['figures'])} example figures")
@@ -421,7 +421,7 @@ def demo(
     """The whole workflow on the built-in data: teacher → cache → students (none, kl, at, sp) → compare."""
     result = run_demo(out, teacher_epochs=teacher_epochs, student_epochs=student_epochs, device=device, seed=seed,
                       limit=limit, show_progress=not quiet)
-    console.print(compare_table(result))
+    console.print(compare_table(result, width=console.width))
     console.print(f"figures and tables in {result['out_dir']}")
 
 

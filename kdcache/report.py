@@ -85,24 +85,47 @@ def cache_report(report: dict) -> list:
     return out
 
 
-def compare_table(result: dict) -> Table:
-    """``compare``'s table: one row per run, each named whole (rich shrinks and wraps the other
-    columns first, down to an 80-column terminal)."""
+def compare_table(result: dict, width: int | None = None) -> Table:
+    """``compare``'s table: one row per run, each run and method named whole. In a terminal
+    narrower than the full table (``width``), FPS, then aAcc, then mAcc are left out (they stay in
+    compare.md/.csv/.json) so that nothing is cut."""
     note = "best-on-validation checkpoints" if result.get("split_given") else "best checkpoints"
-    t = Table(title=f"{result['dataset']} / {result['split']} ({result['num_samples']} images, {note}), %")
-    width = max(len(r["name"]) for r in result["rows"])
-    t.add_column("run", no_wrap=True, min_width=width)
-    t.add_column("method", overflow="fold")
-    for col in ("mIoU", "Δ mIoU", "mAcc", "aAcc", "#params", "ms/img", "FPS"):
-        t.add_column(col, justify="right", overflow="fold")
+    rows = []
     for r in result["rows"]:
         delta = "—" if r["delta_miou"] is None else ("base" if r["baseline"] else f"{100 * r['delta_miou']:+.2f}")
-        t.add_row(r["name"], r["method"], pct(r["miou"]), delta, pct(r["macc"]), pct(r["aacc"]),
-                  f"{r['params'] / 1e6:.3f}M", "—" if r["ms_per_image"] is None else f"{r['ms_per_image']:.2f}",
-                  "—" if r["fps"] is None else f"{r['fps']:.0f}")
+        rows.append({"run": r["name"], "method": r["method"], "mIoU": pct(r["miou"]), "Δ mIoU": delta,
+                     "mAcc": pct(r["macc"]), "aAcc": pct(r["aacc"]), "#params": f"{r['params'] / 1e6:.3f}M",
+                     "ms/img": "—" if r["ms_per_image"] is None else f"{r['ms_per_image']:.2f}",
+                     "FPS": "—" if r["fps"] is None else f"{r['fps']:.0f}"})
+    cols = ["run", "method", "mIoU", "Δ mIoU", "mAcc", "aAcc", "#params", "ms/img", "FPS"]
+
+    # the method column may wrap between words (never inside one); every other column stays whole
+    method_min = max(len("method"), *(len(w) for x in rows for w in x["method"].split()))
+
+    def needed(cs):  # each column's widest cell or header, plus 3 for padding and its border
+        return 1 + sum(3 + (method_min if c == "method" else max(len(c), *(len(x[c]) for x in rows))) for c in cs)
+
+    dropped = []
+    for optional in ("FPS", "aAcc", "mAcc"):
+        if width is None or needed(cols) <= width:
+            break
+        cols.remove(optional)
+        dropped.append(optional)
+    t = Table(title=f"{result['dataset']} / {result['split']} ({result['num_samples']} images, {note}), %")
+    for c in cols:
+        if c == "method":
+            t.add_column(c, min_width=method_min, overflow="fold")
+        else:
+            t.add_column(c, justify="left" if c == "run" else "right", no_wrap=True)
+    for x in rows:
+        t.add_row(*[x[c] for c in cols])
+    caption = []
     if result.get("latency_device"):
-        t.caption = (f"latency: batch 1, {result['latency_device']}; one measurement per architecture, "
-                     "interleaved in rounds")
+        caption.append(f"latency: batch 1, {result['latency_device']}; one measurement per architecture, "
+                       "interleaved in rounds")
+    if dropped:
+        caption.append(f"{', '.join(dropped)} in compare.md (too narrow a terminal)")
+    t.caption = "; ".join(caption) or None
     return t
 
 

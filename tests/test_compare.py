@@ -59,13 +59,17 @@ def test_demo_then_compare_outputs_and_rerun_reuses_steps(tmp_path):
     assert data["split"] == "val" and "Validation: synthetic 'val'" in (tmp_path / "cmp" / "compare.md").read_text()
     # the table a user reads names every run whole, even in an 80-column terminal
     console = Console(width=80, record=True)
-    renamed = {**data, "rows": [{**r, "name": n} for r, n in zip(data["rows"], ("student-kl-temperature-4",
-                                                                              "student-at-stage3-w100"))]}
-    console.print(compare_table(renamed))
+    renamed = {**data, "rows": [{**r, "name": n, "method": m} for r, n, m in zip(
+        data["rows"], ("student-kl-temperature-4", "student-pseudo-pool"), ("kl", "pseudo + unlabelled"))]}
+    console.print(compare_table(renamed, width=80))
     console.print(compare_per_class_table(renamed))
     text = console.export_text()
-    assert "student-kl-temperature-4" in text and "student-at-stage3-w100" in text
+    assert "student-kl-temperature-4" in text and "student-pseudo-pool" in text and "unlabelled" in text
     assert max(len(line) for line in text.splitlines()) <= 80
+    wide = Console(width=200, record=True)
+    wide.print(compare_table(renamed, width=200))
+    text = wide.export_text()
+    assert "FPS" in text and "aAcc" in text and "too narrow" not in text
     assert len(list((tmp_path / "cmp" / "examples").glob("*.png"))) == 2
 
 
