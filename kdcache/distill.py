@@ -186,6 +186,12 @@ class MixedPipeline(torch.utils.data.Dataset):
         return item
 
 
+def batch_split(batch_size: int, share: float) -> tuple[int, int]:
+    """(labelled, unlabelled) samples per batch for an unlabelled ``share``: at least one of each."""
+    n_u = min(batch_size - 1, max(1, round(share * batch_size)))
+    return batch_size - n_u, n_u
+
+
 def mixed_batches(num_labelled: int, num_unlabelled: int, batch_size: int, share: float, seed: int,
                   epoch: int) -> list[list[int]]:
     """This epoch's batches of combined indices (see :class:`MixedPipeline`): every labelled
@@ -194,8 +200,7 @@ def mixed_batches(num_labelled: int, num_unlabelled: int, batch_size: int, share
     pass of the pool after another, continuing across epochs (epoch e starts where e − 1
     stopped), so every unlabelled image is used before any is used again; the order depends on
     (seed, epoch) and (seed, pass) alone, so a resumed run draws the same batches."""
-    n_u = min(batch_size - 1, max(1, round(share * batch_size)))
-    n_l = batch_size - n_u
+    n_l, n_u = batch_split(batch_size, share)
     steps = num_labelled // n_l
     lab = np.random.default_rng((seed, epoch, 11)).permutation(num_labelled)
     first = epoch * steps * n_u  # unlabelled draws made before this epoch
@@ -304,7 +309,7 @@ class StudentTrainer(Trainer):
         over the labelled samples (see :func:`mixed_batches`)."""
         if self.config.unlabeled_caches:
             c = self.config
-            n_l = c.batch_size - min(c.batch_size - 1, max(1, round(c.unlabeled_share * c.batch_size)))
+            n_l, _ = batch_split(c.batch_size, c.unlabeled_share)
             steps = self._num_labelled // n_l // self.dist.world_size
             if steps == 0:
                 raise KDCacheError(f"--batch-size {c.batch_size} with --unlabeled-share {c.unlabeled_share} takes "
