@@ -17,12 +17,12 @@ student is `demo_student` with `train-student` defaults and the same number of o
 
 * CE baseline (`--method none`) on the labelled images;
 * KL and DIST from the cache, and KL with the teacher run online, on the labelled images;
-* KL and `pseudo` (hard labels at confidence 0.7) with the pool (`--unlabeled-cache`, half of
+* KL, DIST and `pseudo` (hard labels at confidence 0.7) with the pool (`--unlabeled-cache`, half of
   each batch; half the epochs, since an epoch is one pass over the labelled images);
 * the ceiling: CE on the labelled images and the pool with its true labels, the same batches.
 
 Options and defaults are the methods' own (chosen earlier on val); nothing is chosen on test.
-Writes benchmarks/results/kd-methods-<cpu or gpu>.md after each seed (so a cut-short run still
+Writes benchmarks/results/kd-methods[-<N>-labelled]-<cpu or gpu>.md after each seed (so a cut-short run still
 reports the seeds it finished).
 """
 
@@ -48,6 +48,7 @@ RUNS = {
     "DIST (cache)": ([{"name": "dist"}], False, {}),
     "KL (online teacher)": ([{"name": "kl"}], False, {"online": True}),
     "KL + pool": ([{"name": "kl"}], True, {}),
+    "DIST + pool": ([{"name": "dist"}], True, {}),
     "pseudo-labels + pool": ([{"name": "pseudo", "confidence_threshold": 0.7}], True, {}),
     "ceiling: CE + pool with true labels": ([{"name": "none"}], "true", {}),
 }
@@ -143,7 +144,8 @@ def write(args, miou, secs, dev, seeds_done) -> None:
         per_seed = {n: [x - b for x, b in zip(xs, base)] for n, xs in miou.items() if n not in (TEACHER, BASELINE)}
         lines += ["", "Gain over the CE baseline of the same seed (test mIoU points): " + "; ".join(
             f"{n}: {', '.join(f'{100 * d:+.2f}' for d in ds)}" for n, ds in per_seed.items())]
-    path = Path(args.results) / f"kd-methods-{'cpu' if 'cpu' in dev else 'gpu'}.md"
+    tag = "" if args.labelled == 400 else f"-{args.labelled}-labelled"
+    path = Path(args.results) / f"kd-methods{tag}-{'cpu' if 'cpu' in dev else 'gpu'}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
