@@ -28,7 +28,7 @@ from kdcache.errors import KDCacheError
 from kdcache.evaluation import evaluate_run
 from kdcache.kernels import bench
 from kdcache.methods import METHODS, fill_in, methods_taking, option_default
-from kdcache.models import MODELS
+from kdcache.models import model_groups
 from kdcache.progress import console
 from kdcache.pseudo_export import export_pseudo_labels as export_labels
 from kdcache.pseudo_export import kept_table_rows
@@ -107,6 +107,7 @@ def defaults_text(option: str) -> str:
 
 # CLI parameter -> config field, where the names differ
 _CLI_TO_CONFIG = {"crop_size": "crop", "flip": "hflip", "dataset_option": "dataset_options",
+                  "model_option": "model_options",
                   "resolution": "dataset_options", "method": "methods", "kd_weight": "methods",
                   "temperature": "methods", "student_tap": "methods", "teacher_tap": "methods",
                   "confidence_threshold": "methods", "student": "model"}
@@ -148,6 +149,9 @@ def parse_pair(text: str | None, option: str) -> tuple[float, float] | None:
 
 
 def _value(text: str):
+    words = {"true": True, "false": False, "none": None}
+    if text.lower() in words:
+        return words[text.lower()]
     for cast in (int, float):
         try:
             return cast(text)
@@ -158,13 +162,19 @@ def _value(text: str):
     return text
 
 
-def parse_dataset_options(items: list[str] | None, resolution: str | None) -> dict:
+def parse_key_values(items: list[str] | None, option: str) -> dict:
+    """['size=200', 'encoder-name=resnet18'] -> {'size': 200, 'encoder_name': 'resnet18'}."""
     opts = {}
     for item in items or []:
         if "=" not in item:
-            raise KDCacheError(f"--dataset-option takes KEY=VALUE, got '{item}'")
+            raise KDCacheError(f"{option} takes KEY=VALUE, got '{item}'")
         k, v = item.split("=", 1)
         opts[k.strip().replace("-", "_")] = _value(v.strip())
+    return opts
+
+
+def parse_dataset_options(items: list[str] | None, resolution: str | None) -> dict:
+    opts = parse_key_values(items, "--dataset-option")
     if resolution is not None:
         opts["resolution"] = list(parse_size(resolution, "--resolution"))
     return opts
@@ -224,7 +234,10 @@ SplitSeed = Annotated[int, typer.Option(help="Seed of the K-fold assignment (kee
 ValSplit = Annotated[str, typer.Option(help="Split to validate on (ignored with --folds).")]
 Folds = Annotated[int | None, typer.Option(help="K-fold cross-validation over the training split.")]
 Fold = Annotated[int, typer.Option(help="Which fold (0-based) is held out for validation.")]
-InitWeights = Annotated[str | None, typer.Option(help="Initial weights: a kdcache checkpoint or a state dict.")]
+InitWeights = Annotated[str | None, typer.Option(help="Initial weights: a run folder or kdcache checkpoint, a state dict (.pt/.pth/.safetensors), a Hugging Face SegFormer folder or an mmseg SegFormer checkpoint.")]
+BackboneWeights = Annotated[str | None, typer.Option(help="Load this file into the encoder only (torchvision ImageNet .pth, timm/smp encoder, MiT/SegFormer): prints what matched, was missing and left over.")]
+Pretrained = Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="torchvision models: their ImageNet backbone weights from the local torch hub cache (never downloaded).")]
+ModelOption = Annotated[list[str] | None, typer.Option("--model-option", "-m", help="KEY=VALUE passed to the model builder, e.g. encoder_name=resnet18 (smp) or head=mmseg (SegFormer).")]
 EvalEvery = Annotated[int, typer.Option(help="Validate every N epochs.")]
 Resize = Annotated[str | None, typer.Option(help="Resize every image/mask to HxW first (e.g. 256x256); a student takes its cache's.")]
 Resume = Annotated[bool, typer.Option(help="Continue the run in --out from its last.pt (its options come from its config.json).")]
@@ -247,7 +260,8 @@ TRAINING_OPTIONS = _options(
     resize=(Resize, None), crop_size=(CropSize, None), scale=(Scale, pair_text(T.scale)), flip=(Flip, T.hflip),
     amp=(Amp, T.amp), device=(Device, T.device), workers=(TrainWorkers, None), seed=(Seed, T.seed),
     split_seed=(SplitSeed, T.split_seed), folds=(Folds, None), fold=(Fold, T.fold), limit=(Limit, None),
-    weights=(InitWeights, None), eval_every=(EvalEvery, T.eval_every), resolution=(Resolution, None),
+    weights=(InitWeights, None), backbone_weights=(BackboneWeights, None), pretrained=(Pretrained, T.pretrained),
+    model_option=(ModelOption, None), eval_every=(EvalEvery, T.eval_every), resolution=(Resolution, None),
     dataset_option=(DatasetOption, None), resume=(Resume, False), overwrite=(Overwrite, False), quiet=(Quiet, False),
 )
 _RUN_CONTROL = ("resume", "overwrite", "quiet")
@@ -261,6 +275,7 @@ def training_fields(**values) -> dict:
     out["scale"] = parse_pair(out.get("scale"), "--scale")
     out["hflip"] = out.pop("flip")
     out["dataset_options"] = parse_dataset_options(out.pop("dataset_option", None), out.pop("resolution", None))
+    out["model_options"] = parse_key_values(out.pop("model_option", None), "--model-option")
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -572,9 +587,11 @@ def bench_kernels(
 
 @command("list-models")
 def list_models():
-    """The registered model names (any package.module:callable works too)."""
-    for name in MODELS.names():
-        typer.echo(name)
+    """The registered model names by source (any package.module:callable works too)."""
+    for source, names in model_groups().items():
+        typer.echo(f"{source}:")
+        for name in names:
+            typer.echo(f"  {name}")
 
 
 @command("list-datasets")

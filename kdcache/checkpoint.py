@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +47,78 @@ def save_checkpoint(path: str | Path, model: nn.Module, **extra: Any) -> Path:
     return path
 
 
+class _Stand_in:
+    """What a class that a checkpoint names, other than tensors and containers, unpickles to:
+    nothing is imported or run for it (its state is kept in ``state``)."""
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+#: what the tolerant reader builds for real; every other class becomes a stand-in
+_REAL = {("collections", "OrderedDict"), ("torch", "Size"), ("torch", "device"),
+         ("torch.nn.parameter", "Parameter"), ("builtins", "set"), ("builtins", "frozenset"),
+         ("builtins", "slice"), ("builtins", "complex"), ("builtins", "bytearray")}
+
+
+class _TolerantUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _REAL or (module == "torch._utils" and name.startswith("_rebuild_")) or (
+                module == "torch._tensor" and name.startswith("_rebuild_")) or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        return type(name, (_Stand_in,), {"__module__": "kdcache.stand_in." + module})
+
+
+class _TolerantPickle:
+    """A ``pickle_module`` for ``torch.load``: tensors and plain containers for real, any other
+    class a stand-in. For checkpoints whose extras name classes of other libraries (an
+    mmsegmentation ``iter_40000.pth`` holds mmengine's ``HistoryBuffer``, numpy scalars, ...)
+    that ``weights_only`` refuses and that this process should neither import nor run."""
+
+    Unpickler = _TolerantUnpickler
+    load = staticmethod(lambda f, **kw: _TolerantUnpickler(f, **kw).load())
+    __name__ = "kdcache_tolerant_pickle"
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    try:
+        from safetensors.torch import (
+            load_file,  # an optional extra: imported only for .safetensors files
+        )
+    except ImportError:
+        raise CheckpointError(f'reading {path.name} needs safetensors: pip install "kdcache[safetensors]"') from None
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"cannot read {path} as a safetensors file ({exc}); is it truncated?") from None
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file; a plain state dict comes back as ``{"state_dict": sd}``."""
+    """Load a checkpoint file; a plain state dict (``.pt``/``.pth`` or ``.safetensors``) comes back
+    as ``{"state_dict": sd}``. A ``.pt``/``.pth`` file is read with ``weights_only=True``; one that
+    it refuses only for classes of other libraries in its extras is read again by a tolerant
+    unpickler that imports and runs none of them (see :class:`_TolerantPickle`)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; give a checkpoint file (e.g. {path}/best.pt)")
+    if path.suffix == ".safetensors":
+        return {"state_dict": _read_safetensors(path)}
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as first:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TolerantPickle)
+        except Exception:  # unpickling errors come in many types
+            raise CheckpointError(
+                f"cannot read {path} as a PyTorch checkpoint ({type(first).__name__}: {first}). Is the "
+                "file truncated, or not a torch.save file?"
+            ) from None
     except Exception as exc:  # unpickling errors come in many types
         raise CheckpointError(
             f"cannot read {path} as a PyTorch checkpoint ({type(exc).__name__}: {exc}). Is the "

@@ -1,7 +1,13 @@
 """Models from run folders and checkpoints: the one place that turns saved weights into a model.
 
-``open_weights(target)`` reads a run folder (its ``best.pt``, else ``last.pt``, and its
-``config.json``), a kdcache checkpoint (its own stored config) or a plain state dict, once;
+``open_weights(target)`` reads, once, and detecting the format:
+- a kdcache run folder (its ``best.pt``, else ``last.pt``, and its ``config.json``) or checkpoint;
+- a plain state dict, ``.pt``/``.pth`` or ``.safetensors``;
+- a Hugging Face model folder (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``)
+  of a SegFormer, read by transformers itself (``from_pretrained``, local files only), so its own
+  key conversions apply;
+- an mmsegmentation SegFormer checkpoint (``state_dict`` with MixVisionTransformer and
+  SegformerHead keys), converted on load (:func:`kdcache.models.segformer.from_mmseg`);
 :meth:`Weights.build` then builds the architecture with those weights, checking what the caller
 knows (the architecture a user named, the class count of the data) against what the weights
 say. The cache build's teacher, the online teacher, ``evaluate`` and ``compare`` all load
@@ -10,6 +16,7 @@ through here.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +26,13 @@ import torch
 from kdcache.checkpoint import file_sha256, load_state, read_checkpoint
 from kdcache.errors import CheckpointError
 from kdcache.models import SegModel, build_model
+from kdcache.models.segformer import (
+    VARIANTS,
+    from_mmseg,
+    is_mmseg_segformer,
+    transformers_module,
+    variant_of,
+)
 from kdcache.runs import resolve_run
 from kdcache.transforms import Preprocess
 
@@ -41,6 +55,11 @@ class Weights:
     def num_classes(self) -> int | None:
         n = self.contents.get("num_classes") or self.config.get("num_classes")
         return int(n) if n is not None else None
+
+    @property
+    def model_options(self) -> dict:
+        """Options the architecture needs for these weights (e.g. an mmseg checkpoint's head)."""
+        return dict(self.config.get("model_options") or {})
 
     @property
     def preprocess(self) -> Preprocess:
@@ -84,9 +103,78 @@ class Weights:
         return model.eval()
 
 
-def open_weights(target: str | Path) -> Weights:
-    """The weights of a run folder, a kdcache checkpoint or a plain state dict, read once."""
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def is_hf_folder(path: Path) -> bool:
+    """A folder written by ``save_pretrained``: a config.json with a ``model_type``."""
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        return False
+    try:
+        return "model_type" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def open_weights(target: str | Path, *, encoder_only: bool = False) -> Weights:
+    """The weights of a run folder, a kdcache checkpoint, a state dict (.pt/.pth/.safetensors),
+    a Hugging Face SegFormer folder or an mmseg SegFormer checkpoint, read once.
+    ``encoder_only``: a Hugging Face encoder folder (e.g. MiT-b0 for image classification) is
+    accepted too (for ``--backbone-weights``)."""
+    path = Path(target)
+    if is_hf_folder(path):
+        return _open_hf_folder(path, encoder_only)
     ckpt_path, run_config, run_dir = resolve_run(target)
     contents = read_checkpoint(ckpt_path)
     config = dict(run_config or contents.get("config") or {})
+    if is_mmseg_segformer(contents["state_dict"]):
+        arch, options, sd = from_mmseg(contents["state_dict"])
+        classes = int(sd["decode_head.conv_seg.weight"].shape[0])
+        contents = {"state_dict": sd, "model": arch, "num_classes": classes}
+        config = {"model": arch, "num_classes": classes, "model_options": options}
     return Weights(ckpt_path, contents, config, run_dir)
+
+
+def _open_hf_folder(path: Path, encoder_only: bool) -> Weights:
+    cfg = json.loads((path / "config.json").read_text())
+    weights_file = next((path / f for f in HF_WEIGHT_FILES if (path / f).is_file()), None)
+    if weights_file is None:
+        raise CheckpointError(f"Hugging Face folder {path} lacks both {' and '.join(HF_WEIGHT_FILES)}; write it "
+                              "with save_pretrained")
+    if cfg.get("model_type") != "segformer":
+        raise CheckpointError(f"{path} holds a '{cfg.get('model_type')}' model; kdcache reads Hugging Face folders "
+                              "of SegFormer only (other models: --model package.module:callable with a state dict)")
+    variant = variant_of(cfg.get("hidden_sizes", ()), cfg.get("depths", ()))
+    if variant is None:
+        raise CheckpointError(f"{path}: SegFormer with hidden_sizes {cfg.get('hidden_sizes')} and depths "
+                              f"{cfg.get('depths')} is none of B0-B5")
+    t = transformers_module()
+    segmentation = "SegformerForSemanticSegmentation" in cfg.get("architectures", ["SegformerForSemanticSegmentation"])
+    if not segmentation and not encoder_only:
+        raise CheckpointError(f"{path} is a SegFormer encoder ({', '.join(cfg['architectures'])}) without a "
+                              "segmentation head; load it with --backbone-weights")
+    declared = next((a for a in cfg.get("architectures", []) if a.startswith("Segformer")), None)
+    cls = t.SegformerForSemanticSegmentation if segmentation else getattr(t, declared or "", t.SegformerModel)
+    verbosity = t.logging.get_verbosity()
+    t.logging.set_verbosity_error()  # kdcache reports what was loaded itself
+    t.logging.disable_progress_bar()
+    try:
+        net = cls.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # transformers and safetensors raise many types
+        raise CheckpointError(f"transformers cannot load {path}: {exc}") from None
+    finally:
+        t.logging.set_verbosity(verbosity)
+        t.logging.enable_progress_bar()
+    arch = f"segformer_{variant}"
+    contents = {"state_dict": net.state_dict(), "model": arch}
+    config = {"model": arch}
+    if segmentation:
+        contents["num_classes"] = config["num_classes"] = int(cfg.get("num_labels") or len(cfg["id2label"]))
+        if cfg.get("decoder_hidden_size") not in (None, VARIANTS[variant]["decoder_hidden_size"]):
+            config["model_options"] = {"decoder_hidden_size": int(cfg["decoder_hidden_size"])}
+    return Weights(weights_file, contents, config, None)
+
+
+def load_weights_into(model: SegModel, weights: Weights) -> None:
+    """Initialise ``model`` (built by a trainer) with ``weights``, checking every key and shape."""
+    load_state(model, weights.contents, weights.checkpoint)

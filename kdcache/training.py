@@ -20,12 +20,14 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from kdcache import __version__, distributed
+from kdcache.backbone_weights import load_backbone, pretrained_backbone_file
 from kdcache.checkpoint import load_weights, read_checkpoint, save_checkpoint
 from kdcache.data.base import IGNORE_INDEX, SegmentationDataset
 from kdcache.data.splits import train_val_sets
 from kdcache.errors import KDCacheError
 from kdcache.evaluation import evaluate_model
 from kdcache.loaders import default_workers, make_loader
+from kdcache.model_loading import load_weights_into, open_weights
 from kdcache.models import SegModel, build_model, count_parameters
 from kdcache.progress import console, progress_bar
 from kdcache.runs import RunDir, device_name, resolve_device, write_json
@@ -72,6 +74,8 @@ class TrainConfig:
     split_seed: int = 0
     eval_every: int = 1
     weights: str | None = None
+    backbone_weights: str | None = None
+    pretrained: bool = False
     out: str = "runs/teacher"
 
     def to_dict(self) -> dict:
@@ -220,9 +224,20 @@ class Trainer:
                        "palette": torch.from_numpy(np.asarray(train_ds.palette))}
         steps_per_epoch = self.steps_per_epoch(len(train_pipe))
 
+        weights = open_weights(c.weights) if c.weights else None
+        if weights is not None and weights.model_options and not c.model_options:
+            # e.g. an mmseg SegFormer checkpoint needs the mmseg head: the run records it
+            self.config = c = dataclasses.replace(c, model_options=weights.model_options)
         model = self.build_model(train_ds.num_classes).to(self.device)
-        if c.weights and not self.resume:
-            load_weights(model, c.weights)
+        self.backbone_report = None
+        if weights is not None and not self.resume:
+            load_weights_into(model, weights)
+        elif (c.backbone_weights or c.pretrained) and not self.resume:
+            if c.backbone_weights and c.pretrained:
+                raise KDCacheError("give --backbone-weights or --pretrained, not both")
+            self.backbone_report = load_backbone(model, c.backbone_weights or pretrained_backbone_file(c.model))
+            if self.is_main:
+                console.print(self.backbone_report.summary(), highlight=False)
         if c.class_weights:
             self.class_weight = median_frequency_weights(train_ds, self.preprocess).to(self.device)
         state = self.build_state(model, steps_per_epoch)
@@ -333,6 +348,7 @@ class Trainer:
             "device_name": device_name(self.device),
             "kdcache_version": __version__,
             "world_size": self.dist.world_size,
+            **({"backbone_loaded": self.backbone_report.to_dict()} if self.backbone_report else {}),
         }
 
     def start_or_resume(self, state: TrainState) -> None:

@@ -364,7 +364,7 @@ CASES = [
          setup=saved("sd.pt", lambda: TinyNet(11).state_dict())),
     # -- checkpoints (checkpoint.py) ---------------------------------------------------------------------
     case("weights-missing", train("--weights", "{tmp}/missing.pt"), "checkpoint", "missing.pt does not exist"),
-    case("weights-directory", train("--weights", "{tmp}"), "is a directory; give a checkpoint file (e.g. "),
+    case("weights-directory", train("--weights", "{tmp}"), "is not a kdcache run folder (no config.json)"),
     case("weights-not-a-dict", train("--weights", "{tmp}/list.pt"), "holds a list, not a checkpoint or a state dict",
          setup=saved("list.pt", [1, 2])),
     case("weights-unknown-dict", train("--weights", "{tmp}/dict.pt"),
@@ -386,9 +386,12 @@ CASES = [
          "module 'tiny_models' has no attribute 'Nope'"),
     case("model-output-not-a-tensor", train("--model", "tiny_models:NoTensorOutput"),
          "cannot find a tensor in a model/module output of type dict",
-         "return a tensor, a dict with an 'out' tensor, or a tuple/list starting with one"),
+         "return a tensor, an object with a 'logits' tensor, a dict with an 'out' tensor, or a tuple/list"),
     case("model-class-count", train("--model", "tiny_models:WrongClassCount"),
-         "returned logits of shape (4, 12, 16, 24); expected [N, 11, h, w]"),
+         "model 'tiny_models:WrongClassCount' returned 12 channels of logits for a data set of 11 classes; build "
+         "its head for num_classes=11"),
+    case("model-logits-rank", train("--model", "tiny_models:FlatLogits"),
+         "returned 2-D logits of shape (4, 11); a segmentation model must return [N, 11, h, w]"),
     case("tap-never-runs", cache("--weights", "{tmp}/weights.pt", "--features", "spare"),
          "taps ['spare'] of model 'tiny_models:SpareModule' did not run in forward",
          setup=checkpoint_of("tiny_models:SpareModule")),
@@ -633,6 +636,10 @@ def test_the_installed_command_prints_one_line_and_exits_2(store, tmp_path):
 #: user errors the command line cannot reach (template substring -> why); each is still a
 #: KDCacheError for the Python API
 NOT_FROM_THE_CLI = {
+    "{} is a directory; give a checkpoint file (e.g. {}/best.pt)": "every command opens weights through "
+                                                                   "open_weights, which takes a folder as a run or "
+                                                                   "Hugging Face folder first; read_checkpoint(DIR) "
+                                                                   "from Python only",
     "{} does not say how many classes its model predicts; give a ": "every command builds a model with its data "
                                                                     "set's class count (compare, since it reports "
                                                                     "on one data set, too); only a Python caller of "

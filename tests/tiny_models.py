@@ -1,5 +1,7 @@
 """A tiny model importable as ``tiny_models:TinyNet`` (tests' package.module:callable path)."""
 
+from types import SimpleNamespace
+
 from torch import nn
 
 
@@ -46,6 +48,20 @@ class WrongClassCount(TinyNet):
 
     def __init__(self, num_classes: int):
         super().__init__(num_classes + 1)
+
+
+class FlatLogits(TinyNet):
+    """Returns [N, C] (image-level) logits: not a segmentation model."""
+
+    def forward(self, x):
+        return self.head(self.body(x)).mean((2, 3))
+
+
+class LogitsAttribute(TinyNet):
+    """Returns an object with a ``logits`` attribute, as transformers' models do."""
+
+    def forward(self, x):
+        return SimpleNamespace(loss=None, logits=self.head(self.body(x)))
 
 
 class SpareModule(TinyNet):

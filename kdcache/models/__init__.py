@@ -16,6 +16,7 @@ from kdcache.models.registry import (
            MODELS,
            build_model,
            count_parameters,
+           model_groups,
            register_model,
            resolve_builder,
 )
@@ -24,5 +25,5 @@ from kdcache.registry import import_submodules
 
 import_submodules(__name__, __path__)
 
-__all__ = ["MODELS", "ModelOutput", "SegModel", "build_model", "count_parameters", "register_model",
+__all__ = ["MODELS", "ModelOutput", "SegModel", "build_model", "count_parameters", "model_groups", "register_model",
            "resolve_builder"]

@@ -45,6 +45,7 @@ from torch import nn
 from kdcache.models.registry import register_model
 
 __all__ = ["BuiltinSegNet", "demo_student", "demo_teacher"]
+SOURCE = "built-in (kdcache)"
 
 
 def conv_bn_relu(cin: int, cout: int, k: int = 3, stride: int = 1, dilation: int = 1) -> nn.Sequential:

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 from collections.abc import Callable, Sequence
 
 from torch import nn
@@ -50,6 +52,22 @@ def build_model(name: str, num_classes: int, taps: Sequence[str] = (), **kwargs)
     if not isinstance(net, nn.Module):
         raise ModelError(f"model '{name}' built a {type(net).__name__}, not a torch.nn.Module")
     return SegModel(net, name=name, num_classes=num_classes, taps=taps)
+
+
+def model_groups() -> dict[str, list[str]]:
+    """Registered names by where the models come from: each family module's ``SOURCE`` (with
+    ``pip install "kdcache[EXTRA]"`` and whether it is installed, for an optional family)."""
+    groups: dict[str, list[str]] = {}
+    for name, builder in MODELS.items():
+        module = sys.modules.get(builder.__module__)
+        source = getattr(module, "SOURCE", builder.__module__)
+        extra = getattr(module, "EXTRA", None)
+        if extra:
+            package = getattr(module, "PACKAGE", extra)
+            state = "installed" if importlib.util.find_spec(package) else "not installed"
+            source = f'{source} (pip install "kdcache[{extra}]"; {state})'
+        groups.setdefault(source, []).append(name)
+    return groups
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -12,6 +12,8 @@ from torchvision.models import segmentation
 
 from kdcache.models.registry import MODELS
 
+SOURCE = "torchvision"
+
 
 def _builder(fn_name: str) -> Callable[..., nn.Module]:
     def build(num_classes: int, **kwargs) -> nn.Module:

@@ -27,6 +27,8 @@ class ModelOutput:
 def _first_tensor(out) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
+    if isinstance(getattr(out, "logits", None), torch.Tensor):  # transformers' ModelOutput and alike
+        return out.logits
     if isinstance(out, dict):
         if "out" in out:
             return out["out"]
@@ -36,7 +38,8 @@ def _first_tensor(out) -> torch.Tensor:
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
     raise ModelError(f"cannot find a tensor in a model/module output of type {type(out).__name__}; return a "
-                     "tensor, a dict with an 'out' tensor, or a tuple/list starting with one")
+                     "tensor, an object with a 'logits' tensor, a dict with an 'out' tensor, or a tuple/list "
+                     "starting with one")
 
 
 class SegModel(nn.Module):
@@ -45,7 +48,8 @@ class SegModel(nn.Module):
     torchvision's ``_SimpleSegmentationModel`` (FCN, DeepLabV3) and ``LRASPP`` are run as
     backbone + classifier, skipping the final upsampling, so the logits stay at the head's
     native stride (8 for FCN/DeepLabV3-ResNet and LRASPP, 16 for DeepLabV3-MobileNetV3).
-    Any other network is called as is; a dict output uses its ``"out"`` entry.
+    Any other network is called as is; an output with a ``logits`` attribute (transformers'
+    ``ModelOutput``) uses it, a dict its ``"out"`` entry.
 
     Feature taps are forward hooks on ``net``'s modules by their ``named_modules()`` name
     (e.g. ``backbone.layer4``). The state dict of the wrapped network is ``self.net``'s, so
@@ -98,11 +102,12 @@ class SegModel(nn.Module):
     def forward(self, x: torch.Tensor) -> ModelOutput:
         self._captured = {}
         logits = self._logits(x)
-        if logits.dim() != 4 or logits.shape[1] != self.num_classes:
-            raise ModelError(
-                f"model '{self.name}' returned logits of shape {tuple(logits.shape)}; expected "
-                f"[N, {self.num_classes}, h, w]"
-            )
+        if logits.dim() != 4:
+            raise ModelError(f"model '{self.name}' returned {logits.dim()}-D logits of shape {tuple(logits.shape)}; a "
+                             f"segmentation model must return [N, {self.num_classes}, h, w]")
+        if logits.shape[1] != self.num_classes:
+            raise ModelError(f"model '{self.name}' returned {logits.shape[1]} channels of logits for a data set of "
+                             f"{self.num_classes} classes; build its head for num_classes={self.num_classes}")
         features = {t: self._captured[t] for t in self.taps if t in self._captured}
         missing = [t for t in self.taps if t not in features]
         if missing:
