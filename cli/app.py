@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from kdcache import distributed
@@ -27,6 +28,7 @@ from kdcache.distill import train_student as run_student
 from kdcache.errors import KDCacheError
 from kdcache.evaluation import evaluate_run
 from kdcache.kernels import bench
+from kdcache.loggers import DEFAULT_PROJECT
 from kdcache.methods import METHODS, fill_in, methods_taking, option_default
 from kdcache.models import model_groups
 from kdcache.progress import console
@@ -62,7 +64,7 @@ def command(name: str | None = None) -> Callable:
             try:
                 return fn(*args, **kwargs)
             except KDCacheError as exc:
-                console.print(f"[bold red]error:[/bold red] {error_text(exc)}", soft_wrap=True, highlight=False)
+                console.print(f"[bold red]error:[/bold red] {escape(error_text(exc))}", soft_wrap=True, highlight=False)
                 raise typer.Exit(2) from None
 
         return app.command(name)(wrapper)
@@ -242,6 +244,9 @@ EvalEvery = Annotated[int, typer.Option(help="Validate every N epochs.")]
 Resize = Annotated[str | None, typer.Option(help="Resize every image/mask to HxW first (e.g. 256x256); a student takes its cache's.")]
 Resume = Annotated[bool, typer.Option(help="Continue the run in --out from its last.pt (its options come from its config.json).")]
 Overwrite = Annotated[bool, typer.Option(help="Start the run in --out again from scratch.")]
+TensorBoard = Annotated[bool, typer.Option("--tensorboard/--no-tensorboard", help="Log metrics.jsonl's numbers, per-class IoU and validation pictures to RUN/tensorboard/ (pip install \"kdcache\\[tensorboard]\").")]
+Wandb = Annotated[bool, typer.Option("--wandb/--no-wandb", help="Log the same to Weights & Biases, files in RUN/wandb/; WANDB_MODE=offline sends nothing (pip install \"kdcache\\[wandb]\").")]
+WandbProject = Annotated[str | None, typer.Option(help=f"W&B project of --wandb (default: {DEFAULT_PROJECT}).")]
 
 T = TrainConfig  # the defaults of the training options
 
@@ -263,6 +268,7 @@ TRAINING_OPTIONS = _options(
     weights=(InitWeights, None), backbone_weights=(BackboneWeights, None), pretrained=(Pretrained, T.pretrained),
     model_option=(ModelOption, None), eval_every=(EvalEvery, T.eval_every), resolution=(Resolution, None),
     dataset_option=(DatasetOption, None), resume=(Resume, False), overwrite=(Overwrite, False), quiet=(Quiet, False),
+    tensorboard=(TensorBoard, T.tensorboard), wandb=(Wandb, T.wandb), wandb_project=(WandbProject, None),
 )
 _RUN_CONTROL = ("resume", "overwrite", "quiet")
 

@@ -19,3 +19,7 @@ class CheckpointError(KDCacheError):
 
 class ModelError(KDCacheError):
     """A model name, import path or feature tap cannot be resolved."""
+
+
+class MissingExtraError(KDCacheError):
+    """An option needs an optional package (a pip extra such as ``kdcache[tensorboard]``) that is not installed."""

@@ -28,6 +28,7 @@ from kdcache.errors import KDCacheError
 from kdcache.evaluation import evaluate_model
 from kdcache.loaders import default_workers, make_loader
 from kdcache.model_loading import load_weights_into, open_weights
+from kdcache.loggers import VAL_EXAMPLES, RunLogger, open_loggers, prediction_panel, require_extras
 from kdcache.models import SegModel, build_model, count_parameters
 from kdcache.progress import console, progress_bar
 from kdcache.runs import RunDir, device_name, resolve_device, write_json
@@ -76,6 +77,9 @@ class TrainConfig:
     weights: str | None = None
     backbone_weights: str | None = None
     pretrained: bool = False
+    tensorboard: bool = False  # log to RUN/tensorboard/ (the tensorboard extra)
+    wandb: bool = False  # log to Weights & Biases, files in RUN/wandb/ (the wandb extra)
+    wandb_project: str | None = None
     out: str = "runs/teacher"
 
     def to_dict(self) -> dict:
@@ -118,7 +122,8 @@ class TrainConfig:
 
 # Options that may change when a run is resumed; anything else must match the stored config.
 # A longer --epochs stretches the rest of the poly/cosine schedule over the new total.
-RESUMABLE_CHANGES = {"epochs", "workers", "device", "eval_every", "out", "weights"}
+RESUMABLE_CHANGES = {"epochs", "workers", "device", "eval_every", "out", "weights", "tensorboard", "wandb",
+                     "wandb_project"}
 
 
 def seed_everything(seed: int) -> None:
@@ -197,6 +202,8 @@ class Trainer:
         if resume:
             config = self._merge_resume_config(config, explicit)
         self.config = config
+        require_extras(tensorboard=config.tensorboard, wandb=config.wandb)  # before any data is read
+        self.monitor = RunLogger()  # TensorBoard / W&B, opened by fit() on rank 0
         self.resume = resume
         self.overwrite = overwrite
         self.device = resolve_device(config.device)
@@ -243,13 +250,17 @@ class Trainer:
         state = self.build_state(model, steps_per_epoch)
         self.run_config = self.describe_run(model, train_ds, val_ds, train_pipe.augment)
         self.start_or_resume(state)
+        self.monitor = self.open_monitor(state.epoch)
 
         train_model = self.parallel(model)
         val_loader = self.validation_loader(val_pipe)
         last: dict[str, Any] = {}
-        for epoch in range(state.epoch, c.epochs):
-            record = self.train_one_epoch(train_model, state, train_pipe, epoch, steps_per_epoch)
-            last = self.validate_and_checkpoint(state, val_loader, record)
+        try:
+            for epoch in range(state.epoch, c.epochs):
+                record = self.train_one_epoch(train_model, state, train_pipe, epoch, steps_per_epoch)
+                last = self.validate_and_checkpoint(state, val_loader, record)
+        finally:
+            self.monitor.close()
         if self.is_main:
             self._save_curves()
         distributed.barrier()
@@ -374,6 +385,35 @@ class Trainer:
         if not distributed.all_ok(True):  # every rank past set-up (rank 0's run folder exists)
             raise KDCacheError("a rank failed during set-up")
 
+    def open_monitor(self, start_epoch: int) -> RunLogger:
+        """TensorBoard / W&B as the options ask, on rank 0 only; if that fails, every rank stops."""
+        c, monitor, error = self.config, RunLogger(), None
+        if self.is_main:
+            try:
+                monitor = open_loggers(self.run.path, self.labels["class_names"], tensorboard=c.tensorboard,
+                                       wandb=c.wandb, wandb_project=c.wandb_project, config=self.run_config,
+                                       start_epoch=start_epoch)
+            except KDCacheError as exc:
+                error = exc
+        if not distributed.all_ok(error is None):
+            raise error or KDCacheError("a rank failed during set-up")
+        return monitor
+
+    @torch.no_grad()
+    def example_panels(self, model: SegModel, val_pipe) -> dict[str, np.ndarray]:
+        """input | ground truth | prediction of the first validation images (the same every epoch)."""
+        was_training, panels = model.training, {}
+        model.eval()
+        palette = self.labels["palette"].numpy()
+        for i in range(min(VAL_EXAMPLES, len(val_pipe))):
+            item = val_pipe[i]
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                pred = model.predict(item["image"][None].to(self.device), size=tuple(item["label"].shape))[0]
+            panels[item["id"]] = prediction_panel(self.preprocess.denormalize(item["image"]), item["label"].numpy(),
+                                                  pred.cpu().numpy(), palette)
+        model.train(was_training)
+        return panels
+
     def parallel(self, model: SegModel) -> torch.nn.Module:
         """The module the training step calls: DistributedDataParallel under torchrun."""
         if self.dist.world_size == 1:
@@ -495,6 +535,9 @@ class Trainer:
         state.epoch = epoch + 1
         if self.is_main:
             self.run.log(record)
+            self.monitor.log_epoch(record, epoch)
+            if "val_miou" in record and (c.tensorboard or c.wandb):
+                self.monitor.log_images(self.example_panels(state.model, val_loader.dataset), epoch)
             save_checkpoint(
                 self.run.last, state.model, config=self.run_config, epoch=epoch, best_miou=state.best_miou,
                 optimizer=state.optimizer.state_dict(), scheduler=state.scheduler.state_dict(),

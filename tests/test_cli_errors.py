@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -242,6 +243,26 @@ def run_with_broken_metrics(tmp: Path, run: Path) -> dict:
     return {}
 
 
+def hidden(module: str):
+    """``import module`` fails, as when its optional package is not installed."""
+
+    def setup(tmp: Path, monkeypatch) -> dict:
+        monkeypatch.setitem(sys.modules, module, None)
+        return {}
+
+    return setup
+
+
+def wandb_without_login(tmp: Path, monkeypatch) -> dict:
+    """A ``wandb`` whose init fails as W&B's does online without an API key."""
+
+    def init(**kw):
+        raise RuntimeError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])\nmore detail")
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init, __name__="wandb"))
+    return {}
+
+
 def hand_made_run(tmp: Path) -> dict:
     """A run folder written by hand: a plain state dict and a config.json without num_classes."""
     (tmp / "hand").mkdir()
@@ -362,6 +383,15 @@ CASES = [
     case("evaluate-plain-state-dict", ["evaluate", "{tmp}/sd.pt", "--quiet"],
          "is a plain state dict: give a run folder or a kdcache checkpoint",
          setup=saved("sd.pt", lambda: TinyNet(11).state_dict())),
+    # -- monitoring (loggers.py) ----------------------------------------------------------------------------
+    case("tensorboard-not-installed", train("--tensorboard"),
+         'error: --tensorboard needs the tensorboard package: pip install "kdcache[tensorboard]"',
+         setup=hidden("torch.utils.tensorboard")),
+    case("wandb-not-installed", student("--wandb"), 'error: --wandb needs the wandb package: pip install "kdcache[wandb]"',
+         setup=hidden("wandb")),
+    case("wandb-cannot-start", train("--wandb"), "error: --wandb: W&B could not start a run (api_key not configured "
+         "(no-tty). call wandb.login(key=[your_api_key])); log in with `wandb login`, or set WANDB_MODE=offline",
+         setup=wandb_without_login),
     # -- checkpoints (checkpoint.py) ---------------------------------------------------------------------
     case("weights-missing", train("--weights", "{tmp}/missing.pt"), "checkpoint", "missing.pt does not exist"),
     case("weights-directory", train("--weights", "{tmp}"), "is not a kdcache run folder (no config.json)"),
