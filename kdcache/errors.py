@@ -19,3 +19,7 @@ class CheckpointError(KDCacheError):
 
 class ModelError(KDCacheError):
     """A model name, import path or feature tap cannot be resolved."""
+
+
+class ConfigFileError(KDCacheError):
+    """A ``--config`` file cannot be read, or holds a key or a value its command does not take."""
