@@ -160,6 +160,9 @@ def read_config_file(path: str | Path, options: list[Option], config_class: type
     hints = typing.get_type_hints(config_class)
     fields = {f.name for f in dataclasses.fields(config_class)}
     is_run = command in RUN_COMMANDS.values()
+    kind = data[keys["kind"]] if is_run and "kind" in keys else None
+    if kind is not None:
+        _check_run_info(path, "kind", kind, command)  # first: a run of another kind has other keys
     seen: dict[str, str] = {}
     out = ConfigFile(str(path), {}, {})
     for key, raw in keys.items():
@@ -171,14 +174,15 @@ def read_config_file(path: str | Path, options: list[Option], config_class: type
         elif key in fields:
             target = key
         elif is_run and key in RUN_INFO_KEYS:
-            _check_run_info(path, key, data[keys["kind"]] if "kind" in keys else None, command)
+            _check_run_info(path, key, kind, command)
             continue
         else:
             known = sorted({*by_name, *fields} - {"config_file"})
             close = difflib.get_close_matches(key, known, n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
+            fields_of = "the keys of a run's config.json" if is_run else f"the fields of {config_class.__name__}"
             raise ConfigFileError(f"--config {path}: unknown key '{raw}' for {command}.{hint} Keys are its options "
-                                  f"(see {command} --help) or the fields of a run's config.json")
+                                  f"(see {command} --help) or {fields_of}")
         if target in seen:
             raise ConfigFileError(f"--config {path}: '{seen[target]}' and '{raw}' both set "
                                   f"--{target.replace('_', '-')}; keep one")
@@ -197,8 +201,8 @@ def _check_run_info(path, key: str, kind, command: str) -> None:
     if kind is None:
         raise ConfigFileError(f"--config {path}: '{key}' is what a run records in its config.json, not an option "
                               f"of {command}; remove it")
-    if RUN_COMMANDS.get(kind) != command:
-        trainer = RUN_COMMANDS.get(kind)
+    trainer = RUN_COMMANDS.get(kind) if isinstance(kind, str) else None
+    if trainer != command:
         hint = f"give it to {trainer} --config" if trainer else f"{command} runs are of kind " + ", ".join(
             repr(k) for k, c in RUN_COMMANDS.items() if c == command)
         raise ConfigFileError(f"--config {path} is the config.json of a run of kind {kind!r}, not a {command} run; "
