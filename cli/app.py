@@ -21,6 +21,7 @@ from kdcache import distributed
 from kdcache.cache_build import CacheBuildConfig
 from kdcache.cache_build import build_teacher_cache as build_cache
 from kdcache.compare import compare_runs
+from kdcache.config_files import Option, read_config_file
 from kdcache.data import DATASETS
 from kdcache.demo import run_demo
 from kdcache.distill import StudentConfig, student_config
@@ -112,17 +113,22 @@ _CLI_TO_CONFIG = {"crop_size": "crop", "flip": "hflip", "dataset_option": "datas
                   "model_option": "model_options",
                   "resolution": "dataset_options", "method": "methods", "kd_weight": "methods",
                   "temperature": "methods", "student_tap": "methods", "teacher_tap": "methods",
-                  "confidence_threshold": "methods", "student": "model"}
+                  "confidence_threshold": "methods", "student": "model", "unlabeled_cache": "unlabeled_caches"}
+CONFIG_FILE = "kdcache.config_file"  # ctx.meta: the command's --config file (a config_files.ConfigFile)
+
+
+def command_line_options(ctx: typer.Context) -> set[str]:
+    """Parameters the user set on the command line (not left at their defaults)."""
+    return {name for name in ctx.params
+            if (source := ctx.get_parameter_source(name)) is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")}
 
 
 def given_options(ctx: typer.Context) -> set[str]:
-    """Config fields the user set on the command line (not left at their defaults)."""
-    given = set()
-    for name in ctx.params:
-        source = ctx.get_parameter_source(name)
-        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
-            given.add(_CLI_TO_CONFIG.get(name, name))
-    return given
+    """Config fields the user set, on the command line or in its --config file (not left at their defaults)."""
+    names = command_line_options(ctx)
+    if (file := ctx.meta.get(CONFIG_FILE)) is not None:
+        names |= set(file.options) | set(file.fields)
+    return {_CLI_TO_CONFIG.get(name, name) for name in names}
 
 
 def parse_size(text: str | None, option: str) -> tuple[int, int] | None:
@@ -164,10 +170,11 @@ def _value(text: str):
     return text
 
 
-def parse_key_values(items: list[str] | None, option: str) -> dict:
-    """['size=200', 'encoder-name=resnet18'] -> {'size': 200, 'encoder_name': 'resnet18'}."""
-    opts = {}
-    for item in items or []:
+def parse_key_values(items: list[str] | dict | None, option: str) -> dict:
+    """['size=200', 'encoder-name=resnet18'] -> {'size': 200, 'encoder_name': 'resnet18'}; a mapping
+    (from a --config file) as it is."""
+    opts = dict(items) if isinstance(items, dict) else {}
+    for item in [] if isinstance(items, dict) else items or []:
         if "=" not in item:
             raise KDCacheError(f"{option} takes KEY=VALUE, got '{item}'")
         k, v = item.split("=", 1)
@@ -175,15 +182,17 @@ def parse_key_values(items: list[str] | None, option: str) -> dict:
     return opts
 
 
-def parse_dataset_options(items: list[str] | None, resolution: str | None) -> dict:
+def parse_dataset_options(items: list[str] | dict | None, resolution: str | None) -> dict:
     opts = parse_key_values(items, "--dataset-option")
     if resolution is not None:
         opts["resolution"] = list(parse_size(resolution, "--resolution"))
     return opts
 
 
-def parse_method(spec: str) -> dict:
+def parse_method(spec: str | dict) -> dict:
     """'kl' or 'kl:weight=0.5,temperature=2' -> {"name": "kl", "weight": 0.5, "temperature": 2}."""
+    if isinstance(spec, dict):  # from a --config file (a run's config.json)
+        return dict(spec)
     name, _, rest = spec.partition(":")
     out: dict = {"name": name.strip()}
     for item in filter(None, (p.strip() for p in rest.split(","))):
@@ -301,7 +310,45 @@ def with_training_options(fn: Callable) -> Callable:
     return wrapper
 
 
+ConfigFileOption = Annotated[str | None, typer.Option(
+    "--config", help="YAML or JSON file of option values (option names, or a run's config.json to repeat the run); "
+                     "the command line overrides it.")]
+
+
+def with_config_file(config_class: type) -> Callable:
+    """Give a command ``--config FILE``: the file's values (read by kdcache.config_files) for the
+    options not given on the command line, so defaults < file < command line. The file's config
+    fields that no option sets are applied to the config by :func:`run_training` (and build-teacher-cache)."""
+
+    def deco(fn: Callable) -> Callable:
+        sig = inspect.signature(fn, eval_str=True)
+        ctx_name = next(p.name for p in sig.parameters.values() if p.annotation is typer.Context)
+
+        @functools.wraps(fn)
+        def wrapper(*args, config_file=None, **kwargs):
+            if config_file is not None:
+                ctx = kwargs[ctx_name]
+                names = {p.name: tuple(o[2:] for o in p.opts if o.startswith("--")) for p in ctx.command.params}
+                options = [Option.from_parameter(p, names[p.name]) for p in sig.parameters.values() if p.name in names]
+                file = read_config_file(config_file, options, config_class, command=ctx.command.name)
+                on_line = command_line_options(ctx)
+                kwargs.update({k: v for k, v in file.options.items() if k not in on_line})
+                file.fields = {k: v for k, v in file.fields.items()
+                               if k not in {_CLI_TO_CONFIG.get(n, n) for n in on_line}}
+                ctx.meta[CONFIG_FILE] = file
+            return fn(*args, **kwargs)
+
+        config_param = inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, annotation=ConfigFileOption,
+                                         default=None)
+        wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), config_param])
+        return wrapper
+
+    return deco
+
+
 def run_training(fn, config, control: dict, ctx: typer.Context) -> dict:
+    if (file := ctx.meta.get(CONFIG_FILE)) is not None:
+        config = file.apply(config)
     try:
         return fn(config, resume=control["resume"], overwrite=control["overwrite"], show_progress=not control["quiet"],
                   explicit=given_options(ctx))
@@ -312,6 +359,7 @@ def run_training(fn, config, control: dict, ctx: typer.Context) -> dict:
 
 
 @command("train-teacher")
+@with_config_file(TrainConfig)
 @with_training_options
 def train_teacher(
     ctx: typer.Context,
@@ -331,6 +379,7 @@ def train_teacher(
 
 
 @command("train-student")
+@with_config_file(StudentConfig)
 @with_training_options
 def train_student(
     ctx: typer.Context,
@@ -450,9 +499,11 @@ B = CacheBuildConfig  # the defaults of build-teacher-cache
 
 
 @command("build-teacher-cache")
+@with_config_file(CacheBuildConfig)
 def build_teacher_cache(
-    weights: Annotated[str, typer.Option(help="Teacher weights: a run folder (uses best.pt), a kdcache checkpoint or a state dict.")],
-    out: Annotated[str, typer.Option(help="The store to write, e.g. caches/teacher-train.zarr, or an fsspec URL.")],
+    ctx: typer.Context,
+    weights: Annotated[str | None, typer.Option(help="Teacher weights: a run folder (uses best.pt), a kdcache checkpoint or a state dict (required).")] = None,
+    out: Annotated[str | None, typer.Option(help="The store to write, e.g. caches/teacher-train.zarr, or an fsspec URL (required).")] = None,
     teacher: Annotated[str | None, typer.Option(help="Teacher architecture (default: the one named in the checkpoint).")] = None,
     dataset: Dataset = B.dataset,
     data_root: DataRoot = None,
@@ -479,6 +530,8 @@ def build_teacher_cache(
     quiet: Quiet = False,
 ):
     """One teacher pass over a split into a Zarr v3 store (rerun the same command to resume)."""
+    if weights is None or out is None:
+        raise KDCacheError("build-teacher-cache needs --weights and --out (on the command line or in its --config file)")
     config = CacheBuildConfig(
         weights=weights, out=out, teacher=teacher, dataset=dataset, data_root=data_root,
         dataset_options=parse_dataset_options(dataset_option, resolution), split=split, topk=topk,
@@ -487,6 +540,8 @@ def build_teacher_cache(
         view_crop=parse_size(view_crop, "--view-crop"), view_seed=view_seed, batch_size=batch_size, device=device,
         workers=workers, limit=limit, samples_per_shard=samples_per_shard, codec=codec, amp=amp,
     )
+    if (file := ctx.meta.get(CONFIG_FILE)) is not None:
+        config = file.apply(config)
     try:
         summary = build_cache(config, overwrite=overwrite, show_progress=not quiet)
     except KeyboardInterrupt:

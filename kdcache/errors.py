@@ -23,3 +23,7 @@ class ModelError(KDCacheError):
 
 class MissingExtraError(KDCacheError):
     """An option needs an optional package (a pip extra such as ``kdcache[tensorboard]``) that is not installed."""
+
+
+class ConfigFileError(KDCacheError):
+    """A ``--config`` file cannot be read, or holds a key or a value its command does not take."""

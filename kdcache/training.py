@@ -27,8 +27,8 @@ from kdcache.data.splits import train_val_sets
 from kdcache.errors import KDCacheError
 from kdcache.evaluation import evaluate_model
 from kdcache.loaders import default_workers, make_loader
-from kdcache.model_loading import load_weights_into, open_weights
 from kdcache.loggers import VAL_EXAMPLES, RunLogger, open_loggers, prediction_panel, require_extras
+from kdcache.model_loading import load_weights_into, open_weights
 from kdcache.models import SegModel, build_model, count_parameters
 from kdcache.progress import console, progress_bar
 from kdcache.runs import RunDir, device_name, resolve_device, write_json

@@ -214,6 +214,16 @@ def saved(name: str, obj) -> Callable[[Path], dict]:
     return setup
 
 
+def config_file(name: str, text: str):
+    """``{tmp}/NAME`` holding ``text`` (a --config file)."""
+
+    def setup(tmp: Path) -> dict:
+        (tmp / name).write_text(text)
+        return {}
+
+    return setup
+
+
 def checkpoint_of(model: str, **kw):
     """A kdcache checkpoint of ``model`` (11 classes) at ``{tmp}/weights.pt``."""
 
@@ -345,6 +355,30 @@ CASES = [
          "--method takes NAME or NAME:key=value,..., got 'kl:temperature'"),
     case("bench-topk-syntax", ["bench-kernels", "--topk", "4,x"], "--topk takes comma-separated values"),
     case("bench-topk-value", ["bench-kernels", "--topk", "0", "--device", "cpu"], "--topk needs positive k values"),
+    # -- --config files (kdcache/config_files.py) --------------------------------------------------------
+    case("config-missing", train("--config", "{tmp}/none.yaml"), "cannot read --config", "none.yaml (No such file "
+         "or directory); give the path of a YAML or JSON file of option values"),
+    case("config-bad-yaml", train("--config", "{tmp}/c.yaml"), "c.yaml is not valid YAML: expected ',' or ']'",
+         "at line 2, column 1; fix the file", setup=config_file("c.yaml", "epochs: [2\n")),
+    case("config-bad-json", train("--config", "{tmp}/c.json"), "c.json is not valid JSON: Expecting value at line 1, "
+         "column 12; fix the file", setup=config_file("c.json", '{"epochs": }')),
+    case("config-not-a-mapping", train("--config", "{tmp}/c.yaml"), "c.yaml holds a list, not a mapping of option "
+         "names to values; write one 'option: value' per line (YAML) or a JSON object",
+         setup=config_file("c.yaml", "- epochs\n")),
+    case("config-unknown-key", train("--config", "{tmp}/c.yaml"), "c.yaml: unknown key 'epoch' for train-teacher. "
+         "Did you mean epochs? Keys are its options (see train-teacher --help) or the keys of a run's config.json",
+         setup=config_file("c.yaml", "epoch: 2\n")),
+    case("config-wrong-type", train("--config", "{tmp}/c.yaml"), "c.yaml: 'epochs' takes an integer, got \"ten\"; "
+         "fix its value in the file", setup=config_file("c.yaml", "epochs: ten\n")),
+    case("config-two-keys", train("--config", "{tmp}/c.yaml"), "c.yaml: 'crop' and 'crop-size' both set --crop-size; "
+         "keep one", setup=config_file("c.yaml", "crop: [24, 32]\ncrop-size: 24x32\n")),
+    case("config-run-info", train("--config", "{tmp}/c.yaml"), "c.yaml: 'num_classes' is what a run records in its "
+         "config.json, not an option of train-teacher; remove it", setup=config_file("c.yaml", "num_classes: 5\n")),
+    case("config-other-run", train("--config", "{tmp}/config.json"), "config.json is the config.json of a run of kind "
+         "'distill', not a train-teacher run; give it to train-student --config",
+         setup=config_file("config.json", '{"kind": "distill", "cache": "c.zarr"}')),
+    case("config-build-needs-weights", ["build-teacher-cache", "--quiet"], "build-teacher-cache needs --weights and "
+         "--out (on the command line or in its --config file)"),
     # -- training options (TrainConfig.validate, the splits) -------------------------------------------
     case("epochs", train("--epochs", "0"), "--epochs must be at least 1, got 0"),
     case("batch-size", train("--batch-size", "0"), "--batch-size must be at least 1, got 0"),
