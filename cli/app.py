@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from kdcache import distributed
@@ -63,7 +64,8 @@ def command(name: str | None = None) -> Callable:
             try:
                 return fn(*args, **kwargs)
             except KDCacheError as exc:
-                console.print(f"[bold red]error:[/bold red] {error_text(exc)}", soft_wrap=True, highlight=False)
+                # escaped: a message may hold text in brackets, e.g. pip install "kdcache[onnx]"
+                console.print(f"[bold red]error:[/bold red] {escape(error_text(exc))}", soft_wrap=True, highlight=False)
                 raise typer.Exit(2) from None
 
         return app.command(name)(wrapper)
