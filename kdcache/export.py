@@ -16,7 +16,10 @@ batch 1 and 2, and its logits must match the PyTorch model's within
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -122,6 +125,27 @@ def _compare(fmt: str, name: str, reference: dict[int, torch.Tensor], outputs: d
             "rtol": RTOL}
 
 
+@contextlib.contextmanager
+def _native_output_discarded():
+    """File descriptors 1 and 2 sent to /dev/null: on failure the exporter's C++ side dumps its
+    whole graph to the process's stdout (not through Python's sys.stdout), where the error is to
+    be one line. Python's own output is untouched unless it writes to the descriptors."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
 def _write_onnx(net: nn.Module, path: Path, example: torch.Tensor, opset: int, meta: dict) -> None:
     onnx, _ = import_extra("ONNX export", "onnx", "onnx", "onnxruntime")
     # The TorchScript-based exporter (dynamo=False), not the torch.export one: on kdcache's
@@ -130,7 +154,7 @@ def _write_onnx(net: nn.Module, path: Path, example: torch.Tensor, opset: int, m
     # on a 2-core CPU, needs onnxscript, and prints to stdout; the batch axis is dynamic by
     # dynamic_axes. The check after export catches a graph that does not match. It is deprecated
     # upstream: when torch drops it, pass dynamo=True, dynamic_shapes={"image": {0: Dim("batch")}}.
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _native_output_discarded():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # SegModel's shape check: constant here
         try:

@@ -1,5 +1,6 @@
 """A tiny model importable as ``tiny_models:TinyNet`` (tests' package.module:callable path)."""
 
+import torch
 from torch import nn
 
 
@@ -86,3 +87,10 @@ class BatchDependent(TinyNet):
     def forward(self, x):
         out = self.head(self.body(x))
         return {"out": out if x.shape[0] == 2 else 2 * out}
+
+
+class NoOnnxOperator(TinyNet):
+    """Uses an operator (Bessel's i0) that ONNX has no form of: the ONNX exporter refuses it."""
+
+    def forward(self, x):
+        return {"out": torch.special.i0(self.head(self.body(x)))}
