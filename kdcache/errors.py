@@ -42,5 +42,6 @@ def import_extra(what: str, extra: str, *modules: str) -> list:
         try:
             found.append(importlib.import_module(name))
         except ImportError:
-            raise MissingExtraError(f'{what} needs {" and ".join(modules)}: pip install "kdcache[{extra}]"') from None
+            packages = " and ".join(dict.fromkeys(m.split(".")[0] for m in modules))
+            raise MissingExtraError(f'{what} needs {packages}: pip install "kdcache[{extra}]"') from None
     return found
