@@ -28,6 +28,7 @@ from kdcache.distill import StudentConfig, student_config
 from kdcache.distill import train_student as run_student
 from kdcache.errors import KDCacheError
 from kdcache.evaluation import evaluate_run
+from kdcache.export import DEFAULT_OPSET, FORMATS, export_run
 from kdcache.kernels import bench
 from kdcache.loggers import DEFAULT_PROJECT
 from kdcache.methods import METHODS, fill_in, methods_taking, option_default
@@ -65,6 +66,7 @@ def command(name: str | None = None) -> Callable:
             try:
                 return fn(*args, **kwargs)
             except KDCacheError as exc:
+                # escaped: a message may hold text in brackets, e.g. pip install "kdcache[onnx]"
                 console.print(f"[bold red]error:[/bold red] {escape(error_text(exc))}", soft_wrap=True, highlight=False)
                 raise typer.Exit(2) from None
 
@@ -444,17 +446,47 @@ def evaluate(
     qualitative: Annotated[int, typer.Option(help="Write the N best and N worst images as 4-panel PNGs (0: none).")] = default(evaluate_run, "qualitative"),
     out: Annotated[str | None, typer.Option(help="Output folder (default RUN/eval).")] = None,
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure ms/image at batch 1.")] = default(evaluate_run, "latency"),
+    backend: Annotated[str, typer.Option(help="torch, or onnxruntime: metrics and latency of the exported ONNX graph (exported to RUN/export/model.onnx first, unless --onnx).")] = "torch",
+    onnx: Annotated[str | None, typer.Option(help="With --backend onnxruntime: this exported ONNX file (from kdcache export).")] = None,
     quiet: Quiet = False,
 ):
     """Metrics (mIoU, mAcc, aAcc, per class), #params, latency, and best/worst figures."""
+    if backend not in ("torch", "onnxruntime"):
+        raise KDCacheError(f"--backend must be torch or onnxruntime, got {backend!r}")
+    if onnx is not None and backend != "onnxruntime":
+        raise KDCacheError("--onnx FILE goes with --backend onnxruntime")
+    if backend == "onnxruntime" and onnx is None:
+        onnx = export_run(target, "onnx")["path"]
+        if not quiet:
+            console.print(f"exported {onnx} for onnxruntime")
     report = evaluate_run(
         target, dataset=dataset, data_root=data_root, split=split, limit_n=limit,
         batch_size=batch_size, workers=workers, device=device, qualitative=qualitative, out=out,
-        latency=latency, show_progress=not quiet,
+        latency=latency, show_progress=not quiet, onnx=onnx,
     )
     console.print(per_class_table(report))
     console.print(summary_table(report))
     console.print(f"wrote {report['out_dir']}/eval.json" + (" and figures" if qualitative else ""))
+
+
+@command()
+def export(
+    target: Annotated[str, typer.Argument(help="A run folder (uses best.pt) or a checkpoint file.")],
+    format: Annotated[str, typer.Option("--format", help=f"{', '.join(FORMATS)}.")] = default(export_run, "fmt"),
+    out: Annotated[str | None, typer.Option(help="The file to write (default RUN/export/model.onnx, model.safetensors or model.torchscript.pt); a JSON sidecar FILE.json goes beside it.")] = None,
+    input_size: Annotated[str | None, typer.Option(help="HxW the exported graph takes (default: the run's input size: its --resize, else its images').")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = DEFAULT_OPSET,
+):
+    """The model as a file for deployment: input 'image' [N, 3, H, W] (normalised RGB, fixed HxW, any batch N), output 'logits' [N, C, h, w] at the head's native stride (not upsampled: resize bilinearly, then argmax).
+
+    Each export is loaded back (ONNX Runtime, torch.jit.load, or safetensors into a fresh model) and run at batch 1 and 2; its logits must match PyTorch's within 1e-4 x max(1, max |logit|). The sidecar FILE.json records model, classes, input size, output stride, preprocessing (mean, std), opset and the measured difference."""
+    info = export_run(target, format, out=out, input_size=parse_size(input_size, "--input-size"), opset=opset)
+    check = info["check"]
+    console.print(f"[green]exported[/green] {info['model']} ({info['num_classes']} classes) as {format} to {info['path']}: "
+                  f"input image [N, 3, {info['input_size'][0]}, {info['input_size'][1]}], output logits at stride "
+                  f"{pair_text(info['output_stride'])}; max abs diff {check['max_abs_diff']:.3g} vs PyTorch at batch "
+                  f"{', '.join(map(str, check['batch_sizes']))} (tolerance {check['tolerance']:.3g}); sidecar {info['path']}.json",
+                  soft_wrap=True, highlight=False)
 
 
 @command()

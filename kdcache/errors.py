@@ -1,5 +1,7 @@
 """User-facing errors: each names the problem and, where there is one, the fix."""
 
+import importlib
+
 
 class KDCacheError(Exception):
     """An error caused by the user's input (paths, data, options), not by a bug.
@@ -21,8 +23,29 @@ class ModelError(KDCacheError):
     """A model name, import path or feature tap cannot be resolved."""
 
 
+class ExportError(KDCacheError):
+    """A model cannot be exported, or an exported model does not compute what the PyTorch one does."""
+
+
 class MissingExtraError(KDCacheError):
-    """An option needs an optional package (a pip extra such as ``kdcache[tensorboard]``) that is not installed."""
+    """An optional dependency (a pip extra of kdcache, e.g. ``kdcache[tensorboard]``) that a command needs is not
+    installed."""
+
+
+def import_extra(what: str, extra: str, *modules: str) -> list:
+    """The optional ``modules``, imported now, or one error naming the pip extra that installs them.
+
+    Optional dependencies are imported when first used, not at start-up (the design's rule
+    against imports inside functions is about dodging import cycles): kdcache must start and
+    train without them, and only the commands that need them may fail."""
+    found = []
+    for name in modules:
+        try:
+            found.append(importlib.import_module(name))
+        except ImportError:
+            packages = " and ".join(dict.fromkeys(m.split(".")[0] for m in modules))
+            raise MissingExtraError(f'{what} needs {packages}: pip install "kdcache[{extra}]"') from None
+    return found
 
 
 class ConfigFileError(KDCacheError):

@@ -24,6 +24,7 @@ from kdcache.loaders import make_loader
 from kdcache.metrics import ConfusionMatrix, per_image_iou
 from kdcache.model_loading import open_weights
 from kdcache.models import SegModel, count_parameters
+from kdcache.models.onnx_session import OnnxSegModel
 from kdcache.progress import progress_bar
 from kdcache.runs import BEST, RunDir, device_name, resolve_device, write_json
 from kdcache.transforms import SegPipeline
@@ -178,11 +179,14 @@ def evaluate_run(
     out: str | Path | None = None,
     latency: bool = True,
     show_progress: bool = True,
+    onnx: str | Path | None = None,
 ) -> dict:
     """Evaluate a run folder or checkpoint; write ``eval.json`` and figures into ``out``.
 
     The data set, split, folds and preprocessing default to the run's own (its validation
     part); a bare checkpoint without a run folder needs ``dataset`` (synthetic by default).
+    ``onnx``: an export of these weights (``kdcache export``) that ONNX Runtime runs for the
+    metrics, latency and figures in place of the PyTorch model (``backend: onnxruntime``).
     """
     dev = resolve_device(device)
     weights = open_weights(target)
@@ -195,6 +199,10 @@ def evaluate_run(
     pipeline = SegPipeline(ds, preprocess)
     loader = make_loader(pipeline, batch_size, workers, pin_memory=dev.type == "cuda")
     amp = bool(config.get("amp_enabled", False))
+    params = count_parameters(model)
+    if onnx is not None:  # the deployed graph in place of the PyTorch model, on ONNX Runtime's device
+        model = OnnxSegModel(onnx, model_name, ds.num_classes, dev)
+        dev, amp = model.device, False
     result = evaluate_model(model, loader, ds.num_classes, dev, amp=amp, per_image=qualitative > 0,
                             description=f"evaluate {split_name}", show_progress=show_progress)
     m = result.metrics
@@ -205,9 +213,12 @@ def evaluate_run(
         "split": split_name,
         "num_samples": len(ds),
         "class_names": list(ds.class_names),
-        "params": count_parameters(model),
+        "params": params,
+        "backend": "onnxruntime" if onnx is not None else "torch",
         **m,
     }
+    if onnx is not None:
+        report["onnx"] = {"file": str(onnx), "provider": model.provider}
     report["input_size"] = list(pipeline[0]["image"].shape[-2:])
     if latency:
         report["latency"] = measure_latency(model, tuple(report["input_size"]), dev, amp=amp)

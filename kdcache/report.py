@@ -26,6 +26,8 @@ def summary_table(report: dict) -> Table:
     )
     if lat:
         t.caption = f"latency: batch 1, {tuple(lat['input_size'])}, median of {lat['repeats']}, {lat['device']}"
+        if report.get("backend") == "onnxruntime":
+            t.caption += ", ONNX Runtime"
     return t
 
 

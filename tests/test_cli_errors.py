@@ -38,6 +38,7 @@ from tiny_models import TinyNet
 from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.data.synthetic import SyntheticDataset
 from kdcache.errors import KDCacheError
+from kdcache.export import export_run
 from kdcache.store.schema import ATTR, FORMAT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -290,6 +291,15 @@ def test_compare_takes_the_class_count_from_the_data(tmp_path):
     r = kd("compare", tmp_path / "hand", "--no-latency", "--examples", 1, "--out", tmp_path / "cmp", "--quiet")
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"][0]["model"]
+
+
+def run_without_data(tmp: Path) -> dict:
+    """A checkpoint in a run folder whose data set (a folder data set) is gone."""
+    (tmp / "lost").mkdir()
+    make_teacher(tmp / "lost" / "best.pt", name="tiny_models:TinyNet")
+    (tmp / "lost" / "config.json").write_text(json.dumps(
+        {"model": "tiny_models:TinyNet", "num_classes": 11, "dataset": "folder", "data_root": str(tmp / "gone")}))
+    return {}
 
 
 def other_teacher_cache(tmp: Path) -> dict:
@@ -634,6 +644,31 @@ CASES = [
     case("export-overwrite-other", ["export-pseudo-labels", "{store}", "--out", "{tmp}/px", "--overwrite", "--quiet"],
          "px holds files that are not an export of pseudo labels; --overwrite replaces only an earlier export",
          setup=lambda tmp: (tmp / "px").mkdir() or (tmp / "px" / "mine.txt").write_text("keep") and {}),
+    # -- export, evaluate --backend onnxruntime (export.py, models/onnx_session.py) ---------------------
+    case("export-format", ["export", "{run}", "--format", "tflite"],
+         "--format must be onnx, safetensors or torchscript, got 'tflite'"),
+    case("export-opset", ["export", "{run}", "--opset", "7"], "--opset must be between 11 and 20", "got 7"),
+    case("export-over-a-checkpoint", ["export", "{run}", "--out", "{run}/best.pt"],
+         "best.pt exists and is not a kdcache export; choose another --out, or delete it"),
+    case("export-input-size-unknown", ["export", "{tmp}/lost/best.pt"],
+         "the input size is read from the run's data set, which cannot be opened", "give --input-size HxW",
+         setup=lambda tmp: run_without_data(tmp)),
+    case("export-unsupported-operator", ["export", "{tmp}/weights.pt", "--input-size", "16x16", "--out", "{tmp}/m.onnx"],
+         "torch.onnx.export cannot export 'tiny_models:NoOnnxOperator': Exporting the operator 'aten::i0' to ONNX",
+         setup=checkpoint_of("tiny_models:NoOnnxOperator")),
+    case("evaluate-backend", ["evaluate", "{run}", "--backend", "tensorrt"],
+         "--backend must be torch or onnxruntime, got 'tensorrt'"),
+    case("evaluate-onnx-without-backend", ["evaluate", "{run}", "--onnx", "{tmp}/m.onnx"],
+         "--onnx FILE goes with --backend onnxruntime"),
+    case("evaluate-onnx-missing", ["evaluate", "{run}", "--backend", "onnxruntime", "--onnx", "{tmp}/nope.onnx",
+                                   "--quiet"],
+         "nope.onnx does not exist; export one with kdcache export RUN --format onnx"),
+    case("evaluate-onnx-not-onnx", ["evaluate", "{run}", "--backend", "onnxruntime", "--onnx", "{teacher}",
+                                    "--quiet"], "cannot load", "teacher.pt with ONNX Runtime: "),
+    case("evaluate-onnx-other-size", ["evaluate", "{run}", "--backend", "onnxruntime", "--onnx", "{tmp}/small.onnx",
+                                      "--quiet"],
+         "small.onnx takes 16x16 inputs but got 32x48: export it at this size (kdcache export RUN --input-size 32x48)",
+         setup=lambda tmp, run: export_run(run, "onnx", out=tmp / "small.onnx", input_size=(16, 16)) and {}),
     # -- unlabelled images where labels are needed ------------------------------------------------------
     case("unlabelled-train-teacher", train("--val-split", "unlabeled"), "synthetic split 'unlabeled' holds "
          "unlabelled images (no masks); train-teacher (its validation set) needs labelled images"),

@@ -2,6 +2,7 @@
 
 from types import SimpleNamespace
 
+import torch
 from torch import nn
 
 
@@ -93,3 +94,19 @@ class HugeFeatures(TinyNet):
 
     def forward(self, x):
         return {"out": self.head(self.big(self.body(x)) * 1e-6)}
+
+
+class BatchDependent(TinyNet):
+    """Logits scaled by 2 unless the batch holds 2 images: a forward that branches on its input,
+    which a traced export follows only for the example's batch size."""
+
+    def forward(self, x):
+        out = self.head(self.body(x))
+        return {"out": out if x.shape[0] == 2 else 2 * out}
+
+
+class NoOnnxOperator(TinyNet):
+    """Uses an operator (Bessel's i0) that ONNX has no form of: the ONNX exporter refuses it."""
+
+    def forward(self, x):
+        return {"out": torch.special.i0(self.head(self.body(x)))}
