@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from kdcache import __version__
-from kdcache.errors import CheckpointError
+from kdcache.errors import CheckpointError, import_extra
 
 FORMAT = "kdcache-checkpoint"
 FORMAT_VERSION = 1
@@ -85,14 +85,9 @@ class _TolerantPickle:
 
 
 def _read_safetensors(path: Path) -> dict[str, Any]:
+    st = import_extra(f"reading {path.name}", "safetensors", "safetensors.torch")[0]
     try:
-        from safetensors.torch import (
-            load_file,  # an optional extra: imported only for .safetensors files
-        )
-    except ImportError:
-        raise CheckpointError(f'reading {path.name} needs safetensors: pip install "kdcache[safetensors]"') from None
-    try:
-        return load_file(str(path), device="cpu")
+        return st.load_file(str(path), device="cpu")
     except Exception as exc:  # safetensors raises its own error types
         raise CheckpointError(f"cannot read {path} as a safetensors file ({exc}); is it truncated?") from None
 

@@ -15,7 +15,7 @@ import torch
 from cli_runner import kd
 
 from kdcache.backbone_weights import load_backbone, pretrained_backbone_file
-from kdcache.errors import CheckpointError, ModelError
+from kdcache.errors import CheckpointError, MissingExtraError, ModelError
 from kdcache.model_loading import open_weights
 from kdcache.models import build_model, model_groups
 
@@ -301,11 +301,12 @@ def test_list_models_groups_by_source():
 
 def test_missing_extra_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
-    with pytest.raises(ModelError, match=r'pip install "kdcache\[hf\]"'):
+    with pytest.raises(MissingExtraError, match=r'SegFormer \(segformer_b\*\) needs transformers: pip install '
+                                                r'"kdcache\[hf\]"'):
         build_model("segformer_b0", 3)
     monkeypatch.setitem(sys.modules, "segmentation_models_pytorch", None)
     r = kd("train-teacher", "--model", "smp_unet", *SYN)
-    assert r.exit_code == 2 and 'pip install "kdcache[smp]"' in r.output
+    assert r.exit_code == 2 and 'an smp_* model needs segmentation_models_pytorch: pip install "kdcache[smp]"' in r.output
 
 
 # -- bad input: one line that names the fix ---------------------------------------------------------------------
@@ -349,8 +350,9 @@ def test_weight_file_errors(tmp_path, monkeypatch):
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 16)
     assert "as a safetensors file (" in error_of(lambda: open_weights(tmp_path / "bad.safetensors"))
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
-    assert 'needs safetensors: pip install "kdcache[safetensors]"' in error_of(
-        lambda: open_weights(tmp_path / "bad.safetensors"))
+    with pytest.raises(MissingExtraError, match=r'reading bad.safetensors needs safetensors: pip install '
+                                                r'"kdcache\[safetensors\]"'):
+        open_weights(tmp_path / "bad.safetensors")
 
 
 def test_mmseg_checkpoint_errors(tmp_path):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcache.errors import ModelError
+from kdcache.errors import ModelError, import_extra
 from kdcache.models.registry import MODELS
 
 #: the MiT encoders of the paper (Table 6) and transformers' published configs
@@ -45,11 +45,7 @@ SOURCE, EXTRA, PACKAGE = "transformers", "hf", "transformers"
 
 
 def transformers_module():
-    try:
-        import transformers
-    except ImportError:
-        raise ModelError('SegFormer models need transformers: pip install "kdcache[hf]"') from None
-    return transformers
+    return import_extra("SegFormer (segformer_b*)", "hf", "transformers")[0]
 
 
 def variant_of(hidden_sizes, depths) -> str | None:

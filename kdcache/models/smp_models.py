@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from kdcache.errors import ModelError
+from kdcache.errors import ModelError, import_extra
 from kdcache.models.registry import MODELS
 
 #: smp's architecture names (``smp.create_model(arch)``), in smp 0.6's order
@@ -26,11 +26,7 @@ ARCHITECTURES = ("unet", "unetplusplus", "manet", "linknet", "fpn", "pspnet", "d
 
 
 def smp_module():
-    try:
-        import segmentation_models_pytorch
-    except ImportError:
-        raise ModelError('segmentation_models_pytorch models need the smp extra: pip install "kdcache[smp]"') from None
-    return segmentation_models_pytorch
+    return import_extra("an smp_* model", "smp", "segmentation_models_pytorch")[0]
 
 
 def _builder(arch: str):
