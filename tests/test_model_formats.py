@@ -378,3 +378,23 @@ def test_mmseg_checkpoint_errors(tmp_path):
 def test_model_option_errors_from_the_cli(tmp_path, args, message):
     r = kd("train-teacher", *args, *SYN, "--out", tmp_path / "run")
     assert r.exit_code == 2 and r.output.startswith("error: ") and message in r.output, r.output
+
+
+def test_segformer_b2_to_b0_and_smp_students_through_the_cache(tmp_path):
+    """The CamVid seed's workflow with SegFormer: train-teacher segformer_b2 -> build-teacher-cache
+    (with an encoder stage tapped) -> train-student segformer_b0 and an smp student with kl."""
+    r = kd("train-teacher", "--model", "segformer_b2", *SYN, "--out", tmp_path / "b2")
+    assert r.exit_code == 0, r.output
+    r = kd("build-teacher-cache", "--weights", tmp_path / "b2", "--out", tmp_path / "b2.zarr", "--dataset", "synthetic",
+           "--resolution", "32x48", "--limit", "4", "--features", "segformer.stages.1", "--quiet", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    attrs = json.loads((tmp_path / "b2.zarr" / "zarr.json").read_text())["attributes"]["kdcache"]
+    assert attrs["teacher"]["model"] == "segformer_b2" and attrs["stride"] == [4.0, 4.0]
+    for student, extra in (("segformer_b0", []), ("smp_unet", ["-m", "encoder_name=resnet18", "-m", "encoder_depth=3",
+                                                               "-m", "decoder_channels=16x8x8"])):
+        r = kd("train-student", "--cache", tmp_path / "b2.zarr", "--student", student, *extra, "--method", "kl",
+               *SYN, "--out", tmp_path / student)
+        assert r.exit_code == 0, r.output
+        cfg = json.loads((tmp_path / student / "config.json").read_text())
+        assert cfg["model"] == student and cfg["methods"][0]["name"] == "kl"
+        assert "train_kl" in json.loads((tmp_path / student / "metrics.jsonl").read_text().splitlines()[-1])
