@@ -172,6 +172,11 @@ def _value(text: str):
     return text
 
 
+def check_backend(backend: str) -> None:
+    if backend not in ("torch", "onnxruntime"):
+        raise KDCacheError(f"--backend must be torch or onnxruntime, got {backend!r}")
+
+
 def parse_key_values(items: list[str] | dict | None, option: str) -> dict:
     """['size=200', 'encoder-name=resnet18'] -> {'size': 200, 'encoder_name': 'resnet18'}; a mapping
     (from a --config file) as it is."""
@@ -451,8 +456,7 @@ def evaluate(
     quiet: Quiet = False,
 ):
     """Metrics (mIoU, mAcc, aAcc, per class), #params, latency, and best/worst figures."""
-    if backend not in ("torch", "onnxruntime"):
-        raise KDCacheError(f"--backend must be torch or onnxruntime, got {backend!r}")
+    check_backend(backend)
     if onnx is not None and backend != "onnxruntime":
         raise KDCacheError("--onnx FILE goes with --backend onnxruntime")
     if backend == "onnxruntime" and onnx is None:
@@ -499,11 +503,14 @@ def compare(
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure ms/image at batch 1.")] = default(compare_runs, "latency"),
     device: Device = default(compare_runs, "device"),
     per_class: Annotated[bool, typer.Option("--per-class/--no-per-class", help="Also print the per-class IoU table (a row per class).")] = True,
+    backend: Annotated[str, typer.Option(help="torch, or onnxruntime: each run exported to RUN/export/model.onnx and measured (metrics, ms/image) as deployed.")] = "torch",
     quiet: Quiet = False,
 ):
     """One table for many runs (mIoU, mAcc, aAcc, per class, #params, ms, FPS, Δ mIoU) plus figures."""
+    check_backend(backend)
+    onnx = [export_run(r, "onnx")["path"] for r in runs] if backend == "onnxruntime" else None
     result = compare_runs(runs, baseline=baseline, out=out, split=split, examples=examples, latency=latency,
-                          device=device, show_progress=not quiet)
+                          device=device, show_progress=not quiet, onnx=onnx)
     console.print(compare_table(result, width=console.width))
     if per_class:
         console.print(compare_per_class_table(result))
@@ -520,7 +527,7 @@ def demo(
     limit: Limit = None,
     quiet: Quiet = False,
 ):
-    """The whole workflow on the built-in data: teacher → cache → students (none, kl, at, sp) → compare."""
+    """The whole workflow on the built-in data: teacher → caches (labelled, unlabelled pool) → students → compare on test."""
     result = run_demo(out, teacher_epochs=teacher_epochs, student_epochs=student_epochs, device=device, seed=seed,
                       limit=limit, show_progress=not quiet)
     console.print(compare_table(result, width=console.width))

@@ -25,6 +25,7 @@ from kdcache import visualize
 from kdcache.errors import KDCacheError
 from kdcache.evaluation import eval_dataset, evaluate_run, measure_latencies
 from kdcache.model_loading import open_weights
+from kdcache.models.onnx_session import OnnxSegModel
 from kdcache.runs import RunDir, resolve_device, write_json
 from kdcache.transforms import SegPipeline
 
@@ -48,15 +49,19 @@ def run_label(config: dict, path: Path) -> str:
 
 def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None, out: str | Path = "runs/compare",
                  split: str | None = None, examples: int = 3, latency: bool = True, device: str = "auto",
-                 batch_size: int = 8, show_progress: bool = True) -> dict:
+                 batch_size: int = 8, show_progress: bool = True, onnx: list[str | Path] | None = None) -> dict:
+    """``onnx``: one exported ONNX file per run (``kdcache export``): metrics, latency and
+    figures come from ONNX Runtime running them, as deployed (``backend: onnxruntime``)."""
     if not runs:
         raise KDCacheError("give at least one run folder to compare")
     paths = [Path(r) for r in runs]
+    if onnx is not None and len(onnx) != len(paths):
+        raise KDCacheError(f"give one ONNX file per run: {len(onnx)} files for {len(paths)} runs")
     for p in paths:
         if not (p / "config.json").exists():
             raise KDCacheError(f"{p} is not a run folder (no config.json); compare takes run folders")
     reports = [evaluate_run(p, split=split, qualitative=1, latency=False, device=device, batch_size=batch_size,
-                            show_progress=show_progress) for p in paths]
+                            show_progress=show_progress, onnx=onnx[i] if onnx else None) for i, p in enumerate(paths)]
     first = reports[0]
     for p, rep in zip(paths, reports):
         if (rep["dataset"], rep["split"], rep["num_samples"], rep["class_names"]) != (
@@ -66,8 +71,13 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None, 
                                f"({first['num_samples']}); compare runs on the same images (data set, split and --limit)")
     dev = resolve_device(device)
     weights = [open_weights(p) for p in paths]
-    models = [w.build(num_classes=len(first["class_names"]), device=dev) for w in weights] \
-        if latency or examples > 0 else []
+    n_classes = len(first["class_names"])
+    if not (latency or examples > 0):
+        models = []
+    elif onnx:
+        models = [OnnxSegModel(f, rep["model"], n_classes, dev) for f, rep in zip(onnx, reports)]
+    else:
+        models = [w.build(num_classes=n_classes, device=dev) for w in weights]
     lat = _shared_latencies(models, weights, reports, dev) if latency else [{} for _ in paths]
     configs = [RunDir(p).read_config() for p in paths]
     labels = [run_label(c, p) for c, p in zip(configs, paths)]
@@ -88,7 +98,8 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None, 
               "split_given": split is not None, "num_samples": first["num_samples"],
               "baseline": None if base_i is None else str(paths[base_i]),
               "latency_device": next((x["device"] for x in lat if x), None),
-              "latency_rounds": next((x["rounds"] for x in lat if x), None)}
+              "latency_rounds": next((x["rounds"] for x in lat if x), None),
+              "backend": "onnxruntime" if onnx else "torch"}
     write_json(out_dir / "compare.json", result)
     (out_dir / "compare.md").write_text(markdown_table(result))
     _write_csv(out_dir / "compare.csv", result)
@@ -144,7 +155,8 @@ def split_sentence(result: dict) -> str:
 def latency_sentence(result: dict) -> str:
     if not result.get("latency_device"):
         return "latency not measured"
-    return (f"latency: batch 1 on {result['latency_device']}, one measurement per architecture and input size, "
+    how = " with ONNX Runtime (the exported graphs)" if result.get("backend") == "onnxruntime" else ""
+    return (f"latency: batch 1 on {result['latency_device']}{how}, one measurement per architecture and input size, "
             f"architectures interleaved in {result.get('latency_rounds')} rounds")
 
 

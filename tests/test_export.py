@@ -6,6 +6,7 @@ from the run's weights, on random inputs at batch sizes other than the one the e
 
 import json
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -151,6 +152,23 @@ def test_evaluate_with_onnxruntime_gives_the_torch_metrics(run, tmp_path):
            "--qualitative", 0, "--quiet", "--out", tmp_path / "ort2")
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "ort2" / "eval.json").read_text())["miou"] == pytest.approx(a["miou"], abs=1e-6)
+
+
+def test_compare_with_onnxruntime_shows_deployed_latency(run, tmp_path):
+    other = tmp_path / "copy"
+    shutil.copytree(run, other, ignore=shutil.ignore_patterns("export*"))
+    r = kd("compare", run, other, "--no-per-class", "--examples", 1, "--quiet", "--out", tmp_path / "t")
+    assert r.exit_code == 0, r.output
+    r = kd("compare", run, other, "--backend", "onnxruntime", "--no-per-class", "--examples", 1, "--quiet",
+           "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    a = json.loads((tmp_path / "t" / "compare.json").read_text())
+    b = json.loads((tmp_path / "o" / "compare.json").read_text())
+    assert a["backend"] == "torch" and b["backend"] == "onnxruntime"
+    assert (other / "export" / "model.onnx").is_file()  # each run exported for it
+    for x, y in zip(a["rows"], b["rows"]):
+        assert y["miou"] == pytest.approx(x["miou"], abs=1e-6) and y["ms_per_image"] > 0
+    assert "with ONNX Runtime" in (tmp_path / "o" / "compare.md").read_text()
 
 
 def test_a_graph_that_does_not_match_pytorch_is_refused(tmp_path):
