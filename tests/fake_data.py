@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.checkpoint import save_checkpoint
 from kdcache.models import build_model
 from kdcache.transforms import Preprocess
@@ -45,3 +46,13 @@ def make_teacher(path: Path, num_classes: int = 11, name: str = "demo_teacher", 
             next(model.parameters()).fill_(float("nan"))
     config = {"model": name, "num_classes": num_classes, "preprocess": (preprocess or Preprocess()).to_dict()}
     return save_checkpoint(path, model, config=config)
+
+
+def make_small_store(tmp_path_factory) -> tuple[Path, Path]:
+    """(teacher checkpoint, top-4 store of 16 synthetic 32x48 training images, 8 per shard)."""
+    teacher = make_teacher(tmp_path_factory.mktemp("t") / "teacher.pt")
+    out = tmp_path_factory.mktemp("c") / "c.zarr"
+    build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(out), dataset_options={"resolution": [32, 48]},
+                                         limit=16, topk=4, samples_per_shard=8, device="cpu", workers=0),
+                        show_progress=False)
+    return teacher, out

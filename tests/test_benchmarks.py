@@ -8,21 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from fake_data import make_teacher
-
-from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
+from fake_data import make_small_store
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def teacher_and_store(tmp_path_factory):
-    teacher = make_teacher(tmp_path_factory.mktemp("t") / "teacher.pt")
-    out = tmp_path_factory.mktemp("c") / "c.zarr"
-    build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(out), dataset_options={"resolution": [32, 48]},
-                                         limit=16, topk=4, samples_per_shard=8, device="cpu", workers=0),
-                        show_progress=False)
-    return teacher, out
+    return make_small_store(tmp_path_factory)
 
 
 def run_script(name: str, *args, monkeypatch) -> None:

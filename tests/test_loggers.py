@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 import torch
 from cli_runner import kd
-from fake_data import make_teacher
+from fake_data import make_small_store
 from PIL import Image
 
-from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.data import build_dataset
 from kdcache.data.splits import limit
 from kdcache.loggers import RunLogger
@@ -163,12 +162,7 @@ def fake_wandb(monkeypatch) -> list:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    teacher = make_teacher(tmp_path_factory.mktemp("t") / "teacher.pt")
-    out = tmp_path_factory.mktemp("c") / "c.zarr"
-    build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(out), dataset_options={"resolution": [32, 48]},
-                                         limit=16, topk=4, samples_per_shard=8, device="cpu", workers=0),
-                        show_progress=False)
-    return out
+    return make_small_store(tmp_path_factory)[1]
 
 
 def test_student_logs_to_tensorboard_and_wandb(store, tmp_path, monkeypatch):
