@@ -524,7 +524,7 @@ def demo(
     student_epochs: Annotated[int, typer.Option(help="Epochs of each student.")] = default(run_demo, "student_epochs"),
     device: Device = default(run_demo, "device"),
     seed: Seed = default(run_demo, "seed"),
-    limit: Limit = None,
+    limit: Annotated[int, typer.Option(help="Labelled images: the first N of the training split (the pool is 4x N).")] = default(run_demo, "limit"),
     quiet: Quiet = False,
 ):
     """The whole workflow on the built-in data: teacher → caches (labelled, unlabelled pool) → students → compare on test."""
