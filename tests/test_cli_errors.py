@@ -735,6 +735,8 @@ def test_the_installed_command_prints_one_line_and_exits_2(store, tmp_path):
 #: user errors the command line cannot reach (template substring -> why); each is still a
 #: KDCacheError for the Python API
 NOT_FROM_THE_CLI = {
+    "give one ONNX file per run": "compare --backend onnxruntime exports one file per run itself; "
+                                  "compare_runs(onnx=[...]) from Python",
     "{} is a directory; give a checkpoint file (e.g. {}/best.pt)": "every command opens weights through "
                                                                    "open_weights, which takes a folder as a run or "
                                                                    "Hugging Face folder first; read_checkpoint(DIR) "
