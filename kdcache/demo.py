@@ -4,7 +4,8 @@ The seeds' semi-supervised workflow, in the setting of ``benchmarks/kd_methods.p
 100``: a teacher trained on the few labelled images (``limit``, default 100) → teacher caches
 over the labelled images and over a pool of unlabelled ones (the ``unlabeled`` split, 4x the
 labelled count) → students: the CE baseline (``none``), ``kl`` and ``dist`` on the labelled
-images, ``kl`` with the pool, and ``pseudo`` labels with the pool, every one with the same number
+images, ``dist`` with the pool (the benchmark's best method with a pool, chosen on val) and
+``pseudo`` labels with the pool, every one with the same number
 of optimizer steps (a pool run's epoch is a pass over the labelled images at half of each batch,
 so it trains half the epochs) → ``compare`` on the test split (each run's checkpoint chosen on
 the validation split). To fit the 2-core CPU's 10 minutes, the teacher is ``demo_teacher`` at
@@ -32,7 +33,7 @@ STUDENTS = {
     "none": ([{"name": "none"}], False),
     "kl": ([{"name": "kl"}], False),
     "dist": ([{"name": "dist"}], False),
-    "kl-pool": ([{"name": "kl"}], True),
+    "dist-pool": ([{"name": "dist"}], True),
     "pseudo-pool": ([{"name": "pseudo"}], True),
 }
 POOL_SHARE = 0.5  # of each batch, for the students with the pool

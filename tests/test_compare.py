@@ -16,13 +16,13 @@ def test_demo_then_compare_outputs_and_rerun_reuses_steps(tmp_path):
     args = ["demo", "--out", out, "--teacher-epochs", 1, "--student-epochs", 1, "--limit", 8, "--device", "cpu", "--quiet"]
     r = kd(*args)
     assert r.exit_code == 0, r.output
-    for name in ("teacher", "student-none", "student-kl", "student-dist", "student-kl-pool", "student-pseudo-pool"):
+    for name in ("teacher", "student-none", "student-kl", "student-dist", "student-dist-pool", "student-pseudo-pool"):
         assert (out / name / "best.pt").exists() and (out / name / "curves.png").exists()
     cmp = out / "compare"
     md = (cmp / "compare.md").read_text()
     assert "| student-kl | kl |" in md and "| student-none | CE (baseline) |" in md and "±0.00" in md
     rows = list(csv.DictReader(open(cmp / "compare.csv")))
-    assert [r["method"] for r in rows] == ["CE", "CE (baseline)", "kl", "dist", "kl + unlabelled",
+    assert [r["method"] for r in rows] == ["CE", "CE (baseline)", "kl", "dist", "dist + unlabelled",
                                            "pseudo + unlabelled"]
     assert len([k for k in rows[0] if k.startswith("iou_")]) == 11
     data = json.loads((cmp / "compare.json").read_text())
@@ -40,7 +40,7 @@ def test_demo_then_compare_outputs_and_rerun_reuses_steps(tmp_path):
     # the pool: 4x the labelled images, unlabelled; its students trained half the epochs (the same steps)
     from kdcache.store import CacheStore
     assert len(CacheStore(out / "pool.zarr").ids) == 32 and CacheStore(out / "pool.zarr").schema.dataset["split"] == "unlabeled"
-    pool_rec = [json.loads(x) for x in (out / "student-kl-pool" / "metrics.jsonl").read_text().splitlines() if '"train_unlabeled_seen"' in x]
+    pool_rec = [json.loads(x) for x in (out / "student-dist-pool" / "metrics.jsonl").read_text().splitlines() if '"train_unlabeled_seen"' in x]
     assert pool_rec and pool_rec[-1]["train_samples_seen"] == 8 and pool_rec[-1]["train_unlabeled_seen"] == 8
     assert (cmp / "per_class_iou.png").stat().st_size > 0
     assert sorted(p.name[:4] for p in (cmp / "examples").glob("*.png")) == ["best"] * 3 + ["wors"] * 3
