@@ -83,3 +83,33 @@ def test_two_process_training_matches_one_process(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         found = ddp_problems([json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()], one, 32)
         assert any(symptom in p for p in found), (broken, found)
+
+
+def test_two_processes_with_an_unlabelled_cache(tmp_path):
+    """--unlabeled-cache under torchrun: the ranks keep equal replicas, together see every labelled
+    sample once per epoch and as many pool samples as one process with the same global batch."""
+    teacher = make_teacher(tmp_path / "t.pt")
+    common = dict(weights=str(teacher), dataset_options={"resolution": [32, 48]}, topk=4, samples_per_shard=8,
+                  device="cpu", workers=0)
+    build_teacher_cache(CacheBuildConfig(out=str(tmp_path / "c.zarr"), limit=32, **common), show_progress=False)
+    build_teacher_cache(CacheBuildConfig(out=str(tmp_path / "pool.zarr"), split="unlabeled", limit=64, **common),
+                        show_progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["train-student", "--cache", str(tmp_path / "c.zarr"), "--unlabeled-cache", str(tmp_path / "pool.zarr"),
+            "--epochs", "2", "--limit", "32", "--device", "cpu", "--workers", "0", "--quiet", "--method", "kl"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    r = subprocess.run([*torchrun, "-m", "kdcache", *args, "--batch-size", "4", "--out", str(tmp_path / "two")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    subprocess.run([sys.executable, "-m", "kdcache", *args, "--batch-size", "8", "--out", str(tmp_path / "one")],
+                   env=env, check=True, capture_output=True)
+    two = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert len(two) == len(one) == 2
+    for a, b in zip(one, two):
+        assert b["train_replicas_equal"], b
+        assert b["train_unlabeled_seen"] == a["train_unlabeled_seen"] > 0, (a, b)
+        assert b["train_unlabeled_distinct"] == a["train_unlabeled_distinct"] == a["train_unlabeled_seen"], (a, b)
+        assert b["train_samples_seen"] == a["train_samples_seen"] and b["train_samples_distinct"] == a[
+            "train_samples_distinct"], (a, b)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.05), (a["train_loss"], b["train_loss"])
