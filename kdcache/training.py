@@ -244,7 +244,7 @@ class Trainer:
                 raise KDCacheError("give --backbone-weights or --pretrained, not both")
             self.backbone_report = load_backbone(model, c.backbone_weights or pretrained_backbone_file(c.model))
             if self.is_main:
-                console.print(self.backbone_report.summary(), highlight=False)
+                console.print(self.backbone_report.summary(), highlight=False, soft_wrap=True)
         if c.class_weights:
             self.class_weight = median_frequency_weights(train_ds, self.preprocess).to(self.device)
         state = self.build_state(model, steps_per_epoch)
