@@ -80,6 +80,16 @@ def _prefixes(keys) -> list[str]:
     return sorted(out, key=len)
 
 
+def _fitting(sd: dict, prefix: str, own: dict) -> dict:
+    """The tensors of ``sd`` whose key without ``prefix`` names a tensor of ``own`` of the same shape."""
+    out = {}
+    for k, v in sd.items():
+        name = k[len(prefix):]
+        if k.startswith(prefix) and name in own and tuple(own[name].shape) == tuple(v.shape):
+            out[name] = v
+    return out
+
+
 def load_backbone(model: SegModel, file: str | Path) -> BackboneReport:
     """Load ``file`` into ``model``'s encoder (see the module docstring); the report says how."""
     name, encoder = encoder_of(model)
@@ -87,19 +97,13 @@ def load_backbone(model: SegModel, file: str | Path) -> BackboneReport:
     if "layers.0.0.projection.weight" in sd or "backbone.layers.0.0.projection.weight" in sd:
         sd = mmseg_backbone_to_hf(sd)  # an mmseg MiT checkpoint: into transformers' key names
     own = encoder.state_dict()
-    best: tuple[int, str] = (-1, "")
-    for prefix in _prefixes(sd):
-        hits = sum(1 for k, v in sd.items() if k.startswith(prefix) and tuple(own.get(k[len(prefix):], torch.empty(
-            0)).shape) == tuple(v.shape) and k[len(prefix):] in own)
-        if hits > best[0]:
-            best = (hits, prefix)
-    matched, prefix = best
-    if matched <= 0:
+    prefix = max(_prefixes(sd), key=lambda p: len(_fitting(sd, p, own)))  # the first of the best, '' first
+    take = _fitting(sd, prefix, own)
+    if not take:
         raise CheckpointError(f"no tensor of {file} fits the {name} of model '{model.name}' (its keys: "
                               f"{', '.join(list(sd)[:3])}; the {name}'s: {', '.join(list(own)[:3])}); is it the "
                               "encoder this model uses?")
     mapped = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    take = {k: v for k, v in mapped.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     encoder.load_state_dict(take, strict=False)
     return BackboneReport(
         file=str(file), module=name, prefix=prefix, matched=len(take),
