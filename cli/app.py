@@ -408,7 +408,7 @@ def train_student(
     unlabeled_cache: Annotated[list[str] | None, typer.Option(help="A teacher cache of unlabelled images (same teacher as --cache), repeatable: the KD terms train on them, the cross-entropy on the labelled images only. An epoch is one pass over the labelled images.")] = None,
     unlabeled_share: Annotated[float, typer.Option(help="Share of each batch drawn from the --unlabeled-cache images, in (0, 1).")] = default(StudentConfig, "unlabeled_share"),
     unlabeled_limit: Annotated[int | None, typer.Option(help="Only the first N images of each --unlabeled-cache.")] = None,
-    online_teacher: Annotated[str | None, typer.Option(help="Run this teacher every step instead of reading the cache (parity checks only).")] = None,
+    online_teacher: Annotated[str | None, typer.Option(help="Run this teacher architecture every step instead of reading the cache (parity checks only); 'cache': the teacher the --cache records, with its ensemble members and test-time augmentation.")] = None,
     teacher_weights: Annotated[str | None, typer.Option(help="Weights of --online-teacher.")] = None,
     dataset: Annotated[str | None, typer.Option(help="Data set (default: the cache's).")] = None,
     out: Annotated[str | None, typer.Option(help="Run folder (default runs/student-<methods>).")] = None,
@@ -541,9 +541,9 @@ B = CacheBuildConfig  # the defaults of build-teacher-cache
 @with_config_file(CacheBuildConfig)
 def build_teacher_cache(
     ctx: typer.Context,
-    weights: Annotated[str | None, typer.Option(help="Teacher weights: a run folder (uses best.pt), a kdcache checkpoint or a state dict (required).")] = None,
+    weights: Annotated[list[str] | None, typer.Option(help="Teacher weights: a run folder (uses best.pt), a kdcache checkpoint or a state dict (required). Repeat it for an ensemble: the members' outputs are combined per pixel (see --combine).")] = None,
     out: Annotated[str | None, typer.Option(help="The store to write, e.g. caches/teacher-train.zarr, or an fsspec URL (required).")] = None,
-    teacher: Annotated[str | None, typer.Option(help="Teacher architecture (default: the one named in the checkpoint).")] = None,
+    teacher: Annotated[list[str] | None, typer.Option(help="Teacher architecture (default: the one named in the checkpoint); once for every member, or once per --weights.")] = None,
     dataset: Dataset = B.dataset,
     data_root: DataRoot = None,
     split: Annotated[str, typer.Option(help="Split to run the teacher over.")] = B.split,
@@ -551,7 +551,12 @@ def build_teacher_cache(
     features: Annotated[str | None, typer.Option(help="Teacher modules whose outputs to store, NAME[,NAME] (e.g. stage3).")] = None,
     attention: Annotated[bool, typer.Option(help="Also store attention-transfer maps of the --features taps.")] = B.attention,
     attention_only: Annotated[bool, typer.Option(help="Store the attention maps of the --features taps instead of the features.")] = B.attention_only,
-    flip_average: Annotated[bool, typer.Option(help="Store the mean of the teacher on the image and on its mirror (flips become exact).")] = B.flip_average,
+    flip_average: Annotated[bool, typer.Option(help="Store the mean of the teacher on the image and on its mirror (flips become exact); with --tta-scales, at every scale.")] = B.flip_average,
+    tta_scales: Annotated[str, typer.Option(help="Test-time augmentation: run the teacher at these input scales, e.g. 0.5,0.75,1,1.25,1.5; each output is resized to the cache's grid and combined.")] = ",".join(f"{x:g}" for x in B.tta_scales),
+    combine: Annotated[str, typer.Option(help="How members, scales and flips are combined: prob (mean of probabilities at --combine-temperature) or logit (mean of logits).")] = B.combine,
+    combine_temperature: Annotated[float, typer.Option(help="Temperature of --combine prob (the stored logits are T·log of the mean probability).")] = B.combine_temperature,
+    grid_stride: Annotated[float | None, typer.Option(help="Stride of an ensemble's common grid (default: the finest member's map).")] = None,
+    features_from: Annotated[str | None, typer.Option(help="The ensemble member whose --features are stored: its name (run folder or file name) or position (default: the first).")] = None,
     views: Annotated[int, typer.Option(help="Also store N random scale/crop views per image with their parameters (FKD-style).")] = B.views,
     view_scale: Annotated[str, typer.Option(help="Scale range 'lo,hi' of the stored views.")] = pair_text(B.view_scale),
     view_crop: Annotated[str | None, typer.Option(help="Crop HxW of the stored views (default: the image size).")] = None,
@@ -569,13 +574,15 @@ def build_teacher_cache(
     quiet: Quiet = False,
 ):
     """One teacher pass over a split into a Zarr v3 store (rerun the same command to resume)."""
-    if weights is None or out is None:
+    if not weights or out is None:
         raise KDCacheError("build-teacher-cache needs --weights and --out (on the command line or in its --config file)")
     config = CacheBuildConfig(
-        weights=weights, out=out, teacher=teacher, dataset=dataset, data_root=data_root,
+        weights=list(weights or []), out=out, teacher=list(teacher or []) or None, dataset=dataset, data_root=data_root,
         dataset_options=parse_dataset_options(dataset_option, resolution), split=split, topk=topk,
         features=parse_list(features, "--features"), attention=attention, attention_only=attention_only,
-        flip_average=flip_average, views=views, view_scale=parse_pair(view_scale, "--view-scale"),
+        flip_average=flip_average, tta_scales=parse_list(tta_scales, "--tta-scales", float), combine=combine,
+        combine_temperature=combine_temperature, grid_stride=grid_stride, features_from=features_from,
+        views=views, view_scale=parse_pair(view_scale, "--view-scale"),
         view_crop=parse_size(view_crop, "--view-crop"), view_seed=view_seed, batch_size=batch_size, device=device,
         workers=workers, limit=limit, samples_per_shard=samples_per_shard, codec=codec, amp=amp,
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,7 +24,6 @@ from kdcache.data.splits import limit
 from kdcache.errors import KDCacheError
 from kdcache.loaders import default_workers, make_loader
 from kdcache.model_loading import open_weights
-from kdcache.models import SegModel, count_parameters
 from kdcache.progress import progress_bar
 from kdcache.runs import resolve_device
 from kdcache.store.location import as_location
@@ -36,14 +36,21 @@ from kdcache.store.writer import (
     pending_shards,
     prepare_store,
 )
+from kdcache.teacher_ensemble import (
+    DEFAULT_COMBINE,
+    EnsemblePlan,
+    TeacherEnsemble,
+    open_members,
+    sample_quality,
+)
 from kdcache.transforms import Augment, Preprocess, apply_geometry, sample_geometry
 
 
 @dataclass
 class CacheBuildConfig:
-    weights: str
+    weights: str | list[str]  # one teacher, or the members of an ensemble
     out: str
-    teacher: str | None = None  # default: the model named in the checkpoint
+    teacher: str | list[str] | None = None  # default: the model named in the checkpoint (one, or one per member)
     dataset: str = "synthetic"
     data_root: str | None = None
     dataset_options: dict = field(default_factory=dict)
@@ -52,7 +59,12 @@ class CacheBuildConfig:
     features: tuple[str, ...] = ()
     attention: bool = False  # attention maps of the feature taps, beside the features
     attention_only: bool = False  # attention maps instead of the features
-    flip_average: bool = False
+    flip_average: bool = False  # the mirror image as a test-time augmentation
+    tta_scales: tuple[float, ...] = (1.0,)
+    combine: str = DEFAULT_COMBINE  # how members, scales and flips are combined: prob | logit
+    combine_temperature: float = 1.0
+    grid_stride: float | None = None  # the common grid of an ensemble (None: the finest member's map)
+    features_from: str | None = None  # the member whose features are stored (name or 1-based position)
     views: int = 0
     view_scale: tuple[float, float] = (0.5, 2.0)
     view_crop: tuple[int, int] | None = None
@@ -66,7 +78,26 @@ class CacheBuildConfig:
     amp: bool = False  # fp16 autocast for the teacher (CUDA only)
     queue_size: int = 8  # batches waiting for the writer
 
+    @property
+    def weight_files(self) -> list[str]:
+        return [self.weights] if isinstance(self.weights, (str, Path)) else [str(w) for w in self.weights]
+
+    @property
+    def teachers(self) -> list[str]:
+        if self.teacher is None:
+            return []
+        return [self.teacher] if isinstance(self.teacher, str) else list(self.teacher)
+
+    @property
+    def plan(self) -> EnsemblePlan:
+        return EnsemblePlan(combine=self.combine, temperature=float(self.combine_temperature),
+                            scales=tuple(float(s) for s in self.tta_scales), flip=self.flip_average,
+                            grid_stride=self.grid_stride, features_from=self.features_from)
+
     def validate(self) -> None:
+        if not self.weight_files:
+            raise KDCacheError("build-teacher-cache needs --weights (once per ensemble member)")
+        self.plan.validate()
         if self.topk < 1:
             raise KDCacheError(f"--topk must be at least 1, got {self.topk}")
         if self.batch_size < 1:
@@ -85,51 +116,30 @@ class CacheBuildConfig:
 
 
 class TeacherInputs(torch.utils.data.Dataset):
-    """Item ``i`` of the data set as the teacher sees it: the preprocessed image and, with
-    views, its ``V`` crops (each a :class:`Geometry` drawn from (view seed, i), so every process
-    and every rerun draws the same ones) with their packed geometries."""
+    """Item ``i`` of the data set as the teacher sees it: the preprocessed image, its label map
+    (None for an unlabelled split; for the teacher's quality) and, with views, its ``V`` crops
+    (each a :class:`Geometry` drawn from (view seed, i), so every process and every rerun draws
+    the same ones) with their packed geometries."""
 
     def __init__(self, dataset, preprocess: Preprocess, views: int = 0, view_aug: Augment | None = None,
-                 view_seed: int = 0):
+                 view_seed: int = 0, labels: bool = False):
         self.dataset, self.preprocess = dataset, preprocess
         self.views, self.view_aug, self.view_seed = views, view_aug, view_seed
+        self.labels = labels and getattr(dataset, "labelled", True)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> dict:
-        image, _ = self.dataset.load(i)
+        image, mask = self.dataset.load(i)
         x = self.preprocess.image_to_tensor(image)
-        item = {"index": i, "image": x}
+        item = {"index": i, "image": x, "label": self.preprocess.mask_to_tensor(mask) if self.labels else None}
         if self.views:
             rng = np.random.default_rng((self.view_seed, i))
             gs = [sample_geometry(rng, tuple(x.shape[-2:]), self.view_aug) for _ in range(self.views)]
             item["views"] = torch.stack([apply_geometry(x, g, kind="image") for g in gs])
             item["view_params"] = np.array([g.pack() for g in gs], dtype=np.float32)
         return item
-
-
-@torch.inference_mode()
-def teacher_outputs(model: SegModel, x: torch.Tensor, *, flip_average: bool, amp: bool) -> tuple[torch.Tensor, dict]:
-    """Teacher logits and tapped features (float32) for a batch; with ``flip_average`` the mean
-    of the outputs on ``x`` and on its mirror image, mirrored back (exactly flip-equivariant)."""
-    with torch.autocast(x.device.type, dtype=torch.float16, enabled=amp and x.device.type == "cuda"):
-        out = model(x)
-        logits = out.logits.float()
-        feats = {k: v.float() for k, v in out.features.items()}
-        if flip_average:
-            out2 = model(x.flip(-1))
-            logits = (logits + out2.logits.float().flip(-1)) / 2
-            feats = {k: (v + out2.features[k].float().flip(-1)) / 2 for k, v in feats.items()}
-    return logits, feats
-
-
-@torch.inference_mode()
-def _probe(model: SegModel, size: tuple[int, int], device: torch.device) -> tuple[tuple[int, int], dict]:
-    """Logit map size and feature shapes (channels, h, w) for an input of ``size``."""
-    model.eval()
-    out = model(torch.zeros(1, 3, *size, device=device))
-    return tuple(out.logits.shape[-2:]), {k: tuple(v.shape[1:]) for k, v in out.features.items()}
 
 
 def _sizes(dataset, preprocess: Preprocess) -> list[tuple[int, int]]:
@@ -155,24 +165,28 @@ def _build(config: CacheBuildConfig, d: distributed.Dist, device: torch.device, 
     ds = limit(build_dataset(config.dataset, config.split, config.data_root, **config.dataset_options), config.limit)
     if len(ds) == 0:
         raise KDCacheError(f"split '{config.split}' of {config.dataset} is empty")
-    weights = open_weights(config.weights)
+    files = config.weight_files
     if ds.num_classes == 0:  # a folder of images that lists no classes: the teacher's
-        names = weights.config.get("class_names")
+        first = open_weights(files[0])
+        names = first.config.get("class_names")
         if not names:
-            raise KDCacheError(f"{config.dataset} lists no class names and the teacher {weights.checkpoint} records "
+            raise KDCacheError(f"{config.dataset} lists no class names and the teacher {first.checkpoint} records "
                                "none; give -o class_names_file=FILE (one class name per line)")
         ds = ds.with_class_names(names)
     C = ds.num_classes
     if config.topk > C:
         raise KDCacheError(f"--topk {config.topk} is more than the {C} classes of {config.dataset}; use --topk {C} for a dense cache")
     taps = tuple(config.features)
-    model = weights.build(arch=config.teacher, num_classes=C, taps=taps, device=device, arch_option="--teacher")
-    preprocess = weights.preprocess
+    members, fi = open_members(files, config.teachers, num_classes=C, class_names=ds.class_names, taps=taps,
+                               features_from=config.features_from, device=device)
+    preprocess = members[0].preprocess
+    teacher = TeacherEnsemble(members, config.plan, preprocess, features_index=fi,
+                              amp=config.amp and device.type == "cuda")
 
     # what the teacher gives, and so what the store will hold ------------------------------------
     sizes = _sizes(ds, preprocess)
     max_size = (max(s[0] for s in sizes), max(s[1] for s in sizes))
-    map_size, feat_shapes = _probe(model, max_size, device)
+    map_size, feat_shapes = teacher.probe(max_size, device)
     views = None
     if config.views:
         crop = config.view_crop
@@ -180,7 +194,7 @@ def _build(config: CacheBuildConfig, d: distributed.Dist, device: torch.device, 
             if len(set(sizes)) > 1:
                 raise KDCacheError("the images have different sizes: give --view-crop HxW for the stored views")
             crop = sizes[0]
-        view_map, view_feats = _probe(model, tuple(crop), device)
+        view_map, view_feats = teacher.probe(tuple(crop), device)
         views = {"count": config.views, "scale": config.view_scale, "crop": crop, "seed": config.view_seed,
                  "map_size": view_map, "feature_shapes": view_feats}
     with progress_bar("fingerprint data", total=len(ds), enabled=show_progress, unit="sample") as bar:
@@ -188,12 +202,13 @@ def _build(config: CacheBuildConfig, d: distributed.Dist, device: torch.device, 
         for i in range(len(ds)):
             hashes.append(ds.content_hash(i))
             bar.advance(1)
+    fm = teacher.features_member.describe()
     schema = CacheSchema.new(
         class_names=ds.class_names, k=config.topk, input_size=max_size, map_size=map_size,
         feature_shapes=feat_shapes, features=() if config.attention_only else taps,
         attention=taps if (config.attention or config.attention_only) else (), views=views,
-        teacher={"model": model.name, "weights": str(weights.checkpoint), "weights_sha256": weights.sha256(),
-                 "model_options": weights.config.get("model_options", {}), "params": count_parameters(model)},
+        teacher={key: fm[key] for key in ("model", "weights", "weights_sha256", "model_options", "params")},
+        ensemble=teacher.meta(), quality_rows=teacher.row_names(),
         dataset={"name": config.dataset, "split": config.split, "options": config.dataset_options,
                  "limit": config.limit, "root": config.data_root},
         ids=ds.ids, hashes=hashes, preprocess=preprocess.to_dict(), flip_average=config.flip_average,
@@ -219,7 +234,7 @@ def _build(config: CacheBuildConfig, d: distributed.Dist, device: torch.device, 
                "rank": d.rank, "world_size": d.world_size}
     if todo:
         t0 = time.perf_counter()
-        writer = _run_teacher(model, ds, preprocess, schema, config, device, group, todo, out, show_progress)
+        writer = _run_teacher(teacher, ds, preprocess, schema, config, device, group, todo, out, show_progress)
         summary.update({"samples_written": writer.samples_written, "bytes_written": writer.bytes_written,
                         "seconds": time.perf_counter() - t0})
     distributed.barrier()
@@ -227,7 +242,7 @@ def _build(config: CacheBuildConfig, d: distributed.Dist, device: torch.device, 
     return summary
 
 
-def _run_teacher(model, ds, preprocess, schema: CacheSchema, config: CacheBuildConfig, device, group, todo, out,
+def _run_teacher(teacher: TeacherEnsemble, ds, preprocess, schema: CacheSchema, config: CacheBuildConfig, device, group, todo, out,
                  show_progress: bool) -> ShardWriter:
     B = config.batch_size
     # batches never straddle shards: a resumed build runs the teacher on the same batches
@@ -235,11 +250,10 @@ def _run_teacher(model, ds, preprocess, schema: CacheSchema, config: CacheBuildC
                for b in range(start, stop, B)]
     view_aug = (Augment(scale=tuple(config.view_scale), crop=tuple(schema.views["crop"]), hflip=True)
                 if schema.views else None)
-    inputs = TeacherInputs(ds, preprocess, config.views, view_aug, config.view_seed)
+    inputs = TeacherInputs(ds, preprocess, config.views, view_aug, config.view_seed, labels=True)
     workers = default_workers(device) if config.workers is None else config.workers
     loader = make_loader(inputs, None, workers, batch_sampler=batches, collate_fn=list, pin_memory=device.type == "cuda")
     writer = ShardWriter(group, schema, out, config.queue_size * B)
-    run = {"flip_average": config.flip_average, "amp": schema.amp}
     ids = ds.ids
     try:
         with progress_bar("build teacher cache", total=sum(map(len, batches)), enabled=show_progress, unit="sample") as bar:
@@ -247,14 +261,17 @@ def _run_teacher(model, ds, preprocess, schema: CacheSchema, config: CacheBuildC
                 for same in _same_size_groups(items):
                     rs = [it["index"] for it in same]
                     x = torch.stack([it["image"] for it in same]).to(device, non_blocking=True)
-                    logits, feats = teacher_outputs(model, x, **run)
+                    out = teacher(x, rows=True)
                     views = None
                     if schema.views:
                         v = torch.cat([it["views"] for it in same]).to(device, non_blocking=True)
-                        views = (*teacher_outputs(model, v, **run), np.stack([it["view_params"] for it in same]))
-                    samples = encode_batch(schema, logits, feats, [ids[r] for r in rs], tuple(x.shape[-2:]), views)
-                    for r, sample in zip(rs, samples):
-                        writer.put(r, sample)
+                        vo = teacher(v)
+                        views = (vo.logits, vo.features, np.stack([it["view_params"] for it in same]))
+                    samples = encode_batch(schema, out.logits, out.features, [ids[r] for r in rs],
+                                           tuple(x.shape[-2:]), views)
+                    quality = sample_quality(out.rows, [it["label"] for it in same], schema.num_classes)
+                    for r, sample, q in zip(rs, samples, quality):
+                        writer.put(r, {**sample, **q})
                     bar.advance(len(rs), MB_written=round(writer.bytes_written / 1e6, 2))
     except BaseException:
         writer.abort()  # write what is complete; the unfinished shard stays not done

@@ -47,7 +47,7 @@ FIELD_OPTIONS = {"crop": "crop_size", "hflip": "flip", "dataset_options": "datas
 
 #: options whose text has a shape (by parameter); each also takes its config field's value
 SHAPES = {"crop_size": "size", "resize": "size", "resolution": "size", "view_crop": "size",
-          "scale": "pair", "view_scale": "pair", "features": "names", "method": "methods",
+          "scale": "pair", "view_scale": "pair", "features": "names", "tta_scales": "numbers", "method": "methods",
           "dataset_option": "dataset_options", "model_option": "dataset_options"}
 
 _WHAT = {str: "a text", int: "an integer", float: "a number", bool: "true or false"}
@@ -55,6 +55,7 @@ _SHAPE_WHAT = {
     "size": "HxW text (e.g. 96x128), one number or a list [H, W]",
     "pair": "'lo,hi' text or a list [lo, hi]",
     "names": "NAME,NAME text or a list of names",
+    "numbers": "comma-separated numbers or a list of numbers",
     "methods": "a list of methods, each NAME:key=value,... text or a mapping with a name",
     "dataset_options": "a mapping of options or a list of KEY=VALUE texts",
 }
@@ -269,6 +270,12 @@ def _option_value(path, key, value, option: Option):
             return value
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return ",".join(value)
+    elif shape == "numbers":
+        if isinstance(value, str):
+            return value
+        items = value if isinstance(value, list) else [value]
+        if items and all(map(_is_number, items)):
+            return ",".join(repr(float(v)) for v in items)
     elif shape == "methods":
         items = [value] if isinstance(value, (str, dict)) else value
         if isinstance(items, list) and all(isinstance(m, str) or (isinstance(m, dict) and isinstance(m.get("name"), str))

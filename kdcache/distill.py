@@ -40,6 +40,10 @@ from kdcache.transforms import Augment, Geometry, Preprocess, SegPipeline
 CACHE_READS = ("stream", "random")
 
 
+#: ``--online-teacher cache``: run the teacher (members, combination, TTA) the cache records
+ONLINE_FROM_CACHE = "cache"
+
+
 @dataclass
 class StudentConfig(TrainConfig):
     model: str = "demo_student"
@@ -67,7 +71,10 @@ class StudentConfig(TrainConfig):
             raise KDCacheError("give at least one --method (none for the CE-only baseline)")
         if self.cache is None and self.online_teacher is None:
             raise KDCacheError("--cache STORE is required (or --online-teacher M --teacher-weights CKPT)")
-        if self.online_teacher and not self.teacher_weights:
+        if self.online_teacher == ONLINE_FROM_CACHE:
+            if self.cache is None:
+                raise KDCacheError(f"--online-teacher {ONLINE_FROM_CACHE} runs the teacher a cache records: give --cache")
+        elif self.online_teacher and not self.teacher_weights:
             raise KDCacheError("--online-teacher needs --teacher-weights")
         if self.cache_read not in CACHE_READS:
             raise KDCacheError(f"--cache-read must be one of {', '.join(CACHE_READS)}, got {self.cache_read!r}")
@@ -256,6 +263,7 @@ class StudentTrainer(Trainer):
         mine, theirs = self.store.schema, store.schema
         checks = (("classes", list(mine.class_names), list(theirs.class_names)),
                   ("teacher weights (sha256)", mine.teacher.get("weights_sha256"), theirs.teacher.get("weights_sha256")),
+                  ("ensemble members or combination", mine.identity()["ensemble"], theirs.identity()["ensemble"]),
                   ("top-k", mine.k, theirs.k), ("preprocessing", mine.preprocess, theirs.preprocess))
         for what, a, b in checks:
             if a != b:
@@ -358,8 +366,11 @@ class StudentTrainer(Trainer):
         if self.config.online_teacher:
             c = self.config
             teacher_taps = sorted({r.split("/", 1)[1] for m in self.methods for r in m.required() if "/" in r})
-            self.teacher = OnlineTeacher(c.teacher_weights, c.online_teacher, num_classes, teacher_taps, self.device,
-                                         k=c.online_topk or (self.store.k if self.store is not None else None))
+            if c.online_teacher == ONLINE_FROM_CACHE:
+                self.teacher = OnlineTeacher.from_cache(self.store.schema, teacher_taps, self.device)
+            else:
+                self.teacher = OnlineTeacher(c.teacher_weights, c.online_teacher, num_classes, teacher_taps,
+                                             self.device, k=c.online_topk or (self.store.k if self.store else None))
             schema = self.teacher.schema
         else:
             schema = self.store.schema

@@ -2,8 +2,10 @@
 feeding the same loss code. For parity checks and benchmarks only: it costs the teacher forward
 per step that the cache exists to avoid.
 
-The teacher's outputs on the student's (already transformed) batch become the same ``kd/…``
-targets the cache pipeline gives: top-k values and ids rounded through fp16 as the cache
+The teacher may be the ensemble / test-time-augmented teacher a cache records
+(:meth:`OnlineTeacher.from_cache`), run the same way (slowly), so that its targets can be
+checked against the cached ones. The teacher's outputs on the student's (already transformed)
+batch become the same ``kd/…`` targets the cache pipeline gives: top-k values and ids rounded through fp16 as the cache
 stores them, the tail, features and attention maps, and the crop's padding marked ignored.
 """
 
@@ -17,6 +19,8 @@ from kdcache.model_loading import open_weights
 from kdcache.store.schema import CacheSchema
 from kdcache.target_geometry import out_map_size, sample_grid
 from kdcache.targets import attention_map, topk_targets
+from kdcache.teacher_ensemble import EnsemblePlan, Member, TeacherEnsemble, from_record
+from kdcache.transforms import Preprocess
 
 _PROBE = (64, 64)
 
@@ -25,28 +29,45 @@ class OnlineTeacher:
     """The teacher ``arch`` with ``weights``, tapping ``taps``; ``k`` top logits per position
     (None: all classes, a dense target)."""
 
-    def __init__(self, weights: str, arch: str, num_classes: int, taps: Sequence[str], device: torch.device,
-                 k: int | None = None):
-        self.model = open_weights(weights).build(arch=arch, num_classes=num_classes, taps=taps, device=device,
-                                                 arch_option="--online-teacher")
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+    def __init__(self, weights: str | TeacherEnsemble, arch: str | None, num_classes: int, taps: Sequence[str],
+                 device: torch.device, k: int | None = None):
+        if isinstance(weights, TeacherEnsemble):
+            self.ensemble = weights
+        else:
+            w = open_weights(weights)
+            model = w.build(arch=arch, num_classes=num_classes, taps=taps, device=device, arch_option="--online-teacher")
+            self.ensemble = TeacherEnsemble([Member(model.name, w, model, w.preprocess)], EnsemblePlan(),
+                                            w.preprocess)
+        for m in self.ensemble.members:
+            for p in m.model.parameters():
+                p.requires_grad_(False)
         self.k = k or num_classes
-        with torch.no_grad():
-            out = self.model(torch.zeros(1, 3, *_PROBE, device=device))
-        shapes = {t: tuple(f.shape[1:]) for t, f in out.features.items()}
+        size, shapes = self.ensemble.probe(_PROBE, device)
         #: what the teacher gives, described as a cache would be (for the methods' set-up)
         self.schema = CacheSchema.new(class_names=[f"class {c}" for c in range(num_classes)], k=self.k,
-                                      input_size=_PROBE, map_size=tuple(out.logits.shape[-2:]),
+                                      input_size=_PROBE, map_size=size,
                                       feature_shapes=shapes, features=tuple(taps), attention=tuple(taps))
+
+    @classmethod
+    def from_cache(cls, schema: CacheSchema, taps: Sequence[str], device: torch.device) -> OnlineTeacher:
+        """The teacher ``schema``'s cache was built with (every member, the same combination and
+        test-time augmentation), with the cache's k."""
+        ens = from_record(schema.members, schema.ensemble, Preprocess.from_dict(schema.preprocess),
+                          num_classes=schema.num_classes, taps=taps, device=device)
+        return cls(ens, None, schema.num_classes, taps, device, k=schema.k)
+
+    @property
+    def model(self):
+        """The (first) member's model."""
+        return self.ensemble.members[0].model
 
     @torch.no_grad()
     def targets(self, batch: dict) -> dict:
         """The ``kd/…`` targets for ``batch``; where the batch came through the cache pipeline,
         its ``kd/ignore`` (the crop's padding at the cache's resolution) is kept."""
         x = batch["image"]
-        out = self.model(x)
-        values, indices, tail = topk_targets(out.logits.float(), self.k)
+        out = self.ensemble(x)
+        values, indices, tail = topk_targets(out.logits, self.k)
         size = tuple(values.shape[-2:])
         targets = {"kd/values": values.half().float(), "kd/indices": indices,
                    "kd/ignore": torch.zeros(x.shape[0], *size, dtype=torch.bool, device=x.device)}

@@ -84,6 +84,20 @@ def cache_report(report: dict) -> list:
             cov.add_row(key.split("=")[1], pct(v["mean"]), pct(v["p5"]))
         cov.caption = "exact at T = 1; at T > 1 the tail's classes are taken as equal (the 'bin' policy)"
         out.append(cov)
+    q = report.get("teacher_quality")
+    if q and q["rows"]:
+        labelled = q["labelled_pixels"] > 0
+        qt = Table(title=f"teacher quality ({q['samples']} samples"
+                         + (f", {q['labelled_pixels']} labelled pixels)" if labelled else ", no labels)"))
+        qt.add_column("teacher output", no_wrap=True)
+        for col in (("mIoU", "aAcc", "NLL / pixel") if labelled else ()) + ("agrees with combined",):
+            qt.add_column(col, justify="right")
+        for name, r in q["rows"].items():
+            cells = [pct(r["miou"]), pct(r["aacc"]), f"{r['nll']:.4f}"] if labelled else []
+            qt.add_row(name, *cells, pct(r["agreement"]))
+        qt.caption = ("at the labels' resolution (logits upsampled, as evaluate does); agreement: the share of "
+                      "map cells whose top class is the combination's")
+        out.append(qt)
     return out
 
 

@@ -36,6 +36,27 @@ def make_voc_sizes(base: Path, ids: dict[str, list[str]] | None = None) -> Path:
     return base
 
 
+class Stride8Net(torch.nn.Module):
+    """A small segmentation net with stride-8 logits (``ceil(H/8)``), unlike the built-in stride-4 pair."""
+
+    def __init__(self, num_classes: int, width: int = 16):
+        super().__init__()
+        layers, c = [], 3
+        for _ in range(3):
+            layers += [torch.nn.Conv2d(c, width, 3, stride=2, padding=1), torch.nn.ReLU()]
+            c = width
+        self.body = torch.nn.Sequential(*layers)
+        self.classifier = torch.nn.Conv2d(width, num_classes, 1)
+
+    def forward(self, x):
+        return self.classifier(self.body(x))
+
+
+def stride8_net(num_classes: int, width: int = 16) -> torch.nn.Module:
+    """``fake_data:stride8_net``: :class:`Stride8Net` as a model callable."""
+    return Stride8Net(num_classes, width)
+
+
 def make_teacher(path: Path, num_classes: int = 11, name: str = "demo_teacher", seed: int = 0,
                  preprocess: Preprocess | None = None, poison: bool = False) -> Path:
     """A randomly initialised teacher saved as a kdcache checkpoint (``poison``: NaN weights)."""

@@ -421,15 +421,24 @@ def test_stream_reads_each_sample_once_in_shuffled_shard_order(tmp_path, teacher
 # -- flip average and stored views -------------------------------------------------------------------
 
 
-def test_flip_average_is_exactly_flip_equivariant(tmp_path, teacher):
+@pytest.mark.parametrize("combine", ["logit", "prob"])
+def test_flip_average_is_exactly_flip_equivariant(tmp_path, teacher, combine):
+    """The stored logits are the mean of the logits on the image and its mirror (mirrored back),
+    or T·log of the mean of their probabilities at T (here 2), by the formula in float64."""
     out = tmp_path / "f.zarr"
-    build_teacher_cache(config(teacher, out, limit=2, topk=11, flip_average=True, features=("stage1",)),
-                        show_progress=False)
+    build_teacher_cache(config(teacher, out, limit=2, topk=11, flip_average=True, features=("stage1",),
+                               combine=combine, combine_temperature=2.0), show_progress=False)
     ds = build_dataset("synthetic", "train", **RES)
     x = Preprocess().image_to_tensor(ds.load(1)[0])[None]
     a = teacher_forward(teacher, x, taps=("stage1",))
     b = teacher_forward(teacher, x.flip(-1), taps=("stage1",))
-    want = (a.logits + b.logits.flip(-1)) / 2
+    za, zb = a.logits.double(), b.logits.double().flip(-1)
+    if combine == "logit":
+        want = ((za + zb) / 2).float()
+    else:
+        mean_p = (torch.softmax(za / 2, 1) + torch.softmax(zb / 2, 1)) / 2
+        want = (2 * mean_p.log()).float()
+    assert CacheStore(out).meta["ensemble"]["combine"] == combine
     item = CacheStore(out).read(1)
     dense = np.zeros(want.shape[1:], dtype=np.float32)
     np.put_along_axis(dense, item["logits/indices"].astype(np.int64), item["logits/values"].astype(np.float32), axis=0)

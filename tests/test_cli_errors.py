@@ -96,7 +96,8 @@ def train(*extra, data=SYN) -> list[str]:
 
 
 def cache(*extra, data=SYN) -> list[str]:
-    return ["build-teacher-cache", "--weights", "{teacher}", "--out", "{tmp}/cache.zarr", "--limit", "8",
+    weights = [] if "--weights" in extra else ["--weights", "{teacher}"]  # a second --weights is an ensemble member
+    return ["build-teacher-cache", *weights, "--out", "{tmp}/cache.zarr", "--limit", "8",
             "--device", "cpu", "--workers", "0", "--quiet", *data, *extra]
 
 
@@ -471,6 +472,9 @@ CASES = [
          setup=checkpoint_of("tiny_models:SpareModule")),
     # -- build-teacher-cache (cache_build.py, store/writer.py) ---------------------------------------------
     case("cache-topk", cache("--topk", "0"), "--topk must be at least 1, got 0"),
+    case("ensemble-classes", cache("--weights", "{teacher}", "--weights", "{tmp}/weights.pt"),
+         "member weights", "predicts 5 classes and the data set has 11; every member must be trained on the same classes",
+         setup=checkpoint_of("demo_teacher", num_classes=5)),
     case("cache-batch-size", cache("--batch-size", "0"), "--batch-size must be at least 1, got 0"),
     case("cache-views", cache("--views", "-1"), "--views must be 0 or more, got -1"),
     case("cache-view-scale", cache("--view-scale", "2,1"), "--view-scale must be 'lo,hi' with 0 < lo <= hi"),
@@ -612,6 +616,8 @@ CASES = [
     # -- train-student --unlabeled-cache ---------------------------------------------------------------
     case("unlabeled-share", student("--unlabeled-cache", "{store}", "--unlabeled-share", "1"),
          "--unlabeled-share must be between 0 and 1 (exclusive), got 1.0"),
+    case("online-teacher-cache-without-cache", ["train-student", "--online-teacher", "cache", "--out", "{tmp}/s",
+                                                "--quiet"], "--online-teacher cache runs the teacher a cache records: give --cache"),
     case("unlabeled-online", student("--unlabeled-cache", "{store}", "--online-teacher", "demo_teacher",
                                      "--teacher-weights", "{teacher}"),
          "--unlabeled-cache trains from cached targets; drop --online-teacher"),
@@ -771,6 +777,8 @@ NOT_FROM_THE_CLI = {
     "unknown student options": "the CLI passes only StudentConfig fields; config_from_store(**options) from Python",
     "CacheStream was set up for {} DataLoader workers": "the trainer builds the stream and its DataLoader with "
                                                          "one worker count; CacheStream(batch_size=…) from Python",
+    "build-teacher-cache needs --weights (once per": "the command refuses a missing --weights first ('needs --weights and "
+                                                     "--out'); CacheBuildConfig(weights=[]) from Python",
     "num_classes must be positive": "data sets have at least one class and checkpoints' class counts are checked "
                                     "against them first; build_model(name, 0) from Python",
 }
@@ -788,7 +796,7 @@ ASSERTED_AS = {
     "class names file {} lists no classes": "lists no classes",
     "class names file {} repeats": "repeats a",
     "holds a '{}'; drop": "holds a 'demo_teacher'",  # tests/test_cache.py
-    "is stale: it was built from": "is stale",  # tests/test_faults.py
+    "when it was built, but that file now has": "is stale",  # tests/test_faults.py
 }
 
 #: raises of an exception made by a call the scan cannot resolve: callee -> (is its message a

@@ -40,6 +40,7 @@ def store(tmp_path_factory, teacher):
     out = tmp_path_factory.mktemp("c") / "c.zarr"
     build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(out), dataset_options=dict(RES), limit=16,
                                          topk=4, features=("stage3",), attention=True, flip_average=True,
+                                         combine="logit",  # the mean of the logits, as flip_averaged() says
                                          samples_per_shard=8, device="cpu", workers=0), show_progress=False)
     return out
 

@@ -78,6 +78,7 @@ def inspect_store(path: str | Path, *, samples: int = 64, temperatures=(1.0, 2.0
             coverage[f"T={t:g}"] = {"mean": float(m.mean()), "p5": float(np.percentile(m, 5))}
         report["coverage_samples"] = len(pick)
     report["coverage"] = coverage
+    report["teacher_quality"] = store.quality()
     return report
 
 

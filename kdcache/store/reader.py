@@ -151,18 +151,47 @@ class CacheStore:
         return [s.path for s in self.schema.map_specs]
 
     def check_teacher_unchanged(self) -> None:
-        """Refuse a stale cache: the teacher checkpoint it was built from has changed since (its
-        file is still where the build read it, with other bytes)."""
-        teacher = self.schema.teacher
-        path = Path(teacher.get("weights") or "")
-        if teacher.get("weights") and path.is_file():
-            now = file_sha256(path)
-            if now != teacher["weights_sha256"]:
-                raise StoreError(
-                    f"teacher cache {self.path} is stale: it was built from {path} with SHA-256 "
-                    f"{teacher['weights_sha256'][:16]}…, but that file now has {now[:16]}… (the teacher was "
-                    "retrained or replaced). Rebuild the cache: build-teacher-cache --overwrite"
-                )
+        """Refuse a stale cache: a teacher checkpoint it was built from (any member of an
+        ensemble) has changed since (its file is still where the build read it, with other bytes)."""
+        for teacher in self.schema.members:
+            path = Path(teacher.get("weights") or "")
+            if teacher.get("weights") and path.is_file():
+                now = file_sha256(path)
+                if now != teacher["weights_sha256"]:
+                    who = f"member {teacher['name']} " if "name" in teacher else ""
+                    raise StoreError(
+                        f"teacher cache {self.path} is stale: {who}{path} had SHA-256 "
+                        f"{teacher['weights_sha256'][:16]}… when it was built, but that file now has {now[:16]}… "
+                        "(the teacher was retrained or replaced). Rebuild the cache: build-teacher-cache --overwrite"
+                    )
+
+    def quality(self) -> dict | None:
+        """The teacher's quality over the finished samples, per row (each member, each member
+        without TTA, the combination): mIoU, aAcc and NLL per labelled pixel where labels exist,
+        and the share of grid cells whose top class agrees with the combination's. None for a
+        store built before kdcache recorded it."""
+        names = self.schema.quality_rows
+        if not names:
+            return None
+        rows = np.flatnonzero(self.done())
+        if len(rows) == 0:
+            return {"rows": {}, "labelled_pixels": 0, "samples": 0}
+        def total(name):
+            return np.asarray(self.array(f"quality/{name}")[:])[rows].sum(0)
+        counts, nll, agree, cells = total("counts").astype(np.int64), total("nll"), total("agree"), total("cells")
+        out = {}
+        for r, name in enumerate(names):
+            inter, pred, label = counts[r]
+            union = pred + label - inter
+            present = union > 0
+            labelled = int(label.sum())
+            out[name] = {
+                "miou": float((inter[present] / union[present]).mean()) if labelled else None,
+                "aacc": float(inter.sum() / labelled) if labelled else None,
+                "nll": float(nll[r] / labelled) if labelled else None,
+                "agreement": float(agree[r] / cells) if cells else None,
+            }
+        return {"rows": out, "labelled_pixels": int(counts[-1][2].sum()), "samples": int(len(rows))}
 
     # -- reading -----------------------------------------------------------------------------
     def extents(self, group: str) -> np.ndarray:

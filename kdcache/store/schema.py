@@ -70,7 +70,7 @@ VIEW_PARAMS = "views/params"
 
 IDENTITY_KEYS = ("schema_version", "teacher", "num_classes", "class_names", "k", "preprocess",
                  "dataset", "flip_average", "views", "features", "attention", "samples_per_shard",
-                 "codec", "map_size", "stride", "amp")
+                 "codec", "map_size", "stride", "amp", "ensemble", "quality")
 
 #: stored id type -> the type a read sample holds (torch indexes with signed types)
 _READ_IDS = {"uint8": np.uint8, "uint16": np.int32, "uint32": np.int64}
@@ -170,7 +170,8 @@ class CacheSchema:
             attention: Sequence[str] = (), views: dict | None = None, teacher: dict | None = None,
             dataset: dict | None = None, ids: Sequence[str] = (), hashes: Sequence[str] = (),
             preprocess: dict | None = None, flip_average: bool = False, codec: str = DEFAULT_CODEC,
-            amp: bool = False, samples_per_shard: int | None = None) -> CacheSchema:
+            amp: bool = False, samples_per_shard: int | None = None, ensemble: dict | None = None,
+            quality_rows: Sequence[str] = ()) -> CacheSchema:
         """The schema of a store for a teacher whose logits on an ``input_size`` input are
         ``map_size`` and whose taps have ``feature_shapes`` (tap -> (c, h, w)).
 
@@ -178,7 +179,9 @@ class CacheSchema:
         ``count``, ``scale``, ``crop``, ``seed``, and the teacher's ``map_size`` and
         ``feature_shapes`` on a crop (None: no views). ``dataset`` (name, split, options,
         limit, root) is completed with the sample count and the fingerprint of ``ids`` and
-        ``hashes``."""
+        ``hashes``. ``ensemble``: the members and the combination of an ensemble or TTA teacher
+        (None: one plain teacher, ``teacher``). ``quality_rows``: the names of the teacher
+        outputs whose quality each sample records (``quality/…``; none: no quality arrays)."""
         C, shapes = len(class_names), dict(feature_shapes or {})
         if not 1 <= k <= C:
             raise ValueError(f"k must be in 1..{C}, got {k}")
@@ -217,6 +220,8 @@ class CacheSchema:
                           for t in attention},
             "codec": codec,
             "amp": bool(amp),
+            "ensemble": ensemble,
+            "quality": {"rows": list(quality_rows)} if quality_rows else None,
         }
         schema = cls(meta)
         meta["samples_per_shard"] = schema._shard_size(samples_per_shard)
@@ -310,6 +315,23 @@ class CacheSchema:
         return dict(self.meta["teacher"])
 
     @property
+    def ensemble(self) -> dict | None:
+        """The members and combination rule of an ensemble / TTA teacher (None: a plain teacher)."""
+        return self.meta.get("ensemble")
+
+    @property
+    def members(self) -> list[dict]:
+        """Every teacher whose outputs the store holds (model, weights, weights_sha256, …)."""
+        e = self.ensemble
+        return [dict(m) for m in e["members"]] if e else [self.teacher]
+
+    @property
+    def quality_rows(self) -> list[str]:
+        """The teacher outputs whose per-sample quality counts the store holds (``quality/…``)."""
+        q = self.meta.get("quality")
+        return list(q["rows"]) if q else []
+
+    @property
     def preprocess(self) -> dict:
         return dict(self.meta["preprocess"])
 
@@ -382,6 +404,20 @@ class CacheSchema:
             small(f"{g}/hw", (2,), "int32", 0)
         if self.views:
             small("views/params", (self.view_count, len(Geometry.PACKED)), "float32", float("nan"))
+        R = len(self.quality_rows)
+        if R:
+            for name, shape, dtype in self.quality_arrays():
+                small(name, shape, dtype, 0)
+
+    def quality_arrays(self) -> list[tuple[str, tuple[int, ...], str]]:
+        """(path, per-sample shape, dtype) of the teacher-quality arrays: per row, intersection,
+        prediction and label pixels per class; the labels' summed NLL; the grid cells agreeing
+        with the combination; and the sample's grid cells."""
+        R, C = len(self.quality_rows), self.num_classes
+        if not R:
+            return []
+        return [("quality/counts", (R, 3, C), "int32"), ("quality/nll", (R,), "float64"),
+                ("quality/agree", (R,), "int32"), ("quality/cells", (), "int32")]
 
     # -- a sample that cannot be read --------------------------------------------------------------
     def select(self, groups: Iterable[str] | None) -> list[MapSpec]:
@@ -443,6 +479,10 @@ class CacheSchema:
         teacher = dict(out["teacher"] or {})
         teacher.pop("weights", None)  # the path may move; the hash is what matters
         out["teacher"] = teacher
+        if out["ensemble"]:
+            ens = dict(out["ensemble"])
+            ens["members"] = [{k: v for k, v in m.items() if k != "weights"} for m in ens["members"]]
+            out["ensemble"] = ens
         return out
 
     def differences(self, wanted: CacheSchema) -> list[str]:
@@ -453,14 +493,12 @@ class CacheSchema:
     def describe(self) -> list[tuple[str, str]]:
         """(label, text) rows: what this store is and where it comes from."""
         m = self.meta
-        teacher, ds = self.teacher, self.dataset
+        ds = self.dataset
         views = self.views
         return [
             ("schema", f"{m['format']} v{m['schema_version']} (Zarr v3), kdcache {m['kdcache_version']}, "
                        f"created {m['created']}"),
-            ("teacher", f"{teacher['model']} ({teacher['params'] / 1e6:.2f}M params), weights sha256 "
-                        f"{teacher['weights_sha256'][:16]}…"),
-            ("weights file", str(teacher.get("weights"))),
+            *self._describe_teacher(),
             ("data", f"{ds['name']} split '{ds['split']}' ({ds['num_samples']} samples), fingerprint "
                      f"{ds['fingerprint'][:16]}…" + (f", options {ds['options']}" if ds.get("options") else "")),
             ("classes", f"{self.num_classes}: {', '.join(self.class_names[:8])}{' …' if self.num_classes > 8 else ''}"),
@@ -478,6 +516,23 @@ class CacheSchema:
                                     for t, a in self.attention.items()) or "none"),
             ("codec", f"{m['codec']} + crc32c, sharded"),
         ]
+
+    def _describe_teacher(self) -> list[tuple[str, str]]:
+        e = self.ensemble
+        if not e:
+            t = self.teacher
+            return [("teacher", f"{t['model']} ({t['params'] / 1e6:.2f}M params), weights sha256 "
+                                f"{t['weights_sha256'][:16]}…"),
+                    ("weights file", str(t.get("weights")))]
+        rows = [(f"member {j + 1}", f"{m['name']}: {m['model']} ({m['params'] / 1e6:.2f}M params), sha256 "
+                                   f"{m['weights_sha256'][:12]}…, {m['weights']}")
+                for j, m in enumerate(e["members"])]
+        rule = ("mean of probabilities at T = " + f"{e['temperature']:g}" if e["combine"] == "prob"
+                else "mean of logits")
+        tta = f"scales {','.join(f'{s:g}' for s in e['scales'])}" + (" + flips" if e["flip"] else "")
+        rows += [("combination", f"{rule}; {tta}; on {e['grid']}"),
+                 ("features from", e["features_from"])]
+        return rows
 
     def raw_bytes_per_pixel(self) -> int:
         """Uncompressed bytes of the top-k logits per map position."""

@@ -226,7 +226,8 @@ class ShardWriter:
             s.path: fast_reader(out, s.path, self.arrays[s.path].metadata.to_dict()) for s in specs}
         for g in schema.extent_groups:
             self.arrays[f"{g}/hw"] = group[f"{g}/hw"]
-        for name in ("done", "image_hw") + (("views/params",) if schema.views else ()):
+        self.quality = [name for name, _, _ in schema.quality_arrays()]
+        for name in ("done", "image_hw") + (("views/params",) if schema.views else ()) + tuple(self.quality):
             self.arrays[name] = group[name]
         self.thread = threading.Thread(target=self._run, name="kdcache-shard-writer", daemon=True)
         self.thread.start()
@@ -300,6 +301,8 @@ class ShardWriter:
         self.arrays["image_hw"][start:stop] = np.array([s["image_hw"] for s in rows], dtype=np.int32)
         if self.schema.views:
             self.arrays["views/params"][start:stop] = np.stack([s["views/params"] for s in rows])
+        for name in self.quality:
+            self.arrays[name][start:stop] = np.stack([np.asarray(s[name]) for s in rows])
         self.arrays["done"][start:stop] = True  # last: the samples are complete
         self.bytes_written += written
         self.samples_written += n
