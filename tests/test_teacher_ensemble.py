@@ -388,3 +388,25 @@ quiet: true
     e = store.meta["ensemble"]
     assert [m["name"] for m in e["members"]] == ["a", "c"] and e["scales"] == [0.75, 1.0]
     assert e["combine"] == "logit" and e["grid_stride"] == 8 and store.schema.map_size == (4, 6)
+
+
+def test_stored_views_hold_the_ensemble_on_each_crop(tmp_path, members):
+    """--views with an ensemble: each stored view is the combination of the members run on that
+    crop (the crop's geometry as stored)."""
+    from kdcache.transforms import Geometry, apply_geometry
+
+    out = tmp_path / "v.zarr"
+    build_teacher_cache(config([members["a"], members["c"]], out, limit=2, views=2, view_crop=(16, 24),
+                               view_scale=(0.5, 1.5), combine="logit"), show_progress=False)
+    store = CacheStore(out)
+    x = images01(2)
+    for i in range(2):
+        item = store.read(i)
+        for v in range(2):
+            g = Geometry.unpack((32, 48), item["views/params"][v])
+            crop = apply_geometry(x[i].float(), g, kind="image")[None].double()
+            want = combine([up(run_member(members[m], crop)[0], (4, 6)) for m in ("a", "c")], "logit", 1.0)[0]
+            got = np.zeros((11, 4, 6))
+            np.put_along_axis(got, item["views/logits/indices"][v].astype(np.int64),
+                              item["views/logits/values"][v].astype(np.float64), axis=0)
+            np.testing.assert_allclose(got, want.numpy(), rtol=2e-3, atol=4e-3)
