@@ -266,12 +266,18 @@ def test_cli_ensemble_inspect_resume_and_refusals(tmp_path, members):
     assert sorted(p.name for p in out.rglob("*")) == before
 
 
-def test_a_changed_member_makes_the_cache_stale(tmp_path, members):
+def own_members_cache(tmp_path):
+    """(member b's file, a top-4 cache of members a and b) with files of this test's own, to change."""
     d = tmp_path / "m"
     d.mkdir()
     a, b = make_teacher(d / "a.pt", seed=0), make_teacher(d / "b.pt", seed=1)
     out = tmp_path / "s.zarr"
     build_teacher_cache(config([a, b], out, topk=4), show_progress=False)
+    return b, out
+
+
+def test_a_changed_member_makes_the_cache_stale(tmp_path):
+    b, out = own_members_cache(tmp_path)
     make_teacher(b, seed=5)  # member b retrained in place
     r = kd("train-student", "--cache", out, "--out", tmp_path / "run", "--epochs", 1, "--device", "cpu",
            "--workers", 0, "--quiet")
@@ -355,12 +361,8 @@ def test_members_with_other_class_names_are_refused(tmp_path, members):
     assert "every member must use the same classes in the same order" in str(e.value)
 
 
-def test_online_teacher_needs_every_members_file(tmp_path, members):
-    d = tmp_path / "m"
-    d.mkdir()
-    a, b = make_teacher(d / "a.pt", seed=0), make_teacher(d / "b.pt", seed=1)
-    out = tmp_path / "s.zarr"
-    build_teacher_cache(config([a, b], out, topk=4), show_progress=False)
+def test_online_teacher_needs_every_members_file(tmp_path):
+    b, out = own_members_cache(tmp_path)
     b.unlink()
     trainer = StudentTrainer(config_from_store(str(out), out=str(tmp_path / "o"), online_teacher="cache", limit=N,
                                                device="cpu", workers=0))
