@@ -52,7 +52,9 @@ class OnlineTeacher:
     def from_cache(cls, schema: CacheSchema, taps: Sequence[str], device: torch.device) -> OnlineTeacher:
         """The teacher ``schema``'s cache was built with (every member, the same combination and
         test-time augmentation), with the cache's k."""
-        ens = from_record(schema.members, schema.ensemble, Preprocess.from_dict(schema.preprocess),
+        # a store from before ensembles: its flip average was the mean of the logits
+        record = schema.ensemble or {"flip": bool(schema.meta.get("flip_average")), "combine": "logit"}
+        ens = from_record(schema.members, record, Preprocess.from_dict(schema.preprocess),
                           num_classes=schema.num_classes, taps=taps, device=device)
         return cls(ens, None, schema.num_classes, taps, device, k=schema.k)
 

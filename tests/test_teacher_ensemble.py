@@ -250,7 +250,7 @@ def test_cli_ensemble_inspect_resume_and_refusals(tmp_path, members):
     r = kd("inspect-cache", out, "--json", tmp_path / "i.json")
     assert r.exit_code == 0, r.output
     text = " ".join(r.output.split())
-    assert "member 1" in text and "member 2" in text and "mean of probabilities at T = 1" in text
+    assert "member 1" in text and "member 2" in text and "mean of logits; scales 0.75,1 + flips" in text
     assert "teacher quality" in text and "a, no TTA" in text and "agrees with combined" in text
     report = json.loads((tmp_path / "i.json").read_text())
     assert set(report["teacher_quality"]["rows"]) == {"a, no TTA", "b, no TTA", "a", "b", "combined"}
@@ -261,8 +261,8 @@ def test_cli_ensemble_inspect_resume_and_refusals(tmp_path, members):
     r = kd("build-teacher-cache", "--weights", members["a"], "--weights", members["c"], "--tta-scales", "0.75,1",
            "--flip-average", *common)
     assert r.exit_code == 2 and "cannot be resumed" in r.output and "ensemble.members" in r.output, r.output
-    r = kd("build-teacher-cache", *ab, "--tta-scales", "0.75,1", "--flip-average", "--combine", "logit", *common)
-    assert r.exit_code == 2 and "ensemble.combine: store has prob, this build wants logit" in r.output, r.output
+    r = kd("build-teacher-cache", *ab, "--tta-scales", "0.75,1", "--flip-average", "--combine", "prob", *common)
+    assert r.exit_code == 2 and "ensemble.combine: store has logit, this build wants prob" in r.output, r.output
     assert sorted(p.name for p in out.rglob("*")) == before
 
 
