@@ -7,11 +7,14 @@ resizes each output's logits bilinearly to one common grid (the finest member's 
 stride the user chose), as mmsegmentation's ``aug_test`` and DeepLab's multi-scale inference
 resize each scale's output back to the image, and combines them per pixel:
 
+* ``logit`` (the default, chosen on val): the mean of the logits (a normalised geometric mean
+  of the probabilities).
 * ``prob``: the mean of the probabilities at temperature T, stored as the logits
   z = T · log mean_j softmax(z_j / T) (computed in log space, so no probability underflows).
-  Their softmax at T is the mean distribution exactly; the tail of a top-k cache of them is
-  exact for that distribution at T = 1.
-* ``logit``: the mean of the logits (a geometric mean of the probabilities).
+  Their softmax at T is the mean distribution exactly.
+
+Either way the tail of a top-k cache is exact for the stored distribution at T = 1. Scales
+cannot share a forward (their inputs differ in size); an image and its mirror do.
 
 Every (member, scale, flip) output has the same weight. Features and attention maps come from
 one member (``features_from``) at scale 1 (flip-averaged with flips): averaging features across
