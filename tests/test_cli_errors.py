@@ -942,6 +942,17 @@ def literal_overlap(s: str, parts: tuple[str, ...]) -> int:
     return best
 
 
+_OVERLAPS: dict[tuple[str, str], int] = {}
+
+
+def _overlap(s: str, template: str, parts) -> int:
+    """literal_overlap, remembered: the checks below score the same pairs again (several seconds each time)."""
+    key = (s, template)
+    if key not in _OVERLAPS:
+        _OVERLAPS[key] = literal_overlap(s, parts)
+    return _OVERLAPS[key]
+
+
 def coverage(sites: list[Site], strings: list[str]) -> tuple[dict, list[str]]:
     """(template -> how it is covered, problems): a message is covered by a test string that
     shares at least MIN_OVERLAP literal characters with it and MIN_OVERLAP more than with any
@@ -951,7 +962,7 @@ def coverage(sites: list[Site], strings: list[str]) -> tuple[dict, list[str]]:
     for s in {x.strip() for x in strings}:
         if " " not in s or len(s) < MIN_OVERLAP:
             continue  # option names, paths, ids: not a message's words
-        scores = sorted(((literal_overlap(s, parts), t) for t, parts in templates.items()), reverse=True)
+        scores = sorted(((_overlap(s, t, parts), t) for t, parts in templates.items()), reverse=True)
         if scores[0][0] >= MIN_OVERLAP and (len(scores) == 1 or scores[0][0] >= scores[1][0] + MIN_OVERLAP):
             covered.setdefault(scores[0][1], f"test string {s!r}")
     problems = []
