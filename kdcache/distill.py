@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kdcache import distributed
 from kdcache.data import build_dataset
 from kdcache.data.base import SegmentationDataset
 from kdcache.data.splits import limit
@@ -411,8 +412,13 @@ class StudentTrainer(Trainer):
 
 def train_student(config: StudentConfig, *, resume: bool = False, overwrite: bool = False,
                   show_progress: bool = True, explicit: set[str] | None = None) -> dict:
-    return StudentTrainer(config, resume=resume, overwrite=overwrite, show_progress=show_progress,
-                          explicit=explicit).fit()
+    """Run distillation training; returns ``{"run", "best_miou", "last"}`` (the process group of
+    a torchrun launch destroyed at the end, as :func:`kdcache.training.train` does)."""
+    try:
+        return StudentTrainer(config, resume=resume, overwrite=overwrite, show_progress=show_progress,
+                              explicit=explicit).fit()
+    finally:
+        distributed.shutdown()
 
 
 def config_from_store(store_path: str, **overrides) -> StudentConfig:
