@@ -133,7 +133,9 @@ class TeacherInputs(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         image, mask = self.dataset.load(i)
         x = self.preprocess.image_to_tensor(image)
-        item = {"index": i, "image": x, "label": self.preprocess.mask_to_tensor(mask) if self.labels else None}
+        # uint8 as the mask is (int64 would be 8x the memory of a loader's queue of large masks)
+        label = self.preprocess.mask_to_tensor(mask).to(torch.uint8) if self.labels else None
+        item = {"index": i, "image": x, "label": label}
         if self.views:
             rng = np.random.default_rng((self.view_seed, i))
             gs = [sample_geometry(rng, tuple(x.shape[-2:]), self.view_aug) for _ in range(self.views)]
