@@ -253,17 +253,18 @@ class TeacherEnsemble:
     def _native_size(self, j: int, hw: tuple[int, int], device) -> tuple[int, int]:
         key = (j, hw)
         if key not in self._native:
-            self._native[key] = tuple(self._forward(self.members[j], torch.zeros(1, 3, *hw, device=device)).logits.shape[-2:])
+            out = self._forward(self.members[j], torch.zeros(1, 3, *hw, device=device))
+            self._native[key] = tuple(out.logits.shape[-2:])
         return self._native[key]
 
-    def grid_size(self, hw: tuple[int, int], device) -> tuple[int, int]:
-        """The common grid for an input of ``hw``: ceil(hw / stride), or the largest member map."""
+    def grid_size(self, hw: tuple[int, int], device, native: Sequence[tuple[int, int]] = ()) -> tuple[int, int]:
+        """The common grid for an input of ``hw``: ceil(hw / stride) with a grid stride, else the
+        largest member map (``native``: the members' scale-1 map sizes where known; otherwise
+        each member is probed once per input size)."""
         s = self.plan.grid_stride
         if s:
             return (max(1, math.ceil(hw[0] / s)), max(1, math.ceil(hw[1] / s)))
-        if len(self.members) == 1 and 1.0 in self.plan.scales:
-            return None  # the member's own scale-1 output sets it
-        sizes = [self._native_size(j, hw, device) for j in range(len(self.members))]
+        sizes = list(native) or [self._native_size(j, hw, device) for j in range(len(self.members))]
         return max(sizes, key=lambda s: (s[0] * s[1], s))
 
     @torch.inference_mode()
@@ -273,6 +274,28 @@ class TeacherEnsemble:
             m.model.eval()
         out = self(torch.zeros(1, 3, *size, device=device))
         return tuple(out.logits.shape[-2:]), {k: tuple(v.shape[1:]) for k, v in out.features.items()}
+
+    def _run(self, m: Member, xm: torch.Tensor, scale: float, features: bool) -> tuple[list, dict]:
+        """Member ``m`` on ``xm`` resized by ``scale`` (with its mirror in the same forward):
+        its logits, mirrored back, at their native size; and, if asked, its features (the mean
+        over the mirror pair)."""
+        H, W = xm.shape[-2:]
+        size = (max(1, round(H * scale)), max(1, round(W * scale)))
+        xs = xm if size == (H, W) else F.interpolate(xm, size=size, mode="bilinear", align_corners=False)
+        out = self._forward(m, torch.cat([xs, xs.flip(-1)]) if self.plan.flip else xs)
+        logits = out.logits.float()
+        pieces = list(logits.chunk(2)) if self.plan.flip else [logits]
+        if self.plan.flip:
+            pieces[1] = pieces[1].flip(-1)
+        feats = {}
+        if features:
+            for tap, f in out.features.items():
+                f = f.float()
+                if self.plan.flip:
+                    a, b = f.chunk(2)
+                    f = (a + b.flip(-1)) / 2
+                feats[tap] = f
+        return pieces, feats
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, *, rows: bool = False) -> EnsembleOutput:
@@ -285,45 +308,38 @@ class TeacherEnsemble:
             return EnsembleOutput(logits, {k: v.float() for k, v in out.features.items()},
                                   {COMBINED: logits} if rows else {})
         H, W = x.shape[-2:]
-        grid = self.grid_size((H, W), x.device)
         prob = plan.combine == "prob"
-        total, count, features = None, 0, {}
+        inputs = [self._renormalise(x, m) for m in self.members]
+        fi = self.features_index
+        with_features = bool(self.members[fi].model.taps)
+        # scale 1 first, every member: its maps set the grid (no probe), and the features come from it
+        first: dict[int, list] = {}
+        features: dict[str, torch.Tensor] = {}
+        for j, m in enumerate(self.members):
+            if 1.0 in plan.scales or (j == fi and with_features):
+                pieces, feats = self._run(m, inputs[j], 1.0, j == fi and with_features)
+                features.update(feats)
+                if 1.0 in plan.scales:
+                    first[j] = pieces
+        native = [first[j][0].shape[-2:] for j in sorted(first)] if 1.0 in plan.scales else []
+        grid = self.grid_size((H, W), x.device, [tuple(n) for n in native])
+        total, count = None, 0
         row_out: dict[str, torch.Tensor] = {}
         member_rows: dict[str, torch.Tensor] = {}
         for j, m in enumerate(self.members):
-            xm = self._renormalise(x, m)
             acc, n = None, 0
-            want_features = j == self.features_index and m.model.taps
-            scales = sorted(plan.scales, key=lambda s: s != 1.0)  # scale 1 first: its map may set the grid
-            if want_features and 1.0 not in scales:
-                scales.append(None)  # a scale-1 pass for the features alone
-            for s in scales:
-                size = (H, W) if s in (None, 1.0) else (max(1, round(H * s)), max(1, round(W * s)))
-                xs = xm if size == (H, W) else F.interpolate(xm, size=size, mode="bilinear", align_corners=False)
-                out = self._forward(m, torch.cat([xs, xs.flip(-1)]) if plan.flip else xs)
-                if want_features and s in (None, 1.0):
-                    for tap, f in out.features.items():
-                        f = f.float()
-                        if plan.flip:
-                            a, b = f.chunk(2)
-                            f = (a + b.flip(-1)) / 2
-                        features[tap] = f
-                if s is None:
-                    continue
-                lg = out.logits.float()
-                pieces = list(lg.chunk(2)) if plan.flip else [lg]
-                if plan.flip:
-                    pieces[1] = pieces[1].flip(-1)
-                if grid is None:  # one member at scale 1 (run first): its own map is the grid
-                    grid = tuple(lg.shape[-2:])
-                for i, piece in enumerate(pieces):
-                    if tuple(piece.shape[-2:]) != tuple(grid):
-                        piece = F.interpolate(piece, size=grid, mode="bilinear", align_corners=False)
-                    if rows and s == 1.0 and i == 0 and plan.tta:
-                        row_out[f"{m.name}, no TTA"] = piece
-                    term = torch.log_softmax(piece / T, dim=1) if prob else piece
-                    acc = term if acc is None else (torch.logaddexp(acc, term) if prob else acc + term)
-                    n += 1
+            outputs = [(1.0, p) for p in first.get(j, [])]
+            for s in plan.scales:
+                if s != 1.0:
+                    outputs += [(s, p) for p in self._run(m, inputs[j], s, False)[0]]
+            for i, (s, piece) in enumerate(outputs):
+                if tuple(piece.shape[-2:]) != tuple(grid):
+                    piece = F.interpolate(piece, size=grid, mode="bilinear", align_corners=False)
+                if rows and plan.tta and s == 1.0 and i == 0:
+                    row_out[f"{m.name}, no TTA"] = piece
+                term = torch.log_softmax(piece / T, dim=1) if prob else piece
+                acc = term if acc is None else (torch.logaddexp(acc, term) if prob else acc + term)
+                n += 1
             if rows and len(self.members) > 1:
                 member_rows[m.name] = T * (acc - math.log(n)) if prob else acc / n
             total = acc if total is None else (torch.logaddexp(total, acc) if prob else total + acc)

@@ -412,3 +412,28 @@ def test_stored_views_hold_the_ensemble_on_each_crop(tmp_path, members):
             np.put_along_axis(got, item["views/logits/indices"][v].astype(np.int64),
                               item["views/logits/values"][v].astype(np.float64), axis=0)
             np.testing.assert_allclose(got, want.numpy(), rtol=2e-3, atol=4e-3)
+
+
+def test_images_of_different_sizes_need_no_probe_forward(tmp_path, monkeypatch):
+    """VOC images of seven sizes, a stride-4 and a stride-8 member: each sample's grid is the
+    stride-4 member's own map of that image (its extent recorded), found from the scale-1
+    forwards themselves, with no extra probe forward per image size."""
+    from fake_data import make_voc_sizes
+
+    from kdcache.teacher_ensemble import TeacherEnsemble
+
+    root = make_voc_sizes(tmp_path / "voc")
+    a = make_teacher(tmp_path / "a.pt", num_classes=21)
+    c = make_teacher(tmp_path / "c.pt", num_classes=21, name="fake_data:stride8_net", seed=2)
+    probed = []
+    real = TeacherEnsemble._native_size
+    monkeypatch.setattr(TeacherEnsemble, "_native_size", lambda self, j, hw, d: probed.append(hw) or real(self, j, hw, d))
+    out = tmp_path / "voc.zarr"
+    build_teacher_cache(CacheBuildConfig(weights=[str(a), str(c)], out=str(out), dataset="voc", data_root=str(root),
+                                         topk=4, tta_scales=(1.0, 0.5), device="cpu", workers=0), show_progress=False)
+    assert probed == []
+    store = CacheStore(out)
+    ds = build_dataset("voc", "train", root)
+    for i in range(len(ds)):
+        h, w = ds.load(i)[0].shape[:2]
+        assert store.read(i)["logits/values"].shape[-2:] == (math.ceil(h / 4), math.ceil(w / 4))
