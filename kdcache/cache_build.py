@@ -92,7 +92,7 @@ class CacheBuildConfig:
     def plan(self) -> EnsemblePlan:
         return EnsemblePlan(combine=self.combine, temperature=float(self.combine_temperature),
                             scales=tuple(float(s) for s in self.tta_scales), flip=self.flip_average,
-                            grid_stride=self.grid_stride, features_from=self.features_from)
+                            grid_stride=self.grid_stride)
 
     def validate(self) -> None:
         if not self.weight_files:

@@ -54,15 +54,13 @@ COMBINED = "combined"
 @dataclass(frozen=True)
 class EnsemblePlan:
     """How the members' outputs are combined: the rule and its temperature, the TTA scales and
-    flip, the common grid's stride (None: the finest member's map) and the member whose
-    features are stored (None: the first)."""
+    flip, and the common grid's stride (None: the finest member's map)."""
 
     combine: str = DEFAULT_COMBINE
     temperature: float = 1.0
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     grid_stride: float | None = None
-    features_from: str | None = None
 
     def validate(self) -> None:
         if self.combine not in COMBINE_RULES:
@@ -174,13 +172,11 @@ def from_record(members: Sequence[dict], ensemble: dict | None, preprocess: Prep
     e = ensemble or {}
     plan = EnsemblePlan(combine=e.get("combine") or DEFAULT_COMBINE, temperature=e.get("temperature") or 1.0,
                         scales=tuple(e.get("scales") or (1.0,)), flip=bool(e.get("flip")),
-                        grid_stride=e.get("grid_stride"), features_from=e.get("features_from"))
+                        grid_stride=e.get("grid_stride"))
     names = [m.get("name") for m in members]
-    fi = names.index(plan.features_from) if plan.features_from in names else 0
+    fi = names.index(e["features_from"]) if e.get("features_from") in names else 0
     built, fi = open_members(paths, [m["model"] for m in members], num_classes=num_classes, class_names=None,
                              taps=taps, features_from=str(fi + 1), device=device)
-    for m, name in zip(built, names):
-        m.name = name or m.name
     return TeacherEnsemble(built, plan, preprocess, features_index=fi)
 
 
@@ -381,7 +377,7 @@ def sample_quality(rows: dict[str, torch.Tensor], labels: Sequence[torch.Tensor 
                     hit = pred == target
                     counts[r, 0] = torch.bincount(target[hit], minlength=C)[:C].cpu()
                     counts[r, 1] = torch.bincount(pred, minlength=C)[:C].cpu()
-                    counts[r, 2] = torch.bincount(target.clamp_max(C - 1), minlength=C)[:C].cpu()
+                    counts[r, 2] = torch.bincount(target, minlength=C)[:C].cpu()
                     nll[r] = -logp.permute(1, 2, 0)[valid].gather(1, target[:, None]).double().sum().cpu()
         out.append({"quality/counts": counts.numpy().astype("int32"), "quality/nll": nll.numpy(),
                     "quality/agree": agree.numpy().astype("int32"),
