@@ -33,6 +33,7 @@ from kdcache.kernels import bench
 from kdcache.loggers import DEFAULT_PROJECT
 from kdcache.methods import METHODS, fill_in, methods_taking, option_default
 from kdcache.models import model_groups
+from kdcache.models.registry import PREFIXES
 from kdcache.progress import console
 from kdcache.pseudo_export import export_pseudo_labels as export_labels
 from kdcache.pseudo_export import kept_table_rows
@@ -243,7 +244,8 @@ Schedule = Annotated[str, typer.Option(help=f"poly (power {TrainConfig.poly_powe
 WarmupIters = Annotated[int, typer.Option(help="Linear warm-up iterations.")]
 ClassWeights = Annotated[bool, typer.Option("--class-weights/--no-class-weights", help="Median-frequency class weights from the training labels.")]
 CropSize = Annotated[str | None, typer.Option(help="Training crop HxW (default: the first training image's size).")]
-Scale = Annotated[str, typer.Option(help="Random scale range 'lo,hi'.")]
+Scale = Annotated[str, typer.Option(help="Random scale range 'lo,hi' (segmentation).")]
+CropArea = Annotated[str, typer.Option(help="Classification: the random-resized crop's share of the image area 'lo,hi' (aspect 3/4 to 4/3, stretched to --crop-size).")]
 Flip = Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips.")]
 Amp = Annotated[bool, typer.Option("--amp/--no-amp", help="fp16 mixed precision (CUDA only).")]
 TrainWorkers = Annotated[int | None, typer.Option(help="DataLoader worker processes (default: 0 on CPU, up to 8 on CUDA).")]
@@ -278,7 +280,8 @@ TRAINING_OPTIONS = _options(
     batch_size=(BatchSize, T.batch_size), lr=(Lr, T.lr), optimizer=(Optimizer, T.optimizer),
     weight_decay=(WeightDecay, T.weight_decay), schedule=(Schedule, T.schedule),
     warmup_iters=(WarmupIters, T.warmup_iters), class_weights=(ClassWeights, T.class_weights),
-    resize=(Resize, None), crop_size=(CropSize, None), scale=(Scale, pair_text(T.scale)), flip=(Flip, T.hflip),
+    resize=(Resize, None), crop_size=(CropSize, None), scale=(Scale, pair_text(T.scale)),
+    crop_area=(CropArea, pair_text(T.crop_area)), flip=(Flip, T.hflip),
     amp=(Amp, T.amp), device=(Device, T.device), workers=(TrainWorkers, None), seed=(Seed, T.seed),
     split_seed=(SplitSeed, T.split_seed), folds=(Folds, None), fold=(Fold, T.fold), limit=(Limit, None),
     weights=(InitWeights, None), backbone_weights=(BackboneWeights, None), pretrained=(Pretrained, T.pretrained),
@@ -295,6 +298,7 @@ def training_fields(**values) -> dict:
     out["resize"] = parse_size(out.pop("resize", None), "--resize")
     out["crop"] = parse_size(out.pop("crop_size", None), "--crop-size")
     out["scale"] = parse_pair(out.get("scale"), "--scale")
+    out["crop_area"] = parse_pair(out.get("crop_area"), "--crop-area")
     out["hflip"] = out.pop("flip")
     out["dataset_options"] = parse_dataset_options(out.pop("dataset_option", None), out.pop("resolution", None))
     out["model_options"] = parse_key_values(out.pop("model_option", None), "--model-option")
@@ -382,7 +386,7 @@ def train_teacher(
                          out=out or f"runs/{model.replace(':', '_')}", **fields)
     result = run_training(train, config, control, ctx)
     if distributed.env_dist().is_main:  # under torchrun, rank 0 reports
-        console.print(f"[green]done[/green]: best val mIoU {100 * result['best_miou']:.2f} — run folder {result['run']}")
+        console.print(f"[green]done[/green]: best {result.get('best_metric', 'val mIoU')} {100 * result['best_miou']:.2f} — run folder {result['run']}")
 
 
 @command("train-student")
@@ -435,7 +439,7 @@ def train_student(
         console.print(f"[yellow]--skip-bad[/yellow]: {100 * skipped:.1f}% of the last epoch's samples had unreadable "
                       "targets and trained on cross-entropy alone; see train_kd_skipped in metrics.jsonl and run "
                       "verify-cache")
-    console.print(f"[green]done[/green]: {label}: best val mIoU {100 * result['best_miou']:.2f} — run folder {result['run']}")
+    console.print(f"[green]done[/green]: {label}: best {result.get('best_metric', 'val mIoU')} {100 * result['best_miou']:.2f} — run folder {result['run']}")
 
 
 @command()
@@ -514,7 +518,8 @@ def compare(
     console.print(compare_table(result, width=console.width))
     if per_class:
         console.print(compare_per_class_table(result))
-    console.print(f"wrote {out}/compare.md, compare.csv, compare.json, per_class_iou.png and {len(result['figures'])} example figures")
+    bars = "per_class_acc.png, confusion_<run>.png" if result.get("task") == "classification" else "per_class_iou.png"
+    console.print(f"wrote {out}/compare.md, compare.csv, compare.json, {bars} and {len(result['figures'])} example figures")
 
 
 @command()
@@ -557,7 +562,9 @@ def build_teacher_cache(
     combine_temperature: Annotated[float, typer.Option(help="Temperature of --combine prob (the stored logits are T·log of the mean probability).")] = B.combine_temperature,
     grid_stride: Annotated[float | None, typer.Option(help="Stride of an ensemble's common grid (default: the finest member's map).")] = None,
     features_from: Annotated[str | None, typer.Option(help="The ensemble member whose --features are stored: its name (run folder or file name) or position (default: the first).")] = None,
-    views: Annotated[int, typer.Option(help="Also store N random scale/crop views per image with their parameters (FKD-style).")] = B.views,
+    label_map: Annotated[bool, typer.Option(help="Classification: store the teacher's class map before global pooling (ReLabel); students pool it over each random crop.")] = B.label_map,
+    views: Annotated[int, typer.Option(help="Also store N random scale/crop views per image with their parameters (FKD-style; classification: random-resized crops, see --view-area).")] = B.views,
+    view_area: Annotated[str, typer.Option(help="Classification views: the random-resized crops' share of the image area 'lo,hi'.")] = pair_text(B.view_area),
     view_scale: Annotated[str, typer.Option(help="Scale range 'lo,hi' of the stored views.")] = pair_text(B.view_scale),
     view_crop: Annotated[str | None, typer.Option(help="Crop HxW of the stored views (default: the image size).")] = None,
     view_seed: Annotated[int, typer.Option(help="Seed of the stored views.")] = B.view_seed,
@@ -582,7 +589,8 @@ def build_teacher_cache(
         features=parse_list(features, "--features"), attention=attention, attention_only=attention_only,
         flip_average=flip_average, tta_scales=parse_list(tta_scales, "--tta-scales", float), combine=combine,
         combine_temperature=combine_temperature, grid_stride=grid_stride, features_from=features_from,
-        views=views, view_scale=parse_pair(view_scale, "--view-scale"),
+        label_map=label_map, views=views, view_scale=parse_pair(view_scale, "--view-scale"),
+        view_area=parse_pair(view_area, "--view-area"),
         view_crop=parse_size(view_crop, "--view-crop"), view_seed=view_seed, batch_size=batch_size, device=device,
         workers=workers, limit=limit, samples_per_shard=samples_per_shard, codec=codec, amp=amp,
     )
@@ -699,13 +707,15 @@ def list_models():
         typer.echo(f"{source}:")
         for name in names:
             typer.echo(f"  {name}")
+    for _prefix, (_factory, shown) in sorted(PREFIXES.items()):
+        typer.echo(shown)
 
 
 @command("list-datasets")
 def list_datasets():
-    """The registered data set names."""
-    for name in DATASETS.names():
-        typer.echo(name)
+    """The registered data set names, with their task."""
+    for name, cls in DATASETS.items():
+        typer.echo(f"{name}  ({getattr(cls, 'task', 'segmentation')})")
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ import torch
 
 from kdcache import distributed
 from kdcache.data import build_dataset
+from kdcache.data.class_base import is_classification
 from kdcache.data.splits import limit
 from kdcache.errors import KDCacheError
 from kdcache.loaders import default_workers, make_loader
@@ -43,7 +44,7 @@ from kdcache.teacher_ensemble import (
     open_members,
     sample_quality,
 )
-from kdcache.transforms import Augment, Preprocess, apply_geometry, sample_geometry
+from kdcache.transforms import Augment, Preprocess, apply_geometry, label_tensor, sample_geometry
 
 
 @dataclass
@@ -65,8 +66,10 @@ class CacheBuildConfig:
     combine_temperature: float = 1.0
     grid_stride: float | None = None  # the common grid of an ensemble (None: the finest member's map)
     features_from: str | None = None  # the member whose features are stored (name or 1-based position)
+    label_map: bool = False  # classification: the class map before pooling (ReLabel), not the logits
     views: int = 0
     view_scale: tuple[float, float] = (0.5, 2.0)
+    view_area: tuple[float, float] = (0.25, 1.0)  # classification views: random-resized crops of this area
     view_crop: tuple[int, int] | None = None
     view_seed: int = 0
     batch_size: int = 8
@@ -107,6 +110,11 @@ class CacheBuildConfig:
         lo, hi = self.view_scale
         if not 0 < lo <= hi:
             raise KDCacheError(f"--view-scale must be 'lo,hi' with 0 < lo <= hi, got {self.view_scale}")
+        lo, hi = self.view_area
+        if not 0 < lo <= hi <= 1:
+            raise KDCacheError(f"--view-area must be 'lo,hi' with 0 < lo <= hi <= 1, got {self.view_area}")
+        if self.label_map and self.views:
+            raise KDCacheError("--label-map and --views are two forms of a classification cache; give one of them")
         if (self.attention or self.attention_only) and not self.features:
             raise KDCacheError("--attention needs --features NAME[,NAME]: the taps whose attention maps to store")
         if self.codec not in CODECS:
@@ -126,6 +134,7 @@ class TeacherInputs(torch.utils.data.Dataset):
         self.dataset, self.preprocess = dataset, preprocess
         self.views, self.view_aug, self.view_seed = views, view_aug, view_seed
         self.labels = labels and getattr(dataset, "labelled", True)
+        self.classification = is_classification(dataset)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -133,8 +142,13 @@ class TeacherInputs(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         image, mask = self.dataset.load(i)
         x = self.preprocess.image_to_tensor(image)
-        # uint8 as the mask is (int64 would be 8x the memory of a loader's queue of large masks)
-        label = self.preprocess.mask_to_tensor(mask).to(torch.uint8) if self.labels else None
+        # uint8 as the mask is (int64 would be 8x the memory of a loader's queue of large masks);
+        # a class (1 x 1) stays int64: ids above 255
+        label = None
+        if self.labels:
+            label = label_tensor(self.dataset, self.preprocess, mask)
+            if not self.classification:
+                label = label.to(torch.uint8)
         item = {"index": i, "image": x, "label": label}
         if self.views:
             rng = np.random.default_rng((self.view_seed, i))
@@ -176,14 +190,21 @@ def _build(config: CacheBuildConfig, d: distributed.Dist, device: torch.device, 
                                "none; give -o class_names_file=FILE (one class name per line)")
         ds = ds.with_class_names(names)
     C = ds.num_classes
+    classification = is_classification(ds)
+    if config.label_map and not classification:
+        raise KDCacheError(f"--label-map is for classification data sets; {config.dataset} is a segmentation data set")
     if config.topk > C:
         raise KDCacheError(f"--topk {config.topk} is more than the {C} classes of {config.dataset}; use --topk {C} for a dense cache")
     taps = tuple(config.features)
     members, fi = open_members(files, config.teachers, num_classes=C, class_names=ds.class_names, taps=taps,
-                               features_from=config.features_from, device=device)
+                               features_from=config.features_from, device=device,
+                               task="classification" if classification else "segmentation")
     preprocess = members[0].preprocess
+    for m in members:
+        if m.model.task is None:  # a package.module:callable: the data set's task
+            m.model.task = "classification" if classification else "segmentation"
     teacher = TeacherEnsemble(members, config.plan, preprocess, features_index=fi,
-                              amp=config.amp and device.type == "cuda")
+                              amp=config.amp and device.type == "cuda", class_map=config.label_map)
 
     # what the teacher gives, and so what the store will hold ------------------------------------
     sizes = _sizes(ds, preprocess)
@@ -198,7 +219,8 @@ def _build(config: CacheBuildConfig, d: distributed.Dist, device: torch.device, 
             crop = sizes[0]
         view_map, view_feats = teacher.probe(tuple(crop), device)
         views = {"count": config.views, "scale": config.view_scale, "crop": crop, "seed": config.view_seed,
-                 "map_size": view_map, "feature_shapes": view_feats}
+                 "map_size": view_map, "feature_shapes": view_feats,
+                 "area": config.view_area if classification else None}
     with progress_bar("fingerprint data", total=len(ds), enabled=show_progress, unit="sample") as bar:
         hashes = []
         for i in range(len(ds)):
@@ -215,6 +237,7 @@ def _build(config: CacheBuildConfig, d: distributed.Dist, device: torch.device, 
                  "limit": config.limit, "root": config.data_root},
         ids=ds.ids, hashes=hashes, preprocess=preprocess.to_dict(), flip_average=config.flip_average,
         codec=config.codec, amp=config.amp and device.type == "cuda", samples_per_shard=config.samples_per_shard,
+        classification={"targets": "label_map" if config.label_map else "logits"} if classification else None,
     )
 
     # create, or check the store to resume (rank 0 alone writes) ---------------------------------
@@ -250,8 +273,11 @@ def _run_teacher(teacher: TeacherEnsemble, ds, preprocess, schema: CacheSchema, 
     # batches never straddle shards: a resumed build runs the teacher on the same batches
     batches = [list(range(b, min(b + B, stop))) for j in todo for start, stop in [schema.shard_rows(j)]
                for b in range(start, stop, B)]
-    view_aug = (Augment(scale=tuple(config.view_scale), crop=tuple(schema.views["crop"]), hflip=True)
-                if schema.views else None)
+    view_aug = None
+    if schema.views and schema.views.get("area"):  # classification: random-resized crops
+        view_aug = Augment(crop=tuple(schema.views["crop"]), hflip=True, resized_crop=tuple(schema.views["area"]))
+    elif schema.views:
+        view_aug = Augment(scale=tuple(config.view_scale), crop=tuple(schema.views["crop"]), hflip=True)
     inputs = TeacherInputs(ds, preprocess, config.views, view_aug, config.view_seed, labels=True)
     workers = default_workers(device) if config.workers is None else config.workers
     loader = make_loader(inputs, None, workers, batch_sampler=batches, collate_fn=list, pin_memory=device.type == "cuda")
@@ -271,7 +297,11 @@ def _run_teacher(teacher: TeacherEnsemble, ds, preprocess, schema: CacheSchema, 
                         views = (vo.logits, vo.features, np.stack([it["view_params"] for it in same]))
                     samples = encode_batch(schema, out.logits, out.features, [ids[r] for r in rs],
                                            tuple(x.shape[-2:]), views)
-                    quality = sample_quality(out.rows, [it["label"] for it in same], schema.num_classes)
+                    rows = out.rows
+                    if schema.label_map:  # a class map's quality: the classifier's (pooled) prediction
+                        rows = {name: r.mean((2, 3), keepdim=True) for name, r in rows.items()}
+                    quality = sample_quality(rows, [it["label"] for it in same], schema.num_classes,
+                                             ds.ignore_index)
                     for r, sample, q in zip(rs, samples, quality):
                         writer.put(r, {**sample, **q})
                     bar.advance(len(rs), MB_written=round(writer.bytes_written / 1e6, 2))

@@ -23,7 +23,7 @@ import torch
 
 from kdcache import visualize
 from kdcache.errors import KDCacheError
-from kdcache.evaluation import eval_dataset, evaluate_run, measure_latencies
+from kdcache.evaluation import class_caption, eval_dataset, evaluate_run, measure_latencies
 from kdcache.model_loading import open_weights
 from kdcache.models.onnx_session import OnnxSegModel
 from kdcache.runs import RunDir, resolve_device, write_json
@@ -82,6 +82,7 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None, 
     configs = [RunDir(p).read_config() for p in paths]
     labels = [run_label(c, p) for c, p in zip(configs, paths)]
     base_i = _baseline_index(paths, configs, baseline)
+    classification = first.get("task") == "classification"
     rows = []
     for i, (p, rep) in enumerate(zip(paths, reports)):
         rows.append({
@@ -89,7 +90,10 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None, 
             "miou": rep["miou"], "macc": rep["macc"], "aacc": rep["aacc"],
             "delta_miou": None if base_i is None else rep["miou"] - reports[base_i]["miou"],
             "params": rep["params"], "ms_per_image": lat[i].get("ms_per_image"), "fps": lat[i].get("fps"),
-            "latency_group": lat[i].get("group"), "iou": rep["iou"], "baseline": i == base_i,
+            "latency_group": lat[i].get("group"), "iou": rep["iou"], "acc": rep["acc"], "baseline": i == base_i,
+            **({"top1": rep["top1"], "top5": rep["top5"],
+                "delta_top1": None if base_i is None else rep["top1"] - reports[base_i]["top1"]}
+               if classification else {}),
         })
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -99,14 +103,26 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None, 
               "baseline": None if base_i is None else str(paths[base_i]),
               "latency_device": next((x["device"] for x in lat if x), None),
               "latency_rounds": next((x["rounds"] for x in lat if x), None),
-              "backend": "onnxruntime" if onnx else "torch"}
+              "backend": "onnxruntime" if onnx else "torch", "task": first.get("task", "segmentation")}
     write_json(out_dir / "compare.json", result)
     (out_dir / "compare.md").write_text(markdown_table(result))
     _write_csv(out_dir / "compare.csv", result)
-    visualize.save_per_class_bars(out_dir / "per_class_iou.png", class_names,
-                                  {f"{r['name']} ({r['method']})": r["iou"] for r in rows},
-                                  title=f"per-class IoU on {first['dataset']} {first['split']}")
-    result["figures"] = _example_figures(paths, labels, reports, weights, models, split, out_dir, examples, dev)
+    if classification:
+        visualize.save_per_class_bars(out_dir / "per_class_acc.png", class_names,
+                                      {f"{r['name']} ({r['method']})": r["acc"] for r in rows},
+                                      title=f"per-class accuracy on {first['dataset']} {first['split']}",
+                                      ylabel="accuracy (%)")
+        for r, rep in zip(rows, reports):
+            if rep.get("confusion_matrix") is not None:
+                visualize.save_confusion_matrix(out_dir / f"confusion_{r['name']}.png", rep["confusion_matrix"],
+                                                class_names, title=f"{r['name']} ({r['method']})")
+        result["figures"] = _class_examples(paths, reports, weights, models, split, out_dir, examples, dev)
+    else:
+        visualize.save_per_class_bars(out_dir / "per_class_iou.png", class_names,
+                                      {f"{r['name']} ({r['method']})": r["iou"] for r in rows},
+                                      title=f"per-class IoU on {first['dataset']} {first['split']}")
+        result["figures"] = _example_figures(paths, labels, reports, weights, models, split, out_dir, examples,
+                                             dev)
     result["out_dir"] = str(out_dir)
     return result
 
@@ -161,6 +177,8 @@ def latency_sentence(result: dict) -> str:
 
 
 def markdown_table(result: dict) -> str:
+    if result.get("task") == "classification":
+        return _markdown_classification(result)
     cls = result["class_names"]
     head = ["run", "method", "model", "mIoU", "Δ mIoU", "mAcc", "aAcc", "#params", "ms/image", "FPS"] + list(cls)
     lines = [f"{split_sentence(result)}; percentages; Δ against {result['baseline'] or '— (no baseline run)'}; "
@@ -176,7 +194,34 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _markdown_classification(result: dict) -> str:
+    cls = result["class_names"]
+    head = ["run", "method", "model", "top-1", "Δ top-1", "top-5", "mAcc", "#params", "ms/image", "FPS"]
+    if len(cls) <= 30:
+        head += list(cls)
+    lines = [f"{split_sentence(result)}; percentages (mAcc: mean per-class accuracy; per-class columns: accuracy); "
+             f"Δ against {result['baseline'] or '— (no baseline run)'}; {latency_sentence(result)}.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["rows"]:
+        delta = "—" if r["delta_top1"] is None else ("±0.00" if r["baseline"] else f"{100 * r['delta_top1']:+.2f}")
+        ms = "—" if r["ms_per_image"] is None else f"{r['ms_per_image']:.2f}"
+        fps = "—" if r["fps"] is None else f"{r['fps']:.1f}"
+        cells = [r["name"], r["method"], r["model"], _pct(r["top1"]), delta, _pct(r["top5"]), _pct(r["macc"]),
+                 f"{r['params'] / 1e6:.3f}M", ms, fps] + ([_pct(x) for x in r["acc"]] if len(cls) <= 30 else [])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _write_csv(path: Path, result: dict) -> None:
+    if result.get("task") == "classification":
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["run", "method", "model", "top1", "delta_top1", "top5", "macc", "params", "ms_per_image",
+                        "fps"] + [f"acc_{c}" for c in result["class_names"]])
+            for r in result["rows"]:
+                w.writerow([r["run"], r["method"], r["model"], r["top1"], r["delta_top1"], r["top5"], r["macc"],
+                            r["params"], r["ms_per_image"], r["fps"]] + list(r["acc"]))
+        return
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["run", "method", "model", "miou", "delta_miou", "macc", "aacc", "params", "ms_per_image", "fps"]
@@ -218,5 +263,45 @@ def _example_figures(paths, labels, reports, weights, models, split, out_dir: Pa
         visualize.save_comparison_grid(path, pre.denormalize(item["image"]), item["label"].numpy().astype(np.uint8),
                                        preds, ds.palette, list(ds.class_names),
                                        title=f"{sid}: {kind} #{k + 1} by the runs' mean image IoU ({mean[sid]:.3f})")
+        written.append(str(path))
+    return written
+
+
+@torch.no_grad()
+def _class_examples(paths, reports, weights, models, split, out_dir: Path, n: int, device) -> list[str]:
+    """Classification: the N images the runs are surest of (by the mean probability of the true
+    class) and the N they are least sure of, each run's prediction under each image."""
+    if n <= 0 or not models:
+        return []
+    probs = [rep.get("per_image_prob", {}) for rep in reports]
+    ids = [i for i in probs[0] if all(i in p for p in probs)]
+    if not ids:
+        return []
+    mean = {i: float(np.mean([p[i] for p in probs])) for i in ids}
+    ranked = sorted(ids, key=lambda i: -mean[i])
+    n = min(n, max(1, len(ranked) // 2))
+    _, ds, _ = eval_dataset(weights[0].config, split=split)
+    pipe = SegPipeline(ds, weights[0].preprocess)
+    index = {sid: j for j, sid in enumerate(ds.ids)}
+    names = list(ds.class_names)
+    (out_dir / "examples").mkdir(exist_ok=True)
+    for stale in (out_dir / "examples").glob("*.png"):
+        stale.unlink()
+    written = []
+    for kind, picks in (("best", ranked[:n]), ("worst", ranked[::-1][:n])):
+        images, captions = [], []
+        for sid in picks:
+            item = pipe[index[sid]]
+            truth = int(item["label"].reshape(-1)[0])
+            lines = [f"{sid}: {names[truth]}"]
+            for model, p in zip(models, paths):
+                prob = torch.softmax(model(item["image"][None].to(device)).logits.float().flatten(1)[0], 0)
+                pred = int(prob.argmax())
+                lines.append(f"{p.name}: {class_caption(names, truth, pred, float(prob[pred]))}")
+            images.append(weights[0].preprocess.denormalize(item["image"]))
+            captions.append(lines)
+        path = out_dir / "examples" / f"{kind}.png"
+        visualize.save_class_examples(path, images, captions,
+                                      title=f"{kind} {n} by the runs' mean probability of the true class")
         written.append(str(path))
     return written

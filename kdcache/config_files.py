@@ -37,7 +37,7 @@ RUN_COMMANDS = {"supervised": "train-teacher", "distill": "train-student"}
 #: what a run's config.json holds beside its config's fields (``Trainer.describe_run`` in
 #: kdcache/training.py, and ``resumed_from_epoch`` once resumed): ignored in a run's config.json
 RUN_INFO_KEYS = frozenset({
-    "kind", "num_classes", "class_names", "preprocess", "augment", "amp_enabled", "params",
+    "kind", "num_classes", "task", "class_names", "preprocess", "augment", "amp_enabled", "params",
     "train_samples", "val_samples", "device_name", "kdcache_version", "world_size", "resumed_from_epoch",
 })
 
@@ -47,7 +47,7 @@ FIELD_OPTIONS = {"crop": "crop_size", "hflip": "flip", "dataset_options": "datas
 
 #: options whose text has a shape (by parameter); each also takes its config field's value
 SHAPES = {"crop_size": "size", "resize": "size", "resolution": "size", "view_crop": "size",
-          "scale": "pair", "view_scale": "pair", "features": "names", "tta_scales": "numbers", "method": "methods",
+          "scale": "pair", "crop_area": "pair", "view_scale": "pair", "view_area": "pair", "features": "names", "tta_scales": "numbers", "method": "methods",
           "dataset_option": "dataset_options", "model_option": "dataset_options"}
 
 _WHAT = {str: "a text", int: "an integer", float: "a number", bool: "true or false"}

@@ -33,9 +33,12 @@ from kdcache.online_teacher import OnlineTeacher
 from kdcache.runs import RunDir
 from kdcache.store import BAD, BadSampleError, CacheStore, CacheStream, to_tensors
 from kdcache.store.location import worker_start_method
-from kdcache.target_geometry import view_targets, warp_targets
+from kdcache.target_geometry import pool_targets, view_targets, warp_targets
 from kdcache.training import TrainConfig, Trainer
 from kdcache.transforms import Augment, Geometry, Preprocess, SegPipeline
+
+#: the cached arrays of the logits group, as a read sample names them
+LOGIT_KEYS = ("logits/values", "logits/indices", "logits/tail")
 
 #: how train-student reads the cache: whole shards in a shuffled order, or sample by sample
 CACHE_READS = ("stream", "random")
@@ -155,6 +158,10 @@ class KDPipeline(SegPipeline):
             item = self.transformed(index, self.geometry if self.augment is not None else None)
             if cached:
                 g = item.get("geometry") or Geometry.identity(tuple(item["image"].shape[-2:]))
+                if self.store.schema.label_map:  # a classifier's class map, pooled over the crop
+                    logits = {key: cached.pop(key) for key in LOGIT_KEYS if key in cached}
+                    if logits:
+                        item.update(pool_targets(logits, g))
                 item.update(warp_targets(cached, g, self.store.schema.strides))
         item.pop("geometry", None)
         if skipped:  # no teacher targets for this sample: every KD cell ignored

@@ -21,7 +21,7 @@ from kdcache.data import build_dataset
 from kdcache.data.splits import limit, train_val_sets
 from kdcache.errors import KDCacheError
 from kdcache.loaders import make_loader
-from kdcache.metrics import ConfusionMatrix, per_image_iou
+from kdcache.metrics import ConfusionMatrix, TopK, per_image_iou
 from kdcache.model_loading import open_weights
 from kdcache.models import SegModel, count_parameters
 from kdcache.models.onnx_session import OnnxSegModel
@@ -33,7 +33,9 @@ from kdcache.transforms import SegPipeline
 @dataclass
 class EvalResult:
     metrics: dict
-    per_image: list[tuple[str, int, float]] = field(default_factory=list)  # (id, index, IoU)
+    #: (id, index, IoU), or for classification (id, index, the probability of the true class)
+    per_image: list[tuple[str, int, float]] = field(default_factory=list)
+    matrix: np.ndarray | None = None  # the confusion matrix [C, C] (rows: ground truth)
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -51,11 +53,19 @@ def evaluate_model(
     per_image: bool = False,
     description: str = "evaluate",
     show_progress: bool = True,
+    ignore_index: int = 255,
 ) -> EvalResult:
-    """Confusion-matrix metrics of ``model`` over ``loader`` (and per-image IoUs if asked)."""
+    """Confusion-matrix metrics of ``model`` over ``loader`` (and per-image IoUs if asked).
+
+    Classification (labels of 1 x 1, ``loader.dataset.classification``) adds top-1 and top-5
+    accuracy; per image it records the probability the model gives the true class."""
     was_training = model.training
     model.eval()
-    cm = ConfusionMatrix(num_classes)
+    classification = bool(getattr(loader.dataset, "classification", False))
+    if classification:
+        ignore_index = loader.dataset.dataset.ignore_index
+    cm = ConfusionMatrix(num_classes, ignore_index)
+    topk = TopK((1, 5), ignore_index)
     ranked: list[tuple[str, int, float]] = []
     with progress_bar(description, total=len(loader.dataset), enabled=show_progress) as bar:
         for batch in loader:
@@ -68,6 +78,17 @@ def evaluate_model(
             for x, y, ids, idxs in groups:
                 x = x.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
+                if classification:
+                    with _autocast(device, amp):
+                        logits = model(x).logits.float().flatten(1)
+                    target = y.reshape(-1)
+                    cm.update(logits.argmax(1), target)
+                    topk.update(logits, target)
+                    if per_image:
+                        p = torch.softmax(logits, 1).gather(1, target.clamp(min=0)[:, None])[:, 0]
+                        ranked += [(ids[k], idxs[k], float(p[k])) for k in range(len(ids))]
+                    bar.advance(len(ids))
+                    continue
                 with _autocast(device, amp):
                     pred = model.predict(x, size=tuple(y.shape[-2:]))
                 cm.update(pred, y)
@@ -76,8 +97,13 @@ def evaluate_model(
                         ranked.append((ids[k], idxs[k], per_image_iou(pred[k], y[k], num_classes)))
                 bar.advance(len(ids))
     cm.all_reduce()
+    metrics = cm.compute()
+    if classification:
+        topk.all_reduce()
+        metrics.update(topk.compute())
+        metrics["task"] = "classification"
     model.train(was_training)
-    return EvalResult(cm.compute(), ranked)
+    return EvalResult(metrics, ranked, cm.matrix.cpu().numpy())
 
 
 @torch.no_grad()
@@ -197,6 +223,7 @@ def evaluate_run(
     model_name = model.name
     preprocess = weights.preprocess
     pipeline = SegPipeline(ds, preprocess)
+    classification = pipeline.classification
     loader = make_loader(pipeline, batch_size, workers, pin_memory=dev.type == "cuda")
     amp = bool(config.get("amp_enabled", False))
     params = count_parameters(model)
@@ -215,6 +242,7 @@ def evaluate_run(
         "class_names": list(ds.class_names),
         "params": params,
         "backend": "onnxruntime" if onnx is not None else "torch",
+        "task": "classification" if classification else "segmentation",
         **m,
     }
     if onnx is not None:
@@ -231,9 +259,13 @@ def evaluate_run(
         out_dir = ckpt_path.parent / f"{ckpt_path.stem}-eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*(out_dir / "best").glob("*.png"), *(out_dir / "worst").glob("*.png"),
-                  out_dir / "iou_histogram.png"]:
+                  out_dir / "iou_histogram.png", out_dir / "confusion_matrix.png", out_dir / "best.png",
+                  out_dir / "worst.png"]:
         stale.unlink(missing_ok=True)  # figures of an earlier evaluation into the same folder
-    if qualitative > 0 and result.per_image:
+    if classification:
+        _classification_figures(report, result, pipeline, model, dev, amp, out_dir, qualitative,
+                                f"{model_name} on {config['dataset']} {split_name}")
+    elif qualitative > 0 and result.per_image:
         ranked = sorted((r for r in result.per_image if not math.isnan(r[2])), key=lambda r: -r[2])
         report["per_image_iou"] = {r[0]: r[2] for r in result.per_image}
         n = min(qualitative, len(ranked) // 2 if len(ranked) > 1 else 1)
@@ -260,5 +292,40 @@ def evaluate_run(
     report["out_dir"] = str(out_dir)
     if run_dir is not None:
         RunDir(run_dir).log({"event": "evaluate", "split": split_name, "miou": m["miou"],
-                             "macc": m["macc"], "aacc": m["aacc"], "checkpoint": ckpt_path.name})
+                             "macc": m["macc"], "aacc": m["aacc"], "checkpoint": ckpt_path.name,
+                             **({"top1": m["top1"], "top5": m["top5"]} if classification else {})})
     return report
+
+
+def class_caption(class_names, truth: int, pred: int, prob: float) -> str:
+    """A prediction as a caption line: '✓ name (p)' or '✗ name (p)'."""
+    return f"{'✓' if pred == truth else '✗'} {class_names[pred]} ({prob:.2f})"
+
+
+@torch.no_grad()
+def _classification_figures(report: dict, result: EvalResult, pipeline, model, dev, amp: bool, out_dir: Path,
+                            qualitative: int, title: str) -> None:
+    """Classification: the confusion matrix, and the images the model is surest and least sure
+    of being right about (by the probability of the true class), with its predictions."""
+    names = list(pipeline.dataset.class_names)
+    report["per_image_prob"] = {r[0]: r[2] for r in result.per_image}
+    if len(names) <= 100:
+        report["confusion_matrix"] = result.matrix.tolist()
+    visualize.save_confusion_matrix(out_dir / "confusion_matrix.png", result.matrix, names, title=title)
+    if qualitative <= 0 or not result.per_image:
+        return
+    ranked = sorted(result.per_image, key=lambda r: -r[2])
+    n = min(qualitative, max(1, len(ranked) // 2))
+    model.eval()
+    for kind, picks in (("best", ranked[:n]), ("worst", ranked[::-1][:n])):
+        images, captions = [], []
+        for sid, idx, _p in picks:
+            item = pipeline[idx]
+            with _autocast(dev, amp):
+                logits = model(item["image"][None].to(dev)).logits.float().flatten(1)[0]
+            prob = torch.softmax(logits, 0)
+            pred, truth = int(prob.argmax()), int(item["label"].reshape(-1)[0])
+            images.append(pipeline.preprocess.denormalize(item["image"]))
+            captions.append([f"{sid}: {names[truth]}", class_caption(names, truth, pred, float(prob[pred]))])
+        visualize.save_class_examples(out_dir / f"{kind}.png", images, captions,
+                                      title=f"{title}: {kind} {n} by the probability of the true class")

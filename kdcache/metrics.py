@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["ConfusionMatrix", "per_image_iou"]
+__all__ = ["ConfusionMatrix", "TopK", "per_image_iou"]
 
 
 def _as_int_tensor(x: Any, name: str) -> torch.Tensor:
@@ -164,3 +164,37 @@ def per_image_iou(pred: Any, target: Any, num_classes: int, ignore_index: int = 
     cm = ConfusionMatrix(num_classes, ignore_index)
     cm.update(pred, target)
     return cm.compute()["miou"]
+
+
+class TopK:
+    """Top-k accuracy of classifier logits ``[N, C]`` against class ids ``[N]`` (samples whose
+    target is ``ignore_index`` are dropped): the share of samples whose class is among the k
+    highest logits (ties broken by ``torch.topk``), for each k of ``ks`` (k above C counts all)."""
+
+    def __init__(self, ks: tuple[int, ...] = (1, 5), ignore_index: int = -100) -> None:
+        self.ks = tuple(ks)
+        self.ignore_index = ignore_index
+        self.hits = torch.zeros(len(self.ks), dtype=torch.int64)
+        self.total = torch.zeros((), dtype=torch.int64)
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        target = target.reshape(-1)
+        keep = target != self.ignore_index
+        logits, target = logits[keep], target[keep]
+        if not len(target):
+            return
+        top = logits.topk(min(max(self.ks), logits.shape[1]), dim=1).indices
+        match = top == target[:, None]
+        self.hits += torch.tensor([int(match[:, :k].any(1).sum()) for k in self.ks])
+        self.total += len(target)
+
+    def all_reduce(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            both = torch.cat([self.hits, self.total[None]])
+            dist.all_reduce(both, op=dist.ReduceOp.SUM)
+            self.hits, self.total = both[:-1], both[-1]
+
+    def compute(self) -> dict[str, float]:
+        """``{"top1": …, "top5": …}`` as fractions (NaN without samples)."""
+        n = int(self.total)
+        return {f"top{k}": (int(h) / n if n else math.nan) for k, h in zip(self.ks, self.hits)}

@@ -26,6 +26,7 @@ import torch
 from kdcache.checkpoint import file_sha256, load_state, read_checkpoint
 from kdcache.errors import CheckpointError
 from kdcache.models import SegModel, build_model
+from kdcache.models.registry import model_task
 from kdcache.models.segformer import (
     VARIANTS,
     from_mmseg,
@@ -70,7 +71,8 @@ class Weights:
         return file_sha256(self.checkpoint)
 
     def build(self, *, arch: str | None = None, num_classes: int | None = None, taps: Sequence[str] = (),
-              device: torch.device | str | None = None, arch_option: str | None = None) -> SegModel:
+              device: torch.device | str | None = None, arch_option: str | None = None,
+              task: str | None = None) -> SegModel:
         """The model with these weights, in eval mode (on ``device`` if given).
 
         ``arch``: the architecture the user named (must agree with the weights'; needed for a
@@ -86,6 +88,10 @@ class Weights:
             how = (f"say which architecture it is with {arch_option}" if arch_option
                    else "give a run folder or a kdcache checkpoint")
             raise CheckpointError(f"{self.checkpoint} is a plain state dict: {how}")
+        theirs = model_task(name)
+        if task is not None and theirs is not None and theirs != task:
+            raise CheckpointError(f"{self.checkpoint} holds a {theirs} network ({name}) and the data set is a {task} "
+                                  f"data set; give a {task} model's weights")
         known = self.num_classes
         if num_classes is not None and known is not None and known != num_classes:
             raise CheckpointError(

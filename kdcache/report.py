@@ -16,10 +16,13 @@ def pct(x: float | None, digits: int = 2) -> str:
 def summary_table(report: dict) -> Table:
     lat = report.get("latency") or {}
     t = Table(title=f"{report['model']} on {report['dataset']} / {report['split']} ({report['num_samples']} images)")
-    for col in ("mIoU", "mAcc", "aAcc", "#params", "ms/image", "FPS"):
+    classification = report.get("task") == "classification"
+    cols = ("top-1", "top-5", "mAcc") if classification else ("mIoU", "mAcc", "aAcc")
+    for col in (*cols, "#params", "ms/image", "FPS"):
         t.add_column(col, justify="right")
     t.add_row(
-        pct(report["miou"]), pct(report["macc"]), pct(report["aacc"]),
+        *((pct(report["top1"]), pct(report["top5"]), pct(report["macc"])) if classification
+          else (pct(report["miou"]), pct(report["macc"]), pct(report["aacc"]))),
         f"{report['params'] / 1e6:.2f}M",
         f"{lat['ms_per_image']:.2f}" if lat else "—",
         f"{lat['fps']:.1f}" if lat else "—",
@@ -34,8 +37,15 @@ def summary_table(report: dict) -> Table:
 def per_class_table(report: dict) -> Table:
     t = Table(title="per class (%)")
     t.add_column("class")
-    t.add_column("IoU", justify="right")
+    classification = report.get("task") == "classification"
+    if not classification:
+        t.add_column("IoU", justify="right")
     t.add_column("Acc", justify="right")
+    if classification:
+        t.add_column("images", justify="right")
+        for name, acc, n in zip(report["class_names"], report["acc"], report["gt_pixels"]):
+            t.add_row(name, pct(acc), str(n))
+        return t
     for name, iou, acc in zip(report["class_names"], report["iou"], report["acc"]):
         t.add_row(name, pct(iou), pct(acc))
     return t
@@ -87,15 +97,23 @@ def cache_report(report: dict) -> list:
     q = report.get("teacher_quality")
     if q and q["rows"]:
         labelled = q["labelled_pixels"] > 0
+        classification = bool(report.get("classification"))
         qt = Table(title=f"teacher quality ({q['samples']} samples"
-                         + (f", {q['labelled_pixels']} labelled pixels)" if labelled else ", no labels)"))
+                         + ((f", {q['labelled_pixels']} labelled images)" if classification
+                             else f", {q['labelled_pixels']} labelled pixels)") if labelled else ", no labels)"))
         qt.add_column("teacher output", no_wrap=True)
-        for col in (("mIoU", "aAcc", "NLL / pixel") if labelled else ()) + ("agrees with combined",):
+        shown = ("top-1", "NLL / image") if classification else ("mIoU", "aAcc", "NLL / pixel")
+        for col in (shown if labelled else ()) + ("agrees with combined",):
             qt.add_column(col, justify="right")
         for name, r in q["rows"].items():
-            cells = [pct(r["miou"]), pct(r["aacc"]), f"{r['nll']:.4f}"] if labelled else []
+            cells = []
+            if labelled:
+                cells = ([pct(r["aacc"]), f"{r['nll']:.4f}"] if classification
+                         else [pct(r["miou"]), pct(r["aacc"]), f"{r['nll']:.4f}"])
             qt.add_row(name, *cells, pct(r["agreement"]))
-        qt.caption = ("at the labels' resolution (logits upsampled, as evaluate does); agreement: the share of "
+        qt.caption = ("the classifier's prediction (a label map's mean over its cells); agreement: the share of map "
+                      "cells whose top class is the combination's" if classification else
+                      "at the labels' resolution (logits upsampled, as evaluate does); agreement: the share of "
                       "map cells whose top class is the combination's")
         out.append(qt)
     return out
@@ -106,14 +124,19 @@ def compare_table(result: dict, width: int | None = None) -> Table:
     narrower than the full table (``width``), FPS, then aAcc, then mAcc are left out (they stay in
     compare.md/.csv/.json) so that nothing is cut."""
     note = "best-on-validation checkpoints" if result.get("split_given") else "best checkpoints"
+    classification = result.get("task") == "classification"
     rows = []
     for r in result["rows"]:
-        delta = "—" if r["delta_miou"] is None else ("base" if r["baseline"] else f"{100 * r['delta_miou']:+.2f}")
-        rows.append({"run": r["name"], "method": r["method"], "mIoU": pct(r["miou"]), "Δ mIoU": delta,
+        key = "delta_top1" if classification else "delta_miou"
+        delta = "—" if r[key] is None else ("base" if r["baseline"] else f"{100 * r[key]:+.2f}")
+        main = ({"top-1": pct(r["top1"]), "Δ top-1": delta, "top-5": pct(r["top5"])} if classification
+                else {"mIoU": pct(r["miou"]), "Δ mIoU": delta})
+        rows.append({"run": r["name"], "method": r["method"], **main,
                      "mAcc": pct(r["macc"]), "aAcc": pct(r["aacc"]), "#params": f"{r['params'] / 1e6:.3f}M",
                      "ms/img": "—" if r["ms_per_image"] is None else f"{r['ms_per_image']:.2f}",
                      "FPS": "—" if r["fps"] is None else f"{r['fps']:.0f}"})
-    cols = ["run", "method", "mIoU", "Δ mIoU", "mAcc", "aAcc", "#params", "ms/img", "FPS"]
+    cols = (["run", "method", "top-1", "Δ top-1", "top-5", "mAcc", "#params", "ms/img", "FPS"] if classification
+            else ["run", "method", "mIoU", "Δ mIoU", "mAcc", "aAcc", "#params", "ms/img", "FPS"])
 
     # the method column may wrap between words (never inside one); every other column stays whole
     method_min = max(len("method"), *(len(w) for x in rows for w in x["method"].split()))
@@ -122,7 +145,9 @@ def compare_table(result: dict, width: int | None = None) -> Table:
         return 1 + sum(3 + (method_min if c == "method" else max(len(c), *(len(x[c]) for x in rows))) for c in cs)
 
     dropped = []
-    for optional in ("FPS", "aAcc", "mAcc"):
+    for optional in ("FPS", "aAcc", "mAcc", "top-5"):
+        if optional not in cols:
+            continue
         if width is None or needed(cols) <= width:
             break
         cols.remove(optional)
@@ -146,12 +171,13 @@ def compare_table(result: dict, width: int | None = None) -> Table:
 
 
 def compare_per_class_table(result: dict) -> Table:
-    """Per-class IoU of every run: a row per class, a column per run (readable however many
-    classes there are)."""
-    t = Table(title="per-class IoU, %")
+    """Per-class IoU (classification: accuracy) of every run: a row per class, a column per run
+    (readable however many classes there are)."""
+    key, what = ("acc", "accuracy") if result.get("task") == "classification" else ("iou", "IoU")
+    t = Table(title=f"per-class {what}, %")
     t.add_column("class", no_wrap=True)
     for r in result["rows"]:
         t.add_column(r["name"], justify="right", overflow="fold")
     for c, name in enumerate(result["class_names"]):
-        t.add_row(name, *[pct(r["iou"][c], 1) for r in result["rows"]])
+        t.add_row(name, *[pct(r[key][c], 1) for r in result["rows"]])
     return t

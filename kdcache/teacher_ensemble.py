@@ -112,7 +112,8 @@ def member_names(paths: Sequence[str | Path]) -> list[str]:
 
 def open_members(paths: Sequence[str], archs: Sequence[str | None], *, num_classes: int,
                  class_names: Sequence[str] | None, taps: Sequence[str], features_from: str | None,
-                 device: torch.device, arch_option: str = "--teacher") -> tuple[list[Member], int]:
+                 device: torch.device, arch_option: str = "--teacher", task: str | None = None
+                 ) -> tuple[list[Member], int]:
     """The members of ``paths`` (architectures ``archs``: one for all, or one per path), built
     on ``device``; returns them and the index of the member whose ``taps`` are tapped. Refuses
     members that disagree on the classes or on the input size they were trained at."""
@@ -155,7 +156,7 @@ def open_members(paths: Sequence[str], archs: Sequence[str | None], *, num_class
     for j, (name, w) in enumerate(zip(names, opened)):
         arch = archs[j] if len(archs) == len(paths) else (archs[0] if archs else None)
         model = w.build(arch=arch, num_classes=num_classes, taps=tuple(taps) if j == fi else (), device=device,
-                        arch_option=arch_option)
+                        arch_option=arch_option, task=task)
         members.append(Member(name, w, model, w.preprocess, hashes[j]))
     return members, fi
 
@@ -174,7 +175,8 @@ def from_record(members: Sequence[dict], ensemble: dict | None, preprocess: Prep
                         scales=tuple(e.get("scales") or (1.0,)), flip=bool(e.get("flip")),
                         grid_stride=e.get("grid_stride"))
     names = [m.get("name") for m in members]
-    fi = names.index(e["features_from"]) if e.get("features_from") in names else 0
+    chosen = e.get("features_from")
+    fi = names.index(chosen) if chosen is not None and chosen in names else 0
     built, fi = open_members(paths, [m["model"] for m in members], num_classes=num_classes, class_names=None,
                              taps=taps, features_from=str(fi + 1), device=device)
     return TeacherEnsemble(built, plan, preprocess, features_index=fi)
@@ -195,9 +197,12 @@ class TeacherEnsemble:
     preprocessing) and are renormalised for each member whose mean/std differ."""
 
     def __init__(self, members: Sequence[Member], plan: EnsemblePlan, base: Preprocess, *, features_index: int = 0,
-                 amp: bool = False):
+                 amp: bool = False, class_map: bool = False):
+        """``class_map``: run classifiers for their class maps before global pooling (a
+        label-map cache) instead of their logits."""
         plan.validate()
         self.members, self.plan, self.base = list(members), plan, base
+        self.class_map = class_map
         self.features_index = features_index
         self.amp = amp
         self._native: dict[tuple[int, tuple[int, int]], tuple[int, int]] = {}
@@ -244,7 +249,7 @@ class TeacherEnsemble:
 
     def _forward(self, m: Member, x: torch.Tensor):
         with torch.autocast(x.device.type, dtype=torch.float16, enabled=self.amp and x.device.type == "cuda"):
-            return m.model(x)
+            return m.model.forward_class_map(x) if self.class_map else m.model(x)
 
     def _native_size(self, j: int, hw: tuple[int, int], device) -> tuple[int, int]:
         key = (j, hw)
@@ -349,12 +354,13 @@ class TeacherEnsemble:
 
 
 def sample_quality(rows: dict[str, torch.Tensor], labels: Sequence[torch.Tensor | None],
-                   num_classes: int) -> list[dict]:
+                   num_classes: int, ignore_index: int = 255) -> list[dict]:
     """Per sample of a batch: for each quality row, the counts behind IoU against the sample's
     ``labels`` (intersection, prediction and ground-truth pixels per class, [R, 3, C], at the
     labels' resolution: each row's logits upsampled bilinearly, as ``evaluate`` predicts), the
     summed negative log-likelihood of the labels, and the grid cells whose top class agrees
-    with the combination's. A label map of None or all 255 counts nothing but agreement."""
+    with the combination's. A label map of None or all ``ignore_index`` counts nothing but
+    agreement. (A classification label is a 1 x 1 map: a row's logits are one cell.)"""
     names = list(rows)
     C = num_classes
     combined = rows[COMBINED]
@@ -366,12 +372,14 @@ def sample_quality(rows: dict[str, torch.Tensor], labels: Sequence[torch.Tensor 
         agree = torch.tensor([int((top[n][b] == top[COMBINED][b]).sum()) for n in names], dtype=torch.int64)
         if y is not None:
             y = y.to(combined.device).long()
-            valid = y != 255
+            valid = y != ignore_index
             if bool(valid.any()):
                 target = y[valid]
                 for r, name in enumerate(names):
-                    up = F.interpolate(rows[name][b:b + 1], size=tuple(y.shape[-2:]), mode="bilinear",
-                                       align_corners=False)[0]
+                    up = rows[name][b:b + 1]
+                    if tuple(up.shape[-2:]) != tuple(y.shape[-2:]):
+                        up = F.interpolate(up, size=tuple(y.shape[-2:]), mode="bilinear", align_corners=False)
+                    up = up[0]
                     logp = torch.log_softmax(up, dim=0)
                     pred = logp.argmax(0)[valid]
                     hit = pred == target

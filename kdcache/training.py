@@ -23,6 +23,7 @@ from kdcache import __version__, distributed
 from kdcache.backbone_weights import load_backbone, pretrained_backbone_file
 from kdcache.checkpoint import load_weights, read_checkpoint, save_checkpoint
 from kdcache.data.base import IGNORE_INDEX, SegmentationDataset
+from kdcache.data.class_base import is_classification
 from kdcache.data.splits import train_val_sets
 from kdcache.errors import KDCacheError
 from kdcache.evaluation import evaluate_model
@@ -67,6 +68,8 @@ class TrainConfig:
     resize: tuple[int, int] | None = None
     crop: tuple[int, int] | None = None
     scale: tuple[float, float] = (0.75, 1.25)
+    #: classification: the random-resized crop's share of the image area (lo, hi)
+    crop_area: tuple[float, float] = (0.25, 1.0)
     hflip: bool = True
     amp: bool = True
     device: str = "auto"
@@ -84,7 +87,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        for k in ("resize", "crop", "scale"):
+        for k in ("resize", "crop", "scale", "crop_area"):
             if d[k] is not None:
                 d[k] = list(d[k])
         return d
@@ -93,7 +96,7 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
-        for k in ("resize", "crop", "scale"):
+        for k in ("resize", "crop", "scale", "crop_area"):
             if kw.get(k) is not None:
                 kw[k] = tuple(kw[k])
         return cls(**kw)
@@ -112,6 +115,10 @@ class TrainConfig:
         lo, hi = self.scale
         if not 0 < lo <= hi:
             raise KDCacheError(f"--scale must be 'lo,hi' with 0 < lo <= hi, got {self.scale}")
+        lo, hi = self.crop_area
+        if not 0 < lo <= hi <= 1:
+            raise KDCacheError(f"--crop-area must be 'lo,hi' with 0 < lo <= hi <= 1 (shares of the image), got "
+                               f"{self.crop_area}")
         if self.eval_every < 1:
             raise KDCacheError(f"--eval-every must be at least 1, got {self.eval_every}")
         if self.workers is not None and self.workers < 0:
@@ -134,9 +141,16 @@ def seed_everything(seed: int) -> None:
 
 def median_frequency_weights(dataset: SegmentationDataset, preprocess: Preprocess) -> torch.Tensor:
     """Median-frequency class weights (Eigen & Fergus 2015) from the training labels:
-    w_c = median(f) / f_c with f_c = pixels of c / pixels of the images where c appears.
-    Classes that never appear get weight 1."""
+    w_c = median(f) / f_c with f_c = pixels of c / pixels of the images where c appears
+    (classification: f_c = the share of images of class c). Classes that never appear get weight 1."""
     C = dataset.num_classes
+    if is_classification(dataset):
+        counts = dataset.class_counts().astype(np.float64)
+        w = np.ones(C, dtype=np.float64)
+        seen = counts > 0
+        if seen.any():
+            w[seen] = np.median(counts[seen]) / counts[seen]
+        return torch.tensor(w, dtype=torch.float32)
     pixels = np.zeros(C, dtype=np.float64)
     present_total = np.zeros(C, dtype=np.float64)
     with progress_bar("class weights", total=len(dataset)) as bar:
@@ -217,12 +231,16 @@ class Trainer:
         self.workers = default_workers(self.device) if config.workers is None else config.workers
         self.preprocess = Preprocess(resize=config.resize)
         self.class_weight: torch.Tensor | None = None
+        self.ignore_index = IGNORE_INDEX  # the training set's (classification: -100)
+        self.classification = False
 
     # -- the run, step by step ------------------------------------------------------------------
     def fit(self) -> dict:
         c = self.config
         seed_everything(c.seed)
         train_ds, val_ds = self.build_datasets()
+        self.classification = is_classification(train_ds)
+        self.ignore_index = train_ds.ignore_index
         if self.workers > 0:  # e.g. the synthetic set rendered once, not by each epoch's workers
             train_ds.prepare_for_workers()
             val_ds.prepare_for_workers()
@@ -236,6 +254,7 @@ class Trainer:
             # e.g. an mmseg SegFormer checkpoint needs the mmseg head: the run records it
             self.config = c = dataclasses.replace(c, model_options=weights.model_options)
         model = self.build_model(train_ds.num_classes).to(self.device)
+        check_task(model, train_ds)
         self.backbone_report = None
         if weights is not None and not self.resume:
             load_weights_into(model, weights)
@@ -264,7 +283,8 @@ class Trainer:
         if self.is_main:
             self._save_curves()
         distributed.barrier()
-        return {"run": str(self.run.path), "best_miou": state.best_miou, "last": last}
+        return {"run": str(self.run.path), "best_miou": state.best_miou, "last": last,
+                "best_metric": "val top-1" if self.classification else "val mIoU"}
 
     # -- set-up ---------------------------------------------------------------------------------
     def _merge_resume_config(self, config: TrainConfig, explicit: set[str] | None) -> TrainConfig:
@@ -315,7 +335,10 @@ class Trainer:
         crop = c.crop
         if crop is None:
             crop = tuple(self.preprocess.image_to_tensor(train_ds.load(0)[0]).shape[-2:])
-        augment = Augment(scale=c.scale, crop=crop, hflip=c.hflip)
+        if is_classification(train_ds):  # a random-resized crop onto the crop size
+            augment = Augment(crop=crop, hflip=c.hflip, resized_crop=c.crop_area)
+        else:
+            augment = Augment(scale=c.scale, crop=crop, hflip=c.hflip)
         return (SegPipeline(train_ds, self.preprocess, augment, seed=c.seed),
                 SegPipeline(val_ds, self.preprocess))
 
@@ -349,6 +372,7 @@ class Trainer:
             **self.config.to_dict(),
             "kind": self.kind,
             "num_classes": train_ds.num_classes,
+            "task": "classification" if self.classification else "segmentation",
             "class_names": list(train_ds.class_names),
             "preprocess": self.preprocess.to_dict(),
             "augment": augment.to_dict() if augment is not None else None,
@@ -403,6 +427,8 @@ class Trainer:
     def example_panels(self, model: SegModel, val_pipe) -> dict[str, np.ndarray]:
         """input | ground truth | prediction of the first validation images (the same every epoch)."""
         was_training, panels = model.training, {}
+        if self.classification:  # no label maps to draw
+            return panels
         model.eval()
         palette = self.labels["palette"].numpy()
         for i in range(min(VAL_EXAMPLES, len(val_pipe))):
@@ -514,20 +540,30 @@ class Trainer:
 
     def validate_and_checkpoint(self, state: TrainState, val_loader, record: dict[str, Any]) -> dict[str, Any]:
         """Validate (every ``--eval-every`` epochs and after the last), keep ``best.pt`` at the
-        best val mIoU, log the epoch and write ``last.pt``; returns the completed record."""
+        best val mIoU (classification: top-1 accuracy), log the epoch and write ``last.pt``;
+        returns the completed record."""
         c, epoch = self.config, record["epoch"]
         if (epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs:
             m = evaluate_model(state.model, val_loader, len(self.labels["class_names"]), self.device, amp=self.amp,
                                description="validate", show_progress=self.show_progress).metrics
             record.update({"val_miou": m["miou"], "val_macc": m["macc"], "val_aacc": m["aacc"], "val_iou": m["iou"]})
-            miou = m["miou"] if not math.isnan(m["miou"]) else -1.0
+            if self.classification:
+                record.update({"val_top1": m["top1"], "val_top5": m["top5"], "val_acc": m["acc"]})
+            score = m["top1"] if self.classification else m["miou"]
+            miou = score if not math.isnan(score) else -1.0
             if miou > state.best_miou:
                 state.best_miou = miou
                 record["best"] = True
                 if self.is_main:
                     save_checkpoint(self.run.best, state.model, config=self.run_config, epoch=epoch,
                                     best_miou=miou, **self.labels)
-            if self.is_main:
+            if self.is_main and self.classification:
+                console.print(
+                    f"epoch {epoch + 1}/{c.epochs}: loss {record['train_loss']:.4f}  val top-1 {100 * m['top1']:.2f}  "
+                    f"top-5 {100 * m['top5']:.2f}  mAcc {100 * m['macc']:.2f}  "
+                    f"({record['train_images_per_s']:.1f} img/s)"
+                )
+            elif self.is_main:
                 console.print(
                     f"epoch {epoch + 1}/{c.epochs}: loss {record['train_loss']:.4f}  val mIoU {100 * m['miou']:.2f}  "
                     f"mAcc {100 * m['macc']:.2f}  aAcc {100 * m['aacc']:.2f}  ({record['train_images_per_s']:.1f} img/s)"
@@ -564,9 +600,11 @@ class Trainer:
         return loss, {"ce": loss.detach()}
 
     def segmentation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """L_seg: cross-entropy of the logits upsampled to the labels (class weights if asked)."""
-        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        return F.cross_entropy(logits.float(), labels, weight=self.class_weight, ignore_index=IGNORE_INDEX)
+        """L_seg: cross-entropy of the logits upsampled to the labels (class weights if asked);
+        a classifier's [N, C, 1, 1] against its [N, 1, 1] classes is the plain cross-entropy."""
+        if tuple(logits.shape[-2:]) != tuple(labels.shape[-2:]):
+            logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        return F.cross_entropy(logits.float(), labels, weight=self.class_weight, ignore_index=self.ignore_index)
 
     # -- hooks for subclasses (distillation adds adapters and their state) -------------------
     def sample_groups(self, pipeline) -> np.ndarray | None:
@@ -585,6 +623,17 @@ class Trainer:
 
     def load_extra_state(self, ckpt: dict) -> None:
         pass
+
+def check_task(model: SegModel, dataset: SegmentationDataset) -> None:
+    """A classifier for a classification data set, a segmentation network otherwise (a model
+    of no known family takes the data set's task, which its outputs must then fit)."""
+    want = "classification" if is_classification(dataset) else "segmentation"
+    if model.task is None:  # a package.module:callable: its outputs are checked as the data set's task wants
+        model.task = want
+    if model.task != want:
+        raise KDCacheError(f"model '{model.name}' is a {model.task} network and {dataset.name} is a {want} data set; "
+                           f"pick a {want} model (kdcache list-models)")
+
 
 def rank_indices(n: int, seed, rank: int, world: int, groups: np.ndarray | None = None,
                  min_size: int = 1) -> list[int]:

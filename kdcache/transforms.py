@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.data.base import IGNORE_INDEX, SegmentationDataset
+from kdcache.data.class_base import is_classification
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -78,27 +79,40 @@ def resize_labels(y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return z.reshape(*shape[:-2], *size).to(y.dtype)
 
 
+#: torchvision's RandomResizedCrop aspect ratios
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
 @dataclass(frozen=True)
 class Augment:
     """Random scale in ``scale`` (relative to the preprocessed size), a ``crop`` (H, W) window
-    (None = the scaled image's own size, i.e. no crop), and a horizontal flip with p = 0.5."""
+    (None = the scaled image's own size, i.e. no crop), and a horizontal flip with p = 0.5.
+
+    With ``resized_crop`` (lo, hi) it is a random-resized crop instead (classification, as
+    torchvision's ``RandomResizedCrop``): a box of ``lo``–``hi`` of the image's area and an
+    aspect ratio in ``ratio`` (log-uniform), stretched to ``crop``; ``scale`` is unused."""
 
     scale: tuple[float, float] = (0.5, 2.0)
     crop: tuple[int, int] | None = None
     hflip: bool = True
+    resized_crop: tuple[float, float] | None = None
+    ratio: tuple[float, float] = CROP_RATIO
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["crop"] = list(self.crop) if self.crop else None
         d["scale"] = list(self.scale)
+        d["resized_crop"] = list(self.resized_crop) if self.resized_crop else None
+        d["ratio"] = list(self.ratio)
         return d
 
 
 @dataclass(frozen=True)
 class Geometry:
     """One sampled transform of an image of ``in_size`` (H, W), in input-pixel units:
-    scale by ``scale``, take the ``out_size`` window whose top-left corner is ``(top, left)``
-    in the scaled image (it may stick out: padded), then mirror if ``flip``."""
+    scale by ``scale`` (the width by ``scale · stretch``: a random-resized crop changes the
+    aspect ratio), take the ``out_size`` window whose top-left corner is ``(top, left)`` in the
+    scaled image (it may stick out: padded), then mirror if ``flip``."""
 
     in_size: tuple[int, int]
     scale: float
@@ -106,17 +120,27 @@ class Geometry:
     left: int
     out_size: tuple[int, int]
     flip: bool
+    stretch: float = 1.0
 
-    #: the fields :meth:`pack` writes, in order (the input size is the image's, known on unpacking)
-    PACKED = ("scale", "top", "left", "out_h", "out_w", "flip")
+    #: the fields :meth:`pack` writes, in order (the input size is the image's, known on
+    #: unpacking); stores written before ``stretch`` existed hold the first six
+    PACKED = ("scale", "top", "left", "out_h", "out_w", "flip", "stretch")
 
     @property
     def scaled_size(self) -> tuple[int, int]:
-        return (max(1, round(self.in_size[0] * self.scale)), max(1, round(self.in_size[1] * self.scale)))
+        return (max(1, round(self.in_size[0] * self.scale)),
+                max(1, round(self.in_size[1] * self.scale * self.stretch)))
+
+    def box(self) -> tuple[float, float, float, float]:
+        """The crop as a box of the input image: (top, left, height, width) in input pixels
+        (before the flip; it may stick out of the image where the crop is padded)."""
+        sh, sw = self.scaled_size
+        fy, fx = self.in_size[0] / sh, self.in_size[1] / sw
+        return self.top * fy, self.left * fx, self.out_size[0] * fy, self.out_size[1] * fx
 
     def pack(self) -> list[float]:
         """The transform as the numbers of :attr:`PACKED` (how a cache stores its views)."""
-        return [self.scale, self.top, self.left, self.out_size[0], self.out_size[1], float(self.flip)]
+        return [self.scale, self.top, self.left, self.out_size[0], self.out_size[1], float(self.flip), self.stretch]
 
     @classmethod
     def identity(cls, in_size: tuple[int, int]) -> Geometry:
@@ -126,11 +150,42 @@ class Geometry:
     @classmethod
     def unpack(cls, in_size: tuple[int, int], row) -> Geometry:
         """The inverse of :meth:`pack` for an image of ``in_size``."""
-        scale, top, left, oh, ow, flip = (float(v) for v in row)
-        return cls(tuple(in_size), scale, int(top), int(left), (int(oh), int(ow)), bool(flip))
+        scale, top, left, oh, ow, flip, *rest = (float(v) for v in row)
+        stretch = rest[0] if rest and math.isfinite(rest[0]) else 1.0
+        return cls(tuple(in_size), scale, int(top), int(left), (int(oh), int(ow)), bool(flip), stretch)
+
+
+def sample_resized_crop(rng: np.random.Generator, in_size: tuple[int, int], out_size: tuple[int, int],
+                        area: tuple[float, float], ratio: tuple[float, float] = CROP_RATIO,
+                        hflip: bool = True) -> Geometry:
+    """torchvision's ``RandomResizedCrop`` box (10 tries, then the whole image's largest
+    centred box within ``ratio``) as a :class:`Geometry` onto ``out_size``, and a flip."""
+    H, W = in_size
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = H * W * rng.uniform(area[0], area[1])
+        r = math.exp(rng.uniform(*log_r))
+        w, h = round(math.sqrt(target * r)), round(math.sqrt(target / r))
+        if 0 < w <= W and 0 < h <= H:
+            top, left = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
+            break
+    else:
+        r = W / H
+        if r < ratio[0]:
+            w, h = W, round(W / ratio[0])
+        elif r > ratio[1]:
+            h, w = H, round(H * ratio[1])
+        else:
+            h, w = H, W
+        top, left = (H - h) // 2, (W - w) // 2
+    flip = bool(hflip and rng.random() < 0.5)
+    sy, sx = out_size[0] / h, out_size[1] / w
+    return Geometry(tuple(in_size), sy, round(top * sy), round(left * sx), tuple(out_size), flip, sx / sy)
 
 
 def sample_geometry(rng: np.random.Generator, in_size: tuple[int, int], aug: Augment) -> Geometry:
+    if aug.resized_crop is not None:
+        return sample_resized_crop(rng, in_size, aug.crop or tuple(in_size), aug.resized_crop, aug.ratio, aug.hflip)
     lo, hi = aug.scale
     scale = float(math.exp(rng.uniform(math.log(lo), math.log(hi)))) if hi > lo else float(lo)
     sh, sw = max(1, round(in_size[0] * scale)), max(1, round(in_size[1] * scale))
@@ -156,7 +211,7 @@ def apply_geometry(x: torch.Tensor, g: Geometry, *, kind: str, fill: float = 0.0
             x = resize_labels(x, (sh, sw))
         else:
             x = F.interpolate(x[None].float(), size=(sh, sw), mode="bilinear", align_corners=False,
-                              antialias=g.scale < 1)[0].to(x.dtype)
+                              antialias=min(g.scale, g.scale * g.stretch) < 1)[0].to(x.dtype)
     oh, ow = g.out_size
     out = torch.full((x.shape[0], oh, ow), fill, dtype=x.dtype, device=x.device)
     h = min(oh, sh - g.top)
@@ -182,6 +237,8 @@ class SegPipeline(torch.utils.data.Dataset):
         self.augment = augment
         self.seed = seed
         self.epoch = 0
+        #: classification: the label is the image's class (a 1 x 1 map), untouched by any geometry
+        self.classification = is_classification(dataset)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -197,12 +254,13 @@ class SegPipeline(torch.utils.data.Dataset):
         image and the label (recorded as ``item["geometry"]``); None: untransformed."""
         image, mask = self.dataset.load(index)
         x = self.preprocess.image_to_tensor(image)
-        y = self.preprocess.mask_to_tensor(mask)
+        y = label_tensor(self.dataset, self.preprocess, mask)
         item = {"id": self.dataset.refs[index].id, "index": index}
         if geometry is not None:
             g = geometry(index, tuple(x.shape[-2:]))
             x = apply_geometry(x, g, kind="image", fill=0.0)
-            y = apply_geometry(y, g, kind="label", fill=IGNORE_INDEX)
+            if not self.classification:
+                y = apply_geometry(y, g, kind="label", fill=IGNORE_INDEX)
             item["geometry"] = g
         item["image"], item["label"] = x, y
         return item
@@ -211,6 +269,13 @@ class SegPipeline(torch.utils.data.Dataset):
         """The transform item ``index`` gets this epoch (the same one for every map of it)."""
         rng = np.random.default_rng((self.seed, self.epoch, index))
         return sample_geometry(rng, in_size, self.augment)
+
+
+def label_tensor(dataset: SegmentationDataset, preprocess: Preprocess, mask: np.ndarray) -> torch.Tensor:
+    """A loaded label as int64: a mask preprocessed like its image, or a class as its 1 x 1 map."""
+    if is_classification(dataset):
+        return torch.from_numpy(np.asarray(mask, dtype=np.int64).reshape(1, 1))
+    return preprocess.mask_to_tensor(mask)
 
 
 def collate(batch: list[dict]) -> dict:

@@ -34,6 +34,10 @@ __all__ = [
     "save_iou_histogram",
     "save_per_class_bars",
     "save_training_curves",
+    "confusion_matrix_figure",
+    "save_confusion_matrix",
+    "class_examples_figure",
+    "save_class_examples",
 ]
 
 _PANEL_INCHES = 4.0  # height of one image panel
@@ -329,6 +333,7 @@ def per_class_bars_figure(
     series: Mapping[str, Sequence[float]],
     title: str = "",
     dpi: int = 100,
+    ylabel: str = "IoU (%)",
 ) -> Figure:
     """A grouped bar chart of per-class IoU in percent, one bar group per class.
 
@@ -373,7 +378,7 @@ def per_class_bars_figure(
     ax.set_xticklabels([str(c) for c in class_names], rotation=90, fontsize=8)
     ax.set_xlim(-0.6, n_cls - 0.4)
     ax.set_ylim(0.0, 100.0)
-    ax.set_ylabel("IoU (%)")
+    ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     order = sorted(range(len(labels)), key=lambda i: labels[i] == "undefined (NaN)")
@@ -392,9 +397,79 @@ def per_class_bars_figure(
 
 
 def save_per_class_bars(path: str | Path, class_names: Sequence[str],
-                        series: Mapping[str, Sequence[float]], title: str = "", dpi: int = 100) -> Path:
+                        series: Mapping[str, Sequence[float]], title: str = "", dpi: int = 100,
+                        ylabel: str = "IoU (%)") -> Path:
     """Save :func:`per_class_bars_figure` as a PNG; returns the written path."""
-    return _save(per_class_bars_figure(class_names, series, title, dpi), path, dpi)
+    return _save(per_class_bars_figure(class_names, series, title, dpi, ylabel), path, dpi)
+
+
+def confusion_matrix_figure(matrix: Any, class_names: Sequence[str], title: str = "", dpi: int = 100) -> Figure:
+    """The confusion matrix ``[C, C]`` (rows: true class, columns: predicted), each row
+    normalised to the share of its class's samples, with the counts written in the cells when
+    there are at most 30 classes. Rows of a class without samples stay empty."""
+    m = np.asarray(matrix, dtype=np.float64)
+    n = len(class_names)
+    if m.shape != (n, n):
+        raise ValueError(f"matrix has shape {m.shape} but there are {n} class names")
+    totals = m.sum(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(totals > 0, m / np.maximum(totals, 1), np.nan)
+    side = min(max(4.0, 0.45 * n + 2.0), 40.0)
+    fig = Figure(figsize=(side + 1.2, side), dpi=dpi)
+    ax = fig.subplots()
+    im = ax.imshow(share * 100, cmap="Blues", vmin=0, vmax=100, interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="% of the true class")
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if m[i, j]:
+                    ax.text(j, i, str(int(m[i, j])), ha="center", va="center", fontsize=7,
+                            color="white" if share[i, j] > 0.5 else "black")
+    ticks = np.arange(n)
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    ax.set_xticklabels([str(c) for c in class_names], rotation=90, fontsize=8)
+    ax.set_yticklabels([str(c) for c in class_names], fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if title:
+        ax.set_title(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def save_confusion_matrix(path: str | Path, matrix: Any, class_names: Sequence[str], title: str = "",
+                          dpi: int = 100) -> Path:
+    """Save :func:`confusion_matrix_figure` as a PNG; returns the written path."""
+    return _save(confusion_matrix_figure(matrix, class_names, title, dpi), path, dpi)
+
+
+def class_examples_figure(images: Sequence[np.ndarray], captions: Sequence[Sequence[str]], title: str = "",
+                          dpi: int = 100) -> Figure:
+    """Classified images in a row, each with its lines of caption below (the true class, then
+    each model's prediction and confidence); a caption line starting with ``✗`` is drawn red."""
+    if len(images) != len(captions) or not images:
+        raise ValueError("give one caption (a list of lines) per image, and at least one image")
+    n = len(images)
+    lines = max(len(c) for c in captions)
+    fig = Figure(figsize=(max(2.2 * n, 4.0), 2.4 + 0.22 * lines + (0.4 if title else 0)), dpi=dpi)
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    for ax, image, caption in zip(axes, images, captions):
+        ax.imshow(_check_image(image), interpolation="nearest")
+        ax.set_axis_off()
+        for i, line in enumerate(caption):
+            ax.text(0.5, -0.06 - 0.13 * i, line, transform=ax.transAxes, ha="center", va="top", fontsize=8,
+                    color="tab:red" if line.startswith("✗") else "black")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.86 if title else 0.95, bottom=0.1 + 0.05 * lines, wspace=0.1)
+    return fig
+
+
+def save_class_examples(path: str | Path, images: Sequence[np.ndarray], captions: Sequence[Sequence[str]],
+                        title: str = "", dpi: int = 100) -> Path:
+    """Save :func:`class_examples_figure` as a PNG; returns the written path."""
+    return _save(class_examples_figure(images, captions, title, dpi), path, dpi)
 
 
 def training_curves_figure(records: Sequence[Mapping[str, Any]], terms: Sequence[str],
@@ -417,12 +492,13 @@ def training_curves_figure(records: Sequence[Mapping[str, Any]], terms: Sequence
     ax_l.grid(alpha=0.3)
     if terms:
         ax_l.legend(fontsize=8)
-    val = [(r["epoch"] + 1, 100 * r["val_miou"]) for r in epochs if r.get("val_miou") is not None]
+    key, what = ("val_top1", "top-1 accuracy") if any("val_top1" in r for r in epochs) else ("val_miou", "mIoU")
+    val = [(r["epoch"] + 1, 100 * r[key]) for r in epochs if r.get(key) is not None]
     if val:
         ax_m.plot([v[0] for v in val], [v[1] for v in val], marker="o", markersize=3, color="tab:green")
     ax_m.set_xlabel("epoch")
-    ax_m.set_ylabel("val mIoU (%)")
-    ax_m.set_title("validation mIoU")
+    ax_m.set_ylabel(f"val {what} (%)")
+    ax_m.set_title(f"validation {what}")
     ax_m.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=11)

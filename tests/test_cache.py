@@ -456,7 +456,7 @@ def test_stored_views_are_the_teacher_on_those_crops(tmp_path, teacher):
     ds = build_dataset("synthetic", "train", **RES)
     x = Preprocess().image_to_tensor(ds.load(2)[0])
     item = store.read(2)
-    assert item["views/logits/values"].shape == (2, 4, 4, 6) and item["views/params"].shape == (2, 6)
+    assert item["views/logits/values"].shape == (2, 4, 4, 6) and item["views/params"].shape == (2, 7)
     rng = np.random.default_rng((0, 2))
     aug = Augment(scale=(0.5, 1.5), crop=(16, 24), hflip=True)
     for v in range(2):

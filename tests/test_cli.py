@@ -268,7 +268,7 @@ def test_help_shows_the_defaults_the_code_uses():
 
     cmds = _commands()
     numbers = lambda v: ",".join(f"{x:g}" for x in v)  # noqa: E731
-    as_cli = {"scale": numbers, "view_scale": numbers, "tta_scales": numbers}
+    as_cli = {"scale": numbers, "view_scale": numbers, "tta_scales": numbers, "crop_area": numbers, "view_area": numbers}
     for command, config in (("train-teacher", TrainConfig), ("train-student", TrainConfig),
                             ("build-teacher-cache", CacheBuildConfig)):
         shown = {p.name: p.default for p in cmds[command].params}

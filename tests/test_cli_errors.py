@@ -595,6 +595,11 @@ CASES = [
          "Convert colour masks to class ids first.", setup=voc(lambda v: rgb(v / "SegmentationClass/t0.png", 20, 28))),
     case("voc-mask-size", train(data=on("voc")), "t0.jpg is 28x20 (WxH) but its mask",
          "; image and mask must have the same size", setup=voc(lambda v: gray(v / "SegmentationClass/t0.png", 0, 4, 4))),
+    # -- classification (cache_build.py) ---------------------------------------------------------------
+    case("view-area", cache("--view-area", "0,1"), "--view-area must be 'lo,hi' with 0 < lo <= hi <= 1, got (0.0, 1.0)"),
+    case("segmentation-teacher-on-classes", cache(data=["--dataset", "shapes", "-o", "size=8"]),
+         "holds a segmentation network (demo_teacher) and the data set is a classification data set; give a "
+         "classification model's weights"),
     # -- folder data sets (data/folder.py) ---------------------------------------------------------------
     case("folder-no-classes", cache(data=on("folder")), "classes.txt (one class name per line",
          "or -o class_names_file=FILE", setup=folder(remove("classes.txt"))),

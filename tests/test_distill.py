@@ -530,7 +530,7 @@ def test_stored_views_are_drawn_per_epoch_with_their_own_targets(tmp_path, teach
         assert item["image"].shape == (3, 16, 24) and item["label"].shape == (16, 24)
         v = [j for j in range(3) if np.array_equal(item["kd/values"].numpy(), cached["views/logits/values"][j])]
         assert len(v) == 1
-        scale, top, left, oh, ow, flip = cached["views/params"][v[0]].tolist()
+        scale, top, left, oh, ow, flip, _stretch = cached["views/params"][v[0]].tolist()
         x = Preprocess().image_to_tensor(ds.load(1)[0])
         g = Geometry((32, 48), scale, int(top), int(left), (16, 24), bool(flip))
         assert torch.equal(item["image"], apply_geometry(x, g, kind="image"))

@@ -20,9 +20,21 @@ MODELS: Registry[Callable[..., nn.Module]] = Registry("model", ModelError)
 #: under its own name
 register_model = MODELS.register
 
+#: name prefix -> (factory taking the rest of the name, how ``list-models`` shows it), for
+#: families too large to list (``timm/<name>``)
+PREFIXES: dict[str, tuple[Callable[[str], Callable[..., nn.Module]], str]] = {}
+
+
+def register_prefix(prefix: str, factory: Callable[[str], Callable[..., nn.Module]], shown: str) -> None:
+    """Names starting with ``prefix`` are built by ``factory(rest of the name)``."""
+    PREFIXES[prefix] = (factory, shown)
+
 
 def resolve_builder(name: str) -> Callable[..., nn.Module]:
     """The factory behind ``name``: a registry entry or a ``package.module:callable`` path."""
+    for prefix, (factory, _) in PREFIXES.items():
+        if name.startswith(prefix) and len(name) > len(prefix):
+            return factory(name[len(prefix):])
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
@@ -40,6 +52,16 @@ def resolve_builder(name: str) -> Callable[..., nn.Module]:
     return MODELS.get(name)
 
 
+def model_task(name: str) -> str | None:
+    """``classification`` or ``segmentation`` for a registered family (its builder's or module's
+    ``TASK``; segmentation when none is set), None for a ``package.module:callable``."""
+    builder = resolve_builder(name)
+    task = getattr(builder, "TASK", None) or getattr(sys.modules.get(builder.__module__), "TASK", None)
+    if task:
+        return task
+    return None if ":" in name else "segmentation"
+
+
 def build_model(name: str, num_classes: int, taps: Sequence[str] = (), **kwargs) -> SegModel:
     """Build model ``name`` for ``num_classes`` classes, wrapped with feature ``taps``."""
     if num_classes < 1:
@@ -51,7 +73,7 @@ def build_model(name: str, num_classes: int, taps: Sequence[str] = (), **kwargs)
         raise ModelError(f"cannot build model '{name}' with num_classes={num_classes}: {exc}") from None
     if not isinstance(net, nn.Module):
         raise ModelError(f"model '{name}' built a {type(net).__name__}, not a torch.nn.Module")
-    return SegModel(net, name=name, num_classes=num_classes, taps=taps)
+    return SegModel(net, name=name, num_classes=num_classes, taps=taps, task=model_task(name))
 
 
 def model_groups() -> dict[str, list[str]]:

@@ -1,4 +1,6 @@
-"""One uniform view of any segmentation network: native-stride logits plus tapped features."""
+"""One uniform view of any segmentation network or classifier: native-stride logits plus tapped
+features. A classifier's logits [N, C] come out as [N, C, 1, 1], a map of one cell, so everything
+downstream (losses, caches, metrics) treats classification as segmentation with H = W = 1."""
 
 from __future__ import annotations
 
@@ -56,11 +58,14 @@ class SegModel(nn.Module):
     plain torchvision state dicts load into it.
     """
 
-    def __init__(self, net: nn.Module, name: str, num_classes: int, taps: Sequence[str] = ()):
+    def __init__(self, net: nn.Module, name: str, num_classes: int, taps: Sequence[str] = (),
+                 task: str | None = None):
         super().__init__()
         self.net = net
         self.name = name
         self.num_classes = num_classes
+        #: "classification", "segmentation", or None (a callable: told by its output)
+        self.task = task
         self._captured: dict[str, torch.Tensor] = {}
         self._hooks = []
         self.taps: tuple[str, ...] = ()
@@ -102,6 +107,11 @@ class SegModel(nn.Module):
     def forward(self, x: torch.Tensor) -> ModelOutput:
         self._captured = {}
         logits = self._logits(x)
+        if logits.dim() == 2 and self.task != "segmentation":  # a classifier: one cell
+            logits = logits[:, :, None, None]
+        if self.task == "classification" and (logits.dim() != 4 or tuple(logits.shape[-2:]) != (1, 1)):
+            raise ModelError(f"model '{self.name}' returned logits of shape {tuple(logits.shape)}; a classifier must "
+                             f"return [N, {self.num_classes}]")
         if logits.dim() != 4:
             raise ModelError(f"model '{self.name}' returned {logits.dim()}-D logits of shape {tuple(logits.shape)}; a "
                              f"segmentation model must return [N, {self.num_classes}, h, w]")
@@ -115,6 +125,49 @@ class SegModel(nn.Module):
                              "its forward calls")
         self._captured = {}
         return ModelOutput(logits=logits, features=features)
+
+    def pool_module(self) -> nn.Module:
+        """The classifier's global pooling (the last ``AdaptiveAvgPool2d``, or timm's
+        ``SelectAdaptivePool2d``), before which its class map is taken."""
+        found = [m for _, m in self.net.named_modules()
+                 if isinstance(m, nn.AdaptiveAvgPool2d) or type(m).__name__ == "SelectAdaptivePool2d"]
+        if not found:
+            raise ModelError(f"model '{self.name}' has no global average pooling module to take a class map before "
+                             "(a ViT pools a class token); cache its logits or --views instead of --label-map")
+        return found[-1]
+
+    def class_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The classifier's class map before global pooling [N, C, h, w] (ReLabel's label map):
+        the layers after the pool applied to every cell of the pooled feature map on its own.
+        For a linear head its mean over the cells is the classifier's logits."""
+        return self.forward_class_map(x).logits
+
+    def forward_class_map(self, x: torch.Tensor) -> ModelOutput:
+        """:meth:`forward` with the class map (see :meth:`class_map`) as the logits."""
+        pool = self.pool_module()
+        state: dict = {}
+
+        def hook(module, inputs, _output):
+            if state.get("busy"):
+                return None
+            f = inputs[0]
+            if f.dim() != 4:
+                raise ModelError(f"model '{self.name}' pools a {f.dim()}-D tensor, not a feature map; it has no class map")
+            b, c, h, w = f.shape
+            state["hw"], state["busy"] = (h, w), True
+            try:
+                return module(f.permute(0, 2, 3, 1).reshape(b * h * w, c, 1, 1))
+            finally:
+                state["busy"] = False
+
+        handle = pool.register_forward_hook(hook)
+        try:
+            out = self(x)
+        finally:
+            handle.remove()
+        h, w = state["hw"]
+        out.logits = out.logits.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2)
+        return out
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:

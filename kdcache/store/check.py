@@ -79,6 +79,7 @@ def inspect_store(path: str | Path, *, samples: int = 64, temperatures=(1.0, 2.0
         report["coverage_samples"] = len(pick)
     report["coverage"] = coverage
     report["teacher_quality"] = store.quality()
+    report["classification"] = store.schema.classification
     return report
 
 

@@ -70,7 +70,7 @@ VIEW_PARAMS = "views/params"
 
 IDENTITY_KEYS = ("schema_version", "teacher", "num_classes", "class_names", "k", "preprocess",
                  "dataset", "flip_average", "views", "features", "attention", "samples_per_shard",
-                 "codec", "map_size", "stride", "amp", "ensemble", "quality")
+                 "codec", "map_size", "stride", "amp", "ensemble", "quality", "classification")
 
 #: stored id type -> the type a read sample holds (torch indexes with signed types)
 _READ_IDS = {"uint8": np.uint8, "uint16": np.int32, "uint32": np.int64}
@@ -171,7 +171,7 @@ class CacheSchema:
             dataset: dict | None = None, ids: Sequence[str] = (), hashes: Sequence[str] = (),
             preprocess: dict | None = None, flip_average: bool = False, codec: str = DEFAULT_CODEC,
             amp: bool = False, samples_per_shard: int | None = None, ensemble: dict | None = None,
-            quality_rows: Sequence[str] = ()) -> CacheSchema:
+            quality_rows: Sequence[str] = (), classification: dict | None = None) -> CacheSchema:
         """The schema of a store for a teacher whose logits on an ``input_size`` input are
         ``map_size`` and whose taps have ``feature_shapes`` (tap -> (c, h, w)).
 
@@ -181,7 +181,10 @@ class CacheSchema:
         limit, root) is completed with the sample count and the fingerprint of ``ids`` and
         ``hashes``. ``ensemble``: the members and the combination of an ensemble or TTA teacher
         (None: one plain teacher, ``teacher``). ``quality_rows``: the names of the teacher
-        outputs whose quality each sample records (``quality/…``; none: no quality arrays)."""
+        outputs whose quality each sample records (``quality/…``; none: no quality arrays).
+        ``classification`` (a classification data set; None for segmentation): ``targets``, what
+        the logits arrays hold: ``logits`` (the classifier's logits on the whole image, 1 x 1) or
+        ``label_map`` (its class map before global pooling, pooled over each crop in training)."""
         C, shapes = len(class_names), dict(feature_shapes or {})
         if not 1 <= k <= C:
             raise ValueError(f"k must be in 1..{C}, got {k}")
@@ -194,6 +197,7 @@ class CacheSchema:
                 "features": {t: {"channels": vshapes[t][0], "map_size": list(vshapes[t][1:])} for t in features},
                 "attention": {t: {"map_size": list(vshapes[t][1:])} for t in attention},
                 "params": list(Geometry.PACKED),
+                "area": list(views["area"]) if views.get("area") else None,  # random-resized crops
             }
         data = dict(dataset or {})
         data.update({"num_samples": len(ids), "fingerprint": split_fingerprint(ids, hashes)})
@@ -222,6 +226,7 @@ class CacheSchema:
             "amp": bool(amp),
             "ensemble": ensemble,
             "quality": {"rows": list(quality_rows)} if quality_rows else None,
+            "classification": dict(classification) if classification else None,
         }
         schema = cls(meta)
         meta["samples_per_shard"] = schema._shard_size(samples_per_shard)
@@ -295,6 +300,17 @@ class CacheSchema:
     def attention(self) -> dict[str, dict]:
         """tap -> {map_size, stride} of the stored attention maps."""
         return dict(self.meta.get("attention") or {})
+
+    @property
+    def classification(self) -> dict | None:
+        """For a classification store, ``{"targets": "logits" | "label_map"}``; None for segmentation."""
+        return self.meta.get("classification") or None
+
+    @property
+    def label_map(self) -> bool:
+        """The logits arrays hold a classifier's class map, pooled over each crop (ReLabel)."""
+        c = self.classification
+        return bool(c and c.get("targets") == "label_map")
 
     @property
     def views(self) -> dict | None:
@@ -403,7 +419,8 @@ class CacheSchema:
         for g in self.extent_groups:
             small(f"{g}/hw", (2,), "int32", 0)
         if self.views:
-            small("views/params", (self.view_count, len(Geometry.PACKED)), "float32", float("nan"))
+            small("views/params", (self.view_count, len(self.views.get("params") or Geometry.PACKED)), "float32",
+                  float("nan"))
         R = len(self.quality_rows)
         if R:
             for name, shape, dtype in self.quality_arrays():
@@ -458,7 +475,7 @@ class CacheSchema:
         views = self.views
         if views:
             V, crop = self.view_count, tuple(views["crop"])
-            identity = Geometry(crop, 1.0, 0, 0, crop, False).pack()
+            identity = Geometry(crop, 1.0, 0, 0, crop, False).pack()[:len(views.get("params") or Geometry.PACKED)]
             out["views/params"] = torch.tensor([identity] * V, dtype=torch.float32)
             for spec in self.map_specs:
                 if spec.path.startswith("views/"):
@@ -509,7 +526,12 @@ class CacheSchema:
             ("preprocess", f"resize {self.preprocess.get('resize') or 'none (native size)'}, mean "
                            f"{self.preprocess.get('mean')}, std {self.preprocess.get('std')}"),
             ("flip-average", "yes" if m["flip_average"] else "no"),
-            ("views", f"{views['count']} per image, crop {views['crop']}, scale {views['scale']}" if views else "none"),
+            *([("task", "classification: " + ("the class map before pooling, pooled over each crop (label map)"
+                                              if self.label_map else "the classifier's logits"))]
+              if self.classification else []),
+            ("views", (f"{views['count']} per image, crop {views['crop']}, "
+                       + (f"random-resized, area {views['area']}" if views.get("area") else f"scale {views['scale']}"))
+             if views else "none"),
             ("features", ", ".join(f"{t} ({f['channels']}x{f['map_size'][0]}x{f['map_size'][1]})"
                                    for t, f in self.features.items()) or "none"),
             ("attention", ", ".join(f"{t} ({a['map_size'][0]}x{a['map_size'][1]})"

@@ -1,0 +1,468 @@
+"""Image classification through the same cache: data sets read from files the tests write
+(ImageFolder, CIFAR pickles) and the built-in shapes, classifiers and their class maps against
+the networks' own forward, random-resized crops, ReLabel region pooling against a float64
+mixture, top-k metrics by hand, stored views and label maps against the teacher run on them,
+and the whole workflow on the command line."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from cli_runner import kd
+from PIL import Image
+
+from kdcache.checkpoint import save_checkpoint
+from kdcache.data import build_dataset
+from kdcache.data.class_base import NO_LABEL
+from kdcache.errors import KDCacheError
+from kdcache.metrics import TopK
+from kdcache.model_loading import open_weights
+from kdcache.models import build_model
+from kdcache.store import CacheStore, to_tensors
+from kdcache.target_geometry import pool_targets
+from kdcache.targets import topk_targets
+from kdcache.transforms import Geometry, Preprocess, apply_geometry, sample_resized_crop
+
+SHAPES = ["--dataset", "shapes", "-o", "size=40", "-o", "resolution=24"]
+
+
+# -- data -------------------------------------------------------------------------------------------
+def write_image(path, rng, size=(20, 24), fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path, format=fmt)
+    return path
+
+
+def test_imagefolder_reads_classes_from_folders_and_labels_every_split(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, per in (("train", 3), ("val", 2)):
+        for name in ("cat", "dog", "emu"):
+            for i in range(per if not (split == "val" and name == "emu") else 0):
+                write_image(tmp_path / split / name / f"{i}.png", rng)
+    write_image(tmp_path / "train" / "dog" / "sub" / "deep.jpg", rng)
+    write_image(tmp_path / "unlabeled" / "x.png", rng)
+    train = build_dataset("imagefolder", "train", tmp_path)
+    val = build_dataset("imagefolder", "val", tmp_path)
+    assert train.class_names == val.class_names == ("cat", "dog", "emu")
+    assert len(train) == 10 and len(val) == 4
+    assert "dog/sub/deep" in train.ids
+    labels = {sid: train.label(i) for i, sid in enumerate(train.ids)}
+    assert labels["cat/0"] == 0 and labels["dog/sub/deep"] == 1 and labels["emu/2"] == 2
+    image, label = train.load(train.ids.index("emu/1"))
+    assert image.shape == (20, 24, 3) and label.tolist() == [[2]] and label.dtype == np.int64
+    np.testing.assert_array_equal(image, np.asarray(Image.open(tmp_path / "train" / "emu" / "1.png")))
+    unl = build_dataset("imagefolder", "unlabeled", tmp_path)
+    assert not unl.labelled and unl.class_names == train.class_names
+    assert unl.load(0)[1].tolist() == [[NO_LABEL]]
+    # the content hash covers the class: the same image under another class is another sample
+    h = train.content_hash(0)
+    moved = tmp_path / "train" / "dog" / "0-moved.png"
+    (tmp_path / "train" / "cat" / "0.png").rename(moved)
+    again = build_dataset("imagefolder", "train", tmp_path)
+    assert again.content_hash(again.ids.index("dog/0-moved")) != h
+
+
+def test_imagefolder_bad_input_is_one_clear_error(tmp_path):
+    rng = np.random.default_rng(1)
+    write_image(tmp_path / "train" / "a" / "0.png", rng)
+    (tmp_path / "train" / "b").mkdir()
+    with pytest.raises(KDCacheError, match=r"class folder .*train/b holds no images"):
+        build_dataset("imagefolder", "train", tmp_path)
+    write_image(tmp_path / "train" / "b" / "0.png", rng)
+    write_image(tmp_path / "val" / "zebra" / "0.png", rng)
+    with pytest.raises(KDCacheError, match="class folders zebra that .*train lacks"):
+        build_dataset("imagefolder", "val", tmp_path)
+    with pytest.raises(KDCacheError, match="no split folder .*test"):
+        build_dataset("imagefolder", "test", tmp_path)
+    (tmp_path / "train" / "a" / "broken.jpg").write_bytes(b"not a jpeg")
+    ds = build_dataset("imagefolder", "train", tmp_path)
+    with pytest.raises(KDCacheError, match="cannot read image .*broken.jpg"):
+        ds.load(ds.ids.index("a/broken"))
+
+
+def write_cifar(root, variant: str, n_train: int, n_test: int, classes: int):
+    rng = np.random.default_rng(2)
+    if variant == "cifar10":
+        folder = root / "cifar-10-batches-py"
+        folder.mkdir(parents=True)
+        names = {b"label_names": [f"c{i}".encode() for i in range(classes)]}
+        (folder / "batches.meta").write_bytes(pickle.dumps(names))
+        parts = np.array_split(np.arange(n_train), 5)
+        files = [(f"data_batch_{j + 1}", len(p)) for j, p in enumerate(parts)] + [("test_batch", n_test)]
+        key = b"labels"
+    else:
+        folder = root / "cifar-100-python"
+        folder.mkdir(parents=True)
+        (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [f"f{i}".encode() for i in range(classes)]}))
+        files, key = [("train", n_train), ("test", n_test)], b"fine_labels"
+    written = {}
+    for name, n in files:
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = rng.integers(0, classes, n).tolist()
+        (folder / name).write_bytes(pickle.dumps({b"data": data, key: labels}))
+        written[name] = (data, labels)
+    return written
+
+
+@pytest.mark.parametrize("variant,classes", [("cifar10", 10), ("cifar100", 100)])
+def test_cifar_pickles_round_trip_with_a_held_out_val(tmp_path, variant, classes):
+    written = write_cifar(tmp_path, variant, 20, 6, classes)
+    train_files = [k for k in written if k.startswith(("data_batch", "train"))]
+    data = np.concatenate([written[k][0] for k in train_files])
+    labels = sum((written[k][1] for k in train_files), [])
+    train = build_dataset(variant, "train", tmp_path, val_size=5)
+    val = build_dataset(variant, "val", tmp_path / ("cifar-10-batches-py" if variant == "cifar10" else "cifar-100-python"),
+                        val_size=5)
+    test = build_dataset(variant, "test", tmp_path)
+    assert (len(train), len(val), len(test)) == (15, 5, 6) and train.num_classes == classes
+    assert val.ids[0] == "train-00015" and test.ids[0] == "test-00000"
+    image, label = val.load(2)
+    expected = data[17].reshape(3, 32, 32).transpose(1, 2, 0)  # CIFAR rows: 1024 R, 1024 G, 1024 B
+    np.testing.assert_array_equal(image, expected)
+    assert int(label[0, 0]) == labels[17]
+    test_name = "test_batch" if variant == "cifar10" else "test"
+    assert test.label(5) == written[test_name][1][5]
+
+
+def test_cifar_bad_input(tmp_path):
+    with pytest.raises(KDCacheError, match="not an extracted cifar10 archive"):
+        build_dataset("cifar10", "train", tmp_path)
+    write_cifar(tmp_path, "cifar10", 10, 2, 10)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"garbage")
+    with pytest.raises(KDCacheError, match="cannot read CIFAR file .*data_batch_3"):
+        build_dataset("cifar10", "train", tmp_path)
+
+
+def test_cifar_reader_builds_no_foreign_objects(tmp_path):
+    write_cifar(tmp_path, "cifar10", 10, 2, 10)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (tmp_path / "cifar-10-batches-py" / "batches.meta").write_bytes(pickle.dumps({b"label_names": Evil()}))
+    with pytest.raises(KDCacheError, match="builtins.print is not part of a CIFAR file"):
+        build_dataset("cifar10", "train", tmp_path)
+
+
+def test_shapes_is_deterministic_and_balanced():
+    a = build_dataset("shapes", "train", size=200)
+    b = build_dataset("shapes", "train", size=50)
+    np.testing.assert_array_equal(a.load(7)[0], b.load(7)[0])
+    assert a.label(7) == b.label(7)
+    assert not np.array_equal(a.load(7)[0], build_dataset("shapes", "train", size=10, seed=1).load(7)[0])
+    assert a.class_counts().min() >= 10
+    assert not build_dataset("shapes", "unlabeled", size=3).labelled
+
+
+# -- models ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "demo_cls_teacher"])
+def test_classifiers_give_one_cell_logits_and_a_class_map(name):
+    torch.manual_seed(0)
+    model = build_model(name, 7).eval()
+    assert model.task == "classification"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x).logits
+        direct = model.net(x)
+        cmap = model.class_map(x)
+    assert out.shape == (2, 7, 1, 1)
+    torch.testing.assert_close(out[:, :, 0, 0], direct)
+    if name == "resnet18":  # the reference by hand: fc at every cell of layer4's map
+        net = model.net
+        with torch.no_grad():
+            f = net.layer4(net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x))))))))
+            ref = torch.einsum("bchw,kc->bkhw", f, net.fc.weight) + net.fc.bias[None, :, None, None]
+        torch.testing.assert_close(cmap, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cmap.mean((2, 3)), direct, rtol=1e-5, atol=1e-5)
+    assert cmap.shape[:2] == (2, 7) and cmap.shape[-1] > 1
+
+
+def test_timm_models_by_name():
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = build_model("timm/resnet18", 5).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits[:, :, 0, 0], model.net(x))
+        assert model.class_map(x).shape[:2] == (1, 5)
+    with pytest.raises(KDCacheError, match="timm has no model 'no_such_net'"):
+        build_model("timm/no_such_net", 5)
+
+
+# -- geometry, pooling, metrics ---------------------------------------------------------------------
+def test_random_resized_crops_keep_area_ratio_and_box():
+    rng = np.random.default_rng(0)
+    ramp = torch.arange(60.0).repeat(40, 1)[None]  # x coordinate of each pixel of a 40 x 60 image
+    for _ in range(50):
+        g = sample_resized_crop(rng, (40, 60), (32, 32), (0.3, 0.9))
+        top, left, h, w = g.box()
+        assert 0.3 * 0.9 <= h * w / 2400 <= 0.9 * 1.1
+        assert 3 / 4 * 0.85 <= w / h <= 4 / 3 * 1.15
+        assert top >= -0.5 and left >= -0.5 and top + h <= 40.5 and left + w <= 60.5
+        assert Geometry.unpack((40, 60), g.pack()) == g
+        out = apply_geometry(ramp, g, kind="image")[0]
+        col = out[:, 0] if not g.flip else out[:, -1]
+        assert abs(float(col.mean()) - (left + w / (2 * 32))) < 1.0  # the first column samples the box's left edge
+
+
+def test_old_six_number_view_params_unpack():
+    g = Geometry.unpack((32, 32), [1.5, 2, 3, 16, 16, 1.0])
+    assert g.stretch == 1.0 and g.flip and g.out_size == (16, 16)
+
+
+def test_region_pooling_is_the_mixture_of_the_cells():
+    torch.manual_seed(1)
+    C, h, w = 6, 4, 5
+    z = torch.randn(1, C, h, w, dtype=torch.float64) * 3
+    g = Geometry((32, 40), 1.0, 6, 9, (20, 24), True)  # a box of rows 6..26, columns 9..33
+    wy = np.clip(np.minimum(np.arange(1, h + 1) * 8, 26) - np.maximum(np.arange(h) * 8, 6), 0, None)
+    wx = np.clip(np.minimum(np.arange(1, w + 1) * 8, 33) - np.maximum(np.arange(w) * 8, 9), 0, None)
+    weights = torch.tensor(np.outer(wy, wx) / np.outer(wy, wx).sum())
+    mixture = (torch.softmax(z[0], 0) * weights).sum((1, 2))  # float64 reference
+    # dense (k = C): exactly the mixture
+    v, i, _ = topk_targets(z.float(), C)
+    out = pool_targets({"logits/values": v[0], "logits/indices": i[0]}, g)
+    got = torch.zeros(C, dtype=torch.float64)
+    got[out["kd/indices"].flatten().long()] = out["kd/values"].flatten().double().exp()
+    torch.testing.assert_close(got, mixture, rtol=1e-5, atol=1e-7)
+    # top k: each cell's k classes exact, the rest in the tail; the tail is the mass left over
+    k = 2
+    v, i, t = topk_targets(z.float(), k)
+    out = pool_targets({"logits/values": v[0], "logits/indices": i[0], "logits/tail": t[0]}, g)
+    p = torch.softmax(z[0], 0)
+    kept = torch.zeros_like(p)
+    kept.scatter_(0, i[0].long(), p.gather(0, i[0].long()))
+    partial = (kept * weights).sum((1, 2))
+    best = partial.argsort(descending=True)[:k]
+    assert out["kd/indices"].flatten().tolist() == best.tolist()
+    torch.testing.assert_close(out["kd/values"].flatten().double().exp(), partial[best], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(float(out["kd/tail"].double().exp()), 1 - float(partial[best].sum()), rtol=1e-5,
+                               atol=1e-7)
+    # a box inside one cell is that cell's distribution; a flip changes nothing
+    one = pool_targets({"logits/values": v[0], "logits/indices": i[0], "logits/tail": t[0]},
+                       Geometry((32, 40), 2.0, 18, 36, (10, 8), False))
+    assert one["kd/indices"].flatten().tolist() == i[0, :, 1, 2].tolist()
+    flipped = pool_targets({"logits/values": v[0], "logits/indices": i[0], "logits/tail": t[0]},
+                           Geometry((32, 40), 1.0, 6, 9, (20, 24), False))
+    torch.testing.assert_close(flipped["kd/values"], out["kd/values"])
+
+
+def test_topk_accuracy_by_hand():
+    logits = torch.tensor([[0.1, 0.9, 0.3, 0.2], [0.5, 0.1, 0.2, 0.4], [0.0, 0.1, 0.2, 0.3], [1, 0, 0, 0]])
+    target = torch.tensor([1, 3, 0, -100])
+    m = TopK((1, 2, 3), ignore_index=-100)
+    m.update(logits, target)
+    # sample 0: rank 1; sample 1: rank 2; sample 2: rank 4; sample 3 ignored
+    assert m.compute() == {"top1": 1 / 3, "top2": 2 / 3, "top3": 2 / 3}
+
+
+# -- the workflow -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cls")
+    r = kd("train-teacher", "--model", "demo_cls_teacher", "-m", "width=8", *SHAPES, "--epochs", "2",
+           "--batch-size", "8", "--lr", "0.003", "--out", d / "teacher", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "best val top-1" in r.output
+    return d
+
+
+def teacher_on(path, images: torch.Tensor, class_map: bool = False) -> torch.Tensor:
+    model = open_weights(path).build().double()
+    with torch.no_grad():
+        return (model.class_map(images.double()) if class_map else model(images.double()).logits)
+
+
+def test_views_and_label_maps_are_the_teacher_on_those_pixels(teacher):
+    d = teacher
+    for form, extra in (("views", ["--views", "3", "--view-area", "0.3,1"]), ("lmap", ["--label-map"])):
+        r = kd("build-teacher-cache", "--weights", d / "teacher", "--out", d / f"{form}.zarr", *SHAPES,
+               "--topk", "4", "--quiet", *extra)
+        assert r.exit_code == 0, r.output
+    ds = build_dataset("shapes", "train", size=40, resolution=24)
+    pre = Preprocess()
+    x = torch.stack([pre.image_to_tensor(ds.load(i)[0]) for i in range(4)])
+    views = CacheStore(d / "views.zarr")
+    assert views.schema.classification == {"targets": "logits"} and views.schema.views["area"] == [0.3, 1.0]
+    for i in range(4):
+        s = to_tensors(views.read(i))
+        full = teacher_on(d / "teacher", x[i:i + 1])
+        v, idx, _ = topk_targets(full.float(), 4)
+        assert s["logits/indices"].flatten().tolist() == idx.flatten().tolist()
+        for j in range(3):
+            g = Geometry.unpack((24, 24), s["views/params"][j])
+            ref = teacher_on(d / "teacher", apply_geometry(x[i], g, kind="image")[None])
+            v, idx, tail = topk_targets(ref.float(), 4)
+            assert s["views/logits/indices"][j].flatten().tolist() == idx.flatten().tolist()
+            torch.testing.assert_close(s["views/logits/values"][j].float().flatten(), v.flatten(), rtol=2e-3, atol=2e-3)
+    lmap = CacheStore(d / "lmap.zarr")
+    assert lmap.schema.label_map and lmap.schema.map_size == (6, 6)  # the teacher's stride-4 map before pooling
+    full = teacher_on(d / "teacher", x, class_map=True)
+    v, idx, tail = topk_targets(full.float(), 4)
+    for i in range(4):
+        s = to_tensors(lmap.read(i))
+        assert s["logits/indices"].tolist() == idx[i].tolist()
+        torch.testing.assert_close(s["logits/values"].float(), v[i], rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(s["logits/tail"].float(), tail[i], rtol=2e-3, atol=2e-3)
+    # the recorded quality: the teacher's top-1 on these images (its class map's mean is its logits)
+    everything = torch.stack([pre.image_to_tensor(ds.load(i)[0]) for i in range(len(ds))])
+    pred = teacher_on(d / "teacher", everything)[:, :, 0, 0].argmax(1)
+    labels = torch.tensor([ds.label(i) for i in range(len(ds))])
+    q = lmap.quality()
+    assert q["rows"]["combined"]["aacc"] == pytest.approx(float((pred == labels).double().mean()))
+
+
+def test_the_workflow_on_the_command_line(teacher, tmp_path):
+    d = teacher
+    for form, extra in (("logits", []), ("views2", ["--views", "2"]), ("lmap2", ["--label-map"])):
+        r = kd("build-teacher-cache", "--weights", d / "teacher", "--out", tmp_path / f"{form}.zarr", *SHAPES,
+               "--topk", "3", "--quiet", *extra)
+        assert r.exit_code == 0, r.output
+    r = kd("inspect-cache", tmp_path / "lmap2.zarr")
+    assert r.exit_code == 0 and "label map" in r.output and "top-1" in r.output, r.output
+    r = kd("verify-cache", tmp_path / "views2.zarr")
+    assert r.exit_code == 0, r.output
+    common = ["--model", "demo_cls_student", "-m", "width=4", "--epochs", "1", "--batch-size", "8", "--quiet"]
+    runs = {"ce": ["--cache", tmp_path / "logits.zarr", "--method", "none"],
+            "views": ["--cache", tmp_path / "views2.zarr", "--method", "kl", "--use-views"],
+            "lmap": ["--cache", tmp_path / "lmap2.zarr", "--method", "kl"],
+            "dist": ["--cache", tmp_path / "lmap2.zarr", "--method", "dist"],
+            "online": ["--cache", tmp_path / "logits.zarr", "--method", "kl", "--online-teacher", "cache"]}
+    for name, args in runs.items():
+        r = kd("train-student", *args, *common, "--out", tmp_path / name)
+        assert r.exit_code == 0, (name, r.output)
+        assert "best val top-1" in r.output
+    # evaluate: top-1/top-5 against the model run by hand on the test images
+    r = kd("evaluate", tmp_path / "lmap", "--split", "test", "--no-latency", "--qualitative", "2")
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "lmap" / "eval" / "eval.json").read_text())
+    test = build_dataset("shapes", "test", size=40, resolution=24)
+    model = open_weights(tmp_path / "lmap").build()
+    x = torch.stack([Preprocess().image_to_tensor(test.load(i)[0]) for i in range(len(test))])
+    with torch.no_grad():
+        logits = model(x).logits[:, :, 0, 0]
+    labels = torch.tensor([test.label(i) for i in range(len(test))])
+    assert report["top1"] == pytest.approx(float((logits.argmax(1) == labels).double().mean()))
+    top5 = (logits.topk(5, 1).indices == labels[:, None]).any(1)
+    assert report["top5"] == pytest.approx(float(top5.double().mean()))
+    assert report["task"] == "classification" and len(report["confusion_matrix"]) == 10
+    for fig in ("confusion_matrix.png", "best.png", "worst.png"):
+        assert (tmp_path / "lmap" / "eval" / fig).stat().st_size > 1000
+    # compare: one table with top-1, top-5, Δ against the CE run, per-class accuracy, figures
+    r = kd("compare", *(tmp_path / n for n in runs), "--split", "test", "--out", tmp_path / "cmp", "--quiet",
+           "--no-latency")
+    assert r.exit_code == 0, r.output
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| top-1 | Δ top-1 | top-5 | mAcc |" in md and "CE (baseline)" in md
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    rows = {row["name"]: row for row in result["rows"]}
+    assert rows["lmap"]["top1"] == pytest.approx(report["top1"])
+    assert rows["lmap"]["delta_top1"] == pytest.approx(rows["lmap"]["top1"] - rows["ce"]["top1"])
+    for fig in ("per_class_acc.png", "confusion_ce.png", "examples/best.png", "examples/worst.png"):
+        assert (tmp_path / "cmp" / fig).exists(), fig
+
+
+def test_classification_bad_input(teacher, tmp_path):
+    d = teacher
+    r = kd("build-teacher-cache", "--weights", d / "teacher", "--out", tmp_path / "x.zarr", *SHAPES, "--label-map",
+           "--views", "2")
+    assert r.exit_code == 2 and "--label-map and --views are two forms" in r.output
+    r = kd("build-teacher-cache", "--weights", d / "teacher", "--out", tmp_path / "x.zarr", "--label-map",
+           "--limit", "2", "-o", "resolution=32x32")
+    assert r.exit_code == 2 and "--label-map is for classification data sets" in r.output, r.output
+    r = kd("train-teacher", "--model", "demo_student", *SHAPES, "--epochs", "1", "--out", tmp_path / "seg", "--quiet")
+    assert r.exit_code == 2 and "model 'demo_student' is a segmentation network and shapes is a classification"         in r.output, r.output
+    r = kd("train-teacher", "--model", "resnet18", "--limit", "4", "--batch-size", "2", "--epochs", "1", "--out", tmp_path / "cls",
+           "--quiet")
+    assert r.exit_code == 2 and "model 'resnet18' is a classification network and synthetic is a segmentation"         in r.output, r.output
+    r = kd("train-teacher", "--model", "demo_cls_student", *SHAPES, "--crop-area", "0.5,1.5", "--out",
+           tmp_path / "c", "--quiet")
+    assert r.exit_code == 2 and "--crop-area must be 'lo,hi' with 0 < lo <= hi <= 1" in r.output
+    # an ImageFolder with other classes than the cache's
+    rng = np.random.default_rng(3)
+    for name in ("a", "b"):
+        for i in range(3):
+            write_image(tmp_path / "folder" / "train" / name / f"{i}.png", rng, size=(24, 24))
+    model = build_model("demo_cls_teacher", 2, width=8)
+    save_checkpoint(tmp_path / "t2.pt", model, config={"model": "demo_cls_teacher", "num_classes": 2,
+                                                      "model_options": {"width": 8},
+                                                      "class_names": ["a", "b"], "preprocess": Preprocess().to_dict()})
+    r = kd("build-teacher-cache", "--weights", tmp_path / "t2.pt", "--out", tmp_path / "f.zarr", "--dataset",
+           "imagefolder", "--data-root", tmp_path / "folder", "--topk", "2", "--quiet")
+    assert r.exit_code == 0, r.output
+    write_image(tmp_path / "folder" / "train" / "c" / "0.png", rng, size=(24, 24))
+    r = kd("train-student", "--cache", tmp_path / "f.zarr", "--model", "demo_cls_student", "--out", tmp_path / "s",
+           "--epochs", "1", "--batch-size", "2", "--val-split", "train", "--quiet")
+    assert r.exit_code == 2 and "holds 2 classes but imagefolder has 3; use a cache built from" in r.output, r.output
+
+
+def test_classifier_logits_of_the_wrong_shape():
+    model = build_model("demo_teacher", 3)
+    model.task = "classification"
+    with pytest.raises(KDCacheError) as e:
+        model(torch.zeros(1, 3, 16, 16))
+    assert "returned logits of shape (1, 3, 4, 4); a classifier must return [N, 3]" in str(e.value)
+
+
+def test_more_bad_input_one_line_each(tmp_path):
+    written = write_cifar(tmp_path, "cifar10", 10, 2, 10)
+    folder = tmp_path / "cifar-10-batches-py"
+    with pytest.raises(KDCacheError, match="-o val_size must be in 0..9"):
+        build_dataset("cifar10", "val", tmp_path, val_size=10)
+    data, labels = written["test_batch"]
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": data, b"labels": [10, 0]}))
+    with pytest.raises(KDCacheError) as e:
+        build_dataset("cifar10", "test", tmp_path).load(0)
+    assert "is labelled class 10, outside the 10 classes 0..9 of cifar10; check the labels' file" in str(e.value)
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": data[:, :100], b"labels": labels}))
+    with pytest.raises(KDCacheError) as e:
+        build_dataset("cifar10", "test", tmp_path)
+    assert "holds data of shape (2, 100), expected N x 3072" in str(e.value)
+    (folder / "test_batch").unlink()
+    with pytest.raises(KDCacheError) as e:
+        build_dataset("cifar10", "test", tmp_path)
+    assert "test_batch does not exist; --data-root must hold the extracted archive" in str(e.value)
+    with pytest.raises(KDCacheError) as e:
+        build_dataset("cifar10", "extra", tmp_path)
+    assert "the cifar10 files make no split 'extra'" in str(e.value)
+    for options, message in (({"split": "dev"}, "shapes data set has no split 'dev'"),
+                             ({"size": -1}, "shapes data set size must be >= 0, got -1"),
+                             ({"resolution": 8}, "shapes resolution must be at least 16, got 8")):
+        with pytest.raises(KDCacheError) as e:
+            build_dataset("shapes", **{"split": "train", **options})
+        assert message in str(e.value)
+
+
+def test_models_without_a_class_map_say_so():
+    pytest.importorskip("timm")
+    with pytest.raises(KDCacheError) as e:
+        build_model("timm/resnet18", 3, pretrained=True)
+    assert "timm models are built without downloaded weights; give a local file" in str(e.value)
+    with pytest.raises(KDCacheError) as e:
+        build_model("timm/resnet18", 3, no_such_option=1)
+    assert "timm could not build timm/resnet18 with options" in str(e.value)
+    vit = build_model("torchvision.models.vision_transformer:VisionTransformer", 3, image_size=32, patch_size=16,
+                      num_layers=1, num_heads=1, hidden_dim=8, mlp_dim=8)
+    with pytest.raises(KDCacheError) as e:
+        vit.class_map(torch.zeros(1, 3, 32, 32))
+    assert "has no global average pooling module to take a class map before" in str(e.value)
+
+    class PoolsAVector(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool = torch.nn.AdaptiveAvgPool2d(1)
+
+        def forward(self, x):
+            return self.pool(x.mean(1))[..., 0].expand(-1, 3)  # pools a 3-D tensor
+
+    from kdcache.models import SegModel
+
+    model = SegModel(PoolsAVector(), "pools_a_vector", 3, task="classification")
+    with pytest.raises(KDCacheError) as e:
+        model.class_map(torch.zeros(1, 3, 8, 8))
+    assert "pools a 3-D tensor, not a feature map; it has no class map" in str(e.value)
