@@ -24,6 +24,7 @@ from kdcache.compare import compare_runs
 from kdcache.config_files import Option, read_config_file
 from kdcache.data import DATASETS
 from kdcache.demo import run_demo
+from kdcache.demo_classification import run_classification_demo
 from kdcache.distill import StudentConfig, student_config
 from kdcache.distill import train_student as run_student
 from kdcache.errors import KDCacheError
@@ -524,15 +525,29 @@ def compare(
 
 @command()
 def demo(
+    ctx: typer.Context,
     out: Annotated[str, typer.Option(help="Folder for every step's output.")] = default(run_demo, "out"),
     teacher_epochs: Annotated[int, typer.Option(help="Teacher training epochs.")] = default(run_demo, "teacher_epochs"),
     student_epochs: Annotated[int, typer.Option(help="Epochs of each student.")] = default(run_demo, "student_epochs"),
     device: Device = default(run_demo, "device"),
     seed: Seed = default(run_demo, "seed"),
     limit: Annotated[int, typer.Option(help="Labelled images: the first N of the training split (the pool is 4x N).")] = default(run_demo, "limit"),
+    task: Annotated[str, typer.Option(help="segmentation (the synthetic scenes) or classification (the shapes: teacher → logits, FKD views and ReLabel label-map caches → students → compare).")] = "segmentation",
     quiet: Quiet = False,
 ):
     """The whole workflow on the built-in data: teacher → caches (labelled, unlabelled pool) → students → compare on test."""
+    if task == "classification":
+        given = command_line_options(ctx)
+        result = run_classification_demo(
+            out if "out" in given else default(run_classification_demo, "out"),
+            teacher_epochs=teacher_epochs if "teacher_epochs" in given else default(run_classification_demo, "teacher_epochs"),
+            student_epochs=student_epochs if "student_epochs" in given else default(run_classification_demo, "student_epochs"),
+            device=device, seed=seed, show_progress=not quiet)
+        console.print(compare_table(result, width=console.width))
+        console.print(f"figures and tables in {result['out_dir']}")
+        return
+    if task != "segmentation":
+        raise KDCacheError(f"--task must be segmentation or classification, got {task!r}")
     result = run_demo(out, teacher_epochs=teacher_epochs, student_epochs=student_epochs, device=device, seed=seed,
                       limit=limit, show_progress=not quiet)
     console.print(compare_table(result, width=console.width))

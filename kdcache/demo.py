@@ -54,7 +54,7 @@ def _started(run: Path) -> bool:
     return RunDir(run).last.exists()
 
 
-def _cache(out: Path, teacher: Path, what: str, show_progress: bool, **build) -> Path:
+def _cache(out: Path, teacher: Path, what: str, show_progress: bool, topk: int = 4, **build) -> Path:
     done = False
     try:
         done = bool(CacheStore(out).done().all())
@@ -64,7 +64,7 @@ def _cache(out: Path, teacher: Path, what: str, show_progress: bool, **build) ->
         console.print(f"[dim]cache: done already ({out})[/dim]")
     else:
         console.print(f"[bold]2/4 teacher cache[/bold] ({what})")
-        build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(out), topk=4, **build),
+        build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(out), topk=topk, **build),
                             show_progress=show_progress)
     return out
 

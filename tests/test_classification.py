@@ -466,3 +466,17 @@ def test_models_without_a_class_map_say_so():
     with pytest.raises(KDCacheError) as e:
         model.class_map(torch.zeros(1, 3, 8, 8))
     assert "pools a 3-D tensor, not a feature map; it has no class map" in str(e.value)
+
+
+def test_the_classification_demo(tmp_path):
+    from kdcache.demo_classification import run_classification_demo
+
+    result = run_classification_demo(tmp_path / "demo", teacher_epochs=1, student_epochs=1, device="cpu", size=40,
+                                     show_progress=False)
+    assert result["task"] == "classification" and result["split"] == "test"
+    names = [r["name"] for r in result["rows"]]
+    assert names == ["teacher", "student-ce", "student-kd-logits", "student-kd-views", "student-kd-label-map"]
+    assert CacheStore(tmp_path / "demo" / "views.zarr").schema.view_count == 8
+    assert CacheStore(tmp_path / "demo" / "label_map.zarr").schema.label_map
+    r = kd("demo", "--task", "detection", "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "--task must be segmentation or classification, got 'detection'" in r.output
