@@ -94,6 +94,9 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-classification")
     ap.add_argument("--teacher", default=None, help="a teacher run trained with this script's recipe")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--keep", action="store_true", help="students: keep the (student, seed) results already in the "
+                                                         "state file, except those of --redo")
+    ap.add_argument("--redo", default="", help="students: comma-separated student names to run again with --keep")
     args = ap.parse_args()
     phases = set(args.phase.split(","))
     out = Path(args.out)
@@ -143,8 +146,11 @@ def main() -> None:
         plan = {"CE": ("logits", None, False, False), "KD logits (whole image)": ("logits", kd, False, False),
                 "KD views (FKD)": ("views", kd, True, False), "KD label map (ReLabel)": ("label_map", kd, False, False),
                 "KD online teacher on each crop": ("logits", kd, False, True)}
+        redo = set(filter(None, args.redo.split(",")))
         for seed in (int(s) for s in args.seeds.split(",")):
             for name, (form, method, views, online) in plan.items():
+                if args.keep and name not in redo and str(seed) in runs.get(name, {}):
+                    continue
                 run = out / f"s{seed}-{form}-{'ce' if method is None else ('online' if online else 'kd')}"
                 r = student(out / f"{form}.zarr", run, seed, method, views, online)
                 r.update(test_scores(run))

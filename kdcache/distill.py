@@ -161,7 +161,7 @@ class KDPipeline(SegPipeline):
                 if self.store.schema.label_map:  # a classifier's class map, pooled over the crop
                     logits = {key: cached.pop(key) for key in LOGIT_KEYS if key in cached}
                     if logits:
-                        item.update(pool_targets(logits, g))
+                        item.update(pool_targets(logits, g, self.store.schema.num_classes))
                 item.update(warp_targets(cached, g, self.store.schema.strides))
         item.pop("geometry", None)
         if skipped:  # no teacher targets for this sample: every KD cell ignored

@@ -70,6 +70,9 @@ def export_pseudo_labels(cache: str, out: str | Path, *, threshold: float = 0.7,
         raise KDCacheError(f"--class-balanced must be in (0, 1] (the share of each class's pixels kept), got "
                            f"{class_balanced}")
     store = CacheStore(cache)
+    if store.schema.classification:
+        raise KDCacheError(f"teacher cache {cache} holds a classifier's targets; export-pseudo-labels writes "
+                           "segmentation masks (train a student from the cache itself)")
     done = store.done()
     if not done.all():
         raise KDCacheError(f"teacher cache {cache} is not finished ({int(done.sum())} of {len(done)} samples written); "

@@ -141,19 +141,20 @@ def _cell_overlap(start: float, stop: float, size: int, cells: int) -> np.ndarra
     return np.clip(np.minimum(edges[1:], stop) - np.maximum(edges[:-1], start), 0.0, None)
 
 
-def pool_targets(item: dict, g: Geometry) -> dict:
+def pool_targets(item: dict, g: Geometry, num_classes: int) -> dict:
     """ReLabel's region pooling of a cached class map (``logits/values``, ``/indices``,
-    ``/tail`` of a classifier's map before global pooling) over the crop of ``g``: one target
-    per item, ``kd/values`` [k, 1, 1] (float32), ``kd/indices`` [k, 1, 1], ``kd/tail`` [1, 1] and
-    ``kd/ignore`` [1, 1] (True only if the crop covers no cell).
+    ``/tail`` of a classifier's map before global pooling, ``num_classes`` classes) over the crop
+    of ``g``: one target per item, ``kd/values`` [k, 1, 1] (float32), ``kd/indices`` [k, 1, 1],
+    ``kd/tail`` [1, 1] and ``kd/ignore`` [1, 1] (True only if the crop covers no cell).
 
-    Each map cell counts by the area of the crop's box (:meth:`Geometry.box`) inside it. ReLabel
-    pools logits (RoIAlign over a map that is zero outside each cell's top 5); a top-k cache does
-    not know a cell's logits outside its top k, so the cells' *distributions* are pooled instead:
-    p = Σ_cells w_cell · softmax(cell) over the cell's k classes and its tail, the mixture the
-    crop's cells describe. The crop's top k of p are stored as log-probabilities and the rest of
-    the mass as the tail (log(1 − Σ top k)), so at T = 1 the kernel's (k + 1)-bin target is p
-    with the classes outside a cell's top k counted in the tail. A flip does not change a pool."""
+    As ReLabel does (RoIAlign over the label map, then softmax), the cells' *logits* are averaged,
+    each cell weighted by the area of the crop's box (:meth:`Geometry.box`) inside it: for a
+    linear head after global average pooling, the box of the whole image gives back the
+    classifier's logits exactly. ReLabel's map is zero outside each cell's top 5; here a cell's
+    classes outside its top k take the logit its tail gives each of them in equal shares,
+    τ − log(C − k) (the kernel's ``bin`` assumption; exact when k = C), which never exceeds its
+    top k. The pooled logits' top k and the logsumexp of the rest (the tail) are the target.
+    A flip does not change a pool."""
     values = item["logits/values"]
     k, h, w = values.shape
     top, left, bh, bw = g.box()
@@ -161,28 +162,29 @@ def pool_targets(item: dict, g: Geometry) -> dict:
     weights = np.outer(_cell_overlap(top, top + bh, H, h), _cell_overlap(left, left + bw, W, w)).ravel()
     total = weights.sum()
     ids = item["logits/indices"].numpy().reshape(k, h * w)
+    tail = item.get("logits/tail")
     if total <= 0:  # the crop lies outside the image: nothing to learn from
         return {"kd/values": torch.zeros(k, 1, 1), "kd/indices": torch.from_numpy(ids[:, :1].reshape(k, 1, 1).copy()),
-                **({"kd/tail": torch.zeros(1, 1)} if item.get("logits/tail") is not None else {}),
+                **({"kd/tail": torch.zeros(1, 1)} if tail is not None else {}),
                 "kd/ignore": torch.ones(1, 1, dtype=torch.bool)}
     used = weights > 0
     wu = weights[used] / total
     v = values.numpy().astype(np.float64).reshape(k, h * w)[:, used]
-    tail = item.get("logits/tail")
-    m = v.max(0)
-    norm = np.exp(v - m).sum(0)
-    if tail is not None:
-        t = tail.numpy().astype(np.float64).reshape(h * w)[used]
-        norm = norm + np.exp(t - m)
-    p = np.exp(v - m) / norm  # [k, cells]: each cell's top-k probabilities
+    rest = num_classes - k
+    # the logit of each class outside a cell's top k (0 terms when the cache is dense)
+    u = (tail.numpy().astype(np.float64).reshape(h * w)[used] - np.log(rest)) if tail is not None and rest > 0 \
+        else np.zeros(v.shape[1])
+    base = float((wu * u).sum())  # the pooled logit of a class in no cell's top k
     uniq, inv = np.unique(ids[:, used], return_inverse=True)
-    pooled = np.bincount(inv.ravel(), weights=(p * wu).ravel(), minlength=len(uniq))
-    order = np.argsort(-pooled, kind="stable")[:k]
-    top_p = np.maximum(pooled[order], 1e-30)
-    out = {"kd/values": torch.from_numpy(np.log(top_p).astype(np.float32).reshape(k, 1, 1)),
-           "kd/indices": torch.from_numpy(uniq[order].astype(ids.dtype).reshape(k, 1, 1)),
+    pooled = base + np.bincount(inv.ravel(), weights=((v - u) * wu).ravel(), minlength=len(uniq))
+    order = np.argsort(-pooled, kind="stable")
+    top_k = order[:k]
+    out = {"kd/values": torch.from_numpy(pooled[top_k].astype(np.float32).reshape(k, 1, 1)),
+           "kd/indices": torch.from_numpy(uniq[top_k].astype(ids.dtype).reshape(k, 1, 1)),
            "kd/ignore": torch.zeros(1, 1, dtype=torch.bool)}
     if tail is not None:
-        rest = max(1.0 - float(top_p.sum()), 1e-30)
-        out["kd/tail"] = torch.tensor([[np.log(rest)]], dtype=torch.float32)
+        others = pooled[order[k:]]  # the union's other classes, then those of no cell's top k
+        outside = num_classes - len(uniq)
+        parts = list(others) + ([base + np.log(outside)] if outside > 0 else [])
+        out["kd/tail"] = torch.tensor([[np.logaddexp.reduce(parts) if parts else -np.inf]], dtype=torch.float32)
     return out

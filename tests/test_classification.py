@@ -215,7 +215,7 @@ def test_old_six_number_view_params_unpack():
     assert g.stretch == 1.0 and g.flip and g.out_size == (16, 16)
 
 
-def test_region_pooling_is_the_mixture_of_the_cells():
+def test_region_pooling_averages_the_cells_logits():
     torch.manual_seed(1)
     C, h, w = 6, 4, 5
     z = torch.randn(1, C, h, w, dtype=torch.float64) * 3
@@ -223,33 +223,49 @@ def test_region_pooling_is_the_mixture_of_the_cells():
     wy = np.clip(np.minimum(np.arange(1, h + 1) * 8, 26) - np.maximum(np.arange(h) * 8, 6), 0, None)
     wx = np.clip(np.minimum(np.arange(1, w + 1) * 8, 33) - np.maximum(np.arange(w) * 8, 9), 0, None)
     weights = torch.tensor(np.outer(wy, wx) / np.outer(wy, wx).sum())
-    mixture = (torch.softmax(z[0], 0) * weights).sum((1, 2))  # float64 reference
-    # dense (k = C): exactly the mixture
+    # dense (k = C): exactly the area-weighted mean of the logits (float64 reference)
+    pooled = (z[0] * weights).sum((1, 2))
     v, i, _ = topk_targets(z.float(), C)
-    out = pool_targets({"logits/values": v[0], "logits/indices": i[0]}, g)
-    got = torch.zeros(C, dtype=torch.float64)
-    got[out["kd/indices"].flatten().long()] = out["kd/values"].flatten().double().exp()
-    torch.testing.assert_close(got, mixture, rtol=1e-5, atol=1e-7)
-    # top k: each cell's k classes exact, the rest in the tail; the tail is the mass left over
+    out = pool_targets({"logits/values": v[0], "logits/indices": i[0]}, g, C)
+    assert out["kd/indices"].flatten().tolist() == pooled.argsort(descending=True).tolist()
+    torch.testing.assert_close(out["kd/values"].flatten().double(), pooled.sort(descending=True).values,
+                               rtol=1e-5, atol=1e-5)
+    # top k: a cell's other classes take its tail in equal shares, tau - log(C - k); the tail is
+    # the logsumexp of the pooled logits outside the top k
     k = 2
     v, i, t = topk_targets(z.float(), k)
-    out = pool_targets({"logits/values": v[0], "logits/indices": i[0], "logits/tail": t[0]}, g)
-    p = torch.softmax(z[0], 0)
-    kept = torch.zeros_like(p)
-    kept.scatter_(0, i[0].long(), p.gather(0, i[0].long()))
-    partial = (kept * weights).sum((1, 2))
-    best = partial.argsort(descending=True)[:k]
-    assert out["kd/indices"].flatten().tolist() == best.tolist()
-    torch.testing.assert_close(out["kd/values"].flatten().double().exp(), partial[best], rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(float(out["kd/tail"].double().exp()), 1 - float(partial[best].sum()), rtol=1e-5,
-                               atol=1e-7)
-    # a box inside one cell is that cell's distribution; a flip changes nothing
+    out = pool_targets({"logits/values": v[0], "logits/indices": i[0], "logits/tail": t[0]}, g, C)
+    filled = (t[0].double() - np.log(C - k))[None].expand(C, h, w).clone()
+    filled.scatter_(0, i[0].long(), v[0].double())
+    ref = (filled * weights).sum((1, 2))
+    order = ref.argsort(descending=True)
+    assert out["kd/indices"].flatten().tolist() == order[:k].tolist()
+    torch.testing.assert_close(out["kd/values"].flatten().double(), ref[order[:k]], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(float(out["kd/tail"]), float(torch.logsumexp(ref[order[k:]], 0)), rtol=1e-5,
+                               atol=1e-5)
+    # a box inside one cell is that cell; a flip changes nothing
     one = pool_targets({"logits/values": v[0], "logits/indices": i[0], "logits/tail": t[0]},
-                       Geometry((32, 40), 2.0, 18, 36, (10, 8), False))
+                       Geometry((32, 40), 2.0, 18, 36, (10, 8), False), C)
     assert one["kd/indices"].flatten().tolist() == i[0, :, 1, 2].tolist()
+    torch.testing.assert_close(one["kd/values"].flatten(), v[0, :, 1, 2])
     flipped = pool_targets({"logits/values": v[0], "logits/indices": i[0], "logits/tail": t[0]},
-                           Geometry((32, 40), 1.0, 6, 9, (20, 24), False))
+                           Geometry((32, 40), 1.0, 6, 9, (20, 24), False), C)
     torch.testing.assert_close(flipped["kd/values"], out["kd/values"])
+
+
+def test_the_whole_image_pooled_is_the_classifier():
+    """A linear head after global average pooling: the class map pooled over the whole image is
+    the classifier's own logits."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 5).eval()
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        cmap, logits = model.class_map(x), model(x).logits.flatten()
+    v, i, _ = topk_targets(cmap, 5)
+    out = pool_targets({"logits/values": v[0], "logits/indices": i[0]}, Geometry.identity((96, 96)), 5)
+    got = torch.zeros(5)
+    got[out["kd/indices"].flatten().long()] = out["kd/values"].flatten()
+    torch.testing.assert_close(got, logits, rtol=1e-4, atol=1e-4)
 
 
 def test_topk_accuracy_by_hand():
@@ -323,6 +339,12 @@ def test_the_workflow_on_the_command_line(teacher, tmp_path):
         r = kd("build-teacher-cache", "--weights", d / "teacher", "--out", tmp_path / f"{form}.zarr", *SHAPES,
                "--topk", "3", "--quiet", *extra)
         assert r.exit_code == 0, r.output
+    r = kd("export-pseudo-labels", tmp_path / "logits.zarr", "--out", tmp_path / "pseudo")
+    assert r.exit_code == 2 and "holds a classifier's targets; export-pseudo-labels writes segmentation masks" \
+        in r.output, r.output
+    r = kd("build-teacher-cache", "--weights", d / "teacher", "--out", tmp_path / "feat.zarr", *SHAPES,
+           "--topk", "3", "--features", "stage3", "--quiet")
+    assert r.exit_code == 0, r.output
     r = kd("inspect-cache", tmp_path / "lmap2.zarr")
     assert r.exit_code == 0 and "label map" in r.output and "top-1" in r.output, r.output
     r = kd("verify-cache", tmp_path / "views2.zarr")
@@ -332,7 +354,9 @@ def test_the_workflow_on_the_command_line(teacher, tmp_path):
             "views": ["--cache", tmp_path / "views2.zarr", "--method", "kl", "--use-views"],
             "lmap": ["--cache", tmp_path / "lmap2.zarr", "--method", "kl"],
             "dist": ["--cache", tmp_path / "lmap2.zarr", "--method", "dist"],
-            "online": ["--cache", tmp_path / "logits.zarr", "--method", "kl", "--online-teacher", "cache"]}
+            "online": ["--cache", tmp_path / "logits.zarr", "--method", "kl", "--online-teacher", "cache"],
+            "fitnet": ["--cache", tmp_path / "feat.zarr", "--method", "kl", "--method",
+                       "fitnet:student_tap=stage3,teacher_tap=stage3"]}
     for name, args in runs.items():
         r = kd("train-student", *args, *common, "--out", tmp_path / name)
         assert r.exit_code == 0, (name, r.output)
@@ -480,3 +504,17 @@ def test_the_classification_demo(tmp_path):
     assert CacheStore(tmp_path / "demo" / "label_map.zarr").schema.label_map
     r = kd("demo", "--task", "detection", "--out", tmp_path / "x")
     assert r.exit_code == 2 and "--task must be segmentation or classification, got 'detection'" in r.output
+
+
+def test_a_resumed_classification_run_matches_an_uninterrupted_one(tmp_path):
+    args = ["--model", "demo_cls_student", "-m", "width=4", *SHAPES, "--batch-size", "8", "--quiet"]
+    assert kd("train-teacher", *args, "--epochs", "2", "--out", tmp_path / "whole").exit_code == 0
+    assert kd("train-teacher", *args, "--epochs", "1", "--out", tmp_path / "parts").exit_code == 0
+    r = kd("train-teacher", "--resume", "--epochs", "2", "--out", tmp_path / "parts", "--quiet")
+    assert r.exit_code == 0, r.output
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "parts" / "last.pt", weights_only=False)["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    metrics = [json.loads(line) for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics if "val_top1" in m] == [0, 1]
