@@ -461,7 +461,7 @@ def test_stored_views_are_the_teacher_on_those_crops(tmp_path, teacher):
     aug = Augment(scale=(0.5, 1.5), crop=(16, 24), hflip=True)
     for v in range(2):
         g = sample_geometry(rng, (32, 48), aug)
-        np.testing.assert_allclose(item["views/params"][v], [g.scale, g.top, g.left, 16, 24, float(g.flip)], rtol=1e-6)
+        np.testing.assert_allclose(item["views/params"][v], [g.scale, g.top, g.left, 16, 24, float(g.flip), 1.0], rtol=1e-6)
         logits = teacher_forward(teacher, apply_geometry(x, g, kind="image")[None]).logits
         np.testing.assert_allclose(item["views/logits/values"][v].astype(np.float32),
                                    logits.topk(4, 1).values[0].numpy(), rtol=2e-3, atol=2e-3)

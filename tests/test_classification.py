@@ -506,14 +506,25 @@ def test_the_classification_demo(tmp_path):
     assert r.exit_code == 2 and "--task must be segmentation or classification, got 'detection'" in r.output
 
 
-def test_a_resumed_classification_run_matches_an_uninterrupted_one(tmp_path):
-    args = ["--model", "demo_cls_student", "-m", "width=4", *SHAPES, "--batch-size", "8", "--quiet"]
-    assert kd("train-teacher", *args, "--epochs", "2", "--out", tmp_path / "whole").exit_code == 0
-    assert kd("train-teacher", *args, "--epochs", "1", "--out", tmp_path / "parts").exit_code == 0
-    r = kd("train-teacher", "--resume", "--epochs", "2", "--out", tmp_path / "parts", "--quiet")
+def test_a_resumed_classification_run_matches_an_uninterrupted_one(tmp_path, monkeypatch):
+    from kdcache.runs import RunDir
+
+    args = ["--model", "demo_cls_student", "-m", "width=4", *SHAPES, "--batch-size", "8", "--epochs", "2", "--quiet"]
+    assert kd("train-teacher", *args, "--out", tmp_path / "whole").exit_code == 0
+    real_log = RunDir.log
+
+    def crashing_log(self, record):  # interrupted while it logs epoch 2: its last.pt is epoch 1's
+        if record.get("epoch") == 1:
+            raise KeyboardInterrupt
+        real_log(self, record)
+
+    monkeypatch.setattr(RunDir, "log", crashing_log)
+    assert kd("train-teacher", *args, "--out", tmp_path / "parts").exit_code == 130
+    monkeypatch.setattr(RunDir, "log", real_log)
+    r = kd("train-teacher", "--resume", "--out", tmp_path / "parts", "--quiet")
     assert r.exit_code == 0, r.output
-    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "parts" / "last.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "parts" / "last.pt", weights_only=False)["state_dict"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     metrics = [json.loads(line) for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
