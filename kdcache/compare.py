@@ -177,37 +177,27 @@ def latency_sentence(result: dict) -> str:
 
 
 def markdown_table(result: dict) -> str:
-    if result.get("task") == "classification":
-        return _markdown_classification(result)
     cls = result["class_names"]
-    head = ["run", "method", "model", "mIoU", "Δ mIoU", "mAcc", "aAcc", "#params", "ms/image", "FPS"] + list(cls)
-    lines = [f"{split_sentence(result)}; percentages; Δ against {result['baseline'] or '— (no baseline run)'}; "
+    if result.get("task") == "classification":
+        cols = [("top-1", "top1"), ("Δ top-1", "delta_top1"), ("top-5", "top5"), ("mAcc", "macc")]
+        per_class = "acc" if len(cls) <= 30 else None
+        note = " (mAcc: mean per-class accuracy; per-class columns: accuracy)"
+    else:
+        cols, per_class, note = [("mIoU", "miou"), ("Δ mIoU", "delta_miou"), ("mAcc", "macc"), ("aAcc", "aacc")], "iou", ""
+    head = ["run", "method", "model", *(c for c, _ in cols), "#params", "ms/image", "FPS"] + (list(cls) if per_class else [])
+    lines = [f"{split_sentence(result)}; percentages{note}; Δ against {result['baseline'] or '— (no baseline run)'}; "
              f"{latency_sentence(result)}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
-        delta = "—" if r["delta_miou"] is None else ("±0.00" if r["baseline"] else f"{100 * r['delta_miou']:+.2f}")
-        ms = "—" if r["ms_per_image"] is None else f"{r['ms_per_image']:.2f}"
-        fps = "—" if r["fps"] is None else f"{r['fps']:.1f}"
-        cells = [r["name"], r["method"], r["model"], _pct(r["miou"]), delta, _pct(r["macc"]), _pct(r["aacc"]),
-                 f"{r['params'] / 1e6:.3f}M", ms, fps] + [_pct(x) for x in r["iou"]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _markdown_classification(result: dict) -> str:
-    cls = result["class_names"]
-    head = ["run", "method", "model", "top-1", "Δ top-1", "top-5", "mAcc", "#params", "ms/image", "FPS"]
-    if len(cls) <= 30:
-        head += list(cls)
-    lines = [f"{split_sentence(result)}; percentages (mAcc: mean per-class accuracy; per-class columns: accuracy); "
-             f"Δ against {result['baseline'] or '— (no baseline run)'}; {latency_sentence(result)}.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in result["rows"]:
-        delta = "—" if r["delta_top1"] is None else ("±0.00" if r["baseline"] else f"{100 * r['delta_top1']:+.2f}")
-        ms = "—" if r["ms_per_image"] is None else f"{r['ms_per_image']:.2f}"
-        fps = "—" if r["fps"] is None else f"{r['fps']:.1f}"
-        cells = [r["name"], r["method"], r["model"], _pct(r["top1"]), delta, _pct(r["top5"]), _pct(r["macc"]),
-                 f"{r['params'] / 1e6:.3f}M", ms, fps] + ([_pct(x) for x in r["acc"]] if len(cls) <= 30 else [])
+        cells = [r["name"], r["method"], r["model"]]
+        for _, key in cols:
+            if key.startswith("delta_"):
+                cells.append("—" if r[key] is None else ("±0.00" if r["baseline"] else f"{100 * r[key]:+.2f}"))
+            else:
+                cells.append(_pct(r[key]))
+        cells += [f"{r['params'] / 1e6:.3f}M", "—" if r["ms_per_image"] is None else f"{r['ms_per_image']:.2f}",
+                  "—" if r["fps"] is None else f"{r['fps']:.1f}"]
+        cells += [_pct(x) for x in r[per_class]] if per_class else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
