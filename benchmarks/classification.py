@@ -16,6 +16,8 @@ On the built-in ``shapes`` data (1000 labelled training images, 500 val, 1000 te
 * ``students``: ``demo_cls_student`` for every seed: CE only, KD (``kl``) from each form, and KD
   from the live teacher run on every training crop (``--online-teacher cache``, what FKD's
   views approximate); top-1/top-5 on **test** with each run's best-on-val checkpoint.
+* ``fidelity``: for the students' own training crops, how close the logits and label-map
+  targets are to the teacher run on each crop (top class, KL, accuracy).
 * ``reader``: samples/s through the training DataLoader (the cached targets read and taken
   through each crop), each form against the same loader without a cache, interleaved in rounds.
 
@@ -30,17 +32,20 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.distill import StudentTrainer, config_from_store, train_student
 from kdcache.evaluation import evaluate_run
+from kdcache.model_loading import open_weights
 from kdcache.runs import device_name, resolve_device
 from kdcache.store import CacheStore
 from kdcache.store.location import size_of
 from kdcache.training import TrainConfig, train
 
-FORMS = {"logits": {}, "views": {"views": 8}, "label_map": {"label_map": True}}
+#: the stored views are drawn as the students' own crops are (the same share of the area)
+FORMS = {"logits": {}, "views": {"views": 8, "view_area": (0.5, 1.0)}, "label_map": {"label_map": True}}
 TEACHER = {"model": "demo_cls_teacher", "dataset": "shapes", "epochs": 40, "batch_size": 32, "lr": 2e-3,
            "crop_area": (0.5, 1.0), "workers": 0}
 STUDENT = {"model": "demo_cls_student", "epochs": 30, "batch_size": 32, "lr": 3e-3, "crop_area": (0.5, 1.0),
@@ -83,17 +88,58 @@ def reader_rate(cache: Path, use_views: bool, kd: bool, rounds: int) -> list[flo
     return rates
 
 
+def fidelity(out: Path, teacher: Path, n: int, temperature: float) -> dict:
+    """How close each cached form's target for a training crop is to the teacher run on that
+    crop (what ``--online-teacher`` gives): over the first ``n`` training items of epoch 0 (the
+    crops the students draw), the share whose top class agrees, the KL divergence from the live
+    teacher's (k + 1)-bin distribution at ``temperature``, and the top class's accuracy."""
+    model = open_weights(str(teacher)).build().eval()
+    pipes = {}
+    for form in ("logits", "label_map"):
+        cfg = config_from_store(str(out / f"{form}.zarr"), out="/tmp/kdcache-fidelity-bench", **STUDENT)
+        trainer = StudentTrainer(cfg, overwrite=True, show_progress=False)
+        train_ds, val_ds = trainer.build_datasets()
+        pipes[form], _ = trainer.build_pipelines(train_ds, val_ds)
+    T = temperature
+    stats = {form: {"agree": [], "kl": [], "correct": []} for form in pipes}
+    stats["live teacher on the crop"] = {"agree": [], "kl": [], "correct": []}
+    for i in range(n):
+        items = {form: pipe[i] for form, pipe in pipes.items()}
+        x = items["logits"]["image"]
+        with torch.no_grad():
+            z = model(x[None]).logits.flatten().double()
+        label = int(items["logits"]["label"].reshape(-1)[0])
+        stats["live teacher on the crop"]["agree"].append(1.0)
+        stats["live teacher on the crop"]["kl"].append(0.0)
+        stats["live teacher on the crop"]["correct"].append(float(int(z.argmax()) == label))
+        for form, item in items.items():
+            ids = item["kd/indices"].flatten().long()
+            v = item["kd/values"].flatten().double()
+            tail = item["kd/tail"].double().flatten()[0]
+            C, k = len(z), len(ids)
+            target = torch.log_softmax(torch.cat([v / T, (np.log(C - k) + (tail - np.log(C - k)) / T)[None]]), 0)
+            p = torch.softmax(z / T, 0)
+            rest = torch.ones(C, dtype=torch.bool)
+            rest[ids] = False
+            live = torch.cat([p[ids], p[rest].sum()[None]]).clamp_min(1e-30)
+            stats[form]["agree"].append(float(int(ids[0]) == int(z.argmax())))
+            stats[form]["kl"].append(float((live * (live.log() - target)).sum()))
+            stats[form]["correct"].append(float(int(ids[0]) == label))
+    return {form: {key: statistics.mean(vals) for key, vals in st.items()} for form, st in stats.items()}
+
+
 def mean_sd(xs: list[float]) -> tuple[float, float]:
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--phase", default="teacher,caches,tune,students,reader")
+    ap.add_argument("--phase", default="teacher,caches,tune,students,fidelity,reader")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", default="runs/bench-classification")
     ap.add_argument("--teacher", default=None, help="a teacher run trained with this script's recipe")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--forms", default="", help="caches: build only these forms (comma-separated)")
     ap.add_argument("--keep", action="store_true", help="students: keep the (student, seed) results already in the "
                                                          "state file, except those of --redo")
     ap.add_argument("--redo", default="", help="students: comma-separated student names to run again with --keep")
@@ -117,8 +163,11 @@ def main() -> None:
         state["teacher_seconds"] = time.perf_counter() - t0
     if "caches" in phases:
         state["teacher"] = {**test_scores(teacher), "run": str(teacher)}
-        state["caches"] = {}
+        state.setdefault("caches", {})
+        only = set(filter(None, args.forms.split(",")))
         for form, opts in FORMS.items():
+            if only and form not in only:
+                continue
             path = out / f"{form}.zarr"
             t0 = time.perf_counter()
             build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(path), dataset="shapes", split="train",
@@ -157,6 +206,9 @@ def main() -> None:
                 runs.setdefault(name, {})[str(seed)] = r
                 save()
                 print(name, seed, r, flush=True)
+    if "fidelity" in phases:
+        state["fidelity"] = fidelity(out, teacher, 500, state.get("temperature", 4.0))
+        save()
     if "reader" in phases:
         rates: dict[str, list[float]] = {"no cache (CE)": [], "logits": [], "views": [], "label_map": []}
         for _ in range(args.rounds):  # interleaved: a slow spell falls on every form
@@ -215,6 +267,15 @@ def write_report(state: dict, base: Path) -> None:
         lines += ["", "Raw: the target arrays' bytes (values fp16, ids uint8 for 10 classes, tail fp16, view "
                   "geometry fp32). On disk: the whole store (per-sample chunks with their compression header and "
                   "crc32c, shard indices, ids, hashes, the teacher's quality arrays) divided by the images.", ""]
+    if "fidelity" in state:
+        lines += ["## How close each form's target for a training crop is to the teacher on that crop", "",
+                  f"The first 500 training items of epoch 0 (the students' own crops), T = {state.get('temperature', 4):g}; "
+                  "the stored-views form is the teacher on its crops by construction (tested).", "",
+                  "| target | top class = the live teacher's | KL(live ‖ target), (k+1) bins | top class correct |",
+                  "|---|---|---|---|"]
+        for form, f in state["fidelity"].items():
+            lines.append(f"| {form} | {100 * f['agree']:.1f} % | {f['kl']:.4f} | {100 * f['correct']:.1f} % |")
+        lines.append("")
     if "reader" in state:
         r = state["reader"]
         base_rate = r["no cache (CE)"]

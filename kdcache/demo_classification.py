@@ -28,9 +28,9 @@ STUDENTS = {
     "kd-label-map": ("label_map", [{"name": "kl", "temperature": 4.0}], False),
 }
 FORMS = {"logits": ("top-5 logits on the whole image", {}),
-         "views": ("8 stored random-resized views per image (FKD)", {"views": 8}),
+         "views": ("8 stored random-resized views per image (FKD)", {"views": 8, "view_area": (0.5, 1.0)}),
          "label_map": ("the class map before pooling (ReLabel)", {"label_map": True})}
-RECIPE = {"batch_size": 32, "crop_area": (0.5, 1.0)}
+RECIPE = {"batch_size": 32, "crop_area": (0.5, 1.0)}  # the stored views are drawn with the same area
 
 
 def run_classification_demo(out: str | Path = "runs/demo-classification", *, teacher_epochs: int = 20,
