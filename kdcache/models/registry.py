@@ -55,7 +55,10 @@ def resolve_builder(name: str) -> Callable[..., nn.Module]:
 def model_task(name: str) -> str | None:
     """``classification`` or ``segmentation`` for a registered family (its builder's or module's
     ``TASK``; segmentation when none is set), None for a ``package.module:callable``."""
-    builder = resolve_builder(name)
+    return _task_of(resolve_builder(name), name)
+
+
+def _task_of(builder: Callable[..., nn.Module], name: str) -> str | None:
     task = getattr(builder, "TASK", None) or getattr(sys.modules.get(builder.__module__), "TASK", None)
     if task:
         return task
@@ -73,7 +76,7 @@ def build_model(name: str, num_classes: int, taps: Sequence[str] = (), **kwargs)
         raise ModelError(f"cannot build model '{name}' with num_classes={num_classes}: {exc}") from None
     if not isinstance(net, nn.Module):
         raise ModelError(f"model '{name}' built a {type(net).__name__}, not a torch.nn.Module")
-    return SegModel(net, name=name, num_classes=num_classes, taps=taps, task=model_task(name))
+    return SegModel(net, name=name, num_classes=num_classes, taps=taps, task=_task_of(builder, name))
 
 
 def model_groups() -> dict[str, list[str]]:
