@@ -106,13 +106,18 @@ class KDPipeline(SegPipeline):
     stored views (seeded by (seed, epoch, index)): the image and label get that view's geometry
     and the targets are the teacher's outputs on exactly that view. With ``skip_bad``, a sample
     whose chunks cannot be read trains without targets (every KD cell ignored, ``kd/skipped``
-    set)."""
+    set). ``strides``: the nominal stride of each map group, which sets the size of an item's
+    target maps (ceil(crop / stride)); by default the store's own. An unlabelled cache takes the
+    labelled cache's, so that every item of a mixed batch has targets of one size whatever the
+    sizes of the images each cache was built from (each map is still sampled through its own
+    sample's extent)."""
 
     def __init__(self, dataset: SegmentationDataset, preprocess: Preprocess, augment: Augment | None,
                  seed: int, store: CacheStore, rows: np.ndarray, use_views: bool = False, skip_bad: bool = False,
-                 required: list[str] | None = None):
+                 required: list[str] | None = None, strides: dict[str, tuple[float, float]] | None = None):
         super().__init__(dataset, preprocess, augment, seed)
         self.store = store
+        self.strides = dict(strides) if strides is not None else store.schema.strides
         self.rows = np.asarray(rows)
         self.use_views = bool(use_views and store.schema.views)
         self.skip_bad = skip_bad
@@ -162,7 +167,7 @@ class KDPipeline(SegPipeline):
                     logits = {key: cached.pop(key) for key in LOGIT_KEYS if key in cached}
                     if logits:
                         item.update(pool_targets(logits, g, self.store.schema.num_classes))
-                item.update(warp_targets(cached, g, self.store.schema.strides))
+                item.update(warp_targets(cached, g, self.strides))
         item.pop("geometry", None)
         if skipped:  # no teacher targets for this sample: every KD cell ignored
             for key in list(item):
@@ -287,9 +292,11 @@ class StudentTrainer(Trainer):
         if ds.num_classes == 0:  # a folder of images: the classes the cache was built for
             ds = ds.with_class_names(theirs.class_names)
         rows = store.join(ds, check_content=self.config.check_content)
-        # each pool's augmentation drawn from its own stream (not the labelled sample j's)
+        # each pool's augmentation drawn from its own stream (not the labelled sample j's); its
+        # targets on the labelled cache's grid: one batch, one target size (its images' sizes,
+        # hence its store's nominal stride, may differ)
         return KDPipeline(ds, self.preprocess, augment, self.config.seed + 7919 * (p + 1), store, rows,
-                          False, self.config.skip_bad, required)
+                          False, self.config.skip_bad, required, strides=self.store.schema.strides)
 
     def seen_counts(self, per_rank: list[list[int]]) -> dict:
         """With unlabelled caches, the labelled (combined index < L) and unlabelled samples apart."""

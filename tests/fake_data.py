@@ -36,6 +36,34 @@ def make_voc_sizes(base: Path, ids: dict[str, list[str]] | None = None) -> Path:
     return base
 
 
+def make_mixed_size_folders(base: Path, labelled: int = 6, unlabelled: int = 6,
+                            classes: tuple[str, ...] = ("road", "car", "sky")) -> tuple[Path, Path]:
+    """Data shaped like a user's: a labelled ``folder`` data set (``base/lab``, flat layout) of
+    images of 42-54 x 50-66 and a plain folder of unlabelled JPEGs (``base/unl``) of 39-49 x
+    57-67, one of them grayscale; no side is a multiple of 4 or 8 in general, and the two sets'
+    largest sizes give their caches different (non-integer) strides. Returns (lab, unl)."""
+    rng = np.random.default_rng(0)
+    lab, unl = base / "lab", base / "unl"
+    (lab / "images").mkdir(parents=True)
+    (lab / "masks").mkdir()
+    unl.mkdir(parents=True)
+    (lab / "classes.txt").write_text("\n".join(classes) + "\n")
+    for i in range(labelled):
+        h, w = 42 + (5 * i) % 13, 50 + (7 * i) % 17
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(lab / "images" / f"l{i:02d}.png")
+        mask = np.zeros((h, w), np.uint8)
+        mask[h // 2:] = 1
+        mask[:, : w // 3] = 2
+        mask[0] = 255
+        Image.fromarray(mask).save(lab / "masks" / f"l{i:02d}.png")
+    for i in range(unlabelled):
+        h, w = 39 + (3 * i) % 11, 57 + (5 * i) % 11
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels[..., 0], mode="L") if i == 1 else Image.fromarray(pixels)
+        image.save(unl / f"u{i:02d}.jpg", quality=90)
+    return lab, unl
+
+
 class Stride8Net(torch.nn.Module):
     """A small segmentation net with stride-8 logits (``ceil(H/8)``), unlike the built-in stride-4 pair."""
 
@@ -58,14 +86,18 @@ def stride8_net(num_classes: int, width: int = 16) -> torch.nn.Module:
 
 
 def make_teacher(path: Path, num_classes: int = 11, name: str = "demo_teacher", seed: int = 0,
-                 preprocess: Preprocess | None = None, poison: bool = False) -> Path:
-    """A randomly initialised teacher saved as a kdcache checkpoint (``poison``: NaN weights)."""
+                 preprocess: Preprocess | None = None, poison: bool = False,
+                 class_names: list[str] | None = None) -> Path:
+    """A randomly initialised teacher saved as a kdcache checkpoint (``poison``: NaN weights;
+    ``class_names`` recorded as a trained run's are)."""
     torch.manual_seed(seed)
     model = build_model(name, num_classes)
     if poison:
         with torch.no_grad():
             next(model.parameters()).fill_(float("nan"))
     config = {"model": name, "num_classes": num_classes, "preprocess": (preprocess or Preprocess()).to_dict()}
+    if class_names is not None:
+        config["class_names"] = list(class_names)
     return save_checkpoint(path, model, config=config)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from cli_runner import kd
-from fake_data import make_teacher
+from fake_data import make_mixed_size_folders, make_teacher
 
 from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.distill import MixedPipeline, StudentTrainer, config_from_store, mixed_batches
@@ -115,3 +115,35 @@ def test_an_unlabelled_cache_of_another_teacher_or_classes_is_refused(caches, tm
     with pytest.raises(KDCacheError, match=r"differs from --cache .* in its teacher weights \(sha256\); build both"):
         tr.build_pipelines(*tr.build_datasets())
     np.testing.assert_equal(len(CacheStore(tmp_path / "o.zarr").ids), 4)  # nothing destroyed
+
+
+def test_unlabelled_images_of_other_sizes_train_in_mixed_batches(tmp_path):
+    """A labelled folder and an unlabelled one whose images differ in size from each other and from
+    the crop, not multiples of the stride (their caches' strides are 3.86 x 4 and 4 x 3.94), one
+    of them grayscale: every item of a mixed batch gets the crop's size and targets of one grid."""
+    lab, unl = make_mixed_size_folders(tmp_path)
+    teacher = make_teacher(tmp_path / "t.pt", num_classes=3, class_names=["road", "car", "sky"])
+    for args in (["--dataset", "folder", "--data-root", lab, "--split", "all", "--out", tmp_path / "lab.zarr"],
+                 ["--dataset", "images", "--data-root", unl, "--out", tmp_path / "unl.zarr"]):
+        r = kd("build-teacher-cache", "--weights", teacher, "--topk", 2, "--quiet", *args)
+        assert r.exit_code == 0, r.output
+    strides = [CacheStore(tmp_path / f"{n}.zarr").schema.strides["logits"] for n in ("lab", "unl")]
+    assert strides[0] != strides[1] and not all(float(s).is_integer() for s in strides[0] + strides[1])
+    for crop, method in ((None, "kl"), ("40x56", "dist")):
+        out = tmp_path / f"s-{method}"
+        r = kd("train-student", "--cache", tmp_path / "lab.zarr", "--unlabeled-cache", tmp_path / "unl.zarr",
+               "--method", method, "--val-split", "all", "--epochs", 1, "--batch-size", 4, "--quiet", "--out", out,
+               *(["--crop-size", crop] if crop else []))
+        assert r.exit_code == 0, r.output
+        rec = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+        assert rec["train_samples_seen"] == 6 and rec["train_unlabeled_seen"] == 6 and rec[f"train_{method}"] > 0
+    # the items themselves: the crop's size, one target grid, the unlabelled maps through their own extent
+    cfg = config_from_store(str(tmp_path / "lab.zarr"), methods=[{"name": "kl"}], crop=(40, 56), val_split="all", out=str(tmp_path / "r"),
+                            unlabeled_caches=[str(tmp_path / "unl.zarr")], device="cpu", workers=0, batch_size=4)
+    tr = StudentTrainer(cfg, show_progress=False)
+    pipe, _ = tr.build_pipelines(*tr.build_datasets())
+    items = [pipe[i] for i in range(len(pipe))]
+    assert {tuple(it["image"].shape) for it in items} == {(3, 40, 56)}
+    assert {tuple(it["label"].shape) for it in items} == {(40, 56)}
+    assert {tuple(it["kd/values"].shape) for it in items} == {(2, 11, 14)}  # ceil(40 / 3.857), ceil(56 / 4)
+    assert all((it["label"] == 255).all() for it in items[6:]) and not all((it["label"] == 255).all() for it in items[:6])
