@@ -87,6 +87,22 @@ def error_text(exc: KDCacheError) -> str:
     return text
 
 
+def output_file(text: str | None, option: str) -> Path | None:
+    """The file an option names for a command to write, its folder created first (before any
+    work is done, so a path that cannot be written fails at once, not after a long run)."""
+    if text is None:
+        return None
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise KDCacheError(f"{option} {text} is a folder; give a file name, e.g. {option} {Path(text) / 'out.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KDCacheError(f"{option} {text}: cannot create its folder {path.parent} ({exc.strerror or exc}); "
+                           "choose a writable path") from None
+    return path
+
+
 # -- defaults, read from the library ------------------------------------------------------------
 
 
@@ -629,11 +645,12 @@ def inspect_cache(
     json_out: Annotated[str | None, typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
 ):
     """Schema, counts, size on disk, bytes/pixel, provenance and top-k mass coverage."""
+    json_path = output_file(json_out, "--json")
     report = inspect_store(store, samples=samples)
     for renderable in cache_report(report):
         console.print(renderable)
-    if json_out:
-        write_json(Path(json_out), report)
+    if json_path:
+        write_json(json_path, report)
 
 
 @command("verify-cache")
@@ -705,14 +722,15 @@ def bench_kernels(
         times = "  ".join(f"{b} {ms:.2f} ms" for b, ms in r.ms.items())
         console.print(f"{r.kind} {'x'.join(map(str, r.shape))} k={r.k}: {times}", highlight=False)
 
+    json_path, markdown_path = output_file(json_out, "--json"), output_file(markdown_out, "--markdown")
     result = bench.run(resolve_device(device), quick=quick, ks=parse_list(topk, "--topk", int), dtype=dtype,
                        repeats=repeats, compile_backend=compile, progress=show)
     table = bench.markdown(result)
     typer.echo(table)
-    if json_out:
-        write_json(Path(json_out), result)
-    if markdown_out:
-        Path(markdown_out).write_text(f"# bench-kernels\n\n{table}")
+    if json_path:
+        write_json(json_path, result)
+    if markdown_path:
+        markdown_path.write_text(f"# bench-kernels\n\n{table}")
 
 
 @command("list-models")

@@ -13,6 +13,7 @@ import types
 import pytest
 import torch
 from cli_runner import kd
+from fake_data import make_mixed_size_folders
 
 from kdcache.backbone_weights import load_backbone, pretrained_backbone_file
 from kdcache.errors import CheckpointError, MissingExtraError, ModelError
@@ -188,6 +189,47 @@ def test_smp_models_give_smps_own_logits(arch, encoder):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x).logits, ref(x), rtol=0, atol=0)
+
+
+def test_smp_input_of_any_size_is_padded_and_the_logits_cut_back():
+    """smp needs sides divisible by its encoder's output stride; kdcache pads the input with zeros at
+    the bottom and right and cuts the logits back: smp's own forward on the padded input, cropped."""
+    ours = build_model("smp_deeplabv3plus", 4, encoder_name="mobilenet_v2", taps=["decoder"]).eval()
+    randomise_bn(ours)
+    assert ours.input_multiple == 16
+    ref = smp.create_model("deeplabv3plus", encoder_name="mobilenet_v2", encoder_weights=None, classes=4).eval()
+    ref.load_state_dict(ours.net.state_dict())
+    x = torch.randn(1, 3, 72, 90)  # CamVid-like sides that are not multiples of 16
+    with pytest.raises(RuntimeError, match="Wrong input shape"):
+        ref(x)
+    with torch.no_grad():
+        out = ours(x)
+        want = ref(torch.nn.functional.pad(x, (0, 6, 0, 8)))[..., :72, :90]
+    torch.testing.assert_close(out.logits, want, rtol=0, atol=0)
+    assert out.features["decoder"].shape[-2:] == (18, 23)  # stride 4 of 80 x 96, cut to ceil(72/4) x ceil(90/4)
+
+
+def test_smp_student_on_images_whose_sides_are_not_multiples_of_its_stride(tmp_path):
+    """Images of mixed sizes, crops of 42 x 50, an encoder of output stride 8: training, validation,
+    evaluate, export and the cache build all run (smp alone refuses every one of these inputs)."""
+    lab, _ = make_mixed_size_folders(tmp_path)
+    smp_unet = ["-m", "encoder_name=resnet18", "-m", "encoder_depth=3", "-m", "decoder_channels=16x8x8"]
+    folder = ["--dataset", "folder", "--data-root", lab, "--train-split", "all", "--val-split", "all"]
+    r = kd("train-teacher", "--model", "smp_unet", *smp_unet, *folder, "--crop-size", "42x50", "--epochs", 1,
+           "--batch-size", 3, "--quiet", "--out", tmp_path / "run")
+    assert r.exit_code == 0, r.output
+    r = kd("evaluate", tmp_path / "run", "--quiet")
+    assert r.exit_code == 0, r.output
+    r = kd("export", tmp_path / "run", "--format", "torchscript")
+    assert r.exit_code == 0, r.output
+    r = kd("build-teacher-cache", "--weights", tmp_path / "run", "--dataset", "folder", "--data-root", lab,
+           "--split", "all", "--topk", 2, "--out", tmp_path / "c.zarr", "--quiet")
+    assert r.exit_code == 0, r.output
+    from kdcache.store import CacheStore
+
+    store = CacheStore(tmp_path / "c.zarr")
+    assert store.schema.strides["logits"] == (1.0, 1.0)  # stride 1: the maps cover each image exactly
+    assert [tuple(store.read(i)["logits/values"].shape[-2:]) for i in range(2)] == [(42, 50), (47, 57)]
 
 
 def test_smp_refuses_downloaded_encoder_weights():

@@ -5,6 +5,7 @@ downstream (losses, caches, metrics) treats classification as segmentation with 
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -44,6 +45,30 @@ def _first_tensor(out) -> torch.Tensor:
                      "starting with one")
 
 
+def input_multiple(net: nn.Module) -> int:
+    """The number a network's input height and width must be multiples of (1: any size).
+
+    A network says so with an ``input_multiple`` attribute; segmentation_models_pytorch's models
+    that check their input (``requires_divisible_input_shape``) need their encoder's output stride
+    (16 or 32)."""
+    declared = getattr(net, "input_multiple", None)
+    if declared:
+        return int(declared)
+    encoder = getattr(net, "encoder", None)
+    if getattr(net, "requires_divisible_input_shape", False) and hasattr(encoder, "output_stride"):
+        return int(encoder.output_stride)
+    return 1
+
+
+def crop_to_input(t: torch.Tensor, size: tuple[int, int], padded: tuple[int, int]) -> torch.Tensor:
+    """A map [..., h, w] of a padded input of ``padded`` (H', W') cut to the part that covers the
+    input of ``size`` (H, W): ceil(h · H / H') x ceil(w · W / W') cells (all of it at stride 1,
+    ceil(H / s) at stride s, what the network gives for an input of H x W)."""
+    h = max(1, math.ceil(t.shape[-2] * size[0] / padded[0] - 1e-6))
+    w = max(1, math.ceil(t.shape[-1] * size[1] / padded[1] - 1e-6))
+    return t[..., :h, :w]
+
+
 class SegModel(nn.Module):
     """Wraps ``net`` so that ``forward(x)`` returns a :class:`ModelOutput`.
 
@@ -56,6 +81,12 @@ class SegModel(nn.Module):
     Feature taps are forward hooks on ``net``'s modules by their ``named_modules()`` name
     (e.g. ``backbone.layer4``). The state dict of the wrapped network is ``self.net``'s, so
     plain torchvision state dicts load into it.
+
+    A network whose input sides must be multiples of N (:func:`input_multiple`: smp's encoders,
+    16 or 32) gets its input padded at the bottom and right with zeros (the mean colour after
+    normalisation, as a crop's padding) and its logits and feature maps cut back to the part
+    that covers the input, in every forward: training, validation, evaluation, export and the
+    cache build all see a network that takes any size.
     """
 
     def __init__(self, net: nn.Module, name: str, num_classes: int, taps: Sequence[str] = (),
@@ -70,6 +101,8 @@ class SegModel(nn.Module):
         self._hooks = []
         self.taps: tuple[str, ...] = ()
         self.set_taps(taps)
+        #: input sides are padded up to a multiple of this (1: none)
+        self.input_multiple = input_multiple(net)
 
     # -- feature taps ---------------------------------------------------------------------
     def set_taps(self, taps: Sequence[str]) -> None:
@@ -106,6 +139,11 @@ class SegModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         self._captured = {}
+        size = padded = tuple(x.shape[-2:])
+        m = self.input_multiple
+        if m > 1 and (size[0] % m or size[1] % m):
+            padded = (size[0] + (-size[0]) % m, size[1] + (-size[1]) % m)
+            x = F.pad(x, (0, padded[1] - size[1], 0, padded[0] - size[0]))
         logits = self._logits(x)
         if logits.dim() == 2 and self.task != "segmentation":  # a classifier: one cell
             logits = logits[:, :, None, None]
@@ -119,6 +157,9 @@ class SegModel(nn.Module):
             raise ModelError(f"model '{self.name}' returned {logits.shape[1]} channels of logits for a data set of "
                              f"{self.num_classes} classes; build its head for num_classes={self.num_classes}")
         features = {t: self._captured[t] for t in self.taps if t in self._captured}
+        if padded != size:
+            logits = crop_to_input(logits, size, padded)
+            features = {t: crop_to_input(f, size, padded) if f.dim() == 4 else f for t, f in features.items()}
         missing = [t for t in self.taps if t not in features]
         if missing:
             raise ModelError(f"taps {missing} of model '{self.name}' did not run in forward; tap modules that "
