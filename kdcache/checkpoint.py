@@ -21,9 +21,13 @@ from torch import nn
 
 from kdcache import __version__
 from kdcache.errors import CheckpointError, import_extra
+from kdcache.progress import console
 
 FORMAT = "kdcache-checkpoint"
 FORMAT_VERSION = 1
+
+#: torchvision's auxiliary FCN head (FCN, DeepLabV3 ``aux_loss=True``): its published weights have it
+AUX_HEAD = "aux_classifier."
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, **extra: Any) -> Path:
@@ -162,6 +166,15 @@ def load_state(model: nn.Module, ckpt: dict[str, Any], path: str | Path, *, stri
     ]
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
+    aux = [k for k in unexpected if k.startswith(AUX_HEAD)]
+    if aux and getattr(net, "aux_classifier", None) is None:
+        # torchvision's published FCN/DeepLabV3 weights carry the auxiliary head that only their
+        # training loss reads; the model's logits never use it
+        console.print(f"note: {path}: left out {len(aux)} tensors of the auxiliary head ({AUX_HEAD}*), which only "
+                      "torchvision's training loss uses; build the model with -m aux_loss=true to keep them",
+                      highlight=False, soft_wrap=True)
+        sd = {k: v for k, v in sd.items() if not k.startswith(AUX_HEAD)}
+        unexpected = [k for k in unexpected if not k.startswith(AUX_HEAD)]
     problems = []
     if mismatched:
         problems.append("shape mismatch in " + "; ".join(mismatched[:4]) + (" ..." if len(mismatched) > 4 else ""))

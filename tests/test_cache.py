@@ -169,12 +169,12 @@ def test_cli_build_inspect_verify(tmp_path, teacher):
     r = kd("build-teacher-cache", "--weights", teacher, "--out", out, "--topk", 2, *CLI)
     assert r.exit_code == 0, r.output
     assert f"built: {N}/{N} samples" in r.output
-    r = kd("inspect-cache", out, "--json", tmp_path / "i.json")
+    r = kd("inspect-cache", out, "--json", tmp_path / "reports" / "i.json")  # its folder is created
     assert r.exit_code == 0, r.output
     assert "done / 10" in r.output and "demo_teacher" in r.output and "5th percentile" in r.output
     import json
 
-    rep = json.loads((tmp_path / "i.json").read_text())
+    rep = json.loads((tmp_path / "reports" / "i.json").read_text())
     assert rep["done"] == N and rep["dense_fp32_bytes_per_pixel"] == 44
     assert rep["bytes_per_pixel_uncompressed"] == 2 * (2 + 1) + 2
     cov = rep["coverage"]

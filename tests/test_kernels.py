@@ -326,8 +326,8 @@ def test_bench_kernels_command_prints_the_table_and_writes_json(tmp_path):
 
     from kdcache.cli.app import app
 
-    out = tmp_path / "k.json"
-    md = tmp_path / "k.md"
+    out = tmp_path / "new" / "k.json"  # folders that do not exist yet are created
+    md = tmp_path / "results" / "k.md"
     r = CliRunner().invoke(app, ["bench-kernels", "--device", "cpu", "--quick", "--no-compile", "--repeats", "1",
                                  "--json", str(out), "--markdown", str(md)])
     assert r.exit_code == 0, r.output
@@ -339,3 +339,9 @@ def test_bench_kernels_command_prints_the_table_and_writes_json(tmp_path):
     assert md.read_text().startswith("# bench-kernels")
     r = CliRunner().invoke(app, ["bench-kernels", "--device", "cpu", "--dtype", "float8"])
     assert r.exit_code == 2 and "--dtype must be" in r.output
+    # a folder given as the file, or a folder that cannot be made: one line, before the benchmark runs
+    (tmp_path / "plain").write_text("")
+    for option, path, message in (("--json", tmp_path, "is a folder; give a file name"),
+                                  ("--markdown", tmp_path / "plain" / "k.md", "cannot create its folder")):
+        r = CliRunner().invoke(app, ["bench-kernels", "--device", "cpu", option, str(path)])
+        assert r.exit_code == 2 and r.output.startswith("error: ") and message in r.output, r.output

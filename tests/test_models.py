@@ -119,3 +119,43 @@ def test_unreadable_or_missing_checkpoint(tmp_path):
 def test_count_parameters():
     m = build_model("tiny_models:TinyNet", 3)
     assert count_parameters(m) == (3 * 8 * 9 + 8) + (8 * 3 + 3)
+
+
+def test_torchvision_checkpoint_with_its_auxiliary_head_loads(tmp_path):
+    """torchvision publishes FCN and DeepLabV3 weights with ``aux_classifier.*``: a teacher built
+    without the head loads them (the head left out, with a note), one built with -m aux_loss=true
+    keeps it; the cached logits are torchvision's own head on its own backbone."""
+    import json
+
+    from cli_runner import kd
+    from torchvision.models import segmentation
+
+    from kdcache.store import CacheStore
+    from kdcache.transforms import Preprocess
+
+    torch.manual_seed(0)
+    net = segmentation.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=11,
+                                                    aux_loss=True).eval()
+    sd = net.state_dict()
+    assert sum(k.startswith("aux_classifier.") for k in sd) == 8
+    torch.save(sd, tmp_path / "deeplabv3_mobilenet_v3_large_coco.pth")
+    data = ["--dataset", "synthetic", "--resolution", "32x48", "--limit", 2, "--quiet"]
+    r = kd("build-teacher-cache", "--teacher", "deeplabv3_mobilenet_v3_large", "--weights",
+           tmp_path / "deeplabv3_mobilenet_v3_large_coco.pth", "--topk", 2, "--out", tmp_path / "c.zarr", *data)
+    assert r.exit_code == 0, r.output
+    assert "note:" in r.output and "left out 8 tensors of the auxiliary head (aux_classifier.*)" in r.output
+    from kdcache.data import build_dataset
+
+    image, _ = build_dataset("synthetic", "train", None, resolution=[32, 48]).load(0)
+    x = Preprocess().image_to_tensor(image)[None]
+    with torch.no_grad():
+        want = net.classifier(net.backbone(x)["out"])
+    got = CacheStore(tmp_path / "c.zarr").read(0)
+    torch.testing.assert_close(torch.from_numpy(got["logits/values"][0]).float(), want.max(1).values[0],
+                               rtol=2e-3, atol=2e-3)
+    r = kd("train-teacher", "--model", "deeplabv3_mobilenet_v3_large", "-m", "aux_loss=true", "--weights",
+           tmp_path / "deeplabv3_mobilenet_v3_large_coco.pth", "--epochs", 1, "--batch-size", 2, "--out",
+           tmp_path / "run", *data)
+    assert r.exit_code == 0, r.output
+    assert "auxiliary head" not in r.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model_options"] == {"aux_loss": True}
