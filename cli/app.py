@@ -470,7 +470,7 @@ def evaluate(
     workers: Workers = default(evaluate_run, "workers"),
     device: Device = default(evaluate_run, "device"),
     qualitative: Annotated[int, typer.Option(help="Write the N best and N worst images as 4-panel PNGs (0: none).")] = default(evaluate_run, "qualitative"),
-    out: Annotated[str | None, typer.Option(help="Output folder (default RUN/eval).")] = None,
+    out: Annotated[str | None, typer.Option(help="Output folder (default RUN/eval for the run's validation part, RUN/eval-SPLIT for --split, RUN/eval-CHECKPOINT for a checkpoint other than best.pt).")] = None,
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure ms/image at batch 1.")] = default(evaluate_run, "latency"),
     backend: Annotated[str, typer.Option(help="torch, or onnxruntime: metrics and latency of the exported ONNX graph (exported to RUN/export/model.onnx first, unless --onnx).")] = "torch",
     onnx: Annotated[str | None, typer.Option(help="With --backend onnxruntime: this exported ONNX file (from kdcache export).")] = None,
@@ -491,7 +491,8 @@ def evaluate(
     )
     console.print(per_class_table(report))
     console.print(summary_table(report))
-    console.print(f"wrote {report['out_dir']}/eval.json" + (" and figures" if qualitative else ""))
+    replaced = " (replacing the earlier evaluation there)" if report.get("replaced") else ""
+    console.print(f"wrote {report['out_dir']}/eval.json" + (" and figures" if qualitative else "") + replaced)
 
 
 @command()
@@ -547,7 +548,7 @@ def demo(
     student_epochs: Annotated[int, typer.Option(help="Epochs of each student.")] = default(run_demo, "student_epochs"),
     device: Device = default(run_demo, "device"),
     seed: Seed = default(run_demo, "seed"),
-    limit: Annotated[int, typer.Option(help="Labelled images: the first N of the training split (the pool is 4x N).")] = default(run_demo, "limit"),
+    limit: Annotated[int | None, typer.Option(help=f"The first N images of each split: training, val and test (segmentation: the pool is 4x N; default {default(run_demo, 'limit')}, which cuts the training images alone; classification: default all).")] = None,
     task: Annotated[str, typer.Option(help="segmentation (the synthetic scenes) or classification (the shapes: teacher → logits, FKD views and ReLabel label-map caches → students → compare).")] = "segmentation",
     quiet: Quiet = False,
 ):
@@ -558,14 +559,14 @@ def demo(
             out if "out" in given else default(run_classification_demo, "out"),
             teacher_epochs=teacher_epochs if "teacher_epochs" in given else default(run_classification_demo, "teacher_epochs"),
             student_epochs=student_epochs if "student_epochs" in given else default(run_classification_demo, "student_epochs"),
-            device=device, seed=seed, show_progress=not quiet)
+            device=device, seed=seed, limit=limit, show_progress=not quiet)
         console.print(compare_table(result, width=console.width))
         console.print(f"figures and tables in {result['out_dir']}")
         return
     if task != "segmentation":
         raise KDCacheError(f"--task must be segmentation or classification, got {task!r}")
     result = run_demo(out, teacher_epochs=teacher_epochs, student_epochs=student_epochs, device=device, seed=seed,
-                      limit=limit, show_progress=not quiet)
+                      limit=default(run_demo, "limit") if limit is None else limit, show_progress=not quiet)
     console.print(compare_table(result, width=console.width))
     console.print(f"figures and tables in {result['out_dir']}")
 

@@ -26,12 +26,17 @@ from kdcache.errors import KDCacheError
 from kdcache.evaluation import class_caption, eval_dataset, evaluate_run, measure_latencies
 from kdcache.model_loading import open_weights
 from kdcache.models.onnx_session import OnnxSegModel
+from kdcache.report import signed_pct
 from kdcache.runs import RunDir, resolve_device, write_json
 from kdcache.transforms import SegPipeline
 
+#: how a student read its targets (``cache_targets`` in its config.json), as the table names it
+TARGET_LABELS = {"views": "stored views", "label_map": "label map"}
+
 
 def run_label(config: dict, path: Path) -> str:
-    """What a run is, for the table: its KD methods, or 'CE' for supervised training."""
+    """What a run is, for the table: its KD methods (and, where the cache gives targets other
+    than its logits, which: stored views, a label map), or 'CE' for supervised training."""
     if config.get("kind") == "distill":
         names = [m["name"] for m in config.get("methods", [])]
         methods = "+".join(names) if names else "?"
@@ -43,6 +48,8 @@ def run_label(config: dict, path: Path) -> str:
                 methods += " + unlabelled"
             if config.get("online_teacher"):
                 methods += " (online teacher)"
+            elif config.get("cache_targets") in TARGET_LABELS:
+                methods += f" ({TARGET_LABELS[config['cache_targets']]})"
         return methods
     return "CE"
 
@@ -61,7 +68,8 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None, 
         if not (p / "config.json").exists():
             raise KDCacheError(f"{p} is not a run folder (no config.json); compare takes run folders")
     reports = [evaluate_run(p, split=split, qualitative=1, latency=False, device=device, batch_size=batch_size,
-                            show_progress=show_progress, onnx=onnx[i] if onnx else None) for i, p in enumerate(paths)]
+                            show_progress=show_progress, onnx=onnx[i] if onnx else None, save=False)
+               for i, p in enumerate(paths)]
     first = reports[0]
     for p, rep in zip(paths, reports):
         if (rep["dataset"], rep["split"], rep["num_samples"], rep["class_names"]) != (
@@ -192,7 +200,7 @@ def markdown_table(result: dict) -> str:
         cells = [r["name"], r["method"], r["model"]]
         for _, key in cols:
             if key.startswith("delta_"):
-                cells.append("—" if r[key] is None else ("±0.00" if r["baseline"] else f"{100 * r[key]:+.2f}"))
+                cells.append("—" if r[key] is None else ("±0.00" if r["baseline"] else signed_pct(r[key])))
             else:
                 cells.append(_pct(r[key]))
         cells += [f"{r['params'] / 1e6:.3f}M", "—" if r["ms_per_image"] is None else f"{r['ms_per_image']:.2f}",

@@ -39,6 +39,7 @@ RUN_COMMANDS = {"supervised": "train-teacher", "distill": "train-student"}
 RUN_INFO_KEYS = frozenset({
     "kind", "num_classes", "task", "class_names", "preprocess", "augment", "amp_enabled", "params",
     "train_samples", "val_samples", "device_name", "kdcache_version", "world_size", "resumed_from_epoch",
+    "cache_targets", "backbone_loaded",
 })
 
 #: config fields whose option has another name: field -> the option's parameter

@@ -14,8 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kdcache.compare import compare_runs
-from kdcache.demo import _cache, _finished, _started
+from kdcache.demo import _cache, _finished, _started, compare_step
 from kdcache.distill import config_from_store, train_student
 from kdcache.progress import console
 from kdcache.training import TrainConfig, train
@@ -34,12 +33,13 @@ RECIPE = {"batch_size": 32, "crop_area": (0.5, 1.0)}  # the stored views are dra
 
 
 def run_classification_demo(out: str | Path = "runs/demo-classification", *, teacher_epochs: int = 20,
-                            student_epochs: int = 30, device: str = "auto", seed: int = 0, size: int | None = None,
+                            student_epochs: int = 30, device: str = "auto", seed: int = 0, limit: int | None = None,
                             show_progress: bool = True) -> dict:
-    """``size``: samples per split of the shapes data (default: its own sizes)."""
+    """``limit``: the first N images of each split (training, val and test), as ``kdcache demo``'s;
+    default: all of them (1000, 500, 1000)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data = {"dataset": "shapes", "dataset_options": {"size": size} if size else {}}
+    data = {"dataset": "shapes", "limit": limit}
     teacher = out / "teacher"
     if _finished(teacher, teacher_epochs):
         console.print(f"[dim]teacher: done already ({teacher})[/dim]")
@@ -59,11 +59,10 @@ def run_classification_demo(out: str | Path = "runs/demo-classification", *, tea
             continue
         console.print(f"[bold]3/4 student[/bold] demo_cls_student, {name}")
         cfg = config_from_store(str(caches[form]), model="demo_cls_student", methods=methods, use_views=views,
-                                epochs=student_epochs, lr=3e-3, out=str(run), device=device, seed=seed, **RECIPE)
+                                epochs=student_epochs, lr=3e-3, out=str(run), device=device, seed=seed, limit=limit,
+                                **RECIPE)
         train_student(cfg, resume=_started(run), show_progress=show_progress)
-    console.print("[bold]4/4 compare[/bold] (test split; checkpoints chosen on val)")
-    result = compare_runs(runs, baseline=out / "student-ce", out=out / "compare", split="test", device=device,
-                          show_progress=show_progress)
+    result = compare_step(runs, out / "student-ce", out / "compare", device, show_progress)
     (out / "demo.json").write_text(json.dumps({"runs": [str(r) for r in runs], "compare": str(out / "compare")},
                                               indent=2))
     return result

@@ -298,6 +298,16 @@ class StudentTrainer(Trainer):
         return KDPipeline(ds, self.preprocess, augment, self.config.seed + 7919 * (p + 1), store, rows,
                           False, self.config.skip_bad, required, strides=self.store.schema.strides)
 
+    def describe_run(self, model: SegModel, train_ds, val_ds, augment: Augment | None) -> dict:
+        """The run's ``config.json``, plus ``cache_targets``: what the student's targets are
+        (``logits`` through each crop, stored ``views``, a classifier's pooled ``label_map``)."""
+        out = super().describe_run(model, train_ds, val_ds, augment)
+        if self.store is not None:
+            schema = self.store.schema
+            out["cache_targets"] = ("views" if self.config.use_views and schema.views
+                                    else "label_map" if schema.label_map else "logits")
+        return out
+
     def seen_counts(self, per_rank: list[list[int]]) -> dict:
         """With unlabelled caches, the labelled (combined index < L) and unlabelled samples apart."""
         if not self.config.unlabeled_caches:

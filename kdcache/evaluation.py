@@ -206,6 +206,7 @@ def evaluate_run(
     latency: bool = True,
     show_progress: bool = True,
     onnx: str | Path | None = None,
+    save: bool = True,
 ) -> dict:
     """Evaluate a run folder or checkpoint; write ``eval.json`` and figures into ``out``.
 
@@ -213,6 +214,11 @@ def evaluate_run(
     part); a bare checkpoint without a run folder needs ``dataset`` (synthetic by default).
     ``onnx``: an export of these weights (``kdcache export``) that ONNX Runtime runs for the
     metrics, latency and figures in place of the PyTorch model (``backend: onnxruntime``).
+    ``out`` defaults to the run's ``eval`` folder (``eval-<split>`` for another split,
+    ``eval-<checkpoint>`` for a checkpoint other than best.pt): evaluations of other splits or
+    checkpoints never replace each other, and the report's ``replaced`` says when an earlier
+    evaluation in the same folder was. ``save=False`` writes nothing (``compare`` keeps its own
+    outputs) and needs no ``out``.
     """
     dev = resolve_device(device)
     weights = open_weights(target)
@@ -251,12 +257,11 @@ def evaluate_run(
     if latency:
         report["latency"] = measure_latency(model, tuple(report["input_size"]), dev, amp=amp)
 
-    if out is not None:
-        out_dir = Path(out)
-    elif run_dir is not None:
-        out_dir = run_dir / ("eval" if ckpt_path.name == BEST else f"eval-{ckpt_path.stem}")
-    else:
-        out_dir = ckpt_path.parent / f"{ckpt_path.stem}-eval"
+    if not save:
+        _keep_in_memory(report, result, classification, qualitative)
+        return report
+    out_dir = Path(out) if out is not None else default_eval_dir(ckpt_path, run_dir, split, dataset)
+    report["replaced"] = (out_dir / "eval.json").exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*(out_dir / "best").glob("*.png"), *(out_dir / "worst").glob("*.png"),
                   out_dir / "iou_histogram.png", out_dir / "confusion_matrix.png", out_dir / "best.png",
@@ -295,6 +300,29 @@ def evaluate_run(
                              "macc": m["macc"], "aacc": m["aacc"], "checkpoint": ckpt_path.name,
                              **({"top1": m["top1"], "top5": m["top5"]} if classification else {})})
     return report
+
+
+def default_eval_dir(ckpt_path: Path, run_dir: Path | None, split: str | None, dataset: str | None) -> Path:
+    """Where ``evaluate`` writes by default: RUN/eval for best.pt on the run's own validation
+    part, with ``-<checkpoint>`` for another checkpoint and ``-<data set>-<split>`` or
+    ``-<split>`` for other images (a bare checkpoint: ``<stem>-eval…`` beside it)."""
+    parts = [] if ckpt_path.name == BEST or run_dir is None else [ckpt_path.stem]
+    parts += [p for p in (dataset, split) if p]
+    if run_dir is not None:
+        return run_dir / "-".join(["eval", *parts])
+    return ckpt_path.parent / "-".join([ckpt_path.stem, "eval", *parts])
+
+
+def _keep_in_memory(report: dict, result: EvalResult, classification: bool, qualitative: int) -> None:
+    """What a saved evaluation would add to the report for its figures, without writing any."""
+    if not result.per_image:
+        return
+    if classification:
+        report["per_image_prob"] = {r[0]: r[2] for r in result.per_image}
+        if len(report["class_names"]) <= 100:
+            report["confusion_matrix"] = result.matrix.tolist()
+    elif qualitative > 0:
+        report["per_image_iou"] = {r[0]: r[2] for r in result.per_image}
 
 
 def class_caption(class_names, truth: int, pred: int, prob: float) -> str:

@@ -277,7 +277,8 @@ def export_run(target: str | Path, fmt: str = "onnx", *, out: str | Path | None 
             check["runtime"] = "safetensors into a freshly built model"
         meta["check"] = check
         if fmt == "safetensors":  # metadata: str -> str only; the tensors are the ones just checked
-            st.save_file(state, str(tmp), metadata={"format": "pt", "kdcache": json.dumps(meta)})
+            # written as bytes like every other file here (safetensors' save_file makes it 0600)
+            tmp.write_bytes(st.save(state, metadata={"format": "pt", "kdcache": json.dumps(meta)}))
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

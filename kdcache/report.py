@@ -13,6 +13,13 @@ def pct(x: float | None, digits: int = 2) -> str:
     return f"{100 * x:.{digits}f}"
 
 
+def signed_pct(x: float) -> str:
+    """A difference in points, signed: ``+1.25``, ``-0.40``; one that rounds to zero is ``±0.00``
+    (never ``-0.00``)."""
+    text = f"{100 * x:+.2f}"
+    return "±0.00" if text in ("+0.00", "-0.00") else text
+
+
 def summary_table(report: dict) -> Table:
     lat = report.get("latency") or {}
     t = Table(title=f"{report['model']} on {report['dataset']} / {report['split']} ({report['num_samples']} images)")
@@ -128,7 +135,7 @@ def compare_table(result: dict, width: int | None = None) -> Table:
     rows = []
     for r in result["rows"]:
         key = "delta_top1" if classification else "delta_miou"
-        delta = "—" if r[key] is None else ("base" if r["baseline"] else f"{100 * r[key]:+.2f}")
+        delta = "—" if r[key] is None else ("base" if r["baseline"] else signed_pct(r[key]))
         main = ({"top-1": pct(r["top1"]), "Δ top-1": delta, "top-5": pct(r["top5"])} if classification
                 else {"mIoU": pct(r["miou"]), "Δ mIoU": delta})
         rows.append({"run": r["name"], "method": r["method"], **main,

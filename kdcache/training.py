@@ -139,7 +139,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def median_frequency_weights(dataset: SegmentationDataset, preprocess: Preprocess) -> torch.Tensor:
+def median_frequency_weights(dataset: SegmentationDataset, preprocess: Preprocess,
+                             show_progress: bool = True) -> torch.Tensor:
     """Median-frequency class weights (Eigen & Fergus 2015) from the training labels:
     w_c = median(f) / f_c with f_c = pixels of c / pixels of the images where c appears
     (classification: f_c = the share of images of class c). Classes that never appear get weight 1."""
@@ -153,7 +154,7 @@ def median_frequency_weights(dataset: SegmentationDataset, preprocess: Preproces
         return torch.tensor(w, dtype=torch.float32)
     pixels = np.zeros(C, dtype=np.float64)
     present_total = np.zeros(C, dtype=np.float64)
-    with progress_bar("class weights", total=len(dataset)) as bar:
+    with progress_bar("class weights", total=len(dataset), enabled=show_progress) as bar:
         for i in range(len(dataset)):
             _, mask = dataset.load(i)
             y = preprocess.mask_to_tensor(mask).numpy()
@@ -265,7 +266,7 @@ class Trainer:
             if self.is_main:
                 console.print(self.backbone_report.summary(), highlight=False, soft_wrap=True)
         if c.class_weights:
-            self.class_weight = median_frequency_weights(train_ds, self.preprocess).to(self.device)
+            self.class_weight = median_frequency_weights(train_ds, self.preprocess, self.show_progress).to(self.device)
         state = self.build_state(model, steps_per_epoch)
         self.run_config = self.describe_run(model, train_ds, val_ds, train_pipe.augment)
         self.start_or_resume(state)

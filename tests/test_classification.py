@@ -364,7 +364,7 @@ def test_the_workflow_on_the_command_line(teacher, tmp_path):
     # evaluate: top-1/top-5 against the model run by hand on the test images
     r = kd("evaluate", tmp_path / "lmap", "--split", "test", "--no-latency", "--qualitative", "2")
     assert r.exit_code == 0, r.output
-    report = json.loads((tmp_path / "lmap" / "eval" / "eval.json").read_text())
+    report = json.loads((tmp_path / "lmap" / "eval-test" / "eval.json").read_text())
     test = build_dataset("shapes", "test", size=40, resolution=24)
     model = open_weights(tmp_path / "lmap").build()
     x = torch.stack([Preprocess().image_to_tensor(test.load(i)[0]) for i in range(len(test))])
@@ -376,7 +376,7 @@ def test_the_workflow_on_the_command_line(teacher, tmp_path):
     assert report["top5"] == pytest.approx(float(top5.double().mean()))
     assert report["task"] == "classification" and len(report["confusion_matrix"]) == 10
     for fig in ("confusion_matrix.png", "best.png", "worst.png"):
-        assert (tmp_path / "lmap" / "eval" / fig).stat().st_size > 1000
+        assert (tmp_path / "lmap" / "eval-test" / fig).stat().st_size > 1000
     # compare: one table with top-1, top-5, Δ against the CE run, per-class accuracy, figures
     r = kd("compare", *(tmp_path / n for n in runs), "--split", "test", "--out", tmp_path / "cmp", "--quiet",
            "--no-latency")
@@ -493,15 +493,23 @@ def test_models_without_a_class_map_say_so():
 
 
 def test_the_classification_demo(tmp_path):
-    from kdcache.demo_classification import run_classification_demo
-
-    result = run_classification_demo(tmp_path / "demo", teacher_epochs=1, student_epochs=1, device="cpu", size=40,
-                                     show_progress=False)
-    assert result["task"] == "classification" and result["split"] == "test"
-    names = [r["name"] for r in result["rows"]]
-    assert names == ["teacher", "student-ce", "student-kd-logits", "student-kd-views", "student-kd-label-map"]
+    args = ["demo", "--task", "classification", "--out", tmp_path / "demo", "--teacher-epochs", 1, "--student-epochs",
+            1, "--limit", 40, "--device", "cpu", "--quiet"]
+    r = kd(*args)
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "demo" / "compare" / "compare.json").read_text())
+    assert result["task"] == "classification" and result["split"] == "test" and result["num_samples"] == 40
+    assert [(r["name"], r["method"]) for r in result["rows"]] == [
+        ("teacher", "CE"), ("student-ce", "CE (baseline)"), ("student-kd-logits", "kl"),
+        ("student-kd-views", "kl (stored views)"), ("student-kd-label-map", "kl (label map)")]
     assert CacheStore(tmp_path / "demo" / "views.zarr").schema.view_count == 8
     assert CacheStore(tmp_path / "demo" / "label_map.zarr").schema.label_map
+    assert len(CacheStore(tmp_path / "demo" / "logits.zarr").ids) == 40  # --limit cuts the training images too
+    # a rerun reprints the table it made (no new, noisy latencies)
+    before = (tmp_path / "demo" / "compare" / "compare.json").stat().st_mtime_ns
+    r = kd(*args)
+    assert r.exit_code == 0 and "compare: done already" in r.output and "student-kd-views" in r.output, r.output
+    assert (tmp_path / "demo" / "compare" / "compare.json").stat().st_mtime_ns == before
     r = kd("demo", "--task", "detection", "--out", tmp_path / "x")
     assert r.exit_code == 2 and "--task must be segmentation or classification, got 'detection'" in r.output
 

@@ -62,6 +62,18 @@ def test_train_then_evaluate(tmp_path):
     # the best-ranked image really has the highest per-image IoU
     ious = ev["per_image_iou"]
     assert best[0].name.split("_iou")[0].split("_", 1)[1] == max(ious, key=ious.get)
+    # another split goes to its own folder; evaluating into a folder again says that it replaces
+    r = kd("evaluate", run, "--split", "test", "--qualitative", 0, "--no-latency", "--quiet")
+    assert r.exit_code == 0 and "replacing" not in r.output, r.output
+    assert json.loads((run / "eval-test" / "eval.json").read_text())["split"] == "test"
+    assert json.loads((run / "eval" / "eval.json").read_text())["split"] == "val"
+    r = kd("evaluate", run, "--split", "test", "--qualitative", 0, "--no-latency", "--quiet")
+    assert r.exit_code == 0 and "(replacing the earlier evaluation there)" in r.output, r.output
+    # compare keeps its outputs in its own folder: nothing of the run's is rewritten
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    r = kd("compare", run, "--split", "test", "--no-latency", "--examples", 1, "--out", tmp_path / "cmp", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_evaluate_a_bare_checkpoint_and_the_metrics_agree(tmp_path):
@@ -206,6 +218,14 @@ def test_class_weights_follow_median_frequency(tmp_path):
     w = median_frequency_weights(ds, Preprocess()).numpy()
     f = np.array([6 / 8, 2 / 8, 7 / 7])  # pixels of c / pixels of images containing c
     np.testing.assert_allclose(w, np.median(f) / f, rtol=1e-6)
+    # --quiet silences every bar, the class weights' too
+    args = ["train-teacher", "--model", "tiny_models:TinyNet", "--dataset", "folder", "--data-root", root,
+            "--train-split", "all", "--val-split", "all", "--crop-size", "2x4", "--batch-size", 2, "--epochs", 1,
+            "--class-weights"]
+    r = kd(*args, "--out", tmp_path / "loud")
+    assert r.exit_code == 0 and "class weights" in r.output, r.output
+    r = kd(*args, "--out", tmp_path / "quiet", "--quiet")
+    assert r.exit_code == 0 and "class weights" not in r.output and "━" not in r.output, r.output
 
 
 def test_bad_mask_in_a_worker_is_one_clear_line(tmp_path):

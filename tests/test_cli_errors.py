@@ -690,7 +690,11 @@ CASES = [
     case("folder-unpaired", cache(data=on("folder")), "without a mask in", "im9",
          "(images and masks are matched by file stem)", setup=folder(lambda r: rgb(r / "images" / "im9.png"))),
     case("folder-unknown-split", cache("--split", "val", data=on("folder")), "folder data set has no split 'val'",
-         "valid splits: all, train", setup=folder()),
+         "it defines no splits, so its one split is 'all' (also read as 'train'); use 'all', or hold images out as "
+         "'val' with", "splits/val.txt (their stems, one per line) or", setup=folder()),
+    case("folder-unknown-listed-split", cache("--split", "test", data=on("folder")),
+         "folder data set has no split 'test'", "valid splits: all, val",
+         setup=folder(write("splits/val.txt", "im1\n"))),
     case("folder-empty-split", cache(data=on("folder")), "folder data set split 'train' is empty",
          setup=folder(both(remove("images/im0.png"), remove("images/im1.png"), remove("masks/im0.png"),
                            remove("masks/im1.png")))),

@@ -46,9 +46,11 @@ def test_demo_then_compare_outputs_and_rerun_reuses_steps(tmp_path):
     assert sorted(p.name[:4] for p in (cmp / "examples").glob("*.png")) == ["best"] * 3 + ["wors"] * 3
     # a rerun does not train again
     before = (out / "student-kl" / "last.pt").stat().st_mtime_ns
+    table = (cmp / "compare.json").stat().st_mtime_ns
     r = kd(*args)
-    assert r.exit_code == 0 and r.output.count("done already") == 8  # teacher, 2 caches, 5 students
+    assert r.exit_code == 0 and r.output.count("done already") == 9  # teacher, 2 caches, 5 students, compare
     assert (out / "student-kl" / "last.pt").stat().st_mtime_ns == before
+    assert (cmp / "compare.json").stat().st_mtime_ns == table and "student-pseudo-pool" in r.output
 
     # compare by hand, with an explicit baseline and without latency
     r = kd("compare", out / "student-kl", out / "student-dist", "--baseline", out / "student-dist", "--out",
@@ -84,3 +86,18 @@ def test_compare_errors(tmp_path):
     assert r.exit_code == 2 and "compare runs on the same images" in r.output
     r = kd("compare", tmp_path / "a", "--baseline", tmp_path / "b", "--out", tmp_path / "c", "--quiet")
     assert r.exit_code == 2 and "is not one of the compared runs" in r.output
+
+
+def test_a_difference_that_rounds_to_zero_is_never_negative_zero():
+    from kdcache.compare import markdown_table
+    from kdcache.report import compare_table, signed_pct
+
+    assert [signed_pct(x) for x in (-4e-6, 4e-6, 0.0, 0.01234, -0.0051)] == ["±0.00", "±0.00", "±0.00", "+1.23", "-0.51"]
+    row = {"name": "a", "method": "kl", "model": "m", "miou": 0.5, "macc": 0.5, "aacc": 0.5, "params": 10,
+           "ms_per_image": None, "fps": None, "iou": [0.5], "baseline": False, "delta_miou": -3e-6}
+    result = {"rows": [row, {**row, "name": "b", "baseline": True, "delta_miou": 0.0}], "class_names": ["x"],
+              "dataset": "d", "split": "test", "split_given": True, "num_samples": 1, "baseline": "b"}
+    console = Console(width=120, record=True)
+    console.print(compare_table(result, width=120))
+    for text in (markdown_table(result), console.export_text()):
+        assert "-0.00" not in text and "±0.00" in text

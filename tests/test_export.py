@@ -5,6 +5,7 @@ from the run's weights, on random inputs at batch sizes other than the one the e
 """
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -116,6 +117,9 @@ def test_safetensors_loads_into_a_freshly_built_model(run):
         meta = json.loads(f.metadata()["kdcache"])
     assert meta["format"] == "safetensors" and meta["check"]["max_abs_diff"] == 0.0
     assert meta == json.loads((run / "export" / "model.safetensors.json").read_text())
+    # the same permissions as the other exports and its sidecar (safetensors' save_file made it 0600)
+    assert path.stat().st_mode & 0o777 == (run / "export" / "model.safetensors.json").stat().st_mode & 0o777
+    assert path.stat().st_mode & 0o044 == 0o044 or os.umask(os.umask(0)) & 0o044
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")

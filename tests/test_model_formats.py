@@ -339,6 +339,11 @@ def test_list_models_groups_by_source():
     assert groups[hf] == [f"segformer_b{i}" for i in range(6)] and 'pip install "kdcache[hf]"' in hf
     r = kd("list-models")
     assert r.exit_code == 0 and "smp_deeplabv3plus" in r.output and "segmentation_models_pytorch" in r.output
+    import importlib.util
+
+    state = "installed" if importlib.util.find_spec("timm") else "not installed"  # timm is an extra too
+    assert f'timm/<name>: any timm model (pip install "kdcache[timm]"; {state})' in r.output
+    assert 'segmentation_models_pytorch (pip install "kdcache[smp]"; installed)' in r.output
 
 
 def test_missing_extra_is_one_line(monkeypatch):

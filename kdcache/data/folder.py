@@ -200,11 +200,15 @@ class FolderDataset(SegmentationDataset):
             )
         if has_flat and (split == "all" or (split == "train" and not listed and not subdirs)):
             return self._folder_refs(root, split)
+        if has_flat and not listed and not subdirs:
+            raise DatasetError(
+                f"folder data set has no split '{split}' under {root}: it defines no splits, so its one split is "
+                f"'all' (also read as 'train'); use 'all', or hold images out as '{split}' with "
+                f"{root / 'splits' / split}.txt (their stems, one per line) or {root / split}/images and masks"
+            )
         valid = set(listed) | set(subdirs)
         if has_flat:
             valid.add("all")
-            if not listed and not subdirs:
-                valid.add("train")
         raise unknown_split("folder data set", split, valid, root)
 
     def _listed_refs(self, root: Path, split: str, list_file: Path) -> list[SampleRef]:

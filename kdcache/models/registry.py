@@ -25,8 +25,14 @@ register_model = MODELS.register
 PREFIXES: dict[str, tuple[Callable[[str], Callable[..., nn.Module]], str]] = {}
 
 
-def register_prefix(prefix: str, factory: Callable[[str], Callable[..., nn.Module]], shown: str) -> None:
-    """Names starting with ``prefix`` are built by ``factory(rest of the name)``."""
+def register_prefix(prefix: str, factory: Callable[[str], Callable[..., nn.Module]], shown: str,
+                    extra: str | None = None, package: str | None = None) -> None:
+    """Names starting with ``prefix`` are built by ``factory(rest of the name)``; ``shown`` is its
+    line in ``list-models``, which names the optional ``extra`` (and whether its ``package`` is
+    installed) when the family needs one."""
+    if extra:
+        state = "installed" if importlib.util.find_spec(package or extra) else "not installed"
+        shown = f'{shown} (pip install "kdcache[{extra}]"; {state})'
     PREFIXES[prefix] = (factory, shown)
 
 

@@ -37,4 +37,4 @@ def timm_builder(model_name: str):
     return build
 
 
-register_prefix(PREFIX, timm_builder, "timm/<name>: any timm model [timm]")
+register_prefix(PREFIX, timm_builder, "timm/<name>: any timm model", extra=EXTRA, package=PACKAGE)
