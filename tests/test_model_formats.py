@@ -277,6 +277,9 @@ def test_backbone_weights_mobilenet_into_torchvision_lraspp_from_the_cli(tmp_pat
     saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state_dict"]
     torch.testing.assert_close(saved["backbone.5.block.0.0.weight"], mnet.features[5].block[0][0].weight,
                                rtol=0, atol=1e-9)
+    # the run's config.json (with what it records about the backbone) repeats the run
+    r = kd("train-teacher", "--config", tmp_path / "run" / "config.json", "--out", tmp_path / "again", "--quiet")
+    assert r.exit_code == 0, r.output
 
 
 def test_pretrained_only_from_the_local_hub_cache(tmp_path, monkeypatch):
