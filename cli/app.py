@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kdcache import distributed
-from kdcache.cache_build import CacheBuildConfig
+from kdcache.cache_build import DEFAULT_TOPK, CacheBuildConfig
 from kdcache.cache_build import build_teacher_cache as build_cache
 from kdcache.compare import compare_runs
 from kdcache.config_files import Option, read_config_file
@@ -584,7 +584,7 @@ def build_teacher_cache(
     dataset: Dataset = B.dataset,
     data_root: DataRoot = None,
     split: Annotated[str, typer.Option(help="Split to run the teacher over.")] = B.split,
-    topk: Annotated[int, typer.Option(help="Logits kept per position (k = number of classes: a dense cache).")] = B.topk,
+    topk: Annotated[int | None, typer.Option(help=f"Logits kept per position (default {DEFAULT_TOPK}, or every class when there are fewer; k = number of classes: a dense cache).")] = B.topk,
     features: Annotated[str | None, typer.Option(help="Teacher modules whose outputs to store, NAME[,NAME] (e.g. stage3).")] = None,
     attention: Annotated[bool, typer.Option(help="Also store attention-transfer maps of the --features taps.")] = B.attention,
     attention_only: Annotated[bool, typer.Option(help="Store the attention maps of the --features taps instead of the features.")] = B.attention_only,

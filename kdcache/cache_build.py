@@ -46,6 +46,9 @@ from kdcache.teacher_ensemble import (
 )
 from kdcache.transforms import Augment, Preprocess, apply_geometry, label_tensor, sample_geometry
 
+#: logits kept per position unless --topk says (fewer classes: all of them, a dense cache)
+DEFAULT_TOPK = 4
+
 
 @dataclass
 class CacheBuildConfig:
@@ -56,7 +59,7 @@ class CacheBuildConfig:
     data_root: str | None = None
     dataset_options: dict = field(default_factory=dict)
     split: str = "train"
-    topk: int = 4
+    topk: int | None = None  # logits kept per position; None: DEFAULT_TOPK, or every class when there are fewer
     features: tuple[str, ...] = ()
     attention: bool = False  # attention maps of the feature taps, beside the features
     attention_only: bool = False  # attention maps instead of the features
@@ -101,7 +104,7 @@ class CacheBuildConfig:
         if not self.weight_files:
             raise KDCacheError("build-teacher-cache needs --weights (once per ensemble member)")
         self.plan.validate()
-        if self.topk < 1:
+        if self.topk is not None and self.topk < 1:
             raise KDCacheError(f"--topk must be at least 1, got {self.topk}")
         if self.batch_size < 1:
             raise KDCacheError(f"--batch-size must be at least 1, got {self.batch_size}")
@@ -193,8 +196,9 @@ def _build(config: CacheBuildConfig, d: distributed.Dist, device: torch.device, 
     classification = is_classification(ds)
     if config.label_map and not classification:
         raise KDCacheError(f"--label-map is for classification data sets; {config.dataset} is a segmentation data set")
-    if config.topk > C:
+    if config.topk is not None and config.topk > C:
         raise KDCacheError(f"--topk {config.topk} is more than the {C} classes of {config.dataset}; use --topk {C} for a dense cache")
+    k = min(DEFAULT_TOPK, C) if config.topk is None else config.topk
     taps = tuple(config.features)
     members, fi = open_members(files, config.teachers, num_classes=C, class_names=ds.class_names, taps=taps,
                                features_from=config.features_from, device=device,
@@ -228,7 +232,7 @@ def _build(config: CacheBuildConfig, d: distributed.Dist, device: torch.device, 
             bar.advance(1)
     fm = teacher.features_member.describe()
     schema = CacheSchema.new(
-        class_names=ds.class_names, k=config.topk, input_size=max_size, map_size=map_size,
+        class_names=ds.class_names, k=k, input_size=max_size, map_size=map_size,
         feature_shapes=feat_shapes, features=() if config.attention_only else taps,
         attention=taps if (config.attention or config.attention_only) else (), views=views,
         teacher={key: fm[key] for key in ("model", "weights", "weights_sha256", "model_options", "params")},

@@ -23,6 +23,7 @@ from pathlib import Path
 from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.compare import compare_runs
 from kdcache.distill import config_from_store, train_student
+from kdcache.errors import KDCacheError
 from kdcache.progress import console
 from kdcache.runs import RunDir
 from kdcache.store import CacheStore, StoreError
@@ -40,6 +41,7 @@ POOL_SHARE = 0.5  # of each batch, for the students with the pool
 POOL_FACTOR = 4  # pool images per labelled image
 TEACHER_OPTIONS = {"width": 48}  # demo_teacher's: about half the compute of the default width 64
 EVAL_EVERY = 4  # epochs between validations (and checkpoint choices)
+BATCH_SIZE = 8  # every run's (fewer with fewer labelled images: --limit 4 takes batches of 4)
 
 
 def _finished(run: Path, epochs: int) -> bool:
@@ -102,9 +104,13 @@ def run_demo(out: str | Path = "runs/demo", *, teacher_epochs: int = 40, student
     """``limit``: the first N images of each split (training, val and test: the synthetic data
     has 100 val and 100 test images, so the default cuts the training images alone); the pool
     is 4x N unlabelled images."""
+    if limit < 2:
+        raise KDCacheError(f"--limit must be at least 2 (a batch of the pool students holds a labelled and an "
+                           f"unlabelled image), got {limit}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    common = {"device": device, "seed": seed, "limit": limit, "eval_every": min(EVAL_EVERY, teacher_epochs)}
+    common = {"device": device, "seed": seed, "limit": limit, "eval_every": min(EVAL_EVERY, teacher_epochs),
+              "batch_size": min(BATCH_SIZE, limit)}
     teacher = out / "teacher"
     if _finished(teacher, teacher_epochs):
         console.print(f"[dim]teacher: done already ({teacher})[/dim]")

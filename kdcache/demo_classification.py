@@ -40,13 +40,14 @@ def run_classification_demo(out: str | Path = "runs/demo-classification", *, tea
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = {"dataset": "shapes", "limit": limit}
+    recipe = {**RECIPE, "batch_size": min(RECIPE["batch_size"], limit or RECIPE["batch_size"])}
     teacher = out / "teacher"
     if _finished(teacher, teacher_epochs):
         console.print(f"[dim]teacher: done already ({teacher})[/dim]")
     else:
         console.print("[bold]1/4 teacher[/bold] (demo_cls_teacher on the shapes training split)")
         train(TrainConfig(model="demo_cls_teacher", model_options={"width": 24}, epochs=teacher_epochs, lr=2e-3,
-                          out=str(teacher), device=device, seed=seed, **data, **RECIPE),
+                          out=str(teacher), device=device, seed=seed, **data, **recipe),
               resume=_started(teacher), show_progress=show_progress)
     caches = {form: _cache(out / f"{form}.zarr", teacher, what, show_progress, topk=5, device=device, **data, **opts)
               for form, (what, opts) in FORMS.items()}
@@ -60,7 +61,7 @@ def run_classification_demo(out: str | Path = "runs/demo-classification", *, tea
         console.print(f"[bold]3/4 student[/bold] demo_cls_student, {name}")
         cfg = config_from_store(str(caches[form]), model="demo_cls_student", methods=methods, use_views=views,
                                 epochs=student_epochs, lr=3e-3, out=str(run), device=device, seed=seed, limit=limit,
-                                **RECIPE)
+                                **recipe)
         train_student(cfg, resume=_started(run), show_progress=show_progress)
     result = compare_step(runs, out / "student-ce", out / "compare", device, show_progress)
     (out / "demo.json").write_text(json.dumps({"runs": [str(r) for r in runs], "compare": str(out / "compare")},

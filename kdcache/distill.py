@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from kdcache import distributed
-from kdcache.data import build_dataset
 from kdcache.data.base import SegmentationDataset
 from kdcache.data.splits import limit
 from kdcache.errors import KDCacheError
@@ -286,11 +285,7 @@ class StudentTrainer(Trainer):
         if missing:
             raise KDCacheError(f"--unlabeled-cache {path} lacks {', '.join(missing)}, which the methods read; rebuild it "
                                "with the same --features/--attention as --cache")
-        spec = theirs.dataset
-        ds = build_dataset(spec["name"], spec["split"], spec.get("root"), **(spec.get("options") or {}))
-        ds = limit(limit(ds, spec.get("limit")), self.config.unlabeled_limit)
-        if ds.num_classes == 0:  # a folder of images: the classes the cache was built for
-            ds = ds.with_class_names(theirs.class_names)
+        ds = limit(store.dataset(), self.config.unlabeled_limit)
         rows = store.join(ds, check_content=self.config.check_content)
         # each pool's augmentation drawn from its own stream (not the labelled sample j's); its
         # targets on the labelled cache's grid: one batch, one target size (its images' sizes,

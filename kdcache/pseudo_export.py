@@ -35,9 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from kdcache.data import build_dataset
 from kdcache.data.base import IGNORE_INDEX
-from kdcache.data.splits import limit
 from kdcache.errors import KDCacheError
 from kdcache.methods.cwd import dense_teacher_logits
 from kdcache.methods.pseudo import BINS, add_to_histogram, thresholds_from_histogram
@@ -87,11 +85,7 @@ def export_pseudo_labels(cache: str, out: str | Path, *, threshold: float = 0.7,
                                "only an earlier export")
         for sub in ("images", "masks", "confidence"):
             shutil.rmtree(out / sub, ignore_errors=True)
-    spec = store.schema.dataset
-    ds = build_dataset(spec["name"], spec["split"], spec.get("root"), **(spec.get("options") or {}))
-    ds = limit(ds, spec.get("limit"))
-    if ds.num_classes == 0:
-        ds = ds.with_class_names(store.class_names)
+    ds = store.dataset()
     rows = store.join(ds)
     C = store.num_classes
     t_class = None

@@ -582,3 +582,25 @@ def test_caches_of_unlabelled_images(tmp_path, teacher):
     np.testing.assert_allclose(f.read(2)["logits/values"].astype(np.float32), top_v[1], rtol=2e-3, atol=2e-3)
     folder_ds = build_dataset("images", "all", frames).with_class_names(names)
     assert f.content_hashes()[0] == folder_ds.content_hash(0)
+
+
+def test_the_default_top_k_keeps_every_class_when_there_are_fewer(tmp_path):
+    """A data set of 3 classes with the default --topk (4) builds a dense cache, as the 11-class one
+    keeps its top 4; an explicit --topk above the class count stays an error."""
+    from fake_data import make_mixed_size_folders
+
+    lab, _ = make_mixed_size_folders(tmp_path, labelled=2, unlabelled=0)
+    teacher = make_teacher(tmp_path / "t3.pt", num_classes=3)
+    r = kd("build-teacher-cache", "--weights", teacher, "--dataset", "folder", "--data-root", lab, "--split", "all",
+           "--out", tmp_path / "three.zarr", "--quiet")
+    assert r.exit_code == 0, r.output
+    store = CacheStore(tmp_path / "three.zarr")
+    assert store.k == 3 and "logits/tail" not in store.map_paths  # dense: no tail
+    r = kd("build-teacher-cache", "--weights", teacher, "--dataset", "folder", "--data-root", lab, "--split", "all",
+           "--topk", 4, "--out", tmp_path / "four.zarr", "--quiet")
+    assert r.exit_code == 2 and "--topk 4 is more than the 3 classes of folder; use --topk 3" in r.output
+    eleven = tmp_path / "eleven.zarr"
+    build_teacher_cache(CacheBuildConfig(weights=str(make_teacher(tmp_path / "t11.pt")), out=str(eleven), limit=2,
+                                         dataset_options={"resolution": [32, 48]}, device="cpu", workers=0),
+                        show_progress=False)
+    assert CacheStore(eleven).k == 4

@@ -24,6 +24,8 @@ import torch
 import zarr
 
 from kdcache.checkpoint import file_sha256
+from kdcache.data import SegmentationDataset, build_dataset
+from kdcache.data.splits import limit
 from kdcache.errors import KDCacheError
 from kdcache.store.location import is_url
 from kdcache.store.schema import ATTR, FORMAT, SCHEMA_VERSION, VIEW_PARAMS, CacheSchema, decode_ids
@@ -149,6 +151,16 @@ class CacheStore:
     @property
     def map_paths(self) -> list[str]:
         return [s.path for s in self.schema.map_specs]
+
+    def dataset(self) -> SegmentationDataset:
+        """The data set the store was built from, as its provenance records it (name, root,
+        split, options, ``--limit``); a folder of images without class names takes the store's."""
+        spec = self.schema.dataset
+        ds = limit(build_dataset(spec["name"], spec["split"], spec.get("root"), **(spec.get("options") or {})),
+                   spec.get("limit"))
+        if ds.num_classes == 0:
+            ds = ds.with_class_names(self.class_names)
+        return ds
 
     def check_teacher_unchanged(self) -> None:
         """Refuse a stale cache: a teacher checkpoint it was built from (any member of an

