@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -27,7 +28,7 @@ from kdcache.demo import run_demo
 from kdcache.demo_classification import run_classification_demo
 from kdcache.distill import StudentConfig, student_config
 from kdcache.distill import train_student as run_student
-from kdcache.errors import KDCacheError
+from kdcache.errors import KDCacheError, make_folder
 from kdcache.evaluation import evaluate_run
 from kdcache.export import DEFAULT_OPSET, FORMATS, export_run
 from kdcache.kernels import bench
@@ -71,10 +72,30 @@ def command(name: str | None = None) -> Callable:
                 # escaped: a message may hold text in brackets, e.g. pip install "kdcache[onnx]"
                 console.print(f"[bold red]error:[/bold red] {escape(error_text(exc))}", soft_wrap=True, highlight=False)
                 raise typer.Exit(2) from None
+            except OSError as exc:
+                if os.environ.get(TRACEBACK_ENV):
+                    raise
+                console.print(f"[bold red]error:[/bold red] {escape(os_error_text(exc))}", soft_wrap=True,
+                              highlight=False)
+                raise typer.Exit(2) from None
 
         return app.command(name)(wrapper)
 
     return deco
+
+
+#: set to see the traceback of a file-system error instead of its one line
+TRACEBACK_ENV = "KDCACHE_TRACEBACK"
+
+
+def os_error_text(exc: OSError) -> str:
+    """A file-system error (a path that cannot be read or written, a full disk) as one line that
+    names the path (the paths of a command's options are checked by the library first; this is
+    what is left, e.g. a file that vanished mid-run)."""
+    where = f" {exc.filename}" if exc.filename else ""
+    also = f" -> {exc.filename2}" if getattr(exc, "filename2", None) else ""
+    return (f"{exc.strerror or type(exc).__name__}:{where}{also} ({exc}); check the path, its permissions and the "
+            f"free space (set {TRACEBACK_ENV}=1 to see where it happened)")
 
 
 def error_text(exc: KDCacheError) -> str:
@@ -95,11 +116,7 @@ def output_file(text: str | None, option: str) -> Path | None:
     path = Path(text).expanduser()
     if path.is_dir():
         raise KDCacheError(f"{option} {text} is a folder; give a file name, e.g. {option} {Path(text) / 'out.json'}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise KDCacheError(f"{option} {text}: cannot create its folder {path.parent} ({exc.strerror or exc}); "
-                           "choose a writable path") from None
+    make_folder(path.parent, f"{option} {text}: its folder")
     return path
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from kdcache import visualize
-from kdcache.errors import KDCacheError
+from kdcache.errors import KDCacheError, make_folder
 from kdcache.evaluation import class_caption, eval_dataset, evaluate_run, measure_latencies
 from kdcache.model_loading import open_weights
 from kdcache.models.onnx_session import OnnxSegModel
@@ -104,7 +104,7 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None, 
                if classification else {}),
         })
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
     class_names = first["class_names"]
     result = {"rows": rows, "class_names": class_names, "dataset": first["dataset"], "split": first["split"],
               "split_given": split is not None, "num_samples": first["num_samples"],

@@ -23,7 +23,7 @@ from pathlib import Path
 from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.compare import compare_runs
 from kdcache.distill import config_from_store, train_student
-from kdcache.errors import KDCacheError
+from kdcache.errors import KDCacheError, make_folder
 from kdcache.progress import console
 from kdcache.runs import RunDir
 from kdcache.store import CacheStore, StoreError
@@ -108,7 +108,7 @@ def run_demo(out: str | Path = "runs/demo", *, teacher_epochs: int = 40, student
         raise KDCacheError(f"--limit must be at least 2 (a batch of the pool students holds a labelled and an "
                            f"unlabelled image), got {limit}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     common = {"device": device, "seed": seed, "limit": limit, "eval_every": min(EVAL_EVERY, teacher_epochs),
               "batch_size": min(BATCH_SIZE, limit)}
     teacher = out / "teacher"

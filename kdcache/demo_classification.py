@@ -16,6 +16,7 @@ from pathlib import Path
 
 from kdcache.demo import _cache, _finished, _started, compare_step
 from kdcache.distill import config_from_store, train_student
+from kdcache.errors import make_folder
 from kdcache.progress import console
 from kdcache.training import TrainConfig, train
 
@@ -38,7 +39,7 @@ def run_classification_demo(out: str | Path = "runs/demo-classification", *, tea
     """``limit``: the first N images of each split (training, val and test), as ``kdcache demo``'s;
     default: all of them (1000, 500, 1000)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     data = {"dataset": "shapes", "limit": limit}
     recipe = {**RECIPE, "batch_size": min(RECIPE["batch_size"], limit or RECIPE["batch_size"])}
     teacher = out / "teacher"

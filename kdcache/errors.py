@@ -1,6 +1,7 @@
 """User-facing errors: each names the problem and, where there is one, the fix."""
 
 import importlib
+from pathlib import Path
 
 
 class KDCacheError(Exception):
@@ -50,3 +51,16 @@ def import_extra(what: str, extra: str, *modules: str) -> list:
 
 class ConfigFileError(KDCacheError):
     """A ``--config`` file cannot be read, or holds a key or a value its command does not take."""
+
+
+def make_folder(path, what: str = "--out") -> Path:
+    """``path`` as a folder, created with its parents, or one error naming it and the fix (a
+    file in the way, no permission, a read-only file system)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KDCacheError(f"{what} {path}: cannot create the folder ({exc.strerror or exc}"
+                           f"{f': {exc.filename}' if exc.filename and str(exc.filename) != str(path) else ''}); "
+                           "choose a path where you may write") from None
+    return path

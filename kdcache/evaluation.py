@@ -19,7 +19,7 @@ import torch
 from kdcache import visualize
 from kdcache.data import build_dataset
 from kdcache.data.splits import limit, train_val_sets
-from kdcache.errors import KDCacheError
+from kdcache.errors import KDCacheError, make_folder
 from kdcache.loaders import make_loader
 from kdcache.metrics import ConfusionMatrix, TopK, per_image_iou
 from kdcache.model_loading import open_weights
@@ -262,7 +262,7 @@ def evaluate_run(
         return report
     out_dir = Path(out) if out is not None else default_eval_dir(ckpt_path, run_dir, split, dataset)
     report["replaced"] = (out_dir / "eval.json").exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
     for stale in [*(out_dir / "best").glob("*.png"), *(out_dir / "worst").glob("*.png"),
                   out_dir / "iou_histogram.png", out_dir / "confusion_matrix.png", out_dir / "best.png",
                   out_dir / "worst.png"]:

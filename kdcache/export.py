@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from kdcache import __version__
-from kdcache.errors import ExportError, KDCacheError, import_extra
+from kdcache.errors import ExportError, KDCacheError, import_extra, make_folder
 from kdcache.evaluation import eval_dataset
 from kdcache.model_loading import Weights, open_weights
 from kdcache.models import SegModel
@@ -229,7 +229,7 @@ def export_run(target: str | Path, fmt: str = "onnx", *, out: str | Path | None 
     size = tuple(input_size) if input_size else run_input_size(weights)
     path = Path(out) if out is not None else default_path(weights, fmt)
     _check_out(path, weights)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent, f"--out {path}: its folder")
 
     net = LogitsOnly(model).eval()
     inputs = _inputs(size)

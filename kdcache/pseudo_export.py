@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from kdcache.data.base import IGNORE_INDEX
-from kdcache.errors import KDCacheError
+from kdcache.errors import KDCacheError, make_folder
 from kdcache.methods.cwd import dense_teacher_logits
 from kdcache.methods.pseudo import BINS, add_to_histogram, thresholds_from_histogram
 from kdcache.progress import progress_bar
@@ -100,7 +100,7 @@ def export_pseudo_labels(cache: str, out: str | Path, *, threshold: float = 0.7,
     cut = torch.as_tensor(t_class, dtype=torch.float32) if t_class is not None else None
 
     for sub in ("images", "masks", *(("confidence",) if confidence_png else ())):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+        make_folder(out / sub)
     (out / "classes.txt").write_text("".join(f"{n}\n" for n in store.class_names))
     palette = np.zeros((256, 3), np.uint8)
     palette[:C] = np.asarray(ds.palette)[:C]

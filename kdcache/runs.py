@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from kdcache.errors import KDCacheError
+from kdcache.errors import KDCacheError, make_folder
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -76,7 +76,7 @@ class RunDir:
                 raise KDCacheError(
                     f"--out {self.path} exists and is not a kdcache run folder; choose another --out"
                 )
-        self.path.mkdir(parents=True, exist_ok=True)
+        make_folder(self.path)
         for name in (METRICS, BEST, LAST):
             (self.path / name).unlink(missing_ok=True)
         write_json(self.config_path, config)

@@ -720,7 +720,36 @@ CASES = [
     case("cityscapes-mask-missing", cache(data=on("cityscapes")),
          "aachen_000000_000019_leftImg8bit.png has no mask:", "_gtFine_labelIds.png does not exist",
          setup=cityscapes_image_without_mask),
+    # -- output paths: a folder that cannot be made, a folder given as a file, any other file-system error
+    case("run-folder-not-creatable", train("--out", "{tmp}/plain/run"), "--out", "plain/run: cannot create the "
+         "folder (", "choose a path where you may write", setup=lambda tmp: write("plain", "a file")(tmp) or {}),
+    case("export-folder-not-creatable", ["export", "{run}", "--out", "{tmp}/plain/m.onnx"],
+         "plain/m.onnx: its folder", "cannot create the folder (", setup=lambda tmp: write("plain", "x")(tmp) or {}),
+    case("evaluate-folder-not-creatable", ["evaluate", "{run}", "--out", "{tmp}/plain/eval", "--quiet"],
+         "cannot create the folder (", setup=lambda tmp: write("plain", "x")(tmp) or {}),
+    case("compare-folder-not-creatable", ["compare", "{run}", "--out", "{tmp}/plain/cmp", "--quiet"],
+         "cannot create the folder (", setup=lambda tmp: write("plain", "x")(tmp) or {}),
+    case("json-is-a-folder", ["inspect-cache", "{store}", "--json", "{tmp}"], "--json", "is a folder; give a file "
+         "name, e.g. --json"),
+    case("markdown-folder-not-creatable", ["bench-kernels", "--device", "cpu", "--markdown", "{tmp}/plain/k.md"],
+         "--markdown", "plain/k.md: its folder", "cannot create the folder",
+         setup=lambda tmp: write("plain", "x")(tmp) or {}),
+    case("file-system-error", ["inspect-cache", "{store}"], "No space left on device: ", "cache.zarr/zarr.json",
+         "check the path, its permissions and the free space", setup=lambda tmp, monkeypatch: no_space_left(monkeypatch)),
+    # -- the demo ----------------------------------------------------------------------------------------
+    case("demo-limit", ["demo", "--limit", "1", "--out", "{tmp}/demo", "--quiet"], "--limit must be at least 2"),
 ]
+
+
+def no_space_left(monkeypatch) -> dict:
+    """A file-system error the library does not check for (here: a full disk under inspect-cache)."""
+    import errno
+
+    def full(store, **kw):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{store}/zarr.json")
+
+    monkeypatch.setattr("kdcache.cli.app.inspect_store", full)
+    return {}
 
 
 @pytest.mark.parametrize("c", CASES)
