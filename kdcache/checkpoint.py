@@ -171,7 +171,7 @@ def load_state(model: nn.Module, ckpt: dict[str, Any], path: str | Path, *, stri
         # torchvision's published FCN/DeepLabV3 weights carry the auxiliary head that only their
         # training loss reads; the model's logits never use it
         console.print(f"note: {path}: left out {len(aux)} tensors of the auxiliary head ({AUX_HEAD}*), which only "
-                      "torchvision's training loss uses; build the model with -m aux_loss=true to keep them",
+                      "torchvision's training loss uses (train-teacher -m aux_loss=true builds the head and keeps them)",
                       highlight=False, soft_wrap=True)
         sd = {k: v for k, v in sd.items() if not k.startswith(AUX_HEAD)}
         unexpected = [k for k in unexpected if not k.startswith(AUX_HEAD)]

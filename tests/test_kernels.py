@@ -342,6 +342,6 @@ def test_bench_kernels_command_prints_the_table_and_writes_json(tmp_path):
     # a folder given as the file, or a folder that cannot be made: one line, before the benchmark runs
     (tmp_path / "plain").write_text("")
     for option, path, message in (("--json", tmp_path, "is a folder; give a file name"),
-                                  ("--markdown", tmp_path / "plain" / "k.md", "cannot create its folder")):
+                                  ("--markdown", tmp_path / "plain" / "k.md", "cannot create the folder")):
         r = CliRunner().invoke(app, ["bench-kernels", "--device", "cpu", option, str(path)])
         assert r.exit_code == 2 and r.output.startswith("error: ") and message in r.output, r.output
