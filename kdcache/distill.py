@@ -380,7 +380,7 @@ class StudentTrainer(Trainer):
             was = model.training
             model.eval()
             with torch.no_grad():
-                out = model(torch.zeros(1, 3, 64, 64))
+                out = model(torch.zeros(1, 3, *model.probe_size((64, 64))))
             model.train(was)
             channels = {t: f.shape[1] for t, f in out.features.items()}
         if self.config.online_teacher:

@@ -256,6 +256,9 @@ class Trainer:
             self.config = c = dataclasses.replace(c, model_options=weights.model_options)
         model = self.build_model(train_ds.num_classes).to(self.device)
         check_task(model, train_ds)
+        if model.fixed_input_size is not None:  # e.g. a ViT: refused before any work, not at its first step
+            model.check_input_size(train_pipe.augment.crop, "training crops")
+            model.check_input_size(tuple(val_pipe[0]["image"].shape[-2:]), "validation images")
         self.backbone_report = None
         if weights is not None and not self.resume:
             load_weights_into(model, weights)

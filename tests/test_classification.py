@@ -192,6 +192,14 @@ def test_timm_models_by_name():
         assert model.class_map(x).shape[:2] == (1, 5)
     with pytest.raises(KDCacheError, match="timm has no model 'no_such_net'"):
         build_model("timm/no_such_net", 5)
+    # a ViT takes one size: said in one line for another; at its size it runs (timm's own forward)
+    assert build_model("timm/resnet18", 5).fixed_input_size is None
+    vit = build_model("timm/deit_tiny_patch16_224", 5, img_size=32).eval()
+    assert vit.fixed_input_size == (32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(vit(x).logits[:, :, 0, 0], vit.net(x))
+        with pytest.raises(KDCacheError, match="takes 32x32 images only, and its images are 48x32; .* --resize 32x32"):
+            vit(torch.randn(1, 3, 48, 32))
 
 
 # -- geometry, pooling, metrics ---------------------------------------------------------------------

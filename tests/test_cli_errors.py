@@ -13,6 +13,7 @@ import ast
 import builtins
 import functools
 import importlib
+import importlib.util
 import inspect
 import json
 import os
@@ -736,6 +737,12 @@ CASES = [
          setup=lambda tmp: write("plain", "x")(tmp) or {}),
     case("file-system-error", ["inspect-cache", "{store}"], "No space left on device: ", "cache.zarr/zarr.json",
          "check the path, its permissions and the free space", setup=lambda tmp, monkeypatch: no_space_left(monkeypatch)),
+    # -- a network that takes one input size only (a ViT), given others -------------------------------------
+    case("fixed-input-size", ["train-teacher", "--model", "timm/deit_tiny_patch16_224", "--dataset", "shapes",
+                              "--limit", "4", "--batch-size", "2", "--out", "{tmp}/vit", "--quiet"],
+         "model 'timm/deit_tiny_patch16_224' takes 224x224 images only, and its training crops are 32x32; train, "
+         "cache and evaluate it at its size with --resize 224x224",
+         marks=pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="needs the timm extra")),
     # -- the demo ----------------------------------------------------------------------------------------
     case("demo-limit", ["demo", "--limit", "1", "--out", "{tmp}/demo", "--quiet"], "--limit must be at least 2"),
 ]

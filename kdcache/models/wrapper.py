@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models import VisionTransformer
 from torchvision.models.segmentation._utils import _SimpleSegmentationModel
 from torchvision.models.segmentation.lraspp import LRASPP
 
@@ -60,6 +61,18 @@ def input_multiple(net: nn.Module) -> int:
     return 1
 
 
+def fixed_input_size(net: nn.Module) -> tuple[int, int] | None:
+    """The one input size a network takes, if it takes only one: a timm ViT with a strict patch
+    embedding (``img_size``), torchvision's ``VisionTransformer`` (``image_size``); None: any."""
+    pe = getattr(net, "patch_embed", None)
+    if (pe is not None and getattr(pe, "strict_img_size", False) and getattr(pe, "img_size", None)
+            and not getattr(net, "dynamic_img_size", False)):
+        return tuple(int(v) for v in pe.img_size)
+    if isinstance(net, VisionTransformer):
+        return int(net.image_size), int(net.image_size)
+    return None
+
+
 def crop_to_input(t: torch.Tensor, size: tuple[int, int], padded: tuple[int, int]) -> torch.Tensor:
     """A map [..., h, w] of a padded input of ``padded`` (H', W') cut to the part that covers the
     input of ``size`` (H, W): ceil(h · H / H') x ceil(w · W / W') cells (all of it at stride 1,
@@ -103,6 +116,8 @@ class SegModel(nn.Module):
         self.set_taps(taps)
         #: input sides are padded up to a multiple of this (1: none)
         self.input_multiple = input_multiple(net)
+        #: the one (H, W) the network takes, or None for any size
+        self.fixed_input_size = fixed_input_size(net)
 
     # -- feature taps ---------------------------------------------------------------------
     def set_taps(self, taps: Sequence[str]) -> None:
@@ -140,6 +155,7 @@ class SegModel(nn.Module):
     def forward(self, x: torch.Tensor) -> ModelOutput:
         self._captured = {}
         size = padded = tuple(x.shape[-2:])
+        self.check_input_size(size)
         m = self.input_multiple
         if m > 1 and (size[0] % m or size[1] % m):
             padded = (size[0] + (-size[0]) % m, size[1] + (-size[1]) % m)
@@ -219,8 +235,21 @@ class SegModel(nn.Module):
             logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
         return logits.argmax(1)
 
-    def stride(self, input_size: tuple[int, int] = (128, 128)) -> tuple[float, float]:
+    def check_input_size(self, size: tuple[int, int], what: str = "images") -> None:
+        """Refuse inputs of another size than the one the network takes (if it takes one only)."""
+        if self.fixed_input_size is not None and tuple(size) != self.fixed_input_size:
+            h, w = self.fixed_input_size
+            raise ModelError(f"model '{self.name}' takes {h}x{w} images only, and its {what} are {size[0]}x{size[1]}; "
+                             f"train, cache and evaluate it at its size with --resize {h}x{w} (timm's ViTs also take "
+                             "-m img_size=N or -m dynamic_img_size=true)")
+
+    def probe_size(self, default: tuple[int, int] = (128, 128)) -> tuple[int, int]:
+        """An input size for a dummy forward: ``default``, or the one size the network takes."""
+        return self.fixed_input_size or default
+
+    def stride(self, input_size: tuple[int, int] | None = None) -> tuple[float, float]:
         """The head's output stride, measured with one dummy forward at ``input_size``."""
+        input_size = input_size or self.probe_size()
         p = next(self.parameters())
         was_training = self.training
         self.eval()
