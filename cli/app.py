@@ -720,7 +720,7 @@ def export_pseudo_labels(
         table.add_row(*row)
     console.print(table)
     console.print(f"wrote {report['samples']} masks to {out} ({100 * report['pixels_kept']:.1f}% of pixels kept); "
-                  f"train on them with --dataset folder --data-root {out} --train-split all")
+                  f"train on them with --dataset folder --data-root {out} --train-split all --val-split all (or validate on labelled data: kdcache evaluate RUN --dataset …)")
 
 
 @command("bench-kernels")
