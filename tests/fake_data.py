@@ -10,6 +10,7 @@ from PIL import Image
 
 from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.checkpoint import save_checkpoint
+from kdcache.data import build_dataset
 from kdcache.models import build_model
 from kdcache.transforms import Preprocess
 
@@ -87,11 +88,34 @@ def stride8_net(num_classes: int, width: int = 16) -> torch.nn.Module:
 
 def make_teacher(path: Path, num_classes: int = 11, name: str = "demo_teacher", seed: int = 0,
                  preprocess: Preprocess | None = None, poison: bool = False,
-                 class_names: list[str] | None = None) -> Path:
+                 class_names: list[str] | None = None, structured: bool = False) -> Path:
     """A randomly initialised teacher saved as a kdcache checkpoint (``poison``: NaN weights;
-    ``class_names`` recorded as a trained run's are)."""
+    ``class_names`` recorded as a trained run's are).
+
+    An untrained network's logits are about 0.1 and nearly constant over the image, so a test
+    tolerance of 1e-3 cannot tell a mirrored map from an unmirrored one. ``structured`` gives it
+    logits that follow the image, as a trained teacher's do (a few units, varying as much over
+    the image as their size): its BatchNorm statistics are those of synthetic images and its
+    last convolution's weights are multiplied by 10."""
     torch.manual_seed(seed)
     model = build_model(name, num_classes)
+    if structured:
+        pre = preprocess or Preprocess()
+        ds = build_dataset("synthetic", "train", resolution=[32, 48])
+        x = torch.stack([pre.image_to_tensor(ds.load(i)[0]) for i in range(16)])
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the batch seen
+        model.train()
+        with torch.no_grad():
+            model(x)
+        model.eval()
+        for m in norms:
+            m.momentum = 0.1
+        last = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        with torch.no_grad():
+            last.weight.mul_(10.0)
     if poison:
         with torch.no_grad():
             next(model.parameters()).fill_(float("nan"))

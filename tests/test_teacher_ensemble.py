@@ -33,11 +33,14 @@ OTHER_NORM = Preprocess(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 @pytest.fixture(scope="module")
 def members(tmp_path_factory):
     """Three teachers: demo_teacher (stride 4), demo_student (stride 4, other seed) and a
-    stride-8 net trained with another normalisation."""
+    stride-8 net trained with another normalisation; each with logits of a few units that vary
+    over the image as a trained teacher's do (``structured``), so that a mirrored, rescaled or
+    differently resized map differs from the right one by far more than the tolerance."""
     d = tmp_path_factory.mktemp("members")
-    return {"a": make_teacher(d / "a.pt", seed=0),
-            "b": make_teacher(d / "b.pt", seed=1, name="demo_student"),
-            "c": make_teacher(d / "c.pt", seed=2, name="fake_data:stride8_net", preprocess=OTHER_NORM)}
+    return {"a": make_teacher(d / "a.pt", seed=0, structured=True),
+            "b": make_teacher(d / "b.pt", seed=1, name="demo_student", structured=True),
+            "c": make_teacher(d / "c.pt", seed=2, name="fake_data:stride8_net", preprocess=OTHER_NORM,
+                              structured=True)}
 
 
 def config(weights, out, **kw) -> CacheBuildConfig:
@@ -71,8 +74,25 @@ def dense(store: CacheStore, row: int) -> np.ndarray:
     return out
 
 
-def up(z: torch.Tensor, size) -> torch.Tensor:
-    return z if tuple(z.shape[-2:]) == tuple(size) else F.interpolate(z, size=size, mode="bilinear", align_corners=False)
+def up(z: torch.Tensor, size, mode: str = "bilinear", align_corners: bool = False) -> torch.Tensor:
+    if tuple(z.shape[-2:]) == tuple(size):
+        return z
+    return F.interpolate(z, size=size, mode=mode, align_corners=align_corners)
+
+
+ATOL, RTOL = 4e-3, 2e-3  # fp16 storage of logits of a few units
+
+
+def assert_stored(store: CacheStore, want: np.ndarray, wrong: dict[str, np.ndarray]) -> None:
+    """The dense cache equals ``want`` within the tolerance, and each of the ``wrong`` answers
+    (the negative controls: what a bug would have stored) breaks that tolerance by 3x or more
+    somewhere, so the check can catch each bug."""
+    got = np.stack([dense(store, i) for i in range(len(want))])
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+    allowed = ATOL + RTOL * np.abs(want)
+    for name, bad in wrong.items():
+        excess = float((np.abs(bad - want) / allowed).max())
+        assert excess > 3, f"{name} is within {excess:.1f}x the tolerance of the right maps: the check cannot catch it"
 
 
 def combine(outputs: list[torch.Tensor], rule: str, T: float) -> torch.Tensor:
@@ -94,11 +114,14 @@ def test_ensemble_of_three_architectures_is_the_combination_on_the_finest_grid(t
     store = CacheStore(out)
     assert store.schema.map_size == (8, 12) and store.meta["stride"] == [4.0, 4.0]
     x = images01()
-    zs = [up(run_member(p, x)[0], (8, 12)) for p in members.values()]
-    assert zs[2].shape[-2:] == (8, 12)  # the stride-8 member (4x6) was resized
+    raw = [run_member(p, x)[0] for p in members.values()]
+    zs = [up(z, (8, 12)) for z in raw]
+    assert raw[2].shape[-2:] == (4, 6) and zs[2].shape[-2:] == (8, 12)  # the stride-8 member was resized
     want = combine(zs, rule, T).numpy()
-    for i in range(N):
-        np.testing.assert_allclose(dense(store, i), want[i], rtol=2e-3, atol=4e-3)
+    wrong = {f"the stride-8 member resized {how}": combine(zs[:2] + [up(raw[2], (8, 12), *args)], rule, T).numpy()
+             for how, args in (("with align_corners=True", ("bilinear", True)), ("bicubically", ("bicubic",)))}
+    wrong["the mean of the other rule"] = combine(zs, "logit" if rule == "prob" else "prob", T).numpy()
+    assert_stored(store, want, wrong)
 
 
 def test_the_tail_is_exact_for_the_combined_distribution(tmp_path, members):
@@ -126,14 +149,19 @@ def test_multi_scale_flip_tta_is_each_scale_resized_back_and_averaged(tmp_path, 
                         show_progress=False)
     store = CacheStore(out)
     x = images01()
-    outs = []
-    for s in (0.5, 1.0, 1.5):
-        xs = up(x, (round(32 * s), round(48 * s)))
-        outs.append(up(run_member(members["a"], xs)[0], (8, 12)))
-        outs.append(up(run_member(members["a"], xs.flip(-1))[0].flip(-1), (8, 12)))
-    want = combine(outs, "logit", 1.0).numpy()
-    for i in range(N):
-        np.testing.assert_allclose(dense(store, i), want[i], rtol=2e-3, atol=4e-3)
+    plain, mirrored = {}, {}  # by scale: the output on the image, and on its mirror (not yet flipped back)
+    for sc in (0.5, 1.0, 1.5):
+        xs = up(x, (round(32 * sc), round(48 * sc)))
+        plain[sc] = up(run_member(members["a"], xs)[0], (8, 12))
+        mirrored[sc] = up(run_member(members["a"], xs.flip(-1))[0], (8, 12))
+    want = combine([z for sc in plain for z in (plain[sc], mirrored[sc].flip(-1))], "logit", 1.0).numpy()
+    wrong = {  # the bugs a TTA can have, each of which this check must catch
+        "mirrored outputs not flipped back": combine([z for sc in plain for z in (plain[sc], mirrored[sc])], "logit",
+                                                     1.0).numpy(),
+        "the scales ignored (scale 1 only)": combine([plain[1.0], mirrored[1.0].flip(-1)], "logit", 1.0).numpy(),
+        "the flips ignored": combine(list(plain.values()), "logit", 1.0).numpy(),
+    }
+    assert_stored(store, want, wrong)
     e = store.meta["ensemble"]
     assert e["scales"] == [0.5, 1.0, 1.5] and e["flip"] and e["combine"] == "logit" and len(e["members"]) == 1
 
