@@ -108,13 +108,25 @@ def gather_objects(obj) -> list:
     return out
 
 
-def replicas_equal(model: torch.nn.Module) -> bool:
-    """True when every rank holds bit-identical parameters (what DDP promises after each
-    optimizer step); compares a SHA-256 of each rank's parameters. Buffers are left out:
+def replicas_equal(params) -> bool:
+    """True when every rank holds bit-identical ``params`` (a module's parameters, or any list of
+    tensors: the student's and the KD adapters' — what DDP and :func:`average_gradients` promise
+    after each optimizer step); compares a SHA-256 of each rank's tensors. Buffers are left out:
     BatchNorm's running statistics are updated by each rank's own last forward."""
+    if isinstance(params, torch.nn.Module):
+        params = params.parameters()
     h = hashlib.sha256()
-    for t in model.parameters():
+    for t in params:
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     digests = gather_objects(h.hexdigest())
     return len(set(digests)) == 1
+
+
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm's running statistics), so that all of them
+    validate the model rank 0 saves (each rank's last training forward updated its own)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for b in model.buffers():
+        dist.broadcast(b.data, src=0)
 

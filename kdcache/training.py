@@ -501,8 +501,15 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + v
                 bar.advance(len(batch["id"]), loss=sums["loss"] / n_steps, lr=state.scheduler.get_last_lr()[0])
         train_time = time.perf_counter() - t0
+        own_loss = sums.get("loss", 0.0) / max(n_steps, 1)
         sums = distributed.mean_over_ranks(sums)
-        per_rank = distributed.gather_objects(sorted(seen))
+        gathered = distributed.gather_objects((sorted(seen), own_loss))
+        per_rank = [s for s, _ in gathered]
+        replicas = {}
+        if self.dist.enabled:  # the student's and the KD adapters' parameters, and each rank's own loss
+            params = [*state.model.parameters(), *self.extra_parameters()]
+            replicas = {"train_replicas_equal": distributed.replicas_equal(params),
+                        "train_loss_per_rank": [loss for _, loss in gathered]}
         return {
             "epoch": epoch,
             **{f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()},
@@ -511,7 +518,7 @@ class Trainer:
             "train_time_s": train_time,
             "train_images_per_s": n_steps * c.batch_size * self.dist.world_size / max(train_time, 1e-9),
             **self.seen_counts(per_rank),
-            **({"train_replicas_equal": distributed.replicas_equal(state.model)} if self.dist.enabled else {}),
+            **replicas,
         }
 
     def train_step(self, train_model: torch.nn.Module, state: TrainState, batch: dict, epoch: int,
@@ -548,6 +555,7 @@ class Trainer:
         returns the completed record."""
         c, epoch = self.config, record["epoch"]
         if (epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs:
+            distributed.broadcast_buffers(state.model)  # every rank validates the model rank 0 saves
             m = evaluate_model(state.model, val_loader, len(self.labels["class_names"]), self.device, amp=self.amp,
                                description="validate", show_progress=self.show_progress).metrics
             record.update({"val_miou": m["miou"], "val_macc": m["macc"], "val_aacc": m["aacc"], "val_iou": m["iou"]})
