@@ -18,6 +18,7 @@ import zarr
 from cli_runner import kd
 from fake_data import make_teacher, make_voc_sizes
 from PIL import Image
+from stream_order import fix_shard_order, shard_order
 
 from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.checkpoint import load_weights
@@ -384,19 +385,28 @@ def test_changed_image_file_is_detected(tmp_path):
         CacheStore(out).join(ds)
 
 
-def test_stream_reads_each_sample_once_in_shuffled_shard_order(tmp_path, teacher):
+def test_stream_reads_each_sample_once_in_shuffled_shard_order(tmp_path, teacher, monkeypatch):
     out = tmp_path / "c.zarr"
     build_teacher_cache(config(teacher, out, limit=12), show_progress=False)
     store = CacheStore(out)
     rows = np.arange(12)
     stream = CacheStream(store, rows, buffer_size=3, seed=1)
-    orders = []
-    for epoch in range(2):
-        stream.set_epoch(epoch)
-        order = [item["row"] for item in stream]
-        assert sorted(order) == list(range(12))
-        orders.append(order)
-    assert orders[0] != orders[1]
+
+    def epochs(s):
+        orders = []
+        for epoch in range(6):
+            s.set_epoch(epoch)
+            orders.append([int(item["row"]) for item in s])
+        return orders
+
+    assert all(sorted(o) == list(range(12)) for o in epochs(stream))
+    # without a buffer the 3 shards of 4 come whole, in an order that changes from epoch to epoch
+    unbuffered = CacheStream(store, rows, buffer_size=1, seed=1)
+    assert len({shard_order(o, 4) for o in epochs(unbuffered)}) > 1
+    with monkeypatch.context() as m:  # the negative control: a fixed shard order fails that check
+        fix_shard_order(m)
+        orders = epochs(unbuffered)
+        assert len({tuple(o) for o in orders}) > 1 and len({shard_order(o, 4) for o in orders}) == 1
     # two DataLoader workers each take whole shards: together every sample exactly once
     loader = torch.utils.data.DataLoader(stream, batch_size=4, num_workers=2)
     seen = torch.cat([b["row"] for b in loader]).tolist()

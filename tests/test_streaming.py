@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from fake_data import make_teacher
+from stream_order import fix_shard_order, shard_order
 from typer.testing import CliRunner
 
 from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
@@ -108,20 +109,31 @@ def test_streamed_items_equal_random_access_items(store, tmp_path):
                 assert torch.equal(v, streamed[i][key]), key
 
 
+def _epochs_of(pipe, epochs: int = 6, buffer_size: int = 1) -> list[list[int]]:
+    orders = []
+    for epoch in range(epochs):
+        pipe.set_epoch(epoch)
+        orders.append([int(item["index"]) for item in pipe.stream(buffer_size=buffer_size)])
+    return orders
+
+
 def test_stream_order_is_shuffled_by_shard_and_reads_each_shard_once(store, tmp_path, monkeypatch):
     blocks = _count_blocks(monkeypatch)
     _, pipe = _pipeline(store, [{"name": "kl"}], tmp_path)
-    orders = []
     for epoch in range(3):
         pipe.set_epoch(epoch)
         blocks.clear()
         order = [int(item["index"]) for item in pipe.stream(buffer_size=4)]
         assert sorted(order) == list(range(24)) and dict(blocks) == {0: 1, 1: 1, 2: 1}
-        orders.append(order)
-    assert len({tuple(o) for o in orders}) == 3
-    # a small buffer keeps most of a shard together: the shard order is what changes per epoch
-    first_shards = [o[0] // 8 for o in orders]
-    assert all(sum(i // 8 == o[0] // 8 for i in o[:8]) >= 5 for o in orders), first_shards
+    # without a buffer the shards come whole: their order changes from epoch to epoch, and so does
+    # the order of the samples within each shard
+    orders = _epochs_of(pipe)
+    assert len({shard_order(o, 8) for o in orders}) > 1
+    assert len({tuple(i for i in o if i // 8 == 0) for o in orders}) > 1  # shard 0's samples, in order
+    # the negative control: shards in a fixed order (samples still shuffled within) fail the check
+    fix_shard_order(monkeypatch)
+    orders = _epochs_of(pipe)
+    assert len({tuple(o) for o in orders}) > 1 and len({shard_order(o, 8) for o in orders}) == 1
 
 
 @pytest.mark.parametrize("workers", [2, 3])

@@ -457,11 +457,12 @@ class CacheStream(torch.utils.data.IterableDataset):
             if yielded >= quota:
                 return
             wanted = [int(self.rows[p]) for p in positions]
-            order = np.argsort(wanted, kind="stable")
             first, last = shard * s, min((shard + 1) * s, self.store.num_samples)
-            block = self._read(first, last, sorted(wanted))
-            for j, item in zip(order, block):
-                item["index"] = positions[j]
+            block = self._read(first, last, sorted(wanted))  # one read, in row order
+            at_rank = np.argsort(np.argsort(wanted, kind="stable"), kind="stable")  # where each row sits in block
+            for j, p in enumerate(positions):  # the shard's samples in their shuffled order
+                item = block[int(at_rank[j])]
+                item["index"] = p
                 buffer.append(item)
                 if len(buffer) >= (self.buffer_size if self.shuffle else 1):
                     item = buffer.pop(int(rng.integers(len(buffer))) if self.shuffle else 0)
