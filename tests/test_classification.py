@@ -160,6 +160,20 @@ def test_shapes_is_deterministic_and_balanced():
 
 
 # -- models ---------------------------------------------------------------------------------------
+def lively(net: torch.nn.Module, x: torch.Tensor) -> None:
+    """An untrained torchvision classifier gives logits of about 1e-10: its BatchNorm statistics
+    set from ``x`` and its last layer's weights x100, so its outputs are of the order of one."""
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    net.train()
+    with torch.no_grad():
+        net(x)
+        [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1].weight.mul_(100)
+    net.eval()
+
+
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "demo_cls_teacher"])
 def test_classifiers_give_one_cell_logits_and_a_class_map(name):
     torch.manual_seed(0)
@@ -179,6 +193,17 @@ def test_classifiers_give_one_cell_logits_and_a_class_map(name):
             ref = torch.einsum("bchw,kc->bkhw", f, net.fc.weight) + net.fc.bias[None, :, None, None]
         torch.testing.assert_close(cmap, ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(cmap.mean((2, 3)), direct, rtol=1e-5, atol=1e-5)
+    if name == "mobilenet_v3_small":  # by hand: its whole non-linear classifier (Linear, Hardswish,
+        net = model.net  # Dropout, Linear) applied to each cell of the last feature map on its own
+        lively(net, x)
+        with torch.no_grad():
+            cmap, direct = model.class_map(x), net(x)
+            assert cmap.std() > 0.3  # values a 1e-5 tolerance can tell apart
+            f = net.features(x)
+            ref = torch.stack([torch.stack([net.classifier(f[:, :, i, j]) for j in range(f.shape[3])], -1)
+                               for i in range(f.shape[2])], -2)
+        torch.testing.assert_close(cmap, ref, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(cmap.mean((2, 3)), direct, atol=1e-3)  # non-linear: the mean is not the logits
     assert cmap.shape[:2] == (2, 7) and cmap.shape[-1] > 1
 
 
