@@ -4,6 +4,7 @@ module recording the calls), every scalar checked against ``metrics.jsonl``."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import struct
@@ -51,6 +52,11 @@ def class_names(run: Path) -> list[str]:
 # -- TensorBoard, read with its own reader --------------------------------------------------------------
 
 
+#: the tensorboard extra (CI installs it; without it these tests skip in one line)
+NEEDS_TENSORBOARD = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
+                                       reason='needs the tensorboard extra (pip install "kdcache[tensorboard]")')
+
+
 def tensorboard(run: Path):
     ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     acc = ea.EventAccumulator(str(run / "tensorboard"), size_guidance={ea.SCALARS: 0, ea.IMAGES: 0})
@@ -76,6 +82,7 @@ def decode(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
 
+@NEEDS_TENSORBOARD
 def test_tensorboard_holds_metrics_jsonl_and_validation_panels(tmp_path):
     run = tmp_path / "teacher"
     r = kd("train-teacher", "--model", "demo_student", *SMALL, "--epochs", 2, "--tensorboard", "--out", run)
@@ -102,6 +109,7 @@ def test_tensorboard_holds_metrics_jsonl_and_validation_panels(tmp_path):
             assert (pred[:, None, :] == palette[None]).all(-1).any(-1).all()
 
 
+@NEEDS_TENSORBOARD
 def test_tensorboard_on_resume_hides_what_the_redone_epoch_replaces(tmp_path, monkeypatch):
     """Epoch 1 logged but never checkpointed (a crash between the two): the resumed run writes
     with purge_step, so TensorBoard shows the redone epoch's values only. W&B (a fake module
@@ -124,6 +132,7 @@ def test_tensorboard_on_resume_hides_what_the_redone_epoch_replaces(tmp_path, mo
     assert [c[2] for c in calls if c[0] == "log" and "val_miou" in c[1]] == [0, 1]
 
 
+@NEEDS_TENSORBOARD
 def test_a_run_started_again_drops_the_old_event_files(tmp_path):
     run = tmp_path / "teacher"
     args = ["train-teacher", "--model", "demo_student", *SMALL, "--epochs", 1, "--tensorboard", "--out", run]
@@ -165,6 +174,7 @@ def store(tmp_path_factory):
     return make_small_store(tmp_path_factory)[1]
 
 
+@NEEDS_TENSORBOARD
 def test_student_logs_to_tensorboard_and_wandb(store, tmp_path, monkeypatch):
     calls = fake_wandb(monkeypatch)
     run = tmp_path / "student"
@@ -248,6 +258,7 @@ def test_wandb_offline_run_holds_metrics_jsonl(tmp_path, monkeypatch):
 # -- rank 0 only ----------------------------------------------------------------------------------------
 
 
+@NEEDS_TENSORBOARD
 def test_only_rank_0_opens_the_loggers(tmp_path):
     trainer = Trainer(TrainConfig(tensorboard=True, out=str(tmp_path / "run"), device="cpu"))
     trainer.labels = {"class_names": ["a", "b"], "palette": torch.zeros(2, 3, dtype=torch.uint8)}
