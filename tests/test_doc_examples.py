@@ -34,7 +34,7 @@ SKIPPED = {
     "pip install -e '.[dev]'": ENVIRONMENT,
     "pip install -e '.[dev,hf,smp,onnx,tensorboard,timm]'": ENVIRONMENT,
     "ruff check .": ENVIRONMENT,
-    "python -m pytest -q -n 2 --dist loadfile": ENVIRONMENT,
+    "KDCACHE_ERROR_COVERAGE=1 python -m pytest -q -n 2 --dist loadfile": ENVIRONMENT,
     "pip install 'kdcache[tensorboard]'": ENVIRONMENT,
     "tensorboard --logdir runs": "TensorBoard's own viewer (tests/test_loggers.py reads the event files)",
     "torchrun --nproc-per-node 4 -m kdcache build-teacher-cache --weights runs/t --out caches/t.zarr": TORCHRUN,

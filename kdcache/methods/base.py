@@ -159,7 +159,7 @@ def pool_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def teacher_feature(batch: dict, tap: str, method: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The cached teacher feature ``tap`` [N, c, h, w] and its ignore mask [N, h, w]."""
     key = f"kd/features/{tap}"
-    if key not in batch:
-        raise MethodError(f"method '{method}' needs the teacher's '{tap}' features in the cache; build it "
-                          f"with --features {tap}")
+    if key not in batch:  # setup() refused a cache without them already; a batch made by other code
+        raise MethodError(f"method '{method}' was given a batch without {key}: the items must carry the "
+                          f"teacher's '{tap}' features (a cache built with --features {tap})")
     return batch[key].float(), batch[f"{key}/ignore"]
