@@ -8,7 +8,10 @@ bits, uint8 ids), then reads its optimised LLVM IR and its machine code:
   vector operations of each width there are;
 * per loop of the machine code (a backward branch), its packed float instructions against its
   scalar float instructions, with the loop's leading instructions to tell it apart;
-* whether any masked store (``vmaskmov``), gather, or call to libm's ``exp``/``log`` survived.
+* whether any masked store (``vmaskmov``) or gather survived, and every call the machine code makes,
+  by target: direct calls by name, and calls through a register resolved to the symbol last
+  loaded into it (Numba calls libm's ``exp``/``log`` as ``movabsq $exp, %r12; callq *%r12``), per
+  loop too; the optimised IR's calls to ``exp``/``log`` (libm or LLVM intrinsics) are counted apart.
 
     python benchmarks/numba_vectorised.py [--markdown benchmarks/results/numba-vectorised.md]
 
@@ -27,6 +30,41 @@ from numba import njit
 
 from kdcache.kernels import numba_kl
 from kdcache.runs import device_name
+
+CALL = re.compile(r"^\s*call\w*\s+(\*?)(\S+)")
+LOAD = re.compile(r"^\s*mov\w*\s+\$([A-Za-z_.][\w.$@]*),\s*(%\w+)")
+IR_MATH_CALL = re.compile(r"\bcall\b[^@\n]*@((?:llvm\.)?(?:exp|log)\w*)")
+
+
+def calls(lines: list[str]) -> Counter:
+    """The targets of the call instructions in ``lines`` of machine code: a direct call by its
+    symbol; a call through a register (``callq *%r12``) by the symbol last loaded into that
+    register (``movabsq $exp, %r12``), else ``indirect (unresolved)``."""
+    loaded: dict[str, str] = {}
+    out: Counter = Counter()
+    for line in lines:
+        m = LOAD.match(line)
+        if m:
+            loaded[m.group(2)] = m.group(1)
+            continue
+        m = CALL.match(line)
+        if m:
+            star, target = m.groups()
+            out[(loaded.get(target, "indirect (unresolved)") if star and target.startswith("%")
+                 else "indirect (unresolved)" if star else target.split("@")[0])] += 1
+            continue
+        dest = line.split("#")[0].rsplit(",", 1)[-1].strip()  # AT&T: the last operand is written
+        loaded.pop(dest, None)
+    return out
+
+
+MATH = re.compile(r"^(exp|log|pow|sqrt|tanh|sin|cos)\w*$")
+
+
+def math_calls(c: Counter) -> Counter:
+    """The calls to libm's functions among ``c``."""
+    return Counter({k: v for k, v in c.items() if MATH.match(k)})
+
 
 PACKED = re.compile(r"^\s*v?(mul|add|sub|fmadd\d*|fmsub\d*|fnmadd\d*|max|min|round|cvt\w*|and|blendv|cmp\w*)ps\b")
 SCALAR = re.compile(r"^\s*v?(mul|add|sub|fmadd\d*|fmsub\d*|fnmadd\d*|max|min|round|cvt\w*|cmp\w*|div)ss\b")
@@ -52,8 +90,8 @@ def compile_body():
 
 
 def loops(asm: str):
-    """(first instructions, packed, scalar) per innermost loop of the machine code: a label that a
-    later branch jumps back to, with no other such loop inside it."""
+    """(first instructions, packed, scalar, calls) per innermost loop of the machine code: a label
+    that a later branch jumps back to, with no other such loop inside it."""
     lines = [ln for ln in asm.splitlines() if ln.strip()]
     labels = {ln.rstrip(":"): i for i, ln in enumerate(lines) if re.match(r"^\.LBB\d+_\d+:$", ln)}
     spans = []
@@ -70,7 +108,9 @@ def loops(asm: str):
         if packed or scalar:
             head = "; ".join(x.strip().split("#")[0].strip().replace("\t", " ") for x in body[:3]
                              if not x.strip().startswith("."))
-            out.append((head, packed, scalar))
+            # a register loaded before the loop and called in it: resolve with what precedes the loop
+            made = calls(lines[:b]) - calls(lines[:a + 1])
+            out.append((head, packed, scalar, made))
     return out
 
 
@@ -84,8 +124,13 @@ def main() -> None:
     widths = Counter(re.findall(r"<(\d+) x float>", ir))
     found = loops(asm)
     vec = [lp for lp in found if lp[1] > lp[2]]
-    bad = {name: len(re.findall(pat, asm)) for name, pat in
-           (("masked stores", r"vmaskmov"), ("gathers", r"vgather"), ("libm calls", r"call\w*\s+\*?\S*(exp|log)f?\b"))}
+    bad = {name: len(re.findall(pat, asm)) for name, pat in (("masked stores", r"vmaskmov"), ("gathers", r"vgather"))}
+    made = calls(asm.splitlines())
+    ir_math = Counter(IR_MATH_CALL.findall(ir))
+
+    def listing(c: Counter) -> str:
+        return ", ".join(f"{name} × {n}" for name, n in c.most_common()) or "none"
+
     lines = [
         "# What LLVM vectorised in the Numba spatial kernel",
         "",
@@ -97,16 +142,19 @@ def main() -> None:
                                                     or "none"),
         "",
         f"Loops with float arithmetic: {len(found)}; mostly packed (vectorised): {len(vec)}; "
-        f"mostly scalar: {len(found) - len(vec)} (remainder loops of the vectorised ones, the per-id store, "
-        "the exact tail fallback).",
+        f"mostly scalar: {len(found) - len(vec)}; loops that call a function: "
+        f"{sum(bool(c) for *_, c in found)} ({listing(sum((c for *_, c in found), Counter()))}).",
         "",
-        "Survivors that would stop vectorisation or cost a call: "
-        + ", ".join(f"{k}: {v}" for k, v in bad.items()),
+        f"Calls to libm in the machine code (a call through a register resolved to the symbol loaded into it): "
+        f"{listing(math_calls(made))}; other calls: {sum(made.values()) - sum(math_calls(made).values())} (the "
+        f"Python wrapper and Numba's runtime). Calls to exp/log in the optimised IR: {listing(ir_math)}.",
         "",
-        "| loop starts with | packed float ops | scalar float ops |",
-        "|---|---|---|",
+        "Survivors that would stop vectorisation: " + ", ".join(f"{k}: {v}" for k, v in bad.items()),
+        "",
+        "| loop starts with | packed float ops | scalar float ops | calls |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| `{head[:90]}` | {p} | {s} |" for head, p, s in found]
+    lines += [f"| `{head[:90]}` | {p} | {s} | {listing(c) if c else ''} |" for head, p, s, c in found]
     report = "\n".join(lines) + "\n"
     print(report)
     if args.markdown:
