@@ -20,13 +20,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
-from kdcache.compare import compare_runs
+from kdcache.demo_steps import cache_once, compare_once, run_finished, run_started
 from kdcache.distill import config_from_store, train_student
 from kdcache.errors import KDCacheError, make_folder
 from kdcache.progress import console
-from kdcache.runs import RunDir
-from kdcache.store import CacheStore, StoreError
+from kdcache.store import CacheStore
 from kdcache.training import TrainConfig, train
 
 #: student name -> (methods, trains with the unlabelled pool)
@@ -44,60 +42,6 @@ EVAL_EVERY = 4  # epochs between validations (and checkpoint choices)
 BATCH_SIZE = 8  # every run's (fewer with fewer labelled images: --limit 4 takes batches of 4)
 
 
-def _finished(run: Path, epochs: int) -> bool:
-    r = RunDir(run)
-    if not (r.exists() and r.last.exists()):
-        return False
-    records = [x for x in r.read_metrics() if "epoch" in x]
-    return bool(records) and records[-1]["epoch"] + 1 >= epochs
-
-
-def _started(run: Path) -> bool:
-    return RunDir(run).last.exists()
-
-
-def _compared(out: Path, runs: list[Path]) -> dict | None:
-    """The comparison an earlier run of the demo wrote in ``out`` (compare.json), if it covers
-    ``runs`` and no run's checkpoint is newer: a rerun then reprints it rather than measuring the
-    latencies again (a noisy machine would give other numbers for the same runs)."""
-    table = out / "compare.json"
-    try:
-        result = json.loads(table.read_text())
-    except (OSError, ValueError):
-        return None
-    if [r.get("run") for r in result.get("rows", [])] != [str(r) for r in runs]:
-        return None
-    written = table.stat().st_mtime_ns
-    if any(not RunDir(r).best.exists() or RunDir(r).best.stat().st_mtime_ns > written for r in runs):
-        return None
-    return {**result, "out_dir": str(out)}
-
-
-def compare_step(runs: list[Path], baseline: Path | None, out: Path, device: str, show_progress: bool) -> dict:
-    """The demo's last step: ``compare`` on the test split, or the comparison already written."""
-    done = _compared(out, runs)
-    if done is not None:
-        console.print(f"[dim]compare: done already ({out}; delete it to measure again)[/dim]")
-        return done
-    console.print("[bold]4/4 compare[/bold] (test split; checkpoints chosen on val)")
-    return compare_runs(runs, baseline=baseline, out=out, split="test", device=device, show_progress=show_progress)
-
-
-def _cache(out: Path, teacher: Path, what: str, show_progress: bool, topk: int = 4, **build) -> Path:
-    done = False
-    try:
-        done = bool(CacheStore(out).done().all())
-    except StoreError:
-        pass
-    if done:
-        console.print(f"[dim]cache: done already ({out})[/dim]")
-    else:
-        console.print(f"[bold]2/4 teacher cache[/bold] ({what})")
-        build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(out), topk=topk, **build),
-                            show_progress=show_progress)
-    return out
-
-
 def run_demo(out: str | Path = "runs/demo", *, teacher_epochs: int = 40, student_epochs: int = 40,
              students=tuple(STUDENTS), device: str = "auto", seed: int = 0, limit: int = 100,
              show_progress: bool = True) -> dict:
@@ -112,17 +56,17 @@ def run_demo(out: str | Path = "runs/demo", *, teacher_epochs: int = 40, student
     common = {"device": device, "seed": seed, "limit": limit, "eval_every": min(EVAL_EVERY, teacher_epochs),
               "batch_size": min(BATCH_SIZE, limit)}
     teacher = out / "teacher"
-    if _finished(teacher, teacher_epochs):
+    if run_finished(teacher, teacher_epochs):
         console.print(f"[dim]teacher: done already ({teacher})[/dim]")
     else:
         console.print("[bold]1/4 teacher[/bold] (demo_teacher, cross-entropy on the labelled images)")
         train(TrainConfig(model="demo_teacher", model_options=TEACHER_OPTIONS, epochs=teacher_epochs, out=str(teacher),
                           **common),
-              resume=_started(teacher), show_progress=show_progress)
-    cache = _cache(out / "cache.zarr", teacher, "the labelled images: top-4 logits", show_progress, device=device,
+              resume=run_started(teacher), show_progress=show_progress)
+    cache = cache_once(out / "cache.zarr", teacher, "the labelled images: top-4 logits", show_progress, device=device,
                    limit=limit)
     pool_size = POOL_FACTOR * len(CacheStore(cache).ids)
-    pool = _cache(out / "pool.zarr", teacher, f"a pool of {pool_size} unlabelled images: top-4 logits", show_progress,
+    pool = cache_once(out / "pool.zarr", teacher, f"a pool of {pool_size} unlabelled images: top-4 logits", show_progress,
                   device=device, split="unlabeled", limit=pool_size)
     runs = [teacher]
     for name in students:
@@ -131,14 +75,14 @@ def run_demo(out: str | Path = "runs/demo", *, teacher_epochs: int = 40, student
         runs.append(run)
         epochs = max(1, round(student_epochs * (1 - POOL_SHARE))) if with_pool else student_epochs
         common["eval_every"] = min(EVAL_EVERY, epochs)
-        if _finished(run, epochs):
+        if run_finished(run, epochs):
             console.print(f"[dim]student {name}: done already ({run})[/dim]")
             continue
         console.print(f"[bold]3/4 student[/bold] demo_student with {name}")
         extra = {"unlabeled_caches": [str(pool)], "unlabeled_share": POOL_SHARE} if with_pool else {}
         cfg = config_from_store(str(cache), methods=methods, epochs=epochs, out=str(run), **extra, **common)
-        train_student(cfg, resume=_started(run), show_progress=show_progress)
-    result = compare_step(runs, out / "student-none" if "none" in students else None, out / "compare", device,
+        train_student(cfg, resume=run_started(run), show_progress=show_progress)
+    result = compare_once(runs, out / "student-none" if "none" in students else None, out / "compare", device,
                           show_progress)
     (out / "demo.json").write_text(json.dumps({"runs": [str(r) for r in runs], "compare": str(out / "compare")}, indent=2))
     return result

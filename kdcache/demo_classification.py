@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kdcache.demo import _cache, _finished, _started, compare_step
+from kdcache.demo_steps import cache_once, compare_once, run_finished, run_started
 from kdcache.distill import config_from_store, train_student
 from kdcache.errors import make_folder
 from kdcache.progress import console
@@ -43,28 +43,28 @@ def run_classification_demo(out: str | Path = "runs/demo-classification", *, tea
     data = {"dataset": "shapes", "limit": limit}
     recipe = {**RECIPE, "batch_size": min(RECIPE["batch_size"], limit or RECIPE["batch_size"])}
     teacher = out / "teacher"
-    if _finished(teacher, teacher_epochs):
+    if run_finished(teacher, teacher_epochs):
         console.print(f"[dim]teacher: done already ({teacher})[/dim]")
     else:
         console.print("[bold]1/4 teacher[/bold] (demo_cls_teacher on the shapes training split)")
         train(TrainConfig(model="demo_cls_teacher", model_options={"width": 24}, epochs=teacher_epochs, lr=2e-3,
                           out=str(teacher), device=device, seed=seed, **data, **recipe),
-              resume=_started(teacher), show_progress=show_progress)
-    caches = {form: _cache(out / f"{form}.zarr", teacher, what, show_progress, topk=5, device=device, **data, **opts)
+              resume=run_started(teacher), show_progress=show_progress)
+    caches = {form: cache_once(out / f"{form}.zarr", teacher, what, show_progress, topk=5, device=device, **data, **opts)
               for form, (what, opts) in FORMS.items()}
     runs = [teacher]
     for name, (form, methods, views) in STUDENTS.items():
         run = out / f"student-{name}"
         runs.append(run)
-        if _finished(run, student_epochs):
+        if run_finished(run, student_epochs):
             console.print(f"[dim]student {name}: done already ({run})[/dim]")
             continue
         console.print(f"[bold]3/4 student[/bold] demo_cls_student, {name}")
         cfg = config_from_store(str(caches[form]), model="demo_cls_student", methods=methods, use_views=views,
                                 epochs=student_epochs, lr=3e-3, out=str(run), device=device, seed=seed, limit=limit,
                                 **recipe)
-        train_student(cfg, resume=_started(run), show_progress=show_progress)
-    result = compare_step(runs, out / "student-ce", out / "compare", device, show_progress)
+        train_student(cfg, resume=run_started(run), show_progress=show_progress)
+    result = compare_once(runs, out / "student-ce", out / "compare", device, show_progress)
     (out / "demo.json").write_text(json.dumps({"runs": [str(r) for r in runs], "compare": str(out / "compare")},
                                               indent=2))
     return result

@@ -10,7 +10,7 @@ is the random-access equivalent.
 A sample reads as a flat dict of numpy arrays, cropped to the sample's valid extent:
 ``logits/values`` [k, h, w] float16, ``logits/indices`` [k, h, w] (uint8, or int32/int64 for
 the wider id types), ``logits/tail`` [h, w] float16 (absent when k = C), ``features/<tap>``
-[c, h, w], ``attention/<tap>`` [h, w], and with stored views ``views/params`` [V, 6] plus
+[c, h, w], ``attention/<tap>`` [h, w], and with stored views ``views/params`` [V, 7] plus
 ``views/logits/values`` [V, k, h', w'] and so on; ``row`` and ``id`` say which sample it is.
 """
 

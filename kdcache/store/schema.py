@@ -18,7 +18,7 @@ STORE.zarr/
   logits/hw       (n, 2)          int32    valid extent (h, w) of each sample's maps
   features/<tap>/values (n, c, h, w) float16, features/<tap>/hw   (with --features)
   attention/<tap>/values (n, h, w)   float16, attention/<tap>/hw  (with --attention)
-  views/params    (n, V, 6)       float32  each stored view's Geometry, packed (Geometry.PACKED)
+  views/params    (n, V, 7)       float32  each stored view's Geometry, packed (Geometry.PACKED; 6 in stores written before stretch)
   views/logits/…, views/features/…, views/attention/…   the same per view: (n, V, …) (with --views)
 ```
 

@@ -1,0 +1,144 @@
+"""The layers of docs/design.md, checked against the code's imports.
+
+The design's table puts every module of ``kdcache`` (with ``kernels/`` and ``cli/``, which install as
+``kdcache.kernels`` and ``kdcache.cli``) on a numbered layer; a module may import only from lower
+layers (or from its own package), and no kdcache import hides inside a function. The imports are
+read with ``ast`` from every file and resolved by *module name*, so ``methods/kl.py``'s
+``from kdcache.kernels import topk_kl`` is an arrow to ``kernels/`` although the folder is not
+under ``kdcache/``.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FOLDERS = {"kdcache": "kdcache", "kernels": "kdcache.kernels", "cli": "kdcache.cli"}  # folder -> package
+FACES = {"kdcache", "kdcache.__main__"}  # the package's face and `python -m kdcache`: above every layer
+
+
+def layer_table(text: str) -> dict[str, int]:
+    """``{entry: layer}`` from the design's table: ``errors`` (a module), ``data/`` (a package)."""
+    table = {}
+    for m in re.finditer(r"^\| (\d+) \| (.+?) \|", text, re.M):
+        for name in re.findall(r"`([\w/]+)`", m.group(2)):
+            table[name] = int(m.group(1))
+    return table
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(REPO)
+    package = FOLDERS[rel.parts[0]]
+    parts = [p for p in rel.with_suffix("").parts[1:] if p != "__init__"]
+    return ".".join([package, *parts])
+
+
+def entry_of(module: str, table: dict[str, int]) -> str | None:
+    """The table entry a module belongs to: ``kdcache.store.reader`` -> ``store/``,
+    ``kdcache.kernels.api`` -> ``kernels/``, ``kdcache.training`` -> ``training``."""
+    if module in FACES:
+        return None
+    parts = module.split(".")[1:]
+    if f"{parts[0]}/" in table:
+        return f"{parts[0]}/"
+    return parts[0] if len(parts) == 1 and parts[0] in table else None
+
+
+def imports(path: Path, module: str) -> list[tuple[int, str, bool]]:
+    """(line, imported kdcache module, inside a function?) of every kdcache import in a file;
+    ``from kdcache import x`` counts as an import of ``kdcache.x``, relative imports are resolved."""
+    tree = ast.parse(path.read_text())
+    inside = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for n in ast.walk(f)}
+    is_package = path.name == "__init__.py"
+    out = []
+    for node in ast.walk(tree):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = module.split(".")[: len(module.split(".")) - node.level + (1 if is_package else 0)]
+                base = ".".join([*anchor, *([base] if base else [])])
+            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+        for t in targets:
+            if t == "kdcache" or t.startswith("kdcache."):
+                out.append((node.lineno, t, id(node) in inside))
+    return out
+
+
+def known_module(name: str, modules: set[str]) -> str | None:
+    """The longest prefix of ``name`` that is one of the code's modules (``kdcache.data.build_dataset``
+    -> ``kdcache.data``)."""
+    parts = name.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in modules:
+            return ".".join(parts[:n])
+    return None
+
+
+def violations(files: dict[str, tuple[Path, list[tuple[int, str, bool]]]], table: dict[str, int]) -> list[str]:
+    """What breaks the table: ``files`` maps each module to (its file, its kdcache imports)."""
+    modules = set(files)
+    problems = []
+    for module, (path, found) in sorted(files.items()):
+        mine = entry_of(module, table)
+        where = path.relative_to(REPO) if path.is_absolute() else path
+        if mine is None and module not in FACES:
+            problems.append(f"{where}: module {module} is on no layer of docs/design.md's table")
+            continue
+        seen = set()
+        for line, target, in_function in found:
+            theirs_module = known_module(target, modules)
+            if theirs_module is None or theirs_module == module or (line, theirs_module) in seen:
+                continue
+            seen.add((line, theirs_module))
+            theirs = entry_of(theirs_module, table)
+            if in_function and theirs != mine:  # a package may load its own parts late (kernels/: the backends)
+                problems.append(f"{where}:{line}: imports {theirs_module} inside a function")
+            if mine is None or theirs is None or theirs == mine:
+                continue
+            if table[theirs] >= table[mine]:
+                problems.append(f"{where}:{line}: {mine} (layer {table[mine]}) imports {theirs_module} "
+                                f"({theirs}, layer {table[theirs]}): a layer may import only from lower ones")
+    return problems
+
+
+def code_files() -> dict[str, tuple[Path, list]]:
+    out = {}
+    for folder in FOLDERS:
+        for path in sorted((REPO / folder).rglob("*.py")):
+            module = module_name(path)
+            out[module] = (path, imports(path, module))
+    return out
+
+
+def test_the_imports_keep_to_the_design_layers():
+    table = layer_table((REPO / "docs" / "design.md").read_text())
+    assert {"errors", "store/", "kernels/", "methods/", "cli/", "distill"} <= set(table)
+    files = code_files()
+    # the arrow path-based tools miss: methods/kl.py -> kernels/ (installed as kdcache.kernels)
+    kl = files["kdcache.methods.kl"][1]
+    assert any(known_module(t, set(files)) == "kdcache.kernels" for _, t, _ in kl)
+    problems = violations(files, table)
+    assert not problems, "\n".join(problems)
+    # every entry of the table names code that exists
+    entries = {entry_of(m, table) for m in files} - {None}
+    assert set(table) == entries, set(table) ^ entries
+
+
+def test_the_layer_check_catches_an_import_back_up_and_one_inside_a_function():
+    table = layer_table((REPO / "docs" / "design.md").read_text())
+    files = code_files()
+    errors_path = files["kdcache.errors"][0]
+    bad = dict(files)
+    bad["kdcache.errors"] = (errors_path, [*files["kdcache.errors"][1], (99, "kdcache.training.Trainer", False)])
+    bad["kdcache.targets"] = (files["kdcache.targets"][0], [(7, "kdcache.kernels.topk_kl", True)])
+    bad["kdcache.newthing"] = (REPO / "kdcache" / "newthing.py", [])
+    problems = violations(bad, table)
+    assert any("errors (layer 1) imports kdcache.training (training, layer 7)" in p for p in problems), problems
+    assert any("imports kdcache.kernels inside a function" in p for p in problems), problems
+    assert any("module kdcache.newthing is on no layer" in p for p in problems), problems
