@@ -3,7 +3,7 @@ tool trains on.
 
 For every sample of a finished cache: the teacher's logits are rebuilt at the map's resolution
 (the top k stored; every class outside a position's top k gets τ − log(C − k), an equal share of
-the tail's mass, as :func:`~kdcache.methods.cwd.dense_teacher_logits`), bilinearly upsampled to
+the tail's mass, :func:`~kdcache.targets.dense_logits`), bilinearly upsampled to
 the image's own size (as a model's prediction is), and only then turned into a class (argmax)
 and a confidence (its softmax probability). Class ids are never interpolated. A pixel whose
 confidence is below the threshold — the global ``threshold``, or with ``class_balanced=p`` the
@@ -37,10 +37,9 @@ from PIL import Image
 
 from kdcache.data.base import IGNORE_INDEX
 from kdcache.errors import KDCacheError, make_folder
-from kdcache.methods.cwd import dense_teacher_logits
-from kdcache.methods.pseudo import BINS, add_to_histogram, thresholds_from_histogram
 from kdcache.progress import progress_bar
 from kdcache.store import CacheStore, to_tensors
+from kdcache.targets import BINS, add_to_histogram, dense_logits, thresholds_from_histogram
 
 
 def file_stem(sample_id: str) -> str:
@@ -53,8 +52,8 @@ def teacher_labels(item: dict, num_classes: int, size: tuple[int, int]) -> tuple
     cached logits: rebuilt dense, upsampled as logits, then argmax and softmax."""
     t = to_tensors(dict(item))
     tail = t.get("logits/tail")
-    logits = dense_teacher_logits(t["logits/values"][None], t["logits/indices"][None],
-                                  None if tail is None else tail[None], num_classes)
+    logits = dense_logits(t["logits/values"][None], t["logits/indices"][None], None if tail is None else tail[None],
+                          num_classes)
     logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[0]
     conf, labels = logits.softmax(0).max(0)
     return labels, conf

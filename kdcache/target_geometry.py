@@ -18,6 +18,7 @@ import math
 import numpy as np
 import torch
 
+from kdcache.targets import tail_share
 from kdcache.transforms import Geometry
 
 
@@ -170,10 +171,9 @@ def pool_targets(item: dict, g: Geometry, num_classes: int) -> dict:
     used = weights > 0
     wu = weights[used] / total
     v = values.numpy().astype(np.float64).reshape(k, h * w)[:, used]
-    rest = num_classes - k
     # the logit of each class outside a cell's top k (0 terms when the cache is dense)
-    u = (tail.numpy().astype(np.float64).reshape(h * w)[used] - np.log(rest)) if tail is not None and rest > 0 \
-        else np.zeros(v.shape[1])
+    u = (tail_share(tail.numpy().astype(np.float64).reshape(h * w)[used], num_classes, k)
+         if tail is not None and num_classes > k else np.zeros(v.shape[1]))
     base = float((wu * u).sum())  # the pooled logit of a class in no cell's top k
     uniq, inv = np.unique(ids[:, used], return_inverse=True)
     pooled = base + np.bincount(inv.ravel(), weights=((v - u) * wu).ravel(), minlength=len(uniq))

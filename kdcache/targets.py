@@ -1,18 +1,29 @@
-"""Top-k targets computed from teacher logits, and the distribution a top-k cache implies.
+"""Top-k targets computed from teacher logits, and everything a top-k + tail cache implies: the
+one home of that maths (every other module calls these).
 
 * :func:`topk_targets`: top-k raw logits (sorted descending), their class ids, and the tail term
   τ = logsumexp of the logits *outside* the top k, so the missing probability mass is known.
+* :func:`tail_share`: the logit each of the C − k classes outside the top k is given, τ − log(C − k)
+  (the tail's mass in equal shares: their logsumexp is τ), the assumption of the loss contract's
+  ``bin`` policy (docs/design.md). :func:`dense_logits` rebuilds [N, C, …] logits with it;
+  :func:`tail_bin_logit` is the tail bin at a temperature; :func:`topk_mass` the probability the
+  top k hold; :func:`implied_log_probs` the whole implied distribution, under either policy.
+* :func:`teacher_confidence`, :func:`add_to_histogram`, :func:`thresholds_from_histogram`: the
+  teacher's top-1 probability per position and CBST's class-balanced thresholds from it.
 * :func:`attention_map`: attention-transfer maps Σ_c F_c², L2-normalised per sample.
-* :func:`implied_log_probs`: the dense distribution over all C classes a cache implies at a
-  temperature, under the tail policies of the loss contract (docs/design.md; ``bin``: the
-  tail's classes share the tail bin equally; ``renormalize``: the top k alone).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+
+#: confidence histogram bins for the class-balanced thresholds (quantiles to 1/BINS)
+BINS = 2000
+#: the logit of an absent class in a dense rebuild: exp(-1e4) is 0 in every float type
+ABSENT = -1e4
 
 FP16_MAX = 65504.0
 
@@ -45,6 +56,45 @@ def attention_map(feature: torch.Tensor) -> torch.Tensor:
     return flat.view_as(q)
 
 
+def tail_share(tail, num_classes: int, k: int):
+    """The logit each of the C − k classes outside the top k gets: τ − log(C − k), so that their
+    logsumexp is the tail τ (numpy arrays or tensors)."""
+    return tail - math.log(num_classes - k)
+
+
+def tail_bin_logit(tail, num_classes: int, k: int, temperature: float = 1.0):
+    """The ``bin`` policy's tail bin at temperature T: log(C − k) + (τ − log(C − k)) / T, the
+    logsumexp of C − k equal shares of τ, each divided by T (exact at T = 1)."""
+    log_rest = math.log(num_classes - k)
+    return log_rest + (tail - log_rest) / temperature
+
+
+def dense_logits(values: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor | None,
+                 num_classes: int) -> torch.Tensor:
+    """[N, C, *spatial] float32 logits rebuilt from a top-k cache: the top k at their ids, every
+    other class at :func:`tail_share` (or :data:`ABSENT` when the cache is dense or has no tail).
+    At T = 1 their softmax is the ``bin`` policy's distribution."""
+    k = values.shape[1]
+    shape = (values.shape[0], num_classes, *values.shape[2:])
+    if k == num_classes or tail is None:
+        base = torch.full(shape, ABSENT, dtype=torch.float32, device=values.device)
+    else:
+        base = tail_share(tail.float(), num_classes, k).unsqueeze(1).expand(shape).clone()
+    return base.scatter(1, indices.long(), values.float())
+
+
+def topk_mass(values, tail, num_classes: int, temperature: float = 1.0) -> np.ndarray:
+    """The probability the top k hold at ``temperature`` under the ``bin`` policy, per position
+    (``values`` [k, …], ``tail`` […] or None for a dense cache: 1): 1 − p_tail."""
+    v = torch.as_tensor(np.asarray(values, dtype=np.float64)) / temperature
+    if tail is None:
+        return np.ones(tuple(v.shape[1:]))
+    a_tail = tail_bin_logit(torch.as_tensor(np.asarray(tail, dtype=np.float64)), num_classes, v.shape[0],
+                            temperature)
+    logp = torch.log_softmax(torch.cat([v, a_tail[None]]), dim=0)
+    return (1.0 - logp[-1].exp()).numpy()
+
+
 def implied_log_probs(values: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor | None,
                       num_classes: int, temperature: float = 1.0, policy: str = "bin") -> torch.Tensor:
     """Log-probabilities [N, C, *spatial] (float64) of the teacher distribution a cache implies.
@@ -66,9 +116,38 @@ def implied_log_probs(values: torch.Tensor, indices: torch.Tensor, tail: torch.T
         raise ValueError(f"tail policy must be 'bin' or 'renormalize', got {policy!r}")
     if tail is None:
         raise ValueError("the 'bin' tail policy needs the tail term when k < C")
-    log_rest = math.log(num_classes - k)
-    a_tail = log_rest + (tail.double() - log_rest) / temperature
+    a_tail = tail_bin_logit(tail.double(), num_classes, k, temperature)
     logp = torch.log_softmax(torch.cat([v, a_tail.unsqueeze(1)], dim=1), dim=1)
-    per_tail_class = logp[:, k:k + 1] - log_rest
+    per_tail_class = tail_share(logp[:, k:k + 1], num_classes, k)  # the bin's probability in equal shares
     out = per_tail_class.expand(out_shape).clone()
     return out.scatter(1, idx, logp[:, :k])
+
+
+def teacher_confidence(values, indices, tail) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-1 probability at T = 1 and its class, per position ([N, k, …] maps)."""
+    v = values.float()
+    lse = torch.logsumexp(v, dim=1)
+    if tail is not None:
+        lse = torch.logaddexp(lse, tail.float())
+    return (v[:, 0] - lse).exp(), indices[:, 0].long()
+
+
+def add_to_histogram(hist: np.ndarray, conf: torch.Tensor, labels: torch.Tensor) -> None:
+    """Count each position's confidence into its class's row of ``hist`` [C, BINS]."""
+    b = np.minimum((conf.numpy().ravel() * BINS).astype(np.int64), BINS - 1)
+    np.add.at(hist, (labels.numpy().ravel(), b), 1)
+
+
+def thresholds_from_histogram(hist: np.ndarray, keep: float) -> np.ndarray:
+    """t_c for every class: the confidence above which the most confident ``keep`` of class c's
+    counted pixels lie (to 1/BINS, rounded down: at least that share is kept); a class never
+    counted gets 1 (the global threshold rules it)."""
+    out = np.ones(hist.shape[0])
+    for c in range(hist.shape[0]):
+        n = hist[c].sum()
+        if n == 0:
+            continue
+        above = np.cumsum(hist[c][::-1])  # pixels in the top bins, from the most confident down
+        j = int(np.searchsorted(above, keep * n))  # the first bin (from the top) reaching the share
+        out[c] = (BINS - 1 - min(j, BINS - 1)) / BINS
+    return out

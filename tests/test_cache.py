@@ -188,7 +188,7 @@ def test_cli_build_inspect_verify(tmp_path, teacher):
 
 
 def test_coverage_at_t1_is_the_exact_top_k_mass(tmp_path, teacher):
-    from kdcache.store.check import tail_bin_mass
+    from kdcache.targets import topk_mass
 
     out = tmp_path / "c.zarr"
     build_teacher_cache(config(teacher, out, limit=2, topk=3), show_progress=False)
@@ -196,7 +196,7 @@ def test_coverage_at_t1_is_the_exact_top_k_mass(tmp_path, teacher):
     ds = build_dataset("synthetic", "train", **RES)
     logits = teacher_forward(teacher, Preprocess().image_to_tensor(ds.load(0)[0])[None]).logits.double()
     exact = logits.softmax(1).topk(3, 1).values.sum(1)[0].numpy()
-    got = tail_bin_mass(item["logits/values"], item["logits/tail"], 11, 1.0)
+    got = topk_mass(item["logits/values"], item["logits/tail"], 11, 1.0)
     np.testing.assert_allclose(got, exact, atol=2e-3)
 
 

@@ -20,11 +20,10 @@ from kdcache.data.splits import limit
 from kdcache.distill import StudentTrainer, config_from_store, train_student
 from kdcache.kernels import topk_kl_reference
 from kdcache.methods import build_method
-from kdcache.methods.cwd import dense_teacher_logits
 from kdcache.models import ModelOutput, build_model
 from kdcache.store import CacheSchema, CacheStore, to_tensors
 from kdcache.target_geometry import warp_targets
-from kdcache.targets import attention_map, topk_targets
+from kdcache.targets import attention_map, dense_logits, topk_targets
 from kdcache.transforms import Geometry, Preprocess, apply_geometry
 
 RES = {"resolution": [32, 48]}
@@ -242,7 +241,7 @@ def test_sparse_cwd_fills_the_tail_evenly_and_leaves_padding_out():
     want = 2.0 * T * T * total / (N * C)
     assert got.item() == pytest.approx(want, rel=1e-4)
     # the filled logits carry exactly the tail's mass: logsumexp over the classes outside the top k
-    dense = dense_teacher_logits(batch["kd/values"], batch["kd/indices"], batch["kd/tail"], C).double()
+    dense = dense_logits(batch["kd/values"], batch["kd/indices"], batch["kd/tail"], C).double()
     outside = torch.ones_like(dense, dtype=torch.bool).scatter(1, batch["kd/indices"].long(), False)
     lse = torch.logsumexp(dense.masked_fill(~outside, float("-inf")), 1)
     assert torch.allclose(lse, batch["kd/tail"].double(), atol=1e-5)
@@ -355,7 +354,7 @@ def test_class_balanced_pseudo_labels_keep_each_class_s_most_confident_share(sto
     """CBST thresholds from a real cache against exact per-class quantiles of the teacher's
     confidence (numpy, float64): within one histogram bin; a pixel is kept when its confidence
     reaches min(t_c, the global threshold), so every class keeps at least its top share."""
-    from kdcache.methods.pseudo import BINS
+    from kdcache.targets import BINS
 
     s = CacheStore(store)
     rows = np.arange(8)

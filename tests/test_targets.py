@@ -8,7 +8,15 @@ import torch
 
 from kdcache.kernels.reference import topk_kl_reference
 from kdcache.store.schema import index_dtype
-from kdcache.targets import attention_map, implied_log_probs, topk_targets
+from kdcache.targets import (
+    attention_map,
+    dense_logits,
+    implied_log_probs,
+    tail_bin_logit,
+    tail_share,
+    topk_mass,
+    topk_targets,
+)
 
 
 def test_index_dtype_is_the_smallest_that_holds_the_ids():
@@ -54,6 +62,38 @@ def test_implied_distribution(T):
     ren = implied_log_probs(v, i, tail, 9, T, "renormalize")
     assert torch.allclose(ren.exp().sum(1), torch.ones(3, 4, 4, dtype=torch.float64))
     assert torch.isinf(ren).sum() == 3 * 6 * 16
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0, 4.0])
+def test_what_a_top_k_cache_implies_has_one_definition(T):
+    """The equal tail shares, the tail bin, the dense rebuild and the top-k mass, each against a
+    float64 computation written out here from the loss contract, and against each other."""
+    torch.manual_seed(2)
+    C, k = 9, 3
+    logits = torch.randn(2, C, 3, 5).double() * 3
+    v, i, tail = (t.double() if t.is_floating_point() else t for t in topk_targets(logits, k))
+    # C - k equal shares of the tail: their logsumexp is the tail
+    share = tail_share(tail, C, k)
+    assert torch.allclose(torch.logsumexp(share.unsqueeze(1).expand(-1, C - k, -1, -1), 1), tail)
+    assert np.allclose(tail_share(tail.numpy(), C, k), share.numpy())  # numpy arrays alike
+    # the tail bin at T: log(C - k) + (tail - log(C - k)) / T
+    assert torch.allclose(tail_bin_logit(tail, C, k, T), math.log(C - k) + (tail - math.log(C - k)) / T)
+    # the dense rebuild: top k at their ids, every other class at the share; at T = 1 the bin policy
+    dense = dense_logits(v, i, tail, C).double()
+    assert torch.allclose(dense.gather(1, i), v, atol=1e-5)
+    others = torch.ones_like(dense, dtype=torch.bool).scatter(1, i, False)
+    assert torch.allclose(dense[others], share.unsqueeze(1).expand_as(dense)[others].double(), atol=1e-5)
+    assert torch.allclose(torch.log_softmax(dense, 1), implied_log_probs(v, i, tail, C, 1.0, "bin"), atol=1e-5)
+    # the mass the top k hold: the implied distribution's, and by hand at one position
+    mass = topk_mass(v[0].numpy(), tail[0].numpy(), C, T)
+    implied = implied_log_probs(v, i, tail, C, T, "bin").exp().gather(1, i).sum(1)
+    assert np.allclose(mass, implied[0].numpy())
+    a = [float(x) / T for x in v[0, :, 1, 2]] + [math.log(C - k) + (float(tail[0, 1, 2]) - math.log(C - k)) / T]
+    assert math.isclose(mass[1, 2], sum(math.exp(x) for x in a[:k]) / sum(math.exp(x) for x in a), rel_tol=1e-12)
+    assert np.array_equal(topk_mass(v[0].numpy(), None, C, T), np.ones((3, 5)))
+    # a dense cache: every class its own logit, none absent
+    dv, di, _ = topk_targets(logits, C)
+    assert torch.allclose(dense_logits(dv, di, None, C).double(), logits, atol=1e-5)
 
 
 def test_attention_map_is_the_normalised_channel_energy():

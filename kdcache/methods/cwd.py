@@ -12,31 +12,20 @@ crop's padding are left out of the spatial softmax.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from kdcache.methods.base import METHODS, KDMethod, student_logits_at
-
-
-def dense_teacher_logits(values, indices, tail, num_classes: int) -> torch.Tensor:
-    k = values.shape[1]
-    shape = (values.shape[0], num_classes, *values.shape[2:])
-    if k == num_classes or tail is None:
-        base = torch.full(shape, -1e4, dtype=torch.float32, device=values.device)
-    else:
-        base = (tail.float() - math.log(num_classes - k)).unsqueeze(1).expand(shape).clone()
-    return base.scatter(1, indices.long(), values.float())
+from kdcache.targets import dense_logits
 
 
 def student_and_dense_teacher(out, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """The student's logits at the cache's resolution and the teacher's rebuilt dense logits
-    (:func:`dense_teacher_logits`), both [N, C, h, w] fp32."""
+    (:func:`kdcache.targets.dense_logits`), both [N, C, h, w] fp32."""
     values = batch["kd/values"]
     C = out.logits.shape[1]
     s = student_logits_at(out.logits, tuple(values.shape[-2:]))
-    return s, dense_teacher_logits(values, batch["kd/indices"], batch.get("kd/tail"), C)
+    return s, dense_logits(values, batch["kd/indices"], batch.get("kd/tail"), C)
 
 
 @METHODS.register("cwd")

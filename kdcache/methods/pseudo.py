@@ -23,18 +23,7 @@ import torch.nn.functional as F
 
 from kdcache.data.base import IGNORE_INDEX
 from kdcache.methods.base import METHODS, KDMethod, MethodError, student_logits_at
-
-#: confidence histogram bins for the class-balanced thresholds (quantiles to 1/BINS)
-BINS = 2000
-
-
-def teacher_confidence(values, indices, tail) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's top-1 probability at T = 1 and its class, per position."""
-    v = values.float()
-    lse = torch.logsumexp(v, dim=1)
-    if tail is not None:
-        lse = torch.logaddexp(lse, tail.float())
-    return (v[:, 0] - lse).exp(), indices[:, 0].long()
+from kdcache.targets import BINS, add_to_histogram, teacher_confidence, thresholds_from_histogram
 
 
 def pseudo_labels(values, indices, tail, ignore, threshold, class_thresholds: torch.Tensor | None = None
@@ -42,27 +31,6 @@ def pseudo_labels(values, indices, tail, ignore, threshold, class_thresholds: to
     conf, labels = teacher_confidence(values, indices, tail)
     thr = threshold if class_thresholds is None else class_thresholds.clamp(max=threshold)[labels]
     return labels.masked_fill((conf < thr) | ignore, IGNORE_INDEX)
-
-
-def add_to_histogram(hist: np.ndarray, conf: torch.Tensor, labels: torch.Tensor) -> None:
-    """Count each position's confidence into its class's row of ``hist`` [C, BINS]."""
-    b = np.minimum((conf.numpy().ravel() * BINS).astype(np.int64), BINS - 1)
-    np.add.at(hist, (labels.numpy().ravel(), b), 1)
-
-
-def thresholds_from_histogram(hist: np.ndarray, keep: float) -> np.ndarray:
-    """t_c for every class: the confidence above which the most confident ``keep`` of class c's
-    counted pixels lie (to 1/BINS, rounded down: at least that share is kept); a class never
-    counted gets 1 (the global threshold rules it)."""
-    out = np.ones(hist.shape[0])
-    for c in range(hist.shape[0]):
-        n = hist[c].sum()
-        if n == 0:
-            continue
-        above = np.cumsum(hist[c][::-1])  # pixels in the top bins, from the most confident down
-        j = int(np.searchsorted(above, keep * n))  # the first bin (from the top) reaching the share
-        out[c] = (BINS - 1 - min(j, BINS - 1)) / BINS
-    return out
 
 
 def class_balanced_thresholds(maps, num_classes: int, keep: float) -> np.ndarray:

@@ -7,25 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 import zarr
 
 from kdcache.progress import progress_bar
 from kdcache.store.location import size_of
 from kdcache.store.reader import CacheStore
-
-
-def tail_bin_mass(values: np.ndarray, tail: np.ndarray | None, num_classes: int, temperature: float) -> np.ndarray:
-    """Probability mass the top k hold at ``temperature`` under the ``bin`` tail policy, per
-    position: 1 − p_tail with a_tail = log(C−k) + (τ − log(C−k))/T (exact at T = 1)."""
-    v = torch.from_numpy(np.asarray(values, dtype=np.float64)) / temperature  # [k, ...]
-    if tail is None:
-        return np.ones(v.shape[1:])
-    k = v.shape[0]
-    log_rest = np.log(num_classes - k)
-    a_tail = log_rest + (torch.from_numpy(np.asarray(tail, dtype=np.float64)) - log_rest) / temperature
-    logp = torch.log_softmax(torch.cat([v, a_tail[None]]), dim=0)
-    return (1.0 - logp[k].exp()).numpy()
+from kdcache.targets import topk_mass
 
 
 def inspect_store(path: str | Path, *, samples: int = 64, temperatures=(1.0, 2.0, 4.0)) -> dict:
@@ -72,7 +59,7 @@ def inspect_store(path: str | Path, *, samples: int = 64, temperatures=(1.0, 2.0
         for item in _read_rows(store, pick):
             tail = item.get("logits/tail")
             for t in temperatures:
-                masses[t].append(tail_bin_mass(item["logits/values"], tail, C, t).ravel())
+                masses[t].append(topk_mass(item["logits/values"], tail, C, t).ravel())
         for t in temperatures:
             m = np.concatenate(masses[t])
             coverage[f"T={t:g}"] = {"mean": float(m.mean()), "p5": float(np.percentile(m, 5))}

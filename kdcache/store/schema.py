@@ -47,7 +47,7 @@ import torch
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from kdcache import __version__
-from kdcache.transforms import Geometry
+from kdcache.geometry import Geometry
 
 FORMAT = "kdcache-teacher-cache"
 SCHEMA_VERSION = 1
