@@ -77,13 +77,11 @@ def reader_rate(cache: Path, use_views: bool, kd: bool, rounds: int) -> list[flo
                             methods=[{"name": "kl"}] if kd else [{"name": "none"}], **STUDENT)
     trainer = StudentTrainer(cfg, overwrite=True, show_progress=False)
     train_ds, val_ds = trainer.build_datasets()
-    pipe, _ = trainer.build_pipelines(train_ds, val_ds)
-    steps = trainer.steps_per_epoch(len(pipe))
+    batches, _ = trainer.build_batches(train_ds, val_ds)
     rates = []
     for r in range(rounds):
-        pipe.set_epoch(r)
         t0 = time.perf_counter()
-        n = sum(len(b["id"]) for b in trainer.training_loader(pipe, r, steps))
+        n = sum(len(b["id"]) for b in batches.loader(r))
         rates.append(n / (time.perf_counter() - t0))
     return rates
 
@@ -99,7 +97,7 @@ def fidelity(out: Path, teacher: Path, n: int, temperature: float) -> dict:
         cfg = config_from_store(str(out / f"{form}.zarr"), out="/tmp/kdcache-fidelity-bench", **STUDENT)
         trainer = StudentTrainer(cfg, overwrite=True, show_progress=False)
         train_ds, val_ds = trainer.build_datasets()
-        pipes[form], _ = trainer.build_pipelines(train_ds, val_ds)
+        pipes[form] = trainer.build_batches(train_ds, val_ds)[0].pipeline
     T = temperature
     stats = {form: {"agree": [], "kl": [], "correct": []} for form in pipes}
     stats["live teacher on the crop"] = {"agree": [], "kl": [], "correct": []}

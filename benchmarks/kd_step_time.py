@@ -49,7 +49,7 @@ def main() -> None:
                                 limit=args.limit, **kw)
         tr = StudentTrainer(cfg)
         train_ds, val_ds = tr.build_datasets()
-        pipe, _ = tr.build_pipelines(train_ds, val_ds)
+        pipe = tr.build_batches(train_ds, val_ds)[0].pipeline
         torch.manual_seed(0)
         model = tr.build_model(train_ds.num_classes).to(tr.device)
         tr.class_weight = None

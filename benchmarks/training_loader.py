@@ -106,17 +106,15 @@ def make_trainer(kind: str, name: str, root: Path, store: str, workers: int, out
 
 def epoch_rates(trainer, epochs: int) -> tuple[list[float], int]:
     train_ds, val_ds = trainer.build_datasets()
-    pipe, _ = trainer.build_pipelines(train_ds, val_ds)
+    batches, _ = trainer.build_batches(train_ds, val_ds)
     for i in range(len(train_ds)):
         # the synthetic set renders each image once and keeps it in memory; render them here, in
         # the process the workers are forked from, so no case pays for the rendering (the files
         # of the folder sets are decoded every time, as in training)
         train_ds.load(i)
-    steps = trainer.steps_per_epoch(len(pipe))
     rates = []
     for epoch in range(epochs):
-        pipe.set_epoch(epoch)
-        loader = trainer.training_loader(pipe, epoch, steps)
+        loader = batches.loader(epoch)
         t0 = time.perf_counter()
         n = sum(len(batch["index"]) for batch in loader)
         rates.append(n / (time.perf_counter() - t0))
@@ -125,7 +123,7 @@ def epoch_rates(trainer, epochs: int) -> tuple[list[float], int]:
 
 def per_sample_ms(trainer, repeats: int = 3) -> float:
     train_ds, val_ds = trainer.build_datasets()
-    pipe, _ = trainer.build_pipelines(train_ds, val_ds)
+    pipe = trainer.build_batches(train_ds, val_ds)[0].pipeline
     pipe.set_epoch(0)
     n = min(len(pipe), 24)
     times = []

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kdcache import __version__, distributed
 from kdcache.backbone_weights import load_backbone, pretrained_backbone_file
+from kdcache.batches import TrainingBatches
 from kdcache.checkpoint import load_weights, read_checkpoint, save_checkpoint
 from kdcache.data.base import IGNORE_INDEX, SegmentationDataset
 from kdcache.data.class_base import is_classification
@@ -245,10 +246,10 @@ class Trainer:
         if self.workers > 0:  # e.g. the synthetic set rendered once, not by each epoch's workers
             train_ds.prepare_for_workers()
             val_ds.prepare_for_workers()
-        train_pipe, val_pipe = self.build_pipelines(train_ds, val_ds)
+        batches, val_pipe = self.build_batches(train_ds, val_ds)
         self.labels = {"class_names": list(train_ds.class_names),
                        "palette": torch.from_numpy(np.asarray(train_ds.palette))}
-        steps_per_epoch = self.steps_per_epoch(len(train_pipe))
+        steps_per_epoch = batches.steps_per_epoch
 
         weights = open_weights(c.weights) if c.weights else None
         if weights is not None and weights.model_options and not c.model_options:
@@ -257,7 +258,7 @@ class Trainer:
         model = self.build_model(train_ds.num_classes).to(self.device)
         check_task(model, train_ds)
         if model.fixed_input_size is not None:  # e.g. a ViT: refused before any work, not at its first step
-            model.check_input_size(train_pipe.augment.crop, "training crops")
+            model.check_input_size(batches.augment.crop, "training crops")
             model.check_input_size(tuple(val_pipe[0]["image"].shape[-2:]), "validation images")
         self.backbone_report = None
         if weights is not None and not self.resume:
@@ -271,7 +272,7 @@ class Trainer:
         if c.class_weights:
             self.class_weight = median_frequency_weights(train_ds, self.preprocess, self.show_progress).to(self.device)
         state = self.build_state(model, steps_per_epoch)
-        self.run_config = self.describe_run(model, train_ds, val_ds, train_pipe.augment)
+        self.run_config = self.describe_run(model, train_ds, val_ds, batches.augment)
         self.start_or_resume(state)
         self.monitor = self.open_monitor(state.epoch)
 
@@ -280,7 +281,7 @@ class Trainer:
         last: dict[str, Any] = {}
         try:
             for epoch in range(state.epoch, c.epochs):
-                record = self.train_one_epoch(train_model, state, train_pipe, epoch, steps_per_epoch)
+                record = self.train_one_epoch(train_model, state, batches, epoch)
                 last = self.validate_and_checkpoint(state, val_loader, record)
         finally:
             self.monitor.close()
@@ -346,16 +347,17 @@ class Trainer:
         return (SegPipeline(train_ds, self.preprocess, augment, seed=c.seed),
                 SegPipeline(val_ds, self.preprocess))
 
+    def build_batches(self, train_ds: SegmentationDataset, val_ds: SegmentationDataset
+                      ) -> tuple[TrainingBatches, SegPipeline]:
+        """The training batches (:class:`~kdcache.batches.TrainingBatches`: the epoch's samples,
+        this rank's share, the loader) and the validation pipeline."""
+        train_pipe, val_pipe = self.build_pipelines(train_ds, val_ds)
+        c = self.config
+        return (TrainingBatches(train_pipe, batch_size=c.batch_size, seed=c.seed, workers=self.workers,
+                                dist=self.dist, pin_memory=self.device.type == "cuda"), val_pipe)
+
     def build_model(self, num_classes: int) -> SegModel:
         return build_model(self.config.model, num_classes, **self.config.model_options)
-
-    def steps_per_epoch(self, num_samples: int) -> int:
-        """Optimizer steps per epoch (per process under torchrun): whole batches only."""
-        steps = num_samples // self.dist.world_size // self.config.batch_size
-        if steps == 0:
-            raise KDCacheError(f"--batch-size {self.config.batch_size} is larger than the {num_samples} "
-                               "training samples")
-        return steps
 
     def build_state(self, model: SegModel, steps_per_epoch: int) -> TrainState:
         """The optimizer over the model's and the hooks' parameters, the per-iteration schedule
@@ -457,33 +459,14 @@ class Trainer:
         return make_loader(val_pipe, self.config.batch_size, self.workers, pin_memory=self.device.type == "cuda",
                            sampler=sampler)
 
-    def rank_share(self, train_pipe, epoch: int, steps_per_epoch: int) -> list[int] | None:
-        """This rank's training samples this epoch under torchrun (whole store shards where
-        possible, equal counts on every rank); None in a single process (every sample)."""
-        c, world = self.config, self.dist.world_size
-        if world == 1:
-            return None
-        share = rank_indices(len(train_pipe), (c.seed, epoch), self.dist.rank, world,
-                             self.sample_groups(train_pipe), min_size=c.batch_size)
-        return share[:steps_per_epoch * c.batch_size]
-
-    def training_loader(self, train_pipe, epoch: int, steps_per_epoch: int) -> torch.utils.data.DataLoader:
-        """This epoch's shuffled batches (this rank's share under torchrun)."""
-        c = self.config
-        gen = torch.Generator().manual_seed(c.seed * 100_003 + epoch)
-        sampler = self.rank_share(train_pipe, epoch, steps_per_epoch)
-        return make_loader(train_pipe, c.batch_size, self.workers, shuffle=sampler is None, generator=gen,
-                           drop_last=True, pin_memory=self.device.type == "cuda", context=self.loader_context(),
-                           sampler=sampler)
-
     # -- one epoch ------------------------------------------------------------------------------
-    def train_one_epoch(self, train_model: torch.nn.Module, state: TrainState, train_pipe, epoch: int,
-                        steps_per_epoch: int) -> dict[str, Any]:
+    def train_one_epoch(self, train_model: torch.nn.Module, state: TrainState, batches: TrainingBatches,
+                        epoch: int) -> dict[str, Any]:
         """One pass over this epoch's batches; returns the epoch's record (mean loss terms,
         learning rate, speed, and the samples seen, counted by id)."""
         c = self.config
-        train_pipe.set_epoch(epoch)
-        loader = self.training_loader(train_pipe, epoch, steps_per_epoch)
+        loader = batches.loader(epoch)
+        steps_per_epoch = batches.steps_per_epoch
         state.model.train()
         sums: dict[str, float] = {}
         seen: set[int] = set()
@@ -517,7 +500,7 @@ class Trainer:
             "lr": state.scheduler.get_last_lr()[0],
             "train_time_s": train_time,
             "train_images_per_s": n_steps * c.batch_size * self.dist.world_size / max(train_time, 1e-9),
-            **self.seen_counts(per_rank),
+            **batches.seen_counts(per_rank),
             **replicas,
         }
 
@@ -542,12 +525,6 @@ class Trainer:
         state.scaler.update()
         state.scheduler.step()
         return values
-
-    def seen_counts(self, per_rank: list[list[int]]) -> dict[str, Any]:
-        """The epoch record's sample counts from each rank's sample indices."""
-        return {"train_samples_seen": sum(len(s) for s in per_rank),
-                "train_samples_distinct": len(set().union(*map(set, per_rank))),
-                "train_samples_per_rank": [len(s) for s in per_rank]}
 
     def validate_and_checkpoint(self, state: TrainState, val_loader, record: dict[str, Any]) -> dict[str, Any]:
         """Validate (every ``--eval-every`` epochs and after the last), keep ``best.pt`` at the
@@ -619,14 +596,6 @@ class Trainer:
         return F.cross_entropy(logits.float(), labels, weight=self.class_weight, ignore_index=self.ignore_index)
 
     # -- hooks for subclasses (distillation adds adapters and their state) -------------------
-    def sample_groups(self, pipeline) -> np.ndarray | None:
-        """Group id per training sample that ranks should not split (store shards); None: any."""
-        return None
-
-    def loader_context(self) -> str | None:
-        """Start method of the training DataLoader's workers (None: the platform default)."""
-        return None
-
     def extra_parameters(self) -> list[torch.nn.Parameter]:
         return []
 
@@ -645,32 +614,6 @@ def check_task(model: SegModel, dataset: SegmentationDataset) -> None:
     if model.task != want:
         raise KDCacheError(f"model '{model.name}' is a {model.task} network and {dataset.name} is a {want} data set; "
                            f"pick a {want} model (kdcache list-models)")
-
-
-def rank_indices(n: int, seed, rank: int, world: int, groups: np.ndarray | None = None,
-                 min_size: int = 1) -> list[int]:
-    """This rank's training samples for one epoch (``seed`` fixes the epoch's draw).
-
-    With ``groups`` (e.g. the store shard of each sample) whole groups are dealt to the ranks in
-    a shuffled order, so each rank reads its own shards; otherwise samples are dealt one by one.
-    Every rank gets as many samples as the smallest share (ranks must take the same number of
-    steps); no sample goes to two ranks."""
-    rng = np.random.default_rng(seed)
-    parts = None
-    if groups is not None:
-        uniq = np.unique(groups)
-        order = uniq[rng.permutation(len(uniq))]
-        parts = []
-        for r in range(world):
-            mine = np.isin(groups, order[r::world])
-            parts.append(np.random.default_rng((*np.atleast_1d(seed), r)).permutation(np.flatnonzero(mine)))
-        if min(len(p) for p in parts) < min_size:  # too few groups for this many ranks
-            parts = None
-    if parts is None:
-        perm = rng.permutation(n)
-        parts = [perm[r::world] for r in range(world)]
-    m = min(len(p) for p in parts)
-    return [int(i) for i in parts[rank][:m]]
 
 
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,

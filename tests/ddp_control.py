@@ -10,6 +10,7 @@ Run as ``torchrun … tests/ddp_control.py train-student …`` with ``DDP_CONTRO
 
 import os
 
+import kdcache.batches as batches
 import kdcache.distributed as distributed
 import kdcache.metrics as metrics
 import kdcache.training as training
@@ -19,9 +20,9 @@ CONTROL = os.environ["DDP_CONTROL"]
 if CONTROL == "no-averaging":
     training.Trainer.parallel = lambda self, model: model
 elif CONTROL == "duplicate-shards":
-    _deal = training.rank_indices
-    training.rank_indices = lambda n, seed, rank, world, groups=None, min_size=1: _deal(n, seed, 0, world, groups,
-                                                                                         min_size)
+    _deal = batches.rank_indices
+    batches.rank_indices = lambda n, seed, rank, world, groups=None, min_size=1: _deal(n, seed, 0, world, groups,
+                                                                                       min_size)
 elif CONTROL == "no-adapter-averaging":
     distributed.average_gradients = lambda params: None
 elif CONTROL == "unreduced-loss":

@@ -434,7 +434,7 @@ def test_online_teacher_feeds_the_same_loss_code(tmp_path, store, teacher):
     online_cfg.cache = None
     online = StudentTrainer(online_cfg)
     train_ds, val_ds = cached.build_datasets()
-    pipe, _ = cached.build_pipelines(train_ds, val_ds)
+    pipe = cached.build_batches(train_ds, val_ds)[0].pipeline
     torch.manual_seed(0)
     student = cached.build_model(11)
     online.build_model(11)
@@ -448,7 +448,7 @@ def test_online_teacher_feeds_the_same_loss_code(tmp_path, store, teacher):
     build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(plain), dataset_options=dict(RES), limit=16,
                                          topk=4, device="cpu", workers=0), show_progress=False)
     cached = StudentTrainer(_config(plain, tmp_path / "c", scale=(1.0, 1.0), hflip=False, crop=(32, 48)))
-    pipe, _ = cached.build_pipelines(*cached.build_datasets())
+    pipe = cached.build_batches(*cached.build_datasets())[0].pipeline
     cached.build_model(11)
     cached.class_weight = None
     batch = collate([pipe[j] for j in range(4)])
@@ -512,7 +512,7 @@ def test_cli_every_method_trains(tmp_path, store):
 
 
 def test_stored_views_are_drawn_per_epoch_with_their_own_targets(tmp_path, teacher):
-    from kdcache.distill import KDPipeline
+    from kdcache.cached_batches import KDPipeline
 
     out = tmp_path / "v.zarr"
     build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(out), dataset_options=dict(RES), limit=4,

@@ -65,13 +65,13 @@ def test_remote_out_that_is_not_a_store_is_refused_and_a_partial_one_is_redone(t
 
 
 def test_object_stores_spawn_their_workers():
-    from kdcache.distill import StudentTrainer
+    from kdcache.cached_batches import CachedBatches
 
     class Stub:
         def __init__(self, path):
-            self.store = type("S", (), {"path": path})()
+            self.pipeline = type("P", (), {"store": type("S", (), {"path": path})()})()
 
-    assert StudentTrainer.loader_context(Stub("s3://bucket/c.zarr")) == "spawn"
-    assert StudentTrainer.loader_context(Stub("gs://bucket/c.zarr")) == "spawn"
-    assert StudentTrainer.loader_context(Stub("memory://c.zarr")) is None
-    assert StudentTrainer.loader_context(Stub("/data/c.zarr")) is None
+    assert CachedBatches.context(Stub("s3://bucket/c.zarr")) == "spawn"
+    assert CachedBatches.context(Stub("gs://bucket/c.zarr")) == "spawn"
+    assert CachedBatches.context(Stub("memory://c.zarr")) is None
+    assert CachedBatches.context(Stub("/data/c.zarr")) is None

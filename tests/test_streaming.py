@@ -46,7 +46,7 @@ def _pipeline(store, methods, tmp_path, **kw):
     tr = StudentTrainer(config_from_store(str(store), methods=methods, device="cpu", workers=0, limit=24,
                                           batch_size=4, out=str(tmp_path / "run"), **kw), show_progress=False)
     train_ds, val_ds = tr.build_datasets()
-    pipe, _ = tr.build_pipelines(train_ds, val_ds)
+    pipe = tr.build_batches(train_ds, val_ds)[0].pipeline
     return tr, pipe
 
 

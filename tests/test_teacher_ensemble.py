@@ -325,7 +325,7 @@ def test_online_teacher_runs_the_cached_ensemble_and_tta(tmp_path, members):
                   methods=[{"name": "kl"}, {"name": "fitnet", "student_tap": "stage3", "teacher_tap": "stage3"}])
     cached = StudentTrainer(config_from_store(str(out), out=str(tmp_path / "c"), **common))
     online = StudentTrainer(config_from_store(str(out), out=str(tmp_path / "o"), online_teacher="cache", **common))
-    pipe, _ = cached.build_pipelines(*cached.build_datasets())
+    pipe = cached.build_batches(*cached.build_datasets())[0].pipeline
     torch.manual_seed(0)
     student = cached.build_model(11)
     online.build_model(11)

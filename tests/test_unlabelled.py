@@ -11,7 +11,8 @@ from cli_runner import kd
 from fake_data import make_mixed_size_folders, make_teacher
 
 from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
-from kdcache.distill import MixedPipeline, StudentTrainer, config_from_store, mixed_batches
+from kdcache.cached_batches import MixedPipeline, mixed_batches
+from kdcache.distill import StudentTrainer, config_from_store
 from kdcache.errors import KDCacheError
 from kdcache.store import CacheStore, to_tensors
 
@@ -55,7 +56,7 @@ def test_unlabelled_items_carry_their_own_targets_and_no_labels(caches, tmp_path
                             scale=(1.0, 1.0))
     tr = StudentTrainer(cfg, show_progress=False)
     train_ds, val_ds = tr.build_datasets()
-    pipe, _ = tr.build_pipelines(train_ds, val_ds)
+    pipe = tr.build_batches(train_ds, val_ds)[0].pipeline
     assert isinstance(pipe, MixedPipeline) and len(pipe) == 8 + 12 and pipe.num_labelled == 8
     pipe.set_epoch(0)
     lab, unl = pipe[3], pipe[8 + 5]
@@ -113,7 +114,7 @@ def test_an_unlabelled_cache_of_another_teacher_or_classes_is_refused(caches, tm
                             device="cpu", workers=0, batch_size=4, limit=8)
     tr = StudentTrainer(cfg, show_progress=False)
     with pytest.raises(KDCacheError, match=r"differs from --cache .* in its teacher weights \(sha256\); build both"):
-        tr.build_pipelines(*tr.build_datasets())
+        tr.build_batches(*tr.build_datasets())
     np.testing.assert_equal(len(CacheStore(tmp_path / "o.zarr").ids), 4)  # nothing destroyed
 
 
@@ -141,7 +142,7 @@ def test_unlabelled_images_of_other_sizes_train_in_mixed_batches(tmp_path):
     cfg = config_from_store(str(tmp_path / "lab.zarr"), methods=[{"name": "kl"}], crop=(40, 56), val_split="all", out=str(tmp_path / "r"),
                             unlabeled_caches=[str(tmp_path / "unl.zarr")], device="cpu", workers=0, batch_size=4)
     tr = StudentTrainer(cfg, show_progress=False)
-    pipe, _ = tr.build_pipelines(*tr.build_datasets())
+    pipe = tr.build_batches(*tr.build_datasets())[0].pipeline
     items = [pipe[i] for i in range(len(pipe))]
     assert {tuple(it["image"].shape) for it in items} == {(3, 40, 56)}
     assert {tuple(it["label"].shape) for it in items} == {(40, 56)}
