@@ -12,7 +12,7 @@ module only runs the teacher and says what it ran on.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from kdcache.data.splits import limit
 from kdcache.errors import KDCacheError
 from kdcache.loaders import default_workers, make_loader
 from kdcache.model_loading import open_weights
+from kdcache.options import opt
 from kdcache.progress import progress_bar
 from kdcache.runs import resolve_device
 from kdcache.store.location import as_location
@@ -52,36 +53,60 @@ DEFAULT_TOPK = 4
 
 @dataclass
 class CacheBuildConfig:
-    weights: str | list[str]  # one teacher, or the members of an ensemble
-    out: str
-    teacher: str | list[str] | None = None  # default: the model named in the checkpoint (one, or one per member)
-    dataset: str = "synthetic"
-    data_root: str | None = None
-    dataset_options: dict = field(default_factory=dict)
-    split: str = "train"
-    topk: int | None = None  # logits kept per position; None: DEFAULT_TOPK, or every class when there are fewer
-    features: tuple[str, ...] = ()
-    attention: bool = False  # attention maps of the feature taps, beside the features
-    attention_only: bool = False  # attention maps instead of the features
-    flip_average: bool = False  # the mirror image as a test-time augmentation
-    tta_scales: tuple[float, ...] = (1.0,)
-    combine: str = DEFAULT_COMBINE  # how members, scales and flips are combined: prob | logit
-    combine_temperature: float = 1.0
-    grid_stride: float | None = None  # the common grid of an ensemble (None: the finest member's map)
-    features_from: str | None = None  # the member whose features are stored (name or 1-based position)
-    label_map: bool = False  # classification: the class map before pooling (ReLabel), not the logits
-    views: int = 0
-    view_scale: tuple[float, float] = (0.5, 2.0)
-    view_area: tuple[float, float] = (0.25, 1.0)  # classification views: random-resized crops of this area
-    view_crop: tuple[int, int] | None = None
-    view_seed: int = 0
-    batch_size: int = 8
-    device: str = "auto"
-    workers: int | None = None
-    limit: int | None = None
-    samples_per_shard: int | None = None
-    codec: str = DEFAULT_CODEC
-    amp: bool = False  # fp16 autocast for the teacher (CUDA only)
+    """One teacher pass over a split into a store (its fields declared as build-teacher-cache's
+    options, once: see :mod:`kdcache.options`)."""
+
+    weights: str | list[str] = opt(factory=list, shape="repeat",
+                                   help="Teacher weights: a run folder (uses best.pt), a kdcache checkpoint or a state "
+                                        "dict (required). Repeat it for an ensemble: the members' outputs are "
+                                        "combined per pixel (see --combine).")  # one teacher, or an ensemble's members
+    out: str = opt("", "The store to write, e.g. caches/teacher-train.zarr, or an fsspec URL (required).",
+                   cli_default=None)
+    teacher: str | list[str] | None = opt(None, "Teacher architecture (default: the one named in the checkpoint); "
+                                                "once for every member, or once per --weights.", shape="repeat")
+    dataset: str = opt("synthetic", "Data set: {datasets}.")
+    data_root: str | None = opt(None, "Root folder of the data set (not for synthetic).")
+    dataset_options: dict = opt(factory=dict, help="KEY=VALUE passed to the data set, e.g. size=200 (synthetic "
+                                                   "split size).", names=("--dataset-option",), short="-o",
+                                shape="key_values")
+    split: str = opt("train", "Split to run the teacher over.")
+    topk: int | None = opt(None, "Logits kept per position (default {default_topk}, or every class when there are "
+                                 "fewer; k = number of classes: a dense cache).")
+    features: tuple[str, ...] = opt((), "Teacher modules whose outputs to store, NAME[,NAME] (e.g. stage3).",
+                                    shape="names")
+    attention: bool = opt(False, "Also store attention-transfer maps of the --features taps.")
+    attention_only: bool = opt(False, "Store the attention maps of the --features taps instead of the features.")
+    flip_average: bool = opt(False, "Store the mean of the teacher on the image and on its mirror (flips become "
+                                    "exact); with --tta-scales, at every scale.")
+    tta_scales: tuple[float, ...] = opt((1.0,), "Test-time augmentation: run the teacher at these input scales, e.g. "
+                                                "0.5,0.75,1,1.25,1.5; each output is resized to the cache's grid and "
+                                                "combined.", shape="numbers")
+    combine: str = opt(DEFAULT_COMBINE, "How members, scales and flips are combined: prob (mean of probabilities at "
+                                        "--combine-temperature) or logit (mean of logits).")
+    combine_temperature: float = opt(1.0, "Temperature of --combine prob (the stored logits are T·log of the mean "
+                                          "probability).")
+    grid_stride: float | None = opt(None, "Stride of an ensemble's common grid (default: the finest member's map).")
+    features_from: str | None = opt(None, "The ensemble member whose --features are stored: its name (run folder or "
+                                          "file name) or position (default: the first).")
+    label_map: bool = opt(False, "Classification: store the teacher's class map before global pooling (ReLabel); "
+                                 "students pool it over each random crop.")
+    views: int = opt(0, "Also store N random scale/crop views per image with their parameters (FKD-style; "
+                        "classification: random-resized crops, see --view-area).")
+    view_scale: tuple[float, float] = opt((0.5, 2.0), "Scale range 'lo,hi' of the stored views.", shape="pair")
+    view_area: tuple[float, float] = opt((0.25, 1.0), "Classification views: the random-resized crops' share of the "
+                                                      "image area 'lo,hi'.", shape="pair")
+    view_crop: tuple[int, int] | None = opt(None, "Crop HxW of the stored views (default: the image size).",
+                                            shape="size")
+    view_seed: int = opt(0, "Seed of the stored views.")
+    batch_size: int = opt(8, "Images per teacher forward.")
+    device: str = opt("auto", "auto (CUDA if available), cpu, cuda, cuda:1 ...")
+    workers: int | None = opt(None, "DataLoader worker processes (default: 0 on CPU, up to 8 on CUDA).")
+    limit: int | None = opt(None, "Use only the first N samples of each split (quick runs).")
+    samples_per_shard: int | None = opt(None, "Samples per shard, the unit of writing (default: shards of about "
+                                              "{shard_mb} MB).")
+    codec: str = opt(DEFAULT_CODEC, "Chunk compression: {codecs} (blosc-lz4 decodes 2x faster than blosc-zstd and "
+                                    "stores 25% more).")
+    amp: bool = opt(False, "Run the teacher under fp16 autocast (CUDA only).")
     queue_size: int = 8  # batches waiting for the writer
 
     @property
@@ -103,6 +128,8 @@ class CacheBuildConfig:
     def validate(self) -> None:
         if not self.weight_files:
             raise KDCacheError("build-teacher-cache needs --weights (once per ensemble member)")
+        if not self.out:
+            raise KDCacheError("build-teacher-cache needs --out (the store to write)")
         self.plan.validate()
         if self.topk is not None and self.topk < 1:
             raise KDCacheError(f"--topk must be at least 1, got {self.topk}")

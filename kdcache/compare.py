@@ -26,7 +26,6 @@ from kdcache.errors import KDCacheError, make_folder
 from kdcache.evaluation import class_caption, eval_dataset, evaluate_run, measure_latencies
 from kdcache.model_loading import open_weights
 from kdcache.models.onnx_session import OnnxSegModel
-from kdcache.report import signed_pct
 from kdcache.runs import RunDir, resolve_device, write_json
 from kdcache.transforms import SegPipeline
 
@@ -162,6 +161,13 @@ def _baseline_index(paths, configs, baseline) -> int | None:
                 and not c.get("unlabeled_caches")):
             return i
     return None
+
+
+def signed_pct(x: float) -> str:
+    """A difference in points, signed: ``+1.25``, ``-0.40``; one that rounds to zero is ``±0.00``
+    (never ``-0.00``)."""
+    text = f"{100 * x:+.2f}"
+    return "±0.00" if text in ("+0.00", "-0.00") else text
 
 
 def _pct(x) -> str:

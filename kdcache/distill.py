@@ -17,7 +17,7 @@ intact and makes the KD term cost what the teacher's resolution costs.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -27,6 +27,7 @@ from kdcache.errors import KDCacheError
 from kdcache.methods import KDMethod, build_method
 from kdcache.models import SegModel, build_model
 from kdcache.online_teacher import OnlineTeacher
+from kdcache.options import opt
 from kdcache.runs import RunDir
 from kdcache.store import CacheStore
 from kdcache.training import TrainConfig, Trainer
@@ -41,24 +42,38 @@ ONLINE_FROM_CACHE = "cache"
 
 @dataclass
 class StudentConfig(TrainConfig):
-    model: str = "demo_student"
-    out: str = "runs/student"
-    cache: str | None = None
+    """A student's run: the training options and the cache's (its options declared here once,
+    as :class:`~kdcache.training.TrainConfig`'s)."""
+
+    model: str = opt("demo_student", "Student architecture.", names=("--student", "--model"))
+    dataset: str = opt("synthetic", "Data set (default: the cache's).", cli_default=None)
+    train_split: str = "train"  # the cache's split (config_from_store): no option
+    out: str = opt("runs/student", "Run folder (default runs/student-<methods>).", resumable=True, cli_default=None)
+    cache: str | None = opt(None, "The teacher cache (from build-teacher-cache).")
     #: each {"name": ..., "weight": ..., other options}; "none" is the CE-only baseline
-    methods: list = field(default_factory=lambda: [{"name": "kl"}])
-    use_views: bool = False
-    check_content: bool = True
-    online_teacher: str | None = None
-    teacher_weights: str | None = None
+    methods: list = opt(factory=lambda: [{"name": "kl"}], names=("--method",), shape="methods",
+                        help="KD method, repeatable: {methods}; options as NAME:key=value,... (e.g. "
+                             "kl:weight=0.5,temperature=2). Default: {default_method}.")
+    use_views: bool = opt(False, "Train on the cache's stored views (one drawn per item and epoch).")
+    check_content: bool = opt(True, "Re-hash the data set's files against the cache's fingerprints.")
+    online_teacher: str | None = opt(None, "Run this teacher architecture every step instead of reading the cache "
+                                           "(parity checks only); 'cache': the teacher the --cache records, with its "
+                                           "ensemble members and test-time augmentation.")
+    teacher_weights: str | None = opt(None, "Weights of --online-teacher.")
     online_topk: int | None = None  # k of the online targets (default: the cache's, else C)
-    skip_bad: bool = False  # train on without the targets of samples whose chunks cannot be read
+    skip_bad: bool = opt(False, "Train on without the targets of samples whose cached chunks cannot be read "
+                                "(counted and reported).")
     #: "stream": whole shards in a shuffled order through a shuffle buffer; "random": per sample
-    cache_read: str = "stream"
-    shuffle_buffer: int = 256  # samples held by each streaming worker's shuffle buffer
+    cache_read: str = opt("stream", "How training reads the cache: stream (whole shards in a shuffled order through "
+                                    "a shuffle buffer: one read per shard and array) or random (sample by sample).")
+    shuffle_buffer: int = opt(256, "Samples in each streaming worker's shuffle buffer.")
     #: teacher caches of unlabelled images (same teacher and classes as ``cache``): KD terms only
-    unlabeled_caches: list = field(default_factory=list)
-    unlabeled_share: float = 0.5  # the share of each batch drawn from the unlabelled caches
-    unlabeled_limit: int | None = None  # the first N samples of each unlabelled cache
+    unlabeled_caches: list = opt(factory=list, names=("--unlabeled-cache",), shape="repeat",
+                                 help="A teacher cache of unlabelled images (same teacher as --cache), repeatable: the "
+                                      "KD terms train on them, the cross-entropy on the labelled images only. An "
+                                      "epoch is one pass over the labelled images.")
+    unlabeled_share: float = opt(0.5, "Share of each batch drawn from the --unlabeled-cache images, in (0, 1).")
+    unlabeled_limit: int | None = opt(None, "Only the first N images of each --unlabeled-cache.")
 
     def validate(self) -> None:
         super().validate()

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ from kdcache.loaders import default_workers, make_loader
 from kdcache.loggers import VAL_EXAMPLES, RunLogger, open_loggers, prediction_panel, require_extras
 from kdcache.model_loading import load_weights_into, open_weights
 from kdcache.models import SegModel, build_model, count_parameters
+from kdcache.options import declared, opt, resumable
 from kdcache.progress import console, progress_bar
 from kdcache.runs import RunDir, device_name, resolve_device, write_json
 from kdcache.transforms import Augment, Preprocess, SegPipeline
@@ -40,66 +41,83 @@ from kdcache.visualize import save_training_curves
 
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on; written to ``config.json``.
+    """Everything a training run depends on; written to ``config.json``. A field declared with
+    :func:`~kdcache.options.opt` is also a command-line option of ``train-teacher`` and
+    ``train-student`` (its help, names and reading declared here, once).
 
     The defaults are tuned for the built-in models on the built-in synthetic data set on a
     2-core CPU; for torchvision models on real data, pass your own (e.g. SGD, lr 0.01).
     """
 
-    model: str = "demo_teacher"
-    dataset: str = "synthetic"
-    data_root: str | None = None
-    dataset_options: dict = field(default_factory=dict)
-    model_options: dict = field(default_factory=dict)
-    train_split: str = "train"
-    val_split: str = "val"
-    folds: int | None = None
-    fold: int = 0
-    limit: int | None = None
-    epochs: int = 24
-    batch_size: int = 8
-    optimizer: str = "adamw"
-    lr: float = 2e-3
+    model: str = opt("demo_teacher", "Registry name (demo_teacher, demo_student, deeplabv3_resnet50, ...; see "
+                                      "list-models) or package.module:callable.")
+    dataset: str = opt("synthetic", "Data set: {datasets}.")
+    data_root: str | None = opt(None, "Root folder of the data set (not for synthetic).")
+    dataset_options: dict = opt(factory=dict, help="KEY=VALUE passed to the data set, e.g. size=200 (synthetic "
+                                                   "split size).", names=("--dataset-option",), short="-o",
+                                shape="key_values")
+    model_options: dict = opt(factory=dict, help="KEY=VALUE passed to the model builder, e.g. encoder_name=resnet18 "
+                                                 "(smp) or head=mmseg (SegFormer).", names=("--model-option",),
+                              short="-m", shape="key_values")
+    train_split: str = opt("train", "Split to train on.")
+    val_split: str = opt("val", "Split to validate on (ignored with --folds).")
+    folds: int | None = opt(None, "K-fold cross-validation over the training split.")
+    fold: int = opt(0, "Which fold (0-based) is held out for validation.")
+    limit: int | None = opt(None, "Use only the first N samples of each split (quick runs).")
+    epochs: int = opt(24, "Training epochs.", resumable=True)
+    batch_size: int = opt(8, "Images per step.")
+    optimizer: str = opt("adamw", "sgd (momentum {momentum:g}) or adamw.")
+    lr: float = opt(2e-3, "Peak learning rate.")
     momentum: float = 0.9
-    weight_decay: float = 1e-4
-    schedule: str = "poly"
+    weight_decay: float = opt(1e-4, "Weight decay.")
+    schedule: str = opt("poly", "poly (power {poly_power:g}), cosine or constant, per iteration.")
     poly_power: float = 0.9
-    warmup_iters: int = 0
-    class_weights: bool = False
-    resize: tuple[int, int] | None = None
-    crop: tuple[int, int] | None = None
-    scale: tuple[float, float] = (0.75, 1.25)
+    warmup_iters: int = opt(0, "Linear warm-up iterations.")
+    class_weights: bool = opt(False, "Median-frequency class weights from the training labels.")
+    resize: tuple[int, int] | None = opt(None, "Resize every image/mask to HxW first (e.g. 256x256); a student "
+                                               "takes its cache's.", shape="size")
+    crop: tuple[int, int] | None = opt(None, "Training crop HxW (default: the first training image's size).",
+                                       names=("--crop-size",), shape="size")
+    scale: tuple[float, float] = opt((0.75, 1.25), "Random scale range 'lo,hi' (segmentation).", shape="pair")
     #: classification: the random-resized crop's share of the image area (lo, hi)
-    crop_area: tuple[float, float] = (0.25, 1.0)
-    hflip: bool = True
-    amp: bool = True
-    device: str = "auto"
-    workers: int | None = None
-    seed: int = 0
-    split_seed: int = 0
-    eval_every: int = 1
-    weights: str | None = None
-    backbone_weights: str | None = None
-    pretrained: bool = False
-    tensorboard: bool = False  # log to RUN/tensorboard/ (the tensorboard extra)
-    wandb: bool = False  # log to Weights & Biases, files in RUN/wandb/ (the wandb extra)
-    wandb_project: str | None = None
-    out: str = "runs/teacher"
+    crop_area: tuple[float, float] = opt((0.25, 1.0), "Classification: the random-resized crop's share of the image "
+                                                      "area 'lo,hi' (aspect 3/4 to 4/3, stretched to --crop-size).",
+                                         shape="pair")
+    hflip: bool = opt(True, "Random horizontal flips.", names=("--flip",))
+    amp: bool = opt(True, "fp16 mixed precision (CUDA only).")
+    device: str = opt("auto", "auto (CUDA if available), cpu, cuda, cuda:1 ...", resumable=True)
+    workers: int | None = opt(None, "DataLoader worker processes (default: 0 on CPU, up to 8 on CUDA).",
+                              resumable=True)
+    seed: int = opt(0, "Seed for weights, shuffling and augmentation.")
+    split_seed: int = opt(0, "Seed of the K-fold assignment (keep it fixed across runs).")
+    eval_every: int = opt(1, "Validate every N epochs.", resumable=True)
+    weights: str | None = opt(None, "Initial weights: a run folder or kdcache checkpoint, a state dict "
+                                    "(.pt/.pth/.safetensors), a Hugging Face SegFormer folder or an mmseg SegFormer "
+                                    "checkpoint.", resumable=True)
+    backbone_weights: str | None = opt(None, "Load this file into the encoder only (torchvision ImageNet .pth, "
+                                             "timm/smp encoder, MiT/SegFormer): prints what matched, was missing and "
+                                             "left over.")
+    pretrained: bool = opt(False, "torchvision models: their ImageNet backbone weights from the local torch hub "
+                                  "cache (never downloaded).")
+    tensorboard: bool = opt(False, "Log metrics.jsonl's numbers, per-class IoU and validation pictures to "
+                                   "RUN/tensorboard/ (pip install \"kdcache[tensorboard]\").", resumable=True)
+    wandb: bool = opt(False, "Log the same to Weights & Biases, files in RUN/wandb/; WANDB_MODE=offline sends "
+                             "nothing (pip install \"kdcache[wandb]\").", resumable=True)
+    wandb_project: str | None = opt(None, "W&B project of --wandb (default: {wandb_default}).", resumable=True)
+    out: str = opt("runs/teacher", "Run folder (default runs/<model>).", resumable=True, cli_default=None)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        for k in ("resize", "crop", "scale", "crop_area"):
-            if d[k] is not None:
-                d[k] = list(d[k])
-        return d
+        """The fields as config.json holds them (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        for k in ("resize", "crop", "scale", "crop_area"):
-            if kw.get(k) is not None:
-                kw[k] = tuple(kw[k])
+        """The config of a config.json (its other keys ignored; pairs back to tuples, as declared)."""
+        shapes = {f.name: o.shape for f, o in declared(cls)}
+        kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+        for k, v in kw.items():
+            if shapes.get(k) in ("size", "pair") and v is not None:
+                kw[k] = tuple(v)
         return cls(**kw)
 
     def validate(self) -> None:
@@ -126,12 +144,6 @@ class TrainConfig:
             raise KDCacheError(f"--workers must be 0 or more, got {self.workers}")
         if self.fold and not self.folds:
             raise KDCacheError(f"--fold {self.fold} needs --folds K (the number of folds)")
-
-
-# Options that may change when a run is resumed; anything else must match the stored config.
-# A longer --epochs stretches the rest of the poly/cosine schedule over the new total.
-RESUMABLE_CHANGES = {"epochs", "workers", "device", "eval_every", "out", "weights", "tensorboard", "wandb",
-                     "wandb_project"}
 
 
 def seed_everything(seed: int) -> None:
@@ -300,21 +312,22 @@ class Trainer:
             )
         stored = self.run.read_config()
         given = config.to_dict()
+        changeable = resumable(type(config))  # what the options' declarations let a resume change
         keys = [k for k in given if k in stored and (explicit is None or k in explicit)]
         diffs = [
             f"{k}: run has {stored[k]!r}, now {given[k]!r}"
             for k in keys
-            if k not in RESUMABLE_CHANGES and stored[k] != given[k]
+            if k not in changeable and stored[k] != given[k]
         ]
         if diffs:
             raise KDCacheError(
                 "--resume with options that differ from the run's config.json: " + "; ".join(diffs)
                 + ". Resume with the run's own options (only "
-                + ", ".join(f"--{k.replace('_', '-')}" for k in sorted(RESUMABLE_CHANGES - {"out"}))
+                + ", ".join(f"--{k.replace('_', '-')}" for k in sorted(changeable - {"out"}))
                 + " may change), or start a new run with another --out"
             )
         merged = {k: stored[k] for k in given if k in stored}
-        for k in RESUMABLE_CHANGES:
+        for k in changeable:
             if explicit is None or k in explicit or k == "out":
                 merged[k] = given[k]
         return type(config).from_dict(merged)

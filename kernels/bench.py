@@ -181,34 +181,3 @@ def run(device: torch.device, *, quick: bool = False, ks=(4, 8), dtype: str | to
         if progress:
             progress(r)
     return out
-
-
-def markdown(result: dict) -> str:
-    cp = result["copy_gbps"]
-    lines = [
-        f"Device: {result['device']}; student {result['dtype']}, teacher fp16 values + uint8/int32 ids + fp16 tail; "
-        f"copy bandwidth measured in the same run: {cp:.1f} GB/s."
-        + (" Shapes scaled down for the CPU (the GPU cases are N=8×512×1024 and 4096 rows)." if result["scaled_down"] else ""),
-        "",
-        "| case | k | floor MB | fused ms | eager ms | compile ms | fused GB/s | % of copy | × eager | × compile |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for c in result["cases"]:
-        ms, gb = c["ms"], c["gbps"]
-        shape = "×".join(map(str, c["shape"]))
-
-        def cell(b, ms=ms):
-            return f"{ms[b]:.2f}" if b in ms else "—"
-
-        def ratio(b, ms=ms):
-            return f"{ms[b] / ms['fused']:.1f}" if b in ms and "fused" in ms else "—"
-
-        lines.append(
-            f"| {c['kind']} {shape} | {c['k']} | {c['floor_bytes'] / 1e6:.1f} | {cell('fused')} | {cell('eager')} | "
-            f"{cell('compile')} | {gb.get('fused', float('nan')):.1f} | "
-            f"{100 * gb.get('fused', float('nan')) / cp:.0f}% | {ratio('eager')} | {ratio('compile')} |"
-        )
-    errors = [(c, b, e) for c in result["cases"] for b, e in c["errors"].items()]
-    if errors:
-        lines += ["", "Not measured: " + "; ".join(f"{'×'.join(map(str, c['shape']))} k={c['k']} {b}: {e}" for c, b, e in errors)]
-    return "\n".join(lines) + "\n"

@@ -79,6 +79,8 @@ NOT_REACHED = {
     "was given a batch without {}: the items must carry": "KDMethod.setup refuses a cache without the features "
                                                           "before training ('needs the teacher's … features in "
                                                           "the cache'); a batch built by one's own code only",
+    "build-teacher-cache needs --out (the store": "the command refuses a missing --out first ('needs --weights and "
+                                                  "--out'); CacheBuildConfig(weights=…) from Python",
     "num_classes must be positive": "data sets have at least one class and checkpoints' class counts are checked "
                                     "against them first; build_model(name, 0) from Python",
 }

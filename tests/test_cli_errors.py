@@ -773,7 +773,7 @@ def no_space_left(monkeypatch) -> dict:
     def full(store, **kw):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{store}/zarr.json")
 
-    monkeypatch.setattr("kdcache.cli.app.inspect_store", full)
+    monkeypatch.setattr("kdcache.cli.cache.inspect_store", full)
     return {}
 
 

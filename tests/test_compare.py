@@ -8,7 +8,7 @@ import json
 from cli_runner import kd
 from rich.console import Console
 
-from kdcache.report import compare_per_class_table, compare_table
+from kdcache.cli.report import compare_per_class_table, compare_table
 
 
 def test_demo_then_compare_outputs_and_rerun_reuses_steps(tmp_path):
@@ -89,8 +89,8 @@ def test_compare_errors(tmp_path):
 
 
 def test_a_difference_that_rounds_to_zero_is_never_negative_zero():
-    from kdcache.compare import markdown_table
-    from kdcache.report import compare_table, signed_pct
+    from kdcache.cli.report import compare_table
+    from kdcache.compare import markdown_table, signed_pct
 
     assert [signed_pct(x) for x in (-4e-6, 4e-6, 0.0, 0.01234, -0.0051)] == ["±0.00", "±0.00", "±0.00", "+1.23", "-0.51"]
     row = {"name": "a", "method": "kl", "model": "m", "miou": 0.5, "macc": 0.5, "aacc": 0.5, "params": 10,

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import typer
 from cli_runner import kd
 
 from kdcache.cache_build import CacheBuildConfig
-from kdcache.config_files import RUN_COMMANDS, RUN_INFO_KEYS, Option, read_config_file
+from kdcache.cli.config_files import RUN_COMMANDS, RUN_INFO_KEYS, Option, read_config_file
 from kdcache.distill import StudentConfig, StudentTrainer
 from kdcache.errors import ConfigFileError
 from kdcache.store.reader import CacheStore
@@ -156,14 +157,16 @@ out: {tmp_path / "s1"}
 
 # -- the reader on its own (kdcache.config_files) ----------------------------------------------------
 
-OPTIONS = [Option("epochs", int), Option("lr", float), Option("crop_size", str, optional=True),
-           Option("scale", str), Option("flip", bool), Option("workers", int, optional=True),
-           Option("dataset_option", str, multiple=True, optional=True), Option("out", str, optional=True)]
+OPTIONS = [Option("epochs", int), Option("lr", float), Option("crop_size", str, optional=True, shape="size"),
+           Option("scale", str, shape="pair"), Option("flip", bool), Option("workers", int, optional=True),
+           Option("dataset_option", str, multiple=True, optional=True, shape="key_values"),
+           Option("out", str, optional=True)]
+FIELD_PARAMS = {"crop": "crop_size", "hflip": "flip", "dataset_options": "dataset_option"}
 
 
 def read(tmp_path, text: str, command: str = "train-teacher", name: str = "c.yaml", config=TrainConfig):
     (tmp_path / name).write_text(text)
-    return read_config_file(tmp_path / name, OPTIONS, config, command=command)
+    return read_config_file(tmp_path / name, OPTIONS, config, command=command, field_params=FIELD_PARAMS)
 
 
 def test_the_run_kinds_are_the_trainers():
@@ -202,3 +205,54 @@ def test_wrong_values_name_the_key(tmp_path):
                            ("model_options: 3\n", "'model_options' takes a mapping, got 3")):
         with pytest.raises(ConfigFileError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
             read(tmp_path, text)
+
+
+# -- an option is one declaration ----------------------------------------------------------------------
+
+
+def test_a_new_option_is_one_declared_field(tmp_path):
+    """A field declared with opt() on a config dataclass is, with nothing else written: a command-line
+    option with its help and default, a --config key (by option or field name), and what --resume
+    lets change or refuses, as declared."""
+    import dataclasses
+
+    from typer.testing import CliRunner
+
+    from kdcache.cli.options import config_options
+    from kdcache.cli.train import help_context
+    from kdcache.errors import KDCacheError
+    from kdcache.options import opt, resumable
+
+    @dataclasses.dataclass
+    class Dummy(TrainConfig):
+        dummy_level: int = opt(3, "A dummy level (default {dummy_level}).", names=("--dummy",))
+        dummy_mode: str = opt("a", "A dummy mode that a resume may change.", resumable=True)
+
+    app = typer.Typer()
+
+    @app.command()
+    @config_options(Dummy, help_context)
+    def run(ctx: typer.Context, fields: dict, given: set[str]):
+        typer.echo(json.dumps({"fields": fields, "given": sorted(given)}))
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["--help"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0 and "--dummy" in r.output and "A dummy level (default 3)." in r.output
+    assert "--dummy-mode" in r.output and "--epochs" in r.output  # with every inherited option
+    r = runner.invoke(app, ["--dummy", "7"])
+    assert json.loads(r.output) == {"fields": {"dummy_level": 7}, "given": ["dummy_level"]}
+    (tmp_path / "c.yaml").write_text("dummy: 9\ndummy_mode: b\nepochs: 2\n")  # the option's name, the field's name
+    r = runner.invoke(app, ["--config", str(tmp_path / "c.yaml"), "--epochs", "5"])
+    assert json.loads(r.output)["fields"] == {"dummy_level": 9, "dummy_mode": "b", "epochs": 5}
+    r = runner.invoke(app, ["--dummy", "many"], env={"COLUMNS": "250"})
+    assert r.exit_code == 2 and "Invalid value for '--dummy'" in r.output, r.output
+    # --resume: the resumable one may change, the other is compared with the run's config.json
+    assert resumable(Dummy) == resumable(TrainConfig) | {"dummy_mode"}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({**Dummy(out=str(run_dir)).to_dict(), "kind": "supervised"}))
+    (run_dir / "last.pt").write_bytes(b"")
+    trainer = Trainer(Dummy(out=str(run_dir), dummy_mode="z"), resume=True, explicit={"dummy_mode"})
+    assert trainer.config.dummy_mode == "z" and trainer.config.dummy_level == 3
+    with pytest.raises(KDCacheError, match="dummy_level: run has 3, now 4"):
+        Trainer(Dummy(out=str(run_dir), dummy_level=4), resume=True, explicit={"dummy_level"})

@@ -11,7 +11,7 @@ beside its options (:data:`RUN_INFO_KEYS`) is ignored in a run's ``config.json``
 :func:`read_config_file` turns a file into the values of the command's parameters (what the
 command would have received from the command line) and the values of config fields that no
 option sets (``momentum``, ``poly_power``, …). The command line wins over both: the CLI
-merges them (``cli/app.py``, ``with_config_file``), so the precedence is defaults < file <
+merges them (:func:`kdcache.cli.options.config_options`), so the precedence is defaults < file <
 command line.
 """
 
@@ -42,15 +42,6 @@ RUN_INFO_KEYS = frozenset({
     "cache_targets", "backbone_loaded",
 })
 
-#: config fields whose option has another name: field -> the option's parameter
-FIELD_OPTIONS = {"crop": "crop_size", "hflip": "flip", "dataset_options": "dataset_option",
-                 "methods": "method", "unlabeled_caches": "unlabeled_cache", "model_options": "model_option"}
-
-#: options whose text has a shape (by parameter); each also takes its config field's value
-SHAPES = {"crop_size": "size", "resize": "size", "resolution": "size", "view_crop": "size",
-          "scale": "pair", "crop_area": "pair", "view_scale": "pair", "view_area": "pair", "features": "names", "tta_scales": "numbers", "method": "methods",
-          "dataset_option": "dataset_options", "model_option": "dataset_options"}
-
 _WHAT = {str: "a text", int: "an integer", float: "a number", bool: "true or false"}
 _SHAPE_WHAT = {
     "size": "HxW text (e.g. 96x128), one number or a list [H, W]",
@@ -58,7 +49,7 @@ _SHAPE_WHAT = {
     "names": "NAME,NAME text or a list of names",
     "numbers": "comma-separated numbers or a list of numbers",
     "methods": "a list of methods, each NAME:key=value,... text or a mapping with a name",
-    "dataset_options": "a mapping of options or a list of KEY=VALUE texts",
+    "key_values": "a mapping of options or a list of KEY=VALUE texts",
 }
 
 
@@ -66,16 +57,20 @@ _SHAPE_WHAT = {
 class Option:
     """One option of a command: its parameter ``name``, the other names a file may give it
     (``--model`` of train-student's ``student``), its value type (str, int, float or bool),
-    whether it repeats, and whether its default is None."""
+    whether it repeats, whether its default is None, and the shape of its text (``size``,
+    ``pair``, ``names``, ``numbers``, ``methods``, ``key_values``: each also takes its config
+    field's value, a list or a mapping)."""
 
     name: str
     type: type = str
     names: tuple[str, ...] = ()
     multiple: bool = False
     optional: bool = False
+    shape: str | None = None
 
     @classmethod
-    def from_parameter(cls, parameter: inspect.Parameter, names: tuple[str, ...] = ()) -> Option:
+    def from_parameter(cls, parameter: inspect.Parameter, names: tuple[str, ...] = (),
+                       shape: str | None = None) -> Option:
         """From a command function's parameter, e.g. ``Annotated[int | None, typer.Option(...)]``."""
         tp = parameter.annotation
         if typing.get_origin(tp) is typing.Annotated:
@@ -86,12 +81,12 @@ class Option:
         if multiple:
             tp = (typing.get_args(tp) or (str,))[0]
         return cls(parameter.name, tp if tp in _WHAT else str, tuple(n for n in names if n != parameter.name),
-                   multiple, parameter.default is None)
+                   multiple, parameter.default is None, shape)
 
     @property
     def what(self) -> str:
-        if self.name in SHAPES:
-            return _SHAPE_WHAT[SHAPES[self.name]]
+        if self.shape in _SHAPE_WHAT:
+            return _SHAPE_WHAT[self.shape]
         return "a list of texts (or one)" if self.multiple else _WHAT[self.type]
 
 
@@ -103,10 +98,6 @@ class ConfigFile:
     path: str
     options: dict[str, Any]
     fields: dict[str, Any]
-
-    def apply(self, config):
-        """``config`` with this file's ``fields``."""
-        return dataclasses.replace(config, **self.fields) if self.fields else config
 
 
 def _union_args(tp) -> tuple:
@@ -152,9 +143,13 @@ def _describe(value) -> str:
     return f"a {type(value).__name__}"
 
 
-def read_config_file(path: str | Path, options: list[Option], config_class: type, *, command: str) -> ConfigFile:
+def read_config_file(path: str | Path, options: list[Option], config_class: type, *, command: str,
+                     field_params: dict[str, str] | None = None) -> ConfigFile:
     """Read ``path`` for ``command``, whose options are ``options`` and whose config dataclass is
-    ``config_class``; every key is checked (unknown keys, two keys for one option, value types)."""
+    ``config_class``; every key is checked (unknown keys, two keys for one option, value types).
+    ``field_params``: the config fields whose option's parameter has another name (``crop`` ->
+    ``crop_size``), as the fields' declarations give them."""
+    field_params = field_params or {}
     data = load_mapping(path)
     keys = {str(k).strip().replace("-", "_"): k for k in data}
     by_name = {n.replace("-", "_"): o for o in options for n in (o.name, *o.names)}
@@ -171,8 +166,8 @@ def read_config_file(path: str | Path, options: list[Option], config_class: type
         value = data[raw]
         if key in by_name:
             target = by_name[key].name
-        elif key in FIELD_OPTIONS and key in fields and FIELD_OPTIONS[key] in params:
-            target = FIELD_OPTIONS[key]
+        elif key in field_params and key in fields and field_params[key] in params:
+            target = field_params[key]
         elif key in fields:
             target = key
         elif is_run and key in RUN_INFO_KEYS:
@@ -252,7 +247,7 @@ def _option_value(path, key, value, option: Option):
         if option.optional:
             return None
         raise _wrong(path, key, value, what)
-    shape = SHAPES.get(option.name)
+    shape = option.shape
     if shape == "size":
         if isinstance(value, str):
             return value
@@ -282,7 +277,7 @@ def _option_value(path, key, value, option: Option):
         if isinstance(items, list) and all(isinstance(m, str) or (isinstance(m, dict) and isinstance(m.get("name"), str))
                                            for m in items):
             return [dict(m) if isinstance(m, dict) else m for m in items]
-    elif shape == "dataset_options":
+    elif shape == "key_values":
         if isinstance(value, dict):
             return {str(k).replace("-", "_"): v for k, v in value.items()}
         items = [value] if isinstance(value, str) else value

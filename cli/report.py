@@ -1,4 +1,5 @@
-"""Rich tables of evaluation results (percentages, as the seeds' tables print them)."""
+"""What the commands print: rich tables of evaluation results (percentages, as the seeds' tables
+print them), of a cache's inspection and of a comparison, and bench-kernels' Markdown table."""
 
 from __future__ import annotations
 
@@ -6,18 +7,13 @@ import math
 
 from rich.table import Table
 
+from kdcache.compare import signed_pct
+
 
 def pct(x: float | None, digits: int = 2) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "—"
     return f"{100 * x:.{digits}f}"
-
-
-def signed_pct(x: float) -> str:
-    """A difference in points, signed: ``+1.25``, ``-0.40``; one that rounds to zero is ``±0.00``
-    (never ``-0.00``)."""
-    text = f"{100 * x:+.2f}"
-    return "±0.00" if text in ("+0.00", "-0.00") else text
 
 
 def summary_table(report: dict) -> Table:
@@ -188,3 +184,34 @@ def compare_per_class_table(result: dict) -> Table:
     for c, name in enumerate(result["class_names"]):
         t.add_row(name, *[pct(r[key][c], 1) for r in result["rows"]])
     return t
+
+
+def kernel_table(result: dict) -> str:
+    cp = result["copy_gbps"]
+    lines = [
+        f"Device: {result['device']}; student {result['dtype']}, teacher fp16 values + uint8/int32 ids + fp16 tail; "
+        f"copy bandwidth measured in the same run: {cp:.1f} GB/s."
+        + (" Shapes scaled down for the CPU (the GPU cases are N=8×512×1024 and 4096 rows)." if result["scaled_down"] else ""),
+        "",
+        "| case | k | floor MB | fused ms | eager ms | compile ms | fused GB/s | % of copy | × eager | × compile |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in result["cases"]:
+        ms, gb = c["ms"], c["gbps"]
+        shape = "×".join(map(str, c["shape"]))
+
+        def cell(b, ms=ms):
+            return f"{ms[b]:.2f}" if b in ms else "—"
+
+        def ratio(b, ms=ms):
+            return f"{ms[b] / ms['fused']:.1f}" if b in ms and "fused" in ms else "—"
+
+        lines.append(
+            f"| {c['kind']} {shape} | {c['k']} | {c['floor_bytes'] / 1e6:.1f} | {cell('fused')} | {cell('eager')} | "
+            f"{cell('compile')} | {gb.get('fused', float('nan')):.1f} | "
+            f"{100 * gb.get('fused', float('nan')) / cp:.0f}% | {ratio('eager')} | {ratio('compile')} |"
+        )
+    errors = [(c, b, e) for c in result["cases"] for b, e in c["errors"].items()]
+    if errors:
+        lines += ["", "Not measured: " + "; ".join(f"{'×'.join(map(str, c['shape']))} k={c['k']} {b}: {e}" for c, b, e in errors)]
+    return "\n".join(lines) + "\n"

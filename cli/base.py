@@ -1,0 +1,134 @@
+"""What every command of the ``kdcache`` app shares: the typer app, the ``command`` decorator that
+turns a user error (and any file-system error) into one ``error:`` line, output paths made before
+any work, defaults read from the library, and the option types of the commands that have no
+config dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from kdcache.errors import KDCacheError, make_folder
+from kdcache.methods import methods_taking, option_default
+from kdcache.progress import console
+
+app = typer.Typer(
+    name="kdcache",
+    help="Offline teacher caches and fused KD losses for semantic segmentation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def command(name: str | None = None) -> Callable:
+    """``app.command`` that turns a :class:`KDCacheError` into one red line and exit status 2."""
+
+    def deco(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except KDCacheError as exc:
+                # escaped: a message may hold text in brackets, e.g. pip install "kdcache[onnx]"
+                console.print(f"[bold red]error:[/bold red] {escape(error_text(exc))}", soft_wrap=True, highlight=False)
+                raise typer.Exit(2) from None
+            except OSError as exc:
+                if os.environ.get(TRACEBACK_ENV):
+                    raise
+                console.print(f"[bold red]error:[/bold red] {escape(os_error_text(exc))}", soft_wrap=True,
+                              highlight=False)
+                raise typer.Exit(2) from None
+
+        return app.command(name)(wrapper)
+
+    return deco
+
+
+#: set to see the traceback of a file-system error instead of its one line
+TRACEBACK_ENV = "KDCACHE_TRACEBACK"
+
+
+def os_error_text(exc: OSError) -> str:
+    """A file-system error (a path that cannot be read or written, a full disk) as one line that
+    names the path (the paths of a command's options are checked by the library first; this is
+    what is left, e.g. a file that vanished mid-run)."""
+    where = f" {exc.filename}" if exc.filename else ""
+    also = f" -> {exc.filename2}" if getattr(exc, "filename2", None) else ""
+    return (f"{exc.strerror or type(exc).__name__}:{where}{also} ({exc}); check the path, its permissions and the "
+            f"free space (set {TRACEBACK_ENV}=1 to see where it happened)")
+
+
+def error_text(exc: KDCacheError) -> str:
+    """The message alone: an error re-raised from a DataLoader worker carries the worker's
+    traceback in its text; keep only its last line, without the exception's type name."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
+    return text
+
+
+def output_file(text: str | None, option: str) -> Path | None:
+    """The file an option names for a command to write, its folder created first (before any
+    work is done, so a path that cannot be written fails at once, not after a long run)."""
+    if text is None:
+        return None
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise KDCacheError(f"{option} {text} is a folder; give a file name, e.g. {option} {Path(text) / 'out.json'}")
+    make_folder(path.parent, f"{option} {text}: its folder")
+    return path
+
+
+# -- defaults, read from the library ------------------------------------------------------------
+
+
+def default(owner, name: str):
+    """The default of field ``name`` of a config dataclass, or of parameter ``name`` of a function."""
+    if dataclasses.is_dataclass(owner):
+        f = {f.name: f for f in dataclasses.fields(owner)}[name]
+        return f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return inspect.signature(owner).parameters[name].default
+
+
+def pair_text(pair) -> str:
+    return ",".join(f"{x:g}" for x in pair)
+
+
+def defaults_text(option: str) -> str:
+    """'kl 1, cwd 4': each method taking ``option`` with its default."""
+    def show(v):
+        return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+    return ", ".join(f"{m} {show(option_default(m, option))}" for m in methods_taking(option))
+
+
+def check_backend(backend: str) -> None:
+    if backend not in ("torch", "onnxruntime"):
+        raise KDCacheError(f"--backend must be torch or onnxruntime, got {backend!r}")
+
+
+def command_line_options(ctx: typer.Context) -> set[str]:
+    """Parameters the user set on the command line (not left at their defaults)."""
+    return {name for name in ctx.params
+            if (source := ctx.get_parameter_source(name)) is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")}
+
+
+# -- the options of the commands without a config dataclass ------------------------------------------
+
+DataRoot = Annotated[str | None, typer.Option(help="Root folder of the data set (not for synthetic).")]
+Limit = Annotated[int | None, typer.Option(help="Use only the first N samples of each split (quick runs).")]
+Device = Annotated[str, typer.Option(help="auto (CUDA if available), cpu, cuda, cuda:1 ...")]
+Workers = Annotated[int, typer.Option(help="DataLoader worker processes.")]
+Seed = Annotated[int, typer.Option(help="Seed for weights, shuffling and augmentation.")]
+Quiet = Annotated[bool, typer.Option(help="No progress bars.")]
+Overwrite = Annotated[bool, typer.Option(help="Start again from scratch where the output exists.")]

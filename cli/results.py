@@ -1,0 +1,147 @@
+"""``evaluate``, ``export``, ``compare`` and ``demo``: what a run is worth, and the whole workflow."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from kdcache.cli.base import (
+    DataRoot,
+    Device,
+    Limit,
+    Quiet,
+    Seed,
+    Workers,
+    check_backend,
+    command,
+    command_line_options,
+    default,
+    pair_text,
+)
+from kdcache.cli.parse import parse_size
+from kdcache.cli.report import (
+    compare_per_class_table,
+    compare_table,
+    per_class_table,
+    summary_table,
+)
+from kdcache.compare import compare_runs
+from kdcache.demo import run_demo
+from kdcache.demo_classification import run_classification_demo
+from kdcache.errors import KDCacheError
+from kdcache.evaluation import evaluate_run
+from kdcache.export import DEFAULT_OPSET, FORMATS, export_run
+from kdcache.progress import console
+
+
+@command()
+def evaluate(
+    target: Annotated[str, typer.Argument(help="A run folder (uses best.pt) or a checkpoint file.")],
+    dataset: Annotated[str | None, typer.Option(help="Data set (default: the run's own).")] = None,
+    data_root: DataRoot = None,
+    split: Annotated[str | None, typer.Option(help="Split (default: the run's validation split or fold).")] = None,
+    limit: Limit = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = default(evaluate_run, "batch_size"),
+    workers: Workers = default(evaluate_run, "workers"),
+    device: Device = default(evaluate_run, "device"),
+    qualitative: Annotated[int, typer.Option(help="Write the N best and N worst images as 4-panel PNGs (0: none).")] = default(evaluate_run, "qualitative"),
+    out: Annotated[str | None, typer.Option(help="Output folder (default RUN/eval for the run's validation part, RUN/eval-SPLIT for --split, RUN/eval-CHECKPOINT for a checkpoint other than best.pt).")] = None,
+    latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure ms/image at batch 1.")] = default(evaluate_run, "latency"),
+    backend: Annotated[str, typer.Option(help="torch, or onnxruntime: metrics and latency of the exported ONNX graph (exported to RUN/export/model.onnx first, unless --onnx).")] = "torch",
+    onnx: Annotated[str | None, typer.Option(help="With --backend onnxruntime: this exported ONNX file (from kdcache export).")] = None,
+    quiet: Quiet = False,
+):
+    """Metrics (mIoU, mAcc, aAcc, per class), #params, latency, and best/worst figures."""
+    check_backend(backend)
+    if onnx is not None and backend != "onnxruntime":
+        raise KDCacheError("--onnx FILE goes with --backend onnxruntime")
+    if backend == "onnxruntime" and onnx is None:
+        onnx = export_run(target, "onnx")["path"]
+        if not quiet:
+            console.print(f"exported {onnx} for onnxruntime")
+    report = evaluate_run(
+        target, dataset=dataset, data_root=data_root, split=split, limit_n=limit,
+        batch_size=batch_size, workers=workers, device=device, qualitative=qualitative, out=out,
+        latency=latency, show_progress=not quiet, onnx=onnx,
+    )
+    console.print(per_class_table(report))
+    console.print(summary_table(report))
+    replaced = " (replacing the earlier evaluation there)" if report.get("replaced") else ""
+    console.print(f"wrote {report['out_dir']}/eval.json" + (" and figures" if qualitative else "") + replaced)
+
+
+@command()
+def export(
+    target: Annotated[str, typer.Argument(help="A run folder (uses best.pt) or a checkpoint file.")],
+    format: Annotated[str, typer.Option("--format", help=f"{', '.join(FORMATS)}.")] = default(export_run, "fmt"),
+    out: Annotated[str | None, typer.Option(help="The file to write (default RUN/export/model.onnx, model.safetensors or model.torchscript.pt); a JSON sidecar FILE.json goes beside it.")] = None,
+    input_size: Annotated[str | None, typer.Option(help="HxW the exported graph takes (default: the run's input size: its --resize, else its images').")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = DEFAULT_OPSET,
+):
+    """The model as a file for deployment: input 'image' [N, 3, H, W] (normalised RGB, fixed HxW, any batch N), output 'logits' [N, C, h, w] at the head's native stride (not upsampled: resize bilinearly, then argmax).
+
+    Each export is loaded back (ONNX Runtime, torch.jit.load, or safetensors into a fresh model) and run at batch 1 and 2; its logits must match PyTorch's within 1e-4 x max(1, max |logit|). The sidecar FILE.json records model, classes, input size, output stride, preprocessing (mean, std), opset and the measured difference."""
+    info = export_run(target, format, out=out, input_size=parse_size(input_size, "--input-size"), opset=opset)
+    check = info["check"]
+    console.print(f"[green]exported[/green] {info['model']} ({info['num_classes']} classes) as {format} to {info['path']}: "
+                  f"input image [N, 3, {info['input_size'][0]}, {info['input_size'][1]}], output logits at stride "
+                  f"{pair_text(info['output_stride'])}; max abs diff {check['max_abs_diff']:.3g} vs PyTorch at batch "
+                  f"{', '.join(map(str, check['batch_sizes']))} (tolerance {check['tolerance']:.3g}); sidecar {info['path']}.json",
+                  soft_wrap=True, highlight=False)
+
+
+@command()
+def compare(
+    runs: Annotated[list[str], typer.Argument(help="Run folders (teacher, baseline and students).")],
+    baseline: Annotated[str | None, typer.Option(help="The run Δ mIoU is measured against (default: the CE-only student run, if any).")] = None,
+    out: Annotated[str, typer.Option(help="Folder for compare.md/.csv/.json and the figures.")] = default(compare_runs, "out"),
+    split: Annotated[str | None, typer.Option(help="Report on this split (e.g. test), with each run's best-on-validation checkpoint (default: each run's own validation part).")] = default(compare_runs, "split"),
+    examples: Annotated[int, typer.Option(help="Images shown side by side: the N best and N worst.")] = default(compare_runs, "examples"),
+    latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure ms/image at batch 1.")] = default(compare_runs, "latency"),
+    device: Device = default(compare_runs, "device"),
+    per_class: Annotated[bool, typer.Option("--per-class/--no-per-class", help="Also print the per-class IoU table (a row per class).")] = True,
+    backend: Annotated[str, typer.Option(help="torch, or onnxruntime: each run exported to RUN/export/model.onnx and measured (metrics, ms/image) as deployed.")] = "torch",
+    quiet: Quiet = False,
+):
+    """One table for many runs (mIoU, mAcc, aAcc, per class, #params, ms, FPS, Δ mIoU) plus figures."""
+    check_backend(backend)
+    onnx = [export_run(r, "onnx")["path"] for r in runs] if backend == "onnxruntime" else None
+    result = compare_runs(runs, baseline=baseline, out=out, split=split, examples=examples, latency=latency,
+                          device=device, show_progress=not quiet, onnx=onnx)
+    console.print(compare_table(result, width=console.width))
+    if per_class:
+        console.print(compare_per_class_table(result))
+    bars = "per_class_acc.png, confusion_<run>.png" if result.get("task") == "classification" else "per_class_iou.png"
+    console.print(f"wrote {out}/compare.md, compare.csv, compare.json, {bars} and {len(result['figures'])} example figures")
+
+
+@command()
+def demo(
+    ctx: typer.Context,
+    out: Annotated[str, typer.Option(help="Folder for every step's output.")] = default(run_demo, "out"),
+    teacher_epochs: Annotated[int, typer.Option(help="Teacher training epochs.")] = default(run_demo, "teacher_epochs"),
+    student_epochs: Annotated[int, typer.Option(help="Epochs of each student.")] = default(run_demo, "student_epochs"),
+    device: Device = default(run_demo, "device"),
+    seed: Seed = default(run_demo, "seed"),
+    limit: Annotated[int | None, typer.Option(help=f"The first N images of each split: training, val and test (segmentation: the pool is 4x N; default {default(run_demo, 'limit')}, which cuts the training images alone; classification: default all).")] = None,
+    task: Annotated[str, typer.Option(help="segmentation (the synthetic scenes) or classification (the shapes: teacher → logits, FKD views and ReLabel label-map caches → students → compare).")] = "segmentation",
+    quiet: Quiet = False,
+):
+    """The whole workflow on the built-in data: teacher → caches (labelled, unlabelled pool) → students → compare on test."""
+    if task == "classification":
+        given = command_line_options(ctx)
+        result = run_classification_demo(
+            out if "out" in given else default(run_classification_demo, "out"),
+            teacher_epochs=teacher_epochs if "teacher_epochs" in given else default(run_classification_demo, "teacher_epochs"),
+            student_epochs=student_epochs if "student_epochs" in given else default(run_classification_demo, "student_epochs"),
+            device=device, seed=seed, limit=limit, show_progress=not quiet)
+        console.print(compare_table(result, width=console.width))
+        console.print(f"figures and tables in {result['out_dir']}")
+        return
+    if task != "segmentation":
+        raise KDCacheError(f"--task must be segmentation or classification, got {task!r}")
+    result = run_demo(out, teacher_epochs=teacher_epochs, student_epochs=student_epochs, device=device, seed=seed,
+                      limit=default(run_demo, "limit") if limit is None else limit, show_progress=not quiet)
+    console.print(compare_table(result, width=console.width))
+    console.print(f"figures and tables in {result['out_dir']}")

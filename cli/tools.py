@@ -1,0 +1,63 @@
+"""``bench-kernels``, ``list-models`` and ``list-datasets``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from kdcache.cli.base import Device, command, default, output_file
+from kdcache.cli.parse import parse_list
+from kdcache.cli.report import kernel_table
+from kdcache.data import DATASETS
+from kdcache.kernels import bench
+from kdcache.models import model_groups
+from kdcache.models.registry import PREFIXES
+from kdcache.progress import console
+from kdcache.runs import resolve_device, write_json
+
+
+@command("bench-kernels")
+def bench_kernels(
+    device: Device = default(resolve_device, "device"),
+    quick: Annotated[bool, typer.Option(help="One segmentation and one row case at k = 4 only.")] = default(bench.run, "quick"),
+    topk: Annotated[str, typer.Option(help="Comma-separated k values.")] = ",".join(map(str, default(bench.run, "ks"))),
+    dtype: Annotated[str | None, typer.Option(help=f"Student dtype: {', '.join(bench.DTYPES)} (default: bfloat16 on CUDA, float32 on CPU).")] = None,
+    repeats: Annotated[int | None, typer.Option(help="Timed repeats per backend (median reported).")] = None,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="Also time torch.compile of the eager code (slow to compile).")] = default(bench.run, "compile_backend"),
+    json_out: Annotated[str | None, typer.Option("--json", help="Write the numbers to this JSON file.")] = None,
+    markdown_out: Annotated[str | None, typer.Option("--markdown", help="Write the table to this Markdown file.")] = None,
+):
+    """The fused top-k KL kernel vs eager PyTorch and torch.compile: times, GB/s, % of copy bandwidth."""
+
+    def show(r):
+        times = "  ".join(f"{b} {ms:.2f} ms" for b, ms in r.ms.items())
+        console.print(f"{r.kind} {'x'.join(map(str, r.shape))} k={r.k}: {times}", highlight=False)
+
+    json_path, markdown_path = output_file(json_out, "--json"), output_file(markdown_out, "--markdown")
+    result = bench.run(resolve_device(device), quick=quick, ks=parse_list(topk, "--topk", int), dtype=dtype,
+                       repeats=repeats, compile_backend=compile, progress=show)
+    table = kernel_table(result)
+    typer.echo(table)
+    if json_path:
+        write_json(json_path, result)
+    if markdown_path:
+        markdown_path.write_text(f"# bench-kernels\n\n{table}")
+
+
+@command("list-models")
+def list_models():
+    """The registered model names by source (any package.module:callable works too)."""
+    for source, names in model_groups().items():
+        typer.echo(f"{source}:")
+        for name in names:
+            typer.echo(f"  {name}")
+    for _prefix, (_factory, shown) in sorted(PREFIXES.items()):
+        typer.echo(shown)
+
+
+@command("list-datasets")
+def list_datasets():
+    """The registered data set names, with their task."""
+    for name, cls in DATASETS.items():
+        typer.echo(f"{name}  ({getattr(cls, 'task', 'segmentation')})")
