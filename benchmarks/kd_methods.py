@@ -12,8 +12,9 @@ to give.
 One teacher (`demo_teacher`, ``--teacher-epochs``, seed 0) is trained on the ``--labelled``
 first training images, chosen on val; its caches are built once: the labelled images (top-4 +
 tail) and the pool (top-4 + tail); the ceiling's pool cache holds the pool's true masks. Every
-student is `demo_student` with `train-student` defaults and the same number of optimizer steps,
-``--epochs`` x labelled/batch (batch 8), once per seed:
+student is `demo_student` with `train-student` defaults and about the same number of optimizer
+steps, once per seed: ``--epochs`` x (labelled // 8) for the labelled-only runs (batch 8, whole
+batches only), half the epochs x (labelled // 4) for the pool runs (4 labelled images a batch):
 
 * CE baseline (`--method none`) on the labelled images;
 * KL and DIST from the cache, and KL with the teacher run online, on the labelled images;
@@ -34,6 +35,7 @@ import time
 from pathlib import Path
 
 from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.cached_batches import batch_split
 from kdcache.distill import config_from_store, train_student
 from kdcache.evaluation import evaluate_run
 from kdcache.runs import device_name, resolve_device
@@ -117,6 +119,17 @@ def main() -> None:
         write(args, miou, secs, dev, seeds[:seeds.index(seed) + 1])
 
 
+def steps(args) -> str:
+    """The optimizer steps the runs take, as the trainer counts them (whole batches only)."""
+    labelled_only = args.epochs * (args.labelled // 8)
+    n_l, _ = batch_split(8, args.share)
+    pool_epochs = max(1, round(args.epochs * (1 - args.share)))
+    pooled = pool_epochs * (args.labelled // n_l)
+    return (f"{labelled_only} optimizer steps for the labelled-only runs ({args.epochs} epochs of "
+            f"{args.labelled // 8} batches), {pooled} for the pool runs ({args.share:.0%} pool per batch, "
+            f"{pool_epochs} epochs of {args.labelled // n_l} batches)")
+
+
 def write(args, miou, secs, dev, seeds_done) -> None:
     base = miou.get(BASELINE)
 
@@ -128,9 +141,8 @@ def write(args, miou, secs, dev, seeds_done) -> None:
         "# KD methods from the cache: labelled images and a pool of unlabelled ones (test split)\n",
         f"Seeds {seeds_done}; {args.labelled} labelled synthetic training images, a pool of {args.pool} unlabelled "
         f"ones (the `unlabeled` split); teacher `demo_teacher` ({args.teacher_epochs} epochs on the labelled images, "
-        f"seed 0, one for all seeds); students `demo_student`, batch 8, {args.epochs * args.labelled // 8} optimizer "
-        f"steps each ({args.epochs} labelled-only epochs; pool runs {args.share:.0%} pool per batch over "
-        f"{max(1, round(args.epochs * (1 - args.share)))} epochs), `train-student` defaults otherwise. Each run's "
+        f"seed 0, one for all seeds); students `demo_student`, batch 8, {steps(args)}; "
+        "`train-student` defaults otherwise. Each run's "
         "checkpoint is chosen on the val split (100 images); the table reports the **test** split (100 images). "
         f"Machine: {dev}. Made by `python benchmarks/kd_methods.py`.\n",
         "| run | test mIoU % (mean ± std) | Δ vs CE baseline | per seed | wall time per run (s) |",

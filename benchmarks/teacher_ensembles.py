@@ -229,7 +229,7 @@ def write(args, state: dict) -> None:
         base = s.get("CE baseline", {})
         single = s.get("DIST, single teacher", {})
         lines += ["## Students (`demo_student`, DIST from each cache)", "",
-                  f"{args.epochs} epochs of {args.labelled} images, batch 8 ({args.epochs * args.labelled // 8} steps), "
+                  f"{args.epochs} epochs of {args.labelled} images, batch 8 ({args.epochs * (args.labelled // 8)} optimizer steps: whole batches only), "
                   f"validation every 4 epochs, best-on-val checkpoint evaluated on test; combination rule "
                   f"{state.get('rule')}.", "",
                   "| run | test mIoU % (mean ± std) | Δ vs CE | Δ vs single-teacher DIST | per seed | s per run |",
