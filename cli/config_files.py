@@ -9,8 +9,8 @@ beside its options (:data:`RUN_INFO_KEYS`) is ignored in a run's ``config.json``
 ``kind``) given to the command that made it; any other key is an error naming it.
 
 :func:`read_config_file` turns a file into the values of the command's parameters (what the
-command would have received from the command line) and the values of config fields that no
-option sets (``momentum``, ``poly_power``, …). The command line wins over both: the CLI
+command would have received from the command line; a text starting with ``~`` is expanded to
+the home folder, as the shell does) and the values of config fields that no option sets (``momentum``, ``poly_power``, …). The command line wins over both: the CLI
 merges them (:func:`kdcache.cli.options.config_options`), so the precedence is defaults < file <
 command line.
 """
@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -228,7 +229,7 @@ def _scalar(path, key, value, tp: type, what: str):
             except ValueError:
                 pass
     elif isinstance(value, str):
-        return value
+        return os.path.expanduser(value) if value.startswith("~") else value  # as the shell does
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     raise _wrong(path, key, value, what)

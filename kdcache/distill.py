@@ -127,7 +127,7 @@ class StudentTrainer(Trainer):
         batches, val_pipe = super().build_batches(train_ds, val_ds)
         if self.store is None:  # a live teacher alone: the supervised batches
             return batches, val_pipe
-        required = [r for m in self.methods for r in m.required()]
+        required = [r for m in self.methods for r in m.required(self.store.schema)]
         batches, self.cache_sources = student_batches(self.config, self.store, train_ds, batches.pipeline,
                                                       self.preprocess, required, dist=self.dist,
                                                       workers=self.workers, pin_memory=self.device.type == "cuda")

@@ -169,6 +169,16 @@ def read(tmp_path, text: str, command: str = "train-teacher", name: str = "c.yam
     return read_config_file(tmp_path / name, OPTIONS, config, command=command, field_params=FIELD_PARAMS)
 
 
+def test_a_home_folder_path_is_expanded_as_the_shell_does(tmp_path, monkeypatch):
+    """``~/weights`` in a file means the home folder, as it does on the command line (the recipes'
+    config files name ``~/data/...`` and ``~/weights/...``); a ``~`` inside a text is left alone."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    f = read(tmp_path, "out: ~/runs/a\ndataset_options: {root: ~/x}\n")
+    assert f.options["out"] == str(tmp_path / "home" / "runs" / "a")
+    assert f.options["dataset_option"] == {"root": "~/x"}  # a data set's own options are passed on as written
+    assert read(tmp_path, "out: runs/a~b\n").options["out"] == "runs/a~b"
+
+
 def test_the_run_kinds_are_the_trainers():
     assert RUN_COMMANDS == {Trainer.kind: Trainer.command, StudentTrainer.kind: StudentTrainer.command}
 

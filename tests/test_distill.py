@@ -424,6 +424,32 @@ def test_cached_training_never_builds_the_teacher(tmp_path, store, monkeypatch):
     assert real is not None
 
 
+def test_at_reads_the_features_of_a_cache_without_attention_maps(tmp_path, teacher):
+    """A cache built with --features alone: ``at`` squares the cached features itself, and the
+    pipeline reads them (it read the absent attention maps and failed with a KeyError before), to
+    the same loss as from the cache's attention maps on the same batch."""
+    out = tmp_path / "f.zarr"
+    build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(out), dataset_options=dict(RES), limit=8,
+                                         topk=4, features=("stage3",), device="cpu", workers=0), show_progress=False)
+    at = {"name": "at", "student_tap": "stage2", "teacher_tap": "stage3", "weight": 10.0}
+    cfg = _config(out, tmp_path / "run", methods=[at], limit=8, scale=(1.0, 1.0), hflip=False)
+    trainer = StudentTrainer(cfg)
+    train_ds, val_ds = trainer.build_datasets()
+    pipe = trainer.build_batches(train_ds, val_ds)[0].pipeline
+    assert set(pipe.groups) == {"features/stage3"}
+    batch = torch.utils.data.default_collate([pipe[0], pipe[1]])
+    torch.manual_seed(0)
+    student = trainer.build_model(11)
+    loss = trainer.methods[0](student(batch["image"]), batch)
+    # the same through attention maps computed here from the cached features (Q = sum_c F^2)
+    via_maps = dict(batch, **{"kd/attention/stage3": batch["kd/features/stage3"].float().pow(2).sum(1),
+                              "kd/attention/stage3/ignore": batch["kd/features/stage3/ignore"]})
+    trainer.methods[0].source = "attention"
+    assert loss > 0 and torch.allclose(loss, trainer.methods[0](student(batch["image"]), via_maps), rtol=1e-5)
+    r = train_student(_config(out, tmp_path / "run2", methods=[at], limit=8), show_progress=False)
+    assert r["last"]["train_at"] > 0
+
+
 def test_online_teacher_feeds_the_same_loss_code(tmp_path, store, teacher):
     """Same batch (no augmentation): the online teacher's targets and loss equal the cached ones
     within fp16 rounding."""

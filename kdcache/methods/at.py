@@ -23,17 +23,21 @@ class AttentionTransfer(FeatureMethod):
         super().__init__(weight, student_tap, teacher_tap)
         self.source = None
 
-    def setup(self, student_channels, schema) -> None:
+    def _source(self, schema) -> str:
+        """The cache's attention maps of the tap (one channel: cheap to read), or else its features."""
         if self.teacher_tap in schema.attention:
-            self.source = "attention"
-        elif self.teacher_tap in schema.features:
-            self.source = "features"
-        else:
-            raise MethodError(f"method 'at' needs the teacher's '{self.teacher_tap}' attention maps or features "
-                              f"in the cache; build it with --features {self.teacher_tap} --attention")
+            return "attention"
+        if self.teacher_tap in schema.features:
+            return "features"
+        raise MethodError(f"method 'at' needs the teacher's '{self.teacher_tap}' attention maps or features "
+                          f"in the cache; build it with --features {self.teacher_tap} --attention")
 
-    def required(self) -> list[str]:
-        return [f"{self.source or 'attention'}/{self.teacher_tap}"]
+    def setup(self, student_channels, schema) -> None:
+        self.source = self._source(schema)
+
+    def required(self, schema=None) -> list[str]:
+        source = self._source(schema) if schema is not None else self.source or "attention"
+        return [f"{source}/{self.teacher_tap}"]
 
     def forward(self, out, batch) -> torch.Tensor:
         key = f"kd/{self.source}/{self.teacher_tap}"

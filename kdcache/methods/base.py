@@ -87,8 +87,10 @@ class KDMethod(nn.Module):
         """Student modules whose outputs this method reads."""
         return []
 
-    def required(self) -> list[str]:
-        """Cached teacher arrays this method reads: ``logits``, ``features/<tap>``, ``attention/<tap>``."""
+    def required(self, schema: CacheSchema | None = None) -> list[str]:
+        """Cached teacher arrays this method reads: ``logits``, ``features/<tap>``, ``attention/<tap>``;
+        ``schema`` is the cache's, where the choice depends on what it holds (``at``: its attention
+        maps, or else its features), None for a live teacher, which gives everything."""
         return []
 
     def setup(self, student_channels: dict[str, int], schema: CacheSchema) -> None:
@@ -120,7 +122,7 @@ class FeatureMethod(KDMethod):
     def student_taps(self) -> list[str]:
         return [self.student_tap]
 
-    def required(self) -> list[str]:
+    def required(self, schema: CacheSchema | None = None) -> list[str]:
         return [f"features/{self.teacher_tap}"]
 
     def check_features(self, schema: CacheSchema) -> dict:

@@ -38,7 +38,7 @@ class ChannelWise(KDMethod):
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = float(temperature)
 
-    def required(self) -> list[str]:
+    def required(self, schema=None) -> list[str]:
         return ["logits"]
 
     def forward(self, out, batch) -> torch.Tensor:

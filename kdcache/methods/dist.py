@@ -65,7 +65,7 @@ class DIST(KDMethod):
             raise ValueError(f"beta and gamma must be >= 0 and not both 0, got beta={beta}, gamma={gamma}")
         self.temperature, self.beta, self.gamma = float(temperature), float(beta), float(gamma)
 
-    def required(self) -> list[str]:
+    def required(self, schema=None) -> list[str]:
         return ["logits"]
 
     def forward(self, out, batch) -> torch.Tensor:

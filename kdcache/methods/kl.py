@@ -29,7 +29,7 @@ class PixelKL(KDMethod):
         self.temperature = float(temperature)
         self.tail = tail
 
-    def required(self) -> list[str]:
+    def required(self, schema=None) -> list[str]:
         return ["logits"]
 
     def forward(self, out, batch) -> torch.Tensor:

@@ -58,7 +58,7 @@ class PseudoLabels(KDMethod):
         self.class_balanced = class_balanced
         self.register_buffer("class_thresholds", torch.empty(0), persistent=True)
 
-    def required(self) -> list[str]:
+    def required(self, schema=None) -> list[str]:
         return ["logits"]
 
     def prepare(self, sources) -> None:
