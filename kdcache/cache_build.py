@@ -12,7 +12,7 @@ module only runs the teacher and says what it ran on.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from kdcache.errors import KDCacheError
 from kdcache.loaders import default_workers, make_loader
 from kdcache.model_loading import open_weights
 from kdcache.options import opt
-from kdcache.progress import progress_bar
+from kdcache.progress import console, progress_bar
 from kdcache.runs import resolve_device
 from kdcache.store.location import as_location
 from kdcache.store.schema import CODECS, DEFAULT_CODEC, CacheSchema
@@ -64,7 +64,8 @@ class CacheBuildConfig:
                    cli_default=None)
     teacher: str | list[str] | None = opt(None, "Teacher architecture (default: the one named in the checkpoint); "
                                                 "once for every member, or once per --weights.", shape="repeat")
-    dataset: str = opt("synthetic", "Data set: {datasets}.")
+    dataset: str | None = opt(None, "Data set: {datasets} (default: the teacher run's, with its --data-root and "
+                                    "options; synthetic for a teacher file that names none).")
     data_root: str | None = opt(None, "Root folder of the data set (not for synthetic).")
     dataset_options: dict = opt(factory=dict, help="KEY=VALUE passed to the data set, e.g. size=200 (synthetic "
                                                    "split size).", names=("--dataset-option",), short="-o",
@@ -205,8 +206,27 @@ def build_teacher_cache(config: CacheBuildConfig, *, overwrite: bool = False, sh
         distributed.shutdown()
 
 
+def with_teacher_data(config: CacheBuildConfig, *, show: bool = False) -> CacheBuildConfig:
+    """``config`` with its data set filled in when ``--dataset`` was not given: the (first) teacher
+    run's data set, with its data root and options where none were given, as a student defaults
+    to its cache's; synthetic for a teacher file that records no data set."""
+    if config.dataset is not None:
+        return config
+    run = open_weights(config.weight_files[0]).config
+    name = run.get("dataset")
+    if not name:
+        return replace(config, dataset="synthetic")
+    root = config.data_root or run.get("data_root")
+    options = config.dataset_options or dict(run.get("dataset_options") or {})
+    if show and name != "synthetic":
+        console.print(f"data set: {name}{f' at {root}' if root else ''} (the teacher run's; --dataset to choose "
+                      "another)")
+    return replace(config, dataset=name, data_root=root, dataset_options=options)
+
+
 def _build(config: CacheBuildConfig, d: distributed.Dist, device: torch.device, *, overwrite: bool,
            show_progress: bool) -> dict:
+    config = with_teacher_data(config, show=show_progress)
     out = as_location(config.out)
     ds = limit(build_dataset(config.dataset, config.split, config.data_root, **config.dataset_options), config.limit)
     if len(ds) == 0:

@@ -614,3 +614,32 @@ def test_the_default_top_k_keeps_every_class_when_there_are_fewer(tmp_path):
                                          dataset_options={"resolution": [32, 48]}, device="cpu", workers=0),
                         show_progress=False)
     assert CacheStore(eleven).k == 4
+
+
+def test_a_build_without_dataset_takes_the_teacher_runs(tmp_path):
+    """``build-teacher-cache --weights RUN`` without ``--dataset`` builds over the run's data set,
+    root and options (it built the synthetic data before, silently, for an 11-class teacher of
+    CamVid); ``--dataset`` still chooses, and a plain state dict still defaults to synthetic."""
+    from fake_data import make_mixed_size_folders
+
+    lab, _ = make_mixed_size_folders(tmp_path)
+    (lab / "classes.txt").write_text("road\ncar\nsky\n")
+    run = tmp_path / "teacher"
+    r = kd("train-teacher", "--model", "tiny_models:TinyNet", "--dataset", "folder", "--data-root", lab,
+           "--train-split", "all", "--val-split", "all", "--epochs", 1, "--batch-size", 2, "--crop-size", "32x32",
+           "--device", "cpu", "--quiet", "--out", run)
+    assert r.exit_code == 0, r.output
+    r = kd("build-teacher-cache", "--weights", run, "--split", "all", "--topk", 2, "--out", tmp_path / "c.zarr")
+    assert r.exit_code == 0, r.output
+    assert f"data set: folder at {lab} (the teacher run's" in " ".join(r.output.split())
+    schema = CacheStore(tmp_path / "c.zarr").schema
+    assert schema.dataset["name"] == "folder" and schema.dataset["root"] == str(lab)
+    assert schema.class_names == ["road", "car", "sky"] and schema.num_samples == 6
+    # --dataset chooses: the synthetic data's 11 classes are not this teacher's 3
+    r = kd("build-teacher-cache", "--weights", run, "--dataset", "synthetic", "--out", tmp_path / "s.zarr")
+    assert r.exit_code == 2 and "predicts 3 classes but the data set has 11" in r.output
+    # a plain state dict names no data set: synthetic, as before
+    torch.save(torch.load(run / "best.pt", weights_only=False)["state_dict"], tmp_path / "plain.pt")
+    r = kd("build-teacher-cache", "--weights", tmp_path / "plain.pt", "--teacher", "tiny_models:TinyNet",
+           "--topk", 2, "--limit", 2, "--quiet", "--out", tmp_path / "p.zarr")
+    assert r.exit_code == 2 and "head.bias: checkpoint (3,) vs model (11,)" in r.output  # built for synthetic

@@ -430,8 +430,15 @@ def test_classification_bad_input(teacher, tmp_path):
            "--views", "2")
     assert r.exit_code == 2 and "--label-map and --views are two forms" in r.output
     r = kd("build-teacher-cache", "--weights", d / "teacher", "--out", tmp_path / "x.zarr", "--label-map",
-           "--limit", "2", "-o", "resolution=32x32")
+           "--dataset", "synthetic", "--limit", "2", "-o", "resolution=32x32")
     assert r.exit_code == 2 and "--label-map is for classification data sets" in r.output, r.output
+    # without --dataset the teacher run's (shapes), whose square images take one side or NxN
+    r = kd("build-teacher-cache", "--weights", d / "teacher", "--out", tmp_path / "x.zarr", "--limit", "2",
+           "-o", "resolution=32x48")
+    assert r.exit_code == 2 and "shapes images are square: give -o resolution=N (e.g. 32), got [32, 48]" in r.output
+    r = kd("build-teacher-cache", "--weights", d / "teacher", "--out", tmp_path / "sq.zarr", "--limit", "2",
+           "-o", "resolution=32x32", "--quiet")
+    assert r.exit_code == 0 and CacheStore(tmp_path / "sq.zarr").schema.dataset["name"] == "shapes", r.output
     r = kd("train-teacher", "--model", "demo_student", *SHAPES, "--epochs", "1", "--out", tmp_path / "seg", "--quiet")
     assert r.exit_code == 2 and "model 'demo_student' is a segmentation network and shapes is a classification"         in r.output, r.output
     r = kd("train-teacher", "--model", "resnet18", "--limit", "4", "--batch-size", "2", "--epochs", "1", "--out", tmp_path / "cls",

@@ -120,9 +120,16 @@ class ShapesDataset(ClassificationDataset):
         n = DEFAULT_SIZES[split] if size is None else int(size)
         if n < 0:
             raise DatasetError(f"shapes data set size must be >= 0, got {size}")
-        if int(resolution) < 16:
+        side = resolution
+        if isinstance(side, (list, tuple)):  # -o resolution=32x32 (the command line's HxW)
+            side = side[0] if len(side) == 2 and side[0] == side[1] else None
+        try:
+            side = int(side)
+        except (TypeError, ValueError):
+            raise DatasetError(f"shapes images are square: give -o resolution=N (e.g. 32), got {resolution}") from None
+        if side < 16:
             raise DatasetError(f"shapes resolution must be at least 16, got {resolution}")
-        self.resolution, self.seed = int(resolution), int(seed)
+        self.resolution, self.seed = side, int(seed)
         self.labelled = split != "unlabeled"
         self._images: dict[str, np.ndarray] = {}
         refs = [ClassRef(id=f"{split}_{i:06d}", label=label_of(self.seed, split, i)) for i in range(n)]
