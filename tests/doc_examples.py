@@ -10,9 +10,9 @@ A page's fenced blocks become :class:`Example`s:
 - ``python`` blocks: run whole.
 
 :func:`small` makes a ``kdcache`` command cheap without changing what it does: one epoch, a few
-images per split, batches of two, image sizes above 128 pixels scaled down (every occurrence of
-one size the same way, so a student still has its cache's ``--resize``), the kernel benchmark's
-quick cases. The data sets the examples name on disk are written small by
+images per split (as many as the folds where a run cuts K folds), batches of two, image sizes above 128 pixels scaled down (every occurrence of
+one size the same way, so a student still has its cache's ``--resize``; the sizes a ``--config``
+file sets are overridden on the command line the same way), the kernel benchmark's quick cases. The data sets the examples name on disk are written small by
 :func:`write_example_data`, shaped as users' are: images of mixed sizes, a grayscale one, sides
 that are not multiples of any stride.
 """
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from fake_data import make_voc_sizes
 from PIL import Image
 
@@ -115,6 +116,7 @@ def split_env(argv: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
 # -- small, as a test runs it --------------------------------------------------------------------
 
 EPOCHS, IMAGES, BATCH = 1, 4, 2
+BUILD_IMAGES = 10  # a cache holds what every student of the pages reads
 SIZE_OPTIONS = ("--resize", "--crop-size", "--input-size", "--view-crop", "--resolution")
 TRAINING = ("train-teacher", "train-student")
 
@@ -138,20 +140,42 @@ def _set(args: list[str], option: str, value, *, at_most: bool = False) -> None:
         args += [option, str(value)]
 
 
-def small(words: list[str]) -> list[str]:
+def config_values(args: list[str], cwd: Path = Path(".")) -> dict:
+    """The values of the ``--config FILE`` a command names (keys spelled as options, with ``-``),
+    or nothing."""
+    if "--config" not in args:
+        return {}
+    path = cwd / args[args.index("--config") + 1]
+    data = yaml.safe_load(path.read_text()) if path.is_file() else None
+    return {str(k).replace("_", "-"): v for k, v in (data or {}).items()}
+
+
+def _size_text(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "x".join(str(int(v)) for v in value)
+    return str(value)
+
+
+def small(words: list[str], cwd: Path = Path(".")) -> list[str]:
     """A ``kdcache COMMAND …`` (without ``kdcache``) made cheap: see the module docstring."""
     args = list(words)
     for i, w in enumerate(args[:-1]):
         if w in SIZE_OPTIONS:
             args[i + 1] = small_size(args[i + 1])
+    for key, value in config_values(args, cwd).items():
+        if f"--{key}" in SIZE_OPTIONS and f"--{key}" not in args:
+            args += [f"--{key}", small_size(_size_text(value))]
     command = args[0]
     if command in TRAINING:
         _set(args, "--epochs", EPOCHS)
         if "--resume" not in args:
             _set(args, "--batch-size", BATCH)
-            _set(args, "--limit", IMAGES, at_most=True)
-    elif command == "build-teacher-cache":
-        _set(args, "--limit", IMAGES, at_most=True)
+            # K folds need K images at least: a fold holds one of them
+            folds = int(args[args.index("--folds") + 1]) if "--folds" in args else int(
+                config_values(args, cwd).get("folds") or 0)
+            _set(args, "--limit", max(IMAGES, folds), at_most=True)
+    elif command == "build-teacher-cache":  # enough for a student that cuts 10 folds
+        _set(args, "--limit", BUILD_IMAGES, at_most=True)
     elif command == "evaluate":
         _set(args, "--limit", IMAGES, at_most=True)
     elif command == "demo":
@@ -205,23 +229,91 @@ def _imagefolder(root: Path, rng) -> None:
                 image.save(root / split / name / f"{name}_{i}.{'png' if i else 'jpg'}")
 
 
-def _torchvision_voc_weights(path: Path) -> None:
-    """A state dict as torchvision publishes DeepLabV3-ResNet50's (21 VOC classes, with its auxiliary
-    head), randomly initialised."""
+def _roads(root: Path, rng) -> None:
+    """A user's labelled road images in the ``folder`` layout: ``classes.txt`` and
+    ``{split}/images`` + ``{split}/masks``, every image its own size."""
+    (root).mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("road\nsidewalk\ncar\nsky\n")
+    for split in ("train", "val", "test"):
+        for i in range(4):
+            h, w = 37 + 6 * i, 70 + 5 * i
+            (root / split / "images").mkdir(parents=True, exist_ok=True)
+            (root / split / "masks").mkdir(parents=True, exist_ok=True)
+            _rgb(rng, h, w).save(root / split / "images" / f"{split}_{i:03d}.jpg", quality=90)
+            mask = rng.integers(0, 4, (h, w), dtype=np.uint8)
+            mask[-2:] = 255
+            Image.fromarray(mask).save(root / split / "masks" / f"{split}_{i:03d}.png")
+
+
+def _torchvision_voc_weights(path: Path, arch: str = "deeplabv3_resnet50") -> None:
+    """A state dict as torchvision publishes DeepLabV3-ResNet50's or FCN-ResNet50's (21 VOC classes,
+    with the auxiliary head), randomly initialised."""
     from torchvision.models import segmentation
 
     torch.manual_seed(0)
-    net = segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=21, aux_loss=True)
+    net = getattr(segmentation, arch)(weights=None, weights_backbone=None, num_classes=21, aux_loss=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), path)
 
 
-def write_example_data(cwd: Path, home: Path) -> None:
-    """Every data set and file the README's examples read, at the paths they name (``~`` is
-    ``home``)."""
-    rng = np.random.default_rng(0)
-    make_voc_sizes(home / "data")  # ~/data/VOCdevkit/VOC2012: every image its own size
+def _torchvision_imagenet_weights(path: Path, arch: str) -> None:
+    """A torchvision ImageNet classifier's state dict (as its published file holds), random."""
+    from torchvision import models
+
+    torch.manual_seed(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(getattr(models, arch)(weights=None).state_dict(), path)
+
+
+#: SegFormer encoders by name: (depths, hidden sizes), as Hugging Face's nvidia/mit-b* configs
+MIT = {"b0": ([2, 2, 2, 2], [32, 64, 160, 256]), "b2": ([3, 4, 6, 3], [64, 128, 320, 512])}
+
+
+def _hf_segformer(path: Path, variant: str, num_labels: int | None = None) -> None:
+    """A Hugging Face folder as ``save_pretrained`` writes it: an ImageNet MiT encoder
+    (``nvidia/mit-b*``, 1000 labels) or, with ``num_labels``, a fine-tuned SegFormer."""
+    import transformers
+
+    depths, hidden = MIT[variant]
+    torch.manual_seed(0)
+    if num_labels is None:
+        config = transformers.SegformerConfig(depths=depths, hidden_sizes=hidden, num_labels=1000)
+        model = transformers.SegformerForImageClassification(config)
+    else:
+        config = transformers.SegformerConfig(depths=depths, hidden_sizes=hidden, num_labels=num_labels,
+                                              decoder_hidden_size=768 if variant == "b2" else 256)
+        model = transformers.SegformerForSemanticSegmentation(config)
+    model.save_pretrained(path)
+
+
+def write_home_data(home: Path) -> None:
+    """What the examples read from the home folder (``~``): data sets under ``~/data``, weights
+    files under ``~/weights`` and torch's hub cache. The Hugging Face folders only where
+    transformers is installed (the examples that read them skip otherwise)."""
+    import importlib.util
+
+    rng = np.random.default_rng(1)
+    make_voc_sizes(home / "data", {"train": [f"t{i}" for i in range(10)], "val": ["v0", "v1", "v2"]})
     _camvid(home / "data" / "CamVid", rng)
+    _roads(home / "data" / "roads", rng)
+    _frames(home / "data" / "kitti-frames", rng)
+    hub = home / ".cache" / "torch" / "hub" / "checkpoints"
+    _torchvision_voc_weights(hub / "fcn_resnet50_coco-1167a1af.pth", "fcn_resnet50")
+    _torchvision_imagenet_weights(hub / "mobilenet_v3_large-8738ca79.pth", "mobilenet_v3_large")
+    if importlib.util.find_spec("transformers") is not None:
+        _hf_segformer(home / "weights" / "mit-b0", "b0")
+        _hf_segformer(home / "weights" / "mit-b2", "b2")
+        _hf_segformer(home / "weights" / "segformer-b2-cityscapes", "b2", num_labels=19)
+
+
+def write_page_data(cwd: Path, shared: Path) -> None:
+    """What the examples read from their working folder, at the paths they name; the large
+    weights file is linked from ``shared`` (written once)."""
+    rng = np.random.default_rng(0)
     _camvid(cwd / "data" / "CamVid", rng)
     _frames(cwd / "frames", rng)
     _imagefolder(cwd / "data" / "pets", rng)
-    _torchvision_voc_weights(cwd / "deeplabv3_resnet50_coco-cd0a2569.pth")
+    weights = shared / "deeplabv3_resnet50_coco-cd0a2569.pth"
+    if not weights.exists():
+        _torchvision_voc_weights(weights)
+    (cwd / weights.name).symlink_to(weights)

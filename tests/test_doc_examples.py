@@ -1,9 +1,10 @@
-"""Every example of the README runs as written, in page order, as a newcomer would run them.
+"""Every example of the README and the documentation pages runs as written, in page order, as a
+newcomer would run them.
 
-The examples chain: a later one reads what an earlier one wrote (runs, caches), in one working
-folder, with ``~`` a home folder holding the data sets they name (``~/data/VOCdevkit``,
-``~/data/CamVid``), written small by ``doc_examples.write_example_data`` as users' data are
-shaped. Each ``kdcache`` command runs through the real command line at a small size
+A page's examples chain: a later one reads what an earlier one wrote (runs, caches), in a working
+folder of the page's own (with a copy of ``recipes/``), with ``~`` a home folder holding the data
+sets and weights files they name (``~/data/VOCdevkit``, ``~/data/CamVid``, ``~/weights/mit-b0``,
+torch's hub cache), written small by ``doc_examples`` as users' data are shaped. Each ``kdcache`` command runs through the real command line at a small size
 (``doc_examples.small``: one epoch, 4 images a split, smaller images), and must end with exit
 status 0 and no traceback. Python blocks run whole, ``# FILE — COMMAND`` config blocks are
 written and then run. What cannot run here is listed below by name, with where it is tested.
@@ -14,14 +15,20 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 from cli_runner import kd
-from doc_examples import examples, small, split_env, write_example_data
+from doc_examples import config_values, examples, small, split_env, write_home_data, write_page_data
 
 REPO = Path(__file__).resolve().parents[1]
-PAGES = [REPO / "README.md"]
+#: every page with examples, in the order a newcomer reads them
+PAGES = [REPO / "README.md", REPO / "docs" / "getting-started.md",
+         *[REPO / "docs" / "guides" / f"{name}.md" for name in (
+             "segmentation", "unlabelled", "classification", "ensembles", "scaling-out", "cache-format")],
+         *[REPO / "docs" / "recipes" / f"{name}.md" for name in (
+             "camvid-segformer", "voc-fcn-mobilenet", "pseudo-label-frames")]]
 EXAMPLES = [e for page in PAGES for e in examples(page, str(page.relative_to(REPO)))]
 
 ENVIRONMENT = "sets up or inspects the environment (CI's own steps: .ci/run)"
@@ -55,7 +62,7 @@ EXTRAS = [
     (lambda w: "safetensors" in w, "safetensors", "safetensors"),
 ]
 #: the outputs of examples skipped for a missing extra: later examples that read them skip too
-UNWRITTEN: set[str] = set()
+UNWRITTEN: set[tuple[str, str]] = set()  # (page, path)
 
 
 def _compare_has_a_baseline(cwd: Path) -> None:
@@ -76,27 +83,56 @@ CHECKS = {
 }
 
 
-def why_skipped(example) -> str | None:
+def why_skipped(example, cwd: Path) -> str | None:
     if example.text in SKIPPED:
         return SKIPPED[example.text]
     words = split_env(example.argv)[1] if example.argv else []
+    # what a --config file sets counts as written on the command line
+    words = words + [str(v) for value in config_values(words, cwd).values()
+                     for v in (value if isinstance(value, list) else [value])]
+    out = words[words.index("--out") + 1] if "--out" in words[:-1] else None
     for needs, extra, package in EXTRAS:
         if needs(words) and importlib.util.find_spec(package) is None:
-            if "--out" in words:
-                UNWRITTEN.add(words[words.index("--out") + 1])
+            if out:
+                UNWRITTEN.add((example.page, out))
             return f"the {extra} extra is not installed here (pip install \"kdcache[{extra}]\")"
-    upstream = next((w for w in words for u in UNWRITTEN if w == u or w.startswith(u + "/")), None)
+    upstream = next((w for w in words for page, u in UNWRITTEN
+                     if page == example.page and (w == u or w.startswith(u + "/"))), None)
     if upstream:
+        if out:
+            UNWRITTEN.add((example.page, out))
         return f"reads {upstream}, which an example skipped for a missing extra would have written"
     return None
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> tuple[Path, Path]:
-    """(the working folder, the home folder) with the data the examples read."""
-    cwd, home = tmp_path_factory.mktemp("newcomer"), tmp_path_factory.mktemp("home")
-    write_example_data(cwd, home)
-    return cwd, home
+def home(tmp_path_factory) -> Path:
+    """The home folder (``~``) every page's examples share: data sets and weights files."""
+    home = tmp_path_factory.mktemp("home")
+    write_home_data(home)
+    return home
+
+
+@pytest.fixture(scope="module")
+def workspaces(tmp_path_factory):
+    """A working folder per page, made when the page's first example runs."""
+    shared, made = tmp_path_factory.mktemp("shared"), {}
+
+    def get(page: str) -> Path:
+        if page not in made:
+            cwd = tmp_path_factory.mktemp("newcomer")
+            write_page_data(cwd, shared)
+            shutil.copytree(REPO / "recipes", cwd / "recipes")
+            made[page] = cwd
+        return made[page]
+
+    return get
+
+
+def test_every_page_is_listed():
+    """Every page of the docs with a command or code example is one the examples come from."""
+    with_examples = {p for p in [REPO / "README.md", *(REPO / "docs").rglob("*.md")] if examples(p)}
+    assert with_examples <= set(PAGES), sorted(str(p.relative_to(REPO)) for p in with_examples - set(PAGES))
 
 
 def test_every_skip_is_listed_and_still_in_the_docs():
@@ -112,11 +148,11 @@ def test_every_skip_is_listed_and_still_in_the_docs():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.name[:100] for e in EXAMPLES])
-def test_example(example, workspace, monkeypatch):
-    reason = why_skipped(example)
+def test_example(example, home, workspaces, monkeypatch):
+    cwd = workspaces(example.page)
+    reason = why_skipped(example, cwd)
     if reason:
         pytest.skip(reason)
-    cwd, home = workspace
     monkeypatch.chdir(cwd)
     monkeypatch.setenv("HOME", str(home))
     if example.kind == "python":
@@ -128,7 +164,7 @@ def test_example(example, workspace, monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert words[0] == "kdcache", example.name
-    args = [os.path.expanduser(w) if w.startswith("~") else w for w in small(words[1:])]
+    args = [os.path.expanduser(w) if w.startswith("~") else w for w in small(words[1:], cwd)]
     r = kd(*args)
     assert r.exit_code == 0 and "Traceback" not in r.output, f"{example.name}\n$ kdcache {' '.join(args)}\n{r.output}"
     for start, check in CHECKS.items():
