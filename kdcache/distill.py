@@ -24,7 +24,7 @@ import torch
 from kdcache import distributed
 from kdcache.cached_batches import student_batches
 from kdcache.errors import KDCacheError
-from kdcache.methods import KDMethod, build_method
+from kdcache.methods import KDMethod, build_method, reads
 from kdcache.models import SegModel, build_model
 from kdcache.online_teacher import OnlineTeacher
 from kdcache.options import opt
@@ -127,7 +127,7 @@ class StudentTrainer(Trainer):
         batches, val_pipe = super().build_batches(train_ds, val_ds)
         if self.store is None:  # a live teacher alone: the supervised batches
             return batches, val_pipe
-        required = [r for m in self.methods for r in m.required(self.store.schema)]
+        required = [r for m in self.methods for r in reads(m, self.store.schema)]
         batches, self.cache_sources = student_batches(self.config, self.store, train_ds, batches.pipeline,
                                                       self.preprocess, required, dist=self.dist,
                                                       workers=self.workers, pin_memory=self.device.type == "cuda")
@@ -157,7 +157,7 @@ class StudentTrainer(Trainer):
             channels = {t: f.shape[1] for t, f in out.features.items()}
         if self.config.online_teacher:
             c = self.config
-            teacher_taps = sorted({r.split("/", 1)[1] for m in self.methods for r in m.required() if "/" in r})
+            teacher_taps = sorted({r.split("/", 1)[1] for m in self.methods for r in reads(m, None) if "/" in r})
             if c.online_teacher == ONLINE_FROM_CACHE:
                 self.teacher = OnlineTeacher.from_cache(self.store.schema, teacher_taps, self.device)
             else:

@@ -450,6 +450,20 @@ def test_at_reads_the_features_of_a_cache_without_attention_maps(tmp_path, teach
     assert r["last"]["train_at"] > 0
 
 
+def test_a_method_whose_required_takes_no_schema_still_works():
+    """Methods of users' own written before ``required`` took the cache's schema are called as
+    they were; the built-in ones get the schema."""
+    from kdcache.methods import KDMethod, reads
+
+    class Old(KDMethod):
+        def required(self):
+            return ["logits"]
+
+    assert reads(Old(weight=1.0), object()) == ["logits"]
+    at = build_method("at", student_tap="s", teacher_tap="t")
+    assert reads(at, None) == ["attention/t"]
+
+
 def test_online_teacher_feeds_the_same_loss_code(tmp_path, store, teacher):
     """Same batch (no augmentation): the online teacher's targets and loss equal the cached ones
     within fp16 rounding."""

@@ -2,7 +2,7 @@
 
 A method is an ``nn.Module`` built from its weight and options. It says which student modules
 it taps (:meth:`KDMethod.student_taps`) and which cached teacher maps it reads
-(:meth:`KDMethod.required`), and its ``forward(student_output, batch)`` returns its weighted
+(:meth:`KDMethod.required`, given the cache's schema), and its ``forward(student_output, batch)`` returns its weighted
 loss. ``batch`` holds the cached targets already taken through the item's geometry
 (``kd/values``, ``kd/indices``, ``kd/tail``, ``kd/ignore``, ``kd/features/<tap>``,
 ``kd/attention/<tap>``; see :mod:`kdcache.target_geometry`).
@@ -22,6 +22,7 @@ from kdcache.methods.base import (
     method_options,
     methods_taking,
     option_default,
+    reads,
     student_logits_at,
 )
 from kdcache.registry import import_submodules
@@ -29,4 +30,4 @@ from kdcache.registry import import_submodules
 import_submodules(__name__, __path__)
 
 __all__ = ["METHODS", "KDMethod", "MethodError", "build_method", "fill_in", "method_options", "methods_taking",
-           "option_default", "student_logits_at"]
+           "option_default", "reads", "student_logits_at"]

@@ -109,6 +109,16 @@ class KDMethod(nn.Module):
         return f"weight={self.weight}"
 
 
+def reads(method: KDMethod, schema: CacheSchema | None) -> list[str]:
+    """``method.required(schema)``; a method of your own written when ``required`` took no
+    argument is called without it, as it was."""
+    try:
+        takes_schema = bool(inspect.signature(method.required).parameters)
+    except (TypeError, ValueError):
+        takes_schema = False
+    return method.required(schema) if takes_schema else method.required()
+
+
 class FeatureMethod(KDMethod):
     """A method that compares one student module's output with one cached teacher tap."""
 
