@@ -23,6 +23,7 @@ from kdcache.data import build_dataset
 from kdcache.data.class_base import is_classification
 from kdcache.data.splits import limit
 from kdcache.errors import KDCacheError
+from kdcache.geometry import Geometry
 from kdcache.loaders import default_workers, make_loader
 from kdcache.model_loading import open_weights
 from kdcache.options import opt
@@ -45,7 +46,20 @@ from kdcache.teacher_ensemble import (
     open_members,
     sample_quality,
 )
-from kdcache.transforms import Augment, Preprocess, apply_geometry, label_tensor, sample_geometry
+from kdcache.transforms import (
+    Augment,
+    Preprocess,
+    apply_geometry,
+    augment_from_dict,
+    crop_area_option,
+    crop_option,
+    flip_option,
+    label_tensor,
+    sample_geometry,
+    scale_option,
+    schedule_geometry,
+    training_augment,
+)
 
 #: logits kept per position unless --topk says (fewer classes: all of them, a dense cache)
 DEFAULT_TOPK = 4
@@ -99,6 +113,15 @@ class CacheBuildConfig:
     view_crop: tuple[int, int] | None = opt(None, "Crop HxW of the stored views (default: the image size).",
                                             shape="size")
     view_seed: int = opt(0, "Seed of the stored views.")
+    schedule_epochs: int = opt(0, "Store the teacher on every crop train-student draws in each of N epochs (its "
+                                  "--crop-size, --scale, --crop-area and --flip, given here as for the student): the "
+                                  "student replays them, so its targets are the teacher's on its own pixels.")
+    schedules: int = opt(1, "With --schedule-epochs: R independent schedules; a student with --seed s replays "
+                            "schedule s.")
+    crop: tuple[int, int] | None = crop_option()
+    scale: tuple[float, float] = scale_option()
+    crop_area: tuple[float, float] = crop_area_option()
+    hflip: bool = flip_option()
     batch_size: int = opt(8, "Images per teacher forward.")
     device: str = opt("auto", "auto (CUDA if available), cpu, cuda, cuda:1 ...")
     workers: int | None = opt(None, "DataLoader worker processes (default: 0 on CPU, up to 8 on CUDA).")
@@ -109,6 +132,26 @@ class CacheBuildConfig:
                                     "stores 25% more).")
     amp: bool = opt(False, "Run the teacher under fp16 autocast (CUDA only).")
     queue_size: int = 8  # batches waiting for the writer
+
+    def _validate_schedule(self) -> None:
+        if self.schedule_epochs < 0:
+            raise KDCacheError(f"--schedule-epochs must be 0 or more, got {self.schedule_epochs}")
+        if self.schedules < 1:
+            raise KDCacheError(f"--schedules must be at least 1, got {self.schedules}")
+        if not self.schedule_epochs:
+            given = [name for name, value, default in (
+                ("--schedules", self.schedules, 1), ("--crop-size", self.crop, None), ("--scale", self.scale, (0.75, 1.25)),
+                ("--crop-area", self.crop_area, (0.25, 1.0)), ("--flip", self.hflip, True)) if value != default]
+            if given:
+                raise KDCacheError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} the crops of a schedule; "
+                                   "add --schedule-epochs N (the epochs the students will train)")
+            return
+        if self.views or self.label_map:
+            raise KDCacheError(f"--schedule-epochs and {'--views' if self.views else '--label-map'} are two forms of "
+                               "stored targets; give one of them")
+        for name, (lo, hi), top in (("--scale", self.scale, None), ("--crop-area", self.crop_area, 1.0)):
+            if not 0 < lo <= hi or (top is not None and hi > top):
+                raise KDCacheError(f"{name} must be 'lo,hi' with 0 < lo <= hi{' <= 1' if top else ''}, got {lo},{hi}")
 
     @property
     def weight_files(self) -> list[str]:
@@ -146,6 +189,7 @@ class CacheBuildConfig:
             raise KDCacheError(f"--view-area must be 'lo,hi' with 0 < lo <= hi <= 1, got {self.view_area}")
         if self.label_map and self.views:
             raise KDCacheError("--label-map and --views are two forms of a classification cache; give one of them")
+        self._validate_schedule()
         if (self.attention or self.attention_only) and not self.features:
             raise KDCacheError("--attention needs --features NAME[,NAME]: the taps whose attention maps to store")
         if self.codec not in CODECS:
@@ -161,9 +205,10 @@ class TeacherInputs(torch.utils.data.Dataset):
     the same ones) with their packed geometries."""
 
     def __init__(self, dataset, preprocess: Preprocess, views: int = 0, view_aug: Augment | None = None,
-                 view_seed: int = 0, labels: bool = False):
+                 view_seed: int = 0, labels: bool = False, schedule: tuple[int, int] | None = None):
         self.dataset, self.preprocess = dataset, preprocess
         self.views, self.view_aug, self.view_seed = views, view_aug, view_seed
+        self.schedule = schedule  # (epochs, schedules): the views are a student's crops, made by the caller
         self.labels = labels and getattr(dataset, "labelled", True)
         self.classification = is_classification(dataset)
 
@@ -181,7 +226,12 @@ class TeacherInputs(torch.utils.data.Dataset):
             if not self.classification:
                 label = label.to(torch.uint8)
         item = {"index": i, "image": x, "label": label}
-        if self.views:
+        if self.schedule:  # geometries only: the caller crops on its device, a few at a time
+            E, R = self.schedule
+            size = tuple(x.shape[-2:])
+            item["view_params"] = np.array([schedule_geometry(r, e, i, size, self.view_aug).pack()
+                                            for r in range(R) for e in range(E)], dtype=np.float32)
+        elif self.views:
             rng = np.random.default_rng((self.view_seed, i))
             gs = [sample_geometry(rng, tuple(x.shape[-2:]), self.view_aug) for _ in range(self.views)]
             item["views"] = torch.stack([apply_geometry(x, g, kind="image") for g in gs])
@@ -272,6 +322,15 @@ def _build(config: CacheBuildConfig, d: distributed.Dist, device: torch.device, 
         views = {"count": config.views, "scale": config.view_scale, "crop": crop, "seed": config.view_seed,
                  "map_size": view_map, "feature_shapes": view_feats,
                  "area": config.view_area if classification else None}
+    elif config.schedule_epochs:  # the crops a student draws, one view per epoch and schedule
+        crop = tuple(config.crop) if config.crop else tuple(preprocess.image_to_tensor(ds.load(0)[0]).shape[-2:])
+        aug = training_augment(classification, crop, config.scale, config.crop_area, config.hflip)
+        view_map, view_feats = teacher.probe(crop, device)
+        views = {"count": config.schedule_epochs * config.schedules, "scale": config.scale, "crop": crop, "seed": 0,
+                 "map_size": view_map, "feature_shapes": view_feats,
+                 "area": config.crop_area if classification else None,
+                 "schedule": {"epochs": config.schedule_epochs, "schedules": config.schedules,
+                              "augment": aug.to_dict()}}
     with progress_bar("fingerprint data", total=len(ds), enabled=show_progress, unit="sample") as bar:
         hashes = []
         for i in range(len(ds)):
@@ -324,12 +383,15 @@ def _run_teacher(teacher: TeacherEnsemble, ds, preprocess, schema: CacheSchema, 
     # batches never straddle shards: a resumed build runs the teacher on the same batches
     batches = [list(range(b, min(b + B, stop))) for j in todo for start, stop in [schema.shard_rows(j)]
                for b in range(start, stop, B)]
-    view_aug = None
-    if schema.views and schema.views.get("area"):  # classification: random-resized crops
+    view_aug, sched = None, schema.schedule
+    if sched:  # the students' own augmentation
+        view_aug = augment_from_dict(sched["augment"])
+    elif schema.views and schema.views.get("area"):  # classification: random-resized crops
         view_aug = Augment(crop=tuple(schema.views["crop"]), hflip=True, resized_crop=tuple(schema.views["area"]))
     elif schema.views:
         view_aug = Augment(scale=tuple(config.view_scale), crop=tuple(schema.views["crop"]), hflip=True)
-    inputs = TeacherInputs(ds, preprocess, config.views, view_aug, config.view_seed, labels=True)
+    inputs = TeacherInputs(ds, preprocess, config.views, view_aug, config.view_seed, labels=True,
+                           schedule=(sched["epochs"], sched["schedules"]) if sched else None)
     workers = default_workers(device) if config.workers is None else config.workers
     loader = make_loader(inputs, None, workers, batch_sampler=batches, collate_fn=list, pin_memory=device.type == "cuda")
     writer = ShardWriter(group, schema, out, config.queue_size * B)
@@ -342,7 +404,10 @@ def _run_teacher(teacher: TeacherEnsemble, ds, preprocess, schema: CacheSchema, 
                     x = torch.stack([it["image"] for it in same]).to(device, non_blocking=True)
                     out = teacher(x, rows=True)
                     views = None
-                    if schema.views:
+                    if sched:
+                        params = np.stack([it["view_params"] for it in same])
+                        views = (*_crops_forward(teacher, x, params, B), params)
+                    elif schema.views:
                         v = torch.cat([it["views"] for it in same]).to(device, non_blocking=True)
                         vo = teacher(v)
                         views = (vo.logits, vo.features, np.stack([it["view_params"] for it in same]))
@@ -361,6 +426,23 @@ def _run_teacher(teacher: TeacherEnsemble, ds, preprocess, schema: CacheSchema, 
         raise
     writer.close()
     return writer
+
+
+def _crops_forward(teacher: TeacherEnsemble, x: torch.Tensor, params: np.ndarray, batch: int
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The teacher on the crops ``params`` [B, V, 7] of the images ``x`` [B, 3, H, W], cut on
+    ``x``'s device as a training pipeline cuts them (:func:`apply_geometry`) and run ``batch`` at a
+    time: logits [B·V, C, h, w] and features, image by image and view by view."""
+    size = tuple(x.shape[-2:])
+    crops = [(j, p) for j in range(len(x)) for p in params[j]]
+    logits, feats = [], {}
+    for c in range(0, len(crops), batch):
+        v = torch.stack([apply_geometry(x[j], Geometry.unpack(size, p), kind="image") for j, p in crops[c:c + batch]])
+        out = teacher(v)
+        logits.append(out.logits)
+        for tap, f in out.features.items():
+            feats.setdefault(tap, []).append(f)
+    return torch.cat(logits), {tap: torch.cat(fs) for tap, fs in feats.items()}
 
 
 def _same_size_groups(items: list[dict]) -> list[list[dict]]:

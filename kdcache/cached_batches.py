@@ -30,7 +30,7 @@ from kdcache.loaders import make_loader
 from kdcache.store import BAD, BadSampleError, CacheStore, CacheStream, to_tensors
 from kdcache.store.location import worker_start_method
 from kdcache.target_geometry import pool_targets, view_targets, warp_targets
-from kdcache.transforms import Augment, Preprocess, SegPipeline
+from kdcache.transforms import AUGMENT_OPTIONS, Augment, Preprocess, SegPipeline
 
 #: the cached arrays of the logits group, as a read sample names them
 LOGIT_KEYS = ("logits/values", "logits/indices", "logits/tail")
@@ -59,19 +59,26 @@ class KDPipeline(SegPipeline):
         self.store = store
         self.strides = dict(strides) if strides is not None else store.schema.strides
         self.rows = np.asarray(rows)
-        self.use_views = bool(use_views and store.schema.views)
+        # a schedule cache is always replayed: its views are the crops this run draws
+        self.use_views = bool((use_views or store.schema.schedule) and store.schema.views)
         self.skip_bad = skip_bad
         if required is None:  # every map group the store holds
             required = ["logits", *(f"features/{t}" for t in store.schema.features),
                         *(f"attention/{t}" for t in store.schema.attention)]
         self.groups = store.schema.groups_for(required, self.use_views)
 
+    @property
+    def view(self) -> int | None:
+        """Of a schedule cache, the view this epoch replays (schedule ``seed``); else None."""
+        schema = self.store.schema
+        return schema.view_of(self.seed, self.epoch) if schema.schedule else None
+
     def __getitem__(self, index: int) -> dict:
         """Random access: sample ``index``'s chunks read on their own."""
         cached: dict = {}
         if self.groups:
             try:
-                cached = to_tensors(self.store.read(int(self.rows[index]), groups=self.groups))
+                cached = to_tensors(self.store.read(int(self.rows[index]), groups=self.groups, view=self.view))
             except BadSampleError:
                 if not self.skip_bad:
                     raise
@@ -86,7 +93,7 @@ class KDPipeline(SegPipeline):
         placeholder = (lambda: self.store.schema.placeholder_targets(self.groups)) if self.skip_bad else None
         stream = CacheStream(self.store, self.rows, transform=self.item, groups=self.groups, seed=self.seed,
                              positions=positions, batch_size=batch_size, num_workers=workers,
-                             buffer_size=buffer_size, placeholder=placeholder)
+                             buffer_size=buffer_size, placeholder=placeholder, view=self.view)
         stream.set_epoch(self.epoch)
         return stream
 
@@ -96,7 +103,10 @@ class KDPipeline(SegPipeline):
         skipped = bool(cached.pop(BAD, False))
         if self.use_views:
             params = cached["views/params"]
-            v = int(np.random.default_rng((self.seed, self.epoch, index, 7)).integers(len(params)))
+            if self.store.schema.schedule:  # read alone: this epoch's view of this run's schedule
+                v = 0
+            else:  # one of the stored views, drawn by (seed, epoch, index)
+                v = int(np.random.default_rng((self.seed, self.epoch, index, 7)).integers(len(params)))
             item = self.transformed(index, lambda _i, size: Geometry.unpack(size, params[v]))
             item.update(view_targets(cached, v))
         else:
@@ -262,6 +272,10 @@ def pool_pipeline(store: CacheStore, labelled: CacheStore, required: list[str], 
     refused in one line when it was built by another teacher or for other classes than the
     labelled cache, or lacks the maps the methods read (``required``)."""
     mine, theirs = labelled.schema, store.schema
+    if theirs.schedule:
+        raise KDCacheError(f"--unlabeled-cache {store.path} holds a schedule (--schedule-epochs), which an "
+                           "unlabelled cache cannot replay (its images are drawn across epochs); build it without "
+                           "--schedule-epochs")
     checks = (("classes", list(mine.class_names), list(theirs.class_names)),
               ("teacher weights (sha256)", mine.teacher.get("weights_sha256"), theirs.teacher.get("weights_sha256")),
               ("ensemble members or combination", mine.identity()["ensemble"], theirs.identity()["ensemble"]),
@@ -281,6 +295,41 @@ def pool_pipeline(store: CacheStore, labelled: CacheStore, required: list[str], 
     return KDPipeline(ds, preprocess, augment, seed, store, rows, False, skip_bad, required, strides=mine.strides)
 
 
+def check_schedule(store: CacheStore, config, augment: Augment | None) -> None:
+    """A schedule cache replays crops drawn with one augmentation for a number of epochs and
+    schedules: refuse, in one line naming the option, a run that would draw others."""
+    sched = store.schema.schedule
+    if not sched:
+        return
+    E, R = int(sched["epochs"]), int(sched["schedules"])
+    if config.epochs > E:
+        raise KDCacheError(f"--epochs {config.epochs} is more than the {E} epochs the schedule of {store.path} "
+                           f"holds; train --epochs {E} or fewer, or rebuild it with --schedule-epochs {config.epochs}")
+    if not 0 <= config.seed < R:
+        raise KDCacheError(f"--seed {config.seed}: {store.path} holds schedule{'s 0..' if R > 1 else ' '}{R - 1} "
+                           f"(--schedules {R}), one per seed; train with --seed in 0..{R - 1} or rebuild it with "
+                           f"--schedules {config.seed + 1}")
+    stored = sched["augment"]
+    mine = augment.to_dict() if augment is not None else {}
+    for key in AUGMENT_OPTIONS:
+        if key == "scale" and stored.get("resized_crop"):  # a random-resized crop has no scale range
+            continue
+        if key in stored and mine.get(key) != stored[key]:
+            want = _augment_text(key, stored[key])
+            raise KDCacheError(f"{store.path} holds a schedule drawn with {want}, and this run draws with "
+                               f"{_augment_text(key, mine.get(key))}; train with {want} (or rebuild the cache with "
+                               "this run's options)")
+
+
+def _augment_text(key: str, value) -> str:
+    option = AUGMENT_OPTIONS[key]
+    if key == "hflip":
+        return "--flip" if value else "--no-flip"
+    if value is None:
+        return f"no {option}"
+    return f"{option} {'x'.join(map(str, value)) if key == 'crop' else ','.join(f'{v:g}' for v in value)}"
+
+
 def student_batches(config, store: CacheStore, train_ds: SegmentationDataset, train_pipe: SegPipeline,
                     preprocess: Preprocess, required: list[str], *, dist: Dist, workers: int,
                     pin_memory: bool) -> tuple[TrainingBatches, list[tuple[CacheStore, np.ndarray]]]:
@@ -290,6 +339,7 @@ def student_batches(config, store: CacheStore, train_ds: SegmentationDataset, tr
     shuffle_buffer, unlabeled_* fields, seed, batch_size); ``required``: the map groups the
     methods read; ``train_pipe``: the supervised pipeline whose augmentation the items take."""
     c = config
+    check_schedule(store, c, train_pipe.augment)
     rows = store.join(train_ds, check_content=c.check_content)
     labelled = KDPipeline(train_ds, preprocess, train_pipe.augment, c.seed, store, rows, c.use_views, c.skip_bad,
                           required)

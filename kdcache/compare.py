@@ -30,7 +30,7 @@ from kdcache.runs import RunDir, resolve_device, write_json
 from kdcache.transforms import SegPipeline
 
 #: how a student read its targets (``cache_targets`` in its config.json), as the table names it
-TARGET_LABELS = {"views": "stored views", "label_map": "label map"}
+TARGET_LABELS = {"views": "stored views", "label_map": "label map", "schedule": "every epoch's crops"}
 
 
 def run_label(config: dict, path: Path) -> str:

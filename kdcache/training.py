@@ -35,7 +35,16 @@ from kdcache.models import SegModel, build_model, count_parameters
 from kdcache.options import declared, opt, resumable
 from kdcache.progress import console, progress_bar
 from kdcache.runs import RunDir, device_name, resolve_device, write_json
-from kdcache.transforms import Augment, Preprocess, SegPipeline
+from kdcache.transforms import (
+    Augment,
+    Preprocess,
+    SegPipeline,
+    crop_area_option,
+    crop_option,
+    flip_option,
+    scale_option,
+    training_augment,
+)
 from kdcache.visualize import save_training_curves
 
 
@@ -76,14 +85,11 @@ class TrainConfig:
     class_weights: bool = opt(False, "Median-frequency class weights from the training labels.")
     resize: tuple[int, int] | None = opt(None, "Resize every image/mask to HxW first (e.g. 256x256); a student "
                                                "takes its cache's.", shape="size")
-    crop: tuple[int, int] | None = opt(None, "Training crop HxW (default: the first training image's size).",
-                                       names=("--crop-size",), shape="size")
-    scale: tuple[float, float] = opt((0.75, 1.25), "Random scale range 'lo,hi' (segmentation).", shape="pair")
+    crop: tuple[int, int] | None = crop_option()
+    scale: tuple[float, float] = scale_option()
     #: classification: the random-resized crop's share of the image area (lo, hi)
-    crop_area: tuple[float, float] = opt((0.25, 1.0), "Classification: the random-resized crop's share of the image "
-                                                      "area 'lo,hi' (aspect 3/4 to 4/3, stretched to --crop-size).",
-                                         shape="pair")
-    hflip: bool = opt(True, "Random horizontal flips.", names=("--flip",))
+    crop_area: tuple[float, float] = crop_area_option()
+    hflip: bool = flip_option()
     amp: bool = opt(True, "fp16 mixed precision (CUDA only).")
     device: str = opt("auto", "auto (CUDA if available), cpu, cuda, cuda:1 ...", resumable=True)
     workers: int | None = opt(None, "DataLoader worker processes (default: 0 on CPU, up to 8 on CUDA).",
@@ -353,10 +359,7 @@ class Trainer:
         crop = c.crop
         if crop is None:
             crop = tuple(self.preprocess.image_to_tensor(train_ds.load(0)[0]).shape[-2:])
-        if is_classification(train_ds):  # a random-resized crop onto the crop size
-            augment = Augment(crop=crop, hflip=c.hflip, resized_crop=c.crop_area)
-        else:
-            augment = Augment(scale=c.scale, crop=crop, hflip=c.hflip)
+        augment = training_augment(is_classification(train_ds), crop, c.scale, c.crop_area, c.hflip)
         return (SegPipeline(train_ds, self.preprocess, augment, seed=c.seed),
                 SegPipeline(val_ds, self.preprocess))
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from kdcache.data.base import IGNORE_INDEX, SegmentationDataset
 from kdcache.data.class_base import is_classification
 from kdcache.geometry import Geometry
+from kdcache.options import opt
 
 __all__ = ["Geometry"]  # the sampled transform lives in kdcache.geometry (the store packs it too)
 
@@ -108,6 +109,54 @@ class Augment:
         d["resized_crop"] = list(self.resized_crop) if self.resized_crop else None
         d["ratio"] = list(self.ratio)
         return d
+
+
+def augment_from_dict(d: dict) -> Augment:
+    """The :class:`Augment` that :meth:`Augment.to_dict` wrote."""
+    return Augment(scale=tuple(d["scale"]), crop=tuple(d["crop"]) if d.get("crop") else None, hflip=bool(d["hflip"]),
+                   resized_crop=tuple(d["resized_crop"]) if d.get("resized_crop") else None,
+                   ratio=tuple(d.get("ratio", CROP_RATIO)))
+
+
+# -- the training augmentation's options: declared here once, for train-teacher/train-student
+# (TrainConfig) and for a schedule cache's build (CacheBuildConfig), which draws the same crops
+
+
+def crop_option():
+    return opt(None, "Training crop HxW (default: the first training image's size).", names=("--crop-size",),
+               shape="size")
+
+
+def scale_option():
+    return opt((0.75, 1.25), "Random scale range 'lo,hi' (segmentation).", shape="pair")
+
+
+def crop_area_option():
+    return opt((0.25, 1.0), "Classification: the random-resized crop's share of the image area 'lo,hi' (aspect 3/4 "
+                            "to 4/3, stretched to --crop-size).", shape="pair")
+
+
+def flip_option():
+    return opt(True, "Random horizontal flips.", names=("--flip",))
+
+
+#: an :class:`Augment` field -> the option that sets it
+AUGMENT_OPTIONS = {"crop": "--crop-size", "scale": "--scale", "resized_crop": "--crop-area", "hflip": "--flip"}
+
+
+def training_augment(classification: bool, crop: tuple[int, int], scale: tuple[float, float],
+                     crop_area: tuple[float, float], hflip: bool) -> Augment:
+    """The augmentation a training run draws from its options: a random-resized crop onto
+    ``crop`` for a classifier, a random scale, a ``crop`` window and a flip for segmentation."""
+    if classification:
+        return Augment(crop=tuple(crop), hflip=bool(hflip), resized_crop=tuple(crop_area))
+    return Augment(scale=tuple(scale), crop=tuple(crop), hflip=bool(hflip))
+
+
+def schedule_geometry(schedule: int, epoch: int, index: int, in_size: tuple[int, int], aug: Augment) -> Geometry:
+    """The crop a training run with ``--seed schedule`` draws for sample ``index`` in ``epoch``
+    (:meth:`SegPipeline.geometry`'s draw): what a schedule cache stores the teacher on."""
+    return sample_geometry(np.random.default_rng((schedule, epoch, index)), in_size, aug)
 
 
 def sample_resized_crop(rng: np.random.Generator, in_size: tuple[int, int], out_size: tuple[int, int],
@@ -221,9 +270,9 @@ class SegPipeline(torch.utils.data.Dataset):
         return item
 
     def geometry(self, index: int, in_size: tuple[int, int]) -> Geometry:
-        """The transform item ``index`` gets this epoch (the same one for every map of it)."""
-        rng = np.random.default_rng((self.seed, self.epoch, index))
-        return sample_geometry(rng, in_size, self.augment)
+        """The transform item ``index`` gets this epoch (the same one for every map of it;
+        drawn from (seed, epoch, index): :func:`schedule_geometry`)."""
+        return schedule_geometry(self.seed, self.epoch, index, in_size, self.augment)
 
 
 def label_tensor(dataset: SegmentationDataset, preprocess: Preprocess, mask: np.ndarray) -> torch.Tensor:

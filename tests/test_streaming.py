@@ -55,9 +55,9 @@ def _count_reads(monkeypatch) -> Counter:
     reads: Counter = Counter()
     original = CacheStore._read_map
 
-    def counted(self, path, start, stop, rows):
+    def counted(self, path, start, stop, rows, view=None):
         reads[path] += 1
-        return original(self, path, start, stop, rows)
+        return original(self, path, start, stop, rows, view)
 
     monkeypatch.setattr(CacheStore, "_read_map", counted)
     return reads
@@ -68,9 +68,9 @@ def _count_blocks(monkeypatch) -> Counter:
     blocks: Counter = Counter()
     original = CacheStore.read_block
 
-    def counted(self, start, stop, rows=None, groups=None):
+    def counted(self, start, stop, rows=None, groups=None, view=None):
         blocks[start // self.samples_per_shard] += 1
-        return original(self, start, stop, rows, groups)
+        return original(self, start, stop, rows, groups, view)
 
     monkeypatch.setattr(CacheStore, "read_block", counted)
     return blocks

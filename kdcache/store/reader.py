@@ -215,18 +215,20 @@ class CacheStore:
             e = self._extents[group] = np.asarray(self.array(f"{group}/hw")[:])
         return e
 
-    def read(self, row: int, groups: Iterable[str] | None = None) -> dict:
-        """One sample (every map cropped to its valid extent); ``groups`` as for :meth:`read_block`."""
+    def read(self, row: int, groups: Iterable[str] | None = None, view: int | None = None) -> dict:
+        """One sample (every map cropped to its valid extent); ``groups`` and ``view`` as for
+        :meth:`read_block`."""
         if not 0 <= row < self.num_samples:
             raise IndexError(f"row {row} is outside the store's {self.num_samples} samples")
-        return self.read_block(row, row + 1, groups=groups)[0]
+        return self.read_block(row, row + 1, groups=groups, view=view)[0]
 
     def read_block(self, start: int, stop: int, rows: Sequence[int] | None = None,
-                   groups: Iterable[str] | None = None) -> list[dict]:
+                   groups: Iterable[str] | None = None, view: int | None = None) -> list[dict]:
         """Samples ``start..stop-1`` (or the ``rows`` among them), each array read in one call.
         ``groups``: only these map groups (``logits``, ``features/<tap>``, ``attention/<tap>``,
         ``views/logits``, …, and ``views/params``; see :meth:`CacheSchema.groups_for`); None:
-        every array.
+        every array. ``view``: of a schedule store's views, read this one alone (the view axis
+        of every ``views/…`` array, ``views/params`` included, then has length 1); None: all.
 
         Reading a whole shard's block is the fast path: its file is fetched in one request per
         array and its chunks decoded together, instead of one request per sample."""
@@ -237,7 +239,8 @@ class CacheStore:
         data = {}
         for spec in specs:
             try:
-                data[spec.path] = self._read_map(spec.path, start, stop, rows)
+                data[spec.path] = self._read_map(spec.path, start, stop, rows,
+                                                 view if schema.per_view(spec.path) else None)
             except Exception as exc:
                 names = [self.ids[r] for r in rows[:3]] + (["…"] if len(rows) > 3 else [])
                 raise BadSampleError(
@@ -247,7 +250,9 @@ class CacheStore:
                     "rebuilding; train-student --skip-bad trains on without its targets.", rows
                 ) from None
         if schema.views and (groups is None or VIEW_PARAMS in groups):
-            data[VIEW_PARAMS] = np.asarray(self.array(VIEW_PARAMS)[start:stop])
+            params = self.array(VIEW_PARAMS)
+            data[VIEW_PARAMS] = np.asarray(params[start:stop] if view is None or not schema.schedule
+                                           else params[start:stop, view:view + 1])
         ids = self.ids
         ids_type = schema.read_index_dtype
         out = []
@@ -267,21 +272,24 @@ class CacheStore:
             out.append(item)
         return out
 
-    def _read_map(self, path: str, start: int, stop: int, rows: list[int]) -> np.ndarray:
-        """Rows of a map array as a [stop - start, ...] block (only ``rows`` filled in)."""
+    def _read_map(self, path: str, start: int, stop: int, rows: list[int], view: int | None = None) -> np.ndarray:
+        """Rows of a map array as a [stop - start, ...] block (only ``rows`` filled in); of an
+        array chunked per view, ``view`` alone ([stop - start, 1, ...]) when given."""
         if path not in self._fast:
             self._fast[path] = fast_reader(self.path, path, self.array(path).metadata.to_dict(),
                                            self.storage_options)
         fast = self._fast[path]
-        if fast is None or (fast.fs is not None and not fast.reads_whole(rows)):
-            return np.asarray(self.array(path)[start:stop])  # zarr: ranged reads of the chunks
+        if fast is None or (fast.fs is not None and not fast.reads_whole(rows)):  # zarr: ranged reads of the chunks
+            a = self.array(path)
+            return np.asarray(a[start:stop] if view is None else a[start:stop, view:view + 1])
         a = self.array(path)
-        out = np.empty((stop - start, *a.shape[1:]), dtype=fast.dtype)
+        shape = a.shape[1:] if view is None else (1, *a.shape[2:])
+        out = np.empty((stop - start, *shape), dtype=fast.dtype)
         by_shard: dict[int, list[int]] = {}
         for r in rows:
             by_shard.setdefault(r // fast.per_shard, []).append(r)
         for rs in by_shard.values():
-            out[np.asarray(rs) - start] = fast.read(rs)
+            out[np.asarray(rs) - start] = fast.read(rs, view)
         return out
 
     # -- joining with a data set -----------------------------------------------------------------
@@ -373,7 +381,8 @@ class CacheStream(torch.utils.data.IterableDataset):
     number of items, a multiple of ``batch_size`` (the remainder of the sequence is left out that
     epoch, as ``drop_last`` does), so processes and workers take equal numbers of whole batches.
     With ``placeholder``, a shard that cannot be decoded is read sample by sample and each
-    unreadable sample becomes ``placeholder()`` marked ``bad`` (else the error propagates)."""
+    unreadable sample becomes ``placeholder()`` marked ``bad`` (else the error propagates).
+    ``view``: of a schedule store's views, the one read (see :meth:`CacheStore.read_block`)."""
 
     def __init__(self, store: CacheStore, rows: Sequence[int] | None = None, *,
                  item_fn: Callable[[int], dict] | None = None,
@@ -381,8 +390,9 @@ class CacheStream(torch.utils.data.IterableDataset):
                  groups: Iterable[str] | None = None, shuffle: bool = True, buffer_size: int = 256,
                  seed: int = 0, rank: int = 0, world_size: int = 1, positions: Sequence[int] | None = None,
                  batch_size: int | None = None, num_workers: int = 0,
-                 placeholder: Callable[[], dict] | None = None):
+                 placeholder: Callable[[], dict] | None = None, view: int | None = None):
         self.store = store
+        self.view = view  # of a schedule store, the one view read (the epoch's)
         self.rows = np.arange(store.num_samples) if rows is None else np.asarray(rows, dtype=np.int64)
         self.item_fn = item_fn
         self.transform = transform
@@ -478,14 +488,14 @@ class CacheStream(torch.utils.data.IterableDataset):
 
     def _read(self, first: int, last: int, rows: list[int]) -> list[dict]:
         try:
-            return self.store.read_block(first, last, rows=rows, groups=self.groups)
+            return self.store.read_block(first, last, rows=rows, groups=self.groups, view=self.view)
         except BadSampleError:
             if self.placeholder is None:
                 raise
         out = []
         for r in rows:
             try:
-                out.append(self.store.read(r, groups=self.groups))
+                out.append(self.store.read(r, groups=self.groups, view=self.view))
             except BadSampleError:
                 out.append({**self.placeholder(), "row": r, "id": self.store.ids[r], BAD: True})
         return out

@@ -22,6 +22,13 @@ STORE.zarr/
   views/logits/…, views/features/…, views/attention/…   the same per view: (n, V, …) (with --views)
 ```
 
+A *schedule* store (``build-teacher-cache --schedule-epochs E [--schedules R]``) holds V = R·E views
+per sample: the crop (scale, offset, flip or random-resized box) a student draws in each epoch
+of each schedule, view ``r·E + e`` for epoch ``e`` of schedule ``r`` (``views.schedule`` holds E, R
+and the augmentation they were drawn with). Its view arrays are chunked one view of one sample
+per chunk, and sharded by ``samples_per_shard`` samples of one view, so that an epoch reads only
+its own view: ``c/<shard>/<view>/0/…``.
+
 Maps are stored at the teacher head's native stride, padded to the largest sample's extent
 (images of different sizes); ``hw`` says how much of each is valid. Each sample is one chunk
 of each map array; ``samples_per_shard`` consecutive samples form a shard, the unit of
@@ -191,6 +198,7 @@ class CacheSchema:
         views_meta = None
         if views:
             vshapes = dict(views.get("feature_shapes") or {})
+            schedule = views.get("schedule")
             views_meta = {
                 "count": int(views["count"]), "scale": list(views["scale"]), "crop": list(views["crop"]),
                 "seed": int(views.get("seed", 0)), "hflip": True, "map_size": list(views["map_size"]),
@@ -199,6 +207,10 @@ class CacheSchema:
                 "params": list(Geometry.PACKED),
                 "area": list(views["area"]) if views.get("area") else None,  # random-resized crops
             }
+            if schedule:  # the crops of every epoch of a student's augmentation, one chunk each
+                views_meta["schedule"] = {"epochs": int(schedule["epochs"]), "schedules": int(schedule["schedules"]),
+                                          "augment": dict(schedule["augment"])}
+                views_meta["hflip"] = bool(schedule["augment"].get("hflip", True))
         data = dict(dataset or {})
         data.update({"num_samples": len(ids), "fingerprint": split_fingerprint(ids, hashes)})
         meta = {
@@ -321,6 +333,20 @@ class CacheSchema:
         return int(self.views["count"]) if self.views else 0
 
     @property
+    def schedule(self) -> dict | None:
+        """A schedule store's ``epochs``, ``schedules`` and ``augment`` (the student augmentation
+        its views were drawn with; :meth:`Augment.to_dict`), else None."""
+        return (self.views or {}).get("schedule") or None
+
+    def view_of(self, schedule: int, epoch: int) -> int:
+        """The view that holds ``epoch`` of ``schedule`` in a schedule store."""
+        return schedule * int(self.schedule["epochs"]) + epoch
+
+    def per_view(self, path: str) -> bool:
+        """Whether the map array ``path`` is chunked one view per chunk (a schedule store's views)."""
+        return bool(self.schedule) and path.startswith("views/") and path != VIEW_PARAMS
+
+    @property
     def dataset(self) -> dict:
         """The data set the store was built from: name, split, options, limit, root, …"""
         return dict(self.meta["dataset"])
@@ -414,8 +440,9 @@ class CacheSchema:
         small("content_hash", (32,), "uint8", 0)
         small("image_hw", (2,), "int32", 0)
         for spec in self.map_specs:
-            group.create_array(spec.path, shape=(n, *spec.shape), dtype=spec.dtype, chunks=(1, *spec.shape),
-                               shards=(s, *spec.shape), fill_value=fill_value(spec.dtype), compressors=comp)
+            one = (1, *spec.shape[1:]) if self.per_view(spec.path) else spec.shape  # a chunk: one view, or all
+            group.create_array(spec.path, shape=(n, *spec.shape), dtype=spec.dtype, chunks=(1, *one),
+                               shards=(s, *one), fill_value=fill_value(spec.dtype), compressors=comp)
         for g in self.extent_groups:
             small(f"{g}/hw", (2,), "int32", 0)
         if self.views:
@@ -529,15 +556,23 @@ class CacheSchema:
             *([("task", "classification: " + ("the class map before pooling, pooled over each crop (label map)"
                                               if self.label_map else "the classifier's logits"))]
               if self.classification else []),
-            ("views", (f"{views['count']} per image, crop {views['crop']}, "
-                       + (f"random-resized, area {views['area']}" if views.get("area") else f"scale {views['scale']}"))
-             if views else "none"),
+            ("views", self._describe_views() if views else "none"),
             ("features", ", ".join(f"{t} ({f['channels']}x{f['map_size'][0]}x{f['map_size'][1]})"
                                    for t, f in self.features.items()) or "none"),
             ("attention", ", ".join(f"{t} ({a['map_size'][0]}x{a['map_size'][1]})"
                                     for t, a in self.attention.items()) or "none"),
             ("codec", f"{m['codec']} + crc32c, sharded"),
         ]
+
+    def _describe_views(self) -> str:
+        views, sched = self.views, self.schedule
+        crops = (f"random-resized, area {views['area']}" if views.get("area") else f"scale {views['scale']}")
+        if not sched:
+            return f"{views['count']} per image, crop {views['crop']}, {crops}"
+        a = sched["augment"]
+        return (f"a schedule: the crops of {sched['epochs']} epochs x {sched['schedules']} schedule(s) per image "
+                f"({views['count']} views), crop {views['crop']}, {crops}, flip {'yes' if a.get('hflip') else 'no'}; "
+                "train-student replays them (--seed picks the schedule)")
 
     def _describe_teacher(self) -> list[tuple[str, str]]:
         e = self.ensemble

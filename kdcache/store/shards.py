@@ -55,27 +55,36 @@ class ShardFile:
         self.compressor = sharding["codecs"][1]["name"] if len(sharding["codecs"]) == 3 else None
         self.compressor_conf = sharding["codecs"][1].get("configuration", {}) if self.compressor else {}
         self.index_bytes = 16 * self.per_shard + 4
+        #: a schedule store's views: one view of one sample per chunk, a shard file per view
+        self.per_view = (len(self.shape) >= 2 and self.shape[1] > 1 and self.chunk_shape[1] == 1
+                         and self.shard_shape[1] == 1)
+        self.views = self.shape[1] if self.per_view else 1
         fill = meta.get("fill_value")
         self.fill = np.array(np.nan if fill == "NaN" else fill, dtype=self.dtype)
         self.ndim = len(self.shape)
         self._zstd = Zstd(level=self.compressor_conf.get("level", 0)) if self.compressor == "zstd" else Zstd()
 
-    def shard_path(self, shard: int) -> Path | str:
+    def shard_path(self, shard: int, view: int = 0) -> Path | str:
+        parts = [str(shard), str(view), *(["0"] * (self.ndim - 2))] if self.per_view else \
+            [str(shard), *(["0"] * (self.ndim - 1))]
         if self.fs is not None:
-            return "/".join([self.dir, str(shard), *(["0"] * (self.ndim - 1))])
-        return self.dir.joinpath(str(shard), *(["0"] * (self.ndim - 1)))
+            return "/".join([self.dir, *parts])
+        return self.dir.joinpath(*parts)
 
     def reads_whole(self, rows: list[int]) -> bool:
         """Whether reading ``rows`` of one shard fetches the whole shard file (a quarter or more
         of its samples): one request; fewer are read chunk by chunk."""
         return len(rows) * 4 >= self.per_shard
 
-    def read(self, rows: list[int]) -> np.ndarray:
+    def read(self, rows: list[int], view: int | None = None) -> np.ndarray:
         """Samples ``rows`` (all in one shard), stacked: [len(rows), *chunk_shape[1:]]. At a
-        URL only whole-shard reads (:meth:`reads_whole`) take this path."""
+        URL only whole-shard reads (:meth:`reads_whole`) take this path. An array chunked per
+        view reads ``view`` alone ([len(rows), 1, …]), or every view (None)."""
+        if self.per_view and view is None:
+            return np.concatenate([self.read(rows, v) for v in range(self.views)], axis=1)
         shard = rows[0] // self.per_shard
         out = np.empty((len(rows), *self.chunk_shape[1:]), dtype=self.dtype)
-        path = self.shard_path(shard)
+        path = self.shard_path(shard, view or 0)
         if self.fs is not None:
             try:
                 data = memoryview(self.fs.cat_file(path))
@@ -151,10 +160,16 @@ class ShardFile:
         return payload + google_crc32c.value(payload).to_bytes(4, "little")
 
     def write(self, start: int, block: np.ndarray) -> int:
-        """Write ``block`` (rows ``start``..) as one whole shard; returns the bytes written."""
+        """Write ``block`` (rows ``start``..) as one whole shard (a file per view for an array
+        chunked per view); returns the bytes written."""
         shard, rem = divmod(start, self.per_shard)
         if rem or len(block) > self.per_shard:
             raise ValueError(f"a shard write must start at a shard boundary, got row {start}")
+        if self.per_view:
+            return sum(self._write_file(self.shard_path(shard, v), block[:, v:v + 1]) for v in range(self.views))
+        return self._write_file(self.shard_path(shard), block)
+
+    def _write_file(self, path: Path, block: np.ndarray) -> int:
         index = np.full((self.per_shard, 2), _MISSING, dtype="<u8")
         parts, offset = [], 0
         for j in range(len(block)):
@@ -164,7 +179,6 @@ class ShardFile:
             offset += len(raw)
         ib = index.tobytes()
         parts.append(ib + google_crc32c.value(ib).to_bytes(4, "little"))
-        path = self.shard_path(shard)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
@@ -177,7 +191,8 @@ class ShardFile:
 def fast_reader(root: str | Path, path: str, array_meta: dict, storage_options: dict | None = None
                 ) -> ShardFile | None:
     """A :class:`ShardFile` if ``array_meta`` (the array's zarr.json) is exactly kdcache's
-    sharded layout with one sample per chunk; None otherwise. A store at an fsspec URL gets one
+    sharded layout with one sample per chunk (or one view of one sample, sharded by view); None
+    otherwise. A store at an fsspec URL gets one
     that reads whole shards in one request each (``storage_options`` as for the store)."""
     fs = None
     if is_url(root):
@@ -196,10 +211,11 @@ def fast_reader(root: str | Path, path: str, array_meta: dict, storage_options: 
         for c in conf["codecs"][:1] + conf["index_codecs"][:1]:
             if (c.get("configuration") or {}).get("endian", "little") != "little":
                 return None
-        if conf["chunk_shape"][0] != 1 or list(conf["chunk_shape"][1:]) != list(array_meta["shape"][1:]):
-            return None
-        grid = array_meta["chunk_grid"]["configuration"]["chunk_shape"]
-        if list(grid[1:]) != list(array_meta["shape"][1:]):
+        shape, chunk = list(array_meta["shape"]), list(conf["chunk_shape"])
+        grid = list(array_meta["chunk_grid"]["configuration"]["chunk_shape"])
+        whole = chunk == [1, *shape[1:]] and grid[1:] == shape[1:]  # a sample per chunk
+        one_view = len(shape) >= 2 and chunk == [1, 1, *shape[2:]] and grid[1:] == [1, *shape[2:]]  # a view per chunk
+        if not (whole or one_view):
             return None
         if array_meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/") != "/":
             return None

@@ -291,11 +291,16 @@ class ShardWriter:
             if fast is not None:  # the shard file replaced whole, atomically
                 written += fast.write(start, block)
             else:  # through zarr: a shard left by an interrupted run is replaced, never merged
-                key = "/".join([spec.path, "c", str(shard)] + ["0"] * len(spec.shape))
-                location.delete_key(self.out, key)
+                if self.schema.per_view(spec.path):  # a shard file per view
+                    keys = ["/".join([spec.path, "c", str(shard), str(v)] + ["0"] * (len(spec.shape) - 1))
+                            for v in range(spec.shape[0])]
+                else:
+                    keys = ["/".join([spec.path, "c", str(shard)] + ["0"] * len(spec.shape))]
+                for key in keys:
+                    location.delete_key(self.out, key)
                 self.arrays[spec.path][start:stop] = block
                 if not location.is_url(self.out):  # no extra requests to an object store
-                    written += location.size_of(self.out, key)
+                    written += sum(location.size_of(self.out, key) for key in keys)
         for g in self.schema.extent_groups:
             self.arrays[f"{g}/hw"][start:stop] = np.array([s[f"{g}/hw"] for s in rows], dtype=np.int32)
         self.arrays["image_hw"][start:stop] = np.array([s["image_hw"] for s in rows], dtype=np.int32)
