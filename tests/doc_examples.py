@@ -176,6 +176,8 @@ def small(words: list[str], cwd: Path = Path(".")) -> list[str]:
             _set(args, "--limit", max(IMAGES, folds), at_most=True)
     elif command == "build-teacher-cache":  # enough for a student that cuts 10 folds
         _set(args, "--limit", BUILD_IMAGES, at_most=True)
+        if "--schedule-epochs" in args:  # a schedule for the one epoch the students train
+            _set(args, "--schedule-epochs", EPOCHS, at_most=True)
     elif command == "evaluate":
         _set(args, "--limit", IMAGES, at_most=True)
     elif command == "demo":
