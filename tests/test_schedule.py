@@ -106,6 +106,7 @@ def test_a_stream_epoch_reads_its_own_view_alone_and_equals_random_access(seg, t
     pipe.set_epoch(2)
     streamed = {int(it["index"]): it for it in pipe.stream(buffer_size=1)}
     assert sorted(streamed) == list(range(12))
+    assert CacheStore(store).schema.schedule["chunks"] == "view"  # 3 KB a view: one chunk each
     assert set(views_read) == {CacheStore(store).schema.view_of(1, 2)} == {1 * E + 2}
     for i in (0, 5, 11):
         direct = pipe[i]
@@ -165,7 +166,9 @@ def test_classification_replays_its_random_resized_crops(tmp_path):
            "--topk", "10", "--schedule-epochs", "2", "--crop-area", "0.3,1", "--crop-size", "20x20", "--quiet",
            "--out", out)
     assert r.exit_code == 0, r.output
-    assert CacheStore(out).schema.schedule["augment"]["resized_crop"] == [0.3, 1.0]
+    sched = CacheStore(out).schema.schedule
+    assert sched["augment"]["resized_crop"] == [0.3, 1.0]
+    assert sched["chunks"] == "sample"  # 30 B a view: every view of a sample in one chunk, each epoch slices its own
     trainer = StudentTrainer(config_from_store(str(out), model="demo_cls_student", methods=[{"name": "kl"}], epochs=2,
                                                crop=(20, 20), crop_area=(0.3, 1.0), batch_size=4, workers=0,
                                                device="cpu", out=str(tmp_path / "s")))
@@ -183,6 +186,8 @@ def test_classification_replays_its_random_resized_crops(tmp_path):
         assert logits.std() > 1
         for j, it in enumerate(items):
             torch.testing.assert_close(_dense(it, 10).flatten(), logits[j], rtol=2e-3, atol=2e-3)
+        streamed = {int(it["index"]): it for it in pipe.stream(buffer_size=1)}
+        assert all(torch.equal(streamed[i]["kd/values"], items[i]["kd/values"]) for i in range(8))
     r = kd("train-student", "--cache", out, "--model", "demo_cls_student", "--epochs", "2", "--crop-size", "20x20",
            "--crop-area", "0.3,1", "--batch-size", "4", "--quiet", "--out", tmp_path / "run")
     assert r.exit_code == 0, r.output

@@ -261,6 +261,9 @@ class CacheStore:
             item = {"row": r, "id": ids[r]}
             for spec in specs:
                 a = data[spec.path][j]
+                if view is not None and schema.schedule and spec.path.startswith("views/") \
+                        and not schema.per_view(spec.path):  # all views were read: this one
+                    a = a[view:view + 1]
                 if spec.spatial:
                     h, w = extents[spec.group][j]
                     a = a[..., :h, :w]

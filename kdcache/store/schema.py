@@ -25,9 +25,10 @@ STORE.zarr/
 A *schedule* store (``build-teacher-cache --schedule-epochs E [--schedules R]``) holds V = R·E views
 per sample: the crop (scale, offset, flip or random-resized box) a student draws in each epoch
 of each schedule, view ``r·E + e`` for epoch ``e`` of schedule ``r`` (``views.schedule`` holds E, R
-and the augmentation they were drawn with). Its view arrays are chunked one view of one sample
-per chunk, and sharded by ``samples_per_shard`` samples of one view, so that an epoch reads only
-its own view: ``c/<shard>/<view>/0/…``.
+and the augmentation they were drawn with). Where one view's maps are large (``chunks: view``:
+at least ``VIEW_CHUNK_BYTES``), its view arrays are chunked one view of one sample per chunk and
+sharded by ``samples_per_shard`` samples of one view, so that an epoch reads only its own view
+(``c/<shard>/<view>/0/…``); a classifier's tiny views share one chunk per sample.
 
 Maps are stored at the teacher head's native stride, padded to the largest sample's extent
 (images of different sizes); ``hw`` says how much of each is valid. Each sample is one chunk
@@ -72,6 +73,11 @@ MAX_SAMPLES_PER_SHARD = 256
 
 #: the attributes that must be equal for a rerun to resume a store (everything that changes
 #: what is stored); the rest (creation time, code version, data root path) may differ
+#: a schedule store chunks its views one per chunk when one view's maps hold at least this many
+#: raw bytes (an epoch then reads its own alone); smaller views (a classifier's) share a chunk per
+#: sample, whose per-chunk overhead (index entry, checksum, codec header) would outweigh them
+VIEW_CHUNK_BYTES = 1024
+
 #: the array of each sample's stored view geometries (read with the views' maps)
 VIEW_PARAMS = "views/params"
 
@@ -207,7 +213,7 @@ class CacheSchema:
                 "params": list(Geometry.PACKED),
                 "area": list(views["area"]) if views.get("area") else None,  # random-resized crops
             }
-            if schedule:  # the crops of every epoch of a student's augmentation, one chunk each
+            if schedule:  # the crops of every epoch of a student's augmentation
                 views_meta["schedule"] = {"epochs": int(schedule["epochs"]), "schedules": int(schedule["schedules"]),
                                           "augment": dict(schedule["augment"])}
                 views_meta["hflip"] = bool(schedule["augment"].get("hflip", True))
@@ -241,6 +247,12 @@ class CacheSchema:
             "classification": dict(classification) if classification else None,
         }
         schema = cls(meta)
+        if views_meta and views_meta.get("schedule"):
+            # a view per chunk where a view's maps are large enough for an epoch to gain by reading
+            # its own alone; tiny ones (a classifier's k logits) together, one chunk per sample
+            per_view = sum(int(np.prod(s.shape[1:])) * np.dtype(s.dtype).itemsize for s in schema.map_specs
+                           if s.path.startswith("views/"))
+            views_meta["schedule"]["chunks"] = "view" if per_view >= VIEW_CHUNK_BYTES else "sample"
         meta["samples_per_shard"] = schema._shard_size(samples_per_shard)
         return schema
 
@@ -343,8 +355,11 @@ class CacheSchema:
         return schedule * int(self.schedule["epochs"]) + epoch
 
     def per_view(self, path: str) -> bool:
-        """Whether the map array ``path`` is chunked one view per chunk (a schedule store's views)."""
-        return bool(self.schedule) and path.startswith("views/") and path != VIEW_PARAMS
+        """Whether the map array ``path`` is chunked one view per chunk (a schedule store's views,
+        unless each view is under :data:`VIEW_CHUNK_BYTES`)."""
+        sched = self.schedule
+        return (bool(sched) and sched.get("chunks", "view") == "view" and path.startswith("views/")
+                and path != VIEW_PARAMS)
 
     @property
     def dataset(self) -> dict:
