@@ -62,3 +62,48 @@ def test_numba_vectorised_sees_calls_through_a_register():
     f(np.ones(4))
     found = math_calls(calls("\n".join(f.inspect_asm().values()).splitlines()))
     assert found["exp"] >= 1 and found["log"] >= 1, found
+
+
+def _t_cdf(x: float, df: int, steps: int = 20000) -> float:
+    """Student's t CDF by Simpson's rule on its density (an independent check of a t table)."""
+    import math
+
+    c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+    f = lambda t: c * (1 + t * t / df) ** (-(df + 1) / 2)  # noqa: E731
+    h = x / steps
+    s = f(0) + f(x) + sum((4 if i % 2 else 2) * f(i * h) for i in range(1, steps))
+    return 0.5 + s * h / 3
+
+
+def test_cached_vs_online_pairs_seeds_and_reports_every_arm(tmp_path, monkeypatch):
+    """cached_vs_online.py on a tiny classification setting: every arm trains for every seed (the
+    online arm over the schedule store), the report holds each arm, the chosen temperature and
+    the paired differences with their 95% t interval; its t table matches the t distribution."""
+    script = runpy.run_path(str(BENCH / "cached_vs_online.py"), run_name="cvo")
+    for df, q in script["T975"].items():
+        assert abs(_t_cdf(q, df) - 0.975) < 2e-4, df
+    p = script["paired"]([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert p["mean"] == 3.0 and abs(p["hi"] - p["lo"] - 2 * 2.776 * (2.5 ** 0.5) / 5 ** 0.5) < 1e-9
+    task = script["TASKS"]["classification"]
+    monkeypatch.setitem(task, "teacher", {**task["teacher"], "epochs": 1, "dataset_options": {"size": 48}})
+    monkeypatch.setitem(task, "data_options", {"size": 48})
+    monkeypatch.setitem(task, "test_size", 40)
+    monkeypatch.setitem(task, "student", {**task["student"], "epochs": 2, "batch_size": 16})
+    module = script["main"].__globals__  # run_path returns a copy of the script's globals
+    monkeypatch.setitem(module, "TEMPERATURES", (1.0, 4.0))
+    monkeypatch.setitem(module, "TUNE_SEEDS", (0,))
+    results = tmp_path / "results"
+    monkeypatch.setitem(module, "__file__", str(results / "x" / "cached_vs_online.py"))  # results go to x/results
+    (results / "x" / "results").mkdir(parents=True)
+    monkeypatch.setattr(sys, "argv", ["cached_vs_online.py", "--task", "classification", "--seeds", "0,1",
+                                      "--out", str(tmp_path / "work")])
+    script["main"]()
+    state = __import__("json").loads((tmp_path / "work" / "state.json").read_text())
+    assert set(state["students"]) == set(script["arm_names"]())
+    assert all(set(r) == {"0", "1"} for r in state["students"].values())
+    assert state["caches"]["schedule"]["epochs"] == 2 and state["caches"]["schedule"]["schedules"] == 2
+    assert all(r["num_samples"] == 40 for arm in state["students"].values() for r in arm.values())
+    table = (results / "x" / "results" / "cached-vs-online-classification-cpu.md").read_text()
+    for row in ("| CE |", "| KL schedule |", "| DIST online |", "| KL schedule − KL online | 2 |",
+                "| DIST whole image − CE | 2 |", "| kl | "):
+        assert row in table

@@ -1,0 +1,286 @@
+"""Does a student trained from the cache learn as much as one trained with the live teacher on
+every crop? Paired by seed, on a budget where the CE baseline has levelled off (issue 27 §1).
+
+    python benchmarks/cached_vs_online.py --task classification [--teacher RUN] [--seeds 0,1,2,3,4]
+    python benchmarks/cached_vs_online.py --task segmentation [--teacher RUN] [--seeds 0,1,2,3,4]
+
+Phases (``--phase``, comma-separated; the state file in ``--out`` keeps what each one measured, so
+a cut-short run goes on where it stopped):
+
+* ``teacher``: the task's teacher recipe (skipped with ``--teacher RUN``, a run trained with it);
+* ``caches``: two caches of the training split, built once: the default cache (the teacher on
+  the whole image, top-k + tail; a crop takes its cells) and a schedule (``--schedule-epochs``
+  = the students' epochs, ``--schedules`` = one per seed: the teacher on every crop each seed's
+  student draws). Build seconds and bytes per image;
+* ``tune``: each method's temperature, chosen on **val** (best epoch, mean of seeds 0 and 1)
+  from the schedule (the live teacher's targets, so one choice serves every form); ties keep
+  the lower T;
+* ``students``: for each seed, CE alone and, for KL and DIST at the chosen T, the student from
+  the default cache, from the schedule and with the live teacher on each crop
+  (``--online-teacher cache`` over the schedule store: the same crops in the same order as the
+  schedule's student, the same steps). Checkpoints chosen on val; scored on a test split
+  rendered larger than the default (``TEST_SIZE`` images), every score kept in the results.
+
+Reported: mean ± sd over seeds of the test score for every arm; for each cached arm the paired
+difference to the online student of its method (per seed, mean, sd and the 95% t interval);
+each arm against CE; CE's validation curve at each quarter of the schedule (has it levelled
+off?); the training rate of each arm (images/s, side by side in one run).
+
+The settings below were fixed in a commit before the first recorded run; the results file names
+the commit it ran at. Writes ``benchmarks/results/cached-vs-online-<task>-<cpu|gpu>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.data import build_dataset
+from kdcache.distill import config_from_store, train_student
+from kdcache.evaluation import evaluate_model
+from kdcache.loaders import make_loader
+from kdcache.model_loading import open_weights
+from kdcache.runs import device_name, resolve_device
+from kdcache.store import CacheStore
+from kdcache.store.location import size_of
+from kdcache.training import TrainConfig, train
+from kdcache.transforms import SegPipeline
+
+#: per task: the teacher recipe, the data options every run shares, the test split's size, the
+#: students' recipe (CE and KD alike), the cache's k and the score's name
+TASKS = {
+    "classification": {
+        # shapes: 1000 training images (the default), val rendered at 1000 (default 500) so the
+        # temperature and checkpoints are chosen on less noise; test at 10000. 120 epochs: CE's val
+        # top-1 (seed 0, a pilot on val) was still climbing at 60 epochs (best 61.6) and flat over
+        # the last quarter of 120 (68-70)
+        "teacher": {"model": "demo_cls_teacher", "dataset": "shapes", "epochs": 40, "batch_size": 32, "lr": 2e-3,
+                    "crop_area": (0.5, 1.0), "workers": 0},
+        "data_options": {"size": 1000},
+        "test_size": 10000,
+        "student": {"model": "demo_cls_student", "epochs": 120, "batch_size": 32, "lr": 3e-3,
+                    "crop_area": (0.5, 1.0), "workers": 0},
+        "topk": 5,
+        "score": "top1",
+    },
+    "segmentation": {
+        # the built-in road scenes: 400 training images, val 100, test rendered at 1000
+        "teacher": {"model": "demo_teacher", "dataset": "synthetic", "epochs": 24, "workers": 0},
+        "data_options": {},
+        "test_size": 1000,
+        "student": {"model": "demo_student", "epochs": 40, "batch_size": 8, "workers": 0},
+        "topk": 4,
+        "score": "miou",
+    },
+}
+METHODS = ("kl", "dist")
+TEMPERATURES = (1.0, 2.0, 4.0)
+TUNE_SEEDS = (0, 1)
+#: t quantiles (0.975) for the 95% interval of a paired mean, by degrees of freedom
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+FORMS = {"whole image": "image.zarr", "schedule": "schedule.zarr"}
+
+
+def arm_names() -> list[str]:
+    return ["CE"] + [f"{m.upper()} {form}" for m in METHODS for form in (*FORMS, "online")]
+
+
+def student(task: dict, cache: Path, out: Path, seed: int, method: str | None, temperature: float = 1.0,
+            online: bool = False) -> dict:
+    methods = [{"name": "none"}] if method is None else [{"name": method, "temperature": temperature}]
+    cfg = config_from_store(str(cache), out=str(out), seed=seed, methods=methods,
+                            online_teacher="cache" if online else None, **task["student"])
+    t0 = time.perf_counter()
+    result = train_student(cfg, overwrite=True, show_progress=False)
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in log if "epoch" in r and "val_miou" in r]
+    key = "val_top1" if task["score"] == "top1" else "val_miou"
+    return {"val": result["best_miou"], "seconds": time.perf_counter() - t0,
+            "val_curve": [r.get(key, r["val_miou"]) for r in epochs],
+            "images_per_s": statistics.median(r["train_images_per_s"] for r in epochs)}
+
+
+def test_score(task: dict, run: Path) -> dict:
+    """The run's best-on-val checkpoint on the task's test split, rendered at ``test_size``."""
+    dev = resolve_device("auto")
+    weights = open_weights(str(run))
+    cfg = weights.config
+    options = {**(cfg.get("dataset_options") or {}), "size": task["test_size"]}
+    ds = build_dataset(cfg["dataset"], "test", cfg.get("data_root"), **options)
+    model = weights.build(num_classes=ds.num_classes, device=dev)
+    loader = make_loader(SegPipeline(ds, weights.preprocess), 32, 0, pin_memory=False)
+    m = evaluate_model(model, loader, ds.num_classes, dev, show_progress=False).metrics
+    return {"score": m[task["score"]], "num_samples": len(ds)}
+
+
+def paired(xs: list[float]) -> dict:
+    n = len(xs)
+    mean = statistics.mean(xs)
+    sd = statistics.stdev(xs) if n > 1 else float("nan")
+    half = T975.get(n - 1, 1.96) * sd / math.sqrt(n) if n > 1 else float("nan")
+    return {"n": n, "mean": mean, "sd": sd, "lo": mean - half, "hi": mean + half}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", choices=sorted(TASKS), required=True)
+    ap.add_argument("--phase", default="teacher,caches,tune,students")
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--out", default=None, help="working folder (default runs/cached-vs-online-<task>)")
+    ap.add_argument("--teacher", default=None, help="a teacher run trained with the task's recipe")
+    args = ap.parse_args()
+    task = TASKS[args.task]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    phases = set(args.phase.split(","))
+    out = Path(args.out or f"runs/cached-vs-online-{args.task}")
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    device = resolve_device("auto")
+    state["machine"] = device_name(device)
+    state.setdefault("commits", [])
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent).stdout.strip()
+    if head and head not in state["commits"]:
+        state["commits"].append(head)
+    teacher = Path(args.teacher) if args.teacher else out / "teacher"
+    results = Path(__file__).parent / "results" / f"cached-vs-online-{args.task}-{'gpu' if device.type == 'cuda' else 'cpu'}.md"
+
+    def save():
+        state_path.write_text(json.dumps(state, indent=2))
+        write_report(args.task, state, results)
+
+    if "teacher" in phases and not args.teacher:
+        t0 = time.perf_counter()
+        train(TrainConfig(out=str(teacher), **task["teacher"]), overwrite=True, show_progress=False)
+        state["teacher_seconds"] = time.perf_counter() - t0
+    if "caches" in phases:
+        state["teacher"] = {**test_score(task, teacher), "run": str(teacher)}
+        epochs = task["student"]["epochs"]
+        aug = {k: task["student"][k] for k in ("crop", "scale", "crop_area", "hflip") if k in task["student"]}
+        state["caches"] = {}
+        for form, name in FORMS.items():
+            extra = {"schedule_epochs": epochs, "schedules": max(seeds) + 1, **aug} if form == "schedule" else {}
+            t0 = time.perf_counter()
+            build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(out / name), split="train",
+                                                 dataset=task["teacher"]["dataset"],
+                                                 dataset_options=task["data_options"], topk=task["topk"],
+                                                 workers=0, **extra), overwrite=True, show_progress=False)
+            n = CacheStore(str(out / name)).schema.num_samples
+            state["caches"][form] = {"seconds": time.perf_counter() - t0, "disk_bytes_per_image": size_of(out / name) / n,
+                                     "images": n, **({"epochs": epochs, "schedules": max(seeds) + 1} if extra else {})}
+        save()
+    if "tune" in phases:
+        tune = state.setdefault("tune", {})
+        for method in METHODS:
+            for T in TEMPERATURES:
+                for seed in TUNE_SEEDS:
+                    key = f"{method} T={T:g} seed {seed}"
+                    if key not in tune:
+                        tune[key] = student(task, out / FORMS["schedule"], out / f"tune-{method}-T{T:g}-s{seed}", seed,
+                                            method, T)["val"]
+                        save()
+                        print(key, tune[key], flush=True)
+        state["temperature"] = {m: max(TEMPERATURES, key=lambda T: (statistics.mean(
+            tune[f"{m} T={T:g} seed {s}"] for s in TUNE_SEEDS), -T)) for m in METHODS}
+        save()
+    if "students" in phases:
+        temps = state["temperature"]
+        runs = state.setdefault("students", {})
+        plan = {"CE": (FORMS["whole image"], None, False)}
+        for m in METHODS:
+            for form, name in FORMS.items():
+                plan[f"{m.upper()} {form}"] = (name, m, False)
+            plan[f"{m.upper()} online"] = (FORMS["schedule"], m, True)
+        for seed in seeds:
+            for arm, (cache, method, online) in plan.items():
+                if str(seed) in runs.get(arm, {}):
+                    continue
+                run = out / f"s{seed}-{arm.lower().replace(' ', '-')}"
+                r = student(task, out / cache, run, seed, method, temps.get(method, 1.0), online)
+                r.update(test_score(task, run))
+                runs.setdefault(arm, {})[str(seed)] = r
+                save()
+                print(arm, seed, {k: v for k, v in r.items() if k != "val_curve"}, flush=True)
+    save()
+
+
+def write_report(task_name: str, state: dict, path: Path) -> None:
+    task = TASKS[task_name]
+    s = task["student"]
+    unit = "top-1 %" if task["score"] == "top1" else "mIoU %"
+    lines = [f"# Cached targets against the live teacher: {task_name}", "",
+             f"Machine: {state['machine']}. Written by `benchmarks/cached_vs_online.py --task {task_name}` at commit(s) "
+             f"{', '.join(state.get('commits', []))} (settings fixed before the first run). Students `{s['model']}`, "
+             f"{s['epochs']} epochs, batch {s['batch_size']}, every arm with the same data, steps and crops; teacher "
+             f"`{task['teacher']['model']}` ({task['teacher']['epochs']} epochs), top-{task['topk']} + tail caches. "
+             f"Checkpoints chosen on val; scores on {task['test_size']} test images.", ""]
+    if "teacher" in state:
+        lines += [f"Teacher on test: {100 * state['teacher']['score']:.2f} {unit}.", ""]
+    if "caches" in state:
+        lines += ["| cache | build seconds | bytes per training image on disk |", "|---|---|---|"]
+        for form, c in state["caches"].items():
+            what = form + (f" ({c['epochs']} epochs x {c['schedules']} schedules)" if "epochs" in c else "")
+            lines.append(f"| {what} | {c['seconds']:.0f} | {c['disk_bytes_per_image']:,.0f} |")
+        lines.append("")
+    if "tune" in state:
+        lines += ["## Temperature, chosen on val (schedule targets, best epoch, seeds "
+                  + ", ".join(map(str, TUNE_SEEDS)) + ")", "", "| method | " + " | ".join(f"T = {T:g}" for T in TEMPERATURES)
+                  + " | chosen |", "|---|" + "---|" * (len(TEMPERATURES) + 1)]
+        for m in METHODS:
+            cells = []
+            for T in TEMPERATURES:
+                vals = [state["tune"].get(f"{m} T={T:g} seed {sd}") for sd in TUNE_SEEDS]
+                cells.append(f"{100 * statistics.mean(vals):.2f}" if all(v is not None for v in vals) else "")
+            chosen = state.get("temperature", {}).get(m)
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {'' if chosen is None else f'T = {chosen:g}'} |")
+        lines.append("")
+    runs = state.get("students", {})
+    if runs:
+        lines += [f"## Students on test ({unit}, mean ± sd over seeds)", "",
+                  "| arm | seeds | test | per seed | val (best epoch) | train images/s |", "|---|---|---|---|---|---|"]
+        for arm in arm_names():
+            r = runs.get(arm)
+            if not r:
+                continue
+            xs = [100 * v["score"] for v in r.values()]
+            sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+            lines.append(f"| {arm} | {len(xs)} | {statistics.mean(xs):.2f} ± {sd:.2f} | "
+                         + ", ".join(f"{x:.2f}" for x in xs)
+                         + f" | {100 * statistics.mean(v['val'] for v in r.values()):.2f} | "
+                         f"{statistics.mean(v['images_per_s'] for v in r.values()):.0f} |")
+        lines += ["", "## Paired differences (test, points; 95% t interval of the mean over seeds)", "",
+                  "| comparison | seeds | mean | sd | 95% interval | per seed |", "|---|---|---|---|---|---|"]
+        pairs = [(f"{m.upper()} {form}", f"{m.upper()} online") for m in METHODS for form in FORMS]
+        pairs += [(arm, "CE") for arm in arm_names()[1:]]
+        for a, b in pairs:
+            common = sorted(set(runs.get(a, {})) & set(runs.get(b, {})), key=int)
+            if not common:
+                continue
+            d = [100 * (runs[a][sd]["score"] - runs[b][sd]["score"]) for sd in common]
+            p = paired(d)
+            ci = f"[{p['lo']:+.2f}, {p['hi']:+.2f}]" if p["n"] > 1 else ""
+            sd_txt = f"{p['sd']:.2f}" if p["n"] > 1 else ""
+            lines.append(f"| {a} − {b} | {p['n']} | {p['mean']:+.2f} | {sd_txt} | {ci} | "
+                         + ", ".join(f"{x:+.2f}" for x in d) + " |")
+        ce = runs.get("CE", {})
+        if ce:
+            curves = [v["val_curve"] for v in ce.values()]
+            n = min(len(c) for c in curves)
+            marks = sorted({max(0, round(n * q) - 1) for q in (0.25, 0.5, 0.75, 1.0)})
+            lines += ["", "CE's validation curve (mean over seeds, at each quarter of the schedule): "
+                      + ", ".join(f"epoch {i + 1}: {100 * statistics.mean(c[i] for c in curves):.2f}" for i in marks)
+                      + "."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
