@@ -40,8 +40,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import torch
-
 from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.data import build_dataset
 from kdcache.distill import config_from_store, train_student
