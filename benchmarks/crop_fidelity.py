@@ -15,13 +15,18 @@ augmentations, each drawn per image from a fixed seed:
 
 Forms: the dense cache (k = C: no top-k error, the geometry alone: the whole image's map taken
 through the crop by nearest cell, as training does), the default top-4 + tail cache (the same
-plus the top-k), the flip-averaged dense cache, and the dense schedule (``--schedule-epochs``,
-the training mix only: the teacher on the crop itself, which the student replays).
+plus the top-k), both of these read with ``--target-resample bilinear`` (the rebuilt logits
+interpolated at the crop's exact points, then top-k + tail again), the flip-averaged dense cache,
+and the dense and top-4 + tail schedules
+(``--schedule-epochs``, the training mix only: the teacher on the crop itself, which the student
+replays). Each form's bytes on disk per image (a schedule's per image and epoch) stand beside it:
+fidelity per byte.
 
 Classification (the built-in shapes' val split, a `demo_cls_teacher` run): ``flip``;
 ``random-resized crop`` (0.5–1 of the area, aspect 3/4–4/3, no flip); the training mix (that
 crop and a flip with p = 0.5). Forms: the whole image's logits (the default cache: the same target
-for every crop), ReLabel's label map pooled over the crop, and the schedule (training mix).
+for every crop), ReLabel's label map pooled over the crop, and the schedule, dense and top-5 + tail
+(training mix).
 
 For every valid cell of every crop: KL(live ‖ cached) of the softmax at T = 1 and T = 4 (the
 seeds' KD temperature; T² · KL, as the loss weighs it) and whether the top-1 classes agree. The
@@ -44,11 +49,14 @@ from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.geometry import Geometry
 from kdcache.model_loading import open_weights
 from kdcache.store import CacheStore, to_tensors
+from kdcache.store.location import size_of
 from kdcache.target_geometry import pool_targets, view_targets, warp_targets
 from kdcache.targets import implied_log_probs
 from kdcache.transforms import Augment, apply_geometry, sample_geometry, sample_resized_crop
 
 SEED = 2027
+#: the caches also read with ``--target-resample bilinear``, and the name of that form
+BILINEAR = {"dense cache (k = C)": "dense cache, bilinear", "top-4 + tail cache": "top-4 + tail cache, bilinear"}
 
 
 def seg_augmentations(size: tuple[int, int]) -> dict:
@@ -121,6 +129,11 @@ def segmentation(teacher: str, images: int, tmp: Path) -> dict:
              "top-4 + tail cache": build(teacher, tmp / "k4.zarr", topk=4, **common),
              "flip-averaged dense cache": build(teacher, tmp / "fa.zarr", topk=11, flip_average=True, **common)}
     schedule = build(teacher, tmp / "sched.zarr", topk=11, schedule_epochs=1, **common)
+    schedule4 = build(teacher, tmp / "sched4.zarr", topk=4, schedule_epochs=1, **common)
+    sizes = {name: size_of(store.path) / images for name, store in forms.items()}
+    sizes.update({BILINEAR[name]: sizes[name] for name in BILINEAR})
+    sizes["dense schedule (the crop itself)"] = size_of(schedule.path) / images
+    sizes["top-4 + tail schedule (the crop itself)"] = size_of(schedule4.path) / images
     ds = schedule.dataset()
     model = w.build(num_classes=ds.num_classes).double().eval()
     pre = w.preprocess
@@ -133,14 +146,20 @@ def segmentation(teacher: str, images: int, tmp: Path) -> dict:
             g = draw(np.random.default_rng((SEED, a, i)))
             live = model(apply_geometry(x, g, kind="image")[None].double()).logits[0]
             for name, store in forms.items():
-                target = warp_targets(to_tensors(store.read(i, groups=["logits"])), g, store.schema.strides)
+                cached = to_tensors(store.read(i, groups=["logits"]))
+                target = warp_targets(cached, g, store.schema.strides)
                 add(acc, (aug_name, name), compare(live, target, C))
+                if name in BILINEAR:  # the same cache, sampled at the crop's exact points
+                    target = warp_targets(cached, g, store.schema.strides, "bilinear", C)
+                    add(acc, (aug_name, BILINEAR[name]), compare(live, target, C))
         # the schedule: its own training-mix crop, the teacher's outputs on it
-        item = to_tensors(schedule.read(i, groups=["views/logits", "views/params"], view=0))
-        g = Geometry.unpack(size, item["views/params"][0].numpy())
-        live = model(apply_geometry(x, g, kind="image")[None].double()).logits[0]
-        add(acc, ("training mix", "dense schedule (the crop itself)"), compare(live, view_targets(item, 0), C))
-    return acc
+        for name, store in (("dense schedule (the crop itself)", schedule),
+                            ("top-4 + tail schedule (the crop itself)", schedule4)):
+            item = to_tensors(store.read(i, groups=["views/logits", "views/params"], view=0))
+            g = Geometry.unpack(size, item["views/params"][0].numpy())
+            live = model(apply_geometry(x, g, kind="image")[None].double()).logits[0]
+            add(acc, ("training mix", name), compare(live, view_targets(item, 0), C))
+    return acc, sizes
 
 
 @torch.inference_mode()
@@ -150,6 +169,11 @@ def classification(teacher: str, images: int, tmp: Path) -> dict:
     logits = build(teacher, tmp / "cls.zarr", topk=10, **common)
     lmap = build(teacher, tmp / "lmap.zarr", topk=10, label_map=True, **common)
     schedule = build(teacher, tmp / "csched.zarr", topk=10, schedule_epochs=1, crop_area=(0.5, 1.0), **common)
+    schedule5 = build(teacher, tmp / "csched5.zarr", topk=5, schedule_epochs=1, crop_area=(0.5, 1.0), **common)
+    sizes = {"whole-image logits (default cache)": size_of(logits.path) / images,
+             "label map pooled over the crop": size_of(lmap.path) / images,
+             "schedule (the crop itself)": size_of(schedule.path) / images,
+             "top-5 + tail schedule (the crop itself)": size_of(schedule5.path) / images}
     ds = logits.dataset()
     model = w.build(num_classes=ds.num_classes).double().eval()
     pre = w.preprocess
@@ -167,20 +191,23 @@ def classification(teacher: str, images: int, tmp: Path) -> dict:
             live = model(apply_geometry(x, g, kind="image")[None].double()).logits.reshape(C, 1, 1)
             add(acc, (aug_name, "whole-image logits (default cache)"), compare(live, whole_target, C))
             add(acc, (aug_name, "label map pooled over the crop"), compare(live, pool_targets(cmap, g, C), C))
-        item = to_tensors(schedule.read(i, groups=["views/logits", "views/params"], view=0))
-        g = Geometry.unpack(size, item["views/params"][0].numpy())
-        live = model(apply_geometry(x, g, kind="image")[None].double()).logits.reshape(C, 1, 1)
-        add(acc, ("training mix", "schedule (the crop itself)"), compare(live, view_targets(item, 0), C))
-    return acc
+        for name, store in (("schedule (the crop itself)", schedule),
+                            ("top-5 + tail schedule (the crop itself)", schedule5)):
+            item = to_tensors(store.read(i, groups=["views/logits", "views/params"], view=0))
+            g = Geometry.unpack(size, item["views/params"][0].numpy())
+            live = model(apply_geometry(x, g, kind="image")[None].double()).logits.reshape(C, 1, 1)
+            add(acc, ("training mix", name), compare(live, view_targets(item, 0), C))
+    return acc, sizes
 
 
-def table(acc: dict) -> list[str]:
-    lines = ["| augmentation | cache form | KL at T = 1 (nats/cell) | T² · KL at T = 4 | top-1 agreement % | cells |",
-             "|---|---|---|---|---|---|"]
+def table(acc: dict, sizes: dict) -> list[str]:
+    lines = ["| augmentation | cache form | KL at T = 1 (nats/cell) | T² · KL at T = 4 | top-1 agreement % | cells | "
+             "bytes on disk per image (schedule: per epoch) |",
+             "|---|---|---|---|---|---|---|"]
     for (aug, form), a in acc.items():
         n = max(a["cells"], 1)
         lines.append(f"| {aug} | {form} | {a['kl1'] / n:.2e} | {a['kl4'] / n:.2e} | {100 * a['agree'] / n:.2f} | "
-                     f"{a['cells']} |")
+                     f"{a['cells']} | {sizes[form]:,.0f} |")
     return lines
 
 
@@ -193,8 +220,8 @@ def main() -> None:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="kdcache-crop-fidelity-"))
     try:
-        seg = segmentation(args.teacher, args.images, tmp)
-        cls = classification(args.cls_teacher, args.images, tmp)
+        seg, seg_sizes = segmentation(args.teacher, args.images, tmp)
+        cls, cls_sizes = classification(args.cls_teacher, args.images, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     lines = [
@@ -203,9 +230,10 @@ def main() -> None:
         f"(classification, shapes val, {args.images} images); every augmentation drawn per image from seed {SEED}. "
         "KL(live ‖ cached) per valid cell (T² · KL at T = 4, as the loss weighs it) and the share of cells whose "
         "top-1 classes agree; float64 throughout. Made by `python benchmarks/crop_fidelity.py`.\n",
-        "## Segmentation\n", *table(seg), "", "## Classification\n", *table(cls),
+        "## Segmentation\n", *table(seg, seg_sizes), "", "## Classification\n", *table(cls, cls_sizes),
     ]
     out = Path(args.results) / "crop-fidelity.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out}")

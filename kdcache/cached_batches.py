@@ -50,12 +50,15 @@ class KDPipeline(SegPipeline):
     target maps (ceil(crop / stride)); by default the store's own. An unlabelled cache takes the
     labelled cache's, so that every item of a mixed batch has targets of one size whatever the
     sizes of the images each cache was built from (each map is still sampled through its own
-    sample's extent)."""
+    sample's extent). ``resample``: how a crop takes the cached logits, ``nearest`` cell or
+    ``bilinear`` (see :mod:`kdcache.target_geometry`)."""
 
     def __init__(self, dataset: SegmentationDataset, preprocess: Preprocess, augment: Augment | None,
                  seed: int, store: CacheStore, rows: np.ndarray, use_views: bool = False, skip_bad: bool = False,
-                 required: list[str] | None = None, strides: dict[str, tuple[float, float]] | None = None):
+                 required: list[str] | None = None, strides: dict[str, tuple[float, float]] | None = None,
+                 resample: str = "nearest"):
         super().__init__(dataset, preprocess, augment, seed)
+        self.resample = resample
         self.store = store
         self.strides = dict(strides) if strides is not None else store.schema.strides
         self.rows = np.asarray(rows)
@@ -117,7 +120,7 @@ class KDPipeline(SegPipeline):
                     logits = {key: cached.pop(key) for key in LOGIT_KEYS if key in cached}
                     if logits:
                         item.update(pool_targets(logits, g, self.store.schema.num_classes))
-                item.update(warp_targets(cached, g, self.strides))
+                item.update(warp_targets(cached, g, self.strides, self.resample, self.store.schema.num_classes))
         item.pop("geometry", None)
         if skipped:  # no teacher targets for this sample: every KD cell ignored
             for key in list(item):
@@ -267,7 +270,7 @@ class MixedBatches(TrainingBatches):
 
 def pool_pipeline(store: CacheStore, labelled: CacheStore, required: list[str], *, preprocess: Preprocess,
                   augment: Augment | None, seed: int, check_content: bool, skip_bad: bool,
-                  unlabeled_limit: int | None) -> KDPipeline:
+                  unlabeled_limit: int | None, resample: str = "nearest") -> KDPipeline:
     """The training items of an unlabelled cache (its own data set, as the store records it),
     refused in one line when it was built by another teacher or for other classes than the
     labelled cache, or lacks the maps the methods read (``required``)."""
@@ -292,7 +295,8 @@ def pool_pipeline(store: CacheStore, labelled: CacheStore, required: list[str], 
     rows = store.join(ds, check_content=check_content)
     # its targets on the labelled cache's grid: one batch, one target size (its images' sizes,
     # hence its store's nominal stride, may differ)
-    return KDPipeline(ds, preprocess, augment, seed, store, rows, False, skip_bad, required, strides=mine.strides)
+    return KDPipeline(ds, preprocess, augment, seed, store, rows, False, skip_bad, required, strides=mine.strides,
+                      resample=resample)
 
 
 def check_schedule(store: CacheStore, config, augment: Augment | None) -> None:
@@ -342,11 +346,11 @@ def student_batches(config, store: CacheStore, train_ds: SegmentationDataset, tr
     check_schedule(store, c, train_pipe.augment)
     rows = store.join(train_ds, check_content=c.check_content)
     labelled = KDPipeline(train_ds, preprocess, train_pipe.augment, c.seed, store, rows, c.use_views, c.skip_bad,
-                          required)
+                          required, resample=c.target_resample)
     # each pool's augmentation drawn from its own stream (not the labelled sample j's)
     pools = [pool_pipeline(CacheStore(path), store, required, preprocess=preprocess, augment=train_pipe.augment,
                            seed=c.seed + 7919 * (p + 1), check_content=c.check_content, skip_bad=c.skip_bad,
-                           unlabeled_limit=c.unlabeled_limit)
+                           unlabeled_limit=c.unlabeled_limit, resample=c.target_resample)
              for p, path in enumerate(c.unlabeled_caches)]
     sources = [(pipe.store, pipe.rows) for pipe in (labelled, *pools)]
     common = dict(batch_size=c.batch_size, seed=c.seed, workers=workers, dist=dist, pin_memory=pin_memory)

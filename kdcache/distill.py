@@ -35,6 +35,7 @@ from kdcache.transforms import Augment, Preprocess
 
 #: how train-student reads the cache: whole shards in a shuffled order, or sample by sample
 CACHE_READS = ("stream", "random")
+TARGET_RESAMPLES = ("nearest", "bilinear")
 
 #: ``--online-teacher cache``: run the teacher (members, combination, TTA) the cache records
 ONLINE_FROM_CACHE = "cache"
@@ -66,6 +67,9 @@ class StudentConfig(TrainConfig):
     #: "stream": whole shards in a shuffled order through a shuffle buffer; "random": per sample
     cache_read: str = opt("stream", "How training reads the cache: stream (whole shards in a shuffled order through "
                                     "a shuffle buffer: one read per shard and array) or random (sample by sample).")
+    target_resample: str = opt("nearest", "How a crop takes the cached logits of a scaled or off-grid crop: nearest (each "
+                                          "output cell the map cell its centre falls in) or bilinear (the rebuilt logits "
+                                          "interpolated at the crop's exact points, then top-k + tail again).")
     shuffle_buffer: int = opt(256, "Samples in each streaming worker's shuffle buffer.")
     #: teacher caches of unlabelled images (same teacher and classes as ``cache``): KD terms only
     unlabeled_caches: list = opt(factory=list, names=("--unlabeled-cache",), shape="repeat",
@@ -88,6 +92,9 @@ class StudentConfig(TrainConfig):
             raise KDCacheError("--online-teacher needs --teacher-weights")
         if self.cache_read not in CACHE_READS:
             raise KDCacheError(f"--cache-read must be one of {', '.join(CACHE_READS)}, got {self.cache_read!r}")
+        if self.target_resample not in TARGET_RESAMPLES:
+            raise KDCacheError(f"--target-resample must be one of {', '.join(TARGET_RESAMPLES)}, got "
+                               f"{self.target_resample!r}")
         if self.shuffle_buffer < 1:
             raise KDCacheError(f"--shuffle-buffer must be 1 or more, got {self.shuffle_buffer}")
         if self.unlabeled_caches:

@@ -9,6 +9,13 @@ top-k entries of a position (values, ids, tail) move together, so class ids are 
 interpolated and stay consistent with their values; cells that fall in the crop's padding are
 ignored. With scale 1, a crop aligned to the stride and a flip, this is an exact re-indexing
 (exactly the teacher on the flipped image for a flip-averaged store).
+
+``resample="bilinear"`` (``train-student --target-resample bilinear``) takes the logits of a
+scaled or off-grid crop at its exact points instead: the top-k + tail of the four cells around
+each point are rebuilt to logits (the classes outside a cell's top k at an equal share of its
+tail), interpolated bilinearly (between cell centres, clamped at the map's border: what a
+teacher's own bilinear upsampling of its logits does), and cut to top-k + tail again.
+Features and attention maps stay nearest.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import math
 import numpy as np
 import torch
 
-from kdcache.targets import tail_share
+from kdcache.targets import dense_logits, tail_share, topk_targets
 from kdcache.transforms import Geometry
 
 
@@ -37,6 +44,15 @@ def sample_grid(g: Geometry, map_hw: tuple[int, int], out_hw: tuple[int, int]
 
 def _grid(g: Geometry, map_hw: tuple[int, int], out_hw: tuple[int, int]
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    yi, valid_y, xi, valid_x = _axes(g, map_hw, out_hw)
+    invalid = ~(valid_y[:, None] & valid_x[None, :])
+    return yi, xi, invalid
+
+
+def _axes(g: Geometry, map_hw: tuple[int, int], out_hw: tuple[int, int], exact: bool = False
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per output row and column: the map cell it samples (``exact``: the point in map-cell
+    units, cell j covering [j, j + 1)) and whether it lies inside the scaled image."""
     # numpy in float64: a few dozen cells per axis, where each torch call would cost more than
     # the arithmetic (this runs per item in the loader); in-place ufuncs in the order of
     # floor(((c + 1/2) · o / n + offset) · H / s · m / H), as few calls as that allows
@@ -59,6 +75,8 @@ def _grid(g: Geometry, map_hw: tuple[int, int], out_hw: tuple[int, int]
         c /= s
         c *= m
         c /= size
+        if exact:
+            return c, valid
         np.floor(c, out=c)
         i = c.astype(np.int64)
         np.maximum(i, 0, out=i)
@@ -67,8 +85,7 @@ def _grid(g: Geometry, map_hw: tuple[int, int], out_hw: tuple[int, int]
 
     yi, valid_y = axis(out_h, oh, False, g.top, sh, H, mh)
     xi, valid_x = axis(out_w, ow, g.flip, g.left, sw, W, mw)
-    invalid = ~(valid_y[:, None] & valid_x[None, :])
-    return yi, xi, invalid
+    return yi, valid_y, xi, valid_x
 
 
 def cell_index(yi: np.ndarray, xi: np.ndarray, w: int) -> np.ndarray:
@@ -87,7 +104,51 @@ def warp(x: torch.Tensor, cells: np.ndarray, out_hw: tuple[int, int]) -> torch.T
     return torch.from_numpy(out.reshape(*lead, *out_hw))
 
 
-def warp_targets(item: dict, g: Geometry, strides: dict[str, tuple[float, float]]) -> dict:
+def _bilinear_axis(c: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For points ``c`` in map-cell units on an axis of ``m`` cells: the cells below and above
+    each point's position between cell centres, and the weight of the one above (clamped at the
+    border: a point outside the outer centres takes the outer cell)."""
+    p = np.clip(c - 0.5, 0.0, m - 1)
+    lo = np.minimum(np.floor(p).astype(np.int64), m - 1)
+    hi = np.minimum(lo + 1, m - 1)
+    return lo, hi, p - lo
+
+
+def resample_logits(values: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor | None, g: Geometry,
+                    out_hw: tuple[int, int], num_classes: int) -> dict:
+    """One sample's cached logits (``values``/``indices`` [k, h, w], ``tail`` [h, w] or None)
+    through ``g`` by bilinear interpolation of the rebuilt logits at the crop's exact points:
+    ``kd/values``, ``kd/indices`` (the input's dtypes), ``kd/tail`` and ``kd/ignore`` at
+    ``out_hw``."""
+    map_hw = tuple(values.shape[-2:])
+    cy, valid_y, cx, valid_x = _axes(g, map_hw, out_hw, exact=True)
+    y0, y1, wy = _bilinear_axis(cy, map_hw[0])
+    x0, x1, wx = _bilinear_axis(cx, map_hw[1])
+    # only the cells the crop touches are rebuilt to C logits
+    ys, yinv = np.unique(np.concatenate([y0, y1]), return_inverse=True)
+    xs, xinv = np.unique(np.concatenate([x0, x1]), return_inverse=True)
+    sub = (slice(None), torch.from_numpy(ys)[:, None], torch.from_numpy(xs)[None, :])
+    k = values.shape[0]
+    dense = dense_logits(values[sub][None].float(), indices[sub][None].long(),
+                         None if tail is None else tail[sub[1:]][None].float(), num_classes)[0]
+    ny, nx = len(y0), len(x0)
+    ry0, ry1 = torch.from_numpy(yinv[:ny]), torch.from_numpy(yinv[ny:])
+    rx0, rx1 = torch.from_numpy(xinv[:nx]), torch.from_numpy(xinv[nx:])
+    wy_t = torch.from_numpy(wy).float()[:, None]
+    wx_t = torch.from_numpy(wx).float()[None, :]
+    top = dense[:, ry0][:, :, rx0] * (1 - wx_t) + dense[:, ry0][:, :, rx1] * wx_t
+    bottom = dense[:, ry1][:, :, rx0] * (1 - wx_t) + dense[:, ry1][:, :, rx1] * wx_t
+    logits = top * (1 - wy_t) + bottom * wy_t
+    v, i, t = topk_targets(logits[None], k)
+    out = {"kd/values": v[0].to(values.dtype), "kd/indices": i[0].to(indices.dtype),
+           "kd/ignore": torch.from_numpy(~(valid_y[:, None] & valid_x[None, :]))}
+    if tail is not None:
+        out["kd/tail"] = t[0].to(tail.dtype) if t is not None else torch.full(out_hw, float("-inf"), dtype=tail.dtype)
+    return out
+
+
+def warp_targets(item: dict, g: Geometry, strides: dict[str, tuple[float, float]], resample: str = "nearest",
+                 num_classes: int | None = None) -> dict:
     """Take every cached map of one sample (``logits/*``, ``features/<tap>``,
     ``attention/<tap>``; as tensors cropped to their extent) through ``g``.
 
@@ -96,10 +157,14 @@ def warp_targets(item: dict, g: Geometry, strides: dict[str, tuple[float, float]
     ``kd/values``, ``kd/indices``, ``kd/tail`` (if stored) and ``kd/ignore`` (bool, True in the
     crop's padding) at ceil(crop / stride), and ``kd/features/<tap>``, ``kd/attention/<tap>``
     (with their own ``…/ignore``) at ceil(crop / their stride). Maps ``item`` lacks (not read
-    because no method needs them) are left out."""
+    because no method needs them) are left out. ``resample``: ``nearest`` (the default) or
+    ``bilinear`` for the logits (see the module docstring; needs ``num_classes``)."""
     out: dict = {}
     values = item.get("logits/values")
-    if values is not None:  # absent when no method reads the logits
+    if values is not None and resample == "bilinear":
+        out.update(resample_logits(values, item["logits/indices"], item.get("logits/tail"), g,
+                                   out_map_size(g.out_size, strides["logits"]), num_classes))
+    elif values is not None:  # absent when no method reads the logits
         map_hw = tuple(values.shape[-2:])
         yi, xi, invalid = _grid(g, map_hw, out_map_size(g.out_size, strides["logits"]))
         cells, out_hw = cell_index(yi, xi, map_hw[1]), invalid.shape

@@ -149,6 +149,72 @@ def test_a_scaled_flipped_crop_takes_each_cell_whole_from_its_nearest_source_cel
     assert differ > out_h * out_w // 4, differ  # so the checks above tell a blend from a nearest pick
 
 
+@pytest.mark.parametrize("k", [4, 11])
+@pytest.mark.parametrize("g", [Geometry((32, 48), 1.3, 3, 5, (24, 40), True),
+                               Geometry((32, 48), 0.8, 0, 2, (32, 48), False),
+                               Geometry((32, 48), 1.0, 1, 3, (24, 40), False)], ids=["up-flip", "down-pad", "offset"])
+def test_bilinear_resampling_is_grid_sample_of_the_rebuilt_logits(g, k):
+    """``--target-resample bilinear``: the cached top-k + tail rebuilt to logits (the rest at an
+    equal share of the tail), sampled at each target cell's exact point by torch's own
+    ``grid_sample`` (bilinear, border, align_corners=False; float64) and cut to top-k + tail again
+    — with a scaled and flipped crop, a crop into padding and an off-grid offset; a dense cache
+    (k = C) and k = 4. Padding cells are ignored as with nearest sampling."""
+    from kdcache.target_geometry import out_map_size
+
+    gen = torch.Generator().manual_seed(3)
+    C, (mh, mw), stride = 11, (8, 12), (4.0, 4.0)
+    z = torch.randn(1, C, mh, mw, generator=gen, dtype=torch.float64) * 2
+    v, ids, tail = topk_targets(z.float(), k)
+    item = {"logits/values": v[0], "logits/indices": ids[0]}
+    if tail is not None:
+        item["logits/tail"] = tail[0]
+    got = warp_targets(item, g, {"logits": stride}, "bilinear", C)
+    out_h, out_w = out_map_size(g.out_size, stride)
+    # the reference: each target cell's point in the input, then in map-cell units
+    H, W = g.in_size
+    sh, sw = g.scaled_size
+    ys = (g.top + (torch.arange(out_h, dtype=torch.float64) + 0.5) * g.out_size[0] / out_h) * H / sh * mh / H
+    xc = (torch.arange(out_w, dtype=torch.float64) + 0.5) * g.out_size[1] / out_w
+    xs = (g.left + (g.out_size[1] - xc if g.flip else xc)) * W / sw * mw / W
+    grid = torch.stack(torch.broadcast_tensors(xs[None, :] / mw * 2 - 1, ys[:, None] / mh * 2 - 1), -1)[None]
+    dense = dense_logits(v, ids, tail, C).double() if k < C else z
+    ref = F.grid_sample(dense, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    rv, ri, rt = topk_targets(ref, k)
+    torch.testing.assert_close(got["kd/values"], rv[0].float(), rtol=0, atol=1e-5)
+    assert torch.equal(got["kd/indices"], ri[0])
+    if k < C:
+        torch.testing.assert_close(got["kd/tail"], rt[0].float(), rtol=0, atol=1e-5)
+    nearest = warp_targets(item, g, {"logits": stride})
+    assert torch.equal(got["kd/ignore"], nearest["kd/ignore"])
+    if g.scale != 1.0:  # off the grid the two samplings differ (so this test tells them apart)
+        assert not torch.equal(got["kd/values"], nearest["kd/values"])
+
+
+def test_bilinear_resampling_of_an_aligned_crop_is_the_cached_slice(store):
+    """Scale 1, a stride-aligned offset: every target cell's point is a cell centre, so bilinear
+    sampling gives back the cached entries exactly (fp16 values, ids, tail)."""
+    s = CacheStore(store)
+    cached = to_tensors(s.read(2))
+    g = Geometry((32, 48), 1.0, 8, 4, (16, 24), False)
+    got = warp_targets(cached, g, s.schema.strides, "bilinear", s.schema.num_classes)
+    want = warp_targets(cached, g, s.schema.strides)
+    for key in ("kd/values", "kd/indices", "kd/tail", "kd/ignore"):
+        assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+
+
+def test_cli_target_resample_bilinear_trains_and_a_bad_value_is_one_line(tmp_path, store):
+    out = tmp_path / "bilinear"
+    r = kd("train-student", "--cache", store, "--method", "kl", "--target-resample", "bilinear", "--epochs", 1,
+           "--limit", 8, "--batch-size", 4, "--device", "cpu", "--out", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "config.json").read_text())["target_resample"] == "bilinear"
+    rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert math.isfinite(rec["train_kl"])
+    bad = kd("train-student", "--cache", store, "--target-resample", "cubic", "--out", tmp_path / "bad", "--quiet")
+    assert bad.exit_code != 0 and "--target-resample must be one of nearest, bilinear, got 'cubic'" in bad.output
+    assert len([line for line in bad.output.splitlines() if line.strip()]) == 1 and not (tmp_path / "bad").exists()
+
+
 # -- each method against a direct formula -------------------------------------------------------------------
 
 
