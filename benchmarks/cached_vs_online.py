@@ -16,7 +16,8 @@ a cut-short run goes on where it stopped):
   from the schedule (the live teacher's targets, so one choice serves every form); ties keep
   the lower T;
 * ``students``: for each seed, CE alone and, for KL and DIST at the chosen T, the student from
-  the default cache, from the schedule and with the live teacher on each crop
+  the default cache (segmentation: also read with ``--target-resample bilinear``), from the
+  schedule and with the live teacher on each crop
   (``--online-teacher cache`` over the schedule store: the same crops in the same order as the
   schedule's student, the same steps). Checkpoints chosen on val; scored on a test split
   rendered larger than the default (``TEST_SIZE`` images), every score kept in the results.
@@ -68,18 +69,21 @@ TASKS = {
                     "crop_area": (0.5, 1.0), "workers": 0},
         "topk": 5,
         "score": "top1",
+        "forms": ("whole image", "schedule"),
     },
     "segmentation": {
         # the built-in road scenes: 400 training images, val 100, test rendered at 1000. 160 epochs
         # (8000 steps): CE's val mIoU (seed 0, pilots on val) was 49.1 best at 40 epochs, 53.8 at 80,
-        # 57.1 at 160 (55.4 at three quarters of it, 56.9 at the end). About 6 h of the 2-core CPU
-        # in all (the 5-schedule build, 12 tune runs, 35 students): the state file lets it run in parts
+        # 57.1 at 160 (55.4 at three quarters of it, 56.9 at the end). About 7 h of the 2-core CPU
+        # in all (the 5-schedule build, 12 tune runs, 45 students): the state file lets it run in parts
         "teacher": {"model": "demo_teacher", "dataset": "synthetic", "epochs": 24, "workers": 0},
         "data_options": {},
         "test_size": 1000,
         "student": {"model": "demo_student", "epochs": 160, "batch_size": 8, "workers": 0},
         "topk": 4,
         "score": "miou",
+        # a crop's cells off the cached grid, sampled bilinearly (--target-resample bilinear)
+        "forms": ("whole image", "whole image, bilinear", "schedule"),
     },
 }
 METHODS = ("kl", "dist")
@@ -88,17 +92,21 @@ TUNE_SEEDS = (0, 1)
 #: t quantiles (0.975) for the 95% interval of a paired mean, by degrees of freedom
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 FORMS = {"whole image": "image.zarr", "schedule": "schedule.zarr"}
+#: each form a student may read: (the cache of FORMS it reads, its own student options)
+READS = {"whole image": ("whole image", {}), "whole image, bilinear": ("whole image", {"target_resample": "bilinear"}),
+         "schedule": ("schedule", {})}
 
 
-def arm_names() -> list[str]:
-    return ["CE"] + [f"{m.upper()} {form}" for m in METHODS for form in (*FORMS, "online")]
+def arm_names(task_name: str) -> list[str]:
+    forms = TASKS[task_name]["forms"]
+    return ["CE"] + [f"{m.upper()} {form}" for m in METHODS for form in (*forms, "online")]
 
 
 def student(task: dict, cache: Path, out: Path, seed: int, method: str | None, temperature: float = 1.0,
-            online: bool = False) -> dict:
+            online: bool = False, extra: dict | None = None) -> dict:
     methods = [{"name": "none"}] if method is None else [{"name": method, "temperature": temperature}]
     cfg = config_from_store(str(cache), out=str(out), seed=seed, methods=methods,
-                            online_teacher="cache" if online else None, **task["student"])
+                            online_teacher="cache" if online else None, **task["student"], **(extra or {}))
     t0 = time.perf_counter()
     result = train_student(cfg, overwrite=True, show_progress=False)
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -196,17 +204,18 @@ def main() -> None:
     if "students" in phases:
         temps = state["temperature"]
         runs = state.setdefault("students", {})
-        plan = {"CE": (FORMS["whole image"], None, False)}
+        plan = {"CE": (FORMS["whole image"], None, False, {})}
         for m in METHODS:
-            for form, name in FORMS.items():
-                plan[f"{m.upper()} {form}"] = (name, m, False)
-            plan[f"{m.upper()} online"] = (FORMS["schedule"], m, True)
+            for form in task["forms"]:
+                store, extra = READS[form]
+                plan[f"{m.upper()} {form}"] = (FORMS[store], m, False, extra)
+            plan[f"{m.upper()} online"] = (FORMS["schedule"], m, True, {})
         for seed in seeds:
-            for arm, (cache, method, online) in plan.items():
+            for arm, (cache, method, online, extra) in plan.items():
                 if str(seed) in runs.get(arm, {}):
                     continue
-                run = out / f"s{seed}-{arm.lower().replace(' ', '-')}"
-                r = student(task, out / cache, run, seed, method, temps.get(method, 1.0), online)
+                run = out / f"s{seed}-{arm.lower().replace(', ', '-').replace(' ', '-')}"
+                r = student(task, out / cache, run, seed, method, temps.get(method, 1.0), online, extra)
                 r.update(test_score(task, run))
                 runs.setdefault(arm, {})[str(seed)] = r
                 save()
@@ -248,7 +257,7 @@ def write_report(task_name: str, state: dict, path: Path) -> None:
     if runs:
         lines += [f"## Students on test ({unit}, mean ± sd over seeds)", "",
                   "| arm | seeds | test | per seed | val (best epoch) | train images/s |", "|---|---|---|---|---|---|"]
-        for arm in arm_names():
+        for arm in arm_names(task_name):
             r = runs.get(arm)
             if not r:
                 continue
@@ -260,8 +269,8 @@ def write_report(task_name: str, state: dict, path: Path) -> None:
                          f"{statistics.mean(v['images_per_s'] for v in r.values()):.0f} |")
         lines += ["", "## Paired differences (test, points; 95% t interval of the mean over seeds)", "",
                   "| comparison | seeds | mean | sd | 95% interval | per seed |", "|---|---|---|---|---|---|"]
-        pairs = [(f"{m.upper()} {form}", f"{m.upper()} online") for m in METHODS for form in FORMS]
-        pairs += [(arm, "CE") for arm in arm_names()[1:]]
+        pairs = [(f"{m.upper()} {form}", f"{m.upper()} online") for m in METHODS for form in task["forms"]]
+        pairs += [(arm, "CE") for arm in arm_names(task_name)[1:]]
         for a, b in pairs:
             common = sorted(set(runs.get(a, {})) & set(runs.get(b, {})), key=int)
             if not common:

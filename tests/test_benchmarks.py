@@ -75,35 +75,46 @@ def _t_cdf(x: float, df: int, steps: int = 20000) -> float:
     return 0.5 + s * h / 3
 
 
-def test_cached_vs_online_pairs_seeds_and_reports_every_arm(tmp_path, monkeypatch):
-    """cached_vs_online.py on a tiny classification setting: every arm trains for every seed (the
-    online arm over the schedule store), the report holds each arm, the chosen temperature and
-    the paired differences with their 95% t interval; its t table matches the t distribution."""
+#: per task: tiny data options (training and val), the test split's size, the student's batch
+TINY = {"classification": ({"size": 48}, 40, 16), "segmentation": ({"size": 8, "resolution": [32, 48]}, 6, 4)}
+
+
+@pytest.mark.parametrize("task_name", sorted(TINY))
+def test_cached_vs_online_pairs_seeds_and_reports_every_arm(task_name, tmp_path, monkeypatch):
+    """cached_vs_online.py on a tiny setting of each task: every arm trains for every seed (the
+    online arm over the schedule store; segmentation's bilinear arm with --target-resample
+    bilinear), the report holds each arm, the chosen temperature and the paired differences with
+    their 95% t interval; its t table matches the t distribution."""
     script = runpy.run_path(str(BENCH / "cached_vs_online.py"), run_name="cvo")
     for df, q in script["T975"].items():
         assert abs(_t_cdf(q, df) - 0.975) < 2e-4, df
     p = script["paired"]([1.0, 2.0, 3.0, 4.0, 5.0])
     assert p["mean"] == 3.0 and abs(p["hi"] - p["lo"] - 2 * 2.776 * (2.5 ** 0.5) / 5 ** 0.5) < 1e-9
-    task = script["TASKS"]["classification"]
-    monkeypatch.setitem(task, "teacher", {**task["teacher"], "epochs": 1, "dataset_options": {"size": 48}})
-    monkeypatch.setitem(task, "data_options", {"size": 48})
-    monkeypatch.setitem(task, "test_size", 40)
-    monkeypatch.setitem(task, "student", {**task["student"], "epochs": 2, "batch_size": 16})
+    options, test_size, batch = TINY[task_name]
+    task = script["TASKS"][task_name]
+    monkeypatch.setitem(task, "teacher", {**task["teacher"], "epochs": 1, "dataset_options": options})
+    monkeypatch.setitem(task, "data_options", options)
+    monkeypatch.setitem(task, "test_size", test_size)
+    monkeypatch.setitem(task, "student", {**task["student"], "epochs": 2, "batch_size": batch})
     module = script["main"].__globals__  # run_path returns a copy of the script's globals
     monkeypatch.setitem(module, "TEMPERATURES", (1.0, 4.0))
     monkeypatch.setitem(module, "TUNE_SEEDS", (0,))
     results = tmp_path / "results"
     monkeypatch.setitem(module, "__file__", str(results / "x" / "cached_vs_online.py"))  # results go to x/results
     (results / "x" / "results").mkdir(parents=True)
-    monkeypatch.setattr(sys, "argv", ["cached_vs_online.py", "--task", "classification", "--seeds", "0,1",
+    monkeypatch.setattr(sys, "argv", ["cached_vs_online.py", "--task", task_name, "--seeds", "0,1",
                                       "--out", str(tmp_path / "work")])
     script["main"]()
     state = __import__("json").loads((tmp_path / "work" / "state.json").read_text())
-    assert set(state["students"]) == set(script["arm_names"]())
+    assert set(state["students"]) == set(script["arm_names"](task_name))
     assert all(set(r) == {"0", "1"} for r in state["students"].values())
     assert state["caches"]["schedule"]["epochs"] == 2 and state["caches"]["schedule"]["schedules"] == 2
-    assert all(r["num_samples"] == 40 for arm in state["students"].values() for r in arm.values())
-    table = (results / "x" / "results" / "cached-vs-online-classification-cpu.md").read_text()
+    assert all(r["num_samples"] == test_size for arm in state["students"].values() for r in arm.values())
+    table = (results / "x" / "results" / f"cached-vs-online-{task_name}-cpu.md").read_text()
     for row in ("| CE |", "| KL schedule |", "| DIST online |", "| KL schedule − KL online | 2 |",
                 "| DIST whole image − CE | 2 |", "| kl | "):
         assert row in table
+    if task_name == "segmentation":
+        assert "| DIST whole image, bilinear − DIST online | 2 |" in table
+        cfg = __import__("json").loads((tmp_path / "work" / "s1-kl-whole-image-bilinear" / "config.json").read_text())
+        assert cfg["target_resample"] == "bilinear"
