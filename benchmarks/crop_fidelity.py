@@ -115,6 +115,17 @@ def add(acc: dict, key: tuple, r: dict) -> None:
         a[k] += r[k]
 
 
+def add_schedules(acc: dict, model, x: torch.Tensor, i: int, C: int, stores: dict) -> None:
+    """Each schedule store's target for sample ``i``'s stored crop (view 0) against the teacher
+    run on that crop (a classifier's logits as a 1 x 1 map)."""
+    for name, store in stores.items():
+        item = to_tensors(store.read(i, groups=["views/logits", "views/params"], view=0))
+        g = Geometry.unpack(tuple(x.shape[-2:]), item["views/params"][0].numpy())
+        target = view_targets(item, 0)
+        live = model(apply_geometry(x, g, kind="image")[None].double()).logits[0]
+        add(acc, ("training mix", name), compare(live.reshape(C, *target["kd/values"].shape[-2:]), target, C))
+
+
 def build(weights: str, out: Path, **kw) -> CacheStore:
     build_teacher_cache(CacheBuildConfig(weights=weights, out=str(out), device="cpu", workers=0, **kw),
                         show_progress=False)
@@ -153,12 +164,8 @@ def segmentation(teacher: str, images: int, tmp: Path) -> dict:
                     target = warp_targets(cached, g, store.schema.strides, "bilinear", C)
                     add(acc, (aug_name, BILINEAR[name]), compare(live, target, C))
         # the schedule: its own training-mix crop, the teacher's outputs on it
-        for name, store in (("dense schedule (the crop itself)", schedule),
-                            ("top-4 + tail schedule (the crop itself)", schedule4)):
-            item = to_tensors(store.read(i, groups=["views/logits", "views/params"], view=0))
-            g = Geometry.unpack(size, item["views/params"][0].numpy())
-            live = model(apply_geometry(x, g, kind="image")[None].double()).logits[0]
-            add(acc, ("training mix", name), compare(live, view_targets(item, 0), C))
+        add_schedules(acc, model, x, i, C, {"dense schedule (the crop itself)": schedule,
+                                            "top-4 + tail schedule (the crop itself)": schedule4})
     return acc, sizes
 
 
@@ -191,12 +198,8 @@ def classification(teacher: str, images: int, tmp: Path) -> dict:
             live = model(apply_geometry(x, g, kind="image")[None].double()).logits.reshape(C, 1, 1)
             add(acc, (aug_name, "whole-image logits (default cache)"), compare(live, whole_target, C))
             add(acc, (aug_name, "label map pooled over the crop"), compare(live, pool_targets(cmap, g, C), C))
-        for name, store in (("schedule (the crop itself)", schedule),
-                            ("top-5 + tail schedule (the crop itself)", schedule5)):
-            item = to_tensors(store.read(i, groups=["views/logits", "views/params"], view=0))
-            g = Geometry.unpack(size, item["views/params"][0].numpy())
-            live = model(apply_geometry(x, g, kind="image")[None].double()).logits.reshape(C, 1, 1)
-            add(acc, ("training mix", name), compare(live, view_targets(item, 0), C))
+        add_schedules(acc, model, x, i, C, {"schedule (the crop itself)": schedule,
+                                            "top-5 + tail schedule (the crop itself)": schedule5})
     return acc, sizes
 
 
