@@ -130,21 +130,24 @@ def test_unlabelled_images_of_other_sizes_train_in_mixed_batches(tmp_path):
         assert r.exit_code == 0, r.output
     strides = [CacheStore(tmp_path / f"{n}.zarr").schema.strides["logits"] for n in ("lab", "unl")]
     assert strides[0] != strides[1] and not all(float(s).is_integer() for s in strides[0] + strides[1])
-    for crop, method in ((None, "kl"), ("40x56", "dist")):
-        out = tmp_path / f"s-{method}"
+    for crop, method, resample in ((None, "kl", "nearest"), ("40x56", "dist", "nearest"), ("40x56", "kl", "bilinear")):
+        out = tmp_path / f"s-{method}-{resample}"
         r = kd("train-student", "--cache", tmp_path / "lab.zarr", "--unlabeled-cache", tmp_path / "unl.zarr",
                "--method", method, "--val-split", "all", "--epochs", 1, "--batch-size", 4, "--quiet", "--out", out,
-               *(["--crop-size", crop] if crop else []))
+               "--target-resample", resample, *(["--crop-size", crop] if crop else []))
         assert r.exit_code == 0, r.output
         rec = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
         assert rec["train_samples_seen"] == 6 and rec["train_unlabeled_seen"] == 6 and rec[f"train_{method}"] > 0
     # the items themselves: the crop's size, one target grid, the unlabelled maps through their own extent
-    cfg = config_from_store(str(tmp_path / "lab.zarr"), methods=[{"name": "kl"}], crop=(40, 56), val_split="all", out=str(tmp_path / "r"),
-                            unlabeled_caches=[str(tmp_path / "unl.zarr")], device="cpu", workers=0, batch_size=4)
-    tr = StudentTrainer(cfg, show_progress=False)
-    pipe = tr.build_batches(*tr.build_datasets())[0].pipeline
-    items = [pipe[i] for i in range(len(pipe))]
-    assert {tuple(it["image"].shape) for it in items} == {(3, 40, 56)}
-    assert {tuple(it["label"].shape) for it in items} == {(40, 56)}
-    assert {tuple(it["kd/values"].shape) for it in items} == {(2, 11, 14)}  # ceil(40 / 3.857), ceil(56 / 4)
+    for resample in ("nearest", "bilinear"):
+        cfg = config_from_store(str(tmp_path / "lab.zarr"), methods=[{"name": "kl"}], crop=(40, 56), val_split="all",
+                                out=str(tmp_path / "r"), unlabeled_caches=[str(tmp_path / "unl.zarr")], device="cpu",
+                                workers=0, batch_size=4, target_resample=resample)
+        tr = StudentTrainer(cfg, show_progress=False)
+        pipe = tr.build_batches(*tr.build_datasets())[0].pipeline
+        items = [pipe[i] for i in range(len(pipe))]
+        assert {tuple(it["image"].shape) for it in items} == {(3, 40, 56)}
+        assert {tuple(it["label"].shape) for it in items} == {(40, 56)}
+        assert {tuple(it["kd/values"].shape) for it in items} == {(2, 11, 14)}  # ceil(40 / 3.857), ceil(56 / 4)
+        assert {tuple(it["kd/tail"].shape) for it in items} == {(11, 14)}
     assert all((it["label"] == 255).all() for it in items[6:]) and not all((it["label"] == 255).all() for it in items[:6])
