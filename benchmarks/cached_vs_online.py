@@ -108,13 +108,27 @@ def student(task: dict, cache: Path, out: Path, seed: int, method: str | None, t
     cfg = config_from_store(str(cache), out=str(out), seed=seed, methods=methods,
                             online_teacher="cache" if online else None, **task["student"], **(extra or {}))
     t0 = time.perf_counter()
-    result = train_student(cfg, overwrite=True, show_progress=False)
+    train_student(cfg, overwrite=True, show_progress=False)
+    return {**run_record(task, out), "seconds": time.perf_counter() - t0}
+
+
+def run_record(task: dict, out: Path) -> dict:
+    """A finished student run's best val score, val curve and median training images/s."""
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in log if "epoch" in r and "val_miou" in r]
     key = "val_top1" if task["score"] == "top1" else "val_miou"
-    return {"val": result["best_miou"], "seconds": time.perf_counter() - t0,
-            "val_curve": [r.get(key, r["val_miou"]) for r in epochs],
+    curve = [r.get(key, r["val_miou"]) for r in epochs]
+    return {"val": max((v for v in curve if not math.isnan(v)), default=-1.0), "val_curve": curve,
             "images_per_s": statistics.median(r["train_images_per_s"] for r in epochs)}
+
+
+def finished(task: dict, run: Path) -> bool:
+    """Whether ``run`` trained all of the task's student epochs (a tune run may stand in for an arm)."""
+    log = run / "metrics.jsonl"
+    if not (log.exists() and (run / "best.pt").exists()):
+        return False
+    epochs = [json.loads(line) for line in log.read_text().splitlines()]
+    return sum("epoch" in r and "val_miou" in r for r in epochs) == task["student"]["epochs"]
 
 
 def test_score(task: dict, run: Path) -> dict:
@@ -215,7 +229,13 @@ def main() -> None:
                 if str(seed) in runs.get(arm, {}):
                     continue
                 run = out / f"s{seed}-{arm.lower().replace(', ', '-').replace(' ', '-')}"
-                r = student(task, out / cache, run, seed, method, temps.get(method, 1.0), online, extra)
+                tuned = out / f"tune-{method}-T{temps.get(method, 1.0):g}-s{seed}"
+                if arm.endswith(" schedule") and finished(task, tuned):
+                    # the tune run at the chosen T is this arm's run: the same store, seed, method and options
+                    run = tuned
+                    r = run_record(task, run)
+                else:
+                    r = student(task, out / cache, run, seed, method, temps.get(method, 1.0), online, extra)
                 r.update(test_score(task, run))
                 runs.setdefault(arm, {})[str(seed)] = r
                 save()

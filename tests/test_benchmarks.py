@@ -114,6 +114,11 @@ def test_cached_vs_online_pairs_seeds_and_reports_every_arm(task_name, tmp_path,
     for row in ("| CE |", "| KL schedule |", "| DIST online |", "| KL schedule − KL online | 2 |",
                 "| DIST whole image − CE | 2 |", "| kl | "):
         assert row in table
+    # seed 0's schedule arms are its tune runs at the chosen T (the same run); seed 1 trains its own
+    for m in ("kl", "dist"):
+        T = state["temperature"][m]
+        assert not (tmp_path / "work" / f"s0-{m}-schedule").exists() and (tmp_path / "work" / f"s1-{m}-schedule").exists()
+        assert state["students"][f"{m.upper()} schedule"]["0"]["val"] == state["tune"][f"{m} T={T:g} seed 0"]
     if task_name == "segmentation":
         assert "| DIST whole image, bilinear − DIST online | 2 |" in table
         cfg = __import__("json").loads((tmp_path / "work" / "s1-kl-whole-image-bilinear" / "config.json").read_text())
