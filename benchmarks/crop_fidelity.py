@@ -17,6 +17,9 @@ Forms: the dense cache (k = C: no top-k error, the geometry alone: the whole ima
 through the crop by nearest cell, as training does), the default top-4 + tail cache (the same
 plus the top-k), both of these read with ``--target-resample bilinear`` (the rebuilt logits
 interpolated at the crop's exact points, then top-k + tail again), the flip-averaged dense cache,
+the pyramids (``--store-flips``: the teacher on the mirrored image too, which a flipped crop takes;
+``--store-scales 0.75,1.25``: the teacher on the whole image at those scales as well, each crop
+taking the level nearest its scale; both, read by nearest cell and bilinearly),
 and the dense and top-4 + tail schedules
 (``--schedule-epochs``, the training mix only: the teacher on the crop itself, which the student
 replays). Each form's bytes on disk per image (a schedule's per image and epoch) stand beside it:
@@ -50,13 +53,31 @@ from kdcache.geometry import Geometry
 from kdcache.model_loading import open_weights
 from kdcache.store import CacheStore, to_tensors
 from kdcache.store.location import size_of
-from kdcache.target_geometry import pool_targets, view_targets, warp_targets
+from kdcache.target_geometry import level_targets, pool_targets, view_targets, warp_targets
 from kdcache.targets import implied_log_probs
 from kdcache.transforms import Augment, apply_geometry, sample_geometry, sample_resized_crop
 
 SEED = 2027
 #: the caches also read with ``--target-resample bilinear``, and the name of that form
-BILINEAR = {"dense cache (k = C)": "dense cache, bilinear", "top-4 + tail cache": "top-4 + tail cache, bilinear"}
+BILINEAR = {"dense cache (k = C)": "dense cache, bilinear", "top-4 + tail cache": "top-4 + tail cache, bilinear",
+            "top-4 + tail, scales 0.75/1/1.25 + flips": "top-4 + tail, scales 0.75/1/1.25 + flips, bilinear"}
+#: the pyramid forms (``--store-scales``, ``--store-flips``): name -> (k, build options)
+PYRAMIDS = {
+    "dense, stored flips": (11, {"store_flips": True}),
+    "dense, scales 0.75/1/1.25 + flips": (11, {"store_scales": (0.75, 1.25), "store_flips": True}),
+    "top-4 + tail, stored flips": (4, {"store_flips": True}),
+    "top-4 + tail, scales 0.75/1/1.25": (4, {"store_scales": (0.75, 1.25)}),
+    "top-4 + tail, scales 0.75/1/1.25 + flips": (4, {"store_scales": (0.75, 1.25), "store_flips": True}),
+}
+
+
+def cached_targets(store: CacheStore, i: int, g: Geometry, resample: str = "nearest") -> dict:
+    """What a student reads for sample ``i``'s crop ``g`` from ``store`` (a pyramid: the nearest level)."""
+    schema = store.schema
+    cached = to_tensors(store.read(i, groups=schema.groups_for(["logits"])))
+    if schema.levels:
+        return level_targets(cached, g, schema.strides, schema.levels, resample, schema.num_classes)
+    return warp_targets(cached, g, schema.strides, resample, schema.num_classes)
 
 
 def seg_augmentations(size: tuple[int, int]) -> dict:
@@ -139,6 +160,8 @@ def segmentation(teacher: str, images: int, tmp: Path) -> dict:
     forms = {"dense cache (k = C)": build(teacher, tmp / "dense.zarr", topk=11, **common),
              "top-4 + tail cache": build(teacher, tmp / "k4.zarr", topk=4, **common),
              "flip-averaged dense cache": build(teacher, tmp / "fa.zarr", topk=11, flip_average=True, **common)}
+    for j, (name, (k, opts)) in enumerate(PYRAMIDS.items()):
+        forms[name] = build(teacher, tmp / f"pyramid{j}.zarr", topk=k, **opts, **common)
     schedule = build(teacher, tmp / "sched.zarr", topk=11, schedule_epochs=1, **common)
     schedule4 = build(teacher, tmp / "sched4.zarr", topk=4, schedule_epochs=1, **common)
     sizes = {name: size_of(store.path) / images for name, store in forms.items()}
@@ -157,12 +180,9 @@ def segmentation(teacher: str, images: int, tmp: Path) -> dict:
             g = draw(np.random.default_rng((SEED, a, i)))
             live = model(apply_geometry(x, g, kind="image")[None].double()).logits[0]
             for name, store in forms.items():
-                cached = to_tensors(store.read(i, groups=["logits"]))
-                target = warp_targets(cached, g, store.schema.strides)
-                add(acc, (aug_name, name), compare(live, target, C))
+                add(acc, (aug_name, name), compare(live, cached_targets(store, i, g), C))
                 if name in BILINEAR:  # the same cache, sampled at the crop's exact points
-                    target = warp_targets(cached, g, store.schema.strides, "bilinear", C)
-                    add(acc, (aug_name, BILINEAR[name]), compare(live, target, C))
+                    add(acc, (aug_name, BILINEAR[name]), compare(live, cached_targets(store, i, g, "bilinear"), C))
         # the schedule: its own training-mix crop, the teacher's outputs on it
         add_schedules(acc, model, x, i, C, {"dense schedule (the crop itself)": schedule,
                                             "top-4 + tail schedule (the crop itself)": schedule4})

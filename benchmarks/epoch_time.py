@@ -9,7 +9,8 @@ first ``--limit`` synthetic training images. Each round trains, one after anothe
 CE only (`train-teacher --model demo_student`), `train-student --method none` and
 `train-student --method kl` (default `--cache-read stream`, and `kl` once more with
 `--cache-read random`, and `kl` from a schedule cache: ``--schedule-epochs`` = ``--epochs``, the
-teacher on every crop the student draws, replayed), each for ``--epochs`` epochs with ``--workers`` DataLoader workers, in an
+teacher on every crop the student draws, replayed; `kl` with ``--target-resample bilinear``; `kl` from
+a pyramid cache, ``--store-scales 0.75,1.25 --store-flips``), each for ``--epochs`` epochs with ``--workers`` DataLoader workers, in an
 order that rotates from round to round. The first epoch of each run is warm-up; the others give
 images/s from the run's own `metrics.jsonl`. Reports the median images/s and, for the epoch time
 against CE only, the median of each round's own ratio (a noisy machine drifts between rounds).
@@ -36,11 +37,13 @@ from kdcache.store import CacheStore
 from kdcache.training import TrainConfig, train
 from kdcache.transforms import Preprocess
 
-VARIANTS = ("CE only", "none, stream", "kl, stream", "kl, random", "kl, schedule")
+VARIANTS = ("CE only", "none, stream", "kl, stream", "kl, random", "kl, schedule", "kl, bilinear", "kl, pyramid")
 
 
-def build_cache(out: Path, limit: int, schedule_epochs: int = 0, dataset_options: dict | None = None) -> Path:
-    """The cache as `kdcache demo` builds it (a schedule of ``schedule_epochs`` epochs when > 0)."""
+def build_cache(out: Path, limit: int, schedule_epochs: int = 0, dataset_options: dict | None = None,
+                **pyramid) -> Path:
+    """The cache as `kdcache demo` builds it (a schedule of ``schedule_epochs`` epochs when > 0;
+    ``pyramid``: ``store_scales``/``store_flips``)."""
     teacher = out.parent / "teacher.pt"
     if not teacher.exists():
         torch.manual_seed(0)
@@ -48,12 +51,14 @@ def build_cache(out: Path, limit: int, schedule_epochs: int = 0, dataset_options
                         config={"model": "demo_teacher", "num_classes": 11, "preprocess": Preprocess().to_dict()})
     build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(out), limit=limit, topk=4,
                                          features=("stage3",), attention=True, device="cpu",
-                                         dataset_options=dataset_options or {}, schedule_epochs=schedule_epochs),
+                                         dataset_options=dataset_options or {}, schedule_epochs=schedule_epochs,
+                                         **pyramid),
                         show_progress=False)
     return out
 
 
-def run(variant: str, cache: str, schedule: str, limit: int, epochs: int, workers: int, out: Path) -> list[float]:
+def run(variant: str, cache: str, schedule: str, pyramid: str, limit: int, epochs: int, workers: int,
+        out: Path) -> list[float]:
     common = dict(model="demo_student", epochs=epochs, limit=limit, workers=workers, device="cpu", out=str(out),
                   eval_every=epochs)
     if variant == "CE only":
@@ -62,9 +67,11 @@ def run(variant: str, cache: str, schedule: str, limit: int, epochs: int, worker
                           **common), overwrite=True, show_progress=False)
     else:
         method, read = variant.split(", ")
-        if read == "schedule":
-            cache, read = schedule, "stream"
-        train_student(config_from_store(cache, methods=[{"name": method}], cache_read=read, **common),
+        resample = "bilinear" if read == "bilinear" else "nearest"
+        cache = {"schedule": schedule, "pyramid": pyramid}.get(read, cache)
+        read = read if read in ("stream", "random") else "stream"
+        train_student(config_from_store(cache, methods=[{"name": method}], cache_read=read, target_resample=resample,
+                                        **common),
                       overwrite=True, show_progress=False)
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["train_images_per_s"] for r in recs if "epoch" in r and r["epoch"] > 0]
@@ -87,11 +94,14 @@ def main() -> None:
             cache = build_cache(Path(tmp) / "cache.zarr", args.limit)
         options = CacheStore(str(cache)).schema.dataset.get("options") or {}
         schedule = build_cache(Path(tmp) / "schedule.zarr", args.limit, args.epochs, options)
+        pyramid = build_cache(Path(tmp) / "pyramid.zarr", args.limit, 0, options, store_scales=(0.75, 1.25),
+                              store_flips=True)
         for r in range(args.rounds):
             order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]  # no variant always first
             got = {}
             for v in order:
-                got[v] = run(v, str(cache), str(schedule), args.limit, args.epochs, args.workers, Path(tmp) / "run")
+                got[v] = run(v, str(cache), str(schedule), str(pyramid), args.limit, args.epochs, args.workers,
+                             Path(tmp) / "run")
                 rates[v] += got[v]
                 print(f"round {r}: {v}: {', '.join(f'{x:.1f}' for x in got[v])} images/s")
             for v in VARIANTS:
@@ -112,8 +122,9 @@ def main() -> None:
         *[f"| {v} | {med[v]:.1f} | {rat[v]:.3f} ({min(ratios[v]):.3f}–{max(ratios[v]):.3f}) |" for v in VARIANTS],
         "",
         f"Target: a cached `kl` epoch ≤ 1.10× a CE-only epoch; measured **{rat['kl, stream']:.3f}** "
-        f"(stream), {rat['kl, random']:.3f} (random access) and {rat['kl, schedule']:.3f} (a schedule cache, "
-        "replayed).",
+        f"(stream), {rat['kl, random']:.3f} (random access), {rat['kl, schedule']:.3f} (a schedule cache, "
+        f"replayed), {rat['kl, bilinear']:.3f} (`--target-resample bilinear`) and {rat['kl, pyramid']:.3f} (a pyramid: "
+        "`--store-scales 0.75,1.25 --store-flips`, each crop reading its nearest level).",
     ]
     name = "epoch-time-cpu.md" if args.workers == 0 else f"epoch-time-cpu-workers{args.workers}.md"
     path = Path(args.results) / name

@@ -11,6 +11,7 @@ module only runs the teacher and says what it ran on.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -118,6 +119,11 @@ class CacheBuildConfig:
                                   "student replays them, so its targets are the teacher's on its own pixels.")
     schedules: int = opt(1, "With --schedule-epochs: R independent schedules; a student with --seed s replays "
                             "schedule s.")
+    store_scales: tuple[float, ...] = opt((), "Segmentation: also store the teacher's logits on the whole image at "
+                                             "these other scales, e.g. 0.75,1.25 (a pyramid); a training crop takes "
+                                             "the level nearest its own scale.", shape="numbers")
+    store_flips: bool = opt(False, "Segmentation: also store the teacher's logits on the mirrored image (at every "
+                                   "--store-scales scale too); a flipped crop takes them instead of the mirrored map.")
     crop: tuple[int, int] | None = crop_option()
     scale: tuple[float, float] = scale_option()
     crop_area: tuple[float, float] = crop_area_option()
@@ -152,6 +158,29 @@ class CacheBuildConfig:
         for name, (lo, hi), top in (("--scale", self.scale, None), ("--crop-area", self.crop_area, 1.0)):
             if not 0 < lo <= hi or (top is not None and hi > top):
                 raise KDCacheError(f"{name} must be 'lo,hi' with 0 < lo <= hi{' <= 1' if top else ''}, got {lo},{hi}")
+
+    def _validate_levels(self) -> None:
+        if not (self.store_scales or self.store_flips):
+            return
+        given = "--store-scales" if self.store_scales else "--store-flips"
+        for other, on in (("--views", self.views), ("--schedule-epochs", self.schedule_epochs),
+                          ("--label-map", self.label_map)):
+            if on:
+                raise KDCacheError(f"{given} and {other} are two forms of stored targets; give one of them")
+        if self.flip_average and self.store_flips:
+            raise KDCacheError("--store-flips and --flip-average both make flips exact; give one of them")
+        bad = [s for s in self.store_scales if not (s > 0 and math.isfinite(s)) or s == 1]
+        if bad:
+            raise KDCacheError(f"--store-scales takes the scales other than 1 (the base map), each > 0; got {bad[0]:g}")
+        if len(set(self.store_scales)) != len(self.store_scales):
+            raise KDCacheError(f"--store-scales has a scale twice: {','.join(f'{s:g}' for s in self.store_scales)}")
+
+    @property
+    def levels(self) -> list[tuple[float, bool]]:
+        """The (scale, flip) of each stored pyramid level, in store order: the other scales, then
+        (with --store-flips) the mirror at scale 1 and at each other scale."""
+        scales = [float(s) for s in self.store_scales]
+        return [(s, False) for s in scales] + ([(s, True) for s in [1.0, *scales]] if self.store_flips else [])
 
     @property
     def weight_files(self) -> list[str]:
@@ -190,6 +219,7 @@ class CacheBuildConfig:
         if self.label_map and self.views:
             raise KDCacheError("--label-map and --views are two forms of a classification cache; give one of them")
         self._validate_schedule()
+        self._validate_levels()
         if (self.attention or self.attention_only) and not self.features:
             raise KDCacheError("--attention needs --features NAME[,NAME]: the taps whose attention maps to store")
         if self.codec not in CODECS:
@@ -331,6 +361,20 @@ def _build(config: CacheBuildConfig, d: distributed.Dist, device: torch.device, 
                  "area": config.crop_area if classification else None,
                  "schedule": {"epochs": config.schedule_epochs, "schedules": config.schedules,
                               "augment": aug.to_dict()}}
+    elif config.levels:  # a pyramid: the whole image at other scales and/or mirrored, logits only
+        flags = "--store-scales" if config.store_scales else "--store-flips"
+        if classification:
+            raise KDCacheError(f"{flags} is for segmentation caches; a classifier's crops take --label-map or "
+                               "--schedule-epochs")
+        if len(set(sizes)) > 1:
+            raise KDCacheError(f"the images have different sizes: {flags} needs images of one size (give the teacher "
+                               "a fixed input size, or build without it)")
+        levels = [{"scale": sc, "flip": f, "map_size": teacher.probe(level_geometry(sizes[0], sc, f).scaled_size,
+                                                                      device)[0]} for sc, f in config.levels]
+        scales = [1.0, *(lv["scale"] for lv in levels)]
+        views = {"count": len(levels), "scale": (min(scales), max(scales)), "crop": sizes[0], "seed": 0,
+                 "map_size": (max(lv["map_size"][0] for lv in levels), max(lv["map_size"][1] for lv in levels)),
+                 "feature_shapes": {}, "area": None, "levels": levels}
     with progress_bar("fingerprint data", total=len(ds), enabled=show_progress, unit="sample") as bar:
         hashes = []
         for i in range(len(ds)):
@@ -407,6 +451,8 @@ def _run_teacher(teacher: TeacherEnsemble, ds, preprocess, schema: CacheSchema, 
                     if sched:
                         params = np.stack([it["view_params"] for it in same])
                         views = (*_crops_forward(teacher, x, params, B), params)
+                    elif schema.levels:
+                        views = _levels_forward(teacher, x, schema)
                     elif schema.views:
                         v = torch.cat([it["views"] for it in same]).to(device, non_blocking=True)
                         vo = teacher(v)
@@ -443,6 +489,34 @@ def _crops_forward(teacher: TeacherEnsemble, x: torch.Tensor, params: np.ndarray
         for tap, f in out.features.items():
             feats.setdefault(tap, []).append(f)
     return torch.cat(logits), {tap: torch.cat(fs) for tap, fs in feats.items()}
+
+
+def level_geometry(size: tuple[int, int], scale: float, flip: bool) -> Geometry:
+    """A pyramid level: the whole image of ``size`` at ``scale``, mirrored if ``flip``."""
+    g = Geometry(tuple(size), float(scale), 0, 0, tuple(size), bool(flip))
+    return Geometry(tuple(size), float(scale), 0, 0, g.scaled_size, bool(flip))
+
+
+def _levels_forward(teacher: TeacherEnsemble, x: torch.Tensor, schema: CacheSchema
+                    ) -> tuple[torch.Tensor, dict, np.ndarray]:
+    """The teacher's logits on every pyramid level of the images ``x`` [B, 3, H, W] (one
+    forward per level, the images resized on ``x``'s device as a training pipeline resizes
+    them), each padded to the views' map size: [B·V, C, h, w] image by image, and the levels'
+    packed geometries [B, V, 7]."""
+    size = tuple(x.shape[-2:])
+    vh, vw = schema.views["map_size"]
+    per_level = []
+    for lv in schema.levels:
+        g = level_geometry(size, lv["scale"], lv["flip"])
+        z = teacher(torch.stack([apply_geometry(im, g, kind="image") for im in x])).logits
+        if tuple(z.shape[-2:]) != tuple(lv["map_size"]):
+            raise KDCacheError(f"the teacher's map at scale {lv['scale']:g} is {z.shape[-2]}x{z.shape[-1]}, not the "
+                               f"{lv['map_size'][0]}x{lv['map_size'][1]} it gave when probed")
+        per_level.append(torch.nn.functional.pad(z, (0, vw - z.shape[-1], 0, vh - z.shape[-2])))
+    logits = torch.stack(per_level, dim=1).flatten(0, 1)
+    params = np.array([[level_geometry(size, lv["scale"], lv["flip"]).pack() for lv in schema.levels]] * len(x),
+                      dtype=np.float32)
+    return logits, {}, params
 
 
 def _same_size_groups(items: list[dict]) -> list[list[dict]]:

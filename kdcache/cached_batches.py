@@ -29,7 +29,7 @@ from kdcache.geometry import Geometry
 from kdcache.loaders import make_loader
 from kdcache.store import BAD, BadSampleError, CacheStore, CacheStream, to_tensors
 from kdcache.store.location import worker_start_method
-from kdcache.target_geometry import pool_targets, view_targets, warp_targets
+from kdcache.target_geometry import level_targets, pool_targets, view_targets, warp_targets
 from kdcache.transforms import AUGMENT_OPTIONS, Augment, Preprocess, SegPipeline
 
 #: the cached arrays of the logits group, as a read sample names them
@@ -63,7 +63,11 @@ class KDPipeline(SegPipeline):
         self.strides = dict(strides) if strides is not None else store.schema.strides
         self.rows = np.asarray(rows)
         # a schedule cache is always replayed: its views are the crops this run draws
-        self.use_views = bool((use_views or store.schema.schedule) and store.schema.views)
+        self.levels = store.schema.levels  # a pyramid store: each crop takes its nearest level
+        if use_views and self.levels:
+            raise KDCacheError("--use-views replays stored random views, and this cache's views are pyramid levels "
+                               "(--store-scales/--store-flips), which every crop reads by itself: drop --use-views")
+        self.use_views = bool((use_views or store.schema.schedule) and store.schema.views and not self.levels)
         self.skip_bad = skip_bad
         if required is None:  # every map group the store holds
             required = ["logits", *(f"features/{t}" for t in store.schema.features),
@@ -120,7 +124,11 @@ class KDPipeline(SegPipeline):
                     logits = {key: cached.pop(key) for key in LOGIT_KEYS if key in cached}
                     if logits:
                         item.update(pool_targets(logits, g, self.store.schema.num_classes))
-                item.update(warp_targets(cached, g, self.strides, self.resample, self.store.schema.num_classes))
+                if self.levels and "views/logits/values" in cached:
+                    item.update(level_targets(cached, g, self.strides, self.levels, self.resample,
+                                              self.store.schema.num_classes))
+                else:
+                    item.update(warp_targets(cached, g, self.strides, self.resample, self.store.schema.num_classes))
         item.pop("geometry", None)
         if skipped:  # no teacher targets for this sample: every KD cell ignored
             for key in list(item):

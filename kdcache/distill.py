@@ -142,12 +142,14 @@ class StudentTrainer(Trainer):
 
     def describe_run(self, model: SegModel, train_ds, val_ds, augment: Augment | None) -> dict:
         """The run's ``config.json``, plus ``cache_targets``: what the student's targets are
-        (``logits`` through each crop, stored ``views``, a replayed ``schedule``, a classifier's pooled
+        (``logits`` through each crop, a pyramid's nearest ``levels``, stored ``views``, a replayed
+        ``schedule``, a classifier's pooled
         ``label_map``)."""
         out = super().describe_run(model, train_ds, val_ds, augment)
         if self.store is not None:
             schema = self.store.schema
-            out["cache_targets"] = ("schedule" if schema.schedule else "views" if self.config.use_views and schema.views
+            out["cache_targets"] = ("schedule" if schema.schedule else "levels" if schema.levels
+                                    else "views" if self.config.use_views and schema.views
                                     else "label_map" if schema.label_map else "logits")
         return out
 

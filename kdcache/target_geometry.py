@@ -42,17 +42,18 @@ def sample_grid(g: Geometry, map_hw: tuple[int, int], out_hw: tuple[int, int]
     return torch.from_numpy(yi), torch.from_numpy(xi), torch.from_numpy(invalid)
 
 
-def _grid(g: Geometry, map_hw: tuple[int, int], out_hw: tuple[int, int]
+def _grid(g: Geometry, map_hw: tuple[int, int], out_hw: tuple[int, int], mirror: bool = False
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    yi, valid_y, xi, valid_x = _axes(g, map_hw, out_hw)
+    yi, valid_y, xi, valid_x = _axes(g, map_hw, out_hw, mirror=mirror)
     invalid = ~(valid_y[:, None] & valid_x[None, :])
     return yi, xi, invalid
 
 
-def _axes(g: Geometry, map_hw: tuple[int, int], out_hw: tuple[int, int], exact: bool = False
-          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _axes(g: Geometry, map_hw: tuple[int, int], out_hw: tuple[int, int], exact: bool = False,
+          mirror: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per output row and column: the map cell it samples (``exact``: the point in map-cell
-    units, cell j covering [j, j + 1)) and whether it lies inside the scaled image."""
+    units, cell j covering [j, j + 1)) and whether it lies inside the scaled image. ``mirror``:
+    the map is of the mirrored image (a stored flip level), so columns count from the right."""
     # numpy in float64: a few dozen cells per axis, where each torch call would cost more than
     # the arithmetic (this runs per item in the loader); in-place ufuncs in the order of
     # floor(((c + 1/2) · o / n + offset) · H / s · m / H), as few calls as that allows
@@ -62,7 +63,7 @@ def _axes(g: Geometry, map_hw: tuple[int, int], out_hw: tuple[int, int], exact: 
     mh, mw = map_hw
     out_h, out_w = out_hw
 
-    def axis(n, o, flip, offset, s, size, m):
+    def axis(n, o, flip, offset, s, size, m, mirror=False):
         c = np.arange(n, dtype=np.float64)
         c += 0.5
         c *= o
@@ -76,15 +77,15 @@ def _axes(g: Geometry, map_hw: tuple[int, int], out_hw: tuple[int, int], exact: 
         c *= m
         c /= size
         if exact:
-            return c, valid
+            return (m - c if mirror else c), valid
         np.floor(c, out=c)
         i = c.astype(np.int64)
         np.maximum(i, 0, out=i)
         np.minimum(i, m - 1, out=i)
-        return i, valid
+        return (m - 1 - i if mirror else i), valid
 
     yi, valid_y = axis(out_h, oh, False, g.top, sh, H, mh)
-    xi, valid_x = axis(out_w, ow, g.flip, g.left, sw, W, mw)
+    xi, valid_x = axis(out_w, ow, g.flip, g.left, sw, W, mw, mirror)
     return yi, valid_y, xi, valid_x
 
 
@@ -115,13 +116,13 @@ def _bilinear_axis(c: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 def resample_logits(values: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor | None, g: Geometry,
-                    out_hw: tuple[int, int], num_classes: int) -> dict:
+                    out_hw: tuple[int, int], num_classes: int, mirror: bool = False) -> dict:
     """One sample's cached logits (``values``/``indices`` [k, h, w], ``tail`` [h, w] or None)
     through ``g`` by bilinear interpolation of the rebuilt logits at the crop's exact points:
     ``kd/values``, ``kd/indices`` (the input's dtypes), ``kd/tail`` and ``kd/ignore`` at
-    ``out_hw``."""
+    ``out_hw``. ``mirror``: the map is of the mirrored image."""
     map_hw = tuple(values.shape[-2:])
-    cy, valid_y, cx, valid_x = _axes(g, map_hw, out_hw, exact=True)
+    cy, valid_y, cx, valid_x = _axes(g, map_hw, out_hw, exact=True, mirror=mirror)
     y0, y1, wy = _bilinear_axis(cy, map_hw[0])
     x0, x1, wx = _bilinear_axis(cx, map_hw[1])
     # only the cells the crop touches are rebuilt to C logits
@@ -148,7 +149,7 @@ def resample_logits(values: torch.Tensor, indices: torch.Tensor, tail: torch.Ten
 
 
 def warp_targets(item: dict, g: Geometry, strides: dict[str, tuple[float, float]], resample: str = "nearest",
-                 num_classes: int | None = None) -> dict:
+                 num_classes: int | None = None, mirror: bool = False) -> dict:
     """Take every cached map of one sample (``logits/*``, ``features/<tap>``,
     ``attention/<tap>``; as tensors cropped to their extent) through ``g``.
 
@@ -158,15 +159,17 @@ def warp_targets(item: dict, g: Geometry, strides: dict[str, tuple[float, float]
     crop's padding) at ceil(crop / stride), and ``kd/features/<tap>``, ``kd/attention/<tap>``
     (with their own ``…/ignore``) at ceil(crop / their stride). Maps ``item`` lacks (not read
     because no method needs them) are left out. ``resample``: ``nearest`` (the default) or
-    ``bilinear`` for the logits (see the module docstring; needs ``num_classes``)."""
+    ``bilinear`` for the logits (see the module docstring; needs ``num_classes``). ``mirror``:
+    the logits map is the teacher's on the mirrored image (a stored flip level; see
+    :func:`level_targets`)."""
     out: dict = {}
     values = item.get("logits/values")
     if values is not None and resample == "bilinear":
         out.update(resample_logits(values, item["logits/indices"], item.get("logits/tail"), g,
-                                   out_map_size(g.out_size, strides["logits"]), num_classes))
+                                   out_map_size(g.out_size, strides["logits"]), num_classes, mirror))
     elif values is not None:  # absent when no method reads the logits
         map_hw = tuple(values.shape[-2:])
-        yi, xi, invalid = _grid(g, map_hw, out_map_size(g.out_size, strides["logits"]))
+        yi, xi, invalid = _grid(g, map_hw, out_map_size(g.out_size, strides["logits"]), mirror)
         cells, out_hw = cell_index(yi, xi, map_hw[1]), invalid.shape
         out["kd/values"] = warp(values, cells, out_hw)
         out["kd/indices"] = warp(item["logits/indices"], cells, out_hw)
@@ -179,6 +182,42 @@ def warp_targets(item: dict, g: Geometry, strides: dict[str, tuple[float, float]
             out[f"kd/{key}"] = warp(a, cell_index(fy, fx, a.shape[-1]), finv.shape)
             out[f"kd/{key}/ignore"] = torch.from_numpy(finv)
     return out
+
+
+def choose_level(g: Geometry, levels: list[dict]) -> int:
+    """Which map of a pyramid store a crop of ``g`` takes: 0 for the base map (scale 1, not
+    mirrored), ``j`` for stored level ``j - 1`` (``levels``: the store's ``{"scale", "flip",
+    "map_size"}``). Where mirrored levels are stored, only the maps of the crop's own flip
+    compete; otherwise only the unmirrored ones (a flip then mirrors the indexing). Of those, the
+    scale nearest the crop's in log scale (the width's stretch counted as a geometric mean);
+    ties go to the earlier map, the base first."""
+    flips = any(lv["flip"] for lv in levels)
+    want = bool(g.flip) if flips else False
+    s = math.log(g.scale * math.sqrt(g.stretch))
+    candidates = [(0, 1.0, False)] + [(j + 1, float(lv["scale"]), bool(lv["flip"])) for j, lv in enumerate(levels)]
+    return min((c for c in candidates if c[2] == want), key=lambda c: (abs(math.log(c[1]) - s), c[0]))[0]
+
+
+def level_targets(item: dict, g: Geometry, strides: dict[str, tuple[float, float]], levels: list[dict],
+                  resample: str = "nearest", num_classes: int | None = None) -> dict:
+    """The targets of a crop ``g`` from a pyramid store (``build-teacher-cache --store-scales``,
+    ``--store-flips``): ``item`` holds the base maps (``logits/*``, ``features/…``) and the
+    stored levels' logits (``views/logits/*``, [V, …] padded to the largest level). The crop takes
+    the logits of the level :func:`choose_level` picks — the teacher on the whole image at that
+    scale (and mirrored, if a flip level) — through its own geometry, as :func:`warp_targets`
+    takes the base map: the level covers the whole image at its own resolution, so the same cell
+    arithmetic applies, with the columns counted from the right on a mirrored level. Features and
+    attention come from the base maps."""
+    j = choose_level(g, levels)
+    rest = {key: a for key, a in item.items() if not key.startswith("views/")}
+    if j > 0:
+        lv = levels[j - 1]
+        h, w = lv["map_size"]
+        for key in ("logits/values", "logits/indices", "logits/tail"):
+            if f"views/{key}" in item:
+                rest[key] = item[f"views/{key}"][j - 1][..., :h, :w]
+        return warp_targets(rest, g, strides, resample, num_classes, mirror=bool(lv["flip"]))
+    return warp_targets(rest, g, strides, resample, num_classes)
 
 
 def view_targets(item: dict, v: int) -> dict:

@@ -53,6 +53,9 @@ NOT_REACHED = {
     "a rank failed during set-up": "torchrun only: what the other ranks raise when one rank failed",
     "store {} does not match this build": "a second check after prepare_store, which already refuses a store built "
                                           "differently ('built differently'); only a store replaced mid-build",
+    "the teacher's map at scale {} is {}x{}, not the": "an invariant: each pyramid level's map size is probed on "
+                                                      "that level's input; only a teacher whose output size "
+                                                      "changes between two calls on one input size",
     "teacher map {}x{} is larger than the store's": "an invariant: the store's map size is probed at the largest "
                                                     "image; only a teacher whose output grows as its input shrinks",
     "image file {} does not exist": "every loader lists files that exist; only a file deleted between listing and "

@@ -30,6 +30,11 @@ at least ``VIEW_CHUNK_BYTES``), its view arrays are chunked one view of one samp
 sharded by ``samples_per_shard`` samples of one view, so that an epoch reads only its own view
 (``c/<shard>/<view>/0/…``); a classifier's tiny views share one chunk per sample.
 
+A *pyramid* store (``--store-scales S,… [--store-flips]``) holds as views the teacher's logits on
+the whole image at each other scale (and, with flips, on its mirror at every scale, 1 included);
+``views.levels`` gives each view's scale, flip and map size (the arrays are padded to the
+largest). A training crop takes the level nearest its own scale and flip.
+
 Maps are stored at the teacher head's native stride, padded to the largest sample's extent
 (images of different sizes); ``hw`` says how much of each is valid. Each sample is one chunk
 of each map array; ``samples_per_shard`` consecutive samples form a shard, the unit of
@@ -205,14 +210,19 @@ class CacheSchema:
         if views:
             vshapes = dict(views.get("feature_shapes") or {})
             schedule = views.get("schedule")
+            levels = views.get("levels")  # a pyramid: the whole image at other scales / mirrored, logits only
             views_meta = {
                 "count": int(views["count"]), "scale": list(views["scale"]), "crop": list(views["crop"]),
                 "seed": int(views.get("seed", 0)), "hflip": True, "map_size": list(views["map_size"]),
-                "features": {t: {"channels": vshapes[t][0], "map_size": list(vshapes[t][1:])} for t in features},
-                "attention": {t: {"map_size": list(vshapes[t][1:])} for t in attention},
+                "features": {} if levels else {t: {"channels": vshapes[t][0], "map_size": list(vshapes[t][1:])}
+                                               for t in features},
+                "attention": {} if levels else {t: {"map_size": list(vshapes[t][1:])} for t in attention},
                 "params": list(Geometry.PACKED),
                 "area": list(views["area"]) if views.get("area") else None,  # random-resized crops
             }
+            if levels:
+                views_meta["levels"] = [{"scale": float(lv["scale"]), "flip": bool(lv["flip"]),
+                                         "map_size": [int(v) for v in lv["map_size"]]} for lv in levels]
             if schedule:  # the crops of every epoch of a student's augmentation
                 views_meta["schedule"] = {"epochs": int(schedule["epochs"]), "schedules": int(schedule["schedules"]),
                                           "augment": dict(schedule["augment"])}
@@ -349,6 +359,13 @@ class CacheSchema:
         """A schedule store's ``epochs``, ``schedules`` and ``augment`` (the student augmentation
         its views were drawn with; :meth:`Augment.to_dict`), else None."""
         return (self.views or {}).get("schedule") or None
+
+    @property
+    def levels(self) -> list[dict] | None:
+        """A pyramid store's levels (``build-teacher-cache --store-scales/--store-flips``): per
+        stored view, the scale and flip of the whole image it is the teacher's logits on and its
+        map size (the view arrays are padded to the largest); else None."""
+        return (self.views or {}).get("levels") or None
 
     def view_of(self, schedule: int, epoch: int) -> int:
         """The view that holds ``epoch`` of ``schedule`` in a schedule store."""
@@ -489,7 +506,8 @@ class CacheSchema:
 
     def groups_for(self, required: Iterable[str], views: bool = False) -> set[str]:
         """The map groups a training item reads for KD methods that require ``required``
-        (``logits``, ``features/<tap>``, ``attention/<tap>``): those of the base maps, or with
+        (``logits``, ``features/<tap>``, ``attention/<tap>``): those of the base maps (and a
+        pyramid's levels' logits), or with
         ``views`` those of the stored views plus ``views/params`` (each view's geometry). A
         group the store lacks is left out (the method that needs it says so when it runs)."""
         have = {s.group for s in self.map_specs}
@@ -497,6 +515,8 @@ class CacheSchema:
         out = {prefix + r for r in required if prefix + r in have}
         if views:
             out.add(VIEW_PARAMS)
+        elif self.levels and "logits" in out:
+            out.add("views/logits")  # a pyramid's levels: each crop takes the nearest (target_geometry.level_targets)
         return out
 
     def placeholder_targets(self, groups: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
