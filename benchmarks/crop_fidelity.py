@@ -28,7 +28,9 @@ fidelity per byte.
 Classification (the built-in shapes' val split, a `demo_cls_teacher` run): ``flip``;
 ``random-resized crop`` (0.5–1 of the area, aspect 3/4–4/3, no flip); the training mix (that
 crop and a flip with p = 0.5). Forms: the whole image's logits (the default cache: the same target
-for every crop), ReLabel's label map pooled over the crop, and the schedule, dense and top-5 + tail
+for every crop), ReLabel's label map pooled over the crop (the class map of the image, and the finer
+one of the image at twice its size: ``--label-map --tta-scales 2 --grid-stride`` half the map's
+stride, as ReLabel runs its teacher on a larger input), and the schedule, dense and top-5 + tail
 (training mix).
 
 For every valid cell of every crop: KL(live ‖ cached) of the softmax at T = 1 and T = 4 (the
@@ -195,10 +197,16 @@ def classification(teacher: str, images: int, tmp: Path) -> dict:
     common = dict(dataset="shapes", split="val", limit=images)
     logits = build(teacher, tmp / "cls.zarr", topk=10, **common)
     lmap = build(teacher, tmp / "lmap.zarr", topk=10, label_map=True, **common)
+    # ReLabel's finer map: the class map of the image at twice the size, on a grid of half the stride
+    stride = lmap.schema.strides["logits"][0]
+    fine = build(teacher, tmp / "lmap2.zarr", topk=10, label_map=True, tta_scales=(2.0,), grid_stride=stride / 2,
+                 **common)
+    fine_name = f"label map of the 2x input ({'x'.join(map(str, fine.schema.map_size))} cells) pooled over the crop"
     schedule = build(teacher, tmp / "csched.zarr", topk=10, schedule_epochs=1, crop_area=(0.5, 1.0), **common)
     schedule5 = build(teacher, tmp / "csched5.zarr", topk=5, schedule_epochs=1, crop_area=(0.5, 1.0), **common)
     sizes = {"whole-image logits (default cache)": size_of(logits.path) / images,
              "label map pooled over the crop": size_of(lmap.path) / images,
+             fine_name: size_of(fine.path) / images,
              "schedule (the crop itself)": size_of(schedule.path) / images,
              "top-5 + tail schedule (the crop itself)": size_of(schedule5.path) / images}
     ds = logits.dataset()
@@ -213,11 +221,13 @@ def classification(teacher: str, images: int, tmp: Path) -> dict:
         whole_target = {"kd/values": whole["logits/values"], "kd/indices": whole["logits/indices"],
                         "kd/ignore": torch.zeros(1, 1, dtype=torch.bool)}
         cmap = to_tensors(lmap.read(i, groups=["logits"]))
+        fmap = to_tensors(fine.read(i, groups=["logits"]))
         for a, (aug_name, draw) in enumerate(cls_augmentations(size).items()):
             g = draw(np.random.default_rng((SEED, a, i)))
             live = model(apply_geometry(x, g, kind="image")[None].double()).logits.reshape(C, 1, 1)
             add(acc, (aug_name, "whole-image logits (default cache)"), compare(live, whole_target, C))
             add(acc, (aug_name, "label map pooled over the crop"), compare(live, pool_targets(cmap, g, C), C))
+            add(acc, (aug_name, fine_name), compare(live, pool_targets(fmap, g, C), C))
         add_schedules(acc, model, x, i, C, {"schedule (the crop itself)": schedule,
                                             "top-5 + tail schedule (the crop itself)": schedule5})
     return acc, sizes
