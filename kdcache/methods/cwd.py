@@ -7,7 +7,8 @@ T² × KL(teacher ‖ student) summed over positions, averaged over channels and
 The teacher's full logit maps are rebuilt from the cache: the top-k classes get their stored raw
 logits and every class outside the top k gets τ − log(C − k), the log of an equal share of
 the tail's mass (exact in total, not per class; a dense cache, k = C, is exact). Cells in the
-crop's padding are left out of the spatial softmax.
+crop's padding are left out of the spatial softmax, and so are those ``mask=teacher_correct`` /
+``min_confidence`` leave out (:mod:`~kdcache.methods.teacher_aware`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.methods.base import METHODS, KDMethod, student_logits_at
+from kdcache.methods.teacher_aware import check_mask, teacher_aware_ignore
 from kdcache.targets import dense_logits
 
 
@@ -32,8 +34,11 @@ def student_and_dense_teacher(out, batch) -> tuple[torch.Tensor, torch.Tensor]:
 class ChannelWise(KDMethod):
     default_weight = 3.0
 
-    def __init__(self, weight: float | None = None, temperature: float = 4.0):
+    def __init__(self, weight: float | None = None, temperature: float = 4.0, mask: str = "none",
+                 min_confidence: float = 0.0):
         super().__init__(weight)
+        check_mask(mask, min_confidence)
+        self.mask, self.min_confidence = mask, float(min_confidence)
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = float(temperature)
@@ -44,7 +49,7 @@ class ChannelWise(KDMethod):
     def forward(self, out, batch) -> torch.Tensor:
         s, t = student_and_dense_teacher(out, batch)
         T = self.temperature
-        ignore = batch["kd/ignore"][:, None].expand_as(s)
+        ignore = teacher_aware_ignore(batch, self.mask, self.min_confidence)[:, None].expand_as(s)
         s = (s / T).masked_fill(ignore, float("-inf")).flatten(2)
         t = (t / T).masked_fill(ignore, float("-inf")).flatten(2)
         log_ps, log_pt = F.log_softmax(s, -1), F.log_softmax(t, -1)

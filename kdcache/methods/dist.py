@@ -12,7 +12,8 @@ in the paper's code):
 * L = T² (β · L_inter + γ · L_intra).
 
 Defaults are the authors' for segmentation (Cityscapes DeepLabV3-R101 → R18, 74.21 → 77.10
-mIoU): T = 1, β = γ = 1, weight 1. Cells in the crop's padding are left out of both terms.
+mIoU): T = 1, β = γ = 1, weight 1. Cells in the crop's padding are left out of both terms, and
+so are those ``mask=teacher_correct``/``min_confidence`` leave out (:mod:`~kdcache.methods.teacher_aware`).
 
 From the cache: the teacher's k stored classes get their exact probabilities and every class
 outside the top k an equal share of the tail's mass (the rebuilt logits of
@@ -29,6 +30,7 @@ import torch
 
 from kdcache.methods.base import METHODS, KDMethod
 from kdcache.methods.cwd import student_and_dense_teacher
+from kdcache.methods.teacher_aware import check_mask, teacher_aware_ignore
 
 EPS = 1e-8
 
@@ -57,8 +59,10 @@ class DIST(KDMethod):
     default_weight = 1.0
 
     def __init__(self, weight: float | None = None, temperature: float = 1.0, beta: float = 1.0,
-                 gamma: float = 1.0):
+                 gamma: float = 1.0, mask: str = "none", min_confidence: float = 0.0):
         super().__init__(weight)
+        check_mask(mask, min_confidence)
+        self.mask, self.min_confidence = mask, float(min_confidence)
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if beta < 0 or gamma < 0 or beta + gamma == 0:
@@ -71,7 +75,7 @@ class DIST(KDMethod):
     def forward(self, out, batch) -> torch.Tensor:
         s, t = student_and_dense_teacher(out, batch)
         C = s.shape[1]
-        used = ~batch["kd/ignore"].reshape(-1)  # [N·h·w]
+        used = ~teacher_aware_ignore(batch, self.mask, self.min_confidence).reshape(-1)  # [N·h·w]
         if not used.any():
             return s.sum() * 0.0  # nothing to match: zero loss, zero gradient
         s = s.permute(0, 2, 3, 1).reshape(-1, C)[used]
@@ -79,4 +83,5 @@ class DIST(KDMethod):
         return self.weight * dist_loss(s, t, self.temperature, self.beta, self.gamma)
 
     def extra_repr(self) -> str:
-        return f"weight={self.weight}, temperature={self.temperature}, beta={self.beta}, gamma={self.gamma}"
+        return (f"weight={self.weight}, temperature={self.temperature}, beta={self.beta}, gamma={self.gamma}, "
+                f"mask={self.mask}, min_confidence={self.min_confidence}")
