@@ -128,18 +128,22 @@ def resample_logits(values: torch.Tensor, indices: torch.Tensor, tail: torch.Ten
     # only the cells the crop touches are rebuilt to C logits
     ys, yinv = np.unique(np.concatenate([y0, y1]), return_inverse=True)
     xs, xinv = np.unique(np.concatenate([x0, x1]), return_inverse=True)
-    sub = (slice(None), torch.from_numpy(ys)[:, None], torch.from_numpy(xs)[None, :])
     k = values.shape[0]
-    dense = dense_logits(values[sub][None].float(), indices[sub][None].long(),
-                         None if tail is None else tail[sub[1:]][None].float(), num_classes)[0]
-    ny, nx = len(y0), len(x0)
-    ry0, ry1 = torch.from_numpy(yinv[:ny]), torch.from_numpy(yinv[ny:])
-    rx0, rx1 = torch.from_numpy(xinv[:nx]), torch.from_numpy(xinv[nx:])
-    wy_t = torch.from_numpy(wy).float()[:, None]
-    wx_t = torch.from_numpy(wx).float()[None, :]
-    top = dense[:, ry0][:, :, rx0] * (1 - wx_t) + dense[:, ry0][:, :, rx1] * wx_t
-    bottom = dense[:, ry1][:, :, rx0] * (1 - wx_t) + dense[:, ry1][:, :, rx1] * wx_t
-    logits = top * (1 - wy_t) + bottom * wy_t
+    # numpy for the gathers: on maps this small each torch indexing call costs more than its work
+    cells = (ys[:, None], xs[None, :])
+    tl = None if tail is None else torch.from_numpy(tail.numpy()[cells]).float()[None]
+    dense = dense_logits(torch.from_numpy(values.numpy()[(slice(None), *cells)]).float()[None],
+                         torch.from_numpy(indices.numpy()[(slice(None), *cells)].astype(np.int64))[None], tl,
+                         num_classes)[0].numpy().reshape(num_classes, -1)  # [C, cells]
+    ny, nx, X = len(y0), len(x0), len(xs)
+    r0, r1 = yinv[:ny, None] * X, yinv[ny:, None] * X
+    c0, c1 = xinv[None, :nx], xinv[None, nx:]
+    wy_, wx_ = wy[:, None].astype(np.float32), wx[None, :].astype(np.float32)
+    logits = (np.take(dense, (r0 + c0).ravel(), axis=1) * ((1 - wy_) * (1 - wx_)).ravel()
+              + np.take(dense, (r0 + c1).ravel(), axis=1) * ((1 - wy_) * wx_).ravel()
+              + np.take(dense, (r1 + c0).ravel(), axis=1) * (wy_ * (1 - wx_)).ravel()
+              + np.take(dense, (r1 + c1).ravel(), axis=1) * (wy_ * wx_).ravel())
+    logits = torch.from_numpy(logits.reshape(num_classes, ny, nx))
     v, i, t = topk_targets(logits[None], k)
     out = {"kd/values": v[0].to(values.dtype), "kd/indices": i[0].to(indices.dtype),
            "kd/ignore": torch.from_numpy(~(valid_y[:, None] & valid_x[None, :]))}
