@@ -7,7 +7,7 @@ import math
 
 from rich.table import Table
 
-from kdcache.compare import signed_pct
+from kdcache.compare import class_key, notable_classes, signed_pct
 
 
 def pct(x: float | None, digits: int = 2) -> str:
@@ -174,15 +174,45 @@ def compare_table(result: dict, width: int | None = None) -> Table:
 
 
 def compare_per_class_table(result: dict) -> Table:
-    """Per-class IoU (classification: accuracy) of every run: a row per class, a column per run
-    (readable however many classes there are)."""
-    key, what = ("acc", "accuracy") if result.get("task") == "classification" else ("iou", "IoU")
-    t = Table(title=f"per-class {what}, %")
-    t.add_column("class", no_wrap=True)
-    for r in result["rows"]:
-        t.add_column(r["name"], justify="right", overflow="fold")
-    for c, name in enumerate(result["class_names"]):
-        t.add_row(name, *[pct(r[key][c], 1) for r in result["rows"]])
+    """Where distillation helps and hurts, per class, in 80 columns: the teacher's score, the
+    baseline's and each student's Δ against it, for the classes where a run differs from the
+    baseline by more than a point or the teacher is below it (without a baseline: every run's
+    score for the worst classes); the rest are in compare.md/.csv/.json."""
+    key, what = class_key(result)
+    view, rows = result["per_class"], result["rows"]
+    shown = notable_classes(result)
+    base = next((r for r in rows if r["baseline"]), None)
+    if base is None:
+        t = Table(title=f"per-class {what}, % (the worst classes; no baseline run)")
+        t.add_column("class", no_wrap=True)
+        for r in rows:
+            t.add_column(r["name"], justify="right", overflow="fold")
+        for c in shown:
+            t.add_row(result["class_names"][c], *[pct(r[key][c], 1) for r in rows])
+    else:
+        teacher = next((r for r in rows if r.get("teacher")), None)
+        names = list(view[0]["delta"]) if view else []
+        t = Table(title=f"per-class {what}, %: Δ against {base['name']}")
+        t.add_column("class", no_wrap=True)
+        if teacher is not None:
+            t.add_column("teacher", justify="right")
+        t.add_column("base", justify="right")
+        for n in names:
+            t.add_column(f"Δ {n}", justify="right", overflow="fold")
+        for c in shown:
+            v = view[c]
+            flag = " !" if v["teacher_below_baseline"] else ""
+            cells = [v["class"] + flag] + ([pct(v["teacher"], 1)] if teacher is not None else []) + [pct(v["baseline"], 1)]
+            cells += ["—" if v["delta"][n] is None else signed_pct(v["delta"][n]) for n in names]
+            t.add_row(*cells)
+        notes = []
+        if teacher is not None:
+            notes.append("! teacher below the baseline")
+        else:
+            notes.append("teacher: give its run among RUNS")
+        if len(shown) < len(view):
+            notes.append(f"{len(view) - len(shown)} classes within a point of the baseline: compare.md")
+        t.caption = "; ".join(notes)
     return t
 
 

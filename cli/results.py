@@ -100,7 +100,7 @@ def compare(
     examples: Annotated[int, typer.Option(help="Images shown side by side: the N best and N worst.")] = default(compare_runs, "examples"),
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure ms/image at batch 1.")] = default(compare_runs, "latency"),
     device: Device = default(compare_runs, "device"),
-    per_class: Annotated[bool, typer.Option("--per-class/--no-per-class", help="Also print the per-class IoU table (a row per class).")] = True,
+    per_class: Annotated[bool, typer.Option("--per-class/--no-per-class", help="Also print where KD helps and hurts per class: the teacher, the baseline and each run's Δ, for the classes that differ by more than a point.")] = True,
     backend: Annotated[str, typer.Option(help="torch, or onnxruntime: each run exported to RUN/export/model.onnx and measured (metrics, ms/image) as deployed.")] = "torch",
     quiet: Quiet = False,
 ):

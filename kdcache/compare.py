@@ -89,6 +89,7 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None, 
     configs = [RunDir(p).read_config() for p in paths]
     labels = [run_label(c, p) for c, p in zip(configs, paths)]
     base_i = _baseline_index(paths, configs, baseline)
+    teacher_i = _teacher_index(paths, configs, weights)
     classification = first.get("task") == "classification"
     rows = []
     for i, (p, rep) in enumerate(zip(paths, reports)):
@@ -98,6 +99,7 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None, 
             "delta_miou": None if base_i is None else rep["miou"] - reports[base_i]["miou"],
             "params": rep["params"], "ms_per_image": lat[i].get("ms_per_image"), "fps": lat[i].get("fps"),
             "latency_group": lat[i].get("group"), "iou": rep["iou"], "acc": rep["acc"], "baseline": i == base_i,
+            "teacher": i == teacher_i,
             **({"top1": rep["top1"], "top5": rep["top5"],
                 "delta_top1": None if base_i is None else rep["top1"] - reports[base_i]["top1"]}
                if classification else {}),
@@ -110,10 +112,13 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None, 
               "baseline": None if base_i is None else str(paths[base_i]),
               "latency_device": next((x["device"] for x in lat if x), None),
               "latency_rounds": next((x["rounds"] for x in lat if x), None),
-              "backend": "onnxruntime" if onnx else "torch", "task": first.get("task", "segmentation")}
+              "backend": "onnxruntime" if onnx else "torch", "task": first.get("task", "segmentation"),
+              "teacher": None if teacher_i is None else str(paths[teacher_i])}
+    result["per_class"] = per_class_view(result)
     write_json(out_dir / "compare.json", result)
-    (out_dir / "compare.md").write_text(markdown_table(result))
+    (out_dir / "compare.md").write_text(markdown_table(result) + "\n" + per_class_markdown(result))
     _write_csv(out_dir / "compare.csv", result)
+    _write_per_class_csv(out_dir / "compare_per_class.csv", result)
     if classification:
         visualize.save_per_class_bars(out_dir / "per_class_acc.png", class_names,
                                       {f"{r['name']} ({r['method']})": r["acc"] for r in rows},
@@ -161,6 +166,99 @@ def _baseline_index(paths, configs, baseline) -> int | None:
                 and not c.get("unlabeled_caches")):
             return i
     return None
+
+
+def _teacher_index(paths, configs, weights) -> int | None:
+    """The run among ``paths`` that is the teacher of the compared students: a run that is not a
+    student and whose weights file is the one their caches record (by SHA-256), else None."""
+    from kdcache.store import CacheStore
+
+    recorded = set()
+    for c in configs:
+        if c.get("kind") == "distill" and c.get("cache"):
+            try:
+                schema = CacheStore(c["cache"]).schema
+            except (KDCacheError, OSError):
+                continue  # a cache moved or deleted since: its teacher cannot be named
+            ens = schema.meta.get("ensemble") or {}
+            recorded |= {m.get("weights_sha256") for m in ens.get("members", [])}
+            recorded.add((schema.meta.get("teacher") or {}).get("weights_sha256"))
+    recorded.discard(None)
+    for i, c in enumerate(configs):
+        if c.get("kind") != "distill" and recorded and weights[i].sha256() in recorded:
+            return i
+    return None
+
+
+def class_key(result: dict) -> tuple[str, str]:
+    """The per-class score of the task: ``("iou", "IoU")``, or ``("acc", "accuracy")`` for classification."""
+    return ("acc", "accuracy") if result.get("task") == "classification" else ("iou", "IoU")
+
+
+def per_class_view(result: dict) -> list[dict]:
+    """Where distillation helps and hurts, per class: for each class the teacher's score and the
+    baseline's (None where that run is not among the compared ones), each other run's difference
+    to the baseline (None without a baseline), and whether the teacher is below the baseline there
+    (the classes where a student may copy the teacher's mistakes)."""
+    key, _ = class_key(result)
+    rows = result["rows"]
+    base = next((r for r in rows if r["baseline"]), None)
+    teacher = next((r for r in rows if r.get("teacher")), None)
+    students = [r for r in rows if not r["baseline"] and not r.get("teacher")]
+    out = []
+    for c, name in enumerate(result["class_names"]):
+        t = None if teacher is None else teacher[key][c]
+        b = None if base is None else base[key][c]
+        delta = {r["name"]: (None if b is None or _missing(r[key][c]) or _missing(b) else r[key][c] - b)
+                 for r in students}
+        below = None if t is None or b is None or _missing(t) or _missing(b) else bool(t < b)
+        out.append({"class": name, "teacher": t, "baseline": b, "delta": delta, "teacher_below_baseline": below})
+    return out
+
+
+def _missing(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def notable_classes(result: dict, points: float = 1.0, worst: int = 5) -> list[int]:
+    """The classes worth a look in a narrow view: those where any run differs from the baseline by
+    more than ``points``, or where the teacher is below it; without a baseline, the ``worst``
+    classes of the mean score."""
+    view = result["per_class"]
+    if not any(r["baseline"] for r in result["rows"]):
+        key, _ = class_key(result)
+        mean = [np.nanmean([r[key][c] for r in result["rows"]]) for c in range(len(view))]
+        return sorted(sorted(range(len(view)), key=lambda c: mean[c])[:worst])
+    return [c for c, v in enumerate(view)
+            if v["teacher_below_baseline"] or any(d is not None and abs(100 * d) > points for d in v["delta"].values())]
+
+
+def per_class_markdown(result: dict) -> str:
+    """The per-class view as Markdown: a row per class (the teacher, the baseline, each run's Δ)."""
+    _, what = class_key(result)
+    view = result["per_class"]
+    names = list(view[0]["delta"]) if view else []
+    head = ["class", "teacher", "baseline", *(f"Δ {n}" for n in names), "teacher < baseline"]
+    lines = [f"Per class ({what}, %; Δ in points against the baseline; teacher: "
+             f"{result.get('teacher') or '— (give its run among the compared runs)'}):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in view:
+        cells = [v["class"], _pct(v["teacher"]), _pct(v["baseline"])]
+        cells += ["—" if v["delta"][n] is None else signed_pct(v["delta"][n]) for n in names]
+        cells.append("—" if v["teacher_below_baseline"] is None else ("**yes**" if v["teacher_below_baseline"] else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_per_class_csv(path: Path, result: dict) -> None:
+    view = result["per_class"]
+    names = list(view[0]["delta"]) if view else []
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "teacher", "baseline", *(f"delta_{n}" for n in names), "teacher_below_baseline"])
+        for v in view:
+            w.writerow([v["class"], v["teacher"], v["baseline"], *(v["delta"][n] for n in names),
+                        v["teacher_below_baseline"]])
 
 
 def signed_pct(x: float) -> str:

@@ -43,6 +43,24 @@ def test_demo_then_compare_outputs_and_rerun_reuses_steps(tmp_path):
     pool_rec = [json.loads(x) for x in (out / "student-dist-pool" / "metrics.jsonl").read_text().splitlines() if '"train_unlabeled_seen"' in x]
     assert pool_rec and pool_rec[-1]["train_samples_seen"] == 8 and pool_rec[-1]["train_unlabeled_seen"] == 8
     assert (cmp / "per_class_iou.png").stat().st_size > 0
+    # the per-class view: the teacher found among the runs by its weights (the students' cache records
+    # them), the baseline, each student's Δ and the flag, in the JSON, the CSV, the Markdown and 80 columns
+    teacher = data["rows"][0]
+    assert teacher["teacher"] and data["teacher"].endswith("teacher") and sum(r["teacher"] for r in data["rows"]) == 1
+    assert len(data["per_class"]) == 11
+    for c, v in enumerate(data["per_class"]):
+        assert v["teacher"] == teacher["iou"][c] and v["baseline"] == base["iou"][c]
+        assert set(v["delta"]) == {"student-kl", "student-dist", "student-dist-pool", "student-pseudo-pool"}
+        if v["baseline"] is not None and kl["iou"][c] is not None:
+            assert abs(v["delta"]["student-kl"] - (kl["iou"][c] - base["iou"][c])) < 1e-12
+            assert v["teacher_below_baseline"] == (teacher["iou"][c] < base["iou"][c])
+    per_class = list(csv.DictReader(open(cmp / "compare_per_class.csv")))
+    assert len(per_class) == 11 and list(per_class[0])[:3] == ["class", "teacher", "baseline"]
+    assert "| class | teacher | baseline | Δ student-kl |" in md
+    narrow = Console(width=80, record=True)
+    narrow.print(compare_per_class_table(data))
+    text = narrow.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80 and "teacher" in text and "Δ against student-none" in text
     assert sorted(p.name[:4] for p in (cmp / "examples").glob("*.png")) == ["best"] * 3 + ["wors"] * 3
     # a rerun does not train again
     before = (out / "student-kl" / "last.pt").stat().st_mtime_ns
@@ -86,6 +104,33 @@ def test_compare_errors(tmp_path):
     assert r.exit_code == 2 and "compare runs on the same images" in r.output
     r = kd("compare", tmp_path / "a", "--baseline", tmp_path / "b", "--out", tmp_path / "c", "--quiet")
     assert r.exit_code == 2 and "is not one of the compared runs" in r.output
+
+
+def test_the_per_class_view_by_hand():
+    """Three classes; the teacher below the baseline on the second; a student 2 points down there."""
+    from kdcache.compare import notable_classes, per_class_markdown, per_class_view
+
+    def row(name, iou, baseline=False, teacher=False):
+        return {"name": name, "iou": iou, "baseline": baseline, "teacher": teacher}
+
+    result = {"task": "segmentation", "class_names": ["road", "building", "sky"], "teacher": "runs/t",
+              "rows": [row("t", [0.90, 0.60, 0.95], teacher=True), row("ce", [0.85, 0.70, 0.94], baseline=True),
+                       row("kl", [0.855, 0.68, 0.945])]}
+    view = per_class_view(result)
+    assert [v["teacher_below_baseline"] for v in view] == [False, True, False]
+    assert [round(100 * v["delta"]["kl"], 6) for v in view] == [0.5, -2.0, 0.5]
+    assert [v["teacher"] for v in view] == [0.90, 0.60, 0.95] and [v["baseline"] for v in view] == [0.85, 0.70, 0.94]
+    result["per_class"] = view
+    assert notable_classes(result) == [1]  # within a point elsewhere; building: -2.00 and flagged
+    assert notable_classes(result, points=0.4) == [0, 1, 2]
+    md = per_class_markdown(result)
+    assert "| building | 60.00 | 70.00 | -2.00 | **yes** |" in md and "| road | 90.00 | 85.00 | +0.50 |  |" in md
+    # without a baseline: no Δ, no flag; the narrow view shows the worst classes of the mean
+    for r in result["rows"]:
+        r["baseline"] = False
+    result["per_class"] = per_class_view(result)
+    assert all(v["baseline"] is None and v["teacher_below_baseline"] is None for v in result["per_class"])
+    assert notable_classes(result, worst=1) == [1]
 
 
 def test_a_difference_that_rounds_to_zero_is_never_negative_zero():
