@@ -148,6 +148,11 @@ class StudentTrainer(Trainer):
         out = super().describe_run(model, train_ds, val_ds, augment)
         if self.store is not None:
             schema = self.store.schema
+            # teacher-aware class weights: the evidence each method weighed its classes by
+            evidence = {m.name: m.aware.evidence for m in getattr(self, "methods", [])
+                        if getattr(getattr(m, "aware", None), "evidence", None)}
+            if evidence:
+                out["class_weights"] = evidence
             out["cache_targets"] = ("schedule" if schema.schedule else "levels" if schema.levels
                                     else "views" if self.config.use_views and schema.views
                                     else "label_map" if schema.label_map else "logits")

@@ -164,3 +164,142 @@ def test_a_student_trains_with_the_mask_from_a_cache_and_online(small, tmp_path,
     assert {"name": "kl", "mask": "teacher_correct", "min_confidence": 0.2} in cfg["methods"]
     rec = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines() if '"epoch"' in x][-1]
     assert math.isfinite(rec["train_loss"]) and math.isfinite(rec["train_kl"])
+
+
+# -- per-class weights: the teacher's IoU against a baseline student's -----------------------------
+
+
+def test_the_class_weight_rule_by_hand():
+    from kdcache.methods.teacher_aware import class_weights_rule
+
+    w = class_weights_rule([0.9, 0.6, 0.5, float("nan"), 0.2], [0.85, 0.7, 0.55, 0.3, 0.22], margin=0.1)
+    # teacher better: 1; 10 points worse: 0; 5 worse: 0.5; no teacher score: 1; 2 worse: 0.8
+    assert w.tolist() == pytest.approx([1.0, 0.0, 0.5, 1.0, 0.8])
+
+
+def _baseline_run(path, store, iou, dataset="synthetic", classes=None):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"kind": "distill", "dataset": dataset,
+                                                  "class_names": classes or list(store.schema.class_names)}))
+    recs = [{"epoch": 0, "val_miou": 0.1, "val_iou": [0.0] * len(iou), "best": True},
+            {"epoch": 1, "val_miou": 0.2, "val_iou": iou, "best": True}, {"epoch": 2, "val_miou": 0.1, "val_iou": [0.0] * len(iou)}]
+    (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    return path
+
+
+def test_the_weights_come_from_the_caches_quality_arrays_and_the_baselines_best_epoch(small, tmp_path):
+    import numpy as np
+    import zarr
+
+    from kdcache.store import CacheStore
+
+    _, path = small
+    store = CacheStore(path)
+    C = store.schema.num_classes
+    student = [0.5 + 0.04 * c for c in range(C)]
+    run = _baseline_run(tmp_path / "ce", store, student)
+    m = build_method("kl", class_weights="baseline", baseline=str(run), margin=0.2)
+    rows = np.arange(16)
+    m.prepare([(store, rows)])
+    # the teacher's IoU read here from the store with zarr-python: the combination (last) row's counts
+    counts = np.asarray(zarr.open_group(str(path), mode="r")["quality/counts"][:]).sum(0)[-1].astype(float)
+    inter, pred, label = counts
+    union = pred + label - inter
+    teacher = np.where(union > 0, inter / np.maximum(union, 1), np.nan)
+    want = np.where(np.isfinite(teacher), np.clip(1 + (teacher - np.array(student)) / 0.2, 0, 1), 1.0)
+    assert m.aware.weights.tolist() == pytest.approx(want.tolist(), abs=1e-6)
+    assert 0 < float(m.aware.weights.min()) < 1 or float(m.aware.weights.min()) == 0  # the weights vary
+    assert m.aware.evidence["baseline_iou"] == pytest.approx(student)
+
+
+def _weighted(name="kl", **kw):
+    """A method with class weights [1, 0.5, 0, 0.25, 1] set as prepare() would."""
+    m = build_method(name, class_weights="baseline", baseline="unused", **kw)
+    m.aware.weights = torch.tensor([1.0, 0.5, 0.0, 0.25, 1.0])
+    return m
+
+
+def test_kl_with_class_weights_is_the_weighted_mean_of_the_cells_terms():
+    b, s = _batch(), _student()
+    got = _weighted("kl")(ModelOutput(logits=s.clone()), b)
+    v, i, t = b["kd/values"].double()[0], b["kd/indices"].long()[0], b["kd/tail"].double()[0]
+    lp_t = torch.log_softmax(torch.cat([v, (math.log(C - K) + (t - math.log(C - K)))[None]]), 0)
+    lq = torch.log_softmax(s.double()[0], 0)
+    lq_k = lq.gather(0, i)
+    kl = (lp_t.exp() * (lp_t - torch.cat([lq_k, torch.log(1 - lq_k.exp().sum(0))[None]]))).sum(0)
+    # each cell's class: the label where it has one, else the teacher's top-1: [[0, 1, 1], [2, 3, 4]]
+    w = torch.tensor([1.0, 0.5, 0.0, 0.25, 1.0], dtype=torch.float64)[torch.tensor([[0, 1, 1], [2, 3, 4]])]
+    torch.testing.assert_close(got.double(), (kl * w).sum() / w.sum(), rtol=1e-4, atol=1e-5)
+
+
+def test_dist_and_cwd_with_class_weights_by_hand():
+    from kdcache.methods.dist import pearson_rows
+
+    b, s = _batch(), _student()
+    wc = torch.tensor([1.0, 0.5, 0.0, 0.25, 1.0], dtype=torch.float64)
+    cell_w = wc[torch.tensor([[0, 1, 1], [2, 3, 4]])]
+    keep = cell_w > 0
+    ys = torch.softmax(s.double()[0].permute(1, 2, 0)[keep], 1)
+    yt = torch.softmax(_dense_teacher(b)[0].permute(1, 2, 0)[keep], 1)
+    rw = cell_w[keep]
+    inter = ((1 - pearson_rows(ys, yt)) * rw).sum() / rw.sum()
+    intra = ((1 - pearson_rows(ys.t(), yt.t())) * wc).sum() / wc.sum()
+    got = _weighted("dist")(ModelOutput(logits=s.clone()), b)
+    torch.testing.assert_close(got.double(), inter + intra, rtol=1e-4, atol=1e-5)
+    T = 4.0
+    lp_s = torch.log_softmax(s.double()[0].flatten(1) / T, 1)
+    lp_t = torch.log_softmax(_dense_teacher(b)[0].flatten(1) / T, 1)
+    per_class = (lp_t.exp() * (lp_t - lp_s)).sum(1)
+    got = _weighted("cwd")(ModelOutput(logits=s.clone()), b)
+    torch.testing.assert_close(got.double(), 3.0 * T * T * (per_class * wc).sum() / wc.sum(), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_class_weights_are_one_line_each(small, tmp_path):
+    from kdcache.store import CacheStore
+
+    teacher, store = small
+    other = _baseline_run(tmp_path / "other", CacheStore(store), [0.5] * 11, classes=["a"] * 11)
+    good = _baseline_run(tmp_path / "good", CacheStore(store), [0.5] * 11)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    base = ["train-student", "--cache", store, "--epochs", "1", "--limit", "8", "--batch-size", "8", "--workers", "0",
+            "--out", tmp_path / "x", "--method"]
+    for spec, words in (
+        ("kl:class_weights=wrong", "method 'kl': class_weights must be one of none, baseline, got 'wrong'"),
+        ("kl:class_weights=baseline", "class_weights=baseline needs baseline=RUN (a CE student run on the same data)"),
+        ("cwd:teacher_iou=test", "method 'cwd': teacher_iou must be one of train, val, got 'test'"),
+        ("dist:margin=0", "method 'dist': margin must be positive, got 0"),
+        (f"kl:class_weights=baseline,baseline={other}", "give a baseline run of the same data set and class list"),
+        (f"kl:class_weights=baseline,baseline={tmp_path / 'nope'}", "is not a run folder (no config.json)"),
+        (f"kl:class_weights=baseline,baseline={empty}", "has no validation record with per-class IoU"),
+        (f"kl:class_weights=baseline,baseline={good},teacher_iou=val", "is not in a run folder with metrics.jsonl; "
+                                                                       "give teacher_iou=train"),
+    ):
+        r = kd(*base, spec)
+        assert r.exit_code == 2 and words in " ".join(r.output.split()), (spec, r.output)
+    # a cache without quality arrays (built before kdcache recorded them) is refused with the way out
+    m = build_method("kl", class_weights="baseline", baseline=str(good))
+    cache = CacheStore(store)
+    cache.schema.meta["quality"] = None
+    with pytest.raises(Exception, match="lacks \\(built before kdcache recorded them\\); rebuild it with "
+                                        "build-teacher-cache --overwrite"):
+        m.prepare([(cache, [0, 1])])
+
+
+def test_a_student_trains_with_class_weights_from_a_real_baseline_run(small, tmp_path):
+    _, store = small
+    common = ["--cache", store, "--epochs", "1", "--batch-size", "8", "--limit", "16", "--device", "cpu",
+              "--workers", "0"]
+    assert kd("train-student", *common, "--method", "none", "--out", tmp_path / "ce").exit_code == 0
+    r = kd("train-student", *common, "--method", f"dist:class_weights=baseline,baseline={tmp_path / 'ce'},margin=0.05",
+           "--out", tmp_path / "s")
+    assert r.exit_code == 0, r.output
+    rec = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines() if '"epoch"' in x][-1]
+    assert math.isfinite(rec["train_dist"])
+    # the run records what it weighed its classes by: the baseline's best val IoU, the teacher's, the weights
+    ev = json.loads((tmp_path / "s" / "config.json").read_text())["class_weights"]["dist"]
+    base = [json.loads(x) for x in (tmp_path / "ce" / "metrics.jsonl").read_text().splitlines() if '"best"' in x][-1]
+    assert ev["baseline_iou"] == pytest.approx([float("nan") if v is None else v for v in base["val_iou"]],
+                                               nan_ok=True)
+    assert len(ev["weights"]) == 11 and all(0.0 <= w <= 1.0 for w in ev["weights"])

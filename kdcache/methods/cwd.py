@@ -8,7 +8,8 @@ The teacher's full logit maps are rebuilt from the cache: the top-k classes get 
 logits and every class outside the top k gets τ − log(C − k), the log of an equal share of
 the tail's mass (exact in total, not per class; a dense cache, k = C, is exact). Cells in the
 crop's padding are left out of the spatial softmax, and so are those ``mask=teacher_correct`` /
-``min_confidence`` leave out (:mod:`~kdcache.methods.teacher_aware`).
+``min_confidence`` leave out; with ``class_weights=baseline`` each class channel's term is weighted
+by its class's weight (:mod:`~kdcache.methods.teacher_aware`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.methods.base import METHODS, KDMethod, student_logits_at
-from kdcache.methods.teacher_aware import check_mask, teacher_aware_ignore
+from kdcache.methods.teacher_aware import TeacherAware
 from kdcache.targets import dense_logits
 
 
@@ -34,11 +35,11 @@ def student_and_dense_teacher(out, batch) -> tuple[torch.Tensor, torch.Tensor]:
 class ChannelWise(KDMethod):
     default_weight = 3.0
 
-    def __init__(self, weight: float | None = None, temperature: float = 4.0, mask: str = "none",
-                 min_confidence: float = 0.0):
+    def __init__(self, weight: float | None = None, temperature: float = 4.0, mask: str = "none", min_confidence: float = 0.0,
+                 class_weights: str = "none", baseline: str | None = None, teacher_iou: str = "train",
+                 margin: float = 0.1):
         super().__init__(weight)
-        check_mask(mask, min_confidence)
-        self.mask, self.min_confidence = mask, float(min_confidence)
+        self.aware = TeacherAware(mask, min_confidence, class_weights, baseline, teacher_iou, margin)
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = float(temperature)
@@ -49,9 +50,16 @@ class ChannelWise(KDMethod):
     def forward(self, out, batch) -> torch.Tensor:
         s, t = student_and_dense_teacher(out, batch)
         T = self.temperature
-        ignore = teacher_aware_ignore(batch, self.mask, self.min_confidence)[:, None].expand_as(s)
+        ignore = self.aware.ignore(batch)[:, None].expand_as(s)
         s = (s / T).masked_fill(ignore, float("-inf")).flatten(2)
         t = (t / T).masked_fill(ignore, float("-inf")).flatten(2)
         log_ps, log_pt = F.log_softmax(s, -1), F.log_softmax(t, -1)
         kl = torch.where(torch.isfinite(log_pt), log_pt.exp() * (log_pt - log_ps), torch.zeros_like(log_pt)).sum(-1)
-        return self.weight * (T * T) * kl.mean()
+        w = self.aware.weights
+        if w is None:
+            return self.weight * (T * T) * kl.mean()
+        w = w.to(kl.device)[None].expand_as(kl)  # class c's weight on channel c's term
+        return self.weight * (T * T) * (kl * w).sum() / w.sum().clamp_min(1e-12)
+
+    def prepare(self, sources) -> None:
+        self.aware.prepare(sources, self.name)

@@ -13,7 +13,9 @@ in the paper's code):
 
 Defaults are the authors' for segmentation (Cityscapes DeepLabV3-R101 → R18, 74.21 → 77.10
 mIoU): T = 1, β = γ = 1, weight 1. Cells in the crop's padding are left out of both terms, and
-so are those ``mask=teacher_correct``/``min_confidence`` leave out (:mod:`~kdcache.methods.teacher_aware`).
+so are those ``mask=teacher_correct``/``min_confidence`` leave out; ``class_weights=baseline`` makes
+both means weighted, each cell by its class's weight and each class by its own
+(:mod:`~kdcache.methods.teacher_aware`).
 
 From the cache: the teacher's k stored classes get their exact probabilities and every class
 outside the top k an equal share of the tail's mass (the rebuilt logits of
@@ -30,7 +32,7 @@ import torch
 
 from kdcache.methods.base import METHODS, KDMethod
 from kdcache.methods.cwd import student_and_dense_teacher
-from kdcache.methods.teacher_aware import check_mask, teacher_aware_ignore
+from kdcache.methods.teacher_aware import TeacherAware
 
 EPS = 1e-8
 
@@ -43,14 +45,18 @@ def pearson_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def dist_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, beta: float = 1.0,
-              gamma: float = 1.0) -> torch.Tensor:
+              gamma: float = 1.0, row_weights: torch.Tensor | None = None,
+              class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """T² (β L_inter + γ L_intra) between probability matrices of logits ``student`` and
-    ``teacher``, both [P, C] (one row per cell)."""
+    ``teacher``, both [P, C] (one row per cell). ``row_weights`` [P] / ``class_weights`` [C]:
+    weighted means of the per-cell and the per-class terms instead of plain ones (teacher-aware
+    class weights: a cell weighs what its class does)."""
     T = temperature
     ys = torch.softmax(student / T, dim=1)
     yt = torch.softmax(teacher / T, dim=1)
-    inter = 1 - pearson_rows(ys, yt).mean()
-    intra = 1 - pearson_rows(ys.t(), yt.t()).mean()
+    rows, cols = 1 - pearson_rows(ys, yt), 1 - pearson_rows(ys.t(), yt.t())
+    inter = rows.mean() if row_weights is None else (rows * row_weights).sum() / row_weights.sum()
+    intra = cols.mean() if class_weights is None else (cols * class_weights).sum() / class_weights.sum().clamp_min(1e-12)
     return T * T * (beta * inter + gamma * intra)
 
 
@@ -59,10 +65,11 @@ class DIST(KDMethod):
     default_weight = 1.0
 
     def __init__(self, weight: float | None = None, temperature: float = 1.0, beta: float = 1.0,
-                 gamma: float = 1.0, mask: str = "none", min_confidence: float = 0.0):
+                 gamma: float = 1.0, mask: str = "none", min_confidence: float = 0.0,
+                 class_weights: str = "none", baseline: str | None = None, teacher_iou: str = "train",
+                 margin: float = 0.1):
         super().__init__(weight)
-        check_mask(mask, min_confidence)
-        self.mask, self.min_confidence = mask, float(min_confidence)
+        self.aware = TeacherAware(mask, min_confidence, class_weights, baseline, teacher_iou, margin)
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if beta < 0 or gamma < 0 or beta + gamma == 0:
@@ -75,13 +82,22 @@ class DIST(KDMethod):
     def forward(self, out, batch) -> torch.Tensor:
         s, t = student_and_dense_teacher(out, batch)
         C = s.shape[1]
-        used = ~teacher_aware_ignore(batch, self.mask, self.min_confidence).reshape(-1)  # [N·h·w]
+        used = ~self.aware.ignore(batch).reshape(-1)  # [N·h·w]
+        cells = self.aware.cell_weights(batch)
+        if cells is not None:
+            used &= cells.reshape(-1) > 0  # a weight-0 cell is left out, as an ignored one
         if not used.any():
             return s.sum() * 0.0  # nothing to match: zero loss, zero gradient
         s = s.permute(0, 2, 3, 1).reshape(-1, C)[used]
         t = t.permute(0, 2, 3, 1).reshape(-1, C)[used]
-        return self.weight * dist_loss(s, t, self.temperature, self.beta, self.gamma)
+        if cells is None:
+            return self.weight * dist_loss(s, t, self.temperature, self.beta, self.gamma)
+        return self.weight * dist_loss(s, t, self.temperature, self.beta, self.gamma, cells.reshape(-1)[used],
+                                       self.aware.weights.to(s.device))
+
+    def prepare(self, sources) -> None:
+        self.aware.prepare(sources, self.name)
 
     def extra_repr(self) -> str:
         return (f"weight={self.weight}, temperature={self.temperature}, beta={self.beta}, gamma={self.gamma}, "
-                f"mask={self.mask}, min_confidence={self.min_confidence}")
+                f"{self.aware.describe()}")

@@ -6,8 +6,9 @@ Liu et al., "Structured knowledge distillation for semantic segmentation" (CVPR 
 resolution. The teacher is the cache's top k plus its tail bin (the ``bin`` policy of docs/design.md's loss contract).
 Default T = 1 as in CIRKD (the SegFormer seed used T = 4: pass ``temperature=4``; on the
 built-in demo pair T = 4 cost 3 mIoU points against T = 1, benchmarks/results/kd-methods-cpu.md).
-``mask=teacher_correct`` (and ``min_confidence``) leave out the cells where the teacher is wrong
-(:mod:`kdcache.methods.teacher_aware`).
+``mask=teacher_correct`` (and ``min_confidence``) leave out the cells where the teacher is wrong, and
+``class_weights=baseline,baseline=RUN`` weighs each class by the teacher's IoU against a baseline
+student's (:mod:`kdcache.methods.teacher_aware`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from kdcache.kernels import topk_kl
 from kdcache.methods.base import METHODS, KDMethod, student_logits_at
-from kdcache.methods.teacher_aware import check_mask, teacher_aware_ignore
+from kdcache.methods.teacher_aware import TeacherAware, weighted_mean
 
 
 @METHODS.register("kl")
@@ -24,10 +25,11 @@ class PixelKL(KDMethod):
     default_weight = 1.0
 
     def __init__(self, weight: float | None = None, temperature: float = 1.0, tail: str = "bin",
-                 mask: str = "none", min_confidence: float = 0.0):
+                 mask: str = "none", min_confidence: float = 0.0,
+                 class_weights: str = "none", baseline: str | None = None, teacher_iou: str = "train",
+                 margin: float = 0.1):
         super().__init__(weight)
-        check_mask(mask, min_confidence)
-        self.mask, self.min_confidence = mask, float(min_confidence)
+        self.aware = TeacherAware(mask, min_confidence, class_weights, baseline, teacher_iou, margin)
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if tail not in ("bin", "renormalize"):
@@ -41,11 +43,17 @@ class PixelKL(KDMethod):
     def forward(self, out, batch) -> torch.Tensor:
         values = batch["kd/values"]
         s = student_logits_at(out.logits, tuple(values.shape[-2:]))
+        ignore = self.aware.ignore(batch)
+        cells = self.aware.cell_weights(batch)
         loss = topk_kl(s, values, batch["kd/indices"], batch.get("kd/tail"), temperature=self.temperature,
-                       ignore_mask=teacher_aware_ignore(batch, self.mask, self.min_confidence), tail=self.tail,
-                       check_inputs=False)
+                       ignore_mask=ignore, tail=self.tail, check_inputs=False,
+                       reduction="mean" if cells is None else "none")
+        if cells is not None:  # each cell's term times its class's weight, a weighted mean
+            loss = weighted_mean(loss, cells * ~ignore)
         return self.weight * loss
 
+    def prepare(self, sources) -> None:
+        self.aware.prepare(sources, self.name)
+
     def extra_repr(self) -> str:
-        return (f"weight={self.weight}, temperature={self.temperature}, tail={self.tail}, mask={self.mask}, "
-                f"min_confidence={self.min_confidence}")
+        return f"weight={self.weight}, temperature={self.temperature}, tail={self.tail}, {self.aware.describe()}"

@@ -18,7 +18,13 @@ map is at the input resolution, the targets at the teacher map's stride).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import torch
+
+from kdcache.methods.base import MethodError
 
 #: the label value of a pixel without a label (``SegPipeline``'s ignore value)
 IGNORE_LABEL = 255
@@ -71,3 +77,131 @@ def teacher_aware_ignore(batch: dict, mask: str, min_confidence: float) -> torch
     if min_confidence > 0:
         drop |= ~labelled & (prob < min_confidence)
     return ignore | drop
+
+
+# -- per-class KD weights from evidence: the teacher's per-class IoU against a baseline student's ---
+
+CLASS_WEIGHTS = ("none", "baseline")
+TEACHER_IOU = ("train", "val")
+
+
+def class_weights_rule(teacher_iou, baseline_iou, margin: float) -> np.ndarray:
+    """w_c = clip(1 + (IoU_t,c − IoU_s,c) / margin, 0, 1): full weight where the teacher is at least
+    as good as the baseline student on class c, none where it is ``margin`` (IoU, 0–1) or more
+    worse, linear between; a class either side has no score for (NaN) keeps weight 1."""
+    t = np.asarray(teacher_iou, dtype=np.float64)
+    s = np.asarray(baseline_iou, dtype=np.float64)
+    w = np.clip(1.0 + (t - s) / margin, 0.0, 1.0)
+    return np.where(np.isfinite(w), w, 1.0)
+
+
+def run_class_iou(run: str | Path, what: str) -> tuple[dict, list[float]]:
+    """A run folder's config and the per-class val IoU of its best epoch (``val_iou`` of the last
+    record marked best in ``metrics.jsonl``)."""
+    path = Path(run)
+    if not (path / "config.json").exists():
+        raise MethodError(f"{what} {run} is not a run folder (no config.json); give the run folder of a finished "
+                          "training run")
+    config = json.loads((path / "config.json").read_text())
+    best = None
+    if (path / "metrics.jsonl").exists():
+        for line in (path / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("best") and rec.get("val_iou") is not None:
+                best = rec
+    if best is None:
+        raise MethodError(f"{what} {run} has no validation record with per-class IoU in metrics.jsonl; give a run "
+                          "that finished at least one validated epoch")
+    return config, [float("nan") if v is None else float(v) for v in best["val_iou"]]
+
+
+def cache_class_iou(store, rows) -> np.ndarray:
+    """The teacher's per-class IoU over ``rows`` of ``store``'s training images, from its quality
+    arrays (the stored combination's row; NaN for a class absent from labels and predictions)."""
+    counts = np.asarray(store.array("quality/counts")[:])[np.asarray(rows)].sum(0).astype(np.float64)[-1]
+    inter, pred, label = counts
+    union = pred + label - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, inter / union, np.nan)
+
+
+class TeacherAware:
+    """The teacher-aware options of a logit method: which cells it leaves out (``mask``,
+    ``min_confidence``) and the per-class weights (``class_weights=baseline`` with ``baseline=RUN``,
+    ``teacher_iou`` ``train`` or ``val``, ``margin``). ``check`` raises ``ValueError`` (one line)."""
+
+    def __init__(self, mask: str = "none", min_confidence: float = 0.0, class_weights: str = "none",
+                 baseline: str | None = None, teacher_iou: str = "train", margin: float = 0.1):
+        check_mask(mask, min_confidence)
+        if class_weights not in CLASS_WEIGHTS:
+            raise ValueError(f"class_weights must be one of {', '.join(CLASS_WEIGHTS)}, got {class_weights!r}")
+        if teacher_iou not in TEACHER_IOU:
+            raise ValueError(f"teacher_iou must be one of {', '.join(TEACHER_IOU)}, got {teacher_iou!r}")
+        if not margin > 0:
+            raise ValueError(f"margin must be positive, got {margin}")
+        if class_weights == "baseline" and not baseline:
+            raise ValueError("class_weights=baseline needs baseline=RUN (a CE student run on the same data)")
+        self.mask, self.min_confidence = mask, float(min_confidence)
+        self.class_weights, self.baseline = class_weights, baseline
+        self.teacher_iou, self.margin = teacher_iou, float(margin)
+        self.weights: torch.Tensor | None = None  # [C] once prepared
+        self.evidence: dict = {}
+
+    def prepare(self, sources: list, method: str) -> None:
+        """The per-class weights from the baseline run and the teacher's IoU (``sources``: the
+        (store, rows) pairs of the training caches, the labelled one first)."""
+        if self.class_weights == "none":
+            return
+        if not sources:
+            raise MethodError(f"{method}:class_weights=baseline reads the teacher from its cache; give --cache")
+        store, rows = sources[0]
+        schema = store.schema
+        config, student = run_class_iou(self.baseline, f"{method}: baseline")
+        if config.get("dataset") != schema.dataset.get("name") or list(config.get("class_names") or []) != list(
+                schema.class_names):
+            raise MethodError(f"{method}: baseline {self.baseline} was trained on {config.get('dataset')} with classes "
+                              f"{', '.join(config.get('class_names') or [])}, but the cache holds "
+                              f"{schema.dataset.get('name')} with {', '.join(schema.class_names)}; give a baseline "
+                              "run of the same data set and class list")
+        if self.teacher_iou == "train":
+            if not schema.quality_rows:
+                raise MethodError(f"{method}:class_weights=baseline with teacher_iou=train reads the teacher's "
+                                  f"per-class IoU from the cache's quality arrays, which {store.path} lacks (built "
+                                  "before kdcache recorded them); rebuild it with build-teacher-cache --overwrite, "
+                                  "or give teacher_iou=val")
+            teacher = cache_class_iou(store, rows)
+        else:
+            recorded = (schema.meta.get("teacher") or {}).get("weights") or ""
+            run = Path(recorded).parent if Path(recorded).is_file() else Path(recorded)
+            if not (run / "metrics.jsonl").exists():
+                raise MethodError(f"{method}: teacher_iou=val reads the teacher run's val IoU, but the cache's teacher "
+                                  f"{recorded} is not in a run folder with metrics.jsonl; give teacher_iou=train")
+            teacher = np.asarray(run_class_iou(run, f"{method}: the teacher run")[1])
+        w = class_weights_rule(teacher, student, self.margin)
+        self.weights = torch.as_tensor(w, dtype=torch.float32)
+        self.evidence = {"teacher_iou": [float(x) for x in teacher], "baseline_iou": student,
+                         "weights": [float(x) for x in w]}
+
+    def ignore(self, batch: dict) -> torch.Tensor:
+        return teacher_aware_ignore(batch, self.mask, self.min_confidence)
+
+    def cell_weights(self, batch: dict) -> torch.Tensor | None:
+        """Each KD cell's weight [N, h, w]: its class's (the label where it has one, else the
+        teacher's top-1); None without class weights."""
+        if self.weights is None:
+            return None
+        cls, _ = teacher_top1(batch)
+        labels = cell_labels(batch["label"].to(cls.device), tuple(cls.shape[-2:]))
+        cls = torch.where(labels != IGNORE_LABEL, labels, cls).clamp_(0, len(self.weights) - 1)
+        return self.weights.to(cls.device)[cls]
+
+    def describe(self) -> str:
+        return (f"mask={self.mask}, min_confidence={self.min_confidence}, class_weights={self.class_weights}"
+                + (f", baseline={self.baseline}, teacher_iou={self.teacher_iou}, margin={self.margin}"
+                   if self.class_weights != "none" else ""))
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ w·x / Σ w (a weight-0 cell counts as ignored); 0 with a zero gradient when every weight is 0."""
+    total = weights.sum()
+    return (values * weights).sum() / total.clamp_min(1e-12) if bool(total > 0) else values.sum() * 0.0
