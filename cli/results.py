@@ -102,18 +102,20 @@ def compare(
     device: Device = default(compare_runs, "device"),
     per_class: Annotated[bool, typer.Option("--per-class/--no-per-class", help="Also print where KD helps and hurts per class: the teacher, the baseline and each run's Δ, for the classes that differ by more than a point.")] = True,
     backend: Annotated[str, typer.Option(help="torch, or onnxruntime: each run exported to RUN/export/model.onnx and measured (metrics, ms/image) as deployed.")] = "torch",
+    page_images: Annotated[int, typer.Option(help="Test images index.html browses (all when there are no more; else those where the runs differ most; 0: none).")] = default(compare_runs, "page_images"),
     quiet: Quiet = False,
 ):
-    """One table for many runs (mIoU, mAcc, aAcc, per class, #params, ms, FPS, Δ mIoU) plus figures."""
+    """One table for many runs (mIoU, mAcc, aAcc, per class, #params, ms, FPS, Δ mIoU), figures and index.html to browse."""
     check_backend(backend)
     onnx = [export_run(r, "onnx")["path"] for r in runs] if backend == "onnxruntime" else None
     result = compare_runs(runs, baseline=baseline, out=out, split=split, examples=examples, latency=latency,
-                          device=device, show_progress=not quiet, onnx=onnx)
+                          device=device, show_progress=not quiet, onnx=onnx, page_images=page_images)
     console.print(compare_table(result, width=console.width))
     if per_class:
         console.print(compare_per_class_table(result))
     bars = "per_class_acc.png, confusion_<run>.png" if result.get("task") == "classification" else "per_class_iou.png"
-    console.print(f"wrote {out}/compare.md, compare.csv, compare.json, {bars} and {len(result['figures'])} example figures")
+    console.print(f"wrote {out}/index.html (open it in a browser), compare.md, compare.csv, compare.json, {bars} and "
+                  f"{len(result['figures'])} example figures")
 
 
 @command()
@@ -137,11 +139,11 @@ def demo(
             student_epochs=student_epochs if "student_epochs" in given else default(run_classification_demo, "student_epochs"),
             device=device, seed=seed, limit=limit, show_progress=not quiet)
         console.print(compare_table(result, width=console.width))
-        console.print(f"figures and tables in {result['out_dir']}")
+        console.print(f"figures and tables in {result['out_dir']}; open {result['out_dir']}/index.html to browse them")
         return
     if task != "segmentation":
         raise KDCacheError(f"--task must be segmentation or classification, got {task!r}")
     result = run_demo(out, teacher_epochs=teacher_epochs, student_epochs=student_epochs, device=device, seed=seed,
                       limit=default(run_demo, "limit") if limit is None else limit, show_progress=not quiet)
     console.print(compare_table(result, width=console.width))
-    console.print(f"figures and tables in {result['out_dir']}")
+    console.print(f"figures and tables in {result['out_dir']}; open {result['out_dir']}/index.html to browse them")

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import csv
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from kdcache import visualize
+from kdcache import compare_page, visualize
 from kdcache.errors import KDCacheError, make_folder
 from kdcache.evaluation import class_caption, eval_dataset, evaluate_run, measure_latencies
 from kdcache.model_loading import open_weights
@@ -55,9 +56,13 @@ def run_label(config: dict, path: Path) -> str:
 
 def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None, out: str | Path = "runs/compare",
                  split: str | None = None, examples: int = 3, latency: bool = True, device: str = "auto",
-                 batch_size: int = 8, show_progress: bool = True, onnx: list[str | Path] | None = None) -> dict:
+                 batch_size: int = 8, show_progress: bool = True, onnx: list[str | Path] | None = None,
+                 page_images: int = 40) -> dict:
     """``onnx``: one exported ONNX file per run (``kdcache export``): metrics, latency and
-    figures come from ONNX Runtime running them, as deployed (``backend: onnxruntime``)."""
+    figures come from ONNX Runtime running them, as deployed (``backend: onnxruntime``).
+    ``page_images``: the images ``index.html`` browses (all of them when there are no more, else
+    those where the runs' per-image IoU differ most; classification: the wrong ones shown per run);
+    0 writes the page without them."""
     if not runs:
         raise KDCacheError("give at least one run folder to compare")
     paths = [Path(r) for r in runs]
@@ -79,7 +84,7 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None, 
     dev = resolve_device(device)
     weights = [open_weights(p) for p in paths]
     n_classes = len(first["class_names"])
-    if not (latency or examples > 0):
+    if not (latency or examples > 0 or page_images > 0):
         models = []
     elif onnx:
         models = [OnnxSegModel(f, rep["model"], n_classes, dev) for f, rep in zip(onnx, reports)]
@@ -99,6 +104,7 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None, 
             "delta_miou": None if base_i is None else rep["miou"] - reports[base_i]["miou"],
             "params": rep["params"], "ms_per_image": lat[i].get("ms_per_image"), "fps": lat[i].get("fps"),
             "latency_group": lat[i].get("group"), "iou": rep["iou"], "acc": rep["acc"], "baseline": i == base_i,
+            "per_image_iou": rep.get("per_image_iou", {}),
             "teacher": i == teacher_i,
             **({"top1": rep["top1"], "top5": rep["top5"],
                 "delta_top1": None if base_i is None else rep["top1"] - reports[base_i]["top1"]}
@@ -135,8 +141,75 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None, 
                                       title=f"per-class IoU on {first['dataset']} {first['split']}")
         result["figures"] = _example_figures(paths, labels, reports, weights, models, split, out_dir, examples,
                                              dev)
+    if classification:
+        wrong = _wrong_images(paths, weights, models, split, out_dir, page_images, dev) if models else {}
+        compare_page.write_page(out_dir, result, wrong=wrong)
+    else:
+        images = _browse_images(paths, reports, weights, models, split, page_images, dev) if models else []
+        compare_page.write_page(out_dir, result, images=compare_page.browser_images(
+            out_dir, result, images, eval_dataset(weights[0].config, split=split)[1].palette))
+    result["page"] = str(out_dir / "index.html")
     result["out_dir"] = str(out_dir)
     return result
+
+
+@torch.no_grad()
+def _browse_images(paths, reports, weights, models, split, n: int, device) -> list[dict]:
+    """The images the page browses (all of them when there are at most ``n``, else the ``n`` whose
+    per-image IoU differ most between the runs), each with every run's prediction."""
+    if n <= 0:
+        return []
+    per_image = [rep.get("per_image_iou", {}) for rep in reports]
+    ids = [i for i in per_image[0] if all(i in p for p in per_image)]
+    spread = {i: np.nan_to_num(np.nanmax([p[i] for p in per_image]) - np.nanmin([p[i] for p in per_image]))
+              if not all(math.isnan(p[i]) for p in per_image) else 0.0 for i in ids}
+    picked = ids if len(ids) <= n else sorted(sorted(ids, key=lambda i: -spread[i])[:n])
+    _, ds, _ = eval_dataset(weights[0].config, split=split)
+    pre = weights[0].preprocess
+    pipe = SegPipeline(ds, pre)
+    index = {sid: j for j, sid in enumerate(ds.ids)}
+    out = []
+    for sid in picked:
+        item = pipe[index[sid]]
+        x = item["image"][None].to(device)
+        size = tuple(item["label"].shape)
+        preds = {p.name: m.predict(x, size=size)[0].cpu().numpy().astype(np.uint8) for m, p in zip(models, paths)}
+        out.append({"id": sid, "image": pre.denormalize(item["image"]), "label": item["label"].numpy(),
+                    "preds": preds})
+    return out
+
+
+@torch.no_grad()
+def _wrong_images(paths, weights, models, split, out_dir: Path, n: int, device) -> dict[str, list[dict]]:
+    """Classification: per run, up to ``n`` test images it gets wrong (thumbnails in ``browse/``),
+    each captioned with the true class, the prediction and its probability."""
+    if n <= 0:
+        return {}
+    _, ds, _ = eval_dataset(weights[0].config, split=split)
+    pipe = SegPipeline(ds, weights[0].preprocess)
+    names = list(ds.class_names)
+    folder = out_dir / "browse"
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir()
+    out: dict[str, list[dict]] = {p.name: [] for p in paths}
+    for j in range(len(ds)):
+        if all(len(v) >= n for v in out.values()):
+            break
+        item = pipe[j]
+        truth = int(item["label"].reshape(-1)[0])
+        thumb = None
+        for model, p in zip(models, paths):
+            if len(out[p.name]) >= n:
+                continue
+            prob = torch.softmax(model(item["image"][None].to(device)).logits.float().flatten(1)[0], 0)
+            pred = int(prob.argmax())
+            if pred != truth:
+                if thumb is None:
+                    thumb = f"browse/wrong_{j:05d}.png"
+                    compare_page.save_picture(out_dir / thumb, weights[0].preprocess.denormalize(item["image"]))
+                out[p.name].append({"file": thumb, "caption": f"{ds.ids[j]}: {class_caption(names, truth, pred, float(prob[pred]))}"})
+    return out
 
 
 def _shared_latencies(models, weights, reports, device) -> list[dict]:

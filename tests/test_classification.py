@@ -422,6 +422,14 @@ def test_the_workflow_on_the_command_line(teacher, tmp_path):
     assert rows["lmap"]["delta_top1"] == pytest.approx(rows["lmap"]["top1"] - rows["ce"]["top1"])
     for fig in ("per_class_acc.png", "confusion_ce.png", "examples/best.png", "examples/worst.png"):
         assert (tmp_path / "cmp" / fig).exists(), fig
+    # the page: each run's confusion matrix and the test images it gets wrong, as many as its top-1 says
+    page = (tmp_path / "cmp" / "index.html").read_text()
+    data = json.loads(page.split('<script id="data" type="application/json">')[1].split("</script>")[0])
+    assert set(data["confusion"]) == set(rows) and data["images"] == []
+    for name, row in rows.items():
+        wrong = data["wrong"][name]
+        assert len(wrong) == min(40, round((1 - row["top1"]) * result["num_samples"])), name
+        assert all((tmp_path / "cmp" / w["file"]).exists() for w in wrong)
 
 
 def test_classification_bad_input(teacher, tmp_path):

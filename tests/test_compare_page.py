@@ -1,0 +1,113 @@
+"""compare's index.html, opened from file:// in a real browser (headless Chromium from Debian's
+``chromium`` package, driven by selenium through ``chromium-driver``), as a user would browse it:
+no console errors, one table row per run, sorting reorders the rows, the class filter changes
+the images shown, the arrow keys page, every picture the page refers to loads. A screenshot is
+saved next to the page (``screenshot.png``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from cli_runner import kd
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="no Chromium here: apt-get install chromium "
+                                                                    "chromium-driver (CI installs it)")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("page") / "demo"
+    r = kd("demo", "--out", out, "--teacher-epochs", 1, "--student-epochs", 1, "--limit", 8, "--device", "cpu",
+           "--quiet")
+    assert r.exit_code == 0, r.output
+    return out / "compare"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        options.add_argument(arg)
+    options.binary_location = CHROMIUM
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_the_demo_compare_page_works_in_a_browser(demo, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+
+    data = json.loads((demo / "compare.json").read_text())
+    page = demo / "index.html"
+    assert page.exists() and "<script src=" not in page.read_text() and "http" not in page.read_text().split("<script>")[1]
+    browser.get(page.as_uri())
+    d = browser
+
+    def runs():
+        return [tr.find_elements(By.TAG_NAME, "td")[0].text for tr in d.find_elements(By.CSS_SELECTOR, "#runs tbody tr")]
+
+    def shown():
+        return [row.get_attribute("data-id") for row in d.find_elements(By.CSS_SELECTOR, "#browser .row")]
+
+    def broken():
+        """The pictures on show that failed to load (after waiting for every one to finish)."""
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        WebDriverWait(d, 20).until(lambda drv: drv.execute_script(
+            "return Array.from(document.images).every(i => i.complete)"))
+        return d.execute_script("return Array.from(document.images).filter(i => i.naturalWidth === 0).map(i => i.src)")
+
+    assert runs() == [r["name"] for r in data["rows"]]  # one row per run, in the table's order
+    d.find_elements(By.CSS_SELECTOR, "#runs th")[0].click()  # sort by run name
+    assert runs() == sorted(r["name"] for r in data["rows"]) != [r["name"] for r in data["rows"]]
+    d.find_elements(By.CSS_SELECTOR, "#runs th")[0].click()  # and the other way
+    assert runs() == sorted((r["name"] for r in data["rows"]), reverse=True)
+    # the per-class view: a row per class, the teacher's column filled
+    assert len(d.find_elements(By.CSS_SELECTOR, "#perclass tbody tr")) == len(data["class_names"])
+    # the browser: 4 images a page; the arrow keys page; a class filter shows only the images with it
+    first = shown()
+    assert len(first) == 4 and broken() == []
+    d.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_RIGHT)
+    second = shown()
+    assert second and not set(second) & set(first) and broken() == []
+    d.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_LEFT)
+    assert shown() == first
+    entries = json.loads(d.execute_script("return document.getElementById('data').textContent"))["images"]
+    counts = {c: sum(c in m["classes"] for m in entries) for m in entries for c in m["classes"]}
+    rare = min(counts, key=counts.get)
+    assert counts[rare] < len(entries)
+    Select(d.find_element(By.ID, "filter")).select_by_value(rare)
+    with_rare = {m["id"] for m in entries if rare in m["classes"]}
+    assert f"({len(with_rare)} images)" in d.find_element(By.ID, "page").text
+    seen = set()
+    for _ in range((len(with_rare) + 3) // 4):  # every page of the filtered browser: those images, no other
+        seen |= set(shown())
+        assert broken() == []
+        d.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_RIGHT)
+    assert seen == with_rare
+    # sorting by "KD hurt most" puts the image where the chosen run loses most to the baseline first
+    Select(d.find_element(By.ID, "filter")).select_by_value("")
+    Select(d.find_element(By.ID, "sort")).select_by_value("hurt")
+    run = Select(d.find_element(By.ID, "sortrun")).first_selected_option.get_attribute("value")
+    base = data["baseline"].rsplit("/", 1)[-1]
+    gain = {m["id"]: (m["iou"][run] or 0) - (m["iou"][base] or 0) for m in entries}
+    assert gain[shown()[0]] == min(gain.values())
+    # every picture the page refers to is a file that loads: walk every page of the unfiltered browser
+    Select(d.find_element(By.ID, "sort")).select_by_value("id")
+    for _ in range((len(entries) + 3) // 4):
+        assert broken() == []
+        d.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_RIGHT)
+    errors = [e for e in d.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+    assert errors == [], errors
+    d.save_screenshot(str(demo / "screenshot.png"))
+    assert (demo / "screenshot.png").stat().st_size > 10_000
