@@ -84,7 +84,8 @@ def write_page(out_dir: Path, result: dict, *, images: list[dict] | None = None,
                ("top-1" if classification else "mIoU", key, "pct"), ("Δ", delta, "delta"),
                ("mAcc", "macc", "pct"), ("#params (M)", "params", "params"), ("ms/image", "ms_per_image", "num"),
                ("FPS", "fps", "num")]
-    table = [{"cells": [_cell(r.get(k), kind) for _, k, kind in columns]} for r in result["rows"]]
+    table = [{"cells": [{"text": "base", "sort": 0.0} if kind == "delta" and r["baseline"] else _cell(r.get(k), kind)
+                        for _, k, kind in columns]} for r in result["rows"]]
     base = next((r["name"] for r in result["rows"] if r["baseline"]), None)
     students = [r["name"] for r in result["rows"] if not r["baseline"] and not r.get("teacher")]
     data = {"columns": [c[0] for c in columns], "table": table, "perClass": result.get("per_class") or [],
@@ -121,8 +122,9 @@ def _cell(value, kind: str) -> dict:
         return {"text": str(value), "sort": None}
     if kind == "pct":
         return {"text": f"{100 * value:.2f}", "sort": float(value)}
-    if kind == "delta":
-        return {"text": f"{100 * value:+.2f}", "sort": float(value)}
+    if kind == "delta":  # as compare.md writes it: never -0.00
+        text = f"{100 * value:+.2f}"
+        return {"text": "±0.00" if text in ("+0.00", "-0.00") else text, "sort": float(value)}
     if kind == "params":
         return {"text": f"{value / 1e6:.3f}", "sort": float(value)}
     return {"text": f"{value:.2f}", "sort": float(value)}
