@@ -28,6 +28,7 @@ from kdcache.evaluation import class_caption, eval_dataset, evaluate_run, measur
 from kdcache.model_loading import open_weights
 from kdcache.models.onnx_session import OnnxSegModel
 from kdcache.runs import RunDir, resolve_device, write_json
+from kdcache.store import CacheStore
 from kdcache.transforms import SegPipeline
 
 #: how a student read its targets (``cache_targets`` in its config.json), as the table names it
@@ -244,8 +245,6 @@ def _baseline_index(paths, configs, baseline) -> int | None:
 def _teacher_index(paths, configs, weights) -> int | None:
     """The run among ``paths`` that is the teacher of the compared students: a run that is not a
     student and whose weights file is the one their caches record (by SHA-256), else None."""
-    from kdcache.store import CacheStore
-
     recorded = set()
     for c in configs:
         if c.get("kind") == "distill" and c.get("cache"):
