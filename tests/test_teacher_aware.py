@@ -280,6 +280,8 @@ def test_bad_class_weights_are_one_line_each(small, tmp_path):
         assert r.exit_code == 2 and words in " ".join(r.output.split()), (spec, r.output)
     # a cache without quality arrays (built before kdcache recorded them) is refused with the way out
     m = build_method("kl", class_weights="baseline", baseline=str(good))
+    with pytest.raises(Exception, match="kl:class_weights=baseline reads the teacher from its cache; give --cache"):
+        m.prepare([])  # a Python caller with no training caches
     cache = CacheStore(store)
     cache.schema.meta["quality"] = None
     with pytest.raises(Exception, match="lacks \\(built before kdcache recorded them\\); rebuild it with "
