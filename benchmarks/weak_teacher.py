@@ -1,0 +1,239 @@
+"""When the teacher is wrong on one class: plain KD against teacher-aware KD (issue 28 §1).
+
+    python benchmarks/weak_teacher.py [--out runs/weak-teacher] [--seeds 0,1,2,3,4] [--phase ...]
+        [--standard-teacher RUN]
+
+The seeds' SegFormer experiment lost its KD gains on Building, the class where its teacher was worse
+than the student. This builds that case on the built-in road scenes: a teacher trained on labels
+where, in a fixed 60% of the training images, every *building* pixel is labelled *sky* (the
+``synthetic-weak-building`` data set registered below; val, test and the students' labels are
+untouched), so it is weak on building. Students learn from its cache of the true training split.
+
+Phases (``--phase``, comma-separated; ``state.json`` in ``--out`` keeps what each measured, so a
+cut-short run goes on where it stopped):
+
+* ``teachers``: the weak teacher (`demo_teacher`, 24 epochs, as cached_vs_online.py's) and, unless
+  ``--standard-teacher RUN`` gives one trained with that recipe, the standard one (true labels);
+* ``caches``: each teacher's top-4 + tail cache of the true training split (with its quality
+  arrays: the teacher's per-class IoU on the training images);
+* ``students``: per seed, CE; and for each teacher, KL and DIST plain, with ``mask=teacher_correct``
+  and with ``class_weights=baseline`` (baseline: the same seed's CE run; ``teacher_iou=train``,
+  ``margin=0.1``).
+
+Fixed before the first run (not tuned: this many runs do not fit the machine twice): every method at
+its default temperature (1), the weight rule and its margin 0.1. The teacher-aware variant reported
+as "best" is the one with the best mean **val** mIoU over seeds; comparisons are on **test** (1000
+images), checkpoints on val. Reported: mean ± sd test mIoU and building IoU per arm; paired
+differences (teacher-aware − plain of the same method and teacher; 95% t interval); on the weak class,
+the share of what plain KD loses against CE that each variant recovers; per-class IoU of every arm of
+the weak teacher. Writes ``benchmarks/results/weak-teacher-<cpu|gpu>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.data import DATASETS, build_dataset
+from kdcache.data.synthetic import SyntheticDataset
+from kdcache.distill import config_from_store, train_student
+from kdcache.evaluation import evaluate_model
+from kdcache.loaders import make_loader
+from kdcache.model_loading import open_weights
+from kdcache.runs import device_name, resolve_device
+from kdcache.training import TrainConfig, train
+from kdcache.transforms import SegPipeline
+
+WEAK_CLASS, INTO = "building", "sky"
+WEAK_SHARE = 0.6
+TEACHER = {"model": "demo_teacher", "epochs": 24, "workers": 0}
+STUDENT = {"model": "demo_student", "epochs": 160, "batch_size": 8, "workers": 0}
+TEST_SIZE = 1000
+DATA_OPTIONS: dict = {}  # the synthetic defaults: 400 training images, val 100
+MARGIN = 0.1
+METHODS = ("kl", "dist")
+VARIANTS = {"plain": {}, "mask": {"mask": "teacher_correct"}, "class weights": {"class_weights": "baseline"}}
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+class WeakBuildingLabels(SyntheticDataset):
+    """The synthetic road scenes with every building pixel labelled sky in a fixed share of the
+    images (the same images for every process: chosen from the sample index): a teacher trained on
+    it is weak on building. For this benchmark's teacher only."""
+
+    def read_mask(self, ref):
+        mask = super().read_mask(ref).copy()
+        index = int(ref.id.rpartition("_")[2])
+        if np.random.default_rng((2028, index)).random() < WEAK_SHARE:
+            names = list(self.class_names)
+            mask[mask == names.index(WEAK_CLASS)] = names.index(INTO)
+        return mask
+
+
+if "synthetic-weak-building" not in DATASETS.names():  # once per process (a test may run the script twice)
+    DATASETS.register("synthetic-weak-building")(WeakBuildingLabels)
+
+
+def arms() -> list[str]:
+    return ["CE"] + [f"{t} teacher, {m.upper()} {v}" for t in ("weak", "standard") for m in METHODS for v in VARIANTS]
+
+
+def test_scores(run: Path) -> dict:
+    """The run's best-on-val checkpoint on the test split rendered at TEST_SIZE: mIoU and per-class IoU."""
+    dev = resolve_device("auto")
+    weights = open_weights(str(run))
+    ds = build_dataset("synthetic", "test", None, **{**DATA_OPTIONS, "size": TEST_SIZE})
+    model = weights.build(num_classes=ds.num_classes, device=dev)
+    m = evaluate_model(model, make_loader(SegPipeline(ds, weights.preprocess), 32, 0, pin_memory=False),
+                       ds.num_classes, dev, show_progress=False).metrics
+    return {"miou": m["miou"], "iou": [None if v is None or math.isnan(v) else v for v in m["iou"]]}
+
+
+def val_best(run: Path) -> float:
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return max(r["val_miou"] for r in recs if "val_miou" in r)
+
+
+def paired(xs: list[float]) -> dict:
+    n, mean = len(xs), statistics.mean(xs)
+    sd = statistics.stdev(xs) if n > 1 else float("nan")
+    half = T975.get(n - 1, 1.96) * sd / math.sqrt(n) if n > 1 else float("nan")
+    return {"n": n, "mean": mean, "sd": sd, "lo": mean - half, "hi": mean + half}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/weak-teacher")
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--phase", default="teachers,caches,students")
+    ap.add_argument("--standard-teacher", default=None, help="a run trained with the teacher recipe on true labels")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    phases = set(args.phase.split(","))
+    state_path = out / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    device = resolve_device("auto")
+    state["machine"] = device_name(device)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent).stdout.strip()
+    state.setdefault("commits", [])
+    if head and head not in state["commits"]:
+        state["commits"].append(head)
+    results = Path(__file__).parent / "results" / f"weak-teacher-{'gpu' if device.type == 'cuda' else 'cpu'}.md"
+    teachers = {"weak": out / "teacher-weak",
+                "standard": Path(args.standard_teacher) if args.standard_teacher else out / "teacher-standard"}
+
+    def save():
+        state_path.write_text(json.dumps(state, indent=2))
+        write_report(state, results)
+
+    if "teachers" in phases:
+        for name, dataset in (("weak", "synthetic-weak-building"), ("standard", "synthetic")):
+            if name == "standard" and args.standard_teacher or (teachers[name] / "best.pt").exists():
+                continue
+            train(TrainConfig(out=str(teachers[name]), dataset=dataset, dataset_options=dict(DATA_OPTIONS), **TEACHER),
+                  overwrite=True, show_progress=False)
+        state["teachers"] = {name: {"run": str(p), **test_scores(p)} for name, p in teachers.items()}
+        save()
+    if "caches" in phases:
+        for name, p in teachers.items():
+            build_teacher_cache(CacheBuildConfig(weights=str(p), out=str(out / f"{name}.zarr"), dataset="synthetic",
+                                                 split="train", topk=4, workers=0, dataset_options=dict(DATA_OPTIONS)),
+                                overwrite=True, show_progress=False)
+        save()
+    if "students" in phases:
+        runs = state.setdefault("students", {})
+        for seed in seeds:
+            for arm in arms():
+                if str(seed) in runs.get(arm, {}):
+                    continue
+                run = out / f"s{seed}-{arm.lower().replace(', ', '-').replace(' ', '-')}"
+                if arm == "CE":
+                    cache, methods = out / "weak.zarr", [{"name": "none"}]
+                else:
+                    who, what = arm.split(" teacher, ")
+                    method, variant = what.split(" ", 1)
+                    opts = dict(VARIANTS[variant])
+                    if variant == "class weights":
+                        opts.update(baseline=str(out / f"s{seed}-ce"), margin=MARGIN)
+                    cache, methods = out / f"{who}.zarr", [{"name": method.lower(), **opts}]
+                cfg = config_from_store(str(cache), out=str(run), seed=seed, methods=methods, **STUDENT)
+                train_student(cfg, overwrite=True, show_progress=False)
+                runs.setdefault(arm, {})[str(seed)] = {"val": val_best(run), **test_scores(run)}
+                save()
+                print(arm, seed, runs[arm][str(seed)]["miou"], flush=True)
+    save()
+
+
+def write_report(state: dict, path: Path) -> None:
+    names = list(SyntheticDataset.class_names)
+    weak = names.index(WEAK_CLASS)
+    lines = ["# When the teacher is wrong on one class: plain against teacher-aware KD", "",
+             f"Machine: {state['machine']}. Written by `benchmarks/weak_teacher.py` at commit(s) "
+             f"{', '.join(state.get('commits', []))} (settings fixed before the first run). The weak teacher: "
+             f"`{TEACHER['model']}`, {TEACHER['epochs']} epochs, on training labels where a fixed {WEAK_SHARE:.0%} of "
+             f"the images have every {WEAK_CLASS} pixel labelled {INTO}; the standard one on true labels. Students "
+             f"`{STUDENT['model']}`, {STUDENT['epochs']} epochs, batch {STUDENT['batch_size']}, T = 1, from each "
+             f"teacher's top-4 + tail cache of the true training split; class weights against the same seed's CE run "
+             f"(teacher_iou=train, margin {MARGIN}). Checkpoints on val; scores on {TEST_SIZE} test images (mIoU %).", ""]
+    for name, t in state.get("teachers", {}).items():
+        lines.append(f"- {name} teacher on test: mIoU {100 * t['miou']:.2f}, {WEAK_CLASS} IoU "
+                     f"{100 * (t['iou'][weak] or 0):.2f}")
+    runs = state.get("students", {})
+    if runs:
+        lines += ["", "| arm | seeds | test mIoU | " + f"{WEAK_CLASS} IoU | val mIoU |", "|---|---|---|---|---|"]
+        for arm in arms():
+            r = runs.get(arm)
+            if not r:
+                continue
+            m = [100 * v["miou"] for v in r.values()]
+            b = [100 * (v["iou"][weak] or 0) for v in r.values()]
+            sd = statistics.stdev(m) if len(m) > 1 else 0.0
+            lines.append(f"| {arm} | {len(m)} | {statistics.mean(m):.2f} ± {sd:.2f} | {statistics.mean(b):.2f} | "
+                         f"{100 * statistics.mean(v['val'] for v in r.values()):.2f} |")
+        best = {}
+        for m in METHODS:  # the teacher-aware variant reported as the best: chosen on val, never on test
+            vals = {v: statistics.mean(x["val"] for x in runs[f"weak teacher, {m.upper()} {v}"].values())
+                    for v in ("mask", "class weights") if runs.get(f"weak teacher, {m.upper()} {v}")}
+            if vals:
+                best[m] = max(vals, key=vals.get)
+        lines += ["", "Best teacher-aware variant on val (weak teacher): "
+                  + (", ".join(f"{m.upper()}: {v}" for m, v in best.items()) or "—") + "."]
+        lines += ["", "Paired differences, teacher-aware − plain (test mIoU points; 95% t interval); "
+                  f"recovered: the share of plain KD's loss against CE on {WEAK_CLASS} that the variant wins back.", "",
+                  "| comparison | seeds | mean | 95% interval | recovered on " + WEAK_CLASS + " |", "|---|---|---|---|---|"]
+        for who in ("weak", "standard"):
+            for m in METHODS:
+                plain = runs.get(f"{who} teacher, {m.upper()} plain", {})
+                for v in ("mask", "class weights"):
+                    arm = f"{who} teacher, {m.upper()} {v}"
+                    common = sorted(set(runs.get(arm, {})) & set(plain) & set(runs.get("CE", {})), key=int)
+                    if not common:
+                        continue
+                    p = paired([100 * (runs[arm][s]["miou"] - plain[s]["miou"]) for s in common])
+                    lost = statistics.mean((runs["CE"][s]["iou"][weak] or 0) - (plain[s]["iou"][weak] or 0) for s in common)
+                    won = statistics.mean((runs[arm][s]["iou"][weak] or 0) - (plain[s]["iou"][weak] or 0) for s in common)
+                    ci = f"[{p['lo']:+.2f}, {p['hi']:+.2f}]" if p["n"] > 1 else ""
+                    rec = f"{won / lost:.0%}" if lost > 0 else "— (plain KD loses nothing)"
+                    lines.append(f"| {arm} − plain | {p['n']} | {p['mean']:+.2f} | {ci} | {rec} |")
+        weak_arms = [a for a in arms() if a == "CE" or a.startswith("weak")]
+        if all(a in runs for a in weak_arms):
+            lines += ["", "Per-class test IoU, weak teacher (mean over seeds, %):", "",
+                      "| class | " + " | ".join(weak_arms) + " |", "|---|" + "---|" * len(weak_arms)]
+            for c, n in enumerate(names):
+                cells = [f"{100 * statistics.mean((v['iou'][c] or 0) for v in runs[a].values()):.1f}" for a in weak_arms]
+                lines.append(f"| {n}{' (weak)' if c == weak else ''} | " + " | ".join(cells) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
