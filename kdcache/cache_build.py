@@ -407,8 +407,8 @@ def _build(config: CacheBuildConfig, d: distributed.Dist, device: torch.device, 
         raise KDCacheError("rank 0 could not prepare the store (see its message)")
     group, schema = open_for_writing(out, schema)
 
-    todo = pending_shards(group, schema, d.rank, d.world_size)
-    summary = {"out": str(out), "num_samples": len(ds), "already_done": int(done_flags(group).sum()),
+    todo = pending_shards(group, schema, d.rank, d.world_size, out)
+    summary = {"out": str(out), "num_samples": len(ds), "already_done": int(done_flags(group, out).sum()),
                "resumed": resumed, "shards_total": schema.num_shards, "shards_todo_this_rank": len(todo),
                "rank": d.rank, "world_size": d.world_size}
     if todo:
@@ -417,7 +417,7 @@ def _build(config: CacheBuildConfig, d: distributed.Dist, device: torch.device, 
         summary.update({"samples_written": writer.samples_written, "bytes_written": writer.bytes_written,
                         "seconds": time.perf_counter() - t0})
     distributed.barrier()
-    summary["done"] = int(done_flags(group).sum())
+    summary["done"] = int(done_flags(group, out).sum())
     return summary
 
 

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import zarr
 from cli_runner import kd
 from fake_data import make_teacher
 from PIL import Image
@@ -49,6 +50,26 @@ def test_damaged_chunk_stops_training_naming_the_sample_or_is_skipped(tmp_path):
     rec = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()][-1]
     assert rec["train_kd_skipped"] == pytest.approx(1 / 16)  # one sample of 16, every step averaged
     assert "had unreadable targets" in r.output
+
+
+def test_a_lost_shard_file_or_a_chunk_that_reads_nan_is_never_trained_on(tmp_path):
+    teacher = make_teacher(tmp_path / "t.pt")
+    cache = _cache(tmp_path, teacher)
+    (cache / "logits" / "indices" / "c" / "1" / "0" / "0" / "0").unlink()  # samples 8..15 lose their class ids
+    r = kd("train-student", "--cache", cache, "--out", tmp_path / "a", *STUDENT)
+    assert r.exit_code == 2 and "train_000008" in r.output and "is missing" in r.output, r.output
+    r = kd("train-student", "--cache", cache, "--out", tmp_path / "b", "--skip-bad", *STUDENT)
+    assert r.exit_code == 0, r.output
+    rec = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert rec["train_kd_skipped"] == pytest.approx(8 / 16)
+    # a float chunk that reads as NaN (the fill value of a lost chunk) is caught as well
+    nan = _cache(tmp_path, teacher, "nan.zarr")
+    tail = zarr.open_group(str(nan), mode="r+")["logits/tail"]
+    row = tail[11]
+    row[0, 0] = np.nan
+    tail[11] = row
+    r = kd("train-student", "--cache", nan, "--out", tmp_path / "c", *STUDENT)
+    assert r.exit_code == 2 and "samples train_000011 read as NaN" in r.output, r.output
 
 
 def test_stale_cache_is_refused_with_what_changed(tmp_path):

@@ -75,3 +75,18 @@ def test_object_stores_spawn_their_workers():
     assert CachedBatches.context(Stub("gs://bucket/c.zarr")) == "spawn"
     assert CachedBatches.context(Stub("memory://c.zarr")) is None
     assert CachedBatches.context(Stub("/data/c.zarr")) is None
+
+
+def test_a_url_whose_file_system_is_not_installed_is_one_line(tmp_path, monkeypatch):
+    import sys
+
+    teacher = make_teacher(tmp_path / "t.pt")
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # as if s3fs were not installed
+    r = kd("build-teacher-cache", "--weights", teacher, "--out", "s3://bucket/c.zarr", "--dataset", "synthetic",
+           "--resolution", "32x48", "--limit", 4, "--device", "cpu", "--quiet")
+    assert r.exit_code == 2 and 'a teacher cache at s3://bucket/c.zarr needs s3fs: pip install "kdcache[s3]"' in r.output
+    r = kd("verify-cache", "s3://bucket/c.zarr", "--quiet")
+    assert r.exit_code == 2 and 'pip install "kdcache[s3]"' in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    r = kd("inspect-cache", "nosuch://bucket/c.zarr")
+    assert r.exit_code == 2 and "nosuch://bucket/c.zarr: fsspec cannot open nosuch:// URLs" in r.output, r.output

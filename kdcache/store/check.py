@@ -10,7 +10,7 @@ import numpy as np
 import zarr
 
 from kdcache.progress import progress_bar
-from kdcache.store.location import size_of
+from kdcache.store.location import RemoteError, size_of
 from kdcache.store.reader import CacheStore
 from kdcache.targets import topk_mass
 
@@ -127,13 +127,18 @@ def verify_store(path: str | Path, *, show_progress: bool = True, reset_bad: boo
                 bar.advance(stop - start)
                 continue
             try:
-                items = store.read_block(start, stop, rows=rows)
-            except Exception as exc:  # a damaged shard: every sample in it is bad
-                msg = str(exc).split(";")[0]
+                items = store.read_block(start, stop, rows=rows, finite=False)
+            except RemoteError:
+                raise
+            except Exception:  # a damaged shard or chunk: which samples, one by one
+                items = []
                 for r in rows:
-                    flag(r, f"unreadable: {msg}")
-                bar.advance(stop - start)
-                continue
+                    try:
+                        items += store.read_block(r, r + 1, finite=False)
+                    except RemoteError:
+                        raise
+                    except Exception as exc:
+                        flag(r, f"unreadable: {str(exc).split(';')[0]}")
             for item in items:
                 _check_sample(item, C, (map_h, map_w), lambda what, r=item["row"]: flag(r, what))
             bar.advance(stop - start)

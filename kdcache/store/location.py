@@ -9,11 +9,20 @@ DataLoader workers that read them are spawned (``memory://`` lives in the proces
 
 from __future__ import annotations
 
+import errno
 import os
+import random
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import fsspec
+
+from kdcache.errors import KDCacheError, import_extra
+
+T = TypeVar("T")
 
 
 def is_url(path: str | Path) -> bool:
@@ -24,6 +33,26 @@ def is_url(path: str | Path) -> bool:
 def as_location(path: str | Path) -> str | Path:
     """A URL stays a string; a local path becomes a :class:`~pathlib.Path`."""
     return str(path) if is_url(path) else Path(path)
+
+
+#: pip extras of kdcache that install the fsspec file system of a URL scheme
+EXTRAS = {"s3": ("s3", "s3fs")}
+
+
+def check_client(path: str | Path) -> None:
+    """For a URL, check that fsspec's file system for its scheme is installed: one error naming
+    the pip extra (``s3://`` needs ``kdcache[s3]``) or the package fsspec asks for."""
+    if not is_url(path):
+        return
+    scheme = str(path).split("://", 1)[0]
+    if scheme in EXTRAS:
+        extra, module = EXTRAS[scheme]
+        import_extra(f"a teacher cache at {path}", extra, module)
+        return
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except (ImportError, ValueError) as exc:
+        raise KDCacheError(f"{path}: fsspec cannot open {scheme}:// URLs ({exc})") from None
 
 
 def worker_start_method(path: str | Path) -> str | None:
@@ -37,7 +66,7 @@ def worker_start_method(path: str | Path) -> str | None:
 def exists(path: str | Path) -> bool:
     if is_url(path):
         fs, p = fsspec.core.url_to_fs(str(path))
-        return fs.exists(p)
+        return retrying(lambda: fs.exists(p), str(path), "looking up")
     return Path(path).exists()
 
 
@@ -45,7 +74,7 @@ def is_empty(path: str | Path) -> bool:
     """True when nothing is at ``path`` or it is an empty folder."""
     if is_url(path):
         fs, p = fsspec.core.url_to_fs(str(path))
-        return not (fs.exists(p) and fs.ls(p))
+        return retrying(lambda: not (fs.exists(p) and fs.ls(p)), str(path), "looking up")
     p = Path(path)
     return not p.exists() or (p.is_dir() and not any(p.iterdir()))
 
@@ -76,7 +105,7 @@ def size_of(root: str | Path, key: str = "") -> int:
     target = f"{str(root).rstrip('/')}/{key}" if key else str(root)
     if is_url(root):
         fs, p = fsspec.core.url_to_fs(target)
-        return int(fs.du(p)) if fs.exists(p) else 0
+        return retrying(lambda: int(fs.du(p)) if fs.exists(p) else 0, target, "measuring")
     p = Path(target)
     if p.is_file():
         return p.stat().st_size
@@ -88,3 +117,56 @@ def size_of(root: str | Path, key: str = "") -> int:
             except OSError:
                 pass
     return total
+
+
+# -- requests to an object store that fail --------------------------------------------------------
+
+#: attempts of a failing request to an object store (each after fsspec's own retries), and the
+#: first wait between them in seconds (doubled each time, with jitter)
+ATTEMPTS_ENV, BACKOFF_ENV = "KDCACHE_REMOTE_ATTEMPTS", "KDCACHE_REMOTE_BACKOFF"
+_CLIENT_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "s3fs", "gcsfs", "adlfs",
+                   "google", "azure", "fsspec")
+
+
+class RemoteError(KDCacheError):
+    """A request to an object store that kept failing (after its retries)."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` from an object store client may go away on a retry: a 5xx answer, a slow
+    or dropped connection; not a missing object, a refused permission or a full disk."""
+    if isinstance(exc, KDCacheError) or not getattr(exc, "transient", True):
+        return False
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(exc, OSError):
+        return exc.errno not in (errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EINVAL)
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return True
+    return type(exc).__module__.split(".")[0] in _CLIENT_MODULES and not isinstance(exc, (ValueError, TypeError))
+
+
+def retrying(call: Callable[[], T], url: str, what: str, fix: str = "") -> T:
+    """``call()``, retried with exponential backoff while it fails with a transient error (see
+    :func:`is_transient`) when ``url`` is an object store; after the last attempt a
+    :class:`RemoteError` whose one line names ``what``, the URL and the fix. Local paths and
+    other errors pass straight through. ``call`` must be safe to repeat (a whole shard written
+    again, a read)."""
+    if not is_url(url) or str(url).startswith("memory://"):
+        return call()
+    attempts = max(1, int(os.environ.get(ATTEMPTS_ENV, "5")))
+    wait = float(os.environ.get(BACKOFF_ENV, "1.0"))
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if not is_transient(exc):
+                raise
+            if attempt == attempts:
+                raise RemoteError(
+                    f"{what} {url} failed {attempts} times ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                    "check that the object store answers (its endpoint, e.g. FSSPEC_S3_ENDPOINT_URL, your "
+                    f"credentials and the network){fix}. Set {ATTEMPTS_ENV} to retry longer"
+                ) from None
+            time.sleep(wait * 2 ** (attempt - 1) * (0.5 + random.random()))
+    raise AssertionError("unreachable")

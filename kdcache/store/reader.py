@@ -17,6 +17,7 @@ the wider id types), ``logits/tail`` [h, w] float16 (absent when k = C), ``featu
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from kdcache.checkpoint import file_sha256
 from kdcache.data import SegmentationDataset, build_dataset
 from kdcache.data.splits import limit
 from kdcache.errors import KDCacheError
-from kdcache.store.location import is_url
+from kdcache.store.location import RemoteError, check_client, is_url, retrying
 from kdcache.store.schema import ATTR, FORMAT, SCHEMA_VERSION, VIEW_PARAMS, CacheSchema, decode_ids
 from kdcache.store.shards import ShardFile, fast_reader
 
@@ -50,10 +51,14 @@ class BadSampleError(StoreError):
 def read_meta(path: str | Path, storage_options: dict | None = None, mode: str = "r") -> tuple[zarr.Group, dict]:
     """Open ``path`` (read-only by default) and return (group, kdcache attributes); clear errors otherwise."""
     p = str(path)
+    check_client(p)
     if not is_url(p) and not Path(p).exists():
         raise StoreError(f"teacher cache {p} does not exist; build it with `kdcache build-teacher-cache --out {p}`")
     try:
-        group = zarr.open_group(p, mode=mode, storage_options=storage_options)
+        group = retrying(lambda: zarr.open_group(p, mode=mode, storage_options=storage_options), p,
+                         "opening the teacher cache")
+    except RemoteError:
+        raise
     except Exception as exc:  # zarr raises several types for "not a group"
         raise StoreError(f"{p} is not a Zarr v3 group ({type(exc).__name__}: {exc}); is it a kdcache teacher cache?") from None
     meta = dict(group.attrs).get(ATTR)
@@ -80,7 +85,7 @@ class CacheStore:
         self._arrays: dict[str, zarr.Array] = {}
         self._fast: dict[str, ShardFile | None] = {}
         self._ids: list[str] | None = None
-        self._extents: dict[str, np.ndarray] = {}
+        self._extents: dict[tuple[str, int], np.ndarray] = {}
 
     # -- pickling: open once per process -----------------------------------------------------
     def __getstate__(self):
@@ -139,14 +144,19 @@ class CacheStore:
     @property
     def ids(self) -> list[str]:
         if self._ids is None:
-            self._ids = decode_ids(self.array("sample_id")[:])
+            self._ids = decode_ids(self._get("sample_id"))
         return self._ids
 
     def done(self) -> np.ndarray:
-        return np.asarray(self.array("done")[:], dtype=bool)
+        return np.asarray(self._get("done"), dtype=bool)
 
     def content_hashes(self) -> list[str]:
-        return [bytes(r).hex() for r in np.asarray(self.array("content_hash")[:], dtype=np.uint8)]
+        return [bytes(r).hex() for r in np.asarray(self._get("content_hash"), dtype=np.uint8)]
+
+    def _get(self, path: str, sel=slice(None)) -> np.ndarray:
+        """``array(path)[sel]`` as numpy, the request retried where the store is an object store."""
+        a = self.array(path)
+        return retrying(lambda: np.asarray(a[sel]), f"{self.path.rstrip('/')}/{path}", "reading")
 
     @property
     def map_paths(self) -> list[str]:
@@ -206,14 +216,27 @@ class CacheStore:
         return {"rows": out, "labelled_pixels": int(counts[-1][2].sum()), "samples": int(len(rows))}
 
     # -- reading -----------------------------------------------------------------------------
-    def extents(self, group: str) -> np.ndarray:
-        """The valid extent (h, w) of every sample's maps of ``group``, [n, 2]: read once per
-        process (8 bytes a sample), as reading two numbers through zarr per sample cost more than
-        the sample's maps."""
-        e = self._extents.get(group)
-        if e is None:
-            e = self._extents[group] = np.asarray(self.array(f"{group}/hw")[:])
-        return e
+    def extents(self, group: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """The valid extent (h, w) of the maps of ``group`` of samples ``start..stop-1`` (all
+        by default), [n, 2]. Read a shard's chunk at a time and kept (8 bytes a sample): a block
+        read fetches its own shard's extents once, never the whole array (at 10⁶ samples that
+        would be thousands of requests to an object store for every DataLoader worker)."""
+        start = 0 if start is None else start
+        stop = self.num_samples if stop is None else stop
+        s = self.samples_per_shard
+        first, last = start // s, (max(stop, start + 1) - 1) // s
+        missing = [j for j in range(first, last + 1) if (group, j) not in self._extents]
+        if len(missing) > 8:  # a large span (inspect, verify): one read
+            lo, hi = missing[0] * s, min((missing[-1] + 1) * s, self.num_samples)
+            block = self._get(f"{group}/hw", slice(lo, hi))
+            for j in missing:
+                self._extents[(group, j)] = block[j * s - lo:min((j + 1) * s, self.num_samples) - lo]
+        else:
+            for j in missing:
+                self._extents[(group, j)] = self._get(f"{group}/hw", slice(j * s, min((j + 1) * s, self.num_samples)))
+        parts = [self._extents[(group, j)] for j in range(first, last + 1)]
+        whole = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return whole[start - first * s:stop - first * s]
 
     def read(self, row: int, groups: Iterable[str] | None = None, view: int | None = None) -> dict:
         """One sample (every map cropped to its valid extent); ``groups`` and ``view`` as for
@@ -223,24 +246,35 @@ class CacheStore:
         return self.read_block(row, row + 1, groups=groups, view=view)[0]
 
     def read_block(self, start: int, stop: int, rows: Sequence[int] | None = None,
-                   groups: Iterable[str] | None = None, view: int | None = None) -> list[dict]:
+                   groups: Iterable[str] | None = None, view: int | None = None, finite: bool = True) -> list[dict]:
         """Samples ``start..stop-1`` (or the ``rows`` among them), each array read in one call.
         ``groups``: only these map groups (``logits``, ``features/<tap>``, ``attention/<tap>``,
         ``views/logits``, …, and ``views/params``; see :meth:`CacheSchema.groups_for`); None:
         every array. ``view``: of a schedule store's views, read this one alone (the view axis
         of every ``views/…`` array, ``views/params`` included, then has length 1); None: all.
+        ``finite``: a sample whose float maps hold NaN (the fill value of a lost chunk; the
+        writer refuses non-finite teachers) raises :class:`BadSampleError` (False: returned as
+        read, for ``verify-cache``'s own checks).
 
         Reading a whole shard's block is the fast path: its file is fetched in one request per
         array and its chunks decoded together, instead of one request per sample."""
         rows = list(range(start, stop)) if rows is None else list(rows)
         schema = self.schema
         specs = schema.select(groups)
-        extents = {g: self.extents(g)[start:stop] for g in {s.group for s in specs if s.spatial}}
+        extents = {g: self.extents(g, start, stop) for g in {s.group for s in specs if s.spatial}}
         data = {}
         for spec in specs:
             try:
-                data[spec.path] = self._read_map(spec.path, start, stop, rows,
-                                                 view if schema.per_view(spec.path) else None)
+                data[spec.path] = retrying(
+                    partial(self._read_map, spec.path, start, stop, rows, view if schema.per_view(spec.path) else None),
+                    f"{self.path.rstrip('/')}/{spec.path}", f"reading rows {start}..{stop - 1} of")
+                if finite and spec.dtype.startswith("float"):  # a lost chunk reads as the fill value, NaN
+                    lost = [r for r in rows if np.isnan(data[spec.path][r - start]).any()]
+                    if lost:
+                        raise OSError(f"samples {', '.join(self.ids[r] for r in lost[:3])} read as NaN: their "
+                                      "chunk is missing (lost) or was written damaged")
+            except RemoteError:
+                raise
             except Exception as exc:
                 names = [self.ids[r] for r in rows[:3]] + (["…"] if len(rows) > 3 else [])
                 raise BadSampleError(
@@ -250,9 +284,8 @@ class CacheStore:
                     "rebuilding; train-student --skip-bad trains on without its targets.", rows
                 ) from None
         if schema.views and (groups is None or VIEW_PARAMS in groups):
-            params = self.array(VIEW_PARAMS)
-            data[VIEW_PARAMS] = np.asarray(params[start:stop] if view is None or not schema.schedule
-                                           else params[start:stop, view:view + 1])
+            data[VIEW_PARAMS] = self._get(VIEW_PARAMS, slice(start, stop) if view is None or not schema.schedule
+                                          else (slice(start, stop), slice(view, view + 1)))
         ids = self.ids
         ids_type = schema.read_index_dtype
         out = []

@@ -32,7 +32,9 @@ _MISSING = np.uint64(2**64 - 1)
 
 
 class DamagedShard(OSError):
-    pass
+    """A shard file that is missing, truncated or fails its checksums."""
+
+    transient = False  # not retried (:func:`kdcache.store.location.is_transient`)
 
 
 def _crc_ok(payload: bytes | memoryview, stored: bytes | memoryview) -> bool:
@@ -59,8 +61,6 @@ class ShardFile:
         self.per_view = (len(self.shape) >= 2 and self.shape[1] > 1 and self.chunk_shape[1] == 1
                          and self.shard_shape[1] == 1)
         self.views = self.shape[1] if self.per_view else 1
-        fill = meta.get("fill_value")
-        self.fill = np.array(np.nan if fill == "NaN" else fill, dtype=self.dtype)
         self.ndim = len(self.shape)
         self._zstd = Zstd(level=self.compressor_conf.get("level", 0)) if self.compressor == "zstd" else Zstd()
 
@@ -89,14 +89,12 @@ class ShardFile:
             try:
                 data = memoryview(self.fs.cat_file(path))
             except FileNotFoundError:
-                out[...] = self.fill
-                return out
+                raise DamagedShard(f"shard {path} is missing (lost, or never written)") from None
             return self._decode_rows(data, len(data), rows, shard, path, out)
         try:
             f = open(path, "rb")
         except FileNotFoundError:
-            out[...] = self.fill
-            return out
+            raise DamagedShard(f"shard {path} is missing (lost, or never written)") from None
         with f:
             size = os.fstat(f.fileno()).st_size
             if self.reads_whole(rows):
@@ -124,8 +122,7 @@ class ShardFile:
         for j, r in enumerate(rows):
             off, nbytes = index[r - shard * self.per_shard]
             if off == _MISSING:
-                out[j] = self.fill
-                continue
+                raise DamagedShard(f"shard {path} has no chunk for row {r} (lost, or never written)")
             off, nbytes = int(off), int(nbytes)
             if off + nbytes > size:
                 raise DamagedShard(f"shard {path}: chunk of row {r} runs past the end of the file")

@@ -21,6 +21,7 @@ import errno
 import os
 import queue
 import threading
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,7 @@ def _existing(out) -> CacheSchema | None:
 def prepare_store(out, schema: CacheSchema, ids, hashes, *, overwrite: bool) -> bool:
     """Create the store ``schema`` describes at ``out`` (returns False), or check that the one
     already there can be resumed (True). ``--overwrite`` replaces a store, never other data."""
+    location.check_client(out)
     if not location.is_empty(out):
         stored = _existing(out)
         if stored is not None and not overwrite:
@@ -95,10 +97,13 @@ def prepare_store(out, schema: CacheSchema, ids, hashes, *, overwrite: bool) -> 
             return True
         location.remove_tree(out)
     if location.is_url(out):
-        group = zarr.open_group(str(out), mode="w")
-        group.attrs[PARTIAL] = True
-        _initialise(group, schema, ids, hashes)
-        group.attrs.put({ATTR: schema.meta})  # replaces the partial marker: the store is complete
+        def create():
+            group = zarr.open_group(str(out), mode="w")
+            group.attrs[PARTIAL] = True
+            _initialise(group, schema, ids, hashes)
+            group.attrs.put({ATTR: schema.meta})  # replaces the partial marker: the store is complete
+
+        location.retrying(create, str(out), "creating the teacher cache", "; then rerun the same command")
         return False
     out = Path(out)
     if out.exists():  # an empty folder
@@ -124,13 +129,14 @@ def open_for_writing(out, wanted: CacheSchema) -> tuple[zarr.Group, CacheSchema]
     return group, stored
 
 
-def done_flags(group) -> np.ndarray:
-    return np.asarray(group["done"][:], dtype=bool)
+def done_flags(group, out="") -> np.ndarray:
+    """Which samples of the store ``group`` (at ``out``: a URL's request is retried) are done."""
+    return location.retrying(lambda: np.asarray(group["done"][:], dtype=bool), str(out), "reading done flags of")
 
 
-def pending_shards(group, schema: CacheSchema, rank: int = 0, world_size: int = 1) -> list[int]:
+def pending_shards(group, schema: CacheSchema, rank: int = 0, world_size: int = 1, out="") -> list[int]:
     """This process's shards (``rank``, ``rank + world_size``, …) that hold a sample not done."""
-    done = done_flags(group)
+    done = done_flags(group, out)
     mine = range(rank, schema.num_shards, world_size)
     return [j for j in mine if not done[slice(*schema.shard_rows(j))].all()]
 
@@ -221,7 +227,8 @@ class ShardWriter:
         self.shards_written = 0
         self.pending: dict[int, dict[int, dict]] = {}
         specs = schema.map_specs
-        self.arrays = {s.path: group[s.path] for s in specs}
+        # every chunk written, even one equal to the fill value: a missing chunk means a lost one
+        self.arrays = {s.path: group[s.path].with_config({"write_empty_chunks": True}) for s in specs}
         self.fast = {} if location.is_url(out) else {
             s.path: fast_reader(out, s.path, self.arrays[s.path].metadata.to_dict()) for s in specs}
         for g in schema.extent_groups:
@@ -250,6 +257,8 @@ class ShardWriter:
 
     def _failure(self) -> KDCacheError:
         exc = self.error
+        if isinstance(exc, location.RemoteError):
+            return exc
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             why = "the disk is full"
         else:
@@ -273,8 +282,10 @@ class ShardWriter:
             start, stop = self.schema.shard_rows(shard)
             if len(got) == stop - start:
                 del self.pending[shard]
-                try:
-                    self.write_shard(shard, start, stop, got)
+                try:  # at a URL, a failing request retried: a whole shard rewritten is safe
+                    location.retrying(partial(self.write_shard, shard, start, stop, got), self.out,
+                                      f"writing shard {shard} of the teacher cache",
+                                      "; every sample marked done is complete: rerun the same command to resume")
                 except BaseException as exc:  # noqa: BLE001 - reported to the main thread
                     self.error = exc
 
