@@ -118,6 +118,46 @@ def test_round_trip_equals_a_teacher_forward(tmp_path, teacher):
     np.testing.assert_array_equal(rows, np.arange(N))
 
 
+def test_packed_chunks_round_trip_and_are_plain_zarr_for_zarr_python_and_tensorstore(tmp_path, teacher):
+    """Small maps pack several samples per chunk; big ones keep one. kdcache's shard files, zarr-python
+    and tensorstore read the same numbers, and a store written through zarr (memory://) equals it."""
+    ts = pytest.importorskip("tensorstore", reason='tensorstore is not installed: pip install "kdcache[dev]"')
+    out = tmp_path / "c.zarr"  # 10 samples, 4 a shard: the last shard is short
+    build_teacher_cache(config(teacher, out, features=("stage3",)), show_progress=False)
+    store = CacheStore(out)
+    packing = store.meta["packing"]
+    assert packing == {"logits/values": 4, "logits/indices": 4, "logits/tail": 4}  # features: 8 KB a sample
+    g = zarr.open_group(str(out), mode="r")
+    assert g["logits/values"].chunks == (4, 4, 8, 12) and g["features/stage3/values"].chunks[0] == 1
+    ours = store.read_block(0, N)  # through kdcache's own shard reader
+    assert all(store._fast[p] is not None for p in packing)
+    for spec in store.schema.map_specs:
+        plain = g[spec.path][:]
+        other = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(out / spec.path)}}).result()
+        np.testing.assert_array_equal(other.read().result(), plain, err_msg=spec.path)
+        for r, item in enumerate(ours):
+            h, w = item["logits/values"].shape[-2:] if spec.spatial else (None, None)
+            key = spec.key
+            np.testing.assert_array_equal(item[key], plain[r][..., :h, :w].astype(item[key].dtype), err_msg=key)
+    # random access inside a packed chunk, and the same store written through zarr
+    assert store.read(6)["id"] == "train_000006"
+    np.testing.assert_array_equal(store.read(6)["logits/tail"], ours[6]["logits/tail"])
+    url = f"memory://{tmp_path.name}/c.zarr"
+    build_teacher_cache(config(teacher, url, features=("stage3",)), show_progress=False)
+    assert_same_store(url, out)
+    assert zarr.open_group(url, mode="r")["logits/values"].chunks == (4, 4, 8, 12)
+    # a store large enough for bigger shards packs up to 64 KiB of samples, never past a shard
+    from kdcache.store.schema import PACK_CHUNK_BYTES, CacheSchema
+
+    wide = CacheSchema({**store.meta, "samples_per_shard": 256})
+    packed = wide._packing()
+    assert packed == {"logits/values": 64, "logits/indices": 128, "logits/tail": 256}
+    for spec in wide.map_specs:
+        one = int(np.prod(spec.shape)) * np.dtype(spec.dtype).itemsize
+        p = packed.get(spec.path, 1)  # the largest divisor of 256 within 64 KiB (powers of 2: the next is 2p)
+        assert p * one <= PACK_CHUNK_BYTES and (p == 256 or 2 * p * one > PACK_CHUNK_BYTES or p == 1)
+
+
 def test_dense_cache_has_no_tail_and_keeps_every_logit(tmp_path, teacher):
     out = tmp_path / "dense.zarr"
     build_teacher_cache(config(teacher, out, topk=11, limit=3), show_progress=False)

@@ -23,10 +23,11 @@ from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
 RES = {"resolution": [32, 48]}
 
 
-def _cache(tmp_path, teacher, name="c.zarr", n=16):
+def _cache(tmp_path, teacher, name="c.zarr", n=16, **kw):
     out = tmp_path / name
     build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(out), dataset_options=dict(RES), limit=n,
-                                         topk=4, samples_per_shard=8, device="cpu", workers=0), show_progress=False)
+                                         topk=4, samples_per_shard=8, device="cpu", workers=0, **kw),
+                        show_progress=False)
     return out
 
 
@@ -35,7 +36,12 @@ STUDENT = ["--epochs", 1, "--limit", 16, "--batch-size", 4, "--device", "cpu", "
 
 def test_damaged_chunk_stops_training_naming_the_sample_or_is_skipped(tmp_path):
     teacher = make_teacher(tmp_path / "t.pt")
-    cache = _cache(tmp_path, teacher)
+    cache = tmp_path / "c.zarr"  # images large enough for the logits to keep a sample per chunk
+    build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(cache), dataset_options={"resolution": [96, 128]},
+                                         limit=16, topk=4, samples_per_shard=8, device="cpu", workers=0),
+                        show_progress=False)
+    packing = zarr.open_group(str(cache), mode="r").attrs["kdcache"]["packing"]
+    assert "logits/values" not in packing  # 4x24x32 fp16: 6 KB a sample
     shard = cache / "logits" / "values" / "c" / "1" / "0" / "0" / "0"
     data = bytearray(shard.read_bytes())
     data[40:60] = b"\xff" * 20  # corrupt the first chunk of shard 1 (sample train_000008)
@@ -50,6 +56,31 @@ def test_damaged_chunk_stops_training_naming_the_sample_or_is_skipped(tmp_path):
     rec = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()][-1]
     assert rec["train_kd_skipped"] == pytest.approx(1 / 16)  # one sample of 16, every step averaged
     assert "had unreadable targets" in r.output
+
+
+def test_a_damaged_packed_chunk_loses_exactly_the_samples_it_packs(tmp_path):
+    teacher = make_teacher(tmp_path / "t.pt")
+    cache = _cache(tmp_path, teacher, n=24)
+    packing = zarr.open_group(str(cache), mode="r").attrs["kdcache"]["packing"]
+    assert packing["logits/values"] == 8  # a 4x8x12 fp16 map is 768 bytes: a shard's 8 samples share a chunk
+    shard = cache / "logits" / "values" / "c" / "1" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[40:60] = b"\xff" * 20  # inside the chunk of samples 8..15
+    shard.write_bytes(bytes(data))
+    r = kd("verify-cache", cache, "--quiet")
+    assert r.exit_code == 1 and "8 bad samples" in r.output, r.output
+    named = {f"train_{i:06d}" for i in range(24) if f"train_{i:06d}" in r.output}
+    assert named <= {f"train_{i:06d}" for i in range(8, 16)} and named
+    student = ["--epochs", 1, "--limit", 24, "--batch-size", 4, "--device", "cpu", "--workers", 0, "--quiet"]
+    r = kd("train-student", "--cache", cache, "--out", tmp_path / "b", "--skip-bad", *student)
+    assert r.exit_code == 0, r.output
+    rec = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert rec["train_kd_skipped"] == pytest.approx(8 / 24)  # the chunk's samples, no more
+    r = kd("verify-cache", cache, "--reset-bad", "--quiet")  # then a rebuild rewrites that shard alone
+    assert kd("build-teacher-cache", "--weights", teacher, "--out", cache, "--dataset", "synthetic", "--resolution",
+              "32x48", "--limit", 24, "--topk", 4, "--samples-per-shard", 8, "--device", "cpu", "--workers", 0,
+              "--quiet").exit_code == 0
+    assert kd("verify-cache", cache, "--quiet").exit_code == 0
 
 
 def test_a_lost_shard_file_or_a_chunk_that_reads_nan_is_never_trained_on(tmp_path):

@@ -37,8 +37,11 @@ largest). A training crop takes the level nearest its own scale and flip.
 
 Maps are stored at the teacher head's native stride, padded to the largest sample's extent
 (images of different sizes); ``hw`` says how much of each is valid. Each sample is one chunk
-of each map array; ``samples_per_shard`` consecutive samples form a shard, the unit of
-writing. The small per-sample arrays are chunked by the same sample blocks (no sharding), so
+of each map array, except where a sample's map is tiny (a classifier's logits row, its views, a
+1x1 map: under ``PACK_SAMPLE_BYTES``): there a chunk packs several consecutive samples
+(``packing``: array -> samples per chunk, a divisor of ``samples_per_shard``), so the per-chunk
+index entry, checksum and codec header are shared. ``samples_per_shard`` consecutive samples
+form a shard, the unit of writing. The small per-sample arrays are chunked by the same sample blocks (no sharding), so
 the process that owns a shard owns every byte written for its samples. Missing chunks read as
 the fill value: NaN for the float maps, so a lost chunk of a sample marked done is detected.
 
@@ -83,12 +86,30 @@ MAX_SAMPLES_PER_SHARD = 256
 #: sample, whose per-chunk overhead (index entry, checksum, codec header) would outweigh them
 VIEW_CHUNK_BYTES = 1024
 
+#: packed chunks: a map array whose one sample holds fewer raw bytes than PACK_SAMPLE_BYTES (a
+#: classifier's k logits, its views, 1x1 maps) gets several consecutive samples per chunk, up to
+#: PACK_CHUNK_BYTES raw, so that a chunk's fixed costs (its 16-byte shard-index entry, its crc32c,
+#: the codec's header) are shared; bigger maps keep one sample per chunk (random access decodes
+#: no neighbours). Chosen when a store is created and recorded in its ``packing`` attribute.
+PACK_SAMPLE_BYTES = 4096
+PACK_CHUNK_BYTES = 64 << 10
+
+
+
+def pack_size(sample_bytes: int, samples_per_shard: int) -> int:
+    """Samples per chunk for a map array whose one sample holds ``sample_bytes`` raw bytes: 1 from
+    PACK_SAMPLE_BYTES up, else the largest divisor of ``samples_per_shard`` within PACK_CHUNK_BYTES."""
+    if sample_bytes >= PACK_SAMPLE_BYTES:
+        return 1
+    return max(d for d in range(1, samples_per_shard + 1)
+               if samples_per_shard % d == 0 and d * sample_bytes <= PACK_CHUNK_BYTES)
+
 #: the array of each sample's stored view geometries (read with the views' maps)
 VIEW_PARAMS = "views/params"
 
 IDENTITY_KEYS = ("schema_version", "teacher", "num_classes", "class_names", "k", "preprocess",
                  "dataset", "flip_average", "views", "features", "attention", "samples_per_shard",
-                 "codec", "map_size", "stride", "amp", "ensemble", "quality", "classification")
+                 "codec", "map_size", "stride", "amp", "ensemble", "quality", "classification", "packing")
 
 #: stored id type -> the type a read sample holds (torch indexes with signed types)
 _READ_IDS = {"uint8": np.uint8, "uint16": np.int32, "uint32": np.int64}
@@ -264,7 +285,25 @@ class CacheSchema:
                            if s.path.startswith("views/"))
             views_meta["schedule"]["chunks"] = "view" if per_view >= VIEW_CHUNK_BYTES else "sample"
         meta["samples_per_shard"] = schema._shard_size(samples_per_shard)
+        meta["packing"] = schema._packing()
         return schema
+
+    def _packing(self) -> dict[str, int]:
+        """Samples per chunk of each map array that packs several (see :data:`PACK_SAMPLE_BYTES`):
+        the largest divisor of ``samples_per_shard`` whose chunk stays within PACK_CHUNK_BYTES."""
+        s = self.samples_per_shard
+        out = {}
+        for spec in self.map_specs:
+            if self.per_view(spec.path):
+                continue  # a schedule's views chunked one per chunk stay so: an epoch reads its own
+            p = pack_size(int(np.prod(spec.shape)) * np.dtype(spec.dtype).itemsize, s)
+            if p > 1:
+                out[spec.path] = p
+        return out
+
+    def samples_per_chunk(self, path: str) -> int:
+        """Consecutive samples one chunk of the map array ``path`` holds (1 unless packed)."""
+        return int((self.meta.get("packing") or {}).get(path, 1))
 
     def _shard_size(self, requested: int | None) -> int:
         if requested is not None:
@@ -473,7 +512,8 @@ class CacheSchema:
         small("image_hw", (2,), "int32", 0)
         for spec in self.map_specs:
             one = (1, *spec.shape[1:]) if self.per_view(spec.path) else spec.shape  # a chunk: one view, or all
-            group.create_array(spec.path, shape=(n, *spec.shape), dtype=spec.dtype, chunks=(1, *one),
+            group.create_array(spec.path, shape=(n, *spec.shape), dtype=spec.dtype,
+                               chunks=(self.samples_per_chunk(spec.path), *one),
                                shards=(s, *one), fill_value=fill_value(spec.dtype), compressors=comp)
         for g in self.extent_groups:
             small(f"{g}/hw", (2,), "int32", 0)
@@ -552,6 +592,7 @@ class CacheSchema:
     def identity(self) -> dict:
         """The attributes that must agree for a rerun to resume this store."""
         out = {k: self.meta.get(k) for k in IDENTITY_KEYS}
+        out["packing"] = out["packing"] or {}  # a store from before packing: nothing packed
         ds = dict(out["dataset"] or {})
         ds.pop("root", None)
         out["dataset"] = ds
@@ -596,7 +637,9 @@ class CacheSchema:
                                    for t, f in self.features.items()) or "none"),
             ("attention", ", ".join(f"{t} ({a['map_size'][0]}x{a['map_size'][1]})"
                                     for t, a in self.attention.items()) or "none"),
-            ("codec", f"{m['codec']} + crc32c, sharded"),
+            ("codec", f"{m['codec']} + crc32c, sharded by {self.samples_per_shard} samples"
+                      + (", packed: " + ", ".join(f"{p} {n} per chunk" for p, n in sorted(m["packing"].items()))
+                         if m.get("packing") else ", a chunk per sample")),
         ]
 
     def _describe_views(self) -> str:

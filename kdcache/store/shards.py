@@ -53,10 +53,13 @@ class ShardFile:
         self.chunk_shape = tuple(sharding["chunk_shape"])
         self.shard_shape = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
         self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
-        self.per_shard = self.shard_shape[0] // self.chunk_shape[0]
+        #: samples per shard; samples per chunk (more than 1 in a packed array), chunks per shard
+        self.per_shard = self.shard_shape[0]
+        self.per_chunk = self.chunk_shape[0]
+        self.chunks = self.per_shard // self.per_chunk
         self.compressor = sharding["codecs"][1]["name"] if len(sharding["codecs"]) == 3 else None
         self.compressor_conf = sharding["codecs"][1].get("configuration", {}) if self.compressor else {}
-        self.index_bytes = 16 * self.per_shard + 4
+        self.index_bytes = 16 * self.chunks + 4
         #: a schedule store's views: one view of one sample per chunk, a shard file per view
         self.per_view = (len(self.shape) >= 2 and self.shape[1] > 1 and self.chunk_shape[1] == 1
                          and self.shard_shape[1] == 1)
@@ -118,18 +121,23 @@ class ShardFile:
         raw_index = fetch(size - self.index_bytes, self.index_bytes)
         if len(raw_index) != self.index_bytes or not _crc_ok(raw_index[:-4], raw_index[-4:]):
             raise DamagedShard(f"shard {path} has a damaged index (checksum mismatch or truncated)")
-        index = np.frombuffer(raw_index[:-4], dtype="<u8").reshape(self.per_shard, 2)
+        index = np.frombuffer(raw_index[:-4], dtype="<u8").reshape(self.chunks, 2)
+        P, first = self.per_chunk, shard * self.per_shard
+        decoded: dict[int, np.ndarray] = {}  # chunk -> its samples (a packed chunk holds P)
         for j, r in enumerate(rows):
-            off, nbytes = index[r - shard * self.per_shard]
-            if off == _MISSING:
-                raise DamagedShard(f"shard {path} has no chunk for row {r} (lost, or never written)")
-            off, nbytes = int(off), int(nbytes)
-            if off + nbytes > size:
-                raise DamagedShard(f"shard {path}: chunk of row {r} runs past the end of the file")
-            raw = fetch(off, nbytes)
-            if not _crc_ok(raw[:-4], raw[-4:]):
-                raise DamagedShard(f"shard {path}: chunk of row {r} fails its crc32c checksum")
-            out[j] = self._decode(raw[:-4]).reshape(self.chunk_shape[1:])
+            c, at = divmod(r - first, P)
+            if c not in decoded:
+                off, nbytes = index[c]
+                if off == _MISSING:
+                    raise DamagedShard(f"shard {path} has no chunk for row {r} (lost, or never written)")
+                off, nbytes = int(off), int(nbytes)
+                if off + nbytes > size:
+                    raise DamagedShard(f"shard {path}: chunk of row {r} runs past the end of the file")
+                raw = fetch(off, nbytes)
+                if not _crc_ok(raw[:-4], raw[-4:]):
+                    raise DamagedShard(f"shard {path}: chunk of row {r} fails its crc32c checksum")
+                decoded[c] = self._decode(raw[:-4]).reshape(self.chunk_shape)
+            out[j] = decoded[c][at]
         return out
 
     def _decode(self, payload: memoryview) -> np.ndarray:
@@ -167,11 +175,15 @@ class ShardFile:
         return self._write_file(self.shard_path(shard), block)
 
     def _write_file(self, path: Path, block: np.ndarray) -> int:
-        index = np.full((self.per_shard, 2), _MISSING, dtype="<u8")
+        index = np.full((self.chunks, 2), _MISSING, dtype="<u8")
         parts, offset = [], 0
-        for j in range(len(block)):
-            raw = self._encode(block[j])
-            index[j] = (offset, len(raw))
+        P = self.per_chunk
+        for j in range(0, len(block), P):  # chunks past the array's last sample stay missing, as zarr leaves them
+            chunk = block[j:j + P]
+            if len(chunk) < P:  # the array's last chunk, padded to the chunk shape as zarr does
+                chunk = np.concatenate([chunk, np.zeros((P - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+            raw = self._encode(chunk)
+            index[j // P] = (offset, len(raw))
             parts.append(raw)
             offset += len(raw)
         ib = index.tobytes()
@@ -188,7 +200,8 @@ class ShardFile:
 def fast_reader(root: str | Path, path: str, array_meta: dict, storage_options: dict | None = None
                 ) -> ShardFile | None:
     """A :class:`ShardFile` if ``array_meta`` (the array's zarr.json) is exactly kdcache's
-    sharded layout with one sample per chunk (or one view of one sample, sharded by view); None
+    sharded layout with one sample (or a packed run of samples) per chunk, or one view of one sample
+    sharded by view; None
     otherwise. A store at an fsspec URL gets one
     that reads whole shards in one request each (``storage_options`` as for the store)."""
     fs = None
@@ -210,8 +223,10 @@ def fast_reader(root: str | Path, path: str, array_meta: dict, storage_options: 
                 return None
         shape, chunk = list(array_meta["shape"]), list(conf["chunk_shape"])
         grid = list(array_meta["chunk_grid"]["configuration"]["chunk_shape"])
-        whole = chunk == [1, *shape[1:]] and grid[1:] == shape[1:]  # a sample per chunk
-        one_view = len(shape) >= 2 and chunk == [1, 1, *shape[2:]] and grid[1:] == [1, *shape[2:]]  # a view per chunk
+        if chunk[0] < 1 or grid[0] % chunk[0]:
+            return None
+        whole = chunk[1:] == shape[1:] and grid[1:] == shape[1:]  # a sample (or packed samples) per chunk
+        one_view = len(shape) >= 2 and chunk[1:] == [1, *shape[2:]] and grid[1:] == [1, *shape[2:]]  # a view per chunk
         if not (whole or one_view):
             return None
         if array_meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/") != "/":
