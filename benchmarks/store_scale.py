@@ -1,0 +1,385 @@
+"""How the store behaves as it grows: ImageNet-like and Cityscapes-like stores built from a seeded
+generator of teacher outputs (no teacher, no network: the store alone is measured).
+
+    python benchmarks/store_scale.py --shape imagenet --samples 10000,100000,1000000
+    python benchmarks/store_scale.py --shape imagenet --samples 10000,100000 --views 10
+    python benchmarks/store_scale.py --shape cityscapes --samples 2975,23473
+    python benchmarks/store_scale.py --report          # the tables, from every JSON written
+
+* **imagenet**: C = 1000, k = 10, the classifier's logits (1 x 1 map), optionally V stored
+  views per sample; its data: JPEGs of 500 x 375, random-resized-cropped to 224 and flipped.
+* **cityscapes**: C = 19, k = 4, 128 x 256 logit maps (smooth: drawn at 16 x 32 and upsampled,
+  so they compress like a network's) plus one feature tap of 64 x 32 x 64; its data: JPEGs of
+  2048 x 1024, cropped to 1024 x 512 and flipped.
+
+For each size, each phase runs in a process of its own, so that its peak memory is its own:
+the build (kdcache's writer: ``prepare_store``, ``encode_batch``, ``ShardWriter``), opening the
+store for training (the store, its ids and done flags), ``inspect-cache``, ``verify-cache``, and
+the training loader (``CacheStream`` through a DataLoader with 0, 1 and 2 workers, targets
+only and with a JPEG decode + augment of the data set's size). Writes one JSON per shape, size and
+views under ``benchmarks/results/store-scale/`` and, with ``--report``, the tables of
+``benchmarks/results/store-scale-cpu.md``: each measure per sample at every size (is it flat, linear
+or worse?), and the cost of a full ImageNet-1k store with 100 views and of Cityscapes with
+train_extra, from the measured per-sample costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "benchmarks" / "results" / "store-scale"
+SHAPES = {
+    "imagenet": {"C": 1000, "k": 10, "map": (1, 1), "input": (224, 224), "features": {}, "jpeg": (375, 500),
+                 "crop": (224, 224), "batch": 2048},
+    "cityscapes": {"C": 19, "k": 4, "map": (128, 256), "input": (1024, 2048), "features": {"stage4": (64, 32, 64)},
+                   "jpeg": (1024, 2048), "crop": (512, 1024), "batch": 16},
+}
+#: samples each loader measurement reads (the first eighth is warm-up), in batches as training collates them
+LOADER_SAMPLES = {"imagenet": 20480, "cityscapes": 256}
+LOADER_BATCH = {"imagenet": 64, "cityscapes": 8}
+#: what the largest store is extrapolated to: samples, and views per sample for a store with views
+FULL = {"imagenet": (1_281_167, 100, "ImageNet-1k (1,281,167 images)"),
+        "cityscapes": (2975 + 19998, 0, "Cityscapes train + train_extra (22,973 images)")}
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def schema_for(shape: str, n: int, views: int):
+    from kdcache.store.schema import CacheSchema
+
+    s = SHAPES[shape]
+    ids = [f"img_{i:08d}" for i in range(n)]
+    hashes = [hashlib.sha256(i.encode()).hexdigest() for i in ids]
+    view_meta = None
+    if views:
+        view_meta = {"count": views, "scale": [1.0, 1.0], "crop": list(s["crop"]), "seed": 0, "map_size": list(s["map"]),
+                     "area": [0.08, 1.0]}
+    schema = CacheSchema.new(
+        class_names=[f"c{i}" for i in range(s["C"])], k=s["k"], input_size=s["input"], map_size=s["map"],
+        feature_shapes=s["features"], features=tuple(s["features"]), views=view_meta,
+        teacher={"model": "synthetic", "params": 0, "weights_sha256": "0" * 64}, dataset={"name": f"{shape}-like", "split": "train"},
+        ids=ids, hashes=hashes, classification={"targets": "logits"} if shape == "imagenet" else None)
+    return schema, ids, hashes
+
+
+def teacher_batch(shape: str, rng, rows: list[int], views: int):
+    """Seeded float32 teacher outputs for ``rows``: (logits, features, view outputs or None)."""
+    import torch
+
+    s = SHAPES[shape]
+    B, C = len(rows), s["C"]
+    g = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    if shape == "imagenet":
+        logits = torch.randn(B, C, 1, 1, generator=g) * 3
+        feats = {}
+    else:
+        low = torch.randn(B, C, 16, 32, generator=g) * 4
+        logits = torch.nn.functional.interpolate(low, size=s["map"], mode="bilinear", align_corners=False)
+        feats = {t: torch.nn.functional.interpolate(torch.randn(B, c, h // 4, w // 4, generator=g), size=(h, w),
+                                                    mode="bilinear", align_corners=False)
+                 for t, (c, h, w) in s["features"].items()}
+    view_out = None
+    if views:
+        vl = torch.randn(B * views, C, 1, 1, generator=g) * 3
+        params = np.tile(np.array([0, 0, 1, 1, 0, 1, 1], np.float32), (B, views, 1))
+        view_out = (vl, {}, params)
+    return logits, feats, view_out
+
+
+# -- phases, each in its own process ------------------------------------------------------------
+
+
+def phase_write(shape: str, n: int, views: int, path: Path) -> dict:
+    from kdcache.store import location
+    from kdcache.store.writer import ShardWriter, encode_batch, open_for_writing, prepare_store
+
+    schema, ids, hashes = schema_for(shape, n, views)
+    location.remove_tree(path)
+    t0 = time.perf_counter()
+    prepare_store(path, schema, ids, hashes, overwrite=False)
+    group, schema = open_for_writing(path, schema)
+    writer = ShardWriter(group, schema, path, queue_size=4 * SHAPES[shape]["batch"])
+    rng = np.random.default_rng(0)
+    B = SHAPES[shape]["batch"]
+    gen = 0.0
+    for start in range(0, n, B):
+        rows = list(range(start, min(n, start + B)))
+        g0 = time.perf_counter()
+        logits, feats, view_out = teacher_batch(shape, rng, rows, views)
+        gen += time.perf_counter() - g0
+        for r, sample in zip(rows, encode_batch(schema, logits, feats, [ids[r] for r in rows], SHAPES[shape]["input"],
+                                                views=view_out)):
+            writer.put(r, sample)
+    writer.close()
+    seconds = time.perf_counter() - t0
+    files = sum(len(fs) for _, _, fs in os.walk(path))
+    size = location.size_of(path)
+    maps = sum(location.size_of(path, sp.path) for sp in schema.map_specs)
+    return {"seconds": seconds, "generator_seconds": gen, "write_seconds": seconds - gen,
+            "samples_per_s": n / (seconds - gen), "mb_per_s": size / 1e6 / (seconds - gen),
+            "bytes": size, "map_bytes": maps, "bytes_per_sample": size / n, "map_bytes_per_sample": maps / n,
+            "bytes_per_view": (location.size_of(path, "views") / (n * views)) if views else None,
+            "files": files, "peak_mb": peak_mb(), "shards": schema.num_shards, "packing": schema.meta["packing"]}
+
+
+def phase_open(path: Path) -> dict:
+    from kdcache.store import CacheStore
+
+    t0 = time.perf_counter()
+    store = CacheStore(path)
+    ids, done = store.ids, store.done()
+    first = store.read_block(0, min(store.samples_per_shard, store.num_samples))  # the first block a loader reads
+    return {"seconds": time.perf_counter() - t0, "samples": len(ids), "done": int(done.sum()), "read": len(first),
+            "peak_mb": peak_mb()}
+
+
+def phase_inspect(path: Path) -> dict:
+    from kdcache.store.check import inspect_store
+
+    t0 = time.perf_counter()
+    rep = inspect_store(path)
+    return {"seconds": time.perf_counter() - t0, "done": rep["done"], "peak_mb": peak_mb()}
+
+
+def phase_verify(path: Path) -> dict:
+    from kdcache.store.check import verify_store
+
+    t0 = time.perf_counter()
+    res = verify_store(path, show_progress=False)
+    return {"seconds": time.perf_counter() - t0, "ok": res.ok, "peak_mb": peak_mb()}
+
+
+class JpegTargets:
+    """A transform for CacheStream: the item's targets, plus (``decode``) one JPEG of the data
+    set's size decoded and augmented as training does (random-resized crop or crop, flip)."""
+
+    def __init__(self, shape: str, decode: bool):
+        from PIL import Image
+
+        self.shape, self.decode = shape, decode
+        h, w = SHAPES[shape]["jpeg"]
+        rng = np.random.default_rng(0)
+        small = rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((w, h), Image.BILINEAR)  # photo-like: smooth, compressible
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        self.jpeg = buf.getvalue()
+
+    def __call__(self, index: int, targets: dict) -> dict:
+        if not self.decode:
+            return targets
+        import torch
+        from PIL import Image
+
+        img = Image.open(io.BytesIO(self.jpeg)).convert("RGB")
+        rng = np.random.default_rng(index)
+        ch, cw = SHAPES[self.shape]["crop"]
+        if self.shape == "imagenet":  # random-resized crop (area 0.08..1, ratio 3/4..4/3), then 224
+            W, H = img.size
+            area = W * H * rng.uniform(0.08, 1.0)
+            ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+            w, h = min(W, int(round((area * ratio) ** 0.5))), min(H, int(round((area / ratio) ** 0.5)))
+            x, y = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
+            img = img.resize((cw, ch), Image.BILINEAR, box=(x, y, x + w, y + h))
+        else:
+            W, H = img.size
+            x, y = int(rng.integers(0, W - cw + 1)), int(rng.integers(0, H - ch + 1))
+            img = img.crop((x, y, x + cw, y + ch))
+        if rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        targets["image"] = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+        return targets
+
+
+def phase_loader(shape: str, path: Path, workers: int, decode: bool) -> dict:
+    import torch
+
+    from kdcache.store import CacheStore, CacheStream
+
+    store = CacheStore(path)
+    want = min(LOADER_SAMPLES[shape], store.num_samples)
+    s = store.samples_per_shard
+    shards = list(range(store.num_shards))
+    rng = np.random.default_rng(0)
+    pick = sorted(rng.choice(shards, size=min(len(shards), -(-(want + s) // s)), replace=False))
+    rows = [r for j in pick for r in range(j * s, min((j + 1) * s, store.num_samples))]
+    B = LOADER_BATCH[shape]
+    groups = ["views/logits", "views/params"] if store.schema.views else ["logits"]  # what training reads
+    stream = CacheStream(store, rows, groups=groups, transform=JpegTargets(shape, decode), buffer_size=64,
+                         num_workers=workers, batch_size=B)
+    loader = torch.utils.data.DataLoader(stream, batch_size=B, num_workers=workers,
+                                         multiprocessing_context="fork" if workers else None)
+    t0, count, warm = None, 0, max(1, len(stream) // B // 8)  # batches of warm-up (workers starting)
+    for batch in loader:
+        count += 1
+        if count == warm:
+            t0, n0 = time.perf_counter(), 0
+        elif t0 is not None:
+            n0 += len(batch["row"])
+    seconds = time.perf_counter() - t0
+    n = n0
+    return {"workers": workers, "decode": decode, "samples": n, "samples_per_s": n / seconds,
+            "per_core": n / seconds / max(1, workers), "peak_mb": peak_mb()}
+
+
+def run_phase(*args: str) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--phase", *args], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if r.returncode:
+        raise SystemExit(f"phase {args} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def measure(shape: str, n: int, views: int, root: Path) -> dict:
+    path = root / f"{shape}-{n}-v{views}.zarr"
+    res = {"shape": shape, "samples": n, "views": views, "machine": platform.processor() or platform.machine(),
+           "cores": os.cpu_count(), "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                                             capture_output=True, text=True).stdout.strip()}
+    print(f"{shape} n={n} views={views}: write", flush=True)
+    res["write"] = run_phase("write", shape, str(n), str(views), str(path))
+    for phase in ("open", "inspect", "verify"):
+        print(f"  {phase}", flush=True)
+        res[phase] = run_phase(phase, shape, str(n), str(views), str(path))
+    res["loader"] = []
+    for decode in (False, True):
+        for w in (0, 1, 2):
+            print(f"  loader workers={w} decode={decode}", flush=True)
+            res["loader"].append(run_phase("loader", shape, str(n), str(views), str(path), str(w), str(int(decode))))
+    shutil.rmtree(path)
+    return res
+
+
+# -- the report ---------------------------------------------------------------------------------
+
+
+def growth(xs: list[float], ns: list[int]) -> str:
+    """flat / linear / worse, from the per-sample value at the smallest and largest size."""
+    if len(xs) < 2 or xs[0] <= 0:
+        return "—"
+    r = xs[-1] / xs[0]
+    span = ns[-1] / ns[0]
+    if r < 1.5:
+        return f"flat ({r:.2f}x over {span:g}x samples)"
+    if r < 0.5 * span:
+        return f"sublinear ({r:.2f}x over {span:g}x samples)"
+    return f"linear or worse ({r:.2f}x over {span:g}x samples)"
+
+
+def report(out: Path) -> None:
+    runs = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
+    lines = ["# The store as it grows", "",
+             "Written by `benchmarks/store_scale.py` (settings fixed before its first run; each run names its commit "
+             "below). Stores built from seeded teacher outputs by kdcache's own writer; each phase in a process of "
+             "its own, one thread (`OMP_NUM_THREADS=1`). Loader: `CacheStream` reading the logits (a store with views: the views) through a "
+             "DataLoader in batches; 'targets + JPEG' adds one JPEG of the data set's size decoded and augmented per sample.", ""]
+    for shape in SHAPES:
+        for views in sorted({r["views"] for r in runs if r["shape"] == shape}):
+            rs = sorted((r for r in runs if r["shape"] == shape and r["views"] == views), key=lambda r: r["samples"])
+            if not rs:
+                continue
+            head = f"## {shape}-like" + (f", {views} stored views per sample" if views else "")
+            lines += [head, "", f"Machine: {rs[0]['machine']}, {rs[0]['cores']} cores; commit(s) "
+                      f"{', '.join(sorted({r['commit'] for r in rs}))}.", ""]
+            cols = ["samples", "write samples/s", "write MB/s", "B / sample on disk", "map B / sample"]
+            cols += ["B / view"] if views else []
+            cols += ["files", "writer peak MB", "open for training s", "open peak MB", "inspect-cache s",
+                     "verify-cache s", "verify peak MB"]
+            lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            for r in rs:
+                w = r["write"]
+                row = [f"{r['samples']:,}", f"{w['samples_per_s']:,.0f}", f"{w['mb_per_s']:.1f}",
+                       f"{w['bytes_per_sample']:,.1f}", f"{w['map_bytes_per_sample']:,.1f}"]
+                row += [f"{w['bytes_per_view']:.1f}"] if views else []
+                row += [f"{w['files']:,}", f"{w['peak_mb']:.0f}", f"{r['open']['seconds']:.2f}",
+                        f"{r['open']['peak_mb']:.0f}", f"{r['inspect']['seconds']:.2f}", f"{r['verify']['seconds']:.1f}",
+                        f"{r['verify']['peak_mb']:.0f}"]
+                lines.append("| " + " | ".join(row) + " |")
+            ns = [r["samples"] for r in rs]
+            lines += ["", "Per sample, from the smallest to the largest store: write time "
+                      + growth([1 / r["write"]["samples_per_s"] for r in rs], ns) + "; bytes "
+                      + growth([r["write"]["bytes_per_sample"] for r in rs], ns) + "; files "
+                      + growth([r["write"]["files"] / r["samples"] for r in rs], ns) + "; verify time "
+                      + growth([r["verify"]["seconds"] / r["samples"] for r in rs], ns) + ". Whole-store times: open "
+                      + growth([r["open"]["seconds"] for r in rs], ns) + "; inspect "
+                      + growth([r["inspect"]["seconds"] for r in rs], ns) + ".", ""]
+            cols = ["samples", "workers", "targets samples/s", "per core", "targets + JPEG samples/s", "per core",
+                    "targets' share of a sample's time"]
+            lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            for r in rs:
+                for w in (0, 1, 2):
+                    t = next(x for x in r["loader"] if x["workers"] == w and not x["decode"])
+                    j = next(x for x in r["loader"] if x["workers"] == w and x["decode"])
+                    share = j["samples_per_s"] / t["samples_per_s"]  # (1/t) / (1/j)
+                    lines.append(f"| {r['samples']:,} | {w} | {t['samples_per_s']:,.0f} | {t['per_core']:,.0f} | "
+                                 f"{j['samples_per_s']:,.0f} | {j['per_core']:,.0f} | {100 * share:.1f}% |")
+            big = rs[-1]
+            n_full, v_full, what = FULL[shape]
+            w = big["write"]
+            if views:
+                per_sample = w["bytes_per_sample"] - w["bytes_per_view"] * views
+                total = n_full * (per_sample + w["bytes_per_view"] * v_full)
+                rows_full = n_full * (1 + v_full)
+                rate = big["samples"] * (1 + views) / w["write_seconds"]
+                what = f"{what} with {v_full} views each"
+            else:
+                total = n_full * w["bytes_per_sample"]
+                rows_full = n_full
+                rate = w["samples_per_s"]
+            t0 = next(x for x in big["loader"] if x["workers"] == 0 and not x["decode"])
+            lines += ["", f"Extrapolated from the {big['samples']:,}-sample store to {what}: about "
+                      f"{total / 1e9:,.1f} GB on disk, {rows_full / rate / 3600:,.2f} h of writing on one core "
+                      f"(the store's share; the teacher's forwards come on top), and targets read at "
+                      f"{t0['samples_per_s']:,.0f} samples/s per core.", ""]
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES))
+    ap.add_argument("--samples", default="10000")
+    ap.add_argument("--views", type=int, default=0)
+    ap.add_argument("--root", default=None, help="where the stores are built (default: a temporary folder)")
+    ap.add_argument("--report", action="store_true")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "store-scale-cpu.md"))
+    ap.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.phase:
+        phase, shape, n, views, path, *rest = args.phase
+        path = Path(path)
+        result = {"write": lambda: phase_write(shape, int(n), int(views), path), "open": lambda: phase_open(path),
+                  "inspect": lambda: phase_inspect(path), "verify": lambda: phase_verify(path),
+                  "loader": lambda: phase_loader(shape, path, int(rest[0]), bool(int(rest[1])))}[phase]()
+        print(json.dumps(result))
+        return
+    if args.report:
+        report(Path(args.out))
+        return
+    if not args.shape:
+        ap.error("give --shape (or --report)")
+    root = Path(args.root) if args.root else Path(__import__("tempfile").mkdtemp(prefix="store-scale-"))
+    OUT.mkdir(parents=True, exist_ok=True)
+    for n in (int(x) for x in args.samples.split(",")):
+        res = measure(args.shape, n, args.views, root)
+        (OUT / f"{args.shape}-{n}-v{args.views}.json").write_text(json.dumps(res, indent=1))
+    report(Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
