@@ -10,7 +10,7 @@ import numpy as np
 import zarr
 
 from kdcache.progress import progress_bar
-from kdcache.store.location import RemoteError, size_of
+from kdcache.store.location import RemoteError, sizes_of
 from kdcache.store.reader import CacheStore
 from kdcache.targets import topk_mass
 
@@ -21,16 +21,16 @@ def inspect_store(path: str | Path, *, samples: int = 64, temperatures=(1.0, 2.0
     schema = store.schema
     done = store.done()
     n_done = int(done.sum())
-    size = size_of(path)
+    size, under = sizes_of(path, [spec.path for spec in schema.map_specs])
     arrays = []
     for spec in schema.map_specs:
         a = store.array(spec.path)
         arrays.append({"path": spec.path, "shape": list(a.shape), "dtype": str(a.dtype),
                        "chunks": list(a.chunks), "shards": list(a.shards or ()),
-                       "bytes": size_of(path, spec.path)})
+                       "bytes": under[spec.path]})
     rows = np.flatnonzero(done)
     # valid teacher-map pixels of the finished samples
-    hw = np.asarray(store.array("logits/hw")[:])
+    hw = store.extents("logits")
     pixels = int((hw[rows, 0].astype(np.int64) * hw[rows, 1]).sum()) if n_done else 0
     logit_bytes = sum(a["bytes"] for a in arrays if a["path"].startswith("logits/"))
     C, k = store.num_classes, store.k

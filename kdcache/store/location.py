@@ -100,6 +100,38 @@ def delete_key(root: str | Path, key: str) -> None:
         Path(root, key).unlink(missing_ok=True)
 
 
+def sizes_of(root: str | Path, keys: list[str]) -> tuple[int, dict[str, int]]:
+    """Bytes of the whole store at ``root`` and under each of ``keys`` (folders in it), from one
+    walk of a local store (a store of 10⁶ samples holds tens of thousands of files)."""
+    if is_url(root):
+        return size_of(root), {k: size_of(root, k) for k in keys}
+    keyset = {k.strip("/") for k in keys}
+
+    def du(folder: str, rel: str) -> int:  # scandir: one system call per folder, sizes from its entries
+        n = 0
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return 0
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    sub = f"{rel}/{e.name}" if rel else e.name
+                    got = du(e.path, sub)
+                    if sub in keyset:
+                        under[sub] = got
+                    n += got
+                else:
+                    n += e.stat(follow_symlinks=False).st_size
+            except OSError:
+                pass
+        return n
+
+    under = dict.fromkeys(keyset, 0)
+    total = du(str(root), "")
+    return total, {k: under[k.strip("/")] for k in keys}
+
+
 def size_of(root: str | Path, key: str = "") -> int:
     """Bytes at ``root``/``key``: one file, or everything under a folder (0 when absent)."""
     target = f"{str(root).rstrip('/')}/{key}" if key else str(root)

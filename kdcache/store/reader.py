@@ -30,7 +30,7 @@ from kdcache.data.splits import limit
 from kdcache.errors import KDCacheError
 from kdcache.store.location import RemoteError, check_client, is_url, retrying
 from kdcache.store.schema import ATTR, FORMAT, SCHEMA_VERSION, VIEW_PARAMS, CacheSchema, decode_ids
-from kdcache.store.shards import ShardFile, fast_reader
+from kdcache.store.shards import ShardFile, fast_reader, read_whole_plain
 
 
 class StoreError(KDCacheError):
@@ -154,8 +154,13 @@ class CacheStore:
         return [bytes(r).hex() for r in np.asarray(self._get("content_hash"), dtype=np.uint8)]
 
     def _get(self, path: str, sel=slice(None)) -> np.ndarray:
-        """``array(path)[sel]`` as numpy, the request retried where the store is an object store."""
+        """``array(path)[sel]`` as numpy, the request retried where the store is an object store;
+        a whole small array of a local store read file by file without zarr's per-chunk cost."""
         a = self.array(path)
+        if sel == slice(None):
+            whole = read_whole_plain(self.path, path, a.metadata.to_dict())
+            if whole is not None:
+                return whole
         return retrying(lambda: np.asarray(a[sel]), f"{self.path.rstrip('/')}/{path}", "reading")
 
     @property
@@ -228,7 +233,7 @@ class CacheStore:
         missing = [j for j in range(first, last + 1) if (group, j) not in self._extents]
         if len(missing) > 8:  # a large span (inspect, verify): one read
             lo, hi = missing[0] * s, min((missing[-1] + 1) * s, self.num_samples)
-            block = self._get(f"{group}/hw", slice(lo, hi))
+            block = self._get(f"{group}/hw", slice(None) if (lo, hi) == (0, self.num_samples) else slice(lo, hi))
             for j in missing:
                 self._extents[(group, j)] = block[j * s - lo:min((j + 1) * s, self.num_samples) - lo]
         else:

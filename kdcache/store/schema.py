@@ -104,6 +104,9 @@ def pack_size(sample_bytes: int, samples_per_shard: int) -> int:
     return max(d for d in range(1, samples_per_shard + 1)
                if samples_per_shard % d == 0 and d * sample_bytes <= PACK_CHUNK_BYTES)
 
+#: rows per chunk of ``sample_id`` and ``content_hash``, which rank 0 writes once at creation
+ID_CHUNK_ROWS = 1 << 16
+
 #: the array of each sample's stored view geometries (read with the views' maps)
 VIEW_PARAMS = "views/params"
 
@@ -165,7 +168,10 @@ def encode_ids(ids: list[str]) -> tuple[np.ndarray, int]:
 
 
 def decode_ids(arr: np.ndarray) -> list[str]:
-    return [bytes(row).rstrip(b"\0").decode("utf-8") for row in np.asarray(arr, dtype=np.uint8)]
+    a = np.ascontiguousarray(arr, dtype=np.uint8)
+    if a.ndim != 2 or a.shape[1] == 0:
+        return [bytes(row).rstrip(b"\0").decode("utf-8") for row in a]
+    return np.char.decode(a.view(f"S{a.shape[1]}")[:, 0], "utf-8").tolist()  # numpy drops the zero padding
 
 
 @dataclass(frozen=True)
@@ -507,8 +513,10 @@ class CacheSchema:
                                compressors=comp)
 
         small("done", (), "bool", False)
-        small("sample_id", (id_width,), "uint8", 0)
-        small("content_hash", (32,), "uint8", 0)
+        # written once, by rank 0 when it creates the store: large chunks (few files to open)
+        for name, width in (("sample_id", id_width), ("content_hash", 32)):
+            group.create_array(name, shape=(n, width), dtype="uint8", chunks=(max(1, min(n, ID_CHUNK_ROWS)), width),
+                               fill_value=0, compressors=comp)
         small("image_hw", (2,), "int32", 0)
         for spec in self.map_specs:
             one = (1, *spec.shape[1:]) if self.per_view(spec.path) else spec.shape  # a chunk: one view, or all

@@ -234,3 +234,48 @@ def fast_reader(root: str | Path, path: str, array_meta: dict, storage_options: 
         return ShardFile(root if fs is not None else Path(root), path, array_meta, fs)
     except (KeyError, IndexError, TypeError, ValueError):
         return None
+
+
+def read_whole_plain(root: str | Path, path: str, array_meta: dict) -> np.ndarray | None:
+    """The whole of a small, unsharded array of a local store (``done``, ``sample_id``, extents:
+    chunked by blocks of samples), read file by file and decoded with numcodecs, each chunk's
+    crc32c checked; None for a layout this does not know (zarr reads it then). zarr's per-chunk
+    overhead (~0.3 ms) made reading the ``done`` flags of 10⁶ samples (3,906 chunks) take 1.4 s."""
+    if is_url(root):
+        return None
+    try:
+        codecs = [c["name"] for c in array_meta["codecs"]]
+        if codecs not in (["bytes", "blosc", "crc32c"], ["bytes", "zstd", "crc32c"], ["bytes", "crc32c"]):
+            return None
+        if (array_meta["codecs"][0].get("configuration") or {}).get("endian", "little") != "little":
+            return None
+        if array_meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/") != "/":
+            return None
+        shape = tuple(array_meta["shape"])
+        chunk = tuple(array_meta["chunk_grid"]["configuration"]["chunk_shape"])
+        if chunk[1:] != shape[1:]:
+            return None
+        dtype = np.dtype(array_meta["data_type"]).newbyteorder("<")
+        fill = array_meta.get("fill_value")
+        compressor = codecs[1] if len(codecs) == 3 else None
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    out = np.empty(shape, dtype=dtype)
+    rows = chunk[0]
+    zstd = Zstd()
+    tail = ["0"] * (len(shape) - 1)
+    for j in range(-(-shape[0] // rows)):
+        lo, hi = j * rows, min(shape[0], (j + 1) * rows)
+        file = Path(root, path, "c", str(j), *tail)
+        try:
+            raw = file.read_bytes()
+        except FileNotFoundError:
+            out[lo:hi] = np.nan if fill == "NaN" else fill
+            continue
+        if len(raw) < 4 or not _crc_ok(raw[:-4], raw[-4:]):
+            raise DamagedShard(f"chunk {file} fails its crc32c checksum")
+        payload = raw[:-4]
+        buf = blosc.decompress(payload) if compressor == "blosc" else zstd.decode(payload) if compressor == "zstd" \
+            else payload
+        out[lo:hi] = np.frombuffer(buf, dtype=dtype).reshape(chunk)[:hi - lo]
+    return out
