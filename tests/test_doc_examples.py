@@ -33,19 +33,21 @@ EXAMPLES = [e for page in PAGES for e in examples(page, str(page.relative_to(REP
 
 ENVIRONMENT = "sets up or inspects the environment (CI's own steps: .ci/run)"
 TORCHRUN = "several processes: tests/test_ddp.py and tests/test_cache.py run torchrun on the CPU"
-OBJECT_STORE = "an object store: tests/test_remote.py runs a store at an fsspec URL"
+OBJECT_STORE = "an object store: tests/test_s3.py runs these against moto's S3 server, tests/test_remote.py at memory://"
 #: the commands that do not run here, by name, and why
 SKIPPED = {
     "python3 -m venv .venv": ENVIRONMENT,
     ". .venv/bin/activate": ENVIRONMENT,
     "pip install -e '.[dev]'": ENVIRONMENT,
-    "pip install -e '.[dev,hf,smp,onnx,tensorboard,timm]'": ENVIRONMENT,
+    "pip install -e '.[dev,s3,hf,smp,onnx,tensorboard,timm]'": ENVIRONMENT,
     "ruff check .": ENVIRONMENT,
     "KDCACHE_ERROR_COVERAGE=1 python -m pytest -q -n 2 --dist loadfile": ENVIRONMENT,
     "pip install 'kdcache[tensorboard]'": ENVIRONMENT,
     "tensorboard --logdir runs": "TensorBoard's own viewer (tests/test_loggers.py reads the event files)",
     "torchrun --nproc-per-node 4 -m kdcache build-teacher-cache --weights runs/t --out caches/t.zarr": TORCHRUN,
     "kdcache build-teacher-cache --weights runs/teacher --out s3://my-bucket/caches/train.zarr": OBJECT_STORE,
+    "export FSSPEC_S3_ENDPOINT_URL=https://minio.example.org:9000": OBJECT_STORE,
+    "export 'AWS_ACCESS_KEY_ID=…' 'AWS_SECRET_ACCESS_KEY=…'": OBJECT_STORE,
     "kdcache train-student --cache s3://my-bucket/caches/train.zarr --workers 8 --out runs/student-kl": OBJECT_STORE,
     "torchrun --nproc-per-node 4 -m kdcache train-student --cache s3://my-bucket/caches/train.zarr --batch-size 8 "
     "--out runs/student-kl": TORCHRUN,
