@@ -16,8 +16,8 @@ For each size, each phase runs in a process of its own, so that its peak memory 
 the build (kdcache's writer: ``prepare_store``, ``encode_batch``, ``ShardWriter``), opening the
 store for training (the store, its ids and done flags), ``inspect-cache``, ``verify-cache``, and
 the training loader (``CacheStream`` through a DataLoader with 0, 1 and 2 workers, targets
-only and with a JPEG decode + augment of the data set's size). Writes one JSON per shape, size and
-views under ``benchmarks/results/store-scale/`` and, with ``--report``, the tables of
+only, with a JPEG decode + augment of the data set's size, and that JPEG alone with no targets).
+Writes one JSON per shape, size and views under ``benchmarks/results/store-scale/`` and, with ``--report``, the tables of
 ``benchmarks/results/store-scale-cpu.md``: each measure per sample at every size (is it flat, linear
 or worse?), and the cost of a full ImageNet-1k store with 100 views and of Cityscapes with
 train_extra, from the measured per-sample costs.
@@ -49,7 +49,7 @@ SHAPES = {
                    "jpeg": (1024, 2048), "crop": (512, 1024), "batch": 16},
 }
 #: samples each loader measurement reads (the first eighth is warm-up), in batches as training collates them
-LOADER_SAMPLES = {"imagenet": 20480, "cityscapes": 256}
+LOADER_SAMPLES = {"imagenet": 20480, "cityscapes": 512}
 LOADER_BATCH = {"imagenet": 64, "cityscapes": 8}
 #: what the largest store is extrapolated to: samples, and views per sample for a store with views
 FULL = {"imagenet": (1_281_167, 100, "ImageNet-1k (1,281,167 images)"),
@@ -207,7 +207,23 @@ class JpegTargets:
         return targets
 
 
-def phase_loader(shape: str, path: Path, workers: int, decode: bool) -> dict:
+class JpegAlone:
+    """The same rows' JPEGs decoded and augmented with no targets read: the comparator that says what
+    the targets add to a sample's time in the same loader."""
+
+    def __init__(self, shape: str, rows: list[int]):
+        self.rows, self.jpeg = rows, JpegTargets(shape, True)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        import torch
+
+        return self.jpeg(self.rows[i], {"row": torch.tensor(self.rows[i])})
+
+
+def phase_loader(shape: str, path: Path, workers: int, decode: bool, alone: bool = False) -> dict:
     import torch
 
     from kdcache.store import CacheStore, CacheStream
@@ -223,6 +239,8 @@ def phase_loader(shape: str, path: Path, workers: int, decode: bool) -> dict:
     groups = ["views/logits", "views/params"] if store.schema.views else ["logits"]  # what training reads
     stream = CacheStream(store, rows, groups=groups, transform=JpegTargets(shape, decode), buffer_size=64,
                          num_workers=workers, batch_size=B)
+    if alone:  # as many samples as the stream yields (whole batches per worker)
+        stream = JpegAlone(shape, rows[:len(stream)])
     loader = torch.utils.data.DataLoader(stream, batch_size=B, num_workers=workers,
                                          multiprocessing_context="fork" if workers else None)
     t0, count, warm = None, 0, max(1, len(stream) // B // 8)  # batches of warm-up (workers starting)
@@ -234,7 +252,7 @@ def phase_loader(shape: str, path: Path, workers: int, decode: bool) -> dict:
             n0 += len(batch["row"])
     seconds = time.perf_counter() - t0
     n = n0
-    return {"workers": workers, "decode": decode, "samples": n, "samples_per_s": n / seconds,
+    return {"workers": workers, "decode": decode, "alone": alone, "samples": n, "samples_per_s": n / seconds,
             "per_core": n / seconds / max(1, workers), "peak_mb": peak_mb()}
 
 
@@ -257,10 +275,11 @@ def measure(shape: str, n: int, views: int, root: Path) -> dict:
         print(f"  {phase}", flush=True)
         res[phase] = run_phase(phase, shape, str(n), str(views), str(path))
     res["loader"] = []
-    for decode in (False, True):
+    for decode, alone in ((False, False), (True, False), (True, True)):
         for w in (0, 1, 2):
-            print(f"  loader workers={w} decode={decode}", flush=True)
-            res["loader"].append(run_phase("loader", shape, str(n), str(views), str(path), str(w), str(int(decode))))
+            print(f"  loader workers={w} decode={decode} alone={alone}", flush=True)
+            res["loader"].append(run_phase("loader", shape, str(n), str(views), str(path), str(w), str(int(decode)),
+                                           str(int(alone))))
     shutil.rmtree(path)
     return res
 
@@ -319,15 +338,23 @@ def report(out: Path) -> None:
                       + growth([r["open"]["seconds"] for r in rs], ns) + "; inspect "
                       + growth([r["inspect"]["seconds"] for r in rs], ns) + ".", ""]
             cols = ["samples", "workers", "targets samples/s", "per core", "targets + JPEG samples/s", "per core",
-                    "targets' share of a sample's time"]
+                    "JPEG alone samples/s", "targets' share of a sample's time", "time the targets add"]
             lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
             for r in rs:
                 for w in (0, 1, 2):
                     t = next(x for x in r["loader"] if x["workers"] == w and not x["decode"])
-                    j = next(x for x in r["loader"] if x["workers"] == w and x["decode"])
+                    j = next(x for x in r["loader"] if x["workers"] == w and x["decode"] and not x.get("alone"))
+                    a = next((x for x in r["loader"] if x["workers"] == w and x.get("alone")), None)
                     share = j["samples_per_s"] / t["samples_per_s"]  # (1/t) / (1/j)
+                    added = "—" if a is None else f"{100 * (1 - j['samples_per_s'] / a['samples_per_s']):.1f}%"
                     lines.append(f"| {r['samples']:,} | {w} | {t['samples_per_s']:,.0f} | {t['per_core']:,.0f} | "
-                                 f"{j['samples_per_s']:,.0f} | {j['per_core']:,.0f} | {100 * share:.1f}% |")
+                                 f"{j['samples_per_s']:,.0f} | {j['per_core']:,.0f} | "
+                                 f"{'—' if a is None else format(a['samples_per_s'], ',.0f')} | {100 * share:.1f}% | "
+                                 f"{added} |")
+            lines += ["", "Targets' share: a sample's time reading targets alone over its time with the JPEG too (an "
+                      "upper bound: with workers it counts the DataLoader's passing of every batch, which the JPEG "
+                      "pays too). Time the targets add: 1 − (JPEG alone / targets + JPEG), both in samples/s, the same "
+                      "rows in the same loader (runs without a JPEG-alone measure show —)."]
             big = rs[-1]
             n_full, v_full, what = FULL[shape]
             w = big["write"]
@@ -365,7 +392,8 @@ def main() -> None:
         path = Path(path)
         result = {"write": lambda: phase_write(shape, int(n), int(views), path), "open": lambda: phase_open(path),
                   "inspect": lambda: phase_inspect(path), "verify": lambda: phase_verify(path),
-                  "loader": lambda: phase_loader(shape, path, int(rest[0]), bool(int(rest[1])))}[phase]()
+                  "loader": lambda: phase_loader(shape, path, int(rest[0]), bool(int(rest[1])),
+                                                 bool(int(rest[2])))}[phase]()
         print(json.dumps(result))
         return
     if args.report:

@@ -172,3 +172,34 @@ def test_weak_teacher_runs_every_arm_and_reports_the_weak_class(tmp_path, monkey
     for row in ("| CE | 2 |", "| weak teacher, KL mask − plain | 2 |", "| standard teacher, DIST class weights − plain | 2 |",
                 "| building (weak) |", "Best teacher-aware variant on val (weak teacher): KL: "):
         assert row in table, row
+
+
+def test_store_scale_measures_a_tiny_store_and_reports_the_jpeg_comparator(tmp_path, monkeypatch):
+    """store_scale.py's phases on a 300-sample ImageNet-like store, in this process: the store holds
+    what was written, opening, inspecting and verifying see every sample, the three loaders read the
+    same rows, and the report's loader table has the JPEG-alone column and both shares."""
+    import json as _json
+
+    script = runpy.run_path(str(BENCH / "store_scale.py"), run_name="store_scale")
+    module = script["main"].__globals__
+    path = tmp_path / "s.zarr"
+    w = script["phase_write"]("imagenet", 300, 0, path)
+    assert w["files"] > 0 and 20 < w["map_bytes_per_sample"] < 60  # packed: 10 fp16 + 10 int16 + tail, compressed
+    assert script["phase_verify"](path)["seconds"] >= 0 and script["phase_inspect"](path)["seconds"] >= 0
+    monkeypatch.setitem(module["LOADER_SAMPLES"], "imagenet", 256)
+    loaders = [script["phase_loader"]("imagenet", path, 0, decode, alone)
+               for decode, alone in ((False, False), (True, False), (True, True))]
+    assert [x["alone"] for x in loaders] == [False, False, True]
+    assert len({x["samples"] for x in loaders}) == 1 and loaders[0]["samples"] > 0
+    res = {"shape": "imagenet", "samples": 300, "views": 0, "machine": "test", "cores": 2, "commit": "abc1234",
+           "write": w, "open": script["phase_open"](path), "inspect": {"seconds": 0.1}, "verify": {"seconds": 0.2,
+           "peak_mb": 1.0}, "loader": [{**x, "workers": k} for k in (0, 1, 2) for x in loaders]}
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "imagenet-300-v0.json").write_text(_json.dumps(res))
+    monkeypatch.setitem(module, "OUT", out)
+    script["report"](tmp_path / "table.md")
+    table = (tmp_path / "table.md").read_text()
+    a, j = loaders[2]["samples_per_s"], loaders[1]["samples_per_s"]
+    assert f"| {a:,.0f} | " in table and f"| {100 * (1 - j / a):.1f}% |" in table
+    assert "JPEG alone samples/s" in table and "commit(s) abc1234" in table
