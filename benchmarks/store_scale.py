@@ -256,9 +256,19 @@ def phase_loader(shape: str, path: Path, workers: int, decode: bool, alone: bool
             "per_core": n / seconds / max(1, workers), "peak_mb": peak_mb()}
 
 
-def run_phase(*args: str) -> dict:
+#: glibc's malloc with its mmap threshold fixed (64 MiB) and no trimming below 256 MiB. By default glibc
+#: serves a large block (a decoded 2048 x 1024 JPEG is 6 MB) with a fresh mmap, faulting its pages in
+#: again for every image, until a large free raises its threshold: a DataLoader worker that has read
+#: targets has usually freed such a block, one that decodes JPEGs alone may not have. Measured on
+#: this machine with 1 worker: the JPEG alone at 65-73 samples/s by default and 100-106 so, next to
+#: 89-101 with the targets. Loader phases run with it, so that the loaders compared differ only in
+#: what they read; the JPEG alone is measured with glibc's default too.
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
+
+
+def run_phase(*args: str, env: dict | None = None) -> dict:
     r = subprocess.run([sys.executable, __file__, "--phase", *args], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     if r.returncode:
         raise SystemExit(f"phase {args} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -275,11 +285,13 @@ def measure(shape: str, n: int, views: int, root: Path) -> dict:
         print(f"  {phase}", flush=True)
         res[phase] = run_phase(phase, shape, str(n), str(views), str(path))
     res["loader"] = []
-    for decode, alone in ((False, False), (True, False), (True, True)):
+    for decode, alone, malloc in ((False, False, "fixed"), (True, False, "fixed"), (True, True, "fixed"),
+                                  (True, True, "default")):
         for w in (0, 1, 2):
-            print(f"  loader workers={w} decode={decode} alone={alone}", flush=True)
-            res["loader"].append(run_phase("loader", shape, str(n), str(views), str(path), str(w), str(int(decode)),
-                                           str(int(alone))))
+            print(f"  loader workers={w} decode={decode} alone={alone} malloc={malloc}", flush=True)
+            r = run_phase("loader", shape, str(n), str(views), str(path), str(w), str(int(decode)), str(int(alone)),
+                          env=FIXED_MALLOC if malloc == "fixed" else None)
+            res["loader"].append({**r, "malloc": malloc})
     shutil.rmtree(path)
     return res
 
@@ -338,23 +350,36 @@ def report(out: Path) -> None:
                       + growth([r["open"]["seconds"] for r in rs], ns) + "; inspect "
                       + growth([r["inspect"]["seconds"] for r in rs], ns) + ".", ""]
             cols = ["samples", "workers", "targets samples/s", "per core", "targets + JPEG samples/s", "per core",
-                    "JPEG alone samples/s", "targets' share of a sample's time", "time the targets add"]
+                    "JPEG alone samples/s", "JPEG alone, glibc's default malloc", "targets' share of a sample's time",
+                    "time the targets add"]
             lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+            def rate(x: dict | None) -> str:
+                return "—" if x is None else f"{x['samples_per_s']:,.0f}"
+
             for r in rs:
+                fixed = any(x.get("malloc") == "fixed" for x in r["loader"])
                 for w in (0, 1, 2):
-                    t = next(x for x in r["loader"] if x["workers"] == w and not x["decode"])
-                    j = next(x for x in r["loader"] if x["workers"] == w and x["decode"] and not x.get("alone"))
-                    a = next((x for x in r["loader"] if x["workers"] == w and x.get("alone")), None)
+                    mine = [x for x in r["loader"] if x["workers"] == w
+                            and x.get("malloc", "default") == ("fixed" if fixed else "default")]
+                    t = next(x for x in mine if not x["decode"])
+                    j = next(x for x in mine if x["decode"] and not x.get("alone"))
+                    a = next((x for x in mine if x.get("alone")), None)
+                    d = next((x for x in r["loader"] if x["workers"] == w and x.get("alone")
+                              and x.get("malloc", "default") == "default"), None)
                     share = j["samples_per_s"] / t["samples_per_s"]  # (1/t) / (1/j)
                     added = "—" if a is None else f"{100 * (1 - j['samples_per_s'] / a['samples_per_s']):.1f}%"
                     lines.append(f"| {r['samples']:,} | {w} | {t['samples_per_s']:,.0f} | {t['per_core']:,.0f} | "
-                                 f"{j['samples_per_s']:,.0f} | {j['per_core']:,.0f} | "
-                                 f"{'—' if a is None else format(a['samples_per_s'], ',.0f')} | {100 * share:.1f}% | "
-                                 f"{added} |")
+                                 f"{j['samples_per_s']:,.0f} | {j['per_core']:,.0f} | {rate(a)} | {rate(d)} | "
+                                 f"{100 * share:.1f}% | {added} |")
             lines += ["", "Targets' share: a sample's time reading targets alone over its time with the JPEG too (an "
                       "upper bound: with workers it counts the DataLoader's passing of every batch, which the JPEG "
                       "pays too). Time the targets add: 1 − (JPEG alone / targets + JPEG), both in samples/s, the same "
-                      "rows in the same loader (runs without a JPEG-alone measure show —)."]
+                      "rows in the same loader (runs without a JPEG-alone measure show —). Runs with a column for "
+                      "glibc's default time every other loader with glibc's mmap threshold fixed (`FIXED_MALLOC` in the script: with glibc's "
+                      "default, a worker decoding JPEGs alone faults a fresh 6 MB block in for every image, and "
+                      "came out slower than one that also reads targets); the column beside it is the JPEG alone "
+                      "with glibc's default."]
             big = rs[-1]
             n_full, v_full, what = FULL[shape]
             w = big["write"]

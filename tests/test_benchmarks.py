@@ -193,7 +193,9 @@ def test_store_scale_measures_a_tiny_store_and_reports_the_jpeg_comparator(tmp_p
     assert len({x["samples"] for x in loaders}) == 1 and loaders[0]["samples"] > 0
     res = {"shape": "imagenet", "samples": 300, "views": 0, "machine": "test", "cores": 2, "commit": "abc1234",
            "write": w, "open": script["phase_open"](path), "inspect": {"seconds": 0.1}, "verify": {"seconds": 0.2,
-           "peak_mb": 1.0}, "loader": [{**x, "workers": k} for k in (0, 1, 2) for x in loaders]}
+           "peak_mb": 1.0}, "loader": [{**x, "workers": k, "malloc": "fixed"} for k in (0, 1, 2) for x in loaders]}
+    # the JPEG alone with glibc's default malloc: a column of its own, not the comparator
+    res["loader"] += [{**loaders[2], "workers": k, "malloc": "default", "samples_per_s": 1.5} for k in (0, 1, 2)]
     out = tmp_path / "results"
     out.mkdir()
     (out / "imagenet-300-v0.json").write_text(_json.dumps(res))
@@ -203,3 +205,4 @@ def test_store_scale_measures_a_tiny_store_and_reports_the_jpeg_comparator(tmp_p
     a, j = loaders[2]["samples_per_s"], loaders[1]["samples_per_s"]
     assert f"| {a:,.0f} | " in table and f"| {100 * (1 - j / a):.1f}% |" in table
     assert "JPEG alone samples/s" in table and "commit(s) abc1234" in table
+    assert f"| {a:,.0f} | 2 | " in table  # each worker count's row: the fixed JPEG alone, then glibc's default
