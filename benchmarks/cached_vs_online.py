@@ -4,8 +4,13 @@ every crop? Paired by seed, on a budget where the CE baseline has levelled off (
     python benchmarks/cached_vs_online.py --task classification [--teacher RUN] [--seeds 0,1,2,3,4]
     python benchmarks/cached_vs_online.py --task segmentation [--teacher RUN] [--seeds 0,1,2,3,4]
 
-Phases (``--phase``, comma-separated; the state file in ``--out`` keeps what each one measured, so
-a cut-short run goes on where it stopped):
+Phases (``--phase``, comma-separated; the state file keeps what each one measured, so a cut-short
+run goes on where it stopped). The state file lies beside the results file
+(``benchmarks/results/cached-vs-online-<task>-<cpu|gpu>.json``) and is committed with it: the
+working folder (``--out``: the teacher, the stores, the runs) may be lost between sittings, and a
+later sitting retrains the teacher (the recipe is seeded; the state keeps a fingerprint of its
+weights and refuses a teacher that differs), rebuilds the stores and trains only the runs the
+state lacks:
 
 * ``teacher``: the task's teacher recipe (skipped with ``--teacher RUN``, a run trained with it);
 * ``caches``: two caches of the training split, each built once (a rerun builds what is missing):
@@ -34,6 +39,7 @@ the commit it ran at. Writes ``benchmarks/results/cached-vs-online-<task>-<cpu|g
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import statistics
@@ -100,6 +106,22 @@ READS = {"whole image": ("whole image", {}), "whole image, bilinear": ("whole im
          "schedule": ("schedule", {})}
 
 
+def tune_keys() -> dict[str, tuple[str, float, int]]:
+    """The tune phase's runs: their state keys and (method, T, seed)."""
+    return {f"{m} T={T:g} seed {sd}": (m, T, sd) for m in METHODS for T in TEMPERATURES for sd in TUNE_SEEDS}
+
+
+def student_plan(task: dict) -> dict[str, tuple[str, str | None, bool, dict]]:
+    """Each student arm: (the store it reads, its method, whether the teacher runs live, its options)."""
+    plan = {"CE": (FORMS["whole image"], None, False, {})}
+    for m in METHODS:
+        for form in task["forms"]:
+            store, extra = READS[form]
+            plan[f"{m.upper()} {form}"] = (FORMS[store], m, False, extra)
+        plan[f"{m.upper()} online"] = (FORMS["schedule"], m, True, {})
+    return plan
+
+
 def arm_names(task_name: str) -> list[str]:
     forms = TASKS[task_name]["forms"]
     return ["CE"] + [f"{m.upper()} {form}" for m in METHODS for form in (*forms, "online")]
@@ -147,6 +169,17 @@ def test_score(task: dict, run: Path) -> dict:
     return {"score": m[task["score"]], "num_samples": len(ds)}
 
 
+def weights_fingerprint(run: Path) -> str:
+    """sha256 of a run's best weights, tensor by tensor in name order (the checkpoint file's other
+    contents, such as the epoch or the optimiser, do not enter)."""
+    sd = open_weights(str(run)).contents["state_dict"]
+    h = hashlib.sha256()
+    for name in sorted(sd):
+        h.update(name.encode())
+        h.update(sd[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def paired(xs: list[float]) -> dict:
     n = len(xs)
     mean = statistics.mean(xs)
@@ -162,15 +195,17 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--out", default=None, help="working folder (default runs/cached-vs-online-<task>)")
     ap.add_argument("--teacher", default=None, help="a teacher run trained with the task's recipe")
+    ap.add_argument("--state", default=None, help="the state file (default: beside the results file)")
     args = ap.parse_args()
     task = TASKS[args.task]
     seeds = [int(s) for s in args.seeds.split(",")]
     phases = set(args.phase.split(","))
     out = Path(args.out or f"runs/cached-vs-online-{args.task}")
     out.mkdir(parents=True, exist_ok=True)
-    state_path = out / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
     device = resolve_device("auto")
+    results = Path(__file__).parent / "results" / f"cached-vs-online-{args.task}-{'gpu' if device.type == 'cuda' else 'cpu'}.md"
+    state_path = Path(args.state) if args.state else results.with_suffix(".json")
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
     state["machine"] = device_name(device)
     state.setdefault("commits", [])
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -178,7 +213,6 @@ def main() -> None:
     if head and head not in state["commits"]:
         state["commits"].append(head)
     teacher = Path(args.teacher) if args.teacher else out / "teacher"
-    results = Path(__file__).parent / "results" / f"cached-vs-online-{args.task}-{'gpu' if device.type == 'cuda' else 'cpu'}.md"
 
     def save():
         state_path.write_text(json.dumps(state, indent=2))
@@ -189,13 +223,26 @@ def main() -> None:
         train(TrainConfig(out=str(teacher), **task["teacher"]), overwrite=True, show_progress=False)
         state["teacher_seconds"] = time.perf_counter() - t0
     if "caches" in phases:
-        state["teacher"] = {**test_score(task, teacher), "run": str(teacher)}
+        fingerprint = weights_fingerprint(teacher)
+        known = state.get("teacher", {}).get("weights_sha256")
+        if known and known != fingerprint:
+            raise SystemExit(f"error: the teacher in {teacher} is not the one {state_path} was measured with (its weights "
+                             f"differ); train it with the task's recipe on this machine, or start a new state with --state")
+        state["teacher"] = {**test_score(task, teacher), "run": str(teacher), "weights_sha256": fingerprint}
         epochs = task["student"]["epochs"]
         aug = {k: task["student"][k] for k in ("crop", "scale", "crop_area", "hflip") if k in task["student"]}
         caches = state.setdefault("caches", {})
+        needed = {FORMS["whole image"]}  # CE reads it; small and quick
+        if "tune" in phases and any(k not in state.get("tune", {}) for k in tune_keys()):
+            needed.add(FORMS["schedule"])
+        if "students" in phases:
+            needed |= {store for arm, (store, *_rest) in student_plan(task).items()
+                       if any(str(sd) not in state.get("students", {}).get(arm, {}) for sd in seeds)}
         for form, name in FORMS.items():
-            if form in caches and (out / name).exists():
+            if (form in caches or name not in needed) and (out / name).exists():
                 continue  # built already (a rerun of the phase builds only what is missing)
+            if name not in needed:
+                continue  # no run still to train reads it (a later sitting need not build it again)
             extra = {"schedule_epochs": epochs, "schedules": max(seeds) + 1, **aug} if form == "schedule" else {}
             t0 = time.perf_counter()
             build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(out / name), split="train",
@@ -208,29 +255,24 @@ def main() -> None:
         save()
     if "tune" in phases:
         tune = state.setdefault("tune", {})
-        for method in METHODS:
-            for T in TEMPERATURES:
-                for seed in TUNE_SEEDS:
-                    key = f"{method} T={T:g} seed {seed}"
-                    if key not in tune:
-                        tune[key] = student(task, out / FORMS["schedule"], out / f"tune-{method}-T{T:g}-s{seed}", seed,
-                                            method, T)["val"]
-                        save()
-                        print(key, tune[key], flush=True)
+        for key, (method, T, seed) in tune_keys().items():
+            if key not in tune:
+                tune[key] = student(task, out / FORMS["schedule"], out / f"tune-{method}-T{T:g}-s{seed}", seed,
+                                    method, T)["val"]
+                save()
+                print(key, tune[key], flush=True)
         state["temperature"] = {m: max(TEMPERATURES, key=lambda T: (statistics.mean(
             tune[f"{m} T={T:g} seed {s}"] for s in TUNE_SEEDS), -T)) for m in METHODS}
         save()
     if "students" in phases:
         temps = state["temperature"]
         runs = state.setdefault("students", {})
-        plan = {"CE": (FORMS["whole image"], None, False, {})}
-        for m in METHODS:
-            for form in task["forms"]:
-                store, extra = READS[form]
-                plan[f"{m.upper()} {form}"] = (FORMS[store], m, False, extra)
-            plan[f"{m.upper()} online"] = (FORMS["schedule"], m, True, {})
-        for seed in seeds:
-            for arm, (cache, method, online, extra) in plan.items():
+        plan = student_plan(task)
+        # the arms that read the schedule first, for every seed: a later sitting that has lost the
+        # working folder then need not rebuild the schedule store for the rest
+        order = sorted(plan.items(), key=lambda a: a[1][0] != FORMS["schedule"])
+        for arm, (cache, method, online, extra) in order:
+            for seed in seeds:
                 if str(seed) in runs.get(arm, {}):
                     continue
                 run = out / f"s{seed}-{arm.lower().replace(', ', '-').replace(' ', '-')}"

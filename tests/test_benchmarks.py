@@ -105,7 +105,9 @@ def test_cached_vs_online_pairs_seeds_and_reports_every_arm(task_name, tmp_path,
     monkeypatch.setattr(sys, "argv", ["cached_vs_online.py", "--task", task_name, "--seeds", "0,1",
                                       "--out", str(tmp_path / "work")])
     script["main"]()
-    state = __import__("json").loads((tmp_path / "work" / "state.json").read_text())
+    state_file = results / "x" / "results" / f"cached-vs-online-{task_name}-cpu.json"  # beside the results file
+    state = __import__("json").loads(state_file.read_text())
+    assert len(state["teacher"]["weights_sha256"]) == 64
     assert set(state["students"]) == set(script["arm_names"](task_name))
     assert all(set(r) == {"0", "1"} for r in state["students"].values())
     assert state["caches"]["schedule"]["epochs"] == 2 and state["caches"]["schedule"]["schedules"] == 2
@@ -127,8 +129,20 @@ def test_cached_vs_online_pairs_seeds_and_reports_every_arm(task_name, tmp_path,
     monkeypatch.setattr(sys, "argv", ["cached_vs_online.py", "--task", task_name, "--seeds", "0,1", "--phase", "caches",
                                       "--out", str(tmp_path / "work")])
     script["main"]()
-    again = __import__("json").loads((tmp_path / "work" / "state.json").read_text())
+    again = __import__("json").loads(state_file.read_text())
     assert again["caches"] == state["caches"]
+    # a later sitting that lost the working folder: every run is in the state, so the caches phase
+    # builds only the whole-image store (CE's), not the schedule no run still needs
+    import shutil
+    shutil.rmtree(tmp_path / "work" / "schedule.zarr")
+    script["main"]()
+    assert not (tmp_path / "work" / "schedule.zarr").exists()
+    # a teacher other than the one the state was measured with is refused, and the state kept
+    again["teacher"]["weights_sha256"] = "0" * 64
+    state_file.write_text(__import__("json").dumps(again))
+    with pytest.raises(SystemExit, match="error: the teacher in .* is not the one .* was measured with"):
+        script["main"]()
+    assert __import__("json").loads(state_file.read_text())["students"] == state["students"]
 
 
 def test_weak_teacher_runs_every_arm_and_reports_the_weak_class(tmp_path, monkeypatch):
