@@ -300,6 +300,8 @@ def write_report(task_name: str, state: dict, path: Path) -> None:
              f"{s['epochs']} epochs, batch {s['batch_size']}, every arm with the same data, steps and crops; teacher "
              f"`{task['teacher']['model']}` ({task['teacher']['epochs']} epochs), top-{task['topk']} + tail caches. "
              f"Checkpoints chosen on val; scores on {task['test_size']} test images.", ""]
+    for note in state.get("notes", []):  # what a reader must know of the run's history, kept in the state
+        lines += [note, ""]
     if "teacher" in state:
         lines += [f"Teacher on test: {100 * state['teacher']['score']:.2f} {unit}.", ""]
     if "caches" in state:
