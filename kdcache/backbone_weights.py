@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import segmentation
 
 from kdcache.errors import CheckpointError
 from kdcache.model_loading import open_weights
@@ -120,6 +119,8 @@ def pretrained_backbone_file(model_name: str) -> Path:
     if getattr(builder, "__module__", "") != "kdcache.models.torchvision_models":
         raise CheckpointError(f"--pretrained covers torchvision's models; for '{model_name}' give a local encoder "
                               "file with --backbone-weights")
+    from torchvision.models import segmentation
+
     default = inspect.signature(getattr(segmentation, builder.__name__)).parameters["weights_backbone"].default
     url = default.url
     folder = Path(torch.hub.get_dir()) / "checkpoints"

@@ -4,6 +4,12 @@ Registering sets the name once: ``@METHODS.register("kl")`` on a class also sets
 ``name`` attribute, and ``@register_model`` on a function registers it under the function's own
 name (as timm's ``@register_model`` does). :func:`import_submodules` imports every module of a
 package, so adding a data set, model family or method is one new file in its package.
+
+A family whose names come from a heavy package (torchvision's builders) registers them through
+:meth:`Registry.add_loader`: the package is imported the first time a name is looked up that the
+registry does not hold yet, or the names are listed, not when kdcache is imported (a command that
+builds the built-in networks, and each DataLoader worker that is spawned, then starts seconds
+sooner).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ class Registry(Generic[T]):
         self.kind = kind
         self.error = error
         self._items: dict[str, T] = {}
+        self._loaders: list[Callable[[], None]] = []
 
     def register(self, name: str | Callable | None = None):
         """Decorator registering a class or function under ``name`` (default: its ``__name__``);
@@ -46,7 +53,17 @@ class Registry(Generic[T]):
         """Register ``obj`` under ``name`` (for factories made in a loop)."""
         self.register(name)(obj)
 
+    def add_loader(self, loader: Callable[[], None]) -> None:
+        """``loader()`` registers a family's names when first needed (see the module's note)."""
+        self._loaders.append(loader)
+
+    def _load(self) -> None:
+        while self._loaders:  # popped first: a loader may look names up itself
+            self._loaders.pop(0)()
+
     def get(self, name: str) -> T:
+        if name not in self._items:
+            self._load()
         try:
             return self._items[name]
         except KeyError:
@@ -57,12 +74,16 @@ class Registry(Generic[T]):
             ) from None
 
     def __contains__(self, name: str) -> bool:
+        if name not in self._items:
+            self._load()
         return name in self._items
 
     def names(self) -> list[str]:
+        self._load()
         return sorted(self._items)
 
     def items(self) -> list[tuple[str, T]]:
+        self._load()
         return sorted(self._items.items())
 
 

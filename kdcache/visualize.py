@@ -4,7 +4,8 @@ Each figure has a builder that returns the ``matplotlib.figure.Figure`` (tests r
 lines and images back) and a ``save_*`` function that writes it as a PNG. Figures are built
 with ``matplotlib.figure.Figure`` directly (never through ``pyplot``), so
 no display or GUI backend is needed, the global backend is left alone and no figure stays open
-after saving. Masks are ``[H, W]`` integer class ids; images are ``[H, W, 3]`` uint8 RGB;
+after saving. matplotlib is imported by the first figure, not with kdcache (a second of every
+command's start). Masks are ``[H, W]`` integer class ids; images are ``[H, W, 3]`` uint8 RGB;
 palettes are ``[C, 3]`` uint8.
 """
 
@@ -13,13 +14,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 
 from kdcache.metrics import per_image_iou
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
 __all__ = [
     "colorize",
@@ -138,6 +141,8 @@ def _legend_handles(
     for m in masks:
         present.update(int(v) for v in np.unique(m))
     present.discard(ignore_index)
+    from matplotlib.patches import Patch
+
     return [
         Patch(
             facecolor=palette[c] / 255.0,
@@ -148,6 +153,12 @@ def _legend_handles(
         for c in sorted(present)
         if 0 <= c < len(palette)
     ]
+
+
+def _figure(**kwargs) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
 
 
 def _prepare_path(path: str | Path) -> Path:
@@ -176,7 +187,7 @@ def _image_row(
     panel_w, panel_h = w * scale, h * scale
     extra_h = 0.6 + 0.25 * legend_rows + (0.4 if title else 0.0)
     fig_h = panel_h + extra_h
-    fig = Figure(figsize=(max(panel_w * n * 1.03, 4.0), fig_h), dpi=dpi)
+    fig = _figure(figsize=(max(panel_w * n * 1.03, 4.0), fig_h), dpi=dpi)
     axes = fig.subplots(1, n, squeeze=False)[0]
     for ax, (name, arr) in zip(axes, panels, strict=True):
         ax.imshow(arr, interpolation="nearest")
@@ -302,7 +313,7 @@ def iou_histogram_figure(
     """
     vals = np.asarray(list(ious), dtype=np.float64)
     vals = vals[~np.isnan(vals)]
-    fig = Figure(figsize=(6.0, 4.0), dpi=dpi)
+    fig = _figure(figsize=(6.0, 4.0), dpi=dpi)
     ax = fig.subplots()
     if vals.size:
         ax.hist(vals, bins=np.linspace(0.0, 1.0, bins + 1), color="#4c72b0", edgecolor="white")
@@ -355,7 +366,7 @@ def per_class_bars_figure(
     width = 0.8 / n_runs
     x = np.arange(n_cls)
     fig_w = min(max(6.0, 0.25 * n_cls * max(1.0, 0.6 * n_runs) + 1.5), 60.0)
-    fig = Figure(figsize=(fig_w, 4.5), dpi=dpi)
+    fig = _figure(figsize=(fig_w, 4.5), dpi=dpi)
     ax = fig.subplots()
     for i, (name, vals) in enumerate(data.items()):
         pos = x - 0.4 + width * (i + 0.5)
@@ -415,7 +426,7 @@ def confusion_matrix_figure(matrix: Any, class_names: Sequence[str], title: str 
     with np.errstate(invalid="ignore", divide="ignore"):
         share = np.where(totals > 0, m / np.maximum(totals, 1), np.nan)
     side = min(max(4.0, 0.45 * n + 2.0), 40.0)
-    fig = Figure(figsize=(side + 1.2, side), dpi=dpi)
+    fig = _figure(figsize=(side + 1.2, side), dpi=dpi)
     ax = fig.subplots()
     im = ax.imshow(share * 100, cmap="Blues", vmin=0, vmax=100, interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="% of the true class")
@@ -452,7 +463,7 @@ def class_examples_figure(images: Sequence[np.ndarray], captions: Sequence[Seque
         raise ValueError("give one caption (a list of lines) per image, and at least one image")
     n = len(images)
     lines = max(len(c) for c in captions)
-    fig = Figure(figsize=(max(2.2 * n, 4.0), 2.4 + 0.22 * lines + (0.4 if title else 0)), dpi=dpi)
+    fig = _figure(figsize=(max(2.2 * n, 4.0), 2.4 + 0.22 * lines + (0.4 if title else 0)), dpi=dpi)
     axes = fig.subplots(1, n, squeeze=False)[0]
     for ax, image, caption in zip(axes, images, captions):
         ax.imshow(_check_image(image), interpolation="nearest")
@@ -481,7 +492,7 @@ def training_curves_figure(records: Sequence[Mapping[str, Any]], terms: Sequence
     if not epochs:
         raise ValueError("no epoch records to plot")
     x = [r["epoch"] + 1 for r in epochs]
-    fig = Figure(figsize=(10, 4), dpi=dpi)
+    fig = _figure(figsize=(10, 4), dpi=dpi)
     ax_l, ax_m = fig.subplots(1, 2)
     for k in terms:
         ys = [r.get(k, float("nan")) for r in epochs]

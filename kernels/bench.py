@@ -22,7 +22,6 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch._dynamo
 import torch.nn.functional as F
 
 from kdcache.errors import KDCacheError
@@ -124,6 +123,8 @@ def bench_case(N: int, C: int, spatial: tuple, k: int, *, device: torch.device, 
     if compile_backend:
         # a fresh compilation per case: dynamo's cache of eager_loss holds 8 shapes at most and past
         # that silently runs it eagerly (the full GPU and CPU lists have 14 cases)
+        import torch._dynamo  # seconds to import: only for the --compile rows
+
         torch._dynamo.reset()
         compiled = torch.compile(eager_loss, dynamic=False)
 

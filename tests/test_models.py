@@ -1,5 +1,9 @@
 """Model registry, native-stride logits, feature taps and checkpoint round trips."""
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -13,6 +17,29 @@ def test_registry_lists_torchvision_and_builtin_models():
     for n in ("fcn_resnet50", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large",
               "lraspp_mobilenet_v3_large", "demo_teacher", "demo_student"):
         assert n in names
+
+
+def test_torchvision_is_imported_when_a_name_needs_it_not_at_start_up():
+    """A command on the built-in networks starts without torchvision, torch._dynamo (which
+    torchvision's ops import) or matplotlib; looking up a torchvision name imports it and builds
+    that network, run as torchvision's own class (logits at its native stride). In a fresh
+    interpreter: this test session has imported them all already."""
+    code = textwrap.dedent("""
+        import sys
+        import torch
+        import kdcache.cli.app, kdcache.distill, kdcache.training, kdcache.cache_build
+        from kdcache.models import MODELS, build_model
+        heavy = ("torchvision", "torch._dynamo", "matplotlib")
+        assert build_model("demo_student", 3)(torch.zeros(1, 3, 32, 32)).logits.shape[1] == 3
+        assert not [m for m in heavy if m in sys.modules], [m for m in heavy if m in sys.modules]
+        assert "fcn_resnet50" in MODELS and "resnet18" in MODELS.names()
+        assert "torchvision" in sys.modules
+        out = build_model("fcn_resnet50", 5).eval()(torch.zeros(1, 3, 64, 64))
+        assert out.logits.shape == (1, 5, 8, 8), out.logits.shape
+        assert build_model("resnet18", 7)(torch.zeros(2, 3, 32, 32)).logits.shape == (2, 7, 1, 1)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_unknown_model_suggests_close_names():

@@ -2,13 +2,13 @@
 ``resnet50``, ``mobilenet_v3_small``, ``efficientnet_b0``, ``convnext_tiny``, ``regnet_y_400mf``,
 ``vit_b_16``, …), always built with ``weights=None``: nothing is downloaded. Their logits are
 ``[N, C]``; trained weights come from local files (``--weights``: a kdcache run or checkpoint, a
-``.pth`` state dict, ``.safetensors``)."""
+``.pth`` state dict, ``.safetensors``). torchvision is imported when first needed (as in
+:mod:`.torchvision_models`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import torchvision
 from torch import nn
 
 from kdcache.models.registry import MODELS
@@ -19,6 +19,8 @@ TASK = "classification"
 
 def _builder(fn_name: str) -> Callable[..., nn.Module]:
     def build(num_classes: int, **kwargs) -> nn.Module:
+        import torchvision.models
+
         return getattr(torchvision.models, fn_name)(weights=None, num_classes=num_classes, **kwargs)
 
     build.__name__ = fn_name
@@ -27,6 +29,12 @@ def _builder(fn_name: str) -> Callable[..., nn.Module]:
     return build
 
 
-for _name in sorted(torchvision.models.list_models(module=torchvision.models)):
-    if _name not in MODELS:
-        MODELS.add(_name, _builder(_name))
+def _register() -> None:
+    import torchvision.models
+
+    for name in sorted(torchvision.models.list_models(module=torchvision.models)):
+        if name not in MODELS:
+            MODELS.add(name, _builder(name))
+
+
+MODELS.add_loader(_register)

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import difflib
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import VisionTransformer
-from torchvision.models.segmentation._utils import _SimpleSegmentationModel
-from torchvision.models.segmentation.lraspp import LRASPP
 
 from kdcache.errors import ModelError
 
@@ -68,9 +66,16 @@ def fixed_input_size(net: nn.Module) -> tuple[int, int] | None:
     if (pe is not None and getattr(pe, "strict_img_size", False) and getattr(pe, "img_size", None)
             and not getattr(net, "dynamic_img_size", False)):
         return tuple(int(v) for v in pe.img_size)
-    if isinstance(net, VisionTransformer):
+    vit = _torchvision_class("torchvision.models.vision_transformer", "VisionTransformer")
+    if vit is not None and isinstance(net, vit):
         return int(net.image_size), int(net.image_size)
     return None
+
+
+def _torchvision_class(module: str, name: str) -> type | None:
+    """One of torchvision's classes if torchvision is imported, else None: a network built while
+    it was not imported is none of its classes (kdcache imports torchvision when first needed)."""
+    return getattr(sys.modules.get(module), name, None)
 
 
 def crop_to_input(t: torch.Tensor, size: tuple[int, int], padded: tuple[int, int]) -> torch.Tensor:
@@ -146,9 +151,11 @@ class SegModel(nn.Module):
     # -- forward ---------------------------------------------------------------------------
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         net = self.net
-        if isinstance(net, _SimpleSegmentationModel):
+        simple = _torchvision_class("torchvision.models.segmentation._utils", "_SimpleSegmentationModel")
+        lraspp = _torchvision_class("torchvision.models.segmentation.lraspp", "LRASPP")
+        if simple is not None and isinstance(net, simple):
             return net.classifier(net.backbone(x)["out"])
-        if isinstance(net, LRASPP):
+        if lraspp is not None and isinstance(net, lraspp):
             return net.classifier(net.backbone(x))
         return _first_tensor(net(x))
 
