@@ -27,6 +27,13 @@ state lacks:
   schedule's student, the same steps). Checkpoints chosen on val; scored on a test split
   rendered larger than the default (``TEST_SIZE`` images), every score kept in the results.
 
+Several processes may share one state and working folder (``--phase tune,students`` once the
+caches are built; ``--threads`` sets each one's torch threads): each run is claimed by an
+exclusive lock on ``<out>/claims/<run>.lock`` (released when its process ends, however it
+ends), every save merges the runs the file already holds under a lock, and the temperature is
+chosen once every tune run is in the state. Each arm's training rate is then measured beside the
+other process's work, so the rates compare only among runs made the same way.
+
 Reported: mean ± sd over seeds of the test score for every arm; for each cached arm the paired
 difference to the online student of its method (per seed, mean, sd and the 95% t interval);
 each arm against CE; CE's validation curve at each quarter of the schedule (has it levelled
@@ -39,12 +46,14 @@ the commit it ran at. Writes ``benchmarks/results/cached-vs-online-<task>-<cpu|g
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import math
 import statistics
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
@@ -188,6 +197,46 @@ def paired(xs: list[float]) -> dict:
     return {"n": n, "mean": mean, "sd": sd, "lo": mean - half, "hi": mean + half}
 
 
+def merge_state(ours: dict, theirs: dict) -> dict:
+    """``ours`` with the tune and student runs that ``theirs`` (the file as another process left it)
+    holds and ours lacks: several processes may work from one state, each adding its own runs."""
+    merged = {**theirs, **ours}
+    merged["tune"] = {**theirs.get("tune", {}), **ours.get("tune", {})}
+    merged["students"] = {arm: {**theirs.get("students", {}).get(arm, {}), **ours.get("students", {}).get(arm, {})}
+                          for arm in {*theirs.get("students", {}), *ours.get("students", {})}}
+    merged["notes"] = list(dict.fromkeys([*theirs.get("notes", []), *ours.get("notes", [])]))
+    merged["commits"] = list(dict.fromkeys([*theirs.get("commits", []), *ours.get("commits", [])]))
+    for key in ("tune", "students", "notes"):
+        if not merged[key]:
+            del merged[key]
+    return merged
+
+
+@contextmanager
+def locked(path: Path):
+    """An exclusive lock on ``path`` (a lock file beside the state), held for the block."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def claim(claims: Path, key: str):
+    """An open file holding an exclusive lock that marks the run ``key`` as this process's, or None
+    where another process holds it. The lock goes with the process, so a run whose process died
+    is free again."""
+    claims.mkdir(parents=True, exist_ok=True)
+    f = open(claims / (key.replace(" ", "-").replace("=", "").replace(",", "") + ".lock"), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", choices=sorted(TASKS), required=True)
@@ -196,7 +245,14 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="working folder (default runs/cached-vs-online-<task>)")
     ap.add_argument("--teacher", default=None, help="a teacher run trained with the task's recipe")
     ap.add_argument("--state", default=None, help="the state file (default: beside the results file)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of this process (default: torch's)")
+    ap.add_argument("--wait", type=float, default=60.0,
+                    help="seconds between looks at the state while another process finishes the tune runs")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     task = TASKS[args.task]
     seeds = [int(s) for s in args.seeds.split(",")]
     phases = set(args.phase.split(","))
@@ -214,9 +270,41 @@ def main() -> None:
         state["commits"].append(head)
     teacher = Path(args.teacher) if args.teacher else out / "teacher"
 
+    lock = state_path.with_name(state_path.name + ".lock")
+    claims = out / "claims"
+
     def save():
-        state_path.write_text(json.dumps(state, indent=2))
-        write_report(args.task, state, results)
+        nonlocal state
+        with locked(lock):
+            if state_path.exists():
+                state = merge_state(state, json.loads(state_path.read_text()))
+            tmp = state_path.with_name(state_path.name + ".tmp")
+            tmp.write_text(json.dumps(state, indent=2))
+            tmp.replace(state_path)
+            write_report(args.task, state, results)
+
+    def refresh() -> dict:
+        """Our state with what other processes have saved since."""
+        nonlocal state
+        with locked(lock):
+            if state_path.exists():
+                state = merge_state(state, json.loads(state_path.read_text()))
+        return state
+
+    def train_arm(arm: str, seed: int, cache: str, method: str | None, online: bool, extra: dict) -> dict:
+        temps = state["temperature"]
+        run = out / f"s{seed}-{arm.lower().replace(', ', '-').replace(' ', '-')}"
+        tuned = out / f"tune-{method}-T{temps.get(method, 1.0):g}-s{seed}"
+        if arm.endswith(" schedule") and finished(task, tuned):
+            # the tune run at the chosen T is this arm's run: the same store, seed, method and options
+            run = tuned
+            r = run_record(task, run)
+        else:
+            r = student(task, out / cache, run, seed, method, temps.get(method, 1.0), online, extra)
+        r.update(test_score(task, run))
+        state.setdefault("students", {}).setdefault(arm, {})[str(seed)] = r
+        save()
+        return r
 
     if "teacher" in phases and not args.teacher:
         t0 = time.perf_counter()
@@ -254,38 +342,36 @@ def main() -> None:
                             "images": n, **({"epochs": epochs, "schedules": max(seeds) + 1} if extra else {})}
         save()
     if "tune" in phases:
-        tune = state.setdefault("tune", {})
         for key, (method, T, seed) in tune_keys().items():
-            if key not in tune:
-                tune[key] = student(task, out / FORMS["schedule"], out / f"tune-{method}-T{T:g}-s{seed}", seed,
-                                    method, T)["val"]
+            if key in refresh().get("tune", {}) or (held := claim(claims, key)) is None:
+                continue  # measured, or being measured by another process
+            with held:
+                if key in refresh().get("tune", {}):
+                    continue  # another process finished it meanwhile
+                val = student(task, out / FORMS["schedule"], out / f"tune-{method}-T{T:g}-s{seed}", seed, method, T)["val"]
+                state.setdefault("tune", {})[key] = val
                 save()
-                print(key, tune[key], flush=True)
+            print(key, val, flush=True)
+        while any(k not in refresh().get("tune", {}) for k in tune_keys()):
+            time.sleep(args.wait)  # another process is still measuring a temperature
+        tune = state["tune"]
         state["temperature"] = {m: max(TEMPERATURES, key=lambda T: (statistics.mean(
             tune[f"{m} T={T:g} seed {s}"] for s in TUNE_SEEDS), -T)) for m in METHODS}
         save()
     if "students" in phases:
-        temps = state["temperature"]
-        runs = state.setdefault("students", {})
         plan = student_plan(task)
         # the arms that read the schedule first, for every seed: a later sitting that has lost the
         # working folder then need not rebuild the schedule store for the rest
         order = sorted(plan.items(), key=lambda a: a[1][0] != FORMS["schedule"])
         for arm, (cache, method, online, extra) in order:
             for seed in seeds:
-                if str(seed) in runs.get(arm, {}):
-                    continue
-                run = out / f"s{seed}-{arm.lower().replace(', ', '-').replace(' ', '-')}"
-                tuned = out / f"tune-{method}-T{temps.get(method, 1.0):g}-s{seed}"
-                if arm.endswith(" schedule") and finished(task, tuned):
-                    # the tune run at the chosen T is this arm's run: the same store, seed, method and options
-                    run = tuned
-                    r = run_record(task, run)
-                else:
-                    r = student(task, out / cache, run, seed, method, temps.get(method, 1.0), online, extra)
-                r.update(test_score(task, run))
-                runs.setdefault(arm, {})[str(seed)] = r
-                save()
+                key = f"{arm} seed {seed}"
+                if str(seed) in refresh().get("students", {}).get(arm, {}) or (held := claim(claims, key)) is None:
+                    continue  # trained, or being trained by another process
+                with held:
+                    if str(seed) in refresh().get("students", {}).get(arm, {}):
+                        continue  # another process finished it meanwhile
+                    r = train_arm(arm, seed, cache, method, online, extra)
                 print(arm, seed, {k: v for k, v in r.items() if k != "val_curve"}, flush=True)
     save()
 

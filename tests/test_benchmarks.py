@@ -143,6 +143,37 @@ def test_cached_vs_online_pairs_seeds_and_reports_every_arm(task_name, tmp_path,
     with pytest.raises(SystemExit, match="error: the teacher in .* is not the one .* was measured with"):
         script["main"]()
     assert __import__("json").loads(state_file.read_text())["students"] == state["students"]
+    # several processes share one state: a run another process holds is left to it, and runs
+    # another process saved meanwhile are kept when this one saves
+    state_file.write_text(__import__("json").dumps({**state, "students": {
+        arm: {sd: r for sd, r in runs.items() if (arm, sd) != ("CE", "1")} for arm, runs in state["students"].items()}}))
+    other = script["claim"](tmp_path / "work" / "claims", "CE seed 1")  # as another process would hold it
+    assert other is not None and script["claim"](tmp_path / "work" / "claims", "CE seed 1") is None
+    shutil.rmtree(tmp_path / "work" / "s1-ce")
+    monkeypatch.setattr(sys, "argv", ["cached_vs_online.py", "--task", task_name, "--seeds", "0,1", "--phase", "students",
+                                      "--out", str(tmp_path / "work")])
+    script["main"]()
+    assert not (tmp_path / "work" / "s1-ce").exists()
+    assert "1" not in __import__("json").loads(state_file.read_text())["students"]["CE"]
+    other.close()  # its process ended: the run is free, and the next process trains it
+    script["main"]()
+    assert (tmp_path / "work" / "s1-ce" / "best.pt").exists()
+    assert __import__("json").loads(state_file.read_text())["students"]["CE"]["1"]["num_samples"] == test_size
+
+
+def test_cached_vs_online_merges_the_runs_of_processes_that_share_a_state():
+    """Each process adds its own runs; a save keeps the other's (tune values, student seeds per
+    arm, notes and commits in order, once each), and this process's own keys win."""
+    merge = runpy.run_path(str(BENCH / "cached_vs_online.py"), run_name="cvo")["merge_state"]
+    theirs = {"machine": "a", "commits": ["c1"], "tune": {"kl T=1 seed 0": 0.5},
+              "students": {"CE": {"0": {"score": 0.4}}, "KL online": {"1": {"score": 0.3}}}, "notes": ["n1"]}
+    ours = {"machine": "b", "commits": ["c1", "c2"], "tune": {"kl T=2 seed 0": 0.6}, "temperature": {"kl": 2.0},
+            "students": {"CE": {"1": {"score": 0.45}}}, "notes": ["n1", "n2"]}
+    m = merge(ours, theirs)
+    assert m["machine"] == "b" and m["temperature"] == {"kl": 2.0} and m["commits"] == ["c1", "c2"]
+    assert m["tune"] == {"kl T=1 seed 0": 0.5, "kl T=2 seed 0": 0.6} and m["notes"] == ["n1", "n2"]
+    assert m["students"] == {"CE": {"0": {"score": 0.4}, "1": {"score": 0.45}}, "KL online": {"1": {"score": 0.3}}}
+    assert "tune" not in merge({"commits": []}, {"commits": []})  # nothing invented
 
 
 def test_weak_teacher_runs_every_arm_and_reports_the_weak_class(tmp_path, monkeypatch):
