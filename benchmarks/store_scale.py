@@ -4,6 +4,7 @@ generator of teacher outputs (no teacher, no network: the store alone is measure
     python benchmarks/store_scale.py --shape imagenet --samples 10000,100000,1000000
     python benchmarks/store_scale.py --shape imagenet --samples 10000,100000 --views 10
     python benchmarks/store_scale.py --shape cityscapes --samples 2975,23473
+    python benchmarks/store_scale.py --shape cityscapes --samples 2975 --codec blosc-zstd,blosc-lz4
     python benchmarks/store_scale.py --report          # the tables, from every JSON written
 
 * **imagenet**: C = 1000, k = 10, the classifier's logits (1 x 1 map), optionally V stored
@@ -17,7 +18,9 @@ the build (kdcache's writer: ``prepare_store``, ``encode_batch``, ``ShardWriter`
 store for training (the store, its ids and done flags), ``inspect-cache``, ``verify-cache``, and
 the training loader (``CacheStream`` through a DataLoader with 0, 1 and 2 workers, targets
 only, with a JPEG decode + augment of the data set's size, and that JPEG alone with no targets).
-Writes one JSON per shape, size and views under ``benchmarks/results/store-scale/`` and, with ``--report``, the tables of
+``--codec`` names the stores' codec (default: kdcache's, ``blosc-zstd``); with several, each size is
+measured with each codec in turn, side by side in one run. Writes one JSON per shape, size, views
+and codec under ``benchmarks/results/store-scale/`` and, with ``--report``, the tables of
 ``benchmarks/results/store-scale-cpu.md``: each measure per sample at every size (is it flat, linear
 or worse?), and the cost of a full ImageNet-1k store with 100 views and of Cityscapes with
 train_extra, from the measured per-sample costs.
@@ -60,8 +63,8 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def schema_for(shape: str, n: int, views: int):
-    from kdcache.store.schema import CacheSchema
+def schema_for(shape: str, n: int, views: int, codec: str | None = None):
+    from kdcache.store.schema import DEFAULT_CODEC, CacheSchema
 
     s = SHAPES[shape]
     ids = [f"img_{i:08d}" for i in range(n)]
@@ -74,7 +77,8 @@ def schema_for(shape: str, n: int, views: int):
         class_names=[f"c{i}" for i in range(s["C"])], k=s["k"], input_size=s["input"], map_size=s["map"],
         feature_shapes=s["features"], features=tuple(s["features"]), views=view_meta,
         teacher={"model": "synthetic", "params": 0, "weights_sha256": "0" * 64}, dataset={"name": f"{shape}-like", "split": "train"},
-        ids=ids, hashes=hashes, classification={"targets": "logits"} if shape == "imagenet" else None)
+        ids=ids, hashes=hashes, classification={"targets": "logits"} if shape == "imagenet" else None,
+        codec=codec or DEFAULT_CODEC)
     return schema, ids, hashes
 
 
@@ -105,11 +109,11 @@ def teacher_batch(shape: str, rng, rows: list[int], views: int):
 # -- phases, each in its own process ------------------------------------------------------------
 
 
-def phase_write(shape: str, n: int, views: int, path: Path) -> dict:
+def phase_write(shape: str, n: int, views: int, path: Path, codec: str | None = None) -> dict:
     from kdcache.store import location
     from kdcache.store.writer import ShardWriter, encode_batch, open_for_writing, prepare_store
 
-    schema, ids, hashes = schema_for(shape, n, views)
+    schema, ids, hashes = schema_for(shape, n, views, codec)
     location.remove_tree(path)
     t0 = time.perf_counter()
     prepare_store(path, schema, ids, hashes, overwrite=False)
@@ -274,13 +278,27 @@ def run_phase(*args: str, env: dict | None = None) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def measure(shape: str, n: int, views: int, root: Path) -> dict:
-    path = root / f"{shape}-{n}-v{views}.zarr"
-    res = {"shape": shape, "samples": n, "views": views, "machine": platform.processor() or platform.machine(),
+def codec_of(run: dict) -> str:
+    """A run's codec (runs written before ``--codec`` existed used the default)."""
+    from kdcache.store.schema import DEFAULT_CODEC
+
+    return run.get("codec", DEFAULT_CODEC)
+
+
+def result_name(shape: str, n: int, views: int, codec: str) -> str:
+    from kdcache.store.schema import DEFAULT_CODEC
+
+    return f"{shape}-{n}-v{views}" + ("" if codec == DEFAULT_CODEC else f"-{codec}") + ".json"
+
+
+def measure(shape: str, n: int, views: int, root: Path, codec: str) -> dict:
+    path = root / f"{shape}-{n}-v{views}-{codec}.zarr"
+    res = {"shape": shape, "samples": n, "views": views, "codec": codec,
+           "machine": platform.processor() or platform.machine(),
            "cores": os.cpu_count(), "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                                                              capture_output=True, text=True).stdout.strip()}
-    print(f"{shape} n={n} views={views}: write", flush=True)
-    res["write"] = run_phase("write", shape, str(n), str(views), str(path))
+    print(f"{shape} n={n} views={views} codec={codec}: write", flush=True)
+    res["write"] = run_phase("write", shape, str(n), str(views), str(path), codec)
     for phase in ("open", "inspect", "verify"):
         print(f"  {phase}", flush=True)
         res[phase] = run_phase(phase, shape, str(n), str(views), str(path))
@@ -317,14 +335,18 @@ def report(out: Path) -> None:
     lines = ["# The store as it grows", "",
              "Written by `benchmarks/store_scale.py` (settings fixed before its first run; each run names its commit "
              "below). Stores built from seeded teacher outputs by kdcache's own writer; each phase in a process of "
-             "its own, one thread (`OMP_NUM_THREADS=1`). Loader: `CacheStream` reading the logits (a store with views: the views) through a "
+             "its own, one thread (`OMP_NUM_THREADS=1`), with kdcache's default codec (blosc-zstd) where a heading names no other. Loader: `CacheStream` reading the logits (a store with views: the views) through a "
              "DataLoader in batches; 'targets + JPEG' adds one JPEG of the data set's size decoded and augmented per sample.", ""]
+    from kdcache.store.schema import DEFAULT_CODEC
+
     for shape in SHAPES:
-        for views in sorted({r["views"] for r in runs if r["shape"] == shape}):
-            rs = sorted((r for r in runs if r["shape"] == shape and r["views"] == views), key=lambda r: r["samples"])
-            if not rs:
-                continue
-            head = f"## {shape}-like" + (f", {views} stored views per sample" if views else "")
+        groups = sorted({(r["views"], codec_of(r)) for r in runs if r["shape"] == shape},
+                        key=lambda g: (g[0], g[1] != DEFAULT_CODEC, g[1]))
+        for views, codec in groups:
+            rs = sorted((r for r in runs if r["shape"] == shape and r["views"] == views and codec_of(r) == codec),
+                        key=lambda r: r["samples"])
+            head = (f"## {shape}-like" + (f", {views} stored views per sample" if views else "")
+                    + ("" if codec == DEFAULT_CODEC else f", codec {codec}"))
             lines += [head, "", f"Machine: {rs[0]['machine']}, {rs[0]['cores']} cores; commit(s) "
                       f"{', '.join(sorted({r['commit'] for r in rs}))}.", ""]
             cols = ["samples", "write samples/s", "write MB/s", "B / sample on disk", "map B / sample"]
@@ -407,6 +429,8 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES))
     ap.add_argument("--samples", default="10000")
     ap.add_argument("--views", type=int, default=0)
+    ap.add_argument("--codec", default=None, help="the stores' codec, or several separated by commas "
+                    "(default: kdcache's default codec)")
     ap.add_argument("--root", default=None, help="where the stores are built (default: a temporary folder)")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "store-scale-cpu.md"))
@@ -415,7 +439,8 @@ def main() -> None:
     if args.phase:
         phase, shape, n, views, path, *rest = args.phase
         path = Path(path)
-        result = {"write": lambda: phase_write(shape, int(n), int(views), path), "open": lambda: phase_open(path),
+        result = {"write": lambda: phase_write(shape, int(n), int(views), path, *rest),
+                  "open": lambda: phase_open(path),
                   "inspect": lambda: phase_inspect(path), "verify": lambda: phase_verify(path),
                   "loader": lambda: phase_loader(shape, path, int(rest[0]), bool(int(rest[1])),
                                                  bool(int(rest[2])))}[phase]()
@@ -428,9 +453,16 @@ def main() -> None:
         ap.error("give --shape (or --report)")
     root = Path(args.root) if args.root else Path(__import__("tempfile").mkdtemp(prefix="store-scale-"))
     OUT.mkdir(parents=True, exist_ok=True)
+    from kdcache.store.schema import CODECS, DEFAULT_CODEC
+
+    codecs = args.codec.split(",") if args.codec else [DEFAULT_CODEC]
+    unknown = [c for c in codecs if c not in CODECS]
+    if unknown:
+        ap.error(f"unknown codec {unknown[0]!r}; choose from {', '.join(CODECS)}")
     for n in (int(x) for x in args.samples.split(",")):
-        res = measure(args.shape, n, args.views, root)
-        (OUT / f"{args.shape}-{n}-v{args.views}.json").write_text(json.dumps(res, indent=1))
+        for codec in codecs:
+            res = measure(args.shape, n, args.views, root, codec)
+            (OUT / result_name(args.shape, n, args.views, codec)).write_text(json.dumps(res, indent=1))
     report(Path(args.out))
 
 

@@ -251,3 +251,22 @@ def test_store_scale_measures_a_tiny_store_and_reports_the_jpeg_comparator(tmp_p
     assert f"| {a:,.0f} | " in table and f"| {100 * (1 - j / a):.1f}% |" in table
     assert "JPEG alone samples/s" in table and "commit(s) abc1234" in table
     assert f"| {a:,.0f} | 2 | " in table  # each worker count's row: the fixed JPEG alone, then glibc's default
+
+    # --codec: a store written with another codec holds the same targets, and its runs get a part of their own
+    import numpy as np
+
+    lz4 = script["phase_write"]("imagenet", 300, 0, tmp_path / "lz4.zarr", "blosc-lz4")
+    from kdcache.store import CacheStore
+
+    a_store, b_store = CacheStore(path), CacheStore(tmp_path / "lz4.zarr")
+    assert (a_store.schema.meta["codec"], b_store.schema.meta["codec"]) == ("blosc-zstd", "blosc-lz4")
+    for x, y in zip(a_store.read_block(0, 300), b_store.read_block(0, 300)):
+        assert x.keys() == y.keys() and all(np.array_equal(np.asarray(x[k]), np.asarray(y[k])) for k in x)
+    assert lz4["bytes_per_sample"] != w["bytes_per_sample"]
+    (out / "imagenet-300-v0-blosc-lz4.json").write_text(_json.dumps({**res, "codec": "blosc-lz4", "write": lz4}))
+    script["report"](tmp_path / "table.md")
+    table = (tmp_path / "table.md").read_text()
+    assert table.index("## imagenet-like\n") < table.index("## imagenet-like, codec blosc-lz4\n")
+    assert f"| {lz4['bytes_per_sample']:,.1f} |" in table.split("codec blosc-lz4")[1]
+    assert script["result_name"]("imagenet", 300, 0, "blosc-lz4") == "imagenet-300-v0-blosc-lz4.json"
+    assert script["result_name"]("imagenet", 300, 0, "blosc-zstd") == "imagenet-300-v0.json"
