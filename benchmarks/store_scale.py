@@ -285,15 +285,19 @@ def codec_of(run: dict) -> str:
     return run.get("codec", DEFAULT_CODEC)
 
 
-def result_name(shape: str, n: int, views: int, codec: str) -> str:
+def result_name(shape: str, n: int, views: int, codec: str, side_by_side: bool = False) -> str:
+    """The JSON of one measurement; several codecs measured in one run are named apart from the growth
+    runs, so that each comparison keeps its own (one run, one machine state) numbers."""
     from kdcache.store.schema import DEFAULT_CODEC
 
+    if side_by_side:
+        return f"{shape}-{n}-v{views}-codecs-{codec}.json"
     return f"{shape}-{n}-v{views}" + ("" if codec == DEFAULT_CODEC else f"-{codec}") + ".json"
 
 
-def measure(shape: str, n: int, views: int, root: Path, codec: str) -> dict:
+def measure(shape: str, n: int, views: int, root: Path, codec: str, side_by_side: list[str] | None = None) -> dict:
     path = root / f"{shape}-{n}-v{views}-{codec}.zarr"
-    res = {"shape": shape, "samples": n, "views": views, "codec": codec,
+    res = {"shape": shape, "samples": n, "views": views, "codec": codec, "side_by_side": side_by_side,
            "machine": platform.processor() or platform.machine(),
            "cores": os.cpu_count(), "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                                                              capture_output=True, text=True).stdout.strip()}
@@ -331,7 +335,8 @@ def growth(xs: list[float], ns: list[int]) -> str:
 
 
 def report(out: Path) -> None:
-    runs = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
+    every = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
+    runs = [r for r in every if not r.get("side_by_side")]
     lines = ["# The store as it grows", "",
              "Written by `benchmarks/store_scale.py` (settings fixed before its first run; each run names its commit "
              "below). Stores built from seeded teacher outputs by kdcache's own writer; each phase in a process of "
@@ -420,8 +425,47 @@ def report(out: Path) -> None:
                       f"{total / 1e9:,.1f} GB on disk, {rows_full / rate / 3600:,.2f} h of writing on one core "
                       f"(the store's share; the teacher's forwards come on top), and targets read at "
                       f"{t0['samples_per_s']:,.0f} samples/s per core.", ""]
+    lines += codec_comparison([r for r in every if r.get("side_by_side")])
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def codec_comparison(runs: list[dict]) -> list[str]:
+    """Codecs measured side by side in one run (``--codec a,b``): per store size, each codec's bytes,
+    write rate and the training loader's rate and share."""
+    lines = []
+    for key in sorted({(r["shape"], r["views"], r["samples"]) for r in runs}):
+        rs = [r for r in runs if (r["shape"], r["views"], r["samples"]) == key]
+        rs.sort(key=lambda r: r["side_by_side"].index(codec_of(r)))
+        shape, views, n = key
+        lines += [f"## Codecs side by side: {shape}-like, {n:,} samples" + (f", {views} views" if views else ""), "",
+                  f"Machine: {rs[0]['machine']}, {rs[0]['cores']} cores; commit(s) "
+                  f"{', '.join(sorted({r['commit'] for r in rs}))}; the codecs measured one after the other in one "
+                  "run, each with every phase above. Loaders with glibc's mmap threshold fixed.", ""]
+        cols = ["codec", "B / sample on disk", "write samples/s", "verify-cache s"]
+        for w in (0, 1, 2):
+            cols += [f"targets samples/s, {w} workers", f"targets' share, {w} workers"]
+        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for r in rs:
+            row = [codec_of(r), f"{r['write']['bytes_per_sample']:,.0f}", f"{r['write']['samples_per_s']:,.0f}",
+                   f"{r['verify']['seconds']:.1f}"]
+            for w in (0, 1, 2):
+                mine = [x for x in r["loader"] if x["workers"] == w and x.get("malloc") == "fixed"]
+                t = next(x for x in mine if not x["decode"])
+                j = next(x for x in mine if x["decode"] and not x.get("alone"))
+                row += [f"{t['samples_per_s']:,.0f}", f"{100 * j['samples_per_s'] / t['samples_per_s']:.1f}%"]
+            lines.append("| " + " | ".join(row) + " |")
+        first = rs[0]
+        for r in rs[1:]:
+            t0 = [next(x for x in first["loader"] if x["workers"] == w and x.get("malloc") == "fixed"
+                       and not x["decode"])["samples_per_s"] for w in (0, 1, 2)]
+            t1 = [next(x for x in r["loader"] if x["workers"] == w and x.get("malloc") == "fixed"
+                       and not x["decode"])["samples_per_s"] for w in (0, 1, 2)]
+            lines += ["", f"{codec_of(r)} against {codec_of(first)}: "
+                      f"{r['write']['bytes_per_sample'] / first['write']['bytes_per_sample']:.2f}x the bytes, targets "
+                      "read " + ", ".join(f"{b / a:.2f}x" for a, b in zip(t0, t1)) + " as fast (0, 1, 2 workers)."]
+        lines.append("")
+    return lines
 
 
 def main() -> None:
@@ -461,8 +505,9 @@ def main() -> None:
         ap.error(f"unknown codec {unknown[0]!r}; choose from {', '.join(CODECS)}")
     for n in (int(x) for x in args.samples.split(",")):
         for codec in codecs:
-            res = measure(args.shape, n, args.views, root, codec)
-            (OUT / result_name(args.shape, n, args.views, codec)).write_text(json.dumps(res, indent=1))
+            together = codecs if len(codecs) > 1 else None
+            res = measure(args.shape, n, args.views, root, codec, together)
+            (OUT / result_name(args.shape, n, args.views, codec, bool(together))).write_text(json.dumps(res, indent=1))
     report(Path(args.out))
 
 

@@ -270,3 +270,15 @@ def test_store_scale_measures_a_tiny_store_and_reports_the_jpeg_comparator(tmp_p
     assert f"| {lz4['bytes_per_sample']:,.1f} |" in table.split("codec blosc-lz4")[1]
     assert script["result_name"]("imagenet", 300, 0, "blosc-lz4") == "imagenet-300-v0-blosc-lz4.json"
     assert script["result_name"]("imagenet", 300, 0, "blosc-zstd") == "imagenet-300-v0.json"
+    # codecs measured side by side in one run: a comparison of their own, kept out of the growth tables
+    both = ["blosc-zstd", "blosc-lz4"]
+    for codec, written in zip(both, (w, lz4)):
+        name = script["result_name"]("imagenet", 300, 0, codec, True)
+        (out / name).write_text(_json.dumps({**res, "codec": codec, "write": {**written, "samples_per_s": 7777.0},
+                                             "side_by_side": both}))
+    script["report"](tmp_path / "table.md")
+    table = (tmp_path / "table.md").read_text()
+    growth, compared = table.split("## Codecs side by side: imagenet-like, 300 samples\n")
+    assert "| 7,777 |" not in growth  # the comparison's rows are not growth rows
+    assert f"| blosc-lz4 | {lz4['bytes_per_sample']:,.0f} | 7,777 |" in compared
+    assert f"{lz4['bytes_per_sample'] / w['bytes_per_sample']:.2f}x the bytes" in compared
