@@ -10,6 +10,7 @@ import numpy as np
 import zarr
 
 from kdcache.progress import progress_bar
+from kdcache.store.finite import all_finite, count_non_finite
 from kdcache.store.location import RemoteError, sizes_of
 from kdcache.store.reader import CacheStore
 from kdcache.targets import topk_mass
@@ -158,8 +159,8 @@ def _check_sample(item: dict, C: int, map_size, flag) -> None:
     for key, a in item.items():
         if not isinstance(a, np.ndarray) or key in ("views/params",):
             continue
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
-            flag(f"{key}: {int((~np.isfinite(a)).sum())} non-finite values (missing or damaged chunk)")
+        if not all_finite(a):
+            flag(f"{key}: {count_non_finite(a)} non-finite values (missing or damaged chunk)")
     for prefix, axis in (("", 0), ("views/", 1)):
         v = item.get(f"{prefix}logits/values")
         i = item.get(f"{prefix}logits/indices")

@@ -28,6 +28,7 @@ from kdcache.checkpoint import file_sha256
 from kdcache.data import SegmentationDataset, build_dataset
 from kdcache.data.splits import limit
 from kdcache.errors import KDCacheError
+from kdcache.store.finite import nan_rows
 from kdcache.store.location import RemoteError, check_client, is_url, retrying
 from kdcache.store.schema import ATTR, FORMAT, SCHEMA_VERSION, VIEW_PARAMS, CacheSchema, decode_ids
 from kdcache.store.shards import ShardFile, fast_reader, read_whole_plain
@@ -274,7 +275,10 @@ class CacheStore:
                     partial(self._read_map, spec.path, start, stop, rows, view if schema.per_view(spec.path) else None),
                     f"{self.path.rstrip('/')}/{spec.path}", f"reading rows {start}..{stop - 1} of")
                 if finite and spec.dtype.startswith("float"):  # a lost chunk reads as the fill value, NaN
-                    lost = [r for r in rows if np.isnan(data[spec.path][r - start]).any()]
+                    block = data[spec.path]
+                    asked = np.asarray(rows) - start
+                    nan = nan_rows(block)[asked] if len(asked) == len(block) else nan_rows(block[asked])
+                    lost = [r for r, bad in zip(rows, nan) if bad]
                     if lost:
                         raise OSError(f"samples {', '.join(self.ids[r] for r in lost[:3])} read as NaN: their "
                                       "chunk is missing (lost) or was written damaged")

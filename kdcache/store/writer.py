@@ -30,6 +30,7 @@ import zarr
 
 from kdcache.errors import KDCacheError
 from kdcache.store import location
+from kdcache.store.finite import all_finite
 from kdcache.store.reader import StoreError, read_meta
 from kdcache.store.schema import ATTR, CacheSchema, encode_ids
 from kdcache.store.shards import fast_reader
@@ -169,7 +170,7 @@ def _encode(schema: CacheSchema, logits: torch.Tensor, feats: dict, ids: list[st
         cols[f"{prefix}attention/{tap}/values"] = attention_map(feats[tap]).half()
     host = {p: t.cpu().numpy() for p, t in cols.items()}
     for p, a in host.items():
-        if p.endswith("/values") and not np.isfinite(a).all():
+        if p.endswith("/values") and not all_finite(a):
             raise NonFiniteTeacher(f"'{p}' of the teacher exceeds fp16's range for some of {', '.join(ids[:10])}")
     idx_dtype = schema.stored_index_dtype
     return [{p: (a[i].astype(idx_dtype) if p.endswith("logits/indices") else a[i]) for p, a in host.items()}
