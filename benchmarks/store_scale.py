@@ -430,6 +430,12 @@ def report(out: Path) -> None:
     print("\n".join(lines))
 
 
+def loader_rate(run: dict, workers: int, decode: bool) -> float:
+    """A run's loader samples/s with glibc's mmap threshold fixed: targets alone, or targets + JPEG."""
+    return next(x for x in run["loader"] if x["workers"] == workers and x.get("malloc") == "fixed"
+                and x["decode"] == decode and not x.get("alone"))["samples_per_s"]
+
+
 def codec_comparison(runs: list[dict]) -> list[str]:
     """Codecs measured side by side in one run (``--codec a,b``): per store size, each codec's bytes,
     write rate and the training loader's rate and share."""
@@ -450,17 +456,13 @@ def codec_comparison(runs: list[dict]) -> list[str]:
             row = [codec_of(r), f"{r['write']['bytes_per_sample']:,.0f}", f"{r['write']['samples_per_s']:,.0f}",
                    f"{r['verify']['seconds']:.1f}"]
             for w in (0, 1, 2):
-                mine = [x for x in r["loader"] if x["workers"] == w and x.get("malloc") == "fixed"]
-                t = next(x for x in mine if not x["decode"])
-                j = next(x for x in mine if x["decode"] and not x.get("alone"))
-                row += [f"{t['samples_per_s']:,.0f}", f"{100 * j['samples_per_s'] / t['samples_per_s']:.1f}%"]
+                t, j = loader_rate(r, w, False), loader_rate(r, w, True)
+                row += [f"{t:,.0f}", f"{100 * j / t:.1f}%"]
             lines.append("| " + " | ".join(row) + " |")
         first = rs[0]
         for r in rs[1:]:
-            t0 = [next(x for x in first["loader"] if x["workers"] == w and x.get("malloc") == "fixed"
-                       and not x["decode"])["samples_per_s"] for w in (0, 1, 2)]
-            t1 = [next(x for x in r["loader"] if x["workers"] == w and x.get("malloc") == "fixed"
-                       and not x["decode"])["samples_per_s"] for w in (0, 1, 2)]
+            t0 = [loader_rate(first, w, False) for w in (0, 1, 2)]
+            t1 = [loader_rate(r, w, False) for w in (0, 1, 2)]
             lines += ["", f"{codec_of(r)} against {codec_of(first)}: "
                       f"{r['write']['bytes_per_sample'] / first['write']['bytes_per_sample']:.2f}x the bytes, targets "
                       "read " + ", ".join(f"{b / a:.2f}x" for a, b in zip(t0, t1)) + " as fast (0, 1, 2 workers)."]

@@ -15,7 +15,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
-
 # -- the longest files first, so that CI's two workers finish together -------------------------------------
 #: the test files that took longest in CI (seconds, summed over their tests; 2-core machine, 2026-11-25).
 #: `.ci/run` hands whole files to its two workers (--dist loadfile) in collection order: alphabetical,

@@ -33,10 +33,7 @@ def nan_rows(block: np.ndarray) -> np.ndarray:
 
 def all_finite(a: np.ndarray) -> bool:
     """No NaN and no infinity in a float array (any other array: True)."""
-    if a.dtype.kind != "f" or a.size == 0:
-        return True
-    bits, inf = _magnitude(a)
-    return not bool((bits >= inf).any())
+    return count_non_finite(a) == 0
 
 
 def count_non_finite(a: np.ndarray) -> int:
