@@ -12,7 +12,10 @@ GPU) on tiny shapes; the Numba kernel takes the full matrix.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -345,3 +348,13 @@ def test_bench_kernels_command_prints_the_table_and_writes_json(tmp_path):
                                   ("--markdown", tmp_path / "plain" / "k.md", "cannot create the folder")):
         r = CliRunner().invoke(app, ["bench-kernels", "--device", "cpu", option, str(path)])
         assert r.exit_code == 2 and r.output.startswith("error: ") and message in r.output, r.output
+
+
+def test_compile_numba_leaves_both_kernels_in_numbas_disk_cache():
+    """``compile_numba`` (which CI runs before the tests) compiles both kernels or loads them; the
+    next process finds both in Numba's on-disk cache and compiles nothing."""
+    code = "import json; from kdcache.kernels.api import compile_numba; print(json.dumps(compile_numba()))"
+    runs = [json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+                       .stdout.splitlines()[-1]) for _ in range(2)]
+    assert set(runs[0].values()) <= {"compiled", "cached"}, runs
+    assert runs[1] == {"spatial": "cached", "rows": "cached"}, runs
