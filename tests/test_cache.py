@@ -19,6 +19,7 @@ from cli_runner import kd
 from fake_data import make_teacher, make_voc_sizes
 from PIL import Image
 from stream_order import fix_shard_order, shard_order
+from zarr_readers import assert_every_array_plain_zarr
 
 from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.checkpoint import load_weights
@@ -139,6 +140,8 @@ def test_packed_chunks_round_trip_and_are_plain_zarr_for_zarr_python_and_tensors
             h, w = item["logits/values"].shape[-2:] if spec.spatial else (None, None)
             key = spec.key
             np.testing.assert_array_equal(item[key], plain[r][..., :h, :w].astype(item[key].dtype), err_msg=key)
+    # every other array as well (done flags, ids, hashes, extents, quality counts): plain Zarr v3 too
+    assert_every_array_plain_zarr(out, {"done", "sample_id", "content_hash", "image_hw", "logits/hw", "quality/counts"})
     # random access inside a packed chunk, and the same store written through zarr
     assert store.read(6)["id"] == "train_000006"
     np.testing.assert_array_equal(store.read(6)["logits/tail"], ours[6]["logits/tail"])

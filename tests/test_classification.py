@@ -12,8 +12,10 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import zarr
 from cli_runner import kd
 from PIL import Image
+from zarr_readers import assert_every_array_plain_zarr
 
 from kdcache.checkpoint import save_checkpoint
 from kdcache.data import build_dataset
@@ -364,6 +366,24 @@ def test_views_and_label_maps_are_the_teacher_on_those_pixels(teacher):
     labels = torch.tensor([ds.label(i) for i in range(len(ds))])
     q = lmap.quality()
     assert q["rows"]["combined"]["aacc"] == pytest.approx(float((pred == labels).double().mean()))
+
+
+def test_classifier_stores_are_packed_and_plain_zarr_for_tensorstore(teacher, tmp_path):
+    """A classifier's logits rows and its views pack many samples per chunk; tensorstore and
+    zarr-python still read every array alike, and kdcache's reader gives the same rows."""
+    out = tmp_path / "views.zarr"
+    r = kd("build-teacher-cache", "--weights", teacher / "teacher", "--out", out, *SHAPES, "--topk", "4", "--quiet",
+           "--views", "3")
+    assert r.exit_code == 0, r.output
+    store = CacheStore(out)
+    assert store.meta["packing"] and all(n > 1 for n in store.meta["packing"].values()), store.meta["packing"]
+    assert {"logits/values", "views/logits/values"} <= set(store.meta["packing"])
+    assert_every_array_plain_zarr(out, {"logits/values", "views/logits/values", "views/params", "done", "sample_id"})
+    g = zarr.open_group(str(out), mode="r")
+    for i in (0, 17, store.num_samples - 1):  # inside packed chunks, the last one cut short
+        item = store.read(i)
+        np.testing.assert_array_equal(item["logits/values"], g["logits/values"][i])
+        np.testing.assert_array_equal(item["views/logits/values"], g["views/logits/values"][i])
 
 
 def test_the_workflow_on_the_command_line(teacher, tmp_path):
