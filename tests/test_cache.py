@@ -250,6 +250,7 @@ def test_verify_finds_a_truncated_shard_and_reset_bad_lets_the_build_repair_it(t
     build_teacher_cache(config(teacher, out), show_progress=False)
     shard = out / "logits" / "values" / "c" / "1" / "0" / "0" / "0"
     data = shard.read_bytes()
+    assert_packed(out)
     shard.write_bytes(data[: len(data) // 2])  # a truncated shard: samples 4..7
     r = kd("verify-cache", out, "--quiet")
     assert r.exit_code == 1, r.output
@@ -268,6 +269,12 @@ def test_verify_finds_a_truncated_shard_and_reset_bad_lets_the_build_repair_it(t
 
 
 # -- interrupted, failing and multi-process builds ------------------------------------------------
+
+
+def assert_packed(path) -> None:
+    """These tests mean packed stores: their 32x48 maps pack 4 samples a chunk (if the packing rule
+    changed, they would quietly test one chunk per sample)."""
+    assert CacheStore(path).meta["packing"] == {"logits/values": 4, "logits/indices": 4, "logits/tail": 4}
 
 
 def _cli_args(teacher, out, n=N):
@@ -300,6 +307,7 @@ def test_killed_build_resumes_to_the_same_store(tmp_path, teacher):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "resumed" in r.stderr
+    assert_packed(out)
     assert_same_store(out, ref)
 
 
@@ -326,6 +334,7 @@ def test_write_failure_stops_cleanly_and_a_rerun_completes(tmp_path, teacher, mo
     monkeypatch.setattr(ShardWriter, "write_shard", real)
     r = kd("build-teacher-cache", "--weights", teacher, "--out", out, *CLI)
     assert r.exit_code == 0 and "resumed (4 were done)" in r.output
+    assert_packed(out)
     assert_same_store(out, ref)
 
 
@@ -337,6 +346,7 @@ def test_two_process_torchrun_build_equals_one_process(tmp_path, teacher):
                         "-m", "kdcache", *_cli_args(teacher, two)], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert_packed(two)
     assert_same_store(one, two)
     assert r.stderr.count("built: 10/10") == 1  # rank 0 alone reports
 
@@ -399,6 +409,7 @@ def test_resume_with_other_options_is_refused_and_overwrite_rebuilds(tmp_path, t
 def test_join_refuses_a_store_from_other_data(tmp_path, teacher):
     out = tmp_path / "c.zarr"
     build_teacher_cache(config(teacher, out), show_progress=False)
+    assert_packed(out)
     store = CacheStore(out)
     with pytest.raises(StoreError, match="not in teacher cache .* split 'train'"):
         store.join(limit(build_dataset("synthetic", "val", **RES), 3))

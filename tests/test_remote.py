@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import errno
+import types
 import uuid
 
 import fsspec
 import numpy as np
+import pytest
 import zarr
 from cli_runner import kd
 from fake_data import make_teacher
 
 from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
-from kdcache.store import CacheStore
+from kdcache.store import CacheStore, location
 
 
 def _cfg(teacher, out, **kw):
@@ -90,3 +93,48 @@ def test_a_url_whose_file_system_is_not_installed_is_one_line(tmp_path, monkeypa
     assert len(r.output.strip().splitlines()) == 1
     r = kd("inspect-cache", "nosuch://bucket/c.zarr")
     assert r.exit_code == 2 and "nosuch://bucket/c.zarr: fsspec cannot open nosuch:// URLs" in r.output, r.output
+
+
+def test_retries_back_off_exponentially_and_end_in_one_line(monkeypatch):
+    """``retrying``: a transient failure is retried after base x 2^(n-1) x [0.5, 1.5) seconds; one
+    that keeps failing ends, after KDCACHE_REMOTE_ATTEMPTS tries, in one line naming the URL; an
+    error that is not transient, and a local path, are not retried."""
+    slept = []
+    monkeypatch.setattr(location, "time", types.SimpleNamespace(sleep=slept.append))
+    monkeypatch.setenv("KDCACHE_REMOTE_BACKOFF", "0.5")
+    monkeypatch.setenv("KDCACHE_REMOTE_ATTEMPTS", "4")
+    failures = iter([ConnectionError("reset by peer"), TimeoutError("read timed out"), OSError(errno.EIO, "I/O")])
+
+    def flaky():
+        exc = next(failures, None)
+        if exc is not None:
+            raise exc
+        return "read"
+
+    assert location.retrying(flaky, "s3://bucket/c.zarr", "reading shard 3") == "read"
+    assert len(slept) == 3
+    for n, delay in enumerate(slept):
+        assert 0.5 * 2 ** n * 0.5 <= delay < 0.5 * 2 ** n * 1.5, slept
+
+    slept.clear()
+
+    def down():
+        raise ConnectionError("connection refused")
+
+    with pytest.raises(location.RemoteError) as err:
+        location.retrying(down, "s3://bucket/c.zarr", "reading shard 3", "; then rerun")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("reading shard 3 s3://bucket/c.zarr failed 4 times (ConnectionError")
+    assert "KDCACHE_REMOTE_ATTEMPTS" in msg and "; then rerun" in msg
+    assert len(slept) == 3  # no sleep after the last try
+
+    slept.clear()
+    for url, exc in (("s3://bucket/c.zarr", FileNotFoundError("no such key")),
+                     ("s3://bucket/c.zarr", OSError(errno.ENOSPC, "full")),
+                     ("/local/c.zarr", ConnectionError("a local path is not retried"))):
+        def once(exc=exc):
+            raise exc
+
+        with pytest.raises(type(exc)):
+            location.retrying(once, url, "writing")
+    assert slept == []
