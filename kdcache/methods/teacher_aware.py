@@ -88,7 +88,9 @@ TEACHER_IOU = ("train", "val")
 def class_weights_rule(teacher_iou, baseline_iou, margin: float) -> np.ndarray:
     """w_c = clip(1 + (IoU_t,c − IoU_s,c) / margin, 0, 1): full weight where the teacher is at least
     as good as the baseline student on class c, none where it is ``margin`` (IoU, 0–1) or more
-    worse, linear between; a class either side has no score for (NaN) keeps weight 1."""
+    worse, linear between; a class either side has no score for (NaN) keeps weight 1. A graded form
+    of dropping the classes on which distillation makes the student worse (Zhu et al., "Teach Less,
+    Learn More: On the Undistillable Classes in Knowledge Distillation", NeurIPS 2022)."""
     t = np.asarray(teacher_iou, dtype=np.float64)
     s = np.asarray(baseline_iou, dtype=np.float64)
     w = np.clip(1.0 + (t - s) / margin, 0.0, 1.0)
