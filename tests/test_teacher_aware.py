@@ -1,9 +1,11 @@
-"""Teacher-aware distillation (issue 28 §1): ``mask=teacher_correct`` and ``min_confidence`` on the
-logit methods ``kl``, ``dist`` and ``cwd``.
+"""Teacher-aware distillation (issue 28 §1): ``mask=teacher_correct``, ``min_confidence`` and
+``class_weights=baseline`` on the logit methods ``kl``, ``dist`` and ``cwd``.
 
 The mask's cells are checked against a hand computation on a batch whose labels and teacher are
-written out; each method's masked loss against an independent float64 computation over the kept
-cells alone; the command line trains with the option from a cache and with the live teacher.
+written out; each method's masked and weighted loss against an independent float64 computation;
+the weights against the rule for given IoUs (the cache's quality arrays, the teacher run's val
+record); the command line trains all three methods with each option from a cache and with the
+live teacher.
 """
 
 from __future__ import annotations
@@ -157,13 +159,15 @@ def test_a_student_trains_with_the_mask_from_a_cache_and_online(small, tmp_path,
     teacher, store = small
     extra = ["--online-teacher", "cache"] if online else []
     r = kd("train-student", "--cache", store, "--method", "kl:mask=teacher_correct,min_confidence=0.2",
-           "--method", "dist:mask=teacher_correct", "--epochs", "1", "--batch-size", "8", "--limit", "16",
+           "--method", "dist:mask=teacher_correct", "--method", "cwd:mask=teacher_correct,weight=1",
+           "--epochs", "1", "--batch-size", "8", "--limit", "16",
            "--device", "cpu", "--workers", "0", "--out", tmp_path / "s", *extra)
     assert r.exit_code == 0, r.output
     cfg = json.loads((tmp_path / "s" / "config.json").read_text())
     assert {"name": "kl", "mask": "teacher_correct", "min_confidence": 0.2} in cfg["methods"]
+    assert {"name": "cwd", "mask": "teacher_correct", "weight": 1.0} in cfg["methods"]
     rec = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines() if '"epoch"' in x][-1]
-    assert math.isfinite(rec["train_loss"]) and math.isfinite(rec["train_kl"])
+    assert all(math.isfinite(rec[k]) for k in ("train_loss", "train_kl", "train_dist", "train_cwd")), rec
 
 
 # -- per-class weights: the teacher's IoU against a baseline student's -----------------------------
@@ -178,7 +182,7 @@ def test_the_class_weight_rule_by_hand():
 
 
 def _baseline_run(path, store, iou, dataset="synthetic", classes=None):
-    path.mkdir(parents=True)
+    path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps({"kind": "distill", "dataset": dataset,
                                                   "class_names": classes or list(store.schema.class_names)}))
     recs = [{"epoch": 0, "val_miou": 0.1, "val_iou": [0.0] * len(iou), "best": True},
@@ -259,6 +263,7 @@ def test_bad_class_weights_are_one_line_each(small, tmp_path):
 
     teacher, store = small
     other = _baseline_run(tmp_path / "other", CacheStore(store), [0.5] * 11, classes=["a"] * 11)
+    other_data = _baseline_run(tmp_path / "other-data", CacheStore(store), [0.5] * 11, dataset="camvid")
     good = _baseline_run(tmp_path / "good", CacheStore(store), [0.5] * 11)
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -271,6 +276,7 @@ def test_bad_class_weights_are_one_line_each(small, tmp_path):
         ("cwd:teacher_iou=test", "method 'cwd': teacher_iou must be one of train, val, got 'test'"),
         ("dist:margin=0", "method 'dist': margin must be positive, got 0"),
         (f"kl:class_weights=baseline,baseline={other}", "give a baseline run of the same data set and class list"),
+        (f"kl:class_weights=baseline,baseline={other_data}", "was trained on camvid with classes"),
         (f"kl:class_weights=baseline,baseline={tmp_path / 'nope'}", "is not a run folder (no config.json)"),
         (f"kl:class_weights=baseline,baseline={empty}", "has no validation record with per-class IoU"),
         (f"kl:class_weights=baseline,baseline={good},teacher_iou=val", "is not in a run folder with metrics.jsonl; "
@@ -289,19 +295,51 @@ def test_bad_class_weights_are_one_line_each(small, tmp_path):
         m.prepare([(cache, [0, 1])])
 
 
-def test_a_student_trains_with_class_weights_from_a_real_baseline_run(small, tmp_path):
+@pytest.mark.parametrize("online", [False, True])
+def test_a_student_trains_with_class_weights_from_a_real_baseline_run(small, tmp_path, online):
     _, store = small
     common = ["--cache", store, "--epochs", "1", "--batch-size", "8", "--limit", "16", "--device", "cpu",
               "--workers", "0"]
     assert kd("train-student", *common, "--method", "none", "--out", tmp_path / "ce").exit_code == 0
     r = kd("train-student", *common, "--method", f"dist:class_weights=baseline,baseline={tmp_path / 'ce'},margin=0.05",
-           "--out", tmp_path / "s")
+           "--method", f"cwd:class_weights=baseline,baseline={tmp_path / 'ce'},weight=1", "--out", tmp_path / "s",
+           *(["--online-teacher", "cache"] if online else []))
     assert r.exit_code == 0, r.output
     rec = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines() if '"epoch"' in x][-1]
-    assert math.isfinite(rec["train_dist"])
+    assert math.isfinite(rec["train_dist"]) and math.isfinite(rec["train_cwd"])
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["class_weights"]["cwd"]["weights"]
     # the run records what it weighed its classes by: the baseline's best val IoU, the teacher's, the weights
     ev = json.loads((tmp_path / "s" / "config.json").read_text())["class_weights"]["dist"]
     base = [json.loads(x) for x in (tmp_path / "ce" / "metrics.jsonl").read_text().splitlines() if '"best"' in x][-1]
     assert ev["baseline_iou"] == pytest.approx([float("nan") if v is None else v for v in base["val_iou"]],
                                                nan_ok=True)
     assert len(ev["weights"]) == 11 and all(0.0 <= w <= 1.0 for w in ev["weights"])
+
+
+def test_teacher_iou_val_reads_the_teacher_runs_best_epoch(tmp_path):
+    """``teacher_iou=val``: the teacher's per-class IoU is its own run's best val record, against the
+    baseline's, by the rule (a teacher whose weights file sits in a run folder with metrics.jsonl)."""
+    import numpy as np
+    from fake_data import make_teacher
+
+    from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
+    from kdcache.methods.teacher_aware import class_weights_rule
+    from kdcache.store import CacheStore
+
+    (tmp_path / "teacher-run").mkdir()
+    weights = make_teacher(tmp_path / "teacher-run" / "best.pt")
+    out = tmp_path / "c.zarr"
+    build_teacher_cache(CacheBuildConfig(weights=str(weights), out=str(out), dataset_options={"resolution": [32, 48]},
+                                         limit=4, topk=4, device="cpu", workers=0), show_progress=False)
+    store = CacheStore(out)
+    C = store.schema.num_classes
+    teacher_iou = [0.9 - 0.05 * c for c in range(C)]
+    student_iou = [0.6] * C
+    _baseline_run(tmp_path / "teacher-run", store, teacher_iou, classes=list(store.schema.class_names))
+    base = _baseline_run(tmp_path / "ce", store, student_iou)
+    m = build_method("dist", class_weights="baseline", baseline=str(base), teacher_iou="val", margin=0.1)
+    m.prepare([(store, np.arange(4))])
+    want = class_weights_rule(teacher_iou, student_iou, 0.1)
+    assert m.aware.weights.tolist() == pytest.approx(want.tolist(), abs=1e-6)
+    assert m.aware.evidence["teacher_iou"] == pytest.approx(teacher_iou)
+    assert 0.0 in want and 1.0 in want and any(0 < w < 1 for w in want)  # every part of the rule is used
