@@ -121,9 +121,17 @@ def compare(
 @command()
 def demo(
     ctx: typer.Context,
-    out: Annotated[str, typer.Option(help="Folder for every step's output.")] = default(run_demo, "out"),
-    teacher_epochs: Annotated[int, typer.Option(help="Teacher training epochs.")] = default(run_demo, "teacher_epochs"),
-    student_epochs: Annotated[int, typer.Option(help="Epochs of each student.")] = default(run_demo, "student_epochs"),
+    out: Annotated[str, typer.Option(help="Folder for every step's output (the default shown is segmentation's; "
+                                          f"classification: {default(run_classification_demo, 'out')}).")
+                   ] = default(run_demo, "out"),
+    teacher_epochs: Annotated[int, typer.Option(help="Teacher training epochs (the default shown is segmentation's; "
+                                                     "classification: "
+                                                     f"{default(run_classification_demo, 'teacher_epochs')}).")
+                              ] = default(run_demo, "teacher_epochs"),
+    student_epochs: Annotated[int, typer.Option(help="Epochs of each student (the default shown is segmentation's; "
+                                                     "classification: "
+                                                     f"{default(run_classification_demo, 'student_epochs')}).")
+                              ] = default(run_demo, "student_epochs"),
     device: Device = default(run_demo, "device"),
     seed: Seed = default(run_demo, "seed"),
     limit: Annotated[int | None, typer.Option(help=f"The first N images of each split: training, val and test (segmentation: the pool is 4x N; default {default(run_demo, 'limit')}, which cuts the training images alone; classification: default all).")] = None,
