@@ -4,7 +4,8 @@
 It holds the comparison table (sortable by any column), the per-class view (the teacher beside
 each student, and the per-class chart), every run's training curves and, for segmentation, a
 prediction browser: for each chosen test image the image, the ground truth and each run's
-overlay with its per-image IoU, filtered by a class present, sorted by how much KD helped or hurt
+prediction with its per-image IoU, each shown as an overlay on the image or as a plain class map
+(a switch), filtered by a class present, sorted by how much KD helped or hurt
 against the baseline (for the run chosen), paged with the arrow keys. For classification:
 the confusion matrices and, per run, the images it gets wrong. The page's data is one JSON block
 inside it (a file:// page cannot fetch files), its script a few dozen lines of plain JavaScript.
@@ -52,13 +53,17 @@ def browser_images(out_dir: Path, result: dict, images: list[dict], palette) -> 
         label = np.asarray(im["label"])
         files = {"image": "browse/" + save_picture(folder / f"{stem}_image.png", im["image"]),
                  "truth": "browse/" + save_picture(folder / f"{stem}_truth.png",
-                                                visualize.overlay(im["image"], label, pal, alpha=0.6))}
-        runs = {}
+                                                visualize.overlay(im["image"], label, pal, alpha=0.6)),
+                 "truth_map": "browse/" + save_picture(folder / f"{stem}_truth_map.png", visualize.colorize(label, pal))}
+        runs, maps = {}, {}
         for r, pred in im["preds"].items():
+            pred = np.asarray(pred)
+            maps[r] = "browse/" + save_picture(folder / f"{stem}_{len(runs)}_map.png", visualize.colorize(pred, pal))
             runs[r] = "browse/" + save_picture(folder / f"{stem}_{len(runs)}.png",
-                                            visualize.overlay(im["image"], np.asarray(pred), pal, alpha=0.6))
+                                            visualize.overlay(im["image"], pred, pal, alpha=0.6))
         present = sorted(int(c) for c in np.unique(label) if c != 255 and c < len(names))
         entries.append({"id": im["id"], "classes": [names[c] for c in present], "files": files, "runs": runs,
+                        "maps": maps,
                         "iou": {r["name"]: r.get("per_image_iou", {}).get(im["id"]) for r in result["rows"]}})
     return entries
 
@@ -148,6 +153,7 @@ figure{display:inline-block;margin:4px;text-align:center;font-size:12px}img{max-
 <div class="controls">class present <select id="filter"><option value="">any</option></select>
 sort <select id="sort"><option value="id">image id</option><option value="helped">KD helped most</option>
 <option value="hurt">KD hurt most</option></select> for <select id="sortrun"></select>
+show <select id="view"><option value="overlay">overlays</option><option value="map">class maps</option></select>
 <button id="prev">◀</button> <span id="page"></span> <button id="next">▶</button> (← → keys)</div>
 <div id="browser"></div></div>
 <div id="classification"><h2>Confusion matrices</h2><div id="confusion"></div><h2>Images each run gets wrong</h2>
@@ -180,7 +186,8 @@ if (D.perClass.length) { const names = Object.keys(D.perClass[0].delta), h = el(
 document.getElementById("chart").src = D.chart;
 Object.entries(D.curves).forEach(([n, src]) => document.getElementById("curves").append(fig(src, n)));
 // the prediction browser
-const filter = document.getElementById("filter"), sort = document.getElementById("sort"), sortRun = document.getElementById("sortrun");
+const filter = document.getElementById("filter"), sort = document.getElementById("sort"), sortRun = document.getElementById("sortrun"),
+  view = document.getElementById("view");
 [...new Set(D.images.flatMap(m => m.classes))].sort().forEach(c => filter.append(el("option", {value: c}, c)));
 D.students.forEach(n => sortRun.append(el("option", {value: n}, n)));
 let page = 0;
@@ -194,9 +201,11 @@ function drawBrowser() { const list = shown(), pages = Math.max(1, Math.ceil(lis
   page = Math.min(Math.max(page, 0), pages - 1);
   document.getElementById("page").textContent = `page ${page + 1} of ${pages} (${list.length} images)`;
   document.getElementById("browser").replaceChildren(...list.slice(page * PER_PAGE, (page + 1) * PER_PAGE).map(m => {
-    const row = el("div", {class: "row", "data-id": m.id}); row.append(fig(m.files.image, m.id), fig(m.files.truth, "ground truth"));
-    Object.entries(m.runs).forEach(([n, src]) => row.append(fig(src, `${n}: IoU ${pct(m.iou[n])}`))); return row; })); }
+    const maps = view.value === "map", row = el("div", {class: "row", "data-id": m.id});
+    row.append(fig(m.files.image, m.id), fig(maps ? m.files.truth_map : m.files.truth, "ground truth"));
+    Object.entries(maps ? m.maps : m.runs).forEach(([n, src]) => row.append(fig(src, `${n}: IoU ${pct(m.iou[n])}`))); return row; })); }
 [filter, sort, sortRun].forEach(s => s.onchange = () => { page = 0; drawBrowser(); });
+view.onchange = drawBrowser;
 document.getElementById("prev").onclick = () => { page--; drawBrowser(); };
 document.getElementById("next").onclick = () => { page++; drawBrowser(); };
 document.addEventListener("keydown", e => { if (e.key === "ArrowLeft") { page--; drawBrowser(); }

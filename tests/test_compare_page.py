@@ -1,7 +1,8 @@
 """compare's index.html, opened from file:// in a real browser (headless Chromium from Debian's
 ``chromium`` package, driven by selenium through ``chromium-driver``), as a user would browse it:
 no console errors, one table row per run, sorting reorders the rows, the class filter changes
-the images shown, the arrow keys page, every picture the page refers to loads. A screenshot is
+the images shown, the arrow keys page, the predictions switch between overlays and class maps,
+every picture the page refers to loads. A screenshot is
 saved next to the page (``screenshot.png``)."""
 
 from __future__ import annotations
@@ -102,11 +103,23 @@ def test_the_demo_compare_page_works_in_a_browser(demo, browser):
     base = data["baseline"].rsplit("/", 1)[-1]
     gain = {m["id"]: (m["iou"][run] or 0) - (m["iou"][base] or 0) for m in entries}
     assert gain[shown()[0]] == min(gain.values())
-    # every picture the page refers to is a file that loads: walk every page of the unfiltered browser
+    # every picture the page refers to is a file that loads: walk every page of the unfiltered browser,
+    # with the predictions as overlays and as plain class maps
     Select(d.find_element(By.ID, "sort")).select_by_value("id")
-    for _ in range((len(entries) + 3) // 4):
-        assert broken() == []
-        d.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_RIGHT)
+
+    def pictures():
+        return [i.get_attribute("src").rsplit("/", 1)[-1] for i in d.find_elements(By.CSS_SELECTOR, "#browser img")]
+
+    for view in ("overlay", "map"):
+        Select(d.find_element(By.ID, "view")).select_by_value(view)
+        for _ in range((len(entries) + 3) // 4 + 1):
+            d.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_LEFT)  # back to the first page
+        on_show = pictures()
+        assert len(on_show) == 4 * (2 + len(data["rows"]))  # image, ground truth, a prediction per run
+        assert sum(name.endswith("_map.png") for name in on_show) == (0 if view == "overlay" else 4 * (1 + len(data["rows"])))
+        for _ in range((len(entries) + 3) // 4):
+            assert broken() == []
+            d.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_RIGHT)
     errors = [e for e in d.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
     assert errors == [], errors
     d.save_screenshot(str(demo / "screenshot.png"))
