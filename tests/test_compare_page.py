@@ -3,7 +3,8 @@
 no console errors, one table row per run, sorting reorders the rows, the class filter changes
 the images shown, the arrow keys page, the predictions switch between overlays and class maps,
 every picture the page refers to loads. A screenshot is
-saved next to the page (``screenshot.png``)."""
+saved next to the page (``screenshot.png``). The classification demo's page likewise: its
+confusion matrices and each run's wrong images."""
 
 from __future__ import annotations
 
@@ -124,3 +125,29 @@ def test_the_demo_compare_page_works_in_a_browser(demo, browser):
     assert errors == [], errors
     d.save_screenshot(str(demo / "screenshot.png"))
     assert (demo / "screenshot.png").stat().st_size > 10_000
+
+
+def test_the_classification_demo_page_shows_confusions_and_wrong_images(tmp_path, browser):
+    """The classification demo's page: one row per run, the prediction browser hidden, a confusion
+    matrix per run and each run's wrong test images, every picture loading, no console errors."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    out = tmp_path / "demo"
+    r = kd("demo", "--task", "classification", "--out", out, "--teacher-epochs", 1, "--student-epochs", 1,
+           "--limit", 24, "--device", "cpu", "--quiet")
+    assert r.exit_code == 0, r.output
+    data = json.loads((out / "compare" / "compare.json").read_text())
+    d = browser
+    d.get((out / "compare" / "index.html").as_uri())
+    rows = d.find_elements(By.CSS_SELECTOR, "#runs tbody tr")
+    assert [tr.find_elements(By.TAG_NAME, "td")[0].text for tr in rows] == [r["name"] for r in data["rows"]]
+    assert not d.find_element(By.ID, "predictions").is_displayed()
+    assert d.find_element(By.ID, "classification").is_displayed()
+    assert len(d.find_elements(By.CSS_SELECTOR, "#confusion img")) == len(data["rows"])
+    wrong = d.find_elements(By.CSS_SELECTOR, "#wrong img")
+    assert wrong  # one-epoch students get test images wrong
+    WebDriverWait(d, 20).until(lambda drv: drv.execute_script("return Array.from(document.images).every(i => i.complete)"))
+    assert d.execute_script("return Array.from(document.images).filter(i => i.naturalWidth === 0).map(i => i.src)") == []
+    errors = [e for e in d.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+    assert errors == [], errors
