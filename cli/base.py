@@ -17,7 +17,7 @@ import typer
 from rich.markup import escape
 
 from kdcache.errors import KDCacheError, make_folder
-from kdcache.methods import methods_taking, option_default
+from kdcache.methods import methods_taking, option_default, task_defaults
 from kdcache.progress import console
 
 app = typer.Typer(
@@ -105,11 +105,16 @@ def pair_text(pair) -> str:
 
 
 def defaults_text(option: str) -> str:
-    """'kl 1, cwd 4': each method taking ``option`` with its default."""
+    """'kl 1 (classification 4), cwd 4': each method taking ``option`` with its default, and where
+    it differs, its default for classification."""
     def show(v):
         return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
 
-    return ", ".join(f"{m} {show(option_default(m, option))}" for m in methods_taking(option))
+    def text(m):
+        other = task_defaults(m, "classification").get(option)
+        return f"{m} {show(option_default(m, option))}" + (f" (classification {show(other)})" if other is not None else "")
+
+    return ", ".join(text(m) for m in methods_taking(option))
 
 
 def check_backend(backend: str) -> None:

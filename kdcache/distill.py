@@ -23,8 +23,10 @@ import torch
 
 from kdcache import distributed
 from kdcache.cached_batches import student_batches
+from kdcache.data import DATASETS
+from kdcache.data.class_base import is_classification
 from kdcache.errors import KDCacheError
-from kdcache.methods import KDMethod, build_method, reads
+from kdcache.methods import KDMethod, build_method, reads, with_task_defaults
 from kdcache.models import SegModel, build_model
 from kdcache.online_teacher import OnlineTeacher
 from kdcache.options import opt
@@ -114,6 +116,10 @@ class StudentTrainer(Trainer):
     command = "train-student"
 
     def __init__(self, config: StudentConfig, **kw):
+        # each method's defaults for the data set's task (kl and dist: T = 4 for classification),
+        # written into the specs, so that config.json records them and a resume compares like with like
+        task = "classification" if is_classification(DATASETS.get(config.dataset)) else "segmentation"
+        config = dataclasses.replace(config, methods=with_task_defaults(config.methods, task))
         super().__init__(config, **kw)
         c = self.config
         self.methods: list[KDMethod] = [build_method(m["name"], **{k: v for k, v in m.items() if k != "name"})

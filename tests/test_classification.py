@@ -368,6 +368,31 @@ def test_views_and_label_maps_are_the_teacher_on_those_pixels(teacher):
     assert q["rows"]["combined"]["aacc"] == pytest.approx(float((pred == labels).double().mean()))
 
 
+def test_classification_students_take_kl_and_dist_at_their_classification_temperature(teacher, tmp_path):
+    """kl and dist default to T = 4 for classification (chosen on val), recorded in config.json; a
+    temperature given in the method spec or by --temperature wins; segmentation keeps T = 1."""
+    from kdcache.methods import option_default, with_task_defaults
+
+    cache = tmp_path / "logits.zarr"
+    r = kd("build-teacher-cache", "--weights", teacher / "teacher", "--out", cache, *SHAPES, "--topk", "4", "--quiet")
+    assert r.exit_code == 0, r.output
+    common = ["--cache", cache, "--model", "demo_cls_student", "--epochs", 1, "--batch-size", 16, "--device", "cpu",
+              "--workers", 0, "--quiet"]
+    for name, extra, want in (
+        ("default", ["--method", "kl", "--method", "dist"], {"kl": 4.0, "dist": 4.0}),
+        ("spec", ["--method", "kl:temperature=2", "--method", "dist"], {"kl": 2.0, "dist": 4.0}),
+        ("shorthand", ["--method", "kl", "--method", "dist", "--temperature", "1.5"], {"kl": 1.5, "dist": 1.5}),
+    ):
+        r = kd("train-student", *common, *extra, "--out", tmp_path / name)
+        assert r.exit_code == 0, r.output
+        methods = json.loads((tmp_path / name / "config.json").read_text())["methods"]
+        assert {m["name"]: m["temperature"] for m in methods} == want, (name, methods)
+    # the same specs for segmentation: left to the constructor's default, T = 1
+    assert with_task_defaults([{"name": "kl"}, {"name": "dist"}, {"name": "cwd"}], "segmentation") == [
+        {"name": "kl"}, {"name": "dist"}, {"name": "cwd"}]
+    assert option_default("kl", "temperature") == option_default("dist", "temperature") == 1.0
+
+
 def test_classifier_stores_are_packed_and_plain_zarr_for_tensorstore(teacher, tmp_path):
     """A classifier's logits rows and its views pack many samples per chunk; tensorstore and
     zarr-python still read every array alike, and kdcache's reader gives the same rows."""

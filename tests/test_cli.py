@@ -306,7 +306,8 @@ def test_help_shows_the_defaults_the_code_uses():
         for name in takers:
             value = inspect.signature(METHODS.get(name).__init__).parameters[option].default
             assert f"{name} {value:g}" in helps[help_option], (name, helps[help_option])
-    assert "cwd 4" in helps["temperature"] and "kl 1)" in helps["temperature"]  # not the "4" help once claimed for kl
+    assert "cwd 4" in helps["temperature"] and "kl 1 (classification 4)" in helps["temperature"]  # not the "4" help
+    assert "dist 1 (classification 4)" in helps["temperature"]  # once claimed for kl: each task's own default
     for name, cls in METHODS.items():
         if name != "none":
             assert f"{name} {cls.default_weight:g}" in helps["kd_weight"]

@@ -24,10 +24,12 @@ from kdcache.methods.base import (
     option_default,
     reads,
     student_logits_at,
+    task_defaults,
+    with_task_defaults,
 )
 from kdcache.registry import import_submodules
 
 import_submodules(__name__, __path__)
 
 __all__ = ["METHODS", "KDMethod", "MethodError", "build_method", "fill_in", "method_options", "methods_taking",
-           "option_default", "reads", "student_logits_at"]
+           "option_default", "reads", "student_logits_at", "task_defaults", "with_task_defaults"]

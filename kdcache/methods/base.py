@@ -37,6 +37,19 @@ def option_default(name: str, option: str):
     return default
 
 
+def task_defaults(name: str, task: str) -> dict:
+    """The options of method ``name`` whose default differs for ``task`` ("segmentation" or
+    "classification"): its :attr:`KDMethod.task_defaults` entry."""
+    return dict(METHODS.get(name).task_defaults.get(task, {}))
+
+
+def with_task_defaults(methods: list[dict], task: str) -> list[dict]:
+    """Method specs with each method's defaults for ``task`` filled in where the spec gives no
+    value of its own (an option given on the command line, in a config file or by a shorthand
+    such as ``--temperature`` wins): the specs a student's run records and trains with."""
+    return [{**m, **{k: v for k, v in task_defaults(m["name"], task).items() if k not in m}} for m in methods]
+
+
 def methods_taking(option: str) -> list[str]:
     """The methods whose constructor takes ``option``."""
     return [name for name in METHODS.names() if option in method_options(name)]
@@ -78,6 +91,10 @@ class KDMethod(nn.Module):
 
     name: str = ""
     default_weight = 1.0
+    #: options whose default differs by task, chosen on val for that task (cite the evidence):
+    #: ``{"classification": {"temperature": 4.0}}``; filled into a student's specs by
+    #: :func:`with_task_defaults` where they give no value, so the run records what it used
+    task_defaults: dict[str, dict] = {}
 
     def __init__(self, weight: float | None = None):
         super().__init__()
