@@ -177,3 +177,35 @@ def test_odd_image_files(tmp_path):
     Image.fromarray(rng.integers(0, 255, (8, 10, 3), dtype=np.uint8)).save(root / "masks" / "gray.png")
     with pytest.raises(DatasetError, match="colour image"):
         ds.load(by_id["gray"])
+
+
+def test_16_bit_images_read_at_their_high_byte_and_32_bit_ones_are_refused(tmp_path):
+    """A 16-bit grayscale PNG reads as v >> 8 in each channel (Pillow's own conversion would clip
+    every value above 255 to white); 32-bit integer and float images stop with one line."""
+    from kdcache.data import build_dataset
+    from kdcache.errors import DatasetError
+
+    root = tmp_path / "f"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("a\nb\n")
+    rng = np.random.default_rng(0)
+    deep = rng.integers(0, 65536, (8, 10), dtype=np.uint16)
+    deep[0, :3] = (0, 255, 65535)
+    Image.fromarray(deep).save(root / "images" / "deep.png")
+    Image.fromarray(rng.integers(0, 1 << 20, (8, 10), dtype=np.int32)).save(root / "images" / "wide.tif")
+    Image.fromarray(rng.random((8, 10), dtype=np.float32)).save(root / "images" / "real.tif")
+    for stem in ("deep", "wide", "real"):
+        Image.fromarray(rng.integers(0, 2, (8, 10), dtype=np.uint8), mode="L").save(root / "masks" / f"{stem}.png")
+    assert Image.open(root / "images" / "deep.png").mode == "I;16"
+    ds = build_dataset("folder", "all", root)
+    by_id = {sid: j for j, sid in enumerate(ds.ids)}
+    image, _ = ds.load(by_id["deep"])
+    want = (deep >> 8).astype(np.uint8)
+    assert image.dtype == np.uint8 and image.shape == (8, 10, 3)
+    np.testing.assert_array_equal(image, np.stack([want] * 3, axis=-1))
+    assert image[0, :3, 0].tolist() == [0, 0, 255]
+    for stem, words in (("wide", "holds 32-bit integer pixels"), ("real", "holds floating-point pixels")):
+        with pytest.raises(DatasetError, match=f"{words}; kdcache reads 8- and 16-bit images: convert it to 8 bits") as e:
+            ds.load(by_id[stem])
+        assert "\n" not in str(e.value)

@@ -48,16 +48,34 @@ def default_palette(num_classes: int) -> np.ndarray:
     return palette
 
 
+#: 16-bit grayscale modes: read at their high byte, as Pillow reads 16-bit colour PNGs (a 16-bit
+#: sample spans the full 0-65535 range, so v >> 8 keeps its brightness; Pillow's own convert to RGB
+#: would clip every value above 255 to white)
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
 def read_rgb(path: Path) -> np.ndarray:
-    """Decode an image file to uint8 RGB [H, W, 3]; grayscale and RGBA are converted."""
+    """Decode an image file to uint8 RGB [H, W, 3]; grayscale and RGBA are converted, 16-bit
+    grayscale at its high byte; 32-bit integer and floating-point images are refused (their
+    value range is the user's to choose)."""
     try:
         with Image.open(path) as im:
             im.load()
+            if im.mode in SIXTEEN_BIT_MODES:
+                gray = (np.asarray(im).astype(np.uint16) >> 8).astype(np.uint8)
+                return np.repeat(gray[..., None], 3, axis=2)
+            if im.mode in ("I", "F"):
+                raise DatasetError(
+                    f"image {path} holds {'32-bit integer' if im.mode == 'I' else 'floating-point'} pixels; "
+                    "kdcache reads 8- and 16-bit images: convert it to 8 bits with the value range your data "
+                    "needs (e.g. numpy: np.clip((a - lo) / (hi - lo) * 255, 0, 255).astype(np.uint8))")
             if im.mode != "RGB":
                 im = im.convert("RGB")
             return np.asarray(im, dtype=np.uint8).copy()
     except FileNotFoundError:
         raise DatasetError(f"image file {path} does not exist") from None
+    except DatasetError:
+        raise
     except (OSError, ValueError) as exc:  # PIL.UnidentifiedImageError is an OSError
         raise DatasetError(f"cannot read image {path}: {exc}") from None
 
