@@ -209,3 +209,31 @@ def test_16_bit_images_read_at_their_high_byte_and_32_bit_ones_are_refused(tmp_p
         with pytest.raises(DatasetError, match=f"{words}; kdcache reads 8- and 16-bit images: convert it to 8 bits") as e:
             ds.load(by_id[stem])
         assert "\n" not in str(e.value)
+
+
+def test_a_phone_photo_turned_by_exif_names_the_reason_in_the_size_error(tmp_path):
+    """An image whose EXIF orientation (6) turns it a quarter, with a mask of the turned size: the
+    one-line size error says why and how to fix it; without the tag, the plain size error."""
+    from kdcache.data import build_dataset
+    from kdcache.errors import DatasetError
+
+    root = tmp_path / "f"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("a\nb\n")
+    rng = np.random.default_rng(0)
+    for stem, orientation in (("phone", 6), ("plain", None)):
+        img = Image.fromarray(rng.integers(0, 255, (8, 12, 3), dtype=np.uint8))  # stored 12 wide, 8 high
+        exif = Image.Exif()
+        if orientation:
+            exif[0x0112] = orientation
+        img.save(root / "images" / f"{stem}.jpg", exif=exif)
+        Image.fromarray(rng.integers(0, 2, (12, 8), dtype=np.uint8), mode="L").save(root / "masks" / f"{stem}.png")
+    ds = build_dataset("folder", "all", root)
+    by_id = {sid: j for j, sid in enumerate(ds.ids)}
+    with pytest.raises(DatasetError, match="EXIF orientation 6 shows it turned a quarter, the mask's way; kdcache "
+                                           "reads pixels as stored: save the images turned") as e:
+        ds.load(by_id["phone"])
+    assert "is 12x8 (WxH) but its mask" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(DatasetError, match="image and mask must have the same size$"):
+        ds.load(by_id["plain"])

@@ -105,6 +105,22 @@ def read_index_mask(path: Path) -> np.ndarray:
         raise DatasetError(f"cannot read mask {path}: {exc}") from None
 
 
+def _exif_hint(path: Path | None, image_hw: tuple, mask_hw: tuple) -> str:
+    """Where an image file's EXIF orientation turns it a quarter (a phone photo) and its mask is
+    the turned size: the reason and the fix, for the size-mismatch error; else ''."""
+    if path is None or tuple(image_hw) != tuple(mask_hw)[::-1]:
+        return ""
+    try:
+        with Image.open(path) as im:
+            orientation = im.getexif().get(0x0112)
+    except (OSError, ValueError):
+        return ""
+    if orientation not in (5, 6, 7, 8):
+        return ""
+    return (f" (the image file's EXIF orientation {orientation} shows it turned a quarter, the mask's way; kdcache "
+            "reads pixels as stored: save the images turned, e.g. PIL.ImageOps.exif_transpose)")
+
+
 class SegmentationDataset:
     """Base class: one split of a segmentation data set.
 
@@ -191,7 +207,7 @@ class SegmentationDataset:
             raise DatasetError(
                 f"image {where} is {image.shape[1]}x{image.shape[0]} (WxH) but its mask "
                 f"{self.describe(ref)} is {mask.shape[1]}x{mask.shape[0]}; image and mask must "
-                "have the same size"
+                "have the same size" + _exif_hint(ref.image, image.shape[:2], mask.shape)
             )
         mask = np.asarray(mask)
         bad = (mask != self.ignore_index) & ((mask < 0) | (mask >= self.num_classes))
