@@ -423,6 +423,42 @@ def test_folder_class_names_file(tmp_path):
         FolderDataset(tmp_path, "train", class_names_file=names)
 
 
+def test_binary_masks_of_0_and_255_are_refused_or_read_as_class_1(tmp_path):
+    """A two-class folder whose masks hold 0 and 255 (255 = foreground, as many binary data sets
+    save them): by default one line says 255 would be read as 'ignore' and names the fix; with
+    -o binary_255=true, 255 is class 1 and a teacher trains on it (through the command line)."""
+    from cli_runner import kd
+
+    root = tmp_path / "binary"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("background\nlesion\n")
+    for i in range(4):
+        write_rgb(root / "images" / f"s{i}.png", seed=i)
+        mask = np.zeros((H, W), np.uint8)
+        mask[2:6, 3 + i:9 + i] = 255
+        Image.fromarray(mask, mode="L").save(root / "masks" / f"s{i}.png")
+    with pytest.raises(DatasetError, match=r"mask .*s0\.png holds only 0 and 255, and the data set has two classes: "
+                                           r"kdcache reads 255 as 'ignore'.* give -o binary_255=true"):
+        build_dataset("folder", "all", root).load(0)
+    ds = build_dataset("folder", "all", root, binary_255=True)
+    _, mask = ds.load(0)
+    assert set(np.unique(mask).tolist()) == {0, 1} and (mask == 1).sum() == 4 * 6
+    with pytest.raises(DatasetError, match="binary_255=true reads 255 as class 1 of two, but the class names list 3"):
+        build_dataset("folder", "all", make_folder(tmp_path / "three"), binary_255=True)
+    # a mask with 255 as ignore beside both classes is read as it always was
+    Image.fromarray(np.array([[0, 1, 255]] * H, np.uint8).repeat(W // 3 + 1, 1)[:, :W], mode="L").save(
+        root / "masks" / "s3.png")
+    assert 255 in build_dataset("folder", "all", root).load(3)[1]
+    common = ["train-teacher", "--model", "demo_teacher", "--dataset", "folder", "--data-root", root, "--train-split",
+              "all", "--val-split", "all", "--epochs", 1, "--batch-size", 2, "--crop-size", "8x8", "--device", "cpu",
+              "--workers", 0, "--out"]
+    r = kd(*common, tmp_path / "refused")
+    assert r.exit_code == 2 and "give -o binary_255=true" in r.output and "Traceback" not in r.output
+    r = kd(*common, tmp_path / "t", "-o", "binary_255=true")
+    assert r.exit_code == 0, r.output
+
+
 def test_folder_unpaired_and_layout_errors(tmp_path):
     with pytest.raises(DatasetError, match="does not exist"):
         FolderDataset(tmp_path / "nowhere", "train")

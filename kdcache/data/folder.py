@@ -10,6 +10,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
+
 from kdcache.data.base import SampleRef, SegmentationDataset
 from kdcache.data.registry import DATASETS
 from kdcache.errors import DatasetError
@@ -104,6 +106,10 @@ class FolderDataset(SegmentationDataset):
         ROOT/masks/<stem>.png         palette or grayscale PNG of class ids, 255 = ignore
 
     ``class_names_file`` (``-o class_names_file=FILE``) replaces ``ROOT/classes.txt``.
+    ``binary_255`` (``-o binary_255=true``): binary masks of 0 and 255, where 255 marks class 1
+    rather than "ignore". Without it, a mask of a two-class data set that holds only 0 and 255 is
+    an error: read with 255 as "ignore" (VOC's convention), every foreground pixel would be left
+    out of training without a word.
 
     Which files make split ``S``, the first rule that applies:
 
@@ -128,13 +134,29 @@ class FolderDataset(SegmentationDataset):
         root: str | Path,
         split: str = "train",
         class_names_file: str | Path | None = None,
+        binary_255: bool = False,
     ):
         root = Path(root).expanduser()
         if not root.is_dir():
             raise DatasetError(f"folder data set root {root} does not exist or is not a directory")
         self.class_names = self._read_class_names(root, class_names_file)
+        if binary_255 and len(self.class_names) != 2:
+            raise DatasetError(f"-o binary_255=true reads 255 as class 1 of two, but the class names list "
+                               f"{len(self.class_names)} classes; list two (background and the foreground)")
+        self.binary_255 = bool(binary_255)
         refs = self._refs(root, split)
         super().__init__(refs, split, root)
+
+    def read_mask(self, ref: SampleRef) -> np.ndarray:
+        raw = super().read_mask(ref)
+        if self.binary_255:
+            return np.where(raw == 255, 1, raw).astype(raw.dtype, copy=False)
+        if len(self.class_names) == 2 and raw.size and raw.max() == 255 and not np.isin(raw, (0, 255), invert=True).any():
+            raise DatasetError(
+                f"mask {ref.mask} holds only 0 and 255, and the data set has two classes: kdcache reads 255 as "
+                "'ignore', which would leave every foreground pixel out; if 255 marks class 1, give "
+                "-o binary_255=true (or save the masks as 0 and 1)")
+        return raw
 
     # -- class names ---------------------------------------------------------------------------
     @staticmethod
