@@ -389,7 +389,7 @@ def test_folder_split_subfolders(tmp_path):
     make_folder(tmp_path / "train", stems=("t1", "t0"), exts=(".png", ".jpeg"))
     make_folder(tmp_path / "val", stems=("v0",), exts=(".tif",))
     assert FolderDataset(tmp_path, "train").ids == ["t0", "t1"]
-    val = FolderDataset(tmp_path, "val")
+    val = FolderDataset(tmp_path, "val", binary_255=False)  # v0: background and a 255 frame, two classes
     assert val.ids == ["v0"] and val.class_names == ("bg", "fg")  # ROOT/classes.txt wins
     assert val.load(0)[0].shape == (H, W, 3)
     with pytest.raises(DatasetError, match="no split 'all'.*valid splits: train, val"):
@@ -439,8 +439,11 @@ def test_binary_masks_of_0_and_255_are_refused_or_read_as_class_1(tmp_path):
         mask[2:6, 3 + i:9 + i] = 255
         Image.fromarray(mask, mode="L").save(root / "masks" / f"s{i}.png")
     with pytest.raises(DatasetError, match=r"mask .*s0\.png holds only 0 and 255, and the data set has two classes: "
-                                           r"kdcache reads 255 as 'ignore'.* give -o binary_255=true"):
+                                           r"is 255 class 1 or 'ignore'\?.* give -o binary_255=true if 255 marks "
+                                           r"class 1, -o binary_255=false if it marks pixels to ignore"):
         build_dataset("folder", "all", root).load(0)
+    _, as_ignore = build_dataset("folder", "all", root, binary_255=False).load(0)  # the way out for void regions
+    assert set(np.unique(as_ignore).tolist()) == {0, 255}
     ds = build_dataset("folder", "all", root, binary_255=True)
     _, mask = ds.load(0)
     assert set(np.unique(mask).tolist()) == {0, 1} and (mask == 1).sum() == 4 * 6

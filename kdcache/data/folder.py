@@ -107,9 +107,10 @@ class FolderDataset(SegmentationDataset):
 
     ``class_names_file`` (``-o class_names_file=FILE``) replaces ``ROOT/classes.txt``.
     ``binary_255`` (``-o binary_255=true``): binary masks of 0 and 255, where 255 marks class 1
-    rather than "ignore". Without it, a mask of a two-class data set that holds only 0 and 255 is
-    an error: read with 255 as "ignore" (VOC's convention), every foreground pixel would be left
-    out of training without a word.
+    rather than "ignore". Left unset, a mask of a two-class data set that holds only 0 and 255 is
+    an error naming both ways out: read with 255 as "ignore" (VOC's convention), every foreground
+    pixel would be left out of training without a word. ``-o binary_255=false`` says 255 is
+    "ignore" (a background-only image with a void region) and skips the check.
 
     Which files make split ``S``, the first rule that applies:
 
@@ -134,7 +135,7 @@ class FolderDataset(SegmentationDataset):
         root: str | Path,
         split: str = "train",
         class_names_file: str | Path | None = None,
-        binary_255: bool = False,
+        binary_255: bool | None = None,
     ):
         root = Path(root).expanduser()
         if not root.is_dir():
@@ -143,7 +144,7 @@ class FolderDataset(SegmentationDataset):
         if binary_255 and len(self.class_names) != 2:
             raise DatasetError(f"-o binary_255=true reads 255 as class 1 of two, but the class names list "
                                f"{len(self.class_names)} classes; list two (background and the foreground)")
-        self.binary_255 = bool(binary_255)
+        self.binary_255 = binary_255
         refs = self._refs(root, split)
         super().__init__(refs, split, root)
 
@@ -151,11 +152,12 @@ class FolderDataset(SegmentationDataset):
         raw = super().read_mask(ref)
         if self.binary_255:
             return np.where(raw == 255, 1, raw).astype(raw.dtype, copy=False)
-        if len(self.class_names) == 2 and raw.size and raw.max() == 255 and not np.isin(raw, (0, 255), invert=True).any():
+        if (self.binary_255 is None and len(self.class_names) == 2 and raw.size and raw.max() == 255
+                and not np.isin(raw, (0, 255), invert=True).any()):
             raise DatasetError(
-                f"mask {ref.mask} holds only 0 and 255, and the data set has two classes: kdcache reads 255 as "
-                "'ignore', which would leave every foreground pixel out; if 255 marks class 1, give "
-                "-o binary_255=true (or save the masks as 0 and 1)")
+                f"mask {ref.mask} holds only 0 and 255, and the data set has two classes: is 255 class 1 or "
+                "'ignore'? Read as 'ignore', every foreground pixel of a binary mask would be left out; give "
+                "-o binary_255=true if 255 marks class 1, -o binary_255=false if it marks pixels to ignore")
         return raw
 
     # -- class names ---------------------------------------------------------------------------
