@@ -152,14 +152,20 @@ def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path):
     assert max((sb[k] - killed[k]).abs().max().item() for k in sb if sb[k].is_floating_point()) > 1e-3
 
 
-def test_odd_image_files(tmp_path):
-    from kdcache.data import build_dataset
-    from kdcache.errors import DatasetError
-
+def _two_class_folder(tmp_path):
+    """An empty two-class ``folder`` data set root: classes.txt, images/ and masks/."""
     root = tmp_path / "f"
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
     (root / "classes.txt").write_text("a\nb\n")
+    return root
+
+
+def test_odd_image_files(tmp_path):
+    from kdcache.data import build_dataset
+    from kdcache.errors import DatasetError
+
+    root = _two_class_folder(tmp_path)
     rng = np.random.default_rng(0)
     mask = rng.integers(0, 2, (8, 10), dtype=np.uint8)
     Image.fromarray(rng.integers(0, 255, (8, 10), dtype=np.uint8), mode="L").save(root / "images" / "gray.png")
@@ -185,10 +191,7 @@ def test_16_bit_images_read_at_their_high_byte_and_32_bit_ones_are_refused(tmp_p
     from kdcache.data import build_dataset
     from kdcache.errors import DatasetError
 
-    root = tmp_path / "f"
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    (root / "classes.txt").write_text("a\nb\n")
+    root = _two_class_folder(tmp_path)
     rng = np.random.default_rng(0)
     deep = rng.integers(0, 65536, (8, 10), dtype=np.uint16)
     deep[0, :3] = (0, 255, 65535)
@@ -217,10 +220,7 @@ def test_a_phone_photo_turned_by_exif_names_the_reason_in_the_size_error(tmp_pat
     from kdcache.data import build_dataset
     from kdcache.errors import DatasetError
 
-    root = tmp_path / "f"
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    (root / "classes.txt").write_text("a\nb\n")
+    root = _two_class_folder(tmp_path)
     rng = np.random.default_rng(0)
     for stem, orientation in (("phone", 6), ("plain", None)):
         img = Image.fromarray(rng.integers(0, 255, (8, 12, 3), dtype=np.uint8))  # stored 12 wide, 8 high
