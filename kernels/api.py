@@ -204,25 +204,36 @@ def _run_numba(s, v, i, t, ign, lab, T, with_tail, ignore_index, scales, per_pos
     return torch.from_numpy(grad), torch.as_tensor(out, dtype=torch.float32)
 
 
-def compile_numba() -> dict[str, str]:
-    """Compile both Numba kernels now (``spatial`` for maps, ``rows`` for rows), or load them from
-    Numba's on-disk cache, on two tiny inputs, so that no training step pays for it. The first
-    compile takes tens of seconds (about 40 on the project's 2-core machine); Numba then keeps it
-    next to ``kernels/numba_kl.py``, or under ``NUMBA_CACHE_DIR`` (or ``~/.cache/numba`` where the
-    package folder is read-only), and a later process loads it in about a second. Returns, per
-    kernel, ``"compiled"`` or ``"cached"``."""
+NUMBA_KERNELS = ("spatial", "rows")
+
+
+def compile_numba(kernels: tuple[str, ...] = NUMBA_KERNELS) -> dict[str, str]:
+    """Compile the Numba kernels now (``spatial`` for maps, ``rows`` for rows), or load them from
+    Numba's on-disk cache, on tiny inputs (a summed loss and a per-position map, the two compiled
+    signatures each), so that no training step pays for it. The first compile takes tens of
+    seconds (about a minute for both on the project's 2-core machine; two processes, one kernel
+    each, share it between the cores); Numba then keeps them next to ``kernels/numba_kl.py``, or
+    under ``NUMBA_CACHE_DIR`` (or ``~/.cache/numba`` where the package folder is read-only), and a
+    later process loads them in about a second. Returns, per kernel, ``"compiled"`` or ``"cached"``."""
     from kdcache.kernels.numba_kl import kl_rows, kl_spatial
 
+    unknown = sorted(set(kernels) - set(NUMBA_KERNELS))
+    if unknown:
+        raise KernelInputError(f"compile_numba takes kernels {', '.join(NUMBA_KERNELS)}, got {', '.join(unknown)}")
     g = torch.Generator().manual_seed(0)
-    for P in (64, 1):  # one map long enough for the spatial kernel, one row
-        assert numba_layout(3, P) == ("spatial" if P >= 64 else "rows")
+    for name in kernels:
+        P = 64 if name == "spatial" else 1  # a map long enough for the spatial kernel, or a row
+        assert numba_layout(3, P) == name
         s = torch.randn(1, 3, P, generator=g)
         values, ids = torch.randn(1, 2, P, generator=g).sort(dim=1, descending=True)[0].half(), torch.zeros(
             1, 2, P, dtype=torch.uint8)
         ids[:, 1] = 1
-        topk_kl(s, values, ids, torch.zeros(1, P, dtype=torch.float16), temperature=2.0, backend="numba")
-    return {name: "cached" if sum(kernel.stats.cache_hits.values()) and not sum(kernel.stats.cache_misses.values())
-            else "compiled" for name, kernel in (("spatial", kl_spatial), ("rows", kl_rows))}
+        for reduction in ("mean", "none"):
+            topk_kl(s, values, ids, torch.zeros(1, P, dtype=torch.float16), temperature=2.0, reduction=reduction,
+                    backend="numba")
+    compiled = {"spatial": kl_spatial, "rows": kl_rows}
+    return {name: "cached" if sum(compiled[name].stats.cache_hits.values())
+            and not sum(compiled[name].stats.cache_misses.values()) else "compiled" for name in kernels}
 
 
 def triton_usable(device: torch.device) -> bool:

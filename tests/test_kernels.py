@@ -358,3 +358,7 @@ def test_compile_numba_leaves_both_kernels_in_numbas_disk_cache():
                        .stdout.splitlines()[-1]) for _ in range(2)]
     assert set(runs[0].values()) <= {"compiled", "cached"}, runs
     assert runs[1] == {"spatial": "cached", "rows": "cached"}, runs
+    from kdcache.kernels.api import compile_numba
+
+    with pytest.raises(KernelInputError, match="compile_numba takes kernels spatial, rows, got dense"):
+        compile_numba(("rows", "dense"))
