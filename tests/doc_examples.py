@@ -10,7 +10,7 @@ A page's fenced blocks become :class:`Example`s:
 - ``python`` blocks: run whole.
 
 :func:`small` makes a ``kdcache`` command cheap without changing what it does: one epoch, a few
-images per split (as many as the folds where a run cuts K folds), batches of two, image sizes above 128 pixels scaled down (every occurrence of
+images per split (and `compare`'s example figures one best, one worst) (as many as the folds where a run cuts K folds), batches of two, image sizes above 128 pixels scaled down (every occurrence of
 one size the same way, so a student still has its cache's ``--resize``; the sizes a ``--config``
 file sets are overridden on the command line the same way), the kernel benchmark's quick cases. The data sets the examples name on disk are written small by
 :func:`write_example_data`, shaped as users' are: images of mixed sizes, a grayscale one, sides
@@ -184,6 +184,8 @@ def small(words: list[str], cwd: Path = Path(".")) -> list[str]:
         _set(args, "--teacher-epochs", EPOCHS)
         _set(args, "--student-epochs", EPOCHS)
         _set(args, "--limit", IMAGES, at_most=True)
+    elif command == "compare":  # one best and one worst example figure (its 4 test images hold no more)
+        _set(args, "--examples", 1, at_most=True)
     elif command == "bench-kernels":
         args += ["--quick", "--no-compile", "--repeats", "1"]
     return args
