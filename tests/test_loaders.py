@@ -462,6 +462,17 @@ def test_binary_masks_of_0_and_255_are_refused_or_read_as_class_1(tmp_path):
     assert r.exit_code == 0, r.output
 
 
+def test_class_names_and_split_lists_saved_with_a_byte_order_mark(tmp_path):
+    """Windows editors start a UTF-8 file with a byte-order mark; it is not part of the first class
+    name or the first listed id."""
+    make_folder(tmp_path)
+    (tmp_path / "classes.txt").write_text("\n".join(FOLDER_CLASSES) + "\r\n", encoding="utf-8-sig")
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "splits" / "val.txt").write_bytes("a\r\nc\r\n".encode("utf-8-sig"))
+    ds = FolderDataset(tmp_path, "val")
+    assert ds.class_names == tuple(FOLDER_CLASSES) and ds.ids == ["a", "c"]
+
+
 def test_folder_unpaired_and_layout_errors(tmp_path):
     with pytest.raises(DatasetError, match="does not exist"):
         FolderDataset(tmp_path / "nowhere", "train")

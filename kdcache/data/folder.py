@@ -74,7 +74,7 @@ def pair_by_stem(
 def read_id_list(path: Path) -> list[str]:
     """Sample ids of a split list: one per line; blank lines and ``#`` comments are skipped."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of an id
     except (OSError, UnicodeDecodeError) as exc:
         raise DatasetError(f"cannot read split list {path}: {exc}") from None
     ids = []
@@ -176,7 +176,7 @@ class FolderDataset(SegmentationDataset):
                     "ROOT/masks/*.png"
                 )
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()  # without a byte-order mark
         except (OSError, UnicodeDecodeError) as exc:
             raise DatasetError(f"cannot read class names file {path}: {exc}") from None
         names = tuple(line.strip() for line in lines if line.strip())
