@@ -111,7 +111,7 @@ def load_mapping(path: str | Path) -> dict:
     """The file's top-level mapping (JSON for ``.json``, YAML otherwise; an empty file is {})."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8-sig")  # UTF-8 on every platform; a byte-order mark is dropped
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigFileError(f"cannot read --config {path} ({reason}); give the path of a YAML or JSON file "

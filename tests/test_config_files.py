@@ -194,6 +194,16 @@ def test_values_take_either_shape(tmp_path):
     assert read(tmp_path, "").options == {} and read(tmp_path, "# nothing\n").fields == {}
 
 
+def test_a_config_file_saved_with_a_byte_order_mark_reads_as_utf8(tmp_path):
+    """A JSON or YAML file a Windows editor saved with a byte-order mark reads like any other (json
+    refused the mark), and non-ASCII text is UTF-8 whatever the platform's locale."""
+    from kdcache.cli.config_files import load_mapping
+
+    for name, text in (("c.json", '{"epochs": 3, "out": "runs/é"}'), ("c.yaml", "epochs: 3\nout: runs/é\n")):
+        (tmp_path / name).write_bytes(text.encode("utf-8-sig"))
+        assert load_mapping(tmp_path / name) == {"epochs": 3, "out": "runs/é"}, name
+
+
 def test_a_runs_informational_keys_are_ignored_only_in_a_runs_config(tmp_path):
     info = {k: 1 for k in RUN_INFO_KEYS} | {"kind": "supervised", "epochs": 2}
     assert read(tmp_path, json.dumps(info), name="config.json").options == {"epochs": 2}
