@@ -123,4 +123,6 @@ def export_pseudo_labels(
         table.add_row(*row)
     console.print(table)
     console.print(f"wrote {report['samples']} masks to {out} ({100 * report['pixels_kept']:.1f}% of pixels kept); "
-                  f"train on them with --dataset folder --data-root {out} --train-split all --val-split all (or validate on labelled data: kdcache evaluate RUN --dataset …)")
+                  f"train on them with --dataset folder --data-root {out} --train-split all --val-split all"
+                  + (" -o binary_255=false (255 marks the pixels left out)" if len(report["pixels_per_class"]) == 2 else "")
+                  + " (or validate on labelled data: kdcache evaluate RUN --dataset …)")

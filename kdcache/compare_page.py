@@ -24,6 +24,8 @@ from PIL import Image
 from kdcache import visualize
 
 THUMB = 192  # the longer side of a browser picture, pixels
+#: pixels without a label in a plain class map: VOC's void colour, not the black of class 0
+IGNORE_COLOR = (224, 224, 192)
 
 
 def save_picture(path: Path, rgb: np.ndarray) -> str:
@@ -54,7 +56,8 @@ def browser_images(out_dir: Path, result: dict, images: list[dict], palette) -> 
         files = {"image": "browse/" + save_picture(folder / f"{stem}_image.png", im["image"]),
                  "truth": "browse/" + save_picture(folder / f"{stem}_truth.png",
                                                 visualize.overlay(im["image"], label, pal, alpha=0.6)),
-                 "truth_map": "browse/" + save_picture(folder / f"{stem}_truth_map.png", visualize.colorize(label, pal))}
+                 "truth_map": "browse/" + save_picture(folder / f"{stem}_truth_map.png",
+                                                    visualize.colorize(label, pal, ignore_color=IGNORE_COLOR))}
         runs, maps = {}, {}
         for r, pred in im["preds"].items():
             pred = np.asarray(pred)

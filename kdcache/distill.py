@@ -117,9 +117,14 @@ class StudentTrainer(Trainer):
 
     def __init__(self, config: StudentConfig, **kw):
         # each method's defaults for the data set's task (kl and dist: T = 4 for classification),
-        # written into the specs, so that config.json records them and a resume compares like with like
+        # written into a new run's specs, so that config.json records them. A resumed run trains with
+        # its recorded specs (one from before a default changed keeps what it trained with); the
+        # specs given with it count as its own when they are, or become them with the defaults filled in
         task = "classification" if is_classification(DATASETS.get(config.dataset)) else "segmentation"
-        config = dataclasses.replace(config, methods=with_task_defaults(config.methods, task))
+        resolved = with_task_defaults(config.methods, task)
+        run = RunDir(config.out)
+        if not kw.get("resume") or (run.config_path.exists() and run.read_config().get("methods") == resolved):
+            config = dataclasses.replace(config, methods=resolved)
         super().__init__(config, **kw)
         c = self.config
         self.methods: list[KDMethod] = [build_method(m["name"], **{k: v for k, v in m.items() if k != "name"})

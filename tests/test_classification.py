@@ -387,6 +387,20 @@ def test_classification_students_take_kl_and_dist_at_their_classification_temper
         assert r.exit_code == 0, r.output
         methods = json.loads((tmp_path / name / "config.json").read_text())["methods"]
         assert {m["name"]: m["temperature"] for m in methods} == want, (name, methods)
+    # resuming with the same --method words: a run that recorded the default goes on at it, and one
+    # recorded before the default changed ({"name": "kl"}, trained at T = 1) keeps what it trained with
+    r = kd("train-student", *common, "--method", "kl", "--method", "dist", "--out", tmp_path / "default",
+           "--resume", "--epochs", 2)
+    assert r.exit_code == 0, r.output
+    cfg_path = tmp_path / "default" / "config.json"
+    assert [m.get("temperature") for m in json.loads(cfg_path.read_text())["methods"]] == [4.0, 4.0]
+    cfg = json.loads(cfg_path.read_text())
+    cfg["methods"] = [{"name": "kl"}, {"name": "dist"}]
+    cfg_path.write_text(json.dumps(cfg))
+    r = kd("train-student", *common, "--method", "kl", "--method", "dist", "--out", tmp_path / "default",
+           "--resume", "--epochs", 3)
+    assert r.exit_code == 0, r.output
+    assert json.loads(cfg_path.read_text())["methods"] == [{"name": "kl"}, {"name": "dist"}]
     # the same specs for segmentation: left to the constructor's default, T = 1
     assert with_task_defaults([{"name": "kl"}, {"name": "dist"}, {"name": "cwd"}], "segmentation") == [
         {"name": "kl"}, {"name": "dist"}, {"name": "cwd"}]

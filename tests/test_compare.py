@@ -146,3 +146,30 @@ def test_a_difference_that_rounds_to_zero_is_never_negative_zero():
     console.print(compare_table(result, width=120))
     for text in (markdown_table(result), console.export_text()):
         assert "-0.00" not in text and "±0.00" in text
+
+
+def test_the_browsers_pictures_overlay_and_class_map_by_hand(tmp_path):
+    """browser_images: per image the picture, the ground truth and each run's prediction as an overlay
+    and as a plain class map, whose unlabelled pixels take the void colour, not class 0's black."""
+    import numpy as np
+    from PIL import Image
+
+    from kdcache import visualize
+    from kdcache.compare_page import IGNORE_COLOR, browser_images
+
+    palette = [(0, 0, 0), (200, 0, 0), (0, 200, 0)]
+    image = np.full((4, 6, 3), 100, np.uint8)
+    label = np.array([[0, 1, 2, 255, 0, 1]] * 4, np.uint8)
+    pred = np.array([[0, 1, 1, 2, 0, 0]] * 4, np.uint8)
+    result = {"class_names": ["a", "b", "c"], "rows": [{"name": "s", "per_image_iou": {"x": 0.5}}]}
+    (entry,) = browser_images(tmp_path, result, [{"id": "x", "image": image, "label": label, "preds": {"s": pred}}],
+                              palette)
+    read = {k: np.asarray(Image.open(tmp_path / v)) for k, v in {**entry["files"], "map": entry["maps"]["s"],
+                                                                   "overlay": entry["runs"]["s"]}.items()}
+    np.testing.assert_array_equal(read["image"], image)
+    want_truth = np.asarray(palette, np.uint8)[np.where(label == 255, 0, label)]
+    want_truth[label == 255] = IGNORE_COLOR
+    np.testing.assert_array_equal(read["truth_map"], want_truth)
+    np.testing.assert_array_equal(read["map"], np.asarray(palette, np.uint8)[pred])
+    np.testing.assert_array_equal(read["overlay"], visualize.overlay(image, pred, np.asarray(palette, np.uint8), alpha=0.6))
+    assert entry["classes"] == ["a", "b", "c"] and entry["iou"] == {"s": 0.5}

@@ -197,8 +197,10 @@ def test_16_bit_images_read_at_their_high_byte_and_32_bit_ones_are_refused(tmp_p
     deep[0, :3] = (0, 255, 65535)
     Image.fromarray(deep).save(root / "images" / "deep.png")
     Image.fromarray(rng.integers(0, 1 << 20, (8, 10), dtype=np.int32)).save(root / "images" / "wide.tif")
+    # a 32-bit image whose values fit 16 bits: how older Pillow opens a 16-bit PNG
+    Image.fromarray(deep.astype(np.int32)).save(root / "images" / "old.tif")
     Image.fromarray(rng.random((8, 10), dtype=np.float32)).save(root / "images" / "real.tif")
-    for stem in ("deep", "wide", "real"):
+    for stem in ("deep", "wide", "real", "old"):
         Image.fromarray(rng.integers(0, 2, (8, 10), dtype=np.uint8), mode="L").save(root / "masks" / f"{stem}.png")
     assert Image.open(root / "images" / "deep.png").mode == "I;16"
     ds = build_dataset("folder", "all", root)
@@ -208,6 +210,8 @@ def test_16_bit_images_read_at_their_high_byte_and_32_bit_ones_are_refused(tmp_p
     assert image.dtype == np.uint8 and image.shape == (8, 10, 3)
     np.testing.assert_array_equal(image, np.stack([want] * 3, axis=-1))
     assert image[0, :3, 0].tolist() == [0, 0, 255]
+    assert Image.open(root / "images" / "old.tif").mode == "I"
+    np.testing.assert_array_equal(ds.load(by_id["old"])[0], image)
     for stem, words in (("wide", "holds 32-bit integer pixels"), ("real", "holds floating-point pixels")):
         with pytest.raises(DatasetError, match=f"{words}; kdcache reads 8- and 16-bit images: convert it to 8 bits") as e:
             ds.load(by_id[stem])

@@ -447,6 +447,8 @@ def test_binary_masks_of_0_and_255_are_refused_or_read_as_class_1(tmp_path):
     ds = build_dataset("folder", "all", root, binary_255=True)
     _, mask = ds.load(0)
     assert set(np.unique(mask).tolist()) == {0, 1} and (mask == 1).sum() == 4 * 6
+    with pytest.raises(DatasetError, match="-o binary_255 takes true or false, got 'no'"):
+        build_dataset("folder", "all", root, binary_255="no")
     with pytest.raises(DatasetError, match="binary_255=true reads 255 as class 1 of two, but the class names list 3"):
         build_dataset("folder", "all", make_folder(tmp_path / "three"), binary_255=True)
     # a mask with 255 as ignore beside both classes is read as it always was

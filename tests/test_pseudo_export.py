@@ -105,3 +105,25 @@ def test_top_k_cache_and_class_balanced_thresholds(setup, tmp_path):
     r = kd("export-pseudo-labels", caches[2], "--out", tmp_path / "b", "--quiet")
     assert r.exit_code == 2 and "--overwrite" in r.output
     assert kd("export-pseudo-labels", caches[2], "--out", tmp_path / "b", "--overwrite", "--quiet").exit_code == 0
+
+
+def test_a_two_class_export_reads_back_with_255_as_ignore(tmp_path):
+    """A two-class teacher's export: the printed next step names -o binary_255=false (255 marks the
+    pixels left out), and the folder reads back with it, where masks of background and 255 alone
+    would otherwise stop at the binary-mask check."""
+    root = tmp_path / "frames"
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(root / "images" / f"f{i}.png")
+    teacher = make_teacher(tmp_path / "t.pt", num_classes=2, class_names=["background", "lesion"])
+    (tmp_path / "names.txt").write_text("background\nlesion\n")
+    cache = tmp_path / "c.zarr"
+    r = kd("build-teacher-cache", "--weights", teacher, "--dataset", "folder", "--data-root", root, "--split", "all",
+           "-o", f"class_names_file={tmp_path / 'names.txt'}", "--out", cache, "--device", "cpu", "--quiet")
+    assert r.exit_code == 0, r.output
+    r = kd("export-pseudo-labels", cache, "--out", tmp_path / "px", "--confidence-threshold", 0.99)
+    assert r.exit_code == 0, r.output
+    assert "-o binary_255=false (255 marks the pixels left out)" in " ".join(r.output.split())
+    ds = build_dataset("folder", "all", tmp_path / "px", binary_255=False)
+    assert all(set(np.unique(ds.load(i)[1]).tolist()) <= {0, 1, 255} for i in range(len(ds)))

@@ -56,13 +56,15 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 def read_rgb(path: Path) -> np.ndarray:
     """Decode an image file to uint8 RGB [H, W, 3]; grayscale and RGBA are converted, 16-bit
-    grayscale at its high byte; 32-bit integer and floating-point images are refused (their
-    value range is the user's to choose)."""
+    grayscale at its high byte (a 32-bit integer image whose values fit 16 bits too); other 32-bit
+    integer and floating-point images are refused (their value range is the user's to choose)."""
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode in SIXTEEN_BIT_MODES:
-                gray = (np.asarray(im).astype(np.uint16) >> 8).astype(np.uint8)
+            deep = np.asarray(im) if im.mode in (*SIXTEEN_BIT_MODES, "I") else None
+            # mode I: a 32-bit image, or a 16-bit PNG as older Pillow opens it; its values tell which
+            if deep is not None and (im.mode != "I" or (deep.size and deep.min() >= 0 and deep.max() <= 65535)):
+                gray = (deep.astype(np.uint16) >> 8).astype(np.uint8)
                 return np.repeat(gray[..., None], 3, axis=2)
             if im.mode in ("I", "F"):
                 raise DatasetError(

@@ -141,6 +141,8 @@ class FolderDataset(SegmentationDataset):
         if not root.is_dir():
             raise DatasetError(f"folder data set root {root} does not exist or is not a directory")
         self.class_names = self._read_class_names(root, class_names_file)
+        if binary_255 not in (None, True, False):
+            raise DatasetError(f"-o binary_255 takes true or false, got {binary_255!r}")
         if binary_255 and len(self.class_names) != 2:
             raise DatasetError(f"-o binary_255=true reads 255 as class 1 of two, but the class names list "
                                f"{len(self.class_names)} classes; list two (background and the foreground)")
