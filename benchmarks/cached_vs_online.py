@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import hashlib
 import json
 import math
 import statistics
@@ -180,17 +179,6 @@ def test_score(task: dict, run: Path) -> dict:
     return {"score": m[task["score"]], "num_samples": len(ds)}
 
 
-def weights_fingerprint(run: Path) -> str:
-    """sha256 of a run's best weights, tensor by tensor in name order (the checkpoint file's other
-    contents, such as the epoch or the optimiser, do not enter)."""
-    sd = open_weights(str(run)).contents["state_dict"]
-    h = hashlib.sha256()
-    for name in sorted(sd):
-        h.update(name.encode())
-        h.update(sd[name].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def paired(xs: list[float]) -> dict:
     n = len(xs)
     mean = statistics.mean(xs)
@@ -313,7 +301,7 @@ def main() -> None:
         train(TrainConfig(out=str(teacher), **task["teacher"]), overwrite=True, show_progress=False)
         state["teacher_seconds"] = time.perf_counter() - t0
     if "caches" in phases:
-        fingerprint = weights_fingerprint(teacher)
+        fingerprint = open_weights(str(teacher)).weights_sha256()
         known = state.get("teacher", {}).get("weights_sha256")
         if known and known != fingerprint:
             raise SystemExit(f"error: the teacher in {teacher} is not the one {state_path} was measured with (its weights "

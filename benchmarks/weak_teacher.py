@@ -6,27 +6,33 @@
 The seeds' SegFormer experiment lost its KD gains on Building, the class where its teacher was worse
 than the student. This builds that case on the built-in road scenes: a teacher trained on labels
 where, in a fixed 60% of the training images, every *building* pixel is labelled *sky* (the
-``synthetic-weak-building`` data set registered below; val, test and the students' labels are
-untouched), so it is weak on building. Students learn from its cache of the true training split.
+``synthetic-weak-building`` data set registered below: its training split only; val, which
+chooses the teacher's checkpoint, test and the students' labels are untouched), so it is weak on
+building. Students learn from its cache of the true training split.
 
-Phases (``--phase``, comma-separated; ``state.json`` in ``--out`` keeps what each measured, so a
-cut-short run goes on where it stopped):
+Phases (``--phase``, comma-separated). The state beside the results file
+(``benchmarks/results/weak-teacher-<cpu|gpu>.json``, committed as it goes) keeps what each run
+measured, so a cut-short run goes on where it stopped; a run cut short (a teacher or a student that
+did not train all its epochs) is trained again:
 
 * ``teachers``: the weak teacher (`demo_teacher`, 24 epochs, as cached_vs_online.py's) and, unless
-  ``--standard-teacher RUN`` gives one trained with that recipe, the standard one (true labels);
+  ``--standard-teacher RUN`` gives one trained with that recipe (copied into ``--out``, so that no
+  other benchmark's retraining changes it), the standard one (true labels); each teacher's weights
+  are fingerprinted in the state, and a later launch with other weights stops;
 * ``caches``: each teacher's top-4 + tail cache of the true training split (with its quality
   arrays: the teacher's per-class IoU on the training images);
 * ``students``: per seed, CE; and for each teacher, KL and DIST plain, with ``mask=teacher_correct``
-  and with ``class_weights=baseline`` (baseline: the same seed's CE run; ``teacher_iou=train``,
-  ``margin=0.1``).
+  and with ``class_weights=baseline`` (baseline: the same seed's CE run, trained again if its
+  folder is gone; ``teacher_iou=train``, ``margin=0.1``).
 
 Fixed before the first run (not tuned: this many runs do not fit the machine twice): every method at
 its default temperature (1), the weight rule and its margin 0.1. The teacher-aware variant reported
 as "best" is the one with the best mean **val** mIoU over seeds; comparisons are on **test** (1000
-images), checkpoints on val. Reported: mean ± sd test mIoU and building IoU per arm; paired
-differences (teacher-aware − plain of the same method and teacher; 95% t interval); on the weak class,
-the share of what plain KD loses against CE that each variant recovers; per-class IoU of every arm of
-the weak teacher. Writes ``benchmarks/results/weak-teacher-<cpu|gpu>.md``.
+images), checkpoints on val. Reported: mean ± sd test mIoU and building IoU per arm, with each
+seed's test mIoU as read; paired differences (teacher-aware − plain of the same method and teacher;
+sd, 95% t interval and each seed's difference); on the weak class, the share of what plain KD loses
+against CE that each variant recovers; the class weights the class-weights arms trained with; per-class
+IoU of every arm of the weak teacher. Writes ``benchmarks/results/weak-teacher-<cpu|gpu>.md``.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import subprocess
 from pathlib import Path
@@ -64,14 +71,15 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 
 
 class WeakBuildingLabels(SyntheticDataset):
-    """The synthetic road scenes with every building pixel labelled sky in a fixed share of the
-    images (the same images for every process: chosen from the sample index): a teacher trained on
-    it is weak on building. For this benchmark's teacher only."""
+    """The synthetic road scenes whose *training* split has every building pixel labelled sky in a
+    fixed share of the images (the same images for every process: chosen from the sample index): a
+    teacher trained on it is weak on building. Its val split, on which the teacher's checkpoint is
+    chosen, keeps the true labels, as the standard teacher's does. For this benchmark's teacher only."""
 
     def read_mask(self, ref):
         mask = super().read_mask(ref).copy()
         index = int(ref.id.rpartition("_")[2])
-        if np.random.default_rng((2028, index)).random() < WEAK_SHARE:
+        if self.split == "train" and np.random.default_rng((2028, index)).random() < WEAK_SHARE:
             names = list(self.class_names)
             mask[mask == names.index(WEAK_CLASS)] = names.index(INTO)
         return mask
@@ -94,6 +102,14 @@ def test_scores(run: Path) -> dict:
     m = evaluate_model(model, make_loader(SegPipeline(ds, weights.preprocess), 32, 0, pin_memory=False),
                        ds.num_classes, dev, show_progress=False).metrics
     return {"miou": m["miou"], "iou": [None if v is None or math.isnan(v) else v for v in m["iou"]]}
+
+
+def finished(run: Path, epochs: int) -> bool:
+    """Whether ``run`` trained all ``epochs`` (one cut short by a restart has a best.pt too)."""
+    log = run / "metrics.jsonl"
+    if not (log.exists() and (run / "best.pt").exists()):
+        return False
+    return sum("epoch" in r and "val_miou" in r for r in map(json.loads, log.read_text().splitlines())) == epochs
 
 
 def val_best(run: Path) -> float:
@@ -119,30 +135,41 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     phases = set(args.phase.split(","))
-    state_path = out / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
     device = resolve_device("auto")
+    results = Path(__file__).parent / "results" / f"weak-teacher-{'gpu' if device.type == 'cuda' else 'cpu'}.md"
+    state_path = results.with_suffix(".json")  # beside the results file, committed with it
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
     state["machine"] = device_name(device)
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           cwd=Path(__file__).parent).stdout.strip()
     state.setdefault("commits", [])
     if head and head not in state["commits"]:
         state["commits"].append(head)
-    results = Path(__file__).parent / "results" / f"weak-teacher-{'gpu' if device.type == 'cuda' else 'cpu'}.md"
-    teachers = {"weak": out / "teacher-weak",
-                "standard": Path(args.standard_teacher) if args.standard_teacher else out / "teacher-standard"}
+    teachers = {"weak": out / "teacher-weak", "standard": out / "teacher-standard"}
 
     def save():
-        state_path.write_text(json.dumps(state, indent=2))
+        tmp = state_path.with_name(state_path.name + ".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(state_path)
         write_report(state, results)
 
     if "teachers" in phases:
+        if args.standard_teacher and not finished(teachers["standard"], TEACHER["epochs"]):
+            shutil.copytree(args.standard_teacher, teachers["standard"], dirs_exist_ok=True)
+            if not finished(teachers["standard"], TEACHER["epochs"]):
+                raise SystemExit(f"error: --standard-teacher {args.standard_teacher} did not train {TEACHER['epochs']} "
+                                 "epochs of the teacher recipe; give such a run, or leave the option out to train one")
         for name, dataset in (("weak", "synthetic-weak-building"), ("standard", "synthetic")):
-            if name == "standard" and args.standard_teacher or (teachers[name] / "best.pt").exists():
-                continue
-            train(TrainConfig(out=str(teachers[name]), dataset=dataset, dataset_options=dict(DATA_OPTIONS), **TEACHER),
-                  overwrite=True, show_progress=False)
-        state["teachers"] = {name: {"run": str(p), **test_scores(p)} for name, p in teachers.items()}
+            if not finished(teachers[name], TEACHER["epochs"]):
+                train(TrainConfig(out=str(teachers[name]), dataset=dataset, dataset_options=dict(DATA_OPTIONS),
+                                  **TEACHER), overwrite=True, show_progress=False)
+        for name, p in teachers.items():
+            sha = open_weights(str(p)).weights_sha256()
+            known = state.get("teachers", {}).get(name, {}).get("weights_sha256")
+            if known and known != sha:
+                raise SystemExit(f"error: the {name} teacher in {p} is not the one {state_path} was measured with (its "
+                                 "weights differ); restore it, or move the state file aside to start over")
+            state.setdefault("teachers", {})[name] = {"run": str(p), "weights_sha256": sha, **test_scores(p)}
         save()
     if "caches" in phases:
         for name, p in teachers.items():
@@ -152,25 +179,36 @@ def main() -> None:
         save()
     if "students" in phases:
         runs = state.setdefault("students", {})
+
+        def train_arm(seed: int, arm: str) -> Path:
+            run = out / f"s{seed}-{arm.lower().replace(', ', '-').replace(' ', '-')}"
+            if arm == "CE":
+                cache, methods = out / "weak.zarr", [{"name": "none"}]
+            else:
+                who, what = arm.split(" teacher, ")
+                method, variant = what.split(" ", 1)
+                opts = dict(VARIANTS[variant])
+                if variant == "class weights":
+                    baseline = train_arm(seed, "CE") if not finished(out / f"s{seed}-ce", STUDENT["epochs"]) \
+                        else out / f"s{seed}-ce"  # the same seed's CE run: trained again if its folder is gone
+                    opts.update(baseline=str(baseline), margin=MARGIN)
+                cache, methods = out / f"{who}.zarr", [{"name": method.lower(), **opts}]
+            cfg = config_from_store(str(cache), out=str(run), seed=seed, methods=methods, **STUDENT)
+            train_student(cfg, overwrite=True, show_progress=False)
+            return run
+
         for seed in seeds:
             for arm in arms():
                 if str(seed) in runs.get(arm, {}):
                     continue
-                run = out / f"s{seed}-{arm.lower().replace(', ', '-').replace(' ', '-')}"
-                if arm == "CE":
-                    cache, methods = out / "weak.zarr", [{"name": "none"}]
-                else:
-                    who, what = arm.split(" teacher, ")
-                    method, variant = what.split(" ", 1)
-                    opts = dict(VARIANTS[variant])
-                    if variant == "class weights":
-                        opts.update(baseline=str(out / f"s{seed}-ce"), margin=MARGIN)
-                    cache, methods = out / f"{who}.zarr", [{"name": method.lower(), **opts}]
-                cfg = config_from_store(str(cache), out=str(run), seed=seed, methods=methods, **STUDENT)
-                train_student(cfg, overwrite=True, show_progress=False)
-                runs.setdefault(arm, {})[str(seed)] = {"val": val_best(run), **test_scores(run)}
+                run = train_arm(seed, arm)
+                r = {"val": val_best(run), **test_scores(run)}
+                if arm.endswith("class weights"):  # the weights it trained with, per class
+                    evidence = json.loads((run / "config.json").read_text())["class_weights"]
+                    r["weights"] = next(iter(evidence.values()))["weights"]
+                runs.setdefault(arm, {})[str(seed)] = r
                 save()
-                print(arm, seed, runs[arm][str(seed)]["miou"], flush=True)
+                print(arm, seed, r["miou"], flush=True)
     save()
 
 
@@ -190,15 +228,18 @@ def write_report(state: dict, path: Path) -> None:
                      f"{100 * (t['iou'][weak] or 0):.2f}")
     runs = state.get("students", {})
     if runs:
-        lines += ["", "| arm | seeds | test mIoU | " + f"{WEAK_CLASS} IoU | val mIoU |", "|---|---|---|---|---|"]
+        lines += ["", "| arm | seeds | test mIoU | per seed | " + f"{WEAK_CLASS} IoU | val mIoU |",
+                  "|---|---|---|---|---|---|"]
         for arm in arms():
             r = runs.get(arm)
             if not r:
                 continue
-            m = [100 * v["miou"] for v in r.values()]
-            b = [100 * (v["iou"][weak] or 0) for v in r.values()]
+            order = sorted(r, key=int)
+            m = [100 * r[k]["miou"] for k in order]
+            b = [100 * (r[k]["iou"][weak] or 0) for k in order]
             sd = statistics.stdev(m) if len(m) > 1 else 0.0
-            lines.append(f"| {arm} | {len(m)} | {statistics.mean(m):.2f} ± {sd:.2f} | {statistics.mean(b):.2f} | "
+            lines.append(f"| {arm} | {len(m)} | {statistics.mean(m):.2f} ± {sd:.2f} | "
+                         f"{', '.join(f'{x:.2f}' for x in m)} | {statistics.mean(b):.2f} | "
                          f"{100 * statistics.mean(v['val'] for v in r.values()):.2f} |")
         best = {}
         for m in METHODS:  # the teacher-aware variant reported as the best: chosen on val, never on test
@@ -210,7 +251,8 @@ def write_report(state: dict, path: Path) -> None:
                   + (", ".join(f"{m.upper()}: {v}" for m, v in best.items()) or "—") + "."]
         lines += ["", "Paired differences, teacher-aware − plain (test mIoU points; 95% t interval); "
                   f"recovered: the share of plain KD's loss against CE on {WEAK_CLASS} that the variant wins back.", "",
-                  "| comparison | seeds | mean | 95% interval | recovered on " + WEAK_CLASS + " |", "|---|---|---|---|---|"]
+                  "| comparison | seeds | mean | sd | 95% interval | per seed | recovered on " + WEAK_CLASS + " |",
+                  "|---|---|---|---|---|---|---|"]
         for who in ("weak", "standard"):
             for m in METHODS:
                 plain = runs.get(f"{who} teacher, {m.upper()} plain", {})
@@ -219,12 +261,25 @@ def write_report(state: dict, path: Path) -> None:
                     common = sorted(set(runs.get(arm, {})) & set(plain) & set(runs.get("CE", {})), key=int)
                     if not common:
                         continue
-                    p = paired([100 * (runs[arm][s]["miou"] - plain[s]["miou"]) for s in common])
+                    diffs = [100 * (runs[arm][s]["miou"] - plain[s]["miou"]) for s in common]
+                    p = paired(diffs)
                     lost = statistics.mean((runs["CE"][s]["iou"][weak] or 0) - (plain[s]["iou"][weak] or 0) for s in common)
                     won = statistics.mean((runs[arm][s]["iou"][weak] or 0) - (plain[s]["iou"][weak] or 0) for s in common)
                     ci = f"[{p['lo']:+.2f}, {p['hi']:+.2f}]" if p["n"] > 1 else ""
                     rec = f"{won / lost:.0%}" if lost > 0 else "— (plain KD loses nothing)"
-                    lines.append(f"| {arm} − plain | {p['n']} | {p['mean']:+.2f} | {ci} | {rec} |")
+                    sd = f"{p['sd']:.2f}" if p["n"] > 1 else ""
+                    lines.append(f"| {arm} − plain | {p['n']} | {p['mean']:+.2f} | {sd} | {ci} | "
+                                 f"{', '.join(f'{d:+.2f}' for d in diffs)} | {rec} |")
+        weighted = [a for a in arms() if a.endswith("class weights") and runs.get(a)]
+        if weighted:
+            lines += ["", "Class weights the class-weights arms trained with (mean over seeds; 1 = full KD, 0 = none):",
+                      "", "| arm | " + " | ".join(f"{n}{' (weak)' if c == weak else ''}" for c, n in enumerate(names))
+                      + " |", "|---|" + "---|" * len(names)]
+            for a in weighted:
+                ws = [v["weights"] for v in runs[a].values() if v.get("weights")]
+                if ws:
+                    lines.append(f"| {a} | " + " | ".join(f"{statistics.mean(w[c] for w in ws):.2f}"
+                                                          for c in range(len(names))) + " |")
         weak_arms = [a for a in arms() if a == "CE" or a.startswith("weak")]
         if all(a in runs for a in weak_arms):
             lines += ["", "Per-class test IoU, weak teacher (mean over seeds, %):", "",

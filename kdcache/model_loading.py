@@ -16,6 +16,7 @@ through here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,6 +70,16 @@ class Weights:
 
     def sha256(self) -> str:
         return file_sha256(self.checkpoint)
+
+    def weights_sha256(self) -> str:
+        """SHA-256 of the weights alone, tensor by tensor in name order: the same for two checkpoints
+        of the same weights whatever else they hold (epoch, optimiser, the run's configuration)."""
+        h = hashlib.sha256()
+        sd = self.contents["state_dict"]
+        for name in sorted(sd):
+            h.update(name.encode())
+            h.update(sd[name].detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     def build(self, *, arch: str | None = None, num_classes: int | None = None, taps: Sequence[str] = (),
               device: torch.device | str | None = None, arch_option: str | None = None,

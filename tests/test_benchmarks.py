@@ -177,9 +177,12 @@ def test_cached_vs_online_merges_the_runs_of_processes_that_share_a_state():
 
 
 def test_weak_teacher_runs_every_arm_and_reports_the_weak_class(tmp_path, monkeypatch):
-    """weak_teacher.py on a tiny setting: the weak teacher's labels lose building to sky in the
-    chosen images only; every arm trains for each seed; the class-weight arms read the same seed's
-    CE run; the report holds each arm, the paired differences and the per-class table."""
+    """weak_teacher.py on a tiny setting: the weak teacher's training labels lose building to sky in
+    the chosen images only, its val labels none; every arm trains for each seed; the class-weight
+    arms read the same seed's CE run (trained again when its folder is gone); the state beside the
+    results file; a teacher cut short is trained again, one whose weights changed is refused; the
+    report holds each arm with its seeds, the paired differences per seed, the class weights and the
+    per-class table."""
     import json as _json
 
     import numpy as np
@@ -202,21 +205,52 @@ def test_weak_teacher_runs_every_arm_and_reports_the_weak_class(tmp_path, monkey
         assert np.array_equal(b, np.where(a == 1, 0, a) if picked else a)
         changed.append(picked and bool((a == 1).any()))
     assert any(changed) and not all(changed)
+    val_true, val_weak = (build_dataset(n, "val", None, **opts) for n in ("synthetic", "synthetic-weak-building"))
+    assert all(np.array_equal(val_true.load(i)[1], val_weak.load(i)[1]) for i in range(len(val_true)))
     results = tmp_path / "results"
     monkeypatch.setitem(module, "__file__", str(results / "x" / "weak_teacher.py"))
     (results / "x" / "results").mkdir(parents=True)
     monkeypatch.setattr(sys, "argv", ["weak_teacher.py", "--seeds", "0,1", "--out", str(tmp_path / "w")])
     script["main"]()
-    state = _json.loads((tmp_path / "w" / "state.json").read_text())
+    state_file = results / "x" / "results" / "weak-teacher-cpu.json"  # beside the results file
+    state = _json.loads(state_file.read_text())
     assert set(state["students"]) == set(script["arms"]()) and all(set(r) == {"0", "1"} for r in state["students"].values())
     cfg = _json.loads((tmp_path / "w" / "s1-weak-teacher-kl-class-weights" / "config.json").read_text())
     assert cfg["methods"][0]["baseline"] == str(tmp_path / "w" / "s1-ce") and "kl" in cfg["class_weights"]
     assert _json.loads((tmp_path / "w" / "s0-standard-teacher-dist-mask" / "config.json").read_text())[
         "methods"][0]["mask"] == "teacher_correct"
     table = (results / "x" / "results" / "weak-teacher-cpu.md").read_text()
-    for row in ("| CE | 2 |", "| weak teacher, KL mask − plain | 2 |", "| standard teacher, DIST class weights − plain | 2 |",
-                "| building (weak) |", "Best teacher-aware variant on val (weak teacher): KL: "):
+    ce = [f"{100 * state['students']['CE'][k]['miou']:.2f}" for k in ("0", "1")]
+    for row in ("| CE | 2 | ", f" | {ce[0]}, {ce[1]} | ", "| weak teacher, KL mask − plain | 2 |",
+                "| standard teacher, DIST class weights − plain | 2 |", "| building (weak) |",
+                "Best teacher-aware variant on val (weak teacher): KL: ", "| weak teacher, KL class weights | "):
         assert row in table, row
+    assert all(len(r["weights"]) == 11 for r in state["students"]["weak teacher, DIST class weights"].values())
+    # a later launch: a teacher cut short is trained again; a class-weights arm whose CE folder is gone
+    # trains the CE run again; a teacher whose weights changed is refused
+    import shutil
+
+    weak_teacher = tmp_path / "w" / "teacher-weak"
+    (weak_teacher / "metrics.jsonl").write_text("")
+    shutil.rmtree(tmp_path / "w" / "s0-ce")
+    del state["students"]["weak teacher, KL class weights"]["0"]
+    state_file.write_text(_json.dumps(state))
+    monkeypatch.setattr(sys, "argv", ["weak_teacher.py", "--seeds", "0", "--out", str(tmp_path / "w")])
+    script["main"]()  # the teacher trains again from its seed: the same weights, so the state goes on
+    assert (weak_teacher / "metrics.jsonl").read_text() and (tmp_path / "w" / "s0-ce" / "best.pt").exists()
+    again = _json.loads(state_file.read_text())
+    assert "0" in again["students"]["weak teacher, KL class weights"]
+    assert again["students"]["CE"] == state["students"]["CE"]  # the recorded CE numbers stay as read
+    import torch
+
+    ckpt = torch.load(weak_teacher / "best.pt", weights_only=False)
+    name = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point())
+    ckpt["state_dict"][name] = ckpt["state_dict"][name] + 1
+    torch.save(ckpt, weak_teacher / "best.pt")
+    monkeypatch.setattr(sys, "argv", ["weak_teacher.py", "--seeds", "0", "--phase", "teachers", "--out",
+                                      str(tmp_path / "w")])
+    with pytest.raises(SystemExit, match="the weak teacher in .* is not the one .* was measured with"):
+        script["main"]()
 
 
 def test_store_scale_measures_a_tiny_store_and_reports_the_jpeg_comparator(tmp_path, monkeypatch):

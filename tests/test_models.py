@@ -186,3 +186,27 @@ def test_torchvision_checkpoint_with_its_auxiliary_head_loads(tmp_path):
     assert r.exit_code == 0, r.output
     assert "auxiliary head" not in r.output
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model_options"] == {"aux_loss": True}
+
+
+def test_weights_sha256_is_the_weights_alone(tmp_path):
+    """Two checkpoints of the same weights with other epochs and configs share weights_sha256 (their
+    files' sha256 differ); other weights do not; the value is SHA-256 over name and bytes in name order."""
+    import hashlib
+
+    from kdcache.model_loading import open_weights
+
+    model = build_model("demo_student", 11)
+    save_checkpoint(tmp_path / "a.pt", model, config={"model": "demo_student", "num_classes": 11}, epoch=1)
+    save_checkpoint(tmp_path / "b.pt", model, config={"model": "demo_student", "num_classes": 11, "note": "x"},
+                    epoch=7)
+    a, b = open_weights(str(tmp_path / "a.pt")), open_weights(str(tmp_path / "b.pt"))
+    assert a.sha256() != b.sha256() and a.weights_sha256() == b.weights_sha256()
+    h = hashlib.sha256()
+    for name, t in sorted(getattr(model, "net", model).state_dict().items()):  # what save_checkpoint keeps
+        h.update(name.encode())
+        h.update(t.detach().contiguous().numpy().tobytes())
+    assert a.weights_sha256() == h.hexdigest()
+    with torch.no_grad():
+        next(model.parameters()).add_(1)
+    save_checkpoint(tmp_path / "c.pt", model, config={"model": "demo_student", "num_classes": 11}, epoch=1)
+    assert open_weights(str(tmp_path / "c.pt")).weights_sha256() != a.weights_sha256()
