@@ -119,6 +119,9 @@ class CacheBuildConfig:
                                   "student replays them, so its targets are the teacher's on its own pixels.")
     schedules: int = opt(1, "With --schedule-epochs: R independent schedules; a student with --seed s replays "
                             "schedule s.")
+    first_schedule: int = opt(0, "With --schedule-epochs: the first schedule stored, so the store holds schedules "
+                                 "S..S+R-1 (the seeds a machine trains; each schedule is drawn the same whatever "
+                                 "store holds it).")
     store_scales: tuple[float, ...] = opt((), "Segmentation: also store the teacher's logits on the whole image at "
                                              "these other scales, e.g. 0.75,1.25 (a pyramid); a training crop takes "
                                              "the level nearest its own scale.", shape="numbers")
@@ -144,9 +147,13 @@ class CacheBuildConfig:
             raise KDCacheError(f"--schedule-epochs must be 0 or more, got {self.schedule_epochs}")
         if self.schedules < 1:
             raise KDCacheError(f"--schedules must be at least 1, got {self.schedules}")
+        if self.first_schedule < 0:
+            raise KDCacheError(f"--first-schedule must be 0 or more (the first seed whose crops are stored), got "
+                               f"{self.first_schedule}")
         if not self.schedule_epochs:
             given = [name for name, value, default in (
-                ("--schedules", self.schedules, 1), ("--crop-size", self.crop, None), ("--scale", self.scale, (0.75, 1.25)),
+                ("--schedules", self.schedules, 1), ("--first-schedule", self.first_schedule, 0),
+                ("--crop-size", self.crop, None), ("--scale", self.scale, (0.75, 1.25)),
                 ("--crop-area", self.crop_area, (0.25, 1.0)), ("--flip", self.hflip, True)) if value != default]
             if given:
                 raise KDCacheError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} the crops of a schedule; "
@@ -235,10 +242,10 @@ class TeacherInputs(torch.utils.data.Dataset):
     the same ones) with their packed geometries."""
 
     def __init__(self, dataset, preprocess: Preprocess, views: int = 0, view_aug: Augment | None = None,
-                 view_seed: int = 0, labels: bool = False, schedule: tuple[int, int] | None = None):
+                 view_seed: int = 0, labels: bool = False, schedule: tuple[int, range] | None = None):
         self.dataset, self.preprocess = dataset, preprocess
         self.views, self.view_aug, self.view_seed = views, view_aug, view_seed
-        self.schedule = schedule  # (epochs, schedules): the views are a student's crops, made by the caller
+        self.schedule = schedule  # (epochs, schedules stored): the views are a student's crops, made by the caller
         self.labels = labels and getattr(dataset, "labelled", True)
         self.classification = is_classification(dataset)
 
@@ -257,10 +264,10 @@ class TeacherInputs(torch.utils.data.Dataset):
                 label = label.to(torch.uint8)
         item = {"index": i, "image": x, "label": label}
         if self.schedule:  # geometries only: the caller crops on its device, a few at a time
-            E, R = self.schedule
+            E, schedules = self.schedule
             size = tuple(x.shape[-2:])
             item["view_params"] = np.array([schedule_geometry(r, e, i, size, self.view_aug).pack()
-                                            for r in range(R) for e in range(E)], dtype=np.float32)
+                                            for r in schedules for e in range(E)], dtype=np.float32)
         elif self.views:
             rng = np.random.default_rng((self.view_seed, i))
             gs = [sample_geometry(rng, tuple(x.shape[-2:]), self.view_aug) for _ in range(self.views)]
@@ -360,6 +367,7 @@ def _build(config: CacheBuildConfig, d: distributed.Dist, device: torch.device, 
                  "map_size": view_map, "feature_shapes": view_feats,
                  "area": config.crop_area if classification else None,
                  "schedule": {"epochs": config.schedule_epochs, "schedules": config.schedules,
+                              **({"first": config.first_schedule} if config.first_schedule else {}),
                               "augment": aug.to_dict()}}
     elif config.levels:  # a pyramid: the whole image at other scales and/or mirrored, logits only
         flags = "--store-scales" if config.store_scales else "--store-flips"
@@ -435,7 +443,7 @@ def _run_teacher(teacher: TeacherEnsemble, ds, preprocess, schema: CacheSchema, 
     elif schema.views:
         view_aug = Augment(scale=tuple(config.view_scale), crop=tuple(schema.views["crop"]), hflip=True)
     inputs = TeacherInputs(ds, preprocess, config.views, view_aug, config.view_seed, labels=True,
-                           schedule=(sched["epochs"], sched["schedules"]) if sched else None)
+                           schedule=(int(sched["epochs"]), schema.schedules_held) if sched else None)
     workers = default_workers(device) if config.workers is None else config.workers
     loader = make_loader(inputs, None, workers, batch_sampler=batches, collate_fn=list, pin_memory=device.type == "cuda")
     writer = ShardWriter(group, schema, out, config.queue_size * B)

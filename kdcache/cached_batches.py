@@ -313,14 +313,19 @@ def check_schedule(store: CacheStore, config, augment: Augment | None) -> None:
     sched = store.schema.schedule
     if not sched:
         return
-    E, R = int(sched["epochs"]), int(sched["schedules"])
+    E, held = int(sched["epochs"]), store.schema.schedules_held
     if config.epochs > E:
         raise KDCacheError(f"--epochs {config.epochs} is more than the {E} epochs the schedule of {store.path} "
                            f"holds; train --epochs {E} or fewer, or rebuild it with --schedule-epochs {config.epochs}")
-    if not 0 <= config.seed < R:
-        raise KDCacheError(f"--seed {config.seed}: {store.path} holds schedule{'s 0..' if R > 1 else ' '}{R - 1} "
-                           f"(--schedules {R}), one per seed; train with --seed in 0..{R - 1} or rebuild it with "
-                           f"--schedules {config.seed + 1}")
+    if config.seed not in held:
+        first, last = held.start, held.stop - 1
+        which = f"schedule {first}" if first == last else f"schedules {first}..{last}"
+        built = f"--schedules {len(held)}" + (f" --first-schedule {first}" if first else "")
+        rebuild = ("rebuild it with " + (f"--schedules {config.seed + 1}" if config.seed > last else
+                                         f"--first-schedule {config.seed} --schedules {last - config.seed + 1}")
+                   if config.seed >= 0 else "give --seed 0 or more")
+        raise KDCacheError(f"--seed {config.seed}: {store.path} holds {which} ({built}), one per seed; train with "
+                           f"--seed {first if first == last else f'in {first}..{last}'} or {rebuild}")
     stored = sched["augment"]
     mine = augment.to_dict() if augment is not None else {}
     for key in AUGMENT_OPTIONS:

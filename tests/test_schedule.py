@@ -145,6 +145,45 @@ def test_a_schedule_in_memory_store_reads_back(seg, tmp_path):
             assert np.array_equal(a[key], b[key]), key
 
 
+def test_a_store_of_later_schedules_holds_what_the_whole_store_holds_for_them(seg, tmp_path):
+    """``--first-schedule 1 --schedules 1``: seed 1's crops alone (a machine that trains seed 1
+    builds only its schedule). Its views are the whole store's views of schedule 1, byte for byte,
+    and the student with seed 1 reads the same items from either; seed 0 is refused."""
+    teacher, whole = seg
+    part = tmp_path / "s1.zarr"
+    r = kd("build-teacher-cache", "--weights", teacher, "-o", "resolution=32x48", "--limit", "12", "--topk", "11",
+           "--features", "stage3", "--schedule-epochs", str(E), "--first-schedule", "1", "--samples-per-shard", "4",
+           "--workers", "0", "--device", "cpu", "--quiet", "--out", part)
+    assert r.exit_code == 0, r.output
+    a, b = CacheStore(whole), CacheStore(part)
+    assert list(b.schema.schedules_held) == [1] and b.schema.views["count"] == E
+    assert [b.schema.view_of(1, e) for e in range(E)] == list(range(E))
+    for row in (0, 5, 11):
+        for e in range(E):
+            x = a.read(row, groups=["views/logits", "views/params", "views/features/stage3"], view=a.schema.view_of(1, e))
+            y = b.read(row, groups=["views/logits", "views/params", "views/features/stage3"], view=e)
+            assert x.keys() == y.keys()
+            for key in x:
+                assert np.array_equal(x[key], y[key]), (row, e, key)
+    assert "schedule 1 per image" in kd("inspect-cache", part).output
+    pa = _trainer(whole, tmp_path / "a", seed=1)
+    pb = _trainer(part, tmp_path / "b", seed=1)
+    pipe_a = pa.build_batches(*pa.build_datasets())[0].pipeline
+    pipe_b = pb.build_batches(*pb.build_datasets())[0].pipeline
+    for epoch in range(E):
+        pipe_a.set_epoch(epoch)
+        pipe_b.set_epoch(epoch)
+        for i in (0, 7):
+            for key in ("image", "label", "kd/values", "kd/indices", "kd/tail", "kd/features/stage3"):
+                if key in pipe_a[i]:
+                    assert torch.equal(pipe_a[i][key], pipe_b[i][key]), (epoch, i, key)
+    r = kd("train-student", "--cache", part, "--limit", "12", "--epochs", "2", "--seed", "0", "--batch-size", "4",
+           "--out", tmp_path / "s")
+    assert r.exit_code == 2 and (f"--seed 0: {part} holds schedule 1 (--schedules 1 --first-schedule 1), one per "
+                                 "seed; train with --seed 1 or rebuild it with --first-schedule 0 --schedules 2"
+                                 ) in " ".join(r.output.split()), r.output
+
+
 def test_classification_replays_its_random_resized_crops(tmp_path):
     """A classifier's schedule: the random-resized boxes (and flips) of each epoch, the teacher's
     top-k on exactly those pixels, which are the student's own draw."""
@@ -200,6 +239,8 @@ def test_bad_schedules_are_one_line_each(seg, tmp_path):
     for extra, words in (
         (["--schedule-epochs", "-1"], "--schedule-epochs must be 0 or more, got -1"),
         (["--schedule-epochs", "2", "--schedules", "0"], "--schedules must be at least 1, got 0"),
+        (["--schedule-epochs", "2", "--first-schedule", "-1"], "--first-schedule must be 0 or more"),
+        (["--first-schedule", "3"], "--first-schedule sets the crops of a schedule; add --schedule-epochs N"),
         (["--schedules", "2"], "--schedules sets the crops of a schedule; add --schedule-epochs N"),
         (["--scale", "0.5,2", "--no-flip"], "--scale, --flip set the crops of a schedule; add --schedule-epochs N"),
         (["--schedule-epochs", "2", "--views", "2"], "--schedule-epochs and --views are two forms of stored targets"),

@@ -252,6 +252,7 @@ class CacheSchema:
                                          "map_size": [int(v) for v in lv["map_size"]]} for lv in levels]
             if schedule:  # the crops of every epoch of a student's augmentation
                 views_meta["schedule"] = {"epochs": int(schedule["epochs"]), "schedules": int(schedule["schedules"]),
+                                          **({"first": int(schedule["first"])} if schedule.get("first") else {}),
                                           "augment": dict(schedule["augment"])}
                 views_meta["hflip"] = bool(schedule["augment"].get("hflip", True))
         data = dict(dataset or {})
@@ -412,9 +413,16 @@ class CacheSchema:
         map size (the view arrays are padded to the largest); else None."""
         return (self.views or {}).get("levels") or None
 
+    @property
+    def schedules_held(self) -> range:
+        """The schedules (the students' seeds) a schedule store holds: ``first`` (0 unless built
+        with ``--first-schedule``) to ``first + schedules - 1``."""
+        first = int(self.schedule.get("first", 0))
+        return range(first, first + int(self.schedule["schedules"]))
+
     def view_of(self, schedule: int, epoch: int) -> int:
         """The view that holds ``epoch`` of ``schedule`` in a schedule store."""
-        return schedule * int(self.schedule["epochs"]) + epoch
+        return (schedule - self.schedules_held.start) * int(self.schedule["epochs"]) + epoch
 
     def per_view(self, path: str) -> bool:
         """Whether the map array ``path`` is chunked one view per chunk (a schedule store's views,
@@ -656,7 +664,9 @@ class CacheSchema:
         if not sched:
             return f"{views['count']} per image, crop {views['crop']}, {crops}"
         a = sched["augment"]
-        return (f"a schedule: the crops of {sched['epochs']} epochs x {sched['schedules']} schedule(s) per image "
+        held = self.schedules_held
+        which = f"schedule {held.start}" if len(held) == 1 else f"schedules {held.start}..{held.stop - 1}"
+        return (f"a schedule: the crops of {sched['epochs']} epochs x {which} per image "
                 f"({views['count']} views), crop {views['crop']}, {crops}, flip {'yes' if a.get('hflip') else 'no'}; "
                 "train-student replays them (--seed picks the schedule)")
 
