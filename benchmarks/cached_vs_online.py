@@ -6,26 +6,31 @@ every crop? Paired by seed, on a budget where the CE baseline has levelled off (
 
 Phases (``--phase``, comma-separated; the state file keeps what each one measured, so a cut-short
 run goes on where it stopped). The state file lies beside the results file
-(``benchmarks/results/cached-vs-online-<task>-<cpu|gpu>.json``) and is committed with it: the
-working folder (``--out``: the teacher, the stores, the runs) may be lost between sittings, and a
-later sitting retrains the teacher (the recipe is seeded; the state keeps a fingerprint of its
-weights and refuses a teacher that differs), rebuilds the stores and trains only the runs the
-state lacks:
+(``benchmarks/results/cached-vs-online-<task>-<cpu|gpu>.json``) and is committed with it, and so
+are the teacher's weights (``…-<cpu|gpu>-teacher/``: ``best.pt`` and ``config.json``, 6.8 MB for
+segmentation). The working folder (``--out``: the stores, the runs) is lost with its machine
+between sittings (three times so far), and two CPUs do not train the seeded teacher recipe to the
+same bits, so a later sitting reads the kept teacher, rebuilds the stores it needs and trains only
+the runs the state lacks. The state keeps the teacher's fingerprint and refuses another:
 
-* ``teacher``: the task's teacher recipe (skipped with ``--teacher RUN``, a run trained with it);
-* ``caches``: two caches of the training split, each built once (a rerun builds what is missing):
-  the default cache (the teacher on the whole image, top-k + tail; a crop takes its cells) and a
-  schedule (``--schedule-epochs`` = the students' epochs, ``--schedules`` = one per seed: the
-  teacher on every crop each seed's student draws). Build seconds and bytes per image;
+* ``teacher``: the task's teacher recipe, unless the kept teacher is there or ``--teacher RUN``
+  (a run trained with it) is given;
+* ``caches``: the teacher's fingerprint and test score, the kept copy, and the default cache
+  (the teacher on the whole image, top-k + tail; a crop takes its cells). Each seed's schedule
+  (``--schedule-epochs`` = the students' epochs, ``--first-schedule`` = the seed,
+  ``--schedules 1``: the teacher on every crop that seed's student draws) is built when the first
+  run that reads it starts. Build seconds and bytes per image, per store;
 * ``tune``: each method's temperature, chosen on **val** (best epoch, mean of seeds 0 and 1)
   from the schedule (the live teacher's targets, so one choice serves every form); ties keep
-  the lower T;
-* ``students``: for each seed, CE alone and, for KL and DIST at the chosen T, the student from
-  the default cache (segmentation: also read with ``--target-resample bilinear``), from the
-  schedule and with the live teacher on each crop
-  (``--online-teacher cache`` over the schedule store: the same crops in the same order as the
-  schedule's student, the same steps). Checkpoints chosen on val; scored on a test split
-  rendered larger than the default (``TEST_SIZE`` images), every score kept in the results.
+  the lower T. A task whose settings fix the temperature (segmentation, from the second run's
+  tune phase) skips it;
+* ``students``: seed by seed, CE alone and, for KL and DIST at the chosen T, the student with
+  the live teacher on each crop (``--online-teacher cache`` over the seed's schedule store: the
+  same crops in the same order as the schedule's student, the same steps), from the schedule and
+  from the default cache (segmentation: also read with ``--target-resample bilinear``, whose arms
+  come after every seed's other arms).
+  Checkpoints chosen on val; scored on a test split rendered larger than the default
+  (``test_size`` images), every score kept in the results with the machine that trained it.
 
 Several processes may share one state and working folder (``--phase tune,students`` once the
 caches are built; ``--threads`` sets each one's torch threads): each run is claimed by an
@@ -51,6 +56,7 @@ import argparse
 import fcntl
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import time
@@ -98,11 +104,18 @@ TASKS = {
         "student": {"model": "demo_student", "epochs": 160, "batch_size": 8, "workers": 0},
         "topk": 4,
         "score": "miou",
+        # fixed in advance, not tuned again: the second run's choice on val (schedule targets, seeds 0
+        # and 1, T in 1, 2, 4: kl 55.70 / 54.20 / 53.73, dist 57.15 / 56.59 / 55.57 mIoU; commit
+        # fcd2d82, `cached-vs-online-segmentation-cpu-run2.md`), which is also the library's default
+        "temperature": {"kl": 1.0, "dist": 1.0},
         # a crop's cells off the cached grid, sampled bilinearly (--target-resample bilinear). Not the
         # pyramid (--store-scales 0.75,1.25 --store-flips): on val, per crop, read bilinearly it is
         # only a little closer to the teacher than the bilinear default cache (KL 0.079 against 0.097,
         # crop-fidelity.md) at six teacher passes and six times the bytes
         "forms": ("whole image", "whole image, bilinear", "schedule"),
+        # trained for every seed after the other arms of every seed: the question the benchmark
+        # answers first is the default cache and the schedule against the live teacher
+        "later_forms": ("whole image, bilinear",),
     },
 }
 METHODS = ("kl", "dist")
@@ -110,7 +123,7 @@ TEMPERATURES = (1.0, 2.0, 4.0)
 TUNE_SEEDS = (0, 1)
 #: t quantiles (0.975) for the 95% interval of a paired mean, by degrees of freedom
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-FORMS = {"whole image": "image.zarr", "schedule": "schedule.zarr"}
+FORMS = {"whole image": "image.zarr", "schedule": "schedule-s{seed}.zarr"}
 #: each form a student may read: (the cache of FORMS it reads, its own student options)
 READS = {"whole image": ("whole image", {}), "whole image, bilinear": ("whole image", {"target_resample": "bilinear"}),
          "schedule": ("schedule", {})}
@@ -122,13 +135,14 @@ def tune_keys() -> dict[str, tuple[str, float, int]]:
 
 
 def student_plan(task: dict) -> dict[str, tuple[str, str | None, bool, dict]]:
-    """Each student arm: (the store it reads, its method, whether the teacher runs live, its options)."""
-    plan = {"CE": (FORMS["whole image"], None, False, {})}
+    """Each student arm, in the order a seed trains them: (the form of FORMS it reads, its method,
+    whether the teacher runs live, its options)."""
+    plan = {"CE": ("whole image", None, False, {})}
     for m in METHODS:
+        plan[f"{m.upper()} online"] = ("schedule", m, True, {})
         for form in task["forms"]:
             store, extra = READS[form]
-            plan[f"{m.upper()} {form}"] = (FORMS[store], m, False, extra)
-        plan[f"{m.upper()} online"] = (FORMS["schedule"], m, True, {})
+            plan[f"{m.upper()} {form}"] = (store, m, False, extra)
     return plan
 
 
@@ -258,7 +272,16 @@ def main() -> None:
                           cwd=Path(__file__).parent).stdout.strip()
     if head and head not in state["commits"]:
         state["commits"].append(head)
-    teacher = Path(args.teacher) if args.teacher else out / "teacher"
+    # the teacher's weights are kept beside the state (committed): a later sitting that lost the
+    # working folder reads the same teacher instead of training another (the recipe is seeded, but
+    # two CPUs do not train it to the same bits)
+    kept = state_path.with_name(state_path.stem + "-teacher")
+    if args.teacher:
+        teacher = Path(args.teacher)
+    elif (kept / "best.pt").exists():
+        teacher = kept
+    else:
+        teacher = out / "teacher"
 
     lock = state_path.with_name(state_path.name + ".lock")
     claims = out / "claims"
@@ -281,7 +304,31 @@ def main() -> None:
                 state = merge_state(state, json.loads(state_path.read_text()))
         return state
 
-    def train_arm(arm: str, seed: int, cache: str, method: str | None, online: bool, extra: dict) -> dict:
+    def build(form: str, seed: int = 0) -> Path:
+        """The store of ``form`` (a schedule: seed ``seed``'s alone), built unless it is there."""
+        path = out / FORMS[form].format(seed=seed)
+        key = form if form != "schedule" else f"schedule seed {seed}"
+        if (path / "zarr.json").exists() and CacheStore(str(path)).done().all():
+            return path  # built already
+        epochs = task["student"]["epochs"]
+        aug = {k: task["student"][k] for k in ("crop", "scale", "crop_area", "hflip") if k in task["student"]}
+        extra = ({"schedule_epochs": epochs, "schedules": 1, "first_schedule": seed, **aug} if form == "schedule"
+                 else {})
+        started = (path / "zarr.json").exists()
+        t0 = time.perf_counter()
+        build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(path), split="train",
+                                             dataset=task["teacher"]["dataset"], dataset_options=task["data_options"],
+                                             topk=task["topk"], workers=0, **extra), show_progress=False)
+        # a store a cut-short sitting left is resumed (the same identity, or the build refuses it)
+        n = CacheStore(str(path)).schema.num_samples
+        refresh().setdefault("caches", {})[key] = {
+            "seconds": time.perf_counter() - t0, "disk_bytes_per_image": size_of(path) / n, "images": n,
+            "machine": device_name(device), "resumed": started,
+            **({"epochs": epochs, "schedules": 1} if extra else {})}
+        save()
+        return path
+
+    def train_arm(arm: str, seed: int, store: Path, method: str | None, online: bool, extra: dict) -> dict:
         temps = state["temperature"]
         run = out / f"s{seed}-{arm.lower().replace(', ', '-').replace(' ', '-')}"
         tuned = out / f"tune-{method}-T{temps.get(method, 1.0):g}-s{seed}"
@@ -290,13 +337,14 @@ def main() -> None:
             run = tuned
             r = run_record(task, run)
         else:
-            r = student(task, out / cache, run, seed, method, temps.get(method, 1.0), online, extra)
+            r = student(task, store, run, seed, method, temps.get(method, 1.0), online, extra)
         r.update(test_score(task, run))
+        r["machine"] = device_name(device)
         state.setdefault("students", {}).setdefault(arm, {})[str(seed)] = r
         save()
         return r
 
-    if "teacher" in phases and not args.teacher:
+    if "teacher" in phases and not args.teacher and teacher == out / "teacher":
         t0 = time.perf_counter()
         train(TrainConfig(out=str(teacher), **task["teacher"]), overwrite=True, show_progress=False)
         state["teacher_seconds"] = time.perf_counter() - t0
@@ -305,40 +353,27 @@ def main() -> None:
         known = state.get("teacher", {}).get("weights_sha256")
         if known and known != fingerprint:
             raise SystemExit(f"error: the teacher in {teacher} is not the one {state_path} was measured with (its weights "
-                             f"differ); train it with the task's recipe on this machine, or start a new state with --state")
-        state["teacher"] = {**test_score(task, teacher), "run": str(teacher), "weights_sha256": fingerprint}
-        epochs = task["student"]["epochs"]
-        aug = {k: task["student"][k] for k in ("crop", "scale", "crop_area", "hflip") if k in task["student"]}
-        caches = state.setdefault("caches", {})
-        needed = {FORMS["whole image"]}  # CE reads it; small and quick
-        if "tune" in phases and any(k not in state.get("tune", {}) for k in tune_keys()):
-            needed.add(FORMS["schedule"])
-        if "students" in phases:
-            needed |= {store for arm, (store, *_rest) in student_plan(task).items()
-                       if any(str(sd) not in state.get("students", {}).get(arm, {}) for sd in seeds)}
-        for form, name in FORMS.items():
-            if (form in caches or name not in needed) and (out / name).exists():
-                continue  # built already (a rerun of the phase builds only what is missing)
-            if name not in needed:
-                continue  # no run still to train reads it (a later sitting need not build it again)
-            extra = {"schedule_epochs": epochs, "schedules": max(seeds) + 1, **aug} if form == "schedule" else {}
-            t0 = time.perf_counter()
-            build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(out / name), split="train",
-                                                 dataset=task["teacher"]["dataset"],
-                                                 dataset_options=task["data_options"], topk=task["topk"],
-                                                 workers=0, **extra), overwrite=True, show_progress=False)
-            n = CacheStore(str(out / name)).schema.num_samples
-            caches[form] = {"seconds": time.perf_counter() - t0, "disk_bytes_per_image": size_of(out / name) / n,
-                            "images": n, **({"epochs": epochs, "schedules": max(seeds) + 1} if extra else {})}
+                             f"differ); give --teacher the run it was (or {kept}), or start a new state with --state")
+        if not (kept / "best.pt").exists():  # kept for later sittings, byte for byte
+            kept.mkdir(parents=True, exist_ok=True)
+            for name in ("best.pt", "config.json"):
+                shutil.copyfile(teacher / name, kept / name)
+            teacher = kept
+        if not known:
+            state["teacher"] = {**test_score(task, teacher), "weights_sha256": fingerprint}
+        build("whole image")  # CE reads it; small and quick. A schedule is built when its seed's runs need it
         save()
-    if "tune" in phases:
+    if "tune" in phases and "temperature" in task:
+        state["temperature"] = dict(task["temperature"])  # fixed in advance: no tune runs
+        save()
+    elif "tune" in phases:
         for key, (method, T, seed) in tune_keys().items():
             if key in refresh().get("tune", {}) or (held := claim(claims, key)) is None:
                 continue  # measured, or being measured by another process
             with held:
                 if key in refresh().get("tune", {}):
                     continue  # another process finished it meanwhile
-                val = student(task, out / FORMS["schedule"], out / f"tune-{method}-T{T:g}-s{seed}", seed, method, T)["val"]
+                val = student(task, build("schedule", seed), out / f"tune-{method}-T{T:g}-s{seed}", seed, method, T)["val"]
                 state.setdefault("tune", {})[key] = val
                 save()
             print(key, val, flush=True)
@@ -350,19 +385,21 @@ def main() -> None:
         save()
     if "students" in phases:
         plan = student_plan(task)
-        # the arms that read the schedule first, for every seed: a later sitting that has lost the
-        # working folder then need not rebuild the schedule store for the rest
-        order = sorted(plan.items(), key=lambda a: a[1][0] != FORMS["schedule"])
-        for arm, (cache, method, online, extra) in order:
-            for seed in seeds:
-                key = f"{arm} seed {seed}"
-                if str(seed) in refresh().get("students", {}).get(arm, {}) or (held := claim(claims, key)) is None:
-                    continue  # trained, or being trained by another process
-                with held:
-                    if str(seed) in refresh().get("students", {}).get(arm, {}):
-                        continue  # another process finished it meanwhile
-                    r = train_arm(arm, seed, cache, method, online, extra)
-                print(arm, seed, {k: v for k, v in r.items() if k != "val_curve"}, flush=True)
+        later = {f"{m.upper()} {form}" for m in METHODS for form in task.get("later_forms", ())}
+        # seed by seed, every arm of a seed before the next seed (the later forms' arms after every
+        # seed's others): a sitting that ends early leaves whole pairs, and each seed's schedule
+        # store is built once, when its first run needs it
+        order = [(seed, arm) for first in (True, False) for seed in seeds for arm in plan if (arm in later) != first]
+        for seed, arm in order:
+            form, method, online, extra = plan[arm]
+            key = f"{arm} seed {seed}"
+            if str(seed) in refresh().get("students", {}).get(arm, {}) or (held := claim(claims, key)) is None:
+                continue  # trained, or being trained by another process
+            with held:
+                if str(seed) in refresh().get("students", {}).get(arm, {}):
+                    continue  # another process finished it meanwhile
+                r = train_arm(arm, seed, build(form, seed), method, online, extra)
+            print(arm, seed, {k: v for k, v in r.items() if k != "val_curve"}, flush=True)
     save()
 
 
@@ -370,8 +407,12 @@ def write_report(task_name: str, state: dict, path: Path) -> None:
     task = TASKS[task_name]
     s = task["student"]
     unit = "top-1 %" if task["score"] == "top1" else "mIoU %"
+    runs = state.get("students", {})
+    # each run records its machine (a sitting may get another CPU): the rates compare within one
+    machines = list(dict.fromkeys([state["machine"], *(r["machine"] for arm in runs.values() for r in arm.values()
+                                                        if "machine" in r)]))
     lines = [f"# Cached targets against the live teacher: {task_name}", "",
-             f"Machine: {state['machine']}. Written by `benchmarks/cached_vs_online.py --task {task_name}` at commit(s) "
+             f"Machine: {'; '.join(machines)}. Written by `benchmarks/cached_vs_online.py --task {task_name}` at commit(s) "
              f"{', '.join(state.get('commits', []))} (settings fixed before the first run). Students `{s['model']}`, "
              f"{s['epochs']} epochs, batch {s['batch_size']}, every arm with the same data, steps and crops; teacher "
              f"`{task['teacher']['model']}` ({task['teacher']['epochs']} epochs), top-{task['topk']} + tail caches. "
@@ -398,7 +439,6 @@ def write_report(task_name: str, state: dict, path: Path) -> None:
             chosen = state.get("temperature", {}).get(m)
             lines.append(f"| {m} | " + " | ".join(cells) + f" | {'' if chosen is None else f'T = {chosen:g}'} |")
         lines.append("")
-    runs = state.get("students", {})
     if runs:
         lines += [f"## Students on test ({unit}, mean ± sd over seeds)", "",
                   "| arm | seeds | test | per seed | val (best epoch) | train images/s |", "|---|---|---|---|---|---|"]
@@ -406,12 +446,17 @@ def write_report(task_name: str, state: dict, path: Path) -> None:
             r = runs.get(arm)
             if not r:
                 continue
+            r = {sd: r[sd] for sd in sorted(r, key=int)}
             xs = [100 * v["score"] for v in r.values()]
             sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
             lines.append(f"| {arm} | {len(xs)} | {statistics.mean(xs):.2f} ± {sd:.2f} | "
                          + ", ".join(f"{x:.2f}" for x in xs)
                          + f" | {100 * statistics.mean(v['val'] for v in r.values()):.2f} | "
                          f"{statistics.mean(v['images_per_s'] for v in r.values()):.0f} |")
+        trained_on = {v.get("machine") for arm in runs.values() for v in arm.values()}
+        if len(trained_on) > 1:
+            lines += ["", f"The students were trained on {len(trained_on)} machines (each run's is in the state "
+                      "file); a training rate compares only with the rates of runs on its own machine."]
         lines += ["", "## Paired differences (test, points; 95% t interval of the mean over seeds)", "",
                   "| comparison | seeds | mean | sd | 95% interval | per seed |", "|---|---|---|---|---|---|"]
         pairs = [(f"{m.upper()} {form}", f"{m.upper()} online") for m in METHODS for form in task["forms"]]

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from fake_data import make_small_store
 
+from kdcache.store import CacheStore
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -110,17 +112,30 @@ def test_cached_vs_online_pairs_seeds_and_reports_every_arm(task_name, tmp_path,
     assert len(state["teacher"]["weights_sha256"]) == 64
     assert set(state["students"]) == set(script["arm_names"](task_name))
     assert all(set(r) == {"0", "1"} for r in state["students"].values())
-    assert state["caches"]["schedule"]["epochs"] == 2 and state["caches"]["schedule"]["schedules"] == 2
+    # one schedule store per seed, holding that seed's crops alone
+    for sd in (0, 1):
+        c = state["caches"][f"schedule seed {sd}"]
+        assert c["epochs"] == 2 and c["schedules"] == 1
+        assert list(CacheStore(str(tmp_path / "work" / f"schedule-s{sd}.zarr")).schema.schedules_held) == [sd]
     assert all(r["num_samples"] == test_size for arm in state["students"].values() for r in arm.values())
+    assert all(r["machine"] == state["machine"] for arm in state["students"].values() for r in arm.values())
     table = (results / "x" / "results" / f"cached-vs-online-{task_name}-cpu.md").read_text()
     for row in ("| CE |", "| KL schedule |", "| DIST online |", "| KL schedule − KL online | 2 |",
-                "| DIST whole image − CE | 2 |", "| kl | "):
+                "| DIST whole image − CE | 2 |"):
         assert row in table
-    # seed 0's schedule arms are its tune runs at the chosen T (the same run); seed 1 trains its own
-    for m in ("kl", "dist"):
-        T = state["temperature"][m]
-        assert not (tmp_path / "work" / f"s0-{m}-schedule").exists() and (tmp_path / "work" / f"s1-{m}-schedule").exists()
-        assert state["students"][f"{m.upper()} schedule"]["0"]["val"] == state["tune"][f"{m} T={T:g} seed 0"]
+    # the teacher's weights are kept beside the state, byte for byte
+    kept = results / "x" / "results" / f"cached-vs-online-{task_name}-cpu-teacher"
+    assert (kept / "best.pt").read_bytes() == (tmp_path / "work" / "teacher" / "best.pt").read_bytes()
+    if task_name == "segmentation":  # the temperature is fixed in advance: no tune runs
+        assert state["temperature"] == task["temperature"] and "tune" not in state and "| kl | " not in table
+        assert all((tmp_path / "work" / f"s{sd}-{m}-schedule").exists() for sd in (0, 1) for m in ("kl", "dist"))
+    else:  # seed 0's schedule arms are its tune runs at the chosen T (the same run); seed 1 trains its own
+        assert "| kl | " in table
+        for m in ("kl", "dist"):
+            T = state["temperature"][m]
+            assert not (tmp_path / "work" / f"s0-{m}-schedule").exists()
+            assert (tmp_path / "work" / f"s1-{m}-schedule").exists()
+            assert state["students"][f"{m.upper()} schedule"]["0"]["val"] == state["tune"][f"{m} T={T:g} seed 0"]
     if task_name == "segmentation":
         assert "| DIST whole image, bilinear − DIST online | 2 |" in table
         cfg = __import__("json").loads((tmp_path / "work" / "s1-kl-whole-image-bilinear" / "config.json").read_text())
@@ -131,17 +146,23 @@ def test_cached_vs_online_pairs_seeds_and_reports_every_arm(task_name, tmp_path,
     script["main"]()
     again = __import__("json").loads(state_file.read_text())
     assert again["caches"] == state["caches"]
-    # a later sitting that lost the working folder: every run is in the state, so the caches phase
-    # builds only the whole-image store (CE's), not the schedule no run still needs
+    # a later sitting that lost the working folder: the kept teacher is read (no teacher is trained),
+    # and every run is in the state, so no schedule store is built again
     import shutil
-    shutil.rmtree(tmp_path / "work" / "schedule.zarr")
+    shutil.rmtree(tmp_path / "work")
+    monkeypatch.setattr(sys, "argv", ["cached_vs_online.py", "--task", task_name, "--seeds", "0,1",
+                                      "--out", str(tmp_path / "work")])
     script["main"]()
-    assert not (tmp_path / "work" / "schedule.zarr").exists()
+    assert not (tmp_path / "work" / "teacher").exists()
+    assert not any((tmp_path / "work").glob("schedule-s*.zarr")) and (tmp_path / "work" / "image.zarr").exists()
+    assert __import__("json").loads(state_file.read_text())["students"] == state["students"]
     # a teacher other than the one the state was measured with is refused, and the state kept
     again["teacher"]["weights_sha256"] = "0" * 64
     state_file.write_text(__import__("json").dumps(again))
     with pytest.raises(SystemExit, match="error: the teacher in .* is not the one .* was measured with"):
         script["main"]()
+    again["teacher"]["weights_sha256"] = state["teacher"]["weights_sha256"]
+    state_file.write_text(__import__("json").dumps(again))
     assert __import__("json").loads(state_file.read_text())["students"] == state["students"]
     # several processes share one state: a run another process holds is left to it, and runs
     # another process saved meanwhile are kept when this one saves
@@ -149,7 +170,6 @@ def test_cached_vs_online_pairs_seeds_and_reports_every_arm(task_name, tmp_path,
         arm: {sd: r for sd, r in runs.items() if (arm, sd) != ("CE", "1")} for arm, runs in state["students"].items()}}))
     other = script["claim"](tmp_path / "work" / "claims", "CE seed 1")  # as another process would hold it
     assert other is not None and script["claim"](tmp_path / "work" / "claims", "CE seed 1") is None
-    shutil.rmtree(tmp_path / "work" / "s1-ce")
     monkeypatch.setattr(sys, "argv", ["cached_vs_online.py", "--task", task_name, "--seeds", "0,1", "--phase", "students",
                                       "--out", str(tmp_path / "work")])
     script["main"]()
