@@ -56,7 +56,8 @@ def inference(cfg: CacheBuildConfig, whole_images: bool) -> float:
     pre = weights.preprocess
     crop = tuple(cfg.crop) if cfg.crop else tuple(pre.image_to_tensor(ds.load(0)[0]).shape[-2:])
     aug = training_augment(is_classification(ds), crop, cfg.scale, cfg.crop_area, cfg.hflip)
-    inputs = TeacherInputs(ds, pre, view_aug=aug, schedule=(cfg.schedule_epochs, cfg.schedules))
+    inputs = TeacherInputs(ds, pre, view_aug=aug, schedule=(cfg.schedule_epochs, range(cfg.first_schedule,
+                                                                                     cfg.first_schedule + cfg.schedules)))
     workers = default_workers(device) if cfg.workers is None else cfg.workers
     loader = make_loader(inputs, cfg.batch_size, workers, collate_fn=list, pin_memory=device.type == "cuda")
     for items in loader:
