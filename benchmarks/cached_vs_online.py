@@ -7,8 +7,8 @@ every crop? Paired by seed, on a budget where the CE baseline has levelled off (
 Phases (``--phase``, comma-separated; the state file keeps what each one measured, so a cut-short
 run goes on where it stopped). The state file lies beside the results file
 (``benchmarks/results/cached-vs-online-<task>-<cpu|gpu>.json``) and is committed with it, and so
-are the teacher's weights (``…-<cpu|gpu>-teacher/``: ``best.pt`` and ``config.json``, 6.8 MB for
-segmentation). The working folder (``--out``: the stores, the runs) is lost with its machine
+are the teacher's weights (``…-<cpu|gpu>-teacher/``: ``best.pt``, ``config.json`` and its
+``metrics.jsonl``, 6.8 MB for segmentation). The working folder (``--out``: the stores, the runs) is lost with its machine
 between sittings (three times so far), and two CPUs do not train the seeded teacher recipe to the
 same bits, so a later sitting reads the kept teacher, rebuilds the stores it needs and trains only
 the runs the state lacks. The state keeps the teacher's fingerprint and refuses another:
@@ -356,7 +356,7 @@ def main() -> None:
                              f"differ); give --teacher the run it was (or {kept}), or start a new state with --state")
         if not (kept / "best.pt").exists():  # kept for later sittings, byte for byte
             kept.mkdir(parents=True, exist_ok=True)
-            for name in ("best.pt", "config.json"):
+            for name in ("best.pt", "config.json", "metrics.jsonl"):
                 shutil.copyfile(teacher / name, kept / name)
             teacher = kept
         if not known:

@@ -13,12 +13,16 @@ building. Students learn from its cache of the true training split.
 Phases (``--phase``, comma-separated). The state beside the results file
 (``benchmarks/results/weak-teacher-<cpu|gpu>.json``, committed as it goes) keeps what each run
 measured, so a cut-short run goes on where it stopped; a run cut short (a teacher or a student that
-did not train all its epochs) is trained again:
+did not train all its epochs) is trained again. The teachers are kept beside it too
+(``weak-teacher-<cpu|gpu>-teachers/<weak|standard>/``: ``best.pt``, ``config.json``,
+``metrics.jsonl``; committed): the working folder (``--out``) is lost with its machine between
+sittings, and another CPU does not train the seeded recipe to the same bits:
 
 * ``teachers``: the weak teacher (`demo_teacher`, 24 epochs, as cached_vs_online.py's) and, unless
-  ``--standard-teacher RUN`` gives one trained with that recipe (copied into ``--out``, so that no
-  other benchmark's retraining changes it), the standard one (true labels); each teacher's weights
-  are fingerprinted in the state, and a later launch with other weights stops;
+  ``--standard-teacher RUN`` gives one trained with that recipe (cached_vs_online.py's kept
+  teacher is one), the standard one (true labels), each trained in ``--out`` and kept unless a kept
+  one is there; each teacher's weights are fingerprinted in the state, and a later launch with
+  other weights stops;
 * ``caches``: each teacher's top-4 + tail cache of the true training split (with its quality
   arrays: the teacher's per-class IoU on the training images);
 * ``students``: per seed, CE; and for each teacher, KL and DIST plain, with ``mask=teacher_correct``
@@ -145,7 +149,8 @@ def main() -> None:
     state.setdefault("commits", [])
     if head and head not in state["commits"]:
         state["commits"].append(head)
-    teachers = {"weak": out / "teacher-weak", "standard": out / "teacher-standard"}
+    kept = state_path.with_name(state_path.stem + "-teachers")
+    teachers = {"weak": kept / "weak", "standard": kept / "standard"}
 
     def save():
         tmp = state_path.with_name(state_path.name + ".tmp")
@@ -154,15 +159,21 @@ def main() -> None:
         write_report(state, results)
 
     if "teachers" in phases:
-        if args.standard_teacher and not finished(teachers["standard"], TEACHER["epochs"]):
-            shutil.copytree(args.standard_teacher, teachers["standard"], dirs_exist_ok=True)
-            if not finished(teachers["standard"], TEACHER["epochs"]):
-                raise SystemExit(f"error: --standard-teacher {args.standard_teacher} did not train {TEACHER['epochs']} "
-                                 "epochs of the teacher recipe; give such a run, or leave the option out to train one")
         for name, dataset in (("weak", "synthetic-weak-building"), ("standard", "synthetic")):
-            if not finished(teachers[name], TEACHER["epochs"]):
-                train(TrainConfig(out=str(teachers[name]), dataset=dataset, dataset_options=dict(DATA_OPTIONS),
+            if finished(teachers[name], TEACHER["epochs"]):
+                continue  # kept by an earlier sitting
+            source = out / f"teacher-{name}"
+            if name == "standard" and args.standard_teacher:
+                source = Path(args.standard_teacher)
+                if not finished(source, TEACHER["epochs"]):
+                    raise SystemExit(f"error: --standard-teacher {source} did not train {TEACHER['epochs']} epochs of "
+                                     "the teacher recipe; give such a run, or leave the option out to train one")
+            elif not finished(source, TEACHER["epochs"]):
+                train(TrainConfig(out=str(source), dataset=dataset, dataset_options=dict(DATA_OPTIONS),
                                   **TEACHER), overwrite=True, show_progress=False)
+            teachers[name].mkdir(parents=True, exist_ok=True)
+            for f in ("best.pt", "config.json", "metrics.jsonl"):  # kept byte for byte
+                shutil.copyfile(source / f, teachers[name] / f)
         for name, p in teachers.items():
             sha = open_weights(str(p)).weights_sha256()
             known = state.get("teachers", {}).get(name, {}).get("weights_sha256")

@@ -250,14 +250,22 @@ def test_weak_teacher_runs_every_arm_and_reports_the_weak_class(tmp_path, monkey
     # trains the CE run again; a teacher whose weights changed is refused
     import shutil
 
-    weak_teacher = tmp_path / "w" / "teacher-weak"
+
+    # the teachers are kept beside the state, byte for byte; the working folder's are not read again
+    kept = results / "x" / "results" / "weak-teacher-cpu-teachers"
+    for name in ("weak", "standard"):
+        assert (kept / name / "best.pt").read_bytes() == (tmp_path / "w" / f"teacher-{name}" / "best.pt").read_bytes()
+    shutil.rmtree(tmp_path / "w" / "teacher-standard")
+    shutil.rmtree(tmp_path / "w" / "teacher-weak")
+    weak_teacher = kept / "weak"
     (weak_teacher / "metrics.jsonl").write_text("")
     shutil.rmtree(tmp_path / "w" / "s0-ce")
     del state["students"]["weak teacher, KL class weights"]["0"]
     state_file.write_text(_json.dumps(state))
     monkeypatch.setattr(sys, "argv", ["weak_teacher.py", "--seeds", "0", "--out", str(tmp_path / "w")])
-    script["main"]()  # the teacher trains again from its seed: the same weights, so the state goes on
+    script["main"]()  # the weak teacher trains again from its seed: the same weights, so the state goes on
     assert (weak_teacher / "metrics.jsonl").read_text() and (tmp_path / "w" / "s0-ce" / "best.pt").exists()
+    assert not (tmp_path / "w" / "teacher-standard").exists()  # the kept standard teacher was read
     again = _json.loads(state_file.read_text())
     assert "0" in again["students"]["weak teacher, KL class weights"]
     assert again["students"]["CE"] == state["students"]["CE"]  # the recorded CE numbers stay as read
