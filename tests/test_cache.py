@@ -573,6 +573,27 @@ def test_non_finite_logits_name_exactly_the_bad_samples(tmp_path):
     assert all(b in r.output for b in bright) and not any(d in r.output for d in dark)
 
 
+def test_a_non_finite_view_names_its_image_once(tmp_path, teacher):
+    """A view's non-finite logits name the image it is a view of, once, however many of its views
+    are bad (the views of a batch are encoded together, V rows per image)."""
+    from kdcache.store.writer import NonFiniteTeacher, encode_batch
+
+    out = tmp_path / "v.zarr"
+    build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(out), dataset_options=dict(RES), limit=2,
+                                         topk=4, views=3, device="cpu", workers=0), show_progress=False)
+    schema = CacheStore(str(out)).schema
+    C, (h, w), (vh, vw) = schema.num_classes, schema.map_size, schema.views["map_size"]
+    logits, views = torch.randn(2, C, h, w), torch.randn(2 * 3, C, vh, vw)
+    params = np.zeros((2, 3, 7), dtype=np.float32)
+    samples = encode_batch(schema, logits, {}, ["a", "b"], (32, 48), (views, {}, params))
+    assert samples[1]["views/logits/values"].shape == (3, schema.k, vh, vw)
+    assert np.array_equal(samples[1]["views/logits/values"][2], torch.topk(views[5], schema.k, 0).values.half().numpy())
+    views[4, 0, 0, 0] = float("nan")
+    views[5, 1, 0, 0] = float("inf")  # two bad views of image "b"
+    with pytest.raises(NonFiniteTeacher, match=r"non-finite logits \(NaN/inf\) for 1 samples: b;"):
+        encode_batch(schema, logits, {}, ["a", "b"], (32, 48), (views, {}, params))
+
+
 def test_plain_state_dict_needs_the_architecture(tmp_path, teacher):
     from kdcache.checkpoint import read_checkpoint
 

@@ -145,18 +145,21 @@ def pending_shards(group, schema: CacheSchema, rank: int = 0, world_size: int = 
 # -- teacher outputs -> arrays ----------------------------------------------------------------------
 
 
-def _encode(schema: CacheSchema, logits: torch.Tensor, feats: dict, ids: list[str], views: bool) -> list[dict]:
-    """One dict per image: array path -> numpy array (fp16 maps, ids in the store's type)."""
+def _encode(schema: CacheSchema, logits: torch.Tensor, feats: dict, ids: list[str], views: bool,
+            per_sample: int = 1) -> list[dict]:
+    """One dict per image: array path -> numpy array (fp16 maps, ids in the store's type); with
+    ``per_sample`` V > 1 (views), the rows of ``logits`` are V consecutive views of each image and
+    each dict holds the image's V, stacked: ``ids`` names the images."""
     bad = ~torch.isfinite(logits).flatten(1).all(1)
     if bool(bad.any()):
-        names = [ids[i] for i in torch.nonzero(bad).flatten().tolist()]
+        names = list(dict.fromkeys(ids[i // per_sample] for i in torch.nonzero(bad).flatten().tolist()))
         raise NonFiniteTeacher(
             f"the teacher produced non-finite logits (NaN/inf) for {len(names)} samples: {', '.join(names[:10])}; "
             "the cache refuses them. Check the teacher weights and those images (try without --amp)"
         )
     big = logits.abs().flatten(1).amax(1) > FP16_MAX
     if bool(big.any()):
-        names = [ids[i] for i in torch.nonzero(big).flatten().tolist()]
+        names = list(dict.fromkeys(ids[i // per_sample] for i in torch.nonzero(big).flatten().tolist()))
         raise NonFiniteTeacher(f"teacher logits exceed fp16's range (±{FP16_MAX:g}) for samples {', '.join(names[:10])}")
     prefix = "views/" if views else ""
     described = schema.views if views else schema.meta
@@ -168,13 +171,16 @@ def _encode(schema: CacheSchema, logits: torch.Tensor, feats: dict, ids: list[st
         cols[f"{prefix}features/{tap}/values"] = feats[tap].half()
     for tap in described["attention"]:
         cols[f"{prefix}attention/{tap}/values"] = attention_map(feats[tap]).half()
+    idx_dtype = schema.stored_index_dtype
     host = {p: t.cpu().numpy() for p, t in cols.items()}
     for p, a in host.items():
         if p.endswith("/values") and not all_finite(a):
             raise NonFiniteTeacher(f"'{p}' of the teacher exceeds fp16's range for some of {', '.join(ids[:10])}")
-    idx_dtype = schema.stored_index_dtype
-    return [{p: (a[i].astype(idx_dtype) if p.endswith("logits/indices") else a[i]) for p, a in host.items()}
-            for i in range(len(ids))]
+        if p.endswith("logits/indices"):
+            host[p] = a.astype(idx_dtype)  # once for the batch
+        if per_sample > 1:  # [B·V, …] -> [B, V, …]: each image's views together, no copy
+            host[p] = host[p].reshape(len(ids), per_sample, *a.shape[1:])
+    return [{p: a[i] for p, a in host.items()} for i in range(len(ids))]
 
 
 def encode_batch(schema: CacheSchema, logits: torch.Tensor, feats: dict, ids: list[str],
@@ -196,11 +202,9 @@ def encode_batch(schema: CacheSchema, logits: torch.Tensor, feats: dict, ids: li
     if views is not None:
         view_logits, view_feats, params = views
         V = schema.view_count
-        per_view = _encode(schema, view_logits, view_feats, [sid for sid in ids for _ in range(V)], views=True)
+        per_image = _encode(schema, view_logits, view_feats, ids, views=True, per_sample=V)
         for j, sample in enumerate(samples):
-            mine = per_view[j * V:(j + 1) * V]
-            for path in mine[0]:
-                sample[path] = np.stack([m[path] for m in mine])
+            sample.update(per_image[j])
             sample["views/params"] = np.asarray(params[j], dtype=np.float32)
     return samples
 
