@@ -13,7 +13,7 @@ in the paper's code):
 
 Defaults are the authors' for segmentation (Cityscapes DeepLabV3-R101 → R18, 74.21 → 77.10
 mIoU): T = 1, β = γ = 1, weight 1, and T = 1 is also what val chose of {1, 2, 4} in
-benchmarks/results/cached-vs-online-segmentation-cpu.md. For classification T = 4, chosen of {1, 2, 4} on val in
+benchmarks/results/cached-vs-online-segmentation-cpu-run2.md. For classification T = 4, chosen of {1, 2, 4} on val in
 benchmarks/results/cached-vs-online-classification-cpu.md (top-1 74.90 at T = 4 against 71.60 at
 T = 1, which is below the CE baseline's val, 71.72). Cells in the crop's padding are left out of both terms, and
 so are those ``mask=teacher_correct``/``min_confidence`` leave out; ``class_weights=baseline`` makes

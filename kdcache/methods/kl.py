@@ -6,7 +6,7 @@ Liu et al., "Structured knowledge distillation for semantic segmentation" (CVPR 
 resolution. The teacher is the cache's top k plus its tail bin (the ``bin`` policy of docs/design.md's loss contract).
 Default T = 1 for segmentation as in CIRKD (the SegFormer seed used T = 4: pass ``temperature=4``; on
 the built-in demo pair T = 4 cost 3 mIoU points against T = 1, benchmarks/results/kd-methods-cpu.md,
-and T was chosen 1 of {1, 2, 4} on val in benchmarks/results/cached-vs-online-segmentation-cpu.md);
+and T was chosen 1 of {1, 2, 4} on val in benchmarks/results/cached-vs-online-segmentation-cpu-run2.md);
 T = 4 for classification, chosen of {1, 2, 4} on val in
 benchmarks/results/cached-vs-online-classification-cpu.md (top-1 78.35 at T = 4 against 71.90 at
 T = 1, where the CE baseline's val is 71.72).
