@@ -594,6 +594,19 @@ def test_a_non_finite_view_names_its_image_once(tmp_path, teacher):
         encode_batch(schema, logits, {}, ["a", "b"], (32, 48), (views, {}, params))
 
 
+def test_one_stored_view_keeps_its_view_axis(tmp_path, teacher):
+    """A store of one view (--views 1, one pyramid level, one schedule epoch) holds [1, k, h, w] per
+    sample, k above the map's height included (a missing view axis once broadcast or failed)."""
+    out = tmp_path / "one.zarr"
+    build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(out), dataset_options=dict(RES), limit=2,
+                                         topk=11, views=1, device="cpu", workers=0), show_progress=False)
+    s = CacheStore(str(out))
+    vh, vw = s.schema.views["map_size"]
+    assert 11 > vh
+    got = s.read(1, groups=["views/logits"])["views/logits/values"]
+    assert got.shape == (1, 11, vh, vw) and np.isfinite(got.astype(np.float32)).all()
+
+
 def test_plain_state_dict_needs_the_architecture(tmp_path, teacher):
     from kdcache.checkpoint import read_checkpoint
 

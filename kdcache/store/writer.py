@@ -148,8 +148,8 @@ def pending_shards(group, schema: CacheSchema, rank: int = 0, world_size: int = 
 def _encode(schema: CacheSchema, logits: torch.Tensor, feats: dict, ids: list[str], views: bool,
             per_sample: int = 1) -> list[dict]:
     """One dict per image: array path -> numpy array (fp16 maps, ids in the store's type); with
-    ``per_sample`` V > 1 (views), the rows of ``logits`` are V consecutive views of each image and
-    each dict holds the image's V, stacked: ``ids`` names the images."""
+    ``views``, the rows of ``logits`` are ``per_sample`` (V) consecutive views of each image and
+    each dict holds the image's V, stacked ([V, …], V = 1 too): ``ids`` names the images."""
     bad = ~torch.isfinite(logits).flatten(1).all(1)
     if bool(bad.any()):
         names = list(dict.fromkeys(ids[i // per_sample] for i in torch.nonzero(bad).flatten().tolist()))
@@ -178,7 +178,7 @@ def _encode(schema: CacheSchema, logits: torch.Tensor, feats: dict, ids: list[st
             raise NonFiniteTeacher(f"'{p}' of the teacher exceeds fp16's range for some of {', '.join(ids[:10])}")
         if p.endswith("logits/indices"):
             host[p] = a.astype(idx_dtype)  # once for the batch
-        if per_sample > 1:  # [B·V, …] -> [B, V, …]: each image's views together, no copy
+        if views:  # [B·V, …] -> [B, V, …]: each image's views together, no copy
             host[p] = host[p].reshape(len(ids), per_sample, *a.shape[1:])
     return [{p: a[i] for p, a in host.items()} for i in range(len(ids))]
 
