@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import math
 import shutil
@@ -129,6 +130,15 @@ READS = {"whole image": ("whole image", {}), "whole image, bilinear": ("whole im
          "schedule": ("schedule", {})}
 
 
+def file_sha256(path: Path) -> str:
+    """What a store records of its teacher's weights file (``teacher.weights_sha256``)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def tune_keys() -> dict[str, tuple[str, float, int]]:
     """The tune phase's runs: their state keys and (method, T, seed)."""
     return {f"{m} T={T:g} seed {sd}": (m, T, sd) for m in METHODS for T in TEMPERATURES for sd in TUNE_SEEDS}
@@ -202,15 +212,17 @@ def paired(xs: list[float]) -> dict:
 
 
 def merge_state(ours: dict, theirs: dict) -> dict:
-    """``ours`` with the tune and student runs that ``theirs`` (the file as another process left it)
-    holds and ours lacks: several processes may work from one state, each adding its own runs."""
+    """``ours`` with the tune runs, student runs and built caches that ``theirs`` (the file as another
+    process left it) holds and ours lacks: several processes may work from one state, each adding its
+    own runs and stores."""
     merged = {**theirs, **ours}
     merged["tune"] = {**theirs.get("tune", {}), **ours.get("tune", {})}
+    merged["caches"] = {**theirs.get("caches", {}), **ours.get("caches", {})}
     merged["students"] = {arm: {**theirs.get("students", {}).get(arm, {}), **ours.get("students", {}).get(arm, {})}
                           for arm in {*theirs.get("students", {}), *ours.get("students", {})}}
     merged["notes"] = list(dict.fromkeys([*theirs.get("notes", []), *ours.get("notes", [])]))
     merged["commits"] = list(dict.fromkeys([*theirs.get("commits", []), *ours.get("commits", [])]))
-    for key in ("tune", "students", "notes"):
+    for key in ("tune", "caches", "students", "notes"):
         if not merged[key]:
             del merged[key]
     return merged
@@ -285,6 +297,7 @@ def main() -> None:
 
     lock = state_path.with_name(state_path.name + ".lock")
     claims = out / "claims"
+    claims.mkdir(parents=True, exist_ok=True)
 
     def save():
         nonlocal state
@@ -305,11 +318,20 @@ def main() -> None:
         return state
 
     def build(form: str, seed: int = 0) -> Path:
-        """The store of ``form`` (a schedule: seed ``seed``'s alone), built unless it is there."""
+        """The store of ``form`` (a schedule: seed ``seed``'s alone), built unless it is there, by one
+        process at a time (another process's runs of the same seed wait for it)."""
         path = out / FORMS[form].format(seed=seed)
         key = form if form != "schedule" else f"schedule seed {seed}"
-        if (path / "zarr.json").exists() and CacheStore(str(path)).done().all():
-            return path  # built already
+        with locked(claims / f"build-{path.stem}.lock"):
+            return build_locked(form, seed, path, key)
+
+    def build_locked(form: str, seed: int, path: Path, key: str) -> Path:
+        if (path / "zarr.json").exists():
+            store = CacheStore(str(path))
+            if store.schema.teacher.get("weights_sha256") != file_sha256(teacher / "best.pt"):
+                shutil.rmtree(path)  # a store of another teacher (an earlier run's folder): built again
+            elif store.done().all():
+                return path  # built already
         epochs = task["student"]["epochs"]
         aug = {k: task["student"][k] for k in ("crop", "scale", "crop_area", "hflip") if k in task["student"]}
         extra = ({"schedule_epochs": epochs, "schedules": 1, "first_schedule": seed, **aug} if form == "schedule"
@@ -332,7 +354,8 @@ def main() -> None:
         temps = state["temperature"]
         run = out / f"s{seed}-{arm.lower().replace(', ', '-').replace(' ', '-')}"
         tuned = out / f"tune-{method}-T{temps.get(method, 1.0):g}-s{seed}"
-        if arm.endswith(" schedule") and finished(task, tuned):
+        if arm.endswith(" schedule") and f"{method} T={temps[method]:g} seed {seed}" in state.get("tune", {}) \
+                and finished(task, tuned):
             # the tune run at the chosen T is this arm's run: the same store, seed, method and options
             run = tuned
             r = run_record(task, run)
@@ -348,24 +371,27 @@ def main() -> None:
         t0 = time.perf_counter()
         train(TrainConfig(out=str(teacher), **task["teacher"]), overwrite=True, show_progress=False)
         state["teacher_seconds"] = time.perf_counter() - t0
-    if "caches" in phases:
+    if phases & {"caches", "tune", "students"}:  # every phase that reads the teacher checks it first
         fingerprint = open_weights(str(teacher)).weights_sha256()
         known = state.get("teacher", {}).get("weights_sha256")
         if known and known != fingerprint:
             raise SystemExit(f"error: the teacher in {teacher} is not the one {state_path} was measured with (its weights "
                              f"differ); give --teacher the run it was (or {kept}), or start a new state with --state")
+    if "caches" in phases:
         if not (kept / "best.pt").exists():  # kept for later sittings, byte for byte
-            kept.mkdir(parents=True, exist_ok=True)
+            part = kept.with_name(kept.name + ".part")
+            shutil.rmtree(part, ignore_errors=True)
+            part.mkdir(parents=True)
             for name in ("best.pt", "config.json", "metrics.jsonl"):
-                shutil.copyfile(teacher / name, kept / name)
+                shutil.copyfile(teacher / name, part / name)
+            part.replace(kept)  # whole or not at all
             teacher = kept
         if not known:
             state["teacher"] = {**test_score(task, teacher), "weights_sha256": fingerprint}
         build("whole image")  # CE reads it; small and quick. A schedule is built when its seed's runs need it
         save()
-    if "tune" in phases and "temperature" in task:
+    if "temperature" in task:
         state["temperature"] = dict(task["temperature"])  # fixed in advance: no tune runs
-        save()
     elif "tune" in phases:
         for key, (method, T, seed) in tune_keys().items():
             if key in refresh().get("tune", {}) or (held := claim(claims, key)) is None:
@@ -425,7 +451,8 @@ def write_report(task_name: str, state: dict, path: Path) -> None:
         lines += ["| cache | build seconds | bytes per training image on disk |", "|---|---|---|"]
         for form, c in state["caches"].items():
             what = form + (f" ({c['epochs']} epochs x {c['schedules']} schedules)" if "epochs" in c else "")
-            lines.append(f"| {what} | {c['seconds']:.0f} | {c['disk_bytes_per_image']:,.0f} |")
+            seconds = f"{c['seconds']:.0f}" + (" (resumed: the rest only)" if c.get("resumed") else "")
+            lines.append(f"| {what} | {seconds} | {c['disk_bytes_per_image']:,.0f} |")
         lines.append("")
     if "tune" in state:
         lines += ["## Temperature, chosen on val (schedule targets, best epoch, seeds "

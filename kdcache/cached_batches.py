@@ -321,11 +321,14 @@ def check_schedule(store: CacheStore, config, augment: Augment | None) -> None:
         first, last = held.start, held.stop - 1
         which = f"schedule {first}" if first == last else f"schedules {first}..{last}"
         built = f"--schedules {len(held)}" + (f" --first-schedule {first}" if first else "")
-        rebuild = ("rebuild it with " + (f"--schedules {config.seed + 1}" if config.seed > last else
-                                         f"--first-schedule {config.seed} --schedules {last - config.seed + 1}")
-                   if config.seed >= 0 else "give --seed 0 or more")
+        if config.seed < 0:
+            hint = "--seed must be 0 or more"
+        elif first == 0 and config.seed > last:
+            hint = f"or rebuild it with --schedules {config.seed + 1}"
+        else:  # this seed's crops alone
+            hint = f"or build a cache of it with --first-schedule {config.seed} --schedules 1"
         raise KDCacheError(f"--seed {config.seed}: {store.path} holds {which} ({built}), one per seed; train with "
-                           f"--seed {first if first == last else f'in {first}..{last}'} or {rebuild}")
+                           f"--seed {first if first == last else f'in {first}..{last}'} {hint}")
     stored = sched["augment"]
     mine = augment.to_dict() if augment is not None else {}
     for key in AUGMENT_OPTIONS:

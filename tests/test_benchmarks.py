@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from fake_data import make_small_store
 
+from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.store import CacheStore
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -118,7 +119,7 @@ def test_cached_vs_online_pairs_seeds_and_reports_every_arm(task_name, tmp_path,
         assert c["epochs"] == 2 and c["schedules"] == 1
         assert list(CacheStore(str(tmp_path / "work" / f"schedule-s{sd}.zarr")).schema.schedules_held) == [sd]
     assert all(r["num_samples"] == test_size for arm in state["students"].values() for r in arm.values())
-    assert all(r["machine"] == state["machine"] for arm in state["students"].values() for r in arm.values())
+    assert all(r["machine"].startswith("cpu: ") for arm in state["students"].values() for r in arm.values())
     table = (results / "x" / "results" / f"cached-vs-online-{task_name}-cpu.md").read_text()
     for row in ("| CE |", "| KL schedule |", "| DIST online |", "| KL schedule − KL online | 2 |",
                 "| DIST whole image − CE | 2 |"):
@@ -156,6 +157,24 @@ def test_cached_vs_online_pairs_seeds_and_reports_every_arm(task_name, tmp_path,
     assert not (tmp_path / "work" / "teacher").exists()
     assert not any((tmp_path / "work").glob("schedule-s*.zarr")) and (tmp_path / "work" / "image.zarr").exists()
     assert __import__("json").loads(state_file.read_text())["students"] == state["students"]
+    # a store another teacher built (an earlier run's folder) is built again, not read
+    import torch
+
+    ckpt = torch.load(kept / "best.pt", weights_only=False)  # the same network, other weights
+    name = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point())
+    ckpt["state_dict"][name] = ckpt["state_dict"][name] + 1
+    foreign = tmp_path / "other.pt"
+    torch.save(ckpt, foreign)
+    shutil.rmtree(tmp_path / "work" / "image.zarr")
+    build_teacher_cache(CacheBuildConfig(weights=str(foreign), out=str(tmp_path / "work" / "image.zarr"),
+                                         dataset=task["teacher"]["dataset"], dataset_options=options, topk=task["topk"],
+                                         limit=2, workers=0), show_progress=False)
+    monkeypatch.setattr(sys, "argv", ["cached_vs_online.py", "--task", task_name, "--seeds", "0,1", "--phase", "caches",
+                                      "--out", str(tmp_path / "work")])
+    script["main"]()
+    rebuilt = CacheStore(str(tmp_path / "work" / "image.zarr"))
+    assert rebuilt.schema.teacher["weights"].endswith(f"cached-vs-online-{task_name}-cpu-teacher/best.pt")
+    assert rebuilt.done().all() and len(rebuilt.done()) > 2
     # a teacher other than the one the state was measured with is refused, and the state kept
     again["teacher"]["weights_sha256"] = "0" * 64
     state_file.write_text(__import__("json").dumps(again))
@@ -186,13 +205,16 @@ def test_cached_vs_online_merges_the_runs_of_processes_that_share_a_state():
     arm, notes and commits in order, once each), and this process's own keys win."""
     merge = runpy.run_path(str(BENCH / "cached_vs_online.py"), run_name="cvo")["merge_state"]
     theirs = {"machine": "a", "commits": ["c1"], "tune": {"kl T=1 seed 0": 0.5},
-              "students": {"CE": {"0": {"score": 0.4}}, "KL online": {"1": {"score": 0.3}}}, "notes": ["n1"]}
+              "students": {"CE": {"0": {"score": 0.4}}, "KL online": {"1": {"score": 0.3}}}, "notes": ["n1"],
+              "caches": {"whole image": {"seconds": 5}, "schedule seed 1": {"seconds": 9}}}
     ours = {"machine": "b", "commits": ["c1", "c2"], "tune": {"kl T=2 seed 0": 0.6}, "temperature": {"kl": 2.0},
-            "students": {"CE": {"1": {"score": 0.45}}}, "notes": ["n1", "n2"]}
+            "students": {"CE": {"1": {"score": 0.45}}}, "notes": ["n1", "n2"],
+            "caches": {"whole image": {"seconds": 5}, "schedule seed 0": {"seconds": 8}}}
     m = merge(ours, theirs)
     assert m["machine"] == "b" and m["temperature"] == {"kl": 2.0} and m["commits"] == ["c1", "c2"]
     assert m["tune"] == {"kl T=1 seed 0": 0.5, "kl T=2 seed 0": 0.6} and m["notes"] == ["n1", "n2"]
     assert m["students"] == {"CE": {"0": {"score": 0.4}, "1": {"score": 0.45}}, "KL online": {"1": {"score": 0.3}}}
+    assert set(m["caches"]) == {"whole image", "schedule seed 0", "schedule seed 1"}  # each process's stores
     assert "tune" not in merge({"commits": []}, {"commits": []})  # nothing invented
 
 

@@ -180,8 +180,16 @@ def test_a_store_of_later_schedules_holds_what_the_whole_store_holds_for_them(se
     r = kd("train-student", "--cache", part, "--limit", "12", "--epochs", "2", "--seed", "0", "--batch-size", "4",
            "--out", tmp_path / "s")
     assert r.exit_code == 2 and (f"--seed 0: {part} holds schedule 1 (--schedules 1 --first-schedule 1), one per "
-                                 "seed; train with --seed 1 or rebuild it with --first-schedule 0 --schedules 2"
-                                 ) in " ".join(r.output.split()), r.output
+                                 "seed; train with --seed 1 or build a cache of it with --first-schedule 0 "
+                                 "--schedules 1") in " ".join(r.output.split()), r.output
+    for seed, hint in (("3", "or build a cache of it with --first-schedule 3 --schedules 1"),
+                       ("-1", "--seed must be 0 or more")):
+        r = kd("train-student", "--cache", part, "--limit", "12", "--epochs", "2", "--seed", seed, "--batch-size", "4",
+               "--out", tmp_path / "s")
+        assert r.exit_code == 2 and f"--seed {seed}: " in r.output and hint in " ".join(r.output.split()), r.output
+    for schedule, epoch in ((0, 0), (2, 0), (1, E)):  # what the store does not hold has no view
+        with pytest.raises(ValueError, match=f"holds schedules 1..1 of {E} epochs, not epoch {epoch} of schedule"):
+            b.schema.view_of(schedule, epoch)
 
 
 def test_classification_replays_its_random_resized_crops(tmp_path):

@@ -422,7 +422,11 @@ class CacheSchema:
 
     def view_of(self, schedule: int, epoch: int) -> int:
         """The view that holds ``epoch`` of ``schedule`` in a schedule store."""
-        return (schedule - self.schedules_held.start) * int(self.schedule["epochs"]) + epoch
+        held, epochs = self.schedules_held, int(self.schedule["epochs"])
+        if schedule not in held or not 0 <= epoch < epochs:
+            raise ValueError(f"this schedule store holds schedules {held.start}..{held.stop - 1} of {epochs} epochs, "
+                             f"not epoch {epoch} of schedule {schedule}")
+        return (schedule - held.start) * epochs + epoch
 
     def per_view(self, path: str) -> bool:
         """Whether the map array ``path`` is chunked one view per chunk (a schedule store's views,
