@@ -159,28 +159,38 @@ def main() -> None:
         write_report(state, results)
 
     if "teachers" in phases:
+        def refuse_other(name: str, path: Path) -> None:
+            sha, known = open_weights(str(path)).weights_sha256(), state.get("teachers", {}).get(name, {})
+            if known.get("weights_sha256", sha) != sha:
+                raise SystemExit(f"error: the {name} teacher in {path} is not the one {state_path} was measured with "
+                                 "(its weights differ); restore it, or move the state file aside to start over")
+
         for name, dataset in (("weak", "synthetic-weak-building"), ("standard", "synthetic")):
-            if finished(teachers[name], TEACHER["epochs"]):
-                continue  # kept by an earlier sitting
-            source = out / f"teacher-{name}"
+            source = None
             if name == "standard" and args.standard_teacher:
                 source = Path(args.standard_teacher)
                 if not finished(source, TEACHER["epochs"]):
                     raise SystemExit(f"error: --standard-teacher {source} did not train {TEACHER['epochs']} epochs of "
                                      "the teacher recipe; give such a run, or leave the option out to train one")
-            elif not finished(source, TEACHER["epochs"]):
-                train(TrainConfig(out=str(source), dataset=dataset, dataset_options=dict(DATA_OPTIONS),
-                                  **TEACHER), overwrite=True, show_progress=False)
+                if finished(teachers[name], TEACHER["epochs"]) and \
+                        open_weights(str(source)).weights_sha256() != open_weights(str(teachers[name])).weights_sha256():
+                    raise SystemExit(f"error: --standard-teacher {source} is not the standard teacher kept in "
+                                     f"{teachers[name]}; leave the option out to use the kept one")
+            if finished(teachers[name], TEACHER["epochs"]):
+                continue  # kept by an earlier sitting
+            if source is None:
+                source = out / f"teacher-{name}"
+                if not finished(source, TEACHER["epochs"]):
+                    train(TrainConfig(out=str(source), dataset=dataset, dataset_options=dict(DATA_OPTIONS),
+                                      **TEACHER), overwrite=True, show_progress=False)
+            refuse_other(name, source)  # before it replaces what is kept
             teachers[name].mkdir(parents=True, exist_ok=True)
             for f in ("best.pt", "config.json", "metrics.jsonl"):  # kept byte for byte
                 shutil.copyfile(source / f, teachers[name] / f)
         for name, p in teachers.items():
-            sha = open_weights(str(p)).weights_sha256()
-            known = state.get("teachers", {}).get(name, {}).get("weights_sha256")
-            if known and known != sha:
-                raise SystemExit(f"error: the {name} teacher in {p} is not the one {state_path} was measured with (its "
-                                 "weights differ); restore it, or move the state file aside to start over")
-            state.setdefault("teachers", {})[name] = {"run": str(p), "weights_sha256": sha, **test_scores(p)}
+            refuse_other(name, p)
+            state.setdefault("teachers", {})[name] = {"run": str(p), "weights_sha256": open_weights(str(p)).weights_sha256(),
+                                                      **test_scores(p)}
         save()
     if "caches" in phases:
         for name, p in teachers.items():

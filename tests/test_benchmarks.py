@@ -277,6 +277,13 @@ def test_weak_teacher_runs_every_arm_and_reports_the_weak_class(tmp_path, monkey
     kept = results / "x" / "results" / "weak-teacher-cpu-teachers"
     for name in ("weak", "standard"):
         assert (kept / name / "best.pt").read_bytes() == (tmp_path / "w" / f"teacher-{name}" / "best.pt").read_bytes()
+    # another standard teacher than the kept one is refused, the kept one untouched
+    before = (kept / "standard" / "best.pt").read_bytes()
+    monkeypatch.setattr(sys, "argv", ["weak_teacher.py", "--seeds", "0", "--phase", "teachers", "--out",
+                                      str(tmp_path / "w"), "--standard-teacher", str(kept / "weak")])
+    with pytest.raises(SystemExit, match="is not the standard teacher kept in"):
+        script["main"]()
+    assert (kept / "standard" / "best.pt").read_bytes() == before
     shutil.rmtree(tmp_path / "w" / "teacher-standard")
     shutil.rmtree(tmp_path / "w" / "teacher-weak")
     weak_teacher = kept / "weak"
