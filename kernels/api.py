@@ -171,6 +171,19 @@ def _run_numba(s, v, i, t, ign, lab, T, with_tail, ignore_index, scales, per_pos
     # kernels) costs about a second that a GPU run or a command without a loss should not pay
     import numba
 
+    # Numba's kernels take torch's thread budget (OMP_NUM_THREADS, torch.set_num_threads, one per
+    # process under torchrun), and the call leaves torch's as it was: Numba's OpenMP layer starts its
+    # pool at every core and sets the process's OpenMP threads, which torch shares, to that
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        return _numba_call(numba, s, v, i, t, ign, lab, T, with_tail, ignore_index, scales, per_position)
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def _numba_call(numba, s, v, i, t, ign, lab, T, with_tail, ignore_index, scales, per_position):
     from kdcache.kernels.numba_kl import block_pixels, kl_rows, kl_spatial
 
     N, C, P = s.shape

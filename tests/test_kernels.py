@@ -362,3 +362,27 @@ def test_compile_numba_leaves_both_kernels_in_numbas_disk_cache():
     assert after == {"spatial": "cached", "rows": "cached"}, after
     with pytest.raises(KernelInputError, match="compile_numba takes kernels spatial, rows, got dense"):
         compile_numba(("rows", "dense"))
+
+
+def test_the_numba_kernel_keeps_torchs_thread_budget():
+    """A process limited to one thread (OMP_NUM_THREADS=1, as each torchrun process on a CPU is)
+    stays at one after a Numba loss, and the kernel runs on that budget: Numba's OpenMP layer used
+    to set the process's threads, torch's too, to every core, so a run's arithmetic changed under it
+    after its first step. With two threads, the kernel takes two."""
+    code = """
+import json, torch, numba
+from kdcache.kernels import topk_kl
+s = torch.randn(2, 11, 16, 16)
+v, i = torch.randn(2, 11, 16, 16).topk(4, 1)
+seen = [torch.get_num_threads()]
+topk_kl(s, v, i, None, tail="renormalize", backend="numba")
+seen += [torch.get_num_threads(), numba.get_num_threads()]
+torch.set_num_threads(2)
+topk_kl(s, v, i, None, tail="renormalize", backend="numba")
+seen += [torch.get_num_threads(), numba.get_num_threads()]
+print(json.dumps(seen))
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "2"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.splitlines()[-1]) == [1, 1, 1, 2, 2]
