@@ -82,6 +82,29 @@ def test_the_mask_leaves_out_the_labelled_cells_the_teacher_gets_wrong():
     assert teacher_aware_ignore(b, "teacher_correct", 0.0).tolist() == [[[False, True, False], [True, True, False]]]
 
 
+def test_a_classification_image_without_a_label_keeps_its_term_and_class_255_is_a_class():
+    """Classification labels: -100 is an image without a label (full KD, like an unlabelled cell;
+    with class weights, the teacher's top-1 class's weight), and 255 is a class like any other on a
+    data set of more classes (masked where the teacher is wrong, weighted as itself)."""
+    from kdcache.methods.teacher_aware import TeacherAware
+
+    C300 = 300
+    top1 = torch.tensor([3, 7, 255, 40])
+    values = torch.stack([torch.full((4,), 5.0), torch.zeros(4)], 1)[..., None, None]  # [4, 2, 1, 1]
+    indices = torch.stack([top1, (top1 + 1) % C300], 1)[..., None, None].to(torch.int16)
+    b = {"label": torch.tensor([3, -100, 255, 255])[:, None, None], "kd/values": values.half(),
+         "kd/indices": indices, "kd/tail": torch.zeros(4, 1, 1).half(), "kd/ignore": torch.zeros(4, 1, 1, dtype=torch.bool)}
+    # right on image 0, no label on image 1, right on 2 (class 255), wrong on 3 (255, said 40)
+    assert teacher_aware_ignore(b, "teacher_correct", 0.0, C300, classification=True).flatten().tolist() == [
+        False, False, False, True]
+    aware = TeacherAware(class_weights="none")
+    aware.setup(type("Schema", (), {"num_classes": C300, "classification": {"targets": "logits"}})())
+    aware.weights = torch.arange(C300, dtype=torch.float32) / C300
+    assert (aware.cell_weights(b).flatten() * C300).round().tolist() == [3, 7, 255, 255]
+    # segmentation: 255 is the no-label value, whatever the number of classes
+    assert teacher_aware_ignore(b, "teacher_correct", 0.0, 11).flatten().tolist() == [False] * 4
+
+
 def _dense_teacher(b: dict) -> torch.Tensor:
     """[1, C, h, w] float64: the top k at their logits, every other class at tail − log(C − k)."""
     v, i, t = b["kd/values"].double(), b["kd/indices"].long(), b["kd/tail"].double()

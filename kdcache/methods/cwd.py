@@ -61,5 +61,9 @@ class ChannelWise(KDMethod):
         w = w.to(kl.device)[None].expand_as(kl)  # class c's weight on channel c's term
         return self.weight * (T * T) * (kl * w).sum() / w.sum().clamp_min(1e-12)
 
+    def setup(self, student_channels, schema) -> None:
+        super().setup(student_channels, schema)
+        self.aware.setup(schema)
+
     def prepare(self, sources) -> None:
         self.aware.prepare(sources, self.name)

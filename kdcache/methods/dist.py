@@ -99,6 +99,10 @@ class DIST(KDMethod):
         return self.weight * dist_loss(s, t, self.temperature, self.beta, self.gamma, cells.reshape(-1)[used],
                                        self.aware.weights.to(s.device))
 
+    def setup(self, student_channels, schema) -> None:
+        super().setup(student_channels, schema)
+        self.aware.setup(schema)
+
     def prepare(self, sources) -> None:
         self.aware.prepare(sources, self.name)
 

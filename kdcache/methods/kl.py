@@ -57,6 +57,10 @@ class PixelKL(KDMethod):
             loss = weighted_mean(loss, cells * ~ignore)
         return self.weight * loss
 
+    def setup(self, student_channels, schema) -> None:
+        super().setup(student_channels, schema)
+        self.aware.setup(schema)
+
     def prepare(self, sources) -> None:
         self.aware.prepare(sources, self.name)
 

@@ -26,8 +26,10 @@ import torch
 
 from kdcache.methods.base import MethodError
 
-#: the label value of a pixel without a label (``SegPipeline``'s ignore value)
+#: the label value of a pixel without a label: ``SegPipeline``'s ignore value, and a classification
+#: data set's (where 255 is a class like any other)
 IGNORE_LABEL = 255
+NO_CLASS_LABEL = -100
 MASKS = ("none", "teacher_correct")
 
 
@@ -63,14 +65,23 @@ def teacher_top1(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return cls, (best[:, 0] - log_z).exp()
 
 
-def teacher_aware_ignore(batch: dict, mask: str, min_confidence: float) -> torch.Tensor:
+def has_label(labels: torch.Tensor, num_classes: int | None, classification: bool) -> torch.Tensor:
+    """Which cells of ``labels`` hold a class: in 0..C-1 (C where known) and not the data's no-label
+    value (255 for segmentation, -100 for classification, whose class 255 is a class)."""
+    no_label = NO_CLASS_LABEL if classification else IGNORE_LABEL
+    held = (labels >= 0) & (labels != no_label)
+    return held if num_classes is None else held & (labels < num_classes)
+
+
+def teacher_aware_ignore(batch: dict, mask: str, min_confidence: float, num_classes: int | None = None,
+                         classification: bool = False) -> torch.Tensor:
     """``kd/ignore`` [N, h, w] with the cells ``mask`` and ``min_confidence`` leave out also set."""
     ignore = batch["kd/ignore"]
     if mask == "none" and min_confidence <= 0:
         return ignore
     cls, prob = teacher_top1(batch)
     labels = cell_labels(batch["label"].to(cls.device), tuple(cls.shape[-2:]))
-    labelled = labels != IGNORE_LABEL
+    labelled = has_label(labels, num_classes, classification)
     drop = torch.zeros_like(ignore)
     if mask == "teacher_correct":
         drop |= labelled & (cls != labels)
@@ -148,6 +159,13 @@ class TeacherAware:
         self.teacher_iou, self.margin = teacher_iou, float(margin)
         self.weights: torch.Tensor | None = None  # [C] once prepared
         self.evidence: dict = {}
+        self.num_classes: int | None = None  # the data's, once set up
+        self.classification = False
+
+    def setup(self, schema) -> None:
+        """The classes and the task of the data (what a cell without a label holds)."""
+        self.num_classes = int(schema.num_classes)
+        self.classification = bool(schema.classification)
 
     def prepare(self, sources: list, method: str) -> None:
         """The per-class weights from the baseline run and the teacher's IoU (``sources``: the
@@ -185,7 +203,7 @@ class TeacherAware:
                          "weights": [float(x) for x in w]}
 
     def ignore(self, batch: dict) -> torch.Tensor:
-        return teacher_aware_ignore(batch, self.mask, self.min_confidence)
+        return teacher_aware_ignore(batch, self.mask, self.min_confidence, self.num_classes, self.classification)
 
     def cell_weights(self, batch: dict) -> torch.Tensor | None:
         """Each KD cell's weight [N, h, w]: its class's (the label where it has one, else the
@@ -194,7 +212,7 @@ class TeacherAware:
             return None
         cls, _ = teacher_top1(batch)
         labels = cell_labels(batch["label"].to(cls.device), tuple(cls.shape[-2:]))
-        cls = torch.where(labels != IGNORE_LABEL, labels, cls).clamp_(0, len(self.weights) - 1)
+        cls = torch.where(has_label(labels, len(self.weights), self.classification), labels, cls)
         return self.weights.to(cls.device)[cls]
 
     def describe(self) -> str:
