@@ -565,6 +565,10 @@ CASES = [
          "method 'fitnet': fitnet loss must be mse or cosine, got l1"),
     case("method-unknown-option", student("--method", "kl:temprature=2"),
          "method 'kl' takes no option 'temprature'", "its options: weight, temperature, tail"),
+    case("method-option-not-a-number", student("--method", "kl:temperature=two"),
+         "method 'kl': temperature takes a number, got 'two'; e.g. kl:temperature=1.0"),
+    case("method-option-empty", student("--method", "dist:weight="),
+         "method 'dist': weight takes a number, got ''"),
     # -- the synthetic data set ---------------------------------------------------------------------------
     case("synthetic-split", train("--train-split", "nope"), "synthetic data set has no split 'nope'",
          "valid splits: train, val, test"),

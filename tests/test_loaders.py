@@ -384,6 +384,36 @@ def test_folder_split_lists(tmp_path):
         FolderDataset(tmp_path, "val")
 
 
+def test_split_list_names_with_spaces_and_image_label_pairs(tmp_path):
+    """A split list's line is the whole name (spaces included: 'img 4 copy' is not 'img'), and a
+    line of two paths (image and label, CamVid-style lists) names its image by the first."""
+    make_folder(tmp_path, stems=("img 4", "img 4 copy", "x"), exts=(".jpg", ".png", ".webp"))
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "splits" / "a.txt").write_text("img 4 copy\n")
+    ds = FolderDataset(tmp_path, "a")
+    assert ds.ids == ["img 4 copy"] and ds.refs[0].image.name == "img 4 copy.png"
+    (tmp_path / "splits" / "b.txt").write_text("img 4.jpg\nx.webp masks/x.png\n")
+    assert FolderDataset(tmp_path, "b").ids == ["img 4", "x"]
+    assert FolderDataset(tmp_path, "b").load(1)[0].shape == (H, W, 3)  # a .webp image is an image
+
+
+def test_masks_of_another_suffix_and_one_bit_masks(tmp_path):
+    """Masks saved as JPEG are named as the reason the images lack masks; a 1-bit PNG mask (a
+    saved bool array) reads as classes 0 and 1."""
+    make_folder(tmp_path, stems=("a", "b"), exts=(".png", ".png"))
+    (tmp_path / "masks" / "b.png").rename(tmp_path / "masks" / "b.jpg")
+    with pytest.raises(DatasetError, match=r"without a mask in .*: b \(masks are read from \.png files, and theirs "
+                                           r"are \.jpg: save them as PNG"):
+        FolderDataset(tmp_path, "train")
+    (tmp_path / "masks" / "b.jpg").unlink()
+    bits = np.zeros((H, W), bool)
+    bits[2:5, 3:9] = True
+    Image.fromarray(bits).save(tmp_path / "masks" / "b.png")
+    assert Image.open(tmp_path / "masks" / "b.png").mode == "1"
+    mask = FolderDataset(tmp_path, "train").load(1)[1]
+    assert np.array_equal(mask, bits.astype(np.uint8))
+
+
 def test_folder_split_subfolders(tmp_path):
     (tmp_path / "classes.txt").write_text("bg\nfg\n")
     make_folder(tmp_path / "train", stems=("t1", "t0"), exts=(".png", ".jpeg"))

@@ -89,6 +89,8 @@ def read_index_mask(path: Path) -> np.ndarray:
             im.load()
             if im.mode in ("P", "L"):
                 arr = np.asarray(im)
+            elif im.mode == "1":  # a 1-bit PNG (a saved bool array): classes 0 and 1, not 0 and 255
+                arr = np.asarray(im).astype(np.uint8)
             elif im.mode in ("I", "I;16", "I;16B", "I;16L"):
                 arr = np.asarray(im).astype(np.int64)
             elif im.mode in ("RGB", "RGBA"):

@@ -24,7 +24,7 @@ from kdcache.data.folder import IMAGE_SUFFIXES, empty_split
 from kdcache.data.registry import DATASETS
 from kdcache.errors import DatasetError
 
-SUFFIXES = (*IMAGE_SUFFIXES, ".webp")
+SUFFIXES = IMAGE_SUFFIXES
 
 
 def _images_under(folder: Path) -> list[Path]:

@@ -16,7 +16,7 @@ from kdcache.data.base import SampleRef, SegmentationDataset
 from kdcache.data.registry import DATASETS
 from kdcache.errors import DatasetError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MASK_SUFFIXES = (".png",)
 
 
@@ -63,7 +63,11 @@ def pair_by_stem(
     no_image = masks.keys() - images.keys()
     problems = []
     if no_mask:
-        problems.append(f"images in {image_dir} without a mask in {mask_dir}: {_shown(no_mask)}")
+        other = sorted({p.suffix for p in mask_dir.iterdir() if p.stem in no_mask and p.is_file()}) \
+            if mask_dir.is_dir() else []
+        hint = (f" (masks are read from {', '.join(MASK_SUFFIXES)} files, and theirs are {', '.join(other)}: save "
+                "them as PNG, which keeps class ids exact where JPEG's compression changes them)") if other else ""
+        problems.append(f"images in {image_dir} without a mask in {mask_dir}: {_shown(no_mask)}{hint}")
     if no_image:
         problems.append(f"masks in {mask_dir} without an image in {image_dir}: {_shown(no_image)}")
     if problems:
@@ -72,7 +76,9 @@ def pair_by_stem(
 
 
 def read_id_list(path: Path) -> list[str]:
-    """Sample ids of a split list: one per line; blank lines and ``#`` comments are skipped."""
+    """The entries of a split list: one per line, the whole line trimmed (a file name may hold
+    spaces; a line of two paths, image and label, is resolved by the data set); blank lines and
+    ``#`` comments are skipped."""
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of an id
     except (OSError, UnicodeDecodeError) as exc:
@@ -81,8 +87,18 @@ def read_id_list(path: Path) -> list[str]:
     for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
-            ids.append(line.split()[0])
+            ids.append(line)
     return ids
+
+
+def listed_stem(entry: str, images: dict[str, Path]) -> str:
+    """The image stem a split list's line names: the whole line (a name may hold spaces, and carry
+    its image suffix), else its first word (lists of "image label" pairs)."""
+    for candidate in (entry, entry.split()[0]):
+        stem = Path(candidate).stem if Path(candidate).suffix.lower() in IMAGE_SUFFIXES else candidate
+        if stem in images:
+            return stem
+    return entry
 
 
 def unknown_split(name: str, split: str, valid: Iterable[str], where: Path) -> DatasetError:
@@ -249,9 +265,7 @@ class FolderDataset(SegmentationDataset):
         masks = files_by_stem(mask_dir, MASK_SUFFIXES, "mask")
         refs = []
         for entry in read_id_list(list_file):
-            stem = entry
-            if Path(entry).suffix.lower() in IMAGE_SUFFIXES:
-                stem = Path(entry).stem
+            stem = listed_stem(entry, images)
             if stem not in images:
                 raise DatasetError(
                     f"split list {list_file} names '{entry}' but there is no image "
@@ -273,11 +287,11 @@ class FolderDataset(SegmentationDataset):
             self.labelled = False
             images = files_by_stem(image_dir, IMAGE_SUFFIXES, "image")
             if not images:
-                raise empty_split("folder data set", split, image_dir)
+                raise empty_split("folder data set", split, f"{image_dir} (images: {', '.join(IMAGE_SUFFIXES)})")
             return [SampleRef(id=s, image=images[s]) for s in sorted(images)]
         images = files_by_stem(image_dir, IMAGE_SUFFIXES, "image")
         masks = files_by_stem(mask_dir, MASK_SUFFIXES, "mask")
         refs = pair_by_stem(images, masks, image_dir, mask_dir)
         if not refs:
-            raise empty_split("folder data set", split, image_dir)
+            raise empty_split("folder data set", split, f"{image_dir} (images: {', '.join(IMAGE_SUFFIXES)})")
         return refs

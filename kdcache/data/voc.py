@@ -62,7 +62,7 @@ class VOCDataset(SegmentationDataset):
         images = files_by_stem(image_dir, (".jpg", ".jpeg"), "image")
         masks = files_by_stem(mask_dir, (".png",), "mask")
         refs = []
-        for sid in read_id_list(list_file):
+        for sid in (line.split()[0] for line in read_id_list(list_file)):  # VOC's lists: an id, maybe a flag
             if sid not in images:
                 raise DatasetError(
                     f"split list {list_file} names '{sid}' but image {image_dir / sid}.jpg "

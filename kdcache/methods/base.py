@@ -76,10 +76,26 @@ def build_method(name: str, **options) -> KDMethod:
     if unknown:
         raise MethodError(f"method '{name}' takes no option {', '.join(map(repr, unknown))}; its options: "
                           f"{', '.join(method_options(name)) or 'none'}")
+    params = method_options(name)
+    for key, value in options.items():
+        if _takes_number(params[key]) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise MethodError(f"method '{name}': {key} takes a number, got {value!r}; e.g. {name}:{key}="
+                              f"{option_default(name, key) if option_default(name, key) is not None else 1}")
     try:
         return cls(**options)
     except (TypeError, ValueError) as exc:
         raise KDCacheError(f"method '{name}': {exc}") from None
+
+
+def _takes_number(param: inspect.Parameter) -> bool:
+    """Whether a method option is a number: its default is one, or it is annotated ``float``/``int``
+    (``weight: float | None = None``)."""
+    if isinstance(param.default, bool):
+        return False
+    if isinstance(param.default, (int, float)):
+        return True
+    ann = param.annotation if isinstance(param.annotation, str) else getattr(param.annotation, "__name__", "")
+    return ann.split("|")[0].strip() in ("float", "int")
 
 
 class KDMethod(nn.Module):
