@@ -103,13 +103,15 @@ def compare(
     per_class: Annotated[bool, typer.Option("--per-class/--no-per-class", help="Also print where KD helps and hurts per class: the teacher, the baseline and each run's Δ, for the classes that differ by more than a point.")] = True,
     backend: Annotated[str, typer.Option(help="torch, or onnxruntime: each run exported to RUN/export/model.onnx and measured (metrics, ms/image) as deployed.")] = "torch",
     page_images: Annotated[int, typer.Option(help="Test images index.html browses (all when there are no more; else those where the runs differ most; 0: none).")] = default(compare_runs, "page_images"),
+    data_root: Annotated[str | None, typer.Option(help="Evaluate every run on the data under DIR (default: each run's own, which must be the same for all).")] = None,
     quiet: Quiet = False,
 ):
     """One table for many runs (mIoU, mAcc, aAcc, per class, #params, ms, FPS, Δ mIoU), figures and index.html to browse."""
     check_backend(backend)
     onnx = [export_run(r, "onnx")["path"] for r in runs] if backend == "onnxruntime" else None
     result = compare_runs(runs, baseline=baseline, out=out, split=split, examples=examples, latency=latency,
-                          device=device, show_progress=not quiet, onnx=onnx, page_images=page_images)
+                          device=device, show_progress=not quiet, onnx=onnx, page_images=page_images,
+                          data_root=data_root)
     console.print(compare_table(result, width=console.width))
     if per_class:
         console.print(compare_per_class_table(result))

@@ -58,12 +58,13 @@ def run_label(config: dict, path: Path) -> str:
 def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None, out: str | Path = "runs/compare",
                  split: str | None = None, examples: int = 3, latency: bool = True, device: str = "auto",
                  batch_size: int = 8, show_progress: bool = True, onnx: list[str | Path] | None = None,
-                 page_images: int = 40) -> dict:
+                 page_images: int = 40, data_root: str | Path | None = None) -> dict:
     """``onnx``: one exported ONNX file per run (``kdcache export``): metrics, latency and
     figures come from ONNX Runtime running them, as deployed (``backend: onnxruntime``).
     ``page_images``: the images ``index.html`` browses (all of them when there are no more, else
     those where the runs' per-image IoU differ most; classification: the wrong ones shown per run);
-    0 writes the page without them."""
+    0 writes the page without them. ``data_root``: evaluate every run on the images under it (runs
+    whose own data roots differ are refused without it: each would be scored on other images)."""
     if not runs:
         raise KDCacheError("give at least one run folder to compare")
     paths = [Path(r) for r in runs]
@@ -72,8 +73,18 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None, 
     for p in paths:
         if not (p / "config.json").exists():
             raise KDCacheError(f"{p} is not a run folder (no config.json); compare takes run folders")
+    if data_root is None:
+        roots = {}
+        for p in paths:
+            root = RunDir(p).read_config().get("data_root")
+            roots.setdefault(None if root is None else str(Path(root).expanduser().resolve()), p)
+        if len(roots) > 1:
+            (a, pa), (b, pb) = list(roots.items())[:2]
+            raise KDCacheError(f"{pa} was trained on the data under {a} and {pb} under {b}: each would be scored on "
+                               "other images; give --data-root DIR to evaluate every run on the same ones")
     reports = [evaluate_run(p, split=split, qualitative=1, latency=False, device=device, batch_size=batch_size,
-                            show_progress=show_progress, onnx=onnx[i] if onnx else None, save=False)
+                            show_progress=show_progress, onnx=onnx[i] if onnx else None, save=False,
+                            data_root=None if data_root is None else str(data_root))
                for i, p in enumerate(paths)]
     first = reports[0]
     for p, rep in zip(paths, reports):

@@ -225,7 +225,7 @@ def evaluate_run(
     ckpt_path, run_dir = weights.checkpoint, weights.run_dir
     config, ds, split_name = eval_dataset(weights.config, dataset=dataset, data_root=data_root, split=split,
                                           limit_n=limit_n)
-    model = weights.build(num_classes=ds.num_classes, device=dev)
+    model = weights.build(num_classes=ds.num_classes, device=dev, class_names=ds.class_names)
     model_name = model.name
     preprocess = weights.preprocess
     pipeline = SegPipeline(ds, preprocess)

@@ -83,13 +83,15 @@ class Weights:
 
     def build(self, *, arch: str | None = None, num_classes: int | None = None, taps: Sequence[str] = (),
               device: torch.device | str | None = None, arch_option: str | None = None,
-              task: str | None = None) -> SegModel:
+              task: str | None = None, class_names: Sequence[str] | None = None) -> SegModel:
         """The model with these weights, in eval mode (on ``device`` if given).
 
         ``arch``: the architecture the user named (must agree with the weights'; needed for a
         plain state dict). ``num_classes``: the class count of the data (must agree with the
-        weights'). ``arch_option``: the command-line option that names the architecture, for
-        the error message when a plain state dict needs one."""
+        weights'). ``class_names``: the data's, in class-id order (must agree with the names the
+        weights were trained with, where both are known: the same count in another order scores
+        every class as another). ``arch_option``: the command-line option that names the
+        architecture, for the error message when a plain state dict needs one."""
         stored = self.arch
         if arch and stored and arch != stored:
             raise CheckpointError(f"{arch_option or 'the architecture'} {arch} but {self.checkpoint} holds a "
@@ -109,6 +111,7 @@ class Weights:
                 f"{self.checkpoint} predicts {known} classes but the data set has {num_classes}; use weights "
                 "trained on this data set"
             )
+        check_class_names(self.config.get("class_names"), class_names, str(self.checkpoint))
         classes = num_classes if num_classes is not None else known
         if classes is None:
             raise CheckpointError(f"{self.checkpoint} does not say how many classes its model predicts; give a "
@@ -118,6 +121,24 @@ class Weights:
         if device is not None:
             model.to(device)
         return model.eval()
+
+
+def check_class_names(theirs: Sequence[str] | None, mine: Sequence[str] | None, what: str) -> None:
+    """One line where the class names ``what`` was trained with and the data's differ (by more than
+    case and spaces): an ImageFolder whose class folders are spelt or sorted otherwise, a
+    classes.txt in another order."""
+    if not theirs or not mine:
+        return
+    a, b = [str(n).strip().casefold() for n in theirs], [str(n).strip().casefold() for n in mine]
+    if a == b:
+        return
+    if len(a) != len(b):
+        return  # the class count's own error says it
+    diff = [i for i in range(len(a)) if a[i] != b[i]]
+    shown = ", ".join(f"class {i}: '{theirs[i]}' / '{mine[i]}'" for i in diff[:3]) + (" …" if len(diff) > 3 else "")
+    raise CheckpointError(f"{what} was trained on classes named otherwise than the data's ({shown}; theirs / the "
+                          "data's): its class ids would be scored as other classes; give data with the same class "
+                          "names in the same order (classes.txt, or the class folders' names)")
 
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")

@@ -156,7 +156,7 @@ def open_members(paths: Sequence[str], archs: Sequence[str | None], *, num_class
     for j, (name, w) in enumerate(zip(names, opened)):
         arch = archs[j] if len(archs) == len(paths) else (archs[0] if archs else None)
         model = w.build(arch=arch, num_classes=num_classes, taps=tuple(taps) if j == fi else (), device=device,
-                        arch_option=arch_option, task=task)
+                        arch_option=arch_option, task=task, class_names=class_names)
         members.append(Member(name, w, model, w.preprocess, hashes[j]))
     return members, fi
 

@@ -731,3 +731,20 @@ def test_a_build_without_dataset_takes_the_teacher_runs(tmp_path):
     r = kd("build-teacher-cache", "--weights", tmp_path / "plain.pt", "--teacher", "tiny_models:TinyNet",
            "--topk", 2, "--limit", 2, "--quiet", "--out", tmp_path / "p.zarr")
     assert r.exit_code == 2 and "head.bias: checkpoint (3,) vs model (11,)" in r.output  # built for synthetic
+    # a copy of the data whose classes.txt lists the same classes in another order: its ids would be
+    # scored and cached as other classes; refused by build-teacher-cache and evaluate, nothing written
+    import shutil
+
+    other = tmp_path / "reordered"
+    shutil.copytree(lab, other)
+    (other / "classes.txt").write_text("car\nroad\nsky\n")
+    for args in (["build-teacher-cache", "--weights", run, "--data-root", other, "--split", "all", "--topk", 2,
+                  "--out", tmp_path / "r.zarr"],
+                 ["evaluate", run, "--data-root", other, "--split", "all", "--out", tmp_path / "r-eval"]):
+        r = kd(*args)
+        assert r.exit_code == 2 and "was trained on classes named otherwise than the data's (class 0: 'road' / " \
+            "'car', class 1: 'car' / 'road'; theirs / the data's)" in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "r.zarr").exists() and not (tmp_path / "r-eval").exists()
+    (other / "classes.txt").write_text("Road\ncar \nsky\n")  # case and spaces are not other names
+    r = kd("evaluate", run, "--data-root", other, "--split", "all", "--out", tmp_path / "r-eval")
+    assert r.exit_code == 0, r.output

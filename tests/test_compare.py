@@ -6,6 +6,7 @@ import csv
 import json
 
 from cli_runner import kd
+from PIL import Image, ImageOps
 from rich.console import Console
 
 from kdcache.cli.report import compare_per_class_table, compare_table
@@ -173,3 +174,36 @@ def test_the_browsers_pictures_overlay_and_class_map_by_hand(tmp_path):
     np.testing.assert_array_equal(read["map"], np.asarray(palette, np.uint8)[pred])
     np.testing.assert_array_equal(read["overlay"], visualize.overlay(image, pred, np.asarray(palette, np.uint8), alpha=0.6))
     assert entry["classes"] == ["a", "b", "c"] and entry["iou"] == {"s": 0.5}
+
+
+def test_runs_of_other_data_roots_are_compared_only_on_one(tmp_path):
+    """Two runs of the same data set name, split and size, trained under other roots (other images):
+    refused, naming both roots, unless --data-root scores every run on the same images."""
+    import shutil
+
+    from fake_data import make_mixed_size_folders
+
+    lab, _ = make_mixed_size_folders(tmp_path)
+    other = tmp_path / "other"
+    shutil.copytree(lab, other)
+    for f in (other / "images").iterdir():  # other pictures of the same sizes, the same names and masks
+        with Image.open(f) as im:
+            ImageOps.invert(im.convert("RGB")).save(f)
+    tiny = ["--model", "tiny_models:TinyNet", "--dataset", "folder", "--train-split", "all", "--val-split", "all",
+            "--epochs", 1, "--batch-size", 2, "--crop-size", "32x32", "--workers", "0", "--device", "cpu", "--quiet"]
+    assert kd("train-teacher", *tiny, "--data-root", lab, "--out", tmp_path / "a").exit_code == 0
+    assert kd("train-teacher", *tiny, "--data-root", other, "--out", tmp_path / "b").exit_code == 0
+    r = kd("compare", tmp_path / "a", tmp_path / "b", "--no-latency", "--out", tmp_path / "c", "--quiet")
+    assert r.exit_code == 2 and f"{tmp_path / 'a'} was trained on the data under {lab.resolve()} and " \
+        f"{tmp_path / 'b'} under {other.resolve()}" in " ".join(r.output.split()) and "give --data-root DIR" in r.output
+    assert not (tmp_path / "c").exists()
+    r = kd("compare", tmp_path / "a", tmp_path / "b", "--data-root", lab, "--no-latency", "--page-images", "0",
+           "--examples", "0", "--out", tmp_path / "c", "--quiet")
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "c" / "compare.json").read_text())
+    # both scored on lab's images: b's numbers are not its own evaluation under other/
+    own = kd("evaluate", tmp_path / "b", "--out", tmp_path / "b-own")
+    assert own.exit_code == 0
+    b_own = json.loads((tmp_path / "b-own" / "eval.json").read_text())["miou"]
+    b_here = next(row for row in data["rows"] if row["run"].endswith("b"))["miou"]
+    assert b_here != b_own
