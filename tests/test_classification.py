@@ -71,6 +71,8 @@ def test_imagefolder_reads_classes_from_folders_and_labels_every_split(tmp_path)
 def test_imagefolder_bad_input_is_one_clear_error(tmp_path):
     rng = np.random.default_rng(1)
     write_image(tmp_path / "train" / "a" / "0.png", rng)
+    with pytest.raises(KDCacheError, match=r"imagefolder .*train has one class folder \(a\): a classifier needs two"):
+        build_dataset("imagefolder", "train", tmp_path)
     (tmp_path / "train" / "b").mkdir()
     with pytest.raises(KDCacheError, match=r"class folder .*train/b holds no images"):
         build_dataset("imagefolder", "train", tmp_path)

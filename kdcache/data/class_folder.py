@@ -68,6 +68,10 @@ class ClassFolderDataset(ClassificationDataset):
         if unknown:
             raise DatasetError(f"imagefolder split '{split}' has class folders {', '.join(unknown[:5])} that "
                                f"{ref_folder} lacks; every split must use the classes of '{classes_from}'")
+        if len(names) < 2:
+            raise DatasetError(f"imagefolder {ref_folder} has one class folder ({names[0]}): a classifier needs two "
+                               "or more (with one, every prediction is right and nothing is learnt); add a folder "
+                               "per class")
         self.class_names = tuple(names)
         refs = []
         for c, name in enumerate(names):
