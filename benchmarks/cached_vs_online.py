@@ -30,7 +30,16 @@ the runs the state lacks. The state keeps the teacher's fingerprint and refuses 
   from the default cache (segmentation: also read with ``--target-resample bilinear``, whose arms
   come after every seed's other arms).
   Checkpoints chosen on val; scored on a test split rendered larger than the default
-  (``test_size`` images), every score kept in the results with the machine that trained it.
+  (``test_size`` images), every score kept in the results with the machine that trained it;
+* ``weights``: each method's KD weight w (L = CE + w · KD, w in ``WEIGHTS``) chosen on **val** at
+  the chosen T (best epoch, mean of seeds 0 and 1, from each seed's schedule), beside CE's val
+  score of the same seeds; ties keep the weight nearest 1. Runs the students or tune phase
+  trained with the same options (w = 1, CE) are read from the state, not trained again. It reads
+  no test score. Added after the third segmentation run's students had started (its settings,
+  commit and state are the students'), to choose the defaults' weight on val in both tasks
+  (issue 27): a task whose kept teacher is gone (classification) measures it in a state of its
+  own, ``--state benchmarks/results/kd-weight-classification-cpu.json --seeds 0,1 --phase
+  teacher,caches,tune,weights``, which keeps its own teacher and writes its own results file.
 
 Several processes may share one state and working folder (``--phase tune,students`` once the
 caches are built; ``--threads`` sets each one's torch threads): each run is claimed by an
@@ -122,6 +131,8 @@ TASKS = {
 METHODS = ("kl", "dist")
 TEMPERATURES = (1.0, 2.0, 4.0)
 TUNE_SEEDS = (0, 1)
+#: the KD weight against the cross-entropy's 1 (L = CE + w · KD), chosen on val at the chosen T
+WEIGHTS = (0.25, 0.5, 1.0, 2.0)
 #: t quantiles (0.975) for the 95% interval of a paired mean, by degrees of freedom
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 FORMS = {"whole image": "image.zarr", "schedule": "schedule-s{seed}.zarr"}
@@ -137,6 +148,18 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def weight_keys() -> dict[str, tuple[str | None, float, int]]:
+    """The weights phase's runs: their state keys and (method or None for CE, weight, seed)."""
+    keys = {f"CE seed {sd}": (None, 1.0, sd) for sd in TUNE_SEEDS}
+    keys.update({f"{m} w={w:g} seed {sd}": (m, w, sd) for m in METHODS for w in WEIGHTS for sd in TUNE_SEEDS})
+    return keys
+
+
+def choose_weight(vals: dict[float, float]) -> float:
+    """The weight of the best mean val score; a tie keeps the weight nearest the authors' 1."""
+    return max(vals, key=lambda w: (vals[w], -abs(math.log(w))))
 
 
 def tune_keys() -> dict[str, tuple[str, float, int]]:
@@ -162,8 +185,10 @@ def arm_names(task_name: str) -> list[str]:
 
 
 def student(task: dict, cache: Path, out: Path, seed: int, method: str | None, temperature: float = 1.0,
-            online: bool = False, extra: dict | None = None) -> dict:
+            online: bool = False, extra: dict | None = None, weight: float | None = None) -> dict:
     methods = [{"name": "none"}] if method is None else [{"name": method, "temperature": temperature}]
+    if weight is not None and method is not None:
+        methods[0]["weight"] = weight
     cfg = config_from_store(str(cache), out=str(out), seed=seed, methods=methods,
                             online_teacher="cache" if online else None, **task["student"], **(extra or {}))
     t0 = time.perf_counter()
@@ -218,11 +243,12 @@ def merge_state(ours: dict, theirs: dict) -> dict:
     merged = {**theirs, **ours}
     merged["tune"] = {**theirs.get("tune", {}), **ours.get("tune", {})}
     merged["caches"] = {**theirs.get("caches", {}), **ours.get("caches", {})}
+    merged["weights"] = {**theirs.get("weights", {}), **ours.get("weights", {})}
     merged["students"] = {arm: {**theirs.get("students", {}).get(arm, {}), **ours.get("students", {}).get(arm, {})}
                           for arm in {*theirs.get("students", {}), *ours.get("students", {})}}
     merged["notes"] = list(dict.fromkeys([*theirs.get("notes", []), *ours.get("notes", [])]))
     merged["commits"] = list(dict.fromkeys([*theirs.get("commits", []), *ours.get("commits", [])]))
-    for key in ("tune", "caches", "students", "notes"):
+    for key in ("tune", "caches", "weights", "students", "notes"):
         if not merged[key]:
             del merged[key]
     return merged
@@ -256,11 +282,12 @@ def claim(claims: Path, key: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", choices=sorted(TASKS), required=True)
-    ap.add_argument("--phase", default="teacher,caches,tune,students")
+    ap.add_argument("--phase", default="teacher,caches,tune,students,weights")
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--out", default=None, help="working folder (default runs/cached-vs-online-<task>)")
     ap.add_argument("--teacher", default=None, help="a teacher run trained with the task's recipe")
-    ap.add_argument("--state", default=None, help="the state file (default: beside the results file)")
+    ap.add_argument("--state", default=None, help="the state file (default: beside the results file); the results "
+                    "file is written beside it, under its name")
     ap.add_argument("--threads", type=int, default=None, help="torch threads of this process (default: torch's)")
     ap.add_argument("--wait", type=float, default=60.0,
                     help="seconds between looks at the state while another process finishes the tune runs")
@@ -277,6 +304,7 @@ def main() -> None:
     device = resolve_device("auto")
     results = Path(__file__).parent / "results" / f"cached-vs-online-{args.task}-{'gpu' if device.type == 'cuda' else 'cpu'}.md"
     state_path = Path(args.state) if args.state else results.with_suffix(".json")
+    results = state_path.with_suffix(".md")  # a state of its own (--state) gets a results file of its own
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     state["machine"] = device_name(device)
     state.setdefault("commits", [])
@@ -426,6 +454,38 @@ def main() -> None:
                     continue  # another process finished it meanwhile
                 r = train_arm(arm, seed, build(form, seed), method, online, extra)
             print(arm, seed, {k: v for k, v in r.items() if k != "val_curve"}, flush=True)
+    if "weights" in phases:
+        # val only, at the chosen T, from each seed's schedule (the live teacher's targets): a run the
+        # students phase (or the tune phase) trained with the same store, seed, method and options is
+        # read, not trained again; no test score is read here
+        temps = state["temperature"]
+        for key, (method, w, seed) in weight_keys().items():
+            if key in refresh().get("weights", {}) or (held := claim(claims, "weights " + key)) is None:
+                continue
+            with held:
+                if key in refresh().get("weights", {}):
+                    continue
+                arm = "CE" if method is None else f"{method.upper()} schedule"
+                tuned = None if method is None else f"{method} T={temps[method]:g} seed {seed}"
+                if w == 1.0 and str(seed) in state.get("students", {}).get(arm, {}):
+                    r = {"val": state["students"][arm][str(seed)]["val"], "from": f"students: {arm}",
+                         "machine": state["students"][arm][str(seed)].get("machine")}
+                elif w == 1.0 and tuned in state.get("tune", {}):
+                    r = {"val": state["tune"][tuned], "from": f"tune: {tuned}", "machine": state["machine"]}
+                else:
+                    name = "ce" if method is None else f"{method}-w{w:g}"
+                    store = build("whole image") if method is None else build("schedule", seed)
+                    run = student(task, store, out / f"weights-{name}-s{seed}", seed, method,
+                                  temps.get(method, 1.0), weight=None if method is None else w)
+                    r = {"val": run["val"], "seconds": run["seconds"], "images_per_s": run["images_per_s"],
+                         "machine": device_name(device)}
+                state.setdefault("weights", {})[key] = r
+                save()
+            print(key, r, flush=True)
+        if all(k in refresh().get("weights", {}) for k in weight_keys()):
+            state["weight"] = {m: choose_weight({w: statistics.mean(state["weights"][f"{m} w={w:g} seed {sd}"]["val"]
+                                                                    for sd in TUNE_SEEDS) for w in WEIGHTS})
+                               for m in METHODS}
     save()
 
 
@@ -466,6 +526,33 @@ def write_report(task_name: str, state: dict, path: Path) -> None:
             chosen = state.get("temperature", {}).get(m)
             lines.append(f"| {m} | " + " | ".join(cells) + f" | {'' if chosen is None else f'T = {chosen:g}'} |")
         lines.append("")
+    if "weights" in state:
+        seeds_txt = ", ".join(map(str, TUNE_SEEDS))
+        lines += [f"## KD weight, chosen on val (L = CE + w · KD at the chosen T; schedule targets; best epoch; "
+                  f"mean of seeds {seeds_txt}, each seed in brackets)", "",
+                  "| method | " + " | ".join(f"w = {w:g}" for w in WEIGHTS) + " | CE | chosen | chosen − CE |",
+                  "|---|" + "---|" * (len(WEIGHTS) + 3)]
+        ce = [state["weights"].get(f"CE seed {sd}", {}).get("val") for sd in TUNE_SEEDS]
+
+        def cell(vals: list) -> str:
+            if any(v is None for v in vals):
+                return ""
+            return f"{100 * statistics.mean(vals):.2f} (" + ", ".join(f"{100 * v:.2f}" for v in vals) + ")"
+
+        for m in METHODS:
+            cells = [cell([state["weights"].get(f"{m} w={w:g} seed {sd}", {}).get("val") for sd in TUNE_SEEDS])
+                     for w in WEIGHTS]
+            chosen = state.get("weight", {}).get(m)
+            gap = ""
+            if chosen is not None and all(v is not None for v in ce):
+                best = statistics.mean(state["weights"][f"{m} w={chosen:g} seed {sd}"]["val"] for sd in TUNE_SEEDS)
+                gap = f"{100 * (best - statistics.mean(ce)):+.2f}"
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {cell(ce)} | "
+                         + ("" if chosen is None else f"w = {chosen:g}") + f" | {gap} |")
+        reused = sorted({r["from"] for r in state["weights"].values() if "from" in r})
+        machines_w = sorted({str(r.get("machine")) for r in state["weights"].values()})
+        lines += ["", "Runs read from the other phases (the same store, seed, method and options): "
+                  + (", ".join(reused) if reused else "none") + f". Trained on: {'; '.join(machines_w)}.", ""]
     if runs:
         lines += [f"## Students on test ({unit}, mean ± sd over seeds)", "",
                   "| arm | seeds | test | per seed | val (best epoch) | train images/s |", "|---|---|---|---|---|---|"]

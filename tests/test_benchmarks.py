@@ -102,6 +102,7 @@ def test_cached_vs_online_pairs_seeds_and_reports_every_arm(task_name, tmp_path,
     module = script["main"].__globals__  # run_path returns a copy of the script's globals
     monkeypatch.setitem(module, "TEMPERATURES", (1.0, 4.0))
     monkeypatch.setitem(module, "TUNE_SEEDS", (0,))
+    monkeypatch.setitem(module, "WEIGHTS", (0.5, 1.0))
     results = tmp_path / "results"
     monkeypatch.setitem(module, "__file__", str(results / "x" / "cached_vs_online.py"))  # results go to x/results
     (results / "x" / "results").mkdir(parents=True)
@@ -120,7 +121,8 @@ def test_cached_vs_online_pairs_seeds_and_reports_every_arm(task_name, tmp_path,
         assert list(CacheStore(str(tmp_path / "work" / f"schedule-s{sd}.zarr")).schema.schedules_held) == [sd]
     assert all(r["num_samples"] == test_size for arm in state["students"].values() for r in arm.values())
     assert all(r["machine"].startswith("cpu: ") for arm in state["students"].values() for r in arm.values())
-    table = (results / "x" / "results" / f"cached-vs-online-{task_name}-cpu.md").read_text()
+    table_path = results / "x" / "results" / f"cached-vs-online-{task_name}-cpu.md"
+    table = table_path.read_text()
     for row in ("| CE |", "| KL schedule |", "| DIST online |", "| KL schedule − KL online | 2 |",
                 "| DIST whole image − CE | 2 |"):
         assert row in table
@@ -128,15 +130,30 @@ def test_cached_vs_online_pairs_seeds_and_reports_every_arm(task_name, tmp_path,
     kept = results / "x" / "results" / f"cached-vs-online-{task_name}-cpu-teacher"
     assert (kept / "best.pt").read_bytes() == (tmp_path / "work" / "teacher" / "best.pt").read_bytes()
     if task_name == "segmentation":  # the temperature is fixed in advance: no tune runs
-        assert state["temperature"] == task["temperature"] and "tune" not in state and "| kl | " not in table
+        assert state["temperature"] == task["temperature"] and "tune" not in state and "Temperature" not in table
         assert all((tmp_path / "work" / f"s{sd}-{m}-schedule").exists() for sd in (0, 1) for m in ("kl", "dist"))
     else:  # seed 0's schedule arms are its tune runs at the chosen T (the same run); seed 1 trains its own
-        assert "| kl | " in table
+        assert "## Temperature, chosen on val" in table
         for m in ("kl", "dist"):
             T = state["temperature"][m]
             assert not (tmp_path / "work" / f"s0-{m}-schedule").exists()
             assert (tmp_path / "work" / f"s1-{m}-schedule").exists()
             assert state["students"][f"{m.upper()} schedule"]["0"]["val"] == state["tune"][f"{m} T={T:g} seed 0"]
+    # the weights phase: w = 1 and CE read from the students phase (the same store, seed and options),
+    # w = 0.5 trained from the seed's schedule with that weight; val only, the chosen weight the best
+    assert state["weights"]["kl w=1 seed 0"] == {"val": state["students"]["KL schedule"]["0"]["val"],
+                                                 "from": "students: KL schedule",
+                                                 "machine": state["students"]["KL schedule"]["0"]["machine"]}
+    assert state["weights"]["CE seed 0"]["val"] == state["students"]["CE"]["0"]["val"]
+    assert not any("score" in r for r in state["weights"].values())
+    for m in ("kl", "dist"):
+        cfg = __import__("json").loads((tmp_path / "work" / f"weights-{m}-w0.5-s0" / "config.json").read_text())
+        assert [(x["name"], x["weight"], x["temperature"]) for x in cfg["methods"]] == [(m, 0.5, state["temperature"][m])]
+        vals = {w: state["weights"][f"{m} w={w:g} seed 0"]["val"] for w in (0.5, 1.0)}
+        assert state["weight"][m] == max(vals, key=lambda w: (vals[w], w == 1.0))
+    assert "## KD weight, chosen on val" in table and "| kl | " in table
+    assert script["choose_weight"]({0.25: 0.5, 0.5: 0.6, 1.0: 0.6, 2.0: 0.4}) == 1.0  # a tie keeps the nearest 1
+    assert script["choose_weight"]({0.25: 0.7, 0.5: 0.6, 1.0: 0.6, 2.0: 0.4}) == 0.25
     if task_name == "segmentation":
         assert "| DIST whole image, bilinear − DIST online | 2 |" in table
         cfg = __import__("json").loads((tmp_path / "work" / "s1-kl-whole-image-bilinear" / "config.json").read_text())
@@ -198,6 +215,16 @@ def test_cached_vs_online_pairs_seeds_and_reports_every_arm(task_name, tmp_path,
     script["main"]()
     assert (tmp_path / "work" / "s1-ce" / "best.pt").exists()
     assert __import__("json").loads(state_file.read_text())["students"]["CE"]["1"]["num_samples"] == test_size
+    # a state of its own (--state): its results file and its kept teacher beside it, the main ones untouched
+    before = table_path.read_text()
+    own = results / "own" / "kd-weight.json"
+    own.parent.mkdir()
+    monkeypatch.setattr(sys, "argv", ["cached_vs_online.py", "--task", task_name, "--phase", "caches", "--state", str(own),
+                                      "--teacher", str(kept), "--out", str(tmp_path / "work")])
+    script["main"]()
+    assert "Teacher on test" in (results / "own" / "kd-weight.md").read_text()
+    assert (results / "own" / "kd-weight-teacher" / "best.pt").read_bytes() == (kept / "best.pt").read_bytes()
+    assert table_path.read_text() == before
 
 
 def test_cached_vs_online_merges_the_runs_of_processes_that_share_a_state():
