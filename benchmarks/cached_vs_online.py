@@ -399,7 +399,7 @@ def main() -> None:
         t0 = time.perf_counter()
         train(TrainConfig(out=str(teacher), **task["teacher"]), overwrite=True, show_progress=False)
         state["teacher_seconds"] = time.perf_counter() - t0
-    if phases & {"caches", "tune", "students"}:  # every phase that reads the teacher checks it first
+    if phases & {"caches", "tune", "students", "weights"}:  # every phase that reads the teacher checks it first
         fingerprint = open_weights(str(teacher)).weights_sha256()
         known = state.get("teacher", {}).get("weights_sha256")
         if known and known != fingerprint:
@@ -458,6 +458,9 @@ def main() -> None:
         # val only, at the chosen T, from each seed's schedule (the live teacher's targets): a run the
         # students phase (or the tune phase) trained with the same store, seed, method and options is
         # read, not trained again; no test score is read here
+        if "temperature" not in state:
+            raise SystemExit("error: the weights phase trains at the chosen temperature: run the tune phase first "
+                             "(--phase tune,weights)")
         temps = state["temperature"]
         for key, (method, w, seed) in weight_keys().items():
             if key in refresh().get("weights", {}) or (held := claim(claims, "weights " + key)) is None:
