@@ -29,7 +29,13 @@ from kdcache.geometry import Geometry
 from kdcache.loaders import make_loader
 from kdcache.store import BAD, BadSampleError, CacheStore, CacheStream, to_tensors
 from kdcache.store.location import worker_start_method
-from kdcache.target_geometry import level_targets, pool_targets, view_targets, warp_targets
+from kdcache.target_geometry import (
+    level_targets,
+    pool_targets,
+    prepare_resample,
+    view_targets,
+    warp_targets,
+)
 from kdcache.transforms import AUGMENT_OPTIONS, Augment, Preprocess, SegPipeline
 
 #: the cached arrays of the logits group, as a read sample names them
@@ -59,6 +65,7 @@ class KDPipeline(SegPipeline):
                  resample: str = "nearest"):
         super().__init__(dataset, preprocess, augment, seed)
         self.resample = resample
+        prepare_resample(resample)
         self.store = store
         self.strides = dict(strides) if strides is not None else store.schema.strides
         self.rows = np.asarray(rows)

@@ -25,7 +25,8 @@ import math
 import numpy as np
 import torch
 
-from kdcache.targets import dense_logits, tail_share, topk_targets
+from kdcache.kernels import bilinear_topk, warm_resample
+from kdcache.targets import ABSENT, tail_share
 from kdcache.transforms import Geometry
 
 
@@ -115,40 +116,29 @@ def _bilinear_axis(c: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray, np.nd
     return lo, hi, p - lo
 
 
+def prepare_resample(resample: str) -> None:
+    """Before a loader's workers start: compile (or load) the compiled part of ``resample``
+    (``bilinear``: :func:`kdcache.kernels.warm_resample`) in this process, which forked workers
+    inherit; ``nearest`` needs nothing."""
+    if resample == "bilinear":
+        warm_resample()
+
+
 def resample_logits(values: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor | None, g: Geometry,
                     out_hw: tuple[int, int], num_classes: int, mirror: bool = False) -> dict:
     """One sample's cached logits (``values``/``indices`` [k, h, w], ``tail`` [h, w] or None)
     through ``g`` by bilinear interpolation of the rebuilt logits at the crop's exact points:
     ``kd/values``, ``kd/indices`` (the input's dtypes), ``kd/tail`` and ``kd/ignore`` at
-    ``out_hw``. ``mirror``: the map is of the mirrored image."""
+    ``out_hw``. ``mirror``: the map is of the mirrored image. The per-cell work is one compiled
+    call (:func:`kdcache.kernels.bilinear_topk`)."""
     map_hw = tuple(values.shape[-2:])
     cy, valid_y, cx, valid_x = _axes(g, map_hw, out_hw, exact=True, mirror=mirror)
-    y0, y1, wy = _bilinear_axis(cy, map_hw[0])
-    x0, x1, wx = _bilinear_axis(cx, map_hw[1])
-    # only the cells the crop touches are rebuilt to C logits
-    ys, yinv = np.unique(np.concatenate([y0, y1]), return_inverse=True)
-    xs, xinv = np.unique(np.concatenate([x0, x1]), return_inverse=True)
-    k = values.shape[0]
-    # numpy for the gathers: on maps this small each torch indexing call costs more than its work
-    cells = (ys[:, None], xs[None, :])
-    tl = None if tail is None else torch.from_numpy(tail.numpy()[cells]).float()[None]
-    dense = dense_logits(torch.from_numpy(values.numpy()[(slice(None), *cells)]).float()[None],
-                         torch.from_numpy(indices.numpy()[(slice(None), *cells)].astype(np.int64))[None], tl,
-                         num_classes)[0].numpy().reshape(num_classes, -1)  # [C, cells]
-    ny, nx, X = len(y0), len(x0), len(xs)
-    r0, r1 = yinv[:ny, None] * X, yinv[ny:, None] * X
-    c0, c1 = xinv[None, :nx], xinv[None, nx:]
-    wy_, wx_ = wy[:, None].astype(np.float32), wx[None, :].astype(np.float32)
-    logits = (np.take(dense, (r0 + c0).ravel(), axis=1) * ((1 - wy_) * (1 - wx_)).ravel()
-              + np.take(dense, (r0 + c1).ravel(), axis=1) * ((1 - wy_) * wx_).ravel()
-              + np.take(dense, (r1 + c0).ravel(), axis=1) * (wy_ * (1 - wx_)).ravel()
-              + np.take(dense, (r1 + c1).ravel(), axis=1) * (wy_ * wx_).ravel())
-    logits = torch.from_numpy(logits.reshape(num_classes, ny, nx))
-    v, i, t = topk_targets(logits[None], k)
-    out = {"kd/values": v[0].to(values.dtype), "kd/indices": i[0].to(indices.dtype),
+    v, i, t = bilinear_topk(values.numpy(), indices.numpy(), None if tail is None else tail.numpy(),
+                            _bilinear_axis(cy, map_hw[0]), _bilinear_axis(cx, map_hw[1]), num_classes, ABSENT)
+    out = {"kd/values": torch.from_numpy(v).to(values.dtype), "kd/indices": torch.from_numpy(i).to(indices.dtype),
            "kd/ignore": torch.from_numpy(~(valid_y[:, None] & valid_x[None, :]))}
-    if tail is not None:
-        out["kd/tail"] = t[0].to(tail.dtype) if t is not None else torch.full(out_hw, float("-inf"), dtype=tail.dtype)
+    if t is not None:
+        out["kd/tail"] = torch.from_numpy(t).to(tail.dtype)
     return out
 
 

@@ -217,24 +217,29 @@ def _numba_call(numba, s, v, i, t, ign, lab, T, with_tail, ignore_index, scales,
     return torch.from_numpy(grad), torch.as_tensor(out, dtype=torch.float32)
 
 
-NUMBA_KERNELS = ("spatial", "rows")
+NUMBA_KERNELS = ("spatial", "rows", "resample")
 
 
 def compile_numba(kernels: tuple[str, ...] = NUMBA_KERNELS) -> dict[str, str]:
-    """Compile the Numba kernels now (``spatial`` for maps, ``rows`` for rows), or load them from
-    Numba's on-disk cache, on tiny inputs (a summed loss and a per-position map, the two compiled
-    signatures each), so that no training step pays for it. The first compile takes tens of
+    """Compile the Numba kernels now (``spatial`` for maps, ``rows`` for rows, ``resample`` for
+    ``--target-resample bilinear``'s targets), or load them from Numba's on-disk cache, on tiny
+    inputs (a summed loss and a per-position map, the two compiled signatures of each loss
+    kernel), so that no training step pays for it. The first compile takes tens of
     seconds (about a minute for both on the project's 2-core machine; two processes, one kernel
     each, share it between the cores); Numba then keeps them next to ``kernels/numba_kl.py``, or
     under ``NUMBA_CACHE_DIR`` (or ``~/.cache/numba`` where the package folder is read-only), and a
     later process loads them in about a second. Returns, per kernel, ``"compiled"`` or ``"cached"``."""
     from kdcache.kernels.numba_kl import kl_rows, kl_spatial
+    from kdcache.kernels.numba_resample import bilinear_topk, warm
 
     unknown = sorted(set(kernels) - set(NUMBA_KERNELS))
     if unknown:
         raise KernelInputError(f"compile_numba takes kernels {', '.join(NUMBA_KERNELS)}, got {', '.join(unknown)}")
     g = torch.Generator().manual_seed(0)
     for name in kernels:
+        if name == "resample":
+            warm()
+            continue
         P = 64 if name == "spatial" else 1  # a map long enough for the spatial kernel, or a row
         assert numba_layout(3, P) == name
         s = torch.randn(1, 3, P, generator=g)
@@ -244,7 +249,7 @@ def compile_numba(kernels: tuple[str, ...] = NUMBA_KERNELS) -> dict[str, str]:
         for reduction in ("mean", "none"):
             topk_kl(s, values, ids, torch.zeros(1, P, dtype=torch.float16), temperature=2.0, reduction=reduction,
                     backend="numba")
-    compiled = {"spatial": kl_spatial, "rows": kl_rows}
+    compiled = {"spatial": kl_spatial, "rows": kl_rows, "resample": bilinear_topk}
     return {name: "cached" if sum(compiled[name].stats.cache_hits.values())
             and not sum(compiled[name].stats.cache_misses.values()) else "compiled" for name in kernels}
 

@@ -149,22 +149,26 @@ def test_a_scaled_flipped_crop_takes_each_cell_whole_from_its_nearest_source_cel
     assert differ > out_h * out_w // 4, differ  # so the checks above tell a blend from a nearest pick
 
 
-@pytest.mark.parametrize("k", [4, 11])
+@pytest.mark.parametrize("C, k, with_tail", [(11, 4, True), (11, 11, False), (40, 12, True), (11, 4, False)],
+                         ids=["top4", "dense", "top12-of-40", "top4-no-tail"])
 @pytest.mark.parametrize("g", [Geometry((32, 48), 1.3, 3, 5, (24, 40), True),
                                Geometry((32, 48), 0.8, 0, 2, (32, 48), False),
                                Geometry((32, 48), 1.0, 1, 3, (24, 40), False)], ids=["up-flip", "down-pad", "offset"])
-def test_bilinear_resampling_is_grid_sample_of_the_rebuilt_logits(g, k):
+def test_bilinear_resampling_is_grid_sample_of_the_rebuilt_logits(g, C, k, with_tail):
     """``--target-resample bilinear``: the cached top-k + tail rebuilt to logits (the rest at an
-    equal share of the tail), sampled at each target cell's exact point by torch's own
-    ``grid_sample`` (bilinear, border, align_corners=False; float64) and cut to top-k + tail again
-    — with a scaled and flipped crop, a crop into padding and an off-grid offset; a dense cache
-    (k = C) and k = 4. Padding cells are ignored as with nearest sampling."""
+    equal share of the tail, or at ``ABSENT`` where no tail is kept), sampled at each target
+    cell's exact point by torch's own ``grid_sample`` (bilinear, border, align_corners=False;
+    float64) and cut to top-k + tail again — with a scaled and flipped crop, a crop into padding
+    and an off-grid offset; a dense cache (k = C), k = 4 (the compiled kernel's k passes) and
+    k = 12 of 40 classes (its sort), with and without a tail. Padding cells are ignored as with
+    nearest sampling."""
     from kdcache.target_geometry import out_map_size
 
     gen = torch.Generator().manual_seed(3)
-    C, (mh, mw), stride = 11, (8, 12), (4.0, 4.0)
+    (mh, mw), stride = (8, 12), (4.0, 4.0)
     z = torch.randn(1, C, mh, mw, generator=gen, dtype=torch.float64) * 2
     v, ids, tail = topk_targets(z.float(), k)
+    tail = tail if with_tail else None
     item = {"logits/values": v[0], "logits/indices": ids[0]}
     if tail is not None:
         item["logits/tail"] = tail[0]
@@ -182,8 +186,10 @@ def test_bilinear_resampling_is_grid_sample_of_the_rebuilt_logits(g, k):
     rv, ri, rt = topk_targets(ref, k)
     torch.testing.assert_close(got["kd/values"], rv[0].float(), rtol=0, atol=1e-5)
     assert torch.equal(got["kd/indices"], ri[0])
-    if k < C:
+    if tail is not None:
         torch.testing.assert_close(got["kd/tail"], rt[0].float(), rtol=0, atol=1e-5)
+    else:
+        assert "kd/tail" not in got
     nearest = warp_targets(item, g, {"logits": stride})
     assert torch.equal(got["kd/ignore"], nearest["kd/ignore"])
     if g.scale != 1.0:  # off the grid the two samplings differ (so this test tells them apart)

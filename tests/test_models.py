@@ -21,7 +21,8 @@ def test_registry_lists_torchvision_and_builtin_models():
 
 def test_torchvision_is_imported_when_a_name_needs_it_not_at_start_up():
     """A command on the built-in networks starts without torchvision, torch._dynamo (which
-    torchvision's ops import) or matplotlib; looking up a torchvision name imports it and builds
+    torchvision's ops import), matplotlib or Numba (the loss and resampling kernels import it on
+    first use); looking up a torchvision name imports it and builds
     that network, run as torchvision's own class (logits at its native stride). In a fresh
     interpreter: this test session has imported them all already."""
     code = textwrap.dedent("""
@@ -29,7 +30,7 @@ def test_torchvision_is_imported_when_a_name_needs_it_not_at_start_up():
         import torch
         import kdcache.cli.app, kdcache.distill, kdcache.training, kdcache.cache_build
         from kdcache.models import MODELS, build_model
-        heavy = ("torchvision", "torch._dynamo", "matplotlib")
+        heavy = ("torchvision", "torch._dynamo", "matplotlib", "numba")
         assert build_model("demo_student", 3)(torch.zeros(1, 3, 32, 32)).logits.shape[1] == 3
         assert not [m for m in heavy if m in sys.modules], [m for m in heavy if m in sys.modules]
         assert "fcn_resnet50" in MODELS and "resnet18" in MODELS.names()

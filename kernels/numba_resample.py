@@ -1,0 +1,115 @@
+"""Bilinear resampling of a top-k + tail cache, compiled (``train-student --target-resample
+bilinear``; the math is :func:`kdcache.target_geometry.resample_logits`'s).
+
+It runs once per training item in the loader, on maps of a few hundred cells and a few to a few
+hundred classes. Written with numpy and torch calls, the same work took about twenty calls per item
+(the dense rebuild, four gathers, a top k and a log-sum-exp over the class axis, each on a
+[C, h, w] array), and their overhead made a bilinear epoch 1.25x a CE epoch on the 2-core CPU
+(benchmarks/results/epoch-time-cpu.md); here it is one call, one output cell at a time, in
+float64:
+
+1. Each cached cell of the window the points fall in is rebuilt to C logits once: its top k at
+   their ids, every other class at ``tail − log(C − k)`` (the equal share), or ``absent`` where
+   the cache keeps no tail.
+2. Interpolated along the rows, then along the columns (separable: (1 − w)·a + w·b, so a weight
+   of exactly 0 leaves the logits as they were), then the top k (ties go to the lower class id) by k
+   passes over the classes, or one stable sort where k > 8 (a dense cache of many classes), and
+   the log-sum-exp of the classes left out, taken directly over them (max, then the sum of
+   exponentials: no cancellation).
+
+A cell whose point is exactly a cached cell's centre (both weights 0) copies that cell's entries
+as they are, so an aligned crop gets the cache's own values, ids, tail and order.
+Serial on purpose (``parallel`` would start Numba's threading layer inside every DataLoader
+worker, and the work per item is microseconds). Compiled once for one signature (float32 values,
+int64 ids, float32 tail, float64 weights; the caller converts) and kept in Numba's disk cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True, nogil=True)
+def bilinear_topk(v, ids, tail, has_tail, absent, y0, y1, wy, x0, x1, wx, num_classes,
+                  out_v, out_i, out_t):  # pragma: no cover - compiled
+    """``v``/``ids`` [k, h, w] and ``tail`` [h, w] (ignored unless ``has_tail``) of the cache;
+    per output row ``i`` the cached rows ``y0[i]``/``y1[i]`` and the weight ``wy[i]`` of ``y1``,
+    per output column the same (``x0``, ``x1``, ``wx``). Writes the new top k into ``out_v`` /
+    ``out_i`` [k, ny, nx] and the log-sum-exp of the rest into ``out_t`` [ny, nx] (−inf when
+    k = C)."""
+    k = v.shape[0]
+    C = num_classes
+    log_rest = math.log(C - k) if C > k else 0.0
+    ny, nx = y0.shape[0], x0.shape[0]
+    # the window of cached cells the points fall between, each rebuilt to C logits once
+    ya, yb, xa, xb = y0.min(), y1.max() + 1, x0.min(), x1.max() + 1
+    dense = np.empty((yb - ya, xb - xa, C), np.float64)
+    for yy in range(ya, yb):
+        for xx in range(xa, xb):
+            base = tail[yy, xx] - log_rest if has_tail else absent
+            cell = dense[yy - ya, xx - xa]
+            for c in range(C):
+                cell[c] = base
+            for r in range(k):
+                cell[ids[r, yy, xx]] = v[r, yy, xx]
+    rows = np.empty((xb - xa, C), np.float64)
+    acc = np.empty(C, np.float64)
+    taken = np.zeros(C, np.bool_)
+    for i in range(ny):
+        a, b, w = y0[i] - ya, y1[i] - ya, wy[i]
+        for xx in range(xb - xa):  # along the rows first: a weight of 0 leaves a row as it is
+            for c in range(C):
+                rows[xx, c] = (1.0 - w) * dense[a, xx, c] + w * dense[b, xx, c]
+        for j in range(nx):
+            if w == 0.0 and wx[j] == 0.0:  # the point is a cached cell's centre: its entries as they are
+                yy, xx = y0[i], x0[j]
+                for r in range(k):
+                    out_v[r, i, j] = v[r, yy, xx]
+                    out_i[r, i, j] = ids[r, yy, xx]
+                out_t[i, j] = tail[yy, xx] if has_tail else -np.inf
+                continue
+            p, q, u = x0[j] - xa, x1[j] - xa, wx[j]
+            for c in range(C):
+                acc[c] = (1.0 - u) * rows[p, c] + u * rows[q, c]
+                taken[c] = False
+            if k <= 8:  # k passes over the classes
+                for r in range(k):
+                    best = -np.inf
+                    bi = -1
+                    for c in range(C):
+                        if not taken[c] and (bi < 0 or acc[c] > best):
+                            best = acc[c]
+                            bi = c
+                    taken[bi] = True
+                    out_v[r, i, j] = best
+                    out_i[r, i, j] = bi
+            else:  # a larger k (a dense cache of many classes): one sort, not k passes
+                order = np.argsort(-acc, kind="mergesort")
+                for r in range(k):
+                    bi = order[r]
+                    taken[bi] = True
+                    out_v[r, i, j] = acc[bi]
+                    out_i[r, i, j] = bi
+            if k == C:
+                out_t[i, j] = -np.inf
+                continue
+            m = -np.inf
+            for c in range(C):
+                if not taken[c] and acc[c] > m:
+                    m = acc[c]
+            s = 0.0
+            for c in range(C):
+                if not taken[c]:
+                    s += math.exp(acc[c] - m)
+            out_t[i, j] = m + math.log(s)
+
+
+def warm() -> None:
+    """Compile :func:`bilinear_topk` now (or load it from Numba's disk cache) on a tiny input."""
+    one = np.zeros(1, np.int64)
+    bilinear_topk(np.zeros((1, 1, 1), np.float32), np.zeros((1, 1, 1), np.int64), np.zeros((1, 1), np.float32), True,
+                  -1e4, one, one, np.full(1, 0.5), one, one, np.zeros(1), 2, np.empty((1, 1, 1), np.float32),
+                  np.empty((1, 1, 1), np.int64), np.empty((1, 1), np.float32))
