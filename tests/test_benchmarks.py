@@ -4,6 +4,7 @@ kd_step_time.py on a GPU machine) still run, on a tiny cache, and write their ta
 from __future__ import annotations
 
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -335,6 +336,20 @@ def test_weak_teacher_runs_every_arm_and_reports_the_weak_class(tmp_path, monkey
                                       str(tmp_path / "w")])
     with pytest.raises(SystemExit, match="the weak teacher in .* is not the one .* was measured with"):
         script["main"]()
+
+
+def test_target_cost_times_each_way_and_an_older_commits_beside_it(tmp_path, monkeypatch):
+    """target_cost.py on a tiny cache: a row per way of taking the targets, the older commit's
+    target_geometry.py (here HEAD's) timed beside the current one, each against the nearest cell."""
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=BENCH, capture_output=True).returncode != 0:
+        pytest.skip("target_cost.py --against needs a git checkout")
+    monkeypatch.setattr(sys, "argv", ["target_cost.py", "--limit", "3", "--rounds", "2", "--against", "HEAD",
+                                      "--data-options", "size=3,resolution=32x48", "--results", str(tmp_path)])
+    runpy.run_path(str(BENCH / "target_cost.py"), run_name="__main__")
+    table = (tmp_path / "target-cost-cpu.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| way")]
+    assert [r.split(" | ")[0] for r in rows] == ["| nearest cell", "| bilinear", "| bilinear at HEAD"], rows
+    assert rows[0].endswith("| 1.00 |") and "3 synthetic training images" in table
 
 
 def test_store_scale_measures_a_tiny_store_and_reports_the_jpeg_comparator(tmp_path, monkeypatch):
