@@ -529,33 +529,6 @@ def write_report(task_name: str, state: dict, path: Path) -> None:
             chosen = state.get("temperature", {}).get(m)
             lines.append(f"| {m} | " + " | ".join(cells) + f" | {'' if chosen is None else f'T = {chosen:g}'} |")
         lines.append("")
-    if "weights" in state:
-        seeds_txt = ", ".join(map(str, TUNE_SEEDS))
-        lines += [f"## KD weight, chosen on val (L = CE + w · KD at the chosen T; schedule targets; best epoch; "
-                  f"mean of seeds {seeds_txt}, each seed in brackets)", "",
-                  "| method | " + " | ".join(f"w = {w:g}" for w in WEIGHTS) + " | CE | chosen | chosen − CE |",
-                  "|---|" + "---|" * (len(WEIGHTS) + 3)]
-        ce = [state["weights"].get(f"CE seed {sd}", {}).get("val") for sd in TUNE_SEEDS]
-
-        def cell(vals: list) -> str:
-            if any(v is None for v in vals):
-                return ""
-            return f"{100 * statistics.mean(vals):.2f} (" + ", ".join(f"{100 * v:.2f}" for v in vals) + ")"
-
-        for m in METHODS:
-            cells = [cell([state["weights"].get(f"{m} w={w:g} seed {sd}", {}).get("val") for sd in TUNE_SEEDS])
-                     for w in WEIGHTS]
-            chosen = state.get("weight", {}).get(m)
-            gap = ""
-            if chosen is not None and all(v is not None for v in ce):
-                best = statistics.mean(state["weights"][f"{m} w={chosen:g} seed {sd}"]["val"] for sd in TUNE_SEEDS)
-                gap = f"{100 * (best - statistics.mean(ce)):+.2f}"
-            lines.append(f"| {m} | " + " | ".join(cells) + f" | {cell(ce)} | "
-                         + ("" if chosen is None else f"w = {chosen:g}") + f" | {gap} |")
-        reused = sorted({r["from"] for r in state["weights"].values() if "from" in r})
-        machines_w = sorted({str(r.get("machine")) for r in state["weights"].values()})
-        lines += ["", "Runs read from the other phases (the same store, seed, method and options): "
-                  + (", ".join(reused) if reused else "none") + f". Trained on: {'; '.join(machines_w)}.", ""]
     if runs:
         lines += [f"## Students on test ({unit}, mean ± sd over seeds)", "",
                   "| arm | seeds | test | per seed | val (best epoch) | train images/s |", "|---|---|---|---|---|---|"]
@@ -596,6 +569,36 @@ def write_report(task_name: str, state: dict, path: Path) -> None:
             lines += ["", "CE's validation curve (mean over seeds, at each quarter of the schedule): "
                       + ", ".join(f"epoch {i + 1}: {100 * statistics.mean(c[i] for c in curves):.2f}" for i in marks)
                       + "."]
+    # last, so that the tables above keep their numbers (the README shows them by number)
+    if "weights" in state:
+        seeds_txt = ", ".join(map(str, TUNE_SEEDS))
+        if lines[-1]:
+            lines.append("")
+        lines += [f"## KD weight, chosen on val (L = CE + w · KD at the chosen T; schedule targets; best epoch; "
+                  f"mean of seeds {seeds_txt}, each seed in brackets)", "",
+                  "| method | " + " | ".join(f"w = {w:g}" for w in WEIGHTS) + " | CE | chosen | chosen − CE |",
+                  "|---|" + "---|" * (len(WEIGHTS) + 3)]
+        ce = [state["weights"].get(f"CE seed {sd}", {}).get("val") for sd in TUNE_SEEDS]
+
+        def cell(vals: list) -> str:
+            if any(v is None for v in vals):
+                return ""
+            return f"{100 * statistics.mean(vals):.2f} (" + ", ".join(f"{100 * v:.2f}" for v in vals) + ")"
+
+        for m in METHODS:
+            cells = [cell([state["weights"].get(f"{m} w={w:g} seed {sd}", {}).get("val") for sd in TUNE_SEEDS])
+                     for w in WEIGHTS]
+            chosen = state.get("weight", {}).get(m)
+            gap = ""
+            if chosen is not None and all(v is not None for v in ce):
+                best = statistics.mean(state["weights"][f"{m} w={chosen:g} seed {sd}"]["val"] for sd in TUNE_SEEDS)
+                gap = f"{100 * (best - statistics.mean(ce)):+.2f}"
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {cell(ce)} | "
+                         + ("" if chosen is None else f"w = {chosen:g}") + f" | {gap} |")
+        reused = sorted({r["from"] for r in state["weights"].values() if "from" in r})
+        machines_w = sorted({str(r.get("machine")) for r in state["weights"].values()})
+        lines += ["", "Runs read from the other phases (the same store, seed, method and options): "
+                  + (", ".join(reused) if reused else "none") + f". Trained on: {'; '.join(machines_w)}."]
     path.write_text("\n".join(lines) + "\n")
 
 
