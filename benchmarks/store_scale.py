@@ -344,6 +344,7 @@ def report(out: Path) -> None:
              "DataLoader in batches; 'targets + JPEG' adds one JPEG of the data set's size decoded and augmented per sample.", ""]
     from kdcache.store.schema import DEFAULT_CODEC
 
+    full = []  # one row per part: its largest store's per-sample costs at the data set's full size
     for shape in SHAPES:
         groups = sorted({(r["views"], codec_of(r)) for r in runs if r["shape"] == shape},
                         key=lambda g: (g[0], g[1] != DEFAULT_CODEC, g[1]))
@@ -425,9 +426,54 @@ def report(out: Path) -> None:
                       f"{total / 1e9:,.1f} GB on disk, {rows_full / rate / 3600:,.2f} h of writing on one core "
                       f"(the store's share; the teacher's forwards come on top), and targets read at "
                       f"{t0['samples_per_s']:,.0f} samples/s per core.", ""]
+            full.append(extrapolate(big, shape, views, total, rows_full / rate))
+    lines += extrapolation_table(full)
     lines += codec_comparison([r for r in every if r.get("side_by_side")])
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def extrapolate(big: dict, shape: str, views: int, total_bytes: float, write_seconds: float) -> dict:
+    """A part's largest store scaled to its data set's full size (``FULL``), from the per-sample costs it
+    measured (each of them flat as the store grew; the growth lines above say so): bytes, files and
+    verify time per sample, and the loader's rates with 0 and 2 workers."""
+    n_full, v_full, what = FULL[shape]
+    n = big["samples"]
+    # files and verify time per stored row (a sample's own row and each view's): with views, most of
+    # both are the views' arrays, which grow with the views per sample
+    rows, rows_full = n * (1 + views), n_full * (1 + (v_full if views else 0))
+    fixed = any(x.get("malloc") == "fixed" for x in big["loader"])
+
+    def loader(workers: int, decode: bool) -> float:
+        return next(x for x in big["loader"] if x["workers"] == workers and x["decode"] == decode
+                    and not x.get("alone") and x.get("malloc", "default") == ("fixed" if fixed else "default"))["samples_per_s"]
+
+    return {"what": what, "views": v_full if views else 0, "from": f"{n:,}" + (f" x {views} views" if views else ""),
+            "gb": total_bytes / 1e9, "files": big["write"]["files"] / rows * rows_full, "write_h": write_seconds / 3600,
+            "verify_h": big["verify"]["seconds"] / rows * rows_full / 3600,
+            "epoch_targets_h": n_full / loader(0, False) / 3600, "with_jpeg_2": loader(2, True),
+            "share_2": loader(2, True) / loader(2, False)}
+
+
+def extrapolation_table(rows: list[dict]) -> list[str]:
+    """The full-size costs of every part, one row each (what the scaling-out guide quotes)."""
+    if not rows:
+        return []
+    lines = ["## Extrapolated to the full data sets", "",
+             "Each part's largest store, its measured per-sample costs times the data set's size (files and "
+             "`verify-cache` per stored row, a sample's own and each of its views'): bytes on disk, "
+             "files, hours of writing and of `verify-cache` on one core (the store's share: the teacher's "
+             "forwards come on top), the hours one core takes to read an epoch's targets (no workers), and the "
+             "loader with 2 workers and a JPEG of the data set's size decoded per sample, with the targets' share "
+             "of its time (the upper bound above).", "",
+             "| data set | views per image | from a store of | GB on disk | files | write h (1 core) | "
+             "verify-cache h (1 core) | an epoch's targets, h (1 core) | targets + JPEG, 2 workers, samples/s | "
+             "targets' share, 2 workers |", "|" + "---|" * 10]
+    for r in rows:
+        lines.append(f"| {r['what']} | {r['views'] or '—'} | {r['from']} | {r['gb']:,.1f} | "
+                     f"{r['files']:,.0f} | {r['write_h']:,.2f} | {r['verify_h']:,.2f} | {r['epoch_targets_h']:,.3f} | "
+                     f"{r['with_jpeg_2']:,.0f} | {100 * r['share_2']:.1f}% |")
+    return lines + [""]
 
 
 def loader_rate(run: dict, workers: int, decode: bool) -> float:

@@ -384,6 +384,17 @@ def test_store_scale_measures_a_tiny_store_and_reports_the_jpeg_comparator(tmp_p
     assert f"| {a:,.0f} | " in table and f"| {100 * (1 - j / a):.1f}% |" in table
     assert "JPEG alone samples/s" in table and "commit(s) abc1234" in table
     assert f"| {a:,.0f} | 2 | " in table  # each worker count's row: the fixed JPEG alone, then glibc's default
+    # the full-size table: this store's per-sample bytes and files times ImageNet-1k's images, and the rates of
+    # its 2-worker loader with the JPEG (the fixed-malloc rows) and of its targets alone without workers
+    full = table.split("## Extrapolated to the full data sets\n")[1]
+    n_full = 1_281_167
+    row = next(line for line in full.splitlines() if line.startswith("| ImageNet-1k"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:4] == ["—", "300", f"{n_full * w['bytes_per_sample'] / 1e9:,.1f}"]
+    assert cells[4] == f"{w['files'] / 300 * n_full:,.0f}"
+    assert cells[6] == f"{0.2 / 300 * n_full / 3600:,.2f}"  # verify-cache: its seconds per sample, scaled
+    assert cells[7] == f"{n_full / loaders[0]['samples_per_s'] / 3600:,.3f}"
+    assert cells[8:] == [f"{j:,.0f}", f"{100 * j / loaders[0]['samples_per_s']:.1f}%"]
 
     # --codec: a store written with another codec holds the same targets, and its runs get a part of their own
     import numpy as np
