@@ -39,7 +39,9 @@ the runs the state lacks. The state keeps the teacher's fingerprint and refuses 
   commit and state are the students'), to choose the defaults' weight on val in both tasks
   (issue 27): a task whose kept teacher is gone (classification) measures it in a state of its
   own, ``--state benchmarks/results/kd-weight-classification-cpu.json --seeds 0,1 --phase
-  teacher,caches,tune,weights``, which keeps its own teacher and writes its own results file.
+  teacher,caches,tune,weights``, which keeps its own teacher and writes its own results file;
+* ``report``, alone: the results file written again from the state (after a change to the report),
+  nothing trained and no commit recorded.
 
 Several processes may share one state and working folder (``--phase tune,students`` once the
 caches are built; ``--threads`` sets each one's torch threads): each run is claimed by an
@@ -52,7 +54,8 @@ with cores to spare: on the 2-core CPU, two one-thread processes trained 24 imag
 
 Reported: mean ± sd over seeds of the test score for every arm; for each cached arm the paired
 difference to the online student of its method (per seed, mean, sd and the 95% t interval);
-each arm against CE; CE's validation curve at each quarter of the schedule (has it levelled
+each arm against CE; a form read differently from another's store (bilinear) against that
+store's plain read; CE's validation curve at each quarter of the schedule (has it levelled
 off?); the training rate of each arm (images/s, side by side in one run).
 
 The settings below were fixed in a commit before the first recorded run; the results file names
@@ -306,6 +309,11 @@ def main() -> None:
     state_path = Path(args.state) if args.state else results.with_suffix(".json")
     results = state_path.with_suffix(".md")  # a state of its own (--state) gets a results file of its own
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    if phases == {"report"}:  # the results file written again from the state, nothing trained or recorded
+        if not state:
+            raise SystemExit(f"error: no state at {state_path} to report: run the benchmark first (without --phase report)")
+        write_report(args.task, state, results)
+        return
     state["machine"] = device_name(device)
     state.setdefault("commits", [])
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -550,6 +558,9 @@ def write_report(task_name: str, state: dict, path: Path) -> None:
         lines += ["", "## Paired differences (test, points; 95% t interval of the mean over seeds)", "",
                   "| comparison | seeds | mean | sd | 95% interval | per seed |", "|---|---|---|---|---|---|"]
         pairs = [(f"{m.upper()} {form}", f"{m.upper()} online") for m in METHODS for form in task["forms"]]
+        # a form that reads another form's store differently (bilinear) against the plain read of that store
+        pairs += [(f"{m.upper()} {form}", f"{m.upper()} {READS[form][0]}") for m in METHODS for form in task["forms"]
+                  if READS[form][0] != form]
         pairs += [(arm, "CE") for arm in arm_names(task_name)[1:]]
         for a, b in pairs:
             common = sorted(set(runs.get(a, {})) & set(runs.get(b, {})), key=int)

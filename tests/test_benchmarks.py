@@ -157,6 +157,10 @@ def test_cached_vs_online_pairs_seeds_and_reports_every_arm(task_name, tmp_path,
     assert script["choose_weight"]({0.25: 0.7, 0.5: 0.6, 1.0: 0.6, 2.0: 0.4}) == 0.25
     if task_name == "segmentation":
         assert "| DIST whole image, bilinear − DIST online | 2 |" in table
+        row = next(r for r in table.splitlines() if r.startswith("| KL whole image, bilinear − KL whole image | 2 |"))
+        runs = state["students"]
+        d = [100 * (runs["KL whole image, bilinear"][sd]["score"] - runs["KL whole image"][sd]["score"]) for sd in "01"]
+        assert row.endswith(" | " + ", ".join(f"{x:+.2f}" for x in d) + " |"), row
         cfg = __import__("json").loads((tmp_path / "work" / "s1-kl-whole-image-bilinear" / "config.json").read_text())
         assert cfg["target_resample"] == "bilinear" and cfg["cache_targets"] == "logits"
     # a rerun of the caches phase builds only what is missing: nothing here
@@ -226,6 +230,18 @@ def test_cached_vs_online_pairs_seeds_and_reports_every_arm(task_name, tmp_path,
     assert "Teacher on test" in (results / "own" / "kd-weight.md").read_text()
     assert (results / "own" / "kd-weight-teacher" / "best.pt").read_bytes() == (kept / "best.pt").read_bytes()
     assert table_path.read_text() == before
+    # --phase report: the results file written again from the state alone, nothing trained or recorded
+    table_path.write_text("stale")
+    untouched = state_file.read_text()
+    monkeypatch.setattr(sys, "argv", ["cached_vs_online.py", "--task", task_name, "--phase", "report",
+                                      "--out", str(tmp_path / "nowhere")])
+    script["main"]()
+    assert table_path.read_text() == before and state_file.read_text() == untouched
+    assert not (tmp_path / "nowhere" / "teacher").exists()
+    monkeypatch.setattr(sys, "argv", ["cached_vs_online.py", "--task", task_name, "--phase", "report",
+                                      "--state", str(results / "own" / "none.json"), "--out", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match="error: no state at .*none.json to report"):
+        script["main"]()
 
 
 def test_cached_vs_online_merges_the_runs_of_processes_that_share_a_state():
