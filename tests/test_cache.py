@@ -26,7 +26,7 @@ from kdcache.checkpoint import load_weights
 from kdcache.data import build_dataset
 from kdcache.data.splits import limit
 from kdcache.models import build_model
-from kdcache.store import CachedTargets, CacheStore, CacheStream, StoreError
+from kdcache.store import BadSampleError, CachedTargets, CacheStore, CacheStream, StoreError
 from kdcache.store.writer import ShardWriter
 from kdcache.targets import attention_map
 from kdcache.transforms import Augment, Preprocess, apply_geometry, sample_geometry
@@ -159,6 +159,36 @@ def test_packed_chunks_round_trip_and_are_plain_zarr_for_zarr_python_and_tensors
         one = int(np.prod(spec.shape)) * np.dtype(spec.dtype).itemsize
         p = packed.get(spec.path, 1)  # the largest divisor of 256 within 64 KiB (powers of 2: the next is 2p)
         assert p * one <= PACK_CHUNK_BYTES and (p == 256 or 2 * p * one > PACK_CHUNK_BYTES or p == 1)
+
+
+def test_a_shard_written_again_is_read_afresh_not_through_its_kept_index(tmp_path, teacher):
+    """Random access keeps each shard's checked index (a sample's read then opens one file and reads its
+    chunk): a shard renamed over (as a rebuild or --reset-bad writes it) is read through its new index,
+    and a chunk damaged in place is still caught by its checksum."""
+    out, other = tmp_path / "c.zarr", tmp_path / "other.zarr"  # 8 samples a shard: one row reads its chunk alone
+    build_teacher_cache(config(teacher, out, samples_per_shard=8), show_progress=False)
+    second = make_teacher(tmp_path / "second.pt", seed=1)
+    build_teacher_cache(config(second, other, samples_per_shard=8), show_progress=False)
+    store, theirs = CacheStore(out), CacheStore(other)
+    first = store.read(1)
+    fast = store._fast["logits/values"]
+    shard = Path(fast.shard_path(0))
+    assert not fast.reads_whole([1]) and str(shard) in fast._indices  # the chunk path, its index kept
+    assert not np.array_equal(first["logits/values"], theirs.read(1)["logits/values"])
+    tmp = shard.with_name("incoming")
+    tmp.write_bytes(Path(theirs._fast["logits/values"].shard_path(0)).read_bytes())
+    os.replace(tmp, shard)  # another teacher's shard, renamed over: other chunk sizes and offsets
+    again = store.read(1)
+    np.testing.assert_array_equal(again["logits/values"], theirs.read(1)["logits/values"])
+    np.testing.assert_array_equal(store.read(5)["logits/values"], theirs.read(5)["logits/values"])
+    off, nbytes = (int(x) for x in fast._indices[str(shard)][1][1 // fast.per_chunk])  # row 1's chunk
+    with open(shard, "r+b") as f:  # row 1's chunk damaged in place, the index left as it was
+        f.seek(off + nbytes // 2)
+        byte = f.read(1)
+        f.seek(off + nbytes // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(BadSampleError, match="damaged or truncated"):
+        store.read(1)
 
 
 def test_dense_cache_has_no_tail_and_keeps_every_logit(tmp_path, teacher):

@@ -18,6 +18,7 @@ what this writes and that both read paths give identical arrays.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import fsspec
@@ -29,6 +30,9 @@ from numcodecs.zstd import Zstd
 from kdcache.store.location import is_url
 
 _MISSING = np.uint64(2**64 - 1)
+#: parsed shard indices a reader keeps (random access reads a sample's chunk without reading and
+#: checking its shard's index again): 1024 of 256 chunks are 4 MB
+INDEX_CACHE = 1024
 
 
 class DamagedShard(OSError):
@@ -66,6 +70,11 @@ class ShardFile:
         self.views = self.shape[1] if self.per_view else 1
         self.ndim = len(self.shape)
         self._zstd = Zstd(level=self.compressor_conf.get("level", 0)) if self.compressor == "zstd" else Zstd()
+        #: local shard files by (shard, view), as strings (a pathlib join per read cost as much as opening the file)
+        self._paths: dict[tuple[int, int], str] = {}
+        #: each local shard's checked index, by path, with the (inode, size, mtime) it was read at: a shard
+        #: written again (renamed over, or changed in place) is a miss and its index is read again
+        self._indices: OrderedDict[str, tuple[tuple[int, int, int], np.ndarray]] = OrderedDict()
 
     def shard_path(self, shard: int, view: int = 0) -> Path | str:
         parts = [str(shard), str(view), *(["0"] * (self.ndim - 2))] if self.per_view else \
@@ -87,42 +96,68 @@ class ShardFile:
             return np.concatenate([self.read(rows, v) for v in range(self.views)], axis=1)
         shard = rows[0] // self.per_shard
         out = np.empty((len(rows), *self.chunk_shape[1:]), dtype=self.dtype)
-        path = self.shard_path(shard, view or 0)
         if self.fs is not None:
+            path = self.shard_path(shard, view or 0)
             try:
                 data = memoryview(self.fs.cat_file(path))
             except FileNotFoundError:
                 raise DamagedShard(f"shard {path} is missing (lost, or never written)") from None
-            return self._decode_rows(data, len(data), rows, shard, path, out)
+            return self._decode_rows(data, len(data), rows, path, out)
+        key = (shard, view or 0)
+        path = self._paths.get(key)
+        if path is None:
+            path = self._paths[key] = str(self.shard_path(shard, view or 0))
+        if self.reads_whole(rows):
+            try:
+                with open(path, "rb") as f:
+                    data = memoryview(f.read())
+            except FileNotFoundError:
+                raise DamagedShard(f"shard {path} is missing (lost, or never written)") from None
+            return self._decode_rows(data, len(data), rows, path, out)
         try:
-            f = open(path, "rb")
+            fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             raise DamagedShard(f"shard {path} is missing (lost, or never written)") from None
-        with f:
-            size = os.fstat(f.fileno()).st_size
-            if self.reads_whole(rows):
-                return self._decode_rows(memoryview(f.read()), size, rows, shard, path, out)
+        try:
+            st = os.fstat(fd)
 
             def fetch(off: int, nbytes: int) -> memoryview:
-                f.seek(off)
-                return memoryview(f.read(nbytes))
+                return memoryview(os.pread(fd, nbytes, off))
 
-            return self._decode_rows(None, size, rows, shard, path, out, fetch)
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            cached = self._indices.get(path)
+            if cached is not None and cached[0] == stamp:
+                index = cached[1]
+                self._indices.move_to_end(path)
+            else:
+                index = self._read_index(fetch, st.st_size, path)
+                self._indices[path] = (stamp, index)
+                if len(self._indices) > INDEX_CACHE:
+                    self._indices.popitem(last=False)
+            return self._decode_rows(None, st.st_size, rows, path, out, fetch, index)
+        finally:
+            os.close(fd)
 
-    def _decode_rows(self, data: memoryview | None, size: int, rows: list[int], shard: int, path, out: np.ndarray,
-                     fetch=None) -> np.ndarray:
-        """Check and decode ``rows`` of a shard of ``size`` bytes: from ``data`` (the whole
-        file) or, chunk by chunk, from ``fetch(offset, nbytes)``."""
-        if data is not None:
-            def fetch(off: int, nbytes: int) -> memoryview:
-                return data[off:off + nbytes]
+    def _read_index(self, fetch, size: int, path) -> np.ndarray:
+        """The index of a shard of ``size`` bytes, its checksum checked: [chunks, 2] (offset, bytes)."""
         if size < self.index_bytes:
             raise DamagedShard(f"shard {path} is truncated ({size} bytes)")
         raw_index = fetch(size - self.index_bytes, self.index_bytes)
         if len(raw_index) != self.index_bytes or not _crc_ok(raw_index[:-4], raw_index[-4:]):
             raise DamagedShard(f"shard {path} has a damaged index (checksum mismatch or truncated)")
-        index = np.frombuffer(raw_index[:-4], dtype="<u8").reshape(self.chunks, 2)
-        P, first = self.per_chunk, shard * self.per_shard
+        return np.frombuffer(raw_index[:-4], dtype="<u8").reshape(self.chunks, 2)
+
+    def _decode_rows(self, data: memoryview | None, size: int, rows: list[int], path, out: np.ndarray,
+                     fetch=None, index: np.ndarray | None = None) -> np.ndarray:
+        """Check and decode ``rows`` of a shard of ``size`` bytes: from ``data`` (the whole
+        file) or, chunk by chunk, from ``fetch(offset, nbytes)``; ``index``: the shard's index,
+        checked when it was read (None: read and checked here)."""
+        if data is not None:
+            def fetch(off: int, nbytes: int) -> memoryview:
+                return data[off:off + nbytes]
+        if index is None:
+            index = self._read_index(fetch, size, path)
+        P, first = self.per_chunk, (rows[0] // self.per_shard) * self.per_shard
         decoded: dict[int, np.ndarray] = {}  # chunk -> its samples (a packed chunk holds P)
         for j, r in enumerate(rows):
             c, at = divmod(r - first, P)
