@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.errors import KDCacheError
+from kdcache.metrics import predicted_class
 from kdcache.model_loading import Weights, open_weights
 from kdcache.models import SegModel, count_parameters
 from kdcache.transforms import Preprocess
@@ -364,7 +365,7 @@ def sample_quality(rows: dict[str, torch.Tensor], labels: Sequence[torch.Tensor 
     names = list(rows)
     C = num_classes
     combined = rows[COMBINED]
-    top = {name: r.argmax(1) for name, r in rows.items()}
+    top = {name: predicted_class(r) for name, r in rows.items()}
     out = []
     for b, y in enumerate(labels):
         counts = torch.zeros(len(names), 3, C, dtype=torch.int64)
@@ -374,19 +375,20 @@ def sample_quality(rows: dict[str, torch.Tensor], labels: Sequence[torch.Tensor 
             y = y.to(combined.device).long()
             valid = y != ignore_index
             if bool(valid.any()):
-                target = y[valid]
+                # ignored pixels go to a bin past the classes (C) and are cut off: no copies by mask
+                target = torch.where(valid, y, C).flatten()
+                counts[:, 2] = torch.bincount(target, minlength=C + 1)[:C].cpu()
+                at = torch.where(valid, y, 0).clamp_(0, C - 1)[None]  # a class at every pixel, for gather
                 for r, name in enumerate(names):
                     up = rows[name][b:b + 1]
                     if tuple(up.shape[-2:]) != tuple(y.shape[-2:]):
                         up = F.interpolate(up, size=tuple(y.shape[-2:]), mode="bilinear", align_corners=False)
                     up = up[0]
-                    logp = torch.log_softmax(up, dim=0)
-                    pred = logp.argmax(0)[valid]
-                    hit = pred == target
-                    counts[r, 0] = torch.bincount(target[hit], minlength=C)[:C].cpu()
-                    counts[r, 1] = torch.bincount(pred, minlength=C)[:C].cpu()
-                    counts[r, 2] = torch.bincount(target, minlength=C)[:C].cpu()
-                    nll[r] = -logp.permute(1, 2, 0)[valid].gather(1, target[:, None]).double().sum().cpu()
+                    pred = torch.where(valid, predicted_class(up, 0), C).flatten()
+                    counts[r, 0] = torch.bincount(torch.where(pred == target, target, C), minlength=C + 1)[:C].cpu()
+                    counts[r, 1] = torch.bincount(pred, minlength=C + 1)[:C].cpu()
+                    # -log softmax at the label: logsumexp over classes minus the label's logit
+                    nll[r] = torch.where(valid, torch.logsumexp(up, 0) - up.gather(0, at)[0], 0).double().sum().cpu()
         out.append({"quality/counts": counts.numpy().astype("int32"), "quality/nll": nll.numpy(),
                     "quality/agree": agree.numpy().astype("int32"),
                     "quality/cells": int(top[COMBINED][b].numel())})

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.metrics import ConfusionMatrix, per_image_iou
+from kdcache.metrics import ConfusionMatrix, per_image_iou, predicted_class
 
 IGN = 255
 
@@ -257,3 +257,16 @@ def test_cuda_matrix_stays_on_device() -> None:
     assert torch.equal(cm.matrix.cpu(), cpu.matrix)
     cpu += cm
     assert int(cpu.matrix.sum()) == 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_predicted_class_is_numpys_argmax_ties_to_the_first(dtype) -> None:
+    """`predicted_class` (max(dim).indices, faster than torch's argmax over a class axis on the CPU)
+    against numpy's argmax in float64, which takes the first of equal maxima."""
+    g = torch.Generator().manual_seed(0)
+    for shape, dim in [((3, 11, 9, 13), 1), ((11, 17, 5), 0), ((6, 21), 1), ((2, 4, 1, 1), 1)]:
+        x = torch.randint(-3, 4, shape, generator=g).to(dtype)  # few values: many ties
+        ref = np.argmax(x.double().numpy(), axis=dim)
+        got = predicted_class(x, dim)
+        assert got.dtype == torch.int64 and got.shape == ref.shape
+        np.testing.assert_array_equal(got.numpy(), ref)

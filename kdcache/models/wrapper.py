@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcache.errors import ModelError
+from kdcache.metrics import predicted_class
 
 
 @dataclass
@@ -240,7 +241,7 @@ class SegModel(nn.Module):
         size = size or tuple(x.shape[-2:])
         if tuple(logits.shape[-2:]) != tuple(size):
             logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
-        return logits.argmax(1)
+        return predicted_class(logits)
 
     def check_input_size(self, size: tuple[int, int], what: str = "images") -> None:
         """Refuse inputs of another size than the one the network takes (if it takes one only)."""
