@@ -70,18 +70,20 @@ class ShardFile:
         self.views = self.shape[1] if self.per_view else 1
         self.ndim = len(self.shape)
         self._zstd = Zstd(level=self.compressor_conf.get("level", 0)) if self.compressor == "zstd" else Zstd()
-        #: local shard files by (shard, view), as strings (a pathlib join per read cost as much as opening the file)
-        self._paths: dict[tuple[int, int], str] = {}
         #: each local shard's checked index, by path, with the (inode, size, mtime) it was read at: a shard
         #: written again (renamed over, or changed in place) is a miss and its index is read again
         self._indices: OrderedDict[str, tuple[tuple[int, int, int], np.ndarray]] = OrderedDict()
 
     def shard_path(self, shard: int, view: int = 0) -> Path | str:
+        if self.fs is not None:
+            return self._shard_key(shard, view)
+        return Path(self._shard_key(shard, view))
+
+    def _shard_key(self, shard: int, view: int = 0) -> str:
+        """The shard's file as a string (a pathlib join per read cost as much as opening the file)."""
         parts = [str(shard), str(view), *(["0"] * (self.ndim - 2))] if self.per_view else \
             [str(shard), *(["0"] * (self.ndim - 1))]
-        if self.fs is not None:
-            return "/".join([self.dir, *parts])
-        return self.dir.joinpath(*parts)
+        return "/".join([str(self.dir), *parts])
 
     def reads_whole(self, rows: list[int]) -> bool:
         """Whether reading ``rows`` of one shard fetches the whole shard file (a quarter or more
@@ -103,10 +105,7 @@ class ShardFile:
             except FileNotFoundError:
                 raise DamagedShard(f"shard {path} is missing (lost, or never written)") from None
             return self._decode_rows(data, len(data), rows, path, out)
-        key = (shard, view or 0)
-        path = self._paths.get(key)
-        if path is None:
-            path = self._paths[key] = str(self.shard_path(shard, view or 0))
+        path = self._shard_key(shard, view or 0)
         if self.reads_whole(rows):
             try:
                 with open(path, "rb") as f:
