@@ -442,3 +442,63 @@ def test_store_scale_measures_a_tiny_store_and_reports_the_jpeg_comparator(tmp_p
     assert "| 7,777 |" not in growth  # the comparison's rows are not growth rows
     assert f"| blosc-lz4 | {lz4['bytes_per_sample']:,.0f} | 7,777 |" in compared
     assert f"{lz4['bytes_per_sample'] / w['bytes_per_sample']:.2f}x the bytes" in compared
+
+
+def test_kd_weight_pool_trains_every_weight_and_averages_both_settings(tmp_path, monkeypatch):
+    """kd_weight_pool.py on a tiny setting: CE and every (method, weight, seed) with the pool, each
+    scored by its best val epoch; the state goes on where it stopped (a run in it is not trained
+    again); the report chooses each method's weight (a tie keeps the weight nearest 1) and, with the
+    labelled-only weights phase's state beside it, the default by the mean gain over CE of the two
+    settings, checked here by hand."""
+    import json as _json
+
+    script = runpy.run_path(str(BENCH / "kd_weight_pool.py"), run_name="pool")
+    module = script["main"].__globals__
+    monkeypatch.setitem(module, "DATA_OPTIONS", {"resolution": [32, 48]})
+    monkeypatch.setitem(module, "LABELLED", 4)
+    monkeypatch.setitem(module, "POOL", 4)
+    monkeypatch.setitem(module, "TEACHER", {**script["TEACHER"], "epochs": 1, "limit": 4, "batch_size": 4})
+    monkeypatch.setitem(module, "STUDENT", {**script["STUDENT"], "limit": 4, "batch_size": 4})
+    monkeypatch.setitem(module, "POOL_EPOCHS", 1)
+    monkeypatch.setitem(module, "CE_EPOCHS", 1)
+    monkeypatch.setitem(module, "WEIGHTS", (0.5, 1.0))
+    results = tmp_path / "results"
+    results.mkdir()
+    monkeypatch.setitem(module, "RESULTS", results)
+    monkeypatch.setitem(module, "LABELLED_ONLY", results / "labelled-only.json")
+    monkeypatch.setattr(sys, "argv", ["kd_weight_pool.py", "--out", str(tmp_path / "w")])
+    script["main"]()
+    state = _json.loads((results / "kd-weight-pool-cpu.json").read_text())
+    want = {"CE seed 0", "CE seed 1", *(f"{m} w={w:g} seed {s}" for m in ("kl", "dist") for w in (0.5, 1.0)
+                                        for s in (0, 1))}
+    assert set(state["runs"]) == want
+    cfg = _json.loads((tmp_path / "w" / "dist-w0.5-seed-1" / "config.json").read_text())
+    assert cfg["methods"] == [{"name": "dist", "weight": 0.5}] and cfg["unlabeled_share"] == 0.5
+    assert cfg["unlabeled_caches"] == [str(tmp_path / "w" / "pool.zarr")]
+    assert _json.loads((tmp_path / "w" / "CE-seed-0" / "config.json").read_text())["methods"] == [{"name": "none"}]
+    # a later sitting trains only what the state lacks
+    del state["runs"]["kl w=1 seed 0"]
+    (results / "kd-weight-pool-cpu.json").write_text(_json.dumps(state))
+    stamp = (tmp_path / "w" / "dist-w0.5-seed-1" / "metrics.jsonl").stat().st_mtime_ns
+    script["main"]()
+    again = _json.loads((results / "kd-weight-pool-cpu.json").read_text())
+    assert set(again["runs"]) == want and again["runs"]["dist w=0.5 seed 1"] == state["runs"]["dist w=0.5 seed 1"]
+    assert (tmp_path / "w" / "dist-w0.5-seed-1" / "metrics.jsonl").stat().st_mtime_ns == stamp
+    # the report, from a state of chosen numbers: kl's w = 0.5 and 1 tie with the pool (1 kept)
+    runs = {"CE seed 0": 0.50, "CE seed 1": 0.52, "kl w=0.5 seed 0": 0.52, "kl w=0.5 seed 1": 0.54,
+            "kl w=1 seed 0": 0.53, "kl w=1 seed 1": 0.53, "dist w=0.5 seed 0": 0.56, "dist w=0.5 seed 1": 0.56,
+            "dist w=1 seed 0": 0.55, "dist w=1 seed 1": 0.55}
+    (results / "kd-weight-pool-cpu.json").write_text(_json.dumps({"runs": {k: {"val": v} for k, v in runs.items()}}))
+    # labelled only: CE 0.60; kl 0.59 (w = 0.5) / 0.58 (w = 1); dist 0.60 / 0.62
+    lab = {"CE seed 0": 0.60, "CE seed 1": 0.60, "kl w=0.5 seed 0": 0.59, "kl w=0.5 seed 1": 0.59,
+           "kl w=1 seed 0": 0.58, "kl w=1 seed 1": 0.58, "dist w=0.5 seed 0": 0.60, "dist w=0.5 seed 1": 0.60,
+           "dist w=1 seed 0": 0.62, "dist w=1 seed 1": 0.62}
+    (results / "labelled-only.json").write_text(_json.dumps({"weights": {k: {"val": v} for k, v in lab.items()}}))
+    monkeypatch.setattr(sys, "argv", ["kd_weight_pool.py", "--phase", "report"])
+    script["main"]()
+    table = (results / "kd-weight-pool-cpu.md").read_text()
+    assert "| kl | 53.00 (52.00, 54.00) | 53.00 (53.00, 53.00) | 51.00 (50.00, 52.00) | w = 1 | +2.00 |" in table
+    assert "| dist | 56.00 (56.00, 56.00) | 55.00 (55.00, 55.00) | 51.00 (50.00, 52.00) | w = 0.5 | +5.00 |" in table
+    # averaged gains: kl (−1 + 2) / 2 = +0.5 at w = 0.5, (−2 + 2) / 2 = 0 at w = 1; dist (0 + 5) / 2 = +2.5, (2 + 4) / 2 = +3
+    assert "| kl | +0.50 (-1.00, +2.00) | +0.00 (-2.00, +2.00) | w = 0.5 |" in table
+    assert "| dist | +2.50 (+0.00, +5.00) | +3.00 (+2.00, +4.00) | w = 1 |" in table
