@@ -105,14 +105,16 @@ def pair_text(pair) -> str:
 
 
 def defaults_text(option: str) -> str:
-    """'kl 1 (classification 4), cwd 4': each method taking ``option`` with its default, and where
-    it differs, its default for classification."""
+    """'kl 1 (segmentation 0.5, classification 4), cwd 4': each method taking ``option`` with its
+    default, and where a task's own default differs from it, that task's."""
     def show(v):
         return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
 
     def text(m):
-        other = task_defaults(m, "classification").get(option)
-        return f"{m} {show(option_default(m, option))}" + (f" (classification {show(other)})" if other is not None else "")
+        base = option_default(m, option)
+        tasks = [f"{task} {show(v)}" for task in ("segmentation", "classification")
+                 if (v := task_defaults(m, task).get(option)) is not None and v != base]
+        return f"{m} {show(base)}" + (f" ({', '.join(tasks)})" if tasks else "")
 
     return ", ".join(text(m) for m in methods_taking(option))
 

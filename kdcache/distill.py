@@ -116,7 +116,7 @@ class StudentTrainer(Trainer):
     command = "train-student"
 
     def __init__(self, config: StudentConfig, **kw):
-        # each method's defaults for the data set's task (kl and dist: T = 4 for classification),
+        # each method's defaults for the data set's task (kl and dist: their weights, and T = 4 for classification),
         # written into a new run's specs, so that config.json records them. A resumed run trains with
         # its recorded specs (one from before a default changed keeps what it trained with); the
         # specs given with it count as its own when they are, or become them with the defaults filled in

@@ -371,8 +371,9 @@ def test_views_and_label_maps_are_the_teacher_on_those_pixels(teacher):
 
 
 def test_classification_students_take_kl_and_dist_at_their_classification_temperature(teacher, tmp_path):
-    """kl and dist default to T = 4 for classification (chosen on val), recorded in config.json; a
-    temperature given in the method spec or by --temperature wins; segmentation keeps T = 1."""
+    """kl and dist default to T = 4 and weight 2 for classification (chosen on val), recorded in
+    config.json; a temperature or weight given in the method spec or by --temperature/--kd-weight
+    wins; segmentation keeps T = 1."""
     from kdcache.methods import option_default, with_task_defaults
 
     cache = tmp_path / "logits.zarr"
@@ -380,22 +381,26 @@ def test_classification_students_take_kl_and_dist_at_their_classification_temper
     assert r.exit_code == 0, r.output
     common = ["--cache", cache, "--model", "demo_cls_student", "--epochs", 1, "--batch-size", 16, "--device", "cpu",
               "--workers", 0, "--quiet"]
-    for name, extra, want in (
-        ("default", ["--method", "kl", "--method", "dist"], {"kl": 4.0, "dist": 4.0}),
-        ("spec", ["--method", "kl:temperature=2", "--method", "dist"], {"kl": 2.0, "dist": 4.0}),
-        ("shorthand", ["--method", "kl", "--method", "dist", "--temperature", "1.5"], {"kl": 1.5, "dist": 1.5}),
+    for name, extra, want, weights in (
+        ("default", ["--method", "kl", "--method", "dist"], {"kl": 4.0, "dist": 4.0}, {"kl": 2.0, "dist": 2.0}),
+        ("spec", ["--method", "kl:temperature=2,weight=0.5", "--method", "dist"], {"kl": 2.0, "dist": 4.0},
+         {"kl": 0.5, "dist": 2.0}),
+        ("shorthand", ["--method", "kl", "--method", "dist", "--temperature", "1.5", "--kd-weight", "1"],
+         {"kl": 1.5, "dist": 1.5}, {"kl": 1.0, "dist": 1.0}),
     ):
         r = kd("train-student", *common, *extra, "--out", tmp_path / name)
         assert r.exit_code == 0, r.output
         methods = json.loads((tmp_path / name / "config.json").read_text())["methods"]
         assert {m["name"]: m["temperature"] for m in methods} == want, (name, methods)
+        assert {m["name"]: m["weight"] for m in methods} == weights, (name, methods)
     # resuming with the same --method words: a run that recorded the default goes on at it, and one
     # recorded before the default changed ({"name": "kl"}, trained at T = 1) keeps what it trained with
     r = kd("train-student", *common, "--method", "kl", "--method", "dist", "--out", tmp_path / "default",
            "--resume", "--epochs", 2)
     assert r.exit_code == 0, r.output
     cfg_path = tmp_path / "default" / "config.json"
-    assert [m.get("temperature") for m in json.loads(cfg_path.read_text())["methods"]] == [4.0, 4.0]
+    assert [(m.get("temperature"), m.get("weight")) for m in json.loads(cfg_path.read_text())["methods"]] == [
+        (4.0, 2.0), (4.0, 2.0)]
     cfg = json.loads(cfg_path.read_text())
     cfg["methods"] = [{"name": "kl"}, {"name": "dist"}]
     cfg_path.write_text(json.dumps(cfg))
@@ -403,9 +408,11 @@ def test_classification_students_take_kl_and_dist_at_their_classification_temper
            "--resume", "--epochs", 3)
     assert r.exit_code == 0, r.output
     assert json.loads(cfg_path.read_text())["methods"] == [{"name": "kl"}, {"name": "dist"}]
-    # the same specs for segmentation: left to the constructor's default, T = 1
+    # the same specs for segmentation: T left to the constructor's default, 1; the weights chosen for
+    # segmentation (kl 0.5, dist 0.25); cwd has no task defaults; a weight of the spec's own wins
     assert with_task_defaults([{"name": "kl"}, {"name": "dist"}, {"name": "cwd"}], "segmentation") == [
-        {"name": "kl"}, {"name": "dist"}, {"name": "cwd"}]
+        {"name": "kl", "weight": 0.5}, {"name": "dist", "weight": 0.25}, {"name": "cwd"}]
+    assert with_task_defaults([{"name": "dist", "weight": 1.0}], "segmentation") == [{"name": "dist", "weight": 1.0}]
     assert option_default("kl", "temperature") == option_default("dist", "temperature") == 1.0
 
 
