@@ -30,7 +30,8 @@ sittings, and another CPU does not train the seeded recipe to the same bits:
   folder is gone; ``teacher_iou=train``, ``margin=0.1``).
 
 Fixed before the first run (not tuned: this many runs do not fit the machine twice): every method at
-its default temperature (1), the weight rule and its margin 0.1. The teacher-aware variant reported
+its default temperature (1) and its segmentation default weight (``KD_WEIGHTS``: kl 0.5, dist 0.25,
+chosen on val before this benchmark ran), the weight rule and its margin 0.1. The teacher-aware variant reported
 as "best" is the one with the best mean **val** mIoU over seeds; comparisons are on **test** (1000
 images), checkpoints on val. Reported: mean ± sd test mIoU and building IoU per arm, with each
 seed's test mIoU as read; paired differences (teacher-aware − plain of the same method and teacher;
@@ -70,6 +71,9 @@ TEST_SIZE = 1000
 DATA_OPTIONS: dict = {}  # the synthetic defaults: 400 training images, val 100
 MARGIN = 0.1
 METHODS = ("kl", "dist")
+#: each method's KD weight: the library's segmentation defaults, chosen on val (kd_weight_pool.py; commit
+#: 9027d25), written out so that a later change of the defaults does not change this benchmark's runs
+KD_WEIGHTS = {"kl": 0.5, "dist": 0.25}
 VARIANTS = {"plain": {}, "mask": {"mask": "teacher_correct"}, "class weights": {"class_weights": "baseline"}}
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -213,7 +217,8 @@ def main() -> None:
                     baseline = train_arm(seed, "CE") if not finished(out / f"s{seed}-ce", STUDENT["epochs"]) \
                         else out / f"s{seed}-ce"  # the same seed's CE run: trained again if its folder is gone
                     opts.update(baseline=str(baseline), margin=MARGIN)
-                cache, methods = out / f"{who}.zarr", [{"name": method.lower(), **opts}]
+                cache = out / f"{who}.zarr"
+                methods = [{"name": method.lower(), "weight": KD_WEIGHTS[method.lower()], **opts}]
             cfg = config_from_store(str(cache), out=str(run), seed=seed, methods=methods, **STUDENT)
             train_student(cfg, overwrite=True, show_progress=False)
             return run
@@ -241,7 +246,8 @@ def write_report(state: dict, path: Path) -> None:
              f"{', '.join(state.get('commits', []))} (settings fixed before the first run). The weak teacher: "
              f"`{TEACHER['model']}`, {TEACHER['epochs']} epochs, on training labels where a fixed {WEAK_SHARE:.0%} of "
              f"the images have every {WEAK_CLASS} pixel labelled {INTO}; the standard one on true labels. Students "
-             f"`{STUDENT['model']}`, {STUDENT['epochs']} epochs, batch {STUDENT['batch_size']}, T = 1, from each "
+             f"`{STUDENT['model']}`, {STUDENT['epochs']} epochs, batch {STUDENT['batch_size']}, T = 1, KD weights "
+             f"{', '.join(f'{m} {w:g}' for m, w in KD_WEIGHTS.items())} (the segmentation defaults), from each "
              f"teacher's top-4 + tail cache of the true training split; class weights against the same seed's CE run "
              f"(teacher_iou=train, margin {MARGIN}). Checkpoints on val; scores on {TEST_SIZE} test images (mIoU %).", ""]
     for name, t in state.get("teachers", {}).items():

@@ -303,6 +303,9 @@ def test_weak_teacher_runs_every_arm_and_reports_the_weak_class(tmp_path, monkey
     assert set(state["students"]) == set(script["arms"]()) and all(set(r) == {"0", "1"} for r in state["students"].values())
     cfg = _json.loads((tmp_path / "w" / "s1-weak-teacher-kl-class-weights" / "config.json").read_text())
     assert cfg["methods"][0]["baseline"] == str(tmp_path / "w" / "s1-ce") and "kl" in cfg["class_weights"]
+    assert cfg["methods"][0]["weight"] == 0.5  # the weights written out in the script, whatever the defaults
+    assert _json.loads((tmp_path / "w" / "s0-weak-teacher-dist-plain" / "config.json").read_text())["methods"] == [
+        {"name": "dist", "weight": 0.25}]
     assert _json.loads((tmp_path / "w" / "s0-standard-teacher-dist-mask" / "config.json").read_text())[
         "methods"][0]["mask"] == "teacher_correct"
     table = (results / "x" / "results" / "weak-teacher-cpu.md").read_text()
