@@ -138,3 +138,73 @@ def test_retries_back_off_exponentially_and_end_in_one_line(monkeypatch):
         with pytest.raises(type(exc)):
             location.retrying(once, url, "writing")
     assert slept == []
+
+
+class _Flaky(zarr.storage.WrapperStore):
+    """A memory store whose every request fails with 503's OSError (EBUSY, as s3fs raises it) the
+    first ``fails`` times it is made, counted per (request, key)."""
+
+    def __init__(self, store, fails: int):
+        super().__init__(store)
+        self.fails, self.tries = fails, {}
+
+    def _with_store(self, store):
+        other = _Flaky(store, self.fails)
+        other.tries = self.tries
+        return other
+
+    def _fail(self, what, key):
+        n = self.tries[what, key] = self.tries.get((what, key), 0) + 1
+        if n <= self.fails:
+            raise OSError(errno.EBUSY, "Service Unavailable")
+
+    async def get(self, key, prototype, byte_range=None):
+        self._fail("get", key)
+        return await self._store.get(key, prototype, byte_range)
+
+    async def set(self, key, value):
+        self._fail("set", key)
+        await self._store.set(key, value)
+
+    async def exists(self, key):
+        self._fail("exists", key)
+        return await self._store.exists(key)
+
+    def list_dir(self, prefix):
+        self._fail("list_dir", prefix)
+        return self._store.list_dir(prefix)
+
+
+def test_the_retrying_store_retries_every_request_and_names_the_object(monkeypatch):
+    """Every request through ``RetryingStore`` (metadata, listings, chunks) is retried while it fails
+    transiently; one that keeps failing ends in a RemoteError naming the object, which ``retrying``
+    passes on in its own words without trying again; a missing key is no failure."""
+    slept = []
+
+    async def nap(s):
+        slept.append(s)
+
+    monkeypatch.setattr(location.asyncio, "sleep", nap)
+    monkeypatch.setenv("KDCACHE_REMOTE_ATTEMPTS", "3")
+    flaky = _Flaky(zarr.storage.MemoryStore(), fails=2)
+    group = zarr.open_group(location.RetryingStore(flaky, "s3://b/c.zarr"), mode="w")
+    group.create_array("x", shape=(4, 3), chunks=(2, 3), dtype="int32")[:] = np.arange(12).reshape(4, 3)
+    group.attrs["k"] = 1
+    again = zarr.open_group(location.RetryingStore(flaky, "s3://b/c.zarr"), mode="r")
+    assert again.attrs["k"] == 1 and (again["x"][:] == np.arange(12).reshape(4, 3)).all()
+    assert sorted(again.array_keys()) == ["x"]  # a listing
+    assert min(flaky.tries.values()) >= 3 and ("list_dir", "") in flaky.tries  # each failed twice, then went
+    assert len(slept) == 2 * len(flaky.tries)  # two waits for each, on the first request of its key only
+    assert again.get("missing") is None  # a missing key (None from the store) is not an error
+
+    down = _Flaky(zarr.storage.MemoryStore(), fails=10)
+    with pytest.raises(location.RemoteError) as err:
+        zarr.open_group(location.RetryingStore(down, "s3://b/d.zarr"), mode="w")
+    msg = str(err.value)
+    assert "\n" not in msg and " s3://b/d.zarr/" in msg and "failed 3 times (OSError" in msg, msg
+    with pytest.raises(location.RemoteError) as err:
+        location.retrying(lambda: zarr.open_group(location.RetryingStore(down, "s3://b/d.zarr"), mode="w"),
+                          "s3://b/d.zarr", "creating the teacher cache")
+    msg = str(err.value)
+    assert msg.startswith("creating the teacher cache s3://b/d.zarr failed 3 times (") and "s3://b/d.zarr/" in msg
+    assert max(down.tries.values()) == 6  # two opens of 3 tries each: retrying() did not multiply them

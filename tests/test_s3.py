@@ -98,7 +98,14 @@ def test_build_verify_inspect_and_stream_with_spawned_workers(s3, teacher, refer
     assert metadata <= 12 * opened, gets
 
 
-def test_slow_failing_and_dropped_requests_are_retried(s3, teacher, reference, tmp_path):
+def test_slow_failing_and_dropped_requests_are_retried(s3, teacher, reference, tmp_path, monkeypatch):
+    import s3fs
+
+    # botocore and s3fs try each request once: kdcache's own retries must carry every request
+    # (metadata and listings too, not only shards and blocks)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
+    S3Server._clear_instances()
     s3.faults(error_share=0.1, error_status=503, drop_share=0.05, delay_s=0.01)
     url = "s3://caches/faulty.zarr"
     r = kd(*_build(teacher, url))
@@ -144,6 +151,14 @@ def test_a_request_that_keeps_failing_ends_in_one_line_and_the_build_resumes(s3,
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and "s3://caches/stuck.zarr/logits/values failed 2 times" in lines[0], r.output
     assert "--skip-bad" not in lines[0]  # a failing server is not a damaged sample
+
+    # metadata: an array's zarr.json keeps failing when the student opens the store
+    s3.faults(error_share=1.0, only="/stuck.zarr/logits/values/zarr.json", methods=("GET", "HEAD"))
+    r = kd(*_student(url, tmp_path / "m"))
+    assert r.exit_code == 2
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "failed 2 times" in lines[0], r.output
+    assert "(reading s3://caches/stuck.zarr/logits/values/zarr.json: OSError" in lines[0], r.output  # the object
 
 
 def test_a_lost_shard_is_never_trained_on(s3, teacher, tmp_path):

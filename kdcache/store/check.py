@@ -7,11 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import zarr
 
 from kdcache.progress import progress_bar
 from kdcache.store.finite import all_finite, count_non_finite
-from kdcache.store.location import RemoteError, sizes_of
+from kdcache.store.location import RemoteError, open_group, sizes_of
 from kdcache.store.reader import CacheStore
 from kdcache.targets import topk_mass
 
@@ -148,7 +147,7 @@ def verify_store(path: str | Path, *, show_progress: bool = True, reset_bad: boo
     result.bad = {(ids[r] if ids[r] in unique else f"{ids[r] or '<empty id>'} (row {r})"): problems[r]
                   for r in result.bad_rows}
     if reset_bad and result.bad_rows:
-        group = zarr.open_group(str(path), mode="r+")
+        group = open_group(path, "r+")
         for j in sorted({int(j) for j in schema.shard_of(result.bad_rows)}):
             start, stop = schema.shard_rows(j)
             group["done"][start:stop] = False

@@ -9,6 +9,7 @@ DataLoader workers that read them are spawned (``memory://`` lives in the proces
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import random
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import fsspec
+import zarr
+from zarr.storage import FsspecStore, WrapperStore
 
 from kdcache.errors import KDCacheError, import_extra
 
@@ -83,8 +86,7 @@ def remove_tree(path: str | Path) -> None:
     """Delete the store at ``path`` and everything in it (callers check it is a store first)."""
     if is_url(path):
         fs, p = fsspec.core.url_to_fs(str(path))
-        if fs.exists(p):
-            fs.rm(p, recursive=True)
+        retrying(lambda: fs.exists(p) and fs.rm(p, recursive=True), str(path), "deleting")
         return
     if Path(path).exists():
         shutil.rmtree(path)
@@ -93,9 +95,9 @@ def remove_tree(path: str | Path) -> None:
 def delete_key(root: str | Path, key: str) -> None:
     """Remove one object of the store at ``root`` (e.g. a shard file) if it is there."""
     if is_url(root):
-        fs, p = fsspec.core.url_to_fs(f"{str(root).rstrip('/')}/{key}")
-        if fs.exists(p):
-            fs.rm(p)
+        url = f"{str(root).rstrip('/')}/{key}"
+        fs, p = fsspec.core.url_to_fs(url)
+        retrying(lambda: fs.exists(p) and fs.rm(p), url, "deleting")
     else:
         Path(root, key).unlink(missing_ok=True)
 
@@ -161,7 +163,16 @@ _CLIENT_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", 
 
 
 class RemoteError(KDCacheError):
-    """A request to an object store that kept failing (after its retries)."""
+    """A request to an object store that kept failing (after its retries). ``attempts`` and
+    ``cause`` are set where one request failed (:class:`RetryingStore`), so that the operation
+    around it (:func:`retrying`) can say which shard or block it was."""
+
+    def __init__(self, message: str, attempts: int | None = None, cause: str | None = None):
+        super().__init__(message)
+        self.attempts, self.cause = attempts, cause
+
+    def __reduce__(self):  # survives the trip back from a DataLoader worker
+        return (type(self), (str(self), self.attempts, self.cause))
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -178,27 +189,136 @@ def is_transient(exc: BaseException) -> bool:
     return type(exc).__module__.split(".")[0] in _CLIENT_MODULES and not isinstance(exc, (ValueError, TypeError))
 
 
+def _policy() -> tuple[int, float]:
+    """(attempts, first wait in seconds) of a failing request, from the environment."""
+    return max(1, int(os.environ.get(ATTEMPTS_ENV, "5"))), float(os.environ.get(BACKOFF_ENV, "1.0"))
+
+
+def _wait(first: float, attempt: int) -> float:
+    return first * 2 ** (attempt - 1) * (0.5 + random.random())
+
+
+def _cause(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _failed(what: str, url: str, attempts: int, cause: str, fix: str = "") -> RemoteError:
+    return RemoteError(
+        f"{what} {url} failed {attempts} times ({cause}); check that the object store answers (its endpoint, "
+        f"e.g. FSSPEC_S3_ENDPOINT_URL, your credentials and the network){fix}. Set {ATTEMPTS_ENV} to retry longer",
+        attempts, cause)
+
+
 def retrying(call: Callable[[], T], url: str, what: str, fix: str = "") -> T:
     """``call()``, retried with exponential backoff while it fails with a transient error (see
     :func:`is_transient`) when ``url`` is an object store; after the last attempt a
     :class:`RemoteError` whose one line names ``what``, the URL and the fix. Local paths and
     other errors pass straight through. ``call`` must be safe to repeat (a whole shard written
-    again, a read)."""
+    again, a read). A request inside it that already failed all its attempts in a
+    :class:`RetryingStore` is not tried again: its error is said in ``what``'s words."""
     if not is_url(url) or str(url).startswith("memory://"):
         return call()
-    attempts = max(1, int(os.environ.get(ATTEMPTS_ENV, "5")))
-    wait = float(os.environ.get(BACKOFF_ENV, "1.0"))
+    attempts, first = _policy()
     for attempt in range(1, attempts + 1):
         try:
             return call()
+        except RemoteError as exc:
+            if exc.attempts is None:
+                raise
+            raise _failed(what, url, exc.attempts, exc.cause or "", fix) from None
         except Exception as exc:  # noqa: BLE001 - classified below
             if not is_transient(exc):
                 raise
             if attempt == attempts:
-                raise RemoteError(
-                    f"{what} {url} failed {attempts} times ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                    "check that the object store answers (its endpoint, e.g. FSSPEC_S3_ENDPOINT_URL, your "
-                    f"credentials and the network){fix}. Set {ATTEMPTS_ENV} to retry longer"
-                ) from None
-            time.sleep(wait * 2 ** (attempt - 1) * (0.5 + random.random()))
+                raise _failed(what, url, attempts, _cause(exc), fix) from None
+            time.sleep(_wait(first, attempt))
     raise AssertionError("unreachable")
+
+
+class RetryingStore(WrapperStore):
+    """A zarr store over an object store whose every request (metadata and listings too, not only
+    the shards and blocks that :func:`retrying` wraps) is retried with exponential backoff while it
+    fails with a transient error, then raises one :class:`RemoteError` naming the object. Each
+    request is safe to repeat: a whole object is put again, a byte range read again."""
+
+    def __init__(self, store, url: str = ""):
+        super().__init__(store)
+        self.url = url.rstrip("/")
+
+    def _with_store(self, store):
+        return type(self)(store, self.url)
+
+    async def _again(self, request: str, key: str, call):
+        attempts, first = _policy()
+        for attempt in range(1, attempts + 1):
+            try:
+                return await call()
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if not is_transient(exc):
+                    raise
+                if attempt == attempts:
+                    obj = f"{self.url}/{key}" if key else self.url
+                    err = _failed(request, obj, attempts, _cause(exc))
+                    err.cause = f"{request} {obj}: {_cause(exc)}"  # what retrying() says, in its own words
+                    raise err from None
+                await asyncio.sleep(_wait(first, attempt))
+        raise AssertionError("unreachable")
+
+    async def get(self, key, prototype, byte_range=None):
+        return await self._again("reading", key, lambda: self._store.get(key, prototype, byte_range))
+
+    async def get_partial_values(self, prototype, key_ranges):
+        key_ranges = list(key_ranges)
+        return await self._again("reading", key_ranges[0][0] if key_ranges else "",
+                                 lambda: self._store.get_partial_values(prototype, key_ranges))
+
+    async def _get_many(self, requests):
+        for key, prototype, byte_range in requests:
+            yield key, await self.get(key, prototype, byte_range)
+
+    async def exists(self, key):
+        return await self._again("looking up", key, lambda: self._store.exists(key))
+
+    async def is_empty(self, prefix):
+        return await self._again("listing", prefix, lambda: self._store.is_empty(prefix))
+
+    async def set(self, key, value):
+        await self._again("writing", key, lambda: self._store.set(key, value))
+
+    async def set_if_not_exists(self, key, value):
+        await self._again("writing", key, lambda: self._store.set_if_not_exists(key, value))
+
+    async def _set_many(self, values):
+        await asyncio.gather(*(self.set(k, v) for k, v in values))
+
+    async def delete(self, key):
+        await self._again("deleting", key, lambda: self._store.delete(key))
+
+    async def delete_dir(self, prefix):
+        await self._again("deleting", prefix, lambda: self._store.delete_dir(prefix))
+
+    async def _listed(self, prefix: str, listing):
+        async def collect():
+            return [k async for k in listing()]
+
+        for key in await self._again("listing", prefix, collect):
+            yield key
+
+    def list(self):
+        return self._listed("", self._store.list)
+
+    def list_prefix(self, prefix):
+        return self._listed(prefix, lambda: self._store.list_prefix(prefix))
+
+    def list_dir(self, prefix):
+        return self._listed(prefix, lambda: self._store.list_dir(prefix))
+
+
+def open_group(path: str | Path, mode: str, storage_options: dict | None = None) -> zarr.Group:
+    """The Zarr group at ``path``: for an object store, through a :class:`RetryingStore`, so that no
+    request to it (metadata included) fails on the first transient error."""
+    p = str(path)
+    if not is_url(p) or p.startswith("memory://"):
+        return zarr.open_group(p, mode=mode, storage_options=storage_options)
+    store = FsspecStore.from_url(p, storage_options=storage_options, read_only=mode == "r")
+    return zarr.open_group(RetryingStore(store, p), mode=mode)

@@ -29,7 +29,7 @@ from kdcache.data import SegmentationDataset, build_dataset
 from kdcache.data.splits import limit
 from kdcache.errors import KDCacheError
 from kdcache.store.finite import nan_rows
-from kdcache.store.location import RemoteError, check_client, is_url, retrying
+from kdcache.store.location import RemoteError, check_client, is_url, open_group, retrying
 from kdcache.store.schema import ATTR, FORMAT, SCHEMA_VERSION, VIEW_PARAMS, CacheSchema, decode_ids
 from kdcache.store.shards import ShardFile, fast_reader, read_whole_plain
 
@@ -56,7 +56,7 @@ def read_meta(path: str | Path, storage_options: dict | None = None, mode: str =
     if not is_url(p) and not Path(p).exists():
         raise StoreError(f"teacher cache {p} does not exist; build it with `kdcache build-teacher-cache --out {p}`")
     try:
-        group = retrying(lambda: zarr.open_group(p, mode=mode, storage_options=storage_options), p,
+        group = retrying(lambda: open_group(p, mode, storage_options), p,
                          "opening the teacher cache")
     except RemoteError:
         raise
@@ -103,7 +103,8 @@ class CacheStore:
     @property
     def group(self) -> zarr.Group:
         if self._group is None:
-            self._group = zarr.open_group(self.path, mode="r", storage_options=self.storage_options)
+            self._group = retrying(lambda: open_group(self.path, "r", self.storage_options), self.path,
+                                   "opening the teacher cache")
         return self._group
 
     def array(self, path: str) -> zarr.Array:

@@ -80,7 +80,7 @@ def _existing(out) -> CacheSchema | None:
     except StoreError:
         if location.is_url(out):
             try:
-                if dict(zarr.open_group(str(out), mode="r").attrs).get(PARTIAL):
+                if dict(location.open_group(out, "r").attrs).get(PARTIAL):
                     return None
             except Exception:  # zarr raises several types for "not a group"
                 pass
@@ -99,7 +99,7 @@ def prepare_store(out, schema: CacheSchema, ids, hashes, *, overwrite: bool) -> 
         location.remove_tree(out)
     if location.is_url(out):
         def create():
-            group = zarr.open_group(str(out), mode="w")
+            group = location.open_group(out, "w")
             group.attrs[PARTIAL] = True
             _initialise(group, schema, ids, hashes)
             group.attrs.put({ATTR: schema.meta})  # replaces the partial marker: the store is complete
