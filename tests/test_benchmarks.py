@@ -262,6 +262,34 @@ def test_cached_vs_online_merges_the_runs_of_processes_that_share_a_state():
     assert "tune" not in merge({"commits": []}, {"commits": []})  # nothing invented
 
 
+def test_weak_teacher_targets_by_hand():
+    """The targets table of weak_teacher.py against a hand computation on a made-up state: the paired
+    difference of the variant chosen on val, what plain KD loses on building against CE and what the
+    variant wins back (in IoU points), the standard teacher's difference, and which targets are met."""
+    script = runpy.run_path(str(BENCH / "weak_teacher.py"), run_name="weak")
+
+    def run(miou, building, val):
+        iou = [0.5] * 11
+        iou[1] = building  # building is class 1 of the road scenes
+        return {"miou": miou, "iou": iou, "val": val}
+
+    runs = {"CE": {"0": run(0.50, 0.70, 0), "1": run(0.52, 0.72, 0)},
+            "weak teacher, KL plain": {"0": run(0.51, 0.60, 0), "1": run(0.53, 0.62, 0)},
+            "weak teacher, KL mask": {"0": run(0.525, 0.66, 0.6), "1": run(0.545, 0.67, 0.6)},
+            "weak teacher, DIST plain": {"0": run(0.52, 0.70, 0)},
+            "weak teacher, DIST class weights": {"0": run(0.515, 0.71, 0.5)},
+            "standard teacher, KL plain": {"0": run(0.56, 0.8, 0), "1": run(0.57, 0.8, 0)},
+            "standard teacher, KL mask": {"0": run(0.557, 0.8, 0)}}
+    rows = {r["method"]: r for r in script["targets"](runs, {"kl": "mask", "dist": "class weights"})}
+    kl, dist = rows["kl"], rows["dist"]
+    assert kl["n"] == 2 and kl["weak"] == pytest.approx(1.5)  # (1.5 + 1.5) / 2
+    assert kl["lost"] == pytest.approx(10.0) and kl["won"] == pytest.approx(5.5)  # (6 + 5) / 2 of (10 + 10) / 2
+    assert kl["standard"] == pytest.approx(-0.3) and kl["standard_n"] == 1
+    assert kl["met"] == ["+1.0 mIoU", "half the weak class"] and kl["best"] and not dist["best"]
+    assert dist["weak"] == pytest.approx(-0.5) and dist["lost"] == pytest.approx(0.0) and dist["met"] == []
+    assert dist["standard"] is None
+
+
 def test_weak_teacher_runs_every_arm_and_reports_the_weak_class(tmp_path, monkeypatch):
     """weak_teacher.py on a tiny setting: the weak teacher's training labels lose building to sky in
     the chosen images only, its val labels none; every arm trains for each seed; the class-weight
@@ -312,7 +340,8 @@ def test_weak_teacher_runs_every_arm_and_reports_the_weak_class(tmp_path, monkey
     ce = [f"{100 * state['students']['CE'][k]['miou']:.2f}" for k in ("0", "1")]
     for row in ("| CE | 2 | ", f" | {ce[0]}, {ce[1]} | ", "| weak teacher, KL mask − plain | 2 |",
                 "| standard teacher, DIST class weights − plain | 2 |", "| building (weak) |",
-                "Best teacher-aware variant on val (weak teacher): KL: ", "| weak teacher, KL class weights | "):
+                "Best teacher-aware variant on val (weak teacher): KL: ", "| weak teacher, KL class weights | ",
+                "| method | variant | seeds | weak teacher: Δ mIoU |"):
         assert row in table, row
     assert all(len(r["weights"]) == 11 for r in state["students"]["weak teacher, DIST class weights"].values())
     # a later launch: a teacher cut short is trained again; a class-weights arm whose CE folder is gone
