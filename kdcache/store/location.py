@@ -291,6 +291,9 @@ class RetryingStore(WrapperStore):
     async def _set_many(self, values):
         await asyncio.gather(*(self.set(k, v) for k, v in values))
 
+    async def getsize(self, key):
+        return await self._again("measuring", key, lambda: self._store.getsize(key))
+
     async def delete(self, key):
         await self._again("deleting", key, lambda: self._store.delete(key))
 
