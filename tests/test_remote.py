@@ -128,6 +128,13 @@ def test_retries_back_off_exponentially_and_end_in_one_line(monkeypatch):
     assert "KDCACHE_REMOTE_ATTEMPTS" in msg and "; then rerun" in msg
     assert len(slept) == 3  # no sleep after the last try
 
+    slept.clear()  # one retrying() inside another: the outer one names the inner's object and does not retry it
+    with pytest.raises(location.RemoteError) as err:
+        location.retrying(lambda: location.retrying(down, "s3://bucket/c.zarr/k", "deleting"), "s3://bucket/c.zarr",
+                          "writing shard 2 of")
+    assert str(err.value).startswith("writing shard 2 of s3://bucket/c.zarr failed 4 times (deleting "
+                                     "s3://bucket/c.zarr/k: ConnectionError") and len(slept) == 3
+
     slept.clear()
     for url, exc in (("s3://bucket/c.zarr", FileNotFoundError("no such key")),
                      ("s3://bucket/c.zarr", OSError(errno.ENOSPC, "full")),

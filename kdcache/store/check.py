@@ -10,7 +10,7 @@ import numpy as np
 
 from kdcache.progress import progress_bar
 from kdcache.store.finite import all_finite, count_non_finite
-from kdcache.store.location import RemoteError, open_group, sizes_of
+from kdcache.store.location import RemoteError, open_group, retrying, sizes_of
 from kdcache.store.reader import CacheStore
 from kdcache.targets import topk_mass
 
@@ -147,10 +147,13 @@ def verify_store(path: str | Path, *, show_progress: bool = True, reset_bad: boo
     result.bad = {(ids[r] if ids[r] in unique else f"{ids[r] or '<empty id>'} (row {r})"): problems[r]
                   for r in result.bad_rows}
     if reset_bad and result.bad_rows:
-        group = open_group(path, "r+")
-        for j in sorted({int(j) for j in schema.shard_of(result.bad_rows)}):
-            start, stop = schema.shard_rows(j)
-            group["done"][start:stop] = False
+        def reset():
+            group = open_group(path, "r+")
+            for j in sorted({int(j) for j in schema.shard_of(result.bad_rows)}):
+                start, stop = schema.shard_rows(j)
+                group["done"][start:stop] = False
+
+        retrying(reset, str(path), "resetting the done flags of damaged samples in")
     return result
 
 

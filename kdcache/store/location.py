@@ -230,7 +230,9 @@ def retrying(call: Callable[[], T], url: str, what: str, fix: str = "") -> T:
             if not is_transient(exc):
                 raise
             if attempt == attempts:
-                raise _failed(what, url, attempts, _cause(exc), fix) from None
+                err = _failed(what, url, attempts, _cause(exc), fix)
+                err.cause = f"{what} {url}: {_cause(exc)}"  # what an operation around this one says
+                raise err from None
             time.sleep(_wait(first, attempt))
     raise AssertionError("unreachable")
 
@@ -247,6 +249,12 @@ class RetryingStore(WrapperStore):
 
     def _with_store(self, store):
         return type(self)(store, self.url)
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"RetryingStore({self.url!r})"
 
     async def _again(self, request: str, key: str, call):
         attempts, first = _policy()
@@ -324,4 +332,4 @@ def open_group(path: str | Path, mode: str, storage_options: dict | None = None)
     if not is_url(p) or p.startswith("memory://"):
         return zarr.open_group(p, mode=mode, storage_options=storage_options)
     store = FsspecStore.from_url(p, storage_options=storage_options, read_only=mode == "r")
-    return zarr.open_group(RetryingStore(store, p), mode=mode)
+    return zarr.open_group(RetryingStore(store, p), mode=mode, zarr_format=3)  # no v2 documents looked for

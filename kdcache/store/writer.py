@@ -82,6 +82,8 @@ def _existing(out) -> CacheSchema | None:
             try:
                 if dict(location.open_group(out, "r").attrs).get(PARTIAL):
                     return None
+            except location.RemoteError:
+                raise  # a store that keeps failing is not "not a store"
             except Exception:  # zarr raises several types for "not a group"
                 pass
         raise _not_a_store(out) from None
