@@ -340,7 +340,7 @@ def write_report(state: dict, path: Path) -> None:
             for r in rows:
                 lost = f"{r['lost']:.2f}, {r['won']:+.2f} ({r['won'] / r['lost']:.0%})" if r["lost"] > 0 else \
                     f"{r['lost']:.2f} (plain KD loses nothing), {r['won']:+.2f}"
-                std = f"{r['standard']:+.2f} ({r['standard_n']} seeds)" if r["standard"] is not None else "—"
+                std = f"{r['standard']:+.2f} ({r['standard_n']} seed{'s' if r['standard_n'] != 1 else ''})" if r["standard"] is not None else "—"
                 lines.append(f"| {r['method'].upper()}{' (best of all)' if r['best'] else ''} | {r['variant']} | {r['n']} | "
                              f"{r['weak']:+.2f} | {lost} | {std} | {', '.join(r['met']) or 'none'} |")
         weighted = [a for a in arms() if a.endswith("class weights") and runs.get(a)]
