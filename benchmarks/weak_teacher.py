@@ -325,7 +325,8 @@ def write_report(state: dict, path: Path) -> None:
                     lost = statistics.mean((runs["CE"][s]["iou"][weak] or 0) - (plain[s]["iou"][weak] or 0) for s in common)
                     won = statistics.mean((runs[arm][s]["iou"][weak] or 0) - (plain[s]["iou"][weak] or 0) for s in common)
                     ci = f"[{p['lo']:+.2f}, {p['hi']:+.2f}]" if p["n"] > 1 else ""
-                    rec = f"{won / lost:.0%}" if lost > 0 else "— (plain KD loses nothing)"
+                    rec = ("— (the teacher is not weak)" if who == "standard" else
+                           f"{won / lost:.0%}" if lost > 0 else "— (plain KD loses nothing)")
                     sd = f"{p['sd']:.2f}" if p["n"] > 1 else ""
                     lines.append(f"| {arm} − plain | {p['n']} | {p['mean']:+.2f} | {sd} | {ci} | "
                                  f"{', '.join(f'{d:+.2f}' for d in diffs)} | {rec} |")
