@@ -164,8 +164,8 @@ _CLIENT_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", 
 
 class RemoteError(KDCacheError):
     """A request to an object store that kept failing (after its retries). ``attempts`` and
-    ``cause`` are set where one request failed (:class:`RetryingStore`), so that the operation
-    around it (:func:`retrying`) can say which shard or block it was."""
+    ``cause`` (what failed, the URL and the client's error) let an operation around it
+    (:func:`retrying`) say it in its own words, naming the object, without trying it again."""
 
     def __init__(self, message: str, attempts: int | None = None, cause: str | None = None):
         super().__init__(message)
@@ -206,7 +206,7 @@ def _failed(what: str, url: str, attempts: int, cause: str, fix: str = "") -> Re
     return RemoteError(
         f"{what} {url} failed {attempts} times ({cause}); check that the object store answers (its endpoint, "
         f"e.g. FSSPEC_S3_ENDPOINT_URL, your credentials and the network){fix}. Set {ATTEMPTS_ENV} to retry longer",
-        attempts, cause)
+        attempts, f"{what} {url}: {cause}")  # the cause an operation around this one names
 
 
 def retrying(call: Callable[[], T], url: str, what: str, fix: str = "") -> T:
@@ -230,9 +230,7 @@ def retrying(call: Callable[[], T], url: str, what: str, fix: str = "") -> T:
             if not is_transient(exc):
                 raise
             if attempt == attempts:
-                err = _failed(what, url, attempts, _cause(exc), fix)
-                err.cause = f"{what} {url}: {_cause(exc)}"  # what an operation around this one says
-                raise err from None
+                raise _failed(what, url, attempts, _cause(exc), fix) from None
             time.sleep(_wait(first, attempt))
     raise AssertionError("unreachable")
 
@@ -265,10 +263,7 @@ class RetryingStore(WrapperStore):
                 if not is_transient(exc):
                     raise
                 if attempt == attempts:
-                    obj = f"{self.url}/{key}" if key else self.url
-                    err = _failed(request, obj, attempts, _cause(exc))
-                    err.cause = f"{request} {obj}: {_cause(exc)}"  # what retrying() says, in its own words
-                    raise err from None
+                    raise _failed(request, f"{self.url}/{key}" if key else self.url, attempts, _cause(exc)) from None
                 await asyncio.sleep(_wait(first, attempt))
         raise AssertionError("unreachable")
 
