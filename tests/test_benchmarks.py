@@ -355,6 +355,26 @@ def test_weak_teacher_runs_every_arm_and_reports_the_weak_class(tmp_path, monkey
                 "| method | variant | seeds | weak teacher: Δ mIoU |"):
         assert row in table, row
     assert all(len(r["weights"]) == 11 for r in state["students"]["weak teacher, DIST class weights"].values())
+    # --setting seed: KL only at T = 4, weight 1; the same kept teachers; the defaults' CE runs scored, not trained
+    monkeypatch.setattr(sys, "argv", ["weak_teacher.py", "--seeds", "0", "--out", str(tmp_path / "ws"),
+                                      "--setting", "seed", "--ce-runs", str(tmp_path / "w")])
+    script["main"]()
+    seed_state = _json.loads((results / "x" / "results" / "weak-teacher-seed-cpu.json").read_text())
+    assert set(seed_state["students"]) == {"CE"} | {f"{t} teacher, KL {v}" for t in ("weak", "standard")
+                                                    for v in ("plain", "mask", "class weights")}
+    assert seed_state["students"]["CE"]["0"] == state["students"]["CE"]["0"]  # the same run, scored again
+    assert not (tmp_path / "ws" / "s0-ce").exists()
+    assert seed_state["teachers"] == state["teachers"]  # the kept teachers, read
+    seed_cfg = lambda arm: _json.loads((tmp_path / "ws" / f"s0-seed-{arm}" / "config.json").read_text())  # noqa: E731
+    assert seed_cfg("weak-teacher-kl-plain")["methods"] == [{"name": "kl", "weight": 1.0, "temperature": 4.0}]
+    assert seed_cfg("standard-teacher-kl-class-weights")["methods"][0]["baseline"] == str(tmp_path / "w" / "s0-ce")
+    assert "(KL at T = 4, KD weight 1" in (results / "x" / "results" / "weak-teacher-seed-cpu.md").read_text()
+    (tmp_path / "w2" / "s1-ce").mkdir(parents=True)  # no finished CE run there: refused, nothing trained into it
+    monkeypatch.setattr(sys, "argv", ["weak_teacher.py", "--seeds", "0,1", "--out", str(tmp_path / "ws"),
+                                      "--setting", "seed", "--ce-runs", str(tmp_path / "w2")])
+    with pytest.raises(SystemExit, match="holds no finished CE student of this recipe for seed 1"):
+        script["main"]()
+    assert list((tmp_path / "w2" / "s1-ce").iterdir()) == []
     # a later launch: a teacher cut short is trained again; a class-weights arm whose CE folder is gone
     # trains the CE run again; a teacher whose weights changed is refused
     import shutil
