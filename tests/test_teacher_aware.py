@@ -171,10 +171,86 @@ def test_an_image_the_teacher_gets_wrong_everywhere_gives_no_nan(name):
 def test_bad_mask_options_are_one_line_each(small, tmp_path):
     _, store = small
     for spec, words in (("kl:mask=wrong", "method 'kl': mask must be one of none, teacher_correct, got 'wrong'"),
-                        ("dist:min_confidence=1.5", "method 'dist': min_confidence must be in [0, 1), got 1.5")):
+                        ("dist:min_confidence=1.5", "method 'dist': min_confidence must be in [0, 1), got 1.5"),
+                        ("cwd:rectify=label", "method 'cwd': rectify must be one of none, swap, got 'label'"),
+                        ("kl:rectify=swap,mask=teacher_correct",
+                         "method 'kl': mask=teacher_correct leaves out the cells rectify=swap corrects; give one of the two")):
         r = kd("train-student", "--cache", store, "--method", spec, "--epochs", "1", "--out", tmp_path / "x")
         assert r.exit_code == 2 and words in " ".join(r.output.split()), r.output
         assert not (tmp_path / "x").exists()
+
+
+# -- rectify=swap: Knowledge Adjustment (the label and the teacher's top-1 swap logits) -------------
+
+def _swap_batch() -> dict:
+    """_batch() with cell (1, 1)'s second id made its label (3): the teacher is wrong at (0, 1) (label
+    1, in its tail) and at (1, 1) (label 3, its second); (0, 2) has no label; the rest it gets right."""
+    b = _batch()
+    b["kd/indices"][0, 1, 1, 1] = 3
+    return b
+
+
+def _dense_swapped(b: dict) -> torch.Tensor:
+    """The dense float64 teacher with each wrong labelled cell's top-1 and label logits swapped by hand."""
+    d = _dense_teacher(b).clone()
+    for (r, c), (top, label) in {(0, 1): (2, 1), (1, 1): (0, 3)}.items():
+        d[0, [top, label], r, c] = d[0, [label, top], r, c]
+    return d
+
+
+def test_rectify_swaps_the_ids_of_the_top1_and_the_label_where_the_teacher_is_wrong():
+    from kdcache.methods.teacher_aware import rectified_indices
+
+    b = _swap_batch()
+    before = b["kd/indices"].clone()
+    got = rectified_indices(b, C)
+    # (0, 1): label 1 is in the tail, so the top slot takes it ([2, 3] -> [1, 3]); (1, 1): label 3 is
+    # second, so the two swap ([0, 3] -> [3, 0]); the unlabelled and the right cells stay
+    assert got[0, 0].tolist() == [[0, 1, 1], [2, 3, 4]] and got[0, 1].tolist() == [[1, 3, 2], [3, 0, 0]]
+    assert got.dtype == before.dtype and torch.equal(b["kd/indices"], before)  # the batch is not changed
+    # the rebuilt teacher is the hand-swapped one: values and tail unchanged, the tail's log-sum-exp exact
+    torch.testing.assert_close(_dense_teacher({**b, "kd/indices": got}), _dense_swapped(b))
+    cls, _ = teacher_top1({**b, "kd/indices": got})
+    assert cls[0].tolist() == [[0, 1, 1], [2, 3, 4]]  # the label wherever there is one
+
+
+@pytest.mark.parametrize("name", ["kl", "dist", "cwd"])
+def test_each_method_with_rectify_is_the_method_on_the_swapped_teacher(name):
+    from kdcache.methods.dist import dist_loss
+
+    b, s = _swap_batch(), _student()
+    got = build_method(name, rectify="swap")(ModelOutput(logits=s.clone()), b).double()
+    d, sd = _dense_swapped(b)[0], s.double()[0]
+    if name == "kl":  # the (k + 1)-bin KL over the swapped top k (C = 5, k = 2: the rebuilt top 2 by hand)
+        T = 1.0
+        top = d.topk(K, 0)
+        rest = torch.log(torch.logsumexp(d, 0).exp() - top.values.exp().sum(0))  # the tail's log-sum-exp
+        lp_t = torch.log_softmax(torch.cat([top.values, rest[None]]), 0)
+        lq = torch.log_softmax(sd / T, 0)
+        lq_k = lq.gather(0, top.indices)
+        lq_rest = torch.log(1 - lq_k.exp().sum(0))
+        want = (lp_t.exp() * (lp_t - torch.cat([lq_k, lq_rest[None]]))).sum(0).mean()  # built directly: weight 1
+    elif name == "dist":
+        want = dist_loss(sd.permute(1, 2, 0).reshape(-1, C), d.permute(1, 2, 0).reshape(-1, C))
+    else:
+        T = 4.0
+        lp_s, lp_t = torch.log_softmax(sd.flatten(1) / T, 1), torch.log_softmax(d.flatten(1) / T, 1)
+        want = 3.0 * T * T * (lp_t.exp() * (lp_t - lp_s)).sum(1).mean()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    plain = build_method(name)(ModelOutput(logits=s.clone()), b).double()
+    assert abs(float(plain) - float(got)) > 1e-3  # the swap changes the loss
+
+
+def test_rectify_leaves_a_teacher_that_is_right_alone():
+    b = _batch()
+    b["label"][0, 1, 3] = 2  # cell (0, 1)'s label now what the teacher says
+    b["label"][0, 3, 3] = 0  # and cell (1, 1)'s
+    from kdcache.methods.teacher_aware import rectified_indices
+
+    assert rectified_indices(b, C) is b["kd/indices"]
+    s = _student()
+    assert float(build_method("kl", rectify="swap")(ModelOutput(logits=s), b)) == float(
+        build_method("kl")(ModelOutput(logits=s), b))
 
 
 @pytest.mark.parametrize("online", [False, True])
@@ -182,14 +258,14 @@ def test_a_student_trains_with_the_mask_from_a_cache_and_online(small, tmp_path,
     teacher, store = small
     extra = ["--online-teacher", "cache"] if online else []
     r = kd("train-student", "--cache", store, "--method", "kl:mask=teacher_correct,min_confidence=0.2",
-           "--method", "dist:mask=teacher_correct", "--method", "cwd:mask=teacher_correct,weight=1",
+           "--method", "dist:rectify=swap", "--method", "cwd:mask=teacher_correct,weight=1",
            "--epochs", "1", "--batch-size", "8", "--limit", "16",
            "--device", "cpu", "--workers", "0", "--out", tmp_path / "s", *extra)
     assert r.exit_code == 0, r.output
     cfg = json.loads((tmp_path / "s" / "config.json").read_text())
     # kl and dist at their segmentation weights, recorded; cwd at the weight given
     assert {"name": "kl", "mask": "teacher_correct", "min_confidence": 0.2, "weight": 0.5} in cfg["methods"]
-    assert {"name": "dist", "mask": "teacher_correct", "weight": 0.25} in cfg["methods"]
+    assert {"name": "dist", "rectify": "swap", "weight": 0.25} in cfg["methods"]
     assert {"name": "cwd", "mask": "teacher_correct", "weight": 1.0} in cfg["methods"]
     rec = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines() if '"epoch"' in x][-1]
     assert all(math.isfinite(rec[k]) for k in ("train_loss", "train_kl", "train_dist", "train_cwd")), rec

@@ -37,9 +37,9 @@ class ChannelWise(KDMethod):
 
     def __init__(self, weight: float | None = None, temperature: float = 4.0, mask: str = "none", min_confidence: float = 0.0,
                  class_weights: str = "none", baseline: str | None = None, teacher_iou: str = "train",
-                 margin: float = 0.1):
+                 margin: float = 0.1, rectify: str = "none"):
         super().__init__(weight)
-        self.aware = TeacherAware(mask, min_confidence, class_weights, baseline, teacher_iou, margin)
+        self.aware = TeacherAware(mask, min_confidence, class_weights, baseline, teacher_iou, margin, rectify)
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = float(temperature)
@@ -48,6 +48,7 @@ class ChannelWise(KDMethod):
         return ["logits"]
 
     def forward(self, out, batch) -> torch.Tensor:
+        batch = self.aware.targets(batch)
         s, t = student_and_dense_teacher(out, batch)
         T = self.temperature
         ignore = self.aware.ignore(batch)[:, None].expand_as(s)

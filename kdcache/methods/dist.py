@@ -79,9 +79,9 @@ class DIST(KDMethod):
     def __init__(self, weight: float | None = None, temperature: float = 1.0, beta: float = 1.0,
                  gamma: float = 1.0, mask: str = "none", min_confidence: float = 0.0,
                  class_weights: str = "none", baseline: str | None = None, teacher_iou: str = "train",
-                 margin: float = 0.1):
+                 margin: float = 0.1, rectify: str = "none"):
         super().__init__(weight)
-        self.aware = TeacherAware(mask, min_confidence, class_weights, baseline, teacher_iou, margin)
+        self.aware = TeacherAware(mask, min_confidence, class_weights, baseline, teacher_iou, margin, rectify)
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if beta < 0 or gamma < 0 or beta + gamma == 0:
@@ -92,6 +92,7 @@ class DIST(KDMethod):
         return ["logits"]
 
     def forward(self, out, batch) -> torch.Tensor:
+        batch = self.aware.targets(batch)
         s, t = student_and_dense_teacher(out, batch)
         C = s.shape[1]
         used = ~self.aware.ignore(batch).reshape(-1)  # [N·h·w]

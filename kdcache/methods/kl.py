@@ -40,9 +40,9 @@ class PixelKL(KDMethod):
     def __init__(self, weight: float | None = None, temperature: float = 1.0, tail: str = "bin",
                  mask: str = "none", min_confidence: float = 0.0,
                  class_weights: str = "none", baseline: str | None = None, teacher_iou: str = "train",
-                 margin: float = 0.1):
+                 margin: float = 0.1, rectify: str = "none"):
         super().__init__(weight)
-        self.aware = TeacherAware(mask, min_confidence, class_weights, baseline, teacher_iou, margin)
+        self.aware = TeacherAware(mask, min_confidence, class_weights, baseline, teacher_iou, margin, rectify)
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if tail not in ("bin", "renormalize"):
@@ -54,6 +54,7 @@ class PixelKL(KDMethod):
         return ["logits"]
 
     def forward(self, out, batch) -> torch.Tensor:
+        batch = self.aware.targets(batch)
         values = batch["kd/values"]
         s = student_logits_at(out.logits, tuple(values.shape[-2:]))
         ignore = self.aware.ignore(batch)

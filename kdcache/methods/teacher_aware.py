@@ -1,4 +1,4 @@
-"""Teacher-aware distillation: leave out the cells where the teacher is known to be wrong.
+"""Teacher-aware distillation: leave out, correct or weigh down where the teacher is known to be wrong.
 
 A logit method (``kl``, ``dist``, ``cwd``) takes ``mask=teacher_correct``: on a labelled cell, the
 KD term is kept only where the teacher's top-1 class equals the label, so the student is not
@@ -7,10 +7,19 @@ class where the teacher was weaker than the student). It follows the "data selec
 "Improve Knowledge Distillation via Label Revision and Data Selection" (IEEE TCDS; arXiv
 2404.03693), which lets the teacher supervise only the samples selected for it, to limit the harm
 of its wrong predictions; here the selection is per cell and the rule is the teacher being right.
-The other half, rectifying a wrong teacher distribution with the label, is not done here (it
-changes what the teacher says; the mask only stops listening). A cell without a label (the label's ignore value 255, or an
+A cell without a label (the label's ignore value 255, or an
 unlabelled image) keeps the KD term, unless ``min_confidence`` > 0: then it is dropped where the
 teacher's top-1 probability (at T = 1, from the top-k and its tail) is below that threshold.
+
+``rectify=swap`` corrects the teacher instead of leaving it out: on a labelled cell where its top-1
+is not the label, the teacher's logits of its top-1 class and of the label swap places, so the label
+becomes the top-1 with the teacher's confidence and the rest of its distribution (its dark
+knowledge) is kept. This is Knowledge Adjustment (Wen et al., "Preparing Lessons: Improve Knowledge
+Distillation with Better Supervision", Neurocomputing 2021; arXiv 1911.07471), the "probability
+shift" of a wrong sample. It is exact on a top-k + tail cache: where the label is among the k, two
+ids swap slots; where it is in the tail, the top slot's id becomes the label and the old top-1 class
+takes the label's place in the tail with the label's logit, so the tail's classes hold the same
+logits as before and its log-sum-exp is unchanged. Only the ids change.
 
 The labels are taken at the KD targets' grid by the pixel at each cell's centre (the crop's label
 map is at the input resolution, the targets at the teacher map's stride).
@@ -31,14 +40,19 @@ from kdcache.methods.base import MethodError
 IGNORE_LABEL = 255
 NO_CLASS_LABEL = -100
 MASKS = ("none", "teacher_correct")
+RECTIFY = ("none", "swap")
 
 
-def check_mask(mask: str, min_confidence: float) -> None:
+def check_mask(mask: str, min_confidence: float, rectify: str = "none") -> None:
     """One line (``ValueError``, which ``build_method`` turns into the method's error) for a bad option."""
     if mask not in MASKS:
         raise ValueError(f"mask must be one of {', '.join(MASKS)}, got {mask!r}")
     if not 0.0 <= min_confidence < 1.0:
         raise ValueError(f"min_confidence must be in [0, 1), got {min_confidence}")
+    if rectify not in RECTIFY:
+        raise ValueError(f"rectify must be one of {', '.join(RECTIFY)}, got {rectify!r}")
+    if rectify != "none" and mask != "none":
+        raise ValueError(f"mask={mask} leaves out the cells rectify={rectify} corrects; give one of the two")
 
 
 def cell_labels(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -88,6 +102,26 @@ def teacher_aware_ignore(batch: dict, mask: str, min_confidence: float, num_clas
     if min_confidence > 0:
         drop |= ~labelled & (prob < min_confidence)
     return ignore | drop
+
+
+def rectified_indices(batch: dict, num_classes: int | None = None, classification: bool = False) -> torch.Tensor:
+    """``kd/indices`` with Knowledge Adjustment applied (``rectify=swap``): on every labelled cell
+    whose teacher top-1 is not its label, the top-1 class and the label swap logits. Where the label
+    is among the top k, their ids swap slots; where it is in the tail, the top slot's id becomes the
+    label (the old top-1 class joins the tail with the label's logit: the tail's log-sum-exp stays
+    the same). The values and the tail are unchanged; the ids keep their dtype."""
+    ids = batch["kd/indices"]
+    cls, _ = teacher_top1(batch)
+    labels = cell_labels(batch["label"].to(cls.device), tuple(cls.shape[-2:]))
+    wrong = (has_label(labels, num_classes, classification) & (cls != labels))[:, None]  # [N, 1, h, w]
+    if not bool(wrong.any()):
+        return ids
+    held = ids.long()
+    pos = batch["kd/values"].float().argmax(1, keepdim=True)  # the top slot, as teacher_top1 takes it
+    top = torch.zeros_like(held, dtype=torch.bool).scatter_(1, pos, True)
+    out = torch.where(wrong & (held == labels[:, None]), cls[:, None], held)  # the label's slot: the old top-1
+    out = torch.where(wrong & top, labels[:, None], out)  # the top slot: the label
+    return out.to(ids.dtype)
 
 
 # -- per-class KD weights from evidence: the teacher's per-class IoU against a baseline student's ---
@@ -140,12 +174,15 @@ def cache_class_iou(store, rows) -> np.ndarray:
 
 class TeacherAware:
     """The teacher-aware options of a logit method: which cells it leaves out (``mask``,
-    ``min_confidence``) and the per-class weights (``class_weights=baseline`` with ``baseline=RUN``,
-    ``teacher_iou`` ``train`` or ``val``, ``margin``). ``check`` raises ``ValueError`` (one line)."""
+    ``min_confidence``), whether it corrects the teacher's wrong cells (``rectify``), and the per-class
+    weights (``class_weights=baseline`` with ``baseline=RUN``, ``teacher_iou`` ``train`` or ``val``,
+    ``margin``). A bad option raises ``ValueError`` (one line)."""
 
     def __init__(self, mask: str = "none", min_confidence: float = 0.0, class_weights: str = "none",
-                 baseline: str | None = None, teacher_iou: str = "train", margin: float = 0.1):
-        check_mask(mask, min_confidence)
+                 baseline: str | None = None, teacher_iou: str = "train", margin: float = 0.1,
+                 rectify: str = "none"):
+        check_mask(mask, min_confidence, rectify)
+        self.rectify = rectify
         if class_weights not in CLASS_WEIGHTS:
             raise ValueError(f"class_weights must be one of {', '.join(CLASS_WEIGHTS)}, got {class_weights!r}")
         if teacher_iou not in TEACHER_IOU:
@@ -202,6 +239,12 @@ class TeacherAware:
         self.evidence = {"teacher_iou": [float(x) for x in teacher], "baseline_iou": student,
                          "weights": [float(x) for x in w]}
 
+    def targets(self, batch: dict) -> dict:
+        """``batch`` with the teacher's ids rectified (``rectify=swap``), or as it is."""
+        if self.rectify == "none":
+            return batch
+        return {**batch, "kd/indices": rectified_indices(batch, self.num_classes, self.classification)}
+
     def ignore(self, batch: dict) -> torch.Tensor:
         return teacher_aware_ignore(batch, self.mask, self.min_confidence, self.num_classes, self.classification)
 
@@ -216,7 +259,8 @@ class TeacherAware:
         return self.weights.to(cls.device)[cls]
 
     def describe(self) -> str:
-        return (f"mask={self.mask}, min_confidence={self.min_confidence}, class_weights={self.class_weights}"
+        return (f"mask={self.mask}, min_confidence={self.min_confidence}, rectify={self.rectify}, "
+                f"class_weights={self.class_weights}"
                 + (f", baseline={self.baseline}, teacher_iou={self.teacher_iou}, margin={self.margin}"
                    if self.class_weights != "none" else ""))
 
