@@ -360,15 +360,24 @@ def test_weak_teacher_runs_every_arm_and_reports_the_weak_class(tmp_path, monkey
                                       "--setting", "seed", "--ce-runs", str(tmp_path / "w")])
     script["main"]()
     seed_state = _json.loads((results / "x" / "results" / "weak-teacher-seed-cpu.json").read_text())
-    assert set(seed_state["students"]) == {"CE"} | {f"{t} teacher, KL {v}" for t in ("weak", "standard")
-                                                    for v in ("plain", "mask", "class weights")}
+    # the weak teacher: plain and every teacher-aware variant; the standard one: plain and the variant with the best
+    # mean val mIoU on the weak teacher, chosen once and recorded
+    weak_arms = {f"weak teacher, KL {v}" for v in ("plain", "mask", "class weights", "rectify")}
+    vals = {v: seed_state["students"][f"weak teacher, KL {v}"]["0"]["val"] for v in ("mask", "class weights", "rectify")}
+    chosen = max(vals, key=vals.get)
+    assert seed_state["chosen"] == {"variants": {"kl": chosen}, "seeds": [0]}
+    assert set(seed_state["students"]) == {"CE", "standard teacher, KL plain", f"standard teacher, KL {chosen}"} | weak_arms
     assert seed_state["students"]["CE"]["0"] == state["students"]["CE"]["0"]  # the same run, scored again
     assert not (tmp_path / "ws" / "s0-ce").exists()
     assert seed_state["teachers"] == state["teachers"]  # the kept teachers, read
     seed_cfg = lambda arm: _json.loads((tmp_path / "ws" / f"s0-seed-{arm}" / "config.json").read_text())  # noqa: E731
     assert seed_cfg("weak-teacher-kl-plain")["methods"] == [{"name": "kl", "weight": 1.0, "temperature": 4.0}]
-    assert seed_cfg("standard-teacher-kl-class-weights")["methods"][0]["baseline"] == str(tmp_path / "w" / "s0-ce")
-    assert "(KL at T = 4, KD weight 1" in (results / "x" / "results" / "weak-teacher-seed-cpu.md").read_text()
+    assert seed_cfg("weak-teacher-kl-class-weights")["methods"][0]["baseline"] == str(tmp_path / "w" / "s0-ce")
+    assert seed_cfg("weak-teacher-kl-rectify")["methods"] == [{"name": "kl", "weight": 1.0, "temperature": 4.0,
+                                                               "rectify": "swap"}]
+    seed_table = (results / "x" / "results" / "weak-teacher-seed-cpu.md").read_text()
+    assert "(KL at T = 4, KD weight 1" in seed_table and f"over the weak teacher's seeds 0: KL: {chosen}." in seed_table
+    assert "| weak teacher, KL rectify − plain | 1 |" in seed_table
     (tmp_path / "w2" / "s1-ce").mkdir(parents=True)  # no finished CE run there: refused, nothing trained into it
     monkeypatch.setattr(sys, "argv", ["weak_teacher.py", "--seeds", "0,1", "--out", str(tmp_path / "ws"),
                                       "--setting", "seed", "--ce-runs", str(tmp_path / "w2")])
