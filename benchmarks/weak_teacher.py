@@ -373,7 +373,7 @@ def write_report(state: dict, path: Path, setting: Setting = SETTINGS["defaults"
     weak = names.index(WEAK_CLASS)
     flag = "" if setting.name == "defaults" else f" --setting {setting.name}"
     lines = ["# When the teacher is wrong on one class: plain against teacher-aware KD"
-             + ("" if setting.name == "defaults" else f" ({setting.why})"), "",
+             + ("" if setting.name == "defaults" else f": {setting.why}"), "",
              f"Machine: {state['machine']}. Written by `benchmarks/weak_teacher.py{flag}` at commit(s) "
              f"{', '.join(state.get('commits', []))} (settings fixed before the first run). The weak teacher: "
              f"`{TEACHER['model']}`, {TEACHER['epochs']} epochs, on training labels where a fixed {WEAK_SHARE:.0%} of "

@@ -376,7 +376,7 @@ def test_weak_teacher_runs_every_arm_and_reports_the_weak_class(tmp_path, monkey
     assert seed_cfg("weak-teacher-kl-rectify")["methods"] == [{"name": "kl", "weight": 1.0, "temperature": 4.0,
                                                                "rectify": "swap"}]
     seed_table = (results / "x" / "results" / "weak-teacher-seed-cpu.md").read_text()
-    assert "(KL at T = 4, KD weight 1" in seed_table and f"over the weak teacher's seeds 0: KL: {chosen}." in seed_table
+    assert "plain against teacher-aware KD: KL at T = 4, KD weight 1" in seed_table and f"over the weak teacher's seeds 0: KL: {chosen}." in seed_table
     assert "| weak teacher, KL rectify − plain | 1 |" in seed_table
     (tmp_path / "w2" / "s1-ce").mkdir(parents=True)  # no finished CE run there: refused, nothing trained into it
     monkeypatch.setattr(sys, "argv", ["weak_teacher.py", "--seeds", "0,1", "--out", str(tmp_path / "ws"),
