@@ -111,13 +111,13 @@ def rectified_indices(batch: dict, num_classes: int | None = None, classificatio
     label (the old top-1 class joins the tail with the label's logit: the tail's log-sum-exp stays
     the same). The values and the tail are unchanged; the ids keep their dtype."""
     ids = batch["kd/indices"]
-    cls, _ = teacher_top1(batch)
+    held = ids.long()
+    pos = batch["kd/values"].float().max(1, keepdim=True)[1]  # the top slot, as teacher_top1 takes it
+    cls = torch.gather(held, 1, pos)[:, 0]
     labels = cell_labels(batch["label"].to(cls.device), tuple(cls.shape[-2:]))
     wrong = (has_label(labels, num_classes, classification) & (cls != labels))[:, None]  # [N, 1, h, w]
     if not bool(wrong.any()):
         return ids
-    held = ids.long()
-    pos = batch["kd/values"].float().argmax(1, keepdim=True)  # the top slot, as teacher_top1 takes it
     top = torch.zeros_like(held, dtype=torch.bool).scatter_(1, pos, True)
     out = torch.where(wrong & (held == labels[:, None]), cls[:, None], held)  # the label's slot: the old top-1
     out = torch.where(wrong & top, labels[:, None], out)  # the top slot: the label
