@@ -116,8 +116,8 @@ def rectified_indices(batch: dict, num_classes: int | None = None, classificatio
     cls = torch.gather(held, 1, pos)[:, 0]
     labels = cell_labels(batch["label"].to(cls.device), tuple(cls.shape[-2:]))
     wrong = (has_label(labels, num_classes, classification) & (cls != labels))[:, None]  # [N, 1, h, w]
-    if not bool(wrong.any()):
-        return ids
+    # No early return when nothing is wrong: ``wrong.any()`` would sync the host with the device
+    # every step, and the two selects below leave every id as it is where no cell is wrong.
     top = torch.zeros_like(held, dtype=torch.bool).scatter_(1, pos, True)
     out = torch.where(wrong & (held == labels[:, None]), cls[:, None], held)  # the label's slot: the old top-1
     out = torch.where(wrong & top, labels[:, None], out)  # the top slot: the label
