@@ -26,7 +26,6 @@ for s in "${STAGES[@]}"; do
 done
 
 cd "$(dirname "$0")/.."
-ROOT=$PWD
 PY=${PYTHON:-python3}
 
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
@@ -34,7 +33,7 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     exit 0
 fi
 if ! "$PY" -c "import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)"; then
-    echo "gpu_check: needs Python >= 3.11 (tomllib, PYTHONSAFEPATH); $PY is $("$PY" -V 2>&1)" >&2
+    echo "gpu_check: needs Python >= 3.11 (PYTHONSAFEPATH); $PY is $("$PY" -V 2>&1)" >&2
     exit 1
 fi
 
@@ -48,34 +47,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl ||
         { echo "gpu_check: pip could not install .whl/*.whl for $("$PY" -V 2>&1) (gpu_wheels.sh fetches CPython 3.12 x86-64 wheels)" >&2; exit 1; }
 fi
-# kdcache from this checkout, laid out as an installation would be: pyproject.toml maps kdcache.kernels
-# to kernels/ and kdcache.cli to cli/, so the checkout itself is not importable as it stands.
-"$PY" - "$ROOT" "$SITE" <<'EOF'
-import shutil
-import sys
-import tomllib
-from pathlib import Path
-
-root, site = Path(sys.argv[1]), Path(sys.argv[2])
-cfg = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
-dirs = cfg.get("package-dir", {})
-
-
-def source(pkg: str) -> Path:
-    if pkg in dirs:
-        return root / dirs[pkg]
-    if "." in pkg:
-        parent, last = pkg.rsplit(".", 1)
-        return source(parent) / last
-    return root / dirs.get("", "") / pkg
-
-
-for pkg in cfg["packages"]:
-    dest = site.joinpath(*pkg.split("."))
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in source(pkg).glob("*.py"):
-        shutil.copy2(f, dest / f.name)
-EOF
+# kdcache from this checkout, laid out as an installation would be (kernels/ and cli/ as kdcache.kernels
+# and kdcache.cli): the checkout itself is not importable as it stands.
+"$PY" benchmarks/checkout_site.py "$SITE"
 printf '#!/bin/sh\nexec "%s" -m kdcache "$@"\n' "$(command -v "$PY")" > "$WORK/bin/kdcache"
 chmod +x "$WORK/bin/kdcache"
 export PATH="$WORK/bin:$PATH"

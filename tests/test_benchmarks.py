@@ -3,6 +3,7 @@ kd_step_time.py on a GPU machine) still run, on a tiny cache, and write their ta
 
 from __future__ import annotations
 
+import os
 import runpy
 import subprocess
 import sys
@@ -574,3 +575,33 @@ def test_kd_weight_pool_trains_every_weight_and_averages_both_settings(tmp_path,
     # averaged gains: kl (−1 + 2) / 2 = +0.5 at w = 0.5, (−2 + 2) / 2 = 0 at w = 1; dist (0 + 5) / 2 = +2.5, (2 + 4) / 2 = +3
     assert "| kl | +0.50 (-1.00, +2.00) | +0.00 (-2.00, +2.00) | w = 0.5 |" in table
     assert "| dist | +2.50 (+0.00, +5.00) | +3.00 (+2.00, +4.00) | w = 1 |" in table
+
+
+def test_checkout_site_lays_out_every_package_setup_py_installs(tmp_path, monkeypatch):
+    """gpu_check.sh runs kdcache from the checkout on a GPU machine where nothing is installed; the
+    layout must hold every package the wheel holds (setup.py's own list) and import from there."""
+    import setuptools
+
+    captured = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: captured.update(kw))
+    monkeypatch.chdir(BENCH.parent)
+    runpy.run_path(str(BENCH.parent / "setup.py"), run_name="__main__")
+    wheel_packages = set(captured["packages"])
+    assert {"kdcache", "kdcache.kernels", "kdcache.cli"} <= wheel_packages
+
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, str(BENCH / "checkout_site.py"), str(site)], check=True)
+    laid_out = {".".join(p.parent.relative_to(site).parts) for p in site.rglob("__init__.py")}
+    assert laid_out == wheel_packages
+
+    probe = (
+        "import importlib, sys\n"
+        "site = sys.argv[1]\n"
+        "for name in sys.argv[2:]:\n"
+        "    path = importlib.import_module(name).__file__\n"
+        "    assert path.startswith(site), (name, path)\n"
+        "import kdcache.cli.app, kdcache.kernels.triton_kl\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONSAFEPATH": "1"}
+    subprocess.run([sys.executable, "-c", probe, str(site), *sorted(wheel_packages)], check=True, cwd=tmp_path,
+                   env=env)
