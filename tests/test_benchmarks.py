@@ -605,3 +605,12 @@ def test_checkout_site_lays_out_every_package_setup_py_installs(tmp_path, monkey
     env = {**os.environ, "PYTHONPATH": str(site), "PYTHONSAFEPATH": "1"}
     subprocess.run([sys.executable, "-c", probe, str(site), *sorted(wheel_packages)], check=True, cwd=tmp_path,
                    env=env)
+
+
+def test_checkout_site_refuses_a_setup_py_it_cannot_read(tmp_path):
+    """Without setup.py's MAPPED it would lay out kdcache alone, and gpu_check.sh would fail later on
+    a missing kdcache.kernels: it says so in one line instead."""
+    (tmp_path / "setup.py").write_text("from setuptools import setup\nsetup(packages=['kdcache'])\n")
+    site = runpy.run_path(str(BENCH / "checkout_site.py"))
+    with pytest.raises(SystemExit, match=r"no MAPPED = \{\.\.\.\} in .*setup\.py; update this script"):
+        site["mapped_folders"](tmp_path)
