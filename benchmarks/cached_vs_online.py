@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import hashlib
 import json
 import math
 import shutil
@@ -82,6 +81,7 @@ from kdcache.distill import config_from_store, train_student
 from kdcache.evaluation import evaluate_model
 from kdcache.loaders import make_loader
 from kdcache.model_loading import open_weights
+from kdcache.outputs import file_sha256
 from kdcache.runs import device_name, resolve_device
 from kdcache.store import CacheStore
 from kdcache.store.location import size_of
@@ -142,15 +142,6 @@ FORMS = {"whole image": "image.zarr", "schedule": "schedule-s{seed}.zarr"}
 #: each form a student may read: (the cache of FORMS it reads, its own student options)
 READS = {"whole image": ("whole image", {}), "whole image, bilinear": ("whole image", {"target_resample": "bilinear"}),
          "schedule": ("schedule", {})}
-
-
-def file_sha256(path: Path) -> str:
-    """What a store records of its teacher's weights file (``teacher.weights_sha256``)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def weight_keys() -> dict[str, tuple[str | None, float, int]]:

@@ -1,7 +1,8 @@
-"""What every command of the ``kdcache`` app shares: the typer app, the ``command`` decorator that
-turns a user error (and any file-system error) into one ``error:`` line, output paths made before
-any work, defaults read from the library, and the option types of the commands that have no
-config dataclass."""
+"""What every command of the ``kdcache`` app shares: the ``command`` decorator that registers a
+command on the app (:mod:`kdcache.cli.app`), checks its numbers (declared :class:`Bounds`) and
+turns a user error (and any file-system error) into one ``error:`` line; output paths checked
+before any work; defaults read from the library; and the option types of the commands that have
+no config dataclass."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import dataclasses
 import functools
 import inspect
 import os
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -16,26 +18,25 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from kdcache.errors import KDCacheError, make_folder
+from kdcache.cli.app import Command, app
+from kdcache.errors import KDCacheError
 from kdcache.methods import methods_taking, option_default, task_defaults
+from kdcache.options import Bounds, check_number
+from kdcache.outputs import output_file as checked_output_file
 from kdcache.progress import console
-
-app = typer.Typer(
-    name="kdcache",
-    help="Offline teacher caches and fused KD losses for semantic segmentation.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
 
 
 def command(name: str | None = None) -> Callable:
     """``app.command`` that turns a :class:`KDCacheError` into one red line and exit status 2."""
 
     def deco(fn: Callable) -> Callable:
+        bounded = bounded_parameters(fn)
+
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             try:
+                for param, (flag, bounds) in bounded.items():  # before the command does anything
+                    check_number(kwargs.get(param), flag, bounds)
                 return fn(*args, **kwargs)
             except KDCacheError as exc:
                 # escaped: a message may hold text in brackets, e.g. pip install "kdcache[onnx]"
@@ -48,9 +49,23 @@ def command(name: str | None = None) -> Callable:
                               highlight=False)
                 raise typer.Exit(2) from None
 
-        return app.command(name)(wrapper)
+        return app.command(name, cls=Command)(wrapper)
 
     return deco
+
+
+def bounded_parameters(fn: Callable) -> dict[str, tuple[str, Bounds]]:
+    """The number parameters of a command declared with :class:`~kdcache.options.Bounds` in their
+    annotation (``Annotated[float, typer.Option(...), Bounds("> 0")]``): param -> (flag, bounds)."""
+    out = {}
+    for name, p in inspect.signature(fn, eval_str=True).parameters.items():
+        meta = typing.get_args(p.annotation)[1:] if typing.get_origin(p.annotation) is Annotated else ()
+        bounds = next((m for m in meta if isinstance(m, Bounds)), None)
+        if bounds is not None:
+            info = next((m for m in meta if isinstance(m, typer.models.OptionInfo)), None)
+            decls = [d for d in (getattr(info, "param_decls", None) or ()) if d.startswith("--")]
+            out[name] = ((decls[0].split("/")[0] if decls else f"--{name.replace('_', '-')}"), bounds)
+    return out
 
 
 #: set to see the traceback of a file-system error instead of its one line
@@ -78,15 +93,10 @@ def error_text(exc: KDCacheError) -> str:
 
 
 def output_file(text: str | None, option: str) -> Path | None:
-    """The file an option names for a command to write, its folder created first (before any
-    work is done, so a path that cannot be written fails at once, not after a long run)."""
-    if text is None:
-        return None
-    path = Path(text).expanduser()
-    if path.is_dir():
-        raise KDCacheError(f"{option} {text} is a folder; give a file name, e.g. {option} {Path(text) / 'out.json'}")
-    make_folder(path.parent, f"{option} {text}: its folder")
-    return path
+    """The file an option names for a command to write, checked before any work
+    (:func:`kdcache.outputs.output_file`: never a folder, nor a file kdcache did not write), its
+    folder created first, so a path that cannot be written fails at once, not after a long run."""
+    return None if text is None else checked_output_file(text, option)
 
 
 # -- defaults, read from the library ------------------------------------------------------------

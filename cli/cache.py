@@ -8,15 +8,19 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from kdcache.cache_build import DEFAULT_TOPK, CacheBuildConfig
+from kdcache.cache_build import DEFAULT_TOPK, BuildInterrupted, CacheBuildConfig
 from kdcache.cache_build import build_teacher_cache as build_cache
 from kdcache.cli.base import Quiet, command, default, output_file
 from kdcache.cli.options import config_options
 from kdcache.cli.report import cache_report
+from kdcache.cli.train import Quiet as TrainQuiet
 from kdcache.cli.train import Resolution, with_resolution
 from kdcache.data import DATASETS
 from kdcache.errors import KDCacheError
+from kdcache.options import Bounds
+from kdcache.outputs import signed
 from kdcache.progress import console
+from kdcache.pseudo_export import BOUNDS as PSEUDO_BOUNDS
 from kdcache.pseudo_export import export_pseudo_labels as export_labels
 from kdcache.pseudo_export import kept_table_rows
 from kdcache.runs import write_json
@@ -37,8 +41,10 @@ def build_teacher_cache(
     fields: dict,
     given: set[str],
     resolution: Resolution = None,
-    overwrite: Annotated[bool, typer.Option(help="Delete an existing store at --out and build it again.")] = False,
-    quiet: Quiet = False,
+    overwrite: Annotated[bool, typer.Option(help="Delete the teacher cache at --out and build it again (never a "
+                                                 "file kdcache did not write).",
+                                            rich_help_panel="Inputs and outputs")] = False,
+    quiet: TrainQuiet = False,
 ):
     """One teacher pass over a split into a Zarr v3 store (rerun the same command to resume)."""
     if not fields.get("weights") or not fields.get("out"):
@@ -49,9 +55,10 @@ def build_teacher_cache(
     config = CacheBuildConfig(**fields)
     try:
         summary = build_cache(config, overwrite=overwrite, show_progress=not quiet)
-    except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/yellow]: finished shards of {config.out} are kept; rerun the same command "
-                      "to resume")
+    except KeyboardInterrupt as exc:
+        kept = exc.kept() if isinstance(exc, BuildInterrupted) else (
+            f"the finished shards of {config.out} (if any) are kept; rerun the same command to resume")
+        console.print(f"[yellow]interrupted[/yellow]: {kept}", soft_wrap=True, highlight=False)
         raise typer.Exit(130) from None
     if summary["rank"] == 0:
         done, n = summary["done"], summary["num_samples"]
@@ -71,7 +78,7 @@ def inspect_cache(
     for renderable in cache_report(report):
         console.print(renderable)
     if json_path:
-        write_json(json_path, report)
+        write_json(json_path, signed(report, "inspect-cache"))
 
 
 @command("verify-cache")
@@ -104,8 +111,8 @@ def verify_cache(
 def export_pseudo_labels(
     cache: Annotated[str, typer.Argument(help="A finished teacher cache (.zarr or an fsspec URL).")],
     out: Annotated[str, typer.Option(help="Folder to write: classes.txt, images/, masks/ (and confidence/), pseudo_labels.json; --dataset folder reads it back.")],
-    confidence_threshold: Annotated[float, typer.Option(help="Pixels whose teacher probability is below this get 255.")] = default(export_labels, "threshold"),
-    class_balanced: Annotated[float | None, typer.Option(help="Also CBST class-balanced thresholds: each class keeps at least its most confident share P of pixels (the lower of the two thresholds applies).")] = None,
+    confidence_threshold: Annotated[float, typer.Option(help="Pixels whose teacher probability is below this get 255."), Bounds(PSEUDO_BOUNDS["threshold"])] = default(export_labels, "threshold"),
+    class_balanced: Annotated[float | None, typer.Option(help="Also CBST class-balanced thresholds: each class keeps at least its most confident share P of pixels (the lower of the two thresholds applies)."), Bounds(PSEUDO_BOUNDS["class_balanced"])] = None,
     confidence_png: Annotated[bool, typer.Option(help="Also write each pixel's confidence as a 16-bit PNG (round(65535 x p)).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier export in --out.")] = False,
     quiet: Quiet = False,

@@ -18,10 +18,10 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from kdcache.cli.base import command_line_options
+from kdcache.cli.base import bounded_parameters, command_line_options
 from kdcache.cli.config_files import ConfigFile, Option, read_config_file
 from kdcache.cli.parse import parse_key_values, parse_list, parse_method, parse_pair, parse_size
-from kdcache.options import FIELD_DEFAULT, Opt, declared, field_default
+from kdcache.options import FIELD_DEFAULT, PANELS, Opt, check_number, declared, field_default
 
 #: the shapes whose text typer reads as one string
 TEXT_SHAPES = ("size", "pair", "names", "numbers")
@@ -99,9 +99,29 @@ def cli_options(config_class: type, context: dict, *, exclude: tuple[str, ...] =
         if base is bool:  # --flip/--no-flip
             names = tuple(f"{n}/--no-{n[2:]}" for n in names)
         flags = [*names, *([spec.short] if spec.short else [])]
-        annotation = Annotated[kind, typer.Option(*flags, help=help_text(spec, ctx))]
+        annotation = Annotated[kind, typer.Option(*flags, help=help_text(spec, ctx), rich_help_panel=spec.panel)]
         out.append(CliOption(param, f.name, spec, annotation, default))
     return out
+
+
+def panel_of(parameter: inspect.Parameter) -> str | None:
+    """The help panel a parameter's ``typer.Option`` names (None: typer's plain "Options")."""
+    meta = typing.get_args(parameter.annotation)[1:] if typing.get_origin(parameter.annotation) is Annotated else ()
+    return next((m.rich_help_panel for m in meta if isinstance(m, typer.models.ParameterInfo)), None)
+
+
+#: the options listed first in their panel, where a command has them: what every run names
+FIRST = ("cache", "weights", "out", "model", "student", "method", "dataset", "data_root")
+
+
+def by_panel(params: list[inspect.Parameter]) -> list[inspect.Parameter]:
+    """``params`` in the order of :data:`~kdcache.options.PANELS` (the essential ones first; the
+    order within a panel kept): typer lists the panels in the order their first option comes."""
+    rank = {name: i for i, name in enumerate(PANELS)}
+    first = {name: i for i, name in enumerate(FIRST)}
+    ordered = sorted(params, key=lambda p: (-1, 0) if p.annotation is typer.Context else
+                     (rank.get(panel_of(p), len(rank)), first.get(p.name, len(first))))
+    return [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in ordered]  # typer passes them all by name
 
 
 def parameters(options: list[CliOption]) -> list[inspect.Parameter]:
@@ -143,6 +163,7 @@ def config_options(config_class: type, context: dict | Callable[[], dict], *, ex
     def deco(fn: Callable) -> Callable:
         sig = inspect.signature(fn, eval_str=True)
         own = [p for p in sig.parameters.values() if p.name not in ("fields", "given")]
+        own_bounds = bounded_parameters(fn)
         ctx_name = next(p.name for p in own if p.annotation is typer.Context)
 
         @functools.wraps(fn)
@@ -154,26 +175,59 @@ def config_options(config_class: type, context: dict | Callable[[], dict], *, ex
             if config_file is not None:
                 file = read_file(config_file, ctx, sig, options, config_class, extra or {})
                 kwargs.update({k: v for k, v in file.options.items() if k not in on_line})
+                for param, (flag, bounds) in own_bounds.items():  # the command's own numbers, from the file
+                    if param in file.options and param not in on_line:
+                        check_number(kwargs[param], f"--config {config_file}: {flag}", bounds)
             from_file = set(file.options) if file else set()
             fields = {}
             for o in options:
                 value = kwargs.pop(o.param)
                 if o.param in on_line or o.param in from_file:
                     fields[o.field] = field_value(o, value)
+                    # numbers finite and within their declared bounds, before the command does anything
+                    o.spec.check(fields[o.field], o.flag if o.param in on_line else f"--config {config_file}: {o.flag}")
             if file is not None:  # the file's fields that no option sets
-                fields.update({k: v for k, v in file.fields.items() if k not in fields})
+                for k, v in file.fields.items():
+                    if k not in fields:
+                        fields[k] = check_number(v, f"--config {config_file}: {k}") if isinstance(v, float) else v
             return fn(*args, fields=fields, given=set(fields), **kwargs)
 
         options = cli_options(config_class, context() if callable(context) else context, exclude=exclude)
         config_param = inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, default=None,
                                          annotation=Annotated[str | None, typer.Option(
-                                             "--config", help="YAML or JSON file of option values (option names, or "
+                                             "--config", rich_help_panel=PANELS[0], help="YAML or JSON file of option values (option names, or "
                                                               "a run's config.json to repeat the run); the command "
                                                               "line overrides it.")])
-        wrapper.__signature__ = sig.replace(parameters=[*own, *parameters(options), config_param])
+        wrapper.__signature__ = sig.replace(parameters=by_panel([*own, *parameters(options), config_param]))
+        wrapper.kdcache_options = lambda: cli_options(config_class, context() if callable(context) else context,
+                                                      exclude=exclude)
         return wrapper
 
     return deco
+
+
+@dataclass(frozen=True)
+class NumberOption:
+    """A number option of a command: its flag, its declared bounds (a :class:`~kdcache.options.Bounds`
+    text) and its shape (None: one number; ``pair``, ``numbers``)."""
+
+    flag: str
+    bounds: str | None
+    shape: str | None = None
+
+
+def number_options(fn: Callable) -> dict[str, NumberOption]:
+    """Every number option of a command function (the one ``cli.base.command`` registers): those
+    declared on its config dataclass (float fields, pairs and lists of numbers) and its own
+    parameters declared with bounds; param -> :class:`NumberOption`."""
+    out = {param: NumberOption(flag, bounds.text) for param, (flag, bounds) in bounded_parameters(fn).items()}
+    declared_options = getattr(inspect.unwrap(fn, stop=lambda f: hasattr(f, "kdcache_options")), "kdcache_options",
+                               None)
+    for o in declared_options() if declared_options else []:
+        base, _ = _base_type(typing.get_args(o.annotation)[0])  # Annotated[float | None, …] -> float
+        if o.spec.shape in ("pair", "numbers") or base is float:
+            out[o.param] = NumberOption(o.flag, o.spec.bounds, o.spec.shape)
+    return out
 
 
 def read_file(path, ctx: typer.Context, sig: inspect.Signature, options: list[CliOption], config_class: type,

@@ -13,6 +13,7 @@ from kdcache.data import DATASETS
 from kdcache.kernels import bench
 from kdcache.models import model_groups
 from kdcache.models.registry import PREFIXES
+from kdcache.outputs import markdown_signature, signed
 from kdcache.progress import console
 from kdcache.runs import resolve_device, write_json
 
@@ -40,9 +41,9 @@ def bench_kernels(
     table = kernel_table(result)
     typer.echo(table)
     if json_path:
-        write_json(json_path, result)
+        write_json(json_path, signed(result, "bench-kernels"))
     if markdown_path:
-        markdown_path.write_text(f"# bench-kernels\n\n{table}")
+        markdown_path.write_text(f"{markdown_signature('bench-kernels')}# bench-kernels\n\n{table}")
 
 
 @command("list-models")

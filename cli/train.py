@@ -10,27 +10,37 @@ from typing import Annotated
 import typer
 
 from kdcache import distributed
-from kdcache.cli.base import Quiet, command, defaults_text
+from kdcache.cli.base import command, defaults_text
 from kdcache.cli.options import config_options
 from kdcache.cli.parse import parse_size
 from kdcache.data import DATASETS
-from kdcache.distill import StudentConfig, student_config
+from kdcache.distill import (
+    DEFAULT_METHOD_WHY,
+    StudentConfig,
+    default_methods,
+    student_config,
+    task_of,
+)
 from kdcache.distill import train_student as run_student
 from kdcache.loggers import DEFAULT_PROJECT
-from kdcache.methods import METHODS, fill_in, methods_taking
+from kdcache.methods import METHODS, check_spec, fill_in, methods_taking, option_bounds
+from kdcache.options import Bounds
 from kdcache.progress import console
 from kdcache.training import TrainConfig, train
 
-Resolution = Annotated[str | None, typer.Option(help="Synthetic data: image size HxW, e.g. 96x128.")]
+Resolution = Annotated[str | None, typer.Option(help="Synthetic data: image size HxW, e.g. 96x128.",
+                                                rich_help_panel="Data")]
 Resume = Annotated[bool, typer.Option(help="Continue the run in --out from its last.pt (its options come from its "
-                                           "config.json).")]
-Overwrite = Annotated[bool, typer.Option(help="Start the run in --out again from scratch.")]
+                                           "config.json).", rich_help_panel="Inputs and outputs")]
+Overwrite = Annotated[bool, typer.Option(help="Start the run in --out again from scratch (only the files the run "
+                                              "wrote are replaced).", rich_help_panel="Inputs and outputs")]
+Quiet = Annotated[bool, typer.Option(help="No progress bars.", rich_help_panel="Logging")]
 
 
 def help_context() -> dict:
     """What the declared helps of the training options name."""
     return {"datasets": ", ".join(DATASETS.names()), "wandb_default": DEFAULT_PROJECT,
-            "methods": ", ".join(METHODS.names()), "default_method": StudentConfig().methods[0]["name"]}
+            "methods": ", ".join(METHODS.names()), "default_method": DEFAULT_METHOD_WHY}
 
 
 def with_resolution(fields: dict, given: set[str], resolution: str | None) -> None:
@@ -65,6 +75,12 @@ def train_teacher(ctx: typer.Context, fields: dict, given: set[str], resolution:
                       f"{100 * result['best_miou']:.2f} — run folder {result['run']}")
 
 
+def shorthand_bounds(option: str) -> Bounds:
+    """The bounds of a shorthand: those every method taking ``option`` declares for it (one text)."""
+    (text,) = {option_bounds(m)[option] for m in methods_taking(option)}
+    return Bounds(text)
+
+
 #: the shorthands of train-student: one value for every method whose constructor takes it
 SHORTHANDS = ("kd_weight", "temperature", "student_tap", "teacher_tap", "confidence_threshold")
 
@@ -75,11 +91,11 @@ def train_student(
     ctx: typer.Context,
     fields: dict,
     given: set[str],
-    kd_weight: Annotated[float | None, typer.Option(help=f"Weight of every method that has none of its own (defaults: {defaults_text('weight')}).")] = None,
-    temperature: Annotated[float | None, typer.Option(help=f"Temperature of every method that has one (defaults: {defaults_text('temperature')}).")] = None,
-    student_tap: Annotated[str | None, typer.Option(help=f"Student module of {', '.join(methods_taking('student_tap'))} (e.g. stage3).")] = None,
-    teacher_tap: Annotated[str | None, typer.Option(help=f"Cached teacher tap of {', '.join(methods_taking('teacher_tap'))}.")] = None,
-    confidence_threshold: Annotated[float | None, typer.Option(help=f"Keep teacher labels at least this confident (defaults: {defaults_text('confidence_threshold')}).")] = None,
+    kd_weight: Annotated[float | None, typer.Option(help=f"Weight of every method that has none of its own (defaults: {defaults_text('weight')}).", rich_help_panel="Method"), shorthand_bounds("weight")] = None,
+    temperature: Annotated[float | None, typer.Option(help=f"Temperature of every method that has one (defaults: {defaults_text('temperature')}).", rich_help_panel="Method"), shorthand_bounds("temperature")] = None,
+    student_tap: Annotated[str | None, typer.Option(help=f"Student module of {', '.join(methods_taking('student_tap'))} (e.g. stage3).", rich_help_panel="Method")] = None,
+    teacher_tap: Annotated[str | None, typer.Option(help=f"Cached teacher tap of {', '.join(methods_taking('teacher_tap'))}.", rich_help_panel="Method")] = None,
+    confidence_threshold: Annotated[float | None, typer.Option(help=f"Keep teacher labels at least this confident (defaults: {defaults_text('confidence_threshold')}).", rich_help_panel="Method"), shorthand_bounds("confidence_threshold")] = None,
     resolution: Resolution = None,
     resume: Resume = False,
     overwrite: Overwrite = False,
@@ -89,7 +105,10 @@ def train_student(
     with_resolution(fields, given, resolution)
     shorthands = dict(weight=kd_weight, temperature=temperature, student_tap=student_tap, teacher_tap=teacher_tap,
                       confidence_threshold=confidence_threshold)
-    methods = fill_in(fields.get("methods") or StudentConfig().methods, **shorthands)
+    methods = fill_in(fields.get("methods") or default_methods(task_of(fields.get("cache"), fields.get("dataset"))),
+                      **shorthands)
+    for m in methods:  # names and options (every number finite and within bounds), before the cache is read
+        check_spec(m)
     if "methods" in given or any(v is not None for v in shorthands.values()):
         fields["methods"] = methods
         given.add("methods")

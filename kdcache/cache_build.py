@@ -11,7 +11,6 @@ module only runs the teacher and says what it ran on.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,13 +26,14 @@ from kdcache.errors import KDCacheError
 from kdcache.geometry import Geometry
 from kdcache.loaders import default_workers, make_loader
 from kdcache.model_loading import open_weights
-from kdcache.options import opt
+from kdcache.options import check_declared, opt
 from kdcache.progress import console, progress_bar
 from kdcache.runs import resolve_device
 from kdcache.store.location import as_location
 from kdcache.store.schema import CODECS, DEFAULT_CODEC, CacheSchema
 from kdcache.store.writer import (
     ShardWriter,
+    check_out,
     done_flags,
     encode_batch,
     open_for_writing,
@@ -74,72 +74,72 @@ class CacheBuildConfig:
     weights: str | list[str] = opt(factory=list, shape="repeat",
                                    help="Teacher weights: a run folder (uses best.pt), a kdcache checkpoint or a state "
                                         "dict (required). Repeat it for an ensemble: the members' outputs are "
-                                        "combined per pixel (see --combine).")  # one teacher, or an ensemble's members
+                                        "combined per pixel (see --combine).", panel="Inputs and outputs")  # one teacher, or an ensemble's members
     out: str = opt("", "The store to write, e.g. caches/teacher-train.zarr, or an fsspec URL (required).",
-                   cli_default=None)
+                   cli_default=None, panel="Inputs and outputs")
     teacher: str | list[str] | None = opt(None, "Teacher architecture (default: the one named in the checkpoint); "
-                                                "once for every member, or once per --weights.", shape="repeat")
+                                                "once for every member, or once per --weights.", shape="repeat", panel="Inputs and outputs")
     dataset: str | None = opt(None, "Data set: {datasets} (default: the teacher run's, with its --data-root and "
-                                    "options; synthetic for a teacher file that names none).")
-    data_root: str | None = opt(None, "Root folder of the data set (not for synthetic).")
+                                    "options; synthetic for a teacher file that names none).", panel="Data")
+    data_root: str | None = opt(None, "Root folder of the data set (not for synthetic).", panel="Data")
     dataset_options: dict = opt(factory=dict, help="KEY=VALUE passed to the data set, e.g. size=200 (synthetic "
                                                    "split size).", names=("--dataset-option",), short="-o",
-                                shape="key_values")
-    split: str = opt("train", "Split to run the teacher over.")
+                                shape="key_values", panel="Data")
+    split: str = opt("train", "Split to run the teacher over.", panel="Data")
     topk: int | None = opt(None, "Logits kept per position (default {default_topk}, or every class when there are "
-                                 "fewer; k = number of classes: a dense cache).")
+                                 "fewer; k = number of classes: a dense cache).", panel="What to store")
     features: tuple[str, ...] = opt((), "Teacher modules whose outputs to store, NAME[,NAME] (e.g. stage3).",
-                                    shape="names")
-    attention: bool = opt(False, "Also store attention-transfer maps of the --features taps.")
-    attention_only: bool = opt(False, "Store the attention maps of the --features taps instead of the features.")
+                                    shape="names", panel="What to store")
+    attention: bool = opt(False, "Also store attention-transfer maps of the --features taps.", panel="What to store")
+    attention_only: bool = opt(False, "Store the attention maps of the --features taps instead of the features.", panel="What to store")
     flip_average: bool = opt(False, "Store the mean of the teacher on the image and on its mirror (flips become "
-                                    "exact); with --tta-scales, at every scale.")
+                                    "exact); with --tta-scales, at every scale.", panel="Teacher")
     tta_scales: tuple[float, ...] = opt((1.0,), "Test-time augmentation: run the teacher at these input scales, e.g. "
                                                 "0.5,0.75,1,1.25,1.5; each output is resized to the cache's grid and "
-                                                "combined.", shape="numbers")
+                                                "combined.", shape="numbers", bounds="> 0", panel="Teacher")
     combine: str = opt(DEFAULT_COMBINE, "How members, scales and flips are combined: prob (mean of probabilities at "
-                                        "--combine-temperature) or logit (mean of logits).")
+                                        "--combine-temperature) or logit (mean of logits).", panel="Teacher")
     combine_temperature: float = opt(1.0, "Temperature of --combine prob (the stored logits are T·log of the mean "
-                                          "probability).")
-    grid_stride: float | None = opt(None, "Stride of an ensemble's common grid (default: the finest member's map).")
+                                          "probability).", bounds="> 0", panel="Teacher")
+    grid_stride: float | None = opt(None, "Stride of an ensemble's common grid (default: the finest member's map).", bounds="> 0", panel="Teacher")
     features_from: str | None = opt(None, "The ensemble member whose --features are stored: its name (run folder or "
-                                          "file name) or position (default: the first).")
+                                          "file name) or position (default: the first).", panel="Teacher")
     label_map: bool = opt(False, "Classification: store the teacher's class map before global pooling (ReLabel); "
-                                 "students pool it over each random crop.")
+                                 "students pool it over each random crop.", panel="What to store")
     views: int = opt(0, "Also store N random scale/crop views per image with their parameters (FKD-style; "
-                        "classification: random-resized crops, see --view-area).")
-    view_scale: tuple[float, float] = opt((0.5, 2.0), "Scale range 'lo,hi' of the stored views.", shape="pair")
+                        "classification: random-resized crops, see --view-area).", panel="What to store")
+    view_scale: tuple[float, float] = opt((0.5, 2.0), "Scale range 'lo,hi' of the stored views.", shape="pair", bounds="> 0", panel="What to store")
     view_area: tuple[float, float] = opt((0.25, 1.0), "Classification views: the random-resized crops' share of the "
-                                                      "image area 'lo,hi'.", shape="pair")
+                                                      "image area 'lo,hi'.", shape="pair", bounds="(0, 1]", panel="What to store")
     view_crop: tuple[int, int] | None = opt(None, "Crop HxW of the stored views (default: the image size).",
-                                            shape="size")
-    view_seed: int = opt(0, "Seed of the stored views.")
+                                            shape="size", panel="What to store")
+    view_seed: int = opt(0, "Seed of the stored views.", panel="What to store")
     schedule_epochs: int = opt(0, "Store the teacher on every crop train-student draws in each of N epochs (its "
                                   "--crop-size, --scale, --crop-area and --flip, given here as for the student): the "
-                                  "student replays them, so its targets are the teacher's on its own pixels.")
+                                  "student replays them, so its targets are the teacher's on its own pixels.", panel="What to store")
     schedules: int = opt(1, "With --schedule-epochs: R independent schedules; a student with --seed s replays "
-                            "schedule s.")
+                            "schedule s.", panel="What to store")
     first_schedule: int = opt(0, "With --schedule-epochs: the first schedule stored, so the store holds schedules "
                                  "S..S+R-1 (the seeds a machine trains; each schedule is drawn the same whatever "
-                                 "store holds it).")
+                                 "store holds it).", panel="What to store")
     store_scales: tuple[float, ...] = opt((), "Segmentation: also store the teacher's logits on the whole image at "
                                              "these other scales, e.g. 0.75,1.25 (a pyramid); a training crop takes "
-                                             "the level nearest its own scale.", shape="numbers")
+                                             "the level nearest its own scale.", shape="numbers", bounds="> 0", panel="What to store")
     store_flips: bool = opt(False, "Segmentation: also store the teacher's logits on the mirrored image (at every "
-                                   "--store-scales scale too); a flipped crop takes them instead of the mirrored map.")
+                                   "--store-scales scale too); a flipped crop takes them instead of the mirrored map.", panel="What to store")
     crop: tuple[int, int] | None = crop_option()
     scale: tuple[float, float] = scale_option()
     crop_area: tuple[float, float] = crop_area_option()
     hflip: bool = flip_option()
-    batch_size: int = opt(8, "Images per teacher forward.")
-    device: str = opt("auto", "auto (CUDA if available), cpu, cuda, cuda:1 ...")
-    workers: int | None = opt(None, "DataLoader worker processes (default: 0 on CPU, up to 8 on CUDA).")
-    limit: int | None = opt(None, "Use only the first N samples of each split (quick runs).")
+    batch_size: int = opt(8, "Images per teacher forward.", panel="Hardware")
+    device: str = opt("auto", "auto (CUDA if available), cpu, cuda, cuda:1 ...", panel="Hardware")
+    workers: int | None = opt(None, "DataLoader worker processes (default: 0 on CPU, up to 8 on CUDA).", panel="Hardware")
+    limit: int | None = opt(None, "Use only the first N samples of each split (quick runs).", panel="Data")
     samples_per_shard: int | None = opt(None, "Samples per shard, the unit of writing (default: shards of about "
-                                              "{shard_mb} MB).")
+                                              "{shard_mb} MB).", panel="What to store")
     codec: str = opt(DEFAULT_CODEC, "Chunk compression: {codecs} (blosc-lz4 decodes 2x faster than blosc-zstd and "
-                                    "stores 25% more).")
-    amp: bool = opt(False, "Run the teacher under fp16 autocast (CUDA only).")
+                                    "stores 25% more).", panel="What to store")
+    amp: bool = opt(False, "Run the teacher under fp16 autocast (CUDA only).", panel="Hardware")
     queue_size: int = 8  # batches waiting for the writer
 
     def _validate_schedule(self) -> None:
@@ -176,9 +176,8 @@ class CacheBuildConfig:
                 raise KDCacheError(f"{given} and {other} are two forms of stored targets; give one of them")
         if self.flip_average and self.store_flips:
             raise KDCacheError("--store-flips and --flip-average both make flips exact; give one of them")
-        bad = [s for s in self.store_scales if not (s > 0 and math.isfinite(s)) or s == 1]
-        if bad:
-            raise KDCacheError(f"--store-scales takes the scales other than 1 (the base map), each > 0; got {bad[0]:g}")
+        if 1 in self.store_scales:  # each is finite and > 0: its bounds (check_declared)
+            raise KDCacheError("--store-scales takes the scales other than 1 (the base map), each > 0; got 1")
         if len(set(self.store_scales)) != len(self.store_scales):
             raise KDCacheError(f"--store-scales has a scale twice: {','.join(f'{s:g}' for s in self.store_scales)}")
 
@@ -206,6 +205,7 @@ class CacheBuildConfig:
                             grid_stride=self.grid_stride)
 
     def validate(self) -> None:
+        check_declared(self)  # every number finite and within its declared bounds
         if not self.weight_files:
             raise KDCacheError("build-teacher-cache needs --weights (once per ensemble member)")
         if not self.out:
@@ -217,11 +217,11 @@ class CacheBuildConfig:
             raise KDCacheError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.views < 0:
             raise KDCacheError(f"--views must be 0 or more, got {self.views}")
-        lo, hi = self.view_scale
-        if not 0 < lo <= hi:
+        lo, hi = self.view_scale  # each within its bounds (check_declared)
+        if not lo <= hi:
             raise KDCacheError(f"--view-scale must be 'lo,hi' with 0 < lo <= hi, got {self.view_scale}")
         lo, hi = self.view_area
-        if not 0 < lo <= hi <= 1:
+        if not lo <= hi:
             raise KDCacheError(f"--view-area must be 'lo,hi' with 0 < lo <= hi <= 1, got {self.view_area}")
         if self.label_map and self.views:
             raise KDCacheError("--label-map and --views are two forms of a classification cache; give one of them")
@@ -282,6 +282,23 @@ def _sizes(dataset, preprocess: Preprocess) -> list[tuple[int, int]]:
     return [tuple(dataset.image_size(i)) for i in range(len(dataset))]
 
 
+class BuildInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a build, with what the store kept: ``done`` of ``total`` samples (a shard of
+    ``per_shard`` samples is kept once all of it is written)."""
+
+    def __init__(self, out: str, done: int, total: int, per_shard: int):
+        super().__init__(out)
+        self.out, self.done, self.total, self.per_shard = out, done, total, per_shard
+
+    def kept(self) -> str:
+        """What the store kept, as the command line says it."""
+        if self.done == 0:
+            return (f"no sample of {self.out} was finished (a shard of {self.per_shard} samples is kept once all of it "
+                    "is written), so nothing is kept; rerun the same command to build it")
+        return (f"{self.done} of {self.total} samples of {self.out} are finished and kept (whole shards of "
+                f"{self.per_shard}); rerun the same command to resume")
+
+
 def build_teacher_cache(config: CacheBuildConfig, *, overwrite: bool = False, show_progress: bool = True) -> dict:
     """Build (or resume) the store ``config.out``; returns a summary dict."""
     config.validate()
@@ -313,8 +330,10 @@ def with_teacher_data(config: CacheBuildConfig, *, show: bool = False) -> CacheB
 
 def _build(config: CacheBuildConfig, d: distributed.Dist, device: torch.device, *, overwrite: bool,
            show_progress: bool) -> dict:
-    config = with_teacher_data(config, show=show_progress)
     out = as_location(config.out)
+    if d.is_main:
+        check_out(out)  # a folder of anyone else's is refused before the teacher runs
+    config = with_teacher_data(config, show=show_progress)
     ds = limit(build_dataset(config.dataset, config.split, config.data_root, **config.dataset_options), config.limit)
     if len(ds) == 0:
         raise KDCacheError(f"split '{config.split}' of {config.dataset} is empty")
@@ -421,7 +440,11 @@ def _build(config: CacheBuildConfig, d: distributed.Dist, device: torch.device, 
                "rank": d.rank, "world_size": d.world_size}
     if todo:
         t0 = time.perf_counter()
-        writer = _run_teacher(teacher, ds, preprocess, schema, config, device, group, todo, out, show_progress)
+        try:
+            writer = _run_teacher(teacher, ds, preprocess, schema, config, device, group, todo, out, show_progress)
+        except KeyboardInterrupt:  # what the store kept: the samples of its finished shards
+            raise BuildInterrupted(str(out), int(done_flags(group, out).sum()), len(ds),
+                                   schema.samples_per_shard) from None
         summary.update({"samples_written": writer.samples_written, "bytes_written": writer.bytes_written,
                         "seconds": time.perf_counter() - t0})
     distributed.barrier()

@@ -10,7 +10,6 @@ plain containers, never arbitrary pickled code.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import nn
 
 from kdcache import __version__
 from kdcache.errors import CheckpointError, import_extra
+from kdcache.outputs import temporary
 from kdcache.progress import console
 
 FORMAT = "kdcache-checkpoint"
@@ -45,7 +45,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, **extra: Any) -> Path:
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
     }
     payload.update(extra)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary(path)
     torch.save(payload, tmp)
     os.replace(tmp, path)
     return path
@@ -196,10 +196,3 @@ def load_state(model: nn.Module, ckpt: dict[str, Any], path: str | Path, *, stri
     net.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=strict)
     return ckpt
 
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

@@ -16,20 +16,23 @@ from __future__ import annotations
 
 import csv
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from kdcache import compare_page, visualize
-from kdcache.errors import KDCacheError, make_folder
+from kdcache.errors import KDCacheError
 from kdcache.evaluation import class_caption, eval_dataset, evaluate_run, measure_latencies
 from kdcache.model_loading import open_weights
 from kdcache.models.onnx_session import OnnxSegModel
+from kdcache.outputs import OutputFolder
 from kdcache.runs import RunDir, resolve_device, write_json
 from kdcache.store import CacheStore
 from kdcache.transforms import SegPipeline
+
+#: the kind of output folder ``compare`` writes (:mod:`kdcache.outputs`)
+COMPARISON = "comparison"
 
 #: how a student read its targets (``cache_targets`` in its config.json), as the table names it
 TARGET_LABELS = {"views": "stored views", "label_map": "label map", "schedule": "every epoch's crops"}
@@ -73,6 +76,14 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None, 
     for p in paths:
         if not (p / "config.json").exists():
             raise KDCacheError(f"{p} is not a run folder (no config.json); compare takes run folders")
+    seen: dict[Path, Path] = {}
+    for p in paths:
+        if p.resolve() in seen:
+            raise KDCacheError(f"{seen[p.resolve()]} is given twice{f' (as {p})' if str(p) != str(seen[p.resolve()]) else ''}; "
+                               "give each run once")
+        seen[p.resolve()] = p
+    OutputFolder.check(out, COMPARISON)  # a folder of anyone else's is refused before any run is evaluated
+    _check_same_data(paths)
     if data_root is None:
         roots = {}
         for p in paths:
@@ -122,8 +133,9 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None, 
                 "delta_top1": None if base_i is None else rep["top1"] - reports[base_i]["top1"]}
                if classification else {}),
         })
-    out_dir = Path(out)
-    make_folder(out_dir)
+    folder = OutputFolder.claim(out, COMPARISON)
+    folder.remove()  # what an earlier comparison wrote here is written again (never anyone else's files)
+    out_dir = folder.path
     class_names = first["class_names"]
     result = {"rows": rows, "class_names": class_names, "dataset": first["dataset"], "split": first["split"],
               "split_given": split is not None, "num_samples": first["num_samples"],
@@ -133,36 +145,54 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None, 
               "backend": "onnxruntime" if onnx else "torch", "task": first.get("task", "segmentation"),
               "teacher": None if teacher_i is None else str(paths[teacher_i])}
     result["per_class"] = per_class_view(result)
-    write_json(out_dir / "compare.json", result)
-    (out_dir / "compare.md").write_text(markdown_table(result) + "\n" + per_class_markdown(result))
-    _write_csv(out_dir / "compare.csv", result)
-    _write_per_class_csv(out_dir / "compare_per_class.csv", result)
+    write_json(folder.file("compare.json"), result)
+    folder.file("compare.md").write_text(markdown_table(result) + "\n" + per_class_markdown(result))
+    _write_csv(folder.file("compare.csv"), result)
+    _write_per_class_csv(folder.file("compare_per_class.csv"), result)
     if classification:
-        visualize.save_per_class_bars(out_dir / "per_class_acc.png", class_names,
+        visualize.save_per_class_bars(folder.file("per_class_acc.png"), class_names,
                                       {f"{r['name']} ({r['method']})": r["acc"] for r in rows},
                                       title=f"per-class accuracy on {first['dataset']} {first['split']}",
                                       ylabel="accuracy (%)")
         for r, rep in zip(rows, reports):
             if rep.get("confusion_matrix") is not None:
-                visualize.save_confusion_matrix(out_dir / f"confusion_{r['name']}.png", rep["confusion_matrix"],
+                visualize.save_confusion_matrix(folder.file(f"confusion_{r['name']}.png"), rep["confusion_matrix"],
                                                 class_names, title=f"{r['name']} ({r['method']})")
-        result["figures"] = _class_examples(paths, reports, weights, models, split, out_dir, examples, dev)
+        result["figures"] = _class_examples(paths, reports, weights, models, split, folder, examples, dev)
     else:
-        visualize.save_per_class_bars(out_dir / "per_class_iou.png", class_names,
+        visualize.save_per_class_bars(folder.file("per_class_iou.png"), class_names,
                                       {f"{r['name']} ({r['method']})": r["iou"] for r in rows},
                                       title=f"per-class IoU on {first['dataset']} {first['split']}")
-        result["figures"] = _example_figures(paths, labels, reports, weights, models, split, out_dir, examples,
+        result["figures"] = _example_figures(paths, labels, reports, weights, models, split, folder, examples,
                                              dev)
     if classification:
-        wrong = _wrong_images(paths, weights, models, split, out_dir, page_images, dev) if models else {}
-        compare_page.write_page(out_dir, result, wrong=wrong)
+        wrong = _wrong_images(paths, weights, models, split, folder, page_images, dev) if models else {}
+        compare_page.write_page(folder, result, wrong=wrong)
     else:
         images = _browse_images(paths, reports, weights, models, split, page_images, dev) if models else []
-        compare_page.write_page(out_dir, result, images=compare_page.browser_images(
-            out_dir, result, images, eval_dataset(weights[0].config, split=split)[1].palette))
+        compare_page.write_page(folder, result, images=compare_page.browser_images(
+            folder, result, images, eval_dataset(weights[0].config, split=split)[1].palette))
     result["page"] = str(out_dir / "index.html")
     result["out_dir"] = str(out_dir)
     return result
+
+
+def _check_same_data(paths: list[Path]) -> None:
+    """Runs of another data set (its name or its classes) cannot be scored on the same images, whatever
+    the data root: refused in one line naming the two runs."""
+    configs = [RunDir(p).read_config() for p in paths]
+
+    def data(c: dict) -> tuple:
+        names = c.get("class_names")
+        return c.get("dataset"), c.get("num_classes", len(names) if names else None), tuple(names or ())
+
+    for p, c in zip(paths[1:], configs[1:]):
+        (da, na, ca), (db, nb, cb) = data(configs[0]), data(c)
+        if da != db or na != nb or (ca and cb and ca != cb):
+            what = (f"the data set {da!r} ({na} classes) and {p} on {db!r} ({nb} classes)" if (da, na) != (db, nb)
+                    else f"{da!r} with the classes {', '.join(ca)} and {p} with {', '.join(cb)}")
+            raise KDCacheError(f"{paths[0]} was trained on {what}: runs of different data sets or classes cannot be "
+                               "scored on the same images (no --data-root changes that); compare runs of one data set")
 
 
 @torch.no_grad()
@@ -192,7 +222,7 @@ def _browse_images(paths, reports, weights, models, split, n: int, device) -> li
 
 
 @torch.no_grad()
-def _wrong_images(paths, weights, models, split, out_dir: Path, n: int, device) -> dict[str, list[dict]]:
+def _wrong_images(paths, weights, models, split, folder: OutputFolder, n: int, device) -> dict[str, list[dict]]:
     """Classification: per run, up to ``n`` test images it gets wrong (thumbnails in ``browse/``),
     each captioned with the true class, the prediction and its probability."""
     if n <= 0:
@@ -200,10 +230,6 @@ def _wrong_images(paths, weights, models, split, out_dir: Path, n: int, device) 
     _, ds, _ = eval_dataset(weights[0].config, split=split)
     pipe = SegPipeline(ds, weights[0].preprocess)
     names = list(ds.class_names)
-    folder = out_dir / "browse"
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir()
     out: dict[str, list[dict]] = {p.name: [] for p in paths}
     for j in range(len(ds)):
         if all(len(v) >= n for v in out.values()):
@@ -219,7 +245,7 @@ def _wrong_images(paths, weights, models, split, out_dir: Path, n: int, device) 
             if pred != truth:
                 if thumb is None:
                     thumb = f"browse/wrong_{j:05d}.png"
-                    compare_page.save_picture(out_dir / thumb, weights[0].preprocess.denormalize(item["image"]))
+                    compare_page.save_picture(folder.file(thumb), weights[0].preprocess.denormalize(item["image"]))
                 out[p.name].append({"file": thumb, "caption": f"{ds.ids[j]}: {class_caption(names, truth, pred, float(prob[pred]))}"})
     return out
 
@@ -417,7 +443,8 @@ def _write_csv(path: Path, result: dict) -> None:
 
 
 @torch.no_grad()
-def _example_figures(paths, labels, reports, weights, models, split, out_dir: Path, n: int, device) -> list[str]:
+def _example_figures(paths, labels, reports, weights, models, split, folder: OutputFolder, n: int,
+                     device) -> list[str]:
     if n <= 0:
         return []
     per_image = [rep.get("per_image_iou", {}) for rep in reports]
@@ -434,9 +461,6 @@ def _example_figures(paths, labels, reports, weights, models, split, out_dir: Pa
     pipe = SegPipeline(ds, pre)
     index = {sid: j for j, sid in enumerate(ds.ids)}
     written = []
-    (out_dir / "examples").mkdir(exist_ok=True)
-    for stale in (out_dir / "examples").glob("*.png"):
-        stale.unlink()
     for kind, k, sid in picks:
         item = pipe[index[sid]]
         x = item["image"][None].to(device)
@@ -444,7 +468,7 @@ def _example_figures(paths, labels, reports, weights, models, split, out_dir: Pa
         for model, label, p in zip(models, labels, paths):
             pred = model.predict(x, size=tuple(item["label"].shape))[0]
             preds[f"{p.name} ({label})"] = pred.cpu().numpy().astype(np.uint8)
-        path = out_dir / "examples" / f"{kind}{k + 1:02d}_{sid}.png"
+        path = folder.file(f"examples/{kind}{k + 1:02d}_{sid}.png")
         visualize.save_comparison_grid(path, pre.denormalize(item["image"]), item["label"].numpy().astype(np.uint8),
                                        preds, ds.palette, list(ds.class_names),
                                        title=f"{sid}: {kind} #{k + 1} by the runs' mean image IoU ({mean[sid]:.3f})")
@@ -453,7 +477,7 @@ def _example_figures(paths, labels, reports, weights, models, split, out_dir: Pa
 
 
 @torch.no_grad()
-def _class_examples(paths, reports, weights, models, split, out_dir: Path, n: int, device) -> list[str]:
+def _class_examples(paths, reports, weights, models, split, folder: OutputFolder, n: int, device) -> list[str]:
     """Classification: the N images the runs are surest of (by the mean probability of the true
     class) and the N they are least sure of, each run's prediction under each image."""
     if n <= 0 or not models:
@@ -469,9 +493,6 @@ def _class_examples(paths, reports, weights, models, split, out_dir: Path, n: in
     pipe = SegPipeline(ds, weights[0].preprocess)
     index = {sid: j for j, sid in enumerate(ds.ids)}
     names = list(ds.class_names)
-    (out_dir / "examples").mkdir(exist_ok=True)
-    for stale in (out_dir / "examples").glob("*.png"):
-        stale.unlink()
     written = []
     for kind, picks in (("best", ranked[:n]), ("worst", ranked[::-1][:n])):
         images, captions = [], []
@@ -485,7 +506,7 @@ def _class_examples(paths, reports, weights, models, split, out_dir: Path, n: in
                 lines.append(f"{p.name}: {class_caption(names, truth, pred, float(prob[pred]))}")
             images.append(weights[0].preprocess.denormalize(item["image"]))
             captions.append(lines)
-        path = out_dir / "examples" / f"{kind}.png"
+        path = folder.file(f"examples/{kind}.png")
         visualize.save_class_examples(path, images, captions,
                                       title=f"{kind} {n} by the runs' mean probability of the true class")
         written.append(str(path))

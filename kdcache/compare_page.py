@@ -22,7 +22,10 @@ import numpy as np
 from PIL import Image
 
 from kdcache import visualize
+from kdcache.outputs import OutputFolder
 
+#: the sub-folder of the prediction browser's pictures
+BROWSE = "browse"
 THUMB = 192  # the longer side of a browser picture, pixels
 #: pixels without a label in a plain class map: VOC's void colour, not the black of class 0
 IGNORE_COLOR = (224, 224, 192)
@@ -38,32 +41,34 @@ def save_picture(path: Path, rgb: np.ndarray) -> str:
     return path.name
 
 
-def browser_images(out_dir: Path, result: dict, images: list[dict], palette) -> list[dict]:
-    """Write each browsed image's pictures into ``out_dir/browse/`` and return the page's entries.
+def browser_images(folder: OutputFolder, result: dict, images: list[dict], palette) -> list[dict]:
+    """Write each browsed image's pictures into ``browse/`` of the comparison's folder and return the
+    page's entries.
 
     ``images``: per image ``id``, ``image`` (uint8 [H, W, 3]), ``label`` ([H, W], 255 = no label)
     and ``preds`` (run name -> [H, W] class ids); per-image IoU comes from ``result``'s rows."""
-    folder = out_dir / "browse"
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    folder.remove(under=BROWSE)  # the pictures of an earlier comparison here (never anyone else's files)
     pal = np.asarray(palette, dtype=np.uint8)
     names = result["class_names"]
     entries = []
+
+    def picture(name: str, rgb: np.ndarray) -> str:
+        return f"{BROWSE}/" + save_picture(folder.file(f"{BROWSE}/{name}"), rgb)
+
     for n, im in enumerate(images):
         stem = f"{n:04d}"
         label = np.asarray(im["label"])
-        files = {"image": "browse/" + save_picture(folder / f"{stem}_image.png", im["image"]),
-                 "truth": "browse/" + save_picture(folder / f"{stem}_truth.png",
-                                                visualize.overlay(im["image"], label, pal, alpha=0.6)),
-                 "truth_map": "browse/" + save_picture(folder / f"{stem}_truth_map.png",
-                                                    visualize.colorize(label, pal, ignore_color=IGNORE_COLOR))}
+        folder.paths(f"{BROWSE}/{stem}_{part}.png" for part in
+                     ("image", "truth", "truth_map", *(f"{k}{m}" for k in range(len(im["preds"])) for m in ("", "_map"))))
+        files = {"image": picture(f"{stem}_image.png", im["image"]),
+                 "truth": picture(f"{stem}_truth.png", visualize.overlay(im["image"], label, pal, alpha=0.6)),
+                 "truth_map": picture(f"{stem}_truth_map.png",
+                                      visualize.colorize(label, pal, ignore_color=IGNORE_COLOR))}
         runs, maps = {}, {}
         for r, pred in im["preds"].items():
             pred = np.asarray(pred)
-            maps[r] = "browse/" + save_picture(folder / f"{stem}_{len(runs)}_map.png", visualize.colorize(pred, pal))
-            runs[r] = "browse/" + save_picture(folder / f"{stem}_{len(runs)}.png",
-                                            visualize.overlay(im["image"], pred, pal, alpha=0.6))
+            maps[r] = picture(f"{stem}_{len(runs)}_map.png", visualize.colorize(pred, pal))
+            runs[r] = picture(f"{stem}_{len(runs)}.png", visualize.overlay(im["image"], pred, pal, alpha=0.6))
         present = sorted(int(c) for c in np.unique(label) if c != 255 and c < len(names))
         entries.append({"id": im["id"], "classes": [names[c] for c in present], "files": files, "runs": runs,
                         "maps": maps,
@@ -71,20 +76,18 @@ def browser_images(out_dir: Path, result: dict, images: list[dict], palette) -> 
     return entries
 
 
-def write_page(out_dir: Path, result: dict, *, images: list[dict] | None = None,
+def write_page(folder: OutputFolder, result: dict, *, images: list[dict] | None = None,
                wrong: dict[str, list[dict]] | None = None) -> Path:
     """``out_dir/index.html`` for a ``compare`` result (written beside compare.md and the figures):
     ``images`` the prediction browser's entries (:func:`browser_images`), ``wrong`` for
     classification the images each run gets wrong (run -> [{"file", "caption"}])."""
-    out_dir = Path(out_dir)
     curves = {}
-    (out_dir / "curves").mkdir(exist_ok=True)
     for r in result["rows"]:
         src = Path(r["run"]) / "curves.png"
         if src.exists():
-            dst = out_dir / "curves" / f"{len(curves)}.png"
-            shutil.copyfile(src, dst)
-            curves[r["name"]] = f"curves/{dst.name}"
+            name = f"curves/{len(curves)}.png"
+            shutil.copyfile(src, folder.file(name))
+            curves[r["name"]] = name
     classification = result.get("task") == "classification"
     key = "top1" if classification else "miou"
     delta = "delta_top1" if classification else "delta_miou"
@@ -100,13 +103,13 @@ def write_page(out_dir: Path, result: dict, *, images: list[dict] | None = None,
             "classNames": result["class_names"], "images": images or [], "runs": [r["name"] for r in result["rows"]],
             "baseline": base, "students": students, "curves": curves, "wrong": wrong or {},
             "confusion": {r["name"]: f"confusion_{r['name']}.png" for r in result["rows"]
-                          if (out_dir / f"confusion_{r['name']}.png").exists()},
+                          if folder.owns(f"confusion_{r['name']}.png")},
             "chart": "per_class_acc.png" if classification else "per_class_iou.png"}
     data = _finite(data)
     title = f"kdcache compare: {result['dataset']} / {result['split']} ({result['num_samples']} images)"
     page = PAGE.replace("{{title}}", html.escape(title)).replace(
         "{{data}}", json.dumps(data, allow_nan=False, default=str).replace("</", "<\\/"))
-    path = out_dir / "index.html"
+    path = folder.file("index.html")
     path.write_text(page, encoding="utf-8")
     return path
 
@@ -167,7 +170,9 @@ const D = JSON.parse(document.getElementById("data").textContent), PER_PAGE = 4;
 const el = (tag, attrs = {}, text) => { const e = document.createElement(tag);
   Object.entries(attrs).forEach(([k, v]) => e.setAttribute(k, v)); if (text !== undefined) e.textContent = text; return e; };
 const fig = (src, caption) => { const f = el("figure"); f.append(el("img", {src, alt: caption}), el("figcaption", {}, caption)); return f; };
-const pct = x => x === null || x === undefined ? "—" : (100 * x).toFixed(1);
+const pct = x => x === null || x === undefined ? "—" : (100 * x).toFixed(2);
+// a difference in points as compare.md writes it: signed, and never -0.00
+const signed = x => { const t = (100 * x).toFixed(2); return t === "0.00" || t === "-0.00" ? "±0.00" : (x > 0 ? "+" : "") + t; };
 // the runs table, sortable
 const runs = document.getElementById("runs"); let sortCol = -1, asc = true;
 const hr = el("tr"); D.columns.forEach((c, i) => { const th = el("th", {}, c); th.onclick = () => sortBy(i); hr.append(th); });
@@ -184,7 +189,7 @@ if (D.perClass.length) { const names = Object.keys(D.perClass[0].delta), h = el(
   ["class", "teacher", "baseline", ...names.map(n => "Δ " + n), "teacher < baseline"].forEach(c => h.append(el("th", {}, c)));
   pc.tHead.append(h);
   D.perClass.forEach(v => { const tr = el("tr"); tr.append(el("td", {}, v.class), el("td", {}, pct(v.teacher)), el("td", {}, pct(v.baseline)));
-    names.forEach(n => tr.append(el("td", {}, v.delta[n] === null ? "—" : (100 * v.delta[n] >= 0 ? "+" : "") + (100 * v.delta[n]).toFixed(2))));
+    names.forEach(n => tr.append(el("td", {}, v.delta[n] === null ? "—" : signed(v.delta[n]))));
     tr.append(el("td", v.teacher_below_baseline ? {class: "flag"} : {}, v.teacher_below_baseline ? "yes" : "")); pc.tBodies[0].append(tr); }); }
 document.getElementById("chart").src = D.chart;
 Object.entries(D.curves).forEach(([n, src]) => document.getElementById("curves").append(fig(src, n)));

@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kdcache.demo_steps import cache_once, compare_once, run_finished, run_started
+from kdcache.demo_steps import DEMO, cache_once, compare_once, run_finished, run_started
 from kdcache.distill import config_from_store, train_student
-from kdcache.errors import KDCacheError, make_folder
+from kdcache.errors import KDCacheError
+from kdcache.outputs import OutputFolder
 from kdcache.progress import console
 from kdcache.store import CacheStore
 from kdcache.training import TrainConfig, train
@@ -51,8 +52,7 @@ def run_demo(out: str | Path = "runs/demo", *, teacher_epochs: int = 40, student
     if limit < 2:
         raise KDCacheError(f"--limit must be at least 2 (a batch of the pool students holds a labelled and an "
                            f"unlabelled image), got {limit}")
-    out = Path(out)
-    make_folder(out)
+    out = OutputFolder.claim(out, DEMO).path  # a folder of anyone else's is refused
     common = {"device": device, "seed": seed, "limit": limit, "eval_every": min(EVAL_EVERY, teacher_epochs),
               "batch_size": min(BATCH_SIZE, limit)}
     teacher = out / "teacher"
@@ -84,5 +84,5 @@ def run_demo(out: str | Path = "runs/demo", *, teacher_epochs: int = 40, student
         train_student(cfg, resume=run_started(run), show_progress=show_progress)
     result = compare_once(runs, out / "student-none" if "none" in students else None, out / "compare", device,
                           show_progress)
-    (out / "demo.json").write_text(json.dumps({"runs": [str(r) for r in runs], "compare": str(out / "compare")}, indent=2))
+    OutputFolder.claim(out, DEMO).file("demo.json").write_text(json.dumps({"runs": [str(r) for r in runs], "compare": str(out / "compare")}, indent=2))
     return result

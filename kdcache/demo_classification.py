@@ -14,9 +14,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kdcache.demo_steps import cache_once, compare_once, run_finished, run_started
+from kdcache.demo_steps import (
+    CLASSIFICATION_DEMO,
+    cache_once,
+    compare_once,
+    run_finished,
+    run_started,
+)
 from kdcache.distill import config_from_store, train_student
-from kdcache.errors import make_folder
+from kdcache.outputs import OutputFolder
 from kdcache.progress import console
 from kdcache.training import TrainConfig, train
 
@@ -38,8 +44,7 @@ def run_classification_demo(out: str | Path = "runs/demo-classification", *, tea
                             show_progress: bool = True) -> dict:
     """``limit``: the first N images of each split (training, val and test), as ``kdcache demo``'s;
     default: all of them (1000, 500, 1000)."""
-    out = Path(out)
-    make_folder(out)
+    out = OutputFolder.claim(out, CLASSIFICATION_DEMO).path  # a folder of anyone else's is refused
     data = {"dataset": "shapes", "limit": limit}
     recipe = {**RECIPE, "batch_size": min(RECIPE["batch_size"], limit or RECIPE["batch_size"])}
     teacher = out / "teacher"
@@ -65,6 +70,6 @@ def run_classification_demo(out: str | Path = "runs/demo-classification", *, tea
                                 **recipe)
         train_student(cfg, resume=run_started(run), show_progress=show_progress)
     result = compare_once(runs, out / "student-ce", out / "compare", device, show_progress)
-    (out / "demo.json").write_text(json.dumps({"runs": [str(r) for r in runs], "compare": str(out / "compare")},
+    OutputFolder.claim(out, CLASSIFICATION_DEMO).file("demo.json").write_text(json.dumps({"runs": [str(r) for r in runs], "compare": str(out / "compare")},
                                               indent=2))
     return result

@@ -13,6 +13,11 @@ from kdcache.progress import console
 from kdcache.runs import RunDir
 from kdcache.store import CacheStore, StoreError
 
+#: the kind of output folder the demos write (:mod:`kdcache.outputs`): their runs, caches and
+#: comparison are outputs of their own inside it
+DEMO = "demo"
+CLASSIFICATION_DEMO = "classification-demo"
+
 
 def run_finished(run: Path, epochs: int) -> bool:
     """A run folder whose last epoch (of ``epochs``) is done."""

@@ -26,7 +26,7 @@ from kdcache.cached_batches import student_batches
 from kdcache.data import DATASETS
 from kdcache.data.class_base import is_classification
 from kdcache.errors import KDCacheError
-from kdcache.methods import KDMethod, build_method, reads, with_task_defaults
+from kdcache.methods import KDMethod, build_method, check_spec, reads, with_task_defaults
 from kdcache.models import SegModel, build_model
 from kdcache.online_teacher import OnlineTeacher
 from kdcache.options import opt
@@ -42,49 +42,74 @@ TARGET_RESAMPLES = ("nearest", "bilinear")
 #: ``--online-teacher cache``: run the teacher (members, combination, TTA) the cache records
 ONLINE_FROM_CACHE = "cache"
 
+#: the method a student trains with when none is given, per task: the one the benchmarks chose on
+#: val. Segmentation: dist, +0.75 val mIoU over CE where no weight of kl reached CE
+#: (benchmarks/results/cached-vs-online-segmentation-cpu.md, weights phase); classification: kl,
+#: val top-1 80.05 against dist's 78.15 at their chosen weights (kd-weight-classification-cpu.md)
+DEFAULT_METHOD = {"segmentation": "dist", "classification": "kl"}
+#: why, in a line: what ``--help`` says of the default
+DEFAULT_METHOD_WHY = ("dist for segmentation, kl for classification: the benchmarks' best on val "
+                      "(segmentation: dist +0.75 val mIoU over CE, no kl weight reached CE; classification: "
+                      "kl 80.05 val top-1 against dist's 78.15)")
+
+
+def default_methods(task: str) -> list[dict]:
+    """The method specs of a student given no ``--method``: :data:`DEFAULT_METHOD` of ``task``."""
+    return [{"name": DEFAULT_METHOD[task]}]
+
+
+def task_of(cache: str | None = None, dataset: str | None = None) -> str:
+    """'segmentation' or 'classification': the cache's task, else the data set's."""
+    if cache is not None:
+        return "classification" if CacheStore(cache).schema.classification else "segmentation"
+    return "classification" if dataset and is_classification(DATASETS.get(dataset)) else "segmentation"
+
 
 @dataclass
 class StudentConfig(TrainConfig):
     """A student's run: the training options and the cache's (its options declared here once,
     as :class:`~kdcache.training.TrainConfig`'s)."""
 
-    model: str = opt("demo_student", "Student architecture.", names=("--student", "--model"))
-    dataset: str = opt("synthetic", "Data set (default: the cache's).", cli_default=None)
+    model: str = opt("demo_student", "Student architecture.", names=("--student", "--model"), panel="Inputs and outputs")
+    dataset: str = opt("synthetic", "Data set (default: the cache's).", cli_default=None, panel="Data")
     train_split: str = "train"  # the cache's split (config_from_store): no option
-    out: str = opt("runs/student", "Run folder (default runs/student-<methods>).", resumable=True, cli_default=None)
-    cache: str | None = opt(None, "The teacher cache (from build-teacher-cache).")
+    out: str = opt("runs/student", "Run folder (default runs/student-<methods>).", resumable=True, cli_default=None, panel="Inputs and outputs")
+    cache: str | None = opt(None, "The teacher cache (from build-teacher-cache).", panel="Inputs and outputs")
     #: each {"name": ..., "weight": ..., other options}; "none" is the CE-only baseline
-    methods: list = opt(factory=lambda: [{"name": "kl"}], names=("--method",), shape="methods",
+    methods: list = opt(factory=lambda: default_methods("segmentation"), names=("--method",), shape="methods",
                         help="KD method, repeatable: {methods}; options as NAME:key=value,... (e.g. "
-                             "kl:weight=0.5,temperature=2). Default: {default_method}.")
-    use_views: bool = opt(False, "Train on the cache's stored views (one drawn per item and epoch).")
-    check_content: bool = opt(True, "Re-hash the data set's files against the cache's fingerprints.")
+                             "dist:weight=0.5,temperature=2). Default: {default_method}.", panel="Method")
+    use_views: bool = opt(False, "Train on the cache's stored views (one drawn per item and epoch).", panel="Method")
+    check_content: bool = opt(True, "Re-hash the data set's files against the cache's fingerprints.", panel="Data")
     online_teacher: str | None = opt(None, "Run this teacher architecture every step instead of reading the cache "
                                            "(parity checks only); 'cache': the teacher the --cache records, with its "
-                                           "ensemble members and test-time augmentation.")
-    teacher_weights: str | None = opt(None, "Weights of --online-teacher.")
+                                           "ensemble members and test-time augmentation.", panel="Method")
+    teacher_weights: str | None = opt(None, "Weights of --online-teacher.", panel="Method")
     online_topk: int | None = None  # k of the online targets (default: the cache's, else C)
     skip_bad: bool = opt(False, "Train on without the targets of samples whose cached chunks cannot be read "
-                                "(counted and reported).")
+                                "(counted and reported).", panel="Data")
     #: "stream": whole shards in a shuffled order through a shuffle buffer; "random": per sample
     cache_read: str = opt("stream", "How training reads the cache: stream (whole shards in a shuffled order through "
-                                    "a shuffle buffer: one read per shard and array) or random (sample by sample).")
+                                    "a shuffle buffer: one read per shard and array) or random (sample by sample).", panel="Data")
     target_resample: str = opt("nearest", "How a crop takes the cached logits of a scaled or off-grid crop: nearest (each "
                                           "output cell the map cell its centre falls in) or bilinear (the rebuilt logits "
-                                          "interpolated at the crop's exact points, then top-k + tail again).")
-    shuffle_buffer: int = opt(256, "Samples in each streaming worker's shuffle buffer.")
+                                          "interpolated at the crop's exact points, then top-k + tail again).", panel="Method")
+    shuffle_buffer: int = opt(256, "Samples in each streaming worker's shuffle buffer.", panel="Data")
     #: teacher caches of unlabelled images (same teacher and classes as ``cache``): KD terms only
     unlabeled_caches: list = opt(factory=list, names=("--unlabeled-cache",), shape="repeat",
                                  help="A teacher cache of unlabelled images (same teacher as --cache), repeatable: the "
                                       "KD terms train on them, the cross-entropy on the labelled images only. An "
-                                      "epoch is one pass over the labelled images.")
-    unlabeled_share: float = opt(0.5, "Share of each batch drawn from the --unlabeled-cache images, in (0, 1).")
-    unlabeled_limit: int | None = opt(None, "Only the first N images of each --unlabeled-cache.")
+                                      "epoch is one pass over the labelled images.", panel="Inputs and outputs")
+    unlabeled_share: float = opt(0.5, "Share of each batch drawn from the --unlabeled-cache images, in (0, 1).",
+                                  bounds="(0, 1)", panel="Training")
+    unlabeled_limit: int | None = opt(None, "Only the first N images of each --unlabeled-cache.", panel="Data")
 
     def validate(self) -> None:
         super().validate()
         if not self.methods:
             raise KDCacheError("give at least one --method (none for the CE-only baseline)")
+        for m in self.methods:  # names and options, every number finite and in bounds, before any folder
+            check_spec(m)
         if self.cache is None and self.online_teacher is None:
             raise KDCacheError("--cache STORE is required (or --online-teacher M --teacher-weights CKPT)")
         if self.online_teacher == ONLINE_FROM_CACHE:
@@ -99,10 +124,7 @@ class StudentConfig(TrainConfig):
                                f"{self.target_resample!r}")
         if self.shuffle_buffer < 1:
             raise KDCacheError(f"--shuffle-buffer must be 1 or more, got {self.shuffle_buffer}")
-        if self.unlabeled_caches:
-            if not 0 < self.unlabeled_share < 1:
-                raise KDCacheError(f"--unlabeled-share must be between 0 and 1 (exclusive), got "
-                                   f"{self.unlabeled_share}: each batch needs labelled and unlabelled images")
+        if self.unlabeled_caches:  # --unlabeled-share is in (0, 1) (its bounds): each batch takes both kinds of image
             if self.online_teacher:
                 raise KDCacheError("--unlabeled-cache trains from cached targets; drop --online-teacher")
             if self.use_views:
@@ -240,9 +262,12 @@ def train_student(config: StudentConfig, *, resume: bool = False, overwrite: boo
 
 def config_from_store(store_path: str, **overrides) -> StudentConfig:
     """A StudentConfig whose data set, split and options default to the cache's."""
-    ds = CacheStore(store_path).schema.dataset
+    schema = CacheStore(store_path).schema
+    ds = schema.dataset
     base = {"dataset": ds["name"], "data_root": ds.get("root"), "dataset_options": ds.get("options") or {},
-            "train_split": ds["split"], "cache": store_path}
+            "train_split": ds["split"], "cache": store_path,
+            # no method given: the task's default (the cache's task)
+            "methods": default_methods("classification" if schema.classification else "segmentation")}
     base.update({k: v for k, v in overrides.items() if v is not None})
     names = {f.name for f in dataclasses.fields(StudentConfig)}
     unknown = set(base) - names
@@ -261,5 +286,6 @@ def student_config(*, cache: str | None = None, resume: bool = False, **fields) 
     if cache is not None:
         return config_from_store(cache, **fields)
     if fields.get("online_teacher") is not None:
-        return StudentConfig(**{k: v for k, v in fields.items() if v is not None})
+        given = {k: v for k, v in fields.items() if v is not None}
+        return StudentConfig(**{"methods": default_methods(task_of(dataset=given.get("dataset"))), **given})
     raise KDCacheError("--cache STORE is required (build one with build-teacher-cache)")

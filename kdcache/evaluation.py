@@ -19,15 +19,21 @@ import torch
 from kdcache import visualize
 from kdcache.data import build_dataset
 from kdcache.data.splits import limit, train_val_sets
-from kdcache.errors import KDCacheError, make_folder
+from kdcache.errors import KDCacheError
 from kdcache.loaders import make_loader
 from kdcache.metrics import ConfusionMatrix, TopK, per_image_iou
 from kdcache.model_loading import open_weights
 from kdcache.models import SegModel, count_parameters
 from kdcache.models.onnx_session import OnnxSegModel
+from kdcache.outputs import OutputFolder
 from kdcache.progress import progress_bar
 from kdcache.runs import BEST, RunDir, device_name, resolve_device, write_json
+from kdcache.runs import KIND as RUN
 from kdcache.transforms import SegPipeline
+
+#: the kind of output folder ``evaluate`` writes (:mod:`kdcache.outputs`), and its report
+EVALUATION = "evaluation"
+EVAL_JSON = "eval.json"
 
 
 @dataclass
@@ -223,6 +229,10 @@ def evaluate_run(
     dev = resolve_device(device)
     weights = open_weights(target)
     ckpt_path, run_dir = weights.checkpoint, weights.run_dir
+    out_dir = None
+    if save:  # a folder of anyone else's is refused before the evaluation runs
+        out_dir = Path(out) if out is not None else default_eval_dir(ckpt_path, run_dir, split, dataset)
+        OutputFolder.check(out_dir, EVALUATION)
     config, ds, split_name = eval_dataset(weights.config, dataset=dataset, data_root=data_root, split=split,
                                           limit_n=limit_n)
     model = weights.build(num_classes=ds.num_classes, device=dev, class_names=ds.class_names)
@@ -260,15 +270,11 @@ def evaluate_run(
     if not save:
         _keep_in_memory(report, result, classification, qualitative)
         return report
-    out_dir = Path(out) if out is not None else default_eval_dir(ckpt_path, run_dir, split, dataset)
-    report["replaced"] = (out_dir / "eval.json").exists()
-    make_folder(out_dir)
-    for stale in [*(out_dir / "best").glob("*.png"), *(out_dir / "worst").glob("*.png"),
-                  out_dir / "iou_histogram.png", out_dir / "confusion_matrix.png", out_dir / "best.png",
-                  out_dir / "worst.png"]:
-        stale.unlink(missing_ok=True)  # figures of an earlier evaluation into the same folder
+    folder = OutputFolder.claim(out_dir, EVALUATION)
+    report["replaced"] = folder.owns(EVAL_JSON)
+    folder.remove(keep=[EVAL_JSON])  # the figures of an earlier evaluation here (never anyone else's files)
     if classification:
-        _classification_figures(report, result, pipeline, model, dev, amp, out_dir, qualitative,
+        _classification_figures(report, result, pipeline, model, dev, amp, folder, qualitative,
                                 f"{model_name} on {config['dataset']} {split_name}")
     elif qualitative > 0 and result.per_image:
         ranked = sorted((r for r in result.per_image if not math.isnan(r[2])), key=lambda r: -r[2])
@@ -276,26 +282,24 @@ def evaluate_run(
         n = min(qualitative, len(ranked) // 2 if len(ranked) > 1 else 1)
         picks = [("best", k + 1, r) for k, r in enumerate(ranked[:n])]
         picks += [("worst", k + 1, r) for k, r in enumerate(ranked[::-1][:n])]
-        for sub in ("best", "worst"):
-            (out_dir / sub).mkdir(exist_ok=True)
         model.eval()
         for kind, rank, (sid, idx, iou) in picks:
             item = pipeline[idx]
             with torch.no_grad(), _autocast(dev, amp):
                 pred = model.predict(item["image"][None].to(dev), size=tuple(item["label"].shape))[0]
             visualize.save_sample_panel(
-                out_dir / kind / f"{kind}{rank:02d}_{sid}_iou{iou:.3f}.png",
+                folder.file(f"{kind}/{kind}{rank:02d}_{sid}_iou{iou:.3f}.png"),
                 preprocess.denormalize(item["image"]),
                 item["label"].numpy().astype(np.uint8),
                 pred.cpu().numpy().astype(np.uint8),
                 ds.palette, list(ds.class_names),
                 title=f"{sid} ({kind} #{rank}) — image IoU {iou:.3f}",
             )
-        visualize.save_iou_histogram(out_dir / "iou_histogram.png", [r[2] for r in result.per_image],
+        visualize.save_iou_histogram(folder.file("iou_histogram.png"), [r[2] for r in result.per_image],
                                      title=f"{model_name} on {config['dataset']} {split_name}")
-    write_json(out_dir / "eval.json", report)
+    write_json(folder.file(EVAL_JSON), report)
     report["out_dir"] = str(out_dir)
-    if run_dir is not None:
+    if run_dir is not None and OutputFolder.is_own(run_dir, RUN):  # the run's own log, if the run is kdcache's
         RunDir(run_dir).log({"event": "evaluate", "split": split_name, "miou": m["miou"],
                              "macc": m["macc"], "aacc": m["aacc"], "checkpoint": ckpt_path.name,
                              **({"top1": m["top1"], "top5": m["top5"]} if classification else {})})
@@ -331,15 +335,15 @@ def class_caption(class_names, truth: int, pred: int, prob: float) -> str:
 
 
 @torch.no_grad()
-def _classification_figures(report: dict, result: EvalResult, pipeline, model, dev, amp: bool, out_dir: Path,
-                            qualitative: int, title: str) -> None:
+def _classification_figures(report: dict, result: EvalResult, pipeline, model, dev, amp: bool,
+                            folder: OutputFolder, qualitative: int, title: str) -> None:
     """Classification: the confusion matrix, and the images the model is surest and least sure
     of being right about (by the probability of the true class), with its predictions."""
     names = list(pipeline.dataset.class_names)
     report["per_image_prob"] = {r[0]: r[2] for r in result.per_image}
     if len(names) <= 100:
         report["confusion_matrix"] = result.matrix.tolist()
-    visualize.save_confusion_matrix(out_dir / "confusion_matrix.png", result.matrix, names, title=title)
+    visualize.save_confusion_matrix(folder.file("confusion_matrix.png"), result.matrix, names, title=title)
     if qualitative <= 0 or not result.per_image:
         return
     ranked = sorted(result.per_image, key=lambda r: -r[2])
@@ -355,5 +359,5 @@ def _classification_figures(report: dict, result: EvalResult, pipeline, model, d
             pred, truth = int(prob.argmax()), int(item["label"].reshape(-1)[0])
             images.append(pipeline.preprocess.denormalize(item["image"]))
             captions.append([f"{sid}: {names[truth]}", class_caption(names, truth, pred, float(prob[pred]))])
-        visualize.save_class_examples(out_dir / f"{kind}.png", images, captions,
+        visualize.save_class_examples(folder.file(f"{kind}.png"), images, captions,
                                       title=f"{title}: {kind} {n} by the probability of the true class")

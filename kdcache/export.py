@@ -27,11 +27,12 @@ import torch
 from torch import nn
 
 from kdcache import __version__
-from kdcache.errors import ExportError, KDCacheError, import_extra, make_folder
+from kdcache.errors import ExportError, KDCacheError, import_extra
 from kdcache.evaluation import eval_dataset
 from kdcache.model_loading import Weights, open_weights
 from kdcache.models import SegModel
 from kdcache.models.onnx_session import OnnxSegModel
+from kdcache.outputs import SIGNATURE, file_sha256, output_file, sidecar_path, temporary
 from kdcache.runs import BEST, write_json
 from kdcache.transforms import SegPipeline
 
@@ -82,23 +83,12 @@ def run_input_size(weights: Weights) -> tuple[int, int]:
 
 
 def _check_out(out: Path, weights: Weights) -> None:
-    """Refuse to write over anything but an earlier export (a checkpoint, someone's file)."""
-    sidecar = sidecar_path(out)
-    ours = out.is_file() and sidecar.is_file() and "kdcache_export" in _read_json(sidecar)
-    if out.exists() and (not ours or out.resolve() == weights.checkpoint.resolve()):
-        raise ExportError(f"{out} exists and is not a kdcache export; choose another --out, or delete it")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def sidecar_path(out: Path) -> Path:
-    return out.with_name(out.name + ".json")
+    """Refuse to write over anything but an earlier export (a checkpoint, someone's file): the file
+    and its sidecar follow :func:`kdcache.outputs.output_file`."""
+    if out.exists() and out.resolve() == weights.checkpoint.resolve():
+        raise ExportError(f"{out} is the checkpoint being exported; choose another --out")
+    output_file(out, "--out")
+    output_file(sidecar_path(out), "--out (its sidecar)")
 
 
 def _inputs(input_size: tuple[int, int]) -> dict[int, torch.Tensor]:
@@ -229,7 +219,6 @@ def export_run(target: str | Path, fmt: str = "onnx", *, out: str | Path | None 
     size = tuple(input_size) if input_size else run_input_size(weights)
     path = Path(out) if out is not None else default_path(weights, fmt)
     _check_out(path, weights)
-    make_folder(path.parent, f"--out {path}: its folder")
 
     net = LogitsOnly(model).eval()
     inputs = _inputs(size)
@@ -240,6 +229,7 @@ def export_run(target: str | Path, fmt: str = "onnx", *, out: str | Path | None 
     class_names = weights.config.get("class_names")
     preprocess = weights.preprocess.to_dict()
     meta = {
+        SIGNATURE: "export",
         "kdcache_export": __version__,
         "format": fmt,
         "file": path.name,
@@ -260,7 +250,7 @@ def export_run(target: str | Path, fmt: str = "onnx", *, out: str | Path | None 
         "torch": torch.__version__,
     }
 
-    tmp = path.with_name(path.name + ".partial")
+    tmp = temporary(path)
     try:
         if fmt == "onnx":
             _write_onnx(net, tmp, inputs[2], opset, meta)
@@ -279,6 +269,7 @@ def export_run(target: str | Path, fmt: str = "onnx", *, out: str | Path | None 
         if fmt == "safetensors":  # metadata: str -> str only; the tensors are the ones just checked
             # written as bytes like every other file here (safetensors' save_file makes it 0600)
             tmp.write_bytes(st.save(state, metadata={"format": "pt", "kdcache": json.dumps(meta)}))
+        meta["sha256"] = file_sha256(tmp)  # what tells this file as kdcache's (kdcache.outputs.own_file)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

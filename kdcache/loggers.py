@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from kdcache.errors import KDCacheError, MissingExtraError
+from kdcache.runs import RunDir
 from kdcache.visualize import colorize
 
 TENSORBOARD_DIR = "tensorboard"
@@ -104,11 +105,14 @@ class TensorBoardLogger(RunLogger):
     def __init__(self, run_path: Path, class_names: Sequence[str], start_epoch: int = 0):
         tb = _import("tensorboard")
         log_dir = Path(run_path) / TENSORBOARD_DIR
-        if start_epoch == 0 and log_dir.is_dir():
-            for old in log_dir.glob("events.out.tfevents.*"):
-                old.unlink()
+        folder = RunDir(run_path).folder()
+        if start_epoch == 0:  # the event files this run wrote before (never anyone else's)
+            folder.remove(under=TENSORBOARD_DIR)
+        before = set(log_dir.glob("events.out.tfevents.*"))
         self.class_names = list(class_names)
         self.writer = tb.SummaryWriter(str(log_dir), purge_step=start_epoch or None)
+        self.writer.flush()  # the event file on disk, to be recorded as the run's
+        folder.record(f"{TENSORBOARD_DIR}/{p.name}" for p in sorted(set(log_dir.glob("events.out.tfevents.*")) - before))
 
     def log_epoch(self, record: Mapping[str, Any], epoch: int) -> None:
         for tag, value in epoch_scalars(record, self.class_names).items():
@@ -133,9 +137,7 @@ class WandbLogger(RunLogger):
     def __init__(self, run_path: Path, class_names: Sequence[str], *, project: str | None, config: dict,
                  resume: bool = False):
         self.wandb = _import("wandb")
-        folder = Path(run_path) / WANDB_DIR
-        folder.mkdir(parents=True, exist_ok=True)
-        id_file = folder / WANDB_ID
+        id_file = RunDir(run_path).file(f"{WANDB_DIR}/{WANDB_ID}")
         run_id = id_file.read_text().strip() if resume and id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id + "\n")
         self.class_names = list(class_names)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from kdcache.checkpoint import file_sha256, load_state, read_checkpoint
+from kdcache.checkpoint import load_state, read_checkpoint
 from kdcache.errors import CheckpointError
 from kdcache.models import SegModel, build_model
 from kdcache.models.registry import model_task
@@ -35,6 +35,7 @@ from kdcache.models.segformer import (
     transformers_module,
     variant_of,
 )
+from kdcache.outputs import file_sha256
 from kdcache.runs import resolve_run
 from kdcache.transforms import Preprocess
 

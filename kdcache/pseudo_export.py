@@ -36,10 +36,18 @@ import torch.nn.functional as F
 from PIL import Image
 
 from kdcache.data.base import IGNORE_INDEX
-from kdcache.errors import KDCacheError, make_folder
+from kdcache.errors import KDCacheError
+from kdcache.options import check_number
+from kdcache.outputs import OutputFolder
 from kdcache.progress import progress_bar
 from kdcache.store import CacheStore, to_tensors
 from kdcache.targets import BINS, add_to_histogram, dense_logits, thresholds_from_histogram
+
+#: the kind of output folder ``export-pseudo-labels`` writes (:mod:`kdcache.outputs`), and its report
+PSEUDO_LABELS = "pseudo-labels"
+REPORT = "pseudo_labels.json"
+#: the bounds of the export's thresholds: a probability, and a share of each class's pixels kept
+BOUNDS = {"threshold": "[0, 1]", "class_balanced": "(0, 1]"}
 
 
 def file_stem(sample_id: str) -> str:
@@ -61,11 +69,12 @@ def teacher_labels(item: dict, num_classes: int, size: tuple[int, int]) -> tuple
 
 def export_pseudo_labels(cache: str, out: str | Path, *, threshold: float = 0.7, class_balanced: float | None = None,
                          confidence_png: bool = False, overwrite: bool = False, show_progress: bool = True) -> dict:
-    if not 0.0 <= threshold <= 1.0:
-        raise KDCacheError(f"--confidence-threshold must be in [0, 1], got {threshold}")
-    if class_balanced is not None and not 0.0 < class_balanced <= 1.0:
-        raise KDCacheError(f"--class-balanced must be in (0, 1] (the share of each class's pixels kept), got "
-                           f"{class_balanced}")
+    check_number(threshold, "--confidence-threshold", BOUNDS["threshold"])
+    check_number(class_balanced, "--class-balanced", BOUNDS["class_balanced"])  # the share of each class's pixels kept
+    found = OutputFolder.check(out, PSEUDO_LABELS)  # a folder of anyone else's: refused before any work
+    if found is not None and found.files and not overwrite:
+        raise KDCacheError(f"{out} holds an earlier export of pseudo labels; give --overwrite to replace it (only "
+                           "the files that export wrote), or a new or empty folder")
     store = CacheStore(cache)
     if store.schema.classification:
         raise KDCacheError(f"teacher cache {cache} holds a classifier's targets; export-pseudo-labels writes "
@@ -74,16 +83,6 @@ def export_pseudo_labels(cache: str, out: str | Path, *, threshold: float = 0.7,
     if not done.all():
         raise KDCacheError(f"teacher cache {cache} is not finished ({int(done.sum())} of {len(done)} samples written); "
                            "rerun the same build-teacher-cache command to complete it")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise KDCacheError(f"{out} is not empty; give an empty or new folder, or --overwrite to replace the "
-                               "pseudo labels written there")
-        if not (out / "pseudo_labels.json").exists():
-            raise KDCacheError(f"{out} holds files that are not an export of pseudo labels; --overwrite replaces "
-                               "only an earlier export")
-        for sub in ("images", "masks", "confidence"):
-            shutil.rmtree(out / sub, ignore_errors=True)
     ds = store.dataset()
     rows = store.join(ds)
     C = store.num_classes
@@ -98,8 +97,12 @@ def export_pseudo_labels(cache: str, out: str | Path, *, threshold: float = 0.7,
         t_class = np.minimum(thresholds_from_histogram(hist, class_balanced), threshold)
     cut = torch.as_tensor(t_class, dtype=torch.float32) if t_class is not None else None
 
-    for sub in ("images", "masks", *(("confidence",) if confidence_png else ())):
-        make_folder(out / sub)
+    folder = OutputFolder.claim(out, PSEUDO_LABELS)
+    out = folder.path
+    names = {j: _file_names(ref, confidence_png) for j, ref in enumerate(ds.refs)}
+    written = ["classes.txt", REPORT, *(n for files in names.values() for n in files.values())]
+    folder.paths(written)  # refused here if a file of anyone else's stands where one goes
+    folder.remove(keep=written)  # the earlier export's other files (--overwrite), never anyone else's
     (out / "classes.txt").write_text("".join(f"{n}\n" for n in store.class_names))
     palette = np.zeros((256, 3), np.uint8)
     palette[:C] = np.asarray(ds.palette)[:C]
@@ -107,8 +110,7 @@ def export_pseudo_labels(cache: str, out: str | Path, *, threshold: float = 0.7,
     kept = np.zeros(C, np.int64)
     with progress_bar("export pseudo labels", total=len(ds), enabled=show_progress, unit="image") as bar:
         for j, r in enumerate(rows):
-            ref = ds.refs[j]
-            stem = file_stem(ref.id)
+            ref, files = ds.refs[j], names[j]
             labels, conf = teacher_labels(store.read(int(r), groups={"logits"}), C, ds.image_size(j))
             thr = cut[labels] if cut is not None else threshold
             mask = labels.masked_fill(conf < thr, IGNORE_INDEX).numpy().astype(np.uint8)
@@ -116,14 +118,14 @@ def export_pseudo_labels(cache: str, out: str | Path, *, threshold: float = 0.7,
             kept += np.bincount(mask[mask != IGNORE_INDEX].ravel(), minlength=C)
             im = Image.fromarray(mask, mode="P")
             im.putpalette(palette.ravel().tolist())
-            im.save(out / "masks" / f"{stem}.png")
+            im.save(out / files["mask"])
             if confidence_png:
                 q = np.round(conf.numpy().astype(np.float64) * 65535).astype(np.uint16)
-                Image.fromarray(q).save(out / "confidence" / f"{stem}.png")
+                Image.fromarray(q).save(out / files["confidence"])
             if ref.image is not None:
-                shutil.copyfile(ref.image, out / "images" / f"{stem}{Path(ref.image).suffix.lower()}")
+                shutil.copyfile(ref.image, out / files["image"])
             else:
-                Image.fromarray(ds.load(j)[0]).save(out / "images" / f"{stem}.png")
+                Image.fromarray(ds.load(j)[0]).save(out / files["image"])
             bar.advance(1)
     share = {n: (float(kept[c] / predicted[c]) if predicted[c] else None) for c, n in enumerate(store.class_names)}
     report = {
@@ -135,8 +137,17 @@ def export_pseudo_labels(cache: str, out: str | Path, *, threshold: float = 0.7,
         "pixels_per_class": dict(zip(store.class_names, map(int, predicted))),
         "top_k": store.k, "num_classes": C,
     }
-    (out / "pseudo_labels.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    (out / REPORT).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     return report
+
+
+def _file_names(ref, confidence_png: bool) -> dict[str, str]:
+    """The files of one sample in the export (relative to its folder): its mask, its image (a copy
+    of the file, or a PNG for an image made in memory) and its confidence map."""
+    stem = file_stem(ref.id)
+    image = f"images/{stem}{Path(ref.image).suffix.lower() if ref.image is not None else '.png'}"
+    return {"mask": f"masks/{stem}.png", "image": image,
+            **({"confidence": f"confidence/{stem}.png"} if confidence_png else {})}
 
 
 def kept_table_rows(report: dict) -> list[tuple[str, str, str]]:

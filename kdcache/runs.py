@@ -10,12 +10,18 @@ from typing import Any
 
 import torch
 
-from kdcache.errors import KDCacheError, make_folder
+from kdcache.errors import KDCacheError
+from kdcache.outputs import OutputFolder, temporary
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 BEST = "best.pt"
 LAST = "last.pt"
+CURVES = "curves.png"
+#: the files a run writes at its top level (TensorBoard's and W&B's files go in their sub-folders)
+RUN_FILES = (CONFIG, METRICS, BEST, LAST, CURVES)
+#: the kind of output folder a run is (:mod:`kdcache.outputs`)
+KIND = "run"
 
 
 def _jsonable(obj: Any) -> Any:
@@ -31,9 +37,22 @@ def _jsonable(obj: Any) -> Any:
 
 
 def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    """``data`` as JSON at ``path``, written under a temporary name and renamed into place."""
+    tmp = temporary(path)
     tmp.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
     tmp.replace(path)
+
+
+def legacy_run_files(path: Path) -> list[str] | None:
+    """The files of a run folder an earlier kdcache wrote without :data:`~kdcache.outputs.MARKER`
+    (its config.json records a ``kdcache_version``); None for any other folder."""
+    try:
+        config = json.loads((Path(path) / CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or "kdcache_version" not in config:
+        return None
+    return [name for name in RUN_FILES if (Path(path) / name).is_file()]
 
 
 class RunDir:
@@ -62,24 +81,40 @@ class RunDir:
     def exists(self) -> bool:
         return self.config_path.exists()
 
-    def create(self, config: dict, *, overwrite: bool = False) -> None:
-        """Start a run here. A folder with a run in it is refused unless ``overwrite``; a run
-        that stopped before its first checkpoint has nothing to keep and is started again."""
-        if self.path.exists() and any(self.path.iterdir()):
-            started = self.exists() and self.last.exists()
-            if started and not overwrite:
-                raise KDCacheError(
-                    f"run folder {self.path} already holds a run; use --resume to continue it, "
-                    "--overwrite to start it again, or another --out"
-                )
-            if not self.exists() and not overwrite:
-                raise KDCacheError(
-                    f"--out {self.path} exists and is not a kdcache run folder; choose another --out"
-                )
-        make_folder(self.path)
-        for name in (METRICS, BEST, LAST):
-            (self.path / name).unlink(missing_ok=True)
+    def check(self) -> OutputFolder | None:
+        """None for a new or empty folder, the run folder of kdcache's that is there, else one error
+        (:mod:`kdcache.outputs`); changes nothing."""
+        return OutputFolder.check(self.path, KIND, legacy=legacy_run_files)
+
+    def check_new(self, *, overwrite: bool = False) -> OutputFolder | None:
+        """Whether a new run may start here, before any work: :meth:`check`, and a run with a
+        ``last.pt`` needs ``overwrite``."""
+        found = self.check()
+        if found is not None and found.owns(LAST) and self.last.exists() and not overwrite:
+            raise KDCacheError(
+                f"run folder {self.path} already holds a run; use --resume to continue it, "
+                "--overwrite to start it again, or another --out"
+            )
+        return found
+
+    def create(self, config: dict, *, overwrite: bool = False) -> OutputFolder:
+        """Start a run here. A folder with a run in it is refused unless ``overwrite``, which
+        replaces only the files the run wrote; a run that stopped before its first checkpoint has
+        nothing to keep and is started again. A folder that is not kdcache's is refused."""
+        self.check_new(overwrite=overwrite)
+        folder = self.folder()
+        folder.remove()
+        folder.paths(RUN_FILES)
         write_json(self.config_path, config)
+        return folder
+
+    def folder(self) -> OutputFolder:
+        """The run folder as kdcache's output (made if new; a folder of anyone else's is refused)."""
+        return OutputFolder.claim(self.path, KIND, legacy=legacy_run_files)
+
+    def file(self, name: str) -> Path:
+        """A file of the run (recorded as kdcache's; a file of anyone else's there is refused)."""
+        return self.folder().file(name)
 
     def read_config(self) -> dict:
         if not self.exists():
@@ -108,7 +143,7 @@ class RunDir:
     def truncate_metrics(self, after_epoch: int) -> None:
         """Drop epoch records past ``after_epoch`` (a resumed run redoes those epochs)."""
         kept = [r for r in self.read_metrics() if r.get("epoch") is None or r["epoch"] <= after_epoch]
-        tmp = self.metrics_path.with_name(METRICS + ".tmp")
+        tmp = temporary(self.metrics_path)
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         tmp.replace(self.metrics_path)
 

@@ -40,6 +40,7 @@ from kdcache.errors import KDCacheError
 from kdcache.metrics import predicted_class
 from kdcache.model_loading import Weights, open_weights
 from kdcache.models import SegModel, count_parameters
+from kdcache.options import check_number
 from kdcache.transforms import Preprocess
 
 #: combination rule -> what it is
@@ -66,15 +67,15 @@ class EnsemblePlan:
     def validate(self) -> None:
         if self.combine not in COMBINE_RULES:
             raise KDCacheError(f"--combine must be one of {', '.join(COMBINE_RULES)}, got {self.combine!r}")
-        if not self.temperature > 0:
-            raise KDCacheError(f"--combine-temperature must be positive, got {self.temperature:g}")
-        if not self.scales or any(not s > 0 for s in self.scales):
-            raise KDCacheError(f"--tta-scales must be positive numbers, e.g. 0.75,1,1.25; got "
-                               f"{','.join(f'{s:g}' for s in self.scales) or 'none'}")
+        # the numbers are finite and positive: CacheBuildConfig's declared bounds (kdcache.options)
+        check_number(self.temperature, "--combine-temperature", "> 0")
+        check_number(self.grid_stride, "--grid-stride", "> 0")
+        for s in self.scales:
+            check_number(s, "--tta-scales", "> 0")
+        if not self.scales:
+            raise KDCacheError("--tta-scales needs at least one scale, e.g. 0.75,1,1.25")
         if len(set(self.scales)) != len(self.scales):
             raise KDCacheError(f"--tta-scales lists a scale twice: {','.join(f'{s:g}' for s in self.scales)}")
-        if self.grid_stride is not None and not self.grid_stride > 0:
-            raise KDCacheError(f"--grid-stride must be positive, got {self.grid_stride:g}")
 
     @property
     def tta(self) -> bool:

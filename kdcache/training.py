@@ -32,9 +32,9 @@ from kdcache.loaders import default_workers, make_loader
 from kdcache.loggers import VAL_EXAMPLES, RunLogger, open_loggers, prediction_panel, require_extras
 from kdcache.model_loading import load_weights_into, open_weights
 from kdcache.models import SegModel, build_model, count_parameters
-from kdcache.options import declared, opt, resumable
+from kdcache.options import check_declared, declared, opt, resumable
 from kdcache.progress import console, progress_bar
-from kdcache.runs import RunDir, device_name, resolve_device, write_json
+from kdcache.runs import CURVES, RunDir, device_name, resolve_device, write_json
 from kdcache.transforms import (
     Augment,
     Preprocess,
@@ -59,58 +59,58 @@ class TrainConfig:
     """
 
     model: str = opt("demo_teacher", "Registry name (demo_teacher, demo_student, deeplabv3_resnet50, ...; see "
-                                      "list-models) or package.module:callable.")
-    dataset: str = opt("synthetic", "Data set: {datasets}.")
-    data_root: str | None = opt(None, "Root folder of the data set (not for synthetic).")
+                                      "list-models) or package.module:callable.", panel="Inputs and outputs")
+    dataset: str = opt("synthetic", "Data set: {datasets}.", panel="Data")
+    data_root: str | None = opt(None, "Root folder of the data set (not for synthetic).", panel="Data")
     dataset_options: dict = opt(factory=dict, help="KEY=VALUE passed to the data set, e.g. size=200 (synthetic "
                                                    "split size).", names=("--dataset-option",), short="-o",
-                                shape="key_values")
+                                shape="key_values", panel="Data")
     model_options: dict = opt(factory=dict, help="KEY=VALUE passed to the model builder, e.g. encoder_name=resnet18 "
                                                  "(smp) or head=mmseg (SegFormer).", names=("--model-option",),
-                              short="-m", shape="key_values")
-    train_split: str = opt("train", "Split to train on.")
-    val_split: str = opt("val", "Split to validate on (ignored with --folds).")
-    folds: int | None = opt(None, "K-fold cross-validation over the training split.")
-    fold: int = opt(0, "Which fold (0-based) is held out for validation.")
-    limit: int | None = opt(None, "Use only the first N samples of each split (quick runs).")
-    epochs: int = opt(24, "Training epochs.", resumable=True)
-    batch_size: int = opt(8, "Images per step.")
-    optimizer: str = opt("adamw", "sgd (momentum {momentum:g}) or adamw.")
-    lr: float = opt(2e-3, "Peak learning rate.")
+                              short="-m", shape="key_values", panel="Inputs and outputs")
+    train_split: str = opt("train", "Split to train on.", panel="Data")
+    val_split: str = opt("val", "Split to validate on (ignored with --folds).", panel="Data")
+    folds: int | None = opt(None, "K-fold cross-validation over the training split.", panel="Data")
+    fold: int = opt(0, "Which fold (0-based) is held out for validation.", panel="Data")
+    limit: int | None = opt(None, "Use only the first N samples of each split (quick runs).", panel="Data")
+    epochs: int = opt(24, "Training epochs.", resumable=True, panel="Training")
+    batch_size: int = opt(8, "Images per step.", panel="Training")
+    optimizer: str = opt("adamw", "sgd (momentum {momentum:g}) or adamw.", panel="Training")
+    lr: float = opt(2e-3, "Peak learning rate.", bounds="> 0", panel="Training")
     momentum: float = 0.9
-    weight_decay: float = opt(1e-4, "Weight decay.")
-    schedule: str = opt("poly", "poly (power {poly_power:g}), cosine or constant, per iteration.")
+    weight_decay: float = opt(1e-4, "Weight decay.", bounds=">= 0", panel="Training")
+    schedule: str = opt("poly", "poly (power {poly_power:g}), cosine or constant, per iteration.", panel="Training")
     poly_power: float = 0.9
-    warmup_iters: int = opt(0, "Linear warm-up iterations.")
-    class_weights: bool = opt(False, "Median-frequency class weights from the training labels.")
+    warmup_iters: int = opt(0, "Linear warm-up iterations.", panel="Training")
+    class_weights: bool = opt(False, "Median-frequency class weights from the training labels.", panel="Training")
     resize: tuple[int, int] | None = opt(None, "Resize every image/mask to HxW first (e.g. 256x256); a student "
-                                               "takes its cache's.", shape="size")
+                                               "takes its cache's.", shape="size", panel="Data")
     crop: tuple[int, int] | None = crop_option()
     scale: tuple[float, float] = scale_option()
     #: classification: the random-resized crop's share of the image area (lo, hi)
     crop_area: tuple[float, float] = crop_area_option()
     hflip: bool = flip_option()
-    amp: bool = opt(True, "fp16 mixed precision (CUDA only).")
-    device: str = opt("auto", "auto (CUDA if available), cpu, cuda, cuda:1 ...", resumable=True)
+    amp: bool = opt(True, "fp16 mixed precision (CUDA only).", panel="Hardware")
+    device: str = opt("auto", "auto (CUDA if available), cpu, cuda, cuda:1 ...", resumable=True, panel="Hardware")
     workers: int | None = opt(None, "DataLoader worker processes (default: 0 on CPU, up to 8 on CUDA).",
-                              resumable=True)
-    seed: int = opt(0, "Seed for weights, shuffling and augmentation.")
-    split_seed: int = opt(0, "Seed of the K-fold assignment (keep it fixed across runs).")
-    eval_every: int = opt(1, "Validate every N epochs.", resumable=True)
+                              resumable=True, panel="Hardware")
+    seed: int = opt(0, "Seed for weights, shuffling and augmentation.", panel="Training")
+    split_seed: int = opt(0, "Seed of the K-fold assignment (keep it fixed across runs).", panel="Data")
+    eval_every: int = opt(1, "Validate every N epochs.", resumable=True, panel="Training")
     weights: str | None = opt(None, "Initial weights: a run folder or kdcache checkpoint, a state dict "
                                     "(.pt/.pth/.safetensors), a Hugging Face SegFormer folder or an mmseg SegFormer "
-                                    "checkpoint.", resumable=True)
+                                    "checkpoint.", resumable=True, panel="Inputs and outputs")
     backbone_weights: str | None = opt(None, "Load this file into the encoder only (torchvision ImageNet .pth, "
                                              "timm/smp encoder, MiT/SegFormer): prints what matched, was missing and "
-                                             "left over.")
+                                             "left over.", panel="Inputs and outputs")
     pretrained: bool = opt(False, "torchvision models: their ImageNet backbone weights from the local torch hub "
-                                  "cache (never downloaded).")
+                                  "cache (never downloaded).", panel="Inputs and outputs")
     tensorboard: bool = opt(False, "Log metrics.jsonl's numbers, per-class IoU and validation pictures to "
-                                   "RUN/tensorboard/ (pip install \"kdcache[tensorboard]\").", resumable=True)
+                                   "RUN/tensorboard/ (pip install \"kdcache[tensorboard]\").", resumable=True, panel="Logging")
     wandb: bool = opt(False, "Log the same to Weights & Biases, files in RUN/wandb/; WANDB_MODE=offline sends "
-                             "nothing (pip install \"kdcache[wandb]\").", resumable=True)
-    wandb_project: str | None = opt(None, "W&B project of --wandb (default: {wandb_default}).", resumable=True)
-    out: str = opt("runs/teacher", "Run folder (default runs/<model>).", resumable=True, cli_default=None)
+                             "nothing (pip install \"kdcache[wandb]\").", resumable=True, panel="Logging")
+    wandb_project: str | None = opt(None, "W&B project of --wandb (default: {wandb_default}).", resumable=True, panel="Logging")
+    out: str = opt("runs/teacher", "Run folder (default runs/<model>).", resumable=True, cli_default=None, panel="Inputs and outputs")
 
     def to_dict(self) -> dict:
         """The fields as config.json holds them (tuples as lists)."""
@@ -127,21 +127,20 @@ class TrainConfig:
         return cls(**kw)
 
     def validate(self) -> None:
+        check_declared(self)  # every number finite and within its declared bounds
         if self.epochs < 1:
             raise KDCacheError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
             raise KDCacheError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.lr <= 0:
-            raise KDCacheError(f"--lr must be positive, got {self.lr}")
         if self.optimizer not in ("sgd", "adamw"):
             raise KDCacheError(f"--optimizer must be sgd or adamw, got {self.optimizer}")
         if self.schedule not in ("poly", "cosine", "constant"):
             raise KDCacheError(f"--schedule must be poly, cosine or constant, got {self.schedule}")
-        lo, hi = self.scale
-        if not 0 < lo <= hi:
+        lo, hi = self.scale  # each within its bounds (check_declared)
+        if not lo <= hi:
             raise KDCacheError(f"--scale must be 'lo,hi' with 0 < lo <= hi, got {self.scale}")
         lo, hi = self.crop_area
-        if not 0 < lo <= hi <= 1:
+        if not lo <= hi:
             raise KDCacheError(f"--crop-area must be 'lo,hi' with 0 < lo <= hi <= 1 (shares of the image), got "
                                f"{self.crop_area}")
         if self.eval_every < 1:
@@ -235,6 +234,8 @@ class Trainer:
         self.run = RunDir(config.out)
         if resume:
             config = self._merge_resume_config(config, explicit)
+        else:  # a folder of anyone else's, or a run that needs --overwrite, refused before any work
+            self.run.check_new(overwrite=overwrite)
         self.config = config
         require_extras(tensorboard=config.tensorboard, wandb=config.wandb)  # before any data is read
         self.monitor = RunLogger()  # TensorBoard / W&B, opened by fit() on rank 0
@@ -311,7 +312,7 @@ class Trainer:
 
     # -- set-up ---------------------------------------------------------------------------------
     def _merge_resume_config(self, config: TrainConfig, explicit: set[str] | None) -> TrainConfig:
-        if not self.run.exists() or not self.run.last.exists():
+        if self.run.check() is None or not self.run.exists() or not self.run.last.exists():
             raise KDCacheError(
                 f"--resume: {self.run.path} holds no run with a last.pt checkpoint to resume; "
                 "start it without --resume (or with --overwrite)"
@@ -412,6 +413,8 @@ class Trainer:
         """A new run folder, or (``--resume``) every state of ``last.pt`` restored: weights,
         optimizer, schedule, scaler, the hooks' state and the RNG, and the metrics past it dropped."""
         if self.resume:
+            if self.is_main:
+                self.run.folder()  # kdcache's run (a run folder of an earlier kdcache gets its marker)
             ckpt = read_checkpoint(self.run.last)
             load_weights(state.model, self.run.last)
             state.optimizer.load_state_dict(ckpt["optimizer"])
@@ -591,7 +594,7 @@ class Trainer:
         records = self.run.read_metrics()
         if records:
             terms = dict.fromkeys(t for r in records for t in r.get("loss_terms", ()))
-            save_training_curves(self.run.path / "curves.png", records, list(terms),
+            save_training_curves(self.run.file(CURVES), records, list(terms),
                                  title=f"{self.config.model} ({self.kind}) — {self.run.path.name}")
 
     # -- the loss -------------------------------------------------------------------------------

@@ -124,20 +124,20 @@ def augment_from_dict(d: dict) -> Augment:
 
 def crop_option():
     return opt(None, "Training crop HxW (default: the first training image's size).", names=("--crop-size",),
-               shape="size")
+               shape="size", panel="Augmentation")
 
 
 def scale_option():
-    return opt((0.75, 1.25), "Random scale range 'lo,hi' (segmentation).", shape="pair")
+    return opt((0.75, 1.25), "Random scale range 'lo,hi' (segmentation).", shape="pair", bounds="> 0", panel="Augmentation")
 
 
 def crop_area_option():
     return opt((0.25, 1.0), "Classification: the random-resized crop's share of the image area 'lo,hi' (aspect 3/4 "
-                            "to 4/3, stretched to --crop-size).", shape="pair")
+                            "to 4/3, stretched to --crop-size).", shape="pair", bounds="(0, 1]", panel="Augmentation")
 
 
 def flip_option():
-    return opt(True, "Random horizontal flips.", names=("--flip",))
+    return opt(True, "Random horizontal flips.", names=("--flip",), panel="Augmentation")
 
 
 #: an :class:`Augment` field -> the option that sets it

@@ -142,6 +142,71 @@ def test_resume_with_other_options_is_refused(tmp_path):
     assert r.exit_code == 2 and "no run" in r.output
 
 
+#: what --resume may change, pinned: anything else changes what the run trains on or how (a resumed
+#: schedule student with another --seed would replay another schedule's crops)
+RESUMABLE = {"epochs", "device", "workers", "eval_every", "weights", "tensorboard", "wandb", "wandb_project", "out"}
+
+
+def test_what_resume_may_change_is_pinned():
+    from kdcache.cache_build import CacheBuildConfig
+    from kdcache.distill import StudentConfig
+    from kdcache.options import resumable
+    from kdcache.training import TrainConfig
+
+    assert resumable(TrainConfig) == RESUMABLE
+    assert resumable(StudentConfig) == RESUMABLE  # a student's own options (cache, methods, …) never change
+    assert resumable(CacheBuildConfig) == {"out"}  # a build resumes by its store's identity instead
+
+
+def other_value(option, default) -> list[str]:
+    """Command-line arguments that set ``option`` (a CliOption of TrainConfig) to a valid value other
+    than the run's ``default``."""
+    flag = option.flag
+    if isinstance(default, bool):
+        return [flag if not default else f"--no-{flag[2:]}"]
+    shape = option.spec.shape
+    special = {"--optimizer": "sgd", "--schedule": "cosine", "--model": "demo_student", "--dataset": "voc",
+               "--fold": "1", "--folds": "3", "--limit": "6", "--batch-size": "2"}
+    if flag in special:
+        return [flag, special[flag], *(["--folds", "2"] if flag == "--fold" else [])]
+    if shape == "size":
+        return [flag, "16x16"]
+    if shape == "pair":
+        return [flag, "0.5,0.9"]
+    if shape == "key_values":
+        return [flag, "size=3"]
+    if isinstance(default, int):
+        return [flag, str(default + 1)]
+    if isinstance(default, float):
+        return [flag, repr(default * 2)]
+    return [flag, "elsewhere"]
+
+
+def test_every_option_resume_may_not_change_is_refused(tmp_path):
+    """Each option outside :data:`RESUMABLE`, given with another value on --resume, is refused in one
+    line naming it; each inside it is taken (the run resumes)."""
+    from kdcache.cli.options import cli_options
+    from kdcache.cli.train import help_context
+    from kdcache.training import TrainConfig
+
+    run = tmp_path / "run"
+    assert kd("train-teacher", *TINY, "--epochs", 1, "--device", "cpu", "--out", run).exit_code == 0
+    stored = json.loads((run / "config.json").read_text())
+    options = [o for o in cli_options(TrainConfig, help_context()) if o.field != "out"]
+    assert len(options) >= 30
+    for o in options:
+        if o.field in RESUMABLE:
+            continue  # may change: two of them are tried below
+        args = other_value(o, stored[o.field])
+        r = kd("train-teacher", "--out", run, "--resume", "--quiet", *args)
+        lines = [line for line in r.output.splitlines() if line.strip()]
+        assert r.exit_code == 2 and len(lines) == 1, (args, r.output)
+        assert f"{o.field}: run has {stored[o.field]!r}" in r.output, (args, r.output)
+    r = kd("train-teacher", "--out", run, "--resume", "--quiet", "--epochs", 2, "--eval-every", 2)
+    assert r.exit_code == 0, r.output
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2
+
+
 def test_folds_hold_out_part_of_the_training_split(tmp_path):
     run = tmp_path / "fold"
     r = kd("train-teacher", *TINY, "--epochs", 1, "--folds", 2, "--fold", 1, "--out", run)
@@ -258,11 +323,9 @@ def test_train_and_evaluate_on_voc_images_of_different_sizes(tmp_path):
 
 
 def _commands():
-    import typer.main
+    from kdcache.cli.app import all_commands
 
-    from kdcache.cli.app import app
-
-    return typer.main.get_command(app).commands
+    return all_commands()
 
 
 def test_training_commands_share_their_options():
@@ -277,26 +340,88 @@ def test_training_commands_share_their_options():
     assert {"student", "method", "cache", "unlabeled_cache", "kd_weight"} <= student - teacher
 
 
+#: the options whose --help shows no default, by command: each has none (None: not given), or one the
+#: command works out (an --out named after the model, a data set from the cache). Any other option
+#: showing no default is a default dropped from the command line.
+NO_SHOWN_DEFAULT = {
+    "train-teacher": {"backbone_weights", "config_file", "crop_size", "data_root", "dataset_option", "folds", "limit",
+                      "model_option", "out", "resize", "resolution", "wandb_project", "weights", "workers"},
+    "train-student": {"backbone_weights", "cache", "confidence_threshold", "config_file", "crop_size", "data_root",
+                      "dataset", "dataset_option", "folds", "kd_weight", "limit", "method", "model_option",
+                      "online_teacher", "out", "resize", "resolution", "student_tap", "teacher_tap", "teacher_weights",
+                      "temperature", "unlabeled_cache", "unlabeled_limit", "wandb_project", "weights", "workers"},
+    "build-teacher-cache": {"config_file", "crop_size", "data_root", "dataset", "dataset_option", "features",
+                            "features_from", "grid_stride", "limit", "out", "resolution", "samples_per_shard",
+                            "store_scales", "teacher", "topk", "view_crop", "weights", "workers"},
+    "inspect-cache": {"json_out"}, "verify-cache": set(), "export-pseudo-labels": {"class_balanced", "out"},
+    "evaluate": {"data_root", "dataset", "limit", "onnx", "out", "split"}, "export": {"input_size", "out"},
+    "compare": {"baseline", "data_root", "split"}, "demo": {"limit"},
+    "bench-kernels": {"dtype", "json_out", "markdown_out", "repeats"}, "list-models": set(), "list-datasets": set(),
+}
+
+
 def test_help_shows_the_defaults_the_code_uses():
+    """Every option shows the default the code uses (the config field's, or the library function's
+    parameter's), written as the command line takes it; the options showing none are exactly
+    :data:`NO_SHOWN_DEFAULT`'s."""
     import dataclasses
     import inspect
 
     from kdcache.cache_build import CacheBuildConfig
+    from kdcache.compare import compare_runs
+    from kdcache.demo import run_demo
+    from kdcache.distill import StudentConfig
+    from kdcache.evaluation import evaluate_run
+    from kdcache.export import export_run
+    from kdcache.kernels import bench
     from kdcache.methods import METHODS
+    from kdcache.pseudo_export import export_pseudo_labels
+    from kdcache.store.check import inspect_store
     from kdcache.training import TrainConfig
 
     cmds = _commands()
-    numbers = lambda v: ",".join(f"{x:g}" for x in v)  # noqa: E731
-    as_cli = {"scale": numbers, "view_scale": numbers, "tta_scales": numbers, "crop_area": numbers, "view_area": numbers}
-    for command, config in (("train-teacher", TrainConfig), ("train-student", TrainConfig),
+    for command, c in cmds.items():
+        shown_none = {p.name for p in c.params if p.default is None and p.param_type_name == "option"}
+        assert shown_none == NO_SHOWN_DEFAULT[command], command
+
+    def cli_text(v):  # a field's default as the command line writes it
+        if isinstance(v, tuple) and v and all(isinstance(x, float) for x in v):
+            return ",".join(f"{x:g}" for x in v)
+        return v
+
+    for command, config in (("train-teacher", TrainConfig), ("train-student", StudentConfig),
                             ("build-teacher-cache", CacheBuildConfig)):
-        shown = {p.name: p.default for p in cmds[command].params}
+        params = {p.name: p for p in cmds[command].params}
+        fields = {f.name: f for f in dataclasses.fields(config)}
+        renamed = {"crop_size": "crop", "flip": "hflip", "student": "model"}
         checked = 0
-        for f in dataclasses.fields(config):
-            if f.name in shown and shown[f.name] is not None and f.default is not dataclasses.MISSING:
-                assert shown[f.name] == as_cli.get(f.name, lambda v: v)(f.default), (command, f.name)
-                checked += 1
-        assert checked >= 8, (command, checked)
+        for name, param in params.items():
+            field = fields.get(renamed.get(name, name))
+            if param.default is None or field is None or param.param_type_name != "option":
+                continue
+            value = field.default_factory() if field.default is dataclasses.MISSING else field.default
+            assert param.default == cli_text(value), (command, name, param.default, value)
+            checked += 1
+        assert checked >= 20, (command, checked)
+    # the commands without a config: each default is its library function's
+    library = {
+        "evaluate": (evaluate_run, {"batch_size": "batch_size", "workers": "workers", "device": "device",
+                                    "qualitative": "qualitative", "latency": "latency"}),
+        "compare": (compare_runs, {"out": "out", "examples": "examples", "latency": "latency", "device": "device",
+                                   "page_images": "page_images"}),
+        "export": (export_run, {"format": "fmt", "opset": "opset"}),
+        "demo": (run_demo, {"out": "out", "teacher_epochs": "teacher_epochs", "student_epochs": "student_epochs",
+                            "device": "device", "seed": "seed"}),
+        "export-pseudo-labels": (export_pseudo_labels, {"confidence_threshold": "threshold"}),
+        "inspect-cache": (inspect_store, {"samples": "samples"}),
+        "bench-kernels": (bench.run, {"quick": "quick", "compile": "compile_backend"}),
+    }
+    for command, (fn, names) in library.items():
+        params = {p.name: p for p in cmds[command].params}
+        for param, arg in names.items():
+            assert params[param].default == inspect.signature(fn).parameters[arg].default, (command, param)
+    assert {p.name: p for p in cmds["bench-kernels"].params}["topk"].default == ",".join(
+        map(str, inspect.signature(bench.run).parameters["ks"].default))
     assert {p.name: p.default for p in cmds["train-teacher"].params}["flip"] is TrainConfig.hflip
     # the shorthands' help names each method's own default, read from its constructor
     helps = {p.name: p.help for p in cmds["train-student"].params}

@@ -157,14 +157,17 @@ def test_the_browsers_pictures_overlay_and_class_map_by_hand(tmp_path):
 
     from kdcache import visualize
     from kdcache.compare_page import IGNORE_COLOR, browser_images
+    from kdcache.outputs import OutputFolder
 
     palette = [(0, 0, 0), (200, 0, 0), (0, 200, 0)]
     image = np.full((4, 6, 3), 100, np.uint8)
     label = np.array([[0, 1, 2, 255, 0, 1]] * 4, np.uint8)
     pred = np.array([[0, 1, 1, 2, 0, 0]] * 4, np.uint8)
     result = {"class_names": ["a", "b", "c"], "rows": [{"name": "s", "per_image_iou": {"x": 0.5}}]}
-    (entry,) = browser_images(tmp_path, result, [{"id": "x", "image": image, "label": label, "preds": {"s": pred}}],
+    folder = OutputFolder.claim(tmp_path, "comparison")
+    (entry,) = browser_images(folder, result, [{"id": "x", "image": image, "label": label, "preds": {"s": pred}}],
                               palette)
+    assert sorted(folder.files) == sorted([*entry["files"].values(), *entry["maps"].values(), *entry["runs"].values()])
     read = {k: np.asarray(Image.open(tmp_path / v)) for k, v in {**entry["files"], "map": entry["maps"]["s"],
                                                                    "overlay": entry["runs"]["s"]}.items()}
     np.testing.assert_array_equal(read["image"], image)

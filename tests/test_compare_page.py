@@ -151,3 +151,115 @@ def test_the_classification_demo_page_shows_confusions_and_wrong_images(tmp_path
     assert d.execute_script("return Array.from(document.images).filter(i => i.naturalWidth === 0).map(i => i.src)") == []
     errors = [e for e in d.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
     assert errors == [], errors
+
+
+def test_every_cell_of_the_tables_and_the_page_is_its_own_runs(tmp_path, browser):
+    """Two students whose per-class IoUs differ from each other and from the baseline's (each predicts
+    one class everywhere: ``tiny_models:OneClass``, so its per-class IoU follows from the labels
+    alone), beside the teacher: every named cell of compare.json, compare.md, compare_per_class.csv
+    and the page (read in the browser) holds its own run's number, in its own column."""
+    import csv
+
+    import numpy as np
+    from selenium.webdriver.common.by import By
+
+    from kdcache.data import build_dataset
+    from kdcache.data.splits import limit
+
+    common = ["--limit", 8, "--batch-size", 4, "--epochs", 1, "--workers", 0, "--device", "cpu", "--quiet"]
+    teacher, store = tmp_path / "teacher", tmp_path / "cache.zarr"
+    assert kd("train-teacher", "--model", "tiny_models:TinyNet", "--dataset", "synthetic", "--resolution", "32x48",
+              *common, "--out", teacher).exit_code == 0
+    assert kd("build-teacher-cache", "--weights", teacher, "--out", store, "--limit", 8, "--device", "cpu",
+              "--workers", 0, "--quiet", "--resolution", "32x48").exit_code == 0
+    students = {"base": (3, "none"), "s-sky": (0, "dist"), "s-pole": (2, "kl")}  # run: (its one class, method)
+    for name, (cls, method) in students.items():
+        r = kd("train-student", "--cache", store, "--model", "tiny_models:OneClass", "-m", f"cls={cls}", "--method",
+               method, *common, "--out", tmp_path / name)
+        assert r.exit_code == 0, r.output
+    out = tmp_path / "cmp"
+    # the runs in an order where neither the baseline nor the teacher comes first
+    r = kd("compare", tmp_path / "s-pole", teacher, tmp_path / "base", tmp_path / "s-sky", "--out", out,
+           "--no-latency", "--examples", 0, "--page-images", 0, "--device", "cpu", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert kd("evaluate", teacher, "--no-latency", "--qualitative", 0, "--out", tmp_path / "teval", "--device", "cpu",
+              "--quiet").exit_code == 0
+
+    # the independent reference: each student's IoU from the validation labels' class counts
+    ds = limit(build_dataset("synthetic", "val", resolution=[32, 48]), 8)
+    counts = np.zeros(ds.num_classes)
+    for i in range(len(ds)):
+        mask = ds.load(i)[1]
+        counts += np.bincount(mask[mask != 255].ravel(), minlength=ds.num_classes)[:ds.num_classes]
+    assert counts[0] and counts[2] and counts[3]  # every class a student predicts is in the labels
+
+    def one_class_iou(k):
+        return np.array([counts[k] / counts.sum() if c == k else (0.0 if counts[c] else np.nan)
+                         for c in range(ds.num_classes)])
+
+    iou = {name: one_class_iou(cls) for name, (cls, _) in students.items()}
+    iou["teacher"] = np.array(json.loads((tmp_path / "teval" / "eval.json").read_text())["iou"], dtype=float)
+    miou = {name: np.nanmean(v) for name, v in iou.items()}
+    assert len({round(v, 6) for v in miou.values()}) == 4  # four different runs
+
+    def pct(x):
+        return "—" if x is None or np.isnan(x) else f"{100 * x:.2f}"
+
+    def delta(x):
+        if x is None or np.isnan(x):
+            return "—"
+        t = f"{100 * x:+.2f}"
+        return "±0.00" if t in ("+0.00", "-0.00") else t
+
+    data = json.loads((out / "compare.json").read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    assert [r["name"] for r in data["rows"]] == ["s-pole", "teacher", "base", "s-sky"]
+    assert data["baseline"] == str(tmp_path / "base") and data["teacher"] == str(teacher)
+    for name in iou:
+        np.testing.assert_allclose(np.array(rows[name]["iou"], dtype=float), iou[name], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(rows[name]["delta_miou"], miou[name] - miou["base"], rtol=0, atol=1e-12)
+    names = list(ds.class_names)
+
+    # compare.md: the main table, cell by cell under its header; then the per-class table
+    md = (out / "compare.md").read_text().splitlines()
+    tables = [i for i, line in enumerate(md) if line.startswith("| run ") or line.startswith("| class ")]
+    head = [c.strip() for c in md[tables[0]].strip("|").split("|")]
+    body = {cells[0]: dict(zip(head, cells)) for line in md[tables[0] + 2:] if line.startswith("|")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+    for name in iou:
+        assert body[name]["mIoU"] == pct(miou[name]), name
+        assert body[name]["Δ mIoU"] == ("±0.00" if name == "base" else delta(miou[name] - miou["base"])), name
+        for c, cname in enumerate(names):
+            assert body[name][cname] == pct(iou[name][c]), (name, cname)
+    head = [c.strip() for c in md[tables[1]].strip("|").split("|")]
+    assert head == ["class", "teacher", "baseline", "Δ s-pole", "Δ s-sky", "teacher < baseline"]
+    per_class = {cells[0]: dict(zip(head, cells)) for line in md[tables[1] + 2:] if line.startswith("|")
+                 for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+    for c, cname in enumerate(names):
+        row = per_class[cname]
+        assert row["teacher"] == pct(iou["teacher"][c]) and row["baseline"] == pct(iou["base"][c]), cname
+        for s in ("s-pole", "s-sky"):
+            assert row[f"Δ {s}"] == delta(iou[s][c] - iou["base"][c]), (cname, s)
+    with open(out / "compare_per_class.csv", newline="") as f:
+        for line, cname in zip(csv.DictReader(f), names):
+            assert line["class"] == cname
+            for s in ("s-pole", "s-sky"):
+                want = iou[s][names.index(cname)] - iou["base"][names.index(cname)]
+                assert (line[f"delta_{s}"] == "") if np.isnan(want) else abs(float(line[f"delta_{s}"]) - want) < 1e-9
+
+    # the page, as the browser shows it
+    browser.get((out / "index.html").as_uri())
+    head = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#runs thead th")]
+    shown = {cells[0]: dict(zip(head, cells)) for tr in browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr")
+             for cells in [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]]}
+    for name in iou:
+        assert shown[name]["mIoU"] == pct(miou[name]), name
+        assert shown[name]["Δ"] == ("base" if name == "base" else delta(miou[name] - miou["base"])), name
+    head = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#perclass thead th")]
+    assert head == ["class", "teacher", "baseline", "Δ s-pole", "Δ s-sky", "teacher < baseline"]
+    for tr in browser.find_elements(By.CSS_SELECTOR, "#perclass tbody tr"):
+        cells = dict(zip(head, [td.text for td in tr.find_elements(By.TAG_NAME, "td")]))
+        c = names.index(cells["class"])
+        assert cells["teacher"] == pct(iou["teacher"][c]) and cells["baseline"] == pct(iou["base"][c]), cells
+        for s in ("s-pole", "s-sky"):
+            assert cells[f"Δ {s}"] == delta(iou[s][c] - iou["base"][c]), (cells, s)

@@ -270,7 +270,8 @@ def test_a_new_option_is_one_declared_field(tmp_path):
     assert resumable(Dummy) == resumable(TrainConfig) | {"dummy_mode"}
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "config.json").write_text(json.dumps({**Dummy(out=str(run_dir)).to_dict(), "kind": "supervised"}))
+    (run_dir / "config.json").write_text(json.dumps({**Dummy(out=str(run_dir)).to_dict(), "kind": "supervised",
+                                                     "kdcache_version": "0.1.0"}))
     (run_dir / "last.pt").write_bytes(b"")
     trainer = Trainer(Dummy(out=str(run_dir), dummy_mode="z"), resume=True, explicit={"dummy_mode"})
     assert trainer.config.dummy_mode == "z" and trainer.config.dummy_level == 3

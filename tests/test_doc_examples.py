@@ -49,9 +49,9 @@ SKIPPED = {
     "kdcache build-teacher-cache --weights runs/teacher --out s3://my-bucket/caches/train.zarr": OBJECT_STORE,
     "export FSSPEC_S3_ENDPOINT_URL=https://minio.example.org:9000": OBJECT_STORE,
     "export 'AWS_ACCESS_KEY_ID=…' 'AWS_SECRET_ACCESS_KEY=…'": OBJECT_STORE,
-    "kdcache train-student --cache s3://my-bucket/caches/train.zarr --workers 8 --out runs/student-kl": OBJECT_STORE,
+    "kdcache train-student --cache s3://my-bucket/caches/train.zarr --workers 8 --out runs/student-dist": OBJECT_STORE,
     "torchrun --nproc-per-node 4 -m kdcache train-student --cache s3://my-bucket/caches/train.zarr --batch-size 8 "
-    "--out runs/student-kl": TORCHRUN,
+    "--out runs/student-dist": TORCHRUN,
 }
 #: what an example's words need that an optional extra installs: (test, extra, package)
 EXTRAS = [

@@ -4,6 +4,7 @@ Each exported file is loaded back with its own runtime and compared with the PyT
 from the run's weights, on random inputs at batch sizes other than the one the export traced.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -101,7 +102,7 @@ def test_onnx_input_size_and_opset(run, tmp_path):
     mine = tmp_path / "mine.onnx"
     mine.write_text("keep")
     line = one_error_line(kd("export", run, "--out", mine))
-    assert "mine.onnx exists and is not a kdcache export; choose another --out, or delete it" in line
+    assert "mine.onnx exists and kdcache did not write it; give another file name" in line
     assert mine.read_text() == "keep"
 
 
@@ -118,7 +119,10 @@ def test_safetensors_loads_into_a_freshly_built_model(run):
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["kdcache"])
     assert meta["format"] == "safetensors" and meta["check"]["max_abs_diff"] == 0.0
-    assert meta == json.loads((run / "export" / "model.safetensors.json").read_text())
+    sidecar = json.loads((run / "export" / "model.safetensors.json").read_text())
+    # the sidecar: the file's own metadata, and its SHA-256 (what tells it as kdcache's: kdcache/outputs.py)
+    assert meta == {k: v for k, v in sidecar.items() if k != "sha256"}
+    assert sidecar["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     # the same permissions as the other exports and its sidecar (safetensors' save_file made it 0600)
     assert path.stat().st_mode & 0o777 == (run / "export" / "model.safetensors.json").stat().st_mode & 0o777
     assert path.stat().st_mode & 0o044 == 0o044 or os.umask(os.umask(0)) & 0o044

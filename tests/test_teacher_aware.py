@@ -171,7 +171,7 @@ def test_an_image_the_teacher_gets_wrong_everywhere_gives_no_nan(name):
 def test_bad_mask_options_are_one_line_each(small, tmp_path):
     _, store = small
     for spec, words in (("kl:mask=wrong", "method 'kl': mask must be one of none, teacher_correct, got 'wrong'"),
-                        ("dist:min_confidence=1.5", "method 'dist': min_confidence must be in [0, 1), got 1.5"),
+                        ("dist:min_confidence=1.5", "method 'dist': min_confidence must be a finite number in [0, 1), got 1.5"),
                         ("cwd:rectify=label", "method 'cwd': rectify must be one of none, swap, got 'label'"),
                         ("kl:rectify=swap,mask=teacher_correct",
                          "method 'kl': mask=teacher_correct leaves out the cells rectify=swap corrects; give one of the two")):
@@ -377,7 +377,7 @@ def test_bad_class_weights_are_one_line_each(small, tmp_path):
         ("kl:class_weights=wrong", "method 'kl': class_weights must be one of none, baseline, got 'wrong'"),
         ("kl:class_weights=baseline", "class_weights=baseline needs baseline=RUN (a CE student run on the same data)"),
         ("cwd:teacher_iou=test", "method 'cwd': teacher_iou must be one of train, val, got 'test'"),
-        ("dist:margin=0", "method 'dist': margin must be positive, got 0"),
+        ("dist:margin=0", "method 'dist': margin must be a finite number > 0, got 0"),
         (f"kl:class_weights=baseline,baseline={other}", "give a baseline run of the same data set and class list"),
         (f"kl:class_weights=baseline,baseline={other_data}", "was trained on camvid with classes"),
         (f"kl:class_weights=baseline,baseline={tmp_path / 'nope'}", "is not a run folder (no config.json)"),

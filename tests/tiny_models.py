@@ -110,3 +110,20 @@ class NoOnnxOperator(TinyNet):
 
     def forward(self, x):
         return {"out": torch.special.i0(self.head(self.body(x)))}
+
+
+class OneClass(nn.Module):
+    """Predicts class ``cls`` at every pixel, whatever the image (stride-2 logits, 10 for ``cls`` and 0
+    for the others, times one trainable scale that keeps an optimiser busy): its per-class IoU follows
+    from the labels alone, an independent reference for compare's tables."""
+
+    def __init__(self, num_classes: int, cls: int = 0):
+        super().__init__()
+        self.num_classes, self.cls = num_classes, cls
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        logits = torch.zeros(x.shape[0], self.num_classes, (x.shape[2] + 1) // 2, (x.shape[3] + 1) // 2,
+                             device=x.device)
+        logits[:, self.cls] = 10.0
+        return {"out": logits * self.scale.abs()}

@@ -18,9 +18,13 @@ from kdcache.methods.base import (
     KDMethod,
     MethodError,
     build_method,
+    check_options,
+    check_spec,
     fill_in,
     method_options,
     methods_taking,
+    number_options,
+    option_bounds,
     option_default,
     reads,
     student_logits_at,
@@ -31,5 +35,6 @@ from kdcache.registry import import_submodules
 
 import_submodules(__name__, __path__)
 
-__all__ = ["METHODS", "KDMethod", "MethodError", "build_method", "fill_in", "method_options", "methods_taking",
-           "option_default", "reads", "student_logits_at", "task_defaults", "with_task_defaults"]
+__all__ = ["METHODS", "KDMethod", "MethodError", "build_method", "check_options", "check_spec", "fill_in",
+           "method_options", "methods_taking", "number_options", "option_bounds", "option_default", "reads", "student_logits_at",
+           "task_defaults", "with_task_defaults"]

@@ -10,6 +10,7 @@ from torch import nn
 
 from kdcache.errors import KDCacheError
 from kdcache.models import ModelOutput
+from kdcache.options import check_number
 from kdcache.registry import Registry
 from kdcache.store.schema import CacheSchema
 
@@ -69,18 +70,47 @@ def fill_in(methods: list[dict], **values) -> list[dict]:
     return out
 
 
+def option_bounds(name: str) -> dict[str, str]:
+    """The declared bounds of method ``name``'s number options (:attr:`KDMethod.bounds`, merged
+    over its classes, the subclass's winning)."""
+    out: dict[str, str] = {}
+    for klass in reversed(METHODS.get(name).__mro__):
+        out.update(vars(klass).get("bounds", {}))
+    return out
+
+
+def number_options(name: str) -> list[str]:
+    """The options of method ``name`` that take a number."""
+    return [k for k, p in method_options(name).items() if _takes_number(p)]
+
+
+def check_options(name: str, options: dict) -> None:
+    """Method ``name``'s ``options`` checked before anything is built: known names, and every number
+    finite and within its declared bounds; one error naming the method and the option otherwise."""
+    params = method_options(name)
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        raise MethodError(f"method '{name}' takes no option {', '.join(map(repr, unknown))}; its options: "
+                          f"{', '.join(params) or 'none'}")
+    bounds = option_bounds(name)
+    for key, value in options.items():
+        if not _takes_number(params[key]) or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MethodError(f"method '{name}': {key} takes a number, got {value!r}; e.g. {name}:{key}="
+                              f"{option_default(name, key) if option_default(name, key) is not None else 1}")
+        check_number(value, f"method '{name}': {key}", bounds.get(key))
+
+
+def check_spec(spec: dict) -> None:
+    """A method spec (``{"name": …, option: value}``) checked as :func:`check_options` does."""
+    check_options(spec["name"], {k: v for k, v in spec.items() if k != "name"})
+
+
 def build_method(name: str, **options) -> KDMethod:
     """An instance of method ``name`` with ``options`` (its constructor's keyword arguments)."""
     cls = METHODS.get(name)
-    unknown = sorted(set(options) - set(method_options(name)))
-    if unknown:
-        raise MethodError(f"method '{name}' takes no option {', '.join(map(repr, unknown))}; its options: "
-                          f"{', '.join(method_options(name)) or 'none'}")
-    params = method_options(name)
-    for key, value in options.items():
-        if _takes_number(params[key]) and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise MethodError(f"method '{name}': {key} takes a number, got {value!r}; e.g. {name}:{key}="
-                              f"{option_default(name, key) if option_default(name, key) is not None else 1}")
+    check_options(name, options)
     try:
         return cls(**options)
     except (TypeError, ValueError) as exc:
@@ -103,10 +133,16 @@ class KDMethod(nn.Module):
 
     The constructor's keyword arguments are the method's options (``--method NAME:key=value``);
     the command line's shorthands (``--temperature`` …) fill in the methods whose constructor
-    takes that argument. ``name`` is set by :data:`METHODS`'s ``register``."""
+    takes that argument. ``name`` is set by :data:`METHODS`'s ``register``. A number option
+    declares its bounds in :attr:`bounds`; :func:`build_method` (and the command line, config files
+    and ``StudentConfig.validate`` through it) refuses NaN, ±inf and values out of bounds before
+    the constructor runs, so the constructor checks only what bounds cannot say."""
 
     name: str = ""
     default_weight = 1.0
+    #: the bounds of the method's number options (:class:`~kdcache.options.Bounds` texts), each
+    #: class declaring its own; every number option is also refused when not finite
+    bounds: dict[str, str] = {"weight": ">= 0"}
     #: options whose default differs by task, chosen on val for that task (cite the evidence):
     #: ``{"classification": {"temperature": 4.0}}``; filled into a student's specs by
     #: :func:`with_task_defaults` where they give no value, so the run records what it used

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.methods.base import METHODS, KDMethod, student_logits_at
+from kdcache.methods.teacher_aware import BOUNDS as TEACHER_AWARE_BOUNDS
 from kdcache.methods.teacher_aware import TeacherAware
 from kdcache.targets import dense_logits
 
@@ -34,14 +35,13 @@ def student_and_dense_teacher(out, batch) -> tuple[torch.Tensor, torch.Tensor]:
 @METHODS.register("cwd")
 class ChannelWise(KDMethod):
     default_weight = 3.0
+    bounds = {**TEACHER_AWARE_BOUNDS, "temperature": "> 0"}
 
     def __init__(self, weight: float | None = None, temperature: float = 4.0, mask: str = "none", min_confidence: float = 0.0,
                  class_weights: str = "none", baseline: str | None = None, teacher_iou: str = "train",
                  margin: float = 0.1, rectify: str = "none"):
         super().__init__(weight)
         self.aware = TeacherAware(mask, min_confidence, class_weights, baseline, teacher_iou, margin, rectify)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = float(temperature)
 
     def required(self, schema=None) -> list[str]:

@@ -42,6 +42,7 @@ import torch
 
 from kdcache.methods.base import METHODS, KDMethod
 from kdcache.methods.cwd import student_and_dense_teacher
+from kdcache.methods.teacher_aware import BOUNDS as TEACHER_AWARE_BOUNDS
 from kdcache.methods.teacher_aware import TeacherAware
 
 EPS = 1e-8
@@ -73,6 +74,7 @@ def dist_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float =
 @METHODS.register("dist")
 class DIST(KDMethod):
     default_weight = 1.0
+    bounds = {**TEACHER_AWARE_BOUNDS, "temperature": "> 0", "beta": ">= 0", "gamma": ">= 0"}
     task_defaults = {"segmentation": {"weight": 0.25},  # chosen on val: see the module docstring
                      "classification": {"temperature": 4.0, "weight": 2.0}}
 
@@ -82,10 +84,8 @@ class DIST(KDMethod):
                  margin: float = 0.1, rectify: str = "none"):
         super().__init__(weight)
         self.aware = TeacherAware(mask, min_confidence, class_weights, baseline, teacher_iou, margin, rectify)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        if beta < 0 or gamma < 0 or beta + gamma == 0:
-            raise ValueError(f"beta and gamma must be >= 0 and not both 0, got beta={beta}, gamma={gamma}")
+        if beta + gamma == 0:  # each >= 0: its bounds
+            raise ValueError(f"beta and gamma must not both be 0, got beta={beta}, gamma={gamma}")
         self.temperature, self.beta, self.gamma = float(temperature), float(beta), float(gamma)
 
     def required(self, schema=None) -> list[str]:

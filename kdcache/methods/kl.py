@@ -28,6 +28,7 @@ import torch
 
 from kdcache.kernels import topk_kl
 from kdcache.methods.base import METHODS, KDMethod, student_logits_at
+from kdcache.methods.teacher_aware import BOUNDS as TEACHER_AWARE_BOUNDS
 from kdcache.methods.teacher_aware import TeacherAware, weighted_mean
 
 
@@ -36,6 +37,7 @@ class PixelKL(KDMethod):
     task_defaults = {"segmentation": {"weight": 0.5},  # chosen on val: see the module docstring
                      "classification": {"temperature": 4.0, "weight": 2.0}}
     default_weight = 1.0
+    bounds = {**TEACHER_AWARE_BOUNDS, "temperature": "> 0"}
 
     def __init__(self, weight: float | None = None, temperature: float = 1.0, tail: str = "bin",
                  mask: str = "none", min_confidence: float = 0.0,
@@ -43,8 +45,6 @@ class PixelKL(KDMethod):
                  margin: float = 0.1, rectify: str = "none"):
         super().__init__(weight)
         self.aware = TeacherAware(mask, min_confidence, class_weights, baseline, teacher_iou, margin, rectify)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
         if tail not in ("bin", "renormalize"):
             raise ValueError(f"tail must be bin or renormalize, got {tail}")
         self.temperature = float(temperature)

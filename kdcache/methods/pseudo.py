@@ -45,15 +45,11 @@ def class_balanced_thresholds(maps, num_classes: int, keep: float) -> np.ndarray
 @METHODS.register("pseudo")
 class PseudoLabels(KDMethod):
     default_weight = 1.0
+    bounds = {"confidence_threshold": "[0, 1]", "class_balanced": "(0, 1]"}
 
     def __init__(self, weight: float | None = None, confidence_threshold: float = 0.7,
                  class_balanced: float | None = None):
-        super().__init__(weight)
-        if not 0.0 <= confidence_threshold <= 1.0:
-            raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
-        if class_balanced is not None and not 0.0 < class_balanced <= 1.0:
-            raise ValueError(f"class_balanced must be in (0, 1] (the share of each class's pixels kept), "
-                             f"got {class_balanced}")
+        super().__init__(weight)  # the thresholds' bounds: ``bounds`` (checked by build_method)
         self.threshold = float(confidence_threshold)
         self.class_balanced = class_balanced
         self.register_buffer("class_thresholds", torch.empty(0), persistent=True)

@@ -43,12 +43,15 @@ MASKS = ("none", "teacher_correct")
 RECTIFY = ("none", "swap")
 
 
-def check_mask(mask: str, min_confidence: float, rectify: str = "none") -> None:
-    """One line (``ValueError``, which ``build_method`` turns into the method's error) for a bad option."""
+#: the bounds of the teacher-aware options of the methods that take them (kl, dist, cwd)
+BOUNDS = {"min_confidence": "[0, 1)", "margin": "> 0"}
+
+
+def check_mask(mask: str, rectify: str = "none") -> None:
+    """One line (``ValueError``, which ``build_method`` turns into the method's error) for a bad option
+    (the numbers' bounds, :data:`BOUNDS`, are checked by ``build_method`` first)."""
     if mask not in MASKS:
         raise ValueError(f"mask must be one of {', '.join(MASKS)}, got {mask!r}")
-    if not 0.0 <= min_confidence < 1.0:
-        raise ValueError(f"min_confidence must be in [0, 1), got {min_confidence}")
     if rectify not in RECTIFY:
         raise ValueError(f"rectify must be one of {', '.join(RECTIFY)}, got {rectify!r}")
     if rectify != "none" and mask != "none":
@@ -181,14 +184,12 @@ class TeacherAware:
     def __init__(self, mask: str = "none", min_confidence: float = 0.0, class_weights: str = "none",
                  baseline: str | None = None, teacher_iou: str = "train", margin: float = 0.1,
                  rectify: str = "none"):
-        check_mask(mask, min_confidence, rectify)
+        check_mask(mask, rectify)
         self.rectify = rectify
         if class_weights not in CLASS_WEIGHTS:
             raise ValueError(f"class_weights must be one of {', '.join(CLASS_WEIGHTS)}, got {class_weights!r}")
         if teacher_iou not in TEACHER_IOU:
             raise ValueError(f"teacher_iou must be one of {', '.join(TEACHER_IOU)}, got {teacher_iou!r}")
-        if not margin > 0:
-            raise ValueError(f"margin must be positive, got {margin}")
         if class_weights == "baseline" and not baseline:
             raise ValueError("class_weights=baseline needs baseline=RUN (a CE student run on the same data)")
         self.mask, self.min_confidence = mask, float(min_confidence)

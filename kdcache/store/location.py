@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import random
 import shutil
@@ -83,13 +84,76 @@ def is_empty(path: str | Path) -> bool:
 
 
 def remove_tree(path: str | Path) -> None:
-    """Delete the store at ``path`` and everything in it (callers check it is a store first)."""
+    """Delete the folder at ``path`` and everything in it: only kdcache's own temporary folders
+    (a store being created); a store is removed with :func:`remove_store`."""
     if is_url(path):
         fs, p = fsspec.core.url_to_fs(str(path))
         retrying(lambda: fs.exists(p) and fs.rm(p, recursive=True), str(path), "deleting")
         return
     if Path(path).exists():
         shutil.rmtree(path)
+
+
+def _files(path: str | Path) -> list[str]:
+    """Every file under ``path``, as '/'-separated keys relative to it."""
+    if is_url(path):
+        fs, p = fsspec.core.url_to_fs(str(path))
+        root = p.rstrip("/") + "/"
+        found = retrying(lambda: fs.find(p), str(path), "listing")
+        return sorted(k[len(root):] for k in found if k.startswith(root))
+    out = []
+    for folder, _dirs, names in os.walk(path):
+        rel = os.path.relpath(folder, path)
+        out += [name if rel == "." else f"{Path(rel).as_posix()}/{name}" for name in names]
+    return sorted(out)
+
+
+def store_files(path: str | Path, read: Callable[[str], bytes]) -> tuple[list[str], list[str]]:
+    """(the store's own files, every other file) under the store at ``path``: its own are the
+    ``zarr.json`` of each node and the chunks and shards under each array's ``c/`` (where kdcache's
+    shard writer also leaves its temporary files); ``read(key)``: a file's bytes."""
+    keys = _files(path)
+    nodes = sorted({k.rpartition("/")[0] for k in keys if k.rpartition("/")[2] == "zarr.json"})
+    arrays = []
+    for node in nodes:
+        try:
+            meta = json.loads(read(f"{node}/zarr.json" if node else "zarr.json"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and meta.get("node_type") == "array":
+            arrays.append(f"{node}/c/" if node else "c/")
+    own, other = [], []
+    for k in keys:
+        mine = k.rpartition("/")[2] == "zarr.json" or any(k.startswith(a) for a in arrays)
+        (own if mine else other).append(k)
+    return own, other
+
+
+def remove_store(path: str | Path) -> None:
+    """Delete the teacher cache at ``path``: its own files (:func:`store_files`) and the folders
+    they leave empty. A file anyone else put inside it is never deleted: the store is refused,
+    naming that file, before anything is removed."""
+    if is_url(path):
+        fs, p = fsspec.core.url_to_fs(str(path))
+        root = p.rstrip("/")
+        own, other = store_files(path, lambda k: retrying(lambda: fs.cat_file(f"{root}/{k}"), str(path), "reading"))
+    else:
+        own, other = store_files(path, lambda k: Path(path, k).read_bytes())
+    if other:
+        more = f" (and {len(other) - 1} more)" if len(other) > 1 else ""
+        raise KDCacheError(f"--out {path} is a teacher cache with a file kdcache did not write in it: {other[0]}{more}; "
+                           "kdcache never deletes your files: move them out of the store, then rerun")
+    if is_url(path):
+        if own:
+            retrying(lambda: fs.rm([f"{root}/{k}" for k in own]), str(path), "deleting")
+        return
+    for k in own:
+        Path(path, k).unlink(missing_ok=True)
+    for folder, _dirs, _names in sorted(os.walk(path, topdown=False), key=lambda w: -len(w[0])):
+        try:
+            os.rmdir(folder)  # empty ones only: the store's own
+        except OSError:
+            pass
 
 
 def delete_key(root: str | Path, key: str) -> None:

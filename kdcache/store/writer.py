@@ -89,16 +89,34 @@ def _existing(out) -> CacheSchema | None:
         raise _not_a_store(out) from None
 
 
+def check_out(out) -> None:
+    """Refuse, before any work, an ``--out`` that holds something other than a teacher cache."""
+    location.check_client(out)
+    if not location.is_empty(out):
+        _existing(out)
+
+
+def _nothing_done(out) -> bool:
+    """Whether the store at ``out`` holds no finished sample (a build stopped before its first shard)."""
+    try:
+        group, _ = read_meta(out)
+        return not done_flags(group, out).any()
+    except StoreError:
+        return False
+
+
 def prepare_store(out, schema: CacheSchema, ids, hashes, *, overwrite: bool) -> bool:
     """Create the store ``schema`` describes at ``out`` (returns False), or check that the one
-    already there can be resumed (True). ``--overwrite`` replaces a store, never other data."""
+    already there can be resumed (True). ``--overwrite`` replaces a store, never other data (nor a
+    file anyone put inside it: :func:`~.location.remove_store`); a store built differently that
+    holds no finished sample has nothing to keep and is built again without it."""
     location.check_client(out)
     if not location.is_empty(out):
         stored = _existing(out)
-        if stored is not None and not overwrite:
+        if stored is not None and not overwrite and not (stored.differences(schema) and _nothing_done(out)):
             _check_resumable(out, stored, schema)
             return True
-        location.remove_tree(out)
+        location.remove_store(out)
     if location.is_url(out):
         def create():
             group = location.open_group(out, "w")
