@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 runner = CliRunner()
 
 
-def kd(*args):
+def kd(*args, env: dict | None = None):
     from kdcache.cli.app import app
 
-    return runner.invoke(app, [str(a) for a in args])
+    return runner.invoke(app, [str(a) for a in args], env=env)

@@ -307,9 +307,9 @@ def assert_packed(path) -> None:
     assert CacheStore(path).meta["packing"] == {"logits/values": 4, "logits/indices": 4, "logits/tail": 4}
 
 
-def _cli_args(teacher, out, n=N):
+def _cli_args(teacher, out, n=N, per_shard=4):
     return ["build-teacher-cache", "--weights", str(teacher), "--out", str(out), "--dataset", "synthetic",
-            "--resolution", "32x48", "--limit", str(n), "--samples-per-shard", "4", "--batch-size", "3",
+            "--resolution", "32x48", "--limit", str(n), "--samples-per-shard", str(per_shard), "--batch-size", "3",
             "--device", "cpu", "--workers", "0", "--quiet"]
 
 
@@ -778,3 +778,73 @@ def test_a_build_without_dataset_takes_the_teacher_runs(tmp_path):
     (other / "classes.txt").write_text("Road\ncar \nsky\n")  # case and spaces are not other names
     r = kd("evaluate", run, "--data-root", other, "--split", "all", "--out", tmp_path / "r-eval")
     assert r.exit_code == 0, r.output
+
+
+# -- Ctrl-C and a store with nothing done ---------------------------------------------------------------------
+
+
+def interrupt_after(monkeypatch, batches: int) -> None:
+    """Ctrl-C while the teacher runs its batch number ``batches + 1`` (the earlier ones are written)."""
+    import kdcache.cache_build as cb
+
+    real, calls = cb.encode_batch, {"n": 0}
+
+    def encode(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] > batches:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(cb, "encode_batch", encode)
+
+
+def test_an_interrupted_build_says_what_it_kept(tmp_path, teacher, monkeypatch):
+    """Ctrl-C: exit 130 and how many samples the finished shards hold; none when no shard was finished."""
+    out = tmp_path / "none.zarr"
+    interrupt_after(monkeypatch, 2)  # 6 of the 16 samples of one shard through the teacher: none finished
+    r = kd(*_cli_args(teacher, out, 16, per_shard=16))
+    assert r.exit_code == 130, r.output
+    assert ("interrupted: no sample of " in r.output and "was finished (a shard of 16 samples is kept once all of it "
+            "is written), so nothing is kept; rerun the same command to build it" in " ".join(r.output.split()))
+    assert not CacheStore(out).done().any()
+    monkeypatch.undo()
+    out = tmp_path / "some.zarr"
+    interrupt_after(monkeypatch, 4)  # batches of 3 within shards of 4 (3 + 1, 3 + 1): two shards finished
+    r = kd(*_cli_args(teacher, out, 16))
+    assert r.exit_code == 130, r.output
+    assert "8 of 16 samples of" in r.output and "are finished and kept (whole shards of 4); rerun the same command to " \
+                                                "resume" in " ".join(r.output.split())
+    assert CacheStore(out).done().sum() == 8
+    monkeypatch.undo()
+    r = kd(*_cli_args(teacher, out, 16))
+    assert r.exit_code == 0 and "resumed (8 were done)" in r.output
+
+
+def test_a_store_with_nothing_done_is_built_again_without_asking(tmp_path, teacher, monkeypatch):
+    """A build stopped before its first shard (say by a corrupt image, since replaced: the data's
+    fingerprint differs) has nothing to keep: the rerun builds it again instead of asking for
+    --overwrite. One that finished a shard still asks."""
+    out = tmp_path / "c.zarr"
+    interrupt_after(monkeypatch, 0)
+    assert kd(*_cli_args(teacher, out, 8)).exit_code == 130
+    monkeypatch.undo()
+    assert CacheStore(out).meta["dataset"]["limit"] == 8 and not CacheStore(out).done().any()
+    r = kd(*_cli_args(teacher, out, 12))  # other data: the store as it stands was built differently
+    assert r.exit_code == 0 and "built: 12/12 samples" in " ".join(r.output.split()), r.output
+    r = kd(*_cli_args(teacher, out, 8))
+    assert r.exit_code == 2 and "holds a teacher cache built differently, so it cannot be resumed" in r.output
+    assert CacheStore(out).done().sum() == 12
+
+
+def test_overwrite_deletes_a_stores_own_files_and_never_a_users(tmp_path, teacher):
+    out = tmp_path / "c.zarr"
+    assert kd(*_cli_args(teacher, out, 8)).exit_code == 0
+    mine = out / "logits" / "values" / "notes.txt"
+    mine.write_text("mine")
+    r = kd(*_cli_args(teacher, out, 8), "--overwrite")
+    assert r.exit_code == 2 and "is a teacher cache with a file kdcache did not write in it: logits/values/notes.txt; " \
+                                "kdcache never deletes your files: move them out of the store, then rerun" in r.output
+    assert mine.read_text() == "mine" and CacheStore(out).done().all()
+    mine.unlink()
+    r = kd(*_cli_args(teacher, out, 8), "--overwrite")
+    assert r.exit_code == 0 and "built: 8/8" in r.output

@@ -438,3 +438,91 @@ def test_help_shows_the_defaults_the_code_uses():
     for name, cls in METHODS.items():
         if name != "none":
             assert f"{name} {cls.default_weight:g}" in helps["kd_weight"]
+
+
+def test_help_and_version_start_without_torch():
+    """`kdcache --help` lists every command from the app's table and `--version` prints the version,
+    neither importing a command's module nor torch (how long they take: benchmarks/cli_startup.py)."""
+    from kdcache import __version__
+    from kdcache.cli.app import COMMANDS
+
+    probe = ("import runpy, sys; sys.argv = ['kdcache', {arg!r}]\n"
+             "try:\n    runpy.run_module('kdcache', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print('torch' in sys.modules, any(m.startswith('kdcache.cli.') and m != 'kdcache.cli.app' "
+             "for m in sys.modules))")
+    for arg in ("--help", "--version"):
+        r = subprocess.run([sys.executable, "-c", probe.format(arg=arg)], capture_output=True, text=True,
+                           env={**__import__("os").environ, "COLUMNS": "200"})
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip().splitlines()[-1] == "False False", (arg, r.stdout)
+        if arg == "--version":
+            assert r.stdout.splitlines()[0] == f"kdcache {__version__}"
+        else:
+            for name, entry in COMMANDS.items():
+                assert name in r.stdout and entry.summary.split(":")[0][:40] in " ".join(r.stdout.split()), name
+            assert "<bool>" not in r.stdout
+
+
+def test_the_command_table_matches_the_commands():
+    """Each command the help lists is defined in the module the table names, with the table's summary
+    as the first line of its help; no command is missing from the table."""
+    import importlib
+
+    import typer.main
+
+    from kdcache.cli.app import COMMANDS, all_commands, app
+
+    commands = all_commands()
+    assert set(commands) == set(COMMANDS) and list(typer.main.get_command(app).list_commands(None)) == list(COMMANDS)
+    for name, entry in COMMANDS.items():
+        fn = commands[name].callback.__wrapped__
+        assert fn.__module__ == f"kdcache.cli.{entry.module}", name
+        assert importlib.import_module(fn.__module__)
+        assert (commands[name].help or "").strip().splitlines()[0] == entry.summary, name
+
+
+def test_help_groups_options_in_panels_the_essential_ones_first():
+    r = kd("train-student", "--help", env={"COLUMNS": "200"})
+    assert r.exit_code == 0
+    out = r.output
+    panels = [p for p in ("Inputs and outputs", "Method", "Training", "Augmentation", "Data", "Hardware", "Logging")
+              if f"─ {p} " in out]
+    assert panels == ["Inputs and outputs", "Method", "Training", "Augmentation", "Data", "Hardware", "Logging"]
+    assert [out.index(f"─ {p} ") for p in panels] == sorted(out.index(f"─ {p} ") for p in panels)
+    for option in ("--cache", "--out", "--student", "--method"):
+        assert out.index(option) < out.index("--wandb") and out.index(option) < out.index("--epochs"), option
+    assert out.index("--cache ") < out.index("--config ")  # within the first panel too
+    assert "<bool>" not in out
+    r = kd("build-teacher-cache", "--help", env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and r.output.index("--weights ") < r.output.index("--topk ") < r.output.index("--device ")
+
+
+def test_the_default_method_is_the_one_the_benchmarks_chose_for_the_task(tmp_path, monkeypatch):
+    """No --method: dist for a segmentation cache, kl for a classification one (the run folder is
+    named after it, config.json records it); --help says why."""
+    from fake_data import make_teacher
+
+    from kdcache.checkpoint import save_checkpoint
+    from kdcache.distill import DEFAULT_METHOD
+    from kdcache.models import build_model
+
+    assert DEFAULT_METHOD == {"segmentation": "dist", "classification": "kl"}
+    help_text = " ".join(kd("train-student", "--help", env={"COLUMNS": "200"}).output.split())
+    assert "Default: dist for segmentation, kl for classification: the benchmarks' best on val" in help_text
+    monkeypatch.chdir(tmp_path)  # the default run folders, runs/student-<method>, go here
+    seg = make_teacher(tmp_path / "seg.pt")
+    cls = tmp_path / "cls.pt"
+    save_checkpoint(cls, build_model("demo_cls_teacher", 10, width=8), config={
+        "model": "demo_cls_teacher", "num_classes": 10, "model_options": {"width": 8}})
+    cases = (("segmentation", seg, ["--resolution", "32x48"], "demo_student"),
+             ("classification", cls, ["--dataset", "shapes", "-o", "size=8", "-o", "resolution=24"], "demo_cls_student"))
+    for task, teacher, data, model in cases:
+        store = tmp_path / f"{task}.zarr"
+        r = kd("build-teacher-cache", "--weights", teacher, "--out", store, "--limit", 4, *data, "--device", "cpu",
+               "--workers", 0, "--quiet")
+        assert r.exit_code == 0, r.output
+        r = kd("train-student", "--cache", store, "--model", model, "--limit", 4, "--batch-size", 2, "--epochs", 1,
+               "--workers", 0, "--device", "cpu", "--quiet")
+        assert r.exit_code == 0, r.output
+        config = json.loads((tmp_path / "runs" / f"student-{DEFAULT_METHOD[task]}" / "config.json").read_text())
+        assert [m["name"] for m in config["methods"]] == [DEFAULT_METHOD[task]] and config["task"] == task

@@ -105,6 +105,23 @@ def test_compare_errors(tmp_path):
     assert r.exit_code == 2 and "compare runs on the same images" in r.output
     r = kd("compare", tmp_path / "a", "--baseline", tmp_path / "b", "--out", tmp_path / "c", "--quiet")
     assert r.exit_code == 2 and "is not one of the compared runs" in r.output
+    # the same run twice: refused, not a table with a row repeated
+    r = kd("compare", tmp_path / "a", tmp_path / "b", tmp_path / "b" / ".." / "a", "--out", tmp_path / "c", "--quiet")
+    assert r.exit_code == 2 and f"{tmp_path / 'a'} is given twice (as {tmp_path / 'b' / '..' / 'a'}); give each run " \
+        "once" in " ".join(r.output.split()), r.output
+    # runs of other classes (another class count) cannot be scored on one set of images, whatever the data root
+    from fake_data import make_mixed_size_folders
+
+    lab, _ = make_mixed_size_folders(tmp_path / "data")
+    assert kd("train-teacher", "--model", "tiny_models:TinyNet", "--dataset", "folder", "--data-root", lab,
+              "--train-split", "all", "--val-split", "all", "--crop-size", "32x32", "--batch-size", "2", "--workers",
+              "0", "--epochs", "1", "--quiet", "--out", tmp_path / "three").exit_code == 0
+    for extra in ([], ["--data-root", lab]):
+        r = kd("compare", tmp_path / "a", tmp_path / "three", *extra, "--out", tmp_path / "c", "--quiet")
+        assert r.exit_code == 2 and f"{tmp_path / 'a'} was trained on the data set 'synthetic' (11 classes) and " \
+            f"{tmp_path / 'three'} on 'folder' (3 classes): runs of different data sets or classes cannot be scored " \
+            "on the same images (no --data-root changes that)" in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "c").exists()
 
 
 def test_the_per_class_view_by_hand():
