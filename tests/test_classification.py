@@ -523,6 +523,10 @@ def test_classification_bad_input(teacher, tmp_path):
     r = kd("train-teacher", "--model", "demo_cls_student", *SHAPES, "--crop-area", "0.5,1.5", "--out",
            tmp_path / "c", "--quiet")
     assert r.exit_code == 2 and "--crop-area must be a finite number in (0, 1], got 1.5" in r.output
+    r = kd("train-teacher", "--model", "demo_cls_student", *SHAPES, "--crop-area", "0.9,0.5", "--out",
+           tmp_path / "c", "--quiet")
+    assert r.exit_code == 2 and "--crop-area must be 'lo,hi' with 0 < lo <= hi <= 1 (shares of the image), got " \
+                                "(0.9, 0.5)" in r.output
     # an ImageFolder with other classes than the cache's
     rng = np.random.default_rng(3)
     for name in ("a", "b"):

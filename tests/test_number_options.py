@@ -148,6 +148,8 @@ def test_the_library_refuses_them_too():
 
     with pytest.raises(KDCacheError, match="--lr must be a finite number > 0, got nan"):
         TrainConfig(lr=float("nan")).validate()
+    with pytest.raises(KDCacheError, match="--lr takes a finite number > 0, got 'fast'"):
+        TrainConfig(lr="fast").validate()
     with pytest.raises(KDCacheError, match="momentum must be a finite number, got inf"):
         TrainConfig(momentum=float("inf")).validate()
     with pytest.raises(KDCacheError, match=r"--unlabeled-share must be a finite number in \(0, 1\), got 1"):
