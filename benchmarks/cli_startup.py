@@ -44,6 +44,13 @@ def imports_torch(cmd: list[str]) -> bool:
     return any(line.rsplit("|", 1)[-1].strip() == "torch" for line in r.stderr.splitlines())
 
 
+def commit() -> str:
+    """The checkout's commit (and whether it has uncommitted changes), for the results file."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    return (head or "unknown") + (" + uncommitted changes" if dirty else "")
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -72,7 +79,8 @@ def main() -> None:
     lines = [
         "# `kdcache --help` and `--version`: start-up time",
         "",
-        f"Machine: cpu: {cpu_name()}; Python {platform.python_version()}. `python benchmarks/cli_startup.py "
+        f"Machine: cpu: {cpu_name()}; Python {platform.python_version()}; run at {commit()}. "
+        "`python benchmarks/cli_startup.py "
         f"--rounds {args.rounds}`: each command run {args.rounds} times as a whole process, the commands "
         "interleaved in a rotating order; the ratio is the median over rounds of each round's own ratio to "
         "`kdcache --help`. Target: `kdcache --help` ≤ 0.5 s, without importing torch.",
