@@ -162,6 +162,12 @@ def test_the_library_refuses_them_too():
         build_method("dist", temperature=float("nan"))
     with pytest.raises(KDCacheError, match="method 'kl': temperature takes a number, got 'warm'"):
         build_method("kl", temperature="warm")
+    # a method built directly checks its bounds too (the outermost constructor, once)
+    with pytest.raises(KDCacheError, match="method 'dist': gamma must be a finite number >= 0, got -inf"):
+        METHODS.get("dist")(gamma=float("-inf"))
+    with pytest.raises(KDCacheError, match="method 'at': weight must be a finite number >= 0, got nan"):
+        METHODS.get("at")(weight=float("nan"), student_tap="s", teacher_tap="t")
+    assert METHODS.get("kl")(temperature=2).temperature == 2.0
 
 
 def test_bounds_read_as_written():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -73,10 +74,27 @@ def fill_in(methods: list[dict], **values) -> list[dict]:
 def option_bounds(name: str) -> dict[str, str]:
     """The declared bounds of method ``name``'s number options (:attr:`KDMethod.bounds`, merged
     over its classes, the subclass's winning)."""
+    return _class_bounds(METHODS.get(name))
+
+
+def _class_bounds(cls: type) -> dict[str, str]:
     out: dict[str, str] = {}
-    for klass in reversed(METHODS.get(name).__mro__):
+    for klass in reversed(cls.__mro__):
         out.update(vars(klass).get("bounds", {}))
     return out
+
+
+def _check_numbers(cls: type, name: str, options: dict) -> None:
+    """Each number option of method class ``cls`` among ``options`` a finite number within its bounds."""
+    params = {k: p for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+    bounds = _class_bounds(cls)
+    for key, value in options.items():
+        if key not in params or not _takes_number(params[key]) or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            default = params[key].default if params[key].default not in (None, inspect.Parameter.empty) else 1
+            raise MethodError(f"method '{name}': {key} takes a number, got {value!r}; e.g. {name}:{key}={default}")
+        check_number(value, f"method '{name}': {key}", bounds.get(key))
 
 
 def number_options(name: str) -> list[str]:
@@ -92,14 +110,7 @@ def check_options(name: str, options: dict) -> None:
     if unknown:
         raise MethodError(f"method '{name}' takes no option {', '.join(map(repr, unknown))}; its options: "
                           f"{', '.join(params) or 'none'}")
-    bounds = option_bounds(name)
-    for key, value in options.items():
-        if not _takes_number(params[key]) or value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise MethodError(f"method '{name}': {key} takes a number, got {value!r}; e.g. {name}:{key}="
-                              f"{option_default(name, key) if option_default(name, key) is not None else 1}")
-        check_number(value, f"method '{name}': {key}", bounds.get(key))
+    _check_numbers(METHODS.get(name), name, options)
 
 
 def check_spec(spec: dict) -> None:
@@ -151,6 +162,27 @@ class KDMethod(nn.Module):
     def __init__(self, weight: float | None = None):
         super().__init__()
         self.weight = self.default_weight if weight is None else float(weight)
+
+    def __init_subclass__(cls, **kwargs):
+        """A method built directly (``PixelKL(temperature=…)``, not through :func:`build_method`) checks
+        its number options against :attr:`bounds` too: each subclass's constructor is wrapped so that
+        the outermost one checks what it was given before it runs (a ``super().__init__`` call does
+        not check again)."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def checked(self, *args, **kw):
+            if type(self).__init__ is checked:
+                given = signature.bind(self, *args, **kw).arguments
+                _check_numbers(type(self), type(self).name or type(self).__name__,
+                               {k: v for k, v in given.items() if k != "self"})
+            init(self, *args, **kw)
+
+        cls.__init__ = checked
 
     def student_taps(self) -> list[str]:
         """Student modules whose outputs this method reads."""
