@@ -129,7 +129,8 @@ class OutputFolder:
         found = cls.check(path, kind, option=option, legacy=legacy)
         folder = found or cls(Path(path).expanduser(), kind, (), option)
         make_folder(folder.path, option)
-        folder._save()
+        if not (folder.path / MARKER).exists():  # a new folder, or a run of an earlier kdcache adopted
+            folder._save()
         return folder
 
     @staticmethod
