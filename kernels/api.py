@@ -105,37 +105,26 @@ def _scales(ignore_mask, labels, ignore_index, ce_weight, reduction, N, P, devic
     return torch.stack(parts).float()
 
 
-class _TopKKL(torch.autograd.Function):
+class _NumbaTopKKL(torch.autograd.Function):
+    """The CPU path: the Numba kernel writes the loss and its gradient in one pass over the student;
+    the backward scales that gradient by the incoming one."""
+
     @staticmethod
     def forward(ctx, student, values, indices, tail, ignore_mask, labels, T, tail_policy, reduction,
-                ignore_index, ce_weight, backend):
+                ignore_index, kd_weight, ce_weight):
         N, C = student.shape[:2]
         spatial = student.shape[2:]
         s, v, i, t, ign, lab = _views(student, values, indices, tail, ignore_mask, labels)
         P = s.shape[2]
         k = v.shape[1]
         with_tail = tail_policy == "bin" and k < C
-        scales = _scales(ign, lab, ignore_index, ce_weight, reduction, N, P, student.device)
-        if backend == "numba":
-            grad, loss = _run_numba(s, v, i, t if with_tail else None, ign, lab, T, with_tail,
-                                    ignore_index, scales, reduction == "none")
-            grad = grad.to(student.dtype)
-            if reduction == "none":
-                loss = loss.view(N, *spatial)
-        else:
-            # imported on first use, not to dodge a cycle: triton exists only on Linux with a
-            # GPU-capable torch, and importing it costs seconds that a CPU run never needs
-            from kdcache.kernels.triton_kl import launch, programs_per_sample
-
-            grad = torch.empty((N, C, P), dtype=student.dtype, device=student.device)
-            if reduction == "none":
-                out = torch.empty(N * P, dtype=torch.float32, device=student.device)
-            else:
-                out = torch.empty(N * programs_per_sample(C, P), dtype=torch.float32, device=student.device)
-            launch(s, v, i, t if with_tail else None, ign.to(torch.uint8) if ign is not None else None, lab,
-                   grad, scales, T=T, with_tail=with_tail, ignore_index=ignore_index,
-                   per_position=reduction == "none", loss_out=out)
-            loss = out.view(N, *spatial) if reduction == "none" else out.sum()
+        scales = _scales(ign, lab, ignore_index, ce_weight, reduction, N, P, student.device) * torch.tensor(
+            [float(kd_weight), 1.0])
+        grad, loss = _run_numba(s, v, i, t if with_tail else None, ign, lab, T, with_tail,
+                                ignore_index, scales, reduction == "none")
+        grad = grad.to(student.dtype)
+        if reduction == "none":
+            loss = loss.view(N, *spatial)
         ctx.reduction = reduction
         ctx.shape = student.shape
         ctx.save_for_backward(grad)
@@ -147,7 +136,7 @@ class _TopKKL(torch.autograd.Function):
         N, C = ctx.shape[:2]
         if ctx.reduction == "none":
             g = grad * grad_out.reshape(N, 1, -1).to(grad.dtype)
-        elif grad_out.device.type == "cpu" and float(grad_out) == 1.0:
+        elif float(grad_out) == 1.0:
             g = grad  # loss.backward() on the CPU: reading the scalar costs nothing, skip a pass
         else:
             g = grad * grad_out.to(grad.dtype)
@@ -264,7 +253,7 @@ def topk_kl(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_
             teacher_tail: torch.Tensor | None = None, *, temperature: float = 1.0,
             ignore_mask: torch.Tensor | None = None, reduction: str = "mean", tail: str = "bin",
             backend: str = "auto", labels: torch.Tensor | None = None, ignore_index: int = 255,
-            ce_weight: float = 1.0, check_inputs: bool = True) -> torch.Tensor:
+            ce_weight: float = 1.0, weight: float = 1.0, check_inputs: bool = True) -> torch.Tensor:
     """T² × KL(teacher ‖ student) from a top-k teacher, fused with its gradient.
 
     ``student_logits`` [N, C] or [N, C, *spatial] (fp32/fp16/bf16, differentiable);
@@ -274,7 +263,8 @@ def topk_kl(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_
     ``ignore_mask`` bool [N, *spatial], True = ignored. ``reduction``: ``mean`` over non-ignored
     positions (all ignored gives 0 and a zero gradient), ``sum`` or ``none`` (a map).
     ``labels`` (+ ``ignore_index``) adds ``ce_weight`` × the cross-entropy at T = 1 in the same
-    pass. ``check_inputs`` validates class ids against C (one host synchronisation); shapes,
+    pass. ``weight`` multiplies the KD term inside the kernel (a method's weight: no extra launch).
+    ``check_inputs`` validates class ids against C (one host synchronisation); shapes,
     dtypes, k and the temperature are always checked.
     """
     _check(student_logits, teacher_values, teacher_indices, teacher_tail, temperature, ignore_mask,
@@ -284,12 +274,20 @@ def topk_kl(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_
     if backend == "torch":
         return topk_kl_reference(student_logits, teacher_values, teacher_indices, teacher_tail,
                                  temperature=temperature, ignore_mask=ignore_mask, reduction=reduction,
-                                 tail=tail, labels=labels, ignore_index=ignore_index, ce_weight=ce_weight)
+                                 tail=tail, labels=labels, ignore_index=ignore_index, ce_weight=ce_weight,
+                                 weight=weight)
     if student_logits.dtype == torch.float64:
         raise KernelInputError("float64 student logits run on the torch backend only (backend='torch')")
     if backend == "numba" and student_logits.device.type != "cpu":
         raise KernelInputError("the numba backend runs on CPU tensors; use backend='triton' (or 'auto') for CUDA")
     if backend == "triton" and not triton_usable(student_logits.device):
         raise KernelInputError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)")
-    return _TopKKL.apply(student_logits, teacher_values, teacher_indices, teacher_tail, ignore_mask, labels,
-                         float(temperature), tail, reduction, int(ignore_index), float(ce_weight), backend)
+    if backend == "numba":
+        return _NumbaTopKKL.apply(student_logits, teacher_values, teacher_indices, teacher_tail, ignore_mask, labels,
+                                  float(temperature), tail, reduction, int(ignore_index), float(weight),
+                                  float(ce_weight))
+    from kdcache.kernels.triton_op import topk_kl_triton
+
+    return topk_kl_triton(student_logits, teacher_values, teacher_indices, teacher_tail, ignore_mask, labels,
+                          float(temperature), tail == "bin" and teacher_values.shape[1] < student_logits.shape[1],
+                          reduction, int(ignore_index), float(weight), float(ce_weight))

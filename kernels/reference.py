@@ -13,7 +13,7 @@ temperature T.
   KL = Σ_bins p (log p − log q).
 * ``renormalize``: the teacher over K alone, p̂ = softmax(v / T); KL = Σ_K p̂ (log p̂ − log q).
 
-The loss is T² × KL, averaged over non-ignored positions (``mean``), summed (``sum``) or
+The loss is ``weight`` × T² × KL, averaged over non-ignored positions (``mean``), summed (``sum``) or
 returned per position (``none``). With ``labels``, ``ce_weight`` × the hard-label cross-entropy
 at T = 1 is added (positions whose label is ``ignore_index`` left out; ``mean`` averages it over
 its own valid positions).
@@ -30,7 +30,7 @@ def topk_kl_reference(student_logits: torch.Tensor, teacher_values: torch.Tensor
                       teacher_indices: torch.Tensor, teacher_tail: torch.Tensor | None = None, *,
                       temperature: float = 1.0, ignore_mask: torch.Tensor | None = None,
                       reduction: str = "mean", tail: str = "bin", labels: torch.Tensor | None = None,
-                      ignore_index: int = 255, ce_weight: float = 1.0) -> torch.Tensor:
+                      ignore_index: int = 255, ce_weight: float = 1.0, weight: float = 1.0) -> torch.Tensor:
     s = student_logits
     C = s.shape[1]
     k = teacher_values.shape[1]
@@ -55,7 +55,7 @@ def topk_kl_reference(student_logits: torch.Tensor, teacher_values: torch.Tensor
         kl = (log_p.exp() * (log_p - log_q_bins)).sum(1)
     else:
         raise ValueError(f"tail must be 'bin' or 'renormalize', got {tail!r}")
-    loss = (T * T) * kl
+    loss = (float(weight) * T * T) * kl
     if ignore_mask is not None:
         loss = loss.masked_fill(ignore_mask, 0.0)
     ce = None

@@ -1,28 +1,42 @@
-"""The GPU path: a Triton kernel that computes the loss and writes the gradient in one launch.
+"""The GPU path: Triton kernels for the top-k softmax-KL loss, a forward and a backward launch.
 
-The student is addressed as [N, C, P] with class stride ``stride_c`` and positions contiguous:
-NCHW logits are read in place (class stride H·W, coalesced along pixels), and rows [N, C]
-are the same kernel with P = 1 and class stride 1. Each program owns ``BLOCK_P`` positions of
-one sample and walks the class axis in ``BLOCK_C`` tiles:
+The design sits at the memory floor rather than on the tensor cores: the loss reads the student
+once per pass and does a few dozen arithmetic instructions per element, so what matters is how
+many bytes move and whether anything waits on shared memory. Two layouts:
 
-* pass 1: online max/sum of the student at T (and at T = 1 with labels), and an online
-  log-sum-exp over the classes outside the top k (membership by comparing the tile's class ids
-  with the k teacher ids), so the student's tail mass never comes from 1 − Σ_K q;
-* pass 2: the gradient of T²·KL (+ the weighted cross-entropy) is written tile by tile.
+* **maps** ([N, C, P], classes strided by ``s_sc``, pixels by ``s_sp``; NCHW has ``s_sp = 1`` and
+  ``channels_last`` has ``s_sc = 1``, both read in place): each program owns ``BLOCK_P`` pixels of one
+  sample (``SPT`` consecutive pixels a thread, so a class's values load as one vector) and walks
+  the classes one at a time with per-thread arithmetic. Nothing is reduced across threads inside
+  the class loop: no shared memory, no barriers, no power-of-two padding of C.
+* **rows** ([N, C], classes contiguous): one program per row, ``BLOCK_C`` classes a step with
+  per-lane accumulators, and one cross-warp reduction at the end; ``num_warps`` grows with C.
 
-A single class tile (C ≤ BLOCK_C, e.g. segmentation's 19 or 150 classes) makes pass 2 a reread
-of what pass 1 just loaded. Loss sums are fp32 and written per program, then summed by the
-caller in a fixed order: the result is deterministic (no atomics), with no host synchronisation.
+Per pass, per element, one exponential:
 
-What the CPU interpreter cannot show, and how the kernel guards against it on a GPU:
+* forward: an online log-sum-exp kept in two groups (the teacher's top k, the rest), so that the
+  student's tail log-mass is a sum of positives and never 1 − Σ_K q; the teacher's k ids and
+  probabilities are loaded once per pixel into registers (``K`` is a compile-time constant, the
+  compare-and-select against the class id unrolls), and Σ_K p·z accumulates in the same loop.
+  Written: the loss and, per pixel, two or three fp32 statistics (the student's log-sum-exp and
+  tail log-sum-exp; the T = 1 log-sum-exp when labels come with T ≠ 1);
+* backward: the gradient from those statistics, the student read once more and the gradient written
+  once in the logits' dtype, scaled by the incoming gradient read by pointer.
+
+No [N, C, P] tensor lives between the two launches. A summed or averaged loss is reduced inside
+the forward launch: each program writes its partial sums, and the last program to finish (an
+atomic ticket) adds them in program order, so the result is deterministic without a second launch
+or a host synchronisation; it also leaves the 1/count scales that the backward reads.
+
+What the CPU interpreter cannot show, and how the kernels guard against it on a GPU:
 
 * every pointer offset is int64 (the program id and the aranges are widened before they meet a
-  stride), so C·P or N·C·P past 2^31 elements does not wrap;
-* every load is widened (fp16/bf16 to fp32, ids to int64) before any arithmetic;
-* the grid is 1-D (N × position blocks), so more than 65535 samples or rows still launch;
-* ``num_warps`` / ``num_stages`` are launch settings (:data:`NUM_WARPS`, :data:`NUM_STAGES`,
-  or :func:`launch`'s arguments) that must not change results; tests/test_kernels_cuda.py runs
-  the same inputs under several, and checks the compiled IR for 32-bit offsets and unwidened loads.
+  stride; the class loop advances pointers instead of multiplying a 32-bit class id by a stride);
+* every load is widened (fp16/bf16 to fp32, ids to int32) before any arithmetic;
+* the grid is 1-D, so more than 65535 samples or rows still launch;
+* ``num_warps`` is a launch setting that must not change results; tests/test_kernels_cuda.py runs
+  the same inputs under several, and tests/test_kernel_build.py compiles every variant for sm_90 and
+  reads ptxas's register and spill counts and the PTX for shared memory in the class loop.
 """
 
 from __future__ import annotations
@@ -32,202 +46,676 @@ import math
 import triton
 import triton.language as tl
 
+#: a running maximum's start: finite, so that a masked lane's −inf never meets −inf (a NaN)
+_NEG = tl.constexpr(-3.0e38)
+#: teachers with up to this many logits per position keep their ids and probabilities in registers;
+#: more (a dense cache of many classes) reload them from L1 inside the class loop
+CAPTURE_MAX_K = 16
+
 
 @triton.jit
-def _topk_kl_kernel(
-    s_ptr, v_ptr, i_ptr, t_ptr, ign_ptr, lab_ptr, g_ptr, loss_ptr, scale_ptr,
-    C, P, K, inv_t, T, log_rest, ignore_index,
-    s_sn, s_sc, v_sn, v_sk, i_sn, i_sk, t_sn, ign_sn, lab_sn, g_sn, g_sc,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, K_PAD: tl.constexpr,
-    WITH_TAIL: tl.constexpr, HAS_IGN: tl.constexpr, HAS_LAB: tl.constexpr, PER_POSITION: tl.constexpr,
+def _lse_step(m, a, z):
+    """One online log-sum-exp step with one exponential: (max, Σ exp(· − max)) after seeing z."""
+    e = tl.exp(-tl.abs(z - m))
+    return tl.maximum(m, z), tl.where(z > m, a * e + 1.0, a + e)
+
+
+@triton.jit
+def _lse(m, a):
+    return m + tl.log(a)
+
+
+@triton.jit
+def _logaddexp(x, y):
+    hi = tl.maximum(x, y)
+    hi_safe = tl.where(hi == float("-inf"), 0.0, hi)
+    return hi_safe + tl.log(tl.exp(x - hi_safe) + tl.exp(y - hi_safe))
+
+
+# -- maps: [N, C, P] --------------------------------------------------------------------------------
+
+
+@triton.jit
+def _map_capture(v_base, i_base, mask_p, inv_t, log_z, v_sk, i_sk, K: tl.constexpr, CAPTURE: tl.constexpr):
+    """The teacher's k ids and probabilities of a block of pixels, held in registers (k ≤ CAPTURE_MAX_K)."""
+    ids = ()
+    ps = ()
+    if CAPTURE:
+        v_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
+        i_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
+        for j in tl.static_range(K):
+            ids = ids + (tl.load(i_base + i_off, mask=mask_p, other=-1).to(tl.int32),)
+            ps = ps + (tl.exp(tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t - log_z),)
+            v_off += v_sk
+            i_off += i_sk
+    return ids, ps
+
+
+@triton.jit
+def _class_hits(c, ids, ps, v_base, i_base, mask_p, inv_t, log_z, v_sk, i_sk, K: tl.constexpr,
+                CAPTURE: tl.constexpr):
+    """Whether class c is among each pixel's top k, and the teacher's probability of it there (else 0)."""
+    hit = tl.zeros(mask_p.shape, tl.int1)
+    pc = tl.zeros(mask_p.shape, tl.float32)
+    if CAPTURE:
+        for j in tl.static_range(K):
+            h = ids[j] == c
+            hit = hit | h
+            pc = tl.where(h, ps[j], pc)
+    else:
+        v_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
+        i_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
+        for jd in range(K):
+            h = tl.load(i_base + i_off, mask=mask_p, other=-1).to(tl.int32) == c
+            lpj = tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t - log_z
+            v_off += v_sk
+            i_off += i_sk
+            hit = hit | h
+            pc = tl.where(h, tl.exp(lpj), pc)
+    return hit, pc
+
+
+@triton.jit
+def _fwd_class(x, c, ids, ps, y, mk, ak, mt, at, dot, m1, a1, x_y, v_base, i_base, mask_p, inv_t, log_z, v_sk, i_sk,
+               K: tl.constexpr, CAPTURE: tl.constexpr, WITH_TAIL: tl.constexpr, HAS_LAB: tl.constexpr,
+               LSE1: tl.constexpr):
+    """The forward's running statistics after class c (x: the student's logits of the block's pixels)."""
+    z = x * inv_t
+    hit, pc = _class_hits(c, ids, ps, v_base, i_base, mask_p, inv_t, log_z, v_sk, i_sk, K, CAPTURE)
+    dot += pc * z
+    if WITH_TAIL:
+        mg, ag = _lse_step(tl.where(hit, mk, mt), tl.where(hit, ak, at), z)
+        mk = tl.where(hit, mg, mk)
+        ak = tl.where(hit, ag, ak)
+        mt = tl.where(hit, mt, mg)
+        at = tl.where(hit, at, ag)
+    else:
+        mk, ak = _lse_step(mk, ak, z)
+    if HAS_LAB:
+        x_y = tl.where(y == c, x, x_y)
+        if LSE1:
+            m1, a1 = _lse_step(m1, a1, x)
+    return mk, ak, mt, at, dot, m1, a1, x_y
+
+
+@triton.jit
+def _bwd_class(x, c, ids, ps, y, lse, lt, ct, q_tail, lse1, f_kd, f_ce, v_base, i_base, mask_p, inv_t, log_z, v_sk,
+               i_sk, K: tl.constexpr, CAPTURE: tl.constexpr, WITH_TAIL: tl.constexpr, HAS_LAB: tl.constexpr,
+               LSE1: tl.constexpr):
+    """The gradient of class c."""
+    z = x * inv_t
+    hit, pc = _class_hits(c, ids, ps, v_base, i_base, mask_p, inv_t, log_z, v_sk, i_sk, K, CAPTURE)
+    if WITH_TAIL:
+        e = tl.exp(z - tl.where(hit, lse, lt))
+        g = tl.where(hit, e - pc, e * ct) * f_kd
+    else:
+        e = tl.exp(z - lse)
+        g = (e - pc) * f_kd
+    if HAS_LAB:
+        if LSE1:
+            q1 = tl.exp(x - lse1)
+        elif WITH_TAIL:
+            q1 = tl.where(hit, e, e * q_tail)
+        else:
+            q1 = e
+        g += f_ce * (q1 - tl.where(y == c, 1.0, 0.0))
+    return g
+
+
+@triton.jit
+def _map_fwd(
+    s_ptr, v_ptr, i_ptr, t_ptr, ign_ptr, lab_ptr, stat_ptr, part_ptr, ticket_ptr, out_ptr, scale_ptr,
+    C, P, inv_t, T, log_rest, ignore_index, kd_weight, ce_weight, num_programs,
+    s_sn, s_sc, s_sp, v_sn, v_sk, i_sn, i_sk, t_sn, ign_sn, lab_sn, stat_s,
+    K: tl.constexpr, BLOCK_P: tl.constexpr, CAPTURE: tl.constexpr, WITH_TAIL: tl.constexpr,
+    HAS_IGN: tl.constexpr, HAS_LAB: tl.constexpr, LSE1: tl.constexpr, REDUCTION: tl.constexpr,
+    RBLOCK: tl.constexpr, UNROLL: tl.constexpr,
 ):
-    # a 1-D grid of N × cdiv(P, BLOCK_P) programs, sample-major (a grid's axis 1 stops at 65535).
-    # Every offset below is int64: program ids and aranges are widened *before* they meet a stride,
-    # so no product wraps at 2^31 elements (C·P or N·C·P past 2^31 happen on a GPU, never in the
-    # interpreter tests' tiny shapes).
     pid = tl.program_id(0).to(tl.int64)
     num_p = (P + BLOCK_P - 1) // BLOCK_P
     n = pid // num_p
-    pid_p = pid - n * num_p
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    offs_p = (pid - n * num_p) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
     mask_p = offs_p < P
-    offs_c = tl.arange(0, BLOCK_C).to(tl.int64)
-    kd_scale = tl.load(scale_ptr)
-    ce_scale = tl.load(scale_ptr + 1)
+    v_base = v_ptr + n * v_sn + offs_p
+    i_base = i_ptr + n * i_sn + offs_p
 
-    s_base = s_ptr + n * s_sn + offs_p[None, :]
-    g_base = g_ptr + n * g_sn + offs_p[None, :]
-    v_row = v_ptr + n * v_sn + offs_p  # teacher value j of the block's positions: v_row + j * v_sk
-    i_row = i_ptr + n * i_sn + offs_p
-
-    # teacher: k values and ids for the block's positions, [K_PAD, BLOCK_P]; every load is
-    # widened to fp32 (or int64 for ids) before any arithmetic (bf16/fp16 inputs)
-    offs_k = tl.arange(0, K_PAD).to(tl.int64)
-    mask_kp = (offs_k[:, None] < K) & mask_p[None, :]
-    a = tl.load(v_row[None, :] + offs_k[:, None] * v_sk, mask=mask_kp, other=float("-inf")).to(tl.float32) * inv_t
-    ids = tl.load(i_row[None, :] + offs_k[:, None] * i_sk, mask=mask_kp, other=0).to(tl.int64)
-
-    kd_on = mask_p
-    if HAS_IGN:
-        ign = tl.load(ign_ptr + n * ign_sn + offs_p, mask=mask_p, other=1)
-        kd_on = kd_on & (ign == 0)
-    y = tl.full([BLOCK_P], -1, tl.int64)
-    if HAS_LAB:
-        y = tl.load(lab_ptr + n * lab_sn + offs_p, mask=mask_p, other=ignore_index).to(tl.int64)
-        y = tl.where((y == ignore_index) | (~mask_p), -1, y)
-
-    # pass 1: student statistics
-    m = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    acc = tl.zeros([BLOCK_P], tl.float32)
-    m1 = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    acc1 = tl.zeros([BLOCK_P], tl.float32)
-    mt = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    st = tl.zeros([BLOCK_P], tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cls = c0 + offs_c
-        mask = (cls[:, None] < C) & mask_p[None, :]
-        x = tl.load(s_base + cls[:, None] * s_sc, mask=mask, other=float("-inf")).to(tl.float32)
-        z = x * inv_t
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        acc = acc * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[None, :]), axis=0)
-        m = m_new
-        if HAS_LAB:
-            m1_new = tl.maximum(m1, tl.max(x, axis=0))
-            m1_safe = tl.where(m1_new == float("-inf"), 0.0, m1_new)
-            acc1 = acc1 * tl.exp(m1 - m1_safe) + tl.sum(tl.exp(x - m1_safe[None, :]), axis=0)
-            m1 = m1_new
-        if WITH_TAIL:
-            in_k = tl.zeros([BLOCK_C, BLOCK_P], tl.int1)
-            for j in range(0, K):
-                idj = tl.load(i_row + tl.cast(j, tl.int64) * i_sk, mask=mask_p, other=-1).to(tl.int64)
-                in_k = in_k | (cls[:, None] == idj[None, :])
-            zt = tl.where(in_k | (~mask), float("-inf"), z)
-            mt_new = tl.maximum(mt, tl.max(zt, axis=0))
-            mt_safe = tl.where(mt_new == float("-inf"), 0.0, mt_new)
-            st = st * tl.exp(mt - mt_safe) + tl.sum(tl.exp(zt - mt_safe[None, :]), axis=0)
-            mt = mt_new
-    lse = m + tl.log(acc)
-    lse1 = m1 + tl.log(acc1)
-
-    # teacher bins
-    amax = tl.max(a, axis=0)
+    # the teacher at T: log Z over the k bins (+ the tail bin), then p_j, Σ p_j log p_j and Σ p_j
+    mz = tl.full([BLOCK_P], _NEG, tl.float32)
+    sz = tl.zeros([BLOCK_P], tl.float32)
     a_tail = tl.zeros([BLOCK_P], tl.float32)
     if WITH_TAIL:
         tail = tl.load(t_ptr + n * t_sn + offs_p, mask=mask_p, other=0.0).to(tl.float32)
         a_tail = log_rest + (tail - log_rest) * inv_t
-        amax = tl.maximum(amax, a_tail)
-    amax = tl.where(mask_p, amax, 0.0)
-    zsum = tl.sum(tl.exp(a - amax[None, :]), axis=0)
-    if WITH_TAIL:
-        zsum += tl.exp(a_tail - amax)
-    log_z = amax + tl.log(zsum)
-    lp = a - log_z[None, :]
-    pk = tl.where(mask_kp, tl.exp(lp), 0.0)
-    # the student's log q at the teacher's ids (a gather along the class axis)
-    xk = tl.load(s_base + ids * s_sc, mask=mask_kp, other=0.0).to(tl.float32)
-    lq = xk * inv_t - lse[None, :]
-    kl = tl.sum(tl.where(mask_kp, pk * (lp - lq), 0.0), axis=0)
-    l_tail = tl.zeros([BLOCK_P], tl.float32)
-    p_tail = tl.zeros([BLOCK_P], tl.float32)
-    if WITH_TAIL:
-        l_tail = mt + tl.log(st)
-        lp_tail = a_tail - log_z
-        p_tail = tl.exp(lp_tail)
-        kl += p_tail * (lp_tail - (l_tail - lse))
-    total = tl.where(kd_on, kd_scale * T * T * kl, 0.0)  # where, not a product: ignored rows may hold NaN
+        mz, sz = _lse_step(mz, sz, a_tail)
+    v_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
+    for jt in range(K):
+        mz, sz = _lse_step(mz, sz, tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t)
+        v_off += v_sk
+    log_z = _lse(mz, sz)
+    plogp = tl.zeros([BLOCK_P], tl.float32)
+    p_k = tl.zeros([BLOCK_P], tl.float32)
+    v_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
+    for jt in range(K):
+        lpj = tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t - log_z
+        v_off += v_sk
+        plogp += tl.exp(lpj) * lpj
+        p_k += tl.exp(lpj)
+    ids, ps = _map_capture(v_base, i_base, mask_p, inv_t, log_z, v_sk, i_sk, K, CAPTURE)
+
+    y = tl.full([BLOCK_P], -1, tl.int32)
     if HAS_LAB:
-        sy = tl.load(s_base + tl.where(y >= 0, y, 0)[None, :] * s_sc, mask=(y >= 0)[None, :], other=0.0).to(tl.float32)
-        ce = lse1 - tl.sum(sy, axis=0)
-        total += tl.where(y >= 0, ce_scale * ce, 0.0)
-    total = tl.where(mask_p, total, 0.0)
+        y = tl.load(lab_ptr + n * lab_sn + offs_p, mask=mask_p, other=ignore_index).to(tl.int32)
+        y = tl.where(y == ignore_index, -1, y)
 
-    # pass 2: the gradient
-    g_kd = kd_scale * T
-    for c0 in range(0, C, BLOCK_C):
-        cls = c0 + offs_c
-        mask = (cls[:, None] < C) & mask_p[None, :]
-        x = tl.load(s_base + cls[:, None] * s_sc, mask=mask, other=0.0).to(tl.float32)
-        z = x * inv_t
-        q = tl.exp(z - lse[None, :])
-        pc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-        in_k = tl.zeros([BLOCK_C, BLOCK_P], tl.int1)
-        for j in range(0, K):
-            j64 = tl.cast(j, tl.int64)
-            idj = tl.load(i_row + j64 * i_sk, mask=mask_p, other=-1).to(tl.int64)
-            vj = tl.load(v_row + j64 * v_sk, mask=mask_p, other=0.0).to(tl.float32)
-            hit = cls[:, None] == idj[None, :]
-            pc += tl.where(hit, tl.exp(vj * inv_t - log_z)[None, :], 0.0)
-            in_k = in_k | hit
-        g = q - pc
-        if WITH_TAIL:
-            g -= tl.where(in_k, 0.0, p_tail[None, :] * tl.exp(z - l_tail[None, :]))
-        g = tl.where(kd_on[None, :], g * g_kd, 0.0)
-        if HAS_LAB:
-            q1 = tl.exp(x - lse1[None, :])
-            onehot = tl.where(cls[:, None] == y[None, :], 1.0, 0.0)
-            g += tl.where((y >= 0)[None, :], ce_scale * (q1 - onehot), 0.0)
-        tl.store(g_base + cls[:, None] * g_sc, g.to(g_ptr.dtype.element_ty), mask=mask)
+    # the student, one class at a time: online log-sum-exp over the top-k classes and over the rest
+    mk = tl.full([BLOCK_P], _NEG, tl.float32)
+    ak = tl.zeros([BLOCK_P], tl.float32)
+    mt = tl.full([BLOCK_P], _NEG, tl.float32)
+    at = tl.zeros([BLOCK_P], tl.float32)
+    dot = tl.zeros([BLOCK_P], tl.float32)  # Σ_K p_j · z_j
+    m1 = tl.full([BLOCK_P], _NEG, tl.float32)
+    a1 = tl.zeros([BLOCK_P], tl.float32)
+    x_y = tl.zeros([BLOCK_P], tl.float32)
+    s_base = s_ptr + n * s_sn + offs_p * s_sp
+    off = n * 0  # the class offset: a scalar, never a carried pointer tensor (a layout conversion a step)
+    c_full = C - C % UNROLL
+    for c0 in range(0, c_full, UNROLL):  # UNROLL classes' loads in flight before any arithmetic
+        xs = ()
+        for u in tl.static_range(UNROLL):
+            xs = xs + (tl.load(s_base + off, mask=mask_p, other=0.0),)
+            off += s_sc
+        for u in tl.static_range(UNROLL):
+            mk, ak, mt, at, dot, m1, a1, x_y = _fwd_class(
+                xs[u].to(tl.float32), c0 + u, ids, ps, y, mk, ak, mt, at, dot, m1, a1, x_y, v_base, i_base, mask_p,
+                inv_t, log_z, v_sk, i_sk, K, CAPTURE, WITH_TAIL, HAS_LAB, LSE1)
+    for c in range(c_full, C):
+        x = tl.load(s_base + off, mask=mask_p, other=0.0).to(tl.float32)
+        off += s_sc
+        mk, ak, mt, at, dot, m1, a1, x_y = _fwd_class(
+            x, c, ids, ps, y, mk, ak, mt, at, dot, m1, a1, x_y, v_base, i_base, mask_p,
+            inv_t, log_z, v_sk, i_sk, K, CAPTURE, WITH_TAIL, HAS_LAB, LSE1)
 
-    if PER_POSITION:
-        tl.store(loss_ptr + n * P + offs_p, total, mask=mask_p)
+    lk = _lse(mk, ak)
+    lt = lk
+    lse = lk
+    if WITH_TAIL:
+        lt = _lse(mt, at)
+        lse = _logaddexp(lk, lt)
+    kl = plogp - dot + p_k * lse
+    if WITH_TAIL:
+        lp_tail = a_tail - log_z
+        kl += tl.exp(lp_tail) * (lp_tail - (lt - lse))
+    kd_on = mask_p
+    if HAS_IGN:
+        kd_on = kd_on & (tl.load(ign_ptr + n * ign_sn + offs_p, mask=mask_p, other=1) == 0)
+    kd = tl.where(kd_on, T * T * kl, 0.0)  # where, not a product: an ignored pixel may hold NaN
+    ce = tl.zeros([BLOCK_P], tl.float32)
+    ce_on = mask_p & (y >= 0)
+    if HAS_LAB:
+        lse1 = lse
+        if LSE1:
+            lse1 = _lse(m1, a1)
+            tl.store(stat_ptr + stat_s + stat_s + n * P + offs_p, lse1, mask=mask_p)
+        ce = tl.where(ce_on, lse1 - x_y, 0.0)
+    tl.store(stat_ptr + n * P + offs_p, lse, mask=mask_p)
+    if WITH_TAIL:
+        tl.store(stat_ptr + stat_s + n * P + offs_p, lt, mask=mask_p)
+
+    if REDUCTION == 2:  # none: the map
+        tl.store(out_ptr + n * P + offs_p, kd_weight * kd + ce_weight * ce, mask=mask_p)
     else:
-        tl.store(loss_ptr + pid, tl.sum(total, axis=0))  # = n * num_p + pid_p: sample-major partials
+        _finish(part_ptr, ticket_ptr, out_ptr, scale_ptr, pid, num_programs, kd_weight, ce_weight,
+                tl.sum(kd, axis=0), tl.sum(kd_on.to(tl.float32), axis=0),
+                tl.sum(ce, axis=0), tl.sum(ce_on.to(tl.float32), axis=0), REDUCTION, RBLOCK)
 
 
-def block_sizes(C: int, P: int) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_P): rows (P = 1) get one program each and wide class tiles; spatial maps
-    get the whole class axis (up to 256) by a block of pixels, ~4096 elements a tile."""
-    if P == 1:
-        return min(4096, triton.next_power_of_2(C)), 1
-    block_c = min(triton.next_power_of_2(C), 256)
-    block_p = max(16, min(256, 4096 // block_c))
-    return block_c, min(block_p, triton.next_power_of_2(P))
+@triton.jit
+def _finish(part_ptr, ticket_ptr, out_ptr, scale_ptr, pid, num_programs, kd_weight, ce_weight,
+            kd_sum, kd_count, ce_sum, ce_count, REDUCTION: tl.constexpr, RBLOCK: tl.constexpr):
+    """This program's partial sums; the last program to arrive adds everyone's in program order and
+    writes the loss and the scales the backward reads (kd_weight / count, ce_weight / count)."""
+    tl.store(part_ptr + pid * 4, kd_sum)
+    tl.store(part_ptr + pid * 4 + 1, kd_count)
+    tl.store(part_ptr + pid * 4 + 2, ce_sum)
+    tl.store(part_ptr + pid * 4 + 3, ce_count)
+    tl.debug_barrier()  # every thread's stores before the ticket (its release orders them for the GPU)
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+    if ticket == num_programs - 1:
+        acc_kd = tl.zeros([RBLOCK], tl.float32)
+        acc_nk = tl.zeros([RBLOCK], tl.float32)
+        acc_ce = tl.zeros([RBLOCK], tl.float32)
+        acc_nc = tl.zeros([RBLOCK], tl.float32)
+        for b in range(0, num_programs, RBLOCK):
+            offs = b + tl.arange(0, RBLOCK).to(tl.int64)
+            m = offs < num_programs
+            # .cg: from L2, never a line this SM's L1 kept from an earlier call on the same memory
+            acc_kd += tl.load(part_ptr + offs * 4, mask=m, other=0.0, cache_modifier=".cg")
+            acc_nk += tl.load(part_ptr + offs * 4 + 1, mask=m, other=0.0, cache_modifier=".cg")
+            acc_ce += tl.load(part_ptr + offs * 4 + 2, mask=m, other=0.0, cache_modifier=".cg")
+            acc_nc += tl.load(part_ptr + offs * 4 + 3, mask=m, other=0.0, cache_modifier=".cg")
+        f_kd = kd_weight
+        f_ce = ce_weight
+        if REDUCTION == 0:  # mean over the positions each term counts
+            f_kd = kd_weight / tl.maximum(tl.sum(acc_nk, axis=0), 1.0)
+            f_ce = ce_weight / tl.maximum(tl.sum(acc_nc, axis=0), 1.0)
+        tl.store(out_ptr, f_kd * tl.sum(acc_kd, axis=0) + f_ce * tl.sum(acc_ce, axis=0))
+        tl.store(scale_ptr, f_kd)
+        tl.store(scale_ptr + 1, f_ce)
+        tl.store(ticket_ptr, 0)  # ready for the next call
 
 
-def programs_per_sample(C: int, P: int) -> int:
-    return triton.cdiv(P, block_sizes(C, P)[1])
+@triton.jit
+def _map_bwd(
+    go_ptr, s_ptr, v_ptr, i_ptr, t_ptr, ign_ptr, lab_ptr, stat_ptr, scale_ptr, g_ptr,
+    C, P, inv_t, T, log_rest, ignore_index, kd_weight, ce_weight,
+    s_sn, s_sc, s_sp, v_sn, v_sk, i_sn, i_sk, t_sn, ign_sn, lab_sn, stat_s, g_sn, g_sc, g_sp,
+    K: tl.constexpr, BLOCK_P: tl.constexpr, CAPTURE: tl.constexpr, WITH_TAIL: tl.constexpr,
+    HAS_IGN: tl.constexpr, HAS_LAB: tl.constexpr, LSE1: tl.constexpr, REDUCTION: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    num_p = (P + BLOCK_P - 1) // BLOCK_P
+    n = pid // num_p
+    offs_p = (pid - n * num_p) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    mask_p = offs_p < P
+    v_base = v_ptr + n * v_sn + offs_p
+    i_base = i_ptr + n * i_sn + offs_p
+
+    mz = tl.full([BLOCK_P], _NEG, tl.float32)
+    sz = tl.zeros([BLOCK_P], tl.float32)
+    a_tail = tl.zeros([BLOCK_P], tl.float32)
+    if WITH_TAIL:
+        tail = tl.load(t_ptr + n * t_sn + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+        a_tail = log_rest + (tail - log_rest) * inv_t
+        mz, sz = _lse_step(mz, sz, a_tail)
+    v_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
+    for jt in range(K):
+        mz, sz = _lse_step(mz, sz, tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t)
+        v_off += v_sk
+    log_z = _lse(mz, sz)
+    ids, ps = _map_capture(v_base, i_base, mask_p, inv_t, log_z, v_sk, i_sk, K, CAPTURE)
+
+    lse = tl.load(stat_ptr + n * P + offs_p, mask=mask_p, other=0.0)
+    lt = lse
+    ct = tl.zeros([BLOCK_P], tl.float32)
+    q_tail = tl.zeros([BLOCK_P], tl.float32)
+    if WITH_TAIL:
+        lt = tl.load(stat_ptr + stat_s + n * P + offs_p, mask=mask_p, other=0.0)
+        q_tail = tl.exp(lt - lse)
+        ct = q_tail - tl.exp(a_tail - log_z)  # a tail class c: dKL/dz_c = exp(z_c − lt) · (q_tail − p_tail)
+
+    if REDUCTION == 2:  # a map: the weights are the scales
+        go = tl.load(go_ptr + n * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+        w_kd = kd_weight
+        w_ce = ce_weight
+    else:  # the forward's last program left weight / count (mean) or the weight (sum)
+        go = tl.load(go_ptr).to(tl.float32)
+        w_kd = tl.load(scale_ptr)
+        w_ce = tl.load(scale_ptr + 1)
+    kd_on = mask_p
+    if HAS_IGN:
+        kd_on = kd_on & (tl.load(ign_ptr + n * ign_sn + offs_p, mask=mask_p, other=1) == 0)
+    f_kd = tl.where(kd_on, go * w_kd * T, 0.0)  # T² · dKL/dz · dz/ds = T · (q − p)
+    y = tl.full([BLOCK_P], -1, tl.int32)
+    f_ce = tl.zeros([BLOCK_P], tl.float32)
+    lse1 = lse
+    if HAS_LAB:
+        y = tl.load(lab_ptr + n * lab_sn + offs_p, mask=mask_p, other=ignore_index).to(tl.int32)
+        y = tl.where(y == ignore_index, -1, y)
+        f_ce = tl.where(mask_p & (y >= 0), go * w_ce, 0.0)
+        if LSE1:
+            lse1 = tl.load(stat_ptr + stat_s + stat_s + n * P + offs_p, mask=mask_p, other=0.0)
+
+    s_base = s_ptr + n * s_sn + offs_p * s_sp
+    off = n * 0  # the class offset: a scalar, never a carried pointer tensor (a layout conversion a step)
+    g_base = g_ptr + n * g_sn + offs_p * g_sp
+    g_off = n * 0
+    c_full = C - C % UNROLL
+    for c0 in range(0, c_full, UNROLL):
+        xs = ()
+        for u in tl.static_range(UNROLL):
+            xs = xs + (tl.load(s_base + off, mask=mask_p, other=0.0),)
+            off += s_sc
+        for u in tl.static_range(UNROLL):
+            g = _bwd_class(xs[u].to(tl.float32), c0 + u, ids, ps, y, lse, lt, ct, q_tail, lse1, f_kd, f_ce, v_base,
+                           i_base, mask_p, inv_t, log_z, v_sk, i_sk, K, CAPTURE, WITH_TAIL, HAS_LAB, LSE1)
+            tl.store(g_base + g_off, g.to(g_ptr.dtype.element_ty), mask=mask_p)
+            g_off += g_sc
+    for c in range(c_full, C):
+        x = tl.load(s_base + off, mask=mask_p, other=0.0).to(tl.float32)
+        off += s_sc
+        g = _bwd_class(x, c, ids, ps, y, lse, lt, ct, q_tail, lse1, f_kd, f_ce, v_base, i_base, mask_p, inv_t, log_z,
+                       v_sk, i_sk, K, CAPTURE, WITH_TAIL, HAS_LAB, LSE1)
+        tl.store(g_base + g_off, g.to(g_ptr.dtype.element_ty), mask=mask_p)
+        g_off += g_sc
 
 
-#: Launch settings used when :func:`launch` is not given them. ``NUM_WARPS = 4`` is what the kernel
-#: has always run with (Triton's own default); ``NUM_STAGES = None`` leaves software pipelining at
-#: Triton's default for the GPU. They change the compiled code, not the arithmetic: results must
-#: agree across settings, and tests/test_kernels_cuda.py runs the same inputs under several of
-#: them (through ``monkeypatch.setattr`` on these two names).
-NUM_WARPS: int = 4
+# -- rows: [N, C], classes contiguous ----------------------------------------------------------------
+
+
+@triton.jit
+def _row_teacher(v_row, i_row, t_ptr, row, inv_t, log_rest, v_sk, i_sk,
+                 K: tl.constexpr, CAPTURE: tl.constexpr, WITH_TAIL: tl.constexpr):
+    """A row's teacher at T: log Z, the tail bin's log p, Σ_K p log p, Σ_K p, and (k ≤ CAPTURE_MAX_K)
+    its ids and probabilities as scalars."""
+    zero = tl.zeros([1], tl.float32)
+    mz = zero + _NEG
+    sz = zero
+    a_tail = zero
+    if WITH_TAIL:
+        a_tail = zero + (log_rest + (tl.load(t_ptr + row).to(tl.float32) - log_rest) * inv_t)
+        mz, sz = _lse_step(mz, sz, a_tail)
+    for jt in range(K):
+        mz, sz = _lse_step(mz, sz, zero + tl.load(v_row + jt * v_sk).to(tl.float32) * inv_t)
+    log_z = tl.sum(_lse(mz, sz), axis=0)
+    plogp = tl.sum(zero, axis=0)
+    p_k = tl.sum(zero, axis=0)
+    for jt in range(K):
+        lpj = tl.load(v_row + jt * v_sk).to(tl.float32) * inv_t - log_z
+        plogp += tl.exp(lpj) * lpj
+        p_k += tl.exp(lpj)
+    ids = ()
+    ps = ()
+    if CAPTURE:
+        for j in tl.static_range(K):
+            ids = ids + (tl.load(i_row + j * i_sk).to(tl.int32),)
+            ps = ps + (tl.exp(tl.load(v_row + j * v_sk).to(tl.float32) * inv_t - log_z),)
+    return log_z, tl.sum(a_tail, axis=0) - log_z, plogp, p_k, ids, ps
+
+
+@triton.jit
+def _row_fwd(
+    s_ptr, v_ptr, i_ptr, t_ptr, ign_ptr, lab_ptr, stat_ptr, part_ptr, ticket_ptr, out_ptr, scale_ptr,
+    C, inv_t, T, log_rest, ignore_index, kd_weight, ce_weight, num_programs,
+    s_sn, v_sn, v_sk, i_sn, i_sk, stat_s,
+    K: tl.constexpr, BLOCK_C: tl.constexpr, CAPTURE: tl.constexpr, WITH_TAIL: tl.constexpr,
+    HAS_IGN: tl.constexpr, HAS_LAB: tl.constexpr, LSE1: tl.constexpr, REDUCTION: tl.constexpr,
+    RBLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    v_row = v_ptr + row * v_sn
+    i_row = i_ptr + row * i_sn
+    log_z, lp_tail, plogp, p_k, ids, ps = _row_teacher(v_row, i_row, t_ptr, row, inv_t, log_rest, v_sk, i_sk,
+                                                       K, CAPTURE, WITH_TAIL)
+    y = (row * 0 - 1).to(tl.int32)
+    if HAS_LAB:
+        y = tl.load(lab_ptr + row).to(tl.int32)
+        y = tl.where(y == ignore_index, -1, y)
+
+    offs = tl.arange(0, BLOCK_C)
+    mk = tl.full([BLOCK_C], _NEG, tl.float32)
+    ak = tl.zeros([BLOCK_C], tl.float32)
+    mt = tl.full([BLOCK_C], _NEG, tl.float32)
+    at = tl.zeros([BLOCK_C], tl.float32)
+    dot = tl.zeros([BLOCK_C], tl.float32)
+    m1 = tl.full([BLOCK_C], _NEG, tl.float32)
+    a1 = tl.zeros([BLOCK_C], tl.float32)
+    x_y = tl.zeros([BLOCK_C], tl.float32)
+    s_row = s_ptr + row * s_sn
+    for c0 in range(0, C, BLOCK_C):
+        cls = c0 + offs
+        valid = cls < C
+        x = tl.load(s_row + cls, mask=valid, other=0.0).to(tl.float32)
+        z = x * inv_t
+        hit = tl.zeros([BLOCK_C], tl.int1)
+        pc = tl.zeros([BLOCK_C], tl.float32)
+        if CAPTURE:
+            for j in tl.static_range(K):
+                h = cls == ids[j]
+                hit = hit | h
+                pc = tl.where(h, ps[j], pc)
+        else:
+            for jd in range(K):
+                h = cls == tl.load(i_row + jd * i_sk).to(tl.int32)
+                hit = hit | h
+                pc = tl.where(h, tl.exp(tl.load(v_row + jd * v_sk).to(tl.float32) * inv_t - log_z), pc)
+        dot += pc * z
+        zu = tl.where(valid, z, float("-inf"))
+        if WITH_TAIL:
+            mg, ag = _lse_step(tl.where(hit, mk, mt), tl.where(hit, ak, at), zu)
+            mk = tl.where(hit, mg, mk)
+            ak = tl.where(hit, ag, ak)
+            mt = tl.where(hit, mt, mg)
+            at = tl.where(hit, at, ag)
+        else:
+            mk, ak = _lse_step(mk, ak, zu)
+        if HAS_LAB:
+            x_y = tl.where(cls == y, x, x_y)
+            if LSE1:
+                m1, a1 = _lse_step(m1, a1, tl.where(valid, x, float("-inf")))
+
+    mk_all = tl.max(mk, axis=0)
+    lse = mk_all + tl.log(tl.sum(ak * tl.exp(mk - mk_all), axis=0))
+    lt = lse
+    if WITH_TAIL:
+        mt_all = tl.max(mt, axis=0)
+        lt = mt_all + tl.log(tl.sum(at * tl.exp(mt - mt_all), axis=0))
+        lse = _logaddexp(lse, lt)
+    kl = plogp - tl.sum(dot, axis=0) + p_k * lse
+    if WITH_TAIL:
+        kl += tl.exp(lp_tail) * (lp_tail - (lt - lse))
+    kd_on = row >= 0
+    if HAS_IGN:
+        kd_on = tl.load(ign_ptr + row) == 0
+    kd = tl.where(kd_on, T * T * kl, 0.0)
+    ce = tl.sum(tl.zeros([1], tl.float32), axis=0)
+    ce_on = y >= 0
+    if HAS_LAB:
+        lse1 = lse
+        if LSE1:
+            m1_all = tl.max(m1, axis=0)
+            lse1 = m1_all + tl.log(tl.sum(a1 * tl.exp(m1 - m1_all), axis=0))
+            tl.store(stat_ptr + stat_s + stat_s + row, lse1)
+        ce = tl.where(ce_on, lse1 - tl.sum(x_y, axis=0), 0.0)
+    tl.store(stat_ptr + row, lse)
+    if WITH_TAIL:
+        tl.store(stat_ptr + stat_s + row, lt)
+    if REDUCTION == 2:
+        tl.store(out_ptr + row, kd_weight * kd + ce_weight * ce)
+    else:
+        _finish(part_ptr, ticket_ptr, out_ptr, scale_ptr, row, num_programs, kd_weight, ce_weight,
+                kd, tl.where(kd_on, 1.0, 0.0), ce, tl.where(ce_on, 1.0, 0.0), REDUCTION, RBLOCK)
+
+
+@triton.jit
+def _row_bwd(
+    go_ptr, s_ptr, v_ptr, i_ptr, t_ptr, ign_ptr, lab_ptr, stat_ptr, scale_ptr, g_ptr,
+    C, inv_t, T, log_rest, ignore_index, kd_weight, ce_weight,
+    s_sn, v_sn, v_sk, i_sn, i_sk, stat_s, g_sn,
+    K: tl.constexpr, BLOCK_C: tl.constexpr, CAPTURE: tl.constexpr, WITH_TAIL: tl.constexpr,
+    HAS_IGN: tl.constexpr, HAS_LAB: tl.constexpr, LSE1: tl.constexpr, REDUCTION: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    v_row = v_ptr + row * v_sn
+    i_row = i_ptr + row * i_sn
+    log_z, lp_tail, plogp, p_k, ids, ps = _row_teacher(v_row, i_row, t_ptr, row, inv_t, log_rest, v_sk, i_sk,
+                                                       K, CAPTURE, WITH_TAIL)
+    lse = tl.load(stat_ptr + row)
+    lt = lse
+    q_tail = lse * 0.0
+    ct = lse * 0.0
+    if WITH_TAIL:
+        lt = tl.load(stat_ptr + stat_s + row)
+        q_tail = tl.exp(lt - lse)
+        ct = q_tail - tl.exp(lp_tail)
+    if REDUCTION == 2:
+        go = tl.load(go_ptr + row).to(tl.float32)
+        w_kd = kd_weight
+        w_ce = ce_weight
+    else:
+        go = tl.load(go_ptr).to(tl.float32)
+        w_kd = tl.load(scale_ptr)
+        w_ce = tl.load(scale_ptr + 1)
+    f_kd = go * w_kd * T
+    if HAS_IGN:
+        f_kd = tl.where(tl.load(ign_ptr + row) == 0, f_kd, 0.0)
+    y = (row * 0 - 1).to(tl.int32)
+    f_ce = go * 0.0
+    lse1 = lse
+    if HAS_LAB:
+        y = tl.load(lab_ptr + row).to(tl.int32)
+        y = tl.where(y == ignore_index, -1, y)
+        f_ce = tl.where(y >= 0, go * w_ce, 0.0)
+        if LSE1:
+            lse1 = tl.load(stat_ptr + stat_s + stat_s + row)
+
+    offs = tl.arange(0, BLOCK_C)
+    s_row = s_ptr + row * s_sn
+    g_row = g_ptr + row * g_sn
+    for c0 in range(0, C, BLOCK_C):
+        cls = c0 + offs
+        valid = cls < C
+        x = tl.load(s_row + cls, mask=valid, other=0.0).to(tl.float32)
+        z = x * inv_t
+        hit = tl.zeros([BLOCK_C], tl.int1)
+        pc = tl.zeros([BLOCK_C], tl.float32)
+        if CAPTURE:
+            for j in tl.static_range(K):
+                h = cls == ids[j]
+                hit = hit | h
+                pc = tl.where(h, ps[j], pc)
+        else:
+            for jd in range(K):
+                h = cls == tl.load(i_row + jd * i_sk).to(tl.int32)
+                hit = hit | h
+                pc = tl.where(h, tl.exp(tl.load(v_row + jd * v_sk).to(tl.float32) * inv_t - log_z), pc)
+        if WITH_TAIL:
+            e = tl.exp(z - tl.where(hit, lse, lt))
+            g = tl.where(hit, e - pc, e * ct) * f_kd
+        else:
+            e = tl.exp(z - lse)
+            g = (e - pc) * f_kd
+        if HAS_LAB:
+            if LSE1:
+                q1 = tl.exp(x - lse1)
+            elif WITH_TAIL:
+                q1 = tl.where(hit, e, e * q_tail)
+            else:
+                q1 = e
+            g += f_ce * (q1 - tl.where(cls == y, 1.0, 0.0))
+        tl.store(g_row + cls, g.to(g_ptr.dtype.element_ty), mask=valid)
+
+
+# -- launch settings ---------------------------------------------------------------------------------
+
+
+def map_config(C: int, P: int, k: int, element_size: int, pixel_stride: int = 1, lse1: bool = False) -> dict:
+    """Pixels a thread (``SPT``, consecutive so that a class's values load as one vector), warps, and
+    ``BLOCK_P``. Registers bound SPT: each pixel keeps ~8 running values and, for k ≤ 16, k ids and
+    k probabilities."""
+    capture = k <= CAPTURE_MAX_K
+    spt = 4 if (not capture or k <= 4) else (2 if k <= 8 else 1)
+    if lse1:  # labels at T ≠ 1 keep a third running log-sum-exp
+        spt = min(spt, 2)
+    if pixel_stride != 1:  # channels_last: a pixel's classes are contiguous, not a class's pixels
+        spt = 1
+    if element_size == 4 and spt > 4:
+        spt = 4
+    num_warps = 4
+    block_p = spt * 32 * num_warps
+    while block_p > 64 and block_p // 2 >= triton.next_power_of_2(P):  # small maps: fewer idle lanes
+        if num_warps > 1:
+            num_warps //= 2
+        else:
+            spt //= 2
+        block_p = spt * 32 * num_warps
+    return {"SPT": spt, "num_warps": num_warps, "BLOCK_P": block_p, "CAPTURE": capture, "UNROLL": UNROLL}
+
+
+def row_config(C: int, k: int) -> dict:
+    """``BLOCK_C`` classes a step (8 a thread at most) and ``num_warps`` growing with C (1 to 16)."""
+    block_c = min(triton.next_power_of_2(C), 4096)
+    num_warps = max(1, min(16, block_c // 256))
+    return {"BLOCK_C": block_c, "num_warps": num_warps, "CAPTURE": k <= CAPTURE_MAX_K}
+
+
+#: ``num_warps`` for every launch when set (tests run the same inputs under several); None: the configs'
+NUM_WARPS: int | None = None
 NUM_STAGES: int | None = None
-
 _MAX_PROGRAMS = 2**31 - 1  # a CUDA grid's x dimension
+RBLOCK = 1024
+#: classes whose loads a map kernel issues before using any of them (bytes in flight per thread)
+UNROLL = 4
 
 
-def launch(s, v, idx, tail, ign, lab, grad, scales, *, T: float, with_tail: bool, ignore_index: int,
-           per_position: bool, loss_out, num_warps: int | None = None, num_stages: int | None = None):
-    """Launch over [N, C, P] views; ``grad`` and ``loss_out`` are written.
+def stat_count(with_tail: bool, lse1: bool) -> int:
+    """fp32 statistics a position keeps between the two launches."""
+    return 3 if lse1 else (2 if with_tail else 1)
 
-    ``loss_out`` holds N·P per-position losses (``per_position``) or N·programs_per_sample(C, P)
-    partial sums in sample-major order. ``num_warps`` / ``num_stages`` default to the module's
-    ``NUM_WARPS`` / ``NUM_STAGES``.
-    """
+
+def _options(num_warps: int) -> dict:
+    nw = NUM_WARPS if NUM_WARPS is not None else num_warps
+    return {"num_warps": nw} | ({"num_stages": NUM_STAGES} if NUM_STAGES is not None else {})
+
+
+def programs(N: int, C: int, P: int, k: int, element_size: int, pixel_stride: int = 1, lse1: bool = False) -> int:
+    if P == 1:
+        return N
+    return N * triton.cdiv(P, map_config(C, P, k, element_size, pixel_stride, lse1)["BLOCK_P"])
+
+
+def forward(s, v, idx, tail, ign, lab, stats, part, ticket, out, scales, *, T: float, with_tail: bool,
+            lse1: bool, ignore_index: int, kd_weight: float, ce_weight: float, reduction: int, s_sp: int):
+    """The forward launch over [N, C, P] views (``s_sp``: the student's pixel stride; the class
+    stride is ``s.stride(1)``). Writes ``stats`` [3, N·P] (the rows it needs), ``out`` (the map or the
+    scalar), and for ``reduction`` 0 (mean) / 1 (sum) ``part`` [programs, 4] and ``scales`` [2]."""
     N, C, P = s.shape
     k = v.shape[1]
-    block_c, block_p = block_sizes(C, P)
-    programs = N * triton.cdiv(P, block_p)
-    if programs > _MAX_PROGRAMS:
-        raise ValueError(f"{programs} programs (N = {N} × {triton.cdiv(P, block_p)} position blocks) exceed a "
-                         f"CUDA grid's {_MAX_PROGRAMS}; split the batch")
-    num_warps = NUM_WARPS if num_warps is None else num_warps
-    num_stages = NUM_STAGES if num_stages is None else num_stages
-    options = {"num_warps": num_warps} | ({"num_stages": num_stages} if num_stages is not None else {})
-
+    common = dict(K=k, WITH_TAIL=with_tail, HAS_IGN=ign is not None, HAS_LAB=lab is not None, LSE1=lse1,
+                  REDUCTION=reduction, RBLOCK=RBLOCK)
     dummy = s
-    _topk_kl_kernel[(programs,)](
-        s, v, idx, tail if tail is not None else dummy, ign if ign is not None else dummy,
-        lab if lab is not None else dummy, grad, loss_out, scales,
-        C, P, k, 1.0 / T, T, math.log(C - k) if C > k else 0.0, ignore_index,
-        s.stride(0), s.stride(1), v.stride(0), v.stride(1), idx.stride(0), idx.stride(1),
-        tail.stride(0) if tail is not None else 0, ign.stride(0) if ign is not None else 0,
-        lab.stride(0) if lab is not None else 0, grad.stride(0), grad.stride(1),
-        BLOCK_C=block_c, BLOCK_P=block_p, K_PAD=triton.next_power_of_2(k),
-        WITH_TAIL=with_tail, HAS_IGN=ign is not None, HAS_LAB=lab is not None, PER_POSITION=per_position,
-        **options,
-    )
+    t_ = tail if tail is not None else dummy
+    ign_ = ign if ign is not None else dummy
+    lab_ = lab if lab is not None else dummy
+    scal = (1.0 / T, T, math.log(C - k) if C > k else 0.0, ignore_index, kd_weight, ce_weight)
+    if P == 1:
+        cfg = row_config(C, k)
+        grid = N
+        _check_grid(grid)
+        _row_fwd[(grid,)](s, v, idx, t_, ign_, lab_, stats, part, ticket, out, scales, C, *scal, grid,
+                          s.stride(0), v.stride(0), v.stride(1), idx.stride(0), idx.stride(1), stats.stride(0),
+                          BLOCK_C=cfg["BLOCK_C"], CAPTURE=cfg["CAPTURE"], **common, **_options(cfg["num_warps"]))
+        return
+    cfg = map_config(C, P, k, s.element_size(), s_sp, lse1)
+    grid = N * triton.cdiv(P, cfg["BLOCK_P"])
+    _check_grid(grid)
+    _map_fwd[(grid,)](s, v, idx, t_, ign_, lab_, stats, part, ticket, out, scales, C, P, *scal, grid,
+                      s.stride(0), s.stride(1), s_sp, v.stride(0), v.stride(1), idx.stride(0), idx.stride(1),
+                      tail.stride(0) if tail is not None else 0, ign.stride(0) if ign is not None else 0,
+                      lab.stride(0) if lab is not None else 0, stats.stride(0),
+                      BLOCK_P=cfg["BLOCK_P"], CAPTURE=cfg["CAPTURE"], UNROLL=cfg["UNROLL"], **common, **_options(cfg["num_warps"]))
+
+
+def backward(go, s, v, idx, tail, ign, lab, stats, scales, grad, *, T: float, with_tail: bool, lse1: bool,
+             ignore_index: int, kd_weight: float, ce_weight: float, reduction: int, s_sp: int, g_sp: int):
+    """The backward launch: ``grad`` ([N, C, P] views, pixel stride ``g_sp``) from the statistics the
+    forward left, scaled by ``go`` (a scalar, or the [N·P] map for ``reduction`` 2)."""
+    N, C, P = s.shape
+    k = v.shape[1]
+    common = dict(K=k, WITH_TAIL=with_tail, HAS_IGN=ign is not None, HAS_LAB=lab is not None, LSE1=lse1,
+                  REDUCTION=reduction)
+    dummy = s
+    t_ = tail if tail is not None else dummy
+    ign_ = ign if ign is not None else dummy
+    lab_ = lab if lab is not None else dummy
+    scal = (1.0 / T, T, math.log(C - k) if C > k else 0.0, ignore_index, kd_weight, ce_weight)
+    if P == 1:
+        cfg = row_config(C, k)
+        _row_bwd[(N,)](go, s, v, idx, t_, ign_, lab_, stats, scales, grad, C, *scal,
+                       s.stride(0), v.stride(0), v.stride(1), idx.stride(0), idx.stride(1), stats.stride(0),
+                       grad.stride(0), BLOCK_C=cfg["BLOCK_C"], CAPTURE=cfg["CAPTURE"], **common,
+                       **_options(cfg["num_warps"]))
+        return
+    cfg = map_config(C, P, k, s.element_size(), s_sp, lse1)
+    grid = N * triton.cdiv(P, cfg["BLOCK_P"])
+    _map_bwd[(grid,)](go, s, v, idx, t_, ign_, lab_, stats, scales, grad, C, P, *scal,
+                      s.stride(0), s.stride(1), s_sp, v.stride(0), v.stride(1), idx.stride(0), idx.stride(1),
+                      tail.stride(0) if tail is not None else 0, ign.stride(0) if ign is not None else 0,
+                      lab.stride(0) if lab is not None else 0, stats.stride(0),
+                      grad.stride(0), grad.stride(1), g_sp,
+                      BLOCK_P=cfg["BLOCK_P"], CAPTURE=cfg["CAPTURE"], UNROLL=cfg["UNROLL"], **common, **_options(cfg["num_warps"]))
+
+
+def _check_grid(grid: int) -> None:
+    if grid > _MAX_PROGRAMS:
+        raise ValueError(f"{grid} programs exceed a CUDA grid's {_MAX_PROGRAMS}; split the batch")

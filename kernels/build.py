@@ -1,0 +1,210 @@
+"""The Triton kernels compiled ahead of time for an H100 (sm_90), with no GPU, and what the compiler says.
+
+Triton lowers a kernel to PTX on any machine, and ``ptxas`` (shipped with Triton) assembles it and
+reports registers and spills. This is how CI checks, on a CPU, what the interpreter cannot show:
+
+* ``registers`` and ``spill_bytes`` of every kernel variant (≤ 128 registers and no spills keep
+  enough warps resident to hide memory latency);
+* ``shared_in_loops``: shared-memory accesses and barriers inside any loop of the PTX (the class
+  loop must be per-thread arithmetic: a cross-warp reduction there costs a barrier per class);
+* ``vector_loads_in_loops``: vectorised global loads in a loop (the student's values of consecutive
+  pixels, or of consecutive classes for rows, as one 64- or 128-bit load).
+
+The signature mirrors a real launch: pointers and sizes divisible by 16 carry Triton's
+``tt.divisibility`` hint, and strides equal to 1 are compile-time constants, as Triton's
+specialisation makes them. ``benchmarks/gpu_check.sh`` prints the same report from the GPU's own
+compilation next to it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+
+from kdcache.kernels import triton_kl
+
+KERNELS = {"map_fwd": "_map_fwd", "map_bwd": "_map_bwd", "row_fwd": "_row_fwd", "row_bwd": "_row_bwd"}
+_FLOATS = {"inv_t", "T", "log_rest", "kd_weight", "ce_weight"}
+_STUDENT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+_ELEMENT = {"float32": 4, "float16": 2, "bfloat16": 2}
+#: pointer types other than the student's and the gradient's (which take the student's dtype)
+_POINTERS = {"v_ptr": "*fp16", "i_ptr": "*u8", "t_ptr": "*fp16", "ign_ptr": "*u8", "lab_ptr": "*i64",
+             "stat_ptr": "*fp32", "part_ptr": "*fp32", "ticket_ptr": "*i32", "out_ptr": "*fp32",
+             "scale_ptr": "*fp32", "go_ptr": "*fp32"}
+
+
+@dataclass
+class Variant:
+    """One compiled configuration: which kernel and the launch that picks it."""
+
+    kernel: str
+    dtype: str = "bfloat16"
+    C: int = 19
+    k: int = 4
+    with_tail: bool = True
+    has_ign: bool = True
+    has_lab: bool = False
+    lse1: bool = False
+    reduction: int = 0
+    channels_last: bool = False
+    num_warps: int | None = None
+
+    @property
+    def name(self) -> str:
+        parts = [self.kernel, self.dtype, f"C{self.C}", f"k{self.k}"]
+        parts += [flag for flag, on in (("tail", self.with_tail), ("ignore", self.has_ign), ("labels", self.has_lab),
+                                        ("lse1", self.lse1), ("channels_last", self.channels_last)) if on]
+        parts.append(("mean", "sum", "none")[self.reduction])
+        return "-".join(parts)
+
+
+@dataclass
+class Report:
+    variant: str
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    num_warps: int
+    shared_in_loops: list[str] = field(default_factory=list)
+    vector_loads_in_loops: int = 0
+    loops: int = 0
+
+
+def _config(v: Variant) -> tuple[dict, int]:
+    if v.kernel.startswith("row"):
+        cfg = triton_kl.row_config(v.C, v.k)
+        return {"BLOCK_C": cfg["BLOCK_C"], "CAPTURE": cfg["CAPTURE"]}, cfg["num_warps"]
+    cfg = triton_kl.map_config(v.C, 512 * 1024, v.k, _ELEMENT[v.dtype], v.C if v.channels_last else 1, v.lse1)
+    return {"BLOCK_P": cfg["BLOCK_P"], "CAPTURE": cfg["CAPTURE"], "UNROLL": cfg["UNROLL"]}, cfg["num_warps"]
+
+
+def compile_ptx(v: Variant) -> tuple[str, int]:
+    """(PTX, num_warps) of the variant compiled for sm_90 (no GPU needed; not under TRITON_INTERPRET)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(triton_kl, KERNELS[v.kernel])
+    fn = getattr(fn, "fn", fn) if not isinstance(fn, triton.runtime.jit.JITFunction) else fn
+    if not isinstance(fn, triton.runtime.jit.JITFunction):
+        fn = triton.runtime.jit.JITFunction(fn)
+    tiles, num_warps = _config(v)
+    num_warps = v.num_warps or num_warps
+    constexpr = dict(K=v.k, WITH_TAIL=v.with_tail, HAS_IGN=v.has_ign, HAS_LAB=v.has_lab, LSE1=v.lse1,
+                     REDUCTION=v.reduction, RBLOCK=triton_kl.RBLOCK, **tiles)
+    if v.kernel.endswith("bwd"):
+        constexpr.pop("RBLOCK")
+    ones = {"v_sk", "i_sk"} if v.kernel.startswith("row") else set()
+    if not v.kernel.startswith("row"):
+        ones |= {"s_sc", "g_sc"} if v.channels_last else {"s_sp", "g_sp"}
+    student = "*" + _STUDENT[v.dtype]
+    sig, constants, attrs = {}, {}, {}
+    for index, name in enumerate(fn.arg_names):
+        if name in constexpr or name in ones:
+            sig[name] = "constexpr"
+            constants[(index,)] = constexpr.get(name, 1)
+            continue
+        if name in ("s_ptr", "g_ptr"):
+            sig[name] = student
+        elif name in _POINTERS:
+            sig[name] = _POINTERS[name]
+        elif name in _FLOATS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+        # pointers from torch's allocator, and P and the strides of a 512×1024 map, are multiples of 16
+        divisible = name.endswith("_ptr") or (name == "C" and v.C % 16 == 0) or name in ("P", "s_sn", "v_sn", "i_sn", "t_sn", "ign_sn", "lab_sn",
+                                                      "stat_s", "g_sn") or (name in ("s_sc", "g_sc", "v_sk", "i_sk")
+                                                                            and not v.kernel.startswith("row"))
+        if divisible and not (v.channels_last and name in ("s_sp", "g_sp")):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, sig, constexprs=constants, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    return compiled.asm["ptx"], num_warps
+
+
+def ptxas_path() -> str:
+    """The ptxas Triton itself assembles sm_90 code with (its PTX version needs that one)."""
+    from triton.backends.nvidia import compiler
+
+    try:
+        return compiler.get_ptxas(90).path
+    except TypeError:  # Triton releases whose get_ptxas takes no architecture
+        return compiler.get_ptxas().path
+
+
+def _target(ptx: str) -> str:
+    m = re.search(r"^\.target (\w+)", ptx, re.M)
+    return m.group(1) if m else "sm_90a"
+
+
+def ptxas_info(ptx: str) -> tuple[int, int, int]:
+    """(registers, spill bytes stored + loaded, shared bytes) that ptxas reports for sm_90."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([ptxas_path(), f"--gpu-name={_target(ptx)}", "-v", path, "-o", os.path.join(tmp, "kernel.cubin")],
+                             capture_output=True, text=True, check=True)
+    text = res.stdout + res.stderr
+    regs = int(re.search(r"Used (\d+) registers", text).group(1))
+    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
+    smem = re.search(r"(\d+) bytes smem", text)
+    return regs, spills, int(smem.group(1)) if smem else 0
+
+
+_LABEL = re.compile(r"^(\$L__\w+):")
+_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
+
+
+def loops(ptx: str) -> list[tuple[int, int]]:
+    """Line ranges [label, backward branch] of the PTX's loops."""
+    lines = ptx.splitlines()
+    labels = {}
+    out = []
+    for n, line in enumerate(lines):
+        m = _LABEL.match(line.strip())
+        if m:
+            labels[m.group(1)] = n
+        b = _BRANCH.search(line)
+        if b and b.group(1) in labels and labels[b.group(1)] < n:
+            out.append((labels[b.group(1)], n))
+    return out
+
+
+def inspect(v: Variant) -> Report:
+    ptx, num_warps = compile_ptx(v)
+    regs, spills, smem = ptxas_info(ptx)
+    lines = ptx.splitlines()
+    bad, vector = [], 0
+    found = loops(ptx)
+    for a, b in found:
+        for line in lines[a:b + 1]:
+            t = line.strip()
+            if "bar.sync" in t or "barrier" in t or ".shared" in t:
+                bad.append(t)
+            if re.match(r"(@%p\d+\s+)?ld\.global(\.\w+)*\.v[248]", t):
+                vector += 1
+    return Report(v.name, regs, spills, smem, num_warps, sorted(set(bad)), vector, len(found))
+
+
+def variants() -> list[Variant]:
+    """What CI compiles: the training configurations (bf16/fp16/fp32 students, k = 4 and 8, with and
+    without ignore masks), the labels and T ≠ 1 statistics, channels_last, sum and map reductions, and
+    rows of 1000 and 32000 classes."""
+    out = []
+    for kernel in ("map_fwd", "map_bwd"):
+        for dtype in ("bfloat16", "float16", "float32"):
+            out.append(Variant(kernel, dtype, C=19, k=4))
+        out += [Variant(kernel, "bfloat16", C=150, k=8), Variant(kernel, "bfloat16", C=19, k=16),
+                Variant(kernel, "float16", C=19, k=4, has_lab=True, lse1=True),
+                Variant(kernel, "bfloat16", C=19, k=4, with_tail=False, has_ign=False, reduction=2),
+                Variant(kernel, "bfloat16", C=19, k=4, channels_last=True, reduction=1)]
+    for kernel in ("row_fwd", "row_bwd"):
+        out += [Variant(kernel, "bfloat16", C=1000, k=4), Variant(kernel, "float32", C=32000, k=8, has_lab=True,
+                                                                   lse1=True),
+                Variant(kernel, "bfloat16", C=128000, k=4, reduction=2)]
+    return out
