@@ -221,25 +221,30 @@ def kernel_table(result: dict) -> str:
     lines = [
         f"Device: {result['device']}; student {result['dtype']}, teacher fp16 values + uint8/int32 ids + fp16 tail; "
         f"copy bandwidth measured in the same run: {cp:.1f} GB/s."
-        + (" Shapes scaled down for the CPU (the GPU cases are N=8×512×1024 and 4096 rows)." if result["scaled_down"] else ""),
+        + (" Shapes scaled down for the CPU (the GPU cases are N=8×512×1024 and 4096 rows)." if result["scaled_down"] else "")
+        + " floor: the bytes of one pass (student read once, teacher read, gradient written); moved: what the"
+          " fused kernels read and write; % of copy: the fused GB/s on the bytes moved; % of floor: the floor's"
+          " bytes at the copy rate over the fused time.",
         "",
-        "| case | k | floor MB | fused ms | eager ms | compile ms | fused GB/s | % of copy | × eager | × compile |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| case | k | floor MB | moved MB | fused fwd ms | fused bwd ms | fused ms | eager ms | compile ms | % of copy | % of floor | × eager | × compile |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in result["cases"]:
         ms, gb = c["ms"], c["gbps"]
         shape = "×".join(map(str, c["shape"]))
+        moved = c.get("moved_bytes") or c["floor_bytes"]
 
         def cell(b, ms=ms):
             return f"{ms[b]:.2f}" if b in ms else "—"
 
         def ratio(b, ms=ms):
-            return f"{ms[b] / ms['fused']:.1f}" if b in ms and "fused" in ms else "—"
+            return f"{ms[b] / ms['fused']:.2f}" if b in ms and "fused" in ms else "—"
 
+        floor_share = (f"{100 * c['floor_bytes'] / (cp * 1e9) / (ms['fused'] * 1e-3):.0f}%" if "fused" in ms else "—")
         lines.append(
-            f"| {c['kind']} {shape} | {c['k']} | {c['floor_bytes'] / 1e6:.1f} | {cell('fused')} | {cell('eager')} | "
-            f"{cell('compile')} | {gb.get('fused', float('nan')):.1f} | "
-            f"{100 * gb.get('fused', float('nan')) / cp:.0f}% | {ratio('eager')} | {ratio('compile')} |"
+            f"| {c['kind']} {shape} | {c['k']} | {c['floor_bytes'] / 1e6:.1f} | {moved / 1e6:.1f} | {cell('fused_fwd')} | "
+            f"{cell('fused_bwd')} | {cell('fused')} | {cell('eager')} | {cell('compile')} | "
+            f"{100 * gb.get('fused', float('nan')) / cp:.0f}% | {floor_share} | {ratio('eager')} | {ratio('compile')} |"
         )
     errors = [(c, b, e) for c in result["cases"] for b, e in c["errors"].items()]
     if errors:

@@ -8,10 +8,15 @@ Every backend computes forward + backward of a top-k KD loss on the same inputs:
 * ``compile``: ``torch.compile`` of that eager function.
 
 Per case it reports the median time of forward + backward (the backends take turns, one call each,
-so that each runs after the same neighbours), the bytes moved at the floor (student
-read, teacher values + ids + tail read, gradient write), the GB/s that gives, the device's copy
-bandwidth measured in the same run and the % of it reached, and the fused kernel's speed-up over
-each other backend. Times are medians over repeats after warm-up; CUDA is synchronised.
+so that each runs after the same neighbours), and for the fused kernel its forward and its backward
+alone; the bytes at the one-pass floor (student read once, teacher values + ids + tail read, gradient
+written) and the bytes the fused kernels actually move (on CUDA, two launches: the student read in
+each, the teacher in each, the per-position statistics written and read back); the device's copy
+bandwidth measured in the same run, the % of it reached on the bytes moved, and the share of the
+floor (the floor's bytes at the copy rate, over the fused time); and the fused kernel's speed-up over
+each other backend. Times are medians over repeats after warm-up. On CUDA each call is timed with
+CUDA events after the L2 cache is flushed (a 256 MB buffer written), as ``triton.testing.do_bench``
+does, so that no call reads what the previous one left in L2.
 """
 
 from __future__ import annotations
@@ -43,11 +48,14 @@ class CaseResult:
     k: int
     dtype: str
     floor_bytes: int
+    moved_bytes: int = 0
     ms: dict[str, float] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
 
     def gbps(self, backend: str) -> float:
-        return self.floor_bytes / (self.ms[backend] * 1e-3) / 1e9
+        """GB/s on the bytes the fused kernels move (the floor's for the other backends)."""
+        nbytes = self.moved_bytes if backend == "fused" and self.moved_bytes else self.floor_bytes
+        return nbytes / (self.ms[backend] * 1e-3) / 1e9
 
 
 def eager_loss(s: torch.Tensor, v: torch.Tensor, i: torch.Tensor, tail: torch.Tensor, T: float) -> torch.Tensor:
@@ -84,6 +92,40 @@ def time_ms(fn, device: torch.device, repeats: int, warmup: int) -> float:
     return statistics.median(times)
 
 
+class _L2Flush:
+    """Writes a buffer larger than the GPU's L2 before each timed call (``triton.testing.do_bench``'s way)."""
+
+    def __init__(self, device: torch.device, nbytes: int = 256 << 20):
+        self.buf = torch.empty(nbytes // 4, dtype=torch.int32, device=device)
+
+    def __call__(self):
+        self.buf.zero_()
+
+
+def cuda_time_ms(setup, timed, flush: _L2Flush) -> float:
+    """One call of ``timed(setup())`` on CUDA, L2 flushed first, timed by CUDA events (ms)."""
+    state = setup()
+    flush()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    timed(state)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def moved_bytes_cuda(s: torch.Tensor, v: torch.Tensor, i: torch.Tensor, tail: torch.Tensor | None) -> int:
+    """Bytes the two CUDA launches move: forward (student, teacher, statistics written), backward
+    (student, teacher, statistics read, gradient written)."""
+    N, C = s.shape[:2]
+    P = s.numel() // (N * C)
+    teacher = N * P * v.shape[1] * (v.element_size() + i.element_size()) + (tail.numel() * tail.element_size()
+                                                                            if tail is not None else 0)
+    stats = N * P * 4 * (2 if tail is not None and v.shape[1] < C else 1)
+    student = s.numel() * s.element_size()
+    return (student + teacher + stats) + (student + teacher + stats + student)
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20, repeats: int = 10) -> float:
     """GB/s of ``dst.copy_(src)`` (bytes read + written) on ``device``."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
@@ -110,6 +152,8 @@ def bench_case(N: int, C: int, spatial: tuple, k: int, *, device: torch.device, 
     P = s.numel() // (N * C)
     floor = 2 * s.numel() * s.element_size() + N * P * (k * (v.element_size() + i.element_size()) + tail.element_size())
     res = CaseResult("rows" if not spatial else "segmentation", [N, C, *spatial], k, str(dtype).replace("torch.", ""), floor)
+    cuda = device.type == "cuda"
+    res.moved_bytes = moved_bytes_cuda(s, v, i, tail) if cuda else floor
 
     def fused():
         x = s.detach().requires_grad_(True)
@@ -145,12 +189,37 @@ def bench_case(N: int, C: int, spatial: tuple, k: int, *, device: torch.device, 
                 torch.cuda.empty_cache()
     # round robin: every backend runs in the same surroundings (what ran just before it, the
     # allocator's and the other thread pools' state), which one block per backend would not give
-    times: dict[str, list[float]] = {name: [] for name in backends}
+    if not cuda:
+        times: dict[str, list[float]] = {name: [] for name in backends}
+        for _ in range(repeats):
+            for name, fn in backends.items():
+                times[name].append(time_ms(fn, device, 1, 0))
+        res.ms = {name: statistics.median(t) for name, t in times.items()}
+        return res
+    flush = _L2Flush(device)
+
+    def leaf():
+        return s.detach().requires_grad_(True)
+
+    def fused_loss(x):
+        return topk_kl(x, v, i, tail, temperature=T, check_inputs=False)
+
+    timed = {}
+    if "fused" in backends:
+        timed["fused"] = (leaf, lambda x: fused_loss(x).backward())
+        timed["fused_fwd"] = (leaf, fused_loss)
+        timed["fused_bwd"] = (lambda: fused_loss(leaf()), lambda loss: loss.backward())
+    if "eager" in backends:
+        timed["eager"] = (leaf, lambda x: eager_loss(x, v, i, tail, T).backward())
+    if "compile" in backends:
+        timed["compile"] = (leaf, lambda x: compiled(x, v, i, tail, T).backward())
+    times = {name: [] for name in timed}
     for _ in range(repeats):
-        for name, fn in backends.items():
-            times[name].append(time_ms(fn, device, 1, 0))
+        for name, (setup, fn) in timed.items():
+            times[name].append(cuda_time_ms(setup, fn, flush))
     res.ms = {name: statistics.median(t) for name, t in times.items()}
     return res
+
 
 
 #: student dtypes bench-kernels takes, by name

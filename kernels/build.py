@@ -83,6 +83,12 @@ def _config(v: Variant) -> tuple[dict, int]:
 
 def compile_ptx(v: Variant) -> tuple[str, int]:
     """(PTX, num_warps) of the variant compiled for sm_90 (no GPU needed; not under TRITON_INTERPRET)."""
+    asm, num_warps = compile_asm(v)
+    return asm["ptx"], num_warps
+
+
+def compile_asm(v: Variant) -> tuple[dict, int]:
+    """(every stage's text: ``ttir``, ``ttgir``, ``ptx``…, num_warps) of the variant compiled for sm_90."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -123,7 +129,7 @@ def compile_ptx(v: Variant) -> tuple[str, int]:
             attrs[(index,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, constexprs=constants, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    return compiled.asm["ptx"], num_warps
+    return compiled.asm, num_warps
 
 
 def ptxas_path() -> str:

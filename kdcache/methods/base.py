@@ -245,9 +245,11 @@ class FeatureMethod(KDMethod):
         return feats[self.teacher_tap]
 
 
-def student_logits_at(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Student logits brought to the cache's resolution (bilinear), fp32."""
-    logits = logits.float()
+def student_logits_at(logits: torch.Tensor, size: tuple[int, int], keep_dtype: bool = False) -> torch.Tensor:
+    """Student logits brought to the cache's resolution (bilinear), fp32 (or in their own dtype with
+    ``keep_dtype``, for a consumer that widens them itself, as the fused kernel does)."""
+    if not keep_dtype or logits.dtype == torch.float64:
+        logits = logits.float()
     if tuple(logits.shape[-2:]) != tuple(size):
         logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
     return logits

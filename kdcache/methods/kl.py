@@ -56,15 +56,16 @@ class PixelKL(KDMethod):
     def forward(self, out, batch) -> torch.Tensor:
         batch = self.aware.targets(batch)
         values = batch["kd/values"]
-        s = student_logits_at(out.logits, tuple(values.shape[-2:]))
+        # the logits in their own dtype (fp16 under autocast): the kernel widens them as it loads them
+        s = student_logits_at(out.logits, tuple(values.shape[-2:]), keep_dtype=True)
         ignore = self.aware.ignore(batch)
         cells = self.aware.cell_weights(batch)
+        if cells is None:  # the weight folded into the kernel: no launch of its own
+            return topk_kl(s, values, batch["kd/indices"], batch.get("kd/tail"), temperature=self.temperature,
+                           ignore_mask=ignore, tail=self.tail, check_inputs=False, weight=self.weight)
         loss = topk_kl(s, values, batch["kd/indices"], batch.get("kd/tail"), temperature=self.temperature,
-                       ignore_mask=ignore, tail=self.tail, check_inputs=False,
-                       reduction="mean" if cells is None else "none")
-        if cells is not None:  # each cell's term times its class's weight, a weighted mean
-            loss = weighted_mean(loss, cells * ~ignore)
-        return self.weight * loss
+                       ignore_mask=ignore, tail=self.tail, check_inputs=False, reduction="none")
+        return self.weight * weighted_mean(loss, cells * ~ignore)  # each cell's term times its class's weight
 
     def setup(self, student_channels, schema) -> None:
         super().setup(student_channels, schema)
