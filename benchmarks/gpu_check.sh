@@ -2,12 +2,17 @@
 # benchmarks/gpu_check.sh: what only a CUDA GPU can check, in one go, written to benchmarks/results/
 # with the device named (and copied to $OUT when that is set):
 #
-#   1. the CUDA tests: tests/test_kernels_cuda.py (the Triton kernel against the float64 reference
-#      at real shapes, students past 2^31 elements, several num_warps) and tests/test_kernels.py;
-#   2. kdcache bench-kernels (fused kernel vs eager PyTorch vs torch.compile);
-#   3. benchmarks/kd_step_time.py on the GPU, from a small teacher and cache made first.
+#   1. tests: tests/test_kernels_cuda.py (the Triton kernels against the float64 reference at real
+#      shapes, students past 2^31 elements, several num_warps);
+#   2. build: every kernel variant compiled by this machine's Triton for sm_90, registers, spills, and
+#      shared memory or barriers inside loops (python -m kdcache.kernels.build);
+#   3. bench: kdcache bench-kernels (fused forward, backward and both vs eager PyTorch vs torch.compile,
+#      L2 flushed between calls, the copy rate in the same run);
+#   4. step: benchmarks/kd_step_time.py on the demo student, from a small teacher and cache made first;
+#   5. realistic: benchmarks/kd_step_realistic.py, DeepLabV3-MobileNetV3-Large at 512×1024, batch 8 (step
+#      ratio, kernels a step launches, host syncs, torch.compile of the KD term with fullgraph=True).
 #
-#   bash benchmarks/gpu_check.sh [tests] [bench] [step]     # the stages to run (default: all three)
+#   bash benchmarks/gpu_check.sh [tests] [build] [bench] [step] [realistic]   # default: all five
 #
 # Without a CUDA GPU it says so in one line and exits 0. Python packages the machine lacks (zarr,
 # numcodecs, google-crc32c, donfig on this project's GPU image) are installed from .whl/ at the
@@ -15,14 +20,15 @@
 # itself is used from this checkout, installed nowhere. Exit status: 0 when every stage passed.
 #
 # Knobs (environment): PYTHON (python3), GPU_CHECK_BENCH_ARGS (--topk 4), and the stages' time limits
-# in seconds, GPU_CHECK_TEST_TIMEOUT (280), GPU_CHECK_BENCH_TIMEOUT (170), GPU_CHECK_STEP_TIMEOUT (110):
-# all three with the set-up stay under 10 minutes, and each stage's files are copied to $OUT as it ends.
+# in seconds, GPU_CHECK_TEST_TIMEOUT (120), GPU_CHECK_BUILD_TIMEOUT (60), GPU_CHECK_BENCH_TIMEOUT (150),
+# GPU_CHECK_STEP_TIMEOUT (90), GPU_CHECK_REALISTIC_TIMEOUT (100): all five with the set-up stay under
+# 10 minutes (about 5 when nothing hits its limit), and each stage's files are copied to $OUT as it ends.
 set -euo pipefail
 
 STAGES=("$@")
-if [ ${#STAGES[@]} -eq 0 ]; then STAGES=(tests bench step); fi
+if [ ${#STAGES[@]} -eq 0 ]; then STAGES=(tests build bench step realistic); fi
 for s in "${STAGES[@]}"; do
-    case $s in tests | bench | step) ;; *) echo "usage: $0 [tests] [bench] [step]" >&2; exit 2 ;; esac
+    case $s in tests | build | bench | step | realistic) ;; *) echo "usage: $0 [tests] [build] [bench] [step] [realistic]" >&2; exit 2 ;; esac
 done
 
 cd "$(dirname "$0")/.."
@@ -89,11 +95,13 @@ PYTEST_LOG=$RES/gpu-check-$SLUG-pytest.txt
 KJSON=$RES/kernels-$SLUG.json
 KMD=$RES/kernels-$SLUG.md
 STEP_MD=$RES/kd-step-time-$SLUG.md
+BUILD_MD=$RES/kernel-build-$SLUG.md
+REAL_MD=$RES/kd-step-realistic-$SLUG.md
 read -r -a BENCH_ARGS <<< "${GPU_CHECK_BENCH_ARGS:---topk 4}"
 
 copy_out() {  # the device tool brings back what lies in $OUT (at most 8 files)
     if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then
-        for f in "$SUMMARY" "$LOG" "$PYTEST_LOG" "$KJSON" "$KMD" "$STEP_MD"; do
+        for f in "$SUMMARY" "$LOG" "$PYTEST_LOG" "$KJSON" "$KMD" "$STEP_MD" "$BUILD_MD" "$REAL_MD"; do
             if [ -f "$f" ]; then cp "$f" "$OUT/"; fi
         done
     fi
@@ -127,17 +135,26 @@ run_stage() {  # run_stage NAME CMD...: records exit status and seconds; never s
 
 stage_tests() {
     set -o pipefail
-    limit "${GPU_CHECK_TEST_TIMEOUT:-280}" "$PY" -m pytest -v -rA -p no:cacheprovider \
-        tests/test_kernels.py tests/test_kernels_cuda.py 2>&1 | tee "$PYTEST_LOG"
+    limit "${GPU_CHECK_TEST_TIMEOUT:-120}" "$PY" -m pytest -v -rA -p no:cacheprovider \
+        tests/test_kernels_cuda.py 2>&1 | tee "$PYTEST_LOG"
+}
+
+stage_build() {
+    limit "${GPU_CHECK_BUILD_TIMEOUT:-60}" "$PY" -m kdcache.kernels.build --markdown "$BUILD_MD"
+}
+
+stage_realistic() {
+    limit "${GPU_CHECK_REALISTIC_TIMEOUT:-100}" "$PY" benchmarks/kd_step_realistic.py --device cuda --results "$RES" \
+        --tag "$SLUG"
 }
 
 stage_bench() {
-    limit "${GPU_CHECK_BENCH_TIMEOUT:-170}" kdcache bench-kernels --device cuda "${BENCH_ARGS[@]}" \
+    limit "${GPU_CHECK_BENCH_TIMEOUT:-150}" kdcache bench-kernels --device cuda "${BENCH_ARGS[@]}" \
         --json "$KJSON" --markdown "$KMD"
 }
 
 stage_step_time() {  # a teacher and a 160-sample cache first (1 epoch, seconds on a GPU), then the timing
-    local t=$WORK/kd end=$((SECONDS + ${GPU_CHECK_STEP_TIMEOUT:-110}))
+    local t=$WORK/kd end=$((SECONDS + ${GPU_CHECK_STEP_TIMEOUT:-90}))
     left() { echo $((end - SECONDS > 5 ? end - SECONDS : 5)); }
     limit "$(left)" kdcache train-teacher --epochs 1 --limit 64 --out "$t/teacher" --device cuda --quiet &&
         limit "$(left)" kdcache build-teacher-cache --weights "$t/teacher" --out "$t/cache.zarr" -o size=160 \
@@ -181,7 +198,7 @@ write_summary() {
         if ran tests; then
             echo "## CUDA tests"
             echo
-            echo "\`python -m pytest -v -rA tests/test_kernels.py tests/test_kernels_cuda.py\`: ${tests_line:-no summary line (see the log)}"
+            echo "\`python -m pytest -v -rA tests/test_kernels_cuda.py\`: ${tests_line:-no summary line (see the log)}"
             echo "Full output: [$(basename "$PYTEST_LOG")]($(basename "$PYTEST_LOG"))."
             echo
         fi
@@ -191,6 +208,18 @@ write_summary() {
             if [ -f "$KMD" ]; then tail -n +3 "$KMD"; else echo "No table was written (see the log)."; fi
             echo
             echo "Files: [$(basename "$KMD")]($(basename "$KMD")), [$(basename "$KJSON")]($(basename "$KJSON"))."
+            echo
+        fi
+        if ran build; then
+            echo "## Kernels compiled by this machine's Triton"
+            echo
+            if [ -f "$BUILD_MD" ]; then tail -n +3 "$BUILD_MD"; else echo "No table was written (see the log)."; fi
+            echo
+        fi
+        if ran realistic; then
+            echo "## A realistic student's step"
+            echo
+            if [ -f "$REAL_MD" ]; then tail -n +3 "$REAL_MD"; else echo "No result was written (see the log)."; fi
             echo
         fi
         if ran step; then
@@ -212,6 +241,8 @@ main() {
     for s in "${STAGES[@]}"; do
         case $s in
             tests) rm -f "$PYTEST_LOG"; run_stage "CUDA tests" stage_tests ;;
+            build) rm -f "$BUILD_MD"; run_stage "kernel build" stage_build ;;
+            realistic) rm -f "$REAL_MD"; run_stage "realistic step" stage_realistic ;;
             bench) rm -f "$KJSON" "$KMD"; run_stage "bench-kernels" stage_bench ;;
             step) rm -f "$STEP_MD"; run_stage "KD step time" stage_step_time ;;
         esac

@@ -214,3 +214,37 @@ def variants() -> list[Variant]:
                                                                    lse1=True),
                 Variant(kernel, "bfloat16", C=128000, k=4, reduction=2)]
     return out
+
+
+def report_markdown(reports: list[Report], title: str) -> str:
+    lines = [f"# {title}\n", "| variant | registers | spill bytes | warps | loops | shared / barriers in loops | vector loads in loops |",
+             "|---|---|---|---|---|---|---|"]
+    for r in reports:
+        lines.append(f"| {r.variant} | {r.registers} | {r.spill_bytes} | {r.num_warps} | {r.loops} | "
+                     f"{len(r.shared_in_loops)} | {r.vector_loads_in_loops} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kdcache.kernels.build [--markdown FILE]``: every CI variant compiled for sm_90 with
+    this machine's Triton, as a table; exit 1 when one breaks the budget (> 128 registers, spills,
+    shared memory or barriers in a loop)."""
+    import argparse
+
+    import triton
+
+    ap = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    ap.add_argument("--markdown", default=None)
+    args = ap.parse_args(argv)
+    reports = [inspect(v) for v in variants()]
+    text = report_markdown(reports, f"Triton kernels compiled for sm_90 (Triton {triton.__version__})")
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text)
+    bad = [r for r in reports if r.registers > 128 or r.spill_bytes or r.shared_in_loops]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
