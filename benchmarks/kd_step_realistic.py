@@ -139,7 +139,13 @@ def main() -> None:
     try:
         logits = torch.randn(N, C, H // 8, W // 8, device=dev, requires_grad=True)
         batch = kd_batch()
-        compiled = torch.compile(lambda s: method(SimpleNamespace(logits=s), batch), fullgraph=True)
+        holder = SimpleNamespace(logits=None)  # the model's output object, made outside the compiled code
+
+        def term(s):
+            holder.logits = s
+            return method(holder, batch)
+
+        compiled = torch.compile(term, fullgraph=True)
         got = compiled(logits)
         got.backward()
         g_compiled = logits.grad.clone()

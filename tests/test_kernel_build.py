@@ -1,0 +1,95 @@
+"""The Triton kernels compiled for an H100 (sm_90) with no GPU, and what ptxas and the PTX say.
+
+The budget a regression breaks (docs/design.md, the loss contract): at most 128 registers and no
+spills per kernel, no shared memory or barrier inside any loop (the class loop is per-thread
+arithmetic), and vectorised student loads in the NCHW map kernels' class loop. A deliberately bad
+kernel (a cross-warp reduction inside its loop, and one that holds a huge tile in registers) shows
+that the checks catch what they claim to.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton.backends.nvidia")
+
+_SCRIPT = r"""
+import json, sys
+from kdcache.kernels import build
+out = []
+for v in [build.Variant("map_fwd", "bfloat16", C=19, k=4), build.Variant("map_bwd", "bfloat16", C=19, k=4),
+          build.Variant("map_fwd", "float32", C=150, k=8), build.Variant("map_bwd", "float16", C=19, k=4,
+          has_lab=True, lse1=True), build.Variant("map_fwd", "bfloat16", C=19, k=4, channels_last=True),
+          build.Variant("row_fwd", "bfloat16", C=32000, k=8), build.Variant("row_bwd", "bfloat16", C=32000, k=8)]:
+    r = build.inspect(v)
+    out.append(r.__dict__)
+print(json.dumps(out))
+"""
+
+_BAD = r"""
+import json
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kdcache.kernels import build
+
+@triton.jit
+def reduce_in_loop(x_ptr, o_ptr, C, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    acc = 0.0
+    for c in range(0, C):
+        acc += tl.sum(tl.load(x_ptr + c * BLOCK + offs), axis=0)  # a cross-warp reduction per step
+    tl.store(o_ptr, acc)
+
+@triton.jit
+def huge_tile(x_ptr, o_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs)
+    tl.store(o_ptr + offs, tl.exp(x) * tl.sum(x, axis=0) + tl.flip(x, 0))
+
+res = {}
+for name, fn, sig, const in [("loop", reduce_in_loop, {"x_ptr": "*fp32", "o_ptr": "*fp32", "C": "i32", "BLOCK": "constexpr"}, {(3,): 1024}),
+                             ("tile", huge_tile, {"x_ptr": "*fp32", "o_ptr": "*fp32", "BLOCK": "constexpr"}, {(2,): 65536})]:
+    c = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    ptx = c.asm["ptx"]
+    regs, spills, _ = build.ptxas_info(ptx)
+    bad = [l for a, b in build.loops(ptx) for l in ptx.splitlines()[a:b + 1] if "bar.sync" in l or ".shared" in l]
+    res[name] = {"registers": regs, "spills": spills, "shared_in_loops": len(bad)}
+print(json.dumps(res))
+"""
+
+
+def _run(script: str, tmp_path) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, not interpret
+    path = tmp_path / "compile_check.py"  # Triton reads a @jit function's source from its file
+    path.write_text(script)
+    r = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r.stdout.strip().splitlines()[-1]
+
+
+def test_kernels_fit_the_register_budget_with_no_shared_memory_in_loops(tmp_path):
+    import json
+
+    reports = json.loads(_run(_SCRIPT, tmp_path))
+    assert len(reports) == 7
+    for r in reports:
+        assert r["registers"] <= 128, r
+        assert r["spill_bytes"] == 0, r
+        assert r["shared_in_loops"] == [], r
+        assert r["loops"] >= 1, r
+    nchw = [r for r in reports if r["variant"].startswith("map_") and "channels_last" not in r["variant"]
+            and "-k4-" in r["variant"] and "lse1" not in r["variant"]]
+    assert nchw and all(r["vector_loads_in_loops"] > 0 for r in nchw), nchw
+
+
+def test_the_checks_catch_a_reduction_in_a_loop_and_a_spilling_kernel(tmp_path):
+    import json
+
+    res = json.loads(_run(_BAD, tmp_path))
+    assert res["loop"]["shared_in_loops"] > 0, res
+    assert res["tile"]["spills"] > 0 or res["tile"]["registers"] > 128, res
