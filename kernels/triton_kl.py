@@ -83,7 +83,7 @@ def _map_capture(v_base, i_base, mask_p, inv_t, log_z, v_sk, i_sk, K: tl.constex
     if CAPTURE:
         v_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
         i_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
-        for j in tl.static_range(K):
+        for _j in tl.static_range(K):
             ids = ids + (tl.load(i_base + i_off, mask=mask_p, other=-1).to(tl.int32),)
             ps = ps + (tl.exp(tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t - log_z),)
             v_off += v_sk
@@ -105,7 +105,7 @@ def _class_hits(c, ids, ps, v_base, i_base, mask_p, inv_t, log_z, v_sk, i_sk, K:
     else:
         v_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
         i_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
-        for jd in range(K):
+        for _jd in range(K):
             h = tl.load(i_base + i_off, mask=mask_p, other=-1).to(tl.int32) == c
             lpj = tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t - log_z
             v_off += v_sk
@@ -188,14 +188,14 @@ def _map_fwd(
         a_tail = log_rest + (tail - log_rest) * inv_t
         mz, sz = _lse_step(mz, sz, a_tail)
     v_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
-    for jt in range(K):
+    for _jt in range(K):
         mz, sz = _lse_step(mz, sz, tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t)
         v_off += v_sk
     log_z = _lse(mz, sz)
     plogp = tl.zeros([BLOCK_P], tl.float32)
     p_k = tl.zeros([BLOCK_P], tl.float32)
     v_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
-    for jt in range(K):
+    for _jt in range(K):
         lpj = tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t - log_z
         v_off += v_sk
         plogp += tl.exp(lpj) * lpj
@@ -221,7 +221,7 @@ def _map_fwd(
     c_full = C - C % UNROLL
     for c0 in range(0, c_full, UNROLL):  # UNROLL classes' loads in flight before any arithmetic
         xs = ()
-        for u in tl.static_range(UNROLL):
+        for _u in tl.static_range(UNROLL):
             xs = xs + (tl.load(s_base + off, mask=mask_p, other=0.0),)
             off += s_sc
         for u in tl.static_range(UNROLL):
@@ -329,7 +329,7 @@ def _map_bwd(
         a_tail = log_rest + (tail - log_rest) * inv_t
         mz, sz = _lse_step(mz, sz, a_tail)
     v_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
-    for jt in range(K):
+    for _jt in range(K):
         mz, sz = _lse_step(mz, sz, tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t)
         v_off += v_sk
     log_z = _lse(mz, sz)
@@ -373,7 +373,7 @@ def _map_bwd(
     c_full = C - C % UNROLL
     for c0 in range(0, c_full, UNROLL):
         xs = ()
-        for u in tl.static_range(UNROLL):
+        for _u in tl.static_range(UNROLL):
             xs = xs + (tl.load(s_base + off, mask=mask_p, other=0.0),)
             off += s_sc
         for u in tl.static_range(UNROLL):
