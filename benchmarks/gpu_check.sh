@@ -10,9 +10,10 @@
 #      L2 flushed between calls, the copy rate in the same run);
 #   4. step: benchmarks/kd_step_time.py on the demo student, from a small teacher and cache made first;
 #   5. realistic: benchmarks/kd_step_realistic.py, DeepLabV3-MobileNetV3-Large at 512×1024, batch 8 (step
-#      ratio, kernels a step launches, host syncs, torch.compile of the KD term with fullgraph=True).
+#      ratio, kernels a step launches, host syncs, torch.compile of the KD term with fullgraph=True);
+#   6. sweep (only when named): benchmarks/kernel_sweep.py, the kernels' launch settings side by side.
 #
-#   bash benchmarks/gpu_check.sh [tests] [build] [bench] [step] [realistic]   # default: all five
+#   bash benchmarks/gpu_check.sh [tests] [build] [bench] [step] [realistic] [sweep]   # default: the first five
 #
 # Without a CUDA GPU it says so in one line and exits 0. Python packages the machine lacks (zarr,
 # numcodecs, google-crc32c, donfig on this project's GPU image) are installed from .whl/ at the
@@ -28,7 +29,7 @@ set -euo pipefail
 STAGES=("$@")
 if [ ${#STAGES[@]} -eq 0 ]; then STAGES=(tests build bench step realistic); fi
 for s in "${STAGES[@]}"; do
-    case $s in tests | build | bench | step | realistic) ;; *) echo "usage: $0 [tests] [build] [bench] [step] [realistic]" >&2; exit 2 ;; esac
+    case $s in tests | build | bench | step | realistic | sweep) ;; *) echo "usage: $0 [tests] [build] [bench] [step] [realistic] [sweep]" >&2; exit 2 ;; esac
 done
 
 cd "$(dirname "$0")/.."
@@ -97,12 +98,17 @@ KMD=$RES/kernels-$SLUG.md
 STEP_MD=$RES/kd-step-time-$SLUG.md
 BUILD_MD=$RES/kernel-build-$SLUG.md
 REAL_MD=$RES/kd-step-realistic-$SLUG.md
+SWEEP_MD=$RES/kernel-sweep-$SLUG.md
+touch "$WORK/start"
 read -r -a BENCH_ARGS <<< "${GPU_CHECK_BENCH_ARGS:---topk 4}"
 
-copy_out() {  # the device tool brings back what lies in $OUT (at most 8 files)
+copy_out() {  # the device tool brings back what lies in $OUT (at most 8 files): what this run wrote
     if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then
-        for f in "$SUMMARY" "$LOG" "$PYTEST_LOG" "$KJSON" "$KMD" "$STEP_MD" "$BUILD_MD" "$REAL_MD"; do
-            if [ -f "$f" ]; then cp "$f" "$OUT/"; fi
+        for f in "$SUMMARY" "$PYTEST_LOG" "$KJSON" "$KMD" "$STEP_MD" "$BUILD_MD" "$REAL_MD" "$SWEEP_MD" "$LOG"; do
+            if [ -f "$f" ] && [ "$f" -nt "$WORK/start" ] && [ "$(find "$OUT" -type f | wc -l)" -lt 8 ] ||
+                { [ -f "$OUT/$(basename "$f")" ] && [ "$f" -nt "$WORK/start" ]; }; then
+                cp "$f" "$OUT/"
+            fi
         done
     fi
 }
@@ -146,6 +152,10 @@ stage_build() {
 stage_realistic() {
     limit "${GPU_CHECK_REALISTIC_TIMEOUT:-100}" "$PY" benchmarks/kd_step_realistic.py --device cuda --results "$RES" \
         --tag "$SLUG"
+}
+
+stage_sweep() {
+    limit "${GPU_CHECK_SWEEP_TIMEOUT:-200}" "$PY" benchmarks/kernel_sweep.py --results "$RES"
 }
 
 stage_bench() {
@@ -222,6 +232,12 @@ write_summary() {
             if [ -f "$REAL_MD" ]; then tail -n +3 "$REAL_MD"; else echo "No result was written (see the log)."; fi
             echo
         fi
+        if ran sweep; then
+            echo "## Launch settings swept"
+            echo
+            echo "File: [$(basename "$SWEEP_MD")]($(basename "$SWEEP_MD"))."
+            echo
+        fi
         if ran step; then
             echo "## KD step time"
             echo
@@ -243,6 +259,7 @@ main() {
             tests) rm -f "$PYTEST_LOG"; run_stage "CUDA tests" stage_tests ;;
             build) rm -f "$BUILD_MD"; run_stage "kernel build" stage_build ;;
             realistic) rm -f "$REAL_MD"; run_stage "realistic step" stage_realistic ;;
+            sweep) rm -f "$SWEEP_MD"; run_stage "kernel sweep" stage_sweep ;;
             bench) rm -f "$KJSON" "$KMD"; run_stage "bench-kernels" stage_bench ;;
             step) rm -f "$STEP_MD"; run_stage "KD step time" stage_step_time ;;
         esac

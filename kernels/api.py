@@ -1,9 +1,11 @@
 """``topk_kl``: the one entry point to the fused top-k softmax-KL loss (the loss contract of docs/design.md).
 
-The forward pass computes the loss *and* its gradient with respect to the student logits; the
-backward pass only multiplies that stored gradient by the incoming one. ``backend="auto"``
-picks Triton for CUDA tensors and Numba for CPU tensors; ``"torch"`` is the readable reference
-(any dtype, float64 included, differentiated by autograd), the oracle of the tests.
+``backend="auto"`` picks Triton for CUDA tensors and Numba for CPU tensors; ``"torch"`` is the
+readable reference (any dtype, float64 included, differentiated by autograd), the oracle of the
+tests. Both fused paths are PyTorch custom operators (``torch.library``), so ``torch.compile`` traces
+through them: on CUDA a forward launch that keeps per-position statistics and a backward launch that
+writes the gradient (:mod:`kdcache.kernels.triton_op`); on the CPU one Numba pass that computes the
+loss and its gradient, which the backward scales by the incoming gradient (``kdcache::topk_kl_numba``).
 """
 
 from __future__ import annotations
@@ -105,42 +107,56 @@ def _scales(ignore_mask, labels, ignore_index, ce_weight, reduction, N, P, devic
     return torch.stack(parts).float()
 
 
-class _NumbaTopKKL(torch.autograd.Function):
-    """The CPU path: the Numba kernel writes the loss and its gradient in one pass over the student;
-    the backward scales that gradient by the incoming one."""
+def numba_forward(student: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor | None,
+                  ignore_mask: torch.Tensor | None, labels: torch.Tensor | None, T: float, tail_policy: str,
+                  reduction: str, ignore_index: int, kd_weight: float,
+                  ce_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU path: (loss, its gradient with respect to the student), from one Numba pass."""
+    N, C = student.shape[:2]
+    spatial = student.shape[2:]
+    s, v, i, t, ign, lab = _views(student, values, indices, tail, ignore_mask, labels)
+    P = s.shape[2]
+    k = v.shape[1]
+    with_tail = tail_policy == "bin" and k < C
+    scales = _scales(ign, lab, ignore_index, ce_weight, reduction, N, P, student.device) * torch.tensor(
+        [float(kd_weight), 1.0])
+    grad, loss = _run_numba(s, v, i, t if with_tail else None, ign, lab, T, with_tail, ignore_index, scales,
+                            reduction == "none")
+    if reduction == "none":
+        loss = loss.view(N, *spatial)
+    return loss, grad.to(student.dtype).view(student.shape)
 
-    @staticmethod
-    def forward(ctx, student, values, indices, tail, ignore_mask, labels, T, tail_policy, reduction,
-                ignore_index, kd_weight, ce_weight):
-        N, C = student.shape[:2]
-        spatial = student.shape[2:]
-        s, v, i, t, ign, lab = _views(student, values, indices, tail, ignore_mask, labels)
-        P = s.shape[2]
-        k = v.shape[1]
-        with_tail = tail_policy == "bin" and k < C
-        scales = _scales(ign, lab, ignore_index, ce_weight, reduction, N, P, student.device) * torch.tensor(
-            [float(kd_weight), 1.0])
-        grad, loss = _run_numba(s, v, i, t if with_tail else None, ign, lab, T, with_tail,
-                                ignore_index, scales, reduction == "none")
-        grad = grad.to(student.dtype)
-        if reduction == "none":
-            loss = loss.view(N, *spatial)
-        ctx.reduction = reduction
-        ctx.shape = student.shape
-        ctx.save_for_backward(grad)
-        return loss
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        (grad,) = ctx.saved_tensors
-        N, C = ctx.shape[:2]
-        if ctx.reduction == "none":
-            g = grad * grad_out.reshape(N, 1, -1).to(grad.dtype)
-        elif float(grad_out) == 1.0:
-            g = grad  # loss.backward() on the CPU: reading the scalar costs nothing, skip a pass
-        else:
-            g = grad * grad_out.to(grad.dtype)
-        return g.view(ctx.shape), None, None, None, None, None, None, None, None, None, None, None
+# a PyTorch custom operator (torch.library), so that torch.compile traces a step through the CPU loss too
+_numba_op = torch.library.custom_op("kdcache::topk_kl_numba", numba_forward, mutates_args=())
+
+
+@_numba_op.register_fake
+def _(student, values, indices, tail, ignore_mask, labels, T, tail_policy, reduction, ignore_index, kd_weight,
+      ce_weight):
+    shape = (student.shape[0], *student.shape[2:]) if reduction == "none" else ()
+    return student.new_empty(shape, dtype=torch.float32), torch.empty_like(student)
+
+
+def _numba_setup(ctx, inputs, output):
+    ctx.reduction = inputs[8]
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _numba_backward(ctx, grad_out, _grad_of_grad):
+    (grad,) = ctx.saved_tensors
+    if ctx.reduction == "none":
+        g = grad * grad_out.unsqueeze(1).to(grad.dtype)
+    elif not torch.compiler.is_compiling() and float(grad_out) == 1.0:
+        g = grad  # loss.backward() on the CPU: reading the scalar costs nothing, skip a pass
+    else:
+        g = grad * grad_out.to(grad.dtype)
+    return g, None, None, None, None, None, None, None, None, None, None, None
+
+
+_numba_op.register_autograd(_numba_backward, setup_context=_numba_setup)
 
 
 def numba_layout(C: int, P: int) -> str:
@@ -283,9 +299,8 @@ def topk_kl(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_
     if backend == "triton" and not triton_usable(student_logits.device):
         raise KernelInputError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)")
     if backend == "numba":
-        return _NumbaTopKKL.apply(student_logits, teacher_values, teacher_indices, teacher_tail, ignore_mask, labels,
-                                  float(temperature), tail, reduction, int(ignore_index), float(weight),
-                                  float(ce_weight))
+        return _numba_op(student_logits, teacher_values, teacher_indices, teacher_tail, ignore_mask, labels,
+                         float(temperature), tail, reduction, int(ignore_index), float(weight), float(ce_weight))[0]
     from kdcache.kernels.triton_op import topk_kl_triton
 
     return topk_kl_triton(student_logits, teacher_values, teacher_indices, teacher_tail, ignore_mask, labels,

@@ -92,7 +92,7 @@ def time_ms(fn, device: torch.device, repeats: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-class _L2Flush:
+class L2Flush:
     """Writes a buffer larger than the GPU's L2 before each timed call (``triton.testing.do_bench``'s way)."""
 
     def __init__(self, device: torch.device, nbytes: int = 256 << 20):
@@ -102,7 +102,7 @@ class _L2Flush:
         self.buf.zero_()
 
 
-def cuda_time_ms(setup, timed, flush: _L2Flush) -> float:
+def cuda_time_ms(setup, timed, flush: L2Flush) -> float:
     """One call of ``timed(setup())`` on CUDA, L2 flushed first, timed by CUDA events (ms)."""
     state = setup()
     flush()
@@ -196,7 +196,7 @@ def bench_case(N: int, C: int, spatial: tuple, k: int, *, device: torch.device, 
                 times[name].append(time_ms(fn, device, 1, 0))
         res.ms = {name: statistics.median(t) for name, t in times.items()}
         return res
-    flush = _L2Flush(device)
+    flush = L2Flush(device)
 
     def leaf():
         return s.detach().requires_grad_(True)

@@ -128,7 +128,8 @@ def compile_asm(v: Variant) -> tuple[dict, int]:
         if divisible and not (v.channels_last and name in ("s_sp", "g_sp")):
             attrs[(index,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, constexprs=constants, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    options = {"num_warps": num_warps} | triton_kl.register_cap(num_warps)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     return compiled.asm, num_warps
 
 

@@ -48,6 +48,8 @@ import triton.language as tl
 
 #: a running maximum's start: finite, so that a masked lane's −inf never meets −inf (a NaN)
 _NEG = tl.constexpr(-3.0e38)
+#: the logit a masked-off class of the last block takes
+_MISSING = tl.constexpr(-1.0e30)
 #: teachers with up to this many logits per position keep their ids and probabilities in registers;
 #: more (a dense cache of many classes) reload them from L1 inside the class loop
 CAPTURE_MAX_K = 16
@@ -76,19 +78,52 @@ def _logaddexp(x, y):
 
 
 @triton.jit
-def _map_capture(v_base, i_base, mask_p, inv_t, log_z, v_sk, i_sk, K: tl.constexpr, CAPTURE: tl.constexpr):
-    """The teacher's k ids and probabilities of a block of pixels, held in registers (k ≤ CAPTURE_MAX_K)."""
+def _map_teacher(v_base, i_base, t_block, mask_p, inv_t, log_rest, v_sk, i_sk, K: tl.constexpr,
+                 CAPTURE: tl.constexpr, WITH_TAIL: tl.constexpr):
+    """A block of pixels' teacher at T: (log Z over the k bins and the tail bin, the tail bin's logit,
+    Σ_K p log p, Σ_K p, and for k ≤ CAPTURE_MAX_K the k ids and probabilities, held in registers).
+    With k ≤ CAPTURE_MAX_K every value and id is loaded before any is used (one memory round trip)."""
+    mz = tl.full(mask_p.shape, _NEG, tl.float32)
+    sz = tl.zeros(mask_p.shape, tl.float32)
+    a_tail = tl.zeros(mask_p.shape, tl.float32)
+    plogp = tl.zeros(mask_p.shape, tl.float32)
+    p_k = tl.zeros(mask_p.shape, tl.float32)
     ids = ()
     ps = ()
+    if WITH_TAIL:
+        a_tail = log_rest + (tl.load(t_block, mask=mask_p, other=0.0).to(tl.float32) - log_rest) * inv_t
+        mz, sz = _lse_step(mz, sz, a_tail)
     if CAPTURE:
+        vs = ()
         v_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
-        i_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
+        i_off = tl.program_id(0).to(tl.int64) * 0
         for _j in tl.static_range(K):
+            vs = vs + (tl.load(v_base + v_off, mask=mask_p, other=0.0),)
             ids = ids + (tl.load(i_base + i_off, mask=mask_p, other=-1).to(tl.int32),)
-            ps = ps + (tl.exp(tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t - log_z),)
             v_off += v_sk
             i_off += i_sk
-    return ids, ps
+        for j in tl.static_range(K):
+            mz, sz = _lse_step(mz, sz, vs[j].to(tl.float32) * inv_t)
+        log_z = _lse(mz, sz)
+        for j in tl.static_range(K):
+            lpj = vs[j].to(tl.float32) * inv_t - log_z
+            pj = tl.exp(lpj)
+            plogp += pj * lpj
+            p_k += pj
+            ps = ps + (pj,)
+    else:
+        v_off = tl.program_id(0).to(tl.int64) * 0
+        for _jt in range(K):
+            mz, sz = _lse_step(mz, sz, tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t)
+            v_off += v_sk
+        log_z = _lse(mz, sz)
+        v_off = tl.program_id(0).to(tl.int64) * 0
+        for _jt in range(K):
+            lpj = tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t - log_z
+            v_off += v_sk
+            plogp += tl.exp(lpj) * lpj
+            p_k += tl.exp(lpj)
+    return log_z, a_tail, plogp, p_k, ids, ps
 
 
 @triton.jit
@@ -179,28 +214,9 @@ def _map_fwd(
     v_base = v_ptr + n * v_sn + offs_p
     i_base = i_ptr + n * i_sn + offs_p
 
-    # the teacher at T: log Z over the k bins (+ the tail bin), then p_j, Σ p_j log p_j and Σ p_j
-    mz = tl.full([BLOCK_P], _NEG, tl.float32)
-    sz = tl.zeros([BLOCK_P], tl.float32)
-    a_tail = tl.zeros([BLOCK_P], tl.float32)
-    if WITH_TAIL:
-        tail = tl.load(t_ptr + n * t_sn + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-        a_tail = log_rest + (tail - log_rest) * inv_t
-        mz, sz = _lse_step(mz, sz, a_tail)
-    v_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
-    for _jt in range(K):
-        mz, sz = _lse_step(mz, sz, tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t)
-        v_off += v_sk
-    log_z = _lse(mz, sz)
-    plogp = tl.zeros([BLOCK_P], tl.float32)
-    p_k = tl.zeros([BLOCK_P], tl.float32)
-    v_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
-    for _jt in range(K):
-        lpj = tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t - log_z
-        v_off += v_sk
-        plogp += tl.exp(lpj) * lpj
-        p_k += tl.exp(lpj)
-    ids, ps = _map_capture(v_base, i_base, mask_p, inv_t, log_z, v_sk, i_sk, K, CAPTURE)
+    # the teacher at T: log Z over the k bins (+ the tail bin), p_j, Σ p_j log p_j and Σ p_j
+    log_z, a_tail, plogp, p_k, ids, ps = _map_teacher(v_base, i_base, t_ptr + n * t_sn + offs_p, mask_p, inv_t,
+                                                      log_rest, v_sk, i_sk, K, CAPTURE, WITH_TAIL)
 
     y = tl.full([BLOCK_P], -1, tl.int32)
     if HAS_LAB:
@@ -228,12 +244,19 @@ def _map_fwd(
             mk, ak, mt, at, dot, m1, a1, x_y = _fwd_class(
                 xs[u].to(tl.float32), c0 + u, ids, ps, y, mk, ak, mt, at, dot, m1, a1, x_y, v_base, i_base, mask_p,
                 inv_t, log_z, v_sk, i_sk, K, CAPTURE, WITH_TAIL, HAS_LAB, LSE1)
-    for c in range(c_full, C):
-        x = tl.load(s_base + off, mask=mask_p, other=0.0).to(tl.float32)
-        off += s_sc
-        mk, ak, mt, at, dot, m1, a1, x_y = _fwd_class(
-            x, c, ids, ps, y, mk, ak, mt, at, dot, m1, a1, x_y, v_base, i_base, mask_p,
-            inv_t, log_z, v_sk, i_sk, K, CAPTURE, WITH_TAIL, HAS_LAB, LSE1)
+    if c_full < C:  # the last C mod UNROLL classes: one masked block, not a loop of single loads
+        xs = ()
+        for u in tl.static_range(UNROLL):
+            xs = xs + (tl.load(s_base + off, mask=mask_p & (tl.zeros(mask_p.shape, tl.int32) + (c_full + u) < C),
+                               other=0.0),)
+            off += s_sc
+        for u in tl.static_range(UNROLL):
+            # a missing class adds exp(−huge) = 0 (it comes after every class of its group; finite even at T < 1,
+            # so that its 0 · z in Σ p·z stays 0)
+            x = tl.where(tl.zeros(mask_p.shape, tl.int32) + (c_full + u) < C, xs[u].to(tl.float32), _MISSING)
+            mk, ak, mt, at, dot, m1, a1, x_y = _fwd_class(
+                x, c_full + u, ids, ps, y, mk, ak, mt, at, dot, m1, a1, x_y, v_base, i_base, mask_p,
+                inv_t, log_z, v_sk, i_sk, K, CAPTURE, WITH_TAIL, HAS_LAB, LSE1)
 
     lk = _lse(mk, ak)
     lt = lk
@@ -321,19 +344,8 @@ def _map_bwd(
     v_base = v_ptr + n * v_sn + offs_p
     i_base = i_ptr + n * i_sn + offs_p
 
-    mz = tl.full([BLOCK_P], _NEG, tl.float32)
-    sz = tl.zeros([BLOCK_P], tl.float32)
-    a_tail = tl.zeros([BLOCK_P], tl.float32)
-    if WITH_TAIL:
-        tail = tl.load(t_ptr + n * t_sn + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-        a_tail = log_rest + (tail - log_rest) * inv_t
-        mz, sz = _lse_step(mz, sz, a_tail)
-    v_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
-    for _jt in range(K):
-        mz, sz = _lse_step(mz, sz, tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t)
-        v_off += v_sk
-    log_z = _lse(mz, sz)
-    ids, ps = _map_capture(v_base, i_base, mask_p, inv_t, log_z, v_sk, i_sk, K, CAPTURE)
+    log_z, a_tail, _plogp, _p_k, ids, ps = _map_teacher(v_base, i_base, t_ptr + n * t_sn + offs_p, mask_p, inv_t,
+                                                        log_rest, v_sk, i_sk, K, CAPTURE, WITH_TAIL)
 
     lse = tl.load(stat_ptr + n * P + offs_p, mask=mask_p, other=0.0)
     lt = lse
@@ -381,13 +393,18 @@ def _map_bwd(
                            i_base, mask_p, inv_t, log_z, v_sk, i_sk, K, CAPTURE, WITH_TAIL, HAS_LAB, LSE1)
             tl.store(g_base + g_off, g.to(g_ptr.dtype.element_ty), mask=mask_p)
             g_off += g_sc
-    for c in range(c_full, C):
-        x = tl.load(s_base + off, mask=mask_p, other=0.0).to(tl.float32)
-        off += s_sc
-        g = _bwd_class(x, c, ids, ps, y, lse, lt, ct, q_tail, lse1, f_kd, f_ce, v_base, i_base, mask_p, inv_t, log_z,
-                       v_sk, i_sk, K, CAPTURE, WITH_TAIL, HAS_LAB, LSE1)
-        tl.store(g_base + g_off, g.to(g_ptr.dtype.element_ty), mask=mask_p)
-        g_off += g_sc
+    if c_full < C:
+        xs = ()
+        for u in tl.static_range(UNROLL):
+            xs = xs + (tl.load(s_base + off, mask=mask_p & (tl.zeros(mask_p.shape, tl.int32) + (c_full + u) < C),
+                               other=0.0),)
+            off += s_sc
+        for u in tl.static_range(UNROLL):
+            g = _bwd_class(xs[u].to(tl.float32), c_full + u, ids, ps, y, lse, lt, ct, q_tail, lse1, f_kd, f_ce, v_base,
+                           i_base, mask_p, inv_t, log_z, v_sk, i_sk, K, CAPTURE, WITH_TAIL, HAS_LAB, LSE1)
+            tl.store(g_base + g_off, g.to(g_ptr.dtype.element_ty),
+                     mask=mask_p & (tl.zeros(mask_p.shape, tl.int32) + (c_full + u) < C))
+            g_off += g_sc
 
 
 # -- rows: [N, C], classes contiguous ----------------------------------------------------------------
@@ -612,6 +629,11 @@ def map_config(C: int, P: int, k: int, element_size: int, pixel_stride: int = 1,
     if element_size == 4 and spt > 4:
         spt = 4
     num_warps = 4
+    unroll = UNROLL
+    if MAP_TUNING:  # benchmarks/kernel_sweep.py tries other settings through this
+        spt = MAP_TUNING.get("SPT", spt)
+        num_warps = MAP_TUNING.get("num_warps", num_warps)
+        unroll = MAP_TUNING.get("UNROLL", unroll)
     block_p = spt * 32 * num_warps
     while block_p > 64 and block_p // 2 >= triton.next_power_of_2(P):  # small maps: fewer idle lanes
         if num_warps > 1:
@@ -619,13 +641,16 @@ def map_config(C: int, P: int, k: int, element_size: int, pixel_stride: int = 1,
         else:
             spt //= 2
         block_p = spt * 32 * num_warps
-    return {"SPT": spt, "num_warps": num_warps, "BLOCK_P": block_p, "CAPTURE": capture, "UNROLL": UNROLL}
+    return {"SPT": spt, "num_warps": num_warps, "BLOCK_P": block_p, "CAPTURE": capture, "UNROLL": unroll}
 
 
 def row_config(C: int, k: int) -> dict:
     """``BLOCK_C`` classes a step (8 a thread at most) and ``num_warps`` growing with C (1 to 16)."""
     block_c = min(triton.next_power_of_2(C), 4096)
     num_warps = max(1, min(16, block_c // 256))
+    if ROW_TUNING:
+        block_c = min(ROW_TUNING.get("BLOCK_C", block_c), triton.next_power_of_2(C))
+        num_warps = ROW_TUNING.get("num_warps", num_warps)
     return {"BLOCK_C": block_c, "num_warps": num_warps, "CAPTURE": k <= CAPTURE_MAX_K}
 
 
@@ -636,6 +661,10 @@ _MAX_PROGRAMS = 2**31 - 1  # a CUDA grid's x dimension
 RBLOCK = 1024
 #: classes whose loads a map kernel issues before using any of them (bytes in flight per thread)
 UNROLL = 4
+#: settings that replace the configs' choices when set (``SPT``, ``num_warps``, ``UNROLL`` for maps;
+#: ``BLOCK_C``, ``num_warps`` for rows): how benchmarks/kernel_sweep.py times the alternatives
+MAP_TUNING: dict | None = None
+ROW_TUNING: dict | None = None
 
 
 def stat_count(with_tail: bool, lse1: bool) -> int:
@@ -643,9 +672,22 @@ def stat_count(with_tail: bool, lse1: bool) -> int:
     return 3 if lse1 else (2 if with_tail else 1)
 
 
+#: the most registers a thread may hold (ptxas's ``maxnreg``): 128 keeps 4 blocks of 4 warps on an SM
+#: (65536 registers); None leaves ptxas to choose
+MAX_REGISTERS: int | None = 128
+
+
+def register_cap(num_warps: int) -> dict:
+    """The ``maxnreg`` launch option (at most 65536 registers over the block's threads)."""
+    if MAX_REGISTERS is None:
+        return {}
+    return {"maxnreg": min(MAX_REGISTERS, 65536 // (32 * num_warps) // 8 * 8)}
+
+
 def _options(num_warps: int) -> dict:
     nw = NUM_WARPS if NUM_WARPS is not None else num_warps
-    return {"num_warps": nw} | ({"num_stages": NUM_STAGES} if NUM_STAGES is not None else {})
+    return ({"num_warps": nw} | register_cap(nw)
+            | ({"num_stages": NUM_STAGES} if NUM_STAGES is not None else {}))
 
 
 def programs(N: int, C: int, P: int, k: int, element_size: int, pixel_stride: int = 1, lse1: bool = False) -> int:

@@ -13,6 +13,8 @@ gradient is written in the student's dtype and memory format.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kdcache.kernels import triton_kl
@@ -37,7 +39,7 @@ def _as_ncp(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """[N, C, *spatial] -> an [N, C, P] view and its pixel stride, in place for NCHW and channels_last
     (a copy only for other layouts); rows [N, C] -> [N, C, 1] with classes contiguous."""
     N, C = x.shape[:2]
-    P = x[0, 0].numel() if x.dim() > 2 else 1
+    P = math.prod(x.shape[2:])
     v = x.reshape(N, C, P)
     if P == 1:
         if v.stride(1) != 1:
@@ -73,8 +75,7 @@ def _lse1(labels, T: float) -> bool:
     return labels is not None and T != 1.0
 
 
-@torch.library.custom_op("kdcache::topk_kl_forward", mutates_args=())
-def topk_kl_forward(student: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor | None,
+def forward_impl(student: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor | None,
                     ignore_mask: torch.Tensor | None, labels: torch.Tensor | None, T: float, with_tail: bool,
                     reduction: str, ignore_index: int, kd_weight: float,
                     ce_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,17 +98,19 @@ def topk_kl_forward(student: torch.Tensor, values: torch.Tensor, indices: torch.
     return out, stats, scales
 
 
+topk_kl_forward = torch.library.custom_op("kdcache::topk_kl_forward", forward_impl, mutates_args=())
+
+
 @topk_kl_forward.register_fake
 def _(student, values, indices, tail, ignore_mask, labels, T, with_tail, reduction, ignore_index, kd_weight,
       ce_weight):
     N = student.shape[0]
-    P = student[0, 0].numel() if student.dim() > 2 else 1
+    P = math.prod(student.shape[2:])
     out = student.new_empty((N, *student.shape[2:]) if reduction == "none" else (), dtype=torch.float32)
     return out, student.new_empty((3, N * P), dtype=torch.float32), student.new_empty(2, dtype=torch.float32)
 
 
-@torch.library.custom_op("kdcache::topk_kl_backward", mutates_args=())
-def topk_kl_backward(grad_out: torch.Tensor, student: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+def backward_impl(grad_out: torch.Tensor, student: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
                      tail: torch.Tensor | None, ignore_mask: torch.Tensor | None, labels: torch.Tensor | None,
                      stats: torch.Tensor, scales: torch.Tensor, T: float, with_tail: bool, reduction: str,
                      ignore_index: int, kd_weight: float, ce_weight: float) -> torch.Tensor:
@@ -125,6 +128,9 @@ def topk_kl_backward(grad_out: torch.Tensor, student: torch.Tensor, values: torc
     return grad
 
 
+topk_kl_backward = torch.library.custom_op("kdcache::topk_kl_backward", backward_impl, mutates_args=())
+
+
 @topk_kl_backward.register_fake
 def _(grad_out, student, values, indices, tail, ignore_mask, labels, stats, scales, T, with_tail, reduction,
       ignore_index, kd_weight, ce_weight):
@@ -138,6 +144,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(student, values, indices, tail, ignore_mask, labels, stats, scales)
     ctx.args = (T, with_tail, reduction, ignore_index, kd_weight, ce_weight)
     ctx.mark_non_differentiable(stats, scales)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients made for the statistics: no launches for them
 
 
 def _backward(ctx, grad_out, _grad_stats, _grad_scales):

@@ -53,7 +53,7 @@ def huge_tile(x_ptr, o_ptr, BLOCK: tl.constexpr):
 
 res = {}
 for name, fn, sig, const in [("loop", reduce_in_loop, {"x_ptr": "*fp32", "o_ptr": "*fp32", "C": "i32", "BLOCK": "constexpr"}, {(3,): 1024}),
-                             ("tile", huge_tile, {"x_ptr": "*fp32", "o_ptr": "*fp32", "BLOCK": "constexpr"}, {(2,): 65536})]:
+                             ("tile", huge_tile, {"x_ptr": "*fp32", "o_ptr": "*fp32", "BLOCK": "constexpr"}, {(2,): 32768})]:
     c = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     ptx = c.asm["ptx"]
     regs, spills, _ = build.ptxas_info(ptx)

@@ -1,0 +1,129 @@
+"""What one KD loss call costs in launches and host synchronisations, and that torch.compile traces it.
+
+The CUDA path is checked on the CPU with the Triton interpreter (``TRITON_INTERPRET=1``, set by
+conftest.py without a GPU): the Triton launches are counted by wrapping the kernels, and every
+PyTorch operator the loss runs is recorded by a ``TorchDispatchMode``. One loss call, forward and
+backward, must be one forward launch and one backward launch, its PyTorch operators only
+allocations and views (nothing that launches a kernel of its own), and no operator that reads a
+value back to the host (``aten._local_scalar_dense``, what ``.item()`` / ``float()`` / ``.tolist()`` run).
+A deliberately syncing variant shows that the check catches one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from kdcache.kernels import topk_kl
+from kdcache.targets import topk_targets
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+triton_kl = pytest.importorskip("kdcache.kernels.triton_kl")
+from kdcache.kernels import triton_op  # noqa: E402  (after the skip: needs triton)
+
+#: operators that allocate or re-describe memory: no kernel, no transfer
+FREE = {"empty", "empty_like", "empty_strided", "new_empty", "view", "_reshape_alias", "reshape", "as_strided",
+        "detach", "alias", "unsqueeze", "squeeze", "expand", "t", "_unsafe_view", "lift_fresh"}
+SYNCS = {"_local_scalar_dense", "item", "equal", "is_nonzero", "tolist"}
+
+
+class Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func._schema.name.split("::")[-1])
+        return func(*args, **(kwargs or {}))
+
+
+def _case(C=19, k=4, spatial=(6, 10)):
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, C, *spatial, generator=g)
+    v, i, tail = topk_targets(torch.randn(2, C, *spatial, generator=g) * 3, k)
+    ign = torch.rand(2, *spatial, generator=g) < 0.3
+    return s, v.half(), i.to(torch.uint8), tail.half(), ign
+
+
+def _spy(monkeypatch, launches, run_kernels=True):
+    """Each kernel's launches recorded; run (in the interpreter) or mocked (``run_kernels=False``: the
+    interpreter's own copies of the arguments would otherwise show as PyTorch operators)."""
+    for name in ("_map_fwd", "_map_bwd", "_row_fwd", "_row_bwd"):
+        real = getattr(triton_kl, name)
+
+        class Spy:
+            def __getitem__(self, grid, name=name, real=real):
+                def run(*args, **kw):
+                    launches.append(name)
+                    return real[grid](*args, **kw) if run_kernels else None
+
+                return run
+
+        monkeypatch.setattr(triton_kl, name, Spy())
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (conftest.py sets it without a GPU)")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("shape", ["map", "rows"])
+def test_one_loss_call_is_one_launch_each_way_with_no_sync(monkeypatch, shape):
+    s, v, i, tail, ign = _case() if shape == "map" else _case(C=300, k=8, spatial=())
+    topk_kl(s.requires_grad_(True), v, i, tail, ignore_mask=ign, check_inputs=False, backend="triton").backward()
+    launches: list[str] = []
+    _spy(monkeypatch, launches)
+    x = s.detach().requires_grad_(True)
+    seed = torch.ones(())
+    with Recorder() as outer:  # what a training step sees: the two custom operators
+        loss = topk_kl(x, v, i, tail, ignore_mask=ign, temperature=2.0, weight=0.5, check_inputs=False,
+                       backend="triton")
+        (g,) = torch.autograd.grad(loss, x, seed)
+    kind = "map" if shape == "map" else "row"
+    assert launches == [f"_{kind}_fwd", f"_{kind}_bwd"]
+    assert [op for op in outer.ops if op not in FREE] == ["topk_kl_forward", "topk_kl_backward"], outer.ops
+    # inside the operators, the launch mocked: allocations and views only, nothing read back to the host
+    monkeypatch.undo()
+    mocked: list[str] = []
+    _spy(monkeypatch, mocked, run_kernels=False)
+    with Recorder() as inner:
+        out, stats, scales = triton_op.forward_impl(x, v, i, tail, ign, None, 2.0, True, "mean", 255, 0.5, 1.0)
+        triton_op.backward_impl(seed, x, v, i, tail, ign, None, stats, scales, 2.0, True, "mean", 255, 0.5, 1.0)
+    assert not [op for op in inner.ops if op not in FREE], inner.ops
+    assert mocked == [f"_{kind}_fwd", f"_{kind}_bwd"]
+    assert not SYNCS & set(outer.ops + inner.ops)
+    assert torch.isfinite(g).all()
+
+
+def test_the_recorder_sees_a_sync_and_a_stray_kernel():
+    """The check's own control: .item() and an eager multiply are caught."""
+    x = torch.randn(3)
+    with Recorder() as rec:
+        y = x * 2.0
+        y.sum().item()
+    ops = set(rec.ops)
+    assert SYNCS & ops and ops - FREE - SYNCS
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("backend", ["numba", "triton"])
+def test_torch_compile_traces_the_loss_without_a_graph_break(backend):
+    """fullgraph=True makes a graph break an error; aot_eager traces forward and backward through the
+    custom operators' fake implementations without compiling C++."""
+    if backend == "triton" and not INTERPRET:
+        pytest.skip("the CPU run of the Triton path needs TRITON_INTERPRET=1")
+    s, v, i, tail, ign = _case()
+
+    def term(x):
+        return topk_kl(x, v, i, tail, ignore_mask=ign, temperature=2.0, weight=0.5, check_inputs=False,
+                       backend=backend)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(term, fullgraph=True, backend="aot_eager")
+    x1, x2 = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    got = compiled(x1)
+    (got * 1.5).backward()
+    want = term(x2)
+    (want * 1.5).backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(x1.grad, x2.grad)
