@@ -48,8 +48,6 @@ import triton.language as tl
 
 #: a running maximum's start: finite, so that a masked lane's −inf never meets −inf (a NaN)
 _NEG = tl.constexpr(-3.0e38)
-#: the logit a masked-off class of the last block takes
-_MISSING = tl.constexpr(-1.0e30)
 #: teachers with up to this many logits per position keep their ids and probabilities in registers;
 #: more (a dense cache of many classes) reload them from L1 inside the class loop
 CAPTURE_MAX_K = 16
@@ -78,52 +76,19 @@ def _logaddexp(x, y):
 
 
 @triton.jit
-def _map_teacher(v_base, i_base, t_block, mask_p, inv_t, log_rest, v_sk, i_sk, K: tl.constexpr,
-                 CAPTURE: tl.constexpr, WITH_TAIL: tl.constexpr):
-    """A block of pixels' teacher at T: (log Z over the k bins and the tail bin, the tail bin's logit,
-    Σ_K p log p, Σ_K p, and for k ≤ CAPTURE_MAX_K the k ids and probabilities, held in registers).
-    With k ≤ CAPTURE_MAX_K every value and id is loaded before any is used (one memory round trip)."""
-    mz = tl.full(mask_p.shape, _NEG, tl.float32)
-    sz = tl.zeros(mask_p.shape, tl.float32)
-    a_tail = tl.zeros(mask_p.shape, tl.float32)
-    plogp = tl.zeros(mask_p.shape, tl.float32)
-    p_k = tl.zeros(mask_p.shape, tl.float32)
+def _map_capture(v_base, i_base, mask_p, inv_t, log_z, v_sk, i_sk, K: tl.constexpr, CAPTURE: tl.constexpr):
+    """The teacher's k ids and probabilities of a block of pixels, held in registers (k ≤ CAPTURE_MAX_K)."""
     ids = ()
     ps = ()
-    if WITH_TAIL:
-        a_tail = log_rest + (tl.load(t_block, mask=mask_p, other=0.0).to(tl.float32) - log_rest) * inv_t
-        mz, sz = _lse_step(mz, sz, a_tail)
     if CAPTURE:
-        vs = ()
         v_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
-        i_off = tl.program_id(0).to(tl.int64) * 0
+        i_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
         for _j in tl.static_range(K):
-            vs = vs + (tl.load(v_base + v_off, mask=mask_p, other=0.0),)
             ids = ids + (tl.load(i_base + i_off, mask=mask_p, other=-1).to(tl.int32),)
+            ps = ps + (tl.exp(tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t - log_z),)
             v_off += v_sk
             i_off += i_sk
-        for j in tl.static_range(K):
-            mz, sz = _lse_step(mz, sz, vs[j].to(tl.float32) * inv_t)
-        log_z = _lse(mz, sz)
-        for j in tl.static_range(K):
-            lpj = vs[j].to(tl.float32) * inv_t - log_z
-            pj = tl.exp(lpj)
-            plogp += pj * lpj
-            p_k += pj
-            ps = ps + (pj,)
-    else:
-        v_off = tl.program_id(0).to(tl.int64) * 0
-        for _jt in range(K):
-            mz, sz = _lse_step(mz, sz, tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t)
-            v_off += v_sk
-        log_z = _lse(mz, sz)
-        v_off = tl.program_id(0).to(tl.int64) * 0
-        for _jt in range(K):
-            lpj = tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t - log_z
-            v_off += v_sk
-            plogp += tl.exp(lpj) * lpj
-            p_k += tl.exp(lpj)
-    return log_z, a_tail, plogp, p_k, ids, ps
+    return ids, ps
 
 
 @triton.jit
@@ -214,9 +179,28 @@ def _map_fwd(
     v_base = v_ptr + n * v_sn + offs_p
     i_base = i_ptr + n * i_sn + offs_p
 
-    # the teacher at T: log Z over the k bins (+ the tail bin), p_j, Σ p_j log p_j and Σ p_j
-    log_z, a_tail, plogp, p_k, ids, ps = _map_teacher(v_base, i_base, t_ptr + n * t_sn + offs_p, mask_p, inv_t,
-                                                      log_rest, v_sk, i_sk, K, CAPTURE, WITH_TAIL)
+    # the teacher at T: log Z over the k bins (+ the tail bin), then p_j, Σ p_j log p_j and Σ p_j
+    mz = tl.full([BLOCK_P], _NEG, tl.float32)
+    sz = tl.zeros([BLOCK_P], tl.float32)
+    a_tail = tl.zeros([BLOCK_P], tl.float32)
+    if WITH_TAIL:
+        tail = tl.load(t_ptr + n * t_sn + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+        a_tail = log_rest + (tail - log_rest) * inv_t
+        mz, sz = _lse_step(mz, sz, a_tail)
+    v_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
+    for _jt in range(K):
+        mz, sz = _lse_step(mz, sz, tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t)
+        v_off += v_sk
+    log_z = _lse(mz, sz)
+    plogp = tl.zeros([BLOCK_P], tl.float32)
+    p_k = tl.zeros([BLOCK_P], tl.float32)
+    v_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
+    for _jt in range(K):
+        lpj = tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t - log_z
+        v_off += v_sk
+        plogp += tl.exp(lpj) * lpj
+        p_k += tl.exp(lpj)
+    ids, ps = _map_capture(v_base, i_base, mask_p, inv_t, log_z, v_sk, i_sk, K, CAPTURE)
 
     y = tl.full([BLOCK_P], -1, tl.int32)
     if HAS_LAB:
@@ -244,19 +228,12 @@ def _map_fwd(
             mk, ak, mt, at, dot, m1, a1, x_y = _fwd_class(
                 xs[u].to(tl.float32), c0 + u, ids, ps, y, mk, ak, mt, at, dot, m1, a1, x_y, v_base, i_base, mask_p,
                 inv_t, log_z, v_sk, i_sk, K, CAPTURE, WITH_TAIL, HAS_LAB, LSE1)
-    if c_full < C:  # the last C mod UNROLL classes: one masked block, not a loop of single loads
-        xs = ()
-        for u in tl.static_range(UNROLL):
-            xs = xs + (tl.load(s_base + off, mask=mask_p & (tl.zeros(mask_p.shape, tl.int32) + (c_full + u) < C),
-                               other=0.0),)
-            off += s_sc
-        for u in tl.static_range(UNROLL):
-            # a missing class adds exp(−huge) = 0 (it comes after every class of its group; finite even at T < 1,
-            # so that its 0 · z in Σ p·z stays 0)
-            x = tl.where(tl.zeros(mask_p.shape, tl.int32) + (c_full + u) < C, xs[u].to(tl.float32), _MISSING)
-            mk, ak, mt, at, dot, m1, a1, x_y = _fwd_class(
-                x, c_full + u, ids, ps, y, mk, ak, mt, at, dot, m1, a1, x_y, v_base, i_base, mask_p,
-                inv_t, log_z, v_sk, i_sk, K, CAPTURE, WITH_TAIL, HAS_LAB, LSE1)
+    for c in range(c_full, C):
+        x = tl.load(s_base + off, mask=mask_p, other=0.0).to(tl.float32)
+        off += s_sc
+        mk, ak, mt, at, dot, m1, a1, x_y = _fwd_class(
+            x, c, ids, ps, y, mk, ak, mt, at, dot, m1, a1, x_y, v_base, i_base, mask_p,
+            inv_t, log_z, v_sk, i_sk, K, CAPTURE, WITH_TAIL, HAS_LAB, LSE1)
 
     lk = _lse(mk, ak)
     lt = lk
@@ -344,8 +321,19 @@ def _map_bwd(
     v_base = v_ptr + n * v_sn + offs_p
     i_base = i_ptr + n * i_sn + offs_p
 
-    log_z, a_tail, _plogp, _p_k, ids, ps = _map_teacher(v_base, i_base, t_ptr + n * t_sn + offs_p, mask_p, inv_t,
-                                                        log_rest, v_sk, i_sk, K, CAPTURE, WITH_TAIL)
+    mz = tl.full([BLOCK_P], _NEG, tl.float32)
+    sz = tl.zeros([BLOCK_P], tl.float32)
+    a_tail = tl.zeros([BLOCK_P], tl.float32)
+    if WITH_TAIL:
+        tail = tl.load(t_ptr + n * t_sn + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+        a_tail = log_rest + (tail - log_rest) * inv_t
+        mz, sz = _lse_step(mz, sz, a_tail)
+    v_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
+    for _jt in range(K):
+        mz, sz = _lse_step(mz, sz, tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t)
+        v_off += v_sk
+    log_z = _lse(mz, sz)
+    ids, ps = _map_capture(v_base, i_base, mask_p, inv_t, log_z, v_sk, i_sk, K, CAPTURE)
 
     lse = tl.load(stat_ptr + n * P + offs_p, mask=mask_p, other=0.0)
     lt = lse
@@ -393,18 +381,13 @@ def _map_bwd(
                            i_base, mask_p, inv_t, log_z, v_sk, i_sk, K, CAPTURE, WITH_TAIL, HAS_LAB, LSE1)
             tl.store(g_base + g_off, g.to(g_ptr.dtype.element_ty), mask=mask_p)
             g_off += g_sc
-    if c_full < C:
-        xs = ()
-        for u in tl.static_range(UNROLL):
-            xs = xs + (tl.load(s_base + off, mask=mask_p & (tl.zeros(mask_p.shape, tl.int32) + (c_full + u) < C),
-                               other=0.0),)
-            off += s_sc
-        for u in tl.static_range(UNROLL):
-            g = _bwd_class(xs[u].to(tl.float32), c_full + u, ids, ps, y, lse, lt, ct, q_tail, lse1, f_kd, f_ce, v_base,
-                           i_base, mask_p, inv_t, log_z, v_sk, i_sk, K, CAPTURE, WITH_TAIL, HAS_LAB, LSE1)
-            tl.store(g_base + g_off, g.to(g_ptr.dtype.element_ty),
-                     mask=mask_p & (tl.zeros(mask_p.shape, tl.int32) + (c_full + u) < C))
-            g_off += g_sc
+    for c in range(c_full, C):
+        x = tl.load(s_base + off, mask=mask_p, other=0.0).to(tl.float32)
+        off += s_sc
+        g = _bwd_class(x, c, ids, ps, y, lse, lt, ct, q_tail, lse1, f_kd, f_ce, v_base, i_base, mask_p, inv_t, log_z,
+                       v_sk, i_sk, K, CAPTURE, WITH_TAIL, HAS_LAB, LSE1)
+        tl.store(g_base + g_off, g.to(g_ptr.dtype.element_ty), mask=mask_p)
+        g_off += g_sc
 
 
 # -- rows: [N, C], classes contiguous ----------------------------------------------------------------
@@ -672,13 +655,14 @@ def stat_count(with_tail: bool, lse1: bool) -> int:
     return 3 if lse1 else (2 if with_tail else 1)
 
 
-#: the most registers a thread may hold (ptxas's ``maxnreg``): 128 keeps 4 blocks of 4 warps on an SM
-#: (65536 registers); None leaves ptxas to choose
-MAX_REGISTERS: int | None = 128
+#: the most registers a thread may hold (ptxas's ``maxnreg``); None leaves ptxas to choose. A cap of 128
+#: (with the teacher loaded up front and the last classes as a masked block) measured slower on an H100
+#: (benchmarks/results/kernel-sweep-nvidia-h100-80gb-hbm3.md), so the kernels run uncapped
+MAX_REGISTERS: int | None = None
 
 
 def register_cap(num_warps: int) -> dict:
-    """The ``maxnreg`` launch option (at most 65536 registers over the block's threads)."""
+    """The ``maxnreg`` launch option (at most 65536 registers over the block's threads), if capped."""
     if MAX_REGISTERS is None:
         return {}
     return {"maxnreg": min(MAX_REGISTERS, 65536 // (32 * num_warps) // 8 * 8)}

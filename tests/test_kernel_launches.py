@@ -127,3 +127,33 @@ def test_torch_compile_traces_the_loss_without_a_graph_break(backend):
     (want * 1.5).backward()
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(x1.grad, x2.grad)
+
+
+def test_torch_compile_traces_the_kl_method_on_the_cpu():
+    """The ``kl`` method as a training step calls it (an output object made outside the compiled code),
+    forward and backward under fullgraph=True."""
+    from types import SimpleNamespace
+
+    from kdcache.methods import METHODS
+
+    method = METHODS.get("kl")(weight=0.5)
+    g = torch.Generator().manual_seed(1)
+    v, i, tail = topk_targets(torch.randn(2, 19, 8, 16, generator=g) * 3, 4)
+    batch = {"kd/values": v.half(), "kd/indices": i.to(torch.uint8), "kd/tail": tail.half(),
+             "kd/ignore": torch.rand(2, 8, 16, generator=g) < 0.2}
+    holder = SimpleNamespace(logits=None)
+
+    def term(s):
+        holder.logits = s
+        return method(holder, batch)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(term, fullgraph=True, backend="aot_eager")
+    s = torch.randn(2, 19, 32, 64, generator=g)
+    x1, x2 = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    got = compiled(x1)
+    got.backward()
+    want = term(x2)
+    want.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(x1.grad, x2.grad)
