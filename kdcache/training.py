@@ -47,8 +47,51 @@ from kdcache.transforms import (
 )
 from kdcache.visualize import save_training_curves
 
+#: steps between reads of the loss terms on a GPU (one host synchronisation each time)
+LOSS_READ_EVERY = 25
+
+
+def non_finite_loss(value: float, epoch: int, step: int) -> KDCacheError:
+    return KDCacheError(f"loss became {value} at epoch {epoch + 1}, step {step + 1}; "
+                        "lower --lr, or check the data for corrupt labels")
+
+
+class LossTerms:
+    """An epoch's loss terms, kept on the device and read back every ``every`` steps in one transfer.
+
+    A non-finite loss still names its step (the first one of the block that has it); on a GPU the
+    run stops at most ``every`` steps later, before the epoch's checkpoint is written."""
+
+    def __init__(self, epoch: int, every: int):
+        self.epoch, self.every = epoch, every
+        self.sums: dict[str, float] = {}
+        self.read_steps = 0
+        self.pending: list[tuple[int, list[str], torch.Tensor]] = []
+
+    def add(self, step: int, names: list[str], values: torch.Tensor) -> None:
+        self.pending.append((step, names, values))
+        if len(self.pending) >= self.every:
+            self.read()
+
+    def read(self) -> None:
+        if not self.pending:
+            return
+        rows = torch.stack([v for _, _, v in self.pending]).tolist()  # the one synchronisation
+        for (step, names, _), row in zip(self.pending, rows):
+            if not math.isfinite(row[0]):
+                raise non_finite_loss(row[0], self.epoch, step)
+            for name, value in zip(names, row):
+                self.sums[name] = self.sums.get(name, 0.0) + value
+        self.read_steps += len(rows)
+        self.pending = []
+
+    def mean_loss(self) -> float:
+        """The mean loss over the steps read so far (``read_steps`` > 0)."""
+        return self.sums["loss"] / self.read_steps
+
 
 @dataclass
+
 class TrainConfig:
     """Everything a training run depends on; written to ``config.json``. A field declared with
     :func:`~kdcache.options.opt` is also a command-line option of ``train-teacher`` and
@@ -487,21 +530,22 @@ class Trainer:
         loader = batches.loader(epoch)
         steps_per_epoch = batches.steps_per_epoch
         state.model.train()
-        sums: dict[str, float] = {}
+        terms = LossTerms(epoch, every=1 if self.device.type == "cpu" else LOSS_READ_EVERY)
         seen: set[int] = set()
         n_steps = 0
         t0 = time.perf_counter()
         with progress_bar(f"epoch {epoch + 1}/{c.epochs}", total=steps_per_epoch * c.batch_size,
                           enabled=self.show_progress) as bar:
             for batch in loader:
+                seen.update(batch["index"].tolist())  # read on the host, before the batch goes to the device
                 batch = {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
                          for k, v in batch.items()}
-                values = self.train_step(train_model, state, batch, epoch, n_steps)
+                terms.add(n_steps, *self.train_step(train_model, state, batch, epoch, n_steps))
                 n_steps += 1
-                seen.update(batch["index"].tolist())
-                for k, v in values.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                bar.advance(len(batch["id"]), loss=sums["loss"] / n_steps, lr=state.scheduler.get_last_lr()[0])
+                shown = {"loss": terms.mean_loss()} if terms.read_steps else {}  # a GPU reads the terms every few steps
+                bar.advance(len(batch["id"]), **shown, lr=state.scheduler.get_last_lr()[0])
+            terms.read()
+        sums = terms.sums
         train_time = time.perf_counter() - t0
         own_loss = sums.get("loss", 0.0) / max(n_steps, 1)
         sums = distributed.mean_over_ranks(sums)
@@ -524,18 +568,15 @@ class Trainer:
         }
 
     def train_step(self, train_model: torch.nn.Module, state: TrainState, batch: dict, epoch: int,
-                   step: int) -> dict[str, float]:
-        """Forward, loss, backward and optimizer step on one batch; the loss and its terms as floats."""
+                   step: int) -> tuple[list[str], torch.Tensor]:
+        """Forward, loss, backward and optimizer step on one batch; the names of the loss and its
+        terms, and their values as one tensor on the device (read back by :class:`LossTerms`, not here:
+        a read is a host synchronisation that stops the host from queueing the next step)."""
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             loss, terms = self.compute_loss(train_model, batch)
-        # one host sync per step reads the loss and every term
-        values = dict(zip(["loss", *terms], torch.stack(
-            [loss.detach().float(), *(t.float() for t in terms.values())]).tolist()))
-        if not math.isfinite(values["loss"]):
-            raise KDCacheError(
-                f"loss became {values['loss']} at epoch {epoch + 1}, step {step + 1}; "
-                "lower --lr, or check the data for corrupt labels"
-            )
+        values = torch.stack([loss.detach().float(), *(t.detach().float() for t in terms.values())])
+        if self.device.type == "cpu" and not math.isfinite(float(values[0])):  # free on the CPU: before the step
+            raise non_finite_loss(float(values[0]), epoch, step)
         state.optimizer.zero_grad(set_to_none=True)
         state.scaler.scale(loss).backward()
         if self.dist.enabled:  # parameters outside the DDP module (KD adapters): average by hand
@@ -543,7 +584,7 @@ class Trainer:
         state.scaler.step(state.optimizer)
         state.scaler.update()
         state.scheduler.step()
-        return values
+        return ["loss", *terms], values
 
     def validate_and_checkpoint(self, state: TrainState, val_loader, record: dict[str, Any]) -> dict[str, Any]:
         """Validate (every ``--eval-every`` epochs and after the last), keep ``best.pt`` at the

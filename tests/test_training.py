@@ -80,3 +80,36 @@ def test_student_training_lowers_its_kd_term(tmp_path, method):
     train_student(cfg, show_progress=False)
     term = [x[f"train_{method['name']}"] for x in records(tmp_path / "s")]
     assert term[-1] < 0.7 * term[0], term
+
+
+def test_loss_terms_are_read_in_blocks_and_a_nan_names_its_step():
+    """The trainer reads the loss terms back every few steps on a GPU (one host sync a block): the
+    sums are those of every step, and a non-finite loss inside a block names its own step."""
+    import math
+
+    from kdcache.errors import KDCacheError
+    from kdcache.training import LossTerms
+
+    terms = LossTerms(epoch=2, every=3)
+    reads = []
+    real_read = terms.read
+
+    def counting_read():
+        reads.append(len(terms.pending))
+        real_read()
+
+    terms.read = counting_read
+    for step in range(7):
+        terms.add(step, ["loss", "kd"], torch.tensor([float(step), 2.0 * step]))
+    terms.read()
+    assert reads == [3, 3, 1]
+    assert terms.read_steps == 7
+    assert terms.sums == {"loss": 21.0, "kd": 42.0}
+    assert math.isclose(terms.mean_loss(), 3.0)
+
+    bad = LossTerms(epoch=0, every=4)
+    bad.add(0, ["loss"], torch.tensor([1.0]))
+    bad.add(1, ["loss"], torch.tensor([1.0]))
+    bad.add(2, ["loss"], torch.tensor([float("nan")]))
+    with pytest.raises(KDCacheError, match="loss became nan at epoch 1, step 3"):
+        bad.add(3, ["loss"], torch.tensor([1.0]))
