@@ -265,6 +265,20 @@ def triton_usable(device: torch.device) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:2] if part.isdigit())
+
+
+def check_interpreter(triton_version: str, numpy_version: str) -> None:
+    """Triton 3.6's CPU interpreter fails on every loop over a runtime bound with numpy 2.4 or later
+    ("only 0-dimensional arrays can be converted to Python scalars"); 3.6 with numpy 2.2 or 2.3, and
+    3.9 with numpy 2.4, run (checked here). One line instead of the interpreter's traceback."""
+    if _version(triton_version) <= (3, 6) and _version(numpy_version) >= (2, 4):
+        raise KernelInputError(
+            f"Triton {triton_version}'s CPU interpreter (TRITON_INTERPRET=1) does not run with numpy {numpy_version}: "
+            f"pip install 'numpy<2.4', or a Triton newer than 3.6")
+
+
 def topk_kl(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor,
             teacher_tail: torch.Tensor | None = None, *, temperature: float = 1.0,
             ignore_mask: torch.Tensor | None = None, reduction: str = "mean", tail: str = "bin",
@@ -298,6 +312,10 @@ def topk_kl(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_
         raise KernelInputError("the numba backend runs on CPU tensors; use backend='triton' (or 'auto') for CUDA")
     if backend == "triton" and not triton_usable(student_logits.device):
         raise KernelInputError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)")
+    if backend == "triton" and student_logits.device.type != "cuda":
+        import triton  # present: TRITON_INTERPRET=1 runs it
+
+        check_interpreter(triton.__version__, np.__version__)
     if backend == "numba":
         return _numba_op(student_logits, teacher_values, teacher_indices, teacher_tail, ignore_mask, labels,
                          float(temperature), tail, reduction, int(ignore_index), float(weight), float(ce_weight))[0]

@@ -389,3 +389,15 @@ print(json.dumps(seen))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout.splitlines()[-1]) == [1, 1, 1, 2, 2]
+
+
+def test_triton_36_interpreter_with_numpy_24_is_one_line():
+    """Triton 3.6's interpreter fails on runtime-bounded loops with numpy >= 2.4 (seen: 3.6 + numpy
+    2.4.6 fails, 3.6 + 2.2.6 / 2.3.5 and 3.9 + 2.4.6 run): the check says so before any launch."""
+    from kdcache.kernels.api import check_interpreter
+
+    with pytest.raises(KernelInputError, match=r"numpy<2.4"):
+        check_interpreter("3.6.0", "2.4.6")
+    check_interpreter("3.6.0", "2.3.5")
+    check_interpreter("3.9.0", "2.4.6")
+    check_interpreter("3.10.1", "2.5.0")
