@@ -20,7 +20,9 @@
 # repository root when it exists (make it with benchmarks/gpu_wheels.sh where pip works); kdcache
 # itself is used from this checkout, installed nowhere. Exit status: 0 when every stage passed.
 #
-# Knobs (environment): PYTHON (python3), GPU_CHECK_BENCH_ARGS (--topk 4), and the stages' time limits
+# Knobs (environment): KDCACHE_COMMIT (the commit to name in the results, for a copied tree whose .git
+# is another commit's, as the device tool's copies are: KDCACHE_COMMIT=$(git rev-parse --short HEAD)
+# typed where the tree was committed), PYTHON (python3), GPU_CHECK_BENCH_ARGS (--topk 4), and the stages' time limits
 # in seconds, GPU_CHECK_TEST_TIMEOUT (120), GPU_CHECK_BUILD_TIMEOUT (60), GPU_CHECK_BENCH_TIMEOUT (150),
 # GPU_CHECK_STEP_TIMEOUT (90), GPU_CHECK_REALISTIC_TIMEOUT (100): all five with the set-up stay under
 # 10 minutes (about 5 when nothing hits its limit), and each stage's files are copied to $OUT as it ends.
@@ -189,8 +191,12 @@ join() {  # join A B C -> "A; B; C"
 write_summary() {
     local smi commit tests_line versions
     smi=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1 || true)
-    commit=$(git rev-parse --short HEAD 2>/dev/null || echo "not a git checkout")
-    if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null || true)" ]; then commit="$commit + uncommitted changes"; fi
+    if [ -n "${KDCACHE_COMMIT:-}" ]; then
+        commit="$KDCACHE_COMMIT (KDCACHE_COMMIT)"
+    else
+        commit=$(git rev-parse --short HEAD 2>/dev/null || echo "not a git checkout")
+        if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null || true)" ]; then commit="$commit + uncommitted changes"; fi
+    fi
     tests_line=$(grep -E '^=+ .*[0-9]+ (passed|failed|error|errors|skipped).* in [0-9.]+s' "$PYTEST_LOG" 2>/dev/null | tail -1 || true)
     versions=$("$PY" -c "import platform, torch, triton; print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, Python {platform.python_version()}')")
     {

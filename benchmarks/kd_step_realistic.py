@@ -20,6 +20,7 @@ Writes benchmarks/results/kd-step-realistic-<device slug>.md.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import subprocess
@@ -36,6 +37,10 @@ from kdcache.targets import topk_targets
 
 
 def commit() -> str:
+    """The commit the tree is at: ``KDCACHE_COMMIT`` when set (a copied tree whose .git is another
+    commit's, as the device tool's copies are), else git's."""
+    if os.environ.get("KDCACHE_COMMIT"):
+        return os.environ["KDCACHE_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()

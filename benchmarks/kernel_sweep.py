@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import re
 import statistics
 import subprocess
@@ -96,6 +97,10 @@ def sweep_case(kind, N, C, sp, settings, attr, dev, flush, copy, repeats) -> lis
 
 
 def commit() -> str:
+    """The commit the tree is at: ``KDCACHE_COMMIT`` when set (a copied tree whose .git is another
+    commit's, as the device tool's copies are), else git's."""
+    if os.environ.get("KDCACHE_COMMIT"):
+        return os.environ["KDCACHE_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
