@@ -76,6 +76,22 @@ def _logaddexp(x, y):
 
 
 @triton.jit
+def _map_teacher(v_base, t_block, mask_p, inv_t, log_rest, v_sk, K: tl.constexpr, WITH_TAIL: tl.constexpr):
+    """A block of pixels' teacher at T: (log Z over the k bins and the tail bin, the tail bin's logit)."""
+    mz = tl.full(mask_p.shape, _NEG, tl.float32)
+    sz = tl.zeros(mask_p.shape, tl.float32)
+    a_tail = tl.zeros(mask_p.shape, tl.float32)
+    if WITH_TAIL:
+        a_tail = log_rest + (tl.load(t_block, mask=mask_p, other=0.0).to(tl.float32) - log_rest) * inv_t
+        mz, sz = _lse_step(mz, sz, a_tail)
+    v_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
+    for _jt in range(K):
+        mz, sz = _lse_step(mz, sz, tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t)
+        v_off += v_sk
+    return _lse(mz, sz), a_tail
+
+
+@triton.jit
 def _map_capture(v_base, i_base, mask_p, inv_t, log_z, v_sk, i_sk, K: tl.constexpr, CAPTURE: tl.constexpr):
     """The teacher's k ids and probabilities of a block of pixels, held in registers (k ≤ CAPTURE_MAX_K)."""
     ids = ()
@@ -180,18 +196,7 @@ def _map_fwd(
     i_base = i_ptr + n * i_sn + offs_p
 
     # the teacher at T: log Z over the k bins (+ the tail bin), then p_j, Σ p_j log p_j and Σ p_j
-    mz = tl.full([BLOCK_P], _NEG, tl.float32)
-    sz = tl.zeros([BLOCK_P], tl.float32)
-    a_tail = tl.zeros([BLOCK_P], tl.float32)
-    if WITH_TAIL:
-        tail = tl.load(t_ptr + n * t_sn + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-        a_tail = log_rest + (tail - log_rest) * inv_t
-        mz, sz = _lse_step(mz, sz, a_tail)
-    v_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
-    for _jt in range(K):
-        mz, sz = _lse_step(mz, sz, tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t)
-        v_off += v_sk
-    log_z = _lse(mz, sz)
+    log_z, a_tail = _map_teacher(v_base, t_ptr + n * t_sn + offs_p, mask_p, inv_t, log_rest, v_sk, K, WITH_TAIL)
     plogp = tl.zeros([BLOCK_P], tl.float32)
     p_k = tl.zeros([BLOCK_P], tl.float32)
     v_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
@@ -321,18 +326,7 @@ def _map_bwd(
     v_base = v_ptr + n * v_sn + offs_p
     i_base = i_ptr + n * i_sn + offs_p
 
-    mz = tl.full([BLOCK_P], _NEG, tl.float32)
-    sz = tl.zeros([BLOCK_P], tl.float32)
-    a_tail = tl.zeros([BLOCK_P], tl.float32)
-    if WITH_TAIL:
-        tail = tl.load(t_ptr + n * t_sn + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-        a_tail = log_rest + (tail - log_rest) * inv_t
-        mz, sz = _lse_step(mz, sz, a_tail)
-    v_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
-    for _jt in range(K):
-        mz, sz = _lse_step(mz, sz, tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t)
-        v_off += v_sk
-    log_z = _lse(mz, sz)
+    log_z, a_tail = _map_teacher(v_base, t_ptr + n * t_sn + offs_p, mask_p, inv_t, log_rest, v_sk, K, WITH_TAIL)
     ids, ps = _map_capture(v_base, i_base, mask_p, inv_t, log_z, v_sk, i_sk, K, CAPTURE)
 
     lse = tl.load(stat_ptr + n * P + offs_p, mask=mask_p, other=0.0)
