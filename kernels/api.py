@@ -29,8 +29,12 @@ class KernelInputError(ValueError):
     """Inputs that do not satisfy the loss contract (shapes, dtypes, ids, temperature)."""
 
 
+#: (device, C) pairs whose teacher ids a ``check_inputs="first"`` call has validated in this process
+_IDS_CHECKED: set[tuple[str, int]] = set()
+
+
 def _check(student, values, indices, tail, temperature, ignore_mask, reduction, tail_policy, labels,
-           backend, check_values: bool) -> None:
+           backend, check_values: bool | str) -> None:
     if reduction not in REDUCTIONS:
         raise KernelInputError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if tail_policy not in TAILS:
@@ -70,8 +74,12 @@ def _check(student, values, indices, tail, temperature, ignore_mask, reduction, 
                     ("ignore_mask", ignore_mask), ("labels", labels)):
         if t is not None and t.device != student.device:
             raise KernelInputError(f"{name} is on {t.device} but the student logits are on {student.device}")
+    if check_values == "first":
+        key = (str(student.device), C)
+        check_values = key not in _IDS_CHECKED
+        _IDS_CHECKED.add(key)
     if check_values:
-        # one host synchronisation; pass check_inputs=False in a training loop once inputs are trusted
+        # one host synchronisation (on a GPU: the host waits for everything queued before it)
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= C:
             raise KernelInputError(f"teacher_indices hold class ids in [{lo}, {hi}], outside [0, {C})")
@@ -283,7 +291,7 @@ def topk_kl(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_
             teacher_tail: torch.Tensor | None = None, *, temperature: float = 1.0,
             ignore_mask: torch.Tensor | None = None, reduction: str = "mean", tail: str = "bin",
             backend: str = "auto", labels: torch.Tensor | None = None, ignore_index: int = 255,
-            ce_weight: float = 1.0, weight: float = 1.0, check_inputs: bool = True) -> torch.Tensor:
+            ce_weight: float = 1.0, weight: float = 1.0, check_inputs: bool | str = "first") -> torch.Tensor:
     """T² × KL(teacher ‖ student) from a top-k teacher, fused with its gradient.
 
     ``student_logits`` [N, C] or [N, C, *spatial] (fp32/fp16/bf16, differentiable);
@@ -294,8 +302,10 @@ def topk_kl(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_
     positions (all ignored gives 0 and a zero gradient), ``sum`` or ``none`` (a map).
     ``labels`` (+ ``ignore_index``) adds ``ce_weight`` × the cross-entropy at T = 1 in the same
     pass. ``weight`` multiplies the KD term inside the kernel (a method's weight: no extra launch).
-    ``check_inputs`` validates class ids against C (one host synchronisation); shapes,
-    dtypes, k and the temperature are always checked.
+    ``check_inputs`` validates the teacher's class ids against C, which reads them back to the
+    host (a synchronisation on a GPU): ``"first"`` (the default) on the first call for each device
+    and C in the process, so a training loop pays it once; ``True`` on every call; ``False`` never.
+    Shapes, dtypes, k and the temperature are always checked.
     """
     _check(student_logits, teacher_values, teacher_indices, teacher_tail, temperature, ignore_mask,
            reduction, tail, labels, backend, check_inputs)

@@ -157,3 +157,26 @@ def test_torch_compile_traces_the_kl_method_on_the_cpu():
     want.backward()
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(x1.grad, x2.grad)
+
+
+def test_the_default_id_check_reads_back_once_per_device_and_class_count(monkeypatch):
+    """check_inputs="first": the teacher's ids are validated (read back to the host) on the first call
+    for a device and C, not on every step; True checks every call; a bad id on a first call is caught."""
+    from kdcache.kernels import KernelInputError, api
+
+    monkeypatch.setattr(api, "_IDS_CHECKED", set())
+    s, v, i, tail, ign = _case()
+
+    def reads(**kw):
+        with Recorder() as rec:
+            topk_kl(s, v, i, tail, ignore_mask=ign, backend="numba", **kw)
+        return [op for op in rec.ops if op in ("min", "max", "_local_scalar_dense")]
+
+    assert reads() == ["min", "_local_scalar_dense", "max", "_local_scalar_dense"]
+    assert reads() == []  # the same device and C: not again
+    assert reads(check_inputs=True) == ["min", "_local_scalar_dense", "max", "_local_scalar_dense"]
+    bad = i.clone()
+    bad[0, 0, 0, 0] = 30
+    s30 = torch.randn(2, 30, 6, 10)  # another C: a first call again, which checks
+    with pytest.raises(KernelInputError, match=r"outside \[0, 30\)"):
+        topk_kl(s30, v, bad + 12, tail, ignore_mask=ign, backend="numba")

@@ -307,7 +307,7 @@ def test_bad_inputs_are_clear_errors():
     bad = i.clone()
     bad[0, 0, 0, 0] = 11
     with pytest.raises(KernelInputError, match=r"class ids in \[0, 11\], outside \[0, 11\)"):
-        topk_kl(s, v, bad, tail)
+        topk_kl(s, v, bad, tail, check_inputs=True)
     with pytest.raises(KernelInputError, match="uint8, int16, int32 or int64"):
         topk_kl(s, v, i.float(), tail)
     with pytest.raises(KernelInputError, match="needs teacher_tail"):
