@@ -593,6 +593,16 @@ def _row_bwd(
 # -- launch settings ---------------------------------------------------------------------------------
 
 
+def _pow2(n: int) -> int:
+    """The smallest power of two ≥ n (host side: triton.next_power_of_2 is a jitted function whose
+    Python call costs several microseconds a launch)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def map_config(C: int, P: int, k: int, element_size: int, pixel_stride: int = 1, lse1: bool = False) -> dict:
     """Pixels a thread (``SPT``, consecutive so that a class's values load as one vector), warps, and
     ``BLOCK_P``. Registers bound SPT: each pixel keeps ~8 running values and, for k ≤ 16, k ids and
@@ -612,7 +622,7 @@ def map_config(C: int, P: int, k: int, element_size: int, pixel_stride: int = 1,
         num_warps = MAP_TUNING.get("num_warps", num_warps)
         unroll = MAP_TUNING.get("UNROLL", unroll)
     block_p = spt * 32 * num_warps
-    while block_p > 64 and block_p // 2 >= triton.next_power_of_2(P):  # small maps: fewer idle lanes
+    while block_p > 64 and block_p // 2 >= _pow2(P):  # small maps: fewer idle lanes
         if num_warps > 1:
             num_warps //= 2
         else:
@@ -623,10 +633,10 @@ def map_config(C: int, P: int, k: int, element_size: int, pixel_stride: int = 1,
 
 def row_config(C: int, k: int) -> dict:
     """``BLOCK_C`` classes a step (8 a thread at most) and ``num_warps`` growing with C (1 to 16)."""
-    block_c = min(triton.next_power_of_2(C), 4096)
+    block_c = min(_pow2(C), 4096)
     num_warps = max(1, min(16, block_c // 256))
     if ROW_TUNING:
-        block_c = min(ROW_TUNING.get("BLOCK_C", block_c), triton.next_power_of_2(C))
+        block_c = min(ROW_TUNING.get("BLOCK_C", block_c), _pow2(C))
         num_warps = ROW_TUNING.get("num_warps", num_warps)
     return {"BLOCK_C": block_c, "num_warps": num_warps, "CAPTURE": k <= CAPTURE_MAX_K}
 
@@ -671,7 +681,7 @@ def _options(num_warps: int) -> dict:
 def programs(N: int, C: int, P: int, k: int, element_size: int, pixel_stride: int = 1, lse1: bool = False) -> int:
     if P == 1:
         return N
-    return N * triton.cdiv(P, map_config(C, P, k, element_size, pixel_stride, lse1)["BLOCK_P"])
+    return N * _cdiv(P, map_config(C, P, k, element_size, pixel_stride, lse1)["BLOCK_P"])
 
 
 def forward(s, v, idx, tail, ign, lab, stats, part, ticket, out, scales, *, T: float, with_tail: bool,
@@ -697,7 +707,7 @@ def forward(s, v, idx, tail, ign, lab, stats, part, ticket, out, scales, *, T: f
                           BLOCK_C=cfg["BLOCK_C"], CAPTURE=cfg["CAPTURE"], **common, **_options(cfg["num_warps"]))
         return
     cfg = map_config(C, P, k, s.element_size(), s_sp, lse1)
-    grid = N * triton.cdiv(P, cfg["BLOCK_P"])
+    grid = N * _cdiv(P, cfg["BLOCK_P"])
     _check_grid(grid)
     _map_fwd[(grid,)](s, v, idx, t_, ign_, lab_, stats, part, ticket, out, scales, C, P, *scal, grid,
                       s.stride(0), s.stride(1), s_sp, v.stride(0), v.stride(1), idx.stride(0), idx.stride(1),
@@ -727,7 +737,7 @@ def backward(go, s, v, idx, tail, ign, lab, stats, scales, grad, *, T: float, wi
                        **_options(cfg["num_warps"]))
         return
     cfg = map_config(C, P, k, s.element_size(), s_sp, lse1)
-    grid = N * triton.cdiv(P, cfg["BLOCK_P"])
+    grid = N * _cdiv(P, cfg["BLOCK_P"])
     _map_bwd[(grid,)](go, s, v, idx, t_, ign_, lab_, stats, scales, grad, C, P, *scal,
                       s.stride(0), s.stride(1), s_sp, v.stride(0), v.stride(1), idx.stride(0), idx.stride(1),
                       tail.stride(0) if tail is not None else 0, ign.stride(0) if ign is not None else 0,

@@ -156,8 +156,33 @@ def _backward(ctx, grad_out, _grad_stats, _grad_scales):
 topk_kl_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _Eager(torch.autograd.Function):
+    """The same two launches for eager code, through a plain autograd function: a custom operator's
+    dispatch and argument handling cost tens of microseconds of host time a call, and a small
+    student's step is bound by the host. Traced code (``torch.compile``) takes the custom operators."""
+
+    @staticmethod
+    def forward(ctx, student, values, indices, tail, ignore_mask, labels, T, with_tail, reduction, ignore_index,
+                kd_weight, ce_weight):
+        out, stats, scales = forward_impl(student, values, indices, tail, ignore_mask, labels, T, with_tail,
+                                          reduction, ignore_index, kd_weight, ce_weight)
+        ctx.save_for_backward(student, values, indices, tail, ignore_mask, labels, stats, scales)
+        ctx.args = (T, with_tail, reduction, ignore_index, kd_weight, ce_weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        student, values, indices, tail, ignore_mask, labels, stats, scales = ctx.saved_tensors
+        grad = backward_impl(grad_out, student, values, indices, tail, ignore_mask, labels, stats, scales, *ctx.args)
+        return grad, None, None, None, None, None, None, None, None, None, None, None
+
+
 def topk_kl_triton(student, values, indices, tail, ignore_mask, labels, T: float, with_tail: bool, reduction: str,
                    ignore_index: int, kd_weight: float, ce_weight: float) -> torch.Tensor:
-    """The loss through the custom operators (the autograd graph keeps the statistics, not a gradient)."""
-    return topk_kl_forward(student, values, indices, tail if with_tail else None, ignore_mask, labels, T,
-                           with_tail, reduction, ignore_index, kd_weight, ce_weight)[0]
+    """The loss: the custom operators under ``torch.compile``, the same launches through a plain
+    autograd function in eager code. Either way the autograd graph keeps the statistics, not a gradient."""
+    args = (student, values, indices, tail if with_tail else None, ignore_mask, labels, T, with_tail, reduction,
+            ignore_index, kd_weight, ce_weight)
+    if torch.compiler.is_compiling():
+        return topk_kl_forward(*args)[0]
+    return _Eager.apply(*args)

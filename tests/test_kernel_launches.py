@@ -72,27 +72,24 @@ def test_one_loss_call_is_one_launch_each_way_with_no_sync(monkeypatch, shape):
     s, v, i, tail, ign = _case() if shape == "map" else _case(C=300, k=8, spatial=())
     topk_kl(s.requires_grad_(True), v, i, tail, ignore_mask=ign, check_inputs=False, backend="triton").backward()
     launches: list[str] = []
-    _spy(monkeypatch, launches)
+    _spy(monkeypatch, launches, run_kernels=False)  # mocked: the interpreter's own copies stay out of the record
     x = s.detach().requires_grad_(True)
     seed = torch.ones(())
-    with Recorder() as outer:  # what a training step sees: the two custom operators
+    with Recorder() as rec:  # forward and backward as a training step runs them (eager)
         loss = topk_kl(x, v, i, tail, ignore_mask=ign, temperature=2.0, weight=0.5, check_inputs=False,
                        backend="triton")
-        (g,) = torch.autograd.grad(loss, x, seed)
+        torch.autograd.grad(loss, x, seed)
     kind = "map" if shape == "map" else "row"
     assert launches == [f"_{kind}_fwd", f"_{kind}_bwd"]
-    assert [op for op in outer.ops if op not in FREE] == ["topk_kl_forward", "topk_kl_backward"], outer.ops
-    # inside the operators, the launch mocked: allocations and views only, nothing read back to the host
-    monkeypatch.undo()
-    mocked: list[str] = []
-    _spy(monkeypatch, mocked, run_kernels=False)
-    with Recorder() as inner:
-        out, stats, scales = triton_op.forward_impl(x, v, i, tail, ign, None, 2.0, True, "mean", 255, 0.5, 1.0)
-        triton_op.backward_impl(seed, x, v, i, tail, ign, None, stats, scales, 2.0, True, "mean", 255, 0.5, 1.0)
-    assert not [op for op in inner.ops if op not in FREE], inner.ops
-    assert mocked == [f"_{kind}_fwd", f"_{kind}_bwd"]
-    assert not SYNCS & set(outer.ops + inner.ops)
-    assert torch.isfinite(g).all()
+    assert not [op for op in rec.ops if op not in FREE], rec.ops  # allocations and views only
+    assert not SYNCS & set(rec.ops)
+    # the custom operators (what torch.compile traces) launch the same two kernels
+    launches.clear()
+    with Recorder() as rec:
+        out, stats, scales = triton_op.topk_kl_forward(x, v, i, tail, ign, None, 2.0, True, "mean", 255, 0.5, 1.0)
+        triton_op.topk_kl_backward(seed, x, v, i, tail, ign, None, stats, scales, 2.0, True, "mean", 255, 0.5, 1.0)
+    assert launches == [f"_{kind}_fwd", f"_{kind}_bwd"]
+    assert [op for op in rec.ops if op not in FREE] == ["topk_kl_forward", "topk_kl_backward"], rec.ops
 
 
 def test_the_recorder_sees_a_sync_and_a_stray_kernel():
