@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.methods import METHODS
+from kdcache.models import ModelOutput
 from kdcache.runs import device_name
 from kdcache.targets import topk_targets
 
@@ -144,11 +145,8 @@ def main() -> None:
     try:
         logits = torch.randn(N, C, H // 8, W // 8, device=dev, requires_grad=True)
         batch = kd_batch()
-        holder = SimpleNamespace(logits=None)  # the model's output object, made outside the compiled code
-
-        def term(s):
-            holder.logits = s
-            return method(holder, batch)
+        def term(s):  # the model's own output type, as a compiled model's forward makes it
+            return method(ModelOutput(logits=s), batch)
 
         compiled = torch.compile(term, fullgraph=True)
         got = compiled(logits)

@@ -153,18 +153,39 @@ def _numba_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def _scaled(grad: torch.Tensor, grad_out: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return grad * grad_out.unsqueeze(1).to(grad.dtype)
+    return grad * grad_out.to(grad.dtype)
+
+
 def _numba_backward(ctx, grad_out, _grad_of_grad):
+    """The traced backward (torch.compile): the stored gradient times the incoming one, no branch on
+    its value (a traced value cannot be read)."""
     (grad,) = ctx.saved_tensors
-    if ctx.reduction == "none":
-        g = grad * grad_out.unsqueeze(1).to(grad.dtype)
-    elif not torch.compiler.is_compiling() and float(grad_out) == 1.0:
-        g = grad  # loss.backward() on the CPU: reading the scalar costs nothing, skip a pass
-    else:
-        g = grad * grad_out.to(grad.dtype)
-    return g, None, None, None, None, None, None, None, None, None, None, None
+    return _scaled(grad, grad_out, ctx.reduction), None, None, None, None, None, None, None, None, None, None, None
 
 
 _numba_op.register_autograd(_numba_backward, setup_context=_numba_setup)
+
+
+class _NumbaEager(torch.autograd.Function):
+    """Eager code's way to the same Numba pass (less host time than the operator's dispatch); its
+    backward skips the multiply when the incoming gradient is 1, as ``loss.backward()`` gives."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        loss, grad = numba_forward(*args)
+        ctx.reduction = args[8]
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        if ctx.reduction != "none" and float(grad_out) == 1.0:  # a CPU scalar: reading it costs nothing
+            return (grad,) + (None,) * 11
+        return (_scaled(grad, grad_out, ctx.reduction),) + (None,) * 11
 
 
 def numba_layout(C: int, P: int) -> str:
@@ -327,8 +348,11 @@ def topk_kl(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_
 
         check_interpreter(triton.__version__, np.__version__)
     if backend == "numba":
-        return _numba_op(student_logits, teacher_values, teacher_indices, teacher_tail, ignore_mask, labels,
-                         float(temperature), tail, reduction, int(ignore_index), float(weight), float(ce_weight))[0]
+        args = (student_logits, teacher_values, teacher_indices, teacher_tail, ignore_mask, labels, float(temperature),
+                tail, reduction, int(ignore_index), float(weight), float(ce_weight))
+        if torch.compiler.is_compiling():
+            return _numba_op(*args)[0]
+        return _NumbaEager.apply(*args)
     from kdcache.kernels.triton_op import topk_kl_triton
 
     return topk_kl_triton(student_logits, teacher_values, teacher_indices, teacher_tail, ignore_mask, labels,

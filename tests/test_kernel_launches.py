@@ -127,22 +127,17 @@ def test_torch_compile_traces_the_loss_without_a_graph_break(backend):
 
 
 def test_torch_compile_traces_the_kl_method_on_the_cpu():
-    """The ``kl`` method as a training step calls it (an output object made outside the compiled code),
-    forward and backward under fullgraph=True."""
-    from types import SimpleNamespace
-
+    """The ``kl`` method as a training step calls it, forward and backward under fullgraph=True."""
     from kdcache.methods import METHODS
+    from kdcache.models import ModelOutput
 
     method = METHODS.get("kl")(weight=0.5)
     g = torch.Generator().manual_seed(1)
     v, i, tail = topk_targets(torch.randn(2, 19, 8, 16, generator=g) * 3, 4)
     batch = {"kd/values": v.half(), "kd/indices": i.to(torch.uint8), "kd/tail": tail.half(),
              "kd/ignore": torch.rand(2, 8, 16, generator=g) < 0.2}
-    holder = SimpleNamespace(logits=None)
-
-    def term(s):
-        holder.logits = s
-        return method(holder, batch)
+    def term(s):  # the model's own output type, made inside the compiled code as a model's forward makes it
+        return method(ModelOutput(logits=s), batch)
 
     torch._dynamo.reset()
     compiled = torch.compile(term, fullgraph=True, backend="aot_eager")
