@@ -138,19 +138,28 @@ def _fwd_class(x, c, ids, ps, y, mk, ak, mt, at, dot, m1, a1, x_y, v_base, i_bas
     """The forward's running statistics after class c (x: the student's logits of the block's pixels)."""
     z = x * inv_t
     hit, pc = _class_hits(c, ids, ps, v_base, i_base, mask_p, inv_t, log_z, v_sk, i_sk, K, CAPTURE)
+    return _stats_step(x, x, z, z, hit, pc, y == c, mk, ak, mt, at, dot, m1, a1, x_y, WITH_TAIL, HAS_LAB, LSE1)
+
+
+@triton.jit
+def _stats_step(x, x_lse, z, z_lse, hit, pc, is_label, mk, ak, mt, at, dot, m1, a1, x_y, WITH_TAIL: tl.constexpr,
+                HAS_LAB: tl.constexpr, LSE1: tl.constexpr):
+    """The forward's running statistics after one class, maps and rows alike: x its logits, z = x / T,
+    ``x_lse``/``z_lse`` the same with −inf where a lane holds no class (rows' last step), ``hit`` whether
+    it is among the top k and ``pc`` the teacher's probability of it, ``is_label`` whether it is the label."""
     dot += pc * z
     if WITH_TAIL:
-        mg, ag = _lse_step(tl.where(hit, mk, mt), tl.where(hit, ak, at), z)
+        mg, ag = _lse_step(tl.where(hit, mk, mt), tl.where(hit, ak, at), z_lse)
         mk = tl.where(hit, mg, mk)
         ak = tl.where(hit, ag, ak)
         mt = tl.where(hit, mt, mg)
         at = tl.where(hit, at, ag)
     else:
-        mk, ak = _lse_step(mk, ak, z)
+        mk, ak = _lse_step(mk, ak, z_lse)
     if HAS_LAB:
-        x_y = tl.where(y == c, x, x_y)
+        x_y = tl.where(is_label, x, x_y)
         if LSE1:
-            m1, a1 = _lse_step(m1, a1, x)
+            m1, a1 = _lse_step(m1, a1, x_lse)
     return mk, ak, mt, at, dot, m1, a1, x_y
 
 
@@ -161,6 +170,14 @@ def _bwd_class(x, c, ids, ps, y, lse, lt, ct, q_tail, lse1, f_kd, f_ce, v_base, 
     """The gradient of class c."""
     z = x * inv_t
     hit, pc = _class_hits(c, ids, ps, v_base, i_base, mask_p, inv_t, log_z, v_sk, i_sk, K, CAPTURE)
+    return _grad_step(x, z, hit, pc, y == c, lse, lt, ct, q_tail, lse1, f_kd, f_ce, WITH_TAIL, HAS_LAB, LSE1)
+
+
+@triton.jit
+def _grad_step(x, z, hit, pc, is_label, lse, lt, ct, q_tail, lse1, f_kd, f_ce, WITH_TAIL: tl.constexpr,
+               HAS_LAB: tl.constexpr, LSE1: tl.constexpr):
+    """One class's gradient from the forward's statistics, maps and rows alike (arguments as
+    :func:`_stats_step`'s; ``f_kd``/``f_ce`` the scales of the two terms)."""
     if WITH_TAIL:
         e = tl.exp(z - tl.where(hit, lse, lt))
         g = tl.where(hit, e - pc, e * ct) * f_kd
@@ -174,7 +191,7 @@ def _bwd_class(x, c, ids, ps, y, lse, lt, ct, q_tail, lse1, f_kd, f_ce, v_base, 
             q1 = tl.where(hit, e, e * q_tail)
         else:
             q1 = e
-        g += f_ce * (q1 - tl.where(y == c, 1.0, 0.0))
+        g += f_ce * (q1 - tl.where(is_label, 1.0, 0.0))
     return g
 
 
@@ -463,20 +480,9 @@ def _row_fwd(
                 h = cls == tl.load(i_row + jd * i_sk).to(tl.int32)
                 hit = hit | h
                 pc = tl.where(h, tl.exp(tl.load(v_row + jd * v_sk).to(tl.float32) * inv_t - log_z), pc)
-        dot += pc * z
-        zu = tl.where(valid, z, float("-inf"))
-        if WITH_TAIL:
-            mg, ag = _lse_step(tl.where(hit, mk, mt), tl.where(hit, ak, at), zu)
-            mk = tl.where(hit, mg, mk)
-            ak = tl.where(hit, ag, ak)
-            mt = tl.where(hit, mt, mg)
-            at = tl.where(hit, at, ag)
-        else:
-            mk, ak = _lse_step(mk, ak, zu)
-        if HAS_LAB:
-            x_y = tl.where(cls == y, x, x_y)
-            if LSE1:
-                m1, a1 = _lse_step(m1, a1, tl.where(valid, x, float("-inf")))
+        mk, ak, mt, at, dot, m1, a1, x_y = _stats_step(
+            x, tl.where(valid, x, float("-inf")), z, tl.where(valid, z, float("-inf")), hit, pc, cls == y,
+            mk, ak, mt, at, dot, m1, a1, x_y, WITH_TAIL, HAS_LAB, LSE1)
 
     mk_all = tl.max(mk, axis=0)
     lse = mk_all + tl.log(tl.sum(ak * tl.exp(mk - mk_all), axis=0))
@@ -573,20 +579,7 @@ def _row_bwd(
                 h = cls == tl.load(i_row + jd * i_sk).to(tl.int32)
                 hit = hit | h
                 pc = tl.where(h, tl.exp(tl.load(v_row + jd * v_sk).to(tl.float32) * inv_t - log_z), pc)
-        if WITH_TAIL:
-            e = tl.exp(z - tl.where(hit, lse, lt))
-            g = tl.where(hit, e - pc, e * ct) * f_kd
-        else:
-            e = tl.exp(z - lse)
-            g = (e - pc) * f_kd
-        if HAS_LAB:
-            if LSE1:
-                q1 = tl.exp(x - lse1)
-            elif WITH_TAIL:
-                q1 = tl.where(hit, e, e * q_tail)
-            else:
-                q1 = e
-            g += f_ce * (q1 - tl.where(cls == y, 1.0, 0.0))
+        g = _grad_step(x, z, hit, pc, cls == y, lse, lt, ct, q_tail, lse1, f_kd, f_ce, WITH_TAIL, HAS_LAB, LSE1)
         tl.store(g_row + cls, g.to(g_ptr.dtype.element_ty), mask=valid)
 
 
