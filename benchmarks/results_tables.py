@@ -12,12 +12,17 @@ and of ``docs/``; ``--check`` (what ``tests/test_results_tables.py`` runs) lists
 differ from their file instead and exits 1, so no result in the pages can be typed by hand or
 drift from what a benchmark measured.
 
+The figures of ``docs/figures/`` are drawn from the same files by ``results_figures.py`` beside
+this script: the same command redraws them, and ``--check`` lists those that differ from a fresh
+drawing too.
+
     python benchmarks/results_tables.py [--check]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
 import sys
 from pathlib import Path
@@ -80,6 +85,15 @@ def stale(path: Path) -> list[str]:
     return [m.group("spec") for m in BLOCK.finditer(text) if m.group("body") != render(m.group("spec"))]
 
 
+def figures_module():
+    """``results_figures.py`` beside this file (this folder is not a package)."""
+    spec = importlib.util.spec_from_file_location("results_figures", Path(__file__).with_name("results_figures.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="list the stale blocks and exit 1 instead of rewriting")
@@ -94,8 +108,14 @@ def main() -> None:
             if new != text:
                 page.write_text(new)
                 print(f"updated {page.relative_to(REPO)}")
+    figures = figures_module()
+    if args.check:
+        problems += [f"{figures.FIGURES_DIR.relative_to(REPO)}/{name}.svg" for name in figures.stale()]
+    else:
+        for name in figures.write():
+            print(f"drew {figures.FIGURES_DIR.relative_to(REPO)}/{name}.svg")
     if problems:
-        print("results blocks that differ from benchmarks/results/ (run python benchmarks/results_tables.py):\n  "
+        print("results blocks and figures that differ from benchmarks/results/ (run python benchmarks/results_tables.py):\n  "
               + "\n  ".join(problems))
         sys.exit(1)
 

@@ -1,0 +1,102 @@
+"""The figures of the docs (``docs/figures/``) are drawn from ``benchmarks/results/`` and match it:
+each is drawn again here from its files and compared byte for byte with the one in the
+repository (``benchmarks/results_figures.py``); every figure is shown on a page, and a results
+file that changed, or a figure edited by hand, is found."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "results_figures.py"
+spec = importlib.util.spec_from_file_location("results_figures", SCRIPT)
+results_figures = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = results_figures
+spec.loader.exec_module(results_figures)
+
+
+@pytest.mark.parametrize("name", sorted(results_figures.FIGURES))
+def test_each_figure_is_drawn_from_its_files(name):
+    assert results_figures.stale(names=[name]) == [], (
+        f"docs/figures/{name}.svg is not what benchmarks/results/ draws: run python benchmarks/results_tables.py")
+
+
+def test_every_figure_is_shown_and_every_shown_figure_is_drawn():
+    pages = [REPO / "README.md", *(REPO / "docs").rglob("*.md")]
+    shown = {m for p in pages for m in re.findall(r"figures/([\w.\-]+)\.svg", p.read_text())}
+    assert set(results_figures.FIGURES) <= shown, set(results_figures.FIGURES) - shown
+    assert shown <= set(results_figures.FIGURES), shown - set(results_figures.FIGURES)
+    on_disk = {p.stem for p in (REPO / "docs" / "figures").glob("*.svg")}
+    assert on_disk == set(results_figures.FIGURES), on_disk ^ set(results_figures.FIGURES)
+
+
+def test_a_changed_results_file_or_a_figure_edited_by_hand_is_found(tmp_path):
+    """Negative controls: one number of a results file changed; a figure's bytes changed."""
+    name = "kd-weight-sweep"
+    results = tmp_path / "results"
+    results.mkdir()
+    for source in results_figures.FIGURES[name].sources:
+        shutil.copy(results_figures.RESULTS / source, results / source)
+    assert results_figures.stale(results=results, names=[name]) == []  # the copy draws the same figure
+    path = results / "kd-weight-pool-cpu.md"
+    text = path.read_text()
+    assert "37.69 (38.65, 36.74)" in text
+    path.write_text(text.replace("37.69 (38.65, 36.74)", "38.69 (38.65, 36.74)", 1))
+    assert results_figures.stale(results=results, names=[name]) == [name]
+
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    svg = (results_figures.FIGURES_DIR / f"{name}.svg").read_bytes()
+    (figures / f"{name}.svg").write_bytes(svg.replace(b"<path ", b"<path  ", 1))
+    assert results_figures.stale(figures=figures, names=[name]) == [name]
+    (figures / f"{name}.svg").unlink()
+    assert results_figures.stale(figures=figures, names=[name]) == [name]
+
+
+def test_a_figure_from_another_matplotlib_is_checked_by_its_files(tmp_path):
+    """A figure drawn by another Matplotlib version passes while its files are the same, not after."""
+    name = "kd-step-time"
+    figures, results = tmp_path / "figures", tmp_path / "results"
+    figures.mkdir()
+    results.mkdir()
+    for source in results_figures.FIGURES[name].sources:
+        shutil.copy(results_figures.RESULTS / source, results / source)
+    svg = results_figures.render(name).decode()
+    import matplotlib
+
+    other = svg.replace(f"Matplotlib v{matplotlib.__version__},", "Matplotlib v0.0.1,").replace("<path ", "<path  ", 1)
+    (figures / f"{name}.svg").write_text(other)
+    assert results_figures.stale(figures=figures, results=results, names=[name]) == []
+    source = results / results_figures.FIGURES[name].sources[0]
+    source.write_text(source.read_text().replace("| CE only |", "| CE only  |"))
+    assert results_figures.stale(figures=figures, results=results, names=[name]) == [name]
+
+
+def test_a_figure_that_names_no_file_is_an_error(tmp_path):
+    with pytest.raises(SystemExit, match="not in"):
+        results_figures.render("kernels", results=tmp_path)
+
+
+def test_numbers_as_the_results_files_write_them():
+    assert results_figures.number("−1.20") == -1.2
+    assert results_figures.number("+0.34") == 0.34
+    assert results_figures.number("1,249,020") == 1249020
+    assert results_figures.number("1.62e-01") == pytest.approx(0.162)
+    assert results_figures.numbers("[-0.10, +0.78]") == [-0.10, 0.78]
+    assert results_figures.cell("56.17 (56.67, 55.68)") == (56.17, [56.67, 55.68])
+    mean, lo, hi = results_figures.interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and lo == pytest.approx(2 - 4.303 / 3 ** 0.5) and hi == pytest.approx(2 + 4.303 / 3 ** 0.5)
+
+
+def test_per_seed_gains_are_read_with_names_that_hold_a_colon():
+    text = "Gain over the CE baseline of the same seed (points): DIST: +1.00, +2.00; ceiling: CE + pool: -1.00, +3.00\n"
+    f = results_figures.seed_gains(text, "x.md")
+    assert f.labels == ["DIST", "ceiling: CE + pool"]
+    assert f.seeds == [[1.0, 2.0], [-1.0, 3.0]]
+    assert f.means == [1.5, 1.0]
