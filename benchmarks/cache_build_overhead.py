@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from kdcache.cache_build import CacheBuildConfig, TeacherInputs, build_teacher_cache
+from kdcache.core.runs import device_name, resolve_device
 from kdcache.data import build_dataset
-from kdcache.loaders import default_workers, make_loader
-from kdcache.model_loading import open_weights
-from kdcache.runs import device_name, resolve_device
+from kdcache.models.loading import open_weights
+from kdcache.pipeline.loaders import default_workers, make_loader
+from kdcache.teacher.cache_build import CacheBuildConfig, TeacherInputs, build_teacher_cache
 
 
 @torch.inference_mode()

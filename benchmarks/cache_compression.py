@@ -21,7 +21,7 @@ from pathlib import Path
 
 import zarr
 
-from kdcache.runs import device_name, resolve_device
+from kdcache.core.runs import device_name, resolve_device
 from kdcache.store import CacheSchema, CacheStore
 from kdcache.store.location import size_of
 from kdcache.store.schema import ATTR, CODECS

@@ -28,13 +28,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kdcache.core.topk import implied_log_probs, topk_targets
 from kdcache.data import build_dataset
 from kdcache.kernels.reference import topk_kl_reference
 from kdcache.methods.cwd import dense_teacher_logits
 from kdcache.methods.dist import dist_loss
-from kdcache.model_loading import open_weights
-from kdcache.targets import implied_log_probs, topk_targets
-from kdcache.transforms import Preprocess
+from kdcache.models.loading import open_weights
+from kdcache.pipeline.transforms import Preprocess
 
 
 def load(run: str, num_classes: int):

@@ -28,14 +28,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kdcache.core.runs import device_name, resolve_device
 from kdcache.data import build_dataset
-from kdcache.model_loading import open_weights
 from kdcache.models import build_model
-from kdcache.runs import device_name, resolve_device
+from kdcache.models.loading import open_weights
+from kdcache.pipeline.transforms import Preprocess
 from kdcache.store import CachedTargets, CacheSchema, CacheStore, CacheStream
 from kdcache.store.location import size_of
 from kdcache.store.writer import ShardWriter, encode_batch, open_for_writing, prepare_store
-from kdcache.transforms import Preprocess
 
 
 def teacher_logits(run: str | None, n_images: int, size: int) -> torch.Tensor:

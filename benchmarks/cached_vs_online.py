@@ -75,18 +75,18 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.core.outputs import file_sha256
+from kdcache.core.runs import device_name, resolve_device
 from kdcache.data import build_dataset
-from kdcache.distill import config_from_store, train_student
-from kdcache.evaluation import evaluate_model
-from kdcache.loaders import make_loader
-from kdcache.model_loading import open_weights
-from kdcache.outputs import file_sha256
-from kdcache.runs import device_name, resolve_device
+from kdcache.models.loading import open_weights
+from kdcache.pipeline.loaders import make_loader
+from kdcache.pipeline.transforms import SegPipeline
+from kdcache.report.evaluation import evaluate_model
 from kdcache.store import CacheStore
 from kdcache.store.location import size_of
-from kdcache.training import TrainConfig, train
-from kdcache.transforms import SegPipeline
+from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.train.student import config_from_store, train_student
+from kdcache.train.trainer import TrainConfig, train
 
 #: per task: the teacher recipe, the data options every run shares, the test split's size, the
 #: students' recipe (CE and KD alike), the cache's k and the score's name

@@ -35,14 +35,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
-from kdcache.distill import StudentTrainer, config_from_store, train_student
-from kdcache.evaluation import evaluate_run
-from kdcache.model_loading import open_weights
-from kdcache.runs import device_name, resolve_device
+from kdcache.core.runs import device_name, resolve_device
+from kdcache.models.loading import open_weights
+from kdcache.report.evaluation import evaluate_run
 from kdcache.store import CacheStore
 from kdcache.store.location import size_of
-from kdcache.training import TrainConfig, train
+from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.train.student import StudentTrainer, config_from_store, train_student
+from kdcache.train.trainer import TrainConfig, train
 
 #: the stored views are drawn as the students' own crops are (the same share of the area)
 FORMS = {"logits": {}, "views": {"views": 8, "view_area": (0.5, 1.0)}, "label_map": {"label_map": True}}

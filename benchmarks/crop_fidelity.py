@@ -50,14 +50,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
-from kdcache.geometry import Geometry
-from kdcache.model_loading import open_weights
+from kdcache.core.topk import implied_log_probs
+from kdcache.models.loading import open_weights
+from kdcache.pipeline.geometry import Geometry
+from kdcache.pipeline.transforms import (
+    Augment,
+    apply_geometry,
+    sample_geometry,
+    sample_resized_crop,
+)
+from kdcache.pipeline.warp import level_targets, pool_targets, view_targets, warp_targets
 from kdcache.store import CacheStore, to_tensors
 from kdcache.store.location import size_of
-from kdcache.target_geometry import level_targets, pool_targets, view_targets, warp_targets
-from kdcache.targets import implied_log_probs
-from kdcache.transforms import Augment, apply_geometry, sample_geometry, sample_resized_crop
+from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
 
 SEED = 2027
 #: the caches also read with ``--target-resample bilinear``, and the name of that form

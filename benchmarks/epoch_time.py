@@ -28,14 +28,14 @@ from pathlib import Path
 
 import torch
 
-from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
-from kdcache.checkpoint import save_checkpoint
-from kdcache.distill import config_from_store, train_student
+from kdcache.core.checkpoint import save_checkpoint
+from kdcache.core.runs import device_name
 from kdcache.models import build_model
-from kdcache.runs import device_name
+from kdcache.pipeline.transforms import Preprocess
 from kdcache.store import CacheStore
-from kdcache.training import TrainConfig, train
-from kdcache.transforms import Preprocess
+from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.train.student import config_from_store, train_student
+from kdcache.train.trainer import TrainConfig, train
 
 VARIANTS = ("CE only", "none, stream", "kl, stream", "kl, random", "kl, schedule", "kl, bilinear", "kl, pyramid")
 

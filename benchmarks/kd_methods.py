@@ -34,12 +34,12 @@ import statistics
 import time
 from pathlib import Path
 
-from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
-from kdcache.cached_batches import batch_split
-from kdcache.distill import config_from_store, train_student
-from kdcache.evaluation import evaluate_run
-from kdcache.runs import device_name, resolve_device
-from kdcache.training import TrainConfig, train
+from kdcache.core.runs import device_name, resolve_device
+from kdcache.report.evaluation import evaluate_run
+from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.train.student import config_from_store, train_student
+from kdcache.train.student_batches import batch_split
+from kdcache.train.trainer import TrainConfig, train
 
 TEACHER = "teacher (demo_teacher, labelled only)"
 BASELINE = "CE baseline (labelled only)"

@@ -31,10 +31,10 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from kdcache.core.runs import device_name
+from kdcache.core.topk import topk_targets
 from kdcache.methods import METHODS
 from kdcache.models import ModelOutput
-from kdcache.runs import device_name
-from kdcache.targets import topk_targets
 
 
 def commit() -> str:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from kdcache.distill import StudentTrainer, config_from_store
-from kdcache.runs import device_name
-from kdcache.transforms import collate
+from kdcache.core.runs import device_name
+from kdcache.pipeline.transforms import collate
+from kdcache.train.student import StudentTrainer, config_from_store
 
 
 def main() -> None:

@@ -35,11 +35,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
-from kdcache.distill import config_from_store, train_student
-from kdcache.runs import device_name, resolve_device
+from kdcache.core.runs import device_name, resolve_device
 from kdcache.store import CacheStore
-from kdcache.training import TrainConfig, train
+from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.train.student import config_from_store, train_student
+from kdcache.train.trainer import TrainConfig, train
 
 LABELLED, POOL, SHARE = 100, 1600, 0.5
 DATA_OPTIONS: dict = {}  # the synthetic defaults (val 100 images)

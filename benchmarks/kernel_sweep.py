@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from kdcache.core.runs import device_name
 from kdcache.kernels import topk_kl, triton_kl
 from kdcache.kernels.bench import (
     L2Flush,
@@ -30,7 +31,6 @@ from kdcache.kernels.bench import (
     make_inputs,
     moved_bytes_cuda,
 )
-from kdcache.runs import device_name
 
 MAP_CASES = [(8, 11, (512, 1024)), (8, 19, (512, 1024)), (8, 150, (512, 1024))]
 ROW_CASES = [(4096, 1000, ()), (4096, 32000, ())]

@@ -27,11 +27,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 
+from kdcache.core.runs import device_name  # noqa: E402
+from kdcache.core.topk import topk_targets  # noqa: E402
 from kdcache.kernels import topk_kl, triton_kl, triton_op  # noqa: E402
 from kdcache.methods import METHODS  # noqa: E402
 from kdcache.methods import kl as kl_module  # noqa: E402
-from kdcache.runs import device_name  # noqa: E402
-from kdcache.targets import topk_targets  # noqa: E402
 
 
 class _NoLaunch:

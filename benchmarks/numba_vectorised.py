@@ -28,8 +28,8 @@ from collections import Counter
 import numpy as np
 from numba import njit
 
+from kdcache.core.runs import device_name
 from kdcache.kernels import numba_kl
-from kdcache.runs import device_name
 
 CALL = re.compile(r"^\s*call\w*\s+(\*?)(\S+)")
 LOAD = re.compile(r"^\s*mov\w*\s+\$([A-Za-z_.][\w.$@]*),\s*(%\w+)")

@@ -36,14 +36,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcache.cache_build import CacheBuildConfig, TeacherInputs, _crops_forward, build_teacher_cache
+from kdcache.core.runs import device_name, resolve_device
 from kdcache.data import build_dataset
 from kdcache.data.class_base import is_classification
 from kdcache.data.splits import limit
-from kdcache.loaders import default_workers, make_loader
-from kdcache.model_loading import open_weights
-from kdcache.runs import device_name, resolve_device
-from kdcache.transforms import training_augment
+from kdcache.models.loading import open_weights
+from kdcache.pipeline.loaders import default_workers, make_loader
+from kdcache.pipeline.transforms import training_augment
+from kdcache.teacher.cache_build import (
+    CacheBuildConfig,
+    TeacherInputs,
+    _crops_forward,
+    build_teacher_cache,
+)
 
 #: FKD's stored record for one crop (Shen & Xing 2022): 4 box coordinates and a flip flag, the
 #: top-5 soft label as fp16 probabilities and fp16 class ids (the paper's ImageNet setting)

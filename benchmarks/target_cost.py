@@ -1,6 +1,6 @@
 """What one training item's cached targets cost to take through its crop, per way of taking them:
 the nearest cell (the default) and ``--target-resample bilinear``, and the same from an older
-commit's ``kdcache/target_geometry.py`` beside them (``--against REF``), so that a change to the
+commit's ``kdcache/pipeline/warp.py`` beside them (``--against REF``), so that a change to the
 resampling is measured side by side in one process.
 
     python benchmarks/target_cost.py [--limit 64] [--rounds 10] [--against cce35fa~1]
@@ -9,7 +9,7 @@ It builds a top-4 + tail cache of a randomly initialised `demo_teacher` over the
 synthetic training images (stride 4: 24 x 32 cells of 11 classes for the default 96 x 128
 images), reads every sample's logits once, and draws each item's crop as `train-student` does
 (its default scale range and crop size). Then, in rounds, each way takes every item's targets
-(:func:`kdcache.target_geometry.warp_targets`), one way after another in an order that rotates
+(:func:`kdcache.pipeline.warp.warp_targets`), one way after another in an order that rotates
 from round to round. Reported: per item, the minimum and the median over rounds of each round's
 mean, and each way's median against the nearest cell's of the same round. One thread (a
 DataLoader worker's share). Writes benchmarks/results/target-cost-cpu.md.
@@ -28,20 +28,27 @@ from pathlib import Path
 
 import torch
 
-from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
-from kdcache.checkpoint import save_checkpoint
+from kdcache.core.checkpoint import save_checkpoint
+from kdcache.core.runs import device_name
 from kdcache.models import build_model
-from kdcache.runs import device_name
+from kdcache.pipeline.transforms import Augment, Preprocess, schedule_geometry
+from kdcache.pipeline.warp import out_map_size, prepare_resample, warp_targets
 from kdcache.store import CacheStore, to_tensors
-from kdcache.target_geometry import out_map_size, prepare_resample, warp_targets
-from kdcache.transforms import Augment, Preprocess, schedule_geometry
+from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
 
 
 def older_module(ref: str):
-    """``kdcache/target_geometry.py`` as it was at git ``ref``, imported beside the current one."""
+    """``kdcache/pipeline/warp.py`` as it was at git ``ref`` (``kdcache/target_geometry.py`` before the
+    package had folders), imported beside the current one."""
     root = Path(__file__).resolve().parent.parent
-    text = subprocess.run(["git", "show", f"{ref}:kdcache/target_geometry.py"], cwd=root, capture_output=True,
-                          text=True, check=True).stdout
+    for where in ("kdcache/pipeline/warp.py", "kdcache/target_geometry.py"):
+        shown = subprocess.run(["git", "show", f"{ref}:{where}"], cwd=root, capture_output=True, text=True)
+        if shown.returncode == 0:
+            break
+    shown.check_returncode()
+    text = shown.stdout
+    for old, new in (("kdcache.targets", "kdcache.core.topk"), ("kdcache.transforms", "kdcache.pipeline.transforms")):
+        text = text.replace(f"from {old} import", f"from {new} import")  # the modules it imports, where they live now
     path = Path(tempfile.mkdtemp()) / "target_geometry_at_ref.py"
     path.write_text(text)
     spec = importlib.util.spec_from_file_location("target_geometry_at_ref", path)

@@ -31,18 +31,18 @@ from pathlib import Path
 
 import torch
 
-from kdcache.cache_build import CacheBuildConfig, TeacherInputs, build_teacher_cache
+from kdcache.core.runs import device_name, resolve_device
 from kdcache.data import build_dataset
 from kdcache.data.splits import limit
-from kdcache.demo import TEACHER_OPTIONS
-from kdcache.distill import config_from_store, train_student
-from kdcache.evaluation import evaluate_run
-from kdcache.loaders import make_loader
-from kdcache.model_loading import open_weights
-from kdcache.runs import device_name, resolve_device
+from kdcache.demo.segmentation import TEACHER_OPTIONS
+from kdcache.models.loading import open_weights
+from kdcache.pipeline.loaders import make_loader
+from kdcache.report.evaluation import evaluate_run
 from kdcache.store import CacheStore
 from kdcache.store.location import size_of
-from kdcache.training import TrainConfig, train
+from kdcache.teacher.cache_build import CacheBuildConfig, TeacherInputs, build_teacher_cache
+from kdcache.train.student import config_from_store, train_student
+from kdcache.train.trainer import TrainConfig, train
 
 PHASES = ("teachers", "quality", "students", "timing")
 

@@ -15,9 +15,9 @@ import statistics
 import time
 from pathlib import Path
 
-from kdcache.evaluation import evaluate_run
-from kdcache.runs import device_name, resolve_device
-from kdcache.training import TrainConfig, train
+from kdcache.core.runs import device_name, resolve_device
+from kdcache.report.evaluation import evaluate_run
+from kdcache.train.trainer import TrainConfig, train
 
 
 def main() -> None:

@@ -35,13 +35,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
-from kdcache.checkpoint import save_checkpoint
-from kdcache.distill import StudentTrainer, config_from_store
+from kdcache.core.checkpoint import save_checkpoint
+from kdcache.core.runs import device_name
 from kdcache.models import build_model
-from kdcache.runs import device_name
-from kdcache.training import TrainConfig, Trainer
-from kdcache.transforms import Preprocess
+from kdcache.pipeline.transforms import Preprocess
+from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.train.student import StudentTrainer, config_from_store
+from kdcache.train.trainer import TrainConfig, Trainer
 
 SIZES = {"voc": (375, 500), "cityscapes": (1024, 2048)}
 COUNTS = {"synthetic": 384, "voc": 96, "cityscapes": 24}

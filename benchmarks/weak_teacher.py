@@ -64,16 +64,16 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.core.runs import device_name, resolve_device
 from kdcache.data import DATASETS, build_dataset
 from kdcache.data.synthetic import SyntheticDataset
-from kdcache.distill import config_from_store, train_student
-from kdcache.evaluation import evaluate_model
-from kdcache.loaders import make_loader
-from kdcache.model_loading import open_weights
-from kdcache.runs import device_name, resolve_device
-from kdcache.training import TrainConfig, train
-from kdcache.transforms import SegPipeline
+from kdcache.models.loading import open_weights
+from kdcache.pipeline.loaders import make_loader
+from kdcache.pipeline.transforms import SegPipeline
+from kdcache.report.evaluation import evaluate_model
+from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.train.student import config_from_store, train_student
+from kdcache.train.trainer import TrainConfig, train
 
 WEAK_CLASS, INTO = "building", "sky"
 WEAK_SHARE = 0.6

@@ -8,8 +8,8 @@ here. :data:`COMMANDS` lists them (in the order ``--help`` lists them) with the 
 each and its one-line summary: ``kdcache --help`` and ``kdcache --version`` print from it without
 importing any command module (and so without torch), and a command's module is imported when
 that command is run or its help is asked for. The options of the commands that configure a run
-or a cache are the fields declared on its config dataclass (:mod:`kdcache.options`, made into
-options by :mod:`kdcache.cli.options`); every other default ``--help`` shows is read from the
+or a cache are the fields declared on its config dataclass (:mod:`kdcache.core.options`, made into
+options by :mod:`kdcache.cli.flags`); every other default ``--help`` shows is read from the
 library, so the help cannot drift from what runs.
 """
 

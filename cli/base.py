@@ -19,11 +19,11 @@ import typer
 from rich.markup import escape
 
 from kdcache.cli.app import Command, app
-from kdcache.errors import KDCacheError
+from kdcache.core.errors import KDCacheError
+from kdcache.core.options import Bounds, check_number
+from kdcache.core.outputs import output_file as checked_output_file
+from kdcache.core.progress import console
 from kdcache.methods import methods_taking, option_default, task_defaults
-from kdcache.options import Bounds, check_number
-from kdcache.outputs import output_file as checked_output_file
-from kdcache.progress import console
 
 
 def command(name: str | None = None) -> Callable:
@@ -55,7 +55,7 @@ def command(name: str | None = None) -> Callable:
 
 
 def bounded_parameters(fn: Callable) -> dict[str, tuple[str, Bounds]]:
-    """The number parameters of a command declared with :class:`~kdcache.options.Bounds` in their
+    """The number parameters of a command declared with :class:`~kdcache.core.options.Bounds` in their
     annotation (``Annotated[float, typer.Option(...), Bounds("> 0")]``): param -> (flag, bounds)."""
     out = {}
     for name, p in inspect.signature(fn, eval_str=True).parameters.items():
@@ -94,7 +94,7 @@ def error_text(exc: KDCacheError) -> str:
 
 def output_file(text: str | None, option: str) -> Path | None:
     """The file an option names for a command to write, checked before any work
-    (:func:`kdcache.outputs.output_file`: never a folder, nor a file kdcache did not write), its
+    (:func:`kdcache.core.outputs.output_file`: never a folder, nor a file kdcache did not write), its
     folder created first, so a path that cannot be written fails at once, not after a long run."""
     return None if text is None else checked_output_file(text, option)
 

@@ -1,5 +1,5 @@
 """``build-teacher-cache`` (its options are CacheBuildConfig's declared fields, see
-:mod:`kdcache.cli.options`), ``inspect-cache``, ``verify-cache`` and ``export-pseudo-labels``."""
+:mod:`kdcache.cli.flags`), ``inspect-cache``, ``verify-cache`` and ``export-pseudo-labels``."""
 
 from __future__ import annotations
 
@@ -8,24 +8,24 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from kdcache.cache_build import DEFAULT_TOPK, BuildInterrupted, CacheBuildConfig
-from kdcache.cache_build import build_teacher_cache as build_cache
 from kdcache.cli.base import Quiet, command, default, output_file
-from kdcache.cli.options import config_options
+from kdcache.cli.flags import config_options
 from kdcache.cli.report import cache_report
 from kdcache.cli.train import Quiet as TrainQuiet
 from kdcache.cli.train import Resolution, with_resolution
+from kdcache.core.errors import KDCacheError
+from kdcache.core.options import Bounds
+from kdcache.core.outputs import signed
+from kdcache.core.progress import console
+from kdcache.core.runs import write_json
 from kdcache.data import DATASETS
-from kdcache.errors import KDCacheError
-from kdcache.options import Bounds
-from kdcache.outputs import signed
-from kdcache.progress import console
-from kdcache.pseudo_export import BOUNDS as PSEUDO_BOUNDS
-from kdcache.pseudo_export import export_pseudo_labels as export_labels
-from kdcache.pseudo_export import kept_table_rows
-from kdcache.runs import write_json
+from kdcache.report.pseudo_labels import BOUNDS as PSEUDO_BOUNDS
+from kdcache.report.pseudo_labels import export_pseudo_labels as export_labels
+from kdcache.report.pseudo_labels import kept_table_rows
 from kdcache.store.check import inspect_store, verify_store
 from kdcache.store.schema import CODECS, TARGET_SHARD_BYTES
+from kdcache.teacher.cache_build import DEFAULT_TOPK, BuildInterrupted, CacheBuildConfig
+from kdcache.teacher.cache_build import build_teacher_cache as build_cache
 
 
 def help_context() -> dict:

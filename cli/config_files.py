@@ -11,7 +11,7 @@ beside its options (:data:`RUN_INFO_KEYS`) is ignored in a run's ``config.json``
 :func:`read_config_file` turns a file into the values of the command's parameters (what the
 command would have received from the command line; a text starting with ``~`` is expanded to
 the home folder, as the shell does) and the values of config fields that no option sets (``momentum``, ``poly_power``, …). The command line wins over both: the CLI
-merges them (:func:`kdcache.cli.options.config_options`), so the precedence is defaults < file <
+merges them (:func:`kdcache.cli.flags.config_options`), so the precedence is defaults < file <
 command line.
 """
 
@@ -30,13 +30,13 @@ from typing import Any
 
 import yaml
 
-from kdcache.errors import ConfigFileError
+from kdcache.core.errors import ConfigFileError
 
 #: the run kinds (``Trainer.kind``) and the command that trains each
 RUN_COMMANDS = {"supervised": "train-teacher", "distill": "train-student"}
 
 #: what a run's config.json holds beside its config's fields (``Trainer.describe_run`` in
-#: kdcache/training.py, and ``resumed_from_epoch`` once resumed): ignored in a run's config.json
+#: kdcache/train/trainer.py, and ``resumed_from_epoch`` once resumed): ignored in a run's config.json
 RUN_INFO_KEYS = frozenset({
     "kind", "num_classes", "task", "class_names", "preprocess", "augment", "amp_enabled", "params",
     "train_samples", "val_samples", "device_name", "kdcache_version", "world_size", "resumed_from_epoch",

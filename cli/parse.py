@@ -3,7 +3,7 @@ bad text is one error naming the option and the form it takes."""
 
 from __future__ import annotations
 
-from kdcache.errors import KDCacheError
+from kdcache.core.errors import KDCacheError
 
 
 def parse_size(text: str | None, option: str) -> tuple[int, int] | None:

@@ -7,7 +7,7 @@ import math
 
 from rich.table import Table
 
-from kdcache.compare import class_key, notable_classes, signed_pct
+from kdcache.report.compare import class_key, notable_classes, signed_pct
 
 
 def pct(x: float | None, digits: int = 2) -> str:

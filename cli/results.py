@@ -26,13 +26,13 @@ from kdcache.cli.report import (
     per_class_table,
     summary_table,
 )
-from kdcache.compare import compare_runs
-from kdcache.demo import run_demo
-from kdcache.demo_classification import run_classification_demo
-from kdcache.errors import KDCacheError
-from kdcache.evaluation import evaluate_run
-from kdcache.export import DEFAULT_OPSET, FORMATS, export_run
-from kdcache.progress import console
+from kdcache.core.errors import KDCacheError
+from kdcache.core.progress import console
+from kdcache.demo.classification import run_classification_demo
+from kdcache.demo.segmentation import run_demo
+from kdcache.report.compare import compare_runs
+from kdcache.report.evaluation import evaluate_run
+from kdcache.report.export import DEFAULT_OPSET, FORMATS, export_run
 
 
 @command()

@@ -9,13 +9,13 @@ import typer
 from kdcache.cli.base import Device, command, default, output_file
 from kdcache.cli.parse import parse_list
 from kdcache.cli.report import kernel_table
+from kdcache.core.outputs import markdown_signature, signed
+from kdcache.core.progress import console
+from kdcache.core.runs import resolve_device, write_json
 from kdcache.data import DATASETS
 from kdcache.kernels import bench
 from kdcache.models import model_groups
 from kdcache.models.registry import PREFIXES
-from kdcache.outputs import markdown_signature, signed
-from kdcache.progress import console
-from kdcache.runs import resolve_device, write_json
 
 
 @command("bench-kernels")

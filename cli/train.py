@@ -1,5 +1,5 @@
 """``train-teacher`` and ``train-student``: their options are the fields declared on TrainConfig and
-StudentConfig (:mod:`kdcache.cli.options`), plus what runs them (``--resume``, ``--overwrite``,
+StudentConfig (:mod:`kdcache.cli.flags`), plus what runs them (``--resume``, ``--overwrite``,
 ``--quiet``) and a few shorthands: ``--resolution`` (a data set option) and, for students, one
 value for every method that takes it (``--kd-weight``, ``--temperature``, …)."""
 
@@ -9,24 +9,24 @@ from typing import Annotated
 
 import typer
 
-from kdcache import distributed
 from kdcache.cli.base import command, defaults_text
-from kdcache.cli.options import config_options
+from kdcache.cli.flags import config_options
 from kdcache.cli.parse import parse_size
+from kdcache.core import distributed
+from kdcache.core.options import Bounds
+from kdcache.core.progress import console
 from kdcache.data import DATASETS
-from kdcache.distill import (
+from kdcache.methods import METHODS, check_spec, fill_in, methods_taking, option_bounds
+from kdcache.train.loggers import DEFAULT_PROJECT
+from kdcache.train.student import (
     DEFAULT_METHOD_WHY,
     StudentConfig,
     default_methods,
     student_config,
     task_of,
 )
-from kdcache.distill import train_student as run_student
-from kdcache.loggers import DEFAULT_PROJECT
-from kdcache.methods import METHODS, check_spec, fill_in, methods_taking, option_bounds
-from kdcache.options import Bounds
-from kdcache.progress import console
-from kdcache.training import TrainConfig, train
+from kdcache.train.student import train_student as run_student
+from kdcache.train.trainer import TrainConfig, train
 
 Resolution = Annotated[str | None, typer.Option(help="Synthetic data: image size HxW, e.g. 96x128.",
                                                 rich_help_panel="Data")]

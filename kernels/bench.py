@@ -29,10 +29,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kdcache.errors import KDCacheError
+from kdcache.core.errors import KDCacheError
+from kdcache.core.runs import device_name
+from kdcache.core.topk import topk_targets
 from kdcache.kernels.api import topk_kl
-from kdcache.runs import device_name
-from kdcache.targets import topk_targets
 
 GPU_SEG = [(8, C, (512, 1024)) for C in (11, 19, 21, 150)]
 GPU_ROWS = [(4096, C, ()) for C in (1000, 32000, 128000)]

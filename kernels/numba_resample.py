@@ -1,5 +1,5 @@
 """Bilinear resampling of a top-k + tail cache, compiled (``train-student --target-resample
-bilinear``; the math is :func:`kdcache.target_geometry.resample_logits`'s).
+bilinear``; the math is :func:`kdcache.pipeline.warp.resample_logits`'s).
 
 It runs once per training item in the loader, on maps of a few hundred cells and a few to a few
 hundred classes. Written with numpy and torch calls, the same work took about twenty calls per item

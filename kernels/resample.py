@@ -1,5 +1,5 @@
 """The loader's bilinear resampling of a top-k + tail cache (``--target-resample bilinear``): the
-entry point :func:`kdcache.target_geometry.resample_logits` calls, which imports the compiled
+entry point :func:`kdcache.pipeline.warp.resample_logits` calls, which imports the compiled
 kernel (:mod:`kdcache.kernels.numba_resample`) on first use, as the loss imports its backends:
 Numba costs seconds to import, which a run that never resamples bilinearly should not pay."""
 

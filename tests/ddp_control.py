@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-import kdcache.batches as batches
-import kdcache.distributed as distributed
-import kdcache.metrics as metrics
-import kdcache.training as training
+import kdcache.core.distributed as distributed
+import kdcache.core.metrics as metrics
+import kdcache.train.batches as batches
+import kdcache.train.trainer as training
 from kdcache.cli.app import app
 
 _deal = batches.rank_indices

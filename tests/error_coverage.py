@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdcache.errors import KDCacheError
+from kdcache.core.errors import KDCacheError
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = {"kdcache": "kdcache", "cli": "kdcache.cli", "kernels": "kdcache.kernels"}  # folder -> package

@@ -8,11 +8,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
-from kdcache.checkpoint import save_checkpoint
+from kdcache.core.checkpoint import save_checkpoint
 from kdcache.data import build_dataset
 from kdcache.models import build_model
-from kdcache.transforms import Preprocess
+from kdcache.pipeline.transforms import Preprocess
+from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
 
 
 def make_voc_sizes(base: Path, ids: dict[str, list[str]] | None = None) -> Path:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from fake_data import make_small_store
 
-from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.store import CacheStore
+from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 

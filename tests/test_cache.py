@@ -21,15 +21,15 @@ from PIL import Image
 from stream_order import fix_shard_order, shard_order
 from zarr_readers import assert_every_array_plain_zarr
 
-from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
-from kdcache.checkpoint import load_weights
+from kdcache.core.checkpoint import load_weights
+from kdcache.core.topk import attention_map
 from kdcache.data import build_dataset
 from kdcache.data.splits import limit
 from kdcache.models import build_model
+from kdcache.pipeline.transforms import Augment, Preprocess, apply_geometry, sample_geometry
 from kdcache.store import BadSampleError, CachedTargets, CacheStore, CacheStream, StoreError
 from kdcache.store.writer import ShardWriter
-from kdcache.targets import attention_map
-from kdcache.transforms import Augment, Preprocess, apply_geometry, sample_geometry
+from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
 
 RES = {"resolution": [32, 48]}
 N = 10  # samples; 4 per shard -> shards of 4, 4, 2
@@ -261,7 +261,7 @@ def test_cli_build_inspect_verify(tmp_path, teacher):
 
 
 def test_coverage_at_t1_is_the_exact_top_k_mass(tmp_path, teacher):
-    from kdcache.targets import topk_mass
+    from kdcache.core.topk import topk_mass
 
     out = tmp_path / "c.zarr"
     build_teacher_cache(config(teacher, out, limit=2, topk=3), show_progress=False)
@@ -503,7 +503,7 @@ def test_stream_reads_each_sample_once_in_shuffled_shard_order(tmp_path, teacher
     assert parts[0].isdisjoint(parts[1]) and parts[0] | parts[1] == set(range(12))
     # random access, joined with the data set's images and labels
     ds = limit(build_dataset("synthetic", "train", **RES), 12)
-    from kdcache.transforms import SegPipeline
+    from kdcache.pipeline.transforms import SegPipeline
 
     pipe = SegPipeline(ds, Preprocess())
     targets = CachedTargets(store, store.join(ds), item_fn=pipe.__getitem__)
@@ -585,7 +585,7 @@ def test_fast_shard_files_and_zarr_agree_both_ways(tmp_path, teacher, monkeypatc
 
 
 def test_non_finite_logits_name_exactly_the_bad_samples(tmp_path):
-    from kdcache.checkpoint import save_checkpoint
+    from kdcache.core.checkpoint import save_checkpoint
 
     ds = limit(build_dataset("synthetic", "train", **RES), N)
     means = [Preprocess().image_to_tensor(ds.load(j)[0]).mean().item() for j in range(3)]
@@ -638,7 +638,7 @@ def test_one_stored_view_keeps_its_view_axis(tmp_path, teacher):
 
 
 def test_plain_state_dict_needs_the_architecture(tmp_path, teacher):
-    from kdcache.checkpoint import read_checkpoint
+    from kdcache.core.checkpoint import read_checkpoint
 
     sd = tmp_path / "plain.pth"
     torch.save(read_checkpoint(teacher)["state_dict"], sd)
@@ -785,7 +785,7 @@ def test_a_build_without_dataset_takes_the_teacher_runs(tmp_path):
 
 def interrupt_after(monkeypatch, batches: int) -> None:
     """Ctrl-C while the teacher runs its batch number ``batches + 1`` (the earlier ones are written)."""
-    import kdcache.cache_build as cb
+    import kdcache.teacher.cache_build as cb
 
     real, calls = cb.encode_batch, {"n": 0}
 

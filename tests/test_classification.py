@@ -17,17 +17,17 @@ from cli_runner import kd
 from PIL import Image
 from zarr_readers import assert_every_array_plain_zarr
 
-from kdcache.checkpoint import save_checkpoint
+from kdcache.core.checkpoint import save_checkpoint
+from kdcache.core.errors import KDCacheError
+from kdcache.core.metrics import TopK
+from kdcache.core.topk import topk_targets
 from kdcache.data import build_dataset
 from kdcache.data.class_base import NO_LABEL
-from kdcache.errors import KDCacheError
-from kdcache.metrics import TopK
-from kdcache.model_loading import open_weights
 from kdcache.models import build_model
+from kdcache.models.loading import open_weights
+from kdcache.pipeline.transforms import Geometry, Preprocess, apply_geometry, sample_resized_crop
+from kdcache.pipeline.warp import pool_targets
 from kdcache.store import CacheStore, to_tensors
-from kdcache.target_geometry import pool_targets
-from kdcache.targets import topk_targets
-from kdcache.transforms import Geometry, Preprocess, apply_geometry, sample_resized_crop
 
 SHAPES = ["--dataset", "shapes", "-o", "size=40", "-o", "resolution=24"]
 
@@ -635,7 +635,7 @@ def test_the_classification_demo(tmp_path):
 
 
 def test_a_resumed_classification_run_matches_an_uninterrupted_one(tmp_path, monkeypatch):
-    from kdcache.runs import RunDir
+    from kdcache.core.runs import RunDir
 
     args = ["--model", "demo_cls_student", "-m", "width=4", *SHAPES, "--batch-size", "8", "--epochs", "2", "--quiet"]
     assert kd("train-teacher", *args, "--out", tmp_path / "whole").exit_code == 0

@@ -96,7 +96,7 @@ def _records(run):
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    from kdcache.runs import RunDir
+    from kdcache.core.runs import RunDir
 
     args = [a if a != "0" else "1" for a in TINY]  # one DataLoader worker, the CLI default
     assert args[args.index("--workers") + 1] == "1"
@@ -148,10 +148,10 @@ RESUMABLE = {"epochs", "device", "workers", "eval_every", "weights", "tensorboar
 
 
 def test_what_resume_may_change_is_pinned():
-    from kdcache.cache_build import CacheBuildConfig
-    from kdcache.distill import StudentConfig
-    from kdcache.options import resumable
-    from kdcache.training import TrainConfig
+    from kdcache.core.options import resumable
+    from kdcache.teacher.cache_build import CacheBuildConfig
+    from kdcache.train.student import StudentConfig
+    from kdcache.train.trainer import TrainConfig
 
     assert resumable(TrainConfig) == RESUMABLE
     assert resumable(StudentConfig) == RESUMABLE  # a student's own options (cache, methods, …) never change
@@ -185,9 +185,9 @@ def other_value(option, default) -> list[str]:
 def test_every_option_resume_may_not_change_is_refused(tmp_path):
     """Each option outside :data:`RESUMABLE`, given with another value on --resume, is refused in one
     line naming it; each inside it is taken (the run resumes)."""
-    from kdcache.cli.options import cli_options
+    from kdcache.cli.flags import cli_options
     from kdcache.cli.train import help_context
-    from kdcache.training import TrainConfig
+    from kdcache.train.trainer import TrainConfig
 
     run = tmp_path / "run"
     assert kd("train-teacher", *TINY, "--epochs", 1, "--device", "cpu", "--out", run).exit_code == 0
@@ -265,8 +265,8 @@ def test_evaluate_errors(tmp_path):
 
 def test_class_weights_follow_median_frequency(tmp_path):
     from kdcache.data import build_dataset
-    from kdcache.training import median_frequency_weights
-    from kdcache.transforms import Preprocess
+    from kdcache.pipeline.transforms import Preprocess
+    from kdcache.train.trainer import median_frequency_weights
 
     root = tmp_path / "f"
     (root / "images").mkdir(parents=True)
@@ -367,17 +367,17 @@ def test_help_shows_the_defaults_the_code_uses():
     import dataclasses
     import inspect
 
-    from kdcache.cache_build import CacheBuildConfig
-    from kdcache.compare import compare_runs
-    from kdcache.demo import run_demo
-    from kdcache.distill import StudentConfig
-    from kdcache.evaluation import evaluate_run
-    from kdcache.export import export_run
+    from kdcache.demo.segmentation import run_demo
     from kdcache.kernels import bench
     from kdcache.methods import METHODS
-    from kdcache.pseudo_export import export_pseudo_labels
+    from kdcache.report.compare import compare_runs
+    from kdcache.report.evaluation import evaluate_run
+    from kdcache.report.export import export_run
+    from kdcache.report.pseudo_labels import export_pseudo_labels
     from kdcache.store.check import inspect_store
-    from kdcache.training import TrainConfig
+    from kdcache.teacher.cache_build import CacheBuildConfig
+    from kdcache.train.student import StudentConfig
+    from kdcache.train.trainer import TrainConfig
 
     cmds = _commands()
     for command, c in cmds.items():
@@ -502,9 +502,9 @@ def test_the_default_method_is_the_one_the_benchmarks_chose_for_the_task(tmp_pat
     named after it, config.json records it); --help says why."""
     from fake_data import make_teacher
 
-    from kdcache.checkpoint import save_checkpoint
-    from kdcache.distill import DEFAULT_METHOD
+    from kdcache.core.checkpoint import save_checkpoint
     from kdcache.models import build_model
+    from kdcache.train.student import DEFAULT_METHOD
 
     assert DEFAULT_METHOD == {"segmentation": "dist", "classification": "kl"}
     help_text = " ".join(kd("train-student", "--help", env={"COLUMNS": "200"}).output.split())

@@ -34,11 +34,11 @@ from fake_data import make_teacher, make_voc_sizes
 from PIL import Image
 from tiny_models import TinyNet
 
-from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.core.errors import KDCacheError
 from kdcache.data.synthetic import SyntheticDataset
-from kdcache.errors import KDCacheError
-from kdcache.export import export_run
+from kdcache.report.export import export_run
 from kdcache.store.schema import ATTR, FORMAT
+from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -856,7 +856,7 @@ def test_errors_built_in_the_suite_are_recorded():
     """The recorder installed by conftest.py sees an error built here, at the line of its site."""
     from conftest import RECORDER
 
-    from kdcache.errors import make_folder
+    from kdcache.core.errors import make_folder
 
     (Path(os.environ.get("TMPDIR", "/tmp")) / "kdcache-coverage-probe").write_text("a file in the way")
     with pytest.raises(KDCacheError, match="cannot create the folder"):

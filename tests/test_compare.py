@@ -126,7 +126,7 @@ def test_compare_errors(tmp_path):
 
 def test_the_per_class_view_by_hand():
     """Three classes; the teacher below the baseline on the second; a student 2 points down there."""
-    from kdcache.compare import notable_classes, per_class_markdown, per_class_view
+    from kdcache.report.compare import notable_classes, per_class_markdown, per_class_view
 
     def row(name, iou, baseline=False, teacher=False):
         return {"name": name, "iou": iou, "baseline": baseline, "teacher": teacher}
@@ -153,7 +153,7 @@ def test_the_per_class_view_by_hand():
 
 def test_a_difference_that_rounds_to_zero_is_never_negative_zero():
     from kdcache.cli.report import compare_table
-    from kdcache.compare import markdown_table, signed_pct
+    from kdcache.report.compare import markdown_table, signed_pct
 
     assert [signed_pct(x) for x in (-4e-6, 4e-6, 0.0, 0.01234, -0.0051)] == ["±0.00", "±0.00", "±0.00", "+1.23", "-0.51"]
     row = {"name": "a", "method": "kl", "model": "m", "miou": 0.5, "macc": 0.5, "aacc": 0.5, "params": 10,
@@ -172,9 +172,9 @@ def test_the_browsers_pictures_overlay_and_class_map_by_hand(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from kdcache import visualize
-    from kdcache.compare_page import IGNORE_COLOR, browser_images
-    from kdcache.outputs import OutputFolder
+    from kdcache.core.outputs import OutputFolder
+    from kdcache.report import figures
+    from kdcache.report.page import IGNORE_COLOR, browser_images
 
     palette = [(0, 0, 0), (200, 0, 0), (0, 200, 0)]
     image = np.full((4, 6, 3), 100, np.uint8)
@@ -192,7 +192,7 @@ def test_the_browsers_pictures_overlay_and_class_map_by_hand(tmp_path):
     want_truth[label == 255] = IGNORE_COLOR
     np.testing.assert_array_equal(read["truth_map"], want_truth)
     np.testing.assert_array_equal(read["map"], np.asarray(palette, np.uint8)[pred])
-    np.testing.assert_array_equal(read["overlay"], visualize.overlay(image, pred, np.asarray(palette, np.uint8), alpha=0.6))
+    np.testing.assert_array_equal(read["overlay"], figures.overlay(image, pred, np.asarray(palette, np.uint8), alpha=0.6))
     assert entry["classes"] == ["a", "b", "c"] and entry["iou"] == {"s": 0.5}
 
 

@@ -16,12 +16,12 @@ import torch
 import typer
 from cli_runner import kd
 
-from kdcache.cache_build import CacheBuildConfig
 from kdcache.cli.config_files import RUN_COMMANDS, RUN_INFO_KEYS, Option, read_config_file
-from kdcache.distill import StudentConfig, StudentTrainer
-from kdcache.errors import ConfigFileError
+from kdcache.core.errors import ConfigFileError
 from kdcache.store.reader import CacheStore
-from kdcache.training import TrainConfig, Trainer
+from kdcache.teacher.cache_build import CacheBuildConfig
+from kdcache.train.student import StudentConfig, StudentTrainer
+from kdcache.train.trainer import TrainConfig, Trainer
 
 TEACHER_YAML = """\
 # option names, with - or _, values as on the command line or as YAML lists
@@ -238,10 +238,10 @@ def test_a_new_option_is_one_declared_field(tmp_path):
 
     from typer.testing import CliRunner
 
-    from kdcache.cli.options import config_options
+    from kdcache.cli.flags import config_options
     from kdcache.cli.train import help_context
-    from kdcache.errors import KDCacheError
-    from kdcache.options import opt, resumable
+    from kdcache.core.errors import KDCacheError
+    from kdcache.core.options import opt, resumable
 
     @dataclasses.dataclass
     class Dummy(TrainConfig):

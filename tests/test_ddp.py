@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from fake_data import make_teacher
 
-from kdcache.batches import rank_indices
-from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.train.batches import rank_indices
 
 
 def test_rank_shares_are_disjoint_equal_and_keep_shards_whole():

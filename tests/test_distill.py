@@ -13,18 +13,18 @@ import torch.nn.functional as F
 from cli_runner import kd
 from fake_data import make_teacher
 
-from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
-from kdcache.checkpoint import load_weights
+from kdcache.core.checkpoint import load_weights
+from kdcache.core.topk import attention_map, dense_logits, topk_targets
 from kdcache.data import build_dataset
 from kdcache.data.splits import limit
-from kdcache.distill import StudentTrainer, config_from_store, train_student
 from kdcache.kernels import topk_kl_reference
 from kdcache.methods import build_method
 from kdcache.models import ModelOutput, build_model
+from kdcache.pipeline.transforms import Geometry, Preprocess, apply_geometry
+from kdcache.pipeline.warp import warp_targets
 from kdcache.store import CacheSchema, CacheStore, to_tensors
-from kdcache.target_geometry import warp_targets
-from kdcache.targets import attention_map, dense_logits, topk_targets
-from kdcache.transforms import Geometry, Preprocess, apply_geometry
+from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.train.student import StudentTrainer, config_from_store, train_student
 
 RES = {"resolution": [32, 48]}
 
@@ -162,7 +162,7 @@ def test_bilinear_resampling_is_grid_sample_of_the_rebuilt_logits(g, C, k, with_
     and an off-grid offset; a dense cache (k = C), k = 4 (the compiled kernel's k passes) and
     k = 12 of 40 classes (its sort), with and without a tail. Padding cells are ignored as with
     nearest sampling."""
-    from kdcache.target_geometry import out_map_size
+    from kdcache.pipeline.warp import out_map_size
 
     gen = torch.Generator().manual_seed(3)
     (mh, mw), stride = (8, 12), (4.0, 4.0)
@@ -426,7 +426,7 @@ def test_class_balanced_pseudo_labels_keep_each_class_s_most_confident_share(sto
     """CBST thresholds from a real cache against exact per-class quantiles of the teacher's
     confidence (numpy, float64): within one histogram bin; a pixel is kept when its confidence
     reaches min(t_c, the global threshold), so every class keeps at least its top share."""
-    from kdcache.targets import BINS
+    from kdcache.core.topk import BINS
 
     s = CacheStore(store)
     rows = np.arange(8)
@@ -480,8 +480,8 @@ def _config(store, out, **kw):
 
 
 def test_cached_training_never_builds_the_teacher(tmp_path, store, monkeypatch):
-    import kdcache.model_loading as loading
     import kdcache.models as models
+    import kdcache.models.loading as loading
 
     def refuse(*a, **k):
         raise AssertionError("the teacher was built in cached mode")
@@ -551,7 +551,7 @@ def test_online_teacher_feeds_the_same_loss_code(tmp_path, store, teacher):
     student = cached.build_model(11)
     online.build_model(11)
     online.class_weight = cached.class_weight = None
-    from kdcache.transforms import collate
+    from kdcache.pipeline.transforms import collate
 
     batch = collate([pipe[j] for j in range(4)])
     loss_c, terms_c = cached.compute_loss(student, batch)
@@ -571,7 +571,7 @@ def test_online_teacher_feeds_the_same_loss_code(tmp_path, store, teacher):
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, store, monkeypatch):
-    from kdcache.runs import RunDir
+    from kdcache.core.runs import RunDir
 
     methods = [{"name": "kl"}, {"name": "fitnet", "student_tap": "stage3", "teacher_tap": "stage3"}]
     a = train_student(_config(store, tmp_path / "a", epochs=2, methods=methods), show_progress=False)
@@ -624,7 +624,7 @@ def test_cli_every_method_trains(tmp_path, store):
 
 
 def test_stored_views_are_drawn_per_epoch_with_their_own_targets(tmp_path, teacher):
-    from kdcache.cached_batches import KDPipeline
+    from kdcache.train.student_batches import KDPipeline
 
     out = tmp_path / "v.zarr"
     build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(out), dataset_options=dict(RES), limit=4,

@@ -16,8 +16,8 @@ import pytest
 import torch
 from cli_runner import kd
 
-from kdcache.model_loading import open_weights
 from kdcache.models import build_model
+from kdcache.models.loading import open_weights
 
 # the onnx and safetensors extras: without them this file is skipped, not a collection error
 onnx = pytest.importorskip("onnx")
@@ -120,7 +120,7 @@ def test_safetensors_loads_into_a_freshly_built_model(run):
         meta = json.loads(f.metadata()["kdcache"])
     assert meta["format"] == "safetensors" and meta["check"]["max_abs_diff"] == 0.0
     sidecar = json.loads((run / "export" / "model.safetensors.json").read_text())
-    # the sidecar: the file's own metadata, and its SHA-256 (what tells it as kdcache's: kdcache/outputs.py)
+    # the sidecar: the file's own metadata, and its SHA-256 (what tells it as kdcache's: kdcache/core/outputs.py)
     assert meta == {k: v for k, v in sidecar.items() if k != "sha256"}
     assert sidecar["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     # the same permissions as the other exports and its sidecar (safetensors' save_file made it 0600)

@@ -18,7 +18,7 @@ from cli_runner import kd
 from fake_data import make_teacher
 from PIL import Image
 
-from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
 
 RES = {"resolution": [32, 48]}
 
@@ -162,8 +162,8 @@ def _two_class_folder(tmp_path):
 
 
 def test_odd_image_files(tmp_path):
+    from kdcache.core.errors import DatasetError
     from kdcache.data import build_dataset
-    from kdcache.errors import DatasetError
 
     root = _two_class_folder(tmp_path)
     rng = np.random.default_rng(0)
@@ -188,8 +188,8 @@ def test_odd_image_files(tmp_path):
 def test_16_bit_images_read_at_their_high_byte_and_32_bit_ones_are_refused(tmp_path):
     """A 16-bit grayscale PNG reads as v >> 8 in each channel (Pillow's own conversion would clip
     every value above 255 to white); 32-bit integer and float images stop with one line."""
+    from kdcache.core.errors import DatasetError
     from kdcache.data import build_dataset
-    from kdcache.errors import DatasetError
 
     root = _two_class_folder(tmp_path)
     rng = np.random.default_rng(0)
@@ -221,8 +221,8 @@ def test_16_bit_images_read_at_their_high_byte_and_32_bit_ones_are_refused(tmp_p
 def test_a_phone_photo_turned_by_exif_names_the_reason_in_the_size_error(tmp_path):
     """An image whose EXIF orientation (6) turns it a quarter, with a mask of the turned size: the
     one-line size error says why and how to fix it; without the tag, the plain size error."""
+    from kdcache.core.errors import DatasetError
     from kdcache.data import build_dataset
-    from kdcache.errors import DatasetError
 
     root = _two_class_folder(tmp_path)
     rng = np.random.default_rng(0)

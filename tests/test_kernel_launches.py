@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from kdcache.core.topk import topk_targets
 from kdcache.kernels import topk_kl
-from kdcache.targets import topk_targets
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 triton_kl = pytest.importorskip("kdcache.kernels.triton_kl")

@@ -20,9 +20,9 @@ import sys
 import pytest
 import torch
 
+from kdcache.core.outputs import markdown_signature
+from kdcache.core.topk import topk_targets
 from kdcache.kernels import KernelInputError, topk_kl, topk_kl_reference
-from kdcache.outputs import markdown_signature
-from kdcache.targets import topk_targets
 
 TOL = {torch.float32: (1e-4, 1e-5, 1e-4), torch.float16: (1e-3, 2e-3, 2e-3), torch.bfloat16: (1e-2, 1e-2, 1e-2)}
 TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
@@ -340,7 +340,7 @@ def test_bench_kernels_command_prints_the_table_and_writes_json(tmp_path):
     assert data["scaled_down"] and data["copy_gbps"] > 0
     case = data["cases"][0]
     assert set(case["ms"]) == {"fused", "eager"} and case["floor_bytes"] == 2 * 2 * 19 * 256 * 512 * 4 + 2 * 256 * 512 * (4 * 3 + 2)
-    # its first line says kdcache wrote it (so a rerun may replace it: kdcache/outputs.py), then the table
+    # its first line says kdcache wrote it (so a rerun may replace it: kdcache/core/outputs.py), then the table
     assert md.read_text().splitlines()[:2] == [markdown_signature("bench-kernels").strip(), "# bench-kernels"]
     r = CliRunner().invoke(app, ["bench-kernels", "--device", "cpu", "--dtype", "float8"])
     assert r.exit_code == 2 and "--dtype must be" in r.output

@@ -54,8 +54,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from kdcache.core.topk import topk_targets
 from kdcache.kernels import topk_kl, topk_kl_reference
-from kdcache.targets import topk_targets
 
 triton_kl = pytest.importorskip("kdcache.kernels.triton_kl")
 

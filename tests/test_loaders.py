@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kdcache.core.errors import DatasetError
 from kdcache.data import DATASETS, build_dataset
 from kdcache.data.base import default_palette
 from kdcache.data.camvid import CamVidDataset
 from kdcache.data.cityscapes import LABEL_TO_TRAIN_ID, CityscapesDataset
 from kdcache.data.folder import FolderDataset
 from kdcache.data.voc import VOC_CLASSES, VOCDataset
-from kdcache.errors import DatasetError
 
 H, W = 16, 20
 

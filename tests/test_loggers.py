@@ -21,10 +21,10 @@ from PIL import Image
 
 from kdcache.data import build_dataset
 from kdcache.data.splits import limit
-from kdcache.loggers import RunLogger
-from kdcache.training import TrainConfig, Trainer
-from kdcache.transforms import Preprocess
-from kdcache.visualize import colorize
+from kdcache.pipeline.transforms import Preprocess
+from kdcache.report.figures import colorize
+from kdcache.train.loggers import RunLogger
+from kdcache.train.trainer import TrainConfig, Trainer
 
 RES = ["--resolution", "32x48"]  # synthetic images 32 x 48: panels are 32 x 144
 SMALL = ["--limit", "16", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--quiet", *RES]

@@ -1,4 +1,4 @@
-"""Tests for kdcache.metrics: hand-computed cases, NaN rules, accumulation and a reference."""
+"""Tests for kdcache.core.metrics: hand-computed cases, NaN rules, accumulation and a reference."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.metrics import ConfusionMatrix, per_image_iou, predicted_class
+from kdcache.core.metrics import ConfusionMatrix, per_image_iou, predicted_class
 
 IGN = 255
 

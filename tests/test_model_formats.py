@@ -15,10 +15,10 @@ import torch
 from cli_runner import kd
 from fake_data import make_mixed_size_folders
 
-from kdcache.backbone_weights import load_backbone, pretrained_backbone_file
-from kdcache.errors import CheckpointError, MissingExtraError, ModelError
-from kdcache.model_loading import open_weights
+from kdcache.core.errors import CheckpointError, MissingExtraError, ModelError
 from kdcache.models import build_model, model_groups
+from kdcache.models.backbone_weights import load_backbone, pretrained_backbone_file
+from kdcache.models.loading import open_weights
 
 transformers = pytest.importorskip("transformers")
 smp = pytest.importorskip("segmentation_models_pytorch")

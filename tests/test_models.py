@@ -7,8 +7,8 @@ import textwrap
 import pytest
 import torch
 
-from kdcache.checkpoint import load_weights, read_checkpoint, save_checkpoint
-from kdcache.errors import CheckpointError, ModelError
+from kdcache.core.checkpoint import load_weights, read_checkpoint, save_checkpoint
+from kdcache.core.errors import CheckpointError, ModelError
 from kdcache.models import MODELS, build_model, count_parameters
 
 
@@ -28,7 +28,7 @@ def test_torchvision_is_imported_when_a_name_needs_it_not_at_start_up():
     code = textwrap.dedent("""
         import sys
         import torch
-        import kdcache.cli.app, kdcache.distill, kdcache.training, kdcache.cache_build
+        import kdcache.cli.app, kdcache.train.student, kdcache.train.trainer, kdcache.teacher.cache_build
         from kdcache.models import MODELS, build_model
         heavy = ("torchvision", "torch._dynamo", "matplotlib", "numba")
         assert build_model("demo_student", 3)(torch.zeros(1, 3, 32, 32)).logits.shape[1] == 3
@@ -158,8 +158,8 @@ def test_torchvision_checkpoint_with_its_auxiliary_head_loads(tmp_path):
     from cli_runner import kd
     from torchvision.models import segmentation
 
+    from kdcache.pipeline.transforms import Preprocess
     from kdcache.store import CacheStore
-    from kdcache.transforms import Preprocess
 
     torch.manual_seed(0)
     net = segmentation.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=11,
@@ -194,7 +194,7 @@ def test_weights_sha256_is_the_weights_alone(tmp_path):
     files' sha256 differ); other weights do not; the value is SHA-256 over name and bytes in name order."""
     import hashlib
 
-    from kdcache.model_loading import open_weights
+    from kdcache.models.loading import open_weights
 
     model = build_model("demo_student", 11)
     save_checkpoint(tmp_path / "a.pt", model, config={"model": "demo_student", "num_classes": 11}, epoch=1)

@@ -3,7 +3,7 @@ outside its declared bounds in one line, exit status 2, before any folder is mad
 
 The options are enumerated from the commands themselves (every option typer reads as a float, and
 every declared pair or list of numbers), each matched to its declaration
-(:func:`kdcache.cli.options.number_options`): a new float option without declared bounds fails
+(:func:`kdcache.cli.flags.number_options`): a new float option without declared bounds fails
 :func:`test_every_number_option_declares_its_bounds`, and a new one with them is fed the bad values
 below without a new test. The same values go in through ``--config`` files, and into every number
 option of every KD method (``--method NAME:key=value`` and a config file's ``methods``).
@@ -19,10 +19,10 @@ import yaml
 from cli_runner import kd
 
 from kdcache.cli.app import all_commands
-from kdcache.cli.options import NumberOption, number_options
+from kdcache.cli.flags import NumberOption, number_options
+from kdcache.core.options import Bounds
 from kdcache.methods import METHODS, option_bounds
 from kdcache.methods import number_options as method_number_options
-from kdcache.options import Bounds
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 COMMANDS = all_commands()
@@ -140,11 +140,11 @@ def test_a_bad_method_option_is_one_line_and_makes_nothing(method, option, tmp_p
 
 def test_the_library_refuses_them_too():
     """Python callers get the same one-line errors: a config's validate() and build_method."""
-    from kdcache.cache_build import CacheBuildConfig
-    from kdcache.distill import StudentConfig
-    from kdcache.errors import KDCacheError
+    from kdcache.core.errors import KDCacheError
     from kdcache.methods import build_method
-    from kdcache.training import TrainConfig
+    from kdcache.teacher.cache_build import CacheBuildConfig
+    from kdcache.train.student import StudentConfig
+    from kdcache.train.trainer import TrainConfig
 
     with pytest.raises(KDCacheError, match="--lr must be a finite number > 0, got nan"):
         TrainConfig(lr=float("nan")).validate()

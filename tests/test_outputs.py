@@ -1,4 +1,4 @@
-"""Where kdcache writes (``kdcache/outputs.py``): no command deletes or changes a file it did not write.
+"""Where kdcache writes (``kdcache/core/outputs.py``): no command deletes or changes a file it did not write.
 
 Part 1 tries every command that writes, as a user runs it (the CLI, in-process), twice over:
 
@@ -29,7 +29,14 @@ from pathlib import Path, PurePosixPath
 import pytest
 from cli_runner import kd
 
-from kdcache.outputs import MARKER, OutputError, OutputFolder, output_file, own_file, sidecar_path
+from kdcache.core.outputs import (
+    MARKER,
+    OutputError,
+    OutputFolder,
+    output_file,
+    own_file,
+    sidecar_path,
+)
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 RES = ["--resolution", "32x48"]
@@ -261,7 +268,7 @@ def test_kdcache_writes_and_removes_only_the_files_its_marker_lists(tmp_path):
 
 
 def test_a_run_folder_of_an_earlier_kdcache_is_adopted_and_nothing_else(tmp_path):
-    from kdcache.runs import RunDir
+    from kdcache.core.runs import RunDir
 
     old = tmp_path / "old-run"
     old.mkdir()

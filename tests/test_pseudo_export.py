@@ -12,12 +12,12 @@ from cli_runner import kd
 from fake_data import make_teacher
 from PIL import Image
 
-from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
-from kdcache.checkpoint import load_weights
+from kdcache.core.checkpoint import load_weights
 from kdcache.data import build_dataset
 from kdcache.data.splits import limit
 from kdcache.models import build_model
-from kdcache.transforms import Preprocess
+from kdcache.pipeline.transforms import Preprocess
+from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
 
 RES = {"resolution": [32, 48]}
 N = 6
@@ -81,7 +81,7 @@ def test_top_k_cache_and_class_balanced_thresholds(setup, tmp_path):
               "--quiet").exit_code == 0
     masks = np.stack([np.asarray(Image.open(tmp_path / "a" / "masks" / f"{s}.png")) for s in ds.ids])
     # at the cache's own cells the class is the teacher's top 1 and the confidence its exact probability
-    from kdcache.pseudo_export import teacher_labels
+    from kdcache.report.pseudo_labels import teacher_labels
     from kdcache.store import CacheStore
 
     store, dense = CacheStore(caches[2]), CacheStore(caches[11])

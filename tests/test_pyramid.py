@@ -15,13 +15,13 @@ import torch
 from cli_runner import kd
 from fake_data import make_teacher
 
-from kdcache.cache_build import CacheBuildConfig, build_teacher_cache, level_geometry
-from kdcache.distill import StudentTrainer, config_from_store
-from kdcache.geometry import Geometry
-from kdcache.model_loading import open_weights
+from kdcache.models.loading import open_weights
+from kdcache.pipeline.geometry import Geometry
+from kdcache.pipeline.transforms import apply_geometry
+from kdcache.pipeline.warp import choose_level, level_targets, warp_targets
 from kdcache.store import CacheStore, to_tensors
-from kdcache.target_geometry import choose_level, level_targets, warp_targets
-from kdcache.transforms import apply_geometry
+from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache, level_geometry
+from kdcache.train.student import StudentTrainer, config_from_store
 
 RES = {"resolution": [32, 48]}
 SCALES = (0.75, 1.25)
@@ -174,9 +174,9 @@ def test_bad_pyramids_are_one_line_each(pyramid, tmp_path):
 def test_a_pyramid_refuses_a_classifier_and_images_of_several_sizes(tmp_path):
     from fake_data import make_mixed_size_folders
 
-    from kdcache.checkpoint import save_checkpoint
+    from kdcache.core.checkpoint import save_checkpoint
     from kdcache.models import build_model
-    from kdcache.transforms import Preprocess
+    from kdcache.pipeline.transforms import Preprocess
 
     cls = save_checkpoint(tmp_path / "c.pt", build_model("demo_cls_teacher", 10, width=8),
                           config={"model": "demo_cls_teacher", "num_classes": 10, "model_options": {"width": 8},

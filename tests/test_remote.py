@@ -13,8 +13,8 @@ import zarr
 from cli_runner import kd
 from fake_data import make_teacher
 
-from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.store import CacheStore, location
+from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
 
 
 def _cfg(teacher, out, **kw):
@@ -68,7 +68,7 @@ def test_remote_out_that_is_not_a_store_is_refused_and_a_partial_one_is_redone(t
 
 
 def test_object_stores_spawn_their_workers():
-    from kdcache.cached_batches import CachedBatches
+    from kdcache.train.student_batches import CachedBatches
 
     class Stub:
         def __init__(self, path):

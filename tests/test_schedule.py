@@ -17,12 +17,12 @@ import zarr
 from cli_runner import kd
 from fake_data import make_teacher
 
-from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
-from kdcache.distill import StudentTrainer, config_from_store
-from kdcache.model_loading import open_weights
+from kdcache.models.loading import open_weights
+from kdcache.pipeline.transforms import SegPipeline
 from kdcache.store import CacheStore
 from kdcache.store.shards import ShardFile
-from kdcache.transforms import SegPipeline
+from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.train.student import StudentTrainer, config_from_store
 
 RES = {"resolution": [32, 48]}
 E, R = 3, 2
@@ -195,9 +195,9 @@ def test_a_store_of_later_schedules_holds_what_the_whole_store_holds_for_them(se
 def test_classification_replays_its_random_resized_crops(tmp_path):
     """A classifier's schedule: the random-resized boxes (and flips) of each epoch, the teacher's
     top-k on exactly those pixels, which are the student's own draw."""
-    from kdcache.checkpoint import save_checkpoint
+    from kdcache.core.checkpoint import save_checkpoint
     from kdcache.models import build_model
-    from kdcache.transforms import Preprocess
+    from kdcache.pipeline.transforms import Preprocess
 
     torch.manual_seed(0)
     model = build_model("demo_cls_teacher", 10, width=8)

@@ -16,10 +16,10 @@ from fake_data import make_teacher
 from stream_order import fix_shard_order, shard_order
 from typer.testing import CliRunner
 
-from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.cli.app import app
-from kdcache.distill import StudentTrainer, config_from_store
 from kdcache.store import CacheStore, CacheStream
+from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.train.student import StudentTrainer, config_from_store
 
 runner = CliRunner()
 RES = {"resolution": [32, 48]}

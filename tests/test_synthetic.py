@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from kdcache.core.errors import DatasetError
 from kdcache.data import build_dataset
 from kdcache.data import synthetic as syn
-from kdcache.errors import DatasetError
 
 REPO = Path(__file__).resolve().parents[1]
 RES = (48, 64)  # small images keep the tests fast
@@ -169,7 +169,7 @@ def test_prepared_samples_reach_the_workers_without_rendering(monkeypatch):
 
 
 def test_training_with_workers_renders_in_the_main_process_only(monkeypatch, tmp_path):
-    from kdcache.training import TrainConfig, train
+    from kdcache.train.trainer import TrainConfig, train
 
     monkeypatch.setattr(syn, "render_scene", _render_only_in(os.getpid(), syn.render_scene))
     r = train(TrainConfig(model="demo_student", dataset="synthetic", dataset_options={"resolution": list(RES)},

@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.kernels.reference import topk_kl_reference
-from kdcache.store.schema import index_dtype
-from kdcache.targets import (
+from kdcache.core.topk import (
     attention_map,
     dense_logits,
     implied_log_probs,
@@ -17,6 +15,8 @@ from kdcache.targets import (
     topk_mass,
     topk_targets,
 )
+from kdcache.kernels.reference import topk_kl_reference
+from kdcache.store.schema import index_dtype
 
 
 def test_index_dtype_is_the_smallest_that_holds_the_ids():

@@ -425,9 +425,9 @@ def test_teacher_iou_val_reads_the_teacher_runs_best_epoch(tmp_path):
     import numpy as np
     from fake_data import make_teacher
 
-    from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
     from kdcache.methods.teacher_aware import class_weights_rule
     from kdcache.store import CacheStore
+    from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
 
     (tmp_path / "teacher-run").mkdir()
     weights = make_teacher(tmp_path / "teacher-run" / "best.pt")

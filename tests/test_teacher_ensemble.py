@@ -15,15 +15,15 @@ import torch.nn.functional as F
 from cli_runner import kd
 from fake_data import make_teacher
 
-from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.core.errors import KDCacheError
+from kdcache.core.metrics import ConfusionMatrix
 from kdcache.data import build_dataset
 from kdcache.data.splits import limit
-from kdcache.distill import StudentTrainer, config_from_store
-from kdcache.errors import KDCacheError
-from kdcache.metrics import ConfusionMatrix
-from kdcache.model_loading import open_weights
+from kdcache.models.loading import open_weights
+from kdcache.pipeline.transforms import Preprocess, collate
 from kdcache.store import CacheStore, to_tensors
-from kdcache.transforms import Preprocess, collate
+from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.train.student import StudentTrainer, config_from_store
 
 RES = {"resolution": [32, 48]}
 N = 6
@@ -388,7 +388,7 @@ def test_bad_ensembles_are_refused_in_one_line(tmp_path, members):
 
 
 def test_members_with_other_class_names_are_refused(tmp_path, members):
-    from kdcache.checkpoint import save_checkpoint
+    from kdcache.core.checkpoint import save_checkpoint
     from kdcache.models import build_model
 
     names = [f"thing{i}" for i in range(11)]
@@ -435,7 +435,7 @@ quiet: true
 def test_stored_views_hold_the_ensemble_on_each_crop(tmp_path, members):
     """--views with an ensemble: each stored view is the combination of the members run on that
     crop (the crop's geometry as stored)."""
-    from kdcache.transforms import Geometry, apply_geometry
+    from kdcache.pipeline.transforms import Geometry, apply_geometry
 
     out = tmp_path / "v.zarr"
     build_teacher_cache(config([members["a"], members["c"]], out, limit=2, views=2, view_crop=(16, 24),
@@ -460,7 +460,7 @@ def test_images_of_different_sizes_need_no_probe_forward(tmp_path, monkeypatch):
     forwards themselves, with no extra probe forward per image size."""
     from fake_data import make_voc_sizes
 
-    from kdcache.teacher_ensemble import TeacherEnsemble
+    from kdcache.teacher.ensemble import TeacherEnsemble
 
     root = make_voc_sizes(tmp_path / "voc")
     a = make_teacher(tmp_path / "a.pt", num_classes=21)

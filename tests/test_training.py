@@ -12,12 +12,12 @@ import torch
 from fake_data import make_teacher
 from PIL import Image
 
-from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.core.metrics import ConfusionMatrix
 from kdcache.data import build_dataset
-from kdcache.distill import config_from_store, train_student
-from kdcache.metrics import ConfusionMatrix
-from kdcache.training import TrainConfig, train
-from kdcache.transforms import Preprocess
+from kdcache.pipeline.transforms import Preprocess
+from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.train.student import config_from_store, train_student
+from kdcache.train.trainer import TrainConfig, train
 
 COLOURS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]], np.uint8)  # class c is colour c
 
@@ -87,8 +87,8 @@ def test_loss_terms_are_read_in_blocks_and_a_nan_names_its_step():
     sums are those of every step, and a non-finite loss inside a block names its own step."""
     import math
 
-    from kdcache.errors import KDCacheError
-    from kdcache.training import LossTerms
+    from kdcache.core.errors import KDCacheError
+    from kdcache.train.trainer import LossTerms
 
     terms = LossTerms(epoch=2, every=3)
     reads = []

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from kdcache.core.errors import DatasetError
 from kdcache.data.base import SampleRef, SegmentationDataset
 from kdcache.data.splits import fold_split, kfold_indices, limit
-from kdcache.errors import DatasetError
-from kdcache.transforms import (
+from kdcache.pipeline.transforms import (
     Augment,
     Geometry,
     Preprocess,

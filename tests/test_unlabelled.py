@@ -10,11 +10,11 @@ import torch
 from cli_runner import kd
 from fake_data import make_mixed_size_folders, make_teacher
 
-from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
-from kdcache.cached_batches import MixedPipeline, mixed_batches
-from kdcache.distill import StudentTrainer, config_from_store
-from kdcache.errors import KDCacheError
+from kdcache.core.errors import KDCacheError
 from kdcache.store import CacheStore, to_tensors
+from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.train.student import StudentTrainer, config_from_store
+from kdcache.train.student_batches import MixedPipeline, mixed_batches
 
 RES = {"resolution": [32, 48]}
 
@@ -81,8 +81,8 @@ def test_train_student_with_an_unlabelled_cache(caches, tmp_path, monkeypatch):
     cfg = json.loads((tmp_path / "full" / "config.json").read_text())
     assert cfg["unlabeled_caches"] == [str(caches["pool"])] and cfg["unlabeled_share"] == 0.5
     # interrupted while logging epoch 3 (last.pt is epoch 2's), resumed: the uninterrupted run's weights
-    from kdcache.distill import train_student
-    from kdcache.runs import RunDir
+    from kdcache.core.runs import RunDir
+    from kdcache.train.student import train_student
 
     real_log = RunDir.log
 

@@ -13,9 +13,9 @@ import zarr
 from fake_data import make_teacher
 from typer.testing import CliRunner
 
-from kdcache.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.cli.app import app
 from kdcache.store.check import verify_store
+from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
 
 runner = CliRunner()
 ROW = 5  # the damaged sample (shard 1 of 4-sample shards)

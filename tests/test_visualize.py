@@ -1,4 +1,4 @@
-"""Tests for kdcache.visualize: exact colours and overlays, figures whose bars, histogram
+"""Tests for kdcache.report.figures: exact colours and overlays, figures whose bars, histogram
 counts, lines and image panels equal the numbers behind them, and valid PNG files."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from kdcache.visualize import (  # noqa: E402
+from kdcache.report.figures import (  # noqa: E402
     colorize,
     comparison_grid_figure,
     iou_histogram_figure,

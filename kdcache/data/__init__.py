@@ -6,9 +6,9 @@ here with a ``SegmentationDataset`` subclass decorated ``@DATASETS.register("min
 module of this package is imported, so nothing else needs editing.
 """
 
+from kdcache.core.registry import import_submodules
 from kdcache.data.base import IGNORE_INDEX, SampleRef, SegmentationDataset
 from kdcache.data.registry import DATASETS, build_dataset
-from kdcache.registry import import_submodules
 
 import_submodules(__name__, __path__)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from kdcache.errors import DatasetError
+from kdcache.core.errors import DatasetError
 
 IGNORE_INDEX = 255
 

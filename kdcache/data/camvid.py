@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
+from kdcache.core.errors import DatasetError
 from kdcache.data.base import IGNORE_INDEX, SegmentationDataset
 from kdcache.data.folder import empty_split, files_by_stem, pair_by_stem, unknown_split
 from kdcache.data.registry import DATASETS
-from kdcache.errors import DatasetError
 
 CAMVID_CLASSES = (
     "sky", "building", "pole", "road", "pavement", "tree", "sign", "fence", "car", "pedestrian",

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from kdcache.core.errors import DatasetError
 from kdcache.data.class_base import ClassificationDataset, ClassRef
 from kdcache.data.registry import DATASETS
-from kdcache.errors import DatasetError
 
 LAYOUTS = {
     "cifar10": {"folder": "cifar-10-batches-py", "train": [f"data_batch_{i}" for i in range(1, 6)],

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from kdcache.core.errors import DatasetError
 from kdcache.data.base import IGNORE_INDEX, SampleRef, SegmentationDataset
 from kdcache.data.folder import empty_split, unknown_split
 from kdcache.data.registry import DATASETS
-from kdcache.errors import DatasetError
 
 CITYSCAPES_CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kdcache.core.errors import DatasetError
 from kdcache.data.base import SampleRef, SegmentationDataset
-from kdcache.errors import DatasetError
 
 #: the label of an image without one (PyTorch's cross-entropy default ignore index)
 NO_LABEL = -100

@@ -19,10 +19,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from kdcache.core.errors import DatasetError
 from kdcache.data.class_base import ClassificationDataset, ClassRef
 from kdcache.data.folder import IMAGE_SUFFIXES, empty_split
 from kdcache.data.registry import DATASETS
-from kdcache.errors import DatasetError
 
 SUFFIXES = IMAGE_SUFFIXES
 

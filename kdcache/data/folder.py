@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from kdcache.core.errors import DatasetError
 from kdcache.data.base import SampleRef, SegmentationDataset
 from kdcache.data.registry import DATASETS
-from kdcache.errors import DatasetError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MASK_SUFFIXES = (".png",)

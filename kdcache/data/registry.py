@@ -5,9 +5,9 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
+from kdcache.core.errors import DatasetError
+from kdcache.core.registry import Registry
 from kdcache.data.base import SegmentationDataset
-from kdcache.errors import DatasetError
-from kdcache.registry import Registry
 
 DATASETS: Registry[type[SegmentationDataset]] = Registry("data set", DatasetError)
 

@@ -17,9 +17,9 @@ import zlib
 
 import numpy as np
 
+from kdcache.core.errors import DatasetError
 from kdcache.data.class_base import ClassificationDataset, ClassRef
 from kdcache.data.registry import DATASETS
-from kdcache.errors import DatasetError
 
 CLASS_NAMES = ("disc", "ring", "square", "frame", "plus", "cross", "triangle", "diamond", "bars", "crescent")
 DEFAULT_SIZES = {"train": 1000, "val": 500, "test": 1000, "unlabeled": 4000}

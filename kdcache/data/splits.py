@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from kdcache.core.errors import DatasetError
 from kdcache.data.base import SegmentationDataset
 from kdcache.data.registry import build_dataset
-from kdcache.errors import DatasetError
 
 
 def kfold_indices(n: int, folds: int, fold: int, seed: int = 0) -> tuple[list[int], list[int]]:

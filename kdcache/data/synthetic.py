@@ -58,9 +58,9 @@ from functools import lru_cache
 
 import numpy as np
 
+from kdcache.core.errors import DatasetError
 from kdcache.data.base import IGNORE_INDEX, SampleRef, SegmentationDataset
 from kdcache.data.registry import DATASETS
-from kdcache.errors import DatasetError
 
 SKY, BUILDING, POLE, ROAD, PAVEMENT, TREE, SIGN, FENCE, CAR, PEDESTRIAN, BICYCLIST = range(11)
 VOID = IGNORE_INDEX

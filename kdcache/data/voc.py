@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
+from kdcache.core.errors import DatasetError
 from kdcache.data.base import SampleRef, SegmentationDataset, default_palette
 from kdcache.data.folder import empty_split, files_by_stem, read_id_list, unknown_split
 from kdcache.data.registry import DATASETS
-from kdcache.errors import DatasetError
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",

@@ -5,7 +5,7 @@ it taps (:meth:`KDMethod.student_taps`) and which cached teacher maps it reads
 (:meth:`KDMethod.required`, given the cache's schema), and its ``forward(student_output, batch)`` returns its weighted
 loss. ``batch`` holds the cached targets already taken through the item's geometry
 (``kd/values``, ``kd/indices``, ``kd/tail``, ``kd/ignore``, ``kd/features/<tap>``,
-``kd/attention/<tap>``; see :mod:`kdcache.target_geometry`).
+``kd/attention/<tap>``; see :mod:`kdcache.pipeline.warp`).
 
 Add one: write ``kdcache/methods/mine.py`` with a ``KDMethod`` subclass decorated
 ``@METHODS.register("mine")`` and a docstring citing its paper. Every module of this package is
@@ -13,6 +13,7 @@ imported, so nothing else needs editing: the command line offers it, and its con
 arguments become its options and shorthands.
 """
 
+from kdcache.core.registry import import_submodules
 from kdcache.methods.base import (
     METHODS,
     KDMethod,
@@ -31,7 +32,6 @@ from kdcache.methods.base import (
     task_defaults,
     with_task_defaults,
 )
-from kdcache.registry import import_submodules
 
 import_submodules(__name__, __path__)
 

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcache.errors import KDCacheError
+from kdcache.core.errors import KDCacheError
+from kdcache.core.options import check_number
+from kdcache.core.registry import Registry
 from kdcache.models import ModelOutput
-from kdcache.options import check_number
-from kdcache.registry import Registry
 from kdcache.store.schema import CacheSchema
 
 
@@ -151,7 +151,7 @@ class KDMethod(nn.Module):
 
     name: str = ""
     default_weight = 1.0
-    #: the bounds of the method's number options (:class:`~kdcache.options.Bounds` texts), each
+    #: the bounds of the method's number options (:class:`~kdcache.core.options.Bounds` texts), each
     #: class declaring its own; every number option is also refused when not finite
     bounds: dict[str, str] = {"weight": ">= 0"}
     #: options whose default differs by task, chosen on val for that task (cite the evidence):

@@ -17,15 +17,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kdcache.core.topk import dense_logits
 from kdcache.methods.base import METHODS, KDMethod, student_logits_at
 from kdcache.methods.teacher_aware import BOUNDS as TEACHER_AWARE_BOUNDS
 from kdcache.methods.teacher_aware import TeacherAware
-from kdcache.targets import dense_logits
 
 
 def student_and_dense_teacher(out, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """The student's logits at the cache's resolution and the teacher's rebuilt dense logits
-    (:func:`kdcache.targets.dense_logits`), both [N, C, h, w] fp32."""
+    (:func:`kdcache.core.topk.dense_logits`), both [N, C, h, w] fp32."""
     values = batch["kd/values"]
     C = out.logits.shape[1]
     s = student_logits_at(out.logits, tuple(values.shape[-2:]))

@@ -29,7 +29,7 @@ both means weighted, each cell by its class's weight and each class by its own
 
 From the cache: the teacher's k stored classes get their exact probabilities and every class
 outside the top k an equal share of the tail's mass (the rebuilt logits of
-:func:`~kdcache.targets.dense_logits`), so each row of Y_t still sums to 1. The
+:func:`~kdcache.core.topk.dense_logits`), so each row of Y_t still sums to 1. The
 per-cell (inter-class) term then compares the student with a teacher whose small
 probabilities are flattened; the per-class (intra-class) term sees each non-top-k class at its
 cell's equal share. With a dense cache (k = C) both are exact; at T = 1 the non-top-k

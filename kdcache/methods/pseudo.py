@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kdcache.core.topk import BINS, add_to_histogram, teacher_confidence, thresholds_from_histogram
 from kdcache.data.base import IGNORE_INDEX
 from kdcache.methods.base import METHODS, KDMethod, MethodError, student_logits_at
-from kdcache.targets import BINS, add_to_histogram, teacher_confidence, thresholds_from_histogram
 
 
 def pseudo_labels(values, indices, tail, ignore, threshold, class_thresholds: torch.Tensor | None = None

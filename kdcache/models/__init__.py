@@ -12,6 +12,7 @@ a new module here whose builders are decorated ``@register_model``; every module
 package is imported, so nothing else needs editing.
 """
 
+from kdcache.core.registry import import_submodules
 from kdcache.models.registry import (
            MODELS,
            build_model,
@@ -21,7 +22,6 @@ from kdcache.models.registry import (
            resolve_builder,
 )
 from kdcache.models.wrapper import ModelOutput, SegModel
-from kdcache.registry import import_submodules
 
 import_submodules(__name__, __path__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdcache.errors import ExportError, import_extra
+from kdcache.core.errors import ExportError, import_extra
 from kdcache.models.wrapper import SegModel
 
 

@@ -10,9 +10,9 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from kdcache.errors import ModelError
+from kdcache.core.errors import ModelError
+from kdcache.core.registry import Registry
 from kdcache.models.wrapper import SegModel
-from kdcache.registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model", ModelError)
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcache.errors import ModelError, import_extra
+from kdcache.core.errors import ModelError, import_extra
 from kdcache.models.registry import MODELS
 
 #: the MiT encoders of the paper (Table 6) and transformers' published configs

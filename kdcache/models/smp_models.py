@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from kdcache.errors import ModelError, import_extra
+from kdcache.core.errors import ModelError, import_extra
 from kdcache.models.registry import MODELS
 
 #: smp's architecture names (``smp.create_model(arch)``), in smp 0.6's order

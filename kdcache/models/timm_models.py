@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from kdcache.errors import ModelError, import_extra
+from kdcache.core.errors import ModelError, import_extra
 from kdcache.models.registry import register_prefix
 
 SOURCE, EXTRA, PACKAGE = "timm", "timm", "timm"

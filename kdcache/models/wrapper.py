@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcache.errors import ModelError
-from kdcache.metrics import predicted_class
+from kdcache.core.errors import ModelError
+from kdcache.core.metrics import predicted_class
 
 
 @dataclass

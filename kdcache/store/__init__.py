@@ -10,7 +10,7 @@
 * :mod:`.shards`: kdcache's fast path for local shard files;
 * :mod:`.check`: ``inspect-cache`` and ``verify-cache``.
 
-The teacher pass that fills a store lives in :mod:`kdcache.cache_build`.
+The teacher pass that fills a store lives in :mod:`kdcache.teacher.cache_build`.
 """
 
 from kdcache.store.reader import (

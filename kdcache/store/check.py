@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcache.progress import progress_bar
+from kdcache.core.progress import progress_bar
+from kdcache.core.topk import topk_mass
 from kdcache.store.finite import all_finite, count_non_finite
 from kdcache.store.location import RemoteError, open_group, retrying, sizes_of
 from kdcache.store.reader import CacheStore
-from kdcache.targets import topk_mass
 
 
 def inspect_store(path: str | Path, *, samples: int = 64, temperatures=(1.0, 2.0, 4.0)) -> dict:

@@ -24,7 +24,7 @@ import fsspec
 import zarr
 from zarr.storage import FsspecStore, WrapperStore
 
-from kdcache.errors import KDCacheError, import_extra
+from kdcache.core.errors import KDCacheError, import_extra
 
 T = TypeVar("T")
 

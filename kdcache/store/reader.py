@@ -24,10 +24,10 @@ import numpy as np
 import torch
 import zarr
 
+from kdcache.core.errors import KDCacheError
+from kdcache.core.outputs import file_sha256
 from kdcache.data import SegmentationDataset, build_dataset
 from kdcache.data.splits import limit
-from kdcache.errors import KDCacheError
-from kdcache.outputs import file_sha256
 from kdcache.store.finite import nan_rows
 from kdcache.store.location import RemoteError, check_client, is_url, open_group, retrying
 from kdcache.store.schema import ATTR, FORMAT, SCHEMA_VERSION, VIEW_PARAMS, CacheSchema, decode_ids

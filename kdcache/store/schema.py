@@ -63,7 +63,7 @@ import torch
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from kdcache import __version__
-from kdcache.geometry import Geometry
+from kdcache.pipeline.geometry import Geometry
 
 FORMAT = "kdcache-teacher-cache"
 SCHEMA_VERSION = 1

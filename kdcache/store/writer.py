@@ -28,13 +28,13 @@ import numpy as np
 import torch
 import zarr
 
-from kdcache.errors import KDCacheError
+from kdcache.core.errors import KDCacheError
+from kdcache.core.topk import FP16_MAX, attention_map, topk_targets
 from kdcache.store import location
 from kdcache.store.finite import all_finite
 from kdcache.store.reader import StoreError, read_meta
 from kdcache.store.schema import ATTR, CacheSchema, encode_ids
 from kdcache.store.shards import fast_reader
-from kdcache.targets import FP16_MAX, attention_map, topk_targets
 
 #: attribute of a remote store whose creation has not finished
 PARTIAL = "kdcache-creating"

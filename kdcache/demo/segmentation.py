@@ -1,0 +1,88 @@
+"""``kdcache demo``: the whole workflow on the built-in synthetic data set, on a CPU in minutes.
+
+The seeds' semi-supervised workflow, in the setting of ``benchmarks/kd_methods.py --labelled
+100``: a teacher trained on the few labelled images (``limit``, default 100) → teacher caches
+over the labelled images and over a pool of unlabelled ones (the ``unlabeled`` split, 4x the
+labelled count) → students: the CE baseline (``none``), ``kl`` and ``dist`` on the labelled
+images, ``dist`` with the pool (the benchmark's best method with a pool, chosen on val) and
+``pseudo`` labels with the pool, every one with the same number
+of optimizer steps (a pool run's epoch is a pass over the labelled images at half of each batch,
+so it trains half the epochs) → ``compare`` on the test split (each run's checkpoint chosen on
+the validation split). To fit the 2-core CPU's 10 minutes, the teacher is ``demo_teacher`` at
+width 48 (about half the compute of the default 64) and runs validate every 4th epoch (a
+checkpoint is chosen among those). Every step writes into ``out``; a rerun skips the steps that
+finished (a run whose last epoch is done, a cache whose samples are all done) and resumes one
+that was interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kdcache.core.errors import KDCacheError
+from kdcache.core.outputs import OutputFolder
+from kdcache.core.progress import console
+from kdcache.demo.steps import DEMO, cache_once, compare_once, run_finished, run_started
+from kdcache.store import CacheStore
+from kdcache.train.student import config_from_store, train_student
+from kdcache.train.trainer import TrainConfig, train
+
+#: student name -> (methods, trains with the unlabelled pool)
+STUDENTS = {
+    "none": ([{"name": "none"}], False),
+    "kl": ([{"name": "kl"}], False),
+    "dist": ([{"name": "dist"}], False),
+    "dist-pool": ([{"name": "dist"}], True),
+    "pseudo-pool": ([{"name": "pseudo"}], True),
+}
+POOL_SHARE = 0.5  # of each batch, for the students with the pool
+POOL_FACTOR = 4  # pool images per labelled image
+TEACHER_OPTIONS = {"width": 48}  # demo_teacher's: about half the compute of the default width 64
+EVAL_EVERY = 4  # epochs between validations (and checkpoint choices)
+BATCH_SIZE = 8  # every run's (fewer with fewer labelled images: --limit 4 takes batches of 4)
+
+
+def run_demo(out: str | Path = "runs/demo", *, teacher_epochs: int = 40, student_epochs: int = 40,
+             students=tuple(STUDENTS), device: str = "auto", seed: int = 0, limit: int = 100,
+             show_progress: bool = True) -> dict:
+    """``limit``: the first N images of each split (training, val and test: the synthetic data
+    has 100 val and 100 test images, so the default cuts the training images alone); the pool
+    is 4x N unlabelled images."""
+    if limit < 2:
+        raise KDCacheError(f"--limit must be at least 2 (a batch of the pool students holds a labelled and an "
+                           f"unlabelled image), got {limit}")
+    out = OutputFolder.claim(out, DEMO).path  # a folder of anyone else's is refused
+    common = {"device": device, "seed": seed, "limit": limit, "eval_every": min(EVAL_EVERY, teacher_epochs),
+              "batch_size": min(BATCH_SIZE, limit)}
+    teacher = out / "teacher"
+    if run_finished(teacher, teacher_epochs):
+        console.print(f"[dim]teacher: done already ({teacher})[/dim]")
+    else:
+        console.print("[bold]1/4 teacher[/bold] (demo_teacher, cross-entropy on the labelled images)")
+        train(TrainConfig(model="demo_teacher", model_options=TEACHER_OPTIONS, epochs=teacher_epochs, out=str(teacher),
+                          **common),
+              resume=run_started(teacher), show_progress=show_progress)
+    cache = cache_once(out / "cache.zarr", teacher, "the labelled images: top-4 logits", show_progress, device=device,
+                   limit=limit)
+    pool_size = POOL_FACTOR * len(CacheStore(cache).ids)
+    pool = cache_once(out / "pool.zarr", teacher, f"a pool of {pool_size} unlabelled images: top-4 logits", show_progress,
+                  device=device, split="unlabeled", limit=pool_size)
+    runs = [teacher]
+    for name in students:
+        methods, with_pool = STUDENTS[name]
+        run = out / f"student-{name}"
+        runs.append(run)
+        epochs = max(1, round(student_epochs * (1 - POOL_SHARE))) if with_pool else student_epochs
+        common["eval_every"] = min(EVAL_EVERY, epochs)
+        if run_finished(run, epochs):
+            console.print(f"[dim]student {name}: done already ({run})[/dim]")
+            continue
+        console.print(f"[bold]3/4 student[/bold] demo_student with {name}")
+        extra = {"unlabeled_caches": [str(pool)], "unlabeled_share": POOL_SHARE} if with_pool else {}
+        cfg = config_from_store(str(cache), methods=methods, epochs=epochs, out=str(run), **extra, **common)
+        train_student(cfg, resume=run_started(run), show_progress=show_progress)
+    result = compare_once(runs, out / "student-none" if "none" in students else None, out / "compare", device,
+                          show_progress)
+    OutputFolder.claim(out, DEMO).file("demo.json").write_text(json.dumps({"runs": [str(r) for r in runs], "compare": str(out / "compare")}, indent=2))
+    return result

@@ -1,0 +1,36 @@
+"""DataLoader construction shared by training, evaluation and the cache build."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kdcache.pipeline.transforms import collate
+
+
+def default_workers(device: torch.device) -> int:
+    """DataLoader workers when --workers is not given: none on CPU, where the model needs every
+    core (measured on a 2-core machine: 1 worker made an epoch 1.4x slower), and up to 8 on CUDA."""
+    if device.type == "cpu":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def make_loader(dataset: torch.utils.data.Dataset, batch_size: int | None, workers: int, *, shuffle: bool = False,
+                generator: torch.Generator | None = None, drop_last: bool = False, pin_memory: bool = False,
+                context: str | None = None, sampler=None, batch_sampler=None,
+                collate_fn=collate) -> torch.utils.data.DataLoader:
+    """A DataLoader over ``dataset`` with kdcache's collate. ``context``: the workers' start
+    method (``spawn`` for fsspec file systems that are not fork-safe; None: the platform
+    default). ``batch_sampler`` replaces ``batch_size``/``sampler``/``shuffle``/``drop_last``."""
+    if batch_sampler is not None:
+        batching = {"batch_sampler": batch_sampler}
+    else:
+        batching = {"batch_size": batch_size, "shuffle": shuffle if sampler is None else False, "sampler": sampler,
+                    "drop_last": drop_last}
+    return torch.utils.data.DataLoader(
+        dataset, **batching, num_workers=workers, collate_fn=collate_fn, generator=generator,
+        pin_memory=pin_memory, persistent_workers=False,
+        multiprocessing_context=context if workers > 0 else None,
+    )
