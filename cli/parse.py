@@ -57,13 +57,6 @@ def parse_key_values(items: list[str] | dict | None, option: str) -> dict:
     return opts
 
 
-def parse_dataset_options(items: list[str] | dict | None, resolution: str | None) -> dict:
-    opts = parse_key_values(items, "--dataset-option")
-    if resolution is not None:
-        opts["resolution"] = list(parse_size(resolution, "--resolution"))
-    return opts
-
-
 def parse_method(spec: str | dict) -> dict:
     """'kl' or 'kl:weight=0.5,temperature=2' -> {"name": "kl", "weight": 0.5, "temperature": 2}."""
     if isinstance(spec, dict):  # from a --config file (a run's config.json)

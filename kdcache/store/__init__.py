@@ -26,9 +26,4 @@ from kdcache.store.reader import (
 from kdcache.store.schema import DEFAULT_CODEC, FORMAT, SCHEMA_VERSION, CacheSchema
 
 __all__ = ["FORMAT", "SCHEMA_VERSION", "DEFAULT_CODEC", "BAD", "BadSampleError", "CacheSchema", "CacheStore",
-           "CacheStream", "CachedTargets", "StoreError", "read_meta", "to_tensors", "open_store"]
-
-
-def open_store(path, storage_options=None) -> CacheStore:
-    """Open a teacher cache for reading (once per process; DataLoader workers reopen it)."""
-    return CacheStore(path, storage_options)
+           "CacheStream", "CachedTargets", "StoreError", "read_meta", "to_tensors"]
