@@ -1,5 +1,4 @@
-"""What the commands print: rich tables of evaluation results (percentages, as the seeds' tables
-print them), of a cache's inspection and of a comparison, and bench-kernels' Markdown table."""
+"""What the commands print: rich tables of evaluation results (metrics in percent), of a cache's inspection and of a comparison, and bench-kernels' Markdown table."""
 
 from __future__ import annotations
 

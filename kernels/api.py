@@ -202,7 +202,7 @@ def _bytes(x: torch.Tensor) -> np.ndarray:
 def _run_numba(s, v, i, t, ign, lab, T, with_tail, ignore_index, scales, per_position):
     """(gradient [N, C, P] float32, loss): the [N, P] map when ``per_position``, else its sum."""
     # imported on first use, not to dodge a cycle: importing numba (and loading its compiled
-    # kernels) costs about a second that a GPU run or a command without a loss should not pay
+    # kernels) takes time that a GPU run or a command without a loss should not pay
     import numba
 
     # Numba's kernels take torch's thread budget (OMP_NUM_THREADS, torch.set_num_threads, one per
@@ -259,10 +259,9 @@ def compile_numba(kernels: tuple[str, ...] = NUMBA_KERNELS) -> dict[str, str]:
     ``--target-resample bilinear``'s targets), or load them from Numba's on-disk cache, on tiny
     inputs (a summed loss and a per-position map, the two compiled signatures of each loss
     kernel), so that no training step pays for it. The first compile takes tens of
-    seconds (about a minute for both on the project's 2-core machine; two processes, one kernel
-    each, share it between the cores); Numba then keeps them next to ``kernels/numba_kl.py``, or
-    under ``NUMBA_CACHE_DIR`` (or ``~/.cache/numba`` where the package folder is read-only), and a
-    later process loads them in about a second. Returns, per kernel, ``"compiled"`` or ``"cached"``."""
+    seconds (two processes, one kernel each, share it between the cores); Numba then keeps them
+    next to ``kernels/numba_kl.py``, or under ``NUMBA_CACHE_DIR`` (or ``~/.cache/numba`` where the
+    package folder is read-only), and a later process only loads them. Returns, per kernel, ``"compiled"`` or ``"cached"``."""
     from kdcache.kernels.numba_kl import kl_rows, kl_spatial
     from kdcache.kernels.numba_resample import bilinear_topk, warm
 

@@ -198,7 +198,7 @@ def _rows4(a, start, stride, L):  # pragma: no cover - compiled
 def exp2_32(y):  # pragma: no cover - compiled
     """2**y in float32 for y <= 0 (clamped at -125: 2.4e-38, still a normal number): n = round(y),
     2**(y - n) on [-1/2, 1/2] by a degree-5 near-minimax polynomial (relative error 2.3e-7 as
-    evaluated in float32, about 2 ulp; degree 6 halves that and costs 3% more kernel time), 2**n put
+    evaluated in float32, about 2 ulp; degree 6 halves that at more kernel time), 2**n put
     into the exponent bits. Callers fold log2(e) into their scale factors."""
     y = _fmax(y, _F(-125.0))
     n = np.floor(y + _FHALF)
@@ -238,8 +238,8 @@ def log32(x):  # pragma: no cover - compiled
 def block_pixels(C: int) -> int:
     """Pixels per task of :func:`kl_spatial`: 512, fewer for more than 256 classes so that the block's
     three class-major float32 buffers (logits, exponentials, teacher probabilities) stay near 1.5 MB;
-    a multiple of 16, at least 64. Measured side by side (2-core CPU): 512 beats 256 by 5-10% at
-    19 and 150 classes, and at 1000 classes 64-128 pixels beat 16 by 2×."""
+    a multiple of 16, at least 64. Chosen side by side on a 2-core CPU: 512 over 256 at 19 and 150
+    classes, and 64-128 pixels over 16 at 1000 classes."""
     return int(max(64, min(512, (131072 // max(C, 1)) // 16 * 16)))
 
 

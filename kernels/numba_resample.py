@@ -2,11 +2,10 @@
 bilinear``; the math is :func:`kdcache.pipeline.warp.resample_logits`'s).
 
 It runs once per training item in the loader, on maps of a few hundred cells and a few to a few
-hundred classes. Written with numpy and torch calls, the same work took about twenty calls per item
-(the dense rebuild, four gathers, a top k and a log-sum-exp over the class axis, each on a
-[C, h, w] array), and their overhead made a bilinear epoch 1.25x a CE epoch on the 2-core CPU
-(benchmarks/results/epoch-time-cpu.md); here it is one call, one output cell at a time, in
-float64:
+hundred classes. Written with numpy and torch calls, the same work would take about twenty calls
+per item (the dense rebuild, four gathers, a top k and a log-sum-exp over the class axis, each on a
+[C, h, w] array), whose overhead would dominate; here it is one call, one output cell at a time, in
+float64 (benchmarks/results/epoch-time-cpu.md has a bilinear epoch's time against a CE epoch's):
 
 1. Each cached cell of the window the points fall in is rebuilt to C logits once: its top k at
    their ids, every other class at ``tail − log(C − k)`` (the equal share), or ``absent`` where

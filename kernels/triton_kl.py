@@ -606,7 +606,7 @@ def map_config(C: int, P: int, k: int, element_size: int, pixel_stride: int = 1,
         spt = min(spt, 2)
     if pixel_stride != 1:  # channels_last: a pixel's classes are contiguous, not a class's pixels
         spt = 1
-    if element_size == 4 and 4 < k <= 8:  # fp32 at k = 8: 2 pixels a thread took 139 registers (Triton 3.6)
+    if element_size == 4 and 4 < k <= 8:  # fp32 at k = 8: 2 pixels a thread exceed the 128-register budget
         spt = 1
     num_warps = 4
     unroll = UNROLL

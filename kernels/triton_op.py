@@ -158,8 +158,8 @@ topk_kl_forward.register_autograd(_backward, setup_context=_setup_context)
 
 class _Eager(torch.autograd.Function):
     """The same two launches for eager code, through a plain autograd function: a custom operator's
-    dispatch and argument handling cost tens of microseconds of host time a call, and a small
-    student's step is bound by the host. Traced code (``torch.compile``) takes the custom operators."""
+    dispatch and argument handling add host time to every call (benchmarks/results/
+    loss-host-overhead-cpu.md), and a small student's step is bound by the host. Traced code (``torch.compile``) takes the custom operators."""
 
     @staticmethod
     def forward(ctx, student, values, indices, tail, ignore_mask, labels, T, with_tail, reduction, ignore_index,

@@ -27,9 +27,9 @@ def predicted_class(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """The class of the largest logit along ``dim`` (the first one on a tie, as ``argmax``).
 
     ``max(dim).indices`` rather than ``argmax(dim)``: on the CPU, torch's ``argmax`` over a class
-    axis that is not the last (``[N, C, H, W]`` maps) was 2.3-3.4x slower for the same indices
-    (8 x 11 x 96 x 128 to 1 x 19 x 512 x 1024, float32, 2 threads), and every validation epoch,
-    ``evaluate``, ``compare`` and a cache build's quality counts take one per image."""
+    axis that is not the last (``[N, C, H, W]`` maps) is slower for the same indices, and every
+    validation epoch, ``evaluate``, ``compare`` and a cache build's quality counts take one per
+    image."""
     return logits.max(dim).indices
 
 

@@ -2,8 +2,8 @@
 
 Every sample is drawn procedurally, on the fly, from ``(seed, split, index)`` alone: the data
 set needs no files, a sample does not depend on which other samples were drawn or in which
-order or process, and drawing one takes about 6 ms at the default 96x128. Rendered samples
-are kept in memory (``SyntheticDataset.cache_bytes``), so only the first epoch pays for them.
+order or process. Rendered samples are kept in memory (``SyntheticDataset.cache_bytes``), so
+only the first epoch pays for drawing them.
 The classes are CamVid's eleven (sky, building, pole, road, pavement, tree, sign, fence, car,
 pedestrian, bicyclist); 255 marks void pixels. Splits: ``train`` (400), ``val`` (100) and
 ``test`` (100) by default, and ``unlabeled`` (1600 images, no masks: a pool for a teacher to

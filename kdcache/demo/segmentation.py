@@ -1,6 +1,6 @@
 """``kdcache demo``: the whole workflow on the built-in synthetic data set, on a CPU in minutes.
 
-The seeds' semi-supervised workflow, in the setting of ``benchmarks/kd_methods.py --labelled
+The semi-supervised workflow (a few labelled images and a pool of unlabelled ones), in the setting of ``benchmarks/kd_methods.py --labelled
 100``: a teacher trained on the few labelled images (``limit``, default 100) → teacher caches
 over the labelled images and over a pool of unlabelled ones (the ``unlabeled`` split, 4x the
 labelled count) → students: the CE baseline (``none``), ``kl`` and ``dist`` on the labelled

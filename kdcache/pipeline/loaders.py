@@ -11,7 +11,7 @@ from kdcache.pipeline.transforms import collate
 
 def default_workers(device: torch.device) -> int:
     """DataLoader workers when --workers is not given: none on CPU, where the model needs every
-    core (measured on a 2-core machine: 1 worker made an epoch 1.4x slower), and up to 8 on CUDA."""
+    core and a worker process would compete with it for them, and up to 8 on CUDA."""
     if device.type == "cpu":
         return 0
     return max(1, min(8, (os.cpu_count() or 2) - 1))

@@ -1,4 +1,4 @@
-"""``compare``: several runs side by side — the seeds' table in one command, plus figures.
+"""``compare``: several runs side by side — a KD study's results table in one command, plus figures.
 
 Every run is evaluated on the same images: by default each run's own validation part (they
 must agree), or with ``split`` (e.g. ``test``) that split, always with each run's best

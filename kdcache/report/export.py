@@ -140,8 +140,8 @@ def _write_onnx(net: nn.Module, path: Path, example: torch.Tensor, opset: int, m
     onnx, _ = import_extra("ONNX export", "onnx", "onnx", "onnxruntime")
     # The TorchScript-based exporter (dynamo=False), not the torch.export one: on kdcache's
     # networks (the demo pair, torchvision's FCN/DeepLabV3/LRASPP) both give graphs that match
-    # PyTorch to ~1e-8, but this one exports in about 1 s where the dynamo exporter takes 5-25 s
-    # on a 2-core CPU, needs onnxscript, and prints to stdout; the batch axis is dynamic by
+    # PyTorch to ~1e-8, but this one exports much faster, needs no onnxscript and prints nothing
+    # to stdout; the batch axis is dynamic by
     # dynamic_axes. The check after export catches a graph that does not match. It is deprecated
     # upstream: when torch drops it, pass dynamo=True, dynamic_shapes={"image": {0: Dim("batch")}}.
     with warnings.catch_warnings(), _native_output_discarded():

@@ -514,7 +514,7 @@ def training_curves_figure(records: Sequence[Mapping[str, Any]], terms: Sequence
     if title:
         fig.suptitle(title, fontsize=11)
     # fixed margins, not tight_layout: every training run draws this figure once, and tight_layout's
-    # own layout pass was 40% of its time (0.55 -> 0.31 s a figure on the project's 2-core machine)
+    # own layout pass would be a large share of its drawing time
     fig.subplots_adjust(left=0.085, right=0.985, bottom=0.13, top=0.83 if title else 0.9, wspace=0.25)
     return fig
 

@@ -1,15 +1,15 @@
 """A fast read and write path for the shards of a local teacher cache.
 
-zarr-python decodes each inner chunk through its asyncio codec pipeline, about 0.2 ms a chunk
-whatever its size (measured in benchmarks/results/cache-reader-cpu.md); with one chunk per
-sample per array that caps a reader at ~1200 samples/s per core. The stores kdcache writes use
+zarr-python decodes each inner chunk through its asyncio codec pipeline, at a fixed cost a chunk
+whatever its size; with one chunk per sample per array that cost bounds a reader's samples per
+second per core (benchmarks/results/cache-reader-cpu.md has the read rates). The stores kdcache writes use
 one fixed, standard layout (Zarr v3 ``sharding_indexed``: inner chunks ``bytes`` (little
 endian) → blosc/zstd → ``crc32c``; the index, at the end, ``bytes`` → ``crc32c``), so a local
 shard can be read with one file read and decoded chunk by chunk with numcodecs directly, the
 checksums checked as zarr checks them. Writing is the mirror image: each chunk compressed and
 checksummed with numcodecs, the shard assembled in memory and written to a temporary file
 that is renamed over the shard (so a killed writer never leaves a torn shard). Encoding through
-zarr ran at ~40 MB/s, slow enough to take the CPU from the teacher on a small machine.
+zarr's pipeline is slow enough to take the CPU from the teacher on a small machine.
 :func:`fast_reader` returns a :class:`ShardFile` only for arrays whose metadata is exactly that
 layout on a local file system; anything else goes through zarr. Tests check that zarr reads
 what this writes and that both read paths give identical arrays.
@@ -274,7 +274,7 @@ def read_whole_plain(root: str | Path, path: str, array_meta: dict) -> np.ndarra
     """The whole of a small, unsharded array of a local store (``done``, ``sample_id``, extents:
     chunked by blocks of samples), read file by file and decoded with numcodecs, each chunk's
     crc32c checked; None for a layout this does not know (zarr reads it then). zarr's per-chunk
-    overhead (~0.3 ms) made reading the ``done`` flags of 10⁶ samples (3,906 chunks) take 1.4 s."""
+    overhead adds up over the thousands of chunks of a large store's ``done`` flags."""
     if is_url(root):
         return None
     try:

@@ -45,9 +45,8 @@ from kdcache.pipeline.transforms import Preprocess
 
 #: combination rule -> what it is
 COMBINE_RULES = {"prob": "mean of the probabilities at the temperature", "logit": "mean of the logits"}
-#: chosen on the validation split: for an ensemble of three teachers the mean of logits had the
-#: lower NLL (0.4620 against 0.4668) and the higher mIoU (47.72 against 47.54), and for
-#: multi-scale + flip TTA too (benchmarks/results/teacher-ensembles-cpu.md)
+#: chosen on the validation split, for an ensemble of three teachers and for multi-scale + flip
+#: TTA, by NLL and mIoU against the mean of probabilities (benchmarks/results/teacher-ensembles-cpu.md)
 DEFAULT_COMBINE = "logit"
 #: quality row of the combined teacher
 COMBINED = "combined"

@@ -686,8 +686,8 @@ def check_task(model: SegModel, dataset: SegmentationDataset) -> None:
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
           show_progress: bool = True, explicit: set[str] | None = None) -> dict:
     """Run supervised training; returns ``{"run", "best_miou", "last"}``. Under torchrun the
-    process group is destroyed at the end (left to the interpreter's exit, gloo's threads were
-    seen to abort a finished rank: 'terminate called without an active exception')."""
+    process group is destroyed at the end (left to the interpreter's exit, gloo's threads can abort
+    a finished rank: 'terminate called without an active exception')."""
     try:
         return Trainer(config, resume=resume, overwrite=overwrite, show_progress=show_progress,
                        explicit=explicit).fit()
