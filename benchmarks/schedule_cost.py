@@ -7,7 +7,7 @@ For each task (segmentation: the synthetic road scenes with a `demo_teacher` run
 the built-in shapes with a `demo_cls_teacher` run), alternately, ``--repeats`` times:
 
 * inference over the crops: every image loaded and preprocessed, its crops of ``--epochs`` epochs
-  drawn and cut as the build does (``TeacherInputs``, ``_crops_forward``), the teacher run on them
+  drawn and cut as the build does (``TeacherInputs``, ``crops_forward``), the teacher run on them
   in batches, waited for; and the same plus the teacher on each whole image (what the build also
   stores);
 * ``build_teacher_cache --schedule-epochs E`` into a fresh store (fingerprint, both teacher passes,
@@ -43,12 +43,9 @@ from kdcache.data.splits import limit
 from kdcache.models.loading import open_weights
 from kdcache.pipeline.loaders import default_workers, make_loader
 from kdcache.pipeline.transforms import training_augment
-from kdcache.teacher.cache_build import (
-    CacheBuildConfig,
-    TeacherInputs,
-    _crops_forward,
-    build_teacher_cache,
-)
+from kdcache.store.forms.schedule import Schedule, crops_forward
+from kdcache.store.schema import CacheSchema
+from kdcache.teacher.cache_build import CacheBuildConfig, TeacherInputs, build_teacher_cache
 
 #: FKD's stored record for one crop (Shen & Xing 2022): 4 box coordinates and a flip flag, the
 #: top-5 soft label as fp16 probabilities and fp16 class ids (the paper's ImageNet setting)
@@ -66,15 +63,18 @@ def inference(cfg: CacheBuildConfig, whole_images: bool) -> float:
     pre = weights.preprocess
     crop = tuple(cfg.crop) if cfg.crop else tuple(pre.image_to_tensor(ds.load(0)[0]).shape[-2:])
     aug = training_augment(is_classification(ds), crop, cfg.scale, cfg.crop_area, cfg.hflip)
-    inputs = TeacherInputs(ds, pre, view_aug=aug, schedule=(cfg.schedule_epochs, range(cfg.first_schedule,
-                                                                                     cfg.first_schedule + cfg.schedules)))
+    # the schedule form of a store that holds these crops: the build's own view geometries
+    form = Schedule(CacheSchema({"views": {"schedule": {
+        "epochs": cfg.schedule_epochs, "schedules": cfg.schedules, "first": cfg.first_schedule,
+        "augment": aug.to_dict()}}}))
+    inputs = TeacherInputs(ds, pre, form)
     workers = default_workers(device) if cfg.workers is None else cfg.workers
     loader = make_loader(inputs, cfg.batch_size, workers, collate_fn=list, pin_memory=device.type == "cuda")
     for items in loader:
         x = torch.stack([it["image"] for it in items]).to(device, non_blocking=True)
         if whole_images:
             model(x).logits.float().sum().item()
-        logits, _ = _crops_forward(model, x, np.stack([it["view_params"] for it in items]), cfg.batch_size)
+        logits, _ = crops_forward(model, x, np.stack([it["view_params"] for it in items]), cfg.batch_size)
         logits.float().sum().item()  # wait for the device
     return time.perf_counter() - t0
 

@@ -20,7 +20,8 @@ from kdcache.pipeline.geometry import Geometry
 from kdcache.pipeline.transforms import apply_geometry
 from kdcache.pipeline.warp import choose_level, level_targets, warp_targets
 from kdcache.store import CacheStore, to_tensors
-from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache, level_geometry
+from kdcache.store.forms.pyramid import level_geometry
+from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.train.student import StudentTrainer, config_from_store
 
 RES = {"resolution": [32, 48]}

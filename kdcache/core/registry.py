@@ -53,6 +53,10 @@ class Registry(Generic[T]):
         """Register ``obj`` under ``name`` (for factories made in a loop)."""
         self.register(name)(obj)
 
+    def remove(self, name: str) -> None:
+        """Forget ``name`` (a test that registered its own entry takes it back)."""
+        self._items.pop(name, None)
+
     def add_loader(self, loader: Callable[[], None]) -> None:
         """``loader()`` registers a family's names when first needed (see the module's note)."""
         self._loaders.append(loader)

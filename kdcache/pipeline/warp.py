@@ -27,6 +27,7 @@ import torch
 
 from kdcache.core.topk import ABSENT, tail_share
 from kdcache.kernels import bilinear_topk, warm_resample
+from kdcache.pipeline.signals import signal_of, take_cells
 from kdcache.pipeline.transforms import Geometry
 
 
@@ -97,13 +98,8 @@ def cell_index(yi: np.ndarray, xi: np.ndarray, w: int) -> np.ndarray:
 
 def warp(x: torch.Tensor, cells: np.ndarray, out_hw: tuple[int, int]) -> torch.Tensor:
     """``x`` [..., h, w] (on the CPU) sampled at the flat positions ``cells`` (see
-    :func:`cell_index`): [..., out_h, out_w]. One ``np.take`` along the flattened map: on maps
-    this small it is several times faster than numpy's fancy indexing (itself several times
-    faster than torch's gather), and one index serves every array of a map group."""
-    a = x.numpy()
-    lead = a.shape[:-2]
-    out = np.take(a.reshape(*lead, a.shape[-2] * a.shape[-1]), cells, axis=-1)
-    return torch.from_numpy(out.reshape(*lead, *out_hw))
+    :func:`cell_index`): [..., out_h, out_w] (:func:`kdcache.pipeline.signals.take_cells`)."""
+    return take_cells(x, cells, out_hw)
 
 
 def _bilinear_axis(c: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -171,9 +167,10 @@ def warp_targets(item: dict, g: Geometry, strides: dict[str, tuple[float, float]
             out["kd/tail"] = warp(item["logits/tail"], cells, out_hw)
         out["kd/ignore"] = torch.from_numpy(invalid)
     for key, a in item.items():
-        if key.startswith(("features/", "attention/")):
+        sig = signal_of(key)  # features/<tap>, attention/<tap>, …: each at its own stride
+        if sig is not None:
             fy, fx, finv = _grid(g, tuple(a.shape[-2:]), out_map_size(g.out_size, strides[key]))
-            out[f"kd/{key}"] = warp(a, cell_index(fy, fx, a.shape[-1]), finv.shape)
+            out[f"kd/{key}"] = sig.take(a, cell_index(fy, fx, a.shape[-1]), finv.shape)
             out[f"kd/{key}/ignore"] = torch.from_numpy(finv)
     return out
 

@@ -64,6 +64,8 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from kdcache import __version__
 from kdcache.pipeline.geometry import Geometry
+from kdcache.pipeline.signals import signal, signal_kinds
+from kdcache.store.forms import form_of
 
 FORMAT = "kdcache-teacher-cache"
 SCHEMA_VERSION = 1
@@ -71,8 +73,8 @@ ATTR = "kdcache"
 
 #: codec name -> compressor chain for inner chunks (crc32c last, so damaged bytes are detected)
 CODECS = ("blosc-lz4", "blosc-zstd", "zstd", "none")
-#: chosen by measurement (benchmarks/results/cache-compression-cpu.md, cache-reader-cpu.md):
-#: blosc-zstd with byte shuffle stores 1.86x (blosc-lz4 1.44x) and still streams > 2000 samples/s
+#: chosen by measurement: the best compression that still streams faster than a student trains
+#: (benchmarks/results/cache-compression-cpu.md, cache-reader-cpu.md)
 DEFAULT_CODEC = "blosc-zstd"
 
 #: aim for shards of about this many uncompressed bytes when samples_per_shard is not given
@@ -182,6 +184,7 @@ class MapSpec:
     shape: tuple[int, ...]
     dtype: str
     spatial: bool = True  # has a valid extent recorded in ``<group>/hw``
+    kind: str = "logits"  # or the teacher signal (features, attention, …: pipeline/signals.py)
 
     @property
     def group(self) -> str:
@@ -191,7 +194,7 @@ class MapSpec:
     @property
     def key(self) -> str:
         """The key of this array in a read sample: ``features/x/values`` -> ``features/x``."""
-        if self.path.startswith(("features/", "attention/", "views/features/", "views/attention/")):
+        if self.kind != "logits":
             return self.path[: -len("/values")]
         return self.path
 
@@ -216,11 +219,14 @@ class CacheSchema:
             dataset: dict | None = None, ids: Sequence[str] = (), hashes: Sequence[str] = (),
             preprocess: dict | None = None, flip_average: bool = False, codec: str = DEFAULT_CODEC,
             amp: bool = False, samples_per_shard: int | None = None, ensemble: dict | None = None,
-            quality_rows: Sequence[str] = (), classification: dict | None = None) -> CacheSchema:
+            quality_rows: Sequence[str] = (), classification: dict | None = None,
+            signals: dict[str, Sequence[str]] | None = None, form: str | None = None) -> CacheSchema:
         """The schema of a store for a teacher whose logits on an ``input_size`` input are
         ``map_size`` and whose taps have ``feature_shapes`` (tap -> (c, h, w)).
 
-        ``features``/``attention``: the taps stored as features / attention maps. ``views``:
+        ``features``/``attention``: the taps stored as features / attention maps; ``signals``: kind ->
+        taps for any registered teacher signal (:mod:`kdcache.pipeline.signals`; ``features`` and
+        ``attention`` may be given either way). ``views``:
         ``count``, ``scale``, ``crop``, ``seed``, and the teacher's ``map_size`` and
         ``feature_shapes`` on a crop (None: no views). ``dataset`` (name, split, options,
         limit, root) is completed with the sample count and the fingerprint of ``ids`` and
@@ -229,8 +235,15 @@ class CacheSchema:
         outputs whose quality each sample records (``quality/…``; none: no quality arrays).
         ``classification`` (a classification data set; None for segmentation): ``targets``, what
         the logits arrays hold: ``logits`` (the classifier's logits on the whole image, 1 x 1) or
-        ``label_map`` (its class map before global pooling, pooled over each crop in training)."""
+        ``label_map`` (its class map before global pooling, pooled over each crop in training).
+        ``form``: the cache form's name (:mod:`kdcache.store.forms`), recorded as ``form``."""
         C, shapes = len(class_names), dict(feature_shapes or {})
+        taps_of = {"features": tuple(features), "attention": tuple(attention),
+                   **{kind: tuple(taps) for kind, taps in (signals or {}).items()}}
+        # features and attention are recorded even when empty (as every store has); another kind when used
+        taps_of = {kind: taps for kind, taps in taps_of.items() if taps or kind in ("features", "attention")}
+        for kind in taps_of:
+            signal(kind)  # an unknown kind is refused here
         if not 1 <= k <= C:
             raise ValueError(f"k must be in 1..{C}, got {k}")
         views_meta = None
@@ -241,9 +254,8 @@ class CacheSchema:
             views_meta = {
                 "count": int(views["count"]), "scale": list(views["scale"]), "crop": list(views["crop"]),
                 "seed": int(views.get("seed", 0)), "hflip": True, "map_size": list(views["map_size"]),
-                "features": {} if levels else {t: {"channels": vshapes[t][0], "map_size": list(vshapes[t][1:])}
-                                               for t in features},
-                "attention": {} if levels else {t: {"map_size": list(vshapes[t][1:])} for t in attention},
+                **{kind: {} if levels else {t: signal(kind).meta(vshapes[t][0], tuple(vshapes[t][1:])) for t in taps}
+                   for kind, taps in taps_of.items()},
                 "params": list(Geometry.PACKED),
                 "area": list(views["area"]) if views.get("area") else None,  # random-resized crops
             }
@@ -274,15 +286,15 @@ class CacheSchema:
             "dataset": data,
             "flip_average": bool(flip_average),
             "views": views_meta,
-            "features": {t: {"channels": shapes[t][0], "map_size": list(shapes[t][1:]),
-                             "stride": _stride(input_size, shapes[t][1:])} for t in features},
-            "attention": {t: {"map_size": list(shapes[t][1:]), "stride": _stride(input_size, shapes[t][1:])}
-                          for t in attention},
+            **{kind: {t: {**signal(kind).meta(shapes[t][0], tuple(shapes[t][1:])),
+                          "stride": _stride(input_size, shapes[t][1:])} for t in taps}
+               for kind, taps in taps_of.items()},
             "codec": codec,
             "amp": bool(amp),
             "ensemble": ensemble,
             "quality": {"rows": list(quality_rows)} if quality_rows else None,
             "classification": dict(classification) if classification else None,
+            **({"form": form} if form else {}),
         }
         schema = cls(meta)
         if views_meta and views_meta.get("schedule"):
@@ -371,15 +383,30 @@ class CacheSchema:
         """The type of class ids in a read sample (uint8, or int32/int64 for the wider ids)."""
         return np.dtype(_READ_IDS[self.meta["dtypes"]["indices"]])
 
+    def signal_taps(self, kind: str, views: bool = False) -> dict[str, dict]:
+        """tap -> {channels, map_size, stride} of the stored teacher signal ``kind`` (``features``,
+        ``attention``, …), of the base maps or of the stored ``views``."""
+        where = (self.views or {}) if views else self.meta
+        return dict(where.get(kind) or {})
+
+    @property
+    def signals(self) -> dict[str, dict[str, dict]]:
+        """kind -> tap -> {…} of every teacher signal the store holds (base maps)."""
+        return {kind: taps for kind in signal_kinds() if (taps := self.signal_taps(kind))}
+
     @property
     def features(self) -> dict[str, dict]:
         """tap -> {channels, map_size, stride} of the stored features."""
-        return dict(self.meta.get("features") or {})
+        return self.signal_taps("features")
 
     @property
     def attention(self) -> dict[str, dict]:
         """tap -> {map_size, stride} of the stored attention maps."""
-        return dict(self.meta.get("attention") or {})
+        return self.signal_taps("attention")
+
+    def signal_groups(self) -> list[str]:
+        """``<kind>/<tap>`` of every stored teacher signal: the groups a method may require."""
+        return [f"{kind}/{tap}" for kind, taps in self.signals.items() for tap in taps]
 
     @property
     def classification(self) -> dict | None:
@@ -480,10 +507,11 @@ class CacheSchema:
         specs = [MapSpec("logits/values", (k, h, w), "float16"), MapSpec("logits/indices", (k, h, w), idx)]
         if self.has_tail:
             specs.append(MapSpec("logits/tail", (h, w), "float16"))
-        for tap, f in self.features.items():
-            specs.append(MapSpec(f"features/{tap}/values", (f["channels"], *f["map_size"]), "float16"))
-        for tap, a in self.attention.items():
-            specs.append(MapSpec(f"attention/{tap}/values", tuple(a["map_size"]), "float16"))
+        for kind, taps in self.signals.items():
+            for tap, info in taps.items():
+                specs.append(MapSpec(f"{kind}/{tap}/values", signal(kind).shape(info.get("channels", 1),
+                                                                                tuple(info["map_size"])),
+                                     "float16", kind=kind))
         views = self.views
         if views:
             v = views["count"]
@@ -492,11 +520,10 @@ class CacheSchema:
                       MapSpec("views/logits/indices", (v, k, vh, vw), idx, False)]
             if self.has_tail:
                 specs.append(MapSpec("views/logits/tail", (v, vh, vw), "float16", False))
-            for tap, f in views["features"].items():
-                specs.append(MapSpec(f"views/features/{tap}/values", (v, f["channels"], *f["map_size"]),
-                                     "float16", False))
-            for tap, a in views["attention"].items():
-                specs.append(MapSpec(f"views/attention/{tap}/values", (v, *a["map_size"]), "float16", False))
+            for kind in signal_kinds():
+                for tap, info in self.signal_taps(kind, views=True).items():
+                    shape = signal(kind).shape(info.get("channels", 1), tuple(info["map_size"]))
+                    specs.append(MapSpec(f"views/{kind}/{tap}/values", (v, *shape), "float16", False, kind=kind))
         return specs
 
     @cached_property
@@ -509,10 +536,9 @@ class CacheSchema:
         """The nominal stride (input pixels per map cell) of each base map group: ``logits``,
         ``features/<tap>``, ``attention/<tap>``."""
         out = {"logits": tuple(self.meta["stride"])}
-        for tap, f in self.features.items():
-            out[f"features/{tap}"] = tuple(f["stride"])
-        for tap, a in self.attention.items():
-            out[f"attention/{tap}"] = tuple(a["stride"])
+        for kind, taps in self.signals.items():
+            for tap, info in taps.items():
+                out[f"{kind}/{tap}"] = tuple(info["stride"])
         return out
 
     def create_arrays(self, group, id_width: int) -> None:
@@ -590,10 +616,10 @@ class CacheSchema:
                "logits/indices": torch.zeros(k, 1, 1, dtype=idx)}
         if self.has_tail:
             out["logits/tail"] = torch.zeros(1, 1, dtype=torch.float16)
-        for tap, f in self.features.items():
-            out[f"features/{tap}"] = torch.zeros(f["channels"], 1, 1, dtype=torch.float16)
-        for tap in self.attention:
-            out[f"attention/{tap}"] = torch.zeros(1, 1, dtype=torch.float16)
+        for kind, taps in self.signals.items():
+            for tap, info in taps.items():
+                out[f"{kind}/{tap}"] = torch.zeros(signal(kind).shape(info.get("channels", 1), (1, 1)),
+                                                   dtype=torch.float16)
         views = self.views
         if views:
             V, crop = self.view_count, tuple(views["crop"])
@@ -612,6 +638,7 @@ class CacheSchema:
     def identity(self) -> dict:
         """The attributes that must agree for a rerun to resume this store."""
         out = {k: self.meta.get(k) for k in IDENTITY_KEYS}
+        out.update({kind: self.meta.get(kind) or None for kind in signal_kinds()[2:]})  # a signal added later
         out["packing"] = out["packing"] or {}  # a store from before packing: nothing packed
         ds = dict(out["dataset"] or {})
         ds.pop("root", None)
@@ -652,27 +679,13 @@ class CacheSchema:
             *([("task", "classification: " + ("the class map before pooling, pooled over each crop (label map)"
                                               if self.label_map else "the classifier's logits"))]
               if self.classification else []),
-            ("views", self._describe_views() if views else "none"),
-            ("features", ", ".join(f"{t} ({f['channels']}x{f['map_size'][0]}x{f['map_size'][1]})"
-                                   for t, f in self.features.items()) or "none"),
-            ("attention", ", ".join(f"{t} ({a['map_size'][0]}x{a['map_size'][1]})"
-                                    for t, a in self.attention.items()) or "none"),
+            ("views", form_of(self).describe() if views else "none"),
+            *((kind, ", ".join(signal(kind).describe(t, info) for t, info in self.signal_taps(kind).items())
+               or "none") for kind in signal_kinds() if kind in ("features", "attention") or self.signal_taps(kind)),
             ("codec", f"{m['codec']} + crc32c, sharded by {self.samples_per_shard} samples"
                       + (", packed: " + ", ".join(f"{p} {n} per chunk" for p, n in sorted(m["packing"].items()))
                          if m.get("packing") else ", a chunk per sample")),
         ]
-
-    def _describe_views(self) -> str:
-        views, sched = self.views, self.schedule
-        crops = (f"random-resized, area {views['area']}" if views.get("area") else f"scale {views['scale']}")
-        if not sched:
-            return f"{views['count']} per image, crop {views['crop']}, {crops}"
-        a = sched["augment"]
-        held = self.schedules_held
-        which = f"schedule {held.start}" if len(held) == 1 else f"schedules {held.start}..{held.stop - 1}"
-        return (f"a schedule: the crops of {sched['epochs']} epochs x {which} per image "
-                f"({views['count']} views), crop {views['crop']}, {crops}, flip {'yes' if a.get('hflip') else 'no'}; "
-                "train-student replays them (--seed picks the schedule)")
 
     def _describe_teacher(self) -> list[tuple[str, str]]:
         e = self.ensemble

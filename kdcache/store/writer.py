@@ -29,7 +29,8 @@ import torch
 import zarr
 
 from kdcache.core.errors import KDCacheError
-from kdcache.core.topk import FP16_MAX, attention_map, topk_targets
+from kdcache.core.topk import FP16_MAX, topk_targets
+from kdcache.pipeline.signals import signal, signal_kinds
 from kdcache.store import location
 from kdcache.store.finite import all_finite
 from kdcache.store.reader import StoreError, read_meta
@@ -187,10 +188,9 @@ def _encode(schema: CacheSchema, logits: torch.Tensor, feats: dict, ids: list[st
     cols = {f"{prefix}logits/values": values.half(), f"{prefix}logits/indices": indices}
     if tail is not None:
         cols[f"{prefix}logits/tail"] = tail.half()
-    for tap in described["features"]:
-        cols[f"{prefix}features/{tap}/values"] = feats[tap].half()
-    for tap in described["attention"]:
-        cols[f"{prefix}attention/{tap}/values"] = attention_map(feats[tap]).half()
+    for kind in signal_kinds():
+        for tap in described.get(kind) or {}:
+            cols[f"{prefix}{kind}/{tap}/values"] = signal(kind).encode(feats[tap]).half()
     idx_dtype = schema.stored_index_dtype
     host = {p: t.cpu().numpy() for p, t in cols.items()}
     for p, a in host.items():

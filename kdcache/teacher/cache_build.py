@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from kdcache.core import distributed
@@ -27,22 +26,17 @@ from kdcache.data import build_dataset
 from kdcache.data.class_base import is_classification
 from kdcache.data.splits import limit
 from kdcache.models.loading import open_weights
-from kdcache.pipeline.geometry import Geometry
 from kdcache.pipeline.loaders import default_workers, make_loader
+from kdcache.pipeline.signals import signal
 from kdcache.pipeline.transforms import (
-    Augment,
     Preprocess,
-    apply_geometry,
-    augment_from_dict,
     crop_area_option,
     crop_option,
     flip_option,
     label_tensor,
-    sample_geometry,
     scale_option,
-    schedule_geometry,
-    training_augment,
 )
+from kdcache.store.forms import FORMS, BuildContext, CacheForm, form_of, requested_form
 from kdcache.store.location import as_location
 from kdcache.store.schema import CODECS, DEFAULT_CODEC, CacheSchema
 from kdcache.store.writer import (
@@ -92,6 +86,9 @@ class CacheBuildConfig:
                                     shape="names", panel="What to store")
     attention: bool = opt(False, "Also store attention-transfer maps of the --features taps.", panel="What to store")
     attention_only: bool = opt(False, "Store the attention maps of the --features taps instead of the features.", panel="What to store")
+    signals: tuple[str, ...] = opt((), "The teacher signals to store of the --features taps, KIND[,KIND]: features, "
+                                       "attention or another registered kind (default: features; the same as "
+                                       "--attention / --attention-only).", shape="names", panel="What to store")
     flip_average: bool = opt(False, "Store the mean of the teacher on the image and on its mirror (flips become "
                                     "exact); with --tta-scales, at every scale.", panel="Teacher")
     tta_scales: tuple[float, ...] = opt((1.0,), "Test-time augmentation: run the teacher at these input scales, e.g. "
@@ -104,6 +101,8 @@ class CacheBuildConfig:
     grid_stride: float | None = opt(None, "Stride of an ensemble's common grid (default: the finest member's map).", bounds="> 0", panel="Teacher")
     features_from: str | None = opt(None, "The ensemble member whose --features are stored: its name (run folder or "
                                           "file name) or position (default: the first).", panel="Teacher")
+    form: str | None = opt(None, "The form of the store by name: plain, views, schedule, pyramid, label_map or a "
+                                 "registered one (default: the one the options below ask for).", panel="What to store")
     label_map: bool = opt(False, "Classification: store the teacher's class map before global pooling (ReLabel); "
                                  "students pool it over each random crop.", panel="What to store")
     views: int = opt(0, "Also store N random scale/crop views per image with their parameters (FKD-style; "
@@ -142,45 +141,6 @@ class CacheBuildConfig:
     amp: bool = opt(False, "Run the teacher under fp16 autocast (CUDA only).", panel="Hardware")
     queue_size: int = 8  # batches waiting for the writer
 
-    def _validate_schedule(self) -> None:
-        if self.schedule_epochs < 0:
-            raise KDCacheError(f"--schedule-epochs must be 0 or more, got {self.schedule_epochs}")
-        if self.schedules < 1:
-            raise KDCacheError(f"--schedules must be at least 1, got {self.schedules}")
-        if self.first_schedule < 0:
-            raise KDCacheError(f"--first-schedule must be 0 or more (the first seed whose crops are stored), got "
-                               f"{self.first_schedule}")
-        if not self.schedule_epochs:
-            given = [name for name, value, default in (
-                ("--schedules", self.schedules, 1), ("--first-schedule", self.first_schedule, 0),
-                ("--crop-size", self.crop, None), ("--scale", self.scale, (0.75, 1.25)),
-                ("--crop-area", self.crop_area, (0.25, 1.0)), ("--flip", self.hflip, True)) if value != default]
-            if given:
-                raise KDCacheError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} the crops of a schedule; "
-                                   "add --schedule-epochs N (the epochs the students will train)")
-            return
-        if self.views or self.label_map:
-            raise KDCacheError(f"--schedule-epochs and {'--views' if self.views else '--label-map'} are two forms of "
-                               "stored targets; give one of them")
-        for name, (lo, hi), top in (("--scale", self.scale, None), ("--crop-area", self.crop_area, 1.0)):
-            if not 0 < lo <= hi or (top is not None and hi > top):
-                raise KDCacheError(f"{name} must be 'lo,hi' with 0 < lo <= hi{' <= 1' if top else ''}, got {lo},{hi}")
-
-    def _validate_levels(self) -> None:
-        if not (self.store_scales or self.store_flips):
-            return
-        given = "--store-scales" if self.store_scales else "--store-flips"
-        for other, on in (("--views", self.views), ("--schedule-epochs", self.schedule_epochs),
-                          ("--label-map", self.label_map)):
-            if on:
-                raise KDCacheError(f"{given} and {other} are two forms of stored targets; give one of them")
-        if self.flip_average and self.store_flips:
-            raise KDCacheError("--store-flips and --flip-average both make flips exact; give one of them")
-        if 1 in self.store_scales:  # each is finite and > 0: its bounds (check_declared)
-            raise KDCacheError("--store-scales takes the scales other than 1 (the base map), each > 0; got 1")
-        if len(set(self.store_scales)) != len(self.store_scales):
-            raise KDCacheError(f"--store-scales has a scale twice: {','.join(f'{s:g}' for s in self.store_scales)}")
-
     @property
     def levels(self) -> list[tuple[float, bool]]:
         """The (scale, flip) of each stored pyramid level, in store order: the other scales, then
@@ -197,6 +157,14 @@ class CacheBuildConfig:
         if self.teacher is None:
             return []
         return [self.teacher] if isinstance(self.teacher, str) else list(self.teacher)
+
+    @property
+    def stored_signals(self) -> dict[str, tuple[str, ...]]:
+        """kind -> the taps stored as that teacher signal (:mod:`kdcache.pipeline.signals`)."""
+        taps = tuple(self.features)
+        kinds = (self.signals or (("attention",) if self.attention_only
+                                  else ("features", "attention") if self.attention else ("features",)))
+        return {kind: taps for kind in kinds} if taps else {}
 
     @property
     def plan(self) -> EnsemblePlan:
@@ -223,12 +191,18 @@ class CacheBuildConfig:
         lo, hi = self.view_area
         if not lo <= hi:
             raise KDCacheError(f"--view-area must be 'lo,hi' with 0 < lo <= hi <= 1, got {self.view_area}")
-        if self.label_map and self.views:
-            raise KDCacheError("--label-map and --views are two forms of a classification cache; give one of them")
-        self._validate_schedule()
-        self._validate_levels()
+        for _, form in FORMS.items():  # each form's own options
+            form.check_options(self)
+        requested_form(self)  # --form NAME: a known form, and no other form's options
         if (self.attention or self.attention_only) and not self.features:
             raise KDCacheError("--attention needs --features NAME[,NAME]: the taps whose attention maps to store")
+        if self.signals and (self.attention or self.attention_only):
+            raise KDCacheError("--signals names every signal to store; give it alone, without --attention or "
+                               "--attention-only (e.g. --signals features,attention)")
+        if self.signals and not self.features:
+            raise KDCacheError("--signals needs --features NAME[,NAME]: the taps whose signals to store")
+        for kind in self.signals:
+            signal(kind)  # an unknown kind: one line naming the known ones
         if self.codec not in CODECS:
             raise KDCacheError(f"--codec must be one of {', '.join(CODECS)}, got {self.codec}")
         if self.samples_per_shard is not None and self.samples_per_shard < 1:
@@ -241,11 +215,8 @@ class TeacherInputs(torch.utils.data.Dataset):
     (each a :class:`Geometry` drawn from (view seed, i), so every process and every rerun draws
     the same ones) with their packed geometries."""
 
-    def __init__(self, dataset, preprocess: Preprocess, views: int = 0, view_aug: Augment | None = None,
-                 view_seed: int = 0, labels: bool = False, schedule: tuple[int, range] | None = None):
-        self.dataset, self.preprocess = dataset, preprocess
-        self.views, self.view_aug, self.view_seed = views, view_aug, view_seed
-        self.schedule = schedule  # (epochs, schedules stored): the views are a student's crops, made by the caller
+    def __init__(self, dataset, preprocess: Preprocess, form: CacheForm | None = None, labels: bool = False):
+        self.dataset, self.preprocess, self.form = dataset, preprocess, form
         self.labels = labels and getattr(dataset, "labelled", True)
         self.classification = is_classification(dataset)
 
@@ -263,16 +234,8 @@ class TeacherInputs(torch.utils.data.Dataset):
             if not self.classification:
                 label = label.to(torch.uint8)
         item = {"index": i, "image": x, "label": label}
-        if self.schedule:  # geometries only: the caller crops on its device, a few at a time
-            E, schedules = self.schedule
-            size = tuple(x.shape[-2:])
-            item["view_params"] = np.array([schedule_geometry(r, e, i, size, self.view_aug).pack()
-                                            for r in schedules for e in range(E)], dtype=np.float32)
-        elif self.views:
-            rng = np.random.default_rng((self.view_seed, i))
-            gs = [sample_geometry(rng, tuple(x.shape[-2:]), self.view_aug) for _ in range(self.views)]
-            item["views"] = torch.stack([apply_geometry(x, g, kind="image") for g in gs])
-            item["view_params"] = np.array([g.pack() for g in gs], dtype=np.float32)
+        if self.form is not None:  # the form's views: their geometries (and crops)
+            self.form.teacher_input(item, x, i)
         return item
 
 
@@ -361,47 +324,15 @@ def _build(config: CacheBuildConfig, d: distributed.Dist, device: torch.device, 
         if m.model.task is None:  # a package.module:callable: the data set's task
             m.model.task = "classification" if classification else "segmentation"
     teacher = TeacherEnsemble(members, config.plan, preprocess, features_index=fi,
-                              amp=config.amp and device.type == "cuda", class_map=config.label_map)
+                              amp=config.amp and device.type == "cuda", class_map=requested_form(config).class_map)
 
     # what the teacher gives, and so what the store will hold ------------------------------------
     sizes = _sizes(ds, preprocess)
     max_size = (max(s[0] for s in sizes), max(s[1] for s in sizes))
     map_size, feat_shapes = teacher.probe(max_size, device)
-    views = None
-    if config.views:
-        crop = config.view_crop
-        if crop is None:
-            if len(set(sizes)) > 1:
-                raise KDCacheError("the images have different sizes: give --view-crop HxW for the stored views")
-            crop = sizes[0]
-        view_map, view_feats = teacher.probe(tuple(crop), device)
-        views = {"count": config.views, "scale": config.view_scale, "crop": crop, "seed": config.view_seed,
-                 "map_size": view_map, "feature_shapes": view_feats,
-                 "area": config.view_area if classification else None}
-    elif config.schedule_epochs:  # the crops a student draws, one view per epoch and schedule
-        crop = tuple(config.crop) if config.crop else tuple(preprocess.image_to_tensor(ds.load(0)[0]).shape[-2:])
-        aug = training_augment(classification, crop, config.scale, config.crop_area, config.hflip)
-        view_map, view_feats = teacher.probe(crop, device)
-        views = {"count": config.schedule_epochs * config.schedules, "scale": config.scale, "crop": crop, "seed": 0,
-                 "map_size": view_map, "feature_shapes": view_feats,
-                 "area": config.crop_area if classification else None,
-                 "schedule": {"epochs": config.schedule_epochs, "schedules": config.schedules,
-                              **({"first": config.first_schedule} if config.first_schedule else {}),
-                              "augment": aug.to_dict()}}
-    elif config.levels:  # a pyramid: the whole image at other scales and/or mirrored, logits only
-        flags = "--store-scales" if config.store_scales else "--store-flips"
-        if classification:
-            raise KDCacheError(f"{flags} is for segmentation caches; a classifier's crops take --label-map or "
-                               "--schedule-epochs")
-        if len(set(sizes)) > 1:
-            raise KDCacheError(f"the images have different sizes: {flags} needs images of one size (give the teacher "
-                               "a fixed input size, or build without it)")
-        levels = [{"scale": sc, "flip": f, "map_size": teacher.probe(level_geometry(sizes[0], sc, f).scaled_size,
-                                                                      device)[0]} for sc, f in config.levels]
-        scales = [1.0, *(lv["scale"] for lv in levels)]
-        views = {"count": len(levels), "scale": (min(scales), max(scales)), "crop": sizes[0], "seed": 0,
-                 "map_size": (max(lv["map_size"][0] for lv in levels), max(lv["map_size"][1] for lv in levels)),
-                 "feature_shapes": {}, "area": None, "levels": levels}
+    form = requested_form(config)
+    views = form.plan(BuildContext(config, teacher, sizes, classification, device,
+                                   lambda: preprocess.image_to_tensor(ds.load(0)[0]).shape[-2:]))
     with progress_bar("fingerprint data", total=len(ds), enabled=show_progress, unit="sample") as bar:
         hashes = []
         for i in range(len(ds)):
@@ -410,15 +341,15 @@ def _build(config: CacheBuildConfig, d: distributed.Dist, device: torch.device, 
     fm = teacher.features_member.describe()
     schema = CacheSchema.new(
         class_names=ds.class_names, k=k, input_size=max_size, map_size=map_size,
-        feature_shapes=feat_shapes, features=() if config.attention_only else taps,
-        attention=taps if (config.attention or config.attention_only) else (), views=views,
+        feature_shapes=feat_shapes, signals=config.stored_signals, views=views,
         teacher={key: fm[key] for key in ("model", "weights", "weights_sha256", "model_options", "params")},
         ensemble=teacher.meta(), quality_rows=teacher.row_names(),
         dataset={"name": config.dataset, "split": config.split, "options": config.dataset_options,
                  "limit": config.limit, "root": config.data_root},
         ids=ds.ids, hashes=hashes, preprocess=preprocess.to_dict(), flip_average=config.flip_average,
         codec=config.codec, amp=config.amp and device.type == "cuda", samples_per_shard=config.samples_per_shard,
-        classification={"targets": "label_map" if config.label_map else "logits"} if classification else None,
+        classification={"targets": "label_map" if form.class_map else "logits"} if classification else None,
+        form=form.name,
     )
 
     # create, or check the store to resume (rank 0 alone writes) ---------------------------------
@@ -458,15 +389,8 @@ def _run_teacher(teacher: TeacherEnsemble, ds, preprocess, schema: CacheSchema, 
     # batches never straddle shards: a resumed build runs the teacher on the same batches
     batches = [list(range(b, min(b + B, stop))) for j in todo for start, stop in [schema.shard_rows(j)]
                for b in range(start, stop, B)]
-    view_aug, sched = None, schema.schedule
-    if sched:  # the students' own augmentation
-        view_aug = augment_from_dict(sched["augment"])
-    elif schema.views and schema.views.get("area"):  # classification: random-resized crops
-        view_aug = Augment(crop=tuple(schema.views["crop"]), hflip=True, resized_crop=tuple(schema.views["area"]))
-    elif schema.views:
-        view_aug = Augment(scale=tuple(config.view_scale), crop=tuple(schema.views["crop"]), hflip=True)
-    inputs = TeacherInputs(ds, preprocess, config.views, view_aug, config.view_seed, labels=True,
-                           schedule=(int(sched["epochs"]), schema.schedules_held) if sched else None)
+    form = form_of(schema)
+    inputs = TeacherInputs(ds, preprocess, form, labels=True)
     workers = default_workers(device) if config.workers is None else config.workers
     loader = make_loader(inputs, None, workers, batch_sampler=batches, collate_fn=list, pin_memory=device.type == "cuda")
     writer = ShardWriter(group, schema, out, config.queue_size * B)
@@ -478,22 +402,10 @@ def _run_teacher(teacher: TeacherEnsemble, ds, preprocess, schema: CacheSchema, 
                     rs = [it["index"] for it in same]
                     x = torch.stack([it["image"] for it in same]).to(device, non_blocking=True)
                     out = teacher(x, rows=True)
-                    views = None
-                    if sched:
-                        params = np.stack([it["view_params"] for it in same])
-                        views = (*_crops_forward(teacher, x, params, B), params)
-                    elif schema.levels:
-                        views = _levels_forward(teacher, x, schema)
-                    elif schema.views:
-                        v = torch.cat([it["views"] for it in same]).to(device, non_blocking=True)
-                        vo = teacher(v)
-                        views = (vo.logits, vo.features, np.stack([it["view_params"] for it in same]))
+                    views = form.teacher_views(teacher, x, same, B)
                     samples = encode_batch(schema, out.logits, out.features, [ids[r] for r in rs],
                                            tuple(x.shape[-2:]), views)
-                    rows = out.rows
-                    if schema.label_map:  # a class map's quality: the classifier's (pooled) prediction
-                        rows = {name: r.mean((2, 3), keepdim=True) for name, r in rows.items()}
-                    quality = sample_quality(rows, [it["label"] for it in same], schema.num_classes,
+                    quality = sample_quality(form.quality_rows(out.rows), [it["label"] for it in same], schema.num_classes,
                                              ds.ignore_index)
                     for r, sample, q in zip(rs, samples, quality):
                         writer.put(r, {**sample, **q})
@@ -503,51 +415,6 @@ def _run_teacher(teacher: TeacherEnsemble, ds, preprocess, schema: CacheSchema, 
         raise
     writer.close()
     return writer
-
-
-def _crops_forward(teacher: TeacherEnsemble, x: torch.Tensor, params: np.ndarray, batch: int
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The teacher on the crops ``params`` [B, V, 7] of the images ``x`` [B, 3, H, W], cut on
-    ``x``'s device as a training pipeline cuts them (:func:`apply_geometry`) and run ``batch`` at a
-    time: logits [B·V, C, h, w] and features, image by image and view by view."""
-    size = tuple(x.shape[-2:])
-    crops = [(j, p) for j in range(len(x)) for p in params[j]]
-    logits, feats = [], {}
-    for c in range(0, len(crops), batch):
-        v = torch.stack([apply_geometry(x[j], Geometry.unpack(size, p), kind="image") for j, p in crops[c:c + batch]])
-        out = teacher(v)
-        logits.append(out.logits)
-        for tap, f in out.features.items():
-            feats.setdefault(tap, []).append(f)
-    return torch.cat(logits), {tap: torch.cat(fs) for tap, fs in feats.items()}
-
-
-def level_geometry(size: tuple[int, int], scale: float, flip: bool) -> Geometry:
-    """A pyramid level: the whole image of ``size`` at ``scale``, mirrored if ``flip``."""
-    g = Geometry(tuple(size), float(scale), 0, 0, tuple(size), bool(flip))
-    return Geometry(tuple(size), float(scale), 0, 0, g.scaled_size, bool(flip))
-
-
-def _levels_forward(teacher: TeacherEnsemble, x: torch.Tensor, schema: CacheSchema
-                    ) -> tuple[torch.Tensor, dict, np.ndarray]:
-    """The teacher's logits on every pyramid level of the images ``x`` [B, 3, H, W] (one
-    forward per level, the images resized on ``x``'s device as a training pipeline resizes
-    them), each padded to the views' map size: [B·V, C, h, w] image by image, and the levels'
-    packed geometries [B, V, 7]."""
-    size = tuple(x.shape[-2:])
-    vh, vw = schema.views["map_size"]
-    per_level = []
-    for lv in schema.levels:
-        g = level_geometry(size, lv["scale"], lv["flip"])
-        z = teacher(torch.stack([apply_geometry(im, g, kind="image") for im in x])).logits
-        if tuple(z.shape[-2:]) != tuple(lv["map_size"]):
-            raise KDCacheError(f"the teacher's map at scale {lv['scale']:g} is {z.shape[-2]}x{z.shape[-1]}, not the "
-                               f"{lv['map_size'][0]}x{lv['map_size'][1]} it gave when probed")
-        per_level.append(torch.nn.functional.pad(z, (0, vw - z.shape[-1], 0, vh - z.shape[-2])))
-    logits = torch.stack(per_level, dim=1).flatten(0, 1)
-    params = np.array([[level_geometry(size, lv["scale"], lv["flip"]).pack() for lv in schema.levels]] * len(x),
-                      dtype=np.float32)
-    return logits, {}, params
 
 
 def _same_size_groups(items: list[dict]) -> list[list[dict]]:

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 
 import torch
 
-from kdcache.core.topk import attention_map, topk_targets
+from kdcache.core.topk import topk_targets
 from kdcache.models.loading import open_weights
+from kdcache.pipeline.signals import signal, signal_kinds
 from kdcache.pipeline.transforms import Preprocess
 from kdcache.pipeline.warp import out_map_size, sample_grid
 from kdcache.store.schema import CacheSchema
@@ -76,11 +77,10 @@ class OnlineTeacher:
         if tail is not None:
             targets["kd/tail"] = tail.half().float()
         for tap, f in out.features.items():
-            targets[f"kd/features/{tap}"] = f.half().float()
-            targets[f"kd/attention/{tap}"] = attention_map(f).half().float()
-            targets[f"kd/features/{tap}/ignore"] = torch.zeros(x.shape[0], *f.shape[-2:], dtype=torch.bool,
-                                                               device=x.device)
-            targets[f"kd/attention/{tap}/ignore"] = targets[f"kd/features/{tap}/ignore"]
+            ignore = torch.zeros(x.shape[0], *f.shape[-2:], dtype=torch.bool, device=x.device)
+            for kind in signal_kinds():  # every teacher signal of the tap, as a cache would store it
+                targets[f"kd/{kind}/{tap}"] = signal(kind).encode(f).half().float()
+                targets[f"kd/{kind}/{tap}/ignore"] = ignore
         cached = batch.get("kd/ignore")
         if cached is not None and cached.shape == targets["kd/ignore"].shape:
             targets["kd/ignore"] = cached

@@ -31,6 +31,7 @@ from kdcache.methods import KDMethod, build_method, check_spec, reads, with_task
 from kdcache.models import SegModel, build_model
 from kdcache.pipeline.transforms import Augment, Preprocess
 from kdcache.store import CacheStore
+from kdcache.store.forms import form_of
 from kdcache.teacher.online import OnlineTeacher
 from kdcache.train.student_batches import student_batches
 from kdcache.train.trainer import TrainConfig, Trainer
@@ -186,9 +187,7 @@ class StudentTrainer(Trainer):
                         if getattr(getattr(m, "aware", None), "evidence", None)}
             if evidence:
                 out["class_weights"] = evidence
-            out["cache_targets"] = ("schedule" if schema.schedule else "levels" if schema.levels
-                                    else "views" if self.config.use_views and schema.views
-                                    else "label_map" if schema.label_map else "logits")
+            out["cache_targets"] = form_of(schema).for_training(self.config.use_views).targets_name
         return out
 
     # -- model ----------------------------------------------------------------------------------

@@ -24,22 +24,15 @@ from kdcache.core.distributed import Dist
 from kdcache.core.errors import KDCacheError
 from kdcache.data.base import SegmentationDataset
 from kdcache.data.splits import limit
-from kdcache.pipeline.geometry import Geometry
 from kdcache.pipeline.loaders import make_loader
-from kdcache.pipeline.transforms import AUGMENT_OPTIONS, Augment, Preprocess, SegPipeline
+from kdcache.pipeline.transforms import Augment, Preprocess, SegPipeline
 from kdcache.pipeline.warp import (
-    level_targets,
-    pool_targets,
     prepare_resample,
-    view_targets,
-    warp_targets,
 )
 from kdcache.store import BAD, BadSampleError, CacheStore, CacheStream, to_tensors
+from kdcache.store.forms import form_of
 from kdcache.store.location import worker_start_method
 from kdcache.train.batches import TrainingBatches
-
-#: the cached arrays of the logits group, as a read sample names them
-LOGIT_KEYS = ("logits/values", "logits/indices", "logits/tail")
 
 
 class KDPipeline(SegPipeline):
@@ -69,23 +62,19 @@ class KDPipeline(SegPipeline):
         self.store = store
         self.strides = dict(strides) if strides is not None else store.schema.strides
         self.rows = np.asarray(rows)
-        # a schedule cache is always replayed: its views are the crops this run draws
-        self.levels = store.schema.levels  # a pyramid store: each crop takes its nearest level
-        if use_views and self.levels:
-            raise KDCacheError("--use-views replays stored random views, and this cache's views are pyramid levels "
-                               "(--store-scales/--store-flips), which every crop reads by itself: drop --use-views")
-        self.use_views = bool((use_views or store.schema.schedule) and store.schema.views and not self.levels)
+        # how a crop takes its targets: the store's form (a schedule is always replayed; stored views
+        # only with use_views)
+        self.form = form_of(store.schema).for_training(use_views)
+        self.use_views = self.form.reads_views
         self.skip_bad = skip_bad
         if required is None:  # every map group the store holds
-            required = ["logits", *(f"features/{t}" for t in store.schema.features),
-                        *(f"attention/{t}" for t in store.schema.attention)]
+            required = ["logits", *store.schema.signal_groups()]
         self.groups = store.schema.groups_for(required, self.use_views)
 
     @property
     def view(self) -> int | None:
         """Of a schedule cache, the view this epoch replays (schedule ``seed``); else None."""
-        schema = self.store.schema
-        return schema.view_of(self.seed, self.epoch) if schema.schedule else None
+        return self.form.view(self.seed, self.epoch)
 
     def __getitem__(self, index: int) -> dict:
         """Random access: sample ``index``'s chunks read on their own."""
@@ -115,27 +104,7 @@ class KDPipeline(SegPipeline):
         """The training item of sample ``index`` from its cached targets (tensors, as read;
         a placeholder marked ``bad`` for a sample whose chunks could not be read)."""
         skipped = bool(cached.pop(BAD, False))
-        if self.use_views:
-            params = cached["views/params"]
-            if self.store.schema.schedule:  # read alone: this epoch's view of this run's schedule
-                v = 0
-            else:  # one of the stored views, drawn by (seed, epoch, index)
-                v = int(np.random.default_rng((self.seed, self.epoch, index, 7)).integers(len(params)))
-            item = self.transformed(index, lambda _i, size: Geometry.unpack(size, params[v]))
-            item.update(view_targets(cached, v))
-        else:
-            item = self.transformed(index, self.geometry if self.augment is not None else None)
-            if cached:
-                g = item.get("geometry") or Geometry.identity(tuple(item["image"].shape[-2:]))
-                if self.store.schema.label_map:  # a classifier's class map, pooled over the crop
-                    logits = {key: cached.pop(key) for key in LOGIT_KEYS if key in cached}
-                    if logits:
-                        item.update(pool_targets(logits, g, self.store.schema.num_classes))
-                if self.levels and "views/logits/values" in cached:
-                    item.update(level_targets(cached, g, self.strides, self.levels, self.resample,
-                                              self.store.schema.num_classes))
-                else:
-                    item.update(warp_targets(cached, g, self.strides, self.resample, self.store.schema.num_classes))
+        item = self.form.item(self, index, cached)
         item.pop("geometry", None)
         if skipped:  # no teacher targets for this sample: every KD cell ignored
             for key in list(item):
@@ -290,7 +259,7 @@ def pool_pipeline(store: CacheStore, labelled: CacheStore, required: list[str], 
     refused in one line when it was built by another teacher or for other classes than the
     labelled cache, or lacks the maps the methods read (``required``)."""
     mine, theirs = labelled.schema, store.schema
-    if theirs.schedule:
+    if form_of(theirs).for_training(False).reads_views:  # a schedule: replayed whatever the options
         raise KDCacheError(f"--unlabeled-cache {store.path} holds a schedule (--schedule-epochs), which an "
                            "unlabelled cache cannot replay (its images are drawn across epochs); build it without "
                            "--schedule-epochs")
@@ -310,51 +279,8 @@ def pool_pipeline(store: CacheStore, labelled: CacheStore, required: list[str], 
     rows = store.join(ds, check_content=check_content)
     # its targets on the labelled cache's grid: one batch, one target size (its images' sizes,
     # hence its store's nominal stride, may differ)
-    return KDPipeline(ds, preprocess, augment, seed, store, rows, False, skip_bad, required, strides=mine.strides,
-                      resample=resample)
-
-
-def check_schedule(store: CacheStore, config, augment: Augment | None) -> None:
-    """A schedule cache replays crops drawn with one augmentation for a number of epochs and
-    schedules: refuse, in one line naming the option, a run that would draw others."""
-    sched = store.schema.schedule
-    if not sched:
-        return
-    E, held = int(sched["epochs"]), store.schema.schedules_held
-    if config.epochs > E:
-        raise KDCacheError(f"--epochs {config.epochs} is more than the {E} epochs the schedule of {store.path} "
-                           f"holds; train --epochs {E} or fewer, or rebuild it with --schedule-epochs {config.epochs}")
-    if config.seed not in held:
-        first, last = held.start, held.stop - 1
-        which = f"schedule {first}" if first == last else f"schedules {first}..{last}"
-        built = f"--schedules {len(held)}" + (f" --first-schedule {first}" if first else "")
-        if config.seed < 0:
-            hint = "--seed must be 0 or more"
-        elif first == 0 and config.seed > last:
-            hint = f"or rebuild it with --schedules {config.seed + 1}"
-        else:  # this seed's crops alone
-            hint = f"or build a cache of it with --first-schedule {config.seed} --schedules 1"
-        raise KDCacheError(f"--seed {config.seed}: {store.path} holds {which} ({built}), one per seed; train with "
-                           f"--seed {first if first == last else f'in {first}..{last}'} {hint}")
-    stored = sched["augment"]
-    mine = augment.to_dict() if augment is not None else {}
-    for key in AUGMENT_OPTIONS:
-        if key == "scale" and stored.get("resized_crop"):  # a random-resized crop has no scale range
-            continue
-        if key in stored and mine.get(key) != stored[key]:
-            want = _augment_text(key, stored[key])
-            raise KDCacheError(f"{store.path} holds a schedule drawn with {want}, and this run draws with "
-                               f"{_augment_text(key, mine.get(key))}; train with {want} (or rebuild the cache with "
-                               "this run's options)")
-
-
-def _augment_text(key: str, value) -> str:
-    option = AUGMENT_OPTIONS[key]
-    if key == "hflip":
-        return "--flip" if value else "--no-flip"
-    if value is None:
-        return f"no {option}"
-    return f"{option} {'x'.join(map(str, value)) if key == 'crop' else ','.join(f'{v:g}' for v in value)}"
+    return KDPipeline(ds, preprocess, augment, seed, store, rows, use_views=False, skip_bad=skip_bad,
+                      required=required, strides=mine.strides, resample=resample)
 
 
 def student_batches(config, store: CacheStore, train_ds: SegmentationDataset, train_pipe: SegPipeline,
@@ -366,10 +292,10 @@ def student_batches(config, store: CacheStore, train_ds: SegmentationDataset, tr
     shuffle_buffer, unlabeled_* fields, seed, batch_size); ``required``: the map groups the
     methods read; ``train_pipe``: the supervised pipeline whose augmentation the items take."""
     c = config
-    check_schedule(store, c, train_pipe.augment)
+    form_of(store.schema).check_student(store, c, train_pipe.augment)
     rows = store.join(train_ds, check_content=c.check_content)
-    labelled = KDPipeline(train_ds, preprocess, train_pipe.augment, c.seed, store, rows, c.use_views, c.skip_bad,
-                          required, resample=c.target_resample)
+    labelled = KDPipeline(train_ds, preprocess, train_pipe.augment, c.seed, store, rows, use_views=c.use_views,
+                          skip_bad=c.skip_bad, required=required, resample=c.target_resample)
     # each pool's augmentation drawn from its own stream (not the labelled sample j's)
     pools = [pool_pipeline(CacheStore(path), store, required, preprocess=preprocess, augment=train_pipe.augment,
                            seed=c.seed + 7919 * (p + 1), check_content=c.check_content, skip_bad=c.skip_bad,
