@@ -372,7 +372,8 @@ def _build(config: CacheBuildConfig, d: distributed.Dist, device: torch.device, 
     if todo:
         t0 = time.perf_counter()
         try:
-            writer = _run_teacher(teacher, ds, preprocess, schema, config, device, group, todo, out, show_progress)
+            writer = _run_teacher(teacher, ds, config, OpenStore(out, group, schema), todo, device=device,
+                                  show_progress=show_progress)
         except KeyboardInterrupt:  # what the store kept: the samples of its finished shards
             raise BuildInterrupted(str(out), int(done_flags(group, out).sum()), len(ds),
                                    schema.samples_per_shard) from None
@@ -383,14 +384,26 @@ def _build(config: CacheBuildConfig, d: distributed.Dist, device: torch.device, 
     return summary
 
 
-def _run_teacher(teacher: TeacherEnsemble, ds, preprocess, schema: CacheSchema, config: CacheBuildConfig, device, group, todo, out,
-                 show_progress: bool) -> ShardWriter:
+@dataclass(frozen=True)
+class OpenStore:
+    """The store a build writes: where (``out``), its zarr ``group`` open for writing, its schema."""
+
+    out: object
+    group: object
+    schema: CacheSchema
+
+
+def _run_teacher(teacher: TeacherEnsemble, ds, config: CacheBuildConfig, store: OpenStore, todo: list[int], *,
+                 device: torch.device, show_progress: bool) -> ShardWriter:
+    """The teacher over the samples of the shards ``todo`` of ``store``, each batch encoded and
+    handed to a :class:`ShardWriter` (returned once closed)."""
+    out, group, schema = store.out, store.group, store.schema
     B = config.batch_size
     # batches never straddle shards: a resumed build runs the teacher on the same batches
     batches = [list(range(b, min(b + B, stop))) for j in todo for start, stop in [schema.shard_rows(j)]
                for b in range(start, stop, B)]
     form = form_of(schema)
-    inputs = TeacherInputs(ds, preprocess, form, labels=True)
+    inputs = TeacherInputs(ds, teacher.base, form, labels=True)
     workers = default_workers(device) if config.workers is None else config.workers
     loader = make_loader(inputs, None, workers, batch_sampler=batches, collate_fn=list, pin_memory=device.type == "cuda")
     writer = ShardWriter(group, schema, out, config.queue_size * B)
