@@ -10,7 +10,9 @@ loss. ``batch`` holds the cached targets already taken through the item's geomet
 Add one: write ``kdcache/methods/mine.py`` with a ``KDMethod`` subclass decorated
 ``@METHODS.register("mine")`` and a docstring citing its paper. Every module of this package is
 imported, so nothing else needs editing: the command line offers it, and its constructor's
-arguments become its options and shorthands.
+arguments become its options and shorthands. A method on the teacher's logits subclasses
+:class:`~kdcache.methods.logit_base.LogitMethod` and writes only its ``loss``: the temperature and
+the teacher-aware options (``mask``, ``rectify``, ``class_weights`` …) come with the base.
 """
 
 from kdcache.core.registry import import_submodules
@@ -32,9 +34,10 @@ from kdcache.methods.base import (
     task_defaults,
     with_task_defaults,
 )
+from kdcache.methods.logit_base import LogitMethod
 
 import_submodules(__name__, __path__)
 
-__all__ = ["METHODS", "KDMethod", "MethodError", "build_method", "check_options", "check_spec", "fill_in",
+__all__ = ["METHODS", "KDMethod", "LogitMethod", "MethodError", "build_method", "check_options", "check_spec", "fill_in",
            "method_options", "methods_taking", "number_options", "option_bounds", "option_default", "reads", "student_logits_at",
            "task_defaults", "with_task_defaults"]

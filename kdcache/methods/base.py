@@ -165,24 +165,13 @@ class KDMethod(nn.Module):
 
     def __init_subclass__(cls, **kwargs):
         """A method built directly (``PixelKL(temperature=…)``, not through :func:`build_method`) checks
-        its number options against :attr:`bounds` too: each subclass's constructor is wrapped so that
-        the outermost one checks what it was given before it runs (a ``super().__init__`` call does
-        not check again)."""
+        its number options against :attr:`bounds` too: each subclass's constructor is wrapped
+        (:func:`checked_init`) so that the outermost one checks what it was given before it runs (a
+        ``super().__init__`` call does not check again)."""
         super().__init_subclass__(**kwargs)
         init = cls.__dict__.get("__init__")
-        if init is None:
-            return
-        signature = inspect.signature(init)
-
-        @functools.wraps(init)
-        def checked(self, *args, **kw):
-            if type(self).__init__ is checked:
-                given = signature.bind(self, *args, **kw).arguments
-                _check_numbers(type(self), type(self).name or type(self).__name__,
-                               {k: v for k, v in given.items() if k != "self"})
-            init(self, *args, **kw)
-
-        cls.__init__ = checked
+        if init is not None:
+            cls.__init__ = checked_init(init)
 
     def student_taps(self) -> list[str]:
         """Student modules whose outputs this method reads."""
@@ -208,6 +197,32 @@ class KDMethod(nn.Module):
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}"
+
+
+def checked_init(init, signature: inspect.Signature | None = None):
+    """``init``, a method class's constructor, wrapped so that, called as the constructor
+    of the object's own class (not through ``super().__init__``), it checks the number options it
+    was given against the class's bounds before it runs. ``signature``: the options the class
+    takes where they are not ``init``'s own (a :class:`~kdcache.methods.logit_base.LogitMethod`
+    whose constructor passes ``**options`` on); the wrapper then reports it as its signature,
+    binds the arguments to it, fills in its defaults and calls ``init`` with them by name."""
+    bind_to = signature or inspect.signature(init)
+
+    @functools.wraps(init)
+    def checked(self, *args, **kw):
+        if type(self).__init__ is checked:
+            bound = bind_to.bind(self, *args, **kw)
+            _check_numbers(type(self), type(self).name or type(self).__name__,
+                           {k: v for k, v in bound.arguments.items() if k != "self"})
+            if signature is not None:
+                bound.apply_defaults()
+                init(self, **{k: v for k, v in bound.arguments.items() if k != "self"})
+                return
+        init(self, *args, **kw)
+
+    if signature is not None:
+        checked.__signature__ = signature
+    return checked
 
 
 def reads(method: KDMethod, schema: CacheSchema | None) -> list[str]:

@@ -11,21 +11,17 @@ in the paper's code):
 * intra-class relation, per class over the batch's cells: L_intra = mean_c (1 − ρ(Y_s[:, c], Y_t[:, c]));
 * L = T² (β · L_inter + γ · L_intra).
 
-The authors' segmentation settings (Cityscapes DeepLabV3-R101 → R18, 74.21 → 77.10 mIoU) are
-T = 1, β = γ = 1 and weight 1; kdcache keeps T = 1 and β = γ = 1 (T = 1 is also what val chose of {1, 2, 4} in
-benchmarks/results/cached-vs-online-segmentation-cpu-run2.md). For classification T = 4, chosen of {1, 2, 4} on val in
-benchmarks/results/cached-vs-online-classification-cpu.md (top-1 74.90 at T = 4 against 71.60 at
-T = 1, which is below the CE baseline's val, 71.72). The weight (L = CE + w · DIST) is chosen of
-{0.25, 0.5, 1, 2} on val for each task (benchmarks/results/kd-weight-pool-cpu.md,
-kd-weight-classification-cpu.md): 0.25 for segmentation, the best val gain over CE averaged over
-labelled-only students (+0.75 mIoU over CE at 0.25, +0.40 at 1) and students with an unlabelled pool
-(where no weight reached CE with the demo's teacher; 0.25 and 0.5 are within 0.03 of each other);
-2 for classification (val top-1 78.15 against 74.90 at w = 1 and CE's 70.85; the largest weight
-tried). ``default_weight`` stays the authors' 1: what a method built directly, outside
-``train-student``, takes. Cells in the crop's padding are left out of both terms, and
-so are those ``mask=teacher_correct``/``min_confidence`` leave out; ``class_weights=baseline`` makes
-both means weighted, each cell by its class's weight and each class by its own
-(:mod:`~kdcache.methods.teacher_aware`).
+The authors' segmentation settings are T = 1, β = γ = 1 and weight 1; kdcache keeps T = 1 and
+β = γ = 1 for segmentation, and takes T = 4 for classification, each T chosen of {1, 2, 4} on val
+(benchmarks/results/cached-vs-online-segmentation-cpu-run2.md,
+cached-vs-online-classification-cpu.md). The weight (L = CE + w · DIST) is chosen of
+{0.25, 0.5, 1, 2} on val for each task: 0.25 for segmentation and 2 for classification
+(:attr:`DIST.task_defaults`; the runs are in benchmarks/results/kd-weight-pool-cpu.md and
+kd-weight-classification-cpu.md). ``default_weight`` stays the authors' 1: what a method built
+directly, outside ``train-student``, takes. Cells in the crop's padding are left out of both terms,
+and so are those ``mask=teacher_correct``/``min_confidence`` leave out; ``class_weights=baseline``
+makes both means weighted, each cell by its class's weight and each class by its own (the
+teacher-aware options of :class:`~kdcache.methods.logit_base.LogitMethod`).
 
 From the cache: the teacher's k stored classes get their exact probabilities and every class
 outside the top k an equal share of the tail's mass (the rebuilt logits of
@@ -33,17 +29,16 @@ outside the top k an equal share of the tail's mass (the rebuilt logits of
 per-cell (inter-class) term then compares the student with a teacher whose small
 probabilities are flattened; the per-class (intra-class) term sees each non-top-k class at its
 cell's equal share. With a dense cache (k = C) both are exact; at T = 1 the non-top-k
-classes carry little mass, which is why the top-k cache serves DIST well (see the README).
+classes carry little mass, so a top-k cache loses little of it (benchmarks/results/cache-fidelity-semi.md,
+"DIST from the cache", measures the gap).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kdcache.methods.base import METHODS, KDMethod
-from kdcache.methods.cwd import student_and_dense_teacher
-from kdcache.methods.teacher_aware import BOUNDS as TEACHER_AWARE_BOUNDS
-from kdcache.methods.teacher_aware import TeacherAware
+from kdcache.methods.base import METHODS
+from kdcache.methods.logit_base import LogitMethod, student_and_dense_teacher
 
 EPS = 1e-8
 
@@ -72,31 +67,23 @@ def dist_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float =
 
 
 @METHODS.register("dist")
-class DIST(KDMethod):
+class DIST(LogitMethod):
     default_weight = 1.0
-    bounds = {**TEACHER_AWARE_BOUNDS, "temperature": "> 0", "beta": ">= 0", "gamma": ">= 0"}
+    bounds = {"beta": ">= 0", "gamma": ">= 0"}
     task_defaults = {"segmentation": {"weight": 0.25},  # chosen on val: see the module docstring
                      "classification": {"temperature": 4.0, "weight": 2.0}}
 
-    def __init__(self, weight: float | None = None, temperature: float = 1.0, beta: float = 1.0,
-                 gamma: float = 1.0, mask: str = "none", min_confidence: float = 0.0,
-                 class_weights: str = "none", baseline: str | None = None, teacher_iou: str = "train",
-                 margin: float = 0.1, rectify: str = "none"):
-        super().__init__(weight)
-        self.aware = TeacherAware(mask, min_confidence, class_weights, baseline, teacher_iou, margin, rectify)
+    def __init__(self, beta: float = 1.0, gamma: float = 1.0, **options):
+        super().__init__(**options)
         if beta + gamma == 0:  # each >= 0: its bounds
             raise ValueError(f"beta and gamma must not both be 0, got beta={beta}, gamma={gamma}")
-        self.temperature, self.beta, self.gamma = float(temperature), float(beta), float(gamma)
+        self.beta, self.gamma = float(beta), float(gamma)
 
-    def required(self, schema=None) -> list[str]:
-        return ["logits"]
-
-    def forward(self, out, batch) -> torch.Tensor:
-        batch = self.aware.targets(batch)
+    def loss(self, out, batch) -> torch.Tensor:
         s, t = student_and_dense_teacher(out, batch)
         C = s.shape[1]
-        used = ~self.aware.ignore(batch).reshape(-1)  # [N·h·w]
-        cells = self.aware.cell_weights(batch)
+        used = ~self.ignored(batch).reshape(-1)  # [N·h·w]
+        cells = self.cell_weights(batch)
         if cells is not None:
             used &= cells.reshape(-1) > 0  # a weight-0 cell is left out, as an ignored one
         if not used.any():
@@ -106,15 +93,4 @@ class DIST(KDMethod):
         if cells is None:
             return self.weight * dist_loss(s, t, self.temperature, self.beta, self.gamma)
         return self.weight * dist_loss(s, t, self.temperature, self.beta, self.gamma, cells.reshape(-1)[used],
-                                       self.aware.weights.to(s.device))
-
-    def setup(self, student_channels, schema) -> None:
-        super().setup(student_channels, schema)
-        self.aware.setup(schema)
-
-    def prepare(self, sources) -> None:
-        self.aware.prepare(sources, self.name)
-
-    def extra_repr(self) -> str:
-        return (f"weight={self.weight}, temperature={self.temperature}, beta={self.beta}, gamma={self.gamma}, "
-                f"{self.aware.describe()}")
+                                       self.class_weight_values().to(s.device))

@@ -1,4 +1,4 @@
-"""``pseudo``: teacher pseudo-labels (self-training; as the SafeTrip seed generates them).
+"""``pseudo``: teacher pseudo-labels (self-training on the teacher's confident hard labels).
 
 Where the teacher's top-1 probability (T = 1, exact from the cache: softmax over the top-k
 logits and the tail) is at least ``confidence_threshold``, its argmax is a hard label; elsewhere

@@ -1,15 +1,16 @@
 """Teacher-aware distillation: leave out, correct or weigh down where the teacher is known to be wrong.
 
-A logit method (``kl``, ``dist``, ``cwd``) takes ``mask=teacher_correct``: on a labelled cell, the
-KD term is kept only where the teacher's top-1 class equals the label, so the student is not
-pulled towards the teacher's mistakes (the seeds' SegFormer experiment lost its gains on the
-class where the teacher was weaker than the student). It follows the "data selection" half of
-"Improve Knowledge Distillation via Label Revision and Data Selection" (IEEE TCDS; arXiv
-2404.03693), which lets the teacher supervise only the samples selected for it, to limit the harm
-of its wrong predictions; here the selection is per cell and the rule is the teacher being right.
-A cell without a label (the label's ignore value 255, or an
-unlabelled image) keeps the KD term, unless ``min_confidence`` > 0: then it is dropped where the
-teacher's top-1 probability (at T = 1, from the top-k and its tail) is below that threshold.
+A logit method (``kl``, ``dist``, ``cwd``: a :class:`~kdcache.methods.logit_base.LogitMethod`)
+takes ``mask=teacher_correct``: on a labelled cell, the KD term is kept only where the teacher's
+top-1 class equals the label, so the student is not pulled towards the teacher's mistakes
+(benchmarks/results/weak-teacher-cpu.md compares plain and teacher-aware KD from a teacher that is
+wrong on one class). It follows the "data selection" half of "Improve Knowledge Distillation via
+Label Revision and Data Selection" (IEEE TCDS; arXiv 2404.03693), which lets the teacher supervise
+only the samples selected for it, to limit the harm of its wrong predictions; here the selection is
+per cell and the rule is the teacher being right. A cell without a label (the label's ignore value
+255, or an unlabelled image) keeps the KD term, unless ``min_confidence`` > 0: then it is dropped
+where the teacher's top-1 probability (at T = 1, from the top-k and its tail) is below that
+threshold.
 
 ``rectify=swap`` corrects the teacher instead of leaving it out: on a labelled cell where its top-1
 is not the label, the teacher's logits of its top-1 class and of the label swap places, so the label
@@ -43,7 +44,7 @@ MASKS = ("none", "teacher_correct")
 RECTIFY = ("none", "swap")
 
 
-#: the bounds of the teacher-aware options of the methods that take them (kl, dist, cwd)
+#: the bounds of the teacher-aware options (``LogitMethod``'s: kl, dist, cwd)
 BOUNDS = {"min_confidence": "[0, 1)", "margin": "> 0"}
 
 
