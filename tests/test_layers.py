@@ -156,7 +156,7 @@ def cycles(files: dict[str, tuple[Path, list[tuple[int, str, bool]]]]) -> list[l
         state[m] = "open"
         stack.append(m)
         for n in graph.get(m, []):
-            if n in FACES or n.startswith(m + "."):  # a package's __init__ importing its own parts
+            if n in FACES:
                 continue
             if state.get(n) == "open":
                 found_cycles.append(stack[stack.index(n):] + [n])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,9 +12,6 @@ from kdcache.core.errors import KDCacheError
 from kdcache.core.registry import Registry
 from kdcache.pipeline.geometry import Geometry
 from kdcache.pipeline.warp import warp_targets
-
-if TYPE_CHECKING:
-    from kdcache.store.schema import CacheSchema
 
 
 @dataclass
@@ -58,7 +55,7 @@ class CacheForm:
     #: a student's items come from the stored views (``views/…``) instead of the base maps
     reads_views = False
 
-    def __init__(self, schema: CacheSchema):
+    def __init__(self, schema):  # the store's CacheSchema
         self.schema = schema
 
     # -- chosen ---------------------------------------------------------------------------------
@@ -68,7 +65,7 @@ class CacheForm:
         return False
 
     @classmethod
-    def holds(cls, schema: CacheSchema) -> bool:
+    def holds(cls, schema) -> bool:
         """Whether the store of ``schema`` is of this form."""
         return schema.meta.get("form") == cls.name
 
@@ -137,7 +134,7 @@ def crop_geometry(item: dict) -> Geometry:
 FORMS: Registry[type[CacheForm]] = Registry("cache form")
 
 
-def form_of(schema: CacheSchema) -> CacheForm:
+def form_of(schema) -> CacheForm:
     """The form of a store, from its schema: the one its ``form`` attribute names, or else (a store
     written before forms were recorded) the built-in form whose arrays it has; plain if none."""
     named = schema.meta.get("form")
