@@ -196,6 +196,55 @@ def test_the_browsers_pictures_overlay_and_class_map_by_hand(tmp_path):
     assert entry["classes"] == ["a", "b", "c"] and entry["iou"] == {"s": 0.5}
 
 
+def test_the_page_lists_every_class_colour_and_the_aacc_of_each_run_by_hand(tmp_path):
+    """write_page: the legend of the class maps and overlays names every class with its palette
+    colour, in class order, then the class maps' colour of unlabelled pixels; the runs table has an
+    aAcc column holding each run's own aAcc. Classification pages have neither (no class maps; aAcc
+    is top-1 there); a palette short of a colour per class is refused."""
+    import re
+    from html import unescape
+
+    import pytest
+
+    from kdcache.core.outputs import OutputFolder
+    from kdcache.report.page import IGNORE_COLOR, write_page
+
+    names = ["road", "a & b", "sky"]
+    palette = [(128, 64, 128), (0, 200, 0), (70, 130, 180), (9, 9, 9)]  # a palette may hold more colours
+
+    def row(name, miou, macc, aacc, baseline=False):
+        return {"run": str(tmp_path / name), "name": name, "method": "m", "model": "x", "miou": miou,
+                "delta_miou": 0.0, "macc": macc, "aacc": aacc, "params": 1000, "ms_per_image": None, "fps": None,
+                "baseline": baseline, "teacher": False, "top1": aacc, "delta_top1": 0.0}
+
+    result = {"rows": [row("base", 0.5, 0.6, 0.875, baseline=True), row("kl", 0.25, 0.375, 0.9375)],
+              "class_names": names, "dataset": "d", "split": "test", "num_samples": 2, "per_class": [],
+              "task": "segmentation"}
+
+    def page(res, palette, out):
+        html = write_page(OutputFolder.claim(tmp_path / out, "comparison"), res, palette=palette).read_text()
+        data = json.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', html, re.S)[1])
+        items = re.findall(r'<li(?: class="void")? data-class="([^"]*)" data-color="(#[0-9a-f]{6})">'
+                           r'<span class="swatch" style="background:(#[0-9a-f]{6})"></span>([^<]*)</li>', html)
+        return html, data, items
+
+    html, data, items = page(result, palette, "seg")
+    hexed = ["#" + "".join(f"{v:02x}" for v in c) for c in [*palette[:3], IGNORE_COLOR]]
+    assert [unescape(i[0]) for i in items] == [*names, "no label (class maps)"]
+    assert [unescape(i[3]) for i in items] == [*names, "no label (class maps)"]
+    assert [i[1] for i in items] == [i[2] for i in items] == hexed == ["#804080", "#00c800", "#4682b4", "#e0e0c0"]
+    assert html.count('<li') == len(names) + 1 and "60% over the image in the overlays" in html
+    col = data["columns"].index("aAcc")
+    assert data["columns"][col - 1] == "mAcc"
+    assert [r["cells"][col] for r in data["table"]] == [{"text": "87.50", "sort": 0.875}, {"text": "93.75", "sort": 0.9375}]
+    # negative controls: no legend without a palette or for classification; classification has no aAcc column
+    html, data, items = page(result, None, "nopal")
+    assert items == [] and 'id="legend"' not in html and "aAcc" in data["columns"]
+    html, data, items = page({**result, "task": "classification"}, palette, "cls")
+    assert items == [] and 'id="legend"' not in html and "aAcc" not in data["columns"] and "top-1" in data["columns"]
+    with pytest.raises(ValueError, match="the palette has 2 colours for 3 classes"):
+        page(result, palette[:2], "short")
+
 def test_runs_of_other_data_roots_are_compared_only_on_one(tmp_path):
     """Two runs of the same data set name, split and size, trained under other roots (other images):
     refused, naming both roots, unless --data-root scores every run on the same images."""

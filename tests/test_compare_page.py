@@ -1,8 +1,8 @@
 """compare's index.html, opened from file:// in a real browser (headless Chromium from Debian's
 ``chromium`` package, driven by selenium through ``chromium-driver``), as a user would browse it:
 no console errors, one table row per run, sorting reorders the rows, the class filter changes
-the images shown, the arrow keys page, the predictions switch between overlays and class maps,
-every picture the page refers to loads. A screenshot is
+the images shown, the arrow keys page, the predictions switch between overlays and class maps
+under a legend of every class's colour, every picture the page refers to loads. A screenshot is
 saved next to the page (``screenshot.png``). The classification demo's page likewise: its
 confusion matrices and each run's wrong images."""
 
@@ -76,6 +76,21 @@ def test_the_demo_compare_page_works_in_a_browser(demo, browser):
     assert runs() == sorted((r["name"] for r in data["rows"]), reverse=True)
     # the per-class view: a row per class, the teacher's column filled
     assert len(d.find_elements(By.CSS_SELECTOR, "#perclass tbody tr")) == len(data["class_names"])
+    # the runs table has each run's aAcc
+    head = [th.text for th in d.find_elements(By.CSS_SELECTOR, "#runs thead th")]
+    assert "aAcc" in head
+    cells = [tr.find_elements(By.TAG_NAME, "td")[head.index("aAcc")].text for tr in d.find_elements(By.CSS_SELECTOR, "#runs tbody tr")]
+    assert cells == [f"{100 * r['aacc']:.2f}" for r in sorted(data["rows"], key=lambda r: r["name"], reverse=True)]
+    # the legend: every class, in class order, its swatch drawn in the palette's colour, then the void colour
+    from kdcache.data import build_dataset
+    from kdcache.report.page import IGNORE_COLOR
+
+    palette = build_dataset("synthetic", "test").palette
+    legend = d.find_elements(By.CSS_SELECTOR, "#legend li")
+    assert legend[0].is_displayed()
+    assert [li.text for li in legend] == [*data["class_names"], "no label (class maps)"]
+    swatches = [li.find_element(By.CLASS_NAME, "swatch").value_of_css_property("background-color") for li in legend]
+    assert swatches == [f"rgba({r}, {g}, {b}, 1)" for r, g, b in [*palette[:len(data["class_names"])], IGNORE_COLOR]]
     # the browser: 4 images a page; the arrow keys page; a class filter shows only the images with it
     first = shown()
     assert len(first) == 4 and broken() == []
@@ -200,6 +215,9 @@ def test_every_cell_of_the_tables_and_the_page_is_its_own_runs(tmp_path, browser
     iou = {name: one_class_iou(cls) for name, (cls, _) in students.items()}
     iou["teacher"] = np.array(json.loads((tmp_path / "teval" / "eval.json").read_text())["iou"], dtype=float)
     miou = {name: np.nanmean(v) for name, v in iou.items()}
+    # aAcc: a one-class student is right on exactly the pixels of its class
+    aacc = {name: counts[cls] / counts.sum() for name, (cls, _) in students.items()}
+    aacc["teacher"] = json.loads((tmp_path / "teval" / "eval.json").read_text())["aacc"]
     assert len({round(v, 6) for v in miou.values()}) == 4  # four different runs
 
     def pct(x):
@@ -255,6 +273,7 @@ def test_every_cell_of_the_tables_and_the_page_is_its_own_runs(tmp_path, browser
     for name in iou:
         assert shown[name]["mIoU"] == pct(miou[name]), name
         assert shown[name]["Δ"] == ("base" if name == "base" else delta(miou[name] - miou["base"])), name
+        assert shown[name]["aAcc"] == pct(aacc[name]) == body[name]["aAcc"], name
     head = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#perclass thead th")]
     assert head == ["class", "teacher", "baseline", "Δ s-pole", "Δ s-sky", "teacher < baseline"]
     for tr in browser.find_elements(By.CSS_SELECTOR, "#perclass tbody tr"):

@@ -170,8 +170,9 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None, 
         page.write_page(folder, result, wrong=wrong)
     else:
         images = _browse_images(paths, reports, weights, models, split, page_images, dev) if models else []
-        page.write_page(folder, result, images=page.browser_images(
-            folder, result, images, eval_dataset(weights[0].config, split=split)[1].palette))
+        palette = eval_dataset(weights[0].config, split=split)[1].palette
+        page.write_page(folder, result, images=page.browser_images(folder, result, images, palette),
+                        palette=palette)
     result["page"] = str(out_dir / "index.html")
     result["out_dir"] = str(out_dir)
     return result

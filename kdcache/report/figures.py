@@ -45,6 +45,10 @@ __all__ = [
 
 _PANEL_INCHES = 4.0  # height of one image panel
 _LEGEND_COLS = 6
+#: the training curves' size (inches) and font sizes (points): text that stays readable where the
+#: figure is shown at about two thirds of its size, as compare's page shows it
+CURVES_INCHES = (8.0, 3.4)
+CURVES_FONT = {"title": 13, "label": 12, "tick": 11, "legend": 11}
 
 
 def _check_palette(palette: Any) -> np.ndarray:
@@ -492,30 +496,30 @@ def training_curves_figure(records: Sequence[Mapping[str, Any]], terms: Sequence
     if not epochs:
         raise ValueError("no epoch records to plot")
     x = [r["epoch"] + 1 for r in epochs]
-    fig = _figure(figsize=(10, 4), dpi=dpi)
+    fig = _figure(figsize=CURVES_INCHES, dpi=dpi)
+    from matplotlib.ticker import MaxNLocator  # matplotlib is loaded by _figure already
     ax_l, ax_m = fig.subplots(1, 2)
     for k in terms:
         ys = [r.get(k, float("nan")) for r in epochs]
-        ax_l.plot(x, ys, marker="o", markersize=3, label=k.removeprefix("train_"))
-    ax_l.set_xlabel("epoch")
-    ax_l.set_ylabel("loss")
-    ax_l.set_title("training loss terms")
-    ax_l.grid(alpha=0.3)
+        ax_l.plot(x, ys, marker="o", markersize=4, label=k.removeprefix("train_"))
     if terms:
-        ax_l.legend(fontsize=8)
+        ax_l.legend(fontsize=CURVES_FONT["legend"])
     key, what = ("val_top1", "top-1 accuracy") if any("val_top1" in r for r in epochs) else ("val_miou", "mIoU")
     val = [(r["epoch"] + 1, 100 * r[key]) for r in epochs if r.get(key) is not None]
     if val:
-        ax_m.plot([v[0] for v in val], [v[1] for v in val], marker="o", markersize=3, color="tab:green")
-    ax_m.set_xlabel("epoch")
-    ax_m.set_ylabel(f"val {what} (%)")
-    ax_m.set_title(f"validation {what}")
-    ax_m.grid(alpha=0.3)
+        ax_m.plot([v[0] for v in val], [v[1] for v in val], marker="o", markersize=4, color="tab:green")
+    for ax, ylabel, name in ((ax_l, "loss", "training loss terms"), (ax_m, f"val {what} (%)", f"validation {what}")):
+        ax.set_xlabel("epoch", fontsize=CURVES_FONT["label"])
+        ax.set_ylabel(ylabel, fontsize=CURVES_FONT["label"])
+        ax.set_title(name, fontsize=CURVES_FONT["title"])
+        ax.tick_params(labelsize=CURVES_FONT["tick"])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs
+        ax.grid(alpha=0.3)
     if title:
-        fig.suptitle(title, fontsize=11)
+        fig.suptitle(title, fontsize=CURVES_FONT["title"])
     # fixed margins, not tight_layout: every training run draws this figure once, and tight_layout's
     # own layout pass would be a large share of its drawing time
-    fig.subplots_adjust(left=0.085, right=0.985, bottom=0.13, top=0.83 if title else 0.9, wspace=0.25)
+    fig.subplots_adjust(left=0.1, right=0.985, bottom=0.17, top=0.8 if title else 0.88, wspace=0.3)
     return fig
 
 

@@ -6,7 +6,8 @@ each student, and the per-class chart), every run's training curves and, for seg
 prediction browser: for each chosen test image the image, the ground truth and each run's
 prediction with its per-image IoU, each shown as an overlay on the image or as a plain class map
 (a switch), filtered by a class present, sorted by how much KD helped or hurt
-against the baseline (for the run chosen), paged with the arrow keys. For classification:
+against the baseline (for the run chosen), paged with the arrow keys, under a legend of the class
+colours (the palette of the class maps and overlays). For classification:
 the confusion matrices and, per run, the images it gets wrong. The page's data is one JSON block
 inside it (a file:// page cannot fetch files), its script a few dozen lines of plain JavaScript.
 """
@@ -29,6 +30,8 @@ BROWSE = "browse"
 THUMB = 192  # the longer side of a browser picture, pixels
 #: pixels without a label in a plain class map: VOC's void colour, not the black of class 0
 IGNORE_COLOR = (224, 224, 192)
+#: the class colour's share of an overlay's pixel (the image keeps the rest)
+OVERLAY_ALPHA = 0.6
 
 
 def save_picture(path: Path, rgb: np.ndarray) -> str:
@@ -61,14 +64,14 @@ def browser_images(folder: OutputFolder, result: dict, images: list[dict], palet
         folder.paths(f"{BROWSE}/{stem}_{part}.png" for part in
                      ("image", "truth", "truth_map", *(f"{k}{m}" for k in range(len(im["preds"])) for m in ("", "_map"))))
         files = {"image": picture(f"{stem}_image.png", im["image"]),
-                 "truth": picture(f"{stem}_truth.png", figures.overlay(im["image"], label, pal, alpha=0.6)),
+                 "truth": picture(f"{stem}_truth.png", figures.overlay(im["image"], label, pal, alpha=OVERLAY_ALPHA)),
                  "truth_map": picture(f"{stem}_truth_map.png",
                                       figures.colorize(label, pal, ignore_color=IGNORE_COLOR))}
         runs, maps = {}, {}
         for r, pred in im["preds"].items():
             pred = np.asarray(pred)
             maps[r] = picture(f"{stem}_{len(runs)}_map.png", figures.colorize(pred, pal))
-            runs[r] = picture(f"{stem}_{len(runs)}.png", figures.overlay(im["image"], pred, pal, alpha=0.6))
+            runs[r] = picture(f"{stem}_{len(runs)}.png", figures.overlay(im["image"], pred, pal, alpha=OVERLAY_ALPHA))
         present = sorted(int(c) for c in np.unique(label) if c != 255 and c < len(names))
         entries.append({"id": im["id"], "classes": [names[c] for c in present], "files": files, "runs": runs,
                         "maps": maps,
@@ -76,11 +79,37 @@ def browser_images(folder: OutputFolder, result: dict, images: list[dict], palet
     return entries
 
 
+def hex_color(rgb) -> str:
+    """``(r, g, b)`` (0-255) as ``#rrggbb``."""
+    return "#" + "".join(f"{int(v):02x}" for v in rgb)
+
+
+def legend(class_names, palette) -> str:
+    """The prediction browser's colour legend: a swatch of each class's palette colour beside its
+    name, in class order, then the colour of unlabelled pixels in a class map. Overlays blend the
+    same colours with the image (the class colour at :data:`OVERLAY_ALPHA`); unlabelled pixels keep
+    the image there."""
+    pal = np.asarray(palette, dtype=np.uint8)
+    if len(pal) < len(class_names):
+        raise ValueError(f"the palette has {len(pal)} colours for {len(class_names)} classes")
+
+    def item(name: str, color: str, cls: str = "") -> str:
+        return (f'<li{cls} data-class="{html.escape(name)}" data-color="{color}">'
+                f'<span class="swatch" style="background:{color}"></span>{html.escape(name)}</li>')
+
+    items = [item(str(n), hex_color(pal[c])) for c, n in enumerate(class_names)]
+    items.append(item("no label (class maps)", hex_color(IGNORE_COLOR), ' class="void"'))
+    alpha = f"{100 * OVERLAY_ALPHA:.0f}"
+    return (f'<p class="note">Class colours: plain in the class maps, {alpha}% over the image in the overlays '
+            f'(where a pixel has no label, an overlay shows the image).</p><ul id="legend">{"".join(items)}</ul>')
+
+
 def write_page(folder: OutputFolder, result: dict, *, images: list[dict] | None = None,
-               wrong: dict[str, list[dict]] | None = None) -> Path:
+               wrong: dict[str, list[dict]] | None = None, palette=None) -> Path:
     """``out_dir/index.html`` for a ``compare`` result (written beside compare.md and the figures):
     ``images`` the prediction browser's entries (:func:`browser_images`), ``wrong`` for
-    classification the images each run gets wrong (run -> [{"file", "caption"}])."""
+    classification the images each run gets wrong (run -> [{"file", "caption"}]), ``palette`` the
+    class colours ([C, 3] uint8) of the browser's pictures, listed in its :func:`legend`."""
     curves = {}
     for r in result["rows"]:
         src = Path(r["run"]) / "curves.png"
@@ -93,8 +122,8 @@ def write_page(folder: OutputFolder, result: dict, *, images: list[dict] | None 
     delta = "delta_top1" if classification else "delta_miou"
     columns = [("run", "name", "text"), ("method", "method", "text"), ("model", "model", "text"),
                ("top-1" if classification else "mIoU", key, "pct"), ("Δ", delta, "delta"),
-               ("mAcc", "macc", "pct"), ("#params (M)", "params", "params"), ("ms/image", "ms_per_image", "num"),
-               ("FPS", "fps", "num")]
+               ("mAcc", "macc", "pct"), *([] if classification else [("aAcc", "aacc", "pct")]),
+               ("#params (M)", "params", "params"), ("ms/image", "ms_per_image", "num"), ("FPS", "fps", "num")]
     table = [{"cells": [{"text": "base", "sort": 0.0} if kind == "delta" and r["baseline"] else _cell(r.get(k), kind)
                         for _, k, kind in columns]} for r in result["rows"]]
     base = next((r["name"] for r in result["rows"] if r["baseline"]), None)
@@ -107,7 +136,8 @@ def write_page(folder: OutputFolder, result: dict, *, images: list[dict] | None 
             "chart": "per_class_acc.png" if classification else "per_class_iou.png"}
     data = _finite(data)
     title = f"kdcache compare: {result['dataset']} / {result['split']} ({result['num_samples']} images)"
-    page = PAGE.replace("{{title}}", html.escape(title)).replace(
+    legend_html = "" if classification or palette is None else legend(result["class_names"], palette)
+    page = PAGE.replace("{{title}}", html.escape(title)).replace("{{legend}}", legend_html).replace(
         "{{data}}", json.dumps(data, allow_nan=False, default=str).replace("</", "<\\/"))
     path = folder.file("index.html")
     path.write_text(page, encoding="utf-8")
@@ -148,7 +178,10 @@ body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collapse:collap
 th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{cursor:pointer;background:#f4f4f4}
 td:first-child,th:first-child{text-align:left}.flag{color:#b00;font-weight:bold}
 figure{display:inline-block;margin:4px;text-align:center;font-size:12px}img{max-width:100%}
-#browser .row{border-top:1px solid #ddd;padding:4px 0}#curves img,#chart{max-width:480px}.controls{margin:.5em 0}
+#browser .row{border-top:1px solid #ddd;padding:4px 0}.controls{margin:.5em 0}
+#curves img{width:600px}.note{margin:.3em 0;font-size:14px;color:#444}
+#legend{list-style:none;padding:0;margin:.3em 0 .6em;display:flex;flex-wrap:wrap;gap:4px 16px;font-size:14px}
+#legend li{display:flex;align-items:center;gap:6px}.swatch{display:inline-block;width:18px;height:18px;border:1px solid #666}
 </style></head><body>
 <h1>{{title}}</h1>
 <h2>Runs</h2><p>Click a column to sort by it.</p><table id="runs"><thead></thead><tbody></tbody></table>
@@ -161,6 +194,7 @@ sort <select id="sort"><option value="id">image id</option><option value="helped
 <option value="hurt">KD hurt most</option></select> for <select id="sortrun"></select>
 show <select id="view"><option value="overlay">overlays</option><option value="map">class maps</option></select>
 <button id="prev">◀</button> <span id="page"></span> <button id="next">▶</button> (← → keys)</div>
+{{legend}}
 <div id="browser"></div></div>
 <div id="classification"><h2>Confusion matrices</h2><div id="confusion"></div><h2>Images each run gets wrong</h2>
 <div id="wrong"></div></div>
