@@ -190,16 +190,8 @@ def seed_gains(text: str, name: str) -> Forest:
     m = re.search(r"^Gain over the CE baseline of the same seed[^:]*:\s*(.+)$", text, re.M)
     if not m:
         raise ValueError(f"{name}: no line of per-seed gains over the CE baseline")
-    f = Forest("", [], [], [], [], [])
-    for label, values in re.findall(rf"(.+?): ((?:{NUMBER})(?:, {NUMBER})*)(?:; |$)", m.group(1)):
-        gains = numbers(values)
-        mean, lo, hi = interval(gains)
-        f.labels.append(label.strip())
-        f.means.append(mean)
-        f.lows.append(lo)
-        f.highs.append(hi)
-        f.seeds.append(gains)
-    return f
+    pairs = re.findall(rf"(.+?): ((?:{NUMBER})(?:, {NUMBER})*)(?:; |$)", m.group(1))
+    return gains_forest([label.strip() for label, _ in pairs], [numbers(values) for _, values in pairs])
 
 
 def draw_kd_methods(texts: dict[str, str]):
