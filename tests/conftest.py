@@ -1,10 +1,17 @@
 """Test-wide set-up: without a GPU, Triton kernels run in its CPU interpreter; under pytest-xdist
 each worker computes on one thread (torch, Numba, and the processes tests start), since CI's
-workers are as many as the cores and two threads each would only take turns on them."""
+workers are as many as the cores and two threads each would only take turns on them. The shared
+fixtures (a tiny teacher, a small store) are made once per session (per xdist worker); tests only
+read them. The quick tier is ``python -m pytest -m "not slow" -n 2 --dist loadfile``;
+``KDCACHE_MODULE_COVERAGE=1`` checks that it reaches every module (tests/module_coverage.py)."""
 
 import os
 
-import torch
+import module_coverage
+
+TRACER = module_coverage.Tracer().install() if os.environ.get(module_coverage.ENV) else None
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -42,16 +49,31 @@ RECORDER = Recorder().install()
 WORKER_KEY = "kdcache_error_triggers"
 
 
+MODULE_DUMPS: list[dict] = []
+
+
+def pytest_collection_finish(session):
+    if TRACER is not None:  # only what the tests run counts, not what collecting them imported
+        TRACER.active = True
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error):
-    """pytest-xdist: a worker's triggers, gathered in the controller."""
-    RECORDER.merge(getattr(node, "workeroutput", {}).get(WORKER_KEY, []))
+    """pytest-xdist: a worker's triggers (and modules reached), gathered in the controller."""
+    output = getattr(node, "workeroutput", {})
+    RECORDER.merge(output.get(WORKER_KEY, []))
+    if module_coverage.WORKER_KEY in output:
+        MODULE_DUMPS.append(output[module_coverage.WORKER_KEY])
 
 
 def pytest_sessionfinish(session, exitstatus):
     if hasattr(session.config, "workeroutput"):  # an xdist worker: hand the triggers to the controller
         session.config.workeroutput[WORKER_KEY] = RECORDER.dump()
+        if TRACER is not None:
+            session.config.workeroutput[module_coverage.WORKER_KEY] = TRACER.dump()
         return
+    if TRACER is not None:
+        report_modules(session, [*MODULE_DUMPS, TRACER.dump()])
     if not os.environ.get(ENV) or exitstatus != 0:
         return
     problems = coverage(code_sites(), RECORDER.triggers, strings_of_file)
@@ -61,3 +83,36 @@ def pytest_sessionfinish(session, exitstatus):
         for p in problems:
             reporter.write_line(p)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def report_modules(session, dumps: list[dict]) -> None:
+    """KDCACHE_MODULE_COVERAGE=1: fail the session unless every module was imported and exercised."""
+    missing, total = module_coverage.problems(dumps)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    reporter.write_sep("=", f"{module_coverage.ENV}: {total - len(missing)} of {total} modules imported and "
+                            "exercised by the tests that ran")
+    for line in missing:
+        reporter.write_line(line)
+    if missing:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# -- shared fixtures: made once per session (per xdist worker), read-only --------------------------------
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory):
+    """A tiny segmentation teacher: ``demo_teacher``, 11 classes, seed 0, saved as a kdcache checkpoint.
+    Read it, never write beside it (a test that changes a teacher makes its own with make_teacher)."""
+    from fake_data import make_teacher
+
+    return make_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt")
+
+
+@pytest.fixture(scope="session")
+def small_store(tmp_path_factory, teacher):
+    """(teacher, store): ``teacher``'s top-4 logits on 16 synthetic 32x48 training images, 8 per shard.
+    Read-only: a test that changes a store copies it first (shutil.copytree)."""
+    from fake_data import make_small_store
+
+    return make_small_store(tmp_path_factory, teacher)

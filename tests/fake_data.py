@@ -125,9 +125,10 @@ def make_teacher(path: Path, num_classes: int = 11, name: str = "demo_teacher", 
     return save_checkpoint(path, model, config=config)
 
 
-def make_small_store(tmp_path_factory) -> tuple[Path, Path]:
-    """(teacher checkpoint, top-4 store of 16 synthetic 32x48 training images, 8 per shard)."""
-    teacher = make_teacher(tmp_path_factory.mktemp("t") / "teacher.pt")
+def make_small_store(tmp_path_factory, teacher: Path | None = None) -> tuple[Path, Path]:
+    """(teacher checkpoint, top-4 store of 16 synthetic 32x48 training images, 8 per shard); the
+    teacher is :func:`make_teacher`'s default one unless given."""
+    teacher = teacher or make_teacher(tmp_path_factory.mktemp("t") / "teacher.pt")
     out = tmp_path_factory.mktemp("c") / "c.zarr"
     build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(out), dataset_options={"resolution": [32, 48]},
                                          limit=16, topk=4, samples_per_shard=8, device="cpu", workers=0),

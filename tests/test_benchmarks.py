@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from fake_data import make_small_store
 
 from kdcache.store import CacheStore
 from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
@@ -18,20 +17,15 @@ from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def teacher_and_store(tmp_path_factory):
-    return make_small_store(tmp_path_factory)
-
-
 def run_script(name: str, *args, monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", [name, *map(str, args)])
     runpy.run_path(str(BENCH / name), run_name="__main__")
 
 
-def test_kd_step_time_runs_every_variant_on_the_same_batches(teacher_and_store, tmp_path, monkeypatch):
+def test_kd_step_time_runs_every_variant_on_the_same_batches(small_store, tmp_path, monkeypatch):
     """The batches come from the pipeline that reads the cached logits: the CE-only trainer's
     (`--method none`) reads no cache, and batches from it once broke the KL variants."""
-    teacher, store = teacher_and_store
+    teacher, store = small_store
     run_script("kd_step_time.py", "--cache", store, "--teacher", teacher, "--limit", 16, "--batch-size", 2,
                "--steps", 2, "--rounds", 1, "--device", "cpu", "--results", tmp_path, monkeypatch=monkeypatch)
     table = (tmp_path / "kd-step-time-cpu.md").read_text()
@@ -85,6 +79,7 @@ TINY = {"classification": ({"size": 48}, 40, 16), "segmentation": ({"size": 8, "
 
 
 @pytest.mark.parametrize("task_name", sorted(TINY))
+@pytest.mark.slow  # trains every arm of the benchmark, each seed
 def test_cached_vs_online_pairs_seeds_and_reports_every_arm(task_name, tmp_path, monkeypatch):
     """cached_vs_online.py on a tiny setting of each task: every arm trains for every seed (the
     online arm over the schedule store; segmentation's bilinear arm with --target-resample
@@ -302,6 +297,7 @@ def test_weak_teacher_targets_by_hand():
     assert not kl["lost_measured"] and "half the weak class" not in kl["met"]
 
 
+@pytest.mark.slow  # trains every arm of the benchmark
 def test_weak_teacher_runs_every_arm_and_reports_the_weak_class(tmp_path, monkeypatch):
     """weak_teacher.py on a tiny setting: the weak teacher's training labels lose building to sky in
     the chosen images only, its val labels none; every arm trains for each seed; the class-weight
@@ -441,6 +437,7 @@ def test_target_cost_times_each_way_and_an_older_commits_beside_it(tmp_path, mon
     assert rows[0].endswith("| 1.00 |") and "3 synthetic training images" in table
 
 
+@pytest.mark.slow  # writes a store, times three loaders
 def test_store_scale_measures_a_tiny_store_and_reports_the_jpeg_comparator(tmp_path, monkeypatch):
     """store_scale.py's phases on a 300-sample ImageNet-like store, in this process: the store holds
     what was written, opening, inspecting and verifying see every sample, the three loaders read the
@@ -517,6 +514,7 @@ def test_store_scale_measures_a_tiny_store_and_reports_the_jpeg_comparator(tmp_p
     assert f"{lz4['bytes_per_sample'] / w['bytes_per_sample']:.2f}x the bytes" in compared
 
 
+@pytest.mark.slow  # trains a student per weight
 def test_kd_weight_pool_trains_every_weight_and_averages_both_settings(tmp_path, monkeypatch):
     """kd_weight_pool.py on a tiny setting: CE and every (method, weight, seed) with the pool, each
     scored by its best val epoch; the state goes on where it stopped (a run in it is not trained
@@ -577,6 +575,7 @@ def test_kd_weight_pool_trains_every_weight_and_averages_both_settings(tmp_path,
     assert "| dist | +2.50 (+0.00, +5.00) | +3.00 (+2.00, +4.00) | w = 1 |" in table
 
 
+@pytest.mark.slow  # runs setup.py and a new Python process
 def test_checkout_site_lays_out_every_package_setup_py_installs(tmp_path, monkeypatch):
     """gpu_check.sh runs kdcache from the checkout on a GPU machine where nothing is installed; the
     layout must hold every package the wheel holds (setup.py's own list) and import from there."""

@@ -35,11 +35,6 @@ RES = {"resolution": [32, 48]}
 N = 10  # samples; 4 per shard -> shards of 4, 4, 2
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    return make_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt")
-
-
 def config(teacher, out, **kw) -> CacheBuildConfig:
     base = dict(weights=str(teacher), out=str(out), dataset_options=dict(RES), limit=N, topk=4,
                 samples_per_shard=4, batch_size=3, device="cpu", workers=0)
@@ -313,6 +308,7 @@ def _cli_args(teacher, out, n=N, per_shard=4):
             "--device", "cpu", "--workers", "0", "--quiet"]
 
 
+@pytest.mark.slow  # kill -9
 def test_killed_build_resumes_to_the_same_store(tmp_path, teacher):
     n = 64
     ref, out = tmp_path / "ref.zarr", tmp_path / "out.zarr"
@@ -368,6 +364,7 @@ def test_write_failure_stops_cleanly_and_a_rerun_completes(tmp_path, teacher, mo
     assert_same_store(out, ref)
 
 
+@pytest.mark.slow  # torchrun
 def test_two_process_torchrun_build_equals_one_process(tmp_path, teacher):
     one, two = tmp_path / "one.zarr", tmp_path / "two.zarr"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -734,6 +731,7 @@ def test_the_default_top_k_keeps_every_class_when_there_are_fewer(tmp_path):
     assert CacheStore(eleven).k == 4
 
 
+@pytest.mark.slow  # trains a teacher, then builds
 def test_a_build_without_dataset_takes_the_teacher_runs(tmp_path):
     """``build-teacher-cache --weights RUN`` without ``--dataset`` builds over the run's data set,
     root and options (it built the synthetic data before, silently, for an 11-class teacher of

@@ -370,6 +370,7 @@ def test_views_and_label_maps_are_the_teacher_on_those_pixels(teacher):
     assert q["rows"]["combined"]["aacc"] == pytest.approx(float((pred == labels).double().mean()))
 
 
+@pytest.mark.slow  # trains two students
 def test_classification_students_take_kl_and_dist_at_their_classification_temperature(teacher, tmp_path):
     """kl and dist default to T = 4 and weight 2 for classification (chosen on val), recorded in
     config.json; a temperature or weight given in the method spec or by --temperature/--kd-weight
@@ -434,6 +435,7 @@ def test_classifier_stores_are_packed_and_plain_zarr_for_tensorstore(teacher, tm
         np.testing.assert_array_equal(item["views/logits/values"], g["views/logits/values"][i])
 
 
+@pytest.mark.slow  # the five commands end to end
 def test_the_workflow_on_the_command_line(teacher, tmp_path):
     d = teacher
     for form, extra in (("logits", []), ("views2", ["--views", "2"]), ("lmap2", ["--label-map"])):
@@ -612,6 +614,7 @@ def test_models_without_a_class_map_say_so():
     assert "pools a 3-D tensor, not a feature map; it has no class map" in str(e.value)
 
 
+@pytest.mark.slow  # the whole demo
 def test_the_classification_demo(tmp_path):
     args = ["demo", "--task", "classification", "--out", tmp_path / "demo", "--teacher-epochs", 1, "--student-epochs",
             1, "--limit", 40, "--device", "cpu", "--quiet"]
@@ -634,6 +637,7 @@ def test_the_classification_demo(tmp_path):
     assert r.exit_code == 2 and "--task must be segmentation or classification, got 'detection'" in r.output
 
 
+@pytest.mark.slow  # trains twice
 def test_a_resumed_classification_run_matches_an_uninterrupted_one(tmp_path, monkeypatch):
     from kdcache.core.runs import RunDir
 

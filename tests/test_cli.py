@@ -27,6 +27,7 @@ def test_installed_package_layout():
     assert Path(kdcache.kernels.__file__).resolve() == repo / "kernels" / "__init__.py"
 
 
+@pytest.mark.slow  # two new Python processes
 def test_python_m_kdcache_and_console_script():
     r = subprocess.run([sys.executable, "-m", "kdcache", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "train-teacher" in r.stdout and "evaluate" in r.stdout
@@ -35,6 +36,7 @@ def test_python_m_kdcache_and_console_script():
     assert r.returncode == 0 and "deeplabv3_resnet50" in r.stdout and "demo_teacher" in r.stdout
 
 
+@pytest.mark.slow  # trains, then evaluates
 def test_train_then_evaluate(tmp_path):
     run = tmp_path / "run"
     r = kd("train-teacher", *TINY, "--epochs", 2, "--out", run)
@@ -95,6 +97,7 @@ def _records(run):
             for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # trains twice
 def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     from kdcache.core.runs import RunDir
 
@@ -182,6 +185,7 @@ def other_value(option, default) -> list[str]:
     return [flag, "elsewhere"]
 
 
+@pytest.mark.slow  # a run per option
 def test_every_option_resume_may_not_change_is_refused(tmp_path):
     """Each option outside :data:`RESUMABLE`, given with another value on --resume, is refused in one
     line naming it; each inside it is taken (the run resumes)."""
@@ -293,6 +297,7 @@ def test_class_weights_follow_median_frequency(tmp_path):
     assert r.exit_code == 0 and "class weights" not in r.output and "━" not in r.output, r.output
 
 
+@pytest.mark.slow  # a DataLoader worker process (its shutdown after the error waits 5 s)
 def test_bad_mask_in_a_worker_is_one_clear_line(tmp_path):
     root = tmp_path / "f"
     (root / "images").mkdir(parents=True)
@@ -309,6 +314,7 @@ def test_bad_mask_in_a_worker_is_one_clear_line(tmp_path):
     assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # trains, then evaluates
 def test_train_and_evaluate_on_voc_images_of_different_sizes(tmp_path):
     make_voc_sizes(tmp_path)
     run = tmp_path / "run"
@@ -497,6 +503,7 @@ def test_help_groups_options_in_panels_the_essential_ones_first():
     assert r.exit_code == 0 and r.output.index("--weights ") < r.output.index("--topk ") < r.output.index("--device ")
 
 
+@pytest.mark.slow  # builds two caches, trains two students
 def test_the_default_method_is_the_one_the_benchmarks_chose_for_the_task(tmp_path, monkeypatch):
     """No --method: dist for a segmentation cache, kl for a classification one (the run folder is
     named after it, config.json records it); --help says why."""

@@ -65,11 +65,6 @@ TINY = ["--model", "tiny_models:TinyNet", "--limit", "8", "--batch-size", "4", "
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    return make_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt")
-
-
-@pytest.fixture(scope="module")
 def store(tmp_path_factory, teacher) -> Path:
     out = tmp_path_factory.mktemp("store") / "cache.zarr"
     build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(out), dataset_options={"resolution": [32, 48]},
@@ -801,6 +796,7 @@ def test_user_error_is_one_clear_line(c: Case, tmp_path, request):
     error_line(kd(*(a.format(**values) for a in c.args)), *c.fragments)
 
 
+@pytest.mark.slow  # a new Python process
 def test_the_installed_command_prints_one_line_and_exits_2(store, tmp_path):
     """The real ``kdcache`` process (not CliRunner): stdout and stderr together are the one line."""
     r = subprocess.run([sys.executable, "-m", "kdcache", "train-student", "--cache", str(store), "--method",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 from cli_runner import kd
 from PIL import Image, ImageOps
 from rich.console import Console
@@ -12,6 +13,38 @@ from rich.console import Console
 from kdcache.cli.report import compare_per_class_table, compare_table
 
 
+def test_a_demo_rerun_skips_only_the_steps_an_earlier_run_finished(tmp_path):
+    """demo/steps.py's checks, with no training (the demo itself runs in the slow tier): a run is
+    started once it has a last.pt and finished once its last epoch is logged too; an earlier
+    comparison is reused for the same runs only, and only while no checkpoint is newer than it."""
+    import os
+
+    from kdcache.core.runs import RunDir
+    from kdcache.demo.steps import _compared, run_finished, run_started
+
+    run = RunDir(tmp_path / "run")
+    run.create({"model": "demo_student"})
+    assert not run_started(run.path) and not run_finished(run.path, 2)
+    run.last.write_bytes(b"")
+    run.log({"epoch": 0})
+    assert run_started(run.path) and not run_finished(run.path, 2)
+    run.log({"epoch": 1})
+    assert run_finished(run.path, 2)
+    out = tmp_path / "compare"
+    out.mkdir()
+    assert _compared(out, [run.path]) is None  # nothing compared yet
+    run.best.write_bytes(b"")
+    table = {"rows": [{"run": str(run.path)}]}
+    (out / "compare.json").write_text(json.dumps(table))
+    written = (out / "compare.json").stat().st_mtime_ns
+    os.utime(run.best, ns=(written - 10**9, written - 10**9))
+    assert _compared(out, [run.path]) == {**table, "out_dir": str(out)}
+    assert _compared(out, [run.path, tmp_path / "other"]) is None  # other runs
+    os.utime(run.best, ns=(written + 10**9, written + 10**9))
+    assert _compared(out, [run.path]) is None  # a checkpoint newer than the comparison
+
+
+@pytest.mark.slow  # the whole demo, twice
 def test_demo_then_compare_outputs_and_rerun_reuses_steps(tmp_path):
     out = tmp_path / "demo"
     args = ["demo", "--out", out, "--teacher-epochs", 1, "--student-epochs", 1, "--limit", 8, "--device", "cpu", "--quiet"]
@@ -245,6 +278,7 @@ def test_the_page_lists_every_class_colour_and_the_aacc_of_each_run_by_hand(tmp_
     with pytest.raises(ValueError, match="the palette has 2 colours for 3 classes"):
         page(result, palette[:2], "short")
 
+@pytest.mark.slow  # trains runs to compare
 def test_runs_of_other_data_roots_are_compared_only_on_one(tmp_path):
     """Two runs of the same data set name, split and size, trained under other roots (other images):
     refused, naming both roots, unless --data-root scores every run on the same images."""

@@ -16,8 +16,9 @@ from cli_runner import kd
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="no Chromium here: apt-get install chromium "
-                                                                    "chromium-driver (CI installs it)")
+pytestmark = [pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="no Chromium here: apt-get install chromium "
+                                                                     "chromium-driver (CI installs it)"),
+              pytest.mark.slow]  # a browser, and the demos it looks at
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from fake_data import make_teacher
 
 from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
@@ -62,6 +63,7 @@ def evaluated_miou(run: Path) -> float:
     return json.loads((run / "eval-last" / "eval.json").read_text())["miou"]
 
 
+@pytest.mark.slow  # torchrun
 def test_two_process_training_is_one_model_trained_on_every_sample(tmp_path):
     """2 CPU processes (gloo), kl + FitNet (an adapter outside DDP): every sample once per epoch,
     half per rank; bit-equal replicas, adapter included; the loss is the ranks' mean; the
@@ -102,6 +104,7 @@ def test_two_process_training_is_one_model_trained_on_every_sample(tmp_path):
         assert any(symptom in p for p in found), (broken, found)
 
 
+@pytest.mark.slow  # torchrun
 def test_two_processes_with_an_unlabelled_cache(tmp_path):
     """--unlabeled-cache under torchrun: the ranks keep equal replicas, together see every labelled
     sample once per epoch and as many pool samples as one process with the same global batch."""

@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cli_runner import kd
-from fake_data import make_teacher
 
 from kdcache.core.checkpoint import load_weights
 from kdcache.core.topk import attention_map, dense_logits, topk_targets
@@ -27,11 +26,6 @@ from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.train.student import StudentTrainer, config_from_store, train_student
 
 RES = {"resolution": [32, 48]}
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return make_teacher(tmp_path_factory.mktemp("t") / "teacher.pt")
 
 
 @pytest.fixture(scope="module")
@@ -570,6 +564,7 @@ def test_online_teacher_feeds_the_same_loss_code(tmp_path, store, teacher):
     assert online.teacher is not None and cached.teacher is None
 
 
+@pytest.mark.slow  # trains twice
 def test_resume_equals_an_uninterrupted_run(tmp_path, store, monkeypatch):
     from kdcache.core.runs import RunDir
 
@@ -606,6 +601,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, store, monkeypatch):
     assert a["best_miou"] == pytest.approx(max(y["val_miou"] for y in rb), rel=1e-6)
 
 
+@pytest.mark.slow  # trains a student per method
 def test_cli_every_method_trains(tmp_path, store):
     for spec in ("none", "kl:weight=0.5,temperature=2", "at", "sp", "fitnet", "cwd", "dist", "pseudo:confidence_threshold=0.5",
                  "pseudo:class_balanced=0.5"):

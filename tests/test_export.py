@@ -141,6 +141,7 @@ def test_torchscript_loads_without_kdcache_and_gives_the_same_logits(run):
             assert torch.allclose(loaded(x), torch_logits(run, x), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # ONNX export and ONNX Runtime
 def test_evaluate_with_onnxruntime_gives_the_torch_metrics(run, tmp_path):
     r = kd("evaluate", run, "--qualitative", 0, "--quiet", "--out", tmp_path / "torch")
     assert r.exit_code == 0, r.output
@@ -164,6 +165,7 @@ def test_evaluate_with_onnxruntime_gives_the_torch_metrics(run, tmp_path):
     assert json.loads((tmp_path / "ort2" / "eval.json").read_text())["miou"] == pytest.approx(a["miou"], abs=1e-6)
 
 
+@pytest.mark.slow  # ONNX export and latency rounds
 def test_compare_with_onnxruntime_shows_deployed_latency(run, tmp_path):
     other = tmp_path / "copy"
     shutil.copytree(run, other, ignore=shutil.ignore_patterns("export*"))

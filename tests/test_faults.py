@@ -34,6 +34,7 @@ def _cache(tmp_path, teacher, name="c.zarr", n=16, **kw):
 STUDENT = ["--epochs", 1, "--limit", 16, "--batch-size", 4, "--device", "cpu", "--workers", 0, "--quiet"]
 
 
+@pytest.mark.slow  # builds a cache of larger images, trains
 def test_damaged_chunk_stops_training_naming_the_sample_or_is_skipped(tmp_path):
     teacher = make_teacher(tmp_path / "t.pt")
     cache = tmp_path / "c.zarr"  # images large enough for the logits to keep a sample per chunk
@@ -83,6 +84,7 @@ def test_a_damaged_packed_chunk_loses_exactly_the_samples_it_packs(tmp_path):
     assert kd("verify-cache", cache, "--quiet").exit_code == 0
 
 
+@pytest.mark.slow  # builds a cache, trains
 def test_a_lost_shard_file_or_a_chunk_that_reads_nan_is_never_trained_on(tmp_path):
     teacher = make_teacher(tmp_path / "t.pt")
     cache = _cache(tmp_path, teacher)
@@ -114,6 +116,7 @@ def test_stale_cache_is_refused_with_what_changed(tmp_path):
     assert r.exit_code == 2 and "teacher.weights_sha256" in r.output
 
 
+@pytest.mark.slow  # kill -9
 def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path):
     teacher = make_teacher(tmp_path / "t.pt")
     cache = _cache(tmp_path, teacher, n=24)

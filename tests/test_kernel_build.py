@@ -72,6 +72,7 @@ def _run(script: str, tmp_path) -> str:
     return r.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.slow  # compiles kernels for an H100 in a new process
 def test_kernels_fit_the_register_budget_with_no_shared_memory_in_loops(tmp_path):
     import json
 
@@ -87,9 +88,26 @@ def test_kernels_fit_the_register_budget_with_no_shared_memory_in_loops(tmp_path
     assert nchw and all(r["vector_loads_in_loops"] > 0 for r in nchw), nchw
 
 
+@pytest.mark.slow  # compiles kernels for an H100 in a new process
 def test_the_checks_catch_a_reduction_in_a_loop_and_a_spilling_kernel(tmp_path):
     import json
 
     res = json.loads(_run(_BAD, tmp_path))
     assert res["loop"]["shared_in_loops"] > 0, res
     assert res["tile"]["spills"] > 0 or res["tile"]["registers"] > 128, res
+
+
+def test_the_ptx_readers_and_the_variants_without_compiling():
+    """The quick tier's share of this file (the tests above compile, in processes of their own): the
+    PTX readers on made-up PTX, and the variants CI compiles, each named once."""
+    from kdcache.kernels import build
+
+    ptx = "\n".join([".version 8.4", ".target sm_90a", "$L__BB0_1:", "\tld.global.v4.f32 {%f1, %f2, %f3, %f4}, [%rd1];",
+                     "\t@%p1 bra $L__BB0_1;", "\tbra.uni $L__BB0_2;", "$L__BB0_2:", "\tret;"])
+    assert build._target(ptx) == "sm_90a" and build._target(".version 8.4") == "sm_90a"
+    assert build.loops(ptx) == [(2, 4)]  # the backward branch only: bra.uni to a later label is no loop
+    variants = build.variants()
+    assert len({v.name for v in variants}) == len(variants)
+    assert build.Variant("map_fwd").name == "map_fwd-bfloat16-C19-k4-tail-ignore-mean"
+    table = build.report_markdown([build.Report("map_fwd-x", 96, 0, 0, 4, [], 2, 1)], "t")
+    assert "| map_fwd-x | 96 | 0 | 4 | 1 | 0 | 2 |" in table

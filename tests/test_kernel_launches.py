@@ -104,6 +104,7 @@ def test_the_recorder_sees_a_sync_and_a_stray_kernel():
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("backend", ["numba", "triton"])
+@pytest.mark.slow  # torch.compile
 def test_torch_compile_traces_the_loss_without_a_graph_break(backend):
     """fullgraph=True makes a graph break an error; aot_eager traces forward and backward through the
     custom operators' fake implementations without compiling C++."""
@@ -126,6 +127,7 @@ def test_torch_compile_traces_the_loss_without_a_graph_break(backend):
     torch.testing.assert_close(x1.grad, x2.grad)
 
 
+@pytest.mark.slow  # torch.compile (Dynamo's first use: seconds)
 def test_torch_compile_traces_the_kl_method_on_the_cpu():
     """The ``kl`` method as a training step calls it, forward and backward under fullgraph=True."""
     from kdcache.methods import METHODS

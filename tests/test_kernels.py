@@ -259,7 +259,8 @@ triton_only = pytest.mark.skipif(not TRITON, reason="needs CUDA or TRITON_INTERP
 
 @triton_only
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-@pytest.mark.parametrize("C,k", [(2, 1), (19, 4), (19, 19), (150, 8), (300, 4)])
+@pytest.mark.parametrize("C,k", [(2, 1), *(pytest.param(c, k, marks=pytest.mark.slow)  # the interpreter
+                                    for c, k in [(19, 4), (19, 19), (150, 8), (300, 4)])])
 @pytest.mark.parametrize("tail_policy", ["bin", "renormalize"])
 def test_triton_matches_reference(C, k, tail_policy):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -276,8 +277,8 @@ def test_triton_matches_reference(C, k, tail_policy):
 
 @triton_only
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-@pytest.mark.parametrize("student_dtype,index_dtype", [(torch.float16, torch.uint8), (torch.bfloat16, torch.int64),
-                                                        (torch.float32, torch.int32)])
+@pytest.mark.parametrize("student_dtype,index_dtype", [(torch.float16, torch.uint8), *(
+    pytest.param(s, i, marks=pytest.mark.slow) for s, i in [(torch.bfloat16, torch.int64), (torch.float32, torch.int32)])])
 def test_triton_dtypes_rows_with_several_class_tiles_and_all_ignored(student_dtype, index_dtype):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     s, v, i, tail, ign, _ = make_case(2, 5000, 8, (), student_dtype=student_dtype, index_dtype=index_dtype
@@ -352,6 +353,7 @@ def test_bench_kernels_command_prints_the_table_and_writes_json(tmp_path):
         assert r.exit_code == 2 and r.output.startswith("error: ") and message in r.output, r.output
 
 
+@pytest.mark.slow  # compiles every Numba kernel
 def test_compile_numba_leaves_every_kernel_in_numbas_disk_cache():
     """``compile_numba`` (which CI runs before the tests) compiles the two loss kernels and the
     bilinear resampling or loads them; the next process finds all three in Numba's on-disk cache
@@ -367,6 +369,7 @@ def test_compile_numba_leaves_every_kernel_in_numbas_disk_cache():
         compile_numba(("rows", "dense"))
 
 
+@pytest.mark.slow  # a new Python process
 def test_the_numba_kernel_keeps_torchs_thread_budget():
     """A process limited to one thread (OMP_NUM_THREADS=1, as each torchrun process on a CPU is)
     stays at one after a Numba loss, and the kernel runs on that budget: Numba's OpenMP layer used

@@ -229,6 +229,7 @@ def run_settings(monkeypatch, case: Case, *, tail_policy, reduction, what=""):
 @interpreter_or_gpu
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.slow  # the Triton interpreter
 def test_helpers_on_tiny_shapes(dtype):
     """The comparisons the GPU tests make, on shapes the interpreter runs in a second."""
     case = make_case(2, 19, (6, 10), 4, dtype=dtype, labels=True)
@@ -240,6 +241,7 @@ def test_helpers_on_tiny_shapes(dtype):
 
 @interpreter_or_gpu
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.slow  # the Triton interpreter, every launch setting
 def test_launch_settings_tiny(monkeypatch):
     """Every setting runs and agrees (in the interpreter, trivially: it ignores num_warps)."""
     run_settings(monkeypatch, make_case(2, 19, (6, 10), 4, dtype=torch.float32, labels=True),
@@ -250,6 +252,7 @@ def test_launch_settings_tiny(monkeypatch):
 
 @interpreter_or_gpu
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.slow  # the Triton interpreter
 def test_launch_settings_reach_the_launch(monkeypatch):
     """NUM_WARPS / NUM_STAGES end up in both launches' options (forward, backward), each on a 1-D grid
     of N × pixel blocks; one launch each way."""
@@ -283,6 +286,7 @@ def test_launch_settings_reach_the_launch(monkeypatch):
 @interpreter_or_gpu
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=dtype_id)
+@pytest.mark.slow  # the Triton interpreter
 def test_position_slices_tiny(dtype):
     """The int64 tests' check (positions against the reference on those positions alone), tiny."""
     case = make_case(2, 37, (8, 12), 4, dtype=dtype, labels=True)
@@ -371,6 +375,7 @@ def test_ir_checker_flags_32_bit_products_and_narrow_math():
 
 
 @pytest.mark.parametrize("config", sorted(IR_CONFIGS))
+@pytest.mark.slow  # compiles kernels for an H100, a process each
 def test_compiled_kernel_has_int64_offsets_and_widens_loads(config):
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

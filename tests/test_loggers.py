@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from cli_runner import kd
-from fake_data import make_small_store
 from PIL import Image
 
 from kdcache.data import build_dataset
@@ -110,6 +109,7 @@ def test_tensorboard_holds_metrics_jsonl_and_validation_panels(tmp_path):
 
 
 @NEEDS_TENSORBOARD
+@pytest.mark.slow  # trains, resumes
 def test_tensorboard_on_resume_hides_what_the_redone_epoch_replaces(tmp_path, monkeypatch):
     """Epoch 1 logged but never checkpointed (a crash between the two): the resumed run writes
     with purge_step, so TensorBoard shows the redone epoch's values only. W&B (a fake module
@@ -169,13 +169,9 @@ def fake_wandb(monkeypatch) -> list:
     return calls
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return make_small_store(tmp_path_factory)[1]
-
-
 @NEEDS_TENSORBOARD
-def test_student_logs_to_tensorboard_and_wandb(store, tmp_path, monkeypatch):
+def test_student_logs_to_tensorboard_and_wandb(small_store, tmp_path, monkeypatch):
+    store = small_store[1]
     calls = fake_wandb(monkeypatch)
     run = tmp_path / "student"
     r = kd("train-student", "--cache", store, "--method", "kl", *SMALL, "--epochs", 2, "--tensorboard", "--wandb",

@@ -70,6 +70,7 @@ PAPER_PARAMS_M = {"segformer_b0": 3.8, "segformer_b1": 13.7, "segformer_b2": 27.
                   "segformer_b4": 64.1, "segformer_b5": 84.7}
 
 
+@pytest.mark.slow  # builds SegFormer B0-B5
 def test_segformer_variants_match_the_paper():
     # SegFormer Table 1 / Table 6: B2 has MiT-B2 (depths 3-4-6-3) and a 768-channel MLP head
     b2 = build_model("segformer_b2", 19)
@@ -248,6 +249,7 @@ def test_smp_input_of_any_size_is_padded_and_the_logits_cut_back():
     assert out.features["decoder"].shape[-2:] == (18, 23)  # stride 4 of 80 x 96, cut to ceil(72/4) x ceil(90/4)
 
 
+@pytest.mark.slow  # trains, evaluates, exports and caches an smp U-Net
 def test_smp_student_on_images_whose_sides_are_not_multiples_of_its_stride(tmp_path):
     """Images of mixed sizes, crops of 42 x 50, an encoder of output stride 8: training, validation,
     evaluate, export and the cache build all run (smp alone refuses every one of these inputs)."""
@@ -302,6 +304,7 @@ def test_backbone_weights_torchvision_resnet_into_smp_encoder(tmp_path):
     assert torch.equal(model.net.encoder.layer3[1].conv2.weight, resnet.layer3[1].conv2.weight)
 
 
+@pytest.mark.slow  # trains from backbone weights
 def test_backbone_weights_mobilenet_into_torchvision_lraspp_from_the_cli(tmp_path):
     import torchvision
 
@@ -469,6 +472,7 @@ def test_model_option_errors_from_the_cli(tmp_path, args, message):
     assert r.exit_code == 2 and r.output.startswith("error: ") and message in r.output, r.output
 
 
+@pytest.mark.slow  # SegFormer B2 teacher, cache, two students
 def test_segformer_b2_to_b0_and_smp_students_through_the_cache(tmp_path):
     """The CamVid seed's workflow with SegFormer: train-teacher segformer_b2 -> build-teacher-cache
     (with an encoder stage tapped) -> train-student segformer_b0 and an smp student with kl."""

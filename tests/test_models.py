@@ -19,6 +19,7 @@ def test_registry_lists_torchvision_and_builtin_models():
         assert n in names
 
 
+@pytest.mark.slow  # new Python processes
 def test_torchvision_is_imported_when_a_name_needs_it_not_at_start_up():
     """A command on the built-in networks starts without torchvision, torch._dynamo (which
     torchvision's ops import), matplotlib or Numba (the loss and resampling kernels import it on
@@ -149,6 +150,7 @@ def test_count_parameters():
     assert count_parameters(m) == (3 * 8 * 9 + 8) + (8 * 3 + 3)
 
 
+@pytest.mark.slow  # torchvision's DeepLabV3 with its auxiliary head, trained and cached
 def test_torchvision_checkpoint_with_its_auxiliary_head_loads(tmp_path):
     """torchvision publishes FCN and DeepLabV3 weights with ``aux_classifier.*``: a teacher built
     without the head loads them (the head left out, with a note), one built with -m aux_loss=true

@@ -189,7 +189,10 @@ def try_file_command(case: Case, env: dict, tmp_path: Path) -> None:
         unchanged(theirs)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+SLOW = {"compare", "bench-kernels", "demo"}  # the longest three
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(CASES)])
 def test_no_command_changes_a_file_it_did_not_write(name, env, tmp_path):
     case = CASES[name]
     (try_file_command if case.files else try_folder_command)(case, env, tmp_path)
@@ -205,6 +208,7 @@ def test_the_classification_demo_refuses_a_users_folder_and_another_demos(tmp_pa
                "holds a demo of kdcache's, not a classification demo; choose another --out")
 
 
+@pytest.mark.slow  # evaluates twice
 def test_the_test_fails_without_the_folder_check(env, tmp_path, monkeypatch):
     """Negative controls: with the folder check taken out, the user's folder is written (not refused);
     with the per-file check and removal taken out as well, the user's files are replaced."""

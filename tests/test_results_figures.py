@@ -21,6 +21,7 @@ sys.modules[spec.name] = results_figures
 spec.loader.exec_module(results_figures)
 
 
+@pytest.mark.slow  # draws every figure (the checks' negative controls below stay quick)
 @pytest.mark.parametrize("name", sorted(results_figures.FIGURES))
 def test_each_figure_is_drawn_from_its_files(name):
     assert results_figures.stale(names=[name]) == [], (

@@ -20,6 +20,7 @@ results_tables = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(results_tables)
 
 
+@pytest.mark.slow  # regenerates every results table
 def test_every_results_block_matches_its_file():
     r = subprocess.run([sys.executable, str(SCRIPT), "--check"], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -16,9 +16,10 @@ from collections import Counter
 import numpy as np
 import pytest
 from cli_runner import kd
-from fake_data import make_teacher
 from s3_server import S3Server
 from test_cache import arrays_of, assert_same_store
+
+pytestmark = pytest.mark.slow  # an S3 server in a process of its own, retries with back-off, torchrun
 
 N = 16
 
@@ -28,11 +29,6 @@ def s3():
     with S3Server() as server:
         server.make_bucket("caches")
         yield server
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return make_teacher(tmp_path_factory.mktemp("teacher") / "t.pt")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import fsspec
 import numpy as np
 import pytest
 import torch
-from fake_data import make_teacher
 from stream_order import fix_shard_order, shard_order
 from typer.testing import CliRunner
 
@@ -30,11 +29,6 @@ def _build(teacher, out, n=24, per_shard=8):
                                          topk=4, features=("stage3",), attention=True, samples_per_shard=per_shard,
                                          device="cpu", workers=0), show_progress=False)
     return out
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return make_teacher(tmp_path_factory.mktemp("t") / "teacher.pt")
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +154,7 @@ def test_workers_take_contiguous_parts_and_equal_whole_batches(store, workers, m
         next(iter(stream))
 
 
+@pytest.mark.slow  # trains over epochs
 def test_train_student_streams_every_sample_once_per_epoch(store, tmp_path):
     for read, workers in (("stream", 0), ("stream", 2), ("random", 0)):
         out = tmp_path / f"{read}-{workers}"

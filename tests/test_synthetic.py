@@ -149,6 +149,7 @@ def _render_only_in(pid: int, real):
     return render
 
 
+@pytest.mark.slow  # DataLoader worker processes (the failing one's shutdown waits 5 s)
 def test_prepared_samples_reach_the_workers_without_rendering(monkeypatch):
     """prepare_for_workers renders every sample in this process; a worker forked afterwards reads
     them all without rendering one (a worker that rendered would raise). Over the memory budget
@@ -168,6 +169,7 @@ def test_prepared_samples_reach_the_workers_without_rendering(monkeypatch):
         list(torch.utils.data.DataLoader(_Loads(small), batch_size=5, num_workers=1, multiprocessing_context="fork"))
 
 
+@pytest.mark.slow  # DataLoader worker processes
 def test_training_with_workers_renders_in_the_main_process_only(monkeypatch, tmp_path):
     from kdcache.train.trainer import TrainConfig, train
 

@@ -16,18 +16,12 @@ import math
 import pytest
 import torch
 from cli_runner import kd
-from fake_data import make_small_store
 
 from kdcache.methods import build_method
 from kdcache.methods.teacher_aware import cell_labels, teacher_aware_ignore, teacher_top1
 from kdcache.models import ModelOutput
 
 C, K = 5, 2
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    return make_small_store(tmp_path_factory)
 
 
 def _batch() -> dict:
@@ -168,8 +162,8 @@ def test_an_image_the_teacher_gets_wrong_everywhere_gives_no_nan(name):
     assert float(loss.detach()) == 0.0 and torch.isfinite(s.grad).all() and float(s.grad.abs().max()) == 0.0
 
 
-def test_bad_mask_options_are_one_line_each(small, tmp_path):
-    _, store = small
+def test_bad_mask_options_are_one_line_each(small_store, tmp_path):
+    _, store = small_store
     for spec, words in (("kl:mask=wrong", "method 'kl': mask must be one of none, teacher_correct, got 'wrong'"),
                         ("dist:min_confidence=1.5", "method 'dist': min_confidence must be a finite number in [0, 1), got 1.5"),
                         ("cwd:rectify=label", "method 'cwd': rectify must be one of none, swap, got 'label'"),
@@ -256,8 +250,8 @@ def test_rectify_leaves_a_teacher_that_is_right_alone():
 
 
 @pytest.mark.parametrize("online", [False, True])
-def test_a_student_trains_with_the_mask_from_a_cache_and_online(small, tmp_path, online):
-    teacher, store = small
+def test_a_student_trains_with_the_mask_from_a_cache_and_online(small_store, tmp_path, online):
+    teacher, store = small_store
     extra = ["--online-teacher", "cache"] if online else []
     r = kd("train-student", "--cache", store, "--method", "kl:mask=teacher_correct,min_confidence=0.2",
            "--method", "dist:rectify=swap", "--method", "cwd:mask=teacher_correct,weight=1",
@@ -294,13 +288,13 @@ def _baseline_run(path, store, iou, dataset="synthetic", classes=None):
     return path
 
 
-def test_the_weights_come_from_the_caches_quality_arrays_and_the_baselines_best_epoch(small, tmp_path):
+def test_the_weights_come_from_the_caches_quality_arrays_and_the_baselines_best_epoch(small_store, tmp_path):
     import numpy as np
     import zarr
 
     from kdcache.store import CacheStore
 
-    _, path = small
+    _, path = small_store
     store = CacheStore(path)
     C = store.schema.num_classes
     student = [0.5 + 0.04 * c for c in range(C)]
@@ -361,10 +355,10 @@ def test_dist_and_cwd_with_class_weights_by_hand():
     torch.testing.assert_close(got.double(), 3.0 * T * T * (per_class * wc).sum() / wc.sum(), rtol=1e-4, atol=1e-5)
 
 
-def test_bad_class_weights_are_one_line_each(small, tmp_path):
+def test_bad_class_weights_are_one_line_each(small_store, tmp_path):
     from kdcache.store import CacheStore
 
-    teacher, store = small
+    teacher, store = small_store
     other = _baseline_run(tmp_path / "other", CacheStore(store), [0.5] * 11, classes=["a"] * 11)
     other_data = _baseline_run(tmp_path / "other-data", CacheStore(store), [0.5] * 11, dataset="camvid")
     good = _baseline_run(tmp_path / "good", CacheStore(store), [0.5] * 11)
@@ -399,8 +393,8 @@ def test_bad_class_weights_are_one_line_each(small, tmp_path):
 
 
 @pytest.mark.parametrize("online", [False, True])
-def test_a_student_trains_with_class_weights_from_a_real_baseline_run(small, tmp_path, online):
-    _, store = small
+def test_a_student_trains_with_class_weights_from_a_real_baseline_run(small_store, tmp_path, online):
+    _, store = small_store
     common = ["--cache", store, "--epochs", "1", "--batch-size", "8", "--limit", "16", "--device", "cpu",
               "--workers", "0"]
     assert kd("train-student", *common, "--method", "none", "--out", tmp_path / "ce").exit_code == 0

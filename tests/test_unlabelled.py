@@ -67,6 +67,7 @@ def test_unlabelled_items_carry_their_own_targets_and_no_labels(caches, tmp_path
                                                                                 want["logits/indices"])
 
 
+@pytest.mark.slow  # trains a student
 def test_train_student_with_an_unlabelled_cache(caches, tmp_path, monkeypatch):
     """Every labelled image once an epoch, the pool's images half of each batch, a run that resumes
     to the same weights, and a compare of it that works."""

@@ -129,11 +129,13 @@ def test_save_sample_panel(tmp_path: Path, no_figure_leak: None) -> None:
     assert not (tmp_path / "bad.png").exists()
 
 
+@pytest.mark.slow  # draws a panel (test_save_sample_panel stays quick)
 def test_save_sample_panel_without_names_or_title(tmp_path: Path, no_figure_leak: None) -> None:
     image, gt, pred = _sample()
     _check_png(save_sample_panel(tmp_path / "p.png", image, gt, pred, PALETTE, None))
 
 
+@pytest.mark.slow  # draws a grid of panels
 def test_save_comparison_grid(tmp_path: Path, no_figure_leak: None) -> None:
     image, gt, pred = _sample()
     preds = {"student": pred, "kd": gt.copy(), "empty": np.full_like(gt, 3)}
