@@ -41,7 +41,7 @@ SKIPPED = {
     ". .venv/bin/activate": ENVIRONMENT,
     "pip install .": ENVIRONMENT,
     "pip install -e '.[dev]'": ENVIRONMENT,
-    "python -m pytest -m 'not slow'": ENVIRONMENT,
+    "python -m pytest -m 'not slow' -n 2 --dist loadfile": ENVIRONMENT,
     "bash .ci/run": ENVIRONMENT,
     "pip install 'kdcache[tensorboard]'": ENVIRONMENT,
     "tensorboard --logdir runs": "TensorBoard's own viewer (tests/test_loggers.py reads the event files)",

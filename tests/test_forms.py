@@ -11,7 +11,6 @@ import pytest
 import torch
 import zarr
 from cli_runner import kd
-from fake_data import make_teacher
 
 from kdcache.data import build_dataset
 from kdcache.data.splits import limit
@@ -65,11 +64,6 @@ def with_mirror():
 
     yield Mirror
     FORMS.remove("mirror")
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return make_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt")
 
 
 def test_a_new_form_is_one_declaration_end_to_end(tmp_path, teacher, with_mirror):

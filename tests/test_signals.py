@@ -9,7 +9,6 @@ import pytest
 import torch
 import zarr
 from cli_runner import kd
-from fake_data import make_teacher
 
 from kdcache.core.checkpoint import load_weights
 from kdcache.data import build_dataset
@@ -47,11 +46,6 @@ def with_energy():
 
     yield Energy
     SIGNALS.remove("energy")
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return make_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt")
 
 
 def teacher_features(teacher, n: int) -> torch.Tensor:
