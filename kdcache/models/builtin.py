@@ -8,15 +8,15 @@ so any input size works and each stage has ``ceil(size / stride)`` rows and colu
 Both share one layout of named parts, so knowledge-distillation methods can tap the same
 places with forward hooks (every tap is a 4-D ``[N, C, h, w]`` feature map):
 
-============  ==========  =========================  =========================
-part          stride      teacher channels           student channels
-============  ==========  =========================  =========================
-``stem``      4           48                         24
-``stage1``    4           64                         36
-``stage2``    8           128                        48
-``stage3``    8           128 (dilated, + context)   72 (1x1 conv)
-``head``      4           num_classes                num_classes
-============  ==========  =========================  =========================
+============  ======  ========================  ====================  ========================
+part          stride  teacher channels          student channels      compact student channels
+============  ======  ========================  ====================  ========================
+``stem``      4       48                        24                    24
+``stage1``    4       64                        36                    32
+``stage2``    8       128                       48                    64
+``stage3``    8       128 (dilated, + context)  72 (1x1 conv)         64 (dilated, + context)
+``head``      4       num_classes               num_classes           num_classes
+============  ======  ========================  ====================  ========================
 
 The **teacher** (:func:`demo_teacher`, ~1.7M parameters) is a small DeepLabv3+-like network:
 residual stages, a dilated stage at stride 8 (dilations 2 and 4) followed by an ASPP-style
@@ -31,6 +31,13 @@ no dilation, no context module. Its receptive field is about 31 px, against the 
 whole image, and it has ~2% of the teacher's parameters: a local, low-capacity model of the
 kind distillation is meant to help, but an ordinary, trainable segmentation network.
 
+The **compact student** (:func:`compact_student`, ~0.25M parameters, about a seventh of the
+teacher) is the teacher's own design made smaller, as DeepLabV3-ResNet18 is DeepLabV3-ResNet101
+made smaller in the pairs the segmentation-distillation literature reports: the same residual
+stages, dilated stage, context module and fusing decoder, at half the width with one block per
+stage. It is the realistic pair for benchmarks; ``demo_student`` stays the demo's (its teacher
+knows far more than it can hold).
+
 Their mIoU and training times on the built-in synthetic data with ``train-teacher``'s defaults
 are in benchmarks/results/teacher-student-gap-cpu.md.
 """
@@ -43,7 +50,7 @@ from torch import nn
 
 from kdcache.models.registry import register_model
 
-__all__ = ["BuiltinSegNet", "demo_student", "demo_teacher"]
+__all__ = ["BuiltinSegNet", "compact_student", "demo_student", "demo_teacher"]
 SOURCE = "built-in (kdcache)"
 
 
@@ -161,4 +168,17 @@ def demo_student(num_classes: int, width: int = 24) -> nn.Module:
     stage2 = conv_bn_relu(w * 3 // 2, 2 * w, stride=2)
     stage3 = conv_bn_relu(2 * w, 3 * w, k=1)
     head = FuseHead(w * 3 // 2, 3 * w, w, 2 * w, num_classes, fuse_kernel=1)
+    return BuiltinSegNet(stem, stage1, stage2, stage3, head, num_classes)
+
+
+@register_model
+def compact_student(num_classes: int, width: int = 32) -> nn.Module:
+    """The compact student (~0.25M parameters at the default width): the teacher's design at half
+    its width and one block per stage; see the module docstring."""
+    w = width
+    stem = nn.Sequential(conv_bn_relu(3, w // 2, stride=2), conv_bn_relu(w // 2, w * 3 // 4, stride=2))
+    stage1 = BasicBlock(w * 3 // 4, w)
+    stage2 = BasicBlock(w, 2 * w, stride=2)
+    stage3 = nn.Sequential(BasicBlock(2 * w, 2 * w, dilation=2), ContextModule(2 * w, 2 * w, rates=(2, 4, 6), branch=w))
+    head = FuseHead(w, 2 * w, w // 2, w, num_classes, n_convs=1)
     return BuiltinSegNet(stem, stage1, stage2, stage3, head, num_classes)
