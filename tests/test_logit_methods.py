@@ -121,12 +121,13 @@ def _loss(method: KDMethod, b: dict, s: torch.Tensor) -> torch.Tensor:
 
 
 def test_a_new_logit_method_takes_the_options_of_the_base_with_no_code_of_its_own(registered):
-    assert list(method_options("prob_mse")) == ["weight", "temperature", *TEACHER_AWARE_OPTIONS]
+    assert list(method_options("prob_mse")) == ["weight", "temperature", *TEACHER_AWARE_OPTIONS, "standardize"]
     assert list(TEACHER_AWARE_OPTIONS) == ["mask", "min_confidence", "class_weights", "baseline", "teacher_iou",
                                            "margin", "rectify"]
-    # its own option sits before the teacher-aware ones, as kl's tail and dist's beta and gamma do
-    assert list(method_options("sharp_mse")) == ["weight", "temperature", "power", *TEACHER_AWARE_OPTIONS]
-    assert list(method_options("kl")) == ["weight", "temperature", "tail", *TEACHER_AWARE_OPTIONS]
+    # its own option sits before the teacher-aware ones and standardize, as kl's tail and dist's beta and gamma do
+    assert list(method_options("sharp_mse")) == ["weight", "temperature", "power", *TEACHER_AWARE_OPTIONS,
+                                                 "standardize"]
+    assert list(method_options("kl")) == ["weight", "temperature", "tail", *TEACHER_AWARE_OPTIONS, "standardize"]
     assert {"prob_mse", "sharp_mse"} <= set(methods_taking("mask")) and "plain_mse" not in methods_taking("mask")
     assert option_bounds("prob_mse") == option_bounds("cwd") == {
         "weight": ">= 0", "min_confidence": "[0, 1)", "margin": "> 0", "temperature": "> 0"}

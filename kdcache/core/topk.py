@@ -8,6 +8,8 @@ one home of that maths (every other module calls these).
   ``bin`` policy (docs/design.md). :func:`dense_logits` rebuilds [N, C, …] logits with it;
   :func:`tail_bin_logit` is the tail bin at a temperature; :func:`topk_mass` the probability the
   top k hold; :func:`implied_log_probs` the whole implied distribution, under either policy.
+* :func:`zscore`, :func:`standardized_topk`: logit standardisation (z-scores over the classes) of
+  logits, and of a top-k + tail cache under the same equal-share assumption.
 * :func:`teacher_confidence`, :func:`add_to_histogram`, :func:`thresholds_from_histogram`: the
   teacher's top-1 probability per position and CBST's class-balanced thresholds from it.
 * :func:`attention_map`: attention-transfer maps Σ_c F_c², L2-normalised per sample.
@@ -81,6 +83,45 @@ def dense_logits(values: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor
     else:
         base = tail_share(tail.float(), num_classes, k).unsqueeze(1).expand(shape).clone()
     return base.scatter(1, indices.long(), values.float())
+
+
+#: what the logit standardisation adds to the standard deviation (the authors' code's ε): a position whose
+#: logits are all equal becomes zeros
+STD_EPS = 1e-7
+
+
+def zscore(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Logit standardisation (Sun et al., "Logit Standardization in Knowledge Distillation", CVPR
+    2024): ``(z − mean(z)) / (std(z) + ε)`` over ``dim`` (the classes), the standard deviation with
+    Bessel's correction (1 / (C − 1)) as the authors' code takes it (``torch.std``), ε = :data:`STD_EPS`.
+    The variance is floored at 1e-30 before its square root, so equal logits have a finite gradient."""
+    mean = logits.mean(dim, keepdim=True)
+    centred = logits - mean
+    var = centred.pow(2).sum(dim, keepdim=True) / (logits.shape[dim] - 1)
+    return centred / (var.clamp_min(1e-30).sqrt() + STD_EPS)
+
+
+def standardized_topk(values: torch.Tensor, tail: torch.Tensor | None,
+                      num_classes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A top-k cache's values [N, k, …] and tail [N, …] after :func:`zscore` of the teacher's C logits,
+    both float32.
+
+    The C − k classes outside the top k are taken as equal shares x = τ − log(C − k) (:func:`tail_share`,
+    the kernel's ``bin`` assumption), so the mean and the standard deviation over the C classes are
+    μ = (Σ_K v + (C − k) x) / C and σ² = (Σ_K (v − μ)² + (C − k)(x − μ)²) / (C − 1); each value becomes
+    (v − μ) / (σ + ε) and each share x' = (x − μ) / (σ + ε), whose log-sum-exp is the new tail
+    τ' = log(C − k) + x'. Exact for a dense cache (k = C, no tail). The order of the values is kept
+    (σ + ε > 0)."""
+    v = values.float()
+    k = v.shape[1]
+    if tail is None or k >= num_classes:  # a cache without a tail is dense
+        return zscore(v), None
+    rest = num_classes - k
+    share = tail_share(tail.float(), num_classes, k).unsqueeze(1)  # [N, 1, …]
+    mean = (v.sum(1, keepdim=True) + rest * share) / num_classes
+    var = ((v - mean).pow(2).sum(1, keepdim=True) + rest * (share - mean).pow(2)) / (num_classes - 1)
+    sd = var.clamp_min(1e-30).sqrt() + STD_EPS
+    return (v - mean) / sd, math.log(rest) + ((share - mean) / sd).squeeze(1)
 
 
 def topk_mass(values, tail, num_classes: int, temperature: float = 1.0) -> np.ndarray:

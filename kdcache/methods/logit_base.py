@@ -3,10 +3,10 @@ temperature and the teacher-aware options, declared once.
 
 A logit method is a :class:`LogitMethod` subclass that writes its loss, :meth:`LogitMethod.loss`.
 It takes, with no code of its own, ``weight``, ``temperature`` (default
-:attr:`LogitMethod.default_temperature`) and the teacher-aware options of
+:attr:`LogitMethod.default_temperature`), the teacher-aware options of
 :class:`~kdcache.methods.teacher_aware.TeacherAware` (``mask``, ``min_confidence``,
 ``class_weights``, ``baseline``, ``teacher_iou``, ``margin``, ``rectify``), with their bounds, their
-setup and prepare steps, and its ``extra_repr``. Options of its own go in its constructor before
+setup and prepare steps, and its ``extra_repr``, and ``standardize`` (logit standardisation, below). Options of its own go in its constructor before
 ``**options``, which carries the base's::
 
     @METHODS.register("mine")
@@ -22,25 +22,43 @@ setup and prepare steps, and its ``extra_repr``. Options of its own go in its co
             per_cell = ...  # [N, h, w]
             return self.weight * self.cell_mean(per_cell, batch)
 
-Its options are then ``weight, temperature, beta, mask, …, rectify`` in that order, as the command
-line, config files and :func:`~kdcache.methods.base.method_options` see them (the class's
+Its options are then ``weight, temperature, beta, mask, …, rectify, standardize`` in that order, as the
+command line, config files and :func:`~kdcache.methods.base.method_options` see them (the class's
 constructor reports that signature; a method built directly binds its arguments to it, positional
 ones included, and takes the class's defaults for the rest).
+
+**Logit standardisation** (``standardize=true``; Sun et al., "Logit Standardization in Knowledge
+Distillation", CVPR 2024): before the loss sees them, the student's logits (at the cache's
+resolution) and the teacher's are z-scored per position over the classes,
+Z(z) = (z − mean_c z) / (std_c z + ε) (:func:`~kdcache.core.topk.zscore`: the standard deviation with
+Bessel's correction and ε = 1e-7, as the authors' code), and the method's ``temperature`` divides
+them as the paper's base temperature (its experiments: 2, with a KD weight of 9). The teacher's
+C logits are its cached top k plus the C − k classes outside them as equal shares of the tail
+(:func:`~kdcache.core.topk.standardized_topk`, exact for a dense cache): the method is handed
+standardised ``kd/values`` and ``kd/tail`` of the same form, so ``kl``'s kernel and the dense rebuild of
+``dist`` and ``cwd`` need no change. Which cells ``mask``/``min_confidence`` leave out is decided on
+the teacher as cached (its top-1 probability at T = 1), before the standardisation. Off by default.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import torch
 
-from kdcache.core.topk import dense_logits
+from kdcache.core.topk import dense_logits, standardized_topk, zscore
 from kdcache.methods.base import KDMethod, checked_init, student_logits_at
 from kdcache.methods.teacher_aware import BOUNDS as TEACHER_AWARE_BOUNDS
 from kdcache.methods.teacher_aware import TeacherAware, weighted_mean
 
-#: the teacher-aware options, in the order a logit method's options end with
+#: the teacher-aware options, in the order a logit method's options end with (before ``standardize``)
 TEACHER_AWARE_OPTIONS = tuple(k for k in inspect.signature(TeacherAware.__init__).parameters if k != "self")
+#: the base's options that come after a method's own: the teacher-aware ones, then ``standardize``
+TRAILING_OPTIONS = (*TEACHER_AWARE_OPTIONS, "standardize")
+#: the batch key under which :meth:`LogitMethod.forward` hands the loss the cells it leaves out, when it
+#: decided them before standardising the teacher
+_IGNORED = "kd/loss/ignored"
 
 
 def student_and_dense_teacher(out, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +75,8 @@ class LogitMethod(KDMethod):
     ``logits``), with a temperature and the teacher-aware options.
 
     :meth:`forward` hands :meth:`loss` the batch with the teacher's ids rectified
-    (``rectify=swap``); the loss reads which cells to use from :meth:`ignored` (the crop's padding
+    (``rectify=swap``) and, with ``standardize``, the student's and the teacher's logits z-scored
+    (:meth:`standardized`); the loss reads which cells to use from :meth:`ignored` (the crop's padding
     and the cells ``mask``/``min_confidence`` leave out), and the class weights of
     ``class_weights=baseline`` from :meth:`cell_weights` (per cell) or :meth:`class_weight_values`
     (per class), or takes :meth:`cell_mean`, which applies both."""
@@ -68,11 +87,14 @@ class LogitMethod(KDMethod):
 
     def __init__(self, weight: float | None = None, temperature: float = 1.0, mask: str = "none",
                  min_confidence: float = 0.0, class_weights: str = "none", baseline: str | None = None,
-                 teacher_iou: str = "train", margin: float = 0.1, rectify: str = "none"):
+                 teacher_iou: str = "train", margin: float = 0.1, rectify: str = "none", standardize: bool = False):
         super().__init__(weight)
         self.aware = TeacherAware(mask=mask, min_confidence=min_confidence, class_weights=class_weights,
                                   baseline=baseline, teacher_iou=teacher_iou, margin=margin, rectify=rectify)
         self.temperature = float(temperature)
+        if not isinstance(standardize, bool):
+            raise ValueError(f"standardize takes true or false, got {standardize!r}")
+        self.standardize = standardize
 
     def __init_subclass__(cls, **kwargs):
         """Each subclass's constructor reports the options it takes (see the module docstring):
@@ -90,7 +112,23 @@ class LogitMethod(KDMethod):
         return ["logits"]
 
     def forward(self, out, batch) -> torch.Tensor:
-        return self.loss(out, self.aware.targets(batch))
+        batch = self.aware.targets(batch)
+        if self.standardize:
+            out, batch = self.standardized(out, batch)
+        return self.loss(out, batch)
+
+    def standardized(self, out, batch: dict) -> tuple:
+        """``out`` with the student's logits at the cache's resolution and z-scored over the classes,
+        and ``batch`` with the teacher's ``kd/values`` and ``kd/tail`` z-scored the same way (the tail's
+        classes as equal shares), both float32; the cells :meth:`ignored` leaves out are decided first,
+        on the teacher as cached."""
+        values = batch["kd/values"]
+        s = zscore(student_logits_at(out.logits, tuple(values.shape[-2:])))
+        v, tail = standardized_topk(values, batch.get("kd/tail"), s.shape[1])
+        batch = {**batch, _IGNORED: self.aware.ignore(batch), "kd/values": v}
+        if tail is not None:
+            batch["kd/tail"] = tail
+        return dataclasses.replace(out, logits=s), batch
 
     def loss(self, out, batch: dict) -> torch.Tensor:
         """The method's weighted loss from the student's output and the batch's ``kd/…`` targets
@@ -100,7 +138,7 @@ class LogitMethod(KDMethod):
     def ignored(self, batch: dict) -> torch.Tensor:
         """The cells [N, h, w] (bool) the loss leaves out: ``kd/ignore`` (the crop's padding) and
         those ``mask``/``min_confidence`` drop."""
-        return self.aware.ignore(batch)
+        return batch[_IGNORED] if _IGNORED in batch else self.aware.ignore(batch)
 
     def cell_weights(self, batch: dict) -> torch.Tensor | None:
         """Each cell's class weight [N, h, w] under ``class_weights=baseline``; None without."""
@@ -129,20 +167,21 @@ class LogitMethod(KDMethod):
         """The method's options before the teacher-aware ones (each kept as an attribute of its
         name), then the teacher-aware ones as :meth:`TeacherAware.describe` gives them."""
         own = [k for k in inspect.signature(type(self).__init__).parameters
-               if k != "self" and k not in TEACHER_AWARE_OPTIONS and hasattr(self, k)]
-        return ", ".join([*(f"{k}={getattr(self, k)}" for k in own), self.aware.describe()])
+               if k != "self" and k not in TRAILING_OPTIONS and hasattr(self, k)]
+        return ", ".join([*(f"{k}={getattr(self, k)}" for k in own), self.aware.describe(),
+                          *(["standardize=True"] if self.standardize else [])])
 
 
 def _options_signature(cls: type, own) -> inspect.Signature | None:
     """The options of logit method class ``cls`` whose own constructor is ``own`` (None: it
-    inherits one): its parent's, its own inserted before the teacher-aware ones (an own option of
-    a parent's name replaces it in place), ``temperature`` defaulting to ``cls.default_temperature``
-    unless its own constructor declares it.
+    inherits one): its parent's, its own inserted before the teacher-aware ones and ``standardize``
+    (an own option of a parent's name replaces it in place), ``temperature`` defaulting to
+    ``cls.default_temperature`` unless its own constructor declares it.
     None where ``own`` takes no ``**options``: its signature is then its own."""
     parent = [p.replace(default=cls.default_temperature) if p.name == "temperature" else p
               for p in inspect.signature(super(cls, cls).__init__).parameters.values()]
-    params = [p for p in parent if p.name not in TEACHER_AWARE_OPTIONS]
-    aware = [p for p in parent if p.name in TEACHER_AWARE_OPTIONS]
+    params = [p for p in parent if p.name not in TRAILING_OPTIONS]
+    aware = [p for p in parent if p.name in TRAILING_OPTIONS]
     if own is not None:
         mine = list(inspect.signature(own).parameters.values())[1:]
         if not any(p.kind is p.VAR_KEYWORD for p in mine):
@@ -154,7 +193,7 @@ def _options_signature(cls: type, own) -> inspect.Signature | None:
             names = [q.name for q in params]
             if p.name in names:
                 params[names.index(p.name)] = p
-            elif p.name in TEACHER_AWARE_OPTIONS:
+            elif p.name in TRAILING_OPTIONS:
                 aware[[q.name for q in aware].index(p.name)] = p
             else:
                 params.append(p)
