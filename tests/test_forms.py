@@ -124,7 +124,11 @@ def test_form_errors_are_one_line(tmp_path, teacher):
     r = kd("build-teacher-cache", "--weights", teacher, "--out", tmp_path / "b.zarr", "--form", "plain",
            "--views", "2", *CLI)
     assert r.exit_code == 2 and "--form plain and the options of the views form are two forms" in r.output, r.output
-    assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "b.zarr").exists()
+    for form, needs in (("views", "--views N"), ("schedule", "--schedule-epochs N"),
+                        ("pyramid", "--store-scales S,... or --store-flips"), ("label_map", "--label-map")):
+        r = kd("build-teacher-cache", "--weights", teacher, "--out", tmp_path / "c.zarr", "--form", form, *CLI)
+        assert r.exit_code == 2 and f"--form {form} is made from its options: give {needs}" in r.output, r.output
+    assert not any((tmp_path / f"{n}.zarr").exists() for n in "abc")
     meta = {"form": "crops", "num_classes": 11}
     with pytest.raises(Exception, match="the store's form 'crops' is not one this kdcache knows"):
         form_of(CacheSchema(meta))

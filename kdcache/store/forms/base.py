@@ -54,6 +54,8 @@ class CacheForm:
     class_map = False
     #: a student's items come from the stored views (``views/…``) instead of the base maps
     reads_views = False
+    #: the build options this form is made from, as a user gives them ("" for a form with none)
+    options = ""
 
     def __init__(self, schema):  # the store's CacheSchema
         self.schema = schema
@@ -160,5 +162,8 @@ def requested_form(config) -> type[CacheForm]:
         if others:
             raise KDCacheError(f"--form {named} and the options of the {others[0]} form are two forms of stored "
                                "targets; give one of them")
+        if chosen.options and not chosen.asked(config):
+            raise KDCacheError(f"--form {named} is made from its options: give {chosen.options} (which alone "
+                               "choose it)")
         return chosen
     return asked[0] if asked else FORMS.get("plain")

@@ -20,6 +20,7 @@ class LabelMap(CacheForm):
     (:func:`~kdcache.pipeline.warp.pool_targets`)."""
 
     targets_name = "label_map"
+    options = "--label-map"
     class_map = True
 
     @classmethod

@@ -27,6 +27,7 @@ class Pyramid(CacheForm):
     (:func:`~kdcache.pipeline.warp.level_targets`) through the base map's cell arithmetic."""
 
     targets_name = "levels"
+    options = "--store-scales S,... or --store-flips"
 
     @classmethod
     def asked(cls, config) -> bool:

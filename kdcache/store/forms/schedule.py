@@ -29,6 +29,7 @@ class Schedule(CacheForm):
     view alone (:meth:`view`) and its crop's targets are that view's."""
 
     targets_name = "schedule"
+    options = "--schedule-epochs N"
     reads_views = True
 
     @classmethod

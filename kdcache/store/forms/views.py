@@ -23,6 +23,7 @@ class Views(CacheForm):
     as a plain store's."""
 
     targets_name = "views"
+    options = "--views N"
 
     @classmethod
     def asked(cls, config) -> bool:
