@@ -70,13 +70,12 @@ import json
 import math
 import shutil
 import statistics
-import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from kdcache.core.outputs import file_sha256
-from kdcache.core.runs import device_name, resolve_device
+from kdcache.core.runs import checkout_commit, device_name, resolve_device
 from kdcache.data import build_dataset
 from kdcache.models.loading import open_weights
 from kdcache.pipeline.loaders import make_loader
@@ -307,8 +306,7 @@ def main() -> None:
         return
     state["machine"] = device_name(device)
     state.setdefault("commits", [])
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).parent).stdout.strip()
+    head = checkout_commit(Path(__file__).parent)
     if head and head not in state["commits"]:
         state["commits"].append(head)
     # the teacher's weights are kept beside the state (committed): a later sitting that lost the

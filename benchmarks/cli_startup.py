@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from kdcache.core.runs import checkout_commit
+
 REPO = Path(__file__).resolve().parents[1]
 
 COMMANDS = {
@@ -46,7 +48,7 @@ def imports_torch(cmd: list[str]) -> bool:
 
 def commit() -> str:
     """The checkout's commit (and whether it has uncommitted changes), for the results file."""
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    head = checkout_commit(REPO)
     dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     return (head or "unknown") + (" + uncommitted changes" if dirty else "")
 

@@ -20,10 +20,8 @@ Writes benchmarks/results/kd-step-realistic-<device slug>.md.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
-import subprocess
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,22 +29,10 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from kdcache.core.runs import device_name
+from kdcache.core.runs import checkout_commit, device_name
 from kdcache.core.topk import topk_targets
 from kdcache.methods import METHODS
 from kdcache.models import ModelOutput
-
-
-def commit() -> str:
-    """The commit the tree is at: ``KDCACHE_COMMIT`` when set (a copied tree whose .git is another
-    commit's, as the device tool's copies are), else git's."""
-    if os.environ.get("KDCACHE_COMMIT"):
-        return os.environ["KDCACHE_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 def main() -> None:
@@ -166,7 +152,7 @@ def main() -> None:
         "# Training step time, a realistic student: DeepLabV3-MobileNetV3-Large\n",
         f"batch {N} at {H}×{W}, 19 classes, cache grid {H // 8}×{W // 8} (top-{k} + tail, fp16 / uint8), "
         f"{'fp16 autocast, ' if amp else ''}AdamW; median of {args.rounds} alternating rounds × {args.steps} steps. "
-        f"Machine: {device_name(dev)}. Commit {commit()}. Made by `python benchmarks/kd_step_realistic.py`.\n",
+        f"Machine: {device_name(dev)}. Commit {checkout_commit() or 'unknown'}. Made by `python benchmarks/kd_step_realistic.py`.\n",
         "| step | median ms |", "|---|---|",
         *[f"| {n} | {m:.2f} |" for n, m in med.items()],
         "",

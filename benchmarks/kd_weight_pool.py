@@ -31,11 +31,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
-from kdcache.core.runs import device_name, resolve_device
+from kdcache.core.runs import checkout_commit, device_name, resolve_device
 from kdcache.store import CacheStore
 from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.train.student import config_from_store, train_student
@@ -89,8 +88,7 @@ def main() -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).parent).stdout.strip()
+    head = checkout_commit(Path(__file__).parent)
     state.setdefault("commits", [])
     if head and head not in state["commits"]:
         state["commits"].append(head)

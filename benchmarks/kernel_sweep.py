@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import re
 import statistics
-import subprocess
 from pathlib import Path
 
 import torch
 
-from kdcache.core.runs import device_name
+from kdcache.core.runs import checkout_commit, device_name
 from kdcache.kernels import topk_kl, triton_kl
 from kdcache.kernels.bench import (
     L2Flush,
@@ -48,7 +46,7 @@ def main() -> None:
     copy = copy_bandwidth(dev)
     lines = [f"# Kernel launch settings on {device_name(dev)}\n",
              f"bf16 student, top-4 + tail; fused forward + backward, median ms of {args.repeats} rounds; copy rate in "
-             f"the same run {copy:.0f} GB/s. Commit {commit()}. Made by `python benchmarks/kernel_sweep.py`.\n"]
+             f"the same run {copy:.0f} GB/s. Commit {checkout_commit() or 'unknown'}. Made by `python benchmarks/kernel_sweep.py`.\n"]
     slug = re.sub(r"[^a-z0-9]+", "-", device_name(dev).lower()).strip("-")
     path = Path(args.results) / f"kernel-sweep-{slug}.md"
     for kind, cases, settings, attr in (("maps", MAP_CASES, MAP_SETTINGS, "MAP_TUNING"),
@@ -94,18 +92,6 @@ def sweep_case(kind, N, C, sp, settings, attr, dev, flush, copy, repeats) -> lis
         label = "default" if name == "None" else name
         lines.append(f"| {label} | {ms:.3f} | {100 * moved / (ms * 1e-3) / 1e9 / copy:.0f}% |")
     return lines
-
-
-def commit() -> str:
-    """The commit the tree is at: ``KDCACHE_COMMIT`` when set (a copied tree whose .git is another
-    commit's, as the device tool's copies are), else git's."""
-    if os.environ.get("KDCACHE_COMMIT"):
-        return os.environ["KDCACHE_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 if __name__ == "__main__":

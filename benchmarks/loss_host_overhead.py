@@ -18,7 +18,6 @@ import argparse
 import functools
 import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,7 +26,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 
-from kdcache.core.runs import device_name  # noqa: E402
+from kdcache.core.runs import checkout_commit, device_name  # noqa: E402
 from kdcache.core.topk import topk_targets  # noqa: E402
 from kdcache.kernels import topk_kl, triton_kl, triton_op  # noqa: E402
 from kdcache.methods import METHODS  # noqa: E402
@@ -84,7 +83,7 @@ def main() -> None:
                 fn()
             means[name].append((time.perf_counter() - t0) / args.calls * 1e6)
     med = {name: statistics.median(m) for name, m in means.items()}
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    head = checkout_commit()
     lines = ["# Host time of one KD loss call, launches mocked\n",
              f"Machine: {device_name(torch.device('cpu'))}. Commit {head}. Forward + backward of the loss on an "
              f"8×19×64×128 student (a top-4 cache grid), the two Triton launches replaced by no-ops; the kl method "

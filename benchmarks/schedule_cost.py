@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcache.core.runs import device_name, resolve_device
+from kdcache.core.runs import checkout_commit, device_name, resolve_device
 from kdcache.data import build_dataset
 from kdcache.data.class_base import is_classification
 from kdcache.data.splits import limit
@@ -99,8 +98,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="the results file (default: <results>/schedule-cost-<device>.md)")
     args = ap.parse_args()
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    commit = checkout_commit(Path(__file__).parent) or "unknown"
     tmp = Path(tempfile.mkdtemp(prefix="kdcache-schedule-"))
     tasks = {
         "segmentation (synthetic, demo_teacher, k = 4)": dict(weights=args.teacher, dataset="synthetic", topk=4),

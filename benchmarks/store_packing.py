@@ -18,7 +18,6 @@ import argparse
 import os
 import platform
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 import zarr
 from numcodecs import blosc
 
+from kdcache.core.runs import checkout_commit
 from kdcache.store.schema import MAX_SAMPLES_PER_SHARD, compressors, pack_size
 from kdcache.store.shards import fast_reader
 
@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/store-packing-cpu.md")
     args = ap.parse_args()
     n = args.samples
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = checkout_commit()
     rows = []
     tmp = Path(tempfile.mkdtemp())
     try:

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kdcache.core.runs import checkout_commit
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "store-scale"
 SHAPES = {
@@ -299,8 +301,7 @@ def measure(shape: str, n: int, views: int, root: Path, codec: str, side_by_side
     path = root / f"{shape}-{n}-v{views}-{codec}.zarr"
     res = {"shape": shape, "samples": n, "views": views, "codec": codec, "side_by_side": side_by_side,
            "machine": platform.processor() or platform.machine(),
-           "cores": os.cpu_count(), "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                                                             capture_output=True, text=True).stdout.strip()}
+           "cores": os.cpu_count(), "commit": checkout_commit(REPO)}
     print(f"{shape} n={n} views={views} codec={codec}: write", flush=True)
     res["write"] = run_phase("write", shape, str(n), str(views), str(path), codec)
     for phase in ("open", "inspect", "verify"):

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from kdcache.core.checkpoint import save_checkpoint
-from kdcache.core.runs import device_name
+from kdcache.core.runs import checkout_commit, device_name
 from kdcache.models import build_model
 from kdcache.pipeline.transforms import Augment, Preprocess, schedule_geometry
 from kdcache.pipeline.warp import out_map_size, prepare_resample, warp_targets
@@ -112,8 +112,7 @@ def main() -> None:
             per_item[name].append(this[name])
             ratio[name].append(this[name] / this["nearest cell"])
     out_hw = out_map_size(geometries[0].out_size, stride)
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).parent).stdout.strip()
+    head = checkout_commit(Path(__file__).parent)
     lines = ["# One item's cached targets through its crop", "",
              f"Machine: {device_name(torch.device('cpu'))}. `python benchmarks/target_cost.py"
              + (f" --against {args.against}" if args.against else "") + f"` at commit {head or 'unknown'}: "

@@ -58,13 +58,12 @@ import json
 import math
 import shutil
 import statistics
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from kdcache.core.runs import device_name, resolve_device
+from kdcache.core.runs import checkout_commit, device_name, resolve_device
 from kdcache.data import DATASETS, build_dataset
 from kdcache.data.synthetic import SyntheticDataset
 from kdcache.models.loading import open_weights
@@ -222,8 +221,7 @@ def main() -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
     state["machine"] = device_name(device)
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).parent).stdout.strip()
+    head = checkout_commit(Path(__file__).parent)
     state.setdefault("commits", [])
     if head and head not in state["commits"]:
         state["commits"].append(head)

@@ -613,3 +613,19 @@ def test_checkout_site_refuses_a_setup_py_it_cannot_read(tmp_path):
     site = runpy.run_path(str(BENCH / "checkout_site.py"))
     with pytest.raises(SystemExit, match=r"no MAPPED = \{\.\.\.\} in .*setup\.py; update this script"):
         site["mapped_folders"](tmp_path)
+
+
+def test_checkout_commit_names_the_code_a_results_file_was_measured_with(tmp_path, monkeypatch):
+    """Every benchmark names its commit through one helper: git's short HEAD, KDCACHE_COMMIT where a
+    copied tree's .git is another commit's, nothing outside a checkout."""
+    import subprocess
+
+    from kdcache.core.runs import checkout_commit
+
+    monkeypatch.delenv("KDCACHE_COMMIT", raising=False)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=BENCH)
+    if head.returncode == 0:
+        assert checkout_commit(BENCH) == head.stdout.strip() != ""
+    assert checkout_commit(tmp_path) == ""
+    monkeypatch.setenv("KDCACHE_COMMIT", "abc1234")
+    assert checkout_commit(tmp_path) == "abc1234"

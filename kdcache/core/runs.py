@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -196,3 +198,16 @@ def resolve_run(path: str | Path) -> tuple[Path, dict | None, Path | None]:
     config = RunDir(run_dir).read_config() if run_dir else None
     return path, config, run_dir
 
+
+
+def checkout_commit(where: str | Path | None = None) -> str:
+    """The short commit of the git checkout at ``where`` (default: the working folder), for a
+    results file: ``KDCACHE_COMMIT`` when set (a copied tree whose .git is another commit's, as a
+    GPU machine's copy is), "" when it is not a git checkout."""
+    if os.environ.get("KDCACHE_COMMIT"):
+        return os.environ["KDCACHE_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=where).stdout.strip()
+    except OSError:
+        return ""
