@@ -21,6 +21,7 @@ from kdcache.core.options import opt
 from kdcache.data.base import IGNORE_INDEX, SegmentationDataset
 from kdcache.data.class_base import is_classification
 from kdcache.pipeline.geometry import Geometry
+from kdcache.pipeline.mixing import MixOptions, mix_images, mix_partner
 
 __all__ = ["Geometry"]  # the sampled transform lives in kdcache.pipeline.geometry (the store packs it too)
 
@@ -233,13 +234,20 @@ class SegPipeline(torch.utils.data.Dataset):
     (255 = ignore), ``id`` (str), ``index`` (int). With ``augment``, a fresh :class:`Geometry`
     is drawn per item from an RNG seeded by (seed, epoch, index): runs are reproducible
     whatever the number of DataLoader workers. Call :meth:`set_epoch` before each epoch.
+
+    With ``mix`` (cutmix or mixup, :mod:`kdcache.pipeline.mixing`) an augmented item is mixed with
+    a partner's crop drawn from its own stream of (seed, epoch, index): ``item["mix"]`` is the
+    :class:`~kdcache.pipeline.mixing.Mix` (None when not mixed); a mixup or classification item
+    also carries ``mix/label`` (the partner's label) and ``mix/lam`` (the first label's share).
     """
 
-    def __init__(self, dataset: SegmentationDataset, preprocess: Preprocess, augment: Augment | None = None, seed: int = 0):
+    def __init__(self, dataset: SegmentationDataset, preprocess: Preprocess, augment: Augment | None = None,
+                 seed: int = 0, mix: MixOptions | None = None):
         self.dataset = dataset
         self.preprocess = preprocess
         self.augment = augment
         self.seed = seed
+        self.mix = mix or MixOptions()
         self.epoch = 0
         #: classification: the label is the image's class (a 1 x 1 map), untouched by any geometry
         self.classification = is_classification(dataset)
@@ -266,8 +274,39 @@ class SegPipeline(torch.utils.data.Dataset):
             if not self.classification:
                 y = apply_geometry(y, g, kind="label", fill=IGNORE_INDEX)
             item["geometry"] = g
+            if self.mix.enabled and self.augment is not None:
+                x, y = self._mixed(index, x, y, item)
         item["image"], item["label"] = x, y
         return item
+
+    def _mixed(self, index: int, x: torch.Tensor, y: torch.Tensor, item: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item ``index``'s crop ``x`` and label ``y`` mixed with its partner's (or not, as drawn)."""
+        masks: dict = {}
+
+        def load(j: int) -> torch.Tensor:
+            image, masks["partner"] = self.dataset.load(j)
+            return self.preprocess.image_to_tensor(image)
+
+        drawn = mix_partner(self.mix, self.seed, self.epoch, index, len(self.dataset), load, tuple(x.shape[-2:]),
+                            lambda rng, size: sample_geometry(rng, size, self.augment),
+                            lambda image, g: apply_geometry(image, g, kind="image", fill=0.0))
+        partner_y, lam = y, 1.0
+        if drawn is not None:
+            mix, partner_x = drawn
+            x = mix_images(x, partner_x, mix)
+            partner_y = label_tensor(self.dataset, self.preprocess, masks["partner"])
+            if self.classification:
+                lam = mix.lam
+            else:
+                partner_y = apply_geometry(partner_y, mix.geometry, kind="label", fill=IGNORE_INDEX)
+                if mix.box is not None:  # cutmix: the box's labels are the partner's
+                    y = partner_y = mix_images(y, partner_y, mix)
+                else:
+                    lam = mix.lam
+        item["mix"] = drawn[0] if drawn is not None else None
+        if self.mix.kind == "mixup" or self.classification:  # the cross-entropy weighs two labels
+            item["mix/label"], item["mix/lam"] = partner_y, torch.tensor(lam, dtype=torch.float32)
+        return x, y
 
     def geometry(self, index: int, in_size: tuple[int, int]) -> Geometry:
         """The transform item ``index`` gets this epoch (the same one for every map of it;

@@ -25,7 +25,8 @@ STORE.zarr/
 A *schedule* store (``build-teacher-cache --schedule-epochs E [--schedules R]``) holds V = R·E views
 per sample: the crop (scale, offset, flip or random-resized box) a student draws in each epoch
 of each schedule, view ``r·E + e`` for epoch ``e`` of schedule ``r`` (``views.schedule`` holds E, R
-and the augmentation they were drawn with). Where one view's maps are large (``chunks: view``:
+and the augmentation they were drawn with; ``mix``, when the crops were mixed with a partner's as
+``--mix`` mixes them: the views' teacher outputs are on the mixed crops). Where one view's maps are large (``chunks: view``:
 at least ``VIEW_CHUNK_BYTES``), its view arrays are chunked one view of one sample per chunk and
 sharded by ``samples_per_shard`` samples of one view, so that an epoch reads only its own view
 (``c/<shard>/<view>/0/…``); a classifier's tiny views share one chunk per sample.
@@ -265,7 +266,9 @@ class CacheSchema:
             if schedule:  # the crops of every epoch of a student's augmentation
                 views_meta["schedule"] = {"epochs": int(schedule["epochs"]), "schedules": int(schedule["schedules"]),
                                           **({"first": int(schedule["first"])} if schedule.get("first") else {}),
-                                          "augment": dict(schedule["augment"])}
+                                          "augment": dict(schedule["augment"]),
+                                          # function matching: the crops mixed as the students mix them
+                                          **({"mix": dict(schedule["mix"])} if schedule.get("mix") else {})}
                 views_meta["hflip"] = bool(schedule["augment"].get("hflip", True))
         data = dict(dataset or {})
         data.update({"num_samples": len(ids), "fingerprint": split_fingerprint(ids, hashes)})

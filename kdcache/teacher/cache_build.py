@@ -27,6 +27,7 @@ from kdcache.data.class_base import is_classification
 from kdcache.data.splits import limit
 from kdcache.models.loading import open_weights
 from kdcache.pipeline.loaders import default_workers, make_loader
+from kdcache.pipeline.mixing import mix_alpha_option, mix_option, mix_prob_option
 from kdcache.pipeline.signals import signal
 from kdcache.pipeline.transforms import (
     Preprocess,
@@ -130,6 +131,9 @@ class CacheBuildConfig:
     scale: tuple[float, float] = scale_option()
     crop_area: tuple[float, float] = crop_area_option()
     hflip: bool = flip_option()
+    mix: str = mix_option()
+    mix_alpha: float = mix_alpha_option()
+    mix_prob: float = mix_prob_option()
     batch_size: int = opt(8, "Images per teacher forward.", panel="Hardware")
     device: str = opt("auto", "auto (CUDA if available), cpu, cuda, cuda:1 ...", panel="Hardware")
     workers: int | None = opt(None, "DataLoader worker processes (default: 0 on CPU, up to 8 on CUDA).", panel="Hardware")
@@ -222,6 +226,11 @@ class TeacherInputs(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def image(self, i: int) -> torch.Tensor:
+        """Sample ``i``'s image preprocessed as the teacher sees it (a form's other images: a mixed
+        schedule's partners)."""
+        return self.preprocess.image_to_tensor(self.dataset.load(i)[0])
 
     def __getitem__(self, i: int) -> dict:
         image, mask = self.dataset.load(i)
@@ -404,6 +413,7 @@ def _run_teacher(teacher: TeacherEnsemble, ds, config: CacheBuildConfig, store: 
                for b in range(start, stop, B)]
     form = form_of(schema)
     inputs = TeacherInputs(ds, teacher.base, form, labels=True)
+    form.source = inputs
     workers = default_workers(device) if config.workers is None else config.workers
     loader = make_loader(inputs, None, workers, batch_sampler=batches, collate_fn=list, pin_memory=device.type == "cuda")
     writer = ShardWriter(group, schema, out, config.queue_size * B)

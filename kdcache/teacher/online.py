@@ -17,6 +17,7 @@ import torch
 
 from kdcache.core.topk import topk_targets
 from kdcache.models.loading import open_weights
+from kdcache.pipeline.mixing import mixed_padding
 from kdcache.pipeline.signals import signal, signal_kinds
 from kdcache.pipeline.transforms import Preprocess
 from kdcache.pipeline.warp import out_map_size, sample_grid
@@ -86,10 +87,16 @@ class OnlineTeacher:
             targets["kd/ignore"] = cached
         elif isinstance(batch.get("geometry"), list):  # the crop's padding, as the cache path marks it
             stride = (x.shape[-2] / size[0], x.shape[-1] / size[1])
-            masks = []
-            for g in batch["geometry"]:
+
+            def padding(g):
                 map_hw = (max(1, round(g.in_size[0] / stride[0])), max(1, round(g.in_size[1] / stride[1])))
-                masks.append(sample_grid(g, map_hw, out_map_size(g.out_size, stride))[2])
+                return sample_grid(g, map_hw, out_map_size(g.out_size, stride))[2]
+
+            masks = []
+            mixes = batch.get("mix") or [None] * len(batch["geometry"])
+            for g, mix in zip(batch["geometry"], mixes):  # a mixed crop: its partner's padding where it shows
+                masks.append(padding(g) if mix is None else mixed_padding(padding(g), padding(mix.geometry), mix,
+                                                                          g.out_size))
             if all(tuple(m.shape) == size for m in masks):
                 targets["kd/ignore"] = torch.stack(masks).to(x.device)
         return targets

@@ -29,6 +29,7 @@ from kdcache.data import DATASETS
 from kdcache.data.class_base import is_classification
 from kdcache.methods import KDMethod, build_method, check_spec, reads, with_task_defaults
 from kdcache.models import SegModel, build_model
+from kdcache.pipeline.mixing import MixOptions
 from kdcache.pipeline.transforms import Augment, Preprocess
 from kdcache.store import CacheStore
 from kdcache.store.forms import form_of
@@ -130,6 +131,9 @@ class StudentConfig(TrainConfig):
                 raise KDCacheError("--unlabeled-cache trains from cached targets; drop --online-teacher")
             if self.use_views:
                 raise KDCacheError("--unlabeled-cache does not go with --use-views; drop one of them")
+            if MixOptions.of(self).enabled:
+                raise KDCacheError("--unlabeled-cache does not go with --mix (an unlabelled cache holds no mixed "
+                                   "crops); drop one of them")
         if self.unlabeled_limit is not None and self.unlabeled_limit < 1:
             raise KDCacheError(f"--unlabeled-limit must be positive, got {self.unlabeled_limit}")
 
@@ -234,7 +238,7 @@ class StudentTrainer(Trainer):
         if self.teacher is not None:
             batch = {**batch, **self.teacher.targets(batch)}
         out = model(batch["image"])
-        ce = self.segmentation_loss(out.logits, batch["label"])
+        ce = self.label_loss(out.logits, batch)
         total = ce
         terms = {"ce": ce.detach()}
         if self.config.skip_bad and "kd/skipped" in batch:  # the share of samples trained without targets

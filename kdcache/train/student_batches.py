@@ -25,6 +25,7 @@ from kdcache.core.errors import KDCacheError
 from kdcache.data.base import SegmentationDataset
 from kdcache.data.splits import limit
 from kdcache.pipeline.loaders import make_loader
+from kdcache.pipeline.mixing import MixOptions
 from kdcache.pipeline.transforms import Augment, Preprocess, SegPipeline
 from kdcache.pipeline.warp import (
     prepare_resample,
@@ -55,8 +56,8 @@ class KDPipeline(SegPipeline):
     def __init__(self, dataset: SegmentationDataset, preprocess: Preprocess, augment: Augment | None,
                  seed: int, store: CacheStore, rows: np.ndarray, use_views: bool = False, skip_bad: bool = False,
                  required: list[str] | None = None, strides: dict[str, tuple[float, float]] | None = None,
-                 resample: str = "nearest"):
-        super().__init__(dataset, preprocess, augment, seed)
+                 resample: str = "nearest", mix: MixOptions | None = None):
+        super().__init__(dataset, preprocess, augment, seed, mix)
         self.resample = resample
         prepare_resample(resample)
         self.store = store
@@ -106,6 +107,7 @@ class KDPipeline(SegPipeline):
         skipped = bool(cached.pop(BAD, False))
         item = self.form.item(self, index, cached)
         item.pop("geometry", None)
+        item.pop("mix", None)  # the mix is in the image, label and (a mixed schedule's) targets
         if skipped:  # no teacher targets for this sample: every KD cell ignored
             for key in list(item):
                 if key.startswith("kd/") and key.endswith("ignore"):
@@ -283,6 +285,22 @@ def pool_pipeline(store: CacheStore, labelled: CacheStore, required: list[str], 
                       required=required, strides=mine.strides, resample=resample)
 
 
+def check_mixing(store: CacheStore, form, rows: np.ndarray, online: bool) -> None:
+    """Refuse, in one line, a ``--mix`` run whose cache cannot give the teacher's targets on its
+    mixed crops: only a schedule built with the same ``--mix`` holds them (or a live teacher
+    computes them), and its partners are positions in the cache's own data set."""
+    if online:
+        return
+    if not getattr(form, "mixing", MixOptions()).enabled:
+        raise KDCacheError(f"--mix needs the teacher on each mixed crop, which {store.path} does not hold; build a "
+                           "schedule with --schedule-epochs N and the same --mix options (or train with "
+                           "--online-teacher cache)")
+    if len(rows) != store.schema.num_samples or not np.array_equal(rows, np.arange(len(rows))):
+        raise KDCacheError(f"--mix with {store.path}: its mixed crops pair the images by their position in the "
+                           "cache's data set, and this run trains on other images or in another order; train on "
+                           "the cache's data set and split without --limit")
+
+
 def student_batches(config, store: CacheStore, train_ds: SegmentationDataset, train_pipe: SegPipeline,
                     preprocess: Preprocess, required: list[str], *, dist: Dist, workers: int,
                     pin_memory: bool) -> tuple[TrainingBatches, list[tuple[CacheStore, np.ndarray]]]:
@@ -292,10 +310,14 @@ def student_batches(config, store: CacheStore, train_ds: SegmentationDataset, tr
     shuffle_buffer, unlabeled_* fields, seed, batch_size); ``required``: the map groups the
     methods read; ``train_pipe``: the supervised pipeline whose augmentation the items take."""
     c = config
-    form_of(store.schema).check_student(store, c, train_pipe.augment)
+    form = form_of(store.schema)
+    form.check_student(store, c, train_pipe.augment)
     rows = store.join(train_ds, check_content=c.check_content)
+    mix = train_pipe.mix
+    if mix.enabled:
+        check_mixing(store, form.for_training(c.use_views), rows, bool(c.online_teacher))
     labelled = KDPipeline(train_ds, preprocess, train_pipe.augment, c.seed, store, rows, use_views=c.use_views,
-                          skip_bad=c.skip_bad, required=required, resample=c.target_resample)
+                          skip_bad=c.skip_bad, required=required, resample=c.target_resample, mix=mix)
     # each pool's augmentation drawn from its own stream (not the labelled sample j's)
     pools = [pool_pipeline(CacheStore(path), store, required, preprocess=preprocess, augment=train_pipe.augment,
                            seed=c.seed + 7919 * (p + 1), check_content=c.check_content, skip_bad=c.skip_bad,

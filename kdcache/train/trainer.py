@@ -33,6 +33,13 @@ from kdcache.models import SegModel, build_model, count_parameters
 from kdcache.models.backbone_weights import load_backbone, pretrained_backbone_file
 from kdcache.models.loading import load_weights_into, open_weights
 from kdcache.pipeline.loaders import default_workers, make_loader
+from kdcache.pipeline.mixing import (
+    MixOptions,
+    mix_alpha_option,
+    mix_option,
+    mix_prob_option,
+    mixed_cross_entropy,
+)
 from kdcache.pipeline.transforms import (
     Augment,
     Preprocess,
@@ -140,6 +147,9 @@ class TrainConfig:
     #: classification: the random-resized crop's share of the image area (lo, hi)
     crop_area: tuple[float, float] = crop_area_option()
     hflip: bool = flip_option()
+    mix: str = mix_option()
+    mix_alpha: float = mix_alpha_option()
+    mix_prob: float = mix_prob_option()
     amp: bool = opt(True, "fp16 mixed precision (CUDA only).", panel="Hardware")
     device: str = opt("auto", "auto (CUDA if available), cpu, cuda, cuda:1 ...", resumable=True, panel="Hardware")
     workers: int | None = opt(None, "DataLoader worker processes (default: 0 on CPU, up to 8 on CUDA).",
@@ -195,6 +205,7 @@ class TrainConfig:
                                f"{self.crop_area}")
         if self.eval_every < 1:
             raise KDCacheError(f"--eval-every must be at least 1, got {self.eval_every}")
+        MixOptions.of(self)  # a known --mix
         if self.workers is not None and self.workers < 0:
             raise KDCacheError(f"--workers must be 0 or more, got {self.workers}")
         if self.fold and not self.folds:
@@ -411,7 +422,7 @@ class Trainer:
         if crop is None:
             crop = tuple(self.preprocess.image_to_tensor(train_ds.load(0)[0]).shape[-2:])
         augment = training_augment(is_classification(train_ds), crop, c.scale, c.crop_area, c.hflip)
-        return (SegPipeline(train_ds, self.preprocess, augment, seed=c.seed),
+        return (SegPipeline(train_ds, self.preprocess, augment, seed=c.seed, mix=MixOptions.of(c)),
                 SegPipeline(val_ds, self.preprocess))
 
     def build_batches(self, train_ds: SegmentationDataset, val_ds: SegmentationDataset
@@ -652,8 +663,18 @@ class Trainer:
         Returns the total loss and its named terms as detached 0-d tensors (the loop reads them
         back with one host synchronisation per step)."""
         out = model(batch["image"])
-        loss = self.segmentation_loss(out.logits, batch["label"])
+        loss = self.label_loss(out.logits, batch)
         return loss, {"ce": loss.detach()}
+
+    def label_loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The batch's L_seg: :meth:`segmentation_loss`, or with mixup (or a mixed classifier) the
+        λ-weighted cross-entropy against both images' labels (:func:`~kdcache.pipeline.mixing.mixed_cross_entropy`)."""
+        if "mix/lam" not in batch:
+            return self.segmentation_loss(logits, batch["label"])
+        labels, partner = batch["label"], batch["mix/label"]
+        if tuple(logits.shape[-2:]) != tuple(labels.shape[-2:]):
+            logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        return mixed_cross_entropy(logits, labels, partner, batch["mix/lam"], self.class_weight, self.ignore_index)
 
     def segmentation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """L_seg: cross-entropy of the logits upsampled to the labels (class weights if asked);

@@ -56,6 +56,9 @@ class CacheForm:
     reads_views = False
     #: the build options this form is made from, as a user gives them ("" for a form with none)
     options = ""
+    #: a build's inputs (``len``, ``image(j)``: sample j preprocessed as the teacher sees it), set
+    #: before :meth:`teacher_views` runs, for a form whose views need other images than their own
+    source = None
 
     def __init__(self, schema):  # the store's CacheSchema
         self.schema = schema

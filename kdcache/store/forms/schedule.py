@@ -8,11 +8,13 @@ import torch
 
 from kdcache.core.errors import KDCacheError
 from kdcache.pipeline.geometry import Geometry
+from kdcache.pipeline.mixing import MixOptions, mix_images, mix_partner
 from kdcache.pipeline.transforms import (
     AUGMENT_OPTIONS,
     Augment,
     apply_geometry,
     augment_from_dict,
+    sample_geometry,
     schedule_geometry,
     training_augment,
 )
@@ -26,7 +28,11 @@ class Schedule(CacheForm):
     ``r·E + e`` of an image is the crop a student with seed ``S + r`` draws in epoch ``e`` (the same
     draw from the same augmentation options, :func:`~kdcache.pipeline.transforms.schedule_geometry`),
     with the teacher's outputs on it. A student always replays its own schedule: each epoch reads its
-    view alone (:meth:`view`) and its crop's targets are that view's."""
+    view alone (:meth:`view`) and its crop's targets are that view's.
+
+    With ``--mix cutmix|mixup`` each view is the crop mixed with its partner's as a student with the
+    same ``--mix`` options mixes it (:mod:`kdcache.pipeline.mixing`), and the teacher runs on the
+    mixed crop: function matching, replayed."""
 
     targets_name = "schedule"
     options = "--schedule-epochs N"
@@ -49,8 +55,10 @@ class Schedule(CacheForm):
         if config.first_schedule < 0:
             raise KDCacheError(f"--first-schedule must be 0 or more (the first seed whose crops are stored), got "
                                f"{config.first_schedule}")
+        mix = MixOptions.of(config)
         if not config.schedule_epochs:
             given = [name for name, value, default in (
+                ("--mix", mix.kind, "none"),
                 ("--schedules", config.schedules, 1), ("--first-schedule", config.first_schedule, 0),
                 ("--crop-size", config.crop, None), ("--scale", config.scale, (0.75, 1.25)),
                 ("--crop-area", config.crop_area, (0.25, 1.0)), ("--flip", config.hflip, True)) if value != default]
@@ -76,7 +84,8 @@ class Schedule(CacheForm):
                 "area": config.crop_area if ctx.classification else None,
                 "schedule": {"epochs": config.schedule_epochs, "schedules": config.schedules,
                              **({"first": config.first_schedule} if config.first_schedule else {}),
-                             "augment": aug.to_dict()}}
+                             "augment": aug.to_dict(),
+                             **({"mix": MixOptions.of(config).to_dict()} if MixOptions.of(config).enabled else {})}}
 
     @property
     def augment(self) -> Augment:
@@ -89,9 +98,26 @@ class Schedule(CacheForm):
         item["view_params"] = np.array([schedule_geometry(r, e, index, size, aug).pack()
                                         for r in self.schema.schedules_held for e in range(E)], dtype=np.float32)
 
+    @property
+    def mixing(self) -> MixOptions:
+        """How the stored crops were mixed (none: not)."""
+        return MixOptions.from_dict(self.schema.schedule.get("mix"))
+
     def teacher_views(self, teacher, x, items, batch):
         params = np.stack([it["view_params"] for it in items])
-        return (*crops_forward(teacher, x, params, batch), params)
+        mixed = None
+        if self.mixing.enabled:  # each view's crop mixed with its partner's, as the student of its seed mixes it
+            mix, aug, source = self.mixing, self.augment, self.source
+            E = int(self.schema.schedule["epochs"])
+            runs = [(r, e) for r in self.schema.schedules_held for e in range(E)]
+
+            def mixed(j: int, v: int, crop: torch.Tensor) -> torch.Tensor:
+                seed, epoch = runs[v]
+                drawn = mix_partner(mix, seed, epoch, items[j]["index"], len(source), source.image,
+                                    tuple(crop.shape[-2:]), lambda rng, size: sample_geometry(rng, size, aug),
+                                    lambda image, g: apply_geometry(image, g, kind="image", fill=0.0))
+                return crop if drawn is None else mix_images(crop, drawn[1].to(crop.device), drawn[0])
+        return (*crops_forward(teacher, x, params, batch, mixed), params)
 
     def view(self, seed: int, epoch: int) -> int:
         return self.schema.view_of(seed, epoch)
@@ -122,6 +148,13 @@ class Schedule(CacheForm):
                 hint = f"or build a cache of it with --first-schedule {config.seed} --schedules 1"
             raise KDCacheError(f"--seed {config.seed}: {store.path} holds {which} ({built}), one per seed; train "
                                f"with --seed {first if first == last else f'in {first}..{last}'} {hint}")
+        have, want = MixOptions.of(config), self.mixing
+        if have != want:
+            hint = (f"--mix {want.kind} --mix-alpha {want.alpha:g} --mix-prob {want.prob:g}" if want.enabled
+                    else "--mix none")
+            raise KDCacheError(f"{store.path} holds a schedule whose crops were mixed {want.describe()}, and this run "
+                               f"mixes {have.describe()}; train with {hint} (or rebuild the cache with this run's "
+                               "--mix options)")
         stored = sched["augment"]
         mine = augment.to_dict() if augment is not None else {}
         for key in AUGMENT_OPTIONS:
@@ -139,9 +172,10 @@ class Schedule(CacheForm):
         a = sched["augment"]
         held = self.schema.schedules_held
         which = f"schedule {held.start}" if len(held) == 1 else f"schedules {held.start}..{held.stop - 1}"
+        mixed = f", mixed: {self.mixing.describe()}" if self.mixing.enabled else ""
         return (f"a schedule: the crops of {sched['epochs']} epochs x {which} per image "
-                f"({views['count']} views), crop {views['crop']}, {crops}, flip {'yes' if a.get('hflip') else 'no'}; "
-                "train-student replays them (--seed picks the schedule)")
+                f"({views['count']} views), crop {views['crop']}, {crops}, flip {'yes' if a.get('hflip') else 'no'}"
+                f"{mixed}; train-student replays them (--seed picks the schedule)")
 
 
 def _augment_text(key: str, value) -> str:
@@ -153,15 +187,21 @@ def _augment_text(key: str, value) -> str:
     return f"{option} {'x'.join(map(str, value)) if key == 'crop' else ','.join(f'{v:g}' for v in value)}"
 
 
-def crops_forward(teacher, x: torch.Tensor, params: np.ndarray, batch: int) -> tuple[torch.Tensor, dict]:
+def crops_forward(teacher, x: torch.Tensor, params: np.ndarray, batch: int, mixed=None) -> tuple[torch.Tensor, dict]:
     """The teacher on the crops ``params`` [B, V, 7] of the images ``x`` [B, 3, H, W], cut on
-    ``x``'s device as a training pipeline cuts them (:func:`apply_geometry`) and run ``batch`` at a
-    time: logits [B·V, C, h, w] and features, image by image and view by view."""
+    ``x``'s device as a training pipeline cuts them (:func:`apply_geometry`; ``mixed(j, v, crop)``,
+    if given, mixes view ``v`` of image ``j`` as the student does) and run ``batch`` at a time:
+    logits [B·V, C, h, w] and features, image by image and view by view."""
     size = tuple(x.shape[-2:])
-    crops = [(j, p) for j in range(len(x)) for p in params[j]]
+    crops = [(j, v, p) for j in range(len(x)) for v, p in enumerate(params[j])]
+
+    def cut(j: int, v: int, p) -> torch.Tensor:
+        crop = apply_geometry(x[j], Geometry.unpack(size, p), kind="image")
+        return crop if mixed is None else mixed(j, v, crop)
+
     logits, feats = [], {}
     for c in range(0, len(crops), batch):
-        v = torch.stack([apply_geometry(x[j], Geometry.unpack(size, p), kind="image") for j, p in crops[c:c + batch]])
+        v = torch.stack([cut(j, i, p) for j, i, p in crops[c:c + batch]])
         out = teacher(v)
         logits.append(out.logits)
         for tap, f in out.features.items():
