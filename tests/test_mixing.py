@@ -243,13 +243,17 @@ def test_bad_mixing_is_one_line_each(mixed_schedules, small_store, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_supervised_training_mixes_too(tmp_path):
+def test_supervised_training_mixes_too(tmp_path, small_store):
     """train-teacher --mix: the CE baseline takes the same mixing (mixup's two labels; a
     classifier's λ-weighted classes)."""
     r = kd("train-teacher", "--model", "demo_student", "-o", "resolution=32x48", "-o", "size=8", "--epochs", 1,
            "--batch-size", 4, "--workers", 0, "--device", "cpu", "--mix", "mixup", "--quiet", "--out", tmp_path / "t")
     assert r.exit_code == 0, r.output
     assert read_checkpoint(tmp_path / "t" / "last.pt")["config"]["mix"] == "mixup"
+    # the CE baseline of a study: --method none reads no targets, so any cache serves a mixing run
+    r = kd("train-student", "--cache", small_store[1], "--method", "none", "--mix", "cutmix", "--limit", 16, "--epochs", 1,
+           "--batch-size", 4, "--workers", 0, "--device", "cpu", "--quiet", "--out", tmp_path / "ce")
+    assert r.exit_code == 0, r.output
     r = kd("train-teacher", "--model", "demo_cls_student", "--dataset", "shapes", "-o", "size=8", "-o",
            "resolution=24", "--epochs", 1, "--batch-size", 4, "--workers", 0, "--device", "cpu", "--mix", "cutmix",
            "--quiet", "--out", tmp_path / "c")

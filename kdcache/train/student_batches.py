@@ -314,7 +314,7 @@ def student_batches(config, store: CacheStore, train_ds: SegmentationDataset, tr
     form.check_student(store, c, train_pipe.augment)
     rows = store.join(train_ds, check_content=c.check_content)
     mix = train_pipe.mix
-    if mix.enabled:
+    if mix.enabled and required:  # (a CE-only run reads no targets: any cache serves it)
         check_mixing(store, form.for_training(c.use_views), rows, bool(c.online_teacher))
     labelled = KDPipeline(train_ds, preprocess, train_pipe.augment, c.seed, store, rows, use_views=c.use_views,
                           skip_bad=c.skip_bad, required=required, resample=c.target_resample, mix=mix)
