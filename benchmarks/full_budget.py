@@ -60,6 +60,8 @@ PAIRS = {"demo": "demo_student", "compact": "compact_student"}
 #: every arm's recipe (CE and KD alike), and what cached_vs_online's helpers read of a task
 TASK = {"student": {"epochs": 160, "batch_size": 8, "workers": 0}, "test_size": 1000, "score": "miou"}
 TOPK = 4
+#: the synthetic data's options (the defaults: 400 training images of 96 x 128, val 100)
+DATA_OPTIONS: dict = {}
 CUTMIX = {"mix": "cutmix", "mix_alpha": 1.0, "mix_prob": 1.0}
 SEEDS = (0, 1, 2, 3, 4)
 GRID_SEED = 0
@@ -152,7 +154,8 @@ def main() -> None:
     if "teacher" in phases and not (kept / "best.pt").exists():
         work = out / "teacher"
         t0 = time.perf_counter()
-        train(TrainConfig(out=str(work), **TEACHER), overwrite=True, show_progress=False)
+        train(TrainConfig(out=str(work), dataset_options=dict(DATA_OPTIONS), **TEACHER), overwrite=True,
+              show_progress=False)
         part = kept.with_name(kept.name + ".part")
         shutil.rmtree(part, ignore_errors=True)
         part.mkdir(parents=True)
@@ -187,7 +190,8 @@ def main() -> None:
                                             "first_schedule": seed, **(CUTMIX if form == "schedule cutmix" else {})}
         t0 = time.perf_counter()
         build_teacher_cache(CacheBuildConfig(weights=str(kept), out=str(path), split="train", dataset="synthetic",
-                                             topk=TOPK, workers=0, **extra), show_progress=False)
+                                             dataset_options=dict(DATA_OPTIONS), topk=TOPK, workers=0, **extra),
+                            show_progress=False)
         n = CacheStore(str(path)).schema.num_samples
         state.setdefault("caches", {})[f"{form} seed {seed}" if extra else form] = {
             "seconds": time.perf_counter() - t0, "disk_bytes_per_image": size_of(path) / n,

@@ -629,3 +629,52 @@ def test_checkout_commit_names_the_code_a_results_file_was_measured_with(tmp_pat
     assert checkout_commit(tmp_path) == ""
     monkeypatch.setenv("KDCACHE_COMMIT", "abc1234")
     assert checkout_commit(tmp_path) == "abc1234"
+
+
+@pytest.mark.slow  # trains a teacher, a grid and the finalists of each seed, at a tiny size
+def test_full_budget_chooses_on_val_and_scores_the_finalists_on_test(tmp_path, monkeypatch):
+    """full_budget.py on a tiny setting: the grid trains on the grid seed and reads no test score;
+    the baseline and finalists are the best on val (CE's arms apart from the KD arms), plus the
+    best one's teacher-aware row; the students phase scores each on test once (seed 0's grid run
+    standing in), and the report pairs them against the baseline with the share of the gap."""
+    import json
+
+    monkeypatch.syspath_prepend(str(BENCH))  # it reads cached_vs_online's helpers
+    script = runpy.run_path(str(BENCH / "full_budget.py"), run_name="fb")
+    module = script["main"].__globals__
+    monkeypatch.setitem(module, "TEACHER", {**module["TEACHER"], "epochs": 1})
+    monkeypatch.setitem(module, "DATA_OPTIONS", {"size": 8, "resolution": [32, 48]})
+    monkeypatch.setitem(module, "TASK", {**module["TASK"], "test_size": 6,
+                                         "student": {**module["TASK"]["student"], "epochs": 1, "batch_size": 4}})
+    grid = {k: module["GRID"][k] for k in ("CE", "CE cutmix", "DIST schedule", "KL w=1 schedule cutmix")}
+    monkeypatch.setitem(module, "GRID", grid)
+    monkeypatch.setitem(module, "SEEDS", (0, 1))
+    monkeypatch.setitem(module, "FINALISTS", 1)
+    state_file = tmp_path / "results" / "fb.json"
+    state_file.parent.mkdir()
+    argv = ["full_budget.py", "--out", str(tmp_path / "work"), "--state", str(state_file), "--pairs", "demo"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--phase", "teacher,caches,grid"])
+    script["main"]()
+    state = json.loads(state_file.read_text())
+    assert set(state["runs"]) == {f"demo | {arm} | seed 0" for arm in grid}
+    assert not any("score" in r for r in state["runs"].values())  # the grid reads val alone
+    assert (tmp_path / "results" / "fb-teacher" / "best.pt").exists() and "score" in state["teacher"]
+    cfg = json.loads((tmp_path / "work" / "demo-kl-w1-schedule-cutmix-s0" / "config.json").read_text())
+    assert cfg["mix"] == "cutmix" and cfg["cache_targets"] == "schedule" and cfg["methods"][0]["weight"] == 1.0
+    vals = {arm: state["runs"][f"demo | {arm} | seed 0"]["val"] for arm in grid}
+    ce, kd = script["finalists"](state, "demo")
+    assert ce == max(("CE", "CE cutmix"), key=vals.get)
+    best = max(("DIST schedule", "KL w=1 schedule cutmix"), key=vals.get)
+    assert kd == [best, f"{best} + teacher-aware"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--phase", "students"])
+    script["main"]()
+    state = json.loads(state_file.read_text())
+    for arm in (ce, *kd):
+        for sd in (0, 1):
+            assert state["runs"][f"demo | {arm} | seed {sd}"]["num_samples"] == 6
+    aware = json.loads((tmp_path / "work" / f"demo-{kd[1].lower().replace('=', '').replace(' ', '-')}-s1"
+                        / "config.json").read_text())
+    assert aware["methods"][0]["mask"] == "teacher_correct"
+    report = (tmp_path / "results" / "fb.md").read_text()
+    assert f"Chosen on val: baseline {ce}; finalists {kd[0]}, {kd[1]}." in report
+    assert f"| {kd[0]} − {ce} | 2 |" in report and "share of the teacher–CE gap" in report
