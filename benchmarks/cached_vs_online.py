@@ -213,7 +213,8 @@ def test_score(task: dict, run: Path) -> dict:
     dev = resolve_device("auto")
     weights = open_weights(str(run))
     cfg = weights.config
-    options = {**(cfg.get("dataset_options") or {}), "size": task["test_size"]}
+    # rendered at the task's test size (a data set of files: its own test split, test_size None)
+    options = {**(cfg.get("dataset_options") or {}), **({"size": task["test_size"]} if task["test_size"] else {})}
     ds = build_dataset(cfg["dataset"], "test", cfg.get("data_root"), **options)
     model = weights.build(num_classes=ds.num_classes, device=dev)
     loader = make_loader(SegPipeline(ds, weights.preprocess), 32, 0, pin_memory=False)

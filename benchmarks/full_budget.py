@@ -1,7 +1,7 @@
 """Does distillation pay at a full training budget? Two students of one patient teacher, every
 recipe chosen on val, then five seeds on test (issue 49 §4).
 
-    python benchmarks/full_budget.py [--phase teacher,caches,grid,students] [--pairs demo,compact]
+    python benchmarks/full_budget.py [--study segmentation|shapes|digits] [--phase teacher,caches,grid,students]
 
 The study the issue asks for, on the built-in road scenes (400 training images, val 100, test
 rendered at 1000):
@@ -29,7 +29,16 @@ rendered at 1000):
   against the baseline and between the finalists; the share of the teacher-student gap
   recovered.
 
-The state (``benchmarks/results/full-budget-segmentation-cpu.json``) keeps every finished run, so
+**Classification** (``--study shapes`` or ``--study digits``; issue 49 asks for the built-in shapes
+*and* a data set whose images the project did not generate): the same procedure with
+`demo_cls_teacher` (patient: the students' 120 epochs) and `demo_cls_student`, the recipe of
+``cached_vs_online.py``'s classification task (batch 32, lr 3e-3, random-resized crops of 0.5-1 of
+the area), a top-5 cache, and :data:`CLS_GRID`, whose mixing is mixup (Beyer et al.'s function
+matching for classifiers). ``digits`` is scikit-learn's copy of the UCI handwritten digits (1797
+scans of 8 x 8, written here as a 32 x 32 ImageFolder, split 60/20/20 per class with a fixed
+seed; ``pip install scikit-learn``): images no one here made.
+
+The state (``benchmarks/results/full-budget-<study>-cpu.json``) keeps every finished run, so
 a sitting cut short goes on where it stopped; the results file is written from it after each run.
 The settings below were fixed in a commit before the first run; the results file names it.
 """
@@ -89,8 +98,72 @@ GRID: dict[str, tuple[dict | None, str, bool]] = {
     "CWD schedule cutmix": ({"name": "cwd", "weight": 3.0, "temperature": 4.0}, "schedule cutmix", True),
 }
 #: each form's store in the working folder (a schedule's: one seed's crops)
-STORES = {"image": "image.zarr", "schedule": "schedule-s{seed}.zarr", "schedule cutmix": "schedule-cutmix-s{seed}.zarr"}
+STORES = {"image": "image.zarr", "schedule": "schedule-s{seed}.zarr", "schedule cutmix": "schedule-cutmix-s{seed}.zarr",
+          "schedule mixup": "schedule-mixup-s{seed}.zarr"}
 TEACHER_AWARE = {"mask": "teacher_correct"}
+
+# -- classification: shapes (built in) and digits (scans no one here made) -------------------------
+CLS_TEACHER = {"model": "demo_cls_teacher", "epochs": 120, "batch_size": 32, "lr": 2e-3, "crop_area": (0.5, 1.0),
+               "workers": 0}
+CLS_PAIRS = {"cls": "demo_cls_student"}
+CLS_STUDENT = {"epochs": 120, "batch_size": 32, "lr": 3e-3, "crop_area": (0.5, 1.0), "workers": 0}
+MIXUP = {"mix": "mixup", "mix_alpha": 1.0, "mix_prob": 1.0}
+#: kl and dist at the library's classification defaults (T = 4, weight 2), from each form; kl as
+#: function matching (T = 1, weight 1, mixup); logit standardisation
+CLS_GRID: dict[str, tuple[dict | None, str, bool]] = {
+    "CE": (None, "image", False),
+    "CE mixup": (None, "image", True),
+    "KL image": ({"name": "kl", "weight": 2.0, "temperature": 4.0}, "image", False),
+    "KL schedule": ({"name": "kl", "weight": 2.0, "temperature": 4.0}, "schedule", False),
+    "KL schedule mixup": ({"name": "kl", "weight": 2.0, "temperature": 4.0}, "schedule mixup", True),
+    "KL T=1 w=1 schedule mixup": ({"name": "kl", "weight": 1.0, "temperature": 1.0}, "schedule mixup", True),
+    "DIST schedule": ({"name": "dist", "weight": 2.0, "temperature": 4.0}, "schedule", False),
+    "DIST schedule mixup": ({"name": "dist", "weight": 2.0, "temperature": 4.0}, "schedule mixup", True),
+    "KL standardize schedule mixup": ({"name": "kl", "weight": 2.0, "temperature": 4.0, "standardize": True},
+                                      "schedule mixup", True),
+}
+DIGITS_SPLITS = {"train": 0.6, "val": 0.2, "test": 0.2}
+
+
+def studies() -> dict[str, dict]:
+    """Each study's settings (read at call time: the tests shrink them)."""
+    seg = {"teacher": TEACHER, "pairs": PAIRS, "task": TASK, "topk": TOPK, "dataset": "synthetic",
+           "data_options": DATA_OPTIONS, "grid": GRID, "mix": CUTMIX, "unit": "mIoU"}
+    cls = {"teacher": CLS_TEACHER, "pairs": CLS_PAIRS, "topk": 5, "grid": CLS_GRID, "mix": MIXUP, "unit": "top-1"}
+    return {"segmentation": seg,
+            "shapes": {**cls, "dataset": "shapes", "data_options": {"size": 1000},
+                       "task": {"student": CLS_STUDENT, "test_size": 10000, "score": "top1"}},
+            "digits": {**cls, "dataset": "imagefolder", "data_options": {}, "prepare": write_digits,
+                       "task": {"student": CLS_STUDENT, "test_size": None, "score": "top1"}}}
+
+
+def write_digits(root: Path) -> Path:
+    """scikit-learn's UCI handwritten digits as a 32 x 32 RGB ImageFolder under ``root``
+    (train/val/test per :data:`DIGITS_SPLITS`, class by class, a fixed permutation)."""
+    if (root / "test").is_dir():
+        return root
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise SystemExit("error: --study digits reads scikit-learn's copy of the digits: pip install scikit-learn") from None
+    import numpy as np
+    from PIL import Image
+
+    digits = load_digits()
+    part = root.with_name(root.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)
+    rng = np.random.default_rng(0)
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(digits.target == c))
+        cuts = np.cumsum([round(f * len(idx)) for f in DIGITS_SPLITS.values()])[:-1]
+        for split, chosen in zip(DIGITS_SPLITS, np.split(idx, cuts)):
+            (part / split / str(c)).mkdir(parents=True, exist_ok=True)
+            for i in chosen:
+                gray = (digits.images[i] * (255 / 16)).round().astype(np.uint8)
+                image = Image.fromarray(gray).resize((32, 32), Image.BILINEAR).convert("RGB")
+                image.save(part / split / str(c) / f"{i:04d}.png")
+    part.replace(root)
+    return root
 
 
 def arm_key(pair: str, arm: str, seed: int) -> str:
@@ -101,42 +174,53 @@ def run_folder(out: Path, pair: str, arm: str, seed: int) -> Path:
     return out / f"{pair}-{arm.lower().replace('=', '').replace(' ', '-')}-s{seed}"
 
 
-def finalists(state: dict, pair: str) -> tuple[str | None, list[str]]:
+def finalists(state: dict, pair: str, grid: dict | None = None) -> tuple[str | None, list[str]]:
     """The pair's baseline (the CE arm of the best val) and its finalists (the best KD arms by
-    val, then the best one's teacher-aware row), once every grid arm of the pair is in."""
-    grid = state.get("runs", {})
-    vals = {arm: grid[arm_key(pair, arm, GRID_SEED)]["val"] for arm in GRID if arm_key(pair, arm, GRID_SEED) in grid}
-    if len(vals) < len(GRID):
+    val, then the best one's teacher-aware row), once every arm of ``grid`` (the study's) is in."""
+    grid = GRID if grid is None else grid
+    runs = state.get("runs", {})
+    vals = {arm: runs[arm_key(pair, arm, GRID_SEED)]["val"] for arm in grid if arm_key(pair, arm, GRID_SEED) in runs}
+    if len(vals) < len(grid):
         return None, []
-    ce = max((a for a in GRID if GRID[a][0] is None), key=vals.get)
-    kd = sorted((a for a in GRID if GRID[a][0] is not None), key=lambda a: -vals[a])[:FINALISTS]
+    ce = max((a for a in grid if grid[a][0] is None), key=vals.get)
+    kd = sorted((a for a in grid if grid[a][0] is not None), key=lambda a: -vals[a])[:FINALISTS]
     return ce, [*kd, f"{kd[0]} + teacher-aware"]
 
 
-def recipe(arm: str) -> tuple[dict | None, str, bool]:
+def recipe(arm: str, grid: dict | None = None) -> tuple[dict | None, str, bool]:
     """An arm's (method, form, mixed): a grid arm's, or a finalist's teacher-aware row."""
+    grid = GRID if grid is None else grid
     if arm.endswith(" + teacher-aware"):
-        method, form, mixed = GRID[arm[:-len(" + teacher-aware")]]
+        method, form, mixed = grid[arm[:-len(" + teacher-aware")]]
         return {**method, **TEACHER_AWARE}, form, mixed
-    return GRID[arm]
+    return grid[arm]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--study", choices=("segmentation", "shapes", "digits"), default="segmentation")
     ap.add_argument("--phase", default="teacher,caches,grid,students")
-    ap.add_argument("--pairs", default=",".join(PAIRS))
-    ap.add_argument("--out", default="runs/full-budget", help="working folder (stores and runs)")
-    ap.add_argument("--state", default=str(Path(__file__).parent / "results" / "full-budget-segmentation-cpu.json"))
+    ap.add_argument("--pairs", default=None, help="the study's pairs to train (default: all)")
+    ap.add_argument("--out", default=None, help="working folder (default runs/full-budget[-<study>])")
+    ap.add_argument("--state", default=None, help="the state file (default "
+                    "benchmarks/results/full-budget-<study>-cpu.json); the results file is written beside it")
     args = ap.parse_args()
-    phases, pairs = set(args.phase.split(",")), args.pairs.split(",")
-    out = Path(args.out)
+    study = studies()[args.study]
+    seg = args.study == "segmentation"
+    teacher_recipe, task, grid = study["teacher"], study["task"], study["grid"]
+    phases = set(args.phase.split(","))
+    pairs = args.pairs.split(",") if args.pairs else list(study["pairs"])
+    out = Path(args.out or ("runs/full-budget" if seg else f"runs/full-budget-{args.study}"))
     out.mkdir(parents=True, exist_ok=True)
-    state_path = Path(args.state)
+    state_path = Path(args.state or Path(__file__).parent / "results" / f"full-budget-{args.study}-cpu.json")
     results = state_path.with_suffix(".md")
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     if phases == {"report"}:
-        write_report(state, results)
+        write_report(state, results, study)
         return
+    root = study["prepare"](out / "data") if "prepare" in study else None
+    data = {"dataset": study["dataset"], "data_root": str(root) if root else None,
+            "dataset_options": dict(study["data_options"])}
     device = resolve_device("auto")
     state["machine"] = device_name(device)
     head = checkout_commit(Path(__file__).parent)
@@ -149,13 +233,13 @@ def main() -> None:
         tmp = state_path.with_name(state_path.name + ".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(state_path)
-        write_report(state, results)
+        write_report(state, results, study)
 
     if "teacher" in phases and not (kept / "best.pt").exists():
         work = out / "teacher"
         t0 = time.perf_counter()
-        train(TrainConfig(out=str(work), dataset_options=dict(DATA_OPTIONS), **TEACHER), overwrite=True,
-              show_progress=False)
+        train(TrainConfig(out=str(work), **data, **{k: v for k, v in teacher_recipe.items() if k != "dataset"}),
+              overwrite=True, show_progress=False)
         part = kept.with_name(kept.name + ".part")
         shutil.rmtree(part, ignore_errors=True)
         part.mkdir(parents=True)
@@ -172,10 +256,12 @@ def main() -> None:
         raise SystemExit(f"error: the teacher in {kept} is not the one {state_path} was measured with")
     if "teacher" not in state:
         log = [json.loads(line) for line in (kept / "metrics.jsonl").read_text().splitlines()]
-        state["teacher"] = {**test_score(TASK, kept), "weights_sha256": fingerprint,
-                            "val_curve": [r["val_miou"] for r in log if "val_miou" in r]}
-        state["params"] = {name: count_parameters(build_model(model, 11)) for name, model
-                           in {"teacher": TEACHER["model"], **PAIRS}.items()}
+        key = "val_top1" if task["score"] == "top1" else "val_miou"
+        state["teacher"] = {**test_score(task, kept), "weights_sha256": fingerprint,
+                            "val_curve": [r.get(key, r.get("val_miou")) for r in log if "val_miou" in r]}
+        classes = open_weights(str(kept)).config.get("num_classes", 11)
+        state["params"] = {name: count_parameters(build_model(model, classes)) for name, model
+                           in {"teacher": teacher_recipe["model"], **study["pairs"]}.items()}
         save()
 
     def store(form: str, seed: int) -> Path:
@@ -186,12 +272,13 @@ def main() -> None:
                 shutil.rmtree(path)  # another teacher's store (an earlier working folder)
             elif s.done().all():
                 return path
-        extra = {} if form == "image" else {"schedule_epochs": TASK["student"]["epochs"], "schedules": 1,
-                                            "first_schedule": seed, **(CUTMIX if form == "schedule cutmix" else {})}
+        aug = {k: task["student"][k] for k in ("crop", "scale", "crop_area", "hflip") if k in task["student"]}
+        extra = {} if form == "image" else {"schedule_epochs": task["student"]["epochs"], "schedules": 1,
+                                            "first_schedule": seed, **aug,
+                                            **(study["mix"] if form != "schedule" else {})}
         t0 = time.perf_counter()
-        build_teacher_cache(CacheBuildConfig(weights=str(kept), out=str(path), split="train", dataset="synthetic",
-                                             dataset_options=dict(DATA_OPTIONS), topk=TOPK, workers=0, **extra),
-                            show_progress=False)
+        build_teacher_cache(CacheBuildConfig(weights=str(kept), out=str(path), split="train", **data,
+                                             topk=study["topk"], workers=0, **extra), show_progress=False)
         n = CacheStore(str(path)).schema.num_samples
         state.setdefault("caches", {})[f"{form} seed {seed}" if extra else form] = {
             "seconds": time.perf_counter() - t0, "disk_bytes_per_image": size_of(path) / n,
@@ -203,15 +290,16 @@ def main() -> None:
         key = arm_key(pair, arm, seed)
         if key in state.get("runs", {}):
             return state["runs"][key]
-        method, form, mixed = recipe(arm)
+        method, form, mixed = recipe(arm, grid)
         cache = store(form, seed)
         folder = run_folder(out, pair, arm, seed)
-        cfg = config_from_store(str(cache), out=str(folder), seed=seed, model=PAIRS[pair],
-                                methods=[method or {"name": "none"}], **TASK["student"], **(CUTMIX if mixed else {}))
+        cfg = config_from_store(str(cache), out=str(folder), seed=seed, model=study["pairs"][pair],
+                                methods=[method or {"name": "none"}], **task["student"],
+                                **(study["mix"] if mixed else {}))
         t0 = time.perf_counter()
         train_student(cfg, overwrite=True, show_progress=False)
-        assert finished(TASK, folder)
-        r = {**run_record(TASK, folder), "seconds": time.perf_counter() - t0, "machine": device_name(device)}
+        assert finished(task, folder)
+        r = {**run_record(task, folder), "seconds": time.perf_counter() - t0, "machine": device_name(device)}
         state.setdefault("runs", {})[key] = r
         save()
         return r
@@ -219,32 +307,37 @@ def main() -> None:
     if "caches" in phases:
         store("image", 0)
     if "grid" in phases:
-        for arm in GRID:
+        for arm in grid:
             for pair in pairs:
                 run(pair, arm, GRID_SEED)
     if "students" in phases:
         for pair in pairs:
-            ce, kd = finalists(state, pair)
+            ce, kd = finalists(state, pair, grid)
             if ce is None:
                 raise SystemExit(f"error: the grid of pair {pair} is not complete: run the grid phase first")
             for seed in SEEDS:
                 for arm in (ce, *kd):
                     r = run(pair, arm, seed)
                     if "score" not in r:  # scored on test once, with its best-on-val checkpoint
-                        r.update(test_score(TASK, run_folder(out, pair, arm, seed)))
+                        r.update(test_score(task, run_folder(out, pair, arm, seed)))
                         save()
     save()
 
 
-def write_report(state: dict, path: Path) -> None:
+def write_report(state: dict, path: Path, study: dict | None = None) -> None:
+    study = study or studies()["segmentation"]
+    teacher, task, pairs, grid, unit = study["teacher"], study["task"], study["pairs"], study["grid"], study["unit"]
     runs = state.get("runs", {})
-    lines = ["# Distillation at a full budget: two students of a patient teacher", "",
+    test = f"{task['test_size']} test images" if task["test_size"] else "the test split"
+    title = ("two students of a patient teacher" if len(pairs) > 1
+             else f"`{next(iter(pairs.values()))}` and a patient teacher on {study['dataset']}")
+    lines = [f"# Distillation at a full budget: {title}", "",
              f"Machine: {state.get('machine', '?')}. Written by `benchmarks/full_budget.py` at commit(s) "
-             f"{', '.join(state.get('commits', []))} (settings fixed before the first run). Teacher `{TEACHER['model']}`, "
-             f"{TEACHER['epochs']} epochs; students {TASK['student']['epochs']} epochs, batch "
-             f"{TASK['student']['batch_size']}, every arm with the same data, steps and crops. Grid on seed {GRID_SEED}, "
+             f"{', '.join(state.get('commits', []))} (settings fixed before the first run). Teacher `{teacher['model']}`, "
+             f"{teacher['epochs']} epochs; students {task['student']['epochs']} epochs, batch "
+             f"{task['student']['batch_size']}, every arm with the same data, steps and crops. Grid on seed {GRID_SEED}, "
              f"val only; the finalists on seeds {', '.join(map(str, SEEDS))}, checkpoints on val, scores on "
-             f"{TASK['test_size']} test images (mIoU %).", ""]
+             f"{test} ({unit} %).", ""]
     for note in state.get("notes", []):
         lines += [note, ""]
     t = state.get("teacher")
@@ -258,25 +351,26 @@ def write_report(state: dict, path: Path) -> None:
         lines += ["| cache | build seconds | bytes per training image |", "|---|---|---|"]
         lines += [f"| {k} | {c['seconds']:.0f} | {c['disk_bytes_per_image']:,.0f} |" for k, c in state["caches"].items()]
         lines.append("")
-    for pair in PAIRS:
-        grid = {arm: runs.get(arm_key(pair, arm, GRID_SEED)) for arm in GRID}
-        if not any(grid.values()):
+    for pair in pairs:
+        got = {arm: runs.get(arm_key(pair, arm, GRID_SEED)) for arm in grid}
+        if not any(got.values()):
             continue
-        lines += [f"## Pair {pair}: `{PAIRS[pair]}`, the grid (seed {GRID_SEED}, val mIoU, best epoch)", "",
+        lines += [f"## Pair {pair}: `{pairs[pair]}`, the grid (seed {GRID_SEED}, val {unit}, best epoch)", "",
                   "| arm | method | form | val | val at each quarter | train images/s |", "|---|---|---|---|---|---|"]
-        for arm, r in grid.items():
+        for arm, r in got.items():
             if r is None:
                 continue
-            method, form, mixed = GRID[arm]
+            method, form, mixed = grid[arm]
             spec = "none" if method is None else ",".join(f"{k}={v}" for k, v in method.items())
             curve = r["val_curve"]
-            lines.append(f"| {arm} | {spec} | {form}{' (cutmix)' if mixed and form == 'image' else ''} | "
-                         f"{100 * r['val']:.2f} | " + ", ".join(f"{100 * curve[i]:.1f}" for i in quarters(len(curve)))
+            mix = f" ({study['mix']['mix']})" if mixed and form == "image" else ""
+            lines.append(f"| {arm} | {spec} | {form}{mix} | {100 * r['val']:.2f} | "
+                         + ", ".join(f"{100 * curve[i]:.1f}" for i in quarters(len(curve)))
                          + f" | {r['images_per_s']:.0f} |")
-        ce, kd = finalists(state, pair)
+        ce, kd = finalists(state, pair, grid)
         lines.append("")
         if ce is None:
-            lines += [f"{sum(r is not None for r in grid.values())} of {len(GRID)} grid arms trained; the finalists "
+            lines += [f"{sum(r is not None for r in got.values())} of {len(grid)} grid arms trained; the finalists "
                       "are chosen once all are in.", ""]
             continue
         lines += [f"Chosen on val: baseline {ce}; finalists {', '.join(kd)}.", ""]

@@ -169,7 +169,8 @@ def other_value(option, default) -> list[str]:
         return [flag if not default else f"--no-{flag[2:]}"]
     shape = option.spec.shape
     special = {"--optimizer": "sgd", "--schedule": "cosine", "--model": "demo_student", "--dataset": "voc",
-               "--fold": "1", "--folds": "3", "--limit": "6", "--batch-size": "2"}
+               "--fold": "1", "--folds": "3", "--limit": "6", "--batch-size": "2", "--mix": "cutmix",
+               "--mix-prob": "0.5"}
     if flag in special:
         return [flag, special[flag], *(["--folds", "2"] if flag == "--fold" else [])]
     if shape == "size":

@@ -279,22 +279,29 @@ class SegPipeline(torch.utils.data.Dataset):
         item["image"], item["label"] = x, y
         return item
 
+    def mix_partners(self, index: int) -> tuple[SegmentationDataset, int]:
+        """Where item ``index`` finds its mixing partners: the data set whose samples they are, and
+        the item's own position in it (the training set itself here; a cached pipeline's is the
+        cache's, so that a run on part of it pairs its images as the cache's build did)."""
+        return self.dataset, index
+
     def _mixed(self, index: int, x: torch.Tensor, y: torch.Tensor, item: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Item ``index``'s crop ``x`` and label ``y`` mixed with its partner's (or not, as drawn)."""
         masks: dict = {}
+        source, position = self.mix_partners(index)
 
         def load(j: int) -> torch.Tensor:
-            image, masks["partner"] = self.dataset.load(j)
+            image, masks["partner"] = source.load(j)
             return self.preprocess.image_to_tensor(image)
 
-        drawn = mix_partner(self.mix, self.seed, self.epoch, index, len(self.dataset), load, tuple(x.shape[-2:]),
+        drawn = mix_partner(self.mix, self.seed, self.epoch, position, len(source), load, tuple(x.shape[-2:]),
                             lambda rng, size: sample_geometry(rng, size, self.augment),
                             lambda image, g: apply_geometry(image, g, kind="image", fill=0.0))
         partner_y, lam = y, 1.0
         if drawn is not None:
             mix, partner_x = drawn
             x = mix_images(x, partner_x, mix)
-            partner_y = label_tensor(self.dataset, self.preprocess, masks["partner"])
+            partner_y = label_tensor(source, self.preprocess, masks["partner"])
             if self.classification:
                 lam = mix.lam
             else:

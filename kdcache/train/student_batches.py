@@ -71,6 +71,11 @@ class KDPipeline(SegPipeline):
         if required is None:  # every map group the store holds
             required = ["logits", *store.schema.signal_groups()]
         self.groups = store.schema.groups_for(required, self.use_views)
+        # mixing partners are the cache's samples, by store row (as its build paired them)
+        self._partners = store.dataset() if self.mix.enabled else None
+
+    def mix_partners(self, index: int):
+        return self._partners, int(self.rows[index])
 
     @property
     def view(self) -> int | None:
@@ -285,20 +290,14 @@ def pool_pipeline(store: CacheStore, labelled: CacheStore, required: list[str], 
                       required=required, strides=mine.strides, resample=resample)
 
 
-def check_mixing(store: CacheStore, form, rows: np.ndarray, online: bool) -> None:
+def check_mixing(store: CacheStore, form, online: bool) -> None:
     """Refuse, in one line, a ``--mix`` run whose cache cannot give the teacher's targets on its
     mixed crops: only a schedule built with the same ``--mix`` holds them (or a live teacher
-    computes them), and its partners are positions in the cache's own data set."""
-    if online:
-        return
-    if not getattr(form, "mixing", MixOptions()).enabled:
+    computes them)."""
+    if not online and not getattr(form, "mixing", MixOptions()).enabled:
         raise KDCacheError(f"--mix needs the teacher on each mixed crop, which {store.path} does not hold; build a "
                            "schedule with --schedule-epochs N and the same --mix options (or train with "
                            "--online-teacher cache)")
-    if len(rows) != store.schema.num_samples or not np.array_equal(rows, np.arange(len(rows))):
-        raise KDCacheError(f"--mix with {store.path}: its mixed crops pair the images by their position in the "
-                           "cache's data set, and this run trains on other images or in another order; train on "
-                           "the cache's data set and split without --limit")
 
 
 def student_batches(config, store: CacheStore, train_ds: SegmentationDataset, train_pipe: SegPipeline,
@@ -315,7 +314,7 @@ def student_batches(config, store: CacheStore, train_ds: SegmentationDataset, tr
     rows = store.join(train_ds, check_content=c.check_content)
     mix = train_pipe.mix
     if mix.enabled and required:  # (a CE-only run reads no targets: any cache serves it)
-        check_mixing(store, form.for_training(c.use_views), rows, bool(c.online_teacher))
+        check_mixing(store, form.for_training(c.use_views), bool(c.online_teacher))
     labelled = KDPipeline(train_ds, preprocess, train_pipe.augment, c.seed, store, rows, use_views=c.use_views,
                           skip_bad=c.skip_bad, required=required, resample=c.target_resample, mix=mix)
     # each pool's augmentation drawn from its own stream (not the labelled sample j's)
