@@ -222,6 +222,18 @@ def test_score(task: dict, run: Path) -> dict:
     return {"score": m[task["score"]], "num_samples": len(ds)}
 
 
+def keep_teacher(run: Path, kept: Path) -> Path:
+    """A copy of the teacher run's ``best.pt``, ``config.json`` and ``metrics.jsonl`` at ``kept``
+    (beside the state, committed with it), whole or not at all; returns ``kept``."""
+    part = kept.with_name(kept.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)
+    part.mkdir(parents=True)
+    for name in ("best.pt", "config.json", "metrics.jsonl"):
+        shutil.copyfile(run / name, part / name)
+    part.replace(kept)
+    return kept
+
+
 def paired(xs: list[float]) -> dict:
     n = len(xs)
     mean = statistics.mean(xs)
@@ -405,13 +417,7 @@ def main() -> None:
                              f"differ); give --teacher the run it was (or {kept}), or start a new state with --state")
     if "caches" in phases:
         if not (kept / "best.pt").exists():  # kept for later sittings, byte for byte
-            part = kept.with_name(kept.name + ".part")
-            shutil.rmtree(part, ignore_errors=True)
-            part.mkdir(parents=True)
-            for name in ("best.pt", "config.json", "metrics.jsonl"):
-                shutil.copyfile(teacher / name, part / name)
-            part.replace(kept)  # whole or not at all
-            teacher = kept
+            teacher = keep_teacher(teacher, kept)
         if not known:
             state["teacher"] = {**test_score(task, teacher), "weights_sha256": fingerprint}
         build("whole image")  # CE reads it; small and quick. A schedule is built when its seed's runs need it

@@ -52,7 +52,7 @@ import statistics
 import time
 from pathlib import Path
 
-from cached_vs_online import finished, paired, run_record, test_score
+from cached_vs_online import finished, keep_teacher, paired, run_record, test_score
 
 from kdcache.core.outputs import file_sha256
 from kdcache.core.runs import checkout_commit, device_name, resolve_device
@@ -240,12 +240,7 @@ def main() -> None:
         t0 = time.perf_counter()
         train(TrainConfig(out=str(work), **data, **{k: v for k, v in teacher_recipe.items() if k != "dataset"}),
               overwrite=True, show_progress=False)
-        part = kept.with_name(kept.name + ".part")
-        shutil.rmtree(part, ignore_errors=True)
-        part.mkdir(parents=True)
-        for name in ("best.pt", "config.json", "metrics.jsonl"):
-            shutil.copyfile(work / name, part / name)
-        part.replace(kept)  # whole or not at all
+        keep_teacher(work, kept)
         state["teacher_seconds"] = time.perf_counter() - t0
         state["teacher_machine"] = device_name(device)
         save()
