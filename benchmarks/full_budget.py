@@ -19,8 +19,10 @@ rendered at 1000):
   is its augmentation (with and without cutmix), as much tuning as a method's. Forms: ``image``
   (the default cache: the teacher on the whole image, top-4 + tail, a crop takes its cells),
   ``schedule`` (the teacher on every crop the seed's student draws; equal to the live teacher
-  to the bit, tested, so the online arm is not trained again) and ``schedule cutmix`` (the same
-  with ``--mix cutmix``: function matching).
+  to the bit, tested, so the online arm is not trained again), ``schedule cutmix`` (the same
+  with ``--mix cutmix``: function matching) and ``schedule features`` (the plain schedule with the
+  teacher's ``stage3`` features too, for CIRKD and Af-DCD; their arms were added to the grid after
+  its first 7 runs, before any of their own).
 * **The choice** (fixed here, before any run): per pair, the CE arm of the best val score is the
   baseline; the KD arms are ranked by val and the best :data:`FINALISTS` go to the students phase,
   and, on the best of them, its teacher-aware row (``mask=teacher_correct``).
@@ -76,12 +78,16 @@ SEEDS = (0, 1, 2, 3, 4)
 GRID_SEED = 0
 FINALISTS = 3
 
-#: the grid, in the order it trains: arm -> (method spec or None for CE, form, mixed). The
+#: the teacher tap the feature methods read (``stage3``: 128 channels at stride 8 in the built-in teacher) and
+#: the students' own ``stage3`` (72 and 64 channels): the build's ``--features`` and the methods' taps
+FEATURES = {"features": ("stage3",)}
+TAPS = {"student_tap": "stage3", "teacher_tap": "stage3"}
+#: the grid, in the order it trains: arm -> (method spec, a list of them, or None for CE, form, mixed). The
 #: methods' settings: kl and dist at the library's defaults (T = 1; weights 0.5 and 0.25, chosen on
 #: val at this budget with the 24-epoch teacher) and at weight 1 (function matching lets the
 #: teacher's term lead); cwd at its paper's segmentation settings (T = 4, weight 3); dist with logit
 #: standardisation; bpkd at its paper's settings
-GRID: dict[str, tuple[dict | None, str, bool]] = {
+GRID: dict[str, tuple[dict | list[dict] | None, str, bool]] = {
     "CE": (None, "image", False),
     "CE cutmix": (None, "image", True),
     "DIST schedule": ({"name": "dist", "weight": 0.25, "temperature": 1.0}, "schedule", False),
@@ -96,11 +102,19 @@ GRID: dict[str, tuple[dict | None, str, bool]] = {
                                          "schedule cutmix", True),
     "BPKD schedule": ({"name": "bpkd"}, "schedule", False),
     "CWD schedule cutmix": ({"name": "cwd", "weight": 3.0, "temperature": 4.0}, "schedule cutmix", True),
+    # added on 2026-11-27, before their first run, once 7 of the grid's runs had been read (val only): the
+    # feature methods at their papers' settings, each with the logit KD its authors train beside it (kl at the
+    # library's default); from a schedule that also holds the teacher's stage3 features
+    "CIRKD + KL schedule": ([{"name": "cirkd", **TAPS}, {"name": "kl", "weight": 0.5, "temperature": 1.0}],
+                            "schedule features", False),
+    "Af-DCD + KL schedule": ([{"name": "afdcd", **TAPS}, {"name": "kl", "weight": 0.5, "temperature": 1.0}],
+                             "schedule features", False),
 }
 #: each form's store in the working folder (a schedule's: one seed's crops)
 STORES = {"image": "image.zarr", "schedule": "schedule-s{seed}.zarr", "schedule cutmix": "schedule-cutmix-s{seed}.zarr",
-          "schedule mixup": "schedule-mixup-s{seed}.zarr"}
+          "schedule mixup": "schedule-mixup-s{seed}.zarr", "schedule features": "schedule-features-s{seed}.zarr"}
 TEACHER_AWARE = {"mask": "teacher_correct"}
+LOGIT_METHODS = ("kl", "dist", "cwd")
 
 # -- classification: shapes (built in) and digits (scans no one here made) -------------------------
 CLS_TEACHER = {"model": "demo_cls_teacher", "epochs": 120, "batch_size": 32, "lr": 2e-3, "crop_area": (0.5, 1.0),
@@ -190,10 +204,15 @@ def finalists(state: dict, pair: str, grid: dict | None = None) -> tuple[str | N
 def recipe(arm: str, grid: dict | None = None) -> tuple[dict | None, str, bool]:
     """An arm's (method, form, mixed): a grid arm's, or a finalist's teacher-aware row."""
     grid = GRID if grid is None else grid
-    if arm.endswith(" + teacher-aware"):
+    if arm.endswith(" + teacher-aware"):  # on its logit method(s): a feature method has no teacher-aware option
         method, form, mixed = grid[arm[:-len(" + teacher-aware")]]
-        return {**method, **TEACHER_AWARE}, form, mixed
+        return [{**m, **TEACHER_AWARE} if m["name"] in LOGIT_METHODS else m for m in methods_of(method)], form, mixed
     return grid[arm]
+
+
+def methods_of(method: dict | list[dict] | None) -> list[dict]:
+    """An arm's method spec(s) as ``train-student``'s list (CE: ``none``)."""
+    return [{"name": "none"}] if method is None else list(method) if isinstance(method, list) else [method]
 
 
 def main() -> None:
@@ -270,7 +289,8 @@ def main() -> None:
         aug = {k: task["student"][k] for k in ("crop", "scale", "crop_area", "hflip") if k in task["student"]}
         extra = {} if form == "image" else {"schedule_epochs": task["student"]["epochs"], "schedules": 1,
                                             "first_schedule": seed, **aug,
-                                            **(study["mix"] if form != "schedule" else {})}
+                                            **(study["mix"] if form.endswith(("cutmix", "mixup")) else {}),
+                                            **(FEATURES if form.endswith("features") else {})}
         t0 = time.perf_counter()
         build_teacher_cache(CacheBuildConfig(weights=str(kept), out=str(path), split="train", **data,
                                              topk=study["topk"], workers=0, **extra), show_progress=False)
@@ -289,7 +309,7 @@ def main() -> None:
         cache = store(form, seed)
         folder = run_folder(out, pair, arm, seed)
         cfg = config_from_store(str(cache), out=str(folder), seed=seed, model=study["pairs"][pair],
-                                methods=[method or {"name": "none"}], **task["student"],
+                                methods=methods_of(method), **task["student"],
                                 **(study["mix"] if mixed else {}))
         t0 = time.perf_counter()
         train_student(cfg, overwrite=True, show_progress=False)
@@ -356,7 +376,8 @@ def write_report(state: dict, path: Path, study: dict | None = None) -> None:
             if r is None:
                 continue
             method, form, mixed = grid[arm]
-            spec = "none" if method is None else ",".join(f"{k}={v}" for k, v in method.items())
+            spec = "none" if method is None else " + ".join(
+                ",".join(f"{k}={v}" for k, v in m.items() if k not in TAPS) for m in methods_of(method))
             curve = r["val_curve"]
             mix = f" ({study['mix']['mix']})" if mixed and form == "image" else ""
             lines.append(f"| {arm} | {spec} | {form}{mix} | {100 * r['val']:.2f} | "

@@ -646,7 +646,8 @@ def test_full_budget_chooses_on_val_and_scores_the_finalists_on_test(tmp_path, m
     monkeypatch.setitem(module, "DATA_OPTIONS", {"size": 8, "resolution": [32, 48]})
     monkeypatch.setitem(module, "TASK", {**module["TASK"], "test_size": 6,
                                          "student": {**module["TASK"]["student"], "epochs": 1, "batch_size": 4}})
-    grid = {k: module["GRID"][k] for k in ("CE", "CE cutmix", "DIST schedule", "KL w=1 schedule cutmix")}
+    grid = {k: module["GRID"][k] for k in ("CE", "CE cutmix", "DIST schedule", "KL w=1 schedule cutmix",
+                                           "CIRKD + KL schedule")}
     monkeypatch.setitem(module, "GRID", grid)
     monkeypatch.setitem(module, "SEEDS", (0, 1))
     monkeypatch.setitem(module, "FINALISTS", 1)
@@ -661,10 +662,13 @@ def test_full_budget_chooses_on_val_and_scores_the_finalists_on_test(tmp_path, m
     assert (tmp_path / "results" / "fb-teacher" / "best.pt").exists() and "score" in state["teacher"]
     cfg = json.loads((tmp_path / "work" / "demo-kl-w1-schedule-cutmix-s0" / "config.json").read_text())
     assert cfg["mix"] == "cutmix" and cfg["cache_targets"] == "schedule" and cfg["methods"][0]["weight"] == 1.0
+    cfg = json.loads((tmp_path / "work" / "demo-cirkd-+-kl-schedule-s0" / "config.json").read_text())
+    assert [m["name"] for m in cfg["methods"]] == ["cirkd", "kl"] and cfg["cache_targets"] == "schedule"
+    assert "stage3" in CacheStore(str(tmp_path / "work" / "schedule-features-s0.zarr")).schema.features
     vals = {arm: state["runs"][f"demo | {arm} | seed 0"]["val"] for arm in grid}
     ce, kd = script["finalists"](state, "demo")
     assert ce == max(("CE", "CE cutmix"), key=vals.get)
-    best = max(("DIST schedule", "KL w=1 schedule cutmix"), key=vals.get)
+    best = max(("DIST schedule", "KL w=1 schedule cutmix", "CIRKD + KL schedule"), key=vals.get)
     assert kd == [best, f"{best} + teacher-aware"]
     monkeypatch.setattr(sys, "argv", [*argv, "--phase", "students"])
     script["main"]()
@@ -674,7 +678,9 @@ def test_full_budget_chooses_on_val_and_scores_the_finalists_on_test(tmp_path, m
             assert state["runs"][f"demo | {arm} | seed {sd}"]["num_samples"] == 6
     aware = json.loads((tmp_path / "work" / f"demo-{kd[1].lower().replace('=', '').replace(' ', '-')}-s1"
                         / "config.json").read_text())
-    assert aware["methods"][0]["mask"] == "teacher_correct"
+    # the teacher-aware row masks its logit method; a feature method beside it is left as it was
+    assert [m.get("mask") for m in aware["methods"]] == ([None, "teacher_correct"] if best.startswith("CIRKD")
+                                                         else ["teacher_correct"])
     report = (tmp_path / "results" / "fb.md").read_text()
     assert f"Chosen on val: baseline {ce}; finalists {kd[0]}, {kd[1]}." in report
     assert f"| {kd[0]} − {ce} | 2 |" in report and "share of the teacher–CE gap" in report
