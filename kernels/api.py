@@ -190,7 +190,7 @@ class _NumbaEager(torch.autograd.Function):
 
 def numba_layout(C: int, P: int) -> str:
     """Which Numba kernel takes [N, C, P]: ``spatial`` (pixels innermost, float32, vectorised along
-    pixels) for maps, ``rows`` (classes innermost, float64) for rows and maps of few positions."""
+    pixels) for maps, ``rows`` (classes innermost, float32 vectorised along them) for rows and maps of few positions."""
     return "spatial" if P >= 64 else "rows"
 
 
@@ -246,7 +246,7 @@ def _numba_call(numba, s, v, i, t, ign, lab, T, with_tail, ignore_index, scales,
     idx = i.to(torch.int32).contiguous().numpy()
     tail = t.float().contiguous().numpy() if t is not None else np.zeros((1, 1), dtype=np.float32)
     loss = np.empty((N, P), dtype=np.float32)
-    kl_rows(s32, v32, idx, tail, ign_np, lab_np, *args, grad, loss)
+    kl_rows(s32, v32, idx, tail, ign_np, lab_np, *args, grad, loss, numba.get_num_threads())
     out = torch.from_numpy(loss) if per_position else loss.astype(np.float64).sum()
     return torch.from_numpy(grad), torch.as_tensor(out, dtype=torch.float32)
 

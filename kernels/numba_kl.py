@@ -18,8 +18,9 @@ of two put into the exponent bits (:func:`exp2_32`, :func:`log32`), because LLVM
 calls to libm. The only access by class id is one scalar store per top-k entry (the teacher's
 probability into a class-major block), measured cheaper than C × k vector compares.
 :func:`kl_rows` (rows [N, C] and maps of few positions) takes one position at a time with the
-classes innermost, in float64 (:func:`fast_exp`, relative error < 1e-14). benchmarks/results/
-kernels-cpu.md has the speeds, and benchmarks/numba_vectorised.py shows what LLVM vectorised.
+classes innermost, in the same float32 arithmetic vectorised along the classes (the teacher's k
+bins and the per-id steps scalar, in float64). benchmarks/results/kernels-cpu.md has the speeds,
+and benchmarks/numba_vectorised.py shows what LLVM vectorised.
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 _LOG2E = 1.4426950408889634
-_LN2_HI = 0.693145751953125
-_LN2_LO = 1.42860682030941723212e-6
 
 
 def _bitcast(src, dst, ir_type):
@@ -48,66 +47,8 @@ def _bitcast(src, dst, ir_type):
     return cast
 
 
-_as_int = _bitcast(types.float64, types.int64, ir.IntType(64))
-_as_float = _bitcast(types.int64, types.float64, ir.DoubleType())
 _f32_as_int = _bitcast(types.float32, types.int32, ir.IntType(32))
 _int_as_f32 = _bitcast(types.int32, types.float32, ir.FloatType())
-
-
-@njit(inline="always", cache=True, fastmath={"reassoc", "nsz", "contract"})
-def fast_exp(x):  # pragma: no cover - compiled
-    """exp(x) for x <= 0 (float64; clamped at -708, ~3e-308): range reduction to |r| <= ln2/2, a degree-11
-    Taylor polynomial, and the power of two put into the exponent bits."""
-    x = max(x, -708.0)
-    n = math.floor(x * _LOG2E + 0.5)
-    r = (x - n * _LN2_HI) - n * _LN2_LO
-    p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6 + r * (1.0 / 24 + r * (1.0 / 120 + r * (
-        1.0 / 720 + r * (1.0 / 5040 + r * (1.0 / 40320 + r * (1.0 / 362880 + r * (
-            1.0 / 3628800 + r * (1.0 / 39916800)))))))))))
-    return _as_float(_as_int(p) + (np.int64(n) << 52))
-
-
-@njit(inline="always", cache=True, fastmath={"reassoc", "nsz", "contract"})
-def fast_log(x):  # pragma: no cover - compiled
-    """log(x) for normal x > 0 (float64): exponent from the bits, the mantissa folded into
-    [sqrt(1/2), sqrt(2)) and log m = 2 atanh((m-1)/(m+1)) by its series (error < 2e-12)."""
-    bits = _as_int(x)
-    e = (bits >> 52) - 1023
-    m = _as_float((bits & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000)
-    big = m > 1.4142135623730951
-    m = m * 0.5 if big else m
-    e = e + 1 if big else e
-    t = (m - 1.0) / (m + 1.0)
-    t2 = t * t
-    poly = t * (2.0 + t2 * (2.0 / 3 + t2 * (2.0 / 5 + t2 * (2.0 / 7 + t2 * (2.0 / 9 + t2 * (
-        2.0 / 11 + t2 * (2.0 / 13 + t2 * (2.0 / 15))))))))
-    return e * 0.6931471805599453 + poly
-
-
-@njit(inline="always", cache=True)
-def _teacher(v, idx, tail, s, n, p, k, inv_t, log_rest, with_tail, lse):  # pragma: no cover - compiled
-    """(log_z, a_tail, kl over the top-k bins) for one position."""
-    amax = -np.inf
-    for j in range(k):
-        a = v[n, j, p] * inv_t
-        if a > amax:
-            amax = a
-    a_tail = 0.0
-    if with_tail:
-        a_tail = log_rest + (tail[n, p] - log_rest) * inv_t
-        if a_tail > amax:
-            amax = a_tail
-    zt = 0.0
-    for j in range(k):
-        zt += math.exp(v[n, j, p] * inv_t - amax)
-    if with_tail:
-        zt += math.exp(a_tail - amax)
-    log_z = amax + math.log(zt)
-    kl = 0.0
-    for j in range(k):
-        lp = v[n, j, p] * inv_t - log_z
-        kl += math.exp(lp) * (lp - (s[n, idx[n, j, p], p] * inv_t - lse))
-    return log_z, a_tail, kl
 
 
 # -- the spatial kernel: float32, pixels innermost -----------------------------------------------------
@@ -151,6 +92,22 @@ def _fmax(typingctx, a, b):  # pragma: no cover - compiled
         ty = args[0].type
         fn = builder.module.declare_intrinsic("llvm.maxnum", [ty], ir.FunctionType(ty, [ty, ty]))
         return builder.call(fn, args)
+
+    return sig, codegen
+
+
+@intrinsic
+def _fmax_reduce(typingctx, a, b):  # pragma: no cover - compiled
+    """``llvm.maxnum`` with the ``nnan nsz`` flags, which LLVM needs to run a loop's running maximum
+    on vectors (without them it stays one scalar at a time). maxnum already returns the other
+    operand of a NaN, so the flag changes no result: a NaN logit still turns the sums it enters
+    into NaN."""
+    sig = a(a, a)
+
+    def codegen(context, builder, signature, args):
+        ty = args[0].type
+        fn = builder.module.declare_intrinsic("llvm.maxnum", [ty], ir.FunctionType(ty, [ty, ty]))
+        return builder.call(fn, args, fastmath=("nnan", "nsz"))
 
     return sig, codegen
 
@@ -594,122 +551,165 @@ def _scatter_probs(i1, pd, tk, zt, kdw, n, k, C, P, p0, L, block):  # pragma: no
             pd[_slot(ids[j], C, block, j)] = -_select(kdw[j] != _F0, tj[j] * zt[j], _F0)
 
 
-@njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "nsz", "contract"})
+@njit(parallel=True, cache=True, nogil=True)
 def kl_rows(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ignore_index, kd_scale, ce_scale,
-            grad, loss):  # pragma: no cover - compiled
-    """Any [N, C, P], one position per iteration: its C logits copied into a local contiguous
-    buffer (rows [N, C] read in place), classes innermost."""
+            grad, loss, threads):  # pragma: no cover - compiled
+    """Any [N, C, P], one position at a time with the classes innermost, in float32 vectorised along
+    the classes (the teacher's k bins in float64): rows [N, C] read and written in place, a map's
+    position gathered into a contiguous buffer and its gradient scattered back. ``loss``: [N, P]
+    float32. ``threads``: how many Numba threads share the positions."""
+    N, P = s.shape[0], s.shape[2]
+    nq = N * P
+    nchunk = min(nq, 4 * threads)
+    for chunk in prange(nchunk):
+        _rows_tasks(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ignore_index, kd_scale, ce_scale,
+                    grad, loss, chunk * nq // nchunk, (chunk + 1) * nq // nchunk)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "nsz", "contract"})
+def _rows_tasks(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ignore_index, kd_scale, ce_scale,
+                grad, loss, first, last):  # pragma: no cover - compiled
+    """Positions [first, last) of :func:`kl_rows` (one thread's share), scratch allocated once."""
     N, C, P = s.shape
     k = v.shape[1]
-    inv_t = 1.0 / T
-    log_rest = math.log(C - k) if C > k else 0.0
-    sep_ce = use_lab and T != 1.0
     s1, g1 = s.ravel(), grad.ravel()
-    for q in prange(N * P):
+    xb = np.empty(C, _F)  # a map position's logits, gathered
+    gb = np.empty(C, _F)  # its gradient, scattered back
+    eb = np.empty(C, _F)  # e = exp((x − m) / T)
+    pd = np.zeros(C, _F)  # −p at the top-k classes, 0 elsewhere (zeroed again behind the gradient)
+    for q in range(first, last):
         n = q // P
         p = q - n * P
         base = n * C * P + p
-        x = np.empty(C)
-        if P == 1:
-            row = s1[base:base + C]
-            for c in range(C):
-                x[c] = row[c]
-        else:
-            for c in range(C):
-                x[c] = s1[base + c * P]
-        m = -np.inf
-        for c in range(C):
-            m = max(m, x[c])
-        m = m * inv_t
-        g = np.empty(C)
-        acc = 0.0
-        for c in range(C):
-            e = fast_exp(x[c] * inv_t - m)
-            g[c] = e
-            acc += e
-        lse = m + fast_log(acc)
-        inv_acc = 1.0 / acc
         kd_on = not (use_ign and ign[n, p])
-        total = 0.0
-        g_kd = kd_scale * T if kd_on else 0.0
-        tail_coef = 0.0
-        exact = False
-        l_tail = 0.0
-        p_tail = 0.0
-        log_z = 0.0
-        if kd_on:
-            log_z, a_tail, kl = _teacher(v, idx, tail, s, n, p, k, inv_t, log_rest, with_tail, lse)
-            total = kd_scale * T * T * kl
-            if with_tail:
-                for jj in range(k):
-                    c = idx[n, jj, p]
-                    g[c] = -g[c] - 1.0
-                st = 0.0
-                for c in range(C):
-                    st += max(g[c], 0.0)
-                lp_tail = a_tail - log_z
-                p_tail = math.exp(lp_tail)
-                if st > 1e-290:
-                    l_tail = m + math.log(st)
-                    tail_coef = p_tail / st
-                else:
-                    mt = -np.inf
-                    for c in range(C):
-                        if g[c] >= 0.0:
-                            mt = max(mt, x[c] * inv_t)
-                    sm = 0.0
-                    for c in range(C):
-                        if g[c] >= 0.0:
-                            sm += math.exp(x[c] * inv_t - mt)
-                    l_tail = mt + math.log(sm)
-                    exact = True
-                total += kd_scale * T * T * p_tail * (lp_tail - (l_tail - lse))
-        y = -1
-        if use_lab:
-            y = np.int64(lab[n, p])
-            if y == ignore_index:
-                y = -1
-        ce_w = ce_scale if y >= 0 else 0.0
-        lse1 = lse
-        inv_acc1 = inv_acc
-        m1 = 0.0
-        if y >= 0 and sep_ce:
-            m1 = -np.inf
-            for c in range(C):
-                m1 = max(m1, x[c])
-            acc1 = 0.0
-            for c in range(C):
-                acc1 += fast_exp(x[c] - m1)
-            lse1 = m1 + fast_log(acc1)
-            inv_acc1 = 1.0 / acc1
-        for c in range(C):
-            e = g[c]
-            marked = e < 0.0
-            et = -e - 1.0 if marked else e
-            qc = et * inv_acc
-            g[c] = g_kd * (qc - (0.0 if marked else tail_coef * et)) + (0.0 if sep_ce else ce_w * qc)
-        if ce_w != 0.0 and sep_ce:
-            for c in range(C):
-                g[c] += ce_w * fast_exp(x[c] - m1) * inv_acc1
-        if exact:
-            for c in range(C):
-                in_k = False
-                for jj in range(k):
-                    if idx[n, jj, p] == c:
-                        in_k = True
-                if not in_k:
-                    g[c] -= g_kd * p_tail * math.exp(x[c] * inv_t - l_tail)
-        if kd_on:
-            for jj in range(k):
-                g[idx[n, jj, p]] -= g_kd * math.exp(v[n, jj, p] * inv_t - log_z)
-        if y >= 0:
-            g[y] -= ce_scale
-            total += ce_scale * (lse1 - x[y])
+        y = np.int64(lab[n, p]) if use_lab else np.int64(-1)
+        if y == ignore_index:
+            y = -1
+        a_tail = log_rest = 0.0
+        if with_tail:
+            log_rest = math.log(C - k)
+            a_tail = log_rest + (np.float64(tail[n, p]) - log_rest) / T
         if P == 1:
-            out = g1[base:base + C]
-            for c in range(C):
-                out[c] = g[c]
+            loss[n, p] = _row(s1[base:base + C], g1[base:base + C], eb, pd, v[n, :, p], idx[n, :, p], a_tail, kd_on,
+                              y, T, with_tail, use_lab and T != 1.0, kd_scale, ce_scale)
         else:
             for c in range(C):
-                g1[base + c * P] = g[c]
-        loss[n, p] = total
+                xb[c] = s1[base + c * P]
+            loss[n, p] = _row(xb, gb, eb, pd, v[n, :, p], idx[n, :, p], a_tail, kd_on, y, T, with_tail,
+                              use_lab and T != 1.0, kd_scale, ce_scale)
+            for c in range(C):
+                g1[base + c * P] = gb[c]
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "nsz", "contract"})
+def _row(x, out, eb, pd, tv, ti, a_tail, kd_on, y, T, with_tail, sep_ce, kd_scale, ce_scale):  # pragma: no cover
+    """One position's loss, its gradient written to ``out``: logits ``x`` [C] (float32, contiguous),
+    the teacher's k values ``tv`` and ids ``ti``, its tail bin's logit ``a_tail`` (already / T), the
+    label ``y`` (−1: none). Three vectorised passes over the classes (the maximum; e, Σe and the tail
+    sum Σ_{c∉K} e; the gradient), the teacher's bins and every per-id step scalar, in float64."""
+    C = x.shape[0]
+    k = tv.shape[0]
+    inv_t64 = 1.0 / T
+    inv_t2 = _F(_LOG2E / T)  # exp(d / T) = 2 ** (d · log2(e) / T)
+    # (A) the maximum (a vector reduction: see _fmax_reduce)
+    m = _F_NEG_INF
+    for c in range(C):
+        m = _fmax_reduce(m, x[c])
+    m64 = np.float64(m)
+    # the teacher's bins: log Z, Σ_K p log p, Σ_K p (x − m); −p scattered at its ids
+    kw = kd_scale * T if kd_on else 0.0
+    kl = 0.0
+    pt = lpt = 0.0
+    if kd_on:
+        amax = a_tail if with_tail else -np.inf
+        for j in range(k):
+            amax = max(amax, np.float64(tv[j]) / T)
+        zt = math.exp(a_tail - amax) if with_tail else 0.0
+        for j in range(k):
+            zt += math.exp(np.float64(tv[j]) / T - amax)
+        log_z = amax + math.log(zt)
+        for j in range(k):
+            lp = np.float64(tv[j]) / T - log_z
+            pj = math.exp(lp)
+            kl += pj * (lp - (np.float64(x[ti[j]]) - m64) * inv_t64)  # Σ_K p log p − Σ_K p (x − m) / T
+            pd[ti[j]] = _F(-pj)
+        if with_tail:
+            lpt = a_tail - log_z
+            pt = math.exp(lpt)
+    ps = 1.0 - pt if with_tail else 1.0  # Σ_K p
+    # (B) e, Σ e and the tail sum Σ_{c∉K} e (a sum, never Σ e − Σ_K e, which cancels)
+    acc = _F0
+    st = _F0
+    for c in range(C):
+        e = exp2_32((x[c] - m) * inv_t2)
+        eb[c] = e
+        acc += e
+        st += _select(pd[c] < _F0, _F0, e)
+    la = math.log(np.float64(acc))  # log Σ exp((x − m) / T)
+    acc1 = 1.0
+    if sep_ce and y >= 0:  # the cross-entropy's softmax at T = 1
+        a1 = _F0
+        for c in range(C):
+            a1 += exp32(x[c] - m)
+        acc1 = np.float64(a1)
+    exact = False
+    tc = 0.0
+    l_tail = 0.0
+    if kd_on:
+        kl += ps * la
+        if with_tail:
+            if st > _F_TAIL_MIN:
+                l_tail = math.log(np.float64(st)) - la  # log q_tail
+                kl += pt * (lpt - l_tail)
+                tc = kw * pt / np.float64(st)
+            else:
+                exact = True
+    total = kd_scale * T * T * kl
+    # (C) the gradient, written out; pd zeroed behind
+    cew = ce_scale if y >= 0 else 0.0
+    inv_acc = 1.0 / np.float64(acc)
+    kw32 = _F(kw)
+    tc32 = _F(tc)
+    if sep_ce and y >= 0:
+        coef = _F(kw * inv_acc)
+        ce1 = _F(cew / acc1)
+        for c in range(C):
+            d = pd[c]
+            out[c] = (coef - _select(d < _F0, _F0, tc32)) * eb[c] + kw32 * d + ce1 * exp32(x[c] - m)
+            pd[c] = _F0
+    else:
+        coef = _F((kw + cew) * inv_acc)
+        for c in range(C):
+            d = pd[c]
+            out[c] = (coef - _select(d < _F0, _F0, tc32)) * eb[c] + kw32 * d
+            pd[c] = _F0
+    if exact:  # the student's tail underflowed: log-sum-exp over the tail classes in float64
+        mt = -np.inf
+        for c in range(C):
+            if not _in(ti, c):
+                mt = max(mt, np.float64(x[c]) * inv_t64)
+        sm = 0.0
+        for c in range(C):
+            if not _in(ti, c):
+                sm += math.exp(np.float64(x[c]) * inv_t64 - mt)
+        lse_tail = mt + math.log(sm)
+        lse = m64 * inv_t64 + la
+        total += kd_scale * T * T * pt * (lpt - (lse_tail - lse))
+        w = kw * pt
+        for c in range(C):
+            if not _in(ti, c):
+                out[c] -= _F(w * math.exp(np.float64(x[c]) * inv_t64 - lse_tail))
+    if y >= 0:
+        out[y] -= _F(ce_scale)
+        lse1 = m64 + (math.log(acc1) if sep_ce else la)
+        total += ce_scale * (lse1 - np.float64(x[y]))
+    return total
+
+
+@njit(inline="always", cache=True)
+def _in(ids, c):  # pragma: no cover - compiled
+    """Whether class ``c`` is among the teacher's ``ids``."""
+    for j in range(ids.shape[0]):
+        if ids[j] == c:
+            return True
+    return False

@@ -68,7 +68,7 @@ def check(backend, s, v, i, tail, ign, lab=None, *, T=2.0, tail_policy="bin", re
 
 # -- Numba: the full matrix, through both kernels ----------------------------------------------------------
 # ``kl_spatial`` (float32, pixels innermost, blocks of pixels) takes maps of 64 positions or more and
-# ``kl_rows`` (float64, classes innermost) the rest; ``layout`` forces one of them on every shape, so
+# ``kl_rows`` (float32, classes innermost) the rest; ``layout`` forces one of them on every shape, so
 # both kernels meet every case, including blocks cut short and maps of several blocks.
 
 
