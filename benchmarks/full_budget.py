@@ -21,8 +21,10 @@ rendered at 1000):
   ``schedule`` (the teacher on every crop the seed's student draws; equal to the live teacher
   to the bit, tested, so the online arm is not trained again), ``schedule cutmix`` (the same
   with ``--mix cutmix``: function matching) and ``schedule features`` (the plain schedule with the
-  teacher's ``stage3`` features too, for CIRKD and Af-DCD; their arms were added to the grid after
-  its first 7 runs, before any of their own).
+  teacher's ``stage3`` features too, for CIRKD and Af-DCD), and ``image + pool`` (the default cache
+  and one of 1600 unlabelled images, half of each batch, half the epochs: the same steps; the
+  workflow ``kdcache demo`` shows). The CIRKD, Af-DCD and pool arms were added to the grid after its
+  first 7 runs (read on val only), before any run of their own.
 * **The choice** (fixed here, before any run): per pair, the CE arm of the best val score is the
   baseline; the KD arms are ranked by val and the best :data:`FINALISTS` go to the students phase,
   and, on the best of them, its teacher-aware row (``mask=teacher_correct``).
@@ -109,10 +111,18 @@ GRID: dict[str, tuple[dict | list[dict] | None, str, bool]] = {
                             "schedule features", False),
     "Af-DCD + KL schedule": ([{"name": "afdcd", **TAPS}, {"name": "kl", "weight": 0.5, "temperature": 1.0}],
                              "schedule features", False),
+    # added at the same time: the workflow kdcache demo shows, a pool of unlabelled images the teacher labels
+    "DIST + pool": ({"name": "dist", "weight": 0.25, "temperature": 1.0}, "image + pool", False),
 }
+#: the ``image + pool`` form: the default cache of the labelled images and one of :data:`POOL` images of the
+#: synthetic ``unlabeled`` split (none of them a labelled image), each batch half of each (``POOL_SHARE``),
+#: for half the epochs: the same optimizer steps and images a step as every other arm
+POOL = 1600
+POOL_SHARE = 0.5
 #: each form's store in the working folder (a schedule's: one seed's crops)
 STORES = {"image": "image.zarr", "schedule": "schedule-s{seed}.zarr", "schedule cutmix": "schedule-cutmix-s{seed}.zarr",
-          "schedule mixup": "schedule-mixup-s{seed}.zarr", "schedule features": "schedule-features-s{seed}.zarr"}
+          "schedule mixup": "schedule-mixup-s{seed}.zarr", "schedule features": "schedule-features-s{seed}.zarr",
+          "pool": "pool.zarr"}
 TEACHER_AWARE = {"mask": "teacher_correct"}
 LOGIT_METHODS = ("kl", "dist", "cwd")
 
@@ -279,6 +289,8 @@ def main() -> None:
         save()
 
     def store(form: str, seed: int) -> Path:
+        if form == "image + pool":  # the labelled images' store (the pool's is store("pool", 0))
+            form = "image"
         path = out / STORES[form].format(seed=seed)
         if (path / "zarr.json").exists():
             s = CacheStore(str(path))
@@ -287,15 +299,19 @@ def main() -> None:
             elif s.done().all():
                 return path
         aug = {k: task["student"][k] for k in ("crop", "scale", "crop_area", "hflip") if k in task["student"]}
-        extra = {} if form == "image" else {"schedule_epochs": task["student"]["epochs"], "schedules": 1,
-                                            "first_schedule": seed, **aug,
-                                            **(study["mix"] if form.endswith(("cutmix", "mixup")) else {}),
-                                            **(FEATURES if form.endswith("features") else {})}
+        if form == "pool":
+            extra = {"split": "unlabeled", "limit": POOL}
+        elif form == "image":
+            extra = {}
+        else:
+            extra = {"schedule_epochs": task["student"]["epochs"], "schedules": 1, "first_schedule": seed, **aug,
+                     **(study["mix"] if form.endswith(("cutmix", "mixup")) else {}),
+                     **(FEATURES if form.endswith("features") else {})}
         t0 = time.perf_counter()
-        build_teacher_cache(CacheBuildConfig(weights=str(kept), out=str(path), split="train", **data,
-                                             topk=study["topk"], workers=0, **extra), show_progress=False)
+        build_teacher_cache(CacheBuildConfig(weights=str(kept), out=str(path), **{"split": "train", **data, **extra},
+                                             topk=study["topk"], workers=0), show_progress=False)
         n = CacheStore(str(path)).schema.num_samples
-        state.setdefault("caches", {})[f"{form} seed {seed}" if extra else form] = {
+        state.setdefault("caches", {})[f"{form} seed {seed}" if "schedule_epochs" in extra else form] = {
             "seconds": time.perf_counter() - t0, "disk_bytes_per_image": size_of(path) / n,
             "machine": device_name(device)}
         save()
@@ -308,12 +324,15 @@ def main() -> None:
         method, form, mixed = recipe(arm, grid)
         cache = store(form, seed)
         folder = run_folder(out, pair, arm, seed)
+        student = dict(task["student"])
+        if form == "image + pool":  # half of each batch from the pool, for half the epochs: the same steps
+            student.update(epochs=max(1, round(student["epochs"] * (1 - POOL_SHARE))),
+                           unlabeled_caches=[str(store("pool", 0))], unlabeled_share=POOL_SHARE)
         cfg = config_from_store(str(cache), out=str(folder), seed=seed, model=study["pairs"][pair],
-                                methods=methods_of(method), **task["student"],
-                                **(study["mix"] if mixed else {}))
+                                methods=methods_of(method), **student, **(study["mix"] if mixed else {}))
         t0 = time.perf_counter()
         train_student(cfg, overwrite=True, show_progress=False)
-        assert finished(task, folder)
+        assert finished({"student": student}, folder)  # every epoch of its own (a pool arm's: half)
         r = {**run_record(task, folder), "seconds": time.perf_counter() - t0, "machine": device_name(device)}
         state.setdefault("runs", {})[key] = r
         save()

@@ -647,7 +647,8 @@ def test_full_budget_chooses_on_val_and_scores_the_finalists_on_test(tmp_path, m
     monkeypatch.setitem(module, "TASK", {**module["TASK"], "test_size": 6,
                                          "student": {**module["TASK"]["student"], "epochs": 1, "batch_size": 4}})
     grid = {k: module["GRID"][k] for k in ("CE", "CE cutmix", "DIST schedule", "KL w=1 schedule cutmix",
-                                           "CIRKD + KL schedule")}
+                                           "CIRKD + KL schedule", "DIST + pool")}
+    monkeypatch.setitem(module, "POOL", 6)
     monkeypatch.setitem(module, "GRID", grid)
     monkeypatch.setitem(module, "SEEDS", (0, 1))
     monkeypatch.setitem(module, "FINALISTS", 1)
@@ -665,10 +666,14 @@ def test_full_budget_chooses_on_val_and_scores_the_finalists_on_test(tmp_path, m
     cfg = json.loads((tmp_path / "work" / "demo-cirkd-+-kl-schedule-s0" / "config.json").read_text())
     assert [m["name"] for m in cfg["methods"]] == ["cirkd", "kl"] and cfg["cache_targets"] == "schedule"
     assert "stage3" in CacheStore(str(tmp_path / "work" / "schedule-features-s0.zarr")).schema.features
+    cfg = json.loads((tmp_path / "work" / "demo-dist-+-pool-s0" / "config.json").read_text())
+    pool = CacheStore(str(tmp_path / "work" / "pool.zarr"))
+    assert cfg["unlabeled_caches"] == [str(pool.path)] and cfg["unlabeled_share"] == 0.5
+    assert pool.schema.num_samples == 6 and pool.schema.dataset["split"] == "unlabeled"
     vals = {arm: state["runs"][f"demo | {arm} | seed 0"]["val"] for arm in grid}
     ce, kd = script["finalists"](state, "demo")
     assert ce == max(("CE", "CE cutmix"), key=vals.get)
-    best = max(("DIST schedule", "KL w=1 schedule cutmix", "CIRKD + KL schedule"), key=vals.get)
+    best = max(("DIST schedule", "KL w=1 schedule cutmix", "CIRKD + KL schedule", "DIST + pool"), key=vals.get)
     assert kd == [best, f"{best} + teacher-aware"]
     monkeypatch.setattr(sys, "argv", [*argv, "--phase", "students"])
     script["main"]()
