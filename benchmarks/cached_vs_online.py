@@ -74,6 +74,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 from kdcache.core.outputs import file_sha256
 from kdcache.core.runs import checkout_commit, device_name, resolve_device
 from kdcache.data import build_dataset
@@ -220,6 +222,27 @@ def test_score(task: dict, run: Path) -> dict:
     loader = make_loader(SegPipeline(ds, weights.preprocess), 32, 0, pin_memory=False)
     m = evaluate_model(model, loader, ds.num_classes, dev, show_progress=False).metrics
     return {"score": m[task["score"]], "num_samples": len(ds)}
+
+
+def one_thread() -> None:
+    """A worker process's initializer: torch (and the Numba loss, which takes torch's count) on one
+    thread, so that N runs at once share N cores without oversubscribing them."""
+    torch.set_num_threads(1)
+
+
+def train_run(cfg, folder: Path, task: dict, score: bool) -> dict:
+    """Train the student ``cfg`` into ``folder`` (from scratch), check it ran every epoch of its own
+    (``cfg.epochs``) and return its record: :func:`run_record`, the seconds, the machine and the
+    threads it had; with ``score``, its test score too (:func:`test_score`). A top-level function,
+    so that worker processes run it (``full_budget.py --jobs``)."""
+    t0 = time.perf_counter()
+    train_student(cfg, overwrite=True, show_progress=False)
+    assert finished({"student": {"epochs": cfg.epochs}}, folder), folder
+    r = {**run_record(task, folder), "seconds": time.perf_counter() - t0,
+         "machine": device_name(resolve_device("auto")), "threads": torch.get_num_threads()}
+    if score:
+        r.update(test_score(task, folder))
+    return r
 
 
 def keep_teacher(run: Path, kept: Path) -> Path:

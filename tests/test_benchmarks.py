@@ -675,12 +675,14 @@ def test_full_budget_chooses_on_val_and_scores_the_finalists_on_test(tmp_path, m
     assert ce == max(("CE", "CE cutmix"), key=vals.get)
     best = max(("DIST schedule", "KL w=1 schedule cutmix", "CIRKD + KL schedule", "DIST + pool"), key=vals.get)
     assert kd == [best, f"{best} + teacher-aware"]
-    monkeypatch.setattr(sys, "argv", [*argv, "--phase", "students"])
+    # two runs at once, one thread each (worker processes): the same records
+    monkeypatch.setattr(sys, "argv", [*argv, "--phase", "students", "--jobs", "2"])
     script["main"]()
     state = json.loads(state_file.read_text())
     for arm in (ce, *kd):
         for sd in (0, 1):
             assert state["runs"][f"demo | {arm} | seed {sd}"]["num_samples"] == 6
+        assert state["runs"][f"demo | {arm} | seed 1"]["threads"] == 1
     aware = json.loads((tmp_path / "work" / f"demo-{kd[1].lower().replace('=', '').replace(' ', '-')}-s1"
                         / "config.json").read_text())
     # the teacher-aware row masks its logit method; a feature method beside it is left as it was
