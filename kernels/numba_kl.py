@@ -631,8 +631,9 @@ def _row(x, out, eb, pd, tv, ti, a_tail, kd_on, y, T, with_tail, sep_ce, kd_scal
         for j in range(k):
             lp = np.float64(tv[j]) / T - log_z
             pj = math.exp(lp)
-            kl += pj * (lp - (np.float64(x[ti[j]]) - m64) * inv_t64)  # Σ_K p log p − Σ_K p (x − m) / T
-            pd[ti[j]] = _F(-pj)
+            c = min(max(np.int64(ti[j]), 0), C - 1)  # clamped for memory safety only (ids: check_inputs)
+            kl += pj * (lp - (np.float64(x[c]) - m64) * inv_t64)  # Σ_K p log p − Σ_K p (x − m) / T
+            pd[c] = _F(-pj)
         if with_tail:
             lpt = a_tail - log_z
             pt = math.exp(lpt)
@@ -700,6 +701,7 @@ def _row(x, out, eb, pd, tv, ti, a_tail, kd_on, y, T, with_tail, sep_ce, kd_scal
             if not _in(ti, c):
                 out[c] -= _F(w * math.exp(np.float64(x[c]) * inv_t64 - lse_tail))
     if y >= 0:
+        y = min(y, C - 1)  # for memory safety only: labels are checked by the caller
         out[y] -= _F(ce_scale)
         lse1 = m64 + (math.log(acc1) if sep_ce else la)
         total += ce_scale * (lse1 - np.float64(x[y]))
