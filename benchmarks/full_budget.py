@@ -2,6 +2,7 @@
 recipe chosen on val, then five seeds on test (issue 49 §4).
 
     python benchmarks/full_budget.py [--study segmentation|shapes|digits] [--phase teacher,caches,grid,students]
+                                     [--jobs N]
 
 The study the issue asks for, on the built-in road scenes (400 training images, val 100, test
 rendered at 1000):
@@ -41,6 +42,10 @@ the area), a top-5 cache, and :data:`CLS_GRID`, whose mixing is mixup (Beyer et 
 matching for classifiers). ``digits`` is scikit-learn's copy of the UCI handwritten digits (1797
 scans of 8 x 8, written here as a 32 x 32 ImageFolder, split 60/20/20 per class with a fixed
 seed; ``pip install scikit-learn``): images no one here made.
+
+``--jobs N`` trains N runs at once in worker processes, one thread each (small students use two
+threads poorly: on the 2-core machine two runs at once train 1.3-1.55x the images a second of one
+on both threads); the parent builds the stores between them. Each record notes its threads.
 
 The state (``benchmarks/results/full-budget-<study>-cpu.json``) keeps every finished run, so
 a sitting cut short goes on where it stopped; the results file is written from it after each run.
