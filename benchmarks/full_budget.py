@@ -239,7 +239,7 @@ def main() -> None:
     ap.add_argument("--phase", default="teacher,caches,grid,students")
     ap.add_argument("--pairs", default=None, help="the study's pairs to train (default: all)")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at once, each on one thread (default 1: one "
-                    "run on every thread; on the 2-core machine --jobs 2 trains 1.4-1.55x the images a second)")
+                    "run on every thread)")
     ap.add_argument("--out", default=None, help="working folder (default runs/full-budget[-<study>])")
     ap.add_argument("--state", default=None, help="the state file (default "
                     "benchmarks/results/full-budget-<study>-cpu.json); the results file is written beside it")
