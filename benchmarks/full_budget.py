@@ -26,6 +26,9 @@ rendered at 1000):
   and one of 1600 unlabelled images, half of each batch, half the epochs: the same steps; the
   workflow ``kdcache demo`` shows). The CIRKD, Af-DCD and pool arms were added to the grid after its
   first 7 runs (read on val only), before any run of their own.
+* **Has CE levelled off?** After the grid, CE (its plain arm) trains once more on the grid seed for
+  twice the epochs (``CE 2x epochs``: a diagnostic, val only, never a finalist); the report sets it
+  beside CE at the study's budget. Added with the CIRKD, Af-DCD and pool arms.
 * **The choice** (fixed here, before any run): per pair, the CE arm of the best val score is the
   baseline; the KD arms are ranked by val and the best :data:`FINALISTS` go to the students phase,
   and, on the best of them, its teacher-aware row (``mask=teacher_correct``).
@@ -122,6 +125,10 @@ GRID: dict[str, tuple[dict | list[dict] | None, str, bool]] = {
     # added at the same time: the workflow kdcache demo shows, a pool of unlabelled images the teacher labels
     "DIST + pool": ({"name": "dist", "weight": 0.25, "temperature": 1.0}, "image + pool", False),
 }
+#: diagnostic arms, trained on the grid seed after the grid and never finalists: has CE levelled off at the
+#: study's budget? CE (its plain arm) for twice the epochs, val only
+DIAGNOSTIC: dict[str, tuple[dict | None, str, bool]] = {"CE 2x epochs": (None, "image", False)}
+EPOCHS_FACTOR = {"CE 2x epochs": 2}
 #: the ``image + pool`` form: the default cache of the labelled images and one of :data:`POOL` images of the
 #: synthetic ``unlabeled`` split (none of them a labelled image), each batch half of each (``POOL_SHARE``),
 #: for half the epochs: the same optimizer steps and images a step as every other arm
@@ -160,8 +167,9 @@ DIGITS_SPLITS = {"train": 0.6, "val": 0.2, "test": 0.2}
 def studies() -> dict[str, dict]:
     """Each study's settings (read at call time: the tests shrink them)."""
     seg = {"teacher": TEACHER, "pairs": PAIRS, "task": TASK, "topk": TOPK, "dataset": "synthetic",
-           "data_options": DATA_OPTIONS, "grid": GRID, "mix": CUTMIX, "unit": "mIoU"}
-    cls = {"teacher": CLS_TEACHER, "pairs": CLS_PAIRS, "topk": 5, "grid": CLS_GRID, "mix": MIXUP, "unit": "top-1"}
+           "data_options": DATA_OPTIONS, "grid": GRID, "diagnostic": DIAGNOSTIC, "mix": CUTMIX, "unit": "mIoU"}
+    cls = {"teacher": CLS_TEACHER, "pairs": CLS_PAIRS, "topk": 5, "grid": CLS_GRID, "diagnostic": DIAGNOSTIC,
+           "mix": MIXUP, "unit": "top-1"}
     return {"segmentation": seg,
             "shapes": {**cls, "dataset": "shapes", "data_options": {"size": 1000},
                        "task": {"student": CLS_STUDENT, "test_size": 10000, "score": "top1"}},
@@ -247,6 +255,7 @@ def main() -> None:
     study = studies()[args.study]
     seg = args.study == "segmentation"
     teacher_recipe, task, grid = study["teacher"], study["task"], study["grid"]
+    arms = {**grid, **study["diagnostic"]}  # what a run may be
     phases = set(args.phase.split(","))
     pairs = args.pairs.split(",") if args.pairs else list(study["pairs"])
     out = Path(args.out or ("runs/full-budget" if seg else f"runs/full-budget-{args.study}"))
@@ -329,9 +338,9 @@ def main() -> None:
 
     def plan(pair: str, arm: str, seed: int):
         """An arm's student configuration (its stores built first)."""
-        method, form, mixed = recipe(arm, grid)
+        method, form, mixed = recipe(arm, arms)
         cache = store(form, seed)
-        student = dict(task["student"])
+        student = {**task["student"], "epochs": task["student"]["epochs"] * EPOCHS_FACTOR.get(arm, 1)}
         if form == "image + pool":  # half of each batch from the pool, for half the epochs: the same steps
             student.update(epochs=max(1, round(student["epochs"] * (1 - POOL_SHARE))),
                            unlabeled_caches=[str(store("pool", 0))], unlabeled_share=POOL_SHARE)
@@ -372,7 +381,7 @@ def main() -> None:
     if "caches" in phases:
         store("image", 0)
     if "grid" in phases:
-        execute([(pair, arm, GRID_SEED, False) for arm in grid for pair in pairs])
+        execute([(pair, arm, GRID_SEED, False) for arm in arms for pair in pairs])
     if "students" in phases:
         todo = []
         for pair in pairs:
@@ -434,8 +443,12 @@ def write_report(state: dict, path: Path, study: dict | None = None) -> None:
             lines.append(f"| {arm} | {spec} | {form}{mix} | {100 * r['val']:.2f} | "
                          + ", ".join(f"{100 * curve[i]:.1f}" for i in quarters(len(curve)))
                          + f" | {r['images_per_s']:.0f}{' (1 thread)' if r.get('threads') == 1 else ''} |")
-        ce, kd = finalists(state, pair, grid)
         lines.append("")
+        for arm, base in (("CE 2x epochs", "CE"),):
+            long, short = runs.get(arm_key(pair, arm, GRID_SEED)), got.get(base)
+            if long and short:
+                lines += [_levelled(short, long, unit), ""]
+        ce, kd = finalists(state, pair, grid)
         if ce is None:
             lines += [f"{sum(r is not None for r in got.values())} of {len(grid)} grid arms trained; the finalists "
                       "are chosen once all are in.", ""]
@@ -466,6 +479,18 @@ def write_report(state: dict, path: Path, study: dict | None = None) -> None:
                 lines.append(f"| {a} − {b} | {p['n']} | {p['mean']:+.2f} | {ci} | {share} |")
         lines.append("")
     path.write_text("\n".join(lines) + "\n")
+
+
+def _levelled(short: dict, long: dict, unit: str) -> str:
+    """Has CE levelled off? Its arm against the same run for twice the epochs (val, best epoch, and
+    the mean of the last tenth of each run's epochs, less noisy than one epoch's)."""
+    def tail(r):
+        curve = r["val_curve"]
+        return 100 * statistics.mean(curve[-max(1, len(curve) // 10):])
+    return (f"Has CE levelled off? CE for {len(short['val_curve'])} epochs: {100 * short['val']:.2f} val {unit} (the "
+            f"mean of its last tenth of epochs {tail(short):.2f}); for {len(long['val_curve'])} epochs (a diagnostic "
+            f"run, never a finalist): {100 * long['val']:.2f} ({tail(long):.2f}), "
+            f"{100 * (long['val'] - short['val']):+.2f} for twice the budget.")
 
 
 def quarters(n: int) -> list[int]:

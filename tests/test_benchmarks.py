@@ -658,7 +658,7 @@ def test_full_budget_chooses_on_val_and_scores_the_finalists_on_test(tmp_path, m
     monkeypatch.setattr(sys, "argv", [*argv, "--phase", "teacher,caches,grid"])
     script["main"]()
     state = json.loads(state_file.read_text())
-    assert set(state["runs"]) == {f"demo | {arm} | seed 0" for arm in grid}
+    assert set(state["runs"]) == {f"demo | {arm} | seed 0" for arm in (*grid, "CE 2x epochs")}
     assert not any("score" in r for r in state["runs"].values())  # the grid reads val alone
     assert (tmp_path / "results" / "fb-teacher" / "best.pt").exists() and "score" in state["teacher"]
     cfg = json.loads((tmp_path / "work" / "demo-kl-w1-schedule-cutmix-s0" / "config.json").read_text())
@@ -666,6 +666,9 @@ def test_full_budget_chooses_on_val_and_scores_the_finalists_on_test(tmp_path, m
     cfg = json.loads((tmp_path / "work" / "demo-cirkd-+-kl-schedule-s0" / "config.json").read_text())
     assert [m["name"] for m in cfg["methods"]] == ["cirkd", "kl"] and cfg["cache_targets"] == "schedule"
     assert "stage3" in CacheStore(str(tmp_path / "work" / "schedule-features-s0.zarr")).schema.features
+    cfg = json.loads((tmp_path / "work" / "demo-ce-2x-epochs-s0" / "config.json").read_text())
+    assert cfg["epochs"] == 2 and len(state["runs"]["demo | CE 2x epochs | seed 0"]["val_curve"]) == 2
+    assert "Has CE levelled off? CE for 1 epochs" in (tmp_path / "results" / "fb.md").read_text()
     cfg = json.loads((tmp_path / "work" / "demo-dist-+-pool-s0" / "config.json").read_text())
     pool = CacheStore(str(tmp_path / "work" / "pool.zarr"))
     assert cfg["unlabeled_caches"] == [str(pool.path)] and cfg["unlabeled_share"] == 0.5
