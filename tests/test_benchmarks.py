@@ -34,6 +34,27 @@ def test_kd_step_time_runs_every_variant_on_the_same_batches(small_store, tmp_pa
     assert "cached-KD step / CE-only step = **" in table
 
 
+def test_kernels_before_after_reports_each_rounds_ratio(monkeypatch):
+    """kernels_before_after.py's table: per case the median over rounds of each side's time, and the
+    median over rounds of each round's own before/after ratio with its range (not the ratio of the
+    medians), for the fused kernel and the eager control."""
+    monkeypatch.syspath_prepend(str(BENCH))  # it lays sides out with checkout_site
+    script = runpy.run_path(str(BENCH / "kernels_before_after.py"), run_name="kba")
+
+    def side(fused, eager):
+        return {"dtype": "float32", "cases": [{"kind": "rows", "shape": [8, 1000], "k": 4,
+                                               "ms": {"fused": fused, "eager": eager}}]}
+
+    rounds = [{"before": side(4.0, 2.0), "after": side(1.0, 2.0)},  # fused 4.0x, eager 1.0x
+              {"before": side(3.0, 2.2), "after": side(1.5, 2.0)},  # 2.0x, 1.1x
+              {"before": side(6.0, 1.8), "after": side(5.0, 2.0)}]  # 1.2x, 0.9x
+    table = script["report"](rounds, "abc1234", "def5678")
+    row = next(line for line in table.splitlines() if line.startswith("| rows 8×1000"))
+    # fused: medians 4.00 and 1.50 ms, speed-up the median ratio 2.00x, not 4.00 / 1.50 = 2.67x
+    assert row == "| rows 8×1000 | 4 | 4.00 | 1.50 | 2.00× (1.20–4.00) | 1.00× (0.90–1.10) |"
+    assert "before (abc1234) and after (def5678)" in table
+
+
 def test_numba_vectorised_sees_calls_through_a_register():
     """numba_vectorised.py's call finder: Numba calls libm as ``movabsq $exp, %r12; callq *%r12``,
     which a regex for ``call … exp`` does not see; the finder resolves the register. Checked on
