@@ -25,7 +25,8 @@ rendered at 1000):
   teacher's ``stage3`` features too, for CIRKD and Af-DCD), and ``image + pool`` (the default cache
   and one of 1600 unlabelled images, half of each batch, half the epochs: the same steps; the
   workflow ``kdcache demo`` shows). The CIRKD, Af-DCD and pool arms were added to the grid after its
-  first 7 runs (read on val only), before any run of their own.
+  first 7 runs (read on val only), before any run of their own; DIST at weight 2 after 12, when
+  weight 1 had beaten 0.25 in both pairs (the best at the edge of the weights tried).
 * **Has CE levelled off?** After the grid, CE (its plain arm) trains once more on the grid seed for
   twice the epochs (``CE 2x epochs``: a diagnostic, val only, never a finalist); the report sets it
   beside CE at the study's budget. Added with the CIRKD, Af-DCD and pool arms.
@@ -124,6 +125,9 @@ GRID: dict[str, tuple[dict | list[dict] | None, str, bool]] = {
                              "schedule features", False),
     # added at the same time: the workflow kdcache demo shows, a pool of unlabelled images the teacher labels
     "DIST + pool": ({"name": "dist", "weight": 0.25, "temperature": 1.0}, "image + pool", False),
+    # added on 2026-11-27 before its first run, once 12 runs were in on val: DIST's weight grid had its best at
+    # its edge (w = 1 over 0.25 on the cutmix schedule in both pairs), so one step past it
+    "DIST w=2 schedule cutmix": ({"name": "dist", "weight": 2.0, "temperature": 1.0}, "schedule cutmix", True),
 }
 #: diagnostic arms, trained on the grid seed after the grid and never finalists: has CE levelled off at the
 #: study's budget? CE (its plain arm) for twice the epochs, val only
