@@ -230,16 +230,31 @@ def one_thread() -> None:
     torch.set_num_threads(1)
 
 
+def resumable_run(cfg, folder: Path) -> bool:
+    """Whether ``folder`` holds an interrupted run of exactly ``cfg`` (a ``last.pt``, and a
+    ``config.json`` whose every option ``cfg`` has is the same): one a later sitting may resume."""
+    if not ((folder / "last.pt").exists() and (folder / "config.json").exists()):
+        return False
+    stored = json.loads((folder / "config.json").read_text())
+    given = json.loads(json.dumps(cfg.to_dict()))  # as the run wrote it: tuples as lists
+    return all(stored.get(k) == v for k, v in given.items())
+
+
 def train_run(cfg, folder: Path, task: dict, score: bool) -> dict:
-    """Train the student ``cfg`` into ``folder`` (from scratch), check it ran every epoch of its own
-    (``cfg.epochs``) and return its record: :func:`run_record`, the seconds, the machine and the
-    threads it had; with ``score``, its test score too (:func:`test_score`). A top-level function,
+    """Train the student ``cfg`` into ``folder`` (resuming an interrupted run of exactly ``cfg``
+    there, else from scratch: kdcache resumes to the uninterrupted result), check it ran every
+    epoch of its own (``cfg.epochs``) and return its record: :func:`run_record`, the seconds, the
+    machine and the threads it had (and how many epochs an earlier sitting trained: its seconds are
+    then this sitting's alone); with ``score``, its test score too (:func:`test_score`). A top-level function,
     so that worker processes run it (``full_budget.py --jobs``)."""
     t0 = time.perf_counter()
-    train_student(cfg, overwrite=True, show_progress=False)
+    resume = resumable_run(cfg, folder)
+    train_student(cfg, resume=resume, overwrite=not resume, show_progress=False)
     assert finished({"student": {"epochs": cfg.epochs}}, folder), folder
     r = {**run_record(task, folder), "seconds": time.perf_counter() - t0,
          "machine": device_name(resolve_device("auto")), "threads": torch.get_num_threads()}
+    if resume:  # the epochs an earlier sitting trained (the run's resumed_from_epoch is the last one's index)
+        r["resumed_after_epochs"] = json.loads((folder / "config.json").read_text())["resumed_from_epoch"] + 1
     if score:
         r.update(test_score(task, folder))
     return r

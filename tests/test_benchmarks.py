@@ -34,6 +34,28 @@ def test_kd_step_time_runs_every_variant_on_the_same_batches(small_store, tmp_pa
     assert "cached-KD step / CE-only step = **" in table
 
 
+def test_a_run_is_resumed_only_with_exactly_its_options(tmp_path, monkeypatch):
+    """cached_vs_online.resumable_run: a folder with a last.pt whose config.json has every option of
+    the configuration (tuples written as lists), and no other; no last.pt, nothing to resume."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    script = runpy.run_path(str(BENCH / "cached_vs_online.py"), run_name="cvo")
+
+    class Cfg:
+        def __init__(self, **kw):
+            self.kw = kw
+
+        def to_dict(self):
+            return dict(self.kw)
+
+    (tmp_path / "config.json").write_text('{"seed": 0, "crop": [96, 128], "cache_targets": "schedule"}')
+    resumable = script["resumable_run"]
+    assert not resumable(Cfg(seed=0, crop=(96, 128)), tmp_path)  # no last.pt
+    (tmp_path / "last.pt").write_bytes(b"")
+    assert resumable(Cfg(seed=0, crop=(96, 128)), tmp_path)
+    assert not resumable(Cfg(seed=1, crop=(96, 128)), tmp_path)
+    assert not resumable(Cfg(seed=0, crop=(96, 128), mix="cutmix"), tmp_path)  # an option the run lacks
+
+
 def test_kernels_before_after_reports_each_rounds_ratio(monkeypatch):
     """kernels_before_after.py's table: per case the median over rounds of each side's time, and the
     median over rounds of each round's own before/after ratio with its range (not the ratio of the
@@ -695,6 +717,13 @@ def test_full_budget_chooses_on_val_and_scores_the_finalists_on_test(tmp_path, m
     assert cfg["unlabeled_caches"] == [str(pool.path)] and cfg["unlabeled_share"] == 0.5
     assert pool.schema.num_samples == 6 and pool.schema.dataset["split"] == "unlabeled"
     vals = {arm: state["runs"][f"demo | {arm} | seed 0"]["val"] for arm in grid}
+    # a run whose record was lost (the sitting stopped after its last.pt) resumes in the next sitting
+    lost = state["runs"].pop("demo | DIST schedule | seed 0")
+    state_file.write_text(json.dumps(state))
+    script["main"]()
+    again = json.loads(state_file.read_text())["runs"]["demo | DIST schedule | seed 0"]
+    assert again["resumed_after_epochs"] == 1 and again["val_curve"] == lost["val_curve"]
+    state = json.loads(state_file.read_text())
     ce, kd = script["finalists"](state, "demo")
     assert ce == max(("CE", "CE cutmix"), key=vals.get)
     best = max(("DIST schedule", "KL w=1 schedule cutmix", "CIRKD + KL schedule", "DIST + pool"), key=vals.get)
