@@ -52,7 +52,8 @@ threads poorly: on the 2-core machine two runs at once train 1.3-1.55x the image
 on both threads); the parent builds the stores between them. Each record notes its threads.
 
 The state (``benchmarks/results/full-budget-<study>-cpu.json``) keeps every finished run, so
-a sitting cut short goes on where it stopped (a run cut short resumes from its ``last.pt``); the results file is written from it after each run.
+a sitting cut short goes on where it stopped (a run cut short resumes from its ``last.pt``); the
+results file is written from it after each run.
 The settings below were fixed in a commit before the first run; the results file names it.
 """
 
