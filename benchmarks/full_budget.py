@@ -322,12 +322,12 @@ def main() -> None:
                 shutil.rmtree(path)  # another teacher's store (an earlier working folder)
             elif s.done().all():
                 return path
-        aug = {k: task["student"][k] for k in ("crop", "scale", "crop_area", "hflip") if k in task["student"]}
         if form == "pool":
             extra = {"split": "unlabeled", "limit": POOL}
         elif form == "image":
             extra = {}
-        else:
+        else:  # a schedule draws the crops (and mixing) the students' options draw
+            aug = {k: task["student"][k] for k in ("crop", "scale", "crop_area", "hflip") if k in task["student"]}
             extra = {"schedule_epochs": task["student"]["epochs"], "schedules": 1, "first_schedule": seed, **aug,
                      **(study["mix"] if form.endswith(("cutmix", "mixup")) else {}),
                      **(FEATURES if form.endswith("features") else {})}

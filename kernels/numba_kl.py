@@ -577,6 +577,8 @@ def _rows_tasks(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ignor
     gb = np.empty(C, _F)  # its gradient, scattered back
     eb = np.empty(C, _F)  # e = exp((x − m) / T)
     pd = np.zeros(C, _F)  # −p at the top-k classes, 0 elsewhere (zeroed again behind the gradient)
+    log_rest = math.log(C - k) if with_tail else 0.0  # the tail bin's share of the C − k classes
+    sep_ce = use_lab and T != 1.0  # the cross-entropy's own softmax at T = 1
     for q in range(first, last):
         n = q // P
         p = q - n * P
@@ -585,18 +587,15 @@ def _rows_tasks(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ignor
         y = np.int64(lab[n, p]) if use_lab else np.int64(-1)
         if y == ignore_index:
             y = -1
-        a_tail = log_rest = 0.0
-        if with_tail:
-            log_rest = math.log(C - k)
-            a_tail = log_rest + (np.float64(tail[n, p]) - log_rest) / T
+        a_tail = log_rest + (np.float64(tail[n, p]) - log_rest) / T if with_tail else 0.0
         if P == 1:
             loss[n, p] = _row(s1[base:base + C], g1[base:base + C], eb, pd, v[n, :, p], idx[n, :, p], a_tail, kd_on,
-                              y, T, with_tail, use_lab and T != 1.0, kd_scale, ce_scale)
+                              y, T, with_tail, sep_ce, kd_scale, ce_scale)
         else:
             for c in range(C):
                 xb[c] = s1[base + c * P]
             loss[n, p] = _row(xb, gb, eb, pd, v[n, :, p], idx[n, :, p], a_tail, kd_on, y, T, with_tail,
-                              use_lab and T != 1.0, kd_scale, ce_scale)
+                              sep_ce, kd_scale, ce_scale)
             for c in range(C):
                 g1[base + c * P] = gb[c]
 
