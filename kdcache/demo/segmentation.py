@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 from kdcache.core.errors import KDCacheError
 from kdcache.core.outputs import OutputFolder
@@ -28,14 +29,30 @@ from kdcache.store import CacheStore
 from kdcache.train.student import config_from_store, train_student
 from kdcache.train.trainer import TrainConfig, train
 
-#: student name -> (methods, trains with the unlabelled pool)
+
+class DemoStudent(NamedTuple):
+    """One of the demo's students: its methods and where its targets come from. ``form``: ``image``
+    (the teacher's top-4 on each whole labelled image, a crop takes its cells), ``pool`` (the same
+    and the unlabelled pool, half of each batch, for half the epochs: the same steps) or
+    ``schedule`` (the teacher on every crop this seed's student draws, so its targets are the
+    teacher's on its own pixels); ``mix``: cutmix on the student's crops (a schedule then holds
+    the teacher on the mixed crops: function matching)."""
+
+    methods: list[dict]
+    form: str = "image"
+    mix: bool = False
+
+
+#: student name -> what it trains with
 STUDENTS = {
-    "none": ([{"name": "none"}], False),
-    "kl": ([{"name": "kl"}], False),
-    "dist": ([{"name": "dist"}], False),
-    "dist-pool": ([{"name": "dist"}], True),
-    "pseudo-pool": ([{"name": "pseudo"}], True),
+    "none": DemoStudent([{"name": "none"}]),
+    "kl": DemoStudent([{"name": "kl"}]),
+    "dist": DemoStudent([{"name": "dist"}]),
+    "dist-pool": DemoStudent([{"name": "dist"}], "pool"),
+    "pseudo-pool": DemoStudent([{"name": "pseudo"}], "pool"),
 }
+FORMS = ("image", "pool", "schedule")
+CUTMIX = {"mix": "cutmix", "mix_alpha": 1.0, "mix_prob": 1.0}  # a pair's box of area 1 − λ, λ ~ Beta(1, 1), each step
 POOL_SHARE = 0.5  # of each batch, for the students with the pool
 POOL_FACTOR = 4  # pool images per labelled image
 TEACHER_OPTIONS = {"width": 48}  # demo_teacher's: about half the compute of the default width 64
@@ -45,13 +62,19 @@ BATCH_SIZE = 8  # every run's (fewer with fewer labelled images: --limit 4 takes
 
 def run_demo(out: str | Path = "runs/demo", *, teacher_epochs: int = 40, student_epochs: int = 40,
              students=tuple(STUDENTS), device: str = "auto", seed: int = 0, limit: int = 100,
-             show_progress: bool = True) -> dict:
+             show_progress: bool = True, compare: bool = True) -> dict:
     """``limit``: the first N images of each split (training, val and test: the synthetic data
     has 100 val and 100 test images, so the default cuts the training images alone); the pool
-    is 4x N unlabelled images."""
+    is 4x N unlabelled images. ``students``: names of :data:`STUDENTS`, or a mapping of names to
+    :class:`DemoStudent`. ``compare=False`` stops before the test split is read (the runs'
+    folders are returned): what a benchmark that chooses on val takes."""
     if limit < 2:
         raise KDCacheError(f"--limit must be at least 2 (a batch of the pool students holds a labelled and an "
                            f"unlabelled image), got {limit}")
+    lineup = students if isinstance(students, dict) else {name: STUDENTS[name] for name in students}
+    for name, student in lineup.items():
+        if student.form not in FORMS:
+            raise ValueError(f"demo student {name}: form must be one of {', '.join(FORMS)}, got {student.form!r}")
     out = OutputFolder.claim(out, DEMO).path  # a folder of anyone else's is refused
     common = {"device": device, "seed": seed, "limit": limit, "eval_every": min(EVAL_EVERY, teacher_epochs),
               "batch_size": min(BATCH_SIZE, limit)}
@@ -64,25 +87,38 @@ def run_demo(out: str | Path = "runs/demo", *, teacher_epochs: int = 40, student
                           **common),
               resume=run_started(teacher), show_progress=show_progress)
     cache = cache_once(out / "cache.zarr", teacher, "the labelled images: top-4 logits", show_progress, device=device,
-                   limit=limit)
-    pool_size = POOL_FACTOR * len(CacheStore(cache).ids)
-    pool = cache_once(out / "pool.zarr", teacher, f"a pool of {pool_size} unlabelled images: top-4 logits", show_progress,
-                  device=device, split="unlabeled", limit=pool_size)
+                       limit=limit)
+    pool = None
+    if any(s.form == "pool" for s in lineup.values()):
+        pool_size = POOL_FACTOR * len(CacheStore(cache).ids)
+        pool = cache_once(out / "pool.zarr", teacher, f"a pool of {pool_size} unlabelled images: top-4 logits",
+                          show_progress, device=device, split="unlabeled", limit=pool_size)
     runs = [teacher]
-    for name in students:
-        methods, with_pool = STUDENTS[name]
+    for name, student in lineup.items():
         run = out / f"student-{name}"
         runs.append(run)
+        with_pool = student.form == "pool"
         epochs = max(1, round(student_epochs * (1 - POOL_SHARE))) if with_pool else student_epochs
         common["eval_every"] = min(EVAL_EVERY, epochs)
         if run_finished(run, epochs):
             console.print(f"[dim]student {name}: done already ({run})[/dim]")
             continue
+        mix = CUTMIX if student.mix else {}
+        store = cache
+        if student.form == "schedule":  # one per seed, epochs and mixing: the crops this student draws
+            kind = "schedule-cutmix" if student.mix else "schedule"
+            store = cache_once(out / f"{kind}-{epochs}-epochs-seed{seed}.zarr", teacher,
+                               f"the teacher on every crop of the {epochs} epochs seed {seed} draws"
+                               f"{' (cutmix)' if student.mix else ''}: top-4 logits", show_progress, device=device,
+                               limit=limit, schedule_epochs=epochs, schedules=1, first_schedule=seed, **mix)
         console.print(f"[bold]3/4 student[/bold] demo_student with {name}")
         extra = {"unlabeled_caches": [str(pool)], "unlabeled_share": POOL_SHARE} if with_pool else {}
-        cfg = config_from_store(str(cache), methods=methods, epochs=epochs, out=str(run), **extra, **common)
+        cfg = config_from_store(str(store), methods=student.methods, epochs=epochs, out=str(run), **extra, **mix,
+                                **common)
         train_student(cfg, resume=run_started(run), show_progress=show_progress)
-    result = compare_once(runs, out / "student-none" if "none" in students else None, out / "compare", device,
+    if not compare:
+        return {"runs": [str(r) for r in runs]}
+    result = compare_once(runs, out / "student-none" if "none" in lineup else None, out / "compare", device,
                           show_progress)
     OutputFolder.claim(out, DEMO).file("demo.json").write_text(json.dumps({"runs": [str(r) for r in runs], "compare": str(out / "compare")}, indent=2))
     return result
