@@ -3,7 +3,7 @@
 The commands live by group — :mod:`~kdcache.cli.train` (train-teacher, train-student),
 :mod:`~kdcache.cli.results` (evaluate, export, compare, demo), :mod:`~kdcache.cli.cache`
 (build-teacher-cache, inspect-cache, verify-cache, export-pseudo-labels) and
-:mod:`~kdcache.cli.tools` (bench-kernels, list-models, list-datasets) — on the one app defined
+:mod:`~kdcache.cli.tools` (bench-kernels, list-models, list-datasets, list-methods) — on the one app defined
 here. :data:`COMMANDS` lists them (in the order ``--help`` lists them) with the module that defines
 each and its one-line summary: ``kdcache --help`` and ``kdcache --version`` print from it without
 importing any command module (and so without torch), and a command's module is imported when
@@ -53,6 +53,8 @@ COMMANDS = {
                                     "copy bandwidth."),
     "list-models": Entry("tools", "The registered model names by source (any package.module:callable works too)."),
     "list-datasets": Entry("tools", "The registered data set names, with their task."),
+    "list-methods": Entry("tools", "The registered KD methods: what each distils, its weight and temperature per task, "
+                                   "and how it stood against CE."),
 }
 
 

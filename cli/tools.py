@@ -1,7 +1,8 @@
-"""``bench-kernels``, ``list-models`` and ``list-datasets``."""
+"""``bench-kernels``, ``list-models``, ``list-datasets`` and ``list-methods``."""
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
@@ -14,6 +15,7 @@ from kdcache.core.progress import console
 from kdcache.core.runs import resolve_device, write_json
 from kdcache.data import DATASETS
 from kdcache.kernels import bench
+from kdcache.methods import METHODS, settings_at_defaults
 from kdcache.models import model_groups
 from kdcache.models.registry import PREFIXES
 
@@ -62,3 +64,23 @@ def list_datasets():
     """The registered data set names, with their task."""
     for name, cls in DATASETS.items():
         typer.echo(f"{name}  ({getattr(cls, 'task', 'segmentation')})")
+
+
+def method_summary(cls) -> str:
+    """The first paragraph of a method's module docstring, on one line, without its leading name."""
+    doc = sys.modules[cls.__module__].__doc__ or ""
+    first = " ".join(doc.strip().split("\n\n")[0].split())
+    return first.split(": ", 1)[1] if first.startswith("``") and ": " in first else first
+
+
+@command("list-methods")
+def list_methods():
+    """The registered KD methods: what each distils, its weight and temperature per task, and how it stood against CE."""
+    for name, cls in METHODS.items():
+        typer.echo(f"{name}  {method_summary(cls)}")
+        for task in ("segmentation", "classification"):
+            settings = settings_at_defaults(name, task)
+            shown = ", ".join(f"{k} {settings[k]:g}" for k in ("weight", "temperature") if k in settings)
+            standing = cls.standing.get(task)
+            if shown or standing:
+                typer.echo(f"  {task}: {shown or 'no weight'}" + (f"; {standing}" if standing else ""))

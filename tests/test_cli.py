@@ -364,6 +364,7 @@ NO_SHOWN_DEFAULT = {
     "evaluate": {"data_root", "dataset", "limit", "onnx", "out", "split"}, "export": {"input_size", "out"},
     "compare": {"baseline", "data_root", "split"}, "demo": {"limit"},
     "bench-kernels": {"dtype", "json_out", "markdown_out", "repeats"}, "list-models": set(), "list-datasets": set(),
+    "list-methods": set(),
 }
 
 

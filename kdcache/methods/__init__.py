@@ -20,6 +20,7 @@ from kdcache.methods.base import (
     METHODS,
     KDMethod,
     MethodError,
+    at_defaults,
     build_method,
     check_options,
     check_spec,
@@ -30,6 +31,7 @@ from kdcache.methods.base import (
     option_bounds,
     option_default,
     reads,
+    settings_at_defaults,
     student_logits_at,
     task_defaults,
     with_task_defaults,
@@ -40,4 +42,5 @@ import_submodules(__name__, __path__)
 
 __all__ = ["METHODS", "KDMethod", "LogitMethod", "MethodError", "build_method", "check_options", "check_spec", "fill_in",
            "method_options", "methods_taking", "number_options", "option_bounds", "option_default", "reads", "student_logits_at",
+           "at_defaults", "settings_at_defaults",
            "task_defaults", "with_task_defaults"]

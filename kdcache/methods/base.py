@@ -45,6 +45,19 @@ def task_defaults(name: str, task: str) -> dict:
     return dict(METHODS.get(name).task_defaults.get(task, {}))
 
 
+def settings_at_defaults(name: str, task: str) -> dict:
+    """Every option of method ``name`` as a student given only the name takes it for ``task``: the
+    constructor's defaults, then the task's (:func:`task_defaults`)."""
+    return {**{o: option_default(name, o) for o in method_options(name)}, **task_defaults(name, task)}
+
+
+def at_defaults(spec: dict, task: str) -> bool:
+    """Whether the method spec ``spec`` (``{"name": …, option: value}``) sets every option it names to
+    the value :func:`settings_at_defaults` gives for ``task`` (the taps name modules, not settings)."""
+    defaults = settings_at_defaults(spec["name"], task)
+    return all(k in defaults and defaults[k] == v for k, v in spec.items() if k != "name" and not k.endswith("_tap"))
+
+
 def with_task_defaults(methods: list[dict], task: str) -> list[dict]:
     """Method specs with each method's defaults for ``task`` filled in where the spec gives no
     value of its own (an option given on the command line, in a config file or by a shorthand
@@ -158,6 +171,11 @@ class KDMethod(nn.Module):
     #: ``{"classification": {"temperature": 4.0}}``; filled into a student's specs by
     #: :func:`with_task_defaults` where they give no value, so the run records what it used
     task_defaults: dict[str, dict] = {}
+    #: how the method at its defaults stood against the CE baseline at a full training budget, per
+    #: task, in a line (``kdcache list-methods`` shows it); a method at its defaults below the best CE
+    #: on val in a study says so here with the results file, and ``tests/test_method_standing.py``
+    #: checks each line against that file
+    standing: dict[str, str] = {}
 
     def __init__(self, weight: float | None = None):
         super().__init__()

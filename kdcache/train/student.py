@@ -80,7 +80,8 @@ class StudentConfig(TrainConfig):
     #: each {"name": ..., "weight": ..., other options}; "none" is the CE-only baseline
     methods: list = opt(factory=lambda: default_methods("segmentation"), names=("--method",), shape="methods",
                         help="KD method, repeatable: {methods}; options as NAME:key=value,... (e.g. "
-                             "dist:weight=0.5,temperature=2). Default: {default_method}.", panel="Method")
+                             "dist:weight=0.5,temperature=2). Default: {default_method}. `kdcache list-methods` gives each "
+                             "one's defaults per task and where they stood below CE.", panel="Method")
     use_views: bool = opt(False, "Train on the cache's stored views (one drawn per item and epoch).", panel="Method")
     check_content: bool = opt(True, "Re-hash the data set's files against the cache's fingerprints.", panel="Data")
     online_teacher: str | None = opt(None, "Run this teacher architecture every step instead of reading the cache "
