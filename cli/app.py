@@ -42,8 +42,9 @@ COMMANDS = {
     "export": Entry("results", "The model as a file for deployment: input 'image' [N, 3, H, W] (normalised RGB, "
                                "fixed HxW, any batch N), output 'logits' [N, C, h, w] at the head's native stride "
                                "(not upsampled: resize bilinearly, then argmax)."),
-    "demo": Entry("results", "The whole workflow on the built-in data: teacher → caches (labelled, unlabelled "
-                             "pool) → students → compare on test."),
+    "demo": Entry("results", "The whole workflow on the built-in data: teacher → caches (labelled images, a "
+                             "schedule of the students' crops, an unlabelled pool) → students, the recommended "
+                             "recipe first → compare on test."),
     "inspect-cache": Entry("cache", "Schema, counts, size on disk, bytes/pixel, provenance and top-k mass coverage."),
     "verify-cache": Entry("cache", "Read every chunk; check done flags, finiteness, class-id range, distinct ids and "
                                    "sort order."),

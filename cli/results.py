@@ -29,7 +29,7 @@ from kdcache.cli.report import (
 from kdcache.core.errors import KDCacheError
 from kdcache.core.progress import console
 from kdcache.demo.classification import run_classification_demo
-from kdcache.demo.segmentation import run_demo
+from kdcache.demo.segmentation import recommendation, run_demo
 from kdcache.report.compare import compare_runs
 from kdcache.report.evaluation import evaluate_run
 from kdcache.report.export import DEFAULT_OPSET, FORMATS, export_run
@@ -140,7 +140,7 @@ def demo(
     task: Annotated[str, typer.Option(help="segmentation (the synthetic scenes) or classification (the shapes: teacher → logits, FKD views and ReLabel label-map caches → students → compare).")] = "segmentation",
     quiet: Quiet = False,
 ):
-    """The whole workflow on the built-in data: teacher → caches (labelled, unlabelled pool) → students → compare on test."""
+    """The whole workflow on the built-in data: teacher → caches (labelled images, a schedule of the students' crops, an unlabelled pool) → students, the recommended recipe first → compare on test."""
     if task == "classification":
         given = command_line_options(ctx)
         result = run_classification_demo(
@@ -156,4 +156,7 @@ def demo(
     result = run_demo(out, teacher_epochs=teacher_epochs, student_epochs=student_epochs, device=device, seed=seed,
                       limit=default(run_demo, "limit") if limit is None else limit, show_progress=not quiet)
     console.print(compare_table(result, width=console.width))
+    line = recommendation(result)
+    if line:
+        console.print(f"[bold]{line}[/bold]")
     console.print(f"figures and tables in {result['out_dir']}; open {result['out_dir']}/index.html to browse them")

@@ -11,6 +11,7 @@ from PIL import Image, ImageOps
 from rich.console import Console
 
 from kdcache.cli.report import compare_per_class_table, compare_table
+from kdcache.store import CacheStore
 
 
 def test_a_demo_rerun_skips_only_the_steps_an_earlier_run_finished(tmp_path):
@@ -50,21 +51,26 @@ def test_demo_then_compare_outputs_and_rerun_reuses_steps(tmp_path):
     args = ["demo", "--out", out, "--teacher-epochs", 1, "--student-epochs", 1, "--limit", 8, "--device", "cpu", "--quiet"]
     r = kd(*args)
     assert r.exit_code == 0, r.output
-    for name in ("teacher", "student-none", "student-kl", "student-dist", "student-dist-pool", "student-pseudo-pool"):
+    names = ("none", "dist-schedule", "dist", "dist-pool", "kl", "pseudo-pool")
+    for name in ("teacher", *(f"student-{s}" for s in names)):
         assert (out / name / "best.pt").exists() and (out / name / "curves.png").exists()
     cmp = out / "compare"
     md = (cmp / "compare.md").read_text()
     assert "| student-kl | kl |" in md and "| student-none | CE (baseline) |" in md and "±0.00" in md
     rows = list(csv.DictReader(open(cmp / "compare.csv")))
-    assert [r["method"] for r in rows] == ["CE", "CE (baseline)", "kl", "dist", "dist + unlabelled",
-                                           "pseudo + unlabelled"]
+    assert [r["method"] for r in rows] == ["CE", "CE (baseline)", "dist (every epoch's crops)", "dist",
+                                           "dist + unlabelled", "kl", "pseudo + unlabelled"]
+    # the recommended recipe: DIST at weight 1 from the schedule of this seed's crops, and the line naming it
+    cfg = json.loads((out / "student-dist-schedule" / "config.json").read_text())
+    assert cfg["cache_targets"] == "schedule" and cfg["methods"][0]["weight"] == 1.0
+    assert cfg["cache"] == str(out / "schedule-1-epochs-seed0.zarr") and "recommended: dist-schedule" in r.output
     assert len([k for k in rows[0] if k.startswith("iou_")]) == 11
     data = json.loads((cmp / "compare.json").read_text())
     assert data["split"] == "test" and md.startswith("Reported on synthetic 'test' (8 images), each run's best "
                                                      "checkpoint on its validation split")
-    # one latency per architecture: the five demo_student runs share the measurement, the teacher has its own
+    # one latency per architecture: the six demo_student runs share the measurement, the teacher has its own
     students = [r for r in data["rows"] if r["model"] == "demo_student"]
-    assert len(students) == 5 and len({(r["ms_per_image"], r["latency_group"]) for r in students}) == 1
+    assert len(students) == 6 and len({(r["ms_per_image"], r["latency_group"]) for r in students}) == 1
     assert data["rows"][0]["latency_group"] == 0 and students[0]["latency_group"] == 1
     assert "interleaved in 5 rounds" in md
     base = next(r for r in data["rows"] if r["baseline"])
@@ -72,7 +78,6 @@ def test_demo_then_compare_outputs_and_rerun_reuses_steps(tmp_path):
     assert abs(kl["delta_miou"] - (kl["miou"] - base["miou"])) < 1e-12
     assert data["rows"][0]["params"] > 10 * kl["params"]  # teacher vs student
     # the pool: 4x the labelled images, unlabelled; its students trained half the epochs (the same steps)
-    from kdcache.store import CacheStore
     assert len(CacheStore(out / "pool.zarr").ids) == 32 and CacheStore(out / "pool.zarr").schema.dataset["split"] == "unlabeled"
     pool_rec = [json.loads(x) for x in (out / "student-dist-pool" / "metrics.jsonl").read_text().splitlines() if '"train_unlabeled_seen"' in x]
     assert pool_rec and pool_rec[-1]["train_samples_seen"] == 8 and pool_rec[-1]["train_unlabeled_seen"] == 8
@@ -84,13 +89,13 @@ def test_demo_then_compare_outputs_and_rerun_reuses_steps(tmp_path):
     assert len(data["per_class"]) == 11
     for c, v in enumerate(data["per_class"]):
         assert v["teacher"] == teacher["iou"][c] and v["baseline"] == base["iou"][c]
-        assert set(v["delta"]) == {"student-kl", "student-dist", "student-dist-pool", "student-pseudo-pool"}
+        assert set(v["delta"]) == {f"student-{s}" for s in names[1:]}
         if v["baseline"] is not None and kl["iou"][c] is not None:
             assert abs(v["delta"]["student-kl"] - (kl["iou"][c] - base["iou"][c])) < 1e-12
             assert v["teacher_below_baseline"] == (teacher["iou"][c] < base["iou"][c])
     per_class = list(csv.DictReader(open(cmp / "compare_per_class.csv")))
     assert len(per_class) == 11 and list(per_class[0])[:3] == ["class", "teacher", "baseline"]
-    assert "| class | teacher | baseline | Δ student-kl |" in md
+    assert "| class | teacher | baseline | Δ student-dist-schedule |" in md
     narrow = Console(width=80, record=True)
     narrow.print(compare_per_class_table(data))
     text = narrow.export_text()
@@ -100,7 +105,7 @@ def test_demo_then_compare_outputs_and_rerun_reuses_steps(tmp_path):
     before = (out / "student-kl" / "last.pt").stat().st_mtime_ns
     table = (cmp / "compare.json").stat().st_mtime_ns
     r = kd(*args)
-    assert r.exit_code == 0 and r.output.count("done already") == 9  # teacher, 2 caches, 5 students, compare
+    assert r.exit_code == 0 and r.output.count("done already") == 10  # teacher, 2 caches, 6 students, compare
     assert (out / "student-kl" / "last.pt").stat().st_mtime_ns == before
     assert (cmp / "compare.json").stat().st_mtime_ns == table and "student-pseudo-pool" in r.output
 

@@ -1,18 +1,20 @@
 """``kdcache demo``: the whole workflow on the built-in synthetic data set, on a CPU in minutes.
 
-The semi-supervised workflow (a few labelled images and a pool of unlabelled ones), in the setting of ``benchmarks/kd_methods.py --labelled
-100``: a teacher trained on the few labelled images (``limit``, default 100) → teacher caches
-over the labelled images and over a pool of unlabelled ones (the ``unlabeled`` split, 4x the
-labelled count) → students: the CE baseline (``none``), ``kl`` and ``dist`` on the labelled
-images, ``dist`` with the pool (the benchmark's best method with a pool, chosen on val) and
-``pseudo`` labels with the pool, every one with the same number
-of optimizer steps (a pool run's epoch is a pass over the labelled images at half of each batch,
-so it trains half the epochs) → ``compare`` on the test split (each run's checkpoint chosen on
-the validation split). To fit the 2-core CPU's 10 minutes, the teacher is ``demo_teacher`` at
-width 48 (about half the compute of the default 64) and runs validate every 4th epoch (a
-checkpoint is chosen among those). Every step writes into ``out``; a rerun skips the steps that
-finished (a run whose last epoch is done, a cache whose samples are all done) and resumes one
-that was interrupted.
+The semi-supervised workflow (a few labelled images and a pool of unlabelled ones): a teacher
+trained on the few labelled images (``limit``, default 100) → teacher caches over the labelled
+images (the teacher on each whole image, and a schedule: the teacher on every crop the students
+will draw) and over a pool of unlabelled ones (the ``unlabeled`` split, 4x the labelled count) →
+students: the CE baseline (``none``), then :data:`RECOMMENDED`, the recipe
+``benchmarks/demo_recipe.py`` chose on val for this setting (DIST at weight 1 from the schedule,
+its teacher trained 80 epochs: ``benchmarks/results/demo-recipe-cpu.md``), then the same DIST
+from the default cache and with the pool, ``kl`` at its defaults and ``pseudo`` labels with the
+pool, every one with the same number of optimizer steps (a pool run's epoch is a pass over the
+labelled images at half of each batch, so it trains half the epochs) → ``compare`` on the test
+split (each run's checkpoint chosen on the validation split). To fit the 2-core CPU's 10 minutes,
+the teacher is ``demo_teacher`` at width 48 (about half the compute of the default 64) and runs
+validate every 4th epoch (a checkpoint is chosen among those). Every step writes into ``out``; a
+rerun skips the steps that finished (a run whose last epoch is done, a cache whose samples are all
+done) and resumes one that was interrupted.
 """
 
 from __future__ import annotations
@@ -43,14 +45,19 @@ class DemoStudent(NamedTuple):
     mix: bool = False
 
 
-#: student name -> what it trains with
+#: DIST at the weight the full-budget grid and the demo's own study chose on val
+DIST_W1 = [{"name": "dist", "weight": 1.0}]
+#: student name -> what it trains with, the baseline first and the recommended recipe next
 STUDENTS = {
     "none": DemoStudent([{"name": "none"}]),
+    "dist-schedule": DemoStudent(DIST_W1, "schedule"),
+    "dist": DemoStudent(DIST_W1),
+    "dist-pool": DemoStudent(DIST_W1, "pool"),
     "kl": DemoStudent([{"name": "kl"}]),
-    "dist": DemoStudent([{"name": "dist"}]),
-    "dist-pool": DemoStudent([{"name": "dist"}], "pool"),
     "pseudo-pool": DemoStudent([{"name": "pseudo"}], "pool"),
 }
+#: the student the demo recommends (``benchmarks/results/demo-recipe-cpu.md``: chosen on val over 3 seeds)
+RECOMMENDED = "dist-schedule"
 FORMS = ("image", "pool", "schedule")
 CUTMIX = {"mix": "cutmix", "mix_alpha": 1.0, "mix_prob": 1.0}  # a pair's box of area 1 − λ, λ ~ Beta(1, 1), each step
 POOL_SHARE = 0.5  # of each batch, for the students with the pool
@@ -60,7 +67,7 @@ EVAL_EVERY = 4  # epochs between validations (and checkpoint choices)
 BATCH_SIZE = 8  # every run's (fewer with fewer labelled images: --limit 4 takes batches of 4)
 
 
-def run_demo(out: str | Path = "runs/demo", *, teacher_epochs: int = 40, student_epochs: int = 40,
+def run_demo(out: str | Path = "runs/demo", *, teacher_epochs: int = 80, student_epochs: int = 40,
              students=tuple(STUDENTS), device: str = "auto", seed: int = 0, limit: int = 100,
              show_progress: bool = True, compare: bool = True) -> dict:
     """``limit``: the first N images of each split (training, val and test: the synthetic data
@@ -122,3 +129,13 @@ def run_demo(out: str | Path = "runs/demo", *, teacher_epochs: int = 40, student
                           show_progress)
     OutputFolder.claim(out, DEMO).file("demo.json").write_text(json.dumps({"runs": [str(r) for r in runs], "compare": str(out / "compare")}, indent=2))
     return result
+
+
+def recommendation(result: dict) -> str | None:
+    """The line the demo ends with: the recommended student's Δ mIoU over the baseline on the test
+    split (None when the comparison has no such row or no baseline)."""
+    row = next((r for r in result.get("rows", []) if Path(r["run"]).name == f"student-{RECOMMENDED}"), None)
+    if row is None or row.get("delta_miou") is None:
+        return None
+    return (f"recommended: {RECOMMENDED} (DIST at weight 1 from a schedule cache: the teacher on every crop the "
+            f"student draws), {100 * row['delta_miou']:+.2f} mIoU over the CE baseline on the {result['split']} split")
