@@ -170,12 +170,19 @@ def write_report(state: dict, path: Path) -> None:
             p = paired(deltas) if len(deltas) == len(SEEDS) else None
             lines.append(f"| {name} | " + " | ".join(cells) + " | "
                          + (f"{p['mean']:+.2f} [{p['lo']:+.2f}, {p['hi']:+.2f}]" if p else "—") + " |")
+    timed = state.get("demo_runs", [])
+    if timed:
+        lines += ["", "## `kdcache demo` timed", "",
+                  "| commit | machine | wall | recommended student | its Δ mIoU over CE (test, 100 images) |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {d['commit']} | {d['machine']} | {d['seconds'] // 60:.0f} min {d['seconds'] % 60:.0f} s | "
+                  f"{d['recommended']} | {100 * d['delta']:+.2f} |" for d in timed]
     secs = [r["seconds"] for r in state["runs"].values()]
     if secs:
         lines += ["", f"Seconds per candidate run, its teacher and caches included where it built them first: "
                       f"median {statistics.median(secs):.0f} (other CPU-heavy work shared the cores: not a "
                       f"measurement of the demo's time)."]
-    lines += [f"- {n}" for n in state.get("notes", [])]
+    lines += ["", *[f"- {n}" for n in state.get("notes", [])]] if state.get("notes") else []
     path.write_text("\n".join(lines) + "\n")
 
 

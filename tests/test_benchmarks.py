@@ -744,3 +744,37 @@ def test_full_budget_chooses_on_val_and_scores_the_finalists_on_test(tmp_path, m
     report = (tmp_path / "results" / "fb.md").read_text()
     assert f"Chosen on val: baseline {ce}; finalists {kd[0]}, {kd[1]}." in report
     assert f"| {kd[0]} − {ce} | 2 |" in report and "share of the teacher–CE gap" in report
+
+
+def test_demo_recipe_chooses_on_the_mean_val_and_pairs_the_choice_on_test(tmp_path, monkeypatch):
+    """demo_recipe.py's choice and report, from a made-up state: nothing is chosen until every
+    candidate has every seed; then the CE arm and the (teacher, KD arm) of the best mean val (not
+    the best single seed), and the test table pairs them seed by seed."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    script = runpy.run_path(str(BENCH / "demo_recipe.py"), run_name="dr")
+    seeds, kd_arms, teachers = script["SEEDS"], script["KD_ARMS"], script["TEACHER_EPOCHS"]
+    runs = {f"{arm} | seed {s}": {"val": 0.30 + 0.01 * (arm == "CE cutmix"), "seconds": 1.0}
+            for arm in script["CE_ARMS"] for s in seeds}
+    for i, (arm, teacher) in enumerate((a, t) for t in teachers for a in kd_arms):
+        for s in seeds:
+            runs[f"{arm} | {teacher} | seed {s}"] = {"val": 0.31 + 0.001 * i, "seconds": 1.0}
+    first_kd, first_teacher = next(iter(kd_arms)), next(iter(teachers))
+    # the best single seed, not the best mean
+    runs[f"{first_kd} | {first_teacher} | seed 0"]["val"] = 0.4
+    for s in seeds:
+        runs[f"{first_kd} | {first_teacher} | seed {s}"]["val"] -= 0.05 if s else 0.0
+    state = {"runs": dict(runs)}
+    del state["runs"][f"CE | seed {seeds[-1]}"]
+    assert script["choose"](state) is None
+    state["runs"] = runs
+    last = f"{list(kd_arms)[-1]} | {list(teachers)[-1]}"
+    assert script["choose"](state) == {"ce": "CE cutmix", "kd": last}
+    state["choice"] = script["choose"](state)
+    for s in seeds:
+        runs[f"CE cutmix | seed {s}"]["test"] = {name: 0.30 for name in script["TEST"]}
+        runs[f"{last} | seed {s}"]["test"] = {name: 0.30 + 0.01 * (s + 1) for name in script["TEST"]}
+    path = tmp_path / "dr.md"
+    script["write_report"](state, path)
+    text = path.read_text()
+    assert f"**Chosen on val**: the baseline `CE cutmix` and `{last}`." in text
+    assert "| demo test (100 images) | 30.00, 31.00, +1.00 | 30.00, 32.00, +2.00 | 30.00, 33.00, +3.00 | +2.00 [" in text
