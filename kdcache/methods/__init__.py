@@ -12,7 +12,10 @@ Add one: write ``kdcache/methods/mine.py`` with a ``KDMethod`` subclass decorate
 imported, so nothing else needs editing: the command line offers it, and its constructor's
 arguments become its options and shorthands. A method on the teacher's logits subclasses
 :class:`~kdcache.methods.logit_base.LogitMethod` and writes only its ``loss``: the temperature and
-the teacher-aware options (``mask``, ``rectify``, ``class_weights`` …) come with the base.
+the teacher-aware options (``mask``, ``rectify``, ``class_weights`` …) come with the base. Once
+``benchmarks/full_budget.py`` has measured it, a method whose defaults stood below CE there says so
+in its ``standing`` line (``kdcache list-methods``), which ``tests/test_method_standing.py`` checks
+against the results file.
 """
 
 from kdcache.core.registry import import_submodules

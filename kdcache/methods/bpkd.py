@@ -76,7 +76,7 @@ def class_edges(labels: torch.Tensor, num_classes: int, width: int, size: tuple[
 @METHODS.register("bpkd")
 class BPKD(LogitMethod):
     default_weight = 1.0
-    standing = {"segmentation": "below CE on val at the paper's settings at a full budget "
+    standing = {"segmentation": "below CE on val at the paper's settings at a full budget, in both pairs "
                                 "(benchmarks/results/full-budget-segmentation-cpu.md)"}
     default_temperature = 4.0
     bounds = {"width": ">= 3", "edge_weight": ">= 0", "body_weight": ">= 0"}

@@ -100,6 +100,8 @@ def batch_pixel_loss(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, tau:
 @METHODS.register("cirkd")
 class CIRKD(FeatureMethod):
     default_weight = 1.0  # the terms carry the paper's λ (batch_pixel, memory_pixel, memory_region)
+    standing = {"segmentation": "with kl at its defaults beside it (the authors' recipe), below CE on val at a full "
+                                "budget in both pairs (benchmarks/results/full-budget-segmentation-cpu.md)"}
     bounds = {"tau": "> 0", "batch_pixel": ">= 0", "memory_pixel": ">= 0", "memory_region": ">= 0",
               "pixel_memory": ">= 1", "region_memory": ">= 1", "pixel_contrast": ">= 1", "region_contrast": ">= 1"}
 

@@ -35,7 +35,7 @@ class PixelKL(LogitMethod):
     task_defaults = {"segmentation": {"weight": 0.5},  # chosen on val: see the module docstring
                      "classification": {"temperature": 4.0, "weight": 2.0}}
     default_weight = 1.0
-    standing = {"segmentation": "below CE on val at these defaults at a full budget "
+    standing = {"segmentation": "below CE on val at these defaults at a full budget, in both pairs "
                                 "(benchmarks/results/full-budget-segmentation-cpu.md): prefer dist"}
 
     def __init__(self, tail: str = "bin", **options):
