@@ -93,6 +93,8 @@ def omni_contrast(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, groups:
 @METHODS.register("afdcd")
 class AfDCD(FeatureMethod):
     default_weight = 0.1  # ≈ the authors' λ_ctr · M (0.005–0.01 × 16); see the module docstring
+    standing = {"segmentation": "with kl at its defaults beside it (the authors' recipe), below CE on val at a full "
+                                "budget in both pairs (benchmarks/results/full-budget-segmentation-cpu.md)"}
     bounds = {"tau": "> 0", "groups": ">= 2", "window": ">= 1", "pool": ">= 1",
               "mask_ratio": "[0, 1)", "mimic": ">= 0"}
 
