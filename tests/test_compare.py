@@ -45,6 +45,26 @@ def test_a_demo_rerun_skips_only_the_steps_an_earlier_run_finished(tmp_path):
     assert _compared(out, [run.path]) is None  # a checkpoint newer than the comparison
 
 
+def test_the_demo_ends_with_its_recommended_student_described_from_its_recipe():
+    """The last line names the recommended student, its recipe in words (from STUDENTS, not typed
+    twice) and its Δ over the baseline; a comparison without that row or a baseline has no line."""
+    from kdcache.demo.segmentation import RECOMMENDED, STUDENTS, DemoStudent, recommendation
+
+    rows = [{"run": "runs/demo/student-none", "delta_miou": None},
+            {"run": f"runs/demo/student-{RECOMMENDED}", "delta_miou": 0.0389}]
+    line = recommendation({"rows": rows, "split": "test"})
+    assert line == (f"recommended: {RECOMMENDED} ({STUDENTS[RECOMMENDED].describe()}), +3.89 mIoU over the CE "
+                    "baseline on the test split")
+    assert STUDENTS[RECOMMENDED].describe().startswith("DIST at weight 1 from a schedule cache")
+    assert recommendation({"rows": rows[:1], "split": "test"}) is None
+    assert recommendation({"rows": [{**rows[1], "delta_miou": None}], "split": "test"}) is None
+    assert STUDENTS["none"].describe() == "CE on the labels alone"
+    assert DemoStudent([{"name": "kl", "weight": 0.5}], "pool").describe() == (
+        "KL at weight 0.5 from the default cache and the unlabelled pool")
+    assert DemoStudent([{"name": "dist"}], "schedule", True).describe().endswith("with cutmix (a schedule holds the "
+                                                                                  "teacher on the mixed crops)")
+
+
 @pytest.mark.slow  # the whole demo, twice
 def test_demo_then_compare_outputs_and_rerun_reuses_steps(tmp_path):
     out = tmp_path / "demo"

@@ -44,7 +44,22 @@ class DemoStudent(NamedTuple):
     form: str = "image"
     mix: bool = False
 
+    def describe(self) -> str:
+        """The student in words: "DIST at weight 1 from a schedule cache: the teacher on every
+        crop the student draws"."""
+        names = " + ".join(m["name"].upper() + (f" at weight {m['weight']:g}" if "weight" in m else "")
+                           for m in self.methods)
+        if self.methods == [{"name": "none"}]:
+            names = "CE on the labels alone"
+        elif self.form != "image" or self.mix:
+            names += " " + FORM_WORDS[self.form]
+        return names + (", with cutmix (a schedule holds the teacher on the mixed crops)" if self.mix else "")
 
+
+#: how a student's targets are described (``image``: the default, left unsaid)
+FORM_WORDS = {"image": "from the default cache (the teacher on each whole image)",
+              "pool": "from the default cache and the unlabelled pool",
+              "schedule": "from a schedule cache: the teacher on every crop the student draws"}
 #: DIST at the weight the full-budget grid and the demo's own study chose on val
 DIST_W1 = [{"name": "dist", "weight": 1.0}]
 #: student name -> what it trains with, the baseline first and the recommended recipe next
@@ -137,5 +152,5 @@ def recommendation(result: dict) -> str | None:
     row = next((r for r in result.get("rows", []) if Path(r["run"]).name == f"student-{RECOMMENDED}"), None)
     if row is None or row.get("delta_miou") is None:
         return None
-    return (f"recommended: {RECOMMENDED} (DIST at weight 1 from a schedule cache: the teacher on every crop the "
-            f"student draws), {100 * row['delta_miou']:+.2f} mIoU over the CE baseline on the {result['split']} split")
+    return (f"recommended: {RECOMMENDED} ({STUDENTS[RECOMMENDED].describe()}), {100 * row['delta_miou']:+.2f} mIoU "
+            f"over the CE baseline on the {result['split']} split")
