@@ -153,8 +153,8 @@ CLS_TEACHER = {"model": "demo_cls_teacher", "epochs": 120, "batch_size": 32, "lr
 CLS_PAIRS = {"cls": "demo_cls_student"}
 CLS_STUDENT = {"epochs": 120, "batch_size": 32, "lr": 3e-3, "crop_area": (0.5, 1.0), "workers": 0}
 MIXUP = {"mix": "mixup", "mix_alpha": 1.0, "mix_prob": 1.0}
-#: kl and dist at the library's classification defaults (T = 4, weight 2), from each form; kl as
-#: function matching (T = 1, weight 1, mixup); logit standardisation
+#: kl and dist at the library's classification defaults (T = 4, weight 2), from each form; kl and dist as
+#: function matching (T = 1, weight 1, mixup); logit standardisation; kl at weight 4
 CLS_GRID: dict[str, tuple[dict | None, str, bool]] = {
     "CE": (None, "image", False),
     "CE mixup": (None, "image", True),
@@ -166,6 +166,14 @@ CLS_GRID: dict[str, tuple[dict | None, str, bool]] = {
     "DIST schedule mixup": ({"name": "dist", "weight": 2.0, "temperature": 4.0}, "schedule mixup", True),
     "KL standardize schedule mixup": ({"name": "kl", "weight": 2.0, "temperature": 4.0, "standardize": True},
                                       "schedule mixup", True),
+    # added on 2026-11-27, before the first classification run: dist from the default cache (the form a user
+    # picks first), dist and kl as function matching at T = 1 (DIST's own temperature) and kl at T = 1 without
+    # mixing (does the mixing or the temperature matter?), and kl one step past the edge of the weights that
+    # kd-weight-classification-cpu.md tried (w = 2 was its largest and its best)
+    "DIST image": ({"name": "dist", "weight": 2.0, "temperature": 4.0}, "image", False),
+    "DIST T=1 w=1 schedule mixup": ({"name": "dist", "weight": 1.0, "temperature": 1.0}, "schedule mixup", True),
+    "KL T=1 w=1 schedule": ({"name": "kl", "weight": 1.0, "temperature": 1.0}, "schedule", False),
+    "KL w=4 schedule mixup": ({"name": "kl", "weight": 4.0, "temperature": 4.0}, "schedule mixup", True),
 }
 DIGITS_SPLITS = {"train": 0.6, "val": 0.2, "test": 0.2}
 
