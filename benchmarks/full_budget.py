@@ -33,6 +33,11 @@ rendered at 1000):
 * **The choice** (fixed here, before any run): per pair, the CE arm of the best val score is the
   baseline; the KD arms are ranked by val and the best :data:`FINALISTS` go to the students phase,
   and, on the best of them, its teacher-aware row (``mask=teacher_correct``).
+* **The library's defaults from the grid** (fixed on 2026-11-27 while ``compact | DIST w=2 schedule
+  cutmix`` was still training, before its score was read): DIST's segmentation weight is the one of
+  the best val, averaged over the two pairs, on the ``schedule cutmix`` form (the one form trained at
+  every weight, 0.25, 1 and 2); the classification studies' defaults are chosen the same way, on
+  ``digits`` (images no one here made) where it and ``shapes`` disagree.
 * **The students** (``students``): the baseline and the finalists for seeds 0-4 (seed 0's grid
   run stands in), each scored on test once with its best-on-val checkpoint; paired differences
   against the baseline and between the finalists; the share of the teacher-student gap
