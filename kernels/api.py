@@ -61,6 +61,9 @@ def _check(student, values, indices, tail, temperature, ignore_mask, reduction, 
         raise KernelInputError(f"teacher_indices must have the shape of teacher_values {tuple(values.shape)}, got {tuple(indices.shape)}")
     if indices.dtype not in _IDS:
         raise KernelInputError(f"teacher_indices must be uint8, int16, int32 or int64, got {indices.dtype}")
+    if indices.dtype == torch.uint8 and C > 256:  # shapes alone: no host synchronisation
+        raise KernelInputError(f"teacher_indices are uint8, which hold class ids up to 255, but the student has C = {C} "
+                               "classes (ids above 255 wrap around in uint8): pass them as int16 or wider")
     if tail is not None and (tail.dim() != student.dim() - 1 or tail.shape[0] != N or list(tail.shape[1:]) != spatial):
         raise KernelInputError(f"teacher_tail must be [N, *spatial] = {(N, *spatial)}, got {tuple(tail.shape)}")
     if tail_policy == "bin" and k < C and tail is None:
