@@ -280,6 +280,59 @@ def draw_weak_teacher(texts: dict[str, str]):
     return fig
 
 
+#: a grid arm's form (its table's "form" column, mixing left out) -> its colour
+FORM_COLOURS = {"image": BLUE, "schedule": ORANGE, "schedule cutmix": GREEN, "schedule mixup": GREEN,
+                "schedule features": PURPLE, "image + pool": SKY}
+
+
+def grid_panels(text: str, name: str) -> list[tuple[str, dict[str, tuple[float, str]], str, float]]:
+    """Each pair's grid of a full-budget file: (pair, arm -> (val, form), the best CE arm, its val);
+    an arm of the method ``none`` is a CE arm."""
+    out = []
+    for m in re.finditer(r"^## Pair (\S+): .*?the grid.*?$(.*?)(?=^## |\Z)", text, re.M | re.S):
+        t = table(m.group(2), "arm", "method", "form", "val", name=name)
+        arms = {r["arm"]: (number(r["val"]), r["form"].split(" (")[0]) for r in t.rows}
+        ces = [r["arm"] for r in t.rows if r["method"] == "none"]
+        if not ces:
+            raise ValueError(f"{name}: pair {m.group(1)}'s grid has no CE arm")
+        ce = max(ces, key=lambda a: arms[a][0])
+        out.append((m.group(1), arms, ce, arms[ce][0]))
+    if not out:
+        raise ValueError(f"{name}: no pair's grid")
+    return out
+
+
+def draw_full_budget_grid(texts: dict[str, str]):
+    """Each grid arm's val score minus the pair's best CE arm (seed 0), a panel per pair, the arms
+    in one order (the best mean over the pairs first), coloured by where the targets come from."""
+    (name, text), = texts.items()
+    panels = grid_panels(text, name)
+    arms = [a for a in panels[0][1] if all(a in p[1] for p in panels)]  # the best CE arm of a pair sits at 0
+    arms.sort(key=lambda a: -statistics.fmean(p[1][a][0] - p[3] for p in panels))
+    fig, axes = _figure(1, len(panels), 0.3 * len(arms) + 1.6, sharey=True)
+    y = list(range(len(arms)))[::-1]
+    for ax, (pair, vals, ce, base) in zip(axes[0], panels):
+        ax.axvline(0, color=GREY, linewidth=1)
+        for yi, arm in zip(y, arms):
+            val, form = vals[arm]
+            colour = GREY if arm.startswith("CE") else FORM_COLOURS.get(form, GREY)
+            ax.plot([0, val - base], [yi, yi], color=colour, linewidth=1.2, alpha=0.6)
+            ax.plot([val - base], [yi], "o", color=colour, markersize=6, zorder=3)
+        ax.set_yticks(y, arms)
+        ax.set_ylim(-0.7, len(arms) - 0.3)
+        ax.grid(axis="y", visible=False)
+        ax.set_xlabel(f"val mIoU points over {ce} ({base:.2f})")
+        ax.set_title(f"pair {pair}", loc="left")
+    from matplotlib.lines import Line2D
+
+    forms = sorted({vals[a][1] for _, vals, _, _ in panels for a in arms if not a.startswith("CE")},
+                   key=list(FORM_COLOURS).index)
+    handles = [Line2D([], [], color=FORM_COLOURS[f], marker="o", linestyle="", label=f) for f in forms]
+    handles.append(Line2D([], [], color=GREY, marker="o", linestyle="", label="CE"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=(len(handles) + 1) // 2)
+    return fig
+
+
 def cell(text: str) -> tuple[float, list[float]]:
     """``56.17 (56.67, 55.68)`` as (56.17, [56.67, 55.68]); a plain number has no seeds."""
     values = numbers(text)
@@ -527,6 +580,8 @@ FIGURES: dict[str, Spec] = {
                           "KL between the teacher on a crop and each cache form's target"),
     "kd-step-time": Spec(("kd-step-time-cpu.md", "kd-step-time-nvidia-h100-80gb-hbm3.md"), draw_step_time,
                          "Training step time with the KD term, relative to CE only"),
+    "full-budget-grid": Spec(("full-budget-segmentation-cpu.md",), draw_full_budget_grid,
+                             "Each recipe of the full-budget grid: val mIoU over the best CE arm, seed 0, per pair"),
     "kernels": Spec(("kernels-cpu.md", "kernels-nvidia-h100-80gb-hbm3.md"), draw_kernels,
                     "Fused loss kernel: speed-up over eager PyTorch and torch.compile, share of the copy rate"),
 }

@@ -101,3 +101,22 @@ def test_per_seed_gains_are_read_with_names_that_hold_a_colon():
     assert f.labels == ["DIST", "ceiling: CE + pool"]
     assert f.seeds == [[1.0, 2.0], [-1.0, 3.0]]
     assert f.means == [1.5, 1.0]
+
+
+def test_the_full_budget_grid_is_read_per_pair_against_its_best_ce_arm():
+    """Each pair's grid table: arms with their val and form (mixing left out), the best CE arm (the
+    method ``none``) as the pair's base; a file with no grid is an error, not an empty figure."""
+    text = ("# x\n\n## Pair demo: `s`, the grid (seed 0, val mIoU, best epoch)\n\n"
+            "| arm | method | form | val | val at each quarter |\n|---|---|---|---|---|\n"
+            "| CE | none | image | 56.69 | 1 |\n| CE cutmix | none | image (cutmix) | 55.94 | 1 |\n"
+            "| DIST w=1 | name=dist,weight=1.0 | schedule cutmix | 57.79 | 1 |\n\n"
+            "Chosen on val: baseline CE.\n\n### Pair demo on test\n\n| arm | seeds | test |\n|---|---|---|\n"
+            "| CE | 5 | 1 |\n\n## Pair compact: `c`, the grid (seed 0, val mIoU, best epoch)\n\n"
+            "| arm | method | form | val | val at each quarter |\n|---|---|---|---|---|\n"
+            "| CE | none | image | 66.58 | 1 |\n| CE cutmix | none | image (cutmix) | 68.07 | 1 |\n")
+    (demo, arms, ce, base), (compact, arms2, ce2, base2) = results_figures.grid_panels(text, "fb.md")
+    assert (demo, ce, base, compact, ce2, base2) == ("demo", "CE", 56.69, "compact", "CE cutmix", 68.07)
+    assert arms == {"CE": (56.69, "image"), "CE cutmix": (55.94, "image"), "DIST w=1": (57.79, "schedule cutmix")}
+    assert "DIST w=1" not in arms2  # the test table under pair demo is not read as compact's grid
+    with pytest.raises(ValueError, match="no pair's grid"):
+        results_figures.grid_panels("# nothing\n", "fb.md")
