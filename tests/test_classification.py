@@ -410,9 +410,9 @@ def test_classification_students_take_kl_and_dist_at_their_classification_temper
     assert r.exit_code == 0, r.output
     assert json.loads(cfg_path.read_text())["methods"] == [{"name": "kl"}, {"name": "dist"}]
     # the same specs for segmentation: T left to the constructor's default, 1; the weights chosen for
-    # segmentation (kl 0.5, dist 0.25); cwd has no task defaults; a weight of the spec's own wins
+    # segmentation (kl 0.5, dist 2); cwd has no task defaults; a weight of the spec's own wins
     assert with_task_defaults([{"name": "kl"}, {"name": "dist"}, {"name": "cwd"}], "segmentation") == [
-        {"name": "kl", "weight": 0.5}, {"name": "dist", "weight": 0.25}, {"name": "cwd"}]
+        {"name": "kl", "weight": 0.5}, {"name": "dist", "weight": 2.0}, {"name": "cwd"}]
     assert with_task_defaults([{"name": "dist", "weight": 1.0}], "segmentation") == [{"name": "dist", "weight": 1.0}]
     assert option_default("kl", "temperature") == option_default("dist", "temperature") == 1.0
 

@@ -261,7 +261,7 @@ def test_a_student_trains_with_the_mask_from_a_cache_and_online(small_store, tmp
     cfg = json.loads((tmp_path / "s" / "config.json").read_text())
     # kl and dist at their segmentation weights, recorded; cwd at the weight given
     assert {"name": "kl", "mask": "teacher_correct", "min_confidence": 0.2, "weight": 0.5} in cfg["methods"]
-    assert {"name": "dist", "rectify": "swap", "weight": 0.25} in cfg["methods"]
+    assert {"name": "dist", "rectify": "swap", "weight": 2.0} in cfg["methods"]
     assert {"name": "cwd", "mask": "teacher_correct", "weight": 1.0} in cfg["methods"]
     rec = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines() if '"epoch"' in x][-1]
     assert all(math.isfinite(rec[k]) for k in ("train_loss", "train_kl", "train_dist", "train_cwd")), rec
