@@ -116,3 +116,53 @@ def small_store(tmp_path_factory, teacher):
     from fake_data import make_small_store
 
     return make_small_store(tmp_path_factory, teacher)
+
+
+# -- made once per test session for every xdist worker: the demos several test files look at ------------
+
+
+def shared_once(factory, name: str, make) -> tuple:
+    """``make(folder)`` (returning what the command printed) run once per test session, by whichever
+    xdist worker first asks; a worker that asks meanwhile waits for it, and later ones read it:
+    (folder, output). Under xdist the workers' temporary folders share a parent of this session's
+    own; without xdist the session's folder serves. A ``make`` that fails leaves nothing behind for
+    the next to trust."""
+    import fcntl
+
+    base = factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-once"
+    root.mkdir(exist_ok=True)
+    out, printed = root / name, root / f"{name}.output"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not printed.exists():
+            printed.write_text(make(out))
+        return out, printed.read_text()
+
+
+def _demo(*args):
+    def make(out):
+        from cli_runner import kd
+
+        r = kd("demo", "--out", out, *args, "--device", "cpu", "--quiet")
+        assert r.exit_code == 0, r.output
+        return r.output
+    return make
+
+
+#: the segmentation demo at the tests' size, and the same arguments again for a rerun
+DEMO_ARGS = ("--teacher-epochs", 1, "--student-epochs", 1, "--limit", 8)
+CLASSIFICATION_DEMO_ARGS = ("--task", "classification", "--teacher-epochs", 1, "--student-epochs", 1, "--limit", 40)
+
+
+@pytest.fixture(scope="session")
+def segmentation_demo(tmp_path_factory):
+    """(folder, output) of ``kdcache demo`` with :data:`DEMO_ARGS`, run once for the session. Read
+    it; a rerun with the same arguments (which finds every step done) is the one write allowed."""
+    return shared_once(tmp_path_factory, "demo", _demo(*DEMO_ARGS))
+
+
+@pytest.fixture(scope="session")
+def classification_demo(tmp_path_factory):
+    """(folder, output) of ``kdcache demo`` with :data:`CLASSIFICATION_DEMO_ARGS`, once for the session."""
+    return shared_once(tmp_path_factory, "classification-demo", _demo(*CLASSIFICATION_DEMO_ARGS))

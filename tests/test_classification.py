@@ -615,24 +615,24 @@ def test_models_without_a_class_map_say_so():
 
 
 @pytest.mark.slow  # the whole demo
-def test_the_classification_demo(tmp_path):
-    args = ["demo", "--task", "classification", "--out", tmp_path / "demo", "--teacher-epochs", 1, "--student-epochs",
-            1, "--limit", 40, "--device", "cpu", "--quiet"]
-    r = kd(*args)
-    assert r.exit_code == 0, r.output
-    result = json.loads((tmp_path / "demo" / "compare" / "compare.json").read_text())
+def test_the_classification_demo(classification_demo, tmp_path):
+    from conftest import CLASSIFICATION_DEMO_ARGS
+
+    out, _ = classification_demo  # the session's (conftest.py), shared with tests/test_compare_page.py
+    args = ["demo", "--out", out, *CLASSIFICATION_DEMO_ARGS, "--device", "cpu", "--quiet"]
+    result = json.loads((out / "compare" / "compare.json").read_text())
     assert result["task"] == "classification" and result["split"] == "test" and result["num_samples"] == 40
     assert [(r["name"], r["method"]) for r in result["rows"]] == [
         ("teacher", "CE"), ("student-ce", "CE (baseline)"), ("student-kd-logits", "kl"),
         ("student-kd-views", "kl (stored views)"), ("student-kd-label-map", "kl (label map)")]
-    assert CacheStore(tmp_path / "demo" / "views.zarr").schema.view_count == 8
-    assert CacheStore(tmp_path / "demo" / "label_map.zarr").schema.label_map
-    assert len(CacheStore(tmp_path / "demo" / "logits.zarr").ids) == 40  # --limit cuts the training images too
+    assert CacheStore(out / "views.zarr").schema.view_count == 8
+    assert CacheStore(out / "label_map.zarr").schema.label_map
+    assert len(CacheStore(out / "logits.zarr").ids) == 40  # --limit cuts the training images too
     # a rerun reprints the table it made (no new, noisy latencies)
-    before = (tmp_path / "demo" / "compare" / "compare.json").stat().st_mtime_ns
+    before = (out / "compare" / "compare.json").stat().st_mtime_ns
     r = kd(*args)
     assert r.exit_code == 0 and "compare: done already" in r.output and "student-kd-views" in r.output, r.output
-    assert (tmp_path / "demo" / "compare" / "compare.json").stat().st_mtime_ns == before
+    assert (out / "compare" / "compare.json").stat().st_mtime_ns == before
     r = kd("demo", "--task", "detection", "--out", tmp_path / "x")
     assert r.exit_code == 2 and "--task must be segmentation or classification, got 'detection'" in r.output
 

@@ -65,12 +65,12 @@ def test_the_demo_ends_with_its_recommended_student_described_from_its_recipe():
                                                                                   "teacher on the mixed crops)")
 
 
-@pytest.mark.slow  # the whole demo, twice
-def test_demo_then_compare_outputs_and_rerun_reuses_steps(tmp_path):
-    out = tmp_path / "demo"
-    args = ["demo", "--out", out, "--teacher-epochs", 1, "--student-epochs", 1, "--limit", 8, "--device", "cpu", "--quiet"]
-    r = kd(*args)
-    assert r.exit_code == 0, r.output
+@pytest.mark.slow  # the whole demo (the session's, shared with the browser's test), and a rerun
+def test_demo_then_compare_outputs_and_rerun_reuses_steps(tmp_path, segmentation_demo):
+    from conftest import DEMO_ARGS
+
+    out, printed = segmentation_demo
+    args = ["demo", "--out", out, *DEMO_ARGS, "--device", "cpu", "--quiet"]
     names = ("none", "dist-schedule", "dist", "dist-pool", "kl", "pseudo-pool")
     for name in ("teacher", *(f"student-{s}" for s in names)):
         assert (out / name / "best.pt").exists() and (out / name / "curves.png").exists()
@@ -83,7 +83,7 @@ def test_demo_then_compare_outputs_and_rerun_reuses_steps(tmp_path):
     # the recommended recipe: DIST at weight 1 from the schedule of this seed's crops, and the line naming it
     cfg = json.loads((out / "student-dist-schedule" / "config.json").read_text())
     assert cfg["cache_targets"] == "schedule" and cfg["methods"][0]["weight"] == 1.0
-    assert cfg["cache"] == str(out / "schedule-1-epochs-seed0.zarr") and "recommended: dist-schedule" in r.output
+    assert cfg["cache"] == str(out / "schedule-1-epochs-seed0.zarr") and "recommended: dist-schedule" in printed
     assert len([k for k in rows[0] if k.startswith("iou_")]) == 11
     data = json.loads((cmp / "compare.json").read_text())
     assert data["split"] == "test" and md.startswith("Reported on synthetic 'test' (8 images), each run's best "

@@ -22,12 +22,9 @@ pytestmark = [pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="no Chromium 
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("page") / "demo"
-    r = kd("demo", "--out", out, "--teacher-epochs", 1, "--student-epochs", 1, "--limit", 8, "--device", "cpu",
-           "--quiet")
-    assert r.exit_code == 0, r.output
-    return out / "compare"
+def demo(segmentation_demo):
+    """The session's demo (conftest.py), made once for this test and tests/test_compare.py."""
+    return segmentation_demo[0] / "compare"
 
 
 @pytest.fixture(scope="module")
@@ -143,16 +140,13 @@ def test_the_demo_compare_page_works_in_a_browser(demo, browser):
     assert (demo / "screenshot.png").stat().st_size > 10_000
 
 
-def test_the_classification_demo_page_shows_confusions_and_wrong_images(tmp_path, browser):
+def test_the_classification_demo_page_shows_confusions_and_wrong_images(classification_demo, browser):
     """The classification demo's page: one row per run, the prediction browser hidden, a confusion
     matrix per run and each run's wrong test images, every picture loading, no console errors."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    out = tmp_path / "demo"
-    r = kd("demo", "--task", "classification", "--out", out, "--teacher-epochs", 1, "--student-epochs", 1,
-           "--limit", 24, "--device", "cpu", "--quiet")
-    assert r.exit_code == 0, r.output
+    out = classification_demo[0]  # the session's (conftest.py), shared with tests/test_classification.py
     data = json.loads((out / "compare" / "compare.json").read_text())
     d = browser
     d.get((out / "compare" / "index.html").as_uri())

@@ -5,6 +5,8 @@ Each format is written here by the library that owns it (``save_pretrained``, sa
 ``torch.save`` with mmsegmentation's key names taken from mmsegmentation's source), and each model
 must give the same logits through kdcache as through its own library on the same input."""
 
+import importlib
+import importlib.util
 import json
 import pickle
 import sys
@@ -20,9 +22,28 @@ from kdcache.models import build_model, model_groups
 from kdcache.models.backbone_weights import load_backbone, pretrained_backbone_file
 from kdcache.models.loading import open_weights
 
-transformers = pytest.importorskip("transformers")
-smp = pytest.importorskip("segmentation_models_pytorch")
-safetensors_torch = pytest.importorskip("safetensors.torch")
+EXTRAS = ("transformers", "segmentation_models_pytorch", "safetensors")
+pytestmark = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in EXTRAS),
+                                reason='pip install "kdcache[hf,smp]": transformers, segmentation_models_pytorch, '
+                                       'safetensors')
+
+
+class _OnFirstUse:
+    """A module imported when a test first reaches into it, not while pytest collects every file
+    (segmentation_models_pytorch takes seconds to import, in each xdist worker)."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr):
+        if attr.startswith("_"):  # what pytest probes each module-level name for while collecting
+            raise AttributeError(attr)
+        return getattr(importlib.import_module(self._name), attr)
+
+
+transformers = _OnFirstUse("transformers")
+smp = _OnFirstUse("segmentation_models_pytorch")
+safetensors_torch = _OnFirstUse("safetensors.torch")
 
 SYN = ["--dataset", "synthetic", "--resolution", "32x48", "--limit", "4", "--batch-size", "2", "--workers", "0",
        "--quiet", "--epochs", "1"]
