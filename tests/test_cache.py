@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from cli_runner import kd
+from cli_runner import kd, kd_on_one_thread
 from fake_data import make_teacher, make_voc_sizes
 from PIL import Image
 from stream_order import fix_shard_order, shard_order
@@ -313,7 +313,7 @@ def test_killed_build_resumes_to_the_same_store(tmp_path, teacher):
     n = 64
     ref, out = tmp_path / "ref.zarr", tmp_path / "out.zarr"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "kdcache", *_cli_args(teacher, ref, n)], check=True, env=env)
+    assert kd_on_one_thread(*_cli_args(teacher, ref, n)).exit_code == 0  # the killed build's threads: one
     proc = subprocess.Popen([sys.executable, "-m", "kdcache", *_cli_args(teacher, out, n)], env=env)
     deadline = time.time() + 120
     killed_at = None
@@ -368,7 +368,7 @@ def test_write_failure_stops_cleanly_and_a_rerun_completes(tmp_path, teacher, mo
 def test_two_process_torchrun_build_equals_one_process(tmp_path, teacher):
     one, two = tmp_path / "one.zarr", tmp_path / "two.zarr"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "kdcache", *_cli_args(teacher, one)], check=True, env=env)
+    assert kd_on_one_thread(*_cli_args(teacher, one)).exit_code == 0  # one process of one thread, as each rank
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                         "-m", "kdcache", *_cli_args(teacher, two)], env=env, capture_output=True, text=True,
                        timeout=300)

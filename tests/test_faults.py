@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from cli_runner import kd
+from cli_runner import kd, kd_on_one_thread
 from fake_data import make_teacher
 from PIL import Image
 
@@ -123,12 +123,7 @@ def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["train-student", "--cache", str(cache), "--epochs", "4", "--limit", "24", "--batch-size", "4",
             "--device", "cpu", "--workers", "0", "--quiet", "--method", "kl"]
-    threads = torch.get_num_threads()  # the uninterrupted run: in this process, on one thread as the others
-    torch.set_num_threads(1)
-    try:
-        r = kd(*args, "--out", tmp_path / "a")
-    finally:
-        torch.set_num_threads(threads)
+    r = kd_on_one_thread(*args, "--out", tmp_path / "a")  # the uninterrupted run, on one thread as the others
     assert r.exit_code == 0, r.output
     proc = subprocess.Popen([sys.executable, "-m", "kdcache", *args, "--out", str(tmp_path / "b")], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

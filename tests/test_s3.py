@@ -15,7 +15,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from cli_runner import kd
+from cli_runner import kd, kd_on_one_thread
 from s3_server import S3Server
 from test_cache import arrays_of, assert_same_store
 
@@ -177,25 +177,12 @@ def _subprocess_env(s3):
     return {**os.environ, **s3.env, "OMP_NUM_THREADS": "1", "KDCACHE_REMOTE_BACKOFF": "0.05"}
 
 
-def _build_here_on_one_thread(teacher, out, n=N):
-    """The local reference of a build that runs in processes of one thread each: built in this
-    process on one thread too (the same numbers, without a second interpreter to start)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        r = kd(*_build(teacher, out, n))
-    finally:
-        torch.set_num_threads(threads)
-    assert r.exit_code == 0, r.output
-
-
 def test_a_build_killed_mid_way_resumes_to_the_uninterrupted_store(s3, teacher, tmp_path):
     n = 32
     ref = tmp_path / "ref.zarr"
     env = _subprocess_env(s3)
-    _build_here_on_one_thread(teacher, ref, n)  # on one thread, as the killed build runs: the same numbers
+    r = kd_on_one_thread(*_build(teacher, ref, n))  # on one thread, as the killed build runs: the same numbers
+    assert r.exit_code == 0, r.output
     url = "s3://caches/killed.zarr"
     s3.faults(delay_s=0.03)  # slow enough to be caught mid-way
     proc = subprocess.Popen([sys.executable, "-m", "kdcache", *map(str, _build(teacher, url, n))], env=env)
@@ -221,7 +208,8 @@ def test_a_build_killed_mid_way_resumes_to_the_uninterrupted_store(s3, teacher, 
 def test_two_torchrun_processes_build_one_s3_store(s3, teacher, tmp_path):
     env = _subprocess_env(s3)
     one = tmp_path / "one.zarr"  # one process, one thread, as each torchrun process runs
-    _build_here_on_one_thread(teacher, one)
+    r = kd_on_one_thread(*_build(teacher, one))
+    assert r.exit_code == 0, r.output
     url = "s3://caches/two.zarr"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                         "-m", "kdcache", *map(str, _build(teacher, url))], env=env,
