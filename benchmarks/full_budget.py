@@ -246,6 +246,18 @@ def finalists(state: dict, pair: str, grid: dict | None = None) -> tuple[str | N
     return ce, [*kd, f"{kd[0]} + teacher-aware"]
 
 
+def mixing_pairs(grid: dict) -> list[tuple[str, str]]:
+    """(arm, the same arm with mixing) of ``grid``: the same method spec, the form without and
+    with the mixing (``image`` both for CE, where the mixing is the student's alone)."""
+    out = []
+    for mixed, (method, form, with_mix) in grid.items():
+        if not with_mix:
+            continue
+        plain_form = form.removesuffix(" cutmix").removesuffix(" mixup")
+        out += [(plain, mixed) for plain, (m, f, w) in grid.items() if not w and m == method and f == plain_form]
+    return out
+
+
 def standing(state: dict, study: dict) -> dict[str, dict[str, dict]]:
     """Each method (or combination) at the library's current defaults for the study's task against
     the pair's best CE arm, on the grid seed's val: label (``kl``, ``cirkd+kl``) -> pair -> its arm
@@ -471,6 +483,29 @@ def write_report(state: dict, path: Path, study: dict | None = None) -> None:
         lines += ["| cache | build seconds | bytes per training image |", "|---|---|---|"]
         lines += [f"| {k} | {c['seconds']:.0f} | {c['disk_bytes_per_image']:,.0f} |" for k, c in state["caches"].items()]
         lines.append("")
+    stand = standing(state, study)
+    if stand:
+        lines += [f"## Each method at the library's defaults against CE (seed {GRID_SEED}, val {unit})", "",
+                  "The methods' settings a student given only the method's name takes, at the commit that wrote this "
+                  "file; of several forms at those settings, the best on val; against the pair's best CE arm. "
+                  "`kdcache list-methods` says which of them are below CE here.", "",
+                  "| method | pair | arm | val | best CE arm | CE val | Δ |", "|---|---|---|---|---|---|---|"]
+        for label, by_pair in stand.items():
+            for pair, s in by_pair.items():
+                lines.append(f"| {label} | {pair} | {s['arm']} | {100 * s['val']:.2f} | {s['ce_arm']} | "
+                             f"{100 * s['ce']:.2f} | {100 * (s['val'] - s['ce']):+.2f} |")
+        lines.append("")
+    mixes = [(pair, plain, mixed) for pair in pairs for plain, mixed in mixing_pairs(grid)
+             if arm_key(pair, plain, GRID_SEED) in runs and arm_key(pair, mixed, GRID_SEED) in runs]
+    if mixes:
+        lines += [f"## Does mixing pay here? (seed {GRID_SEED}, val {unit})", "",
+                  f"Each recipe of the grid trained with and without {study['mix']['mix']} (a schedule's with it holds "
+                  "the teacher on the mixed crops: function matching), the rest the same.", "",
+                  f"| recipe | pair | without | with {study['mix']['mix']} | Δ |", "|---|---|---|---|---|"]
+        for pair, plain, mixed in mixes:
+            a, b = (runs[arm_key(pair, arm, GRID_SEED)]["val"] for arm in (plain, mixed))
+            lines.append(f"| {plain} | {pair} | {100 * a:.2f} | {100 * b:.2f} | {100 * (b - a):+.2f} |")
+        lines.append("")
     for pair in pairs:
         got = {arm: runs.get(arm_key(pair, arm, GRID_SEED)) for arm in grid}
         if not any(got.values()):
@@ -522,18 +557,6 @@ def write_report(state: dict, path: Path, study: dict | None = None) -> None:
                 ci = f"[{p['lo']:+.2f}, {p['hi']:+.2f}]" if p["n"] > 1 else ""
                 share = f"{100 * p['mean'] / gap:.0f}%" if b == ce and gap > 0 else ""
                 lines.append(f"| {a} − {b} | {p['n']} | {p['mean']:+.2f} | {ci} | {share} |")
-        lines.append("")
-    stand = standing(state, study)
-    if stand:
-        lines += [f"## Each method at the library's defaults against CE (seed {GRID_SEED}, val {unit})", "",
-                  "The methods' settings a student given only the method's name takes, at the commit that wrote this "
-                  "file; of several forms at those settings, the best on val; against the pair's best CE arm. "
-                  "`kdcache list-methods` says which of them are below CE here.", "",
-                  "| method | pair | arm | val | best CE arm | CE val | Δ |", "|---|---|---|---|---|---|---|"]
-        for label, by_pair in stand.items():
-            for pair, s in by_pair.items():
-                lines.append(f"| {label} | {pair} | {s['arm']} | {100 * s['val']:.2f} | {s['ce_arm']} | "
-                             f"{100 * s['ce']:.2f} | {100 * (s['val'] - s['ce']):+.2f} |")
         lines.append("")
     path.write_text("\n".join(lines) + "\n")
 

@@ -744,6 +744,20 @@ def test_full_budget_chooses_on_val_and_scores_the_finalists_on_test(tmp_path, m
     report = (tmp_path / "results" / "fb.md").read_text()
     assert f"Chosen on val: baseline {ce}; finalists {kd[0]}, {kd[1]}." in report
     assert f"| {kd[0]} − {ce} | 2 |" in report and "share of the teacher–CE gap" in report
+    assert "## Does mixing pay here?" in report and f"| CE | demo | {100 * vals['CE']:.2f} |" in report
+
+
+def test_full_budget_pairs_each_recipe_with_its_mixed_twin(monkeypatch):
+    """"Does mixing pay here?": each grid arm with mixing beside the arm of the same method spec
+    whose form is the same without it (CE: the whole-image form both)."""
+    monkeypatch.syspath_prepend(str(BENCH))  # it reads cached_vs_online's helpers
+    script = runpy.run_path(str(BENCH / "full_budget.py"), run_name="fb")
+    assert script["mixing_pairs"](script["GRID"]) == [
+        ("CE", "CE cutmix"), ("DIST schedule", "DIST schedule cutmix"), ("DIST w=1 schedule", "DIST w=1 schedule cutmix"),
+        ("CWD schedule", "CWD schedule cutmix")]
+    assert ("KL schedule mixup", "KL w=4 schedule mixup") not in script["mixing_pairs"](script["CLS_GRID"])
+    assert ("KL schedule", "KL schedule mixup") in script["mixing_pairs"](script["CLS_GRID"])
+    assert ("KL T=1 w=1 schedule", "KL T=1 w=1 schedule mixup") in script["mixing_pairs"](script["CLS_GRID"])
 
 
 def test_demo_recipe_chooses_on_the_mean_val_and_pairs_the_choice_on_test(tmp_path, monkeypatch):
