@@ -23,17 +23,21 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 # -- the longest files first, so that CI's two workers finish together -------------------------------------
-#: the test files that took longest in CI (seconds, summed over their tests; 2-core machine, 2026-11-25).
+#: the test files that took longest (seconds, summed over their tests, in a full run of 2026-11-27 on the
+#: 2-core machine while two benchmark processes shared it: about 2.5x CI's own).
 #: `.ci/run` hands whole files to its two workers (--dist loadfile) in collection order: alphabetical,
-#: one worker ran 767 s against 620 s for the other (simulated from these durations); longest first, 694
-#: and 694. A heuristic only: a file missing here runs after these, in its usual place.
-LONGEST_FIRST = ("test_doc_examples.py",  # 297
-                 "test_s3.py",  # 234
-                 "test_ddp.py",  # 159
-                 "test_kernels.py",  # 86
-                 "test_cache.py",  # 83
-                 "test_benchmarks.py",  # 75
-                 "test_faults.py")  # 75
+#: one worker ran 767 s against 620 s for the other (simulated from CI's durations of 2026-11-25); longest
+#: first, 694 and 694. A heuristic only: a file missing here runs after these, in its usual place.
+LONGEST_FIRST = ("test_doc_examples.py",  # 444
+                 "test_s3.py",  # 264
+                 "test_benchmarks.py",  # 198
+                 "test_kernels.py",  # 163
+                 "test_cache.py",  # 119
+                 "test_ddp.py",  # 99
+                 "test_faults.py",  # 92
+                 "test_kernels_cuda.py",  # 85
+                 "test_compare_page.py",  # 76
+                 "test_number_options.py")  # 67
 
 
 def pytest_collection_modifyitems(session, config, items):
