@@ -29,7 +29,10 @@ rendered at 1000):
   weight 1 had beaten 0.25 in both pairs (the best at the edge of the weights tried).
 * **Has CE levelled off?** After the grid, CE (its plain arm) trains once more on the grid seed for
   twice the epochs (``CE 2x epochs``: a diagnostic, val only, never a finalist); the report sets it
-  beside CE at the study's budget. Added with the CIRKD, Af-DCD and pool arms.
+  beside CE at the study's budget. Added with the CIRKD, Af-DCD and pool arms. Once the grid was
+  complete and CE had gained 2.3 points for twice the epochs in the ``demo`` pair, each pair's best
+  KD arm was added for twice the epochs too (``<arm> 2x epochs``, its schedule twice as long; val
+  only, never a finalist): does its lead over CE survive a budget at which CE still gains?
 * **The choice** (fixed here, before any run): per pair, the CE arm of the best val score is the
   baseline; the KD arms are ranked by val and the best :data:`FINALISTS` go to the students phase,
   and, on the best of them, its teacher-aware row (``mask=teacher_correct``).
@@ -139,7 +142,18 @@ GRID: dict[str, tuple[dict | list[dict] | None, str, bool]] = {
 #: diagnostic arms, trained on the grid seed after the grid and never finalists: has CE levelled off at the
 #: study's budget? CE (its plain arm) for twice the epochs, val only
 DIAGNOSTIC: dict[str, tuple[dict | None, str, bool]] = {"CE 2x epochs": (None, "image", False)}
-EPOCHS_FACTOR = {"CE 2x epochs": 2}
+#: an arm named ``<arm> 2x epochs`` trains ``<arm>`` for twice the epochs (its schedule, too, twice as long).
+#: Added on 2026-11-27 once the grid was complete and ``CE 2x epochs`` had shown that `demo_student`'s CE had
+#: not levelled off at 160 epochs, before any run of its own: each pair's best KD arm on val for twice the
+#: epochs too (a diagnostic, val only, never a finalist), set beside CE's (does the lead survive a budget at
+#: which CE gains?)
+TWICE = " 2x epochs"
+
+
+def epochs_factor(arm: str) -> int:
+    return 2 if arm.endswith(TWICE) else 1
+
+
 #: the ``image + pool`` form: the default cache of the labelled images and one of :data:`POOL` images of the
 #: synthetic ``unlabeled`` split (none of them a labelled image), each batch half of each (``POOL_SHARE``),
 #: for half the epochs: the same optimizer steps and images a step as every other arm
@@ -287,6 +301,8 @@ def standing(state: dict, study: dict) -> dict[str, dict[str, dict]]:
 def recipe(arm: str, grid: dict | None = None) -> tuple[dict | None, str, bool]:
     """An arm's (method, form, mixed): a grid arm's, or a finalist's teacher-aware row."""
     grid = GRID if grid is None else grid
+    if arm.endswith(TWICE) and arm not in grid:  # a grid arm for twice the epochs
+        return recipe(arm[:-len(TWICE)], grid)
     if arm.endswith(" + teacher-aware"):  # on its logit method(s): a feature method has no teacher-aware option
         method, form, mixed = grid[arm[:-len(" + teacher-aware")]]
         return [{**m, **TEACHER_AWARE} if m["name"] in LOGIT_METHODS else m for m in methods_of(method)], form, mixed
@@ -364,10 +380,14 @@ def main() -> None:
                            in {"teacher": teacher_recipe["model"], **study["pairs"]}.items()}
         save()
 
-    def store(form: str, seed: int) -> Path:
+    def store(form: str, seed: int, factor: int = 1) -> Path:
+        """The store of ``form`` (a schedule's: of ``seed``'s crops for ``factor`` times the epochs)."""
         if form == "image + pool":  # the labelled images' store (the pool's is store("pool", 0))
             form = "image"
+        factor = factor if form.startswith("schedule") else 1
         path = out / STORES[form].format(seed=seed)
+        if factor > 1:
+            path = path.with_name(f"{path.stem}-{factor}x{path.suffix}")
         if (path / "zarr.json").exists():
             s = CacheStore(str(path))
             if s.schema.teacher.get("weights_sha256") != file_sha256(kept / "best.pt"):
@@ -380,14 +400,15 @@ def main() -> None:
             extra = {}
         else:  # a schedule draws the crops (and mixing) the students' options draw
             aug = {k: task["student"][k] for k in ("crop", "scale", "crop_area", "hflip") if k in task["student"]}
-            extra = {"schedule_epochs": task["student"]["epochs"], "schedules": 1, "first_schedule": seed, **aug,
+            extra = {"schedule_epochs": task["student"]["epochs"] * factor, "schedules": 1, "first_schedule": seed, **aug,
                      **(study["mix"] if form.endswith(("cutmix", "mixup")) else {}),
                      **(FEATURES if form.endswith("features") else {})}
         t0 = time.perf_counter()
         build_teacher_cache(CacheBuildConfig(weights=str(kept), out=str(path), **{"split": "train", **data, **extra},
                                              topk=study["topk"], workers=0), show_progress=False)
         n = CacheStore(str(path)).schema.num_samples
-        state.setdefault("caches", {})[f"{form} seed {seed}" if "schedule_epochs" in extra else form] = {
+        name = f"{form} seed {seed}" + (f" ({factor}x epochs)" if factor > 1 else "")
+        state.setdefault("caches", {})[name if "schedule_epochs" in extra else form] = {
             "seconds": time.perf_counter() - t0, "disk_bytes_per_image": size_of(path) / n,
             "machine": device_name(device)}
         save()
@@ -396,8 +417,8 @@ def main() -> None:
     def plan(pair: str, arm: str, seed: int):
         """An arm's student configuration (its stores built first)."""
         method, form, mixed = recipe(arm, arms)
-        cache = store(form, seed)
-        student = {**task["student"], "epochs": task["student"]["epochs"] * EPOCHS_FACTOR.get(arm, 1)}
+        cache = store(form, seed, epochs_factor(arm))
+        student = {**task["student"], "epochs": task["student"]["epochs"] * epochs_factor(arm)}
         if form == "image + pool":  # half of each batch from the pool, for half the epochs: the same steps
             student.update(epochs=max(1, round(student["epochs"] * (1 - POOL_SHARE))),
                            unlabeled_caches=[str(store("pool", 0))], unlabeled_share=POOL_SHARE)
@@ -439,6 +460,8 @@ def main() -> None:
         store("image", 0)
     if "grid" in phases:
         execute([(pair, arm, GRID_SEED, False) for arm in arms for pair in pairs])
+        execute([(pair, finalists(state, pair, grid)[1][0] + TWICE, GRID_SEED, False) for pair in pairs
+                 if finalists(state, pair, grid)[0] is not None])
     if "students" in phases:
         todo = []
         for pair in pairs:
@@ -529,6 +552,13 @@ def write_report(state: dict, path: Path, study: dict | None = None) -> None:
             if long and short:
                 lines += [_levelled(short, long, unit), ""]
         ce, kd = finalists(state, pair, grid)
+        twice = runs.get(arm_key(pair, kd[0] + TWICE, GRID_SEED)) if kd else None
+        ce_twice = runs.get(arm_key(pair, "CE 2x epochs", GRID_SEED))
+        if twice and ce_twice:
+            lines += [f"Does the best KD recipe keep its lead for twice the epochs? {kd[0]}: {100 * got[kd[0]]['val']:.2f} "
+                      f"val {unit} for {len(got[kd[0]]['val_curve'])} epochs, {100 * twice['val']:.2f} for "
+                      f"{len(twice['val_curve'])} (a diagnostic run, never a finalist), "
+                      f"{100 * (twice['val'] - ce_twice['val']):+.2f} against CE for as many.", ""]
         if ce is None:
             lines += [f"{sum(r is not None for r in got.values())} of {len(grid)} grid arms trained; the finalists "
                       "are chosen once all are in.", ""]

@@ -701,7 +701,18 @@ def test_full_budget_chooses_on_val_and_scores_the_finalists_on_test(tmp_path, m
     monkeypatch.setattr(sys, "argv", [*argv, "--phase", "teacher,caches,grid"])
     script["main"]()
     state = json.loads(state_file.read_text())
-    assert set(state["runs"]) == {f"demo | {arm} | seed 0" for arm in (*grid, "CE 2x epochs")}
+    best = max(("DIST schedule", "KL w=1 schedule cutmix", "CIRKD + KL schedule", "DIST + pool"),
+               key=lambda arm: state["runs"][f"demo | {arm} | seed 0"]["val"])
+    # the grid, CE for twice the epochs, and the best KD arm for twice the epochs (its schedule as long)
+    assert set(state["runs"]) == {f"demo | {arm} | seed 0" for arm in (*grid, "CE 2x epochs", f"{best} 2x epochs")}
+    cfg = json.loads((tmp_path / "work" / f"demo-{best.lower().replace('=', '').replace(' ', '-')}-2x-epochs-s0"
+                      / "config.json").read_text())
+    # twice the students' one epoch (a pool arm trains half of them: round(2 / 2))
+    assert cfg["epochs"] == (1 if best == "DIST + pool" else 2) and cfg["methods"] == json.loads((tmp_path / "work" / (
+        f"demo-{best.lower().replace('=', '').replace(' ', '-')}-s0") / "config.json").read_text())["methods"]
+    if cfg["cache_targets"] == "schedule":
+        assert CacheStore(cfg["cache"]).schema.schedule["epochs"] == 2 and "-2x" in cfg["cache"]
+    assert "Does the best KD recipe keep its lead for twice the epochs?" in (tmp_path / "results" / "fb.md").read_text()
     assert not any("score" in r for r in state["runs"].values())  # the grid reads val alone
     assert (tmp_path / "results" / "fb-teacher" / "best.pt").exists() and "score" in state["teacher"]
     cfg = json.loads((tmp_path / "work" / "demo-kl-w1-schedule-cutmix-s0" / "config.json").read_text())
