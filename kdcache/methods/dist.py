@@ -17,7 +17,7 @@ The authors' segmentation settings are T = 1, β = γ = 1 and weight 1; kdcache 
 cached-vs-online-classification-cpu.md). The weight (L = CE + w · DIST) is chosen on val for
 each task (:attr:`DIST.task_defaults`): 2 for segmentation, the best of 0.25, 1 and 2 averaged
 over both pairs of the full-budget study (a patient teacher, 160 epochs, from the schedule of
-cutmixed crops, the form of its best recipes: benchmarks/results/full-budget-segmentation-cpu.md;
+cutmixed crops, the one form trained at every weight: benchmarks/results/full-budget-segmentation-cpu.md;
 with the earlier 24-epoch teacher and the whole-image cache, 0.25 had done best of 0.25 to 2,
 kd-weight-pool-cpu.md), and 2 for classification (kd-weight-classification-cpu.md).
 ``default_weight`` stays the authors' 1: what a method built directly, outside ``train-student``,
