@@ -204,9 +204,10 @@ def studies() -> dict[str, dict]:
     cls = {"teacher": CLS_TEACHER, "pairs": CLS_PAIRS, "topk": 5, "grid": CLS_GRID, "diagnostic": DIAGNOSTIC,
            "mix": MIXUP, "unit": "top-1"}
     return {"segmentation": seg,
-            "shapes": {**cls, "dataset": "shapes", "data_options": {"size": 1000},
+            "shapes": {**cls, "dataset": "shapes", "data_name": "the built-in shapes", "data_options": {"size": 1000},
                        "task": {"student": CLS_STUDENT, "test_size": 10000, "score": "top1"}},
-            "digits": {**cls, "dataset": "imagefolder", "data_options": {}, "prepare": write_digits,
+            "digits": {**cls, "dataset": "imagefolder", "data_name": "scikit-learn's UCI digits (an ImageFolder)",
+                       "data_options": {}, "prepare": write_digits,
                        "task": {"student": CLS_STUDENT, "test_size": None, "score": "top1"}}}
 
 
@@ -485,7 +486,7 @@ def write_report(state: dict, path: Path, study: dict | None = None) -> None:
     runs = state.get("runs", {})
     test = f"{task['test_size']} test images" if task["test_size"] else "the test split"
     title = ("two students of a patient teacher" if len(pairs) > 1
-             else f"`{next(iter(pairs.values()))}` and a patient teacher on {study['dataset']}")
+             else f"`{next(iter(pairs.values()))}` and a patient teacher on {study.get('data_name', study['dataset'])}")
     lines = [f"# Distillation at a full budget: {title}", "",
              f"Machine: {state.get('machine', '?')}. Written by `benchmarks/full_budget.py` at commit(s) "
              f"{', '.join(state.get('commits', []))} (settings fixed before the first run). Teacher `{teacher['model']}`, "
