@@ -192,13 +192,15 @@ def student(task: dict, cache: Path, out: Path, seed: int, method: str | None, t
 
 
 def run_record(task: dict, out: Path) -> dict:
-    """A finished student run's best val score, val curve and median training images/s."""
+    """A finished student run's best val score, val curve (the validated epochs: every one, or
+    every ``--eval-every``), epochs trained and median training images/s."""
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    epochs = [r for r in log if "epoch" in r and "val_miou" in r]
+    trained = [r for r in log if "epoch" in r and "train_images_per_s" in r]
     key = "val_top1" if task["score"] == "top1" else "val_miou"
-    curve = [r.get(key, r["val_miou"]) for r in epochs]
+    curve = [r.get(key, r["val_miou"]) for r in trained if "val_miou" in r]
     return {"val": max((v for v in curve if not math.isnan(v)), default=-1.0), "val_curve": curve,
-            "images_per_s": statistics.median(r["train_images_per_s"] for r in epochs)}
+            "epochs": len({r["epoch"] for r in trained}),
+            "images_per_s": statistics.median(r["train_images_per_s"] for r in trained)}
 
 
 def finished(task: dict, run: Path) -> bool:
@@ -207,7 +209,7 @@ def finished(task: dict, run: Path) -> bool:
     if not (log.exists() and (run / "best.pt").exists()):
         return False
     epochs = [json.loads(line) for line in log.read_text().splitlines()]
-    return sum("epoch" in r and "val_miou" in r for r in epochs) == task["student"]["epochs"]
+    return len({r["epoch"] for r in epochs if "epoch" in r and "train_images_per_s" in r}) == task["student"]["epochs"]
 
 
 def test_score(task: dict, run: Path) -> dict:

@@ -1,7 +1,8 @@
 """Does distillation pay at a full training budget? Two students of one patient teacher, every
 recipe chosen on val, then five seeds on test (issue 49 §4).
 
-    python benchmarks/full_budget.py [--study segmentation|shapes|digits] [--phase teacher,caches,grid,students]
+    python benchmarks/full_budget.py [--study segmentation|shapes|digits|digits-few]
+                                     [--phase teacher,caches,grid,students]
                                      [--jobs N]
 
 The study the issue asks for, on the built-in road scenes (400 training images, val 100, test
@@ -54,6 +55,17 @@ the area), a top-5 cache, and :data:`CLS_GRID`, whose mixing is mixup (Beyer et 
 matching for classifiers). ``digits`` is scikit-learn's copy of the UCI handwritten digits (1797
 scans of 8 x 8, written here as a 32 x 32 ImageFolder, split 60/20/20 per class with a fixed
 seed; ``pip install scikit-learn``): images no one here made.
+
+``--study digits-few`` asks what ``digits`` cannot (its CE students stand within a point of the
+teacher): the workflow of a user whose teacher knows more than the student's labels say. Digits'
+own splits, but only a tenth of each class's training images keep their label (108); the other 969
+are the ``unlabeled`` split, which the teacher labels (the ``image + pool`` form, as in the
+segmentation grid). The teacher is ``digits``' own, trained on all 1077 labels (Hinton et al.'s
+transfer set; Chen et al., "Big Self-Supervised Models are Strong Semi-Supervised Learners",
+NeurIPS 2020, distil a teacher through unlabelled images the same way). The students train for
+1200 epochs of the 108 images (about digits' optimizer steps), validated every 10th, on
+:data:`FEW_GRID`. It measures how much of what the teacher learnt from labels the student lacks
+reaches it through the cache; CE sees only the 108 labels it has.
 
 ``--jobs N`` trains N runs at once in worker processes, one thread each (small students use two
 threads poorly: on the 2-core machine two runs at once train 1.3-1.55x the images a second of one
@@ -195,6 +207,28 @@ CLS_GRID: dict[str, tuple[dict | None, str, bool]] = {
     "KL w=4 schedule mixup": ({"name": "kl", "weight": 4.0, "temperature": 4.0}, "schedule mixup", True),
 }
 DIGITS_SPLITS = {"train": 0.6, "val": 0.2, "test": 0.2}
+#: ``digits-few``: the share of each class's training images that keep their label (the rest are the
+#: ``unlabeled`` split), and the students' recipe, whose epochs keep about digits' optimizer steps
+#: (108 labelled images: 3 steps of 32 an epoch, 3600 in all; digits' 33 x 120 = 3960), validated every 10th
+FEW_LABELLED = 0.1
+FEW_STUDENT = {**CLS_STUDENT, "epochs": 1200, "eval_every": 10}
+#: ``digits-few``'s grid (fixed on 2026-11-27 before its first run): CE with and without mixup; kl and dist at
+#: the library's classification defaults (T = 4, weight 2) from the default cache and as function matching
+#: from a mixup schedule; and the workflow this study asks about, the teacher's targets on the unlabelled
+#: images (``image + pool``): kl and dist at the defaults, kl at T = 1 (plain KD), and the teacher's confident
+#: hard labels (``pseudo`` at its defaults)
+FEW_GRID: dict[str, tuple[dict | None, str, bool]] = {
+    "CE": (None, "image", False),
+    "CE mixup": (None, "image", True),
+    "KL image": ({"name": "kl", "weight": 2.0, "temperature": 4.0}, "image", False),
+    "DIST image": ({"name": "dist", "weight": 2.0, "temperature": 4.0}, "image", False),
+    "KL schedule mixup": ({"name": "kl", "weight": 2.0, "temperature": 4.0}, "schedule mixup", True),
+    "DIST T=1 w=1 schedule mixup": ({"name": "dist", "weight": 1.0, "temperature": 1.0}, "schedule mixup", True),
+    "KL + pool": ({"name": "kl", "weight": 2.0, "temperature": 4.0}, "image + pool", False),
+    "DIST + pool": ({"name": "dist", "weight": 2.0, "temperature": 4.0}, "image + pool", False),
+    "KL T=1 w=1 + pool": ({"name": "kl", "weight": 1.0, "temperature": 1.0}, "image + pool", False),
+    "Pseudo-labels + pool": ({"name": "pseudo"}, "image + pool", False),
+}
 
 
 def studies() -> dict[str, dict]:
@@ -208,34 +242,49 @@ def studies() -> dict[str, dict]:
                        "task": {"student": CLS_STUDENT, "test_size": 10000, "score": "top1"}},
             "digits": {**cls, "dataset": "imagefolder", "data_name": "scikit-learn's UCI digits (an ImageFolder)",
                        "data_options": {}, "prepare": write_digits,
-                       "task": {"student": CLS_STUDENT, "test_size": None, "score": "top1"}}}
+                       "task": {"student": CLS_STUDENT, "test_size": None, "score": "top1"}},
+            "digits-few": {**cls, "dataset": "imagefolder", "grid": FEW_GRID, "data_options": {},
+                           "data_name": f"scikit-learn's UCI digits with {FEW_LABELLED:.0%} of the training labels, "
+                                        "the rest unlabelled (the teacher of `digits`, trained on all of them)",
+                           "prepare": lambda root: write_digits(root, FEW_LABELLED), "teacher_from": "digits",
+                           "task": {"student": FEW_STUDENT, "test_size": None, "score": "top1"}}}
 
 
-def write_digits(root: Path) -> Path:
+def write_digits(root: Path, labelled: float = 1.0) -> Path:
     """scikit-learn's UCI handwritten digits as a 32 x 32 RGB ImageFolder under ``root``
-    (train/val/test per :data:`DIGITS_SPLITS`, class by class, a fixed permutation)."""
+    (:func:`write_digit_images`)."""
     if (root / "test").is_dir():
         return root
     try:
         from sklearn.datasets import load_digits
     except ImportError:
         raise SystemExit("error: --study digits reads scikit-learn's copy of the digits: pip install scikit-learn") from None
+    digits = load_digits()
+    return write_digit_images(digits.images, digits.target, root, labelled)
+
+
+def write_digit_images(images, targets, root: Path, labelled: float = 1.0) -> Path:
+    """8 x 8 digit scans (values 0-16) as a 32 x 32 RGB ImageFolder under ``root``: train/val/test
+    per :data:`DIGITS_SPLITS`, class by class, a fixed permutation. With ``labelled`` < 1, only the
+    first ``labelled`` of each class's training images (at least one) keep their class folder; the
+    others go to the ``unlabeled`` split, named by their index alone (val and test are the same)."""
     import numpy as np
     from PIL import Image
 
-    digits = load_digits()
     part = root.with_name(root.name + ".part")
     shutil.rmtree(part, ignore_errors=True)
     rng = np.random.default_rng(0)
     for c in range(10):
-        idx = rng.permutation(np.flatnonzero(digits.target == c))
+        idx = rng.permutation(np.flatnonzero(targets == c))
         cuts = np.cumsum([round(f * len(idx)) for f in DIGITS_SPLITS.values()])[:-1]
         for split, chosen in zip(DIGITS_SPLITS, np.split(idx, cuts)):
-            (part / split / str(c)).mkdir(parents=True, exist_ok=True)
-            for i in chosen:
-                gray = (digits.images[i] * (255 / 16)).round().astype(np.uint8)
+            keep = max(1, round(labelled * len(chosen))) if split == "train" else len(chosen)
+            for n, i in enumerate(chosen):
+                folder = part / split / str(c) if n < keep else part / "unlabeled"
+                folder.mkdir(parents=True, exist_ok=True)
+                gray = (images[i] * (255 / 16)).round().astype(np.uint8)
                 image = Image.fromarray(gray).resize((32, 32), Image.BILINEAR).convert("RGB")
-                image.save(part / split / str(c) / f"{i:04d}.png")
+                image.save(folder / f"{i:04d}.png")
     part.replace(root)
     return root
 
@@ -317,7 +366,7 @@ def methods_of(method: dict | list[dict] | None) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--study", choices=("segmentation", "shapes", "digits"), default="segmentation")
+    ap.add_argument("--study", choices=("segmentation", "shapes", "digits", "digits-few"), default="segmentation")
     ap.add_argument("--phase", default="teacher,caches,grid,students")
     ap.add_argument("--pairs", default=None, help="the study's pairs to train (default: all)")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at once, each on one thread (default 1: one "
@@ -350,6 +399,11 @@ def main() -> None:
     if head and head not in state["commits"]:
         state["commits"].append(head)
     kept = state_path.with_name(state_path.stem + "-teacher")
+    if "teacher_from" in study:  # another study's teacher (trained by that study's teacher phase)
+        kept = state_path.with_name(f"full-budget-{study['teacher_from']}-cpu-teacher")
+        if not (kept / "best.pt").exists():
+            raise SystemExit(f"error: --study {args.study} distils the teacher of --study {study['teacher_from']}, "
+                             f"and {kept} has none: run that study's teacher phase first")
 
     def save() -> None:
         tmp = state_path.with_name(state_path.name + ".tmp")
@@ -421,6 +475,8 @@ def main() -> None:
         cache = store(form, seed, epochs_factor(arm))
         student = {**task["student"], "epochs": task["student"]["epochs"] * epochs_factor(arm)}
         if form == "image + pool":  # half of each batch from the pool, for half the epochs: the same steps
+            if "eval_every" in student:  # and validated after as many steps
+                student["eval_every"] = max(1, round(student["eval_every"] * (1 - POOL_SHARE)))
             student.update(epochs=max(1, round(student["epochs"] * (1 - POOL_SHARE))),
                            unlabeled_caches=[str(store("pool", 0))], unlabeled_share=POOL_SHARE)
         return config_from_store(str(cache), out=str(run_folder(out, pair, arm, seed)), seed=seed,
@@ -557,8 +613,8 @@ def write_report(state: dict, path: Path, study: dict | None = None) -> None:
         ce_twice = runs.get(arm_key(pair, "CE 2x epochs", GRID_SEED))
         if twice and ce_twice:
             lines += [f"Does the best KD recipe keep its lead for twice the epochs? {kd[0]}: {100 * got[kd[0]]['val']:.2f} "
-                      f"val {unit} for {len(got[kd[0]]['val_curve'])} epochs, {100 * twice['val']:.2f} for "
-                      f"{len(twice['val_curve'])} (a diagnostic run, never a finalist), "
+                      f"val {unit} for {epochs(got[kd[0]])} epochs, {100 * twice['val']:.2f} for "
+                      f"{epochs(twice)} (a diagnostic run, never a finalist), "
                       f"{100 * (twice['val'] - ce_twice['val']):+.2f} against CE for as many.", ""]
         if ce is None:
             lines += [f"{sum(r is not None for r in got.values())} of {len(grid)} grid arms trained; the finalists "
@@ -598,10 +654,15 @@ def _levelled(short: dict, long: dict, unit: str) -> str:
     def tail(r):
         curve = r["val_curve"]
         return 100 * statistics.mean(curve[-max(1, len(curve) // 10):])
-    return (f"Has CE levelled off? CE for {len(short['val_curve'])} epochs: {100 * short['val']:.2f} val {unit} (the "
-            f"mean of its last tenth of epochs {tail(short):.2f}); for {len(long['val_curve'])} epochs (a diagnostic "
+    return (f"Has CE levelled off? CE for {epochs(short)} epochs: {100 * short['val']:.2f} val {unit} (the "
+            f"mean of its last tenth of validations {tail(short):.2f}); for {epochs(long)} epochs (a diagnostic "
             f"run, never a finalist): {100 * long['val']:.2f} ({tail(long):.2f}), "
             f"{100 * (long['val'] - short['val']):+.2f} for twice the budget.")
+
+
+def epochs(r: dict) -> int:
+    """The epochs a run trained (a record from before ``epochs`` was kept validated every one)."""
+    return r.get("epochs", len(r["val_curve"]))
 
 
 def quarters(n: int) -> list[int]:

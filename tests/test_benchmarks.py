@@ -803,3 +803,59 @@ def test_demo_recipe_chooses_on_the_mean_val_and_pairs_the_choice_on_test(tmp_pa
     text = path.read_text()
     assert f"**Chosen on val**: the baseline `CE cutmix` and `{last}`." in text
     assert "| demo test (100 images) | 30.00, 31.00, +1.00 | 30.00, 32.00, +2.00 | 30.00, 33.00, +3.00 | +2.00 [" in text
+
+
+def test_digit_images_keep_a_share_of_the_training_labels_and_the_same_val_and_test(tmp_path, monkeypatch):
+    """``digits-few``'s data: the same val and test as ``digits``, and of each class's training
+    images only the first share keeps its label (at least one); the others lie in the unlabelled
+    split, under their index alone, none in two splits."""
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(BENCH))  # it reads cached_vs_online's helpers
+    script = runpy.run_path(str(BENCH / "full_budget.py"), run_name="fb")
+    rng = np.random.default_rng(3)
+    targets = np.repeat(np.arange(10), 20)
+    images = rng.integers(0, 17, (200, 8, 8)).astype(np.float64)
+
+    def layout(root):
+        return {p.relative_to(root).as_posix() for p in root.rglob("*.png")}
+
+    full = layout(script["write_digit_images"](images, targets, tmp_path / "full"))
+    few = layout(script["write_digit_images"](images, targets, tmp_path / "few", 0.1))
+    assert {f for f in few if not f.startswith(("train/", "unlabeled/"))} == {f for f in full if not f.startswith("train/")}
+    train = {f for f in full if f.startswith("train/")}
+    for c in range(10):  # 12 training images a class (60% of 20): round(1.2) = 1 keeps its label
+        mine = sorted(f for f in few if f.startswith(f"train/{c}/"))
+        assert len(mine) == 1 and mine[0] in train
+    unlabelled = {f.split("/")[-1] for f in few if f.startswith("unlabeled/")}
+    assert len(unlabelled) == 110 and all(f.count("/") == 1 for f in few if f.startswith("unlabeled/"))
+    assert unlabelled | {f.split("/")[-1] for f in few if f.startswith("train/")} == {f.split("/")[-1] for f in train}
+    # each image is the scan's own pixels, upsampled: the unlabelled file of index i is digits' i
+    from PIL import Image
+
+    name = sorted(unlabelled)[0]
+    cls = int(targets[int(name[:4])])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "few" / "unlabeled" / name)),
+                          np.asarray(Image.open(tmp_path / "full" / "train" / str(cls) / name)))
+
+
+def test_a_run_validated_every_nth_epoch_counts_every_epoch_it_trained(tmp_path, monkeypatch):
+    """``--eval-every``: a run's record has the validated epochs' curve and every epoch trained; it
+    is finished once every epoch is logged, validated or not."""
+    import json
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    script = runpy.run_path(str(BENCH / "cached_vs_online.py"), run_name="cvo")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(b"")
+    log = [{"epoch": e, "train_loss": 1.0, "train_images_per_s": 100.0 + e,
+            **({"val_miou": 0.1, "val_top1": 0.5 + e / 100} if (e + 1) % 3 == 0 else {})} for e in range(5)]
+    (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, log)) + "\n")
+    task = {"score": "top1", "student": {"epochs": 6}}
+    assert not script["finished"](task, run)  # five of six epochs
+    log.append({"epoch": 5, "train_loss": 1.0, "train_images_per_s": 105.0, "val_miou": 0.1, "val_top1": 0.55})
+    (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, log)) + "\n")
+    assert script["finished"](task, run)
+    r = script["run_record"](task, run)
+    assert r["val_curve"] == [0.52, 0.55] and r["val"] == 0.55 and r["epochs"] == 6 and r["images_per_s"] == 102.5
