@@ -222,7 +222,11 @@ def _frames(root: Path, rng) -> None:
 
 
 def _imagefolder(root: Path, rng) -> None:
-    """torchvision's ImageFolder layout: 3 classes, 2 images each per split, mixed sizes and formats."""
+    """torchvision's ImageFolder layout: 3 classes, 2 images each per split, mixed sizes and formats;
+    and 4 unlabelled images straight in ``unlabeled/``."""
+    (root / "unlabeled").mkdir(parents=True, exist_ok=True)
+    for i in range(4):
+        _rgb(rng, 48 + 3 * i, 60).save(root / "unlabeled" / f"IMG_{i:04d}.jpg", quality=90)
     for split in ("train", "val", "test"):
         for c, name in enumerate(("abyssinian", "beagle", "persian")):
             (root / split / name).mkdir(parents=True, exist_ok=True)

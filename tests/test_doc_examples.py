@@ -79,10 +79,16 @@ def _frames_were_trained_on(cwd: Path) -> None:
     assert last["train_unlabeled_seen"] > 0 and last["train_dist"] > 0
 
 
+def _pool_of_pets_was_trained_on(cwd: Path) -> None:
+    last = json.loads((cwd / "runs" / "mnv3-dist-pool" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["train_unlabeled_distinct"] > 0 and last["train_dist"] > 0
+
+
 #: what an example must have done beyond exiting 0, by the start of its command
 CHECKS = {
     "kdcache compare runs/teacher runs/student-ce": _compare_has_a_baseline,
     "kdcache train-student --cache caches/train.zarr --unlabeled-cache caches/frames.zarr": _frames_were_trained_on,
+    "kdcache train-student --cache caches/pets.zarr --unlabeled-cache caches/pets-pool.zarr": _pool_of_pets_was_trained_on,
 }
 
 
