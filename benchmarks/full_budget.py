@@ -218,12 +218,8 @@ FEW_STUDENT = {**CLS_STUDENT, "epochs": 1200, "eval_every": 10}
 #: images (``image + pool``): kl and dist at the defaults, kl at T = 1 (plain KD), and the teacher's confident
 #: hard labels (``pseudo`` at its defaults)
 FEW_GRID: dict[str, tuple[dict | None, str, bool]] = {
-    "CE": (None, "image", False),
-    "CE mixup": (None, "image", True),
-    "KL image": ({"name": "kl", "weight": 2.0, "temperature": 4.0}, "image", False),
-    "DIST image": ({"name": "dist", "weight": 2.0, "temperature": 4.0}, "image", False),
-    "KL schedule mixup": ({"name": "kl", "weight": 2.0, "temperature": 4.0}, "schedule mixup", True),
-    "DIST T=1 w=1 schedule mixup": ({"name": "dist", "weight": 1.0, "temperature": 1.0}, "schedule mixup", True),
+    **{arm: CLS_GRID[arm] for arm in ("CE", "CE mixup", "KL image", "DIST image", "KL schedule mixup",
+                                      "DIST T=1 w=1 schedule mixup")},
     "KL + pool": ({"name": "kl", "weight": 2.0, "temperature": 4.0}, "image + pool", False),
     "DIST + pool": ({"name": "dist", "weight": 2.0, "temperature": 4.0}, "image + pool", False),
     "KL T=1 w=1 + pool": ({"name": "kl", "weight": 1.0, "temperature": 1.0}, "image + pool", False),

@@ -57,7 +57,7 @@ def test_standing_puts_each_method_at_its_defaults_against_the_best_ce_arm(full_
                    "cwd+kl": {"p": {"arm": "CWD + KL", "val": 0.7, "ce_arm": "CE cutmix", "ce": 0.6}}}
 
 
-@pytest.mark.parametrize("study", ["segmentation", "shapes", "digits"])
+@pytest.mark.parametrize("study", ["segmentation", "shapes", "digits", "digits-few"])
 def test_each_methods_standing_line_matches_the_full_budget_results(full_budget, study):
     """Below the best CE arm on val in any pair: the method's line says "below CE" and names the
     results file; above it in every pair: the line does not say "below CE"."""
