@@ -194,8 +194,7 @@ def student(task: dict, cache: Path, out: Path, seed: int, method: str | None, t
 def run_record(task: dict, out: Path) -> dict:
     """A finished student run's best val score, val curve (the validated epochs: every one, or
     every ``--eval-every``), epochs trained and median training images/s."""
-    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    trained = [r for r in log if "epoch" in r and "train_images_per_s" in r]
+    trained = epoch_records(out / "metrics.jsonl")
     key = "val_top1" if task["score"] == "top1" else "val_miou"
     curve = [r.get(key, r["val_miou"]) for r in trained if "val_miou" in r]
     return {"val": max((v for v in curve if not math.isnan(v)), default=-1.0), "val_curve": curve,
@@ -208,8 +207,13 @@ def finished(task: dict, run: Path) -> bool:
     log = run / "metrics.jsonl"
     if not (log.exists() and (run / "best.pt").exists()):
         return False
-    epochs = [json.loads(line) for line in log.read_text().splitlines()]
-    return len({r["epoch"] for r in epochs if "epoch" in r and "train_images_per_s" in r}) == task["student"]["epochs"]
+    return len({r["epoch"] for r in epoch_records(log)}) == task["student"]["epochs"]
+
+
+def epoch_records(log: Path) -> list[dict]:
+    """A run's ``metrics.jsonl`` records of trained epochs (validated or not)."""
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    return [r for r in records if "epoch" in r and "train_images_per_s" in r]
 
 
 def test_score(task: dict, run: Path) -> dict:
