@@ -319,7 +319,8 @@ def mixing_pairs(grid: dict) -> list[tuple[str, str]]:
 
 
 def standing(state: dict, study: dict) -> dict[str, dict[str, dict]]:
-    """Each method (or combination) at the library's current defaults for the study's task against
+    """Each method (or combination) at the library's current defaults for the study's task (a mixed
+    arm's: those of a student with the study's ``--mix``) against
     the pair's best CE arm, on the grid seed's val: label (``kl``, ``cirkd+kl``) -> pair -> its arm
     (of several forms at the defaults, the best on val), ``val``, the CE arm and its ``ce``. A pair
     enters once its CE arms and every arm of the label are in."""
@@ -333,9 +334,10 @@ def standing(state: dict, study: dict) -> dict[str, dict[str, dict]]:
             continue
         ce = max(ces, key=val.get)
         labels: dict[str, list[str]] = {}
-        for arm, (method, _form, _mixed) in grid.items():
+        for arm, (method, _form, mixed) in grid.items():
             specs = methods_of(method)
-            if method is not None and all(at_defaults(m, task) for m in specs):
+            mix = study["mix"]["mix"] if mixed else None  # a mixing student's defaults are its own
+            if method is not None and all(at_defaults(m, task, mix) for m in specs):
                 labels.setdefault("+".join(m["name"] for m in specs), []).append(arm)
         for label, arms in labels.items():
             if all(a in val for a in arms):
@@ -562,8 +564,8 @@ def write_report(state: dict, path: Path, study: dict | None = None) -> None:
     stand = standing(state, study)
     if stand:
         lines += [f"## Each method at the library's defaults against CE (seed {GRID_SEED}, val {unit})", "",
-                  "The methods' settings a student given only the method's name takes, at the commit that wrote this "
-                  "file; of several forms at those settings, the best on val; against the pair's best CE arm. "
+                  "The methods' settings a student given only the method's name takes (a mixed form's: those of a student "
+                  "given the method's name and the mixing), at the commit that wrote this file; of several forms at those settings, the best on val; against the pair's best CE arm. "
                   "`kdcache list-methods` says which of them are below CE here.", "",
                   "| method | pair | arm | val | best CE arm | CE val | Δ |", "|---|---|---|---|---|---|---|"]
         for label, by_pair in stand.items():

@@ -115,15 +115,21 @@ def pair_text(pair) -> str:
 
 
 def defaults_text(option: str) -> str:
-    """'kl 1 (segmentation 0.5, classification 4), cwd 4': each method taking ``option`` with its
-    default, and where a task's own default differs from it, that task's."""
+    """'kl 1 (segmentation 0.5, classification 4, classification with mixup 1), cwd 4': each method
+    taking ``option`` with its default, and where a task's own default (or a mixing classifier's)
+    differs from it, that task's."""
     def show(v):
         return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
 
     def text(m):
         base = option_default(m, option)
-        tasks = [f"{task} {show(v)}" for task in ("segmentation", "classification")
-                 if (v := task_defaults(m, task).get(option)) is not None and v != base]
+        tasks, before = [], {}
+        for label, task, mix in (("segmentation", "segmentation", None), ("classification", "classification", None),
+                                 ("classification with mixup", "classification", "mixup")):
+            v = task_defaults(m, task, mix).get(option, base)
+            if v != before.get(task, base):
+                tasks.append(f"{label} {show(v)}")
+            before.setdefault(task, v)
         return f"{m} {show(base)}" + (f" ({', '.join(tasks)})" if tasks else "")
 
     return ", ".join(text(m) for m in methods_taking(option))

@@ -81,6 +81,10 @@ def list_methods():
         for task in ("segmentation", "classification"):
             settings = settings_at_defaults(name, task)
             shown = ", ".join(f"{k} {settings[k]:g}" for k in ("weight", "temperature") if k in settings)
+            mixed = settings_at_defaults(name, task, "mixup")
+            if mixed != settings:  # a mixing student's own defaults (function matching)
+                shown += " (with --mix mixup: " + ", ".join(f"{k} {mixed[k]:g}" for k in ("weight", "temperature")
+                                                           if k in mixed) + ")"
             standing = cls.standing.get(task)
             if shown or standing:
                 typer.echo(f"  {task}: {shown or 'no weight'}" + (f"; {standing}" if standing else ""))

@@ -372,9 +372,9 @@ def test_views_and_label_maps_are_the_teacher_on_those_pixels(teacher):
 
 @pytest.mark.slow  # trains two students
 def test_classification_students_take_kl_and_dist_at_their_classification_temperature(teacher, tmp_path):
-    """kl and dist default to T = 4 and weight 2 for classification (chosen on val), recorded in
-    config.json; a temperature or weight given in the method spec or by --temperature/--kd-weight
-    wins; segmentation keeps T = 1."""
+    """kl and dist default to T = 4 and weight 2 for classification (chosen on val), and to T = 1 and
+    weight 1 with --mix mixup, recorded in config.json; a temperature or weight given in the method
+    spec or by --temperature/--kd-weight wins; segmentation keeps T = 1."""
     from kdcache.methods import option_default, with_task_defaults
 
     cache = tmp_path / "logits.zarr"
@@ -388,6 +388,9 @@ def test_classification_students_take_kl_and_dist_at_their_classification_temper
          {"kl": 0.5, "dist": 2.0}),
         ("shorthand", ["--method", "kl", "--method", "dist", "--temperature", "1.5", "--kd-weight", "1"],
          {"kl": 1.5, "dist": 1.5}, {"kl": 1.0, "dist": 1.0}),
+        # a student mixing its crops with mixup (function matching) takes T = 1 and weight 1; its own values win
+        ("mixup", ["--method", "kl:weight=3", "--method", "dist", "--mix", "mixup", "--online-teacher", "cache"],
+         {"kl": 1.0, "dist": 1.0}, {"kl": 3.0, "dist": 1.0}),
     ):
         r = kd("train-student", *common, *extra, "--out", tmp_path / name)
         assert r.exit_code == 0, r.output
@@ -414,6 +417,15 @@ def test_classification_students_take_kl_and_dist_at_their_classification_temper
     assert with_task_defaults([{"name": "kl"}, {"name": "dist"}, {"name": "cwd"}], "segmentation") == [
         {"name": "kl", "weight": 0.5}, {"name": "dist", "weight": 2.0}, {"name": "cwd"}]
     assert with_task_defaults([{"name": "dist", "weight": 1.0}], "segmentation") == [{"name": "dist", "weight": 1.0}]
+    # mixing: mixup has classification defaults of its own; cutmix (not measured for classification), no
+    # mixing and segmentation (whose weights were chosen on cutmixed crops) keep the task's
+    mixed = {"name": "kl", "temperature": 1.0, "weight": 1.0}
+    assert with_task_defaults([{"name": "kl"}], "classification", "mixup") == [mixed]
+    for task, mix in (("classification", "cutmix"), ("classification", "none"), ("classification", None),
+                      ("segmentation", "mixup"), ("segmentation", "cutmix")):
+        assert with_task_defaults([{"name": "kl"}], task, mix) == with_task_defaults([{"name": "kl"}], task)
+    assert with_task_defaults([{"name": "kl"}], "classification") == [{"name": "kl", "temperature": 4.0,
+                                                                       "weight": 2.0}]
     assert option_default("kl", "temperature") == option_default("dist", "temperature") == 1.0
 
 

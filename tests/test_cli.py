@@ -439,10 +439,13 @@ def test_help_shows_the_defaults_the_code_uses():
         for name in takers:
             value = inspect.signature(METHODS.get(name).__init__).parameters[option].default
             assert f"{name} {value:g}" in helps[help_option], (name, helps[help_option])
-    assert "cwd 4" in helps["temperature"] and "kl 1 (classification 4)" in helps["temperature"]  # not the "4" help
-    assert "dist 1 (classification 4)" in helps["temperature"]  # once claimed for kl: each task's own default
-    assert "kl 1 (segmentation 0.5, classification 2)" in helps["kd_weight"]  # each task's weight, chosen on val
-    assert "dist 1 (segmentation 2, classification 2)" in helps["kd_weight"] and "cwd 3," in helps["kd_weight"]
+    assert "cwd 4" in helps["temperature"]  # not the "4" help
+    # once claimed for kl: each task's own default, and a mixing classifier's
+    assert "kl 1 (classification 4, classification with mixup 1)" in helps["temperature"]
+    assert "dist 1 (classification 4, classification with mixup 1)" in helps["temperature"]
+    # each task's weight, chosen on val
+    assert "kl 1 (segmentation 0.5, classification 2, classification with mixup 1)" in helps["kd_weight"]
+    assert "dist 1 (segmentation 2, classification 2, classification with mixup 1)" in helps["kd_weight"] and "cwd 3," in helps["kd_weight"]
     for name, cls in METHODS.items():
         if name != "none":
             assert f"{name} {cls.default_weight:g}" in helps["kd_weight"]

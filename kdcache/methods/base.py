@@ -39,30 +39,34 @@ def option_default(name: str, option: str):
     return default
 
 
-def task_defaults(name: str, task: str) -> dict:
+def task_defaults(name: str, task: str, mix: str | None = None) -> dict:
     """The options of method ``name`` whose default differs for ``task`` ("segmentation" or
-    "classification"): its :attr:`KDMethod.task_defaults` entry."""
-    return dict(METHODS.get(name).task_defaults.get(task, {}))
+    "classification"): its :attr:`KDMethod.task_defaults` entry, and for a student that mixes its
+    crops (``mix`` "cutmix" or "mixup") the ``"<task> <mix>"`` entry over it where there is one."""
+    own = METHODS.get(name).task_defaults
+    return {**own.get(task, {}), **(own.get(f"{task} {mix}", {}) if mix and mix != "none" else {})}
 
 
-def settings_at_defaults(name: str, task: str) -> dict:
-    """Every option of method ``name`` as a student given only the name takes it for ``task``: the
-    constructor's defaults, then the task's (:func:`task_defaults`)."""
-    return {**{o: option_default(name, o) for o in method_options(name)}, **task_defaults(name, task)}
+def settings_at_defaults(name: str, task: str, mix: str | None = None) -> dict:
+    """Every option of method ``name`` as a student given only the name takes it for ``task`` (and
+    its ``--mix``): the constructor's defaults, then the task's (:func:`task_defaults`)."""
+    return {**{o: option_default(name, o) for o in method_options(name)}, **task_defaults(name, task, mix)}
 
 
-def at_defaults(spec: dict, task: str) -> bool:
+def at_defaults(spec: dict, task: str, mix: str | None = None) -> bool:
     """Whether the method spec ``spec`` (``{"name": …, option: value}``) sets every option it names to
-    the value :func:`settings_at_defaults` gives for ``task`` (the taps name modules, not settings)."""
-    defaults = settings_at_defaults(spec["name"], task)
+    the value :func:`settings_at_defaults` gives for ``task`` and ``mix`` (the taps name modules,
+    not settings)."""
+    defaults = settings_at_defaults(spec["name"], task, mix)
     return all(k in defaults and defaults[k] == v for k, v in spec.items() if k != "name" and not k.endswith("_tap"))
 
 
-def with_task_defaults(methods: list[dict], task: str) -> list[dict]:
-    """Method specs with each method's defaults for ``task`` filled in where the spec gives no
-    value of its own (an option given on the command line, in a config file or by a shorthand
-    such as ``--temperature`` wins): the specs a student's run records and trains with."""
-    return [{**m, **{k: v for k, v in task_defaults(m["name"], task).items() if k not in m}} for m in methods]
+def with_task_defaults(methods: list[dict], task: str, mix: str | None = None) -> list[dict]:
+    """Method specs with each method's defaults for ``task`` (and a mixing student's ``mix``) filled
+    in where the spec gives no value of its own (an option given on the command line, in a config
+    file or by a shorthand such as ``--temperature`` wins): the specs a student's run records and
+    trains with."""
+    return [{**m, **{k: v for k, v in task_defaults(m["name"], task, mix).items() if k not in m}} for m in methods]
 
 
 def methods_taking(option: str) -> list[str]:
@@ -168,7 +172,8 @@ class KDMethod(nn.Module):
     #: class declaring its own; every number option is also refused when not finite
     bounds: dict[str, str] = {"weight": ">= 0"}
     #: options whose default differs by task, chosen on val for that task (cite the evidence):
-    #: ``{"classification": {"temperature": 4.0}}``; filled into a student's specs by
+    #: ``{"classification": {"temperature": 4.0}}``, and for a student that mixes its crops,
+    #: ``"classification mixup"`` over it; filled into a student's specs by
     #: :func:`with_task_defaults` where they give no value, so the run records what it used
     task_defaults: dict[str, dict] = {}
     #: how the method at its defaults stood against the CE baseline at a full training budget, per

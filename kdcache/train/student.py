@@ -144,12 +144,13 @@ class StudentTrainer(Trainer):
     command = "train-student"
 
     def __init__(self, config: StudentConfig, **kw):
-        # each method's defaults for the data set's task (kl and dist: their weights, and T = 4 for classification),
-        # written into a new run's specs, so that config.json records them. A resumed run trains with
-        # its recorded specs (one from before a default changed keeps what it trained with); the
+        # each method's defaults for the data set's task and the run's mixing (kl and dist: their weights, and
+        # T = 4 for classification, T = 1 with mixup), written into a new run's specs, so that config.json
+        # records them. A resumed run trains with its recorded specs (one from before a default changed keeps what it trained with); the
         # specs given with it count as its own when they are, or become them with the defaults filled in
         task = "classification" if is_classification(DATASETS.get(config.dataset)) else "segmentation"
-        resolved = with_task_defaults(config.methods, task)
+        mix = MixOptions.of(config)
+        resolved = with_task_defaults(config.methods, task, mix.kind if mix.enabled else None)
         run = RunDir(config.out)
         if not kw.get("resume") or (run.config_path.exists() and run.read_config().get("methods") == resolved):
             config = dataclasses.replace(config, methods=resolved)
