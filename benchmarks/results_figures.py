@@ -302,6 +302,30 @@ def grid_panels(text: str, name: str) -> list[tuple[str, dict[str, tuple[float, 
     return out
 
 
+def _grid_panel(ax, arms: list[str], vals: dict[str, tuple[float, str]], ce: str, base: float, unit: str) -> None:
+    """One pair's grid arms as lollipops from its best CE arm (at 0), coloured by form."""
+    y = list(range(len(arms)))[::-1]
+    ax.axvline(0, color=GREY, linewidth=1)
+    for yi, arm in zip(y, arms):
+        val, form = vals[arm]
+        colour = GREY if arm.startswith("CE") else FORM_COLOURS.get(form, GREY)
+        ax.plot([0, val - base], [yi, yi], color=colour, linewidth=1.2, alpha=0.6)
+        ax.plot([val - base], [yi], "o", color=colour, markersize=6, zorder=3)
+    ax.set_yticks(y, arms)
+    ax.set_ylim(-0.7, len(arms) - 0.3)
+    ax.grid(axis="y", visible=False)
+    ax.set_xlabel(f"val {unit} points over {ce} ({base:.2f})")
+
+
+def _form_legend(fig, forms: set[str]) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=FORM_COLOURS[f], marker="o", linestyle="", label=f)
+               for f in sorted(forms, key=list(FORM_COLOURS).index)]
+    handles.append(Line2D([], [], color=GREY, marker="o", linestyle="", label="CE"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=(len(handles) + 1) // 2)
+
+
 def draw_full_budget_grid(texts: dict[str, str]):
     """Each grid arm's val score minus the pair's best CE arm (seed 0), a panel per pair, the arms
     in one order (the best mean over the pairs first), coloured by where the targets come from."""
@@ -310,26 +334,32 @@ def draw_full_budget_grid(texts: dict[str, str]):
     arms = [a for a in panels[0][1] if all(a in p[1] for p in panels)]  # the best CE arm of a pair sits at 0
     arms.sort(key=lambda a: -statistics.fmean(p[1][a][0] - p[3] for p in panels))
     fig, axes = _figure(1, len(panels), 0.3 * len(arms) + 1.6, sharey=True)
-    y = list(range(len(arms)))[::-1]
     for ax, (pair, vals, ce, base) in zip(axes[0], panels):
-        ax.axvline(0, color=GREY, linewidth=1)
-        for yi, arm in zip(y, arms):
-            val, form = vals[arm]
-            colour = GREY if arm.startswith("CE") else FORM_COLOURS.get(form, GREY)
-            ax.plot([0, val - base], [yi, yi], color=colour, linewidth=1.2, alpha=0.6)
-            ax.plot([val - base], [yi], "o", color=colour, markersize=6, zorder=3)
-        ax.set_yticks(y, arms)
-        ax.set_ylim(-0.7, len(arms) - 0.3)
-        ax.grid(axis="y", visible=False)
-        ax.set_xlabel(f"val mIoU points over {ce} ({base:.2f})")
+        _grid_panel(ax, arms, vals, ce, base, "mIoU")
         ax.set_title(f"pair {pair}", loc="left")
-    from matplotlib.lines import Line2D
+    _form_legend(fig, {vals[a][1] for _, vals, _, _ in panels for a in arms if not a.startswith("CE")})
+    return fig
 
-    forms = sorted({vals[a][1] for _, vals, _, _ in panels for a in arms if not a.startswith("CE")},
-                   key=list(FORM_COLOURS).index)
-    handles = [Line2D([], [], color=FORM_COLOURS[f], marker="o", linestyle="", label=f) for f in forms]
-    handles.append(Line2D([], [], color=GREY, marker="o", linestyle="", label="CE"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=(len(handles) + 1) // 2)
+
+def draw_full_budget_classification(texts: dict[str, str]):
+    """The classification studies' grids, a panel per study (each its own arms, the best first):
+    val top-1 minus the study's best CE arm (seed 0), coloured by where the targets come from."""
+    studies = []
+    for name, text in texts.items():
+        (_, vals, ce, base), = grid_panels(text, name)  # one student per classification study
+        studies.append((name.removeprefix("full-budget-").removesuffix("-cpu.md"), vals, ce, base))
+    from matplotlib.figure import Figure
+
+    sizes = [len(vals) for _, vals, _, _ in studies]
+    fig = Figure(figsize=(WIDTH, 0.27 * sum(sizes) + 1.2 * len(studies) + 0.8), layout="constrained")
+    axes = fig.subplots(len(studies), 1, squeeze=False, height_ratios=sizes)
+    forms = set()
+    for ax, (study, vals, ce, base) in zip(axes[:, 0], studies):
+        arms = sorted(vals, key=lambda a: -vals[a][0])
+        _grid_panel(ax, arms, vals, ce, base, "top-1")
+        ax.set_title(f"--study {study}", loc="left")
+        forms |= {vals[a][1] for a in arms if not a.startswith("CE")}
+    _form_legend(fig, forms)
     return fig
 
 
@@ -582,6 +612,10 @@ FIGURES: dict[str, Spec] = {
                          "Training step time with the KD term, relative to CE only"),
     "full-budget-grid": Spec(("full-budget-segmentation-cpu.md",), draw_full_budget_grid,
                              "Each recipe of the full-budget grid: val mIoU over the best CE arm, seed 0, per pair"),
+    "full-budget-classification": Spec(("full-budget-shapes-cpu.md", "full-budget-digits-cpu.md",
+                                        "full-budget-digits-few-cpu.md"), draw_full_budget_classification,
+                                       "Each recipe of the classification full-budget grids: val top-1 over the "
+                                       "best CE arm, seed 0, per study"),
     "kernels": Spec(("kernels-cpu.md", "kernels-nvidia-h100-80gb-hbm3.md"), draw_kernels,
                     "Fused loss kernel: speed-up over eager PyTorch and torch.compile, share of the copy rate"),
 }

@@ -120,3 +120,24 @@ def test_the_full_budget_grid_is_read_per_pair_against_its_best_ce_arm():
     assert "DIST w=1" not in arms2  # the test table under pair demo is not read as compact's grid
     with pytest.raises(ValueError, match="no pair's grid"):
         results_figures.grid_panels("# nothing\n", "fb.md")
+
+
+def test_the_classification_grids_are_a_panel_per_study_with_its_own_arms():
+    """One panel per study file, titled by the study, each with its own arms (best first) measured
+    from its own best CE arm."""
+    def grid(rows):
+        return ("# x\n\n## Pair cls: `s`, the grid (seed 0, val top-1, best epoch)\n\n"
+                "| arm | method | form | val | val at each quarter |\n|---|---|---|---|---|\n"
+                + "".join(f"| {a} | {m} | {f} | {v} | 1 |\n" for a, m, f, v in rows))
+    texts = {"full-budget-a-cpu.md": grid([("CE", "none", "image", 70.0), ("CE mixup", "none", "image (mixup)", 72.0),
+                                           ("KL image", "name=kl", "image", 75.0)]),
+             "full-budget-b-cpu.md": grid([("CE", "none", "image", 90.0),
+                                           ("DIST + pool", "name=dist", "image + pool", 95.0)])}
+    fig = results_figures.draw_full_budget_classification(texts)
+    axes = [ax for ax in fig.axes if ax.get_title(loc="left")]
+    assert [ax.get_title(loc="left") for ax in axes] == ["--study a", "--study b"]
+    assert [t.get_text() for t in axes[0].get_yticklabels()] == ["KL image", "CE mixup", "CE"]
+    assert [t.get_text() for t in axes[1].get_yticklabels()] == ["DIST + pool", "CE"]
+    ce = [line.get_xdata()[0] for line in axes[0].lines if len(line.get_xdata()) == 1]
+    assert ce == pytest.approx([3.0, 0.0, -2.0])  # each arm's val minus the best CE arm's (72)
+    assert "CE mixup (72.00)" in axes[0].get_xlabel() and "CE (90.00)" in axes[1].get_xlabel()
