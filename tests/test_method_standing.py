@@ -90,3 +90,24 @@ def test_list_methods_prints_each_method_its_settings_and_its_standing():
     kl = METHODS.get("kl").task_defaults
     assert f"segmentation: weight {kl['segmentation']['weight']:g}, temperature 1" in r.output
     assert "Hinton" not in r.output.split("kl  ")[1].split("\n")[0]  # the first paragraph only
+
+
+def test_a_mixed_arm_is_at_the_defaults_of_a_mixing_student(full_budget):
+    """In a classification grid, a mixup arm counts at kl's defaults when it has a mixing student's
+    (T = 1, weight 1), and a plain arm with the same settings does not; a mixup arm at the plain
+    defaults is not either."""
+    kl = METHODS.get("kl")
+    plain, mixed = kl.task_defaults["classification"], kl.task_defaults["classification mixup"]
+    assert plain != mixed
+    grid = {"CE": (None, "image", False),
+            "KL plain": ({"name": "kl", **plain}, "schedule", False),
+            "KL mixed": ({"name": "kl", **mixed}, "schedule mixup", True),
+            "KL plain, mixed settings": ({"name": "kl", **mixed}, "schedule", False),
+            "KL mixup, plain settings": ({"name": "kl", **plain}, "schedule mixup", True)}
+    study = {**full_budget["studies"]()["shapes"], "grid": grid}
+    vals = {"CE": 0.5, "KL plain": 0.55, "KL mixed": 0.6, "KL plain, mixed settings": 0.9,
+            "KL mixup, plain settings": 0.95}
+    got = full_budget["standing"]({"runs": {f"cls | {a} | seed 0": {"val": v} for a, v in vals.items()}}, study)
+    assert got == {"kl": {"cls": {"arm": "KL mixed", "val": 0.6, "ce_arm": "CE", "ce": 0.5}}}
+    assert at_defaults({"name": "kl", **mixed}, "classification", "mixup")
+    assert not at_defaults({"name": "kl", **mixed}, "classification", "cutmix")
