@@ -565,7 +565,8 @@ def write_report(state: dict, path: Path, study: dict | None = None) -> None:
     if stand:
         lines += [f"## Each method at the library's defaults against CE (seed {GRID_SEED}, val {unit})", "",
                   "The methods' settings a student given only the method's name takes (a mixed form's: those of a student "
-                  "given the method's name and the mixing), at the commit that wrote this file; of several forms at those settings, the best on val; against the pair's best CE arm. "
+                  "given the method's name and the mixing), at the commit that wrote this file; of several forms "
+                  "at those settings, the best on val; against the pair's best CE arm. "
                   "`kdcache list-methods` says which of them are below CE here.", "",
                   "| method | pair | arm | val | best CE arm | CE val | Δ |", "|---|---|---|---|---|---|---|"]
         for label, by_pair in stand.items():

@@ -123,13 +123,12 @@ def defaults_text(option: str) -> str:
 
     def text(m):
         base = option_default(m, option)
-        tasks, before = [], {}
+        tasks = []
         for label, task, mix in (("segmentation", "segmentation", None), ("classification", "classification", None),
                                  ("classification with mixup", "classification", "mixup")):
             v = task_defaults(m, task, mix).get(option, base)
-            if v != before.get(task, base):
+            if v != (task_defaults(m, task).get(option, base) if mix else base):  # a mixing student's against its task's
                 tasks.append(f"{label} {show(v)}")
-            before.setdefault(task, v)
         return f"{m} {show(base)}" + (f" ({', '.join(tasks)})" if tasks else "")
 
     return ", ".join(text(m) for m in methods_taking(option))
