@@ -7,8 +7,9 @@ reports registers and spills. This is how CI checks, on a CPU, what the interpre
   enough warps resident to hide memory latency);
 * ``shared_in_loops``: shared-memory accesses and barriers inside any loop of the PTX (the class
   loop must be per-thread arithmetic: a cross-warp reduction there costs a barrier per class);
-* ``vector_loads_in_loops``: vectorised global loads in a loop (the student's values of consecutive
-  pixels, or of consecutive classes for rows, as one 64- or 128-bit load).
+* ``vector_loads_in_loops``: widened global loads in a loop (the student's values of consecutive
+  pixels, or of consecutive classes for rows, as one 32-, 64- or 128-bit load: two 16-bit values in
+  one 32-bit word count, as a v2/v4/v8 vector does).
 
 The signature mirrors a real launch: pointers and sizes divisible by 16 carry Triton's
 ``tt.divisibility`` hint, and strides equal to 1 are compile-time constants, as Triton's
@@ -164,7 +165,15 @@ def ptxas_info(ptx: str) -> tuple[int, int, int]:
 
 
 _LABEL = re.compile(r"^(\$L__\w+):")
+#: a global load of several elements: a vector (v2, v4, v8), or one 32-bit word holding two 16-bit values
+_WIDE = re.compile(r"(@%p\d+\s+)?ld\.global(\.\w+)*\.v[248]")
+_PAIR = re.compile(r"(@%p\d+\s+)?ld\.global(\.\w+)*\.b32\b")
 _BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
+
+
+def is_wide_load(line: str, element_size: int) -> bool:
+    """Whether a PTX line loads several elements of ``element_size`` bytes from global memory at once."""
+    return bool(_WIDE.match(line) or (element_size == 2 and _PAIR.match(line)))
 
 
 def loops(ptx: str) -> list[tuple[int, int]]:
@@ -193,8 +202,7 @@ def inspect(v: Variant) -> Report:
             t = line.strip()
             if "bar.sync" in t or "barrier" in t or ".shared" in t:
                 bad.append(t)
-            if re.match(r"(@%p\d+\s+)?ld\.global(\.\w+)*\.v[248]", t):
-                vector += 1
+            vector += is_wide_load(t, _ELEMENT[v.dtype])
     return Report(v.name, regs, spills, smem, num_warps, sorted(set(bad)), vector, len(found))
 
 

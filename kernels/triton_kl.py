@@ -601,7 +601,9 @@ def map_config(C: int, P: int, k: int, element_size: int, pixel_stride: int = 1,
     ``BLOCK_P``. Registers bound SPT: each pixel keeps ~8 running values and, for k ≤ 16, k ids and
     k probabilities."""
     capture = k <= CAPTURE_MAX_K
-    spt = 4 if (not capture or k <= 4) else (2 if k <= 8 else 1)
+    # two pixels a thread up to k = 8: four (the earlier default at k <= 4) measured 5-17% slower on
+    # an H200 (benchmarks/results/kernel-sweep-nvidia-h200.md, two sweeps)
+    spt = 4 if not capture else (2 if k <= 8 else 1)
     if lse1:  # labels at T ≠ 1 keep a third running log-sum-exp
         spt = min(spt, 2)
     if pixel_stride != 1:  # channels_last: a pixel's classes are contiguous, not a class's pixels

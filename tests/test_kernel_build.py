@@ -106,6 +106,12 @@ def test_the_ptx_readers_and_the_variants_without_compiling():
                      "\t@%p1 bra $L__BB0_1;", "\tbra.uni $L__BB0_2;", "$L__BB0_2:", "\tret;"])
     assert build._target(ptx) == "sm_90a" and build._target(".version 8.4") == "sm_90a"
     assert build.loops(ptx) == [(2, 4)]  # the backward branch only: bra.uni to a later label is no loop
+    # widened loads: a vector, or two 16-bit values in one 32-bit word; one element a load is not
+    assert build.is_wide_load("@%p1 ld.global.b32 { %r328 }, [ %rd137 + 0 ];", 2)
+    assert build.is_wide_load("ld.global.cg.v2.b32 { %r1, %r2 }, [ %rd1 + 0 ];", 4)
+    assert not build.is_wide_load("@%p1 ld.global.b32 { %r328 }, [ %rd137 + 0 ];", 4)
+    assert not build.is_wide_load("@%p2 ld.global.b16 { %rs1 }, [ %rd9 + 0 ];", 2)
+    assert not build.is_wide_load("ld.shared.v4.b32 { %r1, %r2, %r3, %r4 }, [ %r9 ];", 4)
     variants = build.variants()
     assert len({v.name for v in variants}) == len(variants)
     assert build.Variant("map_fwd").name == "map_fwd-bfloat16-C19-k4-tail-ignore-mean"
