@@ -522,8 +522,10 @@ def machine(text: str) -> str:
 
 
 def draw_step_time(texts: dict[str, str]):
-    fig, axes = _figure(1, len(texts), 2.6, sharey=True)
-    for ax, (name, text) in zip(axes[0], texts.items()):
+    """One panel a machine, stacked, on one x axis: each step's time over the CE-only step's."""
+    fig, axes = _figure(len(texts), 1, 1.3 * len(texts) + 0.5, sharex=True)
+    top = 0.0
+    for ax, (name, text) in zip(axes[:, 0], texts.items()):
         t = table(text, "step", "median ms", name=name)
         steps = [r["step"] for r in t.rows]
         ms = [number(r["median ms"]) for r in t.rows]
@@ -535,9 +537,10 @@ def draw_step_time(texts: dict[str, str]):
         ax.axvline(1, color="black", linewidth=0.8)
         ax.set_yticks(y, steps)
         ax.grid(axis="y", visible=False)
-        ax.set_xlim(0, max(ms) / base * 1.55)
-        ax.set_xlabel("step time / CE-only step")
+        top = max(top, max(ms) / base * 1.45)
+        ax.set_xlim(0, top)
         ax.set_title(machine(text), loc="left")
+    axes[-1, 0].set_xlabel("step time / CE-only step")
     return fig
 
 
@@ -608,7 +611,8 @@ FIGURES: dict[str, Spec] = {
                            "Gain of students from each classification cache form over CE, same seed"),
     "crop-fidelity": Spec(("crop-fidelity.md",), draw_crop_fidelity,
                           "KL between the teacher on a crop and each cache form's target"),
-    "kd-step-time": Spec(("kd-step-time-cpu.md", "kd-step-time-nvidia-h100-80gb-hbm3.md"), draw_step_time,
+    "kd-step-time": Spec(("kd-step-time-cpu.md", "kd-step-time-nvidia-h100-80gb-hbm3.md", "kd-step-time-nvidia-h200.md"),
+                         draw_step_time,
                          "Training step time with the KD term, relative to CE only"),
     "full-budget-grid": Spec(("full-budget-segmentation-cpu.md",), draw_full_budget_grid,
                              "Each recipe of the full-budget grid: val mIoU over the best CE arm, seed 0, per pair"),
@@ -616,7 +620,7 @@ FIGURES: dict[str, Spec] = {
                                         "full-budget-digits-few-cpu.md"), draw_full_budget_classification,
                                        "Each recipe of the classification full-budget grids: val top-1 over the "
                                        "best CE arm, seed 0, per study"),
-    "kernels": Spec(("kernels-cpu.md", "kernels-nvidia-h100-80gb-hbm3.md"), draw_kernels,
+    "kernels": Spec(("kernels-cpu.md", "kernels-nvidia-h100-80gb-hbm3.md", "kernels-nvidia-h200.md"), draw_kernels,
                     "Fused loss kernel: speed-up over eager PyTorch and torch.compile, share of the copy rate"),
 }
 
