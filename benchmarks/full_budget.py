@@ -80,6 +80,7 @@ The settings below were fixed in a commit before the first run; the results file
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import statistics
@@ -433,14 +434,36 @@ def main() -> None:
                            in {"teacher": teacher_recipe["model"], **study["pairs"]}.items()}
         save()
 
-    def store(form: str, seed: int, factor: int = 1) -> Path:
-        """The store of ``form`` (a schedule's: of ``seed``'s crops for ``factor`` times the epochs)."""
+    @functools.cache
+    def teacher_sha() -> str:
+        return file_sha256(kept / "best.pt")
+
+    def store_path(form: str, seed: int, factor: int = 1) -> tuple[str, int, Path]:
+        """(form, factor, path) of the store of ``form`` (``image + pool``: the labelled images' store)."""
         if form == "image + pool":  # the labelled images' store (the pool's is store("pool", 0))
             form = "image"
         factor = factor if form.startswith("schedule") else 1
         path = out / STORES[form].format(seed=seed)
         if factor > 1:
             path = path.with_name(f"{path.stem}-{factor}x{path.suffix}")
+        return form, factor, path
+
+    def store_ready(form: str, seed: int, factor: int = 1) -> bool:
+        """Whether the store of ``form`` is built and complete for this teacher (nothing is built)."""
+        path = store_path(form, seed, factor)[2]
+        if not (path / "zarr.json").exists():
+            return False
+        s = CacheStore(str(path))
+        return s.schema.teacher.get("weights_sha256") == teacher_sha() and bool(s.done().all())
+
+    def stores_ready(pair: str, arm: str, seed: int) -> bool:
+        """Whether every store an arm's run reads is built (:func:`plan` would build none)."""
+        form = recipe(arm, arms)[1]
+        return store_ready(form, seed, epochs_factor(arm)) and (form != "image + pool" or store_ready("pool", 0))
+
+    def store(form: str, seed: int, factor: int = 1) -> Path:
+        """The store of ``form`` (a schedule's: of ``seed``'s crops for ``factor`` times the epochs)."""
+        form, factor, path = store_path(form, seed, factor)
         if (path / "zarr.json").exists():
             s = CacheStore(str(path))
             if s.schema.teacher.get("weights_sha256") != file_sha256(kept / "best.pt"):
@@ -501,7 +524,13 @@ def main() -> None:
                 running: dict = {}
                 while todo or running:
                     while todo and len(running) < args.jobs:
-                        pair, arm, seed, scored = todo.pop(0)
+                        # a run whose stores are built goes first; the first run's stores are built here
+                        # (on the free slot's core) only when no run is ready. The order changes no result:
+                        # each run is fixed by its arm and seed
+                        ready = [t for t in todo if stores_ready(*t[:3])]
+                        pair, arm, seed, scored = ready[0] if ready else todo[0]
+                        todo.remove((pair, arm, seed, scored))
+                        torch.set_num_threads(1 if running else threads)  # a store built with no run beside it
                         job = pool.submit(train_run, plan(pair, arm, seed), run_folder(out, pair, arm, seed), task,
                                           scored)
                         running[job] = arm_key(pair, arm, seed)
