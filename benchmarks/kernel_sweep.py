@@ -24,6 +24,7 @@ from kdcache.core.runs import checkout_commit, device_name
 from kdcache.kernels import topk_kl, triton_kl
 from kdcache.kernels.bench import (
     L2Flush,
+    Spin,
     copy_bandwidth,
     cuda_time_ms,
     make_inputs,
@@ -43,23 +44,25 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device("cuda")
     flush = L2Flush(dev)
+    spin = Spin(dev)
     copy = copy_bandwidth(dev)
     lines = [f"# Kernel launch settings on {device_name(dev)}\n",
-             f"bf16 student, top-4 + tail; fused forward + backward, median ms of {args.repeats} rounds; copy rate in "
+             f"bf16 student, top-4 + tail; fused forward + backward, device time (each call queued behind a GPU spin, "
+             f"`kernels/bench.py`), median ms of {args.repeats} rounds; copy rate in "
              f"the same run {copy:.0f} GB/s. Commit {checkout_commit() or 'unknown'}. Made by `python benchmarks/kernel_sweep.py`.\n"]
     slug = re.sub(r"[^a-z0-9]+", "-", device_name(dev).lower()).strip("-")
     path = Path(args.results) / f"kernel-sweep-{slug}.md"
     for kind, cases, settings, attr in (("maps", MAP_CASES, MAP_SETTINGS, "MAP_TUNING"),
                                         ("rows", ROW_CASES, ROW_SETTINGS, "ROW_TUNING")):
         for N, C, sp in cases:
-            part = sweep_case(kind, N, C, sp, settings, attr, dev, flush, copy, args.repeats)
+            part = sweep_case(kind, N, C, sp, settings, attr, dev, flush, spin, copy, args.repeats)
             print("\n".join(part), flush=True)
             lines += part
             path.write_text("\n".join(lines) + "\n")  # after each case: a time limit keeps what was measured
             torch.cuda.empty_cache()
 
 
-def sweep_case(kind, N, C, sp, settings, attr, dev, flush, copy, repeats) -> list[str]:
+def sweep_case(kind, N, C, sp, settings, attr, dev, flush, spin, copy, repeats) -> list[str]:
     """One case under every setting (None: the defaults), as table lines."""
     s, v, i, tail = make_inputs(N, C, sp, 4, torch.bfloat16, dev)
     moved = moved_bytes_cuda(s, v, i, tail)
@@ -83,7 +86,7 @@ def sweep_case(kind, N, C, sp, settings, attr, dev, flush, copy, repeats) -> lis
     for _ in range(repeats):
         for st in ok:
             setattr(triton_kl, attr, st)
-            times[repr(st)].append(cuda_time_ms(lambda: None, lambda _: run(), flush))
+            times[repr(st)].append(cuda_time_ms(lambda: None, lambda _: run(), flush, spin)[0])
     setattr(triton_kl, attr, None)
     med = sorted((statistics.median(t), name) for name, t in times.items())
     shape = "×".join(map(str, [N, C, *sp]))

@@ -223,6 +223,7 @@ def kernel_table(result: dict) -> str:
     cases = result["cases"]
     split = any("fused_fwd" in c["ms"] for c in cases)
     moves = any((c.get("moved_bytes") or c["floor_bytes"]) != c["floor_bytes"] for c in cases)
+    call = any("fused_call" in c["ms"] for c in cases)  # CUDA: device times, and the call from an idle GPU
     lines = [
         f"Device: {result['device']}; student {result['dtype']}, teacher fp16 values + uint8/int32 ids + fp16 tail; "
         f"copy bandwidth measured in the same run: {cp:.1f} GB/s."
@@ -230,11 +231,16 @@ def kernel_table(result: dict) -> str:
         + " floor: the bytes of one pass (student read once, teacher read, gradient written)"
         + ("; moved: what the fused kernels read and write; % of copy: the fused GB/s on the bytes moved; % of floor: "
            "the floor's bytes at the copy rate over the fused time." if moves else
-           "; the fused kernel moves exactly these; % of copy: the fused GB/s on them."),
+           "; the fused kernel moves exactly these; % of copy: the fused GB/s on them.")
+        + (" Times are the device's: each call is queued behind a GPU spin, so the host's overhead (Python, "
+           "dispatch, launches) overlaps it, as in a training loop whose host runs ahead. one call: the fused "
+           "forward + backward from an idle GPU, host overhead included (a small step bound by its host); host: "
+           "the host's ms to queue the fused call." if call else ""),
         "",
     ]
     head = ["case", "k", "floor MB", *(["moved MB"] if moves else []), *(["fused fwd ms", "fused bwd ms"] if split else []),
-            "fused ms", "eager ms", "compile ms", "% of copy", *(["% of floor"] if moves else []), "× eager", "× compile"]
+            "fused ms", *(["fused one call ms", "fused host ms"] if call else []), "eager ms", "compile ms", "% of copy",
+            *(["% of floor"] if moves else []), "× eager", "× compile"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cases:
         ms, gb = c["ms"], c["gbps"]
@@ -249,11 +255,15 @@ def kernel_table(result: dict) -> str:
 
         floor_share = (f"{100 * c['floor_bytes'] / (cp * 1e9) / (ms['fused'] * 1e-3):.0f}%" if "fused" in ms else "—")
         row = [f"{c['kind']} {shape}", str(c["k"]), f"{c['floor_bytes'] / 1e6:.1f}", *([f"{moved / 1e6:.1f}"] if moves else []),
-               *([cell("fused_fwd"), cell("fused_bwd")] if split else []), cell("fused"), cell("eager"), cell("compile"),
+               *([cell("fused_fwd"), cell("fused_bwd")] if split else []), cell("fused"),
+               *([cell("fused_call"), cell("fused", c.get("host_ms", {}))] if call else []), cell("eager"), cell("compile"),
                f"{100 * gb.get('fused', float('nan')) / cp:.0f}%", *([floor_share] if moves else []), ratio("eager"),
                ratio("compile")]
         lines.append("| " + " | ".join(row) + " |")
     errors = [(c, b, e) for c in result["cases"] for b, e in c["errors"].items()]
     if errors:
         lines += ["", "Not measured: " + "; ".join(f"{'×'.join(map(str, c['shape']))} k={c['k']} {b}: {e}" for c, b, e in errors)]
+    notes = [(c, n) for c in result["cases"] for n in c.get("notes", [])]
+    if notes:
+        lines += ["", "Notes: " + "; ".join(f"{'×'.join(map(str, c['shape']))} k={c['k']}: {n}" for c, n in notes)]
     return "\n".join(lines) + "\n"

@@ -16,7 +16,11 @@ bandwidth measured in the same run, the % of it reached on the bytes moved, and 
 floor (the floor's bytes at the copy rate, over the fused time); and the fused kernel's speed-up over
 each other backend. Times are medians over repeats after warm-up. On CUDA each call is timed with
 CUDA events after the L2 cache is flushed (a 256 MB buffer written), as ``triton.testing.do_bench``
-does, so that no call reads what the previous one left in L2.
+does, so that no call reads what the previous one left in L2, and behind a spin of the GPU (:class:`Spin`,
+about 10 ms) during which the host queues the whole call: the events then time the device alone, as in a
+training loop whose host runs ahead of the GPU. The host's time to queue each call is kept beside it
+(``host_ms``), and the fused call is also timed from an idle GPU, host included (``fused_call``), the
+way a small step bound by its host sees it.
 """
 
 from __future__ import annotations
@@ -50,7 +54,9 @@ class CaseResult:
     floor_bytes: int
     moved_bytes: int = 0
     ms: dict[str, float] = field(default_factory=dict)
+    host_ms: dict[str, float] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def gbps(self, backend: str) -> float:
         """GB/s on the bytes the fused kernels move (the floor's for the other backends)."""
@@ -102,16 +108,56 @@ class L2Flush:
         self.buf.zero_()
 
 
-def cuda_time_ms(setup, timed, flush: L2Flush) -> float:
-    """One call of ``timed(setup())`` on CUDA, L2 flushed first, timed by CUDA events (ms)."""
+#: how long :class:`Spin` holds the GPU before a timed call: far longer than the host takes to queue one
+AHEAD_MS = 10.0
+
+
+class Spin:
+    """Holds the GPU for about ``ms`` milliseconds (``torch.cuda._sleep``, its cycles calibrated against
+    CUDA events), so that the host queues a whole call before the GPU reaches it. ``cycles`` is 0 where
+    this PyTorch lacks ``_sleep``: the calls are then timed from an idle GPU, host included."""
+
+    def __init__(self, device: torch.device, ms: float = AHEAD_MS):
+        self.ms = ms
+        self.cycles = 0
+        sleep = getattr(torch.cuda, "_sleep", None)
+        if sleep is None:
+            return
+        with torch.cuda.device(device):
+            probe = 1_000_000
+            sleep(probe)  # the first call loads the kernel
+            per = []
+            for _ in range(3):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                sleep(probe)
+                end.record()
+                end.synchronize()
+                per.append(start.elapsed_time(end))
+        self.cycles = int(probe * ms / max(statistics.median(per), 1e-6))
+
+    def __call__(self) -> None:
+        if self.cycles:
+            torch.cuda._sleep(self.cycles)
+
+
+def cuda_time_ms(setup, timed, flush: L2Flush, spin: Spin | None = None) -> tuple[float, float]:
+    """One call of ``timed(setup())`` on CUDA, L2 flushed first, timed by CUDA events: (ms, the host's
+    ms to queue it). With ``spin`` the GPU is held before the start event while the host queues the
+    call, so the events time the device alone; without, the call starts from an idle GPU and its
+    host overhead counts too."""
     state = setup()
     flush()
+    if spin is not None:
+        spin()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
+    t0 = time.perf_counter()
     timed(state)
+    host = (time.perf_counter() - t0) * 1e3
     end.record()
     end.synchronize()
-    return start.elapsed_time(end)
+    return start.elapsed_time(end), host
 
 
 def moved_bytes_cuda(s: torch.Tensor, v: torch.Tensor, i: torch.Tensor, tail: torch.Tensor | None) -> int:
@@ -213,11 +259,27 @@ def bench_case(N: int, C: int, spatial: tuple, k: int, *, device: torch.device, 
         timed["eager"] = (leaf, lambda x: eager_loss(x, v, i, tail, T).backward())
     if "compile" in backends:
         timed["compile"] = (leaf, lambda x: compiled(x, v, i, tail, T).backward())
-    times = {name: [] for name in timed}
+    spin = Spin(device)
+    times: dict[str, list[float]] = {name: [] for name in timed}
+    hosts: dict[str, list[float]] = {name: [] for name in timed}
+    if "fused" in timed:
+        times["fused_call"] = []
     for _ in range(repeats):
         for name, (setup, fn) in timed.items():
-            times[name].append(cuda_time_ms(setup, fn, flush))
+            ms, host = cuda_time_ms(setup, fn, flush, spin)
+            times[name].append(ms)
+            hosts[name].append(host)
+        if "fused" in timed:  # the same call from an idle GPU: its host overhead counts
+            times["fused_call"].append(cuda_time_ms(*timed["fused"], flush)[0])
     res.ms = {name: statistics.median(t) for name, t in times.items()}
+    res.host_ms = {name: statistics.median(t) for name, t in hosts.items()}
+    if spin.cycles:
+        slow = [name for name, t in hosts.items() if max(t) > 0.8 * spin.ms]
+        if slow:  # the host did not finish queuing before the spin ended: part of its time is in the device's
+            res.notes.append(f"the host took longer than the {spin.ms:g} ms spin to queue {', '.join(slow)}: "
+                             "part of its time is in the device time")
+    else:
+        res.notes.append("torch.cuda._sleep is missing: every call timed from an idle GPU, host included")
     return res
 
 

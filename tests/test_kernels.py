@@ -361,6 +361,32 @@ def test_bench_kernels_command_prints_the_table_and_writes_json(tmp_path):
         assert r.exit_code == 2 and r.output.startswith("error: ") and message in r.output, r.output
 
 
+def test_kernel_table_of_a_cuda_run_shows_device_times_the_idle_call_and_the_host():
+    """A CUDA run's table (made up here: the CPU has no GPU): the device times lead every ratio, the
+    fused call from an idle GPU and the host's time to queue it stand beside them, and a case whose host
+    outran the spin says so."""
+    from kdcache.cli.report import kernel_table
+
+    case = {"kind": "segmentation", "shape": [8, 19, 512, 1024], "k": 4, "dtype": "bfloat16",
+            "floor_bytes": 377_500_000, "moved_bytes": 662_700_000,
+            "ms": {"fused": 0.5, "fused_fwd": 0.3, "fused_bwd": 0.2, "fused_call": 0.9, "eager": 3.5, "compile": 2.0},
+            "host_ms": {"fused": 0.25, "eager": 0.4, "compile": 0.6}, "errors": {},
+            "notes": ["the host took longer than the 10 ms spin to queue compile: part of its time is in the device time"]}
+    case["gbps"] = {b: (case["moved_bytes"] if b == "fused" else case["floor_bytes"]) / (ms * 1e-3) / 1e9
+                    for b, ms in case["ms"].items()}
+    table = kernel_table({"device": "NVIDIA H200", "dtype": "bfloat16", "copy_gbps": 3800.0, "scaled_down": False,
+                          "cases": [case]})
+    assert "| fused ms | fused one call ms | fused host ms | eager ms |" in table
+    # 662.7 MB in 0.5 ms at 3800 GB/s: 35%; compile 2.0 / 0.5: 4.00 (the device times, not the idle call)
+    assert "| segmentation 8×19×512×1024 | 4 | 377.5 | 662.7 | 0.30 | 0.20 | 0.50 | 0.90 | 0.25 | 3.50 | 2.00 | 35% |" in table
+    assert "| 7.00 | 4.00 |" in table and "queued behind a GPU spin" in table
+    assert "Notes: 8×19×512×1024 k=4: the host took longer than the 10 ms spin" in table
+    cpu = kernel_table({"device": "cpu", "dtype": "float32", "copy_gbps": 20.0, "scaled_down": True,
+                        "cases": [{**case, "ms": {"fused": 1.0, "eager": 2.0}, "moved_bytes": 377_500_000,
+                                   "host_ms": {}, "notes": [], "gbps": {"fused": 377.5}}]})
+    assert "one call" not in cpu and "spin" not in cpu and "Notes" not in cpu
+
+
 @pytest.mark.slow  # compiles every Numba kernel
 def test_compile_numba_leaves_every_kernel_in_numbas_disk_cache():
     """``compile_numba`` (which CI runs before the tests) compiles the two loss kernels and the
