@@ -104,12 +104,18 @@ SWEEP_MD=$RES/kernel-sweep-$SLUG.md
 touch "$WORK/start"
 read -r -a BENCH_ARGS <<< "${GPU_CHECK_BENCH_ARGS:---topk 4}"
 
-copy_out() {  # the device tool brings back what lies in $OUT (at most 8 files): what this run wrote
+copy_out() {  # the device tool brings back what lies in $OUT (at most 8 files): what this run wrote, the
+    # stages' files in order of worth (6 at most: the JSON is the first left out), then at the end
+    # (copy_out final) the summary and the log, which always fit
     if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then
-        for f in "$SUMMARY" "$PYTEST_LOG" "$KJSON" "$KMD" "$STEP_MD" "$BUILD_MD" "$REAL_MD" "$SWEEP_MD" "$LOG"; do
-            if [ -f "$f" ] && [ "$f" -nt "$WORK/start" ] && [ "$(find "$OUT" -type f | wc -l)" -lt 8 ] ||
-                { [ -f "$OUT/$(basename "$f")" ] && [ "$f" -nt "$WORK/start" ]; }; then
-                cp "$f" "$OUT/"
+        local f files=("$PYTEST_LOG" "$KMD" "$STEP_MD" "$BUILD_MD" "$REAL_MD" "$SWEEP_MD" "$KJSON")
+        if [ "${1:-}" = final ]; then files+=("$SUMMARY" "$LOG"); fi
+        for f in "${files[@]}"; do
+            if [ -f "$f" ] && [ "$f" -nt "$WORK/start" ]; then
+                if [ -f "$OUT/$(basename "$f")" ] || [ "$f" = "$SUMMARY" ] || [ "$f" = "$LOG" ] ||
+                    [ "$(find "$OUT" -type f | wc -l)" -lt 6 ]; then
+                    cp "$f" "$OUT/"
+                fi
             fi
         done
     fi
@@ -273,7 +279,7 @@ main() {
     write_summary
     echo
     cat "$SUMMARY"
-    copy_out
+    copy_out final
     for s in "${stage_status[@]}"; do
         case $s in *": exit 0") ;; *) return 1 ;; esac
     done
@@ -281,5 +287,5 @@ main() {
 
 status=0
 main 2>&1 | tee "$LOG" || status=$?
-copy_out
+copy_out final
 exit "$status"
