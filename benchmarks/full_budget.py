@@ -466,7 +466,7 @@ def main() -> None:
         form, factor, path = store_path(form, seed, factor)
         if (path / "zarr.json").exists():
             s = CacheStore(str(path))
-            if s.schema.teacher.get("weights_sha256") != file_sha256(kept / "best.pt"):
+            if s.schema.teacher.get("weights_sha256") != teacher_sha():
                 shutil.rmtree(path)  # another teacher's store (an earlier working folder)
             elif s.done().all():
                 return path
