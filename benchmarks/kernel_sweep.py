@@ -32,7 +32,7 @@ from kdcache.kernels.bench import (
 )
 
 MAP_CASES = [(8, 11, (512, 1024)), (8, 19, (512, 1024)), (8, 150, (512, 1024))]
-ROW_CASES = [(4096, 1000, ()), (4096, 32000, ())]
+ROW_CASES = [(4096, 1000, ()), (4096, 32000, ()), (4096, 128000, ())]
 MAP_SETTINGS = [dict(SPT=s, num_warps=w, UNROLL=u) for s, w, u in itertools.product((2, 4, 8), (4, 8), (2, 4))]
 ROW_SETTINGS = [dict(BLOCK_C=b, num_warps=w) for b, w in itertools.product((1024, 4096), (4, 16))]
 
