@@ -20,7 +20,7 @@
 # repository root when it exists (make it with benchmarks/gpu_wheels.sh where pip works); kdcache
 # itself is used from this checkout, installed nowhere. Exit status: 0 when every stage passed.
 #
-# Knobs (environment): KDCACHE_COMMIT (the commit to name in the results, for a copied tree whose .git
+# Knobs (environment): GPU_CHECK_TEST_K (a pytest -k expression: only those CUDA tests), KDCACHE_COMMIT (the commit to name in the results, for a copied tree whose .git
 # is another commit's, as the device tool's copies are: KDCACHE_COMMIT=$(git rev-parse --short HEAD)
 # typed where the tree was committed), PYTHON (python3), GPU_CHECK_BENCH_ARGS (--topk 4), and the stages' time limits
 # in seconds, GPU_CHECK_TEST_TIMEOUT (180), GPU_CHECK_BUILD_TIMEOUT (60), GPU_CHECK_BENCH_TIMEOUT (130),
@@ -149,8 +149,10 @@ run_stage() {  # run_stage NAME CMD...: records exit status and seconds; never s
 
 stage_tests() {
     set -o pipefail
+    local select=()
+    if [ -n "${GPU_CHECK_TEST_K:-}" ]; then select=(-k "$GPU_CHECK_TEST_K"); fi
     limit "${GPU_CHECK_TEST_TIMEOUT:-180}" "$PY" -m pytest -v -rA -p no:cacheprovider \
-        tests/test_kernels_cuda.py 2>&1 | tee "$PYTEST_LOG"
+        tests/test_kernels_cuda.py ${select[@]+"${select[@]}"} 2>&1 | tee "$PYTEST_LOG"
 }
 
 stage_build() {
