@@ -104,16 +104,20 @@ SWEEP_MD=$RES/kernel-sweep-$SLUG.md
 touch "$WORK/start"
 read -r -a BENCH_ARGS <<< "${GPU_CHECK_BENCH_ARGS:---topk 4}"
 
-copy_out() {  # the device tool brings back what lies in $OUT (at most 8 files): what this run wrote, the
-    # stages' files in order of worth (6 at most: the JSON is the first left out), then at the end
-    # (copy_out final) the summary and the log, which always fit
+copy_out() {  # the device tool brings back what lies in $OUT (at most 8 files): while the stages run, each
+    # stage's files as it ends (6 at most); at the end (copy_out final) $OUT is laid out again: the
+    # summary and the log, then the stages' files in order of worth until 8 (the JSON first left out,
+    # then the build table: the log holds both)
     if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then
-        local f files=("$PYTEST_LOG" "$KMD" "$STEP_MD" "$BUILD_MD" "$REAL_MD" "$SWEEP_MD" "$KJSON")
-        if [ "${1:-}" = final ]; then files+=("$SUMMARY" "$LOG"); fi
+        local f cap=6 files=("$PYTEST_LOG" "$KMD" "$STEP_MD" "$REAL_MD" "$SWEEP_MD" "$BUILD_MD" "$KJSON")
+        if [ "${1:-}" = final ]; then
+            for f in "${files[@]}"; do rm -f "$OUT/$(basename "$f")"; done  # only this script's copies
+            for f in "$SUMMARY" "$LOG"; do [ -f "$f" ] && cp "$f" "$OUT/"; done
+            cap=8
+        fi
         for f in "${files[@]}"; do
             if [ -f "$f" ] && [ "$f" -nt "$WORK/start" ]; then
-                if [ -f "$OUT/$(basename "$f")" ] || [ "$f" = "$SUMMARY" ] || [ "$f" = "$LOG" ] ||
-                    [ "$(find "$OUT" -type f | wc -l)" -lt 6 ]; then
+                if [ -f "$OUT/$(basename "$f")" ] || [ "$(find "$OUT" -type f | wc -l)" -lt "$cap" ]; then
                     cp "$f" "$OUT/"
                 fi
             fi

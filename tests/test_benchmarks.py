@@ -649,6 +649,36 @@ def test_checkout_site_lays_out_every_package_setup_py_installs(tmp_path, monkey
                    env=env)
 
 
+def test_gpu_check_brings_back_the_summary_the_log_and_the_stages_in_order_of_worth(tmp_path):
+    """The device tool returns at most 8 files from $OUT. Every stage's file copied as it ends, then the
+    summary and the log at the end: an H200 run with all seven stage files lost its realistic-step table
+    to the JSON that had ended first. copy_out, as gpu_check.sh defines it, run on made-up files."""
+    script = (BENCH / "gpu_check.sh").read_text()
+    start = script.index("copy_out() {")
+    body = script[start:script.index("\n}\n", start) + 3]
+    res, out = tmp_path / "res", tmp_path / "out"
+    res.mkdir(), out.mkdir()
+    names = ["PYTEST_LOG", "KMD", "STEP_MD", "REAL_MD", "SWEEP_MD", "BUILD_MD", "KJSON", "SUMMARY", "LOG"]
+    env = "".join(f'{n}="{res}/{n.lower()}.txt"\n' for n in names)
+    # the stages end in gpu_check's default order with the sweep: tests, bench (KMD and KJSON), sweep,
+    # build, step, realistic; the summary and the log come last
+    steps = ["PYTEST_LOG", "KMD KJSON", "SWEEP_MD", "BUILD_MD", "STEP_MD", "REAL_MD"]
+    run = "".join(f'for n in {s}; do eval "echo $n > \\$$n"; done; copy_out\n' for s in steps)
+    bash = (f'set -euo pipefail\nOUT="{out}"\nWORK="{tmp_path}"\n{env}touch "$WORK/start"; sleep 0.05\n{body}\n'
+            f'{run}echo s > "$SUMMARY"; echo l > "$LOG"; copy_out final; copy_out final\n')
+    subprocess.run(["bash", "-c", bash], check=True)
+    back = sorted(p.name for p in out.iterdir())
+    assert len(back) == 8
+    assert set(back) == {f"{n.lower()}.txt" for n in names} - {"kjson.txt"}
+    # while the stages run, 6 at most, first come first kept
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    bash2 = bash.replace(str(out), str(out2)).split("echo s >")[0]
+    subprocess.run(["bash", "-c", bash2], check=True)
+    assert sorted(p.name for p in out2.iterdir()) == sorted(
+        ["pytest_log.txt", "kmd.txt", "kjson.txt", "sweep_md.txt", "build_md.txt", "step_md.txt"])
+
+
 def test_checkout_site_refuses_a_setup_py_it_cannot_read(tmp_path):
     """Without setup.py's MAPPED it would lay out kdcache alone, and gpu_check.sh would fail later on
     a missing kdcache.kernels: it says so in one line instead."""
