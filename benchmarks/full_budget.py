@@ -90,7 +90,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import torch
-from cached_vs_online import keep_teacher, one_thread, paired, test_score, train_run
+from cached_vs_online import finished, keep_teacher, one_thread, paired, test_score, train_run
 
 from kdcache.core.outputs import file_sha256
 from kdcache.core.runs import checkout_commit, device_name, resolve_device
@@ -508,14 +508,27 @@ def main() -> None:
         state.setdefault("runs", {})[key] = r
         save()
 
-    def execute(todo: list[tuple[str, str, int, bool]]) -> None:
-        """Train the runs (pair, arm, seed, scored on test) not in the state yet: one at a time on
+    def record_again(key: str, r: dict) -> None:
+        """A grid run trained again for its test score (its folder was lost): the grid's record keeps
+        its val (the finalists were chosen on it); the score, and the new run's record beside it."""
+        again = dict(r)
+        state["runs"][key].update(score=again.pop("score"), num_samples=again.pop("num_samples"),
+                                  trained_again=again)
+        save()
+
+    def execute(todo: list[tuple[str, str, int, bool]], again: frozenset[str] = frozenset()) -> None:
+        """Train the runs (pair, arm, seed, scored on test) not in the state yet, and those keyed in
+        ``again`` (grid runs trained again for their test scores, :func:`record_again`): one at a time on
         every thread, or ``--jobs`` at once, one thread each (the stores built between them)."""
-        todo = [t for t in todo if arm_key(*t[:3]) not in state.get("runs", {})]
+        todo = [t for t in todo if arm_key(*t[:3]) in again or arm_key(*t[:3]) not in state.get("runs", {})]
+
+        def keep(key: str, r: dict) -> None:
+            (record_again if key in again else record)(key, r)
+
         if args.jobs == 1:
             for pair, arm, seed, scored in todo:
-                record(arm_key(pair, arm, seed),
-                       train_run(plan(pair, arm, seed), run_folder(out, pair, arm, seed), task, scored))
+                keep(arm_key(pair, arm, seed),
+                     train_run(plan(pair, arm, seed), run_folder(out, pair, arm, seed), task, scored))
             return
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # a store built here shares the cores with the jobs
@@ -536,7 +549,7 @@ def main() -> None:
                         running[job] = arm_key(pair, arm, seed)
                     done, _ = wait(running, return_when=FIRST_COMPLETED)
                     for job in done:
-                        record(running.pop(job), job.result())
+                        keep(running.pop(job), job.result())
         finally:
             torch.set_num_threads(threads)
 
@@ -547,7 +560,7 @@ def main() -> None:
         execute([(pair, finalists(state, pair, grid)[1][0] + TWICE, GRID_SEED, False) for pair in pairs
                  if finalists(state, pair, grid)[0] is not None])
     if "students" in phases:
-        todo = []
+        todo, lost = [], []
         for pair in pairs:
             ce, kd = finalists(state, pair, grid)
             if ce is None:
@@ -556,10 +569,14 @@ def main() -> None:
                 for arm in (ce, *kd):
                     r = state.get("runs", {}).get(arm_key(pair, arm, seed))
                     if r is not None and "score" not in r:  # a grid run: scored on test once, best-on-val checkpoint
-                        r.update(test_score(task, run_folder(out, pair, arm, seed)))
+                        folder = run_folder(out, pair, arm, seed)
+                        if not finished({"student": {"epochs": epochs(r)}}, folder):
+                            lost.append((pair, arm, seed, True))  # went with an earlier working folder
+                            continue
+                        r.update(test_score(task, folder))
                         save()
                     todo.append((pair, arm, seed, True))
-        execute(todo)
+        execute(lost + todo, again=frozenset(arm_key(*t[:3]) for t in lost))
     save()
 
 
@@ -673,6 +690,13 @@ def write_report(state: dict, path: Path, study: dict | None = None) -> None:
                 share = f"{100 * p['mean'] / gap:.0f}%" if b == ce and gap > 0 else ""
                 lines.append(f"| {a} − {b} | {p['n']} | {p['mean']:+.2f} | {ci} | {share} |")
         lines.append("")
+        again = [(arm, sd, r) for arm, by_seed in scored.items() for sd, r in by_seed.items() if "trained_again" in r]
+        if again:
+            lines += ["Trained again for their test scores (the grid run's folder, with its checkpoints, was lost with "
+                      "an earlier working folder; the grid's val, on which the finalists were chosen, stands): "
+                      + "; ".join(f"{arm}, seed {sd}: val {100 * r['val']:.2f} in the grid, "
+                                  f"{100 * r['trained_again']['val']:.2f} trained again" for arm, sd, r in again)
+                      + ".", ""]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -769,10 +769,21 @@ def test_full_budget_chooses_on_val_and_scores_the_finalists_on_test(tmp_path, m
     assert ce == max(("CE", "CE cutmix"), key=vals.get)
     best = max(("DIST schedule", "KL w=1 schedule cutmix", "CIRKD + KL schedule", "DIST + pool"), key=vals.get)
     assert kd == [best, f"{best} + teacher-aware"]
+    # the baseline's grid run lost its folder (a new working folder): trained again for its test score,
+    # the grid's val (on which it was chosen) kept
+    import shutil
+
+    shutil.rmtree(tmp_path / "work" / f"demo-{ce.lower().replace(' ', '-')}-s0")
     # two runs at once, one thread each (worker processes): the same records
     monkeypatch.setattr(sys, "argv", [*argv, "--phase", "students", "--jobs", "2"])
     script["main"]()
     state = json.loads(state_file.read_text())
+    base = state["runs"][f"demo | {ce} | seed 0"]
+    assert base["val"] == vals[ce] and "score" in base and base["trained_again"]["threads"] == 1
+    assert "score" not in base["trained_again"] and len(base["trained_again"]["val_curve"]) == 1
+    assert (tmp_path / "work" / f"demo-{ce.lower().replace(' ', '-')}-s0" / "best.pt").exists()
+    assert "Trained again for their test scores" in (tmp_path / "results" / "fb.md").read_text()
+    assert "trained_again" not in state["runs"][f"demo | {kd[0]} | seed 0"]
     for arm in (ce, *kd):
         for sd in (0, 1):
             assert state["runs"][f"demo | {arm} | seed {sd}"]["num_samples"] == 6
