@@ -554,9 +554,9 @@ def draw_kernels(texts: dict[str, str]):
         copy = re.search(r"copy bandwidth measured in the same run: ([\d.]+ GB/s)", text)
         title = machine(text)
         if "Times are the device's" in text:
-            title += " (device time)"
+            title += ", device time"
         elif "NVIDIA" in title:
-            title += " (from an idle GPU, host included)"
+            title += ", host incl."
         parsed.append((title, f"% of copy ({copy.group(1)})" if copy else "% of copy", labels, t))
     fig, axes = _figure(len(parsed), 2, 0.23 * sum(len(p[2]) for p in parsed) + 1.5 * len(parsed),
                         height_ratios=[len(p[2]) + 3 for p in parsed], width_ratios=[3, 2])
