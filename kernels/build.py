@@ -52,12 +52,15 @@ class Variant:
     reduction: int = 0
     channels_last: bool = False
     num_warps: int | None = None
+    #: the maps forward's chunked log-sum-exps (None: the launch's default, ``triton_kl.CHUNK``)
+    chunk: bool | None = None
 
     @property
     def name(self) -> str:
         parts = [self.kernel, self.dtype, f"C{self.C}", f"k{self.k}"]
         parts += [flag for flag, on in (("tail", self.with_tail), ("ignore", self.has_ign), ("labels", self.has_lab),
-                                        ("lse1", self.lse1), ("channels_last", self.channels_last)) if on]
+                                        ("lse1", self.lse1), ("channels_last", self.channels_last),
+                                        ("chunk", bool(self.chunk))) if on]
         parts.append(("mean", "sum", "none")[self.reduction])
         return "-".join(parts)
 
@@ -79,7 +82,10 @@ def _config(v: Variant) -> tuple[dict, int]:
         cfg = triton_kl.row_config(v.C, v.k)
         return {"BLOCK_C": cfg["BLOCK_C"], "CAPTURE": cfg["CAPTURE"]}, cfg["num_warps"]
     cfg = triton_kl.map_config(v.C, 512 * 1024, v.k, _ELEMENT[v.dtype], v.C if v.channels_last else 1, v.lse1)
-    return {"BLOCK_P": cfg["BLOCK_P"], "CAPTURE": cfg["CAPTURE"], "UNROLL": cfg["UNROLL"]}, cfg["num_warps"]
+    tiles = {"BLOCK_P": cfg["BLOCK_P"], "CAPTURE": cfg["CAPTURE"], "UNROLL": cfg["UNROLL"]}
+    if v.kernel == "map_fwd":
+        tiles["CHUNK"] = v.chunk if v.chunk is not None else cfg["CHUNK"]
+    return tiles, cfg["num_warps"]
 
 
 def compile_ptx(v: Variant) -> tuple[str, int]:
@@ -208,8 +214,8 @@ def inspect(v: Variant) -> Report:
 
 def variants() -> list[Variant]:
     """What CI compiles: the training configurations (bf16/fp16/fp32 students, k = 4 and 8, with and
-    without ignore masks), the labels and T ≠ 1 statistics, channels_last, sum and map reductions, and
-    rows of 1000 and 32000 classes."""
+    without ignore masks), the labels and T ≠ 1 statistics, channels_last, sum and map reductions, the
+    forward's chunked log-sum-exps, and rows of 1000, 32000 and 128000 classes."""
     out = []
     for kernel in ("map_fwd", "map_bwd"):
         for dtype in ("bfloat16", "float16", "float32"):
@@ -218,6 +224,10 @@ def variants() -> list[Variant]:
                 Variant(kernel, "float16", C=19, k=4, has_lab=True, lse1=True),
                 Variant(kernel, "bfloat16", C=19, k=4, with_tail=False, has_ign=False, reduction=2),
                 Variant(kernel, "bfloat16", C=19, k=4, channels_last=True, reduction=1)]
+    # the forward's chunked log-sum-exps (triton_kl.CHUNK), which a GPU sweep chooses between
+    out += [Variant("map_fwd", dtype, C=19, k=4, chunk=True) for dtype in ("bfloat16", "float32")]
+    out += [Variant("map_fwd", "bfloat16", C=150, k=8, chunk=True),
+            Variant("map_fwd", "float16", C=19, k=4, has_lab=True, lse1=True, chunk=True)]
     for kernel in ("row_fwd", "row_bwd"):
         out += [Variant(kernel, "bfloat16", C=1000, k=4), Variant(kernel, "float32", C=32000, k=8, has_lab=True,
                                                                    lse1=True),

@@ -18,6 +18,8 @@ Per pass, per element, one exponential:
   student's tail log-mass is a sum of positives and never 1 − Σ_K q; the teacher's k ids and
   probabilities are loaded once per pixel into registers (``K`` is a compile-time constant, the
   compare-and-select against the class id unrolls), and Σ_K p·z accumulates in the same loop.
+  With ``CHUNK`` (:func:`_fwd_chunk`) the maps forward takes the ``UNROLL`` loaded classes at once:
+  their maximum, one rescale of each running sum, then exponentials that do not wait on each other.
   Written: the loss and, per pixel, two or three fp32 statistics (the student's log-sum-exp and
   tail log-sum-exp; the T = 1 log-sum-exp when labels come with T ≠ 1);
 * backward: the gradient from those statistics, the student read once more and the gradient written
@@ -142,6 +144,54 @@ def _fwd_class(x, c, ids, ps, y, mk, ak, mt, at, dot, m1, a1, x_y, v_base, i_bas
 
 
 @triton.jit
+def _fwd_chunk(xs, c0, ids, ps, y, mk, ak, mt, at, dot, m1, a1, x_y, v_base, i_base, mask_p, inv_t, log_z, v_sk,
+               i_sk, K: tl.constexpr, CAPTURE: tl.constexpr, WITH_TAIL: tl.constexpr, HAS_LAB: tl.constexpr,
+               LSE1: tl.constexpr, UNROLL: tl.constexpr):
+    """The forward's running statistics after the ``UNROLL`` classes c0, c0 + 1, … at once (``xs``: their
+    logits), the same sums as :func:`_fwd_class` class after class. Each group's maximum over the chunk
+    comes first, then one rescale of each running sum and ``UNROLL`` exponentials that depend on nothing
+    but that maximum: one class at a time, every exponential waits on the maximum of the class before
+    it, a chain of ~C dependent steps per pixel (``CHUNK`` in :func:`map_config`)."""
+    zs = ()
+    hits = ()
+    nk = mk
+    nt = mt
+    n1 = m1
+    for u in tl.static_range(UNROLL):
+        x = xs[u].to(tl.float32)
+        z = x * inv_t
+        hit, pc = _class_hits(c0 + u, ids, ps, v_base, i_base, mask_p, inv_t, log_z, v_sk, i_sk, K, CAPTURE)
+        dot += pc * z
+        if WITH_TAIL:
+            nk = tl.maximum(nk, tl.where(hit, z, _NEG))
+            nt = tl.maximum(nt, tl.where(hit, _NEG, z))
+        else:
+            nk = tl.maximum(nk, z)
+        if HAS_LAB:
+            x_y = tl.where(y == c0 + u, x, x_y)
+            if LSE1:
+                n1 = tl.maximum(n1, x)
+        zs = zs + (z,)
+        hits = hits + (hit,)
+    ak = ak * tl.exp(mk - nk)  # both finite (the maxima start at _NEG): 0 · exp(0) where a group is still empty
+    if WITH_TAIL:
+        at = at * tl.exp(mt - nt)
+    if LSE1:
+        a1 = a1 * tl.exp(m1 - n1)
+    for u in tl.static_range(UNROLL):
+        if WITH_TAIL:
+            e = tl.exp(zs[u] - tl.where(hits[u], nk, nt))
+            ak += tl.where(hits[u], e, 0.0)
+            at += tl.where(hits[u], 0.0, e)
+        else:
+            ak += tl.exp(zs[u] - nk)
+        if HAS_LAB:
+            if LSE1:
+                a1 += tl.exp(xs[u].to(tl.float32) - n1)
+    return nk, ak, nt, at, dot, n1, a1, x_y
+
+
+@triton.jit
 def _stats_step(x, x_lse, z, z_lse, hit, pc, is_label, mk, ak, mt, at, dot, m1, a1, x_y, WITH_TAIL: tl.constexpr,
                 HAS_LAB: tl.constexpr, LSE1: tl.constexpr):
     """The forward's running statistics after one class, maps and rows alike: x its logits, z = x / T,
@@ -202,7 +252,7 @@ def _map_fwd(
     s_sn, s_sc, s_sp, v_sn, v_sk, i_sn, i_sk, t_sn, ign_sn, lab_sn, stat_s,
     K: tl.constexpr, BLOCK_P: tl.constexpr, CAPTURE: tl.constexpr, WITH_TAIL: tl.constexpr,
     HAS_IGN: tl.constexpr, HAS_LAB: tl.constexpr, LSE1: tl.constexpr, REDUCTION: tl.constexpr,
-    RBLOCK: tl.constexpr, UNROLL: tl.constexpr,
+    RBLOCK: tl.constexpr, UNROLL: tl.constexpr, CHUNK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     num_p = (P + BLOCK_P - 1) // BLOCK_P
@@ -246,10 +296,15 @@ def _map_fwd(
         for _u in tl.static_range(UNROLL):
             xs = xs + (tl.load(s_base + off, mask=mask_p, other=0.0),)
             off += s_sc
-        for u in tl.static_range(UNROLL):
-            mk, ak, mt, at, dot, m1, a1, x_y = _fwd_class(
-                xs[u].to(tl.float32), c0 + u, ids, ps, y, mk, ak, mt, at, dot, m1, a1, x_y, v_base, i_base, mask_p,
-                inv_t, log_z, v_sk, i_sk, K, CAPTURE, WITH_TAIL, HAS_LAB, LSE1)
+        if CHUNK:
+            mk, ak, mt, at, dot, m1, a1, x_y = _fwd_chunk(
+                xs, c0, ids, ps, y, mk, ak, mt, at, dot, m1, a1, x_y, v_base, i_base, mask_p, inv_t, log_z, v_sk,
+                i_sk, K, CAPTURE, WITH_TAIL, HAS_LAB, LSE1, UNROLL)
+        else:
+            for u in tl.static_range(UNROLL):
+                mk, ak, mt, at, dot, m1, a1, x_y = _fwd_class(
+                    xs[u].to(tl.float32), c0 + u, ids, ps, y, mk, ak, mt, at, dot, m1, a1, x_y, v_base, i_base,
+                    mask_p, inv_t, log_z, v_sk, i_sk, K, CAPTURE, WITH_TAIL, HAS_LAB, LSE1)
     for c in range(c_full, C):
         x = tl.load(s_base + off, mask=mask_p, other=0.0).to(tl.float32)
         off += s_sc
@@ -612,10 +667,12 @@ def map_config(C: int, P: int, k: int, element_size: int, pixel_stride: int = 1,
         spt = 1
     num_warps = 4
     unroll = UNROLL
+    chunk = CHUNK
     if MAP_TUNING:  # benchmarks/kernel_sweep.py tries other settings through this
         spt = MAP_TUNING.get("SPT", spt)
         num_warps = MAP_TUNING.get("num_warps", num_warps)
         unroll = MAP_TUNING.get("UNROLL", unroll)
+        chunk = MAP_TUNING.get("CHUNK", chunk)
     block_p = spt * 32 * num_warps
     while block_p > 64 and block_p // 2 >= _pow2(P):  # small maps: fewer idle lanes
         if num_warps > 1:
@@ -623,7 +680,8 @@ def map_config(C: int, P: int, k: int, element_size: int, pixel_stride: int = 1,
         else:
             spt //= 2
         block_p = spt * 32 * num_warps
-    return {"SPT": spt, "num_warps": num_warps, "BLOCK_P": block_p, "CAPTURE": capture, "UNROLL": unroll}
+    return {"SPT": spt, "num_warps": num_warps, "BLOCK_P": block_p, "CAPTURE": capture, "UNROLL": unroll,
+            "CHUNK": chunk}
 
 
 def row_config(C: int, k: int) -> dict:
@@ -647,7 +705,12 @@ _MAX_PROGRAMS = 2**31 - 1  # a CUDA grid's x dimension
 RBLOCK = 1024
 #: classes whose loads a map kernel issues before using any of them (bytes in flight per thread)
 UNROLL = 4
-#: settings that replace the configs' choices when set (``SPT``, ``num_warps``, ``UNROLL`` for maps;
+#: the maps forward's log-sum-exps over chunks of ``UNROLL`` classes (:func:`_fwd_chunk`: the chunk's
+#: maximum first, then exponentials independent of each other) rather than class after class (each
+#: exponential after the maximum of the class before it). The same sums; which is faster is a GPU
+#: measurement (benchmarks/kernel_sweep.py sweeps both) that no lent GPU has made yet
+CHUNK = False
+#: settings that replace the configs' choices when set (``SPT``, ``num_warps``, ``UNROLL``, ``CHUNK`` for maps;
 #: ``BLOCK_C``, ``num_warps`` for rows): how benchmarks/kernel_sweep.py times the alternatives
 MAP_TUNING: dict | None = None
 ROW_TUNING: dict | None = None
@@ -712,7 +775,8 @@ def forward(s, v, idx, tail, ign, lab, stats, part, ticket, out, scales, *, T: f
                       s.stride(0), s.stride(1), s_sp, v.stride(0), v.stride(1), idx.stride(0), idx.stride(1),
                       tail.stride(0) if tail is not None else 0, ign.stride(0) if ign is not None else 0,
                       lab.stride(0) if lab is not None else 0, stats.stride(0),
-                      BLOCK_P=cfg["BLOCK_P"], CAPTURE=cfg["CAPTURE"], UNROLL=cfg["UNROLL"], **common, **_options(cfg["num_warps"]))
+                      BLOCK_P=cfg["BLOCK_P"], CAPTURE=cfg["CAPTURE"], UNROLL=cfg["UNROLL"], CHUNK=cfg["CHUNK"], **common,
+                      **_options(cfg["num_warps"]))
 
 
 def backward(go, s, v, idx, tail, ign, lab, stats, scales, grad, *, T: float, with_tail: bool, lse1: bool,

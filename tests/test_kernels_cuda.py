@@ -434,6 +434,54 @@ def test_launch_settings_agree(monkeypatch, name):
     run_settings(monkeypatch, case, tail_policy=tail_policy, reduction=reduction, what=name)
 
 
+def run_chunked(monkeypatch, case: Case, *, tail_policy, reduction, what=""):
+    """The maps forward's log-sum-exps class after class and in chunks of UNROLL classes
+    (``triton_kl.CHUNK``): each against the reference, and the two against each other (the same sums
+    in another order: within a few float32 roundings)."""
+    upstream = upstream_for(case, reduction)
+    ref, g_ref = reference(case, tail_policy=tail_policy, reduction=reduction, upstream=upstream)
+    runs = {}
+    for chunk in (False, True):
+        monkeypatch.setattr(triton_kl, "CHUNK", chunk)
+        assert triton_kl.map_config(case.s.shape[1], 64 * 64, case.v.shape[1], 4)["CHUNK"] is chunk
+        runs[chunk] = fused(case, tail_policy=tail_policy, reduction=reduction, upstream=upstream)
+        assert_matches_reference(*runs[chunk], ref, g_ref, case.s.dtype, what=f"{what} CHUNK={chunk}")
+    (out0, g0), (out1, g1) = runs[False], runs[True]
+    lerr = (out1.double() - out0.double()).abs().max().item()
+    assert lerr <= 1e-5 * max(out0.double().abs().max().item(), 1e-3), f"{what}: chunked loss differs by {lerr:.3g}"
+    g0d = g0.double()
+    diff = (g1.double() - g0d).abs()
+    bound = (4 * torch.finfo(case.s.dtype).eps + 1e-5) * g0d.abs() + 1e-6 * g0d.abs().max()
+    assert (diff <= bound).all(), f"{what}: chunked gradient differs by up to {diff.max().item():.3g}"
+
+
+@interpreter_or_gpu
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.slow  # the Triton interpreter
+def test_chunked_forward_tiny(monkeypatch):
+    """11 classes: two chunks of four and three classes one at a time; the labels' third log-sum-exp at
+    T = 2; logits 30 times the usual spread, so that a chunk's maximum moves far (the rescale)."""
+    run_chunked(monkeypatch, make_case(2, 11, (6, 10), 4, dtype=torch.float32, labels=True), tail_policy="bin",
+                reduction="mean", what="seg 2×11×6×10 fp32 kd+ce")
+    run_chunked(monkeypatch, make_case(1, 11, (5, 7), 3, dtype=torch.float16, scale=90.0), tail_policy="renormalize",
+                reduction="none", what="seg 1×11×5×7 fp16 large logits")
+
+
+CHUNK_CASES = {
+    "seg 2×19×512×1024 bf16 kd+ce bin mean": (dict(N=2, C=19, spatial=(512, 1024), k=4, dtype=torch.bfloat16,
+                                                   labels=True), "bin", "mean"),
+    "seg 2×150×256×512 fp16 renormalize none": (dict(N=2, C=150, spatial=(256, 512), k=8, dtype=torch.float16),
+                                                "renormalize", "none"),
+}
+
+
+@gpu
+@pytest.mark.parametrize("name", list(CHUNK_CASES))
+def test_chunked_forward_agrees(monkeypatch, name):
+    shape, tail_policy, reduction = CHUNK_CASES[name]
+    run_chunked(monkeypatch, make_case(**shape), tail_policy=tail_policy, reduction=reduction, what=name)
+
+
 @gpu
 def test_more_rows_than_a_grid_axis_holds():
     """70000 rows: a grid of (blocks, N) would exceed CUDA's 65535 on its second axis."""
