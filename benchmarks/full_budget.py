@@ -687,7 +687,7 @@ def write_report(state: dict, path: Path, study: dict | None = None) -> None:
                     continue
                 p = paired([100 * (scored[a][sd]["score"] - scored[b][sd]["score"]) for sd in common])
                 ci = f"[{p['lo']:+.2f}, {p['hi']:+.2f}]" if p["n"] > 1 else ""
-                share = f"{100 * p['mean'] / gap:.0f}%" if b == ce and gap > 0 else ""
+                share = f"{100 * p['mean'] / gap:.1f}%" if b == ce and gap > 0 else ""
                 lines.append(f"| {a} − {b} | {p['n']} | {p['mean']:+.2f} | {ci} | {share} |")
         lines.append("")
         again = [(arm, sd, r) for arm, by_seed in scored.items() for sd, r in by_seed.items() if "trained_again" in r]

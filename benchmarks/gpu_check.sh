@@ -11,9 +11,11 @@
 #   4. step: benchmarks/kd_step_time.py on the demo student, from a small teacher and cache made first;
 #   5. realistic: benchmarks/kd_step_realistic.py, DeepLabV3-MobileNetV3-Large at 512×1024, batch 8 (step
 #      ratio, kernels a step launches, host syncs, torch.compile of the KD term with fullgraph=True);
-#   6. sweep (only when named): benchmarks/kernel_sweep.py, the kernels' launch settings side by side.
+#   6. sweep (only when named): benchmarks/kernel_sweep.py, the kernels' launch settings side by side;
+#   7. host (only when named): benchmarks/loss_host_overhead.py --device cuda, the host's microseconds a
+#      loss call (kdcache's wrapper, and Triton's two launches alone) and a cProfile of where they go.
 #
-#   bash benchmarks/gpu_check.sh [tests] [build] [bench] [step] [realistic] [sweep]   # default: the first five
+#   bash benchmarks/gpu_check.sh [tests] [build] [bench] [step] [realistic] [sweep] [host]   # default: the first five
 #
 # Without a CUDA GPU it says so in one line and exits 0. Python packages the machine lacks (zarr,
 # numcodecs, google-crc32c, donfig on this project's GPU image) are installed from .whl/ at the
@@ -24,14 +26,14 @@
 # is another commit's, as the device tool's copies are: KDCACHE_COMMIT=$(git rev-parse --short HEAD)
 # typed where the tree was committed), PYTHON (python3), GPU_CHECK_BENCH_ARGS (--topk 4), and the stages' time limits
 # in seconds, GPU_CHECK_TEST_TIMEOUT (180), GPU_CHECK_BUILD_TIMEOUT (60), GPU_CHECK_BENCH_TIMEOUT (130),
-# GPU_CHECK_STEP_TIMEOUT (90), GPU_CHECK_REALISTIC_TIMEOUT (100): all five with the set-up stay under
+# GPU_CHECK_STEP_TIMEOUT (90), GPU_CHECK_REALISTIC_TIMEOUT (100), GPU_CHECK_SWEEP_TIMEOUT (200), GPU_CHECK_HOST_TIMEOUT (90): the default five with the set-up stay under
 # 10 minutes (about 6 when nothing hits its limit: the CUDA tests took 93-103 s on an H200, cut at 120 s once), and each stage's files are copied to $OUT as it ends.
 set -euo pipefail
 
 STAGES=("$@")
 if [ ${#STAGES[@]} -eq 0 ]; then STAGES=(tests build bench step realistic); fi
 for s in "${STAGES[@]}"; do
-    case $s in tests | build | bench | step | realistic | sweep) ;; *) echo "usage: $0 [tests] [build] [bench] [step] [realistic] [sweep]" >&2; exit 2 ;; esac
+    case $s in tests | build | bench | step | realistic | sweep | host) ;; *) echo "usage: $0 [tests] [build] [bench] [step] [realistic] [sweep] [host]" >&2; exit 2 ;; esac
 done
 
 cd "$(dirname "$0")/.."
@@ -101,6 +103,7 @@ STEP_MD=$RES/kd-step-time-$SLUG.md
 BUILD_MD=$RES/kernel-build-$SLUG.md
 REAL_MD=$RES/kd-step-realistic-$SLUG.md
 SWEEP_MD=$RES/kernel-sweep-$SLUG.md
+HOST_MD=$RES/loss-host-overhead-$SLUG.md
 touch "$WORK/start"
 read -r -a BENCH_ARGS <<< "${GPU_CHECK_BENCH_ARGS:---topk 4}"
 
@@ -109,7 +112,7 @@ copy_out() {  # the device tool brings back what lies in $OUT (at most 8 files):
     # summary and the log, then the stages' files in order of worth until 8 (the JSON first left out,
     # then the build table: the log holds both)
     if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then
-        local f cap=6 files=("$PYTEST_LOG" "$KMD" "$STEP_MD" "$REAL_MD" "$SWEEP_MD" "$BUILD_MD" "$KJSON")
+        local f cap=6 files=("$PYTEST_LOG" "$KMD" "$STEP_MD" "$REAL_MD" "$SWEEP_MD" "$HOST_MD" "$BUILD_MD" "$KJSON")
         if [ "${1:-}" = final ]; then
             for f in "${files[@]}"; do rm -f "$OUT/$(basename "$f")"; done  # only this script's copies
             for f in "$SUMMARY" "$LOG"; do [ -f "$f" ] && cp "$f" "$OUT/"; done
@@ -170,6 +173,10 @@ stage_realistic() {
 
 stage_sweep() {
     limit "${GPU_CHECK_SWEEP_TIMEOUT:-200}" "$PY" benchmarks/kernel_sweep.py --results "$RES"
+}
+
+stage_host() {
+    limit "${GPU_CHECK_HOST_TIMEOUT:-90}" "$PY" benchmarks/loss_host_overhead.py --device cuda --results "$RES"
 }
 
 stage_bench() {
@@ -256,6 +263,12 @@ write_summary() {
             echo "File: [$(basename "$SWEEP_MD")]($(basename "$SWEEP_MD"))."
             echo
         fi
+        if ran host; then
+            echo "## Host time of one loss call"
+            echo
+            if [ -f "$HOST_MD" ]; then tail -n +3 "$HOST_MD"; else echo "No result was written (see the log)."; fi
+            echo
+        fi
         if ran step; then
             echo "## KD step time"
             echo
@@ -278,6 +291,7 @@ main() {
             build) rm -f "$BUILD_MD"; run_stage "kernel build" stage_build ;;
             realistic) rm -f "$REAL_MD"; run_stage "realistic step" stage_realistic ;;
             sweep) rm -f "$SWEEP_MD"; run_stage "kernel sweep" stage_sweep ;;
+            host) rm -f "$HOST_MD"; run_stage "host overhead" stage_host ;;
             bench) rm -f "$KJSON" "$KMD"; run_stage "bench-kernels" stage_bench ;;
             step) rm -f "$STEP_MD"; run_stage "KD step time" stage_step_time ;;
         esac

@@ -34,6 +34,52 @@ def test_kd_step_time_runs_every_variant_on_the_same_batches(small_store, tmp_pa
     assert "cached-KD step / CE-only step = **" in table
 
 
+def test_loss_host_overhead_writes_every_path(tmp_path, monkeypatch):
+    """The CPU mode: every row. It replaces the kernel launches and the kl method's loss for the process;
+    setting them here first makes monkeypatch put the real ones back afterwards."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the CPU mode runs under TRITON_INTERPRET=1 (set by conftest.py where there is no GPU)")
+    from kdcache.kernels import triton_kl
+    from kdcache.methods import kl as kl_module
+
+    for name in ("_map_fwd", "_map_bwd"):
+        monkeypatch.setattr(triton_kl, name, getattr(triton_kl, name))
+    monkeypatch.setattr(kl_module, "topk_kl", kl_module.topk_kl)
+    run_script("loss_host_overhead.py", "--calls", 2, "--rounds", 1, "--results", tmp_path, monkeypatch=monkeypatch)
+    table = (tmp_path / "loss-host-overhead-cpu.md").read_text()
+    for row in ("| topk_kl, eager (autograd function) |", "| topk_kl, custom operators |", "| the kl method, eager |"):
+        assert row in table
+    assert "launches mocked" in table and "custom operators / eager = **" in table
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_loss_host_overheads_launches_alone_compute_the_loss(monkeypatch):
+    """The GPU mode's extra row launches the two kernels itself, on buffers made once: they must be the
+    loss and gradient that topk_kl gives (here under Triton's interpreter, a tiny map), or the row would
+    time a wrong launch."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs under TRITON_INTERPRET=1 (set by conftest.py where there is no GPU)")
+    import torch
+
+    from kdcache.core.topk import topk_targets
+    from kdcache.kernels import topk_kl
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    script = runpy.run_path(str(BENCH / "loss_host_overhead.py"), run_name="lho")
+    torch.manual_seed(0)
+    s = torch.randn(2, 19, 3, 5)
+    v, i, tail = topk_targets(torch.randn(2, 19, 3, 5) * 3, 4)
+    v, i, tail = v.half(), i.to(torch.uint8), tail.half()
+    ign = torch.rand(2, 3, 5) < 0.3
+    run, out, grad = script["launches_alone"](s, v, i, tail, ign)
+    run()
+    x = s.double().requires_grad_(True)
+    ref = topk_kl(x, v.double(), i, tail.double(), ignore_mask=ign, weight=0.5, backend="torch")
+    (g_ref,) = torch.autograd.grad(ref, x)
+    assert abs(out.item() - ref.item()) <= 1e-4 * abs(ref.item())
+    assert torch.allclose(grad.double(), g_ref, rtol=1e-4, atol=1e-6)
+
+
 def test_a_run_is_resumed_only_with_exactly_its_options(tmp_path, monkeypatch):
     """cached_vs_online.resumable_run: a folder with a last.pt whose config.json has every option of
     the configuration (tuples written as lists), and no other; no last.pt, nothing to resume."""
@@ -658,7 +704,7 @@ def test_gpu_check_brings_back_the_summary_the_log_and_the_stages_in_order_of_wo
     body = script[start:script.index("\n}\n", start) + 3]
     res, out = tmp_path / "res", tmp_path / "out"
     res.mkdir(), out.mkdir()
-    names = ["PYTEST_LOG", "KMD", "STEP_MD", "REAL_MD", "SWEEP_MD", "BUILD_MD", "KJSON", "SUMMARY", "LOG"]
+    names = ["PYTEST_LOG", "KMD", "STEP_MD", "REAL_MD", "SWEEP_MD", "HOST_MD", "BUILD_MD", "KJSON", "SUMMARY", "LOG"]
     env = "".join(f'{n}="{res}/{n.lower()}.txt"\n' for n in names)
     # the stages end in gpu_check's default order with the sweep: tests, bench (KMD and KJSON), sweep,
     # build, step, realistic; the summary and the log come last
@@ -669,7 +715,7 @@ def test_gpu_check_brings_back_the_summary_the_log_and_the_stages_in_order_of_wo
     subprocess.run(["bash", "-c", bash], check=True)
     back = sorted(p.name for p in out.iterdir())
     assert len(back) == 8
-    assert set(back) == {f"{n.lower()}.txt" for n in names} - {"kjson.txt"}
+    assert set(back) == {f"{n.lower()}.txt" for n in names} - {"kjson.txt", "host_md.txt"}  # host: not run
     # while the stages run, 6 at most, first come first kept
     out2 = tmp_path / "out2"
     out2.mkdir()
