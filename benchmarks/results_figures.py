@@ -363,6 +363,62 @@ def draw_full_budget_classification(texts: dict[str, str]):
     return fig
 
 
+def test_panels(text: str, name: str) -> list[tuple[str, str, float, Forest]]:
+    """Each pair's test phase of a full-budget file: (pair, baseline arm, baseline's mean test score,
+    a forest of each finalist minus the baseline). The intervals are the file's (paired over the seeds
+    both have); a seed's own difference is drawn where both arms have every seed of the baseline."""
+    out = []
+    for m in re.finditer(r"^### Pair (\S+) on test$(.*?)(?=^##|\Z)", text, re.M | re.S):
+        arms = table(m.group(2), "arm", "seeds", "test", "per seed", name=name)
+        comp = table(m.group(2), "comparison", "seeds", "mean", "95% interval", name=name)
+        base = arms.rows[0]["arm"]
+        scores = {r["arm"]: numbers(r["per seed"]) for r in arms.rows}
+        f = Forest("", [], [], [], [], [])
+        for r in comp.rows:
+            arm, _, against = r["comparison"].rpartition(" − ")
+            if against != base:
+                continue
+            mean = number(r["mean"])
+            lo, hi = numbers(r[comp.column("95% interval")]) or (mean, mean)
+            a, b = scores[arm], scores[base]
+            f.labels.append(f"{arm} ({int(number(r['seeds']))} seeds)")
+            f.means.append(mean)
+            f.lows.append(lo)
+            f.highs.append(hi)
+            f.seeds.append([x - y for x, y in zip(a, b)] if len(a) == len(b) else [])
+        out.append((m.group(1), base, statistics.fmean(scores[base]), f))
+    if not out:
+        raise ValueError(f"{name}: no pair's test phase")
+    return out
+
+
+def draw_full_budget_test(texts: dict[str, str]):
+    """Each pair's finalists on test: the paired difference from the pair's baseline with its 95%
+    interval and each seed's, against the study's goal (+1.5 points and 30% of the teacher–CE gap)."""
+    from matplotlib.lines import Line2D
+
+    (name, text), = texts.items()
+    teacher = re.search(rf"^Teacher on test: ({NUMBER})", text, re.M)
+    if not teacher:
+        raise ValueError(f"{name}: no teacher's test score")
+    panels = test_panels(text, name)
+    rows = [len(f.labels) for *_, f in panels]
+    fig, axes = _figure(len(panels), 1, 0.42 * sum(rows) + 1.3 * len(panels) + 0.6, height_ratios=rows)
+    for ax, (pair, base, base_mean, f) in zip(axes[:, 0], panels):
+        gap = float(teacher.group(1)) - base_mean
+        f.title = f"pair {pair}\nover {base} ({base_mean:.2f}); the teacher +{gap:.2f}"
+        forest(ax, f, "test mIoU points over the baseline (paired, 95% t interval)")
+        ax.axvline(1.5, color=BLUE, linestyle="--", linewidth=1.2)
+        ax.axvline(0.3 * gap, color=PURPLE, linestyle=":", linewidth=1.4)
+    handles = [Line2D([], [], color=GREEN, marker="o", linewidth=2.2, label="mean, 95% interval above 0"),
+               Line2D([], [], color=GREY, marker="o", linewidth=2.2, label="includes 0"),
+               Line2D([], [], color="black", alpha=0.45, marker="|", linestyle="", markersize=7, label="one seed"),
+               Line2D([], [], color=BLUE, linestyle="--", label="goal: +1.5 points"),
+               Line2D([], [], color=PURPLE, linestyle=":", label="goal: 30% of the teacher–baseline gap")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3)
+    return fig
+
+
 def cell(text: str) -> tuple[float, list[float]]:
     """``56.17 (56.67, 55.68)`` as (56.17, [56.67, 55.68]); a plain number has no seeds."""
     values = numbers(text)
@@ -621,6 +677,9 @@ FIGURES: dict[str, Spec] = {
                          "Training step time with the KD term, relative to CE only"),
     "full-budget-grid": Spec(("full-budget-segmentation-cpu.md",), draw_full_budget_grid,
                              "Each recipe of the full-budget grid: val mIoU over the best CE arm, seed 0, per pair"),
+    "full-budget-test": Spec(("full-budget-segmentation-cpu.md",), draw_full_budget_test,
+                             "Each pair's finalists on test: mIoU over the pair's baseline, paired over seeds, against the "
+                             "goal"),
     "full-budget-classification": Spec(("full-budget-shapes-cpu.md", "full-budget-digits-cpu.md",
                                         "full-budget-digits-few-cpu.md"), draw_full_budget_classification,
                                        "Each recipe of the classification full-budget grids: val top-1 over the "

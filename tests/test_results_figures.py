@@ -141,3 +141,33 @@ def test_the_classification_grids_are_a_panel_per_study_with_its_own_arms():
     ce = [line.get_xdata()[0] for line in axes[0].lines if len(line.get_xdata()) == 1]
     assert ce == pytest.approx([3.0, 0.0, -2.0])  # each arm's val minus the best CE arm's (72)
     assert "CE mixup (72.00)" in axes[0].get_xlabel() and "CE (90.00)" in axes[1].get_xlabel()
+
+
+def test_the_full_budget_test_phase_is_read_per_pair_with_paired_seeds_only_where_complete():
+    """Each pair's finalists against its baseline (the arms table's first row): the file's mean and
+    interval; a seed's own difference only where the finalist has as many seeds as the baseline (a
+    partial arm's seeds are a subset that cannot be paired by position); comparisons between finalists
+    left out. The figure marks the goal at +1.5 and at 30% of the teacher–baseline gap."""
+    text = ("# x\n\nTeacher on test: 72.25; its val curve\n\n### Pair demo on test\n\n"
+            "| arm | seeds | test | per seed |\n|---|---|---|---|\n"
+            "| CE | 2 | 55.00 ± 1.00 | 54.00, 56.00 |\n| DIST | 2 | 57.00 ± 1.00 | 57.00, 57.00 |\n"
+            "| KL | 1 | 56.00 ± 0.00 | 56.00 |\n\n"
+            "| comparison | seeds | mean | 95% interval | share of the teacher–CE gap |\n|---|---|---|---|---|\n"
+            "| DIST − CE | 2 | +2.00 | [-10.71, +14.71] | 11.6% |\n| KL − CE | 1 | +2.00 |  | 11.6% |\n"
+            "| KL − DIST | 1 | -1.00 |  |  |\n\n## Pair compact: `c`, the grid\n\n### Pair compact on test\n\n"
+            "| arm | seeds | test | per seed |\n|---|---|---|---|\n| CE cutmix | 1 | 67.25 ± 0.00 | 67.25 |\n"
+            "| DIST | 1 | 68.75 ± 0.00 | 68.75 |\n\n"
+            "| comparison | seeds | mean | 95% interval | share of the teacher–CE gap |\n|---|---|---|---|---|\n"
+            "| DIST − CE cutmix | 1 | +1.50 |  | 30.0% |\n")
+    (demo, base, mean, f), (compact, base2, mean2, f2) = results_figures.test_panels(text, "fb.md")
+    assert (demo, base, mean, compact, base2, mean2) == ("demo", "CE", 55.0, "compact", "CE cutmix", 67.25)
+    assert f.labels == ["DIST (2 seeds)", "KL (1 seeds)"]
+    assert (f.means, f.lows, f.highs) == ([2.0, 2.0], [-10.71, 2.0], [14.71, 2.0])
+    assert f.seeds == [[3.0, 1.0], []]
+    fig = results_figures.draw_full_budget_test({"fb.md": text})
+    axes = [ax for ax in fig.axes if ax.get_title(loc="left")]
+    assert [ax.get_title(loc="left").splitlines()[0] for ax in axes] == ["pair demo", "pair compact"]
+    goals = [sorted(line.get_xdata()[0] for line in ax.lines if line.get_linestyle() in ("--", ":")) for ax in axes]
+    assert goals == [pytest.approx([1.5, 0.3 * (72.25 - 55.0)]), pytest.approx([1.5, 0.3 * (72.25 - 67.25)])]
+    with pytest.raises(ValueError, match="no pair's test phase"):
+        results_figures.test_panels("# nothing\n", "fb.md")
