@@ -20,7 +20,6 @@ Writes benchmarks/results/kd-step-realistic-<device slug>.md.
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import warnings
 from pathlib import Path
@@ -29,7 +28,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from kdcache.core.runs import checkout_commit, device_name
+from kdcache.core.runs import checkout_commit, device_name, device_slug
 from kdcache.core.topk import topk_targets
 from kdcache.methods import METHODS
 from kdcache.models import ModelOutput
@@ -150,7 +149,7 @@ def main() -> None:
     except Exception as exc:  # reported, not hidden
         compiled_line = f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
 
-    slug = args.tag or ("cpu" if dev.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", device_name(dev).lower()).strip("-"))
+    slug = args.tag or device_slug(dev)
     lines = [
         "# Training step time, a realistic student: DeepLabV3-MobileNetV3-Large\n",
         f"batch {N} at {H}×{W}, 19 classes, cache grid {H // 8}×{W // 8} (top-{k} + tail, fp16 / uint8), "

@@ -15,14 +15,13 @@ CUDA (e.g. ``nvidia-h100-80gb-hbm3``), or ``--tag``.
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from kdcache.core.runs import device_name
+from kdcache.core.runs import device_name, device_slug
 from kdcache.pipeline.transforms import collate
 from kdcache.train.student import StudentTrainer, config_from_store
 
@@ -106,7 +105,7 @@ def main() -> None:
         f"cached-KD step / CE-only step = **{r1:.3f}** (target ≤ 1.05); online-teacher step / cached-KD step = "
         f"**{r2:.2f}**.",
     ]
-    tag = args.tag or ("cpu" if dev.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", device_name(dev).lower()).strip("-"))
+    tag = args.tag or device_slug(dev)
     path = Path(args.results) / f"kd-step-time-{tag}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

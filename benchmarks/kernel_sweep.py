@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import re
 import statistics
 from pathlib import Path
 
 import torch
 
-from kdcache.core.runs import checkout_commit, device_name
+from kdcache.core.runs import checkout_commit, device_name, device_slug
 from kdcache.kernels import topk_kl, triton_kl
 from kdcache.kernels.bench import (
     L2Flush,
@@ -56,7 +55,7 @@ def main() -> None:
              f"bf16 student, top-4 + tail; fused forward + backward, device time (each call queued behind a GPU spin, "
              f"`kernels/bench.py`), median ms of {args.repeats} rounds; copy rate in "
              f"the same run {copy:.0f} GB/s. Commit {checkout_commit() or 'unknown'}. Made by `python benchmarks/kernel_sweep.py`.\n"]
-    slug = re.sub(r"[^a-z0-9]+", "-", device_name(dev).lower()).strip("-")
+    slug = device_slug(dev)
     path = Path(args.results) / f"kernel-sweep-{slug}.md"
     for kind, cases, settings, attr in (("maps", MAP_CASES, MAP_SETTINGS, "MAP_TUNING"),
                                         ("rows", ROW_CASES, ROW_SETTINGS, "ROW_TUNING")):

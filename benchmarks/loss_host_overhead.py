@@ -26,7 +26,6 @@ import functools
 import io
 import os
 import pstats
-import re
 import statistics
 import sys
 import time
@@ -38,7 +37,7 @@ if "cuda" not in sys.argv:  # the CPU mode: Triton imports through its interpret
 
 import torch  # noqa: E402
 
-from kdcache.core.runs import checkout_commit, device_name  # noqa: E402
+from kdcache.core.runs import checkout_commit, device_name, device_slug  # noqa: E402
 from kdcache.core.topk import topk_targets  # noqa: E402
 from kdcache.kernels import topk_kl, triton_kl, triton_op  # noqa: E402
 from kdcache.methods import METHODS  # noqa: E402
@@ -126,7 +125,7 @@ def main() -> None:
         lines += ["", "## Where the eager call's host time goes", "",
                   f"cProfile of {args.calls} eager calls, the 25 functions of the most own time (tottime, s):", "",
                   "```", profile(eager, args.calls), "```"]
-    slug = "cpu" if not cuda else re.sub(r"[^a-z0-9]+", "-", device_name(dev).lower()).strip("-")
+    slug = device_slug(dev)
     path = Path(args.results) / f"loss-host-overhead-{slug}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

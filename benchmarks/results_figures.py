@@ -157,14 +157,16 @@ def forest(ax, f: Forest, unit: str) -> None:
     ax.set_title(f.title, loc="left")
 
 
-def forest_legend(fig) -> None:
+def forest_legend(fig, extra: tuple = ()) -> None:
+    """The forest's marks (and ``extra`` handles after them) below the figure."""
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=GREEN, marker="o", linewidth=2.2, label="mean, 95% interval above 0"),
                Line2D([], [], color=VERMILLION, marker="o", linewidth=2.2, label="below 0"),
                Line2D([], [], color=GREY, marker="o", linewidth=2.2, label="includes 0"),
-               Line2D([], [], color="black", alpha=0.45, marker="|", linestyle="", markersize=7, label="one seed")]
-    fig.legend(handles=handles, loc="outside lower center", ncols=4)
+               Line2D([], [], color="black", alpha=0.45, marker="|", linestyle="", markersize=7, label="one seed"),
+               *extra]
+    fig.legend(handles=handles, loc="outside lower center", ncols=4 if not extra else 3)
 
 
 def paired_rows(text: str, name: str, keep: Callable[[str], str | None]) -> Forest:
@@ -410,12 +412,8 @@ def draw_full_budget_test(texts: dict[str, str]):
         forest(ax, f, "test mIoU points over the baseline (paired, 95% t interval)")
         ax.axvline(1.5, color=BLUE, linestyle="--", linewidth=1.2)
         ax.axvline(0.3 * gap, color=PURPLE, linestyle=":", linewidth=1.4)
-    handles = [Line2D([], [], color=GREEN, marker="o", linewidth=2.2, label="mean, 95% interval above 0"),
-               Line2D([], [], color=GREY, marker="o", linewidth=2.2, label="includes 0"),
-               Line2D([], [], color="black", alpha=0.45, marker="|", linestyle="", markersize=7, label="one seed"),
-               Line2D([], [], color=BLUE, linestyle="--", label="goal: +1.5 points"),
-               Line2D([], [], color=PURPLE, linestyle=":", label="goal: 30% of the teacher–baseline gap")]
-    fig.legend(handles=handles, loc="outside lower center", ncols=3)
+    forest_legend(fig, (Line2D([], [], color=BLUE, linestyle="--", label="goal: +1.5 points"),
+                        Line2D([], [], color=PURPLE, linestyle=":", label="goal: 30% of the teacher–baseline gap")))
     return fig
 
 

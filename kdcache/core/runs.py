@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,14 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"cpu: {cpu} ({torch.get_num_threads()} threads)"
+
+
+def device_slug(device: torch.device) -> str:
+    """The device as a results file names it: ``cpu``, or the GPU's name in lower case with dashes
+    (``nvidia-h100-80gb-hbm3``)."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
 
 
 def resolve_run(path: str | Path) -> tuple[Path, dict | None, Path | None]:
