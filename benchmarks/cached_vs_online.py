@@ -266,6 +266,17 @@ def train_run(cfg, folder: Path, task: dict, score: bool) -> dict:
     return r
 
 
+def build_store(cfg: CacheBuildConfig) -> dict:
+    """Build the store ``cfg`` describes and say what it cost: its seconds, bytes per image, and the
+    machine and threads that built it. A top-level function, so that worker processes run it
+    (``full_budget.py --jobs`` builds a store in a slot with no run ready)."""
+    t0 = time.perf_counter()
+    build_teacher_cache(cfg, show_progress=False)
+    n = CacheStore(cfg.out).schema.num_samples
+    return {"seconds": time.perf_counter() - t0, "disk_bytes_per_image": size_of(Path(cfg.out)) / n,
+            "machine": device_name(resolve_device("auto")), "threads": torch.get_num_threads()}
+
+
 def keep_teacher(run: Path, kept: Path) -> Path:
     """A copy of the teacher run's ``best.pt``, ``config.json`` and ``metrics.jsonl`` at ``kept``
     (beside the state, committed with it), whole or not at all; returns ``kept``."""

@@ -69,7 +69,8 @@ reaches it through the cache; CE sees only the 108 labels it has.
 
 ``--jobs N`` trains N runs at once in worker processes, one thread each (small students use two
 threads poorly: on the 2-core machine two runs at once train 1.3-1.55x the images a second of one
-on both threads); the parent builds the stores between them. Each record notes its threads.
+on both threads); a slot with no run ready builds the next store a run reads, in its worker, so
+no core idles while a store is built. Each record notes its threads.
 
 The state (``benchmarks/results/full-budget-<study>-cpu.json``) keeps every finished run, so
 a sitting cut short goes on where it stopped (a run cut short resumes from its ``last.pt``); the
@@ -89,8 +90,15 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 
-import torch
-from cached_vs_online import finished, keep_teacher, one_thread, paired, test_score, train_run
+from cached_vs_online import (
+    build_store,
+    finished,
+    keep_teacher,
+    one_thread,
+    paired,
+    test_score,
+    train_run,
+)
 
 from kdcache.core.outputs import file_sha256
 from kdcache.core.runs import checkout_commit, device_name, resolve_device
@@ -98,8 +106,7 @@ from kdcache.methods import at_defaults
 from kdcache.models import build_model, count_parameters
 from kdcache.models.loading import open_weights
 from kdcache.store import CacheStore
-from kdcache.store.location import size_of
-from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
+from kdcache.teacher.cache_build import CacheBuildConfig
 from kdcache.train.student import config_from_store
 from kdcache.train.trainer import TrainConfig, train
 
@@ -456,20 +463,16 @@ def main() -> None:
         s = CacheStore(str(path))
         return s.schema.teacher.get("weights_sha256") == teacher_sha() and bool(s.done().all())
 
-    def stores_ready(pair: str, arm: str, seed: int) -> bool:
-        """Whether every store an arm's run reads is built (:func:`plan` would build none)."""
-        form = recipe(arm, arms)[1]
-        return store_ready(form, seed, epochs_factor(arm)) and (form != "image + pool" or store_ready("pool", 0))
-
-    def store(form: str, seed: int, factor: int = 1) -> Path:
-        """The store of ``form`` (a schedule's: of ``seed``'s crops for ``factor`` times the epochs)."""
+    def store_job(form: str, seed: int, factor: int = 1) -> tuple[str, Path, CacheBuildConfig | None]:
+        """(its name in the table, path, what builds it) of the store of ``form`` (a schedule's: of
+        ``seed``'s crops for ``factor`` times the epochs); None for a store built and complete."""
         form, factor, path = store_path(form, seed, factor)
         if (path / "zarr.json").exists():
             s = CacheStore(str(path))
             if s.schema.teacher.get("weights_sha256") != teacher_sha():
                 shutil.rmtree(path)  # another teacher's store (an earlier working folder)
             elif s.done().all():
-                return path
+                return form, path, None
         if form == "pool":
             extra = {"split": "unlabeled", "limit": POOL}
         elif form == "image":
@@ -479,15 +482,19 @@ def main() -> None:
             extra = {"schedule_epochs": task["student"]["epochs"] * factor, "schedules": 1, "first_schedule": seed, **aug,
                      **(study["mix"] if form.endswith(("cutmix", "mixup")) else {}),
                      **(FEATURES if form.endswith("features") else {})}
-        t0 = time.perf_counter()
-        build_teacher_cache(CacheBuildConfig(weights=str(kept), out=str(path), **{"split": "train", **data, **extra},
-                                             topk=study["topk"], workers=0), show_progress=False)
-        n = CacheStore(str(path)).schema.num_samples
-        name = f"{form} seed {seed}" + (f" ({factor}x epochs)" if factor > 1 else "")
-        state.setdefault("caches", {})[name if "schedule_epochs" in extra else form] = {
-            "seconds": time.perf_counter() - t0, "disk_bytes_per_image": size_of(path) / n,
-            "machine": device_name(device)}
+        name = f"{form} seed {seed}" + (f" ({factor}x epochs)" if factor > 1 else "") if "schedule_epochs" in extra else form
+        return name, path, CacheBuildConfig(weights=str(kept), out=str(path), **{"split": "train", **data, **extra},
+                                            topk=study["topk"], workers=0)
+
+    def record_store(name: str, built: dict) -> None:
+        state.setdefault("caches", {})[name] = built
         save()
+
+    def store(form: str, seed: int, factor: int = 1) -> Path:
+        """The store of ``form``, built here first if it is not complete."""
+        name, path, cfg = store_job(form, seed, factor)
+        if cfg is not None:
+            record_store(name, {**build_store(cfg), "jobs": 1})
         return path
 
     def plan(pair: str, arm: str, seed: int):
@@ -530,28 +537,46 @@ def main() -> None:
                 keep(arm_key(pair, arm, seed),
                      train_run(plan(pair, arm, seed), run_folder(out, pair, arm, seed), task, scored))
             return
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # a store built here shares the cores with the jobs
-        try:
-            with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=one_thread) as pool:
-                running: dict = {}
-                while todo or running:
-                    while todo and len(running) < args.jobs:
-                        # a run whose stores are built goes first; the first run's stores are built here
-                        # (on the free slot's core) only when no run is ready. The order changes no result:
-                        # each run is fixed by its arm and seed
-                        ready = [t for t in todo if stores_ready(*t[:3])]
-                        pair, arm, seed, scored = ready[0] if ready else todo[0]
-                        todo.remove((pair, arm, seed, scored))
-                        torch.set_num_threads(1 if running else threads)  # a store built with no run beside it
+        building: dict[Path, str] = {}  # the stores being built in a worker (never opened meanwhile)
+
+        def missing(t: tuple[str, str, int, bool]) -> list[tuple[str, int, int]]:
+            """The stores run ``t`` reads that are not built yet (or are being built)."""
+            form, factor = recipe(t[1], arms)[1], epochs_factor(t[1])
+            need = [(form, t[2], factor)] + ([("pool", 0, 1)] if form == "image + pool" else [])
+            return [n for n in need if store_path(*n)[2] in building or not store_ready(*n)]
+
+        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=one_thread) as pool:
+            running: dict = {}  # job: ("run", key) or ("store", name, path)
+            while todo or running:
+                while todo and len(running) < args.jobs:
+                    # a run whose stores are built goes first; when none is, a free slot builds the first
+                    # store a waiting run reads (in a worker, one thread, as a run trains), so no core idles
+                    # while a store is built. The order changes no result: each run is fixed by its arm
+                    # and seed, each store by its form and seed
+                    ready = [t for t in todo if not missing(t)]
+                    if ready:
+                        pair, arm, seed, scored = t = ready[0]
+                        todo.remove(t)
                         job = pool.submit(train_run, plan(pair, arm, seed), run_folder(out, pair, arm, seed), task,
                                           scored)
-                        running[job] = arm_key(pair, arm, seed)
-                    done, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for job in done:
-                        keep(running.pop(job), job.result())
-        finally:
-            torch.set_num_threads(threads)
+                        running[job] = ("run", arm_key(pair, arm, seed))
+                        continue
+                    wanted = [n for t in todo for n in missing(t) if store_path(*n)[2] not in building]
+                    if not wanted:
+                        break  # every store a waiting run reads is being built
+                    name, path, cfg = store_job(*wanted[0])
+                    building[path] = name
+                    running[pool.submit(build_store, cfg)] = ("store", name, path)
+                if not running:  # cannot happen: a waiting run's store is ready, being built, or to build
+                    raise RuntimeError(f"no run of {todo} can start and no store is being built")
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for job in done:
+                    what = running.pop(job)
+                    if what[0] == "store":
+                        del building[what[2]]
+                        record_store(what[1], {**job.result(), "jobs": args.jobs})  # beside the runs
+                    else:
+                        keep(what[1], job.result())
 
     if "caches" in phases:
         store("image", 0)

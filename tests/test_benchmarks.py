@@ -774,9 +774,14 @@ def test_full_budget_chooses_on_val_and_scores_the_finalists_on_test(tmp_path, m
     state_file = tmp_path / "results" / "fb.json"
     state_file.parent.mkdir()
     argv = ["full_budget.py", "--out", str(tmp_path / "work"), "--state", str(state_file), "--pairs", "demo"]
-    monkeypatch.setattr(sys, "argv", [*argv, "--phase", "teacher,caches,grid"])
+    # two at once: a slot with no run ready builds the store a waiting run reads, in its worker
+    monkeypatch.setattr(sys, "argv", [*argv, "--phase", "teacher,caches,grid", "--jobs", "2"])
     script["main"]()
     state = json.loads(state_file.read_text())
+    assert state["caches"]["image"]["jobs"] == 1  # the caches phase builds it here
+    schedules = {k: v for k, v in state["caches"].items() if k.startswith("schedule")}
+    assert {"schedule seed 0", "schedule cutmix seed 0", "schedule features seed 0"} <= set(schedules)
+    assert all(v["jobs"] == 2 and v["threads"] == 1 and v["seconds"] > 0 for v in schedules.values())
     best = max(("DIST schedule", "KL w=1 schedule cutmix", "CIRKD + KL schedule", "DIST + pool"),
                key=lambda arm: state["runs"][f"demo | {arm} | seed 0"]["val"])
     # the grid, CE for twice the epochs, and the best KD arm for twice the epochs (its schedule as long)
@@ -807,6 +812,7 @@ def test_full_budget_chooses_on_val_and_scores_the_finalists_on_test(tmp_path, m
     # a run whose record was lost (the sitting stopped after its last.pt) resumes in the next sitting
     lost = state["runs"].pop("demo | DIST schedule | seed 0")
     state_file.write_text(json.dumps(state))
+    monkeypatch.setattr(sys, "argv", [*argv, "--phase", "teacher,caches,grid"])  # one at a time
     script["main"]()
     again = json.loads(state_file.read_text())["runs"]["demo | DIST schedule | seed 0"]
     assert again["resumed_after_epochs"] == 1 and again["val_curve"] == lost["val_curve"]
