@@ -316,7 +316,7 @@ def _grid_panel(ax, arms: list[str], vals: dict[str, tuple[float, str]], ce: str
     ax.set_yticks(y, arms)
     ax.set_ylim(-0.7, len(arms) - 0.3)
     ax.grid(axis="y", visible=False)
-    ax.set_xlabel(f"val {unit} points over {ce} ({base:.2f})")
+    ax.set_xlabel(f"val {unit} over {ce} ({base:.2f}),\nin points")
 
 
 def _form_legend(fig, forms: set[str]) -> None:
@@ -409,7 +409,7 @@ def draw_full_budget_test(texts: dict[str, str]):
     for ax, (pair, base, base_mean, f) in zip(axes[:, 0], panels):
         gap = float(teacher.group(1)) - base_mean
         f.title = f"pair {pair}\nover {base} ({base_mean:.2f}); the teacher +{gap:.2f}"
-        forest(ax, f, "test mIoU points over the baseline (paired, 95% t interval)")
+        forest(ax, f, "test mIoU over the baseline\n(points, paired, 95% t interval)")
         ax.axvline(1.5, color=BLUE, linestyle="--", linewidth=1.2)
         ax.axvline(0.3 * gap, color=PURPLE, linestyle=":", linewidth=1.4)
     forest_legend(fig, (Line2D([], [], color=BLUE, linestyle="--", label="goal: +1.5 points"),
