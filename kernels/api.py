@@ -104,18 +104,19 @@ def _views(student, values, indices, tail, ignore_mask, labels):
     return s, v, i, t, ign, lab
 
 
-def _scales(ignore_mask, labels, ignore_index, ce_weight, reduction, N, P, device):
-    """[kd_scale, ce_scale] on the device, without a host sync (1/count for 'mean')."""
+def _scales(ignore_mask, labels, ignore_index, ce_weight, reduction, N, P, kd_weight) -> np.ndarray:
+    """[kd_scale, ce_scale] (float32, on the host: the CPU path's tensors are there, so counting
+    costs no launch): 1/count for 'mean', times the KD weight; numpy, not a dozen small torch ops
+    a step."""
+    f32 = np.float32
     if reduction != "mean":
-        return torch.tensor([1.0, float(ce_weight)], dtype=torch.float32, device=device)
-    kd_count = (torch.full((), N * P, device=device, dtype=torch.float32) if ignore_mask is None
-                else (~ignore_mask).sum().float())
-    parts = [1.0 / kd_count.clamp_min(1.0)]
+        return np.array([kd_weight, ce_weight], dtype=f32)
+    kd_count = N * P if ignore_mask is None else ignore_mask.numel() - int(np.count_nonzero(ignore_mask.numpy()))
+    ce = f32(0.0)
     if labels is not None:
-        parts.append(float(ce_weight) / (labels != ignore_index).sum().float().clamp_min(1.0))
-    else:
-        parts.append(torch.zeros((), device=device))
-    return torch.stack(parts).float()
+        count = int(np.count_nonzero(labels.numpy() != ignore_index))
+        ce = f32(ce_weight) / f32(max(count, 1))
+    return np.array([f32(1.0) / f32(max(kd_count, 1)) * f32(kd_weight), ce], dtype=f32)
 
 
 def numba_forward(student: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor | None,
@@ -129,8 +130,7 @@ def numba_forward(student: torch.Tensor, values: torch.Tensor, indices: torch.Te
     P = s.shape[2]
     k = v.shape[1]
     with_tail = tail_policy == "bin" and k < C
-    scales = _scales(ign, lab, ignore_index, ce_weight, reduction, N, P, student.device) * torch.tensor(
-        [float(kd_weight), 1.0])
+    scales = _scales(ign, lab, ignore_index, ce_weight, reduction, N, P, float(kd_weight))
     grad, loss = _run_numba(s, v, i, t if with_tail else None, ign, lab, T, with_tail, ignore_index, scales,
                             reduction == "none")
     if reduction == "none":
@@ -228,7 +228,7 @@ def _numba_call(numba, s, v, i, t, ign, lab, T, with_tail, ignore_index, scales,
     ign_np = ign.contiguous().numpy() if ign is not None else np.zeros((1, 1), dtype=np.bool_)
     lab_np = lab.long().contiguous().numpy() if lab is not None else np.zeros((1, 1), dtype=np.int64)
     grad = np.empty((N, C, P), dtype=np.float32)
-    sc = scales.numpy()
+    sc = scales
     args = (float(T), with_tail, ign is not None, lab is not None, int(ignore_index), float(sc[0]), float(sc[1]))
     if numba_layout(C, P) == "spatial":
         # one compiled variant for every dtype: the teacher goes in as raw bytes with flags. The cache's

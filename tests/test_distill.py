@@ -143,6 +143,48 @@ def test_a_scaled_flipped_crop_takes_each_cell_whole_from_its_nearest_source_cel
     assert differ > out_h * out_w // 4, differ  # so the checks above tell a blend from a nearest pick
 
 
+@pytest.mark.parametrize("vdtype, idtype, with_tail", [(torch.float16, torch.uint8, True), (torch.float32, torch.int32, True),
+                                                      (torch.float16, torch.int16, False)],
+                         ids=["cache-dtypes", "fp32-int32", "int16-no-tail"])
+def test_compiled_nearest_warp_is_the_numpy_cell_arithmetic(vdtype, idtype, with_tail):
+    """The loader's nearest warp of the logits is one compiled call (``kdcache.kernels.nearest_topk``);
+    it must pick, for every target cell of every crop, the very cell the numpy arithmetic of
+    ``_grid`` picks (the same float64 operations in the same order), mirror a stored flip level as
+    it does, and copy the values, ids and tail bit for bit in their own dtypes — over many random
+    crops (scaled, stretched, flipped, sticking out into padding), a map read as a non-contiguous
+    slice, and maps whose size does not divide the input's."""
+    from kdcache.pipeline.signals import take_cells
+    from kdcache.pipeline.warp import _grid, cell_index, out_map_size
+
+    rng = np.random.default_rng(0)
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        H, W = int(rng.integers(8, 70)), int(rng.integers(8, 90))
+        mh, mw = int(rng.integers(1, 20)), int(rng.integers(1, 24))
+        k = int(rng.integers(1, 6))
+        big = torch.randn(k, mh + 2, mw + 3, generator=gen).to(vdtype)
+        v = big[:, 1:1 + mh, 2:2 + mw]  # a slice, as a store's extent crop gives
+        assert not v.is_contiguous()
+        ids = torch.randint(0, 100, (k, mh, mw), generator=gen).to(idtype)
+        tail = torch.randn(mh, mw, generator=gen).to(vdtype) if with_tail else None
+        g = Geometry((H, W), float(rng.uniform(0.5, 2.0)), int(rng.integers(-4, 30)), int(rng.integers(-4, 30)),
+                     (int(rng.integers(4, 60)), int(rng.integers(4, 60))), bool(rng.integers(2)),
+                     float(rng.uniform(0.75, 1.33)))
+        stride = (float(rng.choice([2.0, 4.0, 8.0, 3.0])), float(rng.choice([2.0, 4.0, 8.0, 5.0])))
+        mirror = bool(rng.integers(2))
+        item = {"logits/values": v, "logits/indices": ids, **({"logits/tail": tail} if with_tail else {})}
+        got = warp_targets(item, g, {"logits": stride}, mirror=mirror)
+        yi, xi, invalid = _grid(g, (mh, mw), out_map_size(g.out_size, stride), mirror)
+        cells = cell_index(yi, xi, mw)
+        want = {"kd/values": take_cells(v.contiguous(), cells, invalid.shape),
+                "kd/indices": take_cells(ids, cells, invalid.shape), "kd/ignore": torch.from_numpy(invalid)}
+        if with_tail:
+            want["kd/tail"] = take_cells(tail, cells, invalid.shape)
+        assert sorted(got) == sorted(want), trial
+        for key, a in want.items():
+            assert got[key].dtype == a.dtype and torch.equal(got[key], a), (trial, key, g, mirror)
+
+
 @pytest.mark.parametrize("C, k, with_tail", [(11, 4, True), (11, 11, False), (40, 12, True), (11, 4, False)],
                          ids=["top4", "dense", "top12-of-40", "top4-no-tail"])
 @pytest.mark.parametrize("g", [Geometry((32, 48), 1.3, 3, 5, (24, 40), True),

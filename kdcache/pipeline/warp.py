@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from kdcache.core.topk import ABSENT, tail_share
-from kdcache.kernels import bilinear_topk, warm_resample
+from kdcache.kernels import bilinear_topk, nearest_topk, warm_resample
 from kdcache.pipeline.signals import signal_of, take_cells
 from kdcache.pipeline.transforms import Geometry
 
@@ -113,11 +113,10 @@ def _bilinear_axis(c: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 def prepare_resample(resample: str) -> None:
-    """Before a loader's workers start: compile (or load) the compiled part of ``resample``
-    (``bilinear``: :func:`kdcache.kernels.warm_resample`) in this process, which forked workers
-    inherit; ``nearest`` needs nothing."""
-    if resample == "bilinear":
-        warm_resample()
+    """Before a loader's workers start: compile (or load) ``resample``'s kernel (``nearest`` or
+    ``bilinear``: :func:`kdcache.kernels.warm_resample`) in this process, which forked workers
+    inherit."""
+    warm_resample(resample)
 
 
 def resample_logits(values: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor | None, g: Geometry,
@@ -158,13 +157,14 @@ def warp_targets(item: dict, g: Geometry, strides: dict[str, tuple[float, float]
         out.update(resample_logits(values, item["logits/indices"], item.get("logits/tail"), g,
                                    out_map_size(g.out_size, strides["logits"]), num_classes, mirror))
     elif values is not None:  # absent when no method reads the logits
-        map_hw = tuple(values.shape[-2:])
-        yi, xi, invalid = _grid(g, map_hw, out_map_size(g.out_size, strides["logits"]), mirror)
-        cells, out_hw = cell_index(yi, xi, map_hw[1]), invalid.shape
-        out["kd/values"] = warp(values, cells, out_hw)
-        out["kd/indices"] = warp(item["logits/indices"], cells, out_hw)
-        if item.get("logits/tail") is not None:
-            out["kd/tail"] = warp(item["logits/tail"], cells, out_hw)
+        # one compiled call: the cells of _grid and the three gathers (kdcache.kernels.nearest_topk)
+        tail = item.get("logits/tail")
+        v, i, t, invalid = nearest_topk(values.numpy(), item["logits/indices"].numpy(),
+                                        None if tail is None else tail.numpy(), g.in_size, g.scaled_size, g.out_size,
+                                        g.top, g.left, g.flip, out_map_size(g.out_size, strides["logits"]), mirror)
+        out["kd/values"], out["kd/indices"] = torch.from_numpy(v), torch.from_numpy(i)
+        if t is not None:
+            out["kd/tail"] = torch.from_numpy(t)
         out["kd/ignore"] = torch.from_numpy(invalid)
     for key, a in item.items():
         sig = signal_of(key)  # features/<tap>, attention/<tap>, …: each at its own stride

@@ -59,7 +59,6 @@ class KDPipeline(SegPipeline):
                  resample: str = "nearest", mix: MixOptions | None = None):
         super().__init__(dataset, preprocess, augment, seed, mix)
         self.resample = resample
-        prepare_resample(resample)
         self.store = store
         self.strides = dict(strides) if strides is not None else store.schema.strides
         self.rows = np.asarray(rows)
@@ -71,6 +70,8 @@ class KDPipeline(SegPipeline):
         if required is None:  # every map group the store holds
             required = ["logits", *store.schema.signal_groups()]
         self.groups = store.schema.groups_for(required, self.use_views)
+        if "logits" in self.groups:  # crops warp the base logits: the compiled resampling, loaded before workers fork
+            prepare_resample(resample)
         # mixing partners are the cache's samples, by store row (as its build paired them)
         self._partners = store.dataset() if self.mix.enabled else None
 
