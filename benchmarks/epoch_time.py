@@ -15,6 +15,14 @@ order that rotates from round to round. The first epoch of each run is warm-up; 
 images/s from the run's own `metrics.jsonl`. Reports the median images/s and, for the epoch time
 against CE only, the median of each round's own ratio (a noisy machine drifts between rounds).
 Writes benchmarks/results/epoch-time-cpu.md (``-workers<N>`` before ``.md`` with workers).
+
+``--interleave R`` measures the same epochs paired instead: one process builds the CE-only trainer
+and the cached ones (``none``, ``kl`` streamed and by random access) as their commands do, and runs
+each trainer's own ``train_one_epoch`` (loader and steps, what a run's ``train_images_per_s``
+times) in turn, R rounds in an order rotating from round to round, so each cached epoch is paired
+with a CE epoch seconds away rather than minutes: on a shared machine whose speed drifts by tens of
+percent between processes, the paired ratio is what can be read. The first epoch of each trainer is
+warm-up. Writes ``epoch-time-interleaved-cpu.md``.
 """
 
 from __future__ import annotations
@@ -34,8 +42,8 @@ from kdcache.models import build_model
 from kdcache.pipeline.transforms import Preprocess
 from kdcache.store import CacheStore
 from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
-from kdcache.train.student import config_from_store, train_student
-from kdcache.train.trainer import TrainConfig, train
+from kdcache.train.student import StudentTrainer, config_from_store, train_student
+from kdcache.train.trainer import TrainConfig, Trainer, seed_everything, train
 
 VARIANTS = ("CE only", "none, stream", "kl, stream", "kl, random", "kl, schedule", "kl, bilinear", "kl, pyramid")
 
@@ -77,6 +85,76 @@ def run(variant: str, cache: str, schedule: str, pyramid: str, limit: int, epoch
     return [r["train_images_per_s"] for r in recs if "epoch" in r and r["epoch"] > 0]
 
 
+INTERLEAVED = ("CE only", "none, stream", "kl, stream", "kl, random")
+
+
+def trainer_of(variant: str, cache: str, limit: int, workers: int, out: Path):
+    """A variant's trainer, set up as its command's ``fit`` sets it up (data, batches, model,
+    optimizer and schedule), and a function that trains one more epoch of it and returns that
+    epoch's seconds (``train_time_s``: the loader and the steps, as ``train_images_per_s`` counts
+    them)."""
+    common = dict(model="demo_student", epochs=10_000, limit=limit, workers=workers, device="cpu", out=str(out))
+    if variant == "CE only":
+        ds = CacheStore(cache).schema.dataset
+        tr = Trainer(TrainConfig(dataset=ds["name"], data_root=ds.get("root"), dataset_options=ds.get("options") or {},
+                                 **common), overwrite=True, show_progress=False)
+    else:
+        method, read = variant.split(", ")
+        tr = StudentTrainer(config_from_store(cache, methods=[{"name": method}], cache_read=read, **common),
+                            overwrite=True, show_progress=False)
+    seed_everything(tr.config.seed)
+    train_ds, val_ds = tr.build_datasets()
+    tr.ignore_index = train_ds.ignore_index
+    if tr.workers > 0:
+        train_ds.prepare_for_workers()
+    batches, _ = tr.build_batches(train_ds, val_ds)
+    model = tr.build_model(train_ds.num_classes).to(tr.device)
+    state = tr.build_state(model, batches.steps_per_epoch)
+    train_model = tr.parallel(model)
+    epoch = iter(range(10_000))
+    return lambda: tr.train_one_epoch(train_model, state, batches, next(epoch))["train_time_s"]
+
+
+def interleaved(args, cache: str, tmp: Path) -> list[str]:
+    """``--interleave``: the variants' epochs in turn in one process (see the module docstring)."""
+    runs = {v: trainer_of(v, cache, args.limit, args.workers, tmp / f"run{i}") for i, v in enumerate(INTERLEAVED)}
+    for v in INTERLEAVED:
+        runs[v]()  # warm-up: the first epoch of each
+    secs: dict[str, list[float]] = {v: [] for v in INTERLEAVED}
+    for r in range(args.interleave):
+        for v in INTERLEAVED[r % len(INTERLEAVED):] + INTERLEAVED[:r % len(INTERLEAVED)]:
+            secs[v].append(runs[v]())
+        print(f"round {r}: " + ", ".join(f"{v} {secs[v][-1]:.3f} s" for v in INTERLEAVED))
+    ce = secs["CE only"]
+    ratio = {v: [a / b for a, b in zip(secs[v], ce)] for v in INTERLEAVED}
+    n = args.limit // 8 * 8
+    med = {v: statistics.median(x) for v, x in ratio.items()}
+
+    def quart(x):
+        q = statistics.quantiles(x, n=4)
+        return f"{q[0]:.3f}–{q[2]:.3f}"
+
+    return [
+        "# Training epochs, data loading included, interleaved: CE only against the cache\n",
+        f"Machine: {device_name(torch.device('cpu'))}, {os.cpu_count()} cores (noisy: shared, CPU steal seen). "
+        f"`demo_student`, batch 8, {args.limit} synthetic training images, {args.workers} DataLoader workers, cache "
+        "of a `demo_teacher` with top-4 + tail, stage3 features and attention. One process builds each trainer as "
+        "its command does and trains one epoch of each in turn (its own `train_one_epoch`: the loader and the "
+        f"steps), {args.interleave} rounds in an order rotating from round to round, after one warm-up epoch each. "
+        "epoch time / CE only: the median over rounds of each round's own ratio, with the interquartile range and "
+        "the min–max. Made by `python benchmarks/epoch_time.py --interleave "
+        f"{args.interleave}`.\n",
+        "| run | images/s (median) | epoch time / CE only | middle half | min–max |",
+        "|---|---|---|---|---|",
+        *[f"| {v} | {n / statistics.median(secs[v]):.1f} | {med[v]:.3f} | {quart(ratio[v])} | "
+          f"{min(ratio[v]):.3f}–{max(ratio[v]):.3f} |" for v in INTERLEAVED],
+        "",
+        f"Target (issue 50): a cached `kl` epoch ≤ 1.05× a CE-only epoch; measured **{med['kl, stream']:.3f}** "
+        f"(stream) and {med['kl, random']:.3f} (random access); `none` (the targets' loader, no KD term): "
+        f"{med['none, stream']:.3f}.",
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", default="runs/demo/cache.zarr")
@@ -85,7 +163,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--interleave", type=int, default=0, metavar="R",
+                    help="R rounds of paired epochs in one process (see the module docstring)")
     args = ap.parse_args()
+    if args.interleave:
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = Path(args.cache)
+            if not cache.exists():
+                cache = build_cache(Path(tmp) / "cache.zarr", args.limit)
+            lines = interleaved(args, str(cache), Path(tmp))
+        name = "epoch-time-interleaved-cpu.md" if args.workers == 0 else f"epoch-time-interleaved-cpu-workers{args.workers}.md"
+        path = Path(args.results) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return
     rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
     ratios: dict[str, list[float]] = {v: [] for v in VARIANTS}  # per round: epoch time / CE only's
     with tempfile.TemporaryDirectory() as tmp:
