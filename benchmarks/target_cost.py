@@ -1,7 +1,7 @@
 """What one training item's cached targets cost to take through its crop, per way of taking them:
 the nearest cell (the default) and ``--target-resample bilinear``, and the same from an older
-commit's ``kdcache/pipeline/warp.py`` beside them (``--against REF``), so that a change to the
-resampling is measured side by side in one process.
+commit's ``kdcache/pipeline/warp.py`` beside them, both ways (``--against REF``), so that a change to
+the resampling is measured side by side in one process.
 
     python benchmarks/target_cost.py [--limit 64] [--rounds 10] [--against cce35fa~1]
 
@@ -90,9 +90,11 @@ def main() -> None:
     geometries = [schedule_geometry(0, 0, i, in_size, augment) for i in range(len(items))]
     C = schema.num_classes
     prepare_resample("bilinear")
+    prepare_resample("nearest")
     ways = {"nearest cell": (warp_targets, "nearest"), "bilinear": (warp_targets, "bilinear")}
     if args.against:
         older = older_module(args.against)
+        ways[f"nearest cell at {args.against}"] = (older.warp_targets, "nearest")
         ways[f"bilinear at {args.against}"] = (older.warp_targets, "bilinear")
     for f, mode in ways.values():  # warm-up: compile, caches
         f(items[0], geometries[0], schema.strides, mode, C)

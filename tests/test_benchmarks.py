@@ -514,7 +514,7 @@ def test_weak_teacher_runs_every_arm_and_reports_the_weak_class(tmp_path, monkey
 
 def test_target_cost_times_each_way_and_an_older_commits_beside_it(tmp_path, monkeypatch):
     """target_cost.py on a tiny cache: a row per way of taking the targets, the older commit's
-    target_geometry.py (here HEAD's) timed beside the current one, each against the nearest cell."""
+    warp.py (here HEAD's), both ways, timed beside the current one, each against the nearest cell."""
     if subprocess.run(["git", "rev-parse", "HEAD"], cwd=BENCH, capture_output=True).returncode != 0:
         pytest.skip("target_cost.py --against needs a git checkout")
     monkeypatch.setattr(sys, "argv", ["target_cost.py", "--limit", "3", "--rounds", "2", "--against", "HEAD",
@@ -522,7 +522,8 @@ def test_target_cost_times_each_way_and_an_older_commits_beside_it(tmp_path, mon
     runpy.run_path(str(BENCH / "target_cost.py"), run_name="__main__")
     table = (tmp_path / "target-cost-cpu.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| way")]
-    assert [r.split(" | ")[0] for r in rows] == ["| nearest cell", "| bilinear", "| bilinear at HEAD"], rows
+    assert [r.split(" | ")[0] for r in rows] == ["| nearest cell", "| bilinear", "| nearest cell at HEAD",
+                                                 "| bilinear at HEAD"], rows
     assert rows[0].endswith("| 1.00 |") and "3 synthetic training images" in table
 
 
