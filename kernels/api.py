@@ -259,22 +259,23 @@ NUMBA_KERNELS = ("spatial", "rows", "resample")
 
 def compile_numba(kernels: tuple[str, ...] = NUMBA_KERNELS) -> dict[str, str]:
     """Compile the Numba kernels now (``spatial`` for maps, ``rows`` for rows, ``resample`` for
-    ``--target-resample bilinear``'s targets), or load them from Numba's on-disk cache, on tiny
+    the loader's targets, nearest and ``--target-resample bilinear``), or load them from Numba's on-disk cache, on tiny
     inputs (a summed loss and a per-position map, the two compiled signatures of each loss
     kernel), so that no training step pays for it. The first compile takes tens of
     seconds (two processes, one kernel each, share it between the cores); Numba then keeps them
     next to ``kernels/numba_kl.py``, or under ``NUMBA_CACHE_DIR`` (or ``~/.cache/numba`` where the
     package folder is read-only), and a later process only loads them. Returns, per kernel, ``"compiled"`` or ``"cached"``."""
     from kdcache.kernels.numba_kl import kl_rows, kl_spatial
-    from kdcache.kernels.numba_resample import bilinear_topk, warm
+    from kdcache.kernels.numba_resample import bilinear_topk, warm, warm_nearest
 
     unknown = sorted(set(kernels) - set(NUMBA_KERNELS))
     if unknown:
         raise KernelInputError(f"compile_numba takes kernels {', '.join(NUMBA_KERNELS)}, got {', '.join(unknown)}")
     g = torch.Generator().manual_seed(0)
     for name in kernels:
-        if name == "resample":
+        if name == "resample":  # the loader's two ways: --target-resample bilinear and the default nearest
             warm()
+            warm_nearest()
             continue
         P = 64 if name == "spatial" else 1  # a map long enough for the spatial kernel, or a row
         assert numba_layout(3, P) == name
