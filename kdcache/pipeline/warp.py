@@ -27,7 +27,7 @@ import torch
 
 from kdcache.core.topk import ABSENT, tail_share
 from kdcache.kernels import bilinear_topk, nearest_topk, warm_resample
-from kdcache.pipeline.signals import signal_of, take_cells
+from kdcache.pipeline.signals import signal_of
 from kdcache.pipeline.transforms import Geometry
 
 
@@ -94,12 +94,6 @@ def _axes(g: Geometry, map_hw: tuple[int, int], out_hw: tuple[int, int], exact: 
 def cell_index(yi: np.ndarray, xi: np.ndarray, w: int) -> np.ndarray:
     """The flat positions ``yi × w + xi`` of a [len(yi), len(xi)] grid in a map of width ``w``."""
     return (yi[:, None] * w + xi[None, :]).ravel()
-
-
-def warp(x: torch.Tensor, cells: np.ndarray, out_hw: tuple[int, int]) -> torch.Tensor:
-    """``x`` [..., h, w] (on the CPU) sampled at the flat positions ``cells`` (see
-    :func:`cell_index`): [..., out_h, out_w] (:func:`kdcache.pipeline.signals.take_cells`)."""
-    return take_cells(x, cells, out_hw)
 
 
 def _bilinear_axis(c: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
