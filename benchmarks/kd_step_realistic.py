@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import traceback
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -118,16 +119,25 @@ def main() -> None:
         kd_batch_ = kd_batch()
         logits = out.detach().requires_grad_(True)
         torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
+        stacks = []  # each sync's Python stack where it was raised, the innermost frames last
+
+        def record(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" in str(message):
+                stacks.append([f for f in traceback.extract_stack()[:-1]
+                               if not f.filename.endswith("warnings.py")])
+
+        with warnings.catch_warnings():
             warnings.simplefilter("always")
+            warnings.showwarning = record
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 term = method(SimpleNamespace(logits=logits), kd_batch_)
                 term.backward()
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-        where = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
-        syncs = str(len(where)) + (f" (at {', '.join(where)})" if where else "")
+        where = [" ← ".join(f"{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno} ({f.name})"
+                            for f in reversed(stack[-4:])) for stack in stacks]
+        syncs = str(len(where)) + (f" (at {'; '.join(where)})" if where else "")
 
     # torch.compile of the KD term, with a graph break an error
     try:
