@@ -657,7 +657,7 @@ def map_config(C: int, P: int, k: int, element_size: int, pixel_stride: int = 1,
     k probabilities."""
     capture = k <= CAPTURE_MAX_K
     # two pixels a thread up to k = 8: four (the earlier default at k <= 4) measured 5-17% slower on
-    # an H200 (benchmarks/results/kernel-sweep-nvidia-h200.md, two sweeps)
+    # an H200 (benchmarks/results/kernel-sweep-nvidia-h200-06cf5fe.md, two sweeps)
     spt = 4 if not capture else (2 if k <= 8 else 1)
     if lse1:  # labels at T ≠ 1 keep a third running log-sum-exp
         spt = min(spt, 2)
@@ -708,7 +708,8 @@ UNROLL = 4
 #: the maps forward's log-sum-exps over chunks of ``UNROLL`` classes (:func:`_fwd_chunk`: the chunk's
 #: maximum first, then exponentials independent of each other) rather than class after class (each
 #: exponential after the maximum of the class before it). The same sums; which is faster is a GPU
-#: measurement (benchmarks/kernel_sweep.py sweeps both) that no lent GPU has made yet
+#: measurement: on an H200 (benchmarks/results/kernel-sweep-nvidia-h200.md, 7d5895f) no chunked setting
+#: beat the default beyond the run-to-run spread (8×11: 0.250 against 0.259 ms, 8×150: 1.900 against 1.884)
 CHUNK = False
 #: settings that replace the configs' choices when set (``SPT``, ``num_warps``, ``UNROLL``, ``CHUNK`` for maps;
 #: ``BLOCK_C``, ``num_warps`` for rows): how benchmarks/kernel_sweep.py times the alternatives
