@@ -191,7 +191,7 @@ stage_step_time() {  # a teacher and a 160-sample cache first (1 epoch, seconds 
         limit "$(left)" kdcache build-teacher-cache --weights "$t/teacher" --out "$t/cache.zarr" -o size=160 \
             --device cuda --quiet &&
         limit "$(left)" "$PY" benchmarks/kd_step_time.py --cache "$t/cache.zarr" --teacher "$t/teacher" \
-            --device cuda --results "$RES" --tag "$SLUG"
+            --device cuda --results "$RES" --tag "$SLUG" --profile 50
 }
 
 ran() {  # ran STAGE: whether this invocation runs STAGE

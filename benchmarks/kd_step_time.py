@@ -37,6 +37,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="the first N training samples (a cache built with --limit)")
     ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--tag", default=None, help="results file suffix (default: cpu, or the GPU's name as a slug)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="also profile STEPS steps of each of CE only and KL, cache (cProfile) and list the functions "
+                         "whose own time a KD step adds most (a small step is bound by its host)")
     args = ap.parse_args()
 
     variants = {"CE only": dict(methods=[{"name": "none"}]), "KL, cache": dict(methods=[{"name": "kl"}]),
@@ -105,11 +108,41 @@ def main() -> None:
         f"cached-KD step / CE-only step = **{r1:.3f}** (target ≤ 1.05); online-teacher step / cached-KD step = "
         f"**{r2:.2f}**.",
     ]
+    if args.profile:
+        lines += ["", *host_added(lambda name: [step(name, batches[i % len(batches)]) for i in range(args.profile)],
+                                  args.profile)]
     tag = args.tag or device_slug(dev)
     path = Path(args.results) / f"kd-step-time-{tag}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def host_added(run, steps: int, top: int = 25) -> list[str]:
+    """Markdown: the functions whose own time (cProfile's tottime) per step is larger in ``run("KL, cache")``
+    than in ``run("CE only")``, ``steps`` steps each, the ``top`` largest differences first."""
+    import cProfile
+    import pstats
+
+    own = {}
+    for name in ("CE only", "KL, cache"):
+        prof = cProfile.Profile()
+        prof.enable()
+        run(name)
+        prof.disable()
+        own[name] = {f"{Path(f).name}:{line}({fn})": (nc, tt) for (f, line, fn), (_, nc, tt, _, _)
+                     in pstats.Stats(prof).stats.items()}
+    total = {name: sum(tt for _, tt in fs.values()) / steps * 1e3 for name, fs in own.items()}
+    rows = []
+    for key, (nc, tt) in own["KL, cache"].items():
+        nc0, tt0 = own["CE only"].get(key, (0, 0.0))
+        rows.append(((tt - tt0) / steps * 1e6, (nc - nc0) / steps, key))
+    rows.sort(reverse=True)
+    return [f"## Host time a KD step adds (cProfile, {steps} steps of each)", "",
+            f"Profiled host time a step: CE only {total['CE only']:.2f} ms, KL from the cache {total['KL, cache']:.2f} ms "
+            "(the profiler inflates both). The functions whose own time a step grows most:", "",
+            "| function | µs more a step | calls more a step |", "|---|---|---|",
+            *[f"| `{key}` | {us:.1f} | {calls:g} |" for us, calls, key in rows[:top]]]
 
 
 if __name__ == "__main__":
