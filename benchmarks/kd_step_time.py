@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from kdcache.core.runs import device_name, device_slug
+from kdcache.core.runs import checkout_commit, device_name, device_slug
 from kdcache.pipeline.transforms import collate
 from kdcache.train.student import StudentTrainer, config_from_store
 
@@ -101,7 +101,7 @@ def main() -> None:
         f"`demo_student`, batch {args.batch_size}, batches from `{args.cache}` prepared beforehand (no data loading in "
         f"the timing); median of {args.rounds} alternating rounds × {args.steps} steps. Machine: {device_name(dev)}. "
         + ("Forward under fp16 autocast, as `kdcache train-student` runs on CUDA. " if trainers["CE only"].amp else "")
-        + "Made by `python benchmarks/kd_step_time.py`.\n",
+        + f"Commit {checkout_commit() or 'unknown'}. Made by `python benchmarks/kd_step_time.py`.\n",
         "| step | median ms |", "|---|---|",
         *[f"| {n} | {m:.2f} |" for n, m in med.items()],
         "",
