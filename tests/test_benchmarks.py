@@ -27,11 +27,45 @@ def test_kd_step_time_runs_every_variant_on_the_same_batches(small_store, tmp_pa
     (`--method none`) reads no cache, and batches from it once broke the KL variants."""
     teacher, store = small_store
     run_script("kd_step_time.py", "--cache", store, "--teacher", teacher, "--limit", 16, "--batch-size", 2,
-               "--steps", 2, "--rounds", 1, "--device", "cpu", "--results", tmp_path, monkeypatch=monkeypatch)
+               "--steps", 2, "--rounds", 1, "--device", "cpu", "--results", tmp_path, "--profile", 3,
+               monkeypatch=monkeypatch)
     table = (tmp_path / "kd-step-time-cpu.md").read_text()
     for row in ("| CE only |", "| KL, cache |", "| KL, online teacher |"):
         assert row in table
     assert "cached-KD step / CE-only step = **" in table
+    # --profile: the functions a KD step adds, the KD term's own among them (a CE step never calls them)
+    added = table.split("## Host time a KD step adds (cProfile, 3 steps of each)")[1]
+    rows = [r for r in added.splitlines() if r.startswith("| `")]
+    assert len(rows) == 25
+    kd_own = [r for r in rows if "api.py" in r and "(topk_kl)" in r]
+    assert kd_own and kd_own[0].rstrip(" |").endswith("| 1")  # one call more a step
+
+
+def test_epoch_time_interleave_pairs_each_epoch_with_a_ce_epoch(small_store, tmp_path, monkeypatch, capsys):
+    """``--interleave R``: one epoch of each variant in turn, R rounds after a warm-up; each
+    variant's ratio is the median over rounds of its epoch / that round's CE epoch (recomputed here
+    from the seconds it printed), not a ratio of medians."""
+    import re
+    import statistics
+
+    _, store = small_store
+    run_script("epoch_time.py", "--cache", store, "--limit", 16, "--interleave", 3, "--results", tmp_path,
+               monkeypatch=monkeypatch)
+    printed = capsys.readouterr().out
+    rounds = re.findall(r"^round (\d+): (.*)$", printed, flags=re.M)
+    assert [int(r) for r, _ in rounds] == [0, 1, 2]
+    secs = [dict((v, float(t)) for v, t in re.findall(r"((?:CE only|none, stream|kl, stream|kl, random)) "
+                                                      r"([0-9.]+) s", line)) for _, line in rounds]
+    assert all(len(r) == 4 for r in secs)
+    table = (tmp_path / "epoch-time-interleaved-cpu.md").read_text()
+    assert "--interleave 3" in table
+    row = {cells[0]: cells for cells in (
+        [c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| "))}
+    assert row["CE only"][2] == "1.000" and row["CE only"][4] == "1.000–1.000"
+    for v in ("none, stream", "kl, stream", "kl, random"):
+        want = statistics.median(r[v] / r["CE only"] for r in secs)
+        assert float(row[v][2]) == pytest.approx(want, rel=0.02, abs=0.002), v  # the printed seconds are rounded
+    assert f"measured **{row['kl, stream'][2]}**" in table
 
 
 def test_loss_host_overhead_writes_every_path(tmp_path, monkeypatch):
