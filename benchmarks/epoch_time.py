@@ -43,7 +43,7 @@ from kdcache.pipeline.transforms import Preprocess
 from kdcache.store import CacheStore
 from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.train.student import StudentTrainer, config_from_store, train_student
-from kdcache.train.trainer import TrainConfig, Trainer, seed_everything, train
+from kdcache.train.trainer import TrainConfig, Trainer, train
 
 VARIANTS = ("CE only", "none, stream", "kl, stream", "kl, random", "kl, schedule", "kl, bilinear", "kl, pyramid")
 
@@ -89,8 +89,8 @@ INTERLEAVED = ("CE only", "none, stream", "kl, stream", "kl, random")
 
 
 def trainer_of(variant: str, cache: str, limit: int, workers: int, out: Path):
-    """A variant's trainer, set up as its command's ``fit`` sets it up (data, batches, model,
-    optimizer and schedule), and a function that trains one more epoch of it and returns that
+    """A variant's trainer, set up by its command's own :meth:`~kdcache.train.trainer.Trainer.prepare`
+    (data, batches, model, optimizer and schedule), and a function that trains one more epoch of it and returns that
     epoch's seconds (``train_time_s``: the loader and the steps, as ``train_images_per_s`` counts
     them)."""
     common = dict(model="demo_student", epochs=10_000, limit=limit, workers=workers, device="cpu", out=str(out))
@@ -102,17 +102,10 @@ def trainer_of(variant: str, cache: str, limit: int, workers: int, out: Path):
         method, read = variant.split(", ")
         tr = StudentTrainer(config_from_store(cache, methods=[{"name": method}], cache_read=read, **common),
                             overwrite=True, show_progress=False)
-    seed_everything(tr.config.seed)
-    train_ds, val_ds = tr.build_datasets()
-    tr.ignore_index = train_ds.ignore_index
-    if tr.workers > 0:
-        train_ds.prepare_for_workers()
-    batches, _ = tr.build_batches(train_ds, val_ds)
-    model = tr.build_model(train_ds.num_classes).to(tr.device)
-    state = tr.build_state(model, batches.steps_per_epoch)
-    train_model = tr.parallel(model)
+    ready = tr.prepare()
+    train_model = tr.parallel(ready.model)
     epoch = iter(range(10_000))
-    return lambda: tr.train_one_epoch(train_model, state, batches, next(epoch))["train_time_s"]
+    return lambda: tr.train_one_epoch(train_model, ready.state, ready.batches, next(epoch))["train_time_s"]
 
 
 def interleaved(args, cache: str, tmp: Path) -> list[str]:

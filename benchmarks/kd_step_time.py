@@ -50,10 +50,8 @@ def main() -> None:
         cfg = config_from_store(args.cache, device=args.device, out="/tmp/kd-step", batch_size=args.batch_size,
                                 limit=args.limit, **kw)
         tr = StudentTrainer(cfg)
-        train_ds, val_ds = tr.build_datasets()
-        pipe = tr.build_batches(train_ds, val_ds)[0].pipeline
-        torch.manual_seed(0)
-        model = tr.build_model(train_ds.num_classes).to(tr.device)
+        ready = tr.prepare()  # as the run sets itself up (the same seed: the same initial student)
+        pipe, model = ready.batches.pipeline, ready.model
         tr.class_weight = None
         opt = torch.optim.AdamW(list(model.parameters()) + tr.extra_parameters(), lr=1e-3)
         trainers[name] = tr

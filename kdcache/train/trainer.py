@@ -275,11 +275,23 @@ class TrainState:
     best_miou: float = -1.0
 
 
+@dataclass
+class Prepared:
+    """What :meth:`Trainer.prepare` sets up: the data, its batches, the model and its state."""
+
+    train_ds: SegmentationDataset
+    val_ds: SegmentationDataset
+    batches: TrainingBatches
+    val_pipe: Any
+    model: SegModel
+    state: TrainState
+
+
 class Trainer:
     """Cross-entropy training of one model; see :class:`TrainConfig`.
 
-    :meth:`fit` reads top to bottom as the steps of a run: data, model, optimizer and schedule,
-    the run folder (new or resumed), then per epoch :meth:`train_one_epoch` and
+    :meth:`fit` reads top to bottom as the steps of a run: data, model, optimizer and schedule
+    (:meth:`prepare`), the run folder (new or resumed), then per epoch :meth:`train_one_epoch` and
     :meth:`validate_and_checkpoint`. Subclasses change the pipelines, the model and the loss
     (:meth:`compute_loss`), and may add parameters and state (the hooks at the end)."""
 
@@ -318,6 +330,32 @@ class Trainer:
 
     # -- the run, step by step ------------------------------------------------------------------
     def fit(self) -> dict:
+        ready = self.prepare()
+        state = ready.state
+        self.run_config = self.describe_run(ready.model, ready.train_ds, ready.val_ds, ready.batches.augment)
+        self.start_or_resume(state)
+        self.monitor = self.open_monitor(state.epoch)
+
+        train_model = self.parallel(ready.model)
+        val_loader = self.validation_loader(ready.val_pipe)
+        last: dict[str, Any] = {}
+        try:
+            for epoch in range(state.epoch, self.config.epochs):
+                record = self.train_one_epoch(train_model, state, ready.batches, epoch)
+                last = self.validate_and_checkpoint(state, val_loader, record)
+        finally:
+            self.monitor.close()
+        if self.is_main:
+            self._save_curves()
+        distributed.barrier()
+        return {"run": str(self.run.path), "best_miou": state.best_miou, "last": last,
+                "best_metric": "val top-1" if self.classification else "val mIoU"}
+
+    def prepare(self) -> Prepared:
+        """Everything :meth:`fit` sets up before it writes to the run folder: the seed, the data
+        and its batches, the model (with its weights or backbone), class weights, optimizer and
+        schedule. Benchmarks that time a run's epochs or steps start here too, so that they
+        measure the set-up a run trains with."""
         c = self.config
         seed_everything(c.seed)
         train_ds, val_ds = self.build_datasets()
@@ -329,7 +367,6 @@ class Trainer:
         batches, val_pipe = self.build_batches(train_ds, val_ds)
         self.labels = {"class_names": list(train_ds.class_names),
                        "palette": torch.from_numpy(np.asarray(train_ds.palette))}
-        steps_per_epoch = batches.steps_per_epoch
 
         weights = open_weights(c.weights) if c.weights else None
         if weights is not None and weights.model_options and not c.model_options:
@@ -351,25 +388,8 @@ class Trainer:
                 console.print(self.backbone_report.summary(), highlight=False, soft_wrap=True)
         if c.class_weights:
             self.class_weight = median_frequency_weights(train_ds, self.preprocess, self.show_progress).to(self.device)
-        state = self.build_state(model, steps_per_epoch)
-        self.run_config = self.describe_run(model, train_ds, val_ds, batches.augment)
-        self.start_or_resume(state)
-        self.monitor = self.open_monitor(state.epoch)
-
-        train_model = self.parallel(model)
-        val_loader = self.validation_loader(val_pipe)
-        last: dict[str, Any] = {}
-        try:
-            for epoch in range(state.epoch, c.epochs):
-                record = self.train_one_epoch(train_model, state, batches, epoch)
-                last = self.validate_and_checkpoint(state, val_loader, record)
-        finally:
-            self.monitor.close()
-        if self.is_main:
-            self._save_curves()
-        distributed.barrier()
-        return {"run": str(self.run.path), "best_miou": state.best_miou, "last": last,
-                "best_metric": "val top-1" if self.classification else "val mIoU"}
+        state = self.build_state(model, batches.steps_per_epoch)
+        return Prepared(train_ds, val_ds, batches, val_pipe, model, state)
 
     # -- set-up ---------------------------------------------------------------------------------
     def _merge_resume_config(self, config: TrainConfig, explicit: set[str] | None) -> TrainConfig:
