@@ -153,6 +153,41 @@ def test_torch_compile_traces_the_kl_method_on_the_cpu():
     torch.testing.assert_close(x1.grad, x2.grad)
 
 
+
+@pytest.mark.slow  # torch.compile of a whole student
+def test_torch_compile_traces_a_whole_training_step_of_train_student(small_store, tmp_path):
+    """The student's forward, the cross-entropy and the ``kl`` term as ``train-student`` computes them
+    (:meth:`StudentTrainer.compute_loss` on a batch from its own loader), compiled with
+    fullgraph=True: no graph break anywhere in the step, and the same loss and gradients as eager."""
+    from kdcache.train.student import StudentTrainer, config_from_store
+
+    _, store = small_store
+    tr = StudentTrainer(config_from_store(store, methods=[{"name": "kl"}], model="demo_student", device="cpu",
+                                          limit=16, batch_size=2, workers=0, out=str(tmp_path / "run")),
+                        show_progress=False)
+    ready = tr.prepare()
+    batch = next(iter(ready.batches.loader(0)))
+    assert {"kd/values", "kd/indices", "kd/tail", "kd/ignore"} <= set(batch)
+    model = ready.model
+
+    def step(b):
+        total, terms = tr.compute_loss(model, b)
+        return total, terms["kl"]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got, got_kl = compiled(batch)
+    got.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    want, want_kl = step(batch)
+    want.backward()
+    assert float(want_kl) > 0
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_kl, want_kl)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
 def test_the_default_id_check_reads_back_once_per_device_and_class_count(monkeypatch):
     """check_inputs="first": the teacher's ids are validated (read back to the host) on the first call
     for a device and C, not on every step; True checks every call; a bad id on a first call is caught."""
