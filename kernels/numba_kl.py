@@ -123,6 +123,30 @@ def _select(typingctx, cond, a, b):  # pragma: no cover - compiled
     return sig, codegen
 
 
+
+#: the vector width LLVM's loop vectoriser may use in the kernels, in bits: LLVM's own choice for the
+#: CPUs with AVX-512 since Skylake-X is 256 (the ``prefer-256-bit`` tuning, against the clock drop of
+#: 512-bit instructions on the first of them); the kernels' inner loops are long float32 loops along
+#: pixels or classes, which 512 bits run in half the instructions (measured side by side:
+#: benchmarks/results/numba-vector-width-cpu.md). A CPU without AVX-512 vectorises at its own widest
+#: (AVX2: 256), whatever this says
+VECTOR_WIDTH = 512
+
+
+@intrinsic
+def _prefer_vector_width(typingctx):  # pragma: no cover - compiled
+    """Marks the function it is called in with LLVM's ``prefer-vector-width`` attribute
+    (:data:`VECTOR_WIDTH`), as clang's ``-mprefer-vector-width`` does; no instruction of its own.
+    llvmlite's attribute set knows only flag attributes, so the string attribute is put in as
+    ``set.add`` would (it prints as written)."""
+    sig = types.none()
+
+    def codegen(context, builder, signature, args):
+        set.add(builder.function.attributes, f'"prefer-vector-width"="{VECTOR_WIDTH}"')
+        return context.get_dummy_value()
+
+    return sig, codegen
+
 def _to_f32(x):  # pragma: no cover - replaced by the overload below inside compiled code
     raise NotImplementedError
 
@@ -235,6 +259,7 @@ def kl_spatial(s, v, idx, tail, k, half, ids8, ign, lab, T, with_tail, use_ign, 
 def _spatial_tasks(s, v, idx, tail, k, half, ids8, ign, lab, T, with_tail, use_ign, use_lab, ignore_index, kd_scale,
                    ce_scale, grad, loss, per_position, block, first, last):  # pragma: no cover - compiled
     """Tasks [first, last) of :func:`kl_spatial` (one thread's share), scratch allocated once."""
+    _prefer_vector_width()
     N, C, P = s.shape
     inv_t = _F(1.0 / T)
     inv_t2 = _F(1.4426950408889634 / T)  # exp(x / T) = 2 ** (x · log2(e) / T)
@@ -525,6 +550,7 @@ def _slot(c, C, block, j):  # pragma: no cover - compiled
 def _teacher_logits(v1, t1, tk, a_t, lz, n, k, P, p0, L, block, inv_t, log_rest, with_tail):  # pragma: no cover
     """The teacher's bins of a block, / T, as float32 (``tk`` [k, block], the tail bin's logit ``a_t``)
     and their maximum (``lz``) from flat values [N, k, P] and tail [N, P] of either dtype."""
+    _prefer_vector_width()
     if with_tail:
         ts = t1[n * P + p0:n * P + p0 + L]
         for j in range(L):
@@ -544,6 +570,7 @@ def _teacher_logits(v1, t1, tk, a_t, lz, n, k, P, p0, L, block, inv_t, log_rest,
 def _scatter_probs(i1, pd, tk, zt, kdw, n, k, C, P, p0, L, block):  # pragma: no cover - compiled
     """The one per-id step: −p (the teacher's probability, ``tk`` × 1/Z) into the class-major block
     ``pd`` at each top-k id of flat ids [N, k, P] of either integer dtype (0 where ignored)."""
+    _prefer_vector_width()
     for jj in range(k):
         ids = i1[(n * k + jj) * P + p0:(n * k + jj) * P + p0 + L]
         tj = tk[jj * block:jj * block + L]
@@ -570,6 +597,7 @@ def kl_rows(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ignore_in
 def _rows_tasks(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ignore_index, kd_scale, ce_scale,
                 grad, loss, first, last):  # pragma: no cover - compiled
     """Positions [first, last) of :func:`kl_rows` (one thread's share), scratch allocated once."""
+    _prefer_vector_width()
     N, C, P = s.shape
     k = v.shape[1]
     s1, g1 = s.ravel(), grad.ravel()
@@ -606,6 +634,7 @@ def _row(x, out, eb, pd, tv, ti, a_tail, kd_on, y, T, with_tail, sep_ce, kd_scal
     the teacher's k values ``tv`` and ids ``ti``, its tail bin's logit ``a_tail`` (already / T), the
     label ``y`` (−1: none). Three vectorised passes over the classes (the maximum; e, Σe and the tail
     sum Σ_{c∉K} e; the gradient), the teacher's bins and every per-id step scalar, in float64."""
+    _prefer_vector_width()
     C = x.shape[0]
     k = tv.shape[0]
     inv_t64 = 1.0 / T
