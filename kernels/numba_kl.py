@@ -127,9 +127,11 @@ def _select(typingctx, cond, a, b):  # pragma: no cover - compiled
 #: the vector width LLVM's loop vectoriser may use in the kernels, in bits: LLVM's own choice for the
 #: CPUs with AVX-512 since Skylake-X is 256 (the ``prefer-256-bit`` tuning, against the clock drop of
 #: 512-bit instructions on the first of them); the kernels' inner loops are long float32 loops along
-#: pixels or classes, which 512 bits run in half the instructions (measured side by side:
-#: benchmarks/results/numba-vector-width-cpu.md). A CPU without AVX-512 vectorises at its own widest
-#: (AVX2: 256), whatever this says
+#: pixels or classes, which 512 bits run in half the instructions. Side by side on an Emerald Rapids
+#: Xeon (benchmarks/results/numba-vector-width-cpu.md) 512 bits took 0.87-1.05x the time of 256 on
+#: bench-kernels' CPU cases (median 0.94x: the rows and the maps of 11 and 19 classes gain most, 150
+#: classes at k = 4 lose 5%), a small gain: the maps kernel is not bound by its vector arithmetic
+#: alone. A CPU without AVX-512 vectorises at its own widest (AVX2: 256), whatever this says
 VECTOR_WIDTH = 512
 
 
