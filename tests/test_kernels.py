@@ -200,6 +200,48 @@ def test_float32_exp_and_log_against_float64():
     assert (e[:2] > 0).all() and (e[:2] < 3e-38).all()  # clamped, never 0 or NaN
 
 
+
+def test_the_kernels_ask_llvm_for_their_vector_width():
+    """``_prefer_vector_width()`` marks the function that calls it with LLVM's
+    ``prefer-vector-width`` (the kernels' VECTOR_WIDTH), on any CPU, and leaves its arithmetic
+    alone; a function without the call carries no such attribute."""
+    import re
+
+    import numpy as np
+    from numba import njit
+
+    from kdcache.kernels import numba_kl
+
+    def body(x):
+        t = np.float32(0.0)
+        for j in range(x.shape[0]):
+            t += x[j] * x[j]
+        return t
+
+    def marked_body(x):
+        numba_kl._prefer_vector_width()
+        t = np.float32(0.0)
+        for j in range(x.shape[0]):
+            t += x[j] * x[j]
+        return t
+
+    marked = njit(marked_body)
+    plain = njit(body)
+    x = np.arange(100, dtype=np.float32)
+    assert marked(x) == plain(x) == np.float32((x.astype(np.float64) ** 2).sum())
+    want = f'"prefer-vector-width"="{numba_kl.VECTOR_WIDTH}"'
+    ir_marked = "".join(marked.inspect_llvm().values())
+    ir_plain = "".join(plain.inspect_llvm().values())
+    # on the function defined from marked_body: its "define" line, or the attribute group it names (#N)
+    defs = [line for line in ir_marked.splitlines() if line.startswith("define") and "marked_body" in line]
+    groups = {m.group(1): m.group(2) for m in re.finditer(r"^attributes #(\d+) = \{(.*)\}$", ir_marked, re.M)}
+
+    def attributes(line):
+        return line + " ".join(groups.get(g, "") for g in re.findall(r"#(\d+)", line.split("(")[-1]))
+
+    assert defs and any(want in attributes(line) for line in defs), (defs, groups)
+    assert not re.search(r"prefer-vector-width", ir_plain)
+
 def test_backward_only_scales_the_stored_gradient(monkeypatch):
     import kdcache.kernels.api as api
 
