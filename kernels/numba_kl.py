@@ -124,14 +124,15 @@ def _select(typingctx, cond, a, b):  # pragma: no cover - compiled
 
 
 
-#: the vector width LLVM's loop vectoriser may use in the kernels, in bits: LLVM's own choice for the
+#: the vector width LLVM's loop vectoriser may use in the spatial kernel, in bits: LLVM's own choice for the
 #: CPUs with AVX-512 since Skylake-X is 256 (the ``prefer-256-bit`` tuning, against the clock drop of
 #: 512-bit instructions on the first of them); the kernels' inner loops are long float32 loops along
 #: pixels or classes, which 512 bits run in half the instructions. Side by side on an Emerald Rapids
 #: Xeon (benchmarks/results/numba-vector-width-cpu.md) 512 bits took 0.87-1.05x the time of 256 on
-#: bench-kernels' CPU cases (median 0.94x: the rows and the maps of 11 and 19 classes gain most, 150
-#: classes at k = 4 lose 5%), a small gain: the maps kernel is not bound by its vector arithmetic
-#: alone. A CPU without AVX-512 vectorises at its own widest (AVX2: 256), whatever this says
+#: bench-kernels' CPU maps (the maps of 11 and 19 classes gain most, 150 classes at k = 4 lose 5%), a
+#: small gain: the maps kernel is bound by its memory traffic more than by its arithmetic. The rows
+#: kernel stays at LLVM's choice (see :func:`_row`). A CPU without AVX-512 vectorises at its own
+#: widest (AVX2: 256), whatever this says
 VECTOR_WIDTH = 512
 
 
@@ -599,7 +600,6 @@ def kl_rows(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ignore_in
 def _rows_tasks(s, v, idx, tail, ign, lab, T, with_tail, use_ign, use_lab, ignore_index, kd_scale, ce_scale,
                 grad, loss, first, last):  # pragma: no cover - compiled
     """Positions [first, last) of :func:`kl_rows` (one thread's share), scratch allocated once."""
-    _prefer_vector_width()
     N, C, P = s.shape
     k = v.shape[1]
     s1, g1 = s.ravel(), grad.ravel()
@@ -635,8 +635,10 @@ def _row(x, out, eb, pd, tv, ti, a_tail, kd_on, y, T, with_tail, sep_ce, kd_scal
     """One position's loss, its gradient written to ``out``: logits ``x`` [C] (float32, contiguous),
     the teacher's k values ``tv`` and ids ``ti``, its tail bin's logit ``a_tail`` (already / T), the
     label ``y`` (−1: none). Three vectorised passes over the classes (the maximum; e, Σe and the tail
-    sum Σ_{c∉K} e; the gradient), the teacher's bins and every per-id step scalar, in float64."""
-    _prefer_vector_width()
+    sum Σ_{c∉K} e; the gradient), the teacher's bins and every per-id step scalar, in float64.
+    Left at LLVM's own vector width: at 512 bits its gradients came out different from call to call in
+    the last bits (most likely LLVM's runtime overlap checks between the scratch arrays sending a sum to
+    its vector or its scalar loop by where they lay), where a run must be reproducible from its seed."""
     C = x.shape[0]
     k = tv.shape[0]
     inv_t64 = 1.0 / T
