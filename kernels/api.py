@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import threading
 
 import numpy as np
 import torch
@@ -220,6 +222,35 @@ def _run_numba(s, v, i, t, ign, lab, T, with_tail, ignore_index, scales, per_pos
             torch.set_num_threads(threads)
 
 
+
+#: gradient buffers of the CPU path of at least ``GRAD_POOL_MIN_BYTES``, kept for the next call of the
+#: same shape: a fresh one of that size comes from the system as new pages, which the kernel then faults
+#: in and the system zeroes (a 39 MB gradient: about a quarter of the loss's time on a 2-core Xeon,
+#: benchmarks/results/grad-pool-cpu.md). A buffer is reused only when nothing else holds it (its
+#: tensors, which keep the array alive, are gone); at most ``GRAD_POOL_SIZE`` are kept
+GRAD_POOL_MIN_BYTES = 8 << 20
+GRAD_POOL_SIZE = 2
+_GRAD_POOL: list[np.ndarray] = []
+_GRAD_POOL_LOCK = threading.Lock()
+
+
+def _grad_buffer(shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 array of ``shape`` for the kernel to write the gradient into: a pooled one that nothing
+    refers to any more, else a new one (pooled when large)."""
+    if math.prod(shape) * 4 < GRAD_POOL_MIN_BYTES or GRAD_POOL_SIZE <= 0:
+        return np.empty(shape, dtype=np.float32)
+    with _GRAD_POOL_LOCK:
+        for j in range(len(_GRAD_POOL)):
+            a = _GRAD_POOL[j]
+            # the pool's reference, ``a`` and getrefcount's own argument: no tensor holds it
+            if a.shape == shape and sys.getrefcount(a) == 3:
+                _GRAD_POOL.append(_GRAD_POOL.pop(j))  # the most recently used last
+                return a
+        a = np.empty(shape, dtype=np.float32)
+        _GRAD_POOL.append(a)
+        del _GRAD_POOL[:-GRAD_POOL_SIZE]  # the least recently used go (one in use lives on in its tensor)
+        return a
+
 def _numba_call(numba, s, v, i, t, ign, lab, T, with_tail, ignore_index, scales, per_position):
     from kdcache.kernels.numba_kl import block_pixels, kl_rows, kl_spatial
 
@@ -227,7 +258,7 @@ def _numba_call(numba, s, v, i, t, ign, lab, T, with_tail, ignore_index, scales,
     s32 = s.detach().float().contiguous().numpy()  # read in place when it is fp32
     ign_np = ign.contiguous().numpy() if ign is not None else np.zeros((1, 1), dtype=np.bool_)
     lab_np = lab.long().contiguous().numpy() if lab is not None else np.zeros((1, 1), dtype=np.int64)
-    grad = np.empty((N, C, P), dtype=np.float32)
+    grad = _grad_buffer((N, C, P))
     sc = scales
     args = (float(T), with_tail, ign is not None, lab is not None, int(ignore_index), float(sc[0]), float(sc[1]))
     if numba_layout(C, P) == "spatial":

@@ -242,6 +242,59 @@ def test_the_kernels_ask_llvm_for_their_vector_width():
     assert defs and any(want in attributes(line) for line in defs), (defs, groups)
     assert not re.search(r"prefer-vector-width", ir_plain)
 
+
+
+@pytest.mark.parametrize("C,spatial", [(11, (6, 10)), (19, (6, 10)), (21, ()), (150, (3, 7)), (19, (16, 32)),
+                                       (3, (1, 200)), (1000, (8, 8))])
+def test_the_cpu_kernels_give_the_same_bits_every_call(C, spatial, monkeypatch):
+    """A run is reproducible from its seed on a CPU: the same inputs give bit-identical losses and
+    gradients call after call, whatever memory the kernels' scratch and output arrays get (the
+    rows kernel at 512-bit vectors did not). Fresh gradient buffers, no pool."""
+    from kdcache.kernels import api
+
+    monkeypatch.setattr(api, "GRAD_POOL_SIZE", 0)
+    s, v, i, tail, ign, _ = make_case(3, C, min(4, C - 1), spatial, seed=C)
+    keep = []  # the earlier results stay alive: each call's arrays land elsewhere
+    for _ in range(6):
+        x = s.detach().requires_grad_(True)
+        loss = topk_kl(x, v, i, tail, ignore_mask=ign, backend="numba", check_inputs=False)
+        loss.backward()
+        keep.append((loss.detach(), x.grad))
+    for loss, grad in keep[1:]:
+        assert torch.equal(loss, keep[0][0]) and torch.equal(grad, keep[0][1])
+
+def test_the_cpu_gradient_buffer_is_reused_only_once_nothing_holds_it(monkeypatch):
+    """Large gradients of the CPU path come from a pool: a call reuses the buffer of an earlier one
+    whose gradient is gone, never one whose gradient a tensor still holds (that gradient keeps its
+    values), and small ones are not pooled."""
+    from kdcache.kernels import api
+
+    monkeypatch.setattr(api, "_GRAD_POOL", [])
+    monkeypatch.setattr(api, "GRAD_POOL_MIN_BYTES", 4096)
+    s, v, i, tail, ign, _ = make_case(2, 19, 4, (6, 10))  # 9120 bytes of float32 gradient
+    s2 = s.flip(-1).contiguous()
+
+    def grad_of(x):
+        x = x.detach().requires_grad_(True)
+        topk_kl(x, v, i, tail, ignore_mask=ign, backend="numba", check_inputs=False).backward()
+        return x.grad
+
+    want = grad_of(s).clone()
+    held = grad_of(s)
+    first = held.data_ptr()
+    other = grad_of(s2)  # the first gradient is still held: a new buffer
+    assert other.data_ptr() != first
+    torch.testing.assert_close(held, want, rtol=0, atol=0)  # untouched by the second call
+    del held
+    assert grad_of(s2).data_ptr() == first  # free again: reused
+    again = grad_of(s)
+    torch.testing.assert_close(again, want, rtol=0, atol=0)
+    assert len(api._GRAD_POOL) <= api.GRAD_POOL_SIZE
+    monkeypatch.setattr(api, "GRAD_POOL_MIN_BYTES", 1 << 30)  # below the size: never pooled
+    api._GRAD_POOL.clear()
+    grad_of(s)
+    assert api._GRAD_POOL == []
+
 def test_backward_only_scales_the_stored_gradient(monkeypatch):
     import kdcache.kernels.api as api
 
