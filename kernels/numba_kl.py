@@ -130,7 +130,7 @@ def _select(typingctx, cond, a, b):  # pragma: no cover - compiled
 #: pixels or classes, which 512 bits run in half the instructions. Side by side on an Emerald Rapids
 #: Xeon (benchmarks/results/numba-vector-width-cpu.md) 512 bits took 0.87-1.05x the time of 256 on
 #: bench-kernels' CPU maps (the maps of 11 and 19 classes gain most, 150 classes at k = 4 lose 5%), a
-#: small gain: the maps kernel is bound by its memory traffic more than by its arithmetic. The rows
+#: small gain: the maps kernel is not bound by its vector arithmetic alone. The rows
 #: kernel stays at LLVM's choice (see :func:`_row`). A CPU without AVX-512 vectorises at its own
 #: widest (AVX2: 256), whatever this says
 VECTOR_WIDTH = 512
