@@ -234,6 +234,21 @@ _GRAD_POOL: list[np.ndarray] = []
 _GRAD_POOL_LOCK = threading.Lock()
 
 
+def _free_refs() -> int:
+    """What ``sys.getrefcount`` says, in :func:`_grad_buffer`'s loop, of a pooled array that nothing
+    else holds: measured here the same way (the list, the local name, the call's argument), because how
+    many of its own references the interpreter counts differs between Python versions (3.14 counts
+    fewer). A tensor made from the array holds a counted reference of its own."""
+    pool = [np.empty(1, dtype=np.float32)]
+    for j in range(len(pool)):
+        a = pool[j]
+        return sys.getrefcount(a)
+    raise AssertionError("unreachable")
+
+
+_FREE_REFS = _free_refs()
+
+
 def _grad_buffer(shape: tuple[int, ...]) -> np.ndarray:
     """A float32 array of ``shape`` for the kernel to write the gradient into: a pooled one that nothing
     refers to any more, else a new one (pooled when large)."""
@@ -242,8 +257,7 @@ def _grad_buffer(shape: tuple[int, ...]) -> np.ndarray:
     with _GRAD_POOL_LOCK:
         for j in range(len(_GRAD_POOL)):
             a = _GRAD_POOL[j]
-            # the pool's reference, ``a`` and getrefcount's own argument: no tensor holds it
-            if a.shape == shape and sys.getrefcount(a) == 3:
+            if a.shape == shape and sys.getrefcount(a) == _FREE_REFS:  # no tensor holds it
                 _GRAD_POOL.append(_GRAD_POOL.pop(j))  # the most recently used last
                 return a
         a = np.empty(shape, dtype=np.float32)
