@@ -222,10 +222,9 @@ def _run_numba(s, v, i, t, ign, lab, T, with_tail, ignore_index, scales, per_pos
             torch.set_num_threads(threads)
 
 
-
 #: gradient buffers of the CPU path of at least ``GRAD_POOL_MIN_BYTES``, kept for the next call of the
 #: same shape: a fresh one of that size comes from the system as new pages, which the kernel then faults
-#: in and the system zeroes (a 39 MB gradient: about a quarter of the loss's time on a 2-core Xeon,
+#: in and the system zeroes (a 37.5 MB gradient: about a quarter of the loss's time on a 2-core Xeon,
 #: benchmarks/results/grad-pool-cpu.md). A buffer is reused only when nothing else holds it (its
 #: tensors, which keep the array alive, are gone); at most ``GRAD_POOL_SIZE`` are kept
 GRAD_POOL_MIN_BYTES = 8 << 20
@@ -240,10 +239,8 @@ def _free_refs() -> int:
     many of its own references the interpreter counts differs between Python versions (3.14 counts
     fewer). A tensor made from the array holds a counted reference of its own."""
     pool = [np.empty(1, dtype=np.float32)]
-    for j in range(len(pool)):
-        a = pool[j]
-        return sys.getrefcount(a)
-    raise AssertionError("unreachable")
+    a = pool[0]
+    return sys.getrefcount(a)
 
 
 _FREE_REFS = _free_refs()
@@ -265,6 +262,7 @@ def _grad_buffer(shape: tuple[int, ...]) -> np.ndarray:
         del _GRAD_POOL[:-GRAD_POOL_SIZE]  # the least recently used go (one in use lives on in its tensor)
         return a
 
+
 def _numba_call(numba, s, v, i, t, ign, lab, T, with_tail, ignore_index, scales, per_position):
     from kdcache.kernels.numba_kl import block_pixels, kl_rows, kl_spatial
 
@@ -273,8 +271,8 @@ def _numba_call(numba, s, v, i, t, ign, lab, T, with_tail, ignore_index, scales,
     ign_np = ign.contiguous().numpy() if ign is not None else np.zeros((1, 1), dtype=np.bool_)
     lab_np = lab.long().contiguous().numpy() if lab is not None else np.zeros((1, 1), dtype=np.int64)
     grad = _grad_buffer((N, C, P))
-    sc = scales
-    args = (float(T), with_tail, ign is not None, lab is not None, int(ignore_index), float(sc[0]), float(sc[1]))
+    args = (float(T), with_tail, ign is not None, lab is not None, int(ignore_index), float(scales[0]),
+            float(scales[1]))
     if numba_layout(C, P) == "spatial":
         # one compiled variant for every dtype: the teacher goes in as raw bytes with flags. The cache's
         # own types (fp16 values and tail, uint8 ids) are read in place, others converted to fp32 / int32

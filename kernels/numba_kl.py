@@ -123,7 +123,6 @@ def _select(typingctx, cond, a, b):  # pragma: no cover - compiled
     return sig, codegen
 
 
-
 #: the vector width LLVM's loop vectoriser may use in the spatial kernel, in bits: LLVM's own choice for the
 #: CPUs with AVX-512 since Skylake-X is 256 (the ``prefer-256-bit`` tuning, against the clock drop of
 #: 512-bit instructions on the first of them); the kernels' inner loops are long float32 loops along
@@ -149,6 +148,7 @@ def _prefer_vector_width(typingctx):  # pragma: no cover - compiled
         return context.get_dummy_value()
 
     return sig, codegen
+
 
 def _to_f32(x):  # pragma: no cover - replaced by the overload below inside compiled code
     raise NotImplementedError
