@@ -2,9 +2,10 @@
 
     python benchmarks/kernel_sweep.py            # on a CUDA machine; writes benchmarks/results/kernel-sweep-<gpu>.md
 
-Maps (8×C×512×1024, bf16 student, top-4 + tail): pixels a thread (``SPT``), ``num_warps``, the
-classes whose loads go out before use (``UNROLL``) and whether the forward's log-sum-exps take them
-as one chunk (``CHUNK``: the chunk's maximum, then independent exponentials) or one after another; rows (4096×C): ``BLOCK_C`` and ``num_warps``.
+Maps (8×C×512×1024, bf16 student, top-4 + tail): the class loop (``LEAN``, with ``BITS`` at C ≤ 32,
+against the class-by-class loop, alone and with ``CHUNK``: the forward's chunk maximum, then independent
+exponentials), pixels a thread (``SPT``), ``num_warps`` and the classes whose loads go out before use
+(``UNROLL``); rows (4096×C): ``BLOCK_C`` and ``num_warps``.
 Each setting runs through ``kdcache.kernels.topk_kl`` (``triton_kl.MAP_TUNING`` / ``ROW_TUNING``),
 timed as ``bench-kernels`` times it (CUDA events, L2 flushed before each call), in rounds that take
 the settings in turn; medians. The defaults in ``kernels/triton_kl.py`` are marked; the table says
@@ -33,12 +34,13 @@ from kdcache.kernels.bench import (
 
 MAP_CASES = [(8, 11, (512, 1024)), (8, 19, (512, 1024)), (8, 150, (512, 1024))]
 ROW_CASES = [(4096, 1000, ()), (4096, 32000, ()), (4096, 128000, ())]
-# 8 pixels a thread, dropped here: its four settings were the four slowest in every maps case of the H200 sweep
-# of 97214fa, and among the slowest at 06cf5fe. The forward's chunked log-sum-exps (CHUNK; 8 classes a chunk
-# too) are new and unmeasured
-MAP_SETTINGS = [dict(SPT=s, num_warps=w, UNROLL=u, CHUNK=c)
-                for s, w, u, c in itertools.product((2, 4), (4, 8), (2, 4), (False, True))]
-MAP_SETTINGS += [dict(SPT=2, num_warps=w, UNROLL=8, CHUNK=True) for w in (4, 8)]
+# The lean class loops (LEAN, BITS at C <= 32; the default since 2026-11-28) against the class-by-class loop
+# (LEAN off, alone and with CHUNK) and the lean loop without bits; then the lean loop's pixels a thread,
+# warps and classes in flight. 8 pixels a thread stay out: its settings were the four slowest in every maps
+# case of the classic loop's H200 sweeps (97214fa, 06cf5fe)
+MAP_SETTINGS = [dict(LEAN=False), dict(LEAN=False, CHUNK=True), dict(BITS=False)]
+MAP_SETTINGS += [dict(SPT=s, num_warps=w, UNROLL=u)
+                 for s, w, u in itertools.product((1, 2, 4), (4, 8), (2, 4, 8)) if (s, w, u) != (2, 4, 4)]
 ROW_SETTINGS = [dict(BLOCK_C=b, num_warps=w) for b, w in itertools.product((1024, 4096), (4, 16))]
 
 

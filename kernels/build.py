@@ -54,13 +54,15 @@ class Variant:
     num_warps: int | None = None
     #: the maps forward's chunked log-sum-exps (None: the launch's default, ``triton_kl.CHUNK``)
     chunk: bool | None = None
+    #: the maps kernels' lean class loop (None: the launch's default, ``triton_kl.LEAN``)
+    lean: bool | None = None
 
     @property
     def name(self) -> str:
         parts = [self.kernel, self.dtype, f"C{self.C}", f"k{self.k}"]
         parts += [flag for flag, on in (("tail", self.with_tail), ("ignore", self.has_ign), ("labels", self.has_lab),
                                         ("lse1", self.lse1), ("channels_last", self.channels_last),
-                                        ("chunk", bool(self.chunk))) if on]
+                                        ("chunk", bool(self.chunk)), ("classic", self.lean is False)) if on]
         parts.append(("mean", "sum", "none")[self.reduction])
         return "-".join(parts)
 
@@ -82,7 +84,9 @@ def _config(v: Variant) -> tuple[dict, int]:
         cfg = triton_kl.row_config(v.C, v.k)
         return {"BLOCK_C": cfg["BLOCK_C"], "CAPTURE": cfg["CAPTURE"]}, cfg["num_warps"]
     cfg = triton_kl.map_config(v.C, 512 * 1024, v.k, _ELEMENT[v.dtype], v.C if v.channels_last else 1, v.lse1)
-    tiles = {"BLOCK_P": cfg["BLOCK_P"], "CAPTURE": cfg["CAPTURE"], "UNROLL": cfg["UNROLL"]}
+    tiles = {"BLOCK_P": cfg["BLOCK_P"], "CAPTURE": cfg["CAPTURE"], "UNROLL": cfg["UNROLL"],
+             "LEAN": cfg["LEAN"] if v.lean is None else v.lean and cfg["CAPTURE"]}
+    tiles["BITS"] = cfg["BITS"] and tiles["LEAN"]
     if v.kernel == "map_fwd":
         tiles["CHUNK"] = v.chunk if v.chunk is not None else cfg["CHUNK"]
     return tiles, cfg["num_warps"]
@@ -214,8 +218,9 @@ def inspect(v: Variant) -> Report:
 
 def variants() -> list[Variant]:
     """What CI compiles: the training configurations (bf16/fp16/fp32 students, k = 4 and 8, with and
-    without ignore masks), the labels and T ≠ 1 statistics, channels_last, sum and map reductions, the
-    forward's chunked log-sum-exps, and rows of 1000, 32000 and 128000 classes."""
+    without ignore masks), the labels and T ≠ 1 statistics, channels_last, sum and map reductions (the
+    lean class loops, with the top k as bits at C = 19), the class-by-class loops and the forward's
+    chunked log-sum-exps, and rows of 1000, 32000 and 128000 classes."""
     out = []
     for kernel in ("map_fwd", "map_bwd"):
         for dtype in ("bfloat16", "float16", "float32"):
@@ -224,10 +229,13 @@ def variants() -> list[Variant]:
                 Variant(kernel, "float16", C=19, k=4, has_lab=True, lse1=True),
                 Variant(kernel, "bfloat16", C=19, k=4, with_tail=False, has_ign=False, reduction=2),
                 Variant(kernel, "bfloat16", C=19, k=4, channels_last=True, reduction=1)]
-    # the forward's chunked log-sum-exps (triton_kl.CHUNK), which a GPU sweep chooses between
-    out += [Variant("map_fwd", dtype, C=19, k=4, chunk=True) for dtype in ("bfloat16", "float32")]
-    out += [Variant("map_fwd", "bfloat16", C=150, k=8, chunk=True),
-            Variant("map_fwd", "float16", C=19, k=4, has_lab=True, lse1=True, chunk=True)]
+    # the class-by-class loops (triton_kl.LEAN off) and the forward's chunked log-sum-exps (CHUNK), which a
+    # GPU sweep chooses between
+    for kernel in ("map_fwd", "map_bwd"):
+        out += [Variant(kernel, "bfloat16", C=19, k=4, lean=False), Variant(kernel, "bfloat16", C=150, k=8, lean=False)]
+    out += [Variant("map_fwd", dtype, C=19, k=4, chunk=True, lean=False) for dtype in ("bfloat16", "float32")]
+    out += [Variant("map_fwd", "bfloat16", C=150, k=8, chunk=True, lean=False),
+            Variant("map_fwd", "float16", C=19, k=4, has_lab=True, lse1=True, chunk=True, lean=False)]
     for kernel in ("row_fwd", "row_bwd"):
         out += [Variant(kernel, "bfloat16", C=1000, k=4), Variant(kernel, "float32", C=32000, k=8, has_lab=True,
                                                                    lse1=True),

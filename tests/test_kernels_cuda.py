@@ -135,20 +135,24 @@ def upstream_for(case: Case, reduction: str, seed: int = 1) -> torch.Tensor:
     return torch.tensor(1.7, dtype=torch.float64, device=case.s.device)
 
 
-def reference(case: Case, *, tail_policy: str, reduction: str, upstream: torch.Tensor):
+def reference(case: Case, *, tail_policy: str, reduction: str, upstream: torch.Tensor, temperature: float = T):
     """float64 loss and autograd gradient of the torch reference."""
     s64 = case.s.double().requires_grad_(True)
     ref = topk_kl_reference(s64, case.v.double(), case.i, case.tail.double() if case.tail is not None else None,
-                            temperature=T, ignore_mask=case.ign, reduction=reduction, tail=tail_policy,
+                            temperature=temperature, ignore_mask=case.ign, reduction=reduction, tail=tail_policy,
                             labels=case.lab, ignore_index=case.ignore_index, ce_weight=CE_WEIGHT)
     (g,) = torch.autograd.grad(ref, s64, upstream)
     return ref.detach(), g
 
 
-def fused(case: Case, *, tail_policy: str, reduction: str, upstream: torch.Tensor):
+def fused(case: Case, *, tail_policy: str, reduction: str, upstream: torch.Tensor, temperature: float = T,
+          channels_last: bool = False):
     """The Triton kernel's loss and gradient (loss.backward's, through the autograd function)."""
-    x = case.s.detach().requires_grad_(True)
-    out = topk_kl(x, case.v, case.i, case.tail, temperature=T, ignore_mask=case.ign, reduction=reduction,
+    x = case.s.detach()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.requires_grad_(True)
+    out = topk_kl(x, case.v, case.i, case.tail, temperature=temperature, ignore_mask=case.ign, reduction=reduction,
                   tail=tail_policy, labels=case.lab, ignore_index=case.ignore_index, ce_weight=CE_WEIGHT,
                   backend="triton")
     (g,) = torch.autograd.grad(out, x, upstream.float())
@@ -170,8 +174,8 @@ def assert_matches_reference(out, g, ref, g_ref, dtype, *, check_grad=True, what
     err = (g.double() - g_ref).abs()
     excess = err - (g_atol * gmax + g_rtol * g_ref.abs())
     worst = int(excess.argmax())
-    assert excess.view(-1)[worst] <= 0, (
-        f"{what}: gradient error {err.view(-1)[worst].item():.3g} at flat index {worst} "
+    assert excess.reshape(-1)[worst] <= 0, (
+        f"{what}: gradient error {err.reshape(-1)[worst].item():.3g} at flat index {worst} "
         f"(g {g.reshape(-1)[worst].item():.6g}, reference {g_ref.reshape(-1)[worst].item():.6g}, "
         f"max |g_ref| {gmax.item():.3g})")
 
@@ -434,52 +438,74 @@ def test_launch_settings_agree(monkeypatch, name):
     run_settings(monkeypatch, case, tail_policy=tail_policy, reduction=reduction, what=name)
 
 
-def run_chunked(monkeypatch, case: Case, *, tail_policy, reduction, what=""):
-    """The maps forward's log-sum-exps class after class and in chunks of UNROLL classes
-    (``triton_kl.CHUNK``): each against the reference, and the two against each other (the same sums
-    in another order: within a few float32 roundings)."""
+#: the maps kernels' class loops (``triton_kl`` settings): class after class, in chunks of UNROLL classes,
+#: the lean loop with the top k's ids compared, and with them as bits (C <= 32)
+LOOPS = {"classic": dict(LEAN=False, CHUNK=False), "chunked": dict(LEAN=False, CHUNK=True),
+         "lean": dict(LEAN=True, BITS=False), "bits": dict(LEAN=True, BITS=True)}
+
+
+def run_loops(monkeypatch, case: Case, *, tail_policy, reduction, what="", temperature=T, channels_last=False):
+    """Every class loop of the maps kernels (:data:`LOOPS`): each against the reference, and each against
+    the class-by-class loop (the same sums in another order and base: within a few float32 roundings)."""
     upstream = upstream_for(case, reduction)
-    ref, g_ref = reference(case, tail_policy=tail_policy, reduction=reduction, upstream=upstream)
+    ref, g_ref = reference(case, tail_policy=tail_policy, reduction=reduction, upstream=upstream,
+                           temperature=temperature)
     runs = {}
-    for chunk in (False, True):
-        monkeypatch.setattr(triton_kl, "CHUNK", chunk)
-        assert triton_kl.map_config(case.s.shape[1], 64 * 64, case.v.shape[1], 4)["CHUNK"] is chunk
-        runs[chunk] = fused(case, tail_policy=tail_policy, reduction=reduction, upstream=upstream)
-        assert_matches_reference(*runs[chunk], ref, g_ref, case.s.dtype, what=f"{what} CHUNK={chunk}")
-    (out0, g0), (out1, g1) = runs[False], runs[True]
-    lerr = (out1.double() - out0.double()).abs().max().item()
-    assert lerr <= 1e-5 * max(out0.double().abs().max().item(), 1e-3), f"{what}: chunked loss differs by {lerr:.3g}"
+    C, k = case.s.shape[1], case.v.shape[1]
+    for name, settings in LOOPS.items():
+        for attr, value in ({"LEAN": False, "CHUNK": False, "BITS": False} | settings).items():
+            monkeypatch.setattr(triton_kl, attr, value)
+        cfg = triton_kl.map_config(C, 64 * 64, k, 4)
+        assert (cfg["LEAN"], cfg["BITS"], cfg["CHUNK"]) == (settings.get("LEAN", False) and k <= triton_kl.CAPTURE_MAX_K,
+                                                            settings.get("BITS", False) and C <= 32 and cfg["LEAN"],
+                                                            settings.get("CHUNK", False)), (name, cfg)
+        runs[name] = fused(case, tail_policy=tail_policy, reduction=reduction, upstream=upstream,
+                           temperature=temperature, channels_last=channels_last)
+        assert_matches_reference(*runs[name], ref, g_ref, case.s.dtype, what=f"{what} {name}")
+    out0, g0 = runs["classic"]
     g0d = g0.double()
-    diff = (g1.double() - g0d).abs()
     bound = (4 * torch.finfo(case.s.dtype).eps + 1e-5) * g0d.abs() + 1e-6 * g0d.abs().max()
-    assert (diff <= bound).all(), f"{what}: chunked gradient differs by up to {diff.max().item():.3g}"
+    for name, (out1, g1) in runs.items():
+        lerr = (out1.double() - out0.double()).abs().max().item()
+        assert lerr <= 1e-5 * max(out0.double().abs().max().item(), 1e-3), f"{what}: {name} loss differs by {lerr:.3g}"
+        diff = (g1.double() - g0d).abs()
+        assert (diff <= bound).all(), f"{what}: {name} gradient differs by up to {diff.max().item():.3g}"
 
 
 @interpreter_or_gpu
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.slow  # the Triton interpreter
-def test_chunked_forward_tiny(monkeypatch):
-    """11 classes: two chunks of four and three classes one at a time; the labels' third log-sum-exp at
-    T = 2; logits 30 times the usual spread, so that a chunk's maximum moves far (the rescale)."""
-    run_chunked(monkeypatch, make_case(2, 11, (6, 10), 4, dtype=torch.float32, labels=True), tail_policy="bin",
-                reduction="mean", what="seg 2×11×6×10 fp32 kd+ce")
-    run_chunked(monkeypatch, make_case(1, 11, (5, 7), 3, dtype=torch.float16, scale=90.0), tail_policy="renormalize",
-                reduction="none", what="seg 1×11×5×7 fp16 large logits")
+def test_class_loops_tiny(monkeypatch):
+    """Every class loop on tiny maps. 11 classes (two blocks of four, then three one at a time) with the
+    labels' third log-sum-exp at T = 2; logits 30 times the usual spread, so that the running maxima move
+    far; labels at T = 1 (the cross-entropy folded into the lean backward's scales), channels_last; and
+    40 classes (the lean loop without bits)."""
+    run_loops(monkeypatch, make_case(2, 11, (6, 10), 4, dtype=torch.float32, labels=True), tail_policy="bin",
+              reduction="mean", what="seg 2×11×6×10 fp32 kd+ce")
+    run_loops(monkeypatch, make_case(1, 11, (5, 7), 3, dtype=torch.float16, scale=90.0), tail_policy="renormalize",
+              reduction="none", what="seg 1×11×5×7 fp16 large logits")
+    run_loops(monkeypatch, make_case(2, 11, (4, 6), 4, dtype=torch.bfloat16, labels=True, seed=3), tail_policy="bin",
+              reduction="none", temperature=1.0, channels_last=True, what="seg 2×11×4×6 bf16 kd+ce T=1 channels_last")
+    run_loops(monkeypatch, make_case(1, 40, (3, 5), 5, dtype=torch.float32, labels=True, seed=4), tail_policy="bin",
+              reduction="sum", temperature=1.0, what="seg 1×40×3×5 fp32 kd+ce T=1")
 
 
-CHUNK_CASES = {
+LOOP_CASES = {
     "seg 2×19×512×1024 bf16 kd+ce bin mean": (dict(N=2, C=19, spatial=(512, 1024), k=4, dtype=torch.bfloat16,
-                                                   labels=True), "bin", "mean"),
+                                                   labels=True), "bin", "mean", T),
+    "seg 2×21×256×512 fp32 kd+ce T=1 bin none": (dict(N=2, C=21, spatial=(256, 512), k=4, dtype=torch.float32,
+                                                      labels=True), "bin", "none", 1.0),
     "seg 2×150×256×512 fp16 renormalize none": (dict(N=2, C=150, spatial=(256, 512), k=8, dtype=torch.float16),
-                                                "renormalize", "none"),
+                                                "renormalize", "none", T),
 }
 
 
 @gpu
-@pytest.mark.parametrize("name", list(CHUNK_CASES))
-def test_chunked_forward_agrees(monkeypatch, name):
-    shape, tail_policy, reduction = CHUNK_CASES[name]
-    run_chunked(monkeypatch, make_case(**shape), tail_policy=tail_policy, reduction=reduction, what=name)
+@pytest.mark.parametrize("name", list(LOOP_CASES))
+def test_class_loops_agree(monkeypatch, name):
+    shape, tail_policy, reduction, temperature = LOOP_CASES[name]
+    run_loops(monkeypatch, make_case(**shape), tail_policy=tail_policy, reduction=reduction, what=name,
+              temperature=temperature)
 
 
 @gpu
