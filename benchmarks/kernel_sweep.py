@@ -34,13 +34,14 @@ from kdcache.kernels.bench import (
 
 MAP_CASES = [(8, 11, (512, 1024)), (8, 19, (512, 1024)), (8, 150, (512, 1024))]
 ROW_CASES = [(4096, 1000, ()), (4096, 32000, ()), (4096, 128000, ())]
-# The lean class loops (LEAN, BITS at C <= 32; the default since 2026-11-28) against the class-by-class loop
-# (LEAN off, alone and with CHUNK) and the lean loop without bits; then the lean loop's pixels a thread,
-# warps and classes in flight. 8 pixels a thread stay out: its settings were the four slowest in every maps
-# case of the classic loop's H200 sweeps (97214fa, 06cf5fe)
-MAP_SETTINGS = [dict(LEAN=False), dict(LEAN=False, CHUNK=True), dict(BITS=False)]
+# The lean class loops (LEAN, the forward's BITS at C <= 32; the default since 2026-11-28, 8 classes in flight)
+# against the class-by-class loop (LEAN off, 4 in flight, alone and with CHUNK), the lean loop without bits and
+# with the backward's bits too (BWD_BITS); then the lean loop's pixels a thread, warps and classes in flight
+# around the default. 8 pixels a thread stay out: the four slowest settings in every maps case of the
+# class-by-class loop's H200 sweeps (97214fa, 06cf5fe); 1 pixel a thread was slower at every setting in 59c0182's
+MAP_SETTINGS = [dict(LEAN=False), dict(LEAN=False, CHUNK=True), dict(BITS=False), dict(BWD_BITS=True)]
 MAP_SETTINGS += [dict(SPT=s, num_warps=w, UNROLL=u)
-                 for s, w, u in itertools.product((1, 2, 4), (4, 8), (2, 4, 8)) if (s, w, u) != (2, 4, 4)]
+                 for s, w, u in ((2, 8, 8), (4, 4, 8), (2, 4, 4), (2, 8, 4), (4, 4, 4))]
 ROW_SETTINGS = [dict(BLOCK_C=b, num_warps=w) for b, w in itertools.product((1024, 4096), (4, 16))]
 
 

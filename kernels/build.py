@@ -56,13 +56,15 @@ class Variant:
     chunk: bool | None = None
     #: the maps kernels' lean class loop (None: the launch's default, ``triton_kl.LEAN``)
     lean: bool | None = None
+    #: the backward's top k as bits (``triton_kl.BWD_BITS``; None: the default)
+    bwd_bits: bool | None = None
 
     @property
     def name(self) -> str:
         parts = [self.kernel, self.dtype, f"C{self.C}", f"k{self.k}"]
         parts += [flag for flag, on in (("tail", self.with_tail), ("ignore", self.has_ign), ("labels", self.has_lab),
                                         ("lse1", self.lse1), ("channels_last", self.channels_last),
-                                        ("chunk", bool(self.chunk)), ("classic", self.lean is False)) if on]
+                                        ("chunk", bool(self.chunk)), ("classic", self.lean is False), ("bits", bool(self.bwd_bits))) if on]
         parts.append(("mean", "sum", "none")[self.reduction])
         return "-".join(parts)
 
@@ -86,7 +88,10 @@ def _config(v: Variant) -> tuple[dict, int]:
     cfg = triton_kl.map_config(v.C, 512 * 1024, v.k, _ELEMENT[v.dtype], v.C if v.channels_last else 1, v.lse1)
     tiles = {"BLOCK_P": cfg["BLOCK_P"], "CAPTURE": cfg["CAPTURE"], "UNROLL": cfg["UNROLL"],
              "LEAN": cfg["LEAN"] if v.lean is None else v.lean and cfg["CAPTURE"]}
-    tiles["BITS"] = cfg["BITS"] and tiles["LEAN"]
+    if not tiles["LEAN"]:  # the class-by-class loop keeps at most 4 classes in flight (map_config)
+        tiles["UNROLL"] = min(tiles["UNROLL"], 4)
+    bwd_bits = cfg["BWD_BITS"] if v.bwd_bits is None else v.bwd_bits and cfg["BITS"]
+    tiles["BITS"] = (cfg["BITS"] if v.kernel == "map_fwd" else bwd_bits) and tiles["LEAN"]
     if v.kernel == "map_fwd":
         tiles["CHUNK"] = v.chunk if v.chunk is not None else cfg["CHUNK"]
     return tiles, cfg["num_warps"]
@@ -233,6 +238,7 @@ def variants() -> list[Variant]:
     # GPU sweep chooses between
     for kernel in ("map_fwd", "map_bwd"):
         out += [Variant(kernel, "bfloat16", C=19, k=4, lean=False), Variant(kernel, "bfloat16", C=150, k=8, lean=False)]
+    out.append(Variant("map_bwd", "bfloat16", C=19, k=4, bwd_bits=True))  # the backward's bits (BWD_BITS)
     out += [Variant("map_fwd", dtype, C=19, k=4, chunk=True, lean=False) for dtype in ("bfloat16", "float32")]
     out += [Variant("map_fwd", "bfloat16", C=150, k=8, chunk=True, lean=False),
             Variant("map_fwd", "float16", C=19, k=4, has_lab=True, lse1=True, chunk=True, lean=False)]

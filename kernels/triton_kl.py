@@ -882,6 +882,9 @@ def map_config(C: int, P: int, k: int, element_size: int, pixel_stride: int = 1,
     chunk = CHUNK
     lean = LEAN
     bits = BITS
+    bwd_bits = BWD_BITS
+    if not (lean and capture):  # the class-by-class loop: 8 classes in flight measured slower (7d5895f's sweep)
+        unroll = min(unroll, 4)
     if MAP_TUNING:  # benchmarks/kernel_sweep.py tries other settings through this
         spt = MAP_TUNING.get("SPT", spt)
         num_warps = MAP_TUNING.get("num_warps", num_warps)
@@ -889,6 +892,7 @@ def map_config(C: int, P: int, k: int, element_size: int, pixel_stride: int = 1,
         chunk = MAP_TUNING.get("CHUNK", chunk)
         lean = MAP_TUNING.get("LEAN", lean)
         bits = MAP_TUNING.get("BITS", bits)
+        bwd_bits = MAP_TUNING.get("BWD_BITS", bwd_bits)
     block_p = spt * 32 * num_warps
     while block_p > 64 and block_p // 2 >= _pow2(P):  # small maps: fewer idle lanes
         if num_warps > 1:
@@ -897,7 +901,8 @@ def map_config(C: int, P: int, k: int, element_size: int, pixel_stride: int = 1,
             spt //= 2
         block_p = spt * 32 * num_warps
     return {"SPT": spt, "num_warps": num_warps, "BLOCK_P": block_p, "CAPTURE": capture, "UNROLL": unroll,
-            "CHUNK": chunk, "LEAN": lean and capture, "BITS": lean and capture and bits and C <= 32}
+            "CHUNK": chunk, "LEAN": lean and capture, "BITS": lean and capture and bits and C <= 32,
+            "BWD_BITS": lean and capture and bits and bwd_bits and C <= 32}
 
 
 def row_config(C: int, k: int) -> dict:
@@ -920,7 +925,7 @@ NUM_STAGES: int | None = None
 _MAX_PROGRAMS = 2**31 - 1  # a CUDA grid's x dimension
 RBLOCK = 1024
 #: classes whose loads a map kernel issues before using any of them (bytes in flight per thread)
-UNROLL = 4
+UNROLL = 8
 #: the maps forward's log-sum-exps over chunks of ``UNROLL`` classes (:func:`_fwd_chunk`: the chunk's
 #: maximum first, then exponentials independent of each other) rather than class after class (each
 #: exponential after the maximum of the class before it). The same sums; which is faster is a GPU
@@ -936,6 +941,11 @@ LEAN = True
 #: whether a class is among them; the forward gathers the top k's logits after the loop and the backward
 #: writes those k classes (and the label) again in full, from the block the loop has just read
 BITS = True
+#: the backward with the top k as bits too (``BITS`` and this): every class written as a tail class, then the
+#: k + 1 classes of the top k and the label written again. Off: on an H200 (59c0182's bench) the backward
+#: took 0.14 ms at 8×11×512×1024 and 0.20 at 8×19 where the class-by-class loop took 0.10 and 0.14 (the
+#: scattered rewrites), while the forward gained (0.16 → 0.15, 0.21 → 0.17)
+BWD_BITS = False
 #: settings that replace the configs' choices when set (``SPT``, ``num_warps``, ``UNROLL``, ``CHUNK`` for maps;
 #: ``BLOCK_C``, ``num_warps`` for rows): how benchmarks/kernel_sweep.py times the alternatives
 MAP_TUNING: dict | None = None
@@ -1033,7 +1043,7 @@ def backward(go, s, v, idx, tail, ign, lab, stats, scales, grad, *, T: float, wi
                       tail.stride(0) if tail is not None else 0, ign.stride(0) if ign is not None else 0,
                       lab.stride(0) if lab is not None else 0, stats.stride(0),
                       grad.stride(0), grad.stride(1), g_sp,
-                      BLOCK_P=cfg["BLOCK_P"], CAPTURE=cfg["CAPTURE"], UNROLL=cfg["UNROLL"], LEAN=cfg["LEAN"], BITS=cfg["BITS"], **common,
+                      BLOCK_P=cfg["BLOCK_P"], CAPTURE=cfg["CAPTURE"], UNROLL=cfg["UNROLL"], LEAN=cfg["LEAN"], BITS=cfg["BWD_BITS"], **common,
                       **_options(cfg["num_warps"]))
 
 

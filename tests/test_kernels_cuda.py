@@ -441,7 +441,8 @@ def test_launch_settings_agree(monkeypatch, name):
 #: the maps kernels' class loops (``triton_kl`` settings): class after class, in chunks of UNROLL classes,
 #: the lean loop with the top k's ids compared, and with them as bits (C <= 32)
 LOOPS = {"classic": dict(LEAN=False, CHUNK=False), "chunked": dict(LEAN=False, CHUNK=True),
-         "lean": dict(LEAN=True, BITS=False), "bits": dict(LEAN=True, BITS=True)}
+         "lean": dict(LEAN=True, BITS=False), "bits": dict(LEAN=True, BITS=True),
+         "bits both passes": dict(LEAN=True, BITS=True, BWD_BITS=True)}
 
 
 def run_loops(monkeypatch, case: Case, *, tail_policy, reduction, what="", temperature=T, channels_last=False):
@@ -453,12 +454,13 @@ def run_loops(monkeypatch, case: Case, *, tail_policy, reduction, what="", tempe
     runs = {}
     C, k = case.s.shape[1], case.v.shape[1]
     for name, settings in LOOPS.items():
-        for attr, value in ({"LEAN": False, "CHUNK": False, "BITS": False} | settings).items():
+        for attr, value in ({"LEAN": False, "CHUNK": False, "BITS": False, "BWD_BITS": False} | settings).items():
             monkeypatch.setattr(triton_kl, attr, value)
         cfg = triton_kl.map_config(C, 64 * 64, k, 4)
-        assert (cfg["LEAN"], cfg["BITS"], cfg["CHUNK"]) == (settings.get("LEAN", False) and k <= triton_kl.CAPTURE_MAX_K,
-                                                            settings.get("BITS", False) and C <= 32 and cfg["LEAN"],
-                                                            settings.get("CHUNK", False)), (name, cfg)
+        lean = settings.get("LEAN", False) and k <= triton_kl.CAPTURE_MAX_K
+        bits = settings.get("BITS", False) and C <= 32 and lean
+        assert (cfg["LEAN"], cfg["BITS"], cfg["BWD_BITS"], cfg["CHUNK"]) == (
+            lean, bits, bits and settings.get("BWD_BITS", False), settings.get("CHUNK", False)), (name, cfg)
         runs[name] = fused(case, tail_policy=tail_policy, reduction=reduction, upstream=upstream,
                            temperature=temperature, channels_last=channels_last)
         assert_matches_reference(*runs[name], ref, g_ref, case.s.dtype, what=f"{what} {name}")
