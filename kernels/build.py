@@ -85,15 +85,18 @@ def _config(v: Variant) -> tuple[dict, int]:
     if v.kernel.startswith("row"):
         cfg = triton_kl.row_config(v.C, v.k)
         return {"BLOCK_C": cfg["BLOCK_C"], "CAPTURE": cfg["CAPTURE"]}, cfg["num_warps"]
-    cfg = triton_kl.map_config(v.C, 512 * 1024, v.k, _ELEMENT[v.dtype], v.C if v.channels_last else 1, v.lse1)
-    tiles = {"BLOCK_P": cfg["BLOCK_P"], "CAPTURE": cfg["CAPTURE"], "UNROLL": cfg["UNROLL"],
-             "LEAN": cfg["LEAN"] if v.lean is None else v.lean and cfg["CAPTURE"]}
-    if not tiles["LEAN"]:  # the class-by-class loop keeps at most 4 classes in flight (map_config)
-        tiles["UNROLL"] = min(tiles["UNROLL"], 4)
-    bwd_bits = cfg["BWD_BITS"] if v.bwd_bits is None else v.bwd_bits and cfg["BITS"]
-    tiles["BITS"] = (cfg["BITS"] if v.kernel == "map_fwd" else bwd_bits) and tiles["LEAN"]
+    chosen = {name: value for name, value in (("LEAN", v.lean), ("BWD_BITS", v.bwd_bits), ("CHUNK", v.chunk))
+              if value is not None}
+    saved = triton_kl.MAP_TUNING
+    triton_kl.MAP_TUNING = {**(saved or {}), **chosen} or None  # the variant's loop with its own launch settings
+    try:
+        cfg = triton_kl.map_config(v.C, 512 * 1024, v.k, _ELEMENT[v.dtype], v.C if v.channels_last else 1, v.lse1)
+    finally:
+        triton_kl.MAP_TUNING = saved
+    tiles = {"BLOCK_P": cfg["BLOCK_P"], "CAPTURE": cfg["CAPTURE"], "UNROLL": cfg["UNROLL"], "LEAN": cfg["LEAN"],
+             "BITS": cfg["BITS"] if v.kernel == "map_fwd" else cfg["BWD_BITS"]}
     if v.kernel == "map_fwd":
-        tiles["CHUNK"] = v.chunk if v.chunk is not None else cfg["CHUNK"]
+        tiles["CHUNK"] = cfg["CHUNK"]
     return tiles, cfg["num_warps"]
 
 

@@ -877,22 +877,24 @@ def map_config(C: int, P: int, k: int, element_size: int, pixel_stride: int = 1,
         spt = 1
     if element_size == 4 and 4 < k <= 8:  # fp32 at k = 8: 2 pixels a thread exceed the 128-register budget
         spt = 1
-    num_warps = 4
-    unroll = UNROLL
     chunk = CHUNK
     lean = LEAN
     bits = BITS
     bwd_bits = BWD_BITS
-    if not (lean and capture):  # the class-by-class loop: 8 classes in flight measured slower (7d5895f's sweep)
-        unroll = min(unroll, 4)
     if MAP_TUNING:  # benchmarks/kernel_sweep.py tries other settings through this
-        spt = MAP_TUNING.get("SPT", spt)
-        num_warps = MAP_TUNING.get("num_warps", num_warps)
-        unroll = MAP_TUNING.get("UNROLL", unroll)
         chunk = MAP_TUNING.get("CHUNK", chunk)
         lean = MAP_TUNING.get("LEAN", lean)
         bits = MAP_TUNING.get("BITS", bits)
         bwd_bits = MAP_TUNING.get("BWD_BITS", bwd_bits)
+    # the lean loop: 8 warps and 8 classes in flight, the fastest of two H200 sweeps' lean settings at
+    # 8×19 and within 1% of the fastest at 8×11 and 8×150 (kernel-sweep-nvidia-h200.md, 865e091; SPT 4 on
+    # 4 warps was as fast, with twice the registers a thread); the class-by-class loop: 4 warps, 4 classes
+    num_warps = 8 if lean and capture else 4
+    unroll = UNROLL if lean and capture else min(UNROLL, 4)
+    if MAP_TUNING:
+        spt = MAP_TUNING.get("SPT", spt)
+        num_warps = MAP_TUNING.get("num_warps", num_warps)
+        unroll = MAP_TUNING.get("UNROLL", unroll)
     block_p = spt * 32 * num_warps
     while block_p > 64 and block_p // 2 >= _pow2(P):  # small maps: fewer idle lanes
         if num_warps > 1:
