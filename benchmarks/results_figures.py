@@ -629,6 +629,9 @@ def draw_kernels(texts: dict[str, str]):
         left.set_title(title, loc="left")
         share = [number(r["% of copy"]) for r in t.rows]
         right.barh(y, share, color=GREEN)
+        if "NVIDIA" in title:  # issue 50's goal on a GPU
+            right.axvline(70, color="black", linewidth=0.8, linestyle="--")
+            right.text(70, y[0] + 0.6, " goal 70%", fontsize=7, va="bottom")
         right.set_xlim(0, 100)
         right.set_yticks(y, [])
         right.grid(axis="y", visible=False)

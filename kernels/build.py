@@ -79,6 +79,8 @@ class Report:
     shared_in_loops: list[str] = field(default_factory=list)
     vector_loads_in_loops: int = 0
     loops: int = 0
+    #: SASS instructions of the maps kernels' class loop per student element (None: rows, or no cuobjdump)
+    instructions_per_element: float | None = None
 
 
 def _config(v: Variant) -> tuple[dict, int]:
@@ -209,6 +211,43 @@ def loops(ptx: str) -> list[tuple[int, int]]:
     return out
 
 
+def cubin_sass(ptx: str) -> str | None:
+    """The SASS ptxas makes of ``ptx`` for its target, as ``cuobjdump -sass`` prints it (None without
+    a cuobjdump next to Triton's ptxas)."""
+    tool = os.path.join(os.path.dirname(ptxas_path()), "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(path, "w") as f:
+            f.write(ptx)
+        subprocess.run([ptxas_path(), f"--gpu-name={_target(ptx)}", path, "-o", cubin], capture_output=True,
+                       check=True)
+        return subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+
+
+_SASS = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.+?)\s*;")
+_SASS_BRANCH = re.compile(r"\bBRA\s+(?:\S+\s+)?0x([0-9a-f]+)")
+
+
+def class_loop_instructions(sass: str) -> int | None:
+    """Instructions in one trip of the class loop: of the SASS's loops (a branch back to a lower
+    address), the one with the most ``MUFU`` (the exponentials: one a student element); None if none has one."""
+    code = [(int(m.group(1), 16), m.group(2)) for m in map(_SASS.match, sass.splitlines()) if m]
+    where = {addr: n for n, (addr, _) in enumerate(code)}
+    best = None
+    for n, (addr, text) in enumerate(code):
+        b = _SASS_BRANCH.search(text)
+        if not b or int(b.group(1), 16) >= addr or int(b.group(1), 16) not in where:
+            continue
+        body = code[where[int(b.group(1), 16)]:n + 1]
+        mufu = sum(" MUFU" in " " + t.split("@")[-1] or t.lstrip().startswith("MUFU") for _, t in body)
+        if mufu and (best is None or mufu > best[0]):
+            best = (mufu, len(body))
+    return best[1] if best else None
+
+
 def inspect(v: Variant) -> Report:
     ptx, num_warps = compile_ptx(v)
     regs, spills, smem = ptxas_info(ptx)
@@ -221,7 +260,15 @@ def inspect(v: Variant) -> Report:
             if "bar.sync" in t or "barrier" in t or ".shared" in t:
                 bad.append(t)
             vector += is_wide_load(t, _ELEMENT[v.dtype])
-    return Report(v.name, regs, spills, smem, num_warps, sorted(set(bad)), vector, len(found))
+    per_element = None
+    if v.kernel.startswith("map"):
+        sass = cubin_sass(ptx)
+        trip = class_loop_instructions(sass) if sass else None
+        if trip:
+            tiles, _ = _config(v)
+            spt = tiles["BLOCK_P"] // (32 * num_warps)
+            per_element = round(trip / (max(spt, 1) * tiles["UNROLL"]), 1)
+    return Report(v.name, regs, spills, smem, num_warps, sorted(set(bad)), vector, len(found), per_element)
 
 
 def variants() -> list[Variant]:
@@ -253,11 +300,13 @@ def variants() -> list[Variant]:
 
 
 def report_markdown(reports: list[Report], title: str) -> str:
-    lines = [f"# {title}\n", "| variant | registers | spill bytes | warps | loops | shared / barriers in loops | vector loads in loops |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"# {title}\n", "| variant | registers | spill bytes | warps | loops | shared / barriers in loops | "
+                              "vector loads in loops | class loop: SASS instructions an element |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in reports:
+        per = "" if r.instructions_per_element is None else f"{r.instructions_per_element:g}"
         lines.append(f"| {r.variant} | {r.registers} | {r.spill_bytes} | {r.num_warps} | {r.loops} | "
-                     f"{len(r.shared_in_loops)} | {r.vector_loads_in_loops} |")
+                     f"{len(r.shared_in_loops)} | {r.vector_loads_in_loops} | {per} |")
     return "\n".join(lines) + "\n"
 
 

@@ -205,9 +205,9 @@ def _fwd_lean(x, c, ids, xk, y, mt, at, m1, a1, x_y, scale2, K: tl.constexpr, HA
     """The lean forward's step for class c (``LEAN`` in :func:`map_config`): the tail's online
     log-sum-exp alone, in base 2 (``scale2`` = log2 e / T), and the student's logits at the teacher's
     k ids kept in ``xk`` (one select per id), from which the top-k group's log-sum-exp and Σ_K p·z
-    follow after the loop. Per element: k compares, k selects and one base-2 step, about 19
-    instructions on sm_90 where :func:`_fwd_class` (two groups' running sums, the probability
-    selected and multiplied in) takes about 35."""
+    follow after the loop. Per element: k compares, k selects and one base-2 step: 27 SASS
+    instructions on sm_90 at k = 4 where :func:`_fwd_class` (two groups' running sums, the
+    probability selected and multiplied in) takes 35 (``python -m kdcache.kernels.build``)."""
     hit = ids[0] == c
     xk_new = (tl.where(hit, x, xk[0]),)
     for j in tl.static_range(1, K):
@@ -227,8 +227,8 @@ def _grad_lean(x, c, ids, pf, y, l2_hit, l2_tail, f_hit, f_tail, q_tail, lse1, f
                HAS_LAB: tl.constexpr, LSE1: tl.constexpr, K: tl.constexpr):
     """The lean backward's gradient of class c: exp2(x · log2 e / T − L) · f − p·f, L and f chosen by
     whether c is among the top k (``l2_*`` the statistics in base 2, ``pf`` the teacher's k
-    probabilities times the KD scale). The same values as :func:`_grad_step` in about 17 instructions
-    an element on sm_90 against about 30."""
+    probabilities times the KD scale). The same values as :func:`_grad_step` in 24 SASS instructions an
+    element on sm_90 at k = 4 against 30."""
     hit = ids[0] == c
     pcf = tl.where(hit, pf[0], 0.0)
     for j in tl.static_range(1, K):
@@ -260,7 +260,7 @@ def _top_bits(ids, K: tl.constexpr):
 @triton.jit
 def _fwd_bits(x, c, bits, y, mt, at, m1, a1, x_y, scale2, HAS_LAB: tl.constexpr, LSE1: tl.constexpr):
     """The lean forward's step for class c with the top k as bits: one test says whether c is among
-    them, and the top k's logits are gathered after the loop (about 13 instructions an element)."""
+    them, and the top k's logits are gathered after the loop (14 SASS instructions an element at k = 4)."""
     hit = (bits & (1 << c)) != 0
     mt, at = _lse2_step(mt, at, tl.where(hit, float("-inf"), x * scale2))
     if HAS_LAB:
@@ -274,7 +274,7 @@ def _fwd_bits(x, c, bits, y, mt, at, m1, a1, x_y, scale2, HAS_LAB: tl.constexpr,
 def _grad_bits(x, c, bits, l2_hit, l2_tail, g_hit, g_tail, lse1, f_ce, scale2, LSE1: tl.constexpr):
     """The lean backward's value for class c with the top k as bits: exact for a class neither among
     the top k nor the label (``g_hit``/``g_tail`` fold the KD and cross-entropy scales); those k + 1
-    classes a pixel are written again after the loop (about 9 instructions an element)."""
+    classes a pixel are written again after the loop (14 SASS instructions an element at k = 4)."""
     hit = (bits & (1 << c)) != 0
     g = tl.exp2(x * scale2 - tl.where(hit, l2_hit, l2_tail)) * tl.where(hit, g_hit, g_tail)
     if LSE1:
@@ -936,8 +936,10 @@ UNROLL = 8
 CHUNK = False
 #: the maps kernels' lean class loop (:func:`_fwd_lean`, :func:`_grad_lean`; k ≤ CAPTURE_MAX_K): the forward
 #: keeps the tail's log-sum-exp alone in the loop and the top k's logits in registers, both passes work in
-#: base 2 with the scales folded in per pixel; about half the instructions an element of the class-by-class
-#: loop on sm_90 (``benchmarks/kernel_sweep.py`` times both)
+#: base 2 with the scales folded in per pixel: at C = 19, k = 4, 14 SASS instructions an element in the forward
+#: (with ``BITS``) and 24 in the backward, where the class-by-class loop takes 35 and 30; on an H200, with 8
+#: classes in flight (which the class-by-class loop's registers could not afford), 0.22-1.53 ms where it took
+#: 0.26-1.88 (benchmarks/results/kernel-sweep-nvidia-h200.md, 865e091)
 LEAN = True
 #: with ``LEAN`` and C ≤ 32: each pixel's top k as the bits of an int32, so one test per element says
 #: whether a class is among them; the forward gathers the top k's logits after the loop and the backward
