@@ -5,7 +5,7 @@
 Maps (8×C×512×1024, bf16 student, top-4 + tail): the class loop (``LEAN``, with ``BITS`` at C ≤ 32,
 against the class-by-class loop, alone and with ``CHUNK``: the forward's chunk maximum, then independent
 exponentials), pixels a thread (``SPT``), ``num_warps`` and the classes whose loads go out before use
-(``UNROLL``); rows (4096×C): ``BLOCK_C`` and ``num_warps``.
+(``UNROLL``); rows (4096×C): ``BLOCK_C`` and ``num_warps``, with and without the lean loop (``LEAN``).
 Each setting runs through ``kdcache.kernels.topk_kl`` (``triton_kl.MAP_TUNING`` / ``ROW_TUNING``),
 timed as ``bench-kernels`` times it (CUDA events, L2 flushed before each call), in rounds that take
 the settings in turn; medians. The defaults in ``kernels/triton_kl.py`` are marked; the table says
@@ -43,6 +43,9 @@ MAP_SETTINGS = [dict(LEAN=False), dict(LEAN=False, CHUNK=True), dict(BITS=False)
 MAP_SETTINGS += [dict(SPT=s, num_warps=w, UNROLL=u)
                  for s, w, u in ((2, 8, 8), (4, 4, 8), (2, 4, 4), (2, 8, 4), (4, 4, 4))]
 ROW_SETTINGS = [dict(BLOCK_C=b, num_warps=w) for b, w in itertools.product((1024, 4096), (4, 16))]
+# the rows' lean loop (ROW_LEAN, off by default until a GPU has timed it): fewer registers a thread, so
+# more warps may pay
+ROW_SETTINGS += [dict(LEAN=True, BLOCK_C=b, num_warps=w) for b, w in ((1024, 4), (1024, 8), (2048, 8), (4096, 16))]
 
 
 def main() -> None:

@@ -64,7 +64,8 @@ class Variant:
         parts = [self.kernel, self.dtype, f"C{self.C}", f"k{self.k}"]
         parts += [flag for flag, on in (("tail", self.with_tail), ("ignore", self.has_ign), ("labels", self.has_lab),
                                         ("lse1", self.lse1), ("channels_last", self.channels_last),
-                                        ("chunk", bool(self.chunk)), ("classic", self.lean is False), ("bits", bool(self.bwd_bits))) if on]
+                                        ("chunk", bool(self.chunk)), ("classic", self.lean is False and self.kernel.startswith("map")),
+                                        ("lean", self.lean is True and self.kernel.startswith("row")), ("bits", bool(self.bwd_bits))) if on]
         parts.append(("mean", "sum", "none")[self.reduction])
         return "-".join(parts)
 
@@ -79,14 +80,19 @@ class Report:
     shared_in_loops: list[str] = field(default_factory=list)
     vector_loads_in_loops: int = 0
     loops: int = 0
-    #: SASS instructions of the maps kernels' class loop per student element (None: rows, or no cuobjdump)
+    #: SASS instructions of the class loop per student element a thread (None: no cuobjdump)
     instructions_per_element: float | None = None
 
 
 def _config(v: Variant) -> tuple[dict, int]:
     if v.kernel.startswith("row"):
-        cfg = triton_kl.row_config(v.C, v.k)
-        return {"BLOCK_C": cfg["BLOCK_C"], "CAPTURE": cfg["CAPTURE"]}, cfg["num_warps"]
+        saved = triton_kl.ROW_TUNING
+        triton_kl.ROW_TUNING = {**(saved or {}), "LEAN": v.lean} if v.lean is not None else saved
+        try:
+            cfg = triton_kl.row_config(v.C, v.k)
+        finally:
+            triton_kl.ROW_TUNING = saved
+        return {"BLOCK_C": cfg["BLOCK_C"], "CAPTURE": cfg["CAPTURE"], "LEAN": cfg["LEAN"]}, cfg["num_warps"]
     chosen = {name: value for name, value in (("LEAN", v.lean), ("BWD_BITS", v.bwd_bits), ("CHUNK", v.chunk))
               if value is not None}
     saved = triton_kl.MAP_TUNING
@@ -261,13 +267,15 @@ def inspect(v: Variant) -> Report:
                 bad.append(t)
             vector += is_wide_load(t, _ELEMENT[v.dtype])
     per_element = None
-    if v.kernel.startswith("map"):
-        sass = cubin_sass(ptx)
-        trip = class_loop_instructions(sass) if sass else None
-        if trip:
-            tiles, _ = _config(v)
-            spt = tiles["BLOCK_P"] // (32 * num_warps)
-            per_element = round(trip / (max(spt, 1) * tiles["UNROLL"]), 1)
+    sass = cubin_sass(ptx)
+    trip = class_loop_instructions(sass) if sass else None
+    if trip:
+        tiles, _ = _config(v)
+        if v.kernel.startswith("map"):  # SPT pixels × UNROLL classes a thread a trip
+            elements = max(tiles["BLOCK_P"] // (32 * num_warps), 1) * tiles["UNROLL"]
+        else:  # BLOCK_C classes over the block's threads
+            elements = max(tiles["BLOCK_C"] // (32 * num_warps), 1)
+        per_element = round(trip / elements, 1)
     return Report(v.name, regs, spills, smem, num_warps, sorted(set(bad)), vector, len(found), per_element)
 
 
@@ -296,6 +304,9 @@ def variants() -> list[Variant]:
         out += [Variant(kernel, "bfloat16", C=1000, k=4), Variant(kernel, "float32", C=32000, k=8, has_lab=True,
                                                                    lse1=True),
                 Variant(kernel, "bfloat16", C=128000, k=4, reduction=2)]
+        # the rows' lean loop (triton_kl.ROW_LEAN), which a GPU sweep chooses
+        out += [Variant(kernel, "bfloat16", C=32000, k=4, lean=True),
+                Variant(kernel, "float32", C=32000, k=8, has_lab=True, lse1=True, lean=True)]
     return out
 
 

@@ -708,7 +708,7 @@ def _row_fwd(
     s_sn, v_sn, v_sk, i_sn, i_sk, stat_s,
     K: tl.constexpr, BLOCK_C: tl.constexpr, CAPTURE: tl.constexpr, WITH_TAIL: tl.constexpr,
     HAS_IGN: tl.constexpr, HAS_LAB: tl.constexpr, LSE1: tl.constexpr, REDUCTION: tl.constexpr,
-    RBLOCK: tl.constexpr,
+    RBLOCK: tl.constexpr, LEAN: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     v_row = v_ptr + row * v_sn
@@ -730,35 +730,60 @@ def _row_fwd(
     a1 = tl.zeros([BLOCK_C], tl.float32)
     x_y = tl.zeros([BLOCK_C], tl.float32)
     s_row = s_ptr + row * s_sn
-    for c0 in range(0, C, BLOCK_C):
-        cls = c0 + offs
-        valid = cls < C
-        x = tl.load(s_row + cls, mask=valid, other=0.0).to(tl.float32)
-        z = x * inv_t
-        hit = tl.zeros([BLOCK_C], tl.int1)
-        pc = tl.zeros([BLOCK_C], tl.float32)
-        if CAPTURE:
+    if LEAN:  # the rest's log-sum-exp in the loop, in base 2; the top k's from their k logits, read after it
+        scale2 = inv_t * 1.4426950408889634  # log2 e / T
+        for c0 in range(0, C, BLOCK_C):
+            cls = c0 + offs
+            valid = cls < C
+            x = tl.load(s_row + cls, mask=valid, other=0.0).to(tl.float32)
+            out = cls >= C
             for j in tl.static_range(K):
-                h = cls == ids[j]
-                hit = hit | h
-                pc = tl.where(h, ps[j], pc)
-        else:
-            for jd in range(K):
-                h = cls == tl.load(i_row + jd * i_sk).to(tl.int32)
-                hit = hit | h
-                pc = tl.where(h, tl.exp(tl.load(v_row + jd * v_sk).to(tl.float32) * inv_t - log_z), pc)
-        mk, ak, mt, at, dot, m1, a1, x_y = _stats_step(
-            x, tl.where(valid, x, float("-inf")), z, tl.where(valid, z, float("-inf")), hit, pc, cls == y,
-            mk, ak, mt, at, dot, m1, a1, x_y, WITH_TAIL, HAS_LAB, LSE1)
-
-    mk_all = tl.max(mk, axis=0)
-    lse = mk_all + tl.log(tl.sum(ak * tl.exp(mk - mk_all), axis=0))
-    lt = lse
-    if WITH_TAIL:
+                out = out | (cls == ids[j])
+            mt, at = _lse2_step(mt, at, tl.where(out, float("-inf"), x * scale2))
+            if HAS_LAB:
+                x_y = tl.where(cls == y, x, x_y)
+                if LSE1:
+                    m1, a1 = _lse_step(m1, a1, tl.where(valid, x, float("-inf")))
         mt_all = tl.max(mt, axis=0)
-        lt = mt_all + tl.log(tl.sum(at * tl.exp(mt - mt_all), axis=0))
-        lse = _logaddexp(lse, lt)
-    kl = plogp - tl.sum(dot, axis=0) + p_k * lse
+        lt = (mt_all + tl.log2(tl.sum(at * tl.exp2(mt - mt_all), axis=0))) * 0.6931471805599453
+        mks = tl.max(mk, axis=0)  # the scalars' start (_NEG) and 0
+        aks = tl.sum(ak, axis=0)
+        dots = tl.sum(dot, axis=0)
+        for j in tl.static_range(K):
+            zj = tl.load(s_row + ids[j]).to(tl.float32) * inv_t
+            mks, aks = _lse_step(mks, aks, zj)
+            dots += ps[j] * zj
+        lse = _logaddexp(_lse(mks, aks), lt)
+        kl = plogp - dots + p_k * lse
+    else:
+        for c0 in range(0, C, BLOCK_C):
+            cls = c0 + offs
+            valid = cls < C
+            x = tl.load(s_row + cls, mask=valid, other=0.0).to(tl.float32)
+            z = x * inv_t
+            hit = tl.zeros([BLOCK_C], tl.int1)
+            pc = tl.zeros([BLOCK_C], tl.float32)
+            if CAPTURE:
+                for j in tl.static_range(K):
+                    h = cls == ids[j]
+                    hit = hit | h
+                    pc = tl.where(h, ps[j], pc)
+            else:
+                for jd in range(K):
+                    h = cls == tl.load(i_row + jd * i_sk).to(tl.int32)
+                    hit = hit | h
+                    pc = tl.where(h, tl.exp(tl.load(v_row + jd * v_sk).to(tl.float32) * inv_t - log_z), pc)
+            mk, ak, mt, at, dot, m1, a1, x_y = _stats_step(
+                x, tl.where(valid, x, float("-inf")), z, tl.where(valid, z, float("-inf")), hit, pc, cls == y,
+                mk, ak, mt, at, dot, m1, a1, x_y, WITH_TAIL, HAS_LAB, LSE1)
+        mk_all = tl.max(mk, axis=0)
+        lse = mk_all + tl.log(tl.sum(ak * tl.exp(mk - mk_all), axis=0))
+        lt = lse
+        if WITH_TAIL:
+            mt_all = tl.max(mt, axis=0)
+            lt = mt_all + tl.log(tl.sum(at * tl.exp(mt - mt_all), axis=0))
+            lse = _logaddexp(lse, lt)
+        kl = plogp - tl.sum(dot, axis=0) + p_k * lse
     if WITH_TAIL:
         kl += tl.exp(lp_tail) * (lp_tail - (lt - lse))
     kd_on = row >= 0
@@ -791,6 +816,7 @@ def _row_bwd(
     s_sn, v_sn, v_sk, i_sn, i_sk, stat_s, g_sn,
     K: tl.constexpr, BLOCK_C: tl.constexpr, CAPTURE: tl.constexpr, WITH_TAIL: tl.constexpr,
     HAS_IGN: tl.constexpr, HAS_LAB: tl.constexpr, LSE1: tl.constexpr, REDUCTION: tl.constexpr,
+    LEAN: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     v_row = v_ptr + row * v_sn
@@ -829,25 +855,65 @@ def _row_bwd(
     offs = tl.arange(0, BLOCK_C)
     s_row = s_ptr + row * s_sn
     g_row = g_ptr + row * g_sn
-    for c0 in range(0, C, BLOCK_C):
-        cls = c0 + offs
-        valid = cls < C
-        x = tl.load(s_row + cls, mask=valid, other=0.0).to(tl.float32)
-        z = x * inv_t
-        hit = tl.zeros([BLOCK_C], tl.int1)
-        pc = tl.zeros([BLOCK_C], tl.float32)
-        if CAPTURE:
-            for j in tl.static_range(K):
-                h = cls == ids[j]
-                hit = hit | h
-                pc = tl.where(h, ps[j], pc)
-        else:
-            for jd in range(K):
-                h = cls == tl.load(i_row + jd * i_sk).to(tl.int32)
-                hit = hit | h
-                pc = tl.where(h, tl.exp(tl.load(v_row + jd * v_sk).to(tl.float32) * inv_t - log_z), pc)
-        g = _grad_step(x, z, hit, pc, cls == y, lse, lt, ct, q_tail, lse1, f_kd, f_ce, WITH_TAIL, HAS_LAB, LSE1)
-        tl.store(g_row + cls, g.to(g_ptr.dtype.element_ty), mask=valid)
+    if LEAN:  # every class as a tail class (one exponential, one multiply), then the top k and the label again
+        scale2 = inv_t * 1.4426950408889634  # log2 e / T
+        l2_hit = lse * 1.4426950408889634
+        l2_tail = l2_hit
+        f_tail = f_kd
+        if WITH_TAIL:
+            l2_tail = lt * 1.4426950408889634
+            f_tail = f_kd * ct
+        g_tail = f_tail
+        if HAS_LAB:
+            if not LSE1:  # T = 1: the cross-entropy's softmax is the same exponential
+                if WITH_TAIL:
+                    g_tail = f_tail + f_ce * q_tail
+                else:
+                    g_tail = f_tail + f_ce
+        for c0 in range(0, C, BLOCK_C):
+            cls = c0 + offs
+            valid = cls < C
+            x = tl.load(s_row + cls, mask=valid, other=0.0).to(tl.float32)
+            g = tl.exp2(x * scale2 - l2_tail) * g_tail
+            if LSE1:
+                g += f_ce * tl.exp(x - lse1)
+            tl.store(g_row + cls, g.to(g_ptr.dtype.element_ty), mask=valid)
+        # the k + 1 classes in full; the barrier orders them after the loop's stores of other threads
+        tl.debug_barrier()
+        pf = ()
+        for j in tl.static_range(K):
+            pf = pf + (ps[j] * f_kd,)
+        for j in tl.static_range(K):
+            xj = tl.load(s_row + ids[j]).to(tl.float32)
+            g = _grad_lean(xj, ids[j], ids, pf, y, l2_hit, l2_tail, f_kd, f_tail, q_tail, lse1, f_ce, scale2,
+                           WITH_TAIL, HAS_LAB, LSE1, K)
+            tl.store(g_row + ids[j], g.to(g_ptr.dtype.element_ty))
+        if HAS_LAB:
+            yc = tl.maximum(y, 0)
+            xy = tl.load(s_row + yc).to(tl.float32)
+            g = _grad_lean(xy, y, ids, pf, y, l2_hit, l2_tail, f_kd, f_tail, q_tail, lse1, f_ce, scale2,
+                           WITH_TAIL, HAS_LAB, LSE1, K)
+            tl.store(g_row + yc, g.to(g_ptr.dtype.element_ty), mask=y >= 0)
+    else:
+        for c0 in range(0, C, BLOCK_C):
+            cls = c0 + offs
+            valid = cls < C
+            x = tl.load(s_row + cls, mask=valid, other=0.0).to(tl.float32)
+            z = x * inv_t
+            hit = tl.zeros([BLOCK_C], tl.int1)
+            pc = tl.zeros([BLOCK_C], tl.float32)
+            if CAPTURE:
+                for j in tl.static_range(K):
+                    h = cls == ids[j]
+                    hit = hit | h
+                    pc = tl.where(h, ps[j], pc)
+            else:
+                for jd in range(K):
+                    h = cls == tl.load(i_row + jd * i_sk).to(tl.int32)
+                    hit = hit | h
+                    pc = tl.where(h, tl.exp(tl.load(v_row + jd * v_sk).to(tl.float32) * inv_t - log_z), pc)
+            g = _grad_step(x, z, hit, pc, cls == y, lse, lt, ct, q_tail, lse1, f_kd, f_ce, WITH_TAIL, HAS_LAB, LSE1)
+            tl.store(g_row + cls, g.to(g_ptr.dtype.element_ty), mask=valid)
 
 
 # -- launch settings ---------------------------------------------------------------------------------
@@ -915,10 +981,13 @@ def row_config(C: int, k: int) -> dict:
     1.81 (more programs resident per SM, the same 8 classes a thread)."""
     block_c = min(_pow2(C), 1024)
     num_warps = max(1, min(4, block_c // 256))
+    lean = ROW_LEAN
     if ROW_TUNING:
         block_c = min(ROW_TUNING.get("BLOCK_C", block_c), _pow2(C))
         num_warps = ROW_TUNING.get("num_warps", num_warps)
-    return {"BLOCK_C": block_c, "num_warps": num_warps, "CAPTURE": k <= CAPTURE_MAX_K}
+        lean = ROW_TUNING.get("LEAN", lean)
+    return {"BLOCK_C": block_c, "num_warps": num_warps, "CAPTURE": k <= CAPTURE_MAX_K,
+            "LEAN": lean and k <= CAPTURE_MAX_K}
 
 
 #: ``num_warps`` for every launch when set (tests run the same inputs under several); None: the configs'
@@ -950,6 +1019,12 @@ BITS = True
 #: took 0.14 ms at 8×11×512×1024 and 0.20 at 8×19 where the class-by-class loop took 0.10 and 0.14 (the
 #: scattered rewrites), while the forward gained (0.16 → 0.15, 0.21 → 0.17)
 BWD_BITS = False
+#: the rows kernels' lean loop (k ≤ CAPTURE_MAX_K): the forward keeps the rest's log-sum-exp alone in the loop
+#: (base 2; the top k's from their k logits, read after it), the backward writes every class as a tail class
+#: (one exponential and one multiply an element) and then the top k and the label again in full, after a
+#: barrier. Off until a lent GPU has timed it (``benchmarks/kernel_sweep.py`` runs both); tested against the
+#: reference and the other loop like the maps' (tests/test_kernels_cuda.py)
+ROW_LEAN = False
 #: settings that replace the configs' choices when set (``SPT``, ``num_warps``, ``UNROLL``, ``CHUNK`` for maps;
 #: ``BLOCK_C``, ``num_warps`` for rows): how benchmarks/kernel_sweep.py times the alternatives
 MAP_TUNING: dict | None = None
@@ -1006,7 +1081,8 @@ def forward(s, v, idx, tail, ign, lab, stats, part, ticket, out, scales, *, T: f
         _check_grid(grid)
         _row_fwd[(grid,)](s, v, idx, t_, ign_, lab_, stats, part, ticket, out, scales, C, *scal, grid,
                           s.stride(0), v.stride(0), v.stride(1), idx.stride(0), idx.stride(1), stats.stride(0),
-                          BLOCK_C=cfg["BLOCK_C"], CAPTURE=cfg["CAPTURE"], **common, **_options(cfg["num_warps"]))
+                          BLOCK_C=cfg["BLOCK_C"], CAPTURE=cfg["CAPTURE"], LEAN=cfg["LEAN"], **common,
+                          **_options(cfg["num_warps"]))
         return
     cfg = map_config(C, P, k, s.element_size(), s_sp, lse1)
     grid = N * _cdiv(P, cfg["BLOCK_P"])
@@ -1037,7 +1113,7 @@ def backward(go, s, v, idx, tail, ign, lab, stats, scales, grad, *, T: float, wi
         cfg = row_config(C, k)
         _row_bwd[(N,)](go, s, v, idx, t_, ign_, lab_, stats, scales, grad, C, *scal,
                        s.stride(0), v.stride(0), v.stride(1), idx.stride(0), idx.stride(1), stats.stride(0),
-                       grad.stride(0), BLOCK_C=cfg["BLOCK_C"], CAPTURE=cfg["CAPTURE"], **common,
+                       grad.stride(0), BLOCK_C=cfg["BLOCK_C"], CAPTURE=cfg["CAPTURE"], LEAN=cfg["LEAN"], **common,
                        **_options(cfg["num_warps"]))
         return
     cfg = map_config(C, P, k, s.element_size(), s_sp, lse1)

@@ -511,6 +511,59 @@ def test_class_loops_agree(monkeypatch, name):
               temperature=temperature)
 
 
+def run_row_loops(monkeypatch, case: Case, *, tail_policy, reduction, what="", temperature=T):
+    """The rows kernels' two loops (``triton_kl.ROW_LEAN``), each against the reference and the lean one
+    against the other (the same sums in another order and base, the top k and the label rewritten)."""
+    upstream = upstream_for(case, reduction)
+    ref, g_ref = reference(case, tail_policy=tail_policy, reduction=reduction, upstream=upstream,
+                           temperature=temperature)
+    runs = {}
+    for lean in (False, True):
+        monkeypatch.setattr(triton_kl, "ROW_LEAN", lean)
+        assert triton_kl.row_config(case.s.shape[1], case.v.shape[1])["LEAN"] is lean
+        runs[lean] = fused(case, tail_policy=tail_policy, reduction=reduction, upstream=upstream,
+                           temperature=temperature)
+        assert_matches_reference(*runs[lean], ref, g_ref, case.s.dtype, what=f"{what} ROW_LEAN={lean}")
+    (out0, g0), (out1, g1) = runs[False], runs[True]
+    lerr = (out1.double() - out0.double()).abs().max().item()
+    assert lerr <= 1e-5 * max(out0.double().abs().max().item(), 1e-3), f"{what}: lean rows' loss differs by {lerr:.3g}"
+    g0d = g0.double()
+    diff = (g1.double() - g0d).abs()
+    bound = (4 * torch.finfo(case.s.dtype).eps + 1e-5) * g0d.abs() + 1e-6 * g0d.abs().max()
+    assert (diff <= bound).all(), f"{what}: lean rows' gradient differs by up to {diff.max().item():.3g}"
+
+
+@interpreter_or_gpu
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_row_loops_tiny(monkeypatch):
+    """Rows of 2500 classes (three class tiles, the last partial) with labels at T = 2 and at T = 1, a
+    renormalised top 6 of 40 with logits 30 times the usual spread, and every class among the top k."""
+    run_row_loops(monkeypatch, make_case(6, 2500, (), 4, dtype=torch.float32, labels=True), tail_policy="bin",
+                  reduction="mean", what="rows 6×2500 fp32 kd+ce")
+    run_row_loops(monkeypatch, make_case(5, 2500, (), 8, dtype=torch.bfloat16, labels=True, seed=2), tail_policy="bin",
+                  reduction="none", temperature=1.0, what="rows 5×2500 bf16 kd+ce T=1")
+    run_row_loops(monkeypatch, make_case(4, 40, (), 6, dtype=torch.float16, scale=90.0, seed=3),
+                  tail_policy="renormalize", reduction="sum", what="rows 4×40 fp16 large logits")
+    run_row_loops(monkeypatch, make_case(3, 5, (), 5, dtype=torch.float32, labels=True, seed=4), tail_policy="bin",
+                  reduction="none", what="rows 3×5 fp32 k = C")
+
+
+ROW_LOOP_CASES = {
+    "rows 262×32000 bf16 kd+ce bin sum": (dict(N=262, C=32000, spatial=(), k=8, dtype=torch.bfloat16, labels=True),
+                                          "bin", "sum", T),
+    "rows 64×131072 fp32 kd+ce T=1 renormalize none": (dict(N=64, C=131072, spatial=(), k=4, dtype=torch.float32,
+                                                            labels=True), "renormalize", "none", 1.0),
+}
+
+
+@gpu
+@pytest.mark.parametrize("name", list(ROW_LOOP_CASES))
+def test_row_loops_agree(monkeypatch, name):
+    shape, tail_policy, reduction, temperature = ROW_LOOP_CASES[name]
+    run_row_loops(monkeypatch, make_case(**shape), tail_policy=tail_policy, reduction=reduction, what=name,
+                  temperature=temperature)
+
+
 @gpu
 def test_more_rows_than_a_grid_axis_holds():
     """70000 rows: a grid of (blocks, N) would exceed CUDA's 65535 on its second axis."""
