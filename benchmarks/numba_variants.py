@@ -1,0 +1,147 @@
+"""Copies of the Numba kernels with one module constant changed, timed side by side in one process.
+
+    python benchmarks/numba_variants.py STREAM_STORES=False STREAM_STORES=True [--repeats 30] [--markdown FILE]
+
+Numba freezes a module's constants into the compiled kernels, so the two settings of a constant in
+``kernels/numba_kl.py`` (``VECTOR_WIDTH``, ``STREAM_STORES``…) cannot take turns in one module. This
+loads one copy of the module per setting (its source with the constant's line replaced, in a temporary
+folder whose ``__pycache__`` takes its compiled code) and times the fused loss's forward + backward
+(``topk_kl`` on the CPU, as ``bench-kernels`` calls it) on each case with the copies' kernels in turn,
+call after call, the order alternating: adjacent calls meet the same machine, which on a shared CPU
+drifts by tens of percent between separate runs. Per case: the median ms of each setting and the median
+over pairs of (first setting / last setting), with its interquartile range.
+``benchmarks/numba_vector_width.py`` and ``benchmarks/grad_pool.py`` time the same way through
+:func:`alternate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from kdcache.core.runs import checkout_commit, device_name
+from kdcache.kernels import numba_kl, topk_kl
+from kdcache.kernels.bench import CPU_ROWS, CPU_SEG, make_inputs
+
+KERNELS = ("kl_spatial", "kl_rows", "block_pixels")
+
+
+def load_copy(name: str, value: str, folder: Path):
+    """``kernels/numba_kl.py`` as a module of its own whose constant ``name`` is ``value`` (Python source)."""
+    source = Path(numba_kl.__file__).read_text()
+    source, n = re.subn(rf"^{name} = .+$", f"{name} = {value}", source, flags=re.M)
+    if n != 1:
+        raise SystemExit(f"numba_variants: '{name} = ...' not found once in kernels/numba_kl.py")
+    tag = re.sub(r"\W", "_", f"{name}_{value}")
+    path = folder / f"numba_kl_{tag}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"numba_kl_{tag}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def use(module) -> None:
+    """The loss's CPU path (``kernels/api.py`` imports them at each call) takes ``module``'s kernels."""
+    for name in KERNELS:
+        setattr(numba_kl, name, getattr(module, name))
+
+
+def alternate(sides: dict[str, Callable[[], None]], call: Callable[[], None], repeats: int) -> dict[str, list[float]]:
+    """ms of ``call`` after each side's set-up, ``repeats`` rounds taking the sides in turn (the order
+    reversed every other round), after two warm calls a side."""
+    names = list(sides)
+    for name in names:
+        sides[name]()
+        call()
+        call()
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            sides[name]()
+            t0 = time.perf_counter()
+            call()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def ratio_cells(times: dict[str, list[float]]) -> str:
+    """'ms | ms | … | **first / last** | middle half' of one case's table row."""
+    names = list(times)
+    ratios = [x / y for x, y in zip(times[names[0]], times[names[-1]])]
+    q = statistics.quantiles(ratios, n=4)
+    return (" | ".join(f"{statistics.median(times[n]):.2f}" for n in names)
+            + f" | **{statistics.median(ratios):.2f}×** | {q[0]:.2f}–{q[2]:.2f}")
+
+
+def cases(ks: list[int]):
+    """(label, k, the fused forward + backward) for bench-kernels' CPU cases."""
+    for N, C, spatial in CPU_SEG + CPU_ROWS:
+        for k in ks:
+            s, v, i, tail = make_inputs(N, C, spatial, k, torch.float32, torch.device("cpu"))
+
+            def fused(s=s, v=v, i=i, tail=tail):
+                x = s.detach().requires_grad_(True)
+                topk_kl(x, v, i, tail, temperature=2.0, check_inputs=False).backward()
+
+            kind = "segmentation" if spatial else "rows"
+            yield f"{kind} {'×'.join(map(str, (N, C, *spatial)))}", k, fused
+
+
+def compare_copies(settings: list[tuple[str, str]], ks: list[int], repeats: int) -> list[str]:
+    """Table rows: every case timed with one module copy per (constant, value) setting."""
+    own = {name: getattr(numba_kl, name) for name in KERNELS}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        copies = {f"{n}={v}": load_copy(n, v, Path(tmp)) for n, v in settings}
+        try:
+            for label, k, fused in cases(ks):
+                times = alternate({name: (lambda m=m: use(m)) for name, m in copies.items()}, fused, repeats)
+                rows.append(f"| {label} | {k} | {ratio_cells(times)} |")
+                print(rows[-1], flush=True)
+        finally:
+            for name, fn in own.items():
+                setattr(numba_kl, name, fn)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("settings", nargs="+", help="NAME=VALUE, one per copy (two or more)")
+    ap.add_argument("--repeats", type=int, default=30, help="timed rounds of calls per case")
+    ap.add_argument("--ks", default="4,8")
+    ap.add_argument("--markdown", help="write the table to this Markdown file")
+    args = ap.parse_args()
+    settings = [tuple(s.split("=", 1)) for s in args.settings]
+    if len(settings) < 2 or any(len(s) != 2 for s in settings):
+        raise SystemExit("numba_variants: give two or more NAME=VALUE settings")
+    rows = compare_copies(settings, [int(k) for k in args.ks.split(",")], args.repeats)
+    names = [f"{n}={v}" for n, v in settings]
+    lines = [f"# The Numba kernels with {' and '.join(f'`{n}`' for n in names)}", "",
+             f"Machine: {device_name(torch.device('cpu'))}, {torch.get_num_threads()} threads; commit "
+             f"{checkout_commit() or 'unknown'}; student float32, teacher fp16 values, uint8/int32 ids, fp16 tail, "
+             "T = 2, the bench-kernels CPU cases. One process holds a copy of `kernels/numba_kl.py` per setting and "
+             f"times `topk_kl`'s forward + backward with each in turn, {args.repeats} rounds a case, the order "
+             f"alternating. ms: the median; first / last: the median over rounds of `{names[0]}`'s time over "
+             f"`{names[-1]}`'s (above 1: the last faster), with the interquartile range. Made by "
+             "`python benchmarks/numba_variants.py " + " ".join(args.settings) + "`.", "",
+             "| case | k | " + " | ".join(f"`{n}` ms" for n in names) + " | first / last | middle half |",
+             "|---|---|" + "---|" * len(names) + "---|---|", *rows]
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+
+
+if __name__ == "__main__":
+    main()
