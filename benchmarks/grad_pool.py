@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
+from numba_variants import alternate
 
 from kdcache.core.runs import checkout_commit, device_name
 from kdcache.kernels import api, topk_kl
@@ -42,17 +42,10 @@ def main() -> None:
                     x = s.detach().requires_grad_(True)
                     topk_kl(x, v, i, tail, temperature=2.0, check_inputs=False).backward()
 
-                times = {"off": [], "on": []}
-                for side in times:  # warm: compiled kernels, and the pool's first buffer
-                    api.GRAD_POOL_SIZE = 0 if side == "off" else pool_size
-                    fused()
-                    fused()
-                for r in range(args.repeats):
-                    for side in (("off", "on") if r % 2 == 0 else ("on", "off")):
-                        api.GRAD_POOL_SIZE = 0 if side == "off" else pool_size
-                        t0 = time.perf_counter()
-                        fused()
-                        times[side].append((time.perf_counter() - t0) * 1e3)
+                def side(size):
+                    return lambda: setattr(api, "GRAD_POOL_SIZE", size)
+
+                times = alternate({"off": side(0), "on": side(pool_size)}, fused, args.repeats)
                 ratios = [a / b for a, b in zip(times["off"], times["on"])]
                 q = statistics.quantiles(ratios, n=4)
                 mb = N * C * (spatial[0] * spatial[1] if spatial else 1) * 4 / 2**20

@@ -26,7 +26,6 @@ and benchmarks/numba_vectorised.py shows what LLVM vectorised.
 from __future__ import annotations
 
 import math
-import platform
 
 import numpy as np
 from llvmlite import ir
@@ -146,59 +145,6 @@ def _prefer_vector_width(typingctx):  # pragma: no cover - compiled
 
     def codegen(context, builder, signature, args):
         set.add(builder.function.attributes, f'"prefer-vector-width"="{VECTOR_WIDTH}"')
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-#: the spatial kernel writes the gradient with non-temporal 64-byte stores where its rows allow (x86-64, a
-#: block of whole cache lines at a 64-byte address): the gradient goes to a scratch block that stays in
-#: cache, then to the output without the read of each line that an ordinary store to memory not in cache
-#: makes first
-STREAM_STORES = platform.machine().lower() in ("x86_64", "amd64")
-
-
-@intrinsic
-def _address(typingctx, a):  # pragma: no cover - compiled
-    """The address of an array's first element, as an integer."""
-    sig = types.int64(a)
-
-    def codegen(context, builder, signature, args):
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        return builder.ptrtoint(ary.data, ir.IntType(64))
-
-    return sig, codegen
-
-
-@intrinsic
-def _stream16(typingctx, dst, di, src, si):  # pragma: no cover - compiled
-    """dst[di:di + 16] = src[si:si + 16] as one non-temporal 64-byte store (dst + di must be 64-byte aligned)."""
-    sig = types.none(dst, di, src, si)
-
-    def codegen(context, builder, signature, args):
-        vty = ir.VectorType(ir.FloatType(), 16)
-        d = context.make_array(signature.args[0])(context, builder, args[0])
-        s_ = context.make_array(signature.args[2])(context, builder, args[2])
-        value = builder.load(builder.bitcast(builder.gep(s_.data, [args[3]]), vty.as_pointer()), align=4)
-        store = builder.store(value, builder.bitcast(builder.gep(d.data, [args[1]]), vty.as_pointer()), align=64)
-        store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def _store_fence(typingctx):  # pragma: no cover - compiled
-    """Orders the non-temporal stores before whatever the thread does next (``sfence`` on x86-64): the
-    caller reads the gradient once the threads are done."""
-    sig = types.none()
-
-    def codegen(context, builder, signature, args):
-        if STREAM_STORES:
-            fn = builder.module.declare_intrinsic("llvm.x86.sse.sfence", [], ir.FunctionType(ir.VoidType(), []))
-            builder.call(fn, [])
-        else:
-            builder.fence("seq_cst")
         return context.get_dummy_value()
 
     return sig, codegen
@@ -350,8 +296,6 @@ def _spatial_tasks(s, v, idx, tail, k, half, ids8, ign, lab, T, with_tail, use_i
     e_t = np.empty(block, _F)
     kl = np.empty(block, _F)
     tk = np.empty(k * block, _F)  # the teacher's top-k logits / T, then exp(those − a*)
-    gb = np.empty(C * block if STREAM_STORES else 0, _F)  # the block's gradient, streamed to the output
-    g_addr = _address(g1)
     exact = np.empty(block, np.int64)
     topk = np.empty((block, C), np.bool_)  # per fallback position: which classes are its top k
     for task in range(first, last):
@@ -360,11 +304,6 @@ def _spatial_tasks(s, v, idx, tail, k, half, ids8, ign, lab, T, with_tail, use_i
         L = min(block, P - p0)
         sb = n * C * P + p0  # class c of this block starts at s1[sb + c * P]
         pb = n * P + p0  # its positions are [pb, pb + L) of the [N, P] arrays
-        # the gradient goes to (ob, obase, ostride): the output itself, or the scratch block to stream
-        stream = STREAM_STORES and L % 16 == 0 and (g_addr + 4 * sb) % 64 == 0 and (4 * P) % 64 == 0
-        ob = gb if stream else g1
-        obase = 0 if stream else sb
-        ostr = block if stream else P
         for j in range(L):
             m[j] = _F_NEG_INF
             acc[j] = _F0
@@ -522,7 +461,7 @@ def _spatial_tasks(s, v, idx, tail, k, half, ids8, ign, lab, T, with_tail, use_i
                 xc = xb[c * block:c * block + L]
                 ec = eb[c * block:c * block + L]
                 dc = pd[c * block:c * block + L]
-                dst = ob[obase + c * ostr:obase + c * ostr + L]
+                dst = g1[sb + c * P:sb + c * P + L]
                 for j in range(L):
                     e = ec[j]
                     d = dc[j]
@@ -535,7 +474,7 @@ def _spatial_tasks(s, v, idx, tail, k, half, ids8, ign, lab, T, with_tail, use_i
             for c in range(0, c4, 4):
                 f0, f1, f2, f3 = _rows4(eb, c * block, block, L)
                 q0, q1, q2, q3 = _rows4(pd, c * block, block, L)
-                o0, o1, o2, o3 = _rows4(ob, obase + c * ostr, ostr, L)
+                o0, o1, o2, o3 = _rows4(g1, sb + c * P, P, L)
                 for j in range(L):
                     cf = coef[j]
                     tcj = st[j]
@@ -555,7 +494,7 @@ def _spatial_tasks(s, v, idx, tail, k, half, ids8, ign, lab, T, with_tail, use_i
             for c in range(c4, C):
                 ec = eb[c * block:c * block + L]
                 dc = pd[c * block:c * block + L]
-                dst = ob[obase + c * ostr:obase + c * ostr + L]
+                dst = g1[sb + c * P:sb + c * P + L]
                 for j in range(L):
                     e = ec[j]
                     d = dc[j]
@@ -581,20 +520,16 @@ def _spatial_tasks(s, v, idx, tail, k, half, ids8, ign, lab, T, with_tail, use_i
             for c in range(C):
                 if not topk[q_, c]:
                     x = np.float64(xb[c * block + j])
-                    ob[obase + c * ostr + j] -= _F(w * math.exp(x * inv_t64 - l_tail))
+                    g1[sb + c * P + j] -= _F(w * math.exp(x * inv_t64 - l_tail))
         # the cross-entropy at T = 1 at labelled positions
         if use_lab:
             ls = lb1[pb:pb + L]
             for j in range(L):
                 if cew[j] != _F0:
                     o = _slot(ls[j], C, block, j)
-                    ob[np.uint64(obase) + _slot(ls[j], C, ostr, j)] -= cew[j]
+                    g1[np.uint64(sb) + _slot(ls[j], C, P, j)] -= cew[j]
                     lse1 = m[j] + (-log32(acc1[j]) if sep_ce else lacc[j])  # acc1 holds 1 / Σ e at T = 1
                     kl[j] += cew[j] * (lse1 - xb[o])
-        if stream:  # whole lines, 64-byte aligned: no read of the output's lines before they are written
-            for c in range(C):
-                for i in range(0, L, 16):
-                    _stream16(g1, sb + c * P + i, gb, c * block + i)
         if per_position:
             for j in range(L):
                 out1[pb + j] = kl[j]
@@ -603,8 +538,6 @@ def _spatial_tasks(s, v, idx, tail, k, half, ids8, ign, lab, T, with_tail, use_i
             for j in range(L):
                 tot += np.float64(kl[j])
             out1[task] = tot
-    if STREAM_STORES:
-        _store_fence()
 
 
 @njit(inline="always", cache=True)

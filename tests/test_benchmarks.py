@@ -987,3 +987,22 @@ def test_a_run_validated_every_nth_epoch_counts_every_epoch_it_trained(tmp_path,
     assert script["finished"](task, run)
     r = script["run_record"](task, run)
     assert r["val_curve"] == [0.52, 0.55] and r["val"] == 0.55 and r["epochs"] == 6 and r["images_per_s"] == 102.5
+
+
+def test_numba_variants_alternate_takes_the_sides_in_turn_and_finds_its_constant(monkeypatch, tmp_path):
+    """The timing every module-copy benchmark shares: two warm calls a side, then rounds whose order
+    reverses every other round, each call timed right after its side's set-up; and a constant the
+    kernels' module does not hold is a one-line stop, not a silent copy of the unchanged module."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    script = runpy.run_path(str(BENCH / "numba_variants.py"), run_name="nv")
+    order = []
+    current = []
+    sides = {"a": lambda: current.__setitem__(slice(None), ["a"]),
+             "b": lambda: current.__setitem__(slice(None), ["b"])}
+    times = script["alternate"](sides, lambda: order.append(current[0]), 3)
+    assert order == ["a", "a", "b", "b", "a", "b", "b", "a", "a", "b"]
+    assert sorted(times) == ["a", "b"] and all(len(t) == 3 for t in times.values())
+    cells = script["ratio_cells"]({"a": [2.0, 4.0, 6.0, 8.0], "b": [1.0, 2.0, 3.0, 4.0]})
+    assert cells.startswith("5.00 | 2.50 | **2.00×**"), cells
+    with pytest.raises(SystemExit, match="NO_SUCH_CONSTANT"):
+        script["load_copy"]("NO_SUCH_CONSTANT", "1", tmp_path)
