@@ -746,9 +746,9 @@ def _row_fwd(
                     m1, a1 = _lse_step(m1, a1, tl.where(valid, x, float("-inf")))
         mt_all = tl.max(mt, axis=0)
         lt = (mt_all + tl.log2(tl.sum(at * tl.exp2(mt - mt_all), axis=0))) * 0.6931471805599453
-        mks = tl.max(mk, axis=0)  # the scalars' start (_NEG) and 0
-        aks = tl.sum(ak, axis=0)
-        dots = tl.sum(dot, axis=0)
+        aks = p_k * 0.0  # scalars (a reduction of the [BLOCK_C] starts would cost a cross-warp round each)
+        dots = aks
+        mks = aks + _NEG
         for j in tl.static_range(K):
             zj = tl.load(s_row + ids[j]).to(tl.float32) * inv_t
             mks, aks = _lse_step(mks, aks, zj)
