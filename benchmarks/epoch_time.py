@@ -117,7 +117,7 @@ def interleaved(args, cache: str, tmp: Path) -> list[str]:
     for r in range(args.interleave):
         for v in INTERLEAVED[r % len(INTERLEAVED):] + INTERLEAVED[:r % len(INTERLEAVED)]:
             secs[v].append(runs[v]())
-        print(f"round {r}: " + ", ".join(f"{v} {secs[v][-1]:.3f} s" for v in INTERLEAVED))
+        print(f"round {r}: " + ", ".join(f"{v} {secs[v][-1]:.4f} s" for v in INTERLEAVED))
     ce = secs["CE only"]
     ratio = {v: [a / b for a, b in zip(secs[v], ce)] for v in INTERLEAVED}
     n = args.limit // 8 * 8

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from pathlib import Path
 
 import torch
-from numba_variants import alternate
+from numba_variants import alternate, emit
 
 from kdcache.core.runs import checkout_commit, device_name
 from kdcache.kernels import api, topk_kl
@@ -67,10 +66,7 @@ def main() -> None:
              "`python benchmarks/grad_pool.py`.", "",
              "| case | k | gradient MB | pooled | off ms | on ms | off / on | middle half |",
              "|---|---|---|---|---|---|---|---|", *rows]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.markdown:
-        Path(args.markdown).write_text(table)
+    emit(lines, args.markdown)
 
 
 if __name__ == "__main__":

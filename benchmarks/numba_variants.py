@@ -137,10 +137,15 @@ def main() -> None:
              "`python benchmarks/numba_variants.py " + " ".join(args.settings) + "`.", "",
              "| case | k | " + " | ".join(f"`{n}` ms" for n in names) + " | first / last | middle half |",
              "|---|---|" + "---|" * len(names) + "---|---|", *rows]
+    emit(lines, args.markdown)
+
+
+def emit(lines: list[str], markdown: str | None) -> None:
+    """The table printed, and written to ``markdown`` when given."""
     table = "\n".join(lines) + "\n"
     print(table)
-    if args.markdown:
-        Path(args.markdown).write_text(table)
+    if markdown:
+        Path(markdown).write_text(table)
 
 
 if __name__ == "__main__":

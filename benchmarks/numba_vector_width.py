@@ -17,10 +17,9 @@ asks for a width, so both copies run the same rows code).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
-from numba_variants import compare_copies
+from numba_variants import compare_copies, emit
 
 from kdcache.core.runs import checkout_commit, device_name
 
@@ -46,10 +45,7 @@ def main() -> None:
              "interquartile range. Made by `python benchmarks/numba_vector_width.py`.", "",
              "| case | k | " + " | ".join(f"{w}-bit ms" for w in widths) + f" | {a} / {b} | middle half |",
              "|---|---|" + "---|" * len(widths) + "---|---|", *rows]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.markdown:
-        Path(args.markdown).write_text(table)
+    emit(lines, args.markdown)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,17 @@ def _lse2_step(m, a, z2):
 
 
 @triton.jit
+def _load_classes(s_base, off, s_sc, mask_p, UNROLL: tl.constexpr):
+    """``UNROLL`` classes' logits of a block of pixels, loaded before any is used (bytes in flight), and
+    the class offset after them."""
+    xs = ()
+    for _u in tl.static_range(UNROLL):
+        xs = xs + (tl.load(s_base + off, mask=mask_p, other=0.0),)
+        off += s_sc
+    return xs, off
+
+
+@triton.jit
 def _map_teacher(v_base, t_block, mask_p, inv_t, log_rest, v_sk, K: tl.constexpr, WITH_TAIL: tl.constexpr):
     """A block of pixels' teacher at T: (log Z over the k bins and the tail bin, the tail bin's logit)."""
     mz = tl.full(mask_p.shape, _NEG, tl.float32)
@@ -400,10 +411,7 @@ def _map_fwd(
         if BITS:  # C ≤ 32: the top k as bits; their logits gathered after the loop (the block is in cache)
             bits = _top_bits(ids, K)
             for c0 in range(0, c_full, UNROLL):
-                xs = ()
-                for _u in tl.static_range(UNROLL):
-                    xs = xs + (tl.load(s_base + off, mask=mask_p, other=0.0),)
-                    off += s_sc
+                xs, off = _load_classes(s_base, off, s_sc, mask_p, UNROLL)
                 for u in tl.static_range(UNROLL):
                     mt, at, m1, a1, x_y = _fwd_bits(xs[u].to(tl.float32), c0 + u, bits, y, mt, at, m1, a1, x_y,
                                                     scale2, HAS_LAB, LSE1)
@@ -420,10 +428,7 @@ def _map_fwd(
             for _j in tl.static_range(K):
                 xk = xk + (tl.zeros([BLOCK_P], tl.float32),)
             for c0 in range(0, c_full, UNROLL):
-                xs = ()
-                for _u in tl.static_range(UNROLL):
-                    xs = xs + (tl.load(s_base + off, mask=mask_p, other=0.0),)
-                    off += s_sc
+                xs, off = _load_classes(s_base, off, s_sc, mask_p, UNROLL)
                 for u in tl.static_range(UNROLL):
                     xk, mt, at, m1, a1, x_y = _fwd_lean(xs[u].to(tl.float32), c0 + u, ids, xk, y, mt, at, m1, a1,
                                                         x_y, scale2, K, HAS_LAB, LSE1)
@@ -440,10 +445,7 @@ def _map_fwd(
         lse = _logaddexp(lk, lt)
     else:
         for c0 in range(0, c_full, UNROLL):  # UNROLL classes' loads in flight before any arithmetic
-            xs = ()
-            for _u in tl.static_range(UNROLL):
-                xs = xs + (tl.load(s_base + off, mask=mask_p, other=0.0),)
-                off += s_sc
+            xs, off = _load_classes(s_base, off, s_sc, mask_p, UNROLL)
             if CHUNK:
                 mk, ak, mt, at, dot, m1, a1, x_y = _fwd_chunk(
                     xs, c0, ids, ps, y, mk, ak, mt, at, dot, m1, a1, x_y, v_base, i_base, mask_p, inv_t, log_z, v_sk,
@@ -607,10 +609,7 @@ def _map_bwd(
                     else:
                         g_tail = f_tail + f_ce
             for c0 in range(0, c_full, UNROLL):
-                xs = ()
-                for _u in tl.static_range(UNROLL):
-                    xs = xs + (tl.load(s_base + off, mask=mask_p, other=0.0),)
-                    off += s_sc
+                xs, off = _load_classes(s_base, off, s_sc, mask_p, UNROLL)
                 for u in tl.static_range(UNROLL):
                     g = _grad_bits(xs[u].to(tl.float32), c0 + u, bits, l2_hit, l2_tail, g_hit, g_tail, lse1, f_ce,
                                    scale2, LSE1)
@@ -631,10 +630,7 @@ def _map_bwd(
                             q_tail, lse1, f_ce, scale2, WITH_TAIL, HAS_LAB, LSE1, K)
         else:
             for c0 in range(0, c_full, UNROLL):
-                xs = ()
-                for _u in tl.static_range(UNROLL):
-                    xs = xs + (tl.load(s_base + off, mask=mask_p, other=0.0),)
-                    off += s_sc
+                xs, off = _load_classes(s_base, off, s_sc, mask_p, UNROLL)
                 for u in tl.static_range(UNROLL):
                     g = _grad_lean(xs[u].to(tl.float32), c0 + u, ids, pf, y, l2_hit, l2_tail, f_kd, f_tail, q_tail,
                                    lse1, f_ce, scale2, WITH_TAIL, HAS_LAB, LSE1, K)
@@ -649,10 +645,7 @@ def _map_bwd(
                 g_off += g_sc
     else:
         for c0 in range(0, c_full, UNROLL):
-            xs = ()
-            for _u in tl.static_range(UNROLL):
-                xs = xs + (tl.load(s_base + off, mask=mask_p, other=0.0),)
-                off += s_sc
+            xs, off = _load_classes(s_base, off, s_sc, mask_p, UNROLL)
             for u in tl.static_range(UNROLL):
                 g = _bwd_class(xs[u].to(tl.float32), c0 + u, ids, ps, y, lse, lt, ct, q_tail, lse1, f_kd, f_ce,
                                v_base, i_base, mask_p, inv_t, log_z, v_sk, i_sk, K, CAPTURE, WITH_TAIL, HAS_LAB,
@@ -699,6 +692,24 @@ def _row_teacher(v_row, i_row, t_ptr, row, inv_t, log_rest, v_sk, i_sk,
             ids = ids + (tl.load(i_row + j * i_sk).to(tl.int32),)
             ps = ps + (tl.exp(tl.load(v_row + j * v_sk).to(tl.float32) * inv_t - log_z),)
     return log_z, tl.sum(a_tail, axis=0) - log_z, plogp, p_k, ids, ps
+
+
+@triton.jit
+def _row_hits(cls, ids, ps, i_row, v_row, i_sk, v_sk, inv_t, log_z, K: tl.constexpr, CAPTURE: tl.constexpr):
+    """Whether each class of a row's tile is among its top k, and the teacher's probability of it there (else 0)."""
+    hit = cls < 0
+    pc = tl.zeros(cls.shape, tl.float32)
+    if CAPTURE:
+        for j in tl.static_range(K):
+            h = cls == ids[j]
+            hit = hit | h
+            pc = tl.where(h, ps[j], pc)
+    else:
+        for jd in range(K):
+            h = cls == tl.load(i_row + jd * i_sk).to(tl.int32)
+            hit = hit | h
+            pc = tl.where(h, tl.exp(tl.load(v_row + jd * v_sk).to(tl.float32) * inv_t - log_z), pc)
+    return hit, pc
 
 
 @triton.jit
@@ -761,18 +772,7 @@ def _row_fwd(
             valid = cls < C
             x = tl.load(s_row + cls, mask=valid, other=0.0).to(tl.float32)
             z = x * inv_t
-            hit = tl.zeros([BLOCK_C], tl.int1)
-            pc = tl.zeros([BLOCK_C], tl.float32)
-            if CAPTURE:
-                for j in tl.static_range(K):
-                    h = cls == ids[j]
-                    hit = hit | h
-                    pc = tl.where(h, ps[j], pc)
-            else:
-                for jd in range(K):
-                    h = cls == tl.load(i_row + jd * i_sk).to(tl.int32)
-                    hit = hit | h
-                    pc = tl.where(h, tl.exp(tl.load(v_row + jd * v_sk).to(tl.float32) * inv_t - log_z), pc)
+            hit, pc = _row_hits(cls, ids, ps, i_row, v_row, i_sk, v_sk, inv_t, log_z, K, CAPTURE)
             mk, ak, mt, at, dot, m1, a1, x_y = _stats_step(
                 x, tl.where(valid, x, float("-inf")), z, tl.where(valid, z, float("-inf")), hit, pc, cls == y,
                 mk, ak, mt, at, dot, m1, a1, x_y, WITH_TAIL, HAS_LAB, LSE1)
@@ -900,18 +900,7 @@ def _row_bwd(
             valid = cls < C
             x = tl.load(s_row + cls, mask=valid, other=0.0).to(tl.float32)
             z = x * inv_t
-            hit = tl.zeros([BLOCK_C], tl.int1)
-            pc = tl.zeros([BLOCK_C], tl.float32)
-            if CAPTURE:
-                for j in tl.static_range(K):
-                    h = cls == ids[j]
-                    hit = hit | h
-                    pc = tl.where(h, ps[j], pc)
-            else:
-                for jd in range(K):
-                    h = cls == tl.load(i_row + jd * i_sk).to(tl.int32)
-                    hit = hit | h
-                    pc = tl.where(h, tl.exp(tl.load(v_row + jd * v_sk).to(tl.float32) * inv_t - log_z), pc)
+            hit, pc = _row_hits(cls, ids, ps, i_row, v_row, i_sk, v_sk, inv_t, log_z, K, CAPTURE)
             g = _grad_step(x, z, hit, pc, cls == y, lse, lt, ct, q_tail, lse1, f_kd, f_ce, WITH_TAIL, HAS_LAB, LSE1)
             tl.store(g_row + cls, g.to(g_ptr.dtype.element_ty), mask=valid)
 
