@@ -114,18 +114,25 @@ def _map_teacher(v_base, t_block, mask_p, inv_t, log_rest, v_sk, K: tl.constexpr
 
 @triton.jit
 def _map_capture(v_base, i_base, mask_p, inv_t, log_z, v_sk, i_sk, K: tl.constexpr, CAPTURE: tl.constexpr):
-    """The teacher's k ids and probabilities of a block of pixels, held in registers (k ≤ CAPTURE_MAX_K)."""
+    """The teacher's k ids and probabilities of a block of pixels, held in registers (k ≤ CAPTURE_MAX_K),
+    and from the same exponentials Σ_K p log p and Σ_K p (zeros without ``CAPTURE``: the caller's loop)."""
     ids = ()
     ps = ()
+    plogp = tl.zeros(mask_p.shape, tl.float32)
+    p_k = tl.zeros(mask_p.shape, tl.float32)
     if CAPTURE:
         v_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
         i_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
         for _j in tl.static_range(K):
             ids = ids + (tl.load(i_base + i_off, mask=mask_p, other=-1).to(tl.int32),)
-            ps = ps + (tl.exp(tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t - log_z),)
+            lpj = tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t - log_z
+            pj = tl.exp(lpj)
+            ps = ps + (pj,)
+            plogp += pj * lpj
+            p_k += pj
             v_off += v_sk
             i_off += i_sk
-    return ids, ps
+    return ids, ps, plogp, p_k
 
 
 @triton.jit
@@ -379,15 +386,14 @@ def _map_fwd(
 
     # the teacher at T: log Z over the k bins (+ the tail bin), then p_j, Σ p_j log p_j and Σ p_j
     log_z, a_tail = _map_teacher(v_base, t_ptr + n * t_sn + offs_p, mask_p, inv_t, log_rest, v_sk, K, WITH_TAIL)
-    plogp = tl.zeros([BLOCK_P], tl.float32)
-    p_k = tl.zeros([BLOCK_P], tl.float32)
-    v_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
-    for _jt in range(K):
-        lpj = tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t - log_z
-        v_off += v_sk
-        plogp += tl.exp(lpj) * lpj
-        p_k += tl.exp(lpj)
-    ids, ps = _map_capture(v_base, i_base, mask_p, inv_t, log_z, v_sk, i_sk, K, CAPTURE)
+    ids, ps, plogp, p_k = _map_capture(v_base, i_base, mask_p, inv_t, log_z, v_sk, i_sk, K, CAPTURE)
+    if not CAPTURE:  # a dense cache of many classes: the sums from a loop over the values
+        v_off = tl.program_id(0).to(tl.int64) * 0  # a scalar offset: a carried pointer tensor costs a layout conversion
+        for _jt in range(K):
+            lpj = tl.load(v_base + v_off, mask=mask_p, other=0.0).to(tl.float32) * inv_t - log_z
+            v_off += v_sk
+            plogp += tl.exp(lpj) * lpj
+            p_k += tl.exp(lpj)
 
     y = tl.full([BLOCK_P], -1, tl.int32)
     if HAS_LAB:
@@ -548,7 +554,7 @@ def _map_bwd(
     i_base = i_ptr + n * i_sn + offs_p
 
     log_z, a_tail = _map_teacher(v_base, t_ptr + n * t_sn + offs_p, mask_p, inv_t, log_rest, v_sk, K, WITH_TAIL)
-    ids, ps = _map_capture(v_base, i_base, mask_p, inv_t, log_z, v_sk, i_sk, K, CAPTURE)
+    ids, ps, _plogp, _p_k = _map_capture(v_base, i_base, mask_p, inv_t, log_z, v_sk, i_sk, K, CAPTURE)
 
     lse = tl.load(stat_ptr + n * P + offs_p, mask=mask_p, other=0.0)
     lt = lse
