@@ -494,8 +494,8 @@ def test_class_loops_tiny(monkeypatch):
 
 
 LOOP_CASES = {
-    "seg 2×19×512×1024 bf16 kd+ce bin mean": (dict(N=2, C=19, spatial=(512, 1024), k=4, dtype=torch.bfloat16,
-                                                   labels=True), "bin", "mean", T),
+    "seg 2×19×256×512 bf16 kd+ce bin mean": (dict(N=2, C=19, spatial=(256, 512), k=4, dtype=torch.bfloat16,
+                                                  labels=True), "bin", "mean", T),
     "seg 2×21×256×512 fp32 kd+ce T=1 bin none": (dict(N=2, C=21, spatial=(256, 512), k=4, dtype=torch.float32,
                                                       labels=True), "bin", "none", 1.0),
     "seg 2×150×256×512 fp16 renormalize none": (dict(N=2, C=150, spatial=(256, 512), k=8, dtype=torch.float16),
