@@ -256,13 +256,7 @@ def _grad_lean(x, c, ids, pf, y, l2_hit, l2_tail, f_hit, f_tail, q_tail, lse1, f
     e = tl.exp2(x * scale2 - tl.where(hit, l2_hit, l2_tail))
     g = e * tl.where(hit, f_hit, f_tail) - pcf
     if HAS_LAB:
-        if LSE1:
-            q1 = tl.exp(x - lse1)
-        elif WITH_TAIL:
-            q1 = tl.where(hit, e, e * q_tail)
-        else:
-            q1 = e
-        g += f_ce * (q1 - tl.where(y == c, 1.0, 0.0))
+        g += _ce_grad(x, e, hit, y == c, q_tail, lse1, f_ce, WITH_TAIL, LSE1)
     return g
 
 
@@ -286,6 +280,31 @@ def _fwd_bits(x, c, bits, y, mt, at, m1, a1, x_y, scale2, HAS_LAB: tl.constexpr,
         if LSE1:
             m1, a1 = _lse_step(m1, a1, x)
     return mt, at, m1, a1, x_y
+
+
+@triton.jit
+def _lean_scales(inv_t, lse, lt, f_kd, ct, f_ce, q_tail, WITH_TAIL: tl.constexpr, HAS_LAB: tl.constexpr,
+                 LSE1: tl.constexpr):
+    """The lean backward's per-position constants: log2 e / T, the statistics in base 2 (a top-k class's,
+    a tail class's), the KD scale of a tail class, and the scales of a class's exponential that fold the
+    cross-entropy in at T = 1 (a top-k class's, a tail class's; without labels, or at T ≠ 1, the KD's)."""
+    scale2 = inv_t * 1.4426950408889634
+    l2_hit = lse * 1.4426950408889634
+    l2_tail = l2_hit
+    f_tail = f_kd
+    if WITH_TAIL:
+        l2_tail = lt * 1.4426950408889634
+        f_tail = f_kd * ct
+    g_hit = f_kd
+    g_tail = f_tail
+    if HAS_LAB:
+        if not LSE1:  # T = 1: the cross-entropy's softmax is the same exponential
+            g_hit = f_kd + f_ce
+            if WITH_TAIL:
+                g_tail = f_tail + f_ce * q_tail
+            else:
+                g_tail = f_tail + f_ce
+    return scale2, l2_hit, l2_tail, f_tail, g_hit, g_tail
 
 
 @triton.jit
@@ -357,14 +376,22 @@ def _grad_step(x, z, hit, pc, is_label, lse, lt, ct, q_tail, lse1, f_kd, f_ce, W
         e = tl.exp(z - lse)
         g = (e - pc) * f_kd
     if HAS_LAB:
-        if LSE1:
-            q1 = tl.exp(x - lse1)
-        elif WITH_TAIL:
-            q1 = tl.where(hit, e, e * q_tail)
-        else:
-            q1 = e
-        g += f_ce * (q1 - tl.where(is_label, 1.0, 0.0))
+        g += _ce_grad(x, e, hit, is_label, q_tail, lse1, f_ce, WITH_TAIL, LSE1)
     return g
+
+
+@triton.jit
+def _ce_grad(x, e, hit, is_label, q_tail, lse1, f_ce, WITH_TAIL: tl.constexpr, LSE1: tl.constexpr):
+    """The fused cross-entropy's gradient of a class: f_ce · (softmax at T = 1 − [label]); at T = 1 the
+    softmax is the KD term's exponential ``e`` (relative to the log-sum-exp of the class's group: a tail
+    class's is q_tail times it), else its own exponential against the T = 1 log-sum-exp ``lse1``."""
+    if LSE1:
+        q1 = tl.exp(x - lse1)
+    elif WITH_TAIL:
+        q1 = tl.where(hit, e, e * q_tail)
+    else:
+        q1 = e
+    return f_ce * (q1 - tl.where(is_label, 1.0, 0.0))
 
 
 @triton.jit
@@ -593,27 +620,13 @@ def _map_bwd(
     g_off = n * 0
     c_full = C - C % UNROLL
     if LEAN:  # base-2 statistics and the KD scale folded in per pixel, once
-        scale2 = inv_t * 1.4426950408889634  # log2 e / T
-        l2_hit = lse * 1.4426950408889634
-        l2_tail = l2_hit
-        f_tail = f_kd
-        if WITH_TAIL:
-            l2_tail = lt * 1.4426950408889634
-            f_tail = f_kd * ct
+        scale2, l2_hit, l2_tail, f_tail, g_hit, g_tail = _lean_scales(inv_t, lse, lt, f_kd, ct, f_ce, q_tail,
+                                                                      WITH_TAIL, HAS_LAB, LSE1)
         pf = ()
         for j in tl.static_range(K):
             pf = pf + (ps[j] * f_kd,)
         if BITS:  # C ≤ 32: every class as if neither top k nor label, then those k + 1 written again
             bits = _top_bits(ids, K)
-            g_hit = f_kd
-            g_tail = f_tail
-            if HAS_LAB:
-                if not LSE1:  # T = 1: the cross-entropy's softmax is the same exponential
-                    g_hit = f_kd + f_ce
-                    if WITH_TAIL:
-                        g_tail = f_tail + f_ce * q_tail
-                    else:
-                        g_tail = f_tail + f_ce
             for c0 in range(0, c_full, UNROLL):
                 xs, off = _load_classes(s_base, off, s_sc, mask_p, UNROLL)
                 for u in tl.static_range(UNROLL):
@@ -862,20 +875,8 @@ def _row_bwd(
     s_row = s_ptr + row * s_sn
     g_row = g_ptr + row * g_sn
     if LEAN:  # every class as a tail class (one exponential, one multiply), then the top k and the label again
-        scale2 = inv_t * 1.4426950408889634  # log2 e / T
-        l2_hit = lse * 1.4426950408889634
-        l2_tail = l2_hit
-        f_tail = f_kd
-        if WITH_TAIL:
-            l2_tail = lt * 1.4426950408889634
-            f_tail = f_kd * ct
-        g_tail = f_tail
-        if HAS_LAB:
-            if not LSE1:  # T = 1: the cross-entropy's softmax is the same exponential
-                if WITH_TAIL:
-                    g_tail = f_tail + f_ce * q_tail
-                else:
-                    g_tail = f_tail + f_ce
+        scale2, l2_hit, l2_tail, f_tail, _g_hit, g_tail = _lean_scales(inv_t, lse, lt, f_kd, ct, f_ce, q_tail,
+                                                                       WITH_TAIL, HAS_LAB, LSE1)
         for c0 in range(0, C, BLOCK_C):
             cls = c0 + offs
             valid = cls < C

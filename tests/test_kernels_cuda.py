@@ -464,14 +464,20 @@ def run_loops(monkeypatch, case: Case, *, tail_policy, reduction, what="", tempe
         runs[name] = fused(case, tail_policy=tail_policy, reduction=reduction, upstream=upstream,
                            temperature=temperature, channels_last=channels_last)
         assert_matches_reference(*runs[name], ref, g_ref, case.s.dtype, what=f"{what} {name}")
-    out0, g0 = runs["classic"]
+    for name, run in runs.items():
+        assert_agree(runs["classic"], run, case.s.dtype, what=f"{what}: {name}")
+
+
+def assert_agree(first, second, dtype, *, what=""):
+    """Two kernels' (loss, gradient) of the same sums in another order or base: within a few float32
+    roundings and units in the last place of the gradient's dtype."""
+    (out0, g0), (out1, g1) = first, second
+    lerr = (out1.double() - out0.double()).abs().max().item()
+    assert lerr <= 1e-5 * max(out0.double().abs().max().item(), 1e-3), f"{what} loss differs by {lerr:.3g}"
     g0d = g0.double()
-    bound = (4 * torch.finfo(case.s.dtype).eps + 1e-5) * g0d.abs() + 1e-6 * g0d.abs().max()
-    for name, (out1, g1) in runs.items():
-        lerr = (out1.double() - out0.double()).abs().max().item()
-        assert lerr <= 1e-5 * max(out0.double().abs().max().item(), 1e-3), f"{what}: {name} loss differs by {lerr:.3g}"
-        diff = (g1.double() - g0d).abs()
-        assert (diff <= bound).all(), f"{what}: {name} gradient differs by up to {diff.max().item():.3g}"
+    diff = (g1.double() - g0d).abs()
+    bound = (4 * torch.finfo(dtype).eps + 1e-5) * g0d.abs() + 1e-6 * g0d.abs().max()
+    assert (diff <= bound).all(), f"{what} gradient differs by up to {diff.max().item():.3g}"
 
 
 @pytest.mark.skipif(not INTERPRET or CUDA, reason="the interpreter's check; on a GPU, test_class_loops_agree (this one "
@@ -524,13 +530,7 @@ def run_row_loops(monkeypatch, case: Case, *, tail_policy, reduction, what="", t
         runs[lean] = fused(case, tail_policy=tail_policy, reduction=reduction, upstream=upstream,
                            temperature=temperature)
         assert_matches_reference(*runs[lean], ref, g_ref, case.s.dtype, what=f"{what} ROW_LEAN={lean}")
-    (out0, g0), (out1, g1) = runs[False], runs[True]
-    lerr = (out1.double() - out0.double()).abs().max().item()
-    assert lerr <= 1e-5 * max(out0.double().abs().max().item(), 1e-3), f"{what}: lean rows' loss differs by {lerr:.3g}"
-    g0d = g0.double()
-    diff = (g1.double() - g0d).abs()
-    bound = (4 * torch.finfo(case.s.dtype).eps + 1e-5) * g0d.abs() + 1e-6 * g0d.abs().max()
-    assert (diff <= bound).all(), f"{what}: lean rows' gradient differs by up to {diff.max().item():.3g}"
+    assert_agree(runs[False], runs[True], case.s.dtype, what=f"{what}: lean rows'")
 
 
 @interpreter_or_gpu
