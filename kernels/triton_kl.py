@@ -949,7 +949,7 @@ def map_config(C: int, P: int, k: int, element_size: int, pixel_stride: int = 1,
         bits = MAP_TUNING.get("BITS", bits)
         bwd_bits = MAP_TUNING.get("BWD_BITS", bwd_bits)
     # the lean loop: 8 warps and 8 classes in flight, the fastest of two H200 sweeps' lean settings at
-    # 8×19 and within 1% of the fastest at 8×11 and 8×150 (kernel-sweep-nvidia-h200.md, 865e091; SPT 4 on
+    # 8×19 and within 2% of the fastest at 8×11 and 8×150 (kernel-sweep-nvidia-h200.md, 865e091; SPT 4 on
     # 4 warps was as fast, with twice the registers a thread); the class-by-class loop: 4 warps, 4 classes
     num_warps = 8 if lean and capture else 4
     unroll = UNROLL if lean and capture else min(UNROLL, 4)
