@@ -65,7 +65,8 @@ class Variant:
         parts += [flag for flag, on in (("tail", self.with_tail), ("ignore", self.has_ign), ("labels", self.has_lab),
                                         ("lse1", self.lse1), ("channels_last", self.channels_last),
                                         ("chunk", bool(self.chunk)), ("classic", self.lean is False and self.kernel.startswith("map")),
-                                        ("lean", self.lean is True and self.kernel.startswith("row")), ("bits", bool(self.bwd_bits))) if on]
+                                        ("lean", self.lean is True and self.kernel.startswith("row")),
+                                        ("default", self.lean is False and self.kernel.startswith("row")), ("bits", bool(self.bwd_bits))) if on]
         parts.append(("mean", "sum", "none")[self.reduction])
         return "-".join(parts)
 
@@ -304,8 +305,8 @@ def variants() -> list[Variant]:
         out += [Variant(kernel, "bfloat16", C=1000, k=4), Variant(kernel, "float32", C=32000, k=8, has_lab=True,
                                                                    lse1=True),
                 Variant(kernel, "bfloat16", C=128000, k=4, reduction=2)]
-        # the rows' lean loop (triton_kl.ROW_LEAN), which a GPU sweep chooses
-        out += [Variant(kernel, "bfloat16", C=32000, k=4, lean=True),
+        # the rows' lean loop (triton_kl.ROW_LEAN), which a GPU sweep chooses, beside the default loop
+        out += [Variant(kernel, "bfloat16", C=32000, k=4, lean=False), Variant(kernel, "bfloat16", C=32000, k=4, lean=True),
                 Variant(kernel, "float32", C=32000, k=8, has_lab=True, lse1=True, lean=True)]
     return out
 
