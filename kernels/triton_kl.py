@@ -714,6 +714,14 @@ def _row_teacher(v_row, i_row, t_ptr, row, inv_t, log_rest, v_sk, i_sk,
 
 
 @triton.jit
+def _row_tile(s_row, c0, offs, C):
+    """A row's tile of classes from c0: their ids, which exist (< C), and their logits in fp32."""
+    cls = c0 + offs
+    valid = cls < C
+    return cls, valid, tl.load(s_row + cls, mask=valid, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _row_hits(cls, ids, ps, i_row, v_row, i_sk, v_sk, inv_t, log_z, K: tl.constexpr, CAPTURE: tl.constexpr):
     """Whether each class of a row's tile is among its top k, and the teacher's probability of it there (else 0)."""
     hit = cls < 0
@@ -763,9 +771,7 @@ def _row_fwd(
     if LEAN:  # the rest's log-sum-exp in the loop, in base 2; the top k's from their k logits, read after it
         scale2 = inv_t * 1.4426950408889634  # log2 e / T
         for c0 in range(0, C, BLOCK_C):
-            cls = c0 + offs
-            valid = cls < C
-            x = tl.load(s_row + cls, mask=valid, other=0.0).to(tl.float32)
+            cls, valid, x = _row_tile(s_row, c0, offs, C)
             out = cls >= C
             for j in tl.static_range(K):
                 out = out | (cls == ids[j])
@@ -787,9 +793,7 @@ def _row_fwd(
         kl = plogp - dots + p_k * lse
     else:
         for c0 in range(0, C, BLOCK_C):
-            cls = c0 + offs
-            valid = cls < C
-            x = tl.load(s_row + cls, mask=valid, other=0.0).to(tl.float32)
+            cls, valid, x = _row_tile(s_row, c0, offs, C)
             z = x * inv_t
             hit, pc = _row_hits(cls, ids, ps, i_row, v_row, i_sk, v_sk, inv_t, log_z, K, CAPTURE)
             mk, ak, mt, at, dot, m1, a1, x_y = _stats_step(
@@ -878,9 +882,7 @@ def _row_bwd(
         scale2, l2_hit, l2_tail, f_tail, _g_hit, g_tail = _lean_scales(inv_t, lse, lt, f_kd, ct, f_ce, q_tail,
                                                                        WITH_TAIL, HAS_LAB, LSE1)
         for c0 in range(0, C, BLOCK_C):
-            cls = c0 + offs
-            valid = cls < C
-            x = tl.load(s_row + cls, mask=valid, other=0.0).to(tl.float32)
+            cls, valid, x = _row_tile(s_row, c0, offs, C)
             g = tl.exp2(x * scale2 - l2_tail) * g_tail
             if LSE1:
                 g += f_ce * tl.exp(x - lse1)
@@ -903,9 +905,7 @@ def _row_bwd(
             tl.store(g_row + yc, g.to(g_ptr.dtype.element_ty), mask=y >= 0)
     else:
         for c0 in range(0, C, BLOCK_C):
-            cls = c0 + offs
-            valid = cls < C
-            x = tl.load(s_row + cls, mask=valid, other=0.0).to(tl.float32)
+            cls, valid, x = _row_tile(s_row, c0, offs, C)
             z = x * inv_t
             hit, pc = _row_hits(cls, ids, ps, i_row, v_row, i_sk, v_sk, inv_t, log_z, K, CAPTURE)
             g = _grad_step(x, z, hit, pc, cls == y, lse, lt, ct, q_tail, lse1, f_kd, f_ce, WITH_TAIL, HAS_LAB, LSE1)
