@@ -246,18 +246,33 @@ def _free_refs() -> int:
 _FREE_REFS = _free_refs()
 
 
+#: where the gradient buffers of the CPU path start: a cache line (64 bytes). numpy starts a large array
+#: 16 bytes past one, so every 512-bit store of the kernel would cross two lines
+#: (benchmarks/results/numba-aligned-scratch-cpu.md has the measured difference)
+GRAD_ALIGN = 64
+
+
+def _aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
+    """An uninitialised float32 array of ``shape`` whose data start at a multiple of :data:`GRAD_ALIGN`
+    bytes: a view into a slightly larger array, which it keeps alive."""
+    n = math.prod(shape)
+    raw = np.empty(n + GRAD_ALIGN // 4, dtype=np.float32)
+    off = (-raw.ctypes.data) % GRAD_ALIGN // 4
+    return raw[off:off + n].reshape(shape)
+
+
 def _grad_buffer(shape: tuple[int, ...]) -> np.ndarray:
     """A float32 array of ``shape`` for the kernel to write the gradient into: a pooled one that nothing
     refers to any more, else a new one (pooled when large)."""
     if math.prod(shape) * 4 < GRAD_POOL_MIN_BYTES or GRAD_POOL_SIZE <= 0:
-        return np.empty(shape, dtype=np.float32)
+        return _aligned_empty(shape)
     with _GRAD_POOL_LOCK:
         for j in range(len(_GRAD_POOL)):
             a = _GRAD_POOL[j]
             if a.shape == shape and sys.getrefcount(a) == _FREE_REFS:  # no tensor holds it
                 _GRAD_POOL.append(_GRAD_POOL.pop(j))  # the most recently used last
                 return a
-        a = np.empty(shape, dtype=np.float32)
+        a = _aligned_empty(shape)
         _GRAD_POOL.append(a)
         del _GRAD_POOL[:-GRAD_POOL_SIZE]  # the least recently used go (one in use lives on in its tensor)
         return a

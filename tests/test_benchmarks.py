@@ -1006,3 +1006,10 @@ def test_numba_variants_alternate_takes_the_sides_in_turn_and_finds_its_constant
     assert cells.startswith("5.00 | 2.50 | **2.00×**"), cells
     with pytest.raises(SystemExit, match="NO_SUCH_CONSTANT"):
         script["load_copy"]("NO_SUCH_CONSTANT", "1", tmp_path)
+    # a setting of several constants, the host's (kernels/api.py) apart and parsed as Python values
+    assert script["parse_setting"]("SCRATCH_ALIGN=32, api.GRAD_ALIGN=16") == ([("SCRATCH_ALIGN", "32")],
+                                                                             {"GRAD_ALIGN": 16})
+    with pytest.raises(SystemExit, match="no constant 'NOPE'"):
+        script["parse_setting"]("api.NOPE=1")
+    copy = script["load_copy"]("SCRATCH_ALIGN", "32", tmp_path, (("VECTOR_WIDTH", "256"),))
+    assert (copy.SCRATCH_ALIGN, copy.VECTOR_WIDTH) == (32, 256)

@@ -295,6 +295,24 @@ def test_the_cpu_gradient_buffer_is_reused_only_once_nothing_holds_it(monkeypatc
     grad_of(s)
     assert api._GRAD_POOL == []
 
+def test_the_cpu_gradient_and_the_kernels_scratch_start_on_a_cache_line(monkeypatch):
+    """The CPU path's gradient (pooled or not) and the spatial kernel's scratch start at a 64-byte
+    address: numpy and Numba start arrays at 16 and 32 bytes, where every 512-bit access of the
+    kernels would cross two cache lines."""
+    from kdcache.kernels import api, numba_kl
+
+    monkeypatch.setattr(api, "_GRAD_POOL", [])
+    monkeypatch.setattr(api, "GRAD_POOL_MIN_BYTES", 4096)
+    for C, spatial in ((19, (6, 10)), (19, (2, 3)), (3, (1, 5))):  # pooled, then two small ones
+        s, v, i, tail, ign, _ = make_case(2, C, 2, spatial, seed=C)
+        x = s.detach().requires_grad_(True)
+        topk_kl(x, v, i, tail, ignore_mask=ign, backend="numba", check_inputs=False).backward()
+        assert x.grad.data_ptr() % 64 == 0
+    addresses = {numba_kl._scratch(n).ctypes.data % 64 for n in (1, 15, 16, 17, 512, 19 * 512) for _ in range(8)}
+    assert addresses == {0}
+    assert numba_kl._scratch(33).shape == (33,)
+
+
 def test_backward_only_scales_the_stored_gradient(monkeypatch):
     import kdcache.kernels.api as api
 
