@@ -2,6 +2,7 @@
 
     python benchmarks/numba_variants.py STREAM_STORES=False STREAM_STORES=True [--repeats 30] [--markdown FILE]
     python benchmarks/numba_variants.py SCRATCH_ALIGN=32,api.GRAD_ALIGN=16 SCRATCH_ALIGN=64,api.GRAD_ALIGN=64
+    python benchmarks/numba_variants.py @94f5bec DENSE_MAX_CLASSES=32
 
 Numba freezes a module's constants into the compiled kernels, so the two settings of a constant in
 ``kernels/numba_kl.py`` (``VECTOR_WIDTH``, ``STREAM_STORES``…) cannot take turns in one module. This
@@ -11,7 +12,8 @@ folder whose ``__pycache__`` takes its compiled code) and times the fused loss's
 call after call, the order alternating: adjacent calls meet the same machine, which on a shared CPU
 drifts by tens of percent between separate runs. A setting may change several constants at once, comma
 separated; a name ``api.NAME`` is a constant of ``kernels/api.py`` (the loss's host side), set on that
-module while the setting's copy runs. Per case: the median ms of each setting and the median
+module while the setting's copy runs. ``@COMMIT`` is the module as that commit has it (its kernels
+called as this checkout's ``kernels/api.py`` calls them). Per case: the median ms of each setting and the median
 over pairs of (first setting / last setting), with its interquartile range.
 ``benchmarks/numba_vector_width.py`` and ``benchmarks/grad_pool.py`` time the same way through
 :func:`alternate`.
@@ -24,6 +26,7 @@ import ast
 import importlib.util
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,13 +44,24 @@ KERNELS = ("kl_spatial", "kl_rows", "block_pixels")
 
 def load_copy(name: str, value: str, folder: Path, more: tuple[tuple[str, str], ...] = ()):
     """``kernels/numba_kl.py`` as a module of its own whose constant ``name`` is ``value`` (Python source),
-    and each further (name, value) of ``more`` too."""
+    and each further (name, value) of ``more`` too. The name '@' takes the file as commit ``value`` has it."""
+    changes = ((name, value), *more)
     source = Path(numba_kl.__file__).read_text()
-    for nm, val in ((name, value), *more):
+    if name == "@":
+        done = subprocess.run(["git", "show", f"{value}:kernels/numba_kl.py"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"numba_variants: no kernels/numba_kl.py at '{value}': {done.stderr.strip()}")
+        source, changes = done.stdout, more
+    for nm, val in changes:
         source, n = re.subn(rf"^{nm} = .+$", f"{nm} = {val}", source, flags=re.M)
         if n != 1:
             raise SystemExit(f"numba_variants: '{nm} = ...' not found once in kernels/numba_kl.py")
-    tag = re.sub(r"\W", "_", "_".join(f"{nm}_{val}" for nm, val in ((name, value), *more)))
+    return _module(source, folder, re.sub(r"\W", "_", "_".join(f"{nm}_{val}" for nm, val in ((name, value), *more))))
+
+
+def _module(source: str, folder: Path, tag: str):
+    """``source`` loaded as the module ``numba_kl_{tag}`` from a file in ``folder``."""
     path = folder / f"numba_kl_{tag}.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(f"numba_kl_{tag}", path)
@@ -70,6 +84,9 @@ def parse_setting(text: str) -> tuple[list[tuple[str, str]], dict]:
     """'A=1,api.B=2' -> ([('A', '1')], {'B': 2}): the kernels' constants (as source) and the host's."""
     kernel, host = [], {}
     for part in text.split(","):
+        if part.startswith("@"):  # the file at a commit
+            kernel.insert(0, ("@", part[1:]))
+            continue
         name, sep, value = part.partition("=")
         if not sep or not name.strip():
             raise SystemExit(f"numba_variants: '{part}' is not NAME=VALUE")

@@ -264,14 +264,16 @@ def kl_spatial(s, v, idx, tail, k, half, ids8, ign, lab, T, with_tail, use_ign, 
     (``ids8``) or int32, each a flat uint8 view.
 
     Per task: (teacher) its k (+ 1) bins, vectorised along pixels, and its part of the KL,
-    Σ_K p log p; the top-k probabilities scattered, negated, into a class-major block ``pd`` that
-    is zero elsewhere (scalar by id, the only per-id step), so a negative entry marks a top-k
-    class. (A) The student's block copied in contiguously (the map's class rows lie P apart, a
+    Σ_K p log p; the top-k probabilities, negated, into a class-major block ``pd`` that is zero
+    elsewhere, so a negative entry marks a top-k class: up to :data:`DENSE_MAX_CLASSES` classes each
+    row built along pixels by comparing the class with the k ids (vector compares and selects, no
+    store by id), above it stored by id into zeros (scalar, the per-id step) and put back to zeros
+    once the gradient is written. (A) The student's block copied in contiguously (the map's class rows lie P apart, a
     stride that puts a block's rows into the same cache sets) and its raw maximum m. (B)
     e = exp((s − m)/T), Σe, the tail sum Σ_{c∉K} e (a sum, never 1 − Σ_K q) and Σ_K p (s − m), which
     give the student's part of the KL. (C) The gradient of every class in one vectorised pass,
     written straight to ``grad``: e (kd + ce)/Σe − kd p, minus kd (p_tail / Σ_tail e) e outside
-    the top k (the cross-entropy's softmax at T = 1 when T ≠ 1); ``pd`` zeroed behind it.
+    the top k (the cross-entropy's softmax at T = 1 when T ≠ 1).
     Positions whose whole student tail underflows (sum < 1e-30) take an exact float64 fallback.
     ``loss`` is the [N, P] map when ``per_position``, else one float64 partial sum per task
     (N × ceil(P / block)). ``threads``: how many Numba threads share the tasks.
@@ -305,7 +307,7 @@ def _spatial_tasks(s, v, idx, tail, k, half, ids8, ign, lab, T, with_tail, use_i
     # scratch, once per chunk of consecutive tasks
     xb = _scratch(C * block)  # the block's logits, class-major
     eb = _scratch(C * block)  # e = exp((x − m) / T)
-    pd = _scratch(C * block)  # −p at the top-k classes, 0 elsewhere (zeroed again by pass C)
+    pd = _scratch(C * block)  # −p at the top-k classes, 0 elsewhere (rebuilt for each task)
     m = _scratch(block)
     acc = _scratch(block)  # Σ e, then 1 / Σ e
     acc1 = _scratch(block)  # Σ exp(x − m) at T = 1 for a separate cross-entropy, then 1 / it
@@ -323,7 +325,10 @@ def _spatial_tasks(s, v, idx, tail, k, half, ids8, ign, lab, T, with_tail, use_i
     e_t = _scratch(block)
     kl = _scratch(block)
     tk = _scratch(k * block)  # the teacher's top-k logits / T, then exp(those − a*)
-    pd[:] = _F0
+    kq = (k + 3) // 4 * 4 if C <= DENSE_MAX_CLASSES else 0  # the dense build's ids and −p, k padded to fours
+    ib = _scratch(kq * block).view(np.int32)
+    pk = _scratch(kq * block)
+    pd[:] = _F0  # the scattered block's zeros (a task puts back those it overwrote)
     exact = np.empty(block, np.int64)
     topk = np.empty((block, C), np.bool_)  # per fallback position: which classes are its top k
     for task in range(first, last):
@@ -380,11 +385,17 @@ def _spatial_tasks(s, v, idx, tail, k, half, ids8, ign, lab, T, with_tail, use_i
             zt[j] = _select(on, iz, _F0)  # ignored positions may hold NaN targets)
             a_t[j] = a_t[j] - lz[j] - lzp  # the tail bin's log probability
             lz[j] = lz[j] + lzp
-        # the one per-id step: −p into the class-major block at each top-k id
-        if ids8:
-            _scatter_probs(idx, pd, tk, zt, kdw, n, k, C, P, p0, L, block)
+        # −p into the class-major block at each top-k id, 0 elsewhere: built along pixels by compares up to
+        # DENSE_MAX_CLASSES classes, else stored by id into the zeros left by the task before (the per-id steps)
+        dense = C <= DENSE_MAX_CLASSES
+        if dense and ids8:
+            _dense_probs(idx, pd, ib, pk, tk, zt, kdw, n, k, C, P, p0, L, block)
+        elif dense:
+            _dense_probs(idx.view(np.int32), pd, ib, pk, tk, zt, kdw, n, k, C, P, p0, L, block)
+        elif ids8:
+            _scatter_probs(idx, pd, tk, zt, kdw, n, k, C, P, p0, L, block, False)
         else:
-            _scatter_probs(idx.view(np.int32), pd, tk, zt, kdw, n, k, C, P, p0, L, block)
+            _scatter_probs(idx.view(np.int32), pd, tk, zt, kdw, n, k, C, P, p0, L, block, False)
         # (A) copy in, the maximum
         c4 = C - C % 4
         for c in range(0, c4, 4):
@@ -481,7 +492,7 @@ def _spatial_tasks(s, v, idx, tail, k, half, ids8, ign, lab, T, with_tail, use_i
                     for c in range(C):
                         topk[n_exact, c] = pd[c * block + j] < _F0
                     n_exact += 1
-        # (C) the gradient, written out; pd zeroed behind
+        # (C) the gradient, written out
         if sep_ce:
             for j in range(L):
                 acc1[j] = _F1 / acc1[j]
@@ -495,7 +506,6 @@ def _spatial_tasks(s, v, idx, tail, k, half, ids8, ign, lab, T, with_tail, use_i
                     d = dc[j]
                     dst[j] = (kdw[j] * (e * acc[j] + d) - _select(d < _F0, _F0, st[j] * e)
                               + cew[j] * exp32(xc[j] - m[j]) * acc1[j])
-                    dc[j] = _F0
         else:
             for j in range(L):
                 coef[j] = (kdw[j] + cew[j]) * acc[j]
@@ -515,10 +525,6 @@ def _spatial_tasks(s, v, idx, tail, k, half, ids8, ign, lab, T, with_tail, use_i
                     o1[j] = (cf - _select(p1_ < _F0, _F0, tcj)) * f1[j] + kw * p1_
                     o2[j] = (cf - _select(p2_ < _F0, _F0, tcj)) * f2[j] + kw * p2_
                     o3[j] = (cf - _select(p3_ < _F0, _F0, tcj)) * f3[j] + kw * p3_
-                    q0[j] = _F0
-                    q1[j] = _F0
-                    q2[j] = _F0
-                    q3[j] = _F0
             for c in range(c4, C):
                 ec = eb[c * block:c * block + L]
                 dc = pd[c * block:c * block + L]
@@ -527,7 +533,11 @@ def _spatial_tasks(s, v, idx, tail, k, half, ids8, ign, lab, T, with_tail, use_i
                     e = ec[j]
                     d = dc[j]
                     dst[j] = (coef[j] - _select(d < _F0, _F0, st[j])) * e + kdw[j] * d
-                    dc[j] = _F0
+        if not dense:  # the block back to zeros at the k ids
+            if ids8:
+                _scatter_probs(idx, pd, tk, zt, kdw, n, k, C, P, p0, L, block, True)
+            else:
+                _scatter_probs(idx.view(np.int32), pd, tk, zt, kdw, n, k, C, P, p0, L, block, True)
         # positions whose student tail underflowed: log-sum-exp over the tail classes in float64
         for q_ in range(n_exact):
             j = exact[q_]
@@ -597,16 +607,66 @@ def _teacher_logits(v1, t1, tk, a_t, lz, n, k, P, p0, L, block, inv_t, log_rest,
             lz[j] = _fmax(lz[j], a)
 
 
+#: up to this many classes the spatial kernel builds its block of the teacher's probabilities by comparing
+#: each class with the k ids along pixels (C × k/4 vector passes of four compares and selects), above it by
+#: storing each of a pixel's k probabilities at its id into a block of zeros, and zeros there again once the
+#: gradient is written (2k scalar stores a pixel, whose cost does not grow with C). benchmarks/results/numba-dense-probs-cpu.md compares the two
+DENSE_MAX_CLASSES = 32
+
+
 @njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "nsz", "contract"})
-def _scatter_probs(i1, pd, tk, zt, kdw, n, k, C, P, p0, L, block):  # pragma: no cover - compiled
-    """The one per-id step: −p (the teacher's probability, ``tk`` × 1/Z) into the class-major block
-    ``pd`` at each top-k id of flat ids [N, k, P] of either integer dtype (0 where ignored)."""
+def _dense_probs(i1, pd, ib, pk, tk, zt, kdw, n, k, C, P, p0, L, block):  # pragma: no cover - compiled
+    """−p (the teacher's probability, ``tk`` × 1/Z; 0 where ignored) at each top-k id of flat ids
+    [N, k, P] of either integer dtype, 0 at the other classes, into every row of the class-major
+    block ``pd``, by compares along pixels: the ids widened to int32 and the −p into ``ib`` and ``pk``
+    ([k rounded up to a multiple of 4, block], the padding ids −1, which no class matches), then each
+    class row from four ids at a time. A pixel's ids are distinct, so at most one matches."""
+    _prefer_vector_width()
+    kq = (k + 3) // 4 * 4
+    for jj in range(kq):
+        di = ib[jj * block:jj * block + L]
+        dp = pk[jj * block:jj * block + L]
+        if jj < k:
+            ids = i1[(n * k + jj) * P + p0:(n * k + jj) * P + p0 + L]
+            tj = tk[jj * block:jj * block + L]
+            for j in range(L):
+                di[j] = np.int32(ids[j])
+                dp[j] = -_select(kdw[j] != _F0, tj[j] * zt[j], _F0)
+        else:
+            for j in range(L):
+                di[j] = np.int32(-1)
+                dp[j] = _F0
+    for c in range(C):
+        row = pd[c * block:c * block + L]
+        cc = np.int32(c)
+        a0, a1, a2, a3 = _rows4(ib, 0, block, L)
+        b0, b1, b2, b3 = _rows4(pk, 0, block, L)
+        for j in range(L):
+            row[j] = _select(a0[j] == cc, b0[j], _select(a1[j] == cc, b1[j], _select(a2[j] == cc, b2[j],
+                             _select(a3[j] == cc, b3[j], _F0))))
+        for g in range(4, kq, 4):
+            a0, a1, a2, a3 = _rows4(ib, g * block, block, L)
+            b0, b1, b2, b3 = _rows4(pk, g * block, block, L)
+            for j in range(L):
+                row[j] = _select(a0[j] == cc, b0[j], _select(a1[j] == cc, b1[j], _select(a2[j] == cc, b2[j],
+                                 _select(a3[j] == cc, b3[j], row[j]))))
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "nsz", "contract"})
+def _scatter_probs(i1, pd, tk, zt, kdw, n, k, C, P, p0, L, block, clear):  # pragma: no cover - compiled
+    """The per-id step: −p (the teacher's probability, ``tk`` × 1/Z; 0 where ignored) into the
+    class-major block ``pd`` at each top-k id of flat ids [N, k, P] of either integer dtype; with
+    ``clear``, 0 there instead (the block as it was before)."""
     _prefer_vector_width()
     for jj in range(k):
         ids = i1[(n * k + jj) * P + p0:(n * k + jj) * P + p0 + L]
         tj = tk[jj * block:jj * block + L]
-        for j in range(L):
-            pd[_slot(ids[j], C, block, j)] = -_select(kdw[j] != _F0, tj[j] * zt[j], _F0)
+        if clear:
+            for j in range(L):
+                pd[_slot(ids[j], C, block, j)] = _F0
+        else:
+            for j in range(L):
+                pd[_slot(ids[j], C, block, j)] = -_select(kdw[j] != _F0, tj[j] * zt[j], _F0)
 
 
 @njit(parallel=True, cache=True, nogil=True)

@@ -1013,3 +1013,13 @@ def test_numba_variants_alternate_takes_the_sides_in_turn_and_finds_its_constant
         script["parse_setting"]("api.NOPE=1")
     copy = script["load_copy"]("SCRATCH_ALIGN", "32", tmp_path, (("VECTOR_WIDTH", "256"),))
     assert (copy.SCRATCH_ALIGN, copy.VECTOR_WIDTH) == (32, 256)
+    # the module as a commit has it: the first commit that has the file, its constants as they were
+    first = subprocess.run(["git", "log", "--diff-filter=A", "--format=%h", "--", "kernels/numba_kl.py"], cwd=BENCH.parent,
+                           capture_output=True, text=True, check=True).stdout.split()[-1]
+    old = script["load_copy"]("@", first, tmp_path)
+    was = subprocess.run(["git", "show", f"{first}:kernels/numba_kl.py"], cwd=BENCH.parent, capture_output=True,
+                         text=True, check=True).stdout
+    assert Path(old.__file__).read_text() == was and not hasattr(old, "SCRATCH_ALIGN")
+    assert script["parse_setting"](f"@{first},VECTOR_WIDTH=256") == ([("@", first), ("VECTOR_WIDTH", "256")], {})
+    with pytest.raises(SystemExit, match="no kernels/numba_kl.py at 'nosuchcommit'"):
+        script["load_copy"]("@", "nosuchcommit", tmp_path)
