@@ -129,9 +129,9 @@ def ratio_cells(times: dict[str, list[float]]) -> str:
             + f" | **{statistics.median(ratios):.2f}×** | {q[0]:.2f}–{q[2]:.2f}")
 
 
-def cases(ks: list[int]):
-    """(label, k, the fused forward + backward) for bench-kernels' CPU cases."""
-    for N, C, spatial in CPU_SEG + CPU_ROWS:
+def cases(ks: list[int], kinds: str = "all"):
+    """(label, k, the fused forward + backward) for bench-kernels' CPU cases: ``kinds`` 'all', 'maps' or 'rows'."""
+    for N, C, spatial in {"all": CPU_SEG + CPU_ROWS, "maps": CPU_SEG, "rows": CPU_ROWS}[kinds]:
         for k in ks:
             s, v, i, tail = make_inputs(N, C, spatial, k, torch.float32, torch.device("cpu"))
 
@@ -143,7 +143,8 @@ def cases(ks: list[int]):
             yield f"{kind} {'×'.join(map(str, (N, C, *spatial)))}", k, fused
 
 
-def compare_copies(settings: list[tuple[str, str]] | list[str], ks: list[int], repeats: int) -> list[str]:
+def compare_copies(settings: list[tuple[str, str]] | list[str], ks: list[int], repeats: int,
+                   kinds: str = "all") -> list[str]:
     """Table rows: every case timed with one module copy per setting: a (constant, value) pair, or a
     'NAME=VALUE,api.NAME=VALUE' text (:func:`parse_setting`)."""
     own = {name: getattr(numba_kl, name) for name in KERNELS}
@@ -161,7 +162,7 @@ def compare_copies(settings: list[tuple[str, str]] | list[str], ks: list[int], r
             # is never handed to the other
             copies[setting] = (load_copy(*kernel[0], Path(tmp), tuple(kernel[1:])), {"_GRAD_POOL": [], **host})
         try:
-            for label, k, fused in cases(ks):
+            for label, k, fused in cases(ks, kinds):
                 sides = {name: (lambda m=m, h=h: use(m, {**own_api, **h})) for name, (m, h) in copies.items()}
                 times = alternate(sides, fused, repeats)
                 rows.append(f"| {label} | {k} | {ratio_cells(times)} |")
@@ -179,13 +180,15 @@ def main() -> None:
     ap.add_argument("settings", nargs="+", help="NAME=VALUE, one per copy (two or more)")
     ap.add_argument("--repeats", type=int, default=30, help="timed rounds of calls per case")
     ap.add_argument("--ks", default="4,8")
+    ap.add_argument("--cases", choices=("all", "maps", "rows"), default="all",
+                    help="bench-kernels' CPU cases to time (a commit's kernels whose calls differ: the others)")
     ap.add_argument("--markdown", help="write the table to this Markdown file")
     args = ap.parse_args()
     if len(args.settings) < 2:
         raise SystemExit("numba_variants: give two or more NAME=VALUE settings")
     for setting in args.settings:
         parse_setting(setting)  # a bad one stops here, before any compiling
-    rows = compare_copies(args.settings, [int(k) for k in args.ks.split(",")], args.repeats)
+    rows = compare_copies(args.settings, [int(k) for k in args.ks.split(",")], args.repeats, args.cases)
     names = list(args.settings)
     lines = [f"# The Numba kernels with {' and '.join(f'`{n}`' for n in names)}", "",
              f"Machine: {device_name(torch.device('cpu'))}, {torch.get_num_threads()} threads; commit "
@@ -195,7 +198,8 @@ def main() -> None:
              f"times `topk_kl`'s forward + backward with each in turn, {args.repeats} rounds a case, the order "
              f"alternating. ms: the median; first / last: the median over rounds of `{names[0]}`'s time over "
              f"`{names[-1]}`'s (above 1: the last faster), with the interquartile range. Made by "
-             "`python benchmarks/numba_variants.py " + " ".join(args.settings) + "`.", "",
+             "`python benchmarks/numba_variants.py " + " ".join(args.settings)
+             + (f" --cases {args.cases}" if args.cases != "all" else "") + "`.", "",
              "| case | k | " + " | ".join(f"`{n}` ms" for n in names) + " | first / last | middle half |",
              "|---|---|" + "---|" * len(names) + "---|---|", *rows]
     emit(lines, args.markdown)
