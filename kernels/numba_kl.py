@@ -619,8 +619,8 @@ def _dense_probs(i1, pd, ib, pk, tk, zt, kdw, n, k, C, P, p0, L, block):  # prag
     """−p (the teacher's probability, ``tk`` × 1/Z; 0 where ignored) at each top-k id of flat ids
     [N, k, P] of either integer dtype, 0 at the other classes, into every row of the class-major
     block ``pd``, by compares along pixels: the ids widened to int32 and the −p into ``ib`` and ``pk``
-    ([k rounded up to a multiple of 4, block], the padding ids −1, which no class matches), then each
-    class row from four ids at a time. A pixel's ids are distinct, so at most one matches."""
+    ([k rounded up to a multiple of 4, block], the padding ids −1, which no class matches), then four
+    class rows at a time from four ids at a time. A pixel's ids are distinct, so at most one matches."""
     _prefer_vector_width()
     kq = (k + 3) // 4 * 4
     for jj in range(kq):
@@ -636,20 +636,35 @@ def _dense_probs(i1, pd, ib, pk, tk, zt, kdw, n, k, C, P, p0, L, block):  # prag
             for j in range(L):
                 di[j] = np.int32(-1)
                 dp[j] = _F0
-    for c in range(C):
-        row = pd[c * block:c * block + L]
-        cc = np.int32(c)
-        a0, a1, a2, a3 = _rows4(ib, 0, block, L)
-        b0, b1, b2, b3 = _rows4(pk, 0, block, L)
-        for j in range(L):
-            row[j] = _select(a0[j] == cc, b0[j], _select(a1[j] == cc, b1[j], _select(a2[j] == cc, b2[j],
-                             _select(a3[j] == cc, b3[j], _F0))))
-        for g in range(4, kq, 4):
+    c4 = C - C % 4
+    for c in range(0, c4, 4):  # four class rows from one load of four ids and their −p
+        r0, r1, r2, r3 = _rows4(pd, c * block, block, L)
+        c0, c1, c2, c3 = np.int32(c), np.int32(c + 1), np.int32(c + 2), np.int32(c + 3)
+        for g in range(0, kq, 4):
             a0, a1, a2, a3 = _rows4(ib, g * block, block, L)
             b0, b1, b2, b3 = _rows4(pk, g * block, block, L)
+            first = g == 0
+            for j in range(L):
+                i0, i1_, i2, i3 = a0[j], a1[j], a2[j], a3[j]
+                q0, q1, q2, q3 = b0[j], b1[j], b2[j], b3[j]
+                r0[j] = _select(i0 == c0, q0, _select(i1_ == c0, q1, _select(i2 == c0, q2, _select(
+                    i3 == c0, q3, _select(first, _F0, r0[j])))))
+                r1[j] = _select(i0 == c1, q0, _select(i1_ == c1, q1, _select(i2 == c1, q2, _select(
+                    i3 == c1, q3, _select(first, _F0, r1[j])))))
+                r2[j] = _select(i0 == c2, q0, _select(i1_ == c2, q1, _select(i2 == c2, q2, _select(
+                    i3 == c2, q3, _select(first, _F0, r2[j])))))
+                r3[j] = _select(i0 == c3, q0, _select(i1_ == c3, q1, _select(i2 == c3, q2, _select(
+                    i3 == c3, q3, _select(first, _F0, r3[j])))))
+    for c in range(c4, C):
+        row = pd[c * block:c * block + L]
+        cc = np.int32(c)
+        for g in range(0, kq, 4):
+            a0, a1, a2, a3 = _rows4(ib, g * block, block, L)
+            b0, b1, b2, b3 = _rows4(pk, g * block, block, L)
+            first = g == 0
             for j in range(L):
                 row[j] = _select(a0[j] == cc, b0[j], _select(a1[j] == cc, b1[j], _select(a2[j] == cc, b2[j],
-                                 _select(a3[j] == cc, b3[j], row[j]))))
+                                 _select(a3[j] == cc, b3[j], _select(first, _F0, row[j])))))
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "nsz", "contract"})
