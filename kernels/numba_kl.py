@@ -15,8 +15,9 @@ Two kernels of the same math. :func:`kl_spatial` (maps: NCHW read in place) work
 blocks of contiguous pixels, with every inner loop running along pixels so that LLVM vectorises
 it (8 lanes on AVX2, 4 on NEON/SSE); its exponential and logarithm are polynomials with the power
 of two put into the exponent bits (:func:`exp2_32`, :func:`log32`), because LLVM cannot vectorise
-calls to libm. The only access by class id is one scalar store per top-k entry (the teacher's
-probability into a class-major block), measured cheaper than C × k vector compares.
+calls to libm. The teacher's probabilities go into a class-major block by vector compares of each
+class with the k ids up to :data:`DENSE_MAX_CLASSES` classes, above it by one scalar store per
+top-k entry (the only access by class id).
 :func:`kl_rows` (rows [N, C] and maps of few positions) takes one position at a time with the
 classes innermost, in the same float32 arithmetic vectorised along the classes (the teacher's k
 bins and the per-id steps scalar, in float64). benchmarks/results/kernels-cpu.md has the speeds,
