@@ -182,12 +182,34 @@ def _to_f32(x):  # pragma: no cover - replaced by the overload below inside comp
     raise NotImplementedError
 
 
+@intrinsic
+def _half_bits_to_f32(typingctx, h):  # pragma: no cover - compiled
+    """The float16 whose bits an int16 holds, as float32, exactly, in 32-bit integer operations (16 lanes
+    to a 512-bit vector; Numba's own integer arithmetic widens int16 to int64, 8 lanes): the magnitude's
+    bits shifted into float32 position and scaled by 2**112 (normal and subnormal halves), inf and NaN
+    rebuilt, the sign put back."""
+    sig = types.float32(types.int16)
+
+    def codegen(context, builder, signature, args):
+        i32, f32 = ir.IntType(32), ir.FloatType()
+        x = builder.zext(args[0], i32)
+        mag = builder.shl(builder.and_(x, ir.Constant(i32, 0x7FFF)), ir.Constant(i32, 13))
+        f = builder.fmul(builder.bitcast(mag, f32), ir.Constant(f32, 2.0 ** 112))
+        special = builder.icmp_signed(">=", mag, ir.Constant(i32, 0x0F800000))
+        bits = builder.select(special, builder.or_(mag, ir.Constant(i32, 0x7F800000)), builder.bitcast(f, i32))
+        sign = builder.shl(builder.and_(x, ir.Constant(i32, 0x8000)), ir.Constant(i32, 16))
+        return builder.bitcast(builder.or_(bits, sign), f32)
+
+    return sig, codegen
+
+
 @overload(_to_f32, inline="always")
 def _to_f32_impl(x):  # pragma: no cover - compiled
     """A teacher value as float32: float32 as is; int16 holds the bits of a float16 (Numba has no
-    float16 on the CPU), widened exactly with integer operations that vectorise: the magnitude's
-    bits shifted into float32 position and scaled by 2**112 (normal and subnormal halves), inf and
-    NaN rebuilt, the sign put back."""
+    float16 on the CPU), widened exactly by :func:`_half_bits_to_f32`; another integer type the same
+    way in Numba's own arithmetic."""
+    if isinstance(x, types.Integer) and x.bitwidth == 16 and x.signed:
+        return lambda x: _half_bits_to_f32(x)
     if isinstance(x, types.Integer):
         def impl(x):
             h = np.int32(x) & np.int32(0xFFFF)
