@@ -606,7 +606,7 @@ def draw_kernels(texts: dict[str, str]):
         ks = {r["k"] for r in t.rows}
         labels = [r["case"] + (f", k = {r['k']}" if len(ks) > 1 else "") for r in t.rows]
         copy = re.search(r"copy bandwidth measured in the same run: ([\d.]+ GB/s)", text)
-        title = machine(text)
+        title = re.sub(r"\((?:R|TM)\)| Processor", "", machine(text))  # a panel title's width, not the next one's
         if "Times are the device's" in text:
             title += ", device time"
         elif "NVIDIA" in title:
