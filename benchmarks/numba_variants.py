@@ -1,4 +1,4 @@
-"""Copies of the Numba kernels with one module constant changed, timed side by side in one process.
+"""Copies of the Numba kernels with module constants changed (or as a commit had them), timed side by side in one process.
 
     python benchmarks/numba_variants.py STREAM_STORES=False STREAM_STORES=True [--repeats 30] [--markdown FILE]
     python benchmarks/numba_variants.py SCRATCH_ALIGN=32,api.GRAD_ALIGN=16 SCRATCH_ALIGN=64,api.GRAD_ALIGN=64

@@ -67,7 +67,6 @@ _F_LN2 = _F(0.6931471805599453)
 _F_TAIL_MIN = _F(1e-30)  # a student tail sum below this takes the exact (float64) fallback
 _F_SQRT2 = _F(1.4142135623730951)
 _F_NEG_INF = _F(-np.inf)
-_F_2_112 = _F(2.0 ** 112)
 
 
 @intrinsic
@@ -205,19 +204,10 @@ def _half_bits_to_f32(typingctx, h):  # pragma: no cover - compiled
 
 @overload(_to_f32, inline="always")
 def _to_f32_impl(x):  # pragma: no cover - compiled
-    """A teacher value as float32: float32 as is; int16 holds the bits of a float16 (Numba has no
-    float16 on the CPU), widened exactly by :func:`_half_bits_to_f32`; another integer type the same
-    way in Numba's own arithmetic."""
-    if isinstance(x, types.Integer) and x.bitwidth == 16 and x.signed:
-        return lambda x: _half_bits_to_f32(x)
+    """A teacher value as float32: float32 as is; int16 (the only integer the kernels pass) holds the bits
+    of a float16 (Numba has no float16 on the CPU), widened exactly by :func:`_half_bits_to_f32`."""
     if isinstance(x, types.Integer):
-        def impl(x):
-            h = np.int32(x) & np.int32(0xFFFF)
-            mag = (h & np.int32(0x7FFF)) << np.int32(13)
-            f = _int_as_f32(mag) * _F_2_112
-            fb = _select(mag >= np.int32(0x0F800000), mag | np.int32(0x7F800000), _f32_as_int(f))
-            return _int_as_f32(fb | ((h & np.int32(0x8000)) << np.int32(16)))
-        return impl
+        return lambda x: _half_bits_to_f32(x)
     return lambda x: np.float32(x)
 
 
