@@ -297,10 +297,12 @@ def _numba_call(numba, s, v, i, t, ign, lab, T, with_tail, ignore_index, scales,
         tt = _bytes(t if half else t.float()) if t is not None else np.zeros(4, np.uint8)
         idx = _bytes(i if ids8 else i.to(torch.int32))
         block = block_pixels(C)
-        loss = np.empty((N, P) if per_position else (N * -(-P // block),), dtype=np.float64)
+        # flat either way (the [N, P] map or one partial sum per task): one compiled signature, not two
+        loss = np.empty(N * P if per_position else N * -(-P // block), dtype=np.float64)
         kl_spatial(s32, vv, idx, tt, v.shape[1], half, ids8, ign_np, lab_np, *args, grad, loss, per_position, block,
                    numba.get_num_threads())
-        out = torch.from_numpy(loss).float() if per_position else torch.tensor(loss.sum(), dtype=torch.float32)
+        out = torch.from_numpy(loss.reshape(N, P)).float() if per_position else torch.tensor(loss.sum(),
+                                                                                              dtype=torch.float32)
         return torch.from_numpy(grad), out
     # one compiled specialisation: fp32 teacher, int32 ids (a copy of k values per position)
     v32 = v.float().contiguous().numpy()
@@ -318,7 +320,7 @@ NUMBA_KERNELS = ("spatial", "rows", "resample")
 def compile_numba(kernels: tuple[str, ...] = NUMBA_KERNELS) -> dict[str, str]:
     """Compile the Numba kernels now (``spatial`` for maps, ``rows`` for rows, ``resample`` for
     the loader's targets, nearest and ``--target-resample bilinear``), or load them from Numba's on-disk cache, on tiny
-    inputs (a summed loss and a per-position map, the two compiled signatures of each loss
+    inputs (a summed loss and a per-position map, which share one compiled signature of each loss
     kernel), so that no training step pays for it. The first compile takes tens of
     seconds (two processes, one kernel each, share it between the cores); Numba then keeps them
     next to ``kernels/numba_kl.py``, or under ``NUMBA_CACHE_DIR`` (or ``~/.cache/numba`` where the

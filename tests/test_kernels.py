@@ -516,6 +516,17 @@ def test_compile_numba_leaves_every_kernel_in_numbas_disk_cache():
         compile_numba(("rows", "dense"))
 
 
+def test_each_numba_loss_kernel_compiles_one_signature_for_every_reduction():
+    """A summed loss and a per-position map go through one compiled signature of each loss kernel (the
+    spatial kernel's loss is flat either way), so a first run compiles it once, not twice."""
+    from kdcache.kernels.api import compile_numba
+    from kdcache.kernels.numba_kl import kl_rows, kl_spatial
+
+    compile_numba(("spatial", "rows"))  # a summed loss and a map each
+    assert len(kl_spatial.signatures) == 1 and len(kl_rows.signatures) == 1, (kl_spatial.signatures,
+                                                                              kl_rows.signatures)
+
+
 @pytest.mark.slow  # a new Python process
 def test_the_numba_kernel_keeps_torchs_thread_budget():
     """A process limited to one thread (OMP_NUM_THREADS=1, as each torchrun process on a CPU is)
