@@ -989,6 +989,20 @@ def test_a_run_validated_every_nth_epoch_counts_every_epoch_it_trained(tmp_path,
     assert r["val_curve"] == [0.52, 0.55] and r["val"] == 0.55 and r["epochs"] == 6 and r["images_per_s"] == 102.5
 
 
+def test_numba_register_probe_matches_the_production_kernel_before_timing(tmp_path):
+    """numba_register_probe.py on a tiny map, in a process of its own (it changes LLVM's options): the
+    probe kernel's loss and gradient agree with kl_spatial's, and a row is written for the case."""
+    import re
+
+    out = tmp_path / "probe.md"
+    r = subprocess.run([sys.executable, str(BENCH / "numba_register_probe.py"), "--cases", "1:5:16x32", "--ks", "2",
+                        "--repeats", "2", "--markdown", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| 1×5×16×32 | 2 |"))
+    loss_diff, grad_diff = map(float, re.search(r"\| ([\d.e+-]+) / ([\d.e+-]+) \|", row).groups())
+    assert loss_diff < 1e-6 and grad_diff < 1e-5, row
+
+
 def test_numba_variants_alternate_takes_the_sides_in_turn_and_finds_its_constant(monkeypatch, tmp_path):
     """The timing every module-copy benchmark shares: two warm calls a side, then rounds whose order
     reverses every other round, each call timed right after its side's set-up; and a constant the
