@@ -11,13 +11,14 @@ uint8 ids, the tail bin, T = 2, no ignore mask or labels, no exact fallback). It
 gradient against the production kernel, then times both on one thread, call after call, the order
 alternating.
 
-LLVM does not vectorise that loop by itself: the C gradient rows are stores into one array at a
-run-time distance P, which needs more run-time overlap checks than its default threshold allows, and
-its cost model then takes 8 lanes. This process raises the thresholds and forces 16 lanes, globally,
-after the production kernels are loaded from Numba's cache (they are compiled first, without them);
-a kernel of the package could not change LLVM's options for its user's process, so a real one needs
-another way (each row its own ``noalias`` array, or a pixel-major scratch). The measured ratio is what
-such a kernel could gain, not a result of the package.
+What it takes for LLVM to vectorise that loop at 16 lanes without touching its options: the kernel
+works on one sample, its C gradient rows are separate arguments, and they are declared ``noalias``
+(Numba's compiler flag for it, which parfors set for their own kernels, has no ``@njit`` option: the
+probe adds one to Numba's CPU target options, a private interface); a pixel's loss goes to a float32
+buffer that a second loop sums in float64. With the rows as one array, LLVM needs a run-time overlap
+check for every pair of rows (their distance P is known only at run time) and gives up past its
+threshold (a scalar loop, about 5 times slower); with a float64 sum in the loop it takes 8 lanes. The
+measured ratio is what such a kernel could gain, not a result of the package.
 """
 
 from __future__ import annotations
@@ -37,8 +38,16 @@ from kdcache.core.runs import checkout_commit, device_name
 from kdcache.kernels.bench import make_inputs
 
 CASES = [(2, 19, (256, 512)), (2, 11, (128, 256)), (2, 21, (128, 256))]
-LLVM_OPTIONS = ("--runtime-memory-check-threshold=4096", "-vectorize-memory-check-threshold=4096",
-                "-memory-check-merge-threshold=4096", "-force-vector-width=16")
+
+
+def allow_noalias() -> None:
+    """``@njit(noalias=True)``: Numba's ``noalias`` compiler flag (every pointer argument ``noalias``, as
+    its parfors compile their kernels) as a CPU target option, which Numba does not offer."""
+    from numba.core.cpu import CPUTargetOptions
+    from numba.core.options import TargetOptions
+
+    if not hasattr(CPUTargetOptions, "noalias"):
+        CPUTargetOptions.noalias = TargetOptions.Mapping("noalias")
 
 
 def source(C: int, k: int) -> str:
@@ -48,18 +57,18 @@ def source(C: int, k: int) -> str:
         "from kdcache.kernels.numba_kl import _F, _F0, _F1, _F_TAIL_MIN, _fmax, _select, _to_f32, _prefer_vector_width,"
         " exp2_32, exp32, log32",
         "",
-        "@njit(nogil=True, error_model='numpy', fastmath={'reassoc', 'nsz', 'contract'})",
-        "def kernel(s, v, idx, tail, T, kd_scale, grad, out, block):",
+        "@njit(nogil=True, error_model='numpy', fastmath={'reassoc', 'nsz', 'contract'}, noalias=True)",
+        f"def kernel(s, v, idx, tail, T, kd_scale, n, {', '.join(f'g{c}' for c in range(C))}, out, block):",
         "    _prefer_vector_width()",
         "    N, C, P = s.shape",
-        "    s1, g1, vh, th = s.ravel(), grad.ravel(), v.view(np.int16), tail.view(np.int16)",
+        "    s1, vh, th = s.ravel(), v.view(np.int16), tail.view(np.int16)",
         f"    k = {k}",
         "    inv_t, inv_t2 = _F(1.0 / T), _F(1.4426950408889634 / T)",
         f"    log_rest = _F(math.log({C - k}))",
         "    kd_t, kd_tt = _F(kd_scale * T), _F(kd_scale * T * T)",
         "    nb = (P + block - 1) // block",
-        "    for task in range(N * nb):",
-        "        n = task // nb",
+        "    klb = np.empty(block, np.float32)",
+        "    for task in range(n * nb, (n + 1) * nb):",
         "        p0 = (task - n * nb) * block",
         "        L = min(block, P - p0)",
         "        sb, vb, tb = n * C * P + p0, n * k * P + p0, np.uint64(n * P + p0)",
@@ -69,7 +78,7 @@ def source(C: int, k: int) -> str:
         a(f"        o{c} = np.uint64(sb + {c} * P)")
     for j in range(k):
         a(f"        w{j} = np.uint64(vb + {j} * P)")
-    a("        tot = 0.0")
+    a("        q = np.uint64(p0)")
     a("        for jj in range(L):")
     a("            u = np.uint64(jj)")
     # the teacher's bins: logits / T, their maximum, Z, Σ_K p log p, the tail bin's log probability
@@ -120,8 +129,11 @@ def source(C: int, k: int) -> str:
     a("            stc = _select(ok, kd_t * pt / sts, _F0)")
     a("            coef = kd_t / acc")
     for c in range(C):
-        a(f"            g1[o{c} + u] = (coef - _select(p{c} > _F0, _F0, stc)) * e{c} - kd_t * p{c}")
-    a("            tot += np.float64(kd_tt * kl)")
+        a(f"            g{c}[q + u] = (coef - _select(p{c} > _F0, _F0, stc)) * e{c} - kd_t * p{c}")
+    a("            klb[jj] = kd_tt * kl")
+    a("        tot = 0.0")
+    a("        for jj in range(L):")
+    a("            tot += np.float64(klb[jj])")
     a("        out[task] = tot")
     return "\n".join(lines) + "\n"
 
@@ -154,18 +166,21 @@ def case(N: int, C: int, spatial: tuple[int, int], k: int, folder: Path, repeats
     ign, lab = np.zeros((1, 1), np.bool_), np.zeros((1, 1), np.int64)
     g_prod, out_prod = np.empty((N, C, P), np.float32), np.empty(ntask)
     g_probe, out_probe = np.empty((N, C, P), np.float32), np.empty(ntask)
+    rows = [tuple(g_probe[n, c] for c in range(C)) for n in range(N)]  # each row its own argument
+
+    def probe():
+        for n in range(N):
+            kernel(s32, vv, idx, tt, T, kd, n, *rows[n], out_probe, block)
+
     t0 = time.perf_counter()
     kernel = load(C, k, folder)
-    kernel(s32, vv, idx, tt, T, kd, g_probe, out_probe, block)
+    probe()
     compile_s = time.perf_counter() - t0
     numba.set_num_threads(1)
 
     def production():
         numba_kl.kl_spatial(s32, vv, idx, tt, k, True, True, ign, lab, T, True, False, False, 255, kd, 0.0, g_prod,
                             out_prod, False, block, 1)
-
-    def probe():
-        kernel(s32, vv, idx, tt, T, kd, g_probe, out_probe, block)
 
     production()
     loss_diff = abs(out_probe.sum() - out_prod.sum()) / abs(out_prod.sum())
@@ -200,11 +215,8 @@ def main() -> None:
                  for n, c, hw in (part.split(":") for part in args.cases.split(";"))]
     from kdcache.kernels.api import compile_numba
 
-    compile_numba(("spatial",))  # the production kernel, compiled (or loaded) before LLVM's options change
-    import llvmlite.binding as llvm
-
-    for option in LLVM_OPTIONS:
-        llvm.set_option("", option)
+    compile_numba(("spatial",))  # the production kernel, compiled (or loaded) first
+    allow_noalias()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for N, C, spatial in cases:
@@ -218,8 +230,8 @@ def main() -> None:
         "# A spatial kernel specialised on (C, k), against the production one (a probe)", "",
         f"Machine: {device_name(torch.device('cpu'))}, one thread; commit {checkout_commit() or 'unknown'}; "
         "student float32, teacher fp16 values and tail, uint8 ids, T = 2. Made by "
-        "`python benchmarks/numba_register_probe.py`, whose docstring says what the probe leaves out and why its "
-        f"LLVM options ({', '.join(f'`{o}`' for o in LLVM_OPTIONS)}) make it a bound, not a result of the package. "
+        "`python benchmarks/numba_register_probe.py`, whose docstring says what the probe leaves out and what it "
+        "takes (one sample a call, each gradient row a `noalias` argument): a bound, not a result of the package. "
         f"{args.repeats} rounds a case, the order alternating; ms: the median; production / probe: the median "
         "over rounds, with the interquartile range (above 1: the probe faster); diff: the loss's and the "
         "gradient's largest difference from the production kernel, relative; compile: the probe's, in seconds.",
