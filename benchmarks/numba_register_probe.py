@@ -12,7 +12,8 @@ gradient against the production kernel, then times both on one thread, call afte
 alternating.
 
 What it takes for LLVM to vectorise that loop at 16 lanes without touching its options: the kernel
-works on one sample, its C gradient rows are separate arguments, and they are declared ``noalias``
+works on one sample, its C gradient rows are separate arguments (views ``grad[n, c]`` that a second
+compiled function passes it, sample by sample, in one call from Python), and they are declared ``noalias``
 (Numba's compiler flag for it, which parfors set for their own kernels, has no ``@njit`` option: the
 probe adds one to Numba's CPU target options, a private interface); a pixel's loss goes to a float32
 buffer that a second loop sums in float64. With the rows as one array, LLVM needs a run-time overlap
@@ -135,6 +136,11 @@ def source(C: int, k: int) -> str:
     a("        for jj in range(L):")
     a("            tot += np.float64(klb[jj])")
     a("        out[task] = tot")
+    a("")
+    a("@njit(nogil=True, error_model='numpy')")
+    a("def kernel_call(s, v, idx, tail, T, kd_scale, grad, out, block):")
+    a("    for n in range(s.shape[0]):  # each sample's rows as views, one argument each")
+    a(f"        kernel(s, v, idx, tail, T, kd_scale, n, {', '.join(f'grad[n, {c}]' for c in range(C))}, out, block)")
     return "\n".join(lines) + "\n"
 
 
@@ -145,7 +151,7 @@ def load(C: int, k: int, folder: Path):
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    return module.kernel
+    return module.kernel_call
 
 
 def case(N: int, C: int, spatial: tuple[int, int], k: int, folder: Path, repeats: int) -> dict:
@@ -166,11 +172,8 @@ def case(N: int, C: int, spatial: tuple[int, int], k: int, folder: Path, repeats
     ign, lab = np.zeros((1, 1), np.bool_), np.zeros((1, 1), np.int64)
     g_prod, out_prod = np.empty((N, C, P), np.float32), np.empty(ntask)
     g_probe, out_probe = np.empty((N, C, P), np.float32), np.empty(ntask)
-    rows = [tuple(g_probe[n, c] for c in range(C)) for n in range(N)]  # each row its own argument
-
     def probe():
-        for n in range(N):
-            kernel(s32, vv, idx, tt, T, kd, n, *rows[n], out_probe, block)
+        kernel(s32, vv, idx, tt, T, kd, g_probe, out_probe, block)
 
     t0 = time.perf_counter()
     kernel = load(C, k, folder)
@@ -231,7 +234,8 @@ def main() -> None:
         f"Machine: {device_name(torch.device('cpu'))}, one thread; commit {checkout_commit() or 'unknown'}; "
         "student float32, teacher fp16 values and tail, uint8 ids, T = 2. Made by "
         "`python benchmarks/numba_register_probe.py`, whose docstring says what the probe leaves out and what it "
-        "takes (one sample a call, each gradient row a `noalias` argument): a bound, not a result of the package. "
+        "takes (one sample at a time, each gradient row a `noalias` argument, one call from Python for the map): a "
+        "bound, not a result of the package. "
         f"{args.repeats} rounds a case, the order alternating; ms: the median; production / probe: the median "
         "over rounds, with the interquartile range (above 1: the probe faster); diff: the loss's and the "
         "gradient's largest difference from the production kernel, relative; compile: the probe's, in seconds.",
