@@ -279,6 +279,7 @@ def _grad_buffer(shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _numba_call(numba, s, v, i, t, ign, lab, T, with_tail, ignore_index, scales, per_position):
+    from kdcache.kernels.numba_columns import column_kernel
     from kdcache.kernels.numba_kl import block_pixels, kl_rows, kl_spatial
 
     N, C, P = s.shape
@@ -299,8 +300,16 @@ def _numba_call(numba, s, v, i, t, ign, lab, T, with_tail, ignore_index, scales,
         block = block_pixels(C)
         # flat either way (the [N, P] map or one partial sum per task): one compiled signature, not two
         loss = np.empty(N * P if per_position else N * -(-P // block), dtype=np.float64)
-        kl_spatial(s32, vv, idx, tt, v.shape[1], half, ids8, ign_np, lab_np, *args, grad, loss, per_position, block,
-                   numba.get_num_threads())
+        columns = column_kernel(C, v.shape[1], with_tail, ign is not None, lab is not None,
+                                lab is not None and float(T) != 1.0) if C <= COLUMN_MAX_CLASSES else None
+        if columns is not None:  # few classes: the kernel generated for this (C, k), a pixel's column in registers
+            columns(s32, vv.view(np.int16) if half else vv.view(np.float32), idx if ids8 else idx.view(np.int32),
+                    tt.view(np.int16) if half else tt.view(np.float32), ign_np.reshape(-1), lab_np.reshape(-1),
+                    float(T), float(scales[0]), float(scales[1]), int(ignore_index), grad, loss, per_position, block,
+                    numba.get_num_threads())
+        else:
+                kl_spatial(s32, vv, idx, tt, v.shape[1], half, ids8, ign_np, lab_np, *args, grad, loss, per_position,
+                       block, numba.get_num_threads())
         out = torch.from_numpy(loss.reshape(N, P)).float() if per_position else torch.tensor(loss.sum(),
                                                                                               dtype=torch.float32)
         return torch.from_numpy(grad), out
@@ -313,6 +322,12 @@ def _numba_call(numba, s, v, i, t, ign, lab, T, with_tail, ignore_index, scales,
     out = torch.from_numpy(loss) if per_position else loss.astype(np.float64).sum()
     return torch.from_numpy(grad), torch.as_tensor(out, dtype=torch.float32)
 
+
+#: up to this many classes a map takes the kernel generated for its (C, k) (kernels/numba_columns.py: a
+#: pixel's column in registers; compiled on its first use, a few seconds, then kept on disk), above it
+#: ``kl_spatial``: a column of more classes than the 32 vector registers hold spills.
+#: benchmarks/results/numba-columns-cpu.md times the two side by side
+COLUMN_MAX_CLASSES = 24
 
 NUMBA_KERNELS = ("spatial", "rows", "resample")
 
@@ -338,8 +353,10 @@ def compile_numba(kernels: tuple[str, ...] = NUMBA_KERNELS) -> dict[str, str]:
             warm_nearest()
             continue
         P = 64 if name == "spatial" else 1  # a map long enough for the spatial kernel, or a row
-        assert numba_layout(3, P) == name
-        s = torch.randn(1, 3, P, generator=g)
+        # kl_spatial's maps have more classes than the generated kernels take (those compile per (C, k), on first use)
+        C = max(3, COLUMN_MAX_CLASSES + 1) if name == "spatial" else 3
+        assert numba_layout(C, P) == name
+        s = torch.randn(1, C, P, generator=g)
         values, ids = torch.randn(1, 2, P, generator=g).sort(dim=1, descending=True)[0].half(), torch.zeros(
             1, 2, P, dtype=torch.uint8)
         ids[:, 1] = 1

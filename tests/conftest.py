@@ -11,6 +11,7 @@ import module_coverage
 
 TRACER = module_coverage.Tracer().install() if os.environ.get(module_coverage.ENV) else None
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 if not torch.cuda.is_available():
@@ -20,6 +21,20 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     for name in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ.setdefault(name, "1")
     torch.set_num_threads(1)
+
+
+# -- the generated CPU maps kernels only where a test asks for them ----------------------------------------
+@pytest.fixture(autouse=True)
+def _generated_kernels_where_marked(request, monkeypatch):
+    """Maps of up to ``api.COLUMN_MAX_CLASSES`` classes take a kernel generated and compiled for their
+    (C, k, options, input types), 5-13 s each on the 2-core Xeon: the tests' matrix of shapes would
+    compile dozens (minutes of CI). In-process tests run ``kl_spatial`` for them instead, unless marked
+    ``columns`` (tests/test_numba_columns.py checks the generated kernels against the float64
+    reference); the commands tests start run them as a user's runs do."""
+    if request.node.get_closest_marker("columns") is None:
+        import kdcache.kernels.api as api
+
+        monkeypatch.setattr(api, "COLUMN_MAX_CLASSES", 0)
 
 
 # -- the longest files first, so that CI's two workers finish together -------------------------------------
@@ -46,7 +61,6 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))
 
 # -- every user error is triggered by a test that asserts on it (tests/error_coverage.py) ------------------
-import pytest  # noqa: E402
 from error_coverage import ENV, Recorder, code_sites, coverage, strings_of_file  # noqa: E402
 
 RECORDER = Recorder().install()

@@ -71,7 +71,9 @@ def check(backend, s, v, i, tail, ign, lab=None, *, T=2.0, tail_policy="bin", re
 # -- Numba: the full matrix, through both kernels ----------------------------------------------------------
 # ``kl_spatial`` (float32, pixels innermost, blocks of pixels) takes maps of 64 positions or more and
 # ``kl_rows`` (float32, classes innermost) the rest; ``layout`` forces one of them on every shape, so
-# both kernels meet every case, including blocks cut short and maps of several blocks.
+# both kernels meet every case, including blocks cut short and maps of several blocks. (Maps of up to
+# ``api.COLUMN_MAX_CLASSES`` classes take a kernel generated per (C, k) in a user's run: off here, by
+# tests/conftest.py, and checked in tests/test_numba_columns.py.)
 
 
 @pytest.fixture(params=["spatial", "rows"])
