@@ -18,7 +18,8 @@ runs); a pixel's loss goes to a float32 buffer summed in float64 after the loop.
 
 The generated modules are written once, named by a hash of their source, under :func:`kernel_folder`,
 and compiled with Numba's on-disk cache: the first use of a (C, k, options) compiles for a few seconds,
-a later process loads it. kdcache writes only files of its own there and never rewrites one.
+a later process loads it. kdcache writes only files of its own there, and one again only where it no
+longer holds the source its name hashes.
 """
 
 from __future__ import annotations
@@ -317,24 +318,31 @@ def column_kernel(C: int, k: int, with_tail: bool, use_ign: bool, use_lab: bool,
     """The generated ``kl_columns`` for these classes, ids and options (written and imported on first use,
     then held), or None where this Numba has no ``noalias`` flag (the caller then runs ``kl_spatial``)."""
     key = (C, k, bool(with_tail), bool(use_ign), bool(use_lab), bool(sep_ce))
-    fn = _LOADED.get(key)
-    if fn is not None:
-        return fn
+    if key in _LOADED:
+        return _LOADED[key]
     with _LOCK:
-        fn = _LOADED.get(key)
-        if fn is None:
-            if not allow_noalias():
-                return None
-            text = source(*key)
-            name = f"kdcache_columns_{C}_{k}_{hashlib.sha256(text.encode()).hexdigest()[:16]}"
-            path = kernel_folder() / f"{name}.py"
-            if not path.exists() or path.read_text() != text:  # never rewritten: its compiled cache stays valid
-                tmp = path.with_name(f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")
-                tmp.write_text(text)
-                os.replace(tmp, path)
-            spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-            fn = _LOADED[key] = module.kl_columns
-    return fn
+        if key not in _LOADED:
+            _LOADED[key] = _load(key) if allow_noalias() else None
+    return _LOADED[key]
+
+
+def _load(key: tuple):
+    """The generated module of ``key``, written (unless there already) and imported: its ``kl_columns``,
+    or None where no folder can take it (the caller then runs ``kl_spatial``)."""
+    try:
+        text = source(*key)
+        C, k = key[:2]
+        name = f"kdcache_columns_{C}_{k}_{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+        path = kernel_folder() / f"{name}.py"
+        # named by its content: written when missing (or damaged), else left as it is, so Numba's cache stays valid
+        if not path.exists() or path.read_text() != text:
+            tmp = path.with_name(f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module.kl_columns
+    except OSError:  # a read-only home and temporary folder: the generic kernel
+        return None

@@ -136,6 +136,23 @@ def test_without_numbas_noalias_flag_the_maps_take_kl_spatial(monkeypatch, taken
     assert taken == []
 
 
+def test_without_a_writable_folder_the_maps_take_kl_spatial(monkeypatch, taken):
+    """No folder can take the generated source (a read-only home and temporary folder): the loss still
+    runs, through ``kl_spatial``, and the failure is not retried at every call."""
+    calls = []
+
+    def no_folder():
+        calls.append(1)
+        raise OSError("read-only")
+
+    monkeypatch.setattr(nc, "kernel_folder", no_folder)
+    monkeypatch.setattr(nc, "_LOADED", {})
+    s, v, i, tail, ign, lab = make_case(2, 6, 2, (9, 14), seed=15, labels=True)
+    for _ in range(2):
+        check("numba", s, v, i, tail, ign, lab, T=2.0)
+    assert taken == [] and calls == [1]
+
+
 def test_the_generator_refuses_k_outside_1_to_c():
     with pytest.raises(ValueError, match="k must be in"):
         nc.source(4, 5, True, False, False, False)
