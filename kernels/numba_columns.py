@@ -315,7 +315,7 @@ def exact_tail(s, i1, grad, n, p0, L, k, T, kd_scale, klb, altb, badb):  # pragm
 
 
 def column_kernel(C: int, k: int, with_tail: bool, use_ign: bool, use_lab: bool, sep_ce: bool):
-    """The generated ``kl_columns`` for these classes, ids and options (written and imported on first use,
+    """The generated kernel for these classes, ids and options (written and imported on first use,
     then held), or None where this Numba has no ``noalias`` flag (the caller then runs ``kl_spatial``)."""
     key = (C, k, bool(with_tail), bool(use_ign), bool(use_lab), bool(sep_ce))
     if key in _LOADED:
@@ -327,7 +327,7 @@ def column_kernel(C: int, k: int, with_tail: bool, use_ign: bool, use_lab: bool,
 
 
 def _load(key: tuple):
-    """The generated module of ``key``, written (unless there already) and imported: its ``kl_columns``,
+    """The generated module of ``key``, written (unless there already) and imported, as :func:`_runner`'s call,
     or None where no folder can take it (the caller then runs ``kl_spatial``)."""
     try:
         text = source(*key)
@@ -343,6 +343,25 @@ def _load(key: tuple):
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
-        return module.kl_columns
+        return _runner(module)
     except OSError:  # a read-only home and temporary folder: the generic kernel
         return None
+
+
+def _runner(module):
+    """``run(s, v1, i1, t1, ig1, lb1, T, kd_scale, ce_scale, ignore_index, grad, loss, per_position, block,
+    threads)``: the generated module's parallel ``kl_columns``, or on one thread its serial task loop
+    alone, whose parallel wrapper (about a third of a first compile: LLVM optimises the linked body again)
+    is then never compiled: one thread per process is what torchrun's processes and CI's test workers run.
+    ``run.module`` is the module."""
+
+    def run(s, v1, i1, t1, ig1, lb1, T, kd_scale, ce_scale, ignore_index, grad, loss, per_position, block, threads):
+        if threads <= 1:
+            module.tasks(s, v1, i1, t1, ig1, lb1, T, kd_scale, ce_scale, ignore_index, grad, loss, per_position, block,
+                         0, s.shape[0] * -(-s.shape[2] // block))
+        else:
+            module.kl_columns(s, v1, i1, t1, ig1, lb1, T, kd_scale, ce_scale, ignore_index, grad, loss, per_position,
+                              block, threads)
+
+    run.module = module
+    return run

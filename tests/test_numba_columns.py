@@ -11,7 +11,6 @@ run it as a user's runs do."""
 from __future__ import annotations
 
 import re
-import sys
 
 import pytest
 import torch
@@ -65,6 +64,26 @@ def test_tail_ignore_mask_labels_at_t2_several_blocks_and_underflow(taken):
     assert set(taken) == {(C, k, True, True, True, True)}
 
 
+def test_the_parallel_wrapper_gives_the_serial_loops_bits(monkeypatch):
+    """Several threads' share (``kl_columns``: a prange over chunks of tasks; on one thread the task loop is
+    called alone): a map of several blocks and samples, cut into chunks, gives the same loss and gradient,
+    bit for bit. (Under pytest-xdist Numba has one thread, which runs the chunks one after another.)"""
+    import numba
+
+    C, k = 6, 2
+    s, v, i, tail, ign, lab = make_case(3, C, k, (1, 2 * block_pixels(C) + 37), seed=16, labels=True)
+    results = []
+    for threads in (1, 3):
+        monkeypatch.setattr(numba, "get_num_threads", lambda t=threads: t)
+        x = s.clone().requires_grad_(True)
+        loss = topk_kl(x, v, i, tail, temperature=3.0, ignore_mask=ign, labels=lab, ce_weight=0.7, backend="numba")
+        loss.backward()
+        results.append((loss.item(), x.grad))
+    fn = nc.column_kernel(C, k, True, True, True, True)
+    assert fn.module.tasks.signatures and fn.module.kl_columns.signatures
+    assert results[0][0] == results[1][0] and torch.equal(results[0][1], results[1][1])
+
+
 def test_labels_at_t1_fp32_values_wide_ids_large_logits_and_underflow(taken):
     """fp32 teacher values, int16/int64 ids (passed to the kernel as int32), labels at T = 1 (the
     cross-entropy shares the softmax), logits of 1e4 and pixels whose student tail underflows."""
@@ -112,17 +131,19 @@ def test_a_generated_kernel_is_vectorised_written_once_and_loaded_from_disk(monk
     topk_kl(s, v, i, tail, temperature=2.0, ignore_mask=ign, labels=lab, backend="numba")  # compiled here
     fn = nc.column_kernel(*key)
     (path,) = tmp_path.glob("kdcache_columns_6_2_*.py")
-    assert path.stem == fn.py_func.__module__
+    assert path.stem == fn.module.__name__
     assert path.read_text() == nc.source(*key) and nc._kernels_version() in path.read_text()
-    (ir,) = sys.modules[path.stem].block_kernel.inspect_llvm().values()
+    (ir,) = fn.module.block_kernel.inspect_llvm().values()
     widths = {int(w) for w in re.findall(r"store <(\d+) x float>", ir)}
     assert widths and max(widths) >= 4, f"no vector stores of float32 in the generated kernel: {sorted(widths)}"
     before = path.stat().st_mtime_ns
     monkeypatch.setattr(nc, "_LOADED", {})
     again = nc.column_kernel(*key)
-    assert again is not fn and path.stat().st_mtime_ns == before
+    assert again.module is not fn.module and path.stat().st_mtime_ns == before
     topk_kl(s, v, i, tail, temperature=2.0, ignore_mask=ign, labels=lab, backend="numba")
-    assert sum(again.stats.cache_hits.values()) == 1 and not sum(again.stats.cache_misses.values())
+    used = [f for f in (again.module.tasks, again.module.kl_columns) if f.signatures]  # one thread or several
+    assert len(used) == 1 and sum(used[0].stats.cache_hits.values()) == 1
+    assert not sum(used[0].stats.cache_misses.values())
 
 
 def test_without_numbas_noalias_flag_the_maps_take_kl_spatial(monkeypatch, taken):
