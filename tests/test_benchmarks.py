@@ -990,8 +990,8 @@ def test_a_run_validated_every_nth_epoch_counts_every_epoch_it_trained(tmp_path,
 
 
 def test_numba_register_probe_matches_the_production_kernel_before_timing(tmp_path):
-    """numba_register_probe.py on a tiny map, in a process of its own (it adds a target option to Numba): the
-    probe kernel's loss and gradient agree with kl_spatial's, and a row is written for the case."""
+    """numba_register_probe.py on a tiny map, in a process of its own: the generated (C, k) kernel's loss and
+    gradient agree with kl_spatial's before they are timed, and a row is written for the case."""
     import re
 
     out = tmp_path / "probe.md"
