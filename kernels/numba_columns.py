@@ -172,9 +172,8 @@ def source(C: int, k: int, with_tail: bool, use_ign: bool, use_lab: bool, sep_ce
     a("        iz = _F1 / Z")
     a("        ps = _select(on, " + ("(Z - et)" if with_tail else "Z") + " * iz, _F0)")
     a("        kl = _select(on, ez * iz - lzp * ps, _F0)  # ignored positions may hold NaN targets")
-    a("        izo = _select(on, iz, _F0)")
-    for j in range(k):
-        a(f"        q{j} = h{j} * izo")
+    for j in range(k):  # 0 where ignored, whatever the exponential made of a NaN or inf target there
+        a(f"        q{j} = _select(on, h{j} * iz, _F0)")
     # the student's column: its maximum, e, Σ e, the tail sum (a sum, never 1 − Σ_K q), Σ_K p (x − m)
     for c in range(C):
         a(f"        x{c} = s1[o{c} + u]")

@@ -111,6 +111,7 @@ def test_no_tail_bin_no_mask_no_labels_and_k_equal_to_c(taken):
     assert tail is None
     check("numba", s, v, i, None, ign, T=2.0)
     v[0, :, 0, 0] = float("nan")  # ignored positions may hold anything
+    v[1, 0, 2, 3] = float("inf")
     x = s.clone().requires_grad_(True)
     out = topk_kl(x, v, i, None, ignore_mask=torch.ones(2, 8, 16, dtype=torch.bool), backend="numba")
     out.backward()
