@@ -308,7 +308,7 @@ def _numba_call(numba, s, v, i, t, ign, lab, T, with_tail, ignore_index, scales,
                     float(T), float(scales[0]), float(scales[1]), int(ignore_index), grad, loss, per_position, block,
                     numba.get_num_threads())
         else:
-                kl_spatial(s32, vv, idx, tt, v.shape[1], half, ids8, ign_np, lab_np, *args, grad, loss, per_position,
+            kl_spatial(s32, vv, idx, tt, v.shape[1], half, ids8, ign_np, lab_np, *args, grad, loss, per_position,
                        block, numba.get_num_threads())
         out = torch.from_numpy(loss.reshape(N, P)).float() if per_position else torch.tensor(loss.sum(),
                                                                                               dtype=torch.float32)

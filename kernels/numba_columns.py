@@ -336,8 +336,11 @@ def _load(key: tuple):
         # named by its content: written when missing (or damaged), else left as it is, so Numba's cache stays valid
         if not path.exists() or path.read_text() != text:
             tmp = path.with_name(f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            try:
+                tmp.write_text(text)
+                os.replace(tmp, path)
+            finally:  # a full disk leaves no half-written file of ours behind
+                tmp.unlink(missing_ok=True)
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module

@@ -127,6 +127,8 @@ def test_a_generated_kernel_is_vectorised_written_once_and_loaded_from_disk(monk
     compiles again."""
     monkeypatch.setattr(nc, "kernel_folder", lambda: tmp_path)
     monkeypatch.setattr(nc, "_LOADED", {})
+    mine = tmp_path / "mine.py"  # a file of the user's in that folder is left as it was
+    mine.write_bytes(b"# not kdcache's\n")
     key = (6, 2, True, True, True, True)
     s, v, i, tail, ign, lab = make_case(1, 6, 2, (8, 8), seed=13, labels=True)
     topk_kl(s, v, i, tail, temperature=2.0, ignore_mask=ign, labels=lab, backend="numba")  # compiled here
@@ -145,6 +147,8 @@ def test_a_generated_kernel_is_vectorised_written_once_and_loaded_from_disk(monk
     used = [f for f in (again.module.tasks, again.module.kl_columns) if f.signatures]  # one thread or several
     assert len(used) == 1 and sum(used[0].stats.cache_hits.values()) == 1
     assert not sum(used[0].stats.cache_misses.values())
+    assert mine.read_bytes() == b"# not kdcache's\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("__")) == ["mine.py", path.name]
 
 
 def test_without_numbas_noalias_flag_the_maps_take_kl_spatial(monkeypatch, taken):
