@@ -298,23 +298,32 @@ class CacheStore:
                                           else (slice(start, stop), slice(view, view + 1)))
         ids = self.ids
         ids_type = schema.read_index_dtype
+        # what each array's rows need, worked out once (a block's loop runs per sample and array)
+        plan = []
+        for spec in specs:
+            block = data[spec.path]
+            one_view = (view is not None and schema.schedule and spec.path.startswith("views/")
+                        and not schema.per_view(spec.path))  # all views were read: this one
+            hw = extents[spec.group].tolist() if spec.spatial else None
+            widen = block.dtype.kind == "u" and block.dtype != ids_type
+            plan.append((spec.key, block, one_view, hw, widen))
+        params = data.get(VIEW_PARAMS)
         out = []
         for r in rows:
             j = r - start
             item = {"row": r, "id": ids[r]}
-            for spec in specs:
-                a = data[spec.path][j]
-                if view is not None and schema.schedule and spec.path.startswith("views/") \
-                        and not schema.per_view(spec.path):  # all views were read: this one
+            for key, block, one_view, hw, widen in plan:
+                a = block[j]
+                if one_view:
                     a = a[view:view + 1]
-                if spec.spatial:
-                    h, w = extents[spec.group][j]
+                if hw is not None:
+                    h, w = hw[j]
                     a = a[..., :h, :w]
-                if a.dtype.kind == "u" and a.dtype != ids_type:
+                if widen:
                     a = a.astype(ids_type)
-                item[spec.key] = a
-            if VIEW_PARAMS in data:
-                item[VIEW_PARAMS] = data[VIEW_PARAMS][j]
+                item[key] = a
+            if params is not None:
+                item[VIEW_PARAMS] = params[j]
             out.append(item)
         return out
 

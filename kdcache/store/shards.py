@@ -29,7 +29,7 @@ from numcodecs.zstd import Zstd
 
 from kdcache.store.location import is_url
 
-_MISSING = np.uint64(2**64 - 1)
+_MISSING = 2**64 - 1  # the offset (and size) of a chunk never written, as sharding_indexed writes it
 #: parsed shard indices a reader keeps (random access reads a sample's chunk without reading and
 #: checking its shard's index again): 1024 of 256 chunks are 4 MB
 INDEX_CACHE = 1024
@@ -157,14 +157,14 @@ class ShardFile:
         if index is None:
             index = self._read_index(fetch, size, path)
         P, first = self.per_chunk, (rows[0] // self.per_shard) * self.per_shard
+        entries = index.tolist()  # (offset, bytes) per chunk, as Python ints: read once per sample
         decoded: dict[int, np.ndarray] = {}  # chunk -> its samples (a packed chunk holds P)
         for j, r in enumerate(rows):
             c, at = divmod(r - first, P)
             if c not in decoded:
-                off, nbytes = index[c]
+                off, nbytes = entries[c]
                 if off == _MISSING:
                     raise DamagedShard(f"shard {path} has no chunk for row {r} (lost, or never written)")
-                off, nbytes = int(off), int(nbytes)
                 if off + nbytes > size:
                     raise DamagedShard(f"shard {path}: chunk of row {r} runs past the end of the file")
                 raw = fetch(off, nbytes)
@@ -209,7 +209,7 @@ class ShardFile:
         return self._write_file(self.shard_path(shard), block)
 
     def _write_file(self, path: Path, block: np.ndarray) -> int:
-        index = np.full((self.chunks, 2), _MISSING, dtype="<u8")
+        index = np.full((self.chunks, 2), np.uint64(_MISSING), dtype="<u8")
         parts, offset = [], 0
         P = self.per_chunk
         for j in range(0, len(block), P):  # chunks past the array's last sample stay missing, as zarr leaves them

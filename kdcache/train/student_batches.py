@@ -46,11 +46,11 @@ class KDPipeline(SegPipeline):
     stored views (seeded by (seed, epoch, index)): the image and label get that view's geometry
     and the targets are the teacher's outputs on exactly that view. With ``skip_bad``, a sample
     whose chunks cannot be read trains without targets (every KD cell ignored, ``kd/skipped``
-    set). ``strides``: the nominal stride of each map group, which sets the size of an item's
-    target maps (ceil(crop / stride)); by default the store's own. An unlabelled cache takes the
-    labelled cache's, so that every item of a mixed batch has targets of one size whatever the
-    sizes of the images each cache was built from (each map is still sampled through its own
-    sample's extent). ``resample``: how a crop takes the cached logits, ``nearest`` cell or
+    set; the key is there only with ``skip_bad``). ``strides``: the nominal stride of each map
+    group, which sets the size of an item's target maps (ceil(crop / stride)); by default the
+    store's own. An unlabelled cache takes the labelled cache's, so that every item of a mixed
+    batch has targets of one size whatever the sizes of the images each cache was built from (each
+    map is still sampled through its own sample's extent). ``resample``: how a crop takes the cached logits, ``nearest`` cell or
     ``bilinear`` (see :mod:`kdcache.pipeline.warp`)."""
 
     def __init__(self, dataset: SegmentationDataset, preprocess: Preprocess, augment: Augment | None,
@@ -118,7 +118,8 @@ class KDPipeline(SegPipeline):
             for key in list(item):
                 if key.startswith("kd/") and key.endswith("ignore"):
                     item[key] = torch.ones_like(item[key])
-        item["kd/skipped"] = torch.tensor(skipped)
+        if self.skip_bad:  # only then can a sample come without targets (the loss reports the share)
+            item["kd/skipped"] = torch.tensor(skipped)
         return item
 
 
