@@ -643,6 +643,65 @@ def draw_kernels(texts: dict[str, str]):
     return fig
 
 
+def run_label(name: str, text: str) -> str:
+    """An interleaved epoch-time run's commit (from its file's name, else from its "Run …" note) and which of
+    a commit's runs it is (from the file's name, or the note's "the third of three runs")."""
+    note = re.search(r"^Run .*", text, re.M)
+    named = re.search(r"-([0-9a-f]{7,})(?:-run(\d+))?\.md$", name)
+    if named:
+        return named.group(1) + (f" run {named.group(2)}" if named.group(2) else "")
+    commit = re.search(r"commit ([0-9a-f]{7,})", note.group(0)) if note else None
+    nth = re.search(r"the (first|second|third) of three runs", note.group(0)) if note else None
+    return (commit.group(1) if commit else name) + (
+        f" run {({'first': 1, 'second': 2, 'third': 3})[nth.group(1)]}" if nth else "")
+
+
+def draw_epoch_time(texts: dict[str, str]):
+    """Each interleaved run of ``benchmarks/epoch_time.py --interleave``, oldest first, a panel per machine: a
+    cached epoch's time over its paired CE epoch's, the median over rounds (dot), the middle half (bar) and the
+    min–max (line, cut at the axis's end), for streamed ``kl`` and for ``none`` (the student's pipeline, no targets read),
+    against issue 50's 1.05."""
+    from matplotlib.lines import Line2D
+
+    machines: dict[str, list[tuple[str, str]]] = {}
+    for name, text in texts.items():
+        cpu = re.sub(r"\((?:R|TM)\)| Processor|^cpu: ", "", machine(text)).split(",")[0].strip()
+        machines.setdefault(cpu, []).append((name, text))
+    runs = sum(len(v) for v in machines.values())
+    fig, axes = _figure(len(machines), 1, 0.36 * runs + 0.8 * len(machines) + 1.0, sharex=True,
+                        height_ratios=[len(v) + 1 for v in machines.values()])
+    variants = (("kl, stream", BLUE, 0.15), ("none, stream", GREY, -0.15))
+    right = 1.6  # the axis's end: a min–max beyond it is cut there
+    for ax, (title, files) in zip(axes[:, 0], machines.items()):
+        for j, (name, text) in enumerate(files):
+            t = table(text, "run", "epoch time / CE only", "middle half", name=name)
+            rows = {r["run"]: r for r in t.rows}
+            y = len(files) - 1 - j
+            for variant, colour, dy in variants:
+                r = rows[variant]
+                med = number(r[t.column("epoch time / CE only")])
+                lo, hi = numbers(r[t.column("middle half")].replace("–", " "))
+                mn, mx = numbers(r[t.column("min–max")].replace("–", " "))
+                ax.plot([mn, min(mx, right)], [y + dy] * 2, color=colour, linewidth=0.8)
+                ax.plot([lo, hi], [y + dy] * 2, color=colour, linewidth=4.5, solid_capstyle="butt", alpha=0.4)
+                ax.plot([med], [y + dy], "o", color=colour, markersize=4.5)
+                if variant == "kl, stream":
+                    ax.text(hi + 0.012, y + dy + 0.06, f"{med:.3f}", va="bottom", fontsize=8, color=colour)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.axvline(1.05, color="black", linewidth=0.8, linestyle="--")
+        ax.set_yticks(range(len(files))[::-1], [run_label(n, t) for n, t in files], fontsize=8.5)
+        ax.grid(axis="y", visible=False)
+        ax.set_ylim(-0.6, len(files) - 0.3)
+        ax.set_xlim(0.5, right)
+        ax.set_title(title, loc="left")
+    handles = [Line2D([], [], color=BLUE, marker="o", linewidth=4.5, alpha=0.6, label="kl, stream"),
+               Line2D([], [], color=GREY, marker="o", linewidth=4.5, alpha=0.6, label="none, stream (no targets read)"),
+               Line2D([], [], color="black", linewidth=0.8, linestyle="--", label="goal ≤ 1.05")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8.5)
+    axes[-1, 0].set_xlabel("epoch time / paired CE-only epoch: median over rounds (dot), middle half (bar), "
+                           "min–max (line)", fontsize=9)
+    return fig
+
 @dataclass(frozen=True)
 class Spec:
     sources: tuple[str, ...]
@@ -686,6 +745,10 @@ FIGURES: dict[str, Spec] = {
                                         "full-budget-digits-few-cpu.md"), draw_full_budget_classification,
                                        "Each recipe of the classification full-budget grids: val top-1 over the "
                                        "best CE arm, seed 0, per study"),
+    "epoch-time": Spec(tuple(f"epoch-time-interleaved-cpu{run}.md" for run in (
+        "-1247321", "-13f2afa", "-ee49f93", "-0c0efc1", "-492d33d-run1", "-492d33d-run2", "-492d33d-run3", "-247d34e",
+        "-6c604b6-run1", "-6c604b6-run2", "")), draw_epoch_time,
+        "A cached kl epoch's time over its paired CE epoch's, each interleaved run, against the 1.05 goal"),
     "kernels": Spec(("kernels-cpu.md", "kernels-nvidia-h100-80gb-hbm3.md", "kernels-nvidia-h200.md"), draw_kernels,
                     "Fused loss kernel: speed-up over eager PyTorch and torch.compile, share of the copy rate"),
 }
@@ -767,12 +830,13 @@ def stale(figures: Path = FIGURES_DIR, results: Path = RESULTS, names=None) -> l
 
 
 def write(figures: Path = FIGURES_DIR, results: Path = RESULTS) -> list[str]:
-    """Draw every figure into ``figures``; the names of those that changed."""
+    """Draw every figure into ``figures``; the names of those that changed (a figure that is the same drawing,
+    :func:`same_drawing`, is left as it is)."""
     figures.mkdir(parents=True, exist_ok=True)
     changed = []
     for name in FIGURES:
         path, svg = figures / f"{name}.svg", render(name, results)
-        if not path.is_file() or path.read_bytes() != svg:
+        if not path.is_file() or not same_drawing(path.read_bytes(), svg):
             path.write_bytes(svg)
             changed.append(name)
     return changed
