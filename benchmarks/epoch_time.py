@@ -143,8 +143,8 @@ def interleaved(args, cache: str, tmp: Path) -> list[str]:
           f"{min(ratio[v]):.3f}–{max(ratio[v]):.3f} |" for v in INTERLEAVED],
         "",
         f"Target (issue 50): a cached `kl` epoch ≤ 1.05× a CE-only epoch; measured **{med['kl, stream']:.3f}** "
-        f"(stream) and {med['kl, random']:.3f} (random access); `none` (the student's pipeline, no targets read, no KD term): "
-        f"{med['none, stream']:.3f}.",
+        f"(stream) and {med['kl, random']:.3f} (random access); `none` (the student's pipeline, no targets read, "
+        f"no KD term): {med['none, stream']:.3f}.",
     ]
 
 

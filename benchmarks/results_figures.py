@@ -646,10 +646,10 @@ def draw_kernels(texts: dict[str, str]):
 def run_label(name: str, text: str) -> str:
     """An interleaved epoch-time run's commit (from its file's name, else from its "Run …" note) and which of
     a commit's runs it is (from the file's name, or the note's "the third of three runs")."""
-    note = re.search(r"^Run .*", text, re.M)
     named = re.search(r"-([0-9a-f]{7,})(?:-run(\d+))?\.md$", name)
     if named:
         return named.group(1) + (f" run {named.group(2)}" if named.group(2) else "")
+    note = re.search(r"^Run .*", text, re.M)
     commit = re.search(r"commit ([0-9a-f]{7,})", note.group(0)) if note else None
     nth = re.search(r"the (first|second|third) of three runs", note.group(0)) if note else None
     return (commit.group(1) if commit else name) + (
@@ -659,8 +659,8 @@ def run_label(name: str, text: str) -> str:
 def draw_epoch_time(texts: dict[str, str]):
     """Each interleaved run of ``benchmarks/epoch_time.py --interleave``, oldest first, a panel per machine: a
     cached epoch's time over its paired CE epoch's, the median over rounds (dot), the middle half (bar) and the
-    min–max (line, cut at the axis's end), for streamed ``kl`` and for ``none`` (the student's pipeline, no targets read),
-    against issue 50's 1.05."""
+    min–max (line, cut at the axis's end), for streamed ``kl`` and for ``none`` (the student's pipeline, no
+    targets read), against issue 50's 1.05."""
     from matplotlib.lines import Line2D
 
     machines: dict[str, list[tuple[str, str]]] = {}
@@ -701,6 +701,7 @@ def draw_epoch_time(texts: dict[str, str]):
     axes[-1, 0].set_xlabel("epoch time / paired CE-only epoch: median over rounds (dot), middle half (bar), "
                            "min–max (line)", fontsize=9)
     return fig
+
 
 @dataclass(frozen=True)
 class Spec:

@@ -1,7 +1,7 @@
 """The figures of the docs (``docs/figures/``) are drawn from ``benchmarks/results/`` and match it:
-each is drawn again here from its files and compared with the one in the repository (byte for
-byte but for a coordinate's last decimals) (``benchmarks/results_figures.py``); every figure is shown on a page, and a results
-file that changed, or a figure edited by hand, is found."""
+each is drawn again here from its files (``benchmarks/results_figures.py``) and compared with the
+one in the repository, byte for byte but for a coordinate's last decimals; every figure is shown on
+a page, and a results file that changed, or a figure edited by hand, is found."""
 
 from __future__ import annotations
 

@@ -50,8 +50,8 @@ class KDPipeline(SegPipeline):
     group, which sets the size of an item's target maps (ceil(crop / stride)); by default the
     store's own. An unlabelled cache takes the labelled cache's, so that every item of a mixed
     batch has targets of one size whatever the sizes of the images each cache was built from (each
-    map is still sampled through its own sample's extent). ``resample``: how a crop takes the cached logits, ``nearest`` cell or
-    ``bilinear`` (see :mod:`kdcache.pipeline.warp`)."""
+    map is still sampled through its own sample's extent). ``resample``: how a crop takes the
+    cached logits, ``nearest`` cell or ``bilinear`` (see :mod:`kdcache.pipeline.warp`)."""
 
     def __init__(self, dataset: SegmentationDataset, preprocess: Preprocess, augment: Augment | None,
                  seed: int, store: CacheStore, rows: np.ndarray, use_views: bool = False, skip_bad: bool = False,
