@@ -55,7 +55,9 @@ def test_independent_of_order_and_memo():
     assert big.content_hash(2) == ds.content_hash(2)
 
 
-def test_samples_render_once(monkeypatch):
+@pytest.fixture
+def render_calls(monkeypatch) -> list:
+    """The arguments of every render_scene call from here on, this process's renders forgotten."""
     calls = []
     real = syn.render_scene
 
@@ -64,13 +66,20 @@ def test_samples_render_once(monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(syn, "render_scene", counting)
+    monkeypatch.setattr(syn, "RENDERED", syn._Rendered(syn.RENDERED.budget))
+    return calls
+
+
+def test_samples_render_once(render_calls, monkeypatch):
+    calls = render_calls
     ds = build_dataset("synthetic", "test", size=3, resolution=RES)
     image, mask = ds.load(1)  # read_image + read_mask
     assert len(calls) == 1
     image[:] = 0  # callers get copies: the cached sample stays intact
     again, _ = ds.load(1)
     assert len(calls) == 1 and again.any()
-    # with no memory budget only the latest sample is kept
+    # with no memory budget (the object's nor the process's) only the latest sample is kept
+    monkeypatch.setattr(syn.RENDERED, "budget", 0)
     ds = build_dataset("synthetic", "test", size=3, resolution=RES)
     ds.cache_bytes = 0
     ds.load(0)
@@ -79,6 +88,40 @@ def test_samples_render_once(monkeypatch):
     ds.load(2)
     ds.load(0)
     assert len(calls) == 4
+
+
+def test_a_sample_renders_once_per_process_whichever_object_reads_it(render_calls, monkeypatch):
+    """A second data set object of the same seed (as each step of `kdcache demo` opens) reads the
+    first one's renders; another seed, split, index or resolution is another sample. Beyond the
+    process's budget the least recently used sample goes first, and what is kept is read-only."""
+    first = build_dataset("synthetic", "train", size=3, resolution=RES)
+    digests = [_digest(first, i) for i in range(3)]
+    assert len(render_calls) == 3
+    second = build_dataset("synthetic", "train", size=4, resolution=RES)
+    assert [_digest(second, i) for i in range(3)] == digests and len(render_calls) == 3
+    _digest(second, 3)
+    for other in (build_dataset("synthetic", "train", size=1, resolution=RES, seed=1),
+                  build_dataset("synthetic", "val", size=1, resolution=RES),
+                  build_dataset("synthetic", "train", size=1, resolution=(RES[0], RES[1] + 8))):
+        _digest(other, 0)
+    assert len(render_calls) == 7 and len({args[:3] + (tuple(args[3]),) for args in render_calls}) == 7
+    image, mask = syn.RENDERED.get(0, "train", 0, RES)
+    assert not image.flags.writeable and not mask.flags.writeable
+    with pytest.raises(ValueError):
+        image[0, 0, 0] = 1
+
+    # a budget of two samples: sample 0, read last, stays; 1 and 2 went first
+    one = RES[0] * RES[1] * 4
+    monkeypatch.setattr(syn, "RENDERED", syn._Rendered(2 * one))
+    for i in (1, 2, 0):
+        syn.RENDERED.get(0, "train", i, RES)
+    syn.RENDERED.get(0, "train", 3, RES)
+    assert [k[2] for k in syn.RENDERED.samples] == [0, 3] and syn.RENDERED.bytes == 2 * one
+    calls = len(render_calls)
+    syn.RENDERED.get(0, "train", 0, RES)
+    assert len(render_calls) == calls
+    syn.RENDERED.get(0, "train", 1, RES)
+    assert len(render_calls) == calls + 1
 
 
 def test_seeds_and_splits_differ():
@@ -155,6 +198,7 @@ def test_prepared_samples_reach_the_workers_without_rendering(monkeypatch):
     them all without rendering one (a worker that rendered would raise). Over the memory budget
     it renders nothing (each epoch's workers render again, as before)."""
     monkeypatch.setattr(syn, "render_scene", _render_only_in(os.getpid(), syn.render_scene))
+    monkeypatch.setattr(syn, "RENDERED", syn._Rendered(0))  # none kept for the process: only the object's own
     ds = build_dataset("synthetic", "test", size=5, resolution=RES)
     ds.prepare_for_workers()
     loader = torch.utils.data.DataLoader(_Loads(ds), batch_size=5, num_workers=1,
