@@ -71,7 +71,7 @@ class Commands(TyperGroup):
             if getattr(ctx, "kdcache_listing", False):  # --help: the summary alone
                 return TyperCommand(name, help=COMMANDS[name].summary, short_help=COMMANDS[name].summary)
             load(name)
-            self.commands[name] = typer.main.get_command(app).commands[name]
+            self.commands[name] = _build(name)
         return super().get_command(ctx, name)
 
     def get_params(self, ctx):
@@ -103,6 +103,14 @@ def without_bool_types(params: list) -> list:
 def load(name: str) -> None:
     """Import the module that defines command ``name`` (it registers its commands on :data:`app`)."""
     importlib.import_module(f"kdcache.cli.{COMMANDS[name].module}")
+
+
+def _build(name: str):
+    """Command ``name`` as typer builds it, alone (not the whole app again)."""
+    info = next(c for c in app.registered_commands
+                if (c.name or typer.main.get_command_name(c.callback.__name__)) == name)
+    return typer.main.get_command_from_info(info, pretty_exceptions_short=app.pretty_exceptions_short,
+                                            rich_markup_mode=app.rich_markup_mode)
 
 
 def all_commands() -> dict:

@@ -10,6 +10,8 @@ import dataclasses
 import functools
 import inspect
 import os
+import select
+import sys
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +45,11 @@ def command(name: str | None = None) -> Callable:
                 console.print(f"[bold red]error:[/bold red] {escape(error_text(exc))}", soft_wrap=True, highlight=False)
                 raise typer.Exit(2) from None
             except OSError as exc:
+                if isinstance(exc, BrokenPipeError) and stdout_is_gone():
+                    # `kdcache list-models | head -1`: the reader has what it wanted. Quiet, as the
+                    # help's own output is (click: exit status 1), not a file-system error
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor one at exit's flush
+                    raise typer.Exit(1) from None
                 if os.environ.get(TRACEBACK_ENV):
                     raise
                 console.print(f"[bold red]error:[/bold red] {escape(os_error_text(exc))}", soft_wrap=True,
@@ -66,6 +73,17 @@ def bounded_parameters(fn: Callable) -> dict[str, tuple[str, Bounds]]:
             decls = [d for d in (getattr(info, "param_decls", None) or ()) if d.startswith("--")]
             out[name] = ((decls[0].split("/")[0] if decls else f"--{name.replace('_', '-')}"), bounds)
     return out
+
+
+def stdout_is_gone() -> bool:
+    """Whether standard output is a pipe whose reading end has been closed (poll(2) reports
+    POLLERR for it); False where it cannot tell (not a file descriptor, no poll)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 #: set to see the traceback of a file-system error instead of its one line

@@ -3,9 +3,26 @@ through typer's CliRunner (every argument passed through ``str``)."""
 
 from __future__ import annotations
 
+import typer.main
+import typer.testing
 from typer.testing import CliRunner
 
 runner = CliRunner()
+_built: dict = {}
+
+
+def _command_of(app):
+    """The click command of ``app``, built once per test process as the ``kdcache`` process builds
+    it once (typer's runner built it again for every invocation, about 40 ms a time with every
+    command module imported: a few hundred times in a test process). A command whose module is
+    imported later is built when first run, as in ``kdcache`` itself (cli.app.Commands)."""
+    key = id(app)
+    if key not in _built:
+        _built[key] = (app, typer.main.get_command(app))
+    return _built[key][1]
+
+
+typer.testing._get_command = _command_of
 
 
 def kd(*args, env: dict | None = None):

@@ -36,6 +36,25 @@ def test_python_m_kdcache_and_console_script():
     assert r.returncode == 0 and "deeplabv3_resnet50" in r.stdout and "demo_teacher" in r.stdout
 
 
+def test_a_reader_that_stops_early_ends_the_command_quietly(monkeypatch):
+    """`kdcache list-datasets | head -1`: the reader closes the pipe, and the command ends as the
+    help does there (exit status 1, nothing on stderr), not with a file-system error line. A
+    broken pipe that is not standard output's stays that one line."""
+    p = subprocess.Popen([sys.executable, "-m", "kdcache", "list-datasets"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()  # before the command prints: every write fails
+    err = p.stderr.read().decode()
+    assert p.wait() == 1 and err == "", err
+    import kdcache.cli.tools as tools
+
+    def broken():
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(tools, "model_groups", broken)
+    r = kd("list-models")
+    assert r.exit_code == 2 and r.output.startswith("error: Broken pipe") and len(r.output.splitlines()) == 1, r.output
+
+
 @pytest.mark.slow  # trains, then evaluates
 def test_train_then_evaluate(tmp_path):
     run = tmp_path / "run"
