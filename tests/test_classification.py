@@ -154,13 +154,35 @@ def test_cifar_reader_builds_no_foreign_objects(tmp_path):
 
 
 def test_shapes_is_deterministic_and_balanced():
+    from kdcache.data import shapes
+
     a = build_dataset("shapes", "train", size=200)
     b = build_dataset("shapes", "train", size=50)
+    np.testing.assert_array_equal(a.load(7)[0], shapes.render(0, "train", 7, 32)[0])  # drawn again, not the kept one
     np.testing.assert_array_equal(a.load(7)[0], b.load(7)[0])
-    assert a.label(7) == b.label(7)
+    assert a.label(7) == b.label(7) == shapes.render(0, "train", 7, 32)[1]
     assert not np.array_equal(a.load(7)[0], build_dataset("shapes", "train", size=10, seed=1).load(7)[0])
     assert a.class_counts().min() >= 10
     assert not build_dataset("shapes", "unlabeled", size=3).labelled
+
+
+def test_shapes_images_are_drawn_once_per_process(monkeypatch):
+    """A second data set object reads the images the first drew (kdcache.data.rendered), as copies."""
+    from kdcache.data import shapes
+    from kdcache.data.rendered import Rendered
+
+    calls, real = [], shapes.render
+    monkeypatch.setattr(shapes, "render", lambda *args: calls.append(args) or real(*args))
+    monkeypatch.setattr(shapes, "RENDERED", Rendered(shapes.RENDERED.budget))
+    ds = build_dataset("shapes", "val", size=3)
+    first = [ds.load(i)[0] for i in range(3)]
+    assert len(calls) == 3
+    again = build_dataset("shapes", "val", size=3)
+    assert all(np.array_equal(again.load(i)[0], first[i]) for i in range(3)) and len(calls) == 3
+    again.load(0)[0][:] = 0  # a reader's copy
+    assert np.array_equal(again.load(0)[0], first[0])
+    build_dataset("shapes", "val", size=3, resolution=24).load(0)
+    assert calls[-1] == (0, "val", 0, 24) and len(calls) == 4
 
 
 # -- models ---------------------------------------------------------------------------------------

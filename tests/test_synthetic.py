@@ -15,6 +15,7 @@ import torch
 from kdcache.core.errors import DatasetError
 from kdcache.data import build_dataset
 from kdcache.data import synthetic as syn
+from kdcache.data.rendered import Rendered
 
 REPO = Path(__file__).resolve().parents[1]
 RES = (48, 64)  # small images keep the tests fast
@@ -43,13 +44,19 @@ def test_deterministic_across_processes():
     assert out == [here[1], here[0]]
 
 
-def test_independent_of_order_and_memo():
+def test_independent_of_order_and_memo(monkeypatch):
+    def forget():  # each object draws its samples itself, not reading the process's earlier drawings
+        monkeypatch.setattr(syn, "RENDERED", Rendered(syn.RENDERED.budget))
+
+    forget()
     ds = build_dataset("synthetic", "train", size=6, resolution=RES)
     forward = [_digest(ds, i) for i in range(6)]
+    forget()
     fresh = build_dataset("synthetic", "train", size=6, resolution=RES)
     backward = [_digest(fresh, i) for i in reversed(range(6))][::-1]
     assert forward == backward
     # a smaller or larger split holds the same samples under the same ids
+    forget()
     big = build_dataset("synthetic", "train", size=10, resolution=RES)
     assert [_digest(big, i) for i in range(6)] == forward
     assert big.content_hash(2) == ds.content_hash(2)
@@ -66,7 +73,7 @@ def render_calls(monkeypatch) -> list:
         return real(*args)
 
     monkeypatch.setattr(syn, "render_scene", counting)
-    monkeypatch.setattr(syn, "RENDERED", syn._Rendered(syn.RENDERED.budget))
+    monkeypatch.setattr(syn, "RENDERED", Rendered(syn.RENDERED.budget))
     return calls
 
 
@@ -90,10 +97,10 @@ def test_samples_render_once(render_calls, monkeypatch):
     assert len(calls) == 4
 
 
-def test_a_sample_renders_once_per_process_whichever_object_reads_it(render_calls, monkeypatch):
+def test_a_sample_renders_once_per_process_whichever_object_reads_it(render_calls):
     """A second data set object of the same seed (as each step of `kdcache demo` opens) reads the
-    first one's renders; another seed, split, index or resolution is another sample. Beyond the
-    process's budget the least recently used sample goes first, and what is kept is read-only."""
+    first one's renders; another seed, split, index or resolution is another sample. What is kept
+    is read-only."""
     first = build_dataset("synthetic", "train", size=3, resolution=RES)
     digests = [_digest(first, i) for i in range(3)]
     assert len(render_calls) == 3
@@ -105,23 +112,31 @@ def test_a_sample_renders_once_per_process_whichever_object_reads_it(render_call
                   build_dataset("synthetic", "train", size=1, resolution=(RES[0], RES[1] + 8))):
         _digest(other, 0)
     assert len(render_calls) == 7 and len({args[:3] + (tuple(args[3]),) for args in render_calls}) == 7
-    image, mask = syn.RENDERED.get(0, "train", 0, RES)
+    image, mask = next(iter(syn.RENDERED.samples.values()))
     assert not image.flags.writeable and not mask.flags.writeable
     with pytest.raises(ValueError):
         image[0, 0, 0] = 1
 
-    # a budget of two samples: sample 0, read last, stays; 1 and 2 went first
-    one = RES[0] * RES[1] * 4
-    monkeypatch.setattr(syn, "RENDERED", syn._Rendered(2 * one))
+
+def test_the_least_recently_used_sample_goes_first_beyond_the_budget():
+    drawn = []
+
+    def draw(i):
+        drawn.append(i)
+        return np.full(10, i, np.uint8), np.zeros(6, np.uint8)  # 16 bytes a sample
+
+    kept = Rendered(budget=2 * 16)
     for i in (1, 2, 0):
-        syn.RENDERED.get(0, "train", i, RES)
-    syn.RENDERED.get(0, "train", 3, RES)
-    assert [k[2] for k in syn.RENDERED.samples] == [0, 3] and syn.RENDERED.bytes == 2 * one
-    calls = len(render_calls)
-    syn.RENDERED.get(0, "train", 0, RES)
-    assert len(render_calls) == calls
-    syn.RENDERED.get(0, "train", 1, RES)
-    assert len(render_calls) == calls + 1
+        kept.get(("s", i), lambda i=i: draw(i))
+    kept.get(("s", 3), lambda: draw(3))
+    assert list(kept.samples) == [("s", 0), ("s", 3)] and kept.bytes == 2 * 16  # 0, read last, stayed
+    assert kept.get(("s", 0), lambda: draw(0))[0][0] == 0 and drawn == [1, 2, 0, 3]  # kept: not drawn again
+    kept.get(("s", 1), lambda: draw(1))
+    assert drawn == [1, 2, 0, 3, 1] and list(kept.samples) == [("s", 0), ("s", 1)]
+    big = Rendered(budget=8)  # a sample larger than the whole budget is drawn, returned, not kept
+    assert big.get(("s", 5), lambda: draw(5))[0][0] == 5 and not big.samples and big.bytes == 0
+    single = Rendered(budget=100)  # one array is a sample too
+    assert single.get(("one",), lambda: np.arange(4, dtype=np.int64)).sum() == 6 and single.bytes == 32
 
 
 def test_seeds_and_splits_differ():
@@ -198,7 +213,7 @@ def test_prepared_samples_reach_the_workers_without_rendering(monkeypatch):
     them all without rendering one (a worker that rendered would raise). Over the memory budget
     it renders nothing (each epoch's workers render again, as before)."""
     monkeypatch.setattr(syn, "render_scene", _render_only_in(os.getpid(), syn.render_scene))
-    monkeypatch.setattr(syn, "RENDERED", syn._Rendered(0))  # none kept for the process: only the object's own
+    monkeypatch.setattr(syn, "RENDERED", Rendered(0))  # none kept for the process: only the object's own
     ds = build_dataset("synthetic", "test", size=5, resolution=RES)
     ds.prepare_for_workers()
     loader = torch.utils.data.DataLoader(_Loads(ds), batch_size=5, num_workers=1,

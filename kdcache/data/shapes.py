@@ -14,15 +14,20 @@ from __future__ import annotations
 
 import math
 import zlib
+from functools import lru_cache
 
 import numpy as np
 
 from kdcache.core.errors import DatasetError
 from kdcache.data.class_base import ClassificationDataset, ClassRef
 from kdcache.data.registry import DATASETS
+from kdcache.data.rendered import Rendered
 
 CLASS_NAMES = ("disc", "ring", "square", "frame", "plus", "cross", "triangle", "diamond", "bars", "crescent")
 DEFAULT_SIZES = {"train": 1000, "val": 500, "test": 1000, "unlabeled": 4000}
+#: every data set object's images in this process (kdcache.data.rendered; 3 KB an image at 32 x 32:
+#: the four default splits take 20 MB)
+RENDERED = Rendered(128 * 2**20)
 
 
 def _mask(kind: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -63,8 +68,10 @@ def _rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(split.encode()), index])
 
 
+@lru_cache(maxsize=2**16)
 def label_of(seed: int, split: str, index: int) -> int:
-    """The class of a sample (the first draw of its generator: no rendering)."""
+    """The class of a sample (the first draw of its generator: no rendering), kept for the
+    process: a data set object asks for every sample's when it is made."""
     return int(_rng(seed, split, index).integers(len(CLASS_NAMES)))
 
 
@@ -131,20 +138,18 @@ class ShapesDataset(ClassificationDataset):
             raise DatasetError(f"shapes resolution must be at least 16, got {resolution}")
         self.resolution, self.seed = side, int(seed)
         self.labelled = split != "unlabeled"
-        self._images: dict[str, np.ndarray] = {}
         refs = [ClassRef(id=f"{split}_{i:06d}", label=label_of(self.seed, split, i)) for i in range(n)]
         super().__init__(refs, split, None)
 
     def read_image(self, ref: ClassRef) -> np.ndarray:
-        """Rendered when first read, then kept (3 KB an image at 32 x 32)."""
-        image = self._images.get(ref.id)
-        if image is None:
-            split, _, idx = ref.id.rpartition("_")
-            image = self._images[ref.id] = render(self.seed, split, int(idx), self.resolution)[0]
-        return image.copy()
+        """Rendered when first read in this process, by this object or another, then kept
+        (:data:`RENDERED`)."""
+        split, _, idx = ref.id.rpartition("_")
+        seed, index, side = self.seed, int(idx), self.resolution
+        return RENDERED.get((seed, split, index, side), lambda: render(seed, split, index, side)[0]).copy()
 
     def prepare_for_workers(self) -> None:
-        """Render every image now, so workers forked later inherit them."""
+        """Render every image now, so workers forked later inherit them (when they all fit)."""
         for ref in self.refs:
             self.read_image(ref)
 

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections import OrderedDict
 from functools import lru_cache
 
 import numpy as np
@@ -62,6 +61,7 @@ import numpy as np
 from kdcache.core.errors import DatasetError
 from kdcache.data.base import IGNORE_INDEX, SampleRef, SegmentationDataset
 from kdcache.data.registry import DATASETS
+from kdcache.data.rendered import Rendered
 
 SKY, BUILDING, POLE, ROAD, PAVEMENT, TREE, SIGN, FENCE, CAR, PEDESTRIAN, BICYCLIST = range(11)
 VOID = IGNORE_INDEX
@@ -922,45 +922,9 @@ def render_scene(seed: int, split: str, index: int, resolution: tuple[int, int])
     return scene.finish()
 
 
-class _Rendered:
-    """The samples this process has rendered, shared by every data set object: ``kdcache demo``
-    trains a teacher, builds two caches, trains five students and compares them in one process,
-    and each of those steps opens the data set anew. Keyed by ``(seed, split, index, height,
-    width)``, which alone decide a sample (the bytes are the same however often it is drawn);
-    the least recently used go first beyond ``budget`` bytes. Arrays are read-only: readers
-    get copies."""
-
-    def __init__(self, budget: int):
-        self.budget = budget
-        self.samples: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self.bytes = 0
-
-    def get(self, seed: int, split: str, index: int, resolution: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        key = (seed, split, index, *resolution)
-        hit = self.samples.get(key)
-        if hit is not None:
-            self.samples.move_to_end(key)
-            return hit
-        image, mask = render_scene(seed, split, index, resolution)
-        image.setflags(write=False)
-        mask.setflags(write=False)
-        size = image.nbytes + mask.nbytes
-        if size <= self.budget:
-            self.samples[key] = (image, mask)
-            self.bytes += size
-            while self.bytes > self.budget:
-                old_image, old_mask = self.samples.popitem(last=False)[1]
-                self.bytes -= old_image.nbytes + old_mask.nbytes
-        return image, mask
-
-    def clear(self) -> None:
-        self.samples.clear()
-        self.bytes = 0
-
-
-#: every data set object's renders in this process (256 MB: the four default splits at the default
-#: resolution take about 110 MB together, 80 of them the unlabelled pool)
-RENDERED = _Rendered(256 * 2**20)
+#: every data set object's renders in this process (kdcache.data.rendered; 256 MB: the four default
+#: splits at the default resolution take about 110 MB together, 80 of them the unlabelled pool)
+RENDERED = Rendered(256 * 2**20)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1026,7 +990,9 @@ class SyntheticDataset(SegmentationDataset):
         if hit is not None:
             return hit
         split, _, idx = ref.id.rpartition("_")
-        image, mask = RENDERED.get(self.seed, split, int(idx), self.resolution)
+        seed, index, resolution = self.seed, int(idx), self.resolution
+        image, mask = RENDERED.get((seed, split, index, *resolution),
+                                   lambda: render_scene(seed, split, index, resolution))
         size = image.nbytes + mask.nbytes
         if self._cache_bytes + size > self.cache_bytes:
             # over budget: start over (the newest sample stays, for the read_mask that follows)
