@@ -25,7 +25,6 @@ from kdcache.core.errors import KDCacheError
 from kdcache.core.outputs import OutputFolder
 from kdcache.core.runs import RunDir, resolve_device, write_json
 from kdcache.models.loading import open_weights
-from kdcache.models.onnx_session import OnnxSegModel
 from kdcache.pipeline.transforms import SegPipeline
 from kdcache.report import figures, page
 from kdcache.report.evaluation import class_caption, eval_dataset, evaluate_run, measure_latencies
@@ -93,10 +92,13 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None, 
             (a, pa), (b, pb) = list(roots.items())[:2]
             raise KDCacheError(f"{pa} was trained on the data under {a} and {pb} under {b}: each would be scored on "
                                "other images; give --data-root DIR to evaluate every run on the same ones")
-    reports = [evaluate_run(p, split=split, qualitative=1, latency=False, device=device, batch_size=batch_size,
+    weights = [open_weights(p) for p in paths]  # each checkpoint read once
+    # each run's model as its evaluation built it (or ran it: ONNX Runtime), for the latencies and figures
+    reports = [evaluate_run(w, split=split, qualitative=1, latency=False, device=device, batch_size=batch_size,
                             show_progress=show_progress, onnx=onnx[i] if onnx else None, save=False,
-                            data_root=None if data_root is None else str(data_root))
-               for i, p in enumerate(paths)]
+                            data_root=None if data_root is None else str(data_root), keep_model=True)
+               for i, w in enumerate(weights)]
+    built = [rep.pop("model_object") for rep in reports]
     first = reports[0]
     for p, rep in zip(paths, reports):
         if (rep["dataset"], rep["split"], rep["num_samples"], rep["class_names"]) != (
@@ -105,14 +107,7 @@ def compare_runs(runs: list[str | Path], *, baseline: str | Path | None = None, 
                                f"images) but {paths[0]} on {first['dataset']} '{first['split']}' "
                                f"({first['num_samples']}); compare runs on the same images (data set, split and --limit)")
     dev = resolve_device(device)
-    weights = [open_weights(p) for p in paths]
-    n_classes = len(first["class_names"])
-    if not (latency or examples > 0 or page_images > 0):
-        models = []
-    elif onnx:
-        models = [OnnxSegModel(f, rep["model"], n_classes, dev) for f, rep in zip(onnx, reports)]
-    else:
-        models = [w.build(num_classes=n_classes, device=dev) for w in weights]
+    models = built if (latency or examples > 0 or page_images > 0) else []
     lat = _shared_latencies(models, weights, reports, dev) if latency else [{} for _ in paths]
     configs = [RunDir(p).read_config() for p in paths]
     labels = [run_label(c, p) for c, p in zip(configs, paths)]

@@ -25,7 +25,7 @@ from kdcache.core.runs import KIND as RUN
 from kdcache.data import build_dataset
 from kdcache.data.splits import limit, train_val_sets
 from kdcache.models import SegModel, count_parameters
-from kdcache.models.loading import open_weights
+from kdcache.models.loading import Weights, open_weights
 from kdcache.models.onnx_session import OnnxSegModel
 from kdcache.pipeline.loaders import make_loader
 from kdcache.pipeline.transforms import SegPipeline
@@ -198,7 +198,7 @@ def eval_dataset(config: dict, *, dataset: str | None = None, data_root: str | N
 
 
 def evaluate_run(
-    target: str | Path,
+    target: str | Path | Weights,
     *,
     dataset: str | None = None,
     data_root: str | None = None,
@@ -213,6 +213,7 @@ def evaluate_run(
     show_progress: bool = True,
     onnx: str | Path | None = None,
     save: bool = True,
+    keep_model: bool = False,
 ) -> dict:
     """Evaluate a run folder or checkpoint; write ``eval.json`` and figures into ``out``.
 
@@ -224,10 +225,12 @@ def evaluate_run(
     ``eval-<checkpoint>`` for a checkpoint other than best.pt): evaluations of other splits or
     checkpoints never replace each other, and the report's ``replaced`` says when an earlier
     evaluation in the same folder was. ``save=False`` writes nothing (``compare`` keeps its own
-    outputs) and needs no ``out``.
+    outputs) and needs no ``out``; with ``keep_model`` its report holds the model it evaluated under
+    ``"model_object"`` (not JSON: ``compare`` takes it out to time and draw with, instead of
+    building it again). ``target`` may be weights already read (:func:`open_weights`).
     """
     dev = resolve_device(device)
-    weights = open_weights(target)
+    weights = target if isinstance(target, Weights) else open_weights(target)
     ckpt_path, run_dir = weights.checkpoint, weights.run_dir
     out_dir = None
     if save:  # a folder of anyone else's is refused before the evaluation runs
@@ -269,6 +272,8 @@ def evaluate_run(
 
     if not save:
         _keep_in_memory(report, result, classification, qualitative)
+        if keep_model:
+            report["model_object"] = model
         return report
     folder = OutputFolder.claim(out_dir, EVALUATION)
     report["replaced"] = folder.owns(EVAL_JSON)
