@@ -14,9 +14,11 @@ drift from what a benchmark measured.
 
 The figures of ``docs/figures/`` are drawn from the same files by ``results_figures.py`` beside
 this script: the same command redraws them, and ``--check`` lists those that differ from a fresh
-drawing too.
+drawing too. ``--tables-only`` leaves the figures out (drawing them all takes most of the time):
+``tests/test_results_tables.py`` runs ``--check --tables-only``, and ``tests/test_results_figures.py``
+checks each figure in a test of its own.
 
-    python benchmarks/results_tables.py [--check]
+    python benchmarks/results_tables.py [--check] [--tables-only]
 """
 
 from __future__ import annotations
@@ -97,6 +99,8 @@ def figures_module():
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="list the stale blocks and exit 1 instead of rewriting")
+    ap.add_argument("--tables-only", action="store_true",
+                    help="the pages' results blocks alone, not the figures of docs/figures/")
     args = ap.parse_args()
     problems = []
     for page in pages():
@@ -108,10 +112,10 @@ def main() -> None:
             if new != text:
                 page.write_text(new)
                 print(f"updated {page.relative_to(REPO)}")
-    figures = figures_module()
-    if args.check:
+    figures = None if args.tables_only else figures_module()
+    if figures is not None and args.check:
         problems += [f"{figures.FIGURES_DIR.relative_to(REPO)}/{name}.svg" for name in figures.stale()]
-    else:
+    elif figures is not None:
         for name in figures.write():
             print(f"drew {figures.FIGURES_DIR.relative_to(REPO)}/{name}.svg")
     if problems:
