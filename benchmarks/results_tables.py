@@ -112,12 +112,13 @@ def main() -> None:
             if new != text:
                 page.write_text(new)
                 print(f"updated {page.relative_to(REPO)}")
-    figures = None if args.tables_only else figures_module()
-    if figures is not None and args.check:
-        problems += [f"{figures.FIGURES_DIR.relative_to(REPO)}/{name}.svg" for name in figures.stale()]
-    elif figures is not None:
-        for name in figures.write():
-            print(f"drew {figures.FIGURES_DIR.relative_to(REPO)}/{name}.svg")
+    if not args.tables_only:
+        figures = figures_module()
+        if args.check:
+            problems += [f"{figures.FIGURES_DIR.relative_to(REPO)}/{name}.svg" for name in figures.stale()]
+        else:
+            for name in figures.write():
+                print(f"drew {figures.FIGURES_DIR.relative_to(REPO)}/{name}.svg")
     if problems:
         print("results blocks and figures that differ from benchmarks/results/ (run python benchmarks/results_tables.py):\n  "
               + "\n  ".join(problems))
