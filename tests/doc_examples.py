@@ -10,7 +10,9 @@ A page's fenced blocks become :class:`Example`s:
 - ``python`` blocks: run whole.
 
 :func:`small` makes a ``kdcache`` command cheap without changing what it does: one epoch, a few
-images per split (and `compare`'s example figures one best, one worst) (as many as the folds where a run cuts K folds), batches of two, image sizes above 128 pixels scaled down (every occurrence of
+images per split (and `compare`'s example figures one best, one worst) (as many as the folds where a run cuts K folds), batches of two,
+`compare` and `evaluate` without their batch-1 latency (35 timed forwards a network, which
+tests/test_compare.py and the wheel's smoke run; an example that asks for ``--latency`` keeps it), image sizes above 128 pixels scaled down (every occurrence of
 one size the same way, so a student still has its cache's ``--resize``; the sizes a ``--config``
 file sets are overridden on the command line the same way), the kernel benchmark's quick cases. The data sets the examples name on disk are written small by
 :func:`write_example_data`, shaped as users' are: images of mixed sizes, a grayscale one, sides
@@ -188,6 +190,8 @@ def small(words: list[str], cwd: Path = Path(".")) -> list[str]:
         _set(args, "--examples", 1, at_most=True)
     elif command == "bench-kernels":
         args += ["--quick", "--no-compile", "--repeats", "1"]
+    if command in ("compare", "evaluate") and "--latency" not in args and "--no-latency" not in args:
+        args.append("--no-latency")
     return args
 
 
