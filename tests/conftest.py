@@ -70,9 +70,21 @@ WORKER_KEY = "kdcache_error_triggers"
 MODULE_DUMPS: list[dict] = []
 
 
+from compile_wait import WAIT_FOR, wait_for_compile  # noqa: E402
+
+
 def pytest_collection_finish(session):
+    if os.environ.get(WAIT_FOR) and not os.environ.get("PYTEST_XDIST_WORKER"):  # one process: it waits
+        wait_for_compile(os.environ[WAIT_FOR])
     if TRACER is not None:  # only what the tests run counts, not what collecting them imported
         TRACER.active = True
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    """pytest-xdist: the controller hands out no test before the compile is done (the workers collect meanwhile)."""
+    if os.environ.get(WAIT_FOR):
+        wait_for_compile(os.environ[WAIT_FOR])
 
 
 @pytest.hookimpl(optionalhook=True)
