@@ -25,6 +25,7 @@ import functools
 import importlib
 import os
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,6 +151,9 @@ def message_parts(node: ast.expr | None) -> list[str]:
 
 
 def _resolve(func: ast.expr, namespace: dict):
+    """What a call's ``a.b.c`` names in a module's ``namespace``. Another package's module is read as
+    it is, not through its lazy ``__getattr__``: ``torch.compiler`` would import torch._dynamo (3.5 s at
+    the end of every CI run) to resolve a name that is never a user error."""
     names = []
     while isinstance(func, ast.Attribute):
         names.append(func.attr)
@@ -158,7 +162,10 @@ def _resolve(func: ast.expr, namespace: dict):
         return None
     obj = namespace.get(func.id, getattr(builtins, func.id, None))
     for name in reversed(names):
-        obj = getattr(obj, name, None)
+        if isinstance(obj, types.ModuleType) and not obj.__name__.startswith("kdcache"):
+            obj = vars(obj).get(name)
+        else:
+            obj = getattr(obj, name, None)
     return obj
 
 
@@ -167,13 +174,13 @@ def error_sites(source: str, namespace: dict, where: str) -> list[Site]:
     of an exception made elsewhere that :data:`INDIRECT` names as a user error, and every
     ValueError/TypeError a KD method's constructor raises. ``namespace``: the module's globals,
     to resolve class names; ``where``: the file's path relative to the repository."""
-    tree = ast.parse(source)
-    raises = {id(n.exc): n for n in ast.walk(tree) if isinstance(n, ast.Raise) and isinstance(n.exc, ast.Call)}
+    nodes = list(ast.walk(ast.parse(source)))  # walked once: the walks were most of this check's time
+    raises = {id(n.exc): n for n in nodes if isinstance(n, ast.Raise) and isinstance(n.exc, ast.Call)}
     in_methods = where.startswith("kdcache/methods/")  # the KD methods' constructors
-    constructors = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "__init__"
+    constructors = {id(n) for f in nodes if isinstance(f, ast.FunctionDef) and f.name == "__init__"
                     for n in ast.walk(f)} if in_methods else set()
     sites = []
-    for node in ast.walk(tree):
+    for node in nodes:
         if not isinstance(node, ast.Call):
             continue
         obj = _resolve(node.func, namespace)
