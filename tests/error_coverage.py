@@ -213,12 +213,13 @@ def code_sites() -> tuple[Site, ...]:
 def strings_in(path: Path, skip_functions: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The string constants of a test module (its assertions' fragments), without docstrings, the
     tables above and the named functions."""
-    tree = ast.parse(path.read_text())
-    skip = {id(n) for node in ast.walk(tree) for n in ast.walk(node)
-            if (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))
-            or (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id in TABLES for t in node.targets))
-            or (isinstance(node, ast.FunctionDef) and node.name in skip_functions)}
-    return tuple(n.value for n in ast.walk(tree)
+    nodes = list(ast.walk(ast.parse(path.read_text())))
+    skipped = [node for node in nodes  # picked first, then walked: not a walk below every node of the file
+               if (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))
+               or (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id in TABLES for t in node.targets))
+               or (isinstance(node, ast.FunctionDef) and node.name in skip_functions)]
+    skip = {id(n) for node in skipped for n in ast.walk(node)}
+    return tuple(n.value for n in nodes
                  if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in skip)
 
 
@@ -353,12 +354,19 @@ def coverage(sites, triggers, strings_of) -> list[str]:
 def _asserts(x: str, site: Site) -> bool:
     """Does test string ``x`` assert on ``site``'s message? (8-grams first: literal_overlap is slow,
     and most strings share none with a message)."""
-    template = site.template
-    fragment = next((v for k, v in ASSERTED_AS.items() if k == template or k in template), None)
+    fragment, grams = _site_keys(site)
     if fragment is not None and fragment in x:
         return True
-    grams = {p[i:i + MIN_OVERLAP] for p in site.parts for i in range(len(p) - MIN_OVERLAP + 1)}
     return any(g in x for g in grams) and literal_overlap(x, site.parts) >= MIN_OVERLAP
+
+
+@functools.cache
+def _site_keys(site: Site) -> tuple[str | None, tuple[str, ...]]:
+    """A site's fragment in :data:`ASSERTED_AS` (or None) and its messages' 8-grams, made once a site
+    rather than once a test string."""
+    template = site.template
+    fragment = next((v for k, v in ASSERTED_AS.items() if k == template or k in template), None)
+    return fragment, tuple({p[i:i + MIN_OVERLAP] for p in site.parts for i in range(len(p) - MIN_OVERLAP + 1)})
 
 
 @functools.cache
