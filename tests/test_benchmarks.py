@@ -54,18 +54,19 @@ def test_epoch_time_interleave_pairs_each_epoch_with_a_ce_epoch(small_store, tmp
     printed = capsys.readouterr().out
     rounds = re.findall(r"^round (\d+): (.*)$", printed, flags=re.M)
     assert [int(r) for r, _ in rounds] == [0, 1, 2]
-    secs = [dict((v, float(t)) for v, t in re.findall(r"((?:CE only|none, stream|kl, stream|kl, random)) "
+    secs = [dict((v, float(t)) for v, t in re.findall(r"((?:CE only, again|CE only|none, stream|kl, stream|kl, random)) "
                                                       r"([0-9.]+) s", line)) for _, line in rounds]
-    assert all(len(r) == 4 for r in secs)
+    assert all(len(r) == 5 for r in secs)  # with a second CE-only trainer: the pairing's own spread
     table = (tmp_path / "epoch-time-interleaved-cpu.md").read_text()
     assert "--interleave 3" in table
     row = {cells[0]: cells for cells in (
         [c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| "))}
     assert row["CE only"][2] == "1.000" and row["CE only"][4] == "1.000–1.000"
-    for v in ("none, stream", "kl, stream", "kl, random"):
+    for v in ("none, stream", "kl, stream", "kl, random", "CE only, again"):
         want = statistics.median(r[v] / r["CE only"] for r in secs)
         assert float(row[v][2]) == pytest.approx(want, rel=0.02, abs=0.002), v  # the printed seconds are rounded
     assert f"measured **{row['kl, stream'][2]}**" in table
+    assert f"a second CE-only trainer, the same run built again: {row['CE only, again'][2]}." in table
 
 
 def test_loss_host_overhead_writes_every_path(tmp_path, monkeypatch):
