@@ -645,13 +645,13 @@ def draw_kernels(texts: dict[str, str]):
 
 def run_label(name: str, text: str) -> str:
     """An interleaved epoch-time run's commit (from its file's name, else from its "Run …" note) and which of
-    a commit's runs it is (from the file's name, or the note's "the third of three runs")."""
+    a commit's runs it is (from the file's name, or the note's "the third of three runs", "the second of two runs")."""
     named = re.search(r"-([0-9a-f]{7,})(?:-run(\d+))?\.md$", name)
     if named:
         return named.group(1) + (f" run {named.group(2)}" if named.group(2) else "")
     note = re.search(r"^Run .*", text, re.M)
     commit = re.search(r"commit ([0-9a-f]{7,})", note.group(0)) if note else None
-    nth = re.search(r"the (first|second|third) of three runs", note.group(0)) if note else None
+    nth = re.search(r"the (first|second|third) of (?:two|three) runs", note.group(0)) if note else None
     return (commit.group(1) if commit else name) + (
         f" run {({'first': 1, 'second': 2, 'third': 3})[nth.group(1)]}" if nth else "")
 
@@ -748,7 +748,7 @@ FIGURES: dict[str, Spec] = {
                                        "best CE arm, seed 0, per study"),
     "epoch-time": Spec(tuple(f"epoch-time-interleaved-cpu{run}.md" for run in (
         "-1247321", "-13f2afa", "-ee49f93", "-0c0efc1", "-492d33d-run1", "-492d33d-run2", "-492d33d-run3", "-247d34e",
-        "-6c604b6-run1", "-6c604b6-run2", "")), draw_epoch_time,
+        "-6c604b6-run1", "-6c604b6-run2", "-6c604b6-run3", "-a0111a4", "-dc299bc-run1", "")), draw_epoch_time,
         "A cached kl epoch's time over its paired CE epoch's, each interleaved run, against the 1.05 goal"),
     "kernels": Spec(("kernels-cpu.md", "kernels-nvidia-h100-80gb-hbm3.md", "kernels-nvidia-h200.md"), draw_kernels,
                     "Fused loss kernel: speed-up over eager PyTorch and torch.compile, share of the copy rate"),
