@@ -40,9 +40,12 @@ def _generated_kernels_where_marked(request, monkeypatch):
 # -- the longest files first, so that CI's two workers finish together -------------------------------------
 #: the test files that took longest (seconds, summed over their tests, in a full run of 2026-11-27 on the
 #: 2-core machine while two benchmark processes shared it: about 2.5x CI's own).
-#: `.ci/run` hands whole files to its two workers (--dist loadfile) in collection order: alphabetical,
+#: `.ci/run` hands whole files to its two workers (--dist loadfile). In collection order (alphabetical)
 #: one worker ran 767 s against 620 s for the other (simulated from CI's durations of 2026-11-25); longest
 #: first, 694 and 694. A heuristic only: a file missing here runs after these, in its usual place.
+#: pytest-xdist 3.8's scheduler re-sorts the files by their number of tests (its default
+#: --loadscope-reorder), so under xdist this order counts only with --no-loadscope-reorder; simulated
+#: with CI's per-file times of 2026-11-28, the test-count order is within about 10 s of this one.
 LONGEST_FIRST = ("test_doc_examples.py",  # 444
                  "test_s3.py",  # 264
                  "test_benchmarks.py",  # 198
