@@ -88,10 +88,14 @@ def test_build_verify_inspect_and_stream_with_spawned_workers(s3, teacher, refer
     assert extents and all(gets[p] <= epochs for p in extents)  # a shard's extents with its shard
     per_run = {p for p in gets if re.search(r"/(sample_id|done|content_hash)/c/", p)}
     assert per_run and all(gets[p] == 1 for p in per_run)  # read once, when the store is joined
-    # the rest is metadata: zarr.json documents and listings, a fixed number per process opened
+    # the rest is metadata: zarr.json documents and listings, a fixed number per process opened: the
+    # main process and each spawned worker, which is started once for the run (not every epoch)
     metadata = sum(n for p, n in gets.items() if p not in shard_files | extents | per_run)
-    opened = 1 + workers * epochs
+    opened = 1 + workers
     assert metadata <= 12 * opened, gets
+    # each spawned worker opened the arrays it reads once in the two epochs: kept, not started again
+    arrays = {p for p in gets if re.search(r"/logits/(values|indices|tail|hw)/zarr\.json$", p)}
+    assert len(arrays) == 4 and all(gets[p] == workers for p in arrays), {p: gets[p] for p in arrays}
 
 
 def test_slow_failing_and_dropped_requests_are_retried(s3, teacher, reference, tmp_path, monkeypatch):

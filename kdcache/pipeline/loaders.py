@@ -20,10 +20,12 @@ def default_workers(device: torch.device) -> int:
 def make_loader(dataset: torch.utils.data.Dataset, batch_size: int | None, workers: int, *, shuffle: bool = False,
                 generator: torch.Generator | None = None, drop_last: bool = False, pin_memory: bool = False,
                 context: str | None = None, sampler=None, batch_sampler=None,
-                collate_fn=collate) -> torch.utils.data.DataLoader:
+                collate_fn=collate, persistent: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader over ``dataset`` with kdcache's collate. ``context``: the workers' start
     method (``spawn`` for fsspec file systems that are not fork-safe; None: the platform
-    default). ``batch_sampler`` replaces ``batch_size``/``sampler``/``shuffle``/``drop_last``."""
+    default). ``batch_sampler`` replaces ``batch_size``/``sampler``/``shuffle``/``drop_last``.
+    ``persistent``: the workers are started once and kept for every later iteration (what
+    changes between epochs must then reach them through shared memory: ``core/shared``)."""
     if batch_sampler is not None:
         batching = {"batch_sampler": batch_sampler}
     else:
@@ -31,6 +33,6 @@ def make_loader(dataset: torch.utils.data.Dataset, batch_size: int | None, worke
                     "drop_last": drop_last}
     return torch.utils.data.DataLoader(
         dataset, **batching, num_workers=workers, collate_fn=collate_fn, generator=generator,
-        pin_memory=pin_memory, persistent_workers=False,
+        pin_memory=pin_memory, persistent_workers=persistent and workers > 0,
         multiprocessing_context=context if workers > 0 else None,
     )

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.core.options import opt
+from kdcache.core.shared import SharedInts
 from kdcache.data.base import IGNORE_INDEX, SegmentationDataset
 from kdcache.data.class_base import is_classification
 from kdcache.pipeline.geometry import Geometry
@@ -248,12 +249,17 @@ class SegPipeline(torch.utils.data.Dataset):
         self.augment = augment
         self.seed = seed
         self.mix = mix or MixOptions()
-        self.epoch = 0
+        # in shared memory: DataLoader workers started once for the run read each epoch's (core/shared)
+        self._epoch = SharedInts(1)
         #: classification: the label is the image's class (a 1 x 1 map), untouched by any geometry
         self.classification = is_classification(dataset)
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch[0]
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch[0] = epoch
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -26,6 +26,7 @@ import zarr
 
 from kdcache.core.errors import KDCacheError
 from kdcache.core.outputs import file_sha256
+from kdcache.core.shared import SharedInts
 from kdcache.data import SegmentationDataset, build_dataset
 from kdcache.data.splits import limit
 from kdcache.store.finite import nan_rows
@@ -437,7 +438,12 @@ class CacheStream(torch.utils.data.IterableDataset):
     epoch, as ``drop_last`` does), so processes and workers take equal numbers of whole batches.
     With ``placeholder``, a shard that cannot be decoded is read sample by sample and each
     unreadable sample becomes ``placeholder()`` marked ``bad`` (else the error propagates).
-    ``view``: of a schedule store's views, the one read (see :meth:`CacheStore.read_block`)."""
+    ``view``: of a schedule store's views, the one read (see :meth:`CacheStore.read_block`).
+
+    The epoch, ``positions`` and ``view`` may change between epochs (assign them, or
+    :meth:`set_epoch`) while DataLoader workers started once for the run keep iterating the same
+    stream: they are kept in shared memory (:class:`~kdcache.core.shared.SharedInts`), which each
+    worker reads when it starts an epoch's iteration."""
 
     def __init__(self, store: CacheStore, rows: Sequence[int] | None = None, *,
                  item_fn: Callable[[int], dict] | None = None,
@@ -447,24 +453,53 @@ class CacheStream(torch.utils.data.IterableDataset):
                  batch_size: int | None = None, num_workers: int = 0,
                  placeholder: Callable[[], dict] | None = None, view: int | None = None):
         self.store = store
-        self.view = view  # of a schedule store, the one view read (the epoch's)
         self.rows = np.arange(store.num_samples) if rows is None else np.asarray(rows, dtype=np.int64)
+        # what may change from epoch to epoch: [epoch, view (−1: None), count of positions (−1: None),
+        # positions …] (positions index rows, so there are at most as many)
+        self._plan = SharedInts(3 + len(self.rows))
+        self.view = view  # of a schedule store, the one view read (the epoch's)
+        self.positions = positions
         self.item_fn = item_fn
         self.transform = transform
         self.groups = None if groups is None else sorted(groups)
         self.shuffle = shuffle
         self.buffer_size = max(1, buffer_size)
         self.seed = seed
-        self.epoch = 0
         self.rank = rank
         self.world_size = world_size
-        self.positions = None if positions is None else np.asarray(positions, dtype=np.int64)
         self.batch_size = batch_size
         self.num_workers = max(1, num_workers)
         self.placeholder = placeholder
 
+    @property
+    def epoch(self) -> int:
+        return self._plan[0]
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._plan[0] = epoch
+
+    @property
+    def view(self) -> int | None:
+        v = self._plan[1]
+        return None if v < 0 else v
+
+    @view.setter
+    def view(self, view: int | None) -> None:
+        self._plan[1] = -1 if view is None else view
+
+    @property
+    def positions(self) -> np.ndarray | None:
+        n = self._plan[2]
+        return None if n < 0 else self._plan.read(3, n)
+
+    @positions.setter
+    def positions(self, positions: Sequence[int] | None) -> None:
+        if positions is None:
+            self._plan[2] = -1
+            return
+        p = np.asarray(positions, dtype=np.int64)
+        self._plan.write(3, p)
+        self._plan[2] = len(p)
 
     def __len__(self) -> int:
         n = len(self.shards_of_this_rank()[1])
@@ -479,7 +514,8 @@ class CacheStream(torch.utils.data.IterableDataset):
     def shards_of_this_rank(self) -> tuple[list[tuple[int, list[int]]], list[int]]:
         """(shard order for this process: (shard, positions in rows), the positions it covers)."""
         s = self.store.samples_per_shard
-        mine_pos = np.arange(len(self.rows)) if self.positions is None else self.positions
+        positions = self.positions
+        mine_pos = np.arange(len(self.rows)) if positions is None else positions
         by_shard: dict[int, list[int]] = {}
         for pos in mine_pos:
             by_shard.setdefault(int(self.rows[pos]) // s, []).append(int(pos))
@@ -487,7 +523,7 @@ class CacheStream(torch.utils.data.IterableDataset):
         rng = np.random.default_rng((self.seed, self.epoch))
         if self.shuffle:
             order = [order[i] for i in rng.permutation(len(order))]
-        if self.positions is None:
+        if positions is None:
             order = order[self.rank::self.world_size]
         shards = []
         for sh in order:

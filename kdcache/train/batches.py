@@ -42,9 +42,32 @@ def rank_indices(n: int, seed, rank: int, world: int, groups: np.ndarray | None 
     return [int(i) for i in parts[rank][:m]]
 
 
+class EpochOrder(torch.utils.data.Sampler):
+    """The sample indices (or, as a batch sampler, the batches) of the current epoch, set before
+    each: the sampler of a DataLoader kept for the whole run, which iterates its sampler anew every
+    epoch in the main process."""
+
+    def __init__(self):
+        self.items: list = []
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
 class TrainingBatches:
     """The training items of ``pipeline`` as an epoch's batches of ``batch_size``: whole batches
-    only, shuffled by (seed, epoch); this process's share of them under torchrun (``dist``)."""
+    only, shuffled by (seed, epoch); this process's share of them under torchrun (``dist``).
+
+    Spawned DataLoader workers (an object store's, :meth:`context`) are started once for the run
+    and kept (:meth:`persistent`): each costs a new Python that imports torch and opens the store,
+    seconds of a core and most of a gigabyte, which every epoch would otherwise pay again (a CE
+    run's forked workers start at once). The loader is then built once and each epoch sets its
+    order (:class:`EpochOrder`) and the pipeline's epoch, which the workers read from shared
+    memory; the batches are the same as with workers started every epoch. :meth:`close` stops
+    the workers."""
 
     def __init__(self, pipeline: SegPipeline, *, batch_size: int, seed: int, workers: int, dist: Dist,
                  pin_memory: bool = False):
@@ -54,6 +77,7 @@ class TrainingBatches:
         self.workers = workers
         self.dist = dist
         self.pin_memory = pin_memory
+        self._kept: tuple[torch.utils.data.DataLoader, EpochOrder] | None = None
 
     @property
     def augment(self):
@@ -88,13 +112,43 @@ class TrainingBatches:
                              min_size=self.batch_size)
         return share[:self.steps_per_epoch * self.batch_size]
 
+    def persistent(self) -> bool:
+        """Whether the loader's workers are started once for the run (spawned ones are)."""
+        return self.workers > 0 and self.context() == "spawn"
+
+    def kept_loader(self, build, items: list) -> torch.utils.data.DataLoader:
+        """The run's one loader, ``build(order)`` the first time (``order``: an
+        :class:`EpochOrder`, its sampler or batch sampler), with the order set to ``items``."""
+        if self._kept is None:
+            order = EpochOrder()
+            self._kept = (build(order), order)
+        self._kept[1].items = items
+        return self._kept[0]
+
+    def close(self) -> None:
+        """Stop the workers of the loader kept for the run, if any (they stop with the process too)."""
+        if self._kept is not None:
+            iterator = self._kept[0]._iterator  # a DataLoader with persistent workers keeps its iterator
+            if iterator is not None:
+                iterator._shutdown_workers()
+            self._kept = None
+
     def loader(self, epoch: int) -> torch.utils.data.DataLoader:
         """Epoch ``epoch``'s shuffled batches (this rank's share under torchrun)."""
         self.pipeline.set_epoch(epoch)
         gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         sampler = self.rank_share(epoch)
-        return make_loader(self.pipeline, self.batch_size, self.workers, shuffle=sampler is None, generator=gen,
-                           drop_last=True, pin_memory=self.pin_memory, context=self.context(), sampler=sampler)
+        if not self.persistent():
+            return make_loader(self.pipeline, self.batch_size, self.workers, shuffle=sampler is None, generator=gen,
+                               drop_last=True, pin_memory=self.pin_memory, context=self.context(), sampler=sampler)
+        if sampler is None:  # the order a DataLoader built this epoch shuffles into: it first draws
+            # its workers' base seed from the generator, then the permutation
+            torch.empty((), dtype=torch.int64).random_(generator=gen)
+            sampler = torch.randperm(len(self.pipeline), generator=gen).tolist()
+        return self.kept_loader(
+            lambda order: make_loader(self.pipeline, self.batch_size, self.workers, drop_last=True,
+                                      pin_memory=self.pin_memory, context=self.context(), sampler=order,
+                                      persistent=True), sampler)
 
     def seen_counts(self, per_rank: list[list[int]]) -> dict:
         """The epoch record's sample counts from each rank's sample indices."""

@@ -17,6 +17,8 @@ rows lie in which shard, one read per shard) and :class:`~kdcache.store.CachedTa
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 
@@ -100,7 +102,8 @@ class KDPipeline(SegPipeline):
         """This epoch's items streamed shard by shard (:class:`~kdcache.store.CacheStream`):
         ``positions`` (default all) in a shuffled shard order through a shuffle buffer, split
         between ``workers`` DataLoader workers, each yielding whole batches of ``batch_size``."""
-        placeholder = (lambda: self.store.schema.placeholder_targets(self.groups)) if self.skip_bad else None
+        # a partial, not a lambda: spawned workers (an object store's) receive the stream pickled
+        placeholder = partial(self.store.schema.placeholder_targets, self.groups) if self.skip_bad else None
         stream = CacheStream(self.store, self.rows, transform=self.item, groups=self.groups, seed=self.seed,
                              positions=positions, batch_size=batch_size, num_workers=workers,
                              buffer_size=buffer_size, placeholder=placeholder, view=self.view)
@@ -216,10 +219,22 @@ class CachedBatches(TrainingBatches):
             return super().loader(epoch)
         self.pipeline.set_epoch(epoch)
         parts = self.stream_workers(self.steps_per_epoch)
-        stream = self.pipeline.stream(self.rank_share(epoch), batch_size=self.batch_size, workers=parts,
-                                      buffer_size=self.shuffle_buffer)
-        return make_loader(stream, self.batch_size, parts if self.workers > 0 else 0, pin_memory=self.pin_memory,
-                           context=self.context())
+        share = self.rank_share(epoch)
+        if not self.persistent():
+            stream = self.pipeline.stream(share, batch_size=self.batch_size, workers=parts,
+                                          buffer_size=self.shuffle_buffer)
+            return make_loader(stream, self.batch_size, parts if self.workers > 0 else 0,
+                               pin_memory=self.pin_memory, context=self.context())
+        # the run's one stream, its workers kept: this epoch's share and view set where they read them
+        loader = self.kept_loader(
+            lambda _: make_loader(self.pipeline.stream(share, batch_size=self.batch_size, workers=parts,
+                                                       buffer_size=self.shuffle_buffer),
+                                  self.batch_size, parts, pin_memory=self.pin_memory, context=self.context(),
+                                  persistent=True), [])
+        stream = loader.dataset
+        stream.set_epoch(epoch)
+        stream.positions, stream.view = share, self.pipeline.view
+        return loader
 
 
 class MixedBatches(TrainingBatches):
@@ -249,6 +264,10 @@ class MixedBatches(TrainingBatches):
         batches = mixed_batches(labelled, len(self.pipeline) - labelled, self.batch_size, self.share, self.seed,
                                 epoch)
         mine = batches[self.dist.rank::self.dist.world_size][:self.steps_per_epoch]
+        if self.persistent():
+            return self.kept_loader(
+                lambda order: make_loader(self.pipeline, None, self.workers, batch_sampler=order,
+                                          pin_memory=self.pin_memory, context=self.context(), persistent=True), mine)
         return make_loader(self.pipeline, None, self.workers, batch_sampler=mine, pin_memory=self.pin_memory,
                            context=self.context())
 

@@ -344,6 +344,7 @@ class Trainer:
                 record = self.train_one_epoch(train_model, state, ready.batches, epoch)
                 last = self.validate_and_checkpoint(state, val_loader, record)
         finally:
+            ready.batches.close()  # the workers kept for the run, if any
             self.monitor.close()
         if self.is_main:
             self._save_curves()
