@@ -1038,3 +1038,29 @@ def test_numba_variants_alternate_takes_the_sides_in_turn_and_finds_its_constant
     assert script["parse_setting"](f"@{first},VECTOR_WIDTH=256") == ([("@", first), ("VECTOR_WIDTH", "256")], {})
     with pytest.raises(SystemExit, match="no kernels/numba_kl.py at 'nosuchcommit'"):
         script["load_copy"]("@", "nosuchcommit", tmp_path)
+
+
+@pytest.mark.slow  # spawns a DataLoader worker three times
+def test_kept_workers_times_every_trainer_and_reports_the_ratio_to_ce(small_store, tmp_path, monkeypatch):
+    """kept_workers.py at a tiny size: one row per trainer, first epochs apart, and a × CE column that
+    is the later epoch's seconds over CE's (one round: its own ratio); the trainers are built as their
+    commands build them, the kept one with workers kept, the other started every epoch."""
+    import re
+
+    import kdcache.train.student_batches as student_batches
+
+    _, store = small_store
+    out = tmp_path / "kw.md"
+    monkeypatch.setattr(student_batches, "worker_start_method", student_batches.worker_start_method)  # restored after
+    monkeypatch.setattr(sys, "argv", ["kept_workers.py", "--cache", str(store), "--limit", "8", "--workers", "1",
+                                      "--rounds", "1", "--out", str(out)])
+    script = runpy.run_path(str(BENCH / "kept_workers.py"), run_name="kw")
+    script["main"]()
+    text = out.read_text()
+    rows = {m[0]: [float(x) for x in m[1:4]] + [float(m[5])]
+            for m in re.findall(r"^\| (.+?) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)–([\d.]+) \| ([\d.]+) \|$", text, re.M)}
+    assert list(rows) == list(script["VARIANTS"])
+    ce = rows["CE only, forked workers"][1]
+    for first, later, low, ratio in rows.values():  # (seconds printed to 0.01 s: the ratio's rounding)
+        assert first > 0 and later == low and abs(ratio - later / ce) <= 0.01 + later / ce * (0.005 / ce + 0.005 / later)
+    assert f"**{rows['kl, spawned workers kept'][3]:.2f}×** a CE epoch" in text and "--workers 1 --rounds 1" in text
