@@ -45,6 +45,7 @@ Their ``none`` gradients are checked.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -378,16 +379,23 @@ def test_ir_checker_flags_32_bit_products_and_narrow_math():
     assert ir_problems(good) == []
 
 
-@pytest.mark.parametrize("config", sorted(IR_CONFIGS))
-@pytest.mark.slow  # compiles kernels for an H100, a process each
-def test_compiled_kernel_has_int64_offsets_and_widens_loads(config):
+@pytest.fixture(scope="module")
+def compiled_ttirs() -> dict[str, str]:
+    """Every IR_CONFIGS kernel's TTIR, compiled in one process without TRITON_INTERPRET (one import
+    of torch and Triton for all of them)."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, __file__, "ttir", config], env=env, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run([sys.executable, __file__, "ttir-all"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert len(re.findall(r"tt\.load .*!tt\.ptr<b?f16>", r.stdout)) >= 3, "fewer fp16/bf16 loads than the kernel has"
-    problems = ir_problems(r.stdout)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("config", sorted(IR_CONFIGS))
+@pytest.mark.slow  # compiles kernels for an H100, in a process of their own
+def test_compiled_kernel_has_int64_offsets_and_widens_loads(config, compiled_ttirs):
+    ttir = compiled_ttirs[config]
+    assert len(re.findall(r"tt\.load .*!tt\.ptr<b?f16>", ttir)) >= 3, "fewer fp16/bf16 loads than the kernel has"
+    problems = ir_problems(ttir)
     assert not problems, "\n".join(problems[:20])
 
 
@@ -648,5 +656,7 @@ def test_int64_offsets_rows_past_2_31():
 if __name__ == "__main__":  # python tests/test_kernels_cuda.py ttir CONFIG: the kernel's TTIR for sm_90
     if len(sys.argv) == 3 and sys.argv[1] == "ttir":
         print(compiled_ttir(sys.argv[2]))
+    elif sys.argv[1:] == ["ttir-all"]:  # every config's, as one line of JSON
+        print(json.dumps({config: compiled_ttir(config) for config in IR_CONFIGS}))
     else:
-        sys.exit(f"usage: python {sys.argv[0]} ttir {{{','.join(IR_CONFIGS)}}}")
+        sys.exit(f"usage: python {sys.argv[0]} ttir {{{','.join(IR_CONFIGS)}}} | ttir-all")
