@@ -64,20 +64,38 @@ print(json.dumps(res))
 """
 
 
-def _run(script: str, tmp_path) -> str:
+_RUN_ALL = r"""
+import contextlib, importlib, io, json, sys
+out = {}
+for name in sys.argv[1:]:  # each check's module, its JSON the last line it prints
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        importlib.import_module(name)
+    out[name] = json.loads(printed.getvalue().strip().splitlines()[-1])
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict:
+    """What each check script printed (``reports``: _SCRIPT, ``bad``: _BAD, ``count``: _COUNT), all run
+    in one new process without TRITON_INTERPRET (one import of torch and Triton for the three); each
+    is a module file of its own, since Triton reads a @jit function's source from its file."""
+    import json
+
+    folder = tmp_path_factory.mktemp("compile_checks")
+    for name, script in (("reports", _SCRIPT), ("bad", _BAD), ("count", _COUNT), ("run_all", _RUN_ALL)):
+        (folder / f"{name}.py").write_text(script)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, not interpret
-    path = tmp_path / "compile_check.py"  # Triton reads a @jit function's source from its file
-    path.write_text(script)
-    r = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, str(folder / "run_all.py"), "reports", "bad", "count"], env=env,
+                       capture_output=True, text=True, timeout=600, cwd=folder)
     assert r.returncode == 0, r.stderr[-4000:]
-    return r.stdout.strip().splitlines()[-1]
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow  # compiles kernels for an H100 in a new process
-def test_kernels_fit_the_register_budget_with_no_shared_memory_in_loops(tmp_path):
-    import json
-
-    reports = json.loads(_run(_SCRIPT, tmp_path))
+def test_kernels_fit_the_register_budget_with_no_shared_memory_in_loops(compiled):
+    reports = compiled["reports"]
     assert len(reports) == 8
     for r in reports:
         assert r["registers"] <= 128, r
@@ -90,16 +108,14 @@ def test_kernels_fit_the_register_budget_with_no_shared_memory_in_loops(tmp_path
 
 
 @pytest.mark.slow  # compiles kernels for an H100 in a new process
-def test_the_checks_catch_a_reduction_in_a_loop_and_a_spilling_kernel(tmp_path):
-    import json
-
-    res = json.loads(_run(_BAD, tmp_path))
+def test_the_checks_catch_a_reduction_in_a_loop_and_a_spilling_kernel(compiled):
+    res = compiled["bad"]
     assert res["loop"]["shared_in_loops"] > 0, res
     assert res["tile"]["spills"] > 0 or res["tile"]["registers"] > 128, res
 
 
 def test_the_ptx_readers_and_the_variants_without_compiling():
-    """The quick tier's share of this file (the tests above compile, in processes of their own): the
+    """The quick tier's share of this file (the other tests compile, in one process of their own): the
     PTX readers on made-up PTX, and the variants CI compiles, each named once."""
     from kdcache.kernels import build
 
@@ -134,13 +150,11 @@ print(json.dumps(res))
 
 
 @pytest.mark.slow  # compiles kernels for an H100 in a new process
-def test_the_lean_class_loop_stays_lean(tmp_path):
+def test_the_lean_class_loop_stays_lean(compiled):
     """SASS instructions an element in the maps kernels' class loop (bf16, C = 19, k = 4): the lean
     loop's budget (measured 14 in the forward and 24 in the backward with Triton 3.9) against the
     class-by-class loop's (35 and 30), which the same count must see as over it."""
-    import json
-
-    res = json.loads(_run(_COUNT, tmp_path))
+    res = compiled["count"]
     if res["fwd"] is None:
         pytest.skip("no cuobjdump next to Triton's ptxas")
     assert res["fwd"] <= 18 and res["bwd"] <= 27, res
