@@ -34,9 +34,6 @@ class SharedInts:
         self.values = state["values"]
         self._view = self.values.numpy()
 
-    def __len__(self) -> int:
-        return self.values.numel()
-
     def __getitem__(self, i: int) -> int:
         return int(self._view[i])
 
@@ -49,7 +46,7 @@ class SharedInts:
 
     def write(self, start: int, values: Sequence[int] | np.ndarray) -> None:
         """Values from ``start`` on; refused (ValueError) beyond the size."""
-        v = torch.as_tensor(np.asarray(values, dtype=np.int64))
-        if start + v.numel() > self.values.numel():
-            raise ValueError(f"{v.numel()} values from {start} do not fit in {self.values.numel()}")
-        self.values[start:start + v.numel()] = v
+        v = np.asarray(values, dtype=np.int64)
+        if start + len(v) > len(self._view):
+            raise ValueError(f"{len(v)} values from {start} do not fit in {len(self._view)}")
+        self._view[start:start + len(v)] = v
