@@ -16,7 +16,7 @@ from stream_order import fix_shard_order, shard_order
 from typer.testing import CliRunner
 
 from kdcache.cli.app import app
-from kdcache.store import CacheStore, CacheStream
+from kdcache.store import BadSampleError, CacheStore, CacheStream
 from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.train.student import StudentTrainer, config_from_store
 
@@ -101,6 +101,71 @@ def test_streamed_items_equal_random_access_items(store, tmp_path):
         for key, v in direct.items():
             if isinstance(v, torch.Tensor):
                 assert torch.equal(v, streamed[i][key]), key
+
+
+def _assert_same_items(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for key, v in want.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, got[key]), key
+        else:
+            assert v == got[key], key
+
+
+def test_read_rows_reads_a_shuffled_batch_once_per_shard_in_its_order(store, monkeypatch):
+    s = CacheStore(store)
+    rows = [17, 3, 9, 3, 23, 0]  # three shards of 8, out of order, one row twice
+    blocks = _count_blocks(monkeypatch)
+    got = s.read_rows(rows, groups=["logits", "features/stage3"])
+    assert dict(blocks) == {2: 1, 0: 1, 1: 1}
+    assert [item["row"] for item in got] == rows
+    for r, item in zip(rows, got):
+        want = s.read(r, groups=["logits", "features/stage3"])
+        assert set(item) == set(want) and all(np.array_equal(item[k], want[k]) for k in want)
+    with pytest.raises(IndexError, match="row 24 is outside the store's 24 samples"):
+        s.read_rows([0, 24])
+
+
+def test_a_random_access_batch_is_read_per_shard_and_equals_its_items(store, tmp_path, monkeypatch):
+    tr, pipe = _pipeline(store, [{"name": "kl"}, {"name": "fitnet", "student_tap": "stage3",
+                                                  "teacher_tap": "stage3"}], tmp_path, cache_read="random")
+    batches = tr.build_batches(*tr.build_datasets())[0]
+    assert not batches.stream
+    blocks = _count_blocks(monkeypatch)
+    loaded = list(batches.loader(1))
+    # the DataLoader asks for each batch at once (KDPipeline.__getitems__): one block read per shard a batch
+    # touches, where reading item by item made one per sample (24)
+    touched = sum(len({int(i) // 8 for i in b["index"]}) for b in loaded)
+    assert sum(blocks.values()) == touched < 24
+    pipe.set_epoch(1)
+    for b in loaded:  # the same items as random access one by one
+        for j, i in enumerate(b["index"].tolist()):
+            one = pipe[i]
+            for key, v in one.items():
+                if isinstance(v, torch.Tensor):
+                    assert torch.equal(v, b[key][j]), key
+
+
+def test_a_batch_with_an_unreadable_sample_loses_that_samples_targets_alone(teacher, tmp_path):
+    cache = _build(teacher, tmp_path / "bad.zarr", n=24)
+    shard = cache / "logits" / "values" / "c" / "1" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[40:60] = b"\xff" * 20  # the one chunk of shard 1, whose 8 samples (8..15) share it
+    shard.write_bytes(bytes(data))
+    _, pipe = _pipeline(cache, [{"name": "kl"}], tmp_path, cache_read="random", skip_bad=True)
+    pipe.set_epoch(0)
+    batch = [0, 9, 17, 10]
+    got = pipe.__getitems__(batch)
+    for i, item in zip(batch, got):
+        bad = 8 <= i < 16
+        assert bool(item["kd/skipped"]) == bad and bool(item["kd/ignore"].all()) == bad
+        if not bad:
+            _assert_same_items(item, pipe[i])
+    _, strict = _pipeline(cache, [{"name": "kl"}], tmp_path, cache_read="random")
+    strict.set_epoch(0)
+    with pytest.raises(BadSampleError, match="train_000009") as err:
+        strict.__getitems__(batch)
+    assert "train_000000" not in str(err.value) and "train_000017" not in str(err.value)
 
 
 def _epochs_of(pipe, epochs: int = 6, buffer_size: int = 1) -> list[list[int]]:
@@ -196,6 +261,39 @@ def test_remote_stream_makes_one_request_per_shard_and_array(teacher, tmp_path, 
             key = f"{array}/c/{shard}/0/0/0" if array != "logits/tail" else f"{array}/c/{shard}/0/0"
             assert shard_reads.pop(key, 0) == 1, (key, requests)
     assert not shard_reads, shard_reads  # nothing else: no features, no attention, no chunk-by-chunk reads
+
+
+def test_a_remote_batch_fetches_no_more_than_its_samples_one_by_one(teacher, tmp_path, monkeypatch):
+    url = f"memory://{uuid.uuid4().hex}/c.zarr"
+    # one shard; images large enough for a chunk per sample of the values (4x24x32 fp16, not packed)
+    build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=url, dataset_options={"resolution": [96, 128]},
+                                         limit=24, topk=4, samples_per_shard=24, device="cpu", workers=0),
+                        show_progress=False)
+    fs = fsspec.filesystem("memory")
+    fetched: Counter = Counter()
+    original = type(fs).cat_file
+
+    def counted(self, path, start=None, end=None, **kw):
+        data = original(self, path, start=start, end=end, **kw)
+        fetched[str(path).split(".zarr/", 1)[-1]] += len(data)
+        return data
+
+    monkeypatch.setattr(type(fs), "cat_file", counted)  # before the store is opened: zarr binds it then
+    s = CacheStore(url)
+    s.read(12, groups=["logits"])  # the metadata and the extents, read once
+    batch = [23, 0]  # the first and the last sample: too few to fetch the shard whole
+
+    def bytes_of(read) -> int:
+        fetched.clear()
+        got = read()
+        assert fetched
+        return sum(fetched.values()), got
+
+    one_by_one, want = bytes_of(lambda: [s.read(r, groups=["logits"]) for r in batch])
+    together, got = bytes_of(lambda: s.read_rows(batch, groups=["logits"]))
+    assert together <= one_by_one  # the chunks between them are not fetched
+    for a, b in zip(got, want):
+        assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in b)
 
 
 def test_a_remote_shard_read_in_one_request_equals_the_local_read(store, teacher):

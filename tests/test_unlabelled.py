@@ -67,6 +67,29 @@ def test_unlabelled_items_carry_their_own_targets_and_no_labels(caches, tmp_path
                                                                                 want["logits/indices"])
 
 
+def test_a_mixed_batch_is_read_cache_by_cache_and_equals_its_items(caches, tmp_path, monkeypatch):
+    cfg = config_from_store(str(caches["lab"]), methods=[{"name": "kl"}], unlabeled_caches=[str(caches["pool"])],
+                            out=str(tmp_path / "r"), device="cpu", workers=0, batch_size=4, limit=8)
+    tr = StudentTrainer(cfg, show_progress=False)
+    batches = tr.build_batches(*tr.build_datasets())[0]
+    pipe = batches.pipeline
+    reads = []
+    original = CacheStore.read_rows
+    monkeypatch.setattr(CacheStore, "read_rows", lambda self, rows, **kw: reads.append(len(rows))
+                        or original(self, rows, **kw))
+    loaded = list(batches.loader(2))
+    assert len(loaded) == 4 and reads == [2, 2] * 4  # each batch: its 2 labelled samples, then its 2 of the pool
+    for b in loaded:
+        index = b["index"].tolist()
+        assert [i < 8 for i in index] == [True, True, False, False]
+        for j, i in enumerate(index):  # the same items as reading them one by one
+            one = pipe[i]
+            assert one["index"] == i
+            for key, v in one.items():
+                if isinstance(v, torch.Tensor):
+                    assert torch.equal(v, b[key][j]), key
+
+
 @pytest.mark.slow  # trains a student
 def test_train_student_with_an_unlabelled_cache(caches, tmp_path, monkeypatch):
     """Every labelled image once an epoch, the pool's images half of each batch, a run that resumes

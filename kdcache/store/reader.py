@@ -253,6 +253,28 @@ class CacheStore:
             raise IndexError(f"row {row} is outside the store's {self.num_samples} samples")
         return self.read_block(row, row + 1, groups=groups, view=view)[0]
 
+    def read_rows(self, rows: Sequence[int], groups: Iterable[str] | None = None, view: int | None = None) -> list[dict]:
+        """Samples ``rows`` in any order (a shuffled batch's), in that order: one :meth:`read_block`
+        per shard they fall in, so a shard's file is opened once per array and a packed chunk
+        decoded once for all its rows in the batch (random access otherwise pays both per
+        sample). A row given twice reads once and comes back twice (the same arrays). Raises as
+        :meth:`read_block` does, naming the shard's rows: the caller reads them one by one to
+        find the bad sample."""
+        rows = [int(r) for r in rows]
+        for r in rows:
+            if not 0 <= r < self.num_samples:
+                raise IndexError(f"row {r} is outside the store's {self.num_samples} samples")
+        s = self.samples_per_shard
+        by_shard: dict[int, list[int]] = {}
+        for r in sorted(set(rows)):
+            by_shard.setdefault(r // s, []).append(r)
+        read: dict[int, dict] = {}
+        for wanted in by_shard.values():
+            for r, item in zip(wanted, self.read_block(wanted[0], wanted[-1] + 1, rows=wanted, groups=groups,
+                                                        view=view)):
+                read[r] = item
+        return [read[r] for r in rows]
+
     def read_block(self, start: int, stop: int, rows: Sequence[int] | None = None,
                    groups: Iterable[str] | None = None, view: int | None = None, finite: bool = True) -> list[dict]:
         """Samples ``start..stop-1`` (or the ``rows`` among them), each array read in one call.
@@ -337,7 +359,14 @@ class CacheStore:
         fast = self._fast[path]
         if fast is None or (fast.fs is not None and not fast.reads_whole(rows)):  # zarr: ranged reads of the chunks
             a = self.array(path)
-            return np.asarray(a[start:stop] if view is None else a[start:stop, view:view + 1])
+            if len(rows) == stop - start:
+                return np.asarray(a[start:stop] if view is None else a[start:stop, view:view + 1])
+            # some rows of the span (a shuffled batch's, CacheStore.read_rows): only their chunks are fetched
+            at = np.asarray(rows)
+            got = np.asarray(a.oindex[at] if view is None else a.oindex[at, view:view + 1])
+            out = np.empty((stop - start, *got.shape[1:]), dtype=got.dtype)
+            out[at - start] = got
+            return out
         a = self.array(path)
         shape = a.shape[1:] if view is None else (1, *a.shape[2:])
         out = np.empty((stop - start, *shape), dtype=fast.dtype)

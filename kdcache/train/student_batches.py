@@ -97,6 +97,20 @@ class KDPipeline(SegPipeline):
                 cached = {**self.store.schema.placeholder_targets(self.groups), BAD: True}
         return self.item(index, cached)
 
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A batch by random access (the DataLoader asks for a batch's indices at once): its
+        samples' chunks read together, one read per store shard they fall in
+        (:meth:`~kdcache.store.CacheStore.read_rows`), instead of one per sample; the same items as
+        ``[self[i] for i in indices]``. A batch with a sample that cannot be read is read sample by
+        sample, so the error (or, with ``skip_bad``, the placeholder) is that sample's alone."""
+        if not self.groups:
+            return [self.item(i, {}) for i in indices]
+        try:
+            read = self.store.read_rows([int(self.rows[i]) for i in indices], groups=self.groups, view=self.view)
+        except BadSampleError:
+            return [self[i] for i in indices]
+        return [self.item(i, to_tensors(cached)) for i, cached in zip(indices, read)]
+
     def stream(self, positions: list[int] | None = None, *, batch_size: int | None = None, workers: int = 0,
                buffer_size: int = 256) -> CacheStream:
         """This epoch's items streamed shard by shard (:class:`~kdcache.store.CacheStream`):
@@ -153,6 +167,19 @@ class MixedPipeline(torch.utils.data.Dataset):
         item = self.parts[part][int(index - self.offsets[part])]
         item["index"] = int(index)
         return item
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A batch: each part's samples read together (:meth:`KDPipeline.__getitems__`), in the
+        batch's order."""
+        parts = np.searchsorted(self.offsets, indices, side="right") - 1
+        out: list = [None] * len(indices)
+        for part in np.unique(parts).tolist():
+            at = [j for j, p in enumerate(parts.tolist()) if p == part]
+            items = self.parts[part].__getitems__([int(indices[j] - self.offsets[part]) for j in at])
+            for j, item in zip(at, items):
+                item["index"] = int(indices[j])
+                out[j] = item
+        return out
 
 
 def batch_split(batch_size: int, share: float) -> tuple[int, int]:
