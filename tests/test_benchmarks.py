@@ -1064,3 +1064,26 @@ def test_kept_workers_times_every_trainer_and_reports_the_ratio_to_ce(small_stor
     for first, later, low, ratio in rows.values():  # (seconds printed to 0.01 s: the ratio's rounding)
         assert first > 0 and later == low and abs(ratio - later / ce) <= 0.01 + later / ce * (0.005 / ce + 0.005 / later)
     assert f"**{rows['kl, spawned workers kept'][3]:.2f}×** a CE epoch" in text and "--workers 1 --rounds 1" in text
+
+
+def test_random_access_batches_reads_item_by_item_and_the_batch_at_once(small_store, tmp_path, monkeypatch):
+    """random_access_batches.py at a tiny size: a row per cache, each added time the kl epoch less none's
+    (one round: its own difference), and only the batch-at-once loader reads through read_rows."""
+    import re
+
+    _, store = small_store
+    calls = []
+    original = CacheStore.read_rows
+    monkeypatch.setattr(CacheStore, "read_rows", lambda self, rows, **kw: calls.append(len(rows))
+                        or original(self, rows, **kw))
+    run_script("random_access_batches.py", "--cache", store, "--small-limit", 16, "--many", 16, "--per-shard", 4,
+               "--rounds", 1, "--results", tmp_path, monkeypatch=monkeypatch)
+    text = (tmp_path / "random-access-batches-cpu.md").read_text()
+    rows = re.findall(r"^\| (16 images, \d shards of \d) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (-?[\d.]+) \(.*?\) \| "
+                      r"(-?[\d.]+) \(.*?\) \|$", text, re.M)
+    assert [r[0] for r in rows] == ["16 images, 2 shards of 8", "16 images, 4 shards of 4"], text
+    for _, none, item, batch, add_item, add_batch in rows:
+        assert abs(float(add_item) - (float(item) - float(none))) <= 0.11
+        assert abs(float(add_batch) - (float(batch) - float(none))) <= 0.11
+    # 2 epochs (warm-up and one round) of 2 batches of 8 a cache, read at once by one loader alone
+    assert calls == [8] * 8
