@@ -49,11 +49,26 @@ def _count_reads(monkeypatch) -> Counter:
     reads: Counter = Counter()
     original = CacheStore._read_map
 
-    def counted(self, path, start, stop, rows, view=None):
+    def counted(self, path, rows, view=None):
         reads[path] += 1
-        return original(self, path, start, stop, rows, view)
+        return original(self, path, rows, view)
 
     monkeypatch.setattr(CacheStore, "_read_map", counted)
+    return reads
+
+
+def _count_shard_reads(monkeypatch) -> Counter:
+    """Reads of a shard file through kdcache's shard reader, by (array, shard)."""
+    from kdcache.store.shards import ShardFile
+
+    reads: Counter = Counter()
+    original = ShardFile.read
+
+    def counted(self, rows, view=None):
+        reads[(str(self.dir).split(".zarr/", 1)[-1].removesuffix("/c"), rows[0] // self.per_shard)] += 1
+        return original(self, rows, view)
+
+    monkeypatch.setattr(ShardFile, "read", counted)
     return reads
 
 
@@ -115,9 +130,10 @@ def _assert_same_items(got: dict, want: dict) -> None:
 def test_read_rows_reads_a_shuffled_batch_once_per_shard_in_its_order(store, monkeypatch):
     s = CacheStore(store)
     rows = [17, 3, 9, 3, 23, 0]  # three shards of 8, out of order, one row twice
-    blocks = _count_blocks(monkeypatch)
+    reads = _count_shard_reads(monkeypatch)
     got = s.read_rows(rows, groups=["logits", "features/stage3"])
-    assert dict(blocks) == {2: 1, 0: 1, 1: 1}
+    arrays = {"logits/values", "logits/indices", "logits/tail", "features/stage3/values"}
+    assert dict(reads) == {(a, shard): 1 for a in arrays for shard in range(3)}  # each shard file once an array
     assert [item["row"] for item in got] == rows
     for r, item in zip(rows, got):
         want = s.read(r, groups=["logits", "features/stage3"])
@@ -131,12 +147,12 @@ def test_a_random_access_batch_is_read_per_shard_and_equals_its_items(store, tmp
                                                   "teacher_tap": "stage3"}], tmp_path, cache_read="random")
     batches = tr.build_batches(*tr.build_datasets())[0]
     assert not batches.stream
-    blocks = _count_blocks(monkeypatch)
+    reads = _count_shard_reads(monkeypatch)
     loaded = list(batches.loader(1))
-    # the DataLoader asks for each batch at once (KDPipeline.__getitems__): one block read per shard a batch
-    # touches, where reading item by item made one per sample (24)
+    # the DataLoader asks for each batch at once (KDPipeline.__getitems__): a shard file is read once for
+    # the batch's samples in it, where reading item by item read it once per sample (24 an array)
     touched = sum(len({int(i) // 8 for i in b["index"]}) for b in loaded)
-    assert sum(blocks.values()) == touched < 24
+    assert sum(n for (a, _), n in reads.items() if a == "logits/values") == touched < 24
     pipe.set_epoch(1)
     for b in loaded:  # the same items as random access one by one
         for j, i in enumerate(b["index"].tolist()):

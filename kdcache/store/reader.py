@@ -254,25 +254,19 @@ class CacheStore:
         return self.read_block(row, row + 1, groups=groups, view=view)[0]
 
     def read_rows(self, rows: Sequence[int], groups: Iterable[str] | None = None, view: int | None = None) -> list[dict]:
-        """Samples ``rows`` in any order (a shuffled batch's), in that order: one :meth:`read_block`
-        per shard they fall in, so a shard's file is opened once per array and a packed chunk
-        decoded once for all its rows in the batch (random access otherwise pays both per
-        sample). A row given twice reads once and comes back twice (the same arrays). Raises as
-        :meth:`read_block` does, naming the shard's rows: the caller reads them one by one to
-        find the bad sample."""
+        """Samples ``rows`` in any order (a shuffled batch's), in that order, each array read in
+        one call for all of them: a shard's file is opened once per array and a packed chunk
+        decoded once for the batch (random access otherwise pays both per sample), and a few rows
+        of a remote shard fetch only their own chunks. A row given twice reads once and comes back
+        twice (the same arrays). Raises as :meth:`read_block` does, naming the batch's rows: the
+        caller reads them one by one to find the bad sample."""
         rows = [int(r) for r in rows]
         for r in rows:
             if not 0 <= r < self.num_samples:
                 raise IndexError(f"row {r} is outside the store's {self.num_samples} samples")
-        s = self.samples_per_shard
-        by_shard: dict[int, list[int]] = {}
-        for r in sorted(set(rows)):
-            by_shard.setdefault(r // s, []).append(r)
-        read: dict[int, dict] = {}
-        for wanted in by_shard.values():
-            for r, item in zip(wanted, self.read_block(wanted[0], wanted[-1] + 1, rows=wanted, groups=groups,
-                                                        view=view)):
-                read[r] = item
+        wanted = sorted(set(rows))
+        read = dict(zip(wanted, self._read_rows(wanted, groups, view, True,
+                                                 f"rows {', '.join(map(str, wanted[:8]))}{', …' if len(wanted) > 8 else ''}")))
         return [read[r] for r in rows]
 
     def read_block(self, start: int, stop: int, rows: Sequence[int] | None = None,
@@ -288,21 +282,26 @@ class CacheStore:
 
         Reading a whole shard's block is the fast path: its file is fetched in one request per
         array and its chunks decoded together, instead of one request per sample."""
-        rows = list(range(start, stop)) if rows is None else list(rows)
+        rows = list(range(start, stop)) if rows is None else [int(r) for r in rows]
+        return self._read_rows(rows, groups, view, finite, f"rows {start}..{stop - 1}")
+
+    def _read_rows(self, rows: list[int], groups: Iterable[str] | None, view: int | None, finite: bool,
+                   where: str) -> list[dict]:
+        """``rows`` (ascending, or a block's), each array read in one call (:meth:`_read_map`);
+        ``where`` names them in an error."""
+        if not rows:
+            return []
         schema = self.schema
         specs = schema.select(groups)
-        extents = {g: self.extents(g, start, stop) for g in {s.group for s in specs if s.spatial}}
+        extents = {g: self._row_extents(g, rows) for g in {s.group for s in specs if s.spatial}}
         data = {}
         for spec in specs:
             try:
                 data[spec.path] = retrying(
-                    partial(self._read_map, spec.path, start, stop, rows, view if schema.per_view(spec.path) else None),
-                    f"{self.path.rstrip('/')}/{spec.path}", f"reading rows {start}..{stop - 1} of")
+                    partial(self._read_map, spec.path, rows, view if schema.per_view(spec.path) else None),
+                    f"{self.path.rstrip('/')}/{spec.path}", f"reading {where} of")
                 if finite and spec.dtype.startswith("float"):  # a lost chunk reads as the fill value, NaN
-                    block = data[spec.path]
-                    asked = np.asarray(rows) - start
-                    nan = nan_rows(block)[asked] if len(asked) == len(block) else nan_rows(block[asked])
-                    lost = [r for r, bad in zip(rows, nan) if bad]
+                    lost = [r for r, bad in zip(rows, nan_rows(data[spec.path])) if bad]
                     if lost:
                         raise OSError(f"samples {', '.join(self.ids[r] for r in lost[:3])} read as NaN: their "
                                       "chunk is missing (lost) or was written damaged")
@@ -312,13 +311,13 @@ class CacheStore:
                 names = [self.ids[r] for r in rows[:3]] + (["…"] if len(rows) > 3 else [])
                 raise BadSampleError(
                     f"cannot decode '{spec.path}' of sample{'s' if len(rows) > 1 else ''} {', '.join(names)} "
-                    f"(rows {start}..{stop - 1}) in {self.path} ({type(exc).__name__}: {exc}); the chunk is "
+                    f"({where}) in {self.path} ({type(exc).__name__}: {exc}); the chunk is "
                     f"damaged or truncated. `kdcache verify-cache {self.path} --reset-bad` marks it for "
                     "rebuilding; train-student --skip-bad trains on without its targets.", rows
                 ) from None
         if schema.views and (groups is None or VIEW_PARAMS in groups):
-            data[VIEW_PARAMS] = self._get(VIEW_PARAMS, slice(start, stop) if view is None or not schema.schedule
-                                          else (slice(start, stop), slice(view, view + 1)))
+            one = view is not None and schema.schedule
+            data[VIEW_PARAMS] = self._get_rows(VIEW_PARAMS, rows, slice(view, view + 1) if one else None)
         ids = self.ids
         ids_type = schema.read_index_dtype
         # what each array's rows need, worked out once (a block's loop runs per sample and array)
@@ -327,13 +326,12 @@ class CacheStore:
             block = data[spec.path]
             one_view = (view is not None and schema.schedule and spec.path.startswith("views/")
                         and not schema.per_view(spec.path))  # all views were read: this one
-            hw = extents[spec.group].tolist() if spec.spatial else None
+            hw = extents[spec.group] if spec.spatial else None
             widen = block.dtype.kind == "u" and block.dtype != ids_type
             plan.append((spec.key, block, one_view, hw, widen))
         params = data.get(VIEW_PARAMS)
         out = []
-        for r in rows:
-            j = r - start
+        for j, r in enumerate(rows):
             item = {"row": r, "id": ids[r]}
             for key, block, one_view, hw, widen in plan:
                 a = block[j]
@@ -350,31 +348,53 @@ class CacheStore:
             out.append(item)
         return out
 
-    def _read_map(self, path: str, start: int, stop: int, rows: list[int], view: int | None = None) -> np.ndarray:
-        """Rows of a map array as a [stop - start, ...] block (only ``rows`` filled in); of an
-        array chunked per view, ``view`` alone ([stop - start, 1, ...]) when given."""
+    def _row_extents(self, group: str, rows: list[int]) -> list[list[int]]:
+        """The valid extent [h, w] of ``group``'s maps of each of ``rows`` (:meth:`extents`, a shard at a time)."""
+        if rows == list(range(rows[0], rows[-1] + 1)):
+            return self.extents(group, rows[0], rows[-1] + 1).tolist()
+        s = self.samples_per_shard
+        by_shard = {r // s: None for r in rows}
+        for j in by_shard:
+            by_shard[j] = self.extents(group, j * s, min((j + 1) * s, self.num_samples))
+        return [by_shard[r // s][r % s].tolist() for r in rows]
+
+    def _get_rows(self, path: str, rows: list[int], rest: slice | None = None) -> np.ndarray:
+        """``array(path)[rows]`` (and ``[rows, rest]``): a slice for consecutive rows, else only theirs
+        (zarr's orthogonal selection: the chunks between them are not read)."""
+        lo, hi = rows[0], rows[-1] + 1
+        if rows == list(range(lo, hi)):
+            return self._get(path, slice(lo, hi) if rest is None else (slice(lo, hi), rest))
+        a = self.array(path)
+        at = np.asarray(rows)
+        return retrying(lambda: np.asarray(a.oindex[at] if rest is None else a.oindex[at, rest]),
+                        f"{self.path.rstrip('/')}/{path}", "reading")
+
+    def _read_map(self, path: str, rows: list[int], view: int | None = None) -> np.ndarray:
+        """A map array's ``rows`` as a [len(rows), ...] block, in their order; of an array chunked
+        per view, ``view`` alone ([len(rows), 1, ...]) when given."""
         if path not in self._fast:
             self._fast[path] = fast_reader(self.path, path, self.array(path).metadata.to_dict(),
                                            self.storage_options)
         fast = self._fast[path]
-        if fast is None or (fast.fs is not None and not fast.reads_whole(rows)):  # zarr: ranged reads of the chunks
-            a = self.array(path)
-            if len(rows) == stop - start:
-                return np.asarray(a[start:stop] if view is None else a[start:stop, view:view + 1])
-            # some rows of the span (a shuffled batch's, CacheStore.read_rows): only their chunks are fetched
-            at = np.asarray(rows)
-            got = np.asarray(a.oindex[at] if view is None else a.oindex[at, view:view + 1])
-            out = np.empty((stop - start, *got.shape[1:]), dtype=got.dtype)
-            out[at - start] = got
-            return out
-        a = self.array(path)
-        shape = a.shape[1:] if view is None else (1, *a.shape[2:])
-        out = np.empty((stop - start, *shape), dtype=fast.dtype)
+        rest = None if view is None else slice(view, view + 1)
+        if fast is None:  # not kdcache's own layout: zarr
+            return self._get_rows(path, rows, rest)
         by_shard: dict[int, list[int]] = {}
-        for r in rows:
-            by_shard.setdefault(r // fast.per_shard, []).append(r)
-        for rs in by_shard.values():
-            out[np.asarray(rs) - start] = fast.read(rs, view)
+        for j, r in enumerate(rows):
+            by_shard.setdefault(r // fast.per_shard, []).append(j)
+        parts, ranged = [], []
+        for at in by_shard.values():
+            if fast.fs is not None and not fast.reads_whole([rows[j] for j in at]):
+                ranged += at  # a few samples of a remote shard: zarr's ranged reads of their chunks
+            else:
+                parts.append((at, fast.read([rows[j] for j in at], view)))
+        if ranged:  # one selection for all of them: zarr fetches their chunks together
+            parts.append((ranged, self._get_rows(path, [rows[j] for j in ranged], rest)))
+        if len(parts) == 1 and parts[0][0] == list(range(len(rows))):
+            return parts[0][1]
+        out = np.empty((len(rows), *parts[0][1].shape[1:]), dtype=parts[0][1].dtype)
+        for at, part in parts:
+            out[at] = part
         return out
 
     # -- joining with a data set -----------------------------------------------------------------
