@@ -507,6 +507,14 @@ def test_stream_reads_each_sample_once_in_shuffled_shard_order(tmp_path, teacher
     item = targets[5]
     assert item["id"] == ds.ids[5] and item["image"].shape == (3, 32, 48) and item["label"].shape == (32, 48)
     assert torch.equal(item["logits/values"], torch.from_numpy(store.read(5)["logits/values"]))
+    # a DataLoader asks for a batch at once: its rows read together (read_rows), the same items
+    read_rows, calls = store.read_rows, []
+    store.read_rows = lambda rows, **kw: calls.append(list(rows)) or read_rows(rows, **kw)
+    batch = next(iter(torch.utils.data.DataLoader(targets, batch_size=4, sampler=[9, 2, 5, 11])))
+    assert calls == [[9, 2, 5, 11]] and batch["index"].tolist() == [9, 2, 5, 11]
+    for j, i in enumerate((9, 2, 5, 11)):
+        one = targets[i]
+        assert all(torch.equal(batch[k][j], v) for k, v in one.items() if isinstance(v, torch.Tensor)) and one["id"] == batch["id"][j]
 
 
 # -- flip average and stored views -------------------------------------------------------------------

@@ -469,6 +469,18 @@ class CachedTargets(torch.utils.data.Dataset):
             item.update(self.item_fn(i))
         return item
 
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A DataLoader's batch: its rows read together (:meth:`CacheStore.read_rows`), the same
+        items as ``[self[i] for i in indices]``."""
+        out = []
+        for i, cached in zip(indices, self.store.read_rows([int(self.rows[i]) for i in indices])):
+            item = to_tensors(cached)
+            item["index"] = i
+            if self.item_fn is not None:
+                item.update(self.item_fn(i))
+            out.append(item)
+        return out
+
 
 class CacheStream(torch.utils.data.IterableDataset):
     """Streaming order for training: the shards holding ``rows`` in a shuffled order (new each
