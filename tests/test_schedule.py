@@ -279,3 +279,37 @@ def test_bad_schedules_are_one_line_each(seg, tmp_path):
            "--out", tmp_path / "u")
     assert r.exit_code == 2 and "holds a schedule (--schedule-epochs), which an unlabelled cache cannot replay" \
         in " ".join(r.output.split())
+
+
+def test_a_batch_of_a_schedule_reads_its_epochs_view_as_each_sample_alone_does(seg, tmp_path):
+    """read_rows (random access's batch) of rows in several shards, one view: the same arrays as reading
+    each row alone, on local stores and on copies at memory://, where a few rows of a shard go through
+    zarr's own selection of the rows and the view (a store of one shard of 12)."""
+    import uuid
+
+    import fsspec
+
+    teacher, store = seg
+    one = tmp_path / "one.zarr"
+    build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(one), dataset_options=dict(RES), limit=12,
+                                         topk=4, features=("stage3",), schedule_epochs=2, samples_per_shard=12,
+                                         device="cpu", workers=0), show_progress=False)
+    where = []
+    for local in (store, one):
+        url = f"memory://{uuid.uuid4().hex}/s.zarr"
+        fsspec.filesystem("memory").put(str(local), url[len("memory://"):], recursive=True)
+        where += [str(local), url]
+    rows = [9, 2, 10, 5]  # of 4 a shard: shards 2, 0, 2, 1; of 12: 4 rows of one shard, too few to fetch it whole
+    for path in where:
+        s = CacheStore(path)
+        views = s.schema.view_count
+        for view in (None, 1, views - 1):
+            got = s.read_rows(rows, view=view)
+            for r, item in zip(rows, got):
+                want = s.read(r, view=view)
+                assert set(item) == set(want), path
+                for key, a in want.items():
+                    a = np.asarray(a)
+                    assert np.array_equal(item[key], a, equal_nan=a.dtype.kind == "f"), (path, view, r, key)
+            if view is not None:
+                assert got[0]["views/params"].shape[0] == 1 and got[0]["views/logits/values"].shape[0] == 1
