@@ -353,9 +353,7 @@ class CacheStore:
         if rows == list(range(rows[0], rows[-1] + 1)):
             return self.extents(group, rows[0], rows[-1] + 1).tolist()
         s = self.samples_per_shard
-        by_shard = {r // s: None for r in rows}
-        for j in by_shard:
-            by_shard[j] = self.extents(group, j * s, min((j + 1) * s, self.num_samples))
+        by_shard = {j: self.extents(group, j * s, min((j + 1) * s, self.num_samples)) for j in {r // s for r in rows}}
         return [by_shard[r // s][r % s].tolist() for r in rows]
 
     def _get_rows(self, path: str, rows: list[int], rest: slice | None = None) -> np.ndarray:
@@ -463,23 +461,20 @@ class CachedTargets(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
-        item = to_tensors(self.store.read(int(self.rows[i])))
-        item["index"] = i
-        if self.item_fn is not None:
-            item.update(self.item_fn(i))
-        return item
+        return self._item(i, self.store.read(int(self.rows[i])))
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
         """A DataLoader's batch: its rows read together (:meth:`CacheStore.read_rows`), the same
         items as ``[self[i] for i in indices]``."""
-        out = []
-        for i, cached in zip(indices, self.store.read_rows([int(self.rows[i]) for i in indices])):
-            item = to_tensors(cached)
-            item["index"] = i
-            if self.item_fn is not None:
-                item.update(self.item_fn(i))
-            out.append(item)
-        return out
+        read = self.store.read_rows([int(self.rows[i]) for i in indices])
+        return [self._item(i, cached) for i, cached in zip(indices, read)]
+
+    def _item(self, i: int, cached: dict) -> dict:
+        item = to_tensors(cached)
+        item["index"] = i
+        if self.item_fn is not None:
+            item.update(self.item_fn(i))
+        return item
 
 
 class CacheStream(torch.utils.data.IterableDataset):

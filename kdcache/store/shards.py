@@ -45,16 +45,6 @@ def _crc_ok(payload: bytes | memoryview, stored: bytes | memoryview) -> bool:
     return google_crc32c.value(bytes(payload)) == int.from_bytes(bytes(stored), "little")
 
 
-class _Entries:
-    """A shard index's (offset, bytes) of chunk ``c`` as Python ints, converted when asked for."""
-
-    def __init__(self, index: np.ndarray):
-        self.index = index
-
-    def __getitem__(self, c: int) -> list[int]:
-        return self.index[c].tolist()
-
-
 class ShardFile:
     """Reads and writes the shards of one sharded array in kdcache's layout."""
 
@@ -169,12 +159,12 @@ class ShardFile:
         P, first = self.per_chunk, (rows[0] // self.per_shard) * self.per_shard
         # (offset, bytes) per chunk as Python ints: the whole index converted at once for a block, the
         # chunks' own entries for a few rows (a shard of 256 chunks converts in tens of microseconds)
-        entries = index.tolist() if len(rows) * 8 >= len(index) else _Entries(index)
+        entries = index.tolist() if len(rows) * 8 >= len(index) else None
         decoded: dict[int, np.ndarray] = {}  # chunk -> its samples (a packed chunk holds P)
         for j, r in enumerate(rows):
             c, at = divmod(r - first, P)
             if c not in decoded:
-                off, nbytes = entries[c]
+                off, nbytes = entries[c] if entries is not None else index[c].tolist()
                 if off == _MISSING:
                     raise DamagedShard(f"shard {path} has no chunk for row {r} (lost, or never written)")
                 if off + nbytes > size:

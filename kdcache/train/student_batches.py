@@ -99,8 +99,8 @@ class KDPipeline(SegPipeline):
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
         """A batch by random access (the DataLoader asks for a batch's indices at once): its
-        samples' chunks read together, one read per store shard they fall in
-        (:meth:`~kdcache.store.CacheStore.read_rows`), instead of one per sample; the same items as
+        samples' chunks read together, each array once for the batch
+        (:meth:`~kdcache.store.CacheStore.read_rows`), instead of once per sample; the same items as
         ``[self[i] for i in indices]``. A batch with a sample that cannot be read is read sample by
         sample, so the error (or, with ``skip_bad``, the placeholder) is that sample's alone."""
         if not self.groups:
@@ -171,10 +171,11 @@ class MixedPipeline(torch.utils.data.Dataset):
     def __getitems__(self, indices: list[int]) -> list[dict]:
         """A batch: each part's samples read together (:meth:`KDPipeline.__getitems__`), in the
         batch's order."""
-        parts = np.searchsorted(self.offsets, indices, side="right") - 1
+        by_part: dict[int, list[int]] = {}  # part -> the batch positions of its samples
+        for j, part in enumerate((np.searchsorted(self.offsets, indices, side="right") - 1).tolist()):
+            by_part.setdefault(part, []).append(j)
         out: list = [None] * len(indices)
-        for part in np.unique(parts).tolist():
-            at = [j for j, p in enumerate(parts.tolist()) if p == part]
+        for part, at in by_part.items():
             items = self.parts[part].__getitems__([int(indices[j] - self.offsets[part]) for j in at])
             for j, item in zip(at, items):
                 item["index"] = int(indices[j])
