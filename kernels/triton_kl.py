@@ -1051,19 +1051,33 @@ def _options(num_warps: int) -> dict:
             | ({"num_stages": NUM_STAGES} if NUM_STAGES is not None else {}))
 
 
+def launch_config(C: int, P: int, k: int, element_size: int, pixel_stride: int = 1, lse1: bool = False) -> dict:
+    """A call's launch settings: :func:`row_config` for rows (``P`` = 1), else :func:`map_config`."""
+    return row_config(C, k) if P == 1 else map_config(C, P, k, element_size, pixel_stride, lse1)
+
+
+def programs_of(N: int, P: int, cfg: dict) -> int:
+    """The programs a forward launch with settings ``cfg`` (:func:`launch_config`) runs."""
+    return N if P == 1 else N * _cdiv(P, cfg["BLOCK_P"])
+
+
 def programs(N: int, C: int, P: int, k: int, element_size: int, pixel_stride: int = 1, lse1: bool = False) -> int:
     if P == 1:
         return N
-    return N * _cdiv(P, map_config(C, P, k, element_size, pixel_stride, lse1)["BLOCK_P"])
+    return programs_of(N, P, map_config(C, P, k, element_size, pixel_stride, lse1))
 
 
 def forward(s, v, idx, tail, ign, lab, stats, part, ticket, out, scales, *, T: float, with_tail: bool,
-            lse1: bool, ignore_index: int, kd_weight: float, ce_weight: float, reduction: int, s_sp: int):
+            lse1: bool, ignore_index: int, kd_weight: float, ce_weight: float, reduction: int, s_sp: int,
+            cfg: dict | None = None):
     """The forward launch over [N, C, P] views (``s_sp``: the student's pixel stride; the class
     stride is ``s.stride(1)``). Writes ``stats`` [3, N·P] (the rows it needs), ``out`` (the map or the
-    scalar), and for ``reduction`` 0 (mean) / 1 (sum) ``part`` [programs, 4] and ``scales`` [2]."""
+    scalar), and for ``reduction`` 0 (mean) / 1 (sum) ``part`` [programs, 4] and ``scales`` [2].
+    ``cfg``: the call's :func:`launch_config`, when the caller has it already."""
     N, C, P = s.shape
     k = v.shape[1]
+    if cfg is None:
+        cfg = launch_config(C, P, k, s.element_size(), s_sp, lse1)
     common = dict(K=k, WITH_TAIL=with_tail, HAS_IGN=ign is not None, HAS_LAB=lab is not None, LSE1=lse1,
                   REDUCTION=reduction, RBLOCK=RBLOCK)
     dummy = s
@@ -1072,7 +1086,6 @@ def forward(s, v, idx, tail, ign, lab, stats, part, ticket, out, scales, *, T: f
     lab_ = lab if lab is not None else dummy
     scal = (1.0 / T, T, math.log(C - k) if C > k else 0.0, ignore_index, kd_weight, ce_weight)
     if P == 1:
-        cfg = row_config(C, k)
         grid = N
         _check_grid(grid)
         _row_fwd[(grid,)](s, v, idx, t_, ign_, lab_, stats, part, ticket, out, scales, C, *scal, grid,
@@ -1080,7 +1093,6 @@ def forward(s, v, idx, tail, ign, lab, stats, part, ticket, out, scales, *, T: f
                           BLOCK_C=cfg["BLOCK_C"], CAPTURE=cfg["CAPTURE"], LEAN=cfg["LEAN"], **common,
                           **_options(cfg["num_warps"]))
         return
-    cfg = map_config(C, P, k, s.element_size(), s_sp, lse1)
     grid = N * _cdiv(P, cfg["BLOCK_P"])
     _check_grid(grid)
     _map_fwd[(grid,)](s, v, idx, t_, ign_, lab_, stats, part, ticket, out, scales, C, P, *scal, grid,

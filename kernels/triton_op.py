@@ -80,21 +80,29 @@ def forward_impl(student: torch.Tensor, values: torch.Tensor, indices: torch.Ten
                     reduction: str, ignore_index: int, kd_weight: float,
                     ce_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, statistics [3, N·P] fp32, scales [2] fp32): one launch."""
-    N, C = student.shape[:2]
-    spatial = student.shape[2:]
-    s, s_sp, v, i, t, ign, lab = _prepare(student, values, indices, tail, ignore_mask, labels)
-    P = s.shape[2]
+    views = _prepare(student, values, indices, tail, ignore_mask, labels)
+    return _forward_views(student.shape, views, labels is not None, T, with_tail, reduction, ignore_index, kd_weight,
+                    ce_weight)
+
+
+def _forward_views(shape: torch.Size, views: tuple, has_labels: bool, T: float, with_tail: bool, reduction: str,
+             ignore_index: int, kd_weight: float, ce_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`forward_impl` on the [N, C, P] views :func:`_prepare` made of a student of ``shape``."""
+    s, s_sp, v, i, t, ign, lab = views
+    N, C, P = s.shape
     k = v.shape[1]
     code = REDUCTION_CODES[reduction]
-    dev = student.device
+    dev = s.device
+    lse1 = has_labels and T != 1.0
     stats = torch.empty((3, N * P), dtype=torch.float32, device=dev)
     scales = torch.empty(2, dtype=torch.float32, device=dev)
-    out = torch.empty((N, *spatial) if code == 2 else (), dtype=torch.float32, device=dev)
-    progs = triton_kl.programs(N, C, P, k, s.element_size(), s_sp, _lse1(labels, T))
-    part = torch.empty((progs if code != 2 else 1, 4), dtype=torch.float32, device=dev)
+    out = torch.empty((N, *shape[2:]) if code == 2 else (), dtype=torch.float32, device=dev)
+    # the launch settings once for the call (the forward launch and the partial sums' rows)
+    cfg = triton_kl.launch_config(C, P, k, s.element_size(), s_sp, lse1)
+    part = torch.empty((triton_kl.programs_of(N, P, cfg) if code != 2 else 1, 4), dtype=torch.float32, device=dev)
     triton_kl.forward(s, v, i, t if with_tail else None, ign, lab, stats, part, _ticket(dev), out, scales,
-                      T=T, with_tail=with_tail, lse1=_lse1(labels, T), ignore_index=ignore_index,
-                      kd_weight=kd_weight, ce_weight=ce_weight, reduction=code, s_sp=s_sp)
+                      T=T, with_tail=with_tail, lse1=lse1, ignore_index=ignore_index,
+                      kd_weight=kd_weight, ce_weight=ce_weight, reduction=code, s_sp=s_sp, cfg=cfg)
     return out, stats, scales
 
 
@@ -115,15 +123,24 @@ def backward_impl(grad_out: torch.Tensor, student: torch.Tensor, values: torch.T
                      stats: torch.Tensor, scales: torch.Tensor, T: float, with_tail: bool, reduction: str,
                      ignore_index: int, kd_weight: float, ce_weight: float) -> torch.Tensor:
     """The gradient with respect to the student, in its dtype and memory format: one launch."""
-    N = student.shape[0]
-    s, s_sp, v, i, t, ign, lab = _prepare(student, values, indices, tail, ignore_mask, labels)
+    views = _prepare(student, values, indices, tail, ignore_mask, labels)
+    return _backward_views(grad_out, student, views, stats, scales, T, with_tail, reduction, ignore_index, kd_weight,
+                     ce_weight)
+
+
+def _backward_views(grad_out: torch.Tensor, student: torch.Tensor, views: tuple, stats: torch.Tensor, scales: torch.Tensor,
+              T: float, with_tail: bool, reduction: str, ignore_index: int, kd_weight: float,
+              ce_weight: float) -> torch.Tensor:
+    """:func:`backward_impl` on the [N, C, P] views :func:`_prepare` made of ``student`` and its teacher."""
+    s, s_sp, v, i, t, ign, lab = views
+    N = s.shape[0]
     grad = torch.empty_like(student)
     g, g_sp = _as_ncp(grad)
     assert g.data_ptr() == grad.data_ptr(), "the gradient's [N, C, P] view must alias it"
     code = REDUCTION_CODES[reduction]
     go = grad_out.reshape(N * s.shape[2]).contiguous() if code == 2 else grad_out
     triton_kl.backward(go, s, v, i, t if with_tail else None, ign, lab, stats, scales, g, T=T,
-                       with_tail=with_tail, lse1=_lse1(labels, T), ignore_index=ignore_index,
+                       with_tail=with_tail, lse1=_lse1(lab, T), ignore_index=ignore_index,
                        kd_weight=kd_weight, ce_weight=ce_weight, reduction=code, s_sp=s_sp, g_sp=g_sp)
     return grad
 
@@ -164,16 +181,21 @@ class _Eager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, values, indices, tail, ignore_mask, labels, T, with_tail, reduction, ignore_index,
                 kd_weight, ce_weight):
-        out, stats, scales = forward_impl(student, values, indices, tail, ignore_mask, labels, T, with_tail,
-                                          reduction, ignore_index, kd_weight, ce_weight)
-        ctx.save_for_backward(student, values, indices, tail, ignore_mask, labels, stats, scales)
-        ctx.args = (T, with_tail, reduction, ignore_index, kd_weight, ce_weight)
+        views = _prepare(student, values, indices, tail, ignore_mask, labels)
+        args = (T, with_tail, reduction, ignore_index, kd_weight, ce_weight)
+        out, stats, scales = _forward_views(student.shape, views, labels is not None, *args)
+        # the backward reads the same [N, C, P] views: kept, not made again (a dozen reshapes and
+        # stride queries of host time a step)
+        s, s_sp, v, i, t, ign, lab = views
+        ctx.save_for_backward(student, s, v, i, t, ign, lab, stats, scales)
+        ctx.s_sp = s_sp
+        ctx.args = args
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        student, values, indices, tail, ignore_mask, labels, stats, scales = ctx.saved_tensors
-        grad = backward_impl(grad_out, student, values, indices, tail, ignore_mask, labels, stats, scales, *ctx.args)
+        student, s, v, i, t, ign, lab, stats, scales = ctx.saved_tensors
+        grad = _backward_views(grad_out, student, (s, ctx.s_sp, v, i, t, ign, lab), stats, scales, *ctx.args)
         return grad, None, None, None, None, None, None, None, None, None, None, None
 
 
