@@ -185,9 +185,11 @@ class _Eager(torch.autograd.Function):
         args = (T, with_tail, reduction, ignore_index, kd_weight, ce_weight)
         out, stats, scales = _forward_views(student.shape, views, labels is not None, *args)
         # the backward reads the same [N, C, P] views: kept, not made again (a dozen reshapes and
-        # stride queries of host time a step)
+        # stride queries of host time a step). Not a copy of the student (a layout other than NCHW and
+        # channels_last): no [N, C, P] tensor lives between the two launches, so the backward makes it again
         s, s_sp, v, i, t, ign, lab = views
-        ctx.save_for_backward(student, s, v, i, t, ign, lab, stats, scales)
+        ctx.save_for_backward(student, s if s.data_ptr() == student.data_ptr() else None, v, i, t, ign, lab, stats,
+                              scales)
         ctx.s_sp = s_sp
         ctx.args = args
         return out
@@ -195,6 +197,8 @@ class _Eager(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         student, s, v, i, t, ign, lab, stats, scales = ctx.saved_tensors
+        if s is None:
+            s = _as_ncp(student)[0]
         grad = _backward_views(grad_out, student, (s, ctx.s_sp, v, i, t, ign, lab), stats, scales, *ctx.args)
         return grad, None, None, None, None, None, None, None, None, None, None, None
 

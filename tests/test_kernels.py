@@ -411,6 +411,36 @@ def test_triton_dtypes_rows_with_several_class_tiles_and_all_ignored(student_dty
     assert out.item() == 0.0 and torch.count_nonzero(x.grad) == 0
 
 
+@triton_only
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_the_eager_triton_call_keeps_its_views_for_the_backward_but_never_a_copy_of_the_student():
+    """The eager path saves the [N, C, P] views its forward made for its backward (not made again), each
+    a view of the tensor it came from: for NCHW and channels_last students the student's own memory. A
+    student of another layout is read through a copy, which the forward does not keep: no [N, C, P]
+    tensor lives between the launches beyond the student itself. Gradients match the float64 reference."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    s, v, i, tail, ign, _ = make_case(2, 5, 2, (3, 4), seed=3)
+    s, v, i, tail, ign = (x.to(dev) for x in (s, v, i, tail, ign))
+    wide = torch.randn(2, 5, 3, 8, device=dev)
+    layouts = {"nchw": s.clone(), "channels_last": s.contiguous(memory_format=torch.channels_last),
+               "strided": wide[..., ::2].copy_(s)}  # neither pixels nor classes contiguous: read through a copy
+    for name, x in layouts.items():
+        x = x.detach().requires_grad_(True)
+        out = topk_kl(x, v, i, tail, ignore_mask=ign, backend="triton", check_inputs=False)
+        saved = out.grad_fn.saved_tensors
+        big = [t for t in saved if t is not None and t.numel() == x.numel()]
+        if name == "strided":
+            assert len(big) == 1 and big[0].data_ptr() == x.data_ptr(), name  # the student alone, no copy
+        else:
+            assert len(big) == 2 and all(t.data_ptr() == x.data_ptr() for t in big), name  # the student and its view
+        out.backward()
+        s64 = s.double().requires_grad_(True)
+        ref = topk_kl_reference(s64, v.double(), i, tail.double(), ignore_mask=ign)
+        (g_ref,) = torch.autograd.grad(ref, s64)
+        torch.testing.assert_close(x.grad.double(), g_ref, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-4, atol=1e-6, msg=name)
+
+
 # -- bad input -------------------------------------------------------------------------------------------
 
 
