@@ -81,12 +81,13 @@ def forward_impl(student: torch.Tensor, values: torch.Tensor, indices: torch.Ten
                     ce_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, statistics [3, N·P] fp32, scales [2] fp32): one launch."""
     views = _prepare(student, values, indices, tail, ignore_mask, labels)
-    return _forward_views(student.shape, views, labels is not None, T, with_tail, reduction, ignore_index, kd_weight,
-                    ce_weight)
+    return _forward_views(student.shape, views, labels is not None, T, with_tail, reduction, ignore_index,
+                          kd_weight, ce_weight)
 
 
 def _forward_views(shape: torch.Size, views: tuple, has_labels: bool, T: float, with_tail: bool, reduction: str,
-             ignore_index: int, kd_weight: float, ce_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   ignore_index: int, kd_weight: float,
+                   ce_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`forward_impl` on the [N, C, P] views :func:`_prepare` made of a student of ``shape``."""
     s, s_sp, v, i, t, ign, lab = views
     N, C, P = s.shape
@@ -124,13 +125,13 @@ def backward_impl(grad_out: torch.Tensor, student: torch.Tensor, values: torch.T
                      ignore_index: int, kd_weight: float, ce_weight: float) -> torch.Tensor:
     """The gradient with respect to the student, in its dtype and memory format: one launch."""
     views = _prepare(student, values, indices, tail, ignore_mask, labels)
-    return _backward_views(grad_out, student, views, stats, scales, T, with_tail, reduction, ignore_index, kd_weight,
-                     ce_weight)
+    return _backward_views(grad_out, student, views, stats, scales, T, with_tail, reduction, ignore_index,
+                           kd_weight, ce_weight)
 
 
-def _backward_views(grad_out: torch.Tensor, student: torch.Tensor, views: tuple, stats: torch.Tensor, scales: torch.Tensor,
-              T: float, with_tail: bool, reduction: str, ignore_index: int, kd_weight: float,
-              ce_weight: float) -> torch.Tensor:
+def _backward_views(grad_out: torch.Tensor, student: torch.Tensor, views: tuple, stats: torch.Tensor,
+                    scales: torch.Tensor, T: float, with_tail: bool, reduction: str, ignore_index: int,
+                    kd_weight: float, ce_weight: float) -> torch.Tensor:
     """:func:`backward_impl` on the [N, C, P] views :func:`_prepare` made of ``student`` and its teacher."""
     s, s_sp, v, i, t, ign, lab = views
     N = s.shape[0]
