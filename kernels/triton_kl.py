@@ -1117,14 +1117,13 @@ def backward(go, s, v, idx, tail, ign, lab, stats, scales, grad, *, T: float, wi
     ign_ = ign if ign is not None else dummy
     lab_ = lab if lab is not None else dummy
     scal = (1.0 / T, T, math.log(C - k) if C > k else 0.0, ignore_index, kd_weight, ce_weight)
+    cfg = launch_config(C, P, k, s.element_size(), s_sp, lse1)
     if P == 1:
-        cfg = row_config(C, k)
         _row_bwd[(N,)](go, s, v, idx, t_, ign_, lab_, stats, scales, grad, C, *scal,
                        s.stride(0), v.stride(0), v.stride(1), idx.stride(0), idx.stride(1), stats.stride(0),
                        grad.stride(0), BLOCK_C=cfg["BLOCK_C"], CAPTURE=cfg["CAPTURE"], LEAN=cfg["LEAN"], **common,
                        **_options(cfg["num_warps"]))
         return
-    cfg = map_config(C, P, k, s.element_size(), s_sp, lse1)
     grid = N * _cdiv(P, cfg["BLOCK_P"])
     _map_bwd[(grid,)](go, s, v, idx, t_, ign_, lab_, stats, scales, grad, C, P, *scal,
                       s.stride(0), s.stride(1), s_sp, v.stride(0), v.stride(1), idx.stride(0), idx.stride(1),
