@@ -3,6 +3,13 @@ through typer's CliRunner (every argument passed through ``str``)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import typer.main
 import typer.testing
 from typer.testing import CliRunner
@@ -43,3 +50,56 @@ def kd_on_one_thread(*args, env: dict | None = None):
         return kd(*args, env=env)
     finally:
         torch.set_num_threads(threads)
+
+
+def torchrun(*args, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone --nproc-per-node 2 *args``, its output captured.
+
+    A launch that runs past ``timeout`` (ranks whose collectives fell out of step wait for ever) is
+    not left running: every rank (each in a session of its own, as torchrun starts them) is sent
+    SIGABRT, which with ``PYTHONFAULTHANDLER`` prints each of its threads' Python stack, then the
+    launcher is stopped; the test fails on those stacks, where a killed launcher alone would have
+    left the ranks running and said nothing of where they were."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *map(str, args)]
+    proc = subprocess.Popen(cmd, env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        ranks = _descendants(proc.pid)
+        for pid in ranks:
+            _signal(pid, signal.SIGABRT)
+        try:
+            out, err = proc.communicate(timeout=30)  # the launcher sees its ranks fail and ends
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        for pid in ranks:
+            _signal(pid, signal.SIGKILL)
+        pytest.fail(f"torchrun {' '.join(map(str, args))[:300]} hung past {timeout:.0f} s; its output, with the "
+                    f"ranks' stacks (SIGABRT):\n{err[-20000:]}", pytrace=False)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (read from /proc; none where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended while listed
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

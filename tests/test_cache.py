@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from cli_runner import kd, kd_on_one_thread
+from cli_runner import kd, kd_on_one_thread, torchrun
 from fake_data import make_teacher, make_voc_sizes
 from PIL import Image
 from stream_order import fix_shard_order, shard_order
@@ -369,9 +369,7 @@ def test_two_process_torchrun_build_equals_one_process(tmp_path, teacher):
     one, two = tmp_path / "one.zarr", tmp_path / "two.zarr"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     assert kd_on_one_thread(*_cli_args(teacher, one)).exit_code == 0  # one process of one thread, as each rank
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        "-m", "kdcache", *_cli_args(teacher, two)], env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = torchrun("-m", "kdcache", *_cli_args(teacher, two), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_packed(two)
     assert_same_store(one, two)

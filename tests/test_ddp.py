@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_runner import kd
+from cli_runner import kd, torchrun
 from fake_data import make_teacher
 
 from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
@@ -77,9 +75,7 @@ def test_two_process_training_is_one_model_trained_on_every_sample(tmp_path):
     args = ["train-student", "--cache", str(cache), "--limit", "32", "--device", "cpu", "--workers", "0", "--quiet",
             "--method", "kl", "--method", "fitnet", "--student-tap", "stage3", "--teacher-tap", "stage3",
             "--lr", "1e-2", "--batch-size", "4"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    r = subprocess.run([*torchrun, "-m", "kdcache", *args, "--epochs", "2", "--out", str(tmp_path / "two")],
-                       env=env, capture_output=True, text=True, timeout=300)
+    r = torchrun("-m", "kdcache", *args, "--epochs", "2", "--out", tmp_path / "two", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("done: kl+fitnet") == 1  # rank 0 alone reports
     two = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
@@ -93,8 +89,7 @@ def test_two_process_training_is_one_model_trained_on_every_sample(tmp_path):
     symptoms = {"no-averaging": "replicas differ", "duplicate-shards": "16 distinct of 32 seen",
                 "no-adapter-averaging": "replicas differ", "unreduced-loss": "the ranks' mean",
                 "unreduced-validation": "evaluate of last.pt", "unsynced-buffers": "evaluate of last.pt"}
-    r = subprocess.run([*torchrun, str(control), str(tmp_path / "broken"), *args, "--epochs", "1"],
-                       env={**env, "DDP_CONTROL": ",".join(symptoms)}, capture_output=True, text=True, timeout=300)
+    r = torchrun(control, tmp_path / "broken", *args, "--epochs", "1", env={**env, "DDP_CONTROL": ",".join(symptoms)})
     assert r.returncode == 0, r.stderr[-3000:]
     for broken, symptom in symptoms.items():
         out = tmp_path / "broken" / broken
@@ -116,9 +111,7 @@ def test_two_processes_with_an_unlabelled_cache(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["train-student", "--cache", str(tmp_path / "c.zarr"), "--unlabeled-cache", str(tmp_path / "pool.zarr"),
             "--epochs", "2", "--limit", "32", "--device", "cpu", "--workers", "0", "--quiet", "--method", "kl"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    r = subprocess.run([*torchrun, "-m", "kdcache", *args, "--batch-size", "4", "--out", str(tmp_path / "two")],
-                       env=env, capture_output=True, text=True, timeout=300)
+    r = torchrun("-m", "kdcache", *args, "--batch-size", "4", "--out", tmp_path / "two", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     r = kd(*args, "--batch-size", "8", "--out", tmp_path / "one")  # in this process: only counts are compared
     assert r.exit_code == 0, r.output

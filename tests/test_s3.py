@@ -15,7 +15,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from cli_runner import kd, kd_on_one_thread
+from cli_runner import kd, kd_on_one_thread, torchrun
 from s3_server import S3Server
 from test_cache import arrays_of, assert_same_store
 
@@ -215,9 +215,7 @@ def test_two_torchrun_processes_build_one_s3_store(s3, teacher, tmp_path):
     r = kd_on_one_thread(*_build(teacher, one))
     assert r.exit_code == 0, r.output
     url = "s3://caches/two.zarr"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        "-m", "kdcache", *map(str, _build(teacher, url))], env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = torchrun("-m", "kdcache", *_build(teacher, url), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_store(url, one)
     assert np.asarray(arrays_of(url)["done"]).all()
