@@ -8,11 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from cli_runner import kd, torchrun
 from fake_data import make_teacher
 
+from kdcache.methods import METHODS
+from kdcache.methods.base import method_options
 from kdcache.teacher.cache_build import CacheBuildConfig, build_teacher_cache
 from kdcache.train.batches import rank_indices
+from kdcache.train.student import StudentTrainer, config_from_store
 
 
 def test_rank_shares_are_disjoint_equal_and_keep_shards_whole():
@@ -29,6 +33,41 @@ def test_rank_shares_are_disjoint_equal_and_keep_shards_whole():
     # too few shards for the ranks: dealt sample by sample
     parts = [rank_indices(10, 0, r, 3, np.zeros(10, int), min_size=2) for r in range(3)]
     assert [len(p) for p in parts] == [3, 3, 3] and len(set().union(*parts)) == 9
+
+
+def test_every_method_gives_each_of_its_parameters_a_gradient_on_every_batch(teacher, tmp_path):
+    """The methods' own parameters (an adapter, a projection head) are outside DDP: each rank
+    all-reduces their gradients itself (``distributed.average_gradients``), skipping a parameter
+    without one. A rank on which some batch left a parameter without a gradient would skip a
+    collective the other ranks wait in, and the run would hang. So every registered method that has
+    parameters gives each of them a gradient on every batch, including one where nothing is left to
+    match (every target cell ignored, no pixel labelled); a new method that returns a loss not
+    connected to its parameters there fails here, in one process, rather than hanging under torchrun."""
+    cache = tmp_path / "c.zarr"
+    build_teacher_cache(CacheBuildConfig(weights=str(teacher), out=str(cache), dataset_options={"resolution": [32, 48]},
+                                         limit=4, topk=4, features=("stage3",), attention=True, samples_per_shard=4,
+                                         device="cpu", workers=0), show_progress=False)
+    covered = []
+    for name in METHODS.names():
+        taps = {k: "stage3" for k in ("student_tap", "teacher_tap") if k in method_options(name)}
+        tr = StudentTrainer(config_from_store(str(cache), methods=[{"name": name, **taps}], limit=4, batch_size=2,
+                                              epochs=1, workers=0, device="cpu", out=str(tmp_path / name)),
+                            overwrite=True, show_progress=False)
+        ready = tr.prepare()  # writes nothing
+        params = [(f"{m.name}.{n}", p) for m in tr.methods for n, p in m.named_parameters()]
+        if not params:
+            continue
+        batch = next(iter(ready.batches.loader(0)))
+        nothing = {k: (torch.ones_like(v) if k.endswith("ignore") else torch.full_like(v, 255) if k == "label" else v)
+                   for k, v in batch.items()}
+        for what, b in (("a batch", batch), ("a batch with nothing to match", nothing)):
+            for _, p in params:
+                p.grad = None
+            loss, _ = tr.compute_loss(ready.model, b)
+            loss.backward()
+            assert not [n for n, p in params if p.grad is None], (name, what)
+        covered.append(name)
+    assert {"afdcd", "cirkd", "fitnet"} <= set(covered), covered
 
 
 def ddp_problems(two: list[dict], n: int, evaluated_miou: float) -> list[str]:
