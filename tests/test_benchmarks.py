@@ -990,6 +990,7 @@ def test_a_run_validated_every_nth_epoch_counts_every_epoch_it_trained(tmp_path,
     assert r["val_curve"] == [0.52, 0.55] and r["val"] == 0.55 and r["epochs"] == 6 and r["images_per_s"] == 102.5
 
 
+@pytest.mark.slow  # a process of its own that compiles a generated kernel (5 s)
 def test_numba_register_probe_matches_the_production_kernel_before_timing(tmp_path):
     """numba_register_probe.py on a tiny map, in a process of its own: the generated (C, k) kernel's loss and
     gradient agree with kl_spatial's before they are timed, and a row is written for the case."""

@@ -36,6 +36,7 @@ def test_python_m_kdcache_and_console_script():
     assert r.returncode == 0 and "deeplabv3_resnet50" in r.stdout and "demo_teacher" in r.stdout
 
 
+@pytest.mark.slow  # a new process (python -m kdcache, 4-5 s)
 def test_a_reader_that_stops_early_ends_the_command_quietly(monkeypatch):
     """`kdcache list-datasets | head -1`: the reader closes the pipe, and the command ends as the
     help does there (exit status 1, nothing on stderr), not with a file-system error line. A

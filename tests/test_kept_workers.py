@@ -68,6 +68,7 @@ def _equal(a: list[list[dict]], b: list[list[dict]]) -> bool:
     return True
 
 
+@pytest.mark.slow  # spawned worker processes, each importing torch (10 s)
 def test_spawned_workers_start_once_and_give_the_batches_of_workers_started_every_epoch(caches, tmp_path,
                                                                                           monkeypatch):
     """A schedule cache streamed as from an object store (spawned workers), with --skip-bad: the
@@ -91,6 +92,7 @@ def test_spawned_workers_start_once_and_give_the_batches_of_workers_started_ever
             os.kill(pid, 0)
 
 
+@pytest.mark.slow  # forked worker processes kept over three epochs (3-4 s each)
 @pytest.mark.parametrize("read", ["random", "mixed"])
 def test_kept_workers_read_each_epochs_order_and_augmentation(caches, tmp_path, monkeypatch, read):
     """Random access (the sampler's order, the pipeline's epoch) and labelled + unlabelled batches

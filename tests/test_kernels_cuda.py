@@ -541,6 +541,7 @@ def run_row_loops(monkeypatch, case: Case, *, tail_policy, reduction, what="", t
     assert_agree(runs[False], runs[True], case.s.dtype, what=f"{what}: lean rows'")
 
 
+@pytest.mark.slow  # every row loop through Triton's interpreter (4-5 s), as test_class_loops_tiny
 @interpreter_or_gpu
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_row_loops_tiny(monkeypatch):

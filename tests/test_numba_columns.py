@@ -119,6 +119,7 @@ def test_no_tail_bin_no_mask_no_labels_and_k_equal_to_c(taken):
     assert set(taken) == {(6, 2, False, False, False, False), (3, 3, False, True, False, False)}
 
 
+@pytest.mark.slow  # compiles a generated kernel (8 s)
 def test_a_generated_kernel_is_vectorised_written_once_and_loaded_from_disk(monkeypatch, tmp_path):
     """In a folder of its own (so that it compiles here): the module is written under a name that hashes
     its source (which carries a hash of the kernels' own sources); its pixel loop stores float32 vectors
