@@ -11,6 +11,7 @@ under ``kdcache/``.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -50,8 +51,14 @@ def imports(path: Path, module: str) -> list[tuple[int, str, bool]]:
     """(line, imported kdcache module, inside a function?) of every kdcache import in a file;
     ``from kdcache import x`` counts as an import of ``kdcache.x``, relative imports are resolved."""
     tree = ast.parse(path.read_text())
-    inside = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-              for n in ast.walk(f)}
+    inside = set()  # the nodes inside a function (its decorators and defaults too): one pass over the tree
+    stack = [(tree, False)]
+    while stack:
+        node, in_function = stack.pop()
+        if in_function:
+            inside.add(id(node))
+        below = in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        stack.extend((child, below) for child in ast.iter_child_nodes(node))
     is_package = path.name == "__init__.py"
     out = []
     for node in ast.walk(tree):
@@ -108,6 +115,13 @@ def violations(files: dict[str, tuple[Path, list[tuple[int, str, bool]]]], table
 
 
 def code_files() -> dict[str, tuple[Path, list]]:
+    """Every module of the code with its file and its kdcache imports (a new dict each call: tests
+    change their copy; the files are read once)."""
+    return dict(_code_files())
+
+
+@functools.cache
+def _code_files() -> dict[str, tuple[Path, list]]:
     out = {}
     for folder in FOLDERS:
         for path in sorted((REPO / folder).rglob("*.py")):
