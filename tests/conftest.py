@@ -38,37 +38,24 @@ def _generated_kernels_where_marked(request, monkeypatch):
 
 
 # -- the longest files first, so that CI's two workers finish together -------------------------------------
-#: the test files that took longest (seconds, summed over their tests, in a full run of 2026-11-29 on the
-#: 2-core machine with nothing else running: `.ci/run`'s command with a per-test timing plugin).
-#: `.ci/run` hands whole files to its two workers (--dist loadfile), each file when a worker is down to
-#: its last two tests. Longest first, a worker that takes a long file late cannot leave the other idle
-#: for long at the end. pytest-xdist 3.8 re-sorts the files by their number of tests unless told not to
-#: (its --loadscope-reorder, on by default): :func:`pytest_configure` turns that off. In the run these
-#: times come from (xdist's test-count order), test_s3.py (6 tests) and test_kernel_build.py (4) ran last
-#: on one worker while the other had finished 56 s before; replayed with xdist's rule on the same per-test
-#: times, this order ends both workers within a second of each other, and xdist's 28 s apart. A heuristic
-#: only: a file missing here runs after these, in its usual place.
-LONGEST_FIRST = ("test_doc_examples.py",  # 194
-                 "test_s3.py",  # 165
-                 "test_benchmarks.py",  # 146
-                 "test_ddp.py",  # 75
-                 "test_kernels.py",  # 56
-                 "test_cache.py",  # 56
-                 "test_kernels_cuda.py",  # 37
-                 "test_classification.py",  # 33
-                 "test_model_formats.py",  # 29
-                 "test_cli.py",  # 28
-                 "test_faults.py",  # 27
-                 "test_kernel_build.py",  # 24
-                 "test_compare.py",  # 21
-                 "test_cli_errors.py")  # 21
-
-
-def pytest_configure(config):
-    """pytest-xdist: hand out the files in :data:`LONGEST_FIRST`'s order, not re-sorted by their number
-    of tests."""
-    if hasattr(config.option, "loadscopereorder"):
-        config.option.loadscopereorder = False
+#: the test files that took longest (seconds, summed over their tests, in a full run of 2026-11-27 on the
+#: 2-core machine while two benchmark processes shared it: about 2.5x CI's own).
+#: `.ci/run` hands whole files to its two workers (--dist loadfile). In collection order (alphabetical)
+#: one worker ran 767 s against 620 s for the other (simulated from CI's durations of 2026-11-25); longest
+#: first, 694 and 694. A heuristic only: a file missing here runs after these, in its usual place.
+#: pytest-xdist 3.8's scheduler re-sorts the files by their number of tests (its default
+#: --loadscope-reorder), so under xdist this order counts only with --no-loadscope-reorder; simulated
+#: with CI's per-file times of 2026-11-28, the test-count order is within about 10 s of this one.
+LONGEST_FIRST = ("test_doc_examples.py",  # 444
+                 "test_s3.py",  # 264
+                 "test_benchmarks.py",  # 198
+                 "test_kernels.py",  # 163
+                 "test_cache.py",  # 119
+                 "test_ddp.py",  # 99
+                 "test_faults.py",  # 92
+                 "test_kernels_cuda.py",  # 85
+                 "test_compare_page.py",  # 76
+                 "test_number_options.py")  # 67
 
 
 def pytest_collection_modifyitems(session, config, items):
