@@ -47,8 +47,9 @@ def _generated_kernels_where_marked(request, monkeypatch):
 #: --loadscope-reorder), so under xdist this order counts only with --no-loadscope-reorder; simulated
 #: with CI's per-file times of 2026-11-28, the test-count order is within about 10 s of this one.
 #: Measured on 2026-11-29, fresh clones of `.ci/run` on the 2-core EPYC: with xdist's re-sort turned off
-#: (this order, refreshed) pytest took 705 s and 774 s, and with it on, 626 s and 657 s; warm, without the
-#: documentation and wheel beside the tests, 624 s and 623 s. So xdist's order stays.
+#: (this order, refreshed) pytest took 705 s and 774 s; with it on, 657 s (and 626 s at the landing before);
+#: in a warm environment, without the documentation and wheel beside the tests, 624 s off and 623 s on.
+#: So xdist's order stays.
 LONGEST_FIRST = ("test_doc_examples.py",  # 444
                  "test_s3.py",  # 264
                  "test_benchmarks.py",  # 198
