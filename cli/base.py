@@ -22,7 +22,7 @@ from rich.markup import escape
 
 from kdcache.cli.app import Command, app
 from kdcache.core.errors import KDCacheError
-from kdcache.core.options import Bounds, check_number
+from kdcache.core.options import SEED_BOUNDS, WORKER_BOUNDS, Bounds, check_number
 from kdcache.core.outputs import output_file as checked_output_file
 from kdcache.core.progress import console
 from kdcache.methods import methods_taking, option_default, task_defaults
@@ -166,9 +166,9 @@ def command_line_options(ctx: typer.Context) -> set[str]:
 # -- the options of the commands without a config dataclass ------------------------------------------
 
 DataRoot = Annotated[str | None, typer.Option(help="Root folder of the data set (not for synthetic).")]
-Limit = Annotated[int | None, typer.Option(help="Use only the first N samples of each split (quick runs).")]
+Limit = Annotated[int | None, typer.Option(help="Use only the first N samples of each split (quick runs)."), Bounds(">= 1")]
 Device = Annotated[str, typer.Option(help="auto (CUDA if available), cpu, cuda, cuda:1 ...")]
-Workers = Annotated[int, typer.Option(help="DataLoader worker processes.")]
-Seed = Annotated[int, typer.Option(help="Seed for weights, shuffling and augmentation.")]
+Workers = Annotated[int, typer.Option(help="DataLoader worker processes."), Bounds(WORKER_BOUNDS)]
+Seed = Annotated[int, typer.Option(help="Seed for weights, shuffling and augmentation."), Bounds(SEED_BOUNDS)]
 Quiet = Annotated[bool, typer.Option(help="No progress bars.")]
 Overwrite = Annotated[bool, typer.Option(help="Start again from scratch where the output exists.")]

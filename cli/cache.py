@@ -69,7 +69,7 @@ def build_teacher_cache(
 @command("inspect-cache")
 def inspect_cache(
     store: Annotated[str, typer.Argument(help="A teacher cache (.zarr or an fsspec URL).")],
-    samples: Annotated[int, typer.Option(help="Samples read to measure the top-k mass coverage.")] = default(inspect_store, "samples"),
+    samples: Annotated[int, typer.Option(help="Samples read to measure the top-k mass coverage."), Bounds(">= 1")] = default(inspect_store, "samples"),
     json_out: Annotated[str | None, typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
 ):
     """Schema, counts, size on disk, bytes/pixel, provenance and top-k mass coverage."""

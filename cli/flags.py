@@ -214,19 +214,23 @@ class NumberOption:
     flag: str
     bounds: str | None
     shape: str | None = None
+    #: an integer option (the command line takes whole numbers only: NaN and ±inf do not parse)
+    whole: bool = False
 
 
 def number_options(fn: Callable) -> dict[str, NumberOption]:
     """Every number option of a command function (the one ``cli.base.command`` registers): those
-    declared on its config dataclass (float fields, pairs and lists of numbers) and its own
-    parameters declared with bounds; param -> :class:`NumberOption`."""
-    out = {param: NumberOption(flag, bounds.text) for param, (flag, bounds) in bounded_parameters(fn).items()}
+    declared on its config dataclass (float and int fields, pairs and lists of numbers; an int field
+    is one with declared bounds) and its own parameters declared with bounds; param -> :class:`NumberOption`."""
+    params = inspect.signature(fn, eval_str=True).parameters
+    out = {param: NumberOption(flag, bounds.text, whole=_base_type(typing.get_args(params[param].annotation)[0])[0] is int)
+           for param, (flag, bounds) in bounded_parameters(fn).items()}
     declared_options = getattr(inspect.unwrap(fn, stop=lambda f: hasattr(f, "kdcache_options")), "kdcache_options",
                                None)
     for o in declared_options() if declared_options else []:
         base, _ = _base_type(typing.get_args(o.annotation)[0])  # Annotated[float | None, …] -> float
-        if o.spec.shape in ("pair", "numbers") or base is float:
-            out[o.param] = NumberOption(o.flag, o.spec.bounds, o.spec.shape)
+        if o.spec.shape in ("pair", "numbers") or base is float or (base is int and o.spec.bounds is not None):
+            out[o.param] = NumberOption(o.flag, o.spec.bounds, o.spec.shape, whole=base is int)
     return out
 
 

@@ -27,6 +27,7 @@ from kdcache.cli.report import (
     summary_table,
 )
 from kdcache.core.errors import KDCacheError
+from kdcache.core.options import Bounds
 from kdcache.core.progress import console
 from kdcache.demo.classification import run_classification_demo
 from kdcache.demo.segmentation import recommendation, run_demo
@@ -42,10 +43,10 @@ def evaluate(
     data_root: DataRoot = None,
     split: Annotated[str | None, typer.Option(help="Split (default: the run's validation split or fold).")] = None,
     limit: Limit = None,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = default(evaluate_run, "batch_size"),
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass."), Bounds(">= 1")] = default(evaluate_run, "batch_size"),
     workers: Workers = default(evaluate_run, "workers"),
     device: Device = default(evaluate_run, "device"),
-    qualitative: Annotated[int, typer.Option(help="Write the N best and N worst images as 4-panel PNGs (0: none).")] = default(evaluate_run, "qualitative"),
+    qualitative: Annotated[int, typer.Option(help="Write the N best and N worst images as 4-panel PNGs (0: none)."), Bounds(">= 0")] = default(evaluate_run, "qualitative"),
     out: Annotated[str | None, typer.Option(help="Output folder (default RUN/eval for the run's validation part, RUN/eval-SPLIT for --split, RUN/eval-CHECKPOINT for a checkpoint other than best.pt).")] = None,
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure ms/image at batch 1.")] = default(evaluate_run, "latency"),
     backend: Annotated[str, typer.Option(help="torch, or onnxruntime: metrics and latency of the exported ONNX graph (exported to RUN/export/model.onnx first, unless --onnx).")] = "torch",
@@ -97,12 +98,12 @@ def compare(
     baseline: Annotated[str | None, typer.Option(help="The run Δ mIoU is measured against (default: the CE-only student run, if any).")] = None,
     out: Annotated[str, typer.Option(help="Folder for compare.md/.csv/.json and the figures.")] = default(compare_runs, "out"),
     split: Annotated[str | None, typer.Option(help="Report on this split (e.g. test), with each run's best-on-validation checkpoint (default: each run's own validation part).")] = default(compare_runs, "split"),
-    examples: Annotated[int, typer.Option(help="Images shown side by side: the N best and N worst.")] = default(compare_runs, "examples"),
+    examples: Annotated[int, typer.Option(help="Images shown side by side: the N best and N worst."), Bounds(">= 0")] = default(compare_runs, "examples"),
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure ms/image at batch 1.")] = default(compare_runs, "latency"),
     device: Device = default(compare_runs, "device"),
     per_class: Annotated[bool, typer.Option("--per-class/--no-per-class", help="Also print where KD helps and hurts per class: the teacher, the baseline and each run's Δ, for the classes that differ by more than a point.")] = True,
     backend: Annotated[str, typer.Option(help="torch, or onnxruntime: each run exported to RUN/export/model.onnx and measured (metrics, ms/image) as deployed.")] = "torch",
-    page_images: Annotated[int, typer.Option(help="Test images index.html browses (all when there are no more; else those where the runs differ most; 0: none).")] = default(compare_runs, "page_images"),
+    page_images: Annotated[int, typer.Option(help="Test images index.html browses (all when there are no more; else those where the runs differ most; 0: none)."), Bounds(">= 0")] = default(compare_runs, "page_images"),
     data_root: Annotated[str | None, typer.Option(help="Evaluate every run on the data under DIR (default: each run's own, which must be the same for all).")] = None,
     quiet: Quiet = False,
 ):
@@ -128,15 +129,15 @@ def demo(
                    ] = default(run_demo, "out"),
     teacher_epochs: Annotated[int, typer.Option(help="Teacher training epochs (the default shown is segmentation's; "
                                                      "classification: "
-                                                     f"{default(run_classification_demo, 'teacher_epochs')}).")
-                              ] = default(run_demo, "teacher_epochs"),
+                                                     f"{default(run_classification_demo, 'teacher_epochs')})."),
+                              Bounds(">= 1")] = default(run_demo, "teacher_epochs"),
     student_epochs: Annotated[int, typer.Option(help="Epochs of each student (the default shown is segmentation's; "
                                                      "classification: "
-                                                     f"{default(run_classification_demo, 'student_epochs')}).")
-                              ] = default(run_demo, "student_epochs"),
+                                                     f"{default(run_classification_demo, 'student_epochs')})."),
+                              Bounds(">= 1")] = default(run_demo, "student_epochs"),
     device: Device = default(run_demo, "device"),
     seed: Seed = default(run_demo, "seed"),
-    limit: Annotated[int | None, typer.Option(help=f"The first N images of each split: training, val and test (segmentation: the pool is 4x N; default {default(run_demo, 'limit')}, which cuts the training images alone; classification: default all).")] = None,
+    limit: Annotated[int | None, typer.Option(help=f"The first N images of each split: training, val and test (segmentation: the pool is 4x N; default {default(run_demo, 'limit')}, which cuts the training images alone; classification: default all)."), Bounds(">= 1")] = None,
     task: Annotated[str, typer.Option(help="segmentation (the synthetic scenes) or classification (the shapes: teacher → logits, FKD views and ReLabel label-map caches → students → compare).")] = "segmentation",
     quiet: Quiet = False,
 ):

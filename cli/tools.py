@@ -10,6 +10,7 @@ import typer
 from kdcache.cli.base import Device, command, default, output_file
 from kdcache.cli.parse import parse_list
 from kdcache.cli.report import kernel_table
+from kdcache.core.options import Bounds
 from kdcache.core.outputs import markdown_signature, signed
 from kdcache.core.progress import console
 from kdcache.core.runs import resolve_device, write_json
@@ -26,7 +27,7 @@ def bench_kernels(
     quick: Annotated[bool, typer.Option(help="One segmentation and one row case at k = 4 only.")] = default(bench.run, "quick"),
     topk: Annotated[str, typer.Option(help="Comma-separated k values.")] = ",".join(map(str, default(bench.run, "ks"))),
     dtype: Annotated[str | None, typer.Option(help=f"Student dtype: {', '.join(bench.DTYPES)} (default: bfloat16 on CUDA, float32 on CPU).")] = None,
-    repeats: Annotated[int | None, typer.Option(help="Timed repeats per backend (median reported).")] = None,
+    repeats: Annotated[int | None, typer.Option(help="Timed repeats per backend (median reported)."), Bounds(">= 1")] = None,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="Also time torch.compile of the eager code (slow to compile).")] = default(bench.run, "compile_backend"),
     json_out: Annotated[str | None, typer.Option("--json", help="Write the numbers to this JSON file.")] = None,
     markdown_out: Annotated[str | None, typer.Option("--markdown", help="Write the table to this Markdown file.")] = None,

@@ -260,10 +260,13 @@ def test_folds_hold_out_part_of_the_training_split(tmp_path):
     (["--resize", "12x"], "--resize takes HxW"),
     (["--optimizer", "adam"], "--optimizer must be sgd or adamw"),
     (["--dataset-option", "colour=red"], "does not take option"),
-    (["--eval-every", "0"], "--eval-every must be at least 1"),
+    (["--eval-every", "0"], "--eval-every must be a finite number >= 1, got 0"),
     (["--device", "gpu"], "'gpu' is not a device"),
     (["--fold", "1"], "--fold 1 needs --folds"),
-    (["--workers", "-1"], "--workers must be 0 or more"),
+    (["--workers", "-1"], "--workers must be a finite number in [0, 256], got -1"),
+    (["--workers", "2147483648"], "--workers must be a finite number in [0, 256], got 2147483648"),
+    (["--seed", "-1"], "--seed must be a finite number in [0, 4294967295], got -1"),
+    (["--seed", "99999999999999999999"], "--seed must be a finite number in [0, 4294967295], got 99999999999999999999"),
 ])
 def test_bad_training_options_give_clear_errors(tmp_path, args, message):
     r = kd("train-teacher", "--out", tmp_path / "x", "--epochs", 1, "--quiet", *args)

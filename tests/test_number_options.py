@@ -32,14 +32,19 @@ def numbers_of(name: str) -> dict[str, NumberOption]:
     return number_options(COMMANDS[name].callback.__wrapped__)
 
 
-def bad_values(bounds: str | None) -> list[float]:
-    """NaN, ±inf and (where it has bounds) a finite value outside them."""
+def bad_values(bounds: str | None, whole: bool = False) -> list[float]:
+    """NaN, ±inf and (where it has bounds) a finite value outside them; for a whole-number option on
+    the command line (which parses no NaN or inf) the values below and above its bounds."""
+    if whole:
+        b = Bounds(bounds)
+        return [b.outside(), *([b.above()] if b.above() is not None else []), 10**20 if b.above() else -10**20]
     return [float("nan"), float("inf"), float("-inf"), *([Bounds(bounds).outside()] if bounds else [])]
 
 
 def text(value: float, shape: str | None) -> str:
     """A value as the command line takes it: one number, a 'lo,hi' pair, or a list."""
-    one = {float("inf"): "inf", float("-inf"): "-inf"}.get(value, "nan" if value != value else f"{value:g}")
+    one = str(value) if isinstance(value, int) else {float("inf"): "inf", float("-inf"): "-inf"}.get(
+        value, "nan" if value != value else f"{value:g}")
     return f"{one},{one}" if shape == "pair" else one
 
 
@@ -66,24 +71,32 @@ def refused(result, *fragments: str) -> None:
 CASES = [(name, param, option) for name in sorted(COMMANDS) for param, option in sorted(numbers_of(name).items())]
 
 
+#: whole-number options whose range is checked where they are used, not by declared bounds
+CHECKED_WHERE_USED = {("export", "opset"): "kdcache.report.export: 11 to 20, and only for --format onnx"}
+
+
 def test_every_number_option_declares_its_bounds():
     """The options typer reads as floats are exactly the declared number options' one-number kind (a
-    float option without a declaration fails here), and every number option has bounds."""
+    float option without a declaration fails here), the integer ones are declared whole-number options
+    (or checked where used, :data:`CHECKED_WHERE_USED`), and every number option has bounds."""
     for name, command in COMMANDS.items():
         floats = {p.name for p in command.params if p.bare_type() == "float"}  # what typer reads as a float
+        ints = {p.name for p in command.params if p.bare_type() == "int"}
         declared = numbers_of(name)
-        assert floats == {p for p, o in declared.items() if o.shape is None}, name
+        assert floats == {p for p, o in declared.items() if o.shape is None and not o.whole}, name
+        assert ints - {p for (n, p) in CHECKED_WHERE_USED if n == name} == {p for p, o in declared.items() if o.whole}, \
+            f"{name}: declare the bounds of {sorted(ints - {p for p, o in declared.items() if o.whole})}"
         for option in declared.values():
             assert option.bounds is not None, f"{name} {option.flag}: declare its bounds"
     assert len(CASES) >= 20
-    assert {"--lr", "--kd-weight", "--temperature", "--tta-scales", "--scale", "--class-balanced"} <= \
-        {o.flag for _, _, o in CASES}
+    assert {"--lr", "--kd-weight", "--temperature", "--tta-scales", "--scale", "--class-balanced", "--seed", "--workers",
+            "--epochs", "--samples-per-shard"} <= {o.flag for _, _, o in CASES}
 
 
 @pytest.mark.parametrize(("name", "param", "option"), CASES, ids=[f"{n}{o.flag}" for n, _, o in CASES])
 def test_a_bad_number_on_the_command_line_is_one_line_and_makes_nothing(name, param, option, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # default output folders (runs/…) would appear here
-    for value in bad_values(option.bounds):
+    for value in bad_values(option.bounds, option.whole):
         r = kd(name, *required_args(name, tmp_path), option.flag, text(value, option.shape))
         refused(r, option.flag, "must be a finite number")
         assert list(tmp_path.iterdir()) == [], (option.flag, value)
@@ -96,7 +109,7 @@ CONFIGURED = [(n, p, o) for n, p, o in CASES if "config_file" in {q.name for q i
 def test_a_bad_number_in_a_config_file_is_one_line_and_makes_nothing(name, param, option, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = tmp_path.parent / f"{tmp_path.name}-config.yaml"
-    for value in bad_values(option.bounds):
+    for value in bad_values(option.bounds, option.whole):  # (a whole number's NaN: "takes an integer", as any type)
         item = [value, value] if option.shape == "pair" else [value] if option.shape == "numbers" else value
         config.write_text(yaml.safe_dump({option.flag[2:]: item}))
         refused(kd(name, *required_args(name, tmp_path), "--config", config), f"--config {config}: {option.flag}",

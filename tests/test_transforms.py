@@ -134,5 +134,7 @@ def test_kfold_and_limit_errors():
         kfold_indices(10, 1, 0)
     ds = ArrayDataset([np.zeros((2, 2, 3), np.uint8)] * 4, [np.zeros((2, 2), np.uint8)] * 4)
     assert limit(ds, 2).ids == ["s0", "s1"] and len(limit(ds, None)) == 4
+    with pytest.raises(DatasetError, match="--limit must be positive, got 0"):  # a Python caller's (the CLI's bounds come first)
+        limit(ds, 0)
     tr, va = fold_split(ds, 2, 0)
     assert len(tr) + len(va) == 4 and not set(tr.ids) & set(va.ids)

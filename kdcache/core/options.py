@@ -63,9 +63,9 @@ class Bounds:
     def holds(self, x: float) -> bool:
         m = _BOUNDS.match(self.text)
         if m["op"]:
-            b = float(m["x"])
+            b = _number(m["x"])
             return {">": x > b, ">=": x >= b, "<": x < b, "<=": x <= b}[m["op"]]
-        lo, hi = float(m["lo"]), float(m["hi"])
+        lo, hi = _number(m["lo"]), _number(m["hi"])
         return ((x > lo) if m["lb"] == "(" else (x >= lo)) and ((x < hi) if m["rb"] == ")" else (x <= hi))
 
     def describe(self) -> str:
@@ -73,12 +73,36 @@ class Bounds:
         return self.text.strip() if self.text.strip()[0] in "<>" else f"in {self.text.strip()}"
 
     def outside(self) -> float:
-        """A finite value these bounds refuse (what the tests feed each option)."""
+        """A finite value these bounds refuse (what the tests feed each option): below the lower
+        bound, or above the upper one where there is no lower bound."""
         m = _BOUNDS.match(self.text)
         if m["op"]:
-            b = float(m["x"])
+            b = _number(m["x"])
             return b - 1 if m["op"] in (">", ">=") else b + 1
-        return float(m["lo"]) - 1
+        return _number(m["lo"]) - 1
+
+    def above(self) -> float | None:
+        """A finite value above the upper bound (None: no upper bound)."""
+        m = _BOUNDS.match(self.text)
+        if m["op"]:
+            return _number(m["x"]) + 1 if m["op"] in ("<", "<=") else None
+        return _number(m["hi"]) + 1
+
+
+#: the seeds a run takes: what every generator it seeds accepts (numpy's takes no negative seed, torch's
+#: none past 2**64 − 1)
+SEED_BOUNDS = "[0, 4294967295]"
+#: DataLoader worker processes: a number a machine can start (a typo of a few billion would try to)
+WORKER_BOUNDS = "[0, 256]"
+
+
+def _number(text: str) -> float | int:
+    """A bound as written: a whole number stays an int, which a whole value is compared with exactly
+    (as floats, 2**64 and 2**64 - 1 are the same number)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def check_number(value: Any, name: str, bounds: Bounds | str | None = None) -> Any:
@@ -90,8 +114,9 @@ def check_number(value: Any, name: str, bounds: Bounds | str | None = None) -> A
     wanted = f"a finite number {bounds.describe()}" if bounds else "a finite number"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise KDCacheError(f"{name} takes {wanted}, got {value!r}")
-    if not math.isfinite(value) or (bounds is not None and not bounds.holds(value)):
-        raise KDCacheError(f"{name} must be {wanted}, got {value:g}")
+    # a whole number is finite (and may be too large for a float: compared exactly, and shown whole)
+    if (not isinstance(value, int) and not math.isfinite(value)) or (bounds is not None and not bounds.holds(value)):
+        raise KDCacheError(f"{name} must be {wanted}, got {value if isinstance(value, int) else format(value, 'g')}")
     return value
 
 

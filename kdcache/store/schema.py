@@ -81,6 +81,9 @@ DEFAULT_CODEC = "blosc-zstd"
 #: aim for shards of about this many uncompressed bytes when samples_per_shard is not given
 TARGET_SHARD_BYTES = 32 << 20
 MAX_SAMPLES_PER_SHARD = 256
+#: the most samples a shard may be asked to hold (``--samples-per-shard``): a shard is written whole, and its
+#: chunks' packing searches the divisors of its size
+MAX_SHARD_SAMPLES = 65536
 
 #: the attributes that must be equal for a rerun to resume a store (everything that changes
 #: what is stored); the rest (creation time, code version, data root path) may differ

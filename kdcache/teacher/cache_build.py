@@ -19,7 +19,7 @@ import torch
 
 from kdcache.core import distributed
 from kdcache.core.errors import KDCacheError
-from kdcache.core.options import check_declared, opt
+from kdcache.core.options import SEED_BOUNDS, WORKER_BOUNDS, check_declared, opt
 from kdcache.core.progress import console, progress_bar
 from kdcache.core.runs import resolve_device
 from kdcache.data import build_dataset
@@ -39,7 +39,7 @@ from kdcache.pipeline.transforms import (
 )
 from kdcache.store.forms import FORMS, BuildContext, CacheForm, form_of, requested_form
 from kdcache.store.location import as_location
-from kdcache.store.schema import CODECS, DEFAULT_CODEC, CacheSchema
+from kdcache.store.schema import CODECS, DEFAULT_CODEC, MAX_SHARD_SAMPLES, CacheSchema
 from kdcache.store.writer import (
     ShardWriter,
     check_out,
@@ -82,7 +82,7 @@ class CacheBuildConfig:
                                 shape="key_values", panel="Data")
     split: str = opt("train", "Split to run the teacher over.", panel="Data")
     topk: int | None = opt(None, "Logits kept per position (default {default_topk}, or every class when there are "
-                                 "fewer; k = number of classes: a dense cache).", panel="What to store")
+                                 "fewer; k = number of classes: a dense cache).", bounds=">= 1", panel="What to store")
     features: tuple[str, ...] = opt((), "Teacher modules whose outputs to store, NAME[,NAME] (e.g. stage3).",
                                     shape="names", panel="What to store")
     attention: bool = opt(False, "Also store attention-transfer maps of the --features taps.", panel="What to store")
@@ -107,21 +107,22 @@ class CacheBuildConfig:
     label_map: bool = opt(False, "Classification: store the teacher's class map before global pooling (ReLabel); "
                                  "students pool it over each random crop.", panel="What to store")
     views: int = opt(0, "Also store N random scale/crop views per image with their parameters (FKD-style; "
-                        "classification: random-resized crops, see --view-area).", panel="What to store")
+                        "classification: random-resized crops, see --view-area).", bounds=">= 0", panel="What to store")
     view_scale: tuple[float, float] = opt((0.5, 2.0), "Scale range 'lo,hi' of the stored views.", shape="pair", bounds="> 0", panel="What to store")
     view_area: tuple[float, float] = opt((0.25, 1.0), "Classification views: the random-resized crops' share of the "
                                                       "image area 'lo,hi'.", shape="pair", bounds="(0, 1]", panel="What to store")
     view_crop: tuple[int, int] | None = opt(None, "Crop HxW of the stored views (default: the image size).",
                                             shape="size", panel="What to store")
-    view_seed: int = opt(0, "Seed of the stored views.", panel="What to store")
+    view_seed: int = opt(0, "Seed of the stored views.", bounds=SEED_BOUNDS, panel="What to store")
     schedule_epochs: int = opt(0, "Store the teacher on every crop train-student draws in each of N epochs (its "
                                   "--crop-size, --scale, --crop-area and --flip, given here as for the student): the "
-                                  "student replays them, so its targets are the teacher's on its own pixels.", panel="What to store")
+                                  "student replays them, so its targets are the teacher's on its own pixels.", bounds=">= 0",
+                               panel="What to store")
     schedules: int = opt(1, "With --schedule-epochs: R independent schedules; a student with --seed s replays "
-                            "schedule s.", panel="What to store")
+                            "schedule s.", bounds=">= 1", panel="What to store")
     first_schedule: int = opt(0, "With --schedule-epochs: the first schedule stored, so the store holds schedules "
                                  "S..S+R-1 (the seeds a machine trains; each schedule is drawn the same whatever "
-                                 "store holds it).", panel="What to store")
+                                 "store holds it).", bounds=">= 0", panel="What to store")
     store_scales: tuple[float, ...] = opt((), "Segmentation: also store the teacher's logits on the whole image at "
                                              "these other scales, e.g. 0.75,1.25 (a pyramid); a training crop takes "
                                              "the level nearest its own scale.", shape="numbers", bounds="> 0", panel="What to store")
@@ -134,12 +135,13 @@ class CacheBuildConfig:
     mix: str = mix_option()
     mix_alpha: float = mix_alpha_option()
     mix_prob: float = mix_prob_option()
-    batch_size: int = opt(8, "Images per teacher forward.", panel="Hardware")
+    batch_size: int = opt(8, "Images per teacher forward.", bounds=">= 1", panel="Hardware")
     device: str = opt("auto", "auto (CUDA if available), cpu, cuda, cuda:1 ...", panel="Hardware")
-    workers: int | None = opt(None, "DataLoader worker processes (default: 0 on CPU, up to 8 on CUDA).", panel="Hardware")
-    limit: int | None = opt(None, "Use only the first N samples of each split (quick runs).", panel="Data")
+    workers: int | None = opt(None, "DataLoader worker processes (default: 0 on CPU, up to 8 on CUDA).",
+                              bounds=WORKER_BOUNDS, panel="Hardware")
+    limit: int | None = opt(None, "Use only the first N samples of each split (quick runs).", bounds=">= 1", panel="Data")
     samples_per_shard: int | None = opt(None, "Samples per shard, the unit of writing (default: shards of about "
-                                              "{shard_mb} MB).", panel="What to store")
+                                              "{shard_mb} MB).", bounds=f"[1, {MAX_SHARD_SAMPLES}]", panel="What to store")
     codec: str = opt(DEFAULT_CODEC, "Chunk compression: {codecs} (blosc-lz4 decodes 2x faster than blosc-zstd and "
                                     "stores 25% more).", panel="What to store")
     amp: bool = opt(False, "Run the teacher under fp16 autocast (CUDA only).", panel="Hardware")
@@ -183,12 +185,6 @@ class CacheBuildConfig:
         if not self.out:
             raise KDCacheError("build-teacher-cache needs --out (the store to write)")
         self.plan.validate()
-        if self.topk is not None and self.topk < 1:
-            raise KDCacheError(f"--topk must be at least 1, got {self.topk}")
-        if self.batch_size < 1:
-            raise KDCacheError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.views < 0:
-            raise KDCacheError(f"--views must be 0 or more, got {self.views}")
         lo, hi = self.view_scale  # each within its bounds (check_declared)
         if not lo <= hi:
             raise KDCacheError(f"--view-scale must be 'lo,hi' with 0 < lo <= hi, got {self.view_scale}")
@@ -209,8 +205,6 @@ class CacheBuildConfig:
             signal(kind)  # an unknown kind: one line naming the known ones
         if self.codec not in CODECS:
             raise KDCacheError(f"--codec must be one of {', '.join(CODECS)}, got {self.codec}")
-        if self.samples_per_shard is not None and self.samples_per_shard < 1:
-            raise KDCacheError(f"--samples-per-shard must be at least 1, got {self.samples_per_shard}")
 
 
 class TeacherInputs(torch.utils.data.Dataset):

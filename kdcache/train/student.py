@@ -97,7 +97,7 @@ class StudentConfig(TrainConfig):
     target_resample: str = opt("nearest", "How a crop takes the cached logits of a scaled or off-grid crop: nearest (each "
                                           "output cell the map cell its centre falls in) or bilinear (the rebuilt logits "
                                           "interpolated at the crop's exact points, then top-k + tail again).", panel="Method")
-    shuffle_buffer: int = opt(256, "Samples in each streaming worker's shuffle buffer.", panel="Data")
+    shuffle_buffer: int = opt(256, "Samples in each streaming worker's shuffle buffer.", bounds=">= 1", panel="Data")
     #: teacher caches of unlabelled images (same teacher and classes as ``cache``): KD terms only
     unlabeled_caches: list = opt(factory=list, names=("--unlabeled-cache",), shape="repeat",
                                  help="A teacher cache of unlabelled images (same teacher as --cache), repeatable: the "
@@ -105,7 +105,8 @@ class StudentConfig(TrainConfig):
                                       "epoch is one pass over the labelled images.", panel="Inputs and outputs")
     unlabeled_share: float = opt(0.5, "Share of each batch drawn from the --unlabeled-cache images, in (0, 1).",
                                   bounds="(0, 1)", panel="Training")
-    unlabeled_limit: int | None = opt(None, "Only the first N images of each --unlabeled-cache.", panel="Data")
+    unlabeled_limit: int | None = opt(None, "Only the first N images of each --unlabeled-cache.", bounds=">= 1",
+                                      panel="Data")
 
     def validate(self) -> None:
         super().validate()
@@ -125,8 +126,6 @@ class StudentConfig(TrainConfig):
         if self.target_resample not in TARGET_RESAMPLES:
             raise KDCacheError(f"--target-resample must be one of {', '.join(TARGET_RESAMPLES)}, got "
                                f"{self.target_resample!r}")
-        if self.shuffle_buffer < 1:
-            raise KDCacheError(f"--shuffle-buffer must be 1 or more, got {self.shuffle_buffer}")
         if self.unlabeled_caches:  # --unlabeled-share is in (0, 1) (its bounds): each batch takes both kinds of image
             if self.online_teacher:
                 raise KDCacheError("--unlabeled-cache trains from cached targets; drop --online-teacher")
@@ -135,8 +134,6 @@ class StudentConfig(TrainConfig):
             if MixOptions.of(self).enabled:
                 raise KDCacheError("--unlabeled-cache does not go with --mix (an unlabelled cache holds no mixed "
                                    "crops); drop one of them")
-        if self.unlabeled_limit is not None and self.unlabeled_limit < 1:
-            raise KDCacheError(f"--unlabeled-limit must be positive, got {self.unlabeled_limit}")
 
 
 class StudentTrainer(Trainer):

@@ -23,7 +23,14 @@ from kdcache import __version__
 from kdcache.core import distributed
 from kdcache.core.checkpoint import load_weights, read_checkpoint, save_checkpoint
 from kdcache.core.errors import KDCacheError
-from kdcache.core.options import check_declared, declared, opt, resumable
+from kdcache.core.options import (
+    SEED_BOUNDS,
+    WORKER_BOUNDS,
+    check_declared,
+    declared,
+    opt,
+    resumable,
+)
 from kdcache.core.progress import console, progress_bar
 from kdcache.core.runs import CURVES, RunDir, device_name, resolve_device, write_json
 from kdcache.data.base import IGNORE_INDEX, SegmentationDataset
@@ -127,18 +134,18 @@ class TrainConfig:
                               short="-m", shape="key_values", panel="Inputs and outputs")
     train_split: str = opt("train", "Split to train on.", panel="Data")
     val_split: str = opt("val", "Split to validate on (ignored with --folds).", panel="Data")
-    folds: int | None = opt(None, "K-fold cross-validation over the training split.", panel="Data")
-    fold: int = opt(0, "Which fold (0-based) is held out for validation.", panel="Data")
-    limit: int | None = opt(None, "Use only the first N samples of each split (quick runs).", panel="Data")
-    epochs: int = opt(24, "Training epochs.", resumable=True, panel="Training")
-    batch_size: int = opt(8, "Images per step.", panel="Training")
+    folds: int | None = opt(None, "K-fold cross-validation over the training split.", bounds=">= 2", panel="Data")
+    fold: int = opt(0, "Which fold (0-based) is held out for validation.", bounds=">= 0", panel="Data")
+    limit: int | None = opt(None, "Use only the first N samples of each split (quick runs).", bounds=">= 1", panel="Data")
+    epochs: int = opt(24, "Training epochs.", bounds=">= 1", resumable=True, panel="Training")
+    batch_size: int = opt(8, "Images per step.", bounds=">= 1", panel="Training")
     optimizer: str = opt("adamw", "sgd (momentum {momentum:g}) or adamw.", panel="Training")
     lr: float = opt(2e-3, "Peak learning rate.", bounds="> 0", panel="Training")
     momentum: float = 0.9
     weight_decay: float = opt(1e-4, "Weight decay.", bounds=">= 0", panel="Training")
     schedule: str = opt("poly", "poly (power {poly_power:g}), cosine or constant, per iteration.", panel="Training")
     poly_power: float = 0.9
-    warmup_iters: int = opt(0, "Linear warm-up iterations.", panel="Training")
+    warmup_iters: int = opt(0, "Linear warm-up iterations.", bounds=">= 0", panel="Training")
     class_weights: bool = opt(False, "Median-frequency class weights from the training labels.", panel="Training")
     resize: tuple[int, int] | None = opt(None, "Resize every image/mask to HxW first (e.g. 256x256); a student "
                                                "takes its cache's.", shape="size", panel="Data")
@@ -153,10 +160,11 @@ class TrainConfig:
     amp: bool = opt(True, "fp16 mixed precision (CUDA only).", panel="Hardware")
     device: str = opt("auto", "auto (CUDA if available), cpu, cuda, cuda:1 ...", resumable=True, panel="Hardware")
     workers: int | None = opt(None, "DataLoader worker processes (default: 0 on CPU, up to 8 on CUDA).",
-                              resumable=True, panel="Hardware")
-    seed: int = opt(0, "Seed for weights, shuffling and augmentation.", panel="Training")
-    split_seed: int = opt(0, "Seed of the K-fold assignment (keep it fixed across runs).", panel="Data")
-    eval_every: int = opt(1, "Validate every N epochs.", resumable=True, panel="Training")
+                              bounds=WORKER_BOUNDS, resumable=True, panel="Hardware")
+    seed: int = opt(0, "Seed for weights, shuffling and augmentation.", bounds=SEED_BOUNDS, panel="Training")
+    split_seed: int = opt(0, "Seed of the K-fold assignment (keep it fixed across runs).", bounds=SEED_BOUNDS,
+                          panel="Data")
+    eval_every: int = opt(1, "Validate every N epochs.", bounds=">= 1", resumable=True, panel="Training")
     weights: str | None = opt(None, "Initial weights: a run folder or kdcache checkpoint, a state dict "
                                     "(.pt/.pth/.safetensors), a Hugging Face SegFormer folder or an mmseg SegFormer "
                                     "checkpoint.", resumable=True, panel="Inputs and outputs")
@@ -188,10 +196,6 @@ class TrainConfig:
 
     def validate(self) -> None:
         check_declared(self)  # every number finite and within its declared bounds
-        if self.epochs < 1:
-            raise KDCacheError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise KDCacheError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.optimizer not in ("sgd", "adamw"):
             raise KDCacheError(f"--optimizer must be sgd or adamw, got {self.optimizer}")
         if self.schedule not in ("poly", "cosine", "constant"):
@@ -203,11 +207,7 @@ class TrainConfig:
         if not lo <= hi:
             raise KDCacheError(f"--crop-area must be 'lo,hi' with 0 < lo <= hi <= 1 (shares of the image), got "
                                f"{self.crop_area}")
-        if self.eval_every < 1:
-            raise KDCacheError(f"--eval-every must be at least 1, got {self.eval_every}")
         MixOptions.of(self)  # a known --mix
-        if self.workers is not None and self.workers < 0:
-            raise KDCacheError(f"--workers must be 0 or more, got {self.workers}")
         if self.fold and not self.folds:
             raise KDCacheError(f"--fold {self.fold} needs --folds K (the number of folds)")
 

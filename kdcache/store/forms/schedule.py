@@ -48,13 +48,7 @@ class Schedule(CacheForm):
 
     @classmethod
     def check_options(cls, config) -> None:
-        if config.schedule_epochs < 0:
-            raise KDCacheError(f"--schedule-epochs must be 0 or more, got {config.schedule_epochs}")
-        if config.schedules < 1:
-            raise KDCacheError(f"--schedules must be at least 1, got {config.schedules}")
-        if config.first_schedule < 0:
-            raise KDCacheError(f"--first-schedule must be 0 or more (the first seed whose crops are stored), got "
-                               f"{config.first_schedule}")
+        # --schedule-epochs, --schedules and --first-schedule are within their declared bounds (check_declared)
         mix = MixOptions.of(config)
         if not config.schedule_epochs:
             given = [name for name, value, default in (
@@ -140,9 +134,7 @@ class Schedule(CacheForm):
             first, last = held.start, held.stop - 1
             which = f"schedule {first}" if first == last else f"schedules {first}..{last}"
             built = f"--schedules {len(held)}" + (f" --first-schedule {first}" if first else "")
-            if config.seed < 0:
-                hint = "--seed must be 0 or more"
-            elif first == 0 and config.seed > last:
+            if first == 0 and config.seed > last:  # (a seed is 0 or more: its declared bounds)
                 hint = f"or rebuild it with --schedules {config.seed + 1}"
             else:  # this seed's crops alone
                 hint = f"or build a cache of it with --first-schedule {config.seed} --schedules 1"
