@@ -44,6 +44,12 @@ def command(name: str | None = None) -> Callable:
                 # escaped: a message may hold text in brackets, e.g. pip install "kdcache[onnx]"
                 console.print(f"[bold red]error:[/bold red] {escape(error_text(exc))}", soft_wrap=True, highlight=False)
                 raise typer.Exit(2) from None
+            except (MemoryError, RuntimeError) as exc:
+                if not out_of_memory(exc) or os.environ.get(TRACEBACK_ENV):
+                    raise
+                console.print(f"[bold red]error:[/bold red] {escape(memory_error_text(exc))}", soft_wrap=True,
+                              highlight=False)
+                raise typer.Exit(2) from None
             except OSError as exc:
                 if isinstance(exc, BrokenPipeError) and stdout_is_gone():
                     # `kdcache list-models | head -1`: the reader has what it wanted. Quiet, as the
@@ -98,6 +104,29 @@ def os_error_text(exc: OSError) -> str:
     also = f" -> {exc.filename2}" if getattr(exc, "filename2", None) else ""
     return (f"{exc.strerror or type(exc).__name__}:{where}{also} ({exc}); check the path, its permissions and the "
             f"free space (set {TRACEBACK_ENV}=1 to see where it happened)")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation the machine refused: numpy's and Python's ``MemoryError``, torch's
+    CPU allocator (a ``RuntimeError``) or a GPU's ``OutOfMemoryError``, raised here or in a DataLoader worker."""
+    text = str(exc)
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in text or "out of memory" in text.lower()
+            or "MemoryError" in text.split("\n", 1)[0])
+
+
+def memory_error_text(exc: BaseException) -> str:
+    """An allocation the machine refused, as one line: what was asked for (the allocator's own words,
+    without torch's C++ frames) and what makes a run smaller."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if "Original Traceback" in str(exc):  # re-raised from a DataLoader worker: its last line is the error
+        lines = lines[-1:]
+    what = lines[0] if lines else type(exc).__name__
+    if "DefaultCPUAllocator: " in what:  # torch's "[enforce fail at alloc_cpu.cpp:…] err == 0. DefaultCPUAllocator: …"
+        what = what[what.index("DefaultCPUAllocator: "):]
+    return (f"out of memory: {what[:300]}; the images, crops, batch or model this asked for are too large for this "
+            f"machine: give a smaller --batch-size, --crop-size, --resize or data set option (set {TRACEBACK_ENV}=1 "
+            "to see where it happened)")
 
 
 def error_text(exc: KDCacheError) -> str:

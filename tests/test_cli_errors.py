@@ -409,6 +409,20 @@ CASES = [
     case("batch-larger-than-data", train("--limit", "2"),
          "--batch-size 4 is larger than the 2 training samples"),
     case("empty-training-set", train("-o", "size=0"), "empty training (0) or validation (0) set"),
+    # a KEY=VALUE option's value that its model or data set cannot take
+    case("model-option-width", train("--model", "demo_student", "-m", "width=0"),
+         "demo_student's width must be a whole number of at least 1, got 0"),
+    case("model-option-overflow", train("--model", "demo_student", "-m", "width=99999999999999999999"),
+         "cannot build model 'demo_student' with num_classes=11, width=99999999999999999999: "),
+    case("dataset-option-value", train("-o", "size=abc"), "data set 'synthetic' cannot take size='abc'",
+         "invalid literal for int() with base 10: 'abc'; fix the --dataset-option value"),
+    case("synthetic-size-huge", train("-o", "size=99999999999999999999"),
+         "synthetic data set size must be at most 1000000, got 99999999999999999999"),
+    # an allocation the machine refuses (torch's allocator; numpy's MemoryError): one line, what makes it smaller
+    case("out-of-memory-torch", train("--resize", "999999x999999"), "out of memory: DefaultCPUAllocator: can't "
+         "allocate memory", "give a smaller --batch-size, --crop-size, --resize or data set option"),
+    case("out-of-memory-numpy", train("--resolution", "999999x999999"), "out of memory: Unable to allocate",
+         "give a smaller --batch-size"),
     case("device-not-a-device-type", train("--device", "meta"), "--device meta: kdcache runs on cpu or cuda"),
     case("device-without-cuda", train("--device", "cuda"), "no CUDA device is available; use --device cpu",
          marks=NO_CUDA),

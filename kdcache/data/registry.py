@@ -28,4 +28,10 @@ def build_dataset(name: str, split: str, root: str | Path | None = None, **optio
         raise DatasetError(
             f"data set '{name}' does not take option(s) {unknown}; it accepts {accepted or 'none'}"
         )
-    return cls(root=root, split=split, **options)
+    if not options:
+        return cls(root=root, split=split)
+    try:
+        return cls(root=root, split=split, **options)
+    except (TypeError, ValueError, OverflowError) as exc:  # an option's value of the wrong kind or out of range
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        raise DatasetError(f"data set '{name}' cannot take {given}: {exc}; fix the --dataset-option value") from None

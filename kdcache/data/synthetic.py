@@ -72,6 +72,8 @@ _RIMMED[[ROAD, PAVEMENT, BUILDING, SKY, TREE]] = True
 
 #: Samples per split when ``size`` is not given.
 DEFAULT_SIZES = {"train": 400, "val": 100, "test": 100, "unlabeled": 1600}
+#: the most samples a split may be given (each gets its reference when the data set opens)
+MAX_SIZE = 1_000_000
 #: Splits whose samples come without masks (drawn like the others, from their own random stream)
 UNLABELLED_SPLITS = ("unlabeled",)
 #: (height, width) of the generated images when ``resolution`` is not given.
@@ -962,6 +964,8 @@ class SyntheticDataset(SegmentationDataset):
         n = DEFAULT_SIZES[split] if size is None else int(size)
         if n < 0:
             raise DatasetError(f"synthetic data set size must be >= 0, got {size}")
+        if n > MAX_SIZE:  # every sample gets a reference up front
+            raise DatasetError(f"synthetic data set size must be at most {MAX_SIZE}, got {size}")
         if isinstance(resolution, str):  # "96x128" (height x width)
             resolution = resolution.lower().replace("*", "x").split("x")
         try:

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdcache.core.errors import ModelError
 from kdcache.models.registry import register_model
 
 __all__ = ["BuiltinSegNet", "compact_student", "demo_student", "demo_teacher"]
@@ -143,10 +144,18 @@ class FuseHead(nn.Module):
         return self.classifier(self.fuse(torch.cat([self.skip(low), high], 1)))
 
 
+def _width(model: str, width, least: int) -> int:
+    """A built-in model's ``width`` option (``--model-option width=N``): a whole number of at least
+    ``least`` (its narrowest layer has ``width // least`` channels)."""
+    if isinstance(width, bool) or not isinstance(width, int) or width < least:
+        raise ModelError(f"{model}'s width must be a whole number of at least {least}, got {width!r}")
+    return width
+
+
 @register_model
 def demo_teacher(num_classes: int, width: int = 64) -> nn.Module:
     """The demo teacher (~1.7M parameters at the default width): see the module docstring."""
-    w = width
+    w = _width("demo_teacher", width, 2)
     stem = nn.Sequential(conv_bn_relu(3, w // 2, stride=2), conv_bn_relu(w // 2, w * 3 // 4, stride=2))
     stage1 = nn.Sequential(BasicBlock(w * 3 // 4, w), BasicBlock(w, w))
     stage2 = nn.Sequential(BasicBlock(w, 2 * w, stride=2), BasicBlock(2 * w, 2 * w))
@@ -162,7 +171,7 @@ def demo_teacher(num_classes: int, width: int = 64) -> nn.Module:
 @register_model
 def demo_student(num_classes: int, width: int = 24) -> nn.Module:
     """The demo student (~39k parameters at the default width): see the module docstring."""
-    w = width
+    w = _width("demo_student", width, 1)
     stem = nn.Sequential(conv_bn_relu(3, w, stride=2), conv_bn_relu(w, w, stride=2))
     stage1 = conv_bn_relu(w, w * 3 // 2)
     stage2 = conv_bn_relu(w * 3 // 2, 2 * w, stride=2)
@@ -175,7 +184,7 @@ def demo_student(num_classes: int, width: int = 24) -> nn.Module:
 def compact_student(num_classes: int, width: int = 32) -> nn.Module:
     """The compact student (~0.25M parameters at the default width): the teacher's design at half
     its width and one block per stage; see the module docstring."""
-    w = width
+    w = _width("compact_student", width, 2)
     stem = nn.Sequential(conv_bn_relu(3, w // 2, stride=2), conv_bn_relu(w // 2, w * 3 // 4, stride=2))
     stage1 = BasicBlock(w * 3 // 4, w)
     stage2 = BasicBlock(w, 2 * w, stride=2)

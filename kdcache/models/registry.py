@@ -78,8 +78,10 @@ def build_model(name: str, num_classes: int, taps: Sequence[str] = (), **kwargs)
     builder = resolve_builder(name)
     try:
         net = builder(num_classes=num_classes, **kwargs)
-    except TypeError as exc:
-        raise ModelError(f"cannot build model '{name}' with num_classes={num_classes}: {exc}") from None
+    except (TypeError, ValueError, OverflowError) as exc:  # e.g. an option of the wrong kind, or a number too large
+        given = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]  # not torch's C++ frames
+        raise ModelError(f"cannot build model '{name}' with num_classes={num_classes}{given}: {first}") from None
     if not isinstance(net, nn.Module):
         raise ModelError(f"model '{name}' built a {type(net).__name__}, not a torch.nn.Module")
     return SegModel(net, name=name, num_classes=num_classes, taps=taps, task=_task_of(builder, name))
