@@ -249,7 +249,7 @@ def test_bad_schedules_are_one_line_each(seg, tmp_path):
     for extra, words in (
         (["--schedule-epochs", "-1"], "--schedule-epochs must be a finite number >= 0, got -1"),
         (["--schedule-epochs", "2", "--schedules", "0"], "--schedules must be a finite number >= 1, got 0"),
-        (["--schedule-epochs", "2", "--first-schedule", "-1"], "--first-schedule must be a finite number >= 0, got -1"),
+        (["--schedule-epochs", "2", "--first-schedule", "-1"], "--first-schedule must be a finite number in [0, 4294967295], got -1"),
         (["--first-schedule", "3"], "--first-schedule sets the crops of a schedule; add --schedule-epochs N"),
         (["--schedules", "2"], "--schedules sets the crops of a schedule; add --schedule-epochs N"),
         (["--scale", "0.5,2", "--no-flip"], "--scale, --flip set the crops of a schedule; add --schedule-epochs N"),

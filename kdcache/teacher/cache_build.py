@@ -122,7 +122,7 @@ class CacheBuildConfig:
                             "schedule s.", bounds=">= 1", panel="What to store")
     first_schedule: int = opt(0, "With --schedule-epochs: the first schedule stored, so the store holds schedules "
                                  "S..S+R-1 (the seeds a machine trains; each schedule is drawn the same whatever "
-                                 "store holds it).", bounds=">= 0", panel="What to store")
+                                 "store holds it).", bounds=SEED_BOUNDS, panel="What to store")
     store_scales: tuple[float, ...] = opt((), "Segmentation: also store the teacher's logits on the whole image at "
                                              "these other scales, e.g. 0.75,1.25 (a pyramid); a training crop takes "
                                              "the level nearest its own scale.", shape="numbers", bounds="> 0", panel="What to store")
