@@ -112,6 +112,7 @@ def out_of_memory(exc: BaseException) -> bool:
     text = str(exc)
     return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
             or "can't allocate memory" in text or "out of memory" in text.lower()
+            or "Storage size calculation overflowed" in text  # a tensor too large for any machine
             or "MemoryError" in text.split("\n", 1)[0])
 
 
@@ -125,7 +126,7 @@ def memory_error_text(exc: BaseException) -> str:
     if "DefaultCPUAllocator: " in what:  # torch's "[enforce fail at alloc_cpu.cpp:…] err == 0. DefaultCPUAllocator: …"
         what = what[what.index("DefaultCPUAllocator: "):]
     return (f"out of memory: {what[:300]}; the images, crops, batch or model this asked for are too large for this "
-            f"machine: give a smaller --batch-size, --crop-size, --resize or data set option (set {TRACEBACK_ENV}=1 "
+            f"machine: give a smaller --batch-size, --crop-size, --scale, --resize or data set option (set {TRACEBACK_ENV}=1 "
             "to see where it happened)")
 
 

@@ -420,7 +420,9 @@ CASES = [
          "synthetic data set size must be at most 1000000, got 99999999999999999999"),
     # an allocation the machine refuses (torch's allocator; numpy's MemoryError): one line, what makes it smaller
     case("out-of-memory-torch", train("--resize", "999999x999999"), "out of memory: DefaultCPUAllocator: can't "
-         "allocate memory", "give a smaller --batch-size, --crop-size, --resize or data set option"),
+         "allocate memory", "give a smaller --batch-size, --crop-size, --scale, --resize or data set option"),
+    case("out-of-memory-overflow", train("--scale", "2147483648,2147483648"),
+         "out of memory: Storage size calculation overflowed", "give a smaller --batch-size"),
     case("out-of-memory-numpy", train("--resolution", "999999x999999"), "out of memory: Unable to allocate",
          "give a smaller --batch-size"),
     case("device-not-a-device-type", train("--device", "meta"), "--device meta: kdcache runs on cpu or cuda"),
