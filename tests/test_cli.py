@@ -89,6 +89,12 @@ def test_train_then_evaluate(tmp_path):
     assert r.exit_code == 0 and "replacing" not in r.output, r.output
     assert json.loads((run / "eval-test" / "eval.json").read_text())["split"] == "test"
     assert json.loads((run / "eval" / "eval.json").read_text())["split"] == "val"
+    # a batch of more images than the split holds is the whole split (a DataLoader takes none past sys.maxsize)
+    r = kd("evaluate", run, "--split", "test", "--batch-size", 10**20, "--qualitative", 0, "--no-latency", "--quiet",
+           "--out", tmp_path / "ev-one-batch")
+    assert r.exit_code == 0, r.output
+    one_batch = json.loads((tmp_path / "ev-one-batch" / "eval.json").read_text())
+    assert one_batch["miou"] == pytest.approx(json.loads((run / "eval-test" / "eval.json").read_text())["miou"])
     r = kd("evaluate", run, "--split", "test", "--qualitative", 0, "--no-latency", "--quiet")
     assert r.exit_code == 0 and "(replacing the earlier evaluation there)" in r.output, r.output
     # compare keeps its outputs in its own folder: nothing of the run's is rewritten

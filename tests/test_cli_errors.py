@@ -414,6 +414,8 @@ CASES = [
          "demo_student's width must be a whole number of at least 1, got 0"),
     case("model-option-overflow", train("--model", "demo_student", "-m", "width=99999999999999999999"),
          "cannot build model 'demo_student' with num_classes=11, width=99999999999999999999: "),
+    case("model-option-num-classes", train("-m", "num_classes=0"), "--model-option num_classes=0: kdcache gives the "
+         "model its num_classes (the data set's classes; the taps the KD methods read); drop it"),
     case("dataset-option-value", train("-o", "size=abc"), "data set 'synthetic' cannot take size='abc'",
          "invalid literal for int() with base 10: 'abc'; fix the --dataset-option value"),
     case("synthetic-size-huge", train("-o", "size=99999999999999999999"),

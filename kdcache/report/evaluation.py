@@ -243,7 +243,8 @@ def evaluate_run(
     preprocess = weights.preprocess
     pipeline = SegPipeline(ds, preprocess)
     classification = pipeline.classification
-    loader = make_loader(pipeline, batch_size, workers, pin_memory=dev.type == "cuda")
+    # a batch of more images than there are is all of them (the sampler takes no size past sys.maxsize)
+    loader = make_loader(pipeline, min(batch_size, max(len(pipeline), 1)), workers, pin_memory=dev.type == "cuda")
     amp = bool(config.get("amp_enabled", False))
     params = count_parameters(model)
     if onnx is not None:  # the deployed graph in place of the PyTorch model, on ONNX Runtime's device

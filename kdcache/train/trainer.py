@@ -210,6 +210,10 @@ class TrainConfig:
         MixOptions.of(self)  # a known --mix
         if self.fold and not self.folds:
             raise KDCacheError(f"--fold {self.fold} needs --folds K (the number of folds)")
+        for key in ("num_classes", "taps"):  # what kdcache passes the model builder itself
+            if key in self.model_options:
+                raise KDCacheError(f"--model-option {key}={self.model_options[key]}: kdcache gives the model its {key} "
+                                   "(the data set's classes; the taps the KD methods read); drop it")
 
 
 def seed_everything(seed: int) -> None:
