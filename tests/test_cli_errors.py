@@ -372,6 +372,8 @@ CASES = [
          "--method takes NAME or NAME:key=value,..., got 'kl:temperature'"),
     case("bench-topk-syntax", ["bench-kernels", "--topk", "4,x"], "--topk takes comma-separated values"),
     case("bench-topk-value", ["bench-kernels", "--topk", "0", "--device", "cpu"], "--topk needs positive k values"),
+    case("bench-topk-too-many", ["bench-kernels", "--topk", "99999", "--device", "cpu", "--quick", "--no-compile"],
+         "--topk 99999 is more than the 1000 classes of the largest case: give k from 1 to 1000"),
     # -- --config files (kdcache/config_files.py) --------------------------------------------------------
     case("config-missing", train("--config", "{tmp}/none.yaml"), "cannot read --config", "none.yaml (No such file "
          "or directory); give the path of a YAML or JSON file of option values"),
