@@ -119,9 +119,7 @@ def out_of_memory(exc: BaseException) -> bool:
 def memory_error_text(exc: BaseException) -> str:
     """An allocation the machine refused, as one line: what was asked for (the allocator's own words,
     without torch's C++ frames) and what makes a run smaller."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if "Original Traceback" in str(exc):  # re-raised from a DataLoader worker: its last line is the error
-        lines = lines[-1:]
+    lines = [line.strip() for line in error_text(exc).splitlines() if line.strip()]  # (a worker's: its last line)
     what = lines[0] if lines else type(exc).__name__
     if "DefaultCPUAllocator: " in what:  # torch's "[enforce fail at alloc_cpu.cpp:…] err == 0. DefaultCPUAllocator: …"
         what = what[what.index("DefaultCPUAllocator: "):]
@@ -130,7 +128,7 @@ def memory_error_text(exc: BaseException) -> str:
             "to see where it happened)")
 
 
-def error_text(exc: KDCacheError) -> str:
+def error_text(exc: BaseException) -> str:
     """The message alone: an error re-raised from a DataLoader worker carries the worker's
     traceback in its text; keep only its last line, without the exception's type name."""
     text = str(exc)
