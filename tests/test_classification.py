@@ -611,7 +611,8 @@ def test_more_bad_input_one_line_each(tmp_path):
         build_dataset("cifar10", "extra", tmp_path)
     assert "the cifar10 files make no split 'extra'" in str(e.value)
     for options, message in (({"split": "dev"}, "shapes data set has no split 'dev'"),
-                             ({"size": -1}, "shapes data set size must be >= 0, got -1"),
+                             ({"size": -1}, "shapes data set size must be in [0, 1000000], got -1"),
+                             ({"size": 10**20}, "shapes data set size must be in [0, 1000000], got 100000000000000000000"),
                              ({"resolution": 8}, "shapes resolution must be at least 16, got 8")):
         with pytest.raises(KDCacheError) as e:
             build_dataset("shapes", **{"split": "train", **options})

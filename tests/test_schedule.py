@@ -247,8 +247,8 @@ def test_bad_schedules_are_one_line_each(seg, tmp_path):
     build = ["build-teacher-cache", "--weights", teacher, *(x for kv in RES.items() for x in ("-o", f"{kv[0]}=32x48")),
              "--limit", "4", "--out", tmp_path / "x.zarr"]
     for extra, words in (
-        (["--schedule-epochs", "-1"], "--schedule-epochs must be a finite number >= 0, got -1"),
-        (["--schedule-epochs", "2", "--schedules", "0"], "--schedules must be a finite number >= 1, got 0"),
+        (["--schedule-epochs", "-1"], "--schedule-epochs must be a finite number in [0, 65536], got -1"),
+        (["--schedule-epochs", "2", "--schedules", "0"], "--schedules must be a finite number in [1, 65536], got 0"),
         (["--schedule-epochs", "2", "--first-schedule", "-1"], "--first-schedule must be a finite number in [0, 4294967295], got -1"),
         (["--first-schedule", "3"], "--first-schedule sets the crops of a schedule; add --schedule-epochs N"),
         (["--schedules", "2"], "--schedules sets the crops of a schedule; add --schedule-epochs N"),

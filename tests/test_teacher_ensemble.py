@@ -377,7 +377,7 @@ def test_bad_ensembles_are_refused_in_one_line(tmp_path, members):
         (["--weights", members["a"], "--weights", members["b"], "--teacher", "demo_teacher", "--teacher",
           "demo_student", "--teacher", "demo_student"], "give --teacher once (for every member) or once per --weights"),
         (["--weights", members["a"], "--combine", "median"], "--combine must be one of prob, logit"),
-        (["--weights", members["a"], "--combine-temperature", "0"], "--combine-temperature must be a finite number > 0"),
+        (["--weights", members["a"], "--combine-temperature", "0"], "--combine-temperature must be a finite number in [0.01, 1000]"),
         (["--weights", members["a"], "--weights", members["b"], "--grid-stride", "-4"],
          "--grid-stride must be a finite number > 0, got -4"),
     ]

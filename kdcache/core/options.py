@@ -94,6 +94,10 @@ class Bounds:
 SEED_BOUNDS = "[0, 4294967295]"
 #: DataLoader worker processes: a number a machine can start (a typo of a few billion would try to)
 WORKER_BOUNDS = "[0, 256]"
+#: a softmax temperature (a logit method's, a contrastive τ, an ensemble's): the range in use (0.07 to 20 in
+#: the papers kdcache follows) with room around it; near 0 a logit method's T² factor is 0 and its term
+#: vanishes (1e-300), past the top the softmaxes are flat and its term is noise
+TEMPERATURE_BOUNDS = "[0.01, 1000]"
 
 
 def _number(text: str) -> float | int:

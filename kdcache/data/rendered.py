@@ -15,7 +15,20 @@ from typing import TypeVar
 
 import numpy as np
 
+from kdcache.core.errors import DatasetError
+
 T = TypeVar("T", np.ndarray, tuple)
+
+#: the most samples a drawn split may be given (each gets its reference when the data set opens)
+MAX_SIZE = 1_000_000
+
+
+def split_size(dataset: str, size, default: int) -> int:
+    """A drawn data set's ``-o size=N`` (``default`` when not given), checked: 0 to :data:`MAX_SIZE`."""
+    n = default if size is None else int(size)
+    if not 0 <= n <= MAX_SIZE:
+        raise DatasetError(f"{dataset} data set size must be in [0, {MAX_SIZE}], got {size}")
+    return n
 
 
 class Rendered:

@@ -21,7 +21,7 @@ import numpy as np
 from kdcache.core.errors import DatasetError
 from kdcache.data.class_base import ClassificationDataset, ClassRef
 from kdcache.data.registry import DATASETS
-from kdcache.data.rendered import Rendered
+from kdcache.data.rendered import Rendered, split_size
 
 CLASS_NAMES = ("disc", "ring", "square", "frame", "plus", "cross", "triangle", "diamond", "bars", "crescent")
 DEFAULT_SIZES = {"train": 1000, "val": 500, "test": 1000, "unlabeled": 4000}
@@ -124,9 +124,7 @@ class ShapesDataset(ClassificationDataset):
                  seed: int = 0):
         if split not in DEFAULT_SIZES:
             raise DatasetError(f"shapes data set has no split '{split}'; valid splits: {', '.join(DEFAULT_SIZES)}")
-        n = DEFAULT_SIZES[split] if size is None else int(size)
-        if n < 0:
-            raise DatasetError(f"shapes data set size must be >= 0, got {size}")
+        n = split_size("shapes", size, DEFAULT_SIZES[split])
         side = resolution
         if isinstance(side, (list, tuple)):  # -o resolution=32x32 (the command line's HxW)
             side = side[0] if len(side) == 2 and side[0] == side[1] else None

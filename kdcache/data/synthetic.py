@@ -61,7 +61,7 @@ import numpy as np
 from kdcache.core.errors import DatasetError
 from kdcache.data.base import IGNORE_INDEX, SampleRef, SegmentationDataset
 from kdcache.data.registry import DATASETS
-from kdcache.data.rendered import Rendered
+from kdcache.data.rendered import Rendered, split_size
 
 SKY, BUILDING, POLE, ROAD, PAVEMENT, TREE, SIGN, FENCE, CAR, PEDESTRIAN, BICYCLIST = range(11)
 VOID = IGNORE_INDEX
@@ -72,8 +72,6 @@ _RIMMED[[ROAD, PAVEMENT, BUILDING, SKY, TREE]] = True
 
 #: Samples per split when ``size`` is not given.
 DEFAULT_SIZES = {"train": 400, "val": 100, "test": 100, "unlabeled": 1600}
-#: the most samples a split may be given (each gets its reference when the data set opens)
-MAX_SIZE = 1_000_000
 #: Splits whose samples come without masks (drawn like the others, from their own random stream)
 UNLABELLED_SPLITS = ("unlabeled",)
 #: (height, width) of the generated images when ``resolution`` is not given.
@@ -961,11 +959,7 @@ class SyntheticDataset(SegmentationDataset):
             raise DatasetError(
                 f"synthetic data set has no split '{split}'; valid splits: {', '.join(DEFAULT_SIZES)}"
             )
-        n = DEFAULT_SIZES[split] if size is None else int(size)
-        if n < 0:
-            raise DatasetError(f"synthetic data set size must be >= 0, got {size}")
-        if n > MAX_SIZE:  # every sample gets a reference up front
-            raise DatasetError(f"synthetic data set size must be at most {MAX_SIZE}, got {size}")
+        n = split_size("synthetic", size, DEFAULT_SIZES[split])
         if isinstance(resolution, str):  # "96x128" (height x width)
             resolution = resolution.lower().replace("*", "x").split("x")
         try:

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdcache.core.options import TEMPERATURE_BOUNDS
 from kdcache.methods.base import METHODS, FeatureMethod, MethodError, teacher_feature
 
 
@@ -95,7 +96,7 @@ class AfDCD(FeatureMethod):
     default_weight = 0.1  # ≈ the authors' λ_ctr · M (0.005–0.01 × 16); see the module docstring
     standing = {"segmentation": "with kl at its defaults beside it (the authors' recipe), below CE on val at a full "
                                 "budget in both pairs (benchmarks/results/full-budget-segmentation-cpu.md)"}
-    bounds = {"tau": "> 0", "groups": ">= 2", "window": ">= 1", "pool": ">= 1",
+    bounds = {"tau": TEMPERATURE_BOUNDS, "groups": ">= 2", "window": ">= 1", "pool": ">= 1",
               "mask_ratio": "[0, 1)", "mimic": ">= 0"}
 
     def __init__(self, weight: float | None = None, student_tap: str | None = None, teacher_tap: str | None = None,

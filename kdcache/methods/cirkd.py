@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdcache.core.options import TEMPERATURE_BOUNDS
 from kdcache.methods.base import METHODS, FeatureMethod, teacher_feature
 from kdcache.methods.teacher_aware import cell_labels, has_label
 
@@ -102,7 +103,7 @@ class CIRKD(FeatureMethod):
     default_weight = 1.0  # the terms carry the paper's λ (batch_pixel, memory_pixel, memory_region)
     standing = {"segmentation": "with kl at its defaults beside it (the authors' recipe), below CE on val at a full "
                                 "budget in both pairs (benchmarks/results/full-budget-segmentation-cpu.md)"}
-    bounds = {"tau": "> 0", "batch_pixel": ">= 0", "memory_pixel": ">= 0", "memory_region": ">= 0",
+    bounds = {"tau": TEMPERATURE_BOUNDS, "batch_pixel": ">= 0", "memory_pixel": ">= 0", "memory_region": ">= 0",
               "pixel_memory": ">= 1", "region_memory": ">= 1", "pixel_contrast": ">= 1", "region_contrast": ">= 1"}
 
     def __init__(self, weight: float | None = None, student_tap: str | None = None, teacher_tap: str | None = None,

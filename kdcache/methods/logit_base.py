@@ -47,6 +47,7 @@ import inspect
 
 import torch
 
+from kdcache.core.options import TEMPERATURE_BOUNDS
 from kdcache.core.topk import dense_logits, standardized_topk, zscore
 from kdcache.methods.base import KDMethod, checked_init, student_logits_at
 from kdcache.methods.teacher_aware import BOUNDS as TEACHER_AWARE_BOUNDS
@@ -83,7 +84,7 @@ class LogitMethod(KDMethod):
 
     #: the temperature a method of the class takes when given none (its option's default)
     default_temperature = 1.0
-    bounds = {**TEACHER_AWARE_BOUNDS, "temperature": "> 0"}
+    bounds = {**TEACHER_AWARE_BOUNDS, "temperature": TEMPERATURE_BOUNDS}
 
     def __init__(self, weight: float | None = None, temperature: float = 1.0, mask: str = "none",
                  min_confidence: float = 0.0, class_weights: str = "none", baseline: str | None = None,

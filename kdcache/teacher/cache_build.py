@@ -19,7 +19,7 @@ import torch
 
 from kdcache.core import distributed
 from kdcache.core.errors import KDCacheError
-from kdcache.core.options import SEED_BOUNDS, WORKER_BOUNDS, check_declared, opt
+from kdcache.core.options import SEED_BOUNDS, TEMPERATURE_BOUNDS, WORKER_BOUNDS, check_declared, opt
 from kdcache.core.progress import console, progress_bar
 from kdcache.core.runs import resolve_device
 from kdcache.data import build_dataset
@@ -37,7 +37,7 @@ from kdcache.pipeline.transforms import (
     label_tensor,
     scale_option,
 )
-from kdcache.store.forms import FORMS, BuildContext, CacheForm, form_of, requested_form
+from kdcache.store.forms import FORMS, MAX_VIEWS, BuildContext, CacheForm, form_of, requested_form
 from kdcache.store.location import as_location
 from kdcache.store.schema import CODECS, DEFAULT_CODEC, MAX_SHARD_SAMPLES, CacheSchema
 from kdcache.store.writer import (
@@ -98,7 +98,7 @@ class CacheBuildConfig:
     combine: str = opt(DEFAULT_COMBINE, "How members, scales and flips are combined: prob (mean of probabilities at "
                                         "--combine-temperature) or logit (mean of logits).", panel="Teacher")
     combine_temperature: float = opt(1.0, "Temperature of --combine prob (the stored logits are T·log of the mean "
-                                          "probability).", bounds="> 0", panel="Teacher")
+                                          "probability).", bounds=TEMPERATURE_BOUNDS, panel="Teacher")
     grid_stride: float | None = opt(None, "Stride of an ensemble's common grid (default: the finest member's map).", bounds="> 0", panel="Teacher")
     features_from: str | None = opt(None, "The ensemble member whose --features are stored: its name (run folder or "
                                           "file name) or position (default: the first).", panel="Teacher")
@@ -107,7 +107,8 @@ class CacheBuildConfig:
     label_map: bool = opt(False, "Classification: store the teacher's class map before global pooling (ReLabel); "
                                  "students pool it over each random crop.", panel="What to store")
     views: int = opt(0, "Also store N random scale/crop views per image with their parameters (FKD-style; "
-                        "classification: random-resized crops, see --view-area).", bounds=">= 0", panel="What to store")
+                        "classification: random-resized crops, see --view-area).", bounds=f"[0, {MAX_VIEWS}]",
+                   panel="What to store")
     view_scale: tuple[float, float] = opt((0.5, 2.0), "Scale range 'lo,hi' of the stored views.", shape="pair", bounds="> 0", panel="What to store")
     view_area: tuple[float, float] = opt((0.25, 1.0), "Classification views: the random-resized crops' share of the "
                                                       "image area 'lo,hi'.", shape="pair", bounds="(0, 1]", panel="What to store")
@@ -116,10 +117,10 @@ class CacheBuildConfig:
     view_seed: int = opt(0, "Seed of the stored views.", bounds=SEED_BOUNDS, panel="What to store")
     schedule_epochs: int = opt(0, "Store the teacher on every crop train-student draws in each of N epochs (its "
                                   "--crop-size, --scale, --crop-area and --flip, given here as for the student): the "
-                                  "student replays them, so its targets are the teacher's on its own pixels.", bounds=">= 0",
+                                  "student replays them, so its targets are the teacher's on its own pixels.", bounds=f"[0, {MAX_VIEWS}]",
                                panel="What to store")
     schedules: int = opt(1, "With --schedule-epochs: R independent schedules; a student with --seed s replays "
-                            "schedule s.", bounds=">= 1", panel="What to store")
+                            "schedule s.", bounds=f"[1, {MAX_VIEWS}]", panel="What to store")
     first_schedule: int = opt(0, "With --schedule-epochs: the first schedule stored, so the store holds schedules "
                                  "S..S+R-1 (the seeds a machine trains; each schedule is drawn the same whatever "
                                  "store holds it).", bounds=SEED_BOUNDS, panel="What to store")

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from kdcache.core.errors import KDCacheError
 from kdcache.core.metrics import predicted_class
-from kdcache.core.options import check_number
+from kdcache.core.options import TEMPERATURE_BOUNDS, check_number
 from kdcache.models import SegModel, count_parameters
 from kdcache.models.loading import Weights, open_weights
 from kdcache.pipeline.transforms import Preprocess
@@ -67,7 +67,7 @@ class EnsemblePlan:
         if self.combine not in COMBINE_RULES:
             raise KDCacheError(f"--combine must be one of {', '.join(COMBINE_RULES)}, got {self.combine!r}")
         # the numbers are finite and positive: CacheBuildConfig's declared bounds (kdcache.core.options)
-        check_number(self.temperature, "--combine-temperature", "> 0")
+        check_number(self.temperature, "--combine-temperature", TEMPERATURE_BOUNDS)
         check_number(self.grid_stride, "--grid-stride", "> 0")
         for s in self.scales:
             check_number(s, "--tta-scales", "> 0")

@@ -11,8 +11,15 @@ is imported, and ``build-teacher-cache --form name`` builds it.
 """
 
 from kdcache.core.registry import import_submodules
-from kdcache.store.forms.base import FORMS, BuildContext, CacheForm, form_of, requested_form
+from kdcache.store.forms.base import (
+    FORMS,
+    MAX_VIEWS,
+    BuildContext,
+    CacheForm,
+    form_of,
+    requested_form,
+)
 
 import_submodules(__name__, __path__)
 
-__all__ = ["FORMS", "BuildContext", "CacheForm", "form_of", "requested_form"]
+__all__ = ["FORMS", "MAX_VIEWS", "BuildContext", "CacheForm", "form_of", "requested_form"]

@@ -13,6 +13,10 @@ from kdcache.core.registry import Registry
 from kdcache.pipeline.geometry import Geometry
 from kdcache.pipeline.warp import warp_targets
 
+#: the most views one sample's record may hold (``--views``, and a schedule's epochs × schedules): each is a
+#: teacher forward at build time and a slot of every per-view array in the sample's record
+MAX_VIEWS = 65536
+
 
 @dataclass
 class BuildContext:

@@ -19,7 +19,7 @@ from kdcache.pipeline.transforms import (
     training_augment,
 )
 from kdcache.pipeline.warp import view_targets
-from kdcache.store.forms.base import FORMS, BuildContext, CacheForm
+from kdcache.store.forms.base import FORMS, MAX_VIEWS, BuildContext, CacheForm
 
 
 @FORMS.register("schedule")
@@ -63,6 +63,11 @@ class Schedule(CacheForm):
         if config.views or config.label_map:
             raise KDCacheError(f"--schedule-epochs and {'--views' if config.views else '--label-map'} are two forms "
                                "of stored targets; give one of them")
+        if config.schedule_epochs * config.schedules > MAX_VIEWS:
+            raise KDCacheError(f"--schedule-epochs {config.schedule_epochs} × --schedules {config.schedules} is "
+                               f"{config.schedule_epochs * config.schedules} stored crops per image, past the "
+                               f"{MAX_VIEWS} a record holds: store fewer schedules per store (--first-schedule S "
+                               "--schedules R, one store per group of seeds)")
         for name, (lo, hi), top in (("--scale", config.scale, None), ("--crop-area", config.crop_area, 1.0)):
             if not 0 < lo <= hi or (top is not None and hi > top):
                 raise KDCacheError(f"{name} must be 'lo,hi' with 0 < lo <= hi{' <= 1' if top else ''}, got {lo},{hi}")
