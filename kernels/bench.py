@@ -291,7 +291,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def run(device: torch.device, *, quick: bool = False, ks=(4, 8), dtype: str | torch.dtype | None = None,
         repeats: int | None = None, compile_backend: bool = True, progress=None) -> dict:
     """Time every case on ``device`` (``dtype``: the student's, by name or torch dtype; default
-    bfloat16 on CUDA, float32 on CPU) at each k of ``ks`` that is at most its classes;
+    bfloat16 on CUDA, float32 on CPU) at each k of ``ks`` below its classes;
     ``progress(result)`` is called after each case."""
     cuda = device.type == "cuda"
     if isinstance(dtype, str):
@@ -304,13 +304,13 @@ def run(device: torch.device, *, quick: bool = False, ks=(4, 8), dtype: str | to
     seg, rows = (GPU_SEG, GPU_ROWS) if cuda else (CPU_SEG, CPU_ROWS)
     if quick:
         seg, rows, ks = seg[:1], rows[:1], ks[:1]
+    most = max(C for _, C, _ in seg + rows)
+    if max(ks) >= most:  # the cache's top k leaves a tail: k below the classes
+        raise KDCacheError(f"--topk {max(ks)} is not below the {most} classes of the largest case: give k from 1 to {most - 1}")
     repeats = repeats or (30 if cuda else 5)
     out = {"device": device_name(device), "dtype": str(dtype).replace("torch.", ""), "scaled_down": not cuda,
            "copy_gbps": copy_bandwidth(device, (256 << 20) if cuda else (64 << 20)), "cases": []}
-    most = max(C for _, C, _ in seg + rows)
-    if max(ks) > most:
-        raise KDCacheError(f"--topk {max(ks)} is more than the {most} classes of the largest case: give k from 1 to {most}")
-    cases = [(N, C, sp, k) for (N, C, sp) in seg + rows for k in ks if k <= C]  # a k past a case's C: not that case
+    cases = [(N, C, sp, k) for (N, C, sp) in seg + rows for k in ks if k < C]  # a k of a case's C or past it: not that case
     for N, C, sp, k in cases:
         r = bench_case(N, C, sp, k, device=device, dtype=dtype, repeats=repeats, compile_backend=compile_backend)
         out["cases"].append(asdict(r) | {"gbps": {b: r.gbps(b) for b in r.ms}})

@@ -256,6 +256,11 @@ def test_folds_hold_out_part_of_the_training_split(tmp_path):
     assert r.exit_code == 0, r.output
     ev = json.loads((run / "eval" / "eval.json").read_text())
     assert ev["num_samples"] == 2 and sorted(ev["per_image_iou"]) == sorted(ids[:2])
+    # the run's log says which evaluation scored what, and on how many images
+    logged = [x for x in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if x.get("event") == "evaluate"]
+    assert [(x["num_samples"], x.get("limit"), x["split"], x["dataset"]) for x in logged] == [
+        (4, None, "train fold 1/2", "synthetic"), (2, 2, "train fold 1/2", "synthetic")], logged
+    assert logged[1]["miou"] == pytest.approx(ev["miou"]) and logged[1]["out"] == str(run / "eval")
 
 
 @pytest.mark.parametrize("args,message", [

@@ -373,7 +373,9 @@ CASES = [
     case("bench-topk-syntax", ["bench-kernels", "--topk", "4,x"], "--topk takes comma-separated values"),
     case("bench-topk-value", ["bench-kernels", "--topk", "0", "--device", "cpu"], "--topk needs positive k values"),
     case("bench-topk-too-many", ["bench-kernels", "--topk", "99999", "--device", "cpu", "--quick", "--no-compile"],
-         "--topk 99999 is more than the 1000 classes of the largest case: give k from 1 to 1000"),
+         "--topk 99999 is not below the 1000 classes of the largest case: give k from 1 to 999"),
+    case("bench-topk-all-classes", ["bench-kernels", "--topk", "1000", "--device", "cpu", "--quick", "--no-compile"],
+         "--topk 1000 is not below the 1000 classes of the largest case: give k from 1 to 999"),
     # -- --config files (kdcache/config_files.py) --------------------------------------------------------
     case("config-missing", train("--config", "{tmp}/none.yaml"), "cannot read --config", "none.yaml (No such file "
          "or directory); give the path of a YAML or JSON file of option values"),
@@ -421,7 +423,7 @@ CASES = [
     case("dataset-option-value", train("-o", "size=abc"), "data set 'synthetic' cannot take size='abc'",
          "invalid literal for int() with base 10: 'abc'; fix the --dataset-option value"),
     case("synthetic-size-huge", train("-o", "size=99999999999999999999"),
-         "synthetic data set size must be at most 1000000, got 99999999999999999999"),
+         "synthetic data set size must be in [0, 1000000], got 99999999999999999999"),
     # an allocation the machine refuses (torch's allocator; numpy's MemoryError): one line, what makes it smaller
     case("out-of-memory-torch", train("--resize", "999999x999999"), "out of memory: DefaultCPUAllocator: can't "
          "allocate memory", "give a smaller --batch-size, --crop-size, --scale, --resize or data set option"),
@@ -502,7 +504,13 @@ CASES = [
          "member weights", "predicts 5 classes and the data set has 11; every member must be trained on the same classes",
          setup=checkpoint_of("demo_teacher", num_classes=5)),
     case("cache-batch-size", cache("--batch-size", "0"), "--batch-size must be a finite number >= 1, got 0"),
-    case("cache-views", cache("--views", "-1"), "--views must be a finite number >= 0, got -1"),
+    case("cache-views", cache("--views", "-1"), "--views must be a finite number in [0, 65536], got -1"),
+    case("cache-views-huge", cache("--views", "2147483648"), "--views must be a finite number in [0, 65536], got 2147483648"),
+    case("cache-schedule-epochs-huge", cache("--schedule-epochs", "2147483648"),
+         "--schedule-epochs must be a finite number in [0, 65536], got 2147483648"),
+    case("cache-schedule-crops", cache("--schedule-epochs", "300", "--schedules", "300"),
+         "--schedule-epochs 300 × --schedules 300 is 90000 stored crops per image, past the 65536 a record holds: "
+         "store fewer schedules per store (--first-schedule S --schedules R, one store per group of seeds)"),
     case("cache-view-scale", cache("--view-scale", "2,1"), "--view-scale must be 'lo,hi' with 0 < lo <= hi"),
     case("cache-codec", cache("--codec", "gzip"), "--codec must be one of", "got gzip"),
     case("cache-samples-per-shard", cache("--samples-per-shard", "0"), "--samples-per-shard must be a finite number in [1, 65536], got 0"),
@@ -561,10 +569,10 @@ CASES = [
                                                    "--teacher-tap", "stage3"),
          "method 'fitnet' needs the teacher's 'stage3' features in the cache", "build it with --features stage3"),
     case("method-kl-temperature", student("--method", "kl:temperature=0"),
-         "method 'kl': temperature must be a finite number > 0, got 0"),
+         "method 'kl': temperature must be a finite number in [0.01, 1000], got 0"),
     case("method-kl-tail", student("--method", "kl:tail=none"), "method 'kl': tail must be bin or renormalize"),
     case("method-cwd-temperature", student("--method", "cwd:temperature=0"),
-         "method 'cwd': temperature must be a finite number > 0, got 0"),
+         "method 'cwd': temperature must be a finite number in [0.01, 1000], got 0"),
     case("method-dist-weights", student("--method", "dist:beta=0,gamma=0"),
          "method 'dist': beta and gamma must not both be 0, got beta=0, gamma=0"),
     case("method-dist-beta", student("--method", "dist:beta=-1"), "method 'dist': beta must be a finite number >= 0, "
@@ -589,7 +597,7 @@ CASES = [
     # -- the synthetic data set ---------------------------------------------------------------------------
     case("synthetic-split", train("--train-split", "nope"), "synthetic data set has no split 'nope'",
          "valid splits: train, val, test"),
-    case("synthetic-size", train("-o", "size=-1"), "synthetic data set size must be >= 0, got -1"),
+    case("synthetic-size", train("-o", "size=-1"), "synthetic data set size must be in [0, 1000000], got -1"),
     case("synthetic-small", train("--resolution", "8x8"), "synthetic resolution must be at least 16x16, got 8x8"),
     case("synthetic-resolution-syntax", train("-o", "resolution=big", data=["--dataset", "synthetic"]),
          "synthetic resolution must be (height, width) or 'HxW'"),
@@ -664,6 +672,11 @@ CASES = [
          "--unlabeled-cache does not go with --use-views"),
     case("unlabeled-limit", student("--unlabeled-cache", "{store}", "--unlabeled-limit", "0"),
          "--unlabeled-limit must be a finite number >= 1, got 0"),
+    case("unlabeled-limit-alone", student("--unlabeled-limit", "100"), "--unlabeled-limit sets how the unlabelled "
+         "images are drawn; add --unlabeled-cache STORE (or drop it)"),
+    case("unlabeled-options-alone", student("--unlabeled-limit", "100", "--unlabeled-share", "0.25"),
+         "--unlabeled-limit and --unlabeled-share set how the unlabelled images are drawn; add --unlabeled-cache "
+         "STORE (or drop them)"),
     case("unlabeled-too-few-labelled", student("--unlabeled-cache", "{store}", "--limit", "1"),
          "--batch-size 4 with --unlabeled-share 0.5 takes 2 labelled samples a batch, more than the 1 there are"),
     case("unlabeled-other-teacher", student("--unlabeled-cache", "{tmp}/other.zarr"), "--unlabeled-cache",
@@ -699,6 +712,9 @@ CASES = [
     case("export-opset", ["export", "{run}", "--opset", "7"], "--opset must be between 11 and 20", "got 7"),
     case("export-over-a-checkpoint", ["export", "{run}", "--out", "{run}/best.pt"],
          "best.pt is the checkpoint being exported; choose another --out", marks=NEEDS_ONNX),
+    case("export-input-size-below-stride", ["export", "{run}", "--input-size", "1x1", "--out", "{tmp}/m.onnx"],
+         "--input-size 1x1 is smaller than the output stride (2x2) of model 'tiny_models:TinyNet': its logits would be one "
+         "cell; give --input-size HxW, the size it deploys at", marks=NEEDS_ONNX),
     case("export-input-size-unknown", ["export", "{tmp}/lost/best.pt"],
          "the input size is read from the run's data set, which cannot be opened", "give --input-size HxW",
          setup=lambda tmp: run_without_data(tmp), marks=NEEDS_ONNX),
@@ -787,7 +803,7 @@ CASES = [
     case("cityscapes-masks-missing", cache(data=on("cityscapes")), "Cityscapes split 'train' needs",
          "gtFine/train, which does not exist", setup=tree("leftImg8bit/train/aachen", "gtFine/val")),
     case("dist-temperature", student("--method", "dist:temperature=0"), "method 'dist': temperature must be "
-         "a finite number > 0, got 0"),
+         "a finite number in [0.01, 1000], got 0"),
     # -- the demo ----------------------------------------------------------------------------------------
     case("demo-limit", ["demo", "--limit", "1", "--out", "{tmp}/demo", "--quiet"], "--limit must be at least 2"),
 ]

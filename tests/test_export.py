@@ -94,6 +94,7 @@ def test_onnx_input_size_and_opset(run, tmp_path):
     dims = [d.dim_param or d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch", 3, 64, 96]
     assert {o.domain: o.version for o in graph.opset_import}[""] == 13
+    assert json.loads(out.with_name("wide.onnx.json").read_text())["output_stride"] == [4.0, 4.0]
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     x = images(2, (64, 96))
     assert np.abs(session.run(None, {"image": x.numpy()})[0] - torch_logits(run, x).numpy()).max() <= 1e-4

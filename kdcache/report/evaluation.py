@@ -306,8 +306,11 @@ def evaluate_run(
     write_json(folder.file(EVAL_JSON), report)
     report["out_dir"] = str(out_dir)
     if run_dir is not None and OutputFolder.is_own(run_dir, RUN):  # the run's own log, if the run is kdcache's
-        RunDir(run_dir).log({"event": "evaluate", "split": split_name, "miou": m["miou"],
-                             "macc": m["macc"], "aacc": m["aacc"], "checkpoint": ckpt_path.name,
+        # what was evaluated, with the images it saw: a --limit's few are not the split's score
+        RunDir(run_dir).log({"event": "evaluate", "dataset": config["dataset"], "split": split_name,
+                             "num_samples": len(ds), **({"limit": limit_n} if limit_n is not None else {}),
+                             "backend": report["backend"], "miou": m["miou"], "macc": m["macc"], "aacc": m["aacc"],
+                             "checkpoint": ckpt_path.name, "out": str(out_dir),
                              **({"top1": m["top1"], "top5": m["top5"]} if classification else {})})
     return report
 

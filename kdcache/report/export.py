@@ -217,6 +217,12 @@ def export_run(target: str | Path, fmt: str = "onnx", *, out: str | Path | None 
     model = weights.build(device="cpu")
     num_classes = model.num_classes
     size = tuple(input_size) if input_size else run_input_size(weights)
+    stride = [float(v) for v in model.stride()]  # the head's own, at its probe size (not this size's rounding)
+    if size[0] < stride[0] or size[1] < stride[1]:
+        given = "--input-size" if input_size else "the run's input size"
+        raise ExportError(f"{given} {size[0]}x{size[1]} is smaller than the output stride "
+                          f"({stride[0]:g}x{stride[1]:g}) of model '{model.name}': its logits would be one cell; give --input-size HxW, the size "
+                          "it deploys at")
     path = Path(out) if out is not None else default_path(weights, fmt)
     _check_out(path, weights)
 
@@ -225,7 +231,6 @@ def export_run(target: str | Path, fmt: str = "onnx", *, out: str | Path | None 
     with torch.no_grad():
         reference = {n: net(x) for n, x in inputs.items()}
     out_hw = tuple(reference[1].shape[-2:])
-    stride = [size[0] / out_hw[0], size[1] / out_hw[1]]
     class_names = weights.config.get("class_names")
     preprocess = weights.preprocess.to_dict()
     meta = {

@@ -67,6 +67,10 @@ def task_of(cache: str | None = None, dataset: str | None = None) -> str:
     return "classification" if dataset and is_classification(DATASETS.get(dataset)) else "segmentation"
 
 
+#: the share of each batch the unlabelled images take by default (--unlabeled-share)
+UNLABELED_SHARE = 0.5
+
+
 @dataclass
 class StudentConfig(TrainConfig):
     """A student's run: the training options and the cache's (its options declared here once,
@@ -103,7 +107,7 @@ class StudentConfig(TrainConfig):
                                  help="A teacher cache of unlabelled images (same teacher as --cache), repeatable: the "
                                       "KD terms train on them, the cross-entropy on the labelled images only. An "
                                       "epoch is one pass over the labelled images.", panel="Inputs and outputs")
-    unlabeled_share: float = opt(0.5, "Share of each batch drawn from the --unlabeled-cache images, in (0, 1).",
+    unlabeled_share: float = opt(UNLABELED_SHARE, "Share of each batch drawn from the --unlabeled-cache images, in (0, 1).",
                                   bounds="(0, 1)", panel="Training")
     unlabeled_limit: int | None = opt(None, "Only the first N images of each --unlabeled-cache.", bounds=">= 1",
                                       panel="Data")
@@ -134,6 +138,13 @@ class StudentConfig(TrainConfig):
             if MixOptions.of(self).enabled:
                 raise KDCacheError("--unlabeled-cache does not go with --mix (an unlabelled cache holds no mixed "
                                    "crops); drop one of them")
+        else:  # the options of the unlabelled images, without any: they would be ignored
+            given = [name for name, on in (("--unlabeled-limit", self.unlabeled_limit is not None),
+                                           ("--unlabeled-share", self.unlabeled_share != UNLABELED_SHARE)) if on]
+            if given:
+                raise KDCacheError(f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} how the unlabelled "
+                                   "images are drawn; add --unlabeled-cache STORE (or drop "
+                                   f"{'it' if len(given) == 1 else 'them'})")
 
 
 class StudentTrainer(Trainer):
