@@ -65,9 +65,14 @@ def test_build_verify_inspect_and_stream_with_spawned_workers(s3, teacher, refer
     url = "s3://caches/a.zarr"
     r = kd(*_build(teacher, url))
     assert r.exit_code == 0, r.output
+    built = list(s3.requests)
     assert_same_store(url, reference)  # array by array, read back over HTTP
     puts = Counter(p for m, p, _ in s3.requests if m == "PUT" and "/logits/values/c/" in p)
     assert len(puts) == N // 4 and set(puts.values()) == {1}  # one request per shard file
+    # and nothing else: no read of the shard it replaces (zarr's sharding codec reads one first) and no delete
+    shard_requests = Counter((m, p) for m, p, _ in built
+                             if re.search(r"/(logits/(values|indices|tail)|features/stage3/values)/c/", p))
+    assert {m for m, _ in shard_requests} == {"PUT"} and len(shard_requests) == 4 * N // 4, shard_requests
     r = kd("verify-cache", url, "--quiet")
     assert r.exit_code == 0 and f"ok: all {N} samples" in r.output, r.output
     r = kd("inspect-cache", url, "--json", tmp_path / "inspect.json")

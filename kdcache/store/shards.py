@@ -1,4 +1,4 @@
-"""A fast read and write path for the shards of a local teacher cache.
+"""A fast read and write path for the shards of a teacher cache, on a local disk or at a URL.
 
 zarr-python decodes each inner chunk through its asyncio codec pipeline, at a fixed cost a chunk
 whatever its size; with one chunk per sample per array that cost bounds a reader's samples per
@@ -8,10 +8,12 @@ endian) → blosc/zstd → ``crc32c``; the index, at the end, ``bytes`` → ``cr
 shard can be read with one file read and decoded chunk by chunk with numcodecs directly, the
 checksums checked as zarr checks them. Writing is the mirror image: each chunk compressed and
 checksummed with numcodecs, the shard assembled in memory and written to a temporary file
-that is renamed over the shard (so a killed writer never leaves a torn shard). Encoding through
-zarr's pipeline is slow enough to take the CPU from the teacher on a small machine.
-:func:`fast_reader` returns a :class:`ShardFile` only for arrays whose metadata is exactly that
-layout on a local file system; anything else goes through zarr. Tests check that zarr reads
+that is renamed over the shard (so a killed writer never leaves a torn shard); at a URL, one PUT
+of the whole object, which an object store replaces whole (zarr's sharding codec would first read
+the shard it replaces: a HEAD and a LIST for a missing one). Encoding through zarr's pipeline is
+slow enough to take the CPU from the teacher on a small machine. :func:`fast_reader` returns a
+:class:`ShardFile` only for arrays whose metadata is exactly that layout; anything else goes
+through zarr. Tests check that zarr reads
 what this writes and that both read paths give identical arrays.
 """
 
@@ -224,6 +226,9 @@ class ShardFile:
             offset += len(raw)
         ib = index.tobytes()
         parts.append(ib + google_crc32c.value(ib).to_bytes(4, "little"))
+        if self.fs is not None:  # an object store: one PUT, which replaces the object whole
+            self.fs.pipe_file(path, b"".join(parts))
+            return offset + len(parts[-1])
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:

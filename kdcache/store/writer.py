@@ -254,8 +254,10 @@ class ShardWriter:
         specs = schema.map_specs
         # every chunk written, even one equal to the fill value: a missing chunk means a lost one
         self.arrays = {s.path: group[s.path].with_config({"write_empty_chunks": True}) for s in specs}
-        self.fast = {} if location.is_url(out) else {
-            s.path: fast_reader(out, s.path, self.arrays[s.path].metadata.to_dict()) for s in specs}
+        # kdcache's own shard layout written whole: at a URL one PUT a shard file, where zarr's sharding
+        # codec first reads the shard it replaces (a HEAD and a LIST when it is missing) and the stale
+        # shard had to be deleted first (another two)
+        self.fast = {s.path: fast_reader(out, s.path, self.arrays[s.path].metadata.to_dict()) for s in specs}
         for g in schema.extent_groups:
             self.arrays[f"{g}/hw"] = group[f"{g}/hw"]
         self.quality = [name for name, _, _ in schema.quality_arrays()]
