@@ -113,3 +113,28 @@ def test_loss_terms_are_read_in_blocks_and_a_nan_names_its_step():
     bad.add(2, ["loss"], torch.tensor([float("nan")]))
     with pytest.raises(KDCacheError, match="loss became nan at epoch 1, step 3"):
         bad.add(3, ["loss"], torch.tensor([1.0]))
+
+
+def test_weights_an_epoch_made_non_finite_are_refused_before_any_checkpoint(tmp_path, monkeypatch):
+    """The loss is checked before each step, so the last step's update is checked by no loss: an
+    optimizer step that leaves NaN in the weights (here, injected after AdamW's real step) ends the run
+    in one line, and no best.pt or last.pt holds them."""
+    from cli_runner import kd
+
+    real_step = torch.optim.AdamW.step
+
+    def poisoning_step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoning_step)
+    run = tmp_path / "run"
+    r = kd("train-teacher", "--model", "demo_teacher", "--resolution", "32x48", "--limit", "4", "--batch-size", "4",
+           "--epochs", "1", "--device", "cpu", "--workers", "0", "--quiet", "--out", run)
+    lines = [x for x in r.output.splitlines() if x.strip()]
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert lines[0].startswith("error: the weights became inf or NaN in epoch 1 (1 tensors, e.g. ")
+    assert lines[0].endswith("; lower --lr or --weight-decay"), lines[0]
+    assert not (run / "best.pt").exists() and not (run / "last.pt").exists()

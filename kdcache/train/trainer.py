@@ -73,8 +73,17 @@ LOSS_READ_EVERY = 25
 
 
 def non_finite_loss(value: float, epoch: int, step: int) -> KDCacheError:
-    return KDCacheError(f"loss became {value} at epoch {epoch + 1}, step {step + 1}; "
-                        "lower --lr, or check the data for corrupt labels")
+    return KDCacheError(f"loss became {value} at epoch {epoch + 1}, step {step + 1}; lower --lr, --weight-decay "
+                        "or a KD weight (--kd-weight, a method's weight), or check the data for corrupt labels")
+
+
+def check_finite_weights(model: torch.nn.Module, epoch: int) -> None:
+    """Refuse to keep a model whose weights an epoch's steps made inf or NaN (the last step's update is
+    checked by no loss): such a checkpoint would evaluate to a number without saying so."""
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise KDCacheError(f"the weights became inf or NaN in epoch {epoch + 1} ({len(bad)} tensors, e.g. {bad[0]}); "
+                           "lower --lr or --weight-decay")
 
 
 class LossTerms:
@@ -140,9 +149,9 @@ class TrainConfig:
     epochs: int = opt(24, "Training epochs.", bounds=">= 1", resumable=True, panel="Training")
     batch_size: int = opt(8, "Images per step.", bounds=">= 1", panel="Training")
     optimizer: str = opt("adamw", "sgd (momentum {momentum:g}) or adamw.", panel="Training")
-    lr: float = opt(2e-3, "Peak learning rate.", bounds="> 0", panel="Training")
+    lr: float = opt(2e-3, "Peak learning rate.", bounds="(0, 1000]", panel="Training")
     momentum: float = 0.9
-    weight_decay: float = opt(1e-4, "Weight decay.", bounds=">= 0", panel="Training")
+    weight_decay: float = opt(1e-4, "Weight decay.", bounds="[0, 1000]", panel="Training")
     schedule: str = opt("poly", "poly (power {poly_power:g}), cosine or constant, per iteration.", panel="Training")
     poly_power: float = 0.9
     warmup_iters: int = opt(0, "Linear warm-up iterations.", bounds=">= 0", panel="Training")
@@ -634,6 +643,7 @@ class Trainer:
         best val mIoU (classification: top-1 accuracy), log the epoch and write ``last.pt``;
         returns the completed record."""
         c, epoch = self.config, record["epoch"]
+        check_finite_weights(state.model, epoch)  # before any checkpoint of them
         if (epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs:
             distributed.broadcast_buffers(state.model)  # every rank validates the model rank 0 saves
             m = evaluate_model(state.model, val_loader, len(self.labels["class_names"]), self.device, amp=self.amp,
