@@ -558,7 +558,7 @@ def test_classification_bad_input(teacher, tmp_path):
     assert r.exit_code == 2 and "model 'resnet18' is a classification network and synthetic is a segmentation"         in r.output, r.output
     r = kd("train-teacher", "--model", "demo_cls_student", *SHAPES, "--crop-area", "0.5,1.5", "--out",
            tmp_path / "c", "--quiet")
-    assert r.exit_code == 2 and "--crop-area must be a finite number in (0, 1], got 1.5" in r.output
+    assert r.exit_code == 2 and "--crop-area must be a finite number in [0.01, 1], got 1.5" in r.output
     r = kd("train-teacher", "--model", "demo_cls_student", *SHAPES, "--crop-area", "0.9,0.5", "--out",
            tmp_path / "c", "--quiet")
     assert r.exit_code == 2 and "--crop-area must be 'lo,hi' with 0 < lo <= hi <= 1 (shares of the image), got " \

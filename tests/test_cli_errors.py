@@ -403,9 +403,16 @@ CASES = [
     # -- training options (TrainConfig.validate, the splits) -------------------------------------------
     case("epochs", train("--epochs", "0"), "--epochs must be a finite number >= 1, got 0"),
     case("batch-size", train("--batch-size", "0"), "--batch-size must be a finite number >= 1, got 0"),
-    case("lr", train("--lr", "0"), "--lr must be a finite number > 0, got 0"),
+    case("lr", train("--lr", "0"), "--lr must be a finite number in (0, 1000], got 0"),
+    case("lr-overflow", train("--optimizer", "sgd", "--lr", "1e308"), "--lr must be a finite number in (0, 1000], got 1e+308"),
+    case("weight-decay-overflow", train("--optimizer", "sgd", "--weight-decay", "1e308"),
+         "--weight-decay must be a finite number in [0, 1000], got 1e+308"),
     case("schedule", train("--schedule", "step"), "--schedule must be poly, cosine or constant, got step"),
     case("scale-range", train("--scale", "2,1"), "--scale must be 'lo,hi' with 0 < lo <= hi"),
+    case("scale-tiny", train("--scale", "1e-6,1e-6"), "--scale must be a finite number in [0.05, 20], got 1e-06"),
+    case("crop-area-tiny", train("--crop-area", "1e-300,1"), "--crop-area must be a finite number in [0.01, 1], got 1e-300"),
+    case("cache-view-scale-tiny", cache("--views", "2", "--view-scale", "1e-300,1e-300"),
+         "--view-scale must be a finite number in [0.05, 20], got 1e-300"),
     case("folds", train("--folds", "1"), "--folds must be a finite number >= 2, got 1"),
     case("fold-range", train("--folds", "2", "--fold", "5"), "--fold must be in 0..1 for --folds 2, got 5"),
     case("too-many-folds", train("--folds", "9"), "cannot cut 8 samples into 9 folds"),
@@ -427,7 +434,7 @@ CASES = [
     # an allocation the machine refuses (torch's allocator; numpy's MemoryError): one line, what makes it smaller
     case("out-of-memory-torch", train("--resize", "999999x999999"), "out of memory: DefaultCPUAllocator: can't "
          "allocate memory", "give a smaller --batch-size, --crop-size, --scale, --resize or data set option"),
-    case("out-of-memory-overflow", train("--scale", "2147483648,2147483648"),
+    case("out-of-memory-overflow", train("--crop-size", "2147483648x2147483648"),
          "out of memory: Storage size calculation overflowed", "give a smaller --batch-size"),
     case("out-of-memory-numpy", train("--resolution", "999999x999999"), "out of memory: Unable to allocate",
          "give a smaller --batch-size"),
@@ -435,7 +442,8 @@ CASES = [
     case("device-without-cuda", train("--device", "cuda"), "no CUDA device is available; use --device cpu",
          marks=NO_CUDA),
     case("nan-loss", train("--weights", "{tmp}/weights.pt"), "loss became nan at epoch 1, step 1",
-         "lower --lr, or check the data for corrupt labels",
+         "lower --lr, --weight-decay or a KD weight (--kd-weight, a method's weight), or check the data for corrupt "
+         "labels",
          setup=checkpoint_of("tiny_models:TinyNet", poison=True)),
     # -- run folders (runs.py, training.py) -------------------------------------------------------------
     case("resume-without-run", train("--resume"), "holds no run with a last.pt checkpoint to resume",
@@ -569,10 +577,10 @@ CASES = [
                                                    "--teacher-tap", "stage3"),
          "method 'fitnet' needs the teacher's 'stage3' features in the cache", "build it with --features stage3"),
     case("method-kl-temperature", student("--method", "kl:temperature=0"),
-         "method 'kl': temperature must be a finite number in [0.01, 1000], got 0"),
+         "method 'kl': temperature must be a finite number in [0.01, 100], got 0"),
     case("method-kl-tail", student("--method", "kl:tail=none"), "method 'kl': tail must be bin or renormalize"),
     case("method-cwd-temperature", student("--method", "cwd:temperature=0"),
-         "method 'cwd': temperature must be a finite number in [0.01, 1000], got 0"),
+         "method 'cwd': temperature must be a finite number in [0.01, 100], got 0"),
     case("method-dist-weights", student("--method", "dist:beta=0,gamma=0"),
          "method 'dist': beta and gamma must not both be 0, got beta=0, gamma=0"),
     case("method-dist-beta", student("--method", "dist:beta=-1"), "method 'dist': beta must be a finite number >= 0, "
@@ -585,7 +593,7 @@ CASES = [
           "--device", "cpu", "--quiet", "--out", "{tmp}/student"],
          "pseudo:class_balanced sets its thresholds from the teacher cache; give --cache"),
     case("method-pseudo-threshold", student("--method", "pseudo:confidence_threshold=2"),
-         "method 'pseudo': confidence_threshold must be a finite number in [0, 1], got 2"),
+         "method 'pseudo': confidence_threshold must be a finite number in [0, 1), got 2"),
     case("method-fitnet-loss", student("--method", "fitnet:student_tap=stage3,teacher_tap=stage3,loss=l1"),
          "method 'fitnet': fitnet loss must be mse or cosine, got l1"),
     case("method-unknown-option", student("--method", "kl:temprature=2"),
@@ -636,7 +644,7 @@ CASES = [
     case("voc-mask-size", train(data=on("voc")), "t0.jpg is 28x20 (WxH) but its mask",
          "; image and mask must have the same size", setup=voc(lambda v: gray(v / "SegmentationClass/t0.png", 0, 4, 4))),
     # -- classification (cache_build.py) ---------------------------------------------------------------
-    case("view-area", cache("--view-area", "0,1"), "--view-area must be a finite number in (0, 1], got 0"),
+    case("view-area", cache("--view-area", "0,1"), "--view-area must be a finite number in [0.01, 1], got 0"),
     case("view-area-order", cache("--view-area", "1,0.5"), "--view-area must be 'lo,hi' with 0 < lo <= hi <= 1, got "
          "(1.0, 0.5)"),
     case("segmentation-teacher-on-classes", cache(data=["--dataset", "shapes", "-o", "size=8"]),
@@ -672,6 +680,10 @@ CASES = [
          "--unlabeled-cache does not go with --use-views"),
     case("unlabeled-limit", student("--unlabeled-cache", "{store}", "--unlabeled-limit", "0"),
          "--unlabeled-limit must be a finite number >= 1, got 0"),
+    case("unlabeled-batch-of-one", student("--unlabeled-cache", "{store}", "--batch-size", "1"),
+         "--unlabeled-cache needs --batch-size 2 or more (a batch holds labelled and unlabelled images), got 1"),
+    case("method-pseudo-threshold-one", student("--method", "pseudo:confidence_threshold=1"),
+         "method 'pseudo': confidence_threshold must be a finite number in [0, 1), got 1"),
     case("unlabeled-limit-alone", student("--unlabeled-limit", "100"), "--unlabeled-limit sets how the unlabelled "
          "images are drawn; add --unlabeled-cache STORE (or drop it)"),
     case("unlabeled-options-alone", student("--unlabeled-limit", "100", "--unlabeled-share", "0.25"),
@@ -803,7 +815,7 @@ CASES = [
     case("cityscapes-masks-missing", cache(data=on("cityscapes")), "Cityscapes split 'train' needs",
          "gtFine/train, which does not exist", setup=tree("leftImg8bit/train/aachen", "gtFine/val")),
     case("dist-temperature", student("--method", "dist:temperature=0"), "method 'dist': temperature must be "
-         "a finite number in [0.01, 1000], got 0"),
+         "a finite number in [0.01, 100], got 0"),
     # -- the demo ----------------------------------------------------------------------------------------
     case("demo-limit", ["demo", "--limit", "1", "--out", "{tmp}/demo", "--quiet"], "--limit must be at least 2"),
 ]

@@ -130,7 +130,7 @@ def test_a_new_logit_method_takes_the_options_of_the_base_with_no_code_of_its_ow
     assert list(method_options("kl")) == ["weight", "temperature", "tail", *TEACHER_AWARE_OPTIONS, "standardize"]
     assert {"prob_mse", "sharp_mse"} <= set(methods_taking("mask")) and "plain_mse" not in methods_taking("mask")
     assert option_bounds("prob_mse") == option_bounds("cwd") == {
-        "weight": ">= 0", "min_confidence": "[0, 1)", "margin": "> 0", "temperature": "[0.01, 1000]"}
+        "weight": ">= 0", "min_confidence": "[0, 1)", "margin": "> 0", "temperature": "[0.01, 100]"}
     # defaults: the base's temperature, or the class's default_temperature, as the help shows them
     assert option_default("prob_mse", "temperature") == 1.0 and option_default("sharp_mse", "temperature") == 2.0
     assert "prob_mse 1" in defaults_text("temperature") and "sharp_mse 2" in defaults_text("temperature")
@@ -151,7 +151,7 @@ def test_a_new_logit_method_takes_the_options_of_the_base_with_no_code_of_its_ow
     # built directly, positional arguments included: bound to the same options, bounds checked
     assert SharpMSE(0.5, 3.0, 2.0, "teacher_correct").aware.mask == "teacher_correct"
     assert SharpMSE().temperature == 2.0 and ProbMSE().temperature == 1.0
-    with pytest.raises(KDCacheError, match=r"temperature must be a finite number in \[0.01, 1000\]"):
+    with pytest.raises(KDCacheError, match=r"temperature must be a finite number in \[0.01, 100\]"):
         SharpMSE(temperature=0.0)
     with pytest.raises(TypeError, match="unexpected keyword argument 'tail'"):
         SharpMSE(tail="bin")

@@ -158,7 +158,7 @@ def test_bad_pyramids_are_one_line_each(pyramid, tmp_path):
              "--out", tmp_path / "x.zarr"]
     for extra, words in (
         (["--store-scales", "1,1.25"], "--store-scales takes the scales other than 1 (the base map), each > 0; got 1"),
-        (["--store-scales", "-0.5"], "--store-scales must be a finite number > 0, got -0.5"),
+        (["--store-scales", "-0.5"], "--store-scales must be a finite number in [0.05, 20], got -0.5"),
         (["--store-scales", "1.25,1.25"], "--store-scales has a scale twice: 1.25,1.25"),
         (["--store-scales", "1.25", "--views", "2"], "--store-scales and --views are two forms of stored targets"),
         (["--store-flips", "--schedule-epochs", "2"], "--store-flips and --schedule-epochs are two forms"),

@@ -368,7 +368,7 @@ def test_bad_ensembles_are_refused_in_one_line(tmp_path, members):
     cases = [
         (["--weights", members["a"], "--weights", five], "member five"),
         (["--weights", members["a"], "--weights", resized], "ensemble members must see the same input size"),
-        (["--weights", members["a"], "--tta-scales", "0.5,0"], "--tta-scales must be a finite number > 0, got 0"),
+        (["--weights", members["a"], "--tta-scales", "0.5,0"], "--tta-scales must be a finite number in [0.05, 20], got 0"),
         (["--weights", members["a"], "--tta-scales", ""], "--tta-scales needs at least one scale, e.g. 0.75,1,1.25"),
         (["--weights", members["a"], "--tta-scales", "1,1"], "--tta-scales lists a scale twice"),
         (["--weights", members["a"], "--weights", members["a"]], "is the same file as --weights"),
@@ -377,9 +377,11 @@ def test_bad_ensembles_are_refused_in_one_line(tmp_path, members):
         (["--weights", members["a"], "--weights", members["b"], "--teacher", "demo_teacher", "--teacher",
           "demo_student", "--teacher", "demo_student"], "give --teacher once (for every member) or once per --weights"),
         (["--weights", members["a"], "--combine", "median"], "--combine must be one of prob, logit"),
-        (["--weights", members["a"], "--combine-temperature", "0"], "--combine-temperature must be a finite number in [0.01, 1000]"),
+        (["--weights", members["a"], "--combine-temperature", "0"], "--combine-temperature must be a finite number in [0.01, 100]"),
+        (["--weights", members["a"], "--weights", members["b"], "--grid-stride", "1e-300"],
+         "--grid-stride must be a finite number in [1, 1024], got 1e-300"),
         (["--weights", members["a"], "--weights", members["b"], "--grid-stride", "-4"],
-         "--grid-stride must be a finite number > 0, got -4"),
+         "--grid-stride must be a finite number in [1, 1024], got -4"),
     ]
     for args, message in cases:
         r = kd("build-teacher-cache", *args, *common)

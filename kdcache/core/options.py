@@ -96,8 +96,9 @@ SEED_BOUNDS = "[0, 4294967295]"
 WORKER_BOUNDS = "[0, 256]"
 #: a softmax temperature (a logit method's, a contrastive τ, an ensemble's): the range in use (0.07 to 20 in
 #: the papers kdcache follows) with room around it; near 0 a logit method's T² factor is 0 and its term
-#: vanishes (1e-300), past the top the softmaxes are flat and its term is noise
-TEMPERATURE_BOUNDS = "[0.01, 1000]"
+#: vanishes (1e-300); at 1000 the softmaxes are flat: kl's fp32 sums, times T² = 1e6, came out negative,
+#: dist's term was 4e6, and an ensemble's stored T·log p rounded to one fp16 value in every cell
+TEMPERATURE_BOUNDS = "[0.01, 100]"
 
 
 def _number(text: str) -> float | int:

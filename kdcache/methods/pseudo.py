@@ -45,7 +45,7 @@ def class_balanced_thresholds(maps, num_classes: int, keep: float) -> np.ndarray
 @METHODS.register("pseudo")
 class PseudoLabels(KDMethod):
     default_weight = 1.0
-    bounds = {"confidence_threshold": "[0, 1]", "class_balanced": "(0, 1]"}
+    bounds = {"confidence_threshold": "[0, 1)", "class_balanced": "(0, 1]"}  # at 1 no pixel is labelled
 
     def __init__(self, weight: float | None = None, confidence_threshold: float = 0.7,
                  class_balanced: float | None = None):

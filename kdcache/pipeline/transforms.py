@@ -129,13 +129,23 @@ def crop_option():
                shape="size", panel="Augmentation")
 
 
+#: an image's scale (--scale, --view-scale, --tta-scales, --store-scales): a 1024-pixel side at 0.05 is 51
+#: pixels, and a scale of 1e-6 left crops of one pixel with no KD cell in them (their KD term was 0); past 20,
+#: an image is larger than any machine's memory holds
+SCALE_BOUNDS = "[0.05, 20]"
+#: a random-resized crop's share of the image area (--crop-area, --view-area): torchvision's default lower
+#: end is 0.08; at 1e-300 every crop was one pixel stretched to the crop size
+AREA_BOUNDS = "[0.01, 1]"
+
+
 def scale_option():
-    return opt((0.75, 1.25), "Random scale range 'lo,hi' (segmentation).", shape="pair", bounds="> 0", panel="Augmentation")
+    return opt((0.75, 1.25), "Random scale range 'lo,hi' (segmentation).", shape="pair", bounds=SCALE_BOUNDS,
+               panel="Augmentation")
 
 
 def crop_area_option():
     return opt((0.25, 1.0), "Classification: the random-resized crop's share of the image area 'lo,hi' (aspect 3/4 "
-                            "to 4/3, stretched to --crop-size).", shape="pair", bounds="(0, 1]", panel="Augmentation")
+                            "to 4/3, stretched to --crop-size).", shape="pair", bounds=AREA_BOUNDS, panel="Augmentation")
 
 
 def flip_option():

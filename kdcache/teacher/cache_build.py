@@ -30,6 +30,8 @@ from kdcache.pipeline.loaders import default_workers, make_loader
 from kdcache.pipeline.mixing import mix_alpha_option, mix_option, mix_prob_option
 from kdcache.pipeline.signals import signal
 from kdcache.pipeline.transforms import (
+    AREA_BOUNDS,
+    SCALE_BOUNDS,
     Preprocess,
     crop_area_option,
     crop_option,
@@ -51,6 +53,7 @@ from kdcache.store.writer import (
 )
 from kdcache.teacher.ensemble import (
     DEFAULT_COMBINE,
+    GRID_STRIDE_BOUNDS,
     EnsemblePlan,
     TeacherEnsemble,
     open_members,
@@ -94,12 +97,13 @@ class CacheBuildConfig:
                                     "exact); with --tta-scales, at every scale.", panel="Teacher")
     tta_scales: tuple[float, ...] = opt((1.0,), "Test-time augmentation: run the teacher at these input scales, e.g. "
                                                 "0.5,0.75,1,1.25,1.5; each output is resized to the cache's grid and "
-                                                "combined.", shape="numbers", bounds="> 0", panel="Teacher")
+                                                "combined.", shape="numbers", bounds=SCALE_BOUNDS, panel="Teacher")
     combine: str = opt(DEFAULT_COMBINE, "How members, scales and flips are combined: prob (mean of probabilities at "
                                         "--combine-temperature) or logit (mean of logits).", panel="Teacher")
     combine_temperature: float = opt(1.0, "Temperature of --combine prob (the stored logits are T·log of the mean "
                                           "probability).", bounds=TEMPERATURE_BOUNDS, panel="Teacher")
-    grid_stride: float | None = opt(None, "Stride of an ensemble's common grid (default: the finest member's map).", bounds="> 0", panel="Teacher")
+    grid_stride: float | None = opt(None, "Stride of an ensemble's common grid in input pixels (default: the finest "
+                                          "member's map).", bounds=GRID_STRIDE_BOUNDS, panel="Teacher")
     features_from: str | None = opt(None, "The ensemble member whose --features are stored: its name (run folder or "
                                           "file name) or position (default: the first).", panel="Teacher")
     form: str | None = opt(None, "The form of the store by name: plain, views, schedule, pyramid, label_map or a "
@@ -109,9 +113,9 @@ class CacheBuildConfig:
     views: int = opt(0, "Also store N random scale/crop views per image with their parameters (FKD-style; "
                         "classification: random-resized crops, see --view-area).", bounds=f"[0, {MAX_VIEWS}]",
                    panel="What to store")
-    view_scale: tuple[float, float] = opt((0.5, 2.0), "Scale range 'lo,hi' of the stored views.", shape="pair", bounds="> 0", panel="What to store")
+    view_scale: tuple[float, float] = opt((0.5, 2.0), "Scale range 'lo,hi' of the stored views.", shape="pair", bounds=SCALE_BOUNDS, panel="What to store")
     view_area: tuple[float, float] = opt((0.25, 1.0), "Classification views: the random-resized crops' share of the "
-                                                      "image area 'lo,hi'.", shape="pair", bounds="(0, 1]", panel="What to store")
+                                                      "image area 'lo,hi'.", shape="pair", bounds=AREA_BOUNDS, panel="What to store")
     view_crop: tuple[int, int] | None = opt(None, "Crop HxW of the stored views (default: the image size).",
                                             shape="size", panel="What to store")
     view_seed: int = opt(0, "Seed of the stored views.", bounds=SEED_BOUNDS, panel="What to store")
@@ -126,7 +130,7 @@ class CacheBuildConfig:
                                  "store holds it).", bounds=SEED_BOUNDS, panel="What to store")
     store_scales: tuple[float, ...] = opt((), "Segmentation: also store the teacher's logits on the whole image at "
                                              "these other scales, e.g. 0.75,1.25 (a pyramid); a training crop takes "
-                                             "the level nearest its own scale.", shape="numbers", bounds="> 0", panel="What to store")
+                                             "the level nearest its own scale.", shape="numbers", bounds=SCALE_BOUNDS, panel="What to store")
     store_flips: bool = opt(False, "Segmentation: also store the teacher's logits on the mirrored image (at every "
                                    "--store-scales scale too); a flipped crop takes them instead of the mirrored map.", panel="What to store")
     crop: tuple[int, int] | None = crop_option()

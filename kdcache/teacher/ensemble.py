@@ -41,7 +41,7 @@ from kdcache.core.metrics import predicted_class
 from kdcache.core.options import TEMPERATURE_BOUNDS, check_number
 from kdcache.models import SegModel, count_parameters
 from kdcache.models.loading import Weights, open_weights
-from kdcache.pipeline.transforms import Preprocess
+from kdcache.pipeline.transforms import SCALE_BOUNDS, Preprocess
 
 #: combination rule -> what it is
 COMBINE_RULES = {"prob": "mean of the probabilities at the temperature", "logit": "mean of the logits"}
@@ -50,6 +50,11 @@ COMBINE_RULES = {"prob": "mean of the probabilities at the temperature", "logit"
 DEFAULT_COMBINE = "logit"
 #: quality row of the combined teacher
 COMBINED = "combined"
+
+
+#: an ensemble's common grid, in input pixels a cell: none finer than the input (1e-300 asked for a grid
+#: past int64), none coarser than 1024 (1e300 stored every image as one cell)
+GRID_STRIDE_BOUNDS = "[1, 1024]"
 
 
 @dataclass(frozen=True)
@@ -68,9 +73,9 @@ class EnsemblePlan:
             raise KDCacheError(f"--combine must be one of {', '.join(COMBINE_RULES)}, got {self.combine!r}")
         # the numbers are finite and positive: CacheBuildConfig's declared bounds (kdcache.core.options)
         check_number(self.temperature, "--combine-temperature", TEMPERATURE_BOUNDS)
-        check_number(self.grid_stride, "--grid-stride", "> 0")
+        check_number(self.grid_stride, "--grid-stride", GRID_STRIDE_BOUNDS)
         for s in self.scales:
-            check_number(s, "--tta-scales", "> 0")
+            check_number(s, "--tta-scales", SCALE_BOUNDS)
         if not self.scales:
             raise KDCacheError("--tta-scales needs at least one scale, e.g. 0.75,1,1.25")
         if len(set(self.scales)) != len(self.scales):

@@ -133,6 +133,9 @@ class StudentConfig(TrainConfig):
         if self.unlabeled_caches:  # --unlabeled-share is in (0, 1) (its bounds): each batch takes both kinds of image
             if self.online_teacher:
                 raise KDCacheError("--unlabeled-cache trains from cached targets; drop --online-teacher")
+            if self.batch_size < 2:  # each batch takes one labelled image at least, and one unlabelled
+                raise KDCacheError(f"--unlabeled-cache needs --batch-size 2 or more (a batch holds labelled and "
+                                   f"unlabelled images), got {self.batch_size}")
             if self.use_views:
                 raise KDCacheError("--unlabeled-cache does not go with --use-views; drop one of them")
             if MixOptions.of(self).enabled:
