@@ -454,7 +454,8 @@ def test_pseudo_labels_keep_confident_teacher_argmax_only():
     labels = arg.masked_fill((conf < 0.6) | batch["kd/ignore"], 255)
     s = F.interpolate(out.logits, size=(6, 8), mode="bilinear", align_corners=False)
     assert torch.allclose(pseudo(out, batch), F.cross_entropy(s, labels, ignore_index=255), rtol=1e-5)
-    strict = build_method("pseudo", confidence_threshold=1.0)
+    strict = build_method("pseudo", confidence_threshold=0.999999)  # below its bound, 1 (where no pixel is kept)
+    assert not bool((conf >= 0.999999).any())
     assert strict(out, batch).item() == 0.0  # nothing kept: zero, not NaN
 
 
