@@ -395,7 +395,7 @@ def test_bad_inputs_give_clear_errors_and_destroy_nothing(tmp_path, teacher):
     r = kd("build-teacher-cache", "--weights", teacher, "--out", mine, "--overwrite", *CLI)
     assert r.exit_code == 2 and (mine / "thesis.tex").read_text() == "precious"
 
-    nan = make_teacher(tmp_path / "nan.pt", poison=True)
+    nan = make_teacher(tmp_path / "nan.pt", name="tiny_models:NaNLogits")
     r = kd("build-teacher-cache", "--weights", nan, "--out", tmp_path / "n.zarr", *CLI)
     assert r.exit_code == 2 and "non-finite logits" in r.output and "train_000000" in r.output
     assert not zarr.open_group(str(tmp_path / "n.zarr"), mode="r")["done"][:].any()

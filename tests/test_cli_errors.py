@@ -441,10 +441,14 @@ CASES = [
     case("device-not-a-device-type", train("--device", "meta"), "--device meta: kdcache runs on cpu or cuda"),
     case("device-without-cuda", train("--device", "cuda"), "no CUDA device is available; use --device cpu",
          marks=NO_CUDA),
-    case("nan-loss", train("--weights", "{tmp}/weights.pt"), "loss became nan at epoch 1, step 1",
+    case("nan-loss", train("--model", "tiny_models:NaNLogits"), "loss became nan at epoch 1, step 1",
          "lower --lr, --weight-decay or a KD weight (--kd-weight, a method's weight), or check the data for corrupt "
-         "labels",
+         "labels"),
+    case("weights-not-finite", train("--weights", "{tmp}/weights.pt"), "weights.pt hold inf or NaN values (1 tensors, "
+         "e.g. body.0.weight); use the checkpoint of a run that trained without diverging",
          setup=checkpoint_of("tiny_models:TinyNet", poison=True)),
+    case("evaluate-weights-not-finite", ["evaluate", "{tmp}/weights.pt", "--quiet", "--no-latency", "--qualitative", "0"],
+         "weights.pt hold inf or NaN values", setup=checkpoint_of("tiny_models:TinyNet", poison=True)),
     # -- run folders (runs.py, training.py) -------------------------------------------------------------
     case("resume-without-run", train("--resume"), "holds no run with a last.pt checkpoint to resume",
          "start it without --resume (or with --overwrite)"),

@@ -37,6 +37,13 @@ class NaNForBrightImages(nn.Module):
         return out.masked_fill(bright.view(-1, 1, 1, 1), float("nan"))
 
 
+class NaNLogits(TinyNet):
+    """TinyNet whose logits are NaN for every image, its weights finite: a forward that breaks."""
+
+    def forward(self, x):
+        return {"out": super().forward(x)["out"] * float("nan")}
+
+
 class NoTensorOutput(TinyNet):
     """Returns a dict without a tensor in it: kdcache cannot find its logits."""
 

@@ -194,5 +194,10 @@ def load_state(model: nn.Module, ckpt: dict[str, Any], path: str | Path, *, stri
             + "; ".join(problems)
         )
     net.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=strict)
+    # a model with inf or NaN weights predicts nothing, yet evaluate and compare would score it
+    broken = [k for k, p in net.named_parameters() if not bool(torch.isfinite(p).all())]
+    if broken:
+        raise CheckpointError(f"weights in {path} hold inf or NaN values ({len(broken)} tensors, e.g. {broken[0]}); "
+                              "use the checkpoint of a run that trained without diverging")
     return ckpt
 
