@@ -154,6 +154,15 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
     return load_state(model, read_checkpoint(path), path, strict=strict)
 
 
+def non_finite_parameters(module: nn.Module) -> list[str]:
+    """The names of ``module``'s parameters that hold inf or NaN (one host synchronisation on a GPU
+    when there are none)."""
+    params = list(module.named_parameters())
+    if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
+        return []
+    return [name for name, p in params if not bool(torch.isfinite(p).all())]
+
+
 def load_state(model: nn.Module, ckpt: dict[str, Any], path: str | Path, *, strict: bool = True) -> dict[str, Any]:
     """:func:`load_weights` for a checkpoint already read (``path`` names it in errors)."""
     net = getattr(model, "net", model)
@@ -195,7 +204,7 @@ def load_state(model: nn.Module, ckpt: dict[str, Any], path: str | Path, *, stri
         )
     net.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=strict)
     # a model with inf or NaN weights predicts nothing, yet evaluate and compare would score it
-    broken = [k for k, p in net.named_parameters() if not bool(torch.isfinite(p).all())]
+    broken = non_finite_parameters(net)
     if broken:
         raise CheckpointError(f"weights in {path} hold inf or NaN values ({len(broken)} tensors, e.g. {broken[0]}); "
                               "use the checkpoint of a run that trained without diverging")

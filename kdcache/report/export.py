@@ -221,8 +221,8 @@ def export_run(target: str | Path, fmt: str = "onnx", *, out: str | Path | None 
     if size[0] < stride[0] or size[1] < stride[1]:
         given = "--input-size" if input_size else "the run's input size"
         raise ExportError(f"{given} {size[0]}x{size[1]} is smaller than the output stride "
-                          f"({stride[0]:g}x{stride[1]:g}) of model '{model.name}': its logits would be one cell; give --input-size HxW, the size "
-                          "it deploys at")
+                          f"({stride[0]:g}x{stride[1]:g}) of model '{model.name}': its logits would be one cell; "
+                          "give --input-size HxW, the size it deploys at")
     path = Path(out) if out is not None else default_path(weights, fmt)
     _check_out(path, weights)
 

@@ -13,8 +13,8 @@ of the whole object, which an object store replaces whole (zarr's sharding codec
 the shard it replaces: a HEAD and a LIST for a missing one). Encoding through zarr's pipeline is
 slow enough to take the CPU from the teacher on a small machine. :func:`fast_reader` returns a
 :class:`ShardFile` only for arrays whose metadata is exactly that layout; anything else goes
-through zarr. Tests check that zarr reads
-what this writes and that both read paths give identical arrays.
+through zarr. Tests check that zarr reads what this writes and that both read paths give
+identical arrays.
 """
 
 from __future__ import annotations

@@ -21,7 +21,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kdcache import __version__
 from kdcache.core import distributed
-from kdcache.core.checkpoint import load_weights, read_checkpoint, save_checkpoint
+from kdcache.core.checkpoint import (
+    load_weights,
+    non_finite_parameters,
+    read_checkpoint,
+    save_checkpoint,
+)
 from kdcache.core.errors import KDCacheError
 from kdcache.core.options import (
     SEED_BOUNDS,
@@ -80,7 +85,7 @@ def non_finite_loss(value: float, epoch: int, step: int) -> KDCacheError:
 def check_finite_weights(model: torch.nn.Module, epoch: int) -> None:
     """Refuse to keep a model whose weights an epoch's steps made inf or NaN (the last step's update is
     checked by no loss): such a checkpoint would evaluate to a number without saying so."""
-    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    bad = non_finite_parameters(model)
     if bad:
         raise KDCacheError(f"the weights became inf or NaN in epoch {epoch + 1} ({len(bad)} tensors, e.g. {bad[0]}); "
                            "lower --lr or --weight-decay")
